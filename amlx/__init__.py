@@ -1,0 +1,15 @@
+"""amlx: asyncio-native LLM inference and LoRA fine-tuning on Apple's MLX (Metal, CUDA, CPU)."""
+
+from amlx.errors import AmlxError, ClosedError, ContextLengthError, MLXError, ModelLoadError
+
+__version__ = "0.1.0"
+
+
+def memory() -> dict:
+    """MLX memory counters in bytes: {"active", "peak", "cache"}."""
+    from amlx._mlx import memory as _memory
+
+    return _memory.counters()
+
+
+__all__ = ["AmlxError", "ClosedError", "ContextLengthError", "MLXError", "ModelLoadError", "memory"]

@@ -1,0 +1,68 @@
+"""The one place that loads the cffi binding and turns C statuses into exceptions."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import pathlib
+import sys
+import threading
+
+from amlx.errors import MLXError
+
+
+def _preload_libmlx() -> None:
+    # The extension links against libmlx by soname; load the copy that the
+    # import system finds first, so an in-place build and an installed wheel
+    # both resolve to the MLX wheel of the running environment.
+    names = ("libmlx.dylib",) if sys.platform == "darwin" else ("libmlx.so",)
+    dirs = []
+    if os.environ.get("AMLX_MLX_DIR"):
+        dirs.append(pathlib.Path(os.environ["AMLX_MLX_DIR"]))
+    spec = importlib.util.find_spec("mlx")
+    if spec is not None:
+        dirs.extend(pathlib.Path(p) for p in spec.submodule_search_locations or [])
+    for d in dirs:
+        for name in names:
+            path = d / "lib" / name
+            if path.is_file():
+                ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+                return
+
+
+_preload_libmlx()
+
+try:
+    from amlx._mlxc import ffi, lib  # noqa: E402
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        f"amlx's native extension could not be loaded ({exc}). Build it with "
+        "`pip install -e .` or `python build_ffi.py` in an environment with mlx-cpu==0.32.4 "
+        "(mlx-cuda-13 / mlx-metal on GPUs)."
+    ) from exc
+
+# Exceptions raised by Python functions that MLX called back (compile, grads),
+# kept per thread so the failing C call can re-raise the original.
+_pending = threading.local()
+
+
+def error(op: str) -> MLXError:
+    """The exception for a failed C call of operation `op` on this thread."""
+    cause = getattr(_pending, "exc", None)
+    message = ffi.string(lib.mlxc_last_error()).decode("utf-8", "replace")
+    if cause is not None:
+        _pending.exc = None
+        err = MLXError(op, f"{message}: {type(cause).__name__}: {cause}")
+        err.__cause__ = cause
+        return err
+    return MLXError(op, message)
+
+
+def check(status: int, op: str) -> None:
+    if status:
+        raise error(op)
+
+
+def set_pending(exc: BaseException) -> None:
+    _pending.exc = exc

@@ -1,0 +1,908 @@
+// mlxc: the C ABI over MLX C++ declared in mlxc.h.
+//
+// Every exported function body runs inside GUARD_BEGIN/GUARD_END, which turns
+// any C++ exception into a non-zero status and a thread-local message: MLX
+// reports shape errors, bad axes, allocation failures and I/O errors by
+// throwing, and none of that may unwind into Python's C frames.
+
+#include "mlxc.h"
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "mlx/compile_impl.h"
+#include "mlx/mlx.h"
+
+namespace mx = mlx::core;
+
+struct mlxc_array_s {
+  mx::array a;
+};
+struct mlxc_vec_s {
+  std::vector<mx::array> v;
+};
+struct mlxc_closure_s {
+  std::function<std::vector<mx::array>(const std::vector<mx::array>&)> fn;
+  std::uintptr_t id;
+};
+struct mlxc_st_s {
+  std::vector<std::string> names;
+  std::vector<mx::array> arrays;
+  std::vector<std::string> meta_keys;
+  std::vector<std::string> meta_values;
+};
+
+namespace {
+
+thread_local std::string last_error;
+
+// A limit set through mlxc_memory_set_limit; 0 when none. The CPU allocator
+// does not enforce MLX's limit, so evaluation checks it here (see check_limit).
+size_t memory_limit = 0;
+
+// Raised when a caller function (mlxc_fn) reports failure: it unwinds through
+// MLX's transformations and is turned into a status at the ABI boundary.
+struct CallbackFailed : std::exception {
+  const char* what() const noexcept override {
+    return "a Python function called by MLX failed";
+  }
+};
+
+#define GUARD_BEGIN try {
+#define GUARD_END                                      \
+  return 0;                                            \
+  }                                                    \
+  catch (const std::exception& e) {                    \
+    last_error = e.what();                             \
+    return 1;                                          \
+  }                                                    \
+  catch (...) {                                        \
+    last_error = "unknown C++ exception inside MLX";   \
+    return 1;                                          \
+  }
+
+mx::Dtype to_dtype(int d) {
+  switch (d) {
+    case MLXC_BOOL: return mx::bool_;
+    case MLXC_UINT8: return mx::uint8;
+    case MLXC_UINT16: return mx::uint16;
+    case MLXC_UINT32: return mx::uint32;
+    case MLXC_UINT64: return mx::uint64;
+    case MLXC_INT8: return mx::int8;
+    case MLXC_INT16: return mx::int16;
+    case MLXC_INT32: return mx::int32;
+    case MLXC_INT64: return mx::int64;
+    case MLXC_FLOAT16: return mx::float16;
+    case MLXC_FLOAT32: return mx::float32;
+    case MLXC_FLOAT64: return mx::float64;
+    case MLXC_BFLOAT16: return mx::bfloat16;
+    case MLXC_COMPLEX64: return mx::complex64;
+  }
+  throw std::invalid_argument("[mlxc] unknown dtype code " + std::to_string(d));
+}
+
+int from_dtype(mx::Dtype d) {
+  // mlxc_dtype mirrors the order of mx::Dtype::Val.
+  return static_cast<int>(d.val());
+}
+
+mx::Shape to_shape(const int* shape, int ndim) {
+  return mx::Shape(shape, shape + ndim);
+}
+
+std::vector<int> to_ints(const int* xs, int n) {
+  return std::vector<int>(xs, xs + n);
+}
+
+int put(mx::array a, mlxc_array* out) {
+  *out = new mlxc_array_s{std::move(a)};
+  return 0;
+}
+
+std::optional<mx::array> opt(mlxc_array a) {
+  if (a == nullptr) return std::nullopt;
+  return a->a;
+}
+
+std::vector<mx::array> to_vector(const mlxc_array* arrays, size_t n) {
+  std::vector<mx::array> v;
+  v.reserve(n);
+  for (size_t i = 0; i < n; ++i) v.push_back(arrays[i]->a);
+  return v;
+}
+
+// Upper bound of the bytes an evaluation may allocate: every not yet computed
+// array in the graph. Only used while a limit is set.
+void check_limit(const std::vector<mx::array>& outputs) {
+  if (memory_limit == 0) return;
+  std::unordered_set<std::uintptr_t> seen;
+  std::vector<mx::array> todo(outputs.begin(), outputs.end());
+  size_t pending = 0;
+  while (!todo.empty()) {
+    mx::array a = todo.back();
+    todo.pop_back();
+    if (!seen.insert(a.id()).second || !a.has_primitive()) continue;
+    if (a.status() != mx::array::Status::unscheduled) continue;
+    pending += a.nbytes();
+    for (auto& in : a.inputs()) todo.push_back(in);
+  }
+  size_t active = mx::get_active_memory();
+  if (active + pending > memory_limit) {
+    throw std::runtime_error(
+        "[eval] memory limit exceeded: evaluating needs up to " +
+        std::to_string(pending) + " bytes with " + std::to_string(active) +
+        " active, over the limit of " + std::to_string(memory_limit) +
+        " bytes");
+  }
+}
+
+std::function<std::vector<mx::array>(const std::vector<mx::array>&)> wrap_fn(
+    mlxc_fn fn, void* payload) {
+  return [fn, payload](const std::vector<mx::array>& inputs) {
+    mlxc_vec_s in{inputs};
+    mlxc_vec_s out;
+    if (fn(payload, &in, &out) != 0) throw CallbackFailed();
+    return out.v;
+  };
+}
+
+mx::Device to_device(int d) {
+  return d == 1 ? mx::Device(mx::Device::gpu) : mx::Device(mx::Device::cpu);
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* mlxc_last_error(void) { return last_error.c_str(); }
+const char* mlxc_version(void) { return mx::version(); }
+void mlxc_array_free(mlxc_array a) { delete a; }
+
+int mlxc_array_from_data(const void* data, const int* shape, int ndim,
+                         int dtype, mlxc_array* out) {
+  GUARD_BEGIN
+  mx::Dtype dt = to_dtype(dtype);
+  mx::Shape sh = to_shape(shape, ndim);
+  size_t n = 1;
+  for (auto s : sh) {
+    if (s < 0) throw std::invalid_argument("[array] negative dimension");
+    n *= static_cast<size_t>(s);
+  }
+  size_t nbytes = n * dt.size();
+  // The array owns a private copy: the caller's buffer may go away at once.
+  void* copy = std::malloc(nbytes > 0 ? nbytes : 1);
+  if (copy == nullptr) throw std::bad_alloc();
+  if (nbytes > 0) std::memcpy(copy, data, nbytes);
+  put(mx::array(copy, std::move(sh), dt, [](void* p) { std::free(p); }), out);
+  GUARD_END
+}
+
+int mlxc_array_from_double(double value, int dtype, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::array(value, to_dtype(dtype)), out);
+  GUARD_END
+}
+
+int mlxc_array_from_int(int64_t value, int dtype, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::array(value, to_dtype(dtype)), out);
+  GUARD_END
+}
+
+int mlxc_array_from_bool(int value, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::array(value != 0), out);
+  GUARD_END
+}
+
+int mlxc_array_clone(mlxc_array a, mlxc_array* out) {
+  GUARD_BEGIN
+  put(a->a, out);
+  GUARD_END
+}
+
+int mlxc_array_ndim(mlxc_array a) { return static_cast<int>(a->a.ndim()); }
+
+int mlxc_array_shape(mlxc_array a, int* shape) {
+  const auto& s = a->a.shape();
+  for (size_t i = 0; i < s.size(); ++i) shape[i] = s[i];
+  return 0;
+}
+
+int mlxc_array_dtype(mlxc_array a) { return from_dtype(a->a.dtype()); }
+size_t mlxc_array_size(mlxc_array a) { return a->a.size(); }
+size_t mlxc_array_nbytes(mlxc_array a) { return a->a.nbytes(); }
+
+size_t mlxc_dtype_size(int dtype) {
+  try {
+    return to_dtype(dtype).size();
+  } catch (...) {
+    return 0;
+  }
+}
+
+int mlxc_eval(const mlxc_array* arrays, size_t n) {
+  GUARD_BEGIN
+  auto v = to_vector(arrays, n);
+  check_limit(v);
+  mx::eval(std::move(v));
+  GUARD_END
+}
+
+int mlxc_async_eval(const mlxc_array* arrays, size_t n) {
+  GUARD_BEGIN
+  auto v = to_vector(arrays, n);
+  check_limit(v);
+  mx::async_eval(std::move(v));
+  GUARD_END
+}
+
+int mlxc_array_copy_out(mlxc_array a, void* dst, size_t nbytes) {
+  GUARD_BEGIN
+  if (nbytes != a->a.nbytes()) {
+    throw std::invalid_argument(
+        "[copy_out] destination has " + std::to_string(nbytes) +
+        " bytes, the array " + std::to_string(a->a.nbytes()));
+  }
+  // A fresh row-contiguous copy whatever the source layout: views share
+  // their parent's buffer with arbitrary strides and offsets.
+  mx::array c = a->a;
+  if (!c.flags().row_contiguous) {
+    c = mx::contiguous(c);
+  }
+  check_limit({c});
+  mx::eval(c);
+  if (!c.flags().row_contiguous) {
+    c = mx::copy(mx::contiguous(c));
+    mx::eval(c);
+  }
+  if (nbytes > 0) std::memcpy(dst, c.data<char>(), nbytes);
+  GUARD_END
+}
+
+int mlxc_vec_new(mlxc_vec* out) {
+  GUARD_BEGIN
+  *out = new mlxc_vec_s{};
+  GUARD_END
+}
+
+void mlxc_vec_free(mlxc_vec v) { delete v; }
+size_t mlxc_vec_size(mlxc_vec v) { return v->v.size(); }
+
+int mlxc_vec_get(mlxc_vec v, size_t i, mlxc_array* out) {
+  GUARD_BEGIN
+  put(v->v.at(i), out);
+  GUARD_END
+}
+
+int mlxc_vec_push(mlxc_vec v, mlxc_array a) {
+  GUARD_BEGIN
+  v->v.push_back(a->a);
+  GUARD_END
+}
+
+int mlxc_unary(int op, mlxc_array a, mlxc_array* out) {
+  GUARD_BEGIN
+  const mx::array& x = a->a;
+  switch (op) {
+    case MLXC_ABS: return put(mx::abs(x), out);
+    case MLXC_NEGATIVE: return put(mx::negative(x), out);
+    case MLXC_SIGN: return put(mx::sign(x), out);
+    case MLXC_LOGICAL_NOT: return put(mx::logical_not(x), out);
+    case MLXC_RECIPROCAL: return put(mx::reciprocal(x), out);
+    case MLXC_FLOOR: return put(mx::floor(x), out);
+    case MLXC_CEIL: return put(mx::ceil(x), out);
+    case MLXC_ROUND: return put(mx::round(x, 0), out);
+    case MLXC_SQUARE: return put(mx::square(x), out);
+    case MLXC_SQRT: return put(mx::sqrt(x), out);
+    case MLXC_RSQRT: return put(mx::rsqrt(x), out);
+    case MLXC_EXP: return put(mx::exp(x), out);
+    case MLXC_EXPM1: return put(mx::expm1(x), out);
+    case MLXC_LOG: return put(mx::log(x), out);
+    case MLXC_LOG1P: return put(mx::log1p(x), out);
+    case MLXC_LOG2: return put(mx::log2(x), out);
+    case MLXC_SIN: return put(mx::sin(x), out);
+    case MLXC_COS: return put(mx::cos(x), out);
+    case MLXC_TANH: return put(mx::tanh(x), out);
+    case MLXC_SIGMOID: return put(mx::sigmoid(x), out);
+    case MLXC_ERF: return put(mx::erf(x), out);
+    case MLXC_ERFINV: return put(mx::erfinv(x), out);
+    case MLXC_STOP_GRADIENT: return put(mx::stop_gradient(x), out);
+    case MLXC_COPY: return put(mx::copy(x), out);
+    case MLXC_CONTIGUOUS: return put(mx::contiguous(x), out);
+    case MLXC_BITWISE_INVERT: return put(mx::bitwise_invert(x), out);
+    case MLXC_ISNAN: return put(mx::isnan(x), out);
+    case MLXC_ISINF: return put(mx::isinf(x), out);
+  }
+  throw std::invalid_argument("[unary] unknown op " + std::to_string(op));
+  GUARD_END
+}
+
+int mlxc_binary(int op, mlxc_array a, mlxc_array b, mlxc_array* out) {
+  GUARD_BEGIN
+  const mx::array& x = a->a;
+  const mx::array& y = b->a;
+  switch (op) {
+    case MLXC_ADD: return put(mx::add(x, y), out);
+    case MLXC_SUBTRACT: return put(mx::subtract(x, y), out);
+    case MLXC_MULTIPLY: return put(mx::multiply(x, y), out);
+    case MLXC_DIVIDE: return put(mx::divide(x, y), out);
+    case MLXC_FLOOR_DIVIDE: return put(mx::floor_divide(x, y), out);
+    case MLXC_REMAINDER: return put(mx::remainder(x, y), out);
+    case MLXC_POWER: return put(mx::power(x, y), out);
+    case MLXC_MAXIMUM: return put(mx::maximum(x, y), out);
+    case MLXC_MINIMUM: return put(mx::minimum(x, y), out);
+    case MLXC_EQUAL: return put(mx::equal(x, y), out);
+    case MLXC_NOT_EQUAL: return put(mx::not_equal(x, y), out);
+    case MLXC_GREATER: return put(mx::greater(x, y), out);
+    case MLXC_GREATER_EQUAL: return put(mx::greater_equal(x, y), out);
+    case MLXC_LESS: return put(mx::less(x, y), out);
+    case MLXC_LESS_EQUAL: return put(mx::less_equal(x, y), out);
+    case MLXC_LOGICAL_AND: return put(mx::logical_and(x, y), out);
+    case MLXC_LOGICAL_OR: return put(mx::logical_or(x, y), out);
+    case MLXC_MATMUL: return put(mx::matmul(x, y), out);
+    case MLXC_ARCTAN2: return put(mx::arctan2(x, y), out);
+    case MLXC_LOGADDEXP: return put(mx::logaddexp(x, y), out);
+    case MLXC_BITWISE_AND: return put(mx::bitwise_and(x, y), out);
+    case MLXC_BITWISE_OR: return put(mx::bitwise_or(x, y), out);
+    case MLXC_BITWISE_XOR: return put(mx::bitwise_xor(x, y), out);
+    case MLXC_LEFT_SHIFT: return put(mx::left_shift(x, y), out);
+    case MLXC_RIGHT_SHIFT: return put(mx::right_shift(x, y), out);
+  }
+  throw std::invalid_argument("[binary] unknown op " + std::to_string(op));
+  GUARD_END
+}
+
+int mlxc_reduce(int op, mlxc_array a, const int* axes, int naxes, int keepdims,
+                mlxc_array* out) {
+  GUARD_BEGIN
+  const mx::array& x = a->a;
+  std::vector<int> ax;
+  if (naxes < 0) {
+    for (int i = 0; i < static_cast<int>(x.ndim()); ++i) ax.push_back(i);
+  } else {
+    ax = to_ints(axes, naxes);
+  }
+  bool kd = keepdims != 0;
+  switch (op) {
+    case MLXC_SUM: return put(mx::sum(x, ax, kd), out);
+    case MLXC_MEAN: return put(mx::mean(x, ax, kd), out);
+    case MLXC_MAX: return put(mx::max(x, ax, kd), out);
+    case MLXC_MIN: return put(mx::min(x, ax, kd), out);
+    case MLXC_PROD: return put(mx::prod(x, ax, kd), out);
+    case MLXC_ALL: return put(mx::all(x, ax, kd), out);
+    case MLXC_ANY: return put(mx::any(x, ax, kd), out);
+    case MLXC_LOGSUMEXP: return put(mx::logsumexp(x, ax, kd), out);
+    case MLXC_SOFTMAX: return put(mx::softmax(x, ax, false), out);
+    case MLXC_SOFTMAX_PRECISE: return put(mx::softmax(x, ax, true), out);
+    case MLXC_VAR: return put(mx::var(x, ax, kd, 0), out);
+  }
+  throw std::invalid_argument("[reduce] unknown op " + std::to_string(op));
+  GUARD_END
+}
+
+int mlxc_axis(int op, mlxc_array a, int axis, int flag_a, int flag_b,
+              mlxc_array* out) {
+  GUARD_BEGIN
+  const mx::array& x = a->a;
+  bool fa = flag_a != 0, fb = flag_b != 0;
+  switch (op) {
+    case MLXC_ARGMAX: return put(mx::argmax(x, axis, fa), out);
+    case MLXC_ARGMIN: return put(mx::argmin(x, axis, fa), out);
+    case MLXC_SORT: return put(mx::sort(x, axis), out);
+    case MLXC_ARGSORT: return put(mx::argsort(x, axis), out);
+    case MLXC_CUMSUM: return put(mx::cumsum(x, axis, fa, fb), out);
+    case MLXC_CUMPROD: return put(mx::cumprod(x, axis, fa, fb), out);
+    case MLXC_CUMMAX: return put(mx::cummax(x, axis, fa, fb), out);
+    case MLXC_CUMMIN: return put(mx::cummin(x, axis, fa, fb), out);
+    case MLXC_LOGCUMSUMEXP: return put(mx::logcumsumexp(x, axis, fa, fb), out);
+  }
+  throw std::invalid_argument("[axis] unknown op " + std::to_string(op));
+  GUARD_END
+}
+
+int mlxc_addmm(mlxc_array c, mlxc_array a, mlxc_array b, float alpha,
+               float beta, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::addmm(c->a, a->a, b->a, alpha, beta), out);
+  GUARD_END
+}
+
+int mlxc_where(mlxc_array cond, mlxc_array x, mlxc_array y, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::where(cond->a, x->a, y->a), out);
+  GUARD_END
+}
+
+int mlxc_clip(mlxc_array a, mlxc_array lo, mlxc_array hi, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::clip(a->a, opt(lo), opt(hi)), out);
+  GUARD_END
+}
+
+int mlxc_astype(mlxc_array a, int dtype, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::astype(a->a, to_dtype(dtype)), out);
+  GUARD_END
+}
+
+int mlxc_view(mlxc_array a, int dtype, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::view(a->a, to_dtype(dtype)), out);
+  GUARD_END
+}
+
+int mlxc_topk(mlxc_array a, int k, int axis, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::topk(a->a, k, axis), out);
+  GUARD_END
+}
+
+int mlxc_argpartition(mlxc_array a, int kth, int axis, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::argpartition(a->a, kth, axis), out);
+  GUARD_END
+}
+
+int mlxc_tri(mlxc_array a, int k, int upper, mlxc_array* out) {
+  GUARD_BEGIN
+  put(upper ? mx::triu(a->a, k) : mx::tril(a->a, k), out);
+  GUARD_END
+}
+
+int mlxc_reshape(mlxc_array a, const int* shape, int ndim, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::reshape(a->a, to_shape(shape, ndim)), out);
+  GUARD_END
+}
+
+int mlxc_transpose(mlxc_array a, const int* axes, int naxes, mlxc_array* out) {
+  GUARD_BEGIN
+  if (naxes < 0) return put(mx::transpose(a->a), out);
+  put(mx::transpose(a->a, to_ints(axes, naxes)), out);
+  GUARD_END
+}
+
+int mlxc_swapaxes(mlxc_array a, int axis1, int axis2, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::swapaxes(a->a, axis1, axis2), out);
+  GUARD_END
+}
+
+int mlxc_expand_dims(mlxc_array a, const int* axes, int naxes,
+                     mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::expand_dims(a->a, to_ints(axes, naxes)), out);
+  GUARD_END
+}
+
+int mlxc_squeeze(mlxc_array a, const int* axes, int naxes, mlxc_array* out) {
+  GUARD_BEGIN
+  if (naxes < 0) return put(mx::squeeze(a->a), out);
+  put(mx::squeeze(a->a, to_ints(axes, naxes)), out);
+  GUARD_END
+}
+
+int mlxc_broadcast_to(mlxc_array a, const int* shape, int ndim,
+                      mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::broadcast_to(a->a, to_shape(shape, ndim)), out);
+  GUARD_END
+}
+
+int mlxc_concatenate(mlxc_vec arrays, int axis, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::concatenate(arrays->v, axis), out);
+  GUARD_END
+}
+
+int mlxc_stack(mlxc_vec arrays, int axis, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::stack(arrays->v, axis), out);
+  GUARD_END
+}
+
+int mlxc_split(mlxc_array a, const int* indices, int nindices, int sections,
+               int axis, mlxc_vec out) {
+  GUARD_BEGIN
+  out->v = sections > 0 ? mx::split(a->a, sections, axis)
+                        : mx::split(a->a, to_shape(indices, nindices), axis);
+  GUARD_END
+}
+
+int mlxc_slice(mlxc_array a, const int* start, const int* stop,
+               const int* strides, int ndim, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::slice(a->a, to_shape(start, ndim), to_shape(stop, ndim),
+                to_shape(strides, ndim)),
+      out);
+  GUARD_END
+}
+
+int mlxc_slice_dynamic(mlxc_array a, mlxc_array start, const int* axes,
+                       int naxes, const int* sizes, int ndim, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::slice(a->a, start->a, to_ints(axes, naxes), to_shape(sizes, ndim)),
+      out);
+  GUARD_END
+}
+
+int mlxc_slice_update(mlxc_array src, mlxc_array update, const int* start,
+                      const int* stop, const int* strides, int ndim,
+                      mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::slice_update(src->a, update->a, to_shape(start, ndim),
+                       to_shape(stop, ndim), to_shape(strides, ndim)),
+      out);
+  GUARD_END
+}
+
+int mlxc_slice_update_dynamic(mlxc_array src, mlxc_array update,
+                              mlxc_array start, const int* axes, int naxes,
+                              mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::slice_update(src->a, update->a, start->a, to_ints(axes, naxes)),
+      out);
+  GUARD_END
+}
+
+int mlxc_take(mlxc_array a, mlxc_array indices, int axis, int axis_is_none,
+              mlxc_array* out) {
+  GUARD_BEGIN
+  if (axis_is_none) return put(mx::take(a->a, indices->a), out);
+  put(mx::take(a->a, indices->a, axis), out);
+  GUARD_END
+}
+
+int mlxc_take_along_axis(mlxc_array a, mlxc_array indices, int axis,
+                         mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::take_along_axis(a->a, indices->a, axis), out);
+  GUARD_END
+}
+
+int mlxc_put_along_axis(mlxc_array a, mlxc_array indices, mlxc_array values,
+                        int axis, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::put_along_axis(a->a, indices->a, values->a, axis), out);
+  GUARD_END
+}
+
+int mlxc_full(const int* shape, int ndim, mlxc_array value, int dtype,
+              mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::full(to_shape(shape, ndim), value->a, to_dtype(dtype)), out);
+  GUARD_END
+}
+
+int mlxc_arange(double start, double stop, double step, int dtype,
+                mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::arange(start, stop, step, to_dtype(dtype)), out);
+  GUARD_END
+}
+
+int mlxc_random_seed(uint64_t seed) {
+  GUARD_BEGIN
+  mx::random::seed(seed);
+  GUARD_END
+}
+
+int mlxc_random_key(uint64_t seed, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::random::key(seed), out);
+  GUARD_END
+}
+
+int mlxc_random_split(mlxc_array key, int num, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::random::split(key->a, num), out);
+  GUARD_END
+}
+
+int mlxc_random_uniform(mlxc_array low, mlxc_array high, const int* shape,
+                        int ndim, int dtype, mlxc_array key, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::random::uniform(low->a, high->a, to_shape(shape, ndim),
+                          to_dtype(dtype), opt(key)),
+      out);
+  GUARD_END
+}
+
+int mlxc_random_normal(const int* shape, int ndim, int dtype, float loc,
+                       float scale, mlxc_array key, mlxc_array* out) {
+  GUARD_BEGIN
+  mx::Dtype dt = to_dtype(dtype);
+  put(mx::random::normal(to_shape(shape, ndim), dt, mx::array(loc, dt),
+                         mx::array(scale, dt), opt(key)),
+      out);
+  GUARD_END
+}
+
+int mlxc_random_randint(mlxc_array low, mlxc_array high, const int* shape,
+                        int ndim, int dtype, mlxc_array key, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::random::randint(low->a, high->a, to_shape(shape, ndim),
+                          to_dtype(dtype), opt(key)),
+      out);
+  GUARD_END
+}
+
+int mlxc_random_categorical(mlxc_array logits, int axis, int num_samples,
+                            mlxc_array key, mlxc_array* out) {
+  GUARD_BEGIN
+  if (num_samples <= 0) {
+    return put(mx::random::categorical(logits->a, axis, opt(key)), out);
+  }
+  put(mx::random::categorical(logits->a, axis, num_samples, opt(key)), out);
+  GUARD_END
+}
+
+int mlxc_random_gumbel(const int* shape, int ndim, int dtype, mlxc_array key,
+                       mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::random::gumbel(to_shape(shape, ndim), to_dtype(dtype), opt(key)),
+      out);
+  GUARD_END
+}
+
+int mlxc_quantize(mlxc_array w, int group_size, int bits, mlxc_vec out) {
+  GUARD_BEGIN
+  out->v = mx::quantize(w->a, group_size, bits, "affine");
+  GUARD_END
+}
+
+int mlxc_dequantize(mlxc_array w, mlxc_array scales, mlxc_array biases,
+                    int group_size, int bits, int dtype, mlxc_array* out) {
+  GUARD_BEGIN
+  std::optional<mx::Dtype> dt;
+  if (dtype >= 0) dt = to_dtype(dtype);
+  put(mx::dequantize(w->a, scales->a, opt(biases), group_size, bits, "affine",
+                     std::nullopt, dt),
+      out);
+  GUARD_END
+}
+
+int mlxc_quantized_matmul(mlxc_array x, mlxc_array w, mlxc_array scales,
+                          mlxc_array biases, int transpose, int group_size,
+                          int bits, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::quantized_matmul(x->a, w->a, scales->a, opt(biases), transpose != 0,
+                           group_size, bits, "affine"),
+      out);
+  GUARD_END
+}
+
+int mlxc_rms_norm(mlxc_array x, mlxc_array weight, float eps, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::fast::rms_norm(x->a, opt(weight), eps), out);
+  GUARD_END
+}
+
+int mlxc_layer_norm(mlxc_array x, mlxc_array weight, mlxc_array bias, float eps,
+                    mlxc_array* out) {
+  GUARD_BEGIN
+  put(mx::fast::layer_norm(x->a, opt(weight), opt(bias), eps), out);
+  GUARD_END
+}
+
+int mlxc_rope(mlxc_array x, int dims, int traditional, float base, float scale,
+              int offset, mlxc_array freqs, mlxc_array* out) {
+  GUARD_BEGIN
+  std::optional<float> b;
+  if (!std::isnan(base)) b = base;
+  put(mx::fast::rope(x->a, dims, traditional != 0, b, scale, offset,
+                     opt(freqs)),
+      out);
+  GUARD_END
+}
+
+int mlxc_rope_dynamic(mlxc_array x, int dims, int traditional, float base,
+                      float scale, mlxc_array offset, mlxc_array freqs,
+                      mlxc_array* out) {
+  GUARD_BEGIN
+  std::optional<float> b;
+  if (!std::isnan(base)) b = base;
+  put(mx::fast::rope(x->a, dims, traditional != 0, b, scale, offset->a,
+                     opt(freqs)),
+      out);
+  GUARD_END
+}
+
+int mlxc_sdpa(mlxc_array q, mlxc_array k, mlxc_array v, float scale,
+              const char* mask_mode, mlxc_array mask, mlxc_array* out) {
+  GUARD_BEGIN
+  std::string mode = mask_mode ? mask_mode : "";
+  put(mx::fast::scaled_dot_product_attention(q->a, k->a, v->a, scale, mode,
+                                             opt(mask)),
+      out);
+  GUARD_END
+}
+
+int mlxc_compile(mlxc_fn fn, void* payload, int shapeless, mlxc_closure* out) {
+  GUARD_BEGIN
+  // The payload identifies the Python function, so it keys MLX's compile
+  // cache; mlxc_closure_free erases the entry.
+  auto id = reinterpret_cast<std::uintptr_t>(payload);
+  auto compiled =
+      mx::detail::compile(wrap_fn(fn, payload), id, shapeless != 0, {});
+  *out = new mlxc_closure_s{std::move(compiled), id};
+  GUARD_END
+}
+
+void mlxc_closure_free(mlxc_closure c) {
+  if (c == nullptr) return;
+  try {
+    mx::detail::compile_erase(mx::detail::compile_cache(), c->id);
+  } catch (...) {
+  }
+  delete c;
+}
+
+int mlxc_closure_apply(mlxc_closure c, mlxc_vec inputs, mlxc_vec outputs) {
+  GUARD_BEGIN
+  outputs->v = c->fn(inputs->v);
+  GUARD_END
+}
+
+int mlxc_vjp(mlxc_fn fn, void* payload, mlxc_vec primals, mlxc_vec cotangents,
+             mlxc_vec outputs, mlxc_vec vjps) {
+  GUARD_BEGIN
+  auto [outs, grads] = mx::vjp(wrap_fn(fn, payload), primals->v, cotangents->v);
+  outputs->v = std::move(outs);
+  vjps->v = std::move(grads);
+  GUARD_END
+}
+
+int mlxc_value_and_grad(mlxc_fn fn, void* payload, mlxc_vec inputs,
+                        const int* argnums, int nargnums, mlxc_vec values,
+                        mlxc_vec grads) {
+  GUARD_BEGIN
+  auto vg = mx::value_and_grad(wrap_fn(fn, payload), to_ints(argnums, nargnums));
+  auto [vals, gs] = vg(inputs->v);
+  values->v = std::move(vals);
+  grads->v = std::move(gs);
+  GUARD_END
+}
+
+int mlxc_st_load(const char* path, mlxc_st* out) {
+  GUARD_BEGIN
+  auto [arrays, meta] = mx::load_safetensors(std::string(path));
+  auto st = new mlxc_st_s{};
+  for (auto& [name, arr] : arrays) {
+    st->names.push_back(name);
+    st->arrays.push_back(arr);
+  }
+  for (auto& [k, v] : meta) {
+    st->meta_keys.push_back(k);
+    st->meta_values.push_back(v);
+  }
+  *out = st;
+  GUARD_END
+}
+
+void mlxc_st_free(mlxc_st st) { delete st; }
+size_t mlxc_st_count(mlxc_st st) { return st->names.size(); }
+const char* mlxc_st_name(mlxc_st st, size_t i) { return st->names[i].c_str(); }
+
+int mlxc_st_array(mlxc_st st, size_t i, mlxc_array* out) {
+  GUARD_BEGIN
+  put(st->arrays.at(i), out);
+  GUARD_END
+}
+
+size_t mlxc_st_meta_count(mlxc_st st) { return st->meta_keys.size(); }
+const char* mlxc_st_meta_key(mlxc_st st, size_t i) {
+  return st->meta_keys[i].c_str();
+}
+const char* mlxc_st_meta_value(mlxc_st st, size_t i) {
+  return st->meta_values[i].c_str();
+}
+
+int mlxc_st_save(const char* path, const char** names, const mlxc_array* arrays,
+                 size_t n, const char** meta_keys, const char** meta_values,
+                 size_t nmeta) {
+  GUARD_BEGIN
+  std::unordered_map<std::string, mx::array> m;
+  for (size_t i = 0; i < n; ++i) m.insert({names[i], arrays[i]->a});
+  std::unordered_map<std::string, std::string> meta;
+  for (size_t i = 0; i < nmeta; ++i) meta[meta_keys[i]] = meta_values[i];
+  mx::save_safetensors(std::string(path), std::move(m), std::move(meta));
+  GUARD_END
+}
+
+int mlxc_memory_active(size_t* out) {
+  GUARD_BEGIN
+  *out = mx::get_active_memory();
+  GUARD_END
+}
+
+int mlxc_memory_peak(size_t* out) {
+  GUARD_BEGIN
+  *out = mx::get_peak_memory();
+  GUARD_END
+}
+
+int mlxc_memory_cache(size_t* out) {
+  GUARD_BEGIN
+  *out = mx::get_cache_memory();
+  GUARD_END
+}
+
+int mlxc_memory_reset_peak(void) {
+  GUARD_BEGIN
+  mx::reset_peak_memory();
+  GUARD_END
+}
+
+int mlxc_memory_clear_cache(void) {
+  GUARD_BEGIN
+  mx::clear_cache();
+  GUARD_END
+}
+
+int mlxc_memory_get_limit(size_t* out) {
+  GUARD_BEGIN
+  *out = mx::get_memory_limit();
+  GUARD_END
+}
+
+int mlxc_memory_set_limit(size_t limit, size_t* previous) {
+  GUARD_BEGIN
+  // MLX's own default limit means "no limit set by the caller".
+  static const size_t default_limit = mx::get_memory_limit();
+  *previous = mx::set_memory_limit(limit);
+  memory_limit = limit >= default_limit ? 0 : limit;
+  GUARD_END
+}
+
+int mlxc_memory_set_cache_limit(size_t limit, size_t* previous) {
+  GUARD_BEGIN
+  *previous = mx::set_cache_limit(limit);
+  GUARD_END
+}
+
+int mlxc_gpu_available(void) {
+  try {
+    return mx::is_available(mx::Device(mx::Device::gpu)) ? 1 : 0;
+  } catch (...) {
+    return 0;
+  }
+}
+
+int mlxc_default_device(void) {
+  return mx::default_device().type == mx::Device::gpu ? 1 : 0;
+}
+
+int mlxc_set_default_device(int device) {
+  GUARD_BEGIN
+  mx::set_default_device(to_device(device));
+  GUARD_END
+}
+
+int mlxc_new_stream(int device, int* index) {
+  GUARD_BEGIN
+  *index = mx::new_stream(to_device(device)).index;
+  GUARD_END
+}
+
+int mlxc_set_default_stream(int device, int index) {
+  GUARD_BEGIN
+  mx::set_default_stream(mx::Stream(index, to_device(device)));
+  GUARD_END
+}
+
+int mlxc_synchronize(void) {
+  GUARD_BEGIN
+  mx::synchronize();
+  GUARD_END
+}
+
+}  // extern "C"

@@ -1,0 +1,254 @@
+/*
+ * mlxc: amlx's C ABI over MLX's C++ library.
+ *
+ * This header is the single source of truth for the cffi binding: build_ffi.py
+ * feeds everything between the cdef markers (minus preprocessor lines) to
+ * cffi's cdef, so it must stay plain C that cffi can parse.
+ *
+ * Conventions
+ * - Handles are opaque and owned: every handle returned through an out
+ *   parameter must be released with its *_free function exactly once.
+ * - Every function that can fail returns an int status: 0 on success, non-zero
+ *   on failure, in which case mlxc_last_error() (thread-local) holds the text.
+ *   No C++ exception ever crosses this ABI.
+ * - Arrays taken as inputs are borrowed; arrays returned are new handles.
+ * - Ops run on the default stream of the default device.
+ */
+#ifndef MLXC_H
+#define MLXC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* cdef-begin */
+
+typedef struct mlxc_array_s* mlxc_array;     /* one mlx::core::array */
+typedef struct mlxc_vec_s* mlxc_vec;         /* a list of arrays */
+typedef struct mlxc_closure_s* mlxc_closure; /* a compiled function */
+typedef struct mlxc_st_s* mlxc_st;           /* a loaded safetensors file */
+
+/* A function of arrays implemented by the caller (for compile, vjp and
+ * value_and_grad). It reads `inputs`, appends its results to `outputs` and
+ * returns 0, or returns non-zero to abort the transformation; the caller keeps
+ * its own record of why. */
+typedef int (*mlxc_fn)(void* payload, mlxc_vec inputs, mlxc_vec outputs);
+
+enum mlxc_dtype {
+  MLXC_BOOL = 0, MLXC_UINT8, MLXC_UINT16, MLXC_UINT32, MLXC_UINT64,
+  MLXC_INT8, MLXC_INT16, MLXC_INT32, MLXC_INT64,
+  MLXC_FLOAT16, MLXC_FLOAT32, MLXC_FLOAT64, MLXC_BFLOAT16, MLXC_COMPLEX64
+};
+
+enum mlxc_unary_op {
+  MLXC_ABS = 0, MLXC_NEGATIVE, MLXC_SIGN, MLXC_LOGICAL_NOT, MLXC_RECIPROCAL,
+  MLXC_FLOOR, MLXC_CEIL, MLXC_ROUND, MLXC_SQUARE, MLXC_SQRT, MLXC_RSQRT,
+  MLXC_EXP, MLXC_EXPM1, MLXC_LOG, MLXC_LOG1P, MLXC_LOG2, MLXC_SIN, MLXC_COS,
+  MLXC_TANH, MLXC_SIGMOID, MLXC_ERF, MLXC_ERFINV, MLXC_STOP_GRADIENT,
+  MLXC_COPY, MLXC_CONTIGUOUS, MLXC_BITWISE_INVERT, MLXC_ISNAN, MLXC_ISINF
+};
+
+enum mlxc_binary_op {
+  MLXC_ADD = 0, MLXC_SUBTRACT, MLXC_MULTIPLY, MLXC_DIVIDE, MLXC_FLOOR_DIVIDE,
+  MLXC_REMAINDER, MLXC_POWER, MLXC_MAXIMUM, MLXC_MINIMUM, MLXC_EQUAL,
+  MLXC_NOT_EQUAL, MLXC_GREATER, MLXC_GREATER_EQUAL, MLXC_LESS,
+  MLXC_LESS_EQUAL, MLXC_LOGICAL_AND, MLXC_LOGICAL_OR, MLXC_MATMUL,
+  MLXC_ARCTAN2, MLXC_LOGADDEXP, MLXC_BITWISE_AND, MLXC_BITWISE_OR,
+  MLXC_BITWISE_XOR, MLXC_LEFT_SHIFT, MLXC_RIGHT_SHIFT
+};
+
+/* Reductions over a set of axes (naxes < 0: over all axes). */
+enum mlxc_reduce_op {
+  MLXC_SUM = 0, MLXC_MEAN, MLXC_MAX, MLXC_MIN, MLXC_PROD, MLXC_ALL, MLXC_ANY,
+  MLXC_LOGSUMEXP, MLXC_SOFTMAX, MLXC_SOFTMAX_PRECISE, MLXC_VAR
+};
+
+/* Operations along one axis. */
+enum mlxc_axis_op {
+  MLXC_ARGMAX = 0, MLXC_ARGMIN, MLXC_SORT, MLXC_ARGSORT, MLXC_CUMSUM,
+  MLXC_CUMPROD, MLXC_CUMMAX, MLXC_CUMMIN, MLXC_LOGCUMSUMEXP
+};
+
+/* Errors, version, lifetime of handles. */
+const char* mlxc_last_error(void);
+const char* mlxc_version(void);
+void mlxc_array_free(mlxc_array a);
+
+/* Construction. `data` is copied; for MLXC_BFLOAT16 it holds the raw 16-bit
+ * patterns. */
+int mlxc_array_from_data(const void* data, const int* shape, int ndim,
+                         int dtype, mlxc_array* out);
+int mlxc_array_from_double(double value, int dtype, mlxc_array* out);
+int mlxc_array_from_int(int64_t value, int dtype, mlxc_array* out);
+int mlxc_array_from_bool(int value, mlxc_array* out);
+int mlxc_array_clone(mlxc_array a, mlxc_array* out); /* a new handle, same array */
+
+/* Metadata (never evaluates). */
+int mlxc_array_ndim(mlxc_array a);
+int mlxc_array_shape(mlxc_array a, int* shape); /* fills ndim entries */
+int mlxc_array_dtype(mlxc_array a);
+size_t mlxc_array_size(mlxc_array a);
+size_t mlxc_array_nbytes(mlxc_array a);
+size_t mlxc_dtype_size(int dtype);
+
+/* Evaluation and read-back. copy_out evaluates and writes the array in row-major
+ * order, whatever its layout (transposed, broadcast, strided views). */
+int mlxc_eval(const mlxc_array* arrays, size_t n);
+int mlxc_async_eval(const mlxc_array* arrays, size_t n);
+int mlxc_array_copy_out(mlxc_array a, void* dst, size_t nbytes);
+
+/* Lists of arrays. */
+int mlxc_vec_new(mlxc_vec* out);
+void mlxc_vec_free(mlxc_vec v);
+size_t mlxc_vec_size(mlxc_vec v);
+int mlxc_vec_get(mlxc_vec v, size_t i, mlxc_array* out);
+int mlxc_vec_push(mlxc_vec v, mlxc_array a);
+
+/* Elementwise and general ops. */
+int mlxc_unary(int op, mlxc_array a, mlxc_array* out);
+int mlxc_binary(int op, mlxc_array a, mlxc_array b, mlxc_array* out);
+int mlxc_reduce(int op, mlxc_array a, const int* axes, int naxes, int keepdims,
+                mlxc_array* out);
+int mlxc_axis(int op, mlxc_array a, int axis, int flag_a, int flag_b,
+              mlxc_array* out); /* argmax/argmin: flag_a=keepdims;
+                                   cum*: flag_a=reverse, flag_b=inclusive */
+int mlxc_addmm(mlxc_array c, mlxc_array a, mlxc_array b, float alpha,
+               float beta, mlxc_array* out);
+int mlxc_where(mlxc_array cond, mlxc_array x, mlxc_array y, mlxc_array* out);
+int mlxc_clip(mlxc_array a, mlxc_array lo, mlxc_array hi,
+              mlxc_array* out); /* lo or hi may be NULL */
+int mlxc_astype(mlxc_array a, int dtype, mlxc_array* out);
+int mlxc_view(mlxc_array a, int dtype, mlxc_array* out);
+int mlxc_topk(mlxc_array a, int k, int axis, mlxc_array* out);
+int mlxc_argpartition(mlxc_array a, int kth, int axis, mlxc_array* out);
+int mlxc_tri(mlxc_array a, int k, int upper, mlxc_array* out); /* tril/triu */
+
+/* Shapes. */
+int mlxc_reshape(mlxc_array a, const int* shape, int ndim, mlxc_array* out);
+int mlxc_transpose(mlxc_array a, const int* axes, int naxes,
+                   mlxc_array* out); /* naxes < 0: reverse */
+int mlxc_swapaxes(mlxc_array a, int axis1, int axis2, mlxc_array* out);
+int mlxc_expand_dims(mlxc_array a, const int* axes, int naxes, mlxc_array* out);
+int mlxc_squeeze(mlxc_array a, const int* axes, int naxes,
+                 mlxc_array* out); /* naxes < 0: all size-1 axes */
+int mlxc_broadcast_to(mlxc_array a, const int* shape, int ndim,
+                      mlxc_array* out);
+int mlxc_concatenate(mlxc_vec arrays, int axis, mlxc_array* out);
+int mlxc_stack(mlxc_vec arrays, int axis, mlxc_array* out);
+int mlxc_split(mlxc_array a, const int* indices, int nindices, int sections,
+               int axis, mlxc_vec out); /* sections > 0: equal parts */
+
+/* Slicing, static and with array offsets. */
+int mlxc_slice(mlxc_array a, const int* start, const int* stop,
+               const int* strides, int ndim, mlxc_array* out);
+int mlxc_slice_dynamic(mlxc_array a, mlxc_array start, const int* axes,
+                       int naxes, const int* sizes, int ndim, mlxc_array* out);
+int mlxc_slice_update(mlxc_array src, mlxc_array update, const int* start,
+                      const int* stop, const int* strides, int ndim,
+                      mlxc_array* out);
+int mlxc_slice_update_dynamic(mlxc_array src, mlxc_array update,
+                              mlxc_array start, const int* axes, int naxes,
+                              mlxc_array* out);
+
+/* Gathers and scatters. axis_is_none: take over the flattened array. */
+int mlxc_take(mlxc_array a, mlxc_array indices, int axis, int axis_is_none,
+              mlxc_array* out);
+int mlxc_take_along_axis(mlxc_array a, mlxc_array indices, int axis,
+                         mlxc_array* out);
+int mlxc_put_along_axis(mlxc_array a, mlxc_array indices, mlxc_array values,
+                        int axis, mlxc_array* out);
+
+/* Creation. */
+int mlxc_full(const int* shape, int ndim, mlxc_array value, int dtype,
+              mlxc_array* out);
+int mlxc_arange(double start, double stop, double step, int dtype,
+                mlxc_array* out);
+
+/* Random. `key` may be NULL (MLX's global key). */
+int mlxc_random_seed(uint64_t seed);
+int mlxc_random_key(uint64_t seed, mlxc_array* out);
+int mlxc_random_split(mlxc_array key, int num, mlxc_array* out);
+int mlxc_random_uniform(mlxc_array low, mlxc_array high, const int* shape,
+                        int ndim, int dtype, mlxc_array key, mlxc_array* out);
+int mlxc_random_normal(const int* shape, int ndim, int dtype, float loc,
+                       float scale, mlxc_array key, mlxc_array* out);
+int mlxc_random_randint(mlxc_array low, mlxc_array high, const int* shape,
+                        int ndim, int dtype, mlxc_array key, mlxc_array* out);
+int mlxc_random_categorical(mlxc_array logits, int axis, int num_samples,
+                            mlxc_array key, mlxc_array* out); /* num_samples<=0: one */
+int mlxc_random_gumbel(const int* shape, int ndim, int dtype, mlxc_array key,
+                       mlxc_array* out);
+
+/* Quantization (MLX's affine mode). */
+int mlxc_quantize(mlxc_array w, int group_size, int bits, mlxc_vec out);
+int mlxc_dequantize(mlxc_array w, mlxc_array scales, mlxc_array biases,
+                    int group_size, int bits, int dtype, /* dtype < 0: default */
+                    mlxc_array* out);
+int mlxc_quantized_matmul(mlxc_array x, mlxc_array w, mlxc_array scales,
+                          mlxc_array biases, int transpose, int group_size,
+                          int bits, mlxc_array* out);
+
+/* Fused kernels (mlx::core::fast). Optional arrays may be NULL; base is NaN when
+ * `freqs` is given. */
+int mlxc_rms_norm(mlxc_array x, mlxc_array weight, float eps, mlxc_array* out);
+int mlxc_layer_norm(mlxc_array x, mlxc_array weight, mlxc_array bias, float eps,
+                    mlxc_array* out);
+int mlxc_rope(mlxc_array x, int dims, int traditional, float base, float scale,
+              int offset, mlxc_array freqs, mlxc_array* out);
+int mlxc_rope_dynamic(mlxc_array x, int dims, int traditional, float base,
+                      float scale, mlxc_array offset, mlxc_array freqs,
+                      mlxc_array* out);
+int mlxc_sdpa(mlxc_array q, mlxc_array k, mlxc_array v, float scale,
+              const char* mask_mode, mlxc_array mask, mlxc_array* out);
+
+/* Transformations over caller functions. */
+int mlxc_compile(mlxc_fn fn, void* payload, int shapeless, mlxc_closure* out);
+void mlxc_closure_free(mlxc_closure c);
+int mlxc_closure_apply(mlxc_closure c, mlxc_vec inputs, mlxc_vec outputs);
+int mlxc_vjp(mlxc_fn fn, void* payload, mlxc_vec primals, mlxc_vec cotangents,
+             mlxc_vec outputs, mlxc_vec vjps);
+int mlxc_value_and_grad(mlxc_fn fn, void* payload, mlxc_vec inputs,
+                        const int* argnums, int nargnums, mlxc_vec values,
+                        mlxc_vec grads);
+
+/* Safetensors. */
+int mlxc_st_load(const char* path, mlxc_st* out);
+void mlxc_st_free(mlxc_st st);
+size_t mlxc_st_count(mlxc_st st);
+const char* mlxc_st_name(mlxc_st st, size_t i);
+int mlxc_st_array(mlxc_st st, size_t i, mlxc_array* out);
+size_t mlxc_st_meta_count(mlxc_st st);
+const char* mlxc_st_meta_key(mlxc_st st, size_t i);
+const char* mlxc_st_meta_value(mlxc_st st, size_t i);
+int mlxc_st_save(const char* path, const char** names, const mlxc_array* arrays,
+                 size_t n, const char** meta_keys, const char** meta_values,
+                 size_t nmeta);
+
+/* Memory counters (bytes) and limits. */
+int mlxc_memory_active(size_t* out);
+int mlxc_memory_peak(size_t* out);
+int mlxc_memory_cache(size_t* out);
+int mlxc_memory_reset_peak(void);
+int mlxc_memory_clear_cache(void);
+int mlxc_memory_get_limit(size_t* out);
+int mlxc_memory_set_limit(size_t limit, size_t* previous);
+int mlxc_memory_set_cache_limit(size_t limit, size_t* previous);
+
+/* Devices (0 = cpu, 1 = gpu) and streams. */
+int mlxc_gpu_available(void);
+int mlxc_default_device(void);
+int mlxc_set_default_device(int device);
+int mlxc_new_stream(int device, int* index);
+int mlxc_set_default_stream(int device, int index);
+int mlxc_synchronize(void);
+
+/* cdef-end */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MLXC_H */
