@@ -78,8 +78,11 @@ def read_cdef(header: pathlib.Path = HEADER) -> str:
     return "\n".join(line for line in body.splitlines() if not line.lstrip().startswith("#"))
 
 
-def make_builder() -> FFI:
+def make_builder(absolute: bool = False) -> FFI:
+    """The cffi builder; setuptools wants source paths relative to the project root,
+    a direct compile (which changes directory) wants them absolute."""
     mlx = find_mlx()
+    vendor = ROOT / "vendor" / "mlxc" if absolute else pathlib.Path("vendor", "mlxc")
     ffi = FFI()
     ffi.cdef(read_cdef())
     # The trampoline through which MLX calls Python functions (compile, grads).
@@ -92,7 +95,7 @@ def make_builder() -> FFI:
     ffi.set_source(
         "amlx._mlxc",
         '#include "mlxc.h"',
-        sources=[str(ROOT / "vendor" / "mlxc" / "mlxc.cpp")],
+        sources=[(vendor / "mlxc.cpp").as_posix()],
         source_extension=".cpp",
         include_dirs=[str(ROOT / "vendor" / "mlxc"), str(mlx / "include")],
         library_dirs=[libdir],
@@ -111,11 +114,13 @@ except MLXNotFound as exc:
 
 
 if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=str(ROOT / "build" / "cffi"), verbose=True, target=None)
+    make_builder(absolute=True).compile(tmpdir=str(ROOT / "build" / "cffi"), verbose=True, target=None)
     # cffi writes the module under tmpdir/amlx/; put it beside the package.
     built = list((ROOT / "build" / "cffi" / "amlx").glob("_mlxc*.so")) + list(
         (ROOT / "build" / "cffi").glob("amlx/_mlxc*.pyd")
     )
+    for old in (ROOT / "amlx").glob("_mlxc*.so"):
+        old.unlink()  # a stale build with another tag would shadow the new one
     for f in built:
         dest = ROOT / "amlx" / f.name
         dest.write_bytes(f.read_bytes())
