@@ -6,7 +6,7 @@ import json
 import math
 import os
 
-from amlx._mlx._lib import check, error, ffi, lib
+from amlx._mlx._lib import error, ffi, lib
 from amlx._mlx.array import Array, _call
 from amlx.errors import MLXError
 
@@ -43,20 +43,30 @@ def read_header(path) -> tuple[dict, dict]:
     except ValueError as exc:
         raise _bad(path, f"corrupt header ({exc})") from None
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _bad(path, f"__metadata__ must map strings to strings, not {metadata!r}")
     data_size = size - 8 - n
+    spans = []
     for name, info in header.items():
         try:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
             want = math.prod(shape) * _ITEMSIZE[dtype]
         except (KeyError, TypeError, ValueError):
             raise _bad(path, f"tensor {name!r} has a malformed entry {info!r}") from None
-        if any(not isinstance(d, int) or d < 0 for d in shape):
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
             raise _bad(path, f"tensor {name!r} has an invalid shape {shape}")
+        if not all(isinstance(o, int) and not isinstance(o, bool) for o in (begin, end)):
+            raise _bad(path, f"tensor {name!r} has non-integer offsets {info['data_offsets']!r}")
         if end - begin != want or begin < 0:
             raise _bad(path, f"tensor {name!r}: offsets {begin}..{end} do not hold {dtype}{shape}")
         if end > data_size:
             raise _bad(path, f"tensor {name!r} ends at byte {end} of data but the file holds only {data_size} "
                              f"(truncated)")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            raise _bad(path, f"tensor {name!r} overlaps tensor {prev!r} (offsets {begin} < {prev_end})")
     return header, metadata
 
 
@@ -65,7 +75,8 @@ def load_safetensors(path) -> tuple[dict[str, Array], dict[str, str]]:
     path = os.fspath(path)
     read_header(path)
     out = ffi.new("mlxc_st*")
-    check(lib.mlxc_st_load(path.encode(), out), "load_safetensors")
+    if lib.mlxc_st_load(path.encode(), out):
+        raise _bad(path, error("load_safetensors").mlx_message)
     st = out[0]
     try:
         arrays = {}
