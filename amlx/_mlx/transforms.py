@@ -21,37 +21,39 @@ from amlx._mlx.ops import _Vec
 def tree_flatten(tree) -> tuple[list[Array], Any]:
     """Flattens nested lists/tuples/dicts of arrays: (leaves, structure)."""
     leaves: list[Array] = []
+    return leaves, _flatten(tree, leaves)
 
-    def walk(t):
-        if isinstance(t, Array):
-            leaves.append(t)
-            return None
-        if isinstance(t, dict):
-            return ("dict", [(k, walk(v)) for k, v in t.items()])
-        if isinstance(t, (list, tuple)):
-            return (type(t).__name__, [walk(v) for v in t])
-        if t is None or isinstance(t, (numbers.Number, str)):
-            return ("const", t)
-        raise TypeError(f"expected arrays (or lists, tuples, dicts of arrays), got {type(t).__name__}")
 
-    return leaves, walk(tree)
+# Module-level recursion: a nested recursive function is a reference cycle
+# (it holds itself through its closure), which would keep every leaf array
+# alive until the garbage collector runs.
+def _flatten(t, leaves: list[Array]):
+    if isinstance(t, Array):
+        leaves.append(t)
+        return None
+    if isinstance(t, dict):
+        return ("dict", [(k, _flatten(v, leaves)) for k, v in t.items()])
+    if isinstance(t, (list, tuple)):
+        return (type(t).__name__, [_flatten(v, leaves) for v in t])
+    if t is None or isinstance(t, (numbers.Number, str)):
+        return ("const", t)
+    raise TypeError(f"expected arrays (or lists, tuples, dicts of arrays), got {type(t).__name__}")
 
 
 def tree_unflatten(structure, leaves) -> Any:
-    it = iter(leaves)
+    return _build(structure, iter(leaves))
 
-    def build(s):
-        if s is None:
-            return next(it)
-        kind, body = s
-        if kind == "dict":
-            return {k: build(v) for k, v in body}
-        if kind == "const":
-            return body
-        items = [build(v) for v in body]
-        return tuple(items) if kind == "tuple" else items
 
-    return build(structure)
+def _build(s, it):
+    if s is None:
+        return next(it)
+    kind, body = s
+    if kind == "dict":
+        return {k: _build(v, it) for k, v in body}
+    if kind == "const":
+        return body
+    items = [_build(v, it) for v in body]
+    return tuple(items) if kind == "tuple" else items
 
 
 # -- the trampoline ----------------------------------------------------------
@@ -96,6 +98,16 @@ def value_and_grad(fn: Callable, argnums: int | tuple[int, ...] = 0) -> Callable
     single = isinstance(argnums, int)
     nums = (argnums,) if single else tuple(argnums)
 
+    def checked(*args):
+        # MLX differentiates the first output; without an array there it would
+        # silently return zero gradients.
+        out = fn(*args)
+        head = out[0] if isinstance(out, (tuple, list)) and out else out
+        if not isinstance(head, Array):
+            raise TypeError("the function given to value_and_grad must return a scalar array, or a tuple "
+                            f"whose first element is one; it returned {type(out).__name__}")
+        return out
+
     def wrapped(*args):
         leaves, structure = tree_flatten(args)
         # Flat leaf positions of each differentiated argument.
@@ -108,7 +120,7 @@ def value_and_grad(fn: Callable, argnums: int | tuple[int, ...] = 0) -> Callable
             if not 0 <= i < len(args):
                 raise ValueError(f"argnums {i} is out of range for {len(args)} arguments")
         flat_nums = [j for i in nums for j in range(*spans[i])]
-        flat = _Flat(fn, structure)
+        flat = _Flat(checked, structure)
         handle = ffi.new_handle(flat)
         with _Vec(leaves) as vin, _Vec() as vals, _Vec() as grads:
             argn = ffi.new("int[]", flat_nums or [0])
