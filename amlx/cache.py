@@ -1,0 +1,99 @@
+"""Key/value caches for attention layers.
+
+A `KVCache` holds the keys and values of one attention layer for a batch of
+rows in fixed-capacity buffers of shape (B, kv_heads, capacity, head_dim),
+grown in blocks of `BLOCK` positions. Two ways to write:
+
+* `update_prefill(k, v, start)`: L new positions at the same host-known `start`
+  for every row (prompt processing, in chunks).
+* `update_decode(k, v, positions)`: one new position per row, at per-row offsets
+  given as a device array, so a batch of requests at different lengths decodes
+  in one shape-stable step; unfilled slots are masked out.
+
+A `window` (Gemma 3's local layers) restricts each query to the last `window`
+positions; the buffers still hold every position, so prompts plus generation
+longer than the window stay exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from amlx._mlx import Array, array, ops
+from amlx._mlx import bool_ as _bool
+from amlx._mlx import int32 as _int32
+
+BLOCK = 256
+
+
+def round_up(n: int, block: int = BLOCK) -> int:
+    return max(block, -(-n // block) * block)
+
+
+class KVCache:
+    def __init__(self, window: int | None = None):
+        self.window = window
+        self.keys: Array | None = None
+        self.values: Array | None = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def reserve(self, needed: int, like_k: Array, like_v: Array) -> None:
+        """Grows the buffers (in blocks) to hold at least `needed` positions."""
+        if needed <= self.capacity:
+            return
+        b, h, _, d = like_k.shape
+        dv = like_v.shape[3]
+        new_cap = round_up(needed)
+        if self.keys is None:
+            self.keys = ops.zeros((b, h, new_cap, d), like_k.dtype)
+            self.values = ops.zeros((b, h, new_cap, dv), like_v.dtype)
+            return
+        extra = new_cap - self.capacity
+        self.keys = ops.concatenate([self.keys, ops.zeros((b, h, extra, d), self.keys.dtype)], axis=2)
+        self.values = ops.concatenate([self.values, ops.zeros((b, h, extra, dv), self.values.dtype)], axis=2)
+
+    def update_prefill(self, k: Array, v: Array, start: int):
+        """Writes k, v (B, H, L, D) at [start, start+L) and returns (keys, values, mask)
+        to attend over: the buffers cut to start+L and a mask (None-free: "causal"
+        or a boolean (L, start+L) array)."""
+        length = k.shape[2]
+        end = start + length
+        self.reserve(end, k, v)
+        b, h, _, d = self.keys.shape
+        self.keys = ops.slice_update(self.keys, k, (0, 0, start, 0), (b, h, end, d))
+        self.values = ops.slice_update(self.values, v, (0, 0, start, 0), (b, h, end, self.values.shape[3]))
+        keys = ops.slice(self.keys, (0, 0, 0, 0), (b, h, end, d))
+        values = ops.slice(self.values, (0, 0, 0, 0), (b, h, end, self.values.shape[3]))
+        if self.window is None or end <= self.window:
+            return keys, values, "causal"
+        q_pos = np.arange(start, end)[:, None]
+        k_pos = np.arange(end)[None, :]
+        mask = (k_pos <= q_pos) & (k_pos > q_pos - self.window)
+        return keys, values, array(mask, _bool)
+
+    def update_decode(self, k: Array, v: Array, positions: Array):
+        """Writes one position per row: k, v (B, H, 1, D) at `positions` (B,) int32.
+
+        The caller keeps the capacity sufficient (`reserve`). Returns the full
+        buffers and a boolean mask (B, 1, 1, capacity) of the visible slots."""
+        b, h, _, d = k.shape
+        idx = ops.reshape(positions, (b, 1, 1, 1))
+        self.keys = ops.put_along_axis(self.keys, ops.broadcast_to(idx, (b, h, 1, d)), k, 2)
+        self.values = ops.put_along_axis(self.values, ops.broadcast_to(idx, (b, h, 1, v.shape[3])), v, 2)
+        slots = ops.arange(self.capacity, dtype=_int32)
+        pos = ops.reshape(positions, (b, 1, 1, 1))
+        mask = slots <= pos
+        if self.window is not None:
+            mask = ops.logical_and(mask, slots > pos - self.window)
+        return self.keys, self.values, mask
+
+    def state(self) -> list[Array]:
+        return [] if self.keys is None else [self.keys, self.values]
+
+    def close(self) -> None:
+        for a in self.state():
+            a.close()
+        self.keys = self.values = None

@@ -1,0 +1,261 @@
+"""What every architecture shares: weight bookkeeping, rotary embeddings,
+attention over a KV cache, and the causal-LM shell.
+
+Each architecture file builds its module tree from a `Weights` source, which
+checks every tensor's shape as it is taken and reports, by name, what is
+missing, misshaped or left over.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from amlx._mlx import Array, array, fast, ops
+from amlx._mlx import float32 as _f32
+from amlx.cache import KVCache
+from amlx.errors import ModelLoadError
+from amlx.models.nn import Embedding, Linear, Module, QuantizedEmbedding, QuantizedLinear, RMSNorm
+
+
+class Weights:
+    """The checkpoint's tensors by name, handed out once each with shape checks."""
+
+    def __init__(self, tensors: dict[str, Array], quantization: dict | None, where: str, dtype=None):
+        self._tensors = tensors
+        self._quant = quantization or {}
+        self._where = where
+        self._dtype = dtype
+        self.taken: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self._tensors
+
+    def _get(self, name: str, shape: tuple | None, cast: bool = True) -> Array:
+        if name not in self._tensors:
+            raise ModelLoadError(f"{self._where}: tensor {name!r} is missing")
+        a = self._tensors[name]
+        if shape is not None and tuple(a.shape) != tuple(shape):
+            raise ModelLoadError(f"{self._where}: tensor {name!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+        self.taken.add(name)
+        if cast and self._dtype is not None and a.dtype.is_floating and a.dtype is not self._dtype:
+            a = a.astype(self._dtype)
+        return a
+
+    def tensor(self, name: str, shape: tuple | None = None) -> Array:
+        return self._get(name, shape)
+
+    def quant_params(self, prefix: str) -> tuple[int, int] | None:
+        """(group_size, bits) when `prefix` is stored quantized, else None."""
+        if not self.has(f"{prefix}.scales"):
+            return None
+        if not self._quant:
+            raise ModelLoadError(f"{self._where}: {prefix} is quantized (has .scales) but config.json has no "
+                                 f"'quantization' entry")
+        override = self._quant.get(prefix, {})
+        if override is False:
+            raise ModelLoadError(f"{self._where}: {prefix} has .scales but config.json marks it unquantized")
+        override = override if isinstance(override, dict) else {}
+        return (int(override.get("group_size", self._quant.get("group_size", 64))),
+                int(override.get("bits", self._quant.get("bits", 4))))
+
+    def _quantized(self, prefix: str, out_dim: int, in_dim: int, q: tuple[int, int]):
+        group, bits = q
+        if in_dim % group or (in_dim * bits) % 32:
+            raise ModelLoadError(f"{self._where}: {prefix} cannot be quantized with group size {group} and "
+                                 f"{bits} bits (input size {in_dim})")
+        w = self._get(f"{prefix}.weight", (out_dim, in_dim * bits // 32), cast=False)
+        scales = self._get(f"{prefix}.scales", (out_dim, in_dim // group))
+        biases = self._get(f"{prefix}.biases", (out_dim, in_dim // group))
+        return w, scales, biases, group, bits
+
+    def linear(self, prefix: str, out_dim: int, in_dim: int, bias: bool = False) -> Module:
+        b = self.tensor(f"{prefix}.bias", (out_dim,)) if bias else None
+        q = self.quant_params(prefix)
+        if q is None:
+            return Linear(self.tensor(f"{prefix}.weight", (out_dim, in_dim)), b)
+        return QuantizedLinear(*self._quantized(prefix, out_dim, in_dim, q), bias=b)
+
+    def embedding(self, prefix: str, vocab: int, dim: int) -> Module:
+        q = self.quant_params(prefix)
+        if q is None:
+            return Embedding(self.tensor(f"{prefix}.weight", (vocab, dim)))
+        return QuantizedEmbedding(*self._quantized(prefix, vocab, dim, q))
+
+    def norm(self, prefix: str, dim: int, eps: float, cls=RMSNorm) -> Module:
+        return cls(self.tensor(f"{prefix}.weight", (dim,)), eps)
+
+    def leftover(self, ignore: Callable[[str], bool] = lambda n: False) -> list[str]:
+        return sorted(n for n in self._tensors if n not in self.taken and not ignore(n))
+
+
+class RoPE:
+    """Rotary position embedding in the rotate-half convention of HF checkpoints."""
+
+    def __init__(self, dims: int, base: float, scaling: dict | None = None):
+        self.dims = dims
+        self.base: float | None = base
+        self.scale = 1.0
+        self.freqs: Array | None = None
+        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        if kind in (None, "default"):
+            pass
+        elif kind == "linear":
+            self.scale = 1.0 / float(scaling["factor"])
+        elif kind == "llama3":
+            from amlx.models.config import llama3_rope_freqs
+
+            inv = llama3_rope_freqs(dims, base, scaling)
+            # MLX's rope takes the period of each pair (1 / inverse frequency).
+            self.freqs = array((1.0 / np.asarray(inv, dtype=np.float64)).astype(np.float32), _f32)
+            self.base = None
+        else:
+            raise ModelLoadError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+    def __call__(self, x: Array, offset: int | Array) -> Array:
+        return fast.rope(x, self.dims, traditional=False, base=self.base, scale=self.scale, offset=offset,
+                         freqs=self.freqs)
+
+
+def causal_mask(length: int, window: int | None) -> str | Array:
+    """The attention mask of a full sequence without cache (training, scoring)."""
+    if window is None or length <= window:
+        return "causal"
+    q = np.arange(length)[:, None]
+    k = np.arange(length)[None, :]
+    return array((k <= q) & (k > q - window))
+
+
+class Attention(Module):
+    """Multi-head attention with grouped KV heads, optional q/k norms and a KV cache."""
+
+    def __init__(self, w: Weights, prefix: str, hidden: int, n_heads: int, n_kv: int, head_dim: int,
+                 scale: float, rope: RoPE, *, qkv_bias: bool = False, qk_norm: Callable | None = None,
+                 window: int | None = None):
+        self.q_proj = w.linear(f"{prefix}.q_proj", n_heads * head_dim, hidden, qkv_bias)
+        self.k_proj = w.linear(f"{prefix}.k_proj", n_kv * head_dim, hidden, qkv_bias)
+        self.v_proj = w.linear(f"{prefix}.v_proj", n_kv * head_dim, hidden, qkv_bias)
+        self.o_proj = w.linear(f"{prefix}.o_proj", hidden, n_heads * head_dim)
+        if qk_norm is not None:
+            self.q_norm = qk_norm(f"{prefix}.q_norm", head_dim)
+            self.k_norm = qk_norm(f"{prefix}.k_norm", head_dim)
+        self._n_heads, self._n_kv, self._head_dim = n_heads, n_kv, head_dim
+        self._scale, self._rope, self.window = scale, rope, window
+
+    def __call__(self, x: Array, cache: KVCache | None, pos: int | Array) -> Array:
+        b, length, _ = x.shape
+        q = ops.reshape(self.q_proj(x), (b, length, self._n_heads, self._head_dim))
+        k = ops.reshape(self.k_proj(x), (b, length, self._n_kv, self._head_dim))
+        v = ops.reshape(self.v_proj(x), (b, length, self._n_kv, self._head_dim))
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
+        q, k = self._rope(q, pos), self._rope(k, pos)
+        if cache is None:
+            keys, values, mask = k, v, causal_mask(length, self.window)
+        elif isinstance(pos, int):
+            keys, values, mask = cache.update_prefill(k, v, pos)
+        else:
+            keys, values, mask = cache.update_decode(k, v, pos)
+        o = fast.scaled_dot_product_attention(q, keys, values, scale=self._scale, mask=mask)
+        o = ops.reshape(ops.transpose(o, (0, 2, 1, 3)), (b, length, self._n_heads * self._head_dim))
+        return self.o_proj(o)
+
+
+class GatedMLP(Module):
+    """down(act(gate(x)) * up(x))."""
+
+    def __init__(self, w: Weights, prefix: str, hidden: int, intermediate: int, act: Callable[[Array], Array]):
+        self.gate_proj = w.linear(f"{prefix}.gate_proj", intermediate, hidden)
+        self.up_proj = w.linear(f"{prefix}.up_proj", intermediate, hidden)
+        self.down_proj = w.linear(f"{prefix}.down_proj", hidden, intermediate)
+        self._act = act
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def silu(x: Array) -> Array:
+    return x * ops.sigmoid(x)
+
+
+def gelu_tanh(x: Array) -> Array:
+    c = math.sqrt(2.0 / math.pi)
+    return 0.5 * x * (1.0 + ops.tanh(c * (x + 0.044715 * (x * x * x))))
+
+
+@dataclass
+class ModelInfo:
+    """What a loaded model is (the public `Model.info` adds device and parameter count)."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    context_length: int
+    quantization: dict | None
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ModelInfo":
+        return cls(cfg["arch"], cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"],
+                   cfg["max_position_embeddings"], cfg["quantization"])
+
+
+class Decoder(Module):
+    """`model.*` of a checkpoint: embed_tokens, layers, norm."""
+
+    def __init__(self, embed_tokens: Module, layers: list, norm: Module, embed_scale: float | None = None):
+        self.embed_tokens, self.layers, self.norm = embed_tokens, layers, norm
+        self._embed_scale = embed_scale
+
+    def __call__(self, ids: Array, cache: list[KVCache] | None, pos: int | Array) -> Array:
+        h = self.embed_tokens(ids)
+        if self._embed_scale is not None:
+            # Rounded to the activation dtype first, as the reference does.
+            h = h * array(self._embed_scale, _f32).astype(h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, None if cache is None else cache[i], pos)
+        return self.norm(h)
+
+
+class CausalLM(Module):
+    """A decoder plus output projection; parameter names follow the checkpoint
+    (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`)."""
+
+    model_type = ""
+
+    def __init__(self, model: Decoder, lm_head: Module | None, info: ModelInfo,
+                 final_softcap: float | None = None):
+        self.model = model
+        if lm_head is not None:
+            self.lm_head = lm_head
+        self.info = info
+        self._final_softcap = final_softcap
+        self._unused: list[Array] = []
+
+    def __call__(self, ids: Array, cache: list[KVCache] | None = None, pos: int | Array = 0) -> Array:
+        """Logits (B, L, V) for token ids (B, L) written at position `pos`
+        (an int for every row, or a (B,) int32 array of per-row positions)."""
+        h = self.model(ids, cache, pos)
+        out = self.lm_head(h) if hasattr(self, "lm_head") else self.model.embed_tokens.as_linear(h)
+        if self._final_softcap:
+            out = ops.tanh(out / self._final_softcap) * self._final_softcap
+        return out
+
+    @property
+    def layers(self) -> list:
+        return self.model.layers
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache(window=layer.self_attn.window) for layer in self.model.layers]
+
+    def close(self) -> None:
+        """Releases every weight (and tensors of the checkpoint that went unused)."""
+        for _, p in self.named_parameters():
+            p.close()
+        for extra in self._unused:
+            extra.close()
+        self._unused = []
