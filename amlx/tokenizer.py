@@ -1,0 +1,685 @@
+"""Tokenizer layer: Hugging Face tokenizer files, chat templates and streaming detokenization.
+
+`Tokenizer.from_dir(path)` reads a checkpoint folder (tokenizer.json, tokenizer_config.json,
+chat_template.jinja, generation_config.json, config.json) and reproduces what
+`transformers.AutoTokenizer` does with the same files: `encode`, `decode` and
+`apply_chat_template(..., tokenize=False)` give identical results. Chat templates are
+rendered in Jinja's immutable sandbox. `Tokenizer.detokenizer()` turns a stream of token ids
+into text pieces that never split a character and join up to exactly `decode(ids)`.
+
+Nothing here touches MLX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.sandbox
+import jinja2.utils
+import tokenizers
+from tokenizers import AddedToken
+
+from amlx.errors import AmlxError, ModelLoadError
+
+__all__ = ["ChatTemplateError", "StreamingDetokenizer", "Tokenizer"]
+
+# The named special tokens transformers knows; tokenizer_config.json may add more "*_token" keys.
+_NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+# Defaults of the transformers tokenizer classes amlx's architectures declare; they apply when
+# tokenizer_config.json leaves a key out (an explicit null still means "none").
+_CLASS_DEFAULT_TOKENS = {
+    "GemmaTokenizer": {
+        "unk_token": "<unk>",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "mask_token": "<mask>",
+    },
+    "Qwen2Tokenizer": {"unk_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+}
+
+# Chat messages may carry the model's reasoning under any of these names; templates read the first.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class ChatTemplateError(AmlxError, ValueError):
+    """A chat template is missing, failed to render, raised an error, or tried something unsafe."""
+
+
+# --------------------------------------------------------------------------------------------
+# File loading
+
+
+def _read_json(path: Path, *, required: bool) -> Any:
+    """Parse a JSON file; None if it is optional and absent. Any failure is a ModelLoadError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if required:
+            raise ModelLoadError(f"{path}: file not found") from None
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: cannot read file: {e}") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: invalid JSON: {e}") from e
+
+
+def _read_json_object(path: Path, *, required: bool) -> dict:
+    data = _read_json(path, required=required)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: cannot read file: {e}") from e
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token from a config: a string, or a dict with "content" (serialized AddedToken)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _as_added_token(value: Any, *, special: bool) -> AddedToken:
+    if isinstance(value, Mapping):
+        flags = {k: bool(value[k]) for k in ("single_word", "lstrip", "rstrip", "normalized") if k in value}
+        return AddedToken(value["content"], special=bool(value.get("special", special)), **flags)
+    return AddedToken(value, special=special)
+
+
+def _ids_from(value: Any) -> list[int]:
+    """eos_token_id style values: an int, a list of ints, or null."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# Chat template rendering
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """Accepts `{% generation %}...{% endgeneration %}` (used by some templates to mark
+    assistant text for training masks) and simply renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
+
+
+class _SafeNamespace(jinja2.utils.Namespace):
+    """`namespace()` that refuses underscore names, so templates can't shadow internals."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:
+        self, rest = args[0], args[1:]
+        attrs = dict(*rest, **kwargs)
+        for name in attrs:
+            _SafeNamespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _SafeNamespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.sandbox.SecurityError(f"namespace attribute {name!r} is not allowed")
+
+
+def _raise_exception(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes HTML characters; chat templates expect plain json.dumps output.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _make_environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["namespace"] = _SafeNamespace
+    return env
+
+
+def _plain(value: Any) -> Any:
+    """Copy template inputs into plain JSON-like data (str, int, float, bool, None, dict, list,
+    tuple). Rich objects could expose methods the sandbox does not know to be harmful, so
+    anything else becomes an inert "<TypeName>" placeholder."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):  # pydantic models, e.g. OpenAI SDK messages
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def _normalize_messages(messages: Iterable[Any]) -> list[dict]:
+    out = []
+    for message in messages:
+        message = _plain(message)
+        if not isinstance(message, dict):
+            raise ChatTemplateError(f"chat messages must be dicts, got {message!r}")
+        # Templates handle a missing key better than None (which some would render as "None").
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """Text <-> token ids for one checkpoint, plus its chat template.
+
+    Build it with `Tokenizer.from_dir(path)`. Results match `transformers.AutoTokenizer`
+    loaded from the same folder. Instances are immutable and safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        config: Mapping[str, Any] | None = None,
+        chat_template: str | Mapping[str, str] | None = None,
+        eos_token_ids: Iterable[int] = (),
+    ) -> None:
+        """Wrap a `tokenizers.Tokenizer` (which this object takes over and adjusts).
+
+        `config` is the content of tokenizer_config.json; `chat_template` overrides the one in
+        it; `eos_token_ids` adds stop ids (from generation_config.json / config.json).
+        """
+        config = dict(config or {})
+        self._backend = backend
+
+        # Every "*_token" entry is a special token and is offered to the chat template.
+        self._special_tokens: dict[str, str] = {}
+        tokenizer_class = str(config.get("tokenizer_class") or "").removesuffix("Fast")
+        defaults = _CLASS_DEFAULT_TOKENS.get(tokenizer_class, {})
+        for key in _NAMED_SPECIAL_TOKENS:
+            content = _token_content(config[key] if key in config else defaults.get(key))
+            if content is not None:
+                self._special_tokens[key] = content
+        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+        for key, value in config.items():
+            if key.endswith("_token") and key not in self._special_tokens and _token_content(value) is not None:
+                self._special_tokens[key] = _token_content(value)
+        if isinstance(extra, Mapping):
+            for key, value in extra.items():
+                if _token_content(value) is not None:
+                    self._special_tokens.setdefault(key, _token_content(value))
+            extra = []
+
+        self._register_added_tokens(config, extra)
+
+        # encode() never truncates or pads, whatever tokenizer.json says (transformers too).
+        backend.no_truncation()
+        backend.no_padding()
+        backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
+
+        # BOS/EOS on encode come from tokenizer.json's post-processor alone: transformers 5 drops
+        # tokenizer_config's add_bos_token / add_eos_token whenever tokenizer.json exists.
+        bare = backend.encode("", add_special_tokens=True).ids
+        self._add_bos = self.bos_token_id is not None and bare[:1] == [self.bos_token_id]
+
+        template = chat_template if chat_template is not None else config.get("chat_template")
+        if isinstance(template, (list, tuple)):
+            template = {t["name"]: t["template"] for t in template}
+        self._chat_template: str | dict[str, str] | None = template
+        self._compiled: dict[str, jinja2.Template] = {}
+        self._env = _make_environment()
+
+        # transformers only cleans up spaces for non-BPE models (it would corrupt BPE text).
+        self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False)) and (
+            type(backend.model).__name__ != "BPE"
+        )
+
+        added = backend.get_added_tokens_decoder()
+        self._special_ids = frozenset(i for i, tok in added.items() if tok.special)
+        self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        eos = set(eos_token_ids)
+        if self.eos_token_id is not None:
+            eos.add(self.eos_token_id)
+        self._eos_ids = frozenset(eos)
+        self._byte_ids = self._find_byte_fallback_ids()
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load the tokenizer of a Hugging Face checkpoint folder.
+
+        Reads tokenizer.json (required), tokenizer_config.json, chat_template.jinja,
+        additional_chat_templates/*.jinja, special_tokens_map.json, generation_config.json
+        and config.json. Raises `ModelLoadError` naming the file for anything missing or corrupt.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise ModelLoadError(f"{root}: not a directory")
+        tokenizer_file = root / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ModelLoadError(
+                f"{tokenizer_file}: file not found (amlx reads the tokenizers-library tokenizer.json; "
+                "tokenizer.model / vocab.json-only checkpoints are not supported)"
+            )
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the Rust side raises plain Exception
+            _read_json_object(tokenizer_file, required=True)  # a clearer message if the JSON is broken
+            raise ModelLoadError(f"{tokenizer_file}: not a valid tokenizer: {e}") from e
+
+        config = _read_json_object(root / "tokenizer_config.json", required=False)
+        special_map = _read_json_object(root / "special_tokens_map.json", required=False)
+        if "added_tokens_decoder" not in config:
+            # Legacy file, read (like transformers does) only for configs of the older format.
+            for key, value in special_map.items():
+                if key.endswith("_token") or key in ("additional_special_tokens", "extra_special_tokens"):
+                    config.setdefault(key, value)
+
+        chat_template: str | dict[str, str] | None = None
+        templates: dict[str, str] = {}
+        default = _read_text(root / "chat_template.jinja")
+        if default is not None:
+            templates["default"] = default
+        extra_dir = root / "additional_chat_templates"
+        if extra_dir.is_dir():
+            for file in sorted(extra_dir.glob("*.jinja")):
+                templates[file.name.removesuffix(".jinja")] = _read_text(file) or ""
+        if list(templates) == ["default"]:
+            chat_template = templates["default"]
+        elif templates:
+            chat_template = templates
+
+        eos_ids: list[int] = []
+        generation = _read_json_object(root / "generation_config.json", required=False)
+        eos_ids += _ids_from(generation.get("eos_token_id"))
+        model_config = _read_json_object(root / "config.json", required=False)
+        eos_ids += _ids_from(model_config.get("eos_token_id"))
+        text_config = model_config.get("text_config")
+        if isinstance(text_config, Mapping):  # multimodal configs (Gemma 3) nest the text model's
+            eos_ids += _ids_from(text_config.get("eos_token_id"))
+
+        try:
+            return cls(backend, config=config, chat_template=chat_template, eos_token_ids=eos_ids)
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"{root / 'tokenizer_config.json'}: unusable tokenizer settings: {e}") from e
+
+    def _register_added_tokens(self, config: Mapping[str, Any], extra: Any) -> None:
+        """Make the backend know every added/special token the config declares, as
+        transformers does (it adds those missing from tokenizer.json)."""
+        backend = self._backend
+        known = {tok.content for tok in backend.get_added_tokens_decoder().values()}
+        declared = config.get("added_tokens_decoder") or {}
+        to_add: list[AddedToken] = []
+        for _, value in sorted(declared.items(), key=lambda kv: int(kv[0])):
+            if isinstance(value, Mapping) and value.get("content") not in known:
+                to_add.append(_as_added_token(value, special=bool(value.get("special", False))))
+                known.add(value["content"])
+        wanted = list(self._special_tokens.values()) + [
+            _token_content(v) for v in (extra if isinstance(extra, (list, tuple)) else [])
+        ]
+        for content in wanted:
+            if content is not None and content not in known:
+                to_add.append(AddedToken(content, special=True))
+                known.add(content)
+        if to_add:
+            backend.add_tokens(to_add)
+
+    def _find_byte_fallback_ids(self) -> frozenset[int]:
+        """Ids of "<0xNN>" pieces when the decoder fuses them with ByteFallback (SentencePiece
+        style). Such a run only decodes to text once it is complete, see StreamingDetokenizer."""
+        decoder = self._backend.decoder
+        decoder = json.loads(decoder.__getstate__()) if decoder is not None else {}
+        stack, found = [decoder], False
+        while stack:
+            node = stack.pop()
+            if isinstance(node, Mapping):
+                found = found or node.get("type") == "ByteFallback"
+                stack.extend(node.get("decoders") or [])
+        if not found:
+            return frozenset()
+        ids = (self._backend.token_to_id(f"<0x{b:02X}>") for b in range(256))
+        return frozenset(i for i in ids if i is not None)
+
+    # -- encode / decode -------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; with `add_special_tokens` the checkpoint's BOS/EOS rules apply."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; `skip_special_tokens` drops tokens marked special (BOS, EOS, ...)."""
+        text = self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        if self._clean_up_spaces:
+            text = _clean_up_tokenization(text)
+        return text
+
+    def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
+        """A fresh incremental decoder for one generated sequence."""
+        return StreamingDetokenizer(self, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary string of `token_id` (None if out of range)."""
+        return self._backend.id_to_token(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a vocabulary string or added token (None if unknown)."""
+        return self._backend.token_to_id(token)
+
+    # -- chat templates --------------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> str | dict[str, str] | None:
+        """The checkpoint's chat template source (a dict when it has several named ones)."""
+        return self._chat_template
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}, ...]) with the chat template.
+
+        `tools` are JSON-schema dicts; extra keyword arguments (e.g. `enable_thinking=False`,
+        `documents=[...]`) are passed to the template. `chat_template` picks a named template
+        or supplies template source. Raises `ChatTemplateError` (a ValueError) when there is
+        no template, the template raises, or it attempts something the sandbox forbids.
+        """
+        source = self._select_template(chat_template, tools)
+        if isinstance(messages, (Mapping, str, bytes)):
+            raise ChatTemplateError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        chat = _normalize_messages(messages)
+        if not chat:
+            raise ChatTemplateError("cannot apply a chat template to an empty conversation")
+        if tools is not None:
+            tools = list(tools)
+            for tool in tools:
+                if not isinstance(tool, Mapping):
+                    raise ChatTemplateError(f"tools must be JSON-schema dicts, got {type(tool).__name__}")
+        documents = kwargs.pop("documents", None)
+        variables = {**self._special_tokens, **kwargs}  # caller's values win over the checkpoint's
+        variables = {k: _plain(v) for k, v in variables.items()}
+        try:
+            template = self._compile(source)
+            return template.render(
+                messages=chat,
+                tools=_plain(tools),
+                documents=_plain(documents),
+                add_generation_prompt=bool(add_generation_prompt),
+                **variables,
+            )
+        except ChatTemplateError:
+            raise
+        except Exception as e:  # syntax errors, sandbox refusals, and e.g. TypeError inside the template
+            raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+
+    def _select_template(self, name_or_source: str | None, tools: Any) -> str:
+        template = self._chat_template
+        if isinstance(template, dict):
+            if name_or_source is not None:
+                return template.get(name_or_source, name_or_source)
+            if tools is not None and "tool_use" in template:
+                return template["tool_use"]
+            if "default" in template:
+                return template["default"]
+            raise ChatTemplateError(
+                f"this checkpoint has several chat templates and no default; pick one of {sorted(template)}"
+            )
+        if name_or_source is not None:
+            return name_or_source
+        if template is None:
+            raise ChatTemplateError(
+                "this checkpoint has no chat template (none in tokenizer_config.json or chat_template.jinja); "
+                "pass a prompt string or token ids instead"
+            )
+        return template
+
+    def _compile(self, source: str) -> jinja2.Template:
+        template = self._compiled.get(source)
+        if template is None:
+            template = self._env.from_string(source)
+            self._compiled[source] = template
+        return template
+
+    # -- special tokens and sizes ----------------------------------------------------------
+
+    def _id_of(self, key: str) -> int | None:
+        token = self._special_tokens.get(key)
+        return None if token is None else self._backend.token_to_id(token)
+
+    @property
+    def bos_token(self) -> str | None:
+        """The beginning-of-sequence token string, if the checkpoint has one."""
+        return self._special_tokens.get("bos_token")
+
+    @property
+    def eos_token(self) -> str | None:
+        """The tokenizer's end-of-sequence token string."""
+        return self._special_tokens.get("eos_token")
+
+    @property
+    def pad_token(self) -> str | None:
+        """The padding token string, if any."""
+        return self._special_tokens.get("pad_token")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        """Id of the BOS token, or None."""
+        return self._id_of("bos_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """Id of tokenizer_config's eos_token, or None (see `eos_token_ids` for stopping)."""
+        return self._id_of("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """Id of the padding token, or None."""
+        return self._id_of("pad_token")
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Every id that ends generation: generation_config.json, config.json and eos_token."""
+        return self._eos_ids
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids of the tokens marked special (what `skip_special_tokens` drops)."""
+        return self._special_ids
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """The named special tokens ("bos_token", "eos_token", ...) as the template sees them."""
+        return dict(self._special_tokens)
+
+    @property
+    def add_bos_token(self) -> bool:
+        """Whether `encode(..., add_special_tokens=True)` starts with BOS (tokenizer.json decides)."""
+        return self._add_bos
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included (`len()` of the transformers tokenizer;
+        transformers' own `.vocab_size` leaves added tokens out)."""
+        return self._vocab_size
+
+    def __len__(self) -> int:
+        return self._vocab_size
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The underlying `tokenizers.Tokenizer` (do not modify it)."""
+        return self._backend
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self._vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
+
+
+def _clean_up_tokenization(text: str) -> str:
+    """transformers' clean_up_tokenization (only used for non-BPE models that ask for it)."""
+    for before, after in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
+        text = text.replace(before, after)
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming detokenization
+
+
+class StreamingDetokenizer:
+    """Turns token ids, one at a time, into final text pieces.
+
+    `add(token_id)` returns the text that became final with this token (often ""), and
+    `finalize()` returns whatever was held back. Joined, the pieces equal
+    `tokenizer.decode(all_ids, skip_special_tokens=...)`. A piece never ends inside a
+    character: text is held back while the last bytes may still belong to an unfinished
+    UTF-8 sequence.
+
+    Only a short window of recent ids is decoded per token: a few ids of already emitted
+    context (so that decoders which treat the first token specially, like SentencePiece's
+    leading-space rules, behave as inside the full sequence) plus the ids not yet emitted.
+
+    `finalize()` flushes; further `add()` calls continue the same sequence. The
+    transformers-style `clean_up_tokenization_spaces` (honoured by `decode` only for non-BPE
+    models, none of which amlx runs) is not applied to streamed text.
+    """
+
+    # Decode windows are re-anchored once they reach this many ids...
+    _REBASE_AT = 8
+    # ...keeping the shortest suffix of at most this many ids as context.
+    _MAX_CONTEXT = 4
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        self._backend = tokenizer.backend
+        self._skip = skip_special_tokens
+        self._skipped_ids = tokenizer.special_token_ids if skip_special_tokens else frozenset()
+        self._byte_ids = tokenizer._byte_ids
+        self._ids: list[int] = []  # the decode window
+        self._emitted = 0  # characters of decode(self._ids) already returned
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._backend.decode(ids, skip_special_tokens=self._skip)
+
+    def _final_length(self, ids: list[int], text: str) -> int:
+        """How many leading characters of `text` (= decode(ids)) can no longer change."""
+        if self._byte_ids:
+            # ByteFallback turns a whole run of byte pieces into text only if all of it is valid
+            # UTF-8 (else every byte becomes U+FFFD), so a trailing run is not final yet.
+            start = len(ids)
+            for i in range(len(ids) - 1, -1, -1):
+                if ids[i] in self._byte_ids:
+                    start = i
+                elif ids[i] not in self._skipped_ids:
+                    break
+            if start < len(ids):
+                text = self._decode(ids[:start])
+        # A trailing U+FFFD may be an incomplete character that the next bytes complete.
+        if text.endswith(_REPLACEMENT_CHAR):
+            return len(text) - 1
+        return len(text)
+
+    def add(self, token_id: int) -> str:
+        """Feed one generated id; returns the newly final text (possibly "")."""
+        self._ids.append(int(token_id))
+        text = self._decode(self._ids)
+        final = self._final_length(self._ids, text)
+        piece = text[self._emitted : final] if final > self._emitted else ""
+        self._emitted = max(self._emitted, final)
+        if final == len(text) and len(self._ids) >= self._REBASE_AT:
+            self._rebase(text)
+        return piece
+
+    def _rebase(self, text: str) -> None:
+        # Keep the shortest suffix of ids that decodes, on its own, to non-empty text ending
+        # the current text; later tokens then decode after it as they would in the full sequence.
+        for k in range(1, min(self._MAX_CONTEXT, len(self._ids) - 1) + 1):
+            context = self._ids[-k:]
+            context_text = self._decode(context)
+            if context_text and text.endswith(context_text):
+                self._ids = context
+                self._emitted = len(context_text)
+                return
+
+    def finalize(self) -> str:
+        """Return the text still held back (e.g. an incomplete character, as U+FFFD)."""
+        text = self._decode(self._ids)
+        piece = text[self._emitted :]
+        self._emitted = len(text)
+        return piece
