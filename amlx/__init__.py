@@ -1,6 +1,8 @@
 """amlx: asyncio-native LLM inference and LoRA fine-tuning on Apple's MLX (Metal, CUDA, CPU)."""
 
 from amlx.errors import AmlxError, ClosedError, ContextLengthError, MLXError, ModelLoadError
+from amlx.model import Model, ModelInfo, TokenStream, load, load_sync
+from amlx.types import Completion, GenerationOptions, Token, Usage
 
 __version__ = "0.1.0"
 
@@ -12,4 +14,5 @@ def memory() -> dict:
     return _memory.counters()
 
 
-__all__ = ["AmlxError", "ClosedError", "ContextLengthError", "MLXError", "ModelLoadError", "memory"]
+__all__ = ["load", "load_sync", "Model", "ModelInfo", "TokenStream", "Token", "Completion", "Usage",
+           "GenerationOptions", "AmlxError", "ClosedError", "ContextLengthError", "MLXError", "ModelLoadError", "memory"]

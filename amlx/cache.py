@@ -40,10 +40,13 @@ class KVCache:
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
-    def reserve(self, needed: int, like_k: Array, like_v: Array) -> None:
-        """Grows the buffers (in blocks) to hold at least `needed` positions."""
+    def reserve(self, needed: int, like_k: Array | None = None, like_v: Array | None = None) -> None:
+        """Grows the buffers (in blocks) to hold at least `needed` positions; the
+        first call needs k/v examples for shapes and dtype."""
         if needed <= self.capacity:
             return
+        like_k = self.keys if like_k is None else like_k
+        like_v = self.values if like_v is None else like_v
         b, h, _, d = like_k.shape
         dv = like_v.shape[3]
         new_cap = round_up(needed)
@@ -89,6 +92,26 @@ class KVCache:
         if self.window is not None:
             mask = ops.logical_and(mask, slots > pos - self.window)
         return self.keys, self.values, mask
+
+    def take_rows(self, rows: list[int]) -> None:
+        """Keeps only the given batch rows (in that order)."""
+        if self.keys is not None:
+            idx = array(np.asarray(rows, dtype=np.int32))
+            self.keys = ops.take(self.keys, idx, 0)
+            self.values = ops.take(self.values, idx, 0)
+
+    def append_rows(self, other: "KVCache") -> None:
+        """Adds the rows of `other` (e.g. a freshly prefilled request) after ours."""
+        if other.keys is None:
+            return
+        if self.keys is None:
+            self.keys, self.values = other.keys, other.values
+            return
+        cap = max(self.capacity, other.capacity)
+        self.reserve(cap)
+        other.reserve(cap)
+        self.keys = ops.concatenate([self.keys, other.keys], axis=0)
+        self.values = ops.concatenate([self.values, other.values], axis=0)
 
     def state(self) -> list[Array]:
         return [] if self.keys is None else [self.keys, self.values]

@@ -115,6 +115,10 @@ class RoPE:
         else:
             raise ModelLoadError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
+    def close(self) -> None:
+        if self.freqs is not None:
+            self.freqs.close()
+
     def __call__(self, x: Array, offset: int | Array) -> Array:
         return fast.rope(x, self.dims, traditional=False, base=self.base, scale=self.scale, offset=offset,
                          freqs=self.freqs)
@@ -259,3 +263,5 @@ class CausalLM(Module):
         for extra in self._unused:
             extra.close()
         self._unused = []
+        for layer in self.model.layers:
+            layer.self_attn._rope.close()

@@ -1,0 +1,96 @@
+"""The hand-over of tokens from the worker thread to one consumer.
+
+The worker appends tokens; the consumer (async or blocking) takes them. A
+request whose consumer holds `max_buffer` unread tokens is paused by the
+scheduler, which reads `has_room()`; taking a token from a full buffer wakes
+the worker so the request resumes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Callable
+
+import anyio
+
+from amlx.engine.notify import loop_waker
+
+
+class Channel:
+    def __init__(self, max_buffer: int, wake_worker: Callable[[], None]):
+        self._max = max_buffer
+        self._wake_worker = wake_worker
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._items: deque = deque()
+        self._done = False
+        self._error: BaseException | None = None
+        self._async_waiter: tuple | None = None
+        self.cancelled = False
+
+    # -- worker side -------------------------------------------------------
+    def has_room(self) -> bool:
+        return len(self._items) < self._max
+
+    def put(self, item) -> None:
+        with self._lock:
+            self._items.append(item)
+            self._notify()
+
+    def close(self, error: BaseException | None = None) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            self._error = error
+            self._notify()
+
+    def _notify(self) -> None:
+        self._ready.notify_all()
+        if self._async_waiter is not None:
+            call_soon, event = self._async_waiter
+            self._async_waiter = None
+            call_soon(event.set)
+
+    # -- consumer side -----------------------------------------------------
+    def cancel(self) -> None:
+        """The consumer is gone: the scheduler drops the request before its next step."""
+        self.cancelled = True
+        self._wake_worker()
+
+    def _take(self):
+        """An item, or raises the error, or returns None at the end; `...` if nothing yet."""
+        if self._items:
+            was_full = len(self._items) >= self._max
+            item = self._items.popleft()
+            if was_full:
+                self._wake_worker()
+            return item
+        if self._done:
+            if self._error is not None:
+                raise self._error
+            return None
+        return ...
+
+    async def get(self):
+        while True:
+            with self._lock:
+                item = self._take()
+                if item is not ...:
+                    return item
+                event = anyio.Event()
+                self._async_waiter = (loop_waker(), event)
+            await event.wait()
+
+    def get_sync(self):
+        with self._lock:
+            while True:
+                item = self._take()
+                if item is not ...:
+                    return item
+                self._ready.wait()
+
+    @property
+    def done(self) -> bool:
+        return self._done

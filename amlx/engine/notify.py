@@ -1,0 +1,36 @@
+"""Waking an event loop from the worker thread (asyncio, uvloop or trio)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import sniffio
+
+
+def loop_waker() -> Callable[[Callable[[], None]], None]:
+    """For the running event loop: a thread-safe `call_soon(callback)` that never
+    blocks the calling thread and ignores a loop that has already closed."""
+    library = sniffio.current_async_library()
+    if library == "trio":
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+
+        def call_soon(cb):
+            try:
+                token.run_sync_soon(cb)
+            except trio.RunFinishedError:
+                pass
+
+        return call_soon
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+
+    def call_soon(cb):
+        try:
+            loop.call_soon_threadsafe(cb)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    return call_soon

@@ -1,0 +1,276 @@
+"""Continuous batching for one model, run by the worker thread.
+
+Requests arrive in `incoming` (any thread), wait in arrival order, are
+prefilled one chunk per step on a cache of their own, then join the running
+batch: one batched decode step per round for every running request whose
+consumer has room (the others are paused: left out of the step). Finished and
+cancelled requests leave the batch at once and their cache rows are freed.
+
+Device state of the batch: per layer a KVCache with one row per running
+request; per-row positions go in as an int32 array each step, so rows of any
+length decode together.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from amlx._mlx import array, ops
+from amlx._mlx import int32 as _int32
+from amlx.cache import KVCache
+from amlx.engine.channel import Channel
+from amlx.engine.sampling import RowSampling, sample_rows
+from amlx.errors import AmlxError, ClosedError, MLXError
+from amlx.generate import PREFILL_CHUNK, TextAssembler
+from amlx.types import GenerationOptions
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    options: GenerationOptions
+    channel: Channel
+    assembler: TextAssembler
+    sampling: RowSampling
+    created: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    done_at: float | None = None
+    prefilled: int = 0  # prompt tokens already in the cache
+    cache: list[KVCache] | None = None  # own cache while prefilling
+    pos: int = 0  # next cache position to write
+    last: int = -1  # last sampled token (input of the next step)
+    steps: int = 0  # decode steps computed for this request
+
+    @property
+    def active(self) -> bool:
+        return not (self.channel.cancelled or self.assembler.finished)
+
+
+class Scheduler:
+    def __init__(self, model, tokenizer, eos_ids: frozenset[int], max_batch_size: int, max_context: int,
+                 wake: callable, prefill_chunk: int = PREFILL_CHUNK):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.max_batch_size = max_batch_size
+        self.max_context = max_context
+        self.prefill_chunk = prefill_chunk
+        self._wake = wake
+        self._lock = threading.Lock()
+        self._incoming: deque[Request] = deque()
+        self.waiting: deque[Request] = deque()
+        self.prefilling: Request | None = None
+        self.rows: list[Request] = []
+        self.cache: list[KVCache] | None = None
+        self.closed = False
+        self.tokens_generated = 0
+        self.decode_steps = 0
+        self._started = time.perf_counter()
+        # Test hook: called with the token ids of every decode step's rows.
+        self.before_step = None
+
+    # -- any thread ------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        with self._lock:
+            if self.closed:
+                raise ClosedError("the model is closed")
+            self._incoming.append(request)
+        self._wake()
+
+    def has_work(self) -> bool:
+        if self._incoming or self.waiting or self.prefilling is not None:
+            return True
+        return any(not r.active or r.channel.has_room() for r in self.rows)
+
+    def counts(self) -> dict:
+        return {"active": len(self.rows) + (self.prefilling is not None),
+                "waiting": len(self.waiting) + len(self._incoming)}
+
+    # -- worker thread ------------------------------------------------------------
+    def step(self) -> None:
+        with self._lock:
+            self.waiting.extend(self._incoming)
+            self._incoming.clear()
+        self._drop_inactive()
+        self._admit()
+        if self.prefilling is not None:
+            self._prefill_chunk(self.prefilling)
+        self._decode()
+
+    def _admit(self) -> None:
+        while self.prefilling is None and self.waiting and len(self.rows) < self.max_batch_size:
+            req = self.waiting.popleft()
+            if not req.active:
+                self._finish(req)
+                continue
+            req.cache = self.model.make_cache()
+            self.prefilling = req
+
+    def _prefill_chunk(self, req: Request) -> None:
+        """One chunk of the prompt; on the last chunk, the first token and joining the batch."""
+        try:
+            start = req.prefilled
+            chunk = req.prompt[start:start + self.prefill_chunk]
+            logits = self.model(array(np.asarray([chunk], dtype=np.int32)), req.cache, start)
+            req.prefilled += len(chunk)
+            if req.prefilled < len(req.prompt):
+                ops.eval(*[a for c in req.cache for a in c.state()])
+                return
+            v = logits.shape[2]
+            last = ops.reshape(ops.slice(logits, (0, len(chunk) - 1, 0), (1, len(chunk), v)), (1, v))
+            tokens, logprobs = sample_rows(last, [req.sampling])
+            ops.eval(tokens, logprobs, *[a for c in req.cache for a in c.state()])
+        except MLXError as exc:
+            self.prefilling = None
+            self._fail(req, exc)
+            return
+        self.prefilling = None
+        req.pos = len(req.prompt)
+        self._emit(req, int(tokens.tolist()[0]), float(logprobs.tolist()[0]))
+        if req.active:
+            self._join(req)
+        else:
+            self._finish(req)
+
+    def _join(self, req: Request) -> None:
+        if self.cache is None:
+            self.cache = req.cache
+        else:
+            for mine, theirs in zip(self.cache, req.cache):
+                mine.append_rows(theirs)
+            ops.eval(*[a for c in self.cache for a in c.state()])
+        req.cache = None
+        self.rows.append(req)
+
+    def _decode(self) -> None:
+        if not self.rows:
+            return
+        running = [r.active and r.channel.has_room() for r in self.rows]
+        if not any(running):
+            return
+        needed = max(r.pos for r in self.rows) + 1
+        for c in self.cache:
+            c.reserve(needed)
+        tokens = array(np.asarray([[r.last] for r in self.rows], dtype=np.int32))
+        positions = array(np.asarray([r.pos for r in self.rows], dtype=np.int32))
+        try:
+            if self.before_step is not None:
+                self.before_step([r.last for r in self.rows])
+            logits = self.model(tokens, self.cache, positions)
+            logits = ops.reshape(logits, (len(self.rows), logits.shape[2]))
+            sel = [i for i, run in enumerate(running) if run]
+            picked = logits if len(sel) == len(self.rows) else ops.take(logits, array(np.asarray(sel, np.int32)), 0)
+            new, logprobs = sample_rows(picked, [self.rows[i].sampling for i in sel])
+            ops.eval(new, logprobs, *[a for c in self.cache for a in c.state()])
+        except MLXError:
+            self._isolate_failure()
+            return
+        self.decode_steps += 1
+        # Paused rows computed this step too (the batch shape stays fixed), but their
+        # position does not advance: the next step rewrites the same slot with the same
+        # token, so their state is as if they had been left out.
+        ids, lps = new.tolist(), logprobs.tolist()
+        for k, i in enumerate(sel):
+            req = self.rows[i]
+            req.pos += 1
+            req.steps += 1
+            self._emit(req, int(ids[k]), float(lps[k]))
+        self._drop_inactive()
+
+    def _emit(self, req: Request, token_id: int, logprob: float) -> None:
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        req.last = token_id
+        req.sampling.observe(token_id)
+        tok = req.assembler.push(token_id, logprob if req.options.logprobs else None)
+        self.tokens_generated += 1
+        req.channel.put(tok)
+        if req.assembler.finished:
+            req.done_at = time.perf_counter()
+            req.channel.close()
+
+    def _drop_inactive(self) -> None:
+        for req in [r for r in self.waiting if not r.active]:
+            self.waiting.remove(req)
+            self._finish(req)
+        if self.prefilling is not None and not self.prefilling.active:
+            req, self.prefilling = self.prefilling, None
+            self._finish(req)
+        keep = [i for i, r in enumerate(self.rows) if r.active]
+        if len(keep) == len(self.rows):
+            return
+        for i, r in enumerate(self.rows):
+            if i not in keep:
+                self._finish(r)
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            for c in self.cache:
+                c.close()
+            self.cache = None
+            return
+        for c in self.cache:
+            c.take_rows(keep)
+        ops.eval(*[a for c in self.cache for a in c.state()])
+
+    def _finish(self, req: Request) -> None:
+        if req.cache is not None:
+            for c in req.cache:
+                c.close()
+            req.cache = None
+        req.channel.close()
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        if req.cache is not None:
+            for c in req.cache:
+                c.close()
+            req.cache = None
+        req.assembler.finished = True
+        req.channel.close(exc)
+
+    def _isolate_failure(self) -> None:
+        """A batched step failed: run each row alone to find the culprit(s), fail
+        only those, and keep the others (their rows are rebuilt from the single runs)."""
+        for i, req in enumerate(self.rows):
+            row_cache: list[KVCache] = []
+            for c in self.cache:
+                rc = KVCache(window=c.window)
+                rc.keys = ops.take(c.keys, array(np.asarray([i], np.int32)), 0)
+                rc.values = ops.take(c.values, array(np.asarray([i], np.int32)), 0)
+                row_cache.append(rc)
+            try:
+                if self.before_step is not None:
+                    self.before_step([req.last])
+                logits = self.model(array(np.asarray([[req.last]], np.int32)), row_cache,
+                                    array(np.asarray([req.pos], np.int32)))
+                ops.eval(logits)
+            except MLXError as exc:
+                self._fail(req, exc)
+            for c in row_cache:
+                c.close()
+        # Rows that failed are inactive now; the next round continues with the rest.
+        self._drop_inactive()
+
+    def fail_all(self, exc: BaseException) -> None:
+        err = exc if isinstance(exc, AmlxError) else MLXError("engine", f"{type(exc).__name__}: {exc}")
+        for req in list(self.waiting) + ([self.prefilling] if self.prefilling else []) + list(self.rows):
+            self._fail(req, err)
+        self.waiting.clear()
+        self.prefilling = None
+        self.rows = []
+        if self.cache is not None:
+            for c in self.cache:
+                c.close()
+            self.cache = None
+
+    def shutdown(self) -> None:
+        """Ends every request with ClosedError and frees the batch (worker thread)."""
+        with self._lock:
+            self.closed = True
+            self.waiting.extend(self._incoming)
+            self._incoming.clear()
+        self.fail_all(ClosedError("the model was closed"))

@@ -1,0 +1,110 @@
+"""The one worker thread of the process: it makes every MLX call.
+
+Jobs (loading, closing, anything submitted) and the schedulers of the loaded
+models take turns: each round runs the queued jobs, then one step of every
+scheduler that has work. The thread sleeps when there is nothing to do.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+from collections import deque
+from typing import Any, Callable
+
+import anyio
+
+from amlx.engine.notify import loop_waker
+
+log = logging.getLogger("amlx.engine")
+
+
+class Worker:
+    _instance: "Worker | None" = None
+    _instance_lock = threading.Lock()
+
+    @classmethod
+    def get(cls) -> "Worker":
+        """The process's worker, started on first use."""
+        with cls._instance_lock:
+            if cls._instance is None or not cls._instance._thread.is_alive():
+                cls._instance = cls()
+            return cls._instance
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._jobs: deque = deque()
+        self._schedulers: list = []
+        self._thread = threading.Thread(target=self._run, name="amlx-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    # -- from any thread -----------------------------------------------------
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Runs fn on the worker; the future holds its result or exception."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            self._jobs.append((fn, fut))
+            self._cond.notify()
+        return fut
+
+    def run_sync(self, fn: Callable[[], Any]) -> Any:
+        """Runs fn on the worker and waits (for scripts; never from the worker itself)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        return self.submit(fn).result()
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """Runs fn on the worker and awaits its result without blocking the event loop.
+
+        If the awaiting task is cancelled the job still runs to its end (MLX work
+        cannot be interrupted halfway); its result is dropped."""
+        fut = self.submit(fn)
+        event = anyio.Event()
+        call_soon = loop_waker()
+        fut.add_done_callback(lambda _: call_soon(event.set))
+        await event.wait()
+        return fut.result()
+
+    def add_scheduler(self, scheduler) -> None:
+        with self._cond:
+            self._schedulers.append(scheduler)
+            self._cond.notify()
+
+    def remove_scheduler(self, scheduler) -> None:
+        with self._cond:
+            if scheduler in self._schedulers:
+                self._schedulers.remove(scheduler)
+
+    # -- the thread ------------------------------------------------------------
+    def _idle(self) -> bool:
+        return not self._jobs and not any(s.has_work() for s in self._schedulers)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._idle():
+                    self._cond.wait()
+                jobs = list(self._jobs)
+                self._jobs.clear()
+                schedulers = [s for s in self._schedulers if s.has_work()]
+            for fn, fut in jobs:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as exc:  # noqa: BLE001 - handed to the submitter
+                        fut.set_exception(exc)
+            for s in schedulers:
+                try:
+                    s.step()
+                except BaseException as exc:  # noqa: BLE001 - the worker must survive
+                    log.exception("scheduler step failed")
+                    s.fail_all(exc)
