@@ -3,6 +3,7 @@
 from amlx.errors import AmlxError, ClosedError, ContextLengthError, MLXError, ModelLoadError
 from amlx.model import Model, ModelInfo, TokenStream, load, load_sync
 from amlx.types import Completion, GenerationOptions, Token, Usage
+from amlx.convert import convert  # cheap: it imports amlx.models only when called
 
 __version__ = "0.1.0"
 
@@ -15,4 +16,5 @@ def memory() -> dict:
 
 
 __all__ = ["load", "load_sync", "Model", "ModelInfo", "TokenStream", "Token", "Completion", "Usage",
-           "GenerationOptions", "AmlxError", "ClosedError", "ContextLengthError", "MLXError", "ModelLoadError", "memory"]
+           "GenerationOptions", "AmlxError", "ClosedError", "ContextLengthError", "MLXError", "ModelLoadError", "memory",
+           "convert"]
