@@ -70,6 +70,14 @@ def _read_tensors(files: list[Path], index_map: dict | None) -> dict[str, Array]
     return tensors
 
 
+def local_quantization(quant: dict | None, prefix: str) -> dict | None:
+    """The config's quantization with per-layer keys named like the text model's own
+    tensors: mlx-lm names them by full path (``language_model.model.layers.0...``)."""
+    if not quant or not prefix:
+        return quant
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in quant.items()}
+
+
 def load_model(path: str | os.PathLike, dtype=None, progress: bool | None = None) -> LoadedModel:
     """Loads a checkpoint directory. `dtype` ("float32", "bfloat16", "float16")
     overrides the checkpoint's floating-point type."""
@@ -98,7 +106,7 @@ def load_model(path: str | os.PathLike, dtype=None, progress: bool | None = None
             unused.append(arr)
         else:
             own[name[len(prefix):]] = arr
-    w = Weights(own, cfg["quantization"], str(path), dtype=dt)
+    w = Weights(own, local_quantization(cfg["quantization"], prefix), str(path), dtype=dt)
     try:
         model = ARCHITECTURES[cfg["arch"]](cfg, w)
     except ModelLoadError:
