@@ -262,7 +262,7 @@ def array(value, dtype=None) -> Array:
     if dt is _dt.bfloat16:
         raw = _dt.f32_to_bf16_bits(np_value.astype(np.float32))
     else:
-        raw = np.ascontiguousarray(np_value, dtype=dt.np)
+        raw = np.asarray(np_value, dtype=dt.np, order="C")  # ascontiguousarray would make 0-d 1-d
     shape = ffi.new("int[]", list(raw.shape) or [0])
     return _call(lib.mlxc_array_from_data, "array", ffi.from_buffer(raw), shape, raw.ndim, dt.code)
 
@@ -270,7 +270,7 @@ def array(value, dtype=None) -> Array:
 def from_bits(raw: np.ndarray, dtype) -> Array:
     """An array from raw element bits (e.g. uint16 patterns for bfloat16)."""
     dt = _dt.as_dtype(dtype)
-    raw = np.ascontiguousarray(raw)
+    raw = np.asarray(raw, order="C")
     if raw.dtype.itemsize != dt.size:
         raise TypeError(f"{raw.dtype} bits do not fit {dt.name}")
     shape = ffi.new("int[]", list(raw.shape) or [0])
