@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from amlx._mlx import array, ops
+from amlx._mlx import Array, array, ops, transforms
 from amlx._mlx import int32 as _int32
 from amlx.cache import KVCache
 from amlx.engine.channel import Channel
@@ -53,7 +53,7 @@ class Request:
 
 class Scheduler:
     def __init__(self, model, tokenizer, eos_ids: frozenset[int], max_batch_size: int, max_context: int,
-                 wake: callable, prefill_chunk: int = PREFILL_CHUNK):
+                 wake: callable, prefill_chunk: int = PREFILL_CHUNK, compile_step: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -71,6 +71,7 @@ class Scheduler:
         self.tokens_generated = 0
         self.decode_steps = 0
         self._started = time.perf_counter()
+        self._step_fn = transforms.compile(self._forward) if compile_step else None
         # Test hook: called with the token ids of every decode step's rows.
         self.before_step = None
 
@@ -161,8 +162,7 @@ class Scheduler:
         try:
             if self.before_step is not None:
                 self.before_step([r.last for r in self.rows])
-            logits = self.model(tokens, self.cache, positions)
-            logits = ops.reshape(logits, (len(self.rows), logits.shape[2]))
+            logits = self._batched_logits(tokens, positions)
             sel = [i for i, run in enumerate(running) if run]
             picked = logits if len(sel) == len(self.rows) else ops.take(logits, array(np.asarray(sel, np.int32)), 0)
             new, logprobs = sample_rows(picked, [self.rows[i].sampling for i in sel])
@@ -181,6 +181,28 @@ class Scheduler:
             req.steps += 1
             self._emit(req, int(ids[k]), float(lps[k]))
         self._drop_inactive()
+
+    def _forward(self, tokens: Array, positions: Array, caches: list[Array]) -> tuple[Array, list[Array]]:
+        """One decode step as a pure function of arrays (what gets compiled):
+        (tokens (B,1), positions (B,), [k0, v0, k1, v1, ...]) -> (logits (B,V), new caches)."""
+        step_cache = []
+        for i, c in enumerate(self.cache):
+            sc = KVCache(window=c.window)
+            sc.keys, sc.values = caches[2 * i], caches[2 * i + 1]
+            step_cache.append(sc)
+        logits = self.model(tokens, step_cache, positions)
+        logits = ops.reshape(logits, (tokens.shape[0], logits.shape[2]))
+        return logits, [a for c in step_cache for a in (c.keys, c.values)]
+
+    def _batched_logits(self, tokens: Array, positions: Array) -> Array:
+        """Runs the decode step (compiled once per batch size and cache capacity)
+        and stores the updated caches."""
+        state = [a for c in self.cache for a in (c.keys, c.values)]
+        fn = self._step_fn or self._forward
+        logits, new_state = fn(tokens, positions, state)
+        for i, c in enumerate(self.cache):
+            c.keys, c.values = new_state[2 * i], new_state[2 * i + 1]
+        return logits
 
     def _emit(self, req: Request, token_id: int, logprob: float) -> None:
         if req.first_token_at is None:
@@ -274,3 +296,6 @@ class Scheduler:
             self.waiting.extend(self._incoming)
             self._incoming.clear()
         self.fail_all(ClosedError("the model was closed"))
+        if self._step_fn is not None:
+            self._step_fn.close()  # MLX's compile cache holds the traced graphs and their constants
+            self._step_fn = None
