@@ -1,0 +1,436 @@
+"""Random-weight bf16 checkpoints with the real shapes of small released models.
+
+    python benchmarks/checkpoints.py OUTDIR [--models qwen3-0.6b gemma3-1b llama3.2-1b]
+
+writes OUTDIR/<name>/ with the release's config.json and generation_config.json,
+a model.safetensors with the release's tensor names, shapes and dtype (bf16), a
+byte-level BPE tokenizer.json whose vocabulary has the release's size and
+special-token ids, and a tokenizer_config.json with a chat template. Decode
+speed depends on shapes only, so amlx and mlx-lm can be benchmarked without a
+hub download. numpy only (no torch, no transformers): the safetensors file is
+written directly (8-byte little-endian header length, JSON header, raw bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["MODELS", "write_benchmark_checkpoint"]
+
+# ---------------------------------------------------------------------------
+# the releases: config.json as published, generation_config.json, tokenizer layout
+
+_QWEN3_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
+    "</tool_response>", "<think>", "</think>",
+]
+# ids 151643.. are specials; Qwen marks the tool/think markers as non-special
+_QWEN3_NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+                      "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
+                      "<|file_sep|>"}
+
+
+def _llama3_specials() -> list[str]:
+    named = {
+        0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>", 6: "<|start_header_id|>",
+        7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>", 10: "<|python_tag|>",
+    }
+    out, reserved = [], 0
+    for i in range(256):
+        if i in named:
+            out.append(named[i])
+        else:
+            out.append(f"<|reserved_special_token_{reserved}|>")
+            reserved += 1
+    return out
+
+
+def _gemma3_low_specials() -> list[str]:
+    # ids 0..106 of the Gemma 3 vocabulary
+    out = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]"]
+    out += [f"<unused{i}>" for i in range(99)]
+    out += ["<start_of_turn>", "<end_of_turn>"]
+    return out
+
+
+_QWEN3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+_GEMMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') "
+    "+ message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+_LLAMA3_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' "
+    "+ message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+MODELS: dict[str, dict[str, Any]] = {
+    "qwen3-0.6b": {
+        "release": "Qwen/Qwen3-0.6B",
+        "config": {
+            "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+            "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+            "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3072,
+            "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+            "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+            "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
+            "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True,
+            "use_sliding_window": False, "vocab_size": 151936,
+        },
+        "generation_config": {
+            "bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+            "temperature": 0.6, "top_k": 20, "top_p": 0.95, "transformers_version": "4.51.0",
+        },
+        # Qwen3-0.6B ships lm_head.weight although it is tied (a copy of embed_tokens)
+        "store_tied_lm_head": True,
+        "tokenizer": {
+            "regular": 151643, "low_specials": [], "high_specials": _QWEN3_SPECIALS,
+            "not_special": _QWEN3_NOT_SPECIAL, "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>",
+            "unk": None, "add_bos": False, "template": _QWEN3_TEMPLATE, "model_max_length": 131072,
+        },
+    },
+    "gemma3-1b": {
+        "release": "google/gemma-3-1b-it",
+        "config": {
+            "architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+            "attn_logit_softcapping": None, "bos_token_id": 2, "cache_implementation": "hybrid",
+            "eos_token_id": [1, 106], "final_logit_softcapping": None, "head_dim": 256,
+            "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152, "initializer_range": 0.02,
+            "intermediate_size": 6912, "max_position_embeddings": 32768, "model_type": "gemma3_text",
+            "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1, "pad_token_id": 0,
+            "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+            "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+            "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0", "use_cache": True,
+            "vocab_size": 262144,
+        },
+        "generation_config": {
+            "bos_token_id": 2, "cache_implementation": "hybrid", "do_sample": True, "eos_token_id": [1, 106],
+            "pad_token_id": 0, "top_k": 64, "top_p": 0.95, "transformers_version": "4.50.0.dev0",
+        },
+        "store_tied_lm_head": False,
+        "tokenizer": {
+            "regular": 262144 - 107, "low_specials": _gemma3_low_specials(), "high_specials": [],
+            "not_special": set(), "bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "unk": "<unk>",
+            "add_bos": True, "template": _GEMMA3_TEMPLATE, "model_max_length": 1000000000000000019884624838656,
+        },
+    },
+    "llama3.2-1b": {
+        "release": "meta-llama/Llama-3.2-1B-Instruct",
+        "config": {
+            "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+            "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "head_dim": 64,
+            "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+            "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+            "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
+            "rms_norm_eps": 1e-05,
+            "rope_scaling": {
+                "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                "original_max_position_embeddings": 8192, "rope_type": "llama3",
+            },
+            "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+            "transformers_version": "4.45.0.dev0", "use_cache": True, "vocab_size": 128256,
+        },
+        "generation_config": {
+            "bos_token_id": 128000, "do_sample": True, "eos_token_id": [128001, 128008, 128009],
+            "temperature": 0.6, "top_p": 0.9, "transformers_version": "4.45.0.dev0",
+        },
+        "store_tied_lm_head": False,
+        "tokenizer": {
+            "regular": 128000, "low_specials": [], "high_specials": _llama3_specials(), "not_special": set(),
+            "bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": None, "unk": None, "add_bos": True,
+            "template": _LLAMA3_TEMPLATE, "model_max_length": 131072,
+        },
+    },
+}
+
+
+# ---------------------------------------------------------------------------
+# tensors
+
+
+def _tensor_shapes(cfg: dict, store_tied_lm_head: bool) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, as the release's model.safetensors has them."""
+    h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or h // heads
+    gemma = cfg["model_type"] == "gemma3_text"
+    qk_norm = cfg["model_type"] in ("qwen3", "gemma3_text")
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
+    if not _tied(cfg) or store_tied_lm_head:
+        shapes["lm_head.weight"] = (vocab, h)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if gemma:
+            shapes[p + "pre_feedforward_layernorm.weight"] = (h,)
+            shapes[p + "post_feedforward_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.q_proj.weight"] = (heads * hd, h)
+        shapes[p + "self_attn.k_proj.weight"] = (kv * hd, h)
+        shapes[p + "self_attn.v_proj.weight"] = (kv * hd, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, heads * hd)
+        if qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (hd,)
+            shapes[p + "self_attn.k_norm.weight"] = (hd,)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
+        shapes[p + "mlp.up_proj.weight"] = (inter, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, inter)
+    return dict(sorted(shapes.items()))
+
+
+def _tied(cfg: dict) -> bool:
+    # gemma-3-1b-it's config.json leaves tie_word_embeddings out: Gemma's default is tied
+    return bool(cfg.get("tie_word_embeddings", cfg["model_type"] == "gemma3_text"))
+
+
+def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint16), rounding to nearest even."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+
+
+class _RandomBF16:
+    """Normal(0, scale) bf16 values, fast: one pool drawn once, served from random offsets.
+
+    Drawing ~1.5e9 fresh normals per checkpoint would take about half a minute; the
+    timings only need values of the right scale, not independence between tensors.
+    """
+
+    POOL = 1 << 24
+
+    def __init__(self, seed: int, scale: float = 0.02):
+        self.rng = np.random.default_rng(seed)
+        pool = self.rng.standard_normal(self.POOL, dtype=np.float32)
+        pool *= np.float32(scale)
+        self.pool = _to_bf16_bits(pool)
+
+    def plan(self, n: int) -> list[tuple[int, int]]:
+        """(start, length) slices of the pool that make up ``n`` values."""
+        half = self.POOL // 2
+        out = []
+        while n > 0:
+            take = min(n, half)
+            out.append((int(self.rng.integers(0, self.POOL - take + 1)), take))
+            n -= take
+        return out
+
+    def write(self, f, plan: list[tuple[int, int]]) -> None:
+        for start, take in plan:
+            f.write(self.pool[start:start + take].tobytes())
+
+
+def _norm_value(cfg: dict) -> np.ndarray:
+    # Gemma's RMSNorm multiplies by (1 + w): the neutral stored value is 0, elsewhere 1
+    return _to_bf16_bits(np.array([0.0 if cfg["model_type"] == "gemma3_text" else 1.0], np.float32))
+
+
+def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], cfg: dict, seed: int) -> int:
+    """Stream a bf16 safetensors file; returns its size in bytes."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned, like safetensors writes it
+    rand = _RandomBF16(seed)
+    norm = _norm_value(cfg)
+    # a tied lm_head that is stored anyway is a copy of embed_tokens (it sorts first)
+    embed_plan = rand.plan(int(np.prod(shapes["model.embed_tokens.weight"])))
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape in shapes.items():
+            n = int(np.prod(shape))
+            if name == "model.embed_tokens.weight" or (name == "lm_head.weight" and _tied(cfg)):
+                rand.write(f, embed_plan)
+            elif len(shape) == 1:
+                f.write(np.repeat(norm, n).tobytes())
+            else:
+                rand.write(f, rand.plan(n))
+    return path.stat().st_size
+
+
+# ---------------------------------------------------------------------------
+# tokenizer
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    # GPT-2's reversible byte -> printable character map, used by every byte-level BPE
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def _bpe_vocab_and_merges(n_regular: int) -> tuple[list[str], list[str]]:
+    """``n_regular`` tokens: the 256 bytes, then merges building lowercase words up to 5 letters.
+
+    Every token past the bytes comes from a merge, so the tokenizer is a consistent BPE
+    (English text splits into tokens of a few letters) of exactly the release's size.
+    """
+    b2u = _byte_to_unicode()
+    tokens = [b2u[b] for b in range(256)]
+    space = b2u[ord(" ")]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    merges: list[str] = []
+
+    def add(left: str, right: str) -> bool:
+        if len(tokens) >= n_regular:
+            return False
+        tokens.append(left + right)
+        merges.append(f"{left} {right}")
+        return True
+
+    for c in letters + letters.upper() + "0123456789":
+        add(space, c)
+    level = [""]  # words grow one letter per level
+    for _ in range(5):
+        words = [stem + c for stem in level for c in letters]
+        # space-prefixed merges rank first, so " the" becomes one token before "he" can form
+        for prefix in (space, ""):
+            for word in words:
+                if len(word) >= 2 and not add(prefix + word[:-1], word[-1]):
+                    return tokens, merges
+        level = words
+    if len(tokens) < n_regular:
+        raise ValueError(f"vocabulary of {n_regular} is larger than this generator makes")
+    return tokens, merges
+
+
+def _write_tokenizer(dirpath: Path, spec: dict, vocab_size: int) -> None:
+    low, high = spec["low_specials"], spec["high_specials"]
+    regular, merges = _bpe_vocab_and_merges(spec["regular"])
+    ordered = list(low) + regular + list(high)
+    vocab = {tok: i for i, tok in enumerate(ordered)}
+    if len(vocab) != len(ordered):
+        raise AssertionError("duplicate tokens in the generated vocabulary")
+    if len(ordered) > vocab_size:
+        raise AssertionError(f"tokenizer has {len(ordered)} tokens, model vocab is {vocab_size}")
+    added = [
+        {"id": vocab[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": t not in spec["not_special"]}
+        for t in list(low) + list(high)
+    ]
+    post = None
+    if spec["add_bos"]:
+        bos = spec["bos"]
+        post = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [vocab[bos]], "tokens": [bos]}},
+        }
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "post_processor": post,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+            "vocab": vocab, "merges": merges,
+        },
+    }
+    (dirpath / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
+    config = {
+        "add_bos_token": spec["add_bos"],
+        "add_eos_token": False,
+        "added_tokens_decoder": {
+            str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+            for a in added
+        },
+        "bos_token": spec["bos"],
+        "chat_template": spec["template"],
+        "clean_up_tokenization_spaces": False,
+        "eos_token": spec["eos"],
+        "model_max_length": spec["model_max_length"],
+        "pad_token": spec["pad"],
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    if spec["unk"] is not None:
+        config["unk_token"] = spec["unk"]
+    (dirpath / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------
+# entry points
+
+
+def write_benchmark_checkpoint(dirpath, name: str, *, seed: int = 0) -> Path:
+    """Write the random-weight bf16 checkpoint ``name`` (a key of MODELS) into ``dirpath``.
+
+    Files: config.json and generation_config.json as the release has them,
+    model.safetensors with the release's tensor names and shapes, tokenizer.json /
+    tokenizer_config.json (byte-level BPE of the release's size and special-token ids,
+    with a chat template). Weights are Normal(0, 0.02) in bf16, norms neutral.
+    Returns the directory.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    spec = MODELS[name]
+    path = Path(dirpath)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = spec["config"]
+    (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (path / "generation_config.json").write_text(json.dumps(spec["generation_config"], indent=2) + "\n")
+    _write_tokenizer(path, spec["tokenizer"], cfg["vocab_size"])
+    _write_safetensors(path / "model.safetensors", _tensor_shapes(cfg, spec["store_tied_lm_head"]), cfg, seed)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("outdir", type=Path)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name in args.models:
+        t0 = time.perf_counter()
+        out = write_benchmark_checkpoint(args.outdir / name, name, seed=args.seed)
+        size = (out / "model.safetensors").stat().st_size
+        print(f"{name}: {out} ({size / 2**30:.2f} GiB, {time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
