@@ -198,6 +198,15 @@ class Model:
                 "tokens_generated": s.tokens_generated, "decode_steps": s.decode_steps,
                 "tokens_per_second": s.tokens_generated / elapsed, "memory": memory()}
 
+    def train_lora(self, data, **options):
+        """Fine-tunes a LoRA adapter on this model; returns an async iterator of
+        `amlx.train.TrainingEvent`s (step, loss, learning rate, tokens/s, memory).
+        `data`: a JSONL file, a directory with train.jsonl (and valid.jsonl), or a
+        list of records. Options: see `amlx.train.trainer.TrainOptions`."""
+        from amlx.train.trainer import train_lora
+
+        return train_lora(self, data, **options)
+
     # -- lifetime -------------------------------------------------------------
     def _shutdown(self) -> None:
         """On the worker: end every request, free caches and weights."""
@@ -290,11 +299,11 @@ def _check_load_args(max_batch_size, max_context, adapter) -> None:
     if max_context is not None and (not isinstance(max_context, int) or isinstance(max_context, bool)
                                     or max_context < 2):
         raise ValueError("max_context must be an integer >= 2 or None")
-    if adapter is not None:
-        raise ValueError("LoRA adapters cannot be loaded yet: amlx.load(adapter=...) arrives with training support")
+    if adapter is not None and not isinstance(adapter, (str, os.PathLike)):
+        raise ValueError(f"adapter must be the path of an adapter directory, not {type(adapter).__name__}")
 
 
-def _load_on_worker(path, device, dtype, max_batch_size, max_context, worker: Worker) -> Model:
+def _load_on_worker(path, device, dtype, max_batch_size, max_context, worker: Worker, adapter=None) -> Model:
     from amlx._mlx import device as mxdevice
     from amlx.models import load_model
     from amlx.tokenizer import Tokenizer
@@ -303,6 +312,10 @@ def _load_on_worker(path, device, dtype, max_batch_size, max_context, worker: Wo
     mxdevice.set_default_device(dev)
     tokenizer = Tokenizer.from_dir(path)
     loaded = load_model(path, dtype=dtype)
+    if adapter is not None:
+        from amlx.train.lora import apply_adapter
+
+        apply_adapter(loaded, adapter)  # closes the model if the adapter does not apply
     limit = loaded.config["max_position_embeddings"]
     ctx = limit if max_context is None else min(max_context, limit)
     return Model(loaded, tokenizer, worker, dev, max_batch_size, ctx)
@@ -319,7 +332,8 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     bad checkpoints. Use as `async with await amlx.load(path) as model:`."""
     _check_load_args(max_batch_size, max_context, adapter)
     worker = Worker.get()
-    return await worker.run(lambda: _load_on_worker(path, device, dtype, max_batch_size, max_context, worker))
+    return await worker.run(
+        lambda: _load_on_worker(path, device, dtype, max_batch_size, max_context, worker, adapter))
 
 
 def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
@@ -327,4 +341,5 @@ def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_
     """`load` for scripts and blocking code."""
     _check_load_args(max_batch_size, max_context, adapter)
     worker = Worker.get()
-    return worker.run_sync(lambda: _load_on_worker(path, device, dtype, max_batch_size, max_context, worker))
+    return worker.run_sync(
+        lambda: _load_on_worker(path, device, dtype, max_batch_size, max_context, worker, adapter))
