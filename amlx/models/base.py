@@ -24,10 +24,12 @@ from amlx.models.nn import Embedding, Linear, Module, QuantizedEmbedding, Quanti
 class Weights:
     """The checkpoint's tensors by name, handed out once each with shape checks."""
 
-    def __init__(self, tensors: dict[str, Array], quantization: dict | None, where: str, dtype=None):
+    def __init__(self, tensors: dict[str, Array], quantization: dict | None, where: str, dtype=None,
+                 origin: dict[str, str] | None = None):
         self._tensors = tensors
         self._quant = quantization or {}
         self._where = where
+        self._origin = origin or {}  # tensor name -> the file holding it, for error messages
         self._dtype = dtype
         self.taken: set[str] = set()
 
@@ -39,7 +41,8 @@ class Weights:
             raise ModelLoadError(f"{self._where}: tensor {name!r} is missing")
         a = self._tensors[name]
         if shape is not None and tuple(a.shape) != tuple(shape):
-            raise ModelLoadError(f"{self._where}: tensor {name!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+            raise ModelLoadError(f"{self.origin(name)}: tensor {name!r} has shape {tuple(a.shape)}, expected "
+                                 f"{tuple(shape)}")
         self.taken.add(name)
         if cast and self._dtype is not None and a.dtype.is_floating and a.dtype is not self._dtype:
             a = a.astype(self._dtype)
@@ -87,6 +90,10 @@ class Weights:
 
     def norm(self, prefix: str, dim: int, eps: float, cls=RMSNorm) -> Module:
         return cls(self.tensor(f"{prefix}.weight", (dim,)), eps)
+
+    def origin(self, name: str) -> str:
+        """The file holding tensor `name` (the checkpoint directory when unknown)."""
+        return self._origin.get(name, self._where)
 
     def leftover(self, ignore: Callable[[str], bool] = lambda n: False) -> list[str]:
         return sorted(n for n in self._tensors if n not in self.taken and not ignore(n))

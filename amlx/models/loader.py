@@ -51,8 +51,10 @@ def checkpoint_files(path: Path) -> list[Path]:
     raise ModelLoadError(f"{path}: no model.safetensors (or model.safetensors.index.json with shards) found")
 
 
-def _read_tensors(files: list[Path], index_map: dict | None) -> dict[str, Array]:
+def _read_tensors(files: list[Path], index_map: dict | None, origin: dict[str, str] | None = None) -> dict[str, Array]:
+    """Every tensor of the files by name (lazy); `origin` gets each name's file."""
     tensors: dict[str, Array] = {}
+    origin = {} if origin is None else origin
     for f in files:
         try:
             arrays, _ = io.load_safetensors(f)
@@ -62,11 +64,13 @@ def _read_tensors(files: list[Path], index_map: dict | None) -> dict[str, Array]
             if name in tensors:
                 raise ModelLoadError(f"{f}: tensor {name!r} appears in more than one shard")
             tensors[name] = arr
+            origin[name] = str(f)
     if index_map:
-        absent = [n for n in index_map if n not in tensors]
-        if absent:
-            raise ModelLoadError(f"model.safetensors.index.json lists tensor {absent[0]!r} in "
-                                 f"{index_map[absent[0]]}, but that file does not hold it")
+        for n, listed in index_map.items():
+            if n not in tensors or Path(origin[n]).name != listed:
+                where = "no file holds it" if n not in tensors else f"it is in {Path(origin[n]).name}"
+                raise ModelLoadError(f"{files[0].parent / 'model.safetensors.index.json'}: lists tensor {n!r} in "
+                                     f"{listed}, but that file does not hold it ({where})")
     return tensors
 
 
@@ -96,7 +100,8 @@ def load_model(path: str | os.PathLike, dtype=None, progress: bool | None = None
     files = checkpoint_files(path)
     index = path / "model.safetensors.index.json"
     index_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
-    tensors = _read_tensors(files, index_map)
+    origin: dict[str, str] = {}
+    tensors = _read_tensors(files, index_map, origin)
     prefix = cfg["weight_prefix"]
     own, unused = {}, []
     for name, arr in tensors.items():
@@ -106,7 +111,8 @@ def load_model(path: str | os.PathLike, dtype=None, progress: bool | None = None
             unused.append(arr)
         else:
             own[name[len(prefix):]] = arr
-    w = Weights(own, local_quantization(cfg["quantization"], prefix), str(path), dtype=dt)
+    w = Weights(own, local_quantization(cfg["quantization"], prefix), str(path), dtype=dt,
+                origin={n[len(prefix):]: f for n, f in origin.items() if n.startswith(prefix)})
     try:
         model = ARCHITECTURES[cfg["arch"]](cfg, w)
     except ModelLoadError:
@@ -118,8 +124,9 @@ def load_model(path: str | os.PathLike, dtype=None, progress: bool | None = None
         for a in tensors.values():
             a.close()
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
-        raise ModelLoadError(f"{path}: unexpected tensor(s) {', '.join(map(repr, extra[:3]))}{more} for a "
-                             f"{cfg['arch']} model with this config")
+        listed = ", ".join(f"{n!r} in {Path(w.origin(n)).name}" for n in extra[:3])
+        raise ModelLoadError(f"{path}: unexpected tensor(s) {listed}{more} for a {cfg['arch']} model with "
+                             f"this config")
     model._unused = unused
     _materialise(model, path, progress)
     first = next(p for _, p in model.named_parameters() if p.dtype.is_floating)
