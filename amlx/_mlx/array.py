@@ -34,6 +34,8 @@ class Array:
 
     def __init__(self, value, dtype=None):
         src = array(value, dtype)
+        if src is value:  # an Array already: share the MLX array, not the caller's handle
+            src = _call(lib.mlxc_array_clone, "array", value.handle)
         self._h = src._h
         src._h = None
 
