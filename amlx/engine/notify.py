@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Callable
 
-import sniffio
 
 
 def loop_waker() -> Callable[[Callable[[], None]], None]:
     """For the running event loop: a thread-safe `call_soon(callback)` that never
     blocks the calling thread and ignores a loop that has already closed."""
-    library = sniffio.current_async_library()
-    if library == "trio":
+    import asyncio
+
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    if loop is None:  # not asyncio: trio is the other backend anyio runs on
         import trio
 
         token = trio.lowlevel.current_trio_token()
@@ -23,9 +27,6 @@ def loop_waker() -> Callable[[Callable[[], None]], None]:
                 pass
 
         return call_soon
-    import asyncio
-
-    loop = asyncio.get_running_loop()
 
     def call_soon(cb):
         try:

@@ -1,0 +1,236 @@
+"""amlx against mlx-lm, side by side in one run, on the same checkpoints and the same libmlx.
+
+Measures, per model: single-stream decode tokens/s (256 tokens after a 128-token
+prompt), prefill tokens/s (a 2,048-token prompt), aggregate decode tokens/s with
+N concurrent streams (amlx's continuous batching against mlx-lm's
+`batch_generate`), time to first token under load, and peak MLX memory. Writes
+JSON, a markdown table and a PNG plot of throughput against concurrency.
+
+    python benchmarks/speed.py --out benchmarks/results [--models qwen3-0.6b gemma3-1b] [--streams 16 64 128]
+
+Random weights may emit EOS early; every throughput counts the tokens each side
+actually generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from checkpoints import write_benchmark_checkpoint  # noqa: E402
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    # Ordinary tokens only (ids past the first few hundred are regular pieces in our tokenizers).
+    return [rng.integers(1000, min(vocab, 30000), size=length).tolist() for _ in range(n)]
+
+
+# -- amlx ------------------------------------------------------------------------
+
+def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens: int) -> dict:
+    import amlx
+
+    out: dict = {}
+    model = amlx.load_sync(path, max_batch_size=max(streams + [1]))
+    vocab = model.tokenizer.vocab_size
+    try:
+        # warm-up: compile the shapes used below
+        model.complete_sync(_prompts(1, 128, vocab, 0)[0], max_tokens=32)
+
+        prompt = _prompts(1, 128, vocab, 1)[0]
+        times = []
+        t0 = time.perf_counter()
+        for _ in model.generate_sync(prompt, max_tokens=decode_tokens):
+            times.append(time.perf_counter())
+        out["decode_tps"] = (len(times) - 1) / (times[-1] - times[0])
+        out["decode_tokens"] = len(times)
+        out["single_ttft_s"] = times[0] - t0
+
+        long_prompt = _prompts(1, 2048, vocab, 2)[0]
+        model.complete_sync(long_prompt, max_tokens=1)  # warm-up of the prefill shapes
+        t0 = time.perf_counter()
+        model.complete_sync(long_prompt, max_tokens=1)
+        out["prefill_tps"] = 2048 / (time.perf_counter() - t0)
+
+        from amlx._mlx import memory as mlx_memory
+
+        mlx_memory.reset_peak()
+        out["batch"] = {}
+        for n in streams:
+            prompts = _prompts(n, 128, vocab, 10 + n)
+
+            async def run():
+                ttft = []
+
+                async def one(p):
+                    start = time.perf_counter()
+                    count = 0
+                    async for _ in model.generate(p, max_tokens=batch_tokens, max_buffer=batch_tokens):
+                        if count == 0:
+                            ttft.append(time.perf_counter() - start)
+                        count += 1
+                    return count
+
+                t = time.perf_counter()
+                counts = await asyncio.gather(*(one(p) for p in prompts))
+                return sum(counts), time.perf_counter() - t, ttft
+
+            asyncio.run(run())  # warm-up: traces the batch sizes
+            total, elapsed, ttft = asyncio.run(run())
+            out["batch"][n] = {"tps": total / elapsed, "tokens": total, "seconds": elapsed,
+                               "ttft_mean_s": float(np.mean(ttft)), "ttft_p50_s": float(np.median(ttft))}
+        out["peak_memory"] = amlx.memory()["peak"]
+    finally:
+        model.close()
+    return out
+
+
+# -- mlx-lm --------------------------------------------------------------------------
+
+def bench_mlx_lm(path: Path, streams: list[int], decode_tokens: int, batch_tokens: int) -> dict:
+    import mlx.core as mx
+    from mlx_lm import batch_generate, load, stream_generate
+
+    out: dict = {}
+    model, tokenizer = load(str(path))
+    vocab = model.args.vocab_size if hasattr(model, "args") else 32000
+    list(stream_generate(model, tokenizer, _prompts(1, 128, vocab, 0)[0], max_tokens=32))
+    last = None
+    times = []
+    t0 = time.perf_counter()
+    for r in stream_generate(model, tokenizer, _prompts(1, 128, vocab, 1)[0], max_tokens=decode_tokens):
+        times.append(time.perf_counter())
+        last = r
+    out["decode_tps"] = (len(times) - 1) / (times[-1] - times[0])
+    out["decode_tps_reported"] = last.generation_tps
+    out["decode_tokens"] = len(times)
+    out["single_ttft_s"] = times[0] - t0
+    long_prompt = _prompts(1, 2048, vocab, 2)[0]
+    list(stream_generate(model, tokenizer, long_prompt, max_tokens=1))
+    t0 = time.perf_counter()
+    list(stream_generate(model, tokenizer, long_prompt, max_tokens=1))
+    out["prefill_tps"] = 2048 / (time.perf_counter() - t0)
+    mx.reset_peak_memory()
+    out["batch"] = {}
+    for n in streams:
+        prompts = _prompts(n, 128, vocab, 10 + n)
+        batch_generate(model, tokenizer, prompts, max_tokens=batch_tokens)  # warm-up
+        t = time.perf_counter()
+        resp = batch_generate(model, tokenizer, prompts, max_tokens=batch_tokens, return_token_ids=True)
+        elapsed = time.perf_counter() - t
+        total = sum(len(ids) for ids in resp.token_ids)
+        out["batch"][n] = {"tps": total / elapsed, "tokens": total, "seconds": elapsed}
+    out["peak_memory"] = mx.get_peak_memory()
+    del model
+    gc.collect()
+    mx.clear_cache()
+    return out
+
+
+def _table(results: dict) -> str:
+    lines = ["| model | metric | amlx | mlx-lm | ratio |", "|---|---|---:|---:|---:|"]
+    for name, r in results.items():
+        a, m = r["amlx"], r.get("mlx_lm")
+
+        def row(metric, av, mv, fmt="{:.0f}"):
+            ratio = f"{av / mv:.2f}×" if mv else "–"
+            lines.append(f"| {name} | {metric} | {fmt.format(av)} | {fmt.format(mv) if mv else '–'} | {ratio} |")
+
+        row("decode tok/s (1 stream)", a["decode_tps"], m and m["decode_tps"])
+        row("prefill tok/s (2048)", a["prefill_tps"], m and m["prefill_tps"])
+        for n, b in a["batch"].items():
+            mb = m and m["batch"].get(n)
+            row(f"aggregate tok/s ({n} streams)", b["tps"], mb and mb["tps"])
+            lines.append(f"| {name} | TTFT p50 under load ({n}) | {b['ttft_p50_s'] * 1000:.0f} ms | – | |")
+        row("peak memory (MB)", a["peak_memory"] / 1e6, m and m["peak_memory"] / 1e6)
+    return "\n".join(lines)
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        ns = sorted(int(n) for n in r["amlx"]["batch"])
+        xs = [1] + ns
+        ax.plot(xs, [r["amlx"]["decode_tps"]] + [r["amlx"]["batch"][n]["tps"] for n in ns], "o-",
+                label=f"amlx {name}")
+        if r.get("mlx_lm"):
+            ax.plot(xs, [r["mlx_lm"]["decode_tps"]] + [r["mlx_lm"]["batch"][n]["tps"] for n in ns], "s--",
+                    label=f"mlx-lm {name}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate decode tokens/s")
+    ax.set_title("Throughput against concurrency")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["qwen3-0.6b", "gemma3-1b"])
+    ap.add_argument("--streams", nargs="+", type=int, default=[16, 64, 128])
+    ap.add_argument("--decode-tokens", type=int, default=256)
+    ap.add_argument("--batch-tokens", type=int, default=128)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--checkpoints", default=None, help="directory to keep checkpoints in (default: a temp dir)")
+    ap.add_argument("--no-mlx-lm", action="store_true")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import amlx
+
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.checkpoints or tmp)
+        for name in args.models:
+            path = write_benchmark_checkpoint(root / name, name)
+            print(f"== {name}", flush=True)
+            r = {"amlx": bench_amlx(path, args.streams, args.decode_tokens, args.batch_tokens)}
+            print(json.dumps(r["amlx"], default=str), flush=True)
+            if not args.no_mlx_lm:
+                try:
+                    r["mlx_lm"] = bench_mlx_lm(path, args.streams, args.decode_tokens, args.batch_tokens)
+                    print(json.dumps(r["mlx_lm"], default=str), flush=True)
+                except ImportError as exc:
+                    print(f"mlx-lm not available ({exc}); its column is left empty")
+            results[name] = r
+    meta = {"date": time.strftime("%Y-%m-%d"), "platform": platform.platform(), "python": sys.version.split()[0],
+            "mlx": amlx._mlx.version(), "device": amlx._mlx.device.default_device()}
+    try:
+        import mlx_lm
+
+        meta["mlx_lm"] = mlx_lm.__version__
+    except ImportError:
+        pass
+    (out / "speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+    table = _table(results)
+    (out / "speed.md").write_text(f"{meta}\n\n{table}\n")
+    print(table)
+    try:
+        _plot(results, out / "speed.png")
+    except ImportError:
+        print("matplotlib missing: no plot")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
