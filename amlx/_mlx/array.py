@@ -9,21 +9,36 @@ import numpy as np
 from amlx._mlx import dtypes as _dt
 from amlx._mlx._lib import check, error, ffi, lib
 
+# The hot path (every op) uses these module-level bindings: a name lookup in
+# a module is cheaper than an attribute lookup on cffi's `lib`/`ffi`.
 _free = lib.mlxc_array_free
+_new = ffi.new
+_alloc = object.__new__
+_ARRAY_OUT = ffi.typeof("mlxc_array*")
+_binary = lib.mlxc_binary
+_binary_float = lib.mlxc_binary_float
+_binary_int = lib.mlxc_binary_int
 
 
 def _wrap(handle) -> "Array":
-    a = Array.__new__(Array)
-    a._h = ffi.gc(handle, _free)
+    """An Array owning `handle` (a new mlxc_array)."""
+    a = _alloc(Array)
+    a._h = handle
     return a
 
 
 def _call(fn, op: str, *args) -> "Array":
     """Calls an mlxc function whose last parameter is `mlxc_array* out`."""
-    out = ffi.new("mlxc_array*")
+    out = _new(_ARRAY_OUT)
     if fn(*args, out):
         raise error(op)
-    return _wrap(out[0])
+    a = _alloc(Array)
+    a._h = out[0]
+    return a
+
+
+def _closed() -> ValueError:
+    return ValueError("array is closed")
 
 
 class Array:
@@ -40,12 +55,22 @@ class Array:
         src._h = None
 
     # -- lifetime -------------------------------------------------------
+    # `_h` is the raw mlxc_array (a cffi pointer) or None once closed. Freeing
+    # in __del__ is cheaper per array than a cffi ffi.gc wrapper.
     def close(self) -> None:
         """Releases the native handle; the array is unusable afterwards."""
         h = self._h
         if h is not None:
             self._h = None
-            ffi.release(h)
+            _free(h)
+
+    def __del__(self, _free=_free):
+        try:
+            h = self._h
+        except AttributeError:  # construction failed before a handle was taken
+            return
+        if h is not None:
+            _free(h)
 
     def __enter__(self) -> "Array":
         return self
@@ -55,9 +80,10 @@ class Array:
 
     @property
     def handle(self):
-        if self._h is None:
-            raise ValueError("array is closed")
-        return self._h
+        h = self._h
+        if h is None:
+            raise _closed()
+        return h
 
     # -- metadata -------------------------------------------------------
     @property
@@ -178,22 +204,53 @@ class Array:
     __hash__ = object.__hash__
 
 
-def _binary_method(op_code: int, name: str, reflected: bool = False):
-    def method(self, other):
-        if not isinstance(other, Array):
-            if not isinstance(other, (numbers.Number, np.ndarray, np.generic, list, tuple)):
-                return NotImplemented
-            other = scalar_like(other, self)
-        a, b = (other, self) if reflected else (self, other)
-        return _call(lib.mlxc_binary, name, op_code, a.handle, b.handle)
+_OPERANDS = (numbers.Number, np.ndarray, np.generic, list, tuple)
 
-    method.__name__ = name
-    return method
+
+def binary_op(code: int, name: str, reflected: bool = False, method: bool = False):
+    """The function f(a, other) = op(a, other) (op(other, a) when `reflected`)
+    for an Array `a`. `other` is an Array, a Python scalar (weakly typed: it
+    takes a's dtype where it can) or numpy data / nested lists (strongly
+    typed). As a `method`, other operand types give NotImplemented.
+
+    This is the hottest path of the library, written for speed: Python floats
+    and ints go to C as they are (no scalar array on this side), one C call
+    per op."""
+
+    def op(a, other):
+        h = a._h
+        if h is None:
+            raise _closed()
+        out = _new(_ARRAY_OUT)
+        kind = type(other)
+        if kind is float:
+            status = _binary_float(code, h, other, reflected, out)
+        elif kind is int:
+            status = _binary_int(code, h, other, reflected, out)
+        else:
+            if not isinstance(other, Array):
+                if method and not isinstance(other, _OPERANDS):
+                    return NotImplemented
+                other = scalar_like(other, a)
+            o = other._h
+            if o is None:
+                raise _closed()
+            status = _binary(code, o, h, out) if reflected else _binary(code, h, o, out)
+        if status:
+            raise error(name)
+        r = _alloc(Array)
+        r._h = out[0]
+        return r
+
+    op.__name__ = name
+    return op
 
 
 def _unary_method(op_code: int, name: str):
+    unary = lib.mlxc_unary
+
     def method(self):
-        return _call(lib.mlxc_unary, name, op_code, self.handle)
+        return _call(unary, name, op_code, self.handle)
 
     method.__name__ = name
     return method
@@ -208,14 +265,14 @@ for _name, _code, _refl in [
     ("__xor__", lib.MLXC_BITWISE_XOR, "__rxor__"), ("__lshift__", lib.MLXC_LEFT_SHIFT, "__rlshift__"),
     ("__rshift__", lib.MLXC_RIGHT_SHIFT, "__rrshift__"),
 ]:
-    setattr(Array, _name, _binary_method(_code, _name.strip("_")))
-    setattr(Array, _refl, _binary_method(_code, _name.strip("_"), reflected=True))
+    setattr(Array, _name, binary_op(_code, _name.strip("_"), method=True))
+    setattr(Array, _refl, binary_op(_code, _name.strip("_"), reflected=True, method=True))
 
 for _name, _code in [
     ("__eq__", lib.MLXC_EQUAL), ("__ne__", lib.MLXC_NOT_EQUAL), ("__lt__", lib.MLXC_LESS),
     ("__le__", lib.MLXC_LESS_EQUAL), ("__gt__", lib.MLXC_GREATER), ("__ge__", lib.MLXC_GREATER_EQUAL),
 ]:
-    setattr(Array, _name, _binary_method(_code, _name.strip("_")))
+    setattr(Array, _name, binary_op(_code, _name.strip("_"), method=True))
 
 Array.__neg__ = _unary_method(lib.MLXC_NEGATIVE, "negative")
 Array.__abs__ = _unary_method(lib.MLXC_ABS, "abs")

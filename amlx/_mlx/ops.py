@@ -8,7 +8,7 @@ from typing import Iterable, Sequence
 
 from amlx._mlx import dtypes as _dt
 from amlx._mlx._lib import check, error, ffi, lib
-from amlx._mlx.array import Array, _call, array, scalar_like
+from amlx._mlx.array import Array, _call, array, binary_op, scalar_like
 
 def _int_arr(values: Sequence[int]):
     values = [int(v) for v in values]
@@ -34,8 +34,10 @@ def _pair(a, b):
 # -- elementwise ---------------------------------------------------------
 
 def _unary(code: int, name: str):
+    unary = lib.mlxc_unary
+
     def op(a: Array) -> Array:
-        return _call(lib.mlxc_unary, name, code, _as_array(a).handle)
+        return _call(unary, name, code, _as_array(a).handle)
 
     op.__name__ = name
     op.__doc__ = f"Elementwise {name}."
@@ -43,9 +45,15 @@ def _unary(code: int, name: str):
 
 
 def _binary(code: int, name: str):
+    forward = binary_op(code, name)
+    reflected = binary_op(code, name, reflected=True)
+
     def op(a, b) -> Array:
-        x, y = _pair(a, b)
-        return _call(lib.mlxc_binary, name, code, x.handle, y.handle)
+        if isinstance(a, Array):
+            return forward(a, b)
+        if isinstance(b, Array):
+            return reflected(b, a)
+        return forward(array(a), array(b))
 
     op.__name__ = name
     op.__doc__ = f"Elementwise {name} with broadcasting."

@@ -157,6 +157,49 @@ mx::Device to_device(int d) {
   return d == 1 ? mx::Device(mx::Device::gpu) : mx::Device(mx::Device::cpu);
 }
 
+// The binary op `op` (an mlxc_binary_op) of two arrays.
+mx::array binary_op(int op, const mx::array& x, const mx::array& y) {
+  switch (op) {
+    case MLXC_ADD: return mx::add(x, y);
+    case MLXC_SUBTRACT: return mx::subtract(x, y);
+    case MLXC_MULTIPLY: return mx::multiply(x, y);
+    case MLXC_DIVIDE: return mx::divide(x, y);
+    case MLXC_FLOOR_DIVIDE: return mx::floor_divide(x, y);
+    case MLXC_REMAINDER: return mx::remainder(x, y);
+    case MLXC_POWER: return mx::power(x, y);
+    case MLXC_MAXIMUM: return mx::maximum(x, y);
+    case MLXC_MINIMUM: return mx::minimum(x, y);
+    case MLXC_EQUAL: return mx::equal(x, y);
+    case MLXC_NOT_EQUAL: return mx::not_equal(x, y);
+    case MLXC_GREATER: return mx::greater(x, y);
+    case MLXC_GREATER_EQUAL: return mx::greater_equal(x, y);
+    case MLXC_LESS: return mx::less(x, y);
+    case MLXC_LESS_EQUAL: return mx::less_equal(x, y);
+    case MLXC_LOGICAL_AND: return mx::logical_and(x, y);
+    case MLXC_LOGICAL_OR: return mx::logical_or(x, y);
+    case MLXC_MATMUL: return mx::matmul(x, y);
+    case MLXC_ARCTAN2: return mx::arctan2(x, y);
+    case MLXC_LOGADDEXP: return mx::logaddexp(x, y);
+    case MLXC_BITWISE_AND: return mx::bitwise_and(x, y);
+    case MLXC_BITWISE_OR: return mx::bitwise_or(x, y);
+    case MLXC_BITWISE_XOR: return mx::bitwise_xor(x, y);
+    case MLXC_LEFT_SHIFT: return mx::left_shift(x, y);
+    case MLXC_RIGHT_SHIFT: return mx::right_shift(x, y);
+  }
+  throw std::invalid_argument("[binary] unknown op " + std::to_string(op));
+}
+
+// A Python scalar is weakly typed, as in MLX's own bindings: it takes the
+// array's dtype where that can hold it (x_bf16 * 0.5 stays bfloat16); a float
+// with an integer array is float32, an int with a bool array int32.
+mx::Dtype weak_float_dtype(const mx::array& a) {
+  return mx::issubdtype(a.dtype(), mx::floating) ? a.dtype() : mx::float32;
+}
+
+mx::Dtype weak_int_dtype(const mx::array& a) {
+  return a.dtype() == mx::bool_ ? mx::int32 : a.dtype();
+}
+
 }  // namespace
 
 extern "C" {
@@ -327,36 +370,26 @@ int mlxc_unary(int op, mlxc_array a, mlxc_array* out) {
 
 int mlxc_binary(int op, mlxc_array a, mlxc_array b, mlxc_array* out) {
   GUARD_BEGIN
-  const mx::array& x = a->a;
-  const mx::array& y = b->a;
-  switch (op) {
-    case MLXC_ADD: return put(mx::add(x, y), out);
-    case MLXC_SUBTRACT: return put(mx::subtract(x, y), out);
-    case MLXC_MULTIPLY: return put(mx::multiply(x, y), out);
-    case MLXC_DIVIDE: return put(mx::divide(x, y), out);
-    case MLXC_FLOOR_DIVIDE: return put(mx::floor_divide(x, y), out);
-    case MLXC_REMAINDER: return put(mx::remainder(x, y), out);
-    case MLXC_POWER: return put(mx::power(x, y), out);
-    case MLXC_MAXIMUM: return put(mx::maximum(x, y), out);
-    case MLXC_MINIMUM: return put(mx::minimum(x, y), out);
-    case MLXC_EQUAL: return put(mx::equal(x, y), out);
-    case MLXC_NOT_EQUAL: return put(mx::not_equal(x, y), out);
-    case MLXC_GREATER: return put(mx::greater(x, y), out);
-    case MLXC_GREATER_EQUAL: return put(mx::greater_equal(x, y), out);
-    case MLXC_LESS: return put(mx::less(x, y), out);
-    case MLXC_LESS_EQUAL: return put(mx::less_equal(x, y), out);
-    case MLXC_LOGICAL_AND: return put(mx::logical_and(x, y), out);
-    case MLXC_LOGICAL_OR: return put(mx::logical_or(x, y), out);
-    case MLXC_MATMUL: return put(mx::matmul(x, y), out);
-    case MLXC_ARCTAN2: return put(mx::arctan2(x, y), out);
-    case MLXC_LOGADDEXP: return put(mx::logaddexp(x, y), out);
-    case MLXC_BITWISE_AND: return put(mx::bitwise_and(x, y), out);
-    case MLXC_BITWISE_OR: return put(mx::bitwise_or(x, y), out);
-    case MLXC_BITWISE_XOR: return put(mx::bitwise_xor(x, y), out);
-    case MLXC_LEFT_SHIFT: return put(mx::left_shift(x, y), out);
-    case MLXC_RIGHT_SHIFT: return put(mx::right_shift(x, y), out);
-  }
-  throw std::invalid_argument("[binary] unknown op " + std::to_string(op));
+  put(binary_op(op, a->a, b->a), out);
+  GUARD_END
+}
+
+int mlxc_binary_float(int op, mlxc_array a, double value, int reflected,
+                      mlxc_array* out) {
+  GUARD_BEGIN
+  mx::array s(value, weak_float_dtype(a->a));
+  put(reflected ? binary_op(op, s, a->a) : binary_op(op, a->a, s), out);
+  GUARD_END
+}
+
+int mlxc_binary_int(int op, mlxc_array a, int64_t value, int reflected,
+                    mlxc_array* out) {
+  GUARD_BEGIN
+  mx::Dtype dt = weak_int_dtype(a->a);
+  mx::array s = mx::issubdtype(dt, mx::inexact)
+                    ? mx::array(static_cast<double>(value), dt)
+                    : mx::array(value, dt);
+  put(reflected ? binary_op(op, s, a->a) : binary_op(op, a->a, s), out);
   GUARD_END
 }
 

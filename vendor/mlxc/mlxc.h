@@ -110,6 +110,12 @@ int mlxc_vec_push(mlxc_vec v, mlxc_array a);
 /* Elementwise and general ops. */
 int mlxc_unary(int op, mlxc_array a, mlxc_array* out);
 int mlxc_binary(int op, mlxc_array a, mlxc_array b, mlxc_array* out);
+/* op(a, value) with a Python scalar, weakly typed as in MLX's own bindings
+ * (the scalar takes a's dtype where it can hold it); reflected: op(value, a). */
+int mlxc_binary_float(int op, mlxc_array a, double value, int reflected,
+                      mlxc_array* out);
+int mlxc_binary_int(int op, mlxc_array a, int64_t value, int reflected,
+                    mlxc_array* out);
 int mlxc_reduce(int op, mlxc_array a, const int* axes, int naxes, int keepdims,
                 mlxc_array* out);
 int mlxc_axis(int op, mlxc_array a, int axis, int flag_a, int flag_b,
