@@ -56,7 +56,8 @@ GROUP_SIZES = (32, 64, 128)
 
 # Files of a checkpoint other than weights and config.json that are carried over.
 _CARRIED_SUFFIXES = (".json", ".jinja", ".model", ".txt", ".tiktoken", ".jsonl")
-_NOT_CARRIED = ("config.json", "model.safetensors.index.json")
+# config.json is rewritten; weight indexes and other tools' quantization metadata would mislead.
+_NOT_CARRIED = ("config.json", "hf_quant_config.json", "quantize_config.json")
 
 
 def _check_options(quantize, group_size, dtype, max_shard_size):
@@ -93,7 +94,8 @@ class _Source:
     def __init__(self, path: Path):
         from amlx.models.base import Weights
         from amlx.models.config import _read_json, load_config
-        from amlx.models.loader import ARCHITECTURES, _IGNORED_SUFFIXES, _read_tensors, checkpoint_files
+        from amlx.models.loader import (ARCHITECTURES, _IGNORED_SUFFIXES, _read_tensors, checkpoint_files,
+                                        local_quantization)
 
         self.path = path
         self.cfg = load_config(path)
@@ -101,7 +103,8 @@ class _Source:
         files = checkpoint_files(path)
         index = path / "model.safetensors.index.json"
         index_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
-        self.tensors: dict[str, Array] = _read_tensors(files, index_map)
+        origin: dict[str, str] = {}
+        self.tensors: dict[str, Array] = _read_tensors(files, index_map, origin)
         prefix = self.prefix = self.cfg["weight_prefix"]
         self.dropped: set[str] = set()
         own = {}
@@ -114,13 +117,16 @@ class _Source:
             else:
                 own[local] = arr
         try:
-            w = Weights(own, self.cfg["quantization"], str(path))
+            self.quantization = local_quantization(self.cfg["quantization"], prefix)
+            w = Weights(own, self.quantization, str(path),
+                        origin={n[len(prefix):]: f for n, f in origin.items() if n.startswith(prefix)})
             self.model = ARCHITECTURES[self.cfg["arch"]](self.cfg, w)
             extra = w.leftover()
             if extra:
                 more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
-                raise ModelLoadError(f"{path}: unexpected tensor(s) {', '.join(map(repr, extra[:3]))}{more} "
-                                     f"for a {self.cfg['arch']} model with this config")
+                listed = ", ".join(f"{n!r} in {Path(w.origin(n)).name}" for n in extra[:3])
+                raise ModelLoadError(f"{path}: unexpected tensor(s) {listed}{more} for a {self.cfg['arch']} "
+                                     f"model with this config")
         except BaseException:
             self.close()
             raise
@@ -175,7 +181,7 @@ def _plan(src: _Source, dt, bits, group_size, units: list):
         if local is not None and leaf in ("scales", "biases") and module in already:
             continue
         if local is not None and leaf == "weight" and module in already:
-            q = src.cfg["quantization"]
+            q = src.quantization
             override = q.get(module)
             b = int(override.get("bits", q["bits"])) if isinstance(override, dict) else q["bits"]
             n_params += arr.size * 32 // b
@@ -235,13 +241,14 @@ def _rewrite_config(raw: dict, cfg: dict, dt, bits, group_size) -> dict:
                     "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "vocab_size"):
             text.setdefault(key, cfg[key])
     if cfg["multimodal"]:
-        raw.setdefault("vocab_size", cfg["vocab_size"])
-        raw["text_config"] = dict(sorted(text.items()))
+        raw.setdefault("vocab_size", cfg["vocab_size"])  # mlx-lm's gemma3 reads it there
     if dt is not None:
         for section in (raw, text):
             for key in ("torch_dtype", "dtype"):
                 if isinstance(section.get(key), str):
                     section[key] = dt.name
+    if cfg["multimodal"]:
+        raw["text_config"] = dict(sorted(text.items()))
     if bits is not None:
         raw.pop("quantization", None)
         raw.pop("quantization_config", None)
@@ -301,7 +308,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quantize: int | None
         _write_weights(tmp, units, n_params, max_shard_size, src, progress)
         (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
         for f in sorted(src.iterdir()):
-            if f.is_file() and f.name.endswith(_CARRIED_SUFFIXES) and f.name not in _NOT_CARRIED:
+            if f.is_file() and f.name.endswith(_CARRIED_SUFFIXES) and f.name not in _NOT_CARRIED \
+                    and not f.name.endswith(".index.json"):
                 shutil.copyfile(f, tmp / f.name)
         if dst.exists():
             dst.rmdir()  # empty (checked above)
