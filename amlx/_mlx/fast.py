@@ -25,7 +25,9 @@ def rope(x: Array, dims: int, *, traditional: bool = False, base: float | None =
     """Rotary embedding over the last axis of x (B, H, L, D) from position `offset`.
 
     `offset` is an int, or an int array: a scalar, or one offset per batch row.
-    Give either `base` or `freqs` (custom inverse frequencies, e.g. llama3 scaling)."""
+    Give either `base` or `freqs`: custom frequencies as MLX defines them, the
+    periods `base ** (2i / dims)` (the reciprocal of Hugging Face's inv_freq), so
+    that the angle of pair i at position p is `p * scale / freqs[i]`."""
     if (base is None) == (freqs is None):
         raise ValueError("rope: give exactly one of base and freqs")
     b = math.nan if base is None else float(base)
