@@ -19,7 +19,7 @@ from amlx.errors import ContextLengthError
 from amlx.tokenizer import Tokenizer
 from amlx.types import GenerationOptions, Token
 
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 2048
 
 
 class TextAssembler:
@@ -84,12 +84,14 @@ def prefill(model, cache, ids: Sequence[int], start: int = 0, chunk: int = PREFI
     """Runs the prompt through the model in chunks; returns the last position's logits (1, V)."""
     logits = None
     for i in range(0, len(ids), chunk):
-        part = array(np.asarray([ids[i:i + chunk]], dtype=np.int32))
-        out = model(part, cache, start + i)
-        length = out.shape[1]
-        logits = ops.reshape(ops.slice(out, (0, length - 1, 0), (1, length, out.shape[2])), (1, out.shape[2]))
+        part = ids[i:i + chunk]
         if i + chunk < len(ids):
-            ops.eval(logits, *[a for c in cache for a in c.state()])
+            model(array(np.asarray([part], dtype=np.int32)), cache, start + i)
+            ops.eval(*[a for c in cache for a in c.state()])
+            continue
+        out = model(array(np.asarray([part], dtype=np.int32)), cache, start + i,
+                    last=array(np.asarray([len(part) - 1], dtype=np.int32)))
+        logits = ops.reshape(out, (1, out.shape[2]))
     return logits
 
 

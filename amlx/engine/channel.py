@@ -14,7 +14,7 @@ from typing import Callable
 
 import anyio
 
-from amlx.engine.notify import loop_waker
+from amlx.engine.notify import loop_waker, wake
 
 
 class Channel:
@@ -49,9 +49,9 @@ class Channel:
     def _notify(self) -> None:
         self._ready.notify_all()
         if self._async_waiter is not None:
-            call_soon, event = self._async_waiter
+            waker, event = self._async_waiter
             self._async_waiter = None
-            call_soon(event.set)
+            wake(waker, event)
 
     # -- consumer side -----------------------------------------------------
     def cancel(self) -> None:

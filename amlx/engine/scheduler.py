@@ -104,27 +104,74 @@ class Scheduler:
         self._decode()
 
     def _admit(self) -> None:
-        while self.prefilling is None and self.waiting and len(self.rows) < self.max_batch_size:
-            req = self.waiting.popleft()
+        """Starts prompt processing: short prompts are taken together, in arrival
+        order, as one right-padded batch of about one chunk of tokens; a prompt
+        longer than a chunk is processed alone, one chunk per round."""
+        if self.prefilling is not None:
+            return
+        group: list[Request] = []
+        free = self.max_batch_size - len(self.rows)
+        while self.waiting and len(group) < free:
+            req = self.waiting[0]
             if not req.active:
-                self._finish(req)
+                self._finish(self.waiting.popleft())
                 continue
-            req.cache = self.model.make_cache()
-            self.prefilling = req
+            if len(req.prompt) > self.prefill_chunk:
+                if not group:
+                    req.cache = self.model.make_cache()
+                    self.prefilling = self.waiting.popleft()
+                break
+            longest = max(len(req.prompt), max((len(r.prompt) for r in group), default=0))
+            if group and longest * (len(group) + 1) > self.prefill_chunk:
+                break
+            group.append(self.waiting.popleft())
+        if group:
+            self._prefill_group(group)
+
+    def _prefill_group(self, group: list[Request]) -> None:
+        """Prefills several prompts in one batched forward. Right padding keeps it
+        exact: causal attention never lets a real position see a padded one, and
+        padded slots past a row's length stay masked until decoding overwrites them."""
+        lengths = [len(r.prompt) for r in group]
+        ids = np.zeros((len(group), max(lengths)), dtype=np.int32)
+        for i, r in enumerate(group):
+            ids[i, :lengths[i]] = r.prompt
+        cache = self.model.make_cache()
+        try:
+            last = array(np.asarray(lengths, dtype=np.int32) - 1)
+            logits = self.model(array(ids), cache, 0, last=last)
+            logits = ops.reshape(logits, (len(group), logits.shape[2]))
+            tokens, logprobs = sample_rows(logits, [r.sampling for r in group])
+            ops.eval(tokens, logprobs, *[a for c in cache for a in c.state()])
+        except MLXError as exc:
+            for c in cache:
+                c.close()
+            if len(group) == 1:
+                self._fail(group[0], exc)
+                return
+            # Find the culprit: each prompt on its own.
+            for r in group:
+                self._prefill_group([r])
+            return
+        ids_out, lps = tokens.tolist(), logprobs.tolist()
+        for i, r in enumerate(group):
+            r.pos = lengths[i]
+            self._emit(r, int(ids_out[i]), float(lps[i]))
+        self._join(group, cache)
 
     def _prefill_chunk(self, req: Request) -> None:
         """One chunk of the prompt; on the last chunk, the first token and joining the batch."""
         try:
             start = req.prefilled
             chunk = req.prompt[start:start + self.prefill_chunk]
-            logits = self.model(array(np.asarray([chunk], dtype=np.int32)), req.cache, start)
             req.prefilled += len(chunk)
             if req.prefilled < len(req.prompt):
+                self.model(array(np.asarray([chunk], dtype=np.int32)), req.cache, start)
                 ops.eval(*[a for c in req.cache for a in c.state()])
                 return
-            v = logits.shape[2]
-            last = ops.reshape(ops.slice(logits, (0, len(chunk) - 1, 0), (1, len(chunk), v)), (1, v))
-            tokens, logprobs = sample_rows(last, [req.sampling])
+            logits = self.model(array(np.asarray([chunk], dtype=np.int32)), req.cache, start,
+                                last=array(np.asarray([len(chunk) - 1], dtype=np.int32)))
+            tokens, logprobs = sample_rows(ops.reshape(logits, (1, logits.shape[2])), [req.sampling])
             ops.eval(tokens, logprobs, *[a for c in req.cache for a in c.state()])
         except MLXError as exc:
             self.prefilling = None
@@ -133,20 +180,30 @@ class Scheduler:
         self.prefilling = None
         req.pos = len(req.prompt)
         self._emit(req, int(tokens.tolist()[0]), float(logprobs.tolist()[0]))
-        if req.active:
-            self._join(req)
-        else:
-            self._finish(req)
+        cache, req.cache = req.cache, None
+        self._join([req], cache)
 
-    def _join(self, req: Request) -> None:
+    def _join(self, reqs: list[Request], cache: list[KVCache]) -> None:
+        """Adds freshly prefilled requests (rows of `cache`) to the running batch;
+        those that already finished (EOS or max_tokens at their first token) don't join."""
+        keep = [i for i, r in enumerate(reqs) if r.active]
+        for i, r in enumerate(reqs):
+            if i not in keep:
+                self._finish(r)
+        if not keep:
+            for c in cache:
+                c.close()
+            return
+        if len(keep) < len(reqs):
+            for c in cache:
+                c.take_rows(keep)
         if self.cache is None:
-            self.cache = req.cache
+            self.cache = cache
         else:
-            for mine, theirs in zip(self.cache, req.cache):
+            for mine, theirs in zip(self.cache, cache):
                 mine.append_rows(theirs)
-            ops.eval(*[a for c in self.cache for a in c.state()])
-        req.cache = None
-        self.rows.append(req)
+        ops.eval(*[a for c in self.cache for a in c.state()])
+        self.rows.extend(reqs[i] for i in keep)
 
     def _decode(self) -> None:
         if not self.rows:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import anyio
 
-from amlx.engine.notify import loop_waker
+from amlx.engine.notify import batched_wakeups, call_soon, loop_waker
 
 log = logging.getLogger("amlx.engine")
 
@@ -69,8 +69,8 @@ class Worker:
         cannot be interrupted halfway); its result is dropped."""
         fut = self.submit(fn)
         event = anyio.Event()
-        call_soon = loop_waker()
-        fut.add_done_callback(lambda _: call_soon(event.set))
+        waker = loop_waker()
+        fut.add_done_callback(lambda _: call_soon(waker, event.set))
         await event.wait()
         return fut.result()
 
@@ -104,7 +104,8 @@ class Worker:
                         fut.set_exception(exc)
             for s in schedulers:
                 try:
-                    s.step()
+                    with batched_wakeups():
+                        s.step()
                 except BaseException as exc:  # noqa: BLE001 - the worker must survive
                     log.exception("scheduler step failed")
                     s.fail_all(exc)

@@ -247,10 +247,18 @@ class CausalLM(Module):
         self._final_softcap = final_softcap
         self._unused: list[Array] = []
 
-    def __call__(self, ids: Array, cache: list[KVCache] | None = None, pos: int | Array = 0) -> Array:
+    def __call__(self, ids: Array, cache: list[KVCache] | None = None, pos: int | Array = 0,
+                 last: Array | None = None) -> Array:
         """Logits (B, L, V) for token ids (B, L) written at position `pos`
-        (an int for every row, or a (B,) int32 array of per-row positions)."""
+        (an int for every row, or a (B,) int32 array of per-row positions).
+
+        With `last` ((B,) int32 indices into L), only those positions get logits:
+        (B, 1, V). Prompt processing needs one position, and skipping the output
+        projection for the rest saves its largest matmul."""
         h = self.model(ids, cache, pos)
+        if last is not None:
+            b, _, d = h.shape
+            h = ops.take_along_axis(h, ops.broadcast_to(ops.reshape(last, (b, 1, 1)), (b, 1, d)), 1)
         out = self.lm_head(h) if hasattr(self, "lm_head") else self.model.embed_tokens.as_linear(h)
         if self._final_softcap:
             out = ops.tanh(out / self._final_softcap) * self._final_softcap
