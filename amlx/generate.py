@@ -98,12 +98,12 @@ def prefill(model, cache, ids: Sequence[int], start: int = 0, chunk: int = PREFI
 def generate_tokens(model, tokenizer: Tokenizer, prompt_ids: Sequence[int], options: GenerationOptions,
                     max_context: int, eos_ids: frozenset[int] | None = None) -> Iterator[Token]:
     """Generates for one request, synchronously, on the calling thread."""
-    from amlx.sample import Sampler
+    from amlx.engine.sampling import BatchSampling, RowSampling
 
     room = check_context(len(prompt_ids), max_context)
     eos = tokenizer.eos_token_ids if eos_ids is None else eos_ids
     out = TextAssembler(tokenizer, options, eos, max_new=room)
-    sampler = Sampler([options], [list(prompt_ids)])
+    sampler = BatchSampling([RowSampling(options, list(prompt_ids))])
     cache = model.make_cache()
     try:
         logits = prefill(model, cache, prompt_ids)
@@ -112,17 +112,17 @@ def generate_tokens(model, tokenizer: Tokenizer, prompt_ids: Sequence[int], opti
             tokens, logprobs = sampler(logits)
             for c in cache:
                 c.reserve(pos + 1)
-            ops.async_eval(tokens, logprobs)
+            ops.async_eval(tokens, logprobs, *sampler.state())
             tid = int(tokens.item())
             lp = float(logprobs.item()) if options.logprobs else None
             tok = out.push(tid, lp)
             yield tok
             if out.finished:
                 return
-            sampler.append([tid])
             logits = model(ops.reshape(tokens.astype(_int32), (1, 1)), cache, array(np.array([pos], np.int32)))
             logits = ops.reshape(logits, (1, logits.shape[2]))
             pos += 1
     finally:
+        sampler.close()
         for c in cache:
             c.close()

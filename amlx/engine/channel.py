@@ -30,8 +30,9 @@ class Channel:
         self.cancelled = False
 
     # -- worker side -------------------------------------------------------
-    def has_room(self) -> bool:
-        return len(self._items) < self._max
+    def has_room(self, extra: int = 0) -> bool:
+        """Whether the consumer can take another token (beyond `extra` still in flight)."""
+        return len(self._items) + extra < self._max
 
     def put(self, item) -> None:
         with self._lock:

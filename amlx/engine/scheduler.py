@@ -24,7 +24,7 @@ from amlx._mlx import Array, array, ops, transforms
 from amlx._mlx import int32 as _int32
 from amlx.cache import KVCache
 from amlx.engine.channel import Channel
-from amlx.engine.sampling import RowSampling, sample_rows
+from amlx.engine.sampling import BatchSampling, RowSampling
 from amlx.errors import AmlxError, ClosedError, MLXError
 from amlx.generate import PREFILL_CHUNK, TextAssembler
 from amlx.types import GenerationOptions
@@ -72,6 +72,8 @@ class Scheduler:
         self.decode_steps = 0
         self._started = time.perf_counter()
         self._step_fn = transforms.compile(self._forward) if compile_step else None
+        self._sampling: BatchSampling | None = None  # device sampling state of `rows`
+        self._inflight: _Step | None = None  # a decode step launched and not yet read
         # Test hook: called with the token ids of every decode step's rows.
         self.before_step = None
 
@@ -84,6 +86,8 @@ class Scheduler:
         self._wake()
 
     def has_work(self) -> bool:
+        if self._inflight is not None:
+            return True
         if self._incoming or self.waiting or self.prefilling is not None:
             return True
         return any(not r.active or r.channel.has_room() for r in self.rows)
@@ -97,6 +101,8 @@ class Scheduler:
         with self._lock:
             self.waiting.extend(self._incoming)
             self._incoming.clear()
+        if self._inflight is not None and self._batch_will_change():
+            self._read(self._drain())
         self._drop_inactive()
         self._admit()
         if self.prefilling is not None:
@@ -141,7 +147,7 @@ class Scheduler:
             last = array(np.asarray(lengths, dtype=np.int32) - 1)
             logits = self.model(array(ids), cache, 0, last=last)
             logits = ops.reshape(logits, (len(group), logits.shape[2]))
-            tokens, logprobs = sample_rows(logits, [r.sampling for r in group])
+            tokens, logprobs = self._first_tokens(logits, group)
             ops.eval(tokens, logprobs, *[a for c in cache for a in c.state()])
         except MLXError as exc:
             for c in cache:
@@ -171,7 +177,7 @@ class Scheduler:
                 return
             logits = self.model(array(np.asarray([chunk], dtype=np.int32)), req.cache, start,
                                 last=array(np.asarray([len(chunk) - 1], dtype=np.int32)))
-            tokens, logprobs = sample_rows(ops.reshape(logits, (1, logits.shape[2])), [req.sampling])
+            tokens, logprobs = self._first_tokens(ops.reshape(logits, (1, logits.shape[2])), [req])
             ops.eval(tokens, logprobs, *[a for c in req.cache for a in c.state()])
         except MLXError as exc:
             self.prefilling = None
@@ -203,41 +209,106 @@ class Scheduler:
             for mine, theirs in zip(self.cache, cache):
                 mine.append_rows(theirs)
         ops.eval(*[a for c in self.cache for a in c.state()])
-        self.rows.extend(reqs[i] for i in keep)
+        self._set_rows(self.rows + [reqs[i] for i in keep])
+
+    def _first_tokens(self, logits: Array, reqs: list[Request]) -> tuple[Array, Array]:
+        """Samples the first token of freshly prefilled requests; their keys move on."""
+        bs = BatchSampling([r.sampling for r in reqs])
+        try:
+            tokens, logprobs = bs(logits)
+            ops.eval(tokens, logprobs, *bs.state())
+            bs.sync_back()
+        finally:
+            bs.close()
+        return tokens, logprobs
+
+    def _set_rows(self, rows: list[Request]) -> None:
+        """Changes the batch's rows (the cache is already arranged to match) and
+        rebuilds the device sampling state from the rows' own."""
+        if self._sampling is not None:
+            self._sampling.sync_back()
+            self._sampling.close()
+            self._sampling = None
+        self.rows = rows
+        if rows:
+            self._sampling = BatchSampling([r.sampling for r in rows])
+
+    def _batch_will_change(self) -> bool:
+        if any(not r.active for r in self.rows):
+            return True
+        return len(self.rows) < self.max_batch_size and bool(self.waiting or self.prefilling)
 
     def _decode(self) -> None:
+        """Launches one decode step for the batch and reads the previous one.
+
+        While the batch stays the same, step t+1 takes step t's sampled tokens
+        straight from the device and is scheduled before step t's tokens are
+        read back, so the host's work overlaps the device's. Any change to the
+        batch (a row finishing, pausing or joining) first drains the step in
+        flight; a row that finished at step t has computed step t+1 in vain."""
+        prev = self._inflight
+        if prev is not None and not self._can_chain(prev):
+            self._read(self._drain())
+            self._drop_inactive()
+            prev = None
         if not self.rows:
             return
         running = [r.active and r.channel.has_room() for r in self.rows]
         if not any(running):
             return
+        sel = [i for i, run in enumerate(running) if run]
+        try:
+            self._inflight = self._launch(sel, prev)
+        except MLXError:
+            self._inflight = None
+            if prev is not None:
+                self._read(prev)
+            self._isolate_failure()
+            return
+        if prev is not None:
+            self._read(prev)
+
+    def _can_chain(self, prev: "_Step") -> bool:
+        if self.before_step is not None or len(prev.selected) != len(self.rows) or prev.rows != self.rows:
+            return False
+        # One token of every row is still in flight: room for it, and one more.
+        return all(r.active and r.channel.has_room(extra=1) for r in self.rows)
+
+    def _launch(self, sel: list[int], prev: "_Step | None") -> "_Step":
         needed = max(r.pos for r in self.rows) + 1
         for c in self.cache:
             c.reserve(needed)
-        tokens = array(np.asarray([[r.last] for r in self.rows], dtype=np.int32))
+        b = len(self.rows)
+        if prev is not None:
+            tokens = ops.reshape(prev.tokens, (b, 1))
+        else:
+            tokens = array(np.asarray([[r.last] for r in self.rows], dtype=np.int32))
         positions = array(np.asarray([r.pos for r in self.rows], dtype=np.int32))
-        try:
-            if self.before_step is not None:
-                self.before_step([r.last for r in self.rows])
-            logits = self._batched_logits(tokens, positions)
-            sel = [i for i, run in enumerate(running) if run]
-            picked = logits if len(sel) == len(self.rows) else ops.take(logits, array(np.asarray(sel, np.int32)), 0)
-            new, logprobs = sample_rows(picked, [self.rows[i].sampling for i in sel])
-            ops.eval(new, logprobs, *[a for c in self.cache for a in c.state()])
-        except MLXError:
-            self._isolate_failure()
-            return
-        self.decode_steps += 1
+        if self.before_step is not None:
+            self.before_step([r.last for r in self.rows])
+        logits = self._batched_logits(tokens, positions)
+        new, logprobs = self._sampling(logits, sel)
+        ops.async_eval(new, logprobs, *self._sampling.state(), *[a for c in self.cache for a in c.state()])
         # Paused rows computed this step too (the batch shape stays fixed), but their
         # position does not advance: the next step rewrites the same slot with the same
         # token, so their state is as if they had been left out.
-        ids, lps = new.tolist(), logprobs.tolist()
-        for k, i in enumerate(sel):
-            req = self.rows[i]
-            req.pos += 1
-            req.steps += 1
-            self._emit(req, int(ids[k]), float(lps[k]))
-        self._drop_inactive()
+        for i in sel:
+            self.rows[i].pos += 1
+            self.rows[i].steps += 1
+        self.decode_steps += 1
+        return _Step(list(self.rows), sel, new, logprobs)
+
+    def _drain(self) -> "_Step":
+        step, self._inflight = self._inflight, None
+        return step
+
+    def _read(self, step: "_Step") -> None:
+        """Hands a launched step's tokens to their requests (waits for the device)."""
+        ids, lps = step.tokens.tolist(), step.logprobs.tolist()
+        for i in step.selected:
+            req = step.rows[i]
+            if req.active:  # a row that finished or was cancelled meanwhile: its token is dropped
+                self._emit(req, int(ids[i]), float(lps[i]))
 
     def _forward(self, tokens: Array, positions: Array, caches: list[Array]) -> tuple[Array, list[Array]]:
         """One decode step as a pure function of arrays (what gets compiled):
@@ -286,7 +357,7 @@ class Scheduler:
         for i, r in enumerate(self.rows):
             if i not in keep:
                 self._finish(r)
-        self.rows = [self.rows[i] for i in keep]
+        self._set_rows([self.rows[i] for i in keep])
         if not self.rows:
             for c in self.cache:
                 c.close()
@@ -340,7 +411,8 @@ class Scheduler:
             self._fail(req, err)
         self.waiting.clear()
         self.prefilling = None
-        self.rows = []
+        self._inflight = None
+        self._set_rows([])
         if self.cache is not None:
             for c in self.cache:
                 c.close()
@@ -356,3 +428,14 @@ class Scheduler:
         if self._step_fn is not None:
             self._step_fn.close()  # MLX's compile cache holds the traced graphs and their constants
             self._step_fn = None
+
+
+@dataclass(eq=False)
+class _Step:
+    """A launched decode step: the batch's rows then, which of them ran, and the
+    (not yet read) sampled tokens and log-probabilities, one per row."""
+
+    rows: list[Request]
+    selected: list[int]
+    tokens: Array
+    logprobs: Array
