@@ -37,7 +37,8 @@ def _unary(code: int, name: str):
     unary = lib.mlxc_unary
 
     def op(a: Array) -> Array:
-        return _call(unary, name, code, _as_array(a).handle)
+        a = _as_array(a)  # kept alive across the call: a temporary's handle is freed with it
+        return _call(unary, name, code, a.handle)
 
     op.__name__ = name
     op.__doc__ = f"Elementwise {name}."
@@ -128,9 +129,10 @@ def where(cond, x, y) -> Array:
 
 
 def clip(a: Array, a_min=None, a_max=None) -> Array:
-    lo = ffi.NULL if a_min is None else _as_array(a_min, a).handle
-    hi = ffi.NULL if a_max is None else _as_array(a_max, a).handle
-    return _call(lib.mlxc_clip, "clip", a.handle, lo, hi)
+    lo = None if a_min is None else _as_array(a_min, a)  # kept alive across the call
+    hi = None if a_max is None else _as_array(a_max, a)
+    return _call(lib.mlxc_clip, "clip", a.handle, ffi.NULL if lo is None else lo.handle,
+                 ffi.NULL if hi is None else hi.handle)
 
 
 def astype(a: Array, dtype) -> Array:
@@ -272,7 +274,8 @@ def squeeze(a: Array, axis=None) -> Array:
 
 def broadcast_to(a, shape: Sequence[int]) -> Array:
     s, n = _int_arr(shape)
-    return _call(lib.mlxc_broadcast_to, "broadcast_to", _as_array(a).handle, s, n)
+    a = _as_array(a)
+    return _call(lib.mlxc_broadcast_to, "broadcast_to", a.handle, s, n)
 
 
 def flatten(a: Array) -> Array:
@@ -351,7 +354,8 @@ def slice_update(a: Array, update: Array, start: Sequence[int], stop: Sequence[i
     st, _ = _int_arr(start)
     sp, _ = _int_arr(stop)
     sd, _ = _int_arr(strides if strides is not None else [1] * nd)
-    return _call(lib.mlxc_slice_update, "slice_update", a.handle, _as_array(update, a).handle, st, sp, sd, nd)
+    update = _as_array(update, a)
+    return _call(lib.mlxc_slice_update, "slice_update", a.handle, update.handle, st, sp, sd, nd)
 
 
 def slice_update_dynamic(a: Array, update: Array, start: Array, axes: Sequence[int]) -> Array:
@@ -369,12 +373,13 @@ def take(a: Array, indices, axis: int | None = None) -> Array:
 
 
 def take_along_axis(a: Array, indices: Array, axis: int) -> Array:
-    return _call(lib.mlxc_take_along_axis, "take_along_axis", a.handle, _as_array(indices).handle, int(axis))
+    indices = _as_array(indices)
+    return _call(lib.mlxc_take_along_axis, "take_along_axis", a.handle, indices.handle, int(axis))
 
 
 def put_along_axis(a: Array, indices: Array, values, axis: int) -> Array:
-    return _call(lib.mlxc_put_along_axis, "put_along_axis", a.handle, _as_array(indices).handle,
-                 _as_array(values, a).handle, int(axis))
+    indices, values = _as_array(indices), _as_array(values, a)
+    return _call(lib.mlxc_put_along_axis, "put_along_axis", a.handle, indices.handle, values.handle, int(axis))
 
 
 # -- creation ------------------------------------------------------------

@@ -28,8 +28,8 @@ def split(k: Array, num: int = 2) -> Array:
 def uniform(low=0.0, high=1.0, shape=(), dtype=_dt.float32, key: Array | None = None) -> Array:
     dt = _dt.as_dtype(dtype)
     s, n = _int_arr(shape)
-    return _call(lib.mlxc_random_uniform, "random.uniform", array(low, dt).handle, array(high, dt).handle, s, n,
-                 dt.code, _key(key))
+    lo, hi = array(low, dt), array(high, dt)  # kept alive across the call
+    return _call(lib.mlxc_random_uniform, "random.uniform", lo.handle, hi.handle, s, n, dt.code, _key(key))
 
 
 def normal(shape=(), dtype=_dt.float32, loc: float = 0.0, scale: float = 1.0, key: Array | None = None) -> Array:
@@ -41,8 +41,8 @@ def normal(shape=(), dtype=_dt.float32, loc: float = 0.0, scale: float = 1.0, ke
 def randint(low, high, shape=(), dtype=_dt.int32, key: Array | None = None) -> Array:
     dt = _dt.as_dtype(dtype)
     s, n = _int_arr(shape)
-    return _call(lib.mlxc_random_randint, "random.randint", array(low, dt).handle, array(high, dt).handle, s, n,
-                 dt.code, _key(key))
+    lo, hi = array(low, dt), array(high, dt)  # kept alive across the call
+    return _call(lib.mlxc_random_randint, "random.randint", lo.handle, hi.handle, s, n, dt.code, _key(key))
 
 
 def categorical(logits: Array, axis: int = -1, num_samples: int | None = None, key: Array | None = None) -> Array:
