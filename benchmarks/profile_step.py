@@ -1,0 +1,114 @@
+"""Where a decode step's time goes: host work against device work.
+
+For batch sizes 1, 16 and 64 on one checkpoint it times, per decode step of the
+engine's own compiled step (amlx.engine.scheduler):
+  host    building and launching the step (graph replay call, sampling ops, async_eval)
+  sync    a step launched and waited for at once (host + device, no overlap)
+  piped   steady-state time per step with the next step launched before reading
+          the current one (what the engine does)
+device time is about sync - host; piped close to max(host, device) means the
+overlap works.
+
+    python benchmarks/profile_step.py [--model qwen3-0.6b] [--steps 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from checkpoints import write_benchmark_checkpoint  # noqa: E402
+
+
+def profile(model, batch: int, steps: int) -> dict:
+    from amlx._mlx import array, ops
+    from amlx.engine.sampling import BatchSampling, RowSampling
+    from amlx.engine.scheduler import Scheduler
+    from amlx.types import GenerationOptions
+
+    lm = model._loaded.model
+    sched = Scheduler(lm, model.tokenizer, frozenset(), batch, 4096, lambda: None)
+    sched.cache = lm.make_cache()
+    # a batch of rows with 128 cached positions each (contents do not matter for timing)
+    vocab = model.tokenizer.vocab_size
+    prompt = np.random.default_rng(0).integers(vocab // 4, vocab // 2, size=(batch, 128)).astype(np.int32)
+    lm(array(prompt), sched.cache, 0, last=array(np.full(batch, 127, np.int32)))
+    opts = GenerationOptions()
+    rows = [RowSampling(opts, []) for _ in range(batch)]
+    sampling = BatchSampling(rows)
+    pos = 128
+
+    def launch(tokens):
+        nonlocal pos
+        for c in sched.cache:
+            c.reserve(pos + 1)
+        logits = sched._batched_logits(tokens, array(np.full(batch, pos, np.int32)))
+        new, lps = sampling(logits)
+        ops.async_eval(new, lps, *sampling.state(), *[a for c in sched.cache for a in c.state()])
+        pos += 1
+        return new
+
+    first = array(np.zeros((batch, 1), np.int32))
+    for _ in range(8):  # warm-up: trace and compile
+        launch(first).tolist()
+    host, sync = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        new = launch(first)
+        t1 = time.perf_counter()
+        new.tolist()
+        t2 = time.perf_counter()
+        host.append(t1 - t0)
+        sync.append(t2 - t0)
+    prev = launch(first)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        nxt = launch(ops.reshape(prev, (batch, 1)))
+        prev.tolist()
+        prev = nxt
+    prev.tolist()
+    piped = (time.perf_counter() - t0) / steps
+    sampling.close()
+    for c in sched.cache:
+        c.close()
+    if sched._step_fn is not None:
+        sched._step_fn.close()
+    return {"batch": batch, "host_ms": 1e3 * float(np.median(host)), "sync_ms": 1e3 * float(np.median(sync)),
+            "device_ms": 1e3 * float(np.median(sync) - np.median(host)), "piped_ms": 1e3 * piped,
+            "piped_tok_s": batch / piped}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen3-0.6b")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
+    ap.add_argument("--steps", type=int, default=64)
+    args = ap.parse_args(argv)
+    import amlx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_benchmark_checkpoint(Path(tmp) / args.model, args.model)
+        model = amlx.load_sync(path)
+        try:
+            print(f"{args.model} on {model.info.device}")
+            print("| batch | host ms | sync ms | device ms (≈) | pipelined ms | pipelined tok/s |")
+            print("|---:|---:|---:|---:|---:|---:|")
+            for b in args.batches:
+                r = model._worker.run_sync(lambda b=b: profile(model, b, args.steps))
+                print(f"| {b} | {r['host_ms']:.2f} | {r['sync_ms']:.2f} | {r['device_ms']:.2f} | "
+                      f"{r['piped_ms']:.2f} | {r['piped_tok_s']:.0f} |", flush=True)
+        finally:
+            model.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
