@@ -157,6 +157,29 @@ mx::Device to_device(int d) {
   return d == 1 ? mx::Device(mx::Device::gpu) : mx::Device(mx::Device::cpu);
 }
 
+// MLX does not bounds-check array start offsets: a start past the end (or a
+// negative one) reads (slice) or writes (slice_update) outside the buffer. They
+// are clamped into [0, dim - size] per axis, as XLA's dynamic_slice does.
+// `sizes` holds the window's extent along each of a's axes. Starts MLX will
+// reject anyway (bad axes, wrong count) are left for MLX to report.
+mx::array clamp_starts(const mx::array& start, const mx::array& a,
+                       const std::vector<int>& axes, const mx::Shape& sizes) {
+  int nd = static_cast<int>(a.ndim());
+  if (start.ndim() > 1 || start.size() != axes.size() ||
+      sizes.size() != a.ndim() || !mx::issubdtype(start.dtype(), mx::integer)) {
+    return start;
+  }
+  std::vector<int64_t> hi;
+  for (int ax : axes) {
+    if (ax < -nd || ax >= nd) return start;
+    if (ax < 0) ax += nd;
+    hi.push_back(std::max<int64_t>(0, int64_t(a.shape(ax)) - sizes[ax]));
+  }
+  mx::array lim(hi.begin(), start.shape(), mx::int64);
+  return mx::clip(start, mx::array(0, start.dtype()),
+                  mx::astype(lim, start.dtype()));
+}
+
 // The binary op `op` (an mlxc_binary_op) of two arrays.
 mx::array binary_op(int op, const mx::array& x, const mx::array& y) {
   switch (op) {
@@ -562,8 +585,9 @@ int mlxc_slice(mlxc_array a, const int* start, const int* stop,
 int mlxc_slice_dynamic(mlxc_array a, mlxc_array start, const int* axes,
                        int naxes, const int* sizes, int ndim, mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::slice(a->a, start->a, to_ints(axes, naxes), to_shape(sizes, ndim)),
-      out);
+  auto ax = to_ints(axes, naxes);
+  auto size = to_shape(sizes, ndim);
+  put(mx::slice(a->a, clamp_starts(start->a, a->a, ax, size), ax, size), out);
   GUARD_END
 }
 
@@ -581,8 +605,17 @@ int mlxc_slice_update_dynamic(mlxc_array src, mlxc_array update,
                               mlxc_array start, const int* axes, int naxes,
                               mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::slice_update(src->a, update->a, start->a, to_ints(axes, naxes)),
-      out);
+  const mx::array& x = src->a;
+  const mx::array& u = update->a;
+  auto ax = to_ints(axes, naxes);
+  // The window MLX writes: update's shape aligned to x's trailing axes, 1 on
+  // the leading axes update lacks.
+  mx::Shape size(x.ndim(), 1);
+  size_t lead = x.ndim() > u.ndim() ? x.ndim() - u.ndim() : 0;
+  for (size_t d = lead; d < x.ndim(); ++d) {
+    size[d] = std::min(u.shape(d - lead), x.shape(d));
+  }
+  put(mx::slice_update(x, u, clamp_starts(start->a, x, ax, size), ax), out);
   GUARD_END
 }
 
