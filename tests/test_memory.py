@@ -246,3 +246,49 @@ def test_loaded_checkpoint_frees_on_close(tmp_path, start):
     for a in arrays.values():
         a.close()
     assert active() == start
+
+
+# -- raw handles and temporaries --------------------------------------------------------
+# An Array owns a raw mlxc_array freed in __del__: `f(make_array().handle)` would
+# free the temporary before f runs. These guard against that use-after-free.
+
+def test_no_handle_of_a_temporary_in_the_array_layer():
+    import ast
+    import pathlib
+
+    package = pathlib.Path(mx.__file__).parent
+    offenders = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr in ("handle", "_h") \
+                    and isinstance(node.value, ast.Call):
+                offenders.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert not offenders, "handle of a temporary Array (freed before the C call):\n" + "\n".join(offenders)
+
+
+def test_python_operands_live_across_the_c_call(start):
+    # Each of these turns Python data into a temporary Array inside the op.
+    x_np = np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4)
+    x = mx.array(x_np)
+    idx = np.array([[0], [2], [1]], np.int32)
+    for _ in range(50):
+        junk = [mx.array(np.full(4, 9.0, np.float32)) for _ in range(20)]  # reuse freed memory
+        np.testing.assert_allclose(O.exp([0.0, 1.0]).numpy(), np.exp([0.0, 1.0]), rtol=1e-6)
+        np.testing.assert_array_equal(O.clip(x, -0.5, 0.5).numpy(), np.clip(x_np, -0.5, 0.5))
+        np.testing.assert_array_equal(O.broadcast_to(3.0, (2, 2)).numpy(), np.full((2, 2), 3.0))
+        np.testing.assert_array_equal(O.slice_update(x, 7.0, (0, 0), (1, 4)).numpy()[0], np.full(4, 7.0))
+        np.testing.assert_array_equal(O.take_along_axis(x, idx, 1).numpy(), np.take_along_axis(x_np, idx, 1))
+        want = x_np.copy()
+        np.put_along_axis(want, idx, 5.0, 1)
+        np.testing.assert_array_equal(O.put_along_axis(x, idx, 5.0, 1).numpy(), want)
+        np.testing.assert_array_equal(O.where(x > 0, 1.0, -1.0).numpy(), np.where(x_np > 0, 1.0, -1.0))
+        np.testing.assert_array_equal((x + [1.0, 2.0, 3.0, 4.0]).numpy(), x_np + np.float32([1, 2, 3, 4]))
+        np.testing.assert_array_equal(O.maximum(0.0, x).numpy(), np.maximum(0.0, x_np))
+        key = mx.random.key(len(junk))  # an explicit key: the global one is state MLX keeps
+        u = mx.random.uniform(2.0, 3.0, (64,), key=key).numpy()
+        assert u.min() >= 2.0 and u.max() < 3.0
+        r = mx.random.randint(5, 9, (64,), key=key).numpy()
+        assert r.min() >= 5 and r.max() < 9
+        key.close()
+        del junk
+    x.close()

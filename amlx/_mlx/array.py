@@ -80,6 +80,11 @@ class Array:
 
     @property
     def handle(self):
+        """The raw mlxc_array, valid only while this Array is alive and open.
+
+        It does not keep the Array alive: `f(make_array().handle)` frees the
+        temporary before `f` runs (a use-after-free). Hold the Array in a
+        variable across the C call."""
         h = self._h
         if h is None:
             raise _closed()
