@@ -335,8 +335,7 @@ def _filter_mask_threshold(x: Array, top_k: Array, top_p: Array, kmode: str, kma
         s = _ops.sort(_ops.topk(x, kmax, axis=-1), axis=-1)
         size = kmax
     if kmode != "none":
-        # (not ops.clip: it passes handles of temporaries it has already freed, a crash)
-        idx = _ops.minimum(_ops.maximum(size - top_k, 0), size - 1)[:, None]
+        idx = _ops.clip(size - top_k, 0, size - 1)[:, None]
         tau = _ops.where(k_on[:, None], _ops.take_along_axis(s, idx, -1), ninf)
     else:
         tau = None
