@@ -292,3 +292,19 @@ def test_python_operands_live_across_the_c_call(start):
         key.close()
         del junk
     x.close()
+
+
+def test_copy_and_deepcopy_take_their_own_handle(start):
+    import copy
+    import pickle
+
+    a = mx.array(np.arange(1000, dtype=np.float32))
+    b = copy.copy(a)
+    tree = copy.deepcopy({"a": a, "list": [a, 1.5]})
+    assert tree["list"][0] is tree["a"]  # the memo keeps shared leaves shared
+    a.close()
+    assert b.sum().item() == tree["a"].sum().item() == 999 * 500
+    with pytest.raises(TypeError, match="pickled"):
+        pickle.dumps(b)
+    del b, tree  # each handle freed once (a double free would crash here)
+    gc.collect()

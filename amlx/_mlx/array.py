@@ -78,6 +78,17 @@ class Array:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # Every handle has exactly one owner, so a copy takes a new handle to the
+    # same (immutable) MLX array; copying the raw slot would free it twice.
+    def __copy__(self) -> "Array":
+        return _call(lib.mlxc_array_clone, "copy", self.handle)
+
+    def __deepcopy__(self, memo) -> "Array":
+        return self.__copy__()
+
+    def __reduce__(self):
+        raise TypeError("amlx arrays cannot be pickled: save them with io.save_safetensors or .numpy()")
+
     @property
     def handle(self):
         """The raw mlxc_array, valid only while this Array is alive and open.
