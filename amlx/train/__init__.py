@@ -1,0 +1,33 @@
+"""LoRA fine-tuning: gradients, AdamW, adapters, data and the training loop.
+
+    async for event in model.train_lora("train.jsonl", iters=100, learning_rate=1e-4,
+                                        adapter_path="adapters"):
+        ...
+    model = await amlx.load(path, adapter="adapters")
+
+Modules: `grad` (causal-LM loss and gradients over a model's parameters),
+`optim` (AdamW, learning-rate schedules), `lora` (LoRA layers, adapter files in
+amlx / PEFT / mlx-lm formats, fusing), `data` (JSONL datasets and batches),
+`trainer` (the loop as an async iterator of events), `cli` (`amlx lora`).
+Submodules import MLX lazily through amlx._mlx; importing this package is cheap.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TrainingEvent", "TrainOptions", "DataError", "fuse"]
+
+
+def __getattr__(name: str):
+    if name in ("TrainingEvent", "TrainOptions", "TrainingRun"):
+        from amlx.train import trainer
+
+        return getattr(trainer, name)
+    if name == "DataError":
+        from amlx.train.data import DataError
+
+        return DataError
+    if name == "fuse":
+        from amlx.train.lora import fuse
+
+        return fuse
+    raise AttributeError(f"module 'amlx.train' has no attribute {name!r}")

@@ -1,0 +1,677 @@
+"""LoRA: low-rank adapters on a model's linear layers (QLoRA on quantized ones).
+
+An adapted layer computes ``y = base(x) + scale * (dropout(x) @ A^T) @ B^T``
+with ``A`` (rank, in) and ``B`` (out, rank), the orientation of Hugging Face
+PEFT. A starts like PEFT's (uniform in +-1/sqrt(in), what kaiming-uniform with
+a = sqrt(5) gives) and B at zero, so a fresh adapter leaves the model's output
+unchanged. ``scale`` is alpha / rank (alpha / sqrt(rank) with rsLoRA). Only
+``lora_a`` / ``lora_b`` are trained; the base weights (dense or quantized) stay
+frozen.
+
+`LoRALinear` keeps the base layer's arrays under their own names, so the
+model's parameter names stay the checkpoint's (``...q_proj.weight``,
+``...q_proj.scales``) and the adapter adds ``...q_proj.lora_a`` and
+``...q_proj.lora_b``.
+
+Adapter directory, amlx's format (written by `save_adapter`):
+
+* ``adapters.safetensors``: for every adapted layer ``<path>.lora_a`` (rank, in)
+  and ``<path>.lora_b`` (out, rank), float32, ``<path>`` the layer's dotted name
+  in the text model (``model.layers.3.self_attn.q_proj``).
+* ``adapter_config.json``: ``{"format": "amlx-lora", "version": 1, "rank",
+  "alpha", "dropout", "use_rslora", "targets", "num_layers", "layers",
+  "modules": {path: {"rank": r, "scale": s}}, "base_model": {...}}``; the
+  per-module ``scale`` is what the layer multiplies by.
+
+`load_adapter` also reads Hugging Face PEFT adapters (``adapter_model.safetensors``
+plus a PEFT ``adapter_config.json``) and mlx-lm adapters (``adapters.safetensors``
+whose config has ``lora_parameters``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from amlx._mlx import Array, io, ops, random
+from amlx._mlx import eval as mx_eval
+from amlx._mlx import float32 as _f32
+from amlx.errors import ModelLoadError
+from amlx.models.nn import Linear, Module, QuantizedLinear
+
+__all__ = ["DEFAULT_TARGETS", "LoRALinear", "LoRAConfig", "apply_lora", "remove_lora", "lora_modules",
+           "save_adapter", "load_adapter", "apply_adapter", "fuse_lora", "fuse", "set_dropout_keys",
+           "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "PEFT_WEIGHTS"]
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+FORMAT = "amlx-lora"
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _uniform(bound: float, shape, key: Array | None, low: float | None = None) -> Array:
+    """Uniform in [low (default -bound), bound). The bounds go in as arrays held here:
+    random.uniform turns Python numbers into temporaries whose handles it uses after
+    they are freed."""
+    lo = ops.full((), -bound if low is None else low, _f32)
+    hi = ops.full((), bound, _f32)
+    return random.uniform(lo, hi, shape, _f32, key=key)
+
+
+class LoRALinear(Module):
+    """A linear layer (dense or MLX-quantized) with a low-rank update."""
+
+    def __init__(self, base: Module, rank: int, scale: float, dropout: float = 0.0, *,
+                 lora_a: Array | None = None, lora_b: Array | None = None, key: Array | None = None):
+        if not isinstance(base, (Linear, QuantizedLinear)):
+            raise TypeError(f"LoRA wraps Linear or QuantizedLinear layers, not {type(base).__name__}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LoRA rank must be an integer >= 1, not {rank!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must lie in [0, 1), not {dropout!r}")
+        self.weight = base.weight
+        self._quantized = isinstance(base, QuantizedLinear)
+        if self._quantized:
+            self.scales, self.biases = base.scales, base.biases
+            self._group_size, self._bits = base._group_size, base._bits
+        bias = getattr(base, "bias", None)
+        if bias is not None:
+            self.bias = bias
+        out_f, in_f = self.out_features, self.in_features
+        if lora_a is None:
+            lora_a = _uniform(1.0 / math.sqrt(in_f), (rank, in_f), key)
+        if lora_b is None:
+            lora_b = ops.zeros((out_f, rank), _f32)
+        if tuple(lora_a.shape) != (rank, in_f) or tuple(lora_b.shape) != (out_f, rank):
+            raise ValueError(f"LoRA weights of shapes {tuple(lora_a.shape)} and {tuple(lora_b.shape)} do not fit a "
+                             f"({out_f}, {in_f}) layer with rank {rank} (expected ({rank}, {in_f}) and "
+                             f"({out_f}, {rank}))")
+        self.lora_a, self.lora_b = lora_a, lora_b
+        self.scale = float(scale)
+        self.dropout = float(dropout)
+        self._dropout_key: Array | None = None
+
+    # The base layer's shape and output, from the arrays held here.
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        w = self.weight.shape[1]
+        return w * 32 // self._bits if self._quantized else w
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[0]
+
+    def _base(self, x: Array) -> Array:
+        bias = getattr(self, "bias", None)
+        if self._quantized:
+            y = ops.quantized_matmul(x, self.weight, self.scales, self.biases, True, self._group_size, self._bits)
+            return y + bias if bias is not None else y
+        if bias is not None:
+            return ops.addmm(bias, x, ops.transpose(self.weight))
+        return x @ ops.transpose(self.weight)
+
+    def __call__(self, x: Array) -> Array:
+        y = self._base(x)
+        h = x
+        if self.dropout and self._dropout_key is not None:
+            keep = _uniform(1.0, x.shape, self._dropout_key, low=0.0) >= self.dropout
+            h = ops.where(keep, x * (1.0 / (1.0 - self.dropout)), ops.zeros((), x.dtype))
+        z = (h @ ops.transpose(self.lora_a)) @ ops.transpose(self.lora_b)
+        return y + (z * self.scale).astype(y.dtype)
+
+    def base_layer(self) -> Module:
+        """The wrapped layer alone (sharing its arrays)."""
+        bias = getattr(self, "bias", None)
+        if self._quantized:
+            return QuantizedLinear(self.weight, self.scales, self.biases, self._group_size, self._bits, bias=bias)
+        return Linear(self.weight, bias)
+
+    def delta(self, dtype=_f32) -> Array:
+        """scale * B @ A, shaped like the dense weight."""
+        return ((self.lora_b @ self.lora_a) * self.scale).astype(dtype)
+
+    def fused(self, dequantize: bool = False) -> Module:
+        """A plain layer with the update merged into its weight. A quantized base is
+        re-quantized with its own group size and bits, unless `dequantize`."""
+        bias = getattr(self, "bias", None)
+        if self._quantized:
+            w = ops.dequantize(self.weight, self.scales, self.biases, self._group_size, self._bits)
+            w = w + self.delta(w.dtype)
+            if dequantize:
+                return Linear(w, bias)
+            wq, scales, biases = ops.quantize(w, self._group_size, self._bits)
+            return QuantizedLinear(wq, scales, biases, self._group_size, self._bits, bias=bias)
+        w = self.weight
+        return Linear((w.astype(_f32) + self.delta()).astype(w.dtype), bias)
+
+
+# -- applying ---------------------------------------------------------------------
+
+@dataclass
+class LoRAConfig:
+    """How a model's adapter was made (kept on the model, written with the adapter)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    num_layers: int | None = None
+    layers: tuple[int, ...] | None = None
+    use_rslora: bool = False
+    source: dict = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def to_json(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets),
+                "num_layers": self.num_layers, "layers": None if self.layers is None else list(self.layers),
+                "use_rslora": self.use_rslora}
+
+
+def lora_modules(model) -> dict[str, LoRALinear]:
+    """The model's adapted layers by dotted name."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _num_model_layers(model) -> int:
+    return len(model.model.layers)
+
+
+def _layer_of(path: str) -> int | None:
+    m = _LAYER.match(path)
+    return int(m.group(1)) if m else None
+
+
+def _matches(path: str, target: str) -> bool:
+    return path == target or path.endswith("." + target)
+
+
+def _check_config(cfg: LoRAConfig, n_layers: int) -> None:
+    if isinstance(cfg.rank, bool) or not isinstance(cfg.rank, int) or cfg.rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, not {cfg.rank!r}")
+    if isinstance(cfg.alpha, bool) or not isinstance(cfg.alpha, (int, float)) or not math.isfinite(cfg.alpha):
+        raise ValueError(f"alpha must be a number, not {cfg.alpha!r}")
+    if isinstance(cfg.dropout, bool) or not isinstance(cfg.dropout, (int, float)) or not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), not {cfg.dropout!r}")
+    if isinstance(cfg.targets, str):
+        cfg.targets = (cfg.targets,)
+    cfg.targets = tuple(cfg.targets)
+    if not cfg.targets or not all(isinstance(t, str) and t for t in cfg.targets):
+        raise ValueError(f"targets must be a non-empty list of module names, not {cfg.targets!r}")
+    if cfg.num_layers is not None:
+        if isinstance(cfg.num_layers, bool) or not isinstance(cfg.num_layers, int) or cfg.num_layers < 1:
+            raise ValueError(f"num_layers must be an integer >= 1 or None (all), not {cfg.num_layers!r}")
+        if cfg.num_layers > n_layers:
+            raise ValueError(f"num_layers={cfg.num_layers} but the model has only {n_layers} layers")
+    if cfg.layers is not None:
+        layers = (cfg.layers,) if isinstance(cfg.layers, int) else tuple(cfg.layers)
+        bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers]
+        if bad:
+            raise ValueError(f"layer {bad[0]!r} is not a layer index of this model (0..{n_layers - 1})")
+        cfg.layers = layers
+
+
+def _selected_layers(cfg: LoRAConfig, n_layers: int) -> set[int] | None:
+    chosen = None
+    if cfg.num_layers is not None:
+        chosen = set(range(n_layers - cfg.num_layers, n_layers))
+    if cfg.layers is not None:
+        chosen = set(cfg.layers) if chosen is None else chosen & set(cfg.layers)
+    return chosen
+
+
+def apply_lora(model, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               targets: Sequence[str] | str = DEFAULT_TARGETS, num_layers: int | None = None,
+               layers: Sequence[int] | None = None, use_rslora: bool = False, seed: int = 0) -> list[str]:
+    """Wraps the chosen linear layers of `model` (a CausalLM) in `LoRALinear`.
+
+    targets: module names (``q_proj``) or dotted suffixes (``mlp.down_proj``,
+    ``lm_head``) of Linear / QuantizedLinear layers. num_layers: only the last N
+    decoder layers (None: all). layers: only these layer indices. Layers already
+    adapted are left as they are. Returns the dotted names of the layers wrapped now.
+    Raises ValueError when a target matches no linear layer."""
+    cfg = LoRAConfig(rank, float(alpha) if isinstance(alpha, int) and not isinstance(alpha, bool) else alpha,
+                     float(dropout) if isinstance(dropout, int) and not isinstance(dropout, bool) else dropout,
+                     targets, num_layers, layers, bool(use_rslora))
+    n_layers = _num_model_layers(model)
+    _check_config(cfg, n_layers)
+    chosen = _selected_layers(cfg, n_layers)
+    todo: list[tuple[str, Module]] = []
+    hit: dict[str, bool] = {t: False for t in cfg.targets}
+    for path, m in model.named_modules():
+        matched = [t for t in cfg.targets if _matches(path, t)]
+        if not matched:
+            continue
+        if not isinstance(m, (Linear, QuantizedLinear, LoRALinear)):
+            raise ValueError(f"target {matched[0]!r} matches {path}, a {type(m).__name__}; LoRA adapts linear "
+                             f"layers only")
+        for t in matched:
+            hit[t] = True
+        layer = _layer_of(path)
+        if chosen is not None and (layer is None or layer not in chosen):
+            continue
+        if not isinstance(m, LoRALinear):
+            todo.append((path, m))
+    missing = [t for t, h in hit.items() if not h]
+    if missing:
+        names = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, (Linear,
+                                                                                                QuantizedLinear))})
+        raise ValueError(f"target {missing[0]!r} matches no linear layer of this model (its linear layers: "
+                         f"{', '.join(names)})")
+    keys = random.split(random.key(seed), max(len(todo), 2))
+    for i, (path, m) in enumerate(todo):
+        model.set_module(path, LoRALinear(m, cfg.rank, cfg.scale, cfg.dropout, key=keys[i]))
+    mx_eval(*[a for p, _ in todo for a in (model.get_module(p).lora_a, model.get_module(p).lora_b)])
+    if getattr(model, "_lora_config", None) is None:
+        model._lora_config = cfg
+    return [p for p, _ in todo]
+
+
+def remove_lora(model) -> None:
+    """Puts the base layers back in place of every LoRALinear (the adapter is dropped)."""
+    for path, m in lora_modules(model).items():
+        model.set_module(path, m.base_layer())
+        m.lora_a.close()
+        m.lora_b.close()
+    model._lora_config = None
+
+
+def set_dropout_keys(model, key: Array | None) -> None:
+    """Gives each adapted layer with dropout its own key split from `key` (None: no dropout,
+    as at inference). The trainer calls it inside the loss function, per step."""
+    mods = [m for m in lora_modules(model).values() if m.dropout]
+    if key is None or not mods:
+        for m in mods:
+            m._dropout_key = None
+        return
+    keys = random.split(key, max(len(mods), 2))
+    for i, m in enumerate(mods):
+        m._dropout_key = keys[i]
+
+
+def fuse_lora(model, dequantize: bool = False) -> list[str]:
+    """Merges every adapter into its base weight, in place; returns the fused layer names."""
+    mods = lora_modules(model)
+    for path, m in mods.items():
+        model.set_module(path, m.fused(dequantize))
+    fused = [model.get_module(p) for p in mods]
+    mx_eval(*[a for f in fused for _, a in f.named_parameters()])
+    model._lora_config = None
+    return list(mods)
+
+
+# -- saving -----------------------------------------------------------------------
+
+def save_adapter(model, directory: str | os.PathLike, *, weights_name: str = ADAPTER_WEIGHTS,
+                 base_model: dict | None = None) -> Path:
+    """Writes the model's adapter (amlx format, see the module docstring) into `directory`.
+    `weights_name` names the weights file (e.g. a per-step checkpoint); the config
+    is always adapter_config.json."""
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("the model has no LoRA layers to save")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Array] = {}
+    for path, m in mods.items():
+        tensors[f"{path}.lora_a"] = m.lora_a
+        tensors[f"{path}.lora_b"] = m.lora_b
+    tmp = d / (".tmp-" + weights_name)  # MLX appends .safetensors to other names
+    io.save_safetensors(tmp, tensors, {"format": "mlx", "adapter": FORMAT})
+    os.replace(tmp, d / weights_name)
+    cfg = getattr(model, "_lora_config", None) or LoRAConfig()
+    ranks = {m.rank for m in mods.values()}
+    meta = {"format": FORMAT, "version": 1, **cfg.to_json()}
+    if len(ranks) == 1:
+        meta["rank"] = ranks.pop()
+    meta["modules"] = {p: {"rank": m.rank, "scale": m.scale} for p, m in mods.items()}
+    if base_model:
+        meta["base_model"] = base_model
+    if cfg.source:
+        meta["converted_from"] = cfg.source
+    tmpc = d / (ADAPTER_CONFIG + ".tmp")
+    tmpc.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmpc, d / ADAPTER_CONFIG)
+    return d
+
+
+# -- loading ----------------------------------------------------------------------
+
+def _bad(where, why: str) -> ModelLoadError:
+    return ModelLoadError(f"{where}: {why}")
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _bad(path.parent, f"no {path.name} (an adapter directory holds {ADAPTER_WEIGHTS} or {PEFT_WEIGHTS} "
+                                f"with {ADAPTER_CONFIG})") from None
+    except (OSError, ValueError) as exc:
+        raise _bad(path, f"cannot read the adapter config ({exc})") from None
+    if not isinstance(data, dict):
+        raise _bad(path, "the adapter config is not a JSON object")
+    return data
+
+
+def _read_weights(path: Path) -> dict[str, Array]:
+    from amlx.errors import MLXError
+
+    try:
+        arrays, _ = io.load_safetensors(path)
+    except MLXError as exc:
+        raise _bad(path, f"cannot read the adapter weights ({exc.mlx_message})") from None
+    return arrays
+
+
+def _natural(path: str) -> list:
+    return [int(t) if t.isdigit() else t for t in path.split(".")]
+
+
+def _install(model, entries: dict[str, dict], where, cfg: LoRAConfig) -> None:
+    """entries: layer path -> {"a": (r, in), "b": (out, r), "scale": float}."""
+    modules = dict(model.named_modules())
+    absent = sorted((p for p in entries if p not in modules), key=_natural)
+    if absent:
+        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+        raise _bad(where, f"the adapter adapts {absent[0]}{more}, which this model does not have (an adapter for "
+                          f"another architecture or size?)")
+    for path in sorted(entries, key=_natural):
+        e = entries[path]
+        if "a" not in e or "b" not in e:
+            raise _bad(where, f"layer {path} has only one of its two LoRA matrices")
+        m = modules[path]
+        if isinstance(m, LoRALinear):
+            m = m.base_layer()
+        if not isinstance(m, (Linear, QuantizedLinear)):
+            raise _bad(where, f"the adapter adapts {path}, a {type(m).__name__}; only linear layers can be adapted")
+        a, b = e["a"].astype(_f32), e["b"].astype(_f32)
+        rank = a.shape[0] if a.ndim == 2 else -1
+        try:
+            lora = LoRALinear(m, max(rank, 1), e["scale"], cfg.dropout, lora_a=a, lora_b=b)
+        except ValueError as exc:
+            raise _bad(where, f"layer {path}: {exc}") from None
+        model.set_module(path, lora)
+    mx_eval(*[a for e in entries.values() for a in (e["a"], e["b"])])
+    model._lora_config = cfg
+
+
+def _load_amlx(model, d: Path, meta: dict) -> LoRAConfig:
+    weights = _read_weights(d / ADAPTER_WEIGHTS)
+    modules = meta.get("modules")
+    if not isinstance(modules, dict):
+        raise _bad(d / ADAPTER_CONFIG, "'modules' is missing or not an object")
+    entries: dict[str, dict] = {}
+    for name, arr in weights.items():
+        path, _, leaf = name.rpartition(".")
+        if leaf not in ("lora_a", "lora_b") or path not in modules:
+            raise _bad(d / ADAPTER_WEIGHTS, f"unexpected tensor {name!r}")
+        entries.setdefault(path, {})["a" if leaf == "lora_a" else "b"] = arr
+    for path, info in modules.items():
+        if path not in entries:
+            raise _bad(d / ADAPTER_WEIGHTS, f"no weights for layer {path}")
+        try:
+            entries[path]["scale"] = float(info["scale"])
+        except (KeyError, TypeError, ValueError):
+            raise _bad(d / ADAPTER_CONFIG, f"module {path} has no valid 'scale'") from None
+    cfg = LoRAConfig(int(meta.get("rank") or 8), float(meta.get("alpha") or 16.0), float(meta.get("dropout") or 0.0),
+                     tuple(meta.get("targets") or DEFAULT_TARGETS), meta.get("num_layers"),
+                     None if meta.get("layers") is None else tuple(meta["layers"]), bool(meta.get("use_rslora")))
+    _install(model, entries, d, cfg)
+    return cfg
+
+
+def _peft_path(name: str, config: dict | None) -> str | None:
+    """A PEFT module name -> our text model's path; None for a module outside the
+    language model of a multimodal checkpoint (the vision tower, the projector),
+    which amlx does not run."""
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model."):]
+    if config and config.get("multimodal"):
+        # transformers 5 nests the text model as model.language_model, 4.x as language_model.model
+        for old, new in (("model.language_model.", "model."), ("language_model.model.", "model."),
+                         ("language_model.lm_head.", "lm_head.")):
+            if name.startswith(old):
+                return new + name[len(old):]
+        if name.startswith("lm_head."):
+            return name
+        return None
+    return name
+
+
+_PEFT_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA bias terms", "target_parameters": "LoRA on parameters",
+                     "layer_replication": "layer replication", "trainable_token_indices": "trainable tokens",
+                     "alora_invocation_tokens": "activated LoRA", "modules_to_save": "modules_to_save"}
+
+
+def _load_peft(model, d: Path, meta: dict, config: dict | None) -> LoRAConfig:
+    where = d / ADAPTER_CONFIG
+    peft_type = str(meta.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise _bad(where, f"PEFT adapter type {peft_type} is not supported (LoRA only)")
+    for key, what in _PEFT_UNSUPPORTED.items():
+        if meta.get(key):
+            raise _bad(where, f"{what} ({key}=true) is not supported")
+    if meta.get("bias", "none") not in ("none", None):
+        raise _bad(where, f"bias={meta['bias']!r} is not supported (only 'none': adapters without trained biases)")
+    try:
+        r = int(meta["r"])
+        alpha = float(meta.get("lora_alpha", 8))
+    except (KeyError, TypeError, ValueError):
+        raise _bad(where, "needs an integer 'r' and a numeric 'lora_alpha'") from None
+    rslora = bool(meta.get("use_rslora", False))
+    alpha_pattern = meta.get("alpha_pattern") or {}
+    rank_pattern = meta.get("rank_pattern") or {}
+    # fan_in_fan_out only concerns Conv1D bases (GPT-2 style): PEFT itself turns it off
+    # for nn.Linear, the only kind these architectures have; A and B are stored as
+    # for any linear layer, so it changes nothing here.
+    weights = _read_weights(d / PEFT_WEIGHTS)
+    entries: dict[str, dict] = {}
+    for name, arr in weights.items():
+        m = re.match(r"^(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", name)
+        if not m:
+            raise _bad(d / PEFT_WEIGHTS, f"tensor {name!r} is not a LoRA matrix (modules_to_save, embeddings and "
+                                         f"biases are not supported)")
+        key = _peft_path(m.group(1), None)  # the module's name as PEFT matched it
+        path = _peft_path(m.group(1), config)
+        if path is None:
+            continue
+        e = entries.setdefault(path, {"key": key})
+        e["a" if m.group(2) == "A" else "b"] = arr
+    for path, e in entries.items():
+        key = e.pop("key")
+        rank = e["a"].shape[0] if "a" in e else r
+        pk = _pattern_key(rank_pattern, key)
+        want = int(rank_pattern[pk]) if pk in rank_pattern else r
+        if rank != want:
+            raise _bad(d / PEFT_WEIGHTS, f"{key}: lora_A has rank {rank} but the config says {want}")
+        ak = _pattern_key(alpha_pattern, key)
+        a = float(alpha_pattern[ak]) if ak in alpha_pattern else alpha
+        e["scale"] = a / (math.sqrt(rank) if rslora else rank)
+    targets = meta.get("target_modules")
+    targets = tuple(targets) if isinstance(targets, list) else (
+        tuple(sorted({p.rsplit(".", 1)[-1] for p in entries})))
+    ltt = meta.get("layers_to_transform")
+    cfg = LoRAConfig(r, alpha, float(meta.get("lora_dropout") or 0.0), targets, None,
+                     None if ltt is None else ((ltt,) if isinstance(ltt, int) else tuple(ltt)), rslora,
+                     source={"format": "peft", "path": str(d)})
+    _install(model, entries, d, cfg)
+    return cfg
+
+
+def _pattern_key(patterns: dict, key: str) -> str:
+    """PEFT's rule: the first pattern p with re.match(rf"(.*\\.)?({p})$", key)."""
+    for p in patterns:
+        if re.match(rf"(.*\.)?({p})$", key):
+            return p
+    return key
+
+
+def _load_mlx_lm(model, d: Path, meta: dict) -> LoRAConfig:
+    params = meta.get("lora_parameters")
+    if not isinstance(params, dict) or meta.get("fine_tune_type", "lora") != "lora":
+        raise _bad(d / ADAPTER_CONFIG, "an mlx-lm adapter config needs 'lora_parameters' and fine_tune_type 'lora' "
+                                       "(DoRA and full fine-tunes are not supported)")
+    scale = float(params.get("scale", 20.0))
+    entries: dict[str, dict] = {}
+    for name, arr in _read_weights(d / ADAPTER_WEIGHTS).items():
+        path, _, leaf = name.rpartition(".")
+        if leaf not in ("lora_a", "lora_b"):
+            raise _bad(d / ADAPTER_WEIGHTS, f"unexpected tensor {name!r}")
+        if path.endswith(".linear"):
+            path = path[: -len(".linear")]
+        # mlx-lm keeps lora_a (in, r) and lora_b (r, out): the transposes of ours.
+        entries.setdefault(path, {"scale": scale})["a" if leaf == "lora_a" else "b"] = ops.transpose(arr)
+    rank = int(params.get("rank", 8))
+    cfg = LoRAConfig(rank, scale * rank, float(params.get("dropout", 0.0)),
+                     tuple(sorted({p.rsplit(".", 1)[-1] for p in entries})), meta.get("num_layers"),
+                     source={"format": "mlx-lm", "path": str(d)})
+    _install(model, entries, d, cfg)
+    return cfg
+
+
+def load_adapter(model, adapter: str | os.PathLike, config: dict | None = None) -> LoRAConfig:
+    """Applies the adapter saved in directory `adapter` (amlx, PEFT or mlx-lm format)
+    to `model`, replacing any adapter it had. `config` is the model's normalised
+    config (for the names of multimodal checkpoints). Raises ModelLoadError for a
+    missing, corrupt or mismatched adapter."""
+    d = Path(adapter)
+    if not d.is_dir():
+        raise _bad(d, "not a directory (expected an adapter directory)")
+    meta = _read_config(d / ADAPTER_CONFIG)
+    if lora_modules(model):
+        remove_lora(model)
+    if (d / PEFT_WEIGHTS).is_file() and ("peft_type" in meta or "r" in meta):
+        return _load_peft(model, d, meta, config)
+    if not (d / ADAPTER_WEIGHTS).is_file():
+        raise _bad(d, f"no {ADAPTER_WEIGHTS} or {PEFT_WEIGHTS}")
+    if meta.get("format") == FORMAT:
+        if meta.get("version", 1) != 1:
+            raise _bad(d / ADAPTER_CONFIG, f"adapter format version {meta.get('version')!r} is not supported")
+        return _load_amlx(model, d, meta)
+    if "lora_parameters" in meta:
+        return _load_mlx_lm(model, d, meta)
+    raise _bad(d / ADAPTER_CONFIG, "not an amlx, PEFT or mlx-lm LoRA adapter config")
+
+
+def apply_adapter(loaded, adapter: str | os.PathLike) -> LoRAConfig:
+    """`amlx.load(path, adapter=...)`: applies the adapter to a freshly loaded model
+    (a LoadedModel); on failure the model is closed and the error raised."""
+    try:
+        return load_adapter(loaded.model, adapter, loaded.config)
+    except BaseException:
+        loaded.model.close()
+        raise
+
+
+# -- fusing into a new checkpoint -------------------------------------------------
+
+def _n_params(tensors: dict[str, Array], bits_of: dict[str, int]) -> int:
+    n = 0
+    for name, a in tensors.items():
+        if name.endswith((".scales", ".biases")) and name.rsplit(".", 1)[0] in bits_of:
+            continue
+        base = name.rsplit(".", 1)[0]
+        n += a.size * 32 // bits_of[base] if base in bits_of and name.endswith(".weight") else a.size
+    return n
+
+
+def _fuse_on_worker(src: Path, adapter, dst: Path, dequantize: bool, progress) -> Path:
+    from amlx.convert import _CARRIED_SUFFIXES, _NOT_CARRIED, _rewrite_config, _write_weights
+    from amlx.models import load_model
+    from amlx.models.config import _read_json
+    from amlx.models.loader import _read_tensors, checkpoint_files
+
+    loaded = load_model(src, progress=False)
+    try:
+        load_adapter(loaded.model, adapter, loaded.config)
+        prefix = loaded.config["weight_prefix"]
+        paths = fuse_lora(loaded.model, dequantize)
+        fused: dict[str, Array | None] = {}
+        for p in paths:
+            m = loaded.model.get_module(p)
+            for leaf in ("weight", "scales", "biases"):
+                fused[prefix + p + "." + leaf] = getattr(m, leaf, None)
+        files = checkpoint_files(src)
+        index = src / "model.safetensors.index.json"
+        index_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+        source = _read_tensors(files, index_map)
+        out: dict[str, Array] = {}
+        for name, arr in source.items():
+            if name in fused:
+                continue
+            out[name] = arr
+        for name, arr in fused.items():
+            if arr is not None:
+                out[name] = Array(arr)  # a handle of our own: the writer closes what it writes
+        bits_of = {}
+        for p, m in loaded.model.named_modules():
+            if isinstance(m, (QuantizedLinear,)) or hasattr(m, "_bits"):
+                bits_of[prefix + p] = m._bits
+        still_quantized = any(n.endswith(".scales") for n in out)
+        raw = _read_json(src / "config.json", required=True)
+        config = _rewrite_config(raw, loaded.config, None, None, 64)
+        if not still_quantized:
+            config.pop("quantization", None)
+            config.pop("quantization_config", None)
+        units = [([(name, out[name])], Array(out[name])) for name in sorted(out)]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+        try:
+            _write_weights(tmp, units, _n_params(out, bits_of), 5 << 30, src, progress)
+            (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
+            for f in sorted(src.iterdir()):
+                # tokenizer, chat template and generation config; not the weight index, the
+                # config (rewritten above) or quantization files of other tools
+                if f.is_file() and f.name.endswith(_CARRIED_SUFFIXES) and f.name not in _NOT_CARRIED \
+                        and f.name not in ("config.json", ADAPTER_CONFIG) and not f.name.endswith(".index.json"):
+                    shutil.copyfile(f, tmp / f.name)
+            if dst.exists():
+                dst.rmdir()
+            os.replace(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for a in source.values():
+            a.close()
+    finally:
+        loaded.model.close()
+    return dst
+
+
+def fuse(model: str | os.PathLike, adapter: str | os.PathLike, dst: str | os.PathLike, *,
+         dequantize: bool = False, progress: bool | None = None) -> Path:
+    """Writes a new checkpoint at `dst`: the checkpoint `model` with the adapter merged
+    into its weights (W + scale * B @ A). Layers of a quantized checkpoint are
+    re-quantized with their own group size and bits, or written as floats with
+    `dequantize=True`. Other tensors, the config and the tokenizer files are carried
+    over (the weights in the sharded layout of `amlx.convert`). Runs on amlx's
+    worker thread and blocks until done; returns `dst`."""
+    from amlx.engine.worker import Worker
+
+    src, dst = Path(model), Path(dst)
+    if not src.is_dir():
+        raise ModelLoadError(f"{src}: not a directory (expected a Hugging Face or MLX checkpoint)")
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents:
+        raise ValueError(f"dst {dst} must lie outside the source checkpoint {src}")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ValueError(f"dst {dst} already exists and is not an empty directory")
+    return Worker.get().run_sync(lambda: _fuse_on_worker(src, adapter, dst, bool(dequantize), progress))
+

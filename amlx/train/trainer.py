@@ -1,0 +1,448 @@
+"""The LoRA training loop, as an async iterator of progress events.
+
+    async for ev in model.train_lora("train.jsonl", iters=200, learning_rate=1e-4,
+                                     adapter_path="adapters"):
+        if ev.kind == "step":
+            print(ev.step, ev.loss, ev.learning_rate, ev.tokens_per_second)
+
+Every piece of MLX work (reading the data, adding the LoRA layers, each
+training step with its evaluation and checkpoint) is one job on amlx's worker
+thread (`Worker.run`), so the event loop never blocks and generation requests
+on the same model interleave with the steps. Cancelling the consuming task (or
+`aclose()`, or leaving an `async with`) stops the run after the step in
+flight; the adapter trained so far stays on the model.
+
+Events (`TrainingEvent.kind`):
+  "eval"  validation loss (`val_loss`): before the first step, every
+          `steps_per_eval` steps and after the last one, when there is
+          validation data;
+  "step"  one optimizer update: `loss` (mean over the learned tokens of the
+          batch), `learning_rate` used, `tokens` in the batch,
+          `tokens_per_second`, `trained_tokens` so far, MLX `memory`;
+  "save"  an adapter checkpoint written to `path` (every `save_every` steps
+          and at the end, when `adapter_path` is set);
+  "done"  the run finished (`loss`: the last step's).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from amlx._mlx import array, memory, random
+from amlx._mlx import eval as mx_eval
+from amlx.errors import ClosedError
+from amlx.train import data as _data
+from amlx.train import lora as _lora
+from amlx.train.grad import causal_lm_loss, cross_entropy, trainable_parameters, value_and_grad
+from amlx.train.optim import SCHEDULES, AdamW, make_schedule
+
+__all__ = ["TrainOptions", "TrainingEvent", "TrainingRun", "train_lora"]
+
+
+@dataclass
+class TrainOptions:
+    """Options of `Model.train_lora` (keyword arguments; ValueError on bad values)."""
+
+    iters: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 1e-5
+    lr_schedule: str = "constant"  # "constant" | "cosine" | "linear" (decay to min_lr at `iters`)
+    warmup: int = 0  # steps of linear warm-up
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float | None = None  # max global gradient norm
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = _lora.DEFAULT_TARGETS
+    num_layers: int | None = None  # the last N layers (None: all)
+    layers: tuple[int, ...] | None = None
+    use_rslora: bool = False
+    val_data: Any = None
+    steps_per_eval: int = 200
+    val_batches: int | None = 25  # None: the whole validation set
+    save_every: int = 100
+    adapter_path: str | os.PathLike | None = None
+    max_seq_len: int = 2048
+    truncate: bool = False
+    seed: int = 0
+    resume: bool = False  # continue from the adapter and optimizer state in adapter_path
+
+    @classmethod
+    def from_kwargs(cls, **kw) -> "TrainOptions":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kw) - names)
+        if unknown:
+            raise TypeError(f"unknown training option(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        opts = cls(**kw)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        def integer(name, minimum, allow_none=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if allow_none else ''}, "
+                                 f"not {v!r}")
+
+        def number(name, minimum=0.0, allow_none=False, strict=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < minimum \
+                    or (strict and v == minimum):
+                raise ValueError(f"{name} must be a number {'>' if strict else '>='} {minimum}"
+                                 f"{' or None' if allow_none else ''}, not {v!r}")
+            setattr(self, name, float(v))
+
+        integer("iters", 1)
+        integer("batch_size", 1)
+        number("learning_rate")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, not {self.lr_schedule!r}")
+        integer("warmup", 0)
+        number("min_lr")
+        number("weight_decay")
+        number("eps")
+        number("grad_clip", allow_none=True, strict=True)
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), not {self.betas!r}")
+        integer("rank", 1)
+        number("alpha", minimum=-math.inf)
+        number("dropout")
+        if self.dropout >= 1:
+            raise ValueError(f"dropout must lie in [0, 1), not {self.dropout!r}")
+        if isinstance(self.targets, str):
+            self.targets = (self.targets,)
+        self.targets = tuple(self.targets)
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(f"targets must be a non-empty list of module names, not {self.targets!r}")
+        integer("num_layers", 1, allow_none=True)
+        integer("steps_per_eval", 1)
+        integer("val_batches", 1, allow_none=True)
+        integer("save_every", 1)
+        integer("max_seq_len", 2)
+        integer("seed", 0)
+        if self.resume and self.adapter_path is None:
+            raise ValueError("resume=True needs adapter_path (the directory to resume from)")
+
+
+@dataclass(frozen=True)
+class TrainingEvent:
+    """One progress report of a training run (see the module docstring for `kind`)."""
+
+    kind: str
+    step: int
+    iters: int
+    loss: float | None = None
+    val_loss: float | None = None
+    learning_rate: float | None = None
+    tokens: int = 0
+    trained_tokens: int = 0
+    tokens_per_second: float = 0.0
+    elapsed: float = 0.0
+    memory: dict = field(default_factory=dict)
+    path: str | None = None
+
+
+# CausalLMs being trained right now (one run per model at a time).
+_TRAINING: "weakref.WeakSet" = weakref.WeakSet()
+_TRAINING_LOCK = threading.Lock()
+
+
+def _refresh_decode_step(model) -> None:
+    """The engine's compiled decode step holds the weights it was traced with;
+    after the adapter changed, trace it again (worker thread)."""
+    sched = getattr(model, "_scheduler", None)
+    step = getattr(sched, "_step_fn", None)
+    if step is None:
+        return
+    from amlx._mlx import transforms
+
+    step.close()
+    sched._step_fn = transforms.compile(sched._forward)
+
+
+def _loss_with_dropout(model, inputs, targets, mask, key):
+    _lora.set_dropout_keys(model, key)
+    try:
+        return causal_lm_loss(model, inputs, targets, mask)
+    finally:
+        _lora.set_dropout_keys(model, None)
+
+
+class TrainingRun:
+    """An async iterator of `TrainingEvent`s driving one LoRA fine-tune of a Model."""
+
+    def __init__(self, model, data, options: TrainOptions):
+        self._model = model
+        self._data = data
+        self.options = options
+        self._worker = model._worker
+        self._lm = model._loaded.model
+        self._events: deque[TrainingEvent] = deque()
+        self._started = False
+        self._finished = False
+        self._stopped = False
+        self.step = 0
+        self.trained_tokens = 0
+        self.losses: list[float] = []
+        self.val_losses: list[tuple[int, float]] = []
+        self._t0 = 0.0
+        self._owns_guard = False
+        self._setup_sent = False
+
+    # -- async iteration -----------------------------------------------------
+    def __aiter__(self) -> "TrainingRun":
+        return self
+
+    async def __anext__(self) -> TrainingEvent:
+        while not self._events:
+            if self._finished or self._stopped:
+                raise StopAsyncIteration
+            try:
+                job = self._advance if self._setup_sent else self._setup
+                self._setup_sent = True
+                self._events.extend(await self._worker.run(job))
+            except BaseException:
+                # cancelled (the job in flight still runs to its end) or failed: no further steps
+                self._stop()
+                raise
+        return self._events.popleft()
+
+    async def aclose(self) -> None:
+        """Stops the run (after the step in flight); idempotent."""
+        self._stop()
+
+    async def __aenter__(self) -> "TrainingRun":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._stop()
+
+    def __del__(self):
+        try:
+            self._stop()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    @property
+    def adapter_path(self) -> Path | None:
+        p = self.options.adapter_path
+        return None if p is None else Path(p)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def _stop(self) -> None:
+        if self._finished or self._stopped:
+            return
+        self._stopped = True
+        if self._setup_sent:
+            # queued behind the job in flight: releases the model for another run
+            self._worker.submit(self._teardown)
+
+    def _teardown(self) -> None:
+        if not self._owns_guard:
+            return
+        if not self._model.closed:
+            _refresh_decode_step(self._model)
+        with _TRAINING_LOCK:
+            _TRAINING.discard(self._lm)
+        self._owns_guard = False
+
+    # -- worker jobs ------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._model.closed:
+            raise ClosedError("the model was closed")
+
+    def _setup(self) -> list[TrainingEvent]:
+        """Worker: data, LoRA layers, optimizer; the first evaluation."""
+        self._check_open()
+        opts = self.options
+        with _TRAINING_LOCK:
+            if self._lm in _TRAINING:
+                raise RuntimeError("this model is already being trained by another train_lora run")
+            _TRAINING.add(self._lm)
+        self._owns_guard = True
+        self._started = True
+        try:
+            return self._prepare(opts)
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _prepare(self, opts: TrainOptions) -> list[TrainingEvent]:
+        tok = self._model.tokenizer
+        max_len = min(opts.max_seq_len, self._model._max_context)
+        train_src, val_src = _resolve_data(self._data, opts.val_data)
+        self.train_set = _data.load_dataset(train_src, tok, max_len, opts.truncate)
+        self.val_set = None if val_src is None else _data.load_dataset(val_src, tok, max_len, opts.truncate)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self._batches = _data.iterate_batches(self.train_set, opts.batch_size, seed=opts.seed, pad_id=pad)
+        self._pad = pad
+        lm = self._lm
+        resume_dir = self.adapter_path if opts.resume else None
+        if resume_dir is not None and (resume_dir / _lora.ADAPTER_WEIGHTS).is_file():
+            _lora.load_adapter(lm, resume_dir, self._model._loaded.config)
+        elif not _lora.lora_modules(lm):
+            _lora.apply_lora(lm, opts.rank, opts.alpha, opts.dropout, opts.targets, opts.num_layers, opts.layers,
+                             opts.use_rslora, opts.seed)
+        for m in _lora.lora_modules(lm).values():
+            m.dropout = opts.dropout
+        schedule = make_schedule(opts.lr_schedule, opts.learning_rate, opts.iters, opts.warmup, opts.min_lr)
+        self._opt = AdamW(schedule, tuple(opts.betas), opts.eps, opts.weight_decay, opts.grad_clip)
+        if resume_dir is not None and (resume_dir / "optimizer.json").is_file():
+            self._opt.load(resume_dir)
+            # the optimizer state of a resumed run names the layers of this adapter
+            names = set(trainable_parameters(lm))
+            if set(self._opt.m) - names:
+                raise ValueError(f"{resume_dir}: the optimizer state does not match the adapter")
+        self.step = self._opt.step
+        for _ in range(self.step):
+            next(self._batches)  # a resumed run goes on with the batches it had not seen
+        self._key = random.key(opts.seed + 1)
+        self._vg = value_and_grad(lm, _loss_with_dropout if opts.dropout else causal_lm_loss)
+        _refresh_decode_step(self._model)
+        self._t0 = time.perf_counter()
+        events = []
+        if self.val_set is not None and self.step < opts.iters:
+            events.append(self._eval_event())
+        if self.step >= opts.iters:
+            events.extend(self._finish())
+        return events
+
+    def _advance(self) -> list[TrainingEvent]:
+        """Worker: one training step, and the evaluation / checkpoint it is due for."""
+        self._check_open()
+        if self._stopped:
+            return []
+        opts = self.options
+        events = [self._train_step(next(self._batches))]
+        last = self.step >= opts.iters
+        if self.val_set is not None and (self.step % opts.steps_per_eval == 0 or last):
+            events.append(self._eval_event())
+        if self.adapter_path is not None and self.step % opts.save_every == 0 and not last:
+            events.append(self._save(checkpoint=True))
+        if last:
+            events.extend(self._finish())
+        return events
+
+    def _train_step(self, batch: _data.Batch) -> TrainingEvent:
+        lm, opt = self._lm, self._opt
+        start = time.perf_counter()
+        params = trainable_parameters(lm)
+        args = [params, array(batch.inputs), array(batch.targets), array(batch.mask)]
+        if self.options.dropout:
+            keys = random.split(self._key, 2)
+            self._key = keys[0]
+            args.append(keys[1])
+        lr = opt.learning_rate
+        (loss, _), grads = self._vg(*args)
+        new = opt.update(params, grads)
+        lm.update(new)
+        mx_eval(loss, *new.values(), *opt.state())
+        loss_value = float(loss.item())
+        del params, grads, args
+        took = time.perf_counter() - start
+        self.step = opt.step
+        self.trained_tokens += batch.trained
+        self.losses.append(loss_value)
+        _refresh_decode_step(self._model)  # generation between steps sees the adapter as it is now
+        return TrainingEvent("step", self.step, self.options.iters, loss=loss_value, learning_rate=lr,
+                             tokens=batch.tokens, trained_tokens=self.trained_tokens,
+                             tokens_per_second=batch.tokens / took if took > 0 else 0.0,
+                             elapsed=time.perf_counter() - self._t0, memory=memory.counters())
+
+    def evaluate(self) -> float:
+        """Worker: the token-weighted mean loss over the validation batches."""
+        total = count = 0.0
+        limit = self.options.val_batches
+        batches = _data.iterate_batches(self.val_set, min(self.options.batch_size, len(self.val_set)),
+                                        shuffle=False, loop=False, pad_id=self._pad)
+        for i, batch in enumerate(batches):
+            if limit is not None and i >= limit:
+                break
+            logits = self._lm(array(batch.inputs))
+            t, c = cross_entropy(logits, array(batch.targets), array(batch.mask))
+            mx_eval(t, c)
+            total += float(t.item())
+            count += float(c.item())
+        return total / max(count, 1.0)
+
+    def _eval_event(self) -> TrainingEvent:
+        val = self.evaluate()
+        self.val_losses.append((self.step, val))
+        return TrainingEvent("eval", self.step, self.options.iters, val_loss=val,
+                             learning_rate=self._opt.learning_rate, trained_tokens=self.trained_tokens,
+                             elapsed=time.perf_counter() - self._t0, memory=memory.counters())
+
+    def _save(self, checkpoint: bool) -> TrainingEvent:
+        d = self.adapter_path
+        cfg = self._model._loaded.config
+        base = {"architecture": cfg["arch"], "path": str(self._model._loaded.path)}
+        _lora.save_adapter(self._lm, d, base_model=base)
+        path = d / _lora.ADAPTER_WEIGHTS
+        if checkpoint:
+            name = f"{self.step:07d}_{_lora.ADAPTER_WEIGHTS}"
+            _lora.save_adapter(self._lm, d, weights_name=name, base_model=base)
+            path = d / name
+        self._opt.save(d)
+        return TrainingEvent("save", self.step, self.options.iters, loss=self.losses[-1] if self.losses else None,
+                             trained_tokens=self.trained_tokens, elapsed=time.perf_counter() - self._t0,
+                             memory=memory.counters(), path=str(path))
+
+    def _finish(self) -> list[TrainingEvent]:
+        events = []
+        if self.adapter_path is not None:
+            events.append(self._save(checkpoint=False))
+        self._finished = True
+        self._teardown()
+        events.append(TrainingEvent("done", self.step, self.options.iters,
+                                    loss=self.losses[-1] if self.losses else None,
+                                    val_loss=self.val_losses[-1][1] if self.val_losses else None,
+                                    trained_tokens=self.trained_tokens, elapsed=time.perf_counter() - self._t0,
+                                    memory=memory.counters(),
+                                    path=None if self.adapter_path is None else str(self.adapter_path)))
+        return events
+
+
+def _resolve_data(data, val_data):
+    """(train source, validation source or None). A directory means its train.jsonl
+    (and valid.jsonl, when val_data is not given and the file exists)."""
+    if isinstance(data, (str, os.PathLike)) and Path(data).is_dir():
+        d = Path(data)
+        train = d / "train.jsonl"
+        if not train.is_file():
+            raise _data.DataError(f"{d}: a data directory needs a train.jsonl")
+        if val_data is None and (d / "valid.jsonl").is_file():
+            val_data = d / "valid.jsonl"
+        return train, val_data
+    return data, val_data
+
+
+def train_lora(model, data, **options) -> TrainingRun:
+    """Fine-tunes a LoRA adapter on `model` (an `amlx.Model`); see `Model.train_lora`.
+
+    `data`: a JSONL file, a directory with train.jsonl (and valid.jsonl), or a list
+    of record dicts. Options are validated at once (ValueError / TypeError); the
+    data is read, and its errors (`DataError`, naming the line) raised, when
+    iteration starts."""
+    if model.closed:
+        raise ClosedError("the model is closed")
+    opts = TrainOptions.from_kwargs(**options)
+    return TrainingRun(model, data, opts)
