@@ -6,6 +6,7 @@ checkpoints equal base + adapter, PEFT adapters give PEFT's logits, QLoRA on a
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -131,16 +132,21 @@ async def test_save_load_and_fuse_give_identical_logits(qwen, tmp_path):
     np.testing.assert_allclose(reference_logits(load_reference(fused), IDS), with_adapter, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "qwen2", "llama"])
 async def test_peft_adapter_gives_peft_logits(tmp_path, arch):
     """arch "gemma3" is the multimodal checkpoint: PEFT also adapts its vision tower,
-    which amlx does not run, and names the text layers model.language_model.*."""
+    which amlx does not run, and names the text layers model.language_model.*.
+    qwen2 has biased q/k/v bases and a config saying fan_in_fan_out (which PEFT
+    itself turns off for nn.Linear)."""
     from peft import LoraConfig, get_peft_model
 
     path = make_checkpoint(tmp_path / arch, arch)
     cfg = LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "k_proj", "o_proj", "gate_proj"],
-                     use_rslora=True, alpha_pattern={"k_proj": 3.0}, lora_dropout=0.1)
-    peft_model = get_peft_model(load_reference(path), cfg)
+                     use_rslora=arch != "llama", alpha_pattern={"k_proj": 3.0}, lora_dropout=0.1,
+                     fan_in_fan_out=arch == "qwen2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(load_reference(path), cfg)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

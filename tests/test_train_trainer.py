@@ -280,3 +280,23 @@ def test_cli(qwen, tmp_path, capsys):
     bad.write_text('{"prompt": "x"}\n')
     assert cli_main([str(qwen), "--data", str(bad), "--iters", "1", "--no-progress"]) == 1
     assert "bad.jsonl:1: a prompt/completion record needs both keys" in capsys.readouterr().err
+
+
+async def test_generation_while_training(qwen):
+    """Requests on the model interleave with the steps; each decode step uses the
+    adapter as the last training step left it."""
+    async with await amlx.load(qwen) as model:
+        async def train():
+            return [ev.loss async for ev in model.train_lora(DATA, iters=25, batch_size=2, learning_rate=1e-2)
+                    if ev.kind == "step"]
+
+        async def generate():
+            outs = []
+            for _ in range(4):
+                outs.append(await model.complete(PROMPT, max_tokens=12))
+            return outs
+
+        losses, outs = await asyncio.gather(train(), generate())
+        assert len(losses) == 25 and all(o.usage.completion_tokens >= 1 for o in outs)
+        final = await model.complete(PROMPT, max_tokens=10)
+        assert final.text == PHRASE

@@ -209,6 +209,7 @@ def _check_config(cfg: LoRAConfig, n_layers: int) -> None:
         raise ValueError(f"alpha must be a number, not {cfg.alpha!r}")
     if isinstance(cfg.dropout, bool) or not isinstance(cfg.dropout, (int, float)) or not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"dropout must lie in [0, 1), not {cfg.dropout!r}")
+    cfg.alpha, cfg.dropout = float(cfg.alpha), float(cfg.dropout)
     if isinstance(cfg.targets, str):
         cfg.targets = (cfg.targets,)
     cfg.targets = tuple(cfg.targets)
@@ -246,9 +247,7 @@ def apply_lora(model, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
     decoder layers (None: all). layers: only these layer indices. Layers already
     adapted are left as they are. Returns the dotted names of the layers wrapped now.
     Raises ValueError when a target matches no linear layer."""
-    cfg = LoRAConfig(rank, float(alpha) if isinstance(alpha, int) and not isinstance(alpha, bool) else alpha,
-                     float(dropout) if isinstance(dropout, int) and not isinstance(dropout, bool) else dropout,
-                     targets, num_layers, layers, bool(use_rslora))
+    cfg = LoRAConfig(rank, alpha, dropout, targets, num_layers, layers, bool(use_rslora))
     n_layers = _num_model_layers(model)
     _check_config(cfg, n_layers)
     chosen = _selected_layers(cfg, n_layers)
