@@ -274,3 +274,20 @@ async def test_bad_adapters_are_refused(qwen, gemma, tmp_path):
     with pytest.raises(ModelLoadError):
         await amlx.load(qwen, adapter=tmp_path / "gemma_ad")
     assert amlx.memory()["active"] <= before
+
+
+def test_dropout_applies_only_in_training(qwen):
+    from amlx._mlx import random
+
+    loaded = on_worker(lambda: load_model(qwen, progress=False))
+    on_worker(lambda: lora.apply_lora(loaded.model, rank=4, dropout=0.5))
+    _randomize_b(loaded.model)
+    plain = _logits(loaded.model)
+    np.testing.assert_array_equal(_logits(loaded.model), plain)  # inference: no dropout
+    on_worker(lambda: lora.set_dropout_keys(loaded.model, random.key(1)))
+    dropped = _logits(loaded.model)
+    assert np.abs(dropped - plain).max() > 1e-3
+    np.testing.assert_array_equal(_logits(loaded.model), dropped)  # the same keys drop the same inputs
+    on_worker(lambda: lora.set_dropout_keys(loaded.model, None))
+    np.testing.assert_array_equal(_logits(loaded.model), plain)
+    on_worker(loaded.model.close)

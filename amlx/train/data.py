@@ -27,11 +27,13 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from amlx.errors import AmlxError
+
 __all__ = ["DataError", "Example", "Dataset", "Batch", "load_dataset", "encode_record", "iterate_batches",
            "make_batch"]
 
 
-class DataError(ValueError):
+class DataError(AmlxError, ValueError):
     """Training data that cannot be used, with the file and line."""
 
 

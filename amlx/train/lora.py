@@ -59,15 +59,6 @@ FORMAT = "amlx-lora"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def _uniform(bound: float, shape, key: Array | None, low: float | None = None) -> Array:
-    """Uniform in [low (default -bound), bound). The bounds go in as arrays held here:
-    random.uniform turns Python numbers into temporaries whose handles it uses after
-    they are freed."""
-    lo = ops.full((), -bound if low is None else low, _f32)
-    hi = ops.full((), bound, _f32)
-    return random.uniform(lo, hi, shape, _f32, key=key)
-
-
 class LoRALinear(Module):
     """A linear layer (dense or MLX-quantized) with a low-rank update."""
 
@@ -89,7 +80,8 @@ class LoRALinear(Module):
             self.bias = bias
         out_f, in_f = self.out_features, self.in_features
         if lora_a is None:
-            lora_a = _uniform(1.0 / math.sqrt(in_f), (rank, in_f), key)
+            bound = 1.0 / math.sqrt(in_f)
+            lora_a = random.uniform(-bound, bound, (rank, in_f), _f32, key=key)
         if lora_b is None:
             lora_b = ops.zeros((out_f, rank), _f32)
         if tuple(lora_a.shape) != (rank, in_f) or tuple(lora_b.shape) != (out_f, rank):
@@ -128,7 +120,7 @@ class LoRALinear(Module):
         y = self._base(x)
         h = x
         if self.dropout and self._dropout_key is not None:
-            keep = _uniform(1.0, x.shape, self._dropout_key, low=0.0) >= self.dropout
+            keep = random.uniform(0.0, 1.0, x.shape, _f32, key=self._dropout_key) >= self.dropout
             h = ops.where(keep, x * (1.0 / (1.0 - self.dropout)), ops.zeros((), x.dtype))
         z = (h @ ops.transpose(self.lora_a)) @ ops.transpose(self.lora_b)
         return y + (z * self.scale).astype(y.dtype)
