@@ -341,7 +341,9 @@ def slice(a: Array, start: Sequence[int], stop: Sequence[int], strides: Sequence
 
 
 def slice_dynamic(a: Array, start: Array, axes: Sequence[int], sizes: Sequence[int]) -> Array:
-    """A slice whose start offsets along `axes` are an array (no recompile per offset)."""
+    """A slice whose start offsets along `axes` are an array (no recompile per offset).
+
+    Offsets outside [0, dim - size] are clamped into that range (as in XLA)."""
     ax, na = _int_arr(axes)
     sz, ns = _int_arr(sizes)
     return _call(lib.mlxc_slice_dynamic, "slice_dynamic", a.handle, start.handle, ax, na, sz, ns)
@@ -359,7 +361,7 @@ def slice_update(a: Array, update: Array, start: Sequence[int], stop: Sequence[i
 
 
 def slice_update_dynamic(a: Array, update: Array, start: Array, axes: Sequence[int]) -> Array:
-    """slice_update with array start offsets along `axes`."""
+    """slice_update with array start offsets along `axes` (clamped into range like slice_dynamic)."""
     ax, na = _int_arr(axes)
     return _call(lib.mlxc_slice_update_dynamic, "slice_update_dynamic", a.handle, update.handle, start.handle,
                  ax, na)
