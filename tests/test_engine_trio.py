@@ -1,0 +1,60 @@
+"""The engine behaviour tests of test_engine.py, run under trio.
+
+The test bodies are written once, with anyio primitives, in test_engine.py;
+the test functions are imported here and collected a second time, with the
+`backend` fixture overridden to "trio" (the module-scoped `model` fixture is
+loaded again for this module; the checkpoint and the transformers references
+are shared). The asyncio-only tests (uvloop, asyncio.wait_for, plain threads,
+sampling statistics) are not imported.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("trio")
+
+try:  # pytest's default import mode puts tests/ on sys.path
+    from test_engine import (  # noqa: F401 - fixtures and tests collected here
+        ckpt,
+        idle,
+        model,
+        test_64_concurrent_streams_match_solo_and_transformers,
+        test_backpressure,
+        test_cancellation,
+        test_close,
+        test_event_loop_stays_responsive,
+        test_failure_in_one_request_is_isolated,
+        test_options_prompts_and_results,
+        run,
+    )
+except ImportError:  # --import-mode=importlib from the repository root
+    from tests.test_engine import (  # noqa: F401
+        ckpt,
+        idle,
+        model,
+        test_64_concurrent_streams_match_solo_and_transformers,
+        test_backpressure,
+        test_cancellation,
+        test_close,
+        test_event_loop_stays_responsive,
+        test_failure_in_one_request_is_isolated,
+        test_options_prompts_and_results,
+        run,
+    )
+
+
+@pytest.fixture(scope="module")
+def backend() -> str:
+    return "trio"
+
+
+def test_bodies_run_under_trio(backend):
+    """The override took: the shared bodies really run on trio here."""
+    import trio
+
+    async def inside_trio() -> bool:
+        return trio.lowlevel.current_trio_token() is not None  # raises outside trio
+
+    assert backend == "trio"
+    assert run(backend, inside_trio)
