@@ -30,6 +30,21 @@ def round_up(n: int, block: int = BLOCK) -> int:
     return max(block, -(-n // block) * block)
 
 
+def _memo(memo: dict | None, key, build):
+    if memo is None:
+        return build()
+    if key not in memo:
+        memo[key] = build()
+    return memo[key]
+
+
+def _window_mask(start: int, end: int, window: int) -> Array:
+    """Queries start..end-1 against keys 0..end-1: causal and at most `window` back."""
+    q_pos = np.arange(start, end)[:, None]
+    k_pos = np.arange(end)[None, :]
+    return array((k_pos <= q_pos) & (k_pos > q_pos - window), _bool)
+
+
 class KVCache:
     def __init__(self, window: int | None = None):
         self.window = window
@@ -58,10 +73,11 @@ class KVCache:
         self.keys = ops.concatenate([self.keys, ops.zeros((b, h, extra, d), self.keys.dtype)], axis=2)
         self.values = ops.concatenate([self.values, ops.zeros((b, h, extra, dv), self.values.dtype)], axis=2)
 
-    def update_prefill(self, k: Array, v: Array, start: int):
+    def update_prefill(self, k: Array, v: Array, start: int, memo: dict | None = None):
         """Writes k, v (B, H, L, D) at [start, start+L) and returns (keys, values, mask)
-        to attend over: the buffers cut to start+L and a mask (None-free: "causal"
-        or a boolean (L, start+L) array)."""
+        to attend over: the buffers cut to start+L and a mask ("causal" or a
+        boolean (L, start+L) array). `memo` shares the mask between the layers
+        of one forward pass."""
         length = k.shape[2]
         end = start + length
         self.reserve(end, k, v)
@@ -72,26 +88,33 @@ class KVCache:
         values = ops.slice(self.values, (0, 0, 0, 0), (b, h, end, self.values.shape[3]))
         if self.window is None or end <= self.window:
             return keys, values, "causal"
-        q_pos = np.arange(start, end)[:, None]
-        k_pos = np.arange(end)[None, :]
-        mask = (k_pos <= q_pos) & (k_pos > q_pos - self.window)
-        return keys, values, array(mask, _bool)
+        return keys, values, _memo(memo, ("prefill", start, end, self.window),
+                                   lambda: _window_mask(start, end, self.window))
 
-    def update_decode(self, k: Array, v: Array, positions: Array):
+    def update_decode(self, k: Array, v: Array, positions: Array, memo: dict | None = None):
         """Writes one position per row: k, v (B, H, 1, D) at `positions` (B,) int32.
 
         The caller keeps the capacity sufficient (`reserve`). Returns the full
-        buffers and a boolean mask (B, 1, 1, capacity) of the visible slots."""
+        buffers and a boolean mask (B, 1, 1, capacity) of the visible slots.
+        `memo` shares the write indices and masks between the layers of one
+        forward pass."""
         b, h, _, d = k.shape
-        idx = ops.reshape(positions, (b, 1, 1, 1))
-        self.keys = ops.put_along_axis(self.keys, ops.broadcast_to(idx, (b, h, 1, d)), k, 2)
-        self.values = ops.put_along_axis(self.values, ops.broadcast_to(idx, (b, h, 1, v.shape[3])), v, 2)
-        slots = ops.arange(self.capacity, dtype=_int32)
-        pos = ops.reshape(positions, (b, 1, 1, 1))
-        mask = slots <= pos
-        if self.window is not None:
-            mask = ops.logical_and(mask, slots > pos - self.window)
-        return self.keys, self.values, mask
+        dv = v.shape[3]
+        pos = _memo(memo, ("rows", b), lambda: ops.reshape(positions, (b, 1, 1, 1)))
+        self.keys = ops.put_along_axis(self.keys, _memo(memo, ("at", b, h, d), lambda: ops.broadcast_to(
+            pos, (b, h, 1, d))), k, 2)
+        self.values = ops.put_along_axis(self.values, _memo(memo, ("at", b, h, dv), lambda: ops.broadcast_to(
+            pos, (b, h, 1, dv))), v, 2)
+        cap, window = self.capacity, self.window
+
+        def visible() -> Array:
+            slots = ops.arange(cap, dtype=_int32)
+            mask = slots <= pos
+            if window is not None:
+                mask = ops.logical_and(mask, slots > pos - window)
+            return mask
+
+        return self.keys, self.values, _memo(memo, ("mask", cap, window), visible)
 
     def take_rows(self, rows: list[int]) -> None:
         """Keeps only the given batch rows (in that order)."""

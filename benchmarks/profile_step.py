@@ -2,7 +2,10 @@
 
 For batch sizes 1, 16 and 64 on one checkpoint it times, per decode step of the
 engine's own compiled step (amlx.engine.scheduler):
-  host    building and launching the step (graph replay call, sampling ops, async_eval)
+  nodes   primitives MLX evaluates per step (after compile's fusion)
+  host    building and launching the step, split into
+          call (replaying the compiled graph), sample (sampling ops) and
+          launch (async_eval: MLX walks the graph and queues the kernels)
   sync    a step launched and waited for at once (host + device, no overlap)
   piped   steady-state time per step with the next step launched before reading
           the current one (what the engine does)
@@ -46,19 +49,35 @@ def profile(model, batch: int, steps: int) -> dict:
     sampling = BatchSampling(rows)
     pos = 128
 
-    def launch(tokens):
+    split = {"call": [], "sample": [], "launch": []}
+    nodes = [0]
+
+    def launch(tokens, count=False):
         nonlocal pos
+        t0 = time.perf_counter()
         for c in sched.cache:
             c.reserve(pos + 1)
         logits = sched._batched_logits(tokens, array(np.full(batch, pos, np.int32)))
+        t1 = time.perf_counter()
         new, lps = sampling(logits)
-        ops.async_eval(new, lps, *sampling.state(), *[a for c in sched.cache for a in c.state()])
+        outs = [new, lps, *sampling.state(), *[a for c in sched.cache for a in c.state()]]
+        if count:
+            nodes[0] = ops.graph_summary(*outs)[0]
+        t2 = time.perf_counter()
+        ops.async_eval(*outs)
+        t3 = time.perf_counter()
+        for k, v in zip(split, (t1 - t0, t2 - t1, t3 - t2)):
+            split[k].append(v)
         pos += 1
         return new
 
     first = array(np.zeros((batch, 1), np.int32))
+    sched.model.prepare()
     for _ in range(8):  # warm-up: trace and compile
         launch(first).tolist()
+    launch(first, count=True).tolist()
+    for v in split.values():
+        v.clear()
     host, sync = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -68,6 +87,7 @@ def profile(model, batch: int, steps: int) -> dict:
         t2 = time.perf_counter()
         host.append(t1 - t0)
         sync.append(t2 - t0)
+    parts = {k: 1e3 * float(np.median(v)) for k, v in split.items()}
     prev = launch(first)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -81,9 +101,34 @@ def profile(model, batch: int, steps: int) -> dict:
         c.close()
     if sched._step_fn is not None:
         sched._step_fn.close()
-    return {"batch": batch, "host_ms": 1e3 * float(np.median(host)), "sync_ms": 1e3 * float(np.median(sync)),
+    return {"batch": batch, "nodes": nodes[0], **{f"{k}_ms": v for k, v in parts.items()},
+            "host_ms": 1e3 * float(np.median(host)), "sync_ms": 1e3 * float(np.median(sync)),
             "device_ms": 1e3 * float(np.median(sync) - np.median(host)), "piped_ms": 1e3 * piped,
             "piped_tok_s": batch / piped}
+
+
+def prefill_speed(model, length: int, repeats: int = 5) -> dict:
+    """One prompt of `length` tokens through the model in one chunk, as the engine prefills."""
+    from amlx._mlx import array, ops
+
+    lm = model._loaded.model
+    vocab = model.tokenizer.vocab_size
+    ids = array(np.random.default_rng(1).integers(vocab // 4, vocab // 2, size=(1, length)).astype(np.int32))
+    last = array(np.asarray([length - 1], np.int32))
+    times, nodes = [], 0
+    for i in range(repeats + 1):
+        cache = lm.make_cache()
+        t0 = time.perf_counter()
+        out = lm(ids, cache, 0, last=last)
+        if i == 0:
+            nodes = ops.graph_summary(out, *[a for c in cache for a in c.state()])[0]
+        ops.eval(out, *[a for c in cache for a in c.state()])
+        if i:
+            times.append(time.perf_counter() - t0)
+        for c in cache:
+            c.close()
+    t = float(np.median(times))
+    return {"ms": 1e3 * t, "tok_s": length / t, "nodes": nodes}
 
 
 def main(argv=None) -> int:
@@ -91,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="qwen3-0.6b")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--prefill", type=int, default=2048, help="also time a prompt of this length (0: skip)")
     args = ap.parse_args(argv)
     import amlx
 
@@ -99,12 +145,18 @@ def main(argv=None) -> int:
         model = amlx.load_sync(path)
         try:
             print(f"{args.model} on {model.info.device}")
-            print("| batch | host ms | sync ms | device ms (≈) | pipelined ms | pipelined tok/s |")
-            print("|---:|---:|---:|---:|---:|---:|")
+            print("| batch | nodes | call ms | sample ms | launch ms | host ms | sync ms | device ms (≈) | "
+                  "pipelined ms | pipelined tok/s |")
+            print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for b in args.batches:
                 r = model._worker.run_sync(lambda b=b: profile(model, b, args.steps))
-                print(f"| {b} | {r['host_ms']:.2f} | {r['sync_ms']:.2f} | {r['device_ms']:.2f} | "
+                print(f"| {b} | {r['nodes']} | {r['call_ms']:.2f} | {r['sample_ms']:.2f} | {r['launch_ms']:.2f} | "
+                      f"{r['host_ms']:.2f} | {r['sync_ms']:.2f} | {r['device_ms']:.2f} | "
                       f"{r['piped_ms']:.2f} | {r['piped_tok_s']:.0f} |", flush=True)
+            if args.prefill:
+                r = model._worker.run_sync(lambda: prefill_speed(model, args.prefill))
+                print(f"prefill {args.prefill} tokens: {r['ms']:.1f} ms, {r['tok_s']:.0f} tok/s, "
+                      f"{r['nodes']} nodes", flush=True)
         finally:
             model.close()
     return 0

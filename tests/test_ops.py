@@ -1453,6 +1453,19 @@ def test_eval_and_async_eval():
         mx.eval(3)
 
 
+@covers("graph_summary")
+def test_graph_summary_counts_pending_nodes():
+    a = mx.array(np.ones((2, 3), np.float32))
+    b = O.exp(a * 2.0)
+    c = b + O.sum(b)
+    total, kinds = O.graph_summary(c)
+    assert total == sum(kinds.values()) >= 3
+    assert kinds.get("Exp") == 1 and kinds.get("Sum") == 1
+    O.eval(c)
+    assert O.graph_summary(c) == (0, {})
+    assert O.graph_summary(a) == (0, {})
+
+
 def test_errors_name_the_op():
     a = mx.array(np.ones((2, 3), np.float32))
     with pytest.raises(amlx.MLXError, match="add"):

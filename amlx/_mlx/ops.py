@@ -471,5 +471,16 @@ def async_eval(*arrays) -> None:
     check(lib.mlxc_async_eval(ffi.new("mlxc_array[]", hs), len(hs)), "async_eval")
 
 
+def graph_summary(*arrays) -> tuple[int, dict[str, int]]:
+    """The not yet computed graph behind `arrays`: (number of nodes, nodes per
+    primitive name). A diagnostic for profiling what a step asks MLX to do."""
+    hs = _handles(arrays)
+    buf = ffi.new("char[]", 1 << 16)
+    n = ffi.new("size_t*")
+    check(lib.mlxc_graph_summary(ffi.new("mlxc_array[]", hs), len(hs), buf, 1 << 16, n), "graph_summary")
+    lines = ffi.string(buf).decode().splitlines()
+    return n[0], {name: int(c) for name, c in (ln.rsplit(" ", 1) for ln in lines)}
+
+
 __all__ = [n for n in dir() if not n.startswith("_") and n not in ("annotations", "builtins", "numbers",
                                                                       "Iterable", "Sequence")]

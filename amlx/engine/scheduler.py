@@ -74,6 +74,7 @@ class Scheduler:
         self._step_fn = transforms.compile(self._forward) if compile_step else None
         self._sampling: BatchSampling | None = None  # device sampling state of `rows`
         self._inflight: _Step | None = None  # a decode step launched and not yet read
+        self._prepared = False  # the model's derived arrays are evaluated (see Module.prepare)
         # Test hook: called with the token ids of every decode step's rows.
         self.before_step = None
 
@@ -274,7 +275,21 @@ class Scheduler:
         # One token of every row is still in flight: room for it, and one more.
         return all(r.active and r.channel.has_room(extra=1) for r in self.rows)
 
+    def weights_changed(self) -> None:
+        """The model's parameters or modules were replaced (e.g. an adapter
+        trained a step): the compiled step traced the old ones as constants, so
+        it is traced again (worker thread)."""
+        if self._inflight is not None:
+            self._read(self._drain())
+        self._prepared = False
+        if self._step_fn is not None:
+            self._step_fn.close()
+            self._step_fn = transforms.compile(self._forward)
+
     def _launch(self, sel: list[int], prev: "_Step | None") -> "_Step":
+        if not self._prepared:
+            self.model.prepare()
+            self._prepared = True
         needed = max(r.pos for r in self.rows) + 1
         for c in self.cache:
             c.reserve(needed)

@@ -18,7 +18,8 @@ from amlx._mlx import Array, array, fast, ops
 from amlx._mlx import float32 as _f32
 from amlx.cache import KVCache
 from amlx.errors import ModelLoadError
-from amlx.models.nn import Embedding, Linear, Module, QuantizedEmbedding, QuantizedLinear, RMSNorm
+from amlx.models.nn import (Embedding, Linear, Module, QuantizedEmbedding, QuantizedLinear, RMSNorm,
+                            split_outputs)
 
 
 class Weights:
@@ -140,8 +141,28 @@ def causal_mask(length: int, window: int | None) -> str | Array:
     return array((k <= q) & (k > q - window))
 
 
+class Step:
+    """What every layer of one forward pass shares: the batch and sequence
+    length, where the tokens go (`pos`: one int start for every row, or per-row
+    positions as a (B,) int32 array when each row adds one token), and values
+    all layers use, made once per pass instead of once per layer (masks,
+    cache-write indices)."""
+
+    def __init__(self, batch: int, length: int, pos: int | Array):
+        self.batch, self.length, self.pos = batch, length, pos
+        self.memo: dict = {}
+
+    def causal_mask(self, window: int | None) -> str | Array:
+        key = ("causal", window)
+        if key not in self.memo:
+            self.memo[key] = causal_mask(self.length, window)
+        return self.memo[key]
+
+
 class Attention(Module):
-    """Multi-head attention with grouped KV heads, optional q/k norms and a KV cache."""
+    """Multi-head attention with grouped KV heads, optional q/k norms and a KV cache.
+
+    Takes and returns activations flattened to (B*L, hidden)."""
 
     def __init__(self, w: Weights, prefix: str, hidden: int, n_heads: int, n_kv: int, head_dim: int,
                  scale: float, rope: RoPE, *, qkv_bias: bool = False, qk_norm: Callable | None = None,
@@ -156,24 +177,42 @@ class Attention(Module):
         self._n_heads, self._n_kv, self._head_dim = n_heads, n_kv, head_dim
         self._scale, self._rope, self.window = scale, rope, window
 
-    def __call__(self, x: Array, cache: KVCache | None, pos: int | Array) -> Array:
-        b, length, _ = x.shape
-        q = ops.reshape(self.q_proj(x), (b, length, self._n_heads, self._head_dim))
-        k = ops.reshape(self.k_proj(x), (b, length, self._n_kv, self._head_dim))
-        v = ops.reshape(self.v_proj(x), (b, length, self._n_kv, self._head_dim))
+    def _heads(self, y: Array, step: Step, n: int) -> Array:
+        """(B*L, n*D) -> (B, n, L, D). With one token per row the two layouts
+        are the same memory, so a reshape does without the transpose."""
+        if step.length == 1:
+            return ops.reshape(y, (step.batch, n, 1, self._head_dim))
+        return ops.transpose(ops.reshape(y, (step.batch, step.length, n, self._head_dim)), (0, 2, 1, 3))
+
+    def _projections(self) -> list[Module]:
+        return [self.q_proj, self.k_proj, self.v_proj]
+
+    def derived_arrays(self) -> list[Array]:
+        return self._fuse("qkv", self._projections())
+
+    def __call__(self, x: Array, cache: KVCache | None, step: Step) -> Array:
+        layers = self._projections()
+        fused = self._fused("qkv", layers)
+        if fused is not None:
+            q, k, v = split_outputs(fused(x), layers)
+        else:
+            q, k, v = (m(x) for m in layers)
+        q = self._heads(q, step, self._n_heads)
+        k = self._heads(k, step, self._n_kv)
+        v = self._heads(v, step, self._n_kv)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
-        q, k = self._rope(q, pos), self._rope(k, pos)
+        q, k = self._rope(q, step.pos), self._rope(k, step.pos)
         if cache is None:
-            keys, values, mask = k, v, causal_mask(length, self.window)
-        elif isinstance(pos, int):
-            keys, values, mask = cache.update_prefill(k, v, pos)
+            keys, values, mask = k, v, step.causal_mask(self.window)
+        elif isinstance(step.pos, int):
+            keys, values, mask = cache.update_prefill(k, v, step.pos, step.memo)
         else:
-            keys, values, mask = cache.update_decode(k, v, pos)
+            keys, values, mask = cache.update_decode(k, v, step.pos, step.memo)
         o = fast.scaled_dot_product_attention(q, keys, values, scale=self._scale, mask=mask)
-        o = ops.reshape(ops.transpose(o, (0, 2, 1, 3)), (b, length, self._n_heads * self._head_dim))
-        return self.o_proj(o)
+        if step.length > 1:
+            o = ops.transpose(o, (0, 2, 1, 3))
+        return self.o_proj(ops.reshape(o, (step.batch * step.length, self._n_heads * self._head_dim)))
 
 
 class GatedMLP(Module):
@@ -185,8 +224,17 @@ class GatedMLP(Module):
         self.down_proj = w.linear(f"{prefix}.down_proj", hidden, intermediate)
         self._act = act
 
+    def derived_arrays(self) -> list[Array]:
+        return self._fuse("gate_up", [self.gate_proj, self.up_proj])
+
     def __call__(self, x: Array) -> Array:
-        return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
+        layers = [self.gate_proj, self.up_proj]
+        fused = self._fused("gate_up", layers)
+        if fused is not None:
+            gate, up = split_outputs(fused(x), layers)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self._act(gate) * up)
 
 
 def silu(x: Array) -> Array:
@@ -223,12 +271,16 @@ class Decoder(Module):
         self._embed_scale = embed_scale
 
     def __call__(self, ids: Array, cache: list[KVCache] | None, pos: int | Array) -> Array:
-        h = self.embed_tokens(ids)
+        """Final hidden states (B*L, hidden) of token ids (B, L): activations stay
+        two-dimensional between layers, so every projection is one plain matmul."""
+        b, length = ids.shape
+        step = Step(b, length, pos)
+        h = self.embed_tokens(ops.reshape(ids, (b * length,)))
         if self._embed_scale is not None:
             # Rounded to the activation dtype first, as the reference does.
             h = h * array(self._embed_scale, _f32).astype(h.dtype)
         for i, layer in enumerate(self.layers):
-            h = layer(h, None if cache is None else cache[i], pos)
+            h = layer(h, None if cache is None else cache[i], step)
         return self.norm(h)
 
 
@@ -255,14 +307,19 @@ class CausalLM(Module):
         With `last` ((B,) int32 indices into L), only those positions get logits:
         (B, 1, V). Prompt processing needs one position, and skipping the output
         projection for the rest saves its largest matmul."""
+        b, length = ids.shape
         h = self.model(ids, cache, pos)
         if last is not None:
-            b, _, d = h.shape
-            h = ops.take_along_axis(h, ops.broadcast_to(ops.reshape(last, (b, 1, 1)), (b, 1, d)), 1)
+            if length > 1:
+                d = h.shape[1]
+                rows = ops.reshape(last, (b, 1, 1))
+                h = ops.take_along_axis(ops.reshape(h, (b, length, d)), ops.broadcast_to(rows, (b, 1, d)), 1)
+                h = ops.reshape(h, (b, d))
+            length = 1
         out = self.lm_head(h) if hasattr(self, "lm_head") else self.model.embed_tokens.as_linear(h)
         if self._final_softcap:
             out = ops.tanh(out / self._final_softcap) * self._final_softcap
-        return out
+        return ops.reshape(out, (b, length, out.shape[1]))
 
     @property
     def layers(self) -> list:
@@ -273,6 +330,7 @@ class CausalLM(Module):
 
     def close(self) -> None:
         """Releases every weight (and tensors of the checkpoint that went unused)."""
+        self.release_derived()
         for _, p in self.named_parameters():
             p.close()
         for extra in self._unused:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from amlx._mlx import Array, fast
 from amlx.cache import KVCache
 from amlx.errors import ModelLoadError
-from amlx.models.base import Attention, CausalLM, Decoder, GatedMLP, ModelInfo, RoPE, Weights, gelu_tanh
+from amlx.models.base import Attention, CausalLM, Decoder, GatedMLP, ModelInfo, RoPE, Step, Weights, gelu_tanh
 from amlx.models.config import SLIDING_ATTENTION
 from amlx.models.nn import Module
 
@@ -23,7 +23,13 @@ class GemmaRMSNorm(Module):
         self._eps = eps
 
     def __call__(self, x: Array) -> Array:
-        return fast.rms_norm(x, 1.0 + self.weight, self._eps)
+        return fast.rms_norm(x, self._scale(), self._eps)
+
+    def _scale(self) -> Array:
+        return self._derived("scale", self.weight, lambda w: 1.0 + w)
+
+    def derived_arrays(self) -> list[Array]:
+        return [self._scale()]
 
 
 class GemmaBlock(Module):
@@ -42,8 +48,8 @@ class GemmaBlock(Module):
         self.mlp = GatedMLP(w, f"{p}.mlp", h, cfg["intermediate_size"], gelu_tanh)
         self.post_feedforward_layernorm = norm(f"{p}.post_feedforward_layernorm")
 
-    def __call__(self, x: Array, cache: KVCache | None, pos) -> Array:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cache, pos))
+    def __call__(self, x: Array, cache: KVCache | None, step: Step) -> Array:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cache, step))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from amlx._mlx import Array
 from amlx.cache import KVCache
-from amlx.models.base import Attention, CausalLM, Decoder, GatedMLP, ModelInfo, RoPE, Weights, silu
+from amlx.models.base import Attention, CausalLM, Decoder, GatedMLP, ModelInfo, RoPE, Step, Weights, silu
 from amlx.models.config import SLIDING_ATTENTION
 from amlx.models.nn import Module
 from amlx.errors import ModelLoadError
@@ -23,8 +23,8 @@ class PreNormBlock(Module):
         self.post_attention_layernorm = w.norm(f"{p}.post_attention_layernorm", h, eps)
         self.mlp = GatedMLP(w, f"{p}.mlp", h, cfg["intermediate_size"], silu)
 
-    def __call__(self, x: Array, cache: KVCache | None, pos) -> Array:
-        x = x + self.self_attn(self.input_layernorm(x), cache, pos)
+    def __call__(self, x: Array, cache: KVCache | None, step: Step) -> Array:
+        x = x + self.self_attn(self.input_layernorm(x), cache, step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

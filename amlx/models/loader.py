@@ -149,6 +149,7 @@ def _materialise(model: CausalLM, path: Path, progress: bool | None) -> None:
             mx_eval(*g)
             if bar is not None:
                 bar.update(len(g))
+        model.prepare()
     except MLXError as exc:
         model.close()
         raise ModelLoadError(f"{path}: reading the weights failed ({exc.mlx_message})") from None

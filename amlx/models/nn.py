@@ -74,6 +74,131 @@ class Module:
         for path, value in params.items():
             self.set_parameter(path, value)
 
+    # -- derived arrays ---------------------------------------------------------
+    # Some modules use an array computed from a parameter (a transposed weight
+    # view, Gemma's 1 + w norm scale). Computing it once, not at every call,
+    # takes a node per use out of every traced graph; it must be evaluated
+    # before a compiled step traces it, or the step would replay its computation.
+
+    def derived_arrays(self) -> list[Array]:
+        """This module's derived arrays, built if needed (see `prepare`)."""
+        return []
+
+    def _derived(self, name: str, source: Array, build) -> Array:
+        memo = self.__dict__.setdefault("_memo", {})
+        hit = memo.get(name)
+        if hit is not None and hit[0] is source:
+            return hit[1]
+        if hit is not None:
+            _release(hit[1])
+        value = build(source)
+        memo[name] = (source, value)
+        return value
+
+    def _fused(self, name: str, layers: list["Module"]) -> "Module | None":
+        """The layer `prepare` fused from `layers`, if they are unchanged since
+        (same modules, same arrays); None otherwise."""
+        hit = self.__dict__.get("_memo", {}).get(name)
+        if hit is None:
+            return None
+        key = _fusion_key(layers)
+        if len(key) != len(hit[0]) or any(a is not b for a, b in zip(key, hit[0])):
+            return None
+        return hit[1]
+
+    def _fuse(self, name: str, layers: list["Module"]) -> list[Array]:
+        """Fuses `layers` (see `fuse_outputs`) unless done already or not
+        possible; returns the fused layer's derived arrays."""
+        fused = self._fused(name, layers)
+        if fused is None:
+            if not fusable(layers):
+                return []
+            memo = self.__dict__.setdefault("_memo", {})
+            if name in memo:
+                _release(memo.pop(name)[1])
+            fused = fuse_outputs(layers)
+            memo[name] = (_fusion_key(layers), fused)
+        return fused.derived_arrays()
+
+    def prepare(self) -> None:
+        """Builds and evaluates every derived array of the tree (after loading,
+        or after parameters were replaced); cheap when nothing changed. Never
+        called inside a transformation (compile, grad): it evaluates."""
+        pending = [a for _, m in self.named_modules() for a in m.derived_arrays()]
+        if pending:
+            ops.eval(*pending)
+
+    def release_derived(self) -> None:
+        """Frees every derived array and fused layer of the tree (they share
+        parameters' memory)."""
+        for _, m in self.named_modules():
+            for _, value in m.__dict__.pop("_memo", {}).values():
+                _release(value)
+
+
+def _release(value) -> None:
+    if isinstance(value, Module):
+        value.release_derived()
+        for _, p in value.named_parameters():
+            p.close()
+    else:
+        value.close()
+
+
+def _fusion_key(layers: list[Module]) -> tuple:
+    return tuple(layers) + tuple(a for m in layers for _, a in m.named_parameters())
+
+
+def fusable(layers: list[Module]) -> bool:
+    """Whether `fuse_outputs` can join these layers: all plain Linear, or all
+    QuantizedLinear of one format, with biases on all or none."""
+    kind = type(layers[0])
+    if kind not in (Linear, QuantizedLinear) or any(type(m) is not kind for m in layers):
+        return False
+    if len({hasattr(m, "bias") for m in layers}) != 1:
+        return False
+    if kind is QuantizedLinear and len({(m._group_size, m._bits) for m in layers}) != 1:
+        return False
+    return len({m.weight.dtype for m in layers}) == 1
+
+
+def fuse_outputs(layers: list[Module]) -> Module:
+    """One layer computing the concatenated outputs of `layers` that read the
+    same input (q/k/v, gate/up): one matmul instead of several. Each layer's
+    arrays become views into the fused layer's (the values are unchanged and
+    memory is not doubled); the layers keep working on their own."""
+    names = [n for n in ("weight", "scales", "biases", "bias") if hasattr(layers[0], n)]
+    joined = {n: ops.concatenate([getattr(m, n) for m in layers], axis=0) for n in names}
+    ops.eval(*joined.values())
+    views = []
+    for n, full in joined.items():
+        start = 0
+        for m in layers:
+            part = getattr(m, n)
+            stop = start + part.shape[0]
+            lo, hi = [0] * full.ndim, list(full.shape)
+            lo[0], hi[0] = start, stop
+            view = ops.slice(full, lo, hi)
+            setattr(m, n, view)
+            views.append(view)
+            start = stop
+    ops.eval(*views)
+    bias = joined.get("bias")
+    if isinstance(layers[0], QuantizedLinear):
+        q = layers[0]
+        return QuantizedLinear(joined["weight"], joined["scales"], joined["biases"], q._group_size, q._bits, bias=bias)
+    return Linear(joined["weight"], bias)
+
+
+def split_outputs(y: Array, layers: list[Module]) -> list[Array]:
+    """Cuts a fused layer's output (..., sum of out_features) back into the
+    outputs of `layers`."""
+    cuts, total = [], 0
+    for m in layers[:-1]:
+        total += m.out_features
+        cuts.append(total)
+    return ops.split(y, cuts, axis=-1)
+
 
 class Linear(Module):
     """y = x W^T (+ b), W stored (out, in) as in the checkpoint."""
@@ -84,14 +209,25 @@ class Linear(Module):
             self.bias = bias
 
     def __call__(self, x: Array) -> Array:
-        bias = getattr(self, "bias", None)
-        if bias is not None:
-            return ops.addmm(bias, x, ops.transpose(self.weight))
-        return x @ ops.transpose(self.weight)
+        return dense(x, self.weight_t(), getattr(self, "bias", None))
+
+    def weight_t(self) -> Array:
+        """The weight as an (in, out) view, made once."""
+        return self._derived("weight_t", self.weight, ops.transpose)
+
+    def derived_arrays(self) -> list[Array]:
+        return [self.weight_t()]
 
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
+
+
+def dense(x: Array, weight_t: Array, bias: Array | None) -> Array:
+    """x @ weight_t (+ bias)."""
+    if bias is not None:
+        return ops.addmm(bias, x, weight_t)
+    return x @ weight_t
 
 
 class QuantizedLinear(Module):
@@ -126,7 +262,10 @@ class Embedding(Module):
 
     def as_linear(self, x: Array) -> Array:
         """Tied output projection: x @ E^T."""
-        return x @ ops.transpose(self.weight)
+        return x @ self._derived("weight_t", self.weight, ops.transpose)
+
+    def derived_arrays(self) -> list[Array]:
+        return [self._derived("weight_t", self.weight, ops.transpose)]
 
 
 class QuantizedEmbedding(Module):

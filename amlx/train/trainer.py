@@ -165,15 +165,10 @@ _TRAINING_LOCK = threading.Lock()
 
 def _refresh_decode_step(model) -> None:
     """The engine's compiled decode step holds the weights it was traced with;
-    after the adapter changed, trace it again (worker thread)."""
+    after the adapter changed, it must trace again (worker thread)."""
     sched = getattr(model, "_scheduler", None)
-    step = getattr(sched, "_step_fn", None)
-    if step is None:
-        return
-    from amlx._mlx import transforms
-
-    step.close()
-    sched._step_fn = transforms.compile(sched._forward)
+    if sched is not None:
+        sched.weights_changed()
 
 
 def _loss_with_dropout(model, inputs, targets, mask, key):

@@ -7,10 +7,12 @@
 
 #include "mlxc.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <map>
 #include <optional>
 #include <string>
 #include <unordered_map>
@@ -19,6 +21,7 @@
 
 #include "mlx/compile_impl.h"
 #include "mlx/mlx.h"
+#include "mlx/primitives.h"
 
 namespace mx = mlx::core;
 
@@ -299,6 +302,36 @@ int mlxc_eval(const mlxc_array* arrays, size_t n) {
   auto v = to_vector(arrays, n);
   check_limit(v);
   mx::eval(std::move(v));
+  GUARD_END
+}
+
+int mlxc_graph_summary(const mlxc_array* arrays, size_t n, char* buf, size_t buflen, size_t* nodes) {
+  GUARD_BEGIN
+  std::unordered_set<std::uintptr_t> seen;
+  std::map<std::string, size_t> counts;
+  std::vector<mx::array> todo = to_vector(arrays, n);
+  size_t total = 0;
+  while (!todo.empty()) {
+    mx::array a = todo.back();
+    todo.pop_back();
+    if (!a.has_primitive() || a.status() != mx::array::Status::unscheduled) continue;
+    // Siblings (outputs of one multi-output primitive) share one node.
+    if (!seen.insert(reinterpret_cast<std::uintptr_t>(&a.primitive())).second) continue;
+    ++total;
+    ++counts[a.primitive().name()];
+    for (auto& in : a.inputs()) todo.push_back(in);
+  }
+  std::vector<std::pair<size_t, std::string>> order;
+  for (auto& [k, v] : counts) order.emplace_back(v, k);
+  std::sort(order.rbegin(), order.rend());
+  std::string text;
+  for (auto& [v, k] : order) text += k + " " + std::to_string(v) + "\n";
+  if (buflen > 0) {
+    size_t m = std::min(buflen - 1, text.size());
+    std::memcpy(buf, text.data(), m);
+    buf[m] = 0;
+  }
+  *nodes = total;
   GUARD_END
 }
 

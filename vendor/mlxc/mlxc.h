@@ -98,6 +98,10 @@ size_t mlxc_dtype_size(int dtype);
  * order, whatever its layout (transposed, broadcast, strided views). */
 int mlxc_eval(const mlxc_array* arrays, size_t n);
 int mlxc_async_eval(const mlxc_array* arrays, size_t n);
+/* Diagnostics: the not yet computed part of the graph behind `arrays`, as
+ * "Name count" lines (one per primitive kind, most frequent first) into buf,
+ * with the total number of nodes in *nodes. */
+int mlxc_graph_summary(const mlxc_array* arrays, size_t n, char* buf, size_t buflen, size_t* nodes);
 int mlxc_array_copy_out(mlxc_array a, void* dst, size_t nbytes);
 
 /* Lists of arrays. */
