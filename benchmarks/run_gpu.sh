@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 case "${1:-speed}" in
   profile)
     for m in ${MODELS:-qwen3-0.6b gemma3-1b}; do
-      python3 benchmarks/profile_step.py --model "$m" --steps 32
+      python3 benchmarks/profile_step.py --model "$m" --steps 32 --repeats 3 --compare-kernel
     done ;;
   sweep)
     for n in ${OPS:-20 60 200 600}; do

@@ -297,6 +297,50 @@ def test_batched_decode_rows_match_single_rows(ckpt, loaded, tokens):
     assert got == want
 
 
+@pytest.mark.parametrize("name", ["qwen2", "gemma3_text"])
+def test_fused_projections_match_the_separate_layers(name, ckpt, tokens):
+    """Loading fuses q/k/v and gate/up into one matmul each; the result equals
+    the separate layers, and a replaced weight is never served from a stale fusion."""
+    lm = load_model(ckpt(name)).model
+    try:
+        attn, mlp = lm.layers[0].self_attn, lm.layers[0].mlp
+        assert attn._fused("qkv", attn._projections()) is not None
+        assert mlp._fused("gate_up", [mlp.gate_proj, mlp.up_proj]) is not None
+        ids = tokens(name)[0]
+        fused = logits_of(lm, ids)
+        lm.release_derived()
+        assert attn._fused("qkv", attn._projections()) is None
+        np.testing.assert_allclose(fused, logits_of(lm, ids), rtol=1e-5, atol=1e-5)
+
+        lm.prepare()
+        # rows reversed: a change no norm can undo
+        with mx.array(attn.v_proj.weight.numpy()[::-1].copy()) as changed_w:
+            lm.update({"model.layers.0.self_attn.v_proj.weight": changed_w})
+            assert attn._fused("qkv", attn._projections()) is None
+            changed = logits_of(lm, ids)
+            assert np.abs(changed - fused).max() > 1e-3
+            lm.prepare()  # fuses again, with the new weight
+            assert attn._fused("qkv", attn._projections()) is not None
+            np.testing.assert_allclose(logits_of(lm, ids), changed, rtol=1e-5, atol=1e-5)
+    finally:
+        lm.close()
+
+
+def test_fusing_does_not_duplicate_weights(ckpt):
+    """The fused layers' arrays are the only copy: the separate layers view them."""
+    gc.collect()
+    before = amlx.memory()["active"]
+    lm = load_model(ckpt("qwen3")).model
+    try:
+        weights = sum(p.nbytes for _, p in lm.named_parameters())
+        grown = amlx.memory()["active"] - before
+        assert weights * 0.95 <= grown <= weights * 1.05
+    finally:
+        lm.close()
+    gc.collect()
+    assert amlx.memory()["active"] == before
+
+
 # ---------------------------------------------------------------------------
 # dtype override
 

@@ -53,3 +53,62 @@ def scaled_dot_product_attention(q: Array, k: Array, v: Array, *, scale: float,
                      b"causal", ffi.NULL)
     return _call(lib.mlxc_sdpa, "scaled_dot_product_attention", q.handle, k.handle, v.handle, float(scale),
                  b"array", mask.handle)
+
+
+def cuda_available() -> bool:
+    """Whether MLX runs on its CUDA backend here (custom CUDA kernels can run)."""
+    return bool(lib.mlxc_cuda_available())
+
+
+class CudaKernel:
+    """A custom CUDA kernel that MLX JIT-compiles and runs as one graph node.
+
+    `source` is the kernel body; MLX writes the signature: `const T* name` for
+    each input (T from its dtype), `T* name` for each output, then the template
+    arguments as `constexpr int/bool NAME` or `using NAME = type`. Only MLX's
+    CUDA backend can run it (see `cuda_available`)."""
+
+    def __init__(self, name: str, inputs: list[str], outputs: list[str], source: str, header: str = "",
+                 ensure_row_contiguous: bool = True):
+        from amlx._mlx._lib import check
+
+        keep = [ffi.new("char[]", s.encode()) for s in inputs + outputs]
+        ins = ffi.new("char*[]", keep[:len(inputs)])
+        outs = ffi.new("char*[]", keep[len(inputs):])
+        out = ffi.new("mlxc_kernel*")
+        check(lib.mlxc_cuda_kernel_new(name.encode(), ins, len(inputs), outs, len(outputs), source.encode(),
+                                       header.encode(), int(ensure_row_contiguous), 0, out), "cuda_kernel")
+        self._k = ffi.gc(out[0], lib.mlxc_cuda_kernel_free)
+        self.name = name
+
+    def __call__(self, inputs: list[Array], output_shapes: list[tuple[int, ...]], output_dtypes: list,
+                 grid: tuple[int, int, int], threadgroup: tuple[int, int, int],
+                 template: dict[str, object] | None = None) -> list[Array]:
+        from amlx._mlx._lib import check
+        from amlx._mlx.dtypes import Dtype
+        from amlx._mlx.ops import _Vec
+
+        template = template or {}
+        names = [ffi.new("char[]", n.encode()) for n in template]
+        kinds, values = [], []
+        for v in template.values():
+            if isinstance(v, bool):
+                kinds.append(1)
+                values.append(int(v))
+            elif isinstance(v, int):
+                kinds.append(0)
+                values.append(v)
+            elif isinstance(v, Dtype):
+                kinds.append(2)
+                values.append(v.code)
+            else:
+                raise TypeError(f"{self.name}: template arguments are ints, bools or dtypes, not {type(v).__name__}")
+        shapes = [int(d) for s in output_shapes for d in s]
+        handles = [a.handle for a in inputs]
+        with _Vec() as v:
+            check(lib.mlxc_cuda_kernel_apply(
+                self._k, ffi.new("mlxc_array[]", handles), len(handles), ffi.new("int[]", shapes or [0]),
+                ffi.new("int[]", [len(s) for s in output_shapes]), ffi.new("int[]", [d.code for d in output_dtypes]),
+                len(output_shapes), *grid, *threadgroup, ffi.new("char*[]", names), ffi.new("int[]", kinds or [0]),
+                ffi.new("int[]", values or [0]), len(names), v.h), self.name)
+            return v.arrays()

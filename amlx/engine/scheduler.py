@@ -246,7 +246,12 @@ class Scheduler:
         straight from the device and is scheduled before step t's tokens are
         read back, so the host's work overlaps the device's. Any change to the
         batch (a row finishing, pausing or joining) first drains the step in
-        flight; a row that finished at step t has computed step t+1 in vain."""
+        flight; a row that finished at step t has computed step t+1 in vain.
+
+        The order is: build step t+1's graph (Python), hand step t's tokens to
+        their consumers, then launch step t+1 (MLX queues its kernels without
+        holding the GIL), so the event loop handles the tokens while the
+        worker is in MLX instead of competing with it for the interpreter."""
         prev = self._inflight
         if prev is not None and not self._can_chain(prev):
             self._read(self._drain())
@@ -258,16 +263,22 @@ class Scheduler:
         if not any(running):
             return
         sel = [i for i, run in enumerate(running) if run]
+        self._inflight = None
         try:
-            self._inflight = self._launch(sel, prev)
+            step = self._build(sel, prev)
         except MLXError:
-            self._inflight = None
-            if prev is not None:
-                self._read(prev)
-            self._isolate_failure()
-            return
+            step = None
         if prev is not None:
             self._read(prev)
+        if step is not None:
+            try:
+                ops.async_eval(*step.outputs)
+            except MLXError:
+                step = None
+        if step is None:
+            self._isolate_failure()
+            return
+        self._commit(step)
 
     def _can_chain(self, prev: "_Step") -> bool:
         if self.before_step is not None or len(prev.selected) != len(self.rows) or prev.rows != self.rows:
@@ -286,7 +297,8 @@ class Scheduler:
             self._step_fn.close()
             self._step_fn = transforms.compile(self._forward)
 
-    def _launch(self, sel: list[int], prev: "_Step | None") -> "_Step":
+    def _build(self, sel: list[int], prev: "_Step | None") -> "_Step":
+        """The graph of the next decode step (not yet launched); rows advance."""
         if not self._prepared:
             self.model.prepare()
             self._prepared = True
@@ -301,17 +313,23 @@ class Scheduler:
         positions = array(np.asarray([r.pos for r in self.rows], dtype=np.int32))
         if self.before_step is not None:
             self.before_step([r.last for r in self.rows])
-        logits = self._batched_logits(tokens, positions)
+        logits, state = self._batched_logits(tokens, positions)
         new, logprobs = self._sampling(logits, sel)
-        ops.async_eval(new, logprobs, *self._sampling.state(), *[a for c in self.cache for a in c.state()])
-        # Paused rows computed this step too (the batch shape stays fixed), but their
-        # position does not advance: the next step rewrites the same slot with the same
-        # token, so their state is as if they had been left out.
-        for i in sel:
+        outputs = [new, logprobs, *self._sampling.state(), *state]
+        return _Step(list(self.rows), sel, new, logprobs, outputs, state)
+
+    def _commit(self, step: "_Step") -> None:
+        """A launched step becomes the batch's state: its caches, and the rows'
+        positions. Paused rows computed this step too (the batch shape stays
+        fixed), but their position does not advance: the next step rewrites the
+        same slot with the same token, so their state is as if they had been left out."""
+        self._inflight = step
+        for i, c in enumerate(self.cache):
+            c.keys, c.values = step.state[2 * i], step.state[2 * i + 1]
+        for i in step.selected:
             self.rows[i].pos += 1
             self.rows[i].steps += 1
         self.decode_steps += 1
-        return _Step(list(self.rows), sel, new, logprobs)
 
     def _drain(self) -> "_Step":
         step, self._inflight = self._inflight, None
@@ -337,15 +355,12 @@ class Scheduler:
         logits = ops.reshape(logits, (tokens.shape[0], logits.shape[2]))
         return logits, [a for c in step_cache for a in (c.keys, c.values)]
 
-    def _batched_logits(self, tokens: Array, positions: Array) -> Array:
-        """Runs the decode step (compiled once per batch size and cache capacity)
-        and stores the updated caches."""
+    def _batched_logits(self, tokens: Array, positions: Array) -> tuple[Array, list[Array]]:
+        """Runs the decode step (compiled once per batch size and cache capacity):
+        logits and the updated caches [k0, v0, k1, v1, ...]."""
         state = [a for c in self.cache for a in (c.keys, c.values)]
         fn = self._step_fn or self._forward
-        logits, new_state = fn(tokens, positions, state)
-        for i, c in enumerate(self.cache):
-            c.keys, c.values = new_state[2 * i], new_state[2 * i + 1]
-        return logits
+        return fn(tokens, positions, state)
 
     def _emit(self, req: Request, token_id: int, logprob: float) -> None:
         if req.first_token_at is None:
@@ -454,3 +469,5 @@ class _Step:
     selected: list[int]
     tokens: Array
     logprobs: Array
+    outputs: list[Array]  # everything the step computes (what async_eval launches)
+    state: list[Array]  # the batch's caches after the step [k0, v0, k1, v1, ...]

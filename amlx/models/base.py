@@ -17,6 +17,7 @@ import numpy as np
 from amlx._mlx import Array, array, fast, ops
 from amlx._mlx import float32 as _f32
 from amlx.cache import KVCache
+from amlx.models import decode_attention
 from amlx.errors import ModelLoadError
 from amlx.models.nn import (Embedding, Linear, Module, QuantizedEmbedding, QuantizedLinear, RMSNorm,
                             split_outputs)
@@ -151,6 +152,7 @@ class Step:
     def __init__(self, batch: int, length: int, pos: int | Array):
         self.batch, self.length, self.pos = batch, length, pos
         self.memo: dict = {}
+        self.decode_kernel = length == 1 and not isinstance(pos, int) and decode_attention.enabled()
 
     def causal_mask(self, window: int | None) -> str | Array:
         key = ("causal", window)
@@ -190,29 +192,41 @@ class Attention(Module):
     def derived_arrays(self) -> list[Array]:
         return self._fuse("qkv", self._projections())
 
-    def __call__(self, x: Array, cache: KVCache | None, step: Step) -> Array:
+    def _qkv(self, x: Array, step: Step) -> tuple[Array, Array, Array]:
+        """q (B, H, L, D) and k, v (B, KVH, L, D)."""
         layers = self._projections()
         fused = self._fused("qkv", layers)
-        if fused is not None:
-            q, k, v = split_outputs(fused(x), layers)
-        else:
-            q, k, v = (m(x) for m in layers)
-        q = self._heads(q, step, self._n_heads)
-        k = self._heads(k, step, self._n_kv)
-        v = self._heads(v, step, self._n_kv)
+        if fused is None:
+            return (self._heads(self.q_proj(x), step, self._n_heads), self._heads(self.k_proj(x), step, self._n_kv),
+                    self._heads(self.v_proj(x), step, self._n_kv))
+        # The fused output is [q heads | k heads | v heads] per position: one
+        # reshape to heads, then one split, instead of a split and three reshapes.
+        y = self._heads(fused(x), step, self._n_heads + 2 * self._n_kv)
+        q, k, v = ops.split(y, [self._n_heads, self._n_heads + self._n_kv], axis=1)
+        return q, k, v
+
+    def __call__(self, x: Array, cache: KVCache | None, step: Step) -> Array:
+        q, k, v = self._qkv(x, step)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self._rope(q, step.pos), self._rope(k, step.pos)
+        o = None
         if cache is None:
             keys, values, mask = k, v, step.causal_mask(self.window)
         elif isinstance(step.pos, int):
             keys, values, mask = cache.update_prefill(k, v, step.pos, step.memo)
         else:
+            # (the mask is left unused, and so never computed, when the kernel runs)
             keys, values, mask = cache.update_decode(k, v, step.pos, step.memo)
-        o = fast.scaled_dot_product_attention(q, keys, values, scale=self._scale, mask=mask)
-        if step.length > 1:
-            o = ops.transpose(o, (0, 2, 1, 3))
-        return self.o_proj(ops.reshape(o, (step.batch * step.length, self._n_heads * self._head_dim)))
+            if step.decode_kernel and decode_attention.supports(q, keys):
+                # already (B, H*D), the layout o_proj takes
+                o = decode_attention.decode_attention(q, keys, values, step.pos, self._scale, self.window)
+        if o is None:
+            o = fast.scaled_dot_product_attention(q, keys, values, scale=self._scale, mask=mask)
+            if step.length > 1:
+                o = ops.transpose(o, (0, 2, 1, 3))
+            o = ops.reshape(o, (step.batch * step.length, self._n_heads * self._head_dim))
+        return self.o_proj(o)
 
 
 class GatedMLP(Module):

@@ -22,6 +22,8 @@
 #include "mlx/compile_impl.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "mlx/backend/cuda/cuda.h"
+#include "mlx/fast.h"
 
 namespace mx = mlx::core;
 
@@ -34,6 +36,9 @@ struct mlxc_vec_s {
 struct mlxc_closure_s {
   std::function<std::vector<mx::array>(const std::vector<mx::array>&)> fn;
   std::uintptr_t id;
+};
+struct mlxc_kernel_s {
+  mx::fast::CustomKernelFunction fn;
 };
 struct mlxc_st_s {
   std::vector<std::string> names;
@@ -1005,3 +1010,56 @@ int mlxc_synchronize(void) {
 }
 
 }  // extern "C"
+
+int mlxc_cuda_available(void) {
+  try {
+    return mx::cu::is_available() ? 1 : 0;
+  } catch (...) {
+    return 0;
+  }
+}
+
+int mlxc_cuda_kernel_new(const char* name, const char** input_names, size_t n_in,
+                         const char** output_names, size_t n_out, const char* source,
+                         const char* header, int ensure_row_contiguous, int shared_memory,
+                         mlxc_kernel* out) {
+  GUARD_BEGIN
+  std::vector<std::string> ins(input_names, input_names + n_in);
+  std::vector<std::string> outs(output_names, output_names + n_out);
+  auto fn = mx::fast::cuda_kernel(name, ins, outs, source, header ? header : "",
+                                  ensure_row_contiguous != 0, shared_memory);
+  *out = new mlxc_kernel_s{std::move(fn)};
+  GUARD_END
+}
+
+int mlxc_cuda_kernel_free(mlxc_kernel k) {
+  delete k;
+  return 0;
+}
+
+int mlxc_cuda_kernel_apply(mlxc_kernel k, const mlxc_array* inputs, size_t n_in,
+                           const int* out_shapes, const int* out_ndims, const int* out_dtypes,
+                           size_t n_out, int gx, int gy, int gz, int tx, int ty, int tz,
+                           const char** tmpl_names, const int* tmpl_kinds, const int* tmpl_values,
+                           size_t n_tmpl, mlxc_vec outputs) {
+  GUARD_BEGIN
+  std::vector<mx::Shape> shapes;
+  std::vector<mx::Dtype> dtypes;
+  const int* p = out_shapes;
+  for (size_t i = 0; i < n_out; ++i) {
+    shapes.emplace_back(p, p + out_ndims[i]);
+    p += out_ndims[i];
+    dtypes.push_back(to_dtype(out_dtypes[i]));
+  }
+  std::vector<std::pair<std::string, mx::fast::TemplateArg>> tmpl;
+  for (size_t i = 0; i < n_tmpl; ++i) {
+    switch (tmpl_kinds[i]) {
+      case 0: tmpl.emplace_back(tmpl_names[i], mx::fast::TemplateArg(tmpl_values[i])); break;
+      case 1: tmpl.emplace_back(tmpl_names[i], mx::fast::TemplateArg(tmpl_values[i] != 0)); break;
+      default: tmpl.emplace_back(tmpl_names[i], mx::fast::TemplateArg(to_dtype(tmpl_values[i])));
+    }
+  }
+  outputs->v = k->fn(to_vector(inputs, n_in), shapes, dtypes, {gx, gy, gz}, {tx, ty, tz}, tmpl,
+                     std::nullopt, false, {});
+  GUARD_END
+}

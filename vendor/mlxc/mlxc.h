@@ -30,6 +30,7 @@ typedef struct mlxc_array_s* mlxc_array;     /* one mlx::core::array */
 typedef struct mlxc_vec_s* mlxc_vec;         /* a list of arrays */
 typedef struct mlxc_closure_s* mlxc_closure; /* a compiled function */
 typedef struct mlxc_st_s* mlxc_st;           /* a loaded safetensors file */
+typedef struct mlxc_kernel_s* mlxc_kernel;   /* a custom CUDA kernel (fast::cuda_kernel) */
 
 /* A function of arrays implemented by the caller (for compile, vjp and
  * value_and_grad). It reads `inputs`, appends its results to `outputs` and
@@ -254,6 +255,23 @@ int mlxc_set_default_device(int device);
 int mlxc_new_stream(int device, int* index);
 int mlxc_set_default_stream(int device, int index);
 int mlxc_synchronize(void);
+
+/* Custom CUDA kernels (JIT-compiled by MLX's CUDA backend; only that backend
+ * can run them). `source` is the kernel body; MLX writes the signature from
+ * the input/output names. Applying one: output shapes are given flattened
+ * (out_ndims[i] ints each); grid is in threads; template arguments are
+ * named ints (kind 0), bools (kind 1) or dtypes (kind 2). */
+int mlxc_cuda_available(void);
+int mlxc_cuda_kernel_new(const char* name, const char** input_names, size_t n_in,
+                         const char** output_names, size_t n_out, const char* source,
+                         const char* header, int ensure_row_contiguous, int shared_memory,
+                         mlxc_kernel* out);
+int mlxc_cuda_kernel_free(mlxc_kernel k);
+int mlxc_cuda_kernel_apply(mlxc_kernel k, const mlxc_array* inputs, size_t n_in,
+                           const int* out_shapes, const int* out_ndims, const int* out_dtypes,
+                           size_t n_out, int gx, int gy, int gz, int tx, int ty, int tz,
+                           const char** tmpl_names, const int* tmpl_kinds, const int* tmpl_values,
+                           size_t n_tmpl, mlxc_vec outputs);
 
 /* cdef-end */
 
