@@ -61,6 +61,8 @@ CASES = {
     "gemma3_text": ("gemma3_text", {}),
     "gemma3": ("gemma3", {}),  # multimodal layout: language_model.* plus a vision tower
     "llama": ("llama", {}),
+    "mistral": ("mistral", {}),  # sliding window (8) on every layer, shorter than the prompts
+    "mistral-no-window": ("mistral", {"sliding_window": None}),
     "qwen2": ("qwen2", {}),
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
     "llama-sharded": ("llama", {"max_shard_size": "20KB"}),
@@ -239,6 +241,21 @@ def test_gemma_window_is_shorter_than_the_sequences(ckpt, tokens, loaded):
     assert "sliding_attention" in cfg["layer_types"]
     assert all(cfg["sliding_window"] < len(ids) + GREEDY_TOKENS for ids in tokens("gemma3_text"))
     assert all(cfg["sliding_window"] < len(ids) for ids in tokens("gemma3_text"))
+
+
+def test_mistral_windows_every_layer(ckpt, loaded, tokens):
+    """Mistral's sliding window applies to all layers and is shorter than the prompts."""
+    windowed = loaded(ckpt("mistral"))
+    assert windowed.config["layer_types"] == ["sliding_attention"] * windowed.config["num_hidden_layers"]
+    assert all(layer.self_attn.window == 8 for layer in windowed.model.layers)
+    plain = loaded(ckpt("mistral-no-window"))
+    assert set(plain.config["layer_types"]) == {"full_attention"}
+    assert all(layer.self_attn.window is None for layer in plain.model.layers)
+    # same weights (same seed): the first 8 positions agree, later ones see less with the window
+    ids = (tokens("mistral")[0] * 4)[:20]
+    a, b = logits_of(windowed.model, ids), logits_of(plain.model, ids)
+    np.testing.assert_allclose(a[:8], b[:8], rtol=1e-5, atol=1e-5)
+    assert np.abs(a[8:] - b[8:]).max() > 1e-2
 
 
 def test_quirk_cases_are_what_they_claim(ckpt, loaded):

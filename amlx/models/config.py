@@ -44,6 +44,7 @@ ARCHITECTURES = {
     "qwen3": "qwen3",
     "qwen2": "qwen2",
     "llama": "llama",
+    "mistral": "llama",  # the Llama block; every layer in one sliding window when one is set
     "gemma3_text": "gemma3",
 }
 
@@ -391,7 +392,12 @@ def normalize_config(raw: Mapping, path: Any = "config.json", generation_config:
 
     out.update(_rope(ctx, cfg, arch, {**defaults, "rope_local_base_freq": 10_000.0}, out["max_position_embeddings"]))
 
-    out["layer_types"] = _layer_types(ctx, cfg, arch, out["num_hidden_layers"])
+    if text_model_type == "mistral" and cfg.get("layer_types") is None:
+        window = cfg.get("sliding_window")
+        kind = FULL_ATTENTION if window is None else SLIDING_ATTENTION
+        out["layer_types"] = [kind] * out["num_hidden_layers"]
+    else:
+        out["layer_types"] = _layer_types(ctx, cfg, arch, out["num_hidden_layers"])
     if SLIDING_ATTENTION in out["layer_types"]:
         out["sliding_window"] = _int(ctx, cfg, "sliding_window")
     else:

@@ -34,7 +34,7 @@ import torch
 
 from .tokenizers import write_tokenizer
 
-ARCHS = ("qwen3", "gemma3_text", "gemma3", "llama", "qwen2")
+ARCHS = ("qwen3", "gemma3_text", "gemma3", "llama", "qwen2", "mistral")
 
 # Shapes shared by every arch (config_overrides may change any of them).
 _BASE = dict(
@@ -99,6 +99,16 @@ _ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     ),
 }
 _ARCH_DEFAULTS["gemma3"] = _ARCH_DEFAULTS["gemma3_text"]
+# Mistral-7B-v0.1's layout: the Llama block, every layer within a sliding window
+# (shorter here than the test sequences).
+_ARCH_DEFAULTS["mistral"] = dict(
+    rope_theta=10_000.0,
+    rope_scaling=None,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    sliding_window=8,
+)
 
 # A tiny SigLIP tower: 28x28 images, 14x14 patches -> 4 patches -> 4 image tokens.
 _VISION_DEFAULTS = dict(
@@ -116,6 +126,7 @@ _OLD_VERSION = {
     "qwen3": "4.51.0",
     "qwen2": "4.43.1",
     "llama": "4.45.0.dev0",
+    "mistral": "4.34.0.dev0",
     "gemma3_text": "4.50.0.dev0",
     "gemma3": "4.50.0.dev0",
 }
@@ -179,7 +190,7 @@ _SPECIALS = {
 def _family(arch: str) -> str:
     if arch.startswith("gemma"):
         return "gemma"
-    if arch == "llama":
+    if arch in ("llama", "mistral"):
         return "llama"
     return "qwen"
 
@@ -290,6 +301,7 @@ def _build_model(arch: str, text_kw: dict, vision_overrides: dict | None):
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
         "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
     }[arch]
     return cls_model(cls_cfg(**text_kw))
