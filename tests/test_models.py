@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -51,6 +52,14 @@ PROMPTS = (
 )
 GREEDY_TOKENS = 40
 RTOL_F32 = 1e-4
+BF16_RTOL = 0.1  # bfloat16 against the float32 reference: relative to the largest logit
+BF16_AGREEMENT = 0.75  # share of greedy steps where bf16 picks the float32 reference's token
+
+# The parity tests run in float32 on the CPU. On a GPU (the lent CUDA machine)
+# they run the models in bfloat16, the dtype served there, with the bf16
+# tolerances above; AMLX_TEST_PARITY_DTYPE=float32|bfloat16 overrides.
+PARITY_DTYPE = os.environ.get("AMLX_TEST_PARITY_DTYPE") or (
+    "bfloat16" if mx.device.default_device() == "gpu" else "float32")
 
 # name -> (arch, make_checkpoint arguments). Arch defaults: tied embeddings except
 # qwen2; Gemma 3 has a sliding window of 8 on every other layer, shorter than any
@@ -208,28 +217,40 @@ def teacher_forced_agreement(model, prompt: list[int], target: list[int]) -> flo
 PARITY = [n for n in CASES if not n.endswith("-old")]
 
 
+def _parity_model(name, ckpt, loaded):
+    return loaded(ckpt(name), None if PARITY_DTYPE == "float32" else PARITY_DTYPE).model
+
+
 @pytest.mark.parametrize("name", PARITY)
 def test_logits_match_transformers(name, ckpt, ref, loaded, tokens):
-    model = loaded(ckpt(name)).model
+    model = _parity_model(name, ckpt, loaded)
+    rtol = RTOL_F32 if PARITY_DTYPE == "float32" else BF16_RTOL
     for ids in tokens(name):
         want = reference_logits(ref(name), ids)
         got = logits_of(model, ids)
         assert got.shape == want.shape
-        assert rel_err(got[-1], want[-1]) < RTOL_F32
-        assert rel_err(got, want) < RTOL_F32
+        assert rel_err(got[-1], want[-1]) < rtol
+        assert rel_err(got, want) < rtol
 
 
 @pytest.mark.parametrize("name", PARITY)
 def test_greedy_matches_transformers(name, ckpt, ref, loaded, tokens):
-    model = loaded(ckpt(name)).model
+    model = _parity_model(name, ckpt, loaded)
     # every prompt for each arch; the variants (tying, sharding) get the non-ASCII one
     prompts = tokens(name) if name in ARCHS else tokens(name)[1:2]
     for ids in prompts:
         want = reference_greedy(ref(name), ids, GREEDY_TOKENS)
         got, prefill = greedy(model, ids, GREEDY_TOKENS)
-        assert got == want, f"prompt {ids}: first difference at token {_first_diff(got, want)}"
-        # the cached prefill gives the same logits as transformers too
-        assert rel_err(prefill[0][-1], reference_logits(ref(name), ids)[-1]) < RTOL_F32
+        if PARITY_DTYPE == "float32":
+            assert got == want, f"prompt {ids}: first difference at token {_first_diff(got, want)}"
+            # the cached prefill gives the same logits as transformers too
+            assert rel_err(prefill[0][-1], reference_logits(ref(name), ids)[-1]) < RTOL_F32
+        else:
+            # bf16 may part from the float32 reference once; judged per step, and the
+            # cached decode path itself against the same model without cache
+            assert teacher_forced_agreement(model, ids, want) >= BF16_AGREEMENT
+            assert teacher_forced_agreement(model, ids, got) >= 0.9
+            assert rel_err(prefill[0][-1], reference_logits(ref(name), ids)[-1]) < BF16_RTOL
 
 
 def _first_diff(a, b) -> int:
@@ -282,12 +303,13 @@ def test_old_and_new_config_styles_give_identical_logits(arch, ckpt, loaded, tok
 
 @pytest.mark.parametrize("name", ["qwen3", "gemma3_text", "gemma3", "llama", "qwen2"])
 def test_chunked_prefill_gives_the_same_logits(name, ckpt, loaded, tokens):
-    model = loaded(ckpt(name)).model
+    model = _parity_model(name, ckpt, loaded)
+    tol = 1e-5 if PARITY_DTYPE == "float32" else BF16_RTOL
     for ids in tokens(name):
         full = logits_of(model, ids)
         for chunk in (1, 3, 5):
             _, parts = greedy(model, ids, 1, chunk=chunk)
-            assert rel_err(np.concatenate(parts), full) < 1e-5
+            assert rel_err(np.concatenate(parts), full) < tol
 
 
 def test_batched_decode_rows_match_single_rows(ckpt, loaded, tokens):
@@ -360,8 +382,6 @@ def test_fusing_does_not_duplicate_weights(ckpt):
 
 # ---------------------------------------------------------------------------
 # dtype override
-
-BF16_RTOL = 0.1
 
 
 @pytest.mark.parametrize("name", ["qwen3", "gemma3_text", "gemma3", "llama", "qwen2"])
