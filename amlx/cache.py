@@ -23,7 +23,7 @@ from amlx._mlx import Array, array, ops
 from amlx._mlx import bool_ as _bool
 from amlx._mlx import int32 as _int32
 
-BLOCK = 256
+BLOCK = 256  # the default; see KVCache.block
 
 
 def round_up(n: int, block: int = BLOCK) -> int:
@@ -46,8 +46,13 @@ def _window_mask(start: int, end: int, window: int) -> Array:
 
 
 class KVCache:
-    def __init__(self, window: int | None = None):
+    def __init__(self, window: int | None = None, block: int = BLOCK):
         self.window = window
+        # Growth step of the buffers. Where attention reads the whole capacity
+        # (the masked path), a small block saves attention work; where it reads
+        # only filled slots (the CUDA decode kernel), a large one saves retraces
+        # of the compiled step, one per capacity.
+        self.block = block
         self.keys: Array | None = None
         self.values: Array | None = None
 
@@ -64,7 +69,7 @@ class KVCache:
         like_v = self.values if like_v is None else like_v
         b, h, _, d = like_k.shape
         dv = like_v.shape[3]
-        new_cap = round_up(needed)
+        new_cap = round_up(needed, self.block)
         if self.keys is None:
             self.keys = ops.zeros((b, h, new_cap, d), like_k.dtype)
             self.values = ops.zeros((b, h, new_cap, dv), like_v.dtype)

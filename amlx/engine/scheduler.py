@@ -27,6 +27,7 @@ from amlx.engine.channel import Channel
 from amlx.engine.sampling import BatchSampling, RowSampling
 from amlx.errors import AmlxError, ClosedError, MLXError
 from amlx.generate import PREFILL_CHUNK, TextAssembler
+from amlx.models import decode_attention
 from amlx.types import GenerationOptions
 
 
@@ -75,6 +76,8 @@ class Scheduler:
         self._sampling: BatchSampling | None = None  # device sampling state of `rows`
         self._inflight: _Step | None = None  # a decode step launched and not yet read
         self._prepared = False  # the model's derived arrays are evaluated (see Module.prepare)
+        # cache growth step: small where decode attention reads the whole capacity (KVCache.block)
+        self.block = 256 if decode_attention.enabled() else 64
         # Test hook: called with the token ids of every decode step's rows.
         self.before_step = None
 
@@ -125,7 +128,7 @@ class Scheduler:
                 continue
             if len(req.prompt) > self.prefill_chunk:
                 if not group:
-                    req.cache = self.model.make_cache()
+                    req.cache = self.model.make_cache(self.block)
                     self.prefilling = self.waiting.popleft()
                 break
             longest = max(len(req.prompt), max((len(r.prompt) for r in group), default=0))
@@ -143,7 +146,7 @@ class Scheduler:
         ids = np.zeros((len(group), max(lengths)), dtype=np.int32)
         for i, r in enumerate(group):
             ids[i, :lengths[i]] = r.prompt
-        cache = self.model.make_cache()
+        cache = self.model.make_cache(self.block)
         try:
             last = array(np.asarray(lengths, dtype=np.int32) - 1)
             logits = self.model(array(ids), cache, 0, last=last)
@@ -348,7 +351,7 @@ class Scheduler:
         (tokens (B,1), positions (B,), [k0, v0, k1, v1, ...]) -> (logits (B,V), new caches)."""
         step_cache = []
         for i, c in enumerate(self.cache):
-            sc = KVCache(window=c.window)
+            sc = KVCache(window=c.window, block=c.block)
             sc.keys, sc.values = caches[2 * i], caches[2 * i + 1]
             step_cache.append(sc)
         logits = self.model(tokens, step_cache, positions)
@@ -418,7 +421,7 @@ class Scheduler:
         for i, req in enumerate(self.rows):
             row_cache: list[KVCache] = []
             for c in self.cache:
-                rc = KVCache(window=c.window)
+                rc = KVCache(window=c.window, block=c.block)
                 rc.keys = ops.take(c.keys, array(np.asarray([i], np.int32)), 0)
                 rc.values = ops.take(c.values, array(np.asarray([i], np.int32)), 0)
                 row_cache.append(rc)

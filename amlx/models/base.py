@@ -16,7 +16,7 @@ import numpy as np
 
 from amlx._mlx import Array, array, fast, ops
 from amlx._mlx import float32 as _f32
-from amlx.cache import KVCache
+from amlx.cache import BLOCK, KVCache
 from amlx.models import decode_attention
 from amlx.errors import ModelLoadError
 from amlx.models.nn import (Embedding, Linear, Module, QuantizedEmbedding, QuantizedLinear, RMSNorm,
@@ -339,8 +339,8 @@ class CausalLM(Module):
     def layers(self) -> list:
         return self.model.layers
 
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache(window=layer.self_attn.window) for layer in self.model.layers]
+    def make_cache(self, block: int = BLOCK) -> list[KVCache]:
+        return [KVCache(window=layer.self_attn.window, block=block) for layer in self.model.layers]
 
     def close(self) -> None:
         """Releases every weight (and tensors of the checkpoint that went unused)."""
