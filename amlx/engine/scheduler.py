@@ -390,12 +390,15 @@ class Scheduler:
         for i, r in enumerate(self.rows):
             if i not in keep:
                 self._finish(r)
-        self._set_rows([self.rows[i] for i in keep])
-        if not self.rows:
+        if not keep:
+            # The cache goes before the rows: once stats() shows no active request,
+            # the batch's memory is already back.
             for c in self.cache:
                 c.close()
             self.cache = None
+            self._set_rows([])
             return
+        self._set_rows([self.rows[i] for i in keep])
         for c in self.cache:
             c.take_rows(keep)
         ops.eval(*[a for c in self.cache for a in c.state()])
