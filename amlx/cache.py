@@ -30,7 +30,8 @@ def round_up(n: int, block: int = BLOCK) -> int:
     return max(block, -(-n // block) * block)
 
 
-def _memo(memo: dict | None, key, build):
+def memoized(memo: dict | None, key, build):
+    """memo[key], built once by build(); without a memo, build() each time."""
     if memo is None:
         return build()
     if key not in memo:
@@ -93,7 +94,7 @@ class KVCache:
         values = ops.slice(self.values, (0, 0, 0, 0), (b, h, end, self.values.shape[3]))
         if self.window is None or end <= self.window:
             return keys, values, "causal"
-        return keys, values, _memo(memo, ("prefill", start, end, self.window),
+        return keys, values, memoized(memo, ("prefill", start, end, self.window),
                                    lambda: _window_mask(start, end, self.window))
 
     def update_decode(self, k: Array, v: Array, positions: Array, memo: dict | None = None):
@@ -105,10 +106,10 @@ class KVCache:
         forward pass."""
         b, h, _, d = k.shape
         dv = v.shape[3]
-        pos = _memo(memo, ("rows", b), lambda: ops.reshape(positions, (b, 1, 1, 1)))
-        self.keys = ops.put_along_axis(self.keys, _memo(memo, ("at", b, h, d), lambda: ops.broadcast_to(
+        pos = memoized(memo, ("rows", b), lambda: ops.reshape(positions, (b, 1, 1, 1)))
+        self.keys = ops.put_along_axis(self.keys, memoized(memo, ("at", b, h, d), lambda: ops.broadcast_to(
             pos, (b, h, 1, d))), k, 2)
-        self.values = ops.put_along_axis(self.values, _memo(memo, ("at", b, h, dv), lambda: ops.broadcast_to(
+        self.values = ops.put_along_axis(self.values, memoized(memo, ("at", b, h, dv), lambda: ops.broadcast_to(
             pos, (b, h, 1, dv))), v, 2)
         cap, window = self.capacity, self.window
 
@@ -119,7 +120,7 @@ class KVCache:
                 mask = ops.logical_and(mask, slots > pos - window)
             return mask
 
-        return self.keys, self.values, _memo(memo, ("mask", cap, window), visible)
+        return self.keys, self.values, memoized(memo, ("mask", cap, window), visible)
 
     def take_rows(self, rows: list[int]) -> None:
         """Keeps only the given batch rows (in that order)."""

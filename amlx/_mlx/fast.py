@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
-from amlx._mlx._lib import ffi, lib
+from amlx._mlx._lib import check, ffi, lib
 from amlx._mlx.array import Array, _call
+from amlx._mlx.dtypes import Dtype
+from amlx._mlx.ops import _Vec
 
 
 def _opt(a: Array | None):
@@ -55,8 +58,10 @@ def scaled_dot_product_attention(q: Array, k: Array, v: Array, *, scale: float,
                  b"array", mask.handle)
 
 
+@functools.cache
 def cuda_available() -> bool:
-    """Whether MLX runs on its CUDA backend here (custom CUDA kernels can run)."""
+    """Whether MLX runs on its CUDA backend here (custom CUDA kernels can run);
+    fixed for the process, so asked once."""
     return bool(lib.mlxc_cuda_available())
 
 
@@ -70,8 +75,6 @@ class CudaKernel:
 
     def __init__(self, name: str, inputs: list[str], outputs: list[str], source: str, header: str = "",
                  ensure_row_contiguous: bool = True):
-        from amlx._mlx._lib import check
-
         keep = [ffi.new("char[]", s.encode()) for s in inputs + outputs]
         ins = ffi.new("char*[]", keep[:len(inputs)])
         outs = ffi.new("char*[]", keep[len(inputs):])
@@ -84,9 +87,6 @@ class CudaKernel:
     def __call__(self, inputs: list[Array], output_shapes: list[tuple[int, ...]], output_dtypes: list,
                  grid: tuple[int, int, int], threadgroup: tuple[int, int, int],
                  template: dict[str, object] | None = None) -> list[Array]:
-        from amlx._mlx._lib import check
-        from amlx._mlx.dtypes import Dtype
-        from amlx._mlx.ops import _Vec
 
         template = template or {}
         names = [ffi.new("char[]", n.encode()) for n in template]

@@ -16,7 +16,7 @@ import numpy as np
 
 from amlx._mlx import Array, array, fast, ops
 from amlx._mlx import float32 as _f32
-from amlx.cache import BLOCK, KVCache
+from amlx.cache import BLOCK, KVCache, memoized
 from amlx.models import decode_attention
 from amlx.errors import ModelLoadError
 from amlx.models.nn import (Embedding, Linear, Module, QuantizedEmbedding, QuantizedLinear, RMSNorm,
@@ -155,10 +155,7 @@ class Step:
         self.decode_kernel = length == 1 and not isinstance(pos, int) and decode_attention.enabled()
 
     def causal_mask(self, window: int | None) -> str | Array:
-        key = ("causal", window)
-        if key not in self.memo:
-            self.memo[key] = causal_mask(self.length, window)
-        return self.memo[key]
+        return memoized(self.memo, ("causal", window), lambda: causal_mask(self.length, window))
 
 
 class Attention(Module):

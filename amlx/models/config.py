@@ -254,7 +254,8 @@ def _rope(ctx: _Ctx, cfg: Mapping, arch: str, defaults: Mapping, max_pos: int) -
 # attention layout
 
 
-def _layer_types(ctx: _Ctx, cfg: Mapping, arch: str, n_layers: int) -> list[str]:
+def _layer_types(ctx: _Ctx, cfg: Mapping, model_type: str, n_layers: int) -> list[str]:
+    arch = ARCHITECTURES[model_type]
     raw = cfg.get("layer_types")
     if raw is not None:
         if not isinstance(raw, list) or len(raw) != n_layers:
@@ -271,6 +272,8 @@ def _layer_types(ctx: _Ctx, cfg: Mapping, arch: str, n_layers: int) -> list[str]
         if _bool(ctx, cfg, "use_sliding_window", False) and cfg.get("sliding_window") is not None:
             first = _int(ctx, cfg, "max_window_layers", 28, minimum=0)
             return [SLIDING_ATTENTION if i >= first else FULL_ATTENTION for i in range(n_layers)]
+    if model_type == "mistral" and cfg.get("sliding_window") is not None:
+        return [SLIDING_ATTENTION] * n_layers
     return [FULL_ATTENTION] * n_layers
 
 
@@ -392,12 +395,7 @@ def normalize_config(raw: Mapping, path: Any = "config.json", generation_config:
 
     out.update(_rope(ctx, cfg, arch, {**defaults, "rope_local_base_freq": 10_000.0}, out["max_position_embeddings"]))
 
-    if text_model_type == "mistral" and cfg.get("layer_types") is None:
-        window = cfg.get("sliding_window")
-        kind = FULL_ATTENTION if window is None else SLIDING_ATTENTION
-        out["layer_types"] = [kind] * out["num_hidden_layers"]
-    else:
-        out["layer_types"] = _layer_types(ctx, cfg, arch, out["num_hidden_layers"])
+    out["layer_types"] = _layer_types(ctx, cfg, text_model_type, out["num_hidden_layers"])
     if SLIDING_ATTENTION in out["layer_types"]:
         out["sliding_window"] = _int(ctx, cfg, "sliding_window")
     else:

@@ -9,9 +9,9 @@ each step, and decoding small models is bound by exactly that host time.
 
 This kernel reads each row's position instead: row b attends to slots
 max(0, pos[b] - window + 1) .. pos[b] only, with an online softmax in float32
-(one warp per key at a time, several warps per head, merged at the end). It runs only on MLX's CUDA backend; elsewhere (and with
-AMLX_DECODE_KERNEL=0) attention keeps the mask path, which computes the same
-thing.
+(one warp per key at a time, several warps per head, merged at the end). It
+runs only on MLX's CUDA backend; elsewhere (and with AMLX_DECODE_KERNEL=0)
+attention keeps the mask path, which computes the same thing.
 """
 
 from __future__ import annotations

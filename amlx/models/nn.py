@@ -209,25 +209,26 @@ class Linear(Module):
             self.bias = bias
 
     def __call__(self, x: Array) -> Array:
-        return dense(x, self.weight_t(), getattr(self, "bias", None))
-
-    def weight_t(self) -> Array:
-        """The weight as an (in, out) view, made once."""
-        return self._derived("weight_t", self.weight, ops.transpose)
+        return dense(x, weight_t(self), getattr(self, "bias", None))
 
     def derived_arrays(self) -> list[Array]:
-        return [self.weight_t()]
+        return [weight_t(self)]
 
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
 
 
-def dense(x: Array, weight_t: Array, bias: Array | None) -> Array:
-    """x @ weight_t (+ bias)."""
+def weight_t(module: Module) -> Array:
+    """`module.weight` (out, in) as an (in, out) view, made once per weight array."""
+    return module._derived("weight_t", module.weight, ops.transpose)
+
+
+def dense(x: Array, w_t: Array, bias: Array | None) -> Array:
+    """x @ w_t (+ bias), w_t an (in, out) weight."""
     if bias is not None:
-        return ops.addmm(bias, x, weight_t)
-    return x @ weight_t
+        return ops.addmm(bias, x, w_t)
+    return x @ w_t
 
 
 class QuantizedLinear(Module):
@@ -262,10 +263,10 @@ class Embedding(Module):
 
     def as_linear(self, x: Array) -> Array:
         """Tied output projection: x @ E^T."""
-        return x @ self._derived("weight_t", self.weight, ops.transpose)
+        return x @ weight_t(self)
 
     def derived_arrays(self) -> list[Array]:
-        return [self._derived("weight_t", self.weight, ops.transpose)]
+        return [weight_t(self)]
 
 
 class QuantizedEmbedding(Module):

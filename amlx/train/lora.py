@@ -44,7 +44,7 @@ from amlx._mlx import Array, io, ops, random
 from amlx._mlx import eval as mx_eval
 from amlx._mlx import float32 as _f32
 from amlx.errors import ModelLoadError
-from amlx.models.nn import Linear, Module, QuantizedLinear, dense
+from amlx.models.nn import Linear, Module, QuantizedLinear, dense, weight_t
 
 __all__ = ["DEFAULT_TARGETS", "LoRALinear", "LoRAConfig", "apply_lora", "remove_lora", "lora_modules",
            "save_adapter", "load_adapter", "apply_adapter", "fuse_lora", "fuse", "set_dropout_keys",
@@ -112,10 +112,10 @@ class LoRALinear(Module):
         if self._quantized:
             y = ops.quantized_matmul(x, self.weight, self.scales, self.biases, True, self._group_size, self._bits)
             return y + bias if bias is not None else y
-        return dense(x, self._derived("weight_t", self.weight, ops.transpose), bias)
+        return dense(x, weight_t(self), bias)
 
     def derived_arrays(self) -> list[Array]:
-        return [] if self._quantized else [self._derived("weight_t", self.weight, ops.transpose)]
+        return [] if self._quantized else [weight_t(self)]
 
     def __call__(self, x: Array) -> Array:
         y = self._base(x)
