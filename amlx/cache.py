@@ -104,13 +104,7 @@ class KVCache:
         buffers and a boolean mask (B, 1, 1, capacity) of the visible slots.
         `memo` shares the write indices and masks between the layers of one
         forward pass."""
-        b, h, _, d = k.shape
-        dv = v.shape[3]
-        pos = memoized(memo, ("rows", b), lambda: ops.reshape(positions, (b, 1, 1, 1)))
-        self.keys = ops.put_along_axis(self.keys, memoized(memo, ("at", b, h, d), lambda: ops.broadcast_to(
-            pos, (b, h, 1, d))), k, 2)
-        self.values = ops.put_along_axis(self.values, memoized(memo, ("at", b, h, dv), lambda: ops.broadcast_to(
-            pos, (b, h, 1, dv))), v, 2)
+        pos = self.write_decode(k, v, positions, memo)
         cap, window = self.capacity, self.window
 
         def visible() -> Array:
@@ -121,6 +115,18 @@ class KVCache:
             return mask
 
         return self.keys, self.values, memoized(memo, ("mask", cap, window), visible)
+
+    def write_decode(self, k: Array, v: Array, positions: Array, memo: dict | None = None) -> Array:
+        """The write of `update_decode` alone (for attention that reads the
+        cache itself); returns the positions as (B, 1, 1, 1)."""
+        b, h, _, d = k.shape
+        dv = v.shape[3]
+        pos = memoized(memo, ("rows", b), lambda: ops.reshape(positions, (b, 1, 1, 1)))
+        self.keys = ops.put_along_axis(self.keys, memoized(memo, ("at", b, h, d), lambda: ops.broadcast_to(
+            pos, (b, h, 1, d))), k, 2)
+        self.values = ops.put_along_axis(self.values, memoized(memo, ("at", b, h, dv), lambda: ops.broadcast_to(
+            pos, (b, h, 1, dv))), v, 2)
+        return pos
 
     def take_rows(self, rows: list[int]) -> None:
         """Keeps only the given batch rows (in that order)."""

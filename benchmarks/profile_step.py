@@ -53,6 +53,7 @@ def profile(model, batch: int, steps: int) -> dict:
 
     split = {"call": [], "sample": [], "launch": []}
     nodes = [0]
+    kinds = [{}]
 
     def launch(tokens, count=False):
         nonlocal pos
@@ -66,7 +67,7 @@ def profile(model, batch: int, steps: int) -> dict:
         new, lps = sampling(logits)
         outs = [new, lps, *sampling.state(), *[a for c in sched.cache for a in c.state()]]
         if count:
-            nodes[0] = ops.graph_summary(*outs)[0]
+            nodes[0], kinds[0] = ops.graph_summary(*outs)
         t2 = time.perf_counter()
         ops.async_eval(*outs)
         t3 = time.perf_counter()
@@ -105,7 +106,7 @@ def profile(model, batch: int, steps: int) -> dict:
         c.close()
     if sched._step_fn is not None:
         sched._step_fn.close()
-    return {"batch": batch, "nodes": nodes[0], **{f"{k}_ms": v for k, v in parts.items()},
+    return {"batch": batch, "nodes": nodes[0], "kinds": kinds[0], **{f"{k}_ms": v for k, v in parts.items()},
             "host_ms": 1e3 * float(np.median(host)), "sync_ms": 1e3 * float(np.median(sync)),
             "device_ms": 1e3 * float(np.median(sync) - np.median(host)), "piped_ms": 1e3 * piped,
             "piped_tok_s": batch / piped}
@@ -142,6 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prefill", type=int, default=2048, help="also time a prompt of this length (0: skip)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per batch size; the fastest is shown")
+    ap.add_argument("--kinds", action="store_true", help="also list the step's nodes by primitive")
     ap.add_argument("--compare-kernel", action="store_true",
                     help="each batch size with the CUDA decode-attention kernel on and off (AMLX_DECODE_KERNEL)")
     args = ap.parse_args(argv)
@@ -170,6 +172,9 @@ def main(argv=None) -> int:
                     print(f"| {label} | {r['nodes']} | {r['call_ms']:.2f} | {r['sample_ms']:.2f} | "
                           f"{r['launch_ms']:.2f} | {r['host_ms']:.2f} | {r['sync_ms']:.2f} | {r['device_ms']:.2f} | "
                           f"{r['piped_ms']:.2f} | {r['piped_tok_s']:.0f} |", flush=True)
+                    if args.kinds:
+                        print("   nodes by primitive:", ", ".join(f"{n} {c}" for n, c in sorted(
+                            r["kinds"].items(), key=lambda kv: -kv[1])), flush=True)
             if args.prefill:
                 r = model._worker.run_sync(lambda: prefill_speed(model, args.prefill))
                 print(f"prefill {args.prefill} tokens: {r['ms']:.1f} ms, {r['tok_s']:.0f} tok/s, "

@@ -17,7 +17,7 @@ import numpy as np
 from amlx._mlx import Array, array, fast, ops
 from amlx._mlx import float32 as _f32
 from amlx.cache import BLOCK, KVCache, memoized
-from amlx.models import decode_attention
+from amlx.models import decode_attention, step_kernels
 from amlx.errors import ModelLoadError
 from amlx.models.nn import (Embedding, Linear, Module, QuantizedEmbedding, QuantizedLinear, RMSNorm,
                             split_outputs)
@@ -109,6 +109,8 @@ class RoPE:
         self.base: float | None = base
         self.scale = 1.0
         self.freqs: Array | None = None
+        self._periods = np.asarray(base, np.float64) ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
+        self._inv_freq: Array | None = None
         kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         if kind in (None, "default"):
             pass
@@ -119,14 +121,24 @@ class RoPE:
 
             inv = llama3_rope_freqs(dims, base, scaling)
             # MLX's rope takes the period of each pair (1 / inverse frequency).
-            self.freqs = array((1.0 / np.asarray(inv, dtype=np.float64)).astype(np.float32), _f32)
+            self._periods = 1.0 / np.asarray(inv, dtype=np.float64)
+            self.freqs = array(self._periods.astype(np.float32), _f32)
             self.base = None
         else:
             raise ModelLoadError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
     def close(self) -> None:
-        if self.freqs is not None:
-            self.freqs.close()
+        for a in (self.freqs, self._inv_freq):
+            if a is not None:
+                a.close()
+        self.freqs = self._inv_freq = None
+
+    def inv_freq(self) -> Array:
+        """(dims/2,) float32: the angle per position of each rotated pair, the
+        position scale included (for kernels that rotate by themselves)."""
+        if self._inv_freq is None:
+            self._inv_freq = array((self.scale / self._periods).astype(np.float32), _f32)
+        return self._inv_freq
 
     def __call__(self, x: Array, offset: int | Array) -> Array:
         return fast.rope(x, self.dims, traditional=False, base=self.base, scale=self.scale, offset=offset,
@@ -187,43 +199,59 @@ class Attention(Module):
         return [self.q_proj, self.k_proj, self.v_proj]
 
     def derived_arrays(self) -> list[Array]:
-        return self._fuse("qkv", self._projections())
+        return self._fuse("qkv", self._projections()) + [self._rope.inv_freq()]
 
-    def _qkv(self, x: Array, step: Step) -> tuple[Array, Array, Array]:
-        """q (B, H, L, D) and k, v (B, KVH, L, D)."""
+    def _qkv_rows(self, x: Array) -> Array:
+        """(B*L, (H + 2*KVH) * D): [q heads | k heads | v heads] per position."""
         layers = self._projections()
         fused = self._fused("qkv", layers)
         if fused is None:
-            return (self._heads(self.q_proj(x), step, self._n_heads), self._heads(self.k_proj(x), step, self._n_kv),
-                    self._heads(self.v_proj(x), step, self._n_kv))
-        # The fused output is [q heads | k heads | v heads] per position: one
-        # reshape to heads, then one split, instead of a split and three reshapes.
-        y = self._heads(fused(x), step, self._n_heads + 2 * self._n_kv)
+            return ops.concatenate([m(x) for m in layers], axis=1)
+        return fused(x)
+
+    def _qkv(self, x: Array, step: Step) -> tuple[Array, Array, Array]:
+        """q (B, H, L, D) and k, v (B, KVH, L, D): one reshape to heads, then
+        one split, instead of a split and three reshapes."""
+        y = self._heads(self._qkv_rows(x), step, self._n_heads + 2 * self._n_kv)
         q, k, v = ops.split(y, [self._n_heads, self._n_heads + self._n_kv], axis=1)
         return q, k, v
 
+    def _decode_kernel(self, x: Array, cache: KVCache, step: Step) -> Array | None:
+        """The decode step as one kernel (norms, rotation, attention; see
+        `decode_attention`) plus the cache write; None where it does not apply."""
+        qkv = self._qkv_rows(x)
+        norms = [getattr(self, "q_norm", None), getattr(self, "k_norm", None)]
+        if norms[0] is not None and not all(isinstance(n, RMSNorm) and n.eps == norms[0].eps for n in norms):
+            return None
+        if cache.keys is None or not decode_attention.supports(qkv, cache.keys, self._n_heads) or (
+                self._rope.dims != self._head_dim):
+            return None
+        q_w, k_w = (None, None) if norms[0] is None else (n.norm_weight() for n in norms)
+        o, k_new, v_new = decode_attention.decode_attention(
+            qkv, cache.keys, cache.values, step.pos, heads=self._n_heads, scale=self._scale, window=self.window,
+            inv_freq=self._rope.inv_freq(), q_norm=q_w, k_norm=k_w, eps=0.0 if norms[0] is None else norms[0].eps)
+        cache.write_decode(k_new, v_new, step.pos, step.memo)
+        return o
+
     def __call__(self, x: Array, cache: KVCache | None, step: Step) -> Array:
+        if step.decode_kernel and cache is not None:
+            o = self._decode_kernel(x, cache, step)
+            if o is not None:
+                return self.o_proj(o)
         q, k, v = self._qkv(x, step)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self._rope(q, step.pos), self._rope(k, step.pos)
-        o = None
         if cache is None:
             keys, values, mask = k, v, step.causal_mask(self.window)
         elif isinstance(step.pos, int):
             keys, values, mask = cache.update_prefill(k, v, step.pos, step.memo)
         else:
-            # (the mask is left unused, and so never computed, when the kernel runs)
             keys, values, mask = cache.update_decode(k, v, step.pos, step.memo)
-            if step.decode_kernel and decode_attention.supports(q, keys):
-                # already (B, H*D), the layout o_proj takes
-                o = decode_attention.decode_attention(q, keys, values, step.pos, self._scale, self.window)
-        if o is None:
-            o = fast.scaled_dot_product_attention(q, keys, values, scale=self._scale, mask=mask)
-            if step.length > 1:
-                o = ops.transpose(o, (0, 2, 1, 3))
-            o = ops.reshape(o, (step.batch * step.length, self._n_heads * self._head_dim))
-        return self.o_proj(o)
+        o = fast.scaled_dot_product_attention(q, keys, values, scale=self._scale, mask=mask)
+        if step.length > 1:
+            o = ops.transpose(o, (0, 2, 1, 3))
+        return self.o_proj(ops.reshape(o, (step.batch * step.length, self._n_heads * self._head_dim)))
 
 
 class GatedMLP(Module):
@@ -238,9 +266,13 @@ class GatedMLP(Module):
     def derived_arrays(self) -> list[Array]:
         return self._fuse("gate_up", [self.gate_proj, self.up_proj])
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, step: Step | None = None) -> Array:
         layers = [self.gate_proj, self.up_proj]
         fused = self._fused("gate_up", layers)
+        act = _KERNEL_ACTIVATIONS.get(self._act)
+        if fused is not None and act is not None and step is not None and step.decode_kernel and \
+                step_kernels.supports(x):
+            return self.down_proj(step_kernels.gated_activation(fused(x), act))
         if fused is not None:
             gate, up = split_outputs(fused(x), layers)
         else:
@@ -255,6 +287,23 @@ def silu(x: Array) -> Array:
 def gelu_tanh(x: Array) -> Array:
     c = math.sqrt(2.0 / math.pi)
     return 0.5 * x * (1.0 + ops.tanh(c * (x + 0.044715 * (x * x * x))))
+
+
+# the activations step_kernels.gated_activation computes, by its names
+_KERNEL_ACTIVATIONS = {silu: "silu", gelu_tanh: "gelu_tanh"}
+
+
+def residual(step: Step, x: Array, y: Array, norm: Module, pre: Module | None = None) -> tuple[Array, Array]:
+    """The residual stream after adding y (or pre(y), a norm of it) to x, and
+    `norm` of it: one kernel in decode steps on CUDA, where it applies."""
+    norms = [norm] if pre is None else [pre, norm]
+    if step.decode_kernel and all(isinstance(n, RMSNorm) for n in norms) and step_kernels.supports(
+            x, *(n.norm_weight() for n in norms)):
+        if pre is None:
+            return step_kernels.residual_norm(x, y, norm.norm_weight(), norm.eps)
+        return step_kernels.residual_norm(x, y, norm.norm_weight(), norm.eps, pre.norm_weight(), pre.eps)
+    total = x + (y if pre is None else pre(y))
+    return total, norm(total)
 
 
 @dataclass
@@ -290,9 +339,16 @@ class Decoder(Module):
         if self._embed_scale is not None:
             # Rounded to the activation dtype first, as the reference does.
             h = h * array(self._embed_scale, _f32).astype(h.dtype)
+        if not self.layers:
+            return self.norm(h)
+        # Each layer hands on its output together with the next layer's input
+        # norm of it (the final norm after the last), so that the residual add
+        # and that norm can run as one kernel.
+        normed = self.layers[0].input_layernorm(h)
         for i, layer in enumerate(self.layers):
-            h = layer(h, None if cache is None else cache[i], step)
-        return self.norm(h)
+            after = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            h, normed = layer(h, normed, None if cache is None else cache[i], step, after)
+        return normed
 
 
 class CausalLM(Module):

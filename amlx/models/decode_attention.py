@@ -26,16 +26,48 @@ __device__ float amlx_warp_sum(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
+
+// RMSNorm over one head held by a warp (E values per lane), rounded as MLX's
+// rms_norm rounds: the normalised value to T, then times the weight in T.
+template <typename T, int E, typename W>
+__device__ void amlx_head_rms_norm(float* x, const W* w, float eps, int dim) {
+  float ss = 0.0f;
+  for (int e = 0; e < E; ++e) ss += x[e] * x[e];
+  const float r = rsqrtf(amlx_warp_sum(ss) / dim + eps);
+  for (int e = 0; e < E; ++e) {
+    const float n = static_cast<float>(static_cast<T>(x[e] * r));
+    x[e] = static_cast<float>(static_cast<T>(static_cast<float>(w[e]) * n));
+  }
+}
+
+// Rotary embedding, rotate-half convention, of one head held by a warp at
+// position pos; the partner of lane l's values is in lane l ^ 16.
+template <typename T, int E, int HALF>
+__device__ void amlx_rope_half(float* x, const float* inv_freq, int lane, int pos) {
+  for (int e = 0; e < E; ++e) {
+    const float other = __shfl_xor_sync(0xffffffffu, x[e], 16);
+    float s, c;
+    sincosf(static_cast<float>(pos) * inv_freq[(lane * E + e) % HALF], &s, &c);
+    const float y = lane < 16 ? x[e] * c - other * s : x[e] * c + other * s;
+    x[e] = static_cast<float>(static_cast<T>(y));
+  }
+}
 """
 
-# q (B, H, 1, D), keys/values (B, KVH, capacity, D), pos (B,) int32 -> out (B, H*D).
-# One block of WARPS warps per (head, row). Lane l holds dimensions
-# [l*E, l*E + E) of q, of every key and value it reads and of its partial
-# output (E = D / 32, so a warp reads one key row in one coalesced pass).
-# Warp w takes keys first + w, first + w + WARPS, ... with its own online
-# softmax; the warps' partial results are merged at the end.
+# qkv (B, (H + 2*KVH) * D): one row's fused projection [q heads | k heads | v
+# heads]; keys/values (B, KVH, capacity, D) hold positions < pos[b]; pos (B,)
+# int32; inv_freq (D/2,) float32 rotary frequencies (position scale included).
+# Outputs: out (B, H*D), and the row's new key and value (B, KVH, 1, D) for the
+# cache write that follows. One block of WARPS warps per (head, row). Lane l
+# holds dimensions [l*E, l*E + E) of q, of every key and value it reads and of
+# its partial output (E = D / 32, so a warp reads one key row in one coalesced
+# pass); the rotate-half partner of dimension d (d +- D/2) sits in lane l ^ 16.
+# Warp w takes slots first + w, first + w + WARPS, ... with its own online
+# softmax; the new position's key and value come from registers, not the cache.
+# The partial results of the warps are merged at the end.
 _SOURCE = r"""
   constexpr int E = D / 32;
+  constexpr int HALF = D / 2;
   const int h = blockIdx.x, b = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int kvh = h / (H / KVH);
@@ -44,28 +76,47 @@ _SOURCE = r"""
   __shared__ float warp_out[WARPS][D];
   const float scale = __int_as_float(SCALE_BITS);
   const float neg_inf = __int_as_float(0xff800000);
-  float qr[E], acc[E];
-  const T* qp = q + ((size_t)b * H + h) * D + lane * E;
+  const int last = pos[b];
+  const T* row = qkv + (size_t)b * (H + 2 * KVH) * D + lane * E;
+  float qr[E], kn[E], vn[E], acc[E];
   for (int e = 0; e < E; ++e) {
-    qr[e] = static_cast<float>(qp[e]) * scale;
+    qr[e] = static_cast<float>(row[h * D + e]);
+    kn[e] = static_cast<float>(row[(H + kvh) * D + e]);
+    vn[e] = static_cast<float>(row[(H + KVH + kvh) * D + e]);
     acc[e] = 0.0f;
   }
-  const int last = pos[b];
+$QK_NORM$  amlx_rope_half<T, E, HALF>(qr, inv_freq, lane, last);
+  amlx_rope_half<T, E, HALF>(kn, inv_freq, lane, last);
+  if (warp == 0 && h % (H / KVH) == 0) {
+    const size_t at = ((size_t)b * KVH + kvh) * D + lane * E;
+    for (int e = 0; e < E; ++e) {
+      k_new[at + e] = static_cast<T>(kn[e]);
+      v_new[at + e] = static_cast<T>(vn[e]);
+    }
+  }
+  for (int e = 0; e < E; ++e) qr[e] *= scale;
   const int first = WINDOW > 0 ? max(0, last - WINDOW + 1) : 0;
   const size_t cap = keys_shape[2];  // a runtime value: no new kernel per capacity
   const size_t base = ((size_t)b * KVH + kvh) * cap * D + lane * E;
   float m = neg_inf, l = 0.0f;
   for (int j = first + warp; j <= last; j += WARPS) {
-    const T* kr = keys + base + (size_t)j * D;
-    const T* vr = values + base + (size_t)j * D;
+    float kr[E], vr[E];
+    if (j == last) {
+      for (int e = 0; e < E; ++e) { kr[e] = kn[e]; vr[e] = vn[e]; }
+    } else {
+      for (int e = 0; e < E; ++e) {
+        kr[e] = static_cast<float>(keys[base + (size_t)j * D + e]);
+        vr[e] = static_cast<float>(values[base + (size_t)j * D + e]);
+      }
+    }
     float part = 0.0f;
-    for (int e = 0; e < E; ++e) part += qr[e] * static_cast<float>(kr[e]);
+    for (int e = 0; e < E; ++e) part += qr[e] * kr[e];
     const float s = amlx_warp_sum(part);
     const float m_new = fmaxf(m, s);
     const float alpha = expf(m - m_new);
     const float p = expf(s - m_new);
     l = l * alpha + p;
-    for (int e = 0; e < E; ++e) acc[e] = acc[e] * alpha + p * static_cast<float>(vr[e]);
+    for (int e = 0; e < E; ++e) acc[e] = acc[e] * alpha + p * vr[e];
     m = m_new;
   }
   if (lane == 0) {
@@ -88,9 +139,15 @@ _SOURCE = r"""
   }
 """
 
+# Qwen 3 and Gemma 3 normalise each q and k head before the rotation.
+_QK_NORM = """
+  amlx_head_rms_norm<T, E>(qr, q_norm + lane * E, __int_as_float(EPS_BITS), D);
+  amlx_head_rms_norm<T, E>(kn, k_norm + lane * E, __int_as_float(EPS_BITS), D);
+"""
+
 WARPS = 16  # keys in flight per (head, row); a block is WARPS * 32 threads
 
-_KERNEL: fast.CudaKernel | None = None
+_KERNELS: dict[bool, fast.CudaKernel] = {}
 _DTYPES = (bfloat16, float16, float32)
 
 
@@ -101,33 +158,47 @@ def enabled() -> bool:
     return fast.cuda_available() and device.default_device() == "gpu"
 
 
-def _kernel() -> fast.CudaKernel:
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = fast.CudaKernel("amlx_decode_attention", ["q", "keys", "values", "pos"], ["out"], _SOURCE,
-                                  header=_HEADER)
-    return _KERNEL
+def _kernel(qk_norm: bool) -> fast.CudaKernel:
+    if qk_norm not in _KERNELS:
+        norms = ["q_norm", "k_norm"] if qk_norm else []
+        _KERNELS[qk_norm] = fast.CudaKernel(
+            "amlx_decode_attention" + ("_qk_norm" if qk_norm else ""),
+            ["qkv", *norms, "inv_freq", "keys", "values", "pos"], ["out", "k_new", "v_new"],
+            _SOURCE.replace("$QK_NORM$", _QK_NORM if qk_norm else ""), header=_HEADER)
+    return _KERNELS[qk_norm]
 
 
-def supports(q: Array, keys: Array) -> bool:
-    b, heads, length, dim = q.shape
-    kv_heads = keys.shape[1]
-    return (length == 1 and q.dtype in _DTYPES and keys.dtype is q.dtype and dim % 32 == 0
-            and 32 <= dim <= 512 and heads % kv_heads == 0)
+def supports(qkv: Array, keys: Array, heads: int) -> bool:
+    kv_heads, dim = keys.shape[1], keys.shape[3]
+    return (qkv.dtype in _DTYPES and keys.dtype is qkv.dtype and dim % 32 == 0 and 32 <= dim <= 512
+            and heads % kv_heads == 0 and qkv.shape[1] == (heads + 2 * kv_heads) * dim)
 
 
-def decode_attention(q: Array, keys: Array, values: Array, positions: Array, scale: float,
-                     window: int | None) -> Array:
-    """softmax(scale * q k^T) v for one query per row over slots
-    [pos - window + 1, pos] (all of 0..pos without a window). q (B, H, 1, D),
-    keys/values (B, KVH, capacity, D) with D == q's, positions (B,) int32.
-    Returns (B, H*D): the heads side by side, as the output projection takes them."""
-    b, heads, _, dim = q.shape
-    kv_heads = keys.shape[1]
-    scale_bits = struct.unpack("<i", struct.pack("<f", float(scale)))[0]
+def _bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", float(x)))[0]
+
+
+def decode_attention(qkv: Array, keys: Array, values: Array, positions: Array, *, heads: int, scale: float,
+                     window: int | None, inv_freq: Array, q_norm: Array | None = None,
+                     k_norm: Array | None = None, eps: float = 0.0) -> tuple[Array, Array, Array]:
+    """One decode step of attention from the fused q/k/v projection.
+
+    qkv (B, (H + 2*KVH) * D) holds each row's new token; keys/values (B, KVH,
+    capacity, D) the cache, read at positions < `positions` (B,) int32. The new
+    q and k get their head RMSNorm (weights `q_norm`/`k_norm`, both or neither)
+    and the rotary embedding (`inv_freq`: (D/2,) float32 angles per position);
+    then softmax(scale * q k^T) v over slots [pos - window + 1, pos] (all of
+    0..pos without a window). Returns (out, k_new, v_new): out (B, H*D), the
+    heads side by side as the output projection takes them, and the new key and
+    value (B, KVH, 1, D) to write into the cache at `positions`."""
+    b = qkv.shape[0]
+    kv_heads, dim = keys.shape[1], keys.shape[3]
     threads = 32 * WARPS
-    (out,) = _kernel()([q, keys, values, positions], [(b, heads * dim)], [q.dtype],
-                       grid=(heads * threads, b, 1), threadgroup=(threads, 1, 1),
-                       template={"T": q.dtype, "H": heads, "KVH": kv_heads, "D": dim,
-                                 "WINDOW": window or 0, "WARPS": WARPS, "SCALE_BITS": scale_bits})
-    return out
+    qk_norm = q_norm is not None
+    norms = [q_norm, k_norm] if qk_norm else []
+    new_shape = (b, kv_heads, 1, dim)
+    return tuple(_kernel(qk_norm)(
+        [qkv, *norms, inv_freq, keys, values, positions], [(b, heads * dim), new_shape, new_shape],
+        [qkv.dtype] * 3, grid=(heads * threads, b, 1), threadgroup=(threads, 1, 1),
+        template={"T": qkv.dtype, "H": heads, "KVH": kv_heads, "D": dim, "WINDOW": window or 0, "WARPS": WARPS,
+                  "SCALE_BITS": _bits(scale), "EPS_BITS": _bits(eps)}))

@@ -7,29 +7,23 @@ GELU (tanh) MLP; sliding-window local layers with their own rope base."""
 
 from __future__ import annotations
 
-from amlx._mlx import Array, fast
+from amlx._mlx import Array
 from amlx.cache import KVCache
 from amlx.errors import ModelLoadError
-from amlx.models.base import Attention, CausalLM, Decoder, GatedMLP, ModelInfo, RoPE, Step, Weights, gelu_tanh
+from amlx.models.base import (Attention, CausalLM, Decoder, GatedMLP, ModelInfo, RoPE, Step, Weights, gelu_tanh,
+                              residual)
 from amlx.models.config import SLIDING_ATTENTION
-from amlx.models.nn import Module
+from amlx.models.nn import Module, RMSNorm
 
 
-class GemmaRMSNorm(Module):
+class GemmaRMSNorm(RMSNorm):
     """RMSNorm scaling by (1 + weight); the checkpoint's weight is kept as is."""
 
-    def __init__(self, weight: Array, eps: float):
-        self.weight = weight
-        self._eps = eps
-
-    def __call__(self, x: Array) -> Array:
-        return fast.rms_norm(x, self._scale(), self._eps)
-
-    def _scale(self) -> Array:
+    def norm_weight(self) -> Array:
         return self._derived("scale", self.weight, lambda w: 1.0 + w)
 
     def derived_arrays(self) -> list[Array]:
-        return [self._scale()]
+        return [self.norm_weight()]
 
 
 class GemmaBlock(Module):
@@ -48,9 +42,13 @@ class GemmaBlock(Module):
         self.mlp = GatedMLP(w, f"{p}.mlp", h, cfg["intermediate_size"], gelu_tanh)
         self.post_feedforward_layernorm = norm(f"{p}.post_feedforward_layernorm")
 
-    def __call__(self, x: Array, cache: KVCache | None, step: Step) -> Array:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cache, step))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    def __call__(self, x: Array, normed: Array, cache: KVCache | None, step: Step,
+                 after: Module) -> tuple[Array, Array]:
+        """x: the residual stream, normed: input_layernorm(x); returns the new
+        stream and `after` (the next layer's input norm, or the final norm) of it."""
+        attn = self.self_attn(normed, cache, step)
+        x, normed = residual(step, x, attn, self.pre_feedforward_layernorm, pre=self.post_attention_layernorm)
+        return residual(step, x, self.mlp(normed, step), after, pre=self.post_feedforward_layernorm)
 
 
 def build(cfg: dict, w: Weights) -> CausalLM:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from amlx._mlx import Array
 from amlx.cache import KVCache
-from amlx.models.base import Attention, CausalLM, Decoder, GatedMLP, ModelInfo, RoPE, Step, Weights, silu
+from amlx.models.base import (Attention, CausalLM, Decoder, GatedMLP, ModelInfo, RoPE, Step, Weights, residual,
+                              silu)
 from amlx.models.config import SLIDING_ATTENTION
 from amlx.models.nn import Module
 from amlx.errors import ModelLoadError
@@ -23,9 +24,12 @@ class PreNormBlock(Module):
         self.post_attention_layernorm = w.norm(f"{p}.post_attention_layernorm", h, eps)
         self.mlp = GatedMLP(w, f"{p}.mlp", h, cfg["intermediate_size"], silu)
 
-    def __call__(self, x: Array, cache: KVCache | None, step: Step) -> Array:
-        x = x + self.self_attn(self.input_layernorm(x), cache, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x: Array, normed: Array, cache: KVCache | None, step: Step,
+                 after: Module) -> tuple[Array, Array]:
+        """x: the residual stream, normed: input_layernorm(x); returns the new
+        stream and `after` (the next layer's input norm, or the final norm) of it."""
+        x, normed = residual(step, x, self.self_attn(normed, cache, step), self.post_attention_layernorm)
+        return residual(step, x, self.mlp(normed, step), after)
 
 
 def build_prenorm(cfg: dict, w: Weights, model_type: str) -> CausalLM:

@@ -288,4 +288,12 @@ class RMSNorm(Module):
         self._eps = eps
 
     def __call__(self, x: Array) -> Array:
-        return fast.rms_norm(x, self.weight, self._eps)
+        return fast.rms_norm(x, self.norm_weight(), self._eps)
+
+    def norm_weight(self) -> Array:
+        """The array the normalised values are multiplied by."""
+        return self.weight
+
+    @property
+    def eps(self) -> float:
+        return self._eps

@@ -1,0 +1,144 @@
+"""Two small CUDA kernels of the decode step: residual add with RMSNorm, and
+the gated activation of the MLP.
+
+A decode step of a small model is bound by host time, and that is about a
+fixed cost per graph node. Each of these kernels is one node where the plain
+ops take two or three (an add, then a norm; a split, then the activation and
+the product), in every layer. They compute in float32 and round to the
+activation dtype where the plain ops' results are rounded (the residual sum,
+the normalised value), so they agree with those ops to the last bit or one
+rounding step. Used only on MLX's CUDA backend in decode steps (see
+`decode_attention.enabled`); everywhere else the plain ops run.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from amlx._mlx import Array, bfloat16, fast, float16, float32
+
+_DTYPES = (bfloat16, float16, float32)
+THREADS = 256
+
+_HEADER = r"""
+// Sum of v over the block (blockDim.x a multiple of 32, at most 1024 threads).
+__device__ float amlx_block_sum(float v, float* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.0f;
+  for (int w = 0; w < blockDim.x / 32; ++w) total += scratch[w];
+  return total;
+}
+
+template <typename T, typename W>
+__device__ T amlx_norm_value(float x, float r, const W* w, int c) {
+  const float n = static_cast<float>(static_cast<T>(x * r));
+  return static_cast<T>(static_cast<float>(w[c]) * n);
+}
+"""
+
+# x, y (N, C); optional pre_w (C): y is first RMS-normalised with it (Gemma's
+# norm after attention and after the MLP); w (C). One block per row.
+# Outputs: total = x + y (rounded to T), normed = rms_norm(total) * w.
+_RESIDUAL = r"""
+  __shared__ float scratch[32];
+  const int n = blockIdx.x;
+  const int C = x_shape[1];
+  const T* xr = x + (size_t)n * C;
+  const T* yr = y + (size_t)n * C;
+  T* tr = total + (size_t)n * C;
+  T* nr = normed + (size_t)n * C;
+  float ry = 1.0f;
+  $PRE_RMS$
+  float ss = 0.0f;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    $Y_VALUE$
+    const T t = static_cast<T>(static_cast<float>(xr[c]) + yv);
+    tr[c] = t;
+    ss += static_cast<float>(t) * static_cast<float>(t);
+  }
+  const float r = rsqrtf(amlx_block_sum(ss, scratch) / C + __int_as_float(EPS_BITS));
+  for (int c = threadIdx.x; c < C; c += blockDim.x) nr[c] = amlx_norm_value<T>(static_cast<float>(tr[c]), r, w, c);
+"""
+
+_PLAIN_Y = "const float yv = static_cast<float>(yr[c]);"
+_PRE_RMS = r"""
+  float ssy = 0.0f;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) ssy += static_cast<float>(yr[c]) * static_cast<float>(yr[c]);
+  ry = rsqrtf(amlx_block_sum(ssy, scratch) / C + __int_as_float(PRE_EPS_BITS));
+"""
+_NORMED_Y = "const float yv = static_cast<float>(amlx_norm_value<T>(static_cast<float>(yr[c]), ry, pre_w, c));"
+
+# gate_up (N, 2I) = [gate | up] per row -> out (N, I) = act(gate) * up.
+_GATED = r"""
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const size_t width = gate_up_shape[1] / 2;
+  if (i >= (size_t)gate_up_shape[0] * width) return;
+  const size_t n = i / width, c = i % width;
+  const float g = static_cast<float>(gate_up[n * 2 * width + c]);
+  const float u = static_cast<float>(gate_up[n * 2 * width + width + c]);
+  float a;
+  if (ACT == 0) {
+    a = g / (1.0f + expf(-g));
+  } else {
+    a = 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+  }
+  out[i] = static_cast<T>(a * u);
+"""
+
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+
+_KERNELS: dict[str, fast.CudaKernel] = {}
+
+
+def _kernel(name: str) -> fast.CudaKernel:
+    if name not in _KERNELS:
+        if name == "residual":
+            k = fast.CudaKernel("amlx_residual_norm", ["x", "y", "w"], ["total", "normed"],
+                                _RESIDUAL.replace("$PRE_RMS$", "").replace("$Y_VALUE$", _PLAIN_Y), header=_HEADER)
+        elif name == "residual_pre":
+            k = fast.CudaKernel("amlx_residual_prenorm", ["x", "y", "pre_w", "w"], ["total", "normed"],
+                                _RESIDUAL.replace("$PRE_RMS$", _PRE_RMS).replace("$Y_VALUE$", _NORMED_Y),
+                                header=_HEADER)
+        else:
+            k = fast.CudaKernel("amlx_gated_activation", ["gate_up"], ["out"], _GATED)
+        _KERNELS[name] = k
+    return _KERNELS[name]
+
+
+def _bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", float(x)))[0]
+
+
+def supports(x: Array, *weights: Array) -> bool:
+    """Whether the kernels take activations x (N, C) with these norm weights."""
+    return x.ndim == 2 and x.dtype in _DTYPES and all(w.ndim == 1 and w.dtype in _DTYPES for w in weights)
+
+
+def residual_norm(x: Array, y: Array, w: Array, eps: float, pre_w: Array | None = None,
+                  pre_eps: float = 0.0) -> tuple[Array, Array]:
+    """(x + y', rms_norm(x + y', w, eps)) for x, y (N, C), where y' is y, or
+    rms_norm(y, pre_w, pre_eps) when `pre_w` is given."""
+    n = x.shape[0]
+    template = {"T": x.dtype, "EPS_BITS": _bits(eps)}
+    inputs = [x, y, w]
+    name = "residual"
+    if pre_w is not None:
+        inputs, name = [x, y, pre_w, w], "residual_pre"
+        template["PRE_EPS_BITS"] = _bits(pre_eps)
+    total, normed = _kernel(name)(inputs, [x.shape, x.shape], [x.dtype, x.dtype], grid=(n * THREADS, 1, 1),
+                                  threadgroup=(THREADS, 1, 1), template=template)
+    return total, normed
+
+
+def gated_activation(gate_up: Array, act: str) -> Array:
+    """act(gate) * up for gate_up (N, 2I) = [gate | up] per row; (N, I)."""
+    n, width = gate_up.shape[0], gate_up.shape[1] // 2
+    total = n * width
+    blocks = -(-total // THREADS)
+    (out,) = _kernel("gated")([gate_up], [(n, width)], [gate_up.dtype], grid=(blocks * THREADS, 1, 1),
+                              threadgroup=(THREADS, 1, 1), template={"T": gate_up.dtype, "ACT": ACTIVATIONS[act]})
+    return out

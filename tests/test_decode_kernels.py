@@ -1,0 +1,250 @@
+"""The CUDA kernels of the decode step against what they replace.
+
+`decode_attention` (head norms, rotation and attention of one new token per
+row) and `step_kernels` (residual add + RMSNorm, gated activation) run where
+MLX has its CUDA backend (the lent GPU machine); on other machines these
+tests are skipped, because the kernels cannot run there and the decode step
+takes the plain ops that every other test covers. Each kernel is checked
+against a float64 numpy reference rounded where the plain ops round, and
+whole models decode with the kernels on and off to the same logits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from amlx import _mlx as mx
+from amlx._mlx import fast, ops
+from amlx.models import decode_attention as da
+from amlx.models import load_model, step_kernels
+
+try:
+    from tests.helpers.checkpoints import make_checkpoint
+except ImportError:  # tests/ itself on sys.path
+    from helpers.checkpoints import make_checkpoint
+
+pytestmark = pytest.mark.skipif(not fast.cuda_available(), reason="needs MLX's CUDA backend")
+
+TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+# The rotation angle (position * frequency) is a float32 product, as in MLX's
+# rope: at positions in the hundreds it is off by ~1e-5 rad from float64.
+ROPE_TOL = {"float32": 2e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
+DTYPES = st.sampled_from(["float32", "float16", "bfloat16"])
+
+
+def rnd(x: np.ndarray, dtype: str) -> np.ndarray:
+    """x rounded to `dtype` (as the kernels and MLX's ops round), back in float64."""
+    with mx.array(np.asarray(x, np.float32)) as a, a.astype(getattr(mx, dtype)) as b, b.astype(mx.float32) as c:
+        return c.numpy().astype(np.float64)
+
+
+def as_mx(x: np.ndarray, dtype: str) -> mx.Array:
+    return mx.array(np.asarray(x, np.float32)).astype(getattr(mx, dtype))
+
+
+def as_np(a: mx.Array) -> np.ndarray:
+    return a.astype(mx.float32).numpy().astype(np.float64)
+
+
+def ref_norm(x, w, eps, dtype):
+    r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return rnd(w * rnd(x * r, dtype), dtype)
+
+
+def ref_rope(x, pos, inv_freq, dtype):
+    """Rotate-half rotary embedding of x (B, heads, D) at per-row positions."""
+    half = x.shape[-1] // 2
+    ang = pos[:, None, None].astype(np.float64) * np.concatenate([inv_freq, inv_freq])[None, None, :]
+    rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return rnd(x * np.cos(ang) + rot * np.sin(ang), dtype)
+
+
+def ref_attention(qkv, keys, values, pos, heads, scale, window, inv_freq, norms, eps, dtype):
+    """(out (B, H*D), k_new, v_new (B, KVH, 1, D)) from the arrays' own values."""
+    b = qkv.shape[0]
+    kv, dim = keys.shape[1], keys.shape[3]
+    x = qkv.reshape(b, heads + 2 * kv, dim)
+    q, k, v = x[:, :heads], x[:, heads:heads + kv], x[:, heads + kv:]
+    if norms is not None:
+        q, k = ref_norm(q, norms[0], eps, dtype), ref_norm(k, norms[1], eps, dtype)
+    q, k = ref_rope(q, pos, inv_freq, dtype), ref_rope(k, pos, inv_freq, dtype)
+    group = heads // kv
+    out = np.zeros((b, heads, dim))
+    for i in range(b):
+        lo = max(0, pos[i] - window + 1) if window else 0
+        for h in range(heads):
+            g = h // group
+            ks = np.concatenate([keys[i, g, lo:pos[i]], k[i, g][None]])
+            vs = np.concatenate([values[i, g, lo:pos[i]], v[i, g][None]])
+            s = ks @ q[i, h] * scale
+            w = np.exp(s - s.max())
+            out[i, h] = w @ vs / w.sum()
+    return out.reshape(b, heads * dim), k[:, :, None, :], v[:, :, None, :]
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 5), kv=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2, 4]),
+       dim=st.sampled_from([64, 128, 256]), cap=st.sampled_from([256, 512]),
+       window=st.sampled_from([None, 1, 7, 100]), qk_norm=st.booleans(), dtype=DTYPES,
+       seed=st.integers(0, 2 ** 16))
+def test_attention_kernel_equals_reference(b, kv, group, dim, cap, window, qk_norm, dtype, seed):
+    rng = np.random.default_rng(seed)
+    heads = kv * group
+    qkv = rnd(rng.standard_normal((b, (heads + 2 * kv) * dim)), dtype)
+    keys = rnd(rng.standard_normal((b, kv, cap, dim)), dtype)
+    values = rnd(rng.standard_normal((b, kv, cap, dim)), dtype)
+    pos = rng.integers(0, cap, size=b).astype(np.int32)
+    pos[0] = cap - 1  # the last slot is reachable
+    inv_freq = (1.0 / 10000.0 ** (np.arange(0, dim, 2) / dim)).astype(np.float32)
+    norms = [rnd(1 + 0.3 * rng.standard_normal(dim), dtype) for _ in range(2)] if qk_norm else None
+    scale = dim ** -0.5
+    arrays = [as_mx(a, dtype) for a in (qkv, keys, values)] + [mx.array(pos), mx.array(inv_freq)]
+    weights = [as_mx(w, dtype) for w in norms] if qk_norm else [None, None]
+    got = da.decode_attention(*arrays[:4], heads=heads, scale=scale, window=window, inv_freq=arrays[4],
+                              q_norm=weights[0], k_norm=weights[1], eps=1e-6)
+    want = ref_attention(qkv, keys, values, pos, heads, scale, window, inv_freq.astype(np.float64), norms, 1e-6,
+                         dtype)
+    assert [a.shape for a in got] == [(b, heads * dim), (b, kv, 1, dim), (b, kv, 1, dim)]
+    for g, w in zip(got, want):
+        assert g.dtype is getattr(mx, dtype)
+        np.testing.assert_allclose(as_np(g), w, rtol=ROPE_TOL[dtype], atol=ROPE_TOL[dtype])
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 9), width=st.sampled_from([64, 1000, 1152, 2048]), pre=st.booleans(), dtype=DTYPES,
+       seed=st.integers(0, 2 ** 16))
+def test_residual_norm_kernel_equals_reference(n, width, pre, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x, y = (rnd(rng.standard_normal((n, width)) * 3, dtype) for _ in range(2))
+    w, pre_w = (rnd(1 + 0.3 * rng.standard_normal(width), dtype) for _ in range(2))
+    y_eff = ref_norm(y, pre_w, 1e-5, dtype) if pre else y
+    total = rnd(x + y_eff, dtype)
+    want = [total, ref_norm(total, w, 1e-6, dtype)]
+    got = step_kernels.residual_norm(as_mx(x, dtype), as_mx(y, dtype), as_mx(w, dtype), 1e-6,
+                                     as_mx(pre_w, dtype) if pre else None, 1e-5)
+    for g, v in zip(got, want):
+        assert g.shape == (n, width) and g.dtype is getattr(mx, dtype)
+        np.testing.assert_allclose(as_np(g), v, rtol=TOL[dtype], atol=TOL[dtype] * np.abs(v).max())
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 9), width=st.sampled_from([1, 100, 3072, 6912]), act=st.sampled_from(["silu", "gelu_tanh"]),
+       dtype=DTYPES, seed=st.integers(0, 2 ** 16))
+def test_gated_activation_kernel_equals_reference(n, width, act, dtype, seed):
+    rng = np.random.default_rng(seed)
+    gu = rnd(rng.standard_normal((n, 2 * width)) * 3, dtype)
+    g, u = gu[:, :width], gu[:, width:]
+    if act == "silu":
+        a = g / (1 + np.exp(-g))
+    else:
+        a = 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))
+    got = step_kernels.gated_activation(as_mx(gu, dtype), act)
+    assert got.shape == (n, width) and got.dtype is getattr(mx, dtype)
+    np.testing.assert_allclose(as_np(got), a * u, rtol=TOL[dtype], atol=TOL[dtype] * np.abs(a * u).max())
+
+
+def test_kernel_inside_a_compiled_function():
+    rng = np.random.default_rng(0)
+    qkv = mx.array(rng.standard_normal((2, 8 * 128)).astype(np.float32))
+    keys = mx.array(rng.standard_normal((2, 2, 256, 128)).astype(np.float32))
+    pos = mx.array(np.array([5, 255], np.int32))
+    inv = mx.array((1.0 / 10000.0 ** (np.arange(0, 128, 2) / 128)).astype(np.float32))
+    step = mx.transforms.compile(lambda q, k, p, f: da.decode_attention(q, k, k, p, heads=4, scale=0.1, window=None,
+                                                                        inv_freq=f)[0])
+    got = step(qkv, keys, pos, inv).numpy()
+    want = ref_attention(qkv.numpy().astype(np.float64), keys.numpy(), keys.numpy(), np.array([5, 255]), 4, 0.1, None,
+                         inv.numpy().astype(np.float64), None, 0.0, "float32")[0]
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------
+# whole models: the decode step with the kernels against the plain ops
+
+ARCHS = ["qwen3", "gemma3_text", "llama", "qwen2", "mistral"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """arch -> float32 model with heads of 64 (the attention kernel's smallest)."""
+    out = {}
+    for arch in ARCHS:
+        path = make_checkpoint(tmp_path_factory.mktemp(arch), arch, tokenizer=False, head_dim=64)
+        out[arch] = load_model(path).model
+    yield out
+    for m in out.values():
+        m.close()
+
+
+def decode_logits(model, prompts: np.ndarray, positions: list[list[int]], tokens: np.ndarray) -> list[np.ndarray]:
+    """Prefills both rows, then one step per entry of `positions` (per-row
+    positions, so rows may sit at different places) with `tokens`."""
+    cache = model.make_cache()
+    out = []
+    try:
+        with mx.array(prompts) as x, model(x, cache, 0):
+            pass
+        for i, pos in enumerate(positions):
+            for c in cache:
+                c.reserve(max(pos) + 1)
+            with mx.array(tokens[:, i:i + 1]) as x, mx.array(np.array(pos, np.int32)) as p, model(x, cache, p) as y:
+                out.append(y.numpy()[:, 0])
+    finally:
+        for c in cache:
+            c.close()
+    return out
+
+
+def _rel(a, b) -> float:
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_models_decode_the_same_with_and_without_kernels(arch, models, monkeypatch):
+    model = models[arch]
+    rng = np.random.default_rng(1)
+    n, steps = 12, 30
+    prompts = rng.integers(0, 256, size=(2, n)).astype(np.int32)
+    # row 1 rewrites from an earlier position, so the rows sit at different
+    # places; 30 steps run through Gemma's and Mistral's windows of 8
+    positions = [[n + i, n - 5 + i] for i in range(steps)]
+    tokens = rng.integers(0, 256, size=(2, steps)).astype(np.int32)
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("AMLX_DECODE_KERNEL", flag)
+        runs[flag] = [decode_logits(model, prompts[r:r + 1], [[p[r]] for p in positions], tokens[r:r + 1])
+                      for r in range(2)]
+        runs[flag, "batch"] = decode_logits(model, prompts, positions, tokens)
+    for r in range(2):
+        for step in range(steps):
+            # one row: the same float32 arithmetic up to summation order
+            assert _rel(runs["1"][r][step][0], runs["0"][r][step][0]) < 1e-5
+            # rows batched at their own positions give each row's own result;
+            # MLX's CUDA matmuls round float32 through TF32 when more than one
+            # row is multiplied, hence the wider bound (a row attending at a
+            # wrong position or over wrong slots is off by far more)
+            assert _rel(runs["1", "batch"][step][r], runs["1"][r][step][0]) < 1e-2
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_kernels_cut_the_nodes_of_a_decode_step(arch, models, monkeypatch):
+    model = models[arch]
+    layers = len(model.layers)
+    counts = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("AMLX_DECODE_KERNEL", flag)
+        cache = model.make_cache()
+        with mx.array(np.zeros((2, 4), np.int32)) as x, model(x, cache, 0) as y:
+            ops.eval(y, *[a for c in cache for a in c.state()])
+        with mx.array(np.zeros((2, 1), np.int32)) as x, mx.array(np.array([4, 4], np.int32)) as p, \
+                model(x, cache, p) as y:
+            counts[flag], kinds = ops.graph_summary(y, *[a for c in cache for a in c.state()])
+        for c in cache:
+            c.close()
+    # per layer: norm-fused residuals (2), q/k/v, attention, two cache writes,
+    # output projection, gate/up, activation, down projection
+    assert counts["1"] <= 10 * layers + 12
+    assert counts["1"] < counts["0"]
