@@ -1,8 +1,10 @@
 """Key/value caches for attention layers.
 
 A `KVCache` holds the keys and values of one attention layer for a batch of
-rows in fixed-capacity buffers of shape (B, kv_heads, capacity, head_dim),
-grown in blocks of `BLOCK` positions. Two ways to write:
+rows in one fixed-capacity buffer of shape (2, B, kv_heads, capacity,
+head_dim) (keys at [0], values at [1]), grown in blocks of `block` positions.
+One buffer, so that a decode step writes a layer's new key and value with one
+scatter: every graph node costs host time in a step. Two ways to write:
 
 * `update_prefill(k, v, start)`: L new positions at the same host-known `start`
   for every row (prompt processing, in chunks).
@@ -49,49 +51,59 @@ def _window_mask(start: int, end: int, window: int) -> Array:
 class KVCache:
     def __init__(self, window: int | None = None, block: int = BLOCK):
         self.window = window
-        # Growth step of the buffers. Where attention reads the whole capacity
+        # Growth step of the buffer. Where attention reads the whole capacity
         # (the masked path), a small block saves attention work; where it reads
         # only filled slots (the CUDA decode kernel), a large one saves retraces
         # of the compiled step, one per capacity.
         self.block = block
-        self.keys: Array | None = None
-        self.values: Array | None = None
+        self.kv: Array | None = None  # (2, B, kv_heads, capacity, head_dim)
 
     @property
     def capacity(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        return 0 if self.kv is None else self.kv.shape[3]
 
-    def reserve(self, needed: int, like_k: Array | None = None, like_v: Array | None = None) -> None:
-        """Grows the buffers (in blocks) to hold at least `needed` positions; the
-        first call needs k/v examples for shapes and dtype."""
+    def _half(self, i: int, end: int | None = None) -> Array:
+        """Keys (i = 0) or values (1) as (B, H, end, D): a view, no copy."""
+        _, b, h, cap, d = self.kv.shape
+        end = cap if end is None else end
+        part = ops.slice(self.kv, (i, 0, 0, 0, 0), (i + 1, b, h, end, d))
+        return ops.reshape(part, (b, h, end, d))
+
+    @property
+    def keys(self) -> Array:
+        return self._half(0)
+
+    @property
+    def values(self) -> Array:
+        return self._half(1)
+
+    def reserve(self, needed: int, like: Array | None = None) -> None:
+        """Grows the buffer (in blocks) to hold at least `needed` positions; the
+        first call needs a key example (B, H, L, D) for shape and dtype."""
         if needed <= self.capacity:
             return
-        like_k = self.keys if like_k is None else like_k
-        like_v = self.values if like_v is None else like_v
-        b, h, _, d = like_k.shape
-        dv = like_v.shape[3]
         new_cap = round_up(needed, self.block)
-        if self.keys is None:
-            self.keys = ops.zeros((b, h, new_cap, d), like_k.dtype)
-            self.values = ops.zeros((b, h, new_cap, dv), like_v.dtype)
+        if self.kv is None:
+            b, h, _, d = like.shape
+            self.kv = ops.zeros((2, b, h, new_cap, d), like.dtype)
             return
-        extra = new_cap - self.capacity
-        self.keys = ops.concatenate([self.keys, ops.zeros((b, h, extra, d), self.keys.dtype)], axis=2)
-        self.values = ops.concatenate([self.values, ops.zeros((b, h, extra, dv), self.values.dtype)], axis=2)
+        _, b, h, cap, d = self.kv.shape
+        self.kv = ops.concatenate([self.kv, ops.zeros((2, b, h, new_cap - cap, d), self.kv.dtype)], axis=3)
 
     def update_prefill(self, k: Array, v: Array, start: int, memo: dict | None = None):
         """Writes k, v (B, H, L, D) at [start, start+L) and returns (keys, values, mask)
         to attend over: the buffers cut to start+L and a mask ("causal" or a
         boolean (L, start+L) array). `memo` shares the mask between the layers
         of one forward pass."""
-        length = k.shape[2]
+        if v.shape != k.shape:
+            raise ValueError(f"KVCache: keys {k.shape} and values {v.shape} differ in shape")
+        b, h, length, d = k.shape
         end = start + length
-        self.reserve(end, k, v)
-        b, h, _, d = self.keys.shape
-        self.keys = ops.slice_update(self.keys, k, (0, 0, start, 0), (b, h, end, d))
-        self.values = ops.slice_update(self.values, v, (0, 0, start, 0), (b, h, end, self.values.shape[3]))
-        keys = ops.slice(self.keys, (0, 0, 0, 0), (b, h, end, d))
-        values = ops.slice(self.values, (0, 0, 0, 0), (b, h, end, self.values.shape[3]))
+        self.reserve(end, k)
+        for i, new in enumerate((k, v)):
+            self.kv = ops.slice_update(self.kv, ops.reshape(new, (1, b, h, length, d)), (i, 0, 0, start, 0),
+                                       (i + 1, b, h, end, d))
+        keys, values = self._half(0, end), self._half(1, end)
         if self.window is None or end <= self.window:
             return keys, values, "causal"
         return keys, values, memoized(memo, ("prefill", start, end, self.window),
@@ -104,7 +116,9 @@ class KVCache:
         buffers and a boolean mask (B, 1, 1, capacity) of the visible slots.
         `memo` shares the write indices and masks between the layers of one
         forward pass."""
-        pos = self.write_decode(k, v, positions, memo)
+        b, h, _, d = k.shape
+        new = ops.concatenate([ops.reshape(k, (1, b, h, 1, d)), ops.reshape(v, (1, b, h, 1, d))], axis=0)
+        pos = self.write_decode(new, positions, memo)
         cap, window = self.capacity, self.window
 
         def visible() -> Array:
@@ -116,42 +130,38 @@ class KVCache:
 
         return self.keys, self.values, memoized(memo, ("mask", cap, window), visible)
 
-    def write_decode(self, k: Array, v: Array, positions: Array, memo: dict | None = None) -> Array:
-        """The write of `update_decode` alone (for attention that reads the
-        cache itself); returns the positions as (B, 1, 1, 1)."""
-        b, h, _, d = k.shape
-        dv = v.shape[3]
+    def write_decode(self, new: Array, positions: Array, memo: dict | None = None) -> Array:
+        """Writes one position per row, keys and values in one scatter: `new`
+        (2, B, H, 1, D) at `positions` (B,) int32. Returns the positions as
+        (B, 1, 1, 1)."""
+        _, b, h, _, d = new.shape
         pos = memoized(memo, ("rows", b), lambda: ops.reshape(positions, (b, 1, 1, 1)))
-        self.keys = ops.put_along_axis(self.keys, memoized(memo, ("at", b, h, d), lambda: ops.broadcast_to(
-            pos, (b, h, 1, d))), k, 2)
-        self.values = ops.put_along_axis(self.values, memoized(memo, ("at", b, h, dv), lambda: ops.broadcast_to(
-            pos, (b, h, 1, dv))), v, 2)
+        at = memoized(memo, ("at", b, h, d), lambda: ops.broadcast_to(ops.reshape(positions, (1, b, 1, 1, 1)),
+                                                                       (2, b, h, 1, d)))
+        self.kv = ops.put_along_axis(self.kv, at, new, 3)
         return pos
 
     def take_rows(self, rows: list[int]) -> None:
         """Keeps only the given batch rows (in that order)."""
-        if self.keys is not None:
-            idx = array(np.asarray(rows, dtype=np.int32))
-            self.keys = ops.take(self.keys, idx, 0)
-            self.values = ops.take(self.values, idx, 0)
+        if self.kv is not None:
+            self.kv = ops.take(self.kv, array(np.asarray(rows, dtype=np.int32)), 1)
 
     def append_rows(self, other: "KVCache") -> None:
         """Adds the rows of `other` (e.g. a freshly prefilled request) after ours."""
-        if other.keys is None:
+        if other.kv is None:
             return
-        if self.keys is None:
-            self.keys, self.values = other.keys, other.values
+        if self.kv is None:
+            self.kv = other.kv
             return
         cap = max(self.capacity, other.capacity)
         self.reserve(cap)
         other.reserve(cap)
-        self.keys = ops.concatenate([self.keys, other.keys], axis=0)
-        self.values = ops.concatenate([self.values, other.values], axis=0)
+        self.kv = ops.concatenate([self.kv, other.kv], axis=1)
 
     def state(self) -> list[Array]:
-        return [] if self.keys is None else [self.keys, self.values]
+        return [] if self.kv is None else [self.kv]
 
     def close(self) -> None:
-        for a in self.state():
-            a.close()
-        self.keys = self.values = None
+        if self.kv is not None:
+            self.kv.close()
+        self.kv = None

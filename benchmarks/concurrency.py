@@ -9,6 +9,11 @@ request to the last token, prefill included, after one untimed warm-up run of
 the same workload (compiles the shapes). Both sides may decode all streams in
 one batch (amlx max_batch_size, mlx-lm completion_batch_size = max streams).
 
+On the CPU, MLX computes on one core per stream (the Linux wheels' BLAS is
+single-threaded). mlx-lm uses one stream; amlx splits its batch into one shard
+per core, each on a stream of its own, and a lone request's matmuls over all of
+them (amlx/engine/scheduler.py), so the ratio grows with the cores.
+
     python benchmarks/concurrency.py [--model DIR] [--tokens 64] [--streams 1 4 16 64] [--no-mlx-lm]
 
 Without --model the benchmark checkpoint of async_overhead.py is generated in a

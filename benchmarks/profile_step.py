@@ -61,8 +61,8 @@ def profile(model, batch: int, steps: int) -> dict:
         for c in sched.cache:
             c.reserve(pos + 1)
         logits, state = sched._batched_logits(tokens, array(np.full(batch, pos, np.int32)))
-        for i, c in enumerate(sched.cache):
-            c.keys, c.values = state[2 * i], state[2 * i + 1]
+        for c, kv in zip(sched.cache, state):
+            c.kv = kv
         t1 = time.perf_counter()
         new, lps = sampling(logits)
         outs = [new, lps, *sampling.state(), *[a for c in sched.cache for a in c.state()]]

@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 
 import amlx
+from amlx.engine import scheduler as scheduler_module
 from amlx.engine.worker import Worker
 
 try:
@@ -359,6 +360,21 @@ async def _concurrency_body(model, cases: tuple[Case, ...]) -> None:
 def test_64_concurrent_streams_match_solo_and_transformers(backend, idle):
     cases = concurrency_cases()
     run(backend, _concurrency_body, idle, cases)
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_sharded_batch_matches_solo_and_transformers(backend, ckpt, monkeypatch, shards):
+    """On the CPU the running batch is split into shards, each decoding on its own
+    MLX stream (one per core by default). With one shard and with three (rows
+    spread over them, moved between them as requests finish) every stream is
+    still its solo and transformers path."""
+    monkeypatch.setattr(scheduler_module, "default_shards", lambda: shards)
+    model = amlx.load_sync(ckpt)
+    try:
+        assert len(model._scheduler.shards) == shards
+        run(backend, _concurrency_body, model, concurrency_cases()[:24])
+    finally:
+        model.close()
 
 
 # ============================================================================= 2. cancellation

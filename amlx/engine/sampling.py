@@ -59,6 +59,14 @@ class BatchSampling:
     def state(self) -> list[Array]:
         return [self.keys] + ([self.history] if self.history is not None else [])
 
+    def snapshot(self) -> tuple:
+        """The state as it is now, for `rewind` (before a step that may fail to launch)."""
+        return self.keys, self.history
+
+    def rewind(self, snapshot: tuple) -> None:
+        """Back to a `snapshot`: a step that never ran must not advance the rows' keys."""
+        self.keys, self.history = snapshot
+
     def sync_back(self) -> None:
         """Stores each row's current key on its request (reads the device)."""
         for row, key in zip(self.rows, self.keys.numpy()):

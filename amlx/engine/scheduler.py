@@ -9,19 +9,29 @@ cancelled requests leave the batch at once and their cache rows are freed.
 Device state of the batch: per layer a KVCache with one row per running
 request; per-row positions go in as an int32 array each step, so rows of any
 length decode together.
+
+On the CPU the running batch is split into shards, one per core: each shard has
+its own rows, caches and sampling state, and its prefill and decode steps run on
+an MLX stream of its own, so the shards compute on different cores at once
+(MLX's CPU backend, with the single-threaded BLAS of its Linux wheels, keeps one
+core busy per stream). A round launches every shard's step together. Where one
+shard alone has work (a lone request's decode step; prompts that all go to one
+shard), its matmuls are split over every stream instead (device.split_matmuls). On a
+GPU there is one shard and one stream (one stream already keeps the GPU busy).
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from amlx._mlx import Array, array, ops, transforms
-from amlx._mlx import int32 as _int32
+from amlx._mlx import Array, array, device, ops, transforms
 from amlx.cache import KVCache
 from amlx.engine.channel import Channel
 from amlx.engine.sampling import BatchSampling, RowSampling
@@ -29,6 +39,16 @@ from amlx.errors import AmlxError, ClosedError, MLXError
 from amlx.generate import PREFILL_CHUNK, TextAssembler
 from amlx.models import decode_attention
 from amlx.types import GenerationOptions
+
+MAX_SHARDS = 8  # more would leave each shard too few rows to use its core well
+
+
+def default_shards() -> int:
+    """Shards of the running batch on this thread's default device: one per core
+    on the CPU (at most MAX_SHARDS), one on a GPU."""
+    if device.default_device() != "cpu":
+        return 1
+    return max(1, min(device.cpu_cores(), MAX_SHARDS))
 
 
 @dataclass(eq=False)
@@ -52,9 +72,20 @@ class Request:
         return not (self.channel.cancelled or self.assembler.finished)
 
 
+@dataclass(eq=False)
+class _Shard:
+    """Rows of the running batch that decode together, on one MLX stream."""
+
+    index: int  # which of the scheduler's streams
+    rows: list[Request] = field(default_factory=list)
+    cache: list[KVCache] | None = None  # per layer, one row per request of `rows`
+    sampling: BatchSampling | None = None  # device sampling state of `rows`
+
+
 class Scheduler:
     def __init__(self, model, tokenizer, eos_ids: frozenset[int], max_batch_size: int, max_context: int,
-                 wake: callable, prefill_chunk: int = PREFILL_CHUNK, compile_step: bool = True):
+                 wake: callable, prefill_chunk: int = PREFILL_CHUNK, compile_step: bool = True,
+                 shards: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -66,20 +97,50 @@ class Scheduler:
         self._incoming: deque[Request] = deque()
         self.waiting: deque[Request] = deque()
         self.prefilling: Request | None = None
-        self.rows: list[Request] = []
-        self.cache: list[KVCache] | None = None
         self.closed = False
         self.tokens_generated = 0
         self.decode_steps = 0
         self._started = time.perf_counter()
         self._step_fn = transforms.compile(self._forward) if compile_step else None
-        self._sampling: BatchSampling | None = None  # device sampling state of `rows`
+        # the same step traced with its matmuls split over the streams (a cache of its own)
+        self._split_step_fn = transforms.compile(self._forward) if compile_step else None
         self._inflight: _Step | None = None  # a decode step launched and not yet read
         self._prepared = False  # the model's derived arrays are evaluated (see Module.prepare)
         # cache growth step: small where decode attention reads the whole capacity (KVCache.block)
         self.block = 256 if decode_attention.enabled() else 64
-        # Test hook: called with the token ids of every decode step's rows.
+        self._windows = [c.window for c in model.make_cache(self.block)]  # per layer (no arrays made)
+        n = default_shards() if shards is None else max(1, shards)
+        self._streams = device.cpu_streams(n) if n > 1 else []
+        self.shards = [_Shard(i) for i in range(n)]
+        # Test hook: called with the token ids of every decode step's rows (shard by shard).
         self.before_step = None
+
+    @property
+    def rows(self) -> list[Request]:
+        """The running requests, shard by shard."""
+        return [r for s in self.shards for r in s.rows]
+
+    @property
+    def cache(self) -> list[KVCache] | None:
+        """The first shard's caches (the whole batch's when there is one shard);
+        benchmarks/profile_step.py drives the decode step through it."""
+        return self.shards[0].cache
+
+    @cache.setter
+    def cache(self, value: list[KVCache] | None) -> None:
+        self.shards[0].cache = value
+
+    def _on(self, shard: _Shard):
+        """The block's MLX work runs on the shard's stream."""
+        return device.on_stream(self._streams[shard.index]) if self._streams else nullcontext()
+
+    def _split(self, shard: _Shard | None):
+        """Within the block the matmuls are split over every stream, the shard's
+        first (None: the worker's default stream): for work that only one shard has."""
+        if not self._streams:
+            return nullcontext()
+        home = self._streams[0 if shard is None else shard.index]
+        return device.split_matmuls([home] + [s for s in self._streams if s != home])
 
     # -- any thread ------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -138,24 +199,52 @@ class Scheduler:
         if group:
             self._prefill_group(group)
 
+    def _assign(self, reqs: list[Request]) -> list[tuple[_Shard, list[Request]]]:
+        """Spreads new requests over the shards, each to the one with the fewest
+        rows: a round takes as long as its largest shard."""
+        load = [len(s.rows) for s in self.shards]
+        parts: dict[int, list[Request]] = {}
+        for r in reqs:
+            i = min(range(len(load)), key=load.__getitem__)
+            load[i] += 1
+            parts.setdefault(i, []).append(r)
+        return [(self.shards[i], parts[i]) for i in sorted(parts)]
+
     def _prefill_group(self, group: list[Request]) -> None:
-        """Prefills several prompts in one batched forward. Right padding keeps it
-        exact: causal attention never lets a real position see a padded one, and
-        padded slots past a row's length stay masked until decoding overwrites them."""
-        lengths = [len(r.prompt) for r in group]
-        ids = np.zeros((len(group), max(lengths)), dtype=np.int32)
-        for i, r in enumerate(group):
-            ids[i, :lengths[i]] = r.prompt
-        cache = self.model.make_cache(self.block)
+        """Prefills several prompts: one batched forward for the requests of each
+        shard they will join, on that shard's stream, so the shards' forwards run
+        in parallel. Right padding keeps it exact: causal attention never lets a
+        real position see a padded one, and padded slots past a row's length stay
+        masked until decoding overwrites them."""
+        parts: list[tuple[_Shard, list[Request], list[KVCache]]] = []
+        firsts: list[tuple[Array, Array]] = []
+        samplers: list[BatchSampling] = []
+        assigned = self._assign(group)
         try:
-            last = array(np.asarray(lengths, dtype=np.int32) - 1)
-            logits = self.model(array(ids), cache, 0, last=last)
-            logits = ops.reshape(logits, (len(group), logits.shape[2]))
-            tokens, logprobs = self._first_tokens(logits, group)
-            ops.eval(tokens, logprobs, *[a for c in cache for a in c.state()])
+            for shard, reqs in assigned:
+                with self._on(shard):
+                    lengths = [len(r.prompt) for r in reqs]
+                    ids = np.zeros((len(reqs), max(lengths)), dtype=np.int32)
+                    for i, r in enumerate(reqs):
+                        ids[i, :lengths[i]] = r.prompt
+                    cache = self.model.make_cache(self.block)
+                    parts.append((shard, reqs, cache))
+                    last = array(np.asarray(lengths, dtype=np.int32) - 1)
+                    with self._split(shard) if len(assigned) == 1 else nullcontext():
+                        logits = self.model(array(ids), cache, 0, last=last)
+                    logits = ops.reshape(logits, (len(reqs), logits.shape[2]))
+                # (sampling stays on the worker's stream: see _build)
+                samplers.append(BatchSampling([r.sampling for r in reqs]))
+                firsts.append(samplers[-1](logits))
+            # One evaluation for every shard, so their forwards run at the same time.
+            ops.eval(*[a for pair in firsts for a in pair], *[a for bs in samplers for a in bs.state()],
+                     *[a for _, _, cache in parts for c in cache for a in c.state()])
+            for bs in samplers:
+                bs.sync_back()  # the requests' keys move on
         except MLXError as exc:
-            for c in cache:
-                c.close()
+            for _, _, cache in parts:
+                for c in cache:
+                    c.close()
             if len(group) == 1:
                 self._fail(group[0], exc)
                 return
@@ -163,11 +252,15 @@ class Scheduler:
             for r in group:
                 self._prefill_group([r])
             return
-        ids_out, lps = tokens.tolist(), logprobs.tolist()
-        for i, r in enumerate(group):
-            r.pos = lengths[i]
-            self._emit(r, int(ids_out[i]), float(lps[i]))
-        self._join(group, cache)
+        finally:
+            for bs in samplers:
+                bs.close()
+        for (shard, reqs, cache), (tokens, logprobs) in zip(parts, firsts):
+            ids_out, lps = tokens.tolist(), logprobs.tolist()
+            for i, r in enumerate(reqs):
+                r.pos = len(r.prompt)
+                self._emit(r, int(ids_out[i]), float(lps[i]))
+            self._join(shard, reqs, cache)
 
     def _prefill_chunk(self, req: Request) -> None:
         """One chunk of the prompt; on the last chunk, the first token and joining the batch."""
@@ -176,11 +269,13 @@ class Scheduler:
             chunk = req.prompt[start:start + self.prefill_chunk]
             req.prefilled += len(chunk)
             if req.prefilled < len(req.prompt):
-                self.model(array(np.asarray([chunk], dtype=np.int32)), req.cache, start)
+                with self._split(None):
+                    self.model(array(np.asarray([chunk], dtype=np.int32)), req.cache, start)
                 ops.eval(*[a for c in req.cache for a in c.state()])
                 return
-            logits = self.model(array(np.asarray([chunk], dtype=np.int32)), req.cache, start,
-                                last=array(np.asarray([len(chunk) - 1], dtype=np.int32)))
+            with self._split(None):
+                logits = self.model(array(np.asarray([chunk], dtype=np.int32)), req.cache, start,
+                                    last=array(np.asarray([len(chunk) - 1], dtype=np.int32)))
             tokens, logprobs = self._first_tokens(ops.reshape(logits, (1, logits.shape[2])), [req])
             ops.eval(tokens, logprobs, *[a for c in req.cache for a in c.state()])
         except MLXError as exc:
@@ -191,11 +286,11 @@ class Scheduler:
         req.pos = len(req.prompt)
         self._emit(req, int(tokens.tolist()[0]), float(logprobs.tolist()[0]))
         cache, req.cache = req.cache, None
-        self._join([req], cache)
+        self._join(self._assign([req])[0][0], [req], cache)
 
-    def _join(self, reqs: list[Request], cache: list[KVCache]) -> None:
-        """Adds freshly prefilled requests (rows of `cache`) to the running batch;
-        those that already finished (EOS or max_tokens at their first token) don't join."""
+    def _join(self, shard: _Shard, reqs: list[Request], cache: list[KVCache]) -> None:
+        """Adds requests with their cache rows (`cache`, e.g. freshly prefilled) to a
+        shard; those that already finished (EOS or max_tokens at their first token) don't join."""
         keep = [i for i, r in enumerate(reqs) if r.active]
         for i, r in enumerate(reqs):
             if i not in keep:
@@ -204,16 +299,17 @@ class Scheduler:
             for c in cache:
                 c.close()
             return
-        if len(keep) < len(reqs):
-            for c in cache:
-                c.take_rows(keep)
-        if self.cache is None:
-            self.cache = cache
-        else:
-            for mine, theirs in zip(self.cache, cache):
-                mine.append_rows(theirs)
-        ops.eval(*[a for c in self.cache for a in c.state()])
-        self._set_rows(self.rows + [reqs[i] for i in keep])
+        with self._on(shard):
+            if len(keep) < len(reqs):
+                for c in cache:
+                    c.take_rows(keep)
+            if shard.cache is None:
+                shard.cache = cache
+            else:
+                for mine, theirs in zip(shard.cache, cache):
+                    mine.append_rows(theirs)
+            ops.eval(*[a for c in shard.cache for a in c.state()])
+        self._set_rows(shard, shard.rows + [reqs[i] for i in keep])
 
     def _first_tokens(self, logits: Array, reqs: list[Request]) -> tuple[Array, Array]:
         """Samples the first token of freshly prefilled requests; their keys move on."""
@@ -226,24 +322,25 @@ class Scheduler:
             bs.close()
         return tokens, logprobs
 
-    def _set_rows(self, rows: list[Request]) -> None:
-        """Changes the batch's rows (the cache is already arranged to match) and
-        rebuilds the device sampling state from the rows' own."""
-        if self._sampling is not None:
-            self._sampling.sync_back()
-            self._sampling.close()
-            self._sampling = None
-        self.rows = rows
+    def _set_rows(self, shard: _Shard, rows: list[Request]) -> None:
+        """Changes a shard's rows (its cache is already arranged to match) and
+        rebuilds its device sampling state from the rows' own."""
+        if shard.sampling is not None:
+            shard.sampling.sync_back()
+            shard.sampling.close()
+            shard.sampling = None
+        shard.rows = rows
         if rows:
-            self._sampling = BatchSampling([r.sampling for r in rows])
+            shard.sampling = BatchSampling([r.sampling for r in rows])
 
     def _batch_will_change(self) -> bool:
-        if any(not r.active for r in self.rows):
+        rows = self.rows
+        if any(not r.active for r in rows):
             return True
-        return len(self.rows) < self.max_batch_size and bool(self.waiting or self.prefilling)
+        return len(rows) < self.max_batch_size and bool(self.waiting or self.prefilling)
 
     def _decode(self) -> None:
-        """Launches one decode step for the batch and reads the previous one.
+        """Launches one decode step for the batch (every shard) and reads the previous one.
 
         While the batch stays the same, step t+1 takes step t's sampled tokens
         straight from the device and is scheduled before step t's tokens are
@@ -260,32 +357,48 @@ class Scheduler:
             self._read(self._drain())
             self._drop_inactive()
             prev = None
-        if not self.rows:
+        plan = []
+        for shard in self.shards:
+            sel = [i for i, r in enumerate(shard.rows) if r.active and r.channel.has_room()]
+            if sel:
+                plan.append((shard, sel))
+        if not plan:
             return
-        running = [r.active and r.channel.has_room() for r in self.rows]
-        if not any(running):
-            return
-        sel = [i for i, run in enumerate(running) if run]
+        if not self._prepared:
+            self.model.prepare()
+            self._prepared = True
         self._inflight = None
+        chained = {p.shard: p for p in prev.parts} if prev is not None else {}
+        saved = [(shard, shard.sampling.snapshot()) for shard, _ in plan]
+        # A lone row leaves the other cores idle: its matmuls are split over every stream.
+        split = len(plan) == 1 and len(plan[0][0].rows) == 1
         try:
-            step = self._build(sel, prev)
+            parts = [self._build(shard, sel, chained.get(shard), split) for shard, sel in plan]
         except MLXError:
-            step = None
+            parts = None
         if prev is not None:
             self._read(prev)
-        if step is not None:
+        if parts is not None:
             try:
-                ops.async_eval(*step.outputs)
+                ops.async_eval(*[a for p in parts for a in p.outputs])
             except MLXError:
-                step = None
-        if step is None:
+                parts = None
+        if parts is None:
+            for shard, snapshot in saved:
+                shard.sampling.rewind(snapshot)
             self._isolate_failure()
             return
-        self._commit(step)
+        self._commit(_Step(parts))
 
     def _can_chain(self, prev: "_Step") -> bool:
-        if self.before_step is not None or len(prev.selected) != len(self.rows) or prev.rows != self.rows:
+        if self.before_step is not None:
             return False
+        live = [s for s in self.shards if s.rows]
+        if len(prev.parts) != len(live):
+            return False
+        for part, shard in zip(prev.parts, live):
+            if part.shard is not shard or len(part.selected) != len(shard.rows) or part.rows != shard.rows:
+                return False
         # One token of every row is still in flight: room for it, and one more.
         return all(r.active and r.channel.has_room(extra=1) for r in self.rows)
 
@@ -298,28 +411,37 @@ class Scheduler:
         self._prepared = False
         if self._step_fn is not None:
             self._step_fn.close()
+            self._split_step_fn.close()
             self._step_fn = transforms.compile(self._forward)
+            self._split_step_fn = transforms.compile(self._forward)
 
-    def _build(self, sel: list[int], prev: "_Step | None") -> "_Step":
-        """The graph of the next decode step (not yet launched); rows advance."""
-        if not self._prepared:
-            self.model.prepare()
-            self._prepared = True
-        needed = max(r.pos for r in self.rows) + 1
-        for c in self.cache:
-            c.reserve(needed)
-        b = len(self.rows)
-        if prev is not None:
-            tokens = ops.reshape(prev.tokens, (b, 1))
-        else:
-            tokens = array(np.asarray([[r.last] for r in self.rows], dtype=np.int32))
-        positions = array(np.asarray([r.pos for r in self.rows], dtype=np.int32))
-        if self.before_step is not None:
-            self.before_step([r.last for r in self.rows])
-        logits, state = self._batched_logits(tokens, positions)
-        new, logprobs = self._sampling(logits, sel)
-        outputs = [new, logprobs, *self._sampling.state(), *state]
-        return _Step(list(self.rows), sel, new, logprobs, outputs, state)
+    def _build(self, shard: _Shard, sel: list[int], prev: "_Part | None", split: bool = False) -> "_Part":
+        """The graph of a shard's next decode step (not yet launched), on its stream.
+
+        With `split` it is built on the worker's stream whatever the shard, with
+        its matmuls split over every stream. Each compiled trace keeps a few bytes
+        of constants for as long as the model lives, and is made per batch size,
+        capacity and stream: one home stream keeps the split traces as few as the
+        batch sizes that use them (a lone row)."""
+        with self._split(None) if split else self._on(shard):
+            needed = max(r.pos for r in shard.rows) + 1
+            for c in shard.cache:
+                c.reserve(needed)
+            b = len(shard.rows)
+            if prev is not None:
+                tokens = ops.reshape(prev.tokens, (b, 1))
+            else:
+                tokens = array(np.asarray([[r.last] for r in shard.rows], dtype=np.int32))
+            positions = array(np.asarray([r.pos for r in shard.rows], dtype=np.int32))
+            if self.before_step is not None:
+                self.before_step([r.last for r in shard.rows])
+            logits, state = self._batched_logits(tokens, positions, shard.cache, split)
+        # Sampling (a few small ops) stays on the worker's stream: its compiled
+        # steps are cached process-wide per shape and stream, each keeping a few
+        # bytes of constants, so one stream keeps that cache as small as with one shard.
+        new, logprobs = shard.sampling(logits, sel)
+        outputs = [new, logprobs, *shard.sampling.state(), *state]
+        return _Part(shard, list(shard.rows), sel, new, logprobs, outputs, state)
 
     def _commit(self, step: "_Step") -> None:
         """A launched step becomes the batch's state: its caches, and the rows'
@@ -327,11 +449,12 @@ class Scheduler:
         fixed), but their position does not advance: the next step rewrites the
         same slot with the same token, so their state is as if they had been left out."""
         self._inflight = step
-        for i, c in enumerate(self.cache):
-            c.keys, c.values = step.state[2 * i], step.state[2 * i + 1]
-        for i in step.selected:
-            self.rows[i].pos += 1
-            self.rows[i].steps += 1
+        for part in step.parts:
+            for c, kv in zip(part.shard.cache, part.state):
+                c.kv = kv
+            for i in part.selected:
+                part.rows[i].pos += 1
+                part.rows[i].steps += 1
         self.decode_steps += 1
 
     def _drain(self) -> "_Step":
@@ -340,29 +463,33 @@ class Scheduler:
 
     def _read(self, step: "_Step") -> None:
         """Hands a launched step's tokens to their requests (waits for the device)."""
-        ids, lps = step.tokens.tolist(), step.logprobs.tolist()
-        for i in step.selected:
-            req = step.rows[i]
-            if req.active:  # a row that finished or was cancelled meanwhile: its token is dropped
-                self._emit(req, int(ids[i]), float(lps[i]))
+        for part in step.parts:
+            ids, lps = part.tokens.tolist(), part.logprobs.tolist()
+            for i in part.selected:
+                req = part.rows[i]
+                if req.active:  # a row that finished or was cancelled meanwhile: its token is dropped
+                    self._emit(req, int(ids[i]), float(lps[i]))
 
     def _forward(self, tokens: Array, positions: Array, caches: list[Array]) -> tuple[Array, list[Array]]:
         """One decode step as a pure function of arrays (what gets compiled):
-        (tokens (B,1), positions (B,), [k0, v0, k1, v1, ...]) -> (logits (B,V), new caches)."""
+        (tokens (B,1), positions (B,), each layer's cache buffer) -> (logits (B,V), new buffers)."""
         step_cache = []
-        for i, c in enumerate(self.cache):
-            sc = KVCache(window=c.window, block=c.block)
-            sc.keys, sc.values = caches[2 * i], caches[2 * i + 1]
+        for window, kv in zip(self._windows, caches):
+            sc = KVCache(window=window, block=self.block)
+            sc.kv = kv
             step_cache.append(sc)
         logits = self.model(tokens, step_cache, positions)
         logits = ops.reshape(logits, (tokens.shape[0], logits.shape[2]))
-        return logits, [a for c in step_cache for a in (c.keys, c.values)]
+        return logits, [c.kv for c in step_cache]
 
-    def _batched_logits(self, tokens: Array, positions: Array) -> tuple[Array, list[Array]]:
-        """Runs the decode step (compiled once per batch size and cache capacity):
-        logits and the updated caches [k0, v0, k1, v1, ...]."""
-        state = [a for c in self.cache for a in (c.keys, c.values)]
-        fn = self._step_fn or self._forward
+    def _batched_logits(self, tokens: Array, positions: Array, cache: list[KVCache] | None = None,
+                        split: bool = False) -> tuple[Array, list[Array]]:
+        """Runs the decode step (compiled once per batch size, cache capacity and
+        stream) on `cache` (default: the first shard's): logits and each layer's
+        updated cache buffer. `split`: the step is built inside `_split` (a trace
+        keeps the split, so it has a compiled function of its own)."""
+        state = [c.kv for c in (self.cache if cache is None else cache)]
+        fn = (self._split_step_fn if split else self._step_fn) or self._forward
         return fn(tokens, positions, state)
 
     def _emit(self, req: Request, token_id: int, logprob: float) -> None:
@@ -384,24 +511,52 @@ class Scheduler:
         if self.prefilling is not None and not self.prefilling.active:
             req, self.prefilling = self.prefilling, None
             self._finish(req)
-        keep = [i for i, r in enumerate(self.rows) if r.active]
-        if len(keep) == len(self.rows):
-            return
-        for i, r in enumerate(self.rows):
-            if i not in keep:
-                self._finish(r)
+        changed = False
+        for shard in self.shards:
+            keep = [i for i, r in enumerate(shard.rows) if r.active]
+            if len(keep) == len(shard.rows):
+                continue
+            changed = True
+            for i, r in enumerate(shard.rows):
+                if i not in keep:
+                    self._finish(r)
+            self._keep_rows(shard, keep)
+        if changed:
+            self._rebalance()
+
+    def _keep_rows(self, shard: _Shard, keep: list[int]) -> None:
+        """Keeps only the given rows of a shard (in that order); frees the rest."""
         if not keep:
             # The cache goes before the rows: once stats() shows no active request,
             # the batch's memory is already back.
-            for c in self.cache:
+            for c in shard.cache:
                 c.close()
-            self.cache = None
-            self._set_rows([])
+            shard.cache = None
+            self._set_rows(shard, [])
             return
-        self._set_rows([self.rows[i] for i in keep])
-        for c in self.cache:
-            c.take_rows(keep)
-        ops.eval(*[a for c in self.cache for a in c.state()])
+        self._set_rows(shard, [shard.rows[i] for i in keep])
+        with self._on(shard):
+            for c in shard.cache:
+                c.take_rows(keep)
+            ops.eval(*[a for c in shard.cache for a in c.state()])
+
+    def _rebalance(self) -> None:
+        """After rows left: moves rows from the fullest shard to the emptiest until
+        no two differ by more than one (a round takes as long as its largest shard)."""
+        while len(self.shards) > 1:
+            src = max(self.shards, key=lambda s: len(s.rows))
+            dst = min(self.shards, key=lambda s: len(s.rows))
+            n = (len(src.rows) - len(dst.rows)) // 2
+            if n < 1:
+                return
+            stay, moved = list(range(len(src.rows) - n)), list(range(len(src.rows) - n, len(src.rows)))
+            reqs = [src.rows[i] for i in moved]
+            with self._on(dst):
+                part = [copy.copy(c) for c in src.cache]  # the same buffers, until take_rows copies the rows out
+                for c in part:
+                    c.take_rows(moved)
+            self._keep_rows(src, stay)
+            self._join(dst, reqs, part)
 
     def _finish(self, req: Request) -> None:
         if req.cache is not None:
@@ -421,38 +576,39 @@ class Scheduler:
     def _isolate_failure(self) -> None:
         """A batched step failed: run each row alone to find the culprit(s), fail
         only those, and keep the others (their rows are rebuilt from the single runs)."""
-        for i, req in enumerate(self.rows):
-            row_cache: list[KVCache] = []
-            for c in self.cache:
-                rc = KVCache(window=c.window, block=c.block)
-                rc.keys = ops.take(c.keys, array(np.asarray([i], np.int32)), 0)
-                rc.values = ops.take(c.values, array(np.asarray([i], np.int32)), 0)
-                row_cache.append(rc)
-            try:
-                if self.before_step is not None:
-                    self.before_step([req.last])
-                logits = self.model(array(np.asarray([[req.last]], np.int32)), row_cache,
-                                    array(np.asarray([req.pos], np.int32)))
-                ops.eval(logits)
-            except MLXError as exc:
-                self._fail(req, exc)
-            for c in row_cache:
-                c.close()
+        for shard in self.shards:
+            for i, req in enumerate(shard.rows):
+                row_cache: list[KVCache] = []
+                for c in shard.cache:
+                    rc = KVCache(window=c.window, block=c.block)
+                    rc.kv = ops.take(c.kv, array(np.asarray([i], np.int32)), 1)
+                    row_cache.append(rc)
+                try:
+                    if self.before_step is not None:
+                        self.before_step([req.last])
+                    logits = self.model(array(np.asarray([[req.last]], np.int32)), row_cache,
+                                        array(np.asarray([req.pos], np.int32)))
+                    ops.eval(logits)
+                except MLXError as exc:
+                    self._fail(req, exc)
+                for c in row_cache:
+                    c.close()
         # Rows that failed are inactive now; the next round continues with the rest.
         self._drop_inactive()
 
     def fail_all(self, exc: BaseException) -> None:
         err = exc if isinstance(exc, AmlxError) else MLXError("engine", f"{type(exc).__name__}: {exc}")
-        for req in list(self.waiting) + ([self.prefilling] if self.prefilling else []) + list(self.rows):
+        for req in list(self.waiting) + ([self.prefilling] if self.prefilling else []) + self.rows:
             self._fail(req, err)
         self.waiting.clear()
         self.prefilling = None
         self._inflight = None
-        self._set_rows([])
-        if self.cache is not None:
-            for c in self.cache:
-                c.close()
-            self.cache = None
+        for shard in self.shards:
+            self._set_rows(shard, [])
+            if shard.cache is not None:
+                for c in shard.cache:
+                    c.close()
+                shard.cache = None
 
     def shutdown(self) -> None:
         """Ends every request with ClosedError and frees the batch (worker thread)."""
@@ -463,17 +619,26 @@ class Scheduler:
         self.fail_all(ClosedError("the model was closed"))
         if self._step_fn is not None:
             self._step_fn.close()  # MLX's compile cache holds the traced graphs and their constants
-            self._step_fn = None
+            self._split_step_fn.close()
+            self._step_fn = self._split_step_fn = None
 
 
 @dataclass(eq=False)
-class _Step:
-    """A launched decode step: the batch's rows then, which of them ran, and the
-    (not yet read) sampled tokens and log-probabilities, one per row."""
+class _Part:
+    """One shard's share of a launched decode step: the shard's rows then, which
+    of them ran, and the (not yet read) sampled tokens and log-probabilities, one per row."""
 
+    shard: _Shard
     rows: list[Request]
     selected: list[int]
     tokens: Array
     logprobs: Array
-    outputs: list[Array]  # everything the step computes (what async_eval launches)
-    state: list[Array]  # the batch's caches after the step [k0, v0, k1, v1, ...]
+    outputs: list[Array]  # everything the part computes (what async_eval launches)
+    state: list[Array]  # the shard's caches after the step, one buffer per layer
+
+
+@dataclass(eq=False)
+class _Step:
+    """A launched decode step: one part per shard that had rows running."""
+
+    parts: list[_Part]

@@ -223,14 +223,14 @@ class Attention(Module):
         norms = [getattr(self, "q_norm", None), getattr(self, "k_norm", None)]
         if norms[0] is not None and not all(isinstance(n, RMSNorm) and n.eps == norms[0].eps for n in norms):
             return None
-        if cache.keys is None or not decode_attention.supports(qkv, cache.keys, self._n_heads) or (
+        if cache.kv is None or not decode_attention.supports(qkv, cache.kv, self._n_heads) or (
                 self._rope.dims != self._head_dim):
             return None
         q_w, k_w = (None, None) if norms[0] is None else (n.norm_weight() for n in norms)
-        o, k_new, v_new = decode_attention.decode_attention(
-            qkv, cache.keys, cache.values, step.pos, heads=self._n_heads, scale=self._scale, window=self.window,
+        o, kv_new = decode_attention.decode_attention(
+            qkv, cache.kv, step.pos, heads=self._n_heads, scale=self._scale, window=self.window,
             inv_freq=self._rope.inv_freq(), q_norm=q_w, k_norm=k_w, eps=0.0 if norms[0] is None else norms[0].eps)
-        cache.write_decode(k_new, v_new, step.pos, step.memo)
+        cache.write_decode(kv_new, step.pos, step.memo)
         return o
 
     def __call__(self, x: Array, cache: KVCache | None, step: Step) -> Array:

@@ -55,10 +55,10 @@ __device__ void amlx_rope_half(float* x, const float* inv_freq, int lane, int po
 """
 
 # qkv (B, (H + 2*KVH) * D): one row's fused projection [q heads | k heads | v
-# heads]; keys/values (B, KVH, capacity, D) hold positions < pos[b]; pos (B,)
-# int32; inv_freq (D/2,) float32 rotary frequencies (position scale included).
-# Outputs: out (B, H*D), and the row's new key and value (B, KVH, 1, D) for the
-# cache write that follows. One block of WARPS warps per (head, row). Lane l
+# heads]; kv (2, B, KVH, capacity, D), the cache (keys, then values), holds
+# positions < pos[b]; pos (B,) int32; inv_freq (D/2,) float32 rotary
+# frequencies (position scale included). Outputs: out (B, H*D), and the new key
+# and value kv_new (2, B, KVH, 1, D) for the cache write that follows. One block of WARPS warps per (head, row). Lane l
 # holds dimensions [l*E, l*E + E) of q, of every key and value it reads and of
 # its partial output (E = D / 32, so a warp reads one key row in one coalesced
 # pass); the rotate-half partner of dimension d (d +- D/2) sits in lane l ^ 16.
@@ -87,17 +87,19 @@ _SOURCE = r"""
   }
 $QK_NORM$  amlx_rope_half<T, E, HALF>(qr, inv_freq, lane, last);
   amlx_rope_half<T, E, HALF>(kn, inv_freq, lane, last);
+  const size_t rows = kv_shape[1];
   if (warp == 0 && h % (H / KVH) == 0) {
     const size_t at = ((size_t)b * KVH + kvh) * D + lane * E;
     for (int e = 0; e < E; ++e) {
-      k_new[at + e] = static_cast<T>(kn[e]);
-      v_new[at + e] = static_cast<T>(vn[e]);
+      kv_new[at + e] = static_cast<T>(kn[e]);
+      kv_new[rows * KVH * D + at + e] = static_cast<T>(vn[e]);
     }
   }
   for (int e = 0; e < E; ++e) qr[e] *= scale;
   const int first = WINDOW > 0 ? max(0, last - WINDOW + 1) : 0;
-  const size_t cap = keys_shape[2];  // a runtime value: no new kernel per capacity
-  const size_t base = ((size_t)b * KVH + kvh) * cap * D + lane * E;
+  const size_t cap = kv_shape[3];  // a runtime value: no new kernel per capacity
+  const T* keys = kv + ((size_t)b * KVH + kvh) * cap * D + lane * E;
+  const T* values = keys + rows * KVH * cap * D;
   float m = neg_inf, l = 0.0f;
   for (int j = first + warp; j <= last; j += WARPS) {
     float kr[E], vr[E];
@@ -105,8 +107,8 @@ $QK_NORM$  amlx_rope_half<T, E, HALF>(qr, inv_freq, lane, last);
       for (int e = 0; e < E; ++e) { kr[e] = kn[e]; vr[e] = vn[e]; }
     } else {
       for (int e = 0; e < E; ++e) {
-        kr[e] = static_cast<float>(keys[base + (size_t)j * D + e]);
-        vr[e] = static_cast<float>(values[base + (size_t)j * D + e]);
+        kr[e] = static_cast<float>(keys[(size_t)j * D + e]);
+        vr[e] = static_cast<float>(values[(size_t)j * D + e]);
       }
     }
     float part = 0.0f;
@@ -163,14 +165,14 @@ def _kernel(qk_norm: bool) -> fast.CudaKernel:
         norms = ["q_norm", "k_norm"] if qk_norm else []
         _KERNELS[qk_norm] = fast.CudaKernel(
             "amlx_decode_attention" + ("_qk_norm" if qk_norm else ""),
-            ["qkv", *norms, "inv_freq", "keys", "values", "pos"], ["out", "k_new", "v_new"],
+            ["qkv", *norms, "inv_freq", "kv", "pos"], ["out", "kv_new"],
             _SOURCE.replace("$QK_NORM$", _QK_NORM if qk_norm else ""), header=_HEADER)
     return _KERNELS[qk_norm]
 
 
-def supports(qkv: Array, keys: Array, heads: int) -> bool:
-    kv_heads, dim = keys.shape[1], keys.shape[3]
-    return (qkv.dtype in _DTYPES and keys.dtype is qkv.dtype and dim % 32 == 0 and 32 <= dim <= 512
+def supports(qkv: Array, kv: Array, heads: int) -> bool:
+    kv_heads, dim = kv.shape[2], kv.shape[4]
+    return (qkv.dtype in _DTYPES and kv.dtype is qkv.dtype and dim % 32 == 0 and 32 <= dim <= 512
             and heads % kv_heads == 0 and qkv.shape[1] == (heads + 2 * kv_heads) * dim)
 
 
@@ -178,27 +180,27 @@ def _bits(x: float) -> int:
     return struct.unpack("<i", struct.pack("<f", float(x)))[0]
 
 
-def decode_attention(qkv: Array, keys: Array, values: Array, positions: Array, *, heads: int, scale: float,
+def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, scale: float,
                      window: int | None, inv_freq: Array, q_norm: Array | None = None,
-                     k_norm: Array | None = None, eps: float = 0.0) -> tuple[Array, Array, Array]:
+                     k_norm: Array | None = None, eps: float = 0.0) -> tuple[Array, Array]:
     """One decode step of attention from the fused q/k/v projection.
 
-    qkv (B, (H + 2*KVH) * D) holds each row's new token; keys/values (B, KVH,
-    capacity, D) the cache, read at positions < `positions` (B,) int32. The new
+    qkv (B, (H + 2*KVH) * D) holds each row's new token; kv (2, B, KVH,
+    capacity, D) the cache's keys and values, read at positions < `positions`
+    (B,) int32. The new
     q and k get their head RMSNorm (weights `q_norm`/`k_norm`, both or neither)
     and the rotary embedding (`inv_freq`: (D/2,) float32 angles per position);
     then softmax(scale * q k^T) v over slots [pos - window + 1, pos] (all of
-    0..pos without a window). Returns (out, k_new, v_new): out (B, H*D), the
-    heads side by side as the output projection takes them, and the new key and
-    value (B, KVH, 1, D) to write into the cache at `positions`."""
+    0..pos without a window). Returns (out, kv_new): out (B, H*D), the heads
+    side by side as the output projection takes them, and the new key and value
+    (2, B, KVH, 1, D) to write into the cache at `positions`."""
     b = qkv.shape[0]
-    kv_heads, dim = keys.shape[1], keys.shape[3]
+    kv_heads, dim = kv.shape[2], kv.shape[4]
     threads = 32 * WARPS
     qk_norm = q_norm is not None
     norms = [q_norm, k_norm] if qk_norm else []
-    new_shape = (b, kv_heads, 1, dim)
     return tuple(_kernel(qk_norm)(
-        [qkv, *norms, inv_freq, keys, values, positions], [(b, heads * dim), new_shape, new_shape],
-        [qkv.dtype] * 3, grid=(heads * threads, b, 1), threadgroup=(threads, 1, 1),
+        [qkv, *norms, inv_freq, kv, positions], [(b, heads * dim), (2, b, kv_heads, 1, dim)],
+        [qkv.dtype] * 2, grid=(heads * threads, b, 1), threadgroup=(threads, 1, 1),
         template={"T": qkv.dtype, "H": heads, "KVH": kv_heads, "D": dim, "WINDOW": window or 0, "WARPS": WARPS,
                   "SCALE_BITS": _bits(scale), "EPS_BITS": _bits(eps)}))

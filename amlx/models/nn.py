@@ -225,10 +225,11 @@ def weight_t(module: Module) -> Array:
 
 
 def dense(x: Array, w_t: Array, bias: Array | None) -> Array:
-    """x @ w_t (+ bias), w_t an (in, out) weight."""
+    """x @ w_t (+ bias), w_t an (in, out) weight (in column blocks on several CPU
+    streams inside device.split_matmuls)."""
     if bias is not None:
         return ops.addmm(bias, x, w_t)
-    return x @ w_t
+    return ops.matmul(x, w_t)
 
 
 class QuantizedLinear(Module):
@@ -263,7 +264,7 @@ class Embedding(Module):
 
     def as_linear(self, x: Array) -> Array:
         """Tied output projection: x @ E^T."""
-        return x @ weight_t(self)
+        return ops.matmul(x, weight_t(self))
 
     def derived_arrays(self) -> list[Array]:
         return [weight_t(self)]
