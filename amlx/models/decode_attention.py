@@ -1,17 +1,21 @@
-"""Decode attention without a mask, as one CUDA kernel.
+"""A decode step's attention as one CUDA kernel.
 
 In a decode step each row adds one token at its own position, and the cache
-buffers are longer than any row's history (fixed capacity, so the step
+buffer is longer than any row's history (fixed capacity, so the step
 compiles once). MLX's fused attention takes no per-row lengths: the unfilled
 slots need an array mask, and with one MLX falls back to about a dozen graph
 nodes per layer (matmuls, softmax, select). Every node costs host time in
 each step, and decoding small models is bound by exactly that host time.
 
-This kernel reads each row's position instead: row b attends to slots
+This kernel takes the fused q/k/v projection of the new token and does what
+would otherwise be several nodes: the per-head q/k RMSNorm (Qwen 3, Gemma 3),
+the rotary embedding at each row's position, and attention over slots
 max(0, pos[b] - window + 1) .. pos[b] only, with an online softmax in float32
 (one warp per key at a time, several warps per head, merged at the end). It
-runs only on MLX's CUDA backend; elsewhere (and with AMLX_DECODE_KERNEL=0)
-attention keeps the mask path, which computes the same thing.
+reads the cache for the earlier slots and its own new key and value for the
+last, and hands those back for the cache write (one scatter). It runs only on
+MLX's CUDA backend; elsewhere (and with AMLX_DECODE_KERNEL=0) attention keeps
+the mask path, which computes the same thing.
 """
 
 from __future__ import annotations
