@@ -209,17 +209,16 @@ class Attention(Module):
             return ops.concatenate([m(x) for m in layers], axis=1)
         return fused(x)
 
-    def _qkv(self, x: Array, step: Step) -> tuple[Array, Array, Array]:
-        """q (B, H, L, D) and k, v (B, KVH, L, D): one reshape to heads, then
-        one split, instead of a split and three reshapes."""
-        y = self._heads(self._qkv_rows(x), step, self._n_heads + 2 * self._n_kv)
+    def _qkv(self, rows: Array, step: Step) -> tuple[Array, Array, Array]:
+        """q (B, H, L, D) and k, v (B, KVH, L, D) from `_qkv_rows`: one reshape to
+        heads, then one split, instead of a split and three reshapes."""
+        y = self._heads(rows, step, self._n_heads + 2 * self._n_kv)
         q, k, v = ops.split(y, [self._n_heads, self._n_heads + self._n_kv], axis=1)
         return q, k, v
 
-    def _decode_kernel(self, x: Array, cache: KVCache, step: Step) -> Array | None:
+    def _decode_kernel(self, qkv: Array, cache: KVCache, step: Step) -> Array | None:
         """The decode step as one kernel (norms, rotation, attention; see
         `decode_attention`) plus the cache write; None where it does not apply."""
-        qkv = self._qkv_rows(x)
         norms = [getattr(self, "q_norm", None), getattr(self, "k_norm", None)]
         if norms[0] is not None and not all(isinstance(n, RMSNorm) and n.eps == norms[0].eps for n in norms):
             return None
@@ -234,11 +233,12 @@ class Attention(Module):
         return o
 
     def __call__(self, x: Array, cache: KVCache | None, step: Step) -> Array:
+        rows = self._qkv_rows(x)
         if step.decode_kernel and cache is not None:
-            o = self._decode_kernel(x, cache, step)
+            o = self._decode_kernel(rows, cache, step)
             if o is not None:
                 return self.o_proj(o)
-        q, k, v = self._qkv(x, step)
+        q, k, v = self._qkv(rows, step)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self._rope(q, step.pos), self._rope(k, step.pos)
