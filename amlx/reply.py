@@ -80,6 +80,7 @@ def report(reply: Reply, err: TextIO | None = None) -> None:
     rate = (reply.tokens - 1) / (end - first) if first is not None and reply.tokens > 1 and end > first else 0.0
     how = "interrupted" if reply.interrupted else (reply.finish_reason or "stop")
     peak = amlx.memory()["peak"]
+    size = f"{peak / 1e9:.2f} GB" if peak >= 1e9 else f"{peak / 1e6:.1f} MB"
     print(f"[{how}] prompt: {reply.prompt_tokens} tokens, time to first token: {ttft}; "
-          f"generation: {reply.tokens} tokens, {rate:.1f} tokens/s; peak memory: {peak / 1e6:.1f} MB",
+          f"generation: {reply.tokens} tokens, {rate:.1f} tokens/s; peak memory: {size}",
           file=err, flush=True)
