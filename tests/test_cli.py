@@ -22,6 +22,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -298,3 +299,32 @@ def test_ctrl_c_during_lora_saves_the_adapter_so_far(ckpt, tmp_path):
     assert "Traceback" not in err
     with amlx.load_sync(ckpt, adapter=adapters) as tuned:  # what was saved loads
         assert tuned.complete_sync("The secret word is", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_an_interrupted_reply_cancels_its_request(model):
+    """Ctrl-C (a KeyboardInterrupt where the reply is read or written) ends the
+    reply and takes its request out of the engine."""
+    from amlx.reply import stream_reply
+
+    class Terminal:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text: str) -> None:
+            self.writes.append(text)
+            if len(self.writes) == 3:
+                raise KeyboardInterrupt
+
+        def flush(self) -> None:
+            pass
+
+    out = Terminal()
+    reply = stream_reply(model, "Tell me a story", {"max_tokens": 5000}, out=out)
+    assert reply.interrupted and reply.tokens == 3 and reply.text == "".join(out.writes[:3])
+    assert out.writes[-1] == "\n"
+    for _ in range(500):  # the engine drops the request at its next round
+        s = model.stats()
+        if s["active_requests"] == s["waiting_requests"] == 0:
+            break
+        time.sleep(0.02)
+    assert s["active_requests"] == s["waiting_requests"] == 0
