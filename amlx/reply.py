@@ -47,10 +47,11 @@ def stream_reply(model: amlx.Model, prompt: Any, options: dict[str, Any], out: T
     marked `interrupted`."""
     out = sys.stdout if out is None else out
     reply = Reply()
-    stream = model.generate_sync(prompt, **options)
-    reply.prompt_tokens = stream.prompt_tokens
     pieces: list[str] = []
+    stream = None
     try:
+        stream = model.generate_sync(prompt, **options)
+        reply.prompt_tokens = stream.prompt_tokens
         for tok in stream:
             if reply.first_token_at is None:
                 reply.first_token_at = time.perf_counter()
@@ -62,7 +63,8 @@ def stream_reply(model: amlx.Model, prompt: Any, options: dict[str, Any], out: T
     except KeyboardInterrupt:
         reply.interrupted = True
     finally:
-        stream.close()  # cancels the request when it did not finish
+        if stream is not None:
+            stream.close()  # cancels the request when it did not finish
         reply.ended = time.perf_counter()
         reply.text = "".join(pieces)
     out.write("\n")
