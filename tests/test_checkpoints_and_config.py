@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from amlx.errors import ModelLoadError
-from amlx.models.config import llama3_rope_freqs, load_config, normalize_config, rope_inv_freqs
+from amlx.models.config import load_config, normalize_config
+from amlx.models.rope import llama3_inv_freqs
 
 try:
     from tests.helpers.checkpoints import (
@@ -341,10 +342,45 @@ def test_llama3_freqs_match_transformers(head_dim, theta, factor, low, high, ori
     cfg = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
                       max_position_embeddings=131072, rope_parameters={**scaling, "rope_theta": theta})
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
-    ours = llama3_rope_freqs(head_dim, theta, scaling)
+    ours = llama3_inv_freqs(head_dim, theta, scaling)
     assert ours.dtype == np.float32 and ours.shape == (head_dim // 2,)
     np.testing.assert_allclose(ours, expected.numpy(), rtol=2e-6, atol=0)
-    np.testing.assert_array_equal(rope_inv_freqs(head_dim, theta, scaling), ours)
+    np.testing.assert_allclose(rope_inv_freq(head_dim, theta, scaling), ours, rtol=1e-6)
+
+
+def rope_inv_freq(head_dim: int, base: float, scaling: dict | None) -> np.ndarray:
+    """The angle per position of each pair as the model's own RoPE holds it (the
+    position scale of linear rope included; what the decode kernels rotate by)."""
+    from amlx.models.base import RoPE
+
+    rope = RoPE(head_dim, base, scaling)
+    try:
+        return np.array(rope.inv_freq())
+    finally:
+        rope.close()
+
+
+@pytest.mark.parametrize("factor,extra", [(4.0, {}), (8.0, {"beta_fast": 16.0, "beta_slow": 2.0}),
+                                          (2.0, {"attention_factor": 1.5}), (4.0, {"mscale": 1.0,
+                                                                                    "mscale_all_dim": 0.5})])
+def test_yarn_freqs_and_attention_factor_match_transformers(factor, extra):
+    from transformers import Qwen3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from amlx.models.base import RoPE
+
+    scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": 4096, **extra}
+    cfg = Qwen3Config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                      max_position_embeddings=int(4096 * factor),
+                      rope_parameters={**scaling, "rope_theta": 1e6})
+    expected, attention = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+    ncfg = normalize_config(json.loads(cfg.to_json_string()))
+    assert ncfg["rope_scaling"]["rope_type"] == "yarn"
+    np.testing.assert_allclose(rope_inv_freq(64, ncfg["rope_theta"], ncfg["rope_scaling"]), expected.numpy(),
+                               rtol=2e-6)
+    rope = RoPE(64, ncfg["rope_theta"], ncfg["rope_scaling"])
+    assert rope.attention_factor == pytest.approx(attention, rel=1e-12)
+    rope.close()
 
 
 def test_default_and_linear_freqs_match_transformers():
@@ -354,8 +390,8 @@ def test_default_and_linear_freqs_match_transformers():
     cfg = Gemma3TextConfig(head_dim=32, rope_scaling={"rope_type": "linear", "factor": 8.0})
     rot = Gemma3RotaryEmbedding(cfg)
     ncfg = normalize_config(json.loads(cfg.to_json_string()))
-    full = rope_inv_freqs(32, ncfg["rope_theta"], ncfg["rope_scaling"])
-    local = rope_inv_freqs(32, ncfg["rope_local_base_freq"], ncfg["rope_local_scaling"])
+    full = rope_inv_freq(32, ncfg["rope_theta"], ncfg["rope_scaling"])
+    local = rope_inv_freq(32, ncfg["rope_local_base_freq"], ncfg["rope_local_scaling"])
     np.testing.assert_allclose(full, rot.full_attention_inv_freq.numpy(), rtol=2e-6)
     np.testing.assert_allclose(local, rot.sliding_attention_inv_freq.numpy(), rtol=2e-6)
 

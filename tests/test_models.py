@@ -75,6 +75,13 @@ CASES = {
     "qwen2": ("qwen2", {}),
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
     "llama-sharded": ("llama", {"max_shard_size": "20KB"}),
+    # rope scalings through the model's own path (prefill and the cached decode steps)
+    "llama-linear-rope": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+    # YaRN as Qwen3's long-context configs set it, with an original context short
+    # enough that the prompts cross it and every band of the ramp is in use
+    "qwen3-yarn": ("qwen3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                              "original_max_position_embeddings": 16},
+                             "max_position_embeddings": 64}),
     "gemma3-old-sharded": ("gemma3", {"max_shard_size": "40KB", "config_style": "old"}),
 }
 ARCHS = ("qwen3", "gemma3_text", "gemma3", "llama", "qwen2")

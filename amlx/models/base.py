@@ -9,7 +9,6 @@ missing, misshaped or left over.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -17,7 +16,7 @@ import numpy as np
 from amlx._mlx import Array, array, fast, ops
 from amlx._mlx import float32 as _f32
 from amlx.cache import BLOCK, KVCache, memoized
-from amlx.models import decode_attention, step_kernels
+from amlx.models import decode_attention, rope, step_kernels
 from amlx.errors import ModelLoadError
 from amlx.models.nn import (Embedding, Linear, Module, QuantizedEmbedding, QuantizedLinear, RMSNorm,
                             split_outputs)
@@ -102,30 +101,39 @@ class Weights:
 
 
 class RoPE:
-    """Rotary position embedding in the rotate-half convention of HF checkpoints."""
+    """Rotary position embedding in the rotate-half convention of HF checkpoints.
+
+    Plain and linear rope run on MLX's base/scale form; llama3 and yarn pass
+    their per-pair frequencies (`amlx.models.rope`). YaRN also multiplies cos
+    and sin by `attention_factor`, i.e. queries and keys both: `Attention`
+    folds its square into the attention scale."""
 
     def __init__(self, dims: int, base: float, scaling: dict | None = None):
         self.dims = dims
         self.base: float | None = base
         self.scale = 1.0
+        self.attention_factor = 1.0
         self.freqs: Array | None = None
         self._periods = np.asarray(base, np.float64) ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
         self._inv_freq: Array | None = None
         kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         if kind in (None, "default"):
-            pass
-        elif kind == "linear":
+            return
+        if kind == "linear":
             self.scale = 1.0 / float(scaling["factor"])
-        elif kind == "llama3":
-            from amlx.models.config import llama3_rope_freqs
-
-            inv = llama3_rope_freqs(dims, base, scaling)
-            # MLX's rope takes the period of each pair (1 / inverse frequency).
-            self._periods = 1.0 / np.asarray(inv, dtype=np.float64)
-            self.freqs = array(self._periods.astype(np.float32), _f32)
-            self.base = None
+            return
+        if kind == "llama3":
+            inv = rope.llama3_inv_freqs(dims, base, scaling)
+        elif kind == "yarn":
+            inv = rope.yarn_inv_freqs(dims, base, scaling)
+            self.attention_factor = rope.yarn_attention_factor(scaling)
         else:
-            raise ModelLoadError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+            raise ModelLoadError(f"rope scaling type {kind!r} is not supported (supported: "
+                                 f"{', '.join(rope.ROPE_TYPES)})")
+        # MLX's rope takes the period of each pair (1 / inverse frequency).
+        self._periods = 1.0 / np.asarray(inv, dtype=np.float64)
+        self.freqs = array(self._periods.astype(np.float32), _f32)
+        self.base = None
 
     def close(self) -> None:
         for a in (self.freqs, self._inv_freq):
@@ -186,7 +194,8 @@ class Attention(Module):
             self.q_norm = qk_norm(f"{prefix}.q_norm", head_dim)
             self.k_norm = qk_norm(f"{prefix}.k_norm", head_dim)
         self._n_heads, self._n_kv, self._head_dim = n_heads, n_kv, head_dim
-        self._scale, self._rope, self.window = scale, rope, window
+        # YaRN scales queries and keys by its attention factor: the same as scaling q.k by its square
+        self._scale, self._rope, self.window = scale * rope.attention_factor ** 2, rope, window
 
     def _heads(self, y: Array, step: Step, n: int) -> Array:
         """(B*L, n*D) -> (B, n, L, D). With one token per row the two layouts
@@ -306,23 +315,6 @@ def residual(step: Step, x: Array, y: Array, norm: Module, pre: Module | None = 
     return total, norm(total)
 
 
-@dataclass
-class ModelInfo:
-    """What a loaded model is (the public `Model.info` adds device and parameter count)."""
-
-    architecture: str
-    num_layers: int
-    hidden_size: int
-    vocab_size: int
-    context_length: int
-    quantization: dict | None
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "ModelInfo":
-        return cls(cfg["arch"], cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"],
-                   cfg["max_position_embeddings"], cfg["quantization"])
-
-
 class Decoder(Module):
     """`model.*` of a checkpoint: embed_tokens, layers, norm."""
 
@@ -357,12 +349,10 @@ class CausalLM(Module):
 
     model_type = ""
 
-    def __init__(self, model: Decoder, lm_head: Module | None, info: ModelInfo,
-                 final_softcap: float | None = None):
+    def __init__(self, model: Decoder, lm_head: Module | None, final_softcap: float | None = None):
         self.model = model
         if lm_head is not None:
             self.lm_head = lm_head
-        self.info = info
         self._final_softcap = final_softcap
         self._unused: list[Array] = []
 
