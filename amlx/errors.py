@@ -24,3 +24,8 @@ class ClosedError(AmlxError):
 
 class ContextLengthError(AmlxError, ValueError):
     """The prompt (plus room to generate) does not fit the model's context."""
+
+
+class ChatTemplateError(AmlxError, ValueError):
+    """A chat template is missing, failed to render, raised an error, tried something
+    unsafe, or went over its limits (loop iterations, output size, time)."""
