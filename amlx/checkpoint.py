@@ -35,7 +35,7 @@ from amlx.errors import ModelLoadError
 
 __all__ = [
     "CONFIG", "GENERATION_CONFIG", "INDEX", "JSON_LIMIT", "TOKENIZER_JSON_LIMIT", "CheckpointSpec", "TensorInfo",
-    "check_destination", "copy_carried", "progress_bar", "read_bytes", "read_checkpoint", "read_header",
+    "check_destination", "check_side_files", "copy_carried", "progress_bar", "read_bytes", "read_checkpoint", "read_header",
     "read_index", "read_json", "read_tensors", "staged_directory", "weight_files", "write_weights",
 ]
 
@@ -121,22 +121,22 @@ def read_json(path: str | os.PathLike, *, required: bool = True, limit: int = JS
 
 
 def _inside(directory: Path, name: str, where: Path) -> Path:
-    """`directory / name` for a plain file name that stays inside `directory`.
-
-    A link may lead out only in the Hugging Face cache's own layout, where
-    ``snapshots/<revision>/<file>`` links to ``../../blobs/<hash>``."""
+    """`directory / name` for a plain file name (no separator, not absolute, not
+    ``..``). Should the file be a link that leads out of `directory`, it must end at
+    a ``.safetensors`` file (weights linked in from another checkpoint) or in the
+    Hugging Face cache's blob store (``snapshots/<revision>/<file>`` ->
+    ``../../blobs/<hash>``): a link to any other file (keys, /etc/...) is refused."""
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
             or os.path.isabs(name) or "\0" in name:
         raise ModelLoadError(f"{where}: weight file {name!r} is not a file name inside the checkpoint directory")
     path = directory / name
     target = path.resolve()
     home = directory.resolve()
-    allowed = [home]
-    if home.parent.name == "snapshots":
-        allowed.append(home.parent.parent / "blobs")
-    if not any(a in target.parents for a in allowed):
-        raise ModelLoadError(f"{where}: weight file {name!r} links outside the checkpoint directory ({target})")
-    return path
+    if home in target.parents or target.suffix == ".safetensors":
+        return path
+    if home.parent.name == "snapshots" and home.parent.parent / "blobs" in target.parents:
+        return path
+    raise ModelLoadError(f"{where}: weight file {name!r} links outside the checkpoint directory to {target}")
 
 
 def read_index(directory: Path) -> dict[str, str] | None:
@@ -229,6 +229,26 @@ def _tensor_info(path: Path, name: str, entry: Any, data_size: int) -> TensorInf
 # ---------------------------------------------------------------------------
 # the host phase
 
+# Files beside the weights that loading reads (the tokenizer's among them), with
+# their size limits: each must be a regular file when present.
+SIDE_FILES = {"tokenizer.json": TOKENIZER_JSON_LIMIT, "tokenizer_config.json": JSON_LIMIT,
+              "special_tokens_map.json": JSON_LIMIT, "chat_template.jinja": JSON_LIMIT,
+              "chat_template.json": JSON_LIMIT, "tokenizer.model": TOKENIZER_JSON_LIMIT}
+
+
+def check_side_files(directory: Path) -> None:
+    """Refuses (ModelLoadError) a tokenizer or chat template file that is not a
+    regular file or is over its size limit, before anything opens it."""
+    extra = directory / "additional_chat_templates"
+    templates = sorted(extra.glob("*.jinja")) if extra.is_dir() else []
+    for path, limit in [*((directory / n, lim) for n, lim in SIDE_FILES.items()),
+                        *((t, JSON_LIMIT) for t in templates)]:
+        if os.path.lexists(path):
+            try:
+                _regular(path, limit)
+            except FileNotFoundError:
+                raise ModelLoadError(f"{path}: a link to nothing") from None
+
 
 @dataclass
 class CheckpointSpec:
@@ -262,6 +282,7 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointSpec:
         raise ModelLoadError(f"{path}: not a directory (expected a Hugging Face or MLX checkpoint)")
     raw = read_json(path / CONFIG)
     generation = read_json(path / GENERATION_CONFIG, required=False)
+    check_side_files(path)
     args = parse_config(raw, path / CONFIG, generation_config=generation)
     index_map = read_index(path)
     files = weight_files(path, index_map)

@@ -15,6 +15,7 @@ import numpy as np
 
 from amlx._mlx import Array, array, fast, ops
 from amlx._mlx import float32 as _f32
+from amlx._mlx import uint32
 from amlx.cache import BLOCK, KVCache, memoized
 from amlx.models import decode_attention, rope, step_kernels
 from amlx.errors import ModelLoadError
@@ -37,15 +38,21 @@ class Weights:
     def has(self, name: str) -> bool:
         return name in self._tensors
 
-    def _get(self, name: str, shape: tuple | None, cast: bool = True) -> Array:
+    def _get(self, name: str, shape: tuple | None, packed: bool = False) -> Array:
+        """The tensor, its shape and dtype checked: floating point, or uint32 for
+        the `packed` weights of quantized layers. A mislabelled tensor (a float
+        weight stored as I32: same bytes, wrong numbers) is refused, not run."""
         if name not in self._tensors:
             raise ModelLoadError(f"{self._where}: tensor {name!r} is missing")
         a = self._tensors[name]
         if shape is not None and tuple(a.shape) != tuple(shape):
             raise ModelLoadError(f"{self.origin(name)}: tensor {name!r} has shape {tuple(a.shape)}, expected "
                                  f"{tuple(shape)}")
+        if (a.dtype is not uint32) if packed else not a.dtype.is_floating:
+            raise ModelLoadError(f"{self.origin(name)}: tensor {name!r} has dtype {a.dtype.name}, expected "
+                                 f"{'uint32 (packed quantized weights)' if packed else 'a floating-point type'}")
         self.taken.add(name)
-        if cast and self._dtype is not None and a.dtype.is_floating and a.dtype is not self._dtype:
+        if not packed and self._dtype is not None and a.dtype is not self._dtype:
             a = a.astype(self._dtype)
         return a
 
@@ -71,7 +78,7 @@ class Weights:
         if in_dim % group or (in_dim * bits) % 32:
             raise ModelLoadError(f"{self._where}: {prefix} cannot be quantized with group size {group} and "
                                  f"{bits} bits (input size {in_dim})")
-        w = self._get(f"{prefix}.weight", (out_dim, in_dim * bits // 32), cast=False)
+        w = self._get(f"{prefix}.weight", (out_dim, in_dim * bits // 32), packed=True)
         scales = self._get(f"{prefix}.scales", (out_dim, in_dim // group))
         biases = self._get(f"{prefix}.biases", (out_dim, in_dim // group))
         return w, scales, biases, group, bits

@@ -16,7 +16,7 @@ from amlx.errors import MLXError, ModelLoadError
 from amlx.models.base import CausalLM, Weights
 from amlx.models.registry import architecture
 
-__all__ = ["LoadedModel", "build_model", "build_module_tree", "check_dtype", "load_model"]
+__all__ = ["LoadedModel", "build_model", "build_module_tree", "check_dtype", "load_model", "prepare"]
 
 
 @dataclass
@@ -84,10 +84,19 @@ def build_model(spec: CheckpointSpec, dtype=None, progress: bool | None = None) 
     return LoadedModel(model, spec.config, spec.path, (dt or first.dtype).name, spec.args)
 
 
-def load_model(path: str | os.PathLike, dtype=None, progress: bool | None = None) -> LoadedModel:
-    """Loads a checkpoint directory: `read_checkpoint` then `build_model`."""
+def prepare(path: str | os.PathLike, dtype=None) -> CheckpointSpec:
+    """The host phase of loading: the options checked and the checkpoint's files
+    read and validated (`amlx.checkpoint.read_checkpoint`). Pure Python, no MLX:
+    it may run on any thread, and a hostile file cannot block it (FIFOs, devices,
+    oversized json and out-of-bounds sizes are refused before anything is opened
+    or allocated)."""
     check_dtype(dtype)
-    return build_model(read_checkpoint(path), dtype, progress)
+    return read_checkpoint(path)
+
+
+def load_model(path: str | os.PathLike, dtype=None, progress: bool | None = None) -> LoadedModel:
+    """Loads a checkpoint directory: `prepare` then `build_model`."""
+    return build_model(prepare(path, dtype), dtype, progress)
 
 
 def _materialise(model: CausalLM, path: Path, progress: bool | None) -> None:
