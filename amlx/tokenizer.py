@@ -159,6 +159,29 @@ def _normalize_messages(messages: Iterable[Any]) -> list[dict]:
     return out
 
 
+def _special_tokens_of(config: Mapping[str, Any]) -> tuple[dict[str, str], Any]:
+    """The named special tokens of tokenizer_config.json (every "*_token" entry, offered to the
+    chat template), and its extra special tokens still to register (a list; [] when they were
+    a mapping of names, which joins the named ones)."""
+    tokens: dict[str, str] = {}
+    tokenizer_class = str(config.get("tokenizer_class") or "").removesuffix("Fast")
+    defaults = _CLASS_DEFAULT_TOKENS.get(tokenizer_class, {})
+    for key in _NAMED_SPECIAL_TOKENS:
+        content = _token_content(config[key] if key in config else defaults.get(key))
+        if content is not None:
+            tokens[key] = content
+    extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+    for key, value in config.items():
+        if key.endswith("_token") and key not in tokens and _token_content(value) is not None:
+            tokens[key] = _token_content(value)
+    if isinstance(extra, Mapping):
+        for key, value in extra.items():
+            if _token_content(value) is not None:
+                tokens.setdefault(key, _token_content(value))
+        extra = []
+    return tokens, extra
+
+
 # --------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -189,24 +212,7 @@ class Tokenizer:
         config = dict(config or {})
         self._backend = backend
 
-        # Every "*_token" entry is a special token and is offered to the chat template.
-        self._special_tokens: dict[str, str] = {}
-        tokenizer_class = str(config.get("tokenizer_class") or "").removesuffix("Fast")
-        defaults = _CLASS_DEFAULT_TOKENS.get(tokenizer_class, {})
-        for key in _NAMED_SPECIAL_TOKENS:
-            content = _token_content(config[key] if key in config else defaults.get(key))
-            if content is not None:
-                self._special_tokens[key] = content
-        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
-        for key, value in config.items():
-            if key.endswith("_token") and key not in self._special_tokens and _token_content(value) is not None:
-                self._special_tokens[key] = _token_content(value)
-        if isinstance(extra, Mapping):
-            for key, value in extra.items():
-                if _token_content(value) is not None:
-                    self._special_tokens.setdefault(key, _token_content(value))
-            extra = []
-
+        self._special_tokens, extra = _special_tokens_of(config)
         self._register_added_tokens(config, extra)
 
         # encode() never truncates or pads, whatever tokenizer.json says (transformers too).
