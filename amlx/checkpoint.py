@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from amlx.errors import ModelLoadError
 
@@ -94,6 +94,12 @@ def read_bytes(path: str | os.PathLike, limit: int = JSON_LIMIT) -> bytes:
     if len(data) > limit:
         raise ModelLoadError(f"{path}: more than the {limit} bytes such a file may have")
     return data
+
+
+@overload
+def read_json(path: str | os.PathLike, *, required: Literal[True] = ..., limit: int = ...) -> dict: ...
+@overload
+def read_json(path: str | os.PathLike, *, required: bool, limit: int = ...) -> dict | None: ...
 
 
 def read_json(path: str | os.PathLike, *, required: bool = True, limit: int = JSON_LIMIT) -> dict | None:
@@ -383,7 +389,7 @@ def write_config(directory: Path, config: dict, name: str = CONFIG) -> None:
 def progress_bar(total: int, desc: str, progress: bool | None):
     """A tqdm bar over `total` tensors (None: shown on a terminal only), or None without tqdm."""
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]
     except ImportError:  # pragma: no cover
         return None
     disable = None if progress is None else not progress

@@ -384,12 +384,14 @@ def _token_ids(top: ConfigReader, r: ConfigReader, multimodal: bool, generation:
             return top, top.get(key)
         return r, r.get(key)
 
-    c, v = source("bos_token_id")
-    out: dict[str, Any] = {"bos_token_id": (c.token_ids("bos_token_id", v) or [None])[0]}
-    c, v = source("pad_token_id")
-    if isinstance(v, int) and not isinstance(v, bool) and v < 0:
-        v = None  # early Llama conversions wrote pad_token_id: -1 for "none"
-    out["pad_token_id"] = (c.token_ids("pad_token_id", v) or [None])[0]
+    def first(key: str) -> int | None:
+        c, v = source(key)
+        if key == "pad_token_id" and isinstance(v, int) and not isinstance(v, bool) and v < 0:
+            v = None  # early Llama conversions wrote pad_token_id: -1 for "none"
+        ids = c.token_ids(key, v)
+        return ids[0] if ids else None
+
+    out: dict[str, Any] = {"bos_token_id": first("bos_token_id"), "pad_token_id": first("pad_token_id")}
     c, v = source("eos_token_id")
     eos = c.token_ids("eos_token_id", v)
     if generation is not None:
