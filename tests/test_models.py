@@ -916,8 +916,9 @@ def test_generation_config_linked_to_dev_zero_is_refused(small, tmp_path):
     _refused(ckpt, str(ckpt / "generation_config.json"), "not a regular file")
 
 
-@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"])
-def test_tokenizer_files_must_be_regular_files(small, tmp_path, name):
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                                  "model.safetensors"])
+def test_tokenizer_and_weight_files_must_be_regular_files(small, tmp_path, name):
     ckpt = _copy(small, tmp_path / "c")
     (ckpt / name).unlink(missing_ok=True)
     os.mkfifo(ckpt / name)
