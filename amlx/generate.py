@@ -98,7 +98,7 @@ def prefill(model, cache, ids: Sequence[int], start: int = 0, chunk: int = PREFI
 def generate_tokens(model, tokenizer: Tokenizer, prompt_ids: Sequence[int], options: GenerationOptions,
                     max_context: int, eos_ids: frozenset[int] | None = None) -> Iterator[Token]:
     """Generates for one request, synchronously, on the calling thread."""
-    from amlx.engine.sampling import BatchSampling, RowSampling
+    from amlx.sample import BatchSampling, RowSampling
 
     room = check_context(len(prompt_ids), max_context)
     eos = tokenizer.eos_token_ids if eos_ids is None else eos_ids
@@ -109,7 +109,8 @@ def generate_tokens(model, tokenizer: Tokenizer, prompt_ids: Sequence[int], opti
         logits = prefill(model, cache, prompt_ids)
         pos = len(prompt_ids)
         while True:
-            tokens, logprobs = sampler(logits)
+            step = sampler(logits)
+            tokens, logprobs = step.tokens, step.logprobs
             for c in cache:
                 c.reserve(pos + 1)
             ops.async_eval(tokens, logprobs, *sampler.state())

@@ -6,15 +6,18 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Iterator
+
+from typing_extensions import Unpack
 
 from amlx.engine.channel import Channel
 from amlx.engine.scheduler import Request, Scheduler
-from amlx.engine.sampling import RowSampling
+from amlx.sample import RowSampling
 from amlx.engine.worker import Worker
 from amlx.errors import ClosedError
 from amlx.generate import TextAssembler, check_context
-from amlx.types import Completion, GenerationOptions, Token, Usage
+from amlx.types import Completion, EngineStats, GenerateOptions, GenerationOptions, Prompt, Token, Usage
 
 
 @dataclass(frozen=True)
@@ -150,10 +153,10 @@ class Model:
             return list(prompt)
         raise TypeError("prompt must be a string, a list of token ids, or a list of chat messages (dicts)")
 
-    def _submit(self, prompt, options: dict) -> TokenStream:
+    def _submit(self, prompt: Prompt, options: Mapping[str, Any]) -> TokenStream:
         if self._closed:
             raise ClosedError("the model is closed")
-        opts = GenerationOptions.from_kwargs(**options)
+        opts = GenerationOptions.from_kwargs(self._loaded.config["vocab_size"], **options)
         ids = self._prompt_ids(prompt)
         room = check_context(len(ids), self._max_context)
         channel = Channel(opts.max_buffer, self._worker.wake)
@@ -162,32 +165,34 @@ class Model:
         self._scheduler.add(req)
         return TokenStream(self, req)
 
-    def generate(self, prompt, **options) -> TokenStream:
+    def generate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> TokenStream:
         """Starts a request and returns its stream of `Token`s.
 
         `prompt`: text, a list of token ids, or chat messages (rendered with the
         checkpoint's chat template). Options: max_tokens=256, temperature=0.0,
         top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, stop=(),
-        seed=None, logprobs=False, max_buffer=16 (ValueError on bad values)."""
+        seed=None, logprobs=False, max_buffer=16, presence_penalty=0.0,
+        frequency_penalty=0.0, logit_bias=None, top_logprobs=0 (typed by
+        `amlx.GenerateOptions`; bounds in `amlx.sample`; ValueError on bad values)."""
         return self._submit(prompt, options)
 
-    def generate_sync(self, prompt, **options) -> Iterator[Token]:
+    def generate_sync(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Iterator[Token]:
         """`generate` for blocking code (not for use on an event loop's thread)."""
         return self._submit(prompt, options)
 
-    async def complete(self, prompt, **options) -> Completion:
+    async def complete(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Completion:
         """Runs a request to its end and returns the whole `Completion`."""
         start = time.perf_counter()
         stream = self._submit(prompt, options)
         tokens = [tok async for tok in stream]
         return _completion(stream, tokens, start)
 
-    def complete_sync(self, prompt, **options) -> Completion:
+    def complete_sync(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Completion:
         start = time.perf_counter()
         stream = self._submit(prompt, options)
         return _completion(stream, list(stream), start)
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         """Requests, token counters and MLX memory (bytes)."""
         from amlx import memory
 
@@ -258,9 +263,10 @@ def _completion(stream: TokenStream, tokens: list[Token], start: float) -> Compl
     rate = (len(tokens) - 1) / (end - req.first_token_at) if len(tokens) > 1 and req.first_token_at and \
         end > req.first_token_at else 0.0
     logprobs = [t.logprob for t in tokens] if req.options.logprobs else None
+    top = [t.top_logprobs for t in tokens] if req.options.top_logprobs else None
     return Completion("".join(t.text for t in tokens), [t.id for t in tokens],
                       tokens[-1].finish_reason if tokens else "stop",
-                      Usage(len(req.prompt), len(tokens), first, rate), logprobs)
+                      Usage(len(req.prompt), len(tokens), first, rate), logprobs, top)
 
 
 def _count_parameters(model) -> int:

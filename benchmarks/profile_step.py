@@ -35,7 +35,7 @@ from checkpoints import write_benchmark_checkpoint  # noqa: E402
 
 def profile(model, batch: int, steps: int) -> dict:
     from amlx._mlx import array, ops
-    from amlx.engine.sampling import BatchSampling, RowSampling
+    from amlx.sample import BatchSampling, RowSampling
     from amlx.engine.scheduler import Scheduler
     from amlx.types import GenerationOptions
 
@@ -64,7 +64,7 @@ def profile(model, batch: int, steps: int) -> dict:
         for c, kv in zip(sched.cache, state):
             c.kv = kv
         t1 = time.perf_counter()
-        new, lps = sampling(logits)
+        new, lps = sampling(logits)[:2]
         outs = [new, lps, *sampling.state(), *[a for c in sched.cache for a in c.state()]]
         if count:
             nodes[0], kinds[0] = ops.graph_summary(*outs)

@@ -27,14 +27,14 @@ import threading
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from amlx._mlx import Array, array, device, ops, transforms
 from amlx.cache import KVCache
 from amlx.engine.channel import Channel
-from amlx.engine.sampling import BatchSampling, RowSampling
+from amlx.sample import BatchSampling, RowSampling, StepSample
 from amlx.errors import AmlxError, ClosedError, MLXError
 from amlx.generate import PREFILL_CHUNK, TextAssembler
 from amlx.models import decode_attention
@@ -217,7 +217,7 @@ class Scheduler:
         real position see a padded one, and padded slots past a row's length stay
         masked until decoding overwrites them."""
         parts: list[tuple[_Shard, list[Request], list[KVCache]]] = []
-        firsts: list[tuple[Array, Array]] = []
+        firsts: list[StepSample] = []
         samplers: list[BatchSampling] = []
         assigned = self._assign(group)
         try:
@@ -237,7 +237,7 @@ class Scheduler:
                 samplers.append(BatchSampling([r.sampling for r in reqs]))
                 firsts.append(samplers[-1](logits))
             # One evaluation for every shard, so their forwards run at the same time.
-            ops.eval(*[a for pair in firsts for a in pair], *[a for bs in samplers for a in bs.state()],
+            ops.eval(*[a for first in firsts for a in first.arrays()], *[a for bs in samplers for a in bs.state()],
                      *[a for _, _, cache in parts for c in cache for a in c.state()])
             for bs in samplers:
                 bs.sync_back()  # the requests' keys move on
@@ -255,11 +255,11 @@ class Scheduler:
         finally:
             for bs in samplers:
                 bs.close()
-        for (shard, reqs, cache), (tokens, logprobs) in zip(parts, firsts):
-            ids_out, lps = tokens.tolist(), logprobs.tolist()
+        for (shard, reqs, cache), first in zip(parts, firsts):
+            ids_out, lps, tops = first.read()
             for i, r in enumerate(reqs):
                 r.pos = len(r.prompt)
-                self._emit(r, int(ids_out[i]), float(lps[i]))
+                self._emit(r, int(ids_out[i]), float(lps[i]), None if tops is None else tops[i])
             self._join(shard, reqs, cache)
 
     def _prefill_chunk(self, req: Request) -> None:
@@ -276,15 +276,16 @@ class Scheduler:
             with self._split(None):
                 logits = self.model(array(np.asarray([chunk], dtype=np.int32)), req.cache, start,
                                     last=array(np.asarray([len(chunk) - 1], dtype=np.int32)))
-            tokens, logprobs = self._first_tokens(ops.reshape(logits, (1, logits.shape[2])), [req])
-            ops.eval(tokens, logprobs, *[a for c in req.cache for a in c.state()])
+            first = self._first_tokens(ops.reshape(logits, (1, logits.shape[2])), [req])
+            ops.eval(*first.arrays(), *[a for c in req.cache for a in c.state()])
         except MLXError as exc:
             self.prefilling = None
             self._fail(req, exc)
             return
         self.prefilling = None
         req.pos = len(req.prompt)
-        self._emit(req, int(tokens.tolist()[0]), float(logprobs.tolist()[0]))
+        ids_out, lps, tops = first.read()
+        self._emit(req, int(ids_out[0]), float(lps[0]), None if tops is None else tops[0])
         cache, req.cache = req.cache, None
         self._join(self._assign([req])[0][0], [req], cache)
 
@@ -311,16 +312,16 @@ class Scheduler:
             ops.eval(*[a for c in shard.cache for a in c.state()])
         self._set_rows(shard, shard.rows + [reqs[i] for i in keep])
 
-    def _first_tokens(self, logits: Array, reqs: list[Request]) -> tuple[Array, Array]:
+    def _first_tokens(self, logits: Array, reqs: list[Request]) -> StepSample:
         """Samples the first token of freshly prefilled requests; their keys move on."""
         bs = BatchSampling([r.sampling for r in reqs])
         try:
-            tokens, logprobs = bs(logits)
-            ops.eval(tokens, logprobs, *bs.state())
+            first = bs(logits)
+            ops.eval(*first.arrays(), *bs.state())
             bs.sync_back()
         finally:
             bs.close()
-        return tokens, logprobs
+        return first
 
     def _set_rows(self, shard: _Shard, rows: list[Request]) -> None:
         """Changes a shard's rows (its cache is already arranged to match) and
@@ -429,7 +430,7 @@ class Scheduler:
                 c.reserve(needed)
             b = len(shard.rows)
             if prev is not None:
-                tokens = ops.reshape(prev.tokens, (b, 1))
+                tokens = ops.reshape(prev.sample.tokens, (b, 1))
             else:
                 tokens = array(np.asarray([[r.last] for r in shard.rows], dtype=np.int32))
             positions = array(np.asarray([r.pos for r in shard.rows], dtype=np.int32))
@@ -439,9 +440,9 @@ class Scheduler:
         # Sampling (a few small ops) stays on the worker's stream: its compiled
         # steps are cached process-wide per shape and stream, each keeping a few
         # bytes of constants, so one stream keeps that cache as small as with one shard.
-        new, logprobs = shard.sampling(logits, sel)
-        outputs = [new, logprobs, *shard.sampling.state(), *state]
-        return _Part(shard, list(shard.rows), sel, new, logprobs, outputs, state)
+        step = shard.sampling(logits, sel)
+        outputs = [*step.arrays(), *shard.sampling.state(), *state]
+        return _Part(shard, list(shard.rows), sel, step, outputs, state)
 
     def _commit(self, step: "_Step") -> None:
         """A launched step becomes the batch's state: its caches, and the rows'
@@ -464,11 +465,11 @@ class Scheduler:
     def _read(self, step: "_Step") -> None:
         """Hands a launched step's tokens to their requests (waits for the device)."""
         for part in step.parts:
-            ids, lps = part.tokens.tolist(), part.logprobs.tolist()
+            ids, lps, tops = part.sample.read()
             for i in part.selected:
                 req = part.rows[i]
                 if req.active:  # a row that finished or was cancelled meanwhile: its token is dropped
-                    self._emit(req, int(ids[i]), float(lps[i]))
+                    self._emit(req, int(ids[i]), float(lps[i]), None if tops is None else tops[i])
 
     def _forward(self, tokens: Array, positions: Array, caches: list[Array]) -> tuple[Array, list[Array]]:
         """One decode step as a pure function of arrays (what gets compiled):
@@ -492,12 +493,14 @@ class Scheduler:
         fn = (self._split_step_fn if split else self._step_fn) or self._forward
         return fn(tokens, positions, state)
 
-    def _emit(self, req: Request, token_id: int, logprob: float) -> None:
+    def _emit(self, req: Request, token_id: int, logprob: float, top: list | None = None) -> None:
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
         req.last = token_id
         req.sampling.observe(token_id)
         tok = req.assembler.push(token_id, logprob if req.options.logprobs else None)
+        if top is not None and req.options.top_logprobs:  # (id, logprob) pairs, best first
+            tok = replace(tok, top_logprobs=top[:req.options.top_logprobs])
         self.tokens_generated += 1
         req.channel.put(tok)
         if req.assembler.finished:
@@ -631,8 +634,7 @@ class _Part:
     shard: _Shard
     rows: list[Request]
     selected: list[int]
-    tokens: Array
-    logprobs: Array
+    sample: StepSample  # the sampled tokens, their logprobs (and top logprobs)
     outputs: list[Array]  # everything the part computes (what async_eval launches)
     state: list[Array]  # the shard's caches after the step, one buffer per layer
 
