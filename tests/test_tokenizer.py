@@ -548,6 +548,24 @@ def test_more_template_styles_match_transformers(pair, template, add_generation_
         ours.apply_chat_template(ALTERNATING[1:2] * 2, chat_template=MISTRAL_STYLE)
 
 
+def test_counted_loops_keep_jinja_semantics(pair):
+    """The counting hooks leave loop features, macros, blocks and concatenation as they were."""
+    kind, ours, hf = pair
+    template = (
+        "{% for m in messages %}{{ loop.index }}/{{ loop.length }}/{{ loop.revindex }}{{ loop.cycle('a', 'b') }}"
+        "{% if not loop.first %}<{{ loop.previtem.role }}>{% endif %}{% if loop.last %}!{% endif %}"
+        "{% else %}empty{% endfor %}|{% for x in [] %}x{% else %}none{% endfor %}|"
+        "{% for x in [[1, [2]], [3]] recursive %}({{ x if x is number else loop(x) }}){% endfor %}|"
+        "{% macro box(t) %}[{{ t ~ caller() }}]{% endmacro %}{% call box('k') %}{{ 2 * 3 }}{% endcall %}|"
+        "{% set block %}{% for m in messages | selectattr('role', 'equalto', 'user') %}{{ m.content[:2] }}"
+        "{% endfor %}{% endset %}{{ block | upper }}|{{ ('ab' ~ 1) * 2 + 'c' }}|{{ '%5s|%-3d' % ('x', 4) }}|"
+        "{{ '{:>4}'.format(7) }}|{{ 'x'.center(5) }}|{{ [1, 2] + [3] }}|{{ 2 ** 10 }}|{{ 7 % 4 }}"
+    )
+    for messages in (CONVERSATIONS[0], CONVERSATIONS[1]):
+        expected = hf.apply_chat_template(messages, chat_template=template, tokenize=False)
+        assert ours.apply_chat_template(messages, chat_template=template) == expected
+
+
 RUNAWAY_TEMPLATES = {
     # issue 12.2: these froze the event loop for 45 s and 27 s (9.6 GB)
     "nested ranges": ("{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}", "steps"),
