@@ -189,7 +189,10 @@ class TensorInfo:
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """(tensors by name, metadata) from the header of the safetensors file `path`,
     checked against the file: known dtypes, byte ranges that fit the shapes, in bounds."""
-    size = _regular(path, 1 << 60)
+    try:
+        size = _regular(path, 1 << 60)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: file not found") from None
     try:
         with open(path, "rb") as f:
             head = f.read(8)

@@ -274,6 +274,10 @@ RELEASES = {
     "gemma3-4b-it": GEMMA3_4B_IT,
     "llama3.2-1b": LLAMA32_1B,
     "qwen2.5-0.5b": QWEN25_0_5B_INSTRUCT,
+    # Qwen3's long-context setting (its model card's rope_scaling for 131k tokens)
+    "qwen3-0.6b-yarn": dict(QWEN3_0_6B, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                      "original_max_position_embeddings": 32768},
+                            max_position_embeddings=131072),
 }
 
 
@@ -516,3 +520,39 @@ def test_benchmark_safetensors_writer(tmp_path):
     x = torch.randn(10_000) * 3
     expected = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(bench._to_bf16_bits(x.numpy()), expected)
+
+
+# ---------------------------------------------------------------------------
+# the registry
+
+
+def test_one_registry_names_every_architecture():
+    """Each architecture file registers itself once; configs of every model type the
+    test builders write resolve to it; an unknown one names the supported ones."""
+    from amlx.models import architecture, architectures
+    from amlx.models.config import ModelArgs
+
+    assert set(architectures()) == {"qwen3", "qwen2", "llama", "mistral", "gemma3_text", "gemma3"}
+    for model_type, arch in architectures().items():
+        assert issubclass(arch.args, ModelArgs) and arch.args.ARCH == arch.name
+    assert architecture("gemma3") is architecture("gemma3_text")
+    with pytest.raises(ModelLoadError, match="supported: gemma3, gemma3_text, llama, mistral, qwen2, qwen3"):
+        architecture("mamba", "/m/config.json")
+
+
+def test_yarn_release_config_reads_its_scaling():
+    cfg = normalize_config(RELEASES["qwen3-0.6b-yarn"])
+    assert cfg["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert cfg["max_position_embeddings"] == 131072
+
+
+@pytest.mark.parametrize("scaling,key", [
+    ({"rope_type": "yarn"}, "'rope_scaling.factor'"),
+    ({"rope_type": "yarn", "factor": 4.0, "beta_fast": "fast"}, "'rope_scaling.beta_fast'"),
+    ({"rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5}, "'rope_scaling.partial_rotary_factor'"),
+    ({"rope_type": "dynamic", "factor": 4.0}, "'rope_scaling.rope_type'"),
+])
+def test_bad_rope_scaling_is_refused_when_the_config_is_read(scaling, key):
+    with pytest.raises(ModelLoadError) as err:
+        normalize_config(dict(QWEN3_0_6B, rope_scaling=scaling), "/m/config.json")
+    assert "/m/config.json" in str(err.value) and key in str(err.value)

@@ -41,8 +41,8 @@ from typing import Sequence
 from amlx._mlx import Array, io, ops, random
 from amlx._mlx import eval as mx_eval
 from amlx._mlx import float32 as _f32
-from amlx.checkpoint import (check_destination, copy_carried, read_checkpoint, read_json, read_tensors,
-                             staged_directory, write_config, write_weights)
+from amlx.checkpoint import (check_destination, copy_carried, read_checkpoint, read_header, read_json,
+                             read_tensors, staged_directory, write_config, write_weights)
 from amlx.errors import MLXError, ModelLoadError
 from amlx.models.nn import Linear, Module, QuantizedLinear, dense, weight_t
 
@@ -357,6 +357,7 @@ def _read_config(path: Path) -> dict:
 
 
 def _read_weights(path: Path) -> dict[str, Array]:
+    read_header(path)  # a regular safetensors file, or a clear error before MLX opens it
     try:
         arrays, _ = io.load_safetensors(path)
     except MLXError as exc:
