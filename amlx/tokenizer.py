@@ -4,8 +4,9 @@
 chat_template.jinja, generation_config.json, config.json) and reproduces what
 `transformers.AutoTokenizer` does with the same files: `encode`, `decode` and
 `apply_chat_template(..., tokenize=False)` give identical results. Chat templates are
-rendered in Jinja's immutable sandbox, with limits on loops, sizes and time (amlx.chat_template). `Tokenizer.detokenizer()` turns a stream of token ids
-into text pieces that never split a character and join up to exactly `decode(ids)`.
+rendered in Jinja's immutable sandbox, with limits on loops, sizes and time (amlx.chat_template).
+`Tokenizer.detokenizer()` turns a stream of token ids into text pieces that never split a
+character and join up to exactly `decode(ids)`.
 
 Nothing here touches MLX.
 """
