@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 from dataclasses import dataclass
 from collections.abc import Mapping
@@ -11,12 +10,10 @@ from typing import Any, Iterator
 
 from typing_extensions import Unpack
 
-from amlx.engine.channel import Channel
-from amlx.engine.scheduler import Request, Scheduler
-from amlx.sample import RowSampling
+from amlx.engine.engine import Engine
+from amlx.engine.request import RequestStream
 from amlx.engine.worker import Worker
 from amlx.errors import ClosedError
-from amlx.generate import TextAssembler, check_context
 from amlx.types import Completion, EngineStats, GenerateOptions, GenerationOptions, Prompt, Token, Usage
 
 
@@ -38,15 +35,13 @@ class TokenStream:
     blocking code). Leaving early, `aclose()`, cancelling the consuming task or a
     timeout cancels the request; dropping an unfinished stream cancels it too."""
 
-    def __init__(self, model: "Model", request: Request):
-        self._model = model
-        self._request = request
-        self._channel = request.channel
+    def __init__(self, stream: RequestStream):
+        self._stream = stream
         self._finished = False
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self._request.prompt)
+        return self._stream.prompt_tokens
 
     def __aiter__(self) -> "TokenStream":
         return self
@@ -55,7 +50,7 @@ class TokenStream:
         if self._finished:
             raise StopAsyncIteration
         try:
-            tok = await self._channel.get()
+            tok = await self._stream.get()
         except BaseException:
             self._finish()
             raise
@@ -73,7 +68,7 @@ class TokenStream:
         if self._finished:
             raise StopIteration
         try:
-            tok = self._channel.get_sync()
+            tok = self._stream.get_sync()
         except BaseException:
             self._finish()
             raise
@@ -86,8 +81,7 @@ class TokenStream:
 
     def _finish(self) -> None:
         self._finished = True
-        if not self._channel.done:
-            self._channel.cancel()
+        self._stream.cancel()
 
     async def aclose(self) -> None:
         """Cancels the request if it is still running (idempotent)."""
@@ -110,8 +104,7 @@ class TokenStream:
 
     def __del__(self):
         try:
-            if not self._channel.done:
-                self._channel.cancel()
+            self._stream.cancel()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
@@ -123,20 +116,21 @@ class Model:
     runs on amlx's worker thread; every method here is safe to call from the
     event loop (it never blocks on MLX) and from other threads."""
 
-    def __init__(self, loaded, tokenizer, worker: Worker, device: str, max_batch_size: int, max_context: int):
-        self._loaded = loaded
-        self._worker = worker
+    def __init__(self, engine: Engine, tokenizer, info: ModelInfo, config: dict):
+        self._engine = engine
         self.tokenizer = tokenizer
-        self._eos = frozenset(tokenizer.eos_token_ids) | frozenset(loaded.config["eos_token_ids"])
-        self._max_context = max_context
-        self._scheduler = Scheduler(loaded.model, tokenizer, self._eos, max_batch_size, max_context, worker.wake)
-        self._closed = False
-        self._close_lock = threading.Lock()
-        cfg = loaded.config
-        self.info = ModelInfo(
-            architecture=cfg["arch"], parameters=_count_parameters(loaded.model), dtype=loaded.dtype, device=device,
-            context_length=max_context, quantization=cfg["quantization"], path=str(loaded.path))
-        worker.add_scheduler(self._scheduler)
+        self.info = info
+        self._config = config
+
+    @property
+    def engine(self) -> Engine:
+        """The engine serving this model (for training and other advanced use)."""
+        return self._engine
+
+    @property
+    def config(self) -> dict:
+        """The checkpoint's normalised configuration (read it, do not change it)."""
+        return self._config
 
     # -- requests ---------------------------------------------------------------
     def _prompt_ids(self, prompt) -> list[int]:
@@ -146,24 +140,14 @@ class Model:
             text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
             return self.tokenizer.encode(text, add_special_tokens=False)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            vocab = self._loaded.config["vocab_size"]
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
             return list(prompt)
         raise TypeError("prompt must be a string, a list of token ids, or a list of chat messages (dicts)")
 
-    def _submit(self, prompt: Prompt, options: Mapping[str, Any]) -> TokenStream:
-        if self._closed:
+    def _submit(self, prompt: Prompt, options: Mapping[str, Any]) -> RequestStream:
+        if self._engine.closed:
             raise ClosedError("the model is closed")
-        opts = GenerationOptions.from_kwargs(self._loaded.config["vocab_size"], **options)
-        ids = self._prompt_ids(prompt)
-        room = check_context(len(ids), self._max_context)
-        channel = Channel(opts.max_buffer, self._worker.wake)
-        req = Request(ids, opts, channel, TextAssembler(self.tokenizer, opts, self._eos, max_new=room),
-                      RowSampling(opts, ids))
-        self._scheduler.add(req)
-        return TokenStream(self, req)
+        opts = GenerationOptions.from_kwargs(self._engine.vocab_size, **options)
+        return self._engine.submit(self._prompt_ids(prompt), opts)
 
     def generate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> TokenStream:
         """Starts a request and returns its stream of `Token`s.
@@ -174,34 +158,26 @@ class Model:
         seed=None, logprobs=False, max_buffer=16, presence_penalty=0.0,
         frequency_penalty=0.0, logit_bias=None, top_logprobs=0 (typed by
         `amlx.GenerateOptions`; bounds in `amlx.sample`; ValueError on bad values)."""
-        return self._submit(prompt, options)
+        return TokenStream(self._submit(prompt, options))
 
     def generate_sync(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Iterator[Token]:
         """`generate` for blocking code (not for use on an event loop's thread)."""
-        return self._submit(prompt, options)
+        return TokenStream(self._submit(prompt, options))
 
     async def complete(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Completion:
         """Runs a request to its end and returns the whole `Completion`."""
-        start = time.perf_counter()
         stream = self._submit(prompt, options)
-        tokens = [tok async for tok in stream]
-        return _completion(stream, tokens, start)
+        tokens = [tok async for tok in TokenStream(stream)]
+        return _completion(stream, tokens)
 
     def complete_sync(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Completion:
-        start = time.perf_counter()
         stream = self._submit(prompt, options)
-        return _completion(stream, list(stream), start)
+        return _completion(stream, list(TokenStream(stream)))
 
     def stats(self) -> EngineStats:
-        """Requests, token counters and MLX memory (bytes)."""
-        from amlx import memory
-
-        s = self._scheduler
-        elapsed = max(time.perf_counter() - s._started, 1e-9)
-        counts = s.counts()
-        return {"active_requests": counts["active"], "waiting_requests": counts["waiting"],
-                "tokens_generated": s.tokens_generated, "decode_steps": s.decode_steps,
-                "tokens_per_second": s.tokens_generated / elapsed, "memory": memory()}
+        """Active and waiting requests, tokens generated, decode steps, the recent
+        tokens per second (busy time of the last 10 s) and MLX memory (bytes)."""
+        return self._engine.stats()
 
     def train_lora(self, data, **options):
         """Fine-tunes a LoRA adapter on this model; returns an async iterator of
@@ -213,31 +189,16 @@ class Model:
         return train_lora(self, data, **options)
 
     # -- lifetime -------------------------------------------------------------
-    def _shutdown(self) -> None:
-        """On the worker: end every request, free caches and weights."""
-        self._scheduler.shutdown()
-        self._worker.remove_scheduler(self._scheduler)
-        self._loaded.model.close()
-
-    def _begin_close(self) -> bool:
-        with self._close_lock:
-            if self._closed:
-                return False
-            self._closed = True
-            return True
-
     async def aclose(self) -> None:
         """Ends pending streams with ClosedError and frees the model (idempotent)."""
-        if self._begin_close():
-            await self._worker.run(self._shutdown)
+        await self._engine.aclose()
 
     def close(self) -> None:
-        if self._begin_close():
-            self._worker.run_sync(self._shutdown)
+        self._engine.close()
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._engine.closed
 
     async def __aenter__(self) -> "Model":
         return self
@@ -252,21 +213,19 @@ class Model:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else self.info.device
+        state = "closed" if self.closed else self.info.device
         return f"<amlx.Model {self.info.architecture} {self.info.dtype} {state} {self.info.path}>"
 
-
-def _completion(stream: TokenStream, tokens: list[Token], start: float) -> Completion:
-    req = stream._request
-    first = (req.first_token_at or time.perf_counter()) - req.created
-    end = req.done_at or time.perf_counter()
-    rate = (len(tokens) - 1) / (end - req.first_token_at) if len(tokens) > 1 and req.first_token_at and \
-        end > req.first_token_at else 0.0
-    logprobs = [t.logprob for t in tokens] if req.options.logprobs else None
-    top = [t.top_logprobs for t in tokens] if req.options.top_logprobs else None
+def _completion(stream: RequestStream, tokens: list[Token]) -> Completion:
+    first_at = stream.first_token_at
+    first = (first_at or time.perf_counter()) - stream.created
+    end = stream.done_at or time.perf_counter()
+    rate = (len(tokens) - 1) / (end - first_at) if len(tokens) > 1 and first_at and end > first_at else 0.0
+    logprobs = [t.logprob for t in tokens] if stream.options.logprobs else None
+    top = [t.top_logprobs for t in tokens] if stream.options.top_logprobs else None
     return Completion("".join(t.text for t in tokens), [t.id for t in tokens],
                       tokens[-1].finish_reason if tokens else "stop",
-                      Usage(len(req.prompt), len(tokens), first, rate), logprobs, top)
+                      Usage(stream.prompt_tokens, len(tokens), first, rate), logprobs, top)
 
 
 def _count_parameters(model) -> int:
@@ -324,7 +283,13 @@ def _load_on_worker(path, device, dtype, max_batch_size, max_context, worker: Wo
         apply_adapter(loaded, adapter)  # closes the model if the adapter does not apply
     limit = loaded.config["max_position_embeddings"]
     ctx = limit if max_context is None else min(max_context, limit)
-    return Model(loaded, tokenizer, worker, dev, max_batch_size, ctx)
+    cfg = loaded.config
+    info = ModelInfo(architecture=cfg["arch"], parameters=_count_parameters(loaded.model), dtype=loaded.dtype,
+                     device=dev, context_length=ctx, quantization=cfg["quantization"], path=str(loaded.path))
+    eos = frozenset(tokenizer.eos_token_ids) | frozenset(cfg["eos_token_ids"])
+    engine = Engine(loaded.model, tokenizer, eos_ids=eos, vocab_size=cfg["vocab_size"],
+                    max_batch_size=max_batch_size, max_context=ctx, worker=worker)
+    return Model(engine, tokenizer, info, cfg)
 
 
 async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,

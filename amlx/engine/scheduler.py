@@ -33,13 +33,13 @@ import numpy as np
 
 from amlx._mlx import Array, array, device, ops, transforms
 from amlx.cache import KVCache
-from amlx.engine.channel import Channel
-from amlx.sample import BatchSampling, RowSampling, StepSample
+from amlx.engine.rate import RateMeter
+from amlx.engine.request import Request
+from amlx.sample import BatchSampling, StepSample
 from amlx.errors import AmlxError, ClosedError, MLXError
-from amlx.generate import PREFILL_CHUNK, TextAssembler
 from amlx.models import decode_attention
-from amlx.types import GenerationOptions
 
+PREFILL_CHUNK = 2048  # prompt tokens per prefill forward
 MAX_SHARDS = 8  # more would leave each shard too few rows to use its core well
 
 
@@ -49,27 +49,6 @@ def default_shards() -> int:
     if device.default_device() != "cpu":
         return 1
     return max(1, min(device.cpu_cores(), MAX_SHARDS))
-
-
-@dataclass(eq=False)
-class Request:
-    prompt: list[int]
-    options: GenerationOptions
-    channel: Channel
-    assembler: TextAssembler
-    sampling: RowSampling
-    created: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    done_at: float | None = None
-    prefilled: int = 0  # prompt tokens already in the cache
-    cache: list[KVCache] | None = None  # own cache while prefilling
-    pos: int = 0  # next cache position to write
-    last: int = -1  # last sampled token (input of the next step)
-    steps: int = 0  # decode steps computed for this request
-
-    @property
-    def active(self) -> bool:
-        return not (self.channel.cancelled or self.assembler.finished)
 
 
 @dataclass(eq=False)
@@ -83,14 +62,10 @@ class _Shard:
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, eos_ids: frozenset[int], max_batch_size: int, max_context: int,
-                 wake: callable, prefill_chunk: int = PREFILL_CHUNK, compile_step: bool = True,
-                 shards: int | None = None):
+    def __init__(self, model, max_batch_size: int, wake: callable, prefill_chunk: int = PREFILL_CHUNK,
+                 compile_step: bool = True, shards: int | None = None):
         self.model = model
-        self.tokenizer = tokenizer
-        self.eos_ids = eos_ids
         self.max_batch_size = max_batch_size
-        self.max_context = max_context
         self.prefill_chunk = prefill_chunk
         self._wake = wake
         self._lock = threading.Lock()
@@ -100,7 +75,7 @@ class Scheduler:
         self.closed = False
         self.tokens_generated = 0
         self.decode_steps = 0
-        self._started = time.perf_counter()
+        self.rate = RateMeter()  # recent tokens per second of work (stats)
         self._step_fn = transforms.compile(self._forward) if compile_step else None
         # the same step traced with its matmuls split over the streams (a cache of its own)
         self._split_step_fn = transforms.compile(self._forward) if compile_step else None
@@ -112,8 +87,11 @@ class Scheduler:
         n = default_shards() if shards is None else max(1, shards)
         self._streams = device.cpu_streams(n) if n > 1 else []
         self.shards = [_Shard(i) for i in range(n)]
-        # Test hook: called with the token ids of every decode step's rows (shard by shard).
-        self.before_step = None
+        # Fault injection for tests, None otherwise: called as fault(rows, chained) while a
+        # decode step's graph is built (chained: the step takes the previous step's tokens
+        # on the device), and as fault([row], False) when a row runs alone to isolate a
+        # failure. It may raise, or return an array (added to the logits) whose evaluation fails.
+        self.fault = None
 
     @property
     def rows(self) -> list[Request]:
@@ -163,6 +141,13 @@ class Scheduler:
 
     # -- worker thread ------------------------------------------------------------
     def step(self) -> None:
+        start, made = time.perf_counter(), self.tokens_generated
+        try:
+            self._round()
+        finally:
+            self.rate.add(self.tokens_generated - made, time.perf_counter() - start)
+
+    def _round(self) -> None:
         with self._lock:
             self.waiting.extend(self._incoming)
             self._incoming.clear()
@@ -392,8 +377,6 @@ class Scheduler:
         self._commit(_Step(parts))
 
     def _can_chain(self, prev: "_Step") -> bool:
-        if self.before_step is not None:
-            return False
         live = [s for s in self.shards if s.rows]
         if len(prev.parts) != len(live):
             return False
@@ -434,9 +417,9 @@ class Scheduler:
             else:
                 tokens = array(np.asarray([[r.last] for r in shard.rows], dtype=np.int32))
             positions = array(np.asarray([r.pos for r in shard.rows], dtype=np.int32))
-            if self.before_step is not None:
-                self.before_step([r.last for r in shard.rows])
             logits, state = self._batched_logits(tokens, positions, shard.cache, split)
+            if self.fault is not None:
+                logits = self._inject(logits, list(shard.rows), prev is not None)
         # Sampling (a few small ops) stays on the worker's stream: its compiled
         # steps are cached process-wide per shape and stream, each keeping a few
         # bytes of constants, so one stream keeps that cache as small as with one shard.
@@ -587,10 +570,10 @@ class Scheduler:
                     rc.kv = ops.take(c.kv, array(np.asarray([i], np.int32)), 1)
                     row_cache.append(rc)
                 try:
-                    if self.before_step is not None:
-                        self.before_step([req.last])
                     logits = self.model(array(np.asarray([[req.last]], np.int32)), row_cache,
                                         array(np.asarray([req.pos], np.int32)))
+                    if self.fault is not None:
+                        logits = self._inject(logits, [req], False)
                     ops.eval(logits)
                 except MLXError as exc:
                     self._fail(req, exc)
@@ -598,6 +581,11 @@ class Scheduler:
                     c.close()
         # Rows that failed are inactive now; the next round continues with the rest.
         self._drop_inactive()
+
+    def _inject(self, logits: Array, rows: list[Request], chained: bool) -> Array:
+        """The test fault hook's say on a step (see `fault`)."""
+        extra = self.fault(rows, chained)
+        return logits if extra is None else ops.add(logits, extra)
 
     def fail_all(self, exc: BaseException) -> None:
         err = exc if isinstance(exc, AmlxError) else MLXError("engine", f"{type(exc).__name__}: {exc}")
