@@ -706,6 +706,64 @@ def test_failure_in_one_request_is_isolated(backend, idle, kind):
     run(backend, _failure_body, idle, kind)
 
 
+# ============================================================================= 4b. a failure that fails every request
+
+
+async def _failure_everywhere_body(ckpt: Path) -> None:
+    """A Python exception (not an MLX one, so not isolated) while a prompt, taken off
+    the waiting queue, is prefilled: the worker's failure path ends every request it
+    holds -- running, paused, taken for prefill, still waiting -- and none hangs.
+    The engine serves new requests afterwards."""
+    model = await amlx.load(ckpt, max_batch_size=3)
+    sched = model.engine.scheduler
+    spec = greedy_cases(5, 12, seed=47)
+    victim = None
+    fired = []
+
+    def fault(rows, chained):
+        if victim is not None and victim in rows and victim.pos == 0:  # the victim's prefill
+            fired.append([r.prompt for r in rows])
+            raise OverflowError("injected: Python int too large to convert to C int")
+
+    sched.fault = fault
+    try:
+        running = [model.generate(spec[k][0], max_tokens=500, max_buffer=2) for k in range(2)]
+        await _wait_until(lambda: len(sched.rows) == 2, 30)  # both decode (then pause, unread)
+        victim_stream = model.generate(spec[2][0], max_tokens=20)
+        victim = victim_stream._stream.request
+        waiting = [model.generate(spec[k][0], max_tokens=20) for k in (3, 4)]  # no free slot for them
+        ends: dict = {}
+
+        async def read(name, stream):
+            try:
+                ends[name] = ("finished", len(await _read_all(stream)))
+            except amlx.MLXError as exc:
+                ends[name] = ("error", str(exc))
+
+        with anyio.fail_after(60):  # before the fix the victim (taken for prefill) never ended
+            async with anyio.create_task_group() as tg:
+                for name, s in [("run0", running[0]), ("run1", running[1]), ("victim", victim_stream),
+                                ("wait0", waiting[0]), ("wait1", waiting[1])]:
+                    tg.start_soon(read, name, s)
+        assert fired and fired[0][0] == spec[2][0]
+        assert ends["victim"][0] == "error" and "OverflowError" in ends["victim"][1]
+        for name in ("run0", "run1"):
+            assert ends[name][0] == "error", ends
+        for name in ("wait0", "wait1"):  # taken for prefill after the failure, or failed with it
+            assert ends[name][0] == "error" or ends[name] == ("finished", 20), ends
+        assert model.stats()["active_requests"] == 0 and model.stats()["waiting_requests"] == 0
+        sched.fault = None
+        again = await model.complete(spec[0][0], max_tokens=12)
+        assert again.token_ids == spec[0][1]
+    finally:
+        sched.fault = None
+        await model.aclose()
+
+
+def test_a_failure_outside_isolation_ends_every_request(backend, ckpt, idle):
+    run(backend, _failure_everywhere_body, ckpt)
+
+
 # ============================================================================= 5. event-loop responsiveness
 
 

@@ -70,6 +70,9 @@ class Scheduler:
         self._wake = wake
         self._lock = threading.Lock()
         self._incoming: deque[Request] = deque()
+        # every request not yet ended, whatever its state (incoming, waiting, taken for
+        # prefill, prefilling, running, in flight): the failure path ends them all
+        self._held: dict[Request, None] = {}
         self.waiting: deque[Request] = deque()
         self.prefilling: Request | None = None
         self.closed = False
@@ -90,7 +93,8 @@ class Scheduler:
         # Fault injection for tests, None otherwise: called as fault(rows, chained) while a
         # decode step's graph is built (chained: the step takes the previous step's tokens
         # on the device), and as fault([row], False) when a row runs alone to isolate a
-        # failure. It may raise, or return an array (added to the logits) whose evaluation fails.
+        # failure, and as fault(requests, False) when their prompts are prefilled. It may
+        # raise, or return an array (added to the logits) whose evaluation fails.
         self.fault = None
 
     @property
@@ -126,6 +130,7 @@ class Scheduler:
             if self.closed:
                 raise ClosedError("the model is closed")
             self._incoming.append(request)
+            self._held[request] = None
         self._wake()
 
     def has_work(self) -> bool:
@@ -218,6 +223,8 @@ class Scheduler:
                     with self._split(shard) if len(assigned) == 1 else nullcontext():
                         logits = self.model(array(ids), cache, 0, last=last)
                     logits = ops.reshape(logits, (len(reqs), logits.shape[2]))
+                    if self.fault is not None:
+                        logits = self._inject(logits, reqs, False)
                 # (sampling stays on the worker's stream: see _build)
                 samplers.append(BatchSampling([r.sampling for r in reqs]))
                 firsts.append(samplers[-1](logits))
@@ -226,10 +233,12 @@ class Scheduler:
                      *[a for _, _, cache in parts for c in cache for a in c.state()])
             for bs in samplers:
                 bs.sync_back()  # the requests' keys move on
-        except MLXError as exc:
+        except BaseException as exc:
             for _, _, cache in parts:
                 for c in cache:
                     c.close()
+            if not isinstance(exc, MLXError):
+                raise  # the worker fails every request held (fail_all), these included
             if len(group) == 1:
                 self._fail(group[0], exc)
                 return
@@ -545,6 +554,7 @@ class Scheduler:
             self._join(dst, reqs, part)
 
     def _finish(self, req: Request) -> None:
+        self._held.pop(req, None)
         if req.cache is not None:
             for c in req.cache:
                 c.close()
@@ -552,6 +562,7 @@ class Scheduler:
         req.channel.close()
 
     def _fail(self, req: Request, exc: BaseException) -> None:
+        self._held.pop(req, None)
         if req.cache is not None:
             for c in req.cache:
                 c.close()
@@ -589,7 +600,10 @@ class Scheduler:
 
     def fail_all(self, exc: BaseException) -> None:
         err = exc if isinstance(exc, AmlxError) else MLXError("engine", f"{type(exc).__name__}: {exc}")
-        for req in list(self.waiting) + ([self.prefilling] if self.prefilling else []) + self.rows:
+        with self._lock:
+            self._incoming.clear()
+            held = list(self._held)
+        for req in held:
             self._fail(req, err)
         self.waiting.clear()
         self.prefilling = None
