@@ -234,6 +234,19 @@ class TrainingRun:
     def finished(self) -> bool:
         return self._finished
 
+    async def save(self) -> Path | None:
+        """Saves the adapter as trained so far to `adapter_path`, also after the run
+        was stopped (a stop lets the step in flight end first: it is included).
+        Returns the weights file written; None when no step has run or there is no
+        adapter_path."""
+        def job() -> Path | None:
+            if self.adapter_path is None or self.step == 0:
+                return None
+            self._check_open()
+            return Path(self._save(checkpoint=False).path)
+
+        return await self._engine.run(job)
+
     def _stop(self) -> None:
         if self._finished or self._stopped:
             return
