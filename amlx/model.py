@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any, Iterator
 
+import anyio
 from typing_extensions import Unpack
 
 from amlx.engine.engine import Engine
 from amlx.engine.request import RequestStream
 from amlx.engine.worker import Worker
 from amlx.errors import ClosedError
+from amlx.hub import resolve_model
 from amlx.types import Completion, EngineStats, GenerateOptions, GenerationOptions, Prompt, Token, Usage
 
 
@@ -212,6 +215,20 @@ class Model:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __del__(self) -> None:
+        # A safety net, as httpx's clients have: an open model holds native memory and a
+        # place in the worker's rounds. Warn, and close it on the worker without waiting
+        # here (a finalizer must never block).
+        engine = getattr(self, "_engine", None)  # None: __init__ did not finish
+        if engine is None or engine.closed:
+            return
+        try:
+            warnings.warn(f"unclosed {self!r}: close it with `await model.aclose()`, `model.close()` or "
+                          f"`async with`", ResourceWarning, source=self)
+            engine.submit_job(engine.close)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else self.info.device
         return f"<amlx.Model {self.info.architecture} {self.info.dtype} {state} {self.info.path}>"
@@ -294,7 +311,9 @@ def _load_on_worker(path, device, dtype, max_batch_size, max_context, worker: Wo
 
 async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
                max_context: int | None = None, adapter: Any = None) -> Model:
-    """Loads a Hugging Face or MLX checkpoint directory.
+    """Loads a Hugging Face or MLX checkpoint: a directory, or a Hugging Face model
+    id ("org/name") found in the local Hugging Face cache or downloaded into it
+    (`amlx.hub.resolve_model`; a directory that exists wins).
 
     device: "auto" (GPU when MLX has one), "gpu" or "cpu". dtype: override the
     checkpoint's float type ("float32", "bfloat16", "float16"). max_batch_size:
@@ -302,6 +321,7 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     on prompt plus generation (default: the model's). Raises ModelLoadError for
     bad checkpoints. Use as `async with await amlx.load(path) as model:`."""
     _check_load_args(max_batch_size, max_context, adapter)
+    path = await anyio.to_thread.run_sync(resolve_model, path)  # an id may download
     worker = Worker.get()
     return await worker.run(
         lambda: _load_on_worker(path, device, dtype, max_batch_size, max_context, worker, adapter))
@@ -311,6 +331,7 @@ def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_
               max_context: int | None = None, adapter: Any = None) -> Model:
     """`load` for scripts and blocking code."""
     _check_load_args(max_batch_size, max_context, adapter)
+    path = resolve_model(path)
     worker = Worker.get()
     return worker.run_sync(
         lambda: _load_on_worker(path, device, dtype, max_batch_size, max_context, worker, adapter))
