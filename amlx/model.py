@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 from collections.abc import Mapping
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import anyio
 from typing_extensions import Unpack
@@ -16,6 +17,7 @@ from amlx.engine.engine import Engine
 from amlx.engine.request import RequestStream
 from amlx.engine.worker import Worker
 from amlx.errors import ClosedError
+from amlx.prompt import PromptEncoder, is_heavy
 from amlx.hub import resolve_model
 from amlx.types import Completion, EngineStats, GenerateOptions, GenerationOptions, Prompt, Token, Usage
 
@@ -36,15 +38,38 @@ class ModelInfo:
 class TokenStream:
     """The tokens of one request: `async for tok in stream` (or plain `for` in
     blocking code). Leaving early, `aclose()`, cancelling the consuming task or a
-    timeout cancels the request; dropping an unfinished stream cancels it too."""
+    timeout cancels the request; dropping an unfinished stream cancels it too.
 
-    def __init__(self, stream: RequestStream):
+    A prompt that takes long to tokenize (chat messages, long text) is tokenized
+    and submitted on a thread as the first step of the first `async for` read,
+    so the event loop goes on meanwhile; cancelling that read stops waiting at
+    once (the request, once made, is cancelled)."""
+
+    def __init__(self, stream: RequestStream | None = None, start: Callable[[], RequestStream] | None = None):
         self._stream = stream
+        self._start = start  # makes the request (tokenizes and submits) when `stream` is None
         self._finished = False
+        self._lock = threading.Lock()
 
     @property
-    def prompt_tokens(self) -> int:
-        return self._stream.prompt_tokens
+    def prompt_tokens(self) -> int | None:
+        """The prompt's length in tokens (None while a prompt worked off the loop is
+        not yet tokenized)."""
+        stream = self._stream
+        return None if stream is None else stream.prompt_tokens
+
+    async def _started(self) -> RequestStream:
+        await anyio.to_thread.run_sync(self._begin, abandon_on_cancel=True)
+        return self._stream
+
+    def _begin(self) -> None:
+        """Makes the request (any thread); cancels it if the stream was closed meanwhile."""
+        stream = self._start()
+        with self._lock:
+            self._stream = stream
+            gone = self._finished
+        if gone:
+            stream.cancel()
 
     def __aiter__(self) -> "TokenStream":
         return self
@@ -53,7 +78,7 @@ class TokenStream:
         if self._finished:
             raise StopAsyncIteration
         try:
-            tok = await self._stream.get()
+            tok = await (self._stream or await self._started()).get()
         except BaseException:
             self._finish()
             raise
@@ -71,6 +96,8 @@ class TokenStream:
         if self._finished:
             raise StopIteration
         try:
+            if self._stream is None:
+                self._begin()
             tok = self._stream.get_sync()
         except BaseException:
             self._finish()
@@ -83,8 +110,11 @@ class TokenStream:
         return tok
 
     def _finish(self) -> None:
-        self._finished = True
-        self._stream.cancel()
+        with self._lock:
+            self._finished = True
+            stream = self._stream
+        if stream is not None:
+            stream.cancel()
 
     async def aclose(self) -> None:
         """Cancels the request if it is still running (idempotent)."""
@@ -107,7 +137,8 @@ class TokenStream:
 
     def __del__(self):
         try:
-            self._stream.cancel()
+            if self._stream is not None:
+                self._stream.cancel()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
@@ -124,6 +155,7 @@ class Model:
         self.tokenizer = tokenizer
         self.info = info
         self._config = config
+        self._prompts = PromptEncoder(tokenizer, engine.max_context)
 
     @property
     def engine(self) -> Engine:
@@ -136,21 +168,15 @@ class Model:
         return self._config
 
     # -- requests ---------------------------------------------------------------
-    def _prompt_ids(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return list(prompt)
-        raise TypeError("prompt must be a string, a list of token ids, or a list of chat messages (dicts)")
-
-    def _submit(self, prompt: Prompt, options: Mapping[str, Any]) -> RequestStream:
+    def _open(self, prompt: Prompt, options: Mapping[str, Any], inline: bool = False) -> TokenStream:
+        """A request's stream; a heavy prompt (see amlx.prompt) is tokenized by the
+        stream's first async read, on a thread, unless `inline` (blocking callers)."""
         if self._engine.closed:
             raise ClosedError("the model is closed")
         opts = GenerationOptions.from_kwargs(self._engine.vocab_size, **options)
-        return self._engine.submit(self._prompt_ids(prompt), opts)
+        if not inline and is_heavy(prompt):
+            return TokenStream(start=lambda: self._engine.submit(self._prompts.ids(prompt), opts))
+        return TokenStream(self._engine.submit(self._prompts.ids(prompt), opts))
 
     def generate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> TokenStream:
         """Starts a request and returns its stream of `Token`s.
@@ -160,22 +186,25 @@ class Model:
         top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, stop=(),
         seed=None, logprobs=False, max_buffer=16, presence_penalty=0.0,
         frequency_penalty=0.0, logit_bias=None, top_logprobs=0 (typed by
-        `amlx.GenerateOptions`; bounds in `amlx.sample`; ValueError on bad values)."""
-        return TokenStream(self._submit(prompt, options))
+        `amlx.GenerateOptions`; bounds in `amlx.sample`; ValueError on bad values).
+        Chat messages and long texts are tokenized off the event loop when the
+        stream is first read: their errors (ChatTemplateError, ContextLengthError)
+        are raised there."""
+        return self._open(prompt, options)
 
     def generate_sync(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Iterator[Token]:
         """`generate` for blocking code (not for use on an event loop's thread)."""
-        return TokenStream(self._submit(prompt, options))
+        return self._open(prompt, options, inline=True)
 
     async def complete(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Completion:
         """Runs a request to its end and returns the whole `Completion`."""
-        stream = self._submit(prompt, options)
-        tokens = [tok async for tok in TokenStream(stream)]
-        return _completion(stream, tokens)
+        stream = self._open(prompt, options)
+        tokens = [tok async for tok in stream]
+        return _completion(stream._stream, tokens)
 
     def complete_sync(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Completion:
-        stream = self._submit(prompt, options)
-        return _completion(stream, list(TokenStream(stream)))
+        stream = self._open(prompt, options, inline=True)
+        return _completion(stream._stream, list(stream))
 
     def stats(self) -> EngineStats:
         """Active and waiting requests, tokens generated, decode steps, the recent

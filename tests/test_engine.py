@@ -964,6 +964,89 @@ def test_options_prompts_and_results(backend, ckpt, idle):
     run(backend, _options_body, idle, ckpt)
 
 
+# ============================================================================= 7b. heavy prompts off the loop
+
+
+class _Ticks:
+    """Counts the event loop's 1 ms ticks while a block runs."""
+
+    def __init__(self):
+        self.count = 0
+        self._on = False
+
+    async def run(self) -> None:
+        while True:
+            await anyio.sleep(0.001)
+            if self._on:
+                self.count += 1
+
+
+async def _heavy_prompts_body(model) -> None:
+    """Long texts and chat messages are tokenized on a thread as the stream's first
+    read: the event loop keeps ticking meanwhile (the tokenizer releases the GIL for
+    long texts), a text that cannot fit is refused before it is tokenized, and the
+    results equal the same prompt given as ids."""
+    import amlx.prompt as prompt_module
+
+    encoded: list[int] = []
+    tok = model.tokenizer
+    real_encode = tok.encode
+
+    def spy(text, *a, **kw):
+        encoded.append(len(text))
+        return real_encode(text, *a, **kw)
+
+    tok.encode = spy
+    ticks = _Ticks()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticks.run)
+            words = (" ".join(_WORDS) + " ") * 40
+            # 5 MB: more tokens than the context holds whatever the tokens -> refused untokenized
+            huge = (words * (5_000_000 // len(words) + 1))[:5_000_000]
+            stream = model.generate(huge, max_tokens=3)  # returns at once
+            with pytest.raises(amlx.ContextLengthError, match="at least"):
+                await _read_all(stream)
+            assert encoded == []
+            # a long text that must be tokenized to find out: the loop ticks meanwhile
+            cap = model.info.context_length * prompt_module.SHRINK * model._prompts.longest_piece()
+            long_text = (words * (cap // len(words) + 1))[:min(cap, 120_000)]  # ~50k tokens
+            assert len(long_text) > prompt_module.INLINE_CHARS
+            ticks._on, ticks.count = True, 0
+            with pytest.raises(amlx.ContextLengthError):
+                await _read_all(model.generate(long_text, max_tokens=3))
+            ticks._on = False
+            assert encoded == [len(long_text)] and ticks.count >= 5, ticks.count
+            # 20,000 chat messages: rendered and tokenized off the loop
+            messages = [{"role": ("user", "assistant")[i % 2], "content": f"message {i}: {_WORDS[i % 20]}"}
+                        for i in range(20_000)]
+            ticks._on, ticks.count = True, 0
+            with pytest.raises((amlx.ContextLengthError, amlx.ChatTemplateError)):
+                await model.complete(messages, max_tokens=3)
+            ticks._on = False
+            assert ticks.count >= 5, ticks.count
+            # chat messages that fit give what their ids give (the same thread path as long text)
+            short = [{"role": "user", "content": "hello there, owl"}]
+            ids = real_encode(tok.apply_chat_template(short, add_generation_prompt=True), add_special_tokens=False)
+            stream = model.generate(short, max_tokens=4)
+            assert stream.prompt_tokens is None  # not tokenized yet
+            got = [t.id for t in await _read_all(stream)]
+            assert stream.prompt_tokens == len(ids)
+            assert got == (await model.complete(ids, max_tokens=4)).token_ids
+            # cancelled while it is tokenized: the request, once made, is cancelled too
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await _read_all(model.generate(short, max_tokens=200))
+            await _wait_until(lambda: not model.stats()["active_requests"] and not model.stats()["waiting_requests"])
+            tg.cancel_scope.cancel()
+    finally:
+        tok.encode = real_encode
+
+
+def test_heavy_prompts_are_tokenized_off_the_loop(backend, idle):
+    run(backend, _heavy_prompts_body, idle)
+
+
 # ============================================================================= asyncio-only / backend-free tests
 # (not imported by test_engine_trio.py)
 

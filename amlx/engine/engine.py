@@ -50,13 +50,14 @@ class Engine:
     def check_prompt(self, prompt_ids: list[int]) -> int:
         """Validates prompt ids (inside the vocabulary, fitting the context); returns
         the room left for generated tokens. ValueError / ContextLengthError."""
+        room = check_context(len(prompt_ids), self.max_context)  # first: it costs nothing
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        return check_context(len(prompt_ids), self.max_context)
+        return room
 
     def submit(self, prompt_ids: list[int], options: GenerationOptions) -> RequestStream:
-        """Queues a request and returns its stream (ClosedError once closed)."""
+        """Queues a request and returns its stream (ClosedError once closed). Any thread."""
         if self._closed:
             raise ClosedError("the model is closed")
         ids = list(prompt_ids)
