@@ -164,6 +164,10 @@ def test_model_ids_resolve_from_the_hugging_face_cache(ckpt, model, tmp_path, mo
     r = amlx_cli("generate", "acme/tiny-qwen", PROMPT, "--max-tokens", "6", env=_env(HF_HOME=str(tmp_path / "home")))
     assert r.returncode == 0, r.stderr
     assert r.stdout == want
+    # convert takes an id too
+    r = amlx_cli("convert", "acme/tiny-qwen", str(tmp_path / "mlx"), env=_env(HF_HOME=str(tmp_path / "home")))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "mlx" / "config.json").is_file()
     # the library function, and amlx.load through it
     assert resolve_model("acme/tiny-qwen", cache_dir=tmp_path / "home" / "hub") == \
         tmp_path / "home" / "hub" / snapshot.relative_to(tmp_path / "hub")
