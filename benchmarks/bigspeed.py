@@ -67,15 +67,11 @@ def _amlx_side(path: str, max_batch: int):
     import asyncio
 
     import amlx
-    from amlx.models.warmup import needs_warmup, warm_quantized_matmuls
 
     t0 = time.perf_counter()
-    model = amlx.load_sync(path, max_batch_size=max_batch)
+    model = amlx.load_sync(path, max_batch_size=max_batch)  # AMLX_WARMUP=0: see Child
     ready = {"load_s": time.perf_counter() - t0}
     engine = model.engine
-    if needs_warmup(engine.model, model.info.device):  # in case the engine's load did not warm up
-        report = engine.run_sync(lambda: warm_quantized_matmuls(engine.model, 2048))
-        ready["warmup_s"] = report.seconds
 
     def single(prompt, tokens):
         times = [time.perf_counter()]
@@ -150,9 +146,14 @@ class Child:
 
     def __init__(self, side: str, path: Path, max_batch: int):
         self.side = side
+        self.ready: dict = {}  # what the child reported once its model was loaded
+        # no load-time warm-up of quantized kernels: the untimed first run of each
+        # measurement compiles the few variants it uses (the warm-up would compile all
+        # five, minutes of the budget); benchmarks/first_request.py measures the warm-up
+        env = dict(os.environ, AMLX_WARMUP="0")
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--child", side, "--path", str(path),
-             "--max-batch", str(max_batch)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             "--max-batch", str(max_batch)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -249,18 +250,29 @@ def make_checkpoint(root: Path, name: str, budget: Budget, log: list, convert: b
     return path
 
 
-def _start(path: Path, sides: list[str], max_batch: int, budget: Budget, parallel: bool) -> dict:
+def _start(path: Path, sides: list[str], max_batch: int, budget: Budget, parallel: bool, notes: list) -> dict:
+    """The children that came up (loaded their model); one that failed is noted and
+    left out, so the other side is still measured."""
     children: dict = {}
+    started: list[Child] = []
+
+    def ready(c: Child) -> None:
+        try:
+            c.ready = c.wait_for("READY", time.monotonic() + budget.left())
+            children[c.side] = c
+        except RuntimeError as exc:
+            notes.append(f"{path.name}: {exc}")
+            c.proc.kill()
     try:
         for side in sides:
-            children[side] = Child(side, path, max_batch)
+            started.append(Child(side, path, max_batch))
             if not parallel:
-                children[side].ready = children[side].wait_for("READY", time.monotonic() + budget.left())
-        for c in children.values():
-            if parallel:
-                c.ready = c.wait_for("READY", time.monotonic() + budget.left())
+                ready(started[-1])
+        if parallel:
+            for c in started:
+                ready(c)
     except BaseException:
-        for c in children.values():
+        for c in started:
             c.proc.kill()
         raise
     return children
@@ -270,7 +282,7 @@ def measure(path: Path, sides: list[str], args, budget: Budget, results: dict, r
     """Fills `results` (per side: ready info, best single and batch runs) as it goes;
     the device's copy bandwidth goes into `run` the first time."""
     big = checkpoint_bytes(path.name) > 20e9  # two 27B loads at once would strain host memory
-    children = _start(path, sides, args.streams, budget, parallel=not big)
+    children = _start(path, sides, args.streams, budget, not big, run["notes"])
     try:
         for side, c in children.items():
             results[side] = {"ready": c.ready}
