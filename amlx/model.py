@@ -315,18 +315,22 @@ def _check_load_args(max_batch_size, max_context, adapter) -> None:
 
 
 def _load_on_worker(path, device, dtype, max_batch_size, max_context, worker: Worker, adapter=None) -> Model:
-    from amlx._mlx import device as mxdevice
+    from amlx.engine.placement import EngineOptions, Placement
     from amlx.models import load_model
     from amlx.tokenizer import Tokenizer
 
-    dev = _resolve_device(device)
-    mxdevice.set_default_device(dev)
+    # The engine's own device and streams: the weights load on them (nothing
+    # changes the process's default device; see amlx/engine/placement.py).
+    options = EngineOptions(device=_resolve_device(device)).resolved()
+    placement = Placement(options)
+    dev = options.device
     tokenizer = Tokenizer.from_dir(path)
-    loaded = load_model(path, dtype=dtype)
-    if adapter is not None:
-        from amlx.train.lora import apply_adapter
+    with placement.on():
+        loaded = load_model(path, dtype=dtype)
+        if adapter is not None:
+            from amlx.train.lora import apply_adapter
 
-        apply_adapter(loaded, adapter)  # closes the model if the adapter does not apply
+            apply_adapter(loaded, adapter)  # closes the model if the adapter does not apply
     limit = loaded.config["max_position_embeddings"]
     ctx = limit if max_context is None else min(max_context, limit)
     cfg = loaded.config
@@ -334,7 +338,8 @@ def _load_on_worker(path, device, dtype, max_batch_size, max_context, worker: Wo
                      device=dev, context_length=ctx, quantization=cfg["quantization"], path=str(loaded.path))
     eos = frozenset(tokenizer.eos_token_ids) | frozenset(cfg["eos_token_ids"])
     engine = Engine(loaded.model, tokenizer, eos_ids=eos, vocab_size=cfg["vocab_size"],
-                    max_batch_size=max_batch_size, max_context=ctx, worker=worker)
+                    max_batch_size=max_batch_size, max_context=ctx, worker=worker, options=options,
+                    placement=placement)
     return Model(engine, tokenizer, info, cfg)
 
 

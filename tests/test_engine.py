@@ -38,7 +38,6 @@ import numpy as np
 import pytest
 
 import amlx
-from amlx.engine import scheduler as scheduler_module
 from amlx.engine.worker import Worker
 
 try:
@@ -368,7 +367,7 @@ def test_sharded_batch_matches_solo_and_transformers(backend, ckpt, monkeypatch,
     MLX stream (one per core by default). With one shard and with three (rows
     spread over them, moved between them as requests finish) every stream is
     still its solo and transformers path."""
-    monkeypatch.setattr(scheduler_module, "default_shards", lambda: shards)
+    monkeypatch.setenv("AMLX_SHARDS", str(shards))  # read once, when the engine is built
     model = amlx.load_sync(ckpt)
     try:
         assert len(model.engine.scheduler.shards) == shards

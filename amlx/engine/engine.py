@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from amlx.engine.assembler import TextAssembler, check_context
 from amlx.engine.channel import Channel
+from amlx.engine.placement import EngineOptions, Placement
 from amlx.engine.request import Request, RequestStream
 from amlx.sample import RowSampling
 from amlx.engine.scheduler import Scheduler
@@ -33,7 +34,8 @@ class Engine:
     none blocks on MLX except `close` and `run_sync`, which wait for the worker."""
 
     def __init__(self, model, tokenizer, *, eos_ids: frozenset[int], vocab_size: int, max_batch_size: int,
-                 max_context: int, worker: Worker | None = None, shards: int | None = None):
+                 max_context: int, worker: Worker | None = None, shards: int | None = None,
+                 options: EngineOptions | None = None, placement: Placement | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
@@ -41,7 +43,11 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_context = max_context
         self._worker = Worker.get() if worker is None else worker
-        self.scheduler = Scheduler(model, max_batch_size, self._worker.wake, shards=shards)
+        # the engine's device, streams and switches (placement.py): `placement`, if the
+        # weights were loaded on it already, else made here from `options`
+        self.scheduler = Scheduler(model, max_batch_size, self._worker.wake, shards=shards, options=options,
+                                   placement=placement)
+        self.placement = self.scheduler.placement
         self._closed = False
         self._close_lock = threading.Lock()
         self._worker.add_scheduler(self.scheduler)
@@ -90,15 +96,22 @@ class Engine:
     async def run(self, fn: Callable[[], Any]) -> Any:
         """Runs `fn` on the worker thread (between decode rounds) and awaits its result;
         the event loop stays free. A cancelled caller leaves the job to run to its end."""
-        return await self._worker.run(fn)
+        return await self._worker.run(self._at_home(fn))
 
     def run_sync(self, fn: Callable[[], Any]) -> Any:
         """`run` for blocking code (on the worker thread itself, `fn` runs at once)."""
-        return self._worker.run_sync(fn)
+        return self._worker.run_sync(self._at_home(fn))
 
     def submit_job(self, fn: Callable[[], Any]):
         """Queues `fn` on the worker without waiting; returns a concurrent.futures.Future."""
-        return self._worker.submit(fn)
+        return self._worker.submit(self._at_home(fn))
+
+    def _at_home(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """`fn` with its MLX work on the engine's home stream (its device)."""
+        def job():
+            with self.placement.on():
+                return fn()
+        return job
 
     def weights_changed(self) -> None:
         """The model's parameters or modules were replaced (e.g. an adapter trained a
@@ -108,9 +121,11 @@ class Engine:
     # -- lifetime -------------------------------------------------------------------
     def _shutdown(self) -> None:
         """On the worker: end every request with ClosedError, free caches and weights."""
-        self.scheduler.shutdown()
-        self._worker.remove_scheduler(self.scheduler)
-        self.model.close()
+        with self.placement.on():
+            self.scheduler.shutdown()
+            self._worker.remove_scheduler(self.scheduler)
+            self.model.close()
+        self.placement.release()
 
     def _begin_close(self) -> bool:
         with self._close_lock:
