@@ -355,15 +355,17 @@ def table(results: dict, streams: int) -> str:
 
 
 def _meta() -> dict:
+    """Date, platform and package versions (from their metadata: importing mlx_lm
+    would import transformers, seconds the budget does not have)."""
+    from importlib import metadata
+
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "platform": platform.platform(),
             "python": sys.version.split()[0]}
-    try:
-        import mlx.core as mx
-        import mlx_lm
-
-        meta.update(mlx=mx.__version__, mlx_lm=mlx_lm.__version__)
-    except ImportError:
-        pass
+    for dist in ("mlx", "mlx-cuda-13", "mlx-cpu", "mlx-lm"):
+        try:
+            meta[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
     return meta
 
 

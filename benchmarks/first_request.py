@@ -14,8 +14,9 @@ the first time it runs and caches it in MLX_PTX_CACHE_DIR. Three processes, in o
 Each process loads the model (max_batch_size 8), warms up unless AMLX_WARMUP=0 (an
 explicit call, in case the engine's load does not already: then it finds the kernels
 in memory and takes milliseconds), then times one request (a 100-token prompt,
-8 tokens: prefill rows reach the 128-row tile), then 4 concurrent requests (decode
-rows 2-4: the 16-row tile), then both again, now compiled. Writes first_request.json
+8 tokens: prefill rows reach the 128-row tile), then 4 concurrent requests (20-token
+prompts prefilled together: the 32-row tile; decode rows 2-4: the 16-row tile), then
+both again, now compiled. Writes first_request.json
 and first_request.md into OUT; each process has a timeout, so the script ends.
 """
 
