@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 
 import amlx
+from amlx.engine.request import Request
 from amlx.engine.worker import Worker
 
 try:
@@ -605,6 +606,88 @@ async def _backpressure_body(model) -> None:
 
 def test_backpressure(backend, idle):
     run(backend, _backpressure_body, idle)
+
+
+# ============================================================================= 3b. paused streams leave the batch
+
+
+async def _paused_rows_cost_nothing_body(ckpt: Path) -> None:
+    """8 streams that are never read (max_buffer=1) beside 8 readers: the paused ones
+    leave the batch (parked, their KV in a cache of their own) before any decode step,
+    so no step computes them, and the readers give exactly their solo paths."""
+    model = await amlx.load(ckpt, max_batch_size=32)
+    sched = model.engine.scheduler
+    readers = greedy_cases(8, 40, seed=57)
+    idle_prompts = [p for p, _ in greedy_cases(8, 4, seed=58)]
+    steps: list[list[Request]] = []
+
+    def watch(rows, chained):
+        if all(r.pos > 0 for r in rows):  # a decode step (prefill: pos 0)
+            steps.append(list(rows))
+
+    sched.fault = watch
+    try:
+        stuck = [model.generate(p, max_tokens=200, max_buffer=1) for p in idle_prompts]
+        stuck_reqs = [s._stream.request for s in stuck]
+        await _wait_until(lambda: all(r in sched.parked for r in stuck_reqs))
+        got = [None] * len(readers)
+
+        async def reader(k):
+            got[k] = [t.id for t in await _read_all(model.generate(readers[k][0], max_tokens=40))]
+
+        async with anyio.create_task_group() as tg:
+            for k in range(len(readers)):
+                tg.start_soon(reader, k)
+        for k, (_, ref) in enumerate(readers):
+            assert got[k] == ref, k
+        assert steps and not any(r in rows for rows in steps for r in stuck_reqs)
+        assert all(r.steps == 0 and r.assembler.count == 1 for r in stuck_reqs)
+        for s in stuck:
+            await s.aclose()
+    finally:
+        sched.fault = None
+        await model.aclose()
+
+
+def test_paused_streams_cost_the_batch_nothing(backend, ckpt, idle):
+    run(backend, _paused_rows_cost_nothing_body, ckpt)
+
+
+async def _parked_slots_body(ckpt: Path) -> None:
+    """max_batch_size=2 and two streams that are never read: after the idle limit
+    they give up their slots and a new request completes; a stream paused past the
+    idle limit and read again resumes with its solo output (seeded sampling
+    included), and so do the two once they are read."""
+    model = await amlx.load(ckpt, max_batch_size=2)
+    sched = model.engine.scheduler
+    sched.slot_idle_limit = 0.2
+    spec = greedy_cases(3, 30, seed=59)
+    sampled = dict(max_tokens=30, temperature=1.0, seed=5)
+    try:
+        solo_sampled = (await model.complete(spec[2][0], **sampled)).token_ids
+        stuck = [model.generate(spec[k][0], max_tokens=30, max_buffer=1) for k in (0, 1)]
+        stuck_reqs = [s._stream.request for s in stuck]
+        await _wait_until(lambda: all(r in sched.parked for r in stuck_reqs))
+        with anyio.fail_after(60):  # before parking, the paused rows held the batch for good
+            fresh = await model.complete(spec[2][0], max_tokens=30)
+        assert fresh.token_ids == spec[2][1]
+        stream = model.generate(spec[2][0], max_buffer=2, **sampled)
+        first = await stream.__anext__()
+        req = stream._stream.request
+        await _wait_until(lambda: req in sched.parked)
+        await anyio.sleep(0.3)  # past the idle limit: its slot is given up
+        rest = [t.id for t in await _read_all(stream)]
+        assert [first.id] + rest == solo_sampled
+        for k, s in enumerate(stuck):
+            assert [t.id for t in await _read_all(s)] == spec[k][1]
+        assert model.stats()["active_requests"] == 0 or await _wait_until(
+            lambda: model.stats()["active_requests"] == 0, 10) is None
+    finally:
+        await model.aclose()
+
+
+def test_parked_streams_give_up_their_slots_and_resume(backend, ckpt, idle):
+    run(backend, _parked_slots_body, ckpt)
 
 
 # ============================================================================= 4. failure isolation
