@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("lora", help="fine-tune a LoRA adapter (see `amlx lora --help`)", add_help=False)
 
+    from amlx.serve.cli import add_serve_command
+
+    add_serve_command(sub)
+
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["lora"]:
@@ -112,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return lora_main(argv[1:])
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return args.run(args)
     import amlx
 
     try:

@@ -14,6 +14,7 @@ from amlx.engine.sampling import RowSampling
 from amlx.engine.worker import Worker
 from amlx.errors import ClosedError
 from amlx.generate import TextAssembler, check_context
+from amlx.toolcalls import detect_format, parse_tool_calls
 from amlx.types import Completion, GenerationOptions, Token, Usage
 
 
@@ -258,9 +259,10 @@ def _completion(stream: TokenStream, tokens: list[Token], start: float) -> Compl
     rate = (len(tokens) - 1) / (end - req.first_token_at) if len(tokens) > 1 and req.first_token_at and \
         end > req.first_token_at else 0.0
     logprobs = [t.logprob for t in tokens] if req.options.logprobs else None
-    return Completion("".join(t.text for t in tokens), [t.id for t in tokens],
-                      tokens[-1].finish_reason if tokens else "stop",
-                      Usage(len(req.prompt), len(tokens), first, rate), logprobs)
+    text = "".join(t.text for t in tokens)
+    calls = parse_tool_calls(text, detect_format(stream._model.tokenizer.chat_template))[1]
+    return Completion(text, [t.id for t in tokens], tokens[-1].finish_reason if tokens else "stop",
+                      Usage(len(req.prompt), len(tokens), first, rate), logprobs, calls or None)
 
 
 def _count_parameters(model) -> int:

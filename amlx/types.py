@@ -30,12 +30,23 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One function call the model wrote (see amlx.toolcalls): `arguments` is a JSON object as text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str
     usage: Usage
     logprobs: list[float] | None = None
+    # the calls in `text` when the chat template's tool-call format produced any (text keeps them too)
+    tool_calls: list[ToolCall] | None = None
 
 
 @dataclass(frozen=True)
