@@ -28,23 +28,21 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "requests.jsonl"
-    srv = ServerProcess(ckpt, "--api-key", KEY, "--model-name", "tiny", "--keepalive", "0.2",
-                        "--max-context", "512", "--log-requests", str(log))
-    srv.request_log = log
-    yield srv
-    srv.stop()
+    with ServerProcess(ckpt, "--model-name", "tiny", "--keepalive", "0.2", "--max-context", "512",
+                       "--log-requests", str(log), api_key=KEY) as srv:
+        srv.request_log = log
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def model(ckpt):
-    m = amlx.load_sync(ckpt, max_context=512)
-    yield m
-    m.close()
+    with amlx.load_sync(ckpt, max_context=512) as m:
+        yield m
 
 
 @pytest.fixture
 def client(server):
-    return openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=120)
+    return server.client()
 
 
 async def _stream_chat(client, **kw):
@@ -175,7 +173,7 @@ async def test_stream_options_without_stream(client):
 
 
 async def test_errors_keep_the_server_serving(server, client):
-    bad = openai.AsyncOpenAI(base_url=server.base_url, api_key="wrong", max_retries=0)
+    bad = server.client(api_key="wrong")
     await _expect_error(bad.models.list(), 401, "invalid_api_key")
     await _expect_error(bad.chat.completions.create(model="tiny", messages=CHAT), 401)
     await _expect_error(client.chat.completions.create(model="nope", messages=CHAT, max_tokens=2), 404,
@@ -212,9 +210,8 @@ async def test_request_log_records_bodies(server, client):
 
 @pytest.fixture(scope="module")
 def tool_server(tmp_path_factory):
-    srv = ServerProcess(tool_checkpoint(tmp_path_factory.mktemp("tool-ckpt")), "--model-name", "tools")
-    yield srv
-    srv.stop()
+    with ServerProcess(tool_checkpoint(tmp_path_factory.mktemp("tool-ckpt")), "--model-name", "tools") as srv:
+        yield srv
 
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -224,7 +221,7 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 
 async def test_tool_call_round_trip(tool_server):
-    client = openai.AsyncOpenAI(base_url=tool_server.base_url, api_key="none", max_retries=0)
+    client = tool_server.client()
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     r = await client.chat.completions.create(model="tools", messages=messages, tools=[WEATHER_TOOL], temperature=0,
                                              max_tokens=10)
@@ -256,3 +253,16 @@ async def test_tool_call_round_trip(tool_server):
     # without tools the same text stays content (nothing is parsed behind the client's back)
     r3 = await client.chat.completions.create(model="tools", messages=messages[:1], temperature=0, max_tokens=10)
     assert r3.choices[0].message.tool_calls is None and "<tool_call>" in r3.choices[0].message.content
+
+
+async def test_default_model_and_keys_from_file_and_env(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# one key per line\nfile-key\n\n")
+    env = {"AMLX_API_KEY": "env-key", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    with ServerProcess(None, "--api-key-file", str(keys), env=env) as srv:  # no MODEL: the embedded default
+        for key in ("file-key", "env-key"):
+            assert [m.id for m in (await srv.client(api_key=key).models.list()).data] == ["demo-model"]
+        await _expect_error(srv.client(api_key="file-key2").models.list(), 401, "invalid_api_key")
+        r = await srv.client(api_key="env-key").chat.completions.create(
+            model="demo-model", messages=CHAT, max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens <= 3

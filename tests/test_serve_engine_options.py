@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 
 import jsonschema
-import openai
 import pytest
 
 import amlx
@@ -30,24 +29,18 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    srv = ServerProcess(ckpt, "--model-name", "tiny", "--max-context", "512")
-    yield srv
-    srv.stop()
+    with ServerProcess(ckpt, "--model-name", "tiny", "--max-context", "512") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def model(ckpt):
-    m = amlx.load_sync(ckpt, max_context=512)
-    yield m
-    m.close()
+    with amlx.load_sync(ckpt, max_context=512) as m:
+        yield m
 
 
-@pytest.fixture
-def client(server):
-    return openai.AsyncOpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=120)
-
-
-async def test_needs_D_top_logprobs_match_in_process(client, model):
+async def test_needs_D_top_logprobs_match_in_process(server, model):
+    client = server.client()
     toks = [t async for t in model.generate(CHAT, max_tokens=8, logprobs=True, top_logprobs=3)]
     r = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8, temperature=0,
                                              logprobs=True, top_logprobs=3)
@@ -61,14 +54,16 @@ async def test_needs_D_top_logprobs_match_in_process(client, model):
     assert all(len(d) <= 2 for d in c.choices[0].logprobs.top_logprobs)
 
 
-async def test_needs_D_penalties_match_in_process(client, model):
+async def test_needs_D_penalties_match_in_process(server, model):
+    client = server.client()
     opts = dict(presence_penalty=0.8, frequency_penalty=0.5)
     ref = await model.complete(CHAT, max_tokens=24, **opts)
     r = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=24, temperature=0, **opts)
     assert r.choices[0].message.content == ref.text
 
 
-async def test_needs_D_logit_bias(client, model):
+async def test_needs_D_logit_bias(server, model):
+    client = server.client()
     token = model.tokenizer.encode(" blue")[-1]
     r = await client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0,
                                         logit_bias={str(token): 100})
@@ -77,7 +72,8 @@ async def test_needs_D_logit_bias(client, model):
     assert r.choices[0].text == ref.text
 
 
-async def test_needs_F_response_format_json_schema(client):
+async def test_needs_F_response_format_json_schema(server):
+    client = server.client()
     schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}},
               "required": ["colour"], "additionalProperties": False}
     r = await client.chat.completions.create(

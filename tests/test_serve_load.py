@@ -23,13 +23,8 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    srv = ServerProcess(ckpt, "--model-name", "tiny", "--keepalive", "0.2", "--max-context", "4096")
-    yield srv
-    srv.stop()
-
-
-def _client(server) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=300)
+    with ServerProcess(ckpt, "--model-name", "tiny", "--keepalive", "0.2", "--max-context", "4096") as srv:
+        yield srv
 
 
 def _cancelled(server) -> dict[str, float]:
@@ -51,7 +46,7 @@ async def test_disconnects_cancel_and_others_get_full_outputs(server, ckpt):
     prompts = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(32)]
     with amlx.load_sync(ckpt, max_context=4096) as model:
         solo = [(await model.complete(prompts[i], max_tokens=32)).text for i in range(20)]
-    client = _client(server)
+    client = server.client()
     await client.chat.completions.create(model="tiny", messages=prompts[0], max_tokens=2, temperature=0)  # warm up
     idle = (await _idle(server))["memory"]["active"]
     before = _cancelled(server)
@@ -107,7 +102,7 @@ async def test_disconnects_cancel_and_others_get_full_outputs(server, ckpt):
 
 
 async def test_non_streaming_disconnect_cancels(server):
-    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=0.5)
+    client = server.client(timeout=0.5)
     before = _cancelled(server)
     with pytest.raises(openai.APITimeoutError):  # the client gives up and closes the connection
         await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
@@ -118,7 +113,7 @@ async def test_non_streaming_disconnect_cancels(server):
 
 
 async def test_load_64_streams_3_rounds(server):
-    client = _client(server)
+    client = server.client()
     ttfts: list[float] = []
 
     async def one(i: int) -> int:
@@ -145,10 +140,9 @@ async def test_load_64_streams_3_rounds(server):
 
 
 async def test_queue_full_gives_429_with_retry_after(ckpt):
-    srv = ServerProcess(ckpt, "--model-name", "tiny", "--max-batch-size", "1", "--max-queue", "1",
-                        "--max-context", "4096")
-    try:
-        client = _client(srv)
+    with ServerProcess(ckpt, "--model-name", "tiny", "--max-batch-size", "1", "--max-queue", "1",
+                       "--max-context", "4096") as srv:
+        client = srv.client()
         msgs = [{"role": "user", "content": "Hi"}]
         streams = [await client.chat.completions.create(model="tiny", messages=msgs, max_tokens=3000, temperature=0,
                                                         stream=True) for _ in range(2)]
@@ -162,5 +156,3 @@ async def test_queue_full_gives_429_with_retry_after(ckpt):
         r = await client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, temperature=0)
         assert r.choices[0].finish_reason == "length"
         assert srv.metrics()["amlx_requests_rejected_total"] == 1
-    finally:
-        srv.stop()

@@ -17,36 +17,40 @@ examples:
 """
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def add_serve_command(sub: "argparse._SubParsersAction") -> None:
     """Registers `serve` on the `amlx` command's subparsers; `args.run(args)` runs it."""
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a chat page",
                        description="Serve one model over HTTP, OpenAI-compatible (/v1/chat/completions, "
                        "/v1/completions, /v1/models), with /health, /metrics and a chat page at /.",
-                       epilog=_EXAMPLE, formatter_class=_Formatter)
+                       epilog=_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None,
                    help="checkpoint directory (default: the embedded demo model)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: %(default)s; 0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' (repeatable; also $AMLX_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the page's files "
+                        "(repeatable; also $AMLX_API_KEY; default: no key)")
     p.add_argument("--api-key-file", default=None, metavar="FILE", help="a file of API keys, one per line")
-    p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together")
-    p.add_argument("--max-queue", type=int, default=256,
-                   help="requests waiting beyond the batch before new ones get 429")
-    p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
+    p.add_argument("--max-batch-size", type=int, default=32, metavar="N",
+                   help="requests decoded together (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="requests waiting beyond the batch before new ones get 429 (default: %(default)s)")
+    p.add_argument("--model-name", default=None, metavar="NAME",
+                   help="the model id clients send (default: the checkpoint directory's name)")
     p.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter directory to apply")
-    p.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"])
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max-context", type=int, default=None, help="cap on prompt + reply tokens (default: the model's)")
+    p.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"], help="default: %(default)s")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: the checkpoint's")
+    p.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="cap on prompt + reply tokens (default: the model's context length)")
     p.add_argument("--keepalive", type=float, default=1.0, metavar="SECONDS",
-                   help="send an SSE keep-alive comment after this long without a token")
+                   help="SSE keep-alive comment after this long without a token, e.g. during a long prefill "
+                        "(default: %(default)s)")
     p.add_argument("--log-requests", default=None, metavar="FILE",
-                   help="append each generation request's body to FILE (JSON lines; for debugging)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+                   help="append each generation request's body to FILE (JSON lines; for debugging clients)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="default: %(default)s")
     p.set_defaults(run=main)
 
 

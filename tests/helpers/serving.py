@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 from safetensors.numpy import load_file, save_file
 
 from .checkpoints import make_checkpoint
@@ -97,18 +98,23 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m amlx serve` in a subprocess; `url`, `base_url` (for openai), `stop()`."""
+    """`python -m amlx serve` in a subprocess; `url`, `base_url` (for openai), `client()`, `stop()`.
+    A context manager: leaving it stops the server."""
 
-    def __init__(self, checkpoint, *args: str, env: dict | None = None, startup: float = 120.0):
+    def __init__(self, checkpoint, *args: str, api_key: str | None = None, env: dict | None = None,
+                 startup: float = 120.0):
+        self.api_key = api_key
+        if api_key is not None:
+            args = (*args, "--api-key", api_key)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"amlx-serve-{self.port}.log"
-        cmd = [sys.executable, "-m", "amlx", "serve", str(checkpoint), "--port", str(self.port),
-               "--log-level", "warning", *args]
-        full_env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                    **(env or {})}
-        full_env.pop("AMLX_API_KEY", None) if "AMLX_API_KEY" not in (env or {}) else None
+        model = [] if checkpoint is None else [str(checkpoint)]  # None: the embedded default model
+        cmd = [sys.executable, "-m", "amlx", "serve", *model, "--port", str(self.port), "--log-level", "warning", *args]
+        full_env = {k: v for k, v in os.environ.items() if k != "AMLX_API_KEY"}  # only keys the test gives
+        full_env["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+        full_env.update(env or {})
         self._log_file = self.log.open("wb")
         self.proc = subprocess.Popen(cmd, cwd=str(REPO), env=full_env, stdout=self._log_file,
                                      stderr=subprocess.STDOUT)
@@ -125,6 +131,17 @@ class ServerProcess:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"amlx serve did not become healthy in {timeout} s:\n{self.output()}")
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def client(self, api_key: str | None = None, timeout: float = 300.0) -> openai.AsyncOpenAI:
+        """An AsyncOpenAI client of this server (with its API key unless another is given)."""
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=api_key or self.api_key or "none", max_retries=0,
+                                  timeout=timeout)
 
     def output(self) -> str:
         self._log_file.flush()
