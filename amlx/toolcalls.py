@@ -19,8 +19,8 @@ like a call but does not parse as one is given back unchanged as content.
 
 from __future__ import annotations
 
+import itertools
 import json
-import re
 import uuid
 from collections.abc import Mapping
 from typing import Any, Union
@@ -54,8 +54,12 @@ def detect_format(chat_template: str | Mapping[str, str] | None) -> str | None:
     return None
 
 
+_CALL_PREFIX = uuid.uuid4().hex[:12]  # per process; a counter makes each id unique
+_CALL_COUNTER = itertools.count()
+
+
 def new_call_id() -> str:
-    return "call_" + uuid.uuid4().hex[:24]
+    return f"call_{_CALL_PREFIX}{next(_CALL_COUNTER):012x}"
 
 
 def _call_from(obj: Any, args_key: str) -> ToolCall | None:

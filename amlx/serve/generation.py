@@ -141,7 +141,9 @@ class Generation:
         return LogprobEntry(tok.id, decode([tok.id]), float(tok.logprob), top)
 
     async def events(self) -> AsyncIterator[Piece | object]:
-        """Every choice's pieces in arrival order; KEEPALIVE after `keepalive` quiet seconds."""
+        """Every choice's pieces in arrival order, with KEEPALIVE after `keepalive` quiet seconds
+        while choices wait for their first token (queued or prefilling). A lone choice's later
+        tokens are read directly: no task per token once the stream flows."""
         pending: dict[asyncio.Future, Choice] = {}
 
         def ask(choice: Choice) -> None:
@@ -157,19 +159,35 @@ class Generation:
                     continue
                 for fut in sorted(done, key=lambda f: pending[f].index):
                     choice = pending.pop(fut)
-                    try:
-                        tok = fut.result()
-                    except StopAsyncIteration:
+                    tok = self._result(choice, fut)
+                    if tok is None:
                         continue
-                    except Exception as exc:
-                        choice.finish_reason = "error"  # failed, not cancelled
-                        raise from_engine(exc) from exc
                     yield self._piece(choice, tok)
-                    if tok.finish_reason is None:
+                    if tok.finish_reason is None and len(self.choices) == 1:
+                        async for piece in self._rest(choice):
+                            yield piece
+                    elif tok.finish_reason is None:
                         ask(choice)
         finally:
             for fut in pending:
                 fut.cancel()
+
+    def _result(self, choice: Choice, fut: asyncio.Future) -> Token | None:
+        try:
+            return fut.result()
+        except StopAsyncIteration:
+            return None
+        except Exception as exc:
+            choice.finish_reason = "error"  # failed, not cancelled
+            raise from_engine(exc) from exc
+
+    async def _rest(self, choice: Choice) -> AsyncIterator[Piece]:
+        try:
+            async for tok in choice.stream:
+                yield self._piece(choice, tok)
+        except Exception as exc:
+            choice.finish_reason = "error"
+            raise from_engine(exc) from exc
 
     def close(self) -> None:
         """Cancels unfinished choices (counting them as cancelled) and frees the admission slots."""

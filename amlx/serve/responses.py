@@ -3,11 +3,17 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from typing import Any
 
 from amlx.serve.generation import Choice, Generation, LogprobEntry, Piece
+
+
+# Response ids: a random per-process prefix and a counter (os.urandom per request is slow on some hosts).
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_ID_COUNTER = itertools.count()
 
 
 def _cached_tokens(gen: Generation) -> int:
@@ -36,7 +42,7 @@ class _Shape:
     id_prefix = ""
 
     def __init__(self, model_name: str):
-        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.id = f"{self.id_prefix}-{_ID_PREFIX}{next(_ID_COUNTER):012x}"
         self.created = int(time.time())
         self.model = model_name
 

@@ -77,6 +77,7 @@ async def _wait_disconnect(receive: Callable[[], Any]) -> None:
 async def collect(gen: Generation, request: Request) -> bool:
     """Runs every choice to its end; False if the client went away first (all cancelled)."""
     finished = False
+    error: APIError | None = None  # raised after the task group, which would wrap it in an ExceptionGroup
     try:
         async with anyio.create_task_group() as tg:
 
@@ -85,10 +86,15 @@ async def collect(gen: Generation, request: Request) -> bool:
                 tg.cancel_scope.cancel()
 
             tg.start_soon(watch)
-            async for _ in gen.events():
-                pass
-            finished = True
+            try:
+                async for _ in gen.events():
+                    pass
+                finished = True
+            except APIError as exc:
+                error = exc
             tg.cancel_scope.cancel()
     finally:
         gen.close()
+    if error is not None:
+        raise error
     return finished

@@ -102,7 +102,9 @@ class ServerProcess:
     A context manager: leaving it stops the server."""
 
     def __init__(self, checkpoint, *args: str, api_key: str | None = None, env: dict | None = None,
-                 startup: float = 120.0):
+                 startup: float = 120.0, module: str = "amlx"):
+        """`python -m amlx serve CHECKPOINT --port P ARGS...`; another `module` is run as
+        `python -m MODULE CHECKPOINT P` (an app of its own on that port)."""
         self.api_key = api_key
         if api_key is not None:
             args = (*args, "--api-key", api_key)
@@ -112,6 +114,8 @@ class ServerProcess:
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"amlx-serve-{self.port}.log"
         model = [] if checkpoint is None else [str(checkpoint)]  # None: the embedded default model
         cmd = [sys.executable, "-m", "amlx", "serve", *model, "--port", str(self.port), "--log-level", "warning", *args]
+        if module != "amlx":
+            cmd = [sys.executable, "-m", module, str(checkpoint), str(self.port)]
         full_env = {k: v for k, v in os.environ.items() if k != "AMLX_API_KEY"}  # only keys the test gives
         full_env["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
         full_env.update(env or {})
