@@ -199,6 +199,9 @@ async def test_errors_keep_the_server_serving(server, client):
         assert (await h.get("/")).status_code == 200  # the page loads; its API calls carry the key
     await _still_serving(client)
     assert server.alive()
+    m = server.metrics({"Authorization": f"Bearer {KEY}"})
+    assert m['amlx_request_errors_total{status="401"}'] >= 3 and m['amlx_request_errors_total{status="400"}'] >= 5
+    assert m['amlx_request_errors_total{status="404"}'] >= 2
 
 
 async def test_request_log_records_bodies(server, client):

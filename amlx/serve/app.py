@@ -95,24 +95,22 @@ def _routes(server: Server) -> APIRouter:
 
     @api.post("/v1/chat/completions")
     async def chat(request: Request, req: ChatRequest) -> Response:
+        metrics.requests.labels("chat").inc()
         server.log_request("chat", req.model_dump(exclude_none=True))
         server.check_model(req.model)
         messages, tools = prompts.chat_messages(req), prompts.chat_tools(req)
         ids = await anyio.to_thread.run_sync(prompts.render_chat, server.model.tokenizer, messages, tools)
         tool_format = server.tool_format if tools else None
-        response = await server.answer(request, req, ChatShape(server.settings.model_name), [ids], tool_format)
-        metrics.requests.labels("chat", str(response.status_code)).inc()
-        return response
+        return await server.answer(request, req, ChatShape(server.settings.model_name), [ids], tool_format)
 
     @api.post("/v1/completions")
     async def completions(request: Request, req: CompletionRequest) -> Response:
+        metrics.requests.labels("completions").inc()
         server.log_request("completions", req.model_dump(exclude_none=True))
         server.check_model(req.model)
         check_completion_fields(req)
         ids = await anyio.to_thread.run_sync(prompts.completion_prompts, server.model.tokenizer, req)
-        response = await server.answer(request, req, CompletionShape(server.settings.model_name), ids, None)
-        metrics.requests.labels("completions", str(response.status_code)).inc()
-        return response
+        return await server.answer(request, req, CompletionShape(server.settings.model_name), ids, None)
 
     def model_card() -> dict[str, Any]:
         info = server.model.info
@@ -140,7 +138,7 @@ def create_app(model: "amlx.Model", settings: Settings) -> FastAPI:
     server = Server(model, settings)
     app = FastAPI(title="amlx", version=amlx.__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
-    install_handlers(app)
+    install_handlers(app, on_error=lambda status: server.metrics.errors.labels(str(status)).inc())
     app.include_router(_routes(server), dependencies=[Depends(KeyCheck(settings.api_keys))])
 
     @app.get("/health")

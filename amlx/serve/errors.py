@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -86,22 +87,28 @@ def _validation_error(exc: RequestValidationError) -> APIError:
                     code="invalid_value")
 
 
-def install_handlers(app: FastAPI) -> None:
+def install_handlers(app: FastAPI, on_error: Callable[[int], None] = lambda status: None) -> None:
+    """Every error becomes an OpenAI-shaped JSON response; `on_error(status)` counts it."""
+
+    def answer(error: APIError) -> JSONResponse:
+        on_error(error.status)
+        return error.response()
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return answer(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+        return answer(_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
         message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
-        return APIError(exc.status_code, message, code=code, type="invalid_request_error",
-                        headers=getattr(exc, "headers", None)).response()
+        return answer(APIError(exc.status_code, message, code=code, type="invalid_request_error",
+                               headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        return from_engine(exc).response()
+        return answer(from_engine(exc))

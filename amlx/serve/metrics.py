@@ -53,8 +53,10 @@ class Metrics:
     def __init__(self, model: "amlx.Model"):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("amlx_requests", "Requests answered, by endpoint and status", ["endpoint", "status"],
+        self.requests = Counter("amlx_requests", "Generation requests received, by endpoint", ["endpoint"],
                                 registry=r)
+        self.errors = Counter("amlx_request_errors", "Requests answered with an error, by HTTP status", ["status"],
+                              registry=r)
         self.cancelled = Counter("amlx_requests_cancelled", "Generations cancelled because the client went away; "
                                  "phase 'prefill' = before the first token (queued or prefilling)", ["phase"],
                                  registry=r)
