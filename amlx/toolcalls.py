@@ -119,9 +119,13 @@ def _parse_mistral(body: str) -> list[ToolCall] | None:
             calls.append(call)
         return calls
     data = _loads(body)
-    items = data if isinstance(data, list) else [data]
-    calls = [_call_from(item, "arguments") for item in items]
-    return None if not calls or any(c is None for c in calls) else calls  # type: ignore[return-value]
+    calls = []
+    for item in data if isinstance(data, list) else [data]:
+        call = _call_from(item, "arguments")
+        if call is None:
+            return None
+        calls.append(call)
+    return calls or None
 
 
 def _partial_suffix(text: str, marker: str) -> int:

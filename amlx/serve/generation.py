@@ -23,7 +23,11 @@ from amlx.serve.options import choice_options
 from amlx.toolcalls import ToolCallParser
 from amlx.types import Token, ToolCall
 
-KEEPALIVE = object()  # yielded by events() when no token came for a while
+class KeepAlive:
+    """What events() yields when no token came for a while."""
+
+
+KEEPALIVE = KeepAlive()
 
 
 @dataclass
@@ -127,7 +131,7 @@ class Generation:
         choice.content.append(piece.content)
         choice.calls.extend(piece.calls)
         if self._want_logprobs and tok.logprob is not None:
-            piece.logprobs.append(self._entry(tok))
+            piece.logprobs.append(self._entry(tok, tok.logprob))
             choice.logprobs.extend(piece.logprobs)
         if tok.finish_reason is not None:
             choice.finish_reason = "tool_calls" if choice.calls else tok.finish_reason
@@ -135,12 +139,12 @@ class Generation:
             self._metrics.finished.labels(choice.finish_reason).inc()
         return piece
 
-    def _entry(self, tok: Token) -> LogprobEntry:
+    def _entry(self, tok: Token, logprob: float) -> LogprobEntry:
         decode = self._model.tokenizer.decode
         top = [(int(i), decode([int(i)]), float(lp)) for i, lp in (getattr(tok, "top_logprobs", None) or [])]
-        return LogprobEntry(tok.id, decode([tok.id]), float(tok.logprob), top)
+        return LogprobEntry(tok.id, decode([tok.id]), float(logprob), top)
 
-    async def events(self) -> AsyncIterator[Piece | object]:
+    async def events(self) -> AsyncIterator[Piece | KeepAlive]:
         """Every choice's pieces in arrival order, with KEEPALIVE after `keepalive` quiet seconds
         while choices wait for their first token (queued or prefilling). A lone choice's later
         tokens are read directly: no task per token once the stream flows."""

@@ -77,10 +77,13 @@ def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None) -> li
 def completion_prompts(tokenizer, req: CompletionRequest) -> list[list[int]]:
     """Prompt ids of each prompt of a completions request (blocking)."""
     prompt = req.prompt
-    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-        prompt = [prompt]  # type: ignore[list-item]
+    many: list[str | list[int]]
+    if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
+        many = [prompt]  # type: ignore[list-item]  # one prompt: text, or token ids
+    else:
+        many = prompt  # type: ignore[assignment]
     out = []
-    for p in prompt:
+    for p in many:
         ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")

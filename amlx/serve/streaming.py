@@ -20,7 +20,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from amlx.serve.errors import APIError
-from amlx.serve.generation import KEEPALIVE, Generation
+from amlx.serve.generation import Generation, Piece
 
 _KEEPALIVE_EVENT = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
 _DONE_EVENT = b"data: [DONE]\n\n"
@@ -55,7 +55,7 @@ async def sse_body(gen: Generation, shape: Any, include_usage: bool) -> AsyncIte
         for chunk in shape.first_chunks(gen):
             yield _event(chunk)
         async for piece in gen.events():
-            if piece is KEEPALIVE:
+            if not isinstance(piece, Piece):  # KEEPALIVE
                 yield _KEEPALIVE_EVENT
                 continue
             if piece.content or piece.calls or piece.logprobs or piece.finish_reason:  # a held-back token adds nothing
