@@ -156,3 +156,43 @@ async def test_queue_full_gives_429_with_retry_after(ckpt):
         r = await client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, temperature=0)
         assert r.choices[0].finish_reason == "length"
         assert srv.metrics()["amlx_requests_rejected_total"] == 1
+
+
+async def test_a_stalled_reader_holds_up_no_one(server, ckpt):
+    """A client that stops reading holds up no one: the others finish, exactly. (Its own request
+    is paused once the socket buffers are full and it has max_buffer unread tokens; with this tiny
+    model the OS buffers may well hold its whole reply, so that part is the engine's tests' job.)"""
+    prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(6)]
+    with amlx.load_sync(ckpt, max_context=4096) as model:
+        solo = [(await model.complete(p, max_tokens=48)).text for p in prompts]
+    client = server.client()
+    async with client.chat.completions.with_streaming_response.create(
+            model="tiny", messages=[{"role": "user", "content": "Never read me."}], max_tokens=1000,
+            temperature=0, stream=True) as stalled:
+        await stalled.http_response.aiter_raw().__anext__()  # one piece, then nothing is read
+
+        async def full(p) -> str:
+            stream = await client.chat.completions.create(model="tiny", messages=p, max_tokens=48, temperature=0,
+                                                          stream=True)
+            return "".join([c.choices[0].delta.content or "" async for c in stream])
+
+        assert await asyncio.gather(*(full(p) for p in prompts)) == solo
+    await _idle(server)
+
+
+def test_shutdown_with_open_streams(ckpt):
+    """SIGTERM with a stream open: the server stops within its grace period and exits cleanly."""
+    import signal
+
+    import httpx
+
+    with ServerProcess(ckpt, "--model-name", "tiny", "--max-context", "4096") as srv:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 4000,
+                "stream": True}
+        with httpx.Client(timeout=60) as h, h.stream("POST", srv.base_url + "/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            srv.proc.send_signal(signal.SIGTERM)
+            start = time.monotonic()
+            assert srv.proc.wait(30) == 0
+            assert time.monotonic() - start < 20

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from pathlib import Path
 
@@ -77,6 +78,10 @@ async def _serve(args: argparse.Namespace, keys: list[str]) -> None:
         print(f"amlx serve: {name} ({model.info.architecture}, {model.info.device}) on "
               f"http://{args.host}:{args.port}  (chat page at /, API keys: {'on' if keys else 'off'})",
               file=sys.stderr, flush=True)
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the
+        # previous handler; these take it, so the model is closed and the exit is clean.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
         await uvicorn.Server(config).serve()
 
 
