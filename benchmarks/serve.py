@@ -82,7 +82,8 @@ async def load(base_url: str, clients: int, rounds: int, max_tokens: int) -> dic
     client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=1800,
                                 http_client=openai.DefaultAsyncHttpxClient(
                                     limits=httpx.Limits(max_connections=clients + 8)))
-    await one_request(client, -1, 4)  # warm up (compiles, first allocations)
+    # warm up at this concurrency (MLX compiles kernels per shape on first use; not measured)
+    await asyncio.gather(*(one_request(client, -1 - i, 4) for i in range(clients)))
     rates, ttfts, tokens = [], [], 0
     for r in range(rounds):
         start = time.perf_counter()

@@ -66,12 +66,8 @@ class Server:
             with self.settings.request_log.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({"endpoint": endpoint, "body": body}) + "\n")
 
-    def generation(self, want_logprobs: bool, tool_format: str | None) -> Generation:
-        return Generation(self.model, self.metrics, self.admission, tool_format=tool_format,
-                          want_logprobs=want_logprobs, keepalive=self.settings.keepalive)
-
     async def answer(self, request: Request, req: ChatRequest | CompletionRequest, shape: Any,
-                     prompt_ids: list[list[int]], tool_format: str | None) -> Response:
+                     prompt_ids: list[list[int]], tool_format: str | None, arrived: float) -> Response:
         """Starts the generations and answers: SSE, or one JSON body once all are done."""
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options",
@@ -79,11 +75,12 @@ class Server:
         info = self.model.info
         opts = generation_options(req, prompt_len=max(len(p) for p in prompt_ids), context=info.context_length,
                                   vocab=self.model.tokenizer.vocab_size)
-        gen = self.generation(bool(opts.get("logprobs")), tool_format)
+        gen = Generation(self.model, self.metrics, self.admission, tool_format=tool_format,
+                         want_logprobs=bool(opts.get("logprobs")), keepalive=self.settings.keepalive, arrived=arrived)
         gen.start(prompt_ids, opts, req.n)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStreamResponse(sse_body(gen, shape, include_usage))
+            return EventStreamResponse(sse_body(gen, shape, include_usage), on_close=gen.close)
         if not await collect(gen, request):
             return Response(status_code=499)  # nobody is listening; the generations were cancelled
         return JSONResponse(shape.whole(gen, bool(opts.get("logprobs"))))
@@ -95,22 +92,24 @@ def _routes(server: Server) -> APIRouter:
 
     @api.post("/v1/chat/completions")
     async def chat(request: Request, req: ChatRequest) -> Response:
+        arrived = time.perf_counter()
         metrics.requests.labels("chat").inc()
         server.log_request("chat", req.model_dump(exclude_none=True))
         server.check_model(req.model)
         messages, tools = prompts.chat_messages(req), prompts.chat_tools(req)
         ids = await anyio.to_thread.run_sync(prompts.render_chat, server.model.tokenizer, messages, tools)
         tool_format = server.tool_format if tools else None
-        return await server.answer(request, req, ChatShape(server.settings.model_name), [ids], tool_format)
+        return await server.answer(request, req, ChatShape(server.settings.model_name), [ids], tool_format, arrived)
 
     @api.post("/v1/completions")
     async def completions(request: Request, req: CompletionRequest) -> Response:
+        arrived = time.perf_counter()
         metrics.requests.labels("completions").inc()
         server.log_request("completions", req.model_dump(exclude_none=True))
         server.check_model(req.model)
         check_completion_fields(req)
         ids = await anyio.to_thread.run_sync(prompts.completion_prompts, server.model.tokenizer, req)
-        return await server.answer(request, req, CompletionShape(server.settings.model_name), ids, None)
+        return await server.answer(request, req, CompletionShape(server.settings.model_name), ids, None, arrived)
 
     def model_card() -> dict[str, Any]:
         info = server.model.info

@@ -53,7 +53,7 @@ def from_engine(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, amlx.ContextLengthError):
-        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+        return APIError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, TypeError) and "unknown generation option" in str(exc):
         names = re.findall(r"option\(s\): ([\w, ]+?) \(", str(exc))
         options = [n.strip() for n in names[0].split(",")] if names else []

@@ -23,6 +23,7 @@ from amlx.serve.options import choice_options
 from amlx.toolcalls import ToolCallParser
 from amlx.types import Token, ToolCall
 
+
 class KeepAlive:
     """What events() yields when no token came for a while."""
 
@@ -83,7 +84,8 @@ class Admission:
 
 class Generation:
     def __init__(self, model: "amlx.Model", metrics: Metrics, admission: Admission, *, tool_format: str | None,
-                 want_logprobs: bool, keepalive: float):
+                 want_logprobs: bool, keepalive: float, arrived: float | None = None):
+        """`arrived`: when the request came in (time.perf_counter()), for time-to-first-token."""
         self._model = model
         self._metrics = metrics
         self._admission = admission
@@ -92,7 +94,7 @@ class Generation:
         self._keepalive = keepalive
         self.choices: list[Choice] = []
         self._admitted = 0
-        self._started = time.perf_counter()
+        self._started = time.perf_counter() if arrived is None else arrived
         self._first_token_seen = False
         self._closed = False
         self.prompt_tokens = 0

@@ -31,21 +31,31 @@ def _event(body: dict[str, Any]) -> bytes:
 
 
 class EventStreamResponse(StreamingResponse):
+    """SSE whose body is cancelled as soon as the client disconnects; `on_close` runs in any
+    case (also when the body never started), so the request's generations always end."""
+
     media_type = "text/event-stream"
 
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]):
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as tg:
+        try:
+            async with anyio.create_task_group() as tg:
 
-            async def body() -> None:
-                try:
-                    await self.stream_response(send)
-                except OSError:  # the connection broke while writing
-                    pass
+                async def body() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the connection broke while writing
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(body)
+                await self.listen_for_disconnect(receive)
                 tg.cancel_scope.cancel()
-
-            tg.start_soon(body)
-            await self.listen_for_disconnect(receive)
-            tg.cancel_scope.cancel()
+        finally:
+            self._on_close()
 
 
 async def sse_body(gen: Generation, shape: Any, include_usage: bool) -> AsyncIterator[bytes]:
