@@ -98,10 +98,12 @@ class Generation:
         self._first_token_seen = False
         self._closed = False
         self.prompt_tokens = 0
+        self.n = 1  # choices per prompt
 
     def start(self, prompts: list[list[int]], options: dict[str, Any], n: int) -> None:
         """Submits n generations per prompt (choice p*n + j: prompt p, seed + j); raises APIError
         with nothing left running."""
+        self.n = n
         self._admission.acquire(len(prompts) * n)
         self._admitted = len(prompts) * n
         try:

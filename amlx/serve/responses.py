@@ -17,9 +17,10 @@ _ID_COUNTER = itertools.count()
 
 
 def _cached_tokens(gen: Generation) -> int:
-    """Prompt tokens served from the prefix cache, once amlx reports them (0 until then)."""
+    """Prompt tokens served from the prefix cache, once amlx reports them (until then 0): each
+    distinct prompt's first choice, read from its stream's usage if the stream has one."""
     total = 0
-    for choice in gen.choices[:1] if gen.choices else []:
+    for choice in gen.choices[::gen.n]:
         usage = getattr(choice.stream, "usage", None)
         total += int(getattr(usage, "cached_tokens", 0) or getattr(choice.stream, "cached_tokens", 0) or 0)
     return total
