@@ -6,7 +6,8 @@
 For each server (a subprocess on 127.0.0.1) and each client count, that many AsyncOpenAI
 clients stream chat completions at once (greedy, `max_tokens` each, distinct prompts), for
 `--rounds` rounds. Reported: aggregate generated tokens/s (all tokens / wall time of the
-round), TTFT p50/p99 (request sent -> first content chunk) and how many tokens arrived.
+round), TTFT p50/p99 (request sent -> first content chunk), how many tokens arrived and how
+many requests failed (a server that drops connections under load shows it here).
 Both servers decode up to 64 requests together (`--max-batch-size` / `--decode-concurrency`).
 Random weights: both servers see the same checkpoint, prompts and greedy decoding.
 """
@@ -83,18 +84,21 @@ async def load(base_url: str, clients: int, rounds: int, max_tokens: int) -> dic
                                 http_client=openai.DefaultAsyncHttpxClient(
                                     limits=httpx.Limits(max_connections=clients + 8)))
     # warm up at this concurrency (MLX compiles kernels per shape on first use; not measured)
-    await asyncio.gather(*(one_request(client, -1 - i, 4) for i in range(clients)))
-    rates, ttfts, tokens = [], [], 0
+    await asyncio.gather(*(one_request(client, -1 - i, 4) for i in range(clients)), return_exceptions=True)
+    rates, ttfts, tokens, errors = [], [], 0, 0
     for r in range(rounds):
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_request(client, r * clients + i, max_tokens) for i in range(clients)))
+        results = await asyncio.gather(*(one_request(client, r * clients + i, max_tokens) for i in range(clients)),
+                                       return_exceptions=True)
         wall = time.perf_counter() - start
-        n = sum(t for _, t in results)
+        ok = [x for x in results if not isinstance(x, BaseException)]
+        errors += len(results) - len(ok)  # e.g. refused connections; reported, not hidden
+        n = sum(t for _, t in ok)
         tokens += n
         rates.append(n / wall)
-        ttfts += [t for t, _ in results]
+        ttfts += [t for t, _ in ok] or [float("nan")]
     ttfts.sort()
-    return {"clients": clients, "tok_s": round(statistics.median(rates), 1), "tokens": tokens,
+    return {"clients": clients, "tok_s": round(statistics.median(rates), 1), "tokens": tokens, "errors": errors,
             "ttft_p50_ms": round(ttfts[len(ttfts) // 2] * 1000, 1),
             "ttft_p99_ms": round(ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))] * 1000, 1)}
 
@@ -137,10 +141,10 @@ def main(argv=None) -> int:
             finally:
                 proc.terminate()
                 proc.wait(30)
-    print(f"\n| clients | {' | '.join(f'{k} tok/s | {k} TTFT p50/p99 ms' for k in results)} |")
+    print(f"\n| clients | {' | '.join(f'{k} tok/s | {k} TTFT p50/p99 ms | {k} errors' for k in results)} |")
     for i, n in enumerate(args.clients):
-        cells = [f"{results[k][i]['tok_s']} | {results[k][i]['ttft_p50_ms']}/{results[k][i]['ttft_p99_ms']}"
-                 for k in results]
+        cells = [f"{results[k][i]['tok_s']} | {results[k][i]['ttft_p50_ms']}/{results[k][i]['ttft_p99_ms']} | "
+                 f"{results[k][i]['errors']}" for k in results]
         print(f"| {n} | {' | '.join(cells)} |")
     if "amlx" in results and "mlx_lm" in results:
         print("amlx/mlx_lm tok/s: " + ", ".join(

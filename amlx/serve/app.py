@@ -56,15 +56,21 @@ class Server:
         self.tool_format = detect_format(model.tokenizer.chat_template)
         self.created = int(time.time())
 
+    def received(self, endpoint: str, req: ChatRequest | CompletionRequest) -> float:
+        """Counts and (with --log-requests) logs a generation request, checks its model; returns
+        the arrival time."""
+        arrived = time.perf_counter()
+        self.metrics.requests.labels(endpoint).inc()
+        if self.settings.request_log is not None:
+            with self.settings.request_log.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"endpoint": endpoint, "body": req.model_dump(exclude_none=True)}) + "\n")
+        self.check_model(req.model)
+        return arrived
+
     def check_model(self, name: str) -> None:
         if name != self.settings.model_name:
             raise APIError(404, f"the model {name!r} does not exist; this server has {self.settings.model_name!r}",
                            param="model", code="model_not_found")
-
-    def log_request(self, endpoint: str, body: dict[str, Any]) -> None:
-        if self.settings.request_log is not None:
-            with self.settings.request_log.open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"endpoint": endpoint, "body": body}) + "\n")
 
     async def answer(self, request: Request, req: ChatRequest | CompletionRequest, shape: Any,
                      prompt_ids: list[list[int]], tool_format: str | None, arrived: float) -> Response:
@@ -92,10 +98,7 @@ def _routes(server: Server) -> APIRouter:
 
     @api.post("/v1/chat/completions")
     async def chat(request: Request, req: ChatRequest) -> Response:
-        arrived = time.perf_counter()
-        metrics.requests.labels("chat").inc()
-        server.log_request("chat", req.model_dump(exclude_none=True))
-        server.check_model(req.model)
+        arrived = server.received("chat", req)
         messages, tools = prompts.chat_messages(req), prompts.chat_tools(req)
         ids = await anyio.to_thread.run_sync(prompts.render_chat, server.model.tokenizer, messages, tools)
         tool_format = server.tool_format if tools else None
@@ -103,10 +106,7 @@ def _routes(server: Server) -> APIRouter:
 
     @api.post("/v1/completions")
     async def completions(request: Request, req: CompletionRequest) -> Response:
-        arrived = time.perf_counter()
-        metrics.requests.labels("completions").inc()
-        server.log_request("completions", req.model_dump(exclude_none=True))
-        server.check_model(req.model)
+        arrived = server.received("completions", req)
         check_completion_fields(req)
         ids = await anyio.to_thread.run_sync(prompts.completion_prompts, server.model.tokenizer, req)
         return await server.answer(request, req, CompletionShape(server.settings.model_name), ids, None, arrived)
