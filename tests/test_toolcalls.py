@@ -69,3 +69,20 @@ def test_detect_format():
     assert detect_format("{{ '<|python_tag|>' }}") == "llama3"
     assert detect_format("{{ messages }}") is None and detect_format(None) is None
     assert detect_format({"default": "x", "tool_use": "<tool_call>"}) == "qwen"
+
+
+async def test_completion_tool_calls(tmp_path):
+    """Model.complete parses the calls of the chat template's format into Completion.tool_calls."""
+    import amlx
+    from tests.helpers.serving import TOOL_CALL_JSON, serve_checkpoint, tool_checkpoint
+
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    async with await amlx.load(tool_checkpoint(tmp_path / "tools")) as model:
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+        prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+        result = await model.complete(model.tokenizer.encode(prompt, add_special_tokens=False), max_tokens=8)
+        assert "<tool_call>" in result.text  # the text keeps the call; tool_calls has it parsed
+        [call] = result.tool_calls
+        assert (call.name, json.loads(call.arguments)) == ("get_weather", json.loads(TOOL_CALL_JSON)["arguments"])
+    async with await amlx.load(serve_checkpoint(tmp_path / "plain")) as model:
+        assert (await model.complete(messages, max_tokens=8)).tool_calls is None
