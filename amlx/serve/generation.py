@@ -99,6 +99,7 @@ class Generation:
         self._closed = False
         self.prompt_tokens = 0
         self.n = 1  # choices per prompt
+        self._pending: dict[asyncio.Future, Choice] = {}  # a read in flight per waiting choice
 
     def start(self, prompts: list[list[int]], options: dict[str, Any], n: int) -> None:
         """Submits n generations per prompt (choice p*n + j: prompt p, seed + j); raises APIError
@@ -152,7 +153,7 @@ class Generation:
         """Every choice's pieces in arrival order, with KEEPALIVE after `keepalive` quiet seconds
         while choices wait for their first token (queued or prefilling). A lone choice's later
         tokens are read directly: no task per token once the stream flows."""
-        pending: dict[asyncio.Future, Choice] = {}
+        pending = self._pending
 
         def ask(choice: Choice) -> None:
             pending[asyncio.ensure_future(choice.stream.__anext__())] = choice
@@ -177,8 +178,12 @@ class Generation:
                     elif tok.finish_reason is None:
                         ask(choice)
         finally:
-            for fut in pending:
-                fut.cancel()
+            self._cancel_pending()
+
+    def _cancel_pending(self) -> None:
+        for fut in self._pending:
+            fut.cancel()
+        self._pending.clear()
 
     def _result(self, choice: Choice, fut: asyncio.Future) -> Token | None:
         try:
@@ -202,6 +207,7 @@ class Generation:
         if self._closed:
             return
         self._closed = True
+        self._cancel_pending()  # reads still waiting (close() may come before events() ends)
         for choice in self.choices:
             if choice.finish_reason is None:
                 choice.stream.close()
