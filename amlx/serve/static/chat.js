@@ -18,11 +18,15 @@ function render(el, text) {
   el.replaceChildren();
   const parts = text.split("```");
   parts.forEach((part, i) => {
-    if (i % 2 === 0) { if (part) el.append(document.createTextNode(part)); return; }
+    if (i % 2 === 0) {
+      const text = i > 0 ? part.replace(/^\n/, "") : part;  // the line break after a closing fence
+      if (text) el.append(document.createTextNode(text));
+      return;
+    }
     const newline = part.indexOf("\n");
     const lang = newline >= 0 ? part.slice(0, newline).trim() : "";
     const code = document.createElement("code");
-    code.textContent = newline >= 0 ? part.slice(newline + 1) : part;
+    code.textContent = (newline >= 0 ? part.slice(newline + 1) : part).replace(/\n$/, "");
     if (/^[\w+-]+$/.test(lang)) code.dataset.lang = lang;
     const pre = document.createElement("pre");
     pre.append(code);
