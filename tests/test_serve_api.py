@@ -258,14 +258,27 @@ async def test_tool_call_round_trip(tool_server):
     assert r3.choices[0].message.tool_calls is None and "<tool_call>" in r3.choices[0].message.content
 
 
-async def test_default_model_and_keys_from_file_and_env(tmp_path):
+async def test_default_model_and_keys_from_file_and_env(tmp_path, monkeypatch):
+    from amlx.demo import default_model_dir
+    from amlx.tokenizer import Tokenizer
+    from amlx.toolcalls import detect_format
+
     keys = tmp_path / "keys.txt"
     keys.write_text("# one key per line\nfile-key\n\n")
     env = {"AMLX_API_KEY": "env-key", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    monkeypatch.setenv("XDG_CACHE_HOME", env["XDG_CACHE_HOME"])
+    default = default_model_dir()  # what the server will serve, named after its directory
+    name = default.resolve().name
     with ServerProcess(None, "--api-key-file", str(keys), env=env) as srv:  # no MODEL: the embedded default
         for key in ("file-key", "env-key"):
-            assert [m.id for m in (await srv.client(api_key=key).models.list()).data] == ["demo-model"]
+            assert [m.id for m in (await srv.client(api_key=key).models.list()).data] == [name]
         await _expect_error(srv.client(api_key="file-key2").models.list(), 401, "invalid_api_key")
-        r = await srv.client(api_key="env-key").chat.completions.create(
-            model="demo-model", messages=CHAT, max_tokens=3, temperature=0)
+        client = srv.client(api_key="env-key")
+        r = await client.chat.completions.create(model=name, messages=CHAT, max_tokens=3, temperature=0)
         assert r.usage.completion_tokens <= 3
+        # tools with a chat template that knows no tool-call format get a 400, not silence
+        with_tools = client.chat.completions.create(model=name, messages=CHAT, max_tokens=3, tools=[WEATHER_TOOL])
+        if detect_format(Tokenizer.from_dir(default).chat_template) is None:
+            await _expect_error(with_tools, 400, "unsupported_parameter")
+        else:
+            assert (await with_tools).usage.prompt_tokens > r.usage.prompt_tokens

@@ -100,6 +100,9 @@ def _routes(server: Server) -> APIRouter:
     async def chat(request: Request, req: ChatRequest) -> Response:
         arrived = server.received("chat", req)
         messages, tools = prompts.chat_messages(req), prompts.chat_tools(req)
+        if tools and server.tool_format is None:
+            raise APIError(400, "tools are not supported: this model's chat template has no tool-call format amlx "
+                           "knows (Qwen/Hermes, Llama 3.1, Mistral)", param="tools", code="unsupported_parameter")
         ids = await anyio.to_thread.run_sync(prompts.render_chat, server.model.tokenizer, messages, tools)
         tool_format = server.tool_format if tools else None
         return await server.answer(request, req, ChatShape(server.settings.model_name), [ids], tool_format, arrived)
