@@ -13,7 +13,7 @@ import pytest
 import amlx
 from tests.helpers.serving import ServerProcess, serve_checkpoint
 
-LONG_PROMPT = "hello world " * 480  # > 2048 tokens: prefilled alone, in chunks, over seconds on a CPU
+LONG_PROMPT = "hello world " * 700  # ~3,500 tokens: prefilled alone, in two chunks, over seconds on a CPU
 
 
 @pytest.fixture(scope="module")
