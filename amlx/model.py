@@ -19,6 +19,7 @@ from amlx.engine.worker import Worker
 from amlx.errors import ClosedError
 from amlx.prompt import PromptEncoder, is_heavy
 from amlx.hub import resolve_model
+from amlx.toolcalls import detect_format, parse_tool_calls
 from amlx.types import Completion, EngineStats, GenerateOptions, GenerationOptions, Prompt, Token, Usage
 
 
@@ -200,11 +201,11 @@ class Model:
         """Runs a request to its end and returns the whole `Completion`."""
         stream = self._open(prompt, options)
         tokens = [tok async for tok in stream]
-        return _completion(stream._stream, tokens)
+        return _completion(stream._stream, tokens, self.tokenizer.chat_template)
 
     def complete_sync(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Completion:
         stream = self._open(prompt, options, inline=True)
-        return _completion(stream._stream, list(stream))
+        return _completion(stream._stream, list(stream), self.tokenizer.chat_template)
 
     def stats(self) -> EngineStats:
         """Active and waiting requests, tokens generated, decode steps, the recent
@@ -262,16 +263,17 @@ class Model:
         state = "closed" if self.closed else self.info.device
         return f"<amlx.Model {self.info.architecture} {self.info.dtype} {state} {self.info.path}>"
 
-def _completion(stream: RequestStream, tokens: list[Token]) -> Completion:
+def _completion(stream: RequestStream, tokens: list[Token], chat_template: str | None) -> Completion:
     first_at = stream.first_token_at
     first = (first_at or time.perf_counter()) - stream.created
     end = stream.done_at or time.perf_counter()
     rate = (len(tokens) - 1) / (end - first_at) if len(tokens) > 1 and first_at and end > first_at else 0.0
     logprobs = [t.logprob for t in tokens] if stream.options.logprobs else None
     top = [t.top_logprobs for t in tokens] if stream.options.top_logprobs else None
-    return Completion("".join(t.text for t in tokens), [t.id for t in tokens],
-                      tokens[-1].finish_reason if tokens else "stop",
-                      Usage(stream.prompt_tokens, len(tokens), first, rate), logprobs, top)
+    text = "".join(t.text for t in tokens)
+    calls = parse_tool_calls(text, detect_format(chat_template))[1]
+    return Completion(text, [t.id for t in tokens], tokens[-1].finish_reason if tokens else "stop",
+                      Usage(stream.prompt_tokens, len(tokens), first, rate), logprobs, top, calls or None)
 
 
 def _count_parameters(model) -> int:
