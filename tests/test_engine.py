@@ -807,8 +807,10 @@ async def _failure_everywhere_body(ckpt: Path) -> None:
 
     sched.fault = fault
     try:
-        running = [model.generate(spec[k][0], max_tokens=500, max_buffer=2) for k in range(2)]
-        await _wait_until(lambda: len(sched.rows) == 2, 30)  # both decode (then pause, unread)
+        # one decodes on (a buffer it never fills), one is paused at once (parked, unread)
+        running = [model.generate(spec[0][0], max_tokens=2000, max_buffer=4000),
+                   model.generate(spec[1][0], max_tokens=2000, max_buffer=1)]
+        await _wait_until(lambda: len(sched.rows) == 1 and len(sched.parked) == 1, 30)
         victim_stream = model.generate(spec[2][0], max_tokens=20)
         victim = victim_stream._stream.request
         waiting = [model.generate(spec[k][0], max_tokens=20) for k in (3, 4)]  # no free slot for them
@@ -831,7 +833,8 @@ async def _failure_everywhere_body(ckpt: Path) -> None:
             assert ends[name][0] == "error", ends
         for name in ("wait0", "wait1"):  # taken for prefill after the failure, or failed with it
             assert ends[name][0] == "error" or ends[name] == ("finished", 20), ends
-        assert model.stats()["active_requests"] == 0 and model.stats()["waiting_requests"] == 0
+        # (rows that finished leave the batch on the worker's next round)
+        await _wait_until(lambda: not model.stats()["active_requests"] and not model.stats()["waiting_requests"], 10)
         sched.fault = None
         again = await model.complete(spec[0][0], max_tokens=12)
         assert again.token_ids == spec[0][1]

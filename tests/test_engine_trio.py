@@ -20,12 +20,16 @@ try:  # pytest's default import mode puts tests/ on sys.path
         idle,
         model,
         test_64_concurrent_streams_match_solo_and_transformers,
+        test_a_failure_outside_isolation_ends_every_request,
         test_backpressure,
         test_cancellation,
         test_close,
         test_event_loop_stays_responsive,
         test_failure_in_one_request_is_isolated,
+        test_heavy_prompts_are_tokenized_off_the_loop,
         test_options_prompts_and_results,
+        test_parked_streams_give_up_their_slots_and_resume,
+        test_paused_streams_cost_the_batch_nothing,
         run,
     )
 except ImportError:  # --import-mode=importlib from the repository root
@@ -34,12 +38,16 @@ except ImportError:  # --import-mode=importlib from the repository root
         idle,
         model,
         test_64_concurrent_streams_match_solo_and_transformers,
+        test_a_failure_outside_isolation_ends_every_request,
         test_backpressure,
         test_cancellation,
         test_close,
         test_event_loop_stays_responsive,
         test_failure_in_one_request_is_isolated,
+        test_heavy_prompts_are_tokenized_off_the_loop,
         test_options_prompts_and_results,
+        test_parked_streams_give_up_their_slots_and_resume,
+        test_paused_streams_cost_the_batch_nothing,
         run,
     )
 
