@@ -75,39 +75,40 @@ class TokenStream:
         return self
 
     async def __anext__(self) -> Token:
-        if self._finished:
-            raise StopAsyncIteration
-        try:
-            tok = await (self._stream or await self._started()).get()
-        except BaseException:
-            self._finish()
-            raise
-        if tok is None:
-            self._finish()
-            raise StopAsyncIteration
-        if tok.finish_reason is not None:
-            self._finished = True
-        return tok
+        if not self._finished:
+            try:
+                tok = await (self._stream or await self._started()).get()
+            except BaseException:
+                self._finish()
+                raise
+            if self._took(tok):
+                return tok
+        raise StopAsyncIteration
 
     def __iter__(self) -> "TokenStream":
         return self
 
     def __next__(self) -> Token:
-        if self._finished:
-            raise StopIteration
-        try:
-            if self._stream is None:
-                self._begin()
-            tok = self._stream.get_sync()
-        except BaseException:
-            self._finish()
-            raise
+        if not self._finished:
+            try:
+                if self._stream is None:
+                    self._begin()
+                tok = self._stream.get_sync()
+            except BaseException:
+                self._finish()
+                raise
+            if self._took(tok):
+                return tok
+        raise StopIteration
+
+    def _took(self, tok: Token | None) -> bool:
+        """Whether `tok` goes to the consumer (None: the stream has ended)."""
         if tok is None:
             self._finish()
-            raise StopIteration
+            return False
         if tok.finish_reason is not None:
             self._finished = True
-        return tok
+        return True
 
     def _finish(self) -> None:
         with self._lock:
