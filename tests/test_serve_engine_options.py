@@ -5,13 +5,14 @@ maps the fields (amlx/serve/options.py) and the engine there still answers "unkn
 generation option", which the server turns into a 400 "not available in this amlx build".
 They pass once the lead merges:
   * helper D's engine options: presence_penalty, frequency_penalty, logit_bias, top_logprobs;
-  * helper F's constraints: response_format.
+  * helper F's constraints: response_format, and the extensions regex / choice.
 Each compares the server with the same checkpoint run in-process through the public API.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
@@ -83,3 +84,15 @@ async def test_needs_F_response_format_json_schema(server):
     r = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=64, temperature=0.8, seed=3,
                                              response_format={"type": "json_object"})
     assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+async def test_needs_F_choice_and_regex(server):
+    client = server.client()
+    colours = ["red", "green", "blue"]
+    for seed in range(3):
+        r = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=16, temperature=1.0,
+                                                 seed=seed, extra_body={"choice": colours})
+        assert r.choices[0].message.content in colours
+        r = await client.completions.create(model="tiny", prompt="Call", max_tokens=16, temperature=1.0, seed=seed,
+                                            extra_body={"regex": r"[0-9]{3}-[0-9]{4}"})
+        assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", r.choices[0].text)

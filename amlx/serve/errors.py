@@ -27,7 +27,8 @@ _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "inva
 
 # Engine option names -> the request field that set them, for "not available" messages.
 _FIELD_OF_OPTION = {"presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-                    "logit_bias": "logit_bias", "top_logprobs": "top_logprobs", "response_format": "response_format"}
+                    "logit_bias": "logit_bias", "top_logprobs": "top_logprobs", "response_format": "response_format",
+                    "regex": "regex", "choice": "choice", "grammar": "grammar"}
 
 
 class APIError(Exception):

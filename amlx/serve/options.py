@@ -7,6 +7,7 @@
     logit_bias {"id": bias}            -> logit_bias {id: bias} (passed only when not empty)
     logprobs (chat: bool; completions: int k) -> logprobs=True, top_logprobs=k (passed when k > 0)
     response_format json_object / json_schema -> response_format (type "text" is the default)
+    regex, choice, grammar (amlx extensions) -> the same names
     n                                  -> n concurrent generations, seeds seed, seed+1, ...
 
 Options whose value is the neutral one are not passed, so a client that always sends
@@ -73,6 +74,9 @@ def generation_options(req: ChatRequest | CompletionRequest, *, prompt_len: int,
     fmt = getattr(req, "response_format", None)
     if fmt is not None and fmt.type != "text":
         opts["response_format"] = fmt.model_dump(exclude_none=True)
+    for name in ("regex", "choice", "grammar"):
+        if getattr(req, name) is not None:
+            opts[name] = getattr(req, name)
     return opts
 
 

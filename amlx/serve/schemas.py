@@ -96,6 +96,10 @@ class _Sampling(_Strict):
     top_k: Annotated[StrictInt, Field(ge=0)] = 0
     min_p: Annotated[Float, Field(ge=0, le=1)] = 0.0
     repetition_penalty: Annotated[Float, Field(gt=0)] = 1.0
+    # amlx's constraints beyond response_format (DESIGN.md; at most one per request):
+    regex: StrictStr | None = None
+    choice: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    grammar: StrictStr | None = None  # Lark
 
 
 class ChatRequest(_Sampling):
