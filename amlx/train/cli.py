@@ -1,4 +1,9 @@
-"""`amlx lora MODEL --data train.jsonl ...`: fine-tune a LoRA adapter from the command line."""
+"""`amlx lora MODEL --data train.jsonl ...`: fine-tune a LoRA adapter from the command line.
+
+`amlx lora MODEL --full --save-path DIR ...` fine-tunes every weight instead
+(mlx-lm's `--fine-tune-type full`) and writes a complete checkpoint to DIR. One
+subcommand for both, as in mlx-lm: they share the data, schedule and progress
+options; the LoRA-only flags (--rank, --alpha, ...) are refused with --full."""
 
 from __future__ import annotations
 
@@ -17,6 +22,10 @@ def _parser() -> argparse.ArgumentParser:
                         "train.jsonl (and valid.jsonl)")
     p.add_argument("--val-data", default=None, help="validation JSONL")
     p.add_argument("--adapter-path", default="adapters", help="where adapters are saved (default: adapters)")
+    p.add_argument("--full", action="store_true",
+                   help="full fine-tuning: train every weight (not an adapter) and write a checkpoint to --save-path")
+    p.add_argument("--save-path", default=None, metavar="DIR",
+                   help="with --full: the checkpoint directory written (config, weights, tokenizer)")
     p.add_argument("--iters", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--learning-rate", "--lr", type=float, default=1e-5)
@@ -59,19 +68,37 @@ def _options(args) -> dict:
         truncate=args.truncate, seed=args.seed, resume=args.resume)
 
 
+# flags that only mean something for an adapter, refused with --full
+_LORA_FLAGS = ("adapter_path", "rank", "alpha", "dropout", "targets", "num_layers", "resume", "fuse")
+
+
+def _full_options(p: argparse.ArgumentParser, args) -> dict:
+    """The options of a --full run (ValueError for LoRA-only flags or no --save-path)."""
+    given = [f"--{n.replace('_', '-')}" for n in _LORA_FLAGS if getattr(args, n) != p.get_default(n)]
+    if given:
+        raise ValueError(f"{', '.join(given)}: LoRA option(s), not used with --full")
+    if args.save_path is None:
+        raise ValueError("--full needs --save-path DIR (where the fine-tuned checkpoint is written)")
+    opts = {k: v for k, v in _options(args).items() if k not in _LORA_FLAGS}
+    return {**opts, "save_path": args.save_path}
+
+
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.0f}MiB"
 
 
-async def _run(args) -> int:
+async def _run(args, full_options: dict | None) -> int:
     import amlx
     from tqdm import tqdm
 
     async with await amlx.load(args.model, device=args.device, dtype=args.dtype) as model:
-        bar = tqdm(total=args.iters, desc="lora", unit="step", disable=args.no_progress, dynamic_ncols=True)
+        run = model.train_lora(args.data, **_options(args)) if full_options is None else \
+            model.train(args.data, **full_options)
+        bar = tqdm(total=args.iters, desc="lora" if full_options is None else "full", unit="step",
+                   disable=args.no_progress, dynamic_ncols=True)
         say = bar.write if not args.no_progress else print
         try:
-            async for ev in model.train_lora(args.data, **_options(args)):
+            async for ev in run:
                 if ev.kind == "step":
                     bar.n = ev.step
                     bar.set_postfix(loss=f"{ev.loss:.3f}", lr=f"{ev.learning_rate:.2e}",
@@ -101,11 +128,15 @@ async def _run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `amlx lora` (argv without the leading "lora"); returns the exit status."""
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     import amlx
 
     try:
-        return asyncio.run(_run(args))
+        if args.save_path is not None and not args.full:
+            raise ValueError("--save-path is for --full (a LoRA run writes its adapter to --adapter-path)")
+        full = _full_options(parser, args) if args.full else None
+        return asyncio.run(_run(args, full))
     except (amlx.AmlxError, ValueError, TypeError, RuntimeError) as exc:
         print(f"amlx lora: error: {exc}", file=sys.stderr)
         return 1
