@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--system", default=None, help="a system prompt")
     _add_sampling(c)
 
-    d = sub.add_parser("demo", help="concurrent streams and a cancellation on a small random checkpoint")
-    d.add_argument("--tokens", type=int, default=48)
+    d = sub.add_parser("demo", help="concurrent chats and a cancellation on the embedded demo model")
+    d.add_argument("--tokens", type=int, default=96, help="max tokens per stream (default: %(default)s)")
 
     v = sub.add_parser("convert", help="write an MLX-format (optionally quantized) checkpoint")
     v.add_argument("src")
@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     import amlx
 
     try:
+        if args.command in ("generate", "chat", "demo"):
+            from amlx.kernel_cache import first_run_notice
+
+            first_run_notice(getattr(args, "device", "auto"))  # the cold-cache compile would look like a hang
         if args.command == "generate":
             return asyncio.run(_generate(args))
         if args.command == "chat":
