@@ -57,6 +57,10 @@ class FullTrainingRun(TrainingRun):
         if _lora.lora_modules(self._lm):
             raise ValueError("this model carries a LoRA adapter: fuse it into a checkpoint first "
                              "(amlx.train.fuse), then fully fine-tune that checkpoint")
+        # The fused q/k/v and gate/up layers and transposed views built for decoding share the
+        # loaded weights; once every weight has been updated they would only keep that first copy
+        # alive (nearly the model's size again). The decode step rebuilds them when it next runs.
+        self._lm.release_derived()
 
     def _trainable(self) -> dict[str, Array]:
         return float_parameters(self._lm)
