@@ -26,10 +26,10 @@ def default_model_dir() -> Path:
 # (name, user message, sampling options); the last stream is cancelled halfway.
 _STREAMS = [
     ("hello", "Hello!", {}),
-    ("story", "Tell me a story about a fox.", {"temperature": 0.6, "seed": 1}),
+    ("story", "Tell me a story about a dragon.", {"temperature": 0.6, "seed": 1}),
     ("facts", "What color is the sky?", {}),
     ("poem", "Write a short poem about the moon.", {"temperature": 0.8, "top_p": 0.9, "seed": 2}),
-    ("cancel", "Tell me a story about a dragon.", {}),
+    ("cancel", "Tell me a story about a robot.", {}),
 ]
 
 
