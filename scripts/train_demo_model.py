@@ -8,10 +8,10 @@
 4. the result is written to amlx/embedded/ (config, weights, tokenizer files),
    where `amlx.demo.default_model_dir()` finds it.
 
-Everything is seeded, so a run on the same machine reproduces the committed model
-(up to floating-point differences between machines). Run from the repository root;
-`--out DIR` writes elsewhere. Measured on the 2-core development machine (MLX CPU
-backend): see amlx/embedded/README.md.
+Everything is seeded (tokenizer, initialisation, packing, batch order); the
+defaults are the settings of the committed model. Run from the repository root;
+`--out DIR` writes elsewhere. Time measured on the 2-core development machine
+(MLX CPU backend): see amlx/embedded/README.md.
 """
 
 from __future__ import annotations
