@@ -54,6 +54,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.async_overhead import bench_checkpoint, ordinary_ids  # noqa: E402
+
 CANCEL_KINDS = ("task", "fail_after", "move_on_after", "break", "aclose")
 TICK = 0.01  # seconds the lag ticker sleeps
 WINDOW = 10.0  # seconds per throughput window
@@ -81,12 +83,6 @@ class Outcome:
 
 
 # -- request plans -------------------------------------------------------------
-def ordinary_ids(tokenizer) -> np.ndarray:
-    """Token ids to draw prompts and stop strings from: no special tokens."""
-    ids = np.arange(min(tokenizer.vocab_size, 30000))
-    return ids[~np.isin(ids, list(tokenizer.special_token_ids))]
-
-
 def _options(rng: random.Random, tokenizer, ordinary: np.ndarray, max_tokens: int) -> dict[str, Any]:
     opts: dict[str, Any] = {"max_tokens": rng.randint(1, max_tokens), "max_buffer": rng.choice([1, 4, 16])}
     if rng.random() < 0.5:
@@ -139,11 +135,15 @@ def _check_tokens(spec: Spec, out: Outcome, tokens) -> None:
         out.kind, out.detail = "failed", f"{len(tokens)} tokens > max_tokens {spec.options['max_tokens']}"
 
 
-async def _read(model, spec: Spec, run: Run, tokens: list, limit: int | None = None) -> None:
-    """Reads the stream into `tokens` (stopping after `limit` tokens: `break`)."""
+async def _read(model, spec: Spec, run: Run, tokens: list, limit: int | None = None,
+                reached: asyncio.Event | None = None) -> None:
+    """Reads the stream into `tokens`, stopping after `limit` tokens (`break`), or
+    setting `reached` once `after_tokens` have come (the task canceller waits on it)."""
     async for tok in model.generate(spec.prompt, **spec.options):
         tokens.append(tok)
         run.token_times.append(time.perf_counter())
+        if reached is not None and len(tokens) >= spec.after_tokens:
+            reached.set()
         if limit is not None and len(tokens) >= limit:
             break
 
@@ -168,10 +168,11 @@ async def _read_then_aclose(model, spec: Spec, run: Run, tokens: list) -> bool:
 
 async def _cancel_task(model, spec: Spec, run: Run, tokens: list) -> bool:
     """Cancels the reading task after a delay or a token count; True if it ended first."""
-    task = asyncio.get_running_loop().create_task(_read(model, spec, run, tokens))
-    deadline = time.perf_counter() + spec.after_seconds
-    while not task.done() and len(tokens) < max(spec.after_tokens, 1) and time.perf_counter() < deadline:
-        await asyncio.sleep(0.005)
+    reached = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(_read(model, spec, run, tokens, reached=reached))
+    waiter = asyncio.get_running_loop().create_task(reached.wait())
+    await asyncio.wait([task, waiter], timeout=spec.after_seconds, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
     if task.done():
         task.result()  # raises what the read raised
         return True
@@ -262,7 +263,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
             "max": float(arr.max()), "n": len(values)}
 
 
-def throughput(run: Run, t0: float, t_end: float, concurrency: int) -> dict[str, Any]:
+def throughput(run: Run, t0: float, t_end: float) -> dict[str, Any]:
     """Tokens per 10-s window, and the first against the last part of the full-pool phase
     (from the start until the last request was admitted; after that the pool drains)."""
     times = np.asarray(run.token_times) - t0
@@ -288,10 +289,19 @@ async def run_all(model, specs: list[Spec], args) -> tuple[Run, float, float]:
         async with limiter:
             run.outcomes.append(await one_request(model, spec, run, args.deadline))
 
+    async def progress() -> None:  # a line on stderr every 30 s, for long runs
+        while True:
+            await asyncio.sleep(30)
+            print(f"[soak] {time.perf_counter() - t0:.0f} s: {len(run.outcomes)}/{len(specs)} ended, "
+                  f"{len(run.token_times)} tokens", file=sys.stderr, flush=True)
+
     t0 = time.perf_counter()
     async with anyio.create_task_group() as tg:
-        for spec in specs:
-            tg.start_soon(worker, spec)
+        tg.start_soon(progress)
+        async with anyio.create_task_group() as requests:
+            for spec in specs:
+                requests.start_soon(worker, spec)
+        tg.cancel_scope.cancel()
     return run, t0, time.perf_counter()
 
 
@@ -363,7 +373,7 @@ async def soak(model, args) -> dict[str, Any]:
         "long_prompts": sum(1 for s in specs if len(s.prompt) > 256),
         "failures": [asdict(o) for o in run.outcomes if o.kind == "failed"][:50],
         "loop_errors": loop_errors[:50], "lag_ms": percentiles(lags),
-        "throughput": throughput(run, t0, t_end, args.concurrency), "solo": solo,
+        "throughput": throughput(run, t0, t_end), "solo": solo,
         "engine_at_idle": {k: idle_stats[k] for k in ("active_requests", "waiting_requests", "tokens_generated")},
         "memory": {"loaded": loaded, "idle": idle, "closed": closed},
     }
@@ -402,8 +412,6 @@ def summary(report: dict[str, Any]) -> str:
 def make_model_dir(shape: str, dirpath: Path) -> Path:
     """A random Qwen3 checkpoint: the benchmark shape or the tests' tiny one."""
     if shape == "bench":
-        from benchmarks.async_overhead import bench_checkpoint
-
         return bench_checkpoint(dirpath)
     from tests.helpers.checkpoints import make_checkpoint
 
