@@ -507,9 +507,11 @@ def test_benchmark_safetensors_writer(tmp_path):
     bench = _bench_module()
     cfg = dict(bench.MODELS["qwen3-0.6b"]["config"], hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1000)
-    shapes = bench._tensor_shapes(cfg, store_tied_lm_head=True)
+    layout = bench._layout(cfg, store_tied_lm_head=True, bits=None, group_size=64)
+    shapes = {name: shape for name, (_, shape, _) in layout.items()}
+    assert shapes == bench._tensor_shapes(cfg, store_tied_lm_head=True)
     path = tmp_path / "model.safetensors"
-    bench._write_safetensors(path, shapes, cfg, seed=1)
+    bench._write_safetensors(path, layout, cfg, seed=1, metadata={"format": "pt"})
     tensors = load_file(str(path))
     assert {k: tuple(v.shape) for k, v in tensors.items()} == shapes
     assert {v.dtype for v in tensors.values()} == {torch.bfloat16}

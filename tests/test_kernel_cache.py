@@ -17,9 +17,9 @@ from amlx.kernel_cache import NOTICE, first_run_notice, kernel_cache_dir, kernel
 _COMPILE_ONE_KERNEL = """
 import numpy as np
 from amlx._mlx import array, device, ops, transforms
-device.set_default_device("cpu")
 f = transforms.compile(lambda x: ops.exp(x * 2.0 + 1.0))  # one fused elementwise kernel
-print(repr(float(f(array(np.ones(8, np.float32))).numpy()[0])))
+with device.on_stream(device.new_stream("cpu")):
+    print(repr(float(f(array(np.ones(8, np.float32))).numpy()[0])))
 """
 
 
