@@ -38,6 +38,7 @@ def ckpt():
 @pytest.fixture
 def model(ckpt, monkeypatch):
     monkeypatch.setenv("AMLX_SHARDS", "1")  # every row in one shard: one capacity to watch
+    monkeypatch.setenv("AMLX_PREFILL_CHUNK", "256")  # the CPU's default, also on a GPU (2048 there)
     m = amlx.load_sync(ckpt)
     yield m
     m.close()
