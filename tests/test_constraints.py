@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from amlx.constrain import Constraint, GrammarVocab, parse_constraint, unpack_mask
+from amlx.constrain import Constraint, GrammarVocab, masked_logits, parse_constraint, unpack_mask
 from amlx.tokenizer import Tokenizer
 
 try:
@@ -362,3 +362,33 @@ def test_kinds():
 def test_bad_options_raise_value_error(options, message):
     with pytest.raises(ValueError, match=message):
         parse_constraint(**options)
+
+
+# ---------------------------------------------------------------------------------------------
+# the mask on the device
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 5), vocab=st.integers(1, 200), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from(["float32", "bfloat16", "float16"]))
+def test_masked_logits_on_device_match_numpy(rows, vocab, seed, dtype):
+    from amlx._mlx import array, dtypes
+
+    rng = np.random.default_rng(seed)
+    words = (vocab + 31) // 32
+    masks = rng.integers(-(2**31), 2**31, size=(rows, words), dtype=np.int64).astype(np.int32)
+    masks[0] = -1  # an unconstrained row
+    logits = rng.standard_normal((rows, vocab)).astype(np.float32)
+    device_logits = array(logits).astype(getattr(dtypes, dtype))
+    out = masked_logits(device_logits, masks)
+    assert out.dtype is device_logits.dtype and out.shape == (rows, vocab)
+    got = out.astype(dtypes.float32).numpy()
+    expected = np.where(unpack_mask(masks, vocab), device_logits.astype(dtypes.float32).numpy(), -np.inf)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_masked_logits_shape_mismatch():
+    from amlx._mlx import array
+
+    with pytest.raises(ValueError, match="does not cover"):
+        masked_logits(array(np.zeros((2, 65), np.float32)), np.full((2, 2), -1, np.int32))
