@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from amlx.constrain import Constraint, GrammarVocab, masked_logits, parse_constraint, unpack_mask
+from amlx.constrain import Constraint, GrammarVocab, masked_logits, parse_constraint, step_masks, unpack_mask
 from amlx.tokenizer import Tokenizer
 
 try:
@@ -307,6 +307,29 @@ def test_compiled_grammars_are_shared_but_matchers_are_not(family):
     assert a.consume(t)
     vocab.fill_masks([(a, 0), (b, 1)], masks)
     assert not np.array_equal(masks[0], masks[1])
+
+
+def test_step_masks_one_call_for_every_group(family):
+    tok, vocab = family
+    a = vocab.matcher(parse_constraint(choice=["x", "yy"]))
+    b = vocab.matcher(parse_constraint(regex=r"[0-9]+"))
+    c = vocab.matcher(parse_constraint(regex=r"[0-9]+"))
+    assert c.consume(tok.encode("7", add_special_tokens=False)[0])
+    failed = vocab.matcher(parse_constraint(regex="a"))
+    assert not failed.consume(tok.encode("b", add_special_tokens=False)[0])
+    first, none, last = step_masks([[None, a], [None, None], [b, None, c, failed]])
+    assert none is None
+    assert first.shape == (2, vocab.mask_words) and last.shape == (4, vocab.mask_words)
+    everything = np.full(vocab.mask_words, -1, np.int32)
+    np.testing.assert_array_equal(first[0], everything)
+    np.testing.assert_array_equal(last[1], everything)
+    np.testing.assert_array_equal(last[3], everything)  # a failed matcher constrains nothing
+    for got, m in ((first[1], a), (last[0], b), (last[2], c)):
+        one = vocab.new_masks(1)
+        m.fill_mask(one)
+        np.testing.assert_array_equal(got, one[0])
+    assert not np.array_equal(last[0], last[2])  # c may end (EOS), b may not
+    assert step_masks([[None], []]) == [None, None]
 
 
 def test_grammar_that_needs_the_vocabulary_fails_at_matcher(family):

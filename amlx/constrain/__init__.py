@@ -10,7 +10,7 @@ or a Lark grammar, with llguidance (https://github.com/guidance-ai/llguidance) a
 """
 
 from amlx.constrain.apply import masked_logits
-from amlx.constrain.matcher import GrammarVocab, Matcher, unpack_mask
+from amlx.constrain.matcher import GrammarVocab, Matcher, step_masks, unpack_mask
 from amlx.constrain.spec import Constraint, parse_constraint
 
-__all__ = ["Constraint", "GrammarVocab", "Matcher", "masked_logits", "parse_constraint", "unpack_mask"]
+__all__ = ["Constraint", "GrammarVocab", "Matcher", "masked_logits", "parse_constraint", "step_masks", "unpack_mask"]

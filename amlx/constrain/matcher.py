@@ -22,20 +22,33 @@ from amlx.constrain.spec import Constraint
 if TYPE_CHECKING:
     from amlx.tokenizer import Tokenizer
 
-__all__ = ["GrammarVocab", "Matcher", "unpack_mask"]
+__all__ = ["GrammarVocab", "Matcher", "step_masks", "unpack_mask"]
 
 # Compiled grammars kept per vocabulary: requests with the same constraint (a server's one
 # schema) copy a compiled matcher in microseconds instead of compiling it again.
 _CACHED_GRAMMARS = 64
 
+_executor: llguidance.LLExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _pool() -> llguidance.LLExecutor:
+    """llguidance's thread pool, one per process (80% of the cores, at most 32: its default)."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = llguidance.LLExecutor()
+        return _executor
+
 
 class Matcher:
     """One request's position in its grammar. Not thread-safe: one owner at a time."""
 
-    __slots__ = ("_inner",)
+    __slots__ = ("_inner", "mask_words")
 
-    def __init__(self, inner: llguidance.LLMatcher):
+    def __init__(self, inner: llguidance.LLMatcher, mask_words: int):
         self._inner = inner
+        self.mask_words = mask_words  # int32 words of this matcher's mask row
 
     def consume(self, token_id: int) -> bool:
         """Advances over `token_id`; False if the grammar does not allow it (the matcher then
@@ -74,8 +87,7 @@ class GrammarVocab:
     generation; a grammar allows them exactly where the text may end. Thread-safe.
     """
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids: Iterable[int] = (),
-                 *, threads: int | None = None):
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids: Iterable[int] = ()):
         eos = sorted({int(i) for i in eos_ids})
         try:
             self._tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos or None)
@@ -84,15 +96,14 @@ class GrammarVocab:
         self.vocab_size = vocab_size
         self.eos_ids = frozenset(eos or self._tokenizer.eos_tokens)
         self.mask_words = llnp.get_bitmask_shape(1, vocab_size)[1]
-        self._executor = llguidance.LLExecutor(num_threads=threads)
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Tokenizer, vocab_size: int, *, threads: int | None = None) -> GrammarVocab:
+    def from_tokenizer(cls, tokenizer: Tokenizer, vocab_size: int) -> GrammarVocab:
         """From an amlx tokenizer (its tokenizer.json with the added tokens the config declares,
         and its EOS ids); byte-level BPE and SentencePiece byte-fallback vocabularies both work."""
-        return cls(tokenizer.backend.to_str(), vocab_size, tokenizer.eos_token_ids, threads=threads)
+        return cls(tokenizer.backend.to_str(), vocab_size, tokenizer.eos_token_ids)
 
     def matcher(self, constraint: Constraint) -> Matcher:
         """A fresh matcher at the start of `constraint`'s grammar.
@@ -105,7 +116,7 @@ class GrammarVocab:
             template = self._compiled.get(constraint.grammar)
             if template is not None:
                 self._compiled.move_to_end(constraint.grammar)
-                return Matcher(template.deep_copy())
+                return Matcher(template.deep_copy(), self.mask_words)
         template = llguidance.LLMatcher(self._tokenizer, constraint.grammar, log_level=0)
         if template.is_error():
             raise ValueError(f"invalid {constraint.kind} constraint: {template.get_error().strip()}")
@@ -113,7 +124,7 @@ class GrammarVocab:
             self._compiled[constraint.grammar] = template
             while len(self._compiled) > _CACHED_GRAMMARS:
                 self._compiled.popitem(last=False)
-        return Matcher(template.deep_copy())
+        return Matcher(template.deep_copy(), self.mask_words)
 
     def new_masks(self, rows: int) -> np.ndarray:
         """A (rows, mask_words) int32 bitmask array, every token allowed."""
@@ -125,11 +136,35 @@ class GrammarVocab:
         All rows are computed in one call on llguidance's thread pool (the GIL released)."""
         if masks.shape[1] != self.mask_words:
             raise ValueError(f"masks have {masks.shape[1]} words per row, this vocabulary needs {self.mask_words}")
-        llnp.fill_next_token_bitmask_par(self._executor, [(m._inner, row) for m, row in rows], masks)
+        llnp.fill_next_token_bitmask_par(_pool(), [(m._inner, row) for m, row in rows], masks)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes llguidance assigns to a token id (b"" for special and padding ids)."""
         return self._tokenizer.decode_bytes([int(token_id)])
+
+
+def step_masks(groups: Sequence[Sequence[Matcher | None]]) -> list[np.ndarray | None]:
+    """The masks of one step: for each group of rows (a shard's batch), a (rows, words) int32
+    bitmask, or None where no row of the group has a matcher (such a batch applies no mask).
+
+    Every constrained row of every group is computed in one llguidance call, in parallel on
+    its thread pool; rows without a matcher, or whose matcher failed, allow every token."""
+    words = next((m.mask_words for g in groups for m in g if m is not None), 0)
+    sizes = [len(g) if any(m is not None for m in g) else 0 for g in groups]
+    masks = llnp.allocate_token_bitmask(sum(sizes), words * 32)
+    jobs, start = [], 0
+    for group, size in zip(groups, sizes):
+        if size:
+            jobs += [(m._inner, start + i) for i, m in enumerate(group) if m is not None and not m._inner.is_error()]
+        start += size
+    if jobs:
+        llnp.fill_next_token_bitmask_par(_pool(), jobs, masks)
+    out: list[np.ndarray | None] = []
+    start = 0
+    for size in sizes:
+        out.append(masks[start:start + size] if size else None)
+        start += size
+    return out
 
 
 def unpack_mask(masks: np.ndarray, vocab_size: int) -> np.ndarray:
