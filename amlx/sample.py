@@ -1,4 +1,4 @@
-"""Batched token sampling on the device.
+"""Batched token sampling on the device, and the sampling state of a batch.
 
 One decode step samples one token for each of B concurrent requests from
 logits of shape (B, V), each row with its own parameters, without reading
@@ -6,16 +6,28 @@ anything back to the host. The pieces:
 
 - `SamplingParams`: one request's options (validated on construction).
 - `BatchParams`: the per-row parameter arrays of a batch plus host-side flags
-  saying which filters any row needs. Built once when the batch composition
-  changes, not per step; the flags pick which work the step graph contains.
+  saying which processors any row needs. Built once when the batch composition
+  changes, not per step; the flags pick which work the step graph contains, so
+  rows without an option pay nothing for it unless another row uses it.
 - `make_keys`: per-row PRNG keys, (B, 2) uint32, from the requests' seeds.
 - `make_history`: the repetition-penalty history, a (B, V) bool presence mask.
-- `sample(logits, params, keys, history)`: one step. Returns the tokens, their
-  log-probabilities, the advanced keys and the updated history, all as device
-  arrays (`SampleOutput`).
+- `make_counts`: the presence/frequency-penalty counts, (B, V) int32.
+- `sample(logits, params, keys, history, counts)`: one step. Returns the
+  tokens, their log-probabilities, the top log-probabilities, the advanced
+  keys and the updated history and counts, all as device arrays
+  (`SampleOutput`).
+- `RowSampling` / `BatchSampling`: what the engine keeps per request (on the
+  host) and per running batch (on the device), built on the above.
 
-Processing order is Hugging Face's: repetition penalty -> temperature ->
-top-k -> top-p -> min-p, then a draw from the remaining distribution.
+Processing order (vLLM's, which extends Hugging Face's): logit_bias ->
+repetition penalty (prompt and output tokens) -> presence and frequency
+penalties (output tokens only) -> greedy argmax, or temperature -> top-k ->
+top-p -> min-p and a draw from the remaining distribution.
+
+Presence and frequency penalties follow OpenAI's definition, as vLLM does:
+logits[t] -= presence * (count[t] > 0) + frequency * count[t], where count[t]
+is how often t was *generated* so far in this request (prompt tokens do not
+count; the repetition penalty is the one that sees the prompt).
 
 Randomness (why not `mx.random`): MLX's generator takes a single key of shape
 (2,), so it cannot give every row of a batch its own stream in one op. A
@@ -24,7 +36,7 @@ requests share the batch, so each row's random numbers are derived from that
 row's key alone, with uint32 array ops that run for all rows at once:
 
 - keys: row b holds a 64-bit key (2 uint32 words), made from its seed by
-  splitmix64 on the host.
+  splitmix64 on the host (any int seed, taken modulo 2**64).
 - noise: u[b, j] = H(key[b], j) for the V tokens, with the keyed hash
   H(k, c) = mix(mix(c * phi + k0) ^ k1) and a strong 32-bit mixer
   (`_lowbias32`); it fuses into 2 kernels over (B, V).
@@ -35,15 +47,19 @@ row's key alone, with uint32 array ops that run for all rows at once:
   G = -log(-log(1 - u)): exact sampling from softmax(x) with no sort, no
   cumulative sum and no host sync.
 
-Keys and history are per-row state the caller carries from step to step (the
-outputs of one step are the inputs of the next); when the batch composition
-changes, gather the surviving rows (e.g. `ops.take(keys, rows, axis=0)`) and
-append new rows from `key_from_seed` / `make_history`. A batch of greedy rows
-only returns its keys unchanged (no row draws).
+Keys, history and counts are per-row state the caller carries from step to
+step (the outputs of one step are the inputs of the next); when the batch
+composition changes, gather the surviving rows (e.g. `ops.take(keys, rows,
+axis=0)`) and append new rows from `key_from_seed` / `make_history` /
+`make_counts` (`BatchSampling` does this by rebuilding from its rows). A batch
+of greedy rows only returns its keys unchanged (no row draws).
 
-Log-probabilities are log_softmax of the raw logits (before penalty,
-temperature and filters) at the chosen token: the model's own view of the
-token, comparable across sampling settings and defined for greedy rows too.
+Log-probabilities (`logprob` and `top_logprobs`) are log_softmax of the raw
+logits (before bias, penalties, temperature and filters): the model's own
+view of the token, comparable across sampling settings and defined for greedy
+rows too. OpenAI reports the model's distribution the same way, and so does
+vLLM by default (its "raw_logprobs" mode). `top_logprobs` are the n most
+likely tokens under that distribution, best first.
 """
 
 from __future__ import annotations
@@ -51,8 +67,9 @@ from __future__ import annotations
 import math
 import numbers
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -60,8 +77,24 @@ from amlx import _mlx as mx
 from amlx._mlx import Array
 from amlx._mlx import ops as _ops
 
+if TYPE_CHECKING:
+    from amlx.types import GenerationOptions
+
 __all__ = ["SamplingParams", "BatchParams", "SampleOutput", "sample", "make_keys", "key_from_seed",
-           "make_history", "apply_repetition_penalty", "keyed_hash", "advance_keys"]
+           "make_history", "make_counts", "apply_repetition_penalty", "keyed_hash", "advance_keys",
+           "RowSampling", "BatchSampling", "StepSample", "MAX_TOP_LOGPROBS", "LOGIT_BIAS_LIMIT",
+           "PENALTY_LIMIT", "MAX_TEMPERATURE"]
+
+# Bounds of the options (OpenAI's where it has one). Every value inside them samples without error.
+MAX_TOP_LOGPROBS = 20
+LOGIT_BIAS_LIMIT = 100.0  # |bias| <= 100, as OpenAI
+PENALTY_LIMIT = 2.0  # presence / frequency penalties in [-2, 2], as OpenAI
+MAX_TEMPERATURE = 100.0  # beyond it every distribution is uniform to float32 anyway
+REPETITION_RANGE = (0.01, 100.0)  # x / p and x * p stay finite in float32 for any logit MLX gives
+MAX_INDEX = 2**31 - 1  # token ids and k are int32 on the device
+# top_p below this is rounded up: float32 would flush it to 0 (keep nothing, always token 0);
+# any top_p below 1 / V already keeps only the top token, so the clamp changes no result.
+TOP_P_FLOOR = float(np.finfo(np.float32).tiny)
 
 
 # -- per-request parameters ---------------------------------------------------
@@ -74,11 +107,36 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
+def _in(v, lo: float, hi: float) -> bool:
+    return _is_real(v) and lo <= v <= hi  # also rejects NaN
+
+
+def _bias_pairs(bias) -> tuple[tuple[int, float], ...]:
+    """logit_bias (a mapping id -> bias, or pairs) as sorted (id, bias) pairs, checked."""
+    if bias is None:
+        return ()
+    items = bias.items() if isinstance(bias, Mapping) else bias
+    try:
+        pairs = [(k, v) for k, v in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}") from None
+    for k, v in pairs:
+        if not _is_int(k) or not 0 <= k <= MAX_INDEX:
+            raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {k!r}")
+        if not _in(v, -LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT):
+            raise ValueError(f"logit_bias values must be numbers in [-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}], "
+                             f"got {v!r} for token {k}")
+    if len({int(k) for k, _ in pairs}) != len(pairs):
+        raise ValueError("logit_bias names a token id twice")
+    return tuple(sorted((int(k), float(v)) for k, v in pairs))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """One request's sampling options (the public `generate` options).
 
-    - temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+    - temperature: 0 means greedy (argmax); otherwise logits are divided by it
+      (at most MAX_TEMPERATURE).
     - top_k: keep the k most likely tokens (0 = off; k >= vocabulary = off).
       Tokens tied with the k-th value are kept too, as in Hugging Face.
     - top_p: nucleus sampling, keep the smallest set of most likely tokens
@@ -88,11 +146,18 @@ class SamplingParams:
     - repetition_penalty: CTRL / Hugging Face penalty on tokens already in the
       prompt or the output: logit / p if the logit is >= 0 else logit * p
       (1.0 = off).
+    - presence_penalty, frequency_penalty: OpenAI's, in [-2, 2], on generated
+      tokens only: logit -= presence * (count > 0) + frequency * count.
+    - logit_bias: token id -> bias in [-100, 100], added to the logits first
+      (a mapping, stored as sorted (id, bias) pairs).
     - seed: an int makes the request's samples reproducible, also when it is
-      batched with other requests; None draws a fresh seed.
+      batched with other requests (taken modulo 2**64); None draws a fresh seed.
     - logprobs: report the chosen token's log-probability.
+    - top_logprobs: report the n (0..20) most likely tokens' log-probabilities
+      (needs logprobs, as in OpenAI's API).
 
-    Values are checked on construction (`ValueError` with the reason).
+    Values are checked on construction (`ValueError` with the reason);
+    `check_vocab` adds the checks that need the vocabulary size.
     """
 
     temperature: float = 0.0
@@ -102,37 +167,71 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     logprobs: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         self.validate()
+
+    @classmethod
+    def from_options(cls, options: "GenerationOptions") -> "SamplingParams":
+        """The sampling part of a request's `GenerationOptions`."""
+        return cls(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
+                   min_p=options.min_p, repetition_penalty=options.repetition_penalty, seed=options.seed,
+                   logprobs=options.logprobs, presence_penalty=options.presence_penalty,
+                   frequency_penalty=options.frequency_penalty, logit_bias=options.logit_bias,
+                   top_logprobs=options.top_logprobs)
 
     def validate(self) -> "SamplingParams":
         """Raises `ValueError` naming the first bad option; returns self."""
-        t = self.temperature
-        if not _is_real(t) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
-        p = self.top_p
-        if not _is_real(p) or not 0 < p <= 1:  # also rejects NaN
-            raise ValueError(f"top_p must be a number in (0, 1] (1 disables it), got {p!r}")
-        k = self.top_k
-        if not _is_int(k) or k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {k!r}")
-        m = self.min_p
-        if not _is_real(m) or not 0 <= m <= 1:
-            raise ValueError(f"min_p must be a number in [0, 1] (0 disables it), got {m!r}")
-        r = self.repetition_penalty
-        if not _is_real(r) or not math.isfinite(r) or r <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 disables it), got {r!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        if not isinstance(self.logprobs, (bool, np.bool_)):
-            raise ValueError(f"logprobs must be True or False, got {self.logprobs!r}")
+        lo, hi = REPETITION_RANGE
+        checks = [
+            (_in(self.temperature, 0, MAX_TEMPERATURE),
+             f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 means greedy)", self.temperature),
+            (_in(self.top_p, 0, 1) and self.top_p > 0, "top_p must be a number in (0, 1] (1 disables it)",
+             self.top_p),
+            (_is_int(self.top_k) and 0 <= self.top_k <= MAX_INDEX,
+             "top_k must be an integer >= 0 (0 disables it) within the vocabulary", self.top_k),
+            (_in(self.min_p, 0, 1), "min_p must be a number in [0, 1] (0 disables it)", self.min_p),
+            (_in(self.repetition_penalty, lo, hi),
+             f"repetition_penalty must be a number in [{lo:g}, {hi:g}] (1 disables it)", self.repetition_penalty),
+            (_in(self.presence_penalty, -PENALTY_LIMIT, PENALTY_LIMIT),
+             f"presence_penalty must be a number in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}]", self.presence_penalty),
+            (_in(self.frequency_penalty, -PENALTY_LIMIT, PENALTY_LIMIT),
+             f"frequency_penalty must be a number in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}]",
+             self.frequency_penalty),
+            (self.seed is None or _is_int(self.seed), "seed must be an int or None", self.seed),
+            (isinstance(self.logprobs, (bool, np.bool_)), "logprobs must be True or False", self.logprobs),
+            (_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+             f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]", self.top_logprobs),
+            (not self.top_logprobs or self.logprobs, "top_logprobs needs logprobs=True", self.top_logprobs),
+        ]
+        for ok, message, value in checks:
+            if not ok:
+                raise ValueError(f"{message}, got {value!r}")
+        return self
+
+    def check_vocab(self, vocab_size: int) -> "SamplingParams":
+        """The checks that need the model's vocabulary size (ValueError); returns self."""
+        if self.top_k > vocab_size:
+            raise ValueError(f"top_k must be at most the vocabulary size ({vocab_size}), got {self.top_k}")
+        bad = [k for k, _ in self.logit_bias if k >= vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
         return self
 
     @property
     def is_greedy(self) -> bool:
         """True when the token is the argmax (temperature 0): no randomness."""
         return self.temperature == 0
+
+    @property
+    def counts_generated(self) -> bool:
+        """True when the row needs the counts of its generated tokens (presence/frequency)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 # -- per-batch parameters ------------------------------------------------------
@@ -144,7 +243,7 @@ class BatchParams:
     Build it with `BatchParams.build(params)` whenever the batch composition
     changes; reuse it for every step in between. Row i of every array belongs
     to params[i]. The flags are plain Python values read on the host, so
-    deciding which filters to run costs no device sync.
+    deciding which processors to run costs no device sync.
     """
 
     temperature: Array  # (B,) float32; 0 = greedy row
@@ -152,13 +251,20 @@ class BatchParams:
     top_p: Array  # (B,) float32; 1 = off
     min_p: Array  # (B,) float32; 0 = off
     repetition_penalty: Array  # (B,) float32; 1 = off
+    presence_penalty: Array  # (B,) float32; 0 = off
+    frequency_penalty: Array  # (B,) float32; 0 = off
+    bias_ids: Array  # (B, W) int32: each row's logit_bias ids, padded by repeating an entry
+    bias_values: Array  # (B, W) float32: the biases (padding adds 0 to token 0 or repeats an entry)
     size: int
     all_greedy: bool
     any_greedy: bool
     any_top_p: bool
     any_min_p: bool
     any_penalty: bool
+    any_counts: bool  # some row has a presence or frequency penalty
     any_logprobs: bool
+    bias_width: int  # W where some row has a logit_bias, else 0
+    top_n: int  # the largest top_logprobs of the batch (0 = none)
     top_k_values: tuple[int, ...]  # host copy, to size the top-k work once V is known
     _kmax: dict = field(default_factory=dict, repr=False)
 
@@ -179,20 +285,31 @@ class BatchParams:
         def on(pred):
             return any(s and pred(p) for s, p in zip(sampling, params))
 
+        def col(values, dtype=f32):
+            return mx.array(np.array(list(values), dtype))
+
+        top_k = tuple(min(p.top_k, MAX_INDEX) if s else 0 for s, p in zip(sampling, params))
+        bias_ids, bias_values = _bias_table(params)
         return cls(
-            temperature=mx.array(np.array([p.temperature for p in params], f32)),
-            top_k=mx.array(np.array([p.top_k if s else 0 for s, p in zip(sampling, params)], np.int32)),
-            top_p=mx.array(np.array([p.top_p if s else 1.0 for s, p in zip(sampling, params)], f32)),
-            min_p=mx.array(np.array([p.min_p if s else 0.0 for s, p in zip(sampling, params)], f32)),
-            repetition_penalty=mx.array(np.array([p.repetition_penalty for p in params], f32)),
+            temperature=col(p.temperature for p in params),
+            top_k=col(top_k, np.int32),
+            top_p=col(max(p.top_p, TOP_P_FLOOR) if s else 1.0 for s, p in zip(sampling, params)),
+            min_p=col(p.min_p if s else 0.0 for s, p in zip(sampling, params)),
+            repetition_penalty=col(p.repetition_penalty for p in params),
+            presence_penalty=col(p.presence_penalty for p in params),
+            frequency_penalty=col(p.frequency_penalty for p in params),
+            bias_ids=mx.array(bias_ids), bias_values=mx.array(bias_values),
             size=len(params),
             all_greedy=not any(sampling),
             any_greedy=not all(sampling),
             any_top_p=on(lambda p: p.top_p < 1.0),
             any_min_p=on(lambda p: p.min_p > 0.0),
             any_penalty=any(p.repetition_penalty != 1.0 for p in params),
+            any_counts=any(p.counts_generated for p in params),
             any_logprobs=any(p.logprobs for p in params),
-            top_k_values=tuple(p.top_k if s else 0 for s, p in zip(sampling, params)),
+            bias_width=bias_ids.shape[1] if any(p.logit_bias for p in params) else 0,
+            top_n=max(p.top_logprobs for p in params),
+            top_k_values=top_k,
         )
 
     def kmax(self, vocab_size: int) -> int:
@@ -202,6 +319,32 @@ class BatchParams:
             k = max((v for v in self.top_k_values if 0 < v < vocab_size), default=0)
             self._kmax[vocab_size] = k
         return k
+
+    def arrays(self) -> tuple[Array, ...]:
+        """The per-row arrays, in the order the step function takes them."""
+        return (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
+                self.presence_penalty, self.frequency_penalty, self.bias_ids, self.bias_values)
+
+    def close(self) -> None:
+        for a in self.arrays():
+            a.close()
+
+
+def _bias_table(params: Sequence[SamplingParams]) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's logit_bias as (B, W) ids and values, W a power of two (few compiled widths).
+
+    A sparse table, not a dense (B, V) one: rebuilt whenever the batch changes,
+    it costs B * W, not B * V. Padding repeats a row's first entry (the same
+    value written twice) or adds 0 to token 0, so the scatter is exact."""
+    width = 1 << max(0, max(len(p.logit_bias) for p in params) - 1).bit_length()
+    ids = np.zeros((len(params), width), np.int32)
+    values = np.zeros((len(params), width), np.float32)
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            pairs = list(p.logit_bias) + [p.logit_bias[0]] * (width - len(p.logit_bias))
+            ids[i] = [k for k, _ in pairs]
+            values[i] = [v for _, v in pairs]
+    return ids, values
 
 
 # -- keys -----------------------------------------------------------------------
@@ -228,7 +371,17 @@ def make_keys(seeds: Sequence[int | None]) -> Array:
     return mx.array(np.stack([key_from_seed(s) for s in seeds]).reshape(-1, 2))
 
 
-# -- history --------------------------------------------------------------------
+# -- history and counts -------------------------------------------------------------
+
+def _check_ids(token_ids: Sequence[Sequence[int]], vocab_size: int, what: str) -> list[np.ndarray]:
+    rows = []
+    for i, ids in enumerate(token_ids):
+        ids = np.asarray(list(ids), dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"{what} row {i} has token ids outside [0, {vocab_size})")
+        rows.append(ids)
+    return rows
+
 
 def make_history(token_ids: Sequence[Sequence[int]], vocab_size: int) -> Array:
     """The repetition-penalty history: a (B, V) bool mask, True where row b's
@@ -240,12 +393,19 @@ def make_history(token_ids: Sequence[Sequence[int]], vocab_size: int) -> Array:
     duplicate or padding ids); the per-step update is a scatter of B values,
     done by `sample` itself. It costs B*V bytes (32 rows x 152k = 4.9 MB)."""
     mask = np.zeros((len(token_ids), int(vocab_size)), dtype=np.bool_)
-    for i, ids in enumerate(token_ids):
-        ids = np.asarray(list(ids), dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-            raise ValueError(f"history row {i} has token ids outside [0, {vocab_size})")
+    for i, ids in enumerate(_check_ids(token_ids, vocab_size, "history")):
         mask[i, ids] = True
     return mx.array(mask)
+
+
+def make_counts(generated: Sequence[Sequence[int]], vocab_size: int) -> Array:
+    """The presence/frequency-penalty state: (B, V) int32, how often row b has
+    generated each token (a fixed shape, like the history; `sample` adds each
+    step's tokens)."""
+    counts = np.zeros((len(generated), int(vocab_size)), dtype=np.int32)
+    for i, ids in enumerate(_check_ids(generated, vocab_size, "counts")):
+        counts[i] = np.bincount(ids, minlength=int(vocab_size))
+    return mx.array(counts)
 
 
 # -- the math (traced by mx.transforms.compile) ---------------------------------
@@ -315,6 +475,18 @@ def apply_repetition_penalty(x: Array, history: Array, penalty: Array) -> Array:
     return _ops.where(history, _ops.where(x < 0, x * p, x / p), x)
 
 
+def apply_presence_frequency(x: Array, counts: Array, presence: Array, frequency: Array) -> Array:
+    """OpenAI's penalties for every row at once: x - presence * (count > 0) - frequency * count.
+    Rows with both penalties 0 are unchanged exactly (x - 0 - 0 == x)."""
+    c = counts.astype(mx.float32)
+    return x - presence[:, None] * (c > 0).astype(mx.float32) - frequency[:, None] * c
+
+
+def apply_logit_bias(x: Array, ids: Array, values: Array) -> Array:
+    """Adds each row's biases at its ids ((B, W) tables from `BatchParams`)."""
+    return _ops.put_along_axis(x, ids, _ops.take_along_axis(x, ids, -1) + values, -1)
+
+
 def _neg_inf(x: Array) -> Array:
     return mx.array(-math.inf, x.dtype)
 
@@ -354,48 +526,101 @@ def _filter_mask_threshold(x: Array, top_k: Array, top_p: Array, kmode: str, kma
     return tau
 
 
-def _make_step(sampling: bool, greedy_on: bool, kmode: str, kmax: int, top_p_on: bool, min_p_on: bool,
-               penalty_on: bool, has_history: bool, logprobs_on: bool):
+class _Config(NamedTuple):
+    """What a compiled step contains: host flags only (a new value, a new trace)."""
+
+    sampling: bool  # some row draws
+    greedy_on: bool  # some row takes the argmax
+    kmode: str  # "none" | "topk" | "sort"
+    kmax: int
+    top_p_on: bool
+    min_p_on: bool
+    penalty_on: bool  # repetition penalty
+    has_history: bool
+    counts_on: bool  # presence / frequency penalties
+    has_counts: bool
+    bias_on: bool
+    logprobs_on: bool
+    top_n: int
+
+
+def _adjust(raw: Array, c: _Config, rows: tuple, history: Array | None, counts: Array | None) -> Array:
+    """Bias, then the penalties: the logits every row (greedy or not) chooses from."""
+    penalty, presence, frequency, bias_ids, bias_values = rows[4:]
+    x = raw
+    if c.bias_on:
+        x = apply_logit_bias(x, bias_ids, bias_values)
+    if c.penalty_on:
+        x = apply_repetition_penalty(x, history, penalty)
+    if c.counts_on:
+        x = apply_presence_frequency(x, counts, presence, frequency)
+    return x
+
+
+def _draw(x: Array, keys: Array, c: _Config, rows: tuple, greedy_tok: Array | None) -> Array:
+    """Temperature, the filters and a Gumbel-max draw per row; greedy rows keep their argmax."""
+    temperature, top_k, top_p, min_p = rows[:4]
+    greedy_row = temperature <= 0.0
+    # Greedy rows divide by 1 (their draw is discarded). Temperatures
+    # below 1e-6 act as 1e-6, so x / t stays finite (and near-greedy).
+    t = _ops.where(greedy_row, mx.array(1.0, mx.float32), _ops.maximum(temperature, 1e-6))
+    x = x / t[:, None]
+    if c.kmode != "none":
+        tau = _filter_mask_threshold(x, top_k, top_p if c.top_p_on else None, c.kmode, c.kmax)
+        x = _ops.where(x >= tau, x, _neg_inf(x))
+    if c.min_p_on:
+        # p_j >= min_p * p_max  <=>  x_j - x_max >= log(min_p); log(0) = -inf keeps all.
+        x_max = _ops.max(x, axis=-1, keepdims=True)
+        x = _ops.where(x - x_max >= _ops.log(min_p)[:, None], x, _neg_inf(x))
+    drawn = _ops.argmax(x + _gumbel(keys, x.shape[1]), axis=-1)
+    return drawn if greedy_tok is None else _ops.where(greedy_row, greedy_tok, drawn)
+
+
+def _logprobs(raw: Array, tok: Array, c: _Config) -> tuple[Array, Array | None, Array | None]:
+    """The chosen tokens' log-probabilities and the top_n (ids, log-probabilities),
+    best first, all under the model's distribution (log_softmax of the raw logits):
+    what the model "thinks" of a token, comparable across sampling settings."""
+    b, vocab = raw.shape
+    if not c.logprobs_on:
+        return _ops.zeros((b,), mx.float32), None, None
+    lse = _ops.logsumexp(raw, axis=-1)
+    lp = _ops.take_along_axis(raw, tok[:, None], -1)[:, 0] - lse
+    if not c.top_n:
+        return lp, None, None
+    n = min(c.top_n, vocab)
+    # argpartition finds the n largest in O(V); only those n are sorted.
+    ids = _ops.argpartition(raw, vocab - n, axis=-1)[:, vocab - n:]
+    vals = _ops.take_along_axis(raw, ids, -1)
+    order = _ops.argsort(-vals, axis=-1)
+    ids = _ops.take_along_axis(ids, order, -1).astype(mx.int32)
+    return lp, ids, _ops.take_along_axis(vals, order, -1) - lse[:, None]
+
+
+def _count(counts: Array, tok: Array) -> Array:
+    col = tok[:, None]
+    return _ops.put_along_axis(counts, col, _ops.take_along_axis(counts, col, -1) + 1, -1)
+
+
+def _make_step(c: _Config):
     """The step function for one combination of host flags (all static)."""
 
-    def step(logits, keys, temperature, top_k, top_p, min_p, penalty, history):
+    def step(logits, keys, rows, history, counts):
         raw = logits.astype(mx.float32)
-        b, vocab = raw.shape
-        x = raw
-        if penalty_on:
-            x = apply_repetition_penalty(x, history, penalty)
-        greedy_tok = _ops.argmax(x, axis=-1) if greedy_on else None
-        if sampling:
-            greedy_row = temperature <= 0.0
-            # Greedy rows divide by 1 (their draw is discarded). Temperatures
-            # below 1e-6 act as 1e-6, so x / t stays finite (and near-greedy).
-            t = _ops.where(greedy_row, mx.array(1.0, mx.float32), _ops.maximum(temperature, 1e-6))
-            x = x / t[:, None]
-            if kmode != "none":
-                tau = _filter_mask_threshold(x, top_k, top_p if top_p_on else None, kmode, kmax)
-                x = _ops.where(x >= tau, x, _neg_inf(x))
-            if min_p_on:
-                # p_j >= min_p * p_max  <=>  x_j - x_max >= log(min_p); log(0) = -inf keeps all.
-                x_max = _ops.max(x, axis=-1, keepdims=True)
-                x = _ops.where(x - x_max >= _ops.log(min_p)[:, None], x, _neg_inf(x))
-            drawn = _ops.argmax(x + _gumbel(keys, vocab), axis=-1)
-            tok = drawn if greedy_tok is None else _ops.where(greedy_row, greedy_tok, drawn)
+        x = _adjust(raw, c, rows, history, counts)
+        greedy_tok = _ops.argmax(x, axis=-1) if c.greedy_on else None
+        if c.sampling:
+            tok = _draw(x, keys, c, rows, greedy_tok)
             next_keys = advance_keys(keys)
         else:
             tok = greedy_tok
             next_keys = keys  # no row draws: keys only matter to sampling rows
         tok = tok.astype(mx.int32)
-        if logprobs_on:
-            # The model's distribution (log_softmax of the raw logits), not the
-            # penalised/filtered one the token was drawn from: that is what the
-            # model "thinks" of the token, comparable across sampling settings.
-            lse = _ops.logsumexp(raw, axis=-1)
-            lp = _ops.take_along_axis(raw, tok[:, None], -1)[:, 0] - lse
-        else:
-            lp = _ops.zeros((b,), mx.float32)
-        if has_history:
+        lp, top_ids, top_lps = _logprobs(raw, tok, c)
+        if c.has_history:
             history = _ops.put_along_axis(history, tok[:, None], mx.array(True), -1)
-        return tok, lp, next_keys, history
+        if c.has_counts:
+            counts = _count(counts, tok)
+        return tok, lp, next_keys, history, counts, top_ids, top_lps
 
     return step
 
@@ -410,28 +635,13 @@ class SampleOutput(NamedTuple):
     logprobs: Array  # (B,) float32; zeros unless some row asked for logprobs
     keys: Array  # (B, 2) uint32: the keys for the next step
     history: Array | None  # the history with this step's tokens added (None if none given)
+    counts: Array | None  # the counts with this step's tokens added (None if none given)
+    top_ids: Array | None  # (B, n) int32, best first, n = min(params.top_n, V); None if top_n is 0
+    top_logprobs: Array | None  # (B, n) float32, the log-probabilities of top_ids
 
 
-def sample(logits: Array, params: BatchParams, keys: Array, history: Array | None = None, *,
-           compile: bool = True) -> SampleOutput:
-    """Samples one token per row of `logits` (B, V), float32 or bfloat16.
-
-    `params` holds row i's options; `keys` (B, 2) uint32 row i's PRNG key (see
-    `make_keys`); `history` an optional (B, V) bool mask of tokens seen so far
-    (see `make_history`), needed when a row has a repetition penalty. Returns
-    the tokens, their log-probabilities under the raw logits, the keys to pass
-    next step and the updated history. Greedy rows (temperature 0) take the
-    argmax of the penalised logits.
-
-    Nothing is read back: the work is a handful of batched ops. Which filters
-    run is decided on the host from `params` (no sort at all unless a row
-    uses top-k or top-p; a top_k-only batch sorts just the max(top_k) largest
-    values). With `compile` (the default) the step is compiled once per
-    combination of the batch's flags (and per shape) and replayed as a few
-    fused kernels; compiled and eager steps give the same tokens. (On MLX's
-    CPU backend the first use of a new graph runs the system C++ compiler
-    for its fused kernels, seconds, then cached on disk by MLX; the compiled
-    step is ~1.5x faster there than the eager one.)"""
+def _check_shapes(logits: Array, params: BatchParams, keys: Array, history: Array | None,
+                  counts: Array | None) -> None:
     shape = logits.shape
     if len(shape) != 2:
         raise ValueError(f"logits must have shape (batch, vocab), got {shape}")
@@ -442,9 +652,14 @@ def sample(logits: Array, params: BatchParams, keys: Array, history: Array | Non
         raise ValueError(f"keys must have shape ({b}, 2), got {keys.shape}")
     if params.any_penalty and history is None:
         raise ValueError("a row has a repetition penalty: pass its history (see make_history)")
-    if history is not None and history.shape != (b, vocab):
-        raise ValueError(f"history must have shape ({b}, {vocab}), got {history.shape}")
+    if params.any_counts and counts is None:
+        raise ValueError("a row has a presence or frequency penalty: pass its counts (see make_counts)")
+    for name, a in (("history", history), ("counts", counts)):
+        if a is not None and a.shape != (b, vocab):
+            raise ValueError(f"{name} must have shape ({b}, {vocab}), got {a.shape}")
 
+
+def _config(params: BatchParams, vocab: int, has_history: bool, has_counts: bool) -> _Config:
     sampling = not params.all_greedy
     kmax = params.kmax(vocab) if sampling else 0
     top_p_on = sampling and params.any_top_p
@@ -454,13 +669,145 @@ def sample(logits: Array, params: BatchParams, keys: Array, history: Array | Non
         kmode = "topk"
     else:
         kmode = "none"
-    config = (sampling, params.any_greedy, kmode, kmax if kmode == "topk" else 0, top_p_on,
-              sampling and params.any_min_p, params.any_penalty, history is not None, params.any_logprobs)
-    args = (logits, keys, params.temperature, params.top_k, params.top_p, params.min_p,
-            params.repetition_penalty, history)
+    return _Config(sampling, params.any_greedy, kmode, kmax if kmode == "topk" else 0, top_p_on,
+                   sampling and params.any_min_p, params.any_penalty, has_history, params.any_counts, has_counts,
+                   params.bias_width > 0, params.any_logprobs or params.top_n > 0, params.top_n)
+
+
+def sample(logits: Array, params: BatchParams, keys: Array, history: Array | None = None,
+           counts: Array | None = None, *, compile: bool = True) -> SampleOutput:
+    """Samples one token per row of `logits` (B, V), float32 or bfloat16.
+
+    `params` holds row i's options; `keys` (B, 2) uint32 row i's PRNG key (see
+    `make_keys`); `history` an optional (B, V) bool mask of tokens seen so far
+    (see `make_history`), needed when a row has a repetition penalty; `counts`
+    an optional (B, V) int32 count of generated tokens (see `make_counts`),
+    needed when a row has a presence or frequency penalty. Returns the
+    tokens, their log-probabilities under the raw logits, the top
+    log-probabilities when a row asks for them, the keys to pass next step and
+    the updated history and counts. Greedy rows (temperature 0) take the
+    argmax of the biased and penalised logits.
+
+    Nothing is read back: the work is a handful of batched ops. Which
+    processors run is decided on the host from `params` (no sort at all unless
+    a row uses top-k or top-p; a top_k-only batch sorts just the max(top_k)
+    largest values; no bias, penalty or top-logprob work unless a row asks).
+    With `compile` (the default) the step is compiled once per combination of
+    the batch's flags (and per shape) and replayed as a few fused kernels;
+    compiled and eager steps give the same tokens. (On MLX's CPU backend the
+    first use of a new graph runs the system C++ compiler for its fused
+    kernels, seconds, then cached on disk by MLX; the compiled step is ~1.5x
+    faster there than the eager one.)"""
+    _check_shapes(logits, params, keys, history, counts)
+    config = _config(params, logits.shape[1], history is not None, counts is not None)
+    args = (logits, keys, params.arrays(), history, counts)
     if not compile:
-        return SampleOutput(*_make_step(*config)(*args))
+        return SampleOutput(*_make_step(config)(*args))
     fn = _STEPS.get(config)
     if fn is None:
-        fn = _STEPS[config] = mx.transforms.compile(_make_step(*config))
+        fn = _STEPS[config] = mx.transforms.compile(_make_step(config))
     return SampleOutput(*fn(*args))
+
+
+# -- the engine's per-request and per-batch sampling state ---------------------------
+
+class RowSampling:
+    """One request's sampling state on the host: its options, its PRNG key and its
+    token history (prompt, then generated ids), from which a batch's device state
+    is rebuilt whenever the batch changes."""
+
+    def __init__(self, options: "GenerationOptions", prompt: list[int]):
+        self.params = SamplingParams.from_options(options)
+        self.key = key_from_seed(options.seed)
+        self.history = list(prompt)  # prompt and generated ids (repetition penalty)
+        self.prompt_len = len(self.history)
+
+    def observe(self, token_id: int) -> None:
+        self.history.append(token_id)
+
+    @property
+    def generated(self) -> list[int]:
+        """The ids generated so far (presence and frequency penalties count these)."""
+        return self.history[self.prompt_len:]
+
+
+class StepSample(NamedTuple):
+    """One step's results for the rows of a `BatchSampling` (device arrays)."""
+
+    tokens: Array  # (B,) int32
+    logprobs: Array  # (B,) float32
+    top_ids: Array | None  # (B, n) int32 best first, when some row asked for top_logprobs
+    top_logprobs: Array | None  # (B, n) float32
+
+    def arrays(self) -> list[Array]:
+        """The arrays to evaluate."""
+        return [a for a in self if a is not None]
+
+    def read(self) -> tuple[list[int], list[float], list[list[tuple[int, float]]] | None]:
+        """Reads the step back (waits for the device): ids, logprobs, and each row's
+        (id, logprob) pairs best first (None when no row asked for top_logprobs).
+        A row keeps its own `top_logprobs` first pairs of its list."""
+        ids, lps = self.tokens.tolist(), self.logprobs.tolist()
+        if self.top_ids is None:
+            return ids, lps, None
+        return ids, lps, [list(zip(i, p)) for i, p in zip(self.top_ids.tolist(), self.top_logprobs.tolist())]
+
+
+class BatchSampling:
+    """The device-side sampling state of an ordered list of rows.
+
+    Each request owns a `RowSampling`; a `BatchSampling` stacks the rows' state
+    into device arrays when the batch is formed and evolves it step by step on
+    the device (keys advance, sampled tokens join the history and the counts)
+    with no host sync; `sync_back` returns the keys to the rows before the batch
+    changes, so a request's random stream depends only on its seed and how many
+    tokens it has drawn, whatever it was batched with."""
+
+    def __init__(self, rows: list[RowSampling]):
+        self.rows = rows
+        self.params = BatchParams.build([r.params for r in rows])
+        self.keys = mx.array(np.stack([r.key for r in rows]))
+        # made on the first step, when the vocabulary size is known
+        self.history: Array | None = None
+        self.counts: Array | None = None
+
+    def __call__(self, logits: Array, selected: list[int] | None = None) -> StepSample:
+        """Samples one token per row of logits (B, V). Rows not in `selected`
+        (paused rows) keep their state; their tokens are to be ignored."""
+        vocab = logits.shape[1]
+        if self.params.any_penalty and self.history is None:
+            self.history = make_history([r.history for r in self.rows], vocab)
+        if self.params.any_counts and self.counts is None:
+            self.counts = make_counts([r.generated for r in self.rows], vocab)
+        out = sample(logits, self.params, self.keys, self.history, self.counts)
+        new = [out.keys, out.history, out.counts]
+        if selected is not None and len(selected) < len(self.rows):
+            mask = np.zeros((len(self.rows), 1), dtype=np.bool_)
+            mask[selected] = True
+            m = mx.array(mask)
+            old = [self.keys, self.history, self.counts]
+            new = [None if a is None else _ops.where(m, a, b) for a, b in zip(new, old)]
+        self.keys, self.history, self.counts = new
+        return StepSample(out.tokens, out.logprobs, out.top_ids, out.top_logprobs)
+
+    def state(self) -> list[Array]:
+        return [a for a in (self.keys, self.history, self.counts) if a is not None]
+
+    def snapshot(self) -> tuple:
+        """The state as it is now, for `rewind` (before a step that may fail to launch)."""
+        return self.keys, self.history, self.counts
+
+    def rewind(self, snapshot: tuple) -> None:
+        """Back to a `snapshot`: a step that never ran must not advance the rows' keys."""
+        self.keys, self.history, self.counts = snapshot
+
+    def sync_back(self) -> None:
+        """Stores each row's current key on its request (reads the device)."""
+        for row, key in zip(self.rows, self.keys.numpy()):
+            row.key = key
+
+    def close(self) -> None:
+        for a in self.state():
+            a.close()
+        self.params.close()
+        self.history = self.counts = None

@@ -1,20 +1,41 @@
-"""Public result types and generation options."""
+"""Public result types, generation options and the typed dictionaries of the API.
+
+`GenerateOptions` (a TypedDict) is what `Model.generate(prompt, **options)` and
+friends accept, so a type checker flags a misspelled option; `GenerationOptions`
+is the same set validated at run time (`ValueError` naming the option), the
+form the engine works with. `EngineStats` / `MemoryStats` type `stats()` and
+`amlx.memory()`.
+"""
 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Union
+
+from typing_extensions import TypedDict
+
+# Bounds of the options that are not sampling parameters (those live in amlx.sample).
+MAX_TOKENS_LIMIT = 2**31 - 1  # token counts are int32 on the device
+MAX_BUFFER_LIMIT = 1 << 16  # tokens a request may hold unread before it is paused
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256  # characters; stop matching rescans this much text per token
 
 
 @dataclass(frozen=True, slots=True)
 class Token:
     """One generated token. `finish_reason` is None, except on the last token of
-    a stream: "stop" (EOS or a stop string) or "length" (max_tokens or context)."""
+    a stream: "stop" (EOS or a stop string) or "length" (max_tokens or context).
+    `logprob` is set when the request asked for `logprobs`; `top_logprobs`, when
+    it asked for `top_logprobs=n`, holds the n most likely (id, logprob) pairs
+    of the model's distribution at this step, best first."""
 
     id: int
     text: str
     logprob: float | None = None
     finish_reason: str | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +57,60 @@ class Completion:
     finish_reason: str
     usage: Usage
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, when asked for
+
+
+class GenerateOptions(TypedDict, total=False):
+    """The keyword options of `generate` / `complete` (all optional), for type checkers.
+
+    Run-time validation and the defaults are `GenerationOptions`'s."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: Optional[Mapping[int, float]]
+    stop: Union[str, Sequence[str]]
+    seed: Optional[int]
+    logprobs: bool
+    top_logprobs: int
+    max_buffer: int
+
+
+class MemoryStats(TypedDict):
+    """MLX memory counters in bytes (`amlx.memory()`)."""
+
+    active: int
+    peak: int
+    cache: int
+
+
+class EngineStats(TypedDict):
+    """`Model.stats()`: requests, counters, the recent decoding rate and MLX memory."""
+
+    active_requests: int
+    waiting_requests: int
+    tokens_generated: int
+    decode_steps: int
+    tokens_per_second: float
+    memory: MemoryStats
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """The options of `generate`/`complete`, validated up front (ValueError)."""
+    """The options of `generate`/`complete`, validated on construction (ValueError).
+
+    The sampling options are checked by `amlx.sample.SamplingParams` (one place
+    for their bounds); `check_vocab` adds the checks that need the model's
+    vocabulary size (top_k, logit_bias ids), which the engine runs on submit."""
 
     max_tokens: int = 256
     temperature: float = 0.0
@@ -52,9 +122,18 @@ class GenerationOptions:
     seed: int | None = None
     logprobs: bool = False
     max_buffer: int = 16
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | None = None
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        self._validate()
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> "GenerationOptions":
+    def from_kwargs(cls, vocab_size: int | None = None, /, **kwargs: Any) -> "GenerationOptions":
+        """Options from `generate`'s keyword arguments: TypeError for an unknown
+        name, ValueError for a bad value. With `vocab_size`, also `check_vocab`."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -62,31 +141,46 @@ class GenerationOptions:
         stop = kwargs.get("stop", ())
         if isinstance(stop, str):
             stop = (stop,)
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        if not isinstance(stop, (list, tuple)):
             raise ValueError("stop must be a string or a sequence of non-empty strings")
         kwargs["stop"] = tuple(stop)
+        bias = kwargs.get("logit_bias")
+        if isinstance(bias, Mapping):
+            kwargs["logit_bias"] = dict(bias)  # the caller's dict may change later
         opts = cls(**kwargs)
-        opts._validate()
+        if vocab_size is not None:
+            opts.check_vocab(vocab_size)
         return opts
 
     def _validate(self) -> None:
-        def is_int(v):
-            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, numbers.Real) and not isinstance(v, bool)
+        from amlx.sample import SamplingParams  # the sampler owns the sampling bounds
 
         checks = [
-            (is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens must be an integer >= 1"),
-            (is_num(self.temperature) and self.temperature >= 0, "temperature must be a number >= 0"),
-            (is_num(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 disables it)"),
-            (is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (self.seed is None or is_int(self.seed), "seed must be an integer or None"),
-            (isinstance(self.logprobs, bool), "logprobs must be True or False"),
-            (is_int(self.max_buffer) and self.max_buffer >= 1, "max_buffer must be an integer >= 1"),
+            (_is_int(self.max_tokens) and 1 <= self.max_tokens <= MAX_TOKENS_LIMIT,
+             f"max_tokens must be an integer in [1, {MAX_TOKENS_LIMIT}]", self.max_tokens),
+            (_is_int(self.max_buffer) and 1 <= self.max_buffer <= MAX_BUFFER_LIMIT,
+             f"max_buffer must be an integer in [1, {MAX_BUFFER_LIMIT}]", self.max_buffer),
+            (isinstance(self.stop, tuple) and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH
+                                                  for s in self.stop),
+             f"stop must be a string or a sequence of non-empty strings of at most {MAX_STOP_LENGTH} characters",
+             self.stop),
+            (isinstance(self.stop, tuple) and len(self.stop) <= MAX_STOP_STRINGS,
+             f"stop takes at most {MAX_STOP_STRINGS} strings", self.stop),
         ]
-        for ok, message in checks:
+        for ok, message, value in checks:
             if not ok:
-                raise ValueError(message)
+                raise ValueError(f"{message}, got {_short(value)}")
+        SamplingParams.from_options(self)
+
+    def check_vocab(self, vocab_size: int) -> "GenerationOptions":
+        """The checks that need the model's vocabulary size: top_k <= vocab_size and
+        logit_bias ids inside the vocabulary (ValueError). Returns self."""
+        from amlx.sample import SamplingParams
+
+        SamplingParams.from_options(self).check_vocab(vocab_size)
+        return self
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -452,3 +452,254 @@ def test_shape_errors():
         sample(arr(np.zeros((2, 4), np.float32)), bp, make_keys([0]))
     with pytest.raises(ValueError, match="shape"):
         sample(arr(np.zeros((2, 1, 4), np.float32)), bp, make_keys([0, 1]))
+
+
+# -- logit_bias, presence / frequency penalties, top_logprobs --------------------------------
+
+def penalised_np(x: np.ndarray, p: SamplingParams, prompt: list[int], generated: list[int]) -> np.ndarray:
+    """The numpy reference of the processing before the draw, in the documented
+    order: logit_bias, repetition penalty (prompt and output), then OpenAI's
+    presence and frequency penalties on the generated tokens only."""
+    x = x.astype(np.float32).copy()
+    for k, v in p.logit_bias:
+        x[k] += np.float32(v)
+    seen = np.zeros(x.shape, bool)
+    seen[list(prompt) + list(generated)] = True
+    pen = np.float32(p.repetition_penalty)
+    x = np.where(seen, np.where(x < 0, x * pen, x / pen), x).astype(np.float32)
+    counts = np.bincount(np.asarray(generated, np.int64), minlength=x.size).astype(np.float32)
+    return (x - np.float32(p.presence_penalty) * (counts > 0) - np.float32(p.frequency_penalty) * counts
+            ).astype(np.float32)
+
+
+def run_rows(logits_steps, params, prompts, *, compile=False):
+    """Steps a batch through `BatchSampling` (keys, history and counts carried on the
+    device) and returns tokens (S, B), logprobs (S, B) and each step's top lists."""
+    from amlx.sample import BatchSampling, RowSampling
+    from amlx.types import GenerationOptions
+
+    rows = []
+    for p, prompt in zip(params, prompts):
+        opts = GenerationOptions(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+                                 repetition_penalty=p.repetition_penalty, seed=p.seed, logprobs=p.logprobs,
+                                 presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                                 logit_bias=dict(p.logit_bias), top_logprobs=p.top_logprobs)
+        rows.append(RowSampling(opts, prompt))
+    bs = BatchSampling(rows)
+    toks, lps, tops = [], [], []
+    try:
+        for logits in logits_steps:
+            step = bs(arr(logits, mx.float32))
+            ids, lp, top = step.read()
+            for r, t in zip(rows, ids):
+                r.observe(t)
+            toks.append(ids)
+            lps.append(lp)
+            tops.append(top)
+    finally:
+        bs.close()
+    return np.array(toks), np.array(lps), tops
+
+
+def test_logit_bias_matches_transformers_sequence_bias():
+    torch = pytest.importorskip("torch")
+    from transformers.generation.logits_process import SequenceBiasLogitsProcessor
+
+    rng = np.random.default_rng(11)
+    B, V = 4, 40
+    x = rng.normal(size=(B, V)).astype(np.float32) * 2
+    biases = [{3: 5.0, 7: -100.0, int(x[0].argmax()): -3.5}, {}, {0: 100.0}, {int(x[3].argmax()): -1.25, 39: 2.0}]
+    params = [SP(logit_bias=b) for b in biases]
+    bp = BatchParams.build(params)
+    from amlx.sample import apply_logit_bias
+
+    got = apply_logit_bias(arr(x), bp.bias_ids, bp.bias_values).numpy()
+    for b in range(B):
+        ref = x[b:b + 1]
+        if biases[b]:
+            proc = SequenceBiasLogitsProcessor(sequence_bias=[[[k], v] for k, v in biases[b].items()])
+            ref = proc(torch.zeros((1, 1), dtype=torch.long), torch.tensor(x[b:b + 1])).numpy()
+        np.testing.assert_array_equal(got[b], ref[0])
+    out = sample(arr(x), bp, make_keys(range(B)))
+    assert out.tokens.tolist() == [int(np.argmax(got[b])) for b in range(B)]
+    assert out.tokens.tolist()[2] == 0  # +100 forces a token
+
+
+def test_presence_and_frequency_penalties_match_numpy_over_steps():
+    """Greedy rows over 12 steps: every step's token is the argmax of the numpy
+    reference, with counts of the generated tokens carried on the device (the
+    prompt does not count for these penalties, only for the repetition penalty)."""
+    rng = np.random.default_rng(12)
+    B, V, S = 6, 24, 12
+    # Few strong favourites, so the penalties keep changing the argmax.
+    base = rng.normal(size=(B, V)).astype(np.float32)
+    base[:, :4] += 3.0
+    params = [SP(presence_penalty=0.7), SP(frequency_penalty=0.4), SP(presence_penalty=-0.5, frequency_penalty=1.3),
+              SP(), SP(presence_penalty=2.0, repetition_penalty=1.4, logit_bias={5: 2.5}),
+              SP(frequency_penalty=-2.0, presence_penalty=2.0)]
+    prompts = [[0, 1], [], [2, 2, 3], [1], [0, 5], [3]]
+    steps = [base + rng.normal(size=(B, V)).astype(np.float32) * 0.1 for _ in range(S)]
+    toks, _, _ = run_rows(steps, params, prompts)
+    for b, p in enumerate(params):
+        generated: list[int] = []
+        for s in range(S):
+            ref = penalised_np(steps[s][b], p, prompts[b], generated)
+            assert toks[s, b] == int(np.argmax(ref)), (b, s, p)
+            generated.append(int(toks[s, b]))
+    assert len(set(toks[:, 0].tolist())) > 1 and len(set(toks[:, 3].tolist())) == 1  # the penalty did act
+    from amlx.sample import apply_presence_frequency
+
+    counts = rng.integers(0, 4, size=(B, V)).astype(np.int32)
+    pres, freq = rng.uniform(-2, 2, B).astype(np.float32), rng.uniform(-2, 2, B).astype(np.float32)
+    got = apply_presence_frequency(arr(base), arr(counts), arr(pres), arr(freq)).numpy()
+    want = base - pres[:, None] * (counts > 0) - freq[:, None] * counts
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_sampled_rows_with_bias_and_penalties_stay_in_the_allowed_set():
+    """Sampled rows draw only tokens their filters allow on the processed logits."""
+    rng = np.random.default_rng(13)
+    V, S = 32, 6
+    params = [SP(temperature=0.8, top_k=3, presence_penalty=1.5, frequency_penalty=0.5, logit_bias={4: 3.0}, seed=1),
+              SP(temperature=1.2, top_p=0.5, frequency_penalty=2.0, seed=2),
+              SP(temperature=0.5, min_p=0.3, presence_penalty=-1.0, logit_bias={1: -100.0}, seed=3)]
+    x = rng.normal(size=(len(params), V)).astype(np.float32) * 2
+    toks, _, _ = run_rows([x] * S, params, [[0]] * len(params))
+    for b, p in enumerate(params):
+        generated: list[int] = []
+        for s in range(S):
+            keep = allowed_set(penalised_np(x[b], p, [0], generated), SP(temperature=p.temperature, top_k=p.top_k,
+                                                                      top_p=p.top_p, min_p=p.min_p), None)
+            assert keep[toks[s, b]], (b, s)
+            generated.append(int(toks[s, b]))
+    assert 1 not in toks[:, 2]
+
+
+def test_top_logprobs_are_the_raw_distribution_best_first():
+    rng = np.random.default_rng(14)
+    B, V = 5, 50
+    x = rng.normal(size=(B, V)).astype(np.float32) * 3
+    params = [SP(logprobs=True, top_logprobs=5), SP(), SP(temperature=0.9, seed=4, logprobs=True, top_logprobs=1),
+              SP(logprobs=True, top_logprobs=20, logit_bias={0: 50.0}, presence_penalty=1.0),
+              SP(logprobs=True)]
+    toks, lps, tops = run_rows([x, x], params, [[1, 2]] * B)
+    ref = log_softmax(x)
+    for step in range(2):
+        for b, p in enumerate(params):
+            top = tops[step][b]
+            np.testing.assert_allclose(lps[step, b] if p.logprobs else 0.0,
+                                       ref[b, toks[step, b]] if p.logprobs else 0.0, atol=1e-5)
+            n = p.top_logprobs
+            if not n:
+                continue
+            got = top[:n]
+            order = np.argsort(-ref[b], kind="stable")[:n]
+            assert [i for i, _ in got] == order.tolist()
+            np.testing.assert_allclose([v for _, v in got], ref[b, order], atol=1e-5)
+    assert toks[0, 3] == 0 and tops[0][3][0][0] != 0  # the bias moved the token, not the logprobs
+    assert len(tops[0][0]) == 20  # every row gets the batch's widest list; rows keep their own n
+
+
+def test_top_logprobs_width_is_capped_by_the_vocabulary():
+    x = np.array([[0.0, 1.0, 2.0]], np.float32)
+    out = sample(arr(x), BatchParams.build([SP(logprobs=True, top_logprobs=20)]), make_keys([0]))
+    assert out.top_ids.tolist() == [[2, 1, 0]]
+    np.testing.assert_allclose(out.top_logprobs.numpy()[0], log_softmax(x)[0, [2, 1, 0]], atol=1e-6)
+    plain = sample(arr(x), BatchParams.build([SP(logprobs=True)]), make_keys([0]))
+    assert plain.top_ids is None and plain.top_logprobs is None
+
+
+def test_new_options_do_not_depend_on_the_batch():
+    """A row with bias, penalties and top_logprobs gives the same tokens, logprobs
+    and top lists alone as inside a batch of rows with other (or no) options."""
+    rng = np.random.default_rng(15)
+    V, S = 64, 8
+    mine = SP(temperature=0.9, top_p=0.9, presence_penalty=0.8, frequency_penalty=0.3, logit_bias={7: 4.0, 9: -2.0},
+              seed=21, logprobs=True, top_logprobs=3)
+    plain = SP(temperature=0.7, seed=5)
+    others = [SP(), SP(temperature=1.1, top_k=4, seed=9, logprobs=True, top_logprobs=7),
+              SP(frequency_penalty=-1.0, logit_bias={1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 5.0}), plain]
+    steps = [rng.normal(size=(5, V)).astype(np.float32) * 2 for _ in range(S)]
+    batch_toks, batch_lps, batch_tops = run_rows(steps, others[:2] + [mine] + others[2:], [[3, 4]] * 5)
+    solo_toks, solo_lps, solo_tops = run_rows([s[2:3] for s in steps], [mine], [[3, 4]])
+    np.testing.assert_array_equal(batch_toks[:, 2], solo_toks[:, 0])
+    np.testing.assert_allclose(batch_lps[:, 2], solo_lps[:, 0], atol=1e-6)
+    for s in range(S):
+        assert [i for i, _ in batch_tops[s][2][:3]] == [i for i, _ in solo_tops[s][0]]
+    # and a row with none of the options is unaffected by its neighbours' options
+    plain_toks, _, _ = run_rows([s[4:5] for s in steps], [plain], [[3, 4]])
+    np.testing.assert_array_equal(batch_toks[:, 4], plain_toks[:, 0])
+
+
+def test_paused_rows_keep_their_counts():
+    from amlx.sample import BatchSampling, RowSampling
+    from amlx.types import GenerationOptions
+
+    x = arr(np.array([[5.0, 4.0, 0.0]] * 2, np.float32))
+    rows = [RowSampling(GenerationOptions(frequency_penalty=2.0), []) for _ in range(2)]
+    bs = BatchSampling(rows)
+    try:
+        first = bs(x).tokens.tolist()
+        rows[0].observe(first[0])
+        rows[1].observe(first[1])
+        second = bs(x, selected=[0]).tokens.tolist()  # row 1 paused: its token is dropped
+        rows[0].observe(second[0])
+        assert bs.counts.tolist() == [[1, 1, 0], [1, 0, 0]]
+        third = bs(x).tokens.tolist()
+    finally:
+        bs.close()
+    assert first == [0, 0] and second[0] == 1 and third == [0, 1]
+
+
+def test_compiled_step_with_the_new_options_matches_eager():
+    rng = np.random.default_rng(16)
+    x = rng.normal(size=(3, 40)).astype(np.float32)
+    params = [SP(temperature=0.8, seed=1, presence_penalty=1.0, logit_bias={3: 2.0}, logprobs=True, top_logprobs=4),
+              SP(frequency_penalty=0.5), SP(temperature=1.0, seed=2, top_k=5)]
+    bp = BatchParams.build(params)
+    counts = arr(rng.integers(0, 3, size=(3, 40)).astype(np.int32))
+    a = sample(arr(x), bp, make_keys([1, 2, 3]), None, counts, compile=False)
+    b = sample(arr(x), bp, make_keys([1, 2, 3]), None, counts, compile=True)
+    assert a.tokens.tolist() == b.tokens.tolist() and a.top_ids.tolist() == b.top_ids.tolist()
+    np.testing.assert_allclose(a.top_logprobs.numpy(), b.top_logprobs.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(a.counts.numpy(), b.counts.numpy())
+    with pytest.raises(ValueError, match="counts"):
+        sample(arr(x), bp, make_keys([1, 2, 3]))
+
+
+@pytest.mark.parametrize("top_p", [1e-45, 1e-46, 5e-324, float(np.finfo(np.float32).tiny) / 2])
+def test_top_p_that_underflows_float32_is_greedy(top_p):
+    """Issue 12.8: top_p below float32's range became 0 on the device and every
+    draw returned token 0; it now acts as the smallest top_p (greedy)."""
+    rng = np.random.default_rng(17)
+    x = rng.normal(size=(4, 300)).astype(np.float32)
+    x[:, 0] = -5.0  # token 0 is never the argmax
+    params = [SP(temperature=1.5, top_p=top_p, seed=s) for s in range(4)]
+    toks, _ = run([x] * 6, params)
+    assert (toks == x.argmax(axis=-1)).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(presence_penalty=2.5), "presence_penalty"), (dict(presence_penalty=float("nan")), "presence_penalty"),
+    (dict(frequency_penalty=-2.01), "frequency_penalty"), (dict(frequency_penalty="1"), "frequency_penalty"),
+    (dict(logit_bias={1: 101.0}), "logit_bias"), (dict(logit_bias={-1: 1.0}), "logit_bias"),
+    (dict(logit_bias={"5": 1.0}), "logit_bias"), (dict(logit_bias={1: float("inf")}), "logit_bias"),
+    (dict(logit_bias=[1, 2]), "logit_bias"), (dict(logit_bias=5), "logit_bias"),
+    (dict(logit_bias={2**31: 1.0}), "logit_bias"),
+    (dict(top_logprobs=21), "top_logprobs"), (dict(top_logprobs=-1), "top_logprobs"),
+    (dict(top_logprobs=3), "logprobs=True"), (dict(top_logprobs=2.0, logprobs=True), "top_logprobs"),
+    (dict(top_k=2**31), "top_k"), (dict(temperature=1e9), "temperature"),
+    (dict(repetition_penalty=1e-30), "repetition_penalty"), (dict(repetition_penalty=1e6), "repetition_penalty"),
+])
+def test_bad_new_params_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SP(**kwargs)
+
+
+def test_vocabulary_checks():
+    SP(top_k=50, logit_bias={49: 1.0}).check_vocab(50)
+    with pytest.raises(ValueError, match="top_k"):
+        SP(top_k=51).check_vocab(50)
+    with pytest.raises(ValueError, match="logit_bias token id 50"):
+        SP(logit_bias={50: 1.0}).check_vocab(50)
+    assert SP(logit_bias={9: 1, 2: -3.5}).logit_bias == ((2, -3.5), (9, 1.0))
