@@ -16,6 +16,8 @@ from typing import Any, Optional, Union
 
 from typing_extensions import TypedDict
 
+from amlx.constrain.spec import Constraint, parse_constraint
+
 # Bounds of the options that are not sampling parameters (those live in amlx.sample).
 MAX_TOKENS_LIMIT = 2**31 - 1  # token counts are int32 on the device
 MAX_BUFFER_LIMIT = 1 << 16  # tokens a request may hold unread before it is paused
@@ -79,6 +81,11 @@ class GenerateOptions(TypedDict, total=False):
     logprobs: bool
     top_logprobs: int
     max_buffer: int
+    # structured outputs (at most one; see amlx.constrain)
+    response_format: Optional[Mapping[str, Any]]
+    regex: Optional[str]
+    choice: Optional[Sequence[str]]
+    grammar: Optional[str]
 
 
 class MemoryStats(TypedDict):
@@ -126,15 +133,24 @@ class GenerationOptions:
     frequency_penalty: float = 0.0
     logit_bias: Mapping[int, float] | None = None
     top_logprobs: int = 0
+    # At most one constraint: the text then matches it (amlx.constrain; checked by llguidance
+    # here, so a bad schema, regex or grammar is a ValueError before the request is queued).
+    response_format: Mapping[str, Any] | None = None
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None
+    constraint: Constraint | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._validate()
+        object.__setattr__(self, "constraint", parse_constraint(
+            response_format=self.response_format, regex=self.regex, choice=self.choice, grammar=self.grammar))
 
     @classmethod
     def from_kwargs(cls, vocab_size: int | None = None, /, **kwargs: Any) -> "GenerationOptions":
         """Options from `generate`'s keyword arguments: TypeError for an unknown
         name, ValueError for a bad value. With `vocab_size`, also `check_vocab`."""
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"unknown generation option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
