@@ -2,19 +2,20 @@
 
 from amlx.errors import AmlxError, ClosedError, ContextLengthError, MLXError, ModelLoadError
 from amlx.model import Model, ModelInfo, TokenStream, load, load_sync
-from amlx.types import Completion, GenerationOptions, Token, Usage
+from amlx.types import Completion, EngineStats, GenerateOptions, GenerationOptions, MemoryStats, Token, Usage
 from amlx.convert import convert  # cheap: it imports amlx.models only when called
 
 __version__ = "0.1.0"
 
 
-def memory() -> dict:
+def memory() -> MemoryStats:
     """MLX memory counters in bytes: {"active", "peak", "cache"}."""
     from amlx._mlx import memory as _memory
 
-    return _memory.counters()
+    counters = _memory.counters()
+    return MemoryStats(active=counters["active"], peak=counters["peak"], cache=counters["cache"])
 
 
 __all__ = ["load", "load_sync", "Model", "ModelInfo", "TokenStream", "Token", "Completion", "Usage",
            "GenerationOptions", "AmlxError", "ClosedError", "ContextLengthError", "MLXError", "ModelLoadError", "memory",
-           "convert"]
+           "convert", "GenerateOptions", "EngineStats", "MemoryStats"]

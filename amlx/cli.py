@@ -1,141 +1,226 @@
-"""The `amlx` command line: generate, chat, demo, convert, lora."""
+"""The `amlx` command line: generate, chat, demo, convert, lora.
+
+Each subcommand is registered by an `add_<name>(sub)` function: it builds its
+parser with `add_command` (one help style everywhere: defaults shown, an
+example at the end) and sets `run=` to the function that carries it out.
+`main()` parses and calls `args.run(args)`; a new subcommand is one more
+registration line in `_register`.
+
+Text goes to stdout, everything else (banners, notices, statistics, errors)
+to stderr, so `amlx generate ... > out.txt` captures only the model's words.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
+from typing import Any, Callable
+
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default after its help (unless it has none worth showing);
+    descriptions and examples keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_command(sub: Any, name: str, *, help: str, example: str, description: str | None = None
+                ) -> argparse.ArgumentParser:
+    """A subcommand parser in the house style: `example` (one or more command
+    lines) is shown under "Example:" at the end of `--help`."""
+    lines = "\n".join(f"  {line}" for line in example.strip().splitlines())
+    return sub.add_parser(name, help=help, description=description or help, epilog=f"Example:\n{lines}",
+                          formatter_class=HelpFormatter)
+
+
+def add_model_options(p: argparse.ArgumentParser, *, adapter: bool = True) -> None:
+    """MODEL and the options of loading it."""
+    p.add_argument("model", metavar="MODEL",
+                   help="checkpoint directory (Hugging Face or MLX format) or a Hugging Face model id (org/name), "
+                        "looked up in the local Hugging Face cache and downloaded when missing")
+    if adapter:
+        p.add_argument("--adapter", default=None, metavar="DIR",
+                       help="a LoRA adapter directory (from `amlx lora`, or PEFT) to apply")
+    p.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"], help="where to run")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="float type of the weights (default: the checkpoint's)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    p.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"])
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per reply")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the likeliest one's p")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty on repeated tokens (1: none)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="a stop string (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print prompt tokens, time to first token, tokens/s and peak memory to stderr")
 
 
-def _options(args) -> dict:
+def _reply_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop))
 
 
-async def _generate(args) -> int:
-    import amlx
+# -- generate -------------------------------------------------------------------
 
-    async with await amlx.load(args.model, device=args.device, dtype=args.dtype) as model:
-        prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-        final = None
-        async for tok in model.generate(prompt, **_options(args)):
-            sys.stdout.write(tok.text)
-            sys.stdout.flush()
-            final = tok
-        sys.stdout.write("\n")
-        if args.verbose and final is not None:
-            s = model.stats()
-            print(f"[{final.finish_reason}; {s['tokens_generated']} tokens]", file=sys.stderr)
+def _read_prompt(arg: str) -> str:
+    if arg != "-":
+        return arg
+    text = sys.stdin.read()
+    return text[:-1] if text.endswith("\n") else text  # the newline `echo` and editors add
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from amlx.reply import load_model, report, stream_reply
+
+    text = _read_prompt(args.prompt)
+    with load_model(args) as model:
+        templated = args.chat or (not args.raw and model.tokenizer.chat_template is not None)
+        prompt: Any = [{"role": "user", "content": text}] if templated else text
+        reply = stream_reply(model, prompt, _reply_options(args))
+        if args.verbose:
+            report(reply)
+    return 130 if reply.interrupted else 0
+
+
+def add_generate(sub: Any) -> None:
+    p = add_command(sub, "generate", help="stream a completion of one prompt to stdout",
+                    example='amlx generate Qwen/Qwen3-0.6B "Why is the sky blue?" --max-tokens 128 -v\n'
+                            'echo "Write a haiku about tea" | amlx generate path/to/model -')
+    add_model_options(p)
+    p.add_argument("prompt", metavar="PROMPT", help='the prompt; "-" reads it from stdin')
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--raw", action="store_true",
+                     help="send the prompt as it is (the default for a chat model wraps it in the chat template "
+                          "as the user's message)")
+    how.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)  # the old opt-in, now the default
+    _add_sampling(p)
+    p.set_defaults(run=_generate)
+
+
+# -- chat, demo, convert, lora ------------------------------------------------------
+
+def _chat(args: argparse.Namespace) -> int:
+    from amlx.chat import run_chat
+    from amlx.reply import load_model
+
+    with load_model(args) as model:
+        return run_chat(model, _reply_options(args), system=args.system, verbose=args.verbose)
+
+
+def add_chat(sub: Any) -> None:
+    p = add_command(sub, "chat", help="interactive chat with history (/help lists the commands)",
+                    example="amlx chat Qwen/Qwen3-0.6B --system 'Answer briefly.' --max-tokens 512")
+    add_model_options(p)
+    p.add_argument("--system", default=None, help="a system prompt")
+    _add_sampling(p)
+    p.set_defaults(run=_chat)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from amlx.demo import run_demo
+
+    asyncio.run(run_demo(tokens=args.tokens))
     return 0
 
 
-async def _chat(args) -> int:
-    import amlx
+def add_demo(sub: Any) -> None:
+    p = add_command(sub, "demo", help="concurrent streams and a live cancellation on the embedded model",
+                    example="amlx demo --tokens 64")
+    p.add_argument("--tokens", type=int, default=48, help="tokens per stream")
+    p.set_defaults(run=_demo)
 
-    async with await amlx.load(args.model, device=args.device, dtype=args.dtype) as model:
-        history = []
-        if args.system:
-            history.append({"role": "system", "content": args.system})
-        loop = asyncio.get_running_loop()
-        print("amlx chat: an empty line or Ctrl-D ends the conversation, /reset clears the history")
-        while True:
-            try:
-                line = await loop.run_in_executor(None, input, "> ")
-            except EOFError:
-                break
-            if not line.strip():
-                break
-            if line.strip() == "/reset":
-                history = history[:1] if args.system else []
-                continue
-            history.append({"role": "user", "content": line})
-            reply = []
-            try:
-                async for tok in model.generate(history, **_options(args)):
-                    sys.stdout.write(tok.text)
-                    sys.stdout.flush()
-                    reply.append(tok.text)
-            except amlx.ContextLengthError as exc:
-                print(f"\n[{exc}; use /reset]")
-                history.pop()
-                continue
-            sys.stdout.write("\n")
-            history.append({"role": "assistant", "content": "".join(reply)})
+
+def _convert(args: argparse.Namespace) -> int:
+    from amlx.convert import convert
+    from amlx.hub import resolve_model
+
+    convert(resolve_model(args.src), args.dst, quantize=args.quantize, group_size=args.group_size, dtype=args.dtype)
+    print(f"wrote {args.dst}", file=sys.stderr)
     return 0
+
+
+def add_convert(sub: Any) -> None:
+    p = add_command(sub, "convert", help="write an MLX-format (optionally quantized) checkpoint",
+                    example="amlx convert Qwen/Qwen3-0.6B qwen3-0.6b-4bit -q 4")
+    p.add_argument("src", metavar="SRC", help="checkpoint directory or Hugging Face model id (org/name)")
+    p.add_argument("dst", metavar="DST", help="new directory to write")
+    p.add_argument("-q", "--quantize", type=int, choices=[4, 8], default=None,
+                   help="quantize the linear layers to 4 or 8 bits (default: keep floats)")
+    p.add_argument("--group-size", type=int, default=64, help="quantization group size")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="float type of the written weights (default: the checkpoint's)")
+    p.set_defaults(run=_convert)
+
+
+def add_lora(sub: Any) -> None:
+    from amlx.train.cli import add_arguments, run
+
+    p = add_command(sub, "lora", help="fine-tune a LoRA adapter on a JSONL dataset",
+                    example="amlx lora Qwen/Qwen3-0.6B --data train.jsonl --iters 200 --learning-rate 1e-4\n"
+                            "amlx generate Qwen/Qwen3-0.6B 'Hello' --adapter adapters")
+    add_arguments(p)
+    p.set_defaults(run=run)
+
+
+def _register(sub: Any) -> None:
+    for add in (add_generate, add_chat, add_demo, add_convert, add_lora):
+        add(sub)
+
+
+def _version() -> str:
+    import amlx
+    from amlx._mlx import version
+
+    return f"amlx {amlx.__version__} (MLX {version()})"
+
+
+class _VersionAction(argparse.Action):
+    """--version, importing MLX only when asked (it is not free)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(_version())
+        parser.exit()
+
+
+def parser() -> argparse.ArgumentParser:
+    """The whole `amlx` argument parser."""
+    p = argparse.ArgumentParser(prog="amlx", description="Run LLMs on MLX from async Python.",
+                                formatter_class=HelpFormatter,
+                                epilog="Example:\n  amlx generate Qwen/Qwen3-0.6B 'Hello!' -v\n"
+                                       "  amlx <command> --help   (the options of one command)")
+    p.add_argument("--version", action=_VersionAction, help="print amlx's and MLX's versions and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _register(sub)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="amlx", description="Run LLMs on MLX from async Python.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    g = sub.add_parser("generate", help="stream a completion to the terminal")
-    g.add_argument("model", help="checkpoint directory (Hugging Face or MLX format)")
-    g.add_argument("prompt")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    g.add_argument("-v", "--verbose", action="store_true")
-    _add_sampling(g)
-
-    c = sub.add_parser("chat", help="interactive chat with history")
-    c.add_argument("model")
-    c.add_argument("--system", default=None, help="a system prompt")
-    _add_sampling(c)
-
-    d = sub.add_parser("demo", help="concurrent streams and a cancellation on a small random checkpoint")
-    d.add_argument("--tokens", type=int, default=48)
-
-    v = sub.add_parser("convert", help="write an MLX-format (optionally quantized) checkpoint")
-    v.add_argument("src")
-    v.add_argument("dst")
-    v.add_argument("-q", "--quantize", type=int, choices=[4, 8], default=None)
-    v.add_argument("--group-size", type=int, default=64)
-    v.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-
-    sub.add_parser("lora", help="fine-tune a LoRA adapter (see `amlx lora --help`)", add_help=False)
-
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == ["lora"]:
-        from amlx.train.cli import main as lora_main
-
-        return lora_main(argv[1:])
-    args = parser.parse_args(argv)
+    """Entry point of `amlx`; returns the exit status."""
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    run: Callable[[argparse.Namespace], int] = args.run
     import amlx
 
     try:
-        if args.command == "generate":
-            return asyncio.run(_generate(args))
-        if args.command == "chat":
-            return asyncio.run(_chat(args))
-        if args.command == "demo":
-            from amlx.demo import run_demo
-
-            asyncio.run(run_demo(tokens=args.tokens))
-            return 0
-        if args.command == "convert":
-            from amlx.convert import convert
-
-            convert(args.src, args.dst, quantize=args.quantize, group_size=args.group_size, dtype=args.dtype)
-            print(f"wrote {args.dst}")
-            return 0
+        return run(args)
     except (amlx.AmlxError, ValueError) as exc:
         print(f"amlx: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print(file=sys.stderr)
         return 130
-    return 2
 
 
 if __name__ == "__main__":

@@ -62,6 +62,10 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, when asked for
 
 
+# What `generate` / `complete` take as a prompt: text, token ids, or chat messages.
+Prompt = Union[str, Sequence[int], Sequence[Mapping[str, Any]]]
+
+
 class GenerateOptions(TypedDict, total=False):
     """The keyword options of `generate` / `complete` (all optional), for type checkers.
 

@@ -1,0 +1,75 @@
+"""Model names to checkpoint directories: a local path, or a Hugging Face model id
+("org/name") found in the local Hugging Face cache or downloaded into it.
+
+The cache is huggingface_hub's (``HF_HUB_CACHE``, or ``HF_HOME/hub``, by default
+``~/.cache/huggingface/hub``): ``models--org--name/snapshots/<revision>/`` with
+``refs/main`` naming the revision. A download fetches only the files amlx reads
+(configs, tokenizer files, chat templates, safetensors weights).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from amlx.errors import ModelLoadError
+
+__all__ = ["resolve_model", "is_model_id", "CHECKPOINT_FILES"]
+
+# What a checkpoint directory needs: configs and tokenizer files (*.json), chat
+# templates (*.jinja), weights (*.safetensors). PyTorch .bin / .pth / GGUF are skipped.
+CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.jinja")
+
+# huggingface_hub's repo id rules: one "/" between an owner and a name made of
+# letters, digits, "-", "_" and ".".
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_model_id(name: str) -> bool:
+    """Whether `name` has the form of a Hugging Face model id ("org/name")."""
+    return bool(_MODEL_ID.match(name)) and ".." not in name and not name.endswith((".", "-"))
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of what went wrong; for huggingface_hub's wrapper of a
+    connection failure, the failure itself."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def resolve_model(name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+                  download: bool = True) -> Path:
+    """The checkpoint directory for a path or a Hugging Face model id.
+
+    An existing path wins. A string of the form "org/name" that is not a local
+    directory is looked up in the local Hugging Face cache (`cache_dir`, default
+    huggingface_hub's: HF_HUB_CACHE or HF_HOME/hub) and, when it is not there and
+    `download` is true, downloaded with huggingface_hub. Anything else is returned
+    as a Path (loading it reports what is wrong). Raises ModelLoadError naming the
+    cache directory and the reason when the id is neither cached nor downloadable."""
+    path = Path(name_or_path)
+    if path.exists() or not isinstance(name_or_path, str) or not is_model_id(name_or_path):
+        return path
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    try:
+        return Path(snapshot_download(name_or_path, cache_dir=cache, local_files_only=True,
+                                      allow_patterns=list(CHECKPOINT_FILES)))
+    except LocalEntryNotFoundError:
+        pass
+    where = f"{name_or_path!r} is not a local directory, and not found in the local Hugging Face cache at {cache}"
+    if not download:
+        raise ModelLoadError(f"{where} (downloading is off)")
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(f"{where}, and downloading failed: HF_HUB_OFFLINE is set")
+    try:
+        return Path(snapshot_download(name_or_path, cache_dir=cache, allow_patterns=list(CHECKPOINT_FILES)))
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: all reported the same way
+        raise ModelLoadError(f"{where}, and downloading failed: {_reason(exc)}") from exc
