@@ -625,7 +625,31 @@ def _make_step(c: _Config):
     return step
 
 
-_STEPS: dict = {}
+class CompiledSteps:
+    """Compiled sampling steps, one per configuration, owned by one engine.
+
+    MLX traces a compiled function once per shape and per stream, and each
+    trace keeps a few bytes of constants until the function is closed. An
+    engine samples on streams of its own, so it keeps its steps here and
+    `close`s them when it shuts down: its traces go with it. (Without an
+    owner, `sample` uses one process-wide table.)"""
+
+    def __init__(self):
+        self._fns: dict = {}
+
+    def get(self, config):
+        fn = self._fns.get(config)
+        if fn is None:
+            fn = self._fns[config] = mx.transforms.compile(_make_step(config))
+        return fn
+
+    def close(self) -> None:
+        for fn in self._fns.values():
+            fn.close()
+        self._fns.clear()
+
+
+_SHARED_STEPS = CompiledSteps()  # the steps of callers that own none
 
 
 class SampleOutput(NamedTuple):
@@ -675,7 +699,8 @@ def _config(params: BatchParams, vocab: int, has_history: bool, has_counts: bool
 
 
 def sample(logits: Array, params: BatchParams, keys: Array, history: Array | None = None,
-           counts: Array | None = None, *, compile: bool = True) -> SampleOutput:
+           counts: Array | None = None, *, compile: bool = True,
+           steps: CompiledSteps | None = None) -> SampleOutput:
     """Samples one token per row of `logits` (B, V), float32 or bfloat16.
 
     `params` holds row i's options; `keys` (B, 2) uint32 row i's PRNG key (see
@@ -697,16 +722,14 @@ def sample(logits: Array, params: BatchParams, keys: Array, history: Array | Non
     compiled and eager steps give the same tokens. (On MLX's CPU backend the
     first use of a new graph runs the system C++ compiler for its fused
     kernels, seconds, then cached on disk by MLX; the compiled step is ~1.5x
-    faster there than the eager one.)"""
+    faster there than the eager one.) `steps`: the compiled steps' owner
+    (an engine's), else a process-wide table."""
     _check_shapes(logits, params, keys, history, counts)
     config = _config(params, logits.shape[1], history is not None, counts is not None)
     args = (logits, keys, params.arrays(), history, counts)
     if not compile:
         return SampleOutput(*_make_step(config)(*args))
-    fn = _STEPS.get(config)
-    if fn is None:
-        fn = _STEPS[config] = mx.transforms.compile(_make_step(config))
-    return SampleOutput(*fn(*args))
+    return SampleOutput(*(steps or _SHARED_STEPS).get(config)(*args))
 
 
 # -- the engine's per-request and per-batch sampling state ---------------------------
@@ -763,8 +786,9 @@ class BatchSampling:
     changes, so a request's random stream depends only on its seed and how many
     tokens it has drawn, whatever it was batched with."""
 
-    def __init__(self, rows: list[RowSampling]):
+    def __init__(self, rows: list[RowSampling], steps: CompiledSteps | None = None):
         self.rows = rows
+        self._steps = steps  # the engine's compiled steps (see CompiledSteps)
         self.params = BatchParams.build([r.params for r in rows])
         self.keys = mx.array(np.stack([r.key for r in rows]))
         # made on the first step, when the vocabulary size is known
@@ -779,7 +803,7 @@ class BatchSampling:
             self.history = make_history([r.history for r in self.rows], vocab)
         if self.params.any_counts and self.counts is None:
             self.counts = make_counts([r.generated for r in self.rows], vocab)
-        out = sample(logits, self.params, self.keys, self.history, self.counts)
+        out = sample(logits, self.params, self.keys, self.history, self.counts, steps=self._steps)
         new = [out.keys, out.history, out.counts]
         if selected is not None and len(selected) < len(self.rows):
             mask = np.zeros((len(self.rows), 1), dtype=np.bool_)

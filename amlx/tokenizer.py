@@ -4,8 +4,9 @@
 chat_template.jinja, generation_config.json, config.json) and reproduces what
 `transformers.AutoTokenizer` does with the same files: `encode`, `decode` and
 `apply_chat_template(..., tokenize=False)` give identical results. Chat templates are
-rendered in Jinja's immutable sandbox. `Tokenizer.detokenizer()` turns a stream of token ids
-into text pieces that never split a character and join up to exactly `decode(ids)`.
+rendered in Jinja's immutable sandbox, with limits on loops, sizes and time (amlx.chat_template).
+`Tokenizer.detokenizer()` turns a stream of token ids into text pieces that never split a
+character and join up to exactly `decode(ids)`.
 
 Nothing here touches MLX.
 """
@@ -16,19 +17,15 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.sandbox
-import jinja2.utils
 import tokenizers
 from tokenizers import AddedToken
 
-from amlx.errors import AmlxError, ModelLoadError
+from amlx.chat_template import ChatEnvironment, TemplateLimits, render
+from amlx.errors import ChatTemplateError, ModelLoadError
 
 __all__ = ["ChatTemplateError", "StreamingDetokenizer", "Tokenizer"]
 
@@ -52,10 +49,6 @@ _CLASS_DEFAULT_TOKENS = {
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 _REPLACEMENT_CHAR = "\ufffd"
-
-
-class ChatTemplateError(AmlxError, ValueError):
-    """A chat template is missing, failed to render, raised an error, or tried something unsafe."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,62 +120,6 @@ def _ids_from(value: Any) -> list[int]:
 # Chat template rendering
 
 
-class _GenerationTag(jinja2.ext.Extension):
-    """Accepts `{% generation %}...{% endgeneration %}` (used by some templates to mark
-    assistant text for training masks) and simply renders its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body, lineno=lineno)
-
-
-class _SafeNamespace(jinja2.utils.Namespace):
-    """`namespace()` that refuses underscore names, so templates can't shadow internals."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:
-        self, rest = args[0], args[1:]
-        attrs = dict(*rest, **kwargs)
-        for name in attrs:
-            _SafeNamespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _SafeNamespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.sandbox.SecurityError(f"namespace attribute {name!r} is not allowed")
-
-
-def _raise_exception(message: str) -> None:
-    raise ChatTemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
-    # Jinja's own tojson escapes HTML characters; chat templates expect plain json.dumps output.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _make_environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["namespace"] = _SafeNamespace
-    return env
-
-
 def _plain(value: Any) -> Any:
     """Copy template inputs into plain JSON-like data (str, int, float, bool, None, dict, list,
     tuple). Rich objects could expose methods the sandbox does not know to be harmful, so
@@ -223,8 +160,34 @@ def _normalize_messages(messages: Iterable[Any]) -> list[dict]:
     return out
 
 
+def _special_tokens_of(config: Mapping[str, Any]) -> tuple[dict[str, str], Any]:
+    """The named special tokens of tokenizer_config.json (every "*_token" entry, offered to the
+    chat template), and its extra special tokens still to register (a list; [] when they were
+    a mapping of names, which joins the named ones)."""
+    tokens: dict[str, str] = {}
+    tokenizer_class = str(config.get("tokenizer_class") or "").removesuffix("Fast")
+    defaults = _CLASS_DEFAULT_TOKENS.get(tokenizer_class, {})
+    for key in _NAMED_SPECIAL_TOKENS:
+        content = _token_content(config[key] if key in config else defaults.get(key))
+        if content is not None:
+            tokens[key] = content
+    extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+    for key, value in config.items():
+        if key.endswith("_token") and key not in tokens and _token_content(value) is not None:
+            tokens[key] = _token_content(value)
+    if isinstance(extra, Mapping):
+        for key, value in extra.items():
+            if _token_content(value) is not None:
+                tokens.setdefault(key, _token_content(value))
+        extra = []
+    return tokens, extra
+
+
 # --------------------------------------------------------------------------------------------
 # Tokenizer
+
+
+_GIL_FREE_ENCODE = 4096  # characters above which encode() releases the GIL (encode_batch)
 
 
 class Tokenizer:
@@ -233,6 +196,9 @@ class Tokenizer:
     Build it with `Tokenizer.from_dir(path)`. Results match `transformers.AutoTokenizer`
     loaded from the same folder. Instances are immutable and safe to share between threads.
     """
+
+    # What one chat-template render may use (loop steps, output and object sizes, seconds).
+    template_limits: TemplateLimits = TemplateLimits()
 
     def __init__(
         self,
@@ -250,24 +216,7 @@ class Tokenizer:
         config = dict(config or {})
         self._backend = backend
 
-        # Every "*_token" entry is a special token and is offered to the chat template.
-        self._special_tokens: dict[str, str] = {}
-        tokenizer_class = str(config.get("tokenizer_class") or "").removesuffix("Fast")
-        defaults = _CLASS_DEFAULT_TOKENS.get(tokenizer_class, {})
-        for key in _NAMED_SPECIAL_TOKENS:
-            content = _token_content(config[key] if key in config else defaults.get(key))
-            if content is not None:
-                self._special_tokens[key] = content
-        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
-        for key, value in config.items():
-            if key.endswith("_token") and key not in self._special_tokens and _token_content(value) is not None:
-                self._special_tokens[key] = _token_content(value)
-        if isinstance(extra, Mapping):
-            for key, value in extra.items():
-                if _token_content(value) is not None:
-                    self._special_tokens.setdefault(key, _token_content(value))
-            extra = []
-
+        self._special_tokens, extra = _special_tokens_of(config)
         self._register_added_tokens(config, extra)
 
         # encode() never truncates or pads, whatever tokenizer.json says (transformers too).
@@ -285,7 +234,7 @@ class Tokenizer:
             template = {t["name"]: t["template"] for t in template}
         self._chat_template: str | dict[str, str] | None = template
         self._compiled: dict[str, jinja2.Template] = {}
-        self._env = _make_environment()
+        self._env = ChatEnvironment()
 
         # transformers only cleans up spaces for non-BPE models (it would corrupt BPE text).
         self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False)) and (
@@ -407,6 +356,10 @@ class Tokenizer:
         """Token ids of `text`; with `add_special_tokens` the checkpoint's BOS/EOS rules apply."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        if len(text) > _GIL_FREE_ENCODE:
+            # the batch call releases the GIL while it works (the single one holds it), so
+            # other threads -- an event loop waiting for this one -- run meanwhile
+            return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -449,7 +402,8 @@ class Tokenizer:
         `tools` are JSON-schema dicts; extra keyword arguments (e.g. `enable_thinking=False`,
         `documents=[...]`) are passed to the template. `chat_template` picks a named template
         or supplies template source. Raises `ChatTemplateError` (a ValueError) when there is
-        no template, the template raises, or it attempts something the sandbox forbids.
+        no template, the template raises, it attempts something the sandbox forbids, or it goes
+        over `template_limits` (loop steps, output size, object sizes, time).
         """
         source = self._select_template(chat_template, tools)
         if isinstance(messages, (Mapping, str, bytes)):
@@ -467,7 +421,9 @@ class Tokenizer:
         variables = {k: _plain(v) for k, v in variables.items()}
         try:
             template = self._compile(source)
-            return template.render(
+            return render(
+                template,
+                self.template_limits,
                 messages=chat,
                 tools=_plain(tools),
                 documents=_plain(documents),
@@ -503,7 +459,7 @@ class Tokenizer:
     def _compile(self, source: str) -> jinja2.Template:
         template = self._compiled.get(source)
         if template is None:
-            template = self._env.from_string(source)
+            template = self._env.compile_template(source)
             self._compiled[source] = template
         return template
 

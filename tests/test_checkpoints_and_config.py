@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from amlx.errors import ModelLoadError
-from amlx.models.config import llama3_rope_freqs, load_config, normalize_config, rope_inv_freqs
+from amlx.models.config import load_config, normalize_config
+from amlx.models.rope import llama3_inv_freqs
 
 try:
     from tests.helpers.checkpoints import (
@@ -273,6 +274,10 @@ RELEASES = {
     "gemma3-4b-it": GEMMA3_4B_IT,
     "llama3.2-1b": LLAMA32_1B,
     "qwen2.5-0.5b": QWEN25_0_5B_INSTRUCT,
+    # Qwen3's long-context setting (its model card's rope_scaling for 131k tokens)
+    "qwen3-0.6b-yarn": dict(QWEN3_0_6B, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                      "original_max_position_embeddings": 32768},
+                            max_position_embeddings=131072),
 }
 
 
@@ -341,10 +346,45 @@ def test_llama3_freqs_match_transformers(head_dim, theta, factor, low, high, ori
     cfg = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
                       max_position_embeddings=131072, rope_parameters={**scaling, "rope_theta": theta})
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
-    ours = llama3_rope_freqs(head_dim, theta, scaling)
+    ours = llama3_inv_freqs(head_dim, theta, scaling)
     assert ours.dtype == np.float32 and ours.shape == (head_dim // 2,)
     np.testing.assert_allclose(ours, expected.numpy(), rtol=2e-6, atol=0)
-    np.testing.assert_array_equal(rope_inv_freqs(head_dim, theta, scaling), ours)
+    np.testing.assert_allclose(rope_inv_freq(head_dim, theta, scaling), ours, rtol=1e-6)
+
+
+def rope_inv_freq(head_dim: int, base: float, scaling: dict | None) -> np.ndarray:
+    """The angle per position of each pair as the model's own RoPE holds it (the
+    position scale of linear rope included; what the decode kernels rotate by)."""
+    from amlx.models.base import RoPE
+
+    rope = RoPE(head_dim, base, scaling)
+    try:
+        return np.array(rope.inv_freq())
+    finally:
+        rope.close()
+
+
+@pytest.mark.parametrize("factor,extra", [(4.0, {}), (8.0, {"beta_fast": 16.0, "beta_slow": 2.0}),
+                                          (2.0, {"attention_factor": 1.5}), (4.0, {"mscale": 1.0,
+                                                                                    "mscale_all_dim": 0.5})])
+def test_yarn_freqs_and_attention_factor_match_transformers(factor, extra):
+    from transformers import Qwen3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from amlx.models.base import RoPE
+
+    scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": 4096, **extra}
+    cfg = Qwen3Config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                      max_position_embeddings=int(4096 * factor),
+                      rope_parameters={**scaling, "rope_theta": 1e6})
+    expected, attention = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+    ncfg = normalize_config(json.loads(cfg.to_json_string()))
+    assert ncfg["rope_scaling"]["rope_type"] == "yarn"
+    np.testing.assert_allclose(rope_inv_freq(64, ncfg["rope_theta"], ncfg["rope_scaling"]), expected.numpy(),
+                               rtol=2e-6)
+    rope = RoPE(64, ncfg["rope_theta"], ncfg["rope_scaling"])
+    assert rope.attention_factor == pytest.approx(attention, rel=1e-12)
+    rope.close()
 
 
 def test_default_and_linear_freqs_match_transformers():
@@ -354,8 +394,8 @@ def test_default_and_linear_freqs_match_transformers():
     cfg = Gemma3TextConfig(head_dim=32, rope_scaling={"rope_type": "linear", "factor": 8.0})
     rot = Gemma3RotaryEmbedding(cfg)
     ncfg = normalize_config(json.loads(cfg.to_json_string()))
-    full = rope_inv_freqs(32, ncfg["rope_theta"], ncfg["rope_scaling"])
-    local = rope_inv_freqs(32, ncfg["rope_local_base_freq"], ncfg["rope_local_scaling"])
+    full = rope_inv_freq(32, ncfg["rope_theta"], ncfg["rope_scaling"])
+    local = rope_inv_freq(32, ncfg["rope_local_base_freq"], ncfg["rope_local_scaling"])
     np.testing.assert_allclose(full, rot.full_attention_inv_freq.numpy(), rtol=2e-6)
     np.testing.assert_allclose(local, rot.sliding_attention_inv_freq.numpy(), rtol=2e-6)
 
@@ -480,3 +520,39 @@ def test_benchmark_safetensors_writer(tmp_path):
     x = torch.randn(10_000) * 3
     expected = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(bench._to_bf16_bits(x.numpy()), expected)
+
+
+# ---------------------------------------------------------------------------
+# the registry
+
+
+def test_one_registry_names_every_architecture():
+    """Each architecture file registers itself once; configs of every model type the
+    test builders write resolve to it; an unknown one names the supported ones."""
+    from amlx.models import architecture, architectures
+    from amlx.models.config import ModelArgs
+
+    assert set(architectures()) == {"qwen3", "qwen2", "llama", "mistral", "gemma3_text", "gemma3"}
+    for model_type, arch in architectures().items():
+        assert issubclass(arch.args, ModelArgs) and arch.args.ARCH == arch.name
+    assert architecture("gemma3") is architecture("gemma3_text")
+    with pytest.raises(ModelLoadError, match="supported: gemma3, gemma3_text, llama, mistral, qwen2, qwen3"):
+        architecture("mamba", "/m/config.json")
+
+
+def test_yarn_release_config_reads_its_scaling():
+    cfg = normalize_config(RELEASES["qwen3-0.6b-yarn"])
+    assert cfg["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert cfg["max_position_embeddings"] == 131072
+
+
+@pytest.mark.parametrize("scaling,key", [
+    ({"rope_type": "yarn"}, "'rope_scaling.factor'"),
+    ({"rope_type": "yarn", "factor": 4.0, "beta_fast": "fast"}, "'rope_scaling.beta_fast'"),
+    ({"rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5}, "'rope_scaling.partial_rotary_factor'"),
+    ({"rope_type": "dynamic", "factor": 4.0}, "'rope_scaling.rope_type'"),
+])
+def test_bad_rope_scaling_is_refused_when_the_config_is_read(scaling, key):
+    with pytest.raises(ModelLoadError) as err:
+        normalize_config(dict(QWEN3_0_6B, rope_scaling=scaling), "/m/config.json")
+    assert "/m/config.json" in str(err.value) and key in str(err.value)

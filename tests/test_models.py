@@ -75,6 +75,13 @@ CASES = {
     "qwen2": ("qwen2", {}),
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
     "llama-sharded": ("llama", {"max_shard_size": "20KB"}),
+    # rope scalings through the model's own path (prefill and the cached decode steps)
+    "llama-linear-rope": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+    # YaRN as Qwen3's long-context configs set it, with an original context short
+    # enough that the prompts cross it and every band of the ramp is in use
+    "qwen3-yarn": ("qwen3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                              "original_max_position_embeddings": 16},
+                             "max_position_embeddings": 64}),
     "gemma3-old-sharded": ("gemma3", {"max_shard_size": "40KB", "config_style": "old"}),
 }
 ARCHS = ("qwen3", "gemma3_text", "gemma3", "llama", "qwen2")
@@ -855,6 +862,230 @@ def test_not_a_directory(small, tmp_path):
     f.write_text("x")
     _raises(f, str(f), "not a directory")
     _raises(small / "model.safetensors", "not a directory")
+
+
+# ---------------------------------------------------------------------------
+# hostile checkpoints (issue 12.4, 12.7): refused before anything blocks or allocates
+
+
+def _soon(fn, seconds: float = 60.0):
+    """fn() on a thread; fails when it is still running after `seconds` (a hang),
+    else returns its result or raises its exception. Not a timing assertion: the
+    bound only turns a hang into a failure."""
+    import threading
+
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"{fn} still running after {seconds} s (it hangs)"
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def _refused(path, *needles: str) -> str:
+    from amlx.checkpoint import read_checkpoint
+
+    for load in (read_checkpoint, lambda p: load_model(p).model.close()):
+        with pytest.raises(ModelLoadError) as info:
+            _soon(lambda: load(path))
+        for n in needles:
+            assert n in str(info.value), f"{n!r} not in {str(info.value)!r}"
+    return str(info.value)
+
+
+def test_fifo_config_is_refused_without_opening_it(small, tmp_path):
+    ckpt = _copy(small, tmp_path / "c")
+    (ckpt / "config.json").unlink()
+    os.mkfifo(ckpt / "config.json")
+    _refused(ckpt, str(ckpt / "config.json"), "not a regular file")
+
+
+def test_generation_config_linked_to_dev_zero_is_refused(small, tmp_path):
+    ckpt = _copy(small, tmp_path / "c")
+    (ckpt / "generation_config.json").unlink()
+    (ckpt / "generation_config.json").symlink_to("/dev/zero")
+    _refused(ckpt, str(ckpt / "generation_config.json"), "not a regular file")
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                                  "model.safetensors"])
+def test_tokenizer_and_weight_files_must_be_regular_files(small, tmp_path, name):
+    ckpt = _copy(small, tmp_path / "c")
+    (ckpt / name).unlink(missing_ok=True)
+    os.mkfifo(ckpt / name)
+    _refused(ckpt, str(ckpt / name), "not a regular file")
+
+
+def test_oversized_json_is_refused(small, tmp_path):
+    from amlx.checkpoint import JSON_LIMIT
+
+    ckpt = _copy(small, tmp_path / "c")
+    with open(ckpt / "generation_config.json", "ab") as f:
+        f.truncate(JSON_LIMIT + 1)  # sparse: no disk used
+    _refused(ckpt, str(ckpt / "generation_config.json"), "bytes")
+
+
+@pytest.mark.parametrize("key,value", [("num_hidden_layers", 10**9), ("vocab_size", 10**12),
+                                       ("hidden_size", 2**40), ("num_attention_heads", 10**7),
+                                       ("max_position_embeddings", 10**15), ("head_dim", 10**6)])
+def test_huge_config_sizes_fail_fast(small, tmp_path, key, value):
+    ckpt = _copy(small, tmp_path / "c")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.pop("layer_types", None)
+    cfg[key] = value
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    _refused(ckpt, str(ckpt / "config.json"), f"'{key}'", "must be <=")
+
+
+@pytest.mark.parametrize("entry", ["../../outside.safetensors", "/tmp/outside.safetensors", "sub/../x.safetensors",
+                                   ".."])
+def test_weight_map_entries_must_stay_in_the_directory(small_sharded, tmp_path, entry):
+    ckpt = _copy(small_sharded, tmp_path / "a" / "b" / "c")
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    first = sorted(index["weight_map"])[0]
+    index["weight_map"][first] = entry
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    _refused(ckpt, "model.safetensors.index.json", repr(entry), "not a file name inside the checkpoint directory")
+
+
+def test_weight_files_linking_out_must_be_safetensors(small_sharded, tmp_path):
+    ckpt = _copy(small_sharded, tmp_path / "c")
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    secret = tmp_path / "id_rsa"
+    secret.write_bytes((ckpt / shard).read_bytes())  # a readable file outside, under another name
+    (ckpt / shard).unlink()
+    (ckpt / shard).symlink_to(secret)
+    _refused(ckpt, repr(shard), "links outside the checkpoint directory")
+    # weights linked in from another checkpoint (a .safetensors file) load as before
+    (ckpt / shard).unlink()
+    (ckpt / shard).symlink_to(small_sharded / shard)
+    load_model(ckpt).model.close()
+
+
+def test_safetensors_header_offsets_beyond_the_file(small, tmp_path):
+    ckpt = _copy(small, tmp_path / "c")
+    header = {k: v for k, v in _header(ckpt / "model.safetensors").items() if k != "__metadata__"}
+    name = max(header, key=lambda k: header[k]["data_offsets"][1])  # the last tensor: moved past the end
+    _relabel(ckpt / "model.safetensors", name, offsets_shift=1000)
+    _refused(ckpt, str(ckpt / "model.safetensors"), repr(name), "outside the file")
+
+
+def _hostile_copies(good: Path, tmp_path: Path) -> dict[str, Path]:
+    """Copies of `good`, each with one file a FIFO or a link to /dev/zero."""
+    out = {}
+    for name, how in [("config.json", "fifo"), ("generation_config.json", "zero"), ("tokenizer.json", "fifo"),
+                      ("tokenizer_config.json", "zero")]:
+        bad = _copy(good, tmp_path / f"{name}-{how}")
+        (bad / name).unlink()
+        if how == "fifo":
+            os.mkfifo(bad / name)
+        else:
+            (bad / name).symlink_to("/dev/zero")
+        out[name] = bad
+    return out
+
+
+def test_hostile_loads_fail_while_another_model_decodes(tmp_path):
+    import asyncio
+
+    good = make_checkpoint(tmp_path / "good", "qwen3")
+    bad = _hostile_copies(good, tmp_path)
+    prompt = "The quick brown fox"
+
+    async def main():
+        async with await amlx.load(good) as m:
+            solo = await m.complete(prompt, max_tokens=24)
+            running = asyncio.ensure_future(m.complete(prompt, max_tokens=24))
+            for name, path in bad.items():
+                with pytest.raises(ModelLoadError, match=f"{name}: not a regular file"):
+                    await amlx.load(path)
+            assert (await running).token_ids == solo.token_ids
+
+    _soon(lambda: asyncio.run(main()), 300)
+
+
+def test_a_cancelled_load_stops_waiting_and_blocks_no_model(tmp_path, monkeypatch):
+    """A load stuck reading its files (a slow disk) holds up neither the other
+    models nor a caller that gives up on it."""
+    import asyncio
+    import threading
+
+    from amlx.models import loader
+
+    good = make_checkpoint(tmp_path / "good", "qwen3")
+    stuck = _copy(good, tmp_path / "stuck")
+    release = threading.Event()
+    real = loader.read_checkpoint
+
+    def slow_read(path):
+        if Path(path) == stuck:
+            release.wait(300)
+        return real(path)
+
+    monkeypatch.setattr(loader, "read_checkpoint", slow_read)
+
+    async def main():
+        async with await amlx.load(good) as m:
+            solo = await m.complete("Hello there", max_tokens=16)
+            load = asyncio.ensure_future(amlx.load(stuck))
+            assert (await m.complete("Hello there", max_tokens=16)).token_ids == solo.token_ids
+            load.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await load
+            assert (await m.complete("Hello there", max_tokens=16)).token_ids == solo.token_ids
+
+    try:
+        _soon(lambda: asyncio.run(main()), 300)
+    finally:
+        release.set()
+
+
+def _relabel(path: Path, name: str, dtype: str | None = None, offsets_shift: int = 0) -> None:
+    """Rewrites one tensor's header entry in place (same header length, padded with
+    spaces as the format allows): another dtype label or shifted data offsets."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    if dtype is not None:
+        header[name]["dtype"] = dtype
+    header[name]["data_offsets"] = [o + offsets_shift for o in header[name]["data_offsets"]]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n, "the edited header must fit in the old one's space"
+    path.write_bytes(data[:8] + text + b" " * (n - len(text)) + data[8 + n:])
+
+
+def test_float_weight_relabelled_int32_is_refused(small, tmp_path):
+    ckpt = _copy(small, tmp_path / "c")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert _header(ckpt / "model.safetensors")[name]["dtype"] == "F32"
+    _relabel(ckpt / "model.safetensors", name, "I32")  # the same bytes, read as integers
+    with pytest.raises(ModelLoadError) as info:
+        _soon(lambda: load_model(ckpt).model.close())
+    msg = str(info.value)
+    assert str(ckpt / "model.safetensors") in msg and repr(name) in msg and "int32" in msg and "floating" in msg
+
+
+@pytest.mark.parametrize("leaf,label,want", [("weight", "F32", "uint32"), ("scales", "U32", "floating"),
+                                             ("biases", "I32", "floating")])
+def test_mislabelled_quantized_tensors_are_refused(converted, tmp_path, leaf, label, want):
+    ckpt = _copy(converted("qwen3", 4), tmp_path / "q")
+    shard = sorted(ckpt.glob("*.safetensors"))[0]
+    name = next(k for k in sorted(_header(shard)) if k.endswith(f"mlp.down_proj.{leaf}"))
+    _relabel(shard, name, label)
+    with pytest.raises(ModelLoadError) as info:
+        _soon(lambda: load_model(ckpt).model.close())
+    msg = str(info.value)
+    assert shard.name in msg and repr(name) in msg and want in msg
 
 
 def test_failed_loads_leave_no_memory_behind(small, tmp_path):

@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 
 import amlx
 from amlx import _mlx as mx
-from amlx.sample import BatchParams, SamplingParams, make_counts, make_history, make_keys, sample
+from amlx.sample import (BatchParams, BatchSampling, RowSampling, SamplingParams, StepSample, make_counts,
+                         make_history, make_keys, sample)
 from amlx.types import GenerationOptions
 
 try:
@@ -105,31 +106,41 @@ def test_typed_options_and_validated_options_name_the_same_options():
     assert set(GenerateOptions.__annotations__) == {f.name for f in fields(GenerationOptions)} == set(VALID)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=st.lists(option_sets(), min_size=1, max_size=3), data_seed=st.integers(0, 2**32 - 1))
-def test_options_that_validate_sample_and_others_raise(rows, data_seed):
-    """Every option set either raises ValueError when made, or samples in the real
-    batched sampler (batched with the other rows) to results the reference allows."""
+def validate_and_sample(rows, data_seed: int, *, compiled: bool) -> None:
+    """Every option set either raises ValueError when made, or samples (batched with the
+    other rows) to results the numpy reference allows. `compiled`: through the engine's
+    `BatchSampling` (compiled steps); else the same step function run eagerly."""
     accepted = []
     for kwargs, valid in rows:
         if not valid:
             with pytest.raises(ValueError):
                 GenerationOptions.from_kwargs(VOCAB, **kwargs)
             continue
-        accepted.append(SamplingParams.from_options(GenerationOptions.from_kwargs(VOCAB, **kwargs)))
+        accepted.append(GenerationOptions.from_kwargs(VOCAB, **kwargs))
     if not accepted:
         return
+    params = [SamplingParams.from_options(o) for o in accepted]
     rng = np.random.default_rng(data_seed)
     x = (rng.normal(size=(len(accepted), VOCAB)) * rng.choice([0.1, 3.0, 30.0])).astype(np.float32)
     prompts = [rng.integers(0, VOCAB, size=3).tolist() for _ in accepted]
     generated = [rng.integers(0, VOCAB, size=4).tolist() for _ in accepted]
-    bp = BatchParams.build(accepted)
-    out = sample(mx.array(x), bp, make_keys([p.seed for p in accepted]),
-                 make_history([p + g for p, g in zip(prompts, generated)], VOCAB), make_counts(generated, VOCAB),
-                 compile=False)
-    toks, lps = out.tokens.tolist(), out.logprobs.tolist()
+    if compiled:
+        samplers = [RowSampling(o, prompt) for o, prompt in zip(accepted, prompts)]
+        for row, ids in zip(samplers, generated):
+            for t in ids:
+                row.observe(t)
+        batch = BatchSampling(samplers)
+        try:
+            toks, lps, tops = batch(mx.array(x)).read()
+        finally:
+            batch.close()
+    else:
+        out = sample(mx.array(x), BatchParams.build(params), make_keys([p.seed for p in params]),
+                     make_history([p + g for p, g in zip(prompts, generated)], VOCAB), make_counts(generated, VOCAB),
+                     compile=False)
+        toks, lps, tops = StepSample(out.tokens, out.logprobs, out.top_ids, out.top_logprobs).read()
     ref = log_softmax(x)
-    for b, p in enumerate(accepted):
+    for b, p in enumerate(params):
         processed = penalised_np(x[b], p, prompts[b], generated[b])
         assert 0 <= toks[b] < VOCAB and np.isfinite(processed).all()
         if p.is_greedy:
@@ -141,10 +152,24 @@ def test_options_that_validate_sample_and_others_raise(rows, data_seed):
         if p.logprobs:
             assert math.isclose(lps[b], ref[b, toks[b]], abs_tol=1e-4)
         if p.top_logprobs:
-            ids = out.top_ids.tolist()[b][:p.top_logprobs]
-            vals = out.top_logprobs.tolist()[b][:p.top_logprobs]
-            assert vals == sorted(vals, reverse=True) and len(set(ids)) == len(ids) == min(p.top_logprobs, VOCAB)
-            np.testing.assert_allclose(vals, ref[b, ids], atol=1e-4)
+            ids, vals = zip(*tops[b][:p.top_logprobs])
+            assert list(vals) == sorted(vals, reverse=True)
+            assert len(set(ids)) == len(ids) == min(p.top_logprobs, VOCAB)
+            np.testing.assert_allclose(vals, ref[b, list(ids)], atol=1e-4)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(option_sets(), min_size=1, max_size=3), data_seed=st.integers(0, 2**32 - 1))
+def test_options_that_validate_sample_and_others_raise(rows, data_seed):
+    validate_and_sample(rows, data_seed, compiled=False)
+
+
+# Few examples: on MLX's CPU backend each new combination of the batch's flags compiles
+# fused kernels with the system C++ compiler once (seconds; MLX caches them on disk).
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(option_sets(), min_size=1, max_size=3), data_seed=st.integers(0, 2**32 - 1))
+def test_options_that_validate_sample_in_the_engines_compiled_sampler(rows, data_seed):
+    validate_and_sample(rows, data_seed, compiled=True)
 
 
 def test_unknown_and_vocabulary_dependent_options():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import unicodedata
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+import amlx
 from amlx.errors import AmlxError, ModelLoadError
 from amlx.tokenizer import ChatTemplateError, StreamingDetokenizer, Tokenizer
 
@@ -459,6 +461,221 @@ def test_template_inputs_are_plain_data(pair):
         chat_template="{{ messages[0].obj }}{{ messages[0].obj.run }}",
     )
     assert got == "<Sneaky>"
+
+
+# ------------------------------------------------------------------------------ template limits
+
+# A Llama-3.1-style and a Mistral-style template (written for these tests in the shape of the
+# released ones: system message handling, tools as JSON, loop.first/last, strict alternation).
+LLAMA3_STYLE = """{{- bos_token }}
+{%- if not date_string is defined %}{%- set date_string = "26 Jul 2024" %}{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] | trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if tools is not none %}{{- "Environment: ipython\n" }}{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\nToday Date: " + date_string + "\n\n" }}
+{%- if tools is not none %}
+    {{- "You have access to these functions:\n\n" }}
+    {%- for t in tools %}{{- t | tojson(indent=4) }}{{- "\n\n" }}{%- endfor %}
+{%- endif %}
+{{- system_message + "<|eot_id|>" }}
+{%- for message in messages %}
+    {%- if message.tool_calls is defined and message.tool_calls %}
+        {%- set call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "' + call.name + '", "parameters": ' }}
+        {{- call.arguments | tojson + '}<|eot_id|>' }}
+    {%- elif message.role == 'tool' %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" + message.content | trim + "<|eot_id|>" }}
+    {%- else %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim }}
+        {{- '<|eot_id|>' }}{% if loop.last and not add_generation_prompt %}{{ '' }}{% endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}
+"""
+
+MISTRAL_STYLE = """{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.first and system_message is defined %}
+            {{- ' [INST] ' + system_message + '\n\n' + message['content'] + ' [/INST]' }}
+        {%- else %}
+            {{- ' [INST] ' + message['content'] + ' [/INST]' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] + eos_token }}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported!') }}
+    {%- endif %}
+{%- endfor %}
+"""
+
+ALTERNATING = [
+    {"role": "system", "content": "Be terse."},
+    {"role": "user", "content": "Hi — ça va ?"},
+    {"role": "assistant", "content": "Oui. 😀"},
+    {"role": "user", "content": "  Tell me a story.  "},
+]
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("template", [LLAMA3_STYLE, MISTRAL_STYLE], ids=["llama3", "mistral"])
+def test_more_template_styles_match_transformers(pair, template, add_generation_prompt):
+    kind, ours, hf = pair
+    cases = [(ALTERNATING, None), (ALTERNATING[1:], None)]
+    if template is LLAMA3_STYLE:
+        cases += [(TOOL_CONVERSATION[:4], TOOLS), (CONVERSATIONS[0], TOOLS)]
+    for messages, tools in cases:
+        expected = hf.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False,
+                                          add_generation_prompt=add_generation_prompt)
+        got = ours.apply_chat_template(messages, tools=tools, chat_template=template,
+                                       add_generation_prompt=add_generation_prompt)
+        assert got == expected
+    with pytest.raises(ChatTemplateError, match="alternate"):
+        ours.apply_chat_template(ALTERNATING[1:2] * 2, chat_template=MISTRAL_STYLE)
+
+
+def test_counted_loops_keep_jinja_semantics(pair):
+    """The counting hooks leave loop features, macros, blocks and concatenation as they were."""
+    kind, ours, hf = pair
+    template = (
+        "{% for m in messages %}{{ loop.index }}/{{ loop.length }}/{{ loop.revindex }}{{ loop.cycle('a', 'b') }}"
+        "{% if not loop.first %}<{{ loop.previtem.role }}>{% endif %}{% if loop.last %}!{% endif %}"
+        "{% else %}empty{% endfor %}|{% for x in [] %}x{% else %}none{% endfor %}|"
+        "{% for x in [[1, [2]], [3]] recursive %}({{ x if x is number else loop(x) }}){% endfor %}|"
+        "{% macro box(t) %}[{{ t ~ caller() }}]{% endmacro %}{% call box('k') %}{{ 2 * 3 }}{% endcall %}|"
+        "{% set block %}{% for m in messages | selectattr('role', 'equalto', 'user') %}{{ m.content[:2] }}"
+        "{% endfor %}{% endset %}{{ block | upper }}|{{ ('ab' ~ 1) * 2 + 'c' }}|{{ '%5s|%-3d' % ('x', 4) }}|"
+        "{{ '{:>4}'.format(7) }}|{{ 'x'.center(5) }}|{{ [1, 2] + [3] }}|{{ 2 ** 10 }}|{{ 7 % 4 }}"
+    )
+    for messages in (CONVERSATIONS[0], CONVERSATIONS[1]):
+        expected = hf.apply_chat_template(messages, chat_template=template, tokenize=False)
+        assert ours.apply_chat_template(messages, chat_template=template) == expected
+
+
+RUNAWAY_TEMPLATES = {
+    # issue 12.2: these froze the event loop for 45 s and 27 s (9.6 GB)
+    "nested ranges": ("{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}", "steps"),
+    "quiet nested ranges": ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+                            "steps"),
+    "string repetition": ("{{ 'a' * 10**10 }}", "repetition"),
+    "list repetition": ("{% set x = [0] * 10**9 %}", "repetition"),
+    "repetition in a variable": ("{% set n = 10**10 %}{{ n * 'a' }}", "repetition"),
+    "huge output": ("{% for i in range(100000) %}{{ messages[0].content * 10 }}{% endfor %}", "output"),
+    "output captured in a macro": ("{% macro m() %}{% for i in range(100000) %}" + "y" * 100
+                                   + "{% endfor %}{% endmacro %}{% set s = m() %}", "output"),
+    "doubling by ~": ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+                      "{% endfor %}", "concatenation"),
+    "doubling by +": ("{% set ns = namespace(s=['ab']) %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
+                      "{% endfor %}", "concatenation"),
+    "huge integer power": ("{{ 3 ** 100000000 }}", "power"),  # Jinja's ** groups to the left
+    "power of powers": ("{{ (10 ** 10) ** (10 ** 10) }}", "power"),
+    "squaring": ("{% set ns = namespace(n=3) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}{% endfor %}",
+                 "product"),
+    "center filter": ("{{ 'a' | center(10**10) }}", "center"),
+    "indent filter": ("{{ 'a\nb' | indent(10**9) }}", "indent"),
+    "replace filter": ("{{ ('a' * 100000) | replace('', 'b' * 1000) }}", "replace"),
+    "join filter": ("{{ range(100000) | join('x' * 1000) }}", "join"),
+    "batch filter": ("{{ [1] | batch(10**10, 0) | list }}", "batch"),
+    "slice filter": ("{{ [1] | slice(10**10) | list }}", "slice"),
+    "printf width": ("{{ '%10000000000d' % 1 }}", "width"),
+    "printf star width": ("{{ '%*d' % (10**10, 1) }}", "'\\*'"),
+    "format filter width": ("{{ '%10000000000s' | format('a') }}", "width"),
+    "str.format width": ("{{ '{:>10000000000}'.format(1) }}", "width"),
+    "str.format nested width": ("{{ '{:{}}'.format(1, 10**10) }}", "nested"),
+    "str.ljust": ("{{ 'a'.ljust(10**10) }}", "ljust"),
+    "str.zfill": ("{{ 'a'.zfill(10**10) }}", "zfill"),
+    "str.join": ("{{ ('x' * 1000).join(range(100000) | map('string')) }}", "join"),
+    "str.replace": ("{{ ('a' * 100000).replace('', 'b' * 1000) }}", "replace"),
+    "str.expandtabs": ("{{ ('\t' * 1000).expandtabs(10**9) }}", "expandtabs"),
+    "tojson indent": ("{{ messages | tojson(indent=10**9) }}", "indent"),
+    "doubling list literal": ("{% set ns = namespace(x=messages) %}{% for i in range(64) %}"
+                              "{% set ns.x = [ns.x, ns.x] %}{% endfor %}{{ ns.x }}", "literal"),
+    "doubling dict literal": ("{% set ns = namespace(x=1) %}{% for i in range(64) %}"
+                              "{% set ns.x = {'a': ns.x, 'b': ns.x} %}{% endfor %}{{ ns.x | tojson }}", "literal"),
+    "doubling by dict()": ("{% set ns = namespace(x='abc') %}{% for i in range(64) %}"
+                           "{% set ns.x = dict(a=ns.x, b=ns.x) %}{% endfor %}{{ ns.x }}", "call"),
+    "repeating a list of lists": ("{% set x = [messages] * 100000 %}", "repetition"),
+    "bytes repetition": ("{{ 'a'.encode() * 10**10 }}", "repetition"),
+    "str.translate": ("{{ ('a' * 100000).translate({97: 'b' * 100000}) }}", "translate"),
+    "summing lists": ("{{ range(100000) | map('string') | map('list') | sum(start=[]) | length }}", "built more"),
+    "lipsum": ("{{ lipsum(10**9) }}", "lipsum"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RUNAWAY_TEMPLATES))
+def test_runaway_templates_raise_chat_template_error(pair, name):
+    """Each would run for minutes or take gigabytes; they raise ChatTemplateError instead
+    (no timing is asserted: that they end with the error is the test)."""
+    kind, ours, _ = pair
+    template, reason = RUNAWAY_TEMPLATES[name]
+    messages = [{"role": "user", "content": "0123456789" * 10}]
+    with pytest.raises(ChatTemplateError, match=reason) as info:
+        ours.apply_chat_template(messages, chat_template=template)
+    assert isinstance(info.value, amlx.ChatTemplateError) and isinstance(info.value, ValueError)
+
+
+def test_allocations_add_up_to_a_limit(pair):
+    """Many objects each under the size limit still count towards the allocation budget."""
+    kind, ours, _ = pair
+    from amlx.chat_template import TemplateLimits
+
+    ours = copy.copy(ours)
+    ours.template_limits = TemplateLimits(max_output=1 << 16)
+    template = ("{% set ns = namespace(n=0) %}{% for i in range(10000) %}"
+                "{% set ns.n = ns.n + (messages[0].content * 500) | length %}{% endfor %}{{ ns.n }}")
+    messages = [{"role": "user", "content": "0123456789" * 10}]
+    with pytest.raises(ChatTemplateError, match="built more"):
+        ours.apply_chat_template(messages, chat_template=template)
+    assert ours.apply_chat_template(messages, chat_template=template.replace("10000", "20")) == "1000000"
+
+
+def test_recursive_loops_count_their_items(pair):
+    """`loop(items)` in a recursive for runs a new level over items the template chose:
+    those iterations are steps too (1e10 of them here, under a smaller step budget)."""
+    kind, ours, _ = pair
+    from amlx.chat_template import TemplateLimits
+
+    ours = copy.copy(ours)
+    ours.template_limits = TemplateLimits(max_steps=200_000, max_seconds=600)
+    template = ("{% for x in [0] recursive %}{% if loop.depth < 3 %}{{ loop(range(100000)) }}{% endif %}"
+                "{% endfor %}")
+    with pytest.raises(ChatTemplateError, match="steps"):
+        ours.apply_chat_template(CONVERSATIONS[0], chat_template=template)
+
+
+def test_time_budget_is_checked_inside_loops(pair):
+    kind, ours, _ = pair
+    from amlx.chat_template import TemplateLimits
+
+    ours = copy.copy(ours)
+    ours.template_limits = TemplateLimits(max_seconds=0.0)  # any step is over time
+    with pytest.raises(ChatTemplateError, match="longer than"):
+        ours.apply_chat_template(CONVERSATIONS[0], chat_template="{% for m in messages %}{{ m.role }}{% endfor %}")
+    assert Tokenizer.template_limits.max_seconds > 0  # the class default is untouched
+
+
+def test_limits_leave_long_conversations_alone(pair):
+    """The output limit grows with the inputs: a conversation of 6 MB renders."""
+    kind, ours, hf = pair
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{i} " + "word " * 40000}
+                for i in range(31)]
+    got = ours.apply_chat_template(messages)
+    assert len(got) > 6_000_000
+    assert got == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 # ------------------------------------------------------------------------------ streaming

@@ -20,13 +20,6 @@ _binary_float = lib.mlxc_binary_float
 _binary_int = lib.mlxc_binary_int
 
 
-def _wrap(handle) -> "Array":
-    """An Array owning `handle` (a new mlxc_array)."""
-    a = _alloc(Array)
-    a._h = handle
-    return a
-
-
 def _call(fn, op: str, *args) -> "Array":
     """Calls an mlxc function whose last parameter is `mlxc_array* out`."""
     out = _new(_ARRAY_OUT)

@@ -9,15 +9,15 @@ missing, misshaped or left over.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from amlx._mlx import Array, array, fast, ops
 from amlx._mlx import float32 as _f32
+from amlx._mlx import uint32
 from amlx.cache import BLOCK, KVCache, memoized
-from amlx.models import decode_attention, step_kernels
+from amlx.models import decode_attention, rope, step_kernels
 from amlx.errors import ModelLoadError
 from amlx.models.nn import (Embedding, Linear, Module, QuantizedEmbedding, QuantizedLinear, RMSNorm,
                             split_outputs)
@@ -38,15 +38,21 @@ class Weights:
     def has(self, name: str) -> bool:
         return name in self._tensors
 
-    def _get(self, name: str, shape: tuple | None, cast: bool = True) -> Array:
+    def _get(self, name: str, shape: tuple | None, packed: bool = False) -> Array:
+        """The tensor, its shape and dtype checked: floating point, or uint32 for
+        the `packed` weights of quantized layers. A mislabelled tensor (a float
+        weight stored as I32: same bytes, wrong numbers) is refused, not run."""
         if name not in self._tensors:
             raise ModelLoadError(f"{self._where}: tensor {name!r} is missing")
         a = self._tensors[name]
         if shape is not None and tuple(a.shape) != tuple(shape):
             raise ModelLoadError(f"{self.origin(name)}: tensor {name!r} has shape {tuple(a.shape)}, expected "
                                  f"{tuple(shape)}")
+        if (a.dtype is not uint32) if packed else not a.dtype.is_floating:
+            raise ModelLoadError(f"{self.origin(name)}: tensor {name!r} has dtype {a.dtype.name}, expected "
+                                 f"{'uint32 (packed quantized weights)' if packed else 'a floating-point type'}")
         self.taken.add(name)
-        if cast and self._dtype is not None and a.dtype.is_floating and a.dtype is not self._dtype:
+        if not packed and self._dtype is not None and a.dtype is not self._dtype:
             a = a.astype(self._dtype)
         return a
 
@@ -72,7 +78,7 @@ class Weights:
         if in_dim % group or (in_dim * bits) % 32:
             raise ModelLoadError(f"{self._where}: {prefix} cannot be quantized with group size {group} and "
                                  f"{bits} bits (input size {in_dim})")
-        w = self._get(f"{prefix}.weight", (out_dim, in_dim * bits // 32), cast=False)
+        w = self._get(f"{prefix}.weight", (out_dim, in_dim * bits // 32), packed=True)
         scales = self._get(f"{prefix}.scales", (out_dim, in_dim // group))
         biases = self._get(f"{prefix}.biases", (out_dim, in_dim // group))
         return w, scales, biases, group, bits
@@ -102,30 +108,39 @@ class Weights:
 
 
 class RoPE:
-    """Rotary position embedding in the rotate-half convention of HF checkpoints."""
+    """Rotary position embedding in the rotate-half convention of HF checkpoints.
+
+    Plain and linear rope run on MLX's base/scale form; llama3 and yarn pass
+    their per-pair frequencies (`amlx.models.rope`). YaRN also multiplies cos
+    and sin by `attention_factor`, i.e. queries and keys both: `Attention`
+    folds its square into the attention scale."""
 
     def __init__(self, dims: int, base: float, scaling: dict | None = None):
         self.dims = dims
         self.base: float | None = base
         self.scale = 1.0
+        self.attention_factor = 1.0
         self.freqs: Array | None = None
         self._periods = np.asarray(base, np.float64) ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
         self._inv_freq: Array | None = None
         kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         if kind in (None, "default"):
-            pass
-        elif kind == "linear":
+            return
+        if kind == "linear":
             self.scale = 1.0 / float(scaling["factor"])
-        elif kind == "llama3":
-            from amlx.models.config import llama3_rope_freqs
-
-            inv = llama3_rope_freqs(dims, base, scaling)
-            # MLX's rope takes the period of each pair (1 / inverse frequency).
-            self._periods = 1.0 / np.asarray(inv, dtype=np.float64)
-            self.freqs = array(self._periods.astype(np.float32), _f32)
-            self.base = None
+            return
+        if kind == "llama3":
+            inv = rope.llama3_inv_freqs(dims, base, scaling)
+        elif kind == "yarn":
+            inv = rope.yarn_inv_freqs(dims, base, scaling)
+            self.attention_factor = rope.yarn_attention_factor(scaling)
         else:
-            raise ModelLoadError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+            raise ModelLoadError(f"rope scaling type {kind!r} is not supported (supported: "
+                                 f"{', '.join(rope.ROPE_TYPES)})")
+        # MLX's rope takes the period of each pair (1 / inverse frequency).
+        self._periods = 1.0 / np.asarray(inv, dtype=np.float64)
+        self.freqs = array(self._periods.astype(np.float32), _f32)
+        self.base = None
 
     def close(self) -> None:
         for a in (self.freqs, self._inv_freq):
@@ -161,10 +176,11 @@ class Step:
     all layers use, made once per pass instead of once per layer (masks,
     cache-write indices)."""
 
-    def __init__(self, batch: int, length: int, pos: int | Array):
+    def __init__(self, batch: int, length: int, pos: int | Array, decode_kernel: bool = False):
         self.batch, self.length, self.pos = batch, length, pos
         self.memo: dict = {}
-        self.decode_kernel = length == 1 and not isinstance(pos, int) and decode_attention.enabled()
+        # the CUDA decode kernels, where the engine chose them (CausalLM.use_decode_kernel)
+        self.decode_kernel = decode_kernel and length == 1 and not isinstance(pos, int)
 
     def causal_mask(self, window: int | None) -> str | Array:
         return memoized(self.memo, ("causal", window), lambda: causal_mask(self.length, window))
@@ -186,7 +202,8 @@ class Attention(Module):
             self.q_norm = qk_norm(f"{prefix}.q_norm", head_dim)
             self.k_norm = qk_norm(f"{prefix}.k_norm", head_dim)
         self._n_heads, self._n_kv, self._head_dim = n_heads, n_kv, head_dim
-        self._scale, self._rope, self.window = scale, rope, window
+        # YaRN scales queries and keys by its attention factor: the same as scaling q.k by its square
+        self._scale, self._rope, self.window = scale * rope.attention_factor ** 2, rope, window
 
     def _heads(self, y: Array, step: Step, n: int) -> Array:
         """(B*L, n*D) -> (B, n, L, D). With one token per row the two layouts
@@ -306,25 +323,10 @@ def residual(step: Step, x: Array, y: Array, norm: Module, pre: Module | None = 
     return total, norm(total)
 
 
-@dataclass
-class ModelInfo:
-    """What a loaded model is (the public `Model.info` adds device and parameter count)."""
-
-    architecture: str
-    num_layers: int
-    hidden_size: int
-    vocab_size: int
-    context_length: int
-    quantization: dict | None
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "ModelInfo":
-        return cls(cfg["arch"], cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"],
-                   cfg["max_position_embeddings"], cfg["quantization"])
-
-
 class Decoder(Module):
     """`model.*` of a checkpoint: embed_tokens, layers, norm."""
+
+    decode_kernel = False  # see CausalLM.use_decode_kernel
 
     def __init__(self, embed_tokens: Module, layers: list, norm: Module, embed_scale: float | None = None):
         self.embed_tokens, self.layers, self.norm = embed_tokens, layers, norm
@@ -334,7 +336,7 @@ class Decoder(Module):
         """Final hidden states (B*L, hidden) of token ids (B, L): activations stay
         two-dimensional between layers, so every projection is one plain matmul."""
         b, length = ids.shape
-        step = Step(b, length, pos)
+        step = Step(b, length, pos, self.decode_kernel)
         h = self.embed_tokens(ops.reshape(ids, (b * length,)))
         if self._embed_scale is not None:
             # Rounded to the activation dtype first, as the reference does.
@@ -357,12 +359,10 @@ class CausalLM(Module):
 
     model_type = ""
 
-    def __init__(self, model: Decoder, lm_head: Module | None, info: ModelInfo,
-                 final_softcap: float | None = None):
+    def __init__(self, model: Decoder, lm_head: Module | None, final_softcap: float | None = None):
         self.model = model
         if lm_head is not None:
             self.lm_head = lm_head
-        self.info = info
         self._final_softcap = final_softcap
         self._unused: list[Array] = []
 
@@ -391,6 +391,11 @@ class CausalLM(Module):
     @property
     def layers(self) -> list:
         return self.model.layers
+
+    def use_decode_kernel(self, on: bool) -> None:
+        """Whether decode steps use the CUDA decode kernels (decode_attention,
+        step_kernels): a choice the engine makes once when it is built."""
+        self.model.decode_kernel = bool(on)
 
     def make_cache(self, block: int = BLOCK) -> list[KVCache]:
         return [KVCache(window=layer.self_attn.window, block=block) for layer in self.model.layers]

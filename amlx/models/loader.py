@@ -1,24 +1,22 @@
-"""Checkpoint loading: config, safetensors (single file or shards), weight checks."""
+"""Checkpoint loading: the host phase (`amlx.checkpoint.read_checkpoint`: files,
+config, headers, all checked without MLX) and the MLX phase (`build_model`:
+lazy arrays, the architecture's module tree, every weight read)."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from amlx._mlx import Array, eval as mx_eval, io
+from amlx._mlx import Array, eval as mx_eval
 from amlx._mlx.dtypes import as_dtype
+from amlx.checkpoint import CheckpointSpec, read_checkpoint, read_tensors
 from amlx.errors import MLXError, ModelLoadError
-from amlx.models import gemma3, llama, qwen2, qwen3
 from amlx.models.base import CausalLM, Weights
-from amlx.models.config import load_config
+from amlx.models.registry import architecture
 
-# normalised arch name -> builder
-ARCHITECTURES = {"qwen3": qwen3.build, "qwen2": qwen2.build, "llama": llama.build, "gemma3": gemma3.build}
-
-# Tensors real checkpoints carry that inference does not use.
-_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+__all__ = ["LoadedModel", "build_model", "build_module_tree", "check_dtype", "load_model", "prepare"]
 
 
 @dataclass
@@ -27,128 +25,91 @@ class LoadedModel:
     config: dict
     path: Path
     dtype: str
+    args: Any = None  # the architecture's ModelArgs
 
 
-def checkpoint_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory, in shard order."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ModelLoadError(f"{index}: not a valid safetensors index ({exc})") from None
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise ModelLoadError(f"{index}: shard file(s) missing: {', '.join(missing)}")
-        return [path / f for f in files]
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    others = sorted(path.glob("*.safetensors"))
-    if others:
-        return others
-    raise ModelLoadError(f"{path}: no model.safetensors (or model.safetensors.index.json with shards) found")
+def check_dtype(dtype: Any):
+    """The MLX dtype a `dtype` override names (None: keep the checkpoint's); ValueError otherwise."""
+    if dtype is None:
+        return None
+    try:
+        dt = as_dtype(dtype)
+    except (TypeError, ValueError, KeyError):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}") from None
+    if not dt.is_floating:
+        raise ValueError(f"dtype must be a floating-point type, not {dt.name}")
+    return dt
 
 
-def _read_tensors(files: list[Path], index_map: dict | None, origin: dict[str, str] | None = None) -> dict[str, Array]:
-    """Every tensor of the files by name (lazy); `origin` gets each name's file."""
-    tensors: dict[str, Array] = {}
-    origin = {} if origin is None else origin
-    for f in files:
-        try:
-            arrays, _ = io.load_safetensors(f)
-        except MLXError as exc:
-            raise ModelLoadError(f"{f}: cannot read safetensors ({exc.mlx_message})") from None
-        for name, arr in arrays.items():
-            if name in tensors:
-                raise ModelLoadError(f"{f}: tensor {name!r} appears in more than one shard")
-            tensors[name] = arr
-            origin[name] = str(f)
-    if index_map:
-        for n, listed in index_map.items():
-            if n not in tensors or Path(origin[n]).name != listed:
-                where = "no file holds it" if n not in tensors else f"it is in {Path(origin[n]).name}"
-                raise ModelLoadError(f"{files[0].parent / 'model.safetensors.index.json'}: lists tensor {n!r} in "
-                                     f"{listed}, but that file does not hold it ({where})")
-    return tensors
-
-
-def local_quantization(quant: dict | None, prefix: str) -> dict | None:
-    """The config's quantization with per-layer keys named like the text model's own
-    tensors: mlx-lm names them by full path (``language_model.model.layers.0...``)."""
-    if not quant or not prefix:
-        return quant
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in quant.items()}
-
-
-def load_model(path: str | os.PathLike, dtype=None, progress: bool | None = None) -> LoadedModel:
-    """Loads a checkpoint directory. `dtype` ("float32", "bfloat16", "float16")
-    overrides the checkpoint's floating-point type."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"{path}: not a directory (expected a Hugging Face or MLX checkpoint)")
-    cfg = load_config(path)
-    dt = None
-    if dtype is not None:
-        try:
-            dt = as_dtype(dtype)
-        except TypeError:
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}") from None
-        if not dt.is_floating:
-            raise ValueError(f"dtype must be a floating-point type, not {dt.name}")
-    files = checkpoint_files(path)
-    index = path / "model.safetensors.index.json"
-    index_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
-    origin: dict[str, str] = {}
-    tensors = _read_tensors(files, index_map, origin)
-    prefix = cfg["weight_prefix"]
+def build_module_tree(spec: CheckpointSpec, tensors: dict[str, Array], dt=None) -> tuple[CausalLM, list[Array]]:
+    """The architecture's model over `tensors` (lazy, nothing read) and the tensors
+    it does not use. Every tensor the model reads is checked for shape and dtype;
+    ModelLoadError names what is missing, misshaped, mislabelled or left over."""
+    args = spec.args
     own, unused = {}, []
     for name, arr in tensors.items():
-        if prefix and not name.startswith(prefix):
-            unused.append(arr)  # e.g. the vision tower of a multimodal checkpoint
-        elif name.endswith(_IGNORED_SUFFIXES) or (cfg["tie_word_embeddings"] and name == prefix + "lm_head.weight"):
-            unused.append(arr)
+        local = args.weight_name(name)
+        if local is None:
+            unused.append(arr)  # the vision tower of a multimodal checkpoint, rotary caches
         else:
-            own[name[len(prefix):]] = arr
-    w = Weights(own, local_quantization(cfg["quantization"], prefix), str(path), dtype=dt,
-                origin={n[len(prefix):]: f for n, f in origin.items() if n.startswith(prefix)})
+            own[local] = arr
+    w = Weights(own, args.text_quantization(), str(spec.path), dtype=dt,
+                origin={args.weight_name(n): str(t.file) for n, t in spec.tensors.items()
+                        if args.weight_name(n) is not None})
+    model = architecture(spec.raw_config["model_type"]).build(args, w)
+    extra = w.leftover()
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        listed = ", ".join(f"{n!r} in {Path(w.origin(n)).name}" for n in extra[:3])
+        raise ModelLoadError(f"{spec.path}: unexpected tensor(s) {listed}{more} for a {args.arch} model with "
+                             f"this config")
+    return model, unused
+
+
+def build_model(spec: CheckpointSpec, dtype=None, progress: bool | None = None) -> LoadedModel:
+    """The MLX phase of loading (on the engine's worker): arrays, the model, every
+    weight read. `dtype` ("float32", "bfloat16", "float16") overrides the
+    checkpoint's floating-point type."""
+    dt = check_dtype(dtype)
+    tensors = read_tensors(spec)
     try:
-        model = ARCHITECTURES[cfg["arch"]](cfg, w)
-    except ModelLoadError:
+        model, unused = build_module_tree(spec, tensors, dt)
+    except BaseException:
         for a in tensors.values():
             a.close()
         raise
-    extra = w.leftover()
-    if extra:
-        for a in tensors.values():
-            a.close()
-        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
-        listed = ", ".join(f"{n!r} in {Path(w.origin(n)).name}" for n in extra[:3])
-        raise ModelLoadError(f"{path}: unexpected tensor(s) {listed}{more} for a {cfg['arch']} model with "
-                             f"this config")
     model._unused = unused
-    _materialise(model, path, progress)
+    _materialise(model, spec.path, progress)
     first = next(p for _, p in model.named_parameters() if p.dtype.is_floating)
-    return LoadedModel(model, cfg, path, (dt or first.dtype).name)
+    return LoadedModel(model, spec.config, spec.path, (dt or first.dtype).name, spec.args)
+
+
+def prepare(path: str | os.PathLike, dtype=None) -> CheckpointSpec:
+    """The host phase of loading: the options checked and the checkpoint's files
+    read and validated (`amlx.checkpoint.read_checkpoint`). Pure Python, no MLX:
+    it may run on any thread, and a hostile file cannot block it (FIFOs, devices,
+    oversized json and out-of-bounds sizes are refused before anything is opened
+    or allocated)."""
+    check_dtype(dtype)
+    return read_checkpoint(path)
+
+
+def load_model(path: str | os.PathLike, dtype=None, progress: bool | None = None) -> LoadedModel:
+    """Loads a checkpoint directory: `prepare` then `build_model`."""
+    return build_model(prepare(path, dtype), dtype, progress)
 
 
 def _materialise(model: CausalLM, path: Path, progress: bool | None) -> None:
     """Reads every weight now, so I/O errors surface at load and not mid-request."""
-    params = [p for _, p in model.named_parameters()]
-    groups = [params[i:i + 16] for i in range(0, len(params), 16)]
-    try:
-        from tqdm import tqdm
+    from amlx.checkpoint import progress_bar
 
-        bar = tqdm(total=len(params), desc=f"loading {path.name}", unit="tensor", disable=progress is False
-                   if progress is not None else None, leave=False)
-    except ImportError:  # pragma: no cover
-        bar = None
+    params = [p for _, p in model.named_parameters()]
+    bar = progress_bar(len(params), f"loading {path.name}", progress)
     try:
-        for g in groups:
-            mx_eval(*g)
+        for i in range(0, len(params), 16):
+            mx_eval(*params[i:i + 16])
             if bar is not None:
-                bar.update(len(g))
+                bar.update(len(params[i:i + 16]))
         model.prepare()
     except MLXError as exc:
         model.close()

@@ -34,8 +34,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -43,7 +41,9 @@ from typing import Sequence
 from amlx._mlx import Array, io, ops, random
 from amlx._mlx import eval as mx_eval
 from amlx._mlx import float32 as _f32
-from amlx.errors import ModelLoadError
+from amlx.checkpoint import (check_destination, copy_carried, read_checkpoint, read_header, read_json,
+                             read_tensors, staged_directory, write_config, write_weights)
+from amlx.errors import MLXError, ModelLoadError
 from amlx.models.nn import Linear, Module, QuantizedLinear, dense, weight_t
 
 __all__ = ["DEFAULT_TARGETS", "LoRALinear", "LoRAConfig", "apply_lora", "remove_lora", "lora_modules",
@@ -350,21 +350,14 @@ def _bad(where, why: str) -> ModelLoadError:
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.exists():
         raise _bad(path.parent, f"no {path.name} (an adapter directory holds {ADAPTER_WEIGHTS} or {PEFT_WEIGHTS} "
-                                f"with {ADAPTER_CONFIG})") from None
-    except (OSError, ValueError) as exc:
-        raise _bad(path, f"cannot read the adapter config ({exc})") from None
-    if not isinstance(data, dict):
-        raise _bad(path, "the adapter config is not a JSON object")
-    return data
+                                f"with {ADAPTER_CONFIG})")
+    return read_json(path)
 
 
 def _read_weights(path: Path) -> dict[str, Array]:
-    from amlx.errors import MLXError
-
+    read_header(path)  # a regular safetensors file, or a clear error before MLX opens it
     try:
         arrays, _ = io.load_safetensors(path)
     except MLXError as exc:
@@ -584,65 +577,45 @@ def _n_params(tensors: dict[str, Array], bits_of: dict[str, int]) -> int:
     return n
 
 
-def _fuse_on_worker(src: Path, adapter, dst: Path, dequantize: bool, progress) -> Path:
-    from amlx.convert import _CARRIED_SUFFIXES, _NOT_CARRIED, _rewrite_config, _write_weights
-    from amlx.models import load_model
-    from amlx.models.config import _read_json
-    from amlx.models.loader import _read_tensors, checkpoint_files
+def _fused_tensors(loaded, adapter, dequantize: bool, source: dict[str, Array]) -> tuple[dict[str, Array], int]:
+    """The checkpoint's tensors with every adapted layer's replaced by its fused
+    weights (own handles: the writer closes what it writes) and the parameter count."""
+    load_adapter(loaded.model, adapter, loaded.config)
+    prefix = loaded.args.weight_prefix
+    fused: dict[str, Array | None] = {}
+    for p in fuse_lora(loaded.model, dequantize):
+        m = loaded.model.get_module(p)
+        for leaf in ("weight", "scales", "biases"):
+            fused[prefix + p + "." + leaf] = getattr(m, leaf, None)
+    out = {name: arr for name, arr in source.items() if name not in fused}
+    out.update({name: Array(arr) for name, arr in fused.items() if arr is not None})
+    # quantized layers (linear and embedding) count their unpacked parameters
+    bits_of = {prefix + p: m._bits for p, m in loaded.model.named_modules() if hasattr(m, "_bits")}
+    return out, _n_params(out, bits_of)
 
-    loaded = load_model(src, progress=False)
+
+def _fuse_on_worker(src: Path, adapter, dst: Path, dequantize: bool, progress) -> Path:
+    from amlx.convert import mlx_config
+    from amlx.models import build_model
+
+    spec = read_checkpoint(src)
+    loaded = build_model(spec, progress=False)
+    source: dict[str, Array] = {}
     try:
-        load_adapter(loaded.model, adapter, loaded.config)
-        prefix = loaded.config["weight_prefix"]
-        paths = fuse_lora(loaded.model, dequantize)
-        fused: dict[str, Array | None] = {}
-        for p in paths:
-            m = loaded.model.get_module(p)
-            for leaf in ("weight", "scales", "biases"):
-                fused[prefix + p + "." + leaf] = getattr(m, leaf, None)
-        files = checkpoint_files(src)
-        index = src / "model.safetensors.index.json"
-        index_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
-        source = _read_tensors(files, index_map)
-        out: dict[str, Array] = {}
-        for name, arr in source.items():
-            if name in fused:
-                continue
-            out[name] = arr
-        for name, arr in fused.items():
-            if arr is not None:
-                out[name] = Array(arr)  # a handle of our own: the writer closes what it writes
-        bits_of = {}
-        for p, m in loaded.model.named_modules():
-            if isinstance(m, (QuantizedLinear,)) or hasattr(m, "_bits"):
-                bits_of[prefix + p] = m._bits
-        still_quantized = any(n.endswith(".scales") for n in out)
-        raw = _read_json(src / "config.json", required=True)
-        config = _rewrite_config(raw, loaded.config, None, None, 64)
-        if not still_quantized:
+        source = read_tensors(spec)
+        out, n_params = _fused_tensors(loaded, adapter, dequantize, source)
+        config = mlx_config(spec.raw_config, spec.args, None, None, 64)
+        if not any(n.endswith(".scales") for n in out):
             config.pop("quantization", None)
             config.pop("quantization_config", None)
         units = [([(name, out[name])], Array(out[name])) for name in sorted(out)]
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
-        try:
-            _write_weights(tmp, units, _n_params(out, bits_of), 5 << 30, src, progress)
-            (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
-            for f in sorted(src.iterdir()):
-                # tokenizer, chat template and generation config; not the weight index, the
-                # config (rewritten above) or quantization files of other tools
-                if f.is_file() and f.name.endswith(_CARRIED_SUFFIXES) and f.name not in _NOT_CARRIED \
-                        and f.name not in ("config.json", ADAPTER_CONFIG) and not f.name.endswith(".index.json"):
-                    shutil.copyfile(f, tmp / f.name)
-            if dst.exists():
-                dst.rmdir()
-            os.replace(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with staged_directory(dst) as tmp:
+            write_weights(tmp, units, n_params, 5 << 30, f"converting {src.name}", progress)
+            write_config(tmp, config)
+            copy_carried(src, tmp, skip=(ADAPTER_CONFIG,))
+    finally:
         for a in source.values():
             a.close()
-    finally:
         loaded.model.close()
     return dst
 
@@ -658,12 +631,6 @@ def fuse(model: str | os.PathLike, adapter: str | os.PathLike, dst: str | os.Pat
     from amlx.engine.worker import Worker
 
     src, dst = Path(model), Path(dst)
-    if not src.is_dir():
-        raise ModelLoadError(f"{src}: not a directory (expected a Hugging Face or MLX checkpoint)")
-    s, d = src.resolve(), dst.resolve()
-    if d == s or s in d.parents:
-        raise ValueError(f"dst {dst} must lie outside the source checkpoint {src}")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise ValueError(f"dst {dst} already exists and is not an empty directory")
+    check_destination(src, dst)
     return Worker.get().run_sync(lambda: _fuse_on_worker(src, adapter, dst, bool(dequantize), progress))
 

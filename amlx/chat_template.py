@@ -1,0 +1,551 @@
+"""Chat templates rendered in a sandboxed Jinja environment with limits.
+
+Jinja's immutable sandbox stops a checkpoint's template from reaching Python
+internals or mutating its inputs, but not from looping or allocating without
+end: `{% for a in range(100000) %}{% for b in range(100000) %}` or
+`'a' * 10**10` would freeze the thread rendering it. `ChatEnvironment` adds a
+budget per render (`TemplateLimits`), counted from hooks the template cannot
+avoid:
+
+- every loop iteration, call, filter and intercepted operator is a *step*;
+  steps are bounded, and each step checks the render's deadline (the time
+  budget is cooperative: one Python operation may overshoot it, but none can
+  run unbounded since every size is checked first);
+- every piece of text a template emits (also inside macros and `{% set %}`
+  blocks) counts towards the output limit;
+- operations that can make large objects from small ones are checked before
+  they run: `*` on strings and lists, `+`, `~`, `**`, `%` formatting widths,
+  `str.format` widths, string padding and `replace` / `join`, and the
+  filters that take a size (`center`, `indent`, `wordwrap`, `batch`, `slice`,
+  `format`, `join`, `replace`, `sum`, `tojson`'s indent); every result counts
+  towards an allocation budget, so many medium objects cannot add up either;
+- lists, tuples and dicts (literals, and what calls and filters return) are
+  measured written out, a shared part once per reference, so `[x, x]` doubling
+  in a loop cannot build something whose str() or tojson is astronomically
+  large.
+
+Loops and output are hooked by rewriting the template's syntax tree once, when
+it is compiled (`For.iter`, `Output` and `Concat` nodes get a counting filter
+wrapped around them); operators through the sandbox's
+`intercepted_binops`; calls through the sandbox's `call`. Going over any limit
+raises `ChatTemplateError` naming it. Templates that stay inside the limits
+render exactly as before (and as transformers renders them).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import json
+import re
+import string
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.runtime
+import jinja2.sandbox
+import jinja2.utils
+import jinja2.visitor
+
+from amlx.errors import ChatTemplateError
+
+__all__ = ["TemplateLimits", "ChatEnvironment", "render"]
+
+
+@dataclass(frozen=True)
+class TemplateLimits:
+    """What one render of a chat template may use.
+
+    - max_output: characters the template may emit, and the largest string or
+      list it may build, on top of `input_factor` times the size of its inputs
+      (messages, tools, documents), so long conversations always fit;
+    - max_steps: loop iterations, calls, filters and operators;
+    - max_seconds: wall time of the render (checked at every step);
+    - alloc_factor: all the strings and lists the checked operations build
+      together may reach this many times the output limit.
+    """
+
+    max_output: int = 4 << 20
+    input_factor: int = 4
+    max_steps: int = 1_000_000
+    max_seconds: float = 10.0
+    alloc_factor: int = 64
+
+
+class _Budget:
+    """The running counts of one render."""
+
+    def __init__(self, limits: TemplateLimits, input_chars: int):
+        self.size_cap = limits.max_output + limits.input_factor * input_chars
+        self.output_left = self.size_cap
+        self.alloc_left = limits.alloc_factor * self.size_cap
+        self.steps_left = limits.max_steps
+        self.limits = limits
+        self.deadline = time.monotonic() + limits.max_seconds
+        self._expanded: dict[int, tuple[Any, int]] = {}  # id -> (container, its expanded size)
+
+    def step(self) -> None:
+        self.steps_left -= 1
+        if self.steps_left < 0:
+            raise ChatTemplateError(f"the chat template ran more than {self.limits.max_steps} steps "
+                                    "(loop iterations, calls, filters): refused")
+        if time.monotonic() > self.deadline:
+            raise ChatTemplateError(f"the chat template ran longer than {self.limits.max_seconds:g} s: refused")
+
+    def size(self, n: int, what: str) -> None:
+        """Refuses to make an object of n characters or items; charges it to the allocation budget."""
+        if n > self.size_cap:
+            raise ChatTemplateError(f"{what} would make {n} characters or items, over the chat template limit "
+                                    f"of {self.size_cap}")
+        self.charge(n)
+
+    def charge(self, n: int) -> None:
+        self.alloc_left -= n
+        if self.alloc_left < 0:
+            raise ChatTemplateError("the chat template built more data than its limit "
+                                    f"({self.limits.alloc_factor} x {self.size_cap} characters or items)")
+
+    def expanded(self, value: Any) -> int:
+        """The size of `value` written out (what str() or tojson would make of it): the
+        characters of its strings and numbers, a container counted once per reference to it
+        (a list that holds another list twice counts it twice, so doubling `[x, x]` shows),
+        memoised per object so the walk is linear in the distinct objects."""
+        if isinstance(value, (str, bytes)):
+            return len(value)
+        if isinstance(value, int):
+            return value.bit_length() // 3 + 1
+        if not isinstance(value, (list, tuple, dict)):
+            return 8
+        hit = self._expanded.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        if isinstance(value, dict):
+            n = 2 + sum(self.expanded(k) + self.expanded(v) + 4 for k, v in value.items())
+        else:
+            n = 2 + sum(self.expanded(v) + 2 for v in value)
+        self._expanded[id(value)] = (value, n)  # holding it keeps its id from being reused
+        return n
+
+    def made(self, value: Any, what: str) -> None:
+        """Checks an object just made (a container by its expanded size)."""
+        if isinstance(value, (str, bytes, list, tuple, dict)):
+            self.size(self.expanded(value), what)
+
+    def emit(self, n: int) -> None:
+        self.output_left -= n
+        if self.output_left < 0:
+            raise ChatTemplateError(f"the chat template's output is over its limit of {self.size_cap} characters")
+
+
+_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("amlx_template_budget", default=None)
+
+
+def _budget() -> _Budget:
+    # Outside a render (Jinja folding constants while compiling) the default limits apply per call.
+    return _BUDGET.get() or _Budget(TemplateLimits(), 0)
+
+
+def _input_size(value: Any) -> int:
+    """Characters of plain template inputs (strings, numbers, containers of them)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, Mapping):
+        return sum(_input_size(k) + _input_size(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_input_size(v) for v in value)
+    return 8
+
+
+def render(template: jinja2.Template, limits: TemplateLimits, **variables: Any) -> str:
+    """Renders `template` (compiled by a `ChatEnvironment`) within `limits`."""
+    token = _BUDGET.set(_Budget(limits, _input_size(variables)))
+    try:
+        return template.render(**variables)
+    finally:
+        _BUDGET.reset(token)
+
+
+# -- size checks before an operation runs ---------------------------------------------
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _sized(value: Any) -> bool:
+    return isinstance(value, (str, bytes, list, tuple))
+
+
+_PRINTF = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_DIGITS = re.compile(r"\d+")
+_MAX_INT_BITS = 1 << 16
+
+
+def _check_width(budget: _Budget, digits: str, what: str) -> None:
+    budget.size(int(digits) if len(digits) <= 12 else budget.size_cap + 1, what)
+
+
+def _check_printf(budget: _Budget, fmt: str) -> None:
+    for match in _PRINTF.finditer(fmt):
+        for group in match.groups():
+            if group == "*":
+                raise ChatTemplateError("'*' widths in % formatting are not allowed in chat templates")
+            if group:
+                _check_width(budget, group, "a % format width")
+
+
+def _check_format(budget: _Budget, fmt: str) -> None:
+    try:
+        fields = list(string.Formatter().parse(fmt))
+    except ValueError:
+        return  # str.format itself will refuse it
+    for _, _, spec, _ in fields:
+        if spec and "{" in spec:
+            raise ChatTemplateError("nested fields in format specs are not allowed in chat templates")
+        for digits in _DIGITS.findall(spec or ""):
+            _check_width(budget, digits, "a format width")
+
+
+def _joined_size(sep: str, items: list) -> int:
+    return sum(len(x) if isinstance(x, str) else 8 for x in items) + len(sep) * max(len(items) - 1, 0)
+
+
+def _replaced_size(s: str, old: Any, new: Any, count: Any = -1) -> int:
+    if not (isinstance(old, str) and isinstance(new, str)):
+        return len(s)
+    hits = len(s) + 1 if old == "" else s.count(old)
+    if isinstance(count, int) and count >= 0:
+        hits = min(hits, count)
+    return len(s) + hits * max(len(new) - len(old), 0)
+
+
+def _check_bits(bits: int, what: str) -> None:
+    # Huge integers cost time, not just memory (3 ** 10**7 takes seconds): a small fixed cap.
+    if bits > _MAX_INT_BITS:
+        raise ChatTemplateError(f"{what} would have {bits} bits, over the chat template limit of {_MAX_INT_BITS}")
+
+
+def _check_binop(budget: _Budget, operator: str, left: Any, right: Any) -> None:
+    if operator == "*":
+        if _sized(left) and isinstance(right, int):
+            budget.size(budget.expanded(left) * max(right, 0), "repetition (*)")
+        elif _sized(right) and isinstance(left, int):
+            budget.size(budget.expanded(right) * max(left, 0), "repetition (*)")
+        elif isinstance(left, int) and isinstance(right, int):
+            _check_bits(left.bit_length() + right.bit_length(), "an integer product")
+    elif operator == "+" and _sized(left) and _sized(right):
+        budget.size(budget.expanded(left) + budget.expanded(right), "concatenation (+)")
+    elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
+        _check_bits(right * left.bit_length(), "a power (**)")
+    elif operator == "%" and isinstance(left, str):
+        _check_printf(budget, left)
+
+
+def _check_str_method(budget: _Budget, owner: str | bytes, name: str, args: tuple, kwargs: dict) -> tuple:
+    """Checks a call of a str (or bytes) method; returns its (possibly materialised) arguments."""
+    if name in ("ljust", "rjust", "center", "zfill") and args:
+        budget.size(_int(args[0]), f"str.{name}")
+    elif name == "expandtabs":
+        tab = args[0] if args else kwargs.get("tabsize", 8)
+        budget.size(len(owner) + owner.count("\t") * _int(tab), "str.expandtabs")
+    elif name == "replace" and len(args) >= 2:
+        budget.size(_replaced_size(owner, *args[:3]), "str.replace")
+    elif name == "join" and args:
+        items = list(args[0])
+        budget.size(_joined_size(owner, items), "str.join")
+        args = (items, *args[1:])
+    elif name == "translate" and args and isinstance(args[0], Mapping):
+        longest = max((len(v) for v in args[0].values() if isinstance(v, (str, bytes))), default=1)
+        budget.size(len(owner) * longest, "str.translate")
+    return args
+
+
+# -- filters -------------------------------------------------------------------------------
+# Each check sees a filter's arguments (without Jinja's context argument) as (args, kwargs),
+# with Jinja's parameter names, and returns the arguments to call the filter with.
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def _filter_center(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
+    budget.size(_int(_arg(args, kwargs, 1, "width", 80)), "the center filter")
+    return args
+
+
+def _filter_indent(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
+    width = _arg(args, kwargs, 1, "width", 4)
+    text = str(args[0])
+    pad = len(width) if isinstance(width, str) else _int(width)
+    budget.size(len(text) + (text.count("\n") + 1) * pad, "the indent filter")
+    return args
+
+
+def _filter_wordwrap(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
+    text = str(args[0])
+    width = max(_int(_arg(args, kwargs, 1, "width", 79)), 1)
+    wrap = _arg(args, kwargs, 3, "wrapstring", None)
+    lines = len(text) // width + text.count("\n") + 1
+    budget.size(len(text) + lines * (len(wrap) if isinstance(wrap, str) else 1), "the wordwrap filter")
+    return args
+
+
+def _filter_batch(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
+    budget.size(_int(_arg(args, kwargs, 1, "linecount", 1)), "the batch filter")
+    return args
+
+
+def _filter_slice(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
+    budget.size(_int(_arg(args, kwargs, 1, "slices", 1)), "the slice filter")
+    return args
+
+
+def _filter_format(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
+    if isinstance(args[0], str):
+        _check_printf(budget, args[0])
+    return args
+
+
+def _filter_replace(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
+    count = _arg(args, kwargs, 3, "count", None)
+    size = _replaced_size(str(args[0]), _arg(args, kwargs, 1, "old", ""), _arg(args, kwargs, 2, "new", ""),
+                          -1 if count is None else count)
+    budget.size(size, "the replace filter")
+    return args
+
+
+def _filter_join(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
+    items = list(args[0])  # a generator would be consumed twice otherwise
+    if _arg(args, kwargs, 2, "attribute", None) is None:
+        sep = str(_arg(args, kwargs, 1, "d", ""))
+        budget.size(_joined_size(sep, [x if isinstance(x, str) else str(x) for x in items]), "the join filter")
+    return (items, *args[1:])
+
+
+def _filter_tojson(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
+    indent = _arg(args, kwargs, 2, "indent", None)
+    if (len(indent) if isinstance(indent, str) else _int(indent)) > 64:
+        raise ChatTemplateError("tojson's indent is limited to 64 in chat templates")
+    return args
+
+
+def _filter_sum(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
+    start = _arg(args, kwargs, 2, "start", 0)
+    if isinstance(start, (int, float)):
+        return args
+    items = list(args[0])  # summing sequences copies the growing total once per item
+    total = budget.expanded(start) + sum(budget.expanded(x) for x in items)
+    budget.size(total, "the sum filter")
+    budget.charge(len(items) * total // 2)
+    return (items, *args[1:])
+
+
+_FILTER_CHECKS: dict[str, Callable[[_Budget, tuple, dict], tuple]] = {
+    "center": _filter_center, "indent": _filter_indent, "wordwrap": _filter_wordwrap, "batch": _filter_batch,
+    "slice": _filter_slice, "format": _filter_format, "replace": _filter_replace, "join": _filter_join,
+    "tojson": _filter_tojson, "sum": _filter_sum,
+}
+
+
+def _bounded_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    check = _FILTER_CHECKS.get(name)
+    skip = 1 if hasattr(fn, "jinja_pass_arg") else 0  # context / eval context / environment first
+
+    @functools.wraps(fn)  # keeps jinja_pass_arg
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        budget = _budget()
+        budget.step()
+        if check is not None and len(args) > skip:
+            args = (*args[:skip], *check(budget, args[skip:], kwargs))
+        result = fn(*args, **kwargs)
+        budget.made(result, f"the {name} filter")
+        return result
+
+    return bounded
+
+
+# -- the environment -----------------------------------------------------------------------
+
+def _hook(name: str, node: jinja2.nodes.Expr) -> jinja2.nodes.Expr:
+    """`node | <name>`: one of the counting filters below. They take the context, so Jinja
+    never folds them into constants at compile time, and a filter is a direct call (the
+    sandbox's `call` would cost several times more per loop item)."""
+    return jinja2.nodes.Filter(node, name, [], [], None, None, lineno=node.lineno)
+
+
+def _counted(iterable: Iterable[Any]) -> Iterator[Any]:
+    budget = _budget()
+    for item in iterable:
+        budget.step()
+        yield item
+
+
+@jinja2.pass_context
+def _loop_hook(context: Any, iterable: Iterable[Any]) -> Iterator[Any]:
+    return _counted(iterable)
+
+
+@jinja2.pass_context
+def _emit_hook(context: Any, value: Any) -> str:
+    text = value if isinstance(value, str) else str(value)
+    _budget().emit(len(text))
+    return text
+
+
+@jinja2.pass_context
+def _concat_hook(context: Any, value: str) -> str:
+    _budget().size(len(value), "concatenation (~)")
+    return value
+
+
+@jinja2.pass_context
+def _literal_hook(context: Any, value: Any) -> Any:
+    _budget().made(value, "a list, tuple or dict literal")
+    return value
+
+
+_HOOKS = {"amlx_loop": _loop_hook, "amlx_emit": _emit_hook, "amlx_concat": _concat_hook,
+          "amlx_literal": _literal_hook}
+
+
+class _Hooks(jinja2.visitor.NodeTransformer):
+    """Routes loop items, emitted text and `~` results through the counting filters."""
+
+    def visit_For(self, node: jinja2.nodes.For) -> jinja2.nodes.Node:
+        node = self.generic_visit(node)
+        node.iter = _hook("amlx_loop", node.iter)
+        return node
+
+    def visit_Output(self, node: jinja2.nodes.Output) -> jinja2.nodes.Node:
+        node = self.generic_visit(node)
+        node.nodes = [_hook("amlx_emit", child) for child in node.nodes]
+        return node
+
+    def visit_Concat(self, node: jinja2.nodes.Concat) -> jinja2.nodes.Node:
+        return _hook("amlx_concat", self.generic_visit(node))
+
+    def visit_List(self, node: jinja2.nodes.List) -> jinja2.nodes.Node:
+        return _hook("amlx_literal", self.generic_visit(node))
+
+    def visit_Dict(self, node: jinja2.nodes.Dict) -> jinja2.nodes.Node:
+        return _hook("amlx_literal", self.generic_visit(node))
+
+    def visit_Tuple(self, node: jinja2.nodes.Tuple) -> jinja2.nodes.Node:
+        node = self.generic_visit(node)
+        return _hook("amlx_literal", node) if node.ctx == "load" else node  # not assignment targets
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """Accepts `{% generation %}...{% endgeneration %}` (used by some templates to mark
+    assistant text for training masks) and simply renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
+
+
+class _SafeNamespace(jinja2.utils.Namespace):
+    """`namespace()` that refuses underscore names, so templates can't shadow internals."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:
+        self, rest = args[0], args[1:]
+        attrs = dict(*rest, **kwargs)
+        for name in attrs:
+            _SafeNamespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _SafeNamespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.sandbox.SecurityError(f"namespace attribute {name!r} is not allowed")
+
+
+def _raise_exception(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes HTML characters; chat templates expect plain json.dumps output.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:  # noqa: A002 - Jinja's names
+    _budget().size(_int(n) * _int(max) * 12, "lipsum")
+    return jinja2.utils.generate_lorem_ipsum(n=n, html=html, min=min, max=max)
+
+
+class ChatEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """The immutable sandbox with chat templates' helpers (as transformers defines
+    them) and the render limits described in the module docstring."""
+
+    # Not folded at compile time either (Jinja leaves intercepted operators to run time).
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def __init__(self) -> None:
+        super().__init__(trim_blocks=True, lstrip_blocks=True,
+                         extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+        self.filters["tojson"] = _tojson
+        self.filters = {name: _bounded_filter(name, fn) for name, fn in self.filters.items()}
+        self.filters.update(_HOOKS)
+        self.globals["raise_exception"] = _raise_exception
+        self.globals["strftime_now"] = _strftime_now
+        self.globals["namespace"] = _SafeNamespace
+        self.globals["lipsum"] = _lipsum
+
+    def compile_template(self, source: str) -> jinja2.Template:
+        """Parses `source`, adds the counting hooks and compiles it (TemplateSyntaxError if bad)."""
+        tree = _Hooks().visit(self.parse(source))
+        tree.set_environment(self)
+        return self.from_string(tree)
+
+    # -- sandbox hooks ---------------------------------------------------------------------
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        # The sandbox hands templates a wrapper for str.format / format_map (also when it is
+        # called without `call`): its widths are checked before it formats.
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        fmt = value.__self__
+
+        def checked(*args: Any, **kwargs: Any) -> str:
+            budget = _budget()
+            budget.step()
+            _check_format(budget, fmt)
+            return wrapped(*args, **kwargs)
+
+        return functools.update_wrapper(checked, value)
+
+    def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
+        budget = _budget()
+        budget.step()
+        _check_binop(budget, operator, left, right)
+        return super().call_binop(context, operator, left, right)
+
+    def call(self, context: jinja2.runtime.Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        budget = _budget()
+        budget.step()
+        owner = getattr(obj, "__self__", None)
+        if isinstance(owner, (str, bytes)):
+            args = _check_str_method(budget, owner, getattr(obj, "__name__", ""), args, kwargs)
+        elif isinstance(obj, jinja2.runtime.LoopContext) and args:
+            args = (_counted(args[0]), *args[1:])  # a recursive loop's next level
+        result = super().call(context, obj, *args, **kwargs)
+        budget.made(result, "a call")  # e.g. dict(a=x, b=x)
+        return result
