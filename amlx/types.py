@@ -18,6 +18,8 @@ from typing_extensions import TypedDict
 
 from amlx.constrain.spec import Constraint, parse_constraint
 
+from amlx.constrain.spec import Constraint, parse_constraint
+
 # Bounds of the options that are not sampling parameters (those live in amlx.sample).
 MAX_TOKENS_LIMIT = 2**31 - 1  # token counts are int32 on the device
 MAX_BUFFER_LIMIT = 1 << 16  # tokens a request may hold unread before it is paused
@@ -85,6 +87,11 @@ class GenerateOptions(TypedDict, total=False):
     logprobs: bool
     top_logprobs: int
     max_buffer: int
+    # structured outputs (at most one; see amlx.constrain)
+    response_format: Optional[Mapping[str, Any]]
+    regex: Optional[str]
+    choice: Optional[Sequence[str]]
+    grammar: Optional[str]
     # structured outputs (at most one; see amlx.constrain)
     response_format: Optional[Mapping[str, Any]]
     regex: Optional[str]
