@@ -150,18 +150,24 @@ class GenerationOptions:
     regex: str | None = None
     choice: Sequence[str] | None = None
     grammar: str | None = None
-    constraint: Constraint | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._validate()
-        object.__setattr__(self, "constraint", parse_constraint(
-            response_format=self.response_format, regex=self.regex, choice=self.choice, grammar=self.grammar))
+        # derived, not an option: kept beside the fields (a frozen dataclass's __dict__)
+        self.__dict__["_constraint"] = parse_constraint(
+            response_format=self.response_format, regex=self.regex, choice=self.choice, grammar=self.grammar)
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """The request's constraint as llguidance will run it (None without one)."""
+        constraint: Constraint | None = self.__dict__["_constraint"]
+        return constraint
 
     @classmethod
     def from_kwargs(cls, vocab_size: int | None = None, /, **kwargs: Any) -> "GenerationOptions":
         """Options from `generate`'s keyword arguments: TypeError for an unknown
         name, ValueError for a bad value. With `vocab_size`, also `check_vocab`."""
-        known = {f.name for f in fields(cls) if f.init}
+        known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"unknown generation option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
