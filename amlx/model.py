@@ -186,7 +186,9 @@ class Model:
         top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, stop=(),
         seed=None, logprobs=False, max_buffer=16, presence_penalty=0.0,
         frequency_penalty=0.0, logit_bias=None, top_logprobs=0 (typed by
-        `amlx.GenerateOptions`; bounds in `amlx.sample`; ValueError on bad values).
+        `amlx.GenerateOptions`; bounds in `amlx.sample`; ValueError on bad values),
+        and at most one constraint, response_format / regex / choice / grammar (the
+        text then matches it; see amlx.constrain).
         Chat messages and long texts are tokenized off the event loop when the
         stream is first read: their errors (ChatTemplateError, ContextLengthError)
         are raised there."""
