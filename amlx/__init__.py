@@ -2,7 +2,7 @@
 
 from amlx.errors import AmlxError, ChatTemplateError, ClosedError, ContextLengthError, MLXError, ModelLoadError
 from amlx.model import Model, ModelInfo, TokenStream, load, load_sync
-from amlx.types import Completion, EngineStats, GenerateOptions, GenerationOptions, MemoryStats, Token, Usage
+from amlx.types import Completion, EngineStats, GenerateOptions, GenerationOptions, MemoryStats, Token, ToolCall, Usage
 from amlx.convert import convert  # cheap: it imports amlx.models only when called
 
 __version__ = "0.1.0"
@@ -16,6 +16,6 @@ def memory() -> MemoryStats:
     return MemoryStats(active=counters["active"], peak=counters["peak"], cache=counters["cache"])
 
 
-__all__ = ["load", "load_sync", "Model", "ModelInfo", "TokenStream", "Token", "Completion", "Usage",
+__all__ = ["load", "load_sync", "Model", "ModelInfo", "TokenStream", "Token", "Completion", "ToolCall", "Usage",
            "GenerationOptions", "AmlxError", "ClosedError", "ContextLengthError", "MLXError", "ModelLoadError", "memory",
            "convert", "GenerateOptions", "EngineStats", "MemoryStats", "ChatTemplateError"]

@@ -90,6 +90,29 @@ class KVCache:
         _, b, h, cap, d = self.kv.shape
         self.kv = ops.concatenate([self.kv, ops.zeros((2, b, h, new_cap - cap, d), self.kv.dtype)], axis=3)
 
+    def shrink(self, needed: int) -> bool:
+        """Gives back capacity the rows no longer use (see `_fit`); returns whether it cut."""
+        cap = self._fit(needed)
+        if cap is not None:
+            # a copy, not a view: the old buffer's memory goes once it is released
+            self.kv = ops.contiguous(self._cut(cap))
+        return cap is not None
+
+    def _fit(self, needed: int) -> int | None:
+        """The capacity to cut to when the rows need only `needed` positions:
+        `needed` rounded up to a block, if that is at most half the capacity (so
+        a batch that moves around one size does not cut and grow in turn); else
+        None. Where attention reads the whole capacity, a long request that has
+        left would otherwise slow every later step of the rows that stay."""
+        if self.kv is None:
+            return None
+        cap = round_up(max(needed, 1), self.block)
+        return cap if cap * 2 <= self.capacity else None
+
+    def _cut(self, cap: int) -> Array:
+        _, b, h, _, d = self.kv.shape
+        return ops.slice(self.kv, (0, 0, 0, 0, 0), (2, b, h, cap, d))
+
     def update_prefill(self, k: Array, v: Array, start: int, memo: dict | None = None):
         """Writes k, v (B, H, L, D) at [start, start+L) and returns (keys, values, mask)
         to attend over: the buffers cut to start+L and a mask ("causal" or a
@@ -141,10 +164,14 @@ class KVCache:
         self.kv = ops.put_along_axis(self.kv, at, new, 3)
         return pos
 
-    def take_rows(self, rows: list[int]) -> None:
-        """Keeps only the given batch rows (in that order)."""
+    def take_rows(self, rows: list[int], needed: int | None = None) -> None:
+        """Keeps only the given batch rows (in that order). With `needed` (the
+        positions those rows use), the capacity shrinks too where `shrink`
+        would cut it, in the same copy."""
         if self.kv is not None:
-            self.kv = ops.take(self.kv, array(np.asarray(rows, dtype=np.int32)), 1)
+            cap = None if needed is None else self._fit(needed)
+            src = self.kv if cap is None else self._cut(cap)
+            self.kv = ops.take(src, array(np.asarray(rows, dtype=np.int32)), 1)
 
     def append_rows(self, other: "KVCache") -> None:
         """Adds the rows of `other` (e.g. a freshly prefilled request) after ours."""

@@ -174,7 +174,9 @@ def add_lora(sub: Any) -> None:
 
 
 def _register(sub: Any) -> None:
-    for add in (add_generate, add_chat, add_demo, add_convert, add_lora):
+    from amlx.serve.cli import add_serve_command
+
+    for add in (add_generate, add_chat, add_demo, add_convert, add_lora, add_serve_command):
         add(sub)
 
 

@@ -79,6 +79,26 @@ def write_demo_checkpoint(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+def default_model_dir() -> Path:
+    """The embedded default model's directory (for `amlx serve` with no model).
+
+    Temporary stand-in until the trained embedded model lands: the random demo
+    checkpoint, written once into the user's cache directory."""
+    import os
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "amlx" / "demo-model"
+    if not (root / "model.safetensors").is_file():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="demo-model-", dir=root.parent))
+        write_demo_checkpoint(tmp)
+        try:
+            tmp.rename(root)  # atomic: a concurrent first run never sees half a checkpoint
+        except OSError:
+            if not (root / "model.safetensors").is_file():
+                raise
+    return root
+
+
 _PROMPTS = [
     ("greedy", "The quick brown fox", {}),
     ("t=0.8", "Streams of text", {"temperature": 0.8, "seed": 1}),

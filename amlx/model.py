@@ -17,8 +17,9 @@ from amlx.engine.engine import Engine
 from amlx.engine.request import RequestStream
 from amlx.engine.worker import Worker
 from amlx.errors import ClosedError
-from amlx.prompt import PromptEncoder, is_heavy
 from amlx.hub import resolve_model
+from amlx.prompt import PromptEncoder, is_heavy
+from amlx.toolcalls import detect_format, parse_tool_calls
 from amlx.types import Completion, EngineStats, GenerateOptions, GenerationOptions, Prompt, Token, Usage
 
 
@@ -75,39 +76,40 @@ class TokenStream:
         return self
 
     async def __anext__(self) -> Token:
-        if self._finished:
-            raise StopAsyncIteration
-        try:
-            tok = await (self._stream or await self._started()).get()
-        except BaseException:
-            self._finish()
-            raise
-        if tok is None:
-            self._finish()
-            raise StopAsyncIteration
-        if tok.finish_reason is not None:
-            self._finished = True
-        return tok
+        if not self._finished:
+            try:
+                tok = await (self._stream or await self._started()).get()
+            except BaseException:
+                self._finish()
+                raise
+            if self._took(tok):
+                return tok
+        raise StopAsyncIteration
 
     def __iter__(self) -> "TokenStream":
         return self
 
     def __next__(self) -> Token:
-        if self._finished:
-            raise StopIteration
-        try:
-            if self._stream is None:
-                self._begin()
-            tok = self._stream.get_sync()
-        except BaseException:
-            self._finish()
-            raise
+        if not self._finished:
+            try:
+                if self._stream is None:
+                    self._begin()
+                tok = self._stream.get_sync()
+            except BaseException:
+                self._finish()
+                raise
+            if self._took(tok):
+                return tok
+        raise StopIteration
+
+    def _took(self, tok: Token | None) -> bool:
+        """Whether `tok` goes to the consumer (None: the stream has ended)."""
         if tok is None:
             self._finish()
-            raise StopIteration
+            return False
         if tok.finish_reason is not None:
             self._finished = True
-        return tok
+        return True
 
     def _finish(self) -> None:
         with self._lock:
@@ -202,11 +204,11 @@ class Model:
         """Runs a request to its end and returns the whole `Completion`."""
         stream = self._open(prompt, options)
         tokens = [tok async for tok in stream]
-        return _completion(stream._stream, tokens)
+        return _completion(stream._stream, tokens, self.tokenizer.chat_template)
 
     def complete_sync(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Completion:
         stream = self._open(prompt, options, inline=True)
-        return _completion(stream._stream, list(stream))
+        return _completion(stream._stream, list(stream), self.tokenizer.chat_template)
 
     async def score(self, prompt: Prompt, continuations: Sequence[str | Sequence[int]]) -> list[float]:
         """The total log-probability of each continuation right after `prompt` (float32).
@@ -287,16 +289,17 @@ class Model:
         state = "closed" if self.closed else self.info.device
         return f"<amlx.Model {self.info.architecture} {self.info.dtype} {state} {self.info.path}>"
 
-def _completion(stream: RequestStream, tokens: list[Token]) -> Completion:
+def _completion(stream: RequestStream, tokens: list[Token], chat_template: str | None) -> Completion:
     first_at = stream.first_token_at
     first = (first_at or time.perf_counter()) - stream.created
     end = stream.done_at or time.perf_counter()
     rate = (len(tokens) - 1) / (end - first_at) if len(tokens) > 1 and first_at and end > first_at else 0.0
     logprobs = [t.logprob for t in tokens] if stream.options.logprobs else None
     top = [t.top_logprobs for t in tokens] if stream.options.top_logprobs else None
-    return Completion("".join(t.text for t in tokens), [t.id for t in tokens],
-                      tokens[-1].finish_reason if tokens else "stop",
-                      Usage(stream.prompt_tokens, len(tokens), first, rate), logprobs, top)
+    text = "".join(t.text for t in tokens)
+    calls = parse_tool_calls(text, detect_format(chat_template))[1]
+    return Completion(text, [t.id for t in tokens], tokens[-1].finish_reason if tokens else "stop",
+                      Usage(stream.prompt_tokens, len(tokens), first, rate), logprobs, top, calls or None)
 
 
 def _count_parameters(model) -> int:
@@ -339,23 +342,49 @@ def _check_load_args(max_batch_size, max_context, adapter) -> None:
         raise ValueError(f"adapter must be the path of an adapter directory, not {type(adapter).__name__}")
 
 
-def _load_on_worker(path, device, dtype, max_batch_size, max_context, worker: Worker, adapter=None) -> Model:
-    from amlx.engine.placement import EngineOptions, Placement
-    from amlx.models import load_model
+def _read_on_host(path, dtype) -> tuple[Any, Any]:
+    """The host phase of loading (pure Python, no MLX; any thread but the worker):
+    the checkpoint's files checked and read (`amlx.models.prepare`), then the
+    tokenizer. Nothing in a checkpoint can make it block (docs/architecture.md)."""
+    from amlx.models import prepare
     from amlx.tokenizer import Tokenizer
+
+    path = resolve_model(path)  # a Hugging Face id: from the local cache, or downloaded
+    spec = prepare(path, dtype)
+    return spec, Tokenizer.from_dir(path)
+
+
+def _warm_up(model, device: str, max_rows: int) -> None:
+    """Compiles MLX's quantized-matmul kernels at load on CUDA (once per machine),
+    so a missing CUDA header fails the load with its fix, not a request later."""
+    from amlx.models.warmup import needs_warmup, warm_quantized_matmuls
+
+    if not needs_warmup(model, device):
+        return
+    try:
+        warm_quantized_matmuls(model, max_rows, parallel=True)
+    except BaseException:
+        model.close()
+        raise
+
+
+def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Worker, adapter=None) -> Model:
+    from amlx.engine.placement import EngineOptions, Placement
+    from amlx.models import build_model
 
     # The engine's own device and streams: the weights load on them (nothing
     # changes the process's default device; see amlx/engine/placement.py).
     options = EngineOptions(device=_resolve_device(device)).resolved()
     placement = Placement(options)
     dev = options.device
-    tokenizer = Tokenizer.from_dir(path)
+    spec, tokenizer = host
     with placement.on():
-        loaded = load_model(path, dtype=dtype)
+        loaded = build_model(spec, dtype=dtype)
         if adapter is not None:
             from amlx.train.lora import apply_adapter
 
             apply_adapter(loaded, adapter)  # closes the model if the adapter does not apply
+        _warm_up(loaded.model, dev, max(max_batch_size, options.prefill_chunk))
     limit = loaded.config["max_position_embeddings"]
     ctx = limit if max_context is None else min(max_context, limit)
     cfg = loaded.config
@@ -380,17 +409,19 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     on prompt plus generation (default: the model's). Raises ModelLoadError for
     bad checkpoints. Use as `async with await amlx.load(path) as model:`."""
     _check_load_args(max_batch_size, max_context, adapter)
-    path = await anyio.to_thread.run_sync(resolve_model, path)  # an id may download
+    # Files are read on a thread of their own, not on the worker that every model
+    # shares; a cancelled load stops waiting for it at once.
+    host = await anyio.to_thread.run_sync(_read_on_host, path, dtype, abandon_on_cancel=True)
     worker = Worker.get()
     return await worker.run(
-        lambda: _load_on_worker(path, device, dtype, max_batch_size, max_context, worker, adapter))
+        lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter))
 
 
 def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
               max_context: int | None = None, adapter: Any = None) -> Model:
     """`load` for scripts and blocking code."""
     _check_load_args(max_batch_size, max_context, adapter)
-    path = resolve_model(path)
+    host = _read_on_host(path, dtype)
     worker = Worker.get()
     return worker.run_sync(
-        lambda: _load_on_worker(path, device, dtype, max_batch_size, max_context, worker, adapter))
+        lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter))

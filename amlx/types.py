@@ -55,6 +55,15 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One function call the model wrote (see amlx.toolcalls): `arguments` is a JSON object as text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     text: str
     token_ids: list[int]
@@ -62,6 +71,8 @@ class Completion:
     usage: Usage
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, when asked for
+    # the calls in `text` when the chat template's tool-call format produced any (text keeps them too)
+    tool_calls: list[ToolCall] | None = None
 
 
 # What `generate` / `complete` take as a prompt: text, token ids, or chat messages.

@@ -77,7 +77,8 @@ def copy_bandwidth(nbytes: int = 4 << 30, repeats: int = 5) -> float:
     from amlx._mlx import eval as mx_eval
     from amlx._mlx import ops
 
-    x = ops.zeros((nbytes // 2,), "bfloat16")
+    # 2-D: MLX takes each dimension as a C int, and 4 GiB of bf16 is 2**31 elements
+    x = ops.zeros((nbytes // 2 // 4096, 4096), "bfloat16")
     mx_eval(x)
     best = float("inf")
     try:
@@ -91,4 +92,4 @@ def copy_bandwidth(nbytes: int = 4 << 30, repeats: int = 5) -> float:
                 best = min(best, took)
     finally:
         x.close()
-    return 2 * (nbytes // 2) * 2 / best
+    return 2 * (nbytes // 2 // 4096 * 4096) * 2 / best

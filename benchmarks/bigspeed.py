@@ -9,7 +9,8 @@ single-stream decode (tokens/s between the first and the last token after a
 batching against mlx-lm's `batch_generate`, prompts and prefill included), each
 side best of N, the two sides alternating run by run. Each side runs in a
 process of its own holding its model, driven over a pipe, so the models load once,
-a crash or a hang stays in its process, and every wait has a deadline.
+a crash or a hang stays in its process, and every wait has a deadline. (Above 40 GB,
+27B in bf16, one side runs after the other: two copies would crowd the GPU.)
 
 Bandwidth: bytes a decode step reads (weights + the KV cache at the mean context;
 benchmarks/bandwidth.py) divided by the time per step, over the device's copy
@@ -207,12 +208,12 @@ class Budget:
 
 def estimate_s(name: str, compiled: bool, root: Path) -> float:
     """Rough seconds one model takes on an H200 (checkpoint, two loads, measurements);
-    converting reads the bf16 twin; 4-bit models pay MLX's kernel compiles (20-50 s
-    each) the first time."""
+    converting reads the bf16 twin; the first 4-bit model pays MLX's kernel compiles
+    (20-50 s each, side by side: precompile_kernels)."""
     gb = checkpoint_bytes(name) / 1e9
     base, bits = split_variant(name)
     convert = 2 * checkpoint_bytes(base) / 1e9 if bits and (root / base / "config.json").exists() else 0
-    return 25 + 5 * gb + convert + (0 if bits is None or compiled else 150)
+    return 25 + 5 * gb + convert + (0 if bits is None or compiled else 75)
 
 
 def _disk_ok(root: Path, nbytes: int) -> bool:
@@ -281,7 +282,7 @@ def _start(path: Path, sides: list[str], max_batch: int, budget: Budget, paralle
 def measure(path: Path, sides: list[str], args, budget: Budget, results: dict, run: dict) -> None:
     """Fills `results` (per side: ready info, best single and batch runs) as it goes;
     the device's copy bandwidth goes into `run` the first time."""
-    big = checkpoint_bytes(path.name) > 20e9  # two 27B loads at once would strain host memory
+    big = checkpoint_bytes(path.name) > 20e9  # two such loads at once would strain host memory
     children = _start(path, sides, args.streams, budget, not big, run["notes"])
     try:
         for side, c in children.items():
@@ -355,15 +356,17 @@ def table(results: dict, streams: int) -> str:
 
 
 def _meta() -> dict:
+    """Date, platform and package versions (from their metadata: importing mlx_lm
+    would import transformers, seconds the budget does not have)."""
+    from importlib import metadata
+
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "platform": platform.platform(),
             "python": sys.version.split()[0]}
-    try:
-        import mlx.core as mx
-        import mlx_lm
-
-        meta.update(mlx=mx.__version__, mlx_lm=mlx_lm.__version__)
-    except ImportError:
-        pass
+    for dist in ("mlx", "mlx-cuda-13", "mlx-cpu", "mlx-lm"):
+        try:
+            meta[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
     return meta
 
 
@@ -375,18 +378,45 @@ def _save(out: Path, results: dict, args) -> str:
     return text
 
 
+def precompile_kernels(path: Path, budget: Budget) -> float:
+    """Compiles MLX's quantized-matmul variants (one per row tile) side by side in
+    child processes (amlx.models.warmup's), filling the on-disk kernel cache both
+    sides then read: the first 4-bit model's compiles cost the slowest one, not their
+    sum. Returns the seconds it took."""
+    cfg = json.loads((path / "config.json").read_text())
+    q, h = cfg["quantization"], cfg["hidden_size"]
+    t0 = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-m", "amlx.models.warmup", "bfloat16", str(q["bits"]),
+                               str(q["group_size"]), str(rows), str(h), str(h)], stdout=sys.stderr)
+             for rows in (2, 17, 33, 65, 129)]
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, min(300.0, budget.left() - 60)))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return time.monotonic() - t0
+
+
 def run_model(name: str, root: Path, args, budget: Budget, results: dict) -> None:
     notes = results["_run"]["notes"]
     path = make_checkpoint(root, name, budget, notes, convert=not args.direct_4bit)
     if path is None:
         return
+    if split_variant(name)[1] is not None and "precompile_s" not in results["_run"]:
+        results["_run"]["precompile_s"] = precompile_kernels(path, budget)
+        print(f"== kernels compiled side by side in {results['_run']['precompile_s']:.0f} s", flush=True)
     sides = ["amlx"] if args.no_mlx_lm else list(SIDES)
     results[name] = {"checkpoint_bytes": checkpoint_bytes(name), "weight_bytes_per_step": weight_bytes(path)}
-    try:
-        measure(path, sides, args, budget, results[name], results["_run"])
-    except (TimeoutError, RuntimeError) as exc:
-        notes.append(f"{name}: stopped: {exc}")
-        print(f"== {name}: {exc}", flush=True)
+    # Both sides hold their model at once, so runs alternate without reloading; above
+    # 40 GB (27B in bf16) two copies would crowd the GPU's 141 GB, so one side after the other.
+    groups = [sides] if checkpoint_bytes(name) < 40e9 else [[side] for side in sides]
+    for group in groups:
+        try:
+            measure(path, group, args, budget, results[name], results["_run"])
+        except (TimeoutError, RuntimeError) as exc:
+            notes.append(f"{name}: stopped: {exc}")
+            print(f"== {name}: {exc}", flush=True)
     for side in sides:
         if side in results[name]:
             bandwidth_fractions(path, results[name][side], args, results["_run"].get("bandwidth"))

@@ -39,7 +39,7 @@ case "${1:-speed}" in
     save_ptx
     cat "$OUT/bigspeed.md" 2>/dev/null || echo "no bigspeed.md was written" ;;
   first)
-    timeout -k 10 ${BUDGET:-560} python3 benchmarks/first_request.py --out "$OUT" --model "${MODEL:-qwen3-8b-4bit}" \
-      --timeout $(( (${BUDGET:-560} - 30) / 3 )) || echo "first_request.py ended with status $?"
+    timeout -k 10 ${BUDGET:-540} python3 benchmarks/first_request.py --out "$OUT" --model "${MODEL:-gemma3-4b-4bit}" \
+      --timeout $(( ${BUDGET:-540} - 30 )) || echo "first_request.py ended with status $?"
     cat "$OUT/first_request.md" 2>/dev/null || echo "no first_request.md was written" ;;
 esac

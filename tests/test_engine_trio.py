@@ -15,33 +15,23 @@ import pytest
 pytest.importorskip("trio")
 
 try:  # pytest's default import mode puts tests/ on sys.path
-    from test_engine import (  # noqa: F401 - fixtures and tests collected here
-        ckpt,
-        idle,
-        model,
-        test_64_concurrent_streams_match_solo_and_transformers,
-        test_backpressure,
-        test_cancellation,
-        test_close,
-        test_event_loop_stays_responsive,
-        test_failure_in_one_request_is_isolated,
-        test_options_prompts_and_results,
-        run,
-    )
+    import test_engine as shared
 except ImportError:  # --import-mode=importlib from the repository root
-    from tests.test_engine import (  # noqa: F401
-        ckpt,
-        idle,
-        model,
-        test_64_concurrent_streams_match_solo_and_transformers,
-        test_backpressure,
-        test_cancellation,
-        test_close,
-        test_event_loop_stays_responsive,
-        test_failure_in_one_request_is_isolated,
-        test_options_prompts_and_results,
-        run,
-    )
+    from tests import test_engine as shared
+
+# fixtures and tests collected here a second time
+ckpt, idle, model, run = shared.ckpt, shared.idle, shared.model, shared.run
+test_64_concurrent_streams_match_solo_and_transformers = shared.test_64_concurrent_streams_match_solo_and_transformers
+test_a_failure_outside_isolation_ends_every_request = shared.test_a_failure_outside_isolation_ends_every_request
+test_backpressure = shared.test_backpressure
+test_cancellation = shared.test_cancellation
+test_close = shared.test_close
+test_event_loop_stays_responsive = shared.test_event_loop_stays_responsive
+test_failure_in_one_request_is_isolated = shared.test_failure_in_one_request_is_isolated
+test_heavy_prompts_are_tokenized_off_the_loop = shared.test_heavy_prompts_are_tokenized_off_the_loop
+test_options_prompts_and_results = shared.test_options_prompts_and_results
+test_parked_streams_give_up_their_slots_and_resume = shared.test_parked_streams_give_up_their_slots_and_resume
+test_paused_streams_cost_the_batch_nothing = shared.test_paused_streams_cost_the_batch_nothing
 
 
 @pytest.fixture(scope="module")

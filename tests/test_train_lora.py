@@ -47,7 +47,7 @@ def _logits(model, ids=IDS) -> np.ndarray:
 
 
 def _model_logits(m: amlx.Model, ids=IDS) -> np.ndarray:
-    return _logits(m._loaded.model, ids)
+    return _logits(m.engine.model, ids)
 
 
 def _randomize_b(model, seed=0, std=0.3):
@@ -104,7 +104,7 @@ def test_layer_selection_and_bad_targets(qwen):
 async def test_save_load_and_fuse_give_identical_logits(qwen, tmp_path):
     model = await amlx.load(qwen)
     base = _model_logits(model)
-    lm = model._loaded.model
+    lm = model.engine.model
     on_worker(lambda: lora.apply_lora(lm, rank=4, alpha=16, targets=["q_proj", "v_proj", "gate_proj", "down_proj"]))
     _randomize_b(lm)
     with_adapter = _model_logits(model)
@@ -126,7 +126,7 @@ async def test_save_load_and_fuse_give_identical_logits(qwen, tmp_path):
     assert (fused / "config.json").is_file() and (fused / "tokenizer.json").is_file()
     async with await amlx.load(fused) as fm:
         got = _model_logits(fm)
-        assert not any(isinstance(m, lora.LoRALinear) for _, m in fm._loaded.model.named_modules())
+        assert not any(isinstance(m, lora.LoRALinear) for _, m in fm.engine.model.named_modules())
     np.testing.assert_allclose(got, with_adapter, rtol=1e-4, atol=1e-4)
     # the fused checkpoint is a plain Hugging Face one: transformers reads it and agrees
     np.testing.assert_allclose(reference_logits(load_reference(fused), IDS), with_adapter, rtol=1e-4, atol=1e-4)
@@ -157,8 +157,8 @@ async def test_peft_adapter_gives_peft_logits(tmp_path, arch):
     want = reference_logits(peft_model, IDS)
     async with await amlx.load(path, adapter=tmp_path / "peft") as model:
         got = _model_logits(model)
-        n_adapted = len(lora.lora_modules(model._loaded.model))
-        n_layers = model._loaded.config["num_hidden_layers"]
+        n_adapted = len(lora.lora_modules(model.engine.model))
+        n_layers = model.config["num_hidden_layers"]
     assert n_adapted == 4 * n_layers  # the text layers only
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
@@ -194,7 +194,7 @@ async def test_qlora_trains_on_a_4bit_base(qwen, tmp_path):
                                          targets=["q_proj", "v_proj", "down_proj"], adapter_path=tmp_path / "ad"):
             if ev.kind == "step":
                 losses.append(ev.loss)
-        lm = model._loaded.model
+        lm = model.engine.model
         mods = lora.lora_modules(lm)
         assert mods and all(m._quantized for m in mods.values())
         assert isinstance(lm.get_module("model.layers.0.mlp.up_proj"), QuantizedLinear)  # untouched, still 4-bit
@@ -207,10 +207,10 @@ async def test_qlora_trains_on_a_4bit_base(qwen, tmp_path):
     fused = lora.fuse(q4, tmp_path / "ad", tmp_path / "fused", dequantize=True)
     async with await amlx.load(fused) as fm:
         np.testing.assert_allclose(_model_logits(fm), trained, rtol=1e-4, atol=1e-4)
-        assert isinstance(fm._loaded.model.get_module("model.layers.0.self_attn.q_proj"), Linear)
+        assert isinstance(fm.engine.model.get_module("model.layers.0.self_attn.q_proj"), Linear)
     requant = lora.fuse(q4, tmp_path / "ad", tmp_path / "fused4")
     async with await amlx.load(requant) as fm:
-        assert isinstance(fm._loaded.model.get_module("model.layers.0.self_attn.q_proj"), QuantizedLinear)
+        assert isinstance(fm.engine.model.get_module("model.layers.0.self_attn.q_proj"), QuantizedLinear)
 
 
 def test_mlx_lm_adapter_format(qwen, tmp_path):

@@ -16,7 +16,7 @@ from amlx._mlx import _lib
 from amlx._mlx import ops as O
 from amlx.errors import MLXError
 from amlx.models.nn import Module, QuantizedEmbedding, QuantizedLinear
-from amlx.models.warmup import needs_warmup, rows_to_warm, warm_quantized_matmuls
+from amlx.models.warmup import needs_warmup, precompile, quantized_shapes, rows_to_warm, warm_quantized_matmuls
 
 # NVRTC's log as MLX 0.32's JIT reports it when CUDA's crt/ headers are absent
 NVRTC_CRT_LOG = (
@@ -69,6 +69,13 @@ def test_notice_shows_when_the_warmup_takes_long():
     lines: list[str] = []
     warm_quantized_matmuls(_Tiny(np.random.default_rng(0)), 2, write=lines.append, notice_after=0.0)
     assert lines and "compiling GPU kernels" in lines[0] and "once" in lines[0]
+
+
+def test_precompile_runs_each_variant_in_a_child():
+    """One child per (dtype, bits, group, rows): here two kinds (4-bit/64 and 8-bit/128;
+    the two 4-bit shapes share a variant) at one row count; each child exits cleanly."""
+    shapes = quantized_shapes(_Tiny(np.random.default_rng(0)))
+    assert precompile(shapes, [2], timeout=240) == 2
 
 
 def test_needs_warmup_only_on_cuda_with_quantized_layers(monkeypatch):

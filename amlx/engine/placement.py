@@ -19,6 +19,8 @@ from amlx.models import decode_attention
 from amlx.models.nn import MatmulSplit
 
 MAX_SHARDS = 8  # more would leave each shard too few rows to use its core well
+CPU_PREFILL_CHUNK = 256  # prompt tokens per prefill forward (see EngineOptions.prefill_chunk)
+GPU_PREFILL_CHUNK = 2048
 
 
 def default_shards() -> int:
@@ -54,12 +56,20 @@ class EngineOptions:
       MLX runs on CUDA and the device is the GPU).
     - kv_block: KV cache growth step in slots (default: 256 with the decode
       kernel, which reads only filled slots; 64 where attention reads the
-      whole capacity)."""
+      whole capacity).
+    - prefill_chunk: prompt tokens per prefill forward (AMLX_PREFILL_CHUNK).
+      A round prefills at most one chunk before its decode step, so a long
+      prompt holds the running streams up by one chunk's time per step, and
+      a chunk's attention covers only the slots filled so far (a smaller chunk
+      leaves out more of the causal triangle, which the CPU's attention, a
+      plain matmul and softmax over every query-key pair, computes in full).
+      Default: 256 on the CPU, 2048 on a GPU."""
 
     device: str = "cpu"
     shards: int | None = None
     decode_kernel: bool | None = None
     kv_block: int | None = None
+    prefill_chunk: int | None = None
 
     def resolved(self) -> "EngineOptions":
         if self.device not in ("cpu", "gpu"):
@@ -74,10 +84,12 @@ class EngineOptions:
         if shards is None:
             shards = default_shards() if self.device == "cpu" else 1
         block = _env_int("AMLX_KV_BLOCK") or self.kv_block or (256 if kernel else 64)
-        for name, value in (("shards", shards), ("kv_block", block)):
+        chunk = _env_int("AMLX_PREFILL_CHUNK") or self.prefill_chunk or (
+            CPU_PREFILL_CHUNK if self.device == "cpu" else GPU_PREFILL_CHUNK)
+        for name, value in (("shards", shards), ("kv_block", block), ("prefill_chunk", chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
-        return replace(self, shards=shards, decode_kernel=kernel, kv_block=block)
+        return replace(self, shards=shards, decode_kernel=kernel, kv_block=block, prefill_chunk=chunk)
 
 
 class Placement:

@@ -30,11 +30,12 @@ class Request:
     first_token_at: float | None = None
     done_at: float | None = None
     prefilled: int = 0  # prompt tokens already in the cache
-    cache: list[KVCache] | None = None  # own cache while prefilling
+    cache: list[KVCache] | None = None  # own cache while prefilling or parked
     pos: int = 0  # next cache position to write
     last: int = -1  # last sampled token (input of the next step)
     steps: int = 0  # decode steps computed for this request
     matcher: Matcher | None = None  # a constrained request's grammar state (amlx.constrain)
+    parked_at: float = 0.0  # time.monotonic() when it was last parked (paused, out of the batch)
 
     @property
     def active(self) -> bool:

@@ -41,14 +41,14 @@ import numpy as np
 from amlx._mlx import Array, array, ops, transforms
 from amlx.cache import KVCache
 from amlx.constrain import step_masks
-from amlx.engine.placement import EngineOptions, Placement, default_shards
+from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards
 from amlx.engine.rate import RateMeter
 from amlx.engine.request import Request
 from amlx.sample import BatchSampling, CompiledSteps, StepSample
 from amlx.models.nn import split_layers
 from amlx.errors import AmlxError, ClosedError, MLXError
 
-PREFILL_CHUNK = 2048  # prompt tokens per prefill forward
+PREFILL_CHUNK = GPU_PREFILL_CHUNK  # the largest default prefill chunk (EngineOptions.prefill_chunk)
 
 
 @dataclass(eq=False)
@@ -62,23 +62,24 @@ class _Shard:
 
 
 class Scheduler:
-    def __init__(self, model, max_batch_size: int, wake: callable, prefill_chunk: int = PREFILL_CHUNK,
+    def __init__(self, model, max_batch_size: int, wake: callable, prefill_chunk: int | None = None,
                  compile_step: bool = True, shards: int | None = None, options: EngineOptions | None = None,
                  placement: Placement | None = None):
         """`options` (resolved here if not yet) fix the device, shards, decode
-        kernel and KV growth block once; `shards` overrides the options' (tests,
-        benchmarks). `placement`: the engine's streams if already made (the
-        weights were loaded on them); else made here, on the calling thread."""
+        kernel, KV growth block and prefill chunk once; `shards` and
+        `prefill_chunk` override the options' (tests, benchmarks). `placement`:
+        the engine's streams if already made (the weights were loaded on them);
+        else made here, on the calling thread."""
         options = options or EngineOptions(shards=shards)
-        if shards is not None:
-            options = EngineOptions(options.device, shards, options.decode_kernel, options.kv_block)
-        elif options.shards is None and options.device == "cpu":
-            options = EngineOptions(options.device, default_shards(), options.decode_kernel, options.kv_block)
+        if shards is not None or (options.shards is None and options.device == "cpu"):
+            options = replace(options, shards=shards or default_shards())
+        if prefill_chunk is not None:
+            options = replace(options, prefill_chunk=prefill_chunk)
         self.options = options.resolved()
         self.placement = placement if placement is not None else Placement(self.options)
         self.model = model
         self.max_batch_size = max_batch_size
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = self.options.prefill_chunk
         self._wake = wake
         self._lock = threading.Lock()
         self._incoming: deque[Request] = deque()
@@ -127,6 +128,11 @@ class Scheduler:
     @cache.setter
     def cache(self, value: list[KVCache] | None) -> None:
         self.shards[0].cache = value
+
+    def kv_capacity(self) -> list[int]:
+        """Each shard's KV cache capacity in positions (0 without rows): for
+        stats and tests (worker thread, or between rounds)."""
+        return [s.cache[0].capacity if s.cache else 0 for s in self.shards]
 
     def _on(self, shard: _Shard):
         """The block's MLX work runs on the shard's stream."""
@@ -674,9 +680,10 @@ class Scheduler:
             self._set_rows(shard, [])
             return
         self._set_rows(shard, [shard.rows[i] for i in keep])
+        needed = max(r.pos for r in shard.rows) + 1  # capacity follows the rows that stay
         with self._on(shard):
             for c in shard.cache:
-                c.take_rows(keep)
+                c.take_rows(keep, needed)
             ops.eval(*[a for c in shard.cache for a in c.state()])
 
     def _rebalance(self) -> None:
@@ -693,7 +700,7 @@ class Scheduler:
             with self._on(dst):
                 part = [copy.copy(c) for c in src.cache]  # the same buffers, until take_rows copies the rows out
                 for c in part:
-                    c.take_rows(moved)
+                    c.take_rows(moved, max(r.pos for r in reqs) + 1)
             self._keep_rows(src, stay)
             self._join(dst, reqs, part)
 

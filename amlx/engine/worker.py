@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+import time
 from collections import deque
 from typing import Any, Callable
 
@@ -88,11 +89,17 @@ class Worker:
     def _idle(self) -> bool:
         return not self._jobs and not any(s.has_work() for s in self._schedulers)
 
+    def _timeout(self) -> float | None:
+        """Seconds until a scheduler wants a round although nothing woke it (a
+        parked request's batch slot frees up for a waiting one); None: no such time."""
+        times = [t for t in (s.wake_at() for s in self._schedulers) if t is not None]
+        return max(0.0, min(times) - time.monotonic()) if times else None
+
     def _run(self) -> None:
         while True:
             with self._cond:
                 while self._idle():
-                    self._cond.wait()
+                    self._cond.wait(self._timeout())
                 jobs = list(self._jobs)
                 self._jobs.clear()
                 schedulers = [s for s in self._schedulers if s.has_work()]

@@ -17,13 +17,17 @@ the most rows one forward pass can have: its batch size or prefill chunk). A
 notice ("compiling GPU kernels, once ...") goes to stderr only when the warm-up
 is still running after a couple of seconds, i.e. when something is compiled.
 It is called on the engine's worker, inside the engine's placement (MLX calls
-belong to that thread). Set AMLX_WARMUP=0 to skip it.
+belong to that thread). With `parallel=True` the variants first compile side by
+side in child processes (`python -m amlx.models.warmup ...`, one per variant),
+which fill MLX's on-disk cache: minutes become the time of the slowest compile.
+Set AMLX_WARMUP=0 to skip the warm-up.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -34,7 +38,8 @@ from amlx._mlx import Array, fast, ops
 from amlx._mlx import eval as mx_eval
 from amlx.models.nn import Module, QuantizedEmbedding, QuantizedLinear
 
-__all__ = ["ROW_TILES", "WarmupReport", "needs_warmup", "rows_to_warm", "warm_quantized_matmuls"]
+__all__ = ["ROW_TILES", "WarmupReport", "needs_warmup", "precompile", "quantized_shapes", "rows_to_warm",
+           "warm_quantized_matmuls"]
 
 log = logging.getLogger("amlx.warmup")
 
@@ -96,7 +101,7 @@ def _in_features(layer: Quantized) -> int:
         probe.close()
 
 
-def _distinct_shapes(model: Module) -> list[tuple[int, int, Quantized]]:
+def quantized_shapes(model: Module) -> list[tuple[int, int, Quantized]]:
     """(in, out, a layer) for each distinct quantized shape and activation dtype."""
     seen: dict[tuple, tuple[int, int, Quantized]] = {}
     for layer in _quantized(model):
@@ -134,17 +139,21 @@ def _stderr(line: str) -> None:
 
 
 def warm_quantized_matmuls(model: Module, max_rows: int, *, write: Callable[[str], None] = _stderr,
-                           notice_after: float = NOTICE_AFTER_S) -> WarmupReport:
+                           notice_after: float = NOTICE_AFTER_S, parallel: bool = False) -> WarmupReport:
     """Runs each quantized layer shape of `model` for every row count of
     `rows_to_warm(max_rows)`, so the kernels MLX compiles at first use are compiled
     now. Call it on the thread that owns the model's MLX work. `write` receives the
-    progress lines (stderr by default)."""
+    progress lines (stderr by default). `parallel`: first compile the variants side by
+    side in child processes (`precompile`), which fill MLX's on-disk kernel cache;
+    the runs here then only load them (what a child missed is compiled here)."""
     report = WarmupReport()
-    shapes = _distinct_shapes(model)
+    shapes = quantized_shapes(model)
     rows = rows_to_warm(max_rows)
     total = len(shapes) * len(rows)
     start = time.perf_counter()
     with _Notice(write, notice_after) as notice:
+        if parallel:
+            precompile(shapes, rows)
         for r in rows:
             for k, n, layer in shapes:
                 label = f"{r} rows x {k}->{n} {layer.scales.dtype.name}"
@@ -172,3 +181,66 @@ def _run(layer: Quantized, rows: int, k: int) -> None:
     finally:
         y.close()
         x.close()
+
+
+# -- compiling side by side -------------------------------------------------------
+# NVRTC compiles on the calling thread and MLX's table of compiled modules is not
+# guarded for threads, so the variants compile in child processes instead, one per
+# (activation dtype, bits, group size, row tile), all at once; each writes its
+# kernel into MLX's on-disk cache (the same MLX_PTX_CACHE_DIR: the environment is
+# inherited), where this process then finds it.
+
+PRECOMPILE_TIMEOUT_S = 300.0
+
+
+def _variants(shapes: list[tuple[int, int, Quantized]], rows: list[int]) -> list[list[str]]:
+    """Child arguments (dtype, bits, group, rows, in, out) per kernel variant, each
+    with the smallest layer shape of its kind."""
+    smallest: dict[tuple, tuple[int, int]] = {}
+    for k, n, layer in shapes:
+        bits = int(layer.weight.shape[1]) * 32 // k
+        group = k // int(layer.scales.shape[1])
+        key = (layer.scales.dtype.name, bits, group)
+        if key not in smallest or k * n < smallest[key][0] * smallest[key][1]:
+            smallest[key] = (k, n)
+    return [[dt, str(bits), str(group), str(r), str(k), str(n)]
+            for (dt, bits, group), (k, n) in smallest.items() for r in rows]
+
+
+def precompile(shapes: list[tuple[int, int, Quantized]], rows: list[int],
+               timeout: float = PRECOMPILE_TIMEOUT_S) -> int:
+    """Compiles the kernel variants of `shapes` x `rows` in child processes at once;
+    returns how many finished. Best effort: a child that fails or runs out of time
+    only leaves its variant to the caller's own run."""
+    procs = []
+    for args in _variants(shapes, rows):
+        try:
+            procs.append(subprocess.Popen([sys.executable, "-m", "amlx.models.warmup", *args],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        except OSError as exc:
+            log.info("could not start a kernel compile: %s", exc)
+    deadline = time.monotonic() + timeout
+    done = 0
+    for p in procs:
+        try:
+            done += p.wait(timeout=max(0.1, deadline - time.monotonic())) == 0
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return done
+
+
+def _compile_one(argv: list[str]) -> int:
+    """In a child: one quantized matmul of the given kind, evaluated (compiling its kernel)."""
+    from amlx._mlx import random
+
+    dtype, bits, group, rows, k, n = argv[0], *map(int, argv[1:])
+    w = random.normal((n, k)).astype(dtype)
+    wq, scales, biases = ops.quantize(w, group, bits)
+    layer = QuantizedLinear(wq, scales, biases, group, bits)
+    _run(layer, rows, k)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_compile_one(sys.argv[1:]))

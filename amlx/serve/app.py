@@ -1,0 +1,158 @@
+"""The FastAPI application: `create_app(model, ...)` serves one loaded amlx model.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models(/{id}),
+GET /metrics (API key needed when keys are set), GET /health (always open), and the
+chat page at GET / with its files under /static (open: the page asks for the key and
+sends it with its API calls).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+import amlx
+from amlx.serve import prompts
+from amlx.serve.auth import KeyCheck
+from amlx.serve.errors import APIError, install_handlers
+from amlx.serve.generation import Admission, Generation
+from amlx.serve.metrics import CONTENT_TYPE, Metrics
+from amlx.serve.options import check_completion_fields, generation_options
+from amlx.serve.responses import ChatShape, CompletionShape
+from amlx.serve.schemas import ChatRequest, CompletionRequest
+from amlx.serve.streaming import EventStreamResponse, collect, sse_body
+from amlx.toolcalls import detect_format
+
+_STATIC = resources.files("amlx.serve") / "static"
+
+
+@dataclass
+class Settings:
+    model_name: str
+    api_keys: tuple[str, ...] = ()
+    max_batch_size: int = 32
+    max_queue: int = 256
+    keepalive: float = 1.0  # seconds without a token before an SSE keep-alive comment
+    request_log: Path | None = None  # append every generation request's body (JSON lines), for debugging
+
+
+class Server:
+    """What the routes share: the model, its settings, metrics and admission control."""
+
+    def __init__(self, model: "amlx.Model", settings: Settings):
+        self.model = model
+        self.settings = settings
+        self.metrics = Metrics(model)
+        self.admission = Admission(settings.max_batch_size, settings.max_queue, self.metrics)
+        self.tool_format = detect_format(model.tokenizer.chat_template)
+        self.created = int(time.time())
+
+    def received(self, endpoint: str, req: ChatRequest | CompletionRequest) -> float:
+        """Counts and (with --log-requests) logs a generation request, checks its model; returns
+        the arrival time."""
+        arrived = time.perf_counter()
+        self.metrics.requests.labels(endpoint).inc()
+        if self.settings.request_log is not None:
+            with self.settings.request_log.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"endpoint": endpoint, "body": req.model_dump(exclude_none=True)}) + "\n")
+        self.check_model(req.model)
+        return arrived
+
+    def check_model(self, name: str) -> None:
+        if name != self.settings.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server has {self.settings.model_name!r}",
+                           param="model", code="model_not_found")
+
+    async def answer(self, request: Request, req: ChatRequest | CompletionRequest, shape: Any,
+                     prompt_ids: list[list[int]], tool_format: str | None, arrived: float) -> Response:
+        """Starts the generations and answers: SSE, or one JSON body once all are done."""
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options",
+                           code="invalid_value")
+        info = self.model.info
+        opts = generation_options(req, prompt_len=max(len(p) for p in prompt_ids), context=info.context_length,
+                                  vocab=self.model.tokenizer.vocab_size)
+        gen = Generation(self.model, self.metrics, self.admission, tool_format=tool_format,
+                         want_logprobs=bool(opts.get("logprobs")), keepalive=self.settings.keepalive, arrived=arrived)
+        gen.start(prompt_ids, opts, req.n)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return EventStreamResponse(sse_body(gen, shape, include_usage), on_close=gen.close)
+        if not await collect(gen, request):
+            return Response(status_code=499)  # nobody is listening; the generations were cancelled
+        return JSONResponse(shape.whole(gen, bool(opts.get("logprobs"))))
+
+
+def _routes(server: Server) -> APIRouter:
+    api = APIRouter()
+    metrics = server.metrics
+
+    @api.post("/v1/chat/completions")
+    async def chat(request: Request, req: ChatRequest) -> Response:
+        arrived = server.received("chat", req)
+        messages, tools = prompts.chat_messages(req), prompts.chat_tools(req)
+        if tools and server.tool_format is None:
+            raise APIError(400, "tools are not supported: this model's chat template has no tool-call format amlx "
+                           "knows (Qwen/Hermes, Llama 3.1, Mistral)", param="tools", code="unsupported_parameter")
+        ids = await anyio.to_thread.run_sync(prompts.render_chat, server.model.tokenizer, messages, tools)
+        tool_format = server.tool_format if tools else None
+        return await server.answer(request, req, ChatShape(server.settings.model_name), [ids], tool_format, arrived)
+
+    @api.post("/v1/completions")
+    async def completions(request: Request, req: CompletionRequest) -> Response:
+        arrived = server.received("completions", req)
+        check_completion_fields(req)
+        ids = await anyio.to_thread.run_sync(prompts.completion_prompts, server.model.tokenizer, req)
+        return await server.answer(request, req, CompletionShape(server.settings.model_name), ids, None, arrived)
+
+    def model_card() -> dict[str, Any]:
+        info = server.model.info
+        return {"id": server.settings.model_name, "object": "model", "created": server.created, "owned_by": "amlx",
+                "context_length": info.context_length, "architecture": info.architecture}
+
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @api.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        server.check_model(name)
+        return model_card()
+
+    @api.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return api
+
+
+def create_app(model: "amlx.Model", settings: Settings) -> FastAPI:
+    """An ASGI app serving `model` (which the caller loads and closes)."""
+    server = Server(model, settings)
+    app = FastAPI(title="amlx", version=amlx.__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    install_handlers(app, on_error=lambda status: server.metrics.errors.labels(str(status)).inc())
+    app.include_router(_routes(server), dependencies=[Depends(KeyCheck(settings.api_keys))])
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        stats = model.stats()
+        return {"status": "ok", "model": settings.model_name, "running": stats["active_requests"],
+                "waiting": stats["waiting_requests"], "memory": stats["memory"],
+                "auth": bool(settings.api_keys)}
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(str(_STATIC / "index.html"), media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
+    return app

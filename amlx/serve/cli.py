@@ -1,0 +1,107 @@
+"""`amlx serve`: the subcommand's arguments and its main (loads the model, runs uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+_EXAMPLE = """\
+examples:
+  amlx serve                                   # the embedded demo model on http://127.0.0.1:8000
+  amlx serve ~/models/Qwen3-0.6B --port 8080 --api-key secret
+  curl http://127.0.0.1:8080/v1/chat/completions -H 'Authorization: Bearer secret' \\
+       -H 'Content-Type: application/json' \\
+       -d '{"model": "Qwen3-0.6B", "messages": [{"role": "user", "content": "Hi"}]}'
+"""
+
+
+def add_serve_command(sub: "argparse._SubParsersAction") -> None:
+    """Registers `serve` on the `amlx` command's subparsers; `args.run(args)` runs it."""
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a chat page",
+                       description="Serve one model over HTTP, OpenAI-compatible (/v1/chat/completions, "
+                       "/v1/completions, /v1/models), with /health, /metrics and a chat page at /.",
+                       epilog=_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint directory (default: the embedded demo model)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: %(default)s; 0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the page's files "
+                        "(repeatable; also $AMLX_API_KEY; default: no key)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE", help="a file of API keys, one per line")
+    p.add_argument("--max-batch-size", type=int, default=32, metavar="N",
+                   help="requests decoded together (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="requests waiting beyond the batch before new ones get 429 (default: %(default)s)")
+    p.add_argument("--model-name", default=None, metavar="NAME",
+                   help="the model id clients send (default: the checkpoint directory's name)")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter directory to apply")
+    p.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"], help="default: %(default)s")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: the checkpoint's")
+    p.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="cap on prompt + reply tokens (default: the model's context length)")
+    p.add_argument("--keepalive", type=float, default=1.0, metavar="SECONDS",
+                   help="SSE keep-alive comment after this long without a token, e.g. during a long prefill "
+                        "(default: %(default)s)")
+    p.add_argument("--log-requests", default=None, metavar="FILE",
+                   help="append each generation request's body to FILE (JSON lines; for debugging clients)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="default: %(default)s")
+    p.set_defaults(run=main)
+
+
+async def _serve(args: argparse.Namespace, keys: list[str]) -> None:
+    import uvicorn
+
+    import amlx
+    from amlx.serve.app import Settings, create_app
+
+    path = args.model
+    if path is None:
+        from amlx.demo import default_model_dir
+
+        path = default_model_dir()
+    name = args.model_name or Path(path).resolve().name
+    async with await amlx.load(path, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
+                               max_context=args.max_context, adapter=args.adapter) as model:
+        settings = Settings(model_name=name, api_keys=tuple(keys), max_batch_size=args.max_batch_size,
+                            max_queue=args.max_queue, keepalive=args.keepalive,
+                            request_log=Path(args.log_requests) if args.log_requests else None)
+        app = create_app(model, settings)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
+        print(f"amlx serve: {name} ({model.info.architecture}, {model.info.device}) on "
+              f"http://{args.host}:{args.port}  (chat page at /, API keys: {'on' if keys else 'off'})",
+              file=sys.stderr, flush=True)
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the
+        # previous handler; these take it, so the model is closed and the exit is clean.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
+        await uvicorn.Server(config).serve()
+
+
+def main(args: argparse.Namespace) -> int:
+    import amlx
+    from amlx.serve.auth import collect_keys
+
+    for flag, value in (("--max-batch-size", args.max_batch_size), ("--port", args.port)):
+        if value < 1:
+            print(f"amlx serve: error: {flag} must be >= 1", file=sys.stderr)
+            return 2
+    if args.max_queue < 0:
+        print("amlx serve: error: --max-queue must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        keys = collect_keys(args.api_key, args.api_key_file)
+        asyncio.run(_serve(args, keys))
+    except (amlx.AmlxError, ValueError) as exc:
+        print(f"amlx serve: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

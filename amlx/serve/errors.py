@@ -1,0 +1,115 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with a fitting status.
+
+`APIError` is raised by the endpoints; `from_engine` translates what amlx raises for
+one request (bad options, a prompt over the context, MLX failures) into the error
+that request gets. The handlers installed by `install_handlers` make every other
+failure (validation, unknown routes, bugs) take the same shape, and never end the
+server.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import amlx
+
+log = logging.getLogger("amlx.serve")
+
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+# Engine option names -> the request field that set them, for "not available" messages.
+_FIELD_OF_OPTION = {"presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+                    "logit_bias": "logit_bias", "top_logprobs": "top_logprobs", "response_format": "response_format",
+                    "regex": "regex", "choice": "choice", "grammar": "grammar"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _TYPES.get(status, "server_error")
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def from_engine(exc: BaseException) -> APIError:
+    """The error one request gets for an exception amlx raised while starting or running it."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, amlx.ContextLengthError):
+        return APIError(400, str(exc), code="context_length_exceeded")
+    if isinstance(exc, TypeError) and "unknown generation option" in str(exc):
+        names = re.findall(r"option\(s\): ([\w, ]+?) \(", str(exc))
+        options = [n.strip() for n in names[0].split(",")] if names else []
+        fields = ", ".join(_FIELD_OF_OPTION.get(o, o) for o in options) or str(exc)
+        return APIError(400, f"{fields}: not available in this amlx build (the engine has no such option yet)",
+                        param=fields.split(", ")[0], code="unsupported_parameter")
+    if isinstance(exc, amlx.ClosedError):
+        return APIError(503, "the model is shutting down", code="model_closed")
+    if isinstance(exc, (ValueError, TypeError)):
+        return APIError(400, str(exc), code="invalid_value")
+    if isinstance(exc, MemoryError) or (isinstance(exc, amlx.MLXError) and "memory" in str(exc).lower()):
+        return APIError(503, f"out of memory: {exc}", code="out_of_memory")
+    log.error("request failed", exc_info=exc)
+    return APIError(500, f"the request failed: {type(exc).__name__}: {exc}", code="internal_error")
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(),
+                        code="invalid_json")
+    if kind == "extra_forbidden":
+        return APIError(400, f"unsupported field {param!r} (amlx does not implement it)", param=param,
+                        code="unsupported_parameter")
+    if kind == "missing" and not loc:
+        return APIError(400, "the body must be a JSON object", code="invalid_json")
+    return APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param,
+                    code="invalid_value")
+
+
+def install_handlers(app: FastAPI, on_error: Callable[[int], None] = lambda status: None) -> None:
+    """Every error becomes an OpenAI-shaped JSON response; `on_error(status)` counts it."""
+
+    def answer(error: APIError) -> JSONResponse:
+        on_error(error.status)
+        return error.response()
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return answer(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return answer(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
+        return answer(APIError(exc.status_code, message, code=code, type="invalid_request_error",
+                               headers=getattr(exc, "headers", None)))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        return answer(from_engine(exc))

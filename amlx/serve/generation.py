@@ -1,0 +1,215 @@
+"""One HTTP request's generations: its choices over `model.generate`, read together.
+
+`Generation.start` submits every choice (errors such as a prompt over the context
+surface here, before any response is sent). `events()` yields each choice's tokens as
+they arrive, turned into `Piece`s (content text, finished tool calls, logprob entries,
+the finish reason exactly once), plus `KEEPALIVE` after a quiet interval. `close()`
+cancels whatever is still running and records it: the request's owner calls it in a
+`finally`, so a client that goes away cancels its generations at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import amlx
+from amlx.serve.errors import APIError, from_engine
+from amlx.serve.metrics import Metrics
+from amlx.serve.options import choice_options
+from amlx.toolcalls import ToolCallParser
+from amlx.types import Token, ToolCall
+
+
+class KeepAlive:
+    """What events() yields when no token came for a while."""
+
+
+KEEPALIVE = KeepAlive()
+
+
+@dataclass
+class LogprobEntry:
+    token_id: int
+    text: str
+    logprob: float
+    top: list[tuple[int, str, float]]  # (id, text, logprob), best first
+
+
+@dataclass
+class Piece:
+    """What one token added to one choice."""
+
+    index: int
+    content: str = ""
+    calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[LogprobEntry] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class Choice:
+    index: int
+    stream: Any  # amlx.TokenStream
+    prompt_tokens: int
+    parser: ToolCallParser
+    content: list[str] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[LogprobEntry] = field(default_factory=list)
+    tokens: int = 0
+    finish_reason: str | None = None
+
+
+class Admission:
+    """At most `max_batch_size + max_queue` generations at once; past that, 429 with Retry-After."""
+
+    def __init__(self, max_batch_size: int, max_queue: int, metrics: Metrics):
+        self.capacity = max_batch_size + max_queue
+        self.inflight = 0
+        self._metrics = metrics
+
+    def acquire(self, n: int) -> None:
+        if self.inflight + n > self.capacity:
+            self._metrics.rejected.inc()
+            raise APIError(429, f"the server is busy: {self.inflight} generations running or queued "
+                           f"(limit {self.capacity}); retry shortly", code="queue_full", headers={"Retry-After": "1"})
+        self.inflight += n
+
+    def release(self, n: int) -> None:
+        self.inflight -= n
+
+
+class Generation:
+    def __init__(self, model: "amlx.Model", metrics: Metrics, admission: Admission, *, tool_format: str | None,
+                 want_logprobs: bool, keepalive: float, arrived: float | None = None):
+        """`arrived`: when the request came in (time.perf_counter()), for time-to-first-token."""
+        self._model = model
+        self._metrics = metrics
+        self._admission = admission
+        self._tool_format = tool_format
+        self._want_logprobs = want_logprobs
+        self._keepalive = keepalive
+        self.choices: list[Choice] = []
+        self._admitted = 0
+        self._started = time.perf_counter() if arrived is None else arrived
+        self._first_token_seen = False
+        self._closed = False
+        self.prompt_tokens = 0
+        self.n = 1  # choices per prompt
+        self._pending: dict[asyncio.Future, Choice] = {}  # a read in flight per waiting choice
+
+    def start(self, prompts: list[list[int]], options: dict[str, Any], n: int) -> None:
+        """Submits n generations per prompt (choice p*n + j: prompt p, seed + j); raises APIError
+        with nothing left running."""
+        self.n = n
+        self._admission.acquire(len(prompts) * n)
+        self._admitted = len(prompts) * n
+        try:
+            for ids in prompts:
+                for opts in choice_options(options, n):
+                    stream = self._model.generate(ids, **opts)
+                    self.choices.append(Choice(len(self.choices), stream, len(ids), ToolCallParser(self._tool_format)))
+        except Exception as exc:
+            self.close()
+            raise from_engine(exc) from exc
+        self.prompt_tokens = sum(len(ids) for ids in prompts)  # n choices of one prompt count it once (OpenAI)
+        self._metrics.prompt_tokens.inc(self.prompt_tokens)
+
+    def _piece(self, choice: Choice, tok: Token) -> Piece:
+        if not self._first_token_seen:
+            self._first_token_seen = True
+            self._metrics.ttft.observe(time.perf_counter() - self._started)
+        choice.tokens += 1
+        self._metrics.generation_tokens.inc()
+        piece = Piece(choice.index)
+        events = choice.parser.feed(tok.text)
+        if tok.finish_reason is not None:
+            events += choice.parser.finish()
+        for event in events:
+            if isinstance(event, str):
+                piece.content += event
+            else:
+                piece.calls.append(event)
+        choice.content.append(piece.content)
+        choice.calls.extend(piece.calls)
+        if self._want_logprobs and tok.logprob is not None:
+            piece.logprobs.append(self._entry(tok, tok.logprob))
+            choice.logprobs.extend(piece.logprobs)
+        if tok.finish_reason is not None:
+            choice.finish_reason = "tool_calls" if choice.calls else tok.finish_reason
+            piece.finish_reason = choice.finish_reason
+            self._metrics.finished.labels(choice.finish_reason).inc()
+        return piece
+
+    def _entry(self, tok: Token, logprob: float) -> LogprobEntry:
+        decode = self._model.tokenizer.decode
+        top = [(int(i), decode([int(i)]), float(lp)) for i, lp in (getattr(tok, "top_logprobs", None) or [])]
+        return LogprobEntry(tok.id, decode([tok.id]), float(logprob), top)
+
+    async def events(self) -> AsyncIterator[Piece | KeepAlive]:
+        """Every choice's pieces in arrival order, with KEEPALIVE after `keepalive` quiet seconds
+        while choices wait for their first token (queued or prefilling). A lone choice's later
+        tokens are read directly: no task per token once the stream flows."""
+        pending = self._pending
+
+        def ask(choice: Choice) -> None:
+            pending[asyncio.ensure_future(choice.stream.__anext__())] = choice
+
+        for choice in self.choices:
+            ask(choice)
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, timeout=self._keepalive, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    yield KEEPALIVE
+                    continue
+                for fut in sorted(done, key=lambda f: pending[f].index):
+                    choice = pending.pop(fut)
+                    tok = self._result(choice, fut)
+                    if tok is None:
+                        continue
+                    yield self._piece(choice, tok)
+                    if tok.finish_reason is None and len(self.choices) == 1:
+                        async for piece in self._rest(choice):
+                            yield piece
+                    elif tok.finish_reason is None:
+                        ask(choice)
+        finally:
+            self._cancel_pending()
+
+    def _cancel_pending(self) -> None:
+        for fut in self._pending:
+            fut.cancel()
+        self._pending.clear()
+
+    def _result(self, choice: Choice, fut: asyncio.Future) -> Token | None:
+        try:
+            return fut.result()
+        except StopAsyncIteration:
+            return None
+        except Exception as exc:
+            choice.finish_reason = "error"  # failed, not cancelled
+            raise from_engine(exc) from exc
+
+    async def _rest(self, choice: Choice) -> AsyncIterator[Piece]:
+        try:
+            async for tok in choice.stream:
+                yield self._piece(choice, tok)
+        except Exception as exc:
+            choice.finish_reason = "error"
+            raise from_engine(exc) from exc
+
+    def close(self) -> None:
+        """Cancels unfinished choices (counting them as cancelled) and frees the admission slots."""
+        if self._closed:
+            return
+        self._closed = True
+        self._cancel_pending()  # reads still waiting (close() may come before events() ends)
+        for choice in self.choices:
+            if choice.finish_reason is None:
+                choice.stream.close()
+                self._metrics.cancelled.labels("decode" if choice.tokens else "prefill").inc()
+        self._admission.release(self._admitted)

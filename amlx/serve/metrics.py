@@ -1,0 +1,73 @@
+"""Prometheus metrics of one server (a CollectorRegistry per app, so apps never share counters).
+
+Counters and the time-to-first-token histogram are updated by the request code;
+running/waiting requests and memory are read from `model.stats()` when /metrics is
+scraped. KV cache use: amlx's KV cache is not yet a block pool with a fill level, so
+MLX's active memory (weights + KV caches + temporaries) stands in for it, and any
+`kv_cache` counters that `model.stats()` gains are exported as they appear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from numbers import Real
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+import amlx
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _EngineCollector(Collector):
+    """Gauges read from the model at scrape time."""
+
+    def __init__(self, model: "amlx.Model"):
+        self._model = model
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self._model.stats()
+        yield GaugeMetricFamily("amlx_requests_running", "Requests in the running batch (prefilling included)",
+                                value=stats["active_requests"])
+        yield GaugeMetricFamily("amlx_requests_waiting", "Requests waiting for a batch slot",
+                                value=stats["waiting_requests"])
+        memory = GaugeMetricFamily("amlx_mlx_memory_bytes",
+                                   "MLX memory; 'active' stands in for KV cache use until the paged KV cache",
+                                   labels=["kind"])
+        for kind, value in stats["memory"].items():
+            memory.add_metric([kind], value)
+        yield memory
+        kv = stats.get("kv_cache")
+        if isinstance(kv, dict):
+            family = GaugeMetricFamily("amlx_kv_cache", "KV cache counters from model.stats()", labels=["field"])
+            for field, value in kv.items():
+                if isinstance(value, Real):
+                    family.add_metric([field], float(value))
+            yield family
+
+
+class Metrics:
+    def __init__(self, model: "amlx.Model"):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("amlx_requests", "Generation requests received, by endpoint", ["endpoint"],
+                                registry=r)
+        self.errors = Counter("amlx_request_errors", "Requests answered with an error, by HTTP status", ["status"],
+                              registry=r)
+        self.cancelled = Counter("amlx_requests_cancelled", "Generations cancelled because the client went away; "
+                                 "phase 'prefill' = before the first token (queued or prefilling)", ["phase"],
+                                 registry=r)
+        self.finished = Counter("amlx_generations_finished", "Generations that ran to their end, by finish reason",
+                                ["finish_reason"], registry=r)
+        self.rejected = Counter("amlx_requests_rejected", "Requests refused with 429 (queue full)", registry=r)
+        self.prompt_tokens = Counter("amlx_prompt_tokens", "Prompt tokens submitted", registry=r)
+        self.generation_tokens = Counter("amlx_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("amlx_time_to_first_token_seconds", "Time from a request's arrival to its first token",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        r.register(_EngineCollector(model))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

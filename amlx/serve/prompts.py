@@ -1,0 +1,91 @@
+"""Request prompts -> token ids: chat messages (with tools) through the chat template, or
+completion prompts as text or ids. The server renders prompts itself (rather than handing
+messages to `model.generate`) because it must pass `tools` to the template and know the
+prompt's length for the default `max_tokens`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from amlx.serve.errors import APIError
+from amlx.serve.schemas import ChatRequest, CompletionRequest, Message
+
+
+def _text_of(message: Message) -> str | None:
+    content = message.content
+    if content is None or isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise APIError(400, f"content parts of type {part.type!r} are not supported (text only)",
+                           param="messages", code="unsupported_content")
+        parts.append(part.text)
+    return "".join(parts)
+
+
+def _arguments(text: str) -> Any:
+    """Tool-call arguments as the templates expect them: a dict (they apply `tojson`)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return value if isinstance(value, dict) else text
+
+
+def chat_messages(req: ChatRequest) -> list[dict]:
+    """The request's messages as plain dicts for the chat template."""
+    out = []
+    for m in req.messages:
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _text_of(m)}
+        if m.name is not None:
+            msg["name"] = m.name
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.reasoning_content is not None:
+            msg["reasoning_content"] = m.reasoning_content
+        if m.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                                 for c in m.tool_calls]
+        out.append(msg)
+    return out
+
+
+def chat_tools(req: ChatRequest) -> list[dict] | None:
+    """The tools to render, or None. tool_choice "none" renders none; forcing a call is refused
+    (it needs constrained decoding of the call, which this server does not do)."""
+    choice = req.tool_choice
+    if choice is not None and choice not in ("none", "auto"):
+        raise APIError(400, "tool_choice 'required' or a named function is not supported; use 'auto' or 'none'",
+                       param="tool_choice", code="unsupported_parameter")
+    if not req.tools or choice == "none":
+        return None
+    return [t.model_dump(exclude_none=True) for t in req.tools]
+
+
+def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None) -> list[int]:
+    """Prompt ids of a conversation (blocking: run it off the event loop)."""
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+    except ValueError as exc:  # ChatTemplateError: the template refused these messages
+        raise APIError(400, str(exc), param="messages", code="invalid_messages") from exc
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def completion_prompts(tokenizer, req: CompletionRequest) -> list[list[int]]:
+    """Prompt ids of each prompt of a completions request (blocking)."""
+    prompt = req.prompt
+    many: list[str | list[int]]
+    if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
+        many = [prompt]  # type: ignore[list-item]  # one prompt: text, or token ids
+    else:
+        many = prompt  # type: ignore[assignment]
+    out = []
+    for p in many:
+        ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
+        out.append(ids)
+    return out

@@ -1,0 +1,110 @@
+"""Answering with a Generation: Server-Sent Events, or one JSON body, and noticing a
+client that goes away in both cases.
+
+Starlette's StreamingResponse notices a disconnect only at the next write under ASGI
+spec >= 2.4 (and a request being prefilled writes nothing), so `EventStreamResponse`
+always listens for `http.disconnect` beside the body and cancels the body the moment it
+arrives; the body's `finally` then cancels the generations. A non-streaming request
+is watched the same way by `collect`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Callable
+
+import anyio
+from fastapi import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from amlx.serve.errors import APIError
+from amlx.serve.generation import Generation, Piece
+
+_KEEPALIVE_EVENT = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
+_DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def _event(body: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """SSE whose body is cancelled as soon as the client disconnects; `on_close` runs in any
+    case (also when the body never started), so the request's generations always end."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]):
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def body() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the connection broke while writing
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(body)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            self._on_close()
+
+
+async def sse_body(gen: Generation, shape: Any, include_usage: bool) -> AsyncIterator[bytes]:
+    """The SSE stream of one request: chunks, the usage chunk if asked, `[DONE]`.
+    A failure mid-stream becomes an `error` event (the status line is long gone)."""
+    try:
+        for chunk in shape.first_chunks(gen):
+            yield _event(chunk)
+        async for piece in gen.events():
+            if not isinstance(piece, Piece):  # KEEPALIVE
+                yield _KEEPALIVE_EVENT
+                continue
+            if piece.content or piece.calls or piece.logprobs or piece.finish_reason:  # a held-back token adds nothing
+                yield _event(shape.chunk(piece, gen.choices[piece.index]))
+        if include_usage:
+            yield _event(shape.usage_chunk(gen))
+    except APIError as exc:
+        yield _event(exc.body())
+    finally:
+        gen.close()
+    yield _DONE_EVENT
+
+
+async def _wait_disconnect(receive: Callable[[], Any]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(gen: Generation, request: Request) -> bool:
+    """Runs every choice to its end; False if the client went away first (all cancelled)."""
+    finished = False
+    error: APIError | None = None  # raised after the task group, which would wrap it in an ExceptionGroup
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                await _wait_disconnect(request.receive)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            try:
+                async for _ in gen.events():
+                    pass
+                finished = True
+            except APIError as exc:
+                error = exc
+            tg.cancel_scope.cancel()
+    finally:
+        gen.close()
+    if error is not None:
+        raise error
+    return finished

@@ -1,0 +1,88 @@
+"""amlx.toolcalls: the three tool-call formats, whole and streamed in any split."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from amlx.toolcalls import ToolCallParser, detect_format, parse_tool_calls
+from tests.helpers.tokenizers import _QWEN_TEMPLATE
+
+CASES = [
+    ("qwen", 'Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+             '<tool_call>{"name": "now", "arguments": {}}</tool_call> done',
+     "Sure.  done", [("get_weather", {"city": "Paris"}), ("now", {})]),
+    ("qwen", "no calls here, just <tool text", "no calls here, just <tool text", []),
+    ("qwen", "<tool_call>{not json}</tool_call>", "<tool_call>{not json}</tool_call>", []),
+    ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris"}}', "", [("get_weather", {"city": "Paris"})]),
+    ("llama3", '<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {}}', "",
+     [("a", {"x": 1}), ("b", {})]),
+    ("llama3", 'The JSON {"name": "a"} is not a call', 'The JSON {"name": "a"} is not a call', []),
+    ("llama3", '{"key": "value"}', '{"key": "value"}', []),
+    ("mistral", 'Let me check.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+     "Let me check.", [("get_weather", {"city": "Paris"})]),
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', "", [("get_weather", {"city": "Paris"})]),
+    ("mistral", "[TOOL_CALLS] oops", "[TOOL_CALLS] oops", []),
+    (None, '<tool_call>{"name": "a", "arguments": {}}</tool_call>',
+     '<tool_call>{"name": "a", "arguments": {}}</tool_call>', []),
+]
+
+
+def _check(fmt, content, calls, want_content, want_calls):
+    assert content == want_content
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == want_calls
+    assert all(c.id.startswith("call_") for c in calls)
+
+
+def test_whole_texts():
+    for fmt, text, want_content, want_calls in CASES:
+        _check(fmt, *parse_tool_calls(text, fmt), want_content, want_calls)
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=st.sampled_from(CASES), cuts=st.lists(st.integers(0, 200), max_size=12))
+def test_streamed_in_any_split(case, cuts):
+    fmt, text, want_content, want_calls = case
+    bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    parser = ToolCallParser(fmt)
+    events = []
+    for a, b in zip(bounds, bounds[1:]):
+        events += parser.feed(text[a:b])
+    events += parser.finish()
+    content = "".join(e for e in events if isinstance(e, str))
+    _check(fmt, content, [e for e in events if not isinstance(e, str)], want_content, want_calls)
+
+
+def test_plain_text_passes_at_once():
+    parser = ToolCallParser("qwen")
+    assert parser.feed("Hello there") == ["Hello there"]
+    assert parser.feed(" <tool") == [" "]  # only a possible marker start waits
+    assert parser.feed("box>") == ["<toolbox>"]
+
+
+def test_detect_format():
+    assert detect_format(_QWEN_TEMPLATE) == "qwen"
+    assert detect_format("{{ '[TOOL_CALLS]' }}") == "mistral"
+    assert detect_format('<|start_header_id|>{{ "parameters" }}') == "llama3"
+    assert detect_format("{{ '<|python_tag|>' }}") == "llama3"
+    assert detect_format("{{ messages }}") is None and detect_format(None) is None
+    assert detect_format({"default": "x", "tool_use": "<tool_call>"}) == "qwen"
+
+
+async def test_completion_tool_calls(tmp_path):
+    """Model.complete parses the calls of the chat template's format into Completion.tool_calls."""
+    import amlx
+    from tests.helpers.serving import TOOL_CALL_JSON, serve_checkpoint, tool_checkpoint
+
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    async with await amlx.load(tool_checkpoint(tmp_path / "tools")) as model:
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+        prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+        result = await model.complete(model.tokenizer.encode(prompt, add_special_tokens=False), max_tokens=8)
+        assert "<tool_call>" in result.text  # the text keeps the call; tool_calls has it parsed
+        [call] = result.tool_calls
+        assert (call.name, json.loads(call.arguments)) == ("get_weather", json.loads(TOOL_CALL_JSON)["arguments"])
+    async with await amlx.load(serve_checkpoint(tmp_path / "plain")) as model:
+        assert (await model.complete(messages, max_tokens=8)).tool_calls is None
