@@ -14,9 +14,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import llguidance
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
 
 __all__ = ["Constraint", "ConstraintKind", "parse_constraint"]
 
@@ -25,7 +28,7 @@ ConstraintKind = Literal["json", "regex", "choice", "grammar"]
 # JSON comes out the way json.dumps writes it ('", "' and '": "', no other blanks). Flexible
 # whitespace would let a model spend its whole token budget on blanks between two keys. A schema
 # may still choose otherwise through llguidance's "x-guidance" key, which overrides these.
-_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_JSON_STYLE: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 _OPTION_NAMES = ("response_format", "regex", "choice", "grammar")
 

@@ -17,6 +17,7 @@ import numpy as np
 from amlx._mlx import Array, array, ops
 from amlx._mlx import float32 as _float32
 from amlx.cache import KVCache
+from amlx.models.base import CausalLM
 
 __all__ = ["score_continuations"]
 
@@ -25,7 +26,7 @@ __all__ = ["score_continuations"]
 LOGITS_BUDGET = 64 * 1024 * 1024
 
 
-def score_continuations(model, prompt: Sequence[int], continuations: Sequence[Sequence[int]], *,
+def score_continuations(model: CausalLM, prompt: Sequence[int], continuations: Sequence[Sequence[int]], *,
                         chunk: int = 512, budget: int = LOGITS_BUDGET) -> list[float]:
     """Sum over each continuation's tokens of log p(token | prompt, earlier tokens), float32.
 
@@ -50,7 +51,7 @@ def score_continuations(model, prompt: Sequence[int], continuations: Sequence[Se
     return scores
 
 
-def _prefill(model, prompt: list[int], cache: list[KVCache], chunk: int) -> Array:
+def _prefill(model: CausalLM, prompt: list[int], cache: list[KVCache], chunk: int) -> Array:
     """Writes the prompt into `cache`; returns the log-probabilities (V,) of the next token."""
     for start in range(0, len(prompt), chunk):
         part = prompt[start:start + chunk]
@@ -61,7 +62,7 @@ def _prefill(model, prompt: list[int], cache: list[KVCache], chunk: int) -> Arra
             continue
         logits = model(ids, cache, start, last=array(np.asarray([len(part) - 1], dtype=np.int32)))
     logits = ops.astype(ops.reshape(logits, (-1,)), _float32)
-    logprobs = ops.subtract(logits, ops.logsumexp(logits, axis=-1, keepdims=True))
+    logprobs: Array = ops.subtract(logits, ops.logsumexp(logits, axis=-1, keepdims=True))
     ops.eval(logprobs, *[a for c in cache for a in c.state()])
     return logprobs
 
@@ -78,32 +79,32 @@ def _groups(todo: list[int], continuations: Sequence[Sequence[int]], vocab: int,
     return groups
 
 
-def _score_group(model, cache: list[KVCache], offset: int, first: Array, conts: list[list[int]]) -> list[float]:
+def _score_group(model: CausalLM, cache: list[KVCache], offset: int, first: Array, conts: list[list[int]]) -> list[float]:
     """Scores of continuations (each at least one token) after the prompt in `cache`."""
     n = len(conts)
     total = ops.take(first, array(np.asarray([c[0] for c in conts], dtype=np.int32)))
     longest = max(len(c) for c in conts) - 1
     if longest == 0:
         ops.eval(total)
-        return total.tolist()
+        return [float(v) for v in total.numpy()]
     inputs = np.zeros((n, longest), dtype=np.int32)
     targets = np.zeros((n, longest), dtype=np.int32)
     valid = np.zeros((n, longest), dtype=np.bool_)
-    for i, c in enumerate(conts):
-        inputs[i, :len(c) - 1] = c[:-1]
-        targets[i, :len(c) - 1] = c[1:]
-        valid[i, :len(c) - 1] = True
-    rows = [copy.copy(c) for c in cache]  # the prompt's buffers until take_rows copies them out
+    for i, ids in enumerate(conts):
+        inputs[i, :len(ids) - 1] = ids[:-1]
+        targets[i, :len(ids) - 1] = ids[1:]
+        valid[i, :len(ids) - 1] = True
+    rows = [copy.copy(layer) for layer in cache]  # the prompt's buffers until take_rows copies them out
     try:
-        for c in rows:
-            c.take_rows([0] * n)
+        for layer in rows:
+            layer.take_rows([0] * n)
         logits = ops.astype(model(array(inputs), rows, offset), _float32)
         picked = ops.reshape(ops.take_along_axis(logits, array(targets.reshape(n, longest, 1)), -1), (n, longest))
         logprobs = ops.subtract(picked, ops.logsumexp(logits, axis=-1))
         rest = ops.sum(ops.where(array(valid), logprobs, array(0.0, _float32)), axis=-1)
         total = ops.add(total, rest)
         ops.eval(total)
-        return total.tolist()
+        return [float(v) for v in total.numpy()]
     finally:
-        for c in rows:
-            c.close()
+        for layer in rows:
+            layer.close()
