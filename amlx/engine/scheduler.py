@@ -436,15 +436,7 @@ class Scheduler:
         their consumers, then launch step t+1 (MLX queues its kernels without
         holding the GIL), so the event loop handles the tokens while the
         worker is in MLX instead of competing with it for the interpreter.
-
-        A shard holding constrained rows (amlx.constrain) cannot sample step t+1
-        before step t's tokens have advanced its rows' matchers on the host. Its
-        forward is launched first; then step t is read, every constrained row's
-        mask is computed in one parallel llguidance call while the device runs
-        that forward, and the masked sampling is launched after it. The cost is
-        the time the masks take beyond the forward (the device waits for them),
-        and unconstrained rows of such a shard wait too; shards without
-        constrained rows are unchanged."""
+        Shards holding constrained rows sample later: see `_sample_constrained`."""
         prev = self._inflight
         if prev is not None and not self._can_chain(prev):
             self._read(self._drain())
@@ -557,7 +549,14 @@ class Scheduler:
     def _sample_constrained(self, deferred: list["_Part"], parts: list["_Part"]) -> list["_Part"] | None:
         """Samples the parts holding constrained rows, now that step t's tokens have advanced
         their matchers: every mask of the step in one parallel llguidance call, then each
-        shard's sampling with its masks. None if building the sampling fails."""
+        shard's sampling with its masks. None if building the sampling fails.
+
+        A shard holding constrained rows (amlx.constrain) cannot sample step t+1 before
+        step t's tokens are on the host: its forward is launched first (`_launch_forwards`),
+        then step t is read, the masks are computed while the device runs that forward,
+        and the masked sampling is launched after it. The cost is the time the masks take
+        beyond the forward (the device waits for them then), shared by the unconstrained
+        rows of such a shard; shards without constrained rows are unchanged."""
         masks = step_masks([[r.matcher for r in p.rows] for p in deferred])
         try:
             for part, mask in zip(deferred, masks):
