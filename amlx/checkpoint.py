@@ -358,15 +358,22 @@ def _umask() -> int:
     return mask
 
 
+def staging_directory(dst: Path) -> Path:
+    """A new empty directory beside `dst`, with the mode a plain mkdir would give,
+    to write a checkpoint into before it is renamed to `dst`."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def staged_directory(dst: Path) -> Iterator[Path]:
     """A temporary directory beside `dst` to write into; it becomes `dst` (which
     must be absent or empty) when the block ends without error, else it is removed.
     So a checkpoint appears only once complete."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    tmp = staging_directory(dst)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         if dst.exists():
             dst.rmdir()  # empty (check_destination)

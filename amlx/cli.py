@@ -135,9 +135,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def add_demo(sub: Any) -> None:
-    p = add_command(sub, "demo", help="concurrent streams and a live cancellation on the embedded model",
+    p = add_command(sub, "demo", help="concurrent streams and a live cancellation on the embedded demo model",
                     example="amlx demo --tokens 64")
-    p.add_argument("--tokens", type=int, default=48, help="tokens per stream")
+    p.add_argument("--tokens", type=int, default=96, help="max tokens per stream")
     p.set_defaults(run=_demo)
 
 
@@ -217,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     import amlx
 
     try:
+        if args.command in ("generate", "chat", "demo"):
+            from amlx.kernel_cache import first_run_notice
+
+            first_run_notice(getattr(args, "device", "auto"))  # the cold-cache compile would look like a hang
         return run(args)
     except (amlx.AmlxError, ValueError) as exc:
         print(f"amlx: error: {exc}", file=sys.stderr)

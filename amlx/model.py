@@ -247,6 +247,16 @@ class Model:
 
         return train_lora(self, data, **options)
 
+    def train(self, data, **options):
+        """Fine-tunes every float weight of this model with AdamW (full fine-tuning);
+        returns an async iterator of `amlx.train.TrainingEvent`s, as `train_lora`.
+        `save_path=DIR` writes a complete checkpoint there (every `save_every`
+        steps and at the end) that `amlx.load(DIR)` loads. Quantized models refuse
+        (ValueError). Options: see `amlx.train.full.train_full`."""
+        from amlx.train.full import train_full
+
+        return train_full(self, data, **options)
+
     # -- lifetime -------------------------------------------------------------
     async def aclose(self) -> None:
         """Ends pending streams with ClosedError and frees the model (idempotent)."""

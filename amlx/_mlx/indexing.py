@@ -79,13 +79,7 @@ def getitem(a: Array, index) -> Array:
     out = a
     if any(s != 0 for s in starts) or stops != list(shape) or any(s != 1 for s in steps):
         out = ops.slice(a, starts, stops, steps)
-    for ax, positions in gathers:
-        if not positions:
-            s = list(out.shape)
-            s[ax] = 0
-            out = ops.zeros(s, out.dtype)
-        else:
-            out = ops.take(out, ops.array(positions), ax)
+    out = _gather_positions(out, gathers)
     if not advanced:
         if squeezes:
             out = ops.squeeze(out, squeezes)
@@ -96,6 +90,18 @@ def getitem(a: Array, index) -> Array:
     written = index if isinstance(index, tuple) else (index,)
     pos = [k for k, it in enumerate(written) if isinstance(it, (Array, numbers.Integral))]
     return _advanced(out, advanced, layout, pos == list(range(pos[0], pos[0] + len(pos))))
+
+
+def _gather_positions(out: Array, gathers: list) -> Array:
+    """Takes the listed positions along each axis (negative-step slices)."""
+    for ax, positions in gathers:
+        if not positions:
+            s = list(out.shape)
+            s[ax] = 0
+            out = ops.zeros(s, out.dtype)
+        else:
+            out = ops.take(out, ops.array(positions), ax)
+    return out
 
 
 def _advanced(out: Array, advanced: list, layout: list, adjacent: bool) -> Array:

@@ -33,6 +33,13 @@ def _pair(a, b):
 
 # -- elementwise ---------------------------------------------------------
 
+def _named(op, name: str, doc: str):
+    """`op` under the name and docstring of the MLX op it stands for."""
+    op.__name__ = name
+    op.__doc__ = doc
+    return op
+
+
 def _unary(code: int, name: str):
     unary = lib.mlxc_unary
 
@@ -40,9 +47,7 @@ def _unary(code: int, name: str):
         a = _as_array(a)  # kept alive across the call: a temporary's handle is freed with it
         return _call(unary, name, code, a.handle)
 
-    op.__name__ = name
-    op.__doc__ = f"Elementwise {name}."
-    return op
+    return _named(op, name, f"Elementwise {name}.")
 
 
 def _binary(code: int, name: str):
@@ -56,9 +61,7 @@ def _binary(code: int, name: str):
             return reflected(b, a)
         return forward(array(a), array(b))
 
-    op.__name__ = name
-    op.__doc__ = f"Elementwise {name} with broadcasting."
-    return op
+    return _named(op, name, f"Elementwise {name} with broadcasting.")
 
 
 abs = _unary(lib.MLXC_ABS, "abs")
@@ -158,9 +161,7 @@ def _reduce(code: int, name: str):
         axes, n = _axes(axis)
         return _call(lib.mlxc_reduce, name, code, a.handle, axes, n, int(keepdims))
 
-    op.__name__ = name
-    op.__doc__ = f"{name} over `axis` (an int, a sequence, or None for all)."
-    return op
+    return _named(op, name, f"{name} over `axis` (an int, a sequence, or None for all).")
 
 
 sum = _reduce(lib.MLXC_SUM, "sum")

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning: gradients, AdamW, adapters, data and the training loop.
+"""Fine-tuning (LoRA adapters, and full: every weight): gradients, AdamW, adapters, data and the loop.
 
     async for event in model.train_lora("train.jsonl", iters=100, learning_rate=1e-4,
                                         adapter_path="adapters"):
@@ -8,7 +8,9 @@
 Modules: `grad` (causal-LM loss and gradients over a model's parameters),
 `optim` (AdamW, learning-rate schedules), `lora` (LoRA layers, adapter files in
 amlx / PEFT / mlx-lm formats, fusing), `data` (JSONL datasets and batches),
-`trainer` (the loop as an async iterator of events), `cli` (`amlx lora`).
+`trainer` (the loop as an async iterator of events), `full` (full fine-tuning,
+`model.train(data, save_path=...)`: the same loop over every float weight, writing
+whole checkpoints), `cli` (`amlx lora`, and `amlx lora --full`).
 Submodules import MLX lazily through amlx._mlx; importing this package is cheap.
 """
 

@@ -4,6 +4,11 @@ The whole dataset is read and checked before the first step (a bad record is an
 error naming its file and line, before any progress bar). Ctrl-C stops training
 after the step in flight, saves the adapter trained so far to --adapter-path and
 says where; a second Ctrl-C gives up on that save.
+
+`amlx lora MODEL --full --save-path DIR ...` fine-tunes every weight instead
+(mlx-lm's `--fine-tune-type full`) and writes a complete checkpoint to DIR. One
+subcommand for both, as in mlx-lm: they share the data, schedule and progress
+options; the LoRA-only flags (--rank, --alpha, ...) are refused with --full.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "train.jsonl (and valid.jsonl)")
     p.add_argument("--val-data", default=None, help="validation JSONL")
     p.add_argument("--adapter-path", default="adapters", help="where adapters are saved")
+    p.add_argument("--full", action="store_true",
+                   help="full fine-tuning: train every weight (not an adapter) and write a checkpoint to --save-path")
+    p.add_argument("--save-path", default=None, metavar="DIR",
+                   help="with --full: the checkpoint directory written (config, weights, tokenizer)")
     p.add_argument("--iters", type=int, default=1000, help="training steps")
     p.add_argument("--batch-size", type=int, default=4, help="records per step")
     p.add_argument("--learning-rate", "--lr", type=float, default=1e-5, help="peak learning rate (AdamW)")
@@ -84,6 +93,21 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         truncate=args.truncate, seed=args.seed, resume=args.resume)
 
 
+# flags that only mean something for an adapter, refused with --full
+_LORA_FLAGS = ("adapter_path", "rank", "alpha", "dropout", "targets", "num_layers", "resume", "fuse")
+
+
+def _full_options(p: argparse.ArgumentParser, args) -> dict:
+    """The options of a --full run (ValueError for LoRA-only flags or no --save-path)."""
+    given = [f"--{n.replace('_', '-')}" for n in _LORA_FLAGS if getattr(args, n) != p.get_default(n)]
+    if given:
+        raise ValueError(f"{', '.join(given)}: LoRA option(s), not used with --full")
+    if args.save_path is None:
+        raise ValueError("--full needs --save-path DIR (where the fine-tuned checkpoint is written)")
+    opts = {k: v for k, v in _options(args).items() if k not in _LORA_FLAGS}
+    return {**opts, "save_path": args.save_path}
+
+
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.0f}MiB"
 
@@ -92,8 +116,9 @@ class _Progress:
     """The progress bar (drawn at the first event: the data has been read and
     checked by then) or, with --no-progress, plain lines on stdout."""
 
-    def __init__(self, iters: int, plain: bool):
+    def __init__(self, iters: int, plain: bool, desc: str = "lora"):
         self._iters = iters
+        self._desc = desc
         self._plain = plain
         self._bar: Any = None
 
@@ -107,7 +132,7 @@ class _Progress:
         if self._bar is None and not self._plain:
             from tqdm import tqdm  # type: ignore[import-untyped]
 
-            self._bar = tqdm(total=self._iters, desc="lora", unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=self._iters, desc=self._desc, unit="step", dynamic_ncols=True)
         if ev.kind == "step":
             active, peak = _mib(ev.memory.get("active", 0)), _mib(ev.memory.get("peak", 0))
             if self._plain:
@@ -143,10 +168,12 @@ def _interrupt_cancels(task: asyncio.Task[Any]) -> bool:
         return False
 
 
-async def _train(model: amlx.Model, args: argparse.Namespace) -> bool:
-    """Runs the training; False when Ctrl-C stopped it (the adapter so far then saved)."""
-    progress = _Progress(args.iters, args.no_progress)
-    run = model.train_lora(args.data, **_options(args))
+async def _train(model: amlx.Model, args: argparse.Namespace, full: dict | None) -> bool:
+    """Runs the training; False when Ctrl-C stopped it (what was trained so far then saved).
+    `full`: the options of a --full run, None for LoRA."""
+    progress = _Progress(args.iters, args.no_progress, "lora" if full is None else "full")
+    run = model.train_lora(args.data, **_options(args)) if full is None else model.train(args.data, **full)
+    what = "the adapter" if full is None else "the checkpoint"
     task = asyncio.current_task()
     assert task is not None
     handled = _interrupt_cancels(task)
@@ -161,7 +188,7 @@ async def _train(model: amlx.Model, args: argparse.Namespace) -> bool:
         progress.close()
         path = await run.save()  # the step in flight has ended: this saves it too
         print(f"\ninterrupted at step {run.step} of {args.iters}: "
-              + (f"saved the adapter trained so far to {path}" if path else "nothing trained yet, nothing saved"),
+              + (f"saved {what} trained so far to {path}" if path else "nothing trained yet, nothing saved"),
               file=sys.stderr, flush=True)
         return False
     finally:
@@ -170,13 +197,13 @@ async def _train(model: amlx.Model, args: argparse.Namespace) -> bool:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def _run(args: argparse.Namespace, full: dict | None) -> int:
     import amlx
     from amlx.hub import resolve_model
 
     source = resolve_model(args.model)
     async with await amlx.load(source, device=args.device, dtype=args.dtype) as model:
-        finished = await _train(model, args)
+        finished = await _train(model, args, full)
     if not finished:
         return 130
     if args.fuse:
@@ -192,7 +219,10 @@ def run(args: argparse.Namespace) -> int:
     import amlx
 
     try:
-        return asyncio.run(_run(args))
+        if args.save_path is not None and not args.full:
+            raise ValueError("--save-path is for --full (a LoRA run writes its adapter to --adapter-path)")
+        full = _full_options(_parser(), args) if args.full else None
+        return asyncio.run(_run(args, full))
     except (amlx.AmlxError, ValueError, TypeError, RuntimeError) as exc:
         print(f"amlx lora: error: {exc}", file=sys.stderr)
         return 1

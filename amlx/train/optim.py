@@ -63,32 +63,31 @@ def _warmup(lr: float, warmup: int, after: Callable[[int], float]) -> Schedule:
     return schedule
 
 
-def warmup_cosine(lr: float, total_steps: int, warmup: int = 0, min_lr: float = 0.0) -> Schedule:
-    """Linear warm-up over `warmup` updates to `lr`, then cosine decay to `min_lr`
-    at update `total_steps`."""
+def _warmup_decay(lr: float, total_steps: int, warmup: int, min_lr: float,
+                  shape: Callable[[float], float]) -> Schedule:
+    """Linear warm-up over `warmup` updates to `lr`, then a decay to `min_lr` at update
+    `total_steps` whose form is `shape` (1 at the decay's start, 0 at its end, over t in [0, 1])."""
     lr, min_lr = _check_lr(lr, "learning rate"), _check_lr(min_lr, "min_lr")
     total_steps, warmup = _check_steps(total_steps, "total_steps", 1), _check_steps(warmup, "warmup")
     span = max(total_steps - warmup, 1)
 
     def decay(step: int) -> float:
         t = min(max(step - warmup, 0) / span, 1.0)
-        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+        return min_lr + (lr - min_lr) * shape(t)
 
     return _warmup(lr, warmup, decay)
+
+
+def warmup_cosine(lr: float, total_steps: int, warmup: int = 0, min_lr: float = 0.0) -> Schedule:
+    """Linear warm-up over `warmup` updates to `lr`, then cosine decay to `min_lr`
+    at update `total_steps`."""
+    return _warmup_decay(lr, total_steps, warmup, min_lr, lambda t: 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 def warmup_linear(lr: float, total_steps: int, warmup: int = 0, min_lr: float = 0.0) -> Schedule:
     """Linear warm-up over `warmup` updates to `lr`, then linear decay to `min_lr`
     at update `total_steps`."""
-    lr, min_lr = _check_lr(lr, "learning rate"), _check_lr(min_lr, "min_lr")
-    total_steps, warmup = _check_steps(total_steps, "total_steps", 1), _check_steps(warmup, "warmup")
-    span = max(total_steps - warmup, 1)
-
-    def decay(step: int) -> float:
-        t = min(max(step - warmup, 0) / span, 1.0)
-        return lr + (min_lr - lr) * t
-
-    return _warmup(lr, warmup, decay)
+    return _warmup_decay(lr, total_steps, warmup, min_lr, lambda t: 1.0 - t)
 
 
 SCHEDULES = ("constant", "cosine", "linear")

@@ -295,19 +295,13 @@ class TrainingRun:
         self._pad = pad
         lm = self._lm
         resume_dir = self.adapter_path if opts.resume else None
-        if resume_dir is not None and (resume_dir / _lora.ADAPTER_WEIGHTS).is_file():
-            _lora.load_adapter(lm, resume_dir, self._model.config)
-        elif not _lora.lora_modules(lm):
-            _lora.apply_lora(lm, opts.rank, opts.alpha, opts.dropout, opts.targets, opts.num_layers, opts.layers,
-                             opts.use_rslora, opts.seed)
-        for m in _lora.lora_modules(lm).values():
-            m.dropout = opts.dropout
+        self._install_parameters(opts, resume_dir)
         schedule = make_schedule(opts.lr_schedule, opts.learning_rate, opts.iters, opts.warmup, opts.min_lr)
         self._opt = AdamW(schedule, tuple(opts.betas), opts.eps, opts.weight_decay, opts.grad_clip)
         if resume_dir is not None and (resume_dir / "optimizer.json").is_file():
             self._opt.load(resume_dir)
             # the optimizer state of a resumed run names the layers of this adapter
-            names = set(trainable_parameters(lm))
+            names = set(self._trainable())
             if set(self._opt.m) - names:
                 raise ValueError(f"{resume_dir}: the optimizer state does not match the adapter")
         self.step = self._opt.step
@@ -323,6 +317,22 @@ class TrainingRun:
         if self.step >= opts.iters:
             events.extend(self._finish())
         return events
+
+    def _install_parameters(self, opts: TrainOptions, resume_dir: Path | None) -> None:
+        """Worker: makes the model ready to train (here: adds or resumes the LoRA layers).
+        `amlx.train.full` overrides this, `_trainable` and `_save`."""
+        lm = self._lm
+        if resume_dir is not None and (resume_dir / _lora.ADAPTER_WEIGHTS).is_file():
+            _lora.load_adapter(lm, resume_dir, self._model.config)
+        elif not _lora.lora_modules(lm):
+            _lora.apply_lora(lm, opts.rank, opts.alpha, opts.dropout, opts.targets, opts.num_layers, opts.layers,
+                             opts.use_rslora, opts.seed)
+        for m in _lora.lora_modules(lm).values():
+            m.dropout = opts.dropout
+
+    def _trainable(self) -> dict:
+        """The parameters each step updates, by dotted name."""
+        return trainable_parameters(self._lm)
 
     def _advance(self) -> list[TrainingEvent]:
         """Worker: one training step, and the evaluation / checkpoint it is due for."""
@@ -343,7 +353,7 @@ class TrainingRun:
     def _train_step(self, batch: _data.Batch) -> TrainingEvent:
         lm, opt = self._lm, self._opt
         start = time.perf_counter()
-        params = trainable_parameters(lm)
+        params = self._trainable()
         args = [params, array(batch.inputs), array(batch.targets), array(batch.mask)]
         if self.options.dropout:
             keys = random.split(self._key, 2)
