@@ -7,7 +7,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Iterator
 
 import anyio
@@ -188,7 +188,9 @@ class Model:
         top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, stop=(),
         seed=None, logprobs=False, max_buffer=16, presence_penalty=0.0,
         frequency_penalty=0.0, logit_bias=None, top_logprobs=0 (typed by
-        `amlx.GenerateOptions`; bounds in `amlx.sample`; ValueError on bad values).
+        `amlx.GenerateOptions`; bounds in `amlx.sample`; ValueError on bad values),
+        and at most one constraint, response_format / regex / choice / grammar (the
+        text then matches it; see amlx.constrain).
         Chat messages and long texts are tokenized off the event loop when the
         stream is first read: their errors (ChatTemplateError, ContextLengthError)
         are raised there."""
@@ -207,6 +209,29 @@ class Model:
     def complete_sync(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Completion:
         stream = self._open(prompt, options, inline=True)
         return _completion(stream._stream, list(stream), self.tokenizer.chat_template)
+
+    async def score(self, prompt: Prompt, continuations: Sequence[str | Sequence[int]]) -> list[float]:
+        """The total log-probability of each continuation right after `prompt` (float32).
+
+        `prompt` is what `generate` takes; a string continuation is tokenized on its own
+        (no special tokens) and appended to the prompt's tokens, so spell the space a word
+        starts with (" sports"). The prompt is prefilled once and shared; the work runs on
+        the engine's worker like generation. An empty continuation scores 0.0."""
+        if self._engine.closed:
+            raise ClosedError("the model is closed")
+        if is_heavy(prompt):  # chat messages, long texts: tokenized off the event loop
+            ids = await anyio.to_thread.run_sync(self._prompts.ids, prompt)
+        else:
+            ids = self._prompts.ids(prompt)
+        conts: list[list[int]] = []
+        for c in continuations:
+            if isinstance(c, str):
+                conts.append(self.tokenizer.encode(c, add_special_tokens=False))
+            elif isinstance(c, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in c):
+                conts.append(list(c))
+            else:
+                raise TypeError("each continuation must be a string or a list of token ids")
+        return await self._engine.score(ids, conts)
 
     def stats(self) -> EngineStats:
         """Active and waiting requests, tokens generated, decode steps, the recent

@@ -75,6 +75,7 @@ import numpy as np
 
 from amlx import _mlx as mx
 from amlx._mlx import Array
+from amlx.constrain.apply import masked_logits
 from amlx._mlx import ops as _ops
 
 if TYPE_CHECKING:
@@ -795,9 +796,17 @@ class BatchSampling:
         self.history: Array | None = None
         self.counts: Array | None = None
 
-    def __call__(self, logits: Array, selected: list[int] | None = None) -> StepSample:
+    def __call__(self, logits: Array, selected: list[int] | None = None,
+                 masks: np.ndarray | None = None) -> StepSample:
         """Samples one token per row of logits (B, V). Rows not in `selected`
-        (paused rows) keep their state; their tokens are to be ignored."""
+        (paused rows) keep their state; their tokens are to be ignored.
+
+        `masks`: the rows' token bitmasks when some row is constrained (amlx.constrain);
+        forbidden tokens go to -inf before anything else, so penalties, temperature and
+        the filters act on the allowed tokens, and logprobs / top_logprobs are those of
+        the constrained distribution. None (no constrained row) adds no work at all."""
+        if masks is not None:
+            logits = masked_logits(logits, masks)
         vocab = logits.shape[1]
         if self.params.any_penalty and self.history is None:
             self.history = make_history([r.history for r in self.rows], vocab)

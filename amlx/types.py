@@ -16,6 +16,10 @@ from typing import Any, Optional, Union
 
 from typing_extensions import TypedDict
 
+from amlx.constrain.spec import Constraint, parse_constraint
+
+from amlx.constrain.spec import Constraint, parse_constraint
+
 # Bounds of the options that are not sampling parameters (those live in amlx.sample).
 MAX_TOKENS_LIMIT = 2**31 - 1  # token counts are int32 on the device
 MAX_BUFFER_LIMIT = 1 << 16  # tokens a request may hold unread before it is paused
@@ -94,6 +98,16 @@ class GenerateOptions(TypedDict, total=False):
     logprobs: bool
     top_logprobs: int
     max_buffer: int
+    # structured outputs (at most one; see amlx.constrain)
+    response_format: Optional[Mapping[str, Any]]
+    regex: Optional[str]
+    choice: Optional[Sequence[str]]
+    grammar: Optional[str]
+    # structured outputs (at most one; see amlx.constrain)
+    response_format: Optional[Mapping[str, Any]]
+    regex: Optional[str]
+    choice: Optional[Sequence[str]]
+    grammar: Optional[str]
 
 
 class MemoryStats(TypedDict):
@@ -141,9 +155,24 @@ class GenerationOptions:
     frequency_penalty: float = 0.0
     logit_bias: Mapping[int, float] | None = None
     top_logprobs: int = 0
+    # At most one constraint: the text then matches it (amlx.constrain; checked by llguidance
+    # here, so a bad schema, regex or grammar is a ValueError before the request is queued).
+    response_format: Mapping[str, Any] | None = None
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         self._validate()
+        # derived, not an option: kept beside the fields (a frozen dataclass's __dict__)
+        self.__dict__["_constraint"] = parse_constraint(
+            response_format=self.response_format, regex=self.regex, choice=self.choice, grammar=self.grammar)
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """The request's constraint as llguidance will run it (None without one)."""
+        constraint: Constraint | None = self.__dict__["_constraint"]
+        return constraint
 
     @classmethod
     def from_kwargs(cls, vocab_size: int | None = None, /, **kwargs: Any) -> "GenerationOptions":

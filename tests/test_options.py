@@ -61,7 +61,15 @@ VALID = {
     "logprobs": st.booleans(),
     "top_logprobs": st.integers(0, 20),
     "max_buffer": st.integers(1, 1 << 16),
+    # constraints (amlx.constrain; at most one per request, see option_sets)
+    "response_format": st.sampled_from([None, {"type": "text"}, {"type": "json_object"},
+                                        {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                                            "type": "object", "properties": {"a": {"type": "integer"}}}}}]),
+    "regex": st.sampled_from([None, "[a-z]+", r"[0-9]{1,3}"]),
+    "choice": st.one_of(st.none(), st.lists(st.text(min_size=1, max_size=5), min_size=1, max_size=4)),
+    "grammar": st.sampled_from([None, 'start: "a" | "b" x\nx: /[0-9]/']),
 }
+CONSTRAINTS = ("response_format", "regex", "choice", "grammar")
 NAN, INF = float("nan"), float("inf")
 INVALID = {
     "max_tokens": st.sampled_from([0, -1, 2**31, 1.5, True, "8", None]),
@@ -79,6 +87,11 @@ INVALID = {
     "logprobs": st.sampled_from([1, "yes", None]),
     "top_logprobs": st.sampled_from([21, -1, 2.0, True, 2**31]),
     "max_buffer": st.sampled_from([0, (1 << 16) + 1, 2.0, None]),
+    "response_format": st.sampled_from([{"type": "xml"}, "json", {"type": "json_schema"},
+                                        {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}]),
+    "regex": st.sampled_from(["(", "", 3]),
+    "choice": st.sampled_from([[], [""], "ab", [1]]),
+    "grammar": st.sampled_from(["start: nothing", "", 7]),
 }
 
 
@@ -95,6 +108,9 @@ def option_sets(draw):
             kwargs[name] = draw(VALID[name])
     if valid and kwargs.get("top_logprobs") and not kwargs.get("logprobs"):
         valid = False  # OpenAI's rule: top_logprobs needs logprobs
+    given = [n for n in CONSTRAINTS if kwargs.get(n) not in (None, {"type": "text"})]
+    if len(given) > 1:
+        valid = False  # at most one constraint per request
     return kwargs, valid
 
 

@@ -83,7 +83,11 @@ async def test_needs_F_response_format_json_schema(server):
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
     r = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=64, temperature=0.8, seed=3,
                                              response_format={"type": "json_object"})
-    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    # any object: random weights may still be inside its first string at max_tokens ("length")
+    content = r.choices[0].message.content
+    assert content.startswith('{"')
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
 
 
 async def test_needs_F_choice_and_regex(server):

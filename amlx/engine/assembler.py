@@ -33,8 +33,9 @@ class TextAssembler:
                     break
         return best
 
-    def push(self, token_id: int, logprob: float | None = None) -> Token:
-        """The Token for the next sampled id (the last one has finish_reason set)."""
+    def push(self, token_id: int, logprob: float | None = None, complete: bool = False) -> Token:
+        """The Token for the next sampled id (the last one has finish_reason set).
+        `complete`: the request's constraint admits nothing after this token ("stop")."""
         self.count += 1
         if token_id in self._eos:
             self.finished = True
@@ -45,14 +46,14 @@ class TextAssembler:
             if cut >= 0:
                 self.finished = True
                 return Token(token_id, text[:cut], logprob, "stop")
-        if self.count >= self._max:
+        if complete or self.count >= self._max:
             self.finished = True
             rest = text + self._detok.finalize()
             if self._stop:
                 cut = min((i for i in (rest.find(s) for s in self._stop) if i >= 0), default=-1)
                 if cut >= 0:
                     return Token(token_id, rest[:cut], logprob, "stop")
-            return Token(token_id, rest, logprob, "length")
+            return Token(token_id, rest, logprob, "stop" if complete else "length")
         keep = self._holdback(text) if self._stop else 0
         self._held = text[len(text) - keep:] if keep else ""
         return Token(token_id, text[:len(text) - keep], logprob, None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
+from amlx.constrain import Constraint, MatcherFactory
 from amlx.engine.assembler import TextAssembler, check_context
 from amlx.engine.channel import Channel
 from amlx.engine.placement import EngineOptions, Placement
@@ -20,7 +21,8 @@ from amlx.engine.request import Request, RequestStream
 from amlx.sample import RowSampling
 from amlx.engine.scheduler import Scheduler
 from amlx.engine.worker import Worker
-from amlx.errors import ClosedError
+from amlx.engine.score import score_continuations
+from amlx.errors import ClosedError, ContextLengthError
 from amlx.types import GenerationOptions
 
 
@@ -48,6 +50,7 @@ class Engine:
         self.scheduler = Scheduler(model, max_batch_size, self._worker.wake, shards=shards, options=options,
                                    placement=placement)
         self.placement = self.scheduler.placement
+        self._matchers = MatcherFactory(tokenizer, vocab_size)  # constrained requests' grammars
         self._closed = False
         self._close_lock = threading.Lock()
         self._worker.add_scheduler(self.scheduler)
@@ -72,8 +75,44 @@ class Engine:
         channel = Channel(options.max_buffer, self._worker.wake)
         req = Request(ids, options, channel, TextAssembler(self.tokenizer, options, self.eos_ids, max_new=room),
                       RowSampling(options, ids))
-        self.scheduler.add(req)
+        if options.constraint is not None:
+            self._queue_when_compiled(req, options.constraint)
+        else:
+            self.scheduler.add(req)
         return RequestStream(req)
+
+    def _queue_when_compiled(self, req: Request, constraint: Constraint) -> None:
+        """A constrained request joins the queue once its matcher is made (a background
+        thread: never the event loop nor the worker). A grammar this vocabulary rejects
+        ends the stream with its ValueError (malformed ones were refused by the options)."""
+        def ready(future) -> None:
+            try:
+                req.matcher = future.result()
+                self.scheduler.add(req)
+            except Exception as exc:  # ValueError, or ClosedError once the engine is closed
+                req.assembler.finished = True
+                req.channel.close(exc)
+            except BaseException:  # cancelled by close()
+                req.assembler.finished = True
+                req.channel.close(ClosedError("the model was closed"))
+
+        self._matchers.submit(constraint).add_done_callback(ready)
+
+    async def score(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
+        """Each continuation's total log-probability after the prompt (see
+        amlx.engine.score); on the worker, between decode rounds."""
+        if self._closed:
+            raise ClosedError("the model is closed")
+        self.check_prompt(prompt_ids)
+        for cont in continuations:
+            bad = [t for t in cont if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+            if len(prompt_ids) + len(cont) > self.max_context:
+                raise ContextLengthError(f"the prompt and a continuation have {len(prompt_ids) + len(cont)} "
+                                         f"tokens but the context holds {self.max_context}")
+        chunk = self.scheduler.prefill_chunk
+        return await self.run(lambda: score_continuations(self.model, prompt_ids, continuations, chunk=chunk))
 
     def abort(self, stream: RequestStream) -> None:
         """Cancels a request: it leaves before the next decode step and its memory is freed."""
@@ -121,6 +160,7 @@ class Engine:
     # -- lifetime -------------------------------------------------------------------
     def _shutdown(self) -> None:
         """On the worker: end every request with ClosedError, free caches and weights."""
+        self._matchers.close()
         with self.placement.on():
             self.scheduler.shutdown()
             self._worker.remove_scheduler(self.scheduler)

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from amlx.cache import KVCache
+from amlx.constrain import Matcher
 from amlx.engine.assembler import TextAssembler
 from amlx.engine.channel import Channel
 from amlx.sample import RowSampling
@@ -33,6 +34,7 @@ class Request:
     pos: int = 0  # next cache position to write
     last: int = -1  # last sampled token (input of the next step)
     steps: int = 0  # decode steps computed for this request
+    matcher: Matcher | None = None  # a constrained request's grammar state (amlx.constrain)
     parked_at: float = 0.0  # time.monotonic() when it was last parked (paused, out of the batch)
 
     @property

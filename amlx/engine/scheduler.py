@@ -40,6 +40,7 @@ import numpy as np
 
 from amlx._mlx import Array, array, ops, transforms
 from amlx.cache import KVCache
+from amlx.constrain import step_masks
 from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards
 from amlx.engine.rate import RateMeter
 from amlx.engine.request import Request
@@ -263,8 +264,9 @@ class Scheduler:
         firsts: list[StepSample] = []
         samplers: list[BatchSampling] = []
         assigned = self._assign(group)
+        masks = step_masks([[r.matcher for r in reqs] for _, reqs in assigned])
         try:
-            for shard, reqs in assigned:
+            for (shard, reqs), mask in zip(assigned, masks):
                 with self._on(shard):
                     lengths = [len(r.prompt) for r in reqs]
                     ids = np.zeros((len(reqs), max(lengths)), dtype=np.int32)
@@ -279,7 +281,7 @@ class Scheduler:
                         logits = self._inject(logits, reqs, False)
                 # (sampling stays on the worker's stream: see _build)
                 samplers.append(BatchSampling([r.sampling for r in reqs], self._sample_steps))
-                firsts.append(samplers[-1](logits))
+                firsts.append(samplers[-1](logits, masks=mask))
             # One evaluation for every shard, so their forwards run at the same time.
             ops.eval(*[a for first in firsts for a in first.arrays()], *[a for bs in samplers for a in bs.state()],
                      *[a for _, _, cache in parts for c in cache for a in c.state()])
@@ -360,7 +362,7 @@ class Scheduler:
         """Samples the first token of freshly prefilled requests; their keys move on."""
         bs = BatchSampling([r.sampling for r in reqs], self._sample_steps)
         try:
-            first = bs(logits)
+            first = bs(logits, masks=step_masks([[r.matcher for r in reqs]])[0])
             ops.eval(*first.arrays(), *bs.state())
             bs.sync_back()
         finally:
@@ -433,7 +435,8 @@ class Scheduler:
         The order is: build step t+1's graph (Python), hand step t's tokens to
         their consumers, then launch step t+1 (MLX queues its kernels without
         holding the GIL), so the event loop handles the tokens while the
-        worker is in MLX instead of competing with it for the interpreter."""
+        worker is in MLX instead of competing with it for the interpreter.
+        Shards holding constrained rows sample later: see `_sample_constrained`."""
         prev = self._inflight
         if prev is not None and not self._can_chain(prev):
             self._read(self._drain())
@@ -458,8 +461,12 @@ class Scheduler:
             parts = [self._build(shard, sel, chained.get(shard), split) for shard, sel in plan]
         except MLXError:
             parts = None
+        deferred = [p for p in parts or () if p.sample is None]
+        parts = self._launch_forwards(deferred, parts)
         if prev is not None:
             self._read(prev)
+        if parts is not None and deferred:
+            parts = self._sample_constrained(deferred, parts)
         if parts is not None:
             try:
                 ops.async_eval(*[a for p in parts for a in p.outputs])
@@ -518,12 +525,47 @@ class Scheduler:
             logits, state = self._batched_logits(tokens, positions, shard.cache, split)
             if self.fault is not None:
                 logits = self._inject(logits, list(shard.rows), prev is not None)
+        if any(r.matcher is not None for r in shard.rows):
+            # constrained rows need step t's tokens on the host for their masks: sampled later
+            return _Part(shard, list(shard.rows), sel, None, [logits, *state], state, logits)
         # Sampling (a few small ops) stays on the home stream: its compiled
         # steps are cached process-wide per shape and stream, each keeping a few
         # bytes of constants, so one stream keeps that cache as small as with one shard.
         step = shard.sampling(logits, sel)
         outputs = [*step.arrays(), *shard.sampling.state(), *state]
         return _Part(shard, list(shard.rows), sel, step, outputs, state)
+
+    def _launch_forwards(self, deferred: list["_Part"], parts: list["_Part"] | None) -> list["_Part"] | None:
+        """Launches the forwards of parts whose sampling waits for masks, so the device runs
+        them while the host reads step t and computes the masks; None if that fails."""
+        if not deferred:
+            return parts
+        try:
+            ops.async_eval(*[a for p in deferred for a in p.outputs])
+        except MLXError:
+            return None
+        return parts
+
+    def _sample_constrained(self, deferred: list["_Part"], parts: list["_Part"]) -> list["_Part"] | None:
+        """Samples the parts holding constrained rows, now that step t's tokens have advanced
+        their matchers: every mask of the step in one parallel llguidance call, then each
+        shard's sampling with its masks. None if building the sampling fails.
+
+        A shard holding constrained rows (amlx.constrain) cannot sample step t+1 before
+        step t's tokens are on the host: its forward is launched first (`_launch_forwards`),
+        then step t is read, the masks are computed while the device runs that forward,
+        and the masked sampling is launched after it. The cost is the time the masks take
+        beyond the forward (the device waits for them then), shared by the unconstrained
+        rows of such a shard; shards without constrained rows are unchanged."""
+        masks = step_masks([[r.matcher for r in p.rows] for p in deferred])
+        try:
+            for part, mask in zip(deferred, masks):
+                part.sample = part.shard.sampling(part.logits, part.selected, masks=mask)
+                part.outputs += [*part.sample.arrays(), *part.shard.sampling.state()]
+                part.logits = None
+        except MLXError:
+            return None
+        return parts
 
     def _commit(self, step: "_Step") -> None:
         """A launched step becomes the batch's state: its caches, and the rows'
@@ -589,7 +631,12 @@ class Scheduler:
             req.first_token_at = time.perf_counter()
         req.last = token_id
         req.sampling.observe(token_id)
-        tok = req.assembler.push(token_id, logprob if req.options.logprobs else None)
+        if req.matcher is not None and not req.matcher.consume(token_id):
+            self._fail(req, AmlxError(f"constrained decoding: token {token_id} refused: {req.matcher.error}"))
+            return
+        # a constraint that admits nothing more (but EOS) ends the request here
+        complete = req.matcher is not None and req.matcher.finished
+        tok = req.assembler.push(token_id, logprob if req.options.logprobs else None, complete=complete)
         if top is not None and req.options.top_logprobs:  # (id, logprob) pairs, best first
             tok = replace(tok, top_logprobs=top[:req.options.top_logprobs])
         self.tokens_generated += 1
@@ -745,9 +792,10 @@ class _Part:
     shard: _Shard
     rows: list[Request]
     selected: list[int]
-    sample: StepSample  # the sampled tokens, their logprobs (and top logprobs)
+    sample: StepSample | None  # the sampled tokens, their logprobs (and top logprobs)
     outputs: list[Array]  # everything the part computes (what async_eval launches)
     state: list[Array]  # the shard's caches after the step, one buffer per layer
+    logits: Array | None = None  # until a part with constrained rows is sampled
 
 
 @dataclass(eq=False)

@@ -1,0 +1,54 @@
+"""Matchers for one engine, made on a background thread.
+
+Building llguidance's view of a vocabulary takes seconds for a 150k-token one, and compiling a
+large schema can take a while too: neither may run on the event loop (which submits requests)
+nor on the worker (which decodes everybody else). So a `MatcherFactory` does both on a thread of
+its own, the vocabulary once, on first use; a constrained request joins the scheduler's queue
+when its matcher is ready. Malformed constraints never get here: `GenerationOptions` has
+already had llguidance check them (a ValueError before anything is queued).
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from amlx.constrain.matcher import GrammarVocab, Matcher
+from amlx.constrain.spec import Constraint
+
+if TYPE_CHECKING:
+    from amlx.tokenizer import Tokenizer
+
+__all__ = ["MatcherFactory"]
+
+
+class MatcherFactory:
+    """Makes `Matcher`s for requests to one model (`tokenizer`, logits `vocab_size` wide)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._vocab: GrammarVocab | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, constraint: Constraint) -> Future[Matcher]:
+        """A future matcher for `constraint` (its exception: ValueError if llguidance rejects
+        the grammar for this vocabulary). Any thread."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amlx-grammar")
+            return self._pool.submit(self._make, constraint)
+
+    def _make(self, constraint: Constraint) -> Matcher:
+        if self._vocab is None:  # only this thread sets it
+            self._vocab = GrammarVocab.from_tokenizer(self._tokenizer, self._vocab_size)
+        return self._vocab.matcher(constraint)
+
+    def close(self) -> None:
+        """Stops the thread once queued work is done (idempotent)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,174 @@
+"""llguidance's view of a checkpoint's tokenizer, per-request matchers and the step's token bitmasks.
+
+A mask is llguidance's bitmask: one int32 word per 32 token ids, bit `i % 32` of word `i // 32`
+set when token `i` may come next. A step's constrained rows share one (rows, words) array,
+filled by `GrammarVocab.fill_masks` in one call that computes the rows in parallel on
+llguidance's thread pool, without holding the GIL.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import llguidance
+import llguidance.numpy as llnp
+import numpy as np
+
+from amlx.constrain.spec import Constraint
+
+if TYPE_CHECKING:
+    from amlx.tokenizer import Tokenizer
+
+__all__ = ["GrammarVocab", "Matcher", "step_masks", "unpack_mask"]
+
+# Compiled grammars kept per vocabulary: requests with the same constraint (a server's one
+# schema) copy a compiled matcher in microseconds instead of compiling it again.
+_CACHED_GRAMMARS = 64
+
+_executor: llguidance.LLExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _pool() -> llguidance.LLExecutor:
+    """llguidance's thread pool, one per process (80% of the cores, at most 32: its default)."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = llguidance.LLExecutor()
+        return _executor
+
+
+class Matcher:
+    """One request's position in its grammar. Not thread-safe: one owner at a time."""
+
+    __slots__ = ("_inner", "mask_words")
+
+    def __init__(self, inner: llguidance.LLMatcher, mask_words: int):
+        self._inner = inner
+        self.mask_words = mask_words  # int32 words of this matcher's mask row
+
+    def consume(self, token_id: int) -> bool:
+        """Advances over `token_id`; False if the grammar does not allow it (the matcher then
+        stays in its error state, see `error`). An EOS id is allowed where the grammar may end."""
+        return self._inner.consume_token(int(token_id))
+
+    def rollback(self, num_tokens: int) -> bool:
+        """Undoes the last `num_tokens` consumed tokens (cheap: llguidance keeps the states)."""
+        return self._inner.rollback(num_tokens)
+
+    @property
+    def accepting(self) -> bool:
+        """The text so far is a complete match (the request may end here, with EOS)."""
+        return self._inner.is_accepting()
+
+    @property
+    def finished(self) -> bool:
+        """Nothing but EOS can follow: the request is complete (or the matcher failed)."""
+        return self._inner.is_stopped()
+
+    @property
+    def error(self) -> str:
+        """llguidance's message once a token was refused, else ""."""
+        return self._inner.get_error()
+
+    def fill_mask(self, masks: np.ndarray, row: int = 0) -> None:
+        """Writes the tokens allowed next into row `row` of `masks` (see `GrammarVocab.new_masks`)."""
+        llnp.fill_next_token_bitmask(self._inner, masks, row)
+
+
+class GrammarVocab:
+    """llguidance's tokenizer for one checkpoint: makes matchers and fills their masks.
+
+    `vocab_size` is the width of the model's logits (it may exceed the tokenizer's own count:
+    padded embeddings; ids without text are never allowed). `eos_ids` are the ids that end
+    generation; a grammar allows them exactly where the text may end. Thread-safe.
+    """
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids: Iterable[int] = ()):
+        eos = sorted({int(i) for i in eos_ids})
+        try:
+            self._tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos or None)
+        except ValueError as e:
+            raise ValueError(f"llguidance cannot use this tokenizer.json with a vocabulary of {vocab_size}: {e}") from e
+        self.vocab_size = vocab_size
+        self.eos_ids = frozenset(eos or self._tokenizer.eos_tokens)
+        self.mask_words = llnp.get_bitmask_shape(1, vocab_size)[1]
+        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Tokenizer, vocab_size: int) -> GrammarVocab:
+        """From an amlx tokenizer (its tokenizer.json with the added tokens the config declares,
+        and its EOS ids); byte-level BPE and SentencePiece byte-fallback vocabularies both work."""
+        return cls(tokenizer.backend.to_str(), vocab_size, tokenizer.eos_token_ids)
+
+    def matcher(self, constraint: Constraint) -> Matcher:
+        """A fresh matcher at the start of `constraint`'s grammar.
+
+        Raises ValueError with llguidance's message if the grammar does not compile against this
+        tokenizer (e.g. it names a special token the vocabulary lacks). Compiling can take long
+        for big schemas (it releases the GIL); call it off the event loop.
+        """
+        with self._lock:
+            template = self._compiled.get(constraint.grammar)
+            if template is not None:
+                self._compiled.move_to_end(constraint.grammar)
+                return Matcher(template.deep_copy(), self.mask_words)
+        template = llguidance.LLMatcher(self._tokenizer, constraint.grammar, log_level=0)
+        if template.is_error():
+            raise ValueError(f"invalid {constraint.kind} constraint: {template.get_error().strip()}")
+        with self._lock:
+            self._compiled[constraint.grammar] = template
+            while len(self._compiled) > _CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        return Matcher(template.deep_copy(), self.mask_words)
+
+    def new_masks(self, rows: int) -> np.ndarray:
+        """A (rows, mask_words) int32 bitmask array, every token allowed."""
+        return llnp.allocate_token_bitmask(rows, self.vocab_size)
+
+    def fill_masks(self, rows: Sequence[tuple[Matcher, int]], masks: np.ndarray) -> None:
+        """For each (matcher, row): the tokens the matcher allows next, into `masks[row]`.
+
+        All rows are computed in one call on llguidance's thread pool (the GIL released)."""
+        if masks.shape[1] != self.mask_words:
+            raise ValueError(f"masks have {masks.shape[1]} words per row, this vocabulary needs {self.mask_words}")
+        llnp.fill_next_token_bitmask_par(_pool(), [(m._inner, row) for m, row in rows], masks)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes llguidance assigns to a token id (b"" for special and padding ids)."""
+        return self._tokenizer.decode_bytes([int(token_id)])
+
+
+def step_masks(groups: Sequence[Sequence[Matcher | None]]) -> list[np.ndarray | None]:
+    """The masks of one step: for each group of rows (a shard's batch), a (rows, words) int32
+    bitmask, or None where no row of the group has a matcher (such a batch applies no mask).
+
+    Every constrained row of every group is computed in one llguidance call, in parallel on
+    its thread pool; rows without a matcher, or whose matcher failed, allow every token."""
+    words = next((m.mask_words for g in groups for m in g if m is not None), 0)
+    sizes = [len(g) if any(m is not None for m in g) else 0 for g in groups]
+    masks = llnp.allocate_token_bitmask(sum(sizes), words * 32)
+    jobs, start = [], 0
+    for group, size in zip(groups, sizes):
+        if size:
+            jobs += [(m._inner, start + i) for i, m in enumerate(group) if m is not None and not m._inner.is_error()]
+        start += size
+    if jobs:
+        llnp.fill_next_token_bitmask_par(_pool(), jobs, masks)
+    out: list[np.ndarray | None] = []
+    start = 0
+    for size in sizes:
+        out.append(masks[start:start + size] if size else None)
+        start += size
+    return out
+
+
+def unpack_mask(masks: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The bitmask as a (rows, vocab_size) bool array (host side; for tests and checks)."""
+    words = np.ascontiguousarray(masks, dtype="<i4")
+    bits = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")
+    return bits[..., :vocab_size].astype(bool)

@@ -1,0 +1,132 @@
+"""A request's constraint options -> one llguidance grammar, checked before the request is queued.
+
+A request names at most one of
+- `response_format`: OpenAI's shapes, `{"type": "text"}` (no constraint), `{"type": "json_object"}`
+  (any JSON object) or `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}`;
+- `regex`: a regular expression the whole output matches (Rust `regex` syntax, which for the
+  usual constructs is Python's);
+- `choice`: a list of strings, the output being exactly one of them;
+- `grammar`: a Lark grammar (llguidance's dialect: https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import llguidance
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
+__all__ = ["Constraint", "ConstraintKind", "parse_constraint"]
+
+ConstraintKind = Literal["json", "regex", "choice", "grammar"]
+
+# JSON comes out the way json.dumps writes it ('", "' and '": "', no other blanks). Flexible
+# whitespace would let a model spend its whole token budget on blanks between two keys. A schema
+# may still choose otherwise through llguidance's "x-guidance" key, which overrides these.
+_JSON_STYLE: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+_OPTION_NAMES = ("response_format", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """One request's constraint: its kind and the llguidance grammar (a JSON text) it compiles to."""
+
+    kind: ConstraintKind
+    grammar: str
+
+
+def parse_constraint(
+    *,
+    response_format: Mapping[str, Any] | None = None,
+    regex: str | None = None,
+    choice: Sequence[str] | None = None,
+    grammar: str | None = None,
+) -> Constraint | None:
+    """The constraint the options ask for, or None (no option, or `{"type": "text"}`).
+
+    Raises ValueError naming the option and the problem: two constraints at once, a malformed
+    option, or a schema / regex / grammar that llguidance rejects (with llguidance's message).
+    """
+    built = {
+        "response_format": _from_response_format(response_format) if response_format is not None else None,
+        "regex": _from_regex(regex) if regex is not None else None,
+        "choice": _from_choice(choice) if choice is not None else None,
+        "grammar": _from_lark(grammar) if grammar is not None else None,
+    }
+    given = [name for name in _OPTION_NAMES if built[name] is not None]
+    if len(given) > 1:
+        raise ValueError(f"at most one constraint per request, got {' and '.join(given)}")
+    if not given:
+        return None
+    constraint = built[given[0]]
+    assert constraint is not None
+    _check(constraint.grammar, given[0])
+    return constraint
+
+
+def _from_response_format(value: Any) -> Constraint | None:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"response_format must be a dict like {{'type': 'json_object'}}, got {type(value).__name__}")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return _from_schema({"type": "object"})
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, Mapping):
+            raise ValueError("response_format of type 'json_schema' needs a 'json_schema' dict "
+                             "({'name': ..., 'schema': {...}})")
+        name = spec.get("name")
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"response_format.json_schema.name must be a string, got {type(name).__name__}")
+        schema = spec.get("schema", {})  # OpenAI: no schema means any JSON value
+        if not isinstance(schema, (Mapping, bool)):
+            raise ValueError(f"response_format.json_schema.schema must be a JSON schema object, "
+                             f"got {type(schema).__name__}")
+        return _from_schema(schema)
+    raise ValueError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+
+
+def _from_schema(schema: Mapping[str, Any] | bool) -> Constraint:
+    try:
+        text = json.dumps(schema, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"response_format: the JSON schema is not JSON-serializable: {e}") from e
+    return Constraint("json", llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_STYLE))
+
+
+def _from_regex(regex: Any) -> Constraint:
+    if not isinstance(regex, str) or not regex:
+        raise ValueError("regex must be a non-empty string")
+    return Constraint("regex", llguidance.LLMatcher.grammar_from_regex(regex))
+
+
+def _from_choice(choice: Any) -> Constraint:
+    if isinstance(choice, (str, bytes)) or not isinstance(choice, Sequence):
+        raise ValueError(f"choice must be a list of strings, got {type(choice).__name__}")
+    if not choice or not all(isinstance(c, str) and c for c in choice):
+        raise ValueError("choice must be a non-empty list of non-empty strings")
+    # Each choice is one Lark string literal. JSON string syntax is Lark's (quotes, backslashes,
+    # control characters and non-ASCII as \u escapes, astral characters as surrogate pairs).
+    alternatives = " | ".join(json.dumps(c) for c in dict.fromkeys(choice))
+    return Constraint("choice", llguidance.LLMatcher.grammar_from_lark(f"start: {alternatives}\n"))
+
+
+def _from_lark(grammar: Any) -> Constraint:
+    if not isinstance(grammar, str) or not grammar.strip():
+        raise ValueError("grammar must be a non-empty Lark grammar (a string)")
+    return Constraint("grammar", llguidance.LLMatcher.grammar_from_lark(grammar))
+
+
+def _check(grammar: str, option: str) -> None:
+    """llguidance compiles the grammar (no tokenizer needed); its error names the problem."""
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error:
+        raise ValueError(f"invalid {option}: {messages[0].strip()}")

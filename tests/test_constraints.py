@@ -1,0 +1,417 @@
+"""amlx.constrain on its own: option validation, llguidance's tokenizer built from tokenizer.json
+(byte-level BPE and SentencePiece byte fallback), matchers and batched masks.
+
+Generation here is a numpy loop over random logits: the logits say nothing, so only the mask can
+make the text valid. Each check uses the format's own oracle: jsonschema, re.fullmatch, set
+membership, a Lark parser.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import lark
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from amlx.constrain import Constraint, GrammarVocab, masked_logits, parse_constraint, step_masks, unpack_mask
+from amlx.tokenizer import Tokenizer
+
+try:
+    from tests.helpers.tokenizers import write_tokenizer
+except ImportError:  # tests/ itself on sys.path
+    from helpers.tokenizers import write_tokenizer
+
+KINDS = ("bpe", "spm")
+PADDING = 13  # logits wider than the tokenizer, as with padded embeddings
+
+SCHEMA = {
+    "$defs": {
+        "point": {
+            "type": "object",
+            "properties": {
+                "x": {"type": "integer", "minimum": -50, "maximum": 50},
+                "y": {"type": "integer", "minimum": 0, "maximum": 9},
+            },
+            "required": ["x", "y"],
+            "additionalProperties": False,
+        }
+    },
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Z][a-z]{1,6}$"},
+        "kind": {"enum": ["cat", "dog", "bird"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 3},
+        "origin": {"$ref": "#/$defs/point"},
+        "path": {"type": "array", "items": {"$ref": "#/$defs/point"}, "minItems": 1, "maxItems": 2},
+        "meta": {
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}, "note": {"type": ["string", "null"], "maxLength": 4}},
+            "required": ["ok"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["name", "kind", "origin", "meta"],
+    "additionalProperties": False,
+}
+
+REGEXES = (
+    r"(?:[A-Z][a-z]{1,5} ){1,3}[0-9]{2,4}(?:\.[0-9]{1,2})?",
+    r"[a-z]{1,8}@[a-z]{1,6}\.(?:com|org|net)",
+    r"(?:yes|no|maybe)!?",
+)
+
+LARK = r"""
+start: call (";" call)~0..2
+call: NAME "(" [args] ")"
+args: arg ("," arg)~0..2
+arg: NUMBER | STRING | NAME "()"
+NAME: /[a-z]{1,6}/
+NUMBER: /-?[0-9]{1,4}/
+STRING: /"[a-z ]{0,6}"/
+"""
+
+CHOICES = ["sports", "politics", "science", "he said \"hi\"", "back\\slash", "new\nline", "café ☕ 😀", "cat", "category"]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def family(request, tmp_path_factory):
+    """(amlx tokenizer, GrammarVocab) of one tokenizer family."""
+    path = tmp_path_factory.mktemp(f"tok_{request.param}")
+    n = write_tokenizer(path, request.param)
+    tok = Tokenizer.from_dir(path)
+    return tok, GrammarVocab.from_tokenizer(tok, n + PADDING)
+
+
+def _draw(logits: np.ndarray, rng: np.random.Generator, temperature: float) -> int:
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits / temperature
+    p = np.exp(z - z.max())
+    return int(rng.choice(len(p), p=p / p.sum()))
+
+
+def generate_batch(vocab: GrammarVocab, constraints: list[Constraint], *, seed: int, temperature: float,
+                   max_steps: int = 300, must_finish: bool = True):
+    """Decodes all constraints in lockstep, one shared mask array filled in parallel per step.
+    Returns the token ids of each row (EOS left out); with must_finish=False, also which rows ended."""
+    rng = np.random.default_rng(seed)
+    matchers = [vocab.matcher(c) for c in constraints]
+    outputs: list[list[int]] = [[] for _ in constraints]
+    live = list(range(len(constraints)))
+    masks = vocab.new_masks(len(constraints))
+    for _ in range(max_steps):
+        live = [i for i in live if not matchers[i].finished]
+        if not live:
+            break
+        vocab.fill_masks([(matchers[i], i) for i in live], masks)
+        allowed = unpack_mask(masks, vocab.vocab_size)
+        for i in live:
+            logits = np.where(allowed[i], 3.0 * rng.standard_normal(vocab.vocab_size), -np.inf)
+            token = _draw(logits, rng, temperature)
+            assert matchers[i].consume(token), matchers[i].error
+            if token in vocab.eos_ids:
+                assert matchers[i].finished
+            else:
+                outputs[i].append(token)
+    finished = [m.finished for m in matchers]
+    if not must_finish:
+        return outputs, finished
+    assert all(finished), f"{finished.count(False)} rows did not finish in {max_steps} steps"
+    return outputs
+
+
+def _texts(family, constraint, n, temperature, seed=0) -> list[str]:
+    tok, vocab = family
+    return [tok.decode(ids) for ids in generate_batch(vocab, [constraint] * n, seed=seed, temperature=temperature)]
+
+
+# ---------------------------------------------------------------------------------------------
+# generation under each kind of constraint
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_outputs_validate(family, temperature):
+    c = parse_constraint(response_format={"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA}})
+    texts = _texts(family, c, 24, temperature)
+    for text in texts:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    assert len(set(texts)) > 1  # the random logits do vary the output
+
+
+def test_json_object_outputs_are_objects(family):
+    tok, vocab = family
+    # any object may run long under random logits: the rows that end within the budget are checked
+    c = parse_constraint(response_format={"type": "json_object"})
+    outputs, finished = generate_batch(vocab, [c] * 16, seed=1, temperature=0.0, max_steps=60, must_finish=False)
+    assert any(finished)
+    for ids, done in zip(outputs, finished):
+        if done:
+            assert isinstance(json.loads(tok.decode(ids)), dict)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("pattern", REGEXES)
+def test_regex_outputs_fullmatch(family, pattern, temperature):
+    for text in _texts(family, parse_constraint(regex=pattern), 16, temperature):
+        assert re.fullmatch(pattern, text), text
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_choice_outputs_are_members(family, temperature):
+    texts = _texts(family, parse_constraint(choice=CHOICES), 40, temperature)
+    assert set(texts) <= set(CHOICES)
+    assert len(set(texts)) > 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_lark_grammar_outputs_parse(family, temperature):
+    parser = lark.Lark(LARK, parser="earley")
+    for text in _texts(family, parse_constraint(grammar=LARK), 16, temperature):
+        parser.parse(text)  # raises on a mismatch
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(choices=st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=4), seed=st.integers(0, 2**16))
+def test_any_choice_list_is_escaped_exactly(family, choices, seed):
+    """Quotes, backslashes, control characters, astral characters: the alternation keeps them."""
+    tok, vocab = family
+    constraint = parse_constraint(choice=choices)
+    for ids in generate_batch(vocab, [constraint] * 4, seed=seed, temperature=1.0):
+        assert tok.decode(ids) in choices
+    for c in choices:  # each choice, spelled by any tokenization, is a complete match
+        m = vocab.matcher(constraint)
+        ids = tok.encode(c, add_special_tokens=False)
+        if tok.decode(ids) != c:  # the BPE normalizes to NFC; such a choice is spelled otherwise
+            continue
+        assert all(m.consume(i) for i in ids), m.error
+        assert m.accepting
+
+
+# ---------------------------------------------------------------------------------------------
+# the matcher and the masks
+
+
+def test_mask_is_exactly_what_the_matcher_takes(family):
+    tok, vocab = family
+    c = parse_constraint(regex=r"[a-c]{2}(?:x|yz)?")
+    prefix = tok.encode("a", add_special_tokens=False)
+    m = vocab.matcher(c)
+    assert all(m.consume(t) for t in prefix)
+    masks = vocab.new_masks(3)
+    vocab.fill_masks([(m, 1)], masks)
+    rows = unpack_mask(masks, vocab.vocab_size)
+    assert rows[0].all() and rows[2].all()  # rows not named are left alone
+    allowed = rows[1]
+    assert allowed.any() and not allowed.all()
+    for t in range(vocab.vocab_size):
+        probe = vocab.matcher(c)
+        assert all(probe.consume(p) for p in prefix)
+        assert probe.consume(t) == allowed[t], t
+        if not allowed[t]:  # a refused token leaves the matcher in its error state
+            assert probe.error and probe.finished
+
+
+def test_rollback_restores_the_mask(family):
+    tok, vocab = family
+    m = vocab.matcher(parse_constraint(regex=r"[a-c]{2}(?:x|yz)?"))
+    masks = vocab.new_masks(1)
+    m.fill_mask(masks)
+    before = masks.copy()
+    ids = tok.encode("ab", add_special_tokens=False)
+    assert all(m.consume(t) for t in ids)
+    m.fill_mask(masks)
+    assert not np.array_equal(masks, before)
+    assert m.rollback(len(ids))
+    m.fill_mask(masks)
+    np.testing.assert_array_equal(masks, before)
+
+
+def test_eos_allowed_exactly_where_the_text_may_end(family):
+    tok, vocab = family
+    m = vocab.matcher(parse_constraint(choice=["cat", "category"]))
+    masks = vocab.new_masks(1)
+    eos = sorted(vocab.eos_ids)
+
+    def eos_allowed() -> bool:
+        m.fill_mask(masks)
+        return bool(unpack_mask(masks, vocab.vocab_size)[0][eos].all())
+
+    assert not eos_allowed()
+    for t in tok.encode("cat", add_special_tokens=False):
+        assert m.consume(t)
+    assert m.accepting and not m.finished and eos_allowed()
+    assert m.consume(eos[0]) and m.finished
+
+
+def test_eos_ids_and_padding(family):
+    tok, vocab = family
+    assert vocab.eos_ids == tok.eos_token_ids and vocab.eos_ids
+    m = vocab.matcher(parse_constraint(regex=".{1,3}"))
+    masks = vocab.new_masks(1)
+    m.fill_mask(masks)
+    allowed = unpack_mask(masks, vocab.vocab_size)[0]
+    assert not allowed[tok.vocab_size:].any()  # padding ids have no text
+    assert not allowed[sorted(tok.special_token_ids - tok.eos_token_ids)].any()
+
+
+def _expected_bytes(tok: Tokenizer, token_id: int) -> bytes:
+    """A token's bytes from its vocabulary string: the byte-level alphabet, or "▁" = space and
+    "<0xNN>" pieces."""
+    piece = tok.id_to_token(token_id)
+    if re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
+        return bytes([int(piece[3:5], 16)])
+    if "▁" in tok.backend.to_str():  # SentencePiece style
+        return piece.replace("▁", " ").encode()
+    return bytes(_BYTE_LEVEL[ch] for ch in piece)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    # GPT-2's table: printable bytes map to themselves, the others to U+0100 onwards.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def test_token_bytes_match_the_vocabulary(family):
+    """llguidance reads each id's bytes right from tokenizer.json, for both families."""
+    tok, vocab = family
+    for t in range(tok.vocab_size):
+        if t in tok.special_token_ids or tok.id_to_token(t) in ("<unk>", "<mask>"):
+            continue
+        expected = _expected_bytes(tok, t)
+        if b"\xff" in expected:  # never in UTF-8 text; llguidance uses the byte to mark special tokens
+            continue
+        assert vocab.token_bytes(t) == expected, (t, tok.id_to_token(t))
+
+
+def test_compiled_grammars_are_shared_but_matchers_are_not(family):
+    _, vocab = family
+    c = parse_constraint(choice=["x", "y"])
+    a, b = vocab.matcher(c), vocab.matcher(c)
+    masks = vocab.new_masks(2)
+    t = vocab._tokenizer.tokenize_str("x")[0]
+    assert a.consume(t)
+    vocab.fill_masks([(a, 0), (b, 1)], masks)
+    assert not np.array_equal(masks[0], masks[1])
+
+
+def test_step_masks_one_call_for_every_group(family):
+    tok, vocab = family
+    a = vocab.matcher(parse_constraint(choice=["x", "yy"]))
+    b = vocab.matcher(parse_constraint(regex=r"[0-9]+"))
+    c = vocab.matcher(parse_constraint(regex=r"[0-9]+"))
+    assert c.consume(tok.encode("7", add_special_tokens=False)[0])
+    failed = vocab.matcher(parse_constraint(regex="a"))
+    assert not failed.consume(tok.encode("b", add_special_tokens=False)[0])
+    first, none, last = step_masks([[None, a], [None, None], [b, None, c, failed]])
+    assert none is None
+    assert first.shape == (2, vocab.mask_words) and last.shape == (4, vocab.mask_words)
+    everything = np.full(vocab.mask_words, -1, np.int32)
+    np.testing.assert_array_equal(first[0], everything)
+    np.testing.assert_array_equal(last[1], everything)
+    np.testing.assert_array_equal(last[3], everything)  # a failed matcher constrains nothing
+    for got, m in ((first[1], a), (last[0], b), (last[2], c)):
+        one = vocab.new_masks(1)
+        m.fill_mask(one)
+        np.testing.assert_array_equal(got, one[0])
+    assert not np.array_equal(last[0], last[2])  # c may end (EOS), b may not
+    assert step_masks([[None], []]) == [None, None]
+
+
+def test_grammar_that_needs_the_vocabulary_fails_at_matcher(family):
+    _, vocab = family
+    c = parse_constraint(grammar='start: "a" <[999999]>')
+    with pytest.raises(ValueError, match="invalid grammar constraint"):
+        vocab.matcher(c)
+
+
+# ---------------------------------------------------------------------------------------------
+# option validation
+
+
+def test_no_constraint():
+    assert parse_constraint() is None
+    assert parse_constraint(response_format={"type": "text"}) is None
+    assert parse_constraint(response_format={"type": "text"}, regex="a").kind == "regex"
+
+
+def test_kinds():
+    assert parse_constraint(response_format={"type": "json_object"}).kind == "json"
+    assert parse_constraint(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}).kind == "json"
+    assert parse_constraint(regex="a+").kind == "regex"
+    assert parse_constraint(choice=("a", "b")).kind == "choice"
+    assert parse_constraint(grammar=LARK).kind == "grammar"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(regex="a", choice=["a"]), "at most one constraint per request, got regex and choice"),
+        (dict(response_format={"type": "json_object"}, grammar=LARK), "at most one constraint"),
+        (dict(regex="a(b"), "(?s)invalid regex: .*unclosed group"),
+        (dict(regex=""), "regex must be a non-empty string"),
+        (dict(regex=3), "regex must be a non-empty string"),
+        (dict(choice=[]), "non-empty list of non-empty strings"),
+        (dict(choice=["a", ""]), "non-empty list of non-empty strings"),
+        (dict(choice=["a", 1]), "non-empty list of non-empty strings"),
+        (dict(choice="abc"), "choice must be a list of strings"),
+        (dict(grammar="start: foo"), "(?s)invalid grammar: .*unknown name"),
+        (dict(grammar="  "), "grammar must be a non-empty Lark grammar"),
+        (dict(response_format="json"), "response_format must be a dict"),
+        (dict(response_format={"type": "xml"}), "response_format.type must be"),
+        (dict(response_format={"type": "json_schema"}), "needs a 'json_schema' dict"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"name": 3, "schema": {}}}), "name must be a string"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"schema": "{}"}}), "schema must be a JSON schema object"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}), "invalid response_format: .*foo"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"$ref": "#/$defs/nope"}}}), "invalid response_format: .*nope"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "(("}}}), "(?s)invalid response_format: .*unclosed group"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"enum": [object()]}}}), "not JSON-serializable"),
+    ],
+)
+def test_bad_options_raise_value_error(options, message):
+    with pytest.raises(ValueError, match=message):
+        parse_constraint(**options)
+
+
+# ---------------------------------------------------------------------------------------------
+# the mask on the device
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 5), vocab=st.integers(1, 200), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from(["float32", "bfloat16", "float16"]))
+def test_masked_logits_on_device_match_numpy(rows, vocab, seed, dtype):
+    from amlx._mlx import array, dtypes
+
+    rng = np.random.default_rng(seed)
+    words = (vocab + 31) // 32
+    masks = rng.integers(-(2**31), 2**31, size=(rows, words), dtype=np.int64).astype(np.int32)
+    masks[0] = -1  # an unconstrained row
+    logits = rng.standard_normal((rows, vocab)).astype(np.float32)
+    device_logits = array(logits).astype(getattr(dtypes, dtype))
+    out = masked_logits(device_logits, masks)
+    assert out.dtype is device_logits.dtype and out.shape == (rows, vocab)
+    got = out.astype(dtypes.float32).numpy()
+    expected = np.where(unpack_mask(masks, vocab), device_logits.astype(dtypes.float32).numpy(), -np.inf)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_masked_logits_shape_mismatch():
+    from amlx._mlx import array
+
+    with pytest.raises(ValueError, match="does not cover"):
+        masked_logits(array(np.zeros((2, 65), np.float32)), np.full((2, 2), -1, np.int32))
