@@ -25,6 +25,7 @@ import tokenizers
 from tokenizers import AddedToken
 
 from amlx.chat_template import ChatEnvironment, TemplateLimits, render
+from amlx.checkpoint import TOKENIZER_JSON_LIMIT, read_bytes, read_json
 from amlx.errors import ChatTemplateError, ModelLoadError
 
 __all__ = ["ChatTemplateError", "StreamingDetokenizer", "Tokenizer"]
@@ -55,38 +56,21 @@ _REPLACEMENT_CHAR = "\ufffd"
 # File loading
 
 
-def _read_json(path: Path, *, required: bool) -> Any:
-    """Parse a JSON file; None if it is optional and absent. Any failure is a ModelLoadError."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        if required:
-            raise ModelLoadError(f"{path}: file not found") from None
-        return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: cannot read file: {e}") from e
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path}: invalid JSON: {e}") from e
-
-
 def _read_json_object(path: Path, *, required: bool) -> dict:
-    data = _read_json(path, required=required)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    """A JSON object file beside the tokenizer ({} when optional and absent), read as
+    every checkpoint file is: regular files only, bounded (amlx.checkpoint)."""
+    return read_json(path, required=required, limit=TOKENIZER_JSON_LIMIT) or {}
 
 
 def _read_text(path: Path) -> str | None:
     try:
-        return path.read_text(encoding="utf-8")
+        raw = read_bytes(path)
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: cannot read file: {e}") from e
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{path}: cannot read file: {e}") from None
 
 
 def _token_content(value: Any) -> str | None:
