@@ -48,6 +48,8 @@ class Usage:
     completion_tokens: int
     time_to_first_token: float  # seconds from the call to the first token
     tokens_per_second: float  # completion tokens after the first, per second
+    # prompt tokens served from a prefix cache (DESIGN.md's name); amlx has no prefix cache yet, so 0
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

@@ -323,3 +323,9 @@ def test_out_of_range_options_fail_at_the_call(model):
     assert len(model.complete_sync(PROMPT, max_tokens=2, top_k=vocab, temperature=1.0, seed=1).token_ids) == 2
     tiny = model.complete_sync(PROMPT, max_tokens=3, top_p=1e-46, temperature=1.0, seed=1)
     assert tiny.token_ids == model.complete_sync(PROMPT, max_tokens=3).token_ids  # issue 12.8: greedy, not token 0
+
+
+def test_usage_reports_cached_prompt_tokens(model):
+    """`Completion.usage.cached_tokens` exists (the public contract); with no prefix cache it is 0."""
+    usage = model.complete_sync(PROMPT, max_tokens=2).usage
+    assert usage.cached_tokens == 0 and usage.prompt_tokens > 0
