@@ -95,7 +95,8 @@ def make_builder(absolute: bool = False) -> FFI:
     ffi.set_source(
         "amlx._mlxc",
         '#include "mlxc.h"',
-        sources=[(vendor / "mlxc.cpp").as_posix()],
+        sources=[(vendor / "mlxc.cpp").as_posix(),
+                 (vendor / "distributed.cpp").as_posix()],  # tensor parallelism (issue 18)
         source_extension=".cpp",
         include_dirs=[str(ROOT / "vendor" / "mlxc"), str(mlx / "include")],
         library_dirs=[libdir],

@@ -48,10 +48,12 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 _pending = threading.local()
 
 
-def error(op: str) -> MLXError:
-    """The exception for a failed C call of operation `op` on this thread."""
+def error(op: str, last_error=None) -> MLXError:
+    """The exception for a failed C call of operation `op` on this thread.
+    `last_error`: the C function holding the message, when not mlxc_last_error
+    (the distributed functions keep their own: vendor/mlxc/distributed.cpp)."""
     cause = getattr(_pending, "exc", None)
-    message = ffi.string(lib.mlxc_last_error()).decode("utf-8", "replace")
+    message = ffi.string((last_error or lib.mlxc_last_error)()).decode("utf-8", "replace")
     if cause is not None:
         _pending.exc = None
         err = MLXError(op, f"{message}: {type(cause).__name__}: {cause}")

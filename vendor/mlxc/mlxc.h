@@ -273,6 +273,29 @@ int mlxc_cuda_kernel_apply(mlxc_kernel k, const mlxc_array* inputs, size_t n_in,
                            const char** tmpl_names, const int* tmpl_kinds, const int* tmpl_values,
                            size_t n_tmpl, mlxc_vec outputs);
 
+/* ---- distributed (vendor/mlxc/distributed.cpp) --------------------------
+ * MLX's collectives (mlx::core::distributed) for tensor parallelism. These
+ * functions keep their own thread-local error text:
+ * mlxc_distributed_last_error(). A group is an owned handle (mlxc_group_free).
+ * Backends: "ring" (TCP; env MLX_RANK and MLX_HOSTFILE), "nccl", "mpi",
+ * "jaccl", or "any". Ops are lazy like every other op: the communication
+ * happens when the result is evaluated. */
+typedef struct mlxc_group_s* mlxc_group;
+const char* mlxc_distributed_last_error(void);
+int mlxc_distributed_is_available(const char* backend); /* 1 or 0, never fails */
+int mlxc_distributed_init(const char* backend, int strict, mlxc_group* out);
+/* Forgets the groups MLX caches per backend name (held groups stay usable):
+ * the next init connects anew, e.g. to freshly launched peers. */
+int mlxc_distributed_clear_backends(void);
+void mlxc_group_free(mlxc_group g);
+int mlxc_group_rank(mlxc_group g);
+int mlxc_group_size(mlxc_group g);
+int mlxc_all_sum(mlxc_array x, mlxc_group g, mlxc_array* out);
+int mlxc_all_gather(mlxc_array x, mlxc_group g, mlxc_array* out); /* along axis 0 */
+int mlxc_send(mlxc_array x, int dst, mlxc_group g, mlxc_array* out);
+int mlxc_recv_like(mlxc_array like, int src, mlxc_group g, mlxc_array* out);
+/* ---- end distributed ---------------------------------------------------- */
+
 /* cdef-end */
 
 #ifdef __cplusplus
