@@ -32,3 +32,8 @@ class ContextLengthError(AmlxError, ValueError):
 class ChatTemplateError(AmlxError, ValueError):
     """A chat template is missing, failed to render, raised an error, tried something
     unsafe, or went over its limits (loop iterations, output size, time)."""
+
+
+class TensorParallelError(AmlxError):
+    """A rank of a tensor-parallel model (`tensor_parallel=N`) failed, died, hung
+    or could not start; the model is closed and its requests end with this error."""

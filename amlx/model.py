@@ -6,7 +6,7 @@ import os
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Iterator
 
@@ -342,7 +342,12 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _check_load_args(max_batch_size, max_context, adapter) -> None:
+def _check_load_args(max_batch_size, max_context, adapter, tensor_parallel: int = 1) -> None:
+    from amlx.tp.load import check_tensor_parallel
+
+    check_tensor_parallel(tensor_parallel)
+    if tensor_parallel > 1 and adapter is not None:
+        raise ValueError("an adapter cannot be applied to a tensor_parallel model yet")
     if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
         raise ValueError("max_batch_size must be an integer >= 1")
     if max_context is not None and (not isinstance(max_context, int) or isinstance(max_context, bool)
@@ -378,23 +383,37 @@ def _warm_up(model, device: str, max_rows: int) -> None:
         raise
 
 
-def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Worker, adapter=None) -> Model:
+def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Worker, adapter=None,
+                    tensor_parallel: int = 1) -> Model:
     from amlx.engine.placement import EngineOptions, Placement
     from amlx.models import build_model
 
     # The engine's own device and streams: the weights load on them (nothing
     # changes the process's default device; see amlx/engine/placement.py).
+    # A tensor-parallel rank runs on one stream: every rank must evaluate the
+    # same collectives in the same order (amlx.tp).
     options = EngineOptions(device=_resolve_device(device)).resolved()
+    if tensor_parallel > 1:
+        options = replace(options, shards=1)
     placement = Placement(options)
     dev = options.device
     spec, tokenizer = host
-    with placement.on():
-        loaded = build_model(spec, dtype=dtype)
-        if adapter is not None:
-            from amlx.train.lora import apply_adapter
+    tp = _start_ranks(spec.path, tensor_parallel, dev, dtype)
+    leader = None
+    try:
+        with placement.on():
+            loaded = build_model(spec, dtype=dtype, shard=None if tp is None else tp.shard)
+            if adapter is not None:
+                from amlx.train.lora import apply_adapter
 
-            apply_adapter(loaded, adapter)  # closes the model if the adapter does not apply
-        _warm_up(loaded.model, dev, max(max_batch_size, options.prefill_chunk))
+                apply_adapter(loaded, adapter)  # closes the model if the adapter does not apply
+            _warm_up(loaded.model, dev, max(max_batch_size, options.prefill_chunk))
+        if tp is not None:
+            leader = tp.connect()
+    except BaseException:
+        if tp is not None:
+            tp.abort()
+        raise
     limit = loaded.config["max_position_embeddings"]
     ctx = limit if max_context is None else min(max_context, limit)
     cfg = loaded.config
@@ -403,12 +422,21 @@ def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Wo
     eos = frozenset(tokenizer.eos_token_ids) | frozenset(cfg["eos_token_ids"])
     engine = Engine(loaded.model, tokenizer, eos_ids=eos, vocab_size=cfg["vocab_size"],
                     max_batch_size=max_batch_size, max_context=ctx, worker=worker, options=options,
-                    placement=placement)
+                    placement=placement, mirror=leader)
     return Model(engine, tokenizer, info, cfg)
 
 
+def _start_ranks(path, tensor_parallel: int, device: str, dtype):
+    """The other ranks of a tensor-parallel load, started (None for one rank)."""
+    if tensor_parallel == 1:
+        return None
+    from amlx.tp.load import TensorParallelLoad
+
+    return TensorParallelLoad(path, tensor_parallel, device, dtype)
+
+
 async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
-               max_context: int | None = None, adapter: Any = None) -> Model:
+               max_context: int | None = None, adapter: Any = None, tensor_parallel: int = 1) -> Model:
     """Loads a Hugging Face or MLX checkpoint: a directory, or a Hugging Face model
     id ("org/name") found in the local Hugging Face cache or downloaded into it
     (`amlx.hub.resolve_model`; a directory that exists wins).
@@ -417,21 +445,30 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     checkpoint's float type ("float32", "bfloat16", "float16"). max_batch_size:
     requests decoded together (the rest wait in arrival order). max_context: cap
     on prompt plus generation (default: the model's). Raises ModelLoadError for
-    bad checkpoints. Use as `async with await amlx.load(path) as model:`."""
-    _check_load_args(max_batch_size, max_context, adapter)
+    bad checkpoints. Use as `async with await amlx.load(path) as model:`.
+
+    tensor_parallel: run the model split over this many processes (Megatron-style
+    tensor parallelism over MLX's distributed layer, docs/scaling.md): amlx starts
+    the other N-1 ranks itself, one per GPU over NCCL on CUDA, or CPU processes
+    over MLX's ring backend (AMLX_TP_BACKEND overrides; AMLX_TP_HOSTFILE names
+    a ring hostfile whose ranks may live on other hosts). Heads, key-value heads
+    and the MLP width must divide by N (ValueError). TensorParallelError when a
+    rank fails to start; a rank that dies later fails every request with it and
+    closes the model. score() and training are not supported with N > 1."""
+    _check_load_args(max_batch_size, max_context, adapter, tensor_parallel)
     # Files are read on a thread of their own, not on the worker that every model
     # shares; a cancelled load stops waiting for it at once.
     host = await anyio.to_thread.run_sync(_read_on_host, path, dtype, abandon_on_cancel=True)
     worker = Worker.get()
     return await worker.run(
-        lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter))
+        lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, tensor_parallel))
 
 
 def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
-              max_context: int | None = None, adapter: Any = None) -> Model:
+              max_context: int | None = None, adapter: Any = None, tensor_parallel: int = 1) -> Model:
     """`load` for scripts and blocking code."""
-    _check_load_args(max_batch_size, max_context, adapter)
+    _check_load_args(max_batch_size, max_context, adapter, tensor_parallel)
     host = _read_on_host(path, dtype)
     worker = Worker.get()
     return worker.run_sync(
-        lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter))
+        lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, tensor_parallel))

@@ -33,11 +33,15 @@ class Engine:
     `tokenizer`: for streaming detokenization; `eos_ids`: ids that end a stream;
     `vocab_size`: prompt ids must lie below it; `max_context`: prompt plus
     generated tokens per request. Every method may be called from any thread;
-    none blocks on MLX except `close` and `run_sync`, which wait for the worker."""
+    none blocks on MLX except `close` and `run_sync`, which wait for the worker.
+
+    `mirror`: rank 0's amlx.tp.leader.Leader when the model is tensor-parallel
+    (`model` is then rank 0's shard); the engine stops the other ranks on close
+    and closes itself when one fails."""
 
     def __init__(self, model, tokenizer, *, eos_ids: frozenset[int], vocab_size: int, max_batch_size: int,
                  max_context: int, worker: Worker | None = None, shards: int | None = None,
-                 options: EngineOptions | None = None, placement: Placement | None = None):
+                 options: EngineOptions | None = None, placement: Placement | None = None, mirror=None):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
@@ -48,7 +52,10 @@ class Engine:
         # the engine's device, streams and switches (placement.py): `placement`, if the
         # weights were loaded on it already, else made here from `options`
         self.scheduler = Scheduler(model, max_batch_size, self._worker.wake, shards=shards, options=options,
-                                   placement=placement)
+                                   placement=placement, mirror=mirror)
+        self.mirror = mirror
+        if mirror is not None:
+            mirror.on_failure(self._rank_failed)
         self.placement = self.scheduler.placement
         self._matchers = MatcherFactory(tokenizer, vocab_size)  # constrained requests' grammars
         self._closed = False
@@ -103,6 +110,8 @@ class Engine:
         amlx.engine.score); on the worker, between decode rounds."""
         if self._closed:
             raise ClosedError("the model is closed")
+        if self.mirror is not None:
+            raise ValueError("score() does not support tensor_parallel > 1 yet")
         self.check_prompt(prompt_ids)
         for cont in continuations:
             bad = [t for t in cont if not 0 <= t < self.vocab_size]
@@ -157,15 +166,32 @@ class Engine:
         step): the compiled decode step is traced again. Any thread."""
         self._worker.run_sync(self.scheduler.weights_changed)
 
+    @property
+    def tensor_parallel(self) -> int:
+        """How many ranks (processes) run the model: 1 unless loaded with tensor_parallel=N."""
+        return 1 if self.mirror is None else self.mirror.size
+
     # -- lifetime -------------------------------------------------------------------
     def _shutdown(self) -> None:
-        """On the worker: end every request with ClosedError, free caches and weights."""
+        """On the worker: end every request with ClosedError, free caches and weights
+        (and stop the other ranks of a tensor-parallel model)."""
         self._matchers.close()
-        with self.placement.on():
-            self.scheduler.shutdown()
-            self._worker.remove_scheduler(self.scheduler)
-            self.model.close()
-        self.placement.release()
+        try:
+            with self.placement.on():
+                self.scheduler.shutdown()
+                self._worker.remove_scheduler(self.scheduler)
+                self.model.close()
+                if self.mirror is not None:
+                    self.mirror.close()
+        finally:
+            self.placement.release()
+
+    def _rank_failed(self, error: BaseException) -> None:
+        """A rank of a tensor-parallel model failed (any thread): its requests end
+        with `error` now, and the model closes on the worker."""
+        self.scheduler.abandon(error)
+        if self._begin_close():
+            self._worker.submit(self._at_home(self._shutdown))
 
     def _begin_close(self) -> bool:
         with self._close_lock:

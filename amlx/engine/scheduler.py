@@ -64,12 +64,14 @@ class _Shard:
 class Scheduler:
     def __init__(self, model, max_batch_size: int, wake: callable, prefill_chunk: int | None = None,
                  compile_step: bool = True, shards: int | None = None, options: EngineOptions | None = None,
-                 placement: Placement | None = None):
+                 placement: Placement | None = None, mirror=None):
         """`options` (resolved here if not yet) fix the device, shards, decode
         kernel, KV growth block and prefill chunk once; `shards` and
         `prefill_chunk` override the options' (tests, benchmarks). `placement`:
         the engine's streams if already made (the weights were loaded on them);
-        else made here, on the calling thread."""
+        else made here, on the calling thread. `mirror`: rank 0's amlx.tp.leader.Leader
+        of a tensor-parallel model (told of every forward pass before it is built,
+        and of every request that ends); None otherwise."""
         options = options or EngineOptions(shards=shards)
         if shards is not None or (options.shards is None and options.device == "cpu"):
             options = replace(options, shards=shards or default_shards())
@@ -78,6 +80,7 @@ class Scheduler:
         self.options = options.resolved()
         self.placement = placement if placement is not None else Placement(self.options)
         self.model = model
+        self.mirror = mirror
         self.max_batch_size = max_batch_size
         self.prefill_chunk = self.options.prefill_chunk
         self._wake = wake
@@ -200,6 +203,11 @@ class Scheduler:
         try:
             with self.placement.on():  # the engine's home stream; shards switch to their own
                 self._round()
+        except BaseException as exc:
+            if self.mirror is None:
+                raise
+            # the ranks may be out of step now: the model cannot go on (the engine closes it)
+            raise self.mirror.fatal(exc) from exc
         finally:
             self.rate.add(self.tokens_generated - made, time.perf_counter() - start)
 
@@ -275,6 +283,8 @@ class Scheduler:
                     cache = self.model.make_cache(self.block)
                     parts.append((shard, reqs, cache))
                     last = array(np.asarray(lengths, dtype=np.int32) - 1)
+                    if self.mirror is not None:
+                        self.mirror.prefill(reqs, lengths, ids.shape[1])
                     logits = self._split_model(len(assigned) == 1)(array(ids), cache, 0, last=last)
                     logits = ops.reshape(logits, (len(reqs), logits.shape[2]))
                     if self.fault is not None:
@@ -291,7 +301,7 @@ class Scheduler:
             for _, _, cache in parts:
                 for c in cache:
                     c.close()
-            if not isinstance(exc, MLXError):
+            if not isinstance(exc, MLXError) or self.mirror is not None:
                 raise  # the worker fails every request held (fail_all), these included
             if len(group) == 1:
                 self._fail(group[0], exc)
@@ -316,6 +326,8 @@ class Scheduler:
             start = req.prefilled
             chunk = req.prompt[start:start + self.prefill_chunk]
             req.prefilled += len(chunk)
+            if self.mirror is not None:
+                self.mirror.chunk(req, start, len(chunk), req.prefilled >= len(req.prompt))
             if req.prefilled < len(req.prompt):
                 self._split_model()(array(np.asarray([chunk], dtype=np.int32)), req.cache, start)
                 ops.eval(*[a for c in req.cache for a in c.state()])
@@ -326,6 +338,8 @@ class Scheduler:
             ops.eval(*first.arrays(), *[a for c in req.cache for a in c.state()])
         except MLXError as exc:
             self.prefilling = None
+            if self.mirror is not None:
+                raise
             self._fail(req, exc)
             return
         self.prefilling = None
@@ -522,6 +536,8 @@ class Scheduler:
             else:
                 tokens = array(np.asarray([[r.last] for r in shard.rows], dtype=np.int32))
             positions = array(np.asarray([r.pos for r in shard.rows], dtype=np.int32))
+            if self.mirror is not None:
+                self.mirror.decode(shard.rows, [r.pos for r in shard.rows])
             logits, state = self._batched_logits(tokens, positions, shard.cache, split)
             if self.fault is not None:
                 logits = self._inject(logits, list(shard.rows), prev is not None)
@@ -705,6 +721,8 @@ class Scheduler:
 
     def _finish(self, req: Request) -> None:
         self._held.pop(req, None)
+        if self.mirror is not None:
+            self.mirror.free(req)
         if req.cache is not None:
             for c in req.cache:
                 c.close()
@@ -713,6 +731,8 @@ class Scheduler:
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         self._held.pop(req, None)
+        if self.mirror is not None:
+            self.mirror.free(req)
         if req.cache is not None:
             for c in req.cache:
                 c.close()
@@ -722,7 +742,10 @@ class Scheduler:
 
     def _isolate_failure(self) -> None:
         """A batched step failed: run each row alone to find the culprit(s), fail
-        only those, and keep the others (their rows are rebuilt from the single runs)."""
+        only those, and keep the others (their rows are rebuilt from the single runs).
+        A tensor-parallel model cannot: its ranks ran the step (step() fails the model)."""
+        if self.mirror is not None:
+            raise MLXError("decode", "a batched decode step failed")
         for shard in self.shards:
             for i, req in enumerate(shard.rows):
                 row_cache: list[KVCache] = []
@@ -747,6 +770,17 @@ class Scheduler:
         """The test fault hook's say on a step (see `fault`)."""
         extra = self.fault(rows, chained)
         return logits if extra is None else ops.add(logits, extra)
+
+    def abandon(self, exc: BaseException) -> None:
+        """Ends every request's stream with `exc` at once, from any thread, without
+        touching MLX (a tensor-parallel rank died: the worker may be stuck in a
+        collective until the watchdog's kill ends it); the worker's later
+        `fail_all` frees the rest."""
+        with self._lock:
+            self.closed = True
+            held = list(self._held)
+        for req in held:
+            req.channel.close(exc)
 
     def fail_all(self, exc: BaseException) -> None:
         with self.placement.on():

@@ -19,8 +19,8 @@ from amlx._mlx import uint32
 from amlx.cache import BLOCK, KVCache, memoized
 from amlx.models import decode_attention, rope, step_kernels
 from amlx.errors import ModelLoadError
-from amlx.models.nn import (Embedding, Linear, Module, QuantizedEmbedding, QuantizedLinear, RMSNorm,
-                            split_outputs)
+from amlx.models.nn import (AllSum, Embedding, Linear, Module, QuantizedEmbedding, QuantizedLinear, RMSNorm,
+                            input_slice, output_slice, split_outputs)
 
 
 class Weights:
@@ -205,6 +205,29 @@ class Attention(Module):
         # YaRN scales queries and keys by its attention factor: the same as scaling q.k by its square
         self._scale, self._rope, self.window = scale * rope.attention_factor ** 2, rope, window
 
+    def shard_problem(self, size: int) -> str | None:
+        """Why this layer cannot be split over `size` ranks (see `shard`), or None."""
+        if self._n_kv % size:
+            return f"{self._n_kv} key-value heads do not divide over {size} ranks"
+        return None
+
+    def shard(self, rank: int, size: int, reduce: Callable[[Array], Array]) -> None:
+        """Keeps rank `rank`'s part of `size` (Megatron-style tensor parallelism):
+        its key-value heads and the query heads that read them (GQA groups stay
+        whole), q/k/v split by output columns, o by input rows and followed by
+        `reduce` (the all_sum over the ranks), the o bias on rank 0 only."""
+        problem = self.shard_problem(size)
+        if problem is not None:
+            raise ValueError(problem)
+        self.release_derived()
+        hq, hk, d = self._n_heads // size, self._n_kv // size, self._head_dim
+        self.q_proj = output_slice(self.q_proj, rank * hq * d, (rank + 1) * hq * d)
+        self.k_proj = output_slice(self.k_proj, rank * hk * d, (rank + 1) * hk * d)
+        self.v_proj = output_slice(self.v_proj, rank * hk * d, (rank + 1) * hk * d)
+        o = input_slice(self.o_proj, rank * hq * d, (rank + 1) * hq * d, keep_bias=rank == 0)
+        self.o_proj = AllSum(o, reduce)
+        self._n_heads, self._n_kv = hq, hk
+
     def _heads(self, y: Array, step: Step, n: int) -> Array:
         """(B*L, n*D) -> (B, n, L, D). With one token per row the two layouts
         are the same memory, so a reshape does without the transpose."""
@@ -279,6 +302,24 @@ class GatedMLP(Module):
         self.up_proj = w.linear(f"{prefix}.up_proj", intermediate, hidden)
         self.down_proj = w.linear(f"{prefix}.down_proj", hidden, intermediate)
         self._act = act
+
+    def shard_problem(self, size: int) -> str | None:
+        """Why this MLP cannot be split over `size` ranks, or None."""
+        inter = self.gate_proj.out_features
+        return f"the MLP's {inter} intermediate features do not divide over {size} ranks" if inter % size else None
+
+    def shard(self, rank: int, size: int, reduce: Callable[[Array], Array]) -> None:
+        """Keeps rank `rank`'s part of `size`: gate/up split by output columns,
+        down by input rows and followed by `reduce`, its bias on rank 0 only."""
+        problem = self.shard_problem(size)
+        if problem is not None:
+            raise ValueError(problem)
+        self.release_derived()
+        part = self.gate_proj.out_features // size
+        lo, hi = rank * part, (rank + 1) * part
+        self.gate_proj = output_slice(self.gate_proj, lo, hi)
+        self.up_proj = output_slice(self.up_proj, lo, hi)
+        self.down_proj = AllSum(input_slice(self.down_proj, lo, hi, keep_bias=rank == 0), reduce)
 
     def derived_arrays(self) -> list[Array]:
         return self._fuse("gate_up", [self.gate_proj, self.up_proj])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from amlx._mlx import Array, eval as mx_eval
 from amlx._mlx.dtypes import as_dtype
@@ -66,10 +66,13 @@ def build_module_tree(spec: CheckpointSpec, tensors: dict[str, Array], dt=None) 
     return model, unused
 
 
-def build_model(spec: CheckpointSpec, dtype=None, progress: bool | None = None) -> LoadedModel:
+def build_model(spec: CheckpointSpec, dtype=None, progress: bool | None = None,
+                shard: Callable[[CausalLM], None] | None = None) -> LoadedModel:
     """The MLX phase of loading (on the engine's worker): arrays, the model, every
     weight read. `dtype` ("float32", "bfloat16", "float16") overrides the
-    checkpoint's floating-point type."""
+    checkpoint's floating-point type. `shard` (tensor parallelism, amlx.tp)
+    cuts the model down to one rank's part before the weights are read, so a
+    rank never holds the whole model."""
     dt = check_dtype(dtype)
     tensors = read_tensors(spec)
     try:
@@ -79,6 +82,12 @@ def build_model(spec: CheckpointSpec, dtype=None, progress: bool | None = None) 
             a.close()
         raise
     model._unused = unused
+    if shard is not None:
+        try:
+            shard(model)
+        except BaseException:
+            model.close()
+            raise
     _materialise(model, spec.path, progress)
     first = next(p for _, p in model.named_parameters() if p.dtype.is_floating)
     return LoadedModel(model, spec.config, spec.path, (dt or first.dtype).name, spec.args)

@@ -322,6 +322,70 @@ def split_layers(root: Module, split: MatmulSplit) -> Module:
     return twin(root)
 
 
+# -- tensor parallelism (amlx.tp): one rank's part of a layer ---------------------
+
+def output_slice(layer: Module, lo: int, hi: int) -> Module:
+    """A column-parallel shard: the layer computing only outputs [lo, hi) (rows
+    [lo, hi) of every array, the bias too), in memory of its own: the full
+    layer's arrays are closed."""
+    return _resliced(layer, lambda name, a: (lo, hi, 0), keep_bias=True)
+
+
+def input_slice(layer: Module, lo: int, hi: int, keep_bias: bool) -> Module:
+    """A row-parallel shard: the layer reading only inputs [lo, hi), whose
+    outputs the ranks sum; the bias stays on one rank (`keep_bias`). A
+    quantized layer is cut on its quantization groups (ValueError otherwise)."""
+    if not isinstance(layer, QuantizedLinear):
+        return _resliced(layer, lambda name, a: (lo, hi, 1), keep_bias)
+    g, bits = layer._group_size, layer._bits
+    if lo % g or hi % g:
+        raise ValueError(f"inputs [{lo}, {hi}) do not start and end on quantization groups of {g}")
+    per = {"weight": 32 // bits, "scales": g, "biases": g}  # inputs per packed word / per group
+    return _resliced(layer, lambda name, a: (lo // per[name], hi // per[name], 1), keep_bias)
+
+
+def _resliced(layer: Module, cut, keep_bias: bool) -> Module:
+    """The layer rebuilt from cuts of its arrays: cut(name, array) -> (lo, hi,
+    axis); the bias follows axis-0 cuts (outputs) and is otherwise kept whole."""
+    if type(layer) not in (Linear, QuantizedLinear):
+        raise ValueError(f"{type(layer).__name__} cannot be sharded (a Linear or QuantizedLinear can)")
+    layer.release_derived()
+    parts = {}
+    for name in [n for n in ("weight", "scales", "biases") if hasattr(layer, n)]:
+        a = getattr(layer, name)
+        lo, hi, axis = cut(name, a)
+        start, stop = [0] * a.ndim, list(a.shape)
+        start[axis], stop[axis] = lo, hi
+        parts[name] = ops.contiguous(ops.slice(a, start, stop))  # its own memory, not a view
+    bias = getattr(layer, "bias", None)
+    if bias is not None and keep_bias:
+        lo, hi, axis = cut("weight", layer.weight)
+        parts["bias"] = ops.contiguous(ops.slice(bias, (lo,), (hi,))) if axis == 0 else ops.contiguous(bias)
+    ops.eval(*parts.values())
+    for _, a in layer.named_parameters():
+        a.close()
+    if isinstance(layer, QuantizedLinear):
+        return QuantizedLinear(parts["weight"], parts["scales"], parts["biases"], layer._group_size,
+                               layer._bits, bias=parts.get("bias"))
+    return Linear(parts["weight"], parts.get("bias"))
+
+
+class AllSum(Module):
+    """A row-parallel layer followed by the sum of its output over the ranks
+    (`reduce`: the group's all_sum): Megatron's one collective per block half."""
+
+    def __init__(self, layer: Module, reduce):
+        self.layer = layer
+        self._reduce = reduce
+
+    def __call__(self, x: Array) -> Array:
+        return self._reduce(self.layer(x))
+
+    @property
+    def out_features(self) -> int:
+        return self.layer.out_features
+
+
 class QuantizedLinear(Module):
     """A linear layer in MLX's affine quantized format (mlx-community checkpoints)."""
 

@@ -1,0 +1,195 @@
+"""Rank 0 of a tensor-parallel model: the scheduler's view of the other ranks.
+
+The scheduler (amlx.engine.scheduler) calls `prefill`, `chunk` and `decode`
+right before each forward pass it builds, and `free` when a request ends;
+each forward's description goes to the other ranks through MLX's collectives
+(amlx.tp.protocol), so every rank runs the same forward on its shard and joins
+the same collectives in the same order. Sampling stays on rank 0.
+
+A watchdog thread reads the followers' heartbeats: a follower that dies (its
+pipe closes) or stops making progress for `AMLX_TP_STEP_TIMEOUT` seconds (300)
+while a step waits on it fails the model: every follower is killed (which
+also ends rank 0's pending collective with an error on the ring backend),
+every request ends with a TensorParallelError and the model closes.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import threading
+import time
+from typing import Callable
+
+from amlx._mlx import Array
+from amlx._mlx import distributed as dist
+from amlx._mlx import ops
+from amlx.errors import TensorParallelError
+from amlx.tp import protocol
+from amlx.tp.launch import Launch, Rank
+
+STEP_TIMEOUT = float(os.environ.get("AMLX_TP_STEP_TIMEOUT", "300"))
+STOP_TIMEOUT = 30.0  # seconds a follower gets to exit after STOP
+
+
+class Leader:
+    def __init__(self, launch: Launch, group: dist.Group, step_timeout: float = STEP_TIMEOUT):
+        self.launch, self.group, self.size = launch, group, group.size
+        self._ids: dict[object, int] = {}  # request -> id the followers know it by
+        self._next_id = 1
+        self._frees: list[int] = []
+        self._inflight: list[Array] = []  # the last message's collectives
+        self._sent = 0
+        self._lock = threading.Lock()
+        self._failure: TensorParallelError | None = None
+        self._on_failure: list[Callable[[TensorParallelError], None]] = []
+        self._stopping = threading.Event()
+        self._step_timeout = step_timeout
+        self._watchdog = threading.Thread(target=self._watch, name="amlx-tp-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def reduce(self, x: Array) -> Array:
+        """The all_sum over the group (what sharded layers end with)."""
+        return dist.all_sum(x, self.group)
+
+    def on_failure(self, callback: Callable[[TensorParallelError], None]) -> None:
+        """`callback(error)` runs once when a rank fails (from any thread)."""
+        self._on_failure.append(callback)
+
+    # -- the scheduler's hooks (worker thread) -------------------------------------
+    def prefill(self, requests: list, lengths: list[int], width: int) -> None:
+        ids = [self._id(r) for r in requests]
+        self._send(protocol.PREFILL, [len(ids), width, *ids, *lengths])
+
+    def chunk(self, request, start: int, length: int, last: bool) -> None:
+        self._send(protocol.CHUNK, [self._id(request), start, length, int(last)])
+
+    def decode(self, requests: list, positions: list[int]) -> None:
+        self._send(protocol.DECODE, [len(requests), *[self._id(r) for r in requests], *positions])
+
+    def free(self, request) -> None:
+        """The request ended: the followers drop its rows with the next message."""
+        rid = self._ids.pop(request, None)
+        if rid is not None:
+            self._frees.append(rid)
+
+    def _id(self, request) -> int:
+        rid = self._ids.get(request)
+        if rid is None:
+            rid = self._ids[request] = self._next_id
+            self._next_id += 1
+        return rid
+
+    def _send(self, kind: int, body: list[int]) -> None:
+        if self._failure is not None:
+            raise self._failure
+        frees, self._frees = self._frees, []
+        for a in self._inflight:
+            a.close()
+        self._inflight = protocol.send(self.group, kind, frees, body)
+        with self._lock:
+            self._sent += 1
+
+    # -- failure -----------------------------------------------------------------------
+    def fatal(self, exc: BaseException) -> TensorParallelError:
+        """The error a failed step on rank 0 ends the model with: the watchdog's,
+        if it saw a rank die (waited for briefly: the step may fail first)."""
+        deadline = time.monotonic() + 2.0
+        while self._failure is None and time.monotonic() < deadline:
+            if any(r.process.poll() is not None for r in self.launch.ranks):
+                time.sleep(0.3)  # let the watchdog name the rank
+                break
+            time.sleep(0.05)
+        self._fail(TensorParallelError(f"a tensor-parallel step failed on rank 0: {exc}"))
+        return self._failure
+
+    def _fail(self, error: TensorParallelError) -> None:
+        with self._lock:
+            if self._failure is not None:
+                return
+            self._failure = error
+        self._kill()
+        for callback in self._on_failure:
+            callback(error)
+
+    def _kill(self) -> None:
+        for r in self.launch.ranks:
+            if r.process.poll() is None:
+                try:
+                    os.killpg(r.process.pid, signal.SIGKILL)
+                except OSError:
+                    r.process.kill()
+
+    # -- the watchdog thread ---------------------------------------------------------
+    def _watch(self) -> None:
+        live = {r.heartbeat: r for r in self.launch.ranks}
+        stalled_since: float | None = None
+        while live and not self._stopping.is_set():
+            readable, _, _ = select.select(list(live), [], [], 0.25)
+            for fd in readable:
+                data = os.read(fd, 4096)
+                rank = live[fd]
+                if not data:
+                    del live[fd]
+                    if not self._stopping.is_set():
+                        rank.process.wait(5)
+                        self._fail(TensorParallelError(f"{rank.describe_exit()}; the model is closed"
+                                                       + _tail(rank)))
+                rank.steps += len(data)
+            with self._lock:
+                behind = any(r.steps < self._sent for r in live.values())
+            now = time.monotonic()
+            stalled_since = (stalled_since or now) if behind and not readable else None
+            if stalled_since is not None and now - stalled_since > self._step_timeout:
+                self._fail(TensorParallelError(f"a tensor-parallel rank made no progress for "
+                                               f"{self._step_timeout:.0f} s; the model is closed"))
+                return
+
+    # -- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stops the followers (STOP, then a kill after STOP_TIMEOUT) and frees
+        the group (worker thread)."""
+        self._stopping.set()
+        if self._failure is None:
+            try:
+                self._inflight += protocol.send(self.group, protocol.STOP, self._frees, [])
+                ops.eval(*self._inflight)
+            except Exception:  # noqa: BLE001 - a follower gone already: killed below
+                pass
+        for a in self._inflight:
+            a.close()
+        self._inflight = []
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for r in self.launch.ranks:
+            try:
+                r.process.wait(max(0.1, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
+                pass
+        self._kill()
+        for r in self.launch.ranks:
+            r.process.wait()
+        self._watchdog.join(2)
+        for r in self.launch.ranks:
+            _close_fds(r)
+        self.group.close()
+        shutil.rmtree(self.launch.workdir, ignore_errors=True)
+
+    @property
+    def alive(self) -> list[int]:
+        """The pids of follower processes still running (tests, stats)."""
+        return [r.process.pid for r in self.launch.ranks if r.process.poll() is None]
+
+
+def _tail(rank: Rank) -> str:
+    tail = rank.error_tail()
+    return f"\n--- rank {rank.rank} output ---\n{tail}" if tail else ""
+
+
+def _close_fds(rank: Rank) -> None:
+    for fd in (rank.heartbeat, rank.lifeline):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
