@@ -459,9 +459,15 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     # Files are read on a thread of their own, not on the worker that every model
     # shares; a cancelled load stops waiting for it at once.
     host = await anyio.to_thread.run_sync(_read_on_host, path, dtype, abandon_on_cancel=True)
-    worker = Worker.get()
-    return await worker.run(
-        lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, tensor_parallel))
+    worker = _worker_for(tensor_parallel)
+    try:
+        return await worker.run(
+            lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter,
+                                    tensor_parallel))
+    except BaseException:
+        if tensor_parallel > 1:
+            worker.stop()
+        raise
 
 
 def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
@@ -469,6 +475,17 @@ def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_
     """`load` for scripts and blocking code."""
     _check_load_args(max_batch_size, max_context, adapter, tensor_parallel)
     host = _read_on_host(path, dtype)
-    worker = Worker.get()
-    return worker.run_sync(
-        lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, tensor_parallel))
+    worker = _worker_for(tensor_parallel)
+    try:
+        return worker.run_sync(
+            lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter,
+                                    tensor_parallel))
+    except BaseException:
+        if tensor_parallel > 1:
+            worker.stop()
+        raise
+
+
+def _worker_for(tensor_parallel: int) -> Worker:
+    """The process's worker; a tensor-parallel model gets one of its own (see Engine)."""
+    return Worker.get() if tensor_parallel == 1 else Worker()

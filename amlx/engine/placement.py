@@ -11,6 +11,7 @@ work. Nothing here sets the process-wide default device.
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
@@ -118,14 +119,22 @@ class Placement:
             # (a closed engine's scheduler may still be asked for a round: it has no
             # work left, and only this thread queues on the streams, so they stay usable)
             self._released = True
-            _FREE.setdefault(self.device, []).extend(reversed(self.streams))
+            _free().setdefault(self.device, []).extend(reversed(self.streams))
 
 
-# Streams of closed engines, per device (streams belong to the thread that made
-# them: engines are made and closed on the worker thread).
-_FREE: dict[str, list[mxdevice.Stream]] = {}
+# Streams of closed engines, per thread and device: streams belong to the thread
+# that made them (engines are made and closed on their worker thread; a
+# tensor-parallel engine has a worker of its own).
+_POOL = threading.local()
+
+
+def _free() -> dict[str, list[mxdevice.Stream]]:
+    pool = getattr(_POOL, "streams", None)
+    if pool is None:
+        pool = _POOL.streams = {}
+    return pool
 
 
 def _take_stream(device: str) -> mxdevice.Stream:
-    free = _FREE.get(device)
+    free = _free().get(device)
     return free.pop() if free else mxdevice.new_stream(device)

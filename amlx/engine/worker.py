@@ -37,6 +37,7 @@ class Worker:
         self._cond = threading.Condition()
         self._jobs: deque = deque()
         self._schedulers: list = []
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="amlx-worker", daemon=True)
         self._thread.start()
 
@@ -85,6 +86,13 @@ class Worker:
             if scheduler in self._schedulers:
                 self._schedulers.remove(scheduler)
 
+    def stop(self) -> None:
+        """Lets the thread end once it has nothing left to do (a worker of its own,
+        as a tensor-parallel engine has; never the process's shared one)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
     # -- the thread ------------------------------------------------------------
     def _idle(self) -> bool:
         return not self._jobs and not any(s.has_work() for s in self._schedulers)
@@ -99,6 +107,8 @@ class Worker:
         while True:
             with self._cond:
                 while self._idle():
+                    if self._stopping:
+                        return
                     self._cond.wait(self._timeout())
                 jobs = list(self._jobs)
                 self._jobs.clear()

@@ -1,0 +1,213 @@
+"""Tensor parallelism (`tensor_parallel=2`) on this CPU machine: two processes
+joined by MLX's ring backend over localhost, against the same model in one
+process.
+
+Tolerance: exact greedy tokens. The ranks split every matmul's sum in two
+(o_proj and down_proj add two partial sums), so logits differ from one
+process's by float32 rounding (~1e-6 relative); the tiny random checkpoints'
+greedy choices are far apart compared to that (tests/helpers/checkpoints.py
+sizes their weights for clear margins), so the tokens must be equal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+import amlx
+from amlx.errors import TensorParallelError
+from tests.helpers.checkpoints import make_checkpoint
+
+PROMPTS = [[1, 5, 9, 33, 7, 2, 8], [3, 4], list(range(20, 60)), [11, 12, 13, 14, 15, 16, 17, 18, 19]]
+MAX_TOKENS = [12, 5, 9, 16]  # rows leave the batch at different steps
+TIMEOUT = 120  # seconds: a hang fails the test instead of hanging the suite
+
+
+def followers() -> list[int]:
+    """Pids of this process's tensor-parallel follower processes still running."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if b"amlx.tp.follower" in cmd and int(fields[1]) == os.getpid() and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def run(coro_fn, *args):
+    return asyncio.run(asyncio.wait_for(coro_fn(*args), TIMEOUT))
+
+
+async def greedy_together(model, prompts=PROMPTS, max_tokens=MAX_TOKENS, slow: int | None = None):
+    """Every prompt's greedy tokens, the requests running at once; the stream
+    `slow` reads slowly with a tiny buffer (paused, parked and resumed)."""
+    async def one(i):
+        opts = dict(max_tokens=max_tokens[i])
+        if i == slow:
+            opts["max_buffer"] = 1
+        out = []
+        async for tok in model.generate(prompts[i], **opts):
+            out.append(tok.id)
+            if i == slow:
+                await asyncio.sleep(0.05)
+        return out
+    return await asyncio.gather(*[one(i) for i in range(len(prompts))])
+
+
+async def idle(model) -> bool:
+    """Whether every request has left the engine (a finished row leaves in the round after its last token)."""
+    for _ in range(250):
+        if model.stats()["active_requests"] == 0:
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+def reference(path) -> list[list[int]]:
+    async def go():
+        async with await amlx.load(path, device="cpu") as m:
+            return [(await m.complete(p, max_tokens=n)).token_ids for p, n in zip(PROMPTS, MAX_TOKENS)]
+    return run(go)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    return {arch: make_checkpoint(root / arch, arch, seed=1) for arch in ("qwen3", "llama", "qwen2", "gemma3_text",
+                                                                         "mistral")}
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen2", "gemma3_text", "mistral"])
+def test_greedy_equals_one_process(checkpoints, arch):
+    path = checkpoints[arch]
+    expected = reference(path)
+
+    async def go():
+        async with await amlx.load(path, device="cpu", tensor_parallel=2) as m:
+            assert m.engine.tensor_parallel == 2
+            together = await greedy_together(m, slow=1)
+            alone = [(await m.complete(p, max_tokens=n)).token_ids for p, n in zip(PROMPTS, MAX_TOKENS)]
+            assert await idle(m)
+            return together, alone
+    together, alone = run(go)
+    assert alone == expected
+    assert together == expected
+    assert followers() == []
+
+
+def test_long_prompt_in_chunks(checkpoints, monkeypatch):
+    """A prompt longer than the prefill chunk is prefilled in chunks (the other
+    ranks see each chunk) while another request decodes."""
+    monkeypatch.setenv("AMLX_PREFILL_CHUNK", "16")
+    path = checkpoints["qwen3"]
+    prompts, max_tokens = [list(range(3, 70)), [5, 6, 7]], [6, 20]
+    expected = run(lambda: _load_and(path, 1, lambda m: greedy_together(m, prompts, max_tokens)))
+    got = run(lambda: _load_and(path, 2, lambda m: greedy_together(m, prompts, max_tokens)))
+    assert got == expected
+
+
+async def _load_and(path, tp, fn):
+    async with await amlx.load(path, device="cpu", tensor_parallel=tp) as m:
+        return await fn(m)
+
+
+def test_quantized_4bit(checkpoints, tmp_path):
+    q = amlx.convert(checkpoints["llama"], tmp_path / "q4", quantize=4, group_size=32, progress=False)
+    prompts, max_tokens = PROMPTS[:2], MAX_TOKENS[:2]
+    expected = run(lambda: _load_and(q, 1, lambda m: greedy_together(m, prompts, max_tokens)))
+    got = run(lambda: _load_and(q, 2, lambda m: greedy_together(m, prompts, max_tokens)))
+    assert got == expected
+
+
+def test_cancel_mid_stream(checkpoints):
+    path = checkpoints["qwen3"]
+    expected = reference(path)
+
+    async def go():
+        async with await amlx.load(path, device="cpu", tensor_parallel=2) as m:
+            async def cancelled():
+                n = 0
+                async for _ in m.generate(PROMPTS[2], max_tokens=200):
+                    n += 1
+                    if n == 3:
+                        break  # leaves the batch before the next step; the other ranks drop its rows
+                return n
+            other = asyncio.create_task(greedy_together(m, PROMPTS[:1], MAX_TOKENS[:1]))
+            assert await cancelled() == 3
+            first = await other
+            assert await idle(m)
+            again = (await m.complete(PROMPTS[3], max_tokens=MAX_TOKENS[3])).token_ids
+            return first, again
+    first, again = run(go)
+    assert first == expected[:1]
+    assert again == expected[3]
+
+
+def test_killed_rank_fails_requests_and_closes(checkpoints):
+    path = checkpoints["qwen3"]
+
+    async def go():
+        m = await amlx.load(path, device="cpu", tensor_parallel=2)
+        pids = m.engine.mirror.alive
+        assert len(pids) == 1
+        stream = m.generate(PROMPTS[0], max_tokens=5000, max_buffer=65536)
+        got = 0
+        start = time.monotonic()
+        with pytest.raises(TensorParallelError, match="rank 1 .*killed by signal 9"):
+            async for _ in stream:
+                got += 1
+                if got == 2:
+                    os.kill(pids[0], signal.SIGKILL)
+        assert time.monotonic() - start < 60
+        for _ in range(200):
+            if m.closed:
+                break
+            await asyncio.sleep(0.05)
+        assert m.closed
+        with pytest.raises(amlx.ClosedError):
+            m.generate([1, 2, 3])
+        await m.aclose()  # idempotent after the failure
+    run(go)
+    assert followers() == []
+
+
+def test_close_leaves_no_processes(checkpoints):
+    path = checkpoints["llama"]
+    m = amlx.load_sync(path, device="cpu", tensor_parallel=2)
+    assert len(followers()) == 1
+    assert m.complete_sync([1, 2, 3], max_tokens=2).token_ids
+    m.close()
+    assert followers() == []
+    m.close()  # idempotent
+
+
+def test_bad_options(checkpoints):
+    path = checkpoints["qwen3"]
+    for bad in (0, -1, True, "2", 1.5):
+        with pytest.raises(ValueError, match="tensor_parallel"):
+            amlx.load_sync(path, device="cpu", tensor_parallel=bad)
+    # 2 key-value heads do not divide over 3 ranks: refused, nothing left running
+    with pytest.raises(ValueError, match="2 key-value heads do not divide over 3 ranks"):
+        amlx.load_sync(path, device="cpu", tensor_parallel=3)
+    assert followers() == []
+
+
+def test_score_is_refused(checkpoints):
+    async def go():
+        async with await amlx.load(checkpoints["qwen3"], device="cpu", tensor_parallel=2) as m:
+            with pytest.raises(ValueError, match="tensor_parallel"):
+                await m.score([1, 2, 3], [[4]])
+            # the model still serves after the refusal
+            assert (await m.complete([1, 2, 3], max_tokens=2)).token_ids
+    run(go)
