@@ -49,6 +49,9 @@ def add_model_options(p: argparse.ArgumentParser, *, adapter: bool = True) -> No
     p.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"], help="where to run")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="float type of the weights (default: the checkpoint's)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N processes (tensor parallelism: one per GPU over NCCL, or CPU "
+                        "processes over MLX's ring backend; see docs/scaling.md)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:

@@ -211,3 +211,73 @@ def test_score_is_refused(checkpoints):
             # the model still serves after the refusal
             assert (await m.complete([1, 2, 3], max_tokens=2)).token_ids
     run(go)
+
+
+def test_generate_cli(checkpoints):
+    """`amlx generate --tensor-parallel 2` prints what one process prints."""
+    import subprocess
+    import sys
+
+    def generate(n: int) -> str:
+        cmd = [sys.executable, "-m", "amlx", "generate", str(checkpoints["qwen3"]), "hello there", "--raw",
+               "--device", "cpu", "--max-tokens", "8", "--tensor-parallel", str(n)]
+        done = subprocess.run(cmd, capture_output=True, timeout=TIMEOUT)
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        return done.stdout.decode(errors="replace")
+    assert generate(2) == generate(1)
+
+
+def test_serve_with_tensor_parallel(checkpoints):
+    """`amlx serve --tensor-parallel 2` answers the OpenAI client with the greedy
+    tokens of one process, and leaves no rank behind when it stops."""
+    from tests.helpers.serving import ServerProcess
+
+    path = checkpoints["qwen3"]
+    expected = reference(path)[0]
+
+    async def ask(server):
+        client = server.client()
+        got = await asyncio.gather(*[client.completions.create(model=server.model_name, prompt=PROMPTS[0],
+                                                                max_tokens=MAX_TOKENS[0], temperature=0)
+                                     for _ in range(3)])
+        await client.close()
+        return got
+    with ServerProcess(path, "--device", "cpu", "--tensor-parallel", "2", "--model-name", "tp") as server:
+        server.model_name = "tp"
+        answers = run(ask, server)
+        ranks = [p for p in _all_followers() if _parent(p) == server.proc.pid]
+        assert len(ranks) == 1
+    for a in answers:
+        assert a.usage.completion_tokens == len(expected)
+        assert a.choices[0].text == _text(path, expected)
+    for _ in range(100):  # the server stopped: its rank exits (STOP, or its lifeline closing)
+        if not set(ranks) & set(_all_followers()):
+            break
+        time.sleep(0.1)
+    assert not set(ranks) & set(_all_followers())
+
+
+def _text(path, ids) -> str:
+    from amlx.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(path).decode(ids)
+
+
+def _all_followers() -> list[int]:
+    out = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"amlx.tp.follower" in f.read():
+                    out.append(int(entry))
+        except OSError:
+            continue
+    return out
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1

@@ -43,6 +43,9 @@ def add_serve_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"], help="default: %(default)s")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: the checkpoint's")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N processes (tensor parallelism: one per GPU over NCCL, or CPU "
+                        "processes over MLX's ring backend; see docs/scaling.md)")
     p.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="cap on prompt + reply tokens (default: the model's context length)")
     p.add_argument("--keepalive", type=float, default=1.0, metavar="SECONDS",
@@ -68,7 +71,8 @@ async def _serve(args: argparse.Namespace, keys: list[str]) -> None:
         path = default_model_dir()
     name = args.model_name or Path(path).resolve().name
     async with await amlx.load(path, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
-                               max_context=args.max_context, adapter=args.adapter) as model:
+                               max_context=args.max_context, adapter=args.adapter,
+                               tensor_parallel=args.tensor_parallel) as model:
         settings = Settings(model_name=name, api_keys=tuple(keys), max_batch_size=args.max_batch_size,
                             max_queue=args.max_queue, keepalive=args.keepalive,
                             request_log=Path(args.log_requests) if args.log_requests else None)
