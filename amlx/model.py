@@ -245,6 +245,7 @@ class Model:
         list of records. Options: see `amlx.train.trainer.TrainOptions`."""
         from amlx.train.trainer import train_lora
 
+        self._no_tensor_parallel("train_lora")
         return train_lora(self, data, **options)
 
     def train(self, data, **options):
@@ -255,7 +256,12 @@ class Model:
         (ValueError). Options: see `amlx.train.full.train_full`."""
         from amlx.train.full import train_full
 
+        self._no_tensor_parallel("train")
         return train_full(self, data, **options)
+
+    def _no_tensor_parallel(self, what: str) -> None:
+        if self._engine.tensor_parallel > 1:
+            raise ValueError(f"{what}() does not support a model loaded with tensor_parallel > 1")
 
     # -- lifetime -------------------------------------------------------------
     async def aclose(self) -> None:
@@ -385,6 +391,16 @@ def _warm_up(model, device: str, max_rows: int) -> None:
 
 def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Worker, adapter=None,
                     tensor_parallel: int = 1) -> Model:
+    try:
+        return _build_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, tensor_parallel)
+    except BaseException:
+        if tensor_parallel > 1:
+            worker.stop()  # the model's own worker (see _worker_for): it ends after this job
+        raise
+
+
+def _build_on_worker(host, device, dtype, max_batch_size, max_context, worker: Worker, adapter,
+                     tensor_parallel: int) -> Model:
     from amlx.engine.placement import EngineOptions, Placement
     from amlx.models import build_model
 
@@ -460,14 +476,8 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     # shares; a cancelled load stops waiting for it at once.
     host = await anyio.to_thread.run_sync(_read_on_host, path, dtype, abandon_on_cancel=True)
     worker = _worker_for(tensor_parallel)
-    try:
-        return await worker.run(
-            lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter,
-                                    tensor_parallel))
-    except BaseException:
-        if tensor_parallel > 1:
-            worker.stop()
-        raise
+    return await worker.run(
+        lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, tensor_parallel))
 
 
 def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
@@ -476,14 +486,8 @@ def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_
     _check_load_args(max_batch_size, max_context, adapter, tensor_parallel)
     host = _read_on_host(path, dtype)
     worker = _worker_for(tensor_parallel)
-    try:
-        return worker.run_sync(
-            lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter,
-                                    tensor_parallel))
-    except BaseException:
-        if tensor_parallel > 1:
-            worker.stop()
-        raise
+    return worker.run_sync(
+        lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, tensor_parallel))
 
 
 def _worker_for(tensor_parallel: int) -> Worker:

@@ -203,11 +203,14 @@ def test_bad_options(checkpoints):
     assert followers() == []
 
 
-def test_score_is_refused(checkpoints):
+def test_score_and_training_are_refused(checkpoints):
     async def go():
         async with await amlx.load(checkpoints["qwen3"], device="cpu", tensor_parallel=2) as m:
             with pytest.raises(ValueError, match="tensor_parallel"):
                 await m.score([1, 2, 3], [[4]])
+            for train in (m.train, m.train_lora):
+                with pytest.raises(ValueError, match="tensor_parallel"):
+                    train([{"text": "hello"}])
             # the model still serves after the refusal
             assert (await m.complete([1, 2, 3], max_tokens=2)).token_ids
     run(go)
