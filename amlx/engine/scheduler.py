@@ -45,6 +45,7 @@ from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, d
 from amlx.engine.rate import RateMeter
 from amlx.engine.request import Request
 from amlx.sample import BatchSampling, CompiledSteps, StepSample
+from amlx.models.base import decode_on_buffers
 from amlx.models.nn import split_layers
 from amlx.errors import AmlxError, ClosedError, MLXError
 
@@ -620,14 +621,7 @@ class Scheduler:
         return self._forward_with(self._split_model(), tokens, positions, caches)
 
     def _forward_with(self, model, tokens: Array, positions: Array, caches: list[Array]):
-        step_cache = []
-        for window, kv in zip(self._windows, caches):
-            sc = KVCache(window=window, block=self.block)
-            sc.kv = kv
-            step_cache.append(sc)
-        logits = model(tokens, step_cache, positions)
-        logits = ops.reshape(logits, (tokens.shape[0], logits.shape[2]))
-        return logits, [c.kv for c in step_cache]
+        return decode_on_buffers(model, self._windows, self.block, tokens, positions, caches)
 
     def _batched_logits(self, tokens: Array, positions: Array, cache: list[KVCache] | None = None,
                         split: bool = False) -> tuple[Array, list[Array]]:

@@ -451,3 +451,18 @@ class CausalLM(Module):
         self._unused = []
         for layer in self.model.layers:
             layer.self_attn._rope.close()
+
+
+def decode_on_buffers(model: CausalLM, windows: list[int | None], block: int, tokens: Array, positions: Array,
+                      buffers: list[Array]) -> tuple[Array, list[Array]]:
+    """One decode step as a pure function of arrays (what the engine compiles):
+    tokens (B, 1), positions (B,) and each layer's KV buffer -> logits (B, V) and
+    the updated buffers. `windows`: each layer's sliding window (None: full)."""
+    step_cache = []
+    for window, kv in zip(windows, buffers):
+        sc = KVCache(window=window, block=block)
+        sc.kv = kv
+        step_cache.append(sc)
+    logits = model(tokens, step_cache, positions)
+    logits = ops.reshape(logits, (tokens.shape[0], logits.shape[2]))
+    return logits, [c.kv for c in step_cache]

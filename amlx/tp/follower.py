@@ -17,10 +17,11 @@ import threading
 
 import numpy as np
 
-from amlx._mlx import array, int32, ops
+from amlx._mlx import array, int32, ops, transforms
 from amlx._mlx import distributed as dist
 from amlx.engine.placement import EngineOptions, Placement
 from amlx.models import build_model, prepare
+from amlx.models.base import decode_on_buffers
 from amlx.tp import protocol
 from amlx.tp.rows import RowCaches
 from amlx.tp.shard import shard_model
@@ -30,8 +31,12 @@ class Follower:
     """Runs rank 0's forward passes on this rank's shard of `model`."""
 
     def __init__(self, model, group: dist.Group, block: int):
-        self.model, self.group = model, group
+        self.model, self.group, self.block = model, group, block
         self.rows = RowCaches(lambda: model.make_cache(block))
+        self._windows = [c.window for c in model.make_cache(block)]
+        # the decode step compiled as rank 0's scheduler compiles it (once per batch size
+        # and capacity), so this rank's host work per step stays as small as rank 0's
+        self._step = transforms.compile(self._forward)
 
     def serve(self, heartbeat: int | None = None) -> None:
         """Handles messages until STOP; after each, one byte on `heartbeat` (rank
@@ -71,10 +76,19 @@ class Follower:
         caches = self.rows.batch(ids)
         for c in caches:
             c.reserve(max(positions) + 1)
-        logits = self.model(ops.zeros((b, 1), int32), caches, array(np.asarray(positions, np.int32)))
-        ops.eval(logits, *[a for c in caches for a in c.state()])
+        logits, state = self._step(ops.zeros((b, 1), int32), array(np.asarray(positions, np.int32)),
+                                   [c.kv for c in caches])
+        for c, kv in zip(caches, state):
+            c.kv = kv
+        # launched, not awaited: the next message's collective waits for it on the stream,
+        # and meanwhile this thread is back in `receive`
+        ops.async_eval(logits, *state)
+
+    def _forward(self, tokens, positions, buffers):
+        return decode_on_buffers(self.model, self._windows, self.block, tokens, positions, buffers)
 
     def close(self) -> None:
+        self._step.close()
         self.rows.close()
         self.model.close()
         self.group.close()
