@@ -84,6 +84,8 @@ def test_hostfile_checks(tmp_path):
             hosts.read_hostfile(p)
     with pytest.raises(ValueError, match="not a readable JSON hostfile"):
         hosts.read_hostfile(tmp_path / "missing.json")
+    assert hosts.is_local("127.0.0.1:5000") and hosts.is_local("localhost:1")
+    assert not hosts.is_local("192.0.2.1:5000")  # TEST-NET-1: never this machine
 
 
 def test_ring_without_environment_is_an_mlx_error(monkeypatch):

@@ -284,3 +284,101 @@ def _parent(pid: int) -> int:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except OSError:
         return -1
+
+
+def test_three_ranks(tmp_path):
+    """N = 3 (collectives over a ring of three processes): heads, key-value heads
+    and the MLP width chosen to divide by 3."""
+    path = make_checkpoint(tmp_path / "q3", "qwen3", seed=2, hidden_size=96, num_attention_heads=6,
+                           num_key_value_heads=3, head_dim=16, intermediate_size=192)
+    prompts, max_tokens = PROMPTS[:3], MAX_TOKENS[:3]
+    expected = run(lambda: _load_and(path, 1, lambda m: greedy_together(m, prompts, max_tokens)))
+    got = run(lambda: _load_and(path, 3, lambda m: greedy_together(m, prompts, max_tokens)))
+    assert got == expected
+    assert followers() == []
+
+
+def test_hostfile(checkpoints, tmp_path, monkeypatch):
+    """AMLX_TP_HOSTFILE names every rank's address (here: both on this host)."""
+    from amlx.tp import hosts
+
+    hostfile = hosts.write_hostfile(tmp_path / "hosts.json", hosts.local_hosts(2))
+    monkeypatch.setenv("AMLX_TP_HOSTFILE", str(hostfile))
+    path = checkpoints["llama"]
+    got = run(lambda: _load_and(path, 2, lambda m: greedy_together(m, PROMPTS[:2], MAX_TOKENS[:2])))
+    assert got == reference(path)[:2]
+
+
+def test_rank_that_never_joins_fails_the_load(checkpoints, tmp_path, monkeypatch):
+    """A hostfile whose rank 1 lives on another host that never starts it: the load
+    fails with a clear error once AMLX_TP_JOIN_TIMEOUT passes, instead of waiting for good."""
+    from amlx.tp import hosts
+
+    hostfile = hosts.write_hostfile(tmp_path / "hosts.json", [hosts.local_hosts(1)[0], ["192.0.2.1:4000"]])
+    monkeypatch.setenv("AMLX_TP_HOSTFILE", str(hostfile))
+    monkeypatch.setenv("AMLX_TP_JOIN_TIMEOUT", "3")
+    start = time.monotonic()
+    with pytest.raises(TensorParallelError, match="did not start in time"):
+        amlx.load_sync(checkpoints["qwen3"], device="cpu", tensor_parallel=2)
+    assert time.monotonic() - start < 60
+
+
+def test_hung_rank_fails_requests(checkpoints, monkeypatch):
+    """A rank that stops (SIGSTOP) while a step waits on it: after AMLX_TP_STEP_TIMEOUT
+    the watchdog kills the ranks and every request ends with a clear error."""
+    monkeypatch.setenv("AMLX_TP_STEP_TIMEOUT", "3")
+
+    async def go():
+        m = await amlx.load(checkpoints["qwen3"], device="cpu", tensor_parallel=2)
+        pid = m.engine.mirror.alive[0]
+        got = 0
+        start = time.monotonic()
+        with pytest.raises(TensorParallelError, match="made no progress for 3 s"):
+            async for _ in m.generate(PROMPTS[0], max_tokens=5000, max_buffer=65536):
+                got += 1
+                if got == 2:
+                    os.kill(pid, signal.SIGSTOP)
+        assert time.monotonic() - start < 60
+        assert m.closed
+        await m.aclose()
+    run(go)
+    for _ in range(100):
+        if not followers():
+            break
+        time.sleep(0.05)
+    assert followers() == []
+
+
+def test_followers_exit_with_rank_zero(checkpoints, tmp_path):
+    """Rank 0's process killed outright: its followers see their lifeline close and exit."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank0.py"
+    script.write_text("import sys, time, amlx\n"
+                      f"m = amlx.load_sync({str(checkpoints['qwen3'])!r}, device='cpu', tensor_parallel=2)\n"
+                      "print(m.engine.mirror.alive[0], flush=True)\n"
+                      "time.sleep(600)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": root})
+    try:
+        follower = int(proc.stdout.readline())
+        proc.kill()
+        proc.wait(30)
+        for _ in range(200):
+            if not os.path.exists(f"/proc/{follower}") or _zombie(follower):
+                break
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{follower}") or _zombie(follower)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

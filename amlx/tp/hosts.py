@@ -51,6 +51,18 @@ def _is_address(a: str) -> bool:
     return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
+def is_local(address: str) -> bool:
+    """Whether a hostfile's "host:port" names this machine."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
+        return True
+    try:
+        mine = {socket.gethostname(), socket.getfqdn(), *socket.gethostbyname_ex(socket.gethostname())[2]}
+    except OSError:
+        mine = {socket.gethostname()}
+    return host in mine
+
+
 def write_hostfile(path: str | os.PathLike, hosts: Sequence[Sequence[str]]) -> pathlib.Path:
     p = pathlib.Path(path)
     p.write_text(json.dumps([list(h) for h in hosts]))

@@ -11,10 +11,10 @@ import time
 from amlx._mlx import distributed as dist
 from amlx.errors import TensorParallelError
 from amlx.tp import hosts
-from amlx.tp.launch import JOIN_TIMEOUT, Launch, Rank
+from amlx.tp.launch import Launch, Rank, join_timeout
 
 
-def join(launch: Launch, timeout: float = JOIN_TIMEOUT) -> dist.Group:
+def join(launch: Launch, timeout: float | None = None) -> dist.Group:
     """Rank 0's group with the followers, once every follower has loaded its
     part and said so. TensorParallelError when a follower exits first or the
     wait passes `timeout` (with the follower's own error output)."""
@@ -31,7 +31,7 @@ def join(launch: Launch, timeout: float = JOIN_TIMEOUT) -> dist.Group:
     try:
         helper = threading.Thread(target=connect, name="amlx-tp-join", daemon=True)
         helper.start()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (join_timeout() if timeout is None else timeout)
         while helper.is_alive():
             helper.join(0.1)
             _check_alive(launch.ranks, deadline, lambda: _unblock(launch))

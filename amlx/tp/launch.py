@@ -28,7 +28,11 @@ from amlx._mlx import distributed as dist
 from amlx.errors import TensorParallelError
 from amlx.tp import hosts
 
-JOIN_TIMEOUT = float(os.environ.get("AMLX_TP_JOIN_TIMEOUT", "600"))  # seconds (followers load the model)
+
+
+def join_timeout() -> float:
+    """Seconds rank 0 waits for the other ranks to load and connect (AMLX_TP_JOIN_TIMEOUT)."""
+    return float(os.environ.get("AMLX_TP_JOIN_TIMEOUT", "600"))
 
 
 @dataclass
@@ -81,15 +85,18 @@ def start(model: str, size: int, device: str, dtype: str | None, hostfile: str |
     on other hosts are started there by the user with the same command."""
     backend = backend_for(device)
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="amlx-tp-"))
-    path = None
+    path, local = None, list(range(1, size))
     if backend == "ring":
         entries = hosts.read_hostfile(hostfile) if hostfile else hosts.local_hosts(size)
         if len(entries) != size:
             raise ValueError(f"{hostfile}: names {len(entries)} ranks, tensor_parallel is {size}")
+        if not hosts.is_local(entries[0][0]):
+            raise ValueError(f"{hostfile}: rank 0 (this process) must be on this host, not {entries[0][0]}")
         path = hosts.write_hostfile(workdir / "hosts.json", entries)
+        local = [r for r in local if hosts.is_local(entries[r][0])]  # the others are started on their hosts
     launch = Launch(size, backend, workdir, hosts.rank_env(0, size, backend, path))
     gpus = _visible_gpus(size) if backend == "nccl" else None
-    for rank in range(1, size):
+    for rank in local:
         env = {**launch.env, "MLX_RANK": str(rank)}
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpus[rank]

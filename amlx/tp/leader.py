@@ -30,12 +30,11 @@ from amlx.errors import TensorParallelError
 from amlx.tp import protocol
 from amlx.tp.launch import Launch, Rank
 
-STEP_TIMEOUT = float(os.environ.get("AMLX_TP_STEP_TIMEOUT", "300"))
 STOP_TIMEOUT = 30.0  # seconds a follower gets to exit after STOP
 
 
 class Leader:
-    def __init__(self, launch: Launch, group: dist.Group, step_timeout: float = STEP_TIMEOUT):
+    def __init__(self, launch: Launch, group: dist.Group, step_timeout: float | None = None):
         self.launch, self.group, self.size = launch, group, group.size
         self._ids: dict[object, int] = {}  # request -> id the followers know it by
         self._next_id = 1
@@ -46,7 +45,9 @@ class Leader:
         self._failure: TensorParallelError | None = None
         self._on_failure: list[Callable[[TensorParallelError], None]] = []
         self._stopping = threading.Event()
-        self._step_timeout = step_timeout
+        # seconds a rank may lag behind a step before the model fails (AMLX_TP_STEP_TIMEOUT)
+        self._step_timeout = float(os.environ.get("AMLX_TP_STEP_TIMEOUT", "300")) if step_timeout is None \
+            else step_timeout
         self._watchdog = threading.Thread(target=self._watch, name="amlx-tp-watchdog", daemon=True)
         self._watchdog.start()
 
