@@ -415,10 +415,14 @@ def _build_on_worker(host, device, dtype, max_batch_size, max_context, worker: W
     dev = options.device
     spec, tokenizer = host
     tp = _start_ranks(spec.path, tensor_parallel, dev, dtype)
-    leader = None
+    leader, counted = None, []  # counted: the whole model's parameters, before rank 0 keeps its part
+
+    def shard(model) -> None:
+        counted.append(_count_parameters(model))
+        tp.shard(model)
     try:
         with placement.on():
-            loaded = build_model(spec, dtype=dtype, shard=None if tp is None else tp.shard)
+            loaded = build_model(spec, dtype=dtype, shard=None if tp is None else shard)
             if adapter is not None:
                 from amlx.train.lora import apply_adapter
 
@@ -433,7 +437,8 @@ def _build_on_worker(host, device, dtype, max_batch_size, max_context, worker: W
     limit = loaded.config["max_position_embeddings"]
     ctx = limit if max_context is None else min(max_context, limit)
     cfg = loaded.config
-    info = ModelInfo(architecture=cfg["arch"], parameters=_count_parameters(loaded.model), dtype=loaded.dtype,
+    params = counted[0] if counted else _count_parameters(loaded.model)
+    info = ModelInfo(architecture=cfg["arch"], parameters=params, dtype=loaded.dtype,
                      device=dev, context_length=ctx, quantization=cfg["quantization"], path=str(loaded.path))
     eos = frozenset(tokenizer.eos_token_ids) | frozenset(cfg["eos_token_ids"])
     engine = Engine(loaded.model, tokenizer, eos_ids=eos, vocab_size=cfg["vocab_size"],

@@ -96,3 +96,20 @@ def test_ring_without_environment_is_an_mlx_error(monkeypatch):
     single = dist.init("ring", strict=False)  # a group of one process
     assert (single.rank, single.size) == (0, 1)
     single.close()
+
+
+def test_tensor_parallel_messages_span_buffers(monkeypatch):
+    """A step description longer than one collective's buffer (a large batch, many
+    rows freed) arrives whole: amlx.tp.protocol continues it in more buffers."""
+    from amlx.tp import protocol
+
+    frees, body = list(range(1000, 1300)), [7] * 500
+    words = protocol.encode(protocol.DECODE, frees, body)
+    assert len(words) % protocol.WORDS == 0 and len(words) > protocol.WORDS
+    blocks = iter(words.reshape(-1, protocol.WORDS))
+    monkeypatch.setattr(protocol, "_block", lambda group: next(blocks))
+    msg = protocol.receive(None)
+    assert (msg.kind, msg.frees, msg.body) == (protocol.DECODE, frees, body)
+    monkeypatch.setattr(protocol, "_block", lambda group: np.zeros(protocol.WORDS, np.int32))
+    with pytest.raises(ValueError, match="lost step"):
+        protocol.receive(None)

@@ -184,7 +184,10 @@ def test_killed_rank_fails_requests_and_closes(checkpoints):
 
 def test_close_leaves_no_processes(checkpoints):
     path = checkpoints["llama"]
+    with amlx.load_sync(path, device="cpu") as whole:
+        parameters = whole.info.parameters
     m = amlx.load_sync(path, device="cpu", tensor_parallel=2)
+    assert m.info.parameters == parameters  # the whole model's, not rank 0's part
     assert len(followers()) == 1
     assert m.complete_sync([1, 2, 3], max_tokens=2).token_ids
     m.close()
