@@ -120,14 +120,19 @@ def main(argv: list[str] | None = None) -> int:
         _exit_with_parent(args.lifeline_fd)
     options = EngineOptions(device=args.device, shards=1).resolved()
     placement = Placement(options)
+    rank, size = int(os.environ["MLX_RANK"]), int(os.environ["MLX_WORLD_SIZE"])
+    joined: list[dist.Group] = []
     with placement.on():
-        group = dist.init(args.backend)
-        spec = prepare(args.model, args.dtype)
-        reduce = lambda x: dist.all_sum(x, group)  # noqa: E731
-        loaded = build_model(spec, args.dtype, progress=False,
-                             shard=lambda m: shard_model(m, group.rank, group.size, reduce))
+        # Load first, then join, as rank 0 does: whoever loads faster waits in the
+        # join (NCCL's bootstrap gives up after 300 s; rank 0 bounds its own wait).
+        loaded = build_model(prepare(args.model, args.dtype), args.dtype, progress=False,
+                             shard=lambda m: shard_model(m, rank, size, lambda x: dist.all_sum(x, joined[0])))
         loaded.model.use_decode_kernel(options.decode_kernel)
-        follower = Follower(loaded.model, group, options.kv_block)
+        joined.append(dist.init(args.backend))
+        if (joined[0].rank, joined[0].size) != (rank, size):
+            raise SystemExit(f"the {args.backend} backend made this rank {joined[0].rank} of {joined[0].size}, "
+                             f"not {rank} of {size}")
+        follower = Follower(loaded.model, joined[0], options.kv_block)
         if args.heartbeat_fd is not None:
             os.write(args.heartbeat_fd, b"R")  # ready
         try:
