@@ -6,6 +6,7 @@
 // throwing, and none of that may unwind into Python's C frames.
 
 #include "mlxc.h"
+#include "internal.h"
 
 #include <algorithm>
 #include <cmath>
@@ -232,6 +233,8 @@ mx::Dtype weak_int_dtype(const mx::array& a) {
 }
 
 }  // namespace
+
+void mlxc::set_last_error(const std::string& message) { last_error = message; }
 
 extern "C" {
 

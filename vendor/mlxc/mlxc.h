@@ -78,6 +78,19 @@ const char* mlxc_last_error(void);
 const char* mlxc_version(void);
 void mlxc_array_free(mlxc_array a);
 
+/* MLX's BLAS (Linux). libmlx calls cblas_sgemm and LAPACK through its own
+ * symbol slots; mlxc_blas_route points them at the library at `path`, whose
+ * symbols carry `prefix` (scipy-openblas32: "scipy_"). Until then (or when it
+ * fails) MLX uses the reference BLAS bundled with its wheel.
+ * mlxc_blas_library: the routed library's path, "" when none.
+ * mlxc_blas_sgemm_calls: cblas_sgemm calls that went through the route. */
+int mlxc_blas_route(const char* path, const char* prefix);
+const char* mlxc_blas_library(void);
+int mlxc_blas_routed_symbols(void);
+unsigned long long mlxc_blas_sgemm_calls(void);
+int mlxc_blas_threads(void);
+int mlxc_blas_set_threads(int n);
+
 /* Construction. `data` is copied; for MLXC_BFLOAT16 it holds the raw 16-bit
  * patterns. */
 int mlxc_array_from_data(const void* data, const int* shape, int ndim,
