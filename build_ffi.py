@@ -21,7 +21,9 @@ from cffi import FFI
 MLX_VERSION = "0.32.4"  # the C++ ABI is pinned: keep in step with pyproject.toml
 ROOT = pathlib.Path(__file__).resolve().parent
 HEADER = ROOT / "vendor" / "mlxc" / "mlxc.h"
-SOURCES = ("mlxc.cpp", "blas.cpp")
+# gemv_<isa>.cpp: one unit per instruction set, each with its own `#pragma GCC target`
+# (the build flags stay portable); cpu_gemv.cpp picks one at run time.
+SOURCES = ("mlxc.cpp", "blas.cpp", "cpu_gemv.cpp", "gemv_generic.cpp", "gemv_avx2.cpp", "gemv_avx512.cpp")
 
 
 class MLXNotFound(RuntimeError):

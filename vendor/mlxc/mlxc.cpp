@@ -787,6 +787,21 @@ int mlxc_quantized_matmul(mlxc_array x, mlxc_array w, mlxc_array scales,
   GUARD_END
 }
 
+int mlxc_cpu_gemv(mlxc_array x, mlxc_array w, mlxc_array scales, mlxc_array biases,
+                  int group_size, int bits, mlxc_array* out) {
+  GUARD_BEGIN
+  if (bits == 0) {
+    put(mlxc::cpu_gemv(x->a, w->a, nullptr, 0, 0), out);
+  } else {
+    if (scales == nullptr || biases == nullptr) {
+      throw std::invalid_argument("cpu_gemv: quantized weights need scales and biases");
+    }
+    mx::array sb[2] = {scales->a, biases->a};
+    put(mlxc::cpu_gemv(x->a, w->a, sb, bits, group_size), out);
+  }
+  GUARD_END
+}
+
 int mlxc_rms_norm(mlxc_array x, mlxc_array weight, float eps, mlxc_array* out) {
   GUARD_BEGIN
   put(mx::fast::rms_norm(x->a, opt(weight), eps), out);

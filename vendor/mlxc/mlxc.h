@@ -91,6 +91,19 @@ unsigned long long mlxc_blas_sgemm_calls(void);
 int mlxc_blas_threads(void);
 int mlxc_blas_set_threads(int n);
 
+/* Few-row matmuls on the CPU (y = x W^T, x with 1..8 rows; W (out, in)):
+ * dense weights (scales = biases = NULL, bits = 0: float32, float16,
+ * bfloat16) or MLX's affine 4-/8-bit packing (group size 32, 64 or 128),
+ * read as stored, with AVX-512 / AVX2 chosen at run time and the rows of the
+ * output split over a pool of threads. The result has x's leading shape and
+ * the promoted type of x and the weights (scales when quantized). */
+int mlxc_cpu_gemv(mlxc_array x, mlxc_array w, mlxc_array scales, mlxc_array biases,
+                  int group_size, int bits, mlxc_array* out);
+int mlxc_cpu_threads(void);
+int mlxc_cpu_set_threads(int n);
+const char* mlxc_cpu_gemv_isa(void);            /* "avx512", "avx2" or "generic" */
+int mlxc_cpu_gemv_set_isa(const char* isa);     /* one of those, or "best" */
+
 /* Construction. `data` is copied; for MLXC_BFLOAT16 it holds the raw 16-bit
  * patterns. */
 int mlxc_array_from_data(const void* data, const int* shape, int ndim,
