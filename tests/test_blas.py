@@ -29,7 +29,8 @@ def test_openblas_is_routed() -> None:
     assert info.reason == ""
     assert "openblas" in info.library
     assert info.routed_symbols >= 3  # cblas_sgemm, _dgemm, _cgemm, and LAPACK
-    assert 1 <= info.threads <= (os.cpu_count() or 1)
+    # one thread per call (the engine's streams and the kernels' pool share out the cores)
+    assert info.threads == 1 or "OPENBLAS_NUM_THREADS" in os.environ
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

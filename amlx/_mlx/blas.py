@@ -3,7 +3,8 @@
 MLX's Linux CPU wheel links netlib's reference BLAS, whose sgemm is a plain
 loop. amlx depends on `scipy-openblas32` on Linux and, when this module is
 imported, points libmlx's BLAS and LAPACK calls at it (see vendor/mlxc/blas.cpp).
-Set AMLX_BLAS=reference to keep MLX's own BLAS (for comparisons).
+Set AMLX_BLAS=reference to keep MLX's own BLAS (for comparisons). OpenBLAS runs
+each call on one thread unless OPENBLAS_NUM_THREADS says otherwise.
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ def route() -> None:
         return
     if lib.mlxc_blas_route(path.encode(), b"scipy_"):
         _reason = ffi.string(lib.mlxc_last_error()).decode("utf-8", "replace")
+        return
+    if "OPENBLAS_NUM_THREADS" not in os.environ:
+        # One thread per call: the cores are already shared out by the engine (one MLX
+        # stream per core) and by amlx's CPU kernels' pool; a threaded BLAS on top of
+        # them oversubscribes, and its spin-waits made a one-row sgemm 10x slower here.
+        lib.mlxc_blas_set_threads(1)
 
 
 def info() -> BlasInfo:
