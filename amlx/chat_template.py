@@ -17,8 +17,12 @@ avoid:
   they run: `*` on strings and lists, `+`, `~`, `**`, `%` formatting widths,
   `str.format` widths, string padding and `replace` / `join`, and the
   filters that take a size (`center`, `indent`, `wordwrap`, `batch`, `slice`,
-  `format`, `join`, `replace`, `tojson`'s indent); every result counts towards
-  an allocation budget, so many medium objects cannot add up either.
+  `format`, `join`, `replace`, `sum`, `tojson`'s indent); every result counts
+  towards an allocation budget, so many medium objects cannot add up either;
+- lists, tuples and dicts (literals, and what calls and filters return) are
+  measured written out, a shared part once per reference, so `[x, x]` doubling
+  in a loop cannot build something whose str() or tojson is astronomically
+  large.
 
 Loops and output are hooked by rewriting the template's syntax tree once, when
 it is compiled (`For.iter`, `Output` and `Concat` nodes get a counting filter
@@ -84,6 +88,7 @@ class _Budget:
         self.steps_left = limits.max_steps
         self.limits = limits
         self.deadline = time.monotonic() + limits.max_seconds
+        self._expanded: dict[int, tuple[Any, int]] = {}  # id -> (container, its expanded size)
 
     def step(self) -> None:
         self.steps_left -= 1
@@ -98,10 +103,39 @@ class _Budget:
         if n > self.size_cap:
             raise ChatTemplateError(f"{what} would make {n} characters or items, over the chat template limit "
                                     f"of {self.size_cap}")
+        self.charge(n)
+
+    def charge(self, n: int) -> None:
         self.alloc_left -= n
         if self.alloc_left < 0:
             raise ChatTemplateError("the chat template built more data than its limit "
                                     f"({self.limits.alloc_factor} x {self.size_cap} characters or items)")
+
+    def expanded(self, value: Any) -> int:
+        """The size of `value` written out (what str() or tojson would make of it): the
+        characters of its strings and numbers, a container counted once per reference to it
+        (a list that holds another list twice counts it twice, so doubling `[x, x]` shows),
+        memoised per object so the walk is linear in the distinct objects."""
+        if isinstance(value, (str, bytes)):
+            return len(value)
+        if isinstance(value, int):
+            return value.bit_length() // 3 + 1
+        if not isinstance(value, (list, tuple, dict)):
+            return 8
+        hit = self._expanded.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        if isinstance(value, dict):
+            n = 2 + sum(self.expanded(k) + self.expanded(v) + 4 for k, v in value.items())
+        else:
+            n = 2 + sum(self.expanded(v) + 2 for v in value)
+        self._expanded[id(value)] = (value, n)  # holding it keeps its id from being reused
+        return n
+
+    def made(self, value: Any, what: str) -> None:
+        """Checks an object just made (a container by its expanded size)."""
+        if isinstance(value, (str, bytes, list, tuple, dict)):
+            self.size(self.expanded(value), what)
 
     def emit(self, n: int) -> None:
         self.output_left -= n
@@ -144,7 +178,7 @@ def _int(value: Any) -> int:
 
 
 def _sized(value: Any) -> bool:
-    return isinstance(value, (str, list, tuple))
+    return isinstance(value, (str, bytes, list, tuple))
 
 
 _PRINTF = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
@@ -199,21 +233,21 @@ def _check_bits(bits: int, what: str) -> None:
 def _check_binop(budget: _Budget, operator: str, left: Any, right: Any) -> None:
     if operator == "*":
         if _sized(left) and isinstance(right, int):
-            budget.size(len(left) * max(right, 0), "repetition (*)")
+            budget.size(budget.expanded(left) * max(right, 0), "repetition (*)")
         elif _sized(right) and isinstance(left, int):
-            budget.size(len(right) * max(left, 0), "repetition (*)")
+            budget.size(budget.expanded(right) * max(left, 0), "repetition (*)")
         elif isinstance(left, int) and isinstance(right, int):
             _check_bits(left.bit_length() + right.bit_length(), "an integer product")
     elif operator == "+" and _sized(left) and _sized(right):
-        budget.size(len(left) + len(right), "concatenation (+)")
+        budget.size(budget.expanded(left) + budget.expanded(right), "concatenation (+)")
     elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
         _check_bits(right * left.bit_length(), "a power (**)")
     elif operator == "%" and isinstance(left, str):
         _check_printf(budget, left)
 
 
-def _check_str_method(budget: _Budget, owner: str, name: str, args: tuple, kwargs: dict) -> tuple:
-    """Checks a call of a string method; returns its (possibly materialised) arguments."""
+def _check_str_method(budget: _Budget, owner: str | bytes, name: str, args: tuple, kwargs: dict) -> tuple:
+    """Checks a call of a str (or bytes) method; returns its (possibly materialised) arguments."""
     if name in ("ljust", "rjust", "center", "zfill") and args:
         budget.size(_int(args[0]), f"str.{name}")
     elif name == "expandtabs":
@@ -225,6 +259,9 @@ def _check_str_method(budget: _Budget, owner: str, name: str, args: tuple, kwarg
         items = list(args[0])
         budget.size(_joined_size(owner, items), "str.join")
         args = (items, *args[1:])
+    elif name == "translate" and args and isinstance(args[0], Mapping):
+        longest = max((len(v) for v in args[0].values() if isinstance(v, (str, bytes))), default=1)
+        budget.size(len(owner) * longest, "str.translate")
     return args
 
 
@@ -297,10 +334,21 @@ def _filter_tojson(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
     return args
 
 
+def _filter_sum(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
+    start = _arg(args, kwargs, 2, "start", 0)
+    if isinstance(start, (int, float)):
+        return args
+    items = list(args[0])  # summing sequences copies the growing total once per item
+    total = budget.expanded(start) + sum(budget.expanded(x) for x in items)
+    budget.size(total, "the sum filter")
+    budget.charge(len(items) * total // 2)
+    return (items, *args[1:])
+
+
 _FILTER_CHECKS: dict[str, Callable[[_Budget, tuple, dict], tuple]] = {
     "center": _filter_center, "indent": _filter_indent, "wordwrap": _filter_wordwrap, "batch": _filter_batch,
     "slice": _filter_slice, "format": _filter_format, "replace": _filter_replace, "join": _filter_join,
-    "tojson": _filter_tojson,
+    "tojson": _filter_tojson, "sum": _filter_sum,
 }
 
 
@@ -315,8 +363,7 @@ def _bounded_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         if check is not None and len(args) > skip:
             args = (*args[:skip], *check(budget, args[skip:], kwargs))
         result = fn(*args, **kwargs)
-        if _sized(result):
-            budget.size(len(result), f"the {name} filter")
+        budget.made(result, f"the {name} filter")
         return result
 
     return bounded
@@ -356,7 +403,14 @@ def _concat_hook(context: Any, value: str) -> str:
     return value
 
 
-_HOOKS = {"amlx_loop": _loop_hook, "amlx_emit": _emit_hook, "amlx_concat": _concat_hook}
+@jinja2.pass_context
+def _literal_hook(context: Any, value: Any) -> Any:
+    _budget().made(value, "a list, tuple or dict literal")
+    return value
+
+
+_HOOKS = {"amlx_loop": _loop_hook, "amlx_emit": _emit_hook, "amlx_concat": _concat_hook,
+          "amlx_literal": _literal_hook}
 
 
 class _Hooks(jinja2.visitor.NodeTransformer):
@@ -374,6 +428,16 @@ class _Hooks(jinja2.visitor.NodeTransformer):
 
     def visit_Concat(self, node: jinja2.nodes.Concat) -> jinja2.nodes.Node:
         return _hook("amlx_concat", self.generic_visit(node))
+
+    def visit_List(self, node: jinja2.nodes.List) -> jinja2.nodes.Node:
+        return _hook("amlx_literal", self.generic_visit(node))
+
+    def visit_Dict(self, node: jinja2.nodes.Dict) -> jinja2.nodes.Node:
+        return _hook("amlx_literal", self.generic_visit(node))
+
+    def visit_Tuple(self, node: jinja2.nodes.Tuple) -> jinja2.nodes.Node:
+        node = self.generic_visit(node)
+        return _hook("amlx_literal", node) if node.ctx == "load" else node  # not assignment targets
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -478,8 +542,10 @@ class ChatEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
         budget = _budget()
         budget.step()
         owner = getattr(obj, "__self__", None)
-        if isinstance(owner, str):
+        if isinstance(owner, (str, bytes)):
             args = _check_str_method(budget, owner, getattr(obj, "__name__", ""), args, kwargs)
         elif isinstance(obj, jinja2.runtime.LoopContext) and args:
             args = (_counted(args[0]), *args[1:])  # a recursive loop's next level
-        return super().call(context, obj, *args, **kwargs)
+        result = super().call(context, obj, *args, **kwargs)
+        budget.made(result, "a call")  # e.g. dict(a=x, b=x)
+        return result

@@ -33,8 +33,9 @@ def add_command(sub: Any, name: str, *, help: str, example: str, description: st
     """A subcommand parser in the house style: `example` (one or more command
     lines) is shown under "Example:" at the end of `--help`."""
     lines = "\n".join(f"  {line}" for line in example.strip().splitlines())
-    return sub.add_parser(name, help=help, description=description or help, epilog=f"Example:\n{lines}",
-                          formatter_class=HelpFormatter)
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=description or help,
+                                                epilog=f"Example:\n{lines}", formatter_class=HelpFormatter)
+    return p
 
 
 def add_model_options(p: argparse.ArgumentParser, *, adapter: bool = True) -> None:

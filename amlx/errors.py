@@ -1,5 +1,7 @@
 """The amlx error hierarchy (see DESIGN.md): one base class, one subclass per cause."""
 
+from __future__ import annotations
+
 
 class AmlxError(Exception):
     """Base class of every error amlx raises on purpose."""
@@ -12,10 +14,11 @@ class ModelLoadError(AmlxError):
 class MLXError(AmlxError):
     """MLX failed; carries MLX's own message and the name of the operation."""
 
-    def __init__(self, op: str, message: str):
+    def __init__(self, op: str, message: str, hint: str | None = None):
         self.op = op
         self.mlx_message = message
-        super().__init__(f"{op}: {message}")
+        self.hint = hint  # what to do about it, when amlx knows (a missing CUDA header, say)
+        super().__init__(f"{op}: {message}" + (f"\n{hint}" if hint else ""))
 
 
 class ClosedError(AmlxError):

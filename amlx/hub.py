@@ -42,7 +42,7 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def resolve_model(name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+def resolve_model(name_or_path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None,
                   download: bool = True) -> Path:
     """The checkpoint directory for a path or a Hugging Face model id.
 

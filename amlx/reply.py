@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import amlx
 
@@ -50,8 +50,8 @@ def stream_reply(model: amlx.Model, prompt: Any, options: dict[str, Any], out: T
     pieces: list[str] = []
     stream = None
     try:
-        stream = model.generate_sync(prompt, **options)
-        reply.prompt_tokens = stream.prompt_tokens
+        # generate_sync's stream is a TokenStream (typed as a plain iterator)
+        stream = cast(amlx.TokenStream, model.generate_sync(prompt, **options))
         for tok in stream:
             if reply.first_token_at is None:
                 reply.first_token_at = time.perf_counter()
@@ -65,6 +65,7 @@ def stream_reply(model: amlx.Model, prompt: Any, options: dict[str, Any], out: T
     finally:
         if stream is not None:
             stream.close()  # cancels the request when it did not finish
+            reply.prompt_tokens = stream.prompt_tokens or 0
         reply.ended = time.perf_counter()
         reply.text = "".join(pieces)
     out.write("\n")

@@ -4,8 +4,9 @@
 chat_template.jinja, generation_config.json, config.json) and reproduces what
 `transformers.AutoTokenizer` does with the same files: `encode`, `decode` and
 `apply_chat_template(..., tokenize=False)` give identical results. Chat templates are
-rendered in Jinja's immutable sandbox, with limits on loops, sizes and time (amlx.chat_template). `Tokenizer.detokenizer()` turns a stream of token ids
-into text pieces that never split a character and join up to exactly `decode(ids)`.
+rendered in Jinja's immutable sandbox, with limits on loops, sizes and time (amlx.chat_template).
+`Tokenizer.detokenizer()` turns a stream of token ids into text pieces that never split a
+character and join up to exactly `decode(ids)`.
 
 Nothing here touches MLX.
 """
@@ -186,6 +187,9 @@ def _special_tokens_of(config: Mapping[str, Any]) -> tuple[dict[str, str], Any]:
 # Tokenizer
 
 
+_GIL_FREE_ENCODE = 4096  # characters above which encode() releases the GIL (encode_batch)
+
+
 class Tokenizer:
     """Text <-> token ids for one checkpoint, plus its chat template.
 
@@ -352,6 +356,10 @@ class Tokenizer:
         """Token ids of `text`; with `add_special_tokens` the checkpoint's BOS/EOS rules apply."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        if len(text) > _GIL_FREE_ENCODE:
+            # the batch call releases the GIL while it works (the single one holds it), so
+            # other threads -- an event loop waiting for this one -- run meanwhile
+            return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:

@@ -1,6 +1,13 @@
-"""Random-weight bf16 checkpoints with the real shapes of small released models.
+"""Random-weight checkpoints with the real shapes of released models.
 
     python benchmarks/checkpoints.py OUTDIR [--models qwen3-0.6b gemma3-1b llama3.2-1b]
+    python benchmarks/checkpoints.py OUTDIR --models qwen3-8b qwen3-8b-4bit gemma3-4b gemma3-27b-4bit
+
+Shapes: Qwen3-0.6B, Gemma-3-1B, Llama-3.2-1B, Qwen3-8B, and the language models of
+Gemma-3-4B and Gemma-3-27B; bf16 as released, or with -4bit / -8bit directly in
+mlx-community's quantized format (what `amlx convert SRC DST -q 4` writes).
+Sizes: qwen3-8b 16.4 GB (4.6 GB in 4 bits), gemma3-4b 7.8 GB (2.2), gemma3-27b
+54.0 GB (15.2); written at the disk's speed (one random block, sliced).
 
 writes OUTDIR/<name>/ with the release's config.json and generation_config.json,
 a model.safetensors with the release's tensor names, shapes and dtype (bf16), a
@@ -23,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MODELS", "write_benchmark_checkpoint"]
+__all__ = ["MODELS", "checkpoint_bytes", "split_variant", "write_benchmark_checkpoint"]
 
 # ---------------------------------------------------------------------------
 # the releases: config.json as published, generation_config.json, tokenizer layout
@@ -172,6 +179,57 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 
+
+
+def _qwen3_large(release: str, **shape: Any) -> dict[str, Any]:
+    """A larger Qwen3 release: Qwen3-0.6B's config.json with the release's shapes."""
+    spec = json.loads(json.dumps(MODELS["qwen3-0.6b"], default=sorted))
+    spec["tokenizer"] = MODELS["qwen3-0.6b"]["tokenizer"]
+    spec["release"] = release
+    spec["config"].update(shape)
+    spec["store_tied_lm_head"] = False
+    return spec
+
+
+def _gemma3_text(release: str, **shape: Any) -> dict[str, Any]:
+    """The language model of a multimodal Gemma 3 release (4B, 12B, 27B): its
+    text_config as a Gemma3ForCausalLM config.json, with the values the release
+    leaves to transformers' defaults written out (vocabulary 262,208 rows, rope
+    1e6 global / 1e4 local with linear scaling 8, window 1,024, 5 local : 1 global)."""
+    spec = json.loads(json.dumps(MODELS["gemma3-1b"], default=sorted))
+    spec["tokenizer"] = MODELS["gemma3-1b"]["tokenizer"]
+    spec["release"] = release
+    spec["config"].update({
+        "max_position_embeddings": 131072, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024, "vocab_size": 262208, "hidden_activation": "gelu_pytorch_tanh",
+    })
+    spec["config"].update(shape)
+    return spec
+
+
+# Shapes from the releases' config.json (Qwen/Qwen3-8B; google/gemma-3-4b-it and
+# google/gemma-3-27b-it, text_config).
+MODELS["qwen3-8b"] = _qwen3_large(
+    "Qwen/Qwen3-8B", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, max_window_layers=36,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
+MODELS["gemma3-4b"] = _gemma3_text(
+    "google/gemma-3-4b-it", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256)
+MODELS["gemma3-27b"] = _gemma3_text(
+    "google/gemma-3-27b-it", hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
+    num_attention_heads=32, num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168)
+
+# the layouts above at a size a CPU decodes quickly (scripts' --small runs)
+MODELS["qwen3-tiny"] = _qwen3_large(
+    "(test shape)", hidden_size=256, intermediate_size=512, num_hidden_layers=2, max_window_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=False)
+MODELS["gemma3-tiny"] = _gemma3_text(
+    "(test shape)", hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64, sliding_window=16, sliding_window_pattern=3)
+
+SMALL_MODELS = ("qwen3-0.6b", "gemma3-1b", "llama3.2-1b")
+
+
 # ---------------------------------------------------------------------------
 # tensors
 
@@ -217,34 +275,40 @@ def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
 
 
-class _RandomBF16:
-    """Normal(0, scale) bf16 values, fast: one pool drawn once, served from random offsets.
+class _Pool:
+    """Random values of one kind, fast: one block drawn once, served from random offsets.
 
-    Drawing ~1.5e9 fresh normals per checkpoint would take about half a minute; the
+    Drawing fresh values for every tensor would cost minutes at the 8B-27B sizes; the
     timings only need values of the right scale, not independence between tensors.
-    """
+    Slices are written as views (no copy), so the writer runs at the disk's speed."""
 
-    POOL = 1 << 24
+    SIZE = 1 << 24
 
-    def __init__(self, seed: int, scale: float = 0.02):
-        self.rng = np.random.default_rng(seed)
-        pool = self.rng.standard_normal(self.POOL, dtype=np.float32)
-        pool *= np.float32(scale)
-        self.pool = _to_bf16_bits(pool)
+    def __init__(self, block: np.ndarray, rng: np.random.Generator):
+        self.block, self.rng = block, rng
 
-    def plan(self, n: int) -> list[tuple[int, int]]:
-        """(start, length) slices of the pool that make up ``n`` values."""
-        half = self.POOL // 2
-        out = []
-        while n > 0:
-            take = min(n, half)
-            out.append((int(self.rng.integers(0, self.POOL - take + 1)), take))
-            n -= take
-        return out
+    def write(self, f, nbytes: int) -> None:
+        data = self.block.view(np.uint8)
+        half = data.size // 2
+        while nbytes > 0:
+            take = min(nbytes, half)
+            start = int(self.rng.integers(0, data.size - take + 1))
+            f.write(memoryview(data[start:start + take]))
+            nbytes -= take
 
-    def write(self, f, plan: list[tuple[int, int]]) -> None:
-        for start, take in plan:
-            f.write(self.pool[start:start + take].tobytes())
+    @classmethod
+    def normal_bf16(cls, rng: np.random.Generator, scale: float) -> "_Pool":
+        block = rng.standard_normal(cls.SIZE, dtype=np.float32)
+        block *= np.float32(scale)
+        return cls(_to_bf16_bits(block), rng)
+
+    @classmethod
+    def uniform_bf16(cls, rng: np.random.Generator, lo: float, hi: float) -> "_Pool":
+        return cls(_to_bf16_bits(rng.uniform(lo, hi, cls.SIZE // 16).astype(np.float32)), rng)
+
+    @classmethod
+    def bits(cls, rng: np.random.Generator) -> "_Pool":
+        return cls(rng.integers(0, 1 << 32, cls.SIZE, dtype=np.uint32), rng)
 
 
 def _norm_value(cfg: dict) -> np.ndarray:
@@ -252,31 +316,60 @@ def _norm_value(cfg: dict) -> np.ndarray:
     return _to_bf16_bits(np.array([0.0 if cfg["model_type"] == "gemma3_text" else 1.0], np.float32))
 
 
-def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], cfg: dict, seed: int) -> int:
-    """Stream a bf16 safetensors file; returns its size in bytes."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
+# (safetensors dtype, shape, filler): fillers are "embed" (the embedding's values; a tied
+# lm_head stored anyway repeats them), "normal", "norm", "bits", "scales", "biases"
+Layout = dict[str, tuple[str, tuple[int, ...], str]]
+
+
+def _layout(cfg: dict, store_tied_lm_head: bool, bits: int | None, group_size: int) -> Layout:
+    """Every tensor of the checkpoint: bf16 as the release stores it, or (bits) in the
+    format `amlx convert -q` writes (mlx-community's): each linear layer and the
+    embedding as packed uint32 weight with bf16 scales and biases per group."""
+    out: Layout = {}
+    shapes = _tensor_shapes(cfg, store_tied_lm_head and bits is None)
     for name, shape in shapes.items():
-        nbytes = int(np.prod(shape)) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        fill = "embed" if name == "model.embed_tokens.weight" or name == "lm_head.weight" and _tied(cfg) \
+            else "norm" if len(shape) == 1 else "normal"
+        if bits is None or len(shape) == 1 or shape[1] % group_size:
+            out[name] = ("BF16", shape, fill)
+            continue
+        base = name[:-len("weight")]
+        out[name] = ("U32", (shape[0], shape[1] * bits // 32), "bits")
+        out[base + "scales"] = ("BF16", (shape[0], shape[1] // group_size), "scales")
+        out[base + "biases"] = ("BF16", (shape[0], shape[1] // group_size), "biases")
+    return dict(sorted(out.items()))
+
+
+def layout_bytes(layout: Layout) -> int:
+    return sum(int(np.prod(shape)) * (4 if dt == "U32" else 2) for dt, shape, _ in layout.values())
+
+
+def _write_safetensors(path: Path, layout: Layout, cfg: dict, seed: int, metadata: dict[str, str]) -> int:
+    """Stream a safetensors file of `layout` with random values; returns its size in bytes."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, (dt, shape, _) in layout.items():
+        nbytes = int(np.prod(shape)) * (4 if dt == "U32" else 2)
+        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned, like safetensors writes it
-    rand = _RandomBF16(seed)
+    rng = np.random.default_rng(seed)
+    # 4-bit codes are uniform in 0..15: with scale s and bias -7.5 s a weight is about U(-0.02, 0.02)
+    pools = {"normal": _Pool.normal_bf16(rng, 0.02), "bits": _Pool.bits(rng),
+             "scales": _Pool.uniform_bf16(rng, 0.002, 0.003), "biases": _Pool.uniform_bf16(rng, -0.02, -0.015)}
     norm = _norm_value(cfg)
-    # a tied lm_head that is stored anyway is a copy of embed_tokens (it sorts first)
-    embed_plan = rand.plan(int(np.prod(shapes["model.embed_tokens.weight"])))
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for name, shape in shapes.items():
+        for name, (dt, shape, fill) in layout.items():
             n = int(np.prod(shape))
-            if name == "model.embed_tokens.weight" or (name == "lm_head.weight" and _tied(cfg)):
-                rand.write(f, embed_plan)
-            elif len(shape) == 1:
+            if fill == "norm":
                 f.write(np.repeat(norm, n).tobytes())
+            elif fill == "embed":
+                _Pool(pools["normal"].block, np.random.default_rng(seed + 1)).write(f, n * 2)
             else:
-                rand.write(f, rand.plan(n))
+                pools[fill].write(f, n * (4 if dt == "U32" else 2))
     return path.stat().st_size
 
 
@@ -396,32 +489,73 @@ def _write_tokenizer(dirpath: Path, spec: dict, vocab_size: int) -> None:
 # entry points
 
 
+def split_variant(name: str) -> tuple[str, int | None]:
+    """'qwen3-8b-4bit' -> ('qwen3-8b', 4); 'qwen3-8b' -> ('qwen3-8b', None)."""
+    for bits in QUANT_BITS:
+        if name.endswith(f"-{bits}bit"):
+            return name[: -len(f"-{bits}bit")], bits
+    return name, None
+
+
+QUANT_BITS = (4, 8)
+GROUP_SIZE = 64  # mlx-community's releases and `amlx convert -q`'s default
+
+
+def _spec(name: str) -> tuple[dict[str, Any], int | None]:
+    base, bits = split_variant(name)
+    if base not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)} (optionally with -4bit / -8bit)")
+    return MODELS[base], bits
+
+
+def checkpoint_bytes(name: str) -> int:
+    """Bytes of weights `write_benchmark_checkpoint(_, name)` writes."""
+    spec, bits = _spec(name)
+    return layout_bytes(_layout(spec["config"], spec["store_tied_lm_head"], bits, GROUP_SIZE))
+
+
 def write_benchmark_checkpoint(dirpath, name: str, *, seed: int = 0) -> Path:
-    """Write the random-weight bf16 checkpoint ``name`` (a key of MODELS) into ``dirpath``.
+    """Write the random-weight checkpoint ``name`` (a key of MODELS, optionally with a
+    ``-4bit`` / ``-8bit`` suffix) into ``dirpath``.
 
     Files: config.json and generation_config.json as the release has them,
     model.safetensors with the release's tensor names and shapes, tokenizer.json /
     tokenizer_config.json (byte-level BPE of the release's size and special-token ids,
-    with a chat template). Weights are Normal(0, 0.02) in bf16, norms neutral.
-    Returns the directory.
+    with a chat template). Weights are Normal(0, 0.02) in bf16, norms neutral. With a
+    bits suffix the weights are written directly in the format `amlx convert -q BITS`
+    (and mlx-community) uses: random packed codes, bf16 scales and biases per group of
+    64, config.json's ``quantization`` / ``quantization_config``, an index file, and
+    no stored copy of a tied lm_head. (Decode speed depends on shapes, not values; the
+    direct form needs no bf16 copy on disk: 27B in bf16 is 54 GB.) Returns the directory.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    spec = MODELS[name]
+    spec, bits = _spec(name)
     path = Path(dirpath)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = spec["config"]
+    cfg = dict(spec["config"])
+    layout = _layout(cfg, spec["store_tied_lm_head"], bits, GROUP_SIZE)
+    metadata = {"format": "pt"}
+    if bits is not None:
+        cfg["quantization"] = {"group_size": GROUP_SIZE, "bits": bits}
+        cfg["quantization_config"] = dict(cfg["quantization"])
+        metadata = {"format": "mlx"}
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (path / "generation_config.json").write_text(json.dumps(spec["generation_config"], indent=2) + "\n")
     _write_tokenizer(path, spec["tokenizer"], cfg["vocab_size"])
-    _write_safetensors(path / "model.safetensors", _tensor_shapes(cfg, spec["store_tied_lm_head"]), cfg, seed)
+    size = _write_safetensors(path / "model.safetensors", layout, cfg, seed, metadata)
+    if bits is not None:
+        params = sum(int(np.prod(shape)) * (32 // bits if dt == "U32" else 1) for n, (dt, shape, _) in layout.items()
+                     if not n.endswith(("scales", "biases")))
+        index = {"metadata": {"total_size": size, "total_parameters": params},
+                 "weight_map": {n: "model.safetensors" for n in layout}}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", type=Path)
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(SMALL_MODELS),
+                        help=f"names from {', '.join(MODELS)}, each optionally with -4bit / -8bit")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name in args.models:

@@ -39,8 +39,8 @@ def profile(model, batch: int, steps: int) -> dict:
     from amlx.engine.scheduler import Scheduler
     from amlx.types import GenerationOptions
 
-    lm = model._loaded.model
-    sched = Scheduler(lm, model.tokenizer, frozenset(), batch, 4096, lambda: None)
+    lm = model.engine.model
+    sched = Scheduler(lm, batch, lambda: None)
     sched.cache = lm.make_cache()
     # a batch of rows with 128 cached positions each (contents do not matter for timing)
     vocab = model.tokenizer.vocab_size
@@ -116,7 +116,7 @@ def prefill_speed(model, length: int, repeats: int = 5) -> dict:
     """One prompt of `length` tokens through the model in one chunk, as the engine prefills."""
     from amlx._mlx import array, ops
 
-    lm = model._loaded.model
+    lm = model.engine.model
     vocab = model.tokenizer.vocab_size
     ids = array(np.random.default_rng(1).integers(vocab // 4, vocab // 2, size=(1, length)).astype(np.int32))
     last = array(np.asarray([length - 1], np.int32))
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
                 for _ in range(args.repeats):  # alternating, so drifts of a shared host hit both alike
                     for k in settings:
                         os.environ["AMLX_DECODE_KERNEL"] = k  # read when the step is traced
-                        r = model._worker.run_sync(lambda b=b: profile(model, b, args.steps))
+                        r = model.engine.run_sync(lambda b=b: profile(model, b, args.steps))
                         if k not in best or r["piped_ms"] < best[k]["piped_ms"]:
                             best[k] = r
                 for k in settings:
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
                         print("   nodes by primitive:", ", ".join(f"{n} {c}" for n, c in sorted(
                             r["kinds"].items(), key=lambda kv: -kv[1])), flush=True)
             if args.prefill:
-                r = model._worker.run_sync(lambda: prefill_speed(model, args.prefill))
+                r = model.engine.run_sync(lambda: prefill_speed(model, args.prefill))
                 print(f"prefill {args.prefill} tokens: {r['ms']:.1f} ms, {r['tok_s']:.0f} tok/s, "
                       f"{r['nodes']} nodes", flush=True)
         finally:

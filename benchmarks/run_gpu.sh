@@ -4,11 +4,19 @@
 #   bash benchmarks/run_gpu.sh profile   # host/device split per step, node counts, prefill
 #   bash benchmarks/run_gpu.sh sweep     # the same under several MLX_MAX_OPS_PER_BUFFER values
 #   bash benchmarks/run_gpu.sh speed     # amlx against mlx-lm, JSON + markdown + PNG into $OUT
+#   BUDGET=470 bash benchmarks/run_gpu.sh bigspeed   # 4B-27B, bf16 and 4-bit, % of bandwidth (bigspeed.py),
+#                                        # all within BUDGET seconds; MODELS="qwen3-8b qwen3-8b-4bit" picks
+#   bash benchmarks/run_gpu.sh first     # first-request latency of a 4-bit model, with and without warm-up
+# bigspeed and first keep MLX's compiled kernels between calls: a carried .gpu/ptx.tgz is unpacked
+# into MLX_PTX_CACHE_DIR first, and the cache goes back as $OUT/ptx.tgz (copy it to .gpu/ptx.tgz here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/amlx-bench}
 mkdir -p "$OUT"
+PTX=${MLX_PTX_CACHE_DIR:-/tmp/amlx-gpu/ptx}
+restore_ptx() { if [ -f .gpu/ptx.tgz ]; then mkdir -p "$PTX" && tar xzf .gpu/ptx.tgz -C "$PTX" && echo "kernel cache restored"; fi; }
+save_ptx() { if [ -d "$PTX" ]; then tar czf "$OUT/ptx.tgz" -C "$PTX" . && ls -la "$OUT/ptx.tgz"; fi; }
 case "${1:-speed}" in
   profile)
     for m in ${MODELS:-qwen3-0.6b gemma3-1b}; do
@@ -22,4 +30,16 @@ case "${1:-speed}" in
     done ;;
   speed)
     python3 benchmarks/speed.py --models ${MODELS:-qwen3-0.6b gemma3-1b} --streams 16 64 128 --out "$OUT" ;;
+  bigspeed)
+    BUDGET=${BUDGET:-470}
+    restore_ptx
+    # the python side stops itself within BUDGET; timeout is the backstop that keeps the call from hanging
+    timeout -k 10 $((BUDGET + 45)) python3 benchmarks/bigspeed.py --budget "$BUDGET" --out "$OUT" --root /tmp \
+      ${MODELS:+--models $MODELS} ${BIGSPEED_ARGS:-} || echo "bigspeed.py ended with status $?"
+    save_ptx
+    cat "$OUT/bigspeed.md" 2>/dev/null || echo "no bigspeed.md was written" ;;
+  first)
+    timeout -k 10 ${BUDGET:-560} python3 benchmarks/first_request.py --out "$OUT" --model "${MODEL:-qwen3-8b-4bit}" \
+      --timeout $(( (${BUDGET:-560} - 30) / 3 )) || echo "first_request.py ended with status $?"
+    cat "$OUT/first_request.md" 2>/dev/null || echo "no first_request.md was written" ;;
 esac

@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bandwidth import copy_bandwidth, step_bytes  # noqa: E402
 from checkpoints import write_benchmark_checkpoint  # noqa: E402
 
 
@@ -43,6 +44,7 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 # Each measurement runs REPEATS times and keeps its best run, on both sides alike:
 # the lent machines' hosts are shared and a single run can lose a third to noise.
 REPEATS = 3
+COPY_BYTES = 4 << 30  # array size of the bandwidth measurement (--small: 64 MiB)
 
 
 def _best(into: dict, **run) -> None:
@@ -61,6 +63,8 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
     model = amlx.load_sync(path, max_batch_size=max(streams + [1]))
     vocab = model.tokenizer.vocab_size
     try:
+        # the device's copy bandwidth, for the % of bandwidth rows (on the engine's worker)
+        out["copy_bytes_per_s"] = model.engine.run_sync(lambda: copy_bandwidth(COPY_BYTES))
         # warm-up: compile the shapes used below
         model.complete_sync(_prompts(1, 128, vocab, 0)[0], max_tokens=32)
 
@@ -175,6 +179,16 @@ def _table(results: dict) -> str:
             row(f"aggregate tok/s ({n} streams)", b["tps"], mb and mb["tps"])
             lines.append(f"| {name} | TTFT p50 under load ({n}) | {b['ttft_p50_s'] * 1000:.0f} ms | – | |")
         row("peak memory (MB)", a["peak_memory"] / 1e6, m and m["peak_memory"] / 1e6)
+        bw = a.get("copy_bytes_per_s")
+        if bw and r.get("step_bytes"):
+            def pct(side, n):
+                if not side:
+                    return None
+                tps = side["decode_tps"] if n == 1 else side["batch"][n]["tps"]
+                return 100 * r["step_bytes"][n] * tps / n / bw
+
+            for n in [1] + list(a["batch"]):
+                row(f"% of bandwidth, decode ({n} stream{'s' if n > 1 else ''})", pct(a, n), pct(m, n), "{:.1f}%")
     return "\n".join(lines)
 
 
@@ -204,7 +218,7 @@ def _plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    global REPEATS
+    global REPEATS, COPY_BYTES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["qwen3-0.6b", "gemma3-1b"])
     ap.add_argument("--streams", nargs="+", type=int, default=[16, 64, 128])
@@ -219,6 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=REPEATS, help="runs per measurement; the best is kept")
     args = ap.parse_args(argv)
     REPEATS = max(1, args.repeats)
+    if args.small:
+        COPY_BYTES = 64 << 20
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import amlx
@@ -242,6 +258,9 @@ def main(argv=None) -> int:
                     print(json.dumps(r["mlx_lm"], default=str), flush=True)
                 except ImportError as exc:
                     print(f"mlx-lm not available ({exc}); its column is left empty")
+            # bytes a decode step reads (weights + KV at the mean context), for % of bandwidth
+            r["step_bytes"] = {n: step_bytes(path, n, 128 + (args.decode_tokens if n == 1 else args.batch_tokens) / 2)
+                               for n in [1] + args.streams}
             results[name] = r
     meta = {"date": time.strftime("%Y-%m-%d"), "platform": platform.platform(), "python": sys.version.split()[0],
             "mlx": amlx._mlx.version(), "device": amlx._mlx.device.default_device()}

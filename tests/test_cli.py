@@ -146,6 +146,13 @@ def _hub_cache(cache: Path, repo_id: str, ckpt: Path) -> Path:
 
 def test_model_ids_resolve_from_the_hugging_face_cache(ckpt, model, tmp_path, monkeypatch):
     snapshot = _hub_cache(tmp_path / "hub", "acme/tiny-qwen", ckpt)
+    from huggingface_hub import scan_cache_dir
+
+    scan = scan_cache_dir(tmp_path / "hub")  # huggingface_hub reads the layout as its own
+    assert not scan.warnings and [r.repo_id for r in scan.repos] == ["acme/tiny-qwen"]
+    (repo,) = scan.repos
+    assert [(r.commit_hash, r.refs) for r in repo.revisions] == [(snapshot.name, frozenset({"main"}))]
+    assert {f.file_name for f in next(iter(repo.revisions)).files} == {f.name for f in ckpt.iterdir()}
     want = model.complete_sync([{"role": "user", "content": PROMPT}], max_tokens=6).text + "\n"
     r = amlx_cli("generate", "acme/tiny-qwen", PROMPT, "--max-tokens", "6",
                  env=_env(HF_HUB_CACHE=str(tmp_path / "hub")))
@@ -157,6 +164,10 @@ def test_model_ids_resolve_from_the_hugging_face_cache(ckpt, model, tmp_path, mo
     r = amlx_cli("generate", "acme/tiny-qwen", PROMPT, "--max-tokens", "6", env=_env(HF_HOME=str(tmp_path / "home")))
     assert r.returncode == 0, r.stderr
     assert r.stdout == want
+    # convert takes an id too
+    r = amlx_cli("convert", "acme/tiny-qwen", str(tmp_path / "mlx"), env=_env(HF_HOME=str(tmp_path / "home")))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "mlx" / "config.json").is_file()
     # the library function, and amlx.load through it
     assert resolve_model("acme/tiny-qwen", cache_dir=tmp_path / "home" / "hub") == \
         tmp_path / "home" / "hub" / snapshot.relative_to(tmp_path / "hub")

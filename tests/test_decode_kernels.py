@@ -215,7 +215,7 @@ def test_models_decode_the_same_with_and_without_kernels(arch, models, monkeypat
     tokens = rng.integers(0, 256, size=(2, steps)).astype(np.int32)
     runs = {}
     for flag in ("1", "0"):
-        monkeypatch.setenv("AMLX_DECODE_KERNEL", flag)
+        model.use_decode_kernel(flag == "1")  # the engine's choice, made here by hand
         runs[flag] = [decode_logits(model, prompts[r:r + 1], [[p[r]] for p in positions], tokens[r:r + 1])
                       for r in range(2)]
         runs[flag, "batch"] = decode_logits(model, prompts, positions, tokens)
@@ -236,7 +236,7 @@ def test_kernels_cut_the_nodes_of_a_decode_step(arch, models, monkeypatch):
     layers = len(model.layers)
     counts = {}
     for flag in ("1", "0"):
-        monkeypatch.setenv("AMLX_DECODE_KERNEL", flag)
+        model.use_decode_kernel(flag == "1")  # the engine's choice, made here by hand
         cache = model.make_cache()
         with mx.array(np.zeros((2, 4), np.int32)) as x, model(x, cache, 0) as y:
             ops.eval(y, *[a for c in cache for a in c.state()])

@@ -38,7 +38,6 @@ import numpy as np
 import pytest
 
 import amlx
-from amlx.engine import scheduler as scheduler_module
 from amlx.engine.worker import Worker
 
 try:
@@ -254,7 +253,7 @@ def model(ckpt):
 def idle(model):
     """Asserts the shared model is left without requests and without a test hook."""
     yield model
-    model._scheduler.before_step = None
+    model.engine.scheduler.fault = None
     deadline = time.monotonic() + 10  # finished rows leave the batch on the worker's next round
     while model.stats()["active_requests"] and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -368,10 +367,10 @@ def test_sharded_batch_matches_solo_and_transformers(backend, ckpt, monkeypatch,
     MLX stream (one per core by default). With one shard and with three (rows
     spread over them, moved between them as requests finish) every stream is
     still its solo and transformers path."""
-    monkeypatch.setattr(scheduler_module, "default_shards", lambda: shards)
+    monkeypatch.setenv("AMLX_SHARDS", str(shards))  # read once, when the engine is built
     model = amlx.load_sync(ckpt)
     try:
-        assert len(model._scheduler.shards) == shards
+        assert len(model.engine.scheduler.shards) == shards
         run(backend, _concurrency_body, model, concurrency_cases()[:24])
     finally:
         model.close()
@@ -390,7 +389,7 @@ async def _cancel_body(ckpt: Path, means: str, shared) -> None:
     await _warm_sampler(shared)
     before = _active_bytes()
     model = await amlx.load(ckpt, max_batch_size=8)
-    sched = model._scheduler
+    sched = model.engine.scheduler
     cancelled = anyio.Event()
     got_first = [anyio.Event() for _ in others_spec]
     other_tokens: list[list[int]] = [[] for _ in others_spec]
@@ -409,8 +408,8 @@ async def _cancel_body(ckpt: Path, means: str, shared) -> None:
 
     def make_victim():
         # Never pauses (huge buffer) and would run for 2000 steps unless removed.
-        s = model.generate(victim_prompt, max_tokens=2000, max_buffer=100_000)
-        box["req"] = s._request
+        s = model.generate(victim_prompt, max_tokens=2000, max_buffer=65_536)
+        box["req"] = s._stream.request
         box["ref"] = weakref.ref(s)
         return s
 
@@ -561,7 +560,7 @@ async def _backpressure_body(model) -> None:
 
     max_buffer = 4
     streams = [model.generate(p, max_tokens=n, max_buffer=max_buffer) for (p, _), n in zip(spec, lengths)]
-    reqs = [s._request for s in streams]
+    reqs = [s._stream.request for s in streams]
     read = [[] for _ in streams]
     stalled, resume = anyio.Event(), anyio.Event()
 
@@ -611,38 +610,58 @@ def test_backpressure(backend, idle):
 # ============================================================================= 4. failure isolation
 
 
-def _poison_plan(solo_paths: list[list[int]]) -> tuple[int, int] | None:
-    """(token id, index in path 0) of a token on request 0's path, at least 3 tokens in,
-    that no other request ever has as a decode input."""
-    others = set().union(*map(set, solo_paths[1:]))
-    first = solo_paths[0]
-    for j in range(3, len(first) - 3):
-        t = first[j]
-        if t not in first[:j] and t not in others:
-            return t, j
-    return None
+def _failing_array():
+    """A float32 scalar whose evaluation fails inside MLX's eval ("Attempting to eval
+    an array without a primitive"): a sum over an intermediate leaked out of a
+    compiled function's trace, which MLX cannot evaluate outside the trace."""
+    from amlx._mlx import array, ops, transforms
+
+    leaked = []
+
+    def traced(x):
+        y = ops.multiply(x, array(np.float32(2)))
+        leaked.append(y)
+        return y
+
+    fn = transforms.compile(traced)
+    ops.eval(fn(array(np.ones((2,), np.float32))))
+    fn.close()
+    return ops.sum(leaked[0])
 
 
-async def _failure_body(model) -> None:
-    n = 30
-    plan = None
-    for seed in range(40, 80):
-        spec = greedy_cases(4, n, seed=seed)
-        paths = [ref for _, ref in spec]
-        plan = _poison_plan(paths)
-        if plan is not None:
-            break
-    assert plan is not None
-    poison, j = plan
-    calls = []
+FAULTS = ["raise", "raise_chained", "mlx_eval_chained"]
 
-    def before_step(ids):
-        calls.append(list(ids))
-        if poison in ids:
-            raise amlx.MLXError("injected", f"poison token {poison} in the step")
 
+async def _failure_body(model, kind: str) -> None:
+    """Request 0 fails at a decode step >= 3 (the injected fault: an exception raised
+    while its step is built, or an array whose MLX evaluation fails; "_chained": the
+    first fault waits for a pipelined step, built while the previous one is in
+    flight). Request 0 ends with MLXError after exactly the tokens before that step;
+    the others give exactly their solo (transformers) paths; the worker goes on."""
+    n, j = 30, 3
+    spec = greedy_cases(4, n, seed=40)
+    paths = [ref for _, ref in spec]
+    sched = model.engine.scheduler
     fresh_prompt, fresh_ref = greedy_cases(1, 12, seed=99)[0]
-    model._scheduler.before_step = before_step
+    victim = None
+    fired: dict = {}
+
+    def fault(rows, chained):
+        if victim not in rows:
+            return None
+        if not fired:
+            if victim.steps < j or (kind.endswith("_chained") and not chained):
+                return None
+            fired.update(steps=victim.steps, chained=chained)
+        fired["calls"] = fired.get("calls", 0) + 1
+        if kind.startswith("mlx_eval"):
+            return _failing_array()
+        raise amlx.MLXError("injected", "poison step")
+
+    sched.fault = fault
+    # (the streams decode at once, unread: the hook is in place before they start)
+    streams = [model.generate(spec[k][0], max_tokens=n, max_buffer=64) for k in range(4)]
+    victim = streams[0]._stream.request
     worker = Worker.get()
     try:
         outcome: dict = {}
@@ -650,7 +669,7 @@ async def _failure_body(model) -> None:
         async def client(k: int) -> None:
             got = []
             try:
-                async for t in model.generate(spec[k][0], max_tokens=n, max_buffer=64):
+                async for t in streams[k]:
                     got.append(t.id)
             except amlx.MLXError as exc:
                 outcome[k] = (got, exc)
@@ -660,26 +679,88 @@ async def _failure_body(model) -> None:
         async with anyio.create_task_group() as tg:
             for k in range(4):
                 tg.start_soon(client, k)
+        assert fired, "the fault never fired"
+        if kind.endswith("_chained"):
+            assert fired["chained"]
         got0, exc0 = outcome[0]
-        assert isinstance(exc0, amlx.MLXError) and "poison" in str(exc0)
-        assert got0 == paths[0][:j + 1]  # everything up to the token whose step failed
+        assert isinstance(exc0, amlx.MLXError), exc0
+        assert ("without a primitive" if kind.startswith("mlx_eval") else "poison") in str(exc0)
+        assert got0 == paths[0][:fired["steps"] + 1], (outcome, fired)  # up to the step that failed
         for k in (1, 2, 3):
             got, exc = outcome[k]
             assert exc is None, f"request {k} failed with {exc!r}"
             assert got == paths[k]
-        assert any(poison in c for c in calls)
-        # The worker survived and serves new requests (still through the hook).
+        # The worker survived and serves new requests (still with the hook in place).
         assert worker.thread.is_alive()
         again = await model.complete(fresh_prompt, max_tokens=12)
         assert again.token_ids == fresh_ref
     finally:
-        model._scheduler.before_step = None
+        sched.fault = None
     after = await model.complete(fresh_prompt, max_tokens=12)
     assert after.token_ids == fresh_ref
 
 
-def test_failure_in_one_request_is_isolated(backend, idle):
-    run(backend, _failure_body, idle)
+@pytest.mark.parametrize("kind", FAULTS)
+def test_failure_in_one_request_is_isolated(backend, idle, kind):
+    run(backend, _failure_body, idle, kind)
+
+
+# ============================================================================= 4b. a failure that fails every request
+
+
+async def _failure_everywhere_body(ckpt: Path) -> None:
+    """A Python exception (not an MLX one, so not isolated) while a prompt, taken off
+    the waiting queue, is prefilled: the worker's failure path ends every request it
+    holds -- running, paused, taken for prefill, still waiting -- and none hangs.
+    The engine serves new requests afterwards."""
+    model = await amlx.load(ckpt, max_batch_size=3)
+    sched = model.engine.scheduler
+    spec = greedy_cases(5, 12, seed=47)
+    victim = None
+    fired = []
+
+    def fault(rows, chained):
+        if victim is not None and victim in rows and victim.pos == 0:  # the victim's prefill
+            fired.append([r.prompt for r in rows])
+            raise OverflowError("injected: Python int too large to convert to C int")
+
+    sched.fault = fault
+    try:
+        running = [model.generate(spec[k][0], max_tokens=500, max_buffer=2) for k in range(2)]
+        await _wait_until(lambda: len(sched.rows) == 2, 30)  # both decode (then pause, unread)
+        victim_stream = model.generate(spec[2][0], max_tokens=20)
+        victim = victim_stream._stream.request
+        waiting = [model.generate(spec[k][0], max_tokens=20) for k in (3, 4)]  # no free slot for them
+        ends: dict = {}
+
+        async def read(name, stream):
+            try:
+                ends[name] = ("finished", len(await _read_all(stream)))
+            except amlx.MLXError as exc:
+                ends[name] = ("error", str(exc))
+
+        with anyio.fail_after(60):  # before the fix the victim (taken for prefill) never ended
+            async with anyio.create_task_group() as tg:
+                for name, s in [("run0", running[0]), ("run1", running[1]), ("victim", victim_stream),
+                                ("wait0", waiting[0]), ("wait1", waiting[1])]:
+                    tg.start_soon(read, name, s)
+        assert fired and fired[0][0] == spec[2][0]
+        assert ends["victim"][0] == "error" and "OverflowError" in ends["victim"][1]
+        for name in ("run0", "run1"):
+            assert ends[name][0] == "error", ends
+        for name in ("wait0", "wait1"):  # taken for prefill after the failure, or failed with it
+            assert ends[name][0] == "error" or ends[name] == ("finished", 20), ends
+        assert model.stats()["active_requests"] == 0 and model.stats()["waiting_requests"] == 0
+        sched.fault = None
+        again = await model.complete(spec[0][0], max_tokens=12)
+        assert again.token_ids == spec[0][1]
+    finally:
+        sched.fault = None
+        await model.aclose()
+
+
+def test_a_failure_outside_isolation_ends_every_request(backend, ckpt, idle):
+    run(backend, _failure_everywhere_body, ckpt)
 
 
 # ============================================================================= 5. event-loop responsiveness
@@ -882,6 +963,89 @@ def test_options_prompts_and_results(backend, ckpt, idle):
     run(backend, _options_body, idle, ckpt)
 
 
+# ============================================================================= 7b. heavy prompts off the loop
+
+
+class _Ticks:
+    """Counts the event loop's 1 ms ticks while a block runs."""
+
+    def __init__(self):
+        self.count = 0
+        self._on = False
+
+    async def run(self) -> None:
+        while True:
+            await anyio.sleep(0.001)
+            if self._on:
+                self.count += 1
+
+
+async def _heavy_prompts_body(model) -> None:
+    """Long texts and chat messages are tokenized on a thread as the stream's first
+    read: the event loop keeps ticking meanwhile (the tokenizer releases the GIL for
+    long texts), a text that cannot fit is refused before it is tokenized, and the
+    results equal the same prompt given as ids."""
+    import amlx.prompt as prompt_module
+
+    encoded: list[int] = []
+    tok = model.tokenizer
+    real_encode = tok.encode
+
+    def spy(text, *a, **kw):
+        encoded.append(len(text))
+        return real_encode(text, *a, **kw)
+
+    tok.encode = spy
+    ticks = _Ticks()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticks.run)
+            words = (" ".join(_WORDS) + " ") * 40
+            # 5 MB: more tokens than the context holds whatever the tokens -> refused untokenized
+            huge = (words * (5_000_000 // len(words) + 1))[:5_000_000]
+            stream = model.generate(huge, max_tokens=3)  # returns at once
+            with pytest.raises(amlx.ContextLengthError, match="at least"):
+                await _read_all(stream)
+            assert encoded == []
+            # a long text that must be tokenized to find out: the loop ticks meanwhile
+            cap = model.info.context_length * prompt_module.SHRINK * model._prompts.longest_piece()
+            long_text = (words * (cap // len(words) + 1))[:min(cap, 120_000)]  # ~50k tokens
+            assert len(long_text) > prompt_module.INLINE_CHARS
+            ticks._on, ticks.count = True, 0
+            with pytest.raises(amlx.ContextLengthError):
+                await _read_all(model.generate(long_text, max_tokens=3))
+            ticks._on = False
+            assert encoded == [len(long_text)] and ticks.count >= 5, ticks.count
+            # 20,000 chat messages: rendered and tokenized off the loop
+            messages = [{"role": ("user", "assistant")[i % 2], "content": f"message {i}: {_WORDS[i % 20]}"}
+                        for i in range(20_000)]
+            ticks._on, ticks.count = True, 0
+            with pytest.raises((amlx.ContextLengthError, amlx.ChatTemplateError)):
+                await model.complete(messages, max_tokens=3)
+            ticks._on = False
+            assert ticks.count >= 5, ticks.count
+            # chat messages that fit give what their ids give (the same thread path as long text)
+            short = [{"role": "user", "content": "hello there, owl"}]
+            ids = real_encode(tok.apply_chat_template(short, add_generation_prompt=True), add_special_tokens=False)
+            stream = model.generate(short, max_tokens=4)
+            assert stream.prompt_tokens is None  # not tokenized yet
+            got = [t.id for t in await _read_all(stream)]
+            assert stream.prompt_tokens == len(ids)
+            assert got == (await model.complete(ids, max_tokens=4)).token_ids
+            # cancelled while it is tokenized: the request, once made, is cancelled too
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await _read_all(model.generate(short, max_tokens=200))
+            await _wait_until(lambda: not model.stats()["active_requests"] and not model.stats()["waiting_requests"])
+            tg.cancel_scope.cancel()
+    finally:
+        tok.encode = real_encode
+
+
+def test_heavy_prompts_are_tokenized_off_the_loop(backend, idle):
+    run(backend, _heavy_prompts_body, idle)
+
+
 # ============================================================================= asyncio-only / backend-free tests
 # (not imported by test_engine_trio.py)
 
@@ -920,7 +1084,7 @@ def test_sync_api_from_plain_threads(ckpt, idle):
                 it = m.generate_sync(spec[3][0], max_tokens=1000, max_buffer=2)
                 first = next(it)
                 it.close()  # early exit from a blocking stream cancels it
-                results["own_cancelled"] = (first.id, it._request)
+                results["own_cancelled"] = (first.id, it._stream.request)
             finally:
                 m.close()
                 m.close()
@@ -1064,3 +1228,50 @@ def test_sampling_seeds_and_unseeded(idle):
     assert any(c.token_ids != ref_ids for c in seeded)
     assert unseeded[0].token_ids != unseeded[1].token_ids
     assert greedy_k1.token_ids == ref_ids  # top_k=1 is greedy whatever the temperature
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+def test_rate_meter_counts_busy_time_over_a_window():
+    """tokens_per_second = tokens of the last `window` seconds over the time the
+    engine worked in them: idle time between rounds does not dilute it."""
+    from amlx.engine.rate import RateMeter
+
+    m = RateMeter(window=10.0, resolution=0.25)
+    assert m.rate(now=1000.0) == 0.0
+    m.add(100, 0.5, now=1000.1)
+    m.add(100, 1.0, now=1000.6)
+    assert m.rate(now=1001.0) == pytest.approx(200 / 1.5)
+    assert m.rate(now=1009.0) == pytest.approx(200 / 1.5)  # 8 idle seconds later: the same rate
+    assert m.rate(now=1010.6) == pytest.approx(100.0)  # the first round left the window
+    assert m.rate(now=1011.0) == 0.0  # nothing in the last 10 s
+    m.add(30, 0.1, now=2000.0)
+    m.add(0, 0.1, now=2000.05)  # a round that made no token still took time
+    assert m.rate(now=2000.1) == pytest.approx(150.0)
+
+
+def test_stats_tokens_per_second_is_recent_and_ignores_idle(ckpt):
+    """An engine that idled before and after a request reports the rate it decoded
+    at (at least the request's wall-clock rate), and the same rate after idling."""
+    model = amlx.load_sync(ckpt)
+    try:
+        time.sleep(0.5)  # idle since load: must not count
+        assert model.stats()["tokens_per_second"] == 0.0
+        prompt = greedy_cases(1, 4, seed=7)[0][0]
+        t0 = time.perf_counter()
+        made0 = model.stats()["tokens_generated"]
+        c = model.complete_sync(prompt, max_tokens=60)
+        wall = time.perf_counter() - t0
+        made = model.stats()["tokens_generated"] - made0
+        assert made == len(c.token_ids)
+        deadline = time.monotonic() + 10
+        while model.stats()["active_requests"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # the worker's last round (dropping the finished row) is over
+        rate = model.stats()["tokens_per_second"]
+        assert rate >= made / wall
+        time.sleep(0.5)
+        assert model.stats()["tokens_per_second"] == rate
+    finally:
+        model.close()

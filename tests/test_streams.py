@@ -1,77 +1,104 @@
 """CPU streams: matmuls split into column blocks over several streams (so one
-request's step uses several cores) give exactly the unsplit results."""
+request's step uses several cores) give exactly the unsplit results. The split
+is a layer choice (`nn.MatmulSplit`, handed to layers by `nn.split_layers`), not
+state the array layer reads."""
 
 from __future__ import annotations
-
-import threading
 
 import numpy as np
 import pytest
 
 from amlx import _mlx as mx
 from amlx._mlx import device, ops
+from amlx.models import nn
 
-# The scheduler uses CPU streams only where the default device is the CPU; on a
-# GPU these arrays would live there, computed by other kernels (TF32 tiles).
+# The engine splits matmuls on the CPU only; on a GPU these arrays would be
+# computed by other kernels (TF32 tiles).
 pytestmark = pytest.mark.skipif(device.default_device() != "cpu", reason="CPU streams are used on the CPU only")
 
 
-def on_own_thread(fn):
-    """Runs fn on a fresh thread (the streams become that thread's defaults) and
-    returns its result or raises its exception."""
-    box = {}
+def layers(rng):
+    """A Linear with a bias, a QuantizedLinear and an Embedding (tied output
+    projection), each 1000 outputs by 128 inputs."""
+    w = mx.array(rng.standard_normal((1000, 128)).astype(np.float32))  # (out, in) as checkpoints store it
+    b = mx.array(rng.standard_normal(1000).astype(np.float32))
+    wq, scales, biases = ops.quantize(w, 64, 4)
+    return [nn.Linear(w, b), nn.Linear(w), nn.QuantizedLinear(wq, scales, biases, 64, 4), nn.Embedding(w)]
 
-    def body():
-        try:
-            box["out"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            box["exc"] = exc
 
-    t = threading.Thread(target=body)
-    t.start()
-    t.join()
-    if "exc" in box:
-        raise box["exc"]
-    return box["out"]
+def apply(layer, x):
+    return layer.as_linear(x) if isinstance(layer, nn.Embedding) else layer(x)
 
 
 @pytest.mark.parametrize("streams", [2, 3])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_split_matmuls_are_exact(streams, rows):
+def test_split_layers_are_exact(streams, rows):
     rng = np.random.default_rng(streams * 10 + rows)
-    x_np = rng.standard_normal((rows, 128)).astype(np.float32)
-    w_np = rng.standard_normal((1000, 128)).astype(np.float32)  # (out, in) as checkpoints store it
-    b_np = rng.standard_normal(1000).astype(np.float32)
-
-    def check():
-        s = device.cpu_streams(streams)
-        x, w, b = mx.array(x_np), mx.array(w_np), mx.array(b_np)
-        w_t = ops.transpose(w)
-        wq, scales, biases = ops.quantize(w, 64, 4)
-        cases = [lambda: ops.matmul(x, w_t), lambda: ops.addmm(b, x, w_t),
-                 lambda: ops.quantized_matmul(x, wq, scales, biases, True, 64, 4)]
-        out = []
-        for make in cases:
-            plain = make()
-            with device.split_matmuls(s):
-                split = make()
-            kinds = ops.graph_summary(split)[1]
-            out.append((plain.numpy(), split.numpy(), kinds))
-        return out
-
-    for plain, split, kinds in on_own_thread(check):
+    x = mx.array(rng.standard_normal((rows, 128)).astype(np.float32))
+    split = nn.MatmulSplit([device.new_stream("cpu") for _ in range(streams)])
+    for layer in layers(rng):
+        plain = apply(layer, x)
+        twin = nn.split_layers(layer, split)
+        assert twin is not layer and twin.weight is layer.weight  # shares the arrays
+        out = apply(twin, x)
+        kinds = ops.graph_summary(out)[1]
         assert kinds.get("Concatenate") == 1  # really computed in blocks
-        np.testing.assert_array_equal(split, plain)
+        np.testing.assert_array_equal(out.numpy(), plain.numpy())
+        assert "Concatenate" not in ops.graph_summary(apply(layer, x))[1]  # the layer itself is unchanged
+
+
+def test_split_twin_of_a_tree_shares_fused_layers_and_is_exact():
+    """A twin of a module tree: sub-modules, lists and fused layers (prepare's
+    q/k/v-style fusion) are twinned too, and the output is bitwise the same."""
+    rng = np.random.default_rng(3)
+
+    class Pair(nn.Module):
+        def __init__(self):
+            self.a = nn.Linear(mx.array(rng.standard_normal((600, 64)).astype(np.float32)))
+            self.b = nn.Linear(mx.array(rng.standard_normal((400, 64)).astype(np.float32)))
+
+        def derived_arrays(self):
+            return self._fuse("ab", [self.a, self.b])
+
+        def __call__(self, x):
+            fused = self._fused("ab", [self.a, self.b])
+            return fused(x) if fused is not None else ops.concatenate([self.a(x), self.b(x)], axis=1)
+
+    class Tree(nn.Module):
+        def __init__(self):
+            self.blocks = [Pair(), Pair()]
+
+        def __call__(self, x):
+            return ops.concatenate([blk(x) for blk in self.blocks], axis=1)
+
+    tree = Tree()
+    tree.prepare()
+    x = mx.array(rng.standard_normal((1, 64)).astype(np.float32))
+    plain = tree(x)
+    twin = nn.split_layers(tree, nn.MatmulSplit([device.new_stream("cpu") for _ in range(2)]))
+    out = twin(x)
+    # each block's fused 1000-column layer is split in two; nothing is concatenated unfused
+    assert ops.graph_summary(out)[1].get("Concatenate") == 3
+    np.testing.assert_array_equal(out.numpy(), plain.numpy())
 
 
 def test_narrow_outputs_are_not_split():
-    def check():
-        s = device.cpu_streams(2)
-        x, w = mx.array(np.ones((2, 8), np.float32)), mx.array(np.ones((8, 300), np.float32))
-        with device.split_matmuls(s):
-            y = ops.matmul(x, w)
-        return ops.graph_summary(y)[1], y.numpy()
+    x, w = mx.array(np.ones((2, 8), np.float32)), mx.array(np.ones((300, 8), np.float32))
+    twin = nn.split_layers(nn.Linear(w), nn.MatmulSplit([device.new_stream("cpu") for _ in range(2)]))
+    y = twin(x)
+    assert "Concatenate" not in ops.graph_summary(y)[1]  # 300 columns: blocks would be narrower than worth it
+    np.testing.assert_array_equal(y.numpy(), np.full((2, 300), 8.0, np.float32))
 
-    kinds, y = on_own_thread(check)
-    assert "Concatenate" not in kinds  # 300 columns: blocks would be narrower than worth it
-    np.testing.assert_array_equal(y, np.full((2, 300), 8.0, np.float32))
+
+def test_on_stream_nests_and_leaves_the_default_device_alone():
+    before = device.default_device()
+    s1, s2 = device.new_stream("cpu"), device.new_stream("cpu")
+    with device.on_stream(s1):
+        assert device.current_stream() == s1
+        with device.on_stream(s2):
+            assert device.current_stream() == s2
+            y = ops.add(mx.array(np.ones(3, np.float32)), 1.0)
+        assert device.current_stream() == s1
+    assert device.current_stream() is None
+    assert device.default_device() == before
+    np.testing.assert_array_equal(y.numpy(), np.full(3, 2.0, np.float32))

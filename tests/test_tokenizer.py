@@ -602,6 +602,16 @@ RUNAWAY_TEMPLATES = {
     "str.replace": ("{{ ('a' * 100000).replace('', 'b' * 1000) }}", "replace"),
     "str.expandtabs": ("{{ ('\t' * 1000).expandtabs(10**9) }}", "expandtabs"),
     "tojson indent": ("{{ messages | tojson(indent=10**9) }}", "indent"),
+    "doubling list literal": ("{% set ns = namespace(x=messages) %}{% for i in range(64) %}"
+                              "{% set ns.x = [ns.x, ns.x] %}{% endfor %}{{ ns.x }}", "literal"),
+    "doubling dict literal": ("{% set ns = namespace(x=1) %}{% for i in range(64) %}"
+                              "{% set ns.x = {'a': ns.x, 'b': ns.x} %}{% endfor %}{{ ns.x | tojson }}", "literal"),
+    "doubling by dict()": ("{% set ns = namespace(x='abc') %}{% for i in range(64) %}"
+                           "{% set ns.x = dict(a=ns.x, b=ns.x) %}{% endfor %}{{ ns.x }}", "call"),
+    "repeating a list of lists": ("{% set x = [messages] * 100000 %}", "repetition"),
+    "bytes repetition": ("{{ 'a'.encode() * 10**10 }}", "repetition"),
+    "str.translate": ("{{ ('a' * 100000).translate({97: 'b' * 100000}) }}", "translate"),
+    "summing lists": ("{{ range(100000) | map('string') | map('list') | sum(start=[]) | length }}", "built more"),
     "lipsum": ("{{ lipsum(10**9) }}", "lipsum"),
 }
 
@@ -625,12 +635,12 @@ def test_allocations_add_up_to_a_limit(pair):
 
     ours = copy.copy(ours)
     ours.template_limits = TemplateLimits(max_output=1 << 16)
-    template = ("{% set ns = namespace(k=[]) %}{% for i in range(10000) %}"
-                "{% set ns.k = ns.k + [messages[0].content * 500] %}{% endfor %}{{ ns.k | length }}")
+    template = ("{% set ns = namespace(n=0) %}{% for i in range(10000) %}"
+                "{% set ns.n = ns.n + (messages[0].content * 500) | length %}{% endfor %}{{ ns.n }}")
     messages = [{"role": "user", "content": "0123456789" * 10}]
     with pytest.raises(ChatTemplateError, match="built more"):
         ours.apply_chat_template(messages, chat_template=template)
-    assert ours.apply_chat_template(messages, chat_template=template.replace("10000", "20")) == "20"
+    assert ours.apply_chat_template(messages, chat_template=template.replace("10000", "20")) == "1000000"
 
 
 def test_recursive_loops_count_their_items(pair):

@@ -47,7 +47,7 @@ def gemma(tmp_path_factory):
 
 
 def _adapter_arrays(model: amlx.Model) -> dict[str, np.ndarray]:
-    lm = model._loaded.model
+    lm = model.engine.model
     return Worker.get().run_sync(lambda: {f"{p}.{k}": getattr(m, k).numpy() for p, m in lora_modules(lm).items()
                                           for k in ("lora_a", "lora_b")})
 
@@ -111,7 +111,7 @@ async def test_validation_schedule_and_checkpoints(qwen, tmp_path):
         vals = [ev.val_loss for ev in events if ev.kind == "eval"]
         assert vals[-1] < vals[0]
         assert events[-1].val_loss == vals[-1]
-        assert sorted(lora_modules(model._loaded.model)) == [
+        assert sorted(lora_modules(model.engine.model)) == [
             f"model.layers.1.self_attn.{p}_proj" for p in "koqv"]
     assert (tmp_path / "ad" / "0000005_adapters.safetensors").is_file()
 
@@ -175,11 +175,11 @@ async def test_cancelling_the_consumer_stops_after_the_current_step(qwen):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await model._worker.run(lambda: None)  # the step in flight (if any) has finished
+        await model.engine.run(lambda: None)  # the step in flight (if any) has finished
         stopped_at = run.step
         assert 3 <= stopped_at <= 4
         await asyncio.sleep(0.2)
-        await model._worker.run(lambda: None)
+        await model.engine.run(lambda: None)
         assert run.step == stopped_at  # no further steps
         with pytest.raises(StopAsyncIteration):
             await run.__anext__()
@@ -219,7 +219,7 @@ async def test_bad_data_and_options(qwen, tmp_path):
                  if ev.kind == "step"]
         assert steps[0].tokens == 15
         # failed starts left the model free to train (and the first run added the adapter)
-        assert lora_modules(model._loaded.model)
+        assert lora_modules(model.engine.model)
         empty = tmp_path / "empty.jsonl"
         empty.write_text("")
         with pytest.raises(DataError, match="no records"):

@@ -6,6 +6,7 @@ import ctypes
 import importlib.util
 import os
 import pathlib
+import re
 import sys
 import threading
 
@@ -56,7 +57,26 @@ def error(op: str) -> MLXError:
         err = MLXError(op, f"{message}: {type(cause).__name__}: {cause}")
         err.__cause__ = cause
         return err
-    return MLXError(op, message)
+    return MLXError(op, message, fix_for(message))
+
+
+_MISSING_HEADER = re.compile(r'cannot open source file "([^"]+)"')
+
+
+def fix_for(message: str) -> str | None:
+    """The fix for an MLX failure amlx recognises, else None. MLX's CUDA backend
+    compiles some kernels at first use (NVRTC: the multi-row quantized matmul) and
+    fails with NVRTC's log when a CUDA header is missing."""
+    missing = _MISSING_HEADER.search(message)
+    if missing is None:
+        return None
+    header = missing.group(1)
+    if header.startswith("crt/"):
+        return (f"MLX's CUDA kernel compiler could not find CUDA's {header}. The crt/ headers come from "
+                f"NVIDIA's nvidia-cuda-crt package: `pip install nvidia-cuda-crt` (for mlx-cuda-13), or "
+                f"install the CUDA toolkit and point CUDA_HOME at it.")
+    return (f"MLX's CUDA kernel compiler could not find the header {header}. Install the CUDA toolkit's "
+            f"headers (NVIDIA's pip packages, or the toolkit with CUDA_HOME pointing at it).")
 
 
 def check(status: int, op: str) -> None:

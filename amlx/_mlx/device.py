@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 from amlx._mlx._lib import check, ffi, lib
@@ -28,33 +29,26 @@ def _code(device: str) -> int:
         raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}") from None
 
 
-def set_default_device(device: str) -> None:
+@dataclass(frozen=True)
+class Stream:
+    """An MLX stream: a queue of work on one device (on the CPU, one thread)."""
+
+    device: str  # "cpu" | "gpu"
+    index: int
+
+
+def new_stream(device: str) -> Stream:
+    """A new stream on `device`. MLX keeps streams per thread: make it on the
+    thread that will use it."""
     if device == "gpu" and not gpu_available():
         raise ValueError("no GPU is available to MLX on this machine")
-    check(lib.mlxc_set_default_device(_code(device)), "set_default_device")
-
-
-def new_stream(device: str) -> int:
     out = ffi.new("int*")
     check(lib.mlxc_new_stream(_code(device), out), "new_stream")
-    return int(out[0])
-
-
-def set_default_stream(device: str, index: int) -> None:
-    check(lib.mlxc_set_default_stream(_code(device), int(index)), "set_default_stream")
+    return Stream(device, int(out[0]))
 
 
 def synchronize() -> None:
     check(lib.mlxc_synchronize(), "synchronize")
-
-
-# -- CPU streams for parallel work ----------------------------------------------
-# MLX runs the work of a stream on one thread, and the BLAS of its Linux CPU
-# wheels is single-threaded, so CPU work on one stream keeps one core busy. Work
-# put on different streams runs on different cores at once. A thread's default
-# stream is its own (MLX keeps it per thread), so the streams are per thread too.
-
-_local = threading.local()
 
 
 def cpu_cores() -> int:
@@ -65,56 +59,54 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_streams(n: int) -> list[int]:
-    """n CPU streams of the calling thread, made on first use. The first becomes
-    the thread's default CPU stream, so the thread's other work stays on one
-    stream and `on_stream` only switches away from it for a block."""
-    streams: list[int] | None = getattr(_local, "streams", None)
-    if streams is None:
-        streams = _local.streams = [new_stream("cpu")]
-        set_default_stream("cpu", streams[0])
-        _local.current = streams[0]
-    while len(streams) < n:
-        streams.append(new_stream("cpu"))
-    return streams[:n]
+# -- running work on a stream ---------------------------------------------------
+# Ops of the C layer take no stream: they run on the calling thread's default
+# stream of MLX's default device. `on_stream` makes a stream the thread's
+# default for its device for the length of a block, so every op made inside runs
+# there. MLX keeps the default stream per thread, but the default *device* is one
+# per process; a block on a stream of the other device switches it for the
+# block only and puts it back (the worker thread is the only one making MLX
+# calls while a model runs, so no other thread sees the switch). Outside such
+# blocks nothing here changes the default device.
+
+_local = threading.local()
+
+
+def current_stream() -> Stream | None:
+    """The stream of the innermost `on_stream` block on this thread, or None."""
+    return getattr(_local, "current", None)
 
 
 @contextmanager
-def on_stream(stream: int) -> Iterator[None]:
-    """Ops made inside the block run on `stream` (one of `cpu_streams`); blocks nest."""
-    prev = getattr(_local, "current", None)
-    if prev is None:
-        raise RuntimeError("on_stream needs this thread's streams: call cpu_streams first")
+def on_stream(stream: Stream) -> Iterator[None]:
+    """Ops made inside the block (on this thread) run on `stream`; blocks nest."""
+    prev = current_stream()
     if stream == prev:
         yield
         return
-    set_default_stream("cpu", stream)
+    code = _code(stream.device)
+    prev_device = lib.mlxc_default_device()
+    back = prev if prev is not None and prev.device == stream.device else _thread_default(stream.device)
+    check(lib.mlxc_set_default_stream(code, stream.index), "set_default_stream")
+    if prev_device != code:
+        check(lib.mlxc_set_default_device(code), "set_default_device")
     _local.current = stream
     try:
         yield
     finally:
-        set_default_stream("cpu", prev)
+        if prev_device != code:
+            check(lib.mlxc_set_default_device(prev_device), "set_default_device")
+        check(lib.mlxc_set_default_stream(code, back.index), "set_default_stream")
         _local.current = prev
 
 
-@contextmanager
-def split_matmuls(streams: list[int]) -> Iterator[None]:
-    """Within the block (on this thread), `ops.matmul(a, w)`, `ops.addmm(c, a, w)` and
-    `ops.quantized_matmul(a, w, ..., transpose=True)` by a 2-D weight `w` split
-    their output columns into blocks, one per stream of `streams` (from
-    `cpu_streams`; the first must be the current stream), and join them on the
-    current stream. Column blocks are free views for weights laid out as the
-    models use them (a transposed view of an (out, in) array; a packed quantized
-    (out, ...) array); other layouts are copied. A compiled function traced
-    inside the block keeps the split in its trace."""
-    prev = getattr(_local, "split", None)
-    _local.split = list(streams) if len(streams) > 1 else None
-    try:
-        yield
-    finally:
-        _local.split = prev
-
-
-def split_streams() -> list[int] | None:
-    """The streams matmuls are split over here (see `split_matmuls`), or None."""
-    return getattr(_local, "split", None)
+def _thread_default(device: str) -> Stream:
+    """The stream this thread's ops on `device` ran on before any `on_stream`
+    block: MLX's own default, remembered as the first stream entered there."""
+    defaults = _local.__dict__.setdefault("defaults", {})
+    if device not in defaults:
+        # MLX gives each thread its default stream lazily; a fresh stream stands
+        # in for it, so leaving the outermost block lands on a stream of our own
+        # that no one else queues work on.
+        defaults[device] = new_stream(device)
+    return defaults[device]

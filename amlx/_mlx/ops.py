@@ -6,7 +6,6 @@ import builtins
 import numbers
 from typing import Iterable, Sequence
 
-from amlx._mlx import device as _device
 from amlx._mlx import dtypes as _dt
 from amlx._mlx._lib import check, error, ffi, lib
 from amlx._mlx.array import Array, _call, array, binary_op, scalar_like
@@ -119,13 +118,6 @@ right_shift = _binary(lib.MLXC_RIGHT_SHIFT, "right_shift")
 
 def addmm(c: Array, a: Array, b: Array, alpha: float = 1.0, beta: float = 1.0) -> Array:
     """beta * c + alpha * (a @ b)."""
-    if b.ndim == 2 and c.ndim == 1 and c.shape[0] == b.shape[1] and _split_parts(b.shape[1]):
-        return _split_columns(b.shape[1], lambda lo, hi: _addmm(
-            slice(c, (lo,), (hi,)), a, _columns(b, lo, hi), alpha, beta))
-    return _addmm(c, a, b, alpha, beta)
-
-
-def _addmm(c: Array, a: Array, b: Array, alpha: float, beta: float) -> Array:
     return _call(lib.mlxc_addmm, "addmm", c.handle, a.handle, b.handle, float(alpha), float(beta))
 
 
@@ -446,76 +438,16 @@ def dequantize(wq: Array, scales: Array, biases: Array, group_size: int = 64, bi
 
 def quantized_matmul(x: Array, wq: Array, scales: Array, biases: Array, transpose: bool = True,
                      group_size: int = 64, bits: int = 4) -> Array:
-    if transpose and _split_parts(wq.shape[0]):
-        # output column j is row j of the packed weight, scales and biases: row blocks are views
-        return _split_columns(wq.shape[0], lambda lo, hi: _quantized_matmul(
-            x, _rows(wq, lo, hi), _rows(scales, lo, hi), _rows(biases, lo, hi), transpose, group_size, bits))
-    return _quantized_matmul(x, wq, scales, biases, transpose, group_size, bits)
-
-
-def _quantized_matmul(x, wq, scales, biases, transpose, group_size, bits) -> Array:
     return _call(lib.mlxc_quantized_matmul, "quantized_matmul", x.handle, wq.handle, scales.handle,
                  biases.handle, int(transpose), int(group_size), int(bits))
 
 
-# -- matmuls split over CPU streams ------------------------------------------
-# On the CPU, MLX computes a matmul on one core (its stream's thread; the BLAS
-# of the Linux wheels is single-threaded). Inside device.split_matmuls, a matmul
-# by a 2-D weight is cut into blocks of output columns, each computed on its own
-# stream and joined on the current one, so one request's forward pass uses
-# several cores. The results are the same: each output element is computed
-# from the same row and column as without the split.
-
-_MIN_SPLIT_COLUMNS = 256  # narrower blocks cost more in cross-stream waits than they save
-
-
-def _split_parts(columns: int) -> int:
-    """Blocks to cut `columns` output columns into here (0: no split)."""
-    streams = _device.split_streams()
-    if streams is None:
-        return 0
-    parts = builtins.min(len(streams), columns // _MIN_SPLIT_COLUMNS)
-    return parts if parts > 1 else 0
-
-
-def _split_columns(columns: int, block) -> Array:
-    """block(lo, hi) for column blocks [lo, hi), each on its stream, joined along the last axis."""
-    streams = _device.split_streams()
-    parts = _split_parts(columns)
-    cuts = [columns * j // parts for j in range(parts + 1)]
-    outs = []
-    for j in range(parts):
-        with _device.on_stream(streams[j]):
-            outs.append(block(cuts[j], cuts[j + 1]))
-    return concatenate(outs, axis=-1)
-
-
-def _columns(w: Array, lo: int, hi: int) -> Array:
-    return slice(w, (0, lo), (w.shape[0], hi))
-
-
-def _rows(w: Array, lo: int, hi: int) -> Array:
-    return slice(w, (lo, 0), (hi, w.shape[1]))
-
-
 def matmul(a, b) -> Array:
-    """a @ b (split over streams inside device.split_matmuls)."""
-    if isinstance(a, Array) and isinstance(b, Array) and b.ndim == 2 and _split_parts(b.shape[1]):
-        return _split_columns(b.shape[1], lambda lo, hi: _plain_matmul(a, _columns(b, lo, hi)))
+    """a @ b."""
     return _plain_matmul(a, b)
 
 
-def _matmul_method(a: Array, b):
-    """Array.__matmul__ (`x @ w` is how the models multiply by a weight): the
-    binary-op fast path of array.py unless a split is on."""
-    if _device.split_streams() is not None:
-        return matmul(a, b)
-    return _matmul_op(a, b)
-
-
 _plain_matmul = _binary(lib.MLXC_MATMUL, "matmul")
-_matmul_op = Array.__matmul__
-Array.__matmul__ = _matmul_method
 
 
 # -- evaluation ------------------------------------------------------------

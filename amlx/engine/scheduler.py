@@ -3,8 +3,16 @@
 Requests arrive in `incoming` (any thread), wait in arrival order, are
 prefilled one chunk per step on a cache of their own, then join the running
 batch: one batched decode step per round for every running request whose
-consumer has room (the others are paused: left out of the step). Finished and
-cancelled requests leave the batch at once and their cache rows are freed.
+consumer has room. Finished and cancelled requests leave the batch at once and
+their cache rows are freed.
+
+Backpressure: a request whose consumer has `max_buffer` unread tokens is paused.
+It leaves the decode batch before the next step (its cache row moves out to a
+cache of its own: it costs the step nothing) and is "parked"; it keeps its batch
+slot for `slot_idle_limit` seconds, after which waiting requests may take the
+slot. When its consumer reads again it rejoins the batch (at once while it holds
+its slot, else when a slot is free, ahead of new requests) with its cache and
+sampling state as they were, so its tokens are those of an unpaused run.
 
 Device state of the batch: per layer a KVCache with one row per running
 request; per-row positions go in as an int32 array each step, so rows of any
@@ -16,7 +24,7 @@ an MLX stream of its own, so the shards compute on different cores at once
 (MLX's CPU backend, with the single-threaded BLAS of its Linux wheels, keeps one
 core busy per stream). A round launches every shard's step together. Where one
 shard alone has work (a lone request's decode step; prompts that all go to one
-shard), its matmuls are split over every stream instead (device.split_matmuls). On a
+shard), its matmuls are split over every stream instead (nn.split_layers). On a
 GPU there is one shard and one stream (one stream already keeps the GPU busy).
 """
 
@@ -26,50 +34,20 @@ import copy
 import threading
 import time
 from collections import deque
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from amlx._mlx import Array, array, device, ops, transforms
+from amlx._mlx import Array, array, ops, transforms
 from amlx.cache import KVCache
-from amlx.engine.channel import Channel
-from amlx.sample import BatchSampling, RowSampling, StepSample
+from amlx.engine.placement import EngineOptions, Placement, default_shards
+from amlx.engine.rate import RateMeter
+from amlx.engine.request import Request
+from amlx.sample import BatchSampling, CompiledSteps, StepSample
+from amlx.models.nn import split_layers
 from amlx.errors import AmlxError, ClosedError, MLXError
-from amlx.generate import PREFILL_CHUNK, TextAssembler
-from amlx.models import decode_attention
-from amlx.types import GenerationOptions
 
-MAX_SHARDS = 8  # more would leave each shard too few rows to use its core well
-
-
-def default_shards() -> int:
-    """Shards of the running batch on this thread's default device: one per core
-    on the CPU (at most MAX_SHARDS), one on a GPU."""
-    if device.default_device() != "cpu":
-        return 1
-    return max(1, min(device.cpu_cores(), MAX_SHARDS))
-
-
-@dataclass(eq=False)
-class Request:
-    prompt: list[int]
-    options: GenerationOptions
-    channel: Channel
-    assembler: TextAssembler
-    sampling: RowSampling
-    created: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    done_at: float | None = None
-    prefilled: int = 0  # prompt tokens already in the cache
-    cache: list[KVCache] | None = None  # own cache while prefilling
-    pos: int = 0  # next cache position to write
-    last: int = -1  # last sampled token (input of the next step)
-    steps: int = 0  # decode steps computed for this request
-
-    @property
-    def active(self) -> bool:
-        return not (self.channel.cancelled or self.assembler.finished)
+PREFILL_CHUNK = 2048  # prompt tokens per prefill forward
 
 
 @dataclass(eq=False)
@@ -83,37 +61,56 @@ class _Shard:
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, eos_ids: frozenset[int], max_batch_size: int, max_context: int,
-                 wake: callable, prefill_chunk: int = PREFILL_CHUNK, compile_step: bool = True,
-                 shards: int | None = None):
+    def __init__(self, model, max_batch_size: int, wake: callable, prefill_chunk: int = PREFILL_CHUNK,
+                 compile_step: bool = True, shards: int | None = None, options: EngineOptions | None = None,
+                 placement: Placement | None = None):
+        """`options` (resolved here if not yet) fix the device, shards, decode
+        kernel and KV growth block once; `shards` overrides the options' (tests,
+        benchmarks). `placement`: the engine's streams if already made (the
+        weights were loaded on them); else made here, on the calling thread."""
+        options = options or EngineOptions(shards=shards)
+        if shards is not None:
+            options = EngineOptions(options.device, shards, options.decode_kernel, options.kv_block)
+        elif options.shards is None and options.device == "cpu":
+            options = EngineOptions(options.device, default_shards(), options.decode_kernel, options.kv_block)
+        self.options = options.resolved()
+        self.placement = placement if placement is not None else Placement(self.options)
         self.model = model
-        self.tokenizer = tokenizer
-        self.eos_ids = eos_ids
         self.max_batch_size = max_batch_size
-        self.max_context = max_context
         self.prefill_chunk = prefill_chunk
         self._wake = wake
         self._lock = threading.Lock()
         self._incoming: deque[Request] = deque()
+        # every request not yet ended, whatever its state (incoming, waiting, taken for
+        # prefill, prefilling, running, in flight): the failure path ends them all
+        self._held: dict[Request, None] = {}
         self.waiting: deque[Request] = deque()
         self.prefilling: Request | None = None
+        # paused requests out of the batch, their KV in a cache of their own (see the docstring)
+        self.parked: list[Request] = []
+        self.slot_idle_limit = 1.0  # seconds a parked request keeps its batch slot
         self.closed = False
         self.tokens_generated = 0
         self.decode_steps = 0
-        self._started = time.perf_counter()
+        self.rate = RateMeter()  # recent tokens per second of work (stats)
         self._step_fn = transforms.compile(self._forward) if compile_step else None
-        # the same step traced with its matmuls split over the streams (a cache of its own)
-        self._split_step_fn = transforms.compile(self._forward) if compile_step else None
+        # the same step traced with the split twin's layers (a cache of its own)
+        self._split_step_fn = transforms.compile(self._forward_split) if compile_step else None
+        self._twin = None  # the model with its matmuls split over the streams (see _split_model)
+        self._sample_steps = CompiledSteps()  # traced on this engine's streams; closed with it
         self._inflight: _Step | None = None  # a decode step launched and not yet read
         self._prepared = False  # the model's derived arrays are evaluated (see Module.prepare)
+        model.use_decode_kernel(self.options.decode_kernel)
         # cache growth step: small where decode attention reads the whole capacity (KVCache.block)
-        self.block = 256 if decode_attention.enabled() else 64
+        self.block = self.options.kv_block
         self._windows = [c.window for c in model.make_cache(self.block)]  # per layer (no arrays made)
-        n = default_shards() if shards is None else max(1, shards)
-        self._streams = device.cpu_streams(n) if n > 1 else []
-        self.shards = [_Shard(i) for i in range(n)]
-        # Test hook: called with the token ids of every decode step's rows (shard by shard).
-        self.before_step = None
+        self.shards = [_Shard(i) for i in range(len(self.placement.streams))]
+        # Fault injection for tests, None otherwise: called as fault(rows, chained) while a
+        # decode step's graph is built (chained: the step takes the previous step's tokens
+        # on the device), and as fault([row], False) when a row runs alone to isolate a
+        # failure, and as fault(requests, False) when their prompts are prefilled. It may
+        # raise, or return an array (added to the logits) whose evaluation fails.
+        self.fault = None
 
     @property
     def rows(self) -> list[Request]:
@@ -132,15 +129,25 @@ class Scheduler:
 
     def _on(self, shard: _Shard):
         """The block's MLX work runs on the shard's stream."""
-        return device.on_stream(self._streams[shard.index]) if self._streams else nullcontext()
+        return self.placement.on(shard.index)
 
-    def _split(self, shard: _Shard | None):
-        """Within the block the matmuls are split over every stream, the shard's
-        first (None: the worker's default stream): for work that only one shard has."""
-        if not self._streams:
-            return nullcontext()
-        home = self._streams[0 if shard is None else shard.index]
-        return device.split_matmuls([home] + [s for s in self._streams if s != home])
+    def _prepare(self) -> None:
+        """Evaluates the model's derived arrays (see Module.prepare) and makes its
+        split twin from them: before the first step, and after weights changed."""
+        if not self._prepared:
+            self.model.prepare()
+            split = self.placement.split
+            self._twin = split_layers(self.model, split) if split is not None else None
+            self._prepared = True
+
+    def _split_model(self, split: bool = True):
+        """The model to run work that only one shard has: the twin whose matmuls
+        are split over every stream (an explicit layer choice, see
+        nn.split_layers), or the model itself where there is no split."""
+        if not split or self.placement.split is None:
+            return self.model
+        self._prepare()
+        return self._twin
 
     # -- any thread ------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -148,27 +155,55 @@ class Scheduler:
             if self.closed:
                 raise ClosedError("the model is closed")
             self._incoming.append(request)
+            self._held[request] = None
         self._wake()
 
     def has_work(self) -> bool:
-        if self._inflight is not None:
+        """Whether a round would do something (the worker sleeps otherwise): not
+        while every request left is parked or waits for a slot that parked ones hold."""
+        if self._inflight is not None or self._incoming or self.prefilling is not None or self.rows:
             return True
-        if self._incoming or self.waiting or self.prefilling is not None:
+        free = self._slots_held() < self.max_batch_size
+        if any(not r.active for r in self.waiting) or (self.waiting and free):
             return True
-        return any(not r.active or r.channel.has_room() for r in self.rows)
+        return any(not r.active or (r.channel.has_room() and (free or self._holds_slot(r))) for r in self.parked)
+
+    def wake_at(self) -> float | None:
+        """When (time.monotonic) a parked request's slot frees up for a waiting
+        request; None if no one waits for it. The worker wakes up then."""
+        if not self.waiting:
+            return None
+        times = [r.parked_at + self.slot_idle_limit for r in self.parked if self._holds_slot(r)]
+        return min(times, default=None)
 
     def counts(self) -> dict:
-        return {"active": len(self.rows) + (self.prefilling is not None),
+        return {"active": len(self.rows) + len(self.parked) + (self.prefilling is not None),
                 "waiting": len(self.waiting) + len(self._incoming)}
+
+    def _holds_slot(self, req: Request) -> bool:
+        return time.monotonic() - req.parked_at < self.slot_idle_limit
+
+    def _slots_held(self) -> int:
+        """Batch slots in use: running rows, and parked requests within their idle limit."""
+        return len(self.rows) + sum(1 for r in self.parked if self._holds_slot(r))
 
     # -- worker thread ------------------------------------------------------------
     def step(self) -> None:
+        start, made = time.perf_counter(), self.tokens_generated
+        try:
+            with self.placement.on():  # the engine's home stream; shards switch to their own
+                self._round()
+        finally:
+            self.rate.add(self.tokens_generated - made, time.perf_counter() - start)
+
+    def _round(self) -> None:
         with self._lock:
             self.waiting.extend(self._incoming)
             self._incoming.clear()
         if self._inflight is not None and self._batch_will_change():
             self._read(self._drain())
         self._drop_inactive()
+        self._unpark()
         self._admit()
         if self.prefilling is not None:
             self._prefill_chunk(self.prefilling)
@@ -181,7 +216,9 @@ class Scheduler:
         if self.prefilling is not None:
             return
         group: list[Request] = []
-        free = self.max_batch_size - len(self.rows)
+        free = self.max_batch_size - self._slots_held()
+        if any(r.channel.has_room() for r in self.parked):
+            return  # a parked request that is read again goes first, once a slot is free
         while self.waiting and len(group) < free:
             req = self.waiting[0]
             if not req.active:
@@ -230,21 +267,24 @@ class Scheduler:
                     cache = self.model.make_cache(self.block)
                     parts.append((shard, reqs, cache))
                     last = array(np.asarray(lengths, dtype=np.int32) - 1)
-                    with self._split(shard) if len(assigned) == 1 else nullcontext():
-                        logits = self.model(array(ids), cache, 0, last=last)
+                    logits = self._split_model(len(assigned) == 1)(array(ids), cache, 0, last=last)
                     logits = ops.reshape(logits, (len(reqs), logits.shape[2]))
+                    if self.fault is not None:
+                        logits = self._inject(logits, reqs, False)
                 # (sampling stays on the worker's stream: see _build)
-                samplers.append(BatchSampling([r.sampling for r in reqs]))
+                samplers.append(BatchSampling([r.sampling for r in reqs], self._sample_steps))
                 firsts.append(samplers[-1](logits))
             # One evaluation for every shard, so their forwards run at the same time.
             ops.eval(*[a for first in firsts for a in first.arrays()], *[a for bs in samplers for a in bs.state()],
                      *[a for _, _, cache in parts for c in cache for a in c.state()])
             for bs in samplers:
                 bs.sync_back()  # the requests' keys move on
-        except MLXError as exc:
+        except BaseException as exc:
             for _, _, cache in parts:
                 for c in cache:
                     c.close()
+            if not isinstance(exc, MLXError):
+                raise  # the worker fails every request held (fail_all), these included
             if len(group) == 1:
                 self._fail(group[0], exc)
                 return
@@ -269,13 +309,11 @@ class Scheduler:
             chunk = req.prompt[start:start + self.prefill_chunk]
             req.prefilled += len(chunk)
             if req.prefilled < len(req.prompt):
-                with self._split(None):
-                    self.model(array(np.asarray([chunk], dtype=np.int32)), req.cache, start)
+                self._split_model()(array(np.asarray([chunk], dtype=np.int32)), req.cache, start)
                 ops.eval(*[a for c in req.cache for a in c.state()])
                 return
-            with self._split(None):
-                logits = self.model(array(np.asarray([chunk], dtype=np.int32)), req.cache, start,
-                                    last=array(np.asarray([len(chunk) - 1], dtype=np.int32)))
+            logits = self._split_model()(array(np.asarray([chunk], dtype=np.int32)), req.cache, start,
+                                         last=array(np.asarray([len(chunk) - 1], dtype=np.int32)))
             first = self._first_tokens(ops.reshape(logits, (1, logits.shape[2])), [req])
             ops.eval(*first.arrays(), *[a for c in req.cache for a in c.state()])
         except MLXError as exc:
@@ -314,7 +352,7 @@ class Scheduler:
 
     def _first_tokens(self, logits: Array, reqs: list[Request]) -> StepSample:
         """Samples the first token of freshly prefilled requests; their keys move on."""
-        bs = BatchSampling([r.sampling for r in reqs])
+        bs = BatchSampling([r.sampling for r in reqs], self._sample_steps)
         try:
             first = bs(logits)
             ops.eval(*first.arrays(), *bs.state())
@@ -332,13 +370,50 @@ class Scheduler:
             shard.sampling = None
         shard.rows = rows
         if rows:
-            shard.sampling = BatchSampling([r.sampling for r in rows])
+            shard.sampling = BatchSampling([r.sampling for r in rows], self._sample_steps)
 
     def _batch_will_change(self) -> bool:
         rows = self.rows
-        if any(not r.active for r in rows):
-            return True
-        return len(rows) < self.max_batch_size and bool(self.waiting or self.prefilling)
+        if any(not r.active or not r.channel.has_room() for r in rows):
+            return True  # a row leaves (finished, cancelled, or paused: parked)
+        if any(r.active and r.channel.has_room() for r in self.parked):
+            return True  # may rejoin
+        return self._slots_held() < self.max_batch_size and bool(self.waiting or self.prefilling)
+
+    # -- paused requests: parked out of the batch -------------------------------
+    def _park_paused(self) -> None:
+        """Moves every paused row (its consumer's buffer full) out of the batch,
+        its cache row into a cache of its own (no step in flight)."""
+        changed = False
+        for shard in self.shards:
+            paused = [i for i, r in enumerate(shard.rows) if r.active and not r.channel.has_room()]
+            if not paused:
+                continue
+            changed = True
+            reqs = [shard.rows[i] for i in paused]
+            with self._on(shard):
+                for i, req in zip(paused, reqs):
+                    req.cache = [copy.copy(c) for c in shard.cache]  # the same buffers until take_rows
+                    for c in req.cache:
+                        c.take_rows([i])
+                ops.eval(*[a for r in reqs for c in r.cache for a in c.state()])
+            self._keep_rows(shard, [i for i in range(len(shard.rows)) if i not in paused])
+            now = time.monotonic()
+            for req in reqs:
+                req.parked_at = now
+            self.parked.extend(reqs)
+        if changed:
+            self._rebalance()
+
+    def _unpark(self) -> None:
+        """Parked requests read again rejoin the batch, oldest first: at once while
+        they hold their slot, else when one is free."""
+        for req in [r for r in self.parked if r.active and r.channel.has_room()]:
+            if not self._holds_slot(req) and self._slots_held() >= self.max_batch_size:
+                continue
+            self.parked.remove(req)
+            cache, req.cache = req.cache, None
+            self._join(self._assign([req])[0][0], [req], cache)
 
     def _decode(self) -> None:
         """Launches one decode step for the batch (every shard) and reads the previous one.
@@ -358,6 +433,8 @@ class Scheduler:
             self._read(self._drain())
             self._drop_inactive()
             prev = None
+        if prev is None:
+            self._park_paused()  # (a chained step's rows all have room)
         plan = []
         for shard in self.shards:
             sel = [i for i, r in enumerate(shard.rows) if r.active and r.channel.has_room()]
@@ -365,9 +442,7 @@ class Scheduler:
                 plan.append((shard, sel))
         if not plan:
             return
-        if not self._prepared:
-            self.model.prepare()
-            self._prepared = True
+        self._prepare()
         self._inflight = None
         chained = {p.shard: p for p in prev.parts} if prev is not None else {}
         saved = [(shard, shard.sampling.snapshot()) for shard, _ in plan]
@@ -392,8 +467,6 @@ class Scheduler:
         self._commit(_Step(parts))
 
     def _can_chain(self, prev: "_Step") -> bool:
-        if self.before_step is not None:
-            return False
         live = [s for s in self.shards if s.rows]
         if len(prev.parts) != len(live):
             return False
@@ -407,24 +480,26 @@ class Scheduler:
         """The model's parameters or modules were replaced (e.g. an adapter
         trained a step): the compiled step traced the old ones as constants, so
         it is traced again (worker thread)."""
-        if self._inflight is not None:
-            self._read(self._drain())
+        with self.placement.on():
+            if self._inflight is not None:
+                self._read(self._drain())
         self._prepared = False
+        self._twin = None
         if self._step_fn is not None:
             self._step_fn.close()
             self._split_step_fn.close()
             self._step_fn = transforms.compile(self._forward)
-            self._split_step_fn = transforms.compile(self._forward)
+            self._split_step_fn = transforms.compile(self._forward_split)
 
     def _build(self, shard: _Shard, sel: list[int], prev: "_Part | None", split: bool = False) -> "_Part":
         """The graph of a shard's next decode step (not yet launched), on its stream.
 
-        With `split` it is built on the worker's stream whatever the shard, with
-        its matmuls split over every stream. Each compiled trace keeps a few bytes
+        With `split` it is built on the home stream whatever the shard, by the
+        split twin (matmuls over every stream). Each compiled trace keeps a few bytes
         of constants for as long as the model lives, and is made per batch size,
         capacity and stream: one home stream keeps the split traces as few as the
         batch sizes that use them (a lone row)."""
-        with self._split(None) if split else self._on(shard):
+        with self.placement.on(0 if split else shard.index):
             needed = max(r.pos for r in shard.rows) + 1
             for c in shard.cache:
                 c.reserve(needed)
@@ -434,10 +509,10 @@ class Scheduler:
             else:
                 tokens = array(np.asarray([[r.last] for r in shard.rows], dtype=np.int32))
             positions = array(np.asarray([r.pos for r in shard.rows], dtype=np.int32))
-            if self.before_step is not None:
-                self.before_step([r.last for r in shard.rows])
             logits, state = self._batched_logits(tokens, positions, shard.cache, split)
-        # Sampling (a few small ops) stays on the worker's stream: its compiled
+            if self.fault is not None:
+                logits = self._inject(logits, list(shard.rows), prev is not None)
+        # Sampling (a few small ops) stays on the home stream: its compiled
         # steps are cached process-wide per shape and stream, each keeping a few
         # bytes of constants, so one stream keeps that cache as small as with one shard.
         step = shard.sampling(logits, sel)
@@ -474,12 +549,19 @@ class Scheduler:
     def _forward(self, tokens: Array, positions: Array, caches: list[Array]) -> tuple[Array, list[Array]]:
         """One decode step as a pure function of arrays (what gets compiled):
         (tokens (B,1), positions (B,), each layer's cache buffer) -> (logits (B,V), new buffers)."""
+        return self._forward_with(self.model, tokens, positions, caches)
+
+    def _forward_split(self, tokens: Array, positions: Array, caches: list[Array]) -> tuple[Array, list[Array]]:
+        """`_forward` by the split twin (a lone row's step)."""
+        return self._forward_with(self._split_model(), tokens, positions, caches)
+
+    def _forward_with(self, model, tokens: Array, positions: Array, caches: list[Array]):
         step_cache = []
         for window, kv in zip(self._windows, caches):
             sc = KVCache(window=window, block=self.block)
             sc.kv = kv
             step_cache.append(sc)
-        logits = self.model(tokens, step_cache, positions)
+        logits = model(tokens, step_cache, positions)
         logits = ops.reshape(logits, (tokens.shape[0], logits.shape[2]))
         return logits, [c.kv for c in step_cache]
 
@@ -487,10 +569,13 @@ class Scheduler:
                         split: bool = False) -> tuple[Array, list[Array]]:
         """Runs the decode step (compiled once per batch size, cache capacity and
         stream) on `cache` (default: the first shard's): logits and each layer's
-        updated cache buffer. `split`: the step is built inside `_split` (a trace
+        updated cache buffer. `split`: the step is the split twin's (a trace
         keeps the split, so it has a compiled function of its own)."""
         state = [c.kv for c in (self.cache if cache is None else cache)]
-        fn = (self._split_step_fn if split else self._step_fn) or self._forward
+        if split:
+            fn = self._split_step_fn or self._forward_split
+        else:
+            fn = self._step_fn or self._forward
         return fn(tokens, positions, state)
 
     def _emit(self, req: Request, token_id: int, logprob: float, top: list | None = None) -> None:
@@ -510,6 +595,9 @@ class Scheduler:
     def _drop_inactive(self) -> None:
         for req in [r for r in self.waiting if not r.active]:
             self.waiting.remove(req)
+            self._finish(req)
+        for req in [r for r in self.parked if not r.active]:
+            self.parked.remove(req)
             self._finish(req)
         if self.prefilling is not None and not self.prefilling.active:
             req, self.prefilling = self.prefilling, None
@@ -562,6 +650,7 @@ class Scheduler:
             self._join(dst, reqs, part)
 
     def _finish(self, req: Request) -> None:
+        self._held.pop(req, None)
         if req.cache is not None:
             for c in req.cache:
                 c.close()
@@ -569,6 +658,7 @@ class Scheduler:
         req.channel.close()
 
     def _fail(self, req: Request, exc: BaseException) -> None:
+        self._held.pop(req, None)
         if req.cache is not None:
             for c in req.cache:
                 c.close()
@@ -587,10 +677,10 @@ class Scheduler:
                     rc.kv = ops.take(c.kv, array(np.asarray([i], np.int32)), 1)
                     row_cache.append(rc)
                 try:
-                    if self.before_step is not None:
-                        self.before_step([req.last])
                     logits = self.model(array(np.asarray([[req.last]], np.int32)), row_cache,
                                         array(np.asarray([req.pos], np.int32)))
+                    if self.fault is not None:
+                        logits = self._inject(logits, [req], False)
                     ops.eval(logits)
                 except MLXError as exc:
                     self._fail(req, exc)
@@ -599,11 +689,24 @@ class Scheduler:
         # Rows that failed are inactive now; the next round continues with the rest.
         self._drop_inactive()
 
+    def _inject(self, logits: Array, rows: list[Request], chained: bool) -> Array:
+        """The test fault hook's say on a step (see `fault`)."""
+        extra = self.fault(rows, chained)
+        return logits if extra is None else ops.add(logits, extra)
+
     def fail_all(self, exc: BaseException) -> None:
+        with self.placement.on():
+            self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
         err = exc if isinstance(exc, AmlxError) else MLXError("engine", f"{type(exc).__name__}: {exc}")
-        for req in list(self.waiting) + ([self.prefilling] if self.prefilling else []) + self.rows:
+        with self._lock:
+            self._incoming.clear()
+            held = list(self._held)
+        for req in held:
             self._fail(req, err)
         self.waiting.clear()
+        self.parked.clear()
         self.prefilling = None
         self._inflight = None
         for shard in self.shards:
@@ -624,6 +727,7 @@ class Scheduler:
             self._step_fn.close()  # MLX's compile cache holds the traced graphs and their constants
             self._split_step_fn.close()
             self._step_fn = self._split_step_fn = None
+        self._sample_steps.close()
 
 
 @dataclass(eq=False)

@@ -96,12 +96,10 @@ class Worker:
                 jobs = list(self._jobs)
                 self._jobs.clear()
                 schedulers = [s for s in self._schedulers if s.has_work()]
-            for fn, fut in jobs:
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn())
-                    except BaseException as exc:  # noqa: BLE001 - handed to the submitter
-                        fut.set_exception(exc)
+            _run_jobs(jobs)
+            # a finished future keeps its result alive (a Model its caller dropped, say):
+            # the thread holds none while it waits
+            jobs.clear()
             for s in schedulers:
                 try:
                     with batched_wakeups():
@@ -109,3 +107,12 @@ class Worker:
                 except BaseException as exc:  # noqa: BLE001 - the worker must survive
                     log.exception("scheduler step failed")
                     s.fail_all(exc)
+
+
+def _run_jobs(jobs: list[tuple[Callable[[], Any], concurrent.futures.Future]]) -> None:
+    for fn, fut in jobs:
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the submitter
+                fut.set_exception(exc)

@@ -176,10 +176,11 @@ class Step:
     all layers use, made once per pass instead of once per layer (masks,
     cache-write indices)."""
 
-    def __init__(self, batch: int, length: int, pos: int | Array):
+    def __init__(self, batch: int, length: int, pos: int | Array, decode_kernel: bool = False):
         self.batch, self.length, self.pos = batch, length, pos
         self.memo: dict = {}
-        self.decode_kernel = length == 1 and not isinstance(pos, int) and decode_attention.enabled()
+        # the CUDA decode kernels, where the engine chose them (CausalLM.use_decode_kernel)
+        self.decode_kernel = decode_kernel and length == 1 and not isinstance(pos, int)
 
     def causal_mask(self, window: int | None) -> str | Array:
         return memoized(self.memo, ("causal", window), lambda: causal_mask(self.length, window))
@@ -325,6 +326,8 @@ def residual(step: Step, x: Array, y: Array, norm: Module, pre: Module | None = 
 class Decoder(Module):
     """`model.*` of a checkpoint: embed_tokens, layers, norm."""
 
+    decode_kernel = False  # see CausalLM.use_decode_kernel
+
     def __init__(self, embed_tokens: Module, layers: list, norm: Module, embed_scale: float | None = None):
         self.embed_tokens, self.layers, self.norm = embed_tokens, layers, norm
         self._embed_scale = embed_scale
@@ -333,7 +336,7 @@ class Decoder(Module):
         """Final hidden states (B*L, hidden) of token ids (B, L): activations stay
         two-dimensional between layers, so every projection is one plain matmul."""
         b, length = ids.shape
-        step = Step(b, length, pos)
+        step = Step(b, length, pos, self.decode_kernel)
         h = self.embed_tokens(ops.reshape(ids, (b * length,)))
         if self._embed_scale is not None:
             # Rounded to the activation dtype first, as the reference does.
@@ -388,6 +391,11 @@ class CausalLM(Module):
     @property
     def layers(self) -> list:
         return self.model.layers
+
+    def use_decode_kernel(self, on: bool) -> None:
+        """Whether decode steps use the CUDA decode kernels (decode_attention,
+        step_kernels): a choice the engine makes once when it is built."""
+        self.model.decode_kernel = bool(on)
 
     def make_cache(self, block: int = BLOCK) -> list[KVCache]:
         return [KVCache(window=layer.self_attn.window, block=block) for layer in self.model.layers]

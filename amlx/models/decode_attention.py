@@ -14,16 +14,16 @@ max(0, pos[b] - window + 1) .. pos[b] only, with an online softmax in float32
 (one warp per key at a time, several warps per head, merged at the end). It
 reads the cache for the earlier slots and its own new key and value for the
 last, and hands those back for the cache write (one scatter). It runs only on
-MLX's CUDA backend; elsewhere (and with AMLX_DECODE_KERNEL=0) attention keeps
-the mask path, which computes the same thing.
+MLX's CUDA backend, where the engine's option `decode_kernel` turns it on
+(see amlx/engine/placement.py); elsewhere attention keeps the mask path, which
+computes the same thing.
 """
 
 from __future__ import annotations
 
-import os
 import struct
 
-from amlx._mlx import Array, bfloat16, device, fast, float16, float32
+from amlx._mlx import Array, bfloat16, fast, float16, float32
 
 _HEADER = r"""
 __device__ float amlx_warp_sum(float x) {
@@ -157,11 +157,11 @@ _KERNELS: dict[bool, fast.CudaKernel] = {}
 _DTYPES = (bfloat16, float16, float32)
 
 
-def enabled() -> bool:
-    """Whether decode steps here use the kernel (MLX on CUDA, GPU as default device)."""
-    if os.environ.get("AMLX_DECODE_KERNEL", "1") == "0":
-        return False
-    return fast.cuda_available() and device.default_device() == "gpu"
+def available(device: str) -> bool:
+    """Whether the kernel can run for a model on `device` ("cpu" | "gpu"): MLX
+    on CUDA and the GPU. Engines choose whether to use it once, when they are
+    built (EngineOptions.decode_kernel; AMLX_DECODE_KERNEL=0/1 overrides)."""
+    return device == "gpu" and fast.cuda_available()
 
 
 def _kernel(qk_norm: bool) -> fast.CudaKernel:

@@ -8,9 +8,10 @@ over the checkpoint's names.
 
 from __future__ import annotations
 
+import copy
 from typing import Iterator
 
-from amlx._mlx import Array, fast, ops
+from amlx._mlx import Array, device, fast, ops
 
 
 class Module:
@@ -209,7 +210,7 @@ class Linear(Module):
             self.bias = bias
 
     def __call__(self, x: Array) -> Array:
-        return dense(x, weight_t(self), getattr(self, "bias", None))
+        return dense(x, weight_t(self), getattr(self, "bias", None), self.__dict__.get("_split"))
 
     def derived_arrays(self) -> list[Array]:
         return [weight_t(self)]
@@ -224,12 +225,101 @@ def weight_t(module: Module) -> Array:
     return module._derived("weight_t", module.weight, ops.transpose)
 
 
-def dense(x: Array, w_t: Array, bias: Array | None) -> Array:
-    """x @ w_t (+ bias), w_t an (in, out) weight (in column blocks on several CPU
-    streams inside device.split_matmuls)."""
+def dense(x: Array, w_t: Array, bias: Array | None, split: "MatmulSplit | None" = None) -> Array:
+    """x @ w_t (+ bias), w_t an (in, out) weight; with `split`, in column blocks
+    on its streams."""
+    if split is not None and split.parts(w_t.shape[1]):
+        if bias is not None:
+            return split.columns(w_t.shape[1], lambda lo, hi: ops.addmm(
+                ops.slice(bias, (lo,), (hi,)), x, _columns(w_t, lo, hi)))
+        return split.columns(w_t.shape[1], lambda lo, hi: ops.matmul(x, _columns(w_t, lo, hi)))
     if bias is not None:
         return ops.addmm(bias, x, w_t)
     return ops.matmul(x, w_t)
+
+
+def _columns(w: Array, lo: int, hi: int) -> Array:
+    return ops.slice(w, (0, lo), (w.shape[0], hi))
+
+
+def _rows(w: Array, lo: int, hi: int) -> Array:
+    return ops.slice(w, (lo, 0), (hi, w.shape[1]))
+
+
+def quantized_dense(x: Array, layer: Module) -> Array:
+    """x @ W^T for a layer in MLX's packed quantized format (weight, scales and
+    biases (out, ...)); with the layer's split, in column blocks: output column j
+    is row j of each packed array, so row blocks are views."""
+    q = (layer._group_size, layer._bits)
+    split = layer.__dict__.get("_split")
+    out = layer.weight.shape[0]
+    if split is not None and split.parts(out):
+        return split.columns(out, lambda lo, hi: ops.quantized_matmul(
+            x, _rows(layer.weight, lo, hi), _rows(layer.scales, lo, hi), _rows(layer.biases, lo, hi), True, *q))
+    return ops.quantized_matmul(x, layer.weight, layer.scales, layer.biases, True, *q)
+
+
+class MatmulSplit:
+    """A layer strategy for the CPU: a matmul by a 2-D weight is cut into blocks
+    of output columns, each computed on its own stream (MLX computes a CPU
+    matmul on one core: its stream's thread, with the single-threaded BLAS of
+    the Linux wheels) and joined on the current one, so one request's forward
+    pass uses several cores. The results are bitwise the same: each output
+    element is computed from the same row and column as without the split.
+    Layers use it once `split_layers` has given it to them."""
+
+    MIN_COLUMNS = 256  # narrower blocks cost more in cross-stream waits than they save
+
+    def __init__(self, streams: list[device.Stream]):
+        self.streams = list(streams)
+
+    def parts(self, columns: int) -> int:
+        """Blocks to cut `columns` output columns into (0: no split)."""
+        parts = min(len(self.streams), columns // self.MIN_COLUMNS)
+        return parts if parts > 1 else 0
+
+    def columns(self, columns: int, block) -> Array:
+        """block(lo, hi) for column blocks [lo, hi), each on its stream, joined
+        along the last axis on the current stream."""
+        parts = self.parts(columns)
+        cuts = [columns * j // parts for j in range(parts + 1)]
+        outs = []
+        for j in range(parts):
+            with device.on_stream(self.streams[j]):
+                outs.append(block(cuts[j], cuts[j + 1]))
+        return ops.concatenate(outs, axis=-1)
+
+
+
+def split_layers(root: Module, split: MatmulSplit) -> Module:
+    """A twin of the module tree whose linear layers (and fused layers, and a
+    tied output projection) compute with `split`: mlx-lm's way of swapping in
+    sharded linear layers. The twin shares every array with `root` (and its
+    derived arrays: call `root.prepare()` first); it holds no memory of its own
+    and is simply dropped, never closed. Made again when `root`'s modules or
+    parameters change."""
+    twins: dict[int, Module] = {}
+
+    def twin(m: Module) -> Module:
+        if id(m) in twins:
+            return twins[id(m)]
+        t = copy.copy(m)
+        twins[id(m)] = t
+        for name, value in m.children():
+            if isinstance(value, Module):
+                setattr(t, name, twin(value))
+            elif isinstance(value, list):
+                setattr(t, name, [twin(v) for v in value])
+        if isinstance(t, _SPLITTABLE):
+            t._split = split
+        memo = m.__dict__.get("_memo")
+        if memo is not None:
+            # derived arrays are shared; a fused layer is twinned, keyed by the twins
+            t._memo = {name: ((tuple(twins.get(id(k), k) for k in key), twin(v)) if isinstance(v, Module)
+                              else (key, v)) for name, (key, v) in memo.items()}
+        return t
+
+    return twin(root)
 
 
 class QuantizedLinear(Module):
@@ -243,7 +333,7 @@ class QuantizedLinear(Module):
             self.bias = bias
 
     def __call__(self, x: Array) -> Array:
-        y = ops.quantized_matmul(x, self.weight, self.scales, self.biases, True, self._group_size, self._bits)
+        y = quantized_dense(x, self)
         bias = getattr(self, "bias", None)
         return y + bias if bias is not None else y
 
@@ -264,7 +354,7 @@ class Embedding(Module):
 
     def as_linear(self, x: Array) -> Array:
         """Tied output projection: x @ E^T."""
-        return ops.matmul(x, weight_t(self))
+        return dense(x, weight_t(self), None, self.__dict__.get("_split"))
 
     def derived_arrays(self) -> list[Array]:
         return [weight_t(self)]
@@ -280,7 +370,11 @@ class QuantizedEmbedding(Module):
                               ops.take(self.biases, ids, 0), self._group_size, self._bits)
 
     def as_linear(self, x: Array) -> Array:
-        return ops.quantized_matmul(x, self.weight, self.scales, self.biases, True, self._group_size, self._bits)
+        return quantized_dense(x, self)
+
+
+# layers that take a MatmulSplit (see split_layers)
+_SPLITTABLE = (Linear, QuantizedLinear, Embedding, QuantizedEmbedding)
 
 
 class RMSNorm(Module):

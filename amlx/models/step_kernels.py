@@ -8,7 +8,7 @@ the product), in every layer. They compute in float32 and round to the
 activation dtype where the plain ops' results are rounded (the residual sum,
 the normalised value), so they agree with those ops to the last bit or one
 rounding step. Used only on MLX's CUDA backend in decode steps (see
-`decode_attention.enabled`); everywhere else the plain ops run.
+the engine's `decode_kernel` option); everywhere else the plain ops run.
 """
 
 from __future__ import annotations

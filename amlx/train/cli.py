@@ -12,9 +12,13 @@ import argparse
 import asyncio
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amlx.train.lora import DEFAULT_TARGETS
+
+if TYPE_CHECKING:
+    import amlx
+    from amlx.train.trainer import TrainingEvent
 
 EXAMPLE = "amlx lora Qwen/Qwen3-0.6B --data train.jsonl --iters 200 --learning-rate 1e-4 --adapter-path adapters"
 
@@ -68,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _options(args) -> dict:
+def _options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         iters=args.iters, batch_size=args.batch_size, learning_rate=args.learning_rate,
         lr_schedule=args.lr_schedule, warmup=args.warmup, min_lr=args.min_lr, weight_decay=args.weight_decay,
@@ -99,9 +103,9 @@ class _Progress:
         else:
             print(text, flush=True)
 
-    def show(self, ev) -> None:
+    def show(self, ev: TrainingEvent) -> None:
         if self._bar is None and not self._plain:
-            from tqdm import tqdm
+            from tqdm import tqdm  # type: ignore[import-untyped]
 
             self._bar = tqdm(total=self._iters, desc="lora", unit="step", dynamic_ncols=True)
         if ev.kind == "step":
@@ -129,7 +133,7 @@ class _Progress:
             self._plain = True  # anything after the bar is plain text
 
 
-def _interrupt_cancels(task: asyncio.Task) -> bool:
+def _interrupt_cancels(task: asyncio.Task[Any]) -> bool:
     """Ctrl-C cancels `task` (not the process) from now on; False where signal
     handlers cannot be set (Windows, not the main thread)."""
     try:
@@ -139,7 +143,7 @@ def _interrupt_cancels(task: asyncio.Task) -> bool:
         return False
 
 
-async def _train(model, args) -> bool:
+async def _train(model: amlx.Model, args: argparse.Namespace) -> bool:
     """Runs the training; False when Ctrl-C stopped it (the adapter so far then saved)."""
     progress = _Progress(args.iters, args.no_progress)
     run = model.train_lora(args.data, **_options(args))
@@ -166,7 +170,7 @@ async def _train(model, args) -> bool:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
 
 
-async def _run(args) -> int:
+async def _run(args: argparse.Namespace) -> int:
     import amlx
     from amlx.hub import resolve_model
 

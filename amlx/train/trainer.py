@@ -7,7 +7,7 @@
 
 Every piece of MLX work (reading the data, adding the LoRA layers, each
 training step with its evaluation and checkpoint) is one job on amlx's worker
-thread (`Worker.run`), so the event loop never blocks and generation requests
+thread (`Engine.run`), so the event loop never blocks and generation requests
 on the same model interleave with the steps. Cancelling the consuming task (or
 `aclose()`, or leaving an `async with`) stops the run after the step in
 flight; the adapter trained so far stays on the model.
@@ -163,14 +163,6 @@ _TRAINING: "weakref.WeakSet" = weakref.WeakSet()
 _TRAINING_LOCK = threading.Lock()
 
 
-def _refresh_decode_step(model) -> None:
-    """The engine's compiled decode step holds the weights it was traced with;
-    after the adapter changed, it must trace again (worker thread)."""
-    sched = getattr(model, "_scheduler", None)
-    if sched is not None:
-        sched.weights_changed()
-
-
 def _loss_with_dropout(model, inputs, targets, mask, key):
     _lora.set_dropout_keys(model, key)
     try:
@@ -186,10 +178,9 @@ class TrainingRun:
         self._model = model
         self._data = data
         self.options = options
-        self._worker = model._worker
-        self._lm = model._loaded.model
+        self._engine = model.engine
+        self._lm = model.engine.model
         self._events: deque[TrainingEvent] = deque()
-        self._started = False
         self._finished = False
         self._stopped = False
         self.step = 0
@@ -211,7 +202,7 @@ class TrainingRun:
             try:
                 job = self._advance if self._setup_sent else self._setup
                 self._setup_sent = True
-                self._events.extend(await self._worker.run(job))
+                self._events.extend(await self._engine.run(job))
             except BaseException:
                 # cancelled (the job in flight still runs to its end) or failed: no further steps
                 self._stop()
@@ -243,19 +234,32 @@ class TrainingRun:
     def finished(self) -> bool:
         return self._finished
 
+    async def save(self) -> Path | None:
+        """Saves the adapter as trained so far to `adapter_path`, also after the run
+        was stopped (a stop lets the step in flight end first: it is included).
+        Returns the weights file written; None when no step has run or there is no
+        adapter_path."""
+        def job() -> Path | None:
+            if self.adapter_path is None or self.step == 0:
+                return None
+            self._check_open()
+            return Path(self._save(checkpoint=False).path)
+
+        return await self._engine.run(job)
+
     def _stop(self) -> None:
         if self._finished or self._stopped:
             return
         self._stopped = True
         if self._setup_sent:
             # queued behind the job in flight: releases the model for another run
-            self._worker.submit(self._teardown)
+            self._engine.submit_job(self._teardown)
 
     def _teardown(self) -> None:
         if not self._owns_guard:
             return
         if not self._model.closed:
-            _refresh_decode_step(self._model)
+            self._engine.weights_changed()
         with _TRAINING_LOCK:
             _TRAINING.discard(self._lm)
         self._owns_guard = False
@@ -274,7 +278,6 @@ class TrainingRun:
                 raise RuntimeError("this model is already being trained by another train_lora run")
             _TRAINING.add(self._lm)
         self._owns_guard = True
-        self._started = True
         try:
             return self._prepare(opts)
         except BaseException:
@@ -283,7 +286,7 @@ class TrainingRun:
 
     def _prepare(self, opts: TrainOptions) -> list[TrainingEvent]:
         tok = self._model.tokenizer
-        max_len = min(opts.max_seq_len, self._model._max_context)
+        max_len = min(opts.max_seq_len, self._engine.max_context)
         train_src, val_src = _resolve_data(self._data, opts.val_data)
         self.train_set = _data.load_dataset(train_src, tok, max_len, opts.truncate)
         self.val_set = None if val_src is None else _data.load_dataset(val_src, tok, max_len, opts.truncate)
@@ -293,7 +296,7 @@ class TrainingRun:
         lm = self._lm
         resume_dir = self.adapter_path if opts.resume else None
         if resume_dir is not None and (resume_dir / _lora.ADAPTER_WEIGHTS).is_file():
-            _lora.load_adapter(lm, resume_dir, self._model._loaded.config)
+            _lora.load_adapter(lm, resume_dir, self._model.config)
         elif not _lora.lora_modules(lm):
             _lora.apply_lora(lm, opts.rank, opts.alpha, opts.dropout, opts.targets, opts.num_layers, opts.layers,
                              opts.use_rslora, opts.seed)
@@ -312,7 +315,7 @@ class TrainingRun:
             next(self._batches)  # a resumed run goes on with the batches it had not seen
         self._key = random.key(opts.seed + 1)
         self._vg = value_and_grad(lm, _loss_with_dropout if opts.dropout else causal_lm_loss)
-        _refresh_decode_step(self._model)
+        self._engine.weights_changed()  # the compiled decode step traced the weights without the adapter
         self._t0 = time.perf_counter()
         events = []
         if self.val_set is not None and self.step < opts.iters:
@@ -357,7 +360,7 @@ class TrainingRun:
         self.step = opt.step
         self.trained_tokens += batch.trained
         self.losses.append(loss_value)
-        _refresh_decode_step(self._model)  # generation between steps sees the adapter as it is now
+        self._engine.weights_changed()  # generation between steps sees the adapter as it is now
         return TrainingEvent("step", self.step, self.options.iters, loss=loss_value, learning_rate=lr,
                              tokens=batch.tokens, trained_tokens=self.trained_tokens,
                              tokens_per_second=batch.tokens / took if took > 0 else 0.0,
@@ -388,8 +391,7 @@ class TrainingRun:
 
     def _save(self, checkpoint: bool) -> TrainingEvent:
         d = self.adapter_path
-        cfg = self._model._loaded.config
-        base = {"architecture": cfg["arch"], "path": str(self._model._loaded.path)}
+        base = {"architecture": self._model.info.architecture, "path": self._model.info.path}
         _lora.save_adapter(self._lm, d, base_model=base)
         path = d / _lora.ADAPTER_WEIGHTS
         if checkpoint:

@@ -1,25 +1,13 @@
-"""Generation for one request at a time, and the pieces the engine shares with it.
-
-`TextAssembler` turns sampled ids into `Token`s: streaming detokenization, EOS,
-stop strings (held back until they can no longer start a stop string, never
-emitted), and max_tokens. `generate_tokens` is the synchronous single-request
-loop (prefill in chunks, then decode step by step); the engine batches the same
-steps for many requests.
-"""
+"""Sampled ids in, `Token`s out, for one request: streaming detokenization,
+EOS, stop strings (held back until they can no longer start a stop string,
+never emitted) and max_tokens; and the context-length check that decides how
+many tokens a prompt leaves room for."""
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
-
-import numpy as np
-
-from amlx._mlx import Array, array, ops
-from amlx._mlx import int32 as _int32
 from amlx.errors import ContextLengthError
 from amlx.tokenizer import Tokenizer
 from amlx.types import GenerationOptions, Token
-
-PREFILL_CHUNK = 2048
 
 
 class TextAssembler:
@@ -78,52 +66,3 @@ def check_context(prompt_len: int, max_context: int) -> int:
         raise ContextLengthError(f"the prompt has {prompt_len} tokens but the context holds {max_context} "
                                  f"(including at least one generated token)")
     return max_context - prompt_len
-
-
-def prefill(model, cache, ids: Sequence[int], start: int = 0, chunk: int = PREFILL_CHUNK) -> Array:
-    """Runs the prompt through the model in chunks; returns the last position's logits (1, V)."""
-    logits = None
-    for i in range(0, len(ids), chunk):
-        part = ids[i:i + chunk]
-        if i + chunk < len(ids):
-            model(array(np.asarray([part], dtype=np.int32)), cache, start + i)
-            ops.eval(*[a for c in cache for a in c.state()])
-            continue
-        out = model(array(np.asarray([part], dtype=np.int32)), cache, start + i,
-                    last=array(np.asarray([len(part) - 1], dtype=np.int32)))
-        logits = ops.reshape(out, (1, out.shape[2]))
-    return logits
-
-
-def generate_tokens(model, tokenizer: Tokenizer, prompt_ids: Sequence[int], options: GenerationOptions,
-                    max_context: int, eos_ids: frozenset[int] | None = None) -> Iterator[Token]:
-    """Generates for one request, synchronously, on the calling thread."""
-    from amlx.sample import BatchSampling, RowSampling
-
-    room = check_context(len(prompt_ids), max_context)
-    eos = tokenizer.eos_token_ids if eos_ids is None else eos_ids
-    out = TextAssembler(tokenizer, options, eos, max_new=room)
-    sampler = BatchSampling([RowSampling(options, list(prompt_ids))])
-    cache = model.make_cache()
-    try:
-        logits = prefill(model, cache, prompt_ids)
-        pos = len(prompt_ids)
-        while True:
-            step = sampler(logits)
-            tokens, logprobs = step.tokens, step.logprobs
-            for c in cache:
-                c.reserve(pos + 1)
-            ops.async_eval(tokens, logprobs, *sampler.state())
-            tid = int(tokens.item())
-            lp = float(logprobs.item()) if options.logprobs else None
-            tok = out.push(tid, lp)
-            yield tok
-            if out.finished:
-                return
-            logits = model(ops.reshape(tokens.astype(_int32), (1, 1)), cache, array(np.array([pos], np.int32)))
-            logits = ops.reshape(logits, (1, logits.shape[2]))
-            pos += 1
-    finally:
-        sampler.close()
-        for c in cache:
-            c.close()

@@ -1,0 +1,148 @@
+"""`Engine`: the one front door of the engine for one loaded model.
+
+It takes prompts as token ids and hands back a `RequestStream` per request
+(`submit`), cancels requests (`abort`), reports counters (`stats`) and shuts
+down (`close` / `aclose`). Behind it: the scheduler (continuous batching on the
+worker thread), each request's streaming detokenizer and sampling state, and
+the channel that carries its tokens to the consumer. `amlx.Model` turns prompts
+into ids and wraps the streams; training runs its jobs through `run`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from amlx.engine.assembler import TextAssembler, check_context
+from amlx.engine.channel import Channel
+from amlx.engine.placement import EngineOptions, Placement
+from amlx.engine.request import Request, RequestStream
+from amlx.sample import RowSampling
+from amlx.engine.scheduler import Scheduler
+from amlx.engine.worker import Worker
+from amlx.errors import ClosedError
+from amlx.types import GenerationOptions
+
+
+class Engine:
+    """Serves one model: any number of concurrent requests, decoded together.
+
+    `model`: the CausalLM (the engine owns it from now on and frees it on close);
+    `tokenizer`: for streaming detokenization; `eos_ids`: ids that end a stream;
+    `vocab_size`: prompt ids must lie below it; `max_context`: prompt plus
+    generated tokens per request. Every method may be called from any thread;
+    none blocks on MLX except `close` and `run_sync`, which wait for the worker."""
+
+    def __init__(self, model, tokenizer, *, eos_ids: frozenset[int], vocab_size: int, max_batch_size: int,
+                 max_context: int, worker: Worker | None = None, shards: int | None = None,
+                 options: EngineOptions | None = None, placement: Placement | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(eos_ids)
+        self.vocab_size = vocab_size
+        self.max_batch_size = max_batch_size
+        self.max_context = max_context
+        self._worker = Worker.get() if worker is None else worker
+        # the engine's device, streams and switches (placement.py): `placement`, if the
+        # weights were loaded on it already, else made here from `options`
+        self.scheduler = Scheduler(model, max_batch_size, self._worker.wake, shards=shards, options=options,
+                                   placement=placement)
+        self.placement = self.scheduler.placement
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._worker.add_scheduler(self.scheduler)
+
+    # -- requests ---------------------------------------------------------------
+    def check_prompt(self, prompt_ids: list[int]) -> int:
+        """Validates prompt ids (inside the vocabulary, fitting the context); returns
+        the room left for generated tokens. ValueError / ContextLengthError."""
+        room = check_context(len(prompt_ids), self.max_context)  # first: it costs nothing
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return room
+
+    def submit(self, prompt_ids: list[int], options: GenerationOptions) -> RequestStream:
+        """Queues a request and returns its stream (ClosedError once closed). Any thread."""
+        if self._closed:
+            raise ClosedError("the model is closed")
+        ids = list(prompt_ids)
+        room = self.check_prompt(ids)
+        options.check_vocab(self.vocab_size)
+        channel = Channel(options.max_buffer, self._worker.wake)
+        req = Request(ids, options, channel, TextAssembler(self.tokenizer, options, self.eos_ids, max_new=room),
+                      RowSampling(options, ids))
+        self.scheduler.add(req)
+        return RequestStream(req)
+
+    def abort(self, stream: RequestStream) -> None:
+        """Cancels a request: it leaves before the next decode step and its memory is freed."""
+        stream.cancel()
+
+    def stats(self) -> dict:
+        """Requests, token counters, the recent decoding rate and MLX memory (bytes).
+
+        tokens_per_second: tokens over the time the engine spent working in the
+        last 10 seconds (idle time does not count; 0 after 10 idle seconds)."""
+        from amlx._mlx import memory
+
+        s = self.scheduler
+        counts = s.counts()
+        return {"active_requests": counts["active"], "waiting_requests": counts["waiting"],
+                "tokens_generated": s.tokens_generated, "decode_steps": s.decode_steps,
+                "tokens_per_second": s.rate.rate(), "memory": memory.counters()}
+
+    # -- jobs on the worker thread ------------------------------------------------
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """Runs `fn` on the worker thread (between decode rounds) and awaits its result;
+        the event loop stays free. A cancelled caller leaves the job to run to its end."""
+        return await self._worker.run(self._at_home(fn))
+
+    def run_sync(self, fn: Callable[[], Any]) -> Any:
+        """`run` for blocking code (on the worker thread itself, `fn` runs at once)."""
+        return self._worker.run_sync(self._at_home(fn))
+
+    def submit_job(self, fn: Callable[[], Any]):
+        """Queues `fn` on the worker without waiting; returns a concurrent.futures.Future."""
+        return self._worker.submit(self._at_home(fn))
+
+    def _at_home(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """`fn` with its MLX work on the engine's home stream (its device)."""
+        def job():
+            with self.placement.on():
+                return fn()
+        return job
+
+    def weights_changed(self) -> None:
+        """The model's parameters or modules were replaced (e.g. an adapter trained a
+        step): the compiled decode step is traced again. Any thread."""
+        self._worker.run_sync(self.scheduler.weights_changed)
+
+    # -- lifetime -------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        """On the worker: end every request with ClosedError, free caches and weights."""
+        with self.placement.on():
+            self.scheduler.shutdown()
+            self._worker.remove_scheduler(self.scheduler)
+            self.model.close()
+        self.placement.release()
+
+    def _begin_close(self) -> bool:
+        with self._close_lock:
+            if self._closed:
+                return False
+            self._closed = True
+            return True
+
+    async def aclose(self) -> None:
+        """Ends pending streams with ClosedError and frees the model (idempotent)."""
+        if self._begin_close():
+            await self._worker.run(self._shutdown)
+
+    def close(self) -> None:
+        if self._begin_close():
+            self._worker.run_sync(self._shutdown)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed

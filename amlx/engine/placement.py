@@ -1,0 +1,119 @@
+"""Where an engine computes: its device, its MLX streams, and the options read
+once when the engine is built.
+
+Each engine (one per loaded model) has a device of its own and streams of its
+own on it; every MLX call of its model (loading the weights, prefill, decode
+steps, sampling, closing) runs inside `on_stream` of one of them, so two models
+on different devices, or with different shard counts, never move each other's
+work. Nothing here sets the process-wide default device.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
+
+from amlx._mlx import device as mxdevice
+from amlx.models import decode_attention
+from amlx.models.nn import MatmulSplit
+
+MAX_SHARDS = 8  # more would leave each shard too few rows to use its core well
+
+
+def default_shards() -> int:
+    """Shards of a CPU engine's running batch: one per core (at most MAX_SHARDS)."""
+    return max(1, min(mxdevice.cpu_cores(), MAX_SHARDS))
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, not {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, not {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Engine settings fixed when the engine is built (internal; `amlx.load`
+    passes the device). None means "choose for the device"; `resolved` fills
+    them in, reading the benchmark overrides AMLX_DECODE_KERNEL (0/1),
+    AMLX_KV_BLOCK and AMLX_SHARDS once, at that moment and never per call.
+
+    - device: "cpu" or "gpu".
+    - shards: the running batch is split into this many shards, each decoding
+      on a stream of its own (one per core on the CPU, at most 8; 1 on a GPU,
+      where one stream already keeps it busy).
+    - decode_kernel: decode steps use the CUDA decode kernels (default: where
+      MLX runs on CUDA and the device is the GPU).
+    - kv_block: KV cache growth step in slots (default: 256 with the decode
+      kernel, which reads only filled slots; 64 where attention reads the
+      whole capacity)."""
+
+    device: str = "cpu"
+    shards: int | None = None
+    decode_kernel: bool | None = None
+    kv_block: int | None = None
+
+    def resolved(self) -> "EngineOptions":
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', not {self.device!r}")
+        available = decode_attention.available(self.device)
+        kernel = self.decode_kernel
+        env = os.environ.get("AMLX_DECODE_KERNEL")
+        if env in ("0", "1"):
+            kernel = env == "1"
+        kernel = available if kernel is None else (kernel and available)
+        shards = _env_int("AMLX_SHARDS") or self.shards
+        if shards is None:
+            shards = default_shards() if self.device == "cpu" else 1
+        block = _env_int("AMLX_KV_BLOCK") or self.kv_block or (256 if kernel else 64)
+        for name, value in (("shards", shards), ("kv_block", block)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
+        return replace(self, shards=shards, decode_kernel=kernel, kv_block=block)
+
+
+class Placement:
+    """An engine's device and streams: one per shard, the first the engine's
+    home stream (prefill, sampling, loading and closing run there). Made on the
+    thread that will use the streams (the worker), from resolved options."""
+
+    def __init__(self, options: EngineOptions):
+        self.device = options.device
+        self.streams = [_take_stream(options.device) for _ in range(options.shards or 1)]
+        self._released = False
+        self.home = self.streams[0]
+        # A lone row leaves the other cores idle: its matmuls can be split over the streams.
+        self.split = MatmulSplit(self.streams) if options.device == "cpu" and len(self.streams) > 1 else None
+
+    def on(self, index: int = 0) -> AbstractContextManager[None]:
+        """A block whose MLX work runs on stream `index` (default: home)."""
+        return mxdevice.on_stream(self.streams[index])
+
+    def release(self) -> None:
+        """Hands the streams back for later engines (when this one has closed;
+        idempotent). MLX caches compiled functions per stream, each entry keeping
+        a few bytes of constants for the life of the process: engines that come
+        and go reuse streams, so that cache stays as small as for one engine."""
+        if not self._released:
+            # (a closed engine's scheduler may still be asked for a round: it has no
+            # work left, and only this thread queues on the streams, so they stay usable)
+            self._released = True
+            _FREE.setdefault(self.device, []).extend(reversed(self.streams))
+
+
+# Streams of closed engines, per device (streams belong to the thread that made
+# them: engines are made and closed on the worker thread).
+_FREE: dict[str, list[mxdevice.Stream]] = {}
+
+
+def _take_stream(device: str) -> mxdevice.Stream:
+    free = _FREE.get(device)
+    return free.pop() if free else mxdevice.new_stream(device)
