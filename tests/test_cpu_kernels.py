@@ -92,6 +92,22 @@ def test_quantized_gemv_matches_numpy(m, groups, n, seed, bits, group, sdtype, i
     _close(y, xf @ wf.T, np.abs(xf) @ np.abs(wf).T)
 
 
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([0, 4, 8]), threads=st.integers(1, 3))
+def test_a_row_does_not_depend_on_the_other_rows(seed, bits, threads) -> None:
+    # batching never changes a request's result: row i of an 8-row product is bitwise row i alone
+    ck.set_threads(threads)
+    rng = np.random.default_rng(seed)
+    x = mx.array(rng.standard_normal((ck.MAX_ROWS, 256)).astype(np.float32))
+    w = O.astype(mx.array(rng.standard_normal((48, 256)).astype(np.float32)), mx.bfloat16)
+    q = O.quantize(w, 64, bits) if bits else (w,)
+    kw = {"group_size": 64, "bits": bits} if bits else {}
+    full = np.asarray(ck.gemv(x, *q, **kw))
+    for i in range(ck.MAX_ROWS):
+        alone = np.asarray(ck.gemv(O.slice(x, (i, 0), (i + 1, 256)), *q, **kw))
+        assert np.array_equal(alone[0], full[i])
+
+
 def test_leading_axes_are_kept() -> None:
     rng = np.random.default_rng(0)
     x = mx.array(rng.standard_normal((2, 3, 64)).astype(np.float32))

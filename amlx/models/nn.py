@@ -12,6 +12,7 @@ import copy
 from typing import Iterator
 
 from amlx._mlx import Array, device, fast, ops
+from amlx.models import cpu_matmul
 
 
 class Module:
@@ -210,6 +211,9 @@ class Linear(Module):
             self.bias = bias
 
     def __call__(self, x: Array) -> Array:
+        y = cpu_matmul.few_rows(x, self)
+        if y is not None:
+            return y + self.bias if hasattr(self, "bias") else y
         return dense(x, weight_t(self), getattr(self, "bias", None), self.__dict__.get("_split"))
 
     def derived_arrays(self) -> list[Array]:
@@ -250,6 +254,9 @@ def quantized_dense(x: Array, layer: Module) -> Array:
     """x @ W^T for a layer in MLX's packed quantized format (weight, scales and
     biases (out, ...)); with the layer's split, in column blocks: output column j
     is row j of each packed array, so row blocks are views."""
+    y = cpu_matmul.few_rows(x, layer)
+    if y is not None:
+        return y
     q = (layer._group_size, layer._bits)
     split = layer.__dict__.get("_split")
     out = layer.weight.shape[0]
@@ -354,6 +361,9 @@ class Embedding(Module):
 
     def as_linear(self, x: Array) -> Array:
         """Tied output projection: x @ E^T."""
+        y = cpu_matmul.few_rows(x, self)
+        if y is not None:
+            return y
         return dense(x, weight_t(self), None, self.__dict__.get("_split"))
 
     def derived_arrays(self) -> list[Array]:

@@ -7,8 +7,8 @@
 //   W quantized values from element k as floats (0..255 / 0..15).
 //
 // Decode is bound by reading the weights: every kernel streams a weight row
-// once for all M rows of x, converting in registers, and keeps M (x2 for
-// M <= 2) independent accumulators so FMA latency stays hidden.
+// once for all M rows of x, converting in registers, and keeps 2M
+// independent accumulators so FMA latency stays hidden.
 //
 // Quantized rows use sum_k x_k (s q_k + b) = s * sum_k x_k q_k + b * sum_k x_k:
 // the inner loop is one FMA per value; the group sums of x come precomputed.
@@ -24,7 +24,9 @@ template <class T, int M, int WK>
 void dense_rows(const Job& j, int n0, int n1) {
   using V = typename T::V;
   constexpr int W = T::W;
-  constexpr int U = M <= 2 ? 2 : 1;  // unroll: independent chains for one or two rows
+  // Two chains per row hide FMA latency for one row; the same for every M, so a
+  // row's sum is computed in one order (batching never changes a row's result).
+  constexpr int U = 2;
   const long K = j.K;
   const int esize = WK == F32 ? 4 : 2;
   for (int n = n0; n < n1; ++n) {
@@ -45,7 +47,7 @@ void dense_rows(const Job& j, int n0, int n1) {
     }
     for (int m = 0; m < M; ++m) {
       V a = acc[0][m];
-      if (U == 2) a = T::add(a, acc[U - 1][m]);
+      a = T::add(a, acc[1][m]);
       float s = T::hsum(a);
       for (long t = k; t < K; ++t) s += load_scalar(row, WK, t) * j.x[m * K + t];
       j.y[(long)m * j.N + n] = s;
