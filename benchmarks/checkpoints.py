@@ -207,8 +207,11 @@ def _gemma3_text(release: str, **shape: Any) -> dict[str, Any]:
     return spec
 
 
-# Shapes from the releases' config.json (Qwen/Qwen3-8B; google/gemma-3-4b-it and
+# Shapes from the releases' config.json (Qwen/Qwen3-1.7B, Qwen/Qwen3-8B; google/gemma-3-4b-it and
 # google/gemma-3-27b-it, text_config).
+MODELS["qwen3-1.7b"] = _qwen3_large(
+    "Qwen/Qwen3-1.7B", hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, max_window_layers=28,
+    num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
 MODELS["qwen3-8b"] = _qwen3_large(
     "Qwen/Qwen3-8B", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, max_window_layers=36,
     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
