@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstring>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -142,23 +143,37 @@ int kind_of(mx::Dtype d) {
   throw std::invalid_argument("cpu_gemv: weights, scales and biases must be float32, float16 or bfloat16");
 }
 
+// `a` (2-D) as row-major data: its own buffer when it is row-contiguous (a
+// block of rows of a weight is), else a packed copy in `tmp`.
+const void* packed(const mx::array& a, std::vector<char>& tmp) {
+  if (a.flags().row_contiguous) return a.data<void>();
+  const size_t item = a.itemsize(), rows = a.shape(0), cols = a.shape(1);
+  tmp.resize(rows * cols * item);
+  const char* src = a.data<char>();
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t c = 0; c < cols; ++c)
+      std::memcpy(&tmp[(r * cols + c) * item], src + (r * a.strides(0) + c * a.strides(1)) * item, item);
+  return tmp.data();
+}
+
 // The rows of one job, split into blocks of output rows over the pool.
 void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int group) {
   const mx::array& x = in[0];
+  std::vector<char> tmp[4];
   gv::Job j{};
-  j.x = x.data<float>();
+  j.x = static_cast<const float*>(packed(x, tmp[0]));
   j.M = x.shape(0);
   j.K = x.shape(1);
   j.N = out.shape(1);
-  j.w = in[1].data<void>();
+  j.w = packed(in[1], tmp[1]);
   j.wkind = bits ? 0 : kind_of(in[1].dtype());
   j.bits = bits;
   j.group = group;
   j.y = out.data<float>();
   std::vector<float> xsum;
   if (bits) {
-    j.scales = in[2].data<void>();
-    j.biases = in[3].data<void>();
+    j.scales = packed(in[2], tmp[2]);
+    j.biases = packed(in[3], tmp[3]);
     j.skind = kind_of(in[2].dtype());
     const int G = j.K / group;
     xsum.assign((size_t)j.M * G, 0.0f);
@@ -180,9 +195,6 @@ class CpuGemv : public mx::UnaryPrimitive {
   CpuGemv(mx::Stream s, int bits, int group) : mx::UnaryPrimitive(s), bits_(bits), group_(group) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    for (const auto& a : inputs) {
-      if (!a.flags().row_contiguous) throw std::runtime_error("cpu_gemv: inputs must be row-contiguous");
-    }
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (const auto& a : inputs) encoder.set_input_array(a);
@@ -225,11 +237,6 @@ class CpuGemv : public mx::UnaryPrimitive {
   int bits_, group_;
 };
 
-mx::array row_contiguous(const mx::array& a, mx::Stream s) {
-  if (a.is_available() && a.flags().row_contiguous) return a;
-  return mx::contiguous(a, false, s);
-}
-
 void check_args(const mx::array& x, const mx::array& w, const mx::array* scales, int bits, int group) {
   if (x.ndim() < 1 || w.ndim() != 2) throw std::invalid_argument("cpu_gemv: x must have a last axis and w be 2-D");
   const int K = x.shape(-1);
@@ -264,11 +271,12 @@ mx::array mlxc::cpu_gemv(const mx::array& x, const mx::array& w, const mx::array
   check_args(x, w, scales_biases, bits, group);
   const int K = x.shape(-1), N = w.shape(0), M = (int)(x.size() / K);
   mx::Dtype out_type = mx::promote_types(x.dtype(), bits ? scales_biases[0].dtype() : w.dtype());
-  std::vector<mx::array> inputs{row_contiguous(mx::astype(mx::reshape(x, {M, K}, s), mx::float32, s), s),
-                                row_contiguous(w, s)};
+  // Inputs are taken as they are (a block of a weight's rows is a view, not a
+  // copy); eval packs the rare strided one (packed()).
+  std::vector<mx::array> inputs{mx::astype(mx::reshape(x, {M, K}, s), mx::float32, s), w};
   if (bits) {
-    inputs.push_back(row_contiguous(scales_biases[0], s));
-    inputs.push_back(row_contiguous(scales_biases[1], s));
+    inputs.push_back(scales_biases[0]);
+    inputs.push_back(scales_biases[1]);
   }
   mx::array y(mx::Shape{M, N}, mx::float32, std::make_shared<CpuGemv>(s, bits, group), std::move(inputs));
   mx::Shape shape = x.shape();
