@@ -295,7 +295,9 @@ class _Pool:
         half = data.size // 2
         while nbytes > 0:
             take = min(nbytes, half)
-            start = int(self.rng.integers(0, data.size - take + 1))
+            # on a whole element (4 bytes covers bf16 and uint32): an odd byte offset
+            # would pair the halves of neighbouring values into NaNs and huge numbers
+            start = int(self.rng.integers(0, data.size - take + 1)) & ~3
             f.write(memoryview(data[start:start + take]))
             nbytes -= take
 
