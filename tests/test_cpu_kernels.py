@@ -150,3 +150,30 @@ def test_bad_arguments_raise(make, match) -> None:
 def test_unknown_isa_is_refused() -> None:
     with pytest.raises(MLXError, match="not supported"):
         ck.set_isa("sse9")
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9, 40])
+@pytest.mark.parametrize("kind", ["bfloat16", "q8", "q4"])
+def test_layers_use_the_kernels_for_few_rows(rows, kind, monkeypatch) -> None:
+    # amlx/models/cpu_matmul: <= 8 rows through CpuGemv, more rows in float32 through MLX's
+    # matmul (BLAS); against float64 numpy, and of the shape and dtype of the plain MLX way
+    from amlx.models import cpu_matmul, nn
+
+    rng = np.random.default_rng(rows)
+    w = O.astype(mx.array(rng.standard_normal((96, 128)).astype(np.float32)), mx.bfloat16)
+    if kind == "bfloat16":
+        layer, wf = nn.Linear(w), _as_f64(w)
+    else:
+        bits = int(kind[1])
+        q = O.quantize(w, 64, bits)
+        layer, wf = nn.QuantizedLinear(*q, 64, bits), _unpack(*q, 64, bits)
+    x = O.astype(mx.array(rng.standard_normal((rows, 128)).astype(np.float32)), mx.bfloat16)
+    got = layer(x)
+    assert ("CpuGemv" in O.graph_summary(got)[1]) == (rows <= ck.MAX_ROWS)
+    xf = _as_f64(x)
+    err = np.abs(_as_f64(got) - xf @ wf.T)
+    assert np.all(err <= 2.0 ** -7 * (np.abs(xf) @ np.abs(wf).T))  # one bf16 rounding of the result
+    monkeypatch.setattr(cpu_matmul, "ENABLED", False)
+    plain = layer(x)
+    assert "CpuGemv" not in O.graph_summary(plain)[1]
+    assert (got.dtype, got.shape) == (plain.dtype, plain.shape)
