@@ -154,7 +154,7 @@ def measure_llama(path: str, repeats: int) -> dict:
 
     threads = len(os.sched_getaffinity(0))
     llm = llama_cpp.Llama(path, n_ctx=2048, n_batch=PREFILL, n_ubatch=PREFILL, n_threads=threads,
-                          n_threads_batch=threads, n_seq_max=STREAMS, verbose=False)
+                          n_threads_batch=threads, verbose=False)
     list(zip(range(4), llm.generate(_prompts(1, 8, 9)[0], temp=0.0)))  # warm
     out: dict = {"decode": [], "prefill": [], "aggregate": []}
     for r in range(repeats):
@@ -167,18 +167,21 @@ def measure_llama(path: str, repeats: int) -> dict:
         t = time.perf_counter()
         llm.eval(_prompts(1, PREFILL, 100 + r)[0])
         out["prefill"].append(PREFILL / (time.perf_counter() - t))
-        out["aggregate"].append(_llama_streams(llm, _prompts(STREAMS, DECODE_PROMPT, 200 + r)))
+        out["aggregate"].append(_llama_streams(llm, _prompts(STREAMS, DECODE_PROMPT, 200 + r), threads))
     return {k: _best(v) for k, v in out.items()}
 
 
-def _llama_streams(llm, prompts: list[list[int]]) -> float:
+def _llama_streams(llm, prompts: list[list[int]], threads: int) -> float:
     """Greedy decoding of all prompts at once: one llama_decode per step with a token of each
-    sequence (llama.cpp's server slots). Returns generated tokens/s, prompts included in the time."""
+    sequence (llama.cpp's server slots), in a context of the same model made for that many
+    sequences. Returns generated tokens/s, prompts included in the time."""
     import llama_cpp
     import numpy as np
 
-    ctx, vocab = llm.ctx, llm.n_vocab()
-    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = 2048, PREFILL, PREFILL
+    params.n_seq_max, params.n_threads, params.n_threads_batch = len(prompts), threads, threads
+    ctx, vocab = llama_cpp.llama_init_from_model(llm.model, params), llm.n_vocab()
     batch = llama_cpp.llama_batch_init(sum(map(len, prompts)), 0, len(prompts))
 
     def decode(items: list[tuple[int, int, int, bool]]) -> list[int]:
@@ -200,6 +203,7 @@ def _llama_streams(llm, prompts: list[list[int]]) -> float:
         made += len(nxt)
     rate = made / (time.perf_counter() - t)
     llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
     return rate
 
 
