@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 from typing import Iterator
 
-from amlx._mlx import Array, device, fast, ops
+from amlx._mlx import Array, device, fast, float32, ops
+from amlx.models import cpu_matmul
 
 
 class Module:
@@ -210,6 +211,9 @@ class Linear(Module):
             self.bias = bias
 
     def __call__(self, x: Array) -> Array:
+        y = cpu_matmul.few_rows(x, self)
+        if y is not None:
+            return y + self.bias if hasattr(self, "bias") else y
         return dense(x, weight_t(self), getattr(self, "bias", None), self.__dict__.get("_split"))
 
     def derived_arrays(self) -> list[Array]:
@@ -228,6 +232,8 @@ def weight_t(module: Module) -> Array:
 def dense(x: Array, w_t: Array, bias: Array | None, split: "MatmulSplit | None" = None) -> Array:
     """x @ w_t (+ bias), w_t an (in, out) weight; with `split`, in column blocks
     on its streams."""
+    if cpu_matmul.widen(x):
+        return ops.astype(dense(ops.astype(x, float32), w_t, bias, split), x.dtype)
     if split is not None and split.parts(w_t.shape[1]):
         if bias is not None:
             return split.columns(w_t.shape[1], lambda lo, hi: ops.addmm(
@@ -250,7 +256,14 @@ def quantized_dense(x: Array, layer: Module) -> Array:
     """x @ W^T for a layer in MLX's packed quantized format (weight, scales and
     biases (out, ...)); with the layer's split, in column blocks: output column j
     is row j of each packed array, so row blocks are views."""
+    y = cpu_matmul.few_rows(x, layer)
+    if y is not None:
+        return y
     q = (layer._group_size, layer._bits)
+    if cpu_matmul.dequantize_first(x, layer):
+        w_t = ops.transpose(ops.dequantize(layer.weight, layer.scales, layer.biases, *q, dtype=float32))
+        y = dense(ops.astype(x, float32), w_t, None, layer.__dict__.get("_split"))
+        return ops.astype(y, x.dtype if x.dtype == layer.scales.dtype else float32)
     split = layer.__dict__.get("_split")
     out = layer.weight.shape[0]
     if split is not None and split.parts(out):
@@ -354,6 +367,9 @@ class Embedding(Module):
 
     def as_linear(self, x: Array) -> Array:
         """Tied output projection: x @ E^T."""
+        y = cpu_matmul.few_rows(x, self)
+        if y is not None:
+            return y
         return dense(x, weight_t(self), None, self.__dict__.get("_split"))
 
     def derived_arrays(self) -> list[Array]:
