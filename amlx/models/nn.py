@@ -211,10 +211,7 @@ class Linear(Module):
             self.bias = bias
 
     def __call__(self, x: Array) -> Array:
-        y = cpu_matmul.few_rows(x, self)
-        if y is not None:
-            return y + self.bias if hasattr(self, "bias") else y
-        return dense(x, weight_t(self), getattr(self, "bias", None), self.__dict__.get("_split"))
+        return linear(x, self)
 
     def derived_arrays(self) -> list[Array]:
         return [weight_t(self)]
@@ -222,6 +219,21 @@ class Linear(Module):
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
+
+
+def linear(x: Array, layer: Module, quantized: bool = False) -> Array:
+    """x W^T (+ b) for a layer holding a dense `weight` (or, with `quantized`, MLX's
+    packed weight, scales and biases) and an optional `bias`: the one computation
+    of every linear layer (adapters wrapping a layer call it too, so that their
+    base output is bit-identical to the plain layer's)."""
+    bias = getattr(layer, "bias", None)
+    if quantized:
+        y = quantized_dense(x, layer)
+    else:
+        y = cpu_matmul.few_rows(x, layer)
+        if y is None:
+            return dense(x, weight_t(layer), bias, layer.__dict__.get("_split"))
+    return y + bias if bias is not None else y
 
 
 def weight_t(module: Module) -> Array:
@@ -346,9 +358,7 @@ class QuantizedLinear(Module):
             self.bias = bias
 
     def __call__(self, x: Array) -> Array:
-        y = quantized_dense(x, self)
-        bias = getattr(self, "bias", None)
-        return y + bias if bias is not None else y
+        return linear(x, self, quantized=True)
 
     @property
     def out_features(self) -> int:
