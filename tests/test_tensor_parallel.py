@@ -154,32 +154,28 @@ def test_cancel_mid_stream(checkpoints):
     assert again == expected[3]
 
 
-def test_killed_rank_fails_requests_and_closes(checkpoints):
-    path = checkpoints["qwen3"]
+def failure(path, how: str, env: dict | None = None) -> dict:
+    """tests/helpers/tp_failure.py in a process of its own (see its docstring)."""
+    import json
+    import subprocess
+    import sys
 
-    async def go():
-        m = await amlx.load(path, device="cpu", tensor_parallel=2)
-        pids = m.engine.mirror.alive
-        assert len(pids) == 1
-        stream = m.generate(PROMPTS[0], max_tokens=5000, max_buffer=65536)
-        got = 0
-        start = time.monotonic()
-        with pytest.raises(TensorParallelError, match="rank 1 .*killed by signal 9"):
-            async for _ in stream:
-                got += 1
-                if got == 2:
-                    os.kill(pids[0], signal.SIGKILL)
-        assert time.monotonic() - start < 60
-        for _ in range(200):
-            if m.closed:
-                break
-            await asyncio.sleep(0.05)
-        assert m.closed
-        with pytest.raises(amlx.ClosedError):
-            m.generate([1, 2, 3])
-        await m.aclose()  # idempotent after the failure
-    run(go)
-    assert followers() == []
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "tests.helpers.tp_failure", str(path), how], cwd=root,
+                          env={**os.environ, "PYTHONPATH": root, **(env or {})}, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_killed_rank_fails_requests_and_closes(checkpoints):
+    out = failure(checkpoints["qwen3"], "kill")
+    assert out["error"] == "TensorParallelError"
+    assert "rank 1" in out["message"] and "killed by signal 9" in out["message"]
+    assert out["seconds"] < 60
+    assert out["closed"] and out["after_close"] == "ClosedError"
+    assert out["followers"] == []
 
 
 def test_close_leaves_no_processes(checkpoints):
@@ -326,30 +322,14 @@ def test_rank_that_never_joins_fails_the_load(checkpoints, tmp_path, monkeypatch
     assert time.monotonic() - start < 60
 
 
-def test_hung_rank_fails_requests(checkpoints, monkeypatch):
+def test_hung_rank_fails_requests(checkpoints):
     """A rank that stops (SIGSTOP) while a step waits on it: after AMLX_TP_STEP_TIMEOUT
     the watchdog kills the ranks and every request ends with a clear error."""
-    monkeypatch.setenv("AMLX_TP_STEP_TIMEOUT", "3")
-
-    async def go():
-        m = await amlx.load(checkpoints["qwen3"], device="cpu", tensor_parallel=2)
-        pid = m.engine.mirror.alive[0]
-        got = 0
-        start = time.monotonic()
-        with pytest.raises(TensorParallelError, match="made no progress for 3 s"):
-            async for _ in m.generate(PROMPTS[0], max_tokens=5000, max_buffer=65536):
-                got += 1
-                if got == 2:
-                    os.kill(pid, signal.SIGSTOP)
-        assert time.monotonic() - start < 60
-        assert m.closed
-        await m.aclose()
-    run(go)
-    for _ in range(100):
-        if not followers():
-            break
-        time.sleep(0.05)
-    assert followers() == []
+    out = failure(checkpoints["qwen3"], "stop", {"AMLX_TP_STEP_TIMEOUT": "3"})
+    assert out["error"] == "TensorParallelError"
+    assert "made no progress for 3 s" in out["message"]
+    assert 3 <= out["seconds"] < 60
+    assert out["closed"] and out["followers"] == []
 
 
 def test_followers_exit_with_rank_zero(checkpoints, tmp_path):

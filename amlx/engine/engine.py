@@ -51,7 +51,7 @@ class Engine:
         # A tensor-parallel engine runs on a worker thread of its own (the caller made it
         # and loaded the model on it: MLX's streams belong to their thread), which it
         # stops on close: MLX's ring backend can leave a collective waiting for good when
-        # a rank dies mid-step, and that must not stall the other models of the process.
+        # a rank dies mid-step, and that wait stays on this thread (docs/scaling.md).
         self._worker = Worker.get() if worker is None else worker
         # the engine's device, streams and switches (placement.py): `placement`, if the
         # weights were loaded on it already, else made here from `options`
@@ -196,8 +196,7 @@ class Engine:
         """A rank of a tensor-parallel model failed (any thread): its requests end
         with `error` now, and the model closes on its worker. (If MLX's ring backend
         left that worker waiting in a collective for good, the close never runs and
-        the model's memory stays until the process exits; the process and its other
-        models go on.)"""
+        the model's memory stays until the process exits: docs/scaling.md.)"""
         self.scheduler.abandon(error)
         if self._begin_close():
             self._worker.submit(self._at_home(self._shutdown))
