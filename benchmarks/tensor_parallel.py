@@ -19,9 +19,10 @@ random model may part ways; the report says where).
 
 Weights: the release's shapes in bf16. Qwen3-32B is 65 GB: the checkpoint
 written here holds random embeddings, head and first DENSE_LAYERS layers, and
-leaves the other layers' bytes as holes of a sparse file (zeros when read,
-about 8 GB on disk), so it fits the device machines' disks while every rank
-still loads and multiplies a whole model's worth of arrays: decode speed
+leaves the other layers' bytes as holes of a sparse file (zeros when read;
+about 7 GB on disk, 11 GB while it is written), so it fits the device
+machines' disks while every rank still loads and multiplies a whole model's
+worth of arrays: decode speed
 depends on shapes and bytes moved, not on the values (an all-zero layer
 leaves the residual stream as it is, so greedy tokens still depend on the
 random layers and the head, in bf16). NCCL's

@@ -712,7 +712,9 @@ class Scheduler:
             self._keep_rows(src, stay)
             self._join(dst, reqs, part)
 
-    def _finish(self, req: Request) -> None:
+    def _release(self, req: Request) -> None:
+        """The request leaves the scheduler: its own cache is freed (and the other
+        ranks' rows of it, for a tensor-parallel model)."""
         self._held.pop(req, None)
         if self.mirror is not None:
             self.mirror.free(req)
@@ -720,16 +722,13 @@ class Scheduler:
             for c in req.cache:
                 c.close()
             req.cache = None
+
+    def _finish(self, req: Request) -> None:
+        self._release(req)
         req.channel.close()
 
     def _fail(self, req: Request, exc: BaseException) -> None:
-        self._held.pop(req, None)
-        if self.mirror is not None:
-            self.mirror.free(req)
-        if req.cache is not None:
-            for c in req.cache:
-                c.close()
-            req.cache = None
+        self._release(req)
         req.assembler.finished = True
         req.channel.close(exc)
 
