@@ -365,3 +365,23 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_constrained_and_seeded_requests(checkpoints):
+    """A `choice`-constrained request (its sampling waits for the masks: a forward
+    launched apart from its sampling) and seeded sampling, next to a greedy one."""
+    path = checkpoints["qwen3"]
+    requests = [dict(prompt=PROMPTS[0], choice=["yes please", "no thanks", "maybe"], max_tokens=8),
+                dict(prompt=PROMPTS[1], temperature=0.8, seed=7, max_tokens=10),
+                dict(prompt=PROMPTS[2], max_tokens=10)]
+
+    async def together(m):
+        async def one(r):
+            r = dict(r)
+            c = await m.complete(r.pop("prompt"), **r)
+            return c.text if "choice" in r else c.token_ids
+        return await asyncio.gather(*[one(r) for r in requests])
+    expected = run(lambda: _load_and(path, 1, together))
+    got = run(lambda: _load_and(path, 2, together))
+    assert got[0] in ("yes please", "no thanks", "maybe")
+    assert got == expected
