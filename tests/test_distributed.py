@@ -113,3 +113,10 @@ def test_tensor_parallel_messages_span_buffers(monkeypatch):
     monkeypatch.setattr(protocol, "_block", lambda group: np.zeros(protocol.WORDS, np.int32))
     with pytest.raises(ValueError, match="lost step"):
         protocol.receive(None)
+
+
+def test_nccl_environment_keeps_nvlink_multicast_off():
+    env = hosts.rank_env(1, 2, "nccl", None, "10.0.0.1:1234")
+    assert (env["MLX_RANK"], env["MLX_WORLD_SIZE"], env["NCCL_HOST_IP"], env["NCCL_PORT"]) == ("1", "2", "10.0.0.1",
+                                                                                               "1234")
+    assert env["NCCL_NVLS_ENABLE"] == "0" and env["NVSHMEM_DISABLE_NVLS"] == "1"

@@ -77,5 +77,6 @@ def rank_env(rank: int, size: int, backend: str, hostfile: pathlib.Path | None,
         env["MLX_HOSTFILE"] = str(hostfile)
     if backend == "nccl":
         env["NCCL_HOST_IP"], _, env["NCCL_PORT"] = (nccl_address or f"127.0.0.1:{free_ports(1)[0]}").rpartition(":")
-        env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (device notes)
+        # NVLink multicast stays off: on shared hosts it can take the GPUs out of service
+        env.update(NCCL_NVLS_ENABLE="0", NVSHMEM_DISABLE_NVLS="1", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
     return env
