@@ -176,6 +176,8 @@ def test_killed_rank_fails_requests_and_closes(checkpoints):
     assert out["seconds"] < 60
     assert out["closed"] and out["after_close"] == "ClosedError"
     assert out["followers"] == []
+    # the ring's pending collectives ended (amlx.tp.keeper): the close ran, MLX still works
+    assert out["closed_fully"] and len(out["after"]) == 3
 
 
 def test_close_leaves_no_processes(checkpoints):
@@ -330,6 +332,7 @@ def test_hung_rank_fails_requests(checkpoints):
     assert "made no progress for 3 s" in out["message"]
     assert 3 <= out["seconds"] < 60
     assert out["closed"] and out["followers"] == []
+    assert out["closed_fully"] and len(out["after"]) == 3
 
 
 def test_followers_exit_with_rank_zero(checkpoints, tmp_path):

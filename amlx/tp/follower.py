@@ -22,7 +22,7 @@ from amlx._mlx import distributed as dist
 from amlx.engine.placement import EngineOptions, Placement
 from amlx.models import build_model, prepare
 from amlx.models.base import decode_on_buffers
-from amlx.tp import protocol
+from amlx.tp import keeper, protocol
 from amlx.tp.rows import RowCaches
 from amlx.tp.shard import shard_model
 
@@ -132,13 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         if (joined[0].rank, joined[0].size) != (rank, size):
             raise SystemExit(f"the {args.backend} backend made this rank {joined[0].rank} of {joined[0].size}, "
                              f"not {rank} of {size}")
+        # stands in for this process if it dies mid-step (amlx.tp.keeper); the ring's only
+        alive = keeper.start(args.lifeline_fd) if args.backend == "ring" and size == 2 else None
         follower = Follower(loaded.model, joined[0], options.kv_block)
         if args.heartbeat_fd is not None:
             os.write(args.heartbeat_fd, b"R")  # ready
-        try:
-            follower.serve(args.heartbeat_fd)
-        finally:
-            follower.close()
+        follower.serve(args.heartbeat_fd)
+        follower.close()
+    if alive is not None:
+        os.write(alive, keeper.CLEAN_EXIT)
     return 0
 
 

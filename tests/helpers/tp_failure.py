@@ -4,10 +4,12 @@ tests/test_tensor_parallel.py: `python -m tests.helpers.tp_failure CKPT kill|sto
 It loads CKPT with tensor_parallel=2, starts a stream, and after two tokens
 kills (SIGKILL) or stops (SIGSTOP) rank 1; then prints one JSON line: the
 error the stream ended with, how long that took, whether the model closed and
-which follower processes are still running. It runs apart from the test
-process because MLX's ring backend leaves rank 0's pending collectives waiting
-for good after a peer dies mid-step, and MLX counts them as active tasks of
-the whole process (docs/scaling.md): later MLX work in this process may stall.
+which follower processes are still running, whether the model's close ran
+to its end, and whether another model then loads and answers. It runs apart
+from the test process: without amlx.tp.keeper, MLX's ring backend would leave
+rank 0's pending collectives waiting for good and stall later MLX work of the
+whole process (docs/scaling.md), and a regression there must fail this test,
+not hang the suite.
 """
 
 from __future__ import annotations
@@ -52,6 +54,20 @@ async def scenario(path: str, how: str) -> dict:
         if not out["followers"]:
             break
         await asyncio.sleep(0.05)
+    # the close ran to its end (the model's own worker thread stopped), and MLX still works in
+    # this process: another model loads and answers
+    thread = m.engine._worker.thread
+    for _ in range(400):
+        if not thread.is_alive():
+            break
+        await asyncio.sleep(0.05)
+    out["closed_fully"] = not thread.is_alive()
+    try:
+        other = await asyncio.wait_for(amlx.load(path, device="cpu"), 30)
+        out["after"] = (await asyncio.wait_for(other.complete([1, 2, 3], max_tokens=3), 30)).token_ids
+        await other.aclose()
+    except asyncio.TimeoutError:
+        out["after"] = None
     return out
 
 
