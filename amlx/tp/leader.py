@@ -48,6 +48,7 @@ class Leader:
         # seconds a rank may lag behind a step before the model fails (AMLX_TP_STEP_TIMEOUT)
         self._step_timeout = float(os.environ.get("AMLX_TP_STEP_TIMEOUT", "300")) if step_timeout is None \
             else step_timeout
+        self.closed = False  # close() ran to its end: followers gone, group freed
         self._watchdog = threading.Thread(target=self._watch, name="amlx-tp-watchdog", daemon=True)
         self._watchdog.start()
 
@@ -176,6 +177,7 @@ class Leader:
             _close_fds(r)
         self.group.close()
         shutil.rmtree(self.launch.workdir, ignore_errors=True)
+        self.closed = True
 
     @property
     def alive(self) -> list[int]:
