@@ -41,7 +41,7 @@ def memoized(memo: dict | None, key, build):
     return memo[key]
 
 
-def _window_mask(start: int, end: int, window: int) -> Array:
+def window_mask(start: int, end: int, window: int) -> Array:
     """Queries start..end-1 against keys 0..end-1: causal and at most `window` back."""
     q_pos = np.arange(start, end)[:, None]
     k_pos = np.arange(end)[None, :]
@@ -130,7 +130,7 @@ class KVCache:
         if self.window is None or end <= self.window:
             return keys, values, "causal"
         return keys, values, memoized(memo, ("prefill", start, end, self.window),
-                                   lambda: _window_mask(start, end, self.window))
+                                   lambda: window_mask(start, end, self.window))
 
     def update_decode(self, k: Array, v: Array, positions: Array, memo: dict | None = None):
         """Writes one position per row: k, v (B, H, 1, D) at `positions` (B,) int32.

@@ -72,6 +72,7 @@ class Engine:
         ids = list(prompt_ids)
         room = self.check_prompt(ids)
         options.check_vocab(self.vocab_size)
+        self._check_pool(len(ids), min(options.max_tokens, room))
         channel = Channel(options.max_buffer, self._worker.wake)
         req = Request(ids, options, channel, TextAssembler(self.tokenizer, options, self.eos_ids, max_new=room),
                       RowSampling(options, ids))
@@ -80,6 +81,19 @@ class Engine:
         else:
             self.scheduler.add(req)
         return RequestStream(req)
+
+    def _check_pool(self, prompt: int, new: int) -> None:
+        """ContextLengthError when the prompt and its generated tokens could not fit
+        in the KV cache pool even alone (they would wait for room forever)."""
+        s = self.scheduler
+        if prompt + new <= s.pool_tokens():
+            return
+        need = -(-(prompt + new) // s.block_size) * s.block_bytes() / 2**20
+        held = s.pool_tokens() // s.block_size * s.block_bytes() / 2**20
+        raise ContextLengthError(
+            f"the prompt ({prompt} tokens) and max_tokens ({new}) need {need:.2f} MiB of KV cache, but the KV "
+            f"cache pool holds {s.pool_tokens()} tokens ({held:.2f} MiB): raise kv_cache_memory at load, or ask "
+            f"for fewer tokens")
 
     def _queue_when_compiled(self, req: Request, constraint: Constraint) -> None:
         """A constrained request joins the queue once its matcher is made (a background
@@ -119,7 +133,9 @@ class Engine:
         stream.cancel()
 
     def stats(self) -> dict:
-        """Requests, token counters, the recent decoding rate and MLX memory (bytes).
+        """Requests, token counters, the recent decoding rate, MLX memory (bytes) and
+        the KV block pools' counters (`kv_cache`: blocks used, cached, free and
+        allocated, block size, prefix-cache block hits and misses, preemptions).
 
         tokens_per_second: tokens over the time the engine spent working in the
         last 10 seconds (idle time does not count; 0 after 10 idle seconds)."""
@@ -127,9 +143,10 @@ class Engine:
 
         s = self.scheduler
         counts = s.counts()
+        kv = {**s.kv_counters(), "preemptions": s.preemptions}
         return {"active_requests": counts["active"], "waiting_requests": counts["waiting"],
                 "tokens_generated": s.tokens_generated, "decode_steps": s.decode_steps,
-                "tokens_per_second": s.rate.rate(), "memory": memory.counters()}
+                "tokens_per_second": s.rate.rate(), "memory": memory.counters(), "kv_cache": kv}
 
     # -- jobs on the worker thread ------------------------------------------------
     async def run(self, fn: Callable[[], Any]) -> Any:

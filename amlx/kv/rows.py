@@ -1,0 +1,166 @@
+"""The rows' side of the block pool: which blocks each request holds, what a
+request needs to be admitted, and the block tables of each forward pass.
+
+A request holds `req.blocks`, its block table: block i holds its positions
+[i * block_size, (i + 1) * block_size). Joining or leaving a batch changes no
+other row's cache, only which tables the next pass stacks. Everything here is
+host work on small lists; the only arrays made are a pass's table and slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from amlx._mlx import Array, array
+from amlx.kv.paged import Tables
+from amlx.kv.pool import NULL_BLOCK, BlockPool
+from amlx.kv.prefix import block_keys
+
+__all__ = ["KVRow", "ShardKV", "blocks_for", "preemption_order"]
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+class KVRow(Protocol):
+    """What a row (an engine Request) carries for the pool."""
+
+    blocks: list[int]
+    pos: int
+    created: float
+
+
+def preemption_order(rows: Sequence[KVRow]) -> list:
+    """Rows in the order they are preempted: the youngest (latest submitted) first."""
+    return sorted(rows, key=lambda r: r.created, reverse=True)
+
+
+class ShardKV:
+    """One shard's pool and the bookkeeping of its rows' blocks.
+
+    `span_step`: decode tables are as wide as the longest row's blocks rounded
+    up to this many blocks, so the compiled decode step (traced per table
+    width) is traced again only every `span_step` blocks of growth."""
+
+    def __init__(self, pool: BlockPool, span_step: int = 1):
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.span_step = max(1, span_step)
+        self._table: tuple[tuple, Array] | None = None  # (key, device table) of the last decode pass
+        self._version = 0  # bumped whenever any row's blocks change: part of the table's key
+
+    # -- admission ------------------------------------------------------------------
+    def _reusable(self, ids: Sequence[int]) -> list[bytes]:
+        """Keys of the blocks of `ids` a request may take from the cache: full
+        blocks, leaving at least one token to compute (its logits are needed)."""
+        bs = self.block_size
+        return block_keys(ids[:(len(ids) - 1) // bs * bs], bs)
+
+    def peek(self, ids: Sequence[int]) -> int:
+        """Positions of `ids` the prefix cache holds now (nothing is held)."""
+        if self.pool.prefix is None:
+            return 0
+        return len(self.pool.prefix.lookup(self._reusable(ids))) * self.block_size
+
+    def reserve(self, row: KVRow, ids: Sequence[int], headroom: int = 1) -> int | None:
+        """Gives `row` the blocks to prefill `ids`: the longest cached prefix of
+        full blocks (always leaving at least one token to compute, for its logits)
+        and fresh blocks for the rest. Returns the number of positions served
+        from the cache, or None (nothing held) when the pool cannot hold the rest
+        plus `headroom` blocks for the decoding that follows."""
+        bs = self.block_size
+        reusable = self._reusable(ids) if self.pool.prefix is not None else []
+        found = self.pool.match(reusable)
+        need = blocks_for(len(ids), bs) - len(found)
+        if need + headroom > self.pool.available():
+            self.pool.release(found)
+            return None
+        if self.pool.prefix is not None:
+            self.pool.prefix.count(len(found), len(reusable))
+        row.blocks = found + self.pool.allocate(need)
+        self._version += 1
+        return len(found) * bs
+
+    def cache_filled(self, row: KVRow, ids: Sequence[int], filled: int) -> None:
+        """Caches the row's full blocks whose positions [0, filled) hold `ids`."""
+        if self.pool.prefix is None:
+            return
+        n = min(filled, len(ids)) // self.block_size
+        self.pool.register(block_keys(ids[:n * self.block_size], self.block_size), row.blocks[:n])
+
+    def release(self, row: KVRow, ids: Sequence[int] | None = None) -> None:
+        """The row lets go of its blocks; with `ids` (the tokens at its positions
+        so far) its full blocks stay cached for later prompts."""
+        if ids is not None:
+            self.cache_filled(row, ids, row.pos)
+        self.pool.release(row.blocks[::-1])  # the tail first: evicted before the prefix it extends
+        row.blocks = []
+        self._version += 1
+
+    # -- decoding -------------------------------------------------------------------
+    def short_of_blocks(self, rows: Sequence[KVRow]) -> int:
+        """Blocks the rows need before their next position can be written, beyond what they hold."""
+        return sum(1 for r in rows if r.pos // self.block_size >= len(r.blocks))
+
+    def extend(self, rows: Sequence[KVRow]) -> None:
+        """A block for each row whose next position starts one (the caller made sure there is room)."""
+        for r in rows:
+            while r.pos // self.block_size >= len(r.blocks):
+                r.blocks.extend(self.pool.allocate(1))
+                self._version += 1
+
+    def span(self, rows: Sequence[KVRow]) -> int:
+        """Positions a decode pass over `rows` gathers per row."""
+        if not rows:
+            return 0
+        width = max(r.pos // self.block_size + 1 for r in rows)
+        return -(-width // self.span_step) * self.span_step * self.block_size
+
+    def decode_tables(self, rows: Sequence[KVRow]) -> Tables:
+        """The tables of a decode pass writing each row's position `pos`. The
+        (B, width) table is made again only when some row's blocks changed."""
+        bs = self.block_size
+        width = self.span(rows) // bs
+        key = (width, self._version, tuple(id(r) for r in rows))
+        if self._table is None or self._table[0] != key:
+            self._table = (key, array(_table(rows, width)))
+        slots = np.asarray([r.blocks[r.pos // bs] * bs + r.pos % bs for r in rows], dtype=np.int32)
+        return Tables(self._table[1], array(slots), bs)
+
+    def prefill_tables(self, rows: Sequence[KVRow], start: int, length: int, lengths: Sequence[int]) -> Tables:
+        """The tables of a prefill pass writing positions [start, start + length) of
+        each row; row b's positions from `lengths[b]` on are padding (written to the null block)."""
+        bs = self.block_size
+        width = blocks_for(start + length, bs)
+        pos = np.arange(start, start + length)
+        slots = np.zeros((len(rows), length), dtype=np.int32)
+        for i, r in enumerate(rows):
+            real = pos < lengths[i]
+            blocks = np.asarray(r.blocks, dtype=np.int64)
+            slots[i, real] = blocks[pos[real] // bs] * bs + pos[real] % bs
+        return Tables(array(_table(rows, width)), array(slots.reshape(-1)), bs)
+
+    def adopt(self, row: KVRow, blocks: list[int]) -> None:
+        """The row's table is now `blocks` of this shard's pool (moved in from another shard)."""
+        row.blocks = blocks
+        self._version += 1
+
+    def forget_table(self) -> None:
+        """Drops the last decode table (a device array)."""
+        self._table = None
+
+    def close(self) -> None:
+        self.forget_table()
+        self.pool.close()
+
+
+def _table(rows: Sequence[KVRow], width: int) -> np.ndarray:
+    table = np.full((len(rows), width), NULL_BLOCK, dtype=np.int32)
+    for i, r in enumerate(rows):
+        n = min(len(r.blocks), width)
+        table[i, :n] = r.blocks[:n]
+    return table
