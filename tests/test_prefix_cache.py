@@ -1,0 +1,237 @@
+"""Prefix caching and the KV pool through the public API: greedy outputs equal
+with the cache on and off for every architecture (Gemma's and Mistral's windows
+shorter than the prompts, a prefix ending mid-block, a multi-turn follow-up),
+`usage.cached_tokens`, invalidation when the weights change, a pool filled
+past its size (requests wait, none fails or is lost), preemption with each
+stream going on exactly, ContextLengthError up front, and memory back after
+close."""
+
+from __future__ import annotations
+
+import gc
+
+import anyio
+import numpy as np
+import pytest
+
+import amlx
+from amlx.kv import DEFAULT_BLOCK_SIZE
+from tests.helpers.checkpoints import make_checkpoint
+
+BS = DEFAULT_BLOCK_SIZE
+ARCHS = ["qwen3", "qwen2", "llama", "gemma3_text", "mistral"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    built: dict = {}
+
+    def get(arch: str):
+        if arch not in built:
+            built[arch] = make_checkpoint(tmp_path_factory.mktemp(arch), arch, seed=1)
+        return built[arch]
+
+    return get
+
+
+def _ids(seed: int, n: int) -> list[int]:
+    return [int(x) for x in np.random.default_rng(seed).integers(10, 200, n)]
+
+
+def _run(fn, *args):
+    return anyio.run(fn, *args)
+
+
+async def _complete(model, prompt, n=12):
+    c = await model.complete(prompt, max_tokens=n)
+    return c.token_ids, c.usage.cached_tokens
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_outputs_equal_with_and_without_the_prefix_cache(ckpt, arch):
+    base = _ids(1, 40)  # two full blocks and 8 tokens
+
+    async def body():
+        async with await amlx.load(ckpt(arch), prefix_cache=False) as off, await amlx.load(ckpt(arch)) as on:
+            first, _ = await _complete(off, base, 20)
+            cases = [
+                (base, 0),  # nothing cached yet
+                (base, 2 * BS),  # the same prompt: its full blocks (one token is always computed)
+                (base[:37] + _ids(2, 9), 2 * BS),  # a prefix ending mid-block: its full blocks
+                (base[:20] + _ids(3, 30), BS),  # diverges inside the second block
+                (_ids(4, 40), 0),  # nothing in common
+                # a follow-up turn: the prompt, the reply (cached when the first request
+                # ended) and more; 40 + 20 tokens were computed, so three full blocks
+                (base + first + _ids(5, 7), 3 * BS),
+            ]
+            for i, (prompt, cached) in enumerate(cases):
+                if i == len(cases) - 1:
+                    await _complete(on, base, 20)  # the first turn, on the cached model
+                want, none = await _complete(off, prompt)
+                got, hit = await _complete(on, prompt)
+                assert got == want, (arch, i)
+                assert none == 0 and hit == cached, (arch, i, hit)
+
+    _run(body)
+
+
+def test_concurrent_requests_sharing_a_prefix_match_solo_runs(ckpt):
+    """Rows sharing cached blocks (held by reference, several at once) decode as alone."""
+    system = _ids(6, 3 * BS)
+    prompts = [system + _ids(10 + k, 5 + k) for k in range(6)]
+
+    async def body():
+        async with await amlx.load(ckpt("qwen3"), prefix_cache=False) as off, await amlx.load(ckpt("qwen3")) as on:
+            solo = [(await _complete(off, p, 16))[0] for p in prompts]
+            await _complete(on, prompts[0], 16)  # caches the system prompt
+            results: dict = {}
+
+            async def one(k):
+                results[k] = await _complete(on, prompts[k], 16)
+
+            async with anyio.create_task_group() as tg:
+                for k in range(len(prompts)):
+                    tg.start_soon(one, k)
+            for k in range(len(prompts)):
+                assert results[k][0] == solo[k]
+                assert results[k][1] == 3 * BS  # every one reused the cached system prompt
+            assert on.stats()["kv_cache"]["prefix_hits"] >= 6 * 3
+
+    _run(body)
+
+
+def test_changed_weights_invalidate_the_cache(ckpt):
+    """weights_changed (what adapters and training call) empties the prefix cache:
+    the next request computes its prompt with the new weights."""
+    prompt = _ids(7, 50)
+
+    async def body():
+        async with await amlx.load(ckpt("llama")) as on, await amlx.load(ckpt("llama"), prefix_cache=False) as off:
+            await _complete(on, prompt)
+            assert (await _complete(on, prompt))[1] == 3 * BS
+            for m in (on, off):
+                lm = m.engine.model
+                name = next(n for n, _ in lm.named_parameters() if n.endswith("self_attn.o_proj.weight"))
+                await m.engine.run(lambda lm=lm, name=name: lm.update({name: _scaled(dict(lm.named_parameters())[name])}))
+                m.engine.weights_changed()
+            got, hit = await _complete(on, prompt)
+            want, _ = await _complete(off, prompt)
+            assert hit == 0 and got == want
+            assert on.stats()["kv_cache"]["blocks_cached"] >= 3  # cached again, with the new weights
+            assert (await _complete(on, prompt))[1] == 3 * BS
+
+    _run(body)
+
+
+def _scaled(p):
+    from amlx._mlx import ops
+
+    out = ops.multiply(p, 1.5)
+    ops.eval(out)
+    return out
+
+
+def _block_bytes(model) -> int:
+    return model.engine.scheduler.block_bytes()
+
+
+def test_a_pool_filled_past_its_size_makes_requests_wait(ckpt, monkeypatch):
+    """A pool of 12 blocks and 8 requests of 3-4 blocks each: they take turns,
+    every one completes with its solo tokens, and none fails or is lost."""
+    monkeypatch.setenv("AMLX_SHARDS", "1")
+    prompts = [_ids(20 + k, 30 + k) for k in range(8)]
+
+    async def body():
+        async with await amlx.load(ckpt("qwen3"), prefix_cache=False) as off:
+            solo = [(await _complete(off, p, 24))[0] for p in prompts]
+            per_block = _block_bytes(off)
+        async with await amlx.load(ckpt("qwen3"), kv_cache_memory=12 * per_block) as small:
+            results: dict = {}
+            peak = 0
+
+            async def one(k):
+                results[k] = await _complete(small, prompts[k], 24)
+
+            async def watch():
+                nonlocal peak
+                while len(results) < len(prompts):
+                    peak = max(peak, small.stats()["kv_cache"]["blocks_used"])
+                    await anyio.sleep(0.002)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch)
+                for k in range(len(prompts)):
+                    tg.start_soon(one, k)
+            assert [results[k][0] for k in range(len(prompts))] == solo
+            assert peak <= 12
+            assert small.stats()["kv_cache"]["blocks_allocated"] <= 12
+
+    _run(body)
+
+
+def test_preemption_continues_each_stream_exactly(ckpt, monkeypatch):
+    """Rows that outgrow the pool while decoding: the youngest is preempted and
+    recomputed from its prompt and its tokens so far; every stream's tokens are
+    those of an unpreempted run, with no gap and no duplicate."""
+    monkeypatch.setenv("AMLX_SHARDS", "1")
+    prompts = [_ids(30 + k, 20) for k in range(3)]
+    n = 60  # each needs 5 blocks at the end; three of them need 15 > 10
+
+    async def body():
+        async with await amlx.load(ckpt("qwen3"), prefix_cache=False) as off:
+            solo = [(await _complete(off, p, n))[0] for p in prompts]
+            per_block = _block_bytes(off)
+        for prefix in (False, True):
+            async with await amlx.load(ckpt("qwen3"), kv_cache_memory=10 * per_block,
+                                       prefix_cache=prefix) as small:
+                streams = [small.generate(p, max_tokens=n) for p in prompts]
+                got: dict = {}
+
+                async def read(k):
+                    got[k] = [t.id async for t in streams[k]]
+
+                async with anyio.create_task_group() as tg:
+                    for k in range(len(prompts)):
+                        tg.start_soon(read, k)
+                assert [got[k] for k in range(len(prompts))] == solo
+                assert small.stats()["kv_cache"]["preemptions"] > 0
+
+    _run(body)
+
+
+def test_a_request_that_cannot_fit_fails_up_front(ckpt):
+    async def body():
+        async with await amlx.load(ckpt("qwen3"), prefix_cache=False) as m:
+            per_block = _block_bytes(m)
+        async with await amlx.load(ckpt("qwen3"), kv_cache_memory=4 * per_block) as m:
+            shards = len(m.engine.scheduler.shards)
+            room = m.engine.scheduler.pool_tokens()
+            assert room == (4 // shards) * BS
+            with pytest.raises(amlx.ContextLengthError, match="MiB of KV cache"):
+                m.generate(_ids(40, room), max_tokens=8)
+            ok = await m.complete(_ids(40, room - 8), max_tokens=8)
+            assert len(ok.token_ids) >= 1
+
+    _run(body)
+
+
+def test_bad_kv_options_are_refused():
+    for bad in (0, -5, 1.5, 0.0, "1GB", True):
+        with pytest.raises(ValueError, match="kv_cache_memory"):
+            amlx.load_sync("/nonexistent", kv_cache_memory=bad)
+    with pytest.raises(ValueError, match="prefix_cache"):
+        amlx.load_sync("/nonexistent", prefix_cache="yes")
+
+
+def test_memory_is_back_after_close(ckpt):
+    async def body():
+        gc.collect()
+        before = amlx.memory()["active"]
+        async with await amlx.load(ckpt("gemma3_text")) as m:
+            for k in range(3):
+                await _complete(m, _ids(50, 40) + _ids(51 + k, 10), 10)
+            assert m.stats()["kv_cache"]["blocks_cached"] > 0
+        gc.collect()
+        assert amlx.memory()["active"] == before
+
+    _run(body)
