@@ -48,6 +48,16 @@ def window_mask(start: int, end: int, window: int) -> Array:
     return array((k_pos <= q_pos) & (k_pos > q_pos - window), _bool)
 
 
+def decode_mask(span: int, pos: Array, window: int | None) -> Array:
+    """(B, 1, 1, span) boolean: the slots each row's new token sees, at `pos`
+    (B, 1, 1, 1): its own and earlier ones, at most `window` back."""
+    slots = ops.arange(span, dtype=_int32)
+    mask = slots <= pos
+    if window is not None:
+        mask = ops.logical_and(mask, slots > pos - window)
+    return mask
+
+
 class KVCache:
     def __init__(self, window: int | None = None, block: int = BLOCK):
         self.window = window
@@ -143,15 +153,7 @@ class KVCache:
         new = ops.concatenate([ops.reshape(k, (1, b, h, 1, d)), ops.reshape(v, (1, b, h, 1, d))], axis=0)
         pos = self.write_decode(new, positions, memo)
         cap, window = self.capacity, self.window
-
-        def visible() -> Array:
-            slots = ops.arange(cap, dtype=_int32)
-            mask = slots <= pos
-            if window is not None:
-                mask = ops.logical_and(mask, slots > pos - window)
-            return mask
-
-        return self.keys, self.values, memoized(memo, ("mask", cap, window), visible)
+        return self.keys, self.values, memoized(memo, ("mask", cap, window), lambda: decode_mask(cap, pos, window))
 
     def write_decode(self, new: Array, positions: Array, memo: dict | None = None) -> Array:
         """Writes one position per row, keys and values in one scatter: `new`

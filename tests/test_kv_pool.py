@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from amlx._mlx import array, fast, float32, ops
 from amlx.cache import KVCache
-from amlx.kv import NULL_BLOCK, BlockPool, PagedLayer, PoolFull, ShardKV, Tables, block_keys, copy_blocks
+from amlx.kv import BlockPool, PagedLayer, PoolFull, ShardKV, block_keys, copy_blocks
 
 SCALE = 0.5
 
@@ -25,16 +25,23 @@ def _attend(q: np.ndarray, keys, values, mask) -> np.ndarray:
 
 
 def _scatter_history(history: np.ndarray, tables: list[list[int]], rng, total: int, bs: int) -> np.ndarray:
-    """A pool (2, total, bs, H, D) of noise holding row r's positions of `history`
-    (2, B, H, cap, D) in the blocks tables[r]: position p at (tables[r][p // bs], p % bs)."""
+    """A pool (2, total, H, bs, D) of noise holding row r's positions of `history`
+    (2, B, H, cap, D) in the blocks tables[r]: position p at (tables[r][p // bs], :, p % bs)."""
     _, b, h, cap, d = history.shape
-    pool = rng.standard_normal((2, total, bs, h, d)).astype(np.float32)
+    pool = rng.standard_normal((2, total, h, bs, d)).astype(np.float32)
     for r, blocks in enumerate(tables):
         for j, blk in enumerate(blocks):
             for o in range(bs):
                 if j * bs + o < cap:
-                    pool[:, blk, o] = history[:, r, :, j * bs + o]
+                    pool[:, blk, :, o] = history[:, r, :, j * bs + o]
     return pool
+
+
+def _shard(h: int, d: int, bs: int, total: int, span_step: int = 1) -> ShardKV:
+    """Bookkeeping of a pool of `total` blocks, all grown (its arrays are the test's own)."""
+    pool = BlockPool([(h, d)], float32, bs, total, initial_blocks=total)
+    pool.allocate(total - 1)
+    return ShardKV(pool, span_step)
 
 
 def _random_tables(rng, needs: list[int], spare: int) -> tuple[list[list[int]], int]:
@@ -48,13 +55,6 @@ def _random_tables(rng, needs: list[int], spare: int) -> tuple[list[list[int]], 
     return tables, total
 
 
-def _table(tables: list[list[int]], width: int) -> np.ndarray:
-    out = np.full((len(tables), width), NULL_BLOCK, np.int32)
-    for i, t in enumerate(tables):
-        out[i, :len(t)] = t
-    return out
-
-
 shapes = st.fixed_dictionaries({
     "bs": st.sampled_from([1, 2, 4, 8, 16]),
     "kv_heads": st.sampled_from([1, 2]),
@@ -66,11 +66,11 @@ shapes = st.fixed_dictionaries({
 
 
 @settings(max_examples=60, deadline=None)
-@given(shape=shapes, pos=st.lists(st.integers(0, 40), min_size=1, max_size=4), extra=st.integers(0, 3))
-def test_decode_through_block_tables_matches_the_contiguous_cache(shape, pos, extra):
+@given(shape=shapes, pos=st.lists(st.integers(0, 40), min_size=1, max_size=4), step=st.integers(1, 4))
+def test_decode_through_block_tables_matches_the_contiguous_cache(shape, pos, step):
     """A decode step's write and attention over blocks scattered at random in a
     pool of noise equal the contiguous cache's, for any block size, lengths,
-    window and GQA; the table may be wider than the rows need (`extra`)."""
+    window and GQA; the tables may be wider than the rows need (`step`)."""
     rng = np.random.default_rng(shape["seed"])
     bs, h, d, window = shape["bs"], shape["kv_heads"], shape["d"], shape["window"]
     b, heads = len(pos), shape["kv_heads"] * shape["groups"]
@@ -85,16 +85,16 @@ def test_decode_through_block_tables_matches_the_contiguous_cache(shape, pos, ex
     ref = _attend(q, *contiguous.update_decode(array(new[0]), array(new[1]), positions))
 
     tables, total = _random_tables(rng, [p // bs + 1 for p in pos], spare=3)
-    width = max(len(t) for t in tables) + extra
-    slots = np.asarray([tables[r][p // bs] * bs + p % bs for r, p in enumerate(pos)], np.int32)
-    layer = PagedLayer(array(_scatter_history(history, tables, rng, total, bs)),
-                       Tables(array(_table(tables, width)), array(slots), bs), window)
+    owners = [SimpleNamespace(blocks=t, pos=p) for t, p in zip(tables, pos)]
+    tabs = _shard(h, d, bs, total, step).decode_tables(owners)
+    assert tabs.width % step == 0 and tabs.width >= max(len(t) for t in tables)
+    layer = PagedLayer(array(_scatter_history(history, tables, rng, total, bs)), tabs, window)
     got = _attend(q, *layer.update_decode(array(new[0]), array(new[1]), positions))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     # the new token landed in its row's block, at its offset
     pool = layer.pool.numpy()
     for r, p in enumerate(pos):
-        np.testing.assert_array_equal(pool[:, tables[r][p // bs], p % bs], new[:, r, :, 0])
+        np.testing.assert_array_equal(pool[:, tables[r][p // bs], :, p % bs], new[:, r, :, 0])
 
 
 @settings(max_examples=60, deadline=None)
@@ -119,10 +119,9 @@ def test_prefill_through_block_tables_matches_the_contiguous_cache(shape, rows, 
     ref = _attend(q, *contiguous.update_prefill(array(k), array(v), start))
 
     tables, total = _random_tables(rng, [-(-e // bs) for e in ends], spare=2)
-    pool = BlockPool([(h, d)], float32, bs, total)
     owners = [SimpleNamespace(blocks=t, pos=0) for t in tables]
-    tabs = ShardKV(pool).prefill_tables(owners, start, length, ends)
-    assert tabs.table.shape == (rows, -(-end // bs))
+    tabs = _shard(h, d, bs, total).prefill_tables(owners, start, length, ends)
+    assert tabs.width == -(-end // bs) and tabs.batch == rows
     hist = history if start else history[:, :, :, :0]
     layer = PagedLayer(array(_scatter_history(hist, tables, rng, total, bs)), tabs, window)
     got = _attend(q, *layer.update_prefill(array(k), array(v), start))
@@ -162,7 +161,7 @@ def test_allocator_counts_references_and_grows_only_for_held_blocks():
     kv.reserve(row, [5, 6, 7, 8, 9], headroom=0)
     assert grown.capacity == 4 and grown.prefix.idle == 0  # evicted, not grown
     grown.close()
-    assert all(a.shape == (2, 6, 2, 1, 4) for a in pool.arrays)
+    assert all(a.shape == (2, 6, 1, 2, 4) for a in pool.arrays)
     pool.close()
 
 
@@ -207,7 +206,7 @@ def test_block_keys_chain_the_whole_prefix():
 def test_copy_blocks_moves_a_rows_blocks_between_pools():
     src, dst = _pool(), _pool()
     got = src.allocate(2)
-    data = np.arange(2 * 6 * 2 * 1 * 4, dtype=np.float32).reshape(2, 6, 2, 1, 4)
+    data = np.arange(2 * 6 * 1 * 2 * 4, dtype=np.float32).reshape(2, 6, 1, 2, 4)
     src.arrays = [array(data)]
     dst.allocate(1)
     new = copy_blocks(src, dst, got)

@@ -1,11 +1,11 @@
 """The KV block pool of one scheduler shard: fixed-size blocks of keys and
 values for every layer, and the host-side allocator that hands them out.
 
-Device side, one array per layer of shape (2, blocks, block_size, kv_heads,
-head_dim) (keys at [0], values at [1]). A position's keys and values for all
-heads sit together, so a decode step writes every row's new token with one
-scatter per layer at flat slot indices `block * block_size + offset`, computed
-on the host once per step and shared by all layers. The arrays grow (doubling)
+Device side, one array per layer of shape (2, blocks, kv_heads, block_size,
+head_dim) (keys at [0], values at [1]); a decode step writes every row's new
+token with one scatter per layer at slot indices computed on the host once
+per step and shared by all layers, and attention gathers through the tables
+(`amlx.kv.paged`). The arrays grow (doubling)
 up to `max_blocks` as rows need blocks, and never shrink while the model is
 open: a pool at its high-water mark costs nothing more, and the blocks it
 keeps are the prefix cache.
@@ -47,7 +47,10 @@ class BlockPool:
                  prefix_cache: bool = True, initial_blocks: int = INITIAL_BLOCKS):
         if max_blocks < 2:
             raise ValueError(f"a KV block pool needs at least 2 blocks, not {max_blocks}")
+        if len(set(layout)) != 1:
+            raise ValueError(f"a KV block pool needs every layer's keys alike (kv heads, head dim), not {layout}")
         self.layout = list(layout)
+        self.kv_heads = layout[0][0]
         self.dtype = dtype
         self.block_size = block_size
         self.max_blocks = max_blocks
@@ -149,7 +152,7 @@ class BlockPool:
         new = min(self.max_blocks, max(2 * old, self.initial_blocks))
         grown = []
         for i, (heads, dim) in enumerate(self.layout):
-            extra = ops.zeros((2, new - old, self.block_size, heads, dim), self.dtype)
+            extra = ops.zeros((2, new - old, heads, self.block_size, dim), self.dtype)
             grown.append(extra if not self.arrays else ops.concatenate([self.arrays[i], extra], axis=1))
         self.arrays = grown
         self._refs.extend([0] * (new - old))
@@ -184,7 +187,7 @@ def copy_blocks(src: BlockPool, dst: BlockPool, blocks: Sequence[int]) -> list[i
     src_ids, dst_ids = array(np.asarray(blocks, np.int32)), array(np.asarray(new, np.int32))
     out = []
     for a, b in zip(src.arrays, dst.arrays):
-        data = ops.take(a, src_ids, 1)  # (2, n, block_size, heads, dim)
+        data = ops.take(a, src_ids, 1)  # (2, n, heads, block_size, dim)
         at = ops.broadcast_to(ops.reshape(dst_ids, (1, len(new), 1, 1, 1)), data.shape)
         out.append(ops.put_along_axis(b, at, data, 1))
     dst.arrays = out

@@ -121,15 +121,16 @@ class ShardKV:
         return -(-width // self.span_step) * self.span_step * self.block_size
 
     def decode_tables(self, rows: Sequence[KVRow]) -> Tables:
-        """The tables of a decode pass writing each row's position `pos`. The
-        (B, width) table is made again only when some row's blocks changed."""
+        """The tables of a decode pass writing each row's position `pos`. What to
+        gather is made again only when some row's blocks or the pool's size changed."""
         bs = self.block_size
         width = self.span(rows) // bs
-        key = (width, self._version, tuple(id(r) for r in rows))
+        key = (width, self._version, self.pool.capacity, tuple(id(r) for r in rows))
         if self._table is None or self._table[0] != key:
-            self._table = (key, array(_table(rows, width)))
-        slots = np.asarray([r.blocks[r.pos // bs] * bs + r.pos % bs for r in rows], dtype=np.int32)
-        return Tables(self._table[1], array(slots), bs)
+            self._table = (key, array(self._gather_rows(_table(rows, width))))
+        blocks = np.fromiter((r.blocks[r.pos // bs] for r in rows), np.int64, len(rows))
+        offsets = np.fromiter((r.pos % bs for r in rows), np.int64, len(rows))
+        return Tables(self._table[1], array(self._writes(blocks, offsets)), len(rows), width, bs)
 
     def prefill_tables(self, rows: Sequence[KVRow], start: int, length: int, lengths: Sequence[int]) -> Tables:
         """The tables of a prefill pass writing positions [start, start + length) of
@@ -137,12 +138,27 @@ class ShardKV:
         bs = self.block_size
         width = blocks_for(start + length, bs)
         pos = np.arange(start, start + length)
-        slots = np.zeros((len(rows), length), dtype=np.int32)
+        blocks = np.full((len(rows), length), NULL_BLOCK, dtype=np.int64)
         for i, r in enumerate(rows):
             real = pos < lengths[i]
-            blocks = np.asarray(r.blocks, dtype=np.int64)
-            slots[i, real] = blocks[pos[real] // bs] * bs + pos[real] % bs
-        return Tables(array(_table(rows, width)), array(slots.reshape(-1)), bs)
+            blocks[i, real] = np.asarray(r.blocks, dtype=np.int64)[pos[real] // bs]
+        offsets = np.broadcast_to(pos % bs, blocks.shape)
+        gather = self._gather_rows(_table(rows, width))
+        return Tables(array(gather), array(self._writes(blocks.reshape(-1), offsets.reshape(-1))), len(rows),
+                      width, bs)
+
+    def _gather_rows(self, table: np.ndarray) -> np.ndarray:
+        """(2 * B * kv_heads * width,) pieces of the pool's (2 * blocks * kv_heads,
+        block_size * head_dim) view, in (keys/values, row, head, entry) order."""
+        h, nb = self.pool.kv_heads, self.pool.capacity
+        rows = (table[:, None, :].astype(np.int64) * h + np.arange(h)[None, :, None]).reshape(-1)
+        return np.concatenate([rows, rows + nb * h]).astype(np.int32)
+
+    def _writes(self, blocks: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """(N * kv_heads,) slots of new tokens (block, offset) in the pool's
+        (2, blocks * kv_heads * block_size, head_dim) view, token by token, head by head."""
+        h, bs = self.pool.kv_heads, self.block_size
+        return ((blocks[:, None] * h + np.arange(h)[None, :]) * bs + offsets[:, None]).reshape(-1).astype(np.int32)
 
     def adopt(self, row: KVRow, blocks: list[int]) -> None:
         """The row's table is now `blocks` of this shard's pool (moved in from another shard)."""
