@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -40,12 +41,16 @@ def profile(model, batch: int, steps: int) -> dict:
     from amlx.types import GenerationOptions
 
     lm = model.engine.model
-    sched = Scheduler(lm, batch, lambda: None)
-    sched.cache = lm.make_cache()
+    sched = Scheduler(lm, batch, lambda: None, shards=1)
+    shard = sched.shards[0]
+    kv = shard.kv  # the shard's KV block pool (amlx.kv)
     # a batch of rows with 128 cached positions each (contents do not matter for timing)
     vocab = model.tokenizer.vocab_size
     prompt = np.random.default_rng(0).integers(vocab // 4, vocab // 2, size=(batch, 128)).astype(np.int32)
-    lm(array(prompt), sched.cache, 0, last=array(np.full(batch, 127, np.int32)))
+    reqs = [SimpleNamespace(blocks=kv.pool.allocate(128 // kv.block_size), pos=128, created=0.0) for _ in range(batch)]
+    views = sched._views(shard, kv.prefill_tables(reqs, 0, 128, [128] * batch))
+    lm(array(prompt), views, 0, last=array(np.full(batch, 127, np.int32)))
+    kv.pool.arrays = [v.pool for v in views]
     opts = GenerationOptions()
     rows = [RowSampling(opts, []) for _ in range(batch)]
     sampling = BatchSampling(rows)
@@ -58,14 +63,15 @@ def profile(model, batch: int, steps: int) -> dict:
     def launch(tokens, count=False):
         nonlocal pos
         t0 = time.perf_counter()
-        for c in sched.cache:
-            c.reserve(pos + 1)
-        logits, state = sched._batched_logits(tokens, array(np.full(batch, pos, np.int32)))
-        for c, kv in zip(sched.cache, state):
-            c.kv = kv
+        for r in reqs:
+            r.pos = pos
+        kv.extend(reqs)
+        tables = kv.decode_tables(reqs)
+        logits, state = sched._batched_logits(tokens, array(np.full(batch, pos, np.int32)), tables, kv.pool.arrays)
+        kv.pool.arrays = state
         t1 = time.perf_counter()
         new, lps = sampling(logits)[:2]
-        outs = [new, lps, *sampling.state(), *[a for c in sched.cache for a in c.state()]]
+        outs = [new, lps, *sampling.state(), *kv.pool.state()]
         if count:
             nodes[0], kinds[0] = ops.graph_summary(*outs)
         t2 = time.perf_counter()
@@ -102,8 +108,7 @@ def profile(model, batch: int, steps: int) -> dict:
     prev.tolist()
     piped = (time.perf_counter() - t0) / steps
     sampling.close()
-    for c in sched.cache:
-        c.close()
+    kv.close()
     if sched._step_fn is not None:
         sched._step_fn.close()
     return {"batch": batch, "nodes": nodes[0], "kinds": kinds[0], **{f"{k}_ms": v for k, v in parts.items()},

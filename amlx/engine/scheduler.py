@@ -616,11 +616,15 @@ class Scheduler:
 
     def _commit(self, step: "_Step") -> None:
         """A launched step becomes the batch's state: the rows' positions (the
-        shards' pools took the step's arrays when it was built). Paused rows computed this step too (the batch shape stays
-        fixed), but their position does not advance: the next step rewrites the
-        same slot with the same token, so their state is as if they had been left out."""
+        shards' pools took the step's arrays when it was built). Paused rows
+        computed this step too (the batch shape stays fixed), but their position
+        does not advance: the next step rewrites the same slot with the same
+        token, so their state is as if they had been left out."""
         self._inflight = step
         for part in step.parts:
+            # launched: the pools alone hold the written arrays now, so the next
+            # step's scatter may write them in place instead of copying them
+            part.outputs, part.state = [], []
             for i in part.selected:
                 part.rows[i].pos += 1
                 part.rows[i].steps += 1
@@ -852,7 +856,7 @@ class _Part:
     selected: list[int]
     sample: StepSample | None  # the sampled tokens, their logprobs (and top logprobs)
     outputs: list[Array]  # everything the part computes (what async_eval launches)
-    state: list[Array]  # the shard's caches after the step, one buffer per layer
+    state: list[Array]  # the shard's pool arrays after the step (until it is launched)
     logits: Array | None = None  # until a part with constrained rows is sampled
 
 
