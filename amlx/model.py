@@ -411,12 +411,14 @@ def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Wo
     limit = loaded.config["max_position_embeddings"]
     ctx = limit if max_context is None else min(max_context, limit)
     cfg = loaded.config
-    info = ModelInfo(architecture=cfg["arch"], parameters=_count_parameters(loaded.model), dtype=loaded.dtype,
-                     device=dev, context_length=ctx, quantization=cfg["quantization"], path=str(loaded.path))
+    parameters = _count_parameters(loaded.model)
     eos = frozenset(tokenizer.eos_token_ids) | frozenset(cfg["eos_token_ids"])
     engine = Engine(loaded.model, tokenizer, eos_ids=eos, vocab_size=cfg["vocab_size"],
                     max_batch_size=max_batch_size, max_context=ctx, worker=worker, options=options,
                     placement=placement)
+    # (the engine's context: also at most what one request can hold in the KV cache pool)
+    info = ModelInfo(architecture=cfg["arch"], parameters=parameters, dtype=loaded.dtype, device=dev,
+                     context_length=engine.max_context, quantization=cfg["quantization"], path=str(loaded.path))
     return Model(engine, tokenizer, info, cfg)
 
 
@@ -434,8 +436,9 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     most memory the KV cache (a pool of blocks, grown as requests need them)
     may take, in bytes (int) or as a fraction of the device's memory (float);
     default: a quarter of the RAM on the CPU, half of MLX's memory limit on a
-    GPU. Requests wait while it is full, and a request that alone cannot fit
-    gets ContextLengthError. prefix_cache: reuse the KV blocks of earlier
+    GPU; the context (model.info.context_length) is at most what one request
+    can hold in it. Requests wait while it is full, and a prompt that alone
+    cannot fit gets ContextLengthError. prefix_cache: reuse the KV blocks of earlier
     prompts that start the same way (Completion.usage.cached_tokens says how
     many tokens were reused). Raises ModelLoadError for bad checkpoints. Use
     as `async with await amlx.load(path) as model:`."""

@@ -50,6 +50,9 @@ class Engine:
         self.scheduler = Scheduler(model, max_batch_size, self._worker.wake, shards=shards, options=options,
                                    placement=placement)
         self.placement = self.scheduler.placement
+        # A request lives in one shard's KV block pool: the context is at most what it holds.
+        self.pool_tokens = self.scheduler.pool_tokens()
+        self.max_context = min(max_context, self.pool_tokens)
         self._matchers = MatcherFactory(tokenizer, vocab_size)  # constrained requests' grammars
         self._closed = False
         self._close_lock = threading.Lock()
@@ -59,6 +62,8 @@ class Engine:
     def check_prompt(self, prompt_ids: list[int]) -> int:
         """Validates prompt ids (inside the vocabulary, fitting the context); returns
         the room left for generated tokens. ValueError / ContextLengthError."""
+        if len(prompt_ids) >= self.max_context == self.pool_tokens:
+            self._pool_too_small(len(prompt_ids))
         room = check_context(len(prompt_ids), self.max_context)  # first: it costs nothing
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
@@ -72,7 +77,6 @@ class Engine:
         ids = list(prompt_ids)
         room = self.check_prompt(ids)
         options.check_vocab(self.vocab_size)
-        self._check_pool(len(ids), min(options.max_tokens, room))
         channel = Channel(options.max_buffer, self._worker.wake)
         req = Request(ids, options, channel, TextAssembler(self.tokenizer, options, self.eos_ids, max_new=room),
                       RowSampling(options, ids))
@@ -82,18 +86,15 @@ class Engine:
             self.scheduler.add(req)
         return RequestStream(req)
 
-    def _check_pool(self, prompt: int, new: int) -> None:
-        """ContextLengthError when the prompt and its generated tokens could not fit
-        in the KV cache pool even alone (they would wait for room forever)."""
+    def _pool_too_small(self, prompt: int) -> None:
+        """ContextLengthError for a prompt that, with one generated token, could not fit
+        in a KV block pool even alone (it would wait for room forever)."""
         s = self.scheduler
-        if prompt + new <= s.pool_tokens():
-            return
-        need = -(-(prompt + new) // s.block_size) * s.block_bytes() / 2**20
-        held = s.pool_tokens() // s.block_size * s.block_bytes() / 2**20
+        need = -(-(prompt + 1) // s.block_size) * s.block_bytes() / 2**20
+        held = self.pool_tokens // s.block_size * s.block_bytes() / 2**20
         raise ContextLengthError(
-            f"the prompt ({prompt} tokens) and max_tokens ({new}) need {need:.2f} MiB of KV cache, but the KV "
-            f"cache pool holds {s.pool_tokens()} tokens ({held:.2f} MiB): raise kv_cache_memory at load, or ask "
-            f"for fewer tokens")
+            f"the prompt ({prompt} tokens) and a generated token need {need:.2f} MiB of KV cache, but the KV "
+            f"cache pool holds {self.pool_tokens} tokens ({held:.2f} MiB): raise kv_cache_memory at load")
 
     def _queue_when_compiled(self, req: Request, constraint: Constraint) -> None:
         """A constrained request joins the queue once its matcher is made (a background

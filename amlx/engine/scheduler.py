@@ -183,13 +183,19 @@ class Scheduler:
 
     def has_work(self) -> bool:
         """Whether a round would do something (the worker sleeps otherwise): not
-        while every request left is parked or waits for a slot that parked ones hold."""
+        while every request left is parked or waits for a slot, or KV blocks,
+        that parked ones hold."""
         if self._inflight is not None or self._incoming or self.prefilling is not None or self.rows:
             return True
         free = self._slots_held() < self.max_batch_size
-        if any(not r.active for r in self.waiting) or (self.waiting and free):
+        if any(not r.active for r in self.waiting) or (self.waiting and free and self._head_fits()):
             return True
         return any(not r.active or (r.channel.has_room() and (free or self._holds_slot(r))) for r in self.parked)
+
+    def _head_fits(self) -> bool:
+        """Whether some shard's pool has room for the head of the queue now (if
+        not, only a parked request can give blocks back: its consumer wakes us)."""
+        return any(s.kv.fits(self.waiting[0].fill) for s in self.shards)
 
     def wake_at(self) -> float | None:
         """When (time.monotonic) a parked request's slot frees up for a waiting

@@ -66,6 +66,11 @@ class ShardKV:
             return 0
         return len(self.pool.prefix.lookup(self._reusable(ids))) * self.block_size
 
+    def fits(self, ids: Sequence[int]) -> bool:
+        """Whether `reserve` would find room for `ids` now (with no headroom)."""
+        need = blocks_for(len(ids), self.block_size) - self.peek(ids) // self.block_size
+        return need <= self.pool.available()
+
     def reserve(self, row: KVRow, ids: Sequence[int], headroom: int = 1) -> int | None:
         """Gives `row` the blocks to prefill `ids`: the longest cached prefix of
         full blocks (always leaving at least one token to compute, for its logits)
