@@ -172,19 +172,22 @@ def test_a_pool_filled_past_its_size_makes_requests_wait(ckpt, monkeypatch):
 def test_preemption_continues_each_stream_exactly(ckpt, monkeypatch):
     """Rows that outgrow the pool while decoding: the youngest is preempted and
     recomputed from its prompt and its tokens so far; every stream's tokens are
-    those of an unpreempted run, with no gap and no duplicate."""
+    those of an unpreempted run, with no gap and no duplicate (seeded sampling
+    and penalties included)."""
     monkeypatch.setenv("AMLX_SHARDS", "1")
     prompts = [_ids(30 + k, 20) for k in range(3)]
     n = 60  # each needs 5 blocks at the end; three of them need 15 > 10
+    # greedy, and seeded sampling with a repetition penalty (its key and history go on exactly)
+    options = [{}, {"temperature": 1.0, "seed": 5, "repetition_penalty": 1.3}, {}]
 
     async def body():
         async with await amlx.load(ckpt("qwen3"), prefix_cache=False) as off:
-            solo = [(await _complete(off, p, n))[0] for p in prompts]
+            solo = [(await off.complete(p, max_tokens=n, **o)).token_ids for p, o in zip(prompts, options)]
             per_block = _block_bytes(off)
         for prefix in (False, True):
             async with await amlx.load(ckpt("qwen3"), kv_cache_memory=10 * per_block,
                                        prefix_cache=prefix) as small:
-                streams = [small.generate(p, max_tokens=n) for p in prompts]
+                streams = [small.generate(p, max_tokens=n, **o) for p, o in zip(prompts, options)]
                 got: dict = {}
 
                 async def read(k):
