@@ -48,7 +48,8 @@ import numpy as np
 from amlx._mlx import Array, array, ops, transforms
 from amlx.constrain import step_masks
 from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards
-from amlx.kv import PagedLayer, ShardKV, Tables, copy_blocks, make_pools, preemption_order
+from amlx.engine.pools import ShardPools
+from amlx.kv import PagedLayer, ShardKV, Tables, copy_blocks, preemption_order
 from amlx.engine.rate import RateMeter
 from amlx.engine.request import Request
 from amlx.sample import BatchSampling, CompiledSteps, StepSample
@@ -113,11 +114,9 @@ class Scheduler:
         model.use_decode_kernel(self.options.decode_kernel)
         # attention span step: small where decode attention reads the whole span (EngineOptions.kv_block)
         self.block = self.options.kv_block
-        self._windows = model.windows()  # per layer
-        self.shards = [_Shard(i, kv) for i, kv in enumerate(make_pools(model, self.options,
-                                                                        len(self.placement.streams)))]
-        self.block_size = self.shards[0].kv.block_size
-        self._epoch = 0  # bumped when the weights change: older requests' blocks are not cached
+        self.pools = ShardPools(model, self.options, len(self.placement.streams))
+        self.shards = [_Shard(i, kv) for i, kv in enumerate(self.pools.kv)]
+        self.block_size = self.pools.block_size
         # Fault injection for tests, None otherwise: called as fault(rows, chained) while a
         # decode step's graph is built (chained: the step takes the previous step's tokens
         # on the device), and as fault([row], False) when a row runs alone to isolate a
@@ -137,18 +136,13 @@ class Scheduler:
 
     def kv_counters(self) -> dict[str, int]:
         """The block pools' counters, summed over the shards (stats; any thread)."""
-        total: dict[str, int] = {}
-        for s in self.shards:
-            for k, v in s.kv.pool.counters().items():
-                total[k] = v if k == "block_size" else total.get(k, 0) + v
-        return total
+        return self.pools.counters()
 
     def pool_tokens(self) -> int:
-        """The most positions one request can hold (its shard's whole pool)."""
-        return self.shards[0].kv.pool.usable * self.block_size
+        return self.pools.pool_tokens()
 
     def block_bytes(self) -> int:
-        return self.shards[0].kv.pool.bytes_per_block()
+        return self.pools.block_bytes()
 
     def _on(self, shard: _Shard):
         """The block's MLX work runs on the shard's stream."""
@@ -188,14 +182,9 @@ class Scheduler:
         if self._inflight is not None or self._incoming or self.prefilling is not None or self.rows:
             return True
         free = self._slots_held() < self.max_batch_size
-        if any(not r.active for r in self.waiting) or (self.waiting and free and self._head_fits()):
+        if any(not r.active for r in self.waiting) or (self.waiting and free and self.pools.fits(self.waiting[0])):
             return True
         return any(not r.active or (r.channel.has_room() and (free or self._holds_slot(r))) for r in self.parked)
-
-    def _head_fits(self) -> bool:
-        """Whether some shard's pool has room for the head of the queue now (if
-        not, only a parked request can give blocks back: its consumer wakes us)."""
-        return any(s.kv.fits(self.waiting[0].fill) for s in self.shards)
 
     def wake_at(self) -> float | None:
         """When (time.monotonic) a parked request's slot frees up for a waiting
@@ -240,7 +229,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Starts prompt processing in arrival order. The head of the queue takes
-        its blocks (`_reserve`); one the pools cannot hold yet waits, and so do
+        its blocks (`ShardPools.place`); one the pools cannot hold yet waits, and so do
         those behind it. Prompts that start at the same position (no cached
         prefix, or one as long) are taken together as one right-padded batch of
         about one chunk of tokens; a longer one, or a preempted request being
@@ -257,54 +246,24 @@ class Scheduler:
             if not req.active:
                 self._finish(self.waiting.popleft())
                 continue
-            shard = self._reserve(req, load)
-            if shard is None:
+            index = self.pools.place(req, load, [bool(s.rows) for s in self.shards])
+            if index is None:
                 break  # no room in the pools yet: it waits for blocks to come back
             rest = len(req.fill) - req.prefilled
             alone = req.recompute is not None or rest > self.prefill_chunk
             longest = max([rest] + [len(r.fill) - r.prefilled for r in group])
             if group and (alone or req.prefilled != group[0].prefilled or longest * (len(group) + 1) >
                           self.prefill_chunk):
-                self._release(req, cache=False)  # it goes first next round
+                self.pools.release(req, cache=False)  # it goes first next round
                 break
             self.waiting.popleft()
-            load[shard.index] += 1
+            load[index] += 1
             if alone:
                 self.prefilling = req
                 break
             group.append(req)
         if group:
             self._prefill_group(group)
-
-    def _reserve(self, req: Request, load: list[int]) -> "_Shard | None":
-        """Gives a request the blocks for its prompt (or, preempted, for what it
-        recomputes) in the shard holding the longest cached prefix of it, else
-        the one with the fewest rows; None if no shard has room."""
-        order = sorted(self.shards, key=lambda s: (-s.kv.peek(req.fill), load[s.index]))
-        for shard in order:
-            cached = shard.kv.reserve(req, req.fill, headroom=1 if shard.rows else 0)
-            if cached is not None:
-                req.shard, req.prefilled, req.pos, req.epoch = shard.index, cached, 0, self._epoch
-                if req.recompute is None:
-                    req.cached_tokens = cached
-                return shard
-        return None
-
-    def _release(self, req: Request, cache: bool = True) -> None:
-        """A request lets go of its blocks; with `cache`, its full blocks stay in the
-        prefix cache (unless the weights changed since they were computed)."""
-        if req.blocks:
-            ids = req.prompt + req.generated if cache and req.epoch == self._epoch else None
-            self.shards[req.shard].kv.release(req, ids)
-
-    def _cache_filled(self, req: Request) -> None:
-        """Caches the request's full blocks prefilled so far."""
-        if req.epoch == self._epoch:
-            self.shards[req.shard].kv.cache_filled(req, req.fill, req.prefilled)
-
-    def _views(self, shard: _Shard, tables: Tables) -> list[PagedLayer]:
-        """Each layer's view of the shard's pool for one forward pass."""
-        return [PagedLayer(a, tables, w) for a, w in zip(shard.kv.pool.arrays, self._windows)]
 
     def _prefill_pass(self, shard: _Shard, reqs: list[Request], start: int, length: int, model) -> Array:
         """One prefill forward writing positions [start, start + length) of each
@@ -314,7 +273,7 @@ class Scheduler:
         ids = np.zeros((len(reqs), length), dtype=np.int32)
         for i, r in enumerate(reqs):
             ids[i, :ends[i] - start] = r.fill[start:ends[i]]
-        views = self._views(shard, shard.kv.prefill_tables(reqs, start, length, ends))
+        views = self.pools.views(shard.index, shard.kv.prefill_tables(reqs, start, length, ends))
         last = array(np.asarray(ends, dtype=np.int32) - start - 1)
         logits = model(array(ids), views, start, last=last)
         # the old arrays' only holder is now the graph, so MLX may write them in place
@@ -364,7 +323,7 @@ class Scheduler:
             ids_out, lps, tops = first.read()
             for i, r in enumerate(reqs):
                 r.pos = r.prefilled = len(r.prompt)
-                self._cache_filled(r)
+                self.pools.cache_filled(r)
                 self._emit(r, int(ids_out[i]), float(lps[i]), None if tops is None else tops[i])
             self._join(shard, reqs)
 
@@ -387,7 +346,7 @@ class Scheduler:
             self.prefilling = None
             self._fail(req, exc)
             return
-        self._cache_filled(req)
+        self.pools.cache_filled(req)
         if req.prefilled < len(req.fill):
             return
         self.prefilling = None
@@ -542,13 +501,11 @@ class Scheduler:
         trained a step): the compiled step traced the old ones as constants, so
         it is traced again, and the prefix cache is emptied: its blocks were
         computed with the old weights (worker thread). Blocks of requests still
-        running are not cached when they end (`_epoch`)."""
+        running are not cached when they end (`ShardPools.epoch`)."""
         with self.placement.on():
             if self._inflight is not None:
                 self._read(self._drain())
-        self._epoch += 1
-        for shard in self.shards:
-            shard.kv.pool.clear_prefix()
+        self.pools.weights_changed()
         self._prepared = False
         self._twin = None
         if self._step_fn is not None:
@@ -666,7 +623,7 @@ class Scheduler:
                       pools: list[Array]):
         b, heads = tokens.shape[0], pools[0].shape[2]
         tables = Tables(rows, writes, b, rows.shape[0] // (2 * b * heads), self.block_size)
-        views = [PagedLayer(p, tables, w) for p, w in zip(pools, self._windows)]
+        views = [PagedLayer(p, tables, w) for p, w in zip(pools, self.pools.windows)]
         logits = model(tokens, views, positions)
         logits = ops.reshape(logits, (tokens.shape[0], logits.shape[2]))
         return logits, [v.pool for v in views]
@@ -747,7 +704,7 @@ class Scheduler:
                 ops.eval(*dst.kv.pool.state())
             self._keep_rows(src, list(range(len(src.rows) - n)))
             for r, blocks in zip(reqs, moved):
-                self._release(r)
+                self.pools.release(r)
                 dst.kv.adopt(r, blocks)
                 r.shard = dst.index
             self._join(dst, reqs)
@@ -779,7 +736,7 @@ class Scheduler:
             self.parked.remove(req)
         else:
             self._set_rows(shard, [r for r in shard.rows if r is not req])
-        self._release(req)
+        self.pools.release(req)
         req.recompute = (req.prompt + req.generated)[:req.pos]
         req.prefilled = req.pos = 0
         self.preemptions += 1
@@ -787,12 +744,12 @@ class Scheduler:
 
     def _finish(self, req: Request) -> None:
         self._held.pop(req, None)
-        self._release(req)
+        self.pools.release(req)
         req.channel.close()
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         self._held.pop(req, None)
-        self._release(req, cache=False)
+        self.pools.release(req, cache=False)
         req.assembler.finished = True
         req.channel.close(exc)
 
@@ -803,7 +760,7 @@ class Scheduler:
             for req in list(shard.rows):
                 try:
                     tables = shard.kv.decode_tables([req])
-                    logits = self.model(array(np.asarray([[req.last]], np.int32)), self._views(shard, tables),
+                    logits = self.model(array(np.asarray([[req.last]], np.int32)), self.pools.views(shard.index, tables),
                                         array(np.asarray([req.pos], np.int32)))
                     if self.fault is not None:
                         logits = self._inject(logits, [req], False)
@@ -843,8 +800,7 @@ class Scheduler:
             self.waiting.extend(self._incoming)
             self._incoming.clear()
         self.fail_all(ClosedError("the model was closed"))
-        for shard in self.shards:
-            shard.kv.close()
+        self.pools.close()
         if self._step_fn is not None:
             self._step_fn.close()  # MLX's compile cache holds the traced graphs and their constants
             self._split_step_fn.close()
