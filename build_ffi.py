@@ -21,6 +21,9 @@ from cffi import FFI
 MLX_VERSION = "0.32.4"  # the C++ ABI is pinned: keep in step with pyproject.toml
 ROOT = pathlib.Path(__file__).resolve().parent
 HEADER = ROOT / "vendor" / "mlxc" / "mlxc.h"
+# gemv_<isa>.cpp: one unit per instruction set, each with its own `#pragma GCC target`
+# (the build flags stay portable); cpu_gemv.cpp picks one at run time.
+SOURCES = ("mlxc.cpp", "blas.cpp", "cpu_gemv.cpp", "gemv_generic.cpp", "gemv_avx2.cpp", "gemv_avx512.cpp")
 
 
 class MLXNotFound(RuntimeError):
@@ -95,11 +98,11 @@ def make_builder(absolute: bool = False) -> FFI:
     ffi.set_source(
         "amlx._mlxc",
         '#include "mlxc.h"',
-        sources=[(vendor / "mlxc.cpp").as_posix()],
+        sources=[(vendor / name).as_posix() for name in SOURCES],
         source_extension=".cpp",
         include_dirs=[str(ROOT / "vendor" / "mlxc"), str(mlx / "include")],
         library_dirs=[libdir],
-        libraries=["mlx"],
+        libraries=["mlx"] + (["dl"] if sys.platform.startswith("linux") else []),
         extra_compile_args=["-std=c++20", "-O2", "-fvisibility=hidden", "-Wno-deprecated-declarations"],
         extra_link_args=link_args,
     )

@@ -39,10 +39,11 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(kind: str, path: Path, port: int, batch: int) -> subprocess.Popen:
+def start_server(kind: str, path: Path, port: int, batch: int, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`amlx serve` or `mlx_lm.server` on 127.0.0.1:`port`, once it answers; `extra`: more amlx flags."""
     if kind == "amlx":
         cmd = [sys.executable, "-m", "amlx", "serve", str(path), "--port", str(port), "--model-name", "default_model",
-               "--max-batch-size", str(batch), "--log-level", "warning"]
+               "--max-batch-size", str(batch), "--log-level", "warning", *extra]
     else:
         cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--port", str(port),
                "--decode-concurrency", str(batch), "--log-level", "WARNING"]

@@ -114,6 +114,44 @@ def test_attention_kernel_equals_reference(b, kv, group, dim, cap, window, qk_no
         np.testing.assert_allclose(as_np(g), w, rtol=ROPE_TOL[dtype], atol=ROPE_TOL[dtype])
 
 
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 5), kv=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2]),
+       dim=st.sampled_from([64, 128]), block=st.sampled_from([1, 16, 32]), length=st.integers(1, 200),
+       window=st.sampled_from([None, 7, 100]), qk_norm=st.booleans(), dtype=DTYPES, seed=st.integers(0, 2 ** 16))
+def test_paged_attention_kernel_reads_through_block_tables(b, kv, group, dim, block, length, window, qk_norm, dtype,
+                                                         seed):
+    """The block-pool variant: each row's positions lie in blocks scattered over a shared
+    pool (its table in position order, unused entries the null block 0); the result equals
+    the reference over the contiguous keys."""
+    rng = np.random.default_rng(seed)
+    heads = kv * group
+    width = -(-length // block)
+    n_blocks = 1 + b * width + 3  # block 0: the null block; spare blocks hold noise
+    pool = rnd(rng.standard_normal((2, n_blocks, block, kv, dim)), dtype)
+    table = np.zeros((b, width + 1), np.int32)  # one spare column: tables are wider than a row needs
+    order = rng.permutation(np.arange(1, n_blocks))
+    keys, values = np.zeros((b, kv, width * block, dim)), np.zeros((b, kv, width * block, dim))
+    for i in range(b):
+        table[i, :width] = order[i * width:(i + 1) * width]
+        for j in range(width):
+            keys[i, :, j * block:(j + 1) * block] = pool[0, table[i, j]].transpose(1, 0, 2)
+            values[i, :, j * block:(j + 1) * block] = pool[1, table[i, j]].transpose(1, 0, 2)
+    pos = rng.integers(0, length, size=b).astype(np.int32)
+    pos[0] = length - 1
+    qkv = rnd(rng.standard_normal((b, (heads + 2 * kv) * dim)), dtype)
+    inv_freq = (1.0 / 10000.0 ** (np.arange(0, dim, 2) / dim)).astype(np.float32)
+    norms = [rnd(1 + 0.3 * rng.standard_normal(dim), dtype) for _ in range(2)] if qk_norm else None
+    weights = [as_mx(w, dtype) for w in norms] if qk_norm else [None, None]
+    got = da.decode_attention(as_mx(qkv, dtype), as_mx(pool, dtype), mx.array(pos), heads=heads, scale=dim ** -0.5,
+                              window=window, inv_freq=mx.array(inv_freq), q_norm=weights[0], k_norm=weights[1],
+                              eps=1e-6, table=mx.array(table))
+    want = ref_attention(qkv, keys, values, pos, heads, dim ** -0.5, window, inv_freq.astype(np.float64), norms,
+                         1e-6, dtype)
+    assert [a.shape for a in got] == [(b, heads * dim), (2, b, kv, 1, dim)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(as_np(g), w, rtol=ROPE_TOL[dtype], atol=ROPE_TOL[dtype])
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 9), width=st.sampled_from([64, 1000, 1152, 2048]), pre=st.booleans(), dtype=DTYPES,
        seed=st.integers(0, 2 ** 16))

@@ -356,7 +356,8 @@ def test_fused_projections_match_the_separate_layers(name, ckpt, tokens):
         fused = logits_of(lm, ids)
         lm.release_derived()
         assert attn._fused("qkv", attn._projections()) is None
-        np.testing.assert_allclose(fused, logits_of(lm, ids), rtol=1e-5, atol=1e-5)
+        # the fused product sums in another order (BLAS blocking depends on the width): float32 noise
+        np.testing.assert_allclose(fused, logits_of(lm, ids), rtol=1e-5, atol=5e-5)
 
         lm.prepare()
         # rows reversed: a change no norm can undo
@@ -367,7 +368,7 @@ def test_fused_projections_match_the_separate_layers(name, ckpt, tokens):
             assert np.abs(changed - fused).max() > 1e-3
             lm.prepare()  # fuses again, with the new weight
             assert attn._fused("qkv", attn._projections()) is not None
-            np.testing.assert_allclose(logits_of(lm, ids), changed, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(logits_of(lm, ids), changed, rtol=1e-5, atol=5e-5)
     finally:
         lm.close()
 

@@ -91,7 +91,7 @@ _SOURCE = r"""
   }
 $QK_NORM$  amlx_rope_half<T, E, HALF>(qr, inv_freq, lane, last);
   amlx_rope_half<T, E, HALF>(kn, inv_freq, lane, last);
-  const size_t rows = kv_shape[1];
+  const size_t rows = pos_shape[0];
   if (warp == 0 && h % (H / KVH) == 0) {
     const size_t at = ((size_t)b * KVH + kvh) * D + lane * E;
     for (int e = 0; e < E; ++e) {
@@ -101,18 +101,16 @@ $QK_NORM$  amlx_rope_half<T, E, HALF>(qr, inv_freq, lane, last);
   }
   for (int e = 0; e < E; ++e) qr[e] *= scale;
   const int first = WINDOW > 0 ? max(0, last - WINDOW + 1) : 0;
-  const size_t cap = kv_shape[3];  // a runtime value: no new kernel per capacity
-  const T* keys = kv + ((size_t)b * KVH + kvh) * cap * D + lane * E;
-  const T* values = keys + rows * KVH * cap * D;
-  float m = neg_inf, l = 0.0f;
+$KV_SETUP$  float m = neg_inf, l = 0.0f;
   for (int j = first + warp; j <= last; j += WARPS) {
     float kr[E], vr[E];
     if (j == last) {
       for (int e = 0; e < E; ++e) { kr[e] = kn[e]; vr[e] = vn[e]; }
     } else {
+$KV_READ$
       for (int e = 0; e < E; ++e) {
-        kr[e] = static_cast<float>(keys[(size_t)j * D + e]);
-        vr[e] = static_cast<float>(values[(size_t)j * D + e]);
+        kr[e] = static_cast<float>(keys[e]);
+        vr[e] = static_cast<float>(values[e]);
       }
     }
     float part = 0.0f;
@@ -151,9 +149,31 @@ _QK_NORM = """
   amlx_head_rms_norm<T, E>(kn, k_norm + lane * E, __int_as_float(EPS_BITS), D);
 """
 
+# Where slot j's key and value are. Contiguous: kv (2, B, KVH, capacity, D).
+_CONTIGUOUS_SETUP = """
+  const size_t cap = kv_shape[3];  // a runtime value: no new kernel per capacity
+  const T* row_keys = kv + ((size_t)b * KVH + kvh) * cap * D + lane * E;
+  const size_t half = rows * KVH * cap * D;
+"""
+_CONTIGUOUS_READ = """
+      const T* keys = row_keys + (size_t)j * D;
+      const T* values = keys + half;"""
+# Paged (a block pool, amlx.kv): kv (2, blocks, block_size, KVH, D), table (B,
+# width) int32 the row's block ids in position order; slot j lies at offset
+# j % block_size of block table[b, j / block_size].
+_PAGED_SETUP = """
+  const int block_size = kv_shape[2];
+  const size_t half = (size_t)kv_shape[1] * block_size * KVH * D;
+  const int* row_table = table + (size_t)b * table_shape[1];
+"""
+_PAGED_READ = """
+      const size_t slot = (size_t)row_table[j / block_size] * block_size + j % block_size;
+      const T* keys = kv + (slot * KVH + kvh) * D + lane * E;
+      const T* values = keys + half;"""
+
 WARPS = 16  # keys in flight per (head, row); a block is WARPS * 32 threads
 
-_KERNELS: dict[bool, fast.CudaKernel] = {}
+_KERNELS: dict[tuple[bool, bool], fast.CudaKernel] = {}
 _DTYPES = (bfloat16, float16, float32)
 
 
@@ -164,18 +184,24 @@ def available(device: str) -> bool:
     return device == "gpu" and fast.cuda_available()
 
 
-def _kernel(qk_norm: bool) -> fast.CudaKernel:
-    if qk_norm not in _KERNELS:
+def _kernel(qk_norm: bool, paged: bool = False) -> fast.CudaKernel:
+    key = (qk_norm, paged)
+    if key not in _KERNELS:
         norms = ["q_norm", "k_norm"] if qk_norm else []
-        _KERNELS[qk_norm] = fast.CudaKernel(
-            "amlx_decode_attention" + ("_qk_norm" if qk_norm else ""),
-            ["qkv", *norms, "inv_freq", "kv", "pos"], ["out", "kv_new"],
-            _SOURCE.replace("$QK_NORM$", _QK_NORM if qk_norm else ""), header=_HEADER)
-    return _KERNELS[qk_norm]
+        source = (_SOURCE.replace("$QK_NORM$", _QK_NORM if qk_norm else "")
+                  .replace("$KV_SETUP$", _PAGED_SETUP if paged else _CONTIGUOUS_SETUP)
+                  .replace("$KV_READ$", _PAGED_READ if paged else _CONTIGUOUS_READ))
+        _KERNELS[key] = fast.CudaKernel(
+            "amlx_decode_attention" + ("_qk_norm" if qk_norm else "") + ("_paged" if paged else ""),
+            ["qkv", *norms, "inv_freq", "kv", "pos", *(["table"] if paged else [])], ["out", "kv_new"],
+            source, header=_HEADER)
+    return _KERNELS[key]
 
 
-def supports(qkv: Array, kv: Array, heads: int) -> bool:
-    kv_heads, dim = kv.shape[2], kv.shape[4]
+def supports(qkv: Array, kv: Array, heads: int, paged: bool = False) -> bool:
+    """Whether the kernel takes this step: `kv` contiguous (2, B, KVH, capacity, D)
+    or, `paged`, a block pool (2, blocks, block_size, KVH, D)."""
+    kv_heads, dim = kv.shape[3 if paged else 2], kv.shape[4]
     return (qkv.dtype in _DTYPES and kv.dtype is qkv.dtype and dim % 32 == 0 and 32 <= dim <= 512
             and heads % kv_heads == 0 and qkv.shape[1] == (heads + 2 * kv_heads) * dim)
 
@@ -186,12 +212,16 @@ def _bits(x: float) -> int:
 
 def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, scale: float,
                      window: int | None, inv_freq: Array, q_norm: Array | None = None,
-                     k_norm: Array | None = None, eps: float = 0.0) -> tuple[Array, Array]:
+                     k_norm: Array | None = None, eps: float = 0.0,
+                     table: Array | None = None) -> tuple[Array, Array]:
     """One decode step of attention from the fused q/k/v projection.
 
     qkv (B, (H + 2*KVH) * D) holds each row's new token; kv (2, B, KVH,
     capacity, D) the cache's keys and values, read at positions < `positions`
-    (B,) int32. The new
+    (B,) int32. With a block `table` (B, width) int32, kv is instead a block
+    pool (2, blocks, block_size, KVH, D) and row b's position p lies in block
+    table[b, p // block_size] (amlx.kv): the kernel reads through the table, so
+    no row's keys are gathered or copied. The new
     q and k get their head RMSNorm (weights `q_norm`/`k_norm`, both or neither)
     and the rotary embedding (`inv_freq`: (D/2,) float32 angles per position);
     then softmax(scale * q k^T) v over slots [pos - window + 1, pos] (all of
@@ -199,12 +229,14 @@ def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, sca
     side by side as the output projection takes them, and the new key and value
     (2, B, KVH, 1, D) to write into the cache at `positions`."""
     b = qkv.shape[0]
-    kv_heads, dim = kv.shape[2], kv.shape[4]
+    paged = table is not None
+    kv_heads, dim = kv.shape[3 if paged else 2], kv.shape[4]
     threads = 32 * WARPS
     qk_norm = q_norm is not None
     norms = [q_norm, k_norm] if qk_norm else []
-    return tuple(_kernel(qk_norm)(
-        [qkv, *norms, inv_freq, kv, positions], [(b, heads * dim), (2, b, kv_heads, 1, dim)],
+    return tuple(_kernel(qk_norm, paged)(
+        [qkv, *norms, inv_freq, kv, positions, *([table] if paged else [])],
+        [(b, heads * dim), (2, b, kv_heads, 1, dim)],
         [qkv.dtype] * 2, grid=(heads * threads, b, 1), threadgroup=(threads, 1, 1),
         template={"T": qkv.dtype, "H": heads, "KVH": kv_heads, "D": dim, "WINDOW": window or 0, "WARPS": WARPS,
                   "SCALE_BITS": _bits(scale), "EPS_BITS": _bits(eps)}))

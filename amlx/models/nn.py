@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 from typing import Iterator
 
-from amlx._mlx import Array, device, fast, ops
+from amlx._mlx import Array, device, fast, float32, ops
+from amlx.models import cpu_matmul
 
 
 class Module:
@@ -210,7 +211,7 @@ class Linear(Module):
             self.bias = bias
 
     def __call__(self, x: Array) -> Array:
-        return dense(x, weight_t(self), getattr(self, "bias", None), self.__dict__.get("_split"))
+        return linear(x, self)
 
     def derived_arrays(self) -> list[Array]:
         return [weight_t(self)]
@@ -218,6 +219,21 @@ class Linear(Module):
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
+
+
+def linear(x: Array, layer: Module, quantized: bool = False) -> Array:
+    """x W^T (+ b) for a layer holding a dense `weight` (or, with `quantized`, MLX's
+    packed weight, scales and biases) and an optional `bias`: the one computation
+    of every linear layer (adapters wrapping a layer call it too, so that their
+    base output is bit-identical to the plain layer's)."""
+    bias = getattr(layer, "bias", None)
+    if quantized:
+        y = quantized_dense(x, layer)
+    else:
+        y = cpu_matmul.few_rows(x, layer)
+        if y is None:
+            return dense(x, weight_t(layer), bias, layer.__dict__.get("_split"))
+    return y + bias if bias is not None else y
 
 
 def weight_t(module: Module) -> Array:
@@ -228,6 +244,8 @@ def weight_t(module: Module) -> Array:
 def dense(x: Array, w_t: Array, bias: Array | None, split: "MatmulSplit | None" = None) -> Array:
     """x @ w_t (+ bias), w_t an (in, out) weight; with `split`, in column blocks
     on its streams."""
+    if cpu_matmul.widen(x):
+        return ops.astype(dense(ops.astype(x, float32), w_t, bias, split), x.dtype)
     if split is not None and split.parts(w_t.shape[1]):
         if bias is not None:
             return split.columns(w_t.shape[1], lambda lo, hi: ops.addmm(
@@ -250,7 +268,14 @@ def quantized_dense(x: Array, layer: Module) -> Array:
     """x @ W^T for a layer in MLX's packed quantized format (weight, scales and
     biases (out, ...)); with the layer's split, in column blocks: output column j
     is row j of each packed array, so row blocks are views."""
+    y = cpu_matmul.few_rows(x, layer)
+    if y is not None:
+        return y
     q = (layer._group_size, layer._bits)
+    if cpu_matmul.dequantize_first(x, layer):
+        w_t = ops.transpose(ops.dequantize(layer.weight, layer.scales, layer.biases, *q, dtype=float32))
+        y = dense(ops.astype(x, float32), w_t, None, layer.__dict__.get("_split"))
+        return ops.astype(y, x.dtype if x.dtype == layer.scales.dtype else float32)
     split = layer.__dict__.get("_split")
     out = layer.weight.shape[0]
     if split is not None and split.parts(out):
@@ -333,9 +358,7 @@ class QuantizedLinear(Module):
             self.bias = bias
 
     def __call__(self, x: Array) -> Array:
-        y = quantized_dense(x, self)
-        bias = getattr(self, "bias", None)
-        return y + bias if bias is not None else y
+        return linear(x, self, quantized=True)
 
     @property
     def out_features(self) -> int:
@@ -354,6 +377,9 @@ class Embedding(Module):
 
     def as_linear(self, x: Array) -> Array:
         """Tied output projection: x @ E^T."""
+        y = cpu_matmul.few_rows(x, self)
+        if y is not None:
+            return y
         return dense(x, weight_t(self), None, self.__dict__.get("_split"))
 
     def derived_arrays(self) -> list[Array]:

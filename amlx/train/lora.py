@@ -44,7 +44,7 @@ from amlx._mlx import float32 as _f32
 from amlx.checkpoint import (check_destination, copy_carried, read_checkpoint, read_header, read_json,
                              read_tensors, staged_directory, write_config, write_weights)
 from amlx.errors import MLXError, ModelLoadError
-from amlx.models.nn import Linear, Module, QuantizedLinear, dense, weight_t
+from amlx.models.nn import Linear, Module, QuantizedLinear, linear, weight_t
 
 __all__ = ["DEFAULT_TARGETS", "LoRALinear", "LoRAConfig", "apply_lora", "remove_lora", "lora_modules",
            "save_adapter", "load_adapter", "apply_adapter", "fuse_lora", "fuse", "set_dropout_keys",
@@ -108,11 +108,7 @@ class LoRALinear(Module):
         return self.lora_a.shape[0]
 
     def _base(self, x: Array) -> Array:
-        bias = getattr(self, "bias", None)
-        if self._quantized:
-            y = ops.quantized_matmul(x, self.weight, self.scales, self.biases, True, self._group_size, self._bits)
-            return y + bias if bias is not None else y
-        return dense(x, weight_t(self), bias)
+        return linear(x, self, quantized=self._quantized)
 
     def derived_arrays(self) -> list[Array]:
         return [] if self._quantized else [weight_t(self)]

@@ -6,6 +6,7 @@
 // throwing, and none of that may unwind into Python's C frames.
 
 #include "mlxc.h"
+#include "internal.h"
 
 #include <algorithm>
 #include <cmath>
@@ -232,6 +233,8 @@ mx::Dtype weak_int_dtype(const mx::array& a) {
 }
 
 }  // namespace
+
+void mlxc::set_last_error(const std::string& message) { last_error = message; }
 
 extern "C" {
 
@@ -781,6 +784,21 @@ int mlxc_quantized_matmul(mlxc_array x, mlxc_array w, mlxc_array scales,
   put(mx::quantized_matmul(x->a, w->a, scales->a, opt(biases), transpose != 0,
                            group_size, bits, "affine"),
       out);
+  GUARD_END
+}
+
+int mlxc_cpu_gemv(mlxc_array x, mlxc_array w, mlxc_array scales, mlxc_array biases,
+                  int group_size, int bits, mlxc_array* out) {
+  GUARD_BEGIN
+  if (bits == 0) {
+    put(mlxc::cpu_gemv(x->a, w->a, nullptr, 0, 0), out);
+  } else {
+    if (scales == nullptr || biases == nullptr) {
+      throw std::invalid_argument("cpu_gemv: quantized weights need scales and biases");
+    }
+    mx::array sb[2] = {scales->a, biases->a};
+    put(mlxc::cpu_gemv(x->a, w->a, sb, bits, group_size), out);
+  }
   GUARD_END
 }
 

@@ -78,6 +78,32 @@ const char* mlxc_last_error(void);
 const char* mlxc_version(void);
 void mlxc_array_free(mlxc_array a);
 
+/* MLX's BLAS (Linux). libmlx calls cblas_sgemm and LAPACK through its own
+ * symbol slots; mlxc_blas_route points them at the library at `path`, whose
+ * symbols carry `prefix` (scipy-openblas32: "scipy_"). Until then (or when it
+ * fails) MLX uses the reference BLAS bundled with its wheel.
+ * mlxc_blas_library: the routed library's path, "" when none.
+ * mlxc_blas_sgemm_calls: cblas_sgemm calls that went through the route. */
+int mlxc_blas_route(const char* path, const char* prefix);
+const char* mlxc_blas_library(void);
+int mlxc_blas_routed_symbols(void);
+unsigned long long mlxc_blas_sgemm_calls(void);
+int mlxc_blas_threads(void);
+int mlxc_blas_set_threads(int n);
+
+/* Few-row matmuls on the CPU (y = x W^T, x with 1..8 rows; W (out, in)):
+ * dense weights (scales = biases = NULL, bits = 0: float32, float16,
+ * bfloat16) or MLX's affine 4-/8-bit packing (group size 32, 64 or 128),
+ * read as stored, with AVX-512 / AVX2 chosen at run time and the rows of the
+ * output split over a pool of threads. The result has x's leading shape and
+ * the promoted type of x and the weights (scales when quantized). */
+int mlxc_cpu_gemv(mlxc_array x, mlxc_array w, mlxc_array scales, mlxc_array biases,
+                  int group_size, int bits, mlxc_array* out);
+int mlxc_cpu_threads(void);
+int mlxc_cpu_set_threads(int n);
+const char* mlxc_cpu_gemv_isa(void);            /* "avx512", "avx2" or "generic" */
+int mlxc_cpu_gemv_set_isa(const char* isa);     /* one of those, or "best" */
+
 /* Construction. `data` is copied; for MLXC_BFLOAT16 it holds the raw 16-bit
  * patterns. */
 int mlxc_array_from_data(const void* data, const int* shape, int ndim,

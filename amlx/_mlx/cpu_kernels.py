@@ -1,0 +1,45 @@
+"""amlx's own CPU kernels (vendor/mlxc/cpu_gemv.cpp): few-row matmuls.
+
+`gemv(x, w)` computes x W^T for 1..MAX_ROWS rows of x with W (out, in) stored
+as float32, float16 or bfloat16, or in MLX's 4-/8-bit affine packing (with
+scales and biases), reading the weights as stored and converting in registers,
+on a pool of threads (one per usable core). It is an MLX primitive: it takes
+part in lazy evaluation, compile and (with respect to x) gradients.
+"""
+
+from __future__ import annotations
+
+from amlx._mlx._lib import check, ffi, lib
+from amlx._mlx.array import Array, _call
+
+MAX_ROWS = 8
+GROUP_SIZES = (32, 64, 128)
+
+
+def gemv(x: Array, w: Array, scales: Array | None = None, biases: Array | None = None, *,
+         group_size: int = 0, bits: int = 0) -> Array:
+    """x @ W^T on the CPU; quantized when `bits` is 4 or 8 (then scales, biases and group_size are needed)."""
+    if bits and (scales is None or biases is None):
+        raise ValueError("cpu_kernels.gemv: quantized weights need scales and biases")
+    s = scales.handle if bits and scales is not None else ffi.NULL
+    b = biases.handle if bits and biases is not None else ffi.NULL
+    return _call(lib.mlxc_cpu_gemv, "cpu_gemv", x.handle, w.handle, s, b, int(group_size), int(bits))
+
+
+def threads() -> int:
+    """Threads the kernels split a matmul's output rows over."""
+    return int(lib.mlxc_cpu_threads())
+
+
+def set_threads(n: int) -> None:
+    check(lib.mlxc_cpu_set_threads(int(n)), "cpu_kernels.set_threads")
+
+
+def isa() -> str:
+    """The instruction set in use: "avx512", "avx2" or "generic"."""
+    return ffi.string(lib.mlxc_cpu_gemv_isa()).decode()
+
+
+def set_isa(name: str) -> None:
+    """Use "avx512", "avx2", "generic", or "best" (the default); MLXError if the CPU lacks it."""
+    check(lib.mlxc_cpu_gemv_set_isa(name.encode()), "cpu_kernels.set_isa")

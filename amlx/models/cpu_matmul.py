@@ -1,0 +1,80 @@
+"""Linear layers on the CPU through amlx's own few-row kernels.
+
+Two regimes. A decode step multiplies 1..8 rows of activations by every weight matrix:
+there, MLX's CPU backend is slow (sgemm packs the whole weight per call,
+16-bit weights are converted in memory first, quantized weights are unpacked
+one scalar at a time). `few_rows` sends such products to
+amlx._mlx.cpu_kernels.gemv, which reads the weights as stored, on a pool of
+threads. Longer inputs (prefill) stay with MLX's matmul and its BLAS (OpenBLAS,
+see amlx._mlx.blas), in float32: MLX's CPU gemm for 16-bit inputs and its
+quantized matmul are 15-25x slower than converting to float32 first and
+calling sgemm (measured at 128 x 1024 x 3072), so `widen` and
+`dequantize_first` say when to convert.
+
+AMLX_CPU_KERNELS=0 (read once, at import) turns this off, for comparisons.
+"""
+
+from __future__ import annotations
+
+import os
+
+from amlx._mlx import Array, bfloat16, cpu_kernels, device, float16, float32, ops
+
+ENABLED = os.environ.get("AMLX_CPU_KERNELS", "1") != "0"
+_DENSE = (float32, float16, bfloat16)
+# a float32 copy of a bigger quantized weight (a vocabulary projection) costs
+# more memory than the time it saves
+_MAX_DEQUANTIZED = 1 << 26
+
+
+def _cpu_rows(x: Array) -> int:
+    """Rows of x (all axes but the last) when the CPU computes; 0 otherwise."""
+    if not ENABLED or x.ndim < 1 or x.shape[-1] == 0 or device.default_device() != "cpu":
+        return 0
+    return x.size // x.shape[-1]
+
+
+def widen(x: Array) -> bool:
+    """Whether a product of 16-bit `x` (more rows than the kernels take) should be
+    computed in float32 (and the result cast back)."""
+    return x.dtype in (float16, bfloat16) and _cpu_rows(x) > cpu_kernels.MAX_ROWS
+
+
+def dequantize_first(x: Array, layer) -> bool:
+    """Whether x times a quantized layer's weight should dequantize the weight to
+    float32 and multiply with sgemm."""
+    return _cpu_rows(x) > cpu_kernels.MAX_ROWS and layer.weight.shape[0] * x.shape[-1] <= _MAX_DEQUANTIZED
+
+
+def few_rows(x: Array, layer) -> Array | None:
+    """x W^T for `layer` (Linear, Embedding as a projection, or their quantized
+    kinds; W (out, in)) through the CPU kernels; None where they do not apply
+    (another device, more rows than they take, an unsupported format). A layer
+    with a MatmulSplit keeps it: its column blocks are rows of W, and the kernels
+    compute every output the same way in any block, so the split stays exact."""
+    if not 1 <= _cpu_rows(x) <= cpu_kernels.MAX_ROWS:
+        return None
+    bits = getattr(layer, "_bits", 0)
+    if bits:
+        if bits not in (4, 8) or layer._group_size not in cpu_kernels.GROUP_SIZES:
+            return None
+    elif layer.weight.dtype not in _DENSE or layer.weight.ndim != 2:
+        return None
+    out = layer.weight.shape[0]
+    split = layer.__dict__.get("_split")
+    if split is not None and split.parts(out):
+        return split.columns(out, lambda lo, hi: _gemv(x, layer, bits, lo, hi))
+    return _gemv(x, layer, bits, 0, out)
+
+
+def _gemv(x: Array, layer, bits: int, lo: int, hi: int) -> Array:
+    """Outputs [lo, hi) of x W^T: rows [lo, hi) of the weight (and its scales and biases)."""
+    def rows(a: Array) -> Array:
+        if lo == 0 and hi == a.shape[0]:
+            return a
+        return ops.slice(a, (lo, 0), (hi, a.shape[1]))
+
+    if bits:
+        return cpu_kernels.gemv(x, rows(layer.weight), rows(layer.scales), rows(layer.biases),
+                                group_size=layer._group_size, bits=bits)
+    return cpu_kernels.gemv(x, rows(layer.weight))

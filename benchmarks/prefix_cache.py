@@ -1,0 +1,132 @@
+"""What the prefix cache saves: time to first token behind a cached prefix, and a multi-turn chat load.
+
+    python benchmarks/prefix_cache.py --preset qwen3-0.6b          # GPU (random weights)
+    python benchmarks/prefix_cache.py --small --prefix 500 --conversations 4 --turns 4   # CPU-sized
+
+1. TTFT (in-process, `amlx.load`): a request of `--prefix` random tokens plus a 16-token
+   question, first with a prefix nobody computed (uncached), then another question behind
+   the same prefix (cached); best of `--repeats`, each repeat with a fresh prefix. The same
+   with `prefix_cache=False`. Reported: TTFT in ms and `usage.cached_tokens`.
+2. Multi-turn chat through a server (subprocess, official `openai` client): `--conversations`
+   conversations of `--turns` turns each run concurrently; every turn sends the whole history
+   plus a new user message and appends the reply (`--max-tokens`, greedy). Reported: wall time,
+   prompt tokens sent, prompt tokens the server says it served from cache
+   (`usage.prompt_tokens_details.cached_tokens`, where the server reports it), for amlx with
+   the cache, amlx with `--no-prefix-cache`, and `mlx_lm.server` (which keeps a prompt cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from serve import _port, checkpoint, start_server  # noqa: E402
+
+
+def _tokens(tokenizer, n: int, rng: np.random.Generator) -> list[int]:
+    ids = np.arange(min(tokenizer.vocab_size, 30000))
+    ordinary = ids[~np.isin(ids, list(tokenizer.special_token_ids))]
+    return [int(x) for x in rng.choice(ordinary, size=n)]
+
+
+async def _ttft(model, prompt: list[int]) -> tuple[float, int]:
+    start = time.perf_counter()
+    result = await model.complete(prompt, max_tokens=1)
+    return time.perf_counter() - start, result.usage.cached_tokens
+
+
+async def ttft(path: Path, prefix: int, repeats: int, cache: bool) -> dict:
+    import amlx
+
+    async with await amlx.load(path, prefix_cache=cache) as model:
+        rng = np.random.default_rng(0)
+        await _ttft(model, _tokens(model.tokenizer, 64, rng))  # warm-up: compile the shapes
+        await _ttft(model, _tokens(model.tokenizer, prefix + 16, rng))
+        cold, warm = [], []
+        for _ in range(repeats):
+            head = _tokens(model.tokenizer, prefix, rng)
+            cold.append(await _ttft(model, head + _tokens(model.tokenizer, 16, rng)))
+            warm.append(await _ttft(model, head + _tokens(model.tokenizer, 16, rng)))
+    best_cold, best_warm = min(cold), min(warm)
+    return {"prefix_cache": cache, "prefix": prefix, "uncached_ms": round(best_cold[0] * 1e3, 1),
+            "cached_ms": round(best_warm[0] * 1e3, 1), "cached_tokens": best_warm[1],
+            "speedup": round(best_cold[0] / best_warm[0], 2)}
+
+
+async def _conversation(client, i: int, turns: int, max_tokens: int, stats: dict) -> None:
+    messages = [{"role": "system", "content": f"You are assistant number {i}. " + "Be helpful and brief. " * 40}]
+    for t in range(turns):
+        messages.append({"role": "user", "content": f"Question {t} of conversation {i}: tell me about foxes."})
+        reply = await client.chat.completions.create(model="default_model", messages=messages, max_tokens=max_tokens,
+                                                     temperature=0.0)
+        usage = reply.usage
+        stats["prompt_tokens"] += usage.prompt_tokens
+        details = getattr(usage, "prompt_tokens_details", None)
+        stats["cached_tokens"] += (getattr(details, "cached_tokens", None) or 0) if details else 0
+        messages.append({"role": "assistant", "content": reply.choices[0].message.content or ""})
+
+
+async def chat_load(port: int, conversations: int, turns: int, max_tokens: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=1800)
+    warm = {"prompt_tokens": 0, "cached_tokens": 0}
+    await _conversation(client, -1, 2, 4, warm)  # warm-up, not counted
+    stats = {"prompt_tokens": 0, "cached_tokens": 0}
+    start = time.perf_counter()
+    await asyncio.gather(*(_conversation(client, i, turns, max_tokens, stats) for i in range(conversations)))
+    stats["wall_s"] = round(time.perf_counter() - start, 2)
+    return stats
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="a checkpoint directory (default: a random one, see --preset)")
+    ap.add_argument("--preset", default="qwen3-0.6b", help="benchmarks/checkpoints.py shape (random weights)")
+    ap.add_argument("--small", action="store_true", help="the small float32 Qwen3 of async_overhead.py (CPU)")
+    ap.add_argument("--prefix", type=int, default=2000, help="cached prefix length of the TTFT test (tokens)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--conversations", type=int, default=16)
+    ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--servers", nargs="+", default=["amlx", "amlx-nocache", "mlx_lm"],
+                    choices=["amlx", "amlx-nocache", "mlx_lm"])
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    out: dict = {"ttft": [], "chat": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = checkpoint(args, Path(tmp))
+        for cache in (True, False):
+            row = asyncio.run(ttft(path, args.prefix, args.repeats, cache))
+            print("ttft", json.dumps(row), flush=True)
+            out["ttft"].append(row)
+        for name in args.servers:
+            port = _port()
+            extra = ("--no-prefix-cache",) if name == "amlx-nocache" else ()
+            proc = start_server("mlx_lm" if name == "mlx_lm" else "amlx", path, port, args.conversations, extra)
+            try:
+                out["chat"][name] = asyncio.run(chat_load(port, args.conversations, args.turns, args.max_tokens))
+                print("chat", name, json.dumps(out["chat"][name]), flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+    print("\n| server | wall s | prompt tokens | served from cache |\n|---|---|---|---|")
+    for name, s in out["chat"].items():
+        print(f"| {name} | {s['wall_s']} | {s['prompt_tokens']} | {s['cached_tokens']} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""amlx's CPU few-row matmul kernels (amlx._mlx.cpu_kernels) against numpy.
+
+The reference is float64 numpy on exactly the values the kernels read: the
+weights rounded to their dtype, or MLX's own dequantization of the packed
+weights. Every instruction set this CPU has is checked, with several thread
+counts; shapes include K not a multiple of the vector width (the scalar tail)
+and N not a multiple of the thread split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from amlx import _mlx as mx
+from amlx._mlx import cpu_kernels as ck
+from amlx._mlx import ops as O
+from amlx._mlx import transforms
+from amlx.errors import MLXError
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+ISAS = [i for i in ("generic", "avx2", "avx512") if i == "generic" or ck.isa() in (i, "avx512")]
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+@pytest.fixture(autouse=True)
+def _restore():
+    threads = ck.threads()
+    yield
+    ck.set_isa("best")
+    ck.set_threads(threads)
+
+
+def _as_f64(a) -> np.ndarray:
+    return np.asarray(O.astype(a, mx.float32)).astype(np.float64)
+
+
+def _unpack(wq, scales, biases, group: int, bits: int) -> np.ndarray:
+    """MLX's affine packing in float64: value i of a row is bits [bits*i, bits*(i+1)) of the
+    row's little-endian uint32 words, times its group's scale, plus its group's bias."""
+    words = np.asarray(wq).astype(np.uint64)
+    per = 32 // bits
+    shifts = (np.arange(per, dtype=np.uint64) * bits)
+    q = ((words[..., None] >> shifts) & ((1 << bits) - 1)).reshape(words.shape[0], -1).astype(np.float64)
+    return q * np.repeat(_as_f64(scales), group, axis=1) + np.repeat(_as_f64(biases), group, axis=1)
+
+
+def _close(got, want: np.ndarray, scale: np.ndarray) -> None:
+    err = np.abs(_as_f64(got) - want)
+    assert np.all(err <= 2e-5 * scale + 1e-6), float((err / (scale + 1e-6)).max())
+
+
+@SETTINGS
+@given(m=st.integers(1, ck.MAX_ROWS), k=st.integers(1, 300), n=st.integers(1, 80), seed=st.integers(0, 2**16),
+       wdtype=st.sampled_from(list(DTYPES)), xdtype=st.sampled_from(list(DTYPES)), isa=st.sampled_from(ISAS),
+       threads=st.integers(1, 3))
+def test_dense_gemv_matches_numpy(m, k, n, seed, wdtype, xdtype, isa, threads) -> None:
+    ck.set_isa(isa)
+    ck.set_threads(threads)
+    rng = np.random.default_rng(seed)
+    x = O.astype(mx.array(rng.standard_normal((m, k)).astype(np.float32)), DTYPES[xdtype])
+    w = O.astype(mx.array(rng.standard_normal((n, k)).astype(np.float32)), DTYPES[wdtype])
+    y = ck.gemv(x, w)
+    mx.eval(y)
+    assert y.shape == (m, n)
+    assert y.dtype == O.matmul(x, O.transpose(w)).dtype
+    xf, wf = _as_f64(x), _as_f64(w)
+    # a 16-bit result is rounded once more, to its own dtype
+    rel = 2e-5 if y.dtype == mx.float32 else 2.0 ** -7
+    err = np.abs(_as_f64(y) - xf @ wf.T)
+    assert np.all(err <= rel * (np.abs(xf) @ np.abs(wf).T) + 1e-6)
+
+
+@SETTINGS
+@given(m=st.integers(1, ck.MAX_ROWS), groups=st.integers(1, 6), n=st.integers(1, 80), seed=st.integers(0, 2**16),
+       bits=st.sampled_from([4, 8]), group=st.sampled_from(ck.GROUP_SIZES), sdtype=st.sampled_from(list(DTYPES)),
+       isa=st.sampled_from(ISAS), threads=st.integers(1, 3))
+def test_quantized_gemv_matches_numpy(m, groups, n, seed, bits, group, sdtype, isa, threads) -> None:
+    ck.set_isa(isa)
+    ck.set_threads(threads)
+    rng = np.random.default_rng(seed)
+    k = groups * group
+    x = mx.array(rng.standard_normal((m, k)).astype(np.float32))
+    w = O.astype(mx.array(rng.standard_normal((n, k)).astype(np.float32)), DTYPES[sdtype])
+    wq, scales, biases = O.quantize(w, group, bits)
+    y = ck.gemv(x, wq, scales, biases, group_size=group, bits=bits)
+    mx.eval(y)
+    wf = _unpack(wq, scales, biases, group, bits)
+    xf = _as_f64(x)
+    _close(y, xf @ wf.T, np.abs(xf) @ np.abs(wf).T)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([0, 4, 8]), threads=st.integers(1, 3))
+def test_a_row_does_not_depend_on_the_other_rows(seed, bits, threads) -> None:
+    # batching never changes a request's result: row i of an 8-row product is bitwise row i alone
+    ck.set_threads(threads)
+    rng = np.random.default_rng(seed)
+    x = mx.array(rng.standard_normal((ck.MAX_ROWS, 256)).astype(np.float32))
+    w = O.astype(mx.array(rng.standard_normal((48, 256)).astype(np.float32)), mx.bfloat16)
+    q = O.quantize(w, 64, bits) if bits else (w,)
+    kw = {"group_size": 64, "bits": bits} if bits else {}
+    full = np.asarray(ck.gemv(x, *q, **kw))
+    for i in range(ck.MAX_ROWS):
+        alone = np.asarray(ck.gemv(O.slice(x, (i, 0), (i + 1, 256)), *q, **kw))
+        assert np.array_equal(alone[0], full[i])
+
+
+def test_leading_axes_are_kept() -> None:
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.standard_normal((2, 3, 64)).astype(np.float32))
+    w = mx.array(rng.standard_normal((5, 64)).astype(np.float32))
+    y = ck.gemv(x, w)
+    assert y.shape == (2, 3, 5)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x) @ np.asarray(w).T, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_inputs() -> None:
+    rng = np.random.default_rng(1)
+    xt = mx.array(rng.standard_normal((64, 2)).astype(np.float32))
+    wt = mx.array(rng.standard_normal((64, 40)).astype(np.float32))
+    x, w = O.transpose(xt), O.transpose(wt)  # views with strides, not row-contiguous
+    want = np.asarray(xt).T @ np.asarray(wt)
+    np.testing.assert_allclose(np.asarray(ck.gemv(x, w)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiles_and_differentiates_in_x() -> None:
+    rng = np.random.default_rng(2)
+    w = mx.array(rng.standard_normal((16, 32)).astype(np.float32))
+    x = mx.array(rng.standard_normal((1, 32)).astype(np.float32))
+    f = transforms.compile(lambda a: [ck.gemv(a, w)])
+    np.testing.assert_allclose(np.asarray(f(x)[0]), np.asarray(x) @ np.asarray(w).T, rtol=1e-5, atol=1e-5)
+    grad = transforms.grad(lambda a: O.sum(ck.gemv(a, w)))(x)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(w).sum(0, keepdims=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: ck.gemv(mx.array(np.ones((9, 4), np.float32)), mx.array(np.ones((3, 4), np.float32))), "1 to 8 rows"),
+    (lambda: ck.gemv(mx.array(np.ones((1, 4), np.float32)), mx.array(np.ones((3, 5), np.float32))), "in = x"),
+    (lambda: ck.gemv(mx.array(np.ones((1, 64), np.float32)), *O.quantize(mx.array(np.ones((4, 64), np.float32)),
+                                                                           64, 4), group_size=64, bits=3), "4 or 8"),
+])
+def test_bad_arguments_raise(make, match) -> None:
+    with pytest.raises(MLXError, match=match):
+        make()
+
+
+def test_unknown_isa_is_refused() -> None:
+    with pytest.raises(MLXError, match="not supported"):
+        ck.set_isa("sse9")
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9, 40])
+@pytest.mark.parametrize("kind", ["bfloat16", "q8", "q4"])
+def test_layers_use_the_kernels_for_few_rows(rows, kind, monkeypatch) -> None:
+    # amlx/models/cpu_matmul: <= 8 rows through CpuGemv, more rows in float32 through MLX's
+    # matmul (BLAS); against float64 numpy, and of the shape and dtype of the plain MLX way
+    from amlx.models import cpu_matmul, nn
+
+    rng = np.random.default_rng(rows)
+    w = O.astype(mx.array(rng.standard_normal((96, 128)).astype(np.float32)), mx.bfloat16)
+    if kind == "bfloat16":
+        layer, wf = nn.Linear(w), _as_f64(w)
+    else:
+        bits = int(kind[1])
+        q = O.quantize(w, 64, bits)
+        layer, wf = nn.QuantizedLinear(*q, 64, bits), _unpack(*q, 64, bits)
+    x = O.astype(mx.array(rng.standard_normal((rows, 128)).astype(np.float32)), mx.bfloat16)
+    got = layer(x)
+    assert ("CpuGemv" in O.graph_summary(got)[1]) == (rows <= ck.MAX_ROWS)
+    xf = _as_f64(x)
+    err = np.abs(_as_f64(got) - xf @ wf.T)
+    assert np.all(err <= 2.0 ** -7 * (np.abs(xf) @ np.abs(wf).T))  # one bf16 rounding of the result
+    monkeypatch.setattr(cpu_matmul, "ENABLED", False)
+    plain = layer(x)
+    assert "CpuGemv" not in O.graph_summary(plain)[1]
+    assert (got.dtype, got.shape) == (plain.dtype, plain.shape)

@@ -1,0 +1,320 @@
+// Few-row matmuls on the CPU as an MLX primitive (CpuGemv), multi-threaded
+// over output rows.
+//
+// MLX's CPU backend computes a decode step's y = x W^T through cblas_sgemm
+// for float32 weights, converts 16-bit weights to float32 in memory first,
+// and unpacks quantized weights one scalar at a time. CpuGemv reads the
+// weights as stored (float32, float16, bfloat16, or MLX's 4-/8-bit affine
+// packing) once for up to kMaxRows rows of x, converting in registers with
+// the best instruction set the CPU has (gemv.h).
+//
+// Threads: one small pool, sized to the cores the process may use. A second
+// caller while the pool is busy (another MLX stream of the engine's sharded
+// batch) computes on its own thread instead of queueing, so the cores are
+// never oversubscribed.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
+#include "gemv.h"
+#include "internal.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace mx = mlx::core;
+namespace gv = mlxc::gemv;
+
+namespace {
+
+int usable_cores() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Runs f(0..parts-1) on the caller and the pool's workers.
+class Pool {
+ public:
+  explicit Pool(int threads) { resize(threads); }
+
+  int threads() const { return threads_.load(); }
+
+  void resize(int threads) {
+    std::lock_guard<std::mutex> busy(busy_);
+    std::lock_guard<std::mutex> lock(m_);
+    while ((int)workers_.size() < threads - 1) {
+      workers_.emplace_back([this, id = (int)workers_.size()] { work(id); });
+    }
+    threads_ = threads;
+  }
+
+  void run(int parts, const std::function<void(int)>& f) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock() || parts == 1) {  // another stream has the pool: stay on this thread
+      for (int p = 0; p < parts; ++p) f(p);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      job_ = &f;
+      parts_ = parts;
+      next_ = 0;
+      pending_ = parts;
+      ++generation_;
+    }
+    wake_.notify_all();
+    drain();
+    std::unique_lock<std::mutex> lock(m_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void drain() {
+    for (int p; (p = next_.fetch_add(1)) < parts_;) {
+      (*job_.load())(p);
+      std::lock_guard<std::mutex> lock(m_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  void work(int id) {
+    long seen = 0;
+    for (;;) {
+      std::unique_lock<std::mutex> lock(m_);
+      // Workers past the current size sit out; the caller is thread 0.
+      wake_.wait(lock, [&] { return generation_ != seen && id + 1 < threads_.load(); });
+      seen = generation_;
+      lock.unlock();
+      drain();
+    }
+  }
+
+  std::mutex busy_, m_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;
+  std::atomic<int> threads_{1};
+  std::atomic<const std::function<void(int)>*> job_{nullptr};
+  std::atomic<int> parts_{0};
+  int pending_ = 0;
+  std::atomic<int> next_{0};
+  long generation_ = 0;
+};
+
+Pool& pool() {
+  static Pool* p = new Pool(usable_cores());  // never destroyed: workers outlive exit handlers
+  return *p;
+}
+
+gv::RowsFn pick_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
+    return &gv::rows_avx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    return &gv::rows_avx2;
+  }
+#endif
+  return &gv::rows_generic;
+}
+
+std::atomic<gv::RowsFn> kernel{pick_kernel()};
+
+int kind_of(mx::Dtype d) {
+  if (d == mx::float16) return gv::F16;
+  if (d == mx::bfloat16) return gv::BF16;
+  if (d == mx::float32) return gv::F32;
+  throw std::invalid_argument("cpu_gemv: weights, scales and biases must be float32, float16 or bfloat16");
+}
+
+// `a` (2-D) as row-major data: its own buffer when it is row-contiguous (a
+// block of rows of a weight is), else a packed copy in `tmp`.
+const void* packed(const mx::array& a, std::vector<char>& tmp) {
+  if (a.flags().row_contiguous) return a.data<void>();
+  const size_t item = a.itemsize(), rows = a.shape(0), cols = a.shape(1);
+  tmp.resize(rows * cols * item);
+  const char* src = a.data<char>();
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t c = 0; c < cols; ++c)
+      std::memcpy(&tmp[(r * cols + c) * item], src + (r * a.strides(0) + c * a.strides(1)) * item, item);
+  return tmp.data();
+}
+
+// The rows of one job, split into blocks of output rows over the pool.
+void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int group) {
+  const mx::array& x = in[0];
+  std::vector<char> tmp[4];
+  gv::Job j{};
+  j.x = static_cast<const float*>(packed(x, tmp[0]));
+  j.M = x.shape(0);
+  j.K = x.shape(1);
+  j.N = out.shape(1);
+  j.w = packed(in[1], tmp[1]);
+  j.wkind = bits ? 0 : kind_of(in[1].dtype());
+  j.bits = bits;
+  j.group = group;
+  j.y = out.data<float>();
+  std::vector<float> xsum;
+  if (bits) {
+    j.scales = packed(in[2], tmp[2]);
+    j.biases = packed(in[3], tmp[3]);
+    j.skind = kind_of(in[2].dtype());
+    const int G = j.K / group;
+    xsum.assign((size_t)j.M * G, 0.0f);
+    for (int m = 0; m < j.M; ++m)
+      for (int k = 0; k < j.K; ++k) xsum[(size_t)m * G + k / group] += j.x[(size_t)m * j.K + k];
+    j.xsum = xsum.data();
+  }
+  gv::RowsFn fn = kernel.load();
+  Pool& p = pool();
+  // Blocks of at least 16 rows: thinner ones cost more in wake-ups than they gain.
+  const int parts = std::max(1, std::min(p.threads(), j.N / 16));
+  p.run(parts, [&](int part) {
+    fn(j, (int)((long)j.N * part / parts), (int)((long)j.N * (part + 1) / parts));
+  });
+}
+
+class CpuGemv : public mx::UnaryPrimitive {
+ public:
+  CpuGemv(mx::Stream s, int bits, int group) : mx::UnaryPrimitive(s), bits_(bits), group_(group) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    encoder.dispatch([inputs, out = mx::array::unsafe_weak_copy(out), bits = bits_, group = group_]() mutable {
+      compute(inputs, out, bits, group);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("cpu_gemv runs on the CPU only");
+  }
+
+  // d/dx of x W^T is cotangent @ W; the weights are not differentiated.
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    for (int a : argnums) {
+      if (a != 0) throw std::invalid_argument("cpu_gemv: gradients with respect to the weights are not supported");
+    }
+    const auto& c = cotangents[0];
+    if (bits_) {
+      return {mx::quantized_matmul(c, primals[1], primals[2], primals[3], false, group_, bits_, "affine",
+                                   stream())};
+    }
+    return {mx::matmul(c, mx::astype(primals[1], mx::float32, stream()), stream())};
+  }
+
+  const char* name() const override { return "CpuGemv"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const CpuGemv&>(other);
+    return bits_ == o.bits_ && group_ == o.group_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {{inputs[0].shape(0), inputs[1].shape(0)}};
+  }
+
+ private:
+  int bits_, group_;
+};
+
+void check_args(const mx::array& x, const mx::array& w, const mx::array* scales, int bits, int group) {
+  if (x.ndim() < 1 || w.ndim() != 2) throw std::invalid_argument("cpu_gemv: x must have a last axis and w be 2-D");
+  const int K = x.shape(-1);
+  const int rows = K ? (int)(x.size() / K) : 0;
+  if (rows < 1 || rows > gv::kMaxRows) {
+    throw std::invalid_argument("cpu_gemv: x must have 1 to " + std::to_string(gv::kMaxRows) + " rows");
+  }
+  if (!mx::issubdtype(x.dtype(), mx::floating)) throw std::invalid_argument("cpu_gemv: x must be floating point");
+  if (bits == 0) {
+    kind_of(w.dtype());
+    if (w.shape(1) != K) throw std::invalid_argument("cpu_gemv: w must be (out, in) with in = x's last axis");
+    return;
+  }
+  if (bits != 4 && bits != 8) throw std::invalid_argument("cpu_gemv: bits must be 4 or 8");
+  if (group != 32 && group != 64 && group != 128) throw std::invalid_argument("cpu_gemv: group size must be 32, 64 or 128");
+  if (K % group != 0 || w.dtype() != mx::uint32 || w.shape(1) != K * bits / 32) {
+    throw std::invalid_argument("cpu_gemv: w must be packed uint32 (out, in * bits / 32) with in a multiple of the group");
+  }
+  const mx::Shape sshape{w.shape(0), K / group};
+  if (scales[0].shape() != sshape || scales[1].shape() != sshape || scales[0].dtype() != scales[1].dtype()) {
+    throw std::invalid_argument("cpu_gemv: scales and biases must both be (out, in / group) of one dtype");
+  }
+  kind_of(scales[0].dtype());
+}
+
+}  // namespace
+
+mx::array mlxc::cpu_gemv(const mx::array& x, const mx::array& w, const mx::array* scales_biases, int bits,
+                         int group) {
+  mx::Stream s = mx::to_stream({});
+  if (s.device.type != mx::Device::cpu) throw std::invalid_argument("cpu_gemv runs on the CPU only");
+  check_args(x, w, scales_biases, bits, group);
+  const int K = x.shape(-1), N = w.shape(0), M = (int)(x.size() / K);
+  mx::Dtype out_type = mx::promote_types(x.dtype(), bits ? scales_biases[0].dtype() : w.dtype());
+  // Inputs are taken as they are (a block of a weight's rows is a view, not a
+  // copy); eval packs the rare strided one (packed()).
+  std::vector<mx::array> inputs{mx::astype(mx::reshape(x, {M, K}, s), mx::float32, s), w};
+  if (bits) {
+    inputs.push_back(scales_biases[0]);
+    inputs.push_back(scales_biases[1]);
+  }
+  mx::array y(mx::Shape{M, N}, mx::float32, std::make_shared<CpuGemv>(s, bits, group), std::move(inputs));
+  mx::Shape shape = x.shape();
+  shape.back() = N;
+  return mx::astype(mx::reshape(y, shape, s), out_type, s);
+}
+
+extern "C" {
+
+int mlxc_cpu_threads(void) { return pool().threads(); }
+
+int mlxc_cpu_set_threads(int n) {
+  if (n < 1 || n > 256) {
+    mlxc::set_last_error("cpu_gemv: the thread count must be between 1 and 256");
+    return 1;
+  }
+  pool().resize(n);
+  return 0;
+}
+
+const char* mlxc_cpu_gemv_isa(void) {
+  gv::RowsFn fn = kernel.load();
+  return fn == &gv::rows_avx512 ? "avx512" : fn == &gv::rows_avx2 ? "avx2" : "generic";
+}
+
+int mlxc_cpu_gemv_set_isa(const char* isa) {
+  const std::string want = isa;
+  gv::RowsFn best = pick_kernel();
+  gv::RowsFn fn = want == "generic" ? &gv::rows_generic
+                  : want == "avx2" && best != &gv::rows_generic ? &gv::rows_avx2
+                  : want == "avx512" && best == &gv::rows_avx512 ? &gv::rows_avx512
+                  : want == "best" ? best : nullptr;
+  if (fn == nullptr) {
+    mlxc::set_last_error("cpu_gemv: instruction set '" + want + "' is unknown or not supported by this CPU");
+    return 1;
+  }
+  kernel = fn;
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,83 @@
+// Few-row matmuls on the CPU (y = x W^T for M <= 8 rows of x): the shared
+// description of a job and the per-instruction-set entry points.
+//
+// The kernels are compiled once per instruction set, each in its own
+// translation unit with its own target (gemv_avx512.cpp, gemv_avx2.cpp,
+// gemv_generic.cpp), from the template in gemv_impl.h; cpu_gemv.cpp picks one
+// at run time. Those units include nothing but this header, gemv_impl.h and
+// the intrinsics, so no inline function of a shared header is ever compiled
+// with instructions the machine may lack.
+#ifndef MLXC_GEMV_H
+#define MLXC_GEMV_H
+
+#include <stdint.h>
+
+namespace mlxc::gemv {
+
+enum Kind { F32 = 0, F16 = 1, BF16 = 2 };
+
+constexpr int kMaxRows = 8;  // rows of x one job handles
+
+struct Job {
+  const float* x;      // M x K, float32, row-major
+  int M, K, N;
+  const void* w;       // dense: N x K of `wkind`; quantized: N x K*bits/32 uint32
+  int wkind;           // Kind of a dense weight
+  int bits;            // 0: dense; 4 or 8: MLX affine quantization
+  int group;           // quantization group size (32, 64, 128)
+  const void* scales;  // N x K/group of `skind`
+  const void* biases;  // N x K/group of `skind`
+  int skind;
+  const float* xsum;   // M x K/group: each group's sum of x (quantized only)
+  float* y;            // M x N, float32
+};
+
+// Output rows [n0, n1) of `job`.
+using RowsFn = void (*)(const Job& job, int n0, int n1);
+
+void rows_generic(const Job& job, int n0, int n1);
+void rows_avx2(const Job& job, int n0, int n1);
+void rows_avx512(const Job& job, int n0, int n1);
+
+// Internal linkage: each per-instruction-set unit keeps its own copy (one
+// compiled with AVX-512 must never stand in for the generic unit's).
+namespace {
+
+// A half's bits as a float (no instruction needed: the generic unit uses it).
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: man * 2^-24
+    float v = (float)man * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+  }
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t bits = (uint32_t)b << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float load_scalar(const void* p, int kind, long i) {
+  switch (kind) {
+    case F16: return half_to_float(static_cast<const uint16_t*>(p)[i]);
+    case BF16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+}  // namespace
+}  // namespace mlxc::gemv
+
+#endif

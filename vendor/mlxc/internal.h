@@ -1,0 +1,20 @@
+// Shared between the C++ sources of mlxc (not part of the C ABI).
+#ifndef MLXC_INTERNAL_H
+#define MLXC_INTERNAL_H
+
+#include <string>
+
+#include "mlx/array.h"
+
+namespace mlxc {
+// Sets the thread-local text that mlxc_last_error() returns.
+void set_last_error(const std::string& message);
+
+// x W^T for 1..8 rows of x on the CPU (cpu_gemv.cpp). Dense when bits == 0
+// (w: (out, in) float32/float16/bfloat16); otherwise MLX's affine packing of
+// `bits` bits with scales_biases[0..1] of shape (out, in / group).
+mlx::core::array cpu_gemv(const mlx::core::array& x, const mlx::core::array& w,
+                          const mlx::core::array* scales_biases, int bits, int group);
+}  // namespace mlxc
+
+#endif
