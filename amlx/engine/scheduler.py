@@ -606,23 +606,22 @@ class Scheduler:
                 if req.active:  # a row that finished or was cancelled meanwhile: its token is dropped
                     self._emit(req, int(ids[i]), float(lps[i]), None if tops is None else tops[i])
 
-    def _forward(self, tokens: Array, positions: Array, rows: Array, writes: Array,
+    def _forward(self, tokens: Array, positions: Array, rows: Array, writes: Array, table: Array,
                  pools: list[Array]) -> tuple[Array, list[Array]]:
         """One decode step as a pure function of arrays (what gets compiled):
-        (tokens (B,1), positions (B,), the pool pieces to gather and the write
-        slots (amlx.kv.Tables), each layer's pool array) -> (logits (B,V), the
-        pool arrays written)."""
-        return self._forward_with(self.model, tokens, positions, rows, writes, pools)
+        (tokens (B,1), positions (B,), the pool pieces to gather, the write slots
+        and the block table (amlx.kv.Tables), each layer's pool array) ->
+        (logits (B,V), the pool arrays written)."""
+        return self._forward_with(self.model, tokens, positions, rows, writes, table, pools)
 
-    def _forward_split(self, tokens: Array, positions: Array, rows: Array, writes: Array,
+    def _forward_split(self, tokens: Array, positions: Array, rows: Array, writes: Array, table: Array,
                        pools: list[Array]) -> tuple[Array, list[Array]]:
         """`_forward` by the split twin (a lone row's step)."""
-        return self._forward_with(self._split_model(), tokens, positions, rows, writes, pools)
+        return self._forward_with(self._split_model(), tokens, positions, rows, writes, table, pools)
 
-    def _forward_with(self, model, tokens: Array, positions: Array, rows: Array, writes: Array,
+    def _forward_with(self, model, tokens: Array, positions: Array, rows: Array, writes: Array, table: Array,
                       pools: list[Array]):
-        b, heads = tokens.shape[0], pools[0].shape[2]
-        tables = Tables(rows, writes, b, rows.shape[0] // (2 * b * heads), self.block_size)
+        tables = Tables(rows, writes, tokens.shape[0], table.shape[1], self.block_size, table)
         views = [PagedLayer(p, tables, w) for p, w in zip(pools, self.pools.windows)]
         logits = model(tokens, views, positions)
         logits = ops.reshape(logits, (tokens.shape[0], logits.shape[2]))
@@ -638,7 +637,7 @@ class Scheduler:
             fn = self._split_step_fn or self._forward_split
         else:
             fn = self._step_fn or self._forward
-        return fn(tokens, positions, tables.rows, tables.writes, pools)
+        return fn(tokens, positions, tables.rows, tables.writes, tables.table, pools)
 
     def _emit(self, req: Request, token_id: int, logprob: float, top: list | None = None) -> None:
         if req.first_token_at is None:

@@ -36,13 +36,15 @@ class Tables:
     - `writes` (N * kv_heads,) int32: for each new token n (row by row, then
       position) and head, its slot in the pool seen as (2, blocks * kv_heads *
       block_size, head_dim);
-    - `batch`, `width` (table entries per row), `block_size`."""
+    - `batch`, `width` (table entries per row), `block_size`;
+    - `table` (B, width) int32, the block ids themselves, in decode passes."""
 
     rows: Array
     writes: Array
     batch: int
     width: int
     block_size: int
+    table: Array | None = None  # (B, width) int32 block ids (what the CUDA decode kernel reads)
 
     @property
     def span(self) -> int:
@@ -78,8 +80,16 @@ class PagedLayer:
     @property
     def kv(self) -> Array:
         """The gathered keys and values (2, B, kv_heads, span, head_dim), laid
-        out as the contiguous cache held them (what the CUDA decode kernel reads)."""
+        out as the contiguous cache held them."""
         return self.gathered()
+
+    def kernel_input(self) -> tuple[Array, Array | None]:
+        """What the CUDA decode kernel reads: the pool itself and the (B, width)
+        table, which it reads through (nothing gathered); the gathered keys where
+        the pass has no table."""
+        if self.tables.table is None:
+            return self.gathered(), None
+        return self.pool, self.tables.table
 
     @staticmethod
     def _halves(kv: Array, end: int) -> tuple[Array, Array]:

@@ -50,7 +50,8 @@ class ShardKV:
         self.pool = pool
         self.block_size = pool.block_size
         self.span_step = max(1, span_step)
-        self._table: tuple[tuple, Array] | None = None  # (key, device table) of the last decode pass
+        # (key, pieces to gather, block table) of the last decode pass, as device arrays
+        self._table: tuple[tuple, Array, Array] | None = None
         self._version = 0  # bumped whenever any row's blocks change: part of the table's key
 
     # -- admission ------------------------------------------------------------------
@@ -132,10 +133,11 @@ class ShardKV:
         width = self.span(rows) // bs
         key = (width, self._version, self.pool.capacity, tuple(id(r) for r in rows))
         if self._table is None or self._table[0] != key:
-            self._table = (key, array(self._gather_rows(_table(rows, width))))
+            table = _table(rows, width)
+            self._table = (key, array(self._gather_rows(table)), array(table))
         blocks = np.fromiter((r.blocks[r.pos // bs] for r in rows), np.int64, len(rows))
         offsets = np.fromiter((r.pos % bs for r in rows), np.int64, len(rows))
-        return Tables(self._table[1], array(self._writes(blocks, offsets)), len(rows), width, bs)
+        return Tables(self._table[1], array(self._writes(blocks, offsets)), len(rows), width, bs, self._table[2])
 
     def prefill_tables(self, rows: Sequence[KVRow], start: int, length: int, lengths: Sequence[int]) -> Tables:
         """The tables of a prefill pass writing positions [start, start + length) of
