@@ -349,7 +349,8 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory=None, prefix_cache=True) -> None:
+def _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory=None, prefix_cache=True,
+                     kv_bits=None) -> None:
     if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
         raise ValueError("max_batch_size must be an integer >= 1")
     if max_context is not None and (not isinstance(max_context, int) or isinstance(max_context, bool)
@@ -357,9 +358,10 @@ def _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory=None,
         raise ValueError("max_context must be an integer >= 2 or None")
     if adapter is not None and not isinstance(adapter, (str, os.PathLike)):
         raise ValueError(f"adapter must be the path of an adapter directory, not {type(adapter).__name__}")
-    from amlx.kv.sizing import check_kv_cache_memory
+    from amlx.kv.sizing import check_kv_bits, check_kv_cache_memory
 
     check_kv_cache_memory(kv_cache_memory)
+    check_kv_bits(kv_bits)
     if not isinstance(prefix_cache, bool):
         raise ValueError(f"prefix_cache must be True or False, not {prefix_cache!r}")
 
@@ -413,9 +415,15 @@ def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Wo
     cfg = loaded.config
     parameters = _count_parameters(loaded.model)
     eos = frozenset(tokenizer.eos_token_ids) | frozenset(cfg["eos_token_ids"])
-    engine = Engine(loaded.model, tokenizer, eos_ids=eos, vocab_size=cfg["vocab_size"],
-                    max_batch_size=max_batch_size, max_context=ctx, worker=worker, options=options,
-                    placement=placement)
+    try:
+        engine = Engine(loaded.model, tokenizer, eos_ids=eos, vocab_size=cfg["vocab_size"],
+                        max_batch_size=max_batch_size, max_context=ctx, worker=worker, options=options,
+                        placement=placement)
+    except BaseException:  # e.g. kv_bits with a head dimension it cannot group
+        with placement.on():
+            loaded.model.close()
+        placement.release()
+        raise
     # (the engine's context: also at most what one request can hold in the KV cache pool)
     info = ModelInfo(architecture=cfg["arch"], parameters=parameters, dtype=loaded.dtype, device=dev,
                      context_length=engine.max_context, quantization=cfg["quantization"], path=str(loaded.path))
@@ -424,7 +432,7 @@ def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Wo
 
 async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
                max_context: int | None = None, adapter: Any = None, kv_cache_memory: int | float | None = None,
-               prefix_cache: bool = True) -> Model:
+               prefix_cache: bool = True, kv_bits: int | None = None) -> Model:
     """Loads a Hugging Face or MLX checkpoint: a directory, or a Hugging Face model
     id ("org/name") found in the local Hugging Face cache or downloaded into it
     (`amlx.hub.resolve_model`; a directory that exists wins).
@@ -440,10 +448,12 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     can hold in it. Requests wait while it is full, and a prompt that alone
     cannot fit gets ContextLengthError. prefix_cache: reuse the KV blocks of earlier
     prompts that start the same way (Completion.usage.cached_tokens says how
-    many tokens were reused). Raises ModelLoadError for bad checkpoints. Use
+    many tokens were reused). kv_bits: 8 or 4 stores the KV cache quantized
+    (MLX's affine quantization per group of 64 values), for about 1/2 or 1/4 of
+    the memory (see docs/architecture.md for its measured error). Raises ModelLoadError for bad checkpoints. Use
     as `async with await amlx.load(path) as model:`."""
-    _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache)
-    kv = {"kv_cache_memory": kv_cache_memory, "prefix_cache": prefix_cache}
+    _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits)
+    kv = {"kv_cache_memory": kv_cache_memory, "prefix_cache": prefix_cache, "kv_bits": kv_bits}
     # Files are read on a thread of their own, not on the worker that every model
     # shares; a cancelled load stops waiting for it at once.
     host = await anyio.to_thread.run_sync(_read_on_host, path, dtype, abandon_on_cancel=True)
@@ -454,10 +464,10 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
 
 def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
               max_context: int | None = None, adapter: Any = None, kv_cache_memory: int | float | None = None,
-              prefix_cache: bool = True) -> Model:
+              prefix_cache: bool = True, kv_bits: int | None = None) -> Model:
     """`load` for scripts and blocking code."""
-    _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache)
-    kv = {"kv_cache_memory": kv_cache_memory, "prefix_cache": prefix_cache}
+    _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits)
+    kv = {"kv_cache_memory": kv_cache_memory, "prefix_cache": prefix_cache, "kv_bits": kv_bits}
     host = _read_on_host(path, dtype)
     worker = Worker.get()
     return worker.run_sync(

@@ -38,6 +38,7 @@ def profile(model, batch: int, steps: int) -> dict:
     from amlx._mlx import array, ops
     from amlx.sample import BatchSampling, RowSampling
     from amlx.engine.scheduler import Scheduler
+    from amlx.kv import written
     from amlx.types import GenerationOptions
 
     lm = model.engine.model
@@ -48,9 +49,9 @@ def profile(model, batch: int, steps: int) -> dict:
     vocab = model.tokenizer.vocab_size
     prompt = np.random.default_rng(0).integers(vocab // 4, vocab // 2, size=(batch, 128)).astype(np.int32)
     reqs = [SimpleNamespace(blocks=kv.pool.allocate(128 // kv.block_size), pos=128, created=0.0) for _ in range(batch)]
-    views = sched._views(shard, kv.prefill_tables(reqs, 0, 128, [128] * batch))
+    views = sched.pools.views(0, kv.prefill_tables(reqs, 0, 128, [128] * batch))
     lm(array(prompt), views, 0, last=array(np.full(batch, 127, np.int32)))
-    kv.pool.arrays = [v.pool for v in views]
+    kv.pool.arrays = written(views)
     opts = GenerationOptions()
     rows = [RowSampling(opts, []) for _ in range(batch)]
     sampling = BatchSampling(rows)

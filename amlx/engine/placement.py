@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 from amlx._mlx import device as mxdevice
-from amlx.kv.sizing import DEFAULT_BLOCK_SIZE, check_kv_cache_memory
+from amlx.kv.sizing import DEFAULT_BLOCK_SIZE, check_kv_bits, check_kv_cache_memory
 from amlx.models import decode_attention
 from amlx.models.nn import MatmulSplit
 
@@ -66,6 +66,8 @@ class EngineOptions:
       of the device's (amlx.kv.sizing).
     - prefix_cache: full prompt blocks are cached and reused by later requests
       with the same prefix (amlx.kv.prefix).
+    - kv_bits: 8 or 4 stores keys and values quantized (amlx.kv.pool); None:
+      in the activations' precision.
     - prefill_chunk: prompt tokens per prefill forward (AMLX_PREFILL_CHUNK).
       A round prefills at most one chunk before its decode step, so a long
       prompt holds the running streams up by one chunk's time per step, and
@@ -82,6 +84,7 @@ class EngineOptions:
     kv_block_size: int | None = None
     kv_cache_memory: int | float | None = None
     prefix_cache: bool = True
+    kv_bits: int | None = None
 
     def resolved(self) -> "EngineOptions":
         if self.device not in ("cpu", "gpu"):
@@ -104,6 +107,7 @@ class EngineOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
         check_kv_cache_memory(self.kv_cache_memory)
+        check_kv_bits(self.kv_bits)
         return replace(self, shards=shards, decode_kernel=kernel, kv_block=block, prefill_chunk=chunk,
                        kv_block_size=block_size, prefix_cache=bool(self.prefix_cache))
 

@@ -7,8 +7,9 @@ prefix cache".)"""
 
 from __future__ import annotations
 
+from amlx._mlx import Array
 from amlx.engine.request import Request
-from amlx.kv import PagedLayer, ShardKV, Tables, make_pools
+from amlx.kv import PagedLayer, ShardKV, Tables, layer_views, make_pools
 
 __all__ = ["ShardPools"]
 
@@ -69,9 +70,11 @@ class ShardPools:
         if req.epoch == self.epoch:
             self.kv[req.shard].cache_filled(req, req.fill, req.prefilled)
 
-    def views(self, shard: int, tables: Tables) -> list[PagedLayer]:
-        """Each layer's view of a shard's pool for one forward pass."""
-        return [PagedLayer(a, tables, w) for a, w in zip(self.kv[shard].pool.arrays, self.windows)]
+    def views(self, shard: int, tables: Tables, arrays: list[Array] | None = None) -> list[PagedLayer]:
+        """Each layer's view of a shard's pool (or of `arrays` in its layout: a
+        compiled step's inputs) for one forward pass."""
+        pool = self.kv[shard].pool
+        return layer_views(pool.arrays if arrays is None else arrays, tables, self.windows, pool.bits, pool.group)
 
     def weights_changed(self) -> None:
         """Empties the prefix caches; blocks of requests running now are not cached later."""

@@ -49,7 +49,7 @@ from amlx._mlx import Array, array, ops, transforms
 from amlx.constrain import step_masks
 from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards
 from amlx.engine.pools import ShardPools
-from amlx.kv import PagedLayer, ShardKV, Tables, copy_blocks, preemption_order
+from amlx.kv import ShardKV, Tables, copy_blocks, preemption_order, written
 from amlx.engine.rate import RateMeter
 from amlx.engine.request import Request
 from amlx.sample import BatchSampling, CompiledSteps, StepSample
@@ -277,7 +277,7 @@ class Scheduler:
         last = array(np.asarray(ends, dtype=np.int32) - start - 1)
         logits = model(array(ids), views, start, last=last)
         # the old arrays' only holder is now the graph, so MLX may write them in place
-        shard.kv.pool.arrays = [v.pool for v in views]
+        shard.kv.pool.arrays = written(views)
         return ops.reshape(logits, (len(reqs), logits.shape[2]))
 
     def _prefill_group(self, group: list[Request]) -> None:
@@ -622,10 +622,10 @@ class Scheduler:
     def _forward_with(self, model, tokens: Array, positions: Array, rows: Array, writes: Array, table: Array,
                       pools: list[Array]):
         tables = Tables(rows, writes, tokens.shape[0], table.shape[1], self.block_size, table)
-        views = [PagedLayer(p, tables, w) for p, w in zip(pools, self.pools.windows)]
+        views = self.pools.views(0, tables, pools)  # (every shard's pool has the same layout)
         logits = model(tokens, views, positions)
         logits = ops.reshape(logits, (tokens.shape[0], logits.shape[2]))
-        return logits, [v.pool for v in views]
+        return logits, written(views)
 
     def _batched_logits(self, tokens: Array, positions: Array, tables: Tables, pools: list[Array],
                         split: bool = False) -> tuple[Array, list[Array]]:

@@ -19,12 +19,13 @@ compares this with the other forms measured on the CPU.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from amlx._mlx import Array, ops
 from amlx.cache import decode_mask, memoized, window_mask
 
-__all__ = ["PagedLayer", "Tables"]
+__all__ = ["PagedLayer", "Tables", "layer_views", "written"]
 
 
 @dataclass
@@ -53,29 +54,53 @@ class Tables:
 
 
 class PagedLayer:
-    """One layer's pool array (2, blocks, kv_heads, block_size, head_dim) seen
-    through the pass's tables; `pool` is the updated array after the pass."""
+    """One layer's pool arrays seen through the pass's tables: one array (2,
+    blocks, kv_heads, block_size, head_dim), or with `bits` three (packed values,
+    scales, biases, each (2, blocks, kv_heads, block_size, n); amlx.kv.pool).
+    `parts` are the updated arrays after the pass."""
 
-    def __init__(self, pool: Array, tables: Tables, window: int | None = None):
-        self.pool = pool
+    def __init__(self, parts: Array | Sequence[Array], tables: Tables, window: int | None = None,
+                 bits: int | None = None, group: int = 0):
+        self.parts = [parts] if isinstance(parts, Array) else list(parts)
         self.tables = tables
         self.window = window
+        self.bits, self.group = bits, group
+
+    @property
+    def pool(self) -> Array:
+        """The (first) pool array."""
+        return self.parts[0]
 
     def _write(self, new: Array, memo: dict | None) -> None:
-        """Writes `new` (2, N, kv_heads, head_dim) at the tables' write slots: one scatter."""
-        _, nb, h, bs, d = self.pool.shape
-        n = new.shape[1] * h
+        """Writes `new` (2, N, kv_heads, head_dim) at the tables' write slots: one
+        scatter per array (quantized first, with `bits`)."""
+        _, nb, h, bs, _ = self.parts[0].shape
+        n, d = new.shape[1] * h, new.shape[-1]
+        if self.bits:
+            packed = ops.quantize(ops.reshape(new, (2 * n, d)), self.group, self.bits)
+            values = [ops.reshape(x, (2, n, x.shape[-1])) for x in packed]
+        else:
+            values = [ops.reshape(new, (2, n, d))]
         writes = self.tables.writes
-        at = memoized(memo, ("writes", n, d), lambda: ops.broadcast_to(ops.reshape(writes, (1, n, 1)), (2, n, d)))
-        flat = ops.put_along_axis(ops.reshape(self.pool, (2, nb * h * bs, d)), at, ops.reshape(new, (2, n, d)), 1)
-        self.pool = ops.reshape(flat, (2, nb, h, bs, d))
+        for i, (part, value) in enumerate(zip(self.parts, values)):
+            w = value.shape[-1]
+            at = memoized(memo, ("writes", n, w), lambda w=w: ops.broadcast_to(ops.reshape(writes, (1, n, 1)),
+                                                                              (2, n, w)))
+            flat = ops.put_along_axis(ops.reshape(part, (2, nb * h * bs, w)), at, value, 1)
+            self.parts[i] = ops.reshape(flat, (2, nb, h, bs, w))
 
     def gathered(self) -> Array:
-        """(2, B, kv_heads, span, head_dim): each row's blocks in table order."""
-        _, nb, h, bs, d = self.pool.shape
+        """(2, B, kv_heads, span, head_dim): each row's blocks in table order
+        (dequantized, with `bits`)."""
         t = self.tables
-        pieces = ops.take(ops.reshape(self.pool, (2 * nb * h, bs * d)), t.rows, 0)
-        return ops.reshape(pieces, (2, t.batch, h, t.span, d))
+        pieces = []
+        for part in self.parts:
+            _, nb, h, bs, w = part.shape
+            rows = ops.take(ops.reshape(part, (2 * nb * h, bs * w)), t.rows, 0)
+            pieces.append(ops.reshape(rows, (2, t.batch, h, t.span, w)))
+        if self.bits:
+            return ops.dequantize(pieces[0], pieces[1], pieces[2], self.group, self.bits)
+        return pieces[0]
 
     @property
     def kv(self) -> Array:
@@ -86,8 +111,8 @@ class PagedLayer:
     def kernel_input(self) -> tuple[Array, Array | None]:
         """What the CUDA decode kernel reads: the pool itself and the (B, width)
         table, which it reads through (nothing gathered); the gathered keys where
-        the pass has no table."""
-        if self.tables.table is None:
+        the pass has no table or the pool is quantized."""
+        if self.tables.table is None or self.bits:
             return self.gathered(), None
         return self.pool, self.tables.table
 
@@ -129,3 +154,15 @@ class PagedLayer:
         b, h, d = new.shape[1], new.shape[2], new.shape[-1]
         self._write(ops.reshape(new, (2, b, h, d)), memo)
         return memoized(memo, ("rows", b), lambda: ops.reshape(positions, (b, 1, 1, 1)))
+
+
+def layer_views(arrays: Sequence[Array], tables: Tables, windows: Sequence[int | None], bits: int | None = None,
+                group: int = 0) -> list[PagedLayer]:
+    """Each layer's view of a pool's arrays (`BlockPool.arrays`: `parts` arrays per layer)."""
+    parts = 3 if bits else 1
+    return [PagedLayer(arrays[i * parts:(i + 1) * parts], tables, w, bits, group) for i, w in enumerate(windows)]
+
+
+def written(views: Sequence[PagedLayer]) -> list[Array]:
+    """The pool's arrays after a pass through `views` (in `BlockPool.arrays` order)."""
+    return [a for v in views for a in v.parts]

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from amlx._mlx import Array, array, ops
+from amlx._mlx import Array, array, ops, uint32
 from amlx.kv.prefix import PrefixIndex
 
 __all__ = ["NULL_BLOCK", "BlockPool", "PoolFull", "block_bytes", "copy_blocks"]
@@ -39,18 +39,34 @@ class PoolFull(Exception):
     """The pool has no block left to hand out (callers check `available` first)."""
 
 
+def quant_group(head_dim: int) -> int:
+    """The quantization group of a quantized KV cache: 64 values, or 32 for head dims
+    that 64 does not divide (ValueError when 32 does not either)."""
+    for group in (64, 32):
+        if head_dim % group == 0:
+            return group
+    raise ValueError(f"kv_bits needs a head dimension divisible by 32, not {head_dim}")
+
+
 class BlockPool:
     """`layout`: (kv_heads, head_dim) per layer; `max_blocks`: the most blocks
-    the arrays may hold (block 0, the null block, included)."""
+    the arrays may hold (block 0, the null block, included). `bits` (8 or 4):
+    keys and values are stored quantized (MLX's affine quantization, per group
+    of `quant_group(head_dim)` values): each layer then has three arrays, the
+    packed values (uint32), the scales and the biases, each (2, blocks,
+    kv_heads, block_size, n); `parts` says how many arrays a layer has."""
 
     def __init__(self, layout: Sequence[tuple[int, int]], dtype, block_size: int, max_blocks: int,
-                 prefix_cache: bool = True, initial_blocks: int = INITIAL_BLOCKS):
+                 prefix_cache: bool = True, initial_blocks: int = INITIAL_BLOCKS, bits: int | None = None):
         if max_blocks < 2:
             raise ValueError(f"a KV block pool needs at least 2 blocks, not {max_blocks}")
         if len(set(layout)) != 1:
             raise ValueError(f"a KV block pool needs every layer's keys alike (kv heads, head dim), not {layout}")
         self.layout = list(layout)
         self.kv_heads = layout[0][0]
+        self.bits = bits
+        self.group = quant_group(layout[0][1]) if bits else 0
+        self.parts = 3 if bits else 1
         self.dtype = dtype
         self.block_size = block_size
         self.max_blocks = max_blocks
@@ -144,16 +160,23 @@ class BlockPool:
 
     # -- device arrays ------------------------------------------------------------
     def bytes_per_block(self) -> int:
-        return block_bytes(self.layout, self.dtype, self.block_size)
+        return block_bytes(self.layout, self.dtype, self.block_size, self.bits)
+
+    def _part_shapes(self, dim: int) -> list[tuple[int, object]]:
+        """(last dimension, dtype) of each array of a layer."""
+        if not self.bits:
+            return [(dim, self.dtype)]
+        return [(dim * self.bits // 32, uint32), (dim // self.group, self.dtype), (dim // self.group, self.dtype)]
 
     def _grow(self) -> None:
         """Doubles the arrays (up to max_blocks); the new blocks go on the free list."""
         old = self.capacity
         new = min(self.max_blocks, max(2 * old, self.initial_blocks))
         grown = []
-        for i, (heads, dim) in enumerate(self.layout):
-            extra = ops.zeros((2, new - old, heads, self.block_size, dim), self.dtype)
-            grown.append(extra if not self.arrays else ops.concatenate([self.arrays[i], extra], axis=1))
+        for heads, dim in self.layout:
+            for width, dtype in self._part_shapes(dim):
+                extra = ops.zeros((2, new - old, heads, self.block_size, width), dtype)
+                grown.append(extra if not self.arrays else ops.concatenate([self.arrays[len(grown)], extra], axis=1))
         self.arrays = grown
         self._refs.extend([0] * (new - old))
         # handed out lowest first (pop from the end), so the used part of the arrays stays dense
@@ -173,9 +196,13 @@ class BlockPool:
             self.prefix.clear()
 
 
-def block_bytes(layout: Sequence[tuple[int, int]], dtype, block_size: int) -> int:
-    """Bytes of one block across every layer (keys and values)."""
-    return sum(2 * block_size * heads * dim * dtype.size for heads, dim in layout)
+def block_bytes(layout: Sequence[tuple[int, int]], dtype, block_size: int, bits: int | None = None) -> int:
+    """Bytes of one block across every layer (keys and values; with `bits`, the
+    packed values and each group's scale and bias)."""
+    if not bits:
+        return sum(2 * block_size * heads * dim * dtype.size for heads, dim in layout)
+    return sum(2 * block_size * heads * (dim * bits // 8 + 2 * (dim // quant_group(dim)) * dtype.size)
+               for heads, dim in layout)
 
 
 def copy_blocks(src: BlockPool, dst: BlockPool, blocks: Sequence[int]) -> list[int]:

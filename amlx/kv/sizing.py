@@ -18,7 +18,7 @@ from amlx._mlx import memory
 from amlx.kv.pool import BlockPool, block_bytes
 from amlx.kv.rows import ShardKV
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "check_kv_cache_memory", "kv_cache_bytes", "make_pools"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "check_kv_bits", "check_kv_cache_memory", "kv_cache_bytes", "make_pools"]
 
 DEFAULT_BLOCK_SIZE = 16  # positions per block
 DEFAULT_CPU_FRACTION = 0.25
@@ -37,6 +37,12 @@ def check_kv_cache_memory(value: object) -> None:
             raise ValueError(f"kv_cache_memory must be at least 1 byte, not {value}")
     elif not 0.0 < float(value) <= 1.0:
         raise ValueError(f"kv_cache_memory as a fraction of the device's memory must lie in (0, 1], not {value}")
+
+
+def check_kv_bits(value: object) -> None:
+    """ValueError unless `value` is None (full precision), 8 or 4."""
+    if value is not None and (isinstance(value, bool) or value not in (4, 8)):
+        raise ValueError(f"kv_bits must be None, 8 or 4, not {value!r}")
 
 
 def device_memory(device: str) -> int:
@@ -62,9 +68,10 @@ def make_pools(model, options, shards: int) -> list[ShardKV]:
     """One ShardKV per shard for `model` (a CausalLM) under resolved EngineOptions."""
     layout, dtype = model.kv_layout(), model.activation_dtype()
     bs = options.kv_block_size or DEFAULT_BLOCK_SIZE
-    per_block = block_bytes(layout, dtype, bs)
+    bits = options.kv_bits
+    per_block = block_bytes(layout, dtype, bs, bits)
     total = kv_cache_bytes(options.kv_cache_memory, options.device)
     blocks = max(2, total // shards // max(per_block, 1) + 1)  # (+1: the null block)
     span_step = max(1, options.kv_block // bs)
-    return [ShardKV(BlockPool(layout, dtype, bs, blocks, prefix_cache=options.prefix_cache), span_step)
+    return [ShardKV(BlockPool(layout, dtype, bs, blocks, prefix_cache=options.prefix_cache, bits=bits), span_step)
             for _ in range(shards)]

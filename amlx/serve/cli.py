@@ -48,6 +48,8 @@ def add_serve_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--kv-cache-memory", type=_memory, default=None, metavar="SIZE",
                    help="most memory the KV cache may take: bytes (e.g. 4000000000, 4GB, 512MiB) or a fraction "
                         "of the device's memory (e.g. 0.5) (default: a share of the device's)")
+    p.add_argument("--kv-bits", type=int, default=None, choices=[8, 4],
+                   help="store the KV cache quantized to 8 or 4 bits (default: full precision)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="do not reuse the KV cache of earlier prompts with the same beginning")
     p.add_argument("--keepalive", type=float, default=1.0, metavar="SECONDS",
@@ -92,7 +94,8 @@ async def _serve(args: argparse.Namespace, keys: list[str]) -> None:
     name = args.model_name or Path(path).resolve().name
     async with await amlx.load(path, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
                                max_context=args.max_context, adapter=args.adapter,
-                               kv_cache_memory=args.kv_cache_memory, prefix_cache=args.prefix_cache) as model:
+                               kv_cache_memory=args.kv_cache_memory, prefix_cache=args.prefix_cache,
+                               kv_bits=args.kv_bits) as model:
         settings = Settings(model_name=name, api_keys=tuple(keys), max_batch_size=args.max_batch_size,
                             max_queue=args.max_queue, keepalive=args.keepalive,
                             request_log=Path(args.log_requests) if args.log_requests else None)
