@@ -240,3 +240,49 @@ def test_memory_is_back_after_close(ckpt):
         assert amlx.memory()["active"] == before
 
     _run(body)
+
+
+def _poison_pool(sched) -> None:
+    """Makes shard 0's first pool array fail when evaluated (worker thread): a sum
+    over an intermediate leaked out of a compiled trace, which MLX cannot evaluate."""
+    from amlx._mlx import array as mx_array
+    from amlx._mlx import ops, transforms
+
+    leaked = []
+
+    def traced(x):
+        y = ops.multiply(x, mx_array(np.float32(2)))
+        leaked.append(y)
+        return y
+
+    fn = transforms.compile(traced)
+    ops.eval(fn(mx_array(np.ones((2,), np.float32))))
+    bad = ops.sum(leaked[0])
+    pool = sched.shards[0].kv.pool
+    pool.arrays[0] = ops.add(pool.arrays[0], ops.astype(bad, pool.arrays[0].dtype))
+
+
+def test_a_pool_that_cannot_be_computed_fails_its_requests_not_the_engine(ckpt, monkeypatch):
+    """A failure in writing a shard's pool (what running out of memory there looks
+    like) ends the requests holding blocks in it with MLXError; the pool starts
+    again empty and later requests give their usual tokens."""
+    monkeypatch.setenv("AMLX_SHARDS", "1")
+    prompt = _ids(60, 30)
+
+    async def body():
+        async with await amlx.load(ckpt("qwen3")) as m:
+            want, _ = await _complete(m, prompt, 12)
+            stream = m.generate(_ids(61, 20), max_tokens=500, max_buffer=2)
+            got = [await stream.__anext__()]
+            await m.engine.run(lambda: _poison_pool(m.engine.scheduler))
+            with pytest.raises(amlx.MLXError):
+                async for t in stream:
+                    got.append(t)
+            assert len(got) < 500
+            again, hit = await _complete(m, prompt, 12)
+            assert again == want and hit == 0  # (the cache went with the pool)
+            with anyio.fail_after(10):  # (a finished row leaves on the worker's next round)
+                while m.stats()["active_requests"]:
+                    await anyio.sleep(0.001)
+
+    _run(body)

@@ -310,11 +310,14 @@ class Scheduler:
             for bs in samplers:
                 bs.sync_back()  # the requests' keys move on
         except MLXError as exc:
+            self._check_pools()
             if len(group) == 1:
-                self._fail(group[0], exc)
+                if group[0].active:
+                    self._fail(group[0], exc)
                 return
             for r in group:  # find the culprit: each prompt on its own (blocks kept)
-                self._prefill_group([r])
+                if r.active:
+                    self._prefill_group([r])
             return
         finally:
             for bs in samplers:
@@ -344,7 +347,9 @@ class Scheduler:
                 ops.eval(*first.arrays(), *shard.kv.pool.state())
         except MLXError as exc:
             self.prefilling = None
-            self._fail(req, exc)
+            self._check_pools()
+            if req.active:
+                self._fail(req, exc)
             return
         self.pools.cache_filled(req)
         if req.prefilled < len(req.fill):
@@ -482,6 +487,7 @@ class Scheduler:
         if parts is None:
             for shard, snapshot in saved:
                 shard.sampling.rewind(snapshot)
+            self._check_pools()
             self._isolate_failure()
             return
         self._commit(_Step(parts))
@@ -768,6 +774,25 @@ class Scheduler:
                     self._fail(req, exc)
         # Rows that failed are inactive now; the next round continues with the rest.
         self._drop_inactive()
+
+    def _check_pools(self) -> None:
+        """After a failed evaluation: a shard whose pool arrays cannot be evaluated
+        (the failure was in writing them, e.g. out of memory) has lost its cache.
+        Every request holding blocks there ends with the error; the pool starts
+        again empty; the other shards and the engine go on."""
+        for shard in self.shards:
+            try:
+                ops.eval(*shard.kv.pool.state())
+            except MLXError as exc:
+                with self._lock:
+                    held = [r for r in self._held if r.shard == shard.index and r.blocks]
+                for req in held:
+                    self._fail(req, exc)
+                if self.prefilling is not None and not self.prefilling.active:
+                    self.prefilling = None
+                self.parked = [r for r in self.parked if r.active]
+                self._set_rows(shard, [r for r in shard.rows if r.active])
+                shard.kv.reset()
 
     def _inject(self, logits: Array, rows: list[Request], chained: bool) -> Array:
         """The test fault hook's say on a step (see `fault`)."""

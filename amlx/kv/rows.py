@@ -180,6 +180,11 @@ class ShardKV:
         self.forget_table()
         self.pool.close()
 
+    def reset(self) -> None:
+        """Empties the pool (its arrays could not be computed); no row may hold blocks."""
+        self.close()
+        self._version += 1
+
 
 def _table(rows: Sequence[KVRow], width: int) -> np.ndarray:
     table = np.full((len(rows), width), NULL_BLOCK, dtype=np.int32)
