@@ -19,7 +19,7 @@ from amlx.kv import DEFAULT_BLOCK_SIZE
 from tests.helpers.checkpoints import make_checkpoint
 
 BS = DEFAULT_BLOCK_SIZE
-ARCHS = ["qwen3", "qwen2", "llama", "gemma3_text", "mistral"]
+ARCHS = ["qwen3", "qwen2", "llama", "gemma3_text", "gemma3", "mistral"]
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,30 @@ def test_changed_weights_invalidate_the_cache(ckpt):
             assert hit == 0 and got == want
             assert on.stats()["kv_cache"]["blocks_cached"] >= 3  # cached again, with the new weights
             assert (await _complete(on, prompt))[1] == 3 * BS
+
+    _run(body)
+
+
+def test_least_recently_used_prefixes_are_evicted_when_the_pool_needs_room(ckpt, monkeypatch):
+    """A pool of 8 blocks: three prompts of 3 full blocks each cannot all stay
+    cached; blocks of the least recently used go (a chain's tail first), the
+    others still hit."""
+    monkeypatch.setenv("AMLX_SHARDS", "1")
+    a, b, c = (_ids(70 + k, 3 * BS + 4) for k in range(3))
+
+    async def body():
+        async with await amlx.load(ckpt("qwen3"), prefix_cache=False) as off:
+            per_block = _block_bytes(off)
+        async with await amlx.load(ckpt("qwen3"), kv_cache_memory=8 * per_block) as m:
+            for p in (a, b):
+                await _complete(m, p, 4)  # each holds 4 blocks while running; 3 stay cached
+            assert (await _complete(m, a, 4))[1] == 3 * BS  # a is now the most recently used
+            await _complete(m, c, 4)  # needs 2 blocks more than are free: b's last two go
+            assert (await _complete(m, a, 4))[1] == 3 * BS
+            assert (await _complete(m, c, 4))[1] == 3 * BS
+            assert (await _complete(m, b, 4))[1] == BS  # (evicted tail first: its first block stayed)
+            stats = m.stats()["kv_cache"]
+            assert stats["prefix_hits"] >= 9 and stats["prefix_misses"] >= 9
 
     _run(body)
 
