@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from amlx._mlx import array, fast, float32, ops
 from amlx.cache import KVCache
-from amlx.kv import BlockPool, PagedLayer, PoolFull, ShardKV, block_keys, copy_blocks
+from amlx.kv import BlockPool, KeyChain, PagedLayer, PoolFull, ShardKV, block_keys, copy_blocks
 
 SCALE = 0.5
 
@@ -201,6 +201,15 @@ def test_block_keys_chain_the_whole_prefix():
     assert len(a) == 3 and len(block_keys([1, 2, 3], 2)) == 1
     assert a[1] != b[1]  # same block tokens, different prefix: different key
     assert block_keys([1, 2, 3, 4], 2) == a[:2]
+
+
+@given(tokens=st.lists(st.integers(0, 1000), max_size=60), cuts=st.lists(st.integers(0, 60), max_size=5),
+       bs=st.sampled_from([1, 2, 4, 16]))
+def test_a_key_chain_hashes_incrementally_what_block_keys_hashes_at_once(tokens, cuts, bs):
+    chain = KeyChain(bs)
+    for n in sorted(cuts) + [len(tokens)]:
+        ids = tokens[:n]
+        assert chain.keys(tokens, len(ids) // bs) == block_keys(ids, bs)
 
 
 def test_copy_blocks_moves_a_rows_blocks_between_pools():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from amlx._mlx import Array
 from amlx.engine.request import Request
-from amlx.kv import PagedLayer, ShardKV, Tables, layer_views, make_pools
+from amlx.kv import KeyChain, PagedLayer, ShardKV, Tables, layer_views, make_pools
 
 __all__ = ["ShardPools"]
 
@@ -39,18 +39,25 @@ class ShardPools:
     def block_bytes(self) -> int:
         return self.kv[0].pool.bytes_per_block()
 
+    def _chain(self, req: Request) -> KeyChain:
+        """The request's block keys, hashed once as its tokens grow."""
+        if req.keys is None:
+            req.keys = KeyChain(self.block_size)
+        return req.keys
+
     def fits(self, req: Request) -> bool:
         """Whether some pool has room for the request's prefill now."""
-        return any(kv.fits(req.fill) for kv in self.kv)
+        return any(kv.fits(req.fill, self._chain(req)) for kv in self.kv)
 
     def place(self, req: Request, load: list[int], busy: list[bool]) -> int | None:
         """Gives a request the blocks for what it prefills in the shard holding the
         longest cached prefix of it, else the one with the least `load`; returns
         the shard, or None if no pool has room. A `busy` shard (rows running)
         keeps one block of room for their next positions."""
-        order = sorted(range(len(self.kv)), key=lambda i: (-self.kv[i].peek(req.fill), load[i]))
+        chain = self._chain(req)
+        order = sorted(range(len(self.kv)), key=lambda i: (-self.kv[i].peek(req.fill, chain), load[i]))
         for i in order:
-            cached = self.kv[i].reserve(req, req.fill, headroom=1 if busy[i] else 0)
+            cached = self.kv[i].reserve(req, req.fill, 1 if busy[i] else 0, chain)
             if cached is not None:
                 req.shard, req.prefilled, req.pos, req.epoch = i, cached, 0, self.epoch
                 if req.recompute is None:
@@ -63,12 +70,12 @@ class ShardPools:
         prefix cache (unless the weights changed since they were computed)."""
         if req.blocks:
             ids = req.prompt + req.generated if cache and req.epoch == self.epoch else None
-            self.kv[req.shard].release(req, ids)
+            self.kv[req.shard].release(req, ids, self._chain(req))
 
     def cache_filled(self, req: Request) -> None:
         """Caches the request's full blocks prefilled so far."""
         if req.epoch == self.epoch:
-            self.kv[req.shard].cache_filled(req, req.fill, req.prefilled)
+            self.kv[req.shard].cache_filled(req, req.fill, req.prefilled, self._chain(req))
 
     def views(self, shard: int, tables: Tables, arrays: list[Array] | None = None) -> list[PagedLayer]:
         """Each layer's view of a shard's pool (or of `arrays` in its layout: a

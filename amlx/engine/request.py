@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from amlx.constrain import Matcher
+from amlx.kv.prefix import KeyChain
 from amlx.engine.assembler import TextAssembler
 from amlx.engine.channel import Channel
 from amlx.sample import RowSampling
@@ -35,6 +36,7 @@ class Request:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     generated: list[int] = field(default_factory=list)  # tokens sent so far
     recompute: list[int] | None = None  # after a preemption: the tokens to prefill again
+    keys: KeyChain | None = None  # its full blocks' prefix-cache keys, hashed once each
     pos: int = 0  # next cache position to write
     last: int = -1  # last sampled token (input of the next step)
     steps: int = 0  # decode steps computed for this request

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["PrefixIndex", "block_keys"]
+__all__ = ["KeyChain", "PrefixIndex", "block_keys"]
 
 
 def block_keys(tokens: Sequence[int], block_size: int, prev: bytes = b"") -> list[bytes]:
@@ -31,6 +31,24 @@ def block_keys(tokens: Sequence[int], block_size: int, prev: bytes = b"") -> lis
         prev = hashlib.blake2b(prev + ids[start:start + block_size].tobytes(), digest_size=16).digest()
         keys.append(prev)
     return keys
+
+
+class KeyChain:
+    """The keys of one request's full blocks, each hashed once: its token
+    sequence (prompt, then generated tokens) only grows, and every sequence the
+    request is asked about is a prefix of it."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self._keys: list[bytes] = []
+
+    def keys(self, ids: Sequence[int], n: int) -> list[bytes]:
+        """The keys of the first `n` full blocks of `ids`."""
+        bs = self.block_size
+        if n > len(self._keys):
+            prev = self._keys[-1] if self._keys else b""
+            self._keys += block_keys(ids[len(self._keys) * bs:n * bs], bs, prev)
+        return self._keys[:n]
 
 
 class PrefixIndex:

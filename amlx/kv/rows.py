@@ -17,7 +17,7 @@ import numpy as np
 from amlx._mlx import Array, array
 from amlx.kv.paged import Tables
 from amlx.kv.pool import NULL_BLOCK, BlockPool
-from amlx.kv.prefix import block_keys
+from amlx.kv.prefix import KeyChain, block_keys
 
 __all__ = ["KVRow", "ShardKV", "blocks_for", "preemption_order"]
 
@@ -55,31 +55,36 @@ class ShardKV:
         self._version = 0  # bumped whenever any row's blocks change: part of the table's key
 
     # -- admission ------------------------------------------------------------------
-    def _reusable(self, ids: Sequence[int]) -> list[bytes]:
+    # (`chain`, where given, is the request's KeyChain: its keys are hashed once)
+    def _keys(self, ids: Sequence[int], n: int, chain: KeyChain | None) -> list[bytes]:
+        """The keys of the first `n` full blocks of `ids`."""
+        return block_keys(ids[:n * self.block_size], self.block_size) if chain is None else chain.keys(ids, n)
+
+    def _reusable(self, ids: Sequence[int], chain: KeyChain | None) -> list[bytes]:
         """Keys of the blocks of `ids` a request may take from the cache: full
         blocks, leaving at least one token to compute (its logits are needed)."""
-        bs = self.block_size
-        return block_keys(ids[:(len(ids) - 1) // bs * bs], bs)
+        return self._keys(ids, (len(ids) - 1) // self.block_size, chain)
 
-    def peek(self, ids: Sequence[int]) -> int:
+    def peek(self, ids: Sequence[int], chain: KeyChain | None = None) -> int:
         """Positions of `ids` the prefix cache holds now (nothing is held)."""
         if self.pool.prefix is None:
             return 0
-        return len(self.pool.prefix.lookup(self._reusable(ids))) * self.block_size
+        return len(self.pool.prefix.lookup(self._reusable(ids, chain))) * self.block_size
 
-    def fits(self, ids: Sequence[int]) -> bool:
+    def fits(self, ids: Sequence[int], chain: KeyChain | None = None) -> bool:
         """Whether `reserve` would find room for `ids` now (with no headroom)."""
-        need = blocks_for(len(ids), self.block_size) - self.peek(ids) // self.block_size
+        need = blocks_for(len(ids), self.block_size) - self.peek(ids, chain) // self.block_size
         return need <= self.pool.available()
 
-    def reserve(self, row: KVRow, ids: Sequence[int], headroom: int = 1) -> int | None:
+    def reserve(self, row: KVRow, ids: Sequence[int], headroom: int = 1,
+                chain: KeyChain | None = None) -> int | None:
         """Gives `row` the blocks to prefill `ids`: the longest cached prefix of
         full blocks (always leaving at least one token to compute, for its logits)
         and fresh blocks for the rest. Returns the number of positions served
         from the cache, or None (nothing held) when the pool cannot hold the rest
         plus `headroom` blocks for the decoding that follows."""
         bs = self.block_size
-        reusable = self._reusable(ids) if self.pool.prefix is not None else []
+        reusable = self._reusable(ids, chain) if self.pool.prefix is not None else []
         found = self.pool.match(reusable)
         need = blocks_for(len(ids), bs) - len(found)
         if need + headroom > self.pool.available():
@@ -91,18 +96,18 @@ class ShardKV:
         self._version += 1
         return len(found) * bs
 
-    def cache_filled(self, row: KVRow, ids: Sequence[int], filled: int) -> None:
+    def cache_filled(self, row: KVRow, ids: Sequence[int], filled: int, chain: KeyChain | None = None) -> None:
         """Caches the row's full blocks whose positions [0, filled) hold `ids`."""
         if self.pool.prefix is None:
             return
         n = min(filled, len(ids)) // self.block_size
-        self.pool.register(block_keys(ids[:n * self.block_size], self.block_size), row.blocks[:n])
+        self.pool.register(self._keys(ids, n, chain), row.blocks[:n])
 
-    def release(self, row: KVRow, ids: Sequence[int] | None = None) -> None:
+    def release(self, row: KVRow, ids: Sequence[int] | None = None, chain: KeyChain | None = None) -> None:
         """The row lets go of its blocks; with `ids` (the tokens at its positions
         so far) its full blocks stay cached for later prompts."""
         if ids is not None:
-            self.cache_filled(row, ids, row.pos)
+            self.cache_filled(row, ids, row.pos, chain)
         self.pool.release(row.blocks[::-1])  # the tail first: evicted before the prefix it extends
         row.blocks = []
         self._version += 1
