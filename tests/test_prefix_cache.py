@@ -310,3 +310,53 @@ def test_a_pool_that_cannot_be_computed_fails_its_requests_not_the_engine(ckpt, 
                     await anyio.sleep(0.001)
 
     _run(body)
+
+
+def test_a_busy_small_pool_keeps_its_books(ckpt, monkeypatch):
+    """Many requests through a pool of 10 blocks with two shards' worth of churn:
+    shared prefixes, parked readers, cancellations, preemptions. Every finished
+    stream equals its solo run, and afterwards no block is held and every block
+    is either free or cached."""
+    monkeypatch.setenv("AMLX_SHARDS", "1")
+    rng = np.random.default_rng(5)
+    system = _ids(80, 20)
+    specs = []
+    for k in range(12):
+        body_len = int(rng.integers(1, 20))
+        prompt = (system if k % 2 else []) + _ids(90 + k, body_len)
+        specs.append((prompt, int(rng.integers(5, 40)), k % 4 == 3, k % 5 == 4))  # prompt, n, slow, cancel
+
+    async def body():
+        async with await amlx.load(ckpt("qwen3"), prefix_cache=False) as off:
+            solo = [(await _complete(off, p, n))[0] for p, n, _, _ in specs]
+            per_block = _block_bytes(off)
+        async with await amlx.load(ckpt("qwen3"), kv_cache_memory=10 * per_block) as m:
+            got: dict = {}
+
+            async def one(k):
+                prompt, n, slow, cancel = specs[k]
+                out = []
+                async with m.generate(prompt, max_tokens=n, max_buffer=1 if slow else 16) as stream:
+                    async for t in stream:
+                        out.append(t.id)
+                        if slow:
+                            await anyio.sleep(0.01)
+                        if cancel and len(out) == 3:
+                            break
+                got[k] = out
+
+            async with anyio.create_task_group() as tg:
+                for k in range(len(specs)):
+                    tg.start_soon(one, k)
+            for k, (_, n, _, cancel) in enumerate(specs):
+                assert got[k] == (solo[k][:3] if cancel and len(solo[k]) > 3 else solo[k]), k
+            with anyio.fail_after(10):
+                while m.stats()["active_requests"]:
+                    await anyio.sleep(0.001)
+            pool = m.engine.scheduler.shards[0].kv.pool
+            counts = m.stats()["kv_cache"]
+            assert pool.used() == 0 and counts["blocks_used"] == 0
+            assert counts["blocks_free"] + counts["blocks_cached"] == counts["blocks_allocated"]
+            assert pool.free + pool.prefix.idle == pool.capacity - 1
+
+    _run(body)

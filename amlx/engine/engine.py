@@ -135,8 +135,10 @@ class Engine:
 
     def stats(self) -> dict:
         """Requests, token counters, the recent decoding rate, MLX memory (bytes) and
-        the KV block pools' counters (`kv_cache`: blocks used, cached, free and
-        allocated, block size, prefix-cache block hits and misses, preemptions).
+        the KV block pools' counters (`kv_cache`: blocks used (held by requests),
+        cached (held by no request, reusable by the prefix cache, evictable), free
+        and allocated (the arrays' size: used + cached + free), block size,
+        prefix-cache block hits and misses, preemptions).
 
         tokens_per_second: tokens over the time the engine spent working in the
         last 10 seconds (idle time does not count; 0 after 10 idle seconds)."""

@@ -92,6 +92,11 @@ class BlockPool:
         """Blocks some request holds."""
         return sum(1 for r in self._refs[1:] if r > 0)
 
+    @property
+    def free(self) -> int:
+        """Blocks of the arrays that hold nothing (neither held nor cached)."""
+        return len(self._free)
+
     def allocate(self, n: int) -> list[int]:
         """`n` fresh blocks, each held once: free ones first, then idle cached
         blocks evicted (least recently used first), then growing the arrays. So
@@ -153,7 +158,7 @@ class BlockPool:
     def counters(self) -> dict[str, int]:
         used = self.used()
         idle = self.prefix.idle if self.prefix is not None else 0
-        return {"blocks_used": used, "blocks_cached": idle, "blocks_free": self.usable - used - idle,
+        return {"blocks_used": used, "blocks_cached": idle, "blocks_free": self.free,
                 "blocks_allocated": max(self.capacity - 1, 0), "block_size": self.block_size,
                 "prefix_hits": self.prefix.hits if self.prefix is not None else 0,
                 "prefix_misses": self.prefix.misses if self.prefix is not None else 0}
