@@ -312,12 +312,15 @@ def test_a_pool_that_cannot_be_computed_fails_its_requests_not_the_engine(ckpt, 
     _run(body)
 
 
-def test_a_busy_small_pool_keeps_its_books(ckpt, monkeypatch):
-    """Many requests through a pool of 10 blocks with two shards' worth of churn:
-    shared prefixes, parked readers, cancellations, preemptions. Every finished
-    stream equals its solo run, and afterwards no block is held and every block
-    is either free or cached."""
+@pytest.mark.parametrize("chunk", [None, "8"])
+def test_a_busy_small_pool_keeps_its_books(ckpt, monkeypatch, chunk):
+    """Many requests through a pool of 10 blocks: shared prefixes, parked readers,
+    cancellations, preemptions (with a prefill chunk of 8, also of prompts still
+    being prefilled). Every finished stream equals its solo run, and afterwards no
+    block is held and every block is either free or cached."""
     monkeypatch.setenv("AMLX_SHARDS", "1")
+    if chunk:
+        monkeypatch.setenv("AMLX_PREFILL_CHUNK", chunk)
     rng = np.random.default_rng(5)
     system = _ids(80, 20)
     specs = []
@@ -358,5 +361,45 @@ def test_a_busy_small_pool_keeps_its_books(ckpt, monkeypatch):
             assert pool.used() == 0 and counts["blocks_used"] == 0
             assert counts["blocks_free"] + counts["blocks_cached"] == counts["blocks_allocated"]
             assert pool.free + pool.prefix.idle == pool.capacity - 1
+            assert counts["preemptions"] > 0
+
+    _run(body)
+
+
+def test_a_prompt_being_prefilled_is_preempted_for_a_running_row(ckpt, monkeypatch):
+    """A lone running row needs a block while a long prompt, prefilled in small
+    chunks, holds the rest of the pool: the prompt gives its blocks back (the full
+    ones it wrote stay cached) and waits; both streams are their solo runs, and
+    the prompt reuses what it had written."""
+    monkeypatch.setenv("AMLX_SHARDS", "1")
+    monkeypatch.setenv("AMLX_PREFILL_CHUNK", "4")
+    a, b = _ids(110, 12), _ids(111, 90)
+
+    async def body():
+        async with await amlx.load(ckpt("qwen3"), prefix_cache=False) as off:
+            solo_a, solo_b = (await _complete(off, a, 100))[0], (await _complete(off, b, 8))[0]
+            per_block = _block_bytes(off)
+        async with await amlx.load(ckpt("qwen3"), kv_cache_memory=8 * per_block) as m:
+            got: dict = {}
+            started = anyio.Event()
+
+            async def run_a():
+                out = []
+                async for t in m.generate(a, max_tokens=100):
+                    out.append(t.id)
+                    if len(out) == 2:
+                        started.set()
+                got["a"] = out
+
+            async def run_b():
+                await started.wait()
+                got["b"] = await m.complete(b, max_tokens=8)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_a)
+                tg.start_soon(run_b)
+            assert got["a"] == solo_a and got["b"].token_ids == solo_b
+            assert m.stats()["kv_cache"]["preemptions"] >= 1
+            assert got["b"].usage.cached_tokens > 0  # its own blocks, written before it was preempted
 
     _run(body)

@@ -719,30 +719,33 @@ class Scheduler:
         return all(s.kv.short_of_blocks(s.rows) <= s.kv.pool.available() for s in self.shards)
 
     def _preempt_for_blocks(self) -> None:
-        """Where a shard's pool cannot hold its rows' next blocks: preempts rows,
-        the youngest first (then parked requests of that shard), until it can."""
+        """Where a shard's pool cannot hold its rows' next blocks: preempts the
+        youngest request holding blocks there (a running row, but never the last
+        one, the prompt being prefilled, or a parked request) until it can."""
         for shard in self.shards:
             while shard.kv.short_of_blocks(shard.rows) > shard.kv.pool.available():
-                parked = [r for r in self.parked if r.shard == shard.index and r.blocks]
-                victims = preemption_order(shard.rows[1:] if len(shard.rows) > 1 else []) or \
-                    preemption_order(parked)
-                if not victims:  # (the submit-time check keeps a lone row inside the pool)
+                held = preemption_order(shard.rows)[:-1] + [
+                    r for r in [self.prefilling, *self.parked] if r is not None and r.shard == shard.index and r.blocks]
+                if not held:  # (the context is capped to a pool: a lone row always fits)
                     self._fail(shard.rows[0], ContextLengthError("the KV cache pool is too small for this request"))
                     self._drop_inactive()
                     break
-                self._preempt(shard, victims[0])
+                self._preempt(shard, preemption_order(held)[0])
 
     def _preempt(self, shard: _Shard, req: Request) -> None:
-        """Takes a request out of the batch (or out of the parked ones) and frees its
-        blocks (its full ones stay cached); it waits at the head of the queue to be
-        recomputed from its prompt and the tokens it produced, then goes on from
-        its last token, which its consumer already has."""
-        if req in self.parked:
+        """Takes a request out of the batch (or out of prefill, or out of the parked
+        ones) and frees its blocks (its full ones stay cached); it waits at the head
+        of the queue to be recomputed from its prompt and the tokens it produced,
+        then goes on from its last token, which its consumer already has."""
+        if req is self.prefilling:
+            self.prefilling = None  # (its fill is unchanged: it starts again)
+        elif req in self.parked:
             self.parked.remove(req)
         else:
             self._set_rows(shard, [r for r in shard.rows if r is not req])
         self.pools.release(req)
-        req.recompute = (req.prompt + req.generated)[:req.pos]
+        if req.pos:  # it was decoding: what it recomputes is its prompt and its tokens but the last
+            req.recompute = (req.prompt + req.generated)[:req.pos]
         req.prefilled = req.pos = 0
         self.preemptions += 1
         self.waiting.appendleft(req)

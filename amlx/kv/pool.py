@@ -134,13 +134,14 @@ class BlockPool:
                 else:
                     self._free.append(b)
 
-    def match(self, keys: Sequence[bytes]) -> list[int]:
-        """The cached blocks of the longest prefix of `keys`, held for the caller."""
-        if self.prefix is None:
-            return []
-        found = self.prefix.lookup(keys)
-        self.hold(found)
-        return found
+    def lookup(self, keys: Sequence[bytes]) -> list[int]:
+        """The cached blocks of the longest prefix of `keys` (not held: see `hold`)."""
+        return [] if self.prefix is None else self.prefix.lookup(keys)
+
+    def unheld(self, blocks: Sequence[int]) -> int:
+        """How many of these (cached) blocks no request holds: holding them takes
+        them out of `available()`."""
+        return sum(1 for b in blocks if self._refs[b] == 0)
 
     def register(self, keys: Sequence[bytes], blocks: Sequence[int]) -> None:
         """Caches full blocks under their prefix keys (blocks already cached, or

@@ -85,13 +85,13 @@ class ShardKV:
         plus `headroom` blocks for the decoding that follows."""
         bs = self.block_size
         reusable = self._reusable(ids, chain) if self.pool.prefix is not None else []
-        found = self.pool.match(reusable)
+        found = self.pool.lookup(reusable)
         need = blocks_for(len(ids), bs) - len(found)
-        if need + headroom > self.pool.available():
-            self.pool.release(found)
-            return None
+        if need + headroom > self.pool.available() - self.pool.unheld(found):
+            return None  # (nothing touched: the cached blocks keep their place in the eviction order)
         if self.pool.prefix is not None:
             self.pool.prefix.count(len(found), len(reusable))
+        self.pool.hold(found)
         row.blocks = found + self.pool.allocate(need)
         self._version += 1
         return len(found) * bs
