@@ -34,24 +34,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoints import write_benchmark_checkpoint  # noqa: E402
 
 
-def profile(model, batch: int, steps: int) -> dict:
-    from amlx._mlx import array, ops
-    from amlx.sample import BatchSampling, RowSampling
-    from amlx.engine.scheduler import Scheduler
+def _rows_in_pool(model, sched, batch: int):
+    """A batch of rows with 128 positions each in the first shard's KV block pool
+    (amlx.kv; contents do not matter for timing): (the shard's ShardKV, the rows)."""
+    from amlx._mlx import array
     from amlx.kv import written
-    from amlx.types import GenerationOptions
 
-    lm = model.engine.model
-    sched = Scheduler(lm, batch, lambda: None, shards=1)
-    shard = sched.shards[0]
-    kv = shard.kv  # the shard's KV block pool (amlx.kv)
-    # a batch of rows with 128 cached positions each (contents do not matter for timing)
+    kv = sched.shards[0].kv
     vocab = model.tokenizer.vocab_size
     prompt = np.random.default_rng(0).integers(vocab // 4, vocab // 2, size=(batch, 128)).astype(np.int32)
     reqs = [SimpleNamespace(blocks=kv.pool.allocate(128 // kv.block_size), pos=128, created=0.0) for _ in range(batch)]
     views = sched.pools.views(0, kv.prefill_tables(reqs, 0, 128, [128] * batch))
-    lm(array(prompt), views, 0, last=array(np.full(batch, 127, np.int32)))
+    model.engine.model(array(prompt), views, 0, last=array(np.full(batch, 127, np.int32)))
     kv.pool.arrays = written(views)
+    return kv, reqs
+
+
+def profile(model, batch: int, steps: int) -> dict:
+    from amlx._mlx import array, ops
+    from amlx.sample import BatchSampling, RowSampling
+    from amlx.engine.scheduler import Scheduler
+    from amlx.types import GenerationOptions
+
+    sched = Scheduler(model.engine.model, batch, lambda: None, shards=1)
+    kv, reqs = _rows_in_pool(model, sched, batch)
     opts = GenerationOptions()
     rows = [RowSampling(opts, []) for _ in range(batch)]
     sampling = BatchSampling(rows)

@@ -17,6 +17,7 @@ import pytest
 import amlx
 from amlx.kv import DEFAULT_BLOCK_SIZE
 from tests.helpers.checkpoints import make_checkpoint
+from tests.helpers.faults import failing_array
 
 BS = DEFAULT_BLOCK_SIZE
 ARCHS = ["qwen3", "qwen2", "llama", "gemma3_text", "gemma3", "mistral"]
@@ -267,23 +268,11 @@ def test_memory_is_back_after_close(ckpt):
 
 
 def _poison_pool(sched) -> None:
-    """Makes shard 0's first pool array fail when evaluated (worker thread): a sum
-    over an intermediate leaked out of a compiled trace, which MLX cannot evaluate."""
-    from amlx._mlx import array as mx_array
-    from amlx._mlx import ops, transforms
+    """Makes shard 0's first pool array fail when evaluated (worker thread)."""
+    from amlx._mlx import ops
 
-    leaked = []
-
-    def traced(x):
-        y = ops.multiply(x, mx_array(np.float32(2)))
-        leaked.append(y)
-        return y
-
-    fn = transforms.compile(traced)
-    ops.eval(fn(mx_array(np.ones((2,), np.float32))))
-    bad = ops.sum(leaked[0])
     pool = sched.shards[0].kv.pool
-    pool.arrays[0] = ops.add(pool.arrays[0], ops.astype(bad, pool.arrays[0].dtype))
+    pool.arrays[0] = ops.add(pool.arrays[0], ops.astype(failing_array(), pool.arrays[0].dtype))
 
 
 def test_a_pool_that_cannot_be_computed_fails_its_requests_not_the_engine(ckpt, monkeypatch):
