@@ -37,11 +37,11 @@ def _scatter_history(history: np.ndarray, tables: list[list[int]], rng, total: i
     return pool
 
 
-def _shard(h: int, d: int, bs: int, total: int, span_step: int = 1) -> ShardKV:
+def _shard(h: int, d: int, bs: int, total: int, span_step: int = 1, window: int | None = None) -> ShardKV:
     """Bookkeeping of a pool of `total` blocks, all grown (its arrays are the test's own)."""
     pool = BlockPool([(h, d)], float32, bs, total, initial_blocks=total)
     pool.allocate(total - 1)
-    return ShardKV(pool, span_step)
+    return ShardKV(pool, span_step, window)
 
 
 def _random_tables(rng, needs: list[int], spare: int) -> tuple[list[list[int]], int]:
@@ -70,7 +70,9 @@ shapes = st.fixed_dictionaries({
 def test_decode_through_block_tables_matches_the_contiguous_cache(shape, pos, step):
     """A decode step's write and attention over blocks scattered at random in a
     pool of noise equal the contiguous cache's, for any block size, lengths,
-    window and GQA; the tables may be wider than the rows need (`step`)."""
+    window and GQA; the tables may be wider than the rows need (`step`), and a
+    windowed layer reads only the blocks that can hold its window when that is
+    narrower."""
     rng = np.random.default_rng(shape["seed"])
     bs, h, d, window = shape["bs"], shape["kv_heads"], shape["d"], shape["window"]
     b, heads = len(pos), shape["kv_heads"] * shape["groups"]
@@ -86,8 +88,10 @@ def test_decode_through_block_tables_matches_the_contiguous_cache(shape, pos, st
 
     tables, total = _random_tables(rng, [p // bs + 1 for p in pos], spare=3)
     owners = [SimpleNamespace(blocks=t, pos=p) for t, p in zip(tables, pos)]
-    tabs = _shard(h, d, bs, total, step).decode_tables(owners)
+    kv = _shard(h, d, bs, total, step, window)
+    tabs = kv.decode_tables(owners)
     assert tabs.width % step == 0 and tabs.width >= max(len(t) for t in tables)
+    assert (tabs.window is not None) == (window is not None and kv.window_width < tabs.width)
     layer = PagedLayer(array(_scatter_history(history, tables, rng, total, bs)), tabs, window)
     got = _attend(q, *layer.update_decode(array(new[0]), array(new[1]), positions))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)

@@ -392,3 +392,35 @@ def test_a_prompt_being_prefilled_is_preempted_for_a_running_row(ckpt, monkeypat
             assert got["b"].usage.cached_tokens > 0  # its own blocks, written before it was preempted
 
     _run(body)
+
+
+def test_windowed_layers_switch_to_their_narrow_tables_mid_stream(tmp_path):
+    """Gemma 3 with a window of 40: a short prompt decodes with full-width tables
+    for every layer, then, once a row's span outgrows the window's blocks, the
+    windowed layers read narrower tables of their own (the compiled step takes
+    both forms); the tokens are transformers' greedy ones throughout."""
+    from tests.helpers.checkpoints import load_reference, reference_greedy
+
+    path = make_checkpoint(tmp_path / "g", "gemma3_text", seed=2, sliding_window=40)
+    prompts = [_ids(120, 10), _ids(121, 30)]
+    ref = load_reference(path)
+    want = [reference_greedy(ref, p, 90) for p in prompts]
+
+    async def body():
+        async with await amlx.load(path) as m:
+            assert m.engine.scheduler.shards[0].kv.window == 40
+            got = [(await _complete(m, p, 90))[0] for p in prompts]
+            both: dict = {}
+
+            async def one(k):
+                both[k] = (await _complete(m, prompts[k], 90))[0]
+
+            async with anyio.create_task_group() as tg:
+                for k in range(2):
+                    tg.start_soon(one, k)
+            return got, [both[0], both[1]]
+
+    got, batched = _run(body)
+    for k in range(2):
+        n = len(got[k])
+        assert got[k] == want[k][:n] and batched[k] == got[k]

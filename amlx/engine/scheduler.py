@@ -612,22 +612,25 @@ class Scheduler:
                 if req.active:  # a row that finished or was cancelled meanwhile: its token is dropped
                     self._emit(req, int(ids[i]), float(lps[i]), None if tops is None else tops[i])
 
-    def _forward(self, tokens: Array, positions: Array, rows: Array, writes: Array, table: Array,
+    def _forward(self, tokens: Array, positions: Array, tabs: list[Array],
                  pools: list[Array]) -> tuple[Array, list[Array]]:
         """One decode step as a pure function of arrays (what gets compiled):
-        (tokens (B,1), positions (B,), the pool pieces to gather, the write slots
-        and the block table (amlx.kv.Tables), each layer's pool array) ->
-        (logits (B,V), the pool arrays written)."""
-        return self._forward_with(self.model, tokens, positions, rows, writes, table, pools)
+        (tokens (B,1), positions (B,), the tables' arrays (`_table_arrays`), each
+        layer's pool array) -> (logits (B,V), the pool arrays written)."""
+        return self._forward_with(self.model, tokens, positions, tabs, pools)
 
-    def _forward_split(self, tokens: Array, positions: Array, rows: Array, writes: Array, table: Array,
+    def _forward_split(self, tokens: Array, positions: Array, tabs: list[Array],
                        pools: list[Array]) -> tuple[Array, list[Array]]:
         """`_forward` by the split twin (a lone row's step)."""
-        return self._forward_with(self._split_model(), tokens, positions, rows, writes, table, pools)
+        return self._forward_with(self._split_model(), tokens, positions, tabs, pools)
 
-    def _forward_with(self, model, tokens: Array, positions: Array, rows: Array, writes: Array, table: Array,
-                      pools: list[Array]):
+    def _forward_with(self, model, tokens: Array, positions: Array, tabs: list[Array], pools: list[Array]):
+        rows, writes, table, window_rows, window_start = tabs
         tables = Tables(rows, writes, tokens.shape[0], table.shape[1], self.block_size, table)
+        if window_rows.shape[0]:  # (a shape, not a flag: each form is traced apart)
+            kv = self.shards[0].kv
+            tables.window, tables.window_width = kv.window, kv.window_width
+            tables.window_rows, tables.window_start = window_rows, window_start
         views = self.pools.views(0, tables, pools)  # (every shard's pool has the same layout)
         logits = model(tokens, views, positions)
         logits = ops.reshape(logits, (tokens.shape[0], logits.shape[2]))
@@ -643,7 +646,7 @@ class Scheduler:
             fn = self._split_step_fn or self._forward_split
         else:
             fn = self._step_fn or self._forward
-        return fn(tokens, positions, tables.rows, tables.writes, tables.table, pools)
+        return fn(tokens, positions, _table_arrays(tables), pools)
 
     def _emit(self, req: Request, token_id: int, logprob: float, top: list | None = None) -> None:
         if req.first_token_at is None:
@@ -833,6 +836,17 @@ class Scheduler:
             self._split_step_fn.close()
             self._step_fn = self._split_step_fn = None
         self._sample_steps.close()
+
+
+def _table_arrays(tables: Tables) -> list[Array]:
+    """A decode pass's tables as the compiled step takes them (always five arrays: a
+    compiled function takes the same structure each call): gather pieces, write
+    slots, block table, and the windowed layers' pieces and starts (empty where
+    the pass has none)."""
+    if tables.window is not None:
+        return [tables.rows, tables.writes, tables.table, tables.window_rows, tables.window_start]
+    empty = array(np.zeros(0, np.int32))
+    return [tables.rows, tables.writes, tables.table, empty, empty]
 
 
 @dataclass(eq=False)

@@ -38,7 +38,9 @@ class Tables:
       position) and head, its slot in the pool seen as (2, blocks * kv_heads *
       block_size, head_dim);
     - `batch`, `width` (table entries per row), `block_size`;
-    - `table` (B, width) int32, the block ids themselves, in decode passes."""
+    - `table` (B, width) int32, the block ids themselves, in decode passes;
+    - `window`, `window_rows`, `window_start`, `window_width`: where layers with a
+      sliding window of at most `window` read (decode passes, when shorter)."""
 
     rows: Array
     writes: Array
@@ -46,6 +48,12 @@ class Tables:
     width: int
     block_size: int
     table: Array | None = None  # (B, width) int32 block ids (what the CUDA decode kernel reads)
+    # decode passes of models with sliding-window layers: those layers gather only the
+    # `window_width` blocks that can hold a row's window, starting at position window_start[b]
+    window: int | None = None
+    window_rows: Array | None = None
+    window_start: Array | None = None
+    window_width: int = 0
 
     @property
     def span(self) -> int:
@@ -89,15 +97,17 @@ class PagedLayer:
             flat = ops.put_along_axis(ops.reshape(part, (2, nb * h * bs, w)), at, value, 1)
             self.parts[i] = ops.reshape(flat, (2, nb, h, bs, w))
 
-    def gathered(self) -> Array:
+    def gathered(self, rows: Array | None = None, width: int | None = None) -> Array:
         """(2, B, kv_heads, span, head_dim): each row's blocks in table order
-        (dequantized, with `bits`)."""
+        (dequantized, with `bits`); or the pieces `rows` of `width` blocks per row."""
         t = self.tables
+        rows = t.rows if rows is None else rows
+        span = t.span if width is None else width * t.block_size
         pieces = []
         for part in self.parts:
             _, nb, h, bs, w = part.shape
-            rows = ops.take(ops.reshape(part, (2 * nb * h, bs * w)), t.rows, 0)
-            pieces.append(ops.reshape(rows, (2, t.batch, h, t.span, w)))
+            got = ops.take(ops.reshape(part, (2 * nb * h, bs * w)), rows, 0)
+            pieces.append(ops.reshape(got, (2, t.batch, h, span, w)))
         if self.bits:
             return ops.dequantize(pieces[0], pieces[1], pieces[2], self.group, self.bits)
         return pieces[0]
@@ -144,7 +154,14 @@ class PagedLayer:
         b, h, _, d = k.shape
         new = ops.concatenate([ops.reshape(k, (1, b, h, d)), ops.reshape(v, (1, b, h, d))], axis=0)
         pos = self.write_decode(new, positions, memo)
-        span, window = self.tables.span, self.window
+        t, window = self.tables, self.window
+        if window is not None and t.window is not None and window <= t.window:
+            span = t.window_width * t.block_size  # only the blocks that can hold the window
+            keys, values = self._halves(self.gathered(t.window_rows, t.window_width), span)
+            start = memoized(memo, ("wstart", t.batch), lambda: ops.reshape(t.window_start, (t.batch, 1, 1, 1)))
+            return keys, values, memoized(memo, ("wmask", span, window),
+                                          lambda: decode_mask(span, pos - start, window))
+        span = t.span
         keys, values = self._halves(self.gathered(), span)
         return keys, values, memoized(memo, ("mask", span, window), lambda: decode_mask(span, pos, window))
 

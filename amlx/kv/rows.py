@@ -44,14 +44,20 @@ class ShardKV:
 
     `span_step`: decode tables are as wide as the longest row's blocks rounded
     up to this many blocks, so the compiled decode step (traced per table
-    width) is traced again only every `span_step` blocks of growth."""
+    width) is traced again only every `span_step` blocks of growth. `window`:
+    the sliding window of the model's windowed layers (one size, or None):
+    decode passes longer than it give those layers narrower tables of their own."""
 
-    def __init__(self, pool: BlockPool, span_step: int = 1):
+    def __init__(self, pool: BlockPool, span_step: int = 1, window: int | None = None):
         self.pool = pool
         self.block_size = pool.block_size
         self.span_step = max(1, span_step)
+        self.window = window
+        # blocks that can hold a window ending anywhere in a block
+        self.window_width = blocks_for(window - 1, pool.block_size) + 1 if window else 0
         # (key, pieces to gather, block table) of the last decode pass, as device arrays
         self._table: tuple[tuple, Array, Array] | None = None
+        self._window: tuple[tuple, Array, Array] | None = None  # the same for the windowed layers
         self._version = 0  # bumped whenever any row's blocks change: part of the table's key
 
     # -- admission ------------------------------------------------------------------
@@ -142,7 +148,26 @@ class ShardKV:
             self._table = (key, array(self._gather_rows(table)), array(table))
         blocks = np.fromiter((r.blocks[r.pos // bs] for r in rows), np.int64, len(rows))
         offsets = np.fromiter((r.pos % bs for r in rows), np.int64, len(rows))
-        return Tables(self._table[1], array(self._writes(blocks, offsets)), len(rows), width, bs, self._table[2])
+        tables = Tables(self._table[1], array(self._writes(blocks, offsets)), len(rows), width, bs, self._table[2])
+        if self.window and self.window_width < width:
+            self._window_tables(rows, tables)
+        return tables
+
+    def _window_tables(self, rows: Sequence[KVRow], tables: Tables) -> None:
+        """Adds the windowed layers' narrower tables: from the block holding each
+        row's first visible position, `window_width` blocks."""
+        bs, wb = self.block_size, self.window_width
+        first = [max(0, r.pos - self.window + 1) // bs for r in rows]
+        key = (self._version, self.pool.capacity, tuple(id(r) for r in rows), tuple(first))
+        if self._window is None or self._window[0] != key:
+            table = np.full((len(rows), wb), NULL_BLOCK, dtype=np.int32)
+            for i, (r, f) in enumerate(zip(rows, first)):
+                part = r.blocks[f:f + wb]
+                table[i, :len(part)] = part
+            start = np.asarray(first, dtype=np.int32) * bs
+            self._window = (key, array(self._gather_rows(table)), array(start))
+        tables.window, tables.window_width = self.window, wb
+        tables.window_rows, tables.window_start = self._window[1], self._window[2]
 
     def prefill_tables(self, rows: Sequence[KVRow], start: int, length: int, lengths: Sequence[int]) -> Tables:
         """The tables of a prefill pass writing positions [start, start + length) of
@@ -178,8 +203,8 @@ class ShardKV:
         self._version += 1
 
     def forget_table(self) -> None:
-        """Drops the last decode table (a device array)."""
-        self._table = None
+        """Drops the last decode tables (device arrays)."""
+        self._table = self._window = None
 
     def close(self) -> None:
         self.forget_table()

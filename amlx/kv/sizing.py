@@ -73,5 +73,7 @@ def make_pools(model, options, shards: int) -> list[ShardKV]:
     total = kv_cache_bytes(options.kv_cache_memory, options.device)
     blocks = max(2, total // shards // max(per_block, 1) + 1)  # (+1: the null block)
     span_step = max(1, options.kv_block // bs)
-    return [ShardKV(BlockPool(layout, dtype, bs, blocks, prefix_cache=options.prefix_cache, bits=bits), span_step)
-            for _ in range(shards)]
+    windows = {w for w in model.windows() if w}
+    window = windows.pop() if len(windows) == 1 else None  # (several sizes: every layer reads the full span)
+    return [ShardKV(BlockPool(layout, dtype, bs, blocks, prefix_cache=options.prefix_cache, bits=bits), span_step,
+                    window) for _ in range(shards)]
