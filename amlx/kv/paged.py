@@ -155,10 +155,11 @@ class PagedLayer:
         new = ops.concatenate([ops.reshape(k, (1, b, h, d)), ops.reshape(v, (1, b, h, d))], axis=0)
         pos = self.write_decode(new, positions, memo)
         t, window = self.tables, self.window
-        if window is not None and t.window is not None and window <= t.window:
+        if window is not None and t.window is not None and window <= t.window and t.window_start is not None:
             span = t.window_width * t.block_size  # only the blocks that can hold the window
             keys, values = self._halves(self.gathered(t.window_rows, t.window_width), span)
-            start = memoized(memo, ("wstart", t.batch), lambda: ops.reshape(t.window_start, (t.batch, 1, 1, 1)))
+            first = t.window_start
+            start = memoized(memo, ("wstart", t.batch), lambda: ops.reshape(first, (t.batch, 1, 1, 1)))
             return keys, values, memoized(memo, ("wmask", span, window),
                                           lambda: decode_mask(span, pos - start, window))
         span = t.span

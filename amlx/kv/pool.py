@@ -178,7 +178,7 @@ class BlockPool:
         """Doubles the arrays (up to max_blocks); the new blocks go on the free list."""
         old = self.capacity
         new = min(self.max_blocks, max(2 * old, self.initial_blocks))
-        grown = []
+        grown: list[Array] = []
         for heads, dim in self.layout:
             for width, dtype in self._part_shapes(dim):
                 extra = ops.zeros((2, new - old, heads, self.block_size, width), dtype)

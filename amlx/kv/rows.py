@@ -156,8 +156,8 @@ class ShardKV:
     def _window_tables(self, rows: Sequence[KVRow], tables: Tables) -> None:
         """Adds the windowed layers' narrower tables: from the block holding each
         row's first visible position, `window_width` blocks."""
-        bs, wb = self.block_size, self.window_width
-        first = [max(0, r.pos - self.window + 1) // bs for r in rows]
+        bs, wb, window = self.block_size, self.window_width, self.window or 1
+        first = [max(0, r.pos - window + 1) // bs for r in rows]
         key = (self._version, self.pool.capacity, tuple(id(r) for r in rows), tuple(first))
         if self._window is None or self._window[0] != key:
             table = np.full((len(rows), wb), NULL_BLOCK, dtype=np.int32)
