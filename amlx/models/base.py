@@ -205,6 +205,10 @@ class Attention(Module):
         # YaRN scales queries and keys by its attention factor: the same as scaling q.k by its square
         self._scale, self._rope, self.window = scale * rope.attention_factor ** 2, rope, window
 
+    def kv_shape(self) -> tuple[int, int]:
+        """(kv_heads, head_dim): the shape of one position's keys (or values)."""
+        return self._n_kv, self._head_dim
+
     def _heads(self, y: Array, step: Step, n: int) -> Array:
         """(B*L, n*D) -> (B, n, L, D). With one token per row the two layouts
         are the same memory, so a reshape does without the transpose."""
@@ -239,13 +243,15 @@ class Attention(Module):
         norms = [getattr(self, "q_norm", None), getattr(self, "k_norm", None)]
         if norms[0] is not None and not all(isinstance(n, RMSNorm) and n.eps == norms[0].eps for n in norms):
             return None
-        if cache.kv is None or not decode_attention.supports(qkv, cache.kv, self._n_heads) or (
+        kv, table = cache.kernel_input()  # a contiguous cache, or a block pool and its table
+        if kv is None or not decode_attention.supports(qkv, kv, self._n_heads, paged=table is not None) or (
                 self._rope.dims != self._head_dim):
             return None
         q_w, k_w = (None, None) if norms[0] is None else (n.norm_weight() for n in norms)
         o, kv_new = decode_attention.decode_attention(
-            qkv, cache.kv, step.pos, heads=self._n_heads, scale=self._scale, window=self.window,
-            inv_freq=self._rope.inv_freq(), q_norm=q_w, k_norm=k_w, eps=0.0 if norms[0] is None else norms[0].eps)
+            qkv, kv, step.pos, heads=self._n_heads, scale=self._scale, window=self.window,
+            inv_freq=self._rope.inv_freq(), q_norm=q_w, k_norm=k_w, eps=0.0 if norms[0] is None else norms[0].eps,
+            table=table)
         cache.write_decode(kv_new, step.pos, step.memo)
         return o
 
@@ -399,6 +405,20 @@ class CausalLM(Module):
 
     def make_cache(self, block: int = BLOCK) -> list[KVCache]:
         return [KVCache(window=layer.self_attn.window, block=block) for layer in self.model.layers]
+
+    def kv_layout(self) -> list[tuple[int, int]]:
+        """(kv_heads, head_dim) of each layer's keys and values (KV block pools)."""
+        return [layer.self_attn.kv_shape() for layer in self.model.layers]
+
+    def windows(self) -> list[int | None]:
+        """Each layer's sliding window (None: full attention)."""
+        return [layer.self_attn.window for layer in self.model.layers]
+
+    def activation_dtype(self):
+        """The float type of activations, keys and values: the embedding's
+        (its scales' for a quantized embedding)."""
+        embed = self.model.embed_tokens
+        return embed.scales.dtype if hasattr(embed, "scales") else embed.weight.dtype
 
     def close(self) -> None:
         """Releases every weight (and tensors of the checkpoint that went unused)."""
