@@ -377,6 +377,20 @@ def test_sharded_batch_matches_solo_and_transformers(backend, ckpt, monkeypatch,
         model.close()
 
 
+def test_padded_batches_match_solo_and_transformers(backend, ckpt, monkeypatch):
+    """Batches padded to bucket sizes (the GPU's default, forced on here): the padding
+    rows write only the null block, so every stream is still its solo and transformers
+    path while rows join and finish and the batch moves between sizes."""
+    monkeypatch.setenv("AMLX_PAD_BATCHES", "1")  # read once, when the engine is built
+    monkeypatch.setenv("AMLX_SHARDS", "1")
+    model = amlx.load_sync(ckpt)
+    try:
+        assert model.engine.scheduler.options.pad_batches
+        run(backend, _concurrency_body, model, concurrency_cases()[:24])
+    finally:
+        model.close()
+
+
 # ============================================================================= 2. cancellation
 
 

@@ -228,3 +228,12 @@ def test_copy_blocks_moves_a_rows_blocks_between_pools():
         np.testing.assert_array_equal(out[:, t], data[:, s])
     src.close()
     dst.close()
+
+
+def test_padded_batch_sizes():
+    from amlx.engine.placement import padded_batch
+
+    sizes = {padded_batch(n) for n in range(1, 129)}
+    assert sizes == {1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128}
+    for n in range(1, 129):
+        assert n <= padded_batch(n) <= n + (7 if n <= 64 else 15)

@@ -68,6 +68,13 @@ class EngineOptions:
       with the same prefix (amlx.kv.prefix).
     - kv_bits: 8 or 4 stores keys and values quantized (amlx.kv.pool); None:
       in the activations' precision.
+    - pad_batches: a decode step runs at the batch size rounded up to a bucket
+      (`padded_batch`), with rows that write only the null block, so the
+      compiled step is traced (and MLX's kernels built) for a few sizes instead
+      of every size a batch passes through as rows finish one by one. Default:
+      on a GPU, where a new size costs a trace and kernel compiles worth many
+      steps; off on the CPU, where the padded rows cost compute
+      (AMLX_PAD_BATCHES=0/1).
     - prefill_chunk: prompt tokens per prefill forward (AMLX_PREFILL_CHUNK).
       A round prefills at most one chunk before its decode step, so a long
       prompt holds the running streams up by one chunk's time per step, and
@@ -85,6 +92,7 @@ class EngineOptions:
     kv_cache_memory: int | float | None = None
     prefix_cache: bool = True
     kv_bits: int | None = None
+    pad_batches: bool | None = None
 
     def resolved(self) -> "EngineOptions":
         if self.device not in ("cpu", "gpu"):
@@ -108,8 +116,23 @@ class EngineOptions:
                 raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
         check_kv_cache_memory(self.kv_cache_memory)
         check_kv_bits(self.kv_bits)
+        pad = self.pad_batches
+        env = os.environ.get("AMLX_PAD_BATCHES")
+        if env in ("0", "1"):
+            pad = env == "1"
+        pad = self.device == "gpu" if pad is None else bool(pad)
         return replace(self, shards=shards, decode_kernel=kernel, kv_block=block, prefill_chunk=chunk,
-                       kv_block_size=block_size, prefix_cache=bool(self.prefix_cache))
+                       kv_block_size=block_size, prefix_cache=bool(self.prefix_cache), pad_batches=pad)
+
+
+def padded_batch(rows: int) -> int:
+    """The batch size a decode step of `rows` rows runs at when batches are padded:
+    powers of two up to 8, then multiples of 8 up to 64, then of 16 (14 sizes up
+    to 128; a step carries at most 7, or 15 beyond 64, rows of padding)."""
+    if rows <= 8:
+        return 1 << max(0, rows - 1).bit_length()
+    step = 8 if rows <= 64 else 16
+    return -(-rows // step) * step
 
 
 class Placement:

@@ -46,10 +46,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from amlx._mlx import Array, array, ops, transforms
+from amlx._mlx import int32 as _int32
 from amlx.constrain import step_masks
-from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards
+from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards, padded_batch
 from amlx.engine.pools import ShardPools
-from amlx.kv import ShardKV, Tables, copy_blocks, preemption_order, written
+from amlx.kv import PADDING_ROW, ShardKV, Tables, copy_blocks, preemption_order, written
 from amlx.engine.rate import RateMeter
 from amlx.engine.request import Request
 from amlx.sample import BatchSampling, CompiledSteps, StepSample
@@ -527,13 +528,18 @@ class Scheduler:
         batch sizes that use them (a lone row)."""
         with self.placement.on(0 if split else shard.index):
             b = len(shard.rows)
+            pad = padded_batch(b) - b if self.options.pad_batches else 0
             if prev is not None:
                 tokens = ops.reshape(prev.sample.tokens, (b, 1))
             else:
                 tokens = array(np.asarray([[r.last] for r in shard.rows], dtype=np.int32))
-            positions = array(np.asarray([r.pos for r in shard.rows], dtype=np.int32))
-            tables = shard.kv.decode_tables(shard.rows)
+            if pad:
+                tokens = ops.concatenate([tokens, ops.zeros((pad, 1), _int32)], axis=0)
+            positions = array(np.asarray([r.pos for r in shard.rows] + [0] * pad, dtype=np.int32))
+            tables = shard.kv.decode_tables([*shard.rows, *[PADDING_ROW] * pad])
             logits, state = self._batched_logits(tokens, positions, tables, shard.kv.pool.arrays, split)
+            if pad:  # the padding rows' logits are never sampled
+                logits = ops.slice(logits, (0, 0), (b, logits.shape[1]))
             # the old arrays' only holder is now the graph, so MLX may write them in place
             shard.kv.pool.arrays = state
             if self.fault is not None:

@@ -19,7 +19,7 @@ from amlx.kv.paged import Tables
 from amlx.kv.pool import NULL_BLOCK, BlockPool
 from amlx.kv.prefix import KeyChain, block_keys
 
-__all__ = ["KVRow", "ShardKV", "blocks_for", "preemption_order"]
+__all__ = ["KVRow", "PADDING_ROW", "ShardKV", "blocks_for", "preemption_order"]
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -32,6 +32,18 @@ class KVRow(Protocol):
     blocks: list[int]
     pos: int
     created: float
+
+
+class PaddingRow:
+    """A row that pads a decode batch to a bucket size: it holds only the null
+    block, at position 0, so its writes land in the null block and it reads nothing."""
+
+    blocks: list[int] = [NULL_BLOCK]
+    pos: int = 0
+    created: float = 0.0
+
+
+PADDING_ROW = PaddingRow()
 
 
 def preemption_order(rows: Sequence[KVRow]) -> list:
