@@ -441,11 +441,13 @@ class Scheduler:
         batch (a row finishing, pausing or joining) first drains the step in
         flight; a row that finished at step t has computed step t+1 in vain.
 
-        The order is: build step t+1's graph (Python), hand step t's tokens to
-        their consumers, then launch step t+1 (MLX queues its kernels without
-        holding the GIL), so the event loop handles the tokens while the
-        worker is in MLX instead of competing with it for the interpreter.
-        Shards holding constrained rows sample later: see `_sample_constrained`."""
+        The order is: build step t+1's graph (Python), launch it, then hand
+        step t's tokens to their consumers. Launching before reading keeps the
+        device busy: reading step t waits for its end, and a step launched only
+        after that left the device idle while the host issued its kernels (on
+        the GPU, about as long as the step's host time). Shards holding
+        constrained rows launch their forward first and sample later: see
+        `_sample_constrained`."""
         prev = self._inflight
         if prev is not None and not (self._can_chain(prev) and self._blocks_fit()):
             self._read(self._drain())
@@ -474,16 +476,11 @@ class Scheduler:
         except MLXError:
             parts = None
         deferred = [p for p in parts or () if p.sample is None]
-        parts = self._launch_forwards(deferred, parts)
+        parts = self._launch(parts)
         if prev is not None:
             self._read(prev)
         if parts is not None and deferred:
-            parts = self._sample_constrained(deferred, parts)
-        if parts is not None:
-            try:
-                ops.async_eval(*[a for p in parts for a in p.outputs])
-            except MLXError:
-                parts = None
+            parts = self._launch(self._sample_constrained(deferred, parts))
         if parts is None:
             for shard, snapshot in saved:
                 shard.sampling.rewind(snapshot)
@@ -551,13 +548,15 @@ class Scheduler:
         outputs = [*step.arrays(), *shard.sampling.state(), *state]
         return _Part(shard, list(shard.rows), sel, step, outputs, state)
 
-    def _launch_forwards(self, deferred: list["_Part"], parts: list["_Part"] | None) -> list["_Part"] | None:
-        """Launches the forwards of parts whose sampling waits for masks, so the device runs
-        them while the host reads step t and computes the masks; None if that fails."""
-        if not deferred:
-            return parts
+    def _launch(self, parts: list["_Part"] | None) -> list["_Part"] | None:
+        """Launches what the parts have built so far (whole steps; the forwards of parts
+        whose sampling waits for masks), so the device runs them while the host reads
+        step t (and computes masks); None if that fails. Arrays launched before are
+        not computed again."""
+        if parts is None:
+            return None
         try:
-            ops.async_eval(*[a for p in deferred for a in p.outputs])
+            ops.async_eval(*[a for p in parts for a in p.outputs])
         except MLXError:
             return None
         return parts
@@ -568,7 +567,7 @@ class Scheduler:
         shard's sampling with its masks. None if building the sampling fails.
 
         A shard holding constrained rows (amlx.constrain) cannot sample step t+1 before
-        step t's tokens are on the host: its forward is launched first (`_launch_forwards`),
+        step t's tokens are on the host: its forward is launched first (`_launch`),
         then step t is read, the masks are computed while the device runs that forward,
         and the masked sampling is launched after it. The cost is the time the masks take
         beyond the forward (the device waits for them then), shared by the unconstrained
