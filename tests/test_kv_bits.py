@@ -106,11 +106,14 @@ def test_quantized_pool_round_trip(bits):
 
 def test_kv_bits_through_the_engine(ckpts):
     """Requests decode with a quantized pool (prefix cache included); a block takes
-    about a quarter (8 bits) or an eighth (4 bits) of a float32 block."""
+    about a quarter (8 bits) or an eighth (4 bits) of a float32 block; closing
+    gives every byte back."""
     prompt = [int(x) for x in np.random.default_rng(1).integers(10, 200, 40)]
     with amlx.load_sync(ckpts["qwen3"], prefix_cache=False) as full:
         want = full.complete_sync(prompt, max_tokens=12).token_ids
         full_block = full.engine.scheduler.block_bytes()
+    gc.collect()
+    before = amlx.memory()["active"]
     for bits, share in ((8, 0.3), (4, 0.17)):
         with amlx.load_sync(ckpts["qwen3"], kv_bits=bits) as m:
             assert m.engine.scheduler.block_bytes() < share * full_block
@@ -119,6 +122,8 @@ def test_kv_bits_through_the_engine(ckpts):
             assert again.usage.cached_tokens == 32 and again.token_ids == first.token_ids
             if bits == 8:
                 assert first.token_ids == want  # (a clear-margin path on this model)
+        gc.collect()
+        assert amlx.memory()["active"] == before  # the quantized pool went with the model
 
 
 def test_kv_bits_refused_where_it_cannot_apply(tmp_path):
