@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from amlx import _mlx as mx
 from amlx.sample import BatchParams, SamplingParams, make_counts, make_history, make_keys, sample, sampling_logits
+from amlx.speculative.draft_sampling import draft_keys, draft_step
 from amlx.speculative.verify import Drafts, VerifyParams, uniforms, verify
 
 # chi-square critical values at significance 1e-4 (df -> value), from the chi-square quantile
@@ -200,6 +201,23 @@ def test_one_verify_step_keeps_the_target_distribution(param, drafter):
     assert not lp.any()  # no row asked for logprobs
 
 
+def markov_drafts(drafter: str, rng, last, draft_table, bp, keys):
+    """K drafts per row after `last`, and q: from the draft table in numpy ("model"), by
+    `draft_step` on the device with the rows' derived draft keys ("draft_step"), or a
+    fixed guess (point masses, "lookup")."""
+    drafts, probs, prev = np.zeros((N, K), np.int64), np.zeros((N, K, V), np.float32), last
+    dkeys = draft_keys(keys)
+    for j in range(K):
+        if drafter == "draft_step":
+            step = draft_step(arr(np.log(draft_table[prev])), bp, dkeys)
+            dkeys, probs[:, j], drafts[:, j] = step.keys, step.probs.numpy(), step.tokens.numpy()
+        else:
+            probs[:, j] = draft_table[prev]
+            drafts[:, j] = draw(rng, probs[:, j]) if drafter == "model" else (prev + 1) % V
+        prev = drafts[:, j]
+    return drafts, (None if drafter == "lookup" else probs)
+
+
 def markov_generate(drafter: str, seed: int, steps_wanted: int = 2):
     """Generates `steps_wanted` tokens per row by repeated verify steps from a Markov 'model'
     whose logits at a position are table[previous token]."""
@@ -207,18 +225,15 @@ def markov_generate(drafter: str, seed: int, steps_wanted: int = 2):
     table = rng.normal(0, 1.2, (V, V)).astype(np.float32)
     draft_table = rng.dirichlet(np.full(V, 0.5), size=V).astype(np.float32)
     params = [SamplingParams(temperature=1.0, logprobs=True)] * N
-    vp = VerifyParams.build(BatchParams.build(params), K + 1)
+    bp = BatchParams.build(params)
+    vp = VerifyParams.build(bp, K + 1)
     keys = make_keys([seed * N + i for i in range(N)])
     last = np.zeros(N, np.int64)
     out_tokens = [[] for _ in range(N)]
     while min(len(t) for t in out_tokens) < steps_wanted:
-        drafts, probs, prev = np.zeros((N, K), np.int64), np.zeros((N, K, V), np.float32), last
-        for j in range(K):
-            probs[:, j] = draft_table[prev]
-            drafts[:, j] = draw(rng, probs[:, j]) if drafter == "model" else (prev + 1) % V
-            prev = drafts[:, j]
+        drafts, probs = markov_drafts(drafter, rng, last, draft_table, bp, keys)
         context = np.concatenate([last[:, None], drafts], axis=1)
-        d = Drafts(arr(drafts, np.int32), arr([K] * N, np.int32), arr(probs) if drafter == "model" else None)
+        d = Drafts(arr(drafts, np.int32), arr([K] * N, np.int32), None if probs is None else arr(probs))
         res = verify(arr(table[context]), d, vp, keys)
         keys = res.keys
         for r, row in enumerate(res.read()):
@@ -229,7 +244,7 @@ def markov_generate(drafter: str, seed: int, steps_wanted: int = 2):
     return table, out_tokens
 
 
-@pytest.mark.parametrize("drafter", ["model", "lookup"])
+@pytest.mark.parametrize("drafter", ["model", "draft_step", "lookup"])
 def test_generation_by_verify_steps_keeps_the_target_distribution(drafter):
     """The joint distribution of the first two generated tokens (25 cells) is the target's,
     across verify steps (the second token may come from the same step or the next), and
@@ -241,3 +256,23 @@ def test_generation_by_verify_steps_keeps_the_target_distribution(drafter):
     for t in out_tokens:
         observed[t[0], t[1]] += 1
     assert chi_square(observed.ravel(), joint.ravel()) < CHI2_CRITICAL[24]
+
+
+# -- the draft model's own draws ------------------------------------------------------
+
+def test_draft_steps_draw_from_q_and_greedy_rows_take_the_argmax():
+    rng = np.random.default_rng(29)
+    logits = rng.normal(0, 1, V).astype(np.float32)
+    params = [SamplingParams(temperature=0.8, top_k=4)] * N + [SamplingParams(repetition_penalty=3.0)]
+    bp = BatchParams.build(params)
+    history = make_history([[]] * N + [[int(np.argmax(logits))]], V)
+    step = draft_step(arr(np.broadcast_to(logits, (N + 1, V))), bp, draft_keys(make_keys(list(range(N + 1)))),
+                      history)
+    tokens, q = step.tokens.numpy(), step.probs.numpy()
+    np.testing.assert_allclose(q.sum(axis=-1), 1.0, rtol=1e-5)
+    assert chi_square(np.bincount(tokens[:N], minlength=V), q[0]) < CHI2_CRITICAL[4]
+    # the greedy row's penalty pushed its argmax elsewhere, and the draft joined its history
+    penalised = sampling_logits(arr(logits[None]), BatchParams.build(params[N:]), make_history([[int(np.argmax(
+        logits))]], V)).numpy()[0]
+    assert tokens[N] == int(np.argmax(penalised)) != int(np.argmax(logits))
+    assert step.history.numpy()[N, tokens[N]]
