@@ -52,7 +52,7 @@ def draft_step(logits: Array, params: BatchParams, keys: Array, history: Array |
     x = sampling_logits(logits, params, history, counts)
     greedy = ops.argmax(x, axis=-1).astype(mx.int32)
     drawn = ops.argmax(x + gumbel_noise(keys, x.shape[1]), axis=-1).astype(mx.int32)
-    tokens = ops.where(params.temperature <= 0.0, greedy, drawn)
+    tokens = ops.where(ops.less_equal(params.temperature, 0.0), greedy, drawn)
     col = tokens[:, None]
     if history is not None:
         history = ops.put_along_axis(history, col, mx.array(True), -1)

@@ -95,12 +95,12 @@ class Verified(NamedTuple):
 
     def read(self) -> list[RowResult]:
         """Each row's new tokens (waits for the device)."""
-        accepted = self.accepted.tolist()
-        tokens, logprobs = self.tokens.tolist(), self.logprobs.tolist()
+        accepted = self.accepted.numpy().tolist()
+        tokens, logprobs = self.tokens.numpy().tolist(), self.logprobs.numpy().tolist()
         tops: list[list[list[tuple[int, float]]]] | None = None
         if self.top_ids is not None and self.top_logprobs is not None:
             tops = [[list(zip(i, p)) for i, p in zip(ids, lps)]
-                    for ids, lps in zip(self.top_ids.tolist(), self.top_logprobs.tolist())]
+                    for ids, lps in zip(self.top_ids.numpy().tolist(), self.top_logprobs.numpy().tolist())]
         out = []
         for b, a in enumerate(accepted):
             n = int(a) + 1
@@ -251,7 +251,7 @@ def verify(logits: Array, drafts: Drafts, params: VerifyParams, keys: Array, his
     hist, cnt = _position_state(history, counts, drafts.tokens, vocab)
     rows = params.rows
     x = ops.reshape(sampling_logits(raw, params.positions, _flat(hist), _flat(cnt)), (b, width, vocab))
-    greedy_row = rows.temperature <= 0.0
+    greedy_row = ops.less_equal(rows.temperature, 0.0)
     if width > 1:
         passed = _acceptance(x, drafts, greedy_row, keys, rows.all_greedy).astype(mx.int32)
         accepted = ops.sum(ops.cumprod(passed, axis=1), axis=1).astype(mx.int32)
