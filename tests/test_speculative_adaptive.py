@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amlx.speculative.adaptive import AdaptiveLength, CostModel, expected_tokens
+from amlx.speculative.adaptive import AdaptiveLength, CostModel, batch_width, expected_tokens
 
 alphas = st.floats(0.0, 1.0)
 
@@ -102,3 +102,34 @@ def test_bad_settings_are_refused():
         AdaptiveLength(CostModel.linear(2, 0.1), 2, decay=0.0)
     with pytest.raises(ValueError, match="accepted"):
         AdaptiveLength(CostModel.linear(2, 0.1), 2).observe(1, 2)
+
+
+def test_a_batch_drafts_only_when_its_rows_together_pay_for_the_wider_pass():
+    cost = CostModel.linear(4, 0.2)
+    eager = AdaptiveLength(cost, 4)
+    for _ in range(30):
+        eager.observe(eager.length, eager.length)
+    idle = AdaptiveLength(cost, 4)
+    for _ in range(60):
+        idle.observe(idle.length, 0)
+    assert eager.length == 4 and idle.length == 0
+    assert batch_width([], cost) == 0
+    assert batch_width([idle], cost) == 0
+    assert batch_width([eager], cost) == 4
+    # one copying row among many that do not draft: the pass's width would cost them all
+    assert batch_width([eager] + [idle] * 7, cost) == 0
+    assert 0 < batch_width([eager] * 4 + [idle] * 2, cost) <= 4
+
+
+@settings(max_examples=100)
+@given(alphas=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=6), slope=st.floats(0.0, 0.6))
+def test_batch_width_maximises_the_batch_tokens_per_cost(alphas, slope):
+    cost = CostModel.linear(5, slope)
+    rows = []
+    for a in alphas:
+        row = AdaptiveLength(cost, 5, prior=a, prior_weight=1.0)
+        rows.append(row)
+    k = batch_width(rows, cost)
+    rate = [sum(expected_tokens(r.alpha, min(r.length, j)) for r in rows) / (len(rows) * cost.step_cost(j))
+            for j in range(max(r.length for r in rows) + 1)]
+    assert rate[k] == pytest.approx(max(rate), rel=1e-6)

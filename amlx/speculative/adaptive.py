@@ -34,9 +34,10 @@ short probe every ~log(failures) / (1 - idle_decay) steps.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["CostModel", "AdaptiveLength", "expected_tokens"]
+__all__ = ["CostModel", "AdaptiveLength", "expected_tokens", "batch_width"]
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -130,6 +131,24 @@ class AdaptiveLength:
         self.failures = age * self.failures + failed
         self.length = self.cost.best_length(self.alpha, self.max_tokens, self.min_gain)
         return self.length
+
+
+def batch_width(rows: Sequence[AdaptiveLength], cost: CostModel) -> int:
+    """The drafts per row of one verify pass over `rows` (0: a plain step for all).
+
+    A pass of width K + 1 costs every row `step_cost(K)`, also rows drafting
+    fewer (they pad), so the width is the K in 0..max(row lengths) with the most
+    expected tokens per cost over the batch: sum of E(alpha_b, min(length_b, K))
+    over B * step_cost(K); 0 unless that beats a plain step's one per unit."""
+    if not rows:
+        return 0
+    best, best_rate = 0, 1.0 * (1.0 + 1e-9)  # ties go to the plain step
+    for k in range(1, min(max(r.length for r in rows), cost.max_tokens) + 1):
+        tokens = sum(expected_tokens(r.alpha, min(r.length, k)) for r in rows)
+        rate = tokens / (len(rows) * cost.step_cost(k))
+        if rate > best_rate:
+            best, best_rate = k, rate
+    return best
 
 
 def _recent_weight(decay: float, accepted: int, failed: int) -> float:
