@@ -29,7 +29,11 @@ start from a prior (`prior` alpha worth `prior_weight` trials). A row that
 stopped drafting decays its evidence by `idle_decay` per plain step, so its
 estimate drifts back to the prior and it tries again now and then: a row that
 was unlucky is not excluded for good, and one that keeps failing pays one
-short probe every ~log(failures) / (1 - idle_decay) steps.
+short probe every ~log(failures) / (1 - idle_decay) steps. The prior does not
+decay, so the estimate never falls below prior * prior_weight / (prior_weight
++ 1 / (1 - decay)) (0.055 with the defaults): a row that accepts nothing stops
+drafting only where one draft costs more than that (a verify of 2 tokens
+above 1.055 plain steps, drafting included).
 """
 
 from __future__ import annotations
