@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from amlx import _mlx as mx
 from amlx.sample import BatchParams, SamplingParams, make_counts, make_history, make_keys, sample, sampling_logits
 from amlx.speculative.draft_sampling import draft_keys, draft_step
-from amlx.speculative.verify import Drafts, VerifyParams, uniforms, verify
+from amlx.speculative.verify import CompiledVerify, Drafts, Verified, VerifyParams, uniforms, verify
 
 # chi-square critical values at significance 1e-4 (df -> value), from the chi-square quantile
 CHI2_CRITICAL = {4: 23.51, 24: 57.41}
@@ -276,3 +276,39 @@ def test_draft_steps_draw_from_q_and_greedy_rows_take_the_argmax():
         logits))]], V)).numpy()[0]
     assert tokens[N] == int(np.argmax(penalised)) != int(np.argmax(logits))
     assert step.history.numpy()[N, tokens[N]]
+
+
+# -- the compiled graph ----------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["greedy_penalties", "sampled_q", "no_drafts"])
+def test_compiled_verify_gives_what_the_eager_one_gives(case):
+    """Same tokens, logprobs, keys, history and counts; a second call replays the trace."""
+    rng = np.random.default_rng(41)
+    vocab = 11
+    if case == "greedy_penalties":
+        params = [SamplingParams(repetition_penalty=1.5, logprobs=True, top_logprobs=2),
+                  SamplingParams(presence_penalty=1.0, logit_bias={3: 2.0})]
+    else:
+        params = [SamplingParams(temperature=0.9, top_p=0.8, logprobs=True), SamplingParams(),
+                  SamplingParams(temperature=1.2, top_k=3)]
+    b, k = len(params), (0 if case == "no_drafts" else 3)
+    vp = VerifyParams.build(BatchParams.build(params), k + 1)
+    compiled = CompiledVerify()
+    try:
+        for call in range(2):
+            logits = arr(rng.normal(0, 2, (b, k + 1, vocab)))
+            q = arr(rng.dirichlet(np.ones(vocab), (b, k))) if case == "sampled_q" else None
+            drafts = Drafts(arr(rng.integers(0, vocab, (b, k)), np.int32), arr(rng.integers(0, k + 1, b), np.int32), q)
+            keys = make_keys([call * 10 + i for i in range(b)])
+            state = {}
+            if case == "greedy_penalties":
+                state = dict(history=make_history([[1, 2], [3]], vocab), counts=make_counts([[1], [3, 3]], vocab))
+            eager = verify(logits, drafts, vp, keys, **state)
+            fast = verify(logits, drafts, vp, keys, **state, compiled=compiled)
+            for name, a, c in zip(Verified._fields, eager, fast):
+                assert (a is None) == (c is None), name
+                if a is not None:
+                    np.testing.assert_array_equal(a.numpy(), c.numpy(), err_msg=name)
+        assert len(compiled) == 1
+    finally:
+        compiled.close()

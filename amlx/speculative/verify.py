@@ -43,16 +43,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from amlx import _mlx as mx
-from amlx._mlx import Array, ops
+from amlx._mlx import Array, ops, transforms
 from amlx.constrain.apply import masked_logits
 from amlx.sample import BatchParams, advance_keys, gumbel_noise, keyed_hash, sampling_logits, token_logprobs
 
-__all__ = ["Drafts", "Verified", "RowResult", "VerifyParams", "verify", "uniforms"]
+__all__ = ["Drafts", "Verified", "RowResult", "VerifyParams", "CompiledVerify", "verify", "uniforms"]
 
 # The acceptance tests' counters, counting down from here: below `advance_keys`' two
 # counters (2**32 - 1, 2**32 - 2) and far above any vocabulary's (the noise's 0..V-1).
@@ -235,19 +236,31 @@ def _check(logits: Array, drafts: Drafts, params: VerifyParams, keys: Array) -> 
 
 
 def verify(logits: Array, drafts: Drafts, params: VerifyParams, keys: Array, history: Array | None = None,
-           counts: Array | None = None, masks: np.ndarray | None = None) -> Verified:
+           counts: Array | None = None, masks: np.ndarray | None = None, *,
+           compiled: "CompiledVerify | None" = None) -> Verified:
     """Accepts or rejects each row's drafts given the target's logits (B, K + 1, V).
 
     `params`, `keys`, `history` and `counts` are the rows' sampling state as for
     `amlx.sample.sample` (history and counts as they stand before the drafts);
     `masks` the (B * (K + 1), words) constraint bitmasks, row-major by position,
     or None. Returns the accepted counts, the tokens to emit and their logprobs,
-    and the rows' next keys, history and counts (with the emitted tokens)."""
+    and the rows' next keys, history and counts (with the emitted tokens).
+    With `compiled` (an engine's `CompiledVerify`) the work runs as a compiled
+    graph, traced once per configuration and shape; the results are the same."""
     _check(logits, drafts, params, keys)
     b, width, vocab = logits.shape
     raw = ops.reshape(logits.astype(mx.float32), (b * width, vocab))
     if masks is not None:
         raw = masked_logits(raw, masks)
+    if compiled is not None:
+        return compiled.run(raw, drafts, params, keys, history, counts)
+    return _verify(raw, drafts, params, keys, history, counts)
+
+
+def _verify(raw: Array, drafts: Drafts, params: VerifyParams, keys: Array, history: Array | None,
+            counts: Array | None) -> Verified:
+    """`verify` on the flattened (B * (K + 1), V) float32 logits, masks applied (traceable)."""
+    b, width, vocab = drafts.lengths.shape[0], params.width, raw.shape[1]
     hist, cnt = _position_state(history, counts, drafts.tokens, vocab)
     rows = params.rows
     x = ops.reshape(sampling_logits(raw, params.positions, _flat(hist), _flat(cnt)), (b, width, vocab))
@@ -267,6 +280,66 @@ def verify(logits: Array, drafts: Drafts, params: VerifyParams, keys: Array, his
         cnt = ops.put_along_axis(cnt, final[:, None], ops.take_along_axis(cnt, final[:, None], -1) + 1, -1)
     next_keys = keys if rows.all_greedy else advance_keys(keys)
     return Verified(accepted, tokens, lp, next_keys, hist, cnt, top_ids, top_lps)
+
+
+# BatchParams' arrays, in the order of BatchParams.arrays()
+_PARAM_ARRAYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "bias_ids", "bias_values")
+
+
+def _host_part(params: BatchParams) -> BatchParams:
+    """`params` with its arrays taken out: the host flags a trace depends on."""
+    none: dict[str, Any] = {name: None for name in _PARAM_ARRAYS}  # never read in a trace
+    return dataclasses.replace(params, **none)
+
+
+def _with_arrays(params: BatchParams, arrays: Sequence[Array]) -> BatchParams:
+    given: dict[str, Any] = dict(zip(_PARAM_ARRAYS, arrays))
+    return dataclasses.replace(params, **given)
+
+
+class CompiledVerify:
+    """Compiled verify graphs, one per configuration, owned by one engine (`close` drops
+    MLX's traces with them). A configuration is what changes the graph: the width, the
+    vocabulary, the batch's host flags, and which of q, history and counts are given."""
+
+    def __init__(self) -> None:
+        self._fns: dict[tuple[object, ...], Any] = {}
+
+    def run(self, raw: Array, drafts: Drafts, params: VerifyParams, keys: Array, history: Array | None,
+            counts: Array | None) -> Verified:
+        rows = params.rows
+        vocab = raw.shape[1]
+        flags = (rows.all_greedy, rows.any_greedy, rows.any_top_p, rows.any_min_p, rows.any_penalty,
+                 rows.any_counts, rows.any_logprobs, rows.bias_width, rows.top_n, rows.kmax(vocab))
+        key = (params.width, vocab, flags, drafts.probs is not None, history is not None, counts is not None)
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = transforms.compile(self._traced(params))
+        out = fn(raw, drafts.tokens, drafts.lengths, drafts.probs, keys, history, counts,
+                 *rows.arrays(), *params.positions.arrays())
+        return Verified(*out)
+
+    @staticmethod
+    def _traced(params: VerifyParams) -> Callable[..., tuple[Array | None, ...]]:
+        rows, positions, width, n = _host_part(params.rows), _host_part(params.positions), params.width, len(
+            _PARAM_ARRAYS)
+
+        def fn(raw: Array, tokens: Array, lengths: Array, probs: Array | None, keys: Array, history: Array | None,
+               counts: Array | None, *arrays: Array) -> tuple[Array | None, ...]:
+            vp = VerifyParams(_with_arrays(rows, arrays[:n]), _with_arrays(positions, arrays[n:]), width)
+            return tuple(_verify(raw, Drafts(tokens, lengths, probs), vp, keys, history, counts))
+
+        return fn
+
+    def __len__(self) -> int:
+        """How many configurations have a compiled graph."""
+        return len(self._fns)
+
+    def close(self) -> None:
+        for fn in self._fns.values():
+            fn.close()
+        self._fns.clear()
 
 
 def _emitted(drafts: Array, accepted: Array, final: Array) -> Array:
