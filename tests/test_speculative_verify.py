@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from amlx import _mlx as mx
 from amlx.sample import BatchParams, SamplingParams, make_counts, make_history, make_keys, sample, sampling_logits
-from amlx.speculative.draft_sampling import draft_keys, draft_step
+from amlx.speculative.draft_sampling import draft_keys, draft_step, fit_vocab
 from amlx.speculative.verify import CompiledVerify, Drafts, Verified, VerifyParams, uniforms, verify
 
 # chi-square critical values at significance 1e-4 (df -> value), from the chi-square quantile
@@ -312,3 +312,15 @@ def test_compiled_verify_gives_what_the_eager_one_gives(case):
         assert len(compiled) == 1
     finally:
         compiled.close()
+
+
+def test_draft_logits_fit_the_target_vocabulary():
+    logits = np.arange(12, dtype=np.float32).reshape(2, 6)
+    np.testing.assert_array_equal(fit_vocab(arr(logits), 6).numpy(), logits)
+    np.testing.assert_array_equal(fit_vocab(arr(logits), 4).numpy(), logits[:, :4])
+    wide = fit_vocab(arr(logits), 9).numpy()
+    np.testing.assert_array_equal(wide[:, :6], logits)
+    assert np.isneginf(wide[:, 6:]).all()
+    step = draft_step(fit_vocab(arr(logits), 9), BatchParams.build([SamplingParams(temperature=1.0)] * 2),
+                      draft_keys(make_keys([1, 2])))
+    assert (step.tokens.numpy() < 6).all() and not step.probs.numpy()[:, 6:].any()

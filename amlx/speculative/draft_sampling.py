@@ -24,7 +24,7 @@ from amlx import _mlx as mx
 from amlx._mlx import Array, ops
 from amlx.sample import BatchParams, advance_keys, gumbel_noise, keyed_hash, sampling_logits
 
-__all__ = ["DraftStep", "draft_keys", "draft_step"]
+__all__ = ["DraftStep", "draft_keys", "draft_step", "fit_vocab"]
 
 # Far below verify's acceptance counters (2**32 - 3 downwards, one per draft position).
 DRAFT_KEY_COUNTERS = (0xFFFFFF00, 0xFFFFFF01)
@@ -59,3 +59,16 @@ def draft_step(logits: Array, params: BatchParams, keys: Array, history: Array |
     if counts is not None:
         counts = ops.put_along_axis(counts, col, ops.take_along_axis(counts, col, -1) + 1, -1)
     return DraftStep(tokens, ops.softmax(x, axis=-1), advance_keys(keys), history, counts)
+
+
+def fit_vocab(logits: Array, vocab: int) -> Array:
+    """The draft's logits (B, V_draft) as (B, vocab), the target's width: cut, or padded with
+    -inf (ids past the draft's embedding rows are ids without a token, never drafted). Two
+    checkpoints of one tokenizer often pad their embeddings to different sizes."""
+    b, v = logits.shape
+    if v == vocab:
+        return logits
+    if v > vocab:
+        return ops.slice(logits, (0, 0), (b, vocab))
+    pad = ops.full((b, vocab - v), float("-inf"), logits.dtype)
+    return ops.concatenate([logits, pad], axis=1)
