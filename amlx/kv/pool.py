@@ -5,7 +5,7 @@ Device side, one array per layer of shape (2, blocks, kv_heads, block_size,
 head_dim) (keys at [0], values at [1]); a decode step writes every row's new
 token with one scatter per layer at slot indices computed on the host once
 per step and shared by all layers, and attention gathers through the tables
-(`amlx.kv.paged`). The arrays grow (doubling)
+(`amlx.kv.paged`). The arrays grow (by GROWTH, layer by layer)
 up to `max_blocks` as rows need blocks, and never shrink while the model is
 open: a pool at its high-water mark costs nothing more, and the blocks it
 keeps are the prefix cache.
@@ -32,7 +32,8 @@ from amlx.kv.prefix import PrefixIndex
 __all__ = ["NULL_BLOCK", "BlockPool", "PoolFull", "block_bytes", "copy_blocks"]
 
 NULL_BLOCK = 0
-INITIAL_BLOCKS = 64  # first size of the device arrays, in blocks (then doubling)
+INITIAL_BLOCKS = 64  # first size of the device arrays, in blocks
+GROWTH = 1.25  # then grown by this factor (at least by what is asked for)
 
 
 class PoolFull(Exception):
@@ -109,8 +110,8 @@ class BlockPool:
             if block is None:
                 break
             self._free.append(block)
-        while len(self._free) < n:  # (available() said there was room)
-            self._grow()
+        if len(self._free) < n:  # (available() said there was room)
+            self._grow(n - len(self._free))
         out = [self._free.pop() for _ in range(n)]
         for b in out:
             self._refs[b] = 1
@@ -174,16 +175,28 @@ class BlockPool:
             return [(dim, self.dtype)]
         return [(dim * self.bits // 32, uint32), (dim // self.group, self.dtype), (dim // self.group, self.dtype)]
 
-    def _grow(self) -> None:
-        """Doubles the arrays (up to max_blocks); the new blocks go on the free list."""
+    def _grow(self, short: int) -> None:
+        """Grows the arrays by GROWTH (at least by `short` blocks; up to max_blocks);
+        the new blocks go on the free list. Layer by layer, each copy evaluated
+        before the next, so the old and new arrays coexist for one layer at a
+        time: growing all layers in one graph held the old pool, the new one and
+        the zero blocks at once (peak memory 1.5-2x the final pool). A modest
+        factor keeps the unused tail small, at the cost of a few more growths
+        (each one a new shape for the compiled decode step)."""
         old = self.capacity
-        new = min(self.max_blocks, max(2 * old, self.initial_blocks))
-        grown: list[Array] = []
-        for heads, dim in self.layout:
-            for width, dtype in self._part_shapes(dim):
-                extra = ops.zeros((2, new - old, heads, self.block_size, width), dtype)
-                grown.append(extra if not self.arrays else ops.concatenate([self.arrays[len(grown)], extra], axis=1))
-        self.arrays = grown
+        new = min(self.max_blocks, max(int(old * GROWTH) + 1, max(old, 1) + short, self.initial_blocks))  # (block 0: null)
+        parts = [(heads, width, dtype) for heads, dim in self.layout for width, dtype in self._part_shapes(dim)]
+        arrays: list[Array | None] = list(self.arrays) or [None] * len(parts)
+        self.arrays = []
+        for i, (heads, width, dtype) in enumerate(parts):
+            extra = ops.zeros((2, new - old, heads, self.block_size, width), dtype)
+            before = arrays[i]
+            grown = extra if before is None else ops.concatenate([before, extra], axis=1)
+            ops.eval(grown)
+            arrays[i] = grown  # the old array goes with its last reference
+            if before is not None:
+                extra.close()
+        self.arrays = [a for a in arrays if a is not None]
         self._refs.extend([0] * (new - old))
         # handed out lowest first (pop from the end), so the used part of the arrays stays dense
         self._free = list(range(new - 1, max(old, 1) - 1, -1)) + self._free

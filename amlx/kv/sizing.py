@@ -2,7 +2,7 @@
 `kv_cache_memory` (bytes, or a fraction of the device's memory) turned into
 blocks.
 
-The pools start small and grow (doubling) only as requests need blocks at
+The pools start small and grow (by 25%, or what is asked for) only as requests need blocks at
 once, so the limit is a ceiling, not an allocation. The default ceiling is a
 share of the device's memory: on the CPU, DEFAULT_CPU_FRACTION of the
 machine's RAM; on a GPU, DEFAULT_GPU_FRACTION of MLX's memory limit. A CPU
