@@ -41,11 +41,21 @@ def memoized(memo: dict | None, key, build):
     return memo[key]
 
 
-def _window_mask(start: int, end: int, window: int) -> Array:
+def window_mask(start: int, end: int, window: int) -> Array:
     """Queries start..end-1 against keys 0..end-1: causal and at most `window` back."""
     q_pos = np.arange(start, end)[:, None]
     k_pos = np.arange(end)[None, :]
     return array((k_pos <= q_pos) & (k_pos > q_pos - window), _bool)
+
+
+def decode_mask(span: int, pos: Array, window: int | None) -> Array:
+    """(B, 1, 1, span) boolean: the slots each row's new token sees, at `pos`
+    (B, 1, 1, 1): its own and earlier ones, at most `window` back."""
+    slots = ops.arange(span, dtype=_int32)
+    mask = slots <= pos
+    if window is not None:
+        mask = ops.logical_and(mask, slots > pos - window)
+    return mask
 
 
 class KVCache:
@@ -130,7 +140,7 @@ class KVCache:
         if self.window is None or end <= self.window:
             return keys, values, "causal"
         return keys, values, memoized(memo, ("prefill", start, end, self.window),
-                                   lambda: _window_mask(start, end, self.window))
+                                   lambda: window_mask(start, end, self.window))
 
     def update_decode(self, k: Array, v: Array, positions: Array, memo: dict | None = None):
         """Writes one position per row: k, v (B, H, 1, D) at `positions` (B,) int32.
@@ -143,15 +153,7 @@ class KVCache:
         new = ops.concatenate([ops.reshape(k, (1, b, h, 1, d)), ops.reshape(v, (1, b, h, 1, d))], axis=0)
         pos = self.write_decode(new, positions, memo)
         cap, window = self.capacity, self.window
-
-        def visible() -> Array:
-            slots = ops.arange(cap, dtype=_int32)
-            mask = slots <= pos
-            if window is not None:
-                mask = ops.logical_and(mask, slots > pos - window)
-            return mask
-
-        return self.keys, self.values, memoized(memo, ("mask", cap, window), visible)
+        return self.keys, self.values, memoized(memo, ("mask", cap, window), lambda: decode_mask(cap, pos, window))
 
     def write_decode(self, new: Array, positions: Array, memo: dict | None = None) -> Array:
         """Writes one position per row, keys and values in one scatter: `new`
@@ -184,6 +186,10 @@ class KVCache:
         self.reserve(cap)
         other.reserve(cap)
         self.kv = ops.concatenate([self.kv, other.kv], axis=1)
+
+    def kernel_input(self) -> tuple[Array | None, None]:
+        """What the CUDA decode kernel reads: the buffer (2, B, H, capacity, D), no table."""
+        return self.kv, None
 
     def state(self) -> list[Array]:
         return [] if self.kv is None else [self.kv]

@@ -59,6 +59,12 @@ class TokenStream:
         stream = self._stream
         return None if stream is None else stream.prompt_tokens
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache (0 until the request is admitted)."""
+        stream = self._stream
+        return 0 if stream is None else stream.cached_tokens
+
     async def _started(self) -> RequestStream:
         await anyio.to_thread.run_sync(self._begin, abandon_on_cancel=True)
         return self._stream
@@ -315,7 +321,8 @@ def _completion(stream: RequestStream, tokens: list[Token], chat_template: str |
     text = "".join(t.text for t in tokens)
     calls = parse_tool_calls(text, detect_format(chat_template))[1]
     return Completion(text, [t.id for t in tokens], tokens[-1].finish_reason if tokens else "stop",
-                      Usage(stream.prompt_tokens, len(tokens), first, rate), logprobs, top, calls or None)
+                      Usage(stream.prompt_tokens, len(tokens), first, rate, stream.cached_tokens), logprobs, top,
+                      calls or None)
 
 
 def _count_parameters(model) -> int:
@@ -348,7 +355,8 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _check_load_args(max_batch_size, max_context, adapter, tensor_parallel: int = 1) -> None:
+def _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory=None, prefix_cache=True,
+                     kv_bits=None, tensor_parallel: int = 1) -> None:
     from amlx.tp.load import check_tensor_parallel
 
     check_tensor_parallel(tensor_parallel)
@@ -361,6 +369,12 @@ def _check_load_args(max_batch_size, max_context, adapter, tensor_parallel: int 
         raise ValueError("max_context must be an integer >= 2 or None")
     if adapter is not None and not isinstance(adapter, (str, os.PathLike)):
         raise ValueError(f"adapter must be the path of an adapter directory, not {type(adapter).__name__}")
+    from amlx.kv.sizing import check_kv_bits, check_kv_cache_memory
+
+    check_kv_cache_memory(kv_cache_memory)
+    check_kv_bits(kv_bits)
+    if not isinstance(prefix_cache, bool):
+        raise ValueError(f"prefix_cache must be True or False, not {prefix_cache!r}")
 
 
 def _read_on_host(path, dtype) -> tuple[Any, Any]:
@@ -390,16 +404,17 @@ def _warm_up(model, device: str, max_rows: int) -> None:
 
 
 def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Worker, adapter=None,
-                    tensor_parallel: int = 1) -> Model:
+                    kv: dict | None = None, tensor_parallel: int = 1) -> Model:
     try:
-        return _build_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, tensor_parallel)
+        return _build_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, kv or {},
+                                tensor_parallel)
     except BaseException:
         if tensor_parallel > 1:
             worker.stop()  # the model's own worker (see _worker_for): it ends after this job
         raise
 
 
-def _build_on_worker(host, device, dtype, max_batch_size, max_context, worker: Worker, adapter,
+def _build_on_worker(host, device, dtype, max_batch_size, max_context, worker: Worker, adapter, kv: dict,
                      tensor_parallel: int) -> Model:
     from amlx.engine.placement import EngineOptions, Placement
     from amlx.models import build_model
@@ -408,13 +423,13 @@ def _build_on_worker(host, device, dtype, max_batch_size, max_context, worker: W
     # changes the process's default device; see amlx/engine/placement.py).
     # A tensor-parallel rank runs on one stream: every rank must evaluate the
     # same collectives in the same order (amlx.tp).
-    options = EngineOptions(device=_resolve_device(device)).resolved()
+    options = EngineOptions(device=_resolve_device(device), **kv).resolved()
     if tensor_parallel > 1:
         options = replace(options, shards=1)
     placement = Placement(options)
     dev = options.device
     spec, tokenizer = host
-    tp = _start_ranks(spec.path, tensor_parallel, dev, dtype)
+    tp = _start_ranks(spec.path, tensor_parallel, dev, dtype, options.kv_bits)
     leader, counted = None, []  # counted: the whole model's parameters, before rank 0 keeps its part
 
     def shard(model) -> None:
@@ -438,26 +453,36 @@ def _build_on_worker(host, device, dtype, max_batch_size, max_context, worker: W
     ctx = limit if max_context is None else min(max_context, limit)
     cfg = loaded.config
     params = counted[0] if counted else _count_parameters(loaded.model)
-    info = ModelInfo(architecture=cfg["arch"], parameters=params, dtype=loaded.dtype,
-                     device=dev, context_length=ctx, quantization=cfg["quantization"], path=str(loaded.path))
     eos = frozenset(tokenizer.eos_token_ids) | frozenset(cfg["eos_token_ids"])
-    engine = Engine(loaded.model, tokenizer, eos_ids=eos, vocab_size=cfg["vocab_size"],
-                    max_batch_size=max_batch_size, max_context=ctx, worker=worker, options=options,
-                    placement=placement, mirror=leader)
+    try:
+        engine = Engine(loaded.model, tokenizer, eos_ids=eos, vocab_size=cfg["vocab_size"],
+                        max_batch_size=max_batch_size, max_context=ctx, worker=worker, options=options,
+                        placement=placement, mirror=leader)
+    except BaseException:  # e.g. kv_bits with a head dimension it cannot group
+        with placement.on():
+            loaded.model.close()
+        placement.release()
+        if leader is not None:
+            leader.close()
+        raise
+    # (the engine's context: also at most what one request can hold in the KV cache pool)
+    info = ModelInfo(architecture=cfg["arch"], parameters=params, dtype=loaded.dtype, device=dev,
+                     context_length=engine.max_context, quantization=cfg["quantization"], path=str(loaded.path))
     return Model(engine, tokenizer, info, cfg)
 
 
-def _start_ranks(path, tensor_parallel: int, device: str, dtype):
+def _start_ranks(path, tensor_parallel: int, device: str, dtype, kv_bits: int | None):
     """The other ranks of a tensor-parallel load, started (None for one rank)."""
     if tensor_parallel == 1:
         return None
     from amlx.tp.load import TensorParallelLoad
 
-    return TensorParallelLoad(path, tensor_parallel, device, dtype)
+    return TensorParallelLoad(path, tensor_parallel, device, dtype, kv_bits)
 
 
 async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
-               max_context: int | None = None, adapter: Any = None, tensor_parallel: int = 1) -> Model:
+               max_context: int | None = None, adapter: Any = None, kv_cache_memory: int | float | None = None,
+               prefix_cache: bool = True, kv_bits: int | None = None, tensor_parallel: int = 1) -> Model:
     """Loads a Hugging Face or MLX checkpoint: a directory, or a Hugging Face model
     id ("org/name") found in the local Hugging Face cache or downloaded into it
     (`amlx.hub.resolve_model`; a directory that exists wins).
@@ -465,8 +490,18 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     device: "auto" (GPU when MLX has one), "gpu" or "cpu". dtype: override the
     checkpoint's float type ("float32", "bfloat16", "float16"). max_batch_size:
     requests decoded together (the rest wait in arrival order). max_context: cap
-    on prompt plus generation (default: the model's). Raises ModelLoadError for
-    bad checkpoints. Use as `async with await amlx.load(path) as model:`.
+    on prompt plus generation (default: the model's). kv_cache_memory: the
+    most memory the KV cache (a pool of blocks, grown as requests need them)
+    may take, in bytes (int) or as a fraction of the device's memory (float);
+    default: a quarter of the RAM on the CPU, half of MLX's memory limit on a
+    GPU; the context (model.info.context_length) is at most what one request
+    can hold in it. Requests wait while it is full, and a prompt that alone
+    cannot fit gets ContextLengthError. prefix_cache: reuse the KV blocks of earlier
+    prompts that start the same way (Completion.usage.cached_tokens says how
+    many tokens were reused). kv_bits: 8 or 4 stores the KV cache quantized
+    (MLX's affine quantization per group of 64 values), for about 1/2 or 1/4 of
+    the memory (see docs/architecture.md for its measured error). Raises ModelLoadError for bad checkpoints. Use
+    as `async with await amlx.load(path) as model:`.
 
     tensor_parallel: run the model split over this many processes (Megatron-style
     tensor parallelism over MLX's distributed layer, docs/scaling.md): amlx starts
@@ -476,23 +511,28 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     and the MLP width must divide by N (ValueError). TensorParallelError when a
     rank fails to start; a rank that dies later fails every request with it and
     closes the model. score() and training are not supported with N > 1."""
-    _check_load_args(max_batch_size, max_context, adapter, tensor_parallel)
+    _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits, tensor_parallel)
+    kv = {"kv_cache_memory": kv_cache_memory, "prefix_cache": prefix_cache, "kv_bits": kv_bits}
     # Files are read on a thread of their own, not on the worker that every model
     # shares; a cancelled load stops waiting for it at once.
     host = await anyio.to_thread.run_sync(_read_on_host, path, dtype, abandon_on_cancel=True)
     worker = _worker_for(tensor_parallel)
     return await worker.run(
-        lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, tensor_parallel))
+        lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, kv,
+                                tensor_parallel))
 
 
 def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
-              max_context: int | None = None, adapter: Any = None, tensor_parallel: int = 1) -> Model:
+              max_context: int | None = None, adapter: Any = None, kv_cache_memory: int | float | None = None,
+              prefix_cache: bool = True, kv_bits: int | None = None, tensor_parallel: int = 1) -> Model:
     """`load` for scripts and blocking code."""
-    _check_load_args(max_batch_size, max_context, adapter, tensor_parallel)
+    _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits, tensor_parallel)
+    kv = {"kv_cache_memory": kv_cache_memory, "prefix_cache": prefix_cache, "kv_bits": kv_bits}
     host = _read_on_host(path, dtype)
     worker = _worker_for(tensor_parallel)
     return worker.run_sync(
-        lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, tensor_parallel))
+        lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, kv,
+                                tensor_parallel))
 
 
 def _worker_for(tensor_parallel: int) -> Worker:

@@ -84,7 +84,8 @@ if TYPE_CHECKING:
 __all__ = ["SamplingParams", "BatchParams", "SampleOutput", "sample", "make_keys", "key_from_seed",
            "make_history", "make_counts", "apply_repetition_penalty", "keyed_hash", "advance_keys",
            "RowSampling", "BatchSampling", "StepSample", "MAX_TOP_LOGPROBS", "LOGIT_BIAS_LIMIT",
-           "PENALTY_LIMIT", "MAX_TEMPERATURE"]
+           "PENALTY_LIMIT", "MAX_TEMPERATURE", "sampling_logits", "gumbel_noise",
+           "token_logprobs"]
 
 # Bounds of the options (OpenAI's where it has one). Every value inside them samples without error.
 MAX_TOP_LOGPROBS = 20
@@ -558,8 +559,9 @@ def _adjust(raw: Array, c: _Config, rows: tuple, history: Array | None, counts: 
     return x
 
 
-def _draw(x: Array, keys: Array, c: _Config, rows: tuple, greedy_tok: Array | None) -> Array:
-    """Temperature, the filters and a Gumbel-max draw per row; greedy rows keep their argmax."""
+def _temper_filter(x: Array, c: _Config, rows: tuple) -> Array:
+    """Temperature and the filters: softmax of the result is a sampling row's distribution.
+    Greedy rows are divided by 1 and their filters are off, so they come out unchanged."""
     temperature, top_k, top_p, min_p = rows[:4]
     greedy_row = temperature <= 0.0
     # Greedy rows divide by 1 (their draw is discarded). Temperatures
@@ -573,22 +575,33 @@ def _draw(x: Array, keys: Array, c: _Config, rows: tuple, greedy_tok: Array | No
         # p_j >= min_p * p_max  <=>  x_j - x_max >= log(min_p); log(0) = -inf keeps all.
         x_max = _ops.max(x, axis=-1, keepdims=True)
         x = _ops.where(x - x_max >= _ops.log(min_p)[:, None], x, _neg_inf(x))
+    return x
+
+
+def _draw(x: Array, keys: Array, c: _Config, rows: tuple, greedy_tok: Array | None) -> Array:
+    """Temperature, the filters and a Gumbel-max draw per row; greedy rows keep their argmax."""
+    x = _temper_filter(x, c, rows)
     drawn = _ops.argmax(x + _gumbel(keys, x.shape[1]), axis=-1)
-    return drawn if greedy_tok is None else _ops.where(greedy_row, greedy_tok, drawn)
+    return drawn if greedy_tok is None else _ops.where(rows[0] <= 0.0, greedy_tok, drawn)
 
 
 def _logprobs(raw: Array, tok: Array, c: _Config) -> tuple[Array, Array | None, Array | None]:
-    """The chosen tokens' log-probabilities and the top_n (ids, log-probabilities),
-    best first, all under the model's distribution (log_softmax of the raw logits):
-    what the model "thinks" of a token, comparable across sampling settings."""
-    b, vocab = raw.shape
     if not c.logprobs_on:
-        return _ops.zeros((b,), mx.float32), None, None
+        return _ops.zeros((raw.shape[0],), mx.float32), None, None
+    return token_logprobs(raw, tok, c.top_n)
+
+
+def token_logprobs(raw: Array, tok: Array, top_n: int = 0) -> tuple[Array, Array | None, Array | None]:
+    """The chosen tokens' log-probabilities (B,) and the top_n (ids, log-probabilities),
+    best first (None, None when top_n is 0), all under the model's distribution
+    (log_softmax of the raw logits (B, V) float32, `tok` (B,) int32): what the model
+    "thinks" of a token, comparable across sampling settings."""
+    b, vocab = raw.shape
     lse = _ops.logsumexp(raw, axis=-1)
     lp = _ops.take_along_axis(raw, tok[:, None], -1)[:, 0] - lse
-    if not c.top_n:
+    if not top_n:
         return lp, None, None
-    n = min(c.top_n, vocab)
+    n = min(top_n, vocab)
     # argpartition finds the n largest in O(V); only those n are sorted.
     ids = _ops.argpartition(raw, vocab - n, axis=-1)[:, vocab - n:]
     vals = _ops.take_along_axis(raw, ids, -1)
@@ -731,6 +744,26 @@ def sample(logits: Array, params: BatchParams, keys: Array, history: Array | Non
     if not compile:
         return SampleOutput(*_make_step(config)(*args))
     return SampleOutput(*(steps or _SHARED_STEPS).get(config)(*args))
+
+
+def sampling_logits(logits: Array, params: BatchParams, history: Array | None = None,
+                    counts: Array | None = None) -> Array:
+    """The logits (B, V) float32 each row of `sample` chooses from, eagerly: logit_bias,
+    the penalties, then (on sampling rows) temperature, top-k, top-p and min-p, filtered
+    tokens at -inf. A sampling row draws from softmax of its row; a greedy row (left
+    untempered and unfiltered) takes its argmax. For callers that need the distribution
+    itself, not just one draw (speculative decoding's acceptance test)."""
+    config = _config(params, logits.shape[1], history is not None, counts is not None)
+    rows = params.arrays()
+    x = _adjust(logits.astype(mx.float32), config, rows, history, counts)
+    return _temper_filter(x, config, rows) if config.sampling else x
+
+
+def gumbel_noise(keys: Array, vocab: int) -> Array:
+    """(B, V) float32 standard Gumbel noise, row b from keys[b] alone: the noise `sample`
+    adds to a row's `sampling_logits` before its argmax (so argmax(x + noise) with the
+    same keys draws the token `sample` draws)."""
+    return _gumbel(keys, vocab)
 
 
 # -- the engine's per-request and per-batch sampling state ---------------------------

@@ -48,7 +48,7 @@ class Usage:
     completion_tokens: int
     time_to_first_token: float  # seconds from the call to the first token
     tokens_per_second: float  # completion tokens after the first, per second
-    # prompt tokens served from a prefix cache (DESIGN.md's name); amlx has no prefix cache yet, so 0
+    # prompt tokens served from the prefix cache (load option prefix_cache; amlx.kv.prefix)
     cached_tokens: int = 0
 
     @property
@@ -129,6 +129,7 @@ class EngineStats(TypedDict):
     decode_steps: int
     tokens_per_second: float
     memory: MemoryStats
+    kv_cache: dict[str, int]  # the KV block pools: blocks used/cached/free/allocated, prefix hits, preemptions
 
 
 def _is_int(v: Any) -> bool:

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -33,19 +34,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoints import write_benchmark_checkpoint  # noqa: E402
 
 
+def _rows_in_pool(model, sched, batch: int):
+    """A batch of rows with 128 positions each in the first shard's KV block pool
+    (amlx.kv; contents do not matter for timing): (the shard's ShardKV, the rows)."""
+    from amlx._mlx import array
+    from amlx.kv import written
+
+    kv = sched.shards[0].kv
+    vocab = model.tokenizer.vocab_size
+    prompt = np.random.default_rng(0).integers(vocab // 4, vocab // 2, size=(batch, 128)).astype(np.int32)
+    reqs = [SimpleNamespace(blocks=kv.pool.allocate(128 // kv.block_size), pos=128, created=0.0) for _ in range(batch)]
+    views = sched.pools.views(0, kv.prefill_tables(reqs, 0, 128, [128] * batch))
+    model.engine.model(array(prompt), views, 0, last=array(np.full(batch, 127, np.int32)))
+    kv.pool.arrays = written(views)
+    return kv, reqs
+
+
 def profile(model, batch: int, steps: int) -> dict:
     from amlx._mlx import array, ops
     from amlx.sample import BatchSampling, RowSampling
     from amlx.engine.scheduler import Scheduler
     from amlx.types import GenerationOptions
 
-    lm = model.engine.model
-    sched = Scheduler(lm, batch, lambda: None)
-    sched.cache = lm.make_cache()
-    # a batch of rows with 128 cached positions each (contents do not matter for timing)
-    vocab = model.tokenizer.vocab_size
-    prompt = np.random.default_rng(0).integers(vocab // 4, vocab // 2, size=(batch, 128)).astype(np.int32)
-    lm(array(prompt), sched.cache, 0, last=array(np.full(batch, 127, np.int32)))
+    sched = Scheduler(model.engine.model, batch, lambda: None, shards=1)
+    kv, reqs = _rows_in_pool(model, sched, batch)
     opts = GenerationOptions()
     rows = [RowSampling(opts, []) for _ in range(batch)]
     sampling = BatchSampling(rows)
@@ -58,14 +70,15 @@ def profile(model, batch: int, steps: int) -> dict:
     def launch(tokens, count=False):
         nonlocal pos
         t0 = time.perf_counter()
-        for c in sched.cache:
-            c.reserve(pos + 1)
-        logits, state = sched._batched_logits(tokens, array(np.full(batch, pos, np.int32)))
-        for c, kv in zip(sched.cache, state):
-            c.kv = kv
+        for r in reqs:
+            r.pos = pos
+        kv.extend(reqs)
+        tables = kv.decode_tables(reqs)
+        logits, state = sched._batched_logits(tokens, array(np.full(batch, pos, np.int32)), tables, kv.pool.arrays)
+        kv.pool.arrays = state
         t1 = time.perf_counter()
         new, lps = sampling(logits)[:2]
-        outs = [new, lps, *sampling.state(), *[a for c in sched.cache for a in c.state()]]
+        outs = [new, lps, *sampling.state(), *kv.pool.state()]
         if count:
             nodes[0], kinds[0] = ops.graph_summary(*outs)
         t2 = time.perf_counter()
@@ -102,8 +115,7 @@ def profile(model, batch: int, steps: int) -> dict:
     prev.tolist()
     piped = (time.perf_counter() - t0) / steps
     sampling.close()
-    for c in sched.cache:
-        c.close()
+    kv.close()
     if sched._step_fn is not None:
         sched._step_fn.close()
     return {"batch": batch, "nodes": nodes[0], "kinds": kinds[0], **{f"{k}_ms": v for k, v in parts.items()},

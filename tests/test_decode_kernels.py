@@ -127,15 +127,15 @@ def test_paged_attention_kernel_reads_through_block_tables(b, kv, group, dim, bl
     heads = kv * group
     width = -(-length // block)
     n_blocks = 1 + b * width + 3  # block 0: the null block; spare blocks hold noise
-    pool = rnd(rng.standard_normal((2, n_blocks, block, kv, dim)), dtype)
+    pool = rnd(rng.standard_normal((2, n_blocks, kv, block, dim)), dtype)
     table = np.zeros((b, width + 1), np.int32)  # one spare column: tables are wider than a row needs
     order = rng.permutation(np.arange(1, n_blocks))
     keys, values = np.zeros((b, kv, width * block, dim)), np.zeros((b, kv, width * block, dim))
     for i in range(b):
         table[i, :width] = order[i * width:(i + 1) * width]
         for j in range(width):
-            keys[i, :, j * block:(j + 1) * block] = pool[0, table[i, j]].transpose(1, 0, 2)
-            values[i, :, j * block:(j + 1) * block] = pool[1, table[i, j]].transpose(1, 0, 2)
+            keys[i, :, j * block:(j + 1) * block] = pool[0, table[i, j]]
+            values[i, :, j * block:(j + 1) * block] = pool[1, table[i, j]]
     pos = rng.integers(0, length, size=b).astype(np.int32)
     pos[0] = length - 1
     qkv = rnd(rng.standard_normal((b, (heads + 2 * kv) * dim)), dtype)

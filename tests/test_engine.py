@@ -43,8 +43,10 @@ from amlx.engine.worker import Worker
 
 try:
     from tests.helpers.checkpoints import load_reference, make_checkpoint, reference_greedy, reference_logits
+    from tests.helpers.faults import failing_array
 except ImportError:  # run from inside tests/
     from helpers.checkpoints import load_reference, make_checkpoint, reference_greedy, reference_logits
+    from helpers.faults import failing_array
 
 N_STREAMS = 64
 MIN_MARGIN = 1e-3  # smallest top-1/top-2 logit gap accepted on a reference path
@@ -375,6 +377,20 @@ def test_sharded_batch_matches_solo_and_transformers(backend, ckpt, monkeypatch,
         model.close()
 
 
+def test_padded_batches_match_solo_and_transformers(backend, ckpt, monkeypatch):
+    """Batches padded to bucket sizes (the GPU's default, forced on here): the padding
+    rows write only the null block, so every stream is still its solo and transformers
+    path while rows join and finish and the batch moves between sizes."""
+    monkeypatch.setenv("AMLX_PAD_BATCHES", "1")  # read once, when the engine is built
+    monkeypatch.setenv("AMLX_SHARDS", "1")
+    model = amlx.load_sync(ckpt)
+    try:
+        assert model.engine.scheduler.options.pad_batches
+        run(backend, _concurrency_body, model, concurrency_cases()[:24])
+    finally:
+        model.close()
+
+
 # ============================================================================= 2. cancellation
 
 
@@ -691,23 +707,7 @@ def test_parked_streams_give_up_their_slots_and_resume(backend, ckpt, idle):
 # ============================================================================= 4. failure isolation
 
 
-def _failing_array():
-    """A float32 scalar whose evaluation fails inside MLX's eval ("Attempting to eval
-    an array without a primitive"): a sum over an intermediate leaked out of a
-    compiled function's trace, which MLX cannot evaluate outside the trace."""
-    from amlx._mlx import array, ops, transforms
-
-    leaked = []
-
-    def traced(x):
-        y = ops.multiply(x, array(np.float32(2)))
-        leaked.append(y)
-        return y
-
-    fn = transforms.compile(traced)
-    ops.eval(fn(array(np.ones((2,), np.float32))))
-    fn.close()
-    return ops.sum(leaked[0])
+_failing_array = failing_array  # (tests/helpers/faults.py; test_prefix_cache.py poisons a KV pool with it)
 
 
 FAULTS = ["raise", "raise_chained", "mlx_eval_chained"]

@@ -61,6 +61,9 @@ class Engine:
         if mirror is not None:
             mirror.on_failure(self._rank_failed)
         self.placement = self.scheduler.placement
+        # A request lives in one shard's KV block pool: the context is at most what it holds.
+        self.pool_tokens = self.scheduler.pool_tokens()
+        self.max_context = min(max_context, self.pool_tokens)
         self._matchers = MatcherFactory(tokenizer, vocab_size)  # constrained requests' grammars
         self._closed = False
         self._close_lock = threading.Lock()
@@ -70,6 +73,8 @@ class Engine:
     def check_prompt(self, prompt_ids: list[int]) -> int:
         """Validates prompt ids (inside the vocabulary, fitting the context); returns
         the room left for generated tokens. ValueError / ContextLengthError."""
+        if len(prompt_ids) >= self.max_context == self.pool_tokens:
+            self._pool_too_small(len(prompt_ids))
         room = check_context(len(prompt_ids), self.max_context)  # first: it costs nothing
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
@@ -91,6 +96,16 @@ class Engine:
         else:
             self.scheduler.add(req)
         return RequestStream(req)
+
+    def _pool_too_small(self, prompt: int) -> None:
+        """ContextLengthError for a prompt that, with one generated token, could not fit
+        in a KV block pool even alone (it would wait for room forever)."""
+        s = self.scheduler
+        need = -(-(prompt + 1) // s.block_size) * s.block_bytes() / 2**20
+        held = self.pool_tokens // s.block_size * s.block_bytes() / 2**20
+        raise ContextLengthError(
+            f"the prompt ({prompt} tokens) and a generated token need {need:.2f} MiB of KV cache, but the KV "
+            f"cache pool holds {self.pool_tokens} tokens ({held:.2f} MiB): raise kv_cache_memory at load")
 
     def _queue_when_compiled(self, req: Request, constraint: Constraint) -> None:
         """A constrained request joins the queue once its matcher is made (a background
@@ -132,7 +147,11 @@ class Engine:
         stream.cancel()
 
     def stats(self) -> dict:
-        """Requests, token counters, the recent decoding rate and MLX memory (bytes).
+        """Requests, token counters, the recent decoding rate, MLX memory (bytes) and
+        the KV block pools' counters (`kv_cache`: blocks used (held by requests),
+        cached (held by no request, reusable by the prefix cache, evictable), free
+        and allocated (the arrays' size: used + cached + free), block size,
+        prefix-cache block hits and misses, preemptions).
 
         tokens_per_second: tokens over the time the engine spent working in the
         last 10 seconds (idle time does not count; 0 after 10 idle seconds)."""
@@ -140,9 +159,10 @@ class Engine:
 
         s = self.scheduler
         counts = s.counts()
+        kv = {**s.kv_counters(), "preemptions": s.preemptions}
         return {"active_requests": counts["active"], "waiting_requests": counts["waiting"],
                 "tokens_generated": s.tokens_generated, "decode_steps": s.decode_steps,
-                "tokens_per_second": s.rate.rate(), "memory": memory.counters()}
+                "tokens_per_second": s.rate.rate(), "memory": memory.counters(), "kv_cache": kv}
 
     # -- jobs on the worker thread ------------------------------------------------
     async def run(self, fn: Callable[[], Any]) -> Any:

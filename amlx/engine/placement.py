@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 from amlx._mlx import device as mxdevice
+from amlx.kv.sizing import DEFAULT_BLOCK_SIZE, check_kv_bits, check_kv_cache_memory
 from amlx.models import decode_attention
 from amlx.models.nn import MatmulSplit
 
@@ -47,7 +48,7 @@ class EngineOptions:
     """Engine settings fixed when the engine is built (internal; `amlx.load`
     passes the device). None means "choose for the device"; `resolved` fills
     them in, reading the benchmark overrides AMLX_DECODE_KERNEL (0/1),
-    AMLX_KV_BLOCK and AMLX_SHARDS once, at that moment and never per call.
+    AMLX_KV_BLOCK, AMLX_KV_BLOCK_SIZE and AMLX_SHARDS once, at that moment and never per call.
 
     - device: "cpu" or "gpu".
     - shards: the running batch is split into this many shards, each decoding
@@ -55,9 +56,26 @@ class EngineOptions:
       where one stream already keeps it busy).
     - decode_kernel: decode steps use the CUDA decode kernels (default: where
       MLX runs on CUDA and the device is the GPU).
-    - kv_block: KV cache growth step in slots (default: 256 with the decode
-      kernel, which reads only filled slots; 64 where attention reads the
-      whole capacity).
+    - kv_block: the step, in positions, of the span a decode step attends over
+      (its block tables' width; the step is traced again per width). Default:
+      256 with the decode kernel, which reads only filled slots; 64 where
+      attention reads the whole span.
+    - kv_block_size: positions per block of the KV block pool (default 16;
+      AMLX_KV_BLOCK_SIZE).
+    - kv_cache_memory: the ceiling of the KV block pools, all shards together:
+      bytes (int) or a fraction of the device's memory (float); None: a share
+      of the device's (amlx.kv.sizing).
+    - prefix_cache: full prompt blocks are cached and reused by later requests
+      with the same prefix (amlx.kv.prefix).
+    - kv_bits: 8 or 4 stores keys and values quantized (amlx.kv.pool); None:
+      in the activations' precision.
+    - pad_batches: a decode step runs at the batch size rounded up to a bucket
+      (`padded_batch`), with rows that write only the null block, so the
+      compiled step is traced (and MLX's kernels built) for a few sizes instead
+      of every size a batch passes through as rows finish one by one. Default:
+      on a GPU, where a new size costs a trace and kernel compiles worth many
+      steps; off on the CPU, where the padded rows cost compute
+      (AMLX_PAD_BATCHES=0/1).
     - prefill_chunk: prompt tokens per prefill forward (AMLX_PREFILL_CHUNK).
       A round prefills at most one chunk before its decode step, so a long
       prompt holds the running streams up by one chunk's time per step, and
@@ -71,6 +89,11 @@ class EngineOptions:
     decode_kernel: bool | None = None
     kv_block: int | None = None
     prefill_chunk: int | None = None
+    kv_block_size: int | None = None
+    kv_cache_memory: int | float | None = None
+    prefix_cache: bool = True
+    kv_bits: int | None = None
+    pad_batches: bool | None = None
 
     def resolved(self) -> "EngineOptions":
         if self.device not in ("cpu", "gpu"):
@@ -87,10 +110,30 @@ class EngineOptions:
         block = _env_int("AMLX_KV_BLOCK") or self.kv_block or (256 if kernel else 64)
         chunk = _env_int("AMLX_PREFILL_CHUNK") or self.prefill_chunk or (
             CPU_PREFILL_CHUNK if self.device == "cpu" else GPU_PREFILL_CHUNK)
-        for name, value in (("shards", shards), ("kv_block", block), ("prefill_chunk", chunk)):
+        block_size = _env_int("AMLX_KV_BLOCK_SIZE") or self.kv_block_size or DEFAULT_BLOCK_SIZE
+        for name, value in (("shards", shards), ("kv_block", block), ("prefill_chunk", chunk),
+                            ("kv_block_size", block_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
-        return replace(self, shards=shards, decode_kernel=kernel, kv_block=block, prefill_chunk=chunk)
+        check_kv_cache_memory(self.kv_cache_memory)
+        check_kv_bits(self.kv_bits)
+        pad = self.pad_batches
+        env = os.environ.get("AMLX_PAD_BATCHES")
+        if env in ("0", "1"):
+            pad = env == "1"
+        pad = self.device == "gpu" if pad is None else bool(pad)
+        return replace(self, shards=shards, decode_kernel=kernel, kv_block=block, prefill_chunk=chunk,
+                       kv_block_size=block_size, prefix_cache=bool(self.prefix_cache), pad_batches=pad)
+
+
+def padded_batch(rows: int) -> int:
+    """The batch size a decode step of `rows` rows runs at when batches are padded:
+    powers of two up to 8, then multiples of 8 up to 64, then of 16 (14 sizes up
+    to 128; a step carries at most 7, or 15 beyond 64, rows of padding)."""
+    if rows <= 8:
+        return 1 << max(0, rows - 1).bit_length()
+    step = 8 if rows <= 64 else 16
+    return -(-rows // step) * step
 
 
 class Placement:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from amlx.cache import KVCache
 from amlx.constrain import Matcher
+from amlx.kv.prefix import KeyChain
 from amlx.engine.assembler import TextAssembler
 from amlx.engine.channel import Channel
 from amlx.sample import RowSampling
@@ -29,13 +29,25 @@ class Request:
     created: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     done_at: float | None = None
-    prefilled: int = 0  # prompt tokens already in the cache
-    cache: list[KVCache] | None = None  # own cache while prefilling or parked
+    prefilled: int = 0  # positions of `fill` already in the cache
+    blocks: list[int] = field(default_factory=list)  # its block table in its shard's pool (amlx.kv)
+    shard: int = -1  # the scheduler shard whose pool holds its blocks
+    epoch: int = 0  # the scheduler's weights epoch when its blocks were filled
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    generated: list[int] = field(default_factory=list)  # tokens sent so far
+    recompute: list[int] | None = None  # after a preemption: the tokens to prefill again
+    keys: KeyChain | None = None  # its full blocks' prefix-cache keys, hashed once each
     pos: int = 0  # next cache position to write
     last: int = -1  # last sampled token (input of the next step)
     steps: int = 0  # decode steps computed for this request
     matcher: Matcher | None = None  # a constrained request's grammar state (amlx.constrain)
     parked_at: float = 0.0  # time.monotonic() when it was last parked (paused, out of the batch)
+
+    @property
+    def fill(self) -> list[int]:
+        """The tokens its prefill writes: the prompt, or after a preemption the
+        prompt and the tokens it produced, but the last."""
+        return self.prompt if self.recompute is None else self.recompute
 
     @property
     def active(self) -> bool:
@@ -61,6 +73,11 @@ class RequestStream:
     @property
     def prompt_tokens(self) -> int:
         return len(self._request.prompt)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache (known once the request is admitted)."""
+        return self._request.cached_tokens
 
     @property
     def options(self) -> GenerationOptions:

@@ -14,9 +14,17 @@ slot. When its consumer reads again it rejoins the batch (at once while it holds
 its slot, else when a slot is free, ahead of new requests) with its cache and
 sampling state as they were, so its tokens are those of an unpaused run.
 
-Device state of the batch: per layer a KVCache with one row per running
-request; per-row positions go in as an int32 array each step, so rows of any
-length decode together.
+Device state of the batch: each shard's KV block pool (amlx/kv/): per layer
+one array of fixed-size blocks; each request holds a block table, and a step
+stacks the tables of its rows. Per-row positions go in as an int32 array each
+step, so rows of any length decode together. A row joining or leaving copies
+no other row's cache: only the tables stacked change. A parked request keeps
+its blocks. Full prompt blocks are cached by their tokens' chained hash, and a
+new request reuses the longest cached prefix (prefix caching). When a shard's
+pool has no room for its rows' next blocks, the youngest row is preempted: its
+blocks go back (its full blocks stay cached) and it is queued again, to be
+recomputed from its prompt and the tokens it has produced; its stream goes on
+without a gap. New requests wait while the pool cannot hold their prompt.
 
 On the CPU the running batch is split into shards, one per core: each shard has
 its own rows, caches and sampling state, and its prefill and decode steps run on
@@ -30,7 +38,6 @@ GPU there is one shard and one stream (one stream already keeps the GPU busy).
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from collections import deque
@@ -39,13 +46,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from amlx._mlx import Array, array, ops, transforms
-from amlx.cache import KVCache
+from amlx._mlx import int32 as _int32
 from amlx.constrain import step_masks
-from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards
+from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards, padded_batch
+from amlx.engine.pools import ShardPools, table_arrays
+from amlx.kv import PADDING_ROW, ShardKV, Tables, copy_blocks, preemption_order, written
 from amlx.engine.rate import RateMeter
 from amlx.engine.request import Request
 from amlx.sample import BatchSampling, CompiledSteps, StepSample
-from amlx.models.base import decode_on_buffers
 from amlx.models.nn import split_layers
 from amlx.errors import AmlxError, ClosedError, MLXError
 
@@ -57,8 +65,8 @@ class _Shard:
     """Rows of the running batch that decode together, on one MLX stream."""
 
     index: int  # which of the scheduler's streams
+    kv: ShardKV  # the shard's KV block pool and its rows' blocks
     rows: list[Request] = field(default_factory=list)
-    cache: list[KVCache] | None = None  # per layer, one row per request of `rows`
     sampling: BatchSampling | None = None  # device sampling state of `rows`
 
 
@@ -98,6 +106,7 @@ class Scheduler:
         self.closed = False
         self.tokens_generated = 0
         self.decode_steps = 0
+        self.preemptions = 0  # rows taken out of the batch for want of KV blocks (recomputed later)
         self.rate = RateMeter()  # recent tokens per second of work (stats)
         self._step_fn = transforms.compile(self._forward) if compile_step else None
         # the same step traced with the split twin's layers (a cache of its own)
@@ -107,10 +116,11 @@ class Scheduler:
         self._inflight: _Step | None = None  # a decode step launched and not yet read
         self._prepared = False  # the model's derived arrays are evaluated (see Module.prepare)
         model.use_decode_kernel(self.options.decode_kernel)
-        # cache growth step: small where decode attention reads the whole capacity (KVCache.block)
+        # attention span step: small where decode attention reads the whole span (EngineOptions.kv_block)
         self.block = self.options.kv_block
-        self._windows = [c.window for c in model.make_cache(self.block)]  # per layer (no arrays made)
-        self.shards = [_Shard(i) for i in range(len(self.placement.streams))]
+        self.pools = ShardPools(model, self.options, len(self.placement.streams))
+        self.shards = [_Shard(i, kv) for i, kv in enumerate(self.pools.kv)]
+        self.block_size = self.pools.block_size
         # Fault injection for tests, None otherwise: called as fault(rows, chained) while a
         # decode step's graph is built (chained: the step takes the previous step's tokens
         # on the device), and as fault([row], False) when a row runs alone to isolate a
@@ -123,20 +133,20 @@ class Scheduler:
         """The running requests, shard by shard."""
         return [r for s in self.shards for r in s.rows]
 
-    @property
-    def cache(self) -> list[KVCache] | None:
-        """The first shard's caches (the whole batch's when there is one shard);
-        benchmarks/profile_step.py drives the decode step through it."""
-        return self.shards[0].cache
-
-    @cache.setter
-    def cache(self, value: list[KVCache] | None) -> None:
-        self.shards[0].cache = value
-
     def kv_capacity(self) -> list[int]:
-        """Each shard's KV cache capacity in positions (0 without rows): for
-        stats and tests (worker thread, or between rounds)."""
-        return [s.cache[0].capacity if s.cache else 0 for s in self.shards]
+        """Positions each shard's decode step attends over per row (0 without
+        rows): for stats and tests (worker thread, or between rounds)."""
+        return [s.kv.span(s.rows) for s in self.shards]
+
+    def kv_counters(self) -> dict[str, int]:
+        """The block pools' counters, summed over the shards (stats; any thread)."""
+        return self.pools.counters()
+
+    def pool_tokens(self) -> int:
+        return self.pools.pool_tokens()
+
+    def block_bytes(self) -> int:
+        return self.pools.block_bytes()
 
     def _on(self, shard: _Shard):
         """The block's MLX work runs on the shard's stream."""
@@ -171,11 +181,12 @@ class Scheduler:
 
     def has_work(self) -> bool:
         """Whether a round would do something (the worker sleeps otherwise): not
-        while every request left is parked or waits for a slot that parked ones hold."""
+        while every request left is parked or waits for a slot, or KV blocks,
+        that parked ones hold."""
         if self._inflight is not None or self._incoming or self.prefilling is not None or self.rows:
             return True
         free = self._slots_held() < self.max_batch_size
-        if any(not r.active for r in self.waiting) or (self.waiting and free):
+        if any(not r.active for r in self.waiting) or (self.waiting and free and self.pools.fits(self.waiting[0])):
             return True
         return any(not r.active or (r.channel.has_room() and (free or self._holds_slot(r))) for r in self.parked)
 
@@ -226,68 +237,82 @@ class Scheduler:
         self._decode()
 
     def _admit(self) -> None:
-        """Starts prompt processing: short prompts are taken together, in arrival
-        order, as one right-padded batch of about one chunk of tokens; a prompt
-        longer than a chunk is processed alone, one chunk per round."""
+        """Starts prompt processing in arrival order. The head of the queue takes
+        its blocks (`ShardPools.place`); one the pools cannot hold yet waits, and so do
+        those behind it. Prompts that start at the same position (no cached
+        prefix, or one as long) are taken together as one right-padded batch of
+        about one chunk of tokens; a longer one, or a preempted request being
+        recomputed, is processed alone, one chunk per round."""
         if self.prefilling is not None:
             return
-        group: list[Request] = []
-        free = self.max_batch_size - self._slots_held()
         if any(r.channel.has_room() for r in self.parked):
             return  # a parked request that is read again goes first, once a slot is free
+        group: list[Request] = []
+        free = self.max_batch_size - self._slots_held()
+        load = [len(s.rows) for s in self.shards]
         while self.waiting and len(group) < free:
             req = self.waiting[0]
             if not req.active:
                 self._finish(self.waiting.popleft())
                 continue
-            if len(req.prompt) > self.prefill_chunk:
-                if not group:
-                    req.cache = self.model.make_cache(self.block)
-                    self.prefilling = self.waiting.popleft()
+            index = self.pools.place(req, load, [bool(s.rows) for s in self.shards])
+            if index is None:
+                break  # no room in the pools yet: it waits for blocks to come back
+            rest = len(req.fill) - req.prefilled
+            alone = req.recompute is not None or rest > self.prefill_chunk
+            longest = max([rest] + [len(r.fill) - r.prefilled for r in group])
+            if group and (alone or req.prefilled != group[0].prefilled or longest * (len(group) + 1) >
+                          self.prefill_chunk):
+                self.pools.release(req, cache=False)  # it goes first next round
                 break
-            longest = max(len(req.prompt), max((len(r.prompt) for r in group), default=0))
-            if group and longest * (len(group) + 1) > self.prefill_chunk:
+            self.waiting.popleft()
+            load[index] += 1
+            if alone:
+                self.prefilling = req
                 break
-            group.append(self.waiting.popleft())
+            group.append(req)
         if group:
             self._prefill_group(group)
 
-    def _assign(self, reqs: list[Request]) -> list[tuple[_Shard, list[Request]]]:
-        """Spreads new requests over the shards, each to the one with the fewest
-        rows: a round takes as long as its largest shard."""
-        load = [len(s.rows) for s in self.shards]
-        parts: dict[int, list[Request]] = {}
-        for r in reqs:
-            i = min(range(len(load)), key=load.__getitem__)
-            load[i] += 1
-            parts.setdefault(i, []).append(r)
-        return [(self.shards[i], parts[i]) for i in sorted(parts)]
+    def _prefill_pass(self, shard: _Shard, reqs: list[Request], start: int, length: int, model,
+                      logits_read: bool = True) -> Array:
+        """One prefill forward writing positions [start, start + length) of each
+        request's `fill` (right-padded) into the shard's pool; logits (B, V) at
+        each request's last position in it. `logits_read`: whether the caller
+        evaluates them (a tensor-parallel model's other ranks evaluate the same)."""
+        ends = [min(len(r.fill), start + length) for r in reqs]
+        ids = np.zeros((len(reqs), length), dtype=np.int32)
+        for i, r in enumerate(reqs):
+            ids[i, :ends[i] - start] = r.fill[start:ends[i]]
+        tables = shard.kv.prefill_tables(reqs, start, length, ends)
+        if self.mirror is not None:
+            self.mirror.prefill(reqs, start, length, ends, logits_read, shard.kv.pool.capacity)
+        views = self.pools.views(shard.index, tables)
+        last = array(np.asarray(ends, dtype=np.int32) - start - 1)
+        logits = model(array(ids), views, start, last=last)
+        # the old arrays' only holder is now the graph, so MLX may write them in place
+        shard.kv.pool.arrays = written(views)
+        return ops.reshape(logits, (len(reqs), logits.shape[2]))
 
     def _prefill_group(self, group: list[Request]) -> None:
-        """Prefills several prompts: one batched forward for the requests of each
-        shard they will join, on that shard's stream, so the shards' forwards run
-        in parallel. Right padding keeps it exact: causal attention never lets a
-        real position see a padded one, and padded slots past a row's length stay
-        masked until decoding overwrites them."""
-        parts: list[tuple[_Shard, list[Request], list[KVCache]]] = []
+        """Prefills several prompts that start at the same position: one batched
+        forward per shard they joined, on that shard's stream, so the shards'
+        forwards run in parallel. Right padding keeps it exact: causal attention
+        never lets a real position see a padded one, and padded positions are
+        written to the null block."""
+        start = group[0].prefilled
+        by_shard: dict[int, list[Request]] = {}
+        for r in group:
+            by_shard.setdefault(r.shard, []).append(r)
+        parts = [(self.shards[i], reqs) for i, reqs in sorted(by_shard.items())]
         firsts: list[StepSample] = []
         samplers: list[BatchSampling] = []
-        assigned = self._assign(group)
-        masks = step_masks([[r.matcher for r in reqs] for _, reqs in assigned])
+        masks = step_masks([[r.matcher for r in reqs] for _, reqs in parts])
+        length = max(len(r.fill) for r in group) - start
         try:
-            for (shard, reqs), mask in zip(assigned, masks):
+            for (shard, reqs), mask in zip(parts, masks):
                 with self._on(shard):
-                    lengths = [len(r.prompt) for r in reqs]
-                    ids = np.zeros((len(reqs), max(lengths)), dtype=np.int32)
-                    for i, r in enumerate(reqs):
-                        ids[i, :lengths[i]] = r.prompt
-                    cache = self.model.make_cache(self.block)
-                    parts.append((shard, reqs, cache))
-                    last = array(np.asarray(lengths, dtype=np.int32) - 1)
-                    if self.mirror is not None:
-                        self.mirror.prefill(reqs, lengths, ids.shape[1])
-                    logits = self._split_model(len(assigned) == 1)(array(ids), cache, 0, last=last)
-                    logits = ops.reshape(logits, (len(reqs), logits.shape[2]))
+                    logits = self._prefill_pass(shard, reqs, start, length, self._split_model(len(parts) == 1))
                     if self.fault is not None:
                         logits = self._inject(logits, reqs, False)
                 # (sampling stays on the worker's stream: see _build)
@@ -295,83 +320,76 @@ class Scheduler:
                 firsts.append(samplers[-1](logits, masks=mask))
             # One evaluation for every shard, so their forwards run at the same time.
             ops.eval(*[a for first in firsts for a in first.arrays()], *[a for bs in samplers for a in bs.state()],
-                     *[a for _, _, cache in parts for c in cache for a in c.state()])
+                     *[a for shard, _ in parts for a in shard.kv.pool.state()])
             for bs in samplers:
                 bs.sync_back()  # the requests' keys move on
-        except BaseException as exc:
-            for _, _, cache in parts:
-                for c in cache:
-                    c.close()
-            if not isinstance(exc, MLXError) or self.mirror is not None:
-                raise  # the worker fails every request held (fail_all), these included
+        except MLXError as exc:
+            if self.mirror is not None:
+                raise  # the ranks ran this pass: step() fails the model
+            self._check_pools()
             if len(group) == 1:
-                self._fail(group[0], exc)
+                if group[0].active:
+                    self._fail(group[0], exc)
                 return
-            # Find the culprit: each prompt on its own.
-            for r in group:
-                self._prefill_group([r])
+            for r in group:  # find the culprit: each prompt on its own (blocks kept)
+                if r.active:
+                    self._prefill_group([r])
             return
         finally:
             for bs in samplers:
                 bs.close()
-        for (shard, reqs, cache), first in zip(parts, firsts):
+        for (shard, reqs), first in zip(parts, firsts):
             ids_out, lps, tops = first.read()
             for i, r in enumerate(reqs):
-                r.pos = len(r.prompt)
+                r.pos = r.prefilled = len(r.prompt)
+                self.pools.cache_filled(r)
                 self._emit(r, int(ids_out[i]), float(lps[i]), None if tops is None else tops[i])
-            self._join(shard, reqs, cache)
+            self._join(shard, reqs)
 
     def _prefill_chunk(self, req: Request) -> None:
-        """One chunk of the prompt; on the last chunk, the first token and joining the batch."""
+        """One chunk of a long prompt (or of a preempted request's recompute); on the
+        last chunk, the first token (none when recomputing) and joining the batch."""
+        shard = self.shards[req.shard]
+        first = None
         try:
             start = req.prefilled
-            chunk = req.prompt[start:start + self.prefill_chunk]
-            req.prefilled += len(chunk)
-            if self.mirror is not None:
-                self.mirror.chunk(req, start, len(chunk), req.prefilled >= len(req.prompt))
-            if req.prefilled < len(req.prompt):
-                self._split_model()(array(np.asarray([chunk], dtype=np.int32)), req.cache, start)
-                ops.eval(*[a for c in req.cache for a in c.state()])
-                return
-            logits = self._split_model()(array(np.asarray([chunk], dtype=np.int32)), req.cache, start,
-                                         last=array(np.asarray([len(chunk) - 1], dtype=np.int32)))
-            first = self._first_tokens(ops.reshape(logits, (1, logits.shape[2])), [req])
-            ops.eval(*first.arrays(), *[a for c in req.cache for a in c.state()])
+            length = min(self.prefill_chunk, len(req.fill) - start)
+            middle = start + length < len(req.fill) or req.recompute is not None  # no logits read
+            logits = self._prefill_pass(shard, [req], start, length, self._split_model(), not middle)
+            req.prefilled += length
+            if middle:
+                ops.eval(*shard.kv.pool.state())
+            else:
+                first = self._first_tokens(logits, [req])
+                ops.eval(*first.arrays(), *shard.kv.pool.state())
         except MLXError as exc:
             self.prefilling = None
             if self.mirror is not None:
                 raise
-            self._fail(req, exc)
+            self._check_pools()
+            if req.active:
+                self._fail(req, exc)
+            return
+        self.pools.cache_filled(req)
+        if req.prefilled < len(req.fill):
             return
         self.prefilling = None
-        req.pos = len(req.prompt)
-        ids_out, lps, tops = first.read()
-        self._emit(req, int(ids_out[0]), float(lps[0]), None if tops is None else tops[0])
-        cache, req.cache = req.cache, None
-        self._join(self._assign([req])[0][0], [req], cache)
+        req.pos = len(req.fill)
+        req.recompute = None  # (a recomputed request goes on from its last token, already sent)
+        if first is not None:
+            ids_out, lps, tops = first.read()
+            self._emit(req, int(ids_out[0]), float(lps[0]), None if tops is None else tops[0])
+        self._join(shard, [req])
 
-    def _join(self, shard: _Shard, reqs: list[Request], cache: list[KVCache]) -> None:
-        """Adds requests with their cache rows (`cache`, e.g. freshly prefilled) to a
-        shard; those that already finished (EOS or max_tokens at their first token) don't join."""
-        keep = [i for i, r in enumerate(reqs) if r.active]
-        for i, r in enumerate(reqs):
-            if i not in keep:
+    def _join(self, shard: _Shard, reqs: list[Request]) -> None:
+        """Adds requests whose blocks are in the shard's pool to its rows; those
+        that already finished (EOS or max_tokens at their first token) don't join."""
+        keep = [r for r in reqs if r.active]
+        for r in reqs:
+            if not r.active:
                 self._finish(r)
-        if not keep:
-            for c in cache:
-                c.close()
-            return
-        with self._on(shard):
-            if len(keep) < len(reqs):
-                for c in cache:
-                    c.take_rows(keep)
-            if shard.cache is None:
-                shard.cache = cache
-            else:
-                for mine, theirs in zip(shard.cache, cache):
-                    mine.append_rows(theirs)
-            ops.eval(*[a for c in shard.cache for a in c.state()])
-        self._set_rows(shard, shard.rows + [reqs[i] for i in keep])
+        if keep:
+            self._set_rows(shard, shard.rows + keep)
 
     def _first_tokens(self, logits: Array, reqs: list[Request]) -> StepSample:
         """Samples the first token of freshly prefilled requests; their keys move on."""
@@ -394,6 +412,8 @@ class Scheduler:
         shard.rows = rows
         if rows:
             shard.sampling = BatchSampling([r.sampling for r in rows], self._sample_steps)
+        else:
+            shard.kv.forget_table()  # (a device array: nothing is held while the shard is idle)
 
     def _batch_will_change(self) -> bool:
         rows = self.rows
@@ -405,8 +425,8 @@ class Scheduler:
 
     # -- paused requests: parked out of the batch -------------------------------
     def _park_paused(self) -> None:
-        """Moves every paused row (its consumer's buffer full) out of the batch,
-        its cache row into a cache of its own (no step in flight)."""
+        """Moves every paused row (its consumer's buffer full) out of the batch; it
+        keeps its blocks in its shard's pool (no step in flight)."""
         changed = False
         for shard in self.shards:
             paused = [i for i, r in enumerate(shard.rows) if r.active and not r.channel.has_room()]
@@ -414,12 +434,6 @@ class Scheduler:
                 continue
             changed = True
             reqs = [shard.rows[i] for i in paused]
-            with self._on(shard):
-                for i, req in zip(paused, reqs):
-                    req.cache = [copy.copy(c) for c in shard.cache]  # the same buffers until take_rows
-                    for c in req.cache:
-                        c.take_rows([i])
-                ops.eval(*[a for r in reqs for c in r.cache for a in c.state()])
             self._keep_rows(shard, [i for i in range(len(shard.rows)) if i not in paused])
             now = time.monotonic()
             for req in reqs:
@@ -435,8 +449,7 @@ class Scheduler:
             if not self._holds_slot(req) and self._slots_held() >= self.max_batch_size:
                 continue
             self.parked.remove(req)
-            cache, req.cache = req.cache, None
-            self._join(self._assign([req])[0][0], [req], cache)
+            self._join(self.shards[req.shard], [req])
 
     def _decode(self) -> None:
         """Launches one decode step for the batch (every shard) and reads the previous one.
@@ -455,12 +468,15 @@ class Scheduler:
         constrained rows launch their forward first and sample later: see
         `_sample_constrained`."""
         prev = self._inflight
-        if prev is not None and not self._can_chain(prev):
+        if prev is not None and not (self._can_chain(prev) and self._blocks_fit()):
             self._read(self._drain())
             self._drop_inactive()
             prev = None
         if prev is None:
             self._park_paused()  # (a chained step's rows all have room)
+            self._preempt_for_blocks()
+        for shard in self.shards:
+            shard.kv.extend(shard.rows)  # a block for each row whose next position starts one
         plan = []
         for shard in self.shards:
             sel = [i for i, r in enumerate(shard.rows) if r.active and r.channel.has_room()]
@@ -487,6 +503,7 @@ class Scheduler:
         if parts is None:
             for shard, snapshot in saved:
                 shard.sampling.rewind(snapshot)
+            self._check_pools()
             self._isolate_failure()
             return
         self._commit(_Step(parts))
@@ -504,10 +521,13 @@ class Scheduler:
     def weights_changed(self) -> None:
         """The model's parameters or modules were replaced (e.g. an adapter
         trained a step): the compiled step traced the old ones as constants, so
-        it is traced again (worker thread)."""
+        it is traced again, and the prefix cache is emptied: its blocks were
+        computed with the old weights (worker thread). Blocks of requests still
+        running are not cached when they end (`ShardPools.epoch`)."""
         with self.placement.on():
             if self._inflight is not None:
                 self._read(self._drain())
+        self.pools.weights_changed()
         self._prepared = False
         self._twin = None
         if self._step_fn is not None:
@@ -525,18 +545,24 @@ class Scheduler:
         capacity and stream: one home stream keeps the split traces as few as the
         batch sizes that use them (a lone row)."""
         with self.placement.on(0 if split else shard.index):
-            needed = max(r.pos for r in shard.rows) + 1
-            for c in shard.cache:
-                c.reserve(needed)
             b = len(shard.rows)
+            pad = padded_batch(b) - b if self.options.pad_batches else 0
             if prev is not None:
                 tokens = ops.reshape(prev.sample.tokens, (b, 1))
             else:
                 tokens = array(np.asarray([[r.last] for r in shard.rows], dtype=np.int32))
-            positions = array(np.asarray([r.pos for r in shard.rows], dtype=np.int32))
+            if pad:
+                tokens = ops.concatenate([tokens, ops.zeros((pad, 1), _int32)], axis=0)
+            positions = array(np.asarray([r.pos for r in shard.rows] + [0] * pad, dtype=np.int32))
+            padded = [*shard.rows, *[PADDING_ROW] * pad]
+            tables = shard.kv.decode_tables(padded)
             if self.mirror is not None:
-                self.mirror.decode(shard.rows, [r.pos for r in shard.rows])
-            logits, state = self._batched_logits(tokens, positions, shard.cache, split)
+                self.mirror.decode(padded, shard.kv.pool.capacity)
+            logits, state = self._batched_logits(tokens, positions, tables, shard.kv.pool.arrays, split)
+            if pad:  # the padding rows' logits are never sampled
+                logits = ops.slice(logits, (0, 0), (b, logits.shape[1]))
+            # the old arrays' only holder is now the graph, so MLX may write them in place
+            shard.kv.pool.arrays = state
             if self.fault is not None:
                 logits = self._inject(logits, list(shard.rows), prev is not None)
         if any(r.matcher is not None for r in shard.rows):
@@ -584,14 +610,16 @@ class Scheduler:
         return parts
 
     def _commit(self, step: "_Step") -> None:
-        """A launched step becomes the batch's state: its caches, and the rows'
-        positions. Paused rows computed this step too (the batch shape stays
-        fixed), but their position does not advance: the next step rewrites the
-        same slot with the same token, so their state is as if they had been left out."""
+        """A launched step becomes the batch's state: the rows' positions (the
+        shards' pools took the step's arrays when it was built). Paused rows
+        computed this step too (the batch shape stays fixed), but their position
+        does not advance: the next step rewrites the same slot with the same
+        token, so their state is as if they had been left out."""
         self._inflight = step
         for part in step.parts:
-            for c, kv in zip(part.shard.cache, part.state):
-                c.kv = kv
+            # launched: the pools alone hold the written arrays now, so the next
+            # step's scatter may write them in place instead of copying them
+            part.outputs, part.state = [], []
             for i in part.selected:
                 part.rows[i].pos += 1
                 part.rows[i].steps += 1
@@ -610,35 +638,38 @@ class Scheduler:
                 if req.active:  # a row that finished or was cancelled meanwhile: its token is dropped
                     self._emit(req, int(ids[i]), float(lps[i]), None if tops is None else tops[i])
 
-    def _forward(self, tokens: Array, positions: Array, caches: list[Array]) -> tuple[Array, list[Array]]:
+    def _forward(self, tokens: Array, positions: Array, tabs: list[Array],
+                 pools: list[Array]) -> tuple[Array, list[Array]]:
         """One decode step as a pure function of arrays (what gets compiled):
-        (tokens (B,1), positions (B,), each layer's cache buffer) -> (logits (B,V), new buffers)."""
-        return self._forward_with(self.model, tokens, positions, caches)
+        (tokens (B,1), positions (B,), the tables' arrays (`_table_arrays`), each
+        layer's pool array) -> (logits (B,V), the pool arrays written)."""
+        return self._forward_with(self.model, tokens, positions, tabs, pools)
 
-    def _forward_split(self, tokens: Array, positions: Array, caches: list[Array]) -> tuple[Array, list[Array]]:
+    def _forward_split(self, tokens: Array, positions: Array, tabs: list[Array],
+                       pools: list[Array]) -> tuple[Array, list[Array]]:
         """`_forward` by the split twin (a lone row's step)."""
-        return self._forward_with(self._split_model(), tokens, positions, caches)
+        return self._forward_with(self._split_model(), tokens, positions, tabs, pools)
 
-    def _forward_with(self, model, tokens: Array, positions: Array, caches: list[Array]):
-        return decode_on_buffers(model, self._windows, self.block, tokens, positions, caches)
+    def _forward_with(self, model, tokens: Array, positions: Array, tabs: list[Array], pools: list[Array]):
+        return self.pools.decode_pass(model, tokens, positions, tabs, pools)
 
-    def _batched_logits(self, tokens: Array, positions: Array, cache: list[KVCache] | None = None,
+    def _batched_logits(self, tokens: Array, positions: Array, tables: Tables, pools: list[Array],
                         split: bool = False) -> tuple[Array, list[Array]]:
-        """Runs the decode step (compiled once per batch size, cache capacity and
-        stream) on `cache` (default: the first shard's): logits and each layer's
-        updated cache buffer. `split`: the step is the split twin's (a trace
-        keeps the split, so it has a compiled function of its own)."""
-        state = [c.kv for c in (self.cache if cache is None else cache)]
+        """Runs the decode step (compiled once per batch size, table width, pool
+        size and stream): logits and each layer's written pool array. `split`:
+        the step is the split twin's (a trace keeps the split, so it has a
+        compiled function of its own)."""
         if split:
             fn = self._split_step_fn or self._forward_split
         else:
             fn = self._step_fn or self._forward
-        return fn(tokens, positions, state)
+        return fn(tokens, positions, table_arrays(tables), pools)
 
     def _emit(self, req: Request, token_id: int, logprob: float, top: list | None = None) -> None:
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
         req.last = token_id
+        req.generated.append(token_id)
         req.sampling.observe(token_id)
         if req.matcher is not None and not req.matcher.consume(token_id):
             self._fail(req, AmlxError(f"constrained decoding: token {token_id} refused: {req.matcher.error}"))
@@ -678,39 +709,66 @@ class Scheduler:
             self._rebalance()
 
     def _keep_rows(self, shard: _Shard, keep: list[int]) -> None:
-        """Keeps only the given rows of a shard (in that order); frees the rest."""
-        if not keep:
-            # The cache goes before the rows: once stats() shows no active request,
-            # the batch's memory is already back.
-            for c in shard.cache:
-                c.close()
-            shard.cache = None
-            self._set_rows(shard, [])
-            return
+        """Keeps only the given rows of a shard (in that order). No cache moves:
+        the rows that left gave their blocks back (or, parked, keep them)."""
         self._set_rows(shard, [shard.rows[i] for i in keep])
-        needed = max(r.pos for r in shard.rows) + 1  # capacity follows the rows that stay
-        with self._on(shard):
-            for c in shard.cache:
-                c.take_rows(keep, needed)
-            ops.eval(*[a for c in shard.cache for a in c.state()])
 
     def _rebalance(self) -> None:
         """After rows left: moves rows from the fullest shard to the emptiest until
-        no two differ by more than one (a round takes as long as its largest shard)."""
+        no two differ by more than one (a round takes as long as its largest shard).
+        A moved row's blocks are copied into the other shard's pool (only its own)."""
         while len(self.shards) > 1:
             src = max(self.shards, key=lambda s: len(s.rows))
             dst = min(self.shards, key=lambda s: len(s.rows))
             n = (len(src.rows) - len(dst.rows)) // 2
-            if n < 1:
+            reqs = src.rows[len(src.rows) - n:]
+            if n < 1 or sum(len(r.blocks) for r in reqs) > dst.kv.pool.available():
                 return
-            stay, moved = list(range(len(src.rows) - n)), list(range(len(src.rows) - n, len(src.rows)))
-            reqs = [src.rows[i] for i in moved]
             with self._on(dst):
-                part = [copy.copy(c) for c in src.cache]  # the same buffers, until take_rows copies the rows out
-                for c in part:
-                    c.take_rows(moved, max(r.pos for r in reqs) + 1)
-            self._keep_rows(src, stay)
-            self._join(dst, reqs, part)
+                moved = [copy_blocks(src.kv.pool, dst.kv.pool, r.blocks) for r in reqs]
+                ops.eval(*dst.kv.pool.state())
+            self._keep_rows(src, list(range(len(src.rows) - n)))
+            for r, blocks in zip(reqs, moved):
+                self.pools.release(r)
+                dst.kv.adopt(r, blocks)
+                r.shard = dst.index
+            self._join(dst, reqs)
+
+    def _blocks_fit(self) -> bool:
+        """Whether every shard's pool has room for its rows' next blocks."""
+        return all(s.kv.short_of_blocks(s.rows) <= s.kv.pool.available() for s in self.shards)
+
+    def _preempt_for_blocks(self) -> None:
+        """Where a shard's pool cannot hold its rows' next blocks: preempts the
+        youngest request holding blocks there (a running row, but never the last
+        one, the prompt being prefilled, or a parked request) until it can."""
+        for shard in self.shards:
+            while shard.kv.short_of_blocks(shard.rows) > shard.kv.pool.available():
+                held = preemption_order(shard.rows)[:-1] + [
+                    r for r in [self.prefilling, *self.parked] if r is not None and r.shard == shard.index and r.blocks]
+                if not held:  # (the context is capped to a pool: a lone row always fits)
+                    self._fail(shard.rows[0], ContextLengthError("the KV cache pool is too small for this request"))
+                    self._drop_inactive()
+                    break
+                self._preempt(shard, preemption_order(held)[0])
+
+    def _preempt(self, shard: _Shard, req: Request) -> None:
+        """Takes a request out of the batch (or out of prefill, or out of the parked
+        ones) and frees its blocks (its full ones stay cached); it waits at the head
+        of the queue to be recomputed from its prompt and the tokens it produced,
+        then goes on from its last token, which its consumer already has."""
+        if req is self.prefilling:
+            self.prefilling = None  # (its fill is unchanged: it starts again)
+        elif req in self.parked:
+            self.parked.remove(req)
+        else:
+            self._set_rows(shard, [r for r in shard.rows if r is not req])
+        self.pools.release(req)
+        if req.pos:  # it was decoding: what it recomputes is its prompt and its tokens but the last
+            req.recompute = (req.prompt + req.generated)[:req.pos]
+        req.prefilled = req.pos = 0
+        self.preemptions += 1
+        self.waiting.appendleft(req)
 
     def _release(self, req: Request) -> None:
         """The request leaves the scheduler: its own cache is freed (and the other
@@ -718,17 +776,15 @@ class Scheduler:
         self._held.pop(req, None)
         if self.mirror is not None:
             self.mirror.free(req)
-        if req.cache is not None:
-            for c in req.cache:
-                c.close()
-            req.cache = None
 
     def _finish(self, req: Request) -> None:
         self._release(req)
+        self.pools.release(req)
         req.channel.close()
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         self._release(req)
+        self.pools.release(req, cache=False)
         req.assembler.finished = True
         req.channel.close(exc)
 
@@ -739,24 +795,40 @@ class Scheduler:
         if self.mirror is not None:
             raise MLXError("decode", "a batched decode step failed")
         for shard in self.shards:
-            for i, req in enumerate(shard.rows):
-                row_cache: list[KVCache] = []
-                for c in shard.cache:
-                    rc = KVCache(window=c.window, block=c.block)
-                    rc.kv = ops.take(c.kv, array(np.asarray([i], np.int32)), 1)
-                    row_cache.append(rc)
+            for req in list(shard.rows):
                 try:
-                    logits = self.model(array(np.asarray([[req.last]], np.int32)), row_cache,
+                    tables = shard.kv.decode_tables([req])
+                    logits = self.model(array(np.asarray([[req.last]], np.int32)), self.pools.views(shard.index, tables),
                                         array(np.asarray([req.pos], np.int32)))
                     if self.fault is not None:
                         logits = self._inject(logits, [req], False)
                     ops.eval(logits)
                 except MLXError as exc:
                     self._fail(req, exc)
-                for c in row_cache:
-                    c.close()
         # Rows that failed are inactive now; the next round continues with the rest.
         self._drop_inactive()
+
+    def _check_pools(self) -> None:
+        """After a failed evaluation: a shard whose pool arrays cannot be evaluated
+        (the failure was in writing them, e.g. out of memory) has lost its cache.
+        Every request holding blocks there ends with the error; the pool starts
+        again empty; the other shards and the engine go on. (A tensor-parallel
+        model cannot: its other ranks ran the pass; step() fails the model.)"""
+        if self.mirror is not None:
+            raise MLXError("decode", "a tensor-parallel step failed")
+        for shard in self.shards:
+            try:
+                ops.eval(*shard.kv.pool.state())
+            except MLXError as exc:
+                with self._lock:
+                    held = [r for r in self._held if r.shard == shard.index and r.blocks]
+                for req in held:
+                    self._fail(req, exc)
+                if self.prefilling is not None and not self.prefilling.active:
+                    self.prefilling = None
+                self.parked = [r for r in self.parked if r.active]
+                self._set_rows(shard, [r for r in shard.rows if r.active])
+                shard.kv.reset()
 
     def _inject(self, logits: Array, rows: list[Request], chained: bool) -> Array:
         """The test fault hook's say on a step (see `fault`)."""
@@ -791,10 +863,6 @@ class Scheduler:
         self._inflight = None
         for shard in self.shards:
             self._set_rows(shard, [])
-            if shard.cache is not None:
-                for c in shard.cache:
-                    c.close()
-                shard.cache = None
 
     def shutdown(self) -> None:
         """Ends every request with ClosedError and frees the batch (worker thread)."""
@@ -803,6 +871,7 @@ class Scheduler:
             self.waiting.extend(self._incoming)
             self._incoming.clear()
         self.fail_all(ClosedError("the model was closed"))
+        self.pools.close()
         if self._step_fn is not None:
             self._step_fn.close()  # MLX's compile cache holds the traced graphs and their constants
             self._split_step_fn.close()
@@ -820,7 +889,7 @@ class _Part:
     selected: list[int]
     sample: StepSample | None  # the sampled tokens, their logprobs (and top logprobs)
     outputs: list[Array]  # everything the part computes (what async_eval launches)
-    state: list[Array]  # the shard's caches after the step, one buffer per layer
+    state: list[Array]  # the shard's pool arrays after the step (until it is launched)
     logits: Array | None = None  # until a part with constrained rows is sampled
 
 

@@ -205,6 +205,10 @@ class Attention(Module):
         # YaRN scales queries and keys by its attention factor: the same as scaling q.k by its square
         self._scale, self._rope, self.window = scale * rope.attention_factor ** 2, rope, window
 
+    def kv_shape(self) -> tuple[int, int]:
+        """(kv_heads, head_dim): the shape of one position's keys (or values)."""
+        return self._n_kv, self._head_dim
+
     def shard_problem(self, size: int) -> str | None:
         """Why this layer cannot be split over `size` ranks (see `shard`), or None."""
         if self._n_kv % size:
@@ -262,13 +266,15 @@ class Attention(Module):
         norms = [getattr(self, "q_norm", None), getattr(self, "k_norm", None)]
         if norms[0] is not None and not all(isinstance(n, RMSNorm) and n.eps == norms[0].eps for n in norms):
             return None
-        if cache.kv is None or not decode_attention.supports(qkv, cache.kv, self._n_heads) or (
+        kv, table = cache.kernel_input()  # a contiguous cache, or a block pool and its table
+        if kv is None or not decode_attention.supports(qkv, kv, self._n_heads, paged=table is not None) or (
                 self._rope.dims != self._head_dim):
             return None
         q_w, k_w = (None, None) if norms[0] is None else (n.norm_weight() for n in norms)
         o, kv_new = decode_attention.decode_attention(
-            qkv, cache.kv, step.pos, heads=self._n_heads, scale=self._scale, window=self.window,
-            inv_freq=self._rope.inv_freq(), q_norm=q_w, k_norm=k_w, eps=0.0 if norms[0] is None else norms[0].eps)
+            qkv, kv, step.pos, heads=self._n_heads, scale=self._scale, window=self.window,
+            inv_freq=self._rope.inv_freq(), q_norm=q_w, k_norm=k_w, eps=0.0 if norms[0] is None else norms[0].eps,
+            table=table)
         cache.write_decode(kv_new, step.pos, step.memo)
         return o
 
@@ -441,6 +447,20 @@ class CausalLM(Module):
     def make_cache(self, block: int = BLOCK) -> list[KVCache]:
         return [KVCache(window=layer.self_attn.window, block=block) for layer in self.model.layers]
 
+    def kv_layout(self) -> list[tuple[int, int]]:
+        """(kv_heads, head_dim) of each layer's keys and values (KV block pools)."""
+        return [layer.self_attn.kv_shape() for layer in self.model.layers]
+
+    def windows(self) -> list[int | None]:
+        """Each layer's sliding window (None: full attention)."""
+        return [layer.self_attn.window for layer in self.model.layers]
+
+    def activation_dtype(self):
+        """The float type of activations, keys and values: the embedding's
+        (its scales' for a quantized embedding)."""
+        embed = self.model.embed_tokens
+        return embed.scales.dtype if hasattr(embed, "scales") else embed.weight.dtype
+
     def close(self) -> None:
         """Releases every weight (and tensors of the checkpoint that went unused)."""
         self.release_derived()
@@ -451,18 +471,3 @@ class CausalLM(Module):
         self._unused = []
         for layer in self.model.layers:
             layer.self_attn._rope.close()
-
-
-def decode_on_buffers(model: CausalLM, windows: list[int | None], block: int, tokens: Array, positions: Array,
-                      buffers: list[Array]) -> tuple[Array, list[Array]]:
-    """One decode step as a pure function of arrays (what the engine compiles):
-    tokens (B, 1), positions (B,) and each layer's KV buffer -> logits (B, V) and
-    the updated buffers. `windows`: each layer's sliding window (None: full)."""
-    step_cache = []
-    for window, kv in zip(windows, buffers):
-        sc = KVCache(window=window, block=block)
-        sc.kv = kv
-        step_cache.append(sc)
-    logits = model(tokens, step_cache, positions)
-    logits = ops.reshape(logits, (tokens.shape[0], logits.shape[2]))
-    return logits, [c.kv for c in step_cache]

@@ -158,17 +158,17 @@ _CONTIGUOUS_SETUP = """
 _CONTIGUOUS_READ = """
       const T* keys = row_keys + (size_t)j * D;
       const T* values = keys + half;"""
-# Paged (a block pool, amlx.kv): kv (2, blocks, block_size, KVH, D), table (B,
-# width) int32 the row's block ids in position order; slot j lies at offset
-# j % block_size of block table[b, j / block_size].
+# Paged (a block pool, amlx.kv): kv (2, blocks, KVH, block_size, D) (one head
+# of one block contiguous), table (B, width) int32 the row's block ids in
+# position order; slot j lies at offset j % block_size of block table[b, j / block_size].
 _PAGED_SETUP = """
-  const int block_size = kv_shape[2];
-  const size_t half = (size_t)kv_shape[1] * block_size * KVH * D;
+  const int block_size = kv_shape[3];
+  const size_t half = (size_t)kv_shape[1] * KVH * block_size * D;
   const int* row_table = table + (size_t)b * table_shape[1];
 """
 _PAGED_READ = """
-      const size_t slot = (size_t)row_table[j / block_size] * block_size + j % block_size;
-      const T* keys = kv + (slot * KVH + kvh) * D + lane * E;
+      const size_t piece = (size_t)row_table[j / block_size] * KVH + kvh;
+      const T* keys = kv + (piece * block_size + j % block_size) * D + lane * E;
       const T* values = keys + half;"""
 
 WARPS = 16  # keys in flight per (head, row); a block is WARPS * 32 threads
@@ -200,8 +200,8 @@ def _kernel(qk_norm: bool, paged: bool = False) -> fast.CudaKernel:
 
 def supports(qkv: Array, kv: Array, heads: int, paged: bool = False) -> bool:
     """Whether the kernel takes this step: `kv` contiguous (2, B, KVH, capacity, D)
-    or, `paged`, a block pool (2, blocks, block_size, KVH, D)."""
-    kv_heads, dim = kv.shape[3 if paged else 2], kv.shape[4]
+    or, `paged`, a block pool (2, blocks, KVH, block_size, D)."""
+    kv_heads, dim = kv.shape[2], kv.shape[4]
     return (qkv.dtype in _DTYPES and kv.dtype is qkv.dtype and dim % 32 == 0 and 32 <= dim <= 512
             and heads % kv_heads == 0 and qkv.shape[1] == (heads + 2 * kv_heads) * dim)
 
@@ -219,7 +219,7 @@ def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, sca
     qkv (B, (H + 2*KVH) * D) holds each row's new token; kv (2, B, KVH,
     capacity, D) the cache's keys and values, read at positions < `positions`
     (B,) int32. With a block `table` (B, width) int32, kv is instead a block
-    pool (2, blocks, block_size, KVH, D) and row b's position p lies in block
+    pool (2, blocks, KVH, block_size, D) and row b's position p lies in block
     table[b, p // block_size] (amlx.kv): the kernel reads through the table, so
     no row's keys are gathered or copied. The new
     q and k get their head RMSNorm (weights `q_norm`/`k_norm`, both or neither)
@@ -230,7 +230,7 @@ def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, sca
     (2, B, KVH, 1, D) to write into the cache at `positions`."""
     b = qkv.shape[0]
     paged = table is not None
-    kv_heads, dim = kv.shape[3 if paged else 2], kv.shape[4]
+    kv_heads, dim = kv.shape[2], kv.shape[4]
     threads = 32 * WARPS
     qk_norm = q_norm is not None
     norms = [q_norm, k_norm] if qk_norm else []

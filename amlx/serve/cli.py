@@ -48,6 +48,13 @@ def add_serve_command(sub: "argparse._SubParsersAction") -> None:
                         "processes over MLX's ring backend; see docs/scaling.md)")
     p.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="cap on prompt + reply tokens (default: the model's context length)")
+    p.add_argument("--kv-cache-memory", type=_memory, default=None, metavar="SIZE",
+                   help="most memory the KV cache may take: bytes (e.g. 4000000000, 4GB, 512MiB) or a fraction "
+                        "of the device's memory (e.g. 0.5) (default: a share of the device's)")
+    p.add_argument("--kv-bits", type=int, default=None, choices=[8, 4],
+                   help="store the KV cache quantized to 8 or 4 bits (default: full precision)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="do not reuse the KV cache of earlier prompts with the same beginning")
     p.add_argument("--keepalive", type=float, default=1.0, metavar="SECONDS",
                    help="SSE keep-alive comment after this long without a token, e.g. during a long prefill "
                         "(default: %(default)s)")
@@ -56,6 +63,24 @@ def add_serve_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="default: %(default)s")
     p.set_defaults(run=main)
+
+
+_UNITS = {"kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "b": 1}
+
+
+def _memory(text: str) -> int | float:
+    """--kv-cache-memory: a fraction (has a point, below 1), or bytes with an optional unit."""
+    raw = text.strip().lower()
+    try:
+        if "." in raw and raw.replace(".", "", 1).isdigit() and float(raw) <= 1.0:
+            return float(raw)
+        for unit in sorted(_UNITS, key=len, reverse=True):
+            if raw.endswith(unit):
+                return int(float(raw[:-len(unit)]) * _UNITS[unit])
+        return int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (bytes, e.g. 4GB, or a fraction "
+                                         f"such as 0.5)") from None
 
 
 async def _serve(args: argparse.Namespace, keys: list[str]) -> None:
@@ -72,7 +97,8 @@ async def _serve(args: argparse.Namespace, keys: list[str]) -> None:
     name = args.model_name or Path(path).resolve().name
     async with await amlx.load(path, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
                                max_context=args.max_context, adapter=args.adapter,
-                               tensor_parallel=args.tensor_parallel) as model:
+                               kv_cache_memory=args.kv_cache_memory, prefix_cache=args.prefix_cache,
+                               kv_bits=args.kv_bits, tensor_parallel=args.tensor_parallel) as model:
         settings = Settings(model_name=name, api_keys=tuple(keys), max_batch_size=args.max_batch_size,
                             max_queue=args.max_queue, keepalive=args.keepalive,
                             request_log=Path(args.log_requests) if args.log_requests else None)

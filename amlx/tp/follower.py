@@ -20,22 +20,26 @@ import numpy as np
 from amlx._mlx import array, int32, ops, transforms
 from amlx._mlx import distributed as dist
 from amlx.engine.placement import EngineOptions, Placement
+from amlx.engine.pools import ShardPools, table_arrays
+from amlx.kv import PADDING_ROW, written
 from amlx.models import build_model, prepare
-from amlx.models.base import decode_on_buffers
 from amlx.tp import keeper, protocol
-from amlx.tp.rows import RowCaches
+from amlx.tp.rows import MirroredRows
 from amlx.tp.shard import shard_model
 
 
 class Follower:
-    """Runs rank 0's forward passes on this rank's shard of `model`."""
+    """Runs rank 0's forward passes on this rank's shard of `model`, over this
+    rank's shard of the KV block pool (its key-value heads; block tables
+    mirrored from rank 0's: amlx.tp.rows)."""
 
-    def __init__(self, model, group: dist.Group, block: int):
-        self.model, self.group, self.block = model, group, block
-        self.rows = RowCaches(lambda: model.make_cache(block))
-        self._windows = [c.window for c in model.make_cache(block)]
-        # the decode step compiled as rank 0's scheduler compiles it (once per batch size
-        # and capacity), so this rank's host work per step stays as small as rank 0's
+    def __init__(self, model, group: dist.Group, options: EngineOptions):
+        self.model, self.group = model, group
+        self.pools = ShardPools(model, options, 1)  # (the same block size, span step and storage as rank 0's)
+        self.kv = self.pools.kv[0]
+        self.rows = MirroredRows(self.kv)
+        # the decode step compiled as rank 0's scheduler compiles it (once per batch size,
+        # table width and pool size), so this rank's host work per step stays as small as rank 0's
         self._step = transforms.compile(self._forward)
 
     def serve(self, heartbeat: int | None = None) -> None:
@@ -48,48 +52,46 @@ class Follower:
                 return
             if msg.kind == protocol.PREFILL:
                 self._prefill(msg.body)
-            elif msg.kind == protocol.CHUNK:
-                self._chunk(msg.body)
             else:
                 self._decode(msg.body)
             if heartbeat is not None:
                 os.write(heartbeat, b".")
 
     def _prefill(self, body: list[int]) -> None:
-        b, length = body[0], body[1]
-        ids, lengths = body[2:2 + b], np.asarray(body[2 + b:2 + 2 * b], np.int32)
-        caches = self.rows.fresh(ids)
-        logits = self.model(ops.zeros((b, length), int32), caches, 0, last=array(lengths - 1))
-        ops.eval(logits, *[a for c in caches for a in c.state()])
-
-    def _chunk(self, body: list[int]) -> None:
-        rid, start, length, last = body
-        caches = self.rows.fresh([rid]) if start == 0 else self.rows.batch([rid])
-        at = array(np.asarray([length - 1], np.int32)) if last else None
-        logits = self.model(ops.zeros((1, length), int32), caches, start, last=at)
-        # as on rank 0: a middle chunk evaluates the caches only, the last one its logits too
-        ops.eval(*([logits] if last else []), *[a for c in caches for a in c.state()])
+        capacity, b, start, length, logits_read = body[:5]
+        ends = body[5:5 + b]
+        rows, _ = self.rows.read(body[5 + b:], b)
+        self.kv.pool.grow_to(capacity)
+        views = self.pools.views(0, self.kv.prefill_tables(rows, start, length, ends))
+        last = array(np.asarray(ends, np.int32) - start - 1)
+        logits = self.model(ops.zeros((b, length), int32), views, start, last=last)
+        self.kv.pool.arrays = written(views)
+        # as on rank 0: a pass whose logits nobody reads evaluates the pool only (the
+        # head's input is the last all_sum: evaluating it alone would join one more)
+        ops.eval(*([logits] if logits_read else []), *self.kv.pool.state())
 
     def _decode(self, body: list[int]) -> None:
-        b = body[0]
-        ids, positions = body[1:1 + b], body[1 + b:1 + 2 * b]
-        caches = self.rows.batch(ids)
-        for c in caches:
-            c.reserve(max(positions) + 1)
+        capacity, b = body[0], body[1]
+        positions = body[2:2 + b]
+        rows, _ = self.rows.read(body[2 + b:], b)
+        for row, pos in zip(rows, positions):
+            if row is not PADDING_ROW:
+                row.pos = pos
+        self.kv.pool.grow_to(capacity)
+        tables = self.kv.decode_tables(rows)
         logits, state = self._step(ops.zeros((b, 1), int32), array(np.asarray(positions, np.int32)),
-                                   [c.kv for c in caches])
-        for c, kv in zip(caches, state):
-            c.kv = kv
+                                   table_arrays(tables), self.kv.pool.arrays)
+        self.kv.pool.arrays = state
         # launched, not awaited: the next message's collective waits for it on the stream,
         # and meanwhile this thread is back in `receive`
         ops.async_eval(logits, *state)
 
-    def _forward(self, tokens, positions, buffers):
-        return decode_on_buffers(self.model, self._windows, self.block, tokens, positions, buffers)
+    def _forward(self, tokens, positions, tabs, arrays):
+        return self.pools.decode_pass(self.model, tokens, positions, tabs, arrays)
 
     def close(self) -> None:
         self._step.close()
-        self.rows.close()
+        self.pools.close()
         self.model.close()
         self.group.close()
 
@@ -109,6 +111,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backend", default="ring")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--kv-bits", type=int, default=None, choices=[8, 4])
     p.add_argument("--heartbeat-fd", type=int, default=None)
     p.add_argument("--lifeline-fd", type=int, default=None)
     return p.parse_args(argv)
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     if args.lifeline_fd is not None:
         _exit_with_parent(args.lifeline_fd)
-    options = EngineOptions(device=args.device, shards=1).resolved()
+    options = EngineOptions(device=args.device, shards=1, kv_bits=args.kv_bits, prefix_cache=False).resolved()
     placement = Placement(options)
     rank, size = int(os.environ["MLX_RANK"]), int(os.environ["MLX_WORLD_SIZE"])
     joined: list[dist.Group] = []
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"not {rank} of {size}")
         # stands in for this process if it dies mid-step (amlx.tp.keeper); the ring's only
         alive = keeper.start(args.lifeline_fd) if args.backend == "ring" and size == 2 else None
-        follower = Follower(loaded.model, joined[0], options.kv_block)
+        follower = Follower(loaded.model, joined[0], options)
         if args.heartbeat_fd is not None:
             os.write(args.heartbeat_fd, b"R")  # ready
         follower.serve(args.heartbeat_fd)

@@ -79,10 +79,12 @@ def backend_for(device: str) -> str:
     return chosen
 
 
-def start(model: str, size: int, device: str, dtype: str | None, hostfile: str | None = None) -> Launch:
+def start(model: str, size: int, device: str, dtype: str | None, hostfile: str | None = None,
+          kv_bits: int | None = None) -> Launch:
     """Starts ranks 1..size-1 (those of this machine: all of them without a
     hostfile). `hostfile`: a ring hostfile naming every rank's address; ranks
-    on other hosts are started there by the user with the same command."""
+    on other hosts are started there by the user with the same command.
+    `kv_bits`: the KV cache's storage (the followers' pools match rank 0's)."""
     backend = backend_for(device)
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="amlx-tp-"))
     path, local = None, list(range(1, size))
@@ -100,7 +102,7 @@ def start(model: str, size: int, device: str, dtype: str | None, hostfile: str |
         env = {**launch.env, "MLX_RANK": str(rank)}
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpus[rank]
-        launch.ranks.append(_spawn(rank, model, backend, device, dtype, env, workdir))
+        launch.ranks.append(_spawn(rank, model, backend, device, dtype, env, workdir, kv_bits))
     return launch
 
 
@@ -113,7 +115,7 @@ def _visible_gpus(size: int) -> list[str]:
 
 
 def _spawn(rank: int, model: str, backend: str, device: str, dtype: str | None, env: dict[str, str],
-           workdir: pathlib.Path) -> Rank:
+           workdir: pathlib.Path, kv_bits: int | None = None) -> Rank:
     beat_r, beat_w = os.pipe()
     life_r, life_w = os.pipe()
     log = workdir / f"rank{rank}.log"
@@ -121,6 +123,8 @@ def _spawn(rank: int, model: str, backend: str, device: str, dtype: str | None, 
            "--heartbeat-fd", str(beat_w), "--lifeline-fd", str(life_r)]
     if dtype is not None:
         cmd += ["--dtype", str(dtype)]
+    if kv_bits is not None:
+        cmd += ["--kv-bits", str(kv_bits)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, pass_fds=(beat_w, life_r), start_new_session=True)

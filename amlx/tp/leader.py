@@ -1,10 +1,13 @@
 """Rank 0 of a tensor-parallel model: the scheduler's view of the other ranks.
 
-The scheduler (amlx.engine.scheduler) calls `prefill`, `chunk` and `decode`
-right before each forward pass it builds, and `free` when a request ends;
-each forward's description goes to the other ranks through MLX's collectives
+The scheduler (amlx.engine.scheduler) calls `prefill` and `decode` right
+before each forward pass it builds, and `free` when a request ends; each
+forward's description goes to the other ranks through MLX's collectives
 (amlx.tp.protocol), so every rank runs the same forward on its shard and joins
-the same collectives in the same order. Sampling stays on rank 0.
+the same collectives in the same order. Sampling stays on rank 0, and so does
+the KV block pool's bookkeeping (allocation, prefix cache, preemption): each
+description carries the pool's size and its rows' block tables, which the
+other ranks mirror into their own shards of the pool (amlx.tp.rows).
 
 A watchdog thread reads the followers' heartbeats: a follower that dies (its
 pipe closes) or stops making progress for `AMLX_TP_STEP_TIMEOUT` seconds (300)
@@ -27,8 +30,10 @@ from amlx._mlx import Array
 from amlx._mlx import distributed as dist
 from amlx._mlx import ops
 from amlx.errors import TensorParallelError
+from amlx.kv import PADDING_ROW
 from amlx.tp import protocol
 from amlx.tp.launch import Launch, Rank
+from amlx.tp.rows import encode_rows
 
 STOP_TIMEOUT = 30.0  # seconds a follower gets to exit after STOP
 
@@ -37,6 +42,7 @@ class Leader:
     def __init__(self, launch: Launch, group: dist.Group, step_timeout: float | None = None):
         self.launch, self.group, self.size = launch, group, group.size
         self._ids: dict[object, int] = {}  # request -> id the followers know it by
+        self._known: dict[int, list[int]] = {}  # id -> the block table the followers hold for it
         self._next_id = 1
         self._frees: list[int] = []
         self._inflight: list[Array] = []  # the last message's collectives
@@ -61,20 +67,29 @@ class Leader:
         self._on_failure.append(callback)
 
     # -- the scheduler's hooks (worker thread) -------------------------------------
-    def prefill(self, requests: list, lengths: list[int], width: int) -> None:
-        ids = [self._id(r) for r in requests]
-        self._send(protocol.PREFILL, [len(ids), width, *ids, *lengths])
+    def prefill(self, requests: list, start: int, length: int, ends: list[int], logits_read: bool,
+                capacity: int) -> None:
+        """A prefill pass writing positions [start, start + length) of each row
+        (row b's real ones end at `ends[b]`) into a pool of `capacity` blocks;
+        `logits_read`: whether rank 0 evaluates its logits (the others then do)."""
+        rows = self._rows(requests)
+        self._send(protocol.PREFILL, [capacity, len(requests), start, length, int(logits_read), *ends, *rows])
 
-    def chunk(self, request, start: int, length: int, last: bool) -> None:
-        self._send(protocol.CHUNK, [self._id(request), start, length, int(last)])
+    def decode(self, rows: list, capacity: int) -> None:
+        """A decode pass of `rows` (requests, or amlx.kv's PADDING_ROW) writing each
+        row's position `pos`, into a pool of `capacity` blocks."""
+        words = self._rows(rows)
+        self._send(protocol.DECODE, [capacity, len(rows), *[r.pos for r in rows], *words])
 
-    def decode(self, requests: list, positions: list[int]) -> None:
-        self._send(protocol.DECODE, [len(requests), *[self._id(r) for r in requests], *positions])
+    def _rows(self, rows: list) -> list[int]:
+        ids = [0 if r is PADDING_ROW else self._id(r) for r in rows]
+        return encode_rows(ids, [r.blocks for r in rows], self._known)
 
     def free(self, request) -> None:
         """The request ended: the followers drop its rows with the next message."""
         rid = self._ids.pop(request, None)
         if rid is not None:
+            self._known.pop(rid, None)
             self._frees.append(rid)
 
     def _id(self, request) -> int:

@@ -23,10 +23,11 @@ class TensorParallelLoad:
     model as it is built, then joins the group: `connect()` returns the Leader
     the engine drives. `abort()` stops everything if the load fails."""
 
-    def __init__(self, path: str | os.PathLike, size: int, device: str, dtype: str | None):
+    def __init__(self, path: str | os.PathLike, size: int, device: str, dtype: str | None,
+                 kv_bits: int | None = None):
         self.size = size
         hostfile = os.environ.get("AMLX_TP_HOSTFILE") or None
-        self.launch = _launch.start(str(path), size, device, dtype, hostfile)
+        self.launch = _launch.start(str(path), size, device, dtype, hostfile, kv_bits)
         self._group: dist.Group | None = None
 
     def reduce(self, x: Array) -> Array:

@@ -3,9 +3,10 @@ MLX's own collectives: an all_sum of a fixed-size int32 buffer that is zero on
 every rank but rank 0, so all ranks read rank 0's words. (Token ids travel
 inside the forward itself: see amlx.tp.shard.IdsFromRankZero.)
 
-A message is `[MAGIC, kind, length, frees..., body...]`: `frees` lists the
-request ids whose KV rows the other ranks drop first, `body` the forward to
-run. Messages longer than one buffer continue in more buffers.
+A message is `[MAGIC, kind, nfrees, nbody, frees..., body...]`: `frees` lists
+the request ids whose block tables the other ranks forget first, `body` the
+forward to run (amlx.tp.leader says its words). Messages longer than one
+buffer continue in more buffers.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from amlx._mlx import distributed as dist
 WORDS = 256  # int32 words per collective: one small all_sum for a step of up to ~120 rows
 MAGIC = 0x414D4C58  # "AMLX": a buffer that is not a message means the ranks lost step
 
-STOP, PREFILL, CHUNK, DECODE = 1, 2, 3, 4
-KINDS = {STOP: "stop", PREFILL: "prefill", CHUNK: "chunk", DECODE: "decode"}
+STOP, PREFILL, DECODE = 1, 2, 4
+KINDS = {STOP: "stop", PREFILL: "prefill", DECODE: "decode"}
 
 
 @dataclass(frozen=True)

@@ -1,84 +1,93 @@
-"""The KV rows of a rank other than 0, kept by request id.
+"""The block tables of a rank other than 0, mirrored from rank 0's.
 
-Rank 0's scheduler arranges its batch as it likes (rows join, leave, pause
-and come back); it tells the other ranks only which requests each forward
-pass runs, in which row order. A rank keeps the rows that last ran together
-as one group of caches and re-arranges them only when the order changes, as
-rank 0 does: its own attention heads need the same rows, not the same layout.
+Every rank holds its own shard of each layer's KV block pool (its key-value
+heads) with the same block ids as rank 0's pool: rank 0 alone allocates,
+caches prefixes and preempts, and each forward pass it describes carries the
+block table of every row it runs (only what changed since the rank last saw
+that row: `keep` entries of the old table, then the new ones) and the pool's
+size. The other ranks run the same writes into the same blocks, so a block
+that rank 0 reuses from its prefix cache holds the same positions' keys and
+values (for their own heads) on every rank. A rank never allocates.
+
+Rows are told as `[rid, keep, n, block...]` (rid 0: a padding row of a
+decode batch, which holds only the null block).
 """
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from amlx._mlx import ops
-from amlx.cache import KVCache
+from amlx.kv import PADDING_ROW, ShardKV
+
+__all__ = ["MirroredRows", "encode_rows", "shared_prefix"]
 
 
-class RowCaches:
-    def __init__(self, make_cache):
-        self._make = make_cache  # () -> list[KVCache], one per layer
-        self._groups: list[tuple[list[int], list[KVCache]]] = []
+@dataclass(eq=False)
+class _Row:
+    """What the pool's tables read of a row (amlx.kv.rows.KVRow)."""
+
+    blocks: list[int] = field(default_factory=list)
+    pos: int = 0
+    created: float = 0.0
+
+
+def shared_prefix(old: Sequence[int], new: Sequence[int]) -> int:
+    """How many leading entries `old` and `new` have in common."""
+    n = 0
+    for a, b in zip(old, new):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def encode_rows(ids: Sequence[int], tables: Sequence[list[int]], known: dict[int, list[int]]) -> list[int]:
+    """Rank 0: the words telling each row's table (row id `ids[i]`, 0 for
+    padding), given what the other ranks `known`ly hold (updated here)."""
+    words: list[int] = []
+    for rid, blocks in zip(ids, tables):
+        if rid == 0:
+            words += [0, 0, 0]
+            continue
+        old = known.get(rid, [])
+        keep = shared_prefix(old, blocks)
+        new = blocks[keep:]
+        words += [rid, keep, len(new), *new]
+        known[rid] = list(blocks)
+    return words
+
+
+class MirroredRows:
+    """The rows rank 0 has told this rank of, by id, over this rank's pool `kv`."""
+
+    def __init__(self, kv: ShardKV):
+        self.kv = kv
+        self._rows: dict[int, _Row] = {}
 
     def __len__(self) -> int:
-        return sum(len(ids) for ids, _ in self._groups)
+        return len(self._rows)
 
-    def fresh(self, ids: list[int]) -> list[KVCache]:
-        """Empty caches for new requests `ids` (a prefill fills them)."""
-        self.free(ids)  # a request id is never reused while alive; be safe anyway
-        caches = self._make()
-        self._groups.append((list(ids), caches))
-        return caches
+    def read(self, words: Sequence[int], count: int) -> tuple[list, int]:
+        """Applies `count` rows' tables from `words`; returns the rows (in order)
+        and how many words they took."""
+        rows, at = [], 0
+        for _ in range(count):
+            rid, keep, n = words[at], words[at + 1], words[at + 2]
+            new = list(words[at + 3:at + 3 + n])
+            at += 3 + n
+            if rid == 0:
+                rows.append(PADDING_ROW)
+                continue
+            row = self._rows.get(rid)
+            if row is None:
+                row = self._rows[rid] = _Row()
+            if keep != len(row.blocks) or new:
+                self.kv.adopt(row, row.blocks[:keep] + new)  # (a table changed: rebuilt on its next use)
+            rows.append(row)
+        return rows, at
 
-    def batch(self, ids: list[int]) -> list[KVCache]:
-        """The caches holding exactly the rows of `ids`, in that order."""
-        for group_ids, caches in self._groups:
-            if group_ids == ids:
-                return caches
-        rows = [self._take_out(i) for i in ids]
-        caches = rows[0]
-        for row in rows[1:]:
-            for mine, theirs in zip(caches, row):
-                mine.append_rows(theirs)
-        ops.eval(*[a for c in caches for a in c.state()])
-        self._groups.append((list(ids), caches))
-        return caches
-
-    def _take_out(self, rid: int) -> list[KVCache]:
-        """Request `rid`'s row as caches of its own, removed from its group."""
-        for n, (ids, caches) in enumerate(self._groups):
-            if rid in ids:
-                i = ids.index(rid)
-                row = [copy.copy(c) for c in caches]  # the same buffers until take_rows copies
-                for c in row:
-                    c.take_rows([i])
-                self._drop(n, [i])
-                return row
-        raise ValueError(f"tensor parallelism: rank 0 ran request {rid}, which this rank does not hold")
-
-    def _drop(self, n: int, rows: list[int]) -> None:
-        ids, caches = self._groups[n]
-        keep = [i for i in range(len(ids)) if i not in rows]
-        if not keep:
-            for c in caches:
-                c.close()
-            del self._groups[n]
-            return
-        for c in caches:
-            c.take_rows(keep)
-        self._groups[n] = ([ids[i] for i in keep], caches)
-
-    def free(self, ids: list[int]) -> None:
-        """Drops the rows of finished requests (unknown ids are ignored)."""
-        gone = set(ids)
-        for n in range(len(self._groups) - 1, -1, -1):
-            group_ids = self._groups[n][0]
-            rows = [i for i, rid in enumerate(group_ids) if rid in gone]
-            if rows:
-                self._drop(n, rows)
-
-    def close(self) -> None:
-        for _, caches in self._groups:
-            for c in caches:
-                c.close()
-        self._groups = []
+    def free(self, ids: Sequence[int]) -> None:
+        """Forgets finished requests (unknown ids are ignored); rank 0 gave their blocks back."""
+        for rid in ids:
+            self._rows.pop(rid, None)

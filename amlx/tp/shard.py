@@ -39,6 +39,16 @@ class IdsFromRankZero(Module):
     def as_linear(self, x: Array) -> Array:
         return self.embedding.as_linear(x)
 
+    # what the model reads of its embedding for the activations' float type
+    # (CausalLM.activation_dtype); `scales` raises AttributeError when not quantized
+    @property
+    def weight(self) -> Array:
+        return self.embedding.weight
+
+    @property
+    def scales(self) -> Array:
+        return self.embedding.scales
+
 
 def shard_problems(model: CausalLM, size: int) -> list[str]:
     """Why `model` cannot be split over `size` ranks (empty: it can)."""

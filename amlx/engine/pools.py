@@ -1,0 +1,125 @@
+"""The scheduler's KV block pools, one per shard, and what ties a request to
+them: which shard's pool takes it (the one holding most of its prefix), giving
+its blocks back (its full blocks staying in the prefix cache), caching what it
+has prefilled, the weights' epoch, and each layer's view of a pool for a pass.
+(amlx/kv/ holds the pools themselves; docs/architecture.md, "KV block pool and
+prefix cache".)"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from amlx._mlx import Array, array, ops
+from amlx.engine.request import Request
+from amlx.kv import KeyChain, PagedLayer, ShardKV, Tables, layer_views, make_pools, written
+
+__all__ = ["ShardPools", "table_arrays"]
+
+
+class ShardPools:
+    """`kv[i]` is shard i's pool and bookkeeping. `epoch` counts weight changes:
+    blocks filled under older weights are never cached."""
+
+    def __init__(self, model, options, shards: int):
+        self.kv: list[ShardKV] = make_pools(model, options, shards)
+        self.windows = model.windows()  # per layer
+        self.block_size = self.kv[0].block_size
+        self.epoch = 0
+
+    def counters(self) -> dict[str, int]:
+        """The pools' counters, summed (stats; any thread)."""
+        total: dict[str, int] = {}
+        for kv in self.kv:
+            for k, v in kv.pool.counters().items():
+                total[k] = v if k == "block_size" else total.get(k, 0) + v
+        return total
+
+    def pool_tokens(self) -> int:
+        """The most positions one request can hold (its shard's whole pool)."""
+        return self.kv[0].pool.usable * self.block_size
+
+    def block_bytes(self) -> int:
+        return self.kv[0].pool.bytes_per_block()
+
+    def _chain(self, req: Request) -> KeyChain:
+        """The request's block keys, hashed once as its tokens grow."""
+        if req.keys is None:
+            req.keys = KeyChain(self.block_size)
+        return req.keys
+
+    def fits(self, req: Request) -> bool:
+        """Whether some pool has room for the request's prefill now."""
+        return any(kv.fits(req.fill, self._chain(req)) for kv in self.kv)
+
+    def place(self, req: Request, load: list[int], busy: list[bool]) -> int | None:
+        """Gives a request the blocks for what it prefills in the shard holding the
+        longest cached prefix of it, else the one with the least `load`; returns
+        the shard, or None if no pool has room. A `busy` shard (rows running)
+        keeps one block of room for their next positions."""
+        chain = self._chain(req)
+        order = sorted(range(len(self.kv)), key=lambda i: (-self.kv[i].peek(req.fill, chain), load[i]))
+        for i in order:
+            cached = self.kv[i].reserve(req, req.fill, 1 if busy[i] else 0, chain)
+            if cached is not None:
+                req.shard, req.prefilled, req.pos, req.epoch = i, cached, 0, self.epoch
+                if req.recompute is None:
+                    req.cached_tokens = cached
+                return i
+        return None
+
+    def release(self, req: Request, cache: bool = True) -> None:
+        """A request lets go of its blocks; with `cache`, its full blocks stay in the
+        prefix cache (unless the weights changed since they were computed)."""
+        if req.blocks:
+            ids = req.prompt + req.generated if cache and req.epoch == self.epoch else None
+            self.kv[req.shard].release(req, ids, self._chain(req))
+
+    def cache_filled(self, req: Request) -> None:
+        """Caches the request's full blocks prefilled so far."""
+        if req.epoch == self.epoch:
+            self.kv[req.shard].cache_filled(req, req.fill, req.prefilled, self._chain(req))
+
+    def views(self, shard: int, tables: Tables, arrays: list[Array] | None = None) -> list[PagedLayer]:
+        """Each layer's view of a shard's pool (or of `arrays` in its layout: a
+        compiled step's inputs) for one forward pass."""
+        pool = self.kv[shard].pool
+        return layer_views(pool.arrays if arrays is None else arrays, tables, self.windows, pool.bits, pool.group)
+
+    def decode_pass(self, model, tokens: Array, positions: Array, tabs: list[Array],
+                    arrays: list[Array]) -> tuple[Array, list[Array]]:
+        """One decode forward as a pure function of arrays (what the scheduler
+        compiles; a tensor-parallel model's other ranks run the same): tokens
+        (B, 1), positions (B,), the pass's `table_arrays`, each layer's pool
+        array -> (logits (B, V), the pool arrays written). Every shard's pool
+        has the same layout, so shard 0's describes them all."""
+        rows, writes, table, window_rows, window_start = tabs
+        tables = Tables(rows, writes, tokens.shape[0], table.shape[1], self.block_size, table)
+        if window_rows.shape[0]:  # (a shape, not a flag: each form is traced apart)
+            kv = self.kv[0]
+            tables.window, tables.window_width = kv.window, kv.window_width
+            tables.window_rows, tables.window_start = window_rows, window_start
+        views = self.views(0, tables, arrays)
+        logits = model(tokens, views, positions)
+        logits = ops.reshape(logits, (tokens.shape[0], logits.shape[2]))
+        return logits, written(views)
+
+    def weights_changed(self) -> None:
+        """Empties the prefix caches; blocks of requests running now are not cached later."""
+        self.epoch += 1
+        for kv in self.kv:
+            kv.pool.clear_prefix()
+
+    def close(self) -> None:
+        for kv in self.kv:
+            kv.close()
+
+
+def table_arrays(tables: Tables) -> list[Array]:
+    """A decode pass's tables as the compiled step takes them (always five arrays: a
+    compiled function takes the same structure each call): gather pieces, write
+    slots, block table, and the windowed layers' pieces and starts (empty where
+    the pass has none)."""
+    if tables.window is not None:
+        return [tables.rows, tables.writes, tables.table, tables.window_rows, tables.window_start]
+    empty = array(np.zeros(0, np.int32))
+    return [tables.rows, tables.writes, tables.table, empty, empty]

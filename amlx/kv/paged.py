@@ -1,0 +1,186 @@
+"""Attention's view of the block pool for one forward pass.
+
+`PagedLayer` stands where a contiguous `KVCache` stands for `Attention`: it
+writes the pass's new keys and values into the layer's pool array and hands
+back keys and values to attend over, gathered through the rows' block tables.
+`Tables` is what every layer of the pass shares, made on the host once per
+pass (`amlx.kv.rows`): which pool rows to gather and where the new tokens go.
+
+Layout: a layer's pool is (2, blocks, kv_heads, block_size, head_dim), so one
+head of one block, (block_size, head_dim), is contiguous. Reading gathers those
+pieces in (keys/values, row, head, block) order with one `take` on the first
+axis of the pool seen as (2 * blocks * kv_heads, block_size * head_dim): the
+result is already (2, B, kv_heads, span, head_dim), contiguous, position p of
+a row at index p, which attention (and the CUDA decode kernel, `kv`) reads as
+it read the old contiguous cache. Slots a row has not filled are masked
+(decode) or lie past the causal diagonal (prefill). benchmarks/kv_gather.py
+compares this with the other forms measured on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from amlx._mlx import Array, ops
+from amlx.cache import decode_mask, memoized, window_mask
+
+__all__ = ["PagedLayer", "Tables", "layer_views", "written"]
+
+
+@dataclass
+class Tables:
+    """One forward pass's reading and writing plan, shared by every layer:
+
+    - `rows` (2 * B * kv_heads * width,) int32: the pool pieces to gather, in
+      (keys/values, row, head, table entry) order (unused entries: the null block);
+    - `writes` (N * kv_heads,) int32: for each new token n (row by row, then
+      position) and head, its slot in the pool seen as (2, blocks * kv_heads *
+      block_size, head_dim);
+    - `batch`, `width` (table entries per row), `block_size`;
+    - `table` (B, width) int32, the block ids themselves, in decode passes;
+    - `window`, `window_rows`, `window_start`, `window_width`: where layers with a
+      sliding window of at most `window` read (decode passes, when shorter)."""
+
+    rows: Array
+    writes: Array
+    batch: int
+    width: int
+    block_size: int
+    table: Array | None = None  # (B, width) int32 block ids (what the CUDA decode kernel reads)
+    # decode passes of models with sliding-window layers: those layers gather only the
+    # `window_width` blocks that can hold a row's window, starting at position window_start[b]
+    window: int | None = None
+    window_rows: Array | None = None
+    window_start: Array | None = None
+    window_width: int = 0
+
+    @property
+    def span(self) -> int:
+        """Positions one row's gathered keys cover."""
+        return self.width * self.block_size
+
+
+class PagedLayer:
+    """One layer's pool arrays seen through the pass's tables: one array (2,
+    blocks, kv_heads, block_size, head_dim), or with `bits` three (packed values,
+    scales, biases, each (2, blocks, kv_heads, block_size, n); amlx.kv.pool).
+    `parts` are the updated arrays after the pass."""
+
+    def __init__(self, parts: Array | Sequence[Array], tables: Tables, window: int | None = None,
+                 bits: int | None = None, group: int = 0):
+        self.parts = [parts] if isinstance(parts, Array) else list(parts)
+        self.tables = tables
+        self.window = window
+        self.bits, self.group = bits, group
+
+    @property
+    def pool(self) -> Array:
+        """The (first) pool array."""
+        return self.parts[0]
+
+    def _write(self, new: Array, memo: dict | None) -> None:
+        """Writes `new` (2, N, kv_heads, head_dim) at the tables' write slots: one
+        scatter per array (quantized first, with `bits`)."""
+        _, nb, h, bs, _ = self.parts[0].shape
+        n, d = new.shape[1] * h, new.shape[-1]
+        if self.bits:
+            packed = ops.quantize(ops.reshape(new, (2 * n, d)), self.group, self.bits)
+            values = [ops.reshape(x, (2, n, x.shape[-1])) for x in packed]
+        else:
+            values = [ops.reshape(new, (2, n, d))]
+        writes = self.tables.writes
+        for i, (part, value) in enumerate(zip(self.parts, values)):
+            w = value.shape[-1]
+            at = memoized(memo, ("writes", n, w), lambda w=w: ops.broadcast_to(ops.reshape(writes, (1, n, 1)),
+                                                                              (2, n, w)))
+            flat = ops.put_along_axis(ops.reshape(part, (2, nb * h * bs, w)), at, value, 1)
+            self.parts[i] = ops.reshape(flat, (2, nb, h, bs, w))
+
+    def gathered(self, rows: Array | None = None, width: int | None = None) -> Array:
+        """(2, B, kv_heads, span, head_dim): each row's blocks in table order
+        (dequantized, with `bits`); or the pieces `rows` of `width` blocks per row."""
+        t = self.tables
+        rows = t.rows if rows is None else rows
+        span = t.span if width is None else width * t.block_size
+        pieces = []
+        for part in self.parts:
+            _, nb, h, bs, w = part.shape
+            got = ops.take(ops.reshape(part, (2 * nb * h, bs * w)), rows, 0)
+            pieces.append(ops.reshape(got, (2, t.batch, h, span, w)))
+        if self.bits:
+            return ops.dequantize(pieces[0], pieces[1], pieces[2], self.group, self.bits)
+        return pieces[0]
+
+    @property
+    def kv(self) -> Array:
+        """The gathered keys and values (2, B, kv_heads, span, head_dim), laid
+        out as the contiguous cache held them."""
+        return self.gathered()
+
+    def kernel_input(self) -> tuple[Array, Array | None]:
+        """What the CUDA decode kernel reads: the pool itself and the (B, width)
+        table, which it reads through (nothing gathered); the gathered keys where
+        the pass has no table or the pool is quantized."""
+        if self.tables.table is None or self.bits:
+            return self.gathered(), None
+        return self.pool, self.tables.table
+
+    @staticmethod
+    def _halves(kv: Array, end: int) -> tuple[Array, Array]:
+        _, b, h, _, d = kv.shape
+        keys, values = (ops.reshape(ops.slice(kv, (i, 0, 0, 0, 0), (i + 1, b, h, end, d)), (b, h, end, d))
+                        for i in (0, 1))
+        return keys, values
+
+    def update_prefill(self, k: Array, v: Array, start: int, memo: dict | None = None):
+        """Writes k, v (B, H, L, D) at positions [start, start+L) of each row and returns
+        (keys, values, mask) over positions [0, start+L), as KVCache.update_prefill."""
+        if v.shape != k.shape:
+            raise ValueError(f"PagedLayer: keys {k.shape} and values {v.shape} differ in shape")
+        b, h, length, d = k.shape
+        end = start + length
+        rows = [ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (1, b * length, h, d)) for x in (k, v)]
+        self._write(ops.concatenate(rows, axis=0), memo)
+        keys, values = self._halves(self.gathered(), end)
+        if self.window is None or end <= self.window:
+            return keys, values, "causal"
+        return keys, values, memoized(memo, ("prefill", start, end, self.window),
+                                   lambda: window_mask(start, end, self.window))
+
+    def update_decode(self, k: Array, v: Array, positions: Array, memo: dict | None = None):
+        """Writes one position per row (k, v (B, H, 1, D) at `positions` (B,) int32) and
+        returns (keys, values, mask (B, 1, 1, span)) as KVCache.update_decode."""
+        b, h, _, d = k.shape
+        new = ops.concatenate([ops.reshape(k, (1, b, h, d)), ops.reshape(v, (1, b, h, d))], axis=0)
+        pos = self.write_decode(new, positions, memo)
+        t, window = self.tables, self.window
+        if window is not None and t.window is not None and window <= t.window and t.window_start is not None:
+            span = t.window_width * t.block_size  # only the blocks that can hold the window
+            keys, values = self._halves(self.gathered(t.window_rows, t.window_width), span)
+            first = t.window_start
+            start = memoized(memo, ("wstart", t.batch), lambda: ops.reshape(first, (t.batch, 1, 1, 1)))
+            return keys, values, memoized(memo, ("wmask", span, window),
+                                          lambda: decode_mask(span, pos - start, window))
+        span = t.span
+        keys, values = self._halves(self.gathered(), span)
+        return keys, values, memoized(memo, ("mask", span, window), lambda: decode_mask(span, pos, window))
+
+    def write_decode(self, new: Array, positions: Array, memo: dict | None = None) -> Array:
+        """Writes one position per row, keys and values in one scatter: `new`
+        (2, B, H, 1, D) or (2, B, H, D). Returns the positions as (B, 1, 1, 1)."""
+        b, h, d = new.shape[1], new.shape[2], new.shape[-1]
+        self._write(ops.reshape(new, (2, b, h, d)), memo)
+        return memoized(memo, ("rows", b), lambda: ops.reshape(positions, (b, 1, 1, 1)))
+
+
+def layer_views(arrays: Sequence[Array], tables: Tables, windows: Sequence[int | None], bits: int | None = None,
+                group: int = 0) -> list[PagedLayer]:
+    """Each layer's view of a pool's arrays (`BlockPool.arrays`: `parts` arrays per layer)."""
+    parts = 3 if bits else 1
+    return [PagedLayer(arrays[i * parts:(i + 1) * parts], tables, w, bits, group) for i, w in enumerate(windows)]
+
+
+def written(views: Sequence[PagedLayer]) -> list[Array]:
+    """The pool's arrays after a pass through `views` (in `BlockPool.arrays` order)."""
+    return [a for v in views for a in v.parts]

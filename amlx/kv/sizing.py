@@ -1,0 +1,79 @@
+"""How big each shard's KV block pool may grow: the load option
+`kv_cache_memory` (bytes, or a fraction of the device's memory) turned into
+blocks.
+
+The pools start small and grow (by 25%, or what is asked for) only as requests need blocks at
+once, so the limit is a ceiling, not an allocation. The default ceiling is a
+share of the device's memory: on the CPU, DEFAULT_CPU_FRACTION of the
+machine's RAM; on a GPU, DEFAULT_GPU_FRACTION of MLX's memory limit. A CPU
+engine's shards each get an equal part (a request lives in one shard's pool).
+"""
+
+from __future__ import annotations
+
+import os
+from numbers import Real
+
+from amlx._mlx import memory
+from amlx.kv.pool import BlockPool, block_bytes
+from amlx.kv.rows import ShardKV
+
+__all__ = ["DEFAULT_BLOCK_SIZE", "check_kv_bits", "check_kv_cache_memory", "kv_cache_bytes", "make_pools"]
+
+DEFAULT_BLOCK_SIZE = 16  # positions per block
+DEFAULT_CPU_FRACTION = 0.25
+DEFAULT_GPU_FRACTION = 0.5
+
+
+def check_kv_cache_memory(value: object) -> None:
+    """ValueError unless `value` is None, a byte count >= 1, or a fraction in (0, 1]."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"kv_cache_memory must be a number of bytes or a fraction of the device's memory, "
+                         f"not {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"kv_cache_memory must be at least 1 byte, not {value}")
+    elif not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"kv_cache_memory as a fraction of the device's memory must lie in (0, 1], not {value}")
+
+
+def check_kv_bits(value: object) -> None:
+    """ValueError unless `value` is None (full precision), 8 or 4."""
+    if value is not None and (isinstance(value, bool) or value not in (4, 8)):
+        raise ValueError(f"kv_bits must be None, 8 or 4, not {value!r}")
+
+
+def device_memory(device: str) -> int:
+    """Bytes of memory the device has: the machine's RAM on the CPU, MLX's memory limit on a GPU."""
+    if device == "gpu":
+        return int(memory.get_memory_limit())
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def kv_cache_bytes(value: int | float | None, device: str) -> int:
+    """The pool ceiling in bytes for a `kv_cache_memory` value (checked) on `device`."""
+    check_kv_cache_memory(value)
+    if isinstance(value, int):
+        return value
+    fraction = value if value is not None else (DEFAULT_GPU_FRACTION if device == "gpu" else DEFAULT_CPU_FRACTION)
+    return int(device_memory(device) * float(fraction))
+
+
+def make_pools(model, options, shards: int) -> list[ShardKV]:
+    """One ShardKV per shard for `model` (a CausalLM) under resolved EngineOptions."""
+    layout, dtype = model.kv_layout(), model.activation_dtype()
+    bs = options.kv_block_size or DEFAULT_BLOCK_SIZE
+    bits = options.kv_bits
+    per_block = block_bytes(layout, dtype, bs, bits)
+    total = kv_cache_bytes(options.kv_cache_memory, options.device)
+    blocks = max(2, total // shards // max(per_block, 1) + 1)  # (+1: the null block)
+    span_step = max(1, options.kv_block // bs)
+    windows = {w for w in model.windows() if w}
+    window = windows.pop() if len(windows) == 1 else None  # (several sizes: every layer reads the full span)
+    return [ShardKV(BlockPool(layout, dtype, bs, blocks, prefix_cache=options.prefix_cache, bits=bits), span_step,
+                    window) for _ in range(shards)]

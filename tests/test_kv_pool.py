@@ -1,0 +1,239 @@
+"""The KV block pool (amlx/kv): attention through block tables against the
+contiguous cache, the allocator's reference counts, and the prefix index
+(hits, misses, least-recently-used eviction, clearing)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from amlx._mlx import array, fast, float32, ops
+from amlx.cache import KVCache
+from amlx.kv import BlockPool, KeyChain, PagedLayer, PoolFull, ShardKV, block_keys, copy_blocks
+
+SCALE = 0.5
+
+
+def _attend(q: np.ndarray, keys, values, mask) -> np.ndarray:
+    out = fast.scaled_dot_product_attention(array(q), keys, values, scale=SCALE, mask=mask)
+    ops.eval(out)
+    return out.numpy()
+
+
+def _scatter_history(history: np.ndarray, tables: list[list[int]], rng, total: int, bs: int) -> np.ndarray:
+    """A pool (2, total, H, bs, D) of noise holding row r's positions of `history`
+    (2, B, H, cap, D) in the blocks tables[r]: position p at (tables[r][p // bs], :, p % bs)."""
+    _, b, h, cap, d = history.shape
+    pool = rng.standard_normal((2, total, h, bs, d)).astype(np.float32)
+    for r, blocks in enumerate(tables):
+        for j, blk in enumerate(blocks):
+            for o in range(bs):
+                if j * bs + o < cap:
+                    pool[:, blk, :, o] = history[:, r, :, j * bs + o]
+    return pool
+
+
+def _shard(h: int, d: int, bs: int, total: int, span_step: int = 1, window: int | None = None) -> ShardKV:
+    """Bookkeeping of a pool of `total` blocks, all grown (its arrays are the test's own)."""
+    pool = BlockPool([(h, d)], float32, bs, total, initial_blocks=total)
+    pool.allocate(total - 1)
+    return ShardKV(pool, span_step, window)
+
+
+def _random_tables(rng, needs: list[int], spare: int) -> tuple[list[list[int]], int]:
+    """Distinct random blocks (never the null block) for rows needing `needs` blocks."""
+    total = sum(needs) + spare + 1
+    ids = [int(x) for x in rng.permutation(np.arange(1, total))]
+    tables, at = [], 0
+    for n in needs:
+        tables.append(ids[at:at + n])
+        at += n
+    return tables, total
+
+
+shapes = st.fixed_dictionaries({
+    "bs": st.sampled_from([1, 2, 4, 8, 16]),
+    "kv_heads": st.sampled_from([1, 2]),
+    "groups": st.sampled_from([1, 2, 3]),  # query heads per KV head (GQA)
+    "d": st.sampled_from([4, 8]),
+    "window": st.one_of(st.none(), st.integers(1, 12)),
+    "seed": st.integers(0, 2**16),
+})
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, pos=st.lists(st.integers(0, 40), min_size=1, max_size=4), step=st.integers(1, 4))
+def test_decode_through_block_tables_matches_the_contiguous_cache(shape, pos, step):
+    """A decode step's write and attention over blocks scattered at random in a
+    pool of noise equal the contiguous cache's, for any block size, lengths,
+    window and GQA; the tables may be wider than the rows need (`step`), and a
+    windowed layer reads only the blocks that can hold its window when that is
+    narrower."""
+    rng = np.random.default_rng(shape["seed"])
+    bs, h, d, window = shape["bs"], shape["kv_heads"], shape["d"], shape["window"]
+    b, heads = len(pos), shape["kv_heads"] * shape["groups"]
+    cap = max(pos) + 1
+    history = rng.standard_normal((2, b, h, cap, d)).astype(np.float32)
+    new = rng.standard_normal((2, b, h, 1, d)).astype(np.float32)
+    q = rng.standard_normal((b, heads, 1, d)).astype(np.float32)
+    positions = array(np.asarray(pos, np.int32))
+
+    contiguous = KVCache(window=window)
+    contiguous.kv = array(history)
+    ref = _attend(q, *contiguous.update_decode(array(new[0]), array(new[1]), positions))
+
+    tables, total = _random_tables(rng, [p // bs + 1 for p in pos], spare=3)
+    owners = [SimpleNamespace(blocks=t, pos=p) for t, p in zip(tables, pos)]
+    kv = _shard(h, d, bs, total, step, window)
+    tabs = kv.decode_tables(owners)
+    assert tabs.width % step == 0 and tabs.width >= max(len(t) for t in tables)
+    assert (tabs.window is not None) == (window is not None and kv.window_width < tabs.width)
+    layer = PagedLayer(array(_scatter_history(history, tables, rng, total, bs)), tabs, window)
+    got = _attend(q, *layer.update_decode(array(new[0]), array(new[1]), positions))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # the new token landed in its row's block, at its offset
+    pool = layer.pool.numpy()
+    for r, p in enumerate(pos):
+        np.testing.assert_array_equal(pool[:, tables[r][p // bs], :, p % bs], new[:, r, :, 0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, rows=st.integers(1, 3), start=st.integers(0, 30), length=st.integers(1, 12),
+       data=st.data())
+def test_prefill_through_block_tables_matches_the_contiguous_cache(shape, rows, start, length, data):
+    """A prefill chunk at `start` over rows of different real lengths (right
+    padding, written to the null block) attends as the contiguous cache does at
+    every real position; its tables come from ShardKV.prefill_tables."""
+    rng = np.random.default_rng(shape["seed"])
+    bs, h, d, window = shape["bs"], shape["kv_heads"], shape["d"], shape["window"]
+    heads = h * shape["groups"]
+    ends = [start + data.draw(st.integers(1, length)) for _ in range(rows)]
+    ends[0] = start + length  # the longest row sets the chunk's length
+    end = start + length
+    history = rng.standard_normal((2, rows, h, max(start, 1), d)).astype(np.float32)
+    k, v = (rng.standard_normal((rows, h, length, d)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((rows, heads, length, d)).astype(np.float32)
+
+    contiguous = KVCache(window=window)
+    contiguous.kv = array(history)
+    ref = _attend(q, *contiguous.update_prefill(array(k), array(v), start))
+
+    tables, total = _random_tables(rng, [-(-e // bs) for e in ends], spare=2)
+    owners = [SimpleNamespace(blocks=t, pos=0) for t in tables]
+    tabs = _shard(h, d, bs, total).prefill_tables(owners, start, length, ends)
+    assert tabs.width == -(-end // bs) and tabs.batch == rows
+    hist = history if start else history[:, :, :, :0]
+    layer = PagedLayer(array(_scatter_history(hist, tables, rng, total, bs)), tabs, window)
+    got = _attend(q, *layer.update_prefill(array(k), array(v), start))
+    for r in range(rows):
+        real = ends[r] - start
+        np.testing.assert_allclose(got[r, :, :real], ref[r, :, :real], rtol=1e-5, atol=1e-5)
+
+
+def _pool(blocks: int = 6, prefix: bool = True, initial: int = 2) -> BlockPool:
+    return BlockPool([(1, 4)], float32, 2, blocks, prefix_cache=prefix, initial_blocks=initial)
+
+
+def test_allocator_counts_references_and_grows_only_for_held_blocks():
+    pool = _pool()
+    assert pool.available() == 5 and pool.capacity == 0  # the null block is never handed out
+    a = pool.allocate(1)
+    assert pool.capacity == 2 and a == [1]  # grown to its first size on demand
+    b = pool.allocate(3)
+    assert pool.capacity == 5 and sorted(b) == [2, 3, 4]  # grown by what was asked for (more than 25%)
+    assert pool.available() == 1 and pool.used() == 4
+    with pytest.raises(PoolFull):
+        pool.allocate(2)
+    pool.hold(b[:1])  # a second request shares a block
+    pool.release(b)
+    assert pool.used() == 2 and pool.available() == 3
+    pool.release(b[:1])
+    assert pool.used() == 1
+    # idle cached blocks are evicted before the arrays grow: the prefix cache lives in
+    # the room held blocks already made
+    grown = _pool(blocks=6)
+    kv = ShardKV(grown)
+    row = SimpleNamespace(blocks=[], pos=0)
+    kv.reserve(row, [1, 2, 3], headroom=0)
+    kv.cache_filled(row, [1, 2, 3], 3)
+    kv.release(row)
+    assert grown.capacity == 3 and grown.prefix.idle == 1  # (the null block, one cached, one free)
+    kv.reserve(row, [5, 6, 7, 8], headroom=0)
+    assert grown.capacity == 3 and grown.prefix.idle == 0  # evicted, not grown
+    grown.close()
+    assert all(a.shape == (2, 5, 1, 2, 4) for a in pool.arrays)
+    pool.close()
+
+
+def test_prefix_index_hits_misses_lru_eviction_and_clear():
+    pool = _pool(blocks=6, initial=6)  # at its full size (cached blocks never make it grow)
+    row = SimpleNamespace(blocks=[], pos=0)
+    kv = ShardKV(pool)
+    prompt = [1, 2, 3, 4, 5]  # two full blocks of 2, then one token
+    assert kv.reserve(row, prompt) == 0 and len(row.blocks) == 3
+    kv.cache_filled(row, prompt, len(prompt))
+    first = list(row.blocks)
+    kv.release(row)
+    assert pool.prefix.idle == 2 and pool.used() == 0  # the full blocks stay cached
+    # the same prefix: two blocks from the cache, one computed
+    other = SimpleNamespace(blocks=[], pos=0)
+    assert kv.reserve(other, [1, 2, 3, 4, 9]) == 4 and other.blocks[:2] == first[:2]
+    assert pool.prefix.hits == 2 and pool.prefix.idle == 0
+    kv.release(other)
+    # a prefix ending mid-block reuses only the full blocks before it
+    assert kv.peek([1, 2, 3, 7, 7]) == 2 and kv.peek([1, 9, 3, 4, 5]) == 0
+    # one token must always be computed: an exact two-block prompt reuses one block
+    assert kv.peek([1, 2, 3, 4]) == 2
+    # a different prompt that needs one block more than is free evicts a cached
+    # one: the least recently used, which is the tail of the chain
+    big = SimpleNamespace(blocks=[], pos=0)
+    assert kv.reserve(big, [7] * 8, headroom=0) == 0 and len(big.blocks) == 4
+    assert pool.prefix.idle == 1 and kv.peek([1, 2, 3, 4, 5]) == 2  # block (3, 4) went first
+    kv.release(big)
+    pool.clear_prefix()
+    assert kv.peek([1, 2, 3, 4, 5]) == 0 and pool.available() == 5
+    pool.close()
+
+
+def test_block_keys_chain_the_whole_prefix():
+    a = block_keys([1, 2, 3, 4, 5, 6], 2)
+    b = block_keys([9, 2, 3, 4, 5, 6], 2)
+    assert len(a) == 3 and len(block_keys([1, 2, 3], 2)) == 1
+    assert a[1] != b[1]  # same block tokens, different prefix: different key
+    assert block_keys([1, 2, 3, 4], 2) == a[:2]
+
+
+@given(tokens=st.lists(st.integers(0, 1000), max_size=60), cuts=st.lists(st.integers(0, 60), max_size=5),
+       bs=st.sampled_from([1, 2, 4, 16]))
+def test_a_key_chain_hashes_incrementally_what_block_keys_hashes_at_once(tokens, cuts, bs):
+    chain = KeyChain(bs)
+    for n in sorted(cuts) + [len(tokens)]:
+        ids = tokens[:n]
+        assert chain.keys(tokens, len(ids) // bs) == block_keys(ids, bs)
+
+
+def test_copy_blocks_moves_a_rows_blocks_between_pools():
+    src, dst = _pool(), _pool()
+    got = src.allocate(2)
+    data = np.arange(2 * 6 * 1 * 2 * 4, dtype=np.float32).reshape(2, 6, 1, 2, 4)
+    src.arrays = [array(data)]
+    dst.allocate(1)
+    new = copy_blocks(src, dst, got)
+    out = dst.arrays[0].numpy()
+    for s, t in zip(got, new):
+        np.testing.assert_array_equal(out[:, t], data[:, s])
+    src.close()
+    dst.close()
+
+
+def test_padded_batch_sizes():
+    from amlx.engine.placement import padded_batch
+
+    sizes = {padded_batch(n) for n in range(1, 129)}
+    assert sizes == {1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128}
+    for n in range(1, 129):
+        assert n <= padded_batch(n) <= n + (7 if n <= 64 else 15)
