@@ -388,3 +388,70 @@ def test_constrained_and_seeded_requests(checkpoints):
     got = run(lambda: _load_and(path, 2, together))
     assert got[0] in ("yes please", "no thanks", "maybe")
     assert got == expected
+
+
+def _ids(seed: int, n: int) -> list[int]:
+    import numpy as np
+
+    return [int(x) for x in np.random.default_rng(seed).integers(10, 200, n)]
+
+
+def test_prefix_cache_over_the_ranks(checkpoints):
+    """A second request sharing a long prefix with the first reuses rank 0's cached
+    blocks (usage.cached_tokens > 0); the other ranks hold the same blocks' keys and
+    values for their heads, so its greedy tokens are one process's. A third prompt
+    ending mid-block, and the first prompt again, reuse them too."""
+    from amlx.kv import DEFAULT_BLOCK_SIZE as BS
+
+    path = checkpoints["qwen3"]
+    base = _ids(1, 3 * BS + 5)
+    prompts = [base, base + _ids(2, 9), base[:2 * BS + 3] + _ids(3, 4), base]
+
+    async def sequential(m):
+        return [((c := await m.complete(p, max_tokens=10)).token_ids, c.usage.cached_tokens) for p in prompts]
+
+    async def on(tp):
+        async with await amlx.load(path, device="cpu", tensor_parallel=tp) as m:
+            return await sequential(m)
+
+    async def off():
+        async with await amlx.load(path, device="cpu", prefix_cache=False) as m:
+            return await sequential(m)
+    expected, got, uncached = run(on, 1), run(on, 2), run(off)
+    assert [t for t, _ in got] == [t for t, _ in expected] == [t for t, _ in uncached]
+    assert [c for _, c in got] == [c for _, c in expected]
+    assert got[0][1] == 0 and all(c > 0 for _, c in got[1:])
+    assert followers() == []
+
+
+def test_small_pool_waits_and_preempts(checkpoints, monkeypatch):
+    """A KV pool of 10 blocks on every rank (rank 0's block holds its half of the
+    key-value heads): requests wait for blocks and rows that outgrow the pool are
+    preempted and recomputed; every stream is its solo run (seeded sampling
+    included), with prefix caching on and off, and with padded decode batches."""
+    monkeypatch.setenv("AMLX_PREFILL_CHUNK", "8")  # preempted recomputes go in several chunks
+    path = checkpoints["qwen3"]
+    prompts = [_ids(30 + k, 20) for k in range(4)]
+    n = 60  # each needs 5 blocks at the end; they need 20 > 10
+    options = [{}, {"temperature": 1.0, "seed": 5, "repetition_penalty": 1.3}, {}, {}]
+
+    async def solo():
+        async with await amlx.load(path, device="cpu", prefix_cache=False) as m:
+            return ([(await m.complete(p, max_tokens=n, **o)).token_ids for p, o in zip(prompts, options)],
+                    m.engine.scheduler.block_bytes())
+    expected, per_block = run(solo)
+
+    async def small(prefix: bool, pad: bool):
+        async with await amlx.load(path, device="cpu", tensor_parallel=2, kv_cache_memory=10 * per_block // 2,
+                                   prefix_cache=prefix) as m:
+            assert m.engine.scheduler.block_bytes() == per_block // 2  # rank 0's share of the heads
+            assert m.engine.scheduler.options.pad_batches == pad
+            got = await asyncio.gather(*[m.complete(p, max_tokens=n, **o) for p, o in zip(prompts, options)])
+            assert await idle(m)
+            return [c.token_ids for c in got], m.stats()["kv_cache"]["preemptions"]
+    for prefix, pad in ((False, False), (True, True)):
+        monkeypatch.setenv("AMLX_PAD_BATCHES", str(int(pad)))  # read when the engine is built
+        got, preemptions = run(small, prefix, pad)
+        assert got == expected
+        assert preemptions > 0
+    assert followers() == []
