@@ -55,6 +55,12 @@ def _random_tables(rng, needs: list[int], spare: int) -> tuple[list[list[int]], 
     return tables, total
 
 
+# Both sides run MLX's attention over the same values, but over spans of different
+# lengths and masks. On the CPU that sums in the same order; MLX's CUDA attention
+# (float32 inputs in reduced-precision tensor-core products) differed by up to 8e-4
+# on the H200 (values of magnitude ~2).
+TOL = 2e-3 if fast.cuda_available() else 1e-5
+
 shapes = st.fixed_dictionaries({
     "bs": st.sampled_from([1, 2, 4, 8, 16]),
     "kv_heads": st.sampled_from([1, 2]),
@@ -94,7 +100,7 @@ def test_decode_through_block_tables_matches_the_contiguous_cache(shape, pos, st
     assert (tabs.window is not None) == (window is not None and kv.window_width < tabs.width)
     layer = PagedLayer(array(_scatter_history(history, tables, rng, total, bs)), tabs, window)
     got = _attend(q, *layer.update_decode(array(new[0]), array(new[1]), positions))
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, ref, rtol=TOL, atol=TOL)
     # the new token landed in its row's block, at its offset
     pool = layer.pool.numpy()
     for r, p in enumerate(pos):
