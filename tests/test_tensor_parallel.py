@@ -455,3 +455,16 @@ def test_small_pool_waits_and_preempts(checkpoints, monkeypatch):
         assert got == expected
         assert preemptions > 0
     assert followers() == []
+
+
+def test_quantized_kv_cache(tmp_path):
+    """kv_bits=8: every rank stores its heads' blocks quantized (the followers start
+    with rank 0's kv_bits), and the greedy tokens are one process's with kv_bits=8."""
+    path = make_checkpoint(tmp_path / "q", "qwen3", seed=3, head_dim=64)  # (kv_bits quantizes groups of 64)
+    prompts, max_tokens = PROMPTS[:3], MAX_TOKENS[:3]
+
+    async def go(tp):
+        async with await amlx.load(path, device="cpu", tensor_parallel=tp, kv_bits=8) as m:
+            assert m.engine.scheduler.pools.kv[0].pool.bits == 8
+            return await greedy_together(m, prompts, max_tokens)
+    assert run(go, 2) == run(go, 1)
