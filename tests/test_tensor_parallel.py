@@ -468,3 +468,42 @@ def test_quantized_kv_cache(tmp_path):
             assert m.engine.scheduler.pools.kv[0].pool.bits == 8
             return await greedy_together(m, prompts, max_tokens)
     assert run(go, 2) == run(go, 1)
+
+
+class _Adopting:
+    """What MirroredRows uses of a ShardKV: adopt (a row's table replaced)."""
+
+    def adopt(self, row, blocks):
+        row.blocks = blocks
+
+
+def test_mirrored_tables_follow_rank_zero():
+    """Whatever rank 0's tables do between steps (grow, shrink, get replaced after a
+    preemption, share a cached prefix, end, pad), the followers' copies built from
+    the changes sent are rank 0's tables."""
+    from hypothesis import given, settings, strategies as st
+
+    from amlx.kv import PADDING_ROW
+    from amlx.tp.rows import MirroredRows, encode_rows
+
+    tables = st.lists(st.integers(1, 12), max_size=8)
+    steps = st.lists(st.dictionaries(st.integers(1, 5), tables, min_size=1), min_size=1, max_size=12)
+
+    @settings(max_examples=200, deadline=None)
+    @given(steps)
+    def check(history):
+        known: dict = {}
+        mirror = MirroredRows(_Adopting())
+        live: set = set()
+        for step in history:
+            gone = sorted(live - set(step))
+            for rid in gone:
+                known.pop(rid, None)
+            mirror.free(gone)
+            live = set(step)
+            ids = [*step, 0]  # a padding row at the end
+            words = encode_rows(ids, [step[i] for i in step] + [[0]], known)
+            rows, used = mirror.read(words, len(ids))
+            assert used == len(words)
+            assert [r.blocks for r in rows[:-1]] == [step[i] for i in step] and rows[-1] is PADDING_ROW
+    check()

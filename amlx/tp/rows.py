@@ -51,7 +51,8 @@ def encode_rows(ids: Sequence[int], tables: Sequence[list[int]], known: dict[int
             words += [0, 0, 0]
             continue
         old = known.get(rid, [])
-        keep = shared_prefix(old, blocks)
+        # (the usual case, a table that only grew, compared at C speed: this runs every step)
+        keep = len(old) if blocks[:len(old)] == old else shared_prefix(old, blocks)
         new = blocks[keep:]
         words += [rid, keep, len(new), *new]
         known[rid] = list(blocks)
