@@ -366,16 +366,33 @@ def _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory=None,
         raise ValueError(f"prefix_cache must be True or False, not {prefix_cache!r}")
 
 
-def _read_on_host(path, dtype) -> tuple[Any, Any]:
+def _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens) -> dict:
+    """The load options the engine takes (EngineOptions), the speculative ones checked."""
+    from amlx.speculative.draft import DraftSpec
+
+    spec = DraftSpec.from_options(draft, num_draft_tokens)  # ValueError on bad values
+    return {"kv_cache_memory": kv_cache_memory, "prefix_cache": prefix_cache, "kv_bits": kv_bits,
+            "draft": None if spec is None else (spec.kind if spec.path is None else str(spec.path)),
+            "num_draft_tokens": num_draft_tokens}
+
+
+def _read_on_host(path, dtype, draft: str | None = None) -> tuple[Any, Any]:
     """The host phase of loading (pure Python, no MLX; any thread but the worker):
     the checkpoint's files checked and read (`amlx.models.prepare`), then the
-    tokenizer. Nothing in a checkpoint can make it block (docs/architecture.md)."""
+    tokenizer, and a draft model's tokenizer checked against it. Nothing in a
+    checkpoint can make it block (docs/architecture.md)."""
     from amlx.models import prepare
+    from amlx.speculative.draft import PROMPT_LOOKUP, check_draft_tokenizer
     from amlx.tokenizer import Tokenizer
 
     path = resolve_model(path)  # a Hugging Face id: from the local cache, or downloaded
     spec = prepare(path, dtype)
-    return spec, Tokenizer.from_dir(path)
+    tokenizer = Tokenizer.from_dir(path)
+    if draft is not None and draft != PROMPT_LOOKUP:
+        check_draft_tokenizer(tokenizer, Tokenizer.from_dir(draft), path, draft)  # DraftTokenizerError
+        raise ValueError(f"draft={draft}: draft models are not supported by the engine yet "
+                         f"(draft='prompt_lookup' is)")
+    return spec, tokenizer
 
 
 def _warm_up(model, device: str, max_rows: int) -> None:
@@ -432,7 +449,8 @@ def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Wo
 
 async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
                max_context: int | None = None, adapter: Any = None, kv_cache_memory: int | float | None = None,
-               prefix_cache: bool = True, kv_bits: int | None = None) -> Model:
+               prefix_cache: bool = True, kv_bits: int | None = None, draft: str | os.PathLike | None = None,
+               num_draft_tokens: int = 4) -> Model:
     """Loads a Hugging Face or MLX checkpoint: a directory, or a Hugging Face model
     id ("org/name") found in the local Hugging Face cache or downloaded into it
     (`amlx.hub.resolve_model`; a directory that exists wins).
@@ -450,13 +468,21 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     prompts that start the same way (Completion.usage.cached_tokens says how
     many tokens were reused). kv_bits: 8 or 4 stores the KV cache quantized
     (MLX's affine quantization per group of 64 values), for about 1/2 or 1/4 of
-    the memory (see docs/architecture.md for its measured error). Raises ModelLoadError for bad checkpoints. Use
+    the memory (see docs/architecture.md for its measured error). draft:
+    speculative decoding: "prompt_lookup" drafts each row's next tokens from
+    earlier occurrences of its last tokens in its prompt and output, and the
+    model verifies them in one batched step (greedy output is unchanged;
+    sampled output keeps its distribution); a draft model's path is checked
+    for the target's tokenizer (DraftTokenizerError) and then refused: not
+    supported yet. num_draft_tokens: the most tokens a row drafts per step
+    (1..16). Model.stats()["speculative"] counts drafted and accepted tokens.
+    Raises ModelLoadError for bad checkpoints. Use
     as `async with await amlx.load(path) as model:`."""
     _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits)
-    kv = {"kv_cache_memory": kv_cache_memory, "prefix_cache": prefix_cache, "kv_bits": kv_bits}
+    kv = _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens)
     # Files are read on a thread of their own, not on the worker that every model
     # shares; a cancelled load stops waiting for it at once.
-    host = await anyio.to_thread.run_sync(_read_on_host, path, dtype, abandon_on_cancel=True)
+    host = await anyio.to_thread.run_sync(_read_on_host, path, dtype, kv["draft"], abandon_on_cancel=True)
     worker = Worker.get()
     return await worker.run(
         lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, kv))
@@ -464,11 +490,12 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
 
 def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
               max_context: int | None = None, adapter: Any = None, kv_cache_memory: int | float | None = None,
-              prefix_cache: bool = True, kv_bits: int | None = None) -> Model:
+              prefix_cache: bool = True, kv_bits: int | None = None, draft: str | os.PathLike | None = None,
+              num_draft_tokens: int = 4) -> Model:
     """`load` for scripts and blocking code."""
     _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits)
-    kv = {"kv_cache_memory": kv_cache_memory, "prefix_cache": prefix_cache, "kv_bits": kv_bits}
-    host = _read_on_host(path, dtype)
+    kv = _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens)
+    host = _read_on_host(path, dtype, kv["draft"])
     worker = Worker.get()
     return worker.run_sync(
         lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, kv))

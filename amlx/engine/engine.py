@@ -138,7 +138,8 @@ class Engine:
         the KV block pools' counters (`kv_cache`: blocks used (held by requests),
         cached (held by no request, reusable by the prefix cache, evictable), free
         and allocated (the arrays' size: used + cached + free), block size,
-        prefix-cache block hits and misses, preemptions).
+        prefix-cache block hits and misses, preemptions), and for models loaded
+        with `draft`, `speculative`: drafted and accepted tokens (SpeculativeCounters).
 
         tokens_per_second: tokens over the time the engine spent working in the
         last 10 seconds (idle time does not count; 0 after 10 idle seconds)."""
@@ -147,9 +148,12 @@ class Engine:
         s = self.scheduler
         counts = s.counts()
         kv = {**s.kv_counters(), "preemptions": s.preemptions}
-        return {"active_requests": counts["active"], "waiting_requests": counts["waiting"],
-                "tokens_generated": s.tokens_generated, "decode_steps": s.decode_steps,
-                "tokens_per_second": s.rate.rate(), "memory": memory.counters(), "kv_cache": kv}
+        out = {"active_requests": counts["active"], "waiting_requests": counts["waiting"],
+               "tokens_generated": s.tokens_generated, "decode_steps": s.decode_steps,
+               "tokens_per_second": s.rate.rate(), "memory": memory.counters(), "kv_cache": kv}
+        if s.speculator is not None:  # a model loaded with `draft`: drafted and accepted tokens
+            out["speculative"] = s.speculator.stats.snapshot()
+        return out
 
     # -- jobs on the worker thread ------------------------------------------------
     async def run(self, fn: Callable[[], Any]) -> Any:
