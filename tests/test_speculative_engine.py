@@ -247,3 +247,16 @@ def test_verify_pass_equals_full_forward(checkpoints, arch):
     finally:
         kv.close()
         model.close()
+
+
+def test_metrics_export_speculative_counters(checkpoints):
+    """The server's /metrics carries the drafted and accepted counters of `stats()`."""
+    from amlx.serve.metrics import Metrics
+
+    with amlx.load_sync(checkpoints["qwen3"], device="cpu", draft="prompt_lookup") as model:
+        model.complete_sync(PROMPTS[0], max_tokens=N_NEW)
+        counters = model.stats()["speculative"]
+        text = Metrics(model).render().decode()
+    assert f"amlx_speculative_drafted_tokens_total {float(counters['drafted_tokens'])}" in text
+    assert f"amlx_speculative_accepted_tokens_total {float(counters['accepted_tokens'])}" in text
+    assert counters["drafted_tokens"] > 0
