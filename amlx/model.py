@@ -376,10 +376,11 @@ def _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tok
             "num_draft_tokens": num_draft_tokens}
 
 
-def _read_on_host(path, dtype, draft: str | None = None) -> tuple[Any, Any]:
+def _read_on_host(path, dtype, draft: str | None = None) -> tuple[Any, Any, Any]:
     """The host phase of loading (pure Python, no MLX; any thread but the worker):
     the checkpoint's files checked and read (`amlx.models.prepare`), then the
-    tokenizer, and a draft model's tokenizer checked against it. Nothing in a
+    tokenizer, and a draft model's tokenizer checked against it before its files
+    are read (the third item: its prepared checkpoint, or None). Nothing in a
     checkpoint can make it block (docs/architecture.md)."""
     from amlx.models import prepare
     from amlx.speculative.draft import PROMPT_LOOKUP, check_draft_tokenizer
@@ -388,11 +389,11 @@ def _read_on_host(path, dtype, draft: str | None = None) -> tuple[Any, Any]:
     path = resolve_model(path)  # a Hugging Face id: from the local cache, or downloaded
     spec = prepare(path, dtype)
     tokenizer = Tokenizer.from_dir(path)
+    draft_spec = None
     if draft is not None and draft != PROMPT_LOOKUP:
         check_draft_tokenizer(tokenizer, Tokenizer.from_dir(draft), path, draft)  # DraftTokenizerError
-        raise ValueError(f"draft={draft}: draft models are not supported by the engine yet "
-                         f"(draft='prompt_lookup' is)")
-    return spec, tokenizer
+        draft_spec = prepare(draft, dtype)
+    return spec, tokenizer, draft_spec
 
 
 def _warm_up(model, device: str, max_rows: int) -> None:
@@ -409,6 +410,19 @@ def _warm_up(model, device: str, max_rows: int) -> None:
         raise
 
 
+def _load_draft(target, draft_spec, dtype):
+    """The draft model's CausalLM (load option draft=PATH), on the engine's stream; None without."""
+    from amlx.models import build_model
+
+    if draft_spec is None:
+        return None
+    try:
+        return build_model(draft_spec, dtype=dtype).model
+    except BaseException:
+        target.close()
+        raise
+
+
 def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Worker, adapter=None,
                     kv: dict | None = None) -> Model:
     from amlx.engine.placement import EngineOptions, Placement
@@ -419,7 +433,7 @@ def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Wo
     options = EngineOptions(device=_resolve_device(device), **(kv or {})).resolved()
     placement = Placement(options)
     dev = options.device
-    spec, tokenizer = host
+    spec, tokenizer, draft_spec = host
     with placement.on():
         loaded = build_model(spec, dtype=dtype)
         if adapter is not None:
@@ -427,6 +441,7 @@ def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Wo
 
             apply_adapter(loaded, adapter)  # closes the model if the adapter does not apply
         _warm_up(loaded.model, dev, max(max_batch_size, options.prefill_chunk))
+        draft = _load_draft(loaded.model, draft_spec, dtype)
     limit = loaded.config["max_position_embeddings"]
     ctx = limit if max_context is None else min(max_context, limit)
     cfg = loaded.config
@@ -435,10 +450,12 @@ def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Wo
     try:
         engine = Engine(loaded.model, tokenizer, eos_ids=eos, vocab_size=cfg["vocab_size"],
                         max_batch_size=max_batch_size, max_context=ctx, worker=worker, options=options,
-                        placement=placement)
+                        placement=placement, draft_model=draft)
     except BaseException:  # e.g. kv_bits with a head dimension it cannot group
         with placement.on():
             loaded.model.close()
+            if draft is not None:
+                draft.close()
         placement.release()
         raise
     # (the engine's context: also at most what one request can hold in the KV cache pool)
@@ -472,9 +489,10 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     speculative decoding: "prompt_lookup" drafts each row's next tokens from
     earlier occurrences of its last tokens in its prompt and output, and the
     model verifies them in one batched step (greedy output is unchanged;
-    sampled output keeps its distribution); a draft model's path is checked
-    for the target's tokenizer (DraftTokenizerError) and then refused: not
-    supported yet. num_draft_tokens: the most tokens a row drafts per step
+    sampled output keeps its distribution); or a draft model's path (a
+    smaller model of the same tokenizer, loaded beside it on the same device
+    with a KV cache of its own), whose tokenizer is checked against the
+    target's first (DraftTokenizerError). num_draft_tokens: the most tokens a row drafts per step
     (1..16). Model.stats()["speculative"] counts drafted and accepted tokens.
     Raises ModelLoadError for bad checkpoints. Use
     as `async with await amlx.load(path) as model:`."""

@@ -32,13 +32,15 @@ class Engine:
     `model`: the CausalLM (the engine owns it from now on and frees it on close);
     `tokenizer`: for streaming detokenization; `eos_ids`: ids that end a stream;
     `vocab_size`: prompt ids must lie below it; `max_context`: prompt plus
-    generated tokens per request. Every method may be called from any thread;
+    generated tokens per request; `draft_model`: a draft model's CausalLM for
+    speculative decoding (options.draft its path). Every method may be called from any thread;
     none blocks on MLX except `close` and `run_sync`, which wait for the worker."""
 
     def __init__(self, model, tokenizer, *, eos_ids: frozenset[int], vocab_size: int, max_batch_size: int,
                  max_context: int, worker: Worker | None = None, shards: int | None = None,
-                 options: EngineOptions | None = None, placement: Placement | None = None):
+                 options: EngineOptions | None = None, placement: Placement | None = None, draft_model=None):
         self.model = model
+        self.draft_model = draft_model  # speculative decoding's draft (load option draft=PATH), owned too
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
         self.vocab_size = vocab_size
@@ -48,7 +50,7 @@ class Engine:
         # the engine's device, streams and switches (placement.py): `placement`, if the
         # weights were loaded on it already, else made here from `options`
         self.scheduler = Scheduler(model, max_batch_size, self._worker.wake, shards=shards, options=options,
-                                   placement=placement)
+                                   placement=placement, draft_model=draft_model, vocab_size=vocab_size)
         self.placement = self.scheduler.placement
         # A request lives in one shard's KV block pool: the context is at most what it holds.
         self.pool_tokens = self.scheduler.pool_tokens()
@@ -189,6 +191,8 @@ class Engine:
             self.scheduler.shutdown()
             self._worker.remove_scheduler(self.scheduler)
             self.model.close()
+            if self.draft_model is not None:
+                self.draft_model.close()
         self.placement.release()
 
     def _begin_close(self) -> bool:

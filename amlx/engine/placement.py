@@ -84,8 +84,8 @@ class EngineOptions:
       plain matmul and softmax over every query-key pair, computes in full).
       Default: 256 on the CPU, 2048 on a GPU.
     - draft: speculative decoding: "prompt_lookup" drafts by n-gram lookup in each
-      row's own tokens (amlx/engine/speculate.py); None: off. (A draft model's
-      path is refused for now.)
+      row's own tokens (amlx/engine/speculate.py), a path: a draft model drafts
+      (amlx/engine/draft_model.py); None: off.
     - num_draft_tokens: the most tokens a row drafts per verify step (1..16)."""
 
     device: str = "cpu"

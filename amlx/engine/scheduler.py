@@ -52,6 +52,7 @@ from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, d
 from amlx.engine.pools import ShardPools
 from amlx.kv import PADDING_ROW, ShardKV, Tables, copy_blocks, preemption_order, written
 from amlx.engine.rate import RateMeter
+from amlx.engine.draft_model import DraftModel
 from amlx.engine.speculate import Speculator
 from amlx.speculative.draft import DraftSpec
 from amlx.engine.request import Request
@@ -75,12 +76,13 @@ class _Shard:
 class Scheduler:
     def __init__(self, model, max_batch_size: int, wake: callable, prefill_chunk: int | None = None,
                  compile_step: bool = True, shards: int | None = None, options: EngineOptions | None = None,
-                 placement: Placement | None = None):
+                 placement: Placement | None = None, draft_model=None, vocab_size: int | None = None):
         """`options` (resolved here if not yet) fix the device, shards, decode
         kernel, KV growth block and prefill chunk once; `shards` and
         `prefill_chunk` override the options' (tests, benchmarks). `placement`:
         the engine's streams if already made (the weights were loaded on them);
-        else made here, on the calling thread."""
+        else made here, on the calling thread. `draft_model`: the draft of a model
+        loaded with `draft=PATH` (its pools are made here; `vocab_size`: the target's)."""
         options = options or EngineOptions(shards=shards)
         if shards is not None or (options.shards is None and options.device == "cpu"):
             options = replace(options, shards=shards or default_shards())
@@ -128,8 +130,11 @@ class Scheduler:
         self.fault = None
         # speculative decoding (load option `draft`), None without
         spec = DraftSpec.from_options(self.options.draft, self.options.num_draft_tokens)
+        draft = None
+        if draft_model is not None:
+            draft = DraftModel(draft_model, self.options, len(self.placement.streams), vocab_size)
         self.speculator = None if spec is None else Speculator(spec, model, self.pools.views, self.placement.on,
-                                                                self._emit)
+                                                                self._emit, draft)
 
     @property
     def rows(self) -> list[Request]:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from amlx._mlx import Array, array, ops
+from amlx.engine.draft_model import DraftModel
 from amlx.engine.request import Request
 from amlx.kv import written
 from amlx.speculative.draft import DraftSpec
@@ -76,11 +77,12 @@ class Speculator:
     `emit(req, token, logprob, top)`: hands one token to its request."""
 
     def __init__(self, spec: DraftSpec, model, views: Callable, on: Callable,
-                 emit: Callable[[Request, int, float, list | None], None]):
-        if spec.kind != "prompt_lookup":
-            raise ValueError(f"draft models are not supported by the engine yet (draft={spec.path})")
+                 emit: Callable[[Request, int, float, list | None], None], draft: DraftModel | None = None):
+        if spec.kind == "model" and draft is None:
+            raise ValueError(f"draft={spec.path}: the draft model was not loaded")
         self.spec = spec
         self.model = model
+        self.draft = draft
         self._views, self._on, self._emit = views, on, emit
         self.stats = SpeculativeStats()
         self._compiled = CompiledVerify()
@@ -93,33 +95,38 @@ class Speculator:
             return 0
         return max(0, min(self.spec.num_draft_tokens, req.channel.room() - 1, req.assembler.remaining - 1))
 
-    def drafts(self, rows: Sequence[Request]) -> list[list[int]]:
-        """Each row's drafts (host work: prompt lookup)."""
-        out = []
-        for req in rows:
-            k = self.draft_length(req)
-            lookup = self._lookups.get(req)
-            if lookup is None:
-                lookup = self._lookups[req] = _Lookup(req.prompt)
-            out.append(lookup.propose(req, k) if k else [])
-        return out
+    def _lookup(self, req: Request, k: int) -> list[int]:
+        """A row's drafts by prompt lookup (host work)."""
+        lookup = self._lookups.get(req)
+        if lookup is None:
+            lookup = self._lookups[req] = _Lookup(req.prompt)
+        return lookup.propose(req, k) if k else []
 
-    def plan(self, shards: Sequence) -> list[list[list[int]]] | None:
-        """The drafts of every shard's rows, or None when this round should be a plain
-        decode step: no row drafts, or a row is constrained."""
+    def plan(self, shards: Sequence) -> list[tuple[list[int], list[list[int]] | None]] | None:
+        """Per shard, its rows' draft lengths and (prompt lookup) their drafts; None when
+        this round should be a plain decode step: no row drafts, or a row is constrained."""
+        if self.draft is not None:
+            self.draft.sweep()
         if any(r.matcher is not None for s in shards for r in s.rows):
             return None
-        plan = [self.drafts(s.rows) for s in shards]
-        return plan if any(d for rows in plan for d in rows) else None
+        plan: list[tuple[list[int], list[list[int]] | None]] = []
+        for shard in shards:
+            lengths = [self.draft_length(r) for r in shard.rows]
+            if self.draft is None:
+                drafts = [self._lookup(r, k) for r, k in zip(shard.rows, lengths)]
+                plan.append(([len(d) for d in drafts], drafts))
+            else:
+                plan.append((lengths, None))
+        return plan if any(n for lengths, _ in plan for n in lengths) else None
 
-    def step(self, shards: Sequence, plan: list[list[list[int]]]) -> None:
+    def step(self, shards: Sequence, plan: list[tuple[list[int], list[list[int]] | None]]) -> None:
         """One verify step over the shards (their rows all take part), launched,
         evaluated and read: tokens emitted, positions moved on, draft blocks trimmed.
         Raises MLXError if the device work fails (nothing is emitted then)."""
         passes: list[_Pass] = []
         try:
-            for shard, drafts in zip(shards, plan):
-                passes.append(self._launch(shard, drafts))
+            for shard, (lengths, drafts) in zip(shards, plan):
+                passes.append(self._launch(shard, lengths, drafts))
             ops.eval(*[a for p in passes for a in (*p.result.arrays(), *p.shard.sampling.state(),
                                                    *p.shard.kv.pool.state())])
             results = [p.result.read() for p in passes]
@@ -129,34 +136,47 @@ class Speculator:
         for p, rows in zip(passes, results):
             self._accept(p, rows)
 
-    def _launch(self, shard, drafts: list[list[int]]) -> _Pass:
+    def _inputs(self, shard, rows: list[Request], lengths: list[int],
+                drafts: list[list[int]] | None) -> tuple[Array, Drafts]:
+        """The verify pass's tokens (B, K + 1) (each row's last token, then its drafts)
+        and the `Drafts`: from the host (prompt lookup) or from the draft model."""
+        width = max(lengths) + 1
+        if self.draft is not None and width > 1:
+            with self._on(shard.index):
+                tokens, probs = self.draft.propose(shard.index, rows, lengths, shard.sampling)
+                last = array(np.asarray([[r.last] for r in rows], dtype=np.int32))
+                return ops.concatenate([last, tokens], axis=1), Drafts(tokens, _int32s(lengths), probs)
+        host = np.zeros((len(rows), width), dtype=np.int32)
+        for i, r in enumerate(rows):
+            host[i, 0] = r.last
+            if drafts is not None:
+                host[i, 1:1 + lengths[i]] = drafts[i][:lengths[i]]
+        return array(host), Drafts(array(np.ascontiguousarray(host[:, 1:])), _int32s(lengths))
+
+    def _launch(self, shard, lengths: list[int], drafts: list[list[int]] | None) -> _Pass:
         """Builds a shard's verify forward on its stream and the acceptance on the
         home stream; the shard's pool and sampling state become the pass's results."""
         rows, kv = list(shard.rows), shard.kv
-        # blocks for the drafts' positions; a row the pool cannot hold drafts fewer
-        drafts = [d[:max(0, kv.extend_to(r, r.pos + len(d) + 1) - r.pos - 1)] for r, d in zip(rows, drafts)]
-        lengths = [len(d) for d in drafts]
-        width = max(lengths) + 1
-        tokens = np.zeros((len(rows), width), dtype=np.int32)
-        for i, (r, d) in enumerate(zip(rows, drafts)):
-            tokens[i, 0] = r.last
-            tokens[i, 1:1 + len(d)] = d
-        tables = kv.verify_tables(rows, width, lengths)
+        # blocks for the drafts' positions; a row the pools cannot hold drafts fewer
+        lengths = [min(n, kv.extend_to(r, r.pos + n + 1) - r.pos - 1) for r, n in zip(rows, lengths)]
+        if self.draft is not None:
+            lengths = [self.draft.room(r, n) if n else 0 for r, n in zip(rows, lengths)]
+        tokens, dr = self._inputs(shard, rows, lengths, drafts)
+        tables = kv.verify_tables(rows, tokens.shape[1], lengths)
         with self._on(shard.index):
             views = self._views(shard.index, tables)
             positions = array(np.asarray([r.pos for r in rows], dtype=np.int32))
-            logits = self.model(array(tokens), views, positions)
+            logits = self.model(tokens, views, positions)
             # the old arrays' only holder is now the graph, so MLX may write them in place
             kv.pool.arrays = written(views)
-        return _Pass(shard, rows, lengths, *self._accept_graph(shard, logits, tokens, lengths))
+        return _Pass(shard, rows, lengths, *self._accept_graph(shard, logits, dr))
 
-    def _accept_graph(self, shard, logits: Array, tokens: np.ndarray, lengths: list[int]):
+    def _accept_graph(self, shard, logits: Array, drafts: Drafts):
         """`verify` of a shard's pass (the graph, not evaluated); the shard's sampling
         state takes its results."""
         sampling = shard.sampling
-        params = VerifyParams.build(sampling.params, tokens.shape[1])
+        params = VerifyParams.build(sampling.params, logits.shape[1])
         history, counts = sampling.penalty_state(logits.shape[2])
-        drafts = Drafts(array(np.ascontiguousarray(tokens[:, 1:])), array(np.asarray(lengths, dtype=np.int32)))
         result = verify(logits, drafts, params, sampling.keys, history, counts, compiled=self._compiled)
         sampling.adopt(result.keys, result.history, result.counts)
         return result, params
@@ -172,6 +192,8 @@ class Speculator:
                     break
                 self._emit(req, tok, float(res.logprobs[i]), None if res.top is None else res.top[i])
                 emitted += 1
+            if self.draft is not None:
+                self.draft.settle(req, req.pos, n_drafts, res.accepted)
             req.pos += emitted
             req.steps += 1
             p.shard.kv.trim(req)
@@ -179,3 +201,9 @@ class Speculator:
 
     def close(self) -> None:
         self._compiled.close()
+        if self.draft is not None:
+            self.draft.close()
+
+
+def _int32s(values: list[int]) -> Array:
+    return array(np.asarray(values, dtype=np.int32))
