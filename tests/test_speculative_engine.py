@@ -86,7 +86,8 @@ def _requests() -> list[tuple[str, dict]]:
 async def _both(path, requests, **load):
     async with await amlx.load(path, device="cpu") as plain:
         expected = await _complete_all(plain, requests)
-    async with await amlx.load(path, device="cpu", draft="prompt_lookup", **load) as spec:
+    load = {"draft": "prompt_lookup", **load}
+    async with await amlx.load(path, device="cpu", **load) as spec:
         got = await _complete_all(spec, requests)
         stats = await _settled(spec)
     return expected, got, stats
@@ -147,15 +148,18 @@ def test_mixed_with_sampled_and_constrained_requests(checkpoints):
     assert stats["speculative"]["drafted_tokens"] > 0 and stats["kv_cache"]["blocks_used"] == 0
 
 
-def test_cancel_mid_speculation_frees_blocks(checkpoints):
+@pytest.mark.parametrize("kind", ["prompt_lookup", "model"])
+def test_cancel_mid_speculation_frees_blocks(checkpoints, kind):
     """A request cancelled after verify steps ran for it stops (no more tokens), its
-    blocks go back to the pool, and a request beside it decodes exactly as alone."""
+    blocks (the draft model's too) go back to the pools, and a request beside it
+    decodes exactly as alone."""
     path = checkpoints["qwen3"]
+    draft = "prompt_lookup" if kind == "prompt_lookup" else str(path)
 
     async def body():
         async with await amlx.load(path, device="cpu") as plain:
             expected = await plain.complete(PROMPTS[2], max_tokens=N_NEW)
-        async with await amlx.load(path, device="cpu", draft="prompt_lookup") as spec:
+        async with await amlx.load(path, device="cpu", draft=draft) as spec:
             other: list = []
 
             async def beside():
@@ -170,12 +174,15 @@ def test_cancel_mid_speculation_frees_blocks(checkpoints):
                     if spec.stats()["speculative"]["verified_rows"] > 0 and taken >= 12:
                         break
                 await stream.aclose()
-            return expected, other[0], taken, await _settled(spec)
+            stats = await _settled(spec)
+            draft_model = spec.engine.scheduler.speculator.draft
+            draft_blocks = 0 if draft_model is None else draft_model.blocks_used()
+            return expected, other[0], taken, stats, draft_blocks
 
-    expected, other, taken, stats = run(body)
+    expected, other, taken, stats, draft_blocks = run(body)
     assert other.token_ids == expected.token_ids
     assert 12 <= taken < 2000
-    assert stats["active_requests"] == 0 and stats["kv_cache"]["blocks_used"] == 0
+    assert stats["active_requests"] == 0 and stats["kv_cache"]["blocks_used"] == 0 and draft_blocks == 0
     assert stats["tokens_generated"] < 2000
     assert stats["speculative"]["verified_rows"] > 0
 
@@ -260,3 +267,55 @@ def test_metrics_export_speculative_counters(checkpoints):
     assert f"amlx_speculative_drafted_tokens_total {float(counters['drafted_tokens'])}" in text
     assert f"amlx_speculative_accepted_tokens_total {float(counters['accepted_tokens'])}" in text
     assert counters["drafted_tokens"] > 0
+
+
+@pytest.fixture(scope="module")
+def drafts(tmp_path_factory, checkpoints):
+    """Per architecture, a smaller random draft of the same tokenizer (one layer, narrower MLP)."""
+    root = tmp_path_factory.mktemp("spec_drafts")
+    return {arch: make_checkpoint(root / arch, arch, seed=1, num_hidden_layers=1, intermediate_size=32)
+            for arch in ("qwen3", "gemma3_text")}
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_draft_model_greedy_equals_plain_decoding(checkpoints, drafts, arch):
+    """A smaller draft model: greedy output unchanged under concurrency and pauses."""
+    expected, got, stats = run(_both, checkpoints[arch], _requests(), draft=str(drafts[arch]))
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    assert [g.text for g in got] == [e.text for e in expected]
+    counters = stats["speculative"]
+    assert counters["drafted_tokens"] > 0 and counters["accepted_tokens"] <= counters["drafted_tokens"]
+    assert stats["kv_cache"]["blocks_used"] == 0
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+def test_target_as_its_own_draft_accepts_every_draft(checkpoints, arch):
+    """The target as its own draft model: every draft is accepted (its draft cache is kept
+    exactly in step: off by one position, drafts would be rejected), output unchanged."""
+    expected, got, stats = run(_both, checkpoints[arch], _requests(), draft=str(checkpoints[arch]))
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    counters = stats["speculative"]
+    assert counters["drafted_tokens"] > 0
+    assert counters["accepted_tokens"] == counters["drafted_tokens"]
+
+
+def test_draft_model_sampled_requests(checkpoints, drafts):
+    """Sampled rows drafted by a draft model (rejection sampling with its q): a seeded
+    request completes with valid tokens, reproducibly, beside greedy ones."""
+    path = checkpoints["qwen3"]
+    sampled = (PROMPTS[0], {"max_tokens": N_NEW, "temperature": 1.0, "seed": 3})
+    penalized = (PROMPTS[1], {"max_tokens": N_NEW, "temperature": 0.7, "seed": 4, "repetition_penalty": 1.3,
+                              "presence_penalty": 0.5})
+
+    async def body():
+        async with await amlx.load(path, device="cpu", draft=str(drafts["qwen3"])) as spec:
+            first = await _complete_all(spec, [sampled, penalized, (PROMPTS[2], {"max_tokens": N_NEW})])
+            again = await _complete_all(spec, [sampled, penalized])
+            return first, again, spec.config["vocab_size"], await _settled(spec)
+
+    first, again, vocab, stats = run(body)
+    for a, b in zip(first, again):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        assert len(a.token_ids) == N_NEW or a.finish_reason == "stop"  # (EOS may be drawn)
+        assert all(0 <= t < vocab for t in a.token_ids)
+    assert stats["speculative"]["drafted_tokens"] > 0 and stats["kv_cache"]["blocks_used"] == 0

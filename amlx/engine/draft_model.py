@@ -14,8 +14,8 @@ valid up to the tokens the target accepted: `settle` moves `pos` there
 (rollback is a position, as for the target).
 
 A row that moves to another shard (rebalancing) starts its draft cache again
-from its prompt; a request that has ended gives its draft blocks back at the
-next round (`sweep`).
+from its prompt; a request that has ended gives its draft blocks back
+(`release`, from the scheduler's finish paths).
 """
 
 from __future__ import annotations
@@ -63,11 +63,20 @@ class DraftModel:
             row = self._rows[req] = _DraftRow(req.shard, created=req.created)
         return row
 
-    def sweep(self) -> None:
-        """Gives back the draft blocks of requests that have ended."""
-        for req in [r for r in self._rows if not r.active]:
-            row = self._rows.pop(req)
+    def release(self, req: Request) -> None:
+        """The request has ended: its draft blocks go back."""
+        row = self._rows.pop(req, None)
+        if row is not None:
             self.kv[row.shard].release(row)
+
+    def sweep(self) -> None:
+        """Gives back the draft blocks of requests that have ended (any the scheduler did not `release`)."""
+        for req in [r for r in self._rows if not r.active]:
+            self.release(req)
+
+    def blocks_used(self) -> int:
+        """Blocks the draft rows hold, every shard together (stats, tests)."""
+        return sum(kv.pool.used() for kv in self.kv)
 
     def room(self, req: Request, k: int) -> int:
         """The drafts (at most k) the row's draft pool has blocks for, its catch-up included."""

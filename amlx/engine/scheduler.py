@@ -794,11 +794,15 @@ class Scheduler:
     def _finish(self, req: Request) -> None:
         self._held.pop(req, None)
         self.pools.release(req)
+        if self.speculator is not None:
+            self.speculator.release(req)
         req.channel.close()
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         self._held.pop(req, None)
         self.pools.release(req, cache=False)
+        if self.speculator is not None:
+            self.speculator.release(req)
         req.assembler.finished = True
         req.channel.close(exc)
 

@@ -199,6 +199,12 @@ class Speculator:
             p.shard.kv.trim(req)
             self.stats.record(n_drafts, res.accepted)
 
+    def release(self, req: Request) -> None:
+        """A request has ended: what the speculation kept for it goes."""
+        self._lookups.pop(req, None)
+        if self.draft is not None:
+            self.draft.release(req)
+
     def close(self) -> None:
         self._compiled.close()
         if self.draft is not None:
