@@ -52,9 +52,7 @@ from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, d
 from amlx.engine.pools import ShardPools
 from amlx.kv import PADDING_ROW, ShardKV, Tables, copy_blocks, preemption_order, written
 from amlx.engine.rate import RateMeter
-from amlx.engine.draft_model import DraftModel
-from amlx.engine.speculate import Speculator
-from amlx.speculative.draft import DraftSpec
+from amlx.engine.speculate import make_speculator
 from amlx.engine.request import Request
 from amlx.sample import BatchSampling, CompiledSteps, StepSample
 from amlx.models.nn import split_layers
@@ -129,12 +127,8 @@ class Scheduler:
         # raise, or return an array (added to the logits) whose evaluation fails.
         self.fault = None
         # speculative decoding (load option `draft`), None without
-        spec = DraftSpec.from_options(self.options.draft, self.options.num_draft_tokens)
-        draft = None
-        if draft_model is not None:
-            draft = DraftModel(draft_model, self.options, len(self.placement.streams), vocab_size)
-        self.speculator = None if spec is None else Speculator(spec, model, self.pools.views, self.placement.on,
-                                                                self._emit, draft)
+        self.speculator = make_speculator(self.options, model, self.pools.views, self.placement, self._emit,
+                                          draft_model, vocab_size)
 
     @property
     def rows(self) -> list[Request]:

@@ -41,7 +41,7 @@ from amlx.speculative.prompt_lookup import PromptLookup
 from amlx.speculative.stats import SpeculativeStats
 from amlx.speculative.verify import CompiledVerify, Drafts, Verified, VerifyParams, verify
 
-__all__ = ["Speculator"]
+__all__ = ["Speculator", "make_speculator"]
 
 
 class _Lookup:
@@ -209,6 +209,21 @@ class Speculator:
         self._compiled.close()
         if self.draft is not None:
             self.draft.close()
+
+
+def make_speculator(options, model, views: Callable, placement, emit: Callable, draft_model=None,
+                    vocab_size: int | None = None) -> Speculator | None:
+    """The scheduler's speculator for resolved EngineOptions (None without `draft`):
+    with a draft model, its pools (one per stream of `placement`) are made here."""
+    spec = DraftSpec.from_options(options.draft, options.num_draft_tokens)
+    if spec is None:
+        return None
+    draft = None
+    if draft_model is not None:
+        if vocab_size is None:
+            raise ValueError("a draft model needs the target's vocab_size")
+        draft = DraftModel(draft_model, options, len(placement.streams), vocab_size)
+    return Speculator(spec, model, views, placement.on, emit, draft)
 
 
 def _int32s(values: list[int]) -> Array:
