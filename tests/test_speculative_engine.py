@@ -319,3 +319,16 @@ def test_draft_model_sampled_requests(checkpoints, drafts):
         assert len(a.token_ids) == N_NEW or a.finish_reason == "stop"  # (EOS may be drawn)
         assert all(0 <= t < vocab for t in a.token_ids)
     assert stats["speculative"]["drafted_tokens"] > 0 and stats["kv_cache"]["blocks_used"] == 0
+
+
+def test_adaptive_draft_length(checkpoints, drafts):
+    """A draft that is never right stops drafting (a short probe now and then); one
+    that is always right keeps drafting the full length."""
+    path = checkpoints["qwen3"]
+    reqs = [(PROMPTS[0], {"max_tokens": N_NEW})]
+    expected, bad, bad_stats = run(_both, path, reqs, draft=str(drafts["qwen3"]))
+    _, good, good_stats = run(_both, path, reqs, draft=str(path))
+    assert bad[0].token_ids == good[0].token_ids == expected[0].token_ids
+    bad_c, good_c = bad_stats["speculative"], good_stats["speculative"]
+    assert bad_c["acceptance_rate"] < 0.2 and bad_c["drafted_tokens"] <= N_NEW // 4
+    assert good_c["acceptance_rate"] == 1.0 and good_c["accepted_per_verify"] >= 3.0

@@ -19,9 +19,14 @@ Rollback of rejected drafts is a position: their slots lie past the row's
 position, unseen by every mask, and the next pass writes over them; blocks that
 held only drafts go back to the pool (`ShardKV.trim`).
 
+A draft model (`draft=PATH`, amlx/engine/draft_model.py) drafts on the device
+instead, k chained steps per round. Each row's draft length adapts to its
+acceptance (`AdaptiveLength`, at most `num_draft_tokens`; the cost model's
+constants below are not measured yet).
+
 Limits, for now: a round holding a constrained row (amlx.constrain) takes a
-plain step; a draft model (`draft=PATH`) is refused at load; the draft length
-is the load option's (no adaptive length). See docs/speculative.md.
+plain step; a speculative model's plain steps are not pipelined (each is read
+before the next round, whose drafts follow its tokens). See docs/speculative.md.
 """
 
 from __future__ import annotations
@@ -36,12 +41,21 @@ from amlx._mlx import Array, array, ops
 from amlx.engine.draft_model import DraftModel
 from amlx.engine.request import Request
 from amlx.kv import written
+from amlx.speculative.adaptive import AdaptiveLength, CostModel
 from amlx.speculative.draft import DraftSpec
 from amlx.speculative.prompt_lookup import PromptLookup
 from amlx.speculative.stats import SpeculativeStats
 from amlx.speculative.verify import CompiledVerify, Drafts, Verified, VerifyParams, verify
 
 __all__ = ["Speculator", "make_speculator"]
+
+
+# Cost model of the adaptive draft length (amlx.speculative.adaptive), in plain decode steps:
+# a verify step costs 1 + VERIFY_SLOPE per drafted token (decoding is memory-bound on a GPU:
+# k + 1 tokens per row cost little more than one), a draft model's step DRAFT_MODEL_COST.
+# Starting points, not measured yet (benchmarks/speculative_cost.py measures them).
+VERIFY_SLOPE = 0.05
+DRAFT_MODEL_COST = 0.1
 
 
 class _Lookup:
@@ -87,13 +101,23 @@ class Speculator:
         self.stats = SpeculativeStats()
         self._compiled = CompiledVerify()
         self._lookups: weakref.WeakKeyDictionary[Request, _Lookup] = weakref.WeakKeyDictionary()
+        self._cost = CostModel.linear(spec.num_draft_tokens, VERIFY_SLOPE, 0.0 if draft is None else DRAFT_MODEL_COST)
+        self._adaptive: weakref.WeakKeyDictionary[Request, AdaptiveLength] = weakref.WeakKeyDictionary()
+
+    def _length(self, req: Request) -> AdaptiveLength:
+        """The row's adaptive draft length (from its acceptance so far)."""
+        adaptive = self._adaptive.get(req)
+        if adaptive is None:
+            adaptive = self._adaptive[req] = AdaptiveLength(self._cost, self.spec.num_draft_tokens)
+        return adaptive
 
     def draft_length(self, req: Request) -> int:
-        """How many tokens a row may draft now: the option's, less than the tokens its
-        consumer can take (a step emits up to k + 1) and than the tokens it may still make."""
+        """How many tokens a row may draft now: its adaptive length (at most the option's),
+        less than the tokens its consumer can take (a step emits up to k + 1) and than
+        the tokens it may still make."""
         if req.matcher is not None:
             return 0
-        return max(0, min(self.spec.num_draft_tokens, req.channel.room() - 1, req.assembler.remaining - 1))
+        return max(0, min(self._length(req).length, req.channel.room() - 1, req.assembler.remaining - 1))
 
     def _lookup(self, req: Request, k: int) -> list[int]:
         """A row's drafts by prompt lookup (host work)."""
@@ -107,6 +131,10 @@ class Speculator:
         this round should be a plain decode step: no row drafts, or a row is constrained."""
         if self.draft is not None:
             self.draft.sweep()
+        for req in (r for s in shards for r in s.rows):
+            adaptive = self._length(req)
+            if adaptive.length == 0:  # it takes a plain step: its estimate drifts back to the prior
+                adaptive.observe(0, 0)
         if any(r.matcher is not None for s in shards for r in s.rows):
             return None
         plan: list[tuple[list[int], list[list[int]] | None]] = []
@@ -198,10 +226,13 @@ class Speculator:
             req.steps += 1
             p.shard.kv.trim(req)
             self.stats.record(n_drafts, res.accepted)
+            if n_drafts:
+                self._length(req).observe(n_drafts, res.accepted)
 
     def release(self, req: Request) -> None:
         """A request has ended: what the speculation kept for it goes."""
         self._lookups.pop(req, None)
+        self._adaptive.pop(req, None)
         if self.draft is not None:
             self.draft.release(req)
 
