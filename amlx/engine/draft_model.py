@@ -27,6 +27,7 @@ import numpy as np
 
 from amlx._mlx import Array, array, ops
 from amlx.engine.request import Request
+from amlx.errors import MLXError
 from amlx.kv import ShardKV, layer_views, make_pools, written
 from amlx.speculative.draft_sampling import draft_keys, draft_step, fit_vocab
 
@@ -73,6 +74,17 @@ class DraftModel:
         """Gives back the draft blocks of requests that have ended (any the scheduler did not `release`)."""
         for req in [r for r in self._rows if not r.active]:
             self.release(req)
+
+    def recover(self) -> None:
+        """After a failed evaluation: a draft pool whose arrays cannot be computed starts
+        again empty, and its rows with it (they catch up from their prompts)."""
+        for shard, kv in enumerate(self.kv):
+            try:
+                ops.eval(*kv.pool.state())
+            except MLXError:
+                for req in [r for r, row in self._rows.items() if row.shard == shard]:
+                    del self._rows[req]
+                kv.reset()
 
     def blocks_used(self) -> int:
         """Blocks the draft rows hold, every shard together (stats, tests)."""

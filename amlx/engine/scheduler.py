@@ -512,6 +512,7 @@ class Scheduler:
             for shard, snapshot in saved:
                 shard.sampling.rewind(snapshot)
             self._check_pools()
+            self.speculator.recover()
             self._isolate_failure()
             return True
         self.decode_steps += 1

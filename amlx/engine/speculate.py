@@ -229,6 +229,11 @@ class Speculator:
             if n_drafts:
                 self._length(req).observe(n_drafts, res.accepted)
 
+    def recover(self) -> None:
+        """After a failed verify step: the draft model's pools are checked (DraftModel.recover)."""
+        if self.draft is not None:
+            self.draft.recover()
+
     def release(self, req: Request) -> None:
         """A request has ended: what the speculation kept for it goes."""
         self._lookups.pop(req, None)
