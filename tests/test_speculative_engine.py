@@ -26,9 +26,9 @@ try:
 except ImportError:  # run from inside tests/
     from helpers.checkpoints import make_checkpoint
 
-# the architectures of tests/helpers (gemma3_text and mistral have a sliding window of 8
-# tokens, shorter than every prompt here)
-ARCHS = ("qwen3", "llama", "qwen2", "gemma3_text", "mistral")
+# the architectures of tests/helpers (gemma3_text, gemma3 (the multimodal layout) and
+# mistral have a sliding window of 8 tokens, shorter than every prompt here)
+ARCHS = ("qwen3", "llama", "qwen2", "gemma3_text", "gemma3", "mistral")
 PROMPTS = [
     "the cat sat on the mat. the cat sat on the mat. the cat sat on the mat. the cat",
     "one two three four five one two three four five one two three",
@@ -332,3 +332,22 @@ def test_adaptive_draft_length(checkpoints, drafts):
     bad_c, good_c = bad_stats["speculative"], good_stats["speculative"]
     assert bad_c["acceptance_rate"] < 0.2 and bad_c["drafted_tokens"] <= N_NEW // 4
     assert good_c["acceptance_rate"] == 1.0 and good_c["accepted_per_verify"] >= 3.0
+
+
+def test_generate_command_with_draft(checkpoints):
+    """`amlx generate --draft prompt_lookup --num-draft-tokens 3` prints the plain greedy text."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = checkpoints["qwen3"]
+    with amlx.load_sync(path, device="cpu") as model:
+        want = model.complete_sync(PROMPTS[0], max_tokens=20).text
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-m", "amlx", "generate", str(path), PROMPTS[0], "--raw", "--max-tokens",
+                        "20", "--device", "cpu", "--draft", "prompt_lookup", "--num-draft-tokens", "3"],
+                       capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
