@@ -351,3 +351,28 @@ def test_generate_command_with_draft(checkpoints):
                        capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout == want + "\n"
+
+
+@pytest.mark.parametrize("kind", ["prompt_lookup", "model"])
+def test_preemption_with_speculation(checkpoints, monkeypatch, kind):
+    """A pool too small for its rows: rows are preempted and recomputed while others
+    speculate (drafts take only blocks the pool has free); every stream is exactly its
+    plain greedy run (the draft model's cache catches up after a preemption)."""
+    monkeypatch.setenv("AMLX_SHARDS", "1")
+    path = checkpoints["qwen3"]
+    draft = "prompt_lookup" if kind == "prompt_lookup" else str(path)
+    prompts = [PROMPTS[0], PROMPTS[1] + " four five", PROMPTS[2] + " abc abc abc"]
+    n = 60
+
+    async def body():
+        async with await amlx.load(path, device="cpu", prefix_cache=False) as plain:
+            solo = [(await plain.complete(p, max_tokens=n)).token_ids for p in prompts]
+            per_block = plain.engine.scheduler.block_bytes()
+        async with await amlx.load(path, device="cpu", draft=draft, kv_cache_memory=12 * per_block) as small:
+            got = await _complete_all(small, [(p, {"max_tokens": n}) for p in prompts])
+            return solo, [g.token_ids for g in got], await _settled(small)
+
+    solo, got, stats = run(body)
+    assert got == solo
+    assert stats["kv_cache"]["preemptions"] > 0
+    assert stats["speculative"]["drafted_tokens"] > 0 and stats["kv_cache"]["blocks_used"] == 0
