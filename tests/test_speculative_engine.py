@@ -122,8 +122,8 @@ def test_draft_length_option_and_stop_strings(checkpoints):
 
 def test_mixed_with_sampled_and_constrained_requests(checkpoints):
     """A seeded sampled request (rejection sampling in the verify step) completes with
-    valid tokens and is reproducible; a constrained request (its rounds take plain
-    steps) matches its regex; the greedy requests beside them are unchanged."""
+    valid tokens and is reproducible; a constrained request matches its regex and its
+    plain greedy run; the greedy requests beside them are unchanged."""
     path = checkpoints["qwen3"]
     sampled = (PROMPTS[0], {"max_tokens": N_NEW, "temperature": 0.8, "top_p": 0.9, "seed": 7})
     constrained = (PROMPTS[1], {"max_tokens": 12, "regex": "[a-z ]{3,10}"})
@@ -131,7 +131,7 @@ def test_mixed_with_sampled_and_constrained_requests(checkpoints):
 
     async def body():
         async with await amlx.load(path, device="cpu") as plain:
-            expected = await _complete_all(plain, [reqs[0], reqs[3]])
+            expected = await _complete_all(plain, [reqs[0], reqs[3], reqs[2]])
         async with await amlx.load(path, device="cpu", draft="prompt_lookup") as spec:
             got = await _complete_all(spec, reqs)
             again = await spec.complete(sampled[0], **sampled[1])
@@ -139,7 +139,7 @@ def test_mixed_with_sampled_and_constrained_requests(checkpoints):
             return expected, got, again, vocab, await _settled(spec)
 
     expected, got, again, vocab, stats = run(body)
-    assert [got[0].token_ids, got[3].token_ids] == [e.token_ids for e in expected]
+    assert [got[0].token_ids, got[3].token_ids, got[2].token_ids] == [e.token_ids for e in expected]
     assert len(got[1].token_ids) == N_NEW and got[1].token_ids == again.token_ids
     assert all(0 <= t < vocab for t in got[1].token_ids)
     import re
@@ -376,3 +376,26 @@ def test_preemption_with_speculation(checkpoints, monkeypatch, kind):
     assert got == solo
     assert stats["kv_cache"]["preemptions"] > 0
     assert stats["speculative"]["drafted_tokens"] > 0 and stats["kv_cache"]["blocks_used"] == 0
+
+
+@pytest.mark.parametrize("kind", ["prompt_lookup", "model"])
+def test_constrained_rows_speculate(checkpoints, kind):
+    """Constrained greedy requests (a regex that repeats, a choice) with speculation: the
+    text matches the constraint and equals the plain run's; with prompt lookup, drafts
+    of the repeating pattern are accepted."""
+    import re
+
+    path = checkpoints["qwen3"]
+    draft = "prompt_lookup" if kind == "prompt_lookup" else str(path)
+    pattern = "(ab |cd ){12}x"
+    constrained = [(PROMPTS[3], {"max_tokens": 60, "regex": pattern}),
+                   (PROMPTS[0], {"max_tokens": 10, "choice": ["the cat sat", "on the mat"]})]
+    # alone first: the drafts accepted are the constrained rows' own
+    expected, got, stats = run(_both, path, constrained[:1], draft=draft)
+    assert got[0].token_ids == expected[0].token_ids and re.fullmatch(pattern, got[0].text)
+    if kind == "prompt_lookup":
+        assert stats["speculative"]["accepted_tokens"] > 0
+    expected, got, stats = run(_both, path, [*constrained, (PROMPTS[0], {"max_tokens": N_NEW})], draft=draft)
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    assert re.fullmatch(pattern, got[0].text) and got[1].text in ("the cat sat", "on the mat")
+    assert stats["speculative"]["accepted_tokens"] > 0 and stats["kv_cache"]["blocks_used"] == 0

@@ -56,6 +56,8 @@ class Engine:
         self.pool_tokens = self.scheduler.pool_tokens()
         self.max_context = min(max_context, self.pool_tokens)
         self._matchers = MatcherFactory(tokenizer, vocab_size)  # constrained requests' grammars
+        if self.scheduler.speculator is not None:  # constrained rows' verify masks need the vocabulary
+            self.scheduler.speculator.grammar = self._matchers
         self._closed = False
         self._close_lock = threading.Lock()
         self._worker.add_scheduler(self.scheduler)

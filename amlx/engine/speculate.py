@@ -24,9 +24,14 @@ instead, k chained steps per round. Each row's draft length adapts to its
 acceptance (`AdaptiveLength`, at most `num_draft_tokens`; the cost model's
 constants below are not measured yet).
 
-Limits, for now: a round holding a constrained row (amlx.constrain) takes a
-plain step; a speculative model's plain steps are not pipelined (each is read
-before the next round, whose drafts follow its tokens). See docs/speculative.md.
+Constrained rows (amlx.constrain) speculate with prompt lookup: their drafts
+are walked through their matchers for per-position masks and cut at the first
+one the grammar forbids (`speculative.constrained.draft_masks`); with a draft
+model they draft nothing (the drafts stay on the device) but share the pass.
+
+Limits, for now: a speculative model's plain steps are not pipelined (each is
+read before the next round, whose drafts follow its tokens). See
+docs/speculative.md.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from amlx.engine.draft_model import DraftModel
 from amlx.engine.request import Request
 from amlx.kv import written
 from amlx.speculative.adaptive import AdaptiveLength, CostModel
+from amlx.speculative.constrained import draft_masks
 from amlx.speculative.draft import DraftSpec
 from amlx.speculative.prompt_lookup import PromptLookup
 from amlx.speculative.stats import SpeculativeStats
@@ -98,6 +104,7 @@ class Speculator:
         self.model = model
         self.draft = draft
         self._views, self._on, self._emit = views, on, emit
+        self.grammar = None  # what makes constrained rows' matchers (its `vocab`), set by the engine
         self.stats = SpeculativeStats()
         self._compiled = CompiledVerify()
         self._lookups: weakref.WeakKeyDictionary[Request, _Lookup] = weakref.WeakKeyDictionary()
@@ -115,8 +122,8 @@ class Speculator:
         """How many tokens a row may draft now: its adaptive length (at most the option's),
         less than the tokens its consumer can take (a step emits up to k + 1) and than
         the tokens it may still make."""
-        if req.matcher is not None:
-            return 0
+        if req.matcher is not None and self.draft is not None:
+            return 0  # (a draft model's drafts stay on the device: no masks for them)
         return max(0, min(self._length(req).length, req.channel.room() - 1, req.assembler.remaining - 1))
 
     def _lookup(self, req: Request, k: int) -> list[int]:
@@ -128,14 +135,15 @@ class Speculator:
 
     def plan(self, shards: Sequence) -> list[tuple[list[int], list[list[int]] | None]] | None:
         """Per shard, its rows' draft lengths and (prompt lookup) their drafts; None when
-        this round should be a plain decode step: no row drafts, or a row is constrained."""
+        this round should be a plain decode step: no row drafts (or a constrained row's
+        grammar vocabulary is not there to mask its drafts)."""
         if self.draft is not None:
             self.draft.sweep()
         for req in (r for s in shards for r in s.rows):
             adaptive = self._length(req)
             if adaptive.length == 0:  # it takes a plain step: its estimate drifts back to the prior
                 adaptive.observe(0, 0)
-        if any(r.matcher is not None for s in shards for r in s.rows):
+        if self._vocab() is None and any(r.matcher is not None for s in shards for r in s.rows):
             return None
         plan: list[tuple[list[int], list[list[int]] | None]] = []
         for shard in shards:
@@ -164,22 +172,31 @@ class Speculator:
         for p, rows in zip(passes, results):
             self._accept(p, rows)
 
+    def _vocab(self):
+        return None if self.grammar is None else self.grammar.vocab
+
     def _inputs(self, shard, rows: list[Request], lengths: list[int],
-                drafts: list[list[int]] | None) -> tuple[Array, Drafts]:
-        """The verify pass's tokens (B, K + 1) (each row's last token, then its drafts)
-        and the `Drafts`: from the host (prompt lookup) or from the draft model."""
+                drafts: list[list[int]] | None) -> tuple[Array, Drafts, np.ndarray | None, list[int]]:
+        """The verify pass's tokens (B, K + 1) (each row's last token, then its drafts),
+        the `Drafts` (from the host, prompt lookup, or from the draft model), constrained
+        rows' masks per position (None without) and the lengths (cut where a grammar
+        forbids a draft)."""
         width = max(lengths) + 1
-        if self.draft is not None and width > 1:
-            with self._on(shard.index):
-                tokens, probs = self.draft.propose(shard.index, rows, lengths, shard.sampling)
-                last = array(np.asarray([[r.last] for r in rows], dtype=np.int32))
-                return ops.concatenate([last, tokens], axis=1), Drafts(tokens, _int32s(lengths), probs)
         host = np.zeros((len(rows), width), dtype=np.int32)
         for i, r in enumerate(rows):
             host[i, 0] = r.last
             if drafts is not None:
                 host[i, 1:1 + lengths[i]] = drafts[i][:lengths[i]]
-        return array(host), Drafts(array(np.ascontiguousarray(host[:, 1:])), _int32s(lengths))
+        masks = None
+        if any(r.matcher is not None for r in rows):
+            masks, lengths = draft_masks(self._vocab(), [r.matcher for r in rows], host[:, 1:], lengths)
+        if self.draft is not None and width > 1:
+            with self._on(shard.index):
+                tokens, probs = self.draft.propose(shard.index, rows, lengths, shard.sampling)
+                last = array(np.asarray([[r.last] for r in rows], dtype=np.int32))
+                return (ops.concatenate([last, tokens], axis=1), Drafts(tokens, _int32s(lengths), probs), masks,
+                        lengths)
+        return array(host), Drafts(array(np.ascontiguousarray(host[:, 1:])), _int32s(lengths)), masks, lengths
 
     def _launch(self, shard, lengths: list[int], drafts: list[list[int]] | None) -> _Pass:
         """Builds a shard's verify forward on its stream and the acceptance on the
@@ -189,7 +206,7 @@ class Speculator:
         lengths = [min(n, kv.extend_to(r, r.pos + n + 1) - r.pos - 1) for r, n in zip(rows, lengths)]
         if self.draft is not None:
             lengths = [self.draft.room(r, n) if n else 0 for r, n in zip(rows, lengths)]
-        tokens, dr = self._inputs(shard, rows, lengths, drafts)
+        tokens, dr, masks, lengths = self._inputs(shard, rows, lengths, drafts)
         tables = kv.verify_tables(rows, tokens.shape[1], lengths)
         with self._on(shard.index):
             views = self._views(shard.index, tables)
@@ -197,15 +214,15 @@ class Speculator:
             logits = self.model(tokens, views, positions)
             # the old arrays' only holder is now the graph, so MLX may write them in place
             kv.pool.arrays = written(views)
-        return _Pass(shard, rows, lengths, *self._accept_graph(shard, logits, dr))
+        return _Pass(shard, rows, lengths, *self._accept_graph(shard, logits, dr, masks))
 
-    def _accept_graph(self, shard, logits: Array, drafts: Drafts):
+    def _accept_graph(self, shard, logits: Array, drafts: Drafts, masks: np.ndarray | None):
         """`verify` of a shard's pass (the graph, not evaluated); the shard's sampling
         state takes its results."""
         sampling = shard.sampling
         params = VerifyParams.build(sampling.params, logits.shape[1])
         history, counts = sampling.penalty_state(logits.shape[2])
-        result = verify(logits, drafts, params, sampling.keys, history, counts, compiled=self._compiled)
+        result = verify(logits, drafts, params, sampling.keys, history, counts, masks, compiled=self._compiled)
         sampling.adopt(result.keys, result.history, result.counts)
         return result, params
 
