@@ -39,6 +39,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +83,7 @@ class _Lookup:
 class _Pass:
     """One shard's verify pass, launched and not yet read."""
 
-    shard: object  # the scheduler's shard (index, kv, rows, sampling)
+    shard: Any  # the scheduler's shard (index, kv, rows, sampling)
     rows: list[Request]
     lengths: list[int]
     result: Verified
