@@ -49,6 +49,11 @@ def add_model_options(p: argparse.ArgumentParser, *, adapter: bool = True) -> No
     p.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"], help="where to run")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="float type of the weights (default: the checkpoint's)")
+    p.add_argument("--draft", default=None, metavar="prompt_lookup",
+                   help="speculative decoding: 'prompt_lookup' drafts from earlier text of the conversation "
+                        "(default: off)")
+    p.add_argument("--num-draft-tokens", type=int, default=4, metavar="N",
+                   help="most tokens drafted per step with --draft (default: %(default)s)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:

@@ -366,16 +366,34 @@ def _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory=None,
         raise ValueError(f"prefix_cache must be True or False, not {prefix_cache!r}")
 
 
-def _read_on_host(path, dtype) -> tuple[Any, Any]:
+def _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens) -> dict:
+    """The load options the engine takes (EngineOptions), the speculative ones checked."""
+    from amlx.speculative.draft import DraftSpec
+
+    spec = DraftSpec.from_options(draft, num_draft_tokens)  # ValueError on bad values
+    return {"kv_cache_memory": kv_cache_memory, "prefix_cache": prefix_cache, "kv_bits": kv_bits,
+            "draft": None if spec is None else (spec.kind if spec.path is None else str(spec.path)),
+            "num_draft_tokens": num_draft_tokens}
+
+
+def _read_on_host(path, dtype, draft: str | None = None) -> tuple[Any, Any, Any]:
     """The host phase of loading (pure Python, no MLX; any thread but the worker):
     the checkpoint's files checked and read (`amlx.models.prepare`), then the
-    tokenizer. Nothing in a checkpoint can make it block (docs/architecture.md)."""
+    tokenizer, and a draft model's tokenizer checked against it before its files
+    are read (the third item: its prepared checkpoint, or None). Nothing in a
+    checkpoint can make it block (docs/architecture.md)."""
     from amlx.models import prepare
+    from amlx.speculative.draft import PROMPT_LOOKUP, check_draft_tokenizer
     from amlx.tokenizer import Tokenizer
 
     path = resolve_model(path)  # a Hugging Face id: from the local cache, or downloaded
     spec = prepare(path, dtype)
-    return spec, Tokenizer.from_dir(path)
+    tokenizer = Tokenizer.from_dir(path)
+    draft_spec = None
+    if draft is not None and draft != PROMPT_LOOKUP:
+        check_draft_tokenizer(tokenizer, Tokenizer.from_dir(draft), path, draft)  # DraftTokenizerError
+        draft_spec = prepare(draft, dtype)
+    return spec, tokenizer, draft_spec
 
 
 def _warm_up(model, device: str, max_rows: int) -> None:
@@ -392,6 +410,19 @@ def _warm_up(model, device: str, max_rows: int) -> None:
         raise
 
 
+def _load_draft(target, draft_spec, dtype):
+    """The draft model's CausalLM (load option draft=PATH), on the engine's stream; None without."""
+    from amlx.models import build_model
+
+    if draft_spec is None:
+        return None
+    try:
+        return build_model(draft_spec, dtype=dtype).model
+    except BaseException:
+        target.close()
+        raise
+
+
 def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Worker, adapter=None,
                     kv: dict | None = None) -> Model:
     from amlx.engine.placement import EngineOptions, Placement
@@ -402,7 +433,7 @@ def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Wo
     options = EngineOptions(device=_resolve_device(device), **(kv or {})).resolved()
     placement = Placement(options)
     dev = options.device
-    spec, tokenizer = host
+    spec, tokenizer, draft_spec = host
     with placement.on():
         loaded = build_model(spec, dtype=dtype)
         if adapter is not None:
@@ -410,6 +441,7 @@ def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Wo
 
             apply_adapter(loaded, adapter)  # closes the model if the adapter does not apply
         _warm_up(loaded.model, dev, max(max_batch_size, options.prefill_chunk))
+        draft = _load_draft(loaded.model, draft_spec, dtype)
     limit = loaded.config["max_position_embeddings"]
     ctx = limit if max_context is None else min(max_context, limit)
     cfg = loaded.config
@@ -418,10 +450,12 @@ def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Wo
     try:
         engine = Engine(loaded.model, tokenizer, eos_ids=eos, vocab_size=cfg["vocab_size"],
                         max_batch_size=max_batch_size, max_context=ctx, worker=worker, options=options,
-                        placement=placement)
+                        placement=placement, draft_model=draft)
     except BaseException:  # e.g. kv_bits with a head dimension it cannot group
         with placement.on():
             loaded.model.close()
+            if draft is not None:
+                draft.close()
         placement.release()
         raise
     # (the engine's context: also at most what one request can hold in the KV cache pool)
@@ -432,7 +466,8 @@ def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Wo
 
 async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
                max_context: int | None = None, adapter: Any = None, kv_cache_memory: int | float | None = None,
-               prefix_cache: bool = True, kv_bits: int | None = None) -> Model:
+               prefix_cache: bool = True, kv_bits: int | None = None, draft: str | os.PathLike | None = None,
+               num_draft_tokens: int = 4) -> Model:
     """Loads a Hugging Face or MLX checkpoint: a directory, or a Hugging Face model
     id ("org/name") found in the local Hugging Face cache or downloaded into it
     (`amlx.hub.resolve_model`; a directory that exists wins).
@@ -450,13 +485,22 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     prompts that start the same way (Completion.usage.cached_tokens says how
     many tokens were reused). kv_bits: 8 or 4 stores the KV cache quantized
     (MLX's affine quantization per group of 64 values), for about 1/2 or 1/4 of
-    the memory (see docs/architecture.md for its measured error). Raises ModelLoadError for bad checkpoints. Use
+    the memory (see docs/architecture.md for its measured error). draft:
+    speculative decoding: "prompt_lookup" drafts each row's next tokens from
+    earlier occurrences of its last tokens in its prompt and output, and the
+    model verifies them in one batched step (greedy output is unchanged;
+    sampled output keeps its distribution); or a draft model's path (a
+    smaller model of the same tokenizer, loaded beside it on the same device
+    with a KV cache of its own), whose tokenizer is checked against the
+    target's first (DraftTokenizerError). num_draft_tokens: the most tokens a row drafts per step
+    (1..16). Model.stats()["speculative"] counts drafted and accepted tokens.
+    Raises ModelLoadError for bad checkpoints. Use
     as `async with await amlx.load(path) as model:`."""
     _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits)
-    kv = {"kv_cache_memory": kv_cache_memory, "prefix_cache": prefix_cache, "kv_bits": kv_bits}
+    kv = _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens)
     # Files are read on a thread of their own, not on the worker that every model
     # shares; a cancelled load stops waiting for it at once.
-    host = await anyio.to_thread.run_sync(_read_on_host, path, dtype, abandon_on_cancel=True)
+    host = await anyio.to_thread.run_sync(_read_on_host, path, dtype, kv["draft"], abandon_on_cancel=True)
     worker = Worker.get()
     return await worker.run(
         lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, kv))
@@ -464,11 +508,12 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
 
 def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
               max_context: int | None = None, adapter: Any = None, kv_cache_memory: int | float | None = None,
-              prefix_cache: bool = True, kv_bits: int | None = None) -> Model:
+              prefix_cache: bool = True, kv_bits: int | None = None, draft: str | os.PathLike | None = None,
+              num_draft_tokens: int = 4) -> Model:
     """`load` for scripts and blocking code."""
     _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits)
-    kv = {"kv_cache_memory": kv_cache_memory, "prefix_cache": prefix_cache, "kv_bits": kv_bits}
-    host = _read_on_host(path, dtype)
+    kv = _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens)
+    host = _read_on_host(path, dtype, kv["draft"])
     worker = Worker.get()
     return worker.run_sync(
         lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, kv))

@@ -33,11 +33,12 @@ class Reply:
 
 def load_model(args: argparse.Namespace) -> amlx.Model:
     """The model named by MODEL (a directory or a Hugging Face id), with --adapter,
-    --device and --dtype; blocking."""
+    --device, --dtype, --draft and --num-draft-tokens; blocking."""
     from amlx.hub import resolve_model
 
     return amlx.load_sync(resolve_model(args.model), device=args.device, dtype=args.dtype,
-                          adapter=getattr(args, "adapter", None))
+                          adapter=getattr(args, "adapter", None), draft=getattr(args, "draft", None),
+                          num_draft_tokens=getattr(args, "num_draft_tokens", 4))
 
 
 def stream_reply(model: amlx.Model, prompt: Any, options: dict[str, Any], out: TextIO | None = None) -> Reply:
