@@ -52,6 +52,11 @@ def add_model_options(p: argparse.ArgumentParser, *, adapter: bool = True) -> No
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the model over N processes (tensor parallelism: one per GPU over NCCL, or CPU "
                         "processes over MLX's ring backend; see docs/scaling.md)")
+    p.add_argument("--draft", default=None, metavar="prompt_lookup",
+                   help="speculative decoding: 'prompt_lookup' drafts from earlier text of the conversation "
+                        "(default: off)")
+    p.add_argument("--num-draft-tokens", type=int, default=4, metavar="N",
+                   help="most tokens drafted per step with --draft (default: %(default)s)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:

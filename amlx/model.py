@@ -356,12 +356,15 @@ def _resolve_device(device: str) -> str:
 
 
 def _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory=None, prefix_cache=True,
-                     kv_bits=None, tensor_parallel: int = 1) -> None:
+                     kv_bits=None, tensor_parallel: int = 1, draft=None) -> None:
     from amlx.tp.load import check_tensor_parallel
 
     check_tensor_parallel(tensor_parallel)
     if tensor_parallel > 1 and adapter is not None:
         raise ValueError("an adapter cannot be applied to a tensor_parallel model yet")
+    if tensor_parallel > 1 and draft is not None:
+        # (its verify and draft passes would need describing to the other ranks too)
+        raise ValueError("speculative decoding (draft) is not supported with tensor_parallel > 1 yet")
     if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
         raise ValueError("max_batch_size must be an integer >= 1")
     if max_context is not None and (not isinstance(max_context, int) or isinstance(max_context, bool)
@@ -377,16 +380,34 @@ def _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory=None,
         raise ValueError(f"prefix_cache must be True or False, not {prefix_cache!r}")
 
 
-def _read_on_host(path, dtype) -> tuple[Any, Any]:
+def _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens) -> dict:
+    """The load options the engine takes (EngineOptions), the speculative ones checked."""
+    from amlx.speculative.draft import DraftSpec
+
+    spec = DraftSpec.from_options(draft, num_draft_tokens)  # ValueError on bad values
+    return {"kv_cache_memory": kv_cache_memory, "prefix_cache": prefix_cache, "kv_bits": kv_bits,
+            "draft": None if spec is None else (spec.kind if spec.path is None else str(spec.path)),
+            "num_draft_tokens": num_draft_tokens}
+
+
+def _read_on_host(path, dtype, draft: str | None = None) -> tuple[Any, Any, Any]:
     """The host phase of loading (pure Python, no MLX; any thread but the worker):
     the checkpoint's files checked and read (`amlx.models.prepare`), then the
-    tokenizer. Nothing in a checkpoint can make it block (docs/architecture.md)."""
+    tokenizer, and a draft model's tokenizer checked against it before its files
+    are read (the third item: its prepared checkpoint, or None). Nothing in a
+    checkpoint can make it block (docs/architecture.md)."""
     from amlx.models import prepare
+    from amlx.speculative.draft import PROMPT_LOOKUP, check_draft_tokenizer
     from amlx.tokenizer import Tokenizer
 
     path = resolve_model(path)  # a Hugging Face id: from the local cache, or downloaded
     spec = prepare(path, dtype)
-    return spec, Tokenizer.from_dir(path)
+    tokenizer = Tokenizer.from_dir(path)
+    draft_spec = None
+    if draft is not None and draft != PROMPT_LOOKUP:
+        check_draft_tokenizer(tokenizer, Tokenizer.from_dir(draft), path, draft)  # DraftTokenizerError
+        draft_spec = prepare(draft, dtype)
+    return spec, tokenizer, draft_spec
 
 
 def _warm_up(model, device: str, max_rows: int) -> None:
@@ -400,6 +421,19 @@ def _warm_up(model, device: str, max_rows: int) -> None:
         warm_quantized_matmuls(model, max_rows, parallel=True)
     except BaseException:
         model.close()
+        raise
+
+
+def _load_draft(target, draft_spec, dtype):
+    """The draft model's CausalLM (load option draft=PATH), on the engine's stream; None without."""
+    from amlx.models import build_model
+
+    if draft_spec is None:
+        return None
+    try:
+        return build_model(draft_spec, dtype=dtype).model
+    except BaseException:
+        target.close()
         raise
 
 
@@ -428,7 +462,7 @@ def _build_on_worker(host, device, dtype, max_batch_size, max_context, worker: W
         options = replace(options, shards=1)
     placement = Placement(options)
     dev = options.device
-    spec, tokenizer = host
+    spec, tokenizer, draft_spec = host
     tp = _start_ranks(spec.path, tensor_parallel, dev, dtype, options.kv_bits)
     leader, counted = None, []  # counted: the whole model's parameters, before rank 0 keeps its part
 
@@ -443,6 +477,7 @@ def _build_on_worker(host, device, dtype, max_batch_size, max_context, worker: W
 
                 apply_adapter(loaded, adapter)  # closes the model if the adapter does not apply
             _warm_up(loaded.model, dev, max(max_batch_size, options.prefill_chunk))
+            draft = _load_draft(loaded.model, draft_spec, dtype)  # (None with tensor_parallel: refused)
         if tp is not None:
             leader = tp.connect()
     except BaseException:
@@ -453,22 +488,32 @@ def _build_on_worker(host, device, dtype, max_batch_size, max_context, worker: W
     ctx = limit if max_context is None else min(max_context, limit)
     cfg = loaded.config
     params = counted[0] if counted else _count_parameters(loaded.model)
-    eos = frozenset(tokenizer.eos_token_ids) | frozenset(cfg["eos_token_ids"])
-    try:
-        engine = Engine(loaded.model, tokenizer, eos_ids=eos, vocab_size=cfg["vocab_size"],
-                        max_batch_size=max_batch_size, max_context=ctx, worker=worker, options=options,
-                        placement=placement, mirror=leader)
-    except BaseException:  # e.g. kv_bits with a head dimension it cannot group
-        with placement.on():
-            loaded.model.close()
-        placement.release()
-        if leader is not None:
-            leader.close()
-        raise
+    engine = _make_engine(loaded, tokenizer, placement, dict(max_batch_size=max_batch_size, max_context=ctx,
+                                                             worker=worker, options=options, draft_model=draft,
+                                                             mirror=leader))
     # (the engine's context: also at most what one request can hold in the KV cache pool)
     info = ModelInfo(architecture=cfg["arch"], parameters=params, dtype=loaded.dtype, device=dev,
                      context_length=engine.max_context, quantization=cfg["quantization"], path=str(loaded.path))
     return Model(engine, tokenizer, info, cfg)
+
+
+def _make_engine(loaded, tokenizer, placement, args: dict) -> Engine:
+    """The engine over a loaded model (`args`: Engine's other keywords); on failure
+    the model, its draft and the other ranks are freed."""
+    cfg = loaded.config
+    eos = frozenset(tokenizer.eos_token_ids) | frozenset(cfg["eos_token_ids"])
+    try:
+        return Engine(loaded.model, tokenizer, eos_ids=eos, vocab_size=cfg["vocab_size"], placement=placement,
+                      **args)
+    except BaseException:  # e.g. kv_bits with a head dimension it cannot group
+        with placement.on():
+            loaded.model.close()
+            if args["draft_model"] is not None:
+                args["draft_model"].close()
+        placement.release()
+        if args["mirror"] is not None:
+            args["mirror"].close()
+        raise
 
 
 def _start_ranks(path, tensor_parallel: int, device: str, dtype, kv_bits: int | None):
@@ -482,7 +527,8 @@ def _start_ranks(path, tensor_parallel: int, device: str, dtype, kv_bits: int | 
 
 async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
                max_context: int | None = None, adapter: Any = None, kv_cache_memory: int | float | None = None,
-               prefix_cache: bool = True, kv_bits: int | None = None, tensor_parallel: int = 1) -> Model:
+               prefix_cache: bool = True, kv_bits: int | None = None, draft: str | os.PathLike | None = None,
+               num_draft_tokens: int = 4, tensor_parallel: int = 1) -> Model:
     """Loads a Hugging Face or MLX checkpoint: a directory, or a Hugging Face model
     id ("org/name") found in the local Hugging Face cache or downloaded into it
     (`amlx.hub.resolve_model`; a directory that exists wins).
@@ -500,7 +546,16 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     prompts that start the same way (Completion.usage.cached_tokens says how
     many tokens were reused). kv_bits: 8 or 4 stores the KV cache quantized
     (MLX's affine quantization per group of 64 values), for about 1/2 or 1/4 of
-    the memory (see docs/architecture.md for its measured error). Raises ModelLoadError for bad checkpoints. Use
+    the memory (see docs/architecture.md for its measured error). draft:
+    speculative decoding: "prompt_lookup" drafts each row's next tokens from
+    earlier occurrences of its last tokens in its prompt and output, and the
+    model verifies them in one batched step (greedy output is unchanged;
+    sampled output keeps its distribution); or a draft model's path (a
+    smaller model of the same tokenizer, loaded beside it on the same device
+    with a KV cache of its own), whose tokenizer is checked against the
+    target's first (DraftTokenizerError). num_draft_tokens: the most tokens a row drafts per step
+    (1..16). Model.stats()["speculative"] counts drafted and accepted tokens.
+    Raises ModelLoadError for bad checkpoints. Use
     as `async with await amlx.load(path) as model:`.
 
     tensor_parallel: run the model split over this many processes (Megatron-style
@@ -510,12 +565,14 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     a ring hostfile whose ranks may live on other hosts). Heads, key-value heads
     and the MLP width must divide by N (ValueError). TensorParallelError when a
     rank fails to start; a rank that dies later fails every request with it and
-    closes the model. score() and training are not supported with N > 1."""
-    _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits, tensor_parallel)
-    kv = {"kv_cache_memory": kv_cache_memory, "prefix_cache": prefix_cache, "kv_bits": kv_bits}
+    closes the model. score(), training and speculative decoding (draft) are not
+    supported with N > 1."""
+    _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits,
+                     tensor_parallel, draft)
+    kv = _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens)
     # Files are read on a thread of their own, not on the worker that every model
     # shares; a cancelled load stops waiting for it at once.
-    host = await anyio.to_thread.run_sync(_read_on_host, path, dtype, abandon_on_cancel=True)
+    host = await anyio.to_thread.run_sync(_read_on_host, path, dtype, kv["draft"], abandon_on_cancel=True)
     worker = _worker_for(tensor_parallel)
     return await worker.run(
         lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, kv,
@@ -524,11 +581,13 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
 
 def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
               max_context: int | None = None, adapter: Any = None, kv_cache_memory: int | float | None = None,
-              prefix_cache: bool = True, kv_bits: int | None = None, tensor_parallel: int = 1) -> Model:
+              prefix_cache: bool = True, kv_bits: int | None = None, draft: str | os.PathLike | None = None,
+              num_draft_tokens: int = 4, tensor_parallel: int = 1) -> Model:
     """`load` for scripts and blocking code."""
-    _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits, tensor_parallel)
-    kv = {"kv_cache_memory": kv_cache_memory, "prefix_cache": prefix_cache, "kv_bits": kv_bits}
-    host = _read_on_host(path, dtype)
+    _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits,
+                     tensor_parallel, draft)
+    kv = _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens)
+    host = _read_on_host(path, dtype, kv["draft"])
     worker = _worker_for(tensor_parallel)
     return worker.run_sync(
         lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, kv,

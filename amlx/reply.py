@@ -33,11 +33,12 @@ class Reply:
 
 def load_model(args: argparse.Namespace) -> amlx.Model:
     """The model named by MODEL (a directory or a Hugging Face id), with --adapter,
-    --device, --dtype and --tensor-parallel; blocking."""
+    --device, --dtype, --draft, --num-draft-tokens and --tensor-parallel; blocking."""
     from amlx.hub import resolve_model
 
     return amlx.load_sync(resolve_model(args.model), device=args.device, dtype=args.dtype,
-                          adapter=getattr(args, "adapter", None),
+                          adapter=getattr(args, "adapter", None), draft=getattr(args, "draft", None),
+                          num_draft_tokens=getattr(args, "num_draft_tokens", 4),
                           tensor_parallel=getattr(args, "tensor_parallel", 1))
 
 

@@ -840,11 +840,7 @@ class BatchSampling:
         the constrained distribution. None (no constrained row) adds no work at all."""
         if masks is not None:
             logits = masked_logits(logits, masks)
-        vocab = logits.shape[1]
-        if self.params.any_penalty and self.history is None:
-            self.history = make_history([r.history for r in self.rows], vocab)
-        if self.params.any_counts and self.counts is None:
-            self.counts = make_counts([r.generated for r in self.rows], vocab)
+        self.penalty_state(logits.shape[1])
         out = sample(logits, self.params, self.keys, self.history, self.counts, steps=self._steps)
         new = [out.keys, out.history, out.counts]
         if selected is not None and len(selected) < len(self.rows):
@@ -855,6 +851,19 @@ class BatchSampling:
             new = [None if a is None else _ops.where(m, a, b) for a, b in zip(new, old)]
         self.keys, self.history, self.counts = new
         return StepSample(out.tokens, out.logprobs, out.top_ids, out.top_logprobs)
+
+    def penalty_state(self, vocab: int) -> tuple[Array | None, Array | None]:
+        """The rows' history and counts (made on first use, where a row's penalties need them)."""
+        if self.params.any_penalty and self.history is None:
+            self.history = make_history([r.history for r in self.rows], vocab)
+        if self.params.any_counts and self.counts is None:
+            self.counts = make_counts([r.generated for r in self.rows], vocab)
+        return self.history, self.counts
+
+    def adopt(self, keys: Array, history: Array | None, counts: Array | None) -> None:
+        """Takes the state a step computed elsewhere (a speculative verify step,
+        amlx.speculative.verify) as the rows' state, every row having taken part."""
+        self.keys, self.history, self.counts = keys, history, counts
 
     def state(self) -> list[Array]:
         return [a for a in (self.keys, self.history, self.counts) if a is not None]

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
-from typing_extensions import TypedDict
+from typing_extensions import NotRequired, TypedDict
 
 from amlx.constrain.spec import Constraint, parse_constraint
 
@@ -130,6 +130,9 @@ class EngineStats(TypedDict):
     tokens_per_second: float
     memory: MemoryStats
     kv_cache: dict[str, int]  # the KV block pools: blocks used/cached/free/allocated, prefix hits, preemptions
+    # models loaded with `draft` (speculative decoding): drafted_tokens, accepted_tokens, verified_rows,
+    # acceptance_rate, accepted_per_verify (amlx.speculative.stats.SpeculativeCounters)
+    speculative: NotRequired[dict[str, float]]
 
 
 def _is_int(v: Any) -> bool:

@@ -507,3 +507,10 @@ def test_mirrored_tables_follow_rank_zero():
             assert used == len(words)
             assert [r.blocks for r in rows[:-1]] == [step[i] for i in step] and rows[-1] is PADDING_ROW
     check()
+
+
+def test_speculative_decoding_is_refused(checkpoints):
+    """draft= with tensor_parallel > 1: a clear ValueError before any rank starts."""
+    with pytest.raises(ValueError, match="speculative decoding.*tensor_parallel"):
+        amlx.load_sync(checkpoints["qwen3"], device="cpu", tensor_parallel=2, draft="prompt_lookup")
+    assert followers() == []

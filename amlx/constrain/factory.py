@@ -41,6 +41,11 @@ class MatcherFactory:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amlx-grammar")
             return self._pool.submit(self._make, constraint)
 
+    @property
+    def vocab(self) -> GrammarVocab | None:
+        """The grammar vocabulary, once a matcher has been made (None before)."""
+        return self._vocab
+
     def _make(self, constraint: Constraint) -> Matcher:
         if self._vocab is None:  # only this thread sets it
             self._vocab = GrammarVocab.from_tokenizer(self._tokenizer, self._vocab_size)

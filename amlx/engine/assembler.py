@@ -33,6 +33,11 @@ class TextAssembler:
                     break
         return best
 
+    @property
+    def remaining(self) -> int:
+        """Tokens it may still take before max_tokens (or the context) ends the request."""
+        return max(0, self._max - self.count)
+
     def push(self, token_id: int, logprob: float | None = None, complete: bool = False) -> Token:
         """The Token for the next sampled id (the last one has finish_reason set).
         `complete`: the request's constraint admits nothing after this token ("stop")."""

@@ -32,7 +32,8 @@ class Engine:
     `model`: the CausalLM (the engine owns it from now on and frees it on close);
     `tokenizer`: for streaming detokenization; `eos_ids`: ids that end a stream;
     `vocab_size`: prompt ids must lie below it; `max_context`: prompt plus
-    generated tokens per request. Every method may be called from any thread;
+    generated tokens per request; `draft_model`: a draft model's CausalLM for
+    speculative decoding (options.draft its path). Every method may be called from any thread;
     none blocks on MLX except `close` and `run_sync`, which wait for the worker.
 
     `mirror`: rank 0's amlx.tp.leader.Leader when the model is tensor-parallel
@@ -41,8 +42,10 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, eos_ids: frozenset[int], vocab_size: int, max_batch_size: int,
                  max_context: int, worker: Worker | None = None, shards: int | None = None,
-                 options: EngineOptions | None = None, placement: Placement | None = None, mirror=None):
+                 options: EngineOptions | None = None, placement: Placement | None = None, draft_model=None,
+                 mirror=None):
         self.model = model
+        self.draft_model = draft_model  # speculative decoding's draft (load option draft=PATH), owned too
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
         self.vocab_size = vocab_size
@@ -56,7 +59,8 @@ class Engine:
         # the engine's device, streams and switches (placement.py): `placement`, if the
         # weights were loaded on it already, else made here from `options`
         self.scheduler = Scheduler(model, max_batch_size, self._worker.wake, shards=shards, options=options,
-                                   placement=placement, mirror=mirror)
+                                   placement=placement, draft_model=draft_model, vocab_size=vocab_size,
+                                   mirror=mirror)
         self.mirror = mirror
         if mirror is not None:
             mirror.on_failure(self._rank_failed)
@@ -65,6 +69,8 @@ class Engine:
         self.pool_tokens = self.scheduler.pool_tokens()
         self.max_context = min(max_context, self.pool_tokens)
         self._matchers = MatcherFactory(tokenizer, vocab_size)  # constrained requests' grammars
+        if self.scheduler.speculator is not None:  # constrained rows' verify masks need the vocabulary
+            self.scheduler.speculator.grammar = self._matchers
         self._closed = False
         self._close_lock = threading.Lock()
         self._worker.add_scheduler(self.scheduler)
@@ -151,7 +157,8 @@ class Engine:
         the KV block pools' counters (`kv_cache`: blocks used (held by requests),
         cached (held by no request, reusable by the prefix cache, evictable), free
         and allocated (the arrays' size: used + cached + free), block size,
-        prefix-cache block hits and misses, preemptions).
+        prefix-cache block hits and misses, preemptions), and for models loaded
+        with `draft`, `speculative`: drafted and accepted tokens (SpeculativeCounters).
 
         tokens_per_second: tokens over the time the engine spent working in the
         last 10 seconds (idle time does not count; 0 after 10 idle seconds)."""
@@ -160,9 +167,12 @@ class Engine:
         s = self.scheduler
         counts = s.counts()
         kv = {**s.kv_counters(), "preemptions": s.preemptions}
-        return {"active_requests": counts["active"], "waiting_requests": counts["waiting"],
-                "tokens_generated": s.tokens_generated, "decode_steps": s.decode_steps,
-                "tokens_per_second": s.rate.rate(), "memory": memory.counters(), "kv_cache": kv}
+        out = {"active_requests": counts["active"], "waiting_requests": counts["waiting"],
+               "tokens_generated": s.tokens_generated, "decode_steps": s.decode_steps,
+               "tokens_per_second": s.rate.rate(), "memory": memory.counters(), "kv_cache": kv}
+        if s.speculator is not None:  # a model loaded with `draft`: drafted and accepted tokens
+            out["speculative"] = s.speculator.stats.snapshot()
+        return out
 
     # -- jobs on the worker thread ------------------------------------------------
     async def run(self, fn: Callable[[], Any]) -> Any:
@@ -205,6 +215,8 @@ class Engine:
                 self.scheduler.shutdown()
                 self._worker.remove_scheduler(self.scheduler)
                 self.model.close()
+                if self.draft_model is not None:
+                    self.draft_model.close()
                 if self.mirror is not None:
                     self.mirror.close()
         finally:

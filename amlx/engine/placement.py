@@ -19,6 +19,7 @@ from amlx._mlx import device as mxdevice
 from amlx.kv.sizing import DEFAULT_BLOCK_SIZE, check_kv_bits, check_kv_cache_memory
 from amlx.models import decode_attention
 from amlx.models.nn import MatmulSplit
+from amlx.speculative.draft import DraftSpec
 
 MAX_SHARDS = 8  # more would leave each shard too few rows to use its core well
 CPU_PREFILL_CHUNK = 256  # prompt tokens per prefill forward (see EngineOptions.prefill_chunk)
@@ -82,7 +83,11 @@ class EngineOptions:
       a chunk's attention covers only the slots filled so far (a smaller chunk
       leaves out more of the causal triangle, which the CPU's attention, a
       plain matmul and softmax over every query-key pair, computes in full).
-      Default: 256 on the CPU, 2048 on a GPU."""
+      Default: 256 on the CPU, 2048 on a GPU.
+    - draft: speculative decoding: "prompt_lookup" drafts by n-gram lookup in each
+      row's own tokens (amlx/engine/speculate.py), a path: a draft model drafts
+      (amlx/engine/draft_model.py); None: off.
+    - num_draft_tokens: the most tokens a row drafts per verify step (1..16)."""
 
     device: str = "cpu"
     shards: int | None = None
@@ -94,6 +99,8 @@ class EngineOptions:
     prefix_cache: bool = True
     kv_bits: int | None = None
     pad_batches: bool | None = None
+    draft: str | None = None
+    num_draft_tokens: int = 4
 
     def resolved(self) -> "EngineOptions":
         if self.device not in ("cpu", "gpu"):
@@ -117,6 +124,7 @@ class EngineOptions:
                 raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
         check_kv_cache_memory(self.kv_cache_memory)
         check_kv_bits(self.kv_bits)
+        DraftSpec.from_options(self.draft, self.num_draft_tokens)  # (ValueError on bad values)
         pad = self.pad_batches
         env = os.environ.get("AMLX_PAD_BATCHES")
         if env in ("0", "1"):

@@ -52,10 +52,11 @@ from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, d
 from amlx.engine.pools import ShardPools, table_arrays
 from amlx.kv import PADDING_ROW, ShardKV, Tables, copy_blocks, preemption_order, written
 from amlx.engine.rate import RateMeter
+from amlx.engine.speculate import make_speculator
 from amlx.engine.request import Request
 from amlx.sample import BatchSampling, CompiledSteps, StepSample
 from amlx.models.nn import split_layers
-from amlx.errors import AmlxError, ClosedError, MLXError
+from amlx.errors import AmlxError, ClosedError, ContextLengthError, MLXError
 
 PREFILL_CHUNK = GPU_PREFILL_CHUNK  # the largest default prefill chunk (EngineOptions.prefill_chunk)
 
@@ -73,14 +74,15 @@ class _Shard:
 class Scheduler:
     def __init__(self, model, max_batch_size: int, wake: callable, prefill_chunk: int | None = None,
                  compile_step: bool = True, shards: int | None = None, options: EngineOptions | None = None,
-                 placement: Placement | None = None, mirror=None):
+                 placement: Placement | None = None, draft_model=None, vocab_size: int | None = None, mirror=None):
         """`options` (resolved here if not yet) fix the device, shards, decode
         kernel, KV growth block and prefill chunk once; `shards` and
         `prefill_chunk` override the options' (tests, benchmarks). `placement`:
         the engine's streams if already made (the weights were loaded on them);
-        else made here, on the calling thread. `mirror`: rank 0's amlx.tp.leader.Leader
-        of a tensor-parallel model (told of every forward pass before it is built,
-        and of every request that ends); None otherwise."""
+        else made here, on the calling thread. `draft_model`: the draft of a model
+        loaded with `draft=PATH` (its pools are made here; `vocab_size`: the target's).
+        `mirror`: rank 0's amlx.tp.leader.Leader of a tensor-parallel model (told of
+        each forward pass and each request that ends; never with speculation)."""
         options = options or EngineOptions(shards=shards)
         if shards is not None or (options.shards is None and options.device == "cpu"):
             options = replace(options, shards=shards or default_shards())
@@ -127,6 +129,9 @@ class Scheduler:
         # failure, and as fault(requests, False) when their prompts are prefilled. It may
         # raise, or return an array (added to the logits) whose evaluation fails.
         self.fault = None
+        # speculative decoding (load option `draft`), None without
+        self.speculator = make_speculator(self.options, model, self.pools.views, self.placement, self._emit,
+                                          draft_model, vocab_size)
 
     @property
     def rows(self) -> list[Request]:
@@ -468,7 +473,8 @@ class Scheduler:
         constrained rows launch their forward first and sample later: see
         `_sample_constrained`."""
         prev = self._inflight
-        if prev is not None and not (self._can_chain(prev) and self._blocks_fit()):
+        # (a speculative model reads every step before the next: drafts follow the tokens)
+        if prev is not None and not (self._can_chain(prev) and self._blocks_fit() and self.speculator is None):
             self._read(self._drain())
             self._drop_inactive()
             prev = None
@@ -485,6 +491,8 @@ class Scheduler:
         if not plan:
             return
         self._prepare()
+        if self.speculator is not None and prev is None and self._verify_step():
+            return
         self._inflight = None
         chained = {p.shard: p for p in prev.parts} if prev is not None else {}
         saved = [(shard, shard.sampling.snapshot()) for shard, _ in plan]
@@ -507,6 +515,26 @@ class Scheduler:
             self._isolate_failure()
             return
         self._commit(_Step(parts))
+
+    def _verify_step(self) -> bool:
+        """A speculative verify step for the whole batch when some row drafts
+        (amlx/engine/speculate.py); False if this round takes a plain step."""
+        shards = [s for s in self.shards if s.rows]
+        drafts = self.speculator.plan(shards)
+        if drafts is None:
+            return False
+        saved = [(shard, shard.sampling.snapshot()) for shard in shards]
+        try:
+            self.speculator.step(shards, drafts)
+        except MLXError:
+            for shard, snapshot in saved:
+                shard.sampling.rewind(snapshot)
+            self._check_pools()
+            self.speculator.recover()
+            self._isolate_failure()
+            return True
+        self.decode_steps += 1
+        return True
 
     def _can_chain(self, prev: "_Step") -> bool:
         live = [s for s in self.shards if s.rows]
@@ -780,11 +808,15 @@ class Scheduler:
     def _finish(self, req: Request) -> None:
         self._release(req)
         self.pools.release(req)
+        if self.speculator is not None:
+            self.speculator.release(req)
         req.channel.close()
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         self._release(req)
         self.pools.release(req, cache=False)
+        if self.speculator is not None:
+            self.speculator.release(req)
         req.assembler.finished = True
         req.channel.close(exc)
 
@@ -877,6 +909,8 @@ class Scheduler:
             self._split_step_fn.close()
             self._step_fn = self._split_step_fn = None
         self._sample_steps.close()
+        if self.speculator is not None:
+            self.speculator.close()
 
 
 @dataclass(eq=False)

@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from amlx._mlx import Array, ops
+from amlx._mlx import int32 as _int32
 from amlx.cache import decode_mask, memoized, window_mask
 
-__all__ = ["PagedLayer", "Tables", "layer_views", "written"]
+__all__ = ["PagedLayer", "Tables", "layer_views", "verify_mask", "written"]
 
 
 @dataclass
@@ -148,6 +149,19 @@ class PagedLayer:
         return keys, values, memoized(memo, ("prefill", start, end, self.window),
                                    lambda: window_mask(start, end, self.window))
 
+    def update_verify(self, k: Array, v: Array, positions: Array, memo: dict | None = None):
+        """Writes W positions per row (k, v (B, H, W, D) at positions[b] .. positions[b] + W - 1,
+        through the tables' writes: a speculative verify pass) and returns (keys,
+        values, mask (B, 1, W, span)) over the tables' span."""
+        b, h, width, d = k.shape
+        rows = [ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (1, b * width, h, d)) for x in (k, v)]
+        self._write(ops.concatenate(rows, axis=0), memo)
+        span = self.tables.span
+        keys, values = self._halves(self.gathered(), span)
+        window = self.window
+        return keys, values, memoized(memo, ("verify", span, width, window),
+                                      lambda: verify_mask(span, positions, width, window))
+
     def update_decode(self, k: Array, v: Array, positions: Array, memo: dict | None = None):
         """Writes one position per row (k, v (B, H, 1, D) at `positions` (B,) int32) and
         returns (keys, values, mask (B, 1, 1, span)) as KVCache.update_decode."""
@@ -172,6 +186,19 @@ class PagedLayer:
         b, h, d = new.shape[1], new.shape[2], new.shape[-1]
         self._write(ops.reshape(new, (2, b, h, d)), memo)
         return memoized(memo, ("rows", b), lambda: ops.reshape(positions, (b, 1, 1, 1)))
+
+
+def verify_mask(span: int, positions: Array, width: int, window: int | None) -> Array:
+    """(B, 1, W, span) boolean: slot s is visible to new token j of row b iff s <=
+    positions[b] + j (and, with a window, s > positions[b] + j - window). The causal
+    order among the new tokens comes from the same comparison."""
+    b = positions.shape[0]
+    query = ops.reshape(positions, (b, 1, 1, 1)) + ops.reshape(ops.arange(width, dtype=_int32), (1, 1, width, 1))
+    slots = ops.reshape(ops.arange(span, dtype=_int32), (1, 1, 1, span))
+    mask = slots <= query
+    if window is not None:
+        mask = ops.logical_and(mask, slots > query - window)
+    return mask
 
 
 def layer_views(arrays: Sequence[Array], tables: Tables, windows: Sequence[int | None], bits: int | None = None,

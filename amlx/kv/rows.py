@@ -142,6 +142,39 @@ class ShardKV:
                 r.blocks.extend(self.pool.allocate(1))
                 self._version += 1
 
+    def extend_to(self, row: KVRow, end: int) -> int:
+        """Blocks for the row's positions up to `end` (exclusive) as far as the pool has
+        room (a verify pass writing drafts ahead); returns the positions the row holds."""
+        while len(row.blocks) * self.block_size < end and self.pool.available() > 0:
+            row.blocks.extend(self.pool.allocate(1))
+            self._version += 1
+        return len(row.blocks) * self.block_size
+
+    def trim(self, row: KVRow) -> None:
+        """Gives back the blocks past the one holding the row's next position: after a
+        verify pass they hold only rejected drafts (never cached: the prefix cache
+        registers only full blocks below `pos`)."""
+        keep = row.pos // self.block_size + 1
+        if len(row.blocks) > keep:
+            self.pool.release(row.blocks[keep:][::-1])
+            del row.blocks[keep:]
+            self._version += 1
+
+    def verify_tables(self, rows: Sequence[KVRow], width: int, lengths: Sequence[int]) -> Tables:
+        """The tables of a verify pass writing `width` tokens per row at positions
+        pos .. pos + width - 1: row b's token j is written for j <= lengths[b] (its
+        last token and its drafts, in blocks it holds: `extend_to`), to the null
+        block past it. The span covers every row's last written position."""
+        bs = self.block_size
+        blocks_wide = max(blocks_for(r.pos + n + 1, bs) for r, n in zip(rows, lengths))
+        pos = np.asarray([r.pos for r in rows], dtype=np.int64)[:, None] + np.arange(width)[None, :]
+        blocks = np.full((len(rows), width), NULL_BLOCK, dtype=np.int64)
+        for i, (r, n) in enumerate(zip(rows, lengths)):
+            blocks[i, :n + 1] = np.asarray(r.blocks, dtype=np.int64)[pos[i, :n + 1] // bs]
+        gather = self._gather_rows(_table(rows, blocks_wide))
+        return Tables(array(gather), array(self._writes(blocks.reshape(-1), (pos % bs).reshape(-1))), len(rows),
+                      blocks_wide, bs)
+
     def span(self, rows: Sequence[KVRow]) -> int:
         """Positions a decode pass over `rows` gathers per row."""
         if not rows:

@@ -172,7 +172,8 @@ def causal_mask(length: int, window: int | None) -> str | Array:
 class Step:
     """What every layer of one forward pass shares: the batch and sequence
     length, where the tokens go (`pos`: one int start for every row, or per-row
-    positions as a (B,) int32 array when each row adds one token), and values
+    positions as a (B,) int32 array: one token per row, or several in a
+    speculative verify pass, `PagedLayer.update_verify`), and values
     all layers use, made once per pass instead of once per layer (masks,
     cache-write indices)."""
 
@@ -292,6 +293,8 @@ class Attention(Module):
             keys, values, mask = k, v, step.causal_mask(self.window)
         elif isinstance(step.pos, int):
             keys, values, mask = cache.update_prefill(k, v, step.pos, step.memo)
+        elif step.length > 1:  # several new tokens per row at per-row positions: a verify pass
+            keys, values, mask = cache.update_verify(k, v, step.pos, step.memo)
         else:
             keys, values, mask = cache.update_decode(k, v, step.pos, step.memo)
         o = fast.scaled_dot_product_attention(q, keys, values, scale=self._scale, mask=mask)

@@ -55,6 +55,11 @@ def add_serve_command(sub: "argparse._SubParsersAction") -> None:
                    help="store the KV cache quantized to 8 or 4 bits (default: full precision)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="do not reuse the KV cache of earlier prompts with the same beginning")
+    p.add_argument("--draft", default=None, metavar="PATH|prompt_lookup",
+                   help="speculative decoding: 'prompt_lookup' drafts from earlier text of each request "
+                        "(default: off)")
+    p.add_argument("--num-draft-tokens", type=int, default=4, metavar="N",
+                   help="most tokens drafted per step with --draft (default: %(default)s)")
     p.add_argument("--keepalive", type=float, default=1.0, metavar="SECONDS",
                    help="SSE keep-alive comment after this long without a token, e.g. during a long prefill "
                         "(default: %(default)s)")
@@ -98,7 +103,8 @@ async def _serve(args: argparse.Namespace, keys: list[str]) -> None:
     async with await amlx.load(path, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
                                max_context=args.max_context, adapter=args.adapter,
                                kv_cache_memory=args.kv_cache_memory, prefix_cache=args.prefix_cache,
-                               kv_bits=args.kv_bits, tensor_parallel=args.tensor_parallel) as model:
+                               kv_bits=args.kv_bits, draft=args.draft, num_draft_tokens=args.num_draft_tokens,
+                               tensor_parallel=args.tensor_parallel) as model:
         settings = Settings(model_name=name, api_keys=tuple(keys), max_batch_size=args.max_batch_size,
                             max_queue=args.max_queue, keepalive=args.keepalive,
                             request_log=Path(args.log_requests) if args.log_requests else None)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from numbers import Real
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import amlx
@@ -28,7 +28,7 @@ class _EngineCollector(Collector):
     def __init__(self, model: "amlx.Model"):
         self._model = model
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._model.stats()
         yield GaugeMetricFamily("amlx_requests_running", "Requests in the running batch (prefilling included)",
                                 value=stats["active_requests"])
@@ -47,6 +47,12 @@ class _EngineCollector(Collector):
                 if isinstance(value, Real):
                     family.add_metric([field], float(value))
             yield family
+        spec = stats.get("speculative")  # a model loaded with `draft`
+        if isinstance(spec, dict):
+            yield CounterMetricFamily("amlx_speculative_drafted_tokens", "Tokens drafted for speculative decoding",
+                                      value=spec["drafted_tokens"])
+            yield CounterMetricFamily("amlx_speculative_accepted_tokens", "Drafted tokens the model accepted",
+                                      value=spec["accepted_tokens"])
 
 
 class Metrics:

@@ -1,0 +1,158 @@
+"""A draft model's side of speculative decoding (`draft=PATH`): its KV cache and its drafts.
+
+The draft model has a block pool of its own per scheduler shard (its own layer
+layout; no prefix cache) and, per request, a row in it: blocks and `pos`, the
+positions of the request's tokens (prompt, then output) its cache holds. Each
+verify round, before drafting, a row whose draft cache is behind the target's
+(a new request: its whole prompt; after a round that accepted every draft: the
+last draft, which the draft model never took as input) catches up with one
+prefill pass of the missing tokens. Then k draft steps, chained on the device
+without reading back: step i writes the row's token at `pos + i` and draws the
+next draft with the row's own sampling options (`draft_sampling.draft_step`,
+q kept for rejection sampling). After the verify step the row's draft cache is
+valid up to the tokens the target accepted: `settle` moves `pos` there
+(rollback is a position, as for the target).
+
+A row that moves to another shard (rebalancing) starts its draft cache again
+from its prompt; a request that has ended gives its draft blocks back
+(`release`, from the scheduler's finish paths).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from amlx._mlx import Array, array, ops
+from amlx.engine.request import Request
+from amlx.errors import MLXError
+from amlx.kv import ShardKV, layer_views, make_pools, written
+from amlx.speculative.draft_sampling import draft_keys, draft_step, fit_vocab
+
+__all__ = ["DraftModel"]
+
+
+@dataclass(eq=False)
+class _DraftRow:
+    """A request's row in a draft pool (what amlx.kv.rows.KVRow asks)."""
+
+    shard: int
+    blocks: list[int] = field(default_factory=list)
+    pos: int = 0  # positions of the request's tokens the draft cache holds
+    created: float = 0.0
+
+
+class DraftModel:
+    """The draft model, its pools and its rows (worker thread). `vocab`: the target's
+    vocabulary size (drafts' q is padded or cut to it)."""
+
+    def __init__(self, model, options, shards: int, vocab: int):
+        self.model = model
+        self.vocab = vocab
+        self.kv: list[ShardKV] = make_pools(model, replace(options, prefix_cache=False), shards)
+        self.windows = model.windows()
+        self._rows: dict[Request, _DraftRow] = {}
+
+    def _row(self, req: Request) -> _DraftRow:
+        row = self._rows.get(req)
+        if row is not None and row.shard != req.shard:  # moved: start again in the new shard
+            self.kv[row.shard].release(row)
+            row = None
+        if row is None:
+            row = self._rows[req] = _DraftRow(req.shard, created=req.created)
+        return row
+
+    def release(self, req: Request) -> None:
+        """The request has ended: its draft blocks go back."""
+        row = self._rows.pop(req, None)
+        if row is not None:
+            self.kv[row.shard].release(row)
+
+    def sweep(self) -> None:
+        """Gives back the draft blocks of requests that have ended (any the scheduler did not `release`)."""
+        for req in [r for r in self._rows if not r.active]:
+            self.release(req)
+
+    def recover(self) -> None:
+        """After a failed evaluation: a draft pool whose arrays cannot be computed starts
+        again empty, and its rows with it (they catch up from their prompts)."""
+        for shard, kv in enumerate(self.kv):
+            try:
+                ops.eval(*kv.pool.state())
+            except MLXError:
+                for req in [r for r, row in self._rows.items() if row.shard == shard]:
+                    del self._rows[req]
+                kv.reset()
+
+    def blocks_used(self) -> int:
+        """Blocks the draft rows hold, every shard together (stats, tests)."""
+        return sum(kv.pool.used() for kv in self.kv)
+
+    def room(self, req: Request, k: int) -> int:
+        """The drafts (at most k) the row's draft pool has blocks for, its catch-up included."""
+        row = self._row(req)
+        held = self.kv[row.shard].extend_to(row, req.pos + k)
+        return max(0, min(k, held - req.pos))
+
+    def _views(self, shard: int, tables) -> list:
+        pool = self.kv[shard].pool
+        return layer_views(pool.arrays, tables, self.windows, pool.bits, pool.group)
+
+    def _catch_up(self, shard: int, req: Request) -> None:
+        """One prefill pass of the request's tokens the draft cache lacks (before `req.last`)."""
+        row, kv = self._rows[req], self.kv[shard]
+        ids = (req.prompt + req.generated)[row.pos:req.pos]
+        if not ids:
+            return
+        tables = kv.prefill_tables([row], row.pos, len(ids), [req.pos])
+        views = self._views(shard, tables)
+        out = self.model(array(np.asarray([ids], np.int32)), views, row.pos, last=array(np.zeros(1, np.int32)))
+        kv.pool.arrays = written(views)
+        out.close()  # (the writes stay in the pool's graph)
+        row.pos = req.pos
+
+    def propose(self, shard: int, rows: Sequence[Request], lengths: Sequence[int], sampling) -> tuple[Array, Array]:
+        """Drafts (B, K) int32 and their q (B, K, vocab) for a shard's rows, K = max(lengths);
+        row b's entries past lengths[b] are padding. `sampling`: the shard's BatchSampling."""
+        kv, k = self.kv[shard], max(lengths)
+        for req, n in zip(rows, lengths):
+            if n:
+                self._catch_up(shard, req)
+        # rows not drafting write and read only the null block
+        drow = [self._rows[r] if n else _DraftRow(shard, [0]) for r, n in zip(rows, lengths)]
+        params = sampling.params
+        keys = draft_keys(sampling.keys)
+        history, counts = sampling.penalty_state(self.vocab)
+        token = array(np.asarray([[r.last] for r in rows], dtype=np.int32))
+        drafts, probs = [], []
+        for i in range(k):
+            for req, row in zip(rows, drow):
+                row.pos = req.pos + i
+            tables = kv.verify_tables(drow, 1, [0 if i < n else -1 for n in lengths])
+            views = self._views(shard, tables)
+            positions = array(np.asarray([row.pos for row in drow], dtype=np.int32))
+            logits = self.model(token, views, positions)
+            kv.pool.arrays = written(views)
+            logits = fit_vocab(ops.reshape(logits, (len(rows), logits.shape[2])), self.vocab)
+            step = draft_step(logits, params, keys, history, counts)
+            keys, history, counts = step.keys, step.history, step.counts
+            drafts.append(step.tokens)
+            probs.append(step.probs)
+            token = ops.reshape(step.tokens, (len(rows), 1))
+        for req, row in zip(rows, drow):
+            row.pos = req.pos  # (until `settle`: the steps' writes are only drafts so far)
+        return ops.stack(drafts, axis=1), ops.stack(probs, axis=1)
+
+    def settle(self, req: Request, old_pos: int, drafted: int, accepted: int) -> None:
+        """After a verify step: the draft cache holds the row's last token and the drafts it
+        took as input (all but the last) up to the first rejected one."""
+        row = self._rows.get(req)
+        if row is not None and drafted:
+            row.pos = old_pos + min(accepted + 1, drafted)
+
+    def close(self) -> None:
+        self._rows.clear()
+        for kv in self.kv:
+            kv.close()

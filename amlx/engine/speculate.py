@@ -1,0 +1,284 @@
+"""Speculative decoding inside continuous batching: the scheduler's verify step.
+
+A model loaded with `draft="prompt_lookup"` asks, each round, every running row
+for drafts: up to `num_draft_tokens` tokens that followed the latest earlier
+occurrence of the row's last n-gram in its own prompt and output
+(`amlx.speculative.prompt_lookup`). When some row drafts, the round is a verify
+step instead of a decode step: per shard one forward of K + 1 tokens per row
+(the row's last token and its drafts, padded to the shard's widest row) at
+per-row positions through the block tables (`ShardKV.verify_tables`,
+`PagedLayer.update_verify`), then `amlx.speculative.verify` decides per row how
+many drafts the target accepts and which token follows (greedy rows: exactly
+what plain steps would emit; sampling rows: rejection sampling). Rows that
+drafted nothing take a plain step inside the same pass (bit-identical to one).
+
+The accepted tokens go out one by one through the scheduler's own emit path, so
+EOS, stop strings, max_tokens and cancellation cut a row's stream exactly where
+a plain run would; the row's position then moves on by the tokens emitted.
+Rollback of rejected drafts is a position: their slots lie past the row's
+position, unseen by every mask, and the next pass writes over them; blocks that
+held only drafts go back to the pool (`ShardKV.trim`).
+
+A draft model (`draft=PATH`, amlx/engine/draft_model.py) drafts on the device
+instead, k chained steps per round. Each row's draft length adapts to its
+acceptance (`AdaptiveLength`, at most `num_draft_tokens`; the cost model's
+constants below are not measured yet).
+
+Constrained rows (amlx.constrain) speculate with prompt lookup: their drafts
+are walked through their matchers for per-position masks and cut at the first
+one the grammar forbids (`speculative.constrained.draft_masks`); with a draft
+model they draft nothing (the drafts stay on the device) but share the pass.
+
+Limits, for now: a speculative model's plain steps are not pipelined (each is
+read before the next round, whose drafts follow its tokens). See
+docs/speculative.md.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from amlx._mlx import Array, array, ops
+from amlx.engine.draft_model import DraftModel
+from amlx.engine.request import Request
+from amlx.kv import written
+from amlx.speculative.adaptive import AdaptiveLength, CostModel
+from amlx.speculative.constrained import draft_masks
+from amlx.speculative.draft import DraftSpec
+from amlx.speculative.prompt_lookup import PromptLookup
+from amlx.speculative.stats import SpeculativeStats
+from amlx.speculative.verify import CompiledVerify, Drafts, Verified, VerifyParams, verify
+
+__all__ = ["Speculator", "make_speculator"]
+
+
+# Cost model of the adaptive draft length (amlx.speculative.adaptive), in plain decode steps:
+# a verify step costs 1 + VERIFY_SLOPE per drafted token (decoding is memory-bound on a GPU:
+# k + 1 tokens per row cost little more than one), a draft model's step DRAFT_MODEL_COST.
+# Starting points, not measured yet (benchmarks/speculative_cost.py measures them).
+VERIFY_SLOPE = 0.05
+DRAFT_MODEL_COST = 0.1
+
+
+class _Lookup:
+    """A row's n-gram index and how many of its tokens (prompt, then output) it holds."""
+
+    def __init__(self, prompt: list[int]):
+        self.index = PromptLookup(prompt)
+        self.seen = 0  # tokens of the request's output indexed
+
+    def propose(self, req: Request, k: int) -> list[int]:
+        if self.seen < len(req.generated):
+            self.index.extend(req.generated[self.seen:])
+            self.seen = len(req.generated)
+        return self.index.propose(k)
+
+
+@dataclass(eq=False)
+class _Pass:
+    """One shard's verify pass, launched and not yet read."""
+
+    shard: Any  # the scheduler's shard (index, kv, rows, sampling)
+    rows: list[Request]
+    lengths: list[int]
+    result: Verified
+    params: VerifyParams
+
+
+class Speculator:
+    """Drafting and verify steps for one scheduler (worker thread), and their counters.
+
+    `views(shard_index, tables)`: each layer's view of a shard's pool for a pass
+    (`ShardPools.views`); `on(index)`: a block running on a shard's stream;
+    `emit(req, token, logprob, top)`: hands one token to its request."""
+
+    def __init__(self, spec: DraftSpec, model, views: Callable, on: Callable,
+                 emit: Callable[[Request, int, float, list | None], None], draft: DraftModel | None = None):
+        if spec.kind == "model" and draft is None:
+            raise ValueError(f"draft={spec.path}: the draft model was not loaded")
+        self.spec = spec
+        self.model = model
+        self.draft = draft
+        self._views, self._on, self._emit = views, on, emit
+        self.grammar = None  # what makes constrained rows' matchers (its `vocab`), set by the engine
+        self.stats = SpeculativeStats()
+        self._compiled = CompiledVerify()
+        self._lookups: weakref.WeakKeyDictionary[Request, _Lookup] = weakref.WeakKeyDictionary()
+        self._cost = CostModel.linear(spec.num_draft_tokens, VERIFY_SLOPE, 0.0 if draft is None else DRAFT_MODEL_COST)
+        self._adaptive: weakref.WeakKeyDictionary[Request, AdaptiveLength] = weakref.WeakKeyDictionary()
+
+    def _length(self, req: Request) -> AdaptiveLength:
+        """The row's adaptive draft length (from its acceptance so far)."""
+        adaptive = self._adaptive.get(req)
+        if adaptive is None:
+            adaptive = self._adaptive[req] = AdaptiveLength(self._cost, self.spec.num_draft_tokens)
+        return adaptive
+
+    def draft_length(self, req: Request) -> int:
+        """How many tokens a row may draft now: its adaptive length (at most the option's),
+        less than the tokens its consumer can take (a step emits up to k + 1) and than
+        the tokens it may still make."""
+        if req.matcher is not None and self.draft is not None:
+            return 0  # (a draft model's drafts stay on the device: no masks for them)
+        return max(0, min(self._length(req).length, req.channel.room() - 1, req.assembler.remaining - 1))
+
+    def _lookup(self, req: Request, k: int) -> list[int]:
+        """A row's drafts by prompt lookup (host work)."""
+        lookup = self._lookups.get(req)
+        if lookup is None:
+            lookup = self._lookups[req] = _Lookup(req.prompt)
+        return lookup.propose(req, k) if k else []
+
+    def plan(self, shards: Sequence) -> list[tuple[list[int], list[list[int]] | None]] | None:
+        """Per shard, its rows' draft lengths and (prompt lookup) their drafts; None when
+        this round should be a plain decode step: no row drafts (or a constrained row's
+        grammar vocabulary is not there to mask its drafts)."""
+        if self.draft is not None:
+            self.draft.sweep()
+        for req in (r for s in shards for r in s.rows):
+            adaptive = self._length(req)
+            if adaptive.length == 0:  # it takes a plain step: its estimate drifts back to the prior
+                adaptive.observe(0, 0)
+        if self._vocab() is None and any(r.matcher is not None for s in shards for r in s.rows):
+            return None
+        plan: list[tuple[list[int], list[list[int]] | None]] = []
+        for shard in shards:
+            lengths = [self.draft_length(r) for r in shard.rows]
+            if self.draft is None:
+                drafts = [self._lookup(r, k) for r, k in zip(shard.rows, lengths)]
+                plan.append(([len(d) for d in drafts], drafts))
+            else:
+                plan.append((lengths, None))
+        return plan if any(n for lengths, _ in plan for n in lengths) else None
+
+    def step(self, shards: Sequence, plan: list[tuple[list[int], list[list[int]] | None]]) -> None:
+        """One verify step over the shards (their rows all take part), launched,
+        evaluated and read: tokens emitted, positions moved on, draft blocks trimmed.
+        Raises MLXError if the device work fails (nothing is emitted then)."""
+        passes: list[_Pass] = []
+        try:
+            for shard, (lengths, drafts) in zip(shards, plan):
+                passes.append(self._launch(shard, lengths, drafts))
+            ops.eval(*[a for p in passes for a in (*p.result.arrays(), *p.shard.sampling.state(),
+                                                   *p.shard.kv.pool.state())])
+            results = [p.result.read() for p in passes]
+        finally:
+            for p in passes:
+                p.params.close()
+        for p, rows in zip(passes, results):
+            self._accept(p, rows)
+
+    def _vocab(self):
+        return None if self.grammar is None else self.grammar.vocab
+
+    def _inputs(self, shard, rows: list[Request], lengths: list[int],
+                drafts: list[list[int]] | None) -> tuple[Array, Drafts, np.ndarray | None, list[int]]:
+        """The verify pass's tokens (B, K + 1) (each row's last token, then its drafts),
+        the `Drafts` (from the host, prompt lookup, or from the draft model), constrained
+        rows' masks per position (None without) and the lengths (cut where a grammar
+        forbids a draft)."""
+        width = max(lengths) + 1
+        host = np.zeros((len(rows), width), dtype=np.int32)
+        for i, r in enumerate(rows):
+            host[i, 0] = r.last
+            if drafts is not None:
+                host[i, 1:1 + lengths[i]] = drafts[i][:lengths[i]]
+        masks = None
+        if any(r.matcher is not None for r in rows):
+            masks, lengths = draft_masks(self._vocab(), [r.matcher for r in rows], host[:, 1:], lengths)
+        if self.draft is not None and width > 1:
+            with self._on(shard.index):
+                tokens, probs = self.draft.propose(shard.index, rows, lengths, shard.sampling)
+                last = array(np.asarray([[r.last] for r in rows], dtype=np.int32))
+                return (ops.concatenate([last, tokens], axis=1), Drafts(tokens, _int32s(lengths), probs), masks,
+                        lengths)
+        return array(host), Drafts(array(np.ascontiguousarray(host[:, 1:])), _int32s(lengths)), masks, lengths
+
+    def _launch(self, shard, lengths: list[int], drafts: list[list[int]] | None) -> _Pass:
+        """Builds a shard's verify forward on its stream and the acceptance on the
+        home stream; the shard's pool and sampling state become the pass's results."""
+        rows, kv = list(shard.rows), shard.kv
+        # blocks for the drafts' positions; a row the pools cannot hold drafts fewer
+        lengths = [min(n, kv.extend_to(r, r.pos + n + 1) - r.pos - 1) for r, n in zip(rows, lengths)]
+        if self.draft is not None:
+            lengths = [self.draft.room(r, n) if n else 0 for r, n in zip(rows, lengths)]
+        tokens, dr, masks, lengths = self._inputs(shard, rows, lengths, drafts)
+        tables = kv.verify_tables(rows, tokens.shape[1], lengths)
+        with self._on(shard.index):
+            views = self._views(shard.index, tables)
+            positions = array(np.asarray([r.pos for r in rows], dtype=np.int32))
+            logits = self.model(tokens, views, positions)
+            # the old arrays' only holder is now the graph, so MLX may write them in place
+            kv.pool.arrays = written(views)
+        return _Pass(shard, rows, lengths, *self._accept_graph(shard, logits, dr, masks))
+
+    def _accept_graph(self, shard, logits: Array, drafts: Drafts, masks: np.ndarray | None):
+        """`verify` of a shard's pass (the graph, not evaluated); the shard's sampling
+        state takes its results."""
+        sampling = shard.sampling
+        params = VerifyParams.build(sampling.params, logits.shape[1])
+        history, counts = sampling.penalty_state(logits.shape[2])
+        result = verify(logits, drafts, params, sampling.keys, history, counts, masks, compiled=self._compiled)
+        sampling.adopt(result.keys, result.history, result.counts)
+        return result, params
+
+    def _accept(self, p: _Pass, results) -> None:
+        """Emits each row's tokens one by one (a row that ends stops taking them) and
+        moves its position on by the tokens emitted: its last token and the accepted
+        drafts are in the cache, the rest is rolled back."""
+        for req, n_drafts, res in zip(p.rows, p.lengths, results):
+            emitted = 0
+            for i, tok in enumerate(res.tokens):
+                if not req.active:
+                    break
+                self._emit(req, tok, float(res.logprobs[i]), None if res.top is None else res.top[i])
+                emitted += 1
+            if self.draft is not None:
+                self.draft.settle(req, req.pos, n_drafts, res.accepted)
+            req.pos += emitted
+            req.steps += 1
+            p.shard.kv.trim(req)
+            self.stats.record(n_drafts, res.accepted)
+            if n_drafts:
+                self._length(req).observe(n_drafts, res.accepted)
+
+    def recover(self) -> None:
+        """After a failed verify step: the draft model's pools are checked (DraftModel.recover)."""
+        if self.draft is not None:
+            self.draft.recover()
+
+    def release(self, req: Request) -> None:
+        """A request has ended: what the speculation kept for it goes."""
+        self._lookups.pop(req, None)
+        self._adaptive.pop(req, None)
+        if self.draft is not None:
+            self.draft.release(req)
+
+    def close(self) -> None:
+        self._compiled.close()
+        if self.draft is not None:
+            self.draft.close()
+
+
+def make_speculator(options, model, views: Callable, placement, emit: Callable, draft_model=None,
+                    vocab_size: int | None = None) -> Speculator | None:
+    """The scheduler's speculator for resolved EngineOptions (None without `draft`):
+    with a draft model, its pools (one per stream of `placement`) are made here."""
+    spec = DraftSpec.from_options(options.draft, options.num_draft_tokens)
+    if spec is None:
+        return None
+    draft = None
+    if draft_model is not None:
+        if vocab_size is None:
+            raise ValueError("a draft model needs the target's vocab_size")
+        draft = DraftModel(draft_model, options, len(placement.streams), vocab_size)
+    return Speculator(spec, model, views, placement.on, emit, draft)
+
+
+def _int32s(values: list[int]) -> Array:
+    return array(np.asarray(values, dtype=np.int32))
