@@ -17,7 +17,7 @@ from amlx._mlx import Array, array, fast, ops
 from amlx._mlx import float32 as _f32
 from amlx._mlx import uint32
 from amlx.cache import BLOCK, KVCache, memoized
-from amlx.models import decode_attention, rope, step_kernels
+from amlx.models import cpu_matmul, decode_attention, rope, step_kernels
 from amlx.errors import ModelLoadError
 from amlx.models.nn import (AllSum, Embedding, Linear, Module, QuantizedEmbedding, QuantizedLinear, RMSNorm,
                             input_slice, output_slice, split_outputs)
@@ -297,7 +297,12 @@ class Attention(Module):
             keys, values, mask = cache.update_verify(k, v, step.pos, step.memo)
         else:
             keys, values, mask = cache.update_decode(k, v, step.pos, step.memo)
-        o = fast.scaled_dot_product_attention(q, keys, values, scale=self._scale, mask=mask)
+        if cpu_matmul.widen_attention(q, step.length):
+            dtype = q.dtype
+            q, keys, values = (ops.astype(a, _f32) for a in (q, keys, values))
+            o = ops.astype(fast.scaled_dot_product_attention(q, keys, values, scale=self._scale, mask=mask), dtype)
+        else:
+            o = fast.scaled_dot_product_attention(q, keys, values, scale=self._scale, mask=mask)
         if step.length > 1:
             o = ops.transpose(o, (0, 2, 1, 3))
         return self.o_proj(ops.reshape(o, (step.batch * step.length, self._n_heads * self._head_dim)))
