@@ -560,3 +560,18 @@ def test_bad_head_mode_is_refused(checkpoints, monkeypatch):
     with pytest.raises(ValueError, match="AMLX_TP_HEAD"):
         amlx.load_sync(checkpoints["qwen3"], device="cpu", tensor_parallel=2)
     assert followers() == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # a tied quantized embedding as the head; a quantized lm_head
+def test_vocab_sharded_quantized_head(checkpoints, arch, tmp_path, monkeypatch):
+    """A 4-bit head is cut on whole rows; greedy tokens equal one process's."""
+    q = amlx.convert(checkpoints[arch], tmp_path / "q4", quantize=4, group_size=32, progress=False)
+    prompts, max_tokens = PROMPTS[:2], MAX_TOKENS[:2]
+    expected = run(lambda: _load_and(q, 1, lambda m: greedy_together(m, prompts, max_tokens)))
+    monkeypatch.setenv("AMLX_TP_HEAD", "vocab")
+
+    async def sharded(m):
+        assert type(m.engine.model.lm_head.part).__name__ == "QuantizedLinear"
+        return await greedy_together(m, prompts, max_tokens)
+    got = run(lambda: _load_and(q, 2, sharded))
+    assert got == expected
