@@ -514,3 +514,64 @@ def test_speculative_decoding_is_refused(checkpoints):
     with pytest.raises(ValueError, match="speculative decoding.*tensor_parallel"):
         amlx.load_sync(checkpoints["qwen3"], device="cpu", tensor_parallel=2, draft="prompt_lookup")
     assert followers() == []
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])  # tied embedding as the head; an untied lm_head
+def test_vocab_sharded_head_equals_one_process(checkpoints, arch, monkeypatch):
+    """AMLX_TP_HEAD=vocab: each rank projects onto its half of the vocabulary
+    and one all_gather assembles the logits; greedy tokens (concurrent requests)
+    equal one process's."""
+    path = checkpoints[arch]
+    expected = reference(path)
+    monkeypatch.setenv("AMLX_TP_HEAD", "vocab")
+
+    async def go():
+        async with await amlx.load(path, device="cpu", tensor_parallel=2) as m:
+            assert type(m.engine.model.lm_head).__name__ == "VocabShardedHead"
+            return await greedy_together(m, slow=1)
+    assert run(go) == expected
+    assert followers() == []
+
+
+def test_vocab_sharded_head_pads_an_uneven_vocabulary():
+    """7 rows over 3 ranks: blocks of 3, the last padded with 2 zero rows that
+    the gathered logits drop. (The ranks run in this process: the gather is
+    every block's output, in rank order.)"""
+    import numpy as np
+
+    from amlx._mlx import array, ops
+    from amlx.models.nn import Embedding, Linear, vocab_rows
+    from amlx.tp.shard import VocabShardedHead
+
+    rng = np.random.default_rng(0)
+    w, h = rng.standard_normal((7, 4)).astype(np.float32), rng.standard_normal((2, 4)).astype(np.float32)
+    x = array(h)
+    for layer in (Embedding(array(w)), Linear(array(w))):
+        blocks = [vocab_rows(layer, lo, min(lo + 3, 7), 3) for lo in (0, 3, 6)]
+        assert [b.weight.shape for b in blocks] == [(3, 4)] * 3
+        head = VocabShardedHead(blocks[1], 7, 3, lambda mine: ops.concatenate([b(x) for b in blocks], axis=0))
+        got = np.asarray(head(x))
+        assert got.shape == (2, 7)
+        assert np.allclose(got, h @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_head_mode_is_refused(checkpoints, monkeypatch):
+    monkeypatch.setenv("AMLX_TP_HEAD", "columns")
+    with pytest.raises(ValueError, match="AMLX_TP_HEAD"):
+        amlx.load_sync(checkpoints["qwen3"], device="cpu", tensor_parallel=2)
+    assert followers() == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # a tied quantized embedding as the head; a quantized lm_head
+def test_vocab_sharded_quantized_head(checkpoints, arch, tmp_path, monkeypatch):
+    """A 4-bit head is cut on whole rows; greedy tokens equal one process's."""
+    q = amlx.convert(checkpoints[arch], tmp_path / "q4", quantize=4, group_size=32, progress=False)
+    prompts, max_tokens = PROMPTS[:2], MAX_TOKENS[:2]
+    expected = run(lambda: _load_and(q, 1, lambda m: greedy_together(m, prompts, max_tokens)))
+    monkeypatch.setenv("AMLX_TP_HEAD", "vocab")
+
+    async def sharded(m):
+        assert type(m.engine.model.lm_head.part).__name__ == "QuantizedLinear"
+        return await greedy_together(m, prompts, max_tokens)
+    got = run(lambda: _load_and(q, 2, sharded))
+    assert got == expected

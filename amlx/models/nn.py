@@ -395,6 +395,29 @@ def _resliced(layer: Module, cut, keep_bias: bool) -> Module:
     return Linear(parts["weight"], parts.get("bias"))
 
 
+def vocab_rows(layer: Module, lo: int, hi: int, rows: int) -> Module:
+    """A vocabulary-parallel shard of an output projection: rows [lo, hi) of a
+    Linear / QuantizedLinear head, or of a (tied) Embedding / QuantizedEmbedding
+    read as one, zero-padded to `rows` rows so that every rank's slice of the
+    logits has the same width (the padding's logits are cut off after the
+    gather). A new layer in memory of its own; `layer` is left as it is (a tied
+    embedding still embeds)."""
+    if type(layer) not in (Linear, QuantizedLinear, Embedding, QuantizedEmbedding):
+        raise ValueError(f"{type(layer).__name__} cannot be sharded by vocabulary")
+    parts = {}
+    for name in [n for n in ("weight", "scales", "biases", "bias") if hasattr(layer, n)]:
+        a = getattr(layer, name)
+        block = ops.slice(a, [lo] + [0] * (a.ndim - 1), [hi] + list(a.shape[1:]))
+        if hi - lo < rows:
+            block = ops.concatenate([block, ops.zeros((rows - hi + lo, *a.shape[1:]), a.dtype)], axis=0)
+        parts[name] = ops.contiguous(block)
+    ops.eval(*parts.values())
+    if "scales" in parts:
+        return QuantizedLinear(parts["weight"], parts["scales"], parts["biases"], layer._group_size,
+                               layer._bits, bias=parts.get("bias"))
+    return Linear(parts["weight"], parts.get("bias"))
+
+
 class AllSum(Module):
     """A row-parallel layer followed by the sum of its output over the ranks
     (`reduce`: the group's all_sum): Megatron's one collective per block half."""

@@ -25,7 +25,7 @@ from amlx.kv import PADDING_ROW, written
 from amlx.models import build_model, prepare
 from amlx.tp import keeper, protocol
 from amlx.tp.rows import MirroredRows
-from amlx.tp.shard import shard_model
+from amlx.tp.shard import HEADS, head_mode, shard_model
 
 
 class Follower:
@@ -112,6 +112,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
     p.add_argument("--kv-bits", type=int, default=None, choices=[8, 4])
+    # rank 0 passes its AMLX_TP_HEAD; a rank started by hand on another host reads its own
+    p.add_argument("--head", default=None, choices=HEADS)
     p.add_argument("--heartbeat-fd", type=int, default=None)
     p.add_argument("--lifeline-fd", type=int, default=None)
     return p.parse_args(argv)
@@ -125,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     placement = Placement(options)
     rank, size = int(os.environ["MLX_RANK"]), int(os.environ["MLX_WORLD_SIZE"])
     joined: list[dist.Group] = []
+    gather = (lambda x: dist.all_gather(x, joined[0])) if (args.head or head_mode()) == "vocab" else None
     with placement.on():
         # Load first, then join, as rank 0 does: whoever loads faster waits in the
         # join (NCCL's bootstrap gives up after 300 s; rank 0 bounds its own wait).
         loaded = build_model(prepare(args.model, args.dtype), args.dtype, progress=False,
-                             shard=lambda m: shard_model(m, rank, size, lambda x: dist.all_sum(x, joined[0])))
+                             shard=lambda m: shard_model(m, rank, size, lambda x: dist.all_sum(x, joined[0]), gather))
         loaded.model.use_decode_kernel(options.decode_kernel)
         joined.append(dist.init(args.backend))
         if (joined[0].rank, joined[0].size) != (rank, size):

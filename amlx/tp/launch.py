@@ -80,11 +80,12 @@ def backend_for(device: str) -> str:
 
 
 def start(model: str, size: int, device: str, dtype: str | None, hostfile: str | None = None,
-          kv_bits: int | None = None) -> Launch:
+          kv_bits: int | None = None, head: str = "replicated") -> Launch:
     """Starts ranks 1..size-1 (those of this machine: all of them without a
     hostfile). `hostfile`: a ring hostfile naming every rank's address; ranks
     on other hosts are started there by the user with the same command.
-    `kv_bits`: the KV cache's storage (the followers' pools match rank 0's)."""
+    `kv_bits`: the KV cache's storage (the followers' pools match rank 0's).
+    `head`: how the output head is split (amlx.tp.shard.head_mode)."""
     backend = backend_for(device)
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="amlx-tp-"))
     path, local = None, list(range(1, size))
@@ -102,7 +103,7 @@ def start(model: str, size: int, device: str, dtype: str | None, hostfile: str |
         env = {**launch.env, "MLX_RANK": str(rank)}
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpus[rank]
-        launch.ranks.append(_spawn(rank, model, backend, device, dtype, env, workdir, kv_bits))
+        launch.ranks.append(_spawn(rank, model, backend, device, dtype, env, workdir, kv_bits, head))
     return launch
 
 
@@ -115,12 +116,12 @@ def _visible_gpus(size: int) -> list[str]:
 
 
 def _spawn(rank: int, model: str, backend: str, device: str, dtype: str | None, env: dict[str, str],
-           workdir: pathlib.Path, kv_bits: int | None = None) -> Rank:
+           workdir: pathlib.Path, kv_bits: int | None = None, head: str = "replicated") -> Rank:
     beat_r, beat_w = os.pipe()
     life_r, life_w = os.pipe()
     log = workdir / f"rank{rank}.log"
     cmd = [sys.executable, "-m", "amlx.tp.follower", str(model), "--backend", backend, "--device", device,
-           "--heartbeat-fd", str(beat_w), "--lifeline-fd", str(life_r)]
+           "--heartbeat-fd", str(beat_w), "--lifeline-fd", str(life_r), "--head", head]
     if dtype is not None:
         cmd += ["--dtype", str(dtype)]
     if kv_bits is not None:

@@ -10,7 +10,7 @@ from amlx._mlx import distributed as dist
 from amlx.tp import launch as _launch
 from amlx.tp.join import join
 from amlx.tp.leader import Leader
-from amlx.tp.shard import shard_model
+from amlx.tp.shard import head_mode, shard_model
 
 
 def check_tensor_parallel(size) -> None:
@@ -27,15 +27,19 @@ class TensorParallelLoad:
                  kv_bits: int | None = None):
         self.size = size
         hostfile = os.environ.get("AMLX_TP_HOSTFILE") or None
-        self.launch = _launch.start(str(path), size, device, dtype, hostfile, kv_bits)
+        self.head = head_mode()  # read once: the followers are told the same
+        self.launch = _launch.start(str(path), size, device, dtype, hostfile, kv_bits, self.head)
         self._group: dist.Group | None = None
 
     def reduce(self, x: Array) -> Array:
         return dist.all_sum(x, self._group)
 
+    def gather(self, x: Array) -> Array:
+        return dist.all_gather(x, self._group)
+
     def shard(self, model) -> None:
         """Cuts rank 0's model to its part (the builder's `shard` hook)."""
-        shard_model(model, 0, self.size, self.reduce)
+        shard_model(model, 0, self.size, self.reduce, self.gather if self.head == "vocab" else None)
 
     def connect(self) -> Leader:
         self._group = join(self.launch)
