@@ -46,15 +46,20 @@ def add_model_options(p: argparse.ArgumentParser, *, adapter: bool = True) -> No
     if adapter:
         p.add_argument("--adapter", default=None, metavar="DIR",
                        help="a LoRA adapter directory (from `amlx lora`, or PEFT) to apply")
+    add_engine_options(p)
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """Where and how the model runs: the load options every command that loads one shares."""
     p.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"], help="where to run")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="float type of the weights (default: the checkpoint's)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the model over N processes (tensor parallelism: one per GPU over NCCL, or CPU "
                         "processes over MLX's ring backend; see docs/scaling.md)")
-    p.add_argument("--draft", default=None, metavar="prompt_lookup",
-                   help="speculative decoding: 'prompt_lookup' drafts from earlier text of the conversation "
-                        "(default: off)")
+    p.add_argument("--draft", default=None, metavar="PATH|prompt_lookup",
+                   help="speculative decoding: a draft model's checkpoint (same tokenizer), or "
+                        "'prompt_lookup' to draft from earlier text of each request (default: off)")
     p.add_argument("--num-draft-tokens", type=int, default=4, metavar="N",
                    help="most tokens drafted per step with --draft (default: %(default)s)")
 

@@ -8,6 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
+from amlx.cli import add_engine_options
+
 _EXAMPLE = """\
 examples:
   amlx serve                                   # the embedded demo model on http://127.0.0.1:8000
@@ -40,12 +42,7 @@ def add_serve_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--model-name", default=None, metavar="NAME",
                    help="the model id clients send (default: the checkpoint directory's name)")
     p.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter directory to apply")
-    p.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"], help="default: %(default)s")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: the checkpoint's")
-    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="split the model over N processes (tensor parallelism: one per GPU over NCCL, or CPU "
-                        "processes over MLX's ring backend; see docs/scaling.md)")
+    add_engine_options(p)
     p.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="cap on prompt + reply tokens (default: the model's context length)")
     p.add_argument("--kv-cache-memory", type=_memory, default=None, metavar="SIZE",
@@ -55,11 +52,6 @@ def add_serve_command(sub: "argparse._SubParsersAction") -> None:
                    help="store the KV cache quantized to 8 or 4 bits (default: full precision)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="do not reuse the KV cache of earlier prompts with the same beginning")
-    p.add_argument("--draft", default=None, metavar="PATH|prompt_lookup",
-                   help="speculative decoding: 'prompt_lookup' drafts from earlier text of each request "
-                        "(default: off)")
-    p.add_argument("--num-draft-tokens", type=int, default=4, metavar="N",
-                   help="most tokens drafted per step with --draft (default: %(default)s)")
     p.add_argument("--keepalive", type=float, default=1.0, metavar="SECONDS",
                    help="SSE keep-alive comment after this long without a token, e.g. during a long prefill "
                         "(default: %(default)s)")
