@@ -187,9 +187,10 @@ class KVCache:
         other.reserve(cap)
         self.kv = ops.concatenate([self.kv, other.kv], axis=1)
 
-    def kernel_input(self) -> tuple[Array | None, None]:
-        """What the CUDA decode kernel reads: the buffer (2, B, H, capacity, D), no table."""
-        return self.kv, None
+    def kernel_input(self) -> tuple[Array | None, None, None]:
+        """What the CUDA decode kernel reads: the buffer (2, B, H, capacity, D), no
+        table, not quantized (see PagedLayer.kernel_input)."""
+        return self.kv, None, None
 
     def state(self) -> list[Array]:
         return [] if self.kv is None else [self.kv]

@@ -11,11 +11,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import amlx
-from amlx._mlx import array, ops
+from amlx import _mlx as mx
+from amlx._mlx import array, fast, ops
 from amlx.kv import BlockPool, ShardKV, layer_views, written
 from tests.helpers.checkpoints import make_checkpoint
+from tests.helpers.kv_reference import dequantize, paged_decode_attention, quantize, round_to
 
 PROMPT = 80
 STEPS = 24
@@ -136,3 +140,93 @@ def test_kv_bits_refused_where_it_cannot_apply(tmp_path):
         amlx.load_sync(small, kv_bits=8)
     gc.collect()
     assert amlx.memory()["active"] == before  # the weights went with the failed load
+
+
+# ---------------------------------------------------------------------------
+# the quantized pool against numpy (tests/helpers/kv_reference.py): MLX's layout
+# bit for bit, and a decode step's attention through block tables (the gather
+# path; tests/test_decode_kernels.py checks the CUDA kernel against the same)
+
+QDTYPES = ["float32", "float16", "bfloat16"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([4, 8]), group=st.sampled_from([32, 64]), dim=st.sampled_from([64, 128, 256]),
+       dtype=st.sampled_from(QDTYPES), spread=st.floats(1e-3, 50), seed=st.integers(0, 2 ** 16))
+def test_quantize_layout_is_the_numpy_reference_bit_for_bit(bits, group, dim, dtype, spread, seed):
+    """ops.quantize / ops.dequantize against the numpy reference: the packing order
+    (lowest bits first), scales and biases, and the dequantized values, exactly;
+    including constant, all-negative and zero groups."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((9, dim)) * spread + rng.uniform(-3, 3, (9, 1))
+    x[0], x[1], x[2] = 0.0, -spread, -np.abs(x[2])
+    x = round_to(x, dtype)
+    packed = ops.quantize(array(x.astype(np.float32)).astype(getattr(mx, dtype)), group, bits)
+    want = quantize(x, group, bits, dtype)
+    assert packed[0].dtype is mx.uint32 and packed[0].shape == (9, dim * bits // 32)
+    np.testing.assert_array_equal(packed[0].numpy(), want[0])
+    for got, w in zip(packed[1:], want[1:]):
+        np.testing.assert_array_equal(got.astype(mx.float32).numpy().astype(np.float64), w)
+    got = ops.dequantize(*packed, group, bits).astype(mx.float32).numpy().astype(np.float64)
+    np.testing.assert_array_equal(got, dequantize(*want, group, bits, dtype))
+
+
+QTOL = {"float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 3), kv_heads=st.sampled_from([1, 2]), gqa=st.sampled_from([1, 2, 3]),
+       dim=st.sampled_from([32, 64, 128]), group=st.sampled_from([32, 64]), bits=st.sampled_from([4, 8]),
+       block=st.sampled_from([1, 4, 16]), length=st.integers(1, 70), window=st.sampled_from([None, 1, 7, 33]),
+       dtype=st.sampled_from(QDTYPES), seed=st.integers(0, 2 ** 16))
+def test_quantized_paged_decode_attention_equals_numpy_reference(b, kv_heads, gqa, dim, group, bits, block, length,
+                                                                 window, dtype, seed):
+    """A decode step through a quantized pool on the gather path (PagedLayer's write
+    and gather, then MLX's attention, as Attention calls them) against numpy: the
+    pool's blocks scattered over rows in random order, rows at their own positions,
+    the new token written quantized and then attended (as the gather path does);
+    the pool afterwards holds exactly numpy's quantization of the new token."""
+    assume(dim % group == 0)
+    rng = np.random.default_rng(seed)
+    heads = kv_heads * gqa
+    width = -(-length // block)
+    n_blocks = 1 + b * width + 2  # block 0 (the null block) and spare blocks hold noise too
+    raw = round_to(rng.standard_normal((2, n_blocks, kv_heads, block, dim)) * 2, dtype)
+    stored = quantize(raw, group, bits, dtype)
+    pool = BlockPool([(kv_heads, dim)], getattr(mx, dtype), block, n_blocks, prefix_cache=False,
+                     initial_blocks=n_blocks, bits=bits)
+    shard = ShardKV(pool, window=window)
+    order = rng.permutation(pool.allocate(n_blocks - 1))
+    rows = []
+    for i in range(b):
+        blocks = [int(x) for x in order[i * width:(i + 1) * width]]
+        rows.append(SimpleNamespace(blocks=blocks, pos=int(rng.integers(0, length)), created=0.0))
+    rows[0].pos = length - 1
+    pool.arrays = [array(stored[0])] + [array(s.astype(np.float32)).astype(getattr(mx, dtype)) for s in stored[1:]]
+    q, k, v = (round_to(rng.standard_normal((b, n, dim)), dtype) for n in (heads, kv_heads, kv_heads))
+    pos = np.asarray([r.pos for r in rows], np.int32)
+    scale = dim ** -0.5
+    try:
+        view = layer_views(pool.arrays, shard.decode_tables(rows), [window], bits, group)[0]
+        as_mx = [array(x[:, :, None].astype(np.float32)).astype(getattr(mx, dtype)) for x in (q, k, v)]
+        keys, values, mask = view.update_decode(as_mx[1], as_mx[2], array(pos))
+        got = fast.scaled_dot_product_attention(as_mx[0], keys, values, scale=scale, mask=mask)
+        got = got.astype(mx.float32).numpy().astype(np.float64)[:, :, 0]
+        new = [dequantize(*quantize(x, group, bits, dtype), group, bits, dtype) for x in (k, v)]
+        table = np.asarray([r.blocks for r in rows], np.int64)
+        pool_kv = dequantize(*stored, group, bits, dtype)
+        want = paged_decode_attention(q, new[0], new[1], pool_kv[0], pool_kv[1], table, pos, scale, window)
+        np.testing.assert_allclose(got, want, rtol=QTOL[dtype], atol=QTOL[dtype])
+        # the write: each row's new key and value quantized into its block at its offset
+        after = [a.numpy() if a.dtype is mx.uint32 else a.astype(mx.float32).numpy().astype(np.float64)
+                 for a in written([view])]
+        expect = [s.copy() for s in stored]
+        for i, r in enumerate(rows):
+            blk, off = r.blocks[r.pos // block], r.pos % block
+            for half, x in enumerate((k, v)):
+                for part, value in zip(expect, quantize(x[i], group, bits, dtype)):
+                    part[half, blk, :, off] = value
+        for a, e in zip(after, expect):
+            np.testing.assert_array_equal(a, e)
+    finally:
+        shard.close()

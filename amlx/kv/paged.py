@@ -28,6 +28,11 @@ from amlx.cache import decode_mask, memoized, window_mask
 
 __all__ = ["PagedLayer", "Tables", "layer_views", "verify_mask", "written"]
 
+# Whether the CUDA decode kernel reads a quantized pool itself (dequantizing in
+# registers) or gets the gathered, dequantized keys: on by default;
+# benchmarks/kv_bits.py and tests/test_decode_kernels.py turn it off to compare.
+QUANTIZED_KERNEL = True
+
 
 @dataclass
 class Tables:
@@ -119,13 +124,17 @@ class PagedLayer:
         out as the contiguous cache held them."""
         return self.gathered()
 
-    def kernel_input(self) -> tuple[Array, Array | None]:
-        """What the CUDA decode kernel reads: the pool itself and the (B, width)
-        table, which it reads through (nothing gathered); the gathered keys where
-        the pass has no table or the pool is quantized."""
-        if self.tables.table is None or self.bits:
-            return self.gathered(), None
-        return self.pool, self.tables.table
+    def kernel_input(self) -> tuple[Array, Array | None, tuple[Array, Array, int, int] | None]:
+        """What the CUDA decode kernel reads: (kv, table, quant). The pool itself
+        and the (B, width) table, which it reads through (nothing gathered); with
+        `bits`, the packed pool and quant = (scales, biases, bits, group), which
+        it dequantizes as it reads (unless QUANTIZED_KERNEL is off: then the
+        dequantized gathered keys, as where the pass has no table)."""
+        if self.tables.table is None or (self.bits and not QUANTIZED_KERNEL):
+            return self.gathered(), None, None
+        if self.bits:
+            return self.parts[0], self.tables.table, (self.parts[1], self.parts[2], self.bits, self.group)
+        return self.pool, self.tables.table, None
 
     @staticmethod
     def _halves(kv: Array, end: int) -> tuple[Array, Array]:

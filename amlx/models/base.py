@@ -267,16 +267,17 @@ class Attention(Module):
         norms = [getattr(self, "q_norm", None), getattr(self, "k_norm", None)]
         if norms[0] is not None and not all(isinstance(n, RMSNorm) and n.eps == norms[0].eps for n in norms):
             return None
-        kv, table = cache.kernel_input()  # a contiguous cache, or a block pool and its table
-        if kv is None or not decode_attention.supports(qkv, kv, self._n_heads, paged=table is not None) or (
-                self._rope.dims != self._head_dim):
+        # a contiguous cache, or a block pool and its table (quantized: with its scales and biases)
+        kv, table, quant = cache.kernel_input()
+        if kv is None or not decode_attention.supports(qkv, kv, self._n_heads, paged=table is not None,
+                                                       quant=quant) or self._rope.dims != self._head_dim:
             return None
         q_w, k_w = (None, None) if norms[0] is None else (n.norm_weight() for n in norms)
         o, kv_new = decode_attention.decode_attention(
             qkv, kv, step.pos, heads=self._n_heads, scale=self._scale, window=self.window,
             inv_freq=self._rope.inv_freq(), q_norm=q_w, k_norm=k_w, eps=0.0 if norms[0] is None else norms[0].eps,
-            table=table)
-        cache.write_decode(kv_new, step.pos, step.memo)
+            table=table, quant=quant)
+        cache.write_decode(kv_new, step.pos, step.memo)  # (quantized by the cache, as in the other paths)
         return o
 
     def __call__(self, x: Array, cache: KVCache | None, step: Step) -> Array:

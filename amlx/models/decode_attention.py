@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import struct
 
-from amlx._mlx import Array, bfloat16, fast, float16, float32
+from amlx._mlx import Array, bfloat16, fast, float16, float32, uint32
 
 _HEADER = r"""
 __device__ float amlx_warp_sum(float x) {
@@ -41,6 +41,27 @@ __device__ void amlx_head_rms_norm(float* x, const W* w, float eps, int dim) {
   for (int e = 0; e < E; ++e) {
     const float n = static_cast<float>(static_cast<T>(x[e] * r));
     x[e] = static_cast<float>(static_cast<T>(static_cast<float>(w[e]) * n));
+  }
+}
+
+template <int E, typename T>
+__device__ void amlx_load(const T* p, float* x) {
+  for (int e = 0; e < E; ++e) x[e] = static_cast<float>(p[e]);
+}
+
+// A lane's E values of one slot's head from a quantized pool, in MLX's affine
+// layout as ops.quantize writes it: value d in bits [(d % P) * BITS, +BITS) of
+// uint32 word d / P (P = 32 / BITS, lowest bits first), group d / GROUP's scale
+// and bias; dequantized as MLX's dequantize computes it, q * scale + bias in T,
+// so the kernel sees the values the gather path's ops.dequantize gives.
+template <typename T, int E, int BITS, int GROUP>
+__device__ void amlx_dequant(const uint32_t* words, const T* scales, const T* biases, int lane, float* x) {
+  constexpr int P = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  for (int e = 0; e < E; ++e) {
+    const int d = lane * E + e;
+    const uint32_t q = (words[d / P] >> ((d % P) * BITS)) & MASK;
+    x[e] = static_cast<float>(static_cast<T>(static_cast<float>(q)) * scales[d / GROUP] + biases[d / GROUP]);
   }
 }
 
@@ -108,10 +129,6 @@ $KV_SETUP$  float m = neg_inf, l = 0.0f;
       for (int e = 0; e < E; ++e) { kr[e] = kn[e]; vr[e] = vn[e]; }
     } else {
 $KV_READ$
-      for (int e = 0; e < E; ++e) {
-        kr[e] = static_cast<float>(keys[e]);
-        vr[e] = static_cast<float>(values[e]);
-      }
     }
     float part = 0.0f;
     for (int e = 0; e < E; ++e) part += qr[e] * kr[e];
@@ -157,7 +174,8 @@ _CONTIGUOUS_SETUP = """
 """
 _CONTIGUOUS_READ = """
       const T* keys = row_keys + (size_t)j * D;
-      const T* values = keys + half;"""
+      amlx_load<E>(keys, kr);
+      amlx_load<E>(keys + half, vr);"""
 # Paged (a block pool, amlx.kv): kv (2, blocks, KVH, block_size, D) (one head
 # of one block contiguous), table (B, width) int32 the row's block ids in
 # position order; slot j lies at offset j % block_size of block table[b, j / block_size].
@@ -169,12 +187,31 @@ _PAGED_SETUP = """
 _PAGED_READ = """
       const size_t piece = (size_t)row_table[j / block_size] * KVH + kvh;
       const T* keys = kv + (piece * block_size + j % block_size) * D + lane * E;
-      const T* values = keys + half;"""
+      amlx_load<E>(keys, kr);
+      amlx_load<E>(keys + half, vr);"""
+
+# Paged and quantized (kv_bits, amlx.kv.pool): kv (2, blocks, KVH, block_size,
+# D * BITS / 32) uint32 packed values, scales and biases (2, blocks, KVH,
+# block_size, D / GROUP) in T; read through the table as above and dequantized
+# in registers (nothing gathered, no dequantized copy of the cache).
+_QUANT_SETUP = """
+  constexpr int WORDS = D * BITS / 32;  // uint32 words per slot and head
+  constexpr int GROUPS = D / GROUP;     // scales (and biases) per slot and head
+  const int block_size = kv_shape[3];
+  const size_t value_slots = (size_t)kv_shape[1] * KVH * block_size;  // the values follow the keys
+  const int* row_table = table + (size_t)b * table_shape[1];
+"""
+_QUANT_READ = """
+      const size_t ks = ((size_t)row_table[j / block_size] * KVH + kvh) * block_size + j % block_size;
+      const size_t vs = value_slots + ks;
+      amlx_dequant<T, E, BITS, GROUP>(kv + ks * WORDS, scales + ks * GROUPS, biases + ks * GROUPS, lane, kr);
+      amlx_dequant<T, E, BITS, GROUP>(kv + vs * WORDS, scales + vs * GROUPS, biases + vs * GROUPS, lane, vr);"""
 
 WARPS = 16  # keys in flight per (head, row); a block is WARPS * 32 threads
 
-_KERNELS: dict[tuple[bool, bool], fast.CudaKernel] = {}
+_KERNELS: dict[tuple[bool, bool, bool], fast.CudaKernel] = {}
 _DTYPES = (bfloat16, float16, float32)
+QUANT_BITS = (4, 8)
 
 
 def available(device: str) -> bool:
@@ -184,25 +221,44 @@ def available(device: str) -> bool:
     return device == "gpu" and fast.cuda_available()
 
 
-def _kernel(qk_norm: bool, paged: bool = False) -> fast.CudaKernel:
-    key = (qk_norm, paged)
+def _kernel(qk_norm: bool, paged: bool = False, quantized: bool = False) -> fast.CudaKernel:
+    key = (qk_norm, paged, quantized)
     if key not in _KERNELS:
         norms = ["q_norm", "k_norm"] if qk_norm else []
-        source = (_SOURCE.replace("$QK_NORM$", _QK_NORM if qk_norm else "")
-                  .replace("$KV_SETUP$", _PAGED_SETUP if paged else _CONTIGUOUS_SETUP)
-                  .replace("$KV_READ$", _PAGED_READ if paged else _CONTIGUOUS_READ))
+        if quantized:
+            setup, read = _QUANT_SETUP, _QUANT_READ
+        else:
+            setup, read = (_PAGED_SETUP, _PAGED_READ) if paged else (_CONTIGUOUS_SETUP, _CONTIGUOUS_READ)
+        source = _SOURCE.replace("$QK_NORM$", _QK_NORM if qk_norm else "").replace(
+            "$KV_SETUP$", setup).replace("$KV_READ$", read)
+        name = "amlx_decode_attention" + ("_qk_norm" if qk_norm else "") + ("_paged" if paged else "") + (
+            "_quantized" if quantized else "")
+        pool = ["kv", "scales", "biases"] if quantized else ["kv"]
         _KERNELS[key] = fast.CudaKernel(
-            "amlx_decode_attention" + ("_qk_norm" if qk_norm else "") + ("_paged" if paged else ""),
-            ["qkv", *norms, "inv_freq", "kv", "pos", *(["table"] if paged else [])], ["out", "kv_new"],
+            name, ["qkv", *norms, "inv_freq", *pool, "pos", *(["table"] if paged else [])], ["out", "kv_new"],
             source, header=_HEADER)
     return _KERNELS[key]
 
 
-def supports(qkv: Array, kv: Array, heads: int, paged: bool = False) -> bool:
+def supports(qkv: Array, kv: Array, heads: int, paged: bool = False,
+             quant: tuple[Array, Array, int, int] | None = None) -> bool:
     """Whether the kernel takes this step: `kv` contiguous (2, B, KVH, capacity, D)
-    or, `paged`, a block pool (2, blocks, KVH, block_size, D)."""
-    kv_heads, dim = kv.shape[2], kv.shape[4]
-    return (qkv.dtype in _DTYPES and kv.dtype is qkv.dtype and dim % 32 == 0 and 32 <= dim <= 512
+    or, `paged`, a block pool (2, blocks, KVH, block_size, D); with `quant`
+    (scales, biases, bits, group), a quantized block pool (`decode_attention`)."""
+    kv_heads = kv.shape[2]
+    if quant is None:
+        dim = kv.shape[4]
+        if kv.dtype is not qkv.dtype:
+            return False
+    else:
+        scales, biases, bits, group = quant
+        if not paged or bits not in QUANT_BITS or kv.dtype is not uint32:
+            return False
+        dim = kv.shape[4] * 32 // bits
+        if not (group >= 32 and dim % group == 0 and scales.dtype is qkv.dtype and biases.dtype is qkv.dtype
+                and scales.shape == biases.shape == (*kv.shape[:4], dim // group)):
+            return False
+    return (qkv.dtype in _DTYPES and dim % 32 == 0 and 32 <= dim <= 512
             and heads % kv_heads == 0 and qkv.shape[1] == (heads + 2 * kv_heads) * dim)
 
 
@@ -213,7 +269,8 @@ def _bits(x: float) -> int:
 def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, scale: float,
                      window: int | None, inv_freq: Array, q_norm: Array | None = None,
                      k_norm: Array | None = None, eps: float = 0.0,
-                     table: Array | None = None) -> tuple[Array, Array]:
+                     table: Array | None = None,
+                     quant: tuple[Array, Array, int, int] | None = None) -> tuple[Array, Array]:
     """One decode step of attention from the fused q/k/v projection.
 
     qkv (B, (H + 2*KVH) * D) holds each row's new token; kv (2, B, KVH,
@@ -221,22 +278,35 @@ def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, sca
     (B,) int32. With a block `table` (B, width) int32, kv is instead a block
     pool (2, blocks, KVH, block_size, D) and row b's position p lies in block
     table[b, p // block_size] (amlx.kv): the kernel reads through the table, so
-    no row's keys are gathered or copied. The new
+    no row's keys are gathered or copied. With `quant` = (scales, biases, bits,
+    group) as well, the pool is quantized (kv_bits, amlx.kv.pool): kv (2,
+    blocks, KVH, block_size, D * bits / 32) uint32 and scales, biases (2,
+    blocks, KVH, block_size, D / group) in qkv's dtype, MLX's affine layout;
+    the kernel dequantizes what it reads in registers. The new
     q and k get their head RMSNorm (weights `q_norm`/`k_norm`, both or neither)
     and the rotary embedding (`inv_freq`: (D/2,) float32 angles per position);
     then softmax(scale * q k^T) v over slots [pos - window + 1, pos] (all of
-    0..pos without a window). Returns (out, kv_new): out (B, H*D), the heads
+    0..pos without a window). The new position's own key and value enter in
+    full precision (the cache holds them quantized only after the write).
+    Returns (out, kv_new): out (B, H*D), the heads
     side by side as the output projection takes them, and the new key and value
-    (2, B, KVH, 1, D) to write into the cache at `positions`."""
+    (2, B, KVH, 1, D), in qkv's dtype, to write into the cache at `positions`
+    (quantized there, by the cache's own write, with `quant`)."""
     b = qkv.shape[0]
     paged = table is not None
-    kv_heads, dim = kv.shape[2], kv.shape[4]
+    kv_heads = kv.shape[2]
+    dim = kv.shape[4] if quant is None else kv.shape[4] * 32 // quant[2]
     threads = 32 * WARPS
     qk_norm = q_norm is not None
     norms = [q_norm, k_norm] if qk_norm else []
-    return tuple(_kernel(qk_norm, paged)(
-        [qkv, *norms, inv_freq, kv, positions, *([table] if paged else [])],
+    template = {"T": qkv.dtype, "H": heads, "KVH": kv_heads, "D": dim, "WINDOW": window or 0, "WARPS": WARPS,
+                "SCALE_BITS": _bits(scale), "EPS_BITS": _bits(eps)}
+    pool = [kv]
+    if quant is not None:
+        scales, biases, bits, group = quant
+        pool = [kv, scales, biases]
+        template.update(BITS=int(bits), GROUP=int(group))
+    return tuple(_kernel(qk_norm, paged, quant is not None)(
+        [qkv, *norms, inv_freq, *pool, positions, *([table] if paged else [])],
         [(b, heads * dim), (2, b, kv_heads, 1, dim)],
-        [qkv.dtype] * 2, grid=(heads * threads, b, 1), threadgroup=(threads, 1, 1),
-        template={"T": qkv.dtype, "H": heads, "KVH": kv_heads, "D": dim, "WINDOW": window or 0, "WARPS": WARPS,
-                  "SCALE_BITS": _bits(scale), "EPS_BITS": _bits(eps)}))
+        [qkv.dtype] * 2, grid=(heads * threads, b, 1), threadgroup=(threads, 1, 1), template=template))

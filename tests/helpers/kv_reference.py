@@ -1,0 +1,93 @@
+"""numpy references of a quantized KV block pool (kv_bits) and of one decode
+step's attention over it, for the CPU path's tests (tests/test_kv_bits.py) and
+the CUDA kernel's (tests/test_decode_kernels.py).
+
+The quantization is MLX's affine one as its CPU `quantize` computes it (float32
+arithmetic, round half to even; the per-group scale and bias rounded to the
+activations' dtype only when stored), and the layout is the one ops.quantize
+writes: value d of a group of `group` values in bits [(d % P) * bits, +bits) of
+uint32 word d // P, P = 32 // bits, lowest bits first. Dequantizing is
+`q * scale + bias` with both operations rounded to the dtype, as MLX's
+dequantize computes it. Values are float64 arrays holding values of the dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["round_to", "quantize", "dequantize", "paged_decode_attention"]
+
+
+def round_to(x, dtype: str) -> np.ndarray:
+    """x rounded to `dtype` ("float32" | "float16" | "bfloat16"), to nearest even, as float64."""
+    f = np.asarray(x, np.float64).astype(np.float32)
+    if dtype == "float32":
+        return f.astype(np.float64)
+    if dtype == "float16":
+        return f.astype(np.float16).astype(np.float64)
+    if dtype != "bfloat16":
+        raise ValueError(dtype)
+    bits = f.view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def quantize(x, group: int, bits: int, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(packed uint32 (..., D * bits / 32), scales, biases (..., D / group) float64 of
+    `dtype`) of x (..., D): MLX's affine quantization per group of the last axis."""
+    x = np.asarray(x, np.float64).astype(np.float32)
+    shape, dim = x.shape[:-1], x.shape[-1]
+    g = x.reshape(-1, dim // group, group)
+    n_bins = np.float32((1 << bits) - 1)
+    w_max, w_min = g.max(axis=-1), g.min(axis=-1)
+    lower = np.abs(w_min) > np.abs(w_max)  # the edge kept exact: the larger magnitude
+    scale = np.maximum((w_max - w_min) / n_bins, np.float32(1e-7))
+    scale = np.where(lower, scale, -scale)
+    edge = np.where(lower, w_min, w_max)
+    q0 = np.rint(edge / scale)
+    nonzero = q0 != 0
+    scale = np.where(nonzero, edge / np.where(nonzero, q0, np.float32(1)), scale).astype(np.float32)
+    bias = np.where(nonzero, edge, np.float32(0)).astype(np.float32)
+    q = np.rint((g - bias[..., None]) / scale[..., None])
+    q = np.clip(q, 0, n_bins).astype(np.uint32).reshape(-1, dim)
+    per = 32 // bits
+    words = q.reshape(-1, dim // per, per) << (np.arange(per, dtype=np.uint32) * bits)
+    packed = np.bitwise_or.reduce(words, axis=-1).astype(np.uint32)
+    return (packed.reshape(*shape, dim // per), round_to(scale, dtype).reshape(*shape, dim // group),
+            round_to(bias, dtype).reshape(*shape, dim // group))
+
+
+def dequantize(packed, scales, biases, group: int, bits: int, dtype: str) -> np.ndarray:
+    """(..., D) float64 of `dtype`: q * scale + bias, each operation rounded to `dtype`."""
+    packed = np.asarray(packed, np.uint32)
+    per = 32 // bits
+    q = (packed[..., None] >> (np.arange(per, dtype=np.uint32) * bits)) & np.uint32((1 << bits) - 1)
+    q = q.reshape(*packed.shape[:-1], -1).astype(np.float64)
+    s = np.repeat(np.asarray(scales, np.float64), group, axis=-1)
+    b = np.repeat(np.asarray(biases, np.float64), group, axis=-1)
+    return round_to(round_to(q * s, dtype) + b, dtype)
+
+
+def paged_decode_attention(q, k_new, v_new, pool_keys, pool_values, table, pos, scale: float,
+                           window: int | None) -> np.ndarray:
+    """(B, H, D) float64: softmax(scale * q k^T) v of each row's new token (q (B, H, D),
+    its key and value k_new, v_new (B, KVH, D)) over slots max(0, pos - window + 1)
+    .. pos, slot j < pos read from block table[b, j // block_size] at offset
+    j % block_size of pool_keys / pool_values (blocks, KVH, block_size, D), slot pos
+    from k_new, v_new. Query head h reads key head h // (H / KVH)."""
+    b, heads, dim = q.shape
+    kv_heads, block = pool_keys.shape[1], pool_keys.shape[2]
+    out = np.zeros((b, heads, dim))
+    for i in range(b):
+        p = int(pos[i])
+        lo = max(0, p - window + 1) if window else 0
+        slots = np.arange(lo, p)
+        blocks, offsets = table[i, slots // block], slots % block
+        for h in range(heads):
+            g = h // (heads // kv_heads)
+            ks = np.concatenate([pool_keys[blocks, g, offsets], k_new[i, g][None]])
+            vs = np.concatenate([pool_values[blocks, g, offsets], v_new[i, g][None]])
+            s = ks @ q[i, h] * scale
+            w = np.exp(s - s.max())
+            out[i, h] = w @ vs / w.sum()
+    return out
