@@ -11,6 +11,7 @@ whole models decode with the kernels on and off to the same logits."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,12 +21,17 @@ from hypothesis import strategies as st
 from amlx import _mlx as mx
 from amlx._mlx import fast, ops
 from amlx.models import decode_attention as da
+from amlx.kv import BlockPool, ShardKV, layer_views, paged, written
 from amlx.models import load_model, step_kernels
 
 try:
+    from tests.helpers import kv_reference
     from tests.helpers.checkpoints import make_checkpoint
 except ImportError:  # tests/ itself on sys.path
+    from helpers import kv_reference
     from helpers.checkpoints import make_checkpoint
+
+round_to = kv_reference.round_to
 
 pytestmark = pytest.mark.skipif(not fast.cuda_available(), reason="needs MLX's CUDA backend")
 
@@ -150,6 +156,86 @@ def test_paged_attention_kernel_reads_through_block_tables(b, kv, group, dim, bl
     assert [a.shape for a in got] == [(b, heads * dim), (2, b, kv, 1, dim)]
     for g, w in zip(got, want):
         np.testing.assert_allclose(as_np(g), w, rtol=ROPE_TOL[dtype], atol=ROPE_TOL[dtype])
+
+
+def _quantized_pool(rng, b, kv, dim, block, length, bits, qgroup, dtype):
+    """A quantized pool (numpy: packed, scales, biases, each (2, blocks, kv, block,
+    n)) of random keys and values, each row's blocks in random order, and the
+    table (b, width + 1) (a spare column of null blocks)."""
+    width = -(-length // block)
+    n_blocks = 1 + b * width + 3  # block 0: the null block; spare blocks hold noise
+    raw = round_to(rng.standard_normal((2, n_blocks, kv, block, dim)) * 2, dtype)
+    stored = kv_reference.quantize(raw, qgroup, bits, dtype)
+    table = np.zeros((b, width + 1), np.int32)
+    order = rng.permutation(np.arange(1, n_blocks))
+    for i in range(b):
+        table[i, :width] = order[i * width:(i + 1) * width]
+    return stored, table
+
+
+def _contiguous(pool: np.ndarray, table: np.ndarray, width: int) -> np.ndarray:
+    """(2, b, kv, width * block, ...) of a pool (2, blocks, kv, block, ...) through the table."""
+    got = pool[:, table[:, :width]]  # (2, b, width, kv, block, ...)
+    got = np.moveaxis(got, 3, 2)  # (2, b, kv, width, block, ...)
+    return got.reshape(*got.shape[:3], -1, *got.shape[5:])
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 5), kv=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2, 3]),
+       dim=st.sampled_from([64, 128, 256]), qgroup=st.sampled_from([32, 64]), bits=st.sampled_from([4, 8]),
+       block=st.sampled_from([1, 16, 32]), length=st.integers(1, 300), window=st.sampled_from([None, 1, 7, 100]),
+       qk_norm=st.booleans(), dtype=DTYPES, seed=st.integers(0, 2 ** 16))
+def test_quantized_paged_kernel_equals_reference_and_gather_path(b, kv, group, dim, qgroup, bits, block, length,
+                                                                 window, qk_norm, dtype, seed):
+    """kv_bits: the kernel reads packed keys and values, scales and biases through
+    the table and dequantizes them itself. Against (1) the float64 reference over
+    numpy's dequantization of the same pool (the new token in full precision, as
+    the kernel attends it) and (2) the path it replaces, MLX's gather + dequantize
+    and the kernel over the contiguous result: the same outputs, and the same new
+    key and value bit for bit (so the cache write, which quantizes them, is too)."""
+    rng = np.random.default_rng(seed)
+    heads = kv * group
+    width = -(-length // block)
+    stored, table = _quantized_pool(rng, b, kv, dim, block, length, bits, qgroup, dtype)
+    deq = kv_reference.dequantize(*stored, qgroup, bits, dtype)  # (2, blocks, kv, block, dim)
+    keys, values = _contiguous(deq, table, width)
+    pos = rng.integers(0, length, size=b).astype(np.int32)
+    pos[0] = length - 1
+    qkv = rnd(rng.standard_normal((b, (heads + 2 * kv) * dim)), dtype)
+    inv_freq = (1.0 / 10000.0 ** (np.arange(0, dim, 2) / dim)).astype(np.float32)
+    norms = [rnd(1 + 0.3 * rng.standard_normal(dim), dtype) for _ in range(2)] if qk_norm else None
+    weights = [as_mx(w, dtype) for w in norms] if qk_norm else [None, None]
+    packed, scales, biases = mx.array(stored[0]), as_mx(stored[1], dtype), as_mx(stored[2], dtype)
+    args = dict(heads=heads, scale=dim ** -0.5, window=window, inv_freq=mx.array(inv_freq), q_norm=weights[0],
+                k_norm=weights[1], eps=1e-6)
+    quant = (scales, biases, bits, qgroup)
+    assert da.supports(as_mx(qkv, dtype), packed, heads, paged=True, quant=quant)
+    got = da.decode_attention(as_mx(qkv, dtype), packed, mx.array(pos), table=mx.array(table), quant=quant, **args)
+    want = ref_attention(qkv, keys, values, pos, heads, dim ** -0.5, window, inv_freq.astype(np.float64), norms,
+                         1e-6, dtype)
+    assert [a.shape for a in got] == [(b, heads * dim), (2, b, kv, 1, dim)]
+    for g, w in zip(got, want):
+        assert g.dtype is getattr(mx, dtype)
+        np.testing.assert_allclose(as_np(g), w, rtol=ROPE_TOL[dtype], atol=ROPE_TOL[dtype])
+    # the gather path: MLX's take + dequantize on the device, then the contiguous kernel
+    gathered = ops.dequantize(mx.array(_contiguous(stored[0], table, width)),
+                              as_mx(_contiguous(stored[1], table, width), dtype),
+                              as_mx(_contiguous(stored[2], table, width), dtype), qgroup, bits)
+    before = da.decode_attention(as_mx(qkv, dtype), gathered, mx.array(pos), **args)
+    np.testing.assert_allclose(as_np(got[0]), as_np(before[0]), rtol=TOL[dtype], atol=TOL[dtype])
+    np.testing.assert_array_equal(as_np(got[1]), as_np(before[1]))
+
+
+def test_quantized_kernel_is_refused_where_it_cannot_apply():
+    """Shapes the quantized variant does not take fall back (supports() is False)."""
+    qkv = ops.zeros((1, 6 * 64), mx.float32)
+    packed = ops.zeros((2, 3, 2, 16, 16), mx.uint32)  # 64 values in 8 bits
+    sb = ops.zeros((2, 3, 2, 16, 1), mx.float32)
+    assert da.supports(qkv, packed, 2, paged=True, quant=(sb, sb, 8, 64))
+    assert not da.supports(qkv, packed, 2, paged=False, quant=(sb, sb, 8, 64))  # contiguous: not quantized
+    assert not da.supports(qkv, packed, 2, paged=True, quant=(sb, sb, 3, 64))
+    assert not da.supports(qkv, packed, 2, paged=True, quant=(sb.astype(mx.float16), sb, 8, 64))
+    assert not da.supports(qkv, packed, 2, paged=True, quant=(sb, sb, 4, 64))  # 128 values: not qkv's heads
 
 
 @settings(max_examples=25, deadline=None)
@@ -287,3 +373,70 @@ def test_kernels_cut_the_nodes_of_a_decode_step(arch, models, monkeypatch):
     # output projection, gate/up, activation, down projection
     assert counts["1"] <= 9 * layers + 12
     assert counts["1"] < counts["0"]
+
+
+# ---------------------------------------------------------------------------
+# kv_bits: whole models decoding from a quantized block pool, the kernel reading
+# it against the gather path it replaces (gathered, dequantized keys)
+
+
+def paged_decode(model, bits: int, prompts: np.ndarray, lengths: list[int], tokens: np.ndarray):
+    """Prefills rows of `lengths` tokens of `prompts` into a quantized pool, then
+    one decode step per column of `tokens`, each row at its own position. Returns
+    per step the logits (B, V), the pool's arrays (numpy) and the step's graph size."""
+    windows = {w for w in model.windows() if w}
+    pool = BlockPool(model.kv_layout(), model.activation_dtype(), 16, 64, prefix_cache=False, bits=bits)
+    kv = ShardKV(pool, 1, windows.pop() if len(windows) == 1 else None)
+    n = prompts.shape[1]
+    rows = [SimpleNamespace(blocks=pool.allocate(-(-(n + tokens.shape[1]) // 16)), pos=0, created=0.0)
+            for _ in lengths]
+    out = []
+    try:
+        views = layer_views(pool.arrays, kv.prefill_tables(rows, 0, n, lengths), model.windows(), bits, pool.group)
+        with mx.array(prompts) as x, model(x, views, 0) as y:
+            pool.arrays = written(views)
+            ops.eval(y, *pool.arrays)
+        for i in range(tokens.shape[1]):
+            for r, length in zip(rows, lengths):
+                r.pos = length + i
+            views = layer_views(pool.arrays, kv.decode_tables(rows), model.windows(), bits, pool.group)
+            pos = np.asarray([r.pos for r in rows], np.int32)
+            with mx.array(tokens[:, i:i + 1]) as x, mx.array(pos) as p:
+                y = model(x, views, p)
+                pool.arrays = written(views)
+                nodes, _ = ops.graph_summary(y, *pool.arrays)
+                ops.eval(y, *pool.arrays)
+                out.append((y.numpy()[:, 0], [a.numpy() if a.dtype is mx.uint32 else as_np(a) for a in pool.arrays],
+                            nodes))
+    finally:
+        kv.close()
+    return out
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_models_decode_the_same_with_the_quantized_kernel_and_the_gather_path(arch, bits, models, monkeypatch):
+    """Two rows at their own positions decode 20 steps (through Gemma's window of 8)
+    from a quantized pool, the kernel reading the pool itself and the kernel over
+    gathered, dequantized keys (what ran before): the same logits up to float32
+    summation order; the first layer's pool (whose inputs are the embeddings only)
+    the same bit for bit, the others up to rare rounding flips of the quantized
+    values; and fewer graph nodes per step (no gather, no dequantize)."""
+    model = models[arch]
+    model.use_decode_kernel(True)
+    rng = np.random.default_rng(2)
+    lengths, steps = [12, 7], 20
+    prompts = rng.integers(0, 256, size=(2, 12)).astype(np.int32)
+    tokens = rng.integers(0, 256, size=(2, steps)).astype(np.int32)
+    runs = {}
+    for flag in (True, False):
+        monkeypatch.setattr(paged, "QUANTIZED_KERNEL", flag)
+        runs[flag] = paged_decode(model, bits, prompts, lengths, tokens)
+    parts = 3  # packed values, scales, biases per layer
+    for (logits, pool, nodes), (logits0, pool0, nodes0) in zip(runs[True], runs[False]):
+        assert _rel(logits, logits0) < 1e-4
+        for a, b in zip(pool[:parts], pool0[:parts]):
+            np.testing.assert_array_equal(a, b)
+        differ = sum(int(np.sum(a != b)) for a, b in zip(pool[::parts], pool0[::parts]))
+        assert differ <= 1e-3 * sum(a.size for a in pool[::parts])
+        assert nodes < nodes0

@@ -221,22 +221,27 @@ def available(device: str) -> bool:
     return device == "gpu" and fast.cuda_available()
 
 
+def kernel_source(qk_norm: bool, paged: bool = False, quantized: bool = False) -> tuple[str, list[str], str]:
+    """(name, input names, body) of one variant, as handed to MLX (which writes the
+    signature and the template constants; the header is `_HEADER`)."""
+    norms = ["q_norm", "k_norm"] if qk_norm else []
+    if quantized:
+        setup, read = _QUANT_SETUP, _QUANT_READ
+    else:
+        setup, read = (_PAGED_SETUP, _PAGED_READ) if paged else (_CONTIGUOUS_SETUP, _CONTIGUOUS_READ)
+    source = _SOURCE.replace("$QK_NORM$", _QK_NORM if qk_norm else "").replace(
+        "$KV_SETUP$", setup).replace("$KV_READ$", read)
+    name = "amlx_decode_attention" + ("_qk_norm" if qk_norm else "") + ("_paged" if paged else "") + (
+        "_quantized" if quantized else "")
+    pool = ["kv", "scales", "biases"] if quantized else ["kv"]
+    return name, ["qkv", *norms, "inv_freq", *pool, "pos", *(["table"] if paged else [])], source
+
+
 def _kernel(qk_norm: bool, paged: bool = False, quantized: bool = False) -> fast.CudaKernel:
     key = (qk_norm, paged, quantized)
     if key not in _KERNELS:
-        norms = ["q_norm", "k_norm"] if qk_norm else []
-        if quantized:
-            setup, read = _QUANT_SETUP, _QUANT_READ
-        else:
-            setup, read = (_PAGED_SETUP, _PAGED_READ) if paged else (_CONTIGUOUS_SETUP, _CONTIGUOUS_READ)
-        source = _SOURCE.replace("$QK_NORM$", _QK_NORM if qk_norm else "").replace(
-            "$KV_SETUP$", setup).replace("$KV_READ$", read)
-        name = "amlx_decode_attention" + ("_qk_norm" if qk_norm else "") + ("_paged" if paged else "") + (
-            "_quantized" if quantized else "")
-        pool = ["kv", "scales", "biases"] if quantized else ["kv"]
-        _KERNELS[key] = fast.CudaKernel(
-            name, ["qkv", *norms, "inv_freq", *pool, "pos", *(["table"] if paged else [])], ["out", "kv_new"],
-            source, header=_HEADER)
+        name, inputs, source = kernel_source(qk_norm, paged, quantized)
+        _KERNELS[key] = fast.CudaKernel(name, inputs, ["out", "kv_new"], source, header=_HEADER)
     return _KERNELS[key]
 
 
