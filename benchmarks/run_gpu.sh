@@ -7,6 +7,8 @@
 #   BUDGET=470 bash benchmarks/run_gpu.sh bigspeed   # 4B-27B, bf16 and 4-bit, % of bandwidth (bigspeed.py),
 #                                        # all within BUDGET seconds; MODELS="qwen3-8b qwen3-8b-4bit" picks
 #   bash benchmarks/run_gpu.sh first     # first-request latency of a 4-bit model, with and without warm-up
+#   bash benchmarks/run_gpu.sh kvbits    # the decode kernels' tests (quantized pool included) and kv_bits.py:
+#                                        # kv_bits none/8/4 at 4 streams x 32k tokens (KVBITS_ARGS to change)
 # bigspeed and first keep MLX's compiled kernels between calls: a carried .gpu/ptx.tgz is unpacked
 # into MLX_PTX_CACHE_DIR first, and the cache goes back as $OUT/ptx.tgz (copy it to .gpu/ptx.tgz here).
 set -euo pipefail
@@ -38,6 +40,17 @@ case "${1:-speed}" in
       ${MODELS:+--models $MODELS} ${BIGSPEED_ARGS:-} || echo "bigspeed.py ended with status $?"
     save_ptx
     cat "$OUT/bigspeed.md" 2>/dev/null || echo "no bigspeed.md was written" ;;
+  kvbits)
+    # the quantized kernel's tests first, then kv_bits.py, then the other decode-kernel tests (regressions)
+    timeout -k 10 ${TEST_BUDGET:-100} python3 -m pytest -q -p no:cacheprovider -k "quantized or kv_bits or numpy" \
+      tests/test_decode_kernels.py tests/test_kv_bits.py 2>&1 | tee "$OUT/kv_bits_tests.txt" | tail -60 \
+      || echo "tests ended with status $?"
+    timeout -k 10 ${BUDGET:-140} python3 benchmarks/kv_bits.py --gather --out "$OUT" ${KVBITS_ARGS:-} 2>&1 \
+      | tee "$OUT/kv_bits_log.txt" || echo "kv_bits.py ended with status $?"
+    timeout -k 10 ${REST_BUDGET:-90} python3 -m pytest -q -p no:cacheprovider -k "not quantized" \
+      tests/test_decode_kernels.py 2>&1 | tee "$OUT/decode_kernels_tests.txt" | tail -30 \
+      || echo "tests ended with status $?"
+    cat "$OUT/kv_bits.md" 2>/dev/null || echo "no kv_bits.md was written" ;;
   first)
     timeout -k 10 ${BUDGET:-540} python3 benchmarks/first_request.py --out "$OUT" --model "${MODEL:-gemma3-4b-4bit}" \
       --timeout $(( ${BUDGET:-540} - 30 )) || echo "first_request.py ended with status $?"

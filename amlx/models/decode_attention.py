@@ -13,7 +13,9 @@ the rotary embedding at each row's position, and attention over slots
 max(0, pos[b] - window + 1) .. pos[b] only, with an online softmax in float32
 (one warp per key at a time, several warps per head, merged at the end). It
 reads the cache for the earlier slots and its own new key and value for the
-last, and hands those back for the cache write (one scatter). It runs only on
+last, and hands those back for the cache write (one scatter). The cache is a
+contiguous buffer or a block pool read through each row's block table, the
+pool possibly quantized (kv_bits: dequantized in registers as it is read). It runs only on
 MLX's CUDA backend, where the engine's option `decode_kernel` turns it on
 (see amlx/engine/placement.py); elsewhere attention keeps the mask path, which
 computes the same thing.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["round_to", "quantize", "dequantize", "paged_decode_attention"]
+__all__ = ["round_to", "quantize", "unpack", "dequantize", "paged_decode_attention"]
 
 
 def round_to(x, dtype: str) -> np.ndarray:
@@ -57,12 +57,17 @@ def quantize(x, group: int, bits: int, dtype: str) -> tuple[np.ndarray, np.ndarr
             round_to(bias, dtype).reshape(*shape, dim // group))
 
 
-def dequantize(packed, scales, biases, group: int, bits: int, dtype: str) -> np.ndarray:
-    """(..., D) float64 of `dtype`: q * scale + bias, each operation rounded to `dtype`."""
+def unpack(packed, bits: int) -> np.ndarray:
+    """(..., D) uint32: the quantized values of packed words (..., D * bits / 32)."""
     packed = np.asarray(packed, np.uint32)
     per = 32 // bits
     q = (packed[..., None] >> (np.arange(per, dtype=np.uint32) * bits)) & np.uint32((1 << bits) - 1)
-    q = q.reshape(*packed.shape[:-1], -1).astype(np.float64)
+    return q.reshape(*packed.shape[:-1], -1)
+
+
+def dequantize(packed, scales, biases, group: int, bits: int, dtype: str) -> np.ndarray:
+    """(..., D) float64 of `dtype`: q * scale + bias, each operation rounded to `dtype`."""
+    q = unpack(packed, bits).astype(np.float64)
     s = np.repeat(np.asarray(scales, np.float64), group, axis=-1)
     b = np.repeat(np.asarray(biases, np.float64), group, axis=-1)
     return round_to(round_to(q * s, dtype) + b, dtype)
