@@ -42,12 +42,12 @@ case "${1:-speed}" in
     cat "$OUT/bigspeed.md" 2>/dev/null || echo "no bigspeed.md was written" ;;
   kvbits)
     # the quantized kernel's tests first, then kv_bits.py, then the other decode-kernel tests (regressions)
-    timeout -k 10 ${TEST_BUDGET:-100} python3 -m pytest -q -p no:cacheprovider -k "quantized or kv_bits or numpy" \
+    timeout -k 10 ${TEST_BUDGET:-90} python3 -m pytest -q -p no:cacheprovider -k "quantized or kv_bits or numpy" \
       tests/test_decode_kernels.py tests/test_kv_bits.py 2>&1 | tee "$OUT/kv_bits_tests.txt" | tail -60 \
       || echo "tests ended with status $?"
-    timeout -k 10 ${BUDGET:-140} python3 benchmarks/kv_bits.py --gather --out "$OUT" ${KVBITS_ARGS:-} 2>&1 \
+    timeout -k 10 ${BUDGET:-150} python3 benchmarks/kv_bits.py --gather --out "$OUT" ${KVBITS_ARGS:-} 2>&1 \
       | tee "$OUT/kv_bits_log.txt" || echo "kv_bits.py ended with status $?"
-    timeout -k 10 ${REST_BUDGET:-90} python3 -m pytest -q -p no:cacheprovider -k "not quantized" \
+    timeout -k 10 ${REST_BUDGET:-60} python3 -m pytest -q -p no:cacheprovider -k "not quantized" \
       tests/test_decode_kernels.py 2>&1 | tee "$OUT/decode_kernels_tests.txt" | tail -30 \
       || echo "tests ended with status $?"
     cat "$OUT/kv_bits.md" 2>/dev/null || echo "no kv_bits.md was written" ;;

@@ -171,7 +171,9 @@ def test_quantize_layout_is_the_numpy_reference_bit_for_bit(bits, group, dim, dt
     np.testing.assert_array_equal(got, dequantize(*want, group, bits, dtype))
 
 
-QTOL = {"float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
+# MLX's attention on the CPU keeps its scores in the 16-bit dtype (a score of ~20
+# carries float16's 1e-2 ulp): the bounds are those roundings, not the cache's
+QTOL = {"float32": 1e-5, "float16": 1.5e-2, "bfloat16": 3e-2}
 
 
 @settings(max_examples=40, deadline=None)

@@ -223,9 +223,9 @@ def available(device: str) -> bool:
     return device == "gpu" and fast.cuda_available()
 
 
-def kernel_source(qk_norm: bool, paged: bool = False, quantized: bool = False) -> tuple[str, list[str], str]:
-    """(name, input names, body) of one variant, as handed to MLX (which writes the
-    signature and the template constants; the header is `_HEADER`)."""
+def kernel_source(qk_norm: bool, paged: bool = False, quantized: bool = False) -> tuple[str, list[str], str, str]:
+    """(name, input names, body, header) of one variant, as handed to MLX (which
+    writes the signature and the template constants; scripts/cuda_compile_check.py)."""
     norms = ["q_norm", "k_norm"] if qk_norm else []
     if quantized:
         setup, read = _QUANT_SETUP, _QUANT_READ
@@ -236,14 +236,14 @@ def kernel_source(qk_norm: bool, paged: bool = False, quantized: bool = False) -
     name = "amlx_decode_attention" + ("_qk_norm" if qk_norm else "") + ("_paged" if paged else "") + (
         "_quantized" if quantized else "")
     pool = ["kv", "scales", "biases"] if quantized else ["kv"]
-    return name, ["qkv", *norms, "inv_freq", *pool, "pos", *(["table"] if paged else [])], source
+    return name, ["qkv", *norms, "inv_freq", *pool, "pos", *(["table"] if paged else [])], source, _HEADER
 
 
 def _kernel(qk_norm: bool, paged: bool = False, quantized: bool = False) -> fast.CudaKernel:
     key = (qk_norm, paged, quantized)
     if key not in _KERNELS:
-        name, inputs, source = kernel_source(qk_norm, paged, quantized)
-        _KERNELS[key] = fast.CudaKernel(name, inputs, ["out", "kv_new"], source, header=_HEADER)
+        name, inputs, source, header = kernel_source(qk_norm, paged, quantized)
+        _KERNELS[key] = fast.CudaKernel(name, inputs, ["out", "kv_new"], source, header=header)
     return _KERNELS[key]
 
 

@@ -1,0 +1,102 @@
+"""Compiles amlx's CUDA decode-attention kernels with NVRTC, without a GPU, as
+MLX's CUDA `custom_kernel` builds them: its default header, the signature it
+writes (`const T* name` per input, `const __grid_constant__ Shape name_shape`
+where the body uses it, outputs, template constants), then our body; NVRTC
+options as MLX's JIT passes them (device code by default, sm_90a).
+
+    python scripts/cuda_compile_check.py --nvrtc LIBNVRTC --mlx-include DIR --cuda-include DIR
+
+LIBNVRTC: libnvrtc.so of CUDA 13 (the pip package nvidia-cuda-nvrtc, its
+libnvrtc-builtins beside it on LD_LIBRARY_PATH); --mlx-include: a directory
+holding mlx/backend/cuda/device/*.cuh of MLX's source or CUDA wheel; --cuda-include:
+the toolkit's include directory (cuda_bf16.h; cccl/ under it is added too).
+Prints each variant (contiguous, paged, paged quantized; with and without
+head norms; float32/float16/bfloat16; head dims, bits, groups) and exits 1 if
+one fails to compile. Compiling is not running: the GPU tests
+(tests/test_decode_kernels.py) check what the kernels compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import itertools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from amlx.models import decode_attention as da  # noqa: E402
+
+_DEFAULT_HEADER = '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
+_CUDA_TYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t",
+              "int32": "int32_t"}
+
+
+def kernel_text(name: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]], template: dict,
+                body: str, header: str) -> str:
+    """The translation unit MLX would compile: (name, dtype) inputs and outputs;
+    template values are ints or dtype names."""
+    text = _DEFAULT_HEADER + header + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
+    text += f"__global__ void {name}(\n"
+    for n, t in inputs:
+        text += f"    const {_CUDA_TYPE[t]}* {n},\n"
+        for suffix, kind in (("_shape", "Shape"), ("_strides", "Strides"), ("_ndim", "int")):
+            if n + suffix in body:
+                text += f"    const __grid_constant__ {kind} {n}{suffix},\n"
+    text += ",\n".join(f"    {_CUDA_TYPE[t]}* {n}" for n, t in outputs) + ") {\n"
+    for key, value in template.items():
+        if isinstance(value, str):
+            text += f"  using {key} = {_CUDA_TYPE[value]};\n"
+        else:
+            text += f"  constexpr int {key} = {value};\n"
+    return text + "\n" + body + "\n}\n\n} // namespace mlx::core::cu\n"
+
+
+def compile_text(lib, text: str, name: str, includes: list[str]) -> tuple[int, str]:
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), (name + ".cu").encode(), 0, None, None):
+        raise RuntimeError("nvrtcCreateProgram failed")
+    opts = [b"--device-as-default-execution-space", b"--gpu-architecture=sm_90a"]
+    opts += [f"--include-path={d}".encode() for d in includes]
+    status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value + 1)
+    lib.nvrtcGetProgramLog(prog, log)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return status, log.value.decode(errors="replace")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nvrtc", required=True)
+    ap.add_argument("--mlx-include", required=True)
+    ap.add_argument("--cuda-include", required=True)
+    a = ap.parse_args()
+    lib = ctypes.CDLL(a.nvrtc)
+    includes = [a.mlx_include, a.cuda_include, str(Path(a.cuda_include) / "cccl")]
+    failed = 0
+    shapes = [(64, 8, 64), (128, 4, 64), (128, 8, 64), (256, 8, 32), (96, 4, 32)]
+    for qk_norm, (paged, quantized), dtype, (dim, bits, group) in itertools.product(
+            [False, True], [(False, False), (True, False), (True, True)], ["float32", "float16", "bfloat16"], shapes):
+        if not quantized and (bits, group) != (8, 64):
+            continue
+        name, names, body, header = da.kernel_source(qk_norm, paged, quantized)
+        fixed = {"inv_freq": "float32", "pos": "int32", "table": "int32"}
+        inputs = [(n, fixed.get(n, "uint32" if n == "kv" and quantized else dtype)) for n in names]
+        template = {"T": dtype, "H": 16, "KVH": 8, "D": dim, "WINDOW": 7, "WARPS": da.WARPS, "SCALE_BITS": 1,
+                    "EPS_BITS": 1}
+        if quantized:
+            template.update(BITS=bits, GROUP=group)
+        text = kernel_text(name, inputs, [("out", dtype), ("kv_new", dtype)], template, body, header)
+        status, log = compile_text(lib, text, name, includes)
+        print(f"{name} {dtype} D={dim}" + (f" bits={bits} group={group}" if quantized else "") + ": " +
+              ("ok" if status == 0 else "FAILED\n" + log), flush=True)
+        failed += status != 0
+    print(f"{failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
