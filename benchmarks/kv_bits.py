@@ -186,8 +186,7 @@ def main() -> None:
             t = time.perf_counter()
             path, name = write_benchmark_checkpoint(Path(tmp) / a.preset, a.preset), a.preset
             print(f"checkpoint {a.preset} written in {time.perf_counter() - t:.1f} s", flush=True)
-        print(f"{name}: {streams} streams x {context} tokens, {steps} decode tokens each; device "
-              f"{amlx.memory()}", flush=True)
+        print(f"{name}: {streams} streams x {context} tokens, {steps} decode tokens each", flush=True)
         runs = []
 
         def run(bits: int | None, kernel: bool) -> None:
