@@ -69,6 +69,9 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
         model.complete_sync(_prompts(1, 128, vocab, 0)[0], max_tokens=32)
 
         prompt = _prompts(1, 128, vocab, 1)[0]
+        from amlx._mlx import memory as mlx_memory
+
+        mlx_memory.reset_peak()  # the single stream's peak: weights, its cache, one step's temporaries
         for _ in range(REPEATS):
             times = []
             t0 = time.perf_counter()
@@ -77,14 +80,13 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
             _best(out, decode_tps=(len(times) - 1) / (times[-1] - times[0]), decode_tokens=len(times),
                   single_ttft_s=times[0] - t0)
 
+        out["peak_memory_1"] = amlx.memory()["peak"]
         long_prompt = _prompts(1, 2048, vocab, 2)[0]
         model.complete_sync(long_prompt, max_tokens=1)  # warm-up of the prefill shapes
         for _ in range(REPEATS):
             t0 = time.perf_counter()
             model.complete_sync(long_prompt, max_tokens=1)
             _best(out, prefill_tps=2048 / (time.perf_counter() - t0))
-
-        from amlx._mlx import memory as mlx_memory
 
         mlx_memory.reset_peak()
         out["batch"] = {}
@@ -129,6 +131,7 @@ def bench_mlx_lm(path: Path, streams: list[int], decode_tokens: int, batch_token
     model, tokenizer = load(str(path))
     vocab = model.args.vocab_size if hasattr(model, "args") else 32000
     list(stream_generate(model, tokenizer, _prompts(1, 128, vocab, 0)[0], max_tokens=32))
+    mx.reset_peak_memory()
     for _ in range(REPEATS):
         last = None
         times = []
@@ -138,6 +141,7 @@ def bench_mlx_lm(path: Path, streams: list[int], decode_tokens: int, batch_token
             last = r
         _best(out, decode_tps=(len(times) - 1) / (times[-1] - times[0]), decode_tps_reported=last.generation_tps,
               decode_tokens=len(times), single_ttft_s=times[0] - t0)
+    out["peak_memory_1"] = mx.get_peak_memory()
     long_prompt = _prompts(1, 2048, vocab, 2)[0]
     list(stream_generate(model, tokenizer, long_prompt, max_tokens=1))
     for _ in range(REPEATS):
@@ -178,7 +182,10 @@ def _table(results: dict) -> str:
             mb = m and m["batch"].get(n)
             row(f"aggregate tok/s ({n} streams)", b["tps"], mb and mb["tps"])
             lines.append(f"| {name} | TTFT p50 under load ({n}) | {b['ttft_p50_s'] * 1000:.0f} ms | – | |")
-        row("peak memory (MB)", a["peak_memory"] / 1e6, m and m["peak_memory"] / 1e6)
+        if "peak_memory_1" in a:
+            row("peak memory, 1 stream (MB)", a["peak_memory_1"] / 1e6, m and m.get("peak_memory_1", 0) / 1e6)
+        row(f"peak memory, {max(a['batch'], default=1)} streams (MB)", a["peak_memory"] / 1e6,
+            m and m["peak_memory"] / 1e6)
         bw = a.get("copy_bytes_per_s")
         if bw and r.get("step_bytes"):
             def pct(side, n):

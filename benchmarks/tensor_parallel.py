@@ -196,7 +196,7 @@ def compare(base: list[list[int]], other: list[list[int]]) -> dict:
 
 def run_one(path: Path, device: str, tp: int, decode_tokens: int) -> dict:
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-           "PYTHONPATH": str(HERE.parent)}
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-tp", str(tp), "--path", str(path),
            "--device", device, "--decode-tokens", str(decode_tokens)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
