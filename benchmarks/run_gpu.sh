@@ -7,6 +7,8 @@
 #   BUDGET=470 bash benchmarks/run_gpu.sh bigspeed   # 4B-27B, bf16 and 4-bit, % of bandwidth (bigspeed.py),
 #                                        # all within BUDGET seconds; MODELS="qwen3-8b qwen3-8b-4bit" picks
 #   bash benchmarks/run_gpu.sh first     # first-request latency of a 4-bit model, with and without warm-up
+#   bash benchmarks/run_gpu.sh ttft      # TTFT behind a cached 2,000-token prefix (prefix_cache.py --ttft-only),
+#                                        # MODELS="qwen3-0.6b qwen3-8b" by default
 # bigspeed and first keep MLX's compiled kernels between calls: a carried .gpu/ptx.tgz is unpacked
 # into MLX_PTX_CACHE_DIR first, and the cache goes back as $OUT/ptx.tgz (copy it to .gpu/ptx.tgz here).
 set -euo pipefail
@@ -38,6 +40,11 @@ case "${1:-speed}" in
       ${MODELS:+--models $MODELS} ${BIGSPEED_ARGS:-} || echo "bigspeed.py ended with status $?"
     save_ptx
     cat "$OUT/bigspeed.md" 2>/dev/null || echo "no bigspeed.md was written" ;;
+  ttft)
+    for m in ${MODELS:-qwen3-0.6b qwen3-8b}; do
+      timeout -k 10 ${BUDGET:-270} python3 benchmarks/prefix_cache.py --preset "$m" --prefix 2000 --repeats 3 \
+        --ttft-only --out "$OUT/prefix_ttft_$m.json" || echo "prefix_cache.py $m ended with status $?"
+    done ;;
   first)
     timeout -k 10 ${BUDGET:-540} python3 benchmarks/first_request.py --out "$OUT" --model "${MODEL:-gemma3-4b-4bit}" \
       --timeout $(( ${BUDGET:-540} - 30 )) || echo "first_request.py ended with status $?"

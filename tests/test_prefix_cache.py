@@ -49,8 +49,12 @@ async def _complete(model, prompt, n=12):
     return c.token_ids, c.usage.cached_tokens
 
 
+@pytest.mark.parametrize("extend", ["0", "1"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_outputs_equal_with_and_without_the_prefix_cache(ckpt, arch):
+def test_greedy_outputs_equal_with_and_without_the_prefix_cache(ckpt, arch, extend, monkeypatch):
+    """`extend`: the cached requests' short prefills run as the compiled extend pass
+    (the GPU's default) or as the plain prefill (the CPU's)."""
+    monkeypatch.setenv("AMLX_EXTEND_PASS", extend)
     base = _ids(1, 40)  # two full blocks and 8 tokens
 
     async def body():
@@ -75,6 +79,44 @@ def test_greedy_outputs_equal_with_and_without_the_prefix_cache(ckpt, arch):
                 assert none == 0 and hit == cached, (arch, i, hit)
 
     _run(body)
+
+
+def test_the_extend_pass_matches_the_plain_prefill(ckpt, monkeypatch):
+    """A cached request's short prefill as the compiled extend pass (per-row
+    positions, padded to 16 tokens and to a wider span) gives the plain pass's
+    tokens and log-probabilities, and is what the scheduler ran; requests arriving
+    together too."""
+    from amlx.engine import scheduler
+
+    used = []
+    real = scheduler.Scheduler._extend_pass
+    monkeypatch.setattr(scheduler.Scheduler, "_extend_pass",
+                        lambda self, *a: used.append(len(a[1])) or real(self, *a))
+    base = _ids(7, 70)
+    prompts = [base + _ids(8, 5), base + _ids(9, 20), base[:50] + _ids(10, 3)]
+    pair = [base + _ids(11, 5), base + _ids(12, 9)]  # both behind 4 cached blocks
+
+    async def run(extend: str):
+        monkeypatch.setenv("AMLX_EXTEND_PASS", extend)
+        async with await amlx.load(ckpt("qwen3")) as m:
+            await m.complete(base, max_tokens=1)
+            out = [await m.complete(p, max_tokens=6, logprobs=True) for p in prompts]
+            both = [None, None]
+
+            async def one(k):  # two at once: one batched pass where they arrive in one round
+                both[k] = await m.complete(pair[k], max_tokens=6, logprobs=True)
+
+            async with anyio.create_task_group() as tg:
+                for k in range(2):
+                    tg.start_soon(one, k)
+            return out + both
+
+    plain, extended = _run(run, "0"), _run(run, "1")
+    assert used  # the extend pass ran (only with AMLX_EXTEND_PASS=1)
+    for p, e in zip(plain, extended):
+        assert p.usage.cached_tokens == e.usage.cached_tokens > 0
+        assert e.token_ids == p.token_ids
+        np.testing.assert_allclose(e.logprobs, p.logprobs, atol=1e-4)
 
 
 def test_concurrent_requests_sharing_a_prefix_match_solo_runs(ckpt):

@@ -103,6 +103,22 @@ class ShardPools:
         logits = ops.reshape(logits, (tokens.shape[0], logits.shape[2]))
         return logits, written(views)
 
+    def extend_pass(self, model, tokens: Array, positions: Array, last: Array, tabs: list[Array],
+                    arrays: list[Array]) -> tuple[Array, list[Array]]:
+        """A short prefill behind a cached prefix as a pure function of arrays (what
+        the scheduler compiles): tokens (B, W) written at positions[b] .. + W - 1
+        through the tables `tabs` ([gather pieces, write slots] of
+        `ShardKV.extend_tables`), attended as a verify pass does (per-row positions,
+        `verify_mask`) -> (logits (B, V) at each row's token `last[b]`, the pool
+        arrays written)."""
+        rows, writes = tabs
+        b = tokens.shape[0]
+        kv = self.kv[0]
+        width = rows.shape[0] // (2 * b * kv.pool.kv_heads)
+        views = self.views(0, Tables(rows, writes, b, width, self.block_size), arrays)
+        logits = model(tokens, views, positions, last=last)
+        return ops.reshape(logits, (b, logits.shape[2])), written(views)
+
     def weights_changed(self) -> None:
         """Empties the prefix caches; blocks of requests running now are not cached later."""
         self.epoch += 1

@@ -59,6 +59,10 @@ from amlx.models.nn import split_layers
 from amlx.errors import AmlxError, ClosedError, ContextLengthError, MLXError
 
 PREFILL_CHUNK = GPU_PREFILL_CHUNK  # the largest default prefill chunk (EngineOptions.prefill_chunk)
+# Prefill passes of at most this many tokens behind a cached prefix run as a compiled
+# "extend" pass where the options say so (EngineOptions.extend_pass; Scheduler._extend_pass).
+EXTEND_MAX = 256
+EXTEND_MIN = 16  # the smallest padded length of an extend pass (lengths go up in powers of two)
 
 
 @dataclass(eq=False)
@@ -114,6 +118,11 @@ class Scheduler:
         # the same step traced with the split twin's layers (a cache of its own)
         self._split_step_fn = transforms.compile(self._forward_split) if compile_step else None
         self._twin = None  # the model with its matmuls split over the streams (see _split_model)
+        # short prefills behind a cached prefix, compiled like the decode step (see _extend_pass)
+        self._extend_fn = transforms.compile(self._extend) if compile_step else None
+        self._split_extend_fn = transforms.compile(self._extend_split) if compile_step else None
+        # the longest prefill (tokens) that runs as an extend pass; 0: none (benchmarks set it)
+        self.extend_max = EXTEND_MAX if self.options.extend_pass else 0
         self._sample_steps = CompiledSteps()  # traced on this engine's streams; closed with it
         self._inflight: _Step | None = None  # a decode step launched and not yet read
         self._prepared = False  # the model's derived arrays are evaluated (see Module.prepare)
@@ -286,6 +295,8 @@ class Scheduler:
         each request's last position in it. `logits_read`: whether the caller
         evaluates them (a tensor-parallel model's other ranks evaluate the same)."""
         ends = [min(len(r.fill), start + length) for r in reqs]
+        if start and length <= self.extend_max and self._extend_fn is not None and self.mirror is None:
+            return self._extend_pass(shard, reqs, start, ends, model)
         ids = np.zeros((len(reqs), length), dtype=np.int32)
         for i, r in enumerate(reqs):
             ids[i, :ends[i] - start] = r.fill[start:ends[i]]
@@ -298,6 +309,44 @@ class Scheduler:
         # the old arrays' only holder is now the graph, so MLX may write them in place
         shard.kv.pool.arrays = written(views)
         return ops.reshape(logits, (len(reqs), logits.shape[2]))
+
+    def _extend_pass(self, shard: _Shard, reqs: list[Request], start: int, ends: list[int], model) -> Array:
+        """`_prefill_pass` for a short prefill behind a cached prefix, compiled: a
+        cached request's fixed cost is then about a decode step's. Tokens are
+        padded to a power of two (at least EXTEND_MIN), the batch to its bucket
+        (with `pad_batches`) and the gathered span to `ShardKV.extend_width`, so
+        the pass is traced for few shapes; padding is written to the null block and
+        read by no real position (attention as in a verify pass: `verify_mask`).
+        A tensor-parallel model keeps the plain pass (its ranks run the same)."""
+        b = len(reqs)
+        pad = padded_batch(b) - b if self.options.pad_batches else 0
+        lengths = [e - start for e in ends] + [0] * pad
+        width = EXTEND_MIN
+        while width < max(lengths):
+            width *= 2
+        ids = np.zeros((b + pad, width), dtype=np.int32)
+        for i, r in enumerate(reqs):
+            ids[i, :lengths[i]] = r.fill[start:ends[i]]
+        rows = [*reqs, *[PADDING_ROW] * pad]
+        starts = [start] * b + [0] * pad
+        tables = shard.kv.extend_tables(rows, starts, width, lengths, shard.kv.extend_width(max(ends)))
+        fn = self._extend_fn if model is self.model else self._split_extend_fn
+        logits, state = fn(array(ids), array(np.asarray(starts, dtype=np.int32)),
+                           array(np.asarray([max(n - 1, 0) for n in lengths], dtype=np.int32)),
+                           [tables.rows, tables.writes], shard.kv.pool.arrays)
+        # the old arrays' only holder is now the graph, so MLX may write them in place
+        shard.kv.pool.arrays = state
+        return ops.slice(logits, (0, 0), (b, logits.shape[1])) if pad else logits
+
+    def _extend(self, tokens: Array, positions: Array, last: Array, tabs: list[Array],
+                pools: list[Array]) -> tuple[Array, list[Array]]:
+        """The extend pass as a pure function of arrays (what gets compiled)."""
+        return self.pools.extend_pass(self.model, tokens, positions, last, tabs, pools)
+
+    def _extend_split(self, tokens: Array, positions: Array, last: Array, tabs: list[Array],
+                      pools: list[Array]) -> tuple[Array, list[Array]]:
+        """`_extend` by the split twin (work only one shard has)."""
+        return self.pools.extend_pass(self._split_model(), tokens, positions, last, tabs, pools)
 
     def _prefill_group(self, group: list[Request]) -> None:
         """Prefills several prompts that start at the same position: one batched
@@ -559,10 +608,12 @@ class Scheduler:
         self._prepared = False
         self._twin = None
         if self._step_fn is not None:
-            self._step_fn.close()
-            self._split_step_fn.close()
+            for fn in (self._step_fn, self._split_step_fn, self._extend_fn, self._split_extend_fn):
+                fn.close()
             self._step_fn = transforms.compile(self._forward)
             self._split_step_fn = transforms.compile(self._forward_split)
+            self._extend_fn = transforms.compile(self._extend)
+            self._split_extend_fn = transforms.compile(self._extend_split)
 
     def _build(self, shard: _Shard, sel: list[int], prev: "_Part | None", split: bool = False) -> "_Part":
         """The graph of a shard's next decode step (not yet launched), on its stream.
@@ -905,9 +956,10 @@ class Scheduler:
         self.fail_all(ClosedError("the model was closed"))
         self.pools.close()
         if self._step_fn is not None:
-            self._step_fn.close()  # MLX's compile cache holds the traced graphs and their constants
-            self._split_step_fn.close()
-            self._step_fn = self._split_step_fn = None
+            # MLX's compile cache holds the traced graphs and their constants
+            for fn in (self._step_fn, self._split_step_fn, self._extend_fn, self._split_extend_fn):
+                fn.close()
+            self._step_fn = self._split_step_fn = self._extend_fn = self._split_extend_fn = None
         self._sample_steps.close()
         if self.speculator is not None:
             self.speculator.close()

@@ -229,6 +229,31 @@ class ShardKV:
         return Tables(array(gather), array(self._writes(blocks.reshape(-1), offsets.reshape(-1))), len(rows),
                       width, bs)
 
+    def extend_width(self, end: int) -> int:
+        """Blocks an extend pass gathers per row to cover positions [0, end): rounded
+        up to the decode step's span step and to a quarter of the power of two below
+        (at most about 25% more), so the compiled pass is traced for few widths."""
+        need = blocks_for(end, self.block_size)
+        step = max(self.span_step, 1 << max(0, need.bit_length() - 3))
+        return -(-need // step) * step
+
+    def extend_tables(self, rows: Sequence[KVRow], starts: Sequence[int], width: int,
+                      lengths: Sequence[int], blocks_wide: int) -> Tables:
+        """The tables of an extend pass (`Scheduler`'s compiled short prefill behind a
+        cached prefix): row b writes `width` tokens at positions starts[b] ..
+        starts[b] + width - 1, the first lengths[b] into its blocks, the rest
+        (padding) into the null block; each row gathers `blocks_wide` blocks
+        (`extend_width`). Attention reads them with `verify_mask`, as a verify pass."""
+        bs = self.block_size
+        pos = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(width)[None, :]
+        blocks = np.full((len(rows), width), NULL_BLOCK, dtype=np.int64)
+        for i, (r, n) in enumerate(zip(rows, lengths)):
+            if n:
+                blocks[i, :n] = np.asarray(r.blocks, dtype=np.int64)[pos[i, :n] // bs]
+        gather = self._gather_rows(_table(rows, blocks_wide))
+        return Tables(array(gather), array(self._writes(blocks.reshape(-1), (pos % bs).reshape(-1))), len(rows),
+                      blocks_wide, bs)
+
     def _gather_rows(self, table: np.ndarray) -> np.ndarray:
         """(2 * B * kv_heads * width,) pieces of the pool's (2 * blocks * kv_heads,
         block_size * head_dim) view, in (keys/values, row, head, entry) order."""
