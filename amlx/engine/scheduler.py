@@ -49,8 +49,8 @@ from amlx._mlx import Array, array, ops, transforms
 from amlx._mlx import int32 as _int32
 from amlx.constrain import step_masks
 from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards, padded_batch
-from amlx.engine.pools import ShardPools, table_arrays
-from amlx.kv import PADDING_ROW, ShardKV, Tables, copy_blocks, preemption_order, written
+from amlx.engine.pools import ShardPools, extend_arrays, table_arrays
+from amlx.kv import PADDING_ROW, ShardKV, Tables, preemption_order, written
 from amlx.engine.rate import RateMeter
 from amlx.engine.speculate import make_speculator
 from amlx.engine.request import Request
@@ -129,7 +129,7 @@ class Scheduler:
         model.use_decode_kernel(self.options.decode_kernel)
         # attention span step: small where decode attention reads the whole span (EngineOptions.kv_block)
         self.block = self.options.kv_block
-        self.pools = ShardPools(model, self.options, len(self.placement.streams))
+        self.pools = ShardPools(model, self.options, len(self.placement.streams), split_windows=mirror is None)
         self.shards = [_Shard(i, kv) for i, kv in enumerate(self.pools.kv)]
         self.block_size = self.pools.block_size
         # Fault injection for tests, None otherwise: called as fault(rows, chained) while a
@@ -307,7 +307,7 @@ class Scheduler:
         last = array(np.asarray(ends, dtype=np.int32) - start - 1)
         logits = model(array(ids), views, start, last=last)
         # the old arrays' only holder is now the graph, so MLX may write them in place
-        shard.kv.pool.arrays = written(views)
+        shard.kv.arrays = written(views)
         return ops.reshape(logits, (len(reqs), logits.shape[2]))
 
     def _extend_pass(self, shard: _Shard, reqs: list[Request], start: int, ends: list[int], model) -> Array:
@@ -329,13 +329,13 @@ class Scheduler:
             ids[i, :lengths[i]] = r.fill[start:ends[i]]
         rows = [*reqs, *[PADDING_ROW] * pad]
         starts = [start] * b + [0] * pad
-        tables = shard.kv.extend_tables(rows, starts, width, lengths, shard.kv.extend_width(max(ends)))
+        tables = shard.kv.extend_tables(rows, starts, width, ends + [0] * pad, shard.kv.extend_width(max(ends)))
         fn = self._extend_fn if model is self.model else self._split_extend_fn
         logits, state = fn(array(ids), array(np.asarray(starts, dtype=np.int32)),
                            array(np.asarray([max(n - 1, 0) for n in lengths], dtype=np.int32)),
-                           [tables.rows, tables.writes], shard.kv.pool.arrays)
+                           extend_arrays(tables), shard.kv.arrays)
         # the old arrays' only holder is now the graph, so MLX may write them in place
-        shard.kv.pool.arrays = state
+        shard.kv.arrays = state
         return ops.slice(logits, (0, 0), (b, logits.shape[1])) if pad else logits
 
     def _extend(self, tokens: Array, positions: Array, last: Array, tabs: list[Array],
@@ -374,7 +374,7 @@ class Scheduler:
                 firsts.append(samplers[-1](logits, masks=mask))
             # One evaluation for every shard, so their forwards run at the same time.
             ops.eval(*[a for first in firsts for a in first.arrays()], *[a for bs in samplers for a in bs.state()],
-                     *[a for shard, _ in parts for a in shard.kv.pool.state()])
+                     *[a for shard, _ in parts for a in shard.kv.state()])
             for bs in samplers:
                 bs.sync_back()  # the requests' keys move on
         except MLXError as exc:
@@ -412,10 +412,10 @@ class Scheduler:
             logits = self._prefill_pass(shard, [req], start, length, self._split_model(), not middle)
             req.prefilled += length
             if middle:
-                ops.eval(*shard.kv.pool.state())
+                ops.eval(*shard.kv.state())
             else:
                 first = self._first_tokens(logits, [req])
-                ops.eval(*first.arrays(), *shard.kv.pool.state())
+                ops.eval(*first.arrays(), *shard.kv.state())
         except MLXError as exc:
             self.prefilling = None
             if self.mirror is not None:
@@ -637,11 +637,11 @@ class Scheduler:
             tables = shard.kv.decode_tables(padded)
             if self.mirror is not None:
                 self.mirror.decode(padded, shard.kv.pool.capacity)
-            logits, state = self._batched_logits(tokens, positions, tables, shard.kv.pool.arrays, split)
+            logits, state = self._batched_logits(tokens, positions, tables, shard.kv.arrays, split)
             if pad:  # the padding rows' logits are never sampled
                 logits = ops.slice(logits, (0, 0), (b, logits.shape[1]))
             # the old arrays' only holder is now the graph, so MLX may write them in place
-            shard.kv.pool.arrays = state
+            shard.kv.arrays = state
             if self.fault is not None:
                 logits = self._inject(logits, list(shard.rows), prev is not None)
         if any(r.matcher is not None for r in shard.rows):
@@ -801,15 +801,15 @@ class Scheduler:
             dst = min(self.shards, key=lambda s: len(s.rows))
             n = (len(src.rows) - len(dst.rows)) // 2
             reqs = src.rows[len(src.rows) - n:]
-            if n < 1 or sum(len(r.blocks) for r in reqs) > dst.kv.pool.available():
+            if n < 1 or not dst.kv.room_for(reqs):
                 return
             with self._on(dst):
-                moved = [copy_blocks(src.kv.pool, dst.kv.pool, r.blocks) for r in reqs]
-                ops.eval(*dst.kv.pool.state())
+                moved = [dst.kv.copy_in(src.kv, r) for r in reqs]
+                ops.eval(*dst.kv.state())
             self._keep_rows(src, list(range(len(src.rows) - n)))
-            for r, blocks in zip(reqs, moved):
+            for r, (blocks, local) in zip(reqs, moved):
                 self.pools.release(r)
-                dst.kv.adopt(r, blocks)
+                dst.kv.adopt(r, blocks, local)
                 r.shard = dst.index
             self._join(dst, reqs)
 
@@ -901,7 +901,7 @@ class Scheduler:
             raise MLXError("decode", "a tensor-parallel step failed")
         for shard in self.shards:
             try:
-                ops.eval(*shard.kv.pool.state())
+                ops.eval(*shard.kv.state())
             except MLXError as exc:
                 with self._lock:
                     held = [r for r in self._held if r.shard == shard.index and r.blocks]
