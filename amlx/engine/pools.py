@@ -86,6 +86,14 @@ class ShardPools:
         if req.epoch == self.epoch:
             self.kv[req.shard].cache_filled(req, req.fill, req.prefilled, self._chain(req))
 
+    def cache_decoded(self, rows: list[Request]) -> None:
+        """Before a decode step: rows about to give a local block back (past their
+        window, `ShardKV.sheds`) cache their full blocks so far, prompt and output."""
+        for req in rows:
+            kv = self.kv[req.shard]
+            if req.epoch == self.epoch and kv.sheds(req):
+                kv.cache_filled(req, req.prompt + req.generated, req.pos, self._chain(req))
+
     def views(self, shard: int, tables: Tables, arrays: list[Array] | None = None) -> list[PagedLayer]:
         """Each layer's view of a shard's pool (or of `arrays` in its layout: a
         compiled step's inputs) for one forward pass."""

@@ -531,6 +531,7 @@ class Scheduler:
             self._park_paused()  # (a chained step's rows all have room)
             self._preempt_for_blocks()
         for shard in self.shards:
+            self.pools.cache_decoded(shard.rows)  # (before the windowed layers give blocks back)
             shard.kv.extend(shard.rows)  # a block for each row whose next position starts one
         plan = []
         for shard in self.shards:

@@ -209,6 +209,13 @@ class ShardKV:
             local.extend(self.local.allocate(n - len(local)))
             self._version += 1
 
+    def sheds(self, row: KVRow) -> bool:
+        """Whether the row's next decode step gives a local block back (`extend`):
+        its caller caches the row's full blocks first (`cache_filled`), so a later
+        prompt behind this row's tokens finds the windowed layers' blocks too."""
+        return self.local is not None and 0 < self._first_block(row.pos) <= len(row.local) and \
+            row.local[self._first_block(row.pos) - 1] != NULL_BLOCK
+
     def cache_filled(self, row: KVRow, ids: Sequence[int], filled: int, chain: KeyChain | None = None) -> None:
         """Caches the row's full blocks whose positions [0, filled) hold `ids`
         (and its local blocks among them that it still holds)."""
