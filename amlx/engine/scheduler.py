@@ -311,8 +311,9 @@ class Scheduler:
         return ops.reshape(logits, (len(reqs), logits.shape[2]))
 
     def _extend_pass(self, shard: _Shard, reqs: list[Request], start: int, ends: list[int], model) -> Array:
-        """`_prefill_pass` for a short prefill behind a cached prefix, compiled: a
-        cached request's fixed cost is then about a decode step's. Tokens are
+        """`_prefill_pass` for a short prefill behind a cached prefix, compiled as the
+        decode step is: its host work is a graph replay instead of building the
+        forward op by op, and compile fuses its elementwise ops. Tokens are
         padded to a power of two (at least EXTEND_MIN), the batch to its bucket
         (with `pad_batches`) and the gathered span to `ShardKV.extend_width`, so
         the pass is traced for few shapes; padding is written to the null block and
