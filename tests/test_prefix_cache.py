@@ -85,7 +85,7 @@ def test_the_extend_pass_matches_the_plain_prefill(ckpt, monkeypatch):
     """A cached request's short prefill as the compiled extend pass (per-row
     positions, padded to 16 tokens and to a wider span) gives the plain pass's
     tokens and log-probabilities, and is what the scheduler ran; requests arriving
-    together too."""
+    together too (batched, with padded batches as on a GPU: three rows run as four)."""
     from amlx.engine import scheduler
 
     used = []
@@ -94,29 +94,28 @@ def test_the_extend_pass_matches_the_plain_prefill(ckpt, monkeypatch):
                         lambda self, *a: used.append(len(a[1])) or real(self, *a))
     base = _ids(7, 70)
     prompts = [base + _ids(8, 5), base + _ids(9, 20), base[:50] + _ids(10, 3)]
-    pair = [base + _ids(11, 5), base + _ids(12, 9)]  # both behind 4 cached blocks
+    trio = [base + _ids(11, 5), base + _ids(12, 9), base + _ids(13, 2)]  # all behind 4 cached blocks
 
     async def run(extend: str):
         monkeypatch.setenv("AMLX_EXTEND_PASS", extend)
+        monkeypatch.setenv("AMLX_PAD_BATCHES", extend)  # (as on a GPU: three rows run as four, one padding)
         async with await amlx.load(ckpt("qwen3")) as m:
             await m.complete(base, max_tokens=1)
             out = [await m.complete(p, max_tokens=6, logprobs=True) for p in prompts]
-            both = [None, None]
+            # submitted at once (usually one batched pass: the worker takes what has arrived)
+            streams = [m.generate(p, max_tokens=6, logprobs=True) for p in trio]
+            together = [[(t.id, t.logprob) async for t in st] for st in streams]
+            return out, together
 
-            async def one(k):  # two at once: one batched pass where they arrive in one round
-                both[k] = await m.complete(pair[k], max_tokens=6, logprobs=True)
-
-            async with anyio.create_task_group() as tg:
-                for k in range(2):
-                    tg.start_soon(one, k)
-            return out + both
-
-    plain, extended = _run(run, "0"), _run(run, "1")
+    (plain, plain_together), (extended, together) = _run(run, "0"), _run(run, "1")
     assert used  # the extend pass ran (only with AMLX_EXTEND_PASS=1)
     for p, e in zip(plain, extended):
         assert p.usage.cached_tokens == e.usage.cached_tokens > 0
         assert e.token_ids == p.token_ids
         np.testing.assert_allclose(e.logprobs, p.logprobs, atol=1e-4)
+    for p, e in zip(plain_together, together):
+        assert [i for i, _ in e] == [i for i, _ in p]
+        np.testing.assert_allclose([lp for _, lp in e], [lp for _, lp in p], atol=1e-4)
 
 
 def test_concurrent_requests_sharing_a_prefix_match_solo_runs(ckpt):
