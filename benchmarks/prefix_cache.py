@@ -2,11 +2,17 @@
 
     python benchmarks/prefix_cache.py --preset qwen3-0.6b          # GPU (random weights)
     python benchmarks/prefix_cache.py --small --prefix 500 --conversations 4 --turns 4   # CPU-sized
+    bash benchmarks/run_gpu.sh ttft    # GPU: the TTFT part only (--ttft-only), qwen3-0.6b and qwen3-8b
 
 1. TTFT (in-process, `amlx.load`): a request of `--prefix` random tokens plus a 16-token
    question, first with a prefix nobody computed (uncached), then another question behind
    the same prefix (cached); best of `--repeats`, each repeat with a fresh prefix. The same
-   with `prefix_cache=False`. Reported: TTFT in ms and `usage.cached_tokens`.
+   with `prefix_cache=False`. Reported: TTFT in ms and `usage.cached_tokens`; with the cache
+   on also `cached_plain_ms`, the cached request with the compiled extend pass turned off
+   (the scheduler's `extend_max` set to 0: the plain prefill pass, as before the extend
+   pass, which is on by default on a GPU only: `AMLX_EXTEND_PASS=1` turns it on on the
+   CPU), interleaved with the others in the same run; and `decode_ms`, one decode step
+   (the target: a cached TTFT a small multiple of it).
 2. Multi-turn chat through a server (subprocess, official `openai` client): `--conversations`
    conversations of `--turns` turns each run concurrently; every turn sends the whole history
    plus a new user message and appends the reply (`--max-tokens`, greedy). Reported: wall time,
@@ -45,22 +51,52 @@ async def _ttft(model, prompt: list[int]) -> tuple[float, int]:
     return time.perf_counter() - start, result.usage.cached_tokens
 
 
+async def _decode_ms(model, prompt: list[int], n: int = 33) -> float:
+    """One decode step (ms): the time of n greedy tokens after the first, per token."""
+    first, count = None, 0
+    async for _ in model.generate(prompt, max_tokens=n, temperature=0.0):
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+    return (time.perf_counter() - first) / max(count - 1, 1) * 1e3
+
+
 async def ttft(path: Path, prefix: int, repeats: int, cache: bool) -> dict:
     import amlx
 
     async with await amlx.load(path, prefix_cache=cache) as model:
+        scheduler = model.engine.scheduler
+        extend_max = scheduler.extend_max
         rng = np.random.default_rng(0)
-        await _ttft(model, _tokens(model.tokenizer, 64, rng))  # warm-up: compile the shapes
-        await _ttft(model, _tokens(model.tokenizer, prefix + 16, rng))
-        cold, warm = [], []
-        for _ in range(repeats):
-            head = _tokens(model.tokenizer, prefix, rng)
-            cold.append(await _ttft(model, head + _tokens(model.tokenizer, 16, rng)))
-            warm.append(await _ttft(model, head + _tokens(model.tokenizer, 16, rng)))
+        tok = model.tokenizer
+        await _ttft(model, _tokens(tok, 64, rng))  # warm-up: compile the shapes
+        try:
+            for limit in (extend_max, 0):  # the cached request's pass, compiled and plain
+                head = _tokens(tok, prefix, rng)
+                await _ttft(model, head + _tokens(tok, 16, rng))
+                scheduler.extend_max = limit
+                await _ttft(model, head + _tokens(tok, 16, rng))
+                scheduler.extend_max = extend_max
+            cold, warm, plain = [], [], []
+            for _ in range(repeats):
+                head = _tokens(tok, prefix, rng)
+                cold.append(await _ttft(model, head + _tokens(tok, 16, rng)))
+                warm.append(await _ttft(model, head + _tokens(tok, 16, rng)))
+                if cache:
+                    scheduler.extend_max = 0
+                    plain.append(await _ttft(model, head + _tokens(tok, 16, rng)))
+                    scheduler.extend_max = extend_max
+        finally:
+            scheduler.extend_max = extend_max
+        decode = min([await _decode_ms(model, _tokens(tok, 64, rng)) for _ in range(2)])
     best_cold, best_warm = min(cold), min(warm)
-    return {"prefix_cache": cache, "prefix": prefix, "uncached_ms": round(best_cold[0] * 1e3, 1),
-            "cached_ms": round(best_warm[0] * 1e3, 1), "cached_tokens": best_warm[1],
-            "speedup": round(best_cold[0] / best_warm[0], 2)}
+    row = {"prefix_cache": cache, "prefix": prefix, "uncached_ms": round(best_cold[0] * 1e3, 1),
+           "cached_ms": round(best_warm[0] * 1e3, 1), "cached_tokens": best_warm[1],
+           "speedup": round(best_cold[0] / best_warm[0], 2), "decode_ms": round(decode, 2)}
+    if plain:
+        row["cached_plain_ms"] = round(min(plain)[0] * 1e3, 1)
+        row["speedup_plain"] = round(best_cold[0] / min(plain)[0], 2)
+    return row
 
 
 async def _conversation(client, i: int, turns: int, max_tokens: int, stats: dict) -> None:
@@ -101,12 +137,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--servers", nargs="+", default=["amlx", "amlx-nocache", "mlx_lm"],
                     choices=["amlx", "amlx-nocache", "mlx_lm"])
+    ap.add_argument("--ttft-only", action="store_true",
+                    help="only the TTFT part with the cache on (no cache-off row, no servers)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    if args.ttft_only:
+        args.servers = []
     out: dict = {"ttft": [], "chat": {}}
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint(args, Path(tmp))
-        for cache in (True, False):
+        for cache in (True,) if args.ttft_only else (True, False):  # (the cache-on row has uncached TTFT too)
             row = asyncio.run(ttft(path, args.prefix, args.repeats, cache))
             print("ttft", json.dumps(row), flush=True)
             out["ttft"].append(row)

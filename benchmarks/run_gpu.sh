@@ -9,6 +9,9 @@
 #   bash benchmarks/run_gpu.sh first     # first-request latency of a 4-bit model, with and without warm-up
 #   bash benchmarks/run_gpu.sh kvbits    # the decode kernels' tests (quantized pool included) and kv_bits.py:
 #                                        # kv_bits none/8/4 at 4 streams x 32k tokens (KVBITS_ARGS to change)
+#   bash benchmarks/run_gpu.sh ttft      # TTFT behind a cached 2,000-token prefix (prefix_cache.py --ttft-only),
+#                                        # MODELS="qwen3-0.6b qwen3-8b" by default
+#   bash benchmarks/run_gpu.sh window    # KV memory of a long Gemma-3-1B row, windowed layers' own pool (window_pool.py)
 # bigspeed and first keep MLX's compiled kernels between calls: a carried .gpu/ptx.tgz is unpacked
 # into MLX_PTX_CACHE_DIR first, and the cache goes back as $OUT/ptx.tgz (copy it to .gpu/ptx.tgz here).
 set -euo pipefail
@@ -51,6 +54,14 @@ case "${1:-speed}" in
       tests/test_decode_kernels.py 2>&1 | tee "$OUT/decode_kernels_tests.txt" | tail -30 \
       || echo "tests ended with status $?"
     cat "$OUT/kv_bits.md" 2>/dev/null || echo "no kv_bits.md was written" ;;
+  ttft)
+    for m in ${MODELS:-qwen3-0.6b qwen3-8b}; do
+      timeout -k 10 ${BUDGET:-270} python3 benchmarks/prefix_cache.py --preset "$m" --prefix 2000 --repeats 3 \
+        --ttft-only --out "$OUT/prefix_ttft_$m.json" || echo "prefix_cache.py $m ended with status $?"
+    done ;;
+  window)
+    timeout -k 10 ${BUDGET:-270} python3 benchmarks/window_pool.py --preset "${MODEL:-gemma3-1b}" --prompt 8000 \
+      --tokens 256 --out "$OUT/window_pool.json" || echo "window_pool.py ended with status $?" ;;
   first)
     timeout -k 10 ${BUDGET:-540} python3 benchmarks/first_request.py --out "$OUT" --model "${MODEL:-gemma3-4b-4bit}" \
       --timeout $(( ${BUDGET:-540} - 30 )) || echo "first_request.py ended with status $?"

@@ -1,6 +1,7 @@
 """The KV block pool (amlx/kv): attention through block tables against the
 contiguous cache, the allocator's reference counts, and the prefix index
-(hits, misses, least-recently-used eviction, clearing)."""
+(hits, misses, least-recently-used eviction, clearing), and the windowed layers'
+own pool (blocks going back as a row advances, the reuse rule, rollback)."""
 
 from __future__ import annotations
 
@@ -243,3 +244,61 @@ def test_padded_batch_sizes():
     assert sizes == {1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128}
     for n in range(1, 129):
         assert n <= padded_batch(n) <= n + (7 if n <= 64 else 15)
+
+
+def test_windowed_layers_pool_keeps_only_their_window():
+    """A ShardKV whose windowed layers have a pool of their own (window 6, blocks
+    of 4): a row holds every block in the full layers' pool but only those its
+    window still sees in the local one as it advances (the others go back, its
+    table holding the null block there); its full blocks are cached in both pools,
+    and a later prompt reuses a prefix only as far as the local blocks its first
+    computed token sees are cached; a verify pass's draft blocks are trimmed from both."""
+    bs, window = 4, 6
+    full = BlockPool([(1, 4)], float32, bs, 40)
+    local = BlockPool([(1, 4)], float32, bs, 40)
+    kv = ShardKV(full, 1, window, local, [True, False])
+    ids = list(range(100, 140))
+    row = SimpleNamespace(blocks=[], local=[], pos=0, created=0.0)
+    assert kv.reserve(row, ids[:23], headroom=0) == 0
+    assert len(row.blocks) == 6 and row.local == []  # local blocks come with the passes that write them
+    kv.prefill_tables([row], 0, 23, [23])
+    assert len(row.local) == 6 and local.used() == 6
+    kv.cache_filled(row, ids, 23)
+    for pos in range(23, 40):  # decode: each step's next position
+        row.pos = pos
+        kv.extend([row])
+        first = (pos - window + 1) // bs  # the first block the window sees
+        assert row.local[:first] == [0] * first and 0 not in row.local[first:]
+        assert local.used() == len(row.local) - first <= 3 and full.used() == pos // bs + 1
+    row.pos = 40
+    kv.release(row, ids)  # its full blocks cached, in both pools where it held them
+    assert full.used() == local.used() == 0
+    # the whole first turn: 10 full blocks, and the local ones of its last window (8, 9)
+    again = SimpleNamespace(blocks=[], local=[], pos=0, created=0.0)
+    assert kv.reserve(again, ids + [7, 8], headroom=0) == 40
+    assert again.local[:8] == [0] * 8 and 0 not in again.local[8:] and local.used() == 2
+    kv.release(again)
+    # a prefix of the prompt's 5 full blocks: their local blocks were cached before they
+    # went back (the output's, 5-7, were not: nothing cached them here), so position 20's
+    # window (blocks 3, 4) is found
+    short = SimpleNamespace(blocks=[], local=[], pos=0, created=0.0)
+    assert kv.reserve(short, ids[:21] + [1], headroom=0) == 20
+    assert short.local[:3] == [0] * 3 and 0 not in short.local[3:]
+    kv.release(short)
+    # ... but not behind block 7: its window's local blocks (5, 6) went back uncached,
+    # so the longest prefix whose window is cached is the prompt's 5 blocks
+    assert kv.reserve(short, ids[:30] + [1], headroom=0) == 20
+    kv.release(short)
+    local.clear_prefix()  # without the windowed layers' blocks no prefix is reused
+    assert kv.reserve(short, ids[:21] + [1], headroom=0) == 0
+    kv.release(short)
+    # speculative rollback: draft blocks go back from both tables
+    spec = SimpleNamespace(blocks=[], local=[], pos=0, created=0.0)
+    kv.reserve(spec, [1, 2, 3, 4, 5], headroom=0)
+    kv.prefill_tables([spec], 0, 5, [5])
+    spec.pos = 5
+    assert kv.extend_to(spec, 5 + 9) == 16 and len(spec.local) == 4
+    kv.trim(spec)
+    assert len(spec.blocks) == len(spec.local) == 2
+    kv.release(spec)
+    assert full.used() == local.used() == 0

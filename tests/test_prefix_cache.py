@@ -49,8 +49,12 @@ async def _complete(model, prompt, n=12):
     return c.token_ids, c.usage.cached_tokens
 
 
+@pytest.mark.parametrize("extend", ["0", "1"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_outputs_equal_with_and_without_the_prefix_cache(ckpt, arch):
+def test_greedy_outputs_equal_with_and_without_the_prefix_cache(ckpt, arch, extend, monkeypatch):
+    """`extend`: the cached requests' short prefills run as the compiled extend pass
+    (the GPU's default) or as the plain prefill (the CPU's)."""
+    monkeypatch.setenv("AMLX_EXTEND_PASS", extend)
     base = _ids(1, 40)  # two full blocks and 8 tokens
 
     async def body():
@@ -75,6 +79,43 @@ def test_greedy_outputs_equal_with_and_without_the_prefix_cache(ckpt, arch):
                 assert none == 0 and hit == cached, (arch, i, hit)
 
     _run(body)
+
+
+def test_the_extend_pass_matches_the_plain_prefill(ckpt, monkeypatch):
+    """A cached request's short prefill as the compiled extend pass (per-row
+    positions, padded to 16 tokens and to a wider span) gives the plain pass's
+    tokens and log-probabilities, and is what the scheduler ran; requests arriving
+    together too (batched, with padded batches as on a GPU: three rows run as four)."""
+    from amlx.engine import scheduler
+
+    used = []
+    real = scheduler.Scheduler._extend_pass
+    monkeypatch.setattr(scheduler.Scheduler, "_extend_pass",
+                        lambda self, *a: used.append(len(a[1])) or real(self, *a))
+    base = _ids(7, 70)
+    prompts = [base + _ids(8, 5), base + _ids(9, 20), base[:50] + _ids(10, 3)]
+    trio = [base + _ids(11, 5), base + _ids(12, 9), base + _ids(13, 2)]  # all behind 4 cached blocks
+
+    async def run(extend: str):
+        monkeypatch.setenv("AMLX_EXTEND_PASS", extend)
+        monkeypatch.setenv("AMLX_PAD_BATCHES", extend)  # (as on a GPU: three rows run as four, one padding)
+        async with await amlx.load(ckpt("qwen3")) as m:
+            await m.complete(base, max_tokens=1)
+            out = [await m.complete(p, max_tokens=6, logprobs=True) for p in prompts]
+            # submitted at once (usually one batched pass: the worker takes what has arrived)
+            streams = [m.generate(p, max_tokens=6, logprobs=True) for p in trio]
+            together = [[(t.id, t.logprob) async for t in st] for st in streams]
+            return out, together
+
+    (plain, plain_together), (extended, together) = _run(run, "0"), _run(run, "1")
+    assert used  # the extend pass ran (only with AMLX_EXTEND_PASS=1)
+    for p, e in zip(plain, extended):
+        assert p.usage.cached_tokens == e.usage.cached_tokens > 0
+        assert e.token_ids == p.token_ids
+        np.testing.assert_allclose(e.logprobs, p.logprobs, atol=1e-4)
+    for p, e in zip(plain_together, together):
+        assert [i for i, _ in e] == [i for i, _ in p]
+        np.testing.assert_allclose([lp for _, lp in e], [lp for _, lp in p], atol=1e-4)
 
 
 def test_concurrent_requests_sharing_a_prefix_match_solo_runs(ckpt):
@@ -195,11 +236,13 @@ def test_a_pool_filled_past_its_size_makes_requests_wait(ckpt, monkeypatch):
     _run(body)
 
 
-def test_preemption_continues_each_stream_exactly(ckpt, monkeypatch):
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_preemption_continues_each_stream_exactly(ckpt, monkeypatch, arch):
     """Rows that outgrow the pool while decoding: the youngest is preempted and
     recomputed from its prompt and its tokens so far; every stream's tokens are
     those of an unpreempted run, with no gap and no duplicate (seeded sampling
-    and penalties included)."""
+    and penalties included). Gemma 3 (a window of 8) with its windowed layers'
+    own pool, which its rows give back too."""
     monkeypatch.setenv("AMLX_SHARDS", "1")
     prompts = [_ids(30 + k, 20) for k in range(3)]
     n = 60  # each needs 5 blocks at the end; three of them need 15 > 10
@@ -207,11 +250,12 @@ def test_preemption_continues_each_stream_exactly(ckpt, monkeypatch):
     options = [{}, {"temperature": 1.0, "seed": 5, "repetition_penalty": 1.3}, {}]
 
     async def body():
-        async with await amlx.load(ckpt("qwen3"), prefix_cache=False) as off:
+        async with await amlx.load(ckpt(arch), prefix_cache=False) as off:
             solo = [(await off.complete(p, max_tokens=n, **o)).token_ids for p, o in zip(prompts, options)]
             per_block = _block_bytes(off)
         for prefix in (False, True):
-            async with await amlx.load(ckpt("qwen3"), kv_cache_memory=10 * per_block,
+            # (Gemma's first streams end early: its pool is smaller, so the rows still outgrow it)
+            async with await amlx.load(ckpt(arch), kv_cache_memory=(10 if arch == "qwen3" else 5) * per_block,
                                        prefix_cache=prefix) as small:
                 streams = [small.generate(p, max_tokens=n, **o) for p, o in zip(prompts, options)]
                 got: dict = {}
@@ -433,3 +477,42 @@ def test_windowed_layers_switch_to_their_narrow_tables_mid_stream(tmp_path):
     for k in range(2):
         n = len(got[k])
         assert got[k] == want[k][:n] and batched[k] == got[k]
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "gemma3"])
+def test_windowed_layers_keep_only_the_blocks_inside_their_window(tmp_path, arch):
+    """Gemma 3 with a window of 16 (one block): a row of 100 prompt tokens and 80
+    generated holds every block in the full-attention layers' pool but at most
+    three in the windowed layers' own pool once it decodes (the others went back
+    as it advanced); its tokens are transformers' greedy ones. A follow-up turn
+    behind the whole first turn reuses it from the cache (the windowed layers'
+    blocks it needs were cached before they went back) with the tokens of a run
+    without the cache."""
+    from tests.helpers.checkpoints import load_reference, reference_greedy
+
+    path = make_checkpoint(tmp_path / arch, arch, seed=3, sliding_window=16)
+    prompt, n = _ids(140, 100), 80
+    want = reference_greedy(load_reference(path), prompt, n)
+
+    async def body():
+        async with await amlx.load(path) as m:
+            kv = m.engine.scheduler.shards[0].kv
+            assert kv.local is not None and kv.window == 16
+            got, seen = [], []
+            async for t in m.generate(prompt, max_tokens=n):
+                got.append(t.id)
+                seen.append(dict(m.stats()["kv_cache"]))
+            # (the first readings may come before the first decode step gave the prompt's blocks back)
+            late = seen[5:]
+            assert max(s["window_blocks_used"] for s in late) <= 3
+            assert max(s["blocks_used"] for s in late) >= (100 + 60) // BS
+            follow = prompt + got + _ids(141, 5)
+            again = await m.complete(follow, max_tokens=12)
+        async with await amlx.load(path, prefix_cache=False) as off:
+            plain = await off.complete(follow, max_tokens=12)
+        return got, again, plain
+
+    got, again, plain = _run(body)
+    assert got == want[:len(got)] and len(got) == n
+    assert again.token_ids == plain.token_ids
+    assert again.usage.cached_tokens == (100 + n - 1) // BS * BS  # every full block of the first turn

@@ -77,6 +77,12 @@ class EngineOptions:
       on a GPU, where a new size costs a trace and kernel compiles worth many
       steps; off on the CPU, where the padded rows cost compute
       (AMLX_PAD_BATCHES=0/1).
+    - extend_pass: a short prefill behind a cached prefix runs as a compiled pass
+      (`Scheduler._extend_pass`) instead of the plain, uncompiled one. Default: on
+      a GPU, where the plain pass's host work (building its graph, one kernel per
+      op) was most of such a request's time to first token; off on the CPU,
+      where the pass's compute dominates and the compiled one measured no faster
+      (AMLX_EXTEND_PASS=0/1).
     - prefill_chunk: prompt tokens per prefill forward (AMLX_PREFILL_CHUNK).
       A round prefills at most one chunk before its decode step, so a long
       prompt holds the running streams up by one chunk's time per step, and
@@ -99,6 +105,7 @@ class EngineOptions:
     prefix_cache: bool = True
     kv_bits: int | None = None
     pad_batches: bool | None = None
+    extend_pass: bool | None = None
     draft: str | None = None
     num_draft_tokens: int = 4
 
@@ -130,8 +137,14 @@ class EngineOptions:
         if env in ("0", "1"):
             pad = env == "1"
         pad = self.device == "gpu" if pad is None else bool(pad)
+        extend = self.extend_pass
+        env = os.environ.get("AMLX_EXTEND_PASS")
+        if env in ("0", "1"):
+            extend = env == "1"
+        extend = self.device == "gpu" if extend is None else bool(extend)
         return replace(self, shards=shards, decode_kernel=kernel, kv_block=block, prefill_chunk=chunk,
-                       kv_block_size=block_size, prefix_cache=bool(self.prefix_cache), pad_batches=pad)
+                       kv_block_size=block_size, prefix_cache=bool(self.prefix_cache), pad_batches=pad,
+                       extend_pass=extend)
 
 
 def padded_batch(rows: int) -> int:

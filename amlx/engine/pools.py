@@ -13,15 +13,17 @@ from amlx._mlx import Array, array, ops
 from amlx.engine.request import Request
 from amlx.kv import KeyChain, PagedLayer, ShardKV, Tables, layer_views, make_pools, written
 
-__all__ = ["ShardPools", "table_arrays"]
+__all__ = ["ShardPools", "extend_arrays", "table_arrays"]
 
 
 class ShardPools:
     """`kv[i]` is shard i's pool and bookkeeping. `epoch` counts weight changes:
     blocks filled under older weights are never cached."""
 
-    def __init__(self, model, options, shards: int):
-        self.kv: list[ShardKV] = make_pools(model, options, shards)
+    def __init__(self, model, options, shards: int, split_windows: bool = False):
+        """`split_windows`: the windowed layers get a pool of their own (see make_pools;
+        not for a tensor-parallel model, whose other ranks mirror one pool)."""
+        self.kv: list[ShardKV] = make_pools(model, options, shards, split_windows)
         self.windows = model.windows()  # per layer
         self.block_size = self.kv[0].block_size
         self.epoch = 0
@@ -32,6 +34,10 @@ class ShardPools:
         for kv in self.kv:
             for k, v in kv.pool.counters().items():
                 total[k] = v if k == "block_size" else total.get(k, 0) + v
+            if kv.local is not None:  # the windowed layers' pool: its blocks in use and its arrays' size
+                counts = kv.local.counters()
+                for k in ("blocks_used", "blocks_allocated"):
+                    total["window_" + k] = total.get("window_" + k, 0) + counts[k]
         return total
 
     def pool_tokens(self) -> int:
@@ -39,7 +45,8 @@ class ShardPools:
         return self.kv[0].pool.usable * self.block_size
 
     def block_bytes(self) -> int:
-        return self.kv[0].pool.bytes_per_block()
+        kv = self.kv[0]  # (a block of every layer: both pools' where the windowed layers have their own)
+        return kv.pool.bytes_per_block() + (kv.local.bytes_per_block() if kv.local is not None else 0)
 
     def _chain(self, req: Request) -> KeyChain:
         """The request's block keys, hashed once as its tokens grow."""
@@ -79,11 +86,19 @@ class ShardPools:
         if req.epoch == self.epoch:
             self.kv[req.shard].cache_filled(req, req.fill, req.prefilled, self._chain(req))
 
+    def cache_decoded(self, rows: list[Request]) -> None:
+        """Before a decode step: rows about to give a local block back (past their
+        window, `ShardKV.sheds`) cache their full blocks so far, prompt and output."""
+        for req in rows:
+            kv = self.kv[req.shard]
+            if req.epoch == self.epoch and kv.sheds(req):
+                kv.cache_filled(req, req.prompt + req.generated, req.pos, self._chain(req))
+
     def views(self, shard: int, tables: Tables, arrays: list[Array] | None = None) -> list[PagedLayer]:
         """Each layer's view of a shard's pool (or of `arrays` in its layout: a
         compiled step's inputs) for one forward pass."""
-        pool = self.kv[shard].pool
-        return layer_views(pool.arrays if arrays is None else arrays, tables, self.windows, pool.bits, pool.group)
+        kv = self.kv[shard]
+        return layer_views(kv.arrays if arrays is None else arrays, tables, self.windows, kv.pool.bits, kv.pool.group)
 
     def decode_pass(self, model, tokens: Array, positions: Array, tabs: list[Array],
                     arrays: list[Array]) -> tuple[Array, list[Array]]:
@@ -92,22 +107,46 @@ class ShardPools:
         (B, 1), positions (B,), the pass's `table_arrays`, each layer's pool
         array -> (logits (B, V), the pool arrays written). Every shard's pool
         has the same layout, so shard 0's describes them all."""
-        rows, writes, table, window_rows, window_start = tabs
-        tables = Tables(rows, writes, tokens.shape[0], table.shape[1], self.block_size, table)
+        rows, writes, table, window_rows, window_start, *local = tabs
+        b, bs = tokens.shape[0], self.block_size
+        tables = windowed = Tables(rows, writes, b, table.shape[1], bs, table)
+        if local:  # the windowed layers' own pool's tables (ShardKV.local)
+            windowed = tables.local = Tables(local[0], local[1], b, local[2].shape[1], bs, local[2])
         if window_rows.shape[0]:  # (a shape, not a flag: each form is traced apart)
             kv = self.kv[0]
-            tables.window, tables.window_width = kv.window, kv.window_width
-            tables.window_rows, tables.window_start = window_rows, window_start
+            windowed.window, windowed.window_width = kv.window, kv.window_width
+            windowed.window_rows, windowed.window_start = window_rows, window_start
         views = self.views(0, tables, arrays)
         logits = model(tokens, views, positions)
         logits = ops.reshape(logits, (tokens.shape[0], logits.shape[2]))
         return logits, written(views)
+
+    def extend_pass(self, model, tokens: Array, positions: Array, last: Array, tabs: list[Array],
+                    arrays: list[Array]) -> tuple[Array, list[Array]]:
+        """A short prefill behind a cached prefix as a pure function of arrays (what
+        the scheduler compiles): tokens (B, W) written at positions[b] .. + W - 1
+        through the tables `tabs` ([gather pieces, write slots] of
+        `ShardKV.extend_tables`), attended as a verify pass does (per-row positions,
+        `verify_mask`) -> (logits (B, V) at each row's token `last[b]`, the pool
+        arrays written)."""
+        rows, writes, *local = tabs
+        b = tokens.shape[0]
+        kv = self.kv[0]
+        width = rows.shape[0] // (2 * b * kv.pool.kv_heads)
+        tables = Tables(rows, writes, b, width, self.block_size)
+        if local:
+            tables.local = Tables(local[0], local[1], b, width, self.block_size)
+        views = self.views(0, tables, arrays)
+        logits = model(tokens, views, positions, last=last)
+        return ops.reshape(logits, (b, logits.shape[2])), written(views)
 
     def weights_changed(self) -> None:
         """Empties the prefix caches; blocks of requests running now are not cached later."""
         self.epoch += 1
         for kv in self.kv:
             kv.pool.clear_prefix()
+            if kv.local is not None:
+                kv.local.clear_prefix()
 
     def close(self) -> None:
         for kv in self.kv:
@@ -115,11 +154,22 @@ class ShardPools:
 
 
 def table_arrays(tables: Tables) -> list[Array]:
-    """A decode pass's tables as the compiled step takes them (always five arrays: a
-    compiled function takes the same structure each call): gather pieces, write
-    slots, block table, and the windowed layers' pieces and starts (empty where
-    the pass has none)."""
-    if tables.window is not None:
-        return [tables.rows, tables.writes, tables.table, tables.window_rows, tables.window_start]
-    empty = array(np.zeros(0, np.int32))
-    return [tables.rows, tables.writes, tables.table, empty, empty]
+    """A decode pass's tables as the compiled step takes them (always the same
+    arrays: a compiled function takes the same structure each call): gather
+    pieces, write slots, block table, the windowed layers' narrow pieces and
+    starts (empty where the pass has none), and with a pool of their own for the
+    windowed layers, its pieces, slots and table."""
+    local = tables.local
+    windowed = local if local is not None else tables
+    if windowed.window is not None:
+        out = [tables.rows, tables.writes, tables.table, windowed.window_rows, windowed.window_start]
+    else:
+        empty = array(np.zeros(0, np.int32))
+        out = [tables.rows, tables.writes, tables.table, empty, empty]
+    return out if local is None else out + [local.rows, local.writes, local.table]
+
+
+def extend_arrays(tables: Tables) -> list[Array]:
+    """An extend pass's tables as its compiled function takes them (`ShardPools.extend_pass`)."""
+    out = [tables.rows, tables.writes]
+    return out if tables.local is None else out + [tables.local.rows, tables.local.writes]

@@ -31,6 +31,7 @@ class Request:
     done_at: float | None = None
     prefilled: int = 0  # positions of `fill` already in the cache
     blocks: list[int] = field(default_factory=list)  # its block table in its shard's pool (amlx.kv)
+    local: list[int] = field(default_factory=list)  # its table in the windowed layers' pool, if any
     shard: int = -1  # the scheduler shard whose pool holds its blocks
     epoch: int = 0  # the scheduler's weights epoch when its blocks were filled
     cached_tokens: int = 0  # prompt tokens served from the prefix cache

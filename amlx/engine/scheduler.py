@@ -49,8 +49,8 @@ from amlx._mlx import Array, array, ops, transforms
 from amlx._mlx import int32 as _int32
 from amlx.constrain import step_masks
 from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards, padded_batch
-from amlx.engine.pools import ShardPools, table_arrays
-from amlx.kv import PADDING_ROW, ShardKV, Tables, copy_blocks, preemption_order, written
+from amlx.engine.pools import ShardPools, extend_arrays, table_arrays
+from amlx.kv import PADDING_ROW, ShardKV, Tables, preemption_order, written
 from amlx.engine.rate import RateMeter
 from amlx.engine.speculate import make_speculator
 from amlx.engine.request import Request
@@ -59,6 +59,10 @@ from amlx.models.nn import split_layers
 from amlx.errors import AmlxError, ClosedError, ContextLengthError, MLXError
 
 PREFILL_CHUNK = GPU_PREFILL_CHUNK  # the largest default prefill chunk (EngineOptions.prefill_chunk)
+# Prefill passes of at most this many tokens behind a cached prefix run as a compiled
+# "extend" pass where the options say so (EngineOptions.extend_pass; Scheduler._extend_pass).
+EXTEND_MAX = 256
+EXTEND_MIN = 16  # the smallest padded length of an extend pass (lengths go up in powers of two)
 
 
 @dataclass(eq=False)
@@ -114,13 +118,18 @@ class Scheduler:
         # the same step traced with the split twin's layers (a cache of its own)
         self._split_step_fn = transforms.compile(self._forward_split) if compile_step else None
         self._twin = None  # the model with its matmuls split over the streams (see _split_model)
+        # short prefills behind a cached prefix, compiled like the decode step (see _extend_pass)
+        self._extend_fn = transforms.compile(self._extend) if compile_step else None
+        self._split_extend_fn = transforms.compile(self._extend_split) if compile_step else None
+        # the longest prefill (tokens) that runs as an extend pass; 0: none (benchmarks set it)
+        self.extend_max = EXTEND_MAX if self.options.extend_pass else 0
         self._sample_steps = CompiledSteps()  # traced on this engine's streams; closed with it
         self._inflight: _Step | None = None  # a decode step launched and not yet read
         self._prepared = False  # the model's derived arrays are evaluated (see Module.prepare)
         model.use_decode_kernel(self.options.decode_kernel)
         # attention span step: small where decode attention reads the whole span (EngineOptions.kv_block)
         self.block = self.options.kv_block
-        self.pools = ShardPools(model, self.options, len(self.placement.streams))
+        self.pools = ShardPools(model, self.options, len(self.placement.streams), split_windows=mirror is None)
         self.shards = [_Shard(i, kv) for i, kv in enumerate(self.pools.kv)]
         self.block_size = self.pools.block_size
         # Fault injection for tests, None otherwise: called as fault(rows, chained) while a
@@ -286,6 +295,8 @@ class Scheduler:
         each request's last position in it. `logits_read`: whether the caller
         evaluates them (a tensor-parallel model's other ranks evaluate the same)."""
         ends = [min(len(r.fill), start + length) for r in reqs]
+        if start and length <= self.extend_max and self._extend_fn is not None and self.mirror is None:
+            return self._extend_pass(shard, reqs, start, ends, model)
         ids = np.zeros((len(reqs), length), dtype=np.int32)
         for i, r in enumerate(reqs):
             ids[i, :ends[i] - start] = r.fill[start:ends[i]]
@@ -296,8 +307,47 @@ class Scheduler:
         last = array(np.asarray(ends, dtype=np.int32) - start - 1)
         logits = model(array(ids), views, start, last=last)
         # the old arrays' only holder is now the graph, so MLX may write them in place
-        shard.kv.pool.arrays = written(views)
+        shard.kv.arrays = written(views)
         return ops.reshape(logits, (len(reqs), logits.shape[2]))
+
+    def _extend_pass(self, shard: _Shard, reqs: list[Request], start: int, ends: list[int], model) -> Array:
+        """`_prefill_pass` for a short prefill behind a cached prefix, compiled as the
+        decode step is: its host work is a graph replay instead of building the
+        forward op by op, and compile fuses its elementwise ops. Tokens are
+        padded to a power of two (at least EXTEND_MIN), the batch to its bucket
+        (with `pad_batches`) and the gathered span to `ShardKV.extend_width`, so
+        the pass is traced for few shapes; padding is written to the null block and
+        read by no real position (attention as in a verify pass: `verify_mask`).
+        A tensor-parallel model keeps the plain pass (its ranks run the same)."""
+        b = len(reqs)
+        pad = padded_batch(b) - b if self.options.pad_batches else 0
+        lengths = [e - start for e in ends] + [0] * pad
+        width = EXTEND_MIN
+        while width < max(lengths):
+            width *= 2
+        ids = np.zeros((b + pad, width), dtype=np.int32)
+        for i, r in enumerate(reqs):
+            ids[i, :lengths[i]] = r.fill[start:ends[i]]
+        rows = [*reqs, *[PADDING_ROW] * pad]
+        starts = [start] * b + [0] * pad
+        tables = shard.kv.extend_tables(rows, starts, width, ends + [0] * pad, shard.kv.extend_width(max(ends)))
+        fn = self._extend_fn if model is self.model else self._split_extend_fn
+        logits, state = fn(array(ids), array(np.asarray(starts, dtype=np.int32)),
+                           array(np.asarray([max(n - 1, 0) for n in lengths], dtype=np.int32)),
+                           extend_arrays(tables), shard.kv.arrays)
+        # the old arrays' only holder is now the graph, so MLX may write them in place
+        shard.kv.arrays = state
+        return ops.slice(logits, (0, 0), (b, logits.shape[1])) if pad else logits
+
+    def _extend(self, tokens: Array, positions: Array, last: Array, tabs: list[Array],
+                pools: list[Array]) -> tuple[Array, list[Array]]:
+        """The extend pass as a pure function of arrays (what gets compiled)."""
+        return self.pools.extend_pass(self.model, tokens, positions, last, tabs, pools)
+
+    def _extend_split(self, tokens: Array, positions: Array, last: Array, tabs: list[Array],
+                      pools: list[Array]) -> tuple[Array, list[Array]]:
+        """`_extend` by the split twin (work only one shard has)."""
+        return self.pools.extend_pass(self._split_model(), tokens, positions, last, tabs, pools)
 
     def _prefill_group(self, group: list[Request]) -> None:
         """Prefills several prompts that start at the same position: one batched
@@ -325,7 +375,7 @@ class Scheduler:
                 firsts.append(samplers[-1](logits, masks=mask))
             # One evaluation for every shard, so their forwards run at the same time.
             ops.eval(*[a for first in firsts for a in first.arrays()], *[a for bs in samplers for a in bs.state()],
-                     *[a for shard, _ in parts for a in shard.kv.pool.state()])
+                     *[a for shard, _ in parts for a in shard.kv.state()])
             for bs in samplers:
                 bs.sync_back()  # the requests' keys move on
         except MLXError as exc:
@@ -363,10 +413,10 @@ class Scheduler:
             logits = self._prefill_pass(shard, [req], start, length, self._split_model(), not middle)
             req.prefilled += length
             if middle:
-                ops.eval(*shard.kv.pool.state())
+                ops.eval(*shard.kv.state())
             else:
                 first = self._first_tokens(logits, [req])
-                ops.eval(*first.arrays(), *shard.kv.pool.state())
+                ops.eval(*first.arrays(), *shard.kv.state())
         except MLXError as exc:
             self.prefilling = None
             if self.mirror is not None:
@@ -482,6 +532,7 @@ class Scheduler:
             self._park_paused()  # (a chained step's rows all have room)
             self._preempt_for_blocks()
         for shard in self.shards:
+            self.pools.cache_decoded(shard.rows)  # (before the windowed layers give blocks back)
             shard.kv.extend(shard.rows)  # a block for each row whose next position starts one
         plan = []
         for shard in self.shards:
@@ -559,10 +610,12 @@ class Scheduler:
         self._prepared = False
         self._twin = None
         if self._step_fn is not None:
-            self._step_fn.close()
-            self._split_step_fn.close()
+            for fn in (self._step_fn, self._split_step_fn, self._extend_fn, self._split_extend_fn):
+                fn.close()
             self._step_fn = transforms.compile(self._forward)
             self._split_step_fn = transforms.compile(self._forward_split)
+            self._extend_fn = transforms.compile(self._extend)
+            self._split_extend_fn = transforms.compile(self._extend_split)
 
     def _build(self, shard: _Shard, sel: list[int], prev: "_Part | None", split: bool = False) -> "_Part":
         """The graph of a shard's next decode step (not yet launched), on its stream.
@@ -586,11 +639,11 @@ class Scheduler:
             tables = shard.kv.decode_tables(padded)
             if self.mirror is not None:
                 self.mirror.decode(padded, shard.kv.pool.capacity)
-            logits, state = self._batched_logits(tokens, positions, tables, shard.kv.pool.arrays, split)
+            logits, state = self._batched_logits(tokens, positions, tables, shard.kv.arrays, split)
             if pad:  # the padding rows' logits are never sampled
                 logits = ops.slice(logits, (0, 0), (b, logits.shape[1]))
             # the old arrays' only holder is now the graph, so MLX may write them in place
-            shard.kv.pool.arrays = state
+            shard.kv.arrays = state
             if self.fault is not None:
                 logits = self._inject(logits, list(shard.rows), prev is not None)
         if any(r.matcher is not None for r in shard.rows):
@@ -750,15 +803,15 @@ class Scheduler:
             dst = min(self.shards, key=lambda s: len(s.rows))
             n = (len(src.rows) - len(dst.rows)) // 2
             reqs = src.rows[len(src.rows) - n:]
-            if n < 1 or sum(len(r.blocks) for r in reqs) > dst.kv.pool.available():
+            if n < 1 or not dst.kv.room_for(reqs):
                 return
             with self._on(dst):
-                moved = [copy_blocks(src.kv.pool, dst.kv.pool, r.blocks) for r in reqs]
-                ops.eval(*dst.kv.pool.state())
+                moved = [dst.kv.copy_in(src.kv, r) for r in reqs]
+                ops.eval(*dst.kv.state())
             self._keep_rows(src, list(range(len(src.rows) - n)))
-            for r, blocks in zip(reqs, moved):
+            for r, (blocks, local) in zip(reqs, moved):
                 self.pools.release(r)
-                dst.kv.adopt(r, blocks)
+                dst.kv.adopt(r, blocks, local)
                 r.shard = dst.index
             self._join(dst, reqs)
 
@@ -850,7 +903,7 @@ class Scheduler:
             raise MLXError("decode", "a tensor-parallel step failed")
         for shard in self.shards:
             try:
-                ops.eval(*shard.kv.pool.state())
+                ops.eval(*shard.kv.state())
             except MLXError as exc:
                 with self._lock:
                     held = [r for r in self._held if r.shard == shard.index and r.blocks]
@@ -905,9 +958,10 @@ class Scheduler:
         self.fail_all(ClosedError("the model was closed"))
         self.pools.close()
         if self._step_fn is not None:
-            self._step_fn.close()  # MLX's compile cache holds the traced graphs and their constants
-            self._split_step_fn.close()
-            self._step_fn = self._split_step_fn = None
+            # MLX's compile cache holds the traced graphs and their constants
+            for fn in (self._step_fn, self._split_step_fn, self._extend_fn, self._split_extend_fn):
+                fn.close()
+            self._step_fn = self._split_step_fn = self._extend_fn = self._split_extend_fn = None
         self._sample_steps.close()
         if self.speculator is not None:
             self.speculator.close()

@@ -165,7 +165,7 @@ class Speculator:
             for shard, (lengths, drafts) in zip(shards, plan):
                 passes.append(self._launch(shard, lengths, drafts))
             ops.eval(*[a for p in passes for a in (*p.result.arrays(), *p.shard.sampling.state(),
-                                                   *p.shard.kv.pool.state())])
+                                                   *p.shard.kv.state())])
             results = [p.result.read() for p in passes]
         finally:
             for p in passes:
@@ -214,7 +214,7 @@ class Speculator:
             positions = array(np.asarray([r.pos for r in rows], dtype=np.int32))
             logits = self.model(tokens, views, positions)
             # the old arrays' only holder is now the graph, so MLX may write them in place
-            kv.pool.arrays = written(views)
+            kv.arrays = written(views)
         return _Pass(shard, rows, lengths, *self._accept_graph(shard, logits, dr, masks))
 
     def _accept_graph(self, shard, logits: Array, drafts: Drafts, masks: np.ndarray | None):

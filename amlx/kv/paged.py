@@ -46,7 +46,9 @@ class Tables:
     - `batch`, `width` (table entries per row), `block_size`;
     - `table` (B, width) int32, the block ids themselves, in decode passes;
     - `window`, `window_rows`, `window_start`, `window_width`: where layers with a
-      sliding window of at most `window` read (decode passes, when shorter)."""
+      sliding window of at most `window` read (decode passes, when shorter);
+    - `local`: with a pool of their own for the windowed layers (`ShardKV.local`),
+      those layers' tables (the window ones among them)."""
 
     rows: Array
     writes: Array
@@ -60,6 +62,7 @@ class Tables:
     window_rows: Array | None = None
     window_start: Array | None = None
     window_width: int = 0
+    local: "Tables | None" = None  # the windowed layers' tables, in their own pool
 
     @property
     def span(self) -> int:
@@ -98,8 +101,9 @@ class PagedLayer:
         writes = self.tables.writes
         for i, (part, value) in enumerate(zip(self.parts, values)):
             w = value.shape[-1]
-            at = memoized(memo, ("writes", n, w), lambda w=w: ops.broadcast_to(ops.reshape(writes, (1, n, 1)),
-                                                                              (2, n, w)))
+            # (per tables: the windowed layers' own pool has slots of its own)
+            at = memoized(memo, ("writes", id(self.tables), n, w),
+                          lambda w=w: ops.broadcast_to(ops.reshape(writes, (1, n, 1)), (2, n, w)))
             flat = ops.put_along_axis(ops.reshape(part, (2, nb * h * bs, w)), at, value, 1)
             self.parts[i] = ops.reshape(flat, (2, nb, h, bs, w))
 
@@ -214,7 +218,9 @@ def layer_views(arrays: Sequence[Array], tables: Tables, windows: Sequence[int |
                 group: int = 0) -> list[PagedLayer]:
     """Each layer's view of a pool's arrays (`BlockPool.arrays`: `parts` arrays per layer)."""
     parts = 3 if bits else 1
-    return [PagedLayer(arrays[i * parts:(i + 1) * parts], tables, w, bits, group) for i, w in enumerate(windows)]
+    local = tables.local or tables  # (windowed layers read their own pool's tables, where they have one)
+    return [PagedLayer(arrays[i * parts:(i + 1) * parts], tables if w is None else local, w, bits, group)
+            for i, w in enumerate(windows)]
 
 
 def written(views: Sequence[PagedLayer]) -> list[Array]:

@@ -139,6 +139,13 @@ class BlockPool:
         """The cached blocks of the longest prefix of `keys` (not held: see `hold`)."""
         return [] if self.prefix is None else self.prefix.lookup(keys)
 
+    def find(self, keys: Sequence[bytes]) -> list[int] | None:
+        """The cached blocks of every one of `keys` (not held), or None if one is missing."""
+        if self.prefix is None:
+            return None if keys else []
+        found = [self.prefix.block(k) for k in keys]
+        return None if None in found else found
+
     def unheld(self, blocks: Sequence[int]) -> int:
         """How many of these (cached) blocks no request holds: holding them takes
         them out of `available()`."""

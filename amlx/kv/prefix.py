@@ -80,6 +80,10 @@ class PrefixIndex:
             found.append(block)
         return found
 
+    def block(self, key: bytes) -> int | None:
+        """The cached block of one key (None if not cached)."""
+        return self._block_of.get(key)
+
     def count(self, found: int, looked: int) -> None:
         self.hits += found
         self.misses += looked - found

@@ -5,6 +5,12 @@ A request holds `req.blocks`, its block table: block i holds its positions
 [i * block_size, (i + 1) * block_size). Joining or leaving a batch changes no
 other row's cache, only which tables the next pass stacks. Everything here is
 host work on small lists; the only arrays made are a pass's table and slots.
+
+Models with sliding-window layers (one window size) keep those layers' keys and
+values in a second pool, `local`, with a table of its own per request,
+`req.local`: entry i holds the same positions as `req.blocks[i]`, but entries
+wholly before the window of the row's next position are given back (the null
+block takes their place), so a long row holds about a window of blocks there.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import numpy as np
 
 from amlx._mlx import Array, array
 from amlx.kv.paged import Tables
-from amlx.kv.pool import NULL_BLOCK, BlockPool
+from amlx.kv.pool import NULL_BLOCK, BlockPool, copy_blocks
 from amlx.kv.prefix import KeyChain, block_keys
 
 __all__ = ["KVRow", "PADDING_ROW", "ShardKV", "blocks_for", "preemption_order"]
@@ -30,6 +36,7 @@ class KVRow(Protocol):
     """What a row (an engine Request) carries for the pool."""
 
     blocks: list[int]
+    local: list[int]  # its table in the windowed layers' pool (with one: `ShardKV.local`)
     pos: int
     created: float
 
@@ -39,6 +46,7 @@ class PaddingRow:
     block, at position 0, so its writes land in the null block and it reads nothing."""
 
     blocks: list[int] = [NULL_BLOCK]
+    local: list[int] = [NULL_BLOCK]
     pos: int = 0
     created: float = 0.0
 
@@ -58,19 +66,57 @@ class ShardKV:
     up to this many blocks, so the compiled decode step (traced per table
     width) is traced again only every `span_step` blocks of growth. `window`:
     the sliding window of the model's windowed layers (one size, or None):
-    decode passes longer than it give those layers narrower tables of their own."""
+    decode passes longer than it give those layers narrower tables of their own.
+    `local`: with a window, the windowed layers' own pool (`layer_local` says
+    which layers), in which a row keeps only the blocks its window can still
+    see; `pool` then holds the other layers. Both have the same ceiling in
+    blocks and a row holds a local block only where it holds a block of `pool`,
+    so whatever `pool` admits, `local` has room for."""
 
-    def __init__(self, pool: BlockPool, span_step: int = 1, window: int | None = None):
+    def __init__(self, pool: BlockPool, span_step: int = 1, window: int | None = None,
+                 local: BlockPool | None = None, layer_local: Sequence[bool] = ()):
         self.pool = pool
         self.block_size = pool.block_size
         self.span_step = max(1, span_step)
         self.window = window
+        self.local = local if window else None
+        self.layer_local = list(layer_local) if self.local is not None else []
         # blocks that can hold a window ending anywhere in a block
         self.window_width = blocks_for(window - 1, pool.block_size) + 1 if window else 0
-        # (key, pieces to gather, block table) of the last decode pass, as device arrays
-        self._table: tuple[tuple, Array, Array] | None = None
+        # (key, pieces to gather, block table) of the last decode pass, as device arrays, per table
+        self._tables: dict[str, tuple[tuple, Array, Array]] = {}
         self._window: tuple[tuple, Array, Array] | None = None  # the same for the windowed layers
         self._version = 0  # bumped whenever any row's blocks change: part of the table's key
+
+    # -- the pools' arrays, layer by layer ---------------------------------------------
+    @property
+    def arrays(self) -> list[Array]:
+        """Every layer's pool arrays in layer order (`pool`'s, and `local`'s for the windowed layers)."""
+        if self.local is None:
+            return self.pool.arrays
+        parts, out = self.pool.parts, []
+        full, local = iter(self.pool.arrays), iter(self.local.arrays)
+        for is_local in self.layer_local:
+            src = local if is_local else full
+            out.extend(next(src) for _ in range(parts))
+        return out
+
+    @arrays.setter
+    def arrays(self, arrays: Sequence[Array]) -> None:
+        if self.local is None:
+            self.pool.arrays = list(arrays)
+            return
+        parts, full, local = self.pool.parts, [], []
+        for i, is_local in enumerate(self.layer_local):
+            (local if is_local else full).extend(arrays[i * parts:(i + 1) * parts])
+        self.pool.arrays, self.local.arrays = full, local
+
+    def state(self) -> list[Array]:
+        """Every array of the shard's pools (what a pass's evaluation includes)."""
+        return self.pool.state() + (self.local.state() if self.local is not None else [])
+
+    def _pools(self) -> list[BlockPool]:
+        return [self.pool] if self.local is None else [self.pool, self.local]
 
     # -- admission ------------------------------------------------------------------
     # (`chain`, where given, is the request's KeyChain: its keys are hashed once)
@@ -83,11 +129,35 @@ class ShardKV:
         blocks, leaving at least one token to compute (its logits are needed)."""
         return self._keys(ids, (len(ids) - 1) // self.block_size, chain)
 
+    def _first_block(self, pos: int) -> int:
+        """The first block the windowed layers' queries at `pos` and later can see."""
+        return max(0, pos - (self.window or 1) + 1) // self.block_size
+
+    def _hit(self, ids: Sequence[int], chain: KeyChain | None) -> tuple[list[bytes], list[int], list[int]]:
+        """(the reusable keys, the cached blocks of the longest usable prefix, and
+        with a local pool its cached blocks from the window before that prefix's
+        end): a prefix is usable only where the windowed layers' blocks that the
+        first computed token sees are cached too."""
+        reusable = self._reusable(ids, chain) if self.pool.prefix is not None else []
+        found = self.pool.lookup(reusable)
+        if self.local is None or not found or self.local.prefix is None:
+            return reusable, found, []
+        have = [self.local.prefix.block(k) for k in reusable[:len(found)]]
+        runs, run = [], 0  # runs[i]: cached local blocks in a row ending at block i
+        for b in have:
+            run = run + 1 if b is not None else 0
+            runs.append(run)
+        for m in range(len(found), 0, -1):
+            first = self._first_block(m * self.block_size)
+            if runs[m - 1] >= m - first:
+                return reusable, found[:m], have[first:m]
+        return reusable, [], []
+
     def peek(self, ids: Sequence[int], chain: KeyChain | None = None) -> int:
         """Positions of `ids` the prefix cache holds now (nothing is held)."""
         if self.pool.prefix is None:
             return 0
-        return len(self.pool.prefix.lookup(self._reusable(ids, chain))) * self.block_size
+        return len(self._hit(ids, chain)[1]) * self.block_size
 
     def fits(self, ids: Sequence[int], chain: KeyChain | None = None) -> bool:
         """Whether `reserve` would find room for `ids` now (with no headroom)."""
@@ -100,10 +170,11 @@ class ShardKV:
         full blocks (always leaving at least one token to compute, for its logits)
         and fresh blocks for the rest. Returns the number of positions served
         from the cache, or None (nothing held) when the pool cannot hold the rest
-        plus `headroom` blocks for the decoding that follows."""
+        plus `headroom` blocks for the decoding that follows. (With a local pool
+        the row takes the cached local blocks of its prefix's last window now, and
+        local blocks for what it computes as its passes write them: `_cover`.)"""
         bs = self.block_size
-        reusable = self._reusable(ids, chain) if self.pool.prefix is not None else []
-        found = self.pool.lookup(reusable)
+        reusable, found, local = self._hit(ids, chain)
         need = blocks_for(len(ids), bs) - len(found)
         if need + headroom > self.pool.available() - self.pool.unheld(found):
             return None  # (nothing touched: the cached blocks keep their place in the eviction order)
@@ -111,15 +182,51 @@ class ShardKV:
             self.pool.prefix.count(len(found), len(reusable))
         self.pool.hold(found)
         row.blocks = found + self.pool.allocate(need)
+        if self.local is not None:
+            if not self.local.capacity:  # (every pass takes both pools' arrays)
+                self.local.grow_to(min(self.local.max_blocks, self.local.initial_blocks))
+            self.local.hold(local)
+            row.local = [NULL_BLOCK] * (len(found) - len(local)) + local
         self._version += 1
         return len(found) * bs
 
+    def _cover(self, row: KVRow, start: int, end: int) -> None:
+        """With a local pool: the row's local blocks for a pass writing [start, end):
+        those wholly before the window of `start` go back (cached, if registered),
+        and blocks up to the one holding `end - 1` are taken (where it holds blocks
+        of `pool`)."""
+        if self.local is None or row is PADDING_ROW:
+            return
+        local = row.local
+        i = min(self._first_block(start), len(local)) - 1
+        while i >= 0 and local[i] != NULL_BLOCK:  # (given back from the front: nulls come first)
+            self.local.release([local[i]])
+            local[i] = NULL_BLOCK
+            i -= 1
+            self._version += 1
+        n = min(blocks_for(end, self.block_size), len(row.blocks))
+        if n > len(local):
+            local.extend(self.local.allocate(n - len(local)))
+            self._version += 1
+
+    def sheds(self, row: KVRow) -> bool:
+        """Whether the row's next decode step gives a local block back (`extend`):
+        its caller caches the row's full blocks first (`cache_filled`), so a later
+        prompt behind this row's tokens finds the windowed layers' blocks too."""
+        return self.local is not None and 0 < self._first_block(row.pos) <= len(row.local) and \
+            row.local[self._first_block(row.pos) - 1] != NULL_BLOCK
+
     def cache_filled(self, row: KVRow, ids: Sequence[int], filled: int, chain: KeyChain | None = None) -> None:
-        """Caches the row's full blocks whose positions [0, filled) hold `ids`."""
+        """Caches the row's full blocks whose positions [0, filled) hold `ids`
+        (and its local blocks among them that it still holds)."""
         if self.pool.prefix is None:
             return
         n = min(filled, len(ids)) // self.block_size
-        self.pool.register(self._keys(ids, n, chain), row.blocks[:n])
+        keys = self._keys(ids, n, chain)
+        self.pool.register(keys, row.blocks[:n])
+        if self.local is not None:
+            held = [(k, b) for k, b in zip(keys, row.local[:n]) if b != NULL_BLOCK]
+            self.local.register([k for k, _ in held], [b for _, b in held])
 
     def release(self, row: KVRow, ids: Sequence[int] | None = None, chain: KeyChain | None = None) -> None:
         """The row lets go of its blocks; with `ids` (the tokens at its positions
@@ -128,6 +235,9 @@ class ShardKV:
             self.cache_filled(row, ids, row.pos, chain)
         self.pool.release(row.blocks[::-1])  # the tail first: evicted before the prefix it extends
         row.blocks = []
+        if self.local is not None:
+            self.local.release([b for b in row.local[::-1] if b != NULL_BLOCK])
+            row.local = []
         self._version += 1
 
     # -- decoding -------------------------------------------------------------------
@@ -136,11 +246,13 @@ class ShardKV:
         return sum(1 for r in rows if r.pos // self.block_size >= len(r.blocks))
 
     def extend(self, rows: Sequence[KVRow]) -> None:
-        """A block for each row whose next position starts one (the caller made sure there is room)."""
+        """A block for each row whose next position starts one (the caller made sure
+        there is room); with a local pool, the row's local blocks follow its window."""
         for r in rows:
             while r.pos // self.block_size >= len(r.blocks):
                 r.blocks.extend(self.pool.allocate(1))
                 self._version += 1
+            self._cover(r, r.pos, r.pos + 1)
 
     def extend_to(self, row: KVRow, end: int) -> int:
         """Blocks for the row's positions up to `end` (exclusive) as far as the pool has
@@ -148,7 +260,9 @@ class ShardKV:
         while len(row.blocks) * self.block_size < end and self.pool.available() > 0:
             row.blocks.extend(self.pool.allocate(1))
             self._version += 1
-        return len(row.blocks) * self.block_size
+        held = len(row.blocks) * self.block_size
+        self._cover(row, row.pos, min(end, held))
+        return held
 
     def trim(self, row: KVRow) -> None:
         """Gives back the blocks past the one holding the row's next position: after a
@@ -159,6 +273,29 @@ class ShardKV:
             self.pool.release(row.blocks[keep:][::-1])
             del row.blocks[keep:]
             self._version += 1
+        if self.local is not None and len(row.local) > keep:
+            self.local.release([b for b in row.local[keep:][::-1] if b != NULL_BLOCK])
+            del row.local[keep:]
+            self._version += 1
+
+    def _with_local(self, tables: Tables, rows: Sequence[KVRow], width: int, blocks: np.ndarray,
+                    offsets: np.ndarray) -> Tables:
+        """Adds the local pool's tables of a pass to `tables` (same positions, the
+        rows' `local` tables; `blocks` are the written positions' entries)."""
+        if self.local is not None:
+            gather = self._gather_rows(_table(rows, width, "local"), self.local)
+            tables.local = Tables(array(gather), array(self._writes(blocks, offsets, self.local)), len(rows),
+                                  width, self.block_size)
+        return tables
+
+    def _written(self, rows: Sequence[KVRow], pos: np.ndarray, real: np.ndarray, attr: str) -> np.ndarray:
+        """The table entries (block ids) of the positions `pos` (B, N) each row writes
+        (where `real`; the null block elsewhere), from its table `attr`."""
+        blocks = np.full(pos.shape, NULL_BLOCK, dtype=np.int64)
+        for i, r in enumerate(rows):
+            if real[i].any():
+                blocks[i, real[i]] = np.asarray(getattr(r, attr), dtype=np.int64)[pos[i, real[i]] // self.block_size]
+        return blocks.reshape(-1)
 
     def verify_tables(self, rows: Sequence[KVRow], width: int, lengths: Sequence[int]) -> Tables:
         """The tables of a verify pass writing `width` tokens per row at positions
@@ -168,12 +305,14 @@ class ShardKV:
         bs = self.block_size
         blocks_wide = max(blocks_for(r.pos + n + 1, bs) for r, n in zip(rows, lengths))
         pos = np.asarray([r.pos for r in rows], dtype=np.int64)[:, None] + np.arange(width)[None, :]
-        blocks = np.full((len(rows), width), NULL_BLOCK, dtype=np.int64)
-        for i, (r, n) in enumerate(zip(rows, lengths)):
-            blocks[i, :n + 1] = np.asarray(r.blocks, dtype=np.int64)[pos[i, :n + 1] // bs]
+        real = np.arange(width)[None, :] <= np.asarray(lengths)[:, None]
+        offsets = (pos % bs).reshape(-1)
         gather = self._gather_rows(_table(rows, blocks_wide))
-        return Tables(array(gather), array(self._writes(blocks.reshape(-1), (pos % bs).reshape(-1))), len(rows),
-                      blocks_wide, bs)
+        tables = Tables(array(gather), array(self._writes(self._written(rows, pos, real, "blocks"), offsets)),
+                        len(rows), blocks_wide, bs)
+        if self.local is None:
+            return tables
+        return self._with_local(tables, rows, blocks_wide, self._written(rows, pos, real, "local"), offsets)
 
     def span(self, rows: Sequence[KVRow]) -> int:
         """Positions a decode pass over `rows` gathers per row."""
@@ -182,88 +321,154 @@ class ShardKV:
         width = max(r.pos // self.block_size + 1 for r in rows)
         return -(-width // self.span_step) * self.span_step * self.block_size
 
+    def _stacked(self, rows: Sequence[KVRow], width: int, attr: str) -> tuple[Array, Array]:
+        """The pieces to gather and the block table of a decode pass over the rows'
+        tables `attr`, made again only when some row's blocks or the pool's size changed."""
+        pool = self.pool if attr == "blocks" else self.local
+        key = (width, self._version, pool.capacity, tuple(id(r) for r in rows))
+        cached = self._tables.get(attr)
+        if cached is None or cached[0] != key:
+            table = _table(rows, width, attr)
+            cached = self._tables[attr] = (key, array(self._gather_rows(table, pool)), array(table))
+        return cached[1], cached[2]
+
     def decode_tables(self, rows: Sequence[KVRow]) -> Tables:
-        """The tables of a decode pass writing each row's position `pos`. What to
-        gather is made again only when some row's blocks or the pool's size changed."""
+        """The tables of a decode pass writing each row's position `pos`."""
         bs = self.block_size
         width = self.span(rows) // bs
-        key = (width, self._version, self.pool.capacity, tuple(id(r) for r in rows))
-        if self._table is None or self._table[0] != key:
-            table = _table(rows, width)
-            self._table = (key, array(self._gather_rows(table)), array(table))
-        blocks = np.fromiter((r.blocks[r.pos // bs] for r in rows), np.int64, len(rows))
         offsets = np.fromiter((r.pos % bs for r in rows), np.int64, len(rows))
-        tables = Tables(self._table[1], array(self._writes(blocks, offsets)), len(rows), width, bs, self._table[2])
+        tables = self._decode_tables(rows, width, "blocks", offsets)
+        windowed = tables
+        if self.local is not None:
+            windowed = tables.local = self._decode_tables(rows, width, "local", offsets)
         if self.window and self.window_width < width:
-            self._window_tables(rows, tables)
+            self._window_tables(rows, windowed)
         return tables
+
+    def _decode_tables(self, rows: Sequence[KVRow], width: int, attr: str, offsets: np.ndarray) -> Tables:
+        pool = self.pool if attr == "blocks" else self.local
+        gather, table = self._stacked(rows, width, attr)
+        blocks = np.fromiter((getattr(r, attr)[r.pos // self.block_size] for r in rows), np.int64, len(rows))
+        return Tables(gather, array(self._writes(blocks, offsets, pool)), len(rows), width, self.block_size, table)
 
     def _window_tables(self, rows: Sequence[KVRow], tables: Tables) -> None:
         """Adds the windowed layers' narrower tables: from the block holding each
-        row's first visible position, `window_width` blocks."""
+        row's first visible position, `window_width` blocks (of the local pool, with one)."""
         bs, wb, window = self.block_size, self.window_width, self.window or 1
+        attr, pool = ("blocks", self.pool) if self.local is None else ("local", self.local)
         first = [max(0, r.pos - window + 1) // bs for r in rows]
-        key = (self._version, self.pool.capacity, tuple(id(r) for r in rows), tuple(first))
+        key = (self._version, pool.capacity, tuple(id(r) for r in rows), tuple(first))
         if self._window is None or self._window[0] != key:
             table = np.full((len(rows), wb), NULL_BLOCK, dtype=np.int32)
             for i, (r, f) in enumerate(zip(rows, first)):
-                part = r.blocks[f:f + wb]
+                part = getattr(r, attr)[f:f + wb]
                 table[i, :len(part)] = part
             start = np.asarray(first, dtype=np.int32) * bs
-            self._window = (key, array(self._gather_rows(table)), array(start))
+            self._window = (key, array(self._gather_rows(table, pool)), array(start))
         tables.window, tables.window_width = self.window, wb
         tables.window_rows, tables.window_start = self._window[1], self._window[2]
 
     def prefill_tables(self, rows: Sequence[KVRow], start: int, length: int, lengths: Sequence[int]) -> Tables:
         """The tables of a prefill pass writing positions [start, start + length) of
-        each row; row b's positions from `lengths[b]` on are padding (written to the null block)."""
-        bs = self.block_size
-        width = blocks_for(start + length, bs)
-        pos = np.arange(start, start + length)
-        blocks = np.full((len(rows), length), NULL_BLOCK, dtype=np.int64)
-        for i, r in enumerate(rows):
-            real = pos < lengths[i]
-            blocks[i, real] = np.asarray(r.blocks, dtype=np.int64)[pos[real] // bs]
-        offsets = np.broadcast_to(pos % bs, blocks.shape)
-        gather = self._gather_rows(_table(rows, width))
-        return Tables(array(gather), array(self._writes(blocks.reshape(-1), offsets.reshape(-1))), len(rows),
-                      width, bs)
+        each row; row b's positions from `lengths[b]` on are padding (written to the
+        null block). With a local pool the rows' local blocks are updated for it (`_cover`)."""
+        return self.extend_tables(rows, [start] * len(rows), length, lengths, blocks_for(start + length,
+                                                                                         self.block_size))
 
-    def _gather_rows(self, table: np.ndarray) -> np.ndarray:
+    def extend_width(self, end: int) -> int:
+        """Blocks an extend pass gathers per row to cover positions [0, end): rounded
+        up to the decode step's span step and to a quarter of the power of two below
+        (at most about 25% more), so the compiled pass is traced for few widths."""
+        need = blocks_for(end, self.block_size)
+        step = max(self.span_step, 1 << max(0, need.bit_length() - 3))
+        return -(-need // step) * step
+
+    def extend_tables(self, rows: Sequence[KVRow], starts: Sequence[int], width: int,
+                      lengths: Sequence[int], blocks_wide: int) -> Tables:
+        """The tables of a pass where row b writes `width` tokens at positions
+        starts[b] .. starts[b] + width - 1, those below lengths[b] (an end
+        position) into its blocks, the rest (padding) into the null block; each
+        row gathers `blocks_wide` blocks. A prefill pass (one start), and the
+        scheduler's compiled extend pass (padded; attended as a verify pass is,
+        with `verify_mask`; `extend_width`)."""
+        bs = self.block_size
+        pos = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(width)[None, :]
+        real = pos < np.asarray(lengths, dtype=np.int64)[:, None]
+        for r, s, end in zip(rows, starts, lengths):
+            if end > s:
+                self._cover(r, s, end)
+        offsets = (pos % bs).reshape(-1)
+        gather = self._gather_rows(_table(rows, blocks_wide))
+        tables = Tables(array(gather), array(self._writes(self._written(rows, pos, real, "blocks"), offsets)),
+                        len(rows), blocks_wide, bs)
+        if self.local is None:
+            return tables
+        return self._with_local(tables, rows, blocks_wide, self._written(rows, pos, real, "local"), offsets)
+
+    def _gather_rows(self, table: np.ndarray, pool: BlockPool | None = None) -> np.ndarray:
         """(2 * B * kv_heads * width,) pieces of the pool's (2 * blocks * kv_heads,
         block_size * head_dim) view, in (keys/values, row, head, entry) order."""
-        h, nb = self.pool.kv_heads, self.pool.capacity
+        pool = pool or self.pool
+        h, nb = pool.kv_heads, pool.capacity
         rows = (table[:, None, :].astype(np.int64) * h + np.arange(h)[None, :, None]).reshape(-1)
         return np.concatenate([rows, rows + nb * h]).astype(np.int32)
 
-    def _writes(self, blocks: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    def _writes(self, blocks: np.ndarray, offsets: np.ndarray, pool: BlockPool | None = None) -> np.ndarray:
         """(N * kv_heads,) slots of new tokens (block, offset) in the pool's
         (2, blocks * kv_heads * block_size, head_dim) view, token by token, head by head."""
-        h, bs = self.pool.kv_heads, self.block_size
+        h, bs = (pool or self.pool).kv_heads, self.block_size
         return ((blocks[:, None] * h + np.arange(h)[None, :]) * bs + offsets[:, None]).reshape(-1).astype(np.int32)
 
-    def adopt(self, row: KVRow, blocks: list[int]) -> None:
-        """The row's table is now `blocks` of this shard's pool (moved in from another shard)."""
+    # -- moving, resetting --------------------------------------------------------------
+    def room_for(self, rows: Sequence[KVRow]) -> bool:
+        """Whether this shard's pools can take copies of the rows' blocks (`copy_in`)."""
+        if sum(len(r.blocks) for r in rows) > self.pool.available():
+            return False
+        return self.local is None or sum(_held(r.local) for r in rows) <= self.local.available()
+
+    def copy_in(self, src: "ShardKV", row: KVRow) -> tuple[list[int], list[int] | None]:
+        """Copies a row's blocks from another shard's pools into fresh blocks of these
+        (see `room_for`); returns its new tables (`adopt` them once it left `src`)."""
+        blocks = copy_blocks(src.pool, self.pool, row.blocks)
+        if self.local is None:
+            return blocks, None
+        held = [b for b in row.local if b != NULL_BLOCK]
+        new = iter(copy_blocks(src.local, self.local, held))
+        return blocks, [NULL_BLOCK if b == NULL_BLOCK else next(new) for b in row.local]
+
+    def adopt(self, row: KVRow, blocks: list[int], local: list[int] | None = None) -> None:
+        """The row's table is now `blocks` of this shard's pool (moved in from another
+        shard; `local`: its table in the local pool)."""
         row.blocks = blocks
+        if local is not None:
+            row.local = local
         self._version += 1
 
     def forget_table(self) -> None:
         """Drops the last decode tables (device arrays)."""
-        self._table = self._window = None
+        self._tables = {}
+        self._window = None
 
     def close(self) -> None:
         self.forget_table()
-        self.pool.close()
+        for pool in self._pools():
+            pool.close()
 
     def reset(self) -> None:
-        """Empties the pool (its arrays could not be computed); no row may hold blocks."""
+        """Empties the pools (their arrays could not be computed); no row may hold blocks."""
         self.close()
         self._version += 1
 
 
-def _table(rows: Sequence[KVRow], width: int) -> np.ndarray:
+def _held(table: Sequence[int]) -> int:
+    return sum(1 for b in table if b != NULL_BLOCK)
+
+
+def _table(rows: Sequence[KVRow], width: int, attr: str = "blocks") -> np.ndarray:
+    """(B, width) int32: each row's table `attr` (`blocks` or `local`), padded with the null block."""
     table = np.full((len(rows), width), NULL_BLOCK, dtype=np.int32)
     for i, r in enumerate(rows):
-        n = min(len(r.blocks), width)
-        table[i, :n] = r.blocks[:n]
+        blocks = getattr(r, attr)
+        n = min(len(blocks), width)
+        table[i, :n] = blocks[:n]
     return table

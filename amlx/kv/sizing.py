@@ -64,8 +64,12 @@ def kv_cache_bytes(value: int | float | None, device: str) -> int:
     return int(device_memory(device) * float(fraction))
 
 
-def make_pools(model, options, shards: int) -> list[ShardKV]:
-    """One ShardKV per shard for `model` (a CausalLM) under resolved EngineOptions."""
+def make_pools(model, options, shards: int, split_windows: bool = False) -> list[ShardKV]:
+    """One ShardKV per shard for `model` (a CausalLM) under resolved EngineOptions.
+    `split_windows`: a model with sliding-window layers (one window size) and
+    full-attention ones keeps the windowed layers in a pool of their own, where
+    rows hold only the blocks their window sees (`ShardKV.local`). Both pools
+    get the same ceiling in blocks: together, what one pool of every layer had."""
     layout, dtype = model.kv_layout(), model.activation_dtype()
     bs = options.kv_block_size or DEFAULT_BLOCK_SIZE
     bits = options.kv_bits
@@ -75,5 +79,12 @@ def make_pools(model, options, shards: int) -> list[ShardKV]:
     span_step = max(1, options.kv_block // bs)
     windows = {w for w in model.windows() if w}
     window = windows.pop() if len(windows) == 1 else None  # (several sizes: every layer reads the full span)
-    return [ShardKV(BlockPool(layout, dtype, bs, blocks, prefix_cache=options.prefix_cache, bits=bits), span_step,
-                    window) for _ in range(shards)]
+    local = [w is not None for w in model.windows()]
+    if not (split_windows and window and any(local) and not all(local)):
+        return [ShardKV(BlockPool(layout, dtype, bs, blocks, prefix_cache=options.prefix_cache, bits=bits),
+                        span_step, window) for _ in range(shards)]
+    full = [shape for shape, w in zip(layout, local) if not w]
+    windowed = [shape for shape, w in zip(layout, local) if w]
+    return [ShardKV(BlockPool(full, dtype, bs, blocks, prefix_cache=options.prefix_cache, bits=bits), span_step,
+                    window, BlockPool(windowed, dtype, bs, blocks, prefix_cache=options.prefix_cache, bits=bits),
+                    local) for _ in range(shards)]
