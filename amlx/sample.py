@@ -12,10 +12,11 @@ anything back to the host. The pieces:
 - `make_keys`: per-row PRNG keys, (B, 2) uint32, from the requests' seeds.
 - `make_history`: the repetition-penalty history, a (B, V) bool presence mask.
 - `make_counts`: the presence/frequency-penalty counts, (B, V) int32.
-- `sample(logits, params, keys, history, counts)`: one step. Returns the
+- `sample(logits, params, keys, history, counts, masks=...)`: one step. Returns the
   tokens, their log-probabilities, the top log-probabilities, the advanced
   keys and the updated history and counts, all as device arrays
-  (`SampleOutput`).
+  (`SampleOutput`). `masks`: a constrained batch's packed token bitmasks,
+  applied inside the compiled step (amlx.constrain.apply).
 - `RowSampling` / `BatchSampling`: what the engine keeps per request (on the
   host) and per running batch (on the device), built on the above.
 
@@ -620,9 +621,10 @@ def _make_step(c: _Config):
     """The step function for one combination of host flags (all static)."""
 
     def step(logits, keys, rows, history, counts, masks):
-        raw = logits.astype(mx.float32)
         if c.masked:  # forbidden tokens at -inf first: everything below sees the constrained logits
-            raw = apply_token_mask(raw, masks)
+            raw = apply_token_mask(logits, masks, mx.float32)
+        else:
+            raw = logits.astype(mx.float32)
         x = _adjust(raw, c, rows, history, counts)
         greedy_tok = _ops.argmax(x, axis=-1) if c.greedy_on else None
         if c.sampling:

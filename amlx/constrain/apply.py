@@ -38,13 +38,29 @@ def token_mask(masks: Array, vocab: int) -> Array:
     return allowed if words * 32 == vocab else ops.slice(allowed, (0, 0), (b, vocab))
 
 
-def apply_token_mask(logits: Array, masks: Array) -> Array:
-    """`logits` (B, V) with every token a row's packed mask forbids at -inf (traceable).
+def apply_token_mask(logits: Array, masks: Array, dtype=None) -> Array:
+    """`logits` (B, V) with every token a row's packed mask forbids at -inf (traceable), cast
+    to `dtype` if given.
 
-    Allowed logits come out bit for bit as they went in (a select, no arithmetic), so a row
-    whose mask is all ones (an unconstrained row) samples exactly what it would alone."""
-    allowed = token_mask(masks, logits.shape[1])
-    return ops.where(allowed, logits, array(float("-inf"), logits.dtype))
+    Allowed logits come out bit for bit as they went in (a select, no arithmetic; the cast
+    after it), so a row whose mask is all ones (an unconstrained row) samples exactly what it
+    would alone. Where the mask's words cover the vocabulary exactly (V a multiple of 32, as
+    Qwen's, Llama's and Gemma's are), the select runs on the logits viewed as (B, words, 32),
+    so the unpacking, the select and the cast are one fused kernel under `compile`, reading
+    the logits once and writing the result once, with no (B, V) mask in between."""
+    b, v = logits.shape
+    words = masks.shape[1]
+    out_dtype = dtype or logits.dtype
+    if words * 32 != v:
+        x = ops.where(token_mask(masks, v), logits, array(float("-inf"), logits.dtype))
+        return x if dtype is None else ops.astype(x, dtype)
+    shifts = ops.reshape(ops.arange(0, 32, dtype=_int32), (1, 1, 32))
+    bits = ops.bitwise_and(ops.right_shift(ops.reshape(masks, (b, words, 1)), shifts), array(1, _int32))
+    x = ops.where(ops.not_equal(bits, array(0, _int32)), ops.reshape(logits, (b, words, 32)),
+                  array(float("-inf"), logits.dtype))
+    if dtype is not None:
+        x = ops.astype(x, out_dtype)
+    return ops.reshape(x, (b, v))
 
 
 def masked_logits(logits: Array, masks: np.ndarray | Array) -> Array:
