@@ -50,7 +50,6 @@ def apply_token_mask(logits: Array, masks: Array, dtype=None) -> Array:
     the logits once and writing the result once, with no (B, V) mask in between."""
     b, v = logits.shape
     words = masks.shape[1]
-    out_dtype = dtype or logits.dtype
     if words * 32 != v:
         x = ops.where(token_mask(masks, v), logits, array(float("-inf"), logits.dtype))
         return x if dtype is None else ops.astype(x, dtype)
@@ -59,7 +58,7 @@ def apply_token_mask(logits: Array, masks: Array, dtype=None) -> Array:
     x = ops.where(ops.not_equal(bits, array(0, _int32)), ops.reshape(logits, (b, words, 32)),
                   array(float("-inf"), logits.dtype))
     if dtype is not None:
-        x = ops.astype(x, out_dtype)
+        x = ops.astype(x, dtype)
     return ops.reshape(x, (b, v))
 
 
