@@ -228,6 +228,27 @@ def test_constrained_steps_in_either_order(fail_at, monkeypatch):
     assert {k: after[k] for k in both} == {k: before[k] for k in both}
 
 
+async def _timing_body() -> tuple[dict | None, dict]:
+    async with await amlx.load(checkpoint("qwen3")) as model:
+        results = [await model.complete("x", regex="[a-z]{12}", max_tokens=16),
+                   await model.complete("y", max_tokens=8)]
+        assert re.fullmatch("[a-z]{12}", results[0].text)
+        return model.stats().get("step_timing"), model.stats()
+
+
+def test_step_timing_is_reported_when_switched_on(monkeypatch):
+    """AMLX_STEP_TIMING=1 (read when the engine is built): stats() reports host seconds per
+    phase of the scheduler's rounds (constrained steps' phases among them); off, no key."""
+    monkeypatch.delenv("AMLX_STEP_TIMING", raising=False)
+    off, _ = anyio.run(_timing_body)
+    assert off is None
+    monkeypatch.setenv("AMLX_STEP_TIMING", "1")
+    on, stats = anyio.run(_timing_body)
+    assert on["decode_steps"] == stats["decode_steps"] > 0 and on["rounds"] >= on["decode_steps"]
+    assert {"wait", "emit", "masks", "build_sample", "launch_sample"} <= set(on["seconds"])
+    assert all(v >= 0 for v in on["seconds"].values())
+
+
 # ---------------------------------------------------------------------------------------------
 # how a constrained request ends, its log-probabilities, bad options
 
