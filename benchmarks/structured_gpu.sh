@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/structured_gpu.sh          # about 2-3 minutes
 #
+# (MODEL, MAX_TOKENS and MASK_STEPS override the defaults: qwen3-0.6b, 128, 50.)
+#
 # Writes $OUT/structured.json (+ .log): free and constrained tok/s, "ratio", and per side
 # host_ms_per_step: milliseconds per decode step in each phase of the engine's rounds
 # (AMLX_STEP_TIMING=1, amlx/engine/timing.py; "wait" is the host waiting for the device).
@@ -24,8 +26,9 @@ fi
 nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv,noheader || true
 uptime
 echo "== mask cost per sampling step"
-timeout -k 5 120 python3 benchmarks/mask_cost.py --out "$OUT/mask_cost.json" 2>&1 | tee "$OUT/mask_cost.log"
-echo "== benchmarks/structured.py (64 streams, qwen3-0.6b shape)"
-AMLX_STEP_TIMING=1 timeout -k 5 240 python3 benchmarks/structured.py --model qwen3-0.6b --streams 64 \
-  --max-tokens 128 --repeats 2 --out "$OUT/structured.json" 2>&1 | tee "$OUT/structured.log"
+timeout -k 5 120 python3 benchmarks/mask_cost.py --steps "${MASK_STEPS:-50}" --out "$OUT/mask_cost.json" 2>&1 \
+  | tee "$OUT/mask_cost.log"
+echo "== benchmarks/structured.py (64 streams, ${MODEL:-qwen3-0.6b} shape)"
+AMLX_STEP_TIMING=1 timeout -k 5 240 python3 benchmarks/structured.py --model "${MODEL:-qwen3-0.6b}" --streams 64 \
+  --max-tokens "${MAX_TOKENS:-128}" --repeats 2 --out "$OUT/structured.json" 2>&1 | tee "$OUT/structured.log"
 echo "structured.py ended with status ${PIPESTATUS[0]}"
