@@ -7,7 +7,9 @@
 #
 # (MODEL, MAX_TOKENS and MASK_STEPS override the defaults: qwen3-0.6b, 128, 50.)
 #
-# Writes $OUT/structured.json (+ .log): free and constrained tok/s, "ratio", and per side
+# Writes $OUT/structured.json (+ .log): free and constrained tok/s, "ratio" (the issue's
+# measure), "ratio_matched" (free streams stopped at their constrained twins' lengths: what
+# the constraints cost when a JSON closes early and the batch shrinks alike), and per side
 # host_ms_per_step: milliseconds per decode step in each phase of the engine's rounds
 # (AMLX_STEP_TIMING=1, amlx/engine/timing.py; "wait" is the host waiting for the device).
 # $OUT/mask_cost.json (+ .log): one sampling step of 64 x 151,936 logits, free / masks
