@@ -12,10 +12,11 @@ anything back to the host. The pieces:
 - `make_keys`: per-row PRNG keys, (B, 2) uint32, from the requests' seeds.
 - `make_history`: the repetition-penalty history, a (B, V) bool presence mask.
 - `make_counts`: the presence/frequency-penalty counts, (B, V) int32.
-- `sample(logits, params, keys, history, counts)`: one step. Returns the
+- `sample(logits, params, keys, history, counts, masks=...)`: one step. Returns the
   tokens, their log-probabilities, the top log-probabilities, the advanced
   keys and the updated history and counts, all as device arrays
-  (`SampleOutput`).
+  (`SampleOutput`). `masks`: a constrained batch's packed token bitmasks,
+  applied inside the compiled step (amlx.constrain.apply).
 - `RowSampling` / `BatchSampling`: what the engine keeps per request (on the
   host) and per running batch (on the device), built on the above.
 
@@ -75,7 +76,7 @@ import numpy as np
 
 from amlx import _mlx as mx
 from amlx._mlx import Array
-from amlx.constrain.apply import masked_logits
+from amlx.constrain.apply import apply_token_mask, check_mask_shape
 from amlx._mlx import ops as _ops
 
 if TYPE_CHECKING:
@@ -544,6 +545,7 @@ class _Config(NamedTuple):
     bias_on: bool
     logprobs_on: bool
     top_n: int
+    masked: bool = False  # a constrained batch: the step takes the rows' packed token masks
 
 
 def _adjust(raw: Array, c: _Config, rows: tuple, history: Array | None, counts: Array | None) -> Array:
@@ -618,8 +620,11 @@ def _count(counts: Array, tok: Array) -> Array:
 def _make_step(c: _Config):
     """The step function for one combination of host flags (all static)."""
 
-    def step(logits, keys, rows, history, counts):
-        raw = logits.astype(mx.float32)
+    def step(logits, keys, rows, history, counts, masks):
+        if c.masked:  # forbidden tokens at -inf first: everything below sees the constrained logits
+            raw = apply_token_mask(logits, masks, mx.float32)
+        else:
+            raw = logits.astype(mx.float32)
         x = _adjust(raw, c, rows, history, counts)
         greedy_tok = _ops.argmax(x, axis=-1) if c.greedy_on else None
         if c.sampling:
@@ -679,10 +684,12 @@ class SampleOutput(NamedTuple):
 
 
 def _check_shapes(logits: Array, params: BatchParams, keys: Array, history: Array | None,
-                  counts: Array | None) -> None:
+                  counts: Array | None, masks: Array | None = None) -> None:
     shape = logits.shape
     if len(shape) != 2:
         raise ValueError(f"logits must have shape (batch, vocab), got {shape}")
+    if masks is not None:
+        check_mask_shape(masks.shape, shape)
     b, vocab = shape
     if b != params.size:
         raise ValueError(f"logits have {b} rows but the BatchParams has {params.size}")
@@ -697,7 +704,7 @@ def _check_shapes(logits: Array, params: BatchParams, keys: Array, history: Arra
             raise ValueError(f"{name} must have shape ({b}, {vocab}), got {a.shape}")
 
 
-def _config(params: BatchParams, vocab: int, has_history: bool, has_counts: bool) -> _Config:
+def _config(params: BatchParams, vocab: int, has_history: bool, has_counts: bool, masked: bool = False) -> _Config:
     sampling = not params.all_greedy
     kmax = params.kmax(vocab) if sampling else 0
     top_p_on = sampling and params.any_top_p
@@ -709,12 +716,12 @@ def _config(params: BatchParams, vocab: int, has_history: bool, has_counts: bool
         kmode = "none"
     return _Config(sampling, params.any_greedy, kmode, kmax if kmode == "topk" else 0, top_p_on,
                    sampling and params.any_min_p, params.any_penalty, has_history, params.any_counts, has_counts,
-                   params.bias_width > 0, params.any_logprobs or params.top_n > 0, params.top_n)
+                   params.bias_width > 0, params.any_logprobs or params.top_n > 0, params.top_n, masked)
 
 
 def sample(logits: Array, params: BatchParams, keys: Array, history: Array | None = None,
            counts: Array | None = None, *, compile: bool = True,
-           steps: CompiledSteps | None = None) -> SampleOutput:
+           steps: CompiledSteps | None = None, masks: Array | None = None) -> SampleOutput:
     """Samples one token per row of `logits` (B, V), float32 or bfloat16.
 
     `params` holds row i's options; `keys` (B, 2) uint32 row i's PRNG key (see
@@ -737,10 +744,16 @@ def sample(logits: Array, params: BatchParams, keys: Array, history: Array | Non
     first use of a new graph runs the system C++ compiler for its fused
     kernels, seconds, then cached on disk by MLX; the compiled step is ~1.5x
     faster there than the eager one.) `steps`: the compiled steps' owner
-    (an engine's), else a process-wide table."""
-    _check_shapes(logits, params, keys, history, counts)
-    config = _config(params, logits.shape[1], history is not None, counts is not None)
-    args = (logits, keys, params.arrays(), history, counts)
+    (an engine's), else a process-wide table.
+
+    `masks`: a constrained batch's (B, words) int32 token bitmasks on the device (llguidance's
+    packing, amlx.constrain; an unconstrained row all ones). Forbidden tokens go to -inf
+    inside the compiled step, before anything else, so the penalties, temperature and the
+    filters act on the allowed tokens and the logprobs are those of the constrained
+    distribution. A masked step is a trace of its own: batches without masks do no mask work."""
+    _check_shapes(logits, params, keys, history, counts, masks)
+    config = _config(params, logits.shape[1], history is not None, counts is not None, masks is not None)
+    args = (logits, keys, params.arrays(), history, counts, masks)
     if not compile:
         return SampleOutput(*_make_step(config)(*args))
     return SampleOutput(*(steps or _SHARED_STEPS).get(config)(*args))
@@ -837,11 +850,15 @@ class BatchSampling:
         `masks`: the rows' token bitmasks when some row is constrained (amlx.constrain);
         forbidden tokens go to -inf before anything else, so penalties, temperature and
         the filters act on the allowed tokens, and logprobs / top_logprobs are those of
-        the constrained distribution. None (no constrained row) adds no work at all."""
+        the constrained distribution. The masks go to the device packed, in one upload, and
+        are applied inside the compiled step. None (no constrained row) adds no work at all."""
+        device_masks = None
         if masks is not None:
-            logits = masked_logits(logits, masks)
+            check_mask_shape(masks.shape, logits.shape)
+            device_masks = mx.array(np.ascontiguousarray(masks, dtype=np.int32))
         self.penalty_state(logits.shape[1])
-        out = sample(logits, self.params, self.keys, self.history, self.counts, steps=self._steps)
+        out = sample(logits, self.params, self.keys, self.history, self.counts, steps=self._steps,
+                     masks=device_masks)
         new = [out.keys, out.history, out.counts]
         if selected is not None and len(selected) < len(self.rows):
             mask = np.zeros((len(self.rows), 1), dtype=np.bool_)

@@ -133,6 +133,9 @@ class EngineStats(TypedDict):
     # models loaded with `draft` (speculative decoding): drafted_tokens, accepted_tokens, verified_rows,
     # acceptance_rate, accepted_per_verify (amlx.speculative.stats.SpeculativeCounters)
     speculative: NotRequired[dict[str, float]]
+    # with AMLX_STEP_TIMING=1 (a diagnostic): host seconds per phase of the scheduler's rounds,
+    # cumulative, with the rounds and decode steps they cover (amlx.engine.timing)
+    step_timing: NotRequired[dict[str, Any]]
 
 
 def _is_int(v: Any) -> bool:

@@ -226,6 +226,11 @@ MODELS["gemma3-27b"] = _gemma3_text(
 MODELS["qwen3-tiny"] = _qwen3_large(
     "(test shape)", hidden_size=256, intermediate_size=512, num_hidden_layers=2, max_window_layers=2,
     num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=False)
+# Qwen3's full 151,936-token vocabulary on a model too small to cost anything: per-step host
+# work (sampling, masks over the whole vocabulary) dominates, as it does on a GPU
+MODELS["qwen3-vocab"] = _qwen3_large(
+    "(test shape)", hidden_size=64, intermediate_size=128, num_hidden_layers=1, max_window_layers=1,
+    num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)
 MODELS["gemma3-tiny"] = _gemma3_text(
     "(test shape)", hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
     num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64, sliding_window=16, sliding_window_pattern=3)

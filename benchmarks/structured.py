@@ -5,10 +5,15 @@ model in one run.
     python benchmarks/structured.py [--model qwen3-0.6b] [--streams 64] [--max-tokens 128]
     python benchmarks/structured.py --small      # a CPU-sized random Qwen3 (709-token vocabulary)
 
-The schema's array of strings has no length limit, so a constrained stream runs to max_tokens
-like a free one (random weights emit gibberish; only the mask makes it JSON). Each side counts
-the tokens its streams actually produced (a free stream may meet EOS early) over the wall time
-from the first submit to the last token. Each measurement runs --repeats times; the best is kept.
+The schema's array of strings has no length limit, so a constrained stream may run to
+max_tokens like a free one (random weights emit gibberish; only the mask makes it JSON), but
+a stream may also close its JSON early, and then the batch runs on with fewer rows. Each side
+counts the tokens its streams actually produced (a free stream may meet EOS early) over the
+wall time from the first submit to the last token: "ratio" is constrained / free tok/s. A
+third side, "free_matched", runs the free streams again, each stopped at the length its
+constrained twin reached (max_tokens per stream), so that both sides decode the same tokens
+per stream and the batch shrinks alike: "ratio_matched" is what the constraints themselves
+cost. Each measurement runs --repeats times; the best is kept.
 """
 
 from __future__ import annotations
@@ -46,19 +51,34 @@ def _prompts(tokenizer, n: int, length: int, seed: int) -> list[list[int]]:
     return [[int(x) for x in rng.choice(ordinary, size=length)] for _ in range(n)]
 
 
-async def _run(model, prompts: list[list[int]], max_tokens: int, constrained: bool) -> tuple[int, float]:
-    """(tokens produced, seconds) for all prompts decoded concurrently."""
+async def _run(model, prompts: list[list[int]], max_tokens: int | list[int],
+               constrained: bool) -> tuple[list[int], float]:
+    """(tokens each stream produced, seconds) for all prompts decoded concurrently;
+    `max_tokens` one for all or one per prompt."""
     options = {"response_format": RESPONSE_FORMAT} if constrained else {}
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
 
-    async def one(prompt: list[int]) -> int:
-        result = await model.complete(prompt, max_tokens=max_tokens, **options)
+    async def one(prompt: list[int], limit: int) -> int:
+        result = await model.complete(prompt, max_tokens=limit, **options)
         if constrained and result.finish_reason == "stop":
             json.loads(result.text)  # a finished constrained stream is JSON
         return len(result.token_ids)
 
     t0 = time.perf_counter()
-    counts = await asyncio.gather(*(one(p) for p in prompts))
-    return sum(counts), time.perf_counter() - t0
+    counts = await asyncio.gather(*(one(p, n) for p, n in zip(prompts, limits)))
+    return list(counts), time.perf_counter() - t0
+
+
+def _phases(before: dict | None, after: dict | None) -> dict | None:
+    """Host milliseconds per decode step in each phase of the engine's rounds between two
+    `step_timing` snapshots (AMLX_STEP_TIMING=1; amlx/engine/timing.py), None when off."""
+    if not before or not after:
+        return None
+    steps = max(1, after["decode_steps"] - before["decode_steps"])
+    ms = {k: round(1000 * (v - before["seconds"].get(k, 0.0)) / steps, 3) for k, v in after["seconds"].items()
+          if v > before["seconds"].get(k, 0.0)}
+    return {"steps": steps, "rounds": after["rounds"] - before["rounds"], **ms,
+            "total": round(sum(v for v in ms.values()), 3)}
 
 
 def bench(path: Path, streams: int, max_tokens: int, repeats: int) -> dict:
@@ -68,17 +88,29 @@ def bench(path: Path, streams: int, max_tokens: int, repeats: int) -> dict:
     try:
         prompts = _prompts(model.tokenizer, streams, 32, seed=1)
         out: dict = {"streams": streams, "max_tokens": max_tokens}
-        for constrained in (False, True):
-            name = "constrained" if constrained else "free"
-            asyncio.run(_run(model, prompts[:4], 8, constrained))  # warm-up: compile the shapes, build the grammar
+        lengths: list[int] = []
+        for name in ("free", "constrained", "free_matched"):
+            constrained = name == "constrained"
+            limit = lengths if name == "free_matched" else max_tokens
+            # warm-up at the measured batch size: builds the grammar, traces the (masked) steps
+            asyncio.run(_run(model, prompts, 4, constrained))
             best = None
             for _ in range(repeats):
-                tokens, seconds = asyncio.run(_run(model, prompts, max_tokens, constrained))
-                if best is None or tokens / seconds > best[0] / best[1]:
-                    best = (tokens, seconds)
-            out[name] = {"tokens": best[0], "seconds": round(best[1], 3), "tok_s": round(best[0] / best[1], 1)}
+                before = model.stats().get("step_timing")
+                counts, seconds = asyncio.run(_run(model, prompts, limit, constrained))
+                phases = _phases(before, model.stats().get("step_timing"))
+                if best is None or sum(counts) / seconds > sum(best[0]) / best[1]:
+                    best = (counts, seconds, phases)
+            counts, seconds, phases = best
+            if constrained:
+                lengths = counts
+            out[name] = {"tokens": sum(counts), "seconds": round(seconds, 3), "tok_s": round(sum(counts) / seconds, 1),
+                         "stream_tokens_min_max": [min(counts), max(counts)]}
+            if phases is not None:
+                out[name]["host_ms_per_step"] = phases
             print(name, out[name], flush=True)
         out["ratio"] = round(out["constrained"]["tok_s"] / out["free"]["tok_s"], 3)
+        out["ratio_matched"] = round(out["constrained"]["tok_s"] / out["free_matched"]["tok_s"], 3)
         return out
     finally:
         model.close()

@@ -415,3 +415,68 @@ def test_masked_logits_shape_mismatch():
 
     with pytest.raises(ValueError, match="does not cover"):
         masked_logits(array(np.zeros((2, 65), np.float32)), np.full((2, 2), -1, np.int32))
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.integers(1, 4), vocab=st.integers(1, 130), seed=st.integers(0, 2**16))
+def test_token_mask_in_a_compiled_function_matches_numpy(rows, vocab, seed):
+    """The unpacking the compiled sampling step traces (padded words past the vocabulary cut off)."""
+    from amlx._mlx import array, transforms
+    from amlx.constrain.apply import token_mask
+
+    rng = np.random.default_rng(seed)
+    words = (vocab + 31) // 32 + int(rng.integers(0, 2))  # a mask may be wider than the logits
+    masks = rng.integers(-(2**31), 2**31, size=(rows, words), dtype=np.int64).astype(np.int32)
+    fn = transforms.compile(lambda m: token_mask(m, vocab))
+    got = fn(array(masks)).numpy()
+    np.testing.assert_array_equal(got, unpack_mask(masks, vocab))
+
+
+def _random_masks(rng, rows: int, vocab: int, free_rows=()) -> np.ndarray:
+    """Packed masks allowing a random ~third of the tokens (at least one) per row; rows in
+    `free_rows` allow everything (an unconstrained row beside constrained ones)."""
+    allowed = rng.random((rows, vocab)) < 0.3
+    allowed[np.arange(rows), rng.integers(0, vocab, size=rows)] = True
+    allowed[list(free_rows)] = True
+    padded = np.zeros((rows, (vocab + 31) // 32 * 32), dtype=bool)
+    padded[:, :vocab] = allowed
+    return np.packbits(padded, axis=1, bitorder="little").view(np.int32)
+
+
+@pytest.mark.parametrize("options", [
+    dict(),  # greedy
+    dict(temperature=0.8, top_p=0.9, logprobs=True, top_logprobs=3),
+    dict(temperature=1.2, top_k=5, repetition_penalty=1.3, presence_penalty=0.5, logprobs=True),
+    dict(temperature=0.7, min_p=0.05, logit_bias={3: 5.0, 7: -2.0}, frequency_penalty=0.4),
+])
+@pytest.mark.parametrize("compile", [True, False])
+@pytest.mark.parametrize("vocab", [97, 96])  # 96: whole mask words (the select on the packed layout)
+def test_sampling_with_masks_is_sampling_masked_logits(options, compile, vocab):
+    """The masks applied inside the (compiled) sampling step give the tokens, log-probabilities
+    and next keys of sampling the masked logits, every row from its allowed set; a row whose
+    mask is all ones samples exactly what it samples with no masks at all."""
+    from amlx._mlx import array, dtypes
+    from amlx.sample import BatchParams, SamplingParams, make_counts, make_history, make_keys, sample
+
+    rng = np.random.default_rng(5)
+    rows = 6
+    logits = array(rng.standard_normal((rows, vocab)).astype(np.float32) * 3).astype(dtypes.bfloat16)
+    params = BatchParams.build([SamplingParams(seed=i, **options) for i in range(rows)])
+    history = make_history([[1, 2, 3]] * rows, vocab) if params.any_penalty else None
+    counts = make_counts([[3, 3, 7]] * rows, vocab) if params.any_counts else None
+    keys = make_keys(list(range(rows)))
+    masks = _random_masks(rng, rows, vocab, free_rows=(0, 4))
+    for step in range(3):
+        got = sample(logits, params, keys, history, counts, compile=compile, masks=array(masks))
+        want = sample(masked_logits(logits, masks), params, keys, history, counts, compile=compile)
+        free = sample(logits, params, keys, history, counts, compile=compile)
+        for a, b in zip(got, want):
+            if a is not None:
+                np.testing.assert_array_equal(a.numpy(), b.numpy())
+        tokens = got.tokens.numpy()
+        assert unpack_mask(masks, vocab)[np.arange(rows), tokens].all()
+        for row in (0, 4):
+            assert tokens[row] == free.tokens.numpy()[row]
+            np.testing.assert_array_equal(got.logprobs.numpy()[row], free.logprobs.numpy()[row])
+        keys, history, counts = got.keys, got.history, got.counts
+        masks = _random_masks(rng, rows, vocab, free_rows=(0, 4))

@@ -153,6 +153,103 @@ def test_constrained_requests_match_beside_free_ones(arch, temperature):
 
 
 # ---------------------------------------------------------------------------------------------
+# the order of a constrained step: forward after reading step t, or before
+
+
+async def _order_body(fail_at: int | None = None) -> dict:
+    """A few constrained requests of each kind beside free ones in one batch: each request's
+    outcome (text and tokens, or its error). With `fail_at`, the matchers refuse the
+    `fail_at`-th token they are given (all matchers counted together), so one request fails
+    in the middle of a step's read."""
+    from amlx.constrain.matcher import Matcher
+
+    calls = {"n": 0}
+    consume = Matcher.consume
+
+    def refusing(self, token_id):
+        calls["n"] += 1
+        return False if calls["n"] == fail_at else consume(self, token_id)
+
+    Matcher.consume = refusing
+    try:
+        async with await amlx.load(checkpoint("qwen3"), max_batch_size=16) as model:
+            free_prompts = prompts(3, seed=11)
+            free_options = [dict(max_tokens=20, temperature=1.0, seed=50 + i) for i in range(3)]
+            alone = [(await model.complete(p, **o)).token_ids for p, o in zip(free_prompts, free_options)]
+            jobs = [(kind, p, dict(options, max_tokens=MAX_TOKENS, temperature=1.0, seed=i))
+                    for k, (kind, options) in enumerate(KINDS.items()) for i, p in enumerate(prompts(3, seed=20 + k))]
+            out: dict = {}
+
+            async def one(key, prompt, options):
+                try:
+                    out[key] = await model.complete(prompt, **options)
+                except amlx.AmlxError as e:
+                    out[key] = e
+
+            async with anyio.create_task_group() as tg:
+                for i, (_, prompt, options) in enumerate(jobs):
+                    tg.start_soon(one, i, prompt, options)
+                for i in range(3):
+                    tg.start_soon(one, ("free", i), free_prompts[i], free_options[i])
+            # the engine goes on after a failure
+            assert (await model.complete("z", choice=["up", "down"])).text in ("up", "down")
+    finally:
+        Matcher.consume = consume
+    for i in range(3):
+        assert out[("free", i)].token_ids == alone[i]
+    failed = [i for i, (kind, _, _) in enumerate(jobs) if isinstance(out[i], Exception)]
+    assert len(failed) == (fail_at is not None)
+    for i in failed:
+        assert "refused" in str(out[i])
+    for i, (kind, _, _) in enumerate(jobs):
+        if i not in failed:
+            assert out[i].finish_reason == "stop", (kind, out[i].text)
+            check(kind, out[i].text)
+    return {k: (v.token_ids if not isinstance(v, Exception) else "failed") for k, v in out.items()}
+
+
+@pytest.mark.parametrize("fail_at", [None, 40])
+def test_constrained_steps_in_either_order(fail_at, monkeypatch):
+    """Constrained shards launch their forwards after reading step t (a device that waits for
+    the host) or before it (a device that makes the host wait): the same tokens either way,
+    free rows as alone, and a request whose token is refused in the middle of a step's read
+    fails alone (in the read-first order its shard skips that step)."""
+    from amlx.engine.scheduler import Scheduler
+
+    order = {"first": False}
+    monkeypatch.setattr(Scheduler, "forward_first", property(lambda self: order["first"], lambda self, v: None),
+                        raising=False)
+    after = anyio.run(_order_body, fail_at)
+    order["first"] = True
+    before = anyio.run(_order_body, fail_at)
+    # (which request's token is the one refused depends on the order requests were admitted)
+    both = [k for k in after if after[k] != "failed" and before[k] != "failed"]
+    assert len(both) >= len(after) - 2
+    assert {k: after[k] for k in both} == {k: before[k] for k in both}
+
+
+async def _timing_body() -> tuple[dict | None, dict]:
+    async with await amlx.load(checkpoint("qwen3")) as model:
+        results = [await model.complete("x", regex="[a-z]{12}", max_tokens=16),
+                   await model.complete("y", max_tokens=8)]
+        assert re.fullmatch("[a-z]{12}", results[0].text)
+        return model.stats().get("step_timing"), model.stats()
+
+
+def test_step_timing_is_reported_when_switched_on(monkeypatch):
+    """AMLX_STEP_TIMING=1 (read when the engine is built): stats() reports host seconds per
+    phase of the scheduler's rounds (constrained steps' phases among them); off, no key."""
+    monkeypatch.delenv("AMLX_STEP_TIMING", raising=False)
+    off, _ = anyio.run(_timing_body)
+    assert off is None
+    monkeypatch.setenv("AMLX_STEP_TIMING", "1")
+    on, stats = anyio.run(_timing_body)
+    assert on["decode_steps"] == stats["decode_steps"] > 0 and on["rounds"] >= on["decode_steps"]
+    assert {"wait", "emit", "masks", "build_sample", "launch_sample"} <= set(on["seconds"])
+    assert all(v >= 0 for v in on["seconds"].values())
+
+
+# ---------------------------------------------------------------------------------------------
 # how a constrained request ends, its log-probabilities, bad options
 
 

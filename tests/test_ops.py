@@ -1483,3 +1483,18 @@ def test_every_op_is_covered():
     assert not missing, f"ops without a test here: {sorted(missing)}"
     fast_ops = {"rms_norm", "layer_norm", "rope", "scaled_dot_product_attention"}
     assert fast_ops <= COVERED
+
+
+def test_is_ready_says_whether_a_launched_value_is_computed():
+    """Array.is_ready never waits nor launches: a lazy result is not ready, a launched one is
+    once computed (ops.eval waits for it), a constant always is."""
+    from amlx._mlx import array, ops
+
+    a = array(np.arange(6, dtype=np.float32))
+    assert a.is_ready()
+    b = ops.add(a, a)
+    assert not b.is_ready() and not b.is_ready()  # (asking does not launch it)
+    ops.async_eval(b)
+    ops.eval(b)
+    assert b.is_ready()
+    np.testing.assert_array_equal(b.numpy(), 2 * np.arange(6, dtype=np.float32))

@@ -160,6 +160,11 @@ class Array:
     def nbytes(self) -> int:
         return lib.mlxc_array_nbytes(self.handle)
 
+    def is_ready(self) -> bool:
+        """Whether the array's value is computed: launched (`async_eval`) and finished.
+        Never waits and never launches anything (a lazy, unlaunched array is not ready)."""
+        return bool(lib.mlxc_array_is_ready(self.handle))
+
     def __len__(self) -> int:
         shape = self.shape
         if not shape:

@@ -8,7 +8,9 @@ or a Lark grammar, with llguidance (https://github.com/guidance-ai/llguidance) a
 - `Matcher` follows one request's tokens and says what may come next.
 - `MatcherFactory` makes an engine's matchers on a background thread (never on the event loop
   or the worker).
-- `masked_logits` applies a step's masks to its logits on the device, before sampling.
+- `masked_logits` applies a step's masks to its logits on the device, before sampling (the
+  engine's sampling step does the same inside its compiled graph: `amlx.sample.sample`'s
+  `masks`).
 """
 
 from amlx.constrain.apply import masked_logits

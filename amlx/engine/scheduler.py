@@ -41,6 +41,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -52,6 +53,7 @@ from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, d
 from amlx.engine.pools import ShardPools, extend_arrays, table_arrays
 from amlx.kv import PADDING_ROW, ShardKV, Tables, preemption_order, written
 from amlx.engine.rate import RateMeter
+from amlx.engine.timing import StepTiming, step_timing_enabled
 from amlx.engine.speculate import make_speculator
 from amlx.engine.request import Request
 from amlx.sample import BatchSampling, CompiledSteps, StepSample
@@ -63,6 +65,9 @@ PREFILL_CHUNK = GPU_PREFILL_CHUNK  # the largest default prefill chunk (EngineOp
 # "extend" pass where the options say so (EngineOptions.extend_pass; Scheduler._extend_pass).
 EXTEND_MAX = 256
 EXTEND_MIN = 16  # the smallest padded length of an extend pass (lengths go up in powers of two)
+# A read of step t that waited longer than this (seconds) for the device finds it the bottleneck:
+# constrained shards then launch their forwards before reading (Scheduler._step_constrained).
+DEVICE_BOUND_WAIT = 0.001
 
 
 @dataclass(eq=False)
@@ -114,6 +119,7 @@ class Scheduler:
         self.decode_steps = 0
         self.preemptions = 0  # rows taken out of the batch for want of KV blocks (recomputed later)
         self.rate = RateMeter()  # recent tokens per second of work (stats)
+        self.timing = StepTiming(step_timing_enabled())  # host time per phase (AMLX_STEP_TIMING=1)
         self._step_fn = transforms.compile(self._forward) if compile_step else None
         # the same step traced with the split twin's layers (a cache of its own)
         self._split_step_fn = transforms.compile(self._forward_split) if compile_step else None
@@ -125,6 +131,8 @@ class Scheduler:
         self.extend_max = EXTEND_MAX if self.options.extend_pass else 0
         self._sample_steps = CompiledSteps()  # traced on this engine's streams; closed with it
         self._inflight: _Step | None = None  # a decode step launched and not yet read
+        self._mask_thread: ThreadPoolExecutor | None = None  # computes constrained rows' masks (made on first use)
+        self.forward_first = False  # constrained shards launch their forwards before the read (_step_constrained)
         self._prepared = False  # the model's derived arrays are evaluated (see Module.prepare)
         model.use_decode_kernel(self.options.decode_kernel)
         # attention span step: small where decode attention reads the whole span (EngineOptions.kv_block)
@@ -238,17 +246,22 @@ class Scheduler:
             self.rate.add(self.tokens_generated - made, time.perf_counter() - start)
 
     def _round(self) -> None:
+        self.timing.begin()
         with self._lock:
             self.waiting.extend(self._incoming)
             self._incoming.clear()
         if self._inflight is not None and self._batch_will_change():
+            self.timing.lap("other")
             self._read(self._drain())
         self._drop_inactive()
         self._unpark()
         self._admit()
+        self.timing.lap("admit")
         if self.prefilling is not None:
             self._prefill_chunk(self.prefilling)
+            self.timing.lap("prefill")
         self._decode()
+        self.timing.lap("other")
 
     def _admit(self) -> None:
         """Starts prompt processing in arrival order. The head of the queue takes
@@ -520,11 +533,12 @@ class Scheduler:
         device busy: reading step t waits for its end, and a step launched only
         after that left the device idle while the host issued its kernels (on
         the GPU, about as long as the step's host time). Shards holding
-        constrained rows launch their forward first and sample later: see
-        `_sample_constrained`."""
+        constrained rows step after the read, their masks computed meanwhile:
+        see `_step_constrained`."""
         prev = self._inflight
         # (a speculative model reads every step before the next: drafts follow the tokens)
         if prev is not None and not (self._can_chain(prev) and self._blocks_fit() and self.speculator is None):
+            self.timing.lap("other")
             self._read(self._drain())
             self._drop_inactive()
             prev = None
@@ -549,23 +563,35 @@ class Scheduler:
         saved = [(shard, shard.sampling.snapshot()) for shard, _ in plan]
         # A lone row leaves the other cores idle: its matmuls are split over every stream.
         split = len(plan) == 1 and len(plan[0][0].rows) == 1
+        self.timing.lap("plan")
+        # a part per planned shard, in shard order (None: the shard takes no step this round)
+        parts: list[_Part | None] = [None] * len(plan)
+        constrained = [i for i, (shard, _) in enumerate(plan) if any(r.matcher is not None for r in shard.rows)]
+        # Constrained shards step after step t's read, or, where the device is the bottleneck
+        # (see `_step_constrained`), launch their forwards first, as the other shards do.
+        first = self.forward_first and prev is not None
         try:
-            parts = [self._build(shard, sel, chained.get(shard), split) for shard, sel in plan]
+            for i, (shard, sel) in enumerate(plan):
+                if i not in constrained or first:
+                    parts[i] = self._build(shard, sel, chained.get(shard), split)
+            self.timing.lap("build")
+            ok = self._launch([p for p in parts if p is not None])
         except MLXError:
-            parts = None
-        deferred = [p for p in parts or () if p.sample is None]
-        parts = self._launch(parts)
-        if prev is not None:
-            self._read(prev)
-        if parts is not None and deferred:
-            parts = self._launch(self._sample_constrained(deferred, parts))
-        if parts is None:
+            ok = False
+        self.timing.lap("launch")
+        waited = self._read(prev) if prev is not None else 0.0
+        if constrained and prev is not None and not first:
+            # step t still ran when it was read: the device, not the host, sets the pace
+            self.forward_first = waited > DEVICE_BOUND_WAIT
+        if ok and constrained:
+            ok = self._step_constrained(plan, constrained, parts, chained, split)
+        if not ok:
             for shard, snapshot in saved:
                 shard.sampling.rewind(snapshot)
             self._check_pools()
             self._isolate_failure()
             return
-        self._commit(_Step(parts))
+        self._commit(_Step([p for p in parts if p is not None]))
 
     def _verify_step(self) -> bool:
         """A speculative verify step for the whole batch when some row drafts
@@ -647,7 +673,7 @@ class Scheduler:
             if self.fault is not None:
                 logits = self._inject(logits, list(shard.rows), prev is not None)
         if any(r.matcher is not None for r in shard.rows):
-            # constrained rows need step t's tokens on the host for their masks: sampled later
+            # sampled once the step's masks are ready (`_step_constrained`)
             return _Part(shard, list(shard.rows), sel, None, [logits, *state], state, logits)
         # Sampling (a few small ops) stays on the home stream: its compiled
         # steps are cached process-wide per shape and stream, each keeping a few
@@ -656,39 +682,77 @@ class Scheduler:
         outputs = [*step.arrays(), *shard.sampling.state(), *state]
         return _Part(shard, list(shard.rows), sel, step, outputs, state)
 
-    def _launch(self, parts: list["_Part"] | None) -> list["_Part"] | None:
+    def _launch(self, parts: list["_Part"]) -> bool:
         """Launches what the parts have built so far (whole steps; the forwards of parts
-        whose sampling waits for masks), so the device runs them while the host reads
-        step t (and computes masks); None if that fails. Arrays launched before are
-        not computed again."""
-        if parts is None:
-            return None
+        whose sampling waits for masks), so the device runs them while the host goes
+        on; False if that fails. Arrays launched before are not computed again."""
         try:
             ops.async_eval(*[a for p in parts for a in p.outputs])
         except MLXError:
-            return None
-        return parts
+            return False
+        return True
 
-    def _sample_constrained(self, deferred: list["_Part"], parts: list["_Part"]) -> list["_Part"] | None:
-        """Samples the parts holding constrained rows, now that step t's tokens have advanced
-        their matchers: every mask of the step in one parallel llguidance call, then each
-        shard's sampling with its masks. None if building the sampling fails.
+    def _step_constrained(self, plan: list, indices: list[int], parts: list["_Part | None"],
+                          chained: dict, split: bool) -> bool:
+        """Steps the shards holding constrained rows (`plan[i]` for i in `indices`; their
+        parts go into `parts[i]`, where their forwards may already be), now that step t's
+        tokens have advanced the matchers. False if building or launching fails.
 
-        A shard holding constrained rows (amlx.constrain) cannot sample step t+1 before
-        step t's tokens are on the host: its forward is launched first (`_launch`),
-        then step t is read, the masks are computed while the device runs that forward,
-        and the masked sampling is launched after it. The cost is the time the masks take
-        beyond the forward (the device waits for them then), shared by the unconstrained
-        rows of such a shard; shards without constrained rows are unchanged."""
-        masks = step_masks([[r.matcher for r in p.rows] for p in deferred])
+        A constrained row's mask for step t+1 needs step t's token on the host, so such a
+        shard cannot sample before step t is read. Once it is, every mask of the step is
+        computed in one parallel llguidance call on the mask thread (the GIL released)
+        while this thread builds and launches the shards' forwards not yet launched (their
+        input tokens are step t's, chained on the device); then each shard's sampling takes
+        its masks, packed, in one upload, and applies them inside the compiled sampling
+        step. So the masks cost the step only the time they take beyond issuing the
+        forward (or, where the forward went first, beyond computing it). A shard not yet
+        built where a row failed during the read (its blocks are gone) takes no step this
+        round: the next round drains the batch and steps it without that row.
+
+        Which order: where the host sets the pace (a small model on a GPU), the device has
+        finished step t by the time it is read, and issuing the forward after the read
+        hides the masks behind it. Where the device does (a large model, the CPU), reading
+        first would leave it idle from the end of step t until the forward is issued: the
+        forwards go first (`_decode`), and the masks hide behind computing them instead.
+        The scheduler switches to forward-first when a read waited for the device longer
+        than DEVICE_BOUND_WAIT, and back when, forward first, the forward was computed
+        before its sampling was launched (the device waited for the masks)."""
+        indices = [i for i in indices if parts[i] is not None or all(r.blocks for r in plan[i][0].rows)]
+        if not indices:
+            return True
+        groups = [[r.matcher for r in plan[i][0].rows] for i in indices]
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amlx-masks")
+        pending = self._mask_thread.submit(step_masks, groups)
         try:
-            for part, mask in zip(deferred, masks):
+            todo = [i for i in indices if parts[i] is None]
+            for i in todo:
+                shard, sel = plan[i]
+                parts[i] = self._build(shard, sel, chained.get(shard), split)
+            self.timing.lap("build_constrained")
+            ok = self._launch([parts[i] for i in todo])
+        except MLXError:
+            ok = False
+        finally:
+            self.timing.lap("launch_constrained")
+            masks = pending.result()  # (always waited for: the matchers are this thread's again)
+            self.timing.lap("masks")
+        if not ok:
+            return False
+        if len(todo) < len(indices):  # forward first: if it is computed already, the device waits for the masks
+            self.forward_first = not all(parts[i].logits.is_ready() for i in indices if i not in todo)
+        try:
+            for i, mask in zip(indices, masks):
+                part = parts[i]
                 part.sample = part.shard.sampling(part.logits, part.selected, masks=mask)
                 part.outputs += [*part.sample.arrays(), *part.shard.sampling.state()]
                 part.logits = None
         except MLXError:
-            return None
-        return parts
+            return False
+        self.timing.lap("build_sample")
+        ok = self._launch([parts[i] for i in indices])
+        self.timing.lap("launch_sample")
+        return ok
 
     def _commit(self, step: "_Step") -> None:
         """A launched step becomes the batch's state: the rows' positions (the
@@ -710,14 +774,21 @@ class Scheduler:
         step, self._inflight = self._inflight, None
         return step
 
-    def _read(self, step: "_Step") -> None:
-        """Hands a launched step's tokens to their requests (waits for the device)."""
+    def _read(self, step: "_Step") -> float:
+        """Hands a launched step's tokens to their requests (waits for the device);
+        returns the seconds it waited."""
+        waited = 0.0
         for part in step.parts:
+            start = time.perf_counter()
             ids, lps, tops = part.sample.read()
+            waited += time.perf_counter() - start
+            self.timing.lap("wait")
             for i in part.selected:
                 req = part.rows[i]
                 if req.active:  # a row that finished or was cancelled meanwhile: its token is dropped
                     self._emit(req, int(ids[i]), float(lps[i]), None if tops is None else tops[i])
+            self.timing.lap("emit")
+        return waited
 
     def _forward(self, tokens: Array, positions: Array, tabs: list[Array],
                  pools: list[Array]) -> tuple[Array, list[Array]]:
@@ -963,6 +1034,9 @@ class Scheduler:
                 fn.close()
             self._step_fn = self._split_step_fn = self._extend_fn = self._split_extend_fn = None
         self._sample_steps.close()
+        if self._mask_thread is not None:
+            self._mask_thread.shutdown(wait=False)
+            self._mask_thread = None
         if self.speculator is not None:
             self.speculator.close()
 

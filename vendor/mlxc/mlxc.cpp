@@ -351,6 +351,11 @@ int mlxc_async_eval(const mlxc_array* arrays, size_t n) {
   GUARD_END
 }
 
+int mlxc_array_is_ready(mlxc_array a) {
+  // An unscheduled array is not ready; a launched one is once its event has fired.
+  return a->a.status() != mx::array::Status::unscheduled && a->a.is_available() ? 1 : 0;
+}
+
 int mlxc_array_copy_out(mlxc_array a, void* dst, size_t nbytes) {
   GUARD_BEGIN
   if (nbytes != a->a.nbytes()) {

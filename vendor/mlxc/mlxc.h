@@ -125,6 +125,8 @@ size_t mlxc_dtype_size(int dtype);
  * order, whatever its layout (transposed, broadcast, strided views). */
 int mlxc_eval(const mlxc_array* arrays, size_t n);
 int mlxc_async_eval(const mlxc_array* arrays, size_t n);
+/* 1 if the array's value is computed (launched work finished), else 0; never waits. */
+int mlxc_array_is_ready(mlxc_array a);
 /* Diagnostics: the not yet computed part of the graph behind `arrays`, as
  * "Name count" lines (one per primitive kind, most frequent first) into buf,
  * with the total number of nodes in *nodes. */
