@@ -7,6 +7,10 @@
 #   BUDGET=470 bash benchmarks/run_gpu.sh bigspeed   # 4B-27B, bf16 and 4-bit, % of bandwidth (bigspeed.py),
 #                                        # all within BUDGET seconds; MODELS="qwen3-8b qwen3-8b-4bit" picks
 #   bash benchmarks/run_gpu.sh first     # first-request latency of a 4-bit model, with and without warm-up
+#   bash benchmarks/run_gpu.sh spec-cost    # speculative decoding: k draft steps + verify vs k+1 plain steps
+#   bash benchmarks/run_gpu.sh spec-draft   # end to end: qwen3-8b with its 4-bit copy as draft, amlx vs mlx-lm
+#   bash benchmarks/run_gpu.sh spec-lookup  # end to end: prompt lookup on a model fine-tuned to copy
+#   (each spec-* part is one call of about 4 minutes; the checkpoints stay in /tmp/amlx-spec for the next)
 # bigspeed and first keep MLX's compiled kernels between calls: a carried .gpu/ptx.tgz is unpacked
 # into MLX_PTX_CACHE_DIR first, and the cache goes back as $OUT/ptx.tgz (copy it to .gpu/ptx.tgz here).
 set -euo pipefail
@@ -42,4 +46,15 @@ case "${1:-speed}" in
     timeout -k 10 ${BUDGET:-540} python3 benchmarks/first_request.py --out "$OUT" --model "${MODEL:-gemma3-4b-4bit}" \
       --timeout $(( ${BUDGET:-540} - 30 )) || echo "first_request.py ended with status $?"
     cat "$OUT/first_request.md" 2>/dev/null || echo "no first_request.md was written" ;;
+  spec-cost)
+    timeout -k 10 ${BUDGET:-290} python3 benchmarks/speculative_cost.py --root /tmp/amlx-spec \
+      --out "$OUT/speculative_cost.json" | tee "$OUT/speculative_cost.txt" || echo "speculative_cost.py ended with status $?" ;;
+  spec-draft)
+    restore_ptx
+    timeout -k 10 $(( ${BUDGET:-240} + 50 )) python3 benchmarks/speculative.py draft --out "$OUT" --root /tmp/amlx-spec \
+      --budget ${BUDGET:-240} ${SPEC_ARGS:-} || echo "speculative.py ended with status $?"
+    save_ptx ;;
+  spec-lookup)
+    timeout -k 10 ${BUDGET:-290} python3 benchmarks/speculative.py lookup --out "$OUT" --root /tmp/amlx-spec \
+      ${SPEC_ARGS:-} || echo "speculative.py ended with status $?" ;;
 esac

@@ -20,6 +20,8 @@ parameter of the table, not a measurement.
 
     python benchmarks/speculative_cost.py [--target qwen3-8b] [--draft qwen3-0.6b] [--batch 1,8,32]
     python benchmarks/speculative_cost.py --small        # tiny shapes, for a CPU
+    (--root DIR keeps the checkpoints there and reuses them: benchmarks/speculative.py's draft
+    part writes the same qwen3-8b into /tmp/amlx-spec)
 """
 
 from __future__ import annotations
@@ -173,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--small", action="store_true", help="tiny shapes and few steps: the whole script on a CPU")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as json here")
+    ap.add_argument("--root", type=Path, default=None,
+                    help="keep the checkpoints in this directory (reused when there; default: a temporary one)")
     args = ap.parse_args(argv)
     if args.small:
         args.target, args.draft, args.batch, args.context, args.max_k, args.steps = (
@@ -180,8 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     from amlx.models import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        target = load_model(write_benchmark_checkpoint(Path(tmp) / "target", args.target)).model
-        draft = load_model(write_benchmark_checkpoint(Path(tmp) / "draft", args.draft, seed=1)).model
+        root = Path(tmp) if args.root is None else args.root
+        paths = []
+        for name, where, seed in ((args.target, root / args.target, 0), (args.draft, root / f"{args.draft}-seed1", 1)):
+            if not (where / "config.json").exists():
+                write_benchmark_checkpoint(where, name, seed=seed)
+            paths.append(where)
+        target = load_model(paths[0]).model
+        draft = load_model(paths[1]).model
         results = [measure(target, draft, int(b), args.context, args.max_k, args.steps)
                    for b in args.batch.split(",")]
         target.close()

@@ -1,0 +1,554 @@
+"""Speculative decoding end to end (issue 17): single-stream greedy decode through the public
+API, `amlx.load(path, draft=..., num_draft_tokens=k)`, against the same model without a draft,
+and against mlx-lm's speculative decoding on the same pair.
+
+Two parts, each one call (about 4 minutes or less on an H200):
+
+  draft   the target's own 4-bit copy as its draft. The target is a random-weight Qwen3-8B
+          (bf16, benchmarks/checkpoints.py); the draft is made from it by `amlx convert -q 4`,
+          so it agrees with the target as far as 4-bit rounding lets it (random weights: the
+          acceptance is whatever it is, and is reported). Four ways to decode the same prompt,
+          runs alternating, best of --repeats each: amlx plain, amlx with the draft, mlx-lm
+          plain (`stream_generate`), mlx-lm with the draft (`stream_generate(draft_model=...,
+          num_draft_tokens=k)`). Each side runs in a process of its own holding its models
+          (amlx: the target alone and the target with the draft, two engines; mlx-lm: target
+          and draft), driven over a pipe.
+  lookup  prompt lookup (`draft="prompt_lookup"`) on a task that copies its input: the
+          embedded demo model (amlx/embedded, a 0.9M-parameter Qwen3 amlx trained) fine-tuned
+          here by amlx (`Model.train`, full fine-tuning) to answer "Repeat this text:\\n<P>"
+          with P (P: corpus sentences in random order; half the training records are the
+          benchmark's own passages, which it learns by heart, half fresh ones), then decoded
+          plain against prompt lookup at k = 4 and 8, alternating, best of --repeats; how well
+          it copies passages it never saw is reported beside. mlx-lm has no prompt lookup.
+
+Reported per mode: decode tok/s (first to last token, single stream), the speedup over the
+same side's plain decode, tokens from drafts, acceptance (accepted / drafted; mlx-lm does not
+report drafted tokens, so its acceptance is estimated as from_draft / (k x verify rounds),
+a round being a token that did not come from the draft), and whether the greedy output equals
+the plain run's (it must for amlx). The lookup part also reports how much of the passage the
+model reproduced (its copy fidelity), so acceptance can be read against it.
+
+    python benchmarks/speculative.py draft  --out OUT [--target qwen3-8b] [--k 4] [--tokens 256]
+    python benchmarks/speculative.py lookup --out OUT [--train-steps 400]
+    python benchmarks/speculative.py draft --small --out /tmp/spec    # tiny shapes, for a CPU
+    python benchmarks/speculative.py lookup --small --out /tmp/spec
+
+Writes OUT/speculative_<part>.json and .md after every round of runs (what was measured is kept
+if the budget runs out), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+from checkpoints import write_benchmark_checkpoint  # noqa: E402
+
+KV_MEMORY = 2 << 30  # bytes per engine: a few hundred positions of one stream need far less
+
+
+def _meta() -> dict:
+    from importlib import metadata
+
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "platform": platform.platform(),
+            "python": sys.version.split()[0]}
+    for dist in ("mlx", "mlx-cuda-13", "mlx-cpu", "mlx-lm"):
+        try:
+            meta[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return meta
+
+
+def _timing(times: list[float], ids: list[int]) -> dict:
+    """Decode rate between the first and the last token (prefill excluded), and overall."""
+    n = len(ids)
+    decode = (n - 1) / (times[-1] - times[1]) if n > 1 and times[-1] > times[1] else 0.0
+    return {"tokens": n, "ttft_s": times[1] - times[0] if n else None, "decode_tps": decode,
+            "total_s": times[-1] - times[0], "ids": ids}
+
+
+# -- the children: models held in a process of their own, commands as JSON lines --------
+
+def _amlx_side(target: str, draft: str, ks: list[int]):
+    import amlx
+
+    t0 = time.perf_counter()
+    models = {"plain": amlx.load_sync(target, max_batch_size=8, kv_cache_memory=KV_MEMORY)}
+    for k in ks:
+        models[f"spec{k}"] = amlx.load_sync(target, max_batch_size=8, kv_cache_memory=KV_MEMORY, draft=draft,
+                                            num_draft_tokens=k)
+    ready = {"load_s": time.perf_counter() - t0}
+
+    def run(mode: str, prompt: list[int], tokens: int) -> dict:
+        return amlx_run(models[mode], prompt, tokens)
+
+    def close() -> None:
+        for m in models.values():
+            m.close()
+    return ready, run, close
+
+
+def amlx_run(model, prompt, tokens: int) -> dict:
+    """One greedy generation; with a draft, the drafted and accepted tokens it added to stats()."""
+    before = model.stats().get("speculative") or {}
+    times, ids = [time.perf_counter()], []
+    for tok in model.generate_sync(prompt, max_tokens=tokens, temperature=0.0):
+        times.append(time.perf_counter())
+        ids.append(tok.id)
+    res = _timing(times, ids)
+    after = model.stats().get("speculative")
+    if after:
+        for key in ("drafted_tokens", "accepted_tokens", "verified_rows"):
+            res[key] = after[key] - before.get(key, 0)
+        res["from_draft"] = res["accepted_tokens"]
+    return res
+
+
+def _mlx_lm_side(target: str, draft: str, ks: list[int]):
+    from mlx_lm import load, stream_generate
+
+    t0 = time.perf_counter()
+    model, tokenizer = load(target)
+    draft_model, _ = load(draft)
+    ready = {"load_s": time.perf_counter() - t0}
+
+    def run(mode: str, prompt: list[int], tokens: int) -> dict:
+        kw = {} if mode == "plain" else {"draft_model": draft_model, "num_draft_tokens": int(mode[4:])}
+        times, ids, from_draft = [time.perf_counter()], [], 0
+        for r in stream_generate(model, tokenizer, prompt, max_tokens=tokens, **kw):
+            times.append(time.perf_counter())
+            ids.append(int(r.token))
+            from_draft += bool(r.from_draft)
+        res = _timing(times, ids)
+        if kw:
+            rounds = len(ids) - from_draft  # each verify round emits one token of the target's own
+            res["from_draft"] = from_draft
+            res["drafted_tokens"] = rounds * kw["num_draft_tokens"]  # an estimate: see the docstring
+            res["accepted_tokens"] = from_draft
+        return res
+    return ready, run, lambda: None
+
+
+def child(side: str, target: str, draft: str, ks: list[int]) -> int:
+    """Serves one side: prints READY, then one RESULT line per command."""
+    out = sys.stdout
+    sys.stdout = sys.stderr  # libraries' prints go to the log, not the pipe
+    ready, run, close = (_amlx_side if side == "amlx" else _mlx_lm_side)(target, draft, ks)
+    print("READY " + json.dumps(ready), file=out, flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "quit":
+            break
+        res = run(cmd["mode"], cmd["prompt"], cmd["tokens"])
+        print("RESULT " + json.dumps(res), file=out, flush=True)
+    close()
+    return 0
+
+
+class Child:
+    """A child process serving one side; every wait ends by `deadline` (time.monotonic)."""
+
+    def __init__(self, side: str, target: Path, draft: Path, ks: list[int]):
+        self.side = side
+        # no load-time warm-up of quantized kernels: precompile() filled the kernel cache
+        env = dict(os.environ, AMLX_WARMUP="0")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--child", side, "--target", str(target),
+             "--draft", str(draft), "--k", ",".join(map(str, ks))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, tag: str, deadline: float) -> dict:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.side}: no {tag} before the deadline")
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise RuntimeError(f"{self.side} exited (status {self.proc.wait()}) before {tag}")
+            if line.startswith(tag + " "):
+                return json.loads(line[len(tag) + 1:])
+
+    def ask(self, deadline: float, **cmd) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self.wait_for("RESULT", deadline)
+
+    def stop(self) -> None:
+        try:
+            if self.proc.poll() is None and self.proc.stdin is not None:
+                self.proc.stdin.write('{"op": "quit"}\n')
+                self.proc.stdin.flush()
+            self.proc.wait(timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- shared bookkeeping ---------------------------------------------------------------
+
+def _record(results: dict, side: str, mode: str, r: dict) -> None:
+    """Keeps the best run (decode tok/s) of (side, mode), and every run's output for the checks."""
+    slot = results.setdefault(side, {}).setdefault(mode, {"runs": 0, "outputs_differ": False})
+    ids = r.pop("ids")
+    if "ids" in slot and slot["ids"] != ids:
+        slot["outputs_differ"] = True  # greedy runs of one mode must repeat exactly
+    slot["ids"] = ids
+    slot["runs"] += 1
+    if "best" not in slot or r["decode_tps"] > slot["best"]["decode_tps"]:
+        slot["best"] = r
+
+
+def _summary(results: dict, extra=None) -> list[dict]:
+    """One row per (side, mode): best decode tok/s, speedup over the side's plain mode,
+    acceptance, and whether the output equals the plain one."""
+    rows = []
+    for side, modes in results.items():
+        plain = modes.get("plain")
+        for mode, slot in modes.items():
+            if "best" not in slot:
+                continue
+            b = slot["best"]
+            row = {"side": side, "mode": mode, "decode_tps": round(b["decode_tps"], 1), "tokens": b["tokens"],
+                   "ttft_ms": round(1e3 * b["ttft_s"], 1) if b.get("ttft_s") is not None else None,
+                   "runs": slot["runs"], "repeatable": not slot["outputs_differ"]}
+            if plain and "best" in plain and plain["best"]["decode_tps"]:
+                row["speedup"] = round(b["decode_tps"] / plain["best"]["decode_tps"], 3)
+                n = min(len(plain["ids"]), len(slot["ids"]))
+                row["equals_plain"] = plain["ids"] == slot["ids"]
+                row["same_prefix"] = next((i for i in range(n) if plain["ids"][i] != slot["ids"][i]), n)
+            if "drafted_tokens" in b:
+                row["drafted"] = b["drafted_tokens"]
+                row["accepted"] = b["accepted_tokens"]
+                drafted = b["drafted_tokens"]
+                row["acceptance"] = round(b["accepted_tokens"] / drafted, 3) if drafted else None
+                row["from_draft_share"] = round(b["from_draft"] / b["tokens"], 3) if b["tokens"] else None
+            if extra:
+                row.update(extra(side, mode, slot))
+            rows.append(row)
+    return rows
+
+
+def _markdown(title: str, rows: list[dict], notes: list[str], cols: list[tuple[str, str]]) -> str:
+    lines = [f"## {title}", "", "| " + " | ".join(h for _, h in cols) + " |",
+             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(cols))) + "|"]
+    for r in rows:
+        cells = []
+        for key, _ in cols:
+            v = r.get(key)
+            plain_float = key in ("decode_tps", "ttft_ms")
+            cells.append("–" if v is None else (f"{v:.3f}" if isinstance(v, float) and not plain_float else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+COLS = [("side", "side"), ("mode", "mode"), ("decode_tps", "decode tok/s"), ("speedup", "vs plain"),
+        ("acceptance", "acceptance"), ("from_draft_share", "tokens from drafts"), ("equals_plain", "= plain"),
+        ("same_prefix", "same prefix"), ("tokens", "tokens"), ("ttft_ms", "TTFT ms"), ("runs", "runs")]
+
+
+def _save(out: Path, part: str, payload: dict, md: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"speculative_{part}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    (out / f"speculative_{part}.md").write_text(md)
+
+
+# -- part 1: the target's 4-bit copy as its draft ---------------------------------------
+
+def _gpu() -> bool:
+    """Whether MLX sees a GPU, asked in a child (the parent holds no MLX state)."""
+    probe = "import sys; from amlx._mlx import device; sys.exit(0 if device.gpu_available() else 1)"
+    try:
+        return subprocess.run([sys.executable, "-c", probe], timeout=120, cwd=ROOT).returncode == 0
+    except (subprocess.TimeoutExpired, OSError):
+        return False
+
+
+def precompile(bits: int, group: int, hidden: int, timeout: float) -> list[subprocess.Popen]:
+    """MLX's multi-row quantized-matmul variants (one per row tile), compiled side by side in
+    child processes into the on-disk kernel cache both sides then read (20-50 s each on an
+    H200, the first time on a machine). Started here, waited for by the caller."""
+    return [subprocess.Popen([sys.executable, "-m", "amlx.models.warmup", "bfloat16", str(bits), str(group),
+                              str(rows), str(hidden), str(hidden)], stdout=sys.stderr, cwd=ROOT)
+            for rows in (2, 17, 33, 65, 129)]
+
+
+def part_draft(args) -> dict:
+    began = time.monotonic()
+    deadline = began + args.budget
+    notes: list[str] = []
+    root = args.root
+    root.mkdir(parents=True, exist_ok=True)
+    target, draft = root / args.target, root / f"{args.target}-q4-copy"
+    t0 = time.perf_counter()
+    if not (target / "config.json").exists():
+        write_benchmark_checkpoint(target, args.target)
+        notes.append(f"target {args.target} written in {time.perf_counter() - t0:.0f} s")
+    procs = []
+    if not args.small and _gpu():
+        cfg = json.loads((target / "config.json").read_text())
+        procs = precompile(4, 64, cfg["hidden_size"], deadline - time.monotonic())
+    t0 = time.perf_counter()
+    if not (draft / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "amlx", "convert", str(target), str(draft), "-q", "4"], check=True,
+                       cwd=ROOT, stdout=sys.stderr, timeout=max(1.0, deadline - time.monotonic()))
+        notes.append(f"draft: `amlx convert {args.target} -q 4` in {time.perf_counter() - t0:.0f} s")
+    t0 = time.perf_counter()
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, min(300.0, deadline - time.monotonic() - 60)))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if procs:
+        notes.append(f"quantized-matmul kernels compiled side by side, {time.perf_counter() - t0:.0f} s "
+                     f"after the convert")
+    print("== checkpoints ready", *notes, sep="\n   ", flush=True)
+
+    ks = [int(k) for k in args.k.split(",")]
+    sides = ["amlx"] if args.no_mlx_lm else ["amlx", "mlx_lm"]
+    modes = ["plain"] + [f"spec{k}" for k in ks]
+    import numpy as np
+
+    prompt = np.random.default_rng(1).integers(1000, 30000, size=args.prompt).tolist()
+    results: dict = {}
+    payload = {"meta": _meta(), "args": {k: str(v) for k, v in vars(args).items()}, "notes": notes,
+               "results": results}
+
+    def save() -> str:
+        payload["rows"] = _summary(results)
+        md = _markdown(f"Speculative decoding, {args.target} bf16 with its 4-bit copy as draft "
+                       f"(single stream, greedy, {args.prompt}-token prompt, {args.tokens} tokens)",
+                       payload["rows"], notes, COLS)
+        _save(args.out, "draft", payload, md)
+        return md
+
+    children = [Child(side, target, draft, ks) for side in sides]
+    try:
+        for c in children:
+            payload.setdefault("load", {})[c.side] = c.wait_for("READY", deadline)
+        for c in children:  # untimed: traces, compiles, fills kernel caches
+            for mode in modes:
+                c.ask(deadline, op="run", mode=mode, prompt=prompt, tokens=args.tokens)
+        for rep in range(args.repeats):
+            for mode in modes:
+                for c in children:  # alternating, run by run
+                    _record(results, c.side, mode, c.ask(deadline, op="run", mode=mode, prompt=prompt,
+                                                         tokens=args.tokens))
+            save()
+            print(f"== round {rep + 1} of {args.repeats} done, {time.monotonic() - began:.0f} s", flush=True)
+    except (TimeoutError, RuntimeError) as exc:
+        notes.append(f"stopped early: {exc}")
+    finally:
+        for c in children:
+            c.stop()
+    print(save())
+    return payload
+
+
+# -- part 2: prompt lookup on a model fine-tuned to copy ------------------------------------
+
+def _sentences() -> list[str]:
+    rows = [json.loads(line) for line in (ROOT / "scripts" / "demo_corpus.jsonl").read_text().splitlines()
+            if line.strip()]
+    found = {s.strip() for r in rows for m in r["messages"] if m["role"] == "assistant"
+             for s in re.split(r"(?<=[.!?])\s+", m["content"])}
+    return sorted(s for s in found if len(s) > 10)
+
+
+def copy_records(n: int, seed: int, lo: int, hi: int) -> list[dict]:
+    """Chat records: "Repeat this text:\\n<P>" -> P, P a random run of lo..hi corpus sentences."""
+    sents, rng = _sentences(), random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = " ".join(rng.sample(sents, rng.randint(lo, hi)))
+        out.append({"messages": [{"role": "user", "content": "Repeat this text:\n" + p},
+                                 {"role": "assistant", "content": p}]})
+    return out
+
+
+def train_copy_model(dst: Path, steps: int, batch: int, device: str, fixed: list[dict]) -> dict:
+    """Fine-tunes the embedded demo model to repeat its input (all weights, AdamW, cosine):
+    half the records are `fixed` (the benchmark's passages, learned by heart: a model this
+    small learns to copy unseen text only after far more steps than a benchmark call has),
+    half fresh random passages."""
+    import asyncio
+
+    import amlx
+    from amlx.demo import default_model_dir
+
+    fresh = copy_records(steps * batch, seed=0, lo=3, hi=12)
+    data = [fixed[i % len(fixed)] if i % 2 else fresh[i] for i in range(steps * batch)]
+    losses: list[float] = []
+
+    async def run() -> float:
+        t0 = time.perf_counter()
+        async with await amlx.load(default_model_dir(), device=device) as model:
+            async for ev in model.train(data, iters=steps, batch_size=batch, learning_rate=2e-3,
+                                        lr_schedule="cosine", warmup=min(20, steps // 5), min_lr=1e-4,
+                                        grad_clip=1.0, seed=0, save_path=dst, save_every=steps):
+                if ev.kind == "step":
+                    losses.append(ev.loss)
+                    if ev.step % 50 == 0 or ev.step == steps:
+                        print(f"   step {ev.step} loss {ev.loss:.3f}", flush=True)
+        return time.perf_counter() - t0
+    seconds = asyncio.run(run())
+    return {"steps": steps, "batch": batch, "seconds": round(seconds, 1),
+            "first_loss": round(losses[0], 3) if losses else None,
+            "last_loss": round(losses[-1], 3) if losses else None}
+
+
+def _copied(text: str, want: str) -> float:
+    """Share of `want` reproduced before the first character that differs."""
+    same = next((i for i, (x, y) in enumerate(zip(text, want)) if x != y), min(len(text), len(want)))
+    return same / len(want)
+
+
+def part_lookup(args) -> dict:
+    import amlx
+
+    began = time.monotonic()
+    notes: list[str] = []
+    device = "cpu" if args.small else "auto"
+    model_dir = args.copy_model or (args.root / "copy-model")
+    # the benchmark's passages (12 sentences each; seed apart from the fresh training passages)
+    tests = copy_records(args.passages, seed=12345, lo=12, hi=12)
+    training = None
+    if not (model_dir / "config.json").exists():
+        print(f"== fine-tuning the embedded model to copy, {args.train_steps} steps", flush=True)
+        training = train_copy_model(model_dir, args.train_steps, args.train_batch, device, tests)
+        notes.append(f"copy model: the embedded demo model fine-tuned by amlx for {training['steps']} steps of "
+                     f"{training['batch']} records in {training['seconds']} s, loss {training['first_loss']} -> "
+                     f"{training['last_loss']}; the passages decoded here were half of its training records")
+    ks = [int(k) for k in args.lookup_k.split(",")]
+    modes = {"plain": amlx.load_sync(model_dir, device=device, kv_cache_memory=KV_MEMORY, max_batch_size=8)}
+    for k in ks:
+        modes[f"lookup{k}"] = amlx.load_sync(model_dir, device=device, kv_cache_memory=KV_MEMORY, max_batch_size=8,
+                                             draft="prompt_lookup", num_draft_tokens=k)
+    unseen = copy_records(args.passages, seed=54321, lo=12, hi=12)
+    prompts = [r["messages"][:1] for r in tests]
+    passages = [r["messages"][1]["content"] for r in tests]
+    results: dict = {}
+    texts: dict = {}
+    payload = {"meta": _meta(), "args": {k: str(v) for k, v in vars(args).items()}, "training": training,
+               "notes": notes, "results": results, "passages": passages}
+    tok = modes["plain"].tokenizer
+
+    def fidelity(side, mode, slot):
+        got = texts.get(mode, [])
+        return {"copied": round(sum(_copied(t, w) for t, w in zip(got, passages)) / len(passages), 3)}
+
+    def save() -> str:
+        payload["rows"] = _summary(results, fidelity)
+        payload["texts"] = texts
+        md = _markdown(f"Prompt lookup on a copy task: the embedded model fine-tuned by amlx to repeat a passage "
+                       f"({args.passages} passages of 12 sentences, greedy, single stream)",
+                       payload["rows"], notes, COLS + [("copied", "passage copied")])
+        _save(args.out, "lookup", payload, md)
+        return md
+
+    def run(mode: str) -> dict:
+        # the passages one after another: decode rate over all of them, tokens concatenated
+        total = {"tokens": 0, "decode_s": 0.0, "ids": [], "drafted_tokens": 0, "accepted_tokens": 0,
+                 "from_draft": 0, "ttft_s": 0.0}
+        got = []
+        for p in prompts:
+            r = amlx_run(modes[mode], p, args.tokens)
+            total["tokens"] += r["tokens"]
+            total["decode_s"] += (r["tokens"] - 1) / r["decode_tps"] if r["decode_tps"] else 0.0
+            total["ttft_s"] += r["ttft_s"] / len(prompts)
+            total["ids"] += r["ids"]
+            for key in ("drafted_tokens", "accepted_tokens", "from_draft"):
+                total[key] += r.get(key, 0)
+            got.append(tok.decode(r["ids"]).removesuffix("<|im_end|>"))
+        texts[mode] = got
+        total["decode_tps"] = (total["tokens"] - len(prompts)) / total["decode_s"] if total["decode_s"] else 0.0
+        if mode == "plain":
+            for key in ("drafted_tokens", "accepted_tokens", "from_draft"):
+                total.pop(key)
+        return total
+
+    try:
+        for mode in modes:  # untimed: traces and compiles
+            run(mode)
+        for rep in range(args.repeats):
+            for mode in modes:
+                _record(results, "amlx", mode, run(mode))
+            save()
+            print(f"== round {rep + 1} of {args.repeats} done, {time.monotonic() - began:.0f} s", flush=True)
+        # passages it was not trained on: does it copy unseen text (a general copier) or only
+        # what it learned? Plain decode, fidelity only.
+        payload["unseen_copied"] = round(sum(
+            _copied(tok.decode(amlx_run(modes["plain"], r["messages"][:1], args.tokens)["ids"]).removesuffix(
+                "<|im_end|>"), r["messages"][1]["content"]) for r in unseen) / len(unseen), 3)
+        notes.append(f"on {len(unseen)} passages it was not trained on, the plain model copied "
+                     f"{payload['unseen_copied']:.3f} of the text before its first error")
+    finally:
+        for m in modes.values():
+            m.close()
+    print(save())
+    return payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("part", nargs="?", choices=["draft", "lookup"])
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/amlx-bench")))
+    ap.add_argument("--root", type=Path, default=Path("/tmp/amlx-spec"), help="where checkpoints are written")
+    ap.add_argument("--target", default="qwen3-8b")
+    ap.add_argument("--draft", default=None, help=argparse.SUPPRESS)  # the children's
+    ap.add_argument("--k", default="4", help="num_draft_tokens for the draft part, comma-separated")
+    ap.add_argument("--lookup-k", default="4,8", help="num_draft_tokens for prompt lookup, comma-separated")
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (draft part)")
+    ap.add_argument("--tokens", type=int, default=256, help="tokens generated per run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=230, help="seconds for the draft part in all")
+    ap.add_argument("--no-mlx-lm", action="store_true")
+    ap.add_argument("--train-steps", type=int, default=400)
+    ap.add_argument("--train-batch", type=int, default=16)
+    ap.add_argument("--passages", type=int, default=4)
+    ap.add_argument("--copy-model", type=Path, default=None, help="a copy model already trained (lookup part)")
+    ap.add_argument("--small", action="store_true", help="tiny shapes, few steps: for a CPU")
+    ap.add_argument("--child", choices=["amlx", "mlx_lm"], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(args.child, args.target, args.draft, [int(k) for k in args.k.split(",")])
+    if args.part is None:
+        ap.error("say which part: draft or lookup")
+    if args.small:
+        args.target, args.tokens, args.repeats, args.prompt = "qwen3-tiny", 32, 2, 16
+        args.train_steps, args.train_batch, args.passages, args.budget = 40, 8, 1, 600
+        args.root = args.root.with_name(args.root.name + "-small")
+    (part_draft if args.part == "draft" else part_lookup)(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
