@@ -87,7 +87,13 @@ class EngineOptions:
     - draft: speculative decoding: "prompt_lookup" drafts by n-gram lookup in each
       row's own tokens (amlx/engine/speculate.py), a path: a draft model drafts
       (amlx/engine/draft_model.py); None: off.
-    - num_draft_tokens: the most tokens a row drafts per verify step (1..16)."""
+    - num_draft_tokens: the most tokens a row drafts per verify step (1..16).
+    - measure_draft_costs: the adaptive draft length's cost model is measured:
+      the first verify round of each padded batch size times a plain step, a
+      verify pass of each width and a draft step over rows that write only the
+      null block (amlx/engine/speculate.py); otherwise fixed constants. Default:
+      on a GPU; off on the CPU, where tests need lengths that do not depend on
+      a shared machine's timings (AMLX_MEASURE_DRAFT_COSTS=0/1)."""
 
     device: str = "cpu"
     shards: int | None = None
@@ -101,6 +107,7 @@ class EngineOptions:
     pad_batches: bool | None = None
     draft: str | None = None
     num_draft_tokens: int = 4
+    measure_draft_costs: bool | None = None
 
     def resolved(self) -> "EngineOptions":
         if self.device not in ("cpu", "gpu"):
@@ -130,8 +137,14 @@ class EngineOptions:
         if env in ("0", "1"):
             pad = env == "1"
         pad = self.device == "gpu" if pad is None else bool(pad)
+        measure = self.measure_draft_costs
+        env = os.environ.get("AMLX_MEASURE_DRAFT_COSTS")
+        if env in ("0", "1"):
+            measure = env == "1"
+        measure = self.device == "gpu" if measure is None else bool(measure)
         return replace(self, shards=shards, decode_kernel=kernel, kv_block=block, prefill_chunk=chunk,
-                       kv_block_size=block_size, prefix_cache=bool(self.prefix_cache), pad_batches=pad)
+                       kv_block_size=block_size, prefix_cache=bool(self.prefix_cache), pad_batches=pad,
+                       measure_draft_costs=measure)
 
 
 def padded_batch(rows: int) -> int:
