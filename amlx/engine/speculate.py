@@ -77,7 +77,10 @@ VERIFY_WIDTHS = (2, 3, 5, 9, 17)
 
 
 def verify_width(drafted: int, num_draft_tokens: int) -> int:
-    """The width of a verify pass whose widest row drafts `drafted` tokens."""
+    """The width of a verify pass whose widest row drafts `drafted` tokens (1 when none
+    does: a shard whose rows' drafts were all cut takes a plain step inside the pass)."""
+    if drafted == 0:
+        return 1
     cap = num_draft_tokens + 1
     return min(cap, next((w for w in VERIFY_WIDTHS if w >= drafted + 1), cap))
 
