@@ -545,6 +545,9 @@ def part_lookup(args) -> dict:
             total["ids"] += r["ids"]
             for key in ("drafted_tokens", "accepted_tokens", "from_draft"):
                 total[key] += r.get(key, 0)
+            for key in ("cost_seconds", "cost_models"):
+                if key in r:
+                    total[key] = r[key]
             got.append(tok.decode(r["ids"]).removesuffix("<|im_end|>"))
         texts[mode] = got
         total["decode_tps"] = (total["tokens"] - len(prompts)) / total["decode_s"] if total["decode_s"] else 0.0
