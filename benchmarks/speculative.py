@@ -12,7 +12,9 @@ Two parts, each one call (about 4 minutes or less on an H200):
           plain (`stream_generate`), mlx-lm with the draft (`stream_generate(draft_model=...,
           num_draft_tokens=k)`). Each side runs in a process of its own holding its models
           (amlx: the target alone and the target with the draft, two engines; mlx-lm: target
-          and draft), driven over a pipe.
+          and draft), driven over a pipe. amlx's speculative engines measure the adaptive
+          draft length's cost model (AMLX_MEASURE_DRAFT_COSTS=1); --fixed-costs adds one with
+          the fixed constants.
   lookup  prompt lookup (`draft="prompt_lookup"`) on a task that copies its input: the
           embedded demo model (amlx/embedded, a 0.9M-parameter Qwen3 amlx trained) fine-tuned
           here by amlx (`Model.train`, full fine-tuning) to answer "Repeat this text:\\n<P>"
@@ -20,6 +22,7 @@ Two parts, each one call (about 4 minutes or less on an H200):
           benchmark's own passages, which it learns by heart, half fresh ones), then decoded
           plain against prompt lookup at k = 4 and 8, alternating, best of --repeats; how well
           it copies passages it never saw is reported beside. mlx-lm has no prompt lookup.
+          Each k runs with the measured cost model and with the fixed constants (-fixed).
 
 Reported per mode: decode tok/s (first to last token, single stream), the speedup over the
 same side's plain decode, tokens from drafts, acceptance (accepted / drafted; mlx-lm does not
@@ -46,6 +49,7 @@ import platform
 import queue
 import random
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -85,14 +89,31 @@ def _timing(times: list[float], ids: list[int]) -> dict:
 
 # -- the children: models held in a process of their own, commands as JSON lines --------
 
-def _amlx_side(target: str, draft: str, ks: list[int]):
+def load_costs(measure: bool, load, *args, **kwargs):
+    """`load` with the adaptive draft length's cost model measured by the engine (the GPU's
+    default) or its fixed constants (the CPU's default), whatever the device."""
+    old = os.environ.get("AMLX_MEASURE_DRAFT_COSTS")
+    os.environ["AMLX_MEASURE_DRAFT_COSTS"] = "1" if measure else "0"
+    try:
+        return load(*args, **kwargs)
+    finally:
+        if old is None:
+            del os.environ["AMLX_MEASURE_DRAFT_COSTS"]
+        else:
+            os.environ["AMLX_MEASURE_DRAFT_COSTS"] = old
+
+
+def _amlx_side(target: str, draft: str, ks: list[int], fixed: bool = False):
     import amlx
 
     t0 = time.perf_counter()
-    models = {"plain": amlx.load_sync(target, max_batch_size=8, kv_cache_memory=KV_MEMORY)}
+    opts = {"max_batch_size": 8, "kv_cache_memory": KV_MEMORY}
+    models = {"plain": amlx.load_sync(target, **opts)}
     for k in ks:
-        models[f"spec{k}"] = amlx.load_sync(target, max_batch_size=8, kv_cache_memory=KV_MEMORY, draft=draft,
-                                            num_draft_tokens=k)
+        models[f"spec{k}"] = load_costs(True, amlx.load_sync, target, draft=draft, num_draft_tokens=k, **opts)
+        if fixed:
+            models[f"spec{k}-fixed"] = load_costs(False, amlx.load_sync, target, draft=draft, num_draft_tokens=k,
+                                                  **opts)
     ready = {"load_s": time.perf_counter() - t0}
 
     def run(mode: str, prompt: list[int], tokens: int) -> dict:
@@ -117,6 +138,14 @@ def amlx_run(model, prompt, tokens: int) -> dict:
         for key in ("drafted_tokens", "accepted_tokens", "verified_rows"):
             res[key] = after[key] - before.get(key, 0)
         res["from_draft"] = res["accepted_tokens"]
+        # the adaptive length's cost model as the engine measured it (per batch size; empty
+        # when it uses the fixed constants)
+        speculator = model.engine.scheduler.speculator
+        res["cost_seconds"] = {str(b): {"plain": t["plain"], "draft": t["draft"],
+                                        "verify": {str(w): v for w, v in t["verify"].items()}}
+                               for b, t in speculator.cost_seconds.items()}
+        res["cost_models"] = {str(b): {"verify_cost": c.verify_cost, "draft_cost": c.draft_cost}
+                              for b, c in speculator.cost_models.items()}
     return res
 
 
@@ -145,11 +174,14 @@ def _mlx_lm_side(target: str, draft: str, ks: list[int]):
     return ready, run, lambda: None
 
 
-def child(side: str, target: str, draft: str, ks: list[int]) -> int:
+def child(side: str, target: str, draft: str, ks: list[int], fixed: bool) -> int:
     """Serves one side: prints READY, then one RESULT line per command."""
     out = sys.stdout
     sys.stdout = sys.stderr  # libraries' prints go to the log, not the pipe
-    ready, run, close = (_amlx_side if side == "amlx" else _mlx_lm_side)(target, draft, ks)
+    if side == "amlx":
+        ready, run, close = _amlx_side(target, draft, ks, fixed)
+    else:
+        ready, run, close = _mlx_lm_side(target, draft, ks)
     print("READY " + json.dumps(ready), file=out, flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -164,13 +196,13 @@ def child(side: str, target: str, draft: str, ks: list[int]) -> int:
 class Child:
     """A child process serving one side; every wait ends by `deadline` (time.monotonic)."""
 
-    def __init__(self, side: str, target: Path, draft: Path, ks: list[int]):
+    def __init__(self, side: str, target: Path, draft: Path, ks: list[int], fixed: bool = False):
         self.side = side
         # no load-time warm-up of quantized kernels: precompile() filled the kernel cache
         env = dict(os.environ, AMLX_WARMUP="0")
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--child", side, "--target", str(target),
-             "--draft", str(draft), "--k", ",".join(map(str, ks))],
+             "--draft", str(draft), "--k", ",".join(map(str, ks)), *(["--fixed-costs"] if fixed else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -274,6 +306,17 @@ COLS = [("side", "side"), ("mode", "mode"), ("decode_tps", "decode tok/s"), ("sp
         ("same_prefix", "same prefix"), ("tokens", "tokens"), ("ttft_ms", "TTFT ms"), ("runs", "runs")]
 
 
+def _cost_notes(results: dict) -> list[str]:
+    """The cost models amlx's engines measured (from each mode's best run)."""
+    notes = []
+    for mode, slot in results.get("amlx", {}).items():
+        for b, c in (slot.get("best", {}).get("cost_models") or {}).items():
+            notes.append(f"amlx {mode}: cost model measured at batch {b}: verify_cost "
+                         f"{', '.join(f'{x:.2f}' for x in c['verify_cost'])}, draft_cost {c['draft_cost']:.3f} "
+                         f"(plain decode steps)")
+    return notes
+
+
 def _save(out: Path, part: str, payload: dict, md: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"speculative_{part}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
@@ -334,7 +377,8 @@ def part_draft(args) -> dict:
 
     ks = [int(k) for k in args.k.split(",")]
     sides = ["amlx"] if args.no_mlx_lm else ["amlx", "mlx_lm"]
-    modes = ["plain"] + [f"spec{k}" for k in ks]
+    modes = ["plain"] + [m for k in ks for m in ([f"spec{k}", f"spec{k}-fixed"] if args.fixed_costs
+                                                  else [f"spec{k}"])]
     import numpy as np
 
     prompt = np.random.default_rng(1).integers(1000, 30000, size=args.prompt).tolist()
@@ -346,22 +390,24 @@ def part_draft(args) -> dict:
         payload["rows"] = _summary(results)
         md = _markdown(f"Speculative decoding, {args.target} bf16 with its 4-bit copy as draft "
                        f"(single stream, greedy, {args.prompt}-token prompt, {args.tokens} tokens)",
-                       payload["rows"], notes, COLS)
+                       payload["rows"], notes + _cost_notes(results), COLS)
         _save(args.out, "draft", payload, md)
         return md
 
-    children = [Child(side, target, draft, ks) for side in sides]
+    children = [Child(side, target, draft, ks, args.fixed_costs) for side in sides]
     try:
         for c in children:
             payload.setdefault("load", {})[c.side] = c.wait_for("READY", deadline)
         for c in children:  # untimed: traces, compiles, fills kernel caches
             for mode in modes:
-                c.ask(deadline, op="run", mode=mode, prompt=prompt, tokens=args.tokens)
+                if c.side == "amlx" or not mode.endswith("-fixed"):
+                    c.ask(deadline, op="run", mode=mode, prompt=prompt, tokens=args.tokens)
         for rep in range(args.repeats):
             for mode in modes:
                 for c in children:  # alternating, run by run
-                    _record(results, c.side, mode, c.ask(deadline, op="run", mode=mode, prompt=prompt,
-                                                         tokens=args.tokens))
+                    if c.side == "amlx" or not mode.endswith("-fixed"):
+                        _record(results, c.side, mode, c.ask(deadline, op="run", mode=mode, prompt=prompt,
+                                                             tokens=args.tokens))
             save()
             print(f"== round {rep + 1} of {args.repeats} done, {time.monotonic() - began:.0f} s", flush=True)
     except (TimeoutError, RuntimeError) as exc:
@@ -443,15 +489,27 @@ def part_lookup(args) -> dict:
     training = None
     if not (model_dir / "config.json").exists():
         print(f"== fine-tuning the embedded model to copy, {args.train_steps} steps", flush=True)
-        training = train_copy_model(model_dir, args.train_steps, args.train_batch, device, tests)
+        try:
+            training = train_copy_model(model_dir, args.train_steps, args.train_batch, device, tests)
+        except Exception as exc:  # noqa: BLE001 - a benchmark goes on with what it can measure
+            if device == "cpu":
+                raise
+            notes.append(f"training on the GPU failed ({type(exc).__name__}: {exc}); trained on the CPU instead")
+            print(f"== {notes[-1]}", flush=True)
+            shutil.rmtree(model_dir, ignore_errors=True)
+            training = train_copy_model(model_dir, min(args.train_steps, 120), 8, "cpu", tests)
         notes.append(f"copy model: the embedded demo model fine-tuned by amlx for {training['steps']} steps of "
                      f"{training['batch']} records in {training['seconds']} s, loss {training['first_loss']} -> "
                      f"{training['last_loss']}; the passages decoded here were half of its training records")
     ks = [int(k) for k in args.lookup_k.split(",")]
-    modes = {"plain": amlx.load_sync(model_dir, device=device, kv_cache_memory=KV_MEMORY, max_batch_size=8)}
+    opts = {"device": device, "kv_cache_memory": KV_MEMORY, "max_batch_size": 8}
+    modes = {"plain": amlx.load_sync(model_dir, **opts)}
     for k in ks:
-        modes[f"lookup{k}"] = amlx.load_sync(model_dir, device=device, kv_cache_memory=KV_MEMORY, max_batch_size=8,
-                                             draft="prompt_lookup", num_draft_tokens=k)
+        modes[f"lookup{k}"] = load_costs(True, amlx.load_sync, model_dir, draft="prompt_lookup",
+                                         num_draft_tokens=k, **opts)
+        # the same with the fixed cost constants
+        modes[f"lookup{k}-fixed"] = load_costs(False, amlx.load_sync, model_dir, draft="prompt_lookup",
+                                               num_draft_tokens=k, **opts)
     unseen = copy_records(args.passages, seed=54321, lo=12, hi=12)
     prompts = [r["messages"][:1] for r in tests]
     passages = [r["messages"][1]["content"] for r in tests]
@@ -470,7 +528,7 @@ def part_lookup(args) -> dict:
         payload["texts"] = texts
         md = _markdown(f"Prompt lookup on a copy task: the embedded model fine-tuned by amlx to repeat a passage "
                        f"({args.passages} passages of 12 sentences, greedy, single stream)",
-                       payload["rows"], notes, COLS + [("copied", "passage copied")])
+                       payload["rows"], notes + _cost_notes(results), COLS + [("copied", "passage copied")])
         _save(args.out, "lookup", payload, md)
         return md
 
@@ -487,6 +545,9 @@ def part_lookup(args) -> dict:
             total["ids"] += r["ids"]
             for key in ("drafted_tokens", "accepted_tokens", "from_draft"):
                 total[key] += r.get(key, 0)
+            for key in ("cost_seconds", "cost_models"):
+                if key in r:
+                    total[key] = r[key]
             got.append(tok.decode(r["ids"]).removesuffix("<|im_end|>"))
         texts[mode] = got
         total["decode_tps"] = (total["tokens"] - len(prompts)) / total["decode_s"] if total["decode_s"] else 0.0
@@ -531,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget", type=float, default=230, help="seconds for the draft part in all")
     ap.add_argument("--no-mlx-lm", action="store_true")
+    ap.add_argument("--fixed-costs", action="store_true",
+                    help="draft part: also amlx with the fixed cost constants (a third target in memory)")
     ap.add_argument("--train-steps", type=int, default=400)
     ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--passages", type=int, default=4)
@@ -539,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", choices=["amlx", "mlx_lm"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        return child(args.child, args.target, args.draft, [int(k) for k in args.k.split(",")])
+        return child(args.child, args.target, args.draft, [int(k) for k in args.k.split(",")], args.fixed_costs)
     if args.part is None:
         ap.error("say which part: draft or lookup")
     if args.small:

@@ -133,3 +133,25 @@ def test_batch_width_maximises_the_batch_tokens_per_cost(alphas, slope):
     rate = [sum(expected_tokens(r.alpha, min(r.length, j)) for r in rows) / (len(rows) * cost.step_cost(j))
             for j in range(max(r.length for r in rows) + 1)]
     assert rate[k] == pytest.approx(max(rate), rel=1e-6)
+
+
+def test_measured_cost_model_from_timings():
+    """CostModel.measured: verify and draft costs over the plain step's time; a longer
+    pass never cheaper than a shorter one (noise), none below the plain step."""
+    verify_s = {1: 0.012, 2: 0.011, 3: 0.016, 4: 0.016}
+    cost = CostModel.measured(4, 0.010, verify_s.__getitem__, 0.003)
+    assert cost.verify_cost == pytest.approx((1.0, 1.2, 1.2, 1.6, 1.6))
+    assert cost.draft_cost == pytest.approx(0.3)
+    assert CostModel.measured(2, 0.010, lambda k: 0.005).verify_cost == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError):
+        CostModel.measured(2, 0.0, lambda k: 0.01)
+
+
+def test_adaptive_length_takes_a_new_cost_model():
+    """`use` swaps the cost model and recomputes the length from the same evidence."""
+    cheap = CostModel.linear(4, 0.0)
+    dear = CostModel.linear(4, 10.0)
+    adaptive = AdaptiveLength(cheap, 4)
+    assert adaptive.length == 4
+    assert adaptive.use(dear) == 0 and adaptive.length == 0 and adaptive.cost is dear
+    assert adaptive.use(cheap) == 4

@@ -399,3 +399,57 @@ def test_constrained_rows_speculate(checkpoints, kind):
     assert [g.token_ids for g in got] == [e.token_ids for e in expected]
     assert re.fullmatch(pattern, got[0].text) and got[1].text in ("the cat sat", "on the mat")
     assert stats["speculative"]["accepted_tokens"] > 0 and stats["kv_cache"]["blocks_used"] == 0
+
+
+def test_verify_forward_is_compiled_and_traced_once_per_shape(checkpoints, monkeypatch):
+    """The verify forward runs compiled: it is traced once per input shape (width bucket,
+    batch, span, pool size), not every round, though the rows' draft lengths change from
+    round to round (one shard: traces are per stream too); widths are the buckets (2, 3, 5 for num_draft_tokens=4); greedy
+    output is unchanged."""
+    from amlx.engine.speculate import Speculator
+
+    traced = []
+    forward = Speculator._forward
+
+    def counting(self, tokens, positions, tabs, arrays):
+        traced.append((tokens.shape, tabs[0].shape, arrays[0].shape))  # runs only while tracing
+        return forward(self, tokens, positions, tabs, arrays)
+
+    monkeypatch.setattr(Speculator, "_forward", counting)
+    monkeypatch.setenv("AMLX_SHARDS", "1")  # (a compiled function is traced per stream too)
+    reqs = [(PROMPTS[0], {"max_tokens": 60}), (PROMPTS[2], {"max_tokens": 60})]
+    expected, got, stats = run(_both, checkpoints["qwen3"], reqs)
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    assert traced and len(set(traced)) == len(traced)  # never traced twice for one shape
+    assert {shape[1] for shape, _, _ in traced} <= {2, 3, 5}
+    rounds = stats["speculative"]["verified_rows"] // 2  # (both rows take part in every round)
+    assert len(traced) < rounds
+
+
+def test_measured_cost_model(checkpoints, drafts, monkeypatch):
+    """With the cost model measured (AMLX_MEASURE_DRAFT_COSTS=1, the GPU's default), the
+    first verify round times a plain step, each width's verify pass and a draft step over
+    null rows, and the rows' adaptive lengths use the result; output is unchanged and the
+    timing passes leave the pools as they were (every block back, nothing overwritten).
+    (No assertion on the times themselves: this machine is shared.)"""
+    from amlx.speculative.adaptive import CostModel
+
+    monkeypatch.setenv("AMLX_MEASURE_DRAFT_COSTS", "1")
+    path = checkpoints["qwen3"]
+
+    async def body():
+        async with await amlx.load(path, device="cpu") as plain:
+            expected = await _complete_all(plain, _requests())
+        async with await amlx.load(path, device="cpu", draft=str(drafts["qwen3"])) as spec:
+            got = await _complete_all(spec, _requests())
+            speculator = spec.engine.scheduler.speculator
+            return expected, got, speculator.cost_seconds, speculator.cost_models, await _settled(spec)
+
+    expected, got, seconds, models, stats = run(body)
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    assert seconds and models
+    for timing in seconds.values():
+        assert timing["plain"] > 0 and timing["draft"] > 0 and set(timing["verify"]) == {2, 3, 5}
+    for cost in models.values():
+        assert isinstance(cost, CostModel) and cost.max_tokens == 4 and cost.verify_cost[0] == 1.0
+    assert stats["kv_cache"]["blocks_used"] == 0

@@ -145,6 +145,20 @@ class DraftModel:
             row.pos = req.pos  # (until `settle`: the steps' writes are only drafts so far)
         return ops.stack(drafts, axis=1), ops.stack(probs, axis=1)
 
+    def has_pool(self, shard: int) -> bool:
+        """Whether the shard's draft pool has its arrays (made with its first block)."""
+        return bool(self.kv[shard].pool.arrays)
+
+    def timing_step(self, shard: int, rows: Sequence) -> list[Array]:
+        """A draft step's forward over `rows` that hold only the null block (the
+        speculator's cost measurement), built, not evaluated: the arrays to evaluate."""
+        kv = self.kv[shard]
+        views = self._views(shard, kv.verify_tables(rows, 1, [0] * len(rows)))
+        positions = array(np.asarray([r.pos for r in rows], dtype=np.int32))
+        logits = self.model(array(np.zeros((len(rows), 1), np.int32)), views, positions)
+        kv.pool.arrays = written(views)
+        return [logits, *kv.pool.arrays]
+
     def settle(self, req: Request, old_pos: int, drafted: int, accepted: int) -> None:
         """After a verify step: the draft cache holds the row's last token and the drafts it
         took as input (all but the last) up to the first rejected one."""

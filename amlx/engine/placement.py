@@ -96,7 +96,13 @@ class EngineOptions:
     - draft: speculative decoding: "prompt_lookup" drafts by n-gram lookup in each
       row's own tokens (amlx/engine/speculate.py), a path: a draft model drafts
       (amlx/engine/draft_model.py); None: off.
-    - num_draft_tokens: the most tokens a row drafts per verify step (1..16)."""
+    - num_draft_tokens: the most tokens a row drafts per verify step (1..16).
+    - measure_draft_costs: the adaptive draft length's cost model is measured:
+      the first verify round of each padded batch size times a plain step, a
+      verify pass of each width and a draft step over rows that write only the
+      null block (amlx/engine/speculate.py); otherwise fixed constants. Default:
+      on a GPU; off on the CPU, where tests need lengths that do not depend on
+      a shared machine's timings (AMLX_MEASURE_DRAFT_COSTS=0/1)."""
 
     device: str = "cpu"
     shards: int | None = None
@@ -111,6 +117,7 @@ class EngineOptions:
     extend_pass: bool | None = None
     draft: str | None = None
     num_draft_tokens: int = 4
+    measure_draft_costs: bool | None = None
 
     def resolved(self) -> "EngineOptions":
         if self.device not in ("cpu", "gpu"):
@@ -135,19 +142,21 @@ class EngineOptions:
         check_kv_cache_memory(self.kv_cache_memory)
         check_kv_bits(self.kv_bits)
         DraftSpec.from_options(self.draft, self.num_draft_tokens)  # (ValueError on bad values)
-        pad = self.pad_batches
-        env = os.environ.get("AMLX_PAD_BATCHES")
-        if env in ("0", "1"):
-            pad = env == "1"
-        pad = self.device == "gpu" if pad is None else bool(pad)
-        extend = self.extend_pass
-        env = os.environ.get("AMLX_EXTEND_PASS")
-        if env in ("0", "1"):
-            extend = env == "1"
-        extend = bool(extend)  # off unless asked for: see extend_pass above
+        gpu = self.device == "gpu"
         return replace(self, shards=shards, decode_kernel=kernel, kv_block=block, prefill_chunk=chunk,
-                       kv_block_size=block_size, prefix_cache=bool(self.prefix_cache), pad_batches=pad,
-                       extend_pass=extend)
+                       kv_block_size=block_size, prefix_cache=bool(self.prefix_cache),
+                       pad_batches=_switch(self.pad_batches, "AMLX_PAD_BATCHES", gpu),
+                       extend_pass=_switch(self.extend_pass, "AMLX_EXTEND_PASS", False),  # see extend_pass above
+                       measure_draft_costs=_switch(self.measure_draft_costs, "AMLX_MEASURE_DRAFT_COSTS", gpu))
+
+
+def _switch(value: bool | None, env: str, default: bool) -> bool:
+    """An on/off option: the environment variable `env` ("0" or "1") overrides
+    `value`, which is `default` when None."""
+    setting = os.environ.get(env)
+    if setting in ("0", "1"):
+        return setting == "1"
+    return default if value is None else bool(value)
 
 
 def padded_batch(rows: int) -> int:

@@ -170,6 +170,7 @@ def table_arrays(tables: Tables) -> list[Array]:
 
 
 def extend_arrays(tables: Tables) -> list[Array]:
-    """An extend pass's tables as its compiled function takes them (`ShardPools.extend_pass`)."""
+    """An extend or verify pass's tables as its compiled function takes them (`ShardPools.extend_pass`,
+    `Speculator._forward`): gather pieces and write slots, then the windowed layers' own pool's."""
     out = [tables.rows, tables.writes]
     return out if tables.local is None else out + [tables.local.rows, tables.local.writes]

@@ -148,7 +148,8 @@ class Scheduler:
         self.fault = None
         # speculative decoding (load option `draft`), None without
         self.speculator = make_speculator(self.options, model, self.pools.views, self.placement, self._emit,
-                                          draft_model, vocab_size)
+                                          draft_model, vocab_size, compile_forward=compile_step,
+                                          plain_pass=self._timing_pass)
 
     @property
     def rows(self) -> list[Request]:
@@ -642,6 +643,8 @@ class Scheduler:
             self._split_step_fn = transforms.compile(self._forward_split)
             self._extend_fn = transforms.compile(self._extend)
             self._split_extend_fn = transforms.compile(self._extend_split)
+        if self.speculator is not None:
+            self.speculator.weights_changed()
 
     def _build(self, shard: _Shard, sel: list[int], prev: "_Part | None", split: bool = False) -> "_Part":
         """The graph of a shard's next decode step (not yet launched), on its stream.
@@ -789,6 +792,23 @@ class Scheduler:
                     self._emit(req, int(ids[i]), float(lps[i]), None if tops is None else tops[i])
             self.timing.lap("emit")
         return waited
+
+    def _timing_pass(self, shard: _Shard, rows: list) -> list[Array]:
+        """A decode step's forward over `rows` that hold only the null block (the
+        speculator's cost measurement, amlx/engine/speculate.py): built as `_build`
+        builds one (padding, the split twin for a lone row), not evaluated; the
+        shard's pool takes its arrays (only the null block was written)."""
+        with self.placement.on(shard.index):
+            b = len(rows)
+            pad = padded_batch(b) - b if self.options.pad_batches else 0
+            padded = [*rows, *[PADDING_ROW] * pad]
+            tokens = ops.zeros((b + pad, 1), _int32)
+            positions = array(np.asarray([r.pos for r in padded], dtype=np.int32))
+            split = b == 1 and sum(1 for s in self.shards if s.rows) == 1
+            logits, state = self._batched_logits(tokens, positions, shard.kv.decode_tables(padded),
+                                                 shard.kv.arrays, split)
+            shard.kv.arrays = state
+        return [logits, *state]
 
     def _forward(self, tokens: Array, positions: Array, tabs: list[Array],
                  pools: list[Array]) -> tuple[Array, list[Array]]:

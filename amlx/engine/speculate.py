@@ -36,17 +36,21 @@ docs/speculative.md.
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from amlx._mlx import Array, array, ops
+from amlx._mlx import Array, array, ops, transforms
+from amlx._mlx import int32 as _INT32
 from amlx.engine.draft_model import DraftModel
+from amlx.engine.placement import padded_batch
+from amlx.engine.pools import extend_arrays
 from amlx.engine.request import Request
-from amlx.kv import written
+from amlx.kv import NULL_BLOCK, PADDING_ROW, Tables, written
 from amlx.speculative.adaptive import AdaptiveLength, CostModel
 from amlx.speculative.constrained import draft_masks
 from amlx.speculative.draft import DraftSpec
@@ -57,12 +61,29 @@ from amlx.speculative.verify import CompiledVerify, Drafts, Verified, VerifyPara
 __all__ = ["Speculator", "make_speculator"]
 
 
-# Cost model of the adaptive draft length (amlx.speculative.adaptive), in plain decode steps:
-# a verify step costs 1 + VERIFY_SLOPE per drafted token (decoding is memory-bound on a GPU:
+# Cost model of the adaptive draft length (amlx.speculative.adaptive), in plain decode steps,
+# where it is not measured (EngineOptions.measure_draft_costs off: the CPU by default): a
+# verify step costs 1 + VERIFY_SLOPE per drafted token (decoding is memory-bound on a GPU:
 # k + 1 tokens per row cost little more than one), a draft model's step DRAFT_MODEL_COST.
-# Starting points, not measured yet (benchmarks/speculative_cost.py measures them).
+# Assumptions, not measurements. Where it is measured, `Speculator._measure` times the passes.
 VERIFY_SLOPE = 0.05
 DRAFT_MODEL_COST = 0.1
+TIMING_REPEATS = 3  # timed runs of each pass (best kept), after one untimed (trace, compile)
+
+# A verify pass's width (K + 1 tokens per row) is rounded up to one of these (at most
+# num_draft_tokens + 1), so its compiled forward is traced for a few widths, not for
+# every K the rows' adaptive lengths make; the padding positions write the null block
+# and their logits are never read.
+VERIFY_WIDTHS = (2, 3, 5, 9, 17)
+
+
+def verify_width(drafted: int, num_draft_tokens: int) -> int:
+    """The width of a verify pass whose widest row drafts `drafted` tokens (1 when none
+    does: a shard whose rows' drafts were all cut takes a plain step inside the pass)."""
+    if drafted == 0:
+        return 1
+    cap = num_draft_tokens + 1
+    return min(cap, next((w for w in VERIFY_WIDTHS if w >= drafted + 1), cap))
 
 
 class _Lookup:
@@ -77,6 +98,27 @@ class _Lookup:
             self.index.extend(req.generated[self.seen:])
             self.seen = len(req.generated)
         return self.index.propose(k)
+
+
+@dataclass(eq=False)
+class _NullRow:
+    """A row at a real position whose blocks are all the null block: a timing pass over
+    such rows reads and writes as much as one over real rows there, and changes nothing."""
+
+    pos: int
+    blocks: list[int] = field(default_factory=list)
+    created: float = 0.0
+
+
+def _best_seconds(run: Callable[[], list[Array]]) -> float:
+    """The best of TIMING_REPEATS evaluations of what `run` builds (after an untimed one)."""
+    ops.eval(*run())
+    best = float("inf")
+    for _ in range(TIMING_REPEATS):
+        t0 = time.perf_counter()
+        ops.eval(*run())
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 @dataclass(eq=False)
@@ -98,7 +140,9 @@ class Speculator:
     `emit(req, token, logprob, top)`: hands one token to its request."""
 
     def __init__(self, spec: DraftSpec, model, views: Callable, on: Callable,
-                 emit: Callable[[Request, int, float, list | None], None], draft: DraftModel | None = None):
+                 emit: Callable[[Request, int, float, list | None], None], draft: DraftModel | None = None,
+                 compile_forward: bool = True, pad_batches: bool = False,
+                 plain_pass: Callable[[Any, list], list[Array]] | None = None):
         if spec.kind == "model" and draft is None:
             raise ValueError(f"draft={spec.path}: the draft model was not loaded")
         self.spec = spec
@@ -108,6 +152,17 @@ class Speculator:
         self.grammar = None  # what makes constrained rows' matchers (its `vocab`), set by the engine
         self.stats = SpeculativeStats()
         self._compiled = CompiledVerify()
+        # the verify forward, compiled as the decode step is: traced once per (padded) batch
+        # size, width bucket, span (rounded as a decode pass's), pool size and stream
+        self._compile_forward = compile_forward
+        self._forward_fn = transforms.compile(self._forward) if compile_forward else None
+        self._pad = pad_batches
+        # measured cost models, per padded batch size (None: the constants above throughout);
+        # plain_pass(shard, rows) builds the scheduler's decode step over rows (Scheduler._timing_pass)
+        self._plain_pass = plain_pass
+        self._measured: dict[int, CostModel] | None = {} if plain_pass is not None else None
+        self.cost_seconds: dict[int, dict] = {}  # what was measured, per batch size (stats, tests)
+        self._timing_rows: list[_NullRow] = []
         self._lookups: weakref.WeakKeyDictionary[Request, _Lookup] = weakref.WeakKeyDictionary()
         self._cost = CostModel.linear(spec.num_draft_tokens, VERIFY_SLOPE, 0.0 if draft is None else DRAFT_MODEL_COST)
         self._adaptive: weakref.WeakKeyDictionary[Request, AdaptiveLength] = weakref.WeakKeyDictionary()
@@ -146,6 +201,8 @@ class Speculator:
                 adaptive.observe(0, 0)
         if self._vocab() is None and any(r.matcher is not None for s in shards for r in s.rows):
             return None
+        if self._measured is not None:
+            self._use_measured(shards)
         plan: list[tuple[list[int], list[list[int]] | None]] = []
         for shard in shards:
             lengths = [self.draft_length(r) for r in shard.rows]
@@ -155,6 +212,71 @@ class Speculator:
             else:
                 plan.append((lengths, None))
         return plan if any(n for lengths, _ in plan for n in lengths) else None
+
+    @property
+    def cost_models(self) -> dict[int, CostModel]:
+        """The measured cost models, per (padded) batch size; empty when not measured."""
+        return dict(self._measured or {})
+
+    def _use_measured(self, shards: Sequence) -> None:
+        """Every row's adaptive length takes the cost model measured at the batch size of
+        the widest shard, measured now if it is that size's first round."""
+        shard = max(shards, key=lambda s: len(s.rows))
+        b = len(shard.rows)
+        size = padded_batch(b) if self._pad else b
+        cost = self._measured.get(size)
+        if cost is None:
+            if self.draft is not None and not self.draft.has_pool(shard.index):
+                return  # (its first round makes the draft's pool: measured the round after)
+            cost = self._measured[size] = self._measure(shard)
+        for req in (r for s in shards for r in s.rows):
+            adaptive = self._length(req)
+            if adaptive.cost is not cost:
+                adaptive.use(cost)
+
+    def _measure(self, shard) -> CostModel:
+        """The cost model of a shard's batch as it stands: a plain decode step, a verify
+        pass of each width bucket and (with a draft model) a draft step, each timed over
+        as many rows at the rows' positions holding only the null block (the same shapes
+        and traces as the real passes; nothing written but the null block). The acceptance
+        rule and sampling are left out of both sides (small beside a forward)."""
+        n, kv = self.spec.num_draft_tokens, shard.kv
+        pos = max(r.pos for r in shard.rows)
+
+        def rows(width: int) -> list[_NullRow]:
+            blocks = [NULL_BLOCK] * -(-(pos + width) // kv.block_size)
+            made = [_NullRow(pos, blocks) for _ in shard.rows]
+            # kept alive: a decode table cached for them is keyed by their ids, which a
+            # later object must not take over
+            self._timing_rows.extend(made)
+            return made
+
+        one = rows(1)
+
+        def draft_step() -> list[Array]:
+            with self._on(shard.index):
+                return self.draft.timing_step(shard.index, one)
+
+        plain = _best_seconds(lambda: self._plain_pass(shard, one))
+        verify_s = {}
+        for w in sorted({verify_width(k, n) for k in range(1, n + 1)}):
+            wide = rows(w)
+            verify_s[w] = _best_seconds(lambda: self._timing_verify(shard, wide, w))
+        draft = _best_seconds(draft_step) if self.draft is not None else 0.0
+        self.cost_seconds[len(shard.rows)] = {"plain": plain, "verify": verify_s, "draft": draft}
+        return CostModel.measured(n, plain, lambda k: verify_s[verify_width(k, n)], draft)
+
+    def _timing_verify(self, shard, rows: list[_NullRow], width: int) -> list[Array]:
+        """A verify forward of `width` tokens per row over null rows (built, not evaluated)."""
+        kv, b = shard.kv, len(rows)
+        pad = padded_batch(b) - b if self._pad else 0
+        padded = [*rows, *[PADDING_ROW] * pad]
+        tables = kv.verify_tables(padded, width, [width - 1] * b + [0] * pad)
+        with self._on(shard.index):
+            tokens = ops.zeros((b + pad, width), _INT32)
+            positions = array(np.asarray([r.pos for r in padded], dtype=np.int32))
+            logits, arrays = self._run_forward(tokens, positions, tables, kv)
+        return [logits, *arrays]
 
     def step(self, shards: Sequence, plan: list[tuple[list[int], list[list[int]] | None]]) -> None:
         """One verify step over the shards (their rows all take part), launched,
@@ -182,7 +304,7 @@ class Speculator:
         the `Drafts` (from the host, prompt lookup, or from the draft model), constrained
         rows' masks per position (None without) and the lengths (cut where a grammar
         forbids a draft)."""
-        width = max(lengths) + 1
+        width = verify_width(max(lengths), self.spec.num_draft_tokens)
         host = np.zeros((len(rows), width), dtype=np.int32)
         for i, r in enumerate(rows):
             host[i, 0] = r.last
@@ -194,6 +316,11 @@ class Speculator:
         if self.draft is not None and width > 1:
             with self._on(shard.index):
                 tokens, probs = self.draft.propose(shard.index, rows, lengths, shard.sampling)
+                pad = width - 1 - tokens.shape[1]
+                if pad:  # up to the width bucket: padding drafts, never accepted (lengths)
+                    tokens = ops.concatenate([tokens, ops.zeros((len(rows), pad), tokens.dtype)], axis=1)
+                    probs = ops.concatenate([probs, ops.zeros((len(rows), pad, probs.shape[2]), probs.dtype)],
+                                            axis=1)
                 last = array(np.asarray([[r.last] for r in rows], dtype=np.int32))
                 return (ops.concatenate([last, tokens], axis=1), Drafts(tokens, _int32s(lengths), probs), masks,
                         lengths)
@@ -208,14 +335,54 @@ class Speculator:
         if self.draft is not None:
             lengths = [self.draft.room(r, n) if n else 0 for r, n in zip(rows, lengths)]
         tokens, dr, masks, lengths = self._inputs(shard, rows, lengths, drafts)
-        tables = kv.verify_tables(rows, tokens.shape[1], lengths)
+        b, width = tokens.shape
+        # padding rows (as a decode step's: the null block, position 0), so the compiled
+        # forward is traced per batch bucket; their logits are cut off before `verify`
+        pad = padded_batch(b) - b if self._pad else 0
+        tables = kv.verify_tables([*rows, *[PADDING_ROW] * pad], width, [*lengths, *[0] * pad])
         with self._on(shard.index):
-            views = self._views(shard.index, tables)
-            positions = array(np.asarray([r.pos for r in rows], dtype=np.int32))
-            logits = self.model(tokens, views, positions)
-            # the old arrays' only holder is now the graph, so MLX may write them in place
-            kv.arrays = written(views)
+            if pad:
+                tokens = ops.concatenate([tokens, ops.zeros((pad, width), tokens.dtype)], axis=0)
+            positions = array(np.asarray([r.pos for r in rows] + [0] * pad, dtype=np.int32))
+            logits, _ = self._run_forward(tokens, positions, tables, kv)
+            if pad:
+                logits = ops.slice(logits, (0, 0, 0), (b, width, logits.shape[2]))
         return _Pass(shard, rows, lengths, *self._accept_graph(shard, logits, dr, masks))
+
+    def _run_forward(self, tokens: Array, positions: Array, tables: Tables, kv) -> tuple[Array, list[Array]]:
+        """The verify forward (compiled where it is) over a shard's pool `kv`, which takes
+        the written arrays: (logits (B, W, V), those arrays)."""
+        forward = self._forward_fn if self._forward_fn is not None else self._forward
+        logits, arrays = forward(tokens, positions, extend_arrays(tables), kv.arrays)
+        # the old arrays' only holder is now the graph, so MLX may write them in place
+        kv.arrays = arrays
+        return logits, arrays
+
+    def _forward(self, tokens: Array, positions: Array, tabs: list[Array],
+                 arrays: list[Array]) -> tuple[Array, list[Array]]:
+        """A verify forward as a pure function of arrays (what gets compiled): tokens
+        (B, W), positions (B,), the tables' gather pieces and write slots
+        (`ShardKV.verify_tables`; then the windowed layers' pool's, where it has one),
+        each layer's pool array -> (logits (B, W, V), the pool arrays written). The
+        tables' width in blocks follows from the shapes (a trace sees them as
+        constants); every shard's pool has the same layout, so shard 0's describes them all."""
+        b = tokens.shape[0]
+        _, _, heads, block_size, _ = arrays[0].shape
+
+        def plan(gather: Array, writes: Array) -> Tables:
+            return Tables(gather, writes, b, gather.shape[0] // (2 * b * heads), block_size)
+
+        tables = plan(*tabs[:2])
+        if len(tabs) > 2:
+            tables.local = plan(*tabs[2:4])
+        views = self._views(0, tables, arrays)
+        return self.model(tokens, views, positions), written(views)
+
+    def weights_changed(self) -> None:
+        """The model's weights were replaced: the compiled forward traced the old ones."""
+        if self._forward_fn is not None:
+            self._forward_fn.close()
+            self._forward_fn = transforms.compile(self._forward)
 
     def _accept_graph(self, shard, logits: Array, drafts: Drafts, masks: np.ndarray | None):
         """`verify` of a shard's pass (the graph, not evaluated); the shard's sampling
@@ -261,12 +428,15 @@ class Speculator:
 
     def close(self) -> None:
         self._compiled.close()
+        if self._forward_fn is not None:
+            self._forward_fn.close()
         if self.draft is not None:
             self.draft.close()
 
 
 def make_speculator(options, model, views: Callable, placement, emit: Callable, draft_model=None,
-                    vocab_size: int | None = None) -> Speculator | None:
+                    vocab_size: int | None = None, compile_forward: bool = True,
+                    plain_pass: Callable | None = None) -> Speculator | None:
     """The scheduler's speculator for resolved EngineOptions (None without `draft`):
     with a draft model, its pools (one per stream of `placement`) are made here."""
     spec = DraftSpec.from_options(options.draft, options.num_draft_tokens)
@@ -277,7 +447,9 @@ def make_speculator(options, model, views: Callable, placement, emit: Callable, 
         if vocab_size is None:
             raise ValueError("a draft model needs the target's vocab_size")
         draft = DraftModel(draft_model, options, len(placement.streams), vocab_size)
-    return Speculator(spec, model, views, placement.on, emit, draft)
+    measure = plain_pass if options.measure_draft_costs else None
+    return Speculator(spec, model, views, placement.on, emit, draft, compile_forward=compile_forward,
+                      pad_batches=bool(options.pad_batches), plain_pass=measure)
 
 
 def _int32s(values: list[int]) -> Array:

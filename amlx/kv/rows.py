@@ -301,9 +301,12 @@ class ShardKV:
         """The tables of a verify pass writing `width` tokens per row at positions
         pos .. pos + width - 1: row b's token j is written for j <= lengths[b] (its
         last token and its drafts, in blocks it holds: `extend_to`), to the null
-        block past it. The span covers every row's last written position."""
+        block past it. The span covers every row's last written position, rounded up
+        to `span_step` blocks as a decode pass's (a compiled verify pass is traced
+        again only when it grows past that)."""
         bs = self.block_size
         blocks_wide = max(blocks_for(r.pos + n + 1, bs) for r, n in zip(rows, lengths))
+        blocks_wide = -(-blocks_wide // self.span_step) * self.span_step
         pos = np.asarray([r.pos for r in rows], dtype=np.int64)[:, None] + np.arange(width)[None, :]
         real = np.arange(width)[None, :] <= np.asarray(lengths)[:, None]
         offsets = (pos % bs).reshape(-1)

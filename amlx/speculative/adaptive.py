@@ -4,8 +4,9 @@ The cost model (`CostModel`), in units of one plain decode step of the target:
 a verify step of k drafts per row costs `verify_cost[k]` (k + 1 tokens per row
 through the target; `verify_cost[0]` = 1 is the plain step) plus k draft steps
 of `draft_cost` each (a draft model's step; 0 for prompt lookup, which drafts
-on the host). The lead measures `verify_cost` on the GPU; `CostModel.linear`
-builds one from a per-token slope.
+on the host). `CostModel.measured` builds one from timings (the engine times
+its own passes, `amlx/engine/speculate.py`); `CostModel.linear` from a
+per-token slope.
 
 The benefit: if each draft is accepted with probability alpha, independently
 (the usual model of Leviathan et al.), a verify step of k drafts emits
@@ -38,7 +39,7 @@ above 1.055 plain steps, drafting included).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 __all__ = ["CostModel", "AdaptiveLength", "expected_tokens", "batch_width"]
@@ -71,6 +72,20 @@ class CostModel:
     def linear(cls, max_tokens: int, per_token: float, draft_cost: float = 0.0) -> "CostModel":
         """verify_cost[k] = 1 + per_token * k for k = 0..max_tokens."""
         return cls(tuple(1.0 + per_token * k for k in range(max_tokens + 1)), draft_cost)
+
+    @classmethod
+    def measured(cls, max_tokens: int, plain_s: float, verify_s: Callable[[int], float],
+                 draft_s: float = 0.0) -> "CostModel":
+        """From timings in seconds: a plain decode step `plain_s`, a verify pass with k
+        drafts per row `verify_s(k)` (k = 1..max_tokens), a draft step `draft_s`.
+        Costs are kept non-decreasing in k (a longer pass never costs less: a faster
+        one measured is noise) and at least the plain step's."""
+        if not plain_s > 0.0:
+            raise ValueError(f"plain_s must be > 0, got {plain_s}")
+        costs = [1.0]
+        for k in range(1, max_tokens + 1):
+            costs.append(max(costs[-1], verify_s(k) / plain_s))
+        return cls(tuple(costs), max(0.0, draft_s / plain_s))
 
     @property
     def max_tokens(self) -> int:
@@ -121,6 +136,12 @@ class AdaptiveLength:
         """The estimated probability that a draft is accepted."""
         w = self.prior_weight
         return (self.successes + self.prior * w) / (self.successes + self.failures + w)
+
+    def use(self, cost: CostModel) -> int:
+        """Takes another cost model (a measured one) and returns the length it gives."""
+        self.cost = cost
+        self.length = cost.best_length(self.alpha, self.max_tokens, self.min_gain)
+        return self.length
 
     def observe(self, drafted: int, accepted: int) -> int:
         """Records a step (`drafted` drafts, `accepted` of them accepted) and returns
