@@ -24,7 +24,8 @@ HEADER = ROOT / "vendor" / "mlxc" / "mlxc.h"
 # gemv_<isa>.cpp: one unit per instruction set, each with its own `#pragma GCC target`
 # (the build flags stay portable); cpu_gemv.cpp picks one at run time.
 SOURCES = ("mlxc.cpp", "blas.cpp", "cpu_gemv.cpp", "gemv_generic.cpp", "gemv_avx2.cpp", "gemv_avx512.cpp",
-           "distributed.cpp")  # distributed.cpp: MLX's collectives, for tensor parallelism (amlx.tp)
+           "distributed.cpp",  # distributed.cpp: MLX's collectives, for tensor parallelism (amlx.tp)
+           "malloc_tuning.cpp")  # glibc thresholds raised at load: large temporaries reuse memory
 
 
 class MLXNotFound(RuntimeError):

@@ -177,3 +177,34 @@ def test_layers_use_the_kernels_for_few_rows(rows, kind, monkeypatch) -> None:
     plain = layer(x)
     assert "CpuGemv" not in O.graph_summary(plain)[1]
     assert (got.dtype, got.shape) == (plain.dtype, plain.shape)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 70), groups=st.integers(1, 5), bits=st.sampled_from([4, 8]),
+       group=st.sampled_from(ck.GROUP_SIZES), sdtype=st.sampled_from(list(DTYPES)), threads=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_dequantize_matches_numpy(n, groups, bits, group, sdtype, threads, seed) -> None:
+    # float32 s * q + b against float64: one rounding of the product and one of the sum
+    ck.set_threads(threads)
+    rng = np.random.default_rng(seed)
+    w = O.astype(mx.array(rng.standard_normal((n, groups * group)).astype(np.float32)), DTYPES[sdtype])
+    wq, scales, biases = O.quantize(w, group, bits)
+    got = ck.dequantize(wq, scales, biases, group_size=group, bits=bits)
+    assert got.dtype == mx.float32 and got.shape == (n, groups * group)
+    want = _unpack(wq, scales, biases, group, bits)
+    scale = np.abs(np.repeat(_as_f64(scales), group, axis=1)) * (2**bits - 1) + np.abs(want)
+    assert np.all(np.abs(_as_f64(got) - want) <= 2.0 ** -23 * scale)
+
+
+def test_quantized_layers_dequantize_through_the_kernel_for_many_rows() -> None:
+    from amlx.models import nn
+
+    rng = np.random.default_rng(5)
+    w = O.astype(mx.array(rng.standard_normal((96, 128)).astype(np.float32)), mx.bfloat16)
+    q = O.quantize(w, 64, 8)
+    layer = nn.QuantizedLinear(*q, 64, 8)
+    x = mx.array(rng.standard_normal((40, 128)).astype(np.float32))
+    got = layer(x)
+    assert "CpuDequantize" in O.graph_summary(got)[1]
+    xf, wf = _as_f64(x), _unpack(*q, 64, 8)
+    assert np.all(np.abs(_as_f64(got) - xf @ wf.T) <= 2e-5 * (np.abs(xf) @ np.abs(wf).T) + 1e-6)

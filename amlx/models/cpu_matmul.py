@@ -55,6 +55,16 @@ def dequantize_first(x: Array, layer) -> bool:
     return _cpu_rows(x) > cpu_kernels.MAX_ROWS and layer.weight.shape[0] * x.shape[-1] <= _MAX_DEQUANTIZED
 
 
+def dequantize(layer) -> Array:
+    """A quantized layer's weight as float32 (out, in), through amlx's CPU kernel where
+    it applies (MLX's CPU dequantize is built from generic ops: 14-21 ms for a 3072 x
+    1024 weight against ~2 ms for a float32 copy of a bf16 one, measured here)."""
+    bits, group = layer._bits, layer._group_size
+    if ENABLED and bits in (4, 8) and group in cpu_kernels.GROUP_SIZES and device.default_device() == "cpu":
+        return cpu_kernels.dequantize(layer.weight, layer.scales, layer.biases, group_size=group, bits=bits)
+    return ops.dequantize(layer.weight, layer.scales, layer.biases, group, bits, dtype=float32)
+
+
 def few_rows(x: Array, layer) -> Array | None:
     """x W^T for `layer` (Linear, Embedding as a projection, or their quantized
     kinds; W (out, in)) through the CPU kernels; None where they do not apply

@@ -273,7 +273,7 @@ def quantized_dense(x: Array, layer: Module) -> Array:
         return y
     q = (layer._group_size, layer._bits)
     if cpu_matmul.dequantize_first(x, layer):
-        w_t = ops.transpose(ops.dequantize(layer.weight, layer.scales, layer.biases, *q, dtype=float32))
+        w_t = ops.transpose(cpu_matmul.dequantize(layer))
         y = dense(ops.astype(x, float32), w_t, None, layer.__dict__.get("_split"))
         return ops.astype(y, x.dtype if x.dtype == layer.scales.dtype else float32)
     split = layer.__dict__.get("_split")

@@ -170,7 +170,7 @@ void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int gro
   j.bits = bits;
   j.group = group;
   j.y = out.data<float>();
-  std::vector<float> xsum;
+  std::vector<float> xsum, xperm;
   if (bits) {
     j.scales = packed(in[2], tmp[2]);
     j.biases = packed(in[3], tmp[3]);
@@ -180,6 +180,12 @@ void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int gro
     for (int m = 0; m < j.M; ++m)
       for (int k = 0; k < j.K; ++k) xsum[(size_t)m * G + k / group] += j.x[(size_t)m * j.K + k];
     j.xsum = xsum.data();
+    if (bits == 4) {  // the kernels read x in the order of the nibbles (gemv_impl.h)
+      xperm.resize((size_t)j.M * j.K);
+      for (long i = 0; i < (long)j.M * j.K; i += 32)
+        for (int p = 0; p < 32; ++p) xperm[i + p] = j.x[i + (p < 16 ? 2 * p : 2 * (p - 16) + 1)];
+      j.x = xperm.data();
+    }
   }
   gv::RowsFn fn = kernel.load();
   Pool& p = pool();
@@ -237,6 +243,76 @@ class CpuGemv : public mx::UnaryPrimitive {
   int bits_, group_;
 };
 
+// Dequantization of MLX's affine packing to float32: w = s * q + b, value i of a
+// row being bits [bits*i, bits*(i+1)) of its little-endian words. Plain loops
+// the compiler vectorizes; the output is written once, so memory bounds it.
+void dequantize_rows(const mx::array& w, const mx::array& scales, const mx::array& biases, float* out, int bits,
+                     int group, int n0, int n1, std::vector<char>* tmp) {
+  const long K = (long)w.shape(1) * 32 / bits, G = K / group;
+  const uint8_t* q = static_cast<const uint8_t*>(packed(w, tmp[0]));
+  const void* sp = packed(scales, tmp[1]);
+  const void* bp = packed(biases, tmp[2]);
+  const int sk = kind_of(scales.dtype());
+  for (long n = n0; n < n1; ++n) {
+    const uint8_t* row = q + n * K * bits / 8;
+    float* o = out + n * K;
+    for (long gi = 0; gi < G; ++gi) {
+      const float s = gv::load_scalar(sp, sk, n * G + gi), b = gv::load_scalar(bp, sk, n * G + gi);
+      float* og = o + gi * group;
+      if (bits == 8) {
+        const uint8_t* r = row + gi * group;
+        for (int i = 0; i < group; ++i) og[i] = s * (float)r[i] + b;
+      } else {
+        const uint8_t* r = row + gi * group / 2;
+        for (int i = 0; i < group / 2; ++i) {
+          og[2 * i] = s * (float)(r[i] & 15) + b;
+          og[2 * i + 1] = s * (float)(r[i] >> 4) + b;
+        }
+      }
+    }
+  }
+}
+
+class CpuDequantize : public mx::UnaryPrimitive {
+ public:
+  CpuDequantize(mx::Stream s, int bits, int group) : mx::UnaryPrimitive(s), bits_(bits), group_(group) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    encoder.dispatch([inputs, out = mx::array::unsafe_weak_copy(out), bits = bits_, group = group_]() mutable {
+      const int N = out.shape(0);
+      Pool& p = pool();
+      const int parts = std::max(1, std::min(p.threads(), N / 16));
+      p.run(parts, [&](int part) {
+        std::vector<char> tmp[3];
+        dequantize_rows(inputs[0], inputs[1], inputs[2], out.data<float>(), bits, group,
+                        (int)((long)N * part / parts), (int)((long)N * (part + 1) / parts), tmp);
+      });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("cpu_dequantize runs on the CPU only");
+  }
+
+  const char* name() const override { return "CpuDequantize"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const CpuDequantize&>(other);
+    return bits_ == o.bits_ && group_ == o.group_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {{inputs[0].shape(0), inputs[0].shape(1) * 32 / bits_}};
+  }
+
+ private:
+  int bits_, group_;
+};
+
 void check_args(const mx::array& x, const mx::array& w, const mx::array* scales, int bits, int group) {
   if (x.ndim() < 1 || w.ndim() != 2) throw std::invalid_argument("cpu_gemv: x must have a last axis and w be 2-D");
   const int K = x.shape(-1);
@@ -282,6 +358,21 @@ mx::array mlxc::cpu_gemv(const mx::array& x, const mx::array& w, const mx::array
   mx::Shape shape = x.shape();
   shape.back() = N;
   return mx::astype(mx::reshape(y, shape, s), out_type, s);
+}
+
+mx::array mlxc::cpu_dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases, int bits,
+                               int group) {
+  mx::Stream s = mx::to_stream({});
+  if (s.device.type != mx::Device::cpu) throw std::invalid_argument("cpu_dequantize runs on the CPU only");
+  if (w.ndim() != 2) throw std::invalid_argument("cpu_dequantize: w must be 2-D");
+  if (bits != 4 && bits != 8) throw std::invalid_argument("cpu_dequantize: bits must be 4 or 8");
+  const int K = (int)((long)w.shape(1) * 32 / std::max(bits, 1));
+  // the packing checks of the gemv, with a stand-in x of the right width
+  const mx::array sb[2] = {scales, biases};
+  check_args(mx::zeros({1, K}, mx::float32, s), w, sb, bits, group);
+  mx::array out(mx::Shape{w.shape(0), K}, mx::float32, std::make_shared<CpuDequantize>(s, bits, group),
+                {w, scales, biases});
+  return out;
 }
 
 extern "C" {

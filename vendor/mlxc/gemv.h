@@ -19,7 +19,7 @@ enum Kind { F32 = 0, F16 = 1, BF16 = 2 };
 constexpr int kMaxRows = 8;  // rows of x one job handles
 
 struct Job {
-  const float* x;      // M x K, float32, row-major
+  const float* x;      // M x K, float32, row-major (4-bit: permuted, see gemv_impl.h)
   int M, K, N;
   const void* w;       // dense: N x K of `wkind`; quantized: N x K*bits/32 uint32
   int wkind;           // Kind of a dense weight

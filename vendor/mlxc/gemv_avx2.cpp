@@ -39,13 +39,10 @@ struct Avx2 {
     __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k));
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
   }
-  static V load_q4(const uint8_t* row, long k) {
-    int32_t packed;
-    __builtin_memcpy(&packed, row + k / 2, 4);
-    __m128i b = _mm_cvtsi32_si128(packed);
-    b = _mm_unpacklo_epi8(b, b);  // each byte twice: low nibble, then high nibble
-    __m256i e = _mm256_srlv_epi32(_mm256_cvtepu8_epi32(b), _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
-    return _mm256_cvtepi32_ps(_mm256_and_si256(e, _mm256_set1_epi32(15)));
+  static V load_q4(const uint8_t* bytes, bool high) {
+    __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+    e = high ? _mm256_srli_epi32(e, 4) : _mm256_and_si256(e, _mm256_set1_epi32(15));
+    return _mm256_cvtepi32_ps(e);
   }
 };
 

@@ -42,12 +42,10 @@ struct Avx512 {
     __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
   }
-  static V load_q4(const uint8_t* row, long k) {
-    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2));
-    b = _mm_unpacklo_epi8(b, b);  // each byte twice: low nibble, then high nibble
-    const __m512i shifts = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-    __m512i e = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(b), shifts);
-    return _mm512_cvtepi32_ps(_mm512_and_si512(e, _mm512_set1_epi32(15)));
+  static V load_q4(const uint8_t* bytes, bool high) {
+    __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+    e = high ? _mm512_srli_epi32(e, 4) : _mm512_and_si512(e, _mm512_set1_epi32(15));
+    return _mm512_cvtepi32_ps(e);
   }
 };
 

@@ -17,9 +17,7 @@ struct Scalar {
   template <int WK>
   static V load_w(const void* row, long k) { return load_scalar(row, WK, k); }
   static V load_q8(const uint8_t* row, long k) { return static_cast<float>(row[k]); }
-  static V load_q4(const uint8_t* row, long k) {
-    return static_cast<float>((row[k / 2] >> ((k & 1) * 4)) & 15);
-  }
+  static V load_q4(const uint8_t* bytes, bool high) { return static_cast<float>(high ? bytes[0] >> 4 : bytes[0] & 15); }
 };
 
 }  // namespace

@@ -15,6 +15,11 @@ void set_last_error(const std::string& message);
 // `bits` bits with scales_biases[0..1] of shape (out, in / group).
 mlx::core::array cpu_gemv(const mlx::core::array& x, const mlx::core::array& w,
                           const mlx::core::array* scales_biases, int bits, int group);
+
+// MLX's affine 4-/8-bit packing of w (out, in * bits / 32) back to float32
+// (out, in) on the CPU, on the kernels' threads (cpu_gemv.cpp).
+mlx::core::array cpu_dequantize(const mlx::core::array& w, const mlx::core::array& scales,
+                                const mlx::core::array& biases, int bits, int group);
 }  // namespace mlxc
 
 #endif

@@ -792,6 +792,13 @@ int mlxc_quantized_matmul(mlxc_array x, mlxc_array w, mlxc_array scales,
   GUARD_END
 }
 
+int mlxc_cpu_dequantize(mlxc_array w, mlxc_array scales, mlxc_array biases,
+                        int group_size, int bits, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mlxc::cpu_dequantize(w->a, scales->a, biases->a, bits, group_size), out);
+  GUARD_END
+}
+
 int mlxc_cpu_gemv(mlxc_array x, mlxc_array w, mlxc_array scales, mlxc_array biases,
                   int group_size, int bits, mlxc_array* out) {
   GUARD_BEGIN

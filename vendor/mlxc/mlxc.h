@@ -101,6 +101,15 @@ int mlxc_cpu_gemv(mlxc_array x, mlxc_array w, mlxc_array scales, mlxc_array bias
                   int group_size, int bits, mlxc_array* out);
 int mlxc_cpu_threads(void);
 int mlxc_cpu_set_threads(int n);
+/* MLX's affine 4-/8-bit packing (group size 32, 64 or 128) back to float32
+ * (out, in), on the CPU, rows split over the same threads: the prefill path
+ * multiplies quantized weights as float32 (MLX's own dequantize is several
+ * times slower). */
+int mlxc_cpu_dequantize(mlxc_array w, mlxc_array scales, mlxc_array biases,
+                        int group_size, int bits, mlxc_array* out);
+/* 1 when glibc's mmap and trim thresholds were raised as this library loaded
+ * (malloc_tuning.cpp; AMLX_MALLOC_TUNING=0 turns it off), else 0. */
+int mlxc_malloc_tuned(void);
 const char* mlxc_cpu_gemv_isa(void);            /* "avx512", "avx2" or "generic" */
 int mlxc_cpu_gemv_set_isa(const char* isa);     /* one of those, or "best" */
 
