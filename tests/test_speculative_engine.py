@@ -453,3 +453,20 @@ def test_measured_cost_model(checkpoints, drafts, monkeypatch):
     for cost in models.values():
         assert isinstance(cost, CostModel) and cost.max_tokens == 4 and cost.verify_cost[0] == 1.0
     assert stats["kv_cache"]["blocks_used"] == 0
+
+
+def test_a_verify_pass_that_always_fails_turns_speculation_off(checkpoints, monkeypatch):
+    """A verify pass that fails while every row decodes fine alone (the fault is in the
+    pass, not in a request) is not retried forever: the model warns once, goes on decoding
+    plainly, and every request ends with the plain run's greedy tokens."""
+    from amlx.engine.speculate import Speculator
+    from amlx.errors import MLXError
+
+    def broken(self, *args, **kwargs):
+        raise MLXError("verify", "injected failure")
+
+    monkeypatch.setattr(Speculator, "_run_forward", broken)
+    with pytest.warns(RuntimeWarning, match="speculative decoding is off"):
+        expected, got, stats = run(_both, checkpoints["qwen3"], _requests()[:3])
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    assert stats["speculative"]["verified_rows"] == 0 and stats["kv_cache"]["blocks_used"] == 0

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -150,6 +151,8 @@ class Scheduler:
         self.speculator = make_speculator(self.options, model, self.pools.views, self.placement, self._emit,
                                           draft_model, vocab_size, compile_forward=compile_step,
                                           plain_pass=self._timing_pass)
+        # verify steps run while this holds (off for good once a verify pass fails alone: _verify_step)
+        self.speculating = self.speculator is not None
 
     @property
     def rows(self) -> list[Request]:
@@ -538,7 +541,7 @@ class Scheduler:
         see `_step_constrained`."""
         prev = self._inflight
         # (a speculative model reads every step before the next: drafts follow the tokens)
-        if prev is not None and not (self._can_chain(prev) and self._blocks_fit() and self.speculator is None):
+        if prev is not None and not (self._can_chain(prev) and self._blocks_fit() and not self.speculating):
             self.timing.lap("other")
             self._read(self._drain())
             self._drop_inactive()
@@ -557,7 +560,7 @@ class Scheduler:
         if not plan:
             return
         self._prepare()
-        if self.speculator is not None and prev is None and self._verify_step():
+        if self.speculating and prev is None and self._verify_step():
             return
         self._inflight = None
         chained = {p.shard: p for p in prev.parts} if prev is not None else {}
@@ -609,7 +612,12 @@ class Scheduler:
                 shard.sampling.rewind(snapshot)
             self._check_pools()
             self.speculator.recover()
-            self._isolate_failure()
+            if not self._isolate_failure() and self.speculating:
+                # every row decodes alone: what fails is the verify pass itself, not a row's
+                # input, so the engine goes on decoding plainly instead of retrying it forever
+                self.speculating = False
+                warnings.warn("amlx: speculative decoding is off for this model: its verify pass failed "
+                              "while every row decodes alone", RuntimeWarning, stacklevel=1)
             return True
         self.decode_steps += 1
         return True
@@ -964,12 +972,14 @@ class Scheduler:
         req.assembler.finished = True
         req.channel.close(exc)
 
-    def _isolate_failure(self) -> None:
+    def _isolate_failure(self) -> int:
         """A batched step failed: run each row alone to find the culprit(s), fail
-        only those, and keep the others (their rows are rebuilt from the single runs).
-        A tensor-parallel model cannot: its ranks ran the step (step() fails the model)."""
+        only those, and keep the others (their rows are rebuilt from the single runs);
+        returns how many failed. A tensor-parallel model cannot: its ranks ran the
+        step (step() fails the model)."""
         if self.mirror is not None:
             raise MLXError("decode", "a batched decode step failed")
+        failed = 0
         for shard in self.shards:
             for req in list(shard.rows):
                 try:
@@ -981,8 +991,10 @@ class Scheduler:
                     ops.eval(logits)
                 except MLXError as exc:
                     self._fail(req, exc)
+                    failed += 1
         # Rows that failed are inactive now; the next round continues with the rest.
         self._drop_inactive()
+        return failed
 
     def _check_pools(self) -> None:
         """After a failed evaluation: a shard whose pool arrays cannot be evaluated
