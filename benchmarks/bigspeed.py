@@ -35,11 +35,9 @@ import argparse
 import json
 import os
 import platform
-import queue
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -48,6 +46,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from bandwidth import kv_bytes, weight_bytes  # noqa: E402
+from child_process import Child as ChildProcess, serve  # noqa: E402
 from checkpoints import checkpoint_bytes, split_variant, write_benchmark_checkpoint  # noqa: E402
 
 DEFAULT_MODELS = ["qwen3-8b", "qwen3-8b-4bit", "gemma3-27b-4bit", "gemma3-27b", "gemma3-4b", "gemma3-4b-4bit"]
@@ -116,84 +115,36 @@ def _mlx_lm_side(path: str, max_batch: int):
 
 
 def child(side: str, path: str, max_batch: int) -> int:
-    """Serves commands for one side: prints READY, then one RESULT line per command."""
-    out = sys.stdout
-    sys.stdout = sys.stderr  # libraries' prints go to the log, not the pipe
-    ready, single, batch, bandwidth, close = (_amlx_side if side == "amlx" else _mlx_lm_side)(path, max_batch)
-    print("READY " + json.dumps(ready), file=out, flush=True)
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd["op"] == "quit":
-            break
-        t0 = time.perf_counter()
-        if cmd["op"] == "single":
-            times = single(_prompts(1, cmd["prompt"], cmd["seed"])[0], cmd["tokens"])
-            n = len(times) - 1
-            res = {"tokens": n, "ttft_s": times[1] - times[0],
-                   "decode_tps": (n - 1) / (times[-1] - times[1]) if n > 1 else 0.0}
-        elif cmd["op"] == "batch":
-            n = batch(_prompts(cmd["streams"], cmd["prompt"], cmd["seed"]), cmd["tokens"])
-            res = {"tokens": n, "tps": n / (time.perf_counter() - t0)}
-        else:
-            res = {"copy_bytes_per_s": bandwidth(cmd["nbytes"])}
-        res["seconds"] = time.perf_counter() - t0
-        print("RESULT " + json.dumps(res), file=out, flush=True)
-    close()
-    return 0
+    """Serves commands for one side (child_process.serve): single, batch, bandwidth."""
+
+    def start():
+        ready, single, batch, bandwidth, close = (_amlx_side if side == "amlx" else _mlx_lm_side)(path, max_batch)
+
+        def handle(cmd: dict) -> dict:
+            t0 = time.perf_counter()
+            if cmd["op"] == "single":
+                times = single(_prompts(1, cmd["prompt"], cmd["seed"])[0], cmd["tokens"])
+                n = len(times) - 1
+                res = {"tokens": n, "ttft_s": times[1] - times[0],
+                       "decode_tps": (n - 1) / (times[-1] - times[1]) if n > 1 else 0.0}
+            elif cmd["op"] == "batch":
+                n = batch(_prompts(cmd["streams"], cmd["prompt"], cmd["seed"]), cmd["tokens"])
+                res = {"tokens": n, "tps": n / (time.perf_counter() - t0)}
+            else:
+                res = {"copy_bytes_per_s": bandwidth(cmd["nbytes"])}
+            res["seconds"] = time.perf_counter() - t0
+            return res
+
+        return ready, handle, close
+
+    return serve(start)
 
 
-class Child:
-    """A child process serving one side; every wait ends by `deadline`."""
+class Child(ChildProcess):
+    """A child process serving one side (child_process.Child)."""
 
     def __init__(self, side: str, path: Path, max_batch: int):
-        self.side = side
-        self.ready: dict = {}  # what the child reported once its model was loaded
-        # no load-time warm-up of quantized kernels: the untimed first run of each
-        # measurement compiles the few variants it uses (the warm-up would compile all
-        # five, minutes of the budget); benchmarks/first_request.py measures the warm-up
-        env = dict(os.environ, AMLX_WARMUP="0")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--child", side, "--path", str(path),
-             "--max-batch", str(max_batch)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_for(self, tag: str, deadline: float) -> dict:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{self.side}: no {tag} before the deadline")
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise RuntimeError(f"{self.side} exited (status {self.proc.wait()}) before {tag}")
-            if line.startswith(tag + " "):
-                return json.loads(line[len(tag) + 1:])
-
-    def ask(self, deadline: float, **cmd) -> dict:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self.wait_for("RESULT", deadline)
-
-    def stop(self, grace: float) -> None:
-        """Asks the child to quit; kills it after `grace` seconds (at once when 0)."""
-        try:
-            if self.proc.poll() is None and self.proc.stdin is not None and grace > 0:
-                self.proc.stdin.write('{"op": "quit"}\n')
-                self.proc.stdin.flush()
-            self.proc.wait(timeout=max(0.01, grace))
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(side, Path(__file__).resolve(), ["--path", str(path), "--max-batch", str(max_batch)])
 
 
 # -- the parent -------------------------------------------------------------------

@@ -46,13 +46,11 @@ import argparse
 import json
 import os
 import platform
-import queue
 import random
 import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -62,6 +60,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
 from checkpoints import write_benchmark_checkpoint  # noqa: E402
+from child_process import Child as ChildProcess, serve  # noqa: E402
 
 KV_MEMORY = 2 << 30  # bytes per engine: a few hundred positions of one stream need far less
 
@@ -175,73 +174,26 @@ def _mlx_lm_side(target: str, draft: str, ks: list[int]):
 
 
 def child(side: str, target: str, draft: str, ks: list[int], fixed: bool) -> int:
-    """Serves one side: prints READY, then one RESULT line per command."""
-    out = sys.stdout
-    sys.stdout = sys.stderr  # libraries' prints go to the log, not the pipe
-    if side == "amlx":
-        ready, run, close = _amlx_side(target, draft, ks, fixed)
-    else:
-        ready, run, close = _mlx_lm_side(target, draft, ks)
-    print("READY " + json.dumps(ready), file=out, flush=True)
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd["op"] == "quit":
-            break
-        res = run(cmd["mode"], cmd["prompt"], cmd["tokens"])
-        print("RESULT " + json.dumps(res), file=out, flush=True)
-    close()
-    return 0
+    """Serves one side (child_process.serve): one decode run per command."""
+
+    def start():
+        if side == "amlx":
+            ready, run, close = _amlx_side(target, draft, ks, fixed)
+        else:
+            ready, run, close = _mlx_lm_side(target, draft, ks)
+        return ready, lambda cmd: run(cmd["mode"], cmd["prompt"], cmd["tokens"]), close
+
+    return serve(start)
 
 
-class Child:
-    """A child process serving one side; every wait ends by `deadline` (time.monotonic)."""
+class Child(ChildProcess):
+    """A child process serving one side (child_process.Child); precompile() filled the
+    quantized kernels' cache beforehand."""
 
     def __init__(self, side: str, target: Path, draft: Path, ks: list[int], fixed: bool = False):
-        self.side = side
-        # no load-time warm-up of quantized kernels: precompile() filled the kernel cache
-        env = dict(os.environ, AMLX_WARMUP="0")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--child", side, "--target", str(target),
-             "--draft", str(draft), "--k", ",".join(map(str, ks)), *(["--fixed-costs"] if fixed else [])],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_for(self, tag: str, deadline: float) -> dict:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{self.side}: no {tag} before the deadline")
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise RuntimeError(f"{self.side} exited (status {self.proc.wait()}) before {tag}")
-            if line.startswith(tag + " "):
-                return json.loads(line[len(tag) + 1:])
-
-    def ask(self, deadline: float, **cmd) -> dict:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self.wait_for("RESULT", deadline)
-
-    def stop(self) -> None:
-        try:
-            if self.proc.poll() is None and self.proc.stdin is not None:
-                self.proc.stdin.write('{"op": "quit"}\n')
-                self.proc.stdin.flush()
-            self.proc.wait(timeout=20)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(side, Path(__file__).resolve(), ["--target", str(target), "--draft", str(draft),
+                                                          "--k", ",".join(map(str, ks)),
+                                                          *(["--fixed-costs"] if fixed else [])])
 
 
 # -- shared bookkeeping ---------------------------------------------------------------
