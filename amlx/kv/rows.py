@@ -309,13 +309,7 @@ class ShardKV:
         blocks_wide = -(-blocks_wide // self.span_step) * self.span_step
         pos = np.asarray([r.pos for r in rows], dtype=np.int64)[:, None] + np.arange(width)[None, :]
         real = np.arange(width)[None, :] <= np.asarray(lengths)[:, None]
-        offsets = (pos % bs).reshape(-1)
-        gather = self._gather_rows(_table(rows, blocks_wide))
-        tables = Tables(array(gather), array(self._writes(self._written(rows, pos, real, "blocks"), offsets)),
-                        len(rows), blocks_wide, bs)
-        if self.local is None:
-            return tables
-        return self._with_local(tables, rows, blocks_wide, self._written(rows, pos, real, "local"), offsets)
+        return self._written_tables(rows, pos, real, blocks_wide)
 
     def span(self, rows: Sequence[KVRow]) -> int:
         """Positions a decode pass over `rows` gathers per row."""
@@ -394,16 +388,21 @@ class ShardKV:
         row gathers `blocks_wide` blocks. A prefill pass (one start), and the
         scheduler's compiled extend pass (padded; attended as a verify pass is,
         with `verify_mask`; `extend_width`)."""
-        bs = self.block_size
         pos = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(width)[None, :]
         real = pos < np.asarray(lengths, dtype=np.int64)[:, None]
         for r, s, end in zip(rows, starts, lengths):
             if end > s:
                 self._cover(r, s, end)
-        offsets = (pos % bs).reshape(-1)
+        return self._written_tables(rows, pos, real, blocks_wide)
+
+    def _written_tables(self, rows: Sequence[KVRow], pos: np.ndarray, real: np.ndarray, blocks_wide: int) -> Tables:
+        """A pass's tables (both pools' where there are two): `blocks_wide` table entries
+        gathered per row, and the positions `pos` (B, N) written where `real` (the null
+        block elsewhere)."""
+        offsets = (pos % self.block_size).reshape(-1)
         gather = self._gather_rows(_table(rows, blocks_wide))
         tables = Tables(array(gather), array(self._writes(self._written(rows, pos, real, "blocks"), offsets)),
-                        len(rows), blocks_wide, bs)
+                        len(rows), blocks_wide, self.block_size)
         if self.local is None:
             return tables
         return self._with_local(tables, rows, blocks_wide, self._written(rows, pos, real, "local"), offsets)
