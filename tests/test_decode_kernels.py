@@ -142,12 +142,7 @@ def test_paged_attention_kernel_reads_through_block_tables(b, kv, group, dim, bl
         for j in range(width):
             keys[i, :, j * block:(j + 1) * block] = pool[0, table[i, j]]
             values[i, :, j * block:(j + 1) * block] = pool[1, table[i, j]]
-    pos = rng.integers(0, length, size=b).astype(np.int32)
-    pos[0] = length - 1
-    qkv = rnd(rng.standard_normal((b, (heads + 2 * kv) * dim)), dtype)
-    inv_freq = (1.0 / 10000.0 ** (np.arange(0, dim, 2) / dim)).astype(np.float32)
-    norms = [rnd(1 + 0.3 * rng.standard_normal(dim), dtype) for _ in range(2)] if qk_norm else None
-    weights = [as_mx(w, dtype) for w in norms] if qk_norm else [None, None]
+    pos, qkv, inv_freq, norms, weights = _paged_step(rng, b, length, heads, kv, dim, qk_norm, dtype)
     got = da.decode_attention(as_mx(qkv, dtype), as_mx(pool, dtype), mx.array(pos), heads=heads, scale=dim ** -0.5,
                               window=window, inv_freq=mx.array(inv_freq), q_norm=weights[0], k_norm=weights[1],
                               eps=1e-6, table=mx.array(table))
@@ -156,6 +151,19 @@ def test_paged_attention_kernel_reads_through_block_tables(b, kv, group, dim, bl
     assert [a.shape for a in got] == [(b, heads * dim), (2, b, kv, 1, dim)]
     for g, w in zip(got, want):
         np.testing.assert_allclose(as_np(g), w, rtol=ROPE_TOL[dtype], atol=ROPE_TOL[dtype])
+
+
+def _paged_step(rng, b, length, heads, kv, dim, qk_norm, dtype):
+    """A paged decode step's random inputs: positions (b,) (row 0 at the last slot, so
+    it is reachable), the fused qkv (b, (heads + 2 kv) * dim), rotary frequencies, and
+    the q/k norm weights (numpy, and as MLX arrays; None, [None, None] without)."""
+    pos = rng.integers(0, length, size=b).astype(np.int32)
+    pos[0] = length - 1
+    qkv = rnd(rng.standard_normal((b, (heads + 2 * kv) * dim)), dtype)
+    inv_freq = (1.0 / 10000.0 ** (np.arange(0, dim, 2) / dim)).astype(np.float32)
+    norms = [rnd(1 + 0.3 * rng.standard_normal(dim), dtype) for _ in range(2)] if qk_norm else None
+    weights = [as_mx(w, dtype) for w in norms] if qk_norm else [None, None]
+    return pos, qkv, inv_freq, norms, weights
 
 
 def _quantized_pool(rng, b, kv, dim, block, length, bits, qgroup, dtype):
@@ -199,12 +207,7 @@ def test_quantized_paged_kernel_equals_reference_and_gather_path(b, kv, group, d
     stored, table = _quantized_pool(rng, b, kv, dim, block, length, bits, qgroup, dtype)
     deq = kv_reference.dequantize(*stored, qgroup, bits, dtype)  # (2, blocks, kv, block, dim)
     keys, values = _contiguous(deq, table, width)
-    pos = rng.integers(0, length, size=b).astype(np.int32)
-    pos[0] = length - 1
-    qkv = rnd(rng.standard_normal((b, (heads + 2 * kv) * dim)), dtype)
-    inv_freq = (1.0 / 10000.0 ** (np.arange(0, dim, 2) / dim)).astype(np.float32)
-    norms = [rnd(1 + 0.3 * rng.standard_normal(dim), dtype) for _ in range(2)] if qk_norm else None
-    weights = [as_mx(w, dtype) for w in norms] if qk_norm else [None, None]
+    pos, qkv, inv_freq, norms, weights = _paged_step(rng, b, length, heads, kv, dim, qk_norm, dtype)
     packed, scales, biases = mx.array(stored[0]), as_mx(stored[1], dtype), as_mx(stored[2], dtype)
     args = dict(heads=heads, scale=dim ** -0.5, window=window, inv_freq=mx.array(inv_freq), q_norm=weights[0],
                 k_norm=weights[1], eps=1e-6)
