@@ -121,6 +121,18 @@ class ShardPools:
         logits = ops.reshape(logits, (tokens.shape[0], logits.shape[2]))
         return logits, written(views)
 
+    def pass_views(self, batch: int, tabs: list[Array], arrays: list[Array]) -> list[PagedLayer]:
+        """Each layer's view of `arrays` (in a shard's pool layout: a compiled pass's
+        inputs) for a pass of `batch` rows whose tables come as `extend_arrays` gives
+        them (an extend pass, a verify pass); every shard's pool has the same layout,
+        so shard 0's describes them all."""
+        rows, writes, *local = tabs
+        width = rows.shape[0] // (2 * batch * self.kv[0].pool.kv_heads)
+        tables = Tables(rows, writes, batch, width, self.block_size)
+        if local:
+            tables.local = Tables(local[0], local[1], batch, width, self.block_size)
+        return self.views(0, tables, arrays)
+
     def extend_pass(self, model, tokens: Array, positions: Array, last: Array, tabs: list[Array],
                     arrays: list[Array]) -> tuple[Array, list[Array]]:
         """A short prefill behind a cached prefix as a pure function of arrays (what
@@ -129,14 +141,8 @@ class ShardPools:
         `ShardKV.extend_tables`), attended as a verify pass does (per-row positions,
         `verify_mask`) -> (logits (B, V) at each row's token `last[b]`, the pool
         arrays written)."""
-        rows, writes, *local = tabs
         b = tokens.shape[0]
-        kv = self.kv[0]
-        width = rows.shape[0] // (2 * b * kv.pool.kv_heads)
-        tables = Tables(rows, writes, b, width, self.block_size)
-        if local:
-            tables.local = Tables(local[0], local[1], b, width, self.block_size)
-        views = self.views(0, tables, arrays)
+        views = self.pass_views(b, tabs, arrays)
         logits = model(tokens, views, positions, last=last)
         return ops.reshape(logits, (b, logits.shape[2])), written(views)
 

@@ -148,7 +148,7 @@ class Scheduler:
         # raise, or return an array (added to the logits) whose evaluation fails.
         self.fault = None
         # speculative decoding (load option `draft`), None without
-        self.speculator = make_speculator(self.options, model, self.pools.views, self.placement, self._emit,
+        self.speculator = make_speculator(self.options, model, self.pools.pass_views, self.placement, self._emit,
                                           draft_model, vocab_size, compile_forward=compile_step,
                                           plain_pass=self._timing_pass)
         # verify steps run while this holds (off for good once a verify pass fails alone: _verify_step)

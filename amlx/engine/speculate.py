@@ -135,8 +135,8 @@ class _Pass:
 class Speculator:
     """Drafting and verify steps for one scheduler (worker thread), and their counters.
 
-    `views(shard_index, tables)`: each layer's view of a shard's pool for a pass
-    (`ShardPools.views`); `on(index)`: a block running on a shard's stream;
+    `views(batch, tabs, arrays)`: each layer's view of pool arrays for a compiled
+    pass (`ShardPools.pass_views`); `on(index)`: a block running on a shard's stream;
     `emit(req, token, logprob, top)`: hands one token to its request."""
 
     def __init__(self, spec: DraftSpec, model, views: Callable, on: Callable,
@@ -362,20 +362,9 @@ class Speculator:
                  arrays: list[Array]) -> tuple[Array, list[Array]]:
         """A verify forward as a pure function of arrays (what gets compiled): tokens
         (B, W), positions (B,), the tables' gather pieces and write slots
-        (`ShardKV.verify_tables`; then the windowed layers' pool's, where it has one),
-        each layer's pool array -> (logits (B, W, V), the pool arrays written). The
-        tables' width in blocks follows from the shapes (a trace sees them as
-        constants); every shard's pool has the same layout, so shard 0's describes them all."""
-        b = tokens.shape[0]
-        _, _, heads, block_size, _ = arrays[0].shape
-
-        def plan(gather: Array, writes: Array) -> Tables:
-            return Tables(gather, writes, b, gather.shape[0] // (2 * b * heads), block_size)
-
-        tables = plan(*tabs[:2])
-        if len(tabs) > 2:
-            tables.local = plan(*tabs[2:4])
-        views = self._views(0, tables, arrays)
+        (`ShardKV.verify_tables`, as `extend_arrays` lists them), each layer's pool
+        array -> (logits (B, W, V), the pool arrays written)."""
+        views = self._views(tokens.shape[0], tabs, arrays)
         return self.model(tokens, views, positions), written(views)
 
     def weights_changed(self) -> None:
