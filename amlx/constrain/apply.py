@@ -24,17 +24,23 @@ def check_mask_shape(mask_shape: tuple, logits_shape: tuple) -> None:
         raise ValueError(f"a {tuple(mask_shape)} token mask does not cover logits of shape ({b}, {v})")
 
 
-def token_mask(masks: Array, vocab: int) -> Array:
-    """(B, vocab) bool, True where the packed (B, words) int32 bitmask allows the token.
-
-    Bit `i % 32` of word `i // 32` is token i: the words are shifted by 0..31 along a new
-    last axis (one fused elementwise kernel writing B * words * 32 bools), and the result is
-    read as (B, words * 32), which is contiguous, so the reshape and the cut to `vocab` copy
-    nothing."""
+def _allowed(masks: Array) -> Array:
+    """(B, words, 32) bool: bit j of word w, the words shifted by 0..31 along a new last axis
+    (one fused elementwise kernel under compile)."""
     b, words = masks.shape
     shifts = ops.reshape(ops.arange(0, 32, dtype=_int32), (1, 1, 32))
     bits = ops.bitwise_and(ops.right_shift(ops.reshape(masks, (b, words, 1)), shifts), array(1, _int32))
-    allowed = ops.reshape(ops.not_equal(bits, array(0, _int32)), (b, words * 32))
+    return ops.not_equal(bits, array(0, _int32))
+
+
+def token_mask(masks: Array, vocab: int) -> Array:
+    """(B, vocab) bool, True where the packed (B, words) int32 bitmask allows the token.
+
+    Bit `i % 32` of word `i // 32` is token i (`_allowed`); the (B, words, 32) result is
+    read as (B, words * 32), which is contiguous, so the reshape and the cut to `vocab` copy
+    nothing."""
+    b, words = masks.shape
+    allowed = ops.reshape(_allowed(masks), (b, words * 32))
     return allowed if words * 32 == vocab else ops.slice(allowed, (0, 0), (b, vocab))
 
 
@@ -53,10 +59,7 @@ def apply_token_mask(logits: Array, masks: Array, dtype=None) -> Array:
     if words * 32 != v:
         x = ops.where(token_mask(masks, v), logits, array(float("-inf"), logits.dtype))
         return x if dtype is None else ops.astype(x, dtype)
-    shifts = ops.reshape(ops.arange(0, 32, dtype=_int32), (1, 1, 32))
-    bits = ops.bitwise_and(ops.right_shift(ops.reshape(masks, (b, words, 1)), shifts), array(1, _int32))
-    x = ops.where(ops.not_equal(bits, array(0, _int32)), ops.reshape(logits, (b, words, 32)),
-                  array(float("-inf"), logits.dtype))
+    x = ops.where(_allowed(masks), ops.reshape(logits, (b, words, 32)), array(float("-inf"), logits.dtype))
     if dtype is not None:
         x = ops.astype(x, dtype)
     return ops.reshape(x, (b, v))
