@@ -426,6 +426,27 @@ def test_verify_forward_is_compiled_and_traced_once_per_shape(checkpoints, monke
     assert len(traced) < rounds
 
 
+def test_draft_step_is_compiled_and_traced_once_per_shape(checkpoints, drafts, monkeypatch):
+    """A draft model's step runs compiled: traced once per input shape (batch, span, pool
+    size), not once per draft step; greedy output is unchanged."""
+    from amlx.engine.draft_model import DraftModel
+
+    traced = []
+    step = DraftModel._step
+
+    def counting(self, tokens, positions, tabs, arrays):
+        traced.append((tokens.shape, tabs[0].shape, arrays[0].shape))  # runs only while tracing
+        return step(self, tokens, positions, tabs, arrays)
+
+    monkeypatch.setattr(DraftModel, "_step", counting)
+    monkeypatch.setenv("AMLX_SHARDS", "1")  # (a compiled function is traced per stream too)
+    reqs = [(PROMPTS[0], {"max_tokens": 60}), (PROMPTS[2], {"max_tokens": 60})]
+    expected, got, stats = run(_both, checkpoints["qwen3"], reqs, draft=str(checkpoints["qwen3"]))
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    assert traced and len(set(traced)) == len(traced)  # never traced twice for one shape
+    assert len(traced) < stats["speculative"]["drafted_tokens"] // 2  # (k draft steps per round, 2 rows)
+
+
 def test_measured_cost_model(checkpoints, drafts, monkeypatch):
     """With the cost model measured (AMLX_MEASURE_DRAFT_COSTS=1, the GPU's default), the
     first verify round times a plain step, each width's verify pass and a draft step over

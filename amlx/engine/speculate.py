@@ -319,8 +319,9 @@ class Speculator:
                 pad = width - 1 - tokens.shape[1]
                 if pad:  # up to the width bucket: padding drafts, never accepted (lengths)
                     tokens = ops.concatenate([tokens, ops.zeros((len(rows), pad), tokens.dtype)], axis=1)
-                    probs = ops.concatenate([probs, ops.zeros((len(rows), pad, probs.shape[2]), probs.dtype)],
-                                            axis=1)
+                    if probs is not None:  # (None: greedy rows only, judged without q)
+                        probs = ops.concatenate([probs, ops.zeros((len(rows), pad, probs.shape[2]), probs.dtype)],
+                                                axis=1)
                 last = array(np.asarray([[r.last] for r in rows], dtype=np.int32))
                 return (ops.concatenate([last, tokens], axis=1), Drafts(tokens, _int32s(lengths), probs), masks,
                         lengths)
@@ -435,7 +436,7 @@ def make_speculator(options, model, views: Callable, placement, emit: Callable, 
     if draft_model is not None:
         if vocab_size is None:
             raise ValueError("a draft model needs the target's vocab_size")
-        draft = DraftModel(draft_model, options, len(placement.streams), vocab_size)
+        draft = DraftModel(draft_model, options, len(placement.streams), vocab_size, compile_step=compile_forward)
     measure = plain_pass if options.measure_draft_costs else None
     return Speculator(spec, model, views, placement.on, emit, draft, compile_forward=compile_forward,
                       pad_batches=bool(options.pad_batches), plain_pass=measure)
