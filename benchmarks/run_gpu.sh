@@ -16,6 +16,10 @@
 #   bash benchmarks/run_gpu.sh spec-draft   # end to end: qwen3-8b with its 4-bit copy as draft, amlx vs mlx-lm
 #   bash benchmarks/run_gpu.sh spec-lookup  # end to end: prompt lookup on a model fine-tuned to copy
 #   (each spec-* part is one call of about 4 minutes; the checkpoints stay in /tmp/amlx-spec for the next)
+#   bash benchmarks/run_gpu.sh spec-all     # the three in one call of about 6 minutes (4.5 with the checkpoints
+#                                        # already in /tmp/amlx-spec): draft pairs first (they write and convert
+#                                        # the checkpoints), then the cost table, then prompt lookup; each part
+#                                        # bounded (DRAFT_BUDGET, COST_BUDGET, LOOKUP_BUDGET seconds)
 # bigspeed and first keep MLX's compiled kernels between calls: a carried .gpu/ptx.tgz is unpacked
 # into MLX_PTX_CACHE_DIR first, and the cache goes back as $OUT/ptx.tgz (copy it to .gpu/ptx.tgz here).
 set -euo pipefail
@@ -78,6 +82,22 @@ case "${1:-speed}" in
     timeout -k 10 $(( ${BUDGET:-240} + 50 )) python3 benchmarks/speculative.py draft --out "$OUT" --root /tmp/amlx-spec \
       --budget ${BUDGET:-240} ${SPEC_ARGS:-} || echo "speculative.py ended with status $?"
     save_ptx ;;
+  spec-all)
+    restore_ptx
+    # 8B target with its 4-bit copy (adaptive length, and k=4 every round as mlx-lm drafts) and with a
+    # 0.6B-shaped random draft (k=4 every round), amlx beside mlx-lm, 128 tokens, agreement and
+    # divergence checks; each mlx-lm or amlx call stopped after 40 s (the other side goes on)
+    timeout -k 10 $(( ${DRAFT_BUDGET:-200} + 40 )) python3 benchmarks/speculative.py draft --out "$OUT" \
+      --root /tmp/amlx-spec --budget ${DRAFT_BUDGET:-200} --modes q4-k4,q4-k4-every,qwen3-0.6b-k4-every \
+      --tokens 128 --repeats 2 --call-timeout 40 ${SPEC_ARGS:-} 2>&1 | tee "$OUT/speculative_draft_log.txt" \
+      || echo "speculative.py draft ended with status $?"
+    save_ptx
+    timeout -k 10 ${COST_BUDGET:-70} python3 benchmarks/speculative_cost.py --root /tmp/amlx-spec --batch 1,8 \
+      --max-k 4 --steps 8 --out "$OUT/speculative_cost.json" | tee "$OUT/speculative_cost.txt" \
+      || echo "speculative_cost.py ended with status $?"
+    timeout -k 10 $(( ${LOOKUP_BUDGET:-100} + 20 )) python3 benchmarks/speculative.py lookup --out "$OUT" \
+      --root /tmp/amlx-spec --budget ${LOOKUP_BUDGET:-100} --repeats 2 2>&1 | tee "$OUT/speculative_lookup_log.txt" \
+      || echo "speculative.py lookup ended with status $?" ;;
   spec-lookup)
     timeout -k 10 ${BUDGET:-290} python3 benchmarks/speculative.py lookup --out "$OUT" --root /tmp/amlx-spec \
       ${SPEC_ARGS:-} || echo "speculative.py ended with status $?" ;;

@@ -5,7 +5,7 @@ A draft made from the target itself by `amlx.convert` (a float copy, an 8-bit an
 argmax after each prefix of the target's own greedy output, one forward without a
 cache, against the target's next token), and by the engine
 (`amlx.load(target, draft=copy)`, greedy, `stats()["speculative"]`). With the draft
-length held at `num_draft_tokens` (cost constants that make every draft pay), a
+length held at `num_draft_tokens` (AMLX_ADAPTIVE_DRAFT=0), a
 round at the target's position n drafts k tokens and the target accepts them up to
 the first whose teacher-forced argmax disagrees: greedy drafting along accepted
 drafts is the draft run on the target's own tokens. So the engine's drafted and
@@ -80,12 +80,8 @@ def _expected_counts(agree: np.ndarray, max_tokens: int, k: int) -> tuple[int, i
 
 @pytest.mark.parametrize("bits", [None, 8, 4])
 def test_engine_acceptance_equals_teacher_forced_agreement(pair, bits, monkeypatch):
-    import amlx.engine.speculate as speculate
-
-    # every draft pays: rows always draft num_draft_tokens (capped by what is left to emit)
-    monkeypatch.setattr(speculate, "VERIFY_SLOPE", 0.0)
-    monkeypatch.setattr(speculate, "DRAFT_MODEL_COST", 0.0)
-    monkeypatch.setenv("AMLX_MEASURE_DRAFT_COSTS", "0")
+    # no adaptive length: rows always draft num_draft_tokens (capped by what is left to emit)
+    monkeypatch.setenv("AMLX_ADAPTIVE_DRAFT", "0")
     target, copies = pair
     options = {"max_tokens": N_NEW, "temperature": 0.0, "max_buffer": 2 * N_NEW}
     with amlx.load_sync(target, device="cpu") as plain:

@@ -142,7 +142,7 @@ class Speculator:
     def __init__(self, spec: DraftSpec, model, views: Callable, on: Callable,
                  emit: Callable[[Request, int, float, list | None], None], draft: DraftModel | None = None,
                  compile_forward: bool = True, pad_batches: bool = False,
-                 plain_pass: Callable[[Any, list], list[Array]] | None = None):
+                 plain_pass: Callable[[Any, list], list[Array]] | None = None, adaptive: bool = True):
         if spec.kind == "model" and draft is None:
             raise ValueError(f"draft={spec.path}: the draft model was not loaded")
         self.spec = spec
@@ -165,6 +165,8 @@ class Speculator:
         self._timing_rows: list[_NullRow] = []
         self._lookups: weakref.WeakKeyDictionary[Request, _Lookup] = weakref.WeakKeyDictionary()
         self._cost = CostModel.linear(spec.num_draft_tokens, VERIFY_SLOPE, 0.0 if draft is None else DRAFT_MODEL_COST)
+        if not adaptive:  # (EngineOptions.adaptive_draft_length off) costs at which every draft pays: the full length
+            self._cost = CostModel.linear(spec.num_draft_tokens, 0.0, 0.0)
         self._adaptive: weakref.WeakKeyDictionary[Request, AdaptiveLength] = weakref.WeakKeyDictionary()
 
     def _length(self, req: Request) -> AdaptiveLength:
@@ -437,9 +439,10 @@ def make_speculator(options, model, views: Callable, placement, emit: Callable, 
         if vocab_size is None:
             raise ValueError("a draft model needs the target's vocab_size")
         draft = DraftModel(draft_model, options, len(placement.streams), vocab_size, compile_step=compile_forward)
-    measure = plain_pass if options.measure_draft_costs else None
+    adaptive = options.adaptive_draft_length is not False
+    measure = plain_pass if options.measure_draft_costs and adaptive else None
     return Speculator(spec, model, views, placement.on, emit, draft, compile_forward=compile_forward,
-                      pad_batches=bool(options.pad_batches), plain_pass=measure)
+                      pad_batches=bool(options.pad_batches), plain_pass=measure, adaptive=adaptive)
 
 
 def _int32s(values: list[int]) -> Array:
