@@ -119,19 +119,38 @@ class DraftModel:
         out.close()  # (the writes stay in the pool's graph)
         row.pos = req.pos
 
+    def _catch_up_one(self, shard: int, rows: Sequence[Request], one: Sequence[bool]) -> None:
+        """The catch-up of rows that lack one token (`one`), as one draft step of the
+        shard's rows (the compiled step, the draft steps' shapes: no trace of its own);
+        its logits are not read, the other rows write the null block."""
+        drow = [self._rows[r] if o else _DraftRow(shard, [0]) for r, o in zip(rows, one)]
+        seq = [(r.prompt + r.generated)[self._rows[r].pos] if o else 0 for r, o in zip(rows, one)]
+        tables = self.kv[shard].verify_tables(drow, 1, [0 if o else -1 for o in one])
+        positions = array(np.asarray([row.pos for row in drow], dtype=np.int32))
+        self._forward(shard, array(np.asarray(seq, np.int32).reshape(-1, 1)), positions, tables)
+        for row, o in zip(drow, one):
+            if o:
+                row.pos += 1
+
     def propose(self, shard: int, rows: Sequence[Request], lengths: Sequence[int],
                 sampling) -> tuple[Array, Array | None]:
         """Drafts (B, K) int32 and their q (B, K, vocab) for a shard's rows, K = max(lengths);
         row b's entries past lengths[b] are padding; q is None when every row is greedy.
         `sampling`: the shard's BatchSampling."""
         kv, k = self.kv[shard], max(lengths)
-        for req, n in zip(rows, lengths):
+        one = [False] * len(rows)  # rows whose draft cache lacks one token: the last draft after a
+        for b, (req, n) in enumerate(zip(rows, lengths)):  # round that accepted all (the common case)
             if n:
-                self._catch_up(shard, req)
+                one[b] = req.pos - self._rows[req].pos == 1
+                if not one[b]:
+                    self._catch_up(shard, req)
+        if any(one):
+            self._catch_up_one(shard, rows, one)
         # rows not drafting write and read only the null block
         drow = [self._rows[r] if n else _DraftRow(shard, [0]) for r, n in zip(rows, lengths)]
         params = sampling.params
-        keys = draft_keys(sampling.keys)
+        # (greedy rows draw no noise: their draft keys are never read)
+        keys = sampling.keys if params.all_greedy else draft_keys(sampling.keys)
         history, counts = sampling.penalty_state(self.vocab)
         token = array(np.asarray([[r.last] for r in rows], dtype=np.int32))
         drafts, probs = [], []

@@ -52,14 +52,18 @@ def draft_step(logits: Array, params: BatchParams, keys: Array, history: Array |
     `probs` False: q is not computed (a batch of greedy rows, which `verify` judges by argmax)."""
     x = sampling_logits(logits, params, history, counts)
     greedy = ops.argmax(x, axis=-1).astype(mx.int32)
-    drawn = ops.argmax(x + gumbel_noise(keys, x.shape[1]), axis=-1).astype(mx.int32)
-    tokens = ops.where(ops.less_equal(params.temperature, 0.0), greedy, drawn)
+    if params.all_greedy:  # no noise to draw, and the keys stay as they are (never read by greedy rows)
+        tokens = greedy
+    else:
+        drawn = ops.argmax(x + gumbel_noise(keys, x.shape[1]), axis=-1).astype(mx.int32)
+        tokens = ops.where(ops.less_equal(params.temperature, 0.0), greedy, drawn)
     col = tokens[:, None]
     if history is not None:
         history = ops.put_along_axis(history, col, mx.array(True), -1)
     if counts is not None:
         counts = ops.put_along_axis(counts, col, ops.take_along_axis(counts, col, -1) + 1, -1)
-    return DraftStep(tokens, ops.softmax(x, axis=-1) if probs else None, advance_keys(keys), history, counts)
+    return DraftStep(tokens, ops.softmax(x, axis=-1) if probs else None,
+                     keys if params.all_greedy else advance_keys(keys), history, counts)
 
 
 def fit_vocab(logits: Array, vocab: int) -> Array:
