@@ -84,11 +84,12 @@ case "${1:-speed}" in
     save_ptx ;;
   spec-all)
     restore_ptx
-    # 8B target with its 4-bit copy (adaptive length, and k=4 every round as mlx-lm drafts) and with a
-    # 0.6B-shaped random draft (k=4 every round), amlx beside mlx-lm, 128 tokens, agreement and
-    # divergence checks; each mlx-lm or amlx call stopped after 40 s (the other side goes on)
+    # 8B target with a 0.6B-shaped random draft (k=4 every round) and with its own 4-bit copy (k=4 every
+    # round as mlx-lm drafts, and the adaptive length), amlx beside mlx-lm, 128 tokens, agreement and
+    # divergence checks; a side's call stopped after 40 s (the other goes on; the quantized draft last,
+    # whose first mlx-lm run may compile kernels past that)
     timeout -k 10 $(( ${DRAFT_BUDGET:-200} + 40 )) python3 benchmarks/speculative.py draft --out "$OUT" \
-      --root /tmp/amlx-spec --budget ${DRAFT_BUDGET:-200} --modes q4-k4,q4-k4-every,qwen3-0.6b-k4-every \
+      --root /tmp/amlx-spec --budget ${DRAFT_BUDGET:-200} --modes qwen3-0.6b-k4-every,q4-k4-every,q4-k4 \
       --tokens 128 --repeats 2 --call-timeout 40 ${SPEC_ARGS:-} 2>&1 | tee "$OUT/speculative_draft_log.txt" \
       || echo "speculative.py draft ended with status $?"
     save_ptx

@@ -2,19 +2,26 @@
 API, `amlx.load(path, draft=..., num_draft_tokens=k)`, against the same model without a draft,
 and against mlx-lm's speculative decoding on the same pair.
 
-Two parts, each one call (about 4 minutes or less on an H200):
+Two parts, each one call (about 4 minutes or less on an H200; run_gpu.sh spec-all bounds them):
 
-  draft   the target's own 4-bit copy as its draft. The target is a random-weight Qwen3-8B
-          (bf16, benchmarks/checkpoints.py); the draft is made from it by `amlx convert -q 4`,
-          so it agrees with the target as far as 4-bit rounding lets it (random weights: the
-          acceptance is whatever it is, and is reported). Four ways to decode the same prompt,
-          runs alternating, best of --repeats each: amlx plain, amlx with the draft, mlx-lm
-          plain (`stream_generate`), mlx-lm with the draft (`stream_generate(draft_model=...,
-          num_draft_tokens=k)`). Each side runs in a process of its own holding its models
-          (amlx: the target alone and the target with the draft, two engines; mlx-lm: target
-          and draft), driven over a pipe. amlx's speculative engines measure the adaptive
-          draft length's cost model (AMLX_MEASURE_DRAFT_COSTS=1); --fixed-costs adds one with
-          the fixed constants.
+  draft   a random-weight Qwen3-8B target (bf16, benchmarks/checkpoints.py) with the drafts
+          --modes names, "<draft>-k<k>[-every|-fixed]": q4 is the target's own 4-bit copy
+          (`amlx convert -q 4`: it agrees with the target as far as 4-bit rounding lets it;
+          random weights: the acceptance is whatever it is, and is reported and checked), a
+          checkpoints.py shape (qwen3-0.6b) a random draft of that shape (acceptance ~0: the
+          cost of the rounds). Length policy: none, the engine's adaptive length with the cost
+          model it measures; -every, k drafts every round (AMLX_ADAPTIVE_DRAFT=0), as mlx-lm
+          drafts, which runs only these modes (`stream_generate(draft_model=...,
+          num_draft_tokens=k)`); -fixed, adaptive with the fixed cost constants. Each side
+          runs in a process of its own holding its models (amlx: one engine per mode, the
+          target in each; mlx-lm: the target and the drafts), driven over a pipe; a short
+          untimed run of each mode first, then runs alternating, best of --repeats. Every call
+          to a side is bounded by --call-timeout: a side that overruns is stopped and left out,
+          the other goes on; each result is printed as it comes. After the first round, for
+          each -every mode (benchmarks/spec_checks.py): the draft's teacher-forced greedy
+          agreement with the target's output, the (drafted, accepted) it predicts beside the
+          engine's counts, and the first greedy divergence from plain with both runs' top-2
+          logprobs against the logprob noise between them (a rounding flip, or a bug).
   lookup  prompt lookup (`draft="prompt_lookup"`) on a task that copies its input: the
           embedded demo model (amlx/embedded, a 0.9M-parameter Qwen3 amlx trained) fine-tuned
           here by amlx (`Model.train`, full fine-tuning) to answer "Repeat this text:\\n<P>"
@@ -31,7 +38,7 @@ a round being a token that did not come from the draft), and whether the greedy 
 the plain run's (it must for amlx). The lookup part also reports how much of the passage the
 model reproduced (its copy fidelity), so acceptance can be read against it.
 
-    python benchmarks/speculative.py draft  --out OUT [--target qwen3-8b] [--k 4] [--tokens 256]
+    python benchmarks/speculative.py draft  --out OUT [--target qwen3-8b] [--modes q4-k4,q4-k4-every] [--tokens 256]
     python benchmarks/speculative.py lookup --out OUT [--train-steps 400]
     python benchmarks/speculative.py draft --small --out /tmp/spec    # tiny shapes, for a CPU
     python benchmarks/speculative.py lookup --small --out /tmp/spec
