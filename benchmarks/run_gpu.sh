@@ -19,7 +19,7 @@
 #   bash benchmarks/run_gpu.sh spec-all     # the three in one call of about 6 minutes (4.5 with the checkpoints
 #                                        # already in /tmp/amlx-spec): draft pairs first (they write and convert
 #                                        # the checkpoints), then the cost table, then prompt lookup; each part
-#                                        # bounded (DRAFT_BUDGET, COST_BUDGET, LOOKUP_BUDGET seconds)
+#                                        # bounded (DRAFT_BUDGET, COST_BUDGET, LOOKUP_BUDGET, ROUND_BUDGET seconds)
 # bigspeed and first keep MLX's compiled kernels between calls: a carried .gpu/ptx.tgz is unpacked
 # into MLX_PTX_CACHE_DIR first, and the cache goes back as $OUT/ptx.tgz (copy it to .gpu/ptx.tgz here).
 set -euo pipefail
@@ -98,7 +98,10 @@ case "${1:-speed}" in
       || echo "speculative_cost.py ended with status $?"
     timeout -k 10 $(( ${LOOKUP_BUDGET:-100} + 20 )) python3 benchmarks/speculative.py lookup --out "$OUT" \
       --root /tmp/amlx-spec --budget ${LOOKUP_BUDGET:-100} --repeats 2 2>&1 | tee "$OUT/speculative_lookup_log.txt" \
-      || echo "speculative.py lookup ended with status $?" ;;
+      || echo "speculative.py lookup ended with status $?"
+    # a lookup round's wall and host time against a plain step, on the copy model just trained
+    timeout -k 10 ${ROUND_BUDGET:-45} python3 benchmarks/spec_round.py --model /tmp/amlx-spec/copy-model --device gpu \
+      --repeats 5 --json "$OUT/spec_round.json" || echo "spec_round.py ended with status $?" ;;
   spec-lookup)
     timeout -k 10 ${BUDGET:-290} python3 benchmarks/speculative.py lookup --out "$OUT" --root /tmp/amlx-spec \
       ${SPEC_ARGS:-} || echo "speculative.py ended with status $?" ;;

@@ -31,7 +31,7 @@ def greedy_with_top2(model, prompt, tokens: int) -> list[tuple[int, float, list[
 
 def teacher_forced(model, prompt: list[int], ids: list[int]) -> list[int]:
     """The model's greedy next token after prompt + ids[:i], for i = 0 .. len(ids) - 1."""
-    return [next(iter(model.generate_sync(prompt + ids[:i], max_tokens=1, temperature=0.0))).id
+    return [[t.id for t in model.generate_sync(prompt + ids[:i], max_tokens=1, temperature=0.0)][0]
             for i in range(len(ids))]
 
 

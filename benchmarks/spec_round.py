@@ -11,7 +11,8 @@ of the verify rounds, in the worker thread, cumulative time per function).
 
     python benchmarks/spec_round.py [--model DIR] [--k 4] [--tokens 256] [--repeats 5] [--profile]
 
-Runs alternate plain and lookup, best of --repeats each. On a CPU (the default device here).
+Runs alternate plain and lookup, best of --repeats each. On a CPU by default (--device gpu: the worker's
+CPU time then includes any spinning while it waits for the GPU).
 """
 
 from __future__ import annotations
@@ -116,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
                 host.setdefault(name, []).append(r)
                 if name not in best or r["decode_tps"] > best[name]["decode_tps"]:
                     best[name] = r
-        assert best["plain"]["ids"] == best["lookup"]["ids"], "greedy output differs"
         if args.profile:
             timer = RoundTimer(spec.engine.scheduler, True)
             try:
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             "plain tok/s": p["decode_tps"], "lookup tok/s": s["decode_tps"],
             "lookup vs plain": s["decode_tps"] / p["decode_tps"]}
     rows["tokens"] = len(p["ids"])
+    rows["output equals plain"] = p["ids"] == s["ids"]  # (greedy: it must)
     rows["amlx"] = str(Path(amlx.__file__).parent)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows.items()}, indent=1))
     if args.json:
