@@ -93,11 +93,11 @@ case "${1:-speed}" in
       --tokens 128 --repeats 2 --call-timeout 40 ${SPEC_ARGS:-} 2>&1 | tee "$OUT/speculative_draft_log.txt" \
       || echo "speculative.py draft ended with status $?"
     save_ptx
-    timeout -k 10 ${COST_BUDGET:-70} python3 benchmarks/speculative_cost.py --root /tmp/amlx-spec --batch 1,8 \
+    timeout -k 10 ${COST_BUDGET:-90} python3 benchmarks/speculative_cost.py --root /tmp/amlx-spec --batch 1,8 \
       --max-k 4 --steps 8 --out "$OUT/speculative_cost.json" | tee "$OUT/speculative_cost.txt" \
       || echo "speculative_cost.py ended with status $?"
-    timeout -k 10 $(( ${LOOKUP_BUDGET:-100} + 20 )) python3 benchmarks/speculative.py lookup --out "$OUT" \
-      --root /tmp/amlx-spec --budget ${LOOKUP_BUDGET:-100} --repeats 2 2>&1 | tee "$OUT/speculative_lookup_log.txt" \
+    timeout -k 10 $(( ${LOOKUP_BUDGET:-120} + 60 )) python3 benchmarks/speculative.py lookup --out "$OUT" \
+      --root /tmp/amlx-spec --budget ${LOOKUP_BUDGET:-120} --repeats 2 2>&1 | tee "$OUT/speculative_lookup_log.txt" \
       || echo "speculative.py lookup ended with status $?"
     # a lookup round's wall and host time against a plain step, on the copy model just trained
     timeout -k 10 ${ROUND_BUDGET:-45} python3 benchmarks/spec_round.py --model /tmp/amlx-spec/copy-model --device gpu \
