@@ -334,6 +334,27 @@ def test_adaptive_draft_length(checkpoints, drafts):
     assert good_c["acceptance_rate"] == 1.0 and good_c["accepted_per_verify"] >= 3.0
 
 
+def test_rows_that_stopped_drafting_take_chained_plain_steps(checkpoints, drafts, monkeypatch):
+    """Once no row drafts (a useless draft: every adaptive length at 0), a speculative
+    model's plain steps are chained as a plain model's are (launched before the step in
+    flight is read), and it still probes now and then; the output is plain greedy's."""
+    from amlx.engine.speculate import Speculator
+
+    chained = []
+    chain_plain = Speculator.chain_plain
+
+    def counting(self, rows):
+        chained.append(chain_plain(self, rows))
+        return chained[-1]
+
+    monkeypatch.setattr(Speculator, "chain_plain", counting)
+    reqs = [(PROMPTS[0], {"max_tokens": 3 * N_NEW})]
+    expected, got, stats = run(_both, checkpoints["qwen3"], reqs, draft=str(drafts["qwen3"]))
+    assert got[0].token_ids == expected[0].token_ids
+    assert sum(chained) > N_NEW  # most of the steps
+    assert stats["speculative"]["drafted_tokens"] > 0  # (it drafted at first, and probed)
+
+
 def test_generate_command_with_draft(checkpoints):
     """`amlx generate --draft prompt_lookup --num-draft-tokens 3` prints the plain greedy text."""
     import os

@@ -540,8 +540,10 @@ class Scheduler:
         constrained rows step after the read, their masks computed meanwhile:
         see `_step_constrained`."""
         prev = self._inflight
-        # (a speculative model reads every step before the next: drafts follow the tokens)
-        if prev is not None and not (self._can_chain(prev) and self._blocks_fit() and not self.speculating):
+        # (a speculative model reads each step before the next, drafts following the tokens,
+        # unless no row drafts now: every adaptive length at 0, Speculator.chain_plain)
+        if prev is not None and not (self._can_chain(prev) and self._blocks_fit() and (
+                not self.speculating or self.speculator.chain_plain(self.rows))):
             self.timing.lap("other")
             self._read(self._drain())
             self._drop_inactive()

@@ -29,9 +29,9 @@ are walked through their matchers for per-position masks and cut at the first
 one the grammar forbids (`speculative.constrained.draft_masks`); with a draft
 model they draft nothing (the drafts stay on the device) but share the pass.
 
-Limits, for now: a speculative model's plain steps are not pipelined (each is
-read before the next round, whose drafts follow its tokens). See
-docs/speculative.md.
+A speculative model's plain steps are pipelined only while no row drafts (every
+adaptive length at 0: `chain_plain`); otherwise each is read before the next
+round, whose drafts follow its tokens. See docs/speculative.md.
 """
 
 from __future__ import annotations
@@ -190,6 +190,20 @@ class Speculator:
         if lookup is None:
             lookup = self._lookups[req] = _Lookup(req.prompt)
         return lookup.propose(req, k) if k else []
+
+    def chain_plain(self, rows: Sequence[Request]) -> bool:
+        """Whether this round may be a plain step chained on the one in flight (launched
+        before that one is read, as without speculation): no row drafts now, whatever
+        the tokens in flight (every adaptive length is 0, or a constrained row beside a
+        draft model). Such a round ages the rows' estimates as `plan` does (once per
+        round: only when it returns True), so they still probe again now and then."""
+        if any(self._length(r).length > 0 and not (r.matcher is not None and self.draft is not None) for r in rows):
+            return False
+        for r in rows:
+            adaptive = self._length(r)
+            if adaptive.length == 0:
+                adaptive.observe(0, 0)
+        return True
 
     def plan(self, shards: Sequence) -> list[tuple[list[int], list[list[int]] | None]] | None:
         """Per shard, its rows' draft lengths and (prompt lookup) their drafts; None when
