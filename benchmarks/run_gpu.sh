@@ -16,6 +16,10 @@
 #   bash benchmarks/run_gpu.sh spec-draft   # end to end: qwen3-8b with its 4-bit copy as draft, amlx vs mlx-lm
 #   bash benchmarks/run_gpu.sh spec-lookup  # end to end: prompt lookup on a model fine-tuned to copy
 #   (each spec-* part is one call of about 4 minutes; the checkpoints stay in /tmp/amlx-spec for the next)
+#   bash benchmarks/run_gpu.sh qgemv       # the few-row quantized matmul kernel (issue 20): its GPU tests,
+#                                        # qwen3-8b-4bit single-stream with AMLX_QGEMV on and off beside mlx-lm
+#                                        # (bigspeed.py --qgemv-off), then qgemv.py (kernel vs MLX per shape,
+#                                        # GB/s); about 5 minutes (TEST_BUDGET, BUDGET, MICRO_BUDGET)
 # bigspeed and first keep MLX's compiled kernels between calls: a carried .gpu/ptx.tgz is unpacked
 # into MLX_PTX_CACHE_DIR first, and the cache goes back as $OUT/ptx.tgz (copy it to .gpu/ptx.tgz here).
 set -euo pipefail
@@ -70,6 +74,18 @@ case "${1:-speed}" in
     timeout -k 10 ${BUDGET:-540} python3 benchmarks/first_request.py --out "$OUT" --model "${MODEL:-gemma3-4b-4bit}" \
       --timeout $(( ${BUDGET:-540} - 30 )) || echo "first_request.py ended with status $?"
     cat "$OUT/first_request.md" 2>/dev/null || echo "no first_request.md was written" ;;
+  qgemv)
+    restore_ptx
+    timeout -k 10 ${TEST_BUDGET:-90} python3 -m pytest -q -p no:cacheprovider tests/test_quantized_gemv.py 2>&1 \
+      | tee "$OUT/qgemv_tests.txt" | tail -40 || echo "tests ended with status $?"
+    BUDGET=${BUDGET:-170}
+    timeout -k 10 $((BUDGET + 45)) python3 benchmarks/bigspeed.py --budget "$BUDGET" --out "$OUT" --root /tmp \
+      --models qwen3-8b-4bit --qgemv-off --single-only ${BIGSPEED_ARGS:-} || echo "bigspeed.py ended with status $?"
+    timeout -k 10 ${MICRO_BUDGET:-90} python3 benchmarks/qgemv.py --out "$OUT" --cupti ${QGEMV_ARGS:-} 2>&1 \
+      | tee "$OUT/qgemv_log.txt" || echo "qgemv.py ended with status $?"
+    save_ptx
+    cat "$OUT/bigspeed.md" 2>/dev/null || echo "no bigspeed.md was written"
+    cat "$OUT/qgemv.md" 2>/dev/null || echo "no qgemv.md was written" ;;
   spec-cost)
     timeout -k 10 ${BUDGET:-290} python3 benchmarks/speculative_cost.py --root /tmp/amlx-spec \
       --out "$OUT/speculative_cost.json" | tee "$OUT/speculative_cost.txt" || echo "speculative_cost.py ended with status $?" ;;
