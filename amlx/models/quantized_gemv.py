@@ -128,16 +128,9 @@ _SOURCE = r"""
   const bool wvec = (reinterpret_cast<uintptr_t>(w) & 15) == 0;
   const bool xvec = (reinterpret_cast<uintptr_t>(x) & 15) == 0;
 
-  const uint32_t* wrow[M];
-  const T* srow[M];
-  const T* brow[M];
+  int row[M];  // the weight rows (past the end: the last row, read but not stored)
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const int n = min(n0 + m, N - 1);  // past the end: read a valid row, store nothing
-    wrow[m] = w + (size_t)n * words;
-    srow[m] = scales + (size_t)n * groups;
-    brow[m] = biases + (size_t)n * groups;
-  }
+  for (int m = 0; m < M; ++m) row[m] = min(n0 + m, N - 1);
 
   float y[M][RB];
 #pragma unroll
@@ -156,9 +149,9 @@ _SOURCE = r"""
         const int g = c >> cpg_shift;
 #pragma unroll
         for (int m = 0; m < M; ++m) {
-          wv[u][m] = amlx_load_chunk(wrow[m] + (size_t)c * 4, wvec);
-          sv[u][m] = static_cast<float>(srow[m][g]);
-          bv[u][m] = static_cast<float>(brow[m][g]);
+          wv[u][m] = amlx_load_chunk(w + (size_t)row[m] * words + c * 4, wvec);
+          sv[u][m] = static_cast<float>(scales[(size_t)row[m] * groups + g]);
+          bv[u][m] = static_cast<float>(biases[(size_t)row[m] * groups + g]);
         }
       }
     }
