@@ -46,7 +46,7 @@ BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 DTYPES = (bfloat16, float16, float32)
 WARPS = 8  # warps per block: blockDim.x * blockDim.y = 256
-TARGET_WARPS = 132 * 32  # the H200's SMs, with enough warps each to keep loads in flight
+SMS = 132  # the H200's (an H100 SXM's too)
 
 _HEADER = r"""
 // Values [0, P) of one packed word as floats, P = 32 / BITS. A field of bits
@@ -259,18 +259,27 @@ def bucket(rows: int) -> int:
 
 def launch_shape(rows: int, n: int, k: int, bits: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """(grid, threadgroup) in MLX's terms (grid counts threads) for x (rows, k)
-    times an (n, k) weight: blocks of 8 warps, WX along the output columns
-    and KS along k, KS the smallest power of two up to 8 that gives about
-    TARGET_WARPS warps in all while every lane still has a chunk of k."""
+    times an (n, k) weight: blocks of 8 warps, WX along the output columns and
+    KS along k. A narrow matrix (few column groups) is split along k (KS up to
+    8, every lane still with a chunk) as far as the warps still fit on the SMs
+    at once (`resident`): all of its loads are then issued in one round, where
+    unsplit warps would read their rows one after another."""
     per_warp = columns_per_warp(rows)
     chunks = k * bits // 128
     warps_n = -(-n // per_warp)
     split = 1
-    while split < WARPS and warps_n * split < TARGET_WARPS and chunks >= 32 * split * 2:
+    while split < WARPS and warps_n * split * 2 <= resident(rows) and chunks >= 32 * split * 2:
         split *= 2
     wx = WARPS // split
     blocks = -(-n // (wx * per_warp))
     return (blocks * 32 * wx, split, 1), (32 * wx, split, 1)
+
+
+def resident(rows: int) -> int:
+    """Warps of the kernel that fit on the GPU at once: by its registers (ptxas for
+    sm_90a: about 96-128 a thread up to 2 rows, two 256-thread blocks an SM; up to
+    252 beyond, one block)."""
+    return SMS * (2 if bucket(rows) <= 2 else 1) * WARPS
 
 
 def supports(x: Array, weight: Array, scales: Array, biases: Array, group_size: int, bits: int) -> bool:
