@@ -2,8 +2,9 @@
 
 A decode step multiplies one row (or a few) of activations by every weight
 matrix, and for a 4-bit model that product is bound by reading the packed
-weights. MLX's quantized matmul for so few rows reached about a fifth of the
-H200's bandwidth in a Qwen3-8B decode step (benchmarks/README.md, issue 20).
+weights. A Qwen3-8B 4-bit decode step, whose device time is mostly MLX's
+quantized matmul for one row, ran at 18% of the H200's copy bandwidth
+(benchmarks/README.md, issue 20).
 This kernel reads MLX's affine layout as stored -- weight uint32 (N, K * BITS
 / 32), value d of a row in bits [(d % P) * BITS, +BITS) of word d / P (P = 32
 / BITS, lowest bits first), scales and biases (N, K / group) in the
@@ -17,7 +18,7 @@ activations' dtype -- and is built for bandwidth:
 - values are unpacked without integer-to-float conversions: a field masked in
   place and OR-ed into the bits of 2^23 is the float 2^23 + q * 2^s, and one
   fused multiply-add by exact powers of two gives q (one LOP3 and one FFMA per
-  value, no I2F, whose throughput is a quarter of the FMA's);
+  value; no I2F, which sm_90 issues at a fraction of the FMA's rate);
 - a 16-byte chunk lies inside one quantization group, so the group's scale
   and bias are applied per chunk, scale * sum(q * x) + bias * sum(x), in
   float32, not per value;
