@@ -266,12 +266,14 @@ def test_quantized_model_logits_with_and_without_the_kernel(bits, quantized_qwen
 @cuda
 def test_engine_decodes_greedily_through_the_kernel(quantized_qwen3, monkeypatch):
     """The engine's compiled decode step with the kernel gives the greedy tokens of
-    the model stepped by hand through MLX's one-row quantized matmul."""
+    the model stepped by hand through MLX's one-row quantized matmul (a one-token
+    prompt: every product has one row on both sides, so nothing but the kernel
+    and summation order differs)."""
     import amlx
 
     monkeypatch.setenv("AMLX_WARMUP", "0")  # MLX's multi-row variants are not needed here
     path = quantized_qwen3[4]
-    prompt = [5, 17, 300, 42, 99, 7]
+    prompt = [17]
     monkeypatch.setattr(qg, "ENABLED", False)
     model = load_model(path).model
     want: list[int] = []
