@@ -351,7 +351,7 @@ def precompile_kernels(path: Path, budget: Budget) -> float:
     t0 = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-m", "amlx.models.warmup", "bfloat16", str(q["bits"]),
                                str(q["group_size"]), str(rows), str(h), str(h)], stdout=sys.stderr)
-             for rows in (9, 17, 33, 65, 129)]  # 2..8 rows: amlx's quantized_gemv
+             for rows in (5, 17, 33, 65, 129)]  # 2..4 rows: amlx's quantized_gemv
     for p in procs:
         try:
             p.wait(timeout=max(0.1, min(300.0, budget.left() - 60)))

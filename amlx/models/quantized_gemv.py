@@ -42,6 +42,10 @@ from amlx._mlx import Array, bfloat16, device, fast, float16, float32, uint32
 
 ENABLED = os.environ.get("AMLX_QGEMV", "1") != "0"
 MAX_ROWS = 8
+# Rows up to which `applies` picks the kernel. Measured on the H200 (benchmarks/qgemv.py,
+# Qwen3-8B shapes, 4-bit): 1.1-2.6x MLX's quantized matmul at 1, 2 and 4 rows, but
+# 0.16-0.24x at 8, where MLX's tensor-core tile wins (this kernel is compute-bound there).
+USE_ROWS = 4
 ROW_BUCKETS = (1, 2, 4, 8)  # row counts the kernel is compiled for (fewer rows run in the next one up)
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -300,9 +304,10 @@ def supports(x: Array, weight: Array, scales: Array, biases: Array, group_size: 
 
 def applies(x: Array, weight: Array, scales: Array, biases: Array, group_size: int, bits: int) -> bool:
     """Whether `nn.quantized_dense` should use the kernel: it is on (ENABLED), MLX
-    runs on CUDA and computes on the GPU here, and `supports` the shapes."""
-    return (ENABLED and device.default_device() == "gpu" and fast.cuda_available()
-            and supports(x, weight, scales, biases, group_size, bits))
+    runs on CUDA and computes on the GPU here, x has at most USE_ROWS rows, and
+    `supports` the shapes."""
+    return (ENABLED and x.ndim == 2 and x.shape[0] <= USE_ROWS and device.default_device() == "gpu"
+            and fast.cuda_available() and supports(x, weight, scales, biases, group_size, bits))
 
 
 def quantized_gemv(x: Array, weight: Array, scales: Array, biases: Array, group_size: int, bits: int) -> Array:
