@@ -20,6 +20,10 @@
 #                                        # already in /tmp/amlx-spec): draft pairs first (they write and convert
 #                                        # the checkpoints), then the cost table, then prompt lookup; each part
 #                                        # bounded (DRAFT_BUDGET, COST_BUDGET, LOOKUP_BUDGET, ROUND_BUDGET seconds)
+#   bash benchmarks/run_gpu.sh qgemv       # the few-row quantized matmul kernel (issue 20): its GPU tests,
+#                                        # qwen3-8b-4bit single-stream with AMLX_QGEMV on and off beside mlx-lm
+#                                        # (bigspeed.py --qgemv-off), then qgemv.py (kernel vs MLX per shape,
+#                                        # GB/s); 5-7 minutes (TEST_BUDGET, BUDGET, MICRO_BUDGET)
 # bigspeed and first keep MLX's compiled kernels between calls: a carried .gpu/ptx.tgz is unpacked
 # into MLX_PTX_CACHE_DIR first, and the cache goes back as $OUT/ptx.tgz (copy it to .gpu/ptx.tgz here).
 set -euo pipefail
@@ -74,6 +78,18 @@ case "${1:-speed}" in
     timeout -k 10 ${BUDGET:-540} python3 benchmarks/first_request.py --out "$OUT" --model "${MODEL:-gemma3-4b-4bit}" \
       --timeout $(( ${BUDGET:-540} - 30 )) || echo "first_request.py ended with status $?"
     cat "$OUT/first_request.md" 2>/dev/null || echo "no first_request.md was written" ;;
+  qgemv)
+    restore_ptx
+    timeout -k 10 ${TEST_BUDGET:-120} python3 -m pytest -q -p no:cacheprovider tests/test_quantized_gemv.py 2>&1 \
+      | tee "$OUT/qgemv_tests.txt" | tail -40 || echo "tests ended with status $?"
+    BUDGET=${BUDGET:-160}
+    timeout -k 10 $((BUDGET + 45)) python3 benchmarks/bigspeed.py --budget "$BUDGET" --out "$OUT" --root /tmp \
+      --models qwen3-8b-4bit --qgemv-off --single-only ${BIGSPEED_ARGS:-} || echo "bigspeed.py ended with status $?"
+    timeout -k 10 ${MICRO_BUDGET:-90} python3 benchmarks/qgemv.py --out "$OUT" --cupti ${QGEMV_ARGS:-} 2>&1 \
+      | tee "$OUT/qgemv_log.txt" || echo "qgemv.py ended with status $?"
+    save_ptx
+    cat "$OUT/bigspeed.md" 2>/dev/null || echo "no bigspeed.md was written"
+    cat "$OUT/qgemv.md" 2>/dev/null || echo "no qgemv.md was written" ;;
   spec-cost)
     timeout -k 10 ${BUDGET:-290} python3 benchmarks/speculative_cost.py --root /tmp/amlx-spec \
       --out "$OUT/speculative_cost.json" | tee "$OUT/speculative_cost.txt" || echo "speculative_cost.py ended with status $?" ;;
