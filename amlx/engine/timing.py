@@ -6,7 +6,9 @@ round began) to `name`, so the phases of a round add up to the round's wall time
 that wait for the device (`wait`: a step's tokens read back) show as host time too: a step
 whose time goes mostly to `wait` is bound by the device, one whose time goes elsewhere is
 bound by the host. `Engine.stats()["step_timing"]` reports the totals (seconds, cumulative:
-subtract two snapshots to time one run).
+subtract two snapshots to time one run). `add` records work done beside the rounds (another
+thread's, or part of a phase): those totals go under "background" and are not part of the
+rounds' sum; `count` counts events (prefill groups, drained steps) under "counts".
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class StepTiming:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.seconds: dict[str, float] = {}
+        self.background: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
         self.rounds = 0
         self._last = 0.0
 
@@ -43,6 +47,18 @@ class StepTiming:
             self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
             self._last = now
 
+    def add(self, name: str, seconds: float) -> None:
+        """Charges `seconds` to the background total `name` (no lap: the round's clock runs on)."""
+        if self.enabled:
+            self.background[name] = self.background.get(name, 0.0) + seconds
+
+    def count(self, name: str) -> None:
+        """One more `name` event."""
+        if self.enabled:
+            self.counts[name] = self.counts.get(name, 0) + 1
+
     def snapshot(self) -> dict:
-        """{"rounds": n, "seconds": {phase: total seconds}} so far."""
-        return {"rounds": self.rounds, "seconds": dict(self.seconds)}
+        """{"rounds": n, "seconds": {phase: total seconds}, "background": {name: total seconds},
+        "counts": {event: n}} so far."""
+        return {"rounds": self.rounds, "seconds": dict(self.seconds), "background": dict(self.background),
+                "counts": dict(self.counts)}
