@@ -97,6 +97,10 @@ def _phases(before: dict | None, after: dict | None) -> dict | None:
     # work beside the rounds' phases (llguidance filling the masks, on whichever thread)
     for k, v in after.get("background", {}).items():
         out[f"background_{k}"] = round(1000 * (v - before.get("background", {}).get(k, 0.0)) / steps, 3)
+    cpu = {k: v - before.get("cpu", {}).get(k, 0.0) for k, v in after.get("cpu", {}).items()}
+    if cpu:  # the worker's CPU time per step: its own work, not its waits (stable on a loaded machine)
+        out["cpu"] = {k: round(1000 * v / steps, 3) for k, v in cpu.items() if v > 0}
+        out["cpu"]["total"] = round(1000 * sum(cpu.values()) / steps, 3)
     for k, v in after.get("counts", {}).items():  # events over the run (prefill groups, drained steps)
         out[f"count_{k}"] = v - before.get("counts", {}).get(k, 0)
     return out

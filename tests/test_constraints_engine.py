@@ -248,6 +248,8 @@ def test_step_timing_is_reported_when_switched_on(monkeypatch):
     assert {"wait", "emit", "masks", "build_sample", "launch_sample"} <= set(on["seconds"])
     assert all(v >= 0 for v in on["seconds"].values())
     assert on["background"]["mask_fill"] > 0  # llguidance's own time, beside the phases
+    assert set(on["cpu"]) == set(on["seconds"]) and all(v >= 0 for v in on["cpu"].values())
+    assert on["counts"]["prefill_groups"] >= 2
 
 
 async def _pinned_body() -> tuple[bool, list[str]]:

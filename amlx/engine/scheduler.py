@@ -725,9 +725,10 @@ class Scheduler:
 
         A constrained row's mask for step t+1 needs step t's token on the host, so such a
         shard cannot sample before step t is read. Once it is, every mask of the step is
-        computed in one parallel llguidance call on the mask thread (the GIL released)
-        while this thread builds and launches the shards' forwards not yet launched (their
-        input tokens are step t's, chained on the device); then each shard's sampling takes
+        set up here (`MaskJob`) and computed in one parallel llguidance call (the GIL
+        released): on the mask thread while this thread builds and launches the shards'
+        forwards not yet launched (their input tokens are step t's, chained on the device),
+        or here where every forward went first; then each shard's sampling takes
         its masks, packed, in one upload, and applies them inside the compiled sampling
         step. So the masks cost the step only the time they take beyond issuing the
         forward (or, where the forward went first, beyond computing it). A shard not yet
@@ -741,7 +742,8 @@ class Scheduler:
         forwards go first (`_decode`), and the masks hide behind computing them instead.
         The scheduler switches to forward-first when a read waited for the device longer
         than DEVICE_BOUND_WAIT, and back when, forward first, the forward was computed
-        before its sampling was launched (the device waited for the masks)."""
+        before its sampling was launched (the device waited for the masks); unless
+        AMLX_MASK_ORDER pins the order (`_pinned_mask_order`)."""
         indices = [i for i in indices if parts[i] is not None or all(r.blocks for r in plan[i][0].rows)]
         if not indices:
             return True
