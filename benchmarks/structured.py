@@ -28,7 +28,11 @@ leaves). Each side reports aggregate tok/s over the whole run and over its stead
 throughout, but for the joins), the ratios of both, and with AMLX_STEP_TIMING=1 host ms per
 decode step per phase over the whole run.
 
-    python benchmarks/structured.py --model qwen3-vocab --streams 64 --steady 4
+    python benchmarks/structured.py --model qwen3-vocab --streams 64 --steady 4 [--orders forward]
+
+`--orders forward,read` then repeats the steady measurement with the constrained shards' order
+pinned (AMLX_MASK_ORDER; by default the engine picks it from what it measures), under
+"steady_pinned".
 """
 
 from __future__ import annotations
@@ -216,6 +220,30 @@ def bench(path: Path, streams: int, max_tokens: int, repeats: int, steady: int =
         model.close()
 
 
+def bench_orders(path: Path, streams: int, max_tokens: int, repeats: int, steady: int, orders: list[str]) -> dict:
+    """The steady-state measurement again for each constrained-step order pinned by
+    AMLX_MASK_ORDER ("forward", "read"; amlx/engine/scheduler.py), a model loaded per order
+    from the same checkpoint (warm-ups as in `bench`)."""
+    import os
+
+    import amlx
+
+    out = {}
+    for order in orders:
+        os.environ["AMLX_MASK_ORDER"] = order  # read when the model's scheduler is built
+        model = amlx.load_sync(path, max_batch_size=streams)
+        try:
+            prompts = _prompts(model.tokenizer, streams, 32, seed=1)
+            for constrained in (False, True):
+                asyncio.run(_run(model, prompts, 4, constrained))
+            out[order] = bench_steady(model, streams, steady, max_tokens, repeats)
+            print("steady", order, {k: v for k, v in out[order].items() if k.startswith("ratio")}, flush=True)
+        finally:
+            model.close()
+            del os.environ["AMLX_MASK_ORDER"]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen3-0.6b", help="a benchmarks/checkpoints.py model (real vocabulary size)")
@@ -226,6 +254,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steady", type=int, default=0, metavar="K",
                     help="also the steady-state measurement: closed-loop clients, K requests each")
     ap.add_argument("--steady-only", action="store_true", help="only the steady-state measurement (warm-ups kept)")
+    ap.add_argument("--orders", default="", metavar="forward,read",
+                    help="then the steady measurement again with the constrained order pinned (AMLX_MASK_ORDER), "
+                         "one repeat each")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,6 +270,9 @@ def main(argv=None) -> int:
             name, path = args.model, write_benchmark_checkpoint(Path(tmp) / args.model, args.model)
         result = {name: bench(path, args.streams, args.max_tokens, args.repeats, args.steady,
                                 old=not args.steady_only)}
+        orders = [o for o in args.orders.split(",") if o]
+        if orders and args.steady:
+            result[name]["steady_pinned"] = bench_orders(path, args.streams, args.max_tokens, 1, args.steady, orders)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

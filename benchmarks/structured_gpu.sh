@@ -6,7 +6,7 @@
 #   bash benchmarks/structured_gpu.sh          # about 3-4 minutes
 #
 # (MODEL, MAX_TOKENS and STEADY override the defaults: qwen3-0.6b, 128, 4 requests per client;
-# MASK_COST=1 adds mask_cost.py, MASK_STEPS its steps, default 50.)
+# TIMEOUT the run's limit, 200 s; MASK_COST=1 adds mask_cost.py, MASK_STEPS its steps, 50.)
 #
 # $OUT/structured.json (+ .log), AMLX_STEP_TIMING=1, the scheduler choosing the constrained
 # shards' order itself:
@@ -20,10 +20,12 @@
 #   - per side host_ms_per_step: milliseconds per decode step in each phase of the engine's
 #     rounds (amlx/engine/timing.py; "wait" is the host waiting for the device), and
 #     background_mask_fill: llguidance's own time filling the masks, per step (on the mask
-#     thread or the worker), against "masks", the worker's wait for them after its launch.
-# $OUT/structured_forward.json (+ .log): the steady measurement again with the order pinned to
-#   forward-first (AMLX_MASK_ORDER=forward: the forward launched before step t's read, the
-#   masks then computed on the worker while the device runs it).
+#     thread or the worker), against "masks", the worker's wait for them after its launch;
+#     "cpu": the same phases' CPU time on the worker (its own work, without its waits).
+#   - "steady_pinned": the steady measurement again (one repeat) on a model whose constrained
+#     order is pinned (ORDERS, default "forward": AMLX_MASK_ORDER=forward, the forward launched
+#     before step t's read, the masks then filled on the worker while the device runs it;
+#     ORDERS=forward,read for both, ORDERS= for none).
 # $OUT/mask_cost.json (+ .log), with MASK_COST=1: one sampling step of 64 x 151,936 logits,
 # free / masks applied inside the compiled step / by separate ops: host and synced ms.
 set -uo pipefail
@@ -44,12 +46,7 @@ if [ "${MASK_COST:-0}" = 1 ]; then
     | tee "$OUT/mask_cost.log"
 fi
 echo "== benchmarks/structured.py (64 streams, ${MODEL:-qwen3-0.6b} shape; the batch started at once, then steady)"
-AMLX_STEP_TIMING=1 timeout -k 5 150 python3 benchmarks/structured.py --model "${MODEL:-qwen3-0.6b}" --streams 64 \
-  --max-tokens "${MAX_TOKENS:-128}" --repeats 2 --steady "${STEADY:-4}" --out "$OUT/structured.json" 2>&1 \
-  | tee "$OUT/structured.log"
+AMLX_STEP_TIMING=1 timeout -k 5 "${TIMEOUT:-200}" python3 benchmarks/structured.py --model "${MODEL:-qwen3-0.6b}" \
+  --streams 64 --max-tokens "${MAX_TOKENS:-128}" --repeats 2 --steady "${STEADY:-4}" --orders "${ORDERS-forward}" \
+  --out "$OUT/structured.json" 2>&1 | tee "$OUT/structured.log"
 echo "structured.py ended with status ${PIPESTATUS[0]}"
-echo "== steady state again, constrained order pinned to forward-first (AMLX_MASK_ORDER=forward)"
-AMLX_MASK_ORDER=forward AMLX_STEP_TIMING=1 timeout -k 5 90 python3 benchmarks/structured.py \
-  --model "${MODEL:-qwen3-0.6b}" --streams 64 --max-tokens "${MAX_TOKENS:-128}" --repeats 1 --steady "${STEADY:-4}" \
-  --steady-only --out "$OUT/structured_forward.json" 2>&1 | tee "$OUT/structured_forward.log"
-echo "structured.py (forward-first) ended with status ${PIPESTATUS[0]}"
