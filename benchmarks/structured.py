@@ -272,6 +272,8 @@ def main(argv=None) -> int:
                                 old=not args.steady_only)}
         orders = [o for o in args.orders.split(",") if o]
         if orders and args.steady:
+            if args.out:  # (written now too: a run cut off by a time limit keeps what it measured)
+                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
             result[name]["steady_pinned"] = bench_orders(path, args.streams, args.max_tokens, 1, args.steady, orders)
     print(json.dumps(result, indent=2))
     if args.out:
