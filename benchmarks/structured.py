@@ -223,7 +223,7 @@ def bench(path: Path, streams: int, max_tokens: int, repeats: int, steady: int =
 def bench_orders(path: Path, streams: int, max_tokens: int, repeats: int, steady: int, orders: list[str]) -> dict:
     """The steady-state measurement again for each constrained-step order pinned by
     AMLX_MASK_ORDER ("forward", "read"; amlx/engine/scheduler.py), a model loaded per order
-    from the same checkpoint (warm-ups as in `bench`)."""
+    from the same checkpoint, after warm-ups."""
     import os
 
     import amlx
@@ -236,6 +236,9 @@ def bench_orders(path: Path, streams: int, max_tokens: int, repeats: int, steady
             prompts = _prompts(model.tokenizer, streams, 32, seed=1)
             for constrained in (False, True):
                 asyncio.run(_run(model, prompts, 4, constrained))
+            # one request per client on every side first: traces the batch and group sizes a
+            # steady run meets (the main run's best of --repeats leaves them out too)
+            bench_steady(model, streams, 1, max_tokens, 1)
             out[order] = bench_steady(model, streams, steady, max_tokens, repeats)
             print("steady", order, {k: v for k, v in out[order].items() if k.startswith("ratio")}, flush=True)
         finally:
