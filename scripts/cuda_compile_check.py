@@ -12,7 +12,7 @@ holding mlx/backend/cuda/device/*.cuh of MLX's source or CUDA wheel; --cuda-incl
 the toolkit's include directory (cuda_bf16.h; cccl/ under it is added too).
 Prints each variant (decode attention: contiguous, paged, paged quantized;
 with and without head norms; float32/float16/bfloat16; head dims, bits, groups;
-quantized_gemv: dtypes, bits, row buckets) and exits 1 if one fails to compile;
+quantized_gemv: both versions, dtypes, bits, row buckets) and exits 1 if one fails to compile;
 `--only attention|qgemv` compiles one kernel's variants. Compiling is not running: the GPU tests
 (tests/test_decode_kernels.py) check what the kernels compute.
 """
@@ -74,8 +74,9 @@ def _qgemv(lib, includes: list[str]) -> int:
     """The few-row quantized matmul's variants (the group size is read from the
     shapes at run time, so it is no variant); returns how many failed."""
     failed = 0
-    name, names, body, header = qg.kernel_source()
-    for dtype, bits, rows in itertools.product(["float32", "float16", "bfloat16"], qg.BITS, qg.ROW_BUCKETS):
+    for version, dtype, bits, rows in itertools.product((2, 1), ["float32", "float16", "bfloat16"], qg.BITS,
+                                                        qg.ROW_BUCKETS):
+        name, names, body, header = qg.kernel_source(version)
         inputs = [(n, "uint32" if n == "w" else dtype) for n in names]
         text = kernel_text(name, inputs, [("out", dtype)], {"T": dtype, "BITS": bits, "RB": rows}, body, header)
         status, log = compile_text(lib, text, name, includes)
