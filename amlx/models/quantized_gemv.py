@@ -41,10 +41,11 @@ and arithmetic and changes how it is issued (ptxas/SASS for sm_90a, bf16, 4
 bits; instructions a weight in the K loop, version 1 -> 2: 6.3 -> 4.4 at one
 row, 14 -> 9.3 at four, 35 -> 21 at eight):
 - every load of an iteration (weights, scales, biases, and x for all rows in
-  batches of at most 64 registers) is issued before any is used, and at 1-2
-  rows the next iteration's weights are loaded before this one is computed
-  (double buffered in registers: 128 registers a thread at one row, still two
-  blocks an SM), so a warp waits for DRAM about once, not once an iteration;
+  batches of at most 64 registers) is issued before any is used, and the next
+  iteration's weights are loaded before this one is computed (double buffered
+  in registers; two chunks a lane an iteration up to 2 rows, one beyond; 128
+  registers a thread at one row, still two blocks an SM), so a warp waits for
+  DRAM about once, not once an iteration, and computes while its next loads fly;
 - mask and OR into 2^23 are one LOP3 (inline PTX; the compiler made two);
 - the aligned and unaligned paths are two copies of the loop chosen once, and
   padded rows read the last real row, so an iteration has no branch; a chunk
@@ -447,8 +448,11 @@ __device__ __forceinline__ void amlx_qgemv2_loop(const T* x, const uint32_t* w, 
 # element otherwise.
 _SOURCE_V2 = r"""
   constexpr int M = RB <= 4 ? 4 : 2;      // output columns per warp
-  constexpr int U = 2;                    // chunks per lane per iteration
-  constexpr bool PF = RB <= 2;            // next iteration's weights in flight during this one (registers allow)
+  // Chunks per lane per iteration: two up to 2 rows, one beyond, where the
+  // registers hold x for 4-8 rows; either way the next iteration's weights are
+  // in flight while this one is computed (ptxas: 128-190 registers, no spills).
+  constexpr int U = RB <= 2 ? 2 : 1;
+  constexpr bool PF = true;
   constexpr int VPW = 32 / BITS;
   constexpr int VPC = 4 * VPW;
   __shared__ float part[8 * M * RB];
@@ -571,8 +575,7 @@ def resident(rows: int, version: int | None = None) -> int:
     """Warps of the kernel that fit on the GPU at once: by its registers (ptxas for
     sm_90a; two 256-thread blocks an SM at up to 128 registers a thread, one
     beyond). Version 1: about 96-128 up to 2 rows, up to 252 beyond. Version 2:
-    128 at 1 row (bf16/f16), 176-254 beyond (its weights double buffered at 1 and
-    2 rows)."""
+    128 at 1 row (130 for float32 x at 8 bits), 138-190 beyond."""
     two = 1 if (version or VERSION) == 2 else 2
     return SMS * (2 if bucket(rows) <= two else 1) * WARPS
 
