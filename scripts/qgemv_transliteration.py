@@ -44,9 +44,9 @@ def unpack(w, BITS):
 
 def run(x, w, scales, biases, BITS, dtype, rows):
     RB = qg.bucket(rows); K = x.shape[1]; N, words = w.shape
-    grid, group = qg.launch_shape(rows, N, K, BITS, 2)
+    grid, group = qg.launch_shape(rows, N, K, BITS)
     WXT, KS = group[0], group[1]; WX = WXT // 32; blocks = grid[0] // group[0]
-    M = 4 if RB <= 4 else 2; U = 2 if RB <= 2 else 1
+    M = 4 if RB <= 4 else 2; U = 2 if RB <= 1 else 1
     VPW = 32 // BITS; VPC = 4 * VPW; size = 4 if dtype == "float32" else 2; XPW = 4 // size; XW = VPW // XPW
     JB = 4 if 4 * XW * RB <= 64 else 2 if 2 * XW * RB <= 64 else 1; XU = JB * XW // 4
     chunks = words // 4; groups = scales.shape[1]; cpg_shift = int(np.log2((K // groups) // VPC))
@@ -114,5 +114,5 @@ def check(rows, n, k, group, bits, dtype, seed):
 if __name__ == "__main__":
     for args in [(1, 9, 256, 64, 4, "bfloat16", 1), (3, 5, 128, 32, 8, "float16", 2), (2, 6, 96, 32, 4, "float32", 3),
                  (5, 5, 256, 128, 4, "bfloat16", 4), (8, 3, 96, 32, 8, "float32", 5), (1, 4, 4096, 64, 4, "bfloat16", 6),
-                 (4, 3, 2048, 128, 8, "float16", 7)]:
+                 (4, 3, 2048, 128, 8, "float16", 7), (2, 7, 4096, 64, 4, "bfloat16", 8), (2, 5, 160, 32, 8, "bfloat16", 9)]:
         check(*args)

@@ -118,10 +118,10 @@ def test_supports_refuses_what_the_kernel_does_not_take():
 
 
 @given(rows=st.integers(1, 8), n=st.integers(1, 200_000), k=st.sampled_from([256, 1024, 4096, 12288, 25600]),
-       bits=st.sampled_from([4, 8]), version=st.sampled_from([1, 2]))
+       bits=st.sampled_from([4, 8]))
 @settings(max_examples=200, deadline=None)
-def test_launch_shape_covers_every_output(rows, n, k, bits, version):
-    grid, group = qg.launch_shape(rows, n, k, bits, version)
+def test_launch_shape_covers_every_output(rows, n, k, bits):
+    grid, group = qg.launch_shape(rows, n, k, bits)
     assert grid[0] % group[0] == 0 and grid[1] == group[1] and grid[2] == group[2] == 1
     assert group[0] * group[1] == 32 * qg.WARPS and group[0] % 32 == 0
     blocks = grid[0] // group[0]

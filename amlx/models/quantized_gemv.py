@@ -39,12 +39,12 @@ instructions, and its x loads, each waited for before use, put a dozen or more
 serial L1/L2 round trips in every iteration. Version 2 keeps the work split
 and arithmetic and changes how it is issued (ptxas/SASS for sm_90a, bf16, 4
 bits; instructions a weight in the K loop, version 1 -> 2: 6.3 -> 4.4 at one
-row, 14 -> 9.3 at four, 35 -> 21 at eight):
+row, 14 -> 9.3 at four, 35 -> 20 at eight):
 - every load of an iteration (weights, scales, biases, and x for all rows in
   batches of at most 64 registers) is issued before any is used, and the next
   iteration's weights are loaded before this one is computed (double buffered
-  in registers; two chunks a lane an iteration up to 2 rows, one beyond; 128
-  registers a thread at one row, still two blocks an SM), so a warp waits for
+  in registers; two chunks a lane an iteration at one row, one beyond; up to
+  128 registers a thread at 1-2 rows, still two blocks an SM), so a warp waits for
   DRAM about once, not once an iteration, and computes while its next loads fly;
 - mask and OR into 2^23 are one LOP3 (inline PTX; the compiler made two);
 - the aligned and unaligned paths are two copies of the loop chosen once, and
@@ -294,22 +294,30 @@ template <> struct amlx_elem<2> { using type = unsigned short; };
 template <> struct amlx_elem<4> { using type = unsigned int; };
 
 // 16 bytes at p (elements of E); VEC: p is 16-byte aligned (one load), else
-// element by element.
-template <bool VEC, typename E>
-__device__ __forceinline__ uint4 amlx_ld16(const E* p) {
-  if (VEC) return __ldg(reinterpret_cast<const uint4*>(p));
-  uint32_t v[4];
+// element by element (two specializations: no unreachable code in either).
+template <bool VEC> struct amlx_ld;
+template <> struct amlx_ld<true> {
+  template <typename E>
+  static __device__ __forceinline__ uint4 ld16(const E* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+};
+template <> struct amlx_ld<false> {
+  template <typename E>
+  static __device__ __forceinline__ uint4 ld16(const E* p) {
+    uint32_t v[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if (sizeof(E) == 4) {
-      v[i] = __ldg(reinterpret_cast<const unsigned int*>(p) + i);
-    } else {
-      const unsigned short* h = reinterpret_cast<const unsigned short*>(p) + 2 * i;
-      v[i] = (uint32_t)__ldg(h) | ((uint32_t)__ldg(h + 1) << 16);
+    for (int i = 0; i < 4; ++i) {
+      if (sizeof(E) == 4) {
+        v[i] = __ldg(reinterpret_cast<const unsigned int*>(p) + i);
+      } else {
+        const unsigned short* h = reinterpret_cast<const unsigned short*>(p) + 2 * i;
+        v[i] = (uint32_t)__ldg(h) | ((uint32_t)__ldg(h + 1) << 16);
+      }
     }
+    return make_uint4(v[0], v[1], v[2], v[3]);
   }
-  return make_uint4(v[0], v[1], v[2], v[3]);
-}
+};
+template <bool VEC, typename E>
+__device__ __forceinline__ uint4 amlx_ld16(const E* p) { return amlx_ld<VEC>::ld16(p); }
 
 // The values of T in one 32-bit word as floats (two of 16 bits, one of 32).
 __device__ __forceinline__ void amlx_cvt(const __nv_bfloat16*, uint32_t u, float* f) {
@@ -448,10 +456,11 @@ __device__ __forceinline__ void amlx_qgemv2_loop(const T* x, const uint32_t* w, 
 # element otherwise.
 _SOURCE_V2 = r"""
   constexpr int M = RB <= 4 ? 4 : 2;      // output columns per warp
-  // Chunks per lane per iteration: two up to 2 rows, one beyond, where the
-  // registers hold x for 4-8 rows; either way the next iteration's weights are
-  // in flight while this one is computed (ptxas: 128-190 registers, no spills).
-  constexpr int U = RB <= 2 ? 2 : 1;
+  // Chunks per lane per iteration: two at one row, one beyond (where the
+  // registers hold x for 2-8 rows: two 256-thread blocks an SM still fit at 2);
+  // either way the next iteration's weights are in flight while this one is
+  // computed (ptxas: 96-190 registers, no spills).
+  constexpr int U = RB <= 1 ? 2 : 1;
   constexpr bool PF = true;
   constexpr int VPW = 32 / BITS;
   constexpr int VPC = 4 * VPW;
@@ -552,8 +561,7 @@ def bucket(rows: int) -> int:
     return next(b for b in ROW_BUCKETS if b >= rows)
 
 
-def launch_shape(rows: int, n: int, k: int, bits: int,
-                 version: int | None = None) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def launch_shape(rows: int, n: int, k: int, bits: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """(grid, threadgroup) in MLX's terms (grid counts threads) for x (rows, k)
     times an (n, k) weight: blocks of 8 warps, WX along the output columns and
     KS along k. A narrow matrix (few column groups) is split along k (KS up to
@@ -564,20 +572,19 @@ def launch_shape(rows: int, n: int, k: int, bits: int,
     chunks = k * bits // 128
     warps_n = -(-n // per_warp)
     split = 1
-    while split < WARPS and warps_n * split * 2 <= resident(rows, version) and chunks >= 32 * split * 2:
+    while split < WARPS and warps_n * split * 2 <= resident(rows) and chunks >= 32 * split * 2:
         split *= 2
     wx = WARPS // split
     blocks = -(-n // (wx * per_warp))
     return (blocks * 32 * wx, split, 1), (32 * wx, split, 1)
 
 
-def resident(rows: int, version: int | None = None) -> int:
+def resident(rows: int) -> int:
     """Warps of the kernel that fit on the GPU at once: by its registers (ptxas for
     sm_90a; two 256-thread blocks an SM at up to 128 registers a thread, one
     beyond). Version 1: about 96-128 up to 2 rows, up to 252 beyond. Version 2:
-    128 at 1 row (130 for float32 x at 8 bits), 138-190 beyond."""
-    two = 1 if (version or VERSION) == 2 else 2
-    return SMS * (2 if bucket(rows) <= two else 1) * WARPS
+    96-130 up to 2 rows (130: float32 x, 8 bits, 1 row), 146-190 beyond."""
+    return SMS * (2 if bucket(rows) <= 2 else 1) * WARPS
 
 
 def supports(x: Array, weight: Array, scales: Array, biases: Array, group_size: int, bits: int) -> bool:
@@ -615,7 +622,7 @@ def quantized_gemv(x: Array, weight: Array, scales: Array, biases: Array, group_
         _KERNEL[version] = fast.CudaKernel(name, inputs, ["out"], source, header=header)
     rows, k = x.shape
     n = weight.shape[0]
-    grid, group = launch_shape(rows, n, k, bits, version)
+    grid, group = launch_shape(rows, n, k, bits)  # the same for both versions
     (out,) = _KERNEL[version]([x, weight, scales, biases], [(rows, n)], [x.dtype], grid=grid, threadgroup=group,
                               template={"T": x.dtype, "BITS": int(bits), "RB": bucket(rows)})
     return out
