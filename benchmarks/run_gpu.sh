@@ -23,7 +23,7 @@
 #   bash benchmarks/run_gpu.sh qgemv       # the few-row quantized matmul kernel (issue 20): its GPU tests,
 #                                        # qwen3-8b-4bit single-stream with AMLX_QGEMV on and off beside mlx-lm
 #                                        # (bigspeed.py --qgemv-off), then qgemv.py (kernel vs MLX per shape,
-#                                        # GB/s); 5-7 minutes (TEST_BUDGET, BUDGET, MICRO_BUDGET)
+#                                        # GB/s, both kernel versions); 6-9 minutes (TEST_BUDGET, BUDGET, MICRO_BUDGET)
 # bigspeed and first keep MLX's compiled kernels between calls: a carried .gpu/ptx.tgz is unpacked
 # into MLX_PTX_CACHE_DIR first, and the cache goes back as $OUT/ptx.tgz (copy it to .gpu/ptx.tgz here).
 set -euo pipefail
@@ -80,12 +80,12 @@ case "${1:-speed}" in
     cat "$OUT/first_request.md" 2>/dev/null || echo "no first_request.md was written" ;;
   qgemv)
     restore_ptx
-    timeout -k 10 ${TEST_BUDGET:-120} python3 -m pytest -q -p no:cacheprovider tests/test_quantized_gemv.py 2>&1 \
+    timeout -k 10 ${TEST_BUDGET:-180} python3 -m pytest -q -p no:cacheprovider tests/test_quantized_gemv.py 2>&1 \
       | tee "$OUT/qgemv_tests.txt" | tail -40 || echo "tests ended with status $?"
     BUDGET=${BUDGET:-160}
     timeout -k 10 $((BUDGET + 45)) python3 benchmarks/bigspeed.py --budget "$BUDGET" --out "$OUT" --root /tmp \
       --models qwen3-8b-4bit --qgemv-off --single-only ${BIGSPEED_ARGS:-} || echo "bigspeed.py ended with status $?"
-    timeout -k 10 ${MICRO_BUDGET:-90} python3 benchmarks/qgemv.py --out "$OUT" --cupti ${QGEMV_ARGS:-} 2>&1 \
+    timeout -k 10 ${MICRO_BUDGET:-150} python3 benchmarks/qgemv.py --out "$OUT" --cupti --v1 ${QGEMV_ARGS:-} 2>&1 \
       | tee "$OUT/qgemv_log.txt" || echo "qgemv.py ended with status $?"
     save_ptx
     cat "$OUT/bigspeed.md" 2>/dev/null || echo "no bigspeed.md was written"

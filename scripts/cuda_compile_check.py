@@ -12,8 +12,9 @@ holding mlx/backend/cuda/device/*.cuh of MLX's source or CUDA wheel; --cuda-incl
 the toolkit's include directory (cuda_bf16.h; cccl/ under it is added too).
 Prints each variant (decode attention: contiguous, paged, paged quantized;
 with and without head norms; float32/float16/bfloat16; head dims, bits, groups;
-quantized_gemv: dtypes, bits, row buckets) and exits 1 if one fails to compile;
-`--only attention|qgemv` compiles one kernel's variants. Compiling is not running: the GPU tests
+quantized_gemv: both versions, dtypes, bits, row buckets) and exits 1 if one fails to compile;
+`--only attention|qgemv` compiles one kernel's variants; `--ptxas` adds ptxas's registers and
+spills to each quantized_gemv line. Compiling is not running: the GPU tests
 (tests/test_decode_kernels.py) check what the kernels compute.
 """
 
@@ -55,12 +56,17 @@ def kernel_text(name: str, inputs: list[tuple[str, str]], outputs: list[tuple[st
     return text + "\n" + body + "\n}\n\n} // namespace mlx::core::cu\n"
 
 
+PTXAS_VERBOSE = False  # --ptxas: ptxas's registers and spills of each variant into its line
+
+
 def compile_text(lib, text: str, name: str, includes: list[str]) -> tuple[int, str]:
     prog = ctypes.c_void_p()
     if lib.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), (name + ".cu").encode(), 0, None, None):
         raise RuntimeError("nvrtcCreateProgram failed")
     opts = [b"--device-as-default-execution-space", b"--gpu-architecture=sm_90a"]
     opts += [f"--include-path={d}".encode() for d in includes]
+    if PTXAS_VERBOSE:
+        opts.append(b"--ptxas-options=-v")
     status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
@@ -74,14 +80,25 @@ def _qgemv(lib, includes: list[str]) -> int:
     """The few-row quantized matmul's variants (the group size is read from the
     shapes at run time, so it is no variant); returns how many failed."""
     failed = 0
-    name, names, body, header = qg.kernel_source()
-    for dtype, bits, rows in itertools.product(["float32", "float16", "bfloat16"], qg.BITS, qg.ROW_BUCKETS):
+    for version, dtype, bits, rows in itertools.product((2, 1), ["float32", "float16", "bfloat16"], qg.BITS,
+                                                        qg.ROW_BUCKETS):
+        name, names, body, header = qg.kernel_source(version)
         inputs = [(n, "uint32" if n == "w" else dtype) for n in names]
         text = kernel_text(name, inputs, [("out", dtype)], {"T": dtype, "BITS": bits, "RB": rows}, body, header)
         status, log = compile_text(lib, text, name, includes)
-        print(f"{name} {dtype} bits={bits} rows={rows}: " + ("ok" if status == 0 else "FAILED\n" + log), flush=True)
+        print(f"{name} {dtype} bits={bits} rows={rows}: " + ("ok" + _ptxas_summary(log) if status == 0 else
+                                                              "FAILED\n" + log), flush=True)
         failed += status != 0
     return failed
+
+
+def _ptxas_summary(log: str) -> str:
+    """' (N registers, S bytes spilled)' from ptxas -v's lines in an NVRTC log, or ''."""
+    import re
+
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return f" ({regs.group(1)} registers, {spills.group(1) if spills else '?'} bytes spilled)" if regs else ""
 
 
 def main() -> int:
@@ -90,7 +107,10 @@ def main() -> int:
     ap.add_argument("--mlx-include", required=True)
     ap.add_argument("--cuda-include", required=True)
     ap.add_argument("--only", choices=["attention", "qgemv"], default=None)
+    ap.add_argument("--ptxas", action="store_true", help="registers and spills of each qgemv variant (ptxas -v)")
     a = ap.parse_args()
+    global PTXAS_VERBOSE
+    PTXAS_VERBOSE = a.ptxas
     lib = ctypes.CDLL(a.nvrtc)
     includes = [a.mlx_include, a.cuda_include, str(Path(a.cuda_include) / "cccl")]
     failed = 0

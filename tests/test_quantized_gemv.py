@@ -65,20 +65,20 @@ def as_mx(a: np.ndarray, dtype: str) -> mx.Array:
     return mx.array(np.asarray(a, np.float32)).astype(getattr(mx, dtype))
 
 
-def check(rows: int, n: int, k: int, group: int, bits: int, dtype: str, seed: int) -> None:
+def check(rows: int, n: int, k: int, group: int, bits: int, dtype: str, seed: int, version: int | None = None) -> None:
     rng = np.random.default_rng(seed)
     packed, scales, biases, q = packed_layer(rng, n, k, group, bits, dtype)
     x = round_to(rng.normal(0.0, 1.0, size=(rows, k)), dtype)
     want, mag = reference(x, scales, biases, q, group)
     args = (as_mx(x, dtype), mx.array(packed), as_mx(scales, dtype), as_mx(biases, dtype))
     assert qg.supports(*args, group, bits)
-    y = qg.quantized_gemv(*args, group, bits)
+    y = qg.quantized_gemv(*args, group, bits, version)
     assert y.shape == (rows, n) and y.dtype is getattr(mx, dtype)
     got = y.astype(mx.float32).numpy().astype(np.float64)
     err = np.abs(got - want)
     bound = ROUND[dtype] * np.abs(want) + 1e-5 * mag
     worst = np.unravel_index(np.argmax(err - bound), err.shape)
-    assert np.all(err <= bound), (f"rows={rows} n={n} k={k} g={group} bits={bits} {dtype}: at {worst} got "
+    assert np.all(err <= bound), (f"v{version or qg.VERSION} rows={rows} n={n} k={k} g={group} bits={bits} {dtype}: at {worst} got "
                                   f"{got[worst]} want {want[worst]} (bound {bound[worst]})")
 
 
@@ -157,6 +157,14 @@ def test_kernel_equals_float64_reference(rows, bits, group, dtype):
 
 
 @cuda
+@pytest.mark.parametrize("dtype,bits,group", [("bfloat16", 4, 64), ("float16", 8, 32), ("float32", 4, 128)])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_version_1_equals_float64_reference(rows, bits, group, dtype):
+    """The first version of the kernel (AMLX_QGEMV=1) stays selectable and correct."""
+    check(rows, 301, 512, group, bits, dtype, seed=rows * 100 + bits + group, version=1)
+
+
+@cuda
 @pytest.mark.parametrize("rows,n,k", [(1, 6144, 4096), (1, 4096, 12288), (4, 4096, 12288), (8, 24576, 4096),
                                       (1, 1, 4096), (2, 7, 128), (1, 151936, 256)])
 def test_kernel_at_model_shapes(rows, n, k):
@@ -168,9 +176,11 @@ def test_kernel_at_model_shapes(rows, n, k):
 @cuda
 @pytest.mark.parametrize("bits", [4, 8])
 def test_kernel_with_an_odd_number_of_chunks(bits):
-    """K = 96 in groups of 32: three (4 bits) or six (8 bits) 16-byte chunks a row."""
-    for rows in (1, 3, 8):
-        check(rows, 45, 96, 32, bits, "bfloat16", seed=rows)
+    """K = 96 in groups of 32: three (4 bits) or six (8 bits) 16-byte chunks a row
+    (lanes without a chunk; version 2 reads a clamped chunk and weighs it by 0)."""
+    for version in (2, 1):
+        for rows in (1, 3, 8):
+            check(rows, 45, 96, 32, bits, "bfloat16", seed=rows, version=version)
 
 
 @cuda
@@ -193,6 +203,23 @@ def test_kernel_reads_row_views_of_a_fused_weight():
     view = [ops.slice(a, (40, 0), (96, a.shape[1])) for a in (w, s, b)]
     got = qg.quantized_gemv(as_mx(x, "bfloat16"), *view, 64, 4).astype(mx.float32).numpy()
     want, mag = reference(x, scales[40:], biases[40:], q[40:], 64)
+    assert np.all(np.abs(got - want) <= ROUND["bfloat16"] * np.abs(want) + 1e-5 * mag)
+
+
+@cuda
+@pytest.mark.parametrize("version", [2, 1])
+@pytest.mark.parametrize("rows,bits", [(1, 4), (3, 8)])
+def test_kernel_reads_an_x_that_is_not_16_byte_aligned(rows, bits, version):
+    """x a view one element into a flat array (row-contiguous, so MLX passes it as
+    is): the kernels' element-by-element path."""
+    rng = np.random.default_rng(5)
+    k = 256
+    packed, scales, biases, q = packed_layer(rng, 37, k, 32, bits, "bfloat16")
+    flat = round_to(rng.normal(size=rows * k + 1), "bfloat16")
+    x = ops.reshape(ops.slice(as_mx(flat, "bfloat16"), (1,), (rows * k + 1,)), (rows, k))
+    got = qg.quantized_gemv(x, mx.array(packed), as_mx(scales, "bfloat16"), as_mx(biases, "bfloat16"), 32, bits,
+                            version).astype(mx.float32).numpy()
+    want, mag = reference(flat[1:].reshape(rows, k), scales, biases, q, 32)
     assert np.all(np.abs(got - want) <= ROUND["bfloat16"] * np.abs(want) + 1e-5 * mag)
 
 

@@ -32,6 +32,24 @@ most `MAX_ROWS` rows (decode steps, short prompts); MLX's quantized matmul
 everywhere else. AMLX_QGEMV=0 (read once, at import) turns it off, for
 comparisons. As a custom kernel it is one graph node and survives the
 compiled decode step like the other step kernels.
+
+Two versions (`VERSION`; AMLX_QGEMV=1 picks the first). Version 1 is the above
+as first measured (benchmarks/README.md): beyond one row it was bound by
+instructions, and its x loads, each waited for before use, put a dozen or more
+serial L1/L2 round trips in every iteration. Version 2 keeps the work split
+and arithmetic and changes how it is issued (ptxas/SASS for sm_90a, bf16, 4
+bits; instructions a weight in the K loop, version 1 -> 2: 6.3 -> 4.4 at one
+row, 14 -> 9.3 at four, 35 -> 20 at eight):
+- every load of an iteration (weights, scales, biases, and x for all rows in
+  batches of at most 64 registers) is issued before any is used, and the next
+  iteration's weights are loaded before this one is computed (double buffered
+  in registers; two chunks a lane an iteration at one row, one beyond; up to
+  128 registers a thread at 1-2 rows, still two blocks an SM), so a warp waits for
+  DRAM about once, not once an iteration, and computes while its next loads fly;
+- mask and OR into 2^23 are one LOP3 (inline PTX; the compiler made two);
+- the aligned and unaligned paths are two copies of the loop chosen once, and
+  padded rows read the last real row, so an iteration has no branch; a chunk
+  past the end is read clamped and weighted by scale and bias 0.
 """
 
 from __future__ import annotations
@@ -40,7 +58,11 @@ import os
 
 from amlx._mlx import Array, bfloat16, device, fast, float16, float32, uint32
 
-ENABLED = os.environ.get("AMLX_QGEMV", "1") != "0"
+# AMLX_QGEMV (read once, at import): 0 off (MLX's quantized matmul), 1 the first
+# version of the kernel, 2 (default) the second; any other value: the default.
+_ENV = os.environ.get("AMLX_QGEMV", "2")
+ENABLED = _ENV != "0"
+VERSION = 1 if _ENV == "1" else 2
 MAX_ROWS = 8
 # Rows up to which `applies` picks the kernel. Measured on the H200 (benchmarks/qgemv.py,
 # Qwen3-8B shapes, 4-bit): 1.1-2.6x MLX's quantized matmul at 1, 2 and 4 rows, but
@@ -240,16 +262,293 @@ _SOURCE = r"""
   }
 """
 
+# Version 2 (the default, VERSION = 2): the same work split as version 1, built
+# to keep more bytes in flight and to issue fewer instructions a weight.
+_HEADER_V2 = r"""
+// (a & b) | c in one LOP3 (the compiler emits two for a mask and an OR with two
+// immediates).
+__device__ __forceinline__ uint32_t amlx_and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// amlx_unpack with one LOP3 and one FFMA a value (same arithmetic, exact).
+template <int BITS>
+__device__ __forceinline__ void amlx_unpack2(uint32_t w, float* q) {
+  constexpr int P = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  constexpr int SH = BITS == 4 ? 12 : 16;
+  const uint32_t hi = w >> SH;
+#pragma unroll
+  for (int e = 0; e < P; ++e) {
+    const bool low = e * BITS + BITS <= 23;
+    const int s = low ? e * BITS : e * BITS - SH;
+    const float f = __uint_as_float(amlx_and_or(low ? w : hi, MASK << s, 0x4B000000u));
+    q[e] = __fmaf_rn(f, __uint_as_float((127u - s) << 23), -__uint_as_float((150u - s) << 23));
+  }
+}
+
+template <int S> struct amlx_elem;
+template <> struct amlx_elem<2> { using type = unsigned short; };
+template <> struct amlx_elem<4> { using type = unsigned int; };
+
+// 16 bytes at p (elements of E); VEC: p is 16-byte aligned (one load), else
+// element by element (two specializations: no unreachable code in either).
+template <bool VEC> struct amlx_ld;
+template <> struct amlx_ld<true> {
+  template <typename E>
+  static __device__ __forceinline__ uint4 ld16(const E* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+};
+template <> struct amlx_ld<false> {
+  template <typename E>
+  static __device__ __forceinline__ uint4 ld16(const E* p) {
+    uint32_t v[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (sizeof(E) == 4) {
+        v[i] = __ldg(reinterpret_cast<const unsigned int*>(p) + i);
+      } else {
+        const unsigned short* h = reinterpret_cast<const unsigned short*>(p) + 2 * i;
+        v[i] = (uint32_t)__ldg(h) | ((uint32_t)__ldg(h + 1) << 16);
+      }
+    }
+    return make_uint4(v[0], v[1], v[2], v[3]);
+  }
+};
+template <bool VEC, typename E>
+__device__ __forceinline__ uint4 amlx_ld16(const E* p) { return amlx_ld<VEC>::ld16(p); }
+
+// The values of T in one 32-bit word as floats (two of 16 bits, one of 32).
+__device__ __forceinline__ void amlx_cvt(const __nv_bfloat16*, uint32_t u, float* f) {
+  f[0] = __uint_as_float(u << 16);
+  f[1] = __uint_as_float(u & 0xffff0000u);
+}
+__device__ __forceinline__ void amlx_cvt(const __half*, uint32_t u, float* f) {
+  __half2 h;
+  memcpy(&h, &u, 4);
+  const float2 t = __half22float2(h);
+  f[0] = t.x;
+  f[1] = t.y;
+}
+__device__ __forceinline__ void amlx_cvt(const float*, uint32_t u, float* f) { f[0] = __uint_as_float(u); }
+
+// The weights of U chunks (c0 + u * stride, clamped into the row: a chunk past
+// the end is read again and given scale and bias 0) of the M rows, and their
+// groups' scales and biases.
+template <typename T, int M, int U, bool VEC>
+__device__ __forceinline__ void amlx_qgemv2_load(const uint32_t* w, const T* scales, const T* biases,
+                                                 const int* row, int words, int chunks, int groups, int cpg_shift,
+                                                 int c0, int stride, uint4 (&wv)[U][M], float (&sv)[U][M],
+                                                 float (&bv)[U][M]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = c0 + u * stride;
+    const bool live = c < chunks;
+    const int cc = live ? c : chunks - 1;
+    const int g = cc >> cpg_shift;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      wv[u][m] = amlx_ld16<VEC>(w + (size_t)row[m] * words + cc * 4);
+      const float s = static_cast<float>(scales[(size_t)row[m] * groups + g]);
+      const float b = static_cast<float>(biases[(size_t)row[m] * groups + g]);
+      sv[u][m] = live ? s : 0.0f;
+      bv[u][m] = live ? b : 0.0f;
+    }
+  }
+}
+
+// One lane's K loop: y[m][r] += x[r] . W[row[m]] over chunks c0, c0 + stride, ...
+// All loads of an iteration (U chunks of M rows, their scales and biases) are
+// issued before any use; with PF those of the next iteration are issued before
+// this one is computed (double buffered in registers). x comes in batches of JB
+// words' worth for all RB rows at once (at most 64 registers of raw x), so its
+// L1/L2 round trips are few and overlap the unpacking; padded rows (r >= rows)
+// read the last row and are never stored. No branch inside an iteration.
+template <typename T, int BITS, int RB, int M, int U, bool PF, bool VEC>
+__device__ __forceinline__ void amlx_qgemv2_loop(const T* x, const uint32_t* w, const T* scales, const T* biases,
+                                                 const int* row, int rows, int K, int words, int chunks, int groups,
+                                                 int cpg_shift, int c_first, int stride, float (&y)[M][RB]) {
+  constexpr int VPW = 32 / BITS;                 // weight values per word
+  constexpr int VPC = 4 * VPW;                   // per 16-byte chunk
+  constexpr int XPW = 4 / (int)sizeof(T);        // x values per 32-bit word
+  constexpr int XW = VPW / XPW;                  // x words per weight word, per row: 2, 4 or 8
+  constexpr int JB = 4 * XW * RB <= 64 ? 4 : 2 * XW * RB <= 64 ? 2 : 1;  // weight words per x batch
+  constexpr int XU = JB * XW / 4;                // 16-byte x loads per row per batch
+  using E = typename amlx_elem<sizeof(T)>::type;
+  const E* xr[RB];
+#pragma unroll
+  for (int r = 0; r < RB; ++r) xr[r] = reinterpret_cast<const E*>(x + (size_t)min(r, rows - 1) * K);
+
+  uint4 wv[U][M];
+  float sv[U][M], bv[U][M];
+  amlx_qgemv2_load<T, M, U, VEC>(w, scales, biases, row, words, chunks, groups, cpg_shift, c_first, stride, wv, sv, bv);
+  for (int c0 = c_first; c0 < chunks; c0 += stride * U) {
+    uint4 wn[U][M];
+    float sn[U][M], bn[U][M];
+    if (PF) amlx_qgemv2_load<T, M, U, VEC>(w, scales, biases, row, words, chunks, groups, cpg_shift,
+                                           c0 + stride * U, stride, wn, sn, bn);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = min(c0 + u * stride, chunks - 1);
+      float a[M][RB];
+      float xs[RB];
+#pragma unroll
+      for (int r = 0; r < RB; ++r) {
+        xs[r] = 0.0f;
+#pragma unroll
+        for (int m = 0; m < M; ++m) a[m][r] = 0.0f;
+      }
+#pragma unroll
+      for (int jb = 0; jb < 4; jb += JB) {
+        uint4 xv[RB][XU];
+#pragma unroll
+        for (int r = 0; r < RB; ++r)
+#pragma unroll
+          for (int i = 0; i < XU; ++i)
+            xv[r][i] = amlx_ld16<VEC>(xr[r] + (size_t)c * VPC + jb * VPW + i * (16 / sizeof(E)));
+#pragma unroll
+        for (int jj = 0; jj < JB; ++jj) {
+          float xf[RB][VPW];
+#pragma unroll
+          for (int r = 0; r < RB; ++r) {
+#pragma unroll
+            for (int t = 0; t < XW; ++t) amlx_cvt(x, amlx_word(xv[r][(jj * XW + t) / 4], (jj * XW + t) % 4), &xf[r][t * XPW]);
+#pragma unroll
+            for (int e = 0; e < VPW; ++e) xs[r] += xf[r][e];
+          }
+#pragma unroll
+          for (int m = 0; m < M; ++m) {
+            float q[VPW];
+            amlx_unpack2<BITS>(amlx_word(wv[u][m], jb + jj), q);
+#pragma unroll
+            for (int r = 0; r < RB; ++r)
+#pragma unroll
+              for (int e = 0; e < VPW; ++e) a[m][r] = __fmaf_rn(q[e], xf[r][e], a[m][r]);
+          }
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < RB; ++r) y[m][r] += sv[u][m] * a[m][r] + bv[u][m] * xs[r];
+    }
+    if (PF) {
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          wv[u][m] = wn[u][m];
+          sv[u][m] = sn[u][m];
+          bv[u][m] = bn[u][m];
+        }
+    } else if (c0 + stride * U < chunks) {
+      amlx_qgemv2_load<T, M, U, VEC>(w, scales, biases, row, words, chunks, groups, cpg_shift, c0 + stride * U,
+                                     stride, wv, sv, bv);
+    }
+  }
+}
+"""
+
+# Version 2's body: version 1's setup and reduction around amlx_qgemv2_loop,
+# which runs with 16-byte loads when w and x are 16-byte aligned (always, for
+# arrays MLX allocates; row views of a fused weight keep it) and element by
+# element otherwise.
+_SOURCE_V2 = r"""
+  constexpr int M = RB <= 4 ? 4 : 2;      // output columns per warp
+  // Chunks per lane per iteration: two at one row, one beyond (where the
+  // registers hold x for 2-8 rows: two 256-thread blocks an SM still fit at 2);
+  // either way the next iteration's weights are in flight while this one is
+  // computed (ptxas: 96-190 registers, no spills).
+  constexpr int U = RB <= 1 ? 2 : 1;
+  constexpr bool PF = true;
+  constexpr int VPW = 32 / BITS;
+  constexpr int VPC = 4 * VPW;
+  __shared__ float part[8 * M * RB];
+  const int rows = x_shape[0];
+  const int N = w_shape[0];
+  const int words = w_shape[1];
+  const int K = words * VPW;
+  const int chunks = words / 4;
+  const int groups = scales_shape[1];
+  const int cpg_shift = __ffs((K / groups) / VPC) - 1;  // log2(chunks per group)
+  const int lane = threadIdx.x & 31;
+  const int wx = threadIdx.x >> 5;
+  const int WX = blockDim.x >> 5;
+  const int ks = threadIdx.y;
+  const int KS = blockDim.y;
+  const int n0 = (blockIdx.x * WX + wx) * M;
+  const bool vec = ((reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(x)) & 15) == 0;
+
+  int row[M];  // the weight rows (past the end: the last row, read but not stored)
+#pragma unroll
+  for (int m = 0; m < M; ++m) row[m] = min(n0 + m, N - 1);
+
+  float y[M][RB];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < RB; ++r) y[m][r] = 0.0f;
+
+  if (vec) {
+    amlx_qgemv2_loop<T, BITS, RB, M, U, PF, true>(x, w, scales, biases, row, rows, K, words, chunks, groups,
+                                                  cpg_shift, lane + 32 * ks, 32 * KS, y);
+  } else {
+    amlx_qgemv2_loop<T, BITS, RB, M, 1, false, false>(x, w, scales, biases, row, rows, K, words, chunks, groups,
+                                                      cpg_shift, lane + 32 * ks, 32 * KS, y);
+  }
+
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < RB; ++r)
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) y[m][r] += __shfl_xor_sync(0xffffffffu, y[m][r], o);
+
+  if (KS > 1) {
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < RB; ++r) part[((ks * WX + wx) * M + m) * RB + r] = y[m][r];
+    }
+    __syncthreads();
+    if (ks != 0 || lane != 0) return;
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int r = 0; r < RB; ++r) {
+        float t = 0.0f;
+        for (int k = 0; k < KS; ++k) t += part[((k * WX + wx) * M + m) * RB + r];
+        y[m][r] = t;
+      }
+  } else if (lane != 0) {
+    return;
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const int n = n0 + m;
+    if (n >= N) break;
+#pragma unroll
+    for (int r = 0; r < RB; ++r)
+      if (r < rows) out[(size_t)r * N + n] = static_cast<T>(y[m][r]);
+  }
+"""
+
 NAME = "amlx_quantized_gemv"
+NAMES = {1: NAME, 2: "amlx_quantized_gemv2"}
 INPUTS = ["x", "w", "scales", "biases"]
 
-_KERNEL: list[fast.CudaKernel] = []
+_KERNEL: dict[int, fast.CudaKernel] = {}
 
 
-def kernel_source() -> tuple[str, list[str], str, str]:
-    """(name, input names, body, header) as handed to MLX, which writes the
-    signature and template constants (scripts/cuda_compile_check.py)."""
-    return NAME, INPUTS, _SOURCE, _HEADER
+def kernel_source(version: int | None = None) -> tuple[str, list[str], str, str]:
+    """(name, input names, body, header) as handed to MLX for kernel `version`
+    (default VERSION), which writes the signature and template constants
+    (scripts/cuda_compile_check.py)."""
+    if (version or VERSION) == 1:
+        return NAME, INPUTS, _SOURCE, _HEADER
+    return NAMES[2], INPUTS, _SOURCE_V2, _HEADER + _HEADER_V2
 
 
 def columns_per_warp(rows: int) -> int:
@@ -282,8 +581,9 @@ def launch_shape(rows: int, n: int, k: int, bits: int) -> tuple[tuple[int, int, 
 
 def resident(rows: int) -> int:
     """Warps of the kernel that fit on the GPU at once: by its registers (ptxas for
-    sm_90a: about 96-128 a thread up to 2 rows, two 256-thread blocks an SM; up to
-    252 beyond, one block)."""
+    sm_90a; two 256-thread blocks an SM at up to 128 registers a thread, one
+    beyond). Version 1: about 96-128 up to 2 rows, up to 252 beyond. Version 2:
+    96-130 up to 2 rows (130: float32 x, 8 bits, 1 row), 146-190 beyond."""
     return SMS * (2 if bucket(rows) <= 2 else 1) * WARPS
 
 
@@ -310,15 +610,19 @@ def applies(x: Array, weight: Array, scales: Array, biases: Array, group_size: i
             and fast.cuda_available() and supports(x, weight, scales, biases, group_size, bits))
 
 
-def quantized_gemv(x: Array, weight: Array, scales: Array, biases: Array, group_size: int, bits: int) -> Array:
+def quantized_gemv(x: Array, weight: Array, scales: Array, biases: Array, group_size: int, bits: int,
+                   version: int | None = None) -> Array:
     """x (rows, K) @ dequantize(weight, scales, biases)^T -> (rows, N) in x's
-    dtype (MLX's `quantized_matmul` with transpose=True); see `supports`."""
+    dtype (MLX's `quantized_matmul` with transpose=True); see `supports`.
+    `version`: 1 or 2, the kernel's (default VERSION)."""
     del group_size  # the kernel reads it from the shapes: K / scales.shape[1]
-    if not _KERNEL:
-        _KERNEL.append(fast.CudaKernel(NAME, INPUTS, ["out"], _SOURCE, header=_HEADER))
+    version = version or VERSION
+    if version not in _KERNEL:
+        name, inputs, source, header = kernel_source(version)
+        _KERNEL[version] = fast.CudaKernel(name, inputs, ["out"], source, header=header)
     rows, k = x.shape
     n = weight.shape[0]
-    grid, group = launch_shape(rows, n, k, bits)
-    (out,) = _KERNEL[0]([x, weight, scales, biases], [(rows, n)], [x.dtype], grid=grid, threadgroup=group,
-                        template={"T": x.dtype, "BITS": int(bits), "RB": bucket(rows)})
+    grid, group = launch_shape(rows, n, k, bits)  # the same for both versions
+    (out,) = _KERNEL[version]([x, weight, scales, biases], [(rows, n)], [x.dtype], grid=grid, threadgroup=group,
+                              template={"T": x.dtype, "BITS": int(bits), "RB": bucket(rows)})
     return out
