@@ -173,7 +173,7 @@ class Engine:
         if s.speculator is not None:  # a model loaded with `draft`: drafted and accepted tokens
             out["speculative"] = s.speculator.stats.snapshot()
         if s.timing.enabled:  # AMLX_STEP_TIMING=1: host seconds per phase of the rounds (engine/timing.py)
-            out["step_timing"] = {**s.timing.snapshot(), "decode_steps": s.decode_steps}
+            out["step_timing"] = {**s.timing.snapshot(), "decode_steps": s.decode_steps, "prefills": s.prefills}
         return out
 
     # -- jobs on the worker thread ------------------------------------------------

@@ -118,6 +118,7 @@ class Scheduler:
         self.closed = False
         self.tokens_generated = 0
         self.decode_steps = 0
+        self.prefills = 0  # prefill passes of prompts taken together (_prefill_group; for step timing)
         self.preemptions = 0  # rows taken out of the batch for want of KV blocks (recomputed later)
         self.rate = RateMeter()  # recent tokens per second of work (stats)
         self.timing = StepTiming(step_timing_enabled())  # host time per phase (AMLX_STEP_TIMING=1)
@@ -366,12 +367,52 @@ class Scheduler:
         """`_extend` by the split twin (work only one shard has)."""
         return self.pools.extend_pass(self._split_model(), tokens, positions, last, tabs, pools)
 
+    def extend_widths(self) -> list[int]:
+        """The token widths an extend pass is padded to (EXTEND_MIN, doubling, up to `extend_max`)."""
+        widths, w = [], EXTEND_MIN
+        while w <= max(self.extend_max, EXTEND_MIN - 1) and self.extend_max:
+            widths.append(w)
+            w *= 2
+        return widths
+
+    def warm_extend(self, batches: tuple[int, ...] = (1, 2)) -> int:
+        """Runs the compiled extend pass once per token width (and padded batch size
+        in `batches`) over rows that hold only the null block, so that the kernels
+        MLX compiles at a shape's first use (on CUDA: NVRTC, seconds per fused kernel;
+        MLX keeps them on disk, MLX_PTX_CACHE_DIR) are compiled while the model loads,
+        not under a user's first prompt behind a cached prefix. Later shapes (other
+        spans, a grown pool) are traced again on the host but reuse those kernels.
+        Returns the passes run (0 where the extend pass is off). Worker thread."""
+        if self._extend_fn is None or not self.extend_max or self.mirror is not None:
+            return 0
+        shard, runs = self.shards[0], 0
+        with self.placement.on():
+            for pool in (shard.kv.pool, shard.kv.local):
+                if pool is not None and pool.capacity == 0:
+                    pool.grow_to(pool.initial_blocks)  # (what the first request takes anyway)
+            self._prepare()
+            model = self._split_model()  # (a lone prompt's pass: the split twin where there is one)
+            fn = self._extend_fn if model is self.model else self._split_extend_fn
+            for b in sorted({padded_batch(b) if self.options.pad_batches else b for b in batches}):
+                rows = [PADDING_ROW] * b
+                zeros = array(np.zeros(b, dtype=np.int32))
+                for width in self.extend_widths():
+                    with self._on(shard):
+                        tables = shard.kv.extend_tables(rows, [0] * b, width, [0] * b, shard.kv.extend_width(width))
+                        logits, state = fn(array(np.zeros((b, width), dtype=np.int32)), zeros, zeros,
+                                           extend_arrays(tables), shard.kv.arrays)
+                        shard.kv.arrays = state
+                        ops.eval(logits, *shard.kv.state())
+                    runs += 1
+        return runs
+
     def _prefill_group(self, group: list[Request]) -> None:
         """Prefills several prompts that start at the same position: one batched
         forward per shard they joined, on that shard's stream, so the shards'
         forwards run in parallel. Right padding keeps it exact: causal attention
         never lets a real position see a padded one, and padded positions are
         written to the null block."""
+        self.timing.lap("admit")
         start = group[0].prefilled
         by_shard: dict[int, list[Request]] = {}
         for r in group:
@@ -390,9 +431,11 @@ class Scheduler:
                 # (sampling stays on the worker's stream: see _build)
                 samplers.append(BatchSampling([r.sampling for r in reqs], self._sample_steps))
                 firsts.append(samplers[-1](logits, masks=mask))
+            self.timing.lap("prefill_build")
             # One evaluation for every shard, so their forwards run at the same time.
             ops.eval(*[a for first in firsts for a in first.arrays()], *[a for bs in samplers for a in bs.state()],
                      *[a for shard, _ in parts for a in shard.kv.state()])
+            self.timing.lap("prefill_wait")
             for bs in samplers:
                 bs.sync_back()  # the requests' keys move on
         except MLXError as exc:
@@ -417,6 +460,8 @@ class Scheduler:
                 self.pools.cache_filled(r)
                 self._emit(r, int(ids_out[i]), float(lps[i]), None if tops is None else tops[i])
             self._join(shard, reqs)
+        self.timing.lap("prefill_emit")
+        self.prefills += 1
 
     def _prefill_chunk(self, req: Request) -> None:
         """One chunk of a long prompt (or of a preempted request's recompute); on the
