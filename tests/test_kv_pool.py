@@ -176,6 +176,30 @@ def test_allocator_counts_references_and_grows_only_for_held_blocks():
     pool.close()
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=30), st.integers(2, 64), st.integers(60, 2000))
+def test_pool_growth_stays_within_an_eighth_of_what_is_held(asks, initial, ceiling):
+    """The arrays grow only when held blocks need room, and then to at most an eighth
+    more than the blocks held after the allocation (or the first size), never past the
+    ceiling; every block handed out lies inside them."""
+    pool = BlockPool([(1, 4)], float32, 2, ceiling, initial_blocks=initial)
+    held = 0
+    for n in asks:
+        if n > pool.available():
+            with pytest.raises(PoolFull):
+                pool.allocate(n)
+            break
+        before = pool.capacity
+        got = pool.allocate(n)
+        held += n
+        assert max(got) < pool.capacity <= ceiling and pool.used() == held
+        if pool.capacity != before:  # grew: (held + the null block) plus at most an eighth
+            assert pool.capacity <= max(pool.initial_blocks, int(before * 1.125) + 1, held + 1)
+            assert pool.capacity <= max(pool.initial_blocks, int((held + 1) * 1.125) + 1)
+        assert all(a.shape[1] == pool.capacity for a in pool.arrays)
+    pool.close()
+
+
 def test_prefix_index_hits_misses_lru_eviction_and_clear():
     pool = _pool(blocks=6, initial=6)  # at its full size (cached blocks never make it grow)
     row = SimpleNamespace(blocks=[], pos=0)

@@ -53,6 +53,7 @@ from amlx.constrain import step_masks
 from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards, padded_batch
 from amlx.engine.pools import ShardPools, extend_arrays, table_arrays
 from amlx.kv import PADDING_ROW, ShardKV, Tables, preemption_order, written
+from amlx.engine.notify import flush_wakeups
 from amlx.engine.rate import RateMeter
 from amlx.engine.timing import StepTiming, step_timing_enabled
 from amlx.engine.speculate import make_speculator
@@ -265,6 +266,7 @@ class Scheduler:
         if self.prefilling is not None:
             self._prefill_chunk(self.prefilling)
             self.timing.lap("prefill")
+        flush_wakeups()  # first tokens of this round's prefills go out now, not after its decode step
         self._decode()
         self.timing.lap("other")
 
