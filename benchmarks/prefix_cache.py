@@ -98,7 +98,8 @@ async def host_split(model, tok, rng, prefix: int, n: int = 6) -> dict:
     await _decode_ms(model, prompt, 65)
     after = _timing(model)
     steps = after["decode_steps"] - before["decode_steps"]
-    decode = _phases(before, after, steps)
+    # (the request's own prefill rounds are left out: admission and prefill phases)
+    decode = {k: v for k, v in _phases(before, after, steps).items() if k != "admit" and not k.startswith("prefill")}
     host_cached = sum(v for k, v in cached.items() if k != "prefill_wait")
     host_decode = sum(v for k, v in decode.items() if k != "wait")
     return {"cached_phases_ms": cached, "decode_phases_ms": decode, "cached_wall_ms": round(np.mean(walls) * 1e3, 2),

@@ -11,6 +11,9 @@
 #                                        # kv_bits none/8/4 at 4 streams x 32k tokens (KVBITS_ARGS to change)
 #   bash benchmarks/run_gpu.sh ttft      # TTFT behind a cached 2,000-token prefix (prefix_cache.py --ttft-only),
 #                                        # MODELS="qwen3-0.6b qwen3-8b" by default
+#   bash benchmarks/run_gpu.sh ttft-mem  # issue 15 in one call (~4 min): cached/uncached TTFT of qwen3-0.6b and
+#                                        # qwen3-8b (best of 3, warm, AMLX_STEP_TIMING=1: host split) and
+#                                        # speed.py's peak memory (1 and 64 streams) of qwen3-0.6b, gemma3-1b and mlx-lm
 #   bash benchmarks/run_gpu.sh window    # KV memory of a long Gemma-3-1B row, windowed layers' own pool (window_pool.py)
 #   bash benchmarks/run_gpu.sh spec-cost    # speculative decoding: k draft steps + verify vs k+1 plain steps
 #   bash benchmarks/run_gpu.sh spec-draft   # end to end: qwen3-8b with its 4-bit copy as draft, amlx vs mlx-lm
@@ -62,6 +65,17 @@ case "${1:-speed}" in
     for m in ${MODELS:-qwen3-0.6b qwen3-8b}; do
       timeout -k 10 ${BUDGET:-270} python3 benchmarks/prefix_cache.py --preset "$m" --prefix 2000 --repeats 3 \
         --ttft-only --out "$OUT/prefix_ttft_$m.json" || echo "prefix_cache.py $m ended with status $?"
+    done ;;
+  ttft-mem)
+    for m in ${TTFT_MODELS:-qwen3-0.6b qwen3-8b}; do
+      AMLX_STEP_TIMING=1 timeout -k 10 ${TTFT_BUDGET:-100} python3 benchmarks/prefix_cache.py --preset "$m" \
+        --prefix 2000 --repeats 3 --ttft-only --out "$OUT/prefix_ttft_$m.json" 2>&1 | grep -v "it/s" \
+        | tee -a "$OUT/ttft.txt" || echo "prefix_cache.py $m ended with status $?"
+    done
+    for m in ${MEM_MODELS:-qwen3-0.6b gemma3-1b}; do
+      mkdir -p "$OUT/speed_$m"
+      timeout -k 10 ${MEM_BUDGET:-75} python3 benchmarks/speed.py --models "$m" --streams 64 --repeats 1 \
+        --out "$OUT/speed_$m" 2>&1 | grep -v "it/s" | tee -a "$OUT/memory.txt" || echo "speed.py $m ended with status $?"
     done ;;
   window)
     timeout -k 10 ${BUDGET:-270} python3 benchmarks/window_pool.py --preset "${MODEL:-gemma3-1b}" --prompt 8000 \

@@ -61,7 +61,11 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
 
     out: dict = {}
     model = amlx.load_sync(path, max_batch_size=max(streams + [1]))
+    out["active_after_load"] = amlx.memory()["active"]  # weights (and the KV pool's first blocks)
     vocab = model.tokenizer.vocab_size
+
+    def pool_bytes() -> int:  # the KV block pools' arrays (blocks allocated, every layer)
+        return model.stats()["kv_cache"]["blocks_allocated"] * model.engine.scheduler.block_bytes()
     try:
         # the device's copy bandwidth, for the % of bandwidth rows (on the engine's worker)
         out["copy_bytes_per_s"] = model.engine.run_sync(lambda: copy_bandwidth(COPY_BYTES))
@@ -81,6 +85,7 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
                   single_ttft_s=times[0] - t0)
 
         out["peak_memory_1"] = amlx.memory()["peak"]
+        out["kv_pool_bytes_1"] = pool_bytes()
         long_prompt = _prompts(1, 2048, vocab, 2)[0]
         model.complete_sync(long_prompt, max_tokens=1)  # warm-up of the prefill shapes
         for _ in range(REPEATS):
@@ -116,6 +121,7 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
                 _best(out["batch"][n], tps=total / elapsed, tokens=total, seconds=elapsed,
                       ttft_mean_s=float(np.mean(ttft)), ttft_p50_s=float(np.median(ttft)))
         out["peak_memory"] = amlx.memory()["peak"]
+        out["kv_pool_bytes"] = pool_bytes()
     finally:
         model.close()
     return out
