@@ -74,7 +74,7 @@ case "${1:-speed}" in
     done
     for m in ${MEM_MODELS:-qwen3-0.6b gemma3-1b}; do
       mkdir -p "$OUT/speed_$m"
-      timeout -k 10 ${MEM_BUDGET:-75} python3 benchmarks/speed.py --models "$m" --streams 64 --repeats 1 \
+      AMLX_STEP_TIMING=1 timeout -k 10 ${MEM_BUDGET:-75} python3 benchmarks/speed.py --models "$m" --streams 64 --repeats 1 \
         --out "$OUT/speed_$m" 2>&1 | grep -v "it/s" | tee -a "$OUT/memory.txt" || echo "speed.py $m ended with status $?"
     done ;;
   window)

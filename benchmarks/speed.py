@@ -75,7 +75,16 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
         prompt = _prompts(1, 128, vocab, 1)[0]
         from amlx._mlx import memory as mlx_memory
 
-        mlx_memory.reset_peak()  # the single stream's peak: weights, its cache, one step's temporaries
+        timing = model.engine.scheduler.timing  # (AMLX_STEP_TIMING=1: which phase set the peak)
+
+        def reset_peak() -> None:
+            mlx_memory.reset_peak()
+            timing.forget_peaks()
+
+        def peaks() -> dict:  # MLX's peak (MB) credited to the phase of the engine's rounds that set it
+            return {k: round(v / 1e6, 1) for k, v in timing.peak_bytes.items()}
+
+        reset_peak()  # the single stream's peak: weights, its cache, one step's temporaries
         for _ in range(REPEATS):
             times = []
             t0 = time.perf_counter()
@@ -86,6 +95,8 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
 
         out["peak_memory_1"] = amlx.memory()["peak"]
         out["kv_pool_bytes_1"] = pool_bytes()
+        if timing.enabled:
+            out["peak_by_phase_1"] = peaks()
         long_prompt = _prompts(1, 2048, vocab, 2)[0]
         model.complete_sync(long_prompt, max_tokens=1)  # warm-up of the prefill shapes
         for _ in range(REPEATS):
@@ -93,7 +104,7 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
             model.complete_sync(long_prompt, max_tokens=1)
             _best(out, prefill_tps=2048 / (time.perf_counter() - t0))
 
-        mlx_memory.reset_peak()
+        reset_peak()
         out["batch"] = {}
         for n in streams:
             prompts = _prompts(n, 128, vocab, 10 + n)
@@ -122,6 +133,8 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
                       ttft_mean_s=float(np.mean(ttft)), ttft_p50_s=float(np.median(ttft)))
         out["peak_memory"] = amlx.memory()["peak"]
         out["kv_pool_bytes"] = pool_bytes()
+        if timing.enabled:
+            out["peak_by_phase"] = peaks()
     finally:
         model.close()
     return out

@@ -7,12 +7,21 @@ that wait for the device (`wait`: a step's tokens read back) show as host time t
 whose time goes mostly to `wait` is bound by the device, one whose time goes elsewhere is
 bound by the host. `Engine.stats()["step_timing"]` reports the totals (seconds, cumulative:
 subtract two snapshots to time one run).
+
+It also says which phase set MLX's peak memory: at each lap, if the peak counter rose during
+the phase, the phase is credited with the new peak (`peak_bytes`, the highest per phase), so
+a benchmark that resets the peak and reads it later can tell a prefill's activations from a
+decode step's temporaries or the KV pool's growth (growth in admission counts to `admit`, in
+a decode step's block extension to `plan`). Work launched in one phase and computed during a
+later one is credited to the phase that allocated its buffers (on a GPU, where it is encoded).
 """
 
 from __future__ import annotations
 
 import os
 import time
+
+from amlx._mlx import memory
 
 __all__ = ["StepTiming", "step_timing_enabled"]
 
@@ -29,6 +38,8 @@ class StepTiming:
         self.seconds: dict[str, float] = {}
         self.rounds = 0
         self._last = 0.0
+        self.peak_bytes: dict[str, int] = {}
+        self._peak = 0  # MLX's peak counter at the last lap
 
     def begin(self) -> None:
         """A round starts: the clock of its first phase starts now."""
@@ -41,8 +52,17 @@ class StepTiming:
         if self.enabled:
             now = time.perf_counter()
             self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
-            self._last = now
+            peak = memory.peak()
+            if peak > self._peak:  # (lower: someone reset the counter meanwhile)
+                self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), peak)
+            self._peak = peak
+            self._last = time.perf_counter()  # (reading the counter is not the phase's time)
+
+    def forget_peaks(self) -> None:
+        """Starts the peaks per phase afresh (a benchmark that resets MLX's peak counter)."""
+        self.peak_bytes.clear()
 
     def snapshot(self) -> dict:
-        """{"rounds": n, "seconds": {phase: total seconds}} so far."""
-        return {"rounds": self.rounds, "seconds": dict(self.seconds)}
+        """{"rounds": n, "seconds": {phase: total seconds}, "peak_bytes": {phase: the highest
+        MLX peak it set}} so far."""
+        return {"rounds": self.rounds, "seconds": dict(self.seconds), "peak_bytes": dict(self.peak_bytes)}
