@@ -5,7 +5,7 @@ Device side, one array per layer of shape (2, blocks, kv_heads, block_size,
 head_dim) (keys at [0], values at [1]); a decode step writes every row's new
 token with one scatter per layer at slot indices computed on the host once
 per step and shared by all layers, and attention gathers through the tables
-(`amlx.kv.paged`). The arrays grow (by GROWTH, an eighth, layer by layer)
+(`amlx.kv.paged`). The arrays grow (by GROWTH, LARGE_GROWTH past a gigabyte, layer by layer)
 up to `max_blocks` as rows need blocks, and never shrink while the model is
 open: a pool at its high-water mark costs nothing more, and the blocks it
 keeps are the prefix cache.
@@ -36,11 +36,14 @@ NULL_BLOCK = 0
 # short chat holds no more, and a pool at 64 blocks held 1.1-1.15x mlx-lm's single-stream
 # peak memory on the GPU (benchmarks/README.md) for cache its row never used.
 INITIAL_BLOCKS = 16
-# Then grown by this factor (at least by what is asked for): the arrays' unused tail is at
-# most an eighth of the pool (at 1.25, 64 streams held up to a fifth of their KV memory
-# unused), at the cost of more growths while a pool ramps up (each one copies the arrays
-# and is a new shape for the compiled passes: about 24 from 16 to 1,000 blocks).
-GROWTH = 1.125
+# Then grown by GROWTH (at least by what is asked for), and by LARGE_GROWTH once the arrays
+# hold LARGE_POOL_BYTES: a large pool's unused tail costs the most (64 streams of Qwen3-0.6B
+# held up to a fifth of their 2 GB pool unused at 1.25), while each growth copies the arrays
+# and is a new shape for the compiled passes (a trace on the host), so small pools, where
+# the tail is cheap, grow in fewer, larger steps.
+GROWTH = 1.25
+LARGE_GROWTH = 1.125
+LARGE_POOL_BYTES = 1 << 30
 
 
 class PoolFull(Exception):
@@ -201,10 +204,11 @@ class BlockPool:
 
     def grown_size(self, short: int) -> int:
         """The arrays' size (blocks) after growing for `short` more blocks than they
-        have free: by GROWTH, at least by `short`, at least the first size, at most
-        `max_blocks`."""
+        have free: by GROWTH (LARGE_GROWTH for a pool of LARGE_POOL_BYTES or more), at
+        least by `short`, at least the first size, at most `max_blocks`."""
         old = self.capacity
-        return min(self.max_blocks, max(int(old * GROWTH) + 1, max(old, 1) + short, self.initial_blocks))
+        factor = LARGE_GROWTH if old * self.bytes_per_block() >= LARGE_POOL_BYTES else GROWTH
+        return min(self.max_blocks, max(int(old * factor) + 1, max(old, 1) + short, self.initial_blocks))
 
     def grow_to(self, new: int) -> None:
         """Grows the arrays to `new` blocks (nothing if they hold as many): `_grow`'s
