@@ -68,13 +68,14 @@ case "${1:-speed}" in
     done ;;
   ttft-mem)
     for m in ${TTFT_MODELS:-qwen3-0.6b qwen3-8b}; do
-      AMLX_STEP_TIMING=1 timeout -k 10 ${TTFT_BUDGET:-100} python3 benchmarks/prefix_cache.py --preset "$m" \
+      budget=${TTFT_BUDGET:-$([ "$m" = qwen3-8b ] && echo 130 || echo 80)}
+      AMLX_STEP_TIMING=1 timeout -k 10 "$budget" python3 benchmarks/prefix_cache.py --preset "$m" \
         --prefix 2000 --repeats 3 --ttft-only --out "$OUT/prefix_ttft_$m.json" 2>&1 | grep -v "it/s" \
         | tee -a "$OUT/ttft.txt" || echo "prefix_cache.py $m ended with status $?"
     done
     for m in ${MEM_MODELS:-qwen3-0.6b gemma3-1b}; do
       mkdir -p "$OUT/speed_$m"
-      AMLX_STEP_TIMING=1 timeout -k 10 ${MEM_BUDGET:-75} python3 benchmarks/speed.py --models "$m" --streams 64 --repeats 1 \
+      AMLX_STEP_TIMING=1 timeout -k 10 ${MEM_BUDGET:-70} python3 benchmarks/speed.py --models "$m" --streams 64 --repeats 1 \
         --out "$OUT/speed_$m" 2>&1 | grep -v "it/s" | tee -a "$OUT/memory.txt" || echo "speed.py $m ended with status $?"
     done ;;
   window)

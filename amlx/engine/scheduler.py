@@ -395,17 +395,22 @@ class Scheduler:
             self._prepare()
             model = self._split_model()  # (a lone prompt's pass: the split twin where there is one)
             fn = self._extend_fn if model is self.model else self._split_extend_fn
-            for b in sorted({padded_batch(b) if self.options.pad_batches else b for b in batches}):
-                rows = [PADDING_ROW] * b
-                zeros = array(np.zeros(b, dtype=np.int32))
-                for width in self.extend_widths():
-                    with self._on(shard):
-                        tables = shard.kv.extend_tables(rows, [0] * b, width, [0] * b, shard.kv.extend_width(width))
-                        logits, state = fn(array(np.zeros((b, width), dtype=np.int32)), zeros, zeros,
-                                           extend_arrays(tables), shard.kv.arrays)
-                        shard.kv.arrays = state
-                        ops.eval(logits, *shard.kv.state())
-                    runs += 1
+            try:
+                for b in sorted({padded_batch(b) if self.options.pad_batches else b for b in batches}):
+                    rows = [PADDING_ROW] * b
+                    zeros = array(np.zeros(b, dtype=np.int32))
+                    for width in self.extend_widths():
+                        with self._on(shard):
+                            tables = shard.kv.extend_tables(rows, [0] * b, width, [0] * b,
+                                                            shard.kv.extend_width(width))
+                            logits, state = fn(array(np.zeros((b, width), dtype=np.int32)), zeros, zeros,
+                                               extend_arrays(tables), shard.kv.arrays)
+                            shard.kv.arrays = state
+                            ops.eval(logits, *shard.kv.state())
+                        runs += 1
+            except BaseException:
+                shard.kv.reset()  # (its arrays may be a graph that cannot be computed; no row holds blocks)
+                raise
         return runs
 
     def _prefill_group(self, group: list[Request]) -> None:
