@@ -141,6 +141,17 @@ def test_the_extend_pass_warm_up_leaves_the_cache_as_it_was(ckpt, arch, monkeypa
     _run(body)
 
 
+def test_the_extend_pass_is_on_by_default_on_a_gpu_only(monkeypatch):
+    from amlx.engine.placement import EngineOptions
+
+    monkeypatch.delenv("AMLX_EXTEND_PASS", raising=False)
+    assert EngineOptions(device="gpu").resolved().extend_pass
+    assert not EngineOptions(device="cpu").resolved().extend_pass
+    assert EngineOptions(device="cpu", extend_pass=True).resolved().extend_pass
+    monkeypatch.setenv("AMLX_EXTEND_PASS", "0")
+    assert not EngineOptions(device="gpu").resolved().extend_pass
+
+
 def test_extend_spans_come_in_two_sizes_per_octave():
     """The extend pass's gathered span (ShardKV.extend_width): a power of two or three
     quarters of one, then a multiple of the decode span step; never short."""
