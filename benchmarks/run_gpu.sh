@@ -19,7 +19,7 @@
 #   bash benchmarks/run_gpu.sh spec-draft   # end to end: qwen3-8b with its 4-bit copy as draft, amlx vs mlx-lm
 #   bash benchmarks/run_gpu.sh spec-lookup  # end to end: prompt lookup on a model fine-tuned to copy
 #   (each spec-* part is one call of about 4 minutes; the checkpoints stay in /tmp/amlx-spec for the next)
-# bigspeed and first keep MLX's compiled kernels between calls: a carried .gpu/ptx.tgz is unpacked
+# bigspeed, first and ttft-mem keep MLX's compiled kernels between calls: a carried .gpu/ptx.tgz is unpacked
 # into MLX_PTX_CACHE_DIR first, and the cache goes back as $OUT/ptx.tgz (copy it to .gpu/ptx.tgz here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,6 +67,7 @@ case "${1:-speed}" in
         --ttft-only --out "$OUT/prefix_ttft_$m.json" || echo "prefix_cache.py $m ended with status $?"
     done ;;
   ttft-mem)
+    restore_ptx
     for m in ${TTFT_MODELS:-qwen3-0.6b qwen3-8b}; do
       budget=${TTFT_BUDGET:-$([ "$m" = qwen3-8b ] && echo 130 || echo 80)}
       AMLX_STEP_TIMING=1 timeout -k 10 "$budget" python3 benchmarks/prefix_cache.py --preset "$m" \
@@ -75,9 +76,11 @@ case "${1:-speed}" in
     done
     for m in ${MEM_MODELS:-qwen3-0.6b gemma3-1b}; do
       mkdir -p "$OUT/speed_$m"
-      AMLX_STEP_TIMING=1 timeout -k 10 ${MEM_BUDGET:-70} python3 benchmarks/speed.py --models "$m" --streams 64 --repeats 1 \
+      budget=${MEM_BUDGET:-$([ "$m" = gemma3-1b ] && echo 100 || echo 70)}
+      AMLX_STEP_TIMING=1 timeout -k 10 "$budget" python3 benchmarks/speed.py --models "$m" --streams 64 --repeats 1 \
         --out "$OUT/speed_$m" 2>&1 | grep -v "it/s" | tee -a "$OUT/memory.txt" || echo "speed.py $m ended with status $?"
-    done ;;
+    done
+    save_ptx ;;
   window)
     timeout -k 10 ${BUDGET:-270} python3 benchmarks/window_pool.py --preset "${MODEL:-gemma3-1b}" --prompt 8000 \
       --tokens 256 --out "$OUT/window_pool.json" || echo "window_pool.py ended with status $?" ;;
