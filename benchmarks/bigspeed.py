@@ -52,6 +52,9 @@ from checkpoints import checkpoint_bytes, split_variant, write_benchmark_checkpo
 DEFAULT_MODELS = ["qwen3-8b", "qwen3-8b-4bit", "gemma3-27b-4bit", "gemma3-27b", "gemma3-4b", "gemma3-4b-4bit"]
 SMALL_MODELS = ["qwen3-tiny", "qwen3-tiny-4bit"]
 SIDES = ("amlx", "mlx_lm")
+# --qgemv-off: amlx once more with its few-row quantized matmul kernel off (MLX's instead)
+QGEMV_OFF = "amlx_qgemv_off"
+SIDE_ENV = {QGEMV_OFF: {"AMLX_QGEMV": "0"}}
 
 
 def _prompts(n: int, length: int, seed: int) -> list[list[int]]:
@@ -118,7 +121,7 @@ def child(side: str, path: str, max_batch: int) -> int:
     """Serves commands for one side (child_process.serve): single, batch, bandwidth."""
 
     def start():
-        ready, single, batch, bandwidth, close = (_amlx_side if side == "amlx" else _mlx_lm_side)(path, max_batch)
+        ready, single, batch, bandwidth, close = (_mlx_lm_side if side == "mlx_lm" else _amlx_side)(path, max_batch)
 
         def handle(cmd: dict) -> dict:
             t0 = time.perf_counter()
@@ -144,7 +147,8 @@ class Child(ChildProcess):
     """A child process serving one side (child_process.Child)."""
 
     def __init__(self, side: str, path: Path, max_batch: int):
-        super().__init__(side, Path(__file__).resolve(), ["--path", str(path), "--max-batch", str(max_batch)])
+        super().__init__(side, Path(__file__).resolve(), ["--path", str(path), "--max-batch", str(max_batch)],
+                         env=SIDE_ENV.get(side))
 
 
 # -- the parent -------------------------------------------------------------------
@@ -243,6 +247,8 @@ def measure(path: Path, sides: list[str], args, budget: Budget, results: dict, r
             run["bandwidth"] = bw["copy_bytes_per_s"]
         plan = [("single", "decode_tps", dict(tokens=args.decode_tokens, prompt=args.prompt, seed=1)),
                 ("batch", "tps", dict(tokens=args.batch_tokens, prompt=args.prompt, streams=args.streams, seed=2))]
+        if args.single_only:
+            plan = plan[:1]
         for op, key, cmd in plan:
             for side, c in children.items():  # untimed: traces and compiles the shapes
                 c.ask(time.monotonic() + budget.left(), op=op, **cmd)
@@ -279,8 +285,10 @@ def bandwidth_fractions(path: Path, side: dict, args, copy_bw: float | None) -> 
 
 
 def table(results: dict, streams: int) -> str:
-    lines = ["| model | streams | amlx tok/s | mlx-lm tok/s | ratio | amlx % of bw | mlx-lm % of bw |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    off = any(QGEMV_OFF in r for n, r in results.items() if not n.startswith("_"))
+    lines = ["| model | streams | amlx tok/s | mlx-lm tok/s | ratio | amlx % of bw | mlx-lm % of bw |"
+             + (" amlx, qgemv off: tok/s | % of bw |" if off else ""),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if off else "")]
     for name, r in results.items():
         if name.startswith("_"):
             continue
@@ -295,7 +303,11 @@ def table(results: dict, streams: int) -> str:
             def frac(x):
                 return f"{100 * x['bw_fraction']:.0f}%" if x and "bw_fraction" in x else "–"
             ratio = f"{a[key] / m[key]:.2f}×" if a and m and m[key] else "–"
-            lines.append(f"| {name} | {n} | {rate(a)} | {rate(m)} | {ratio} | {frac(a)} | {frac(m)} |")
+            extra = ""
+            if off:
+                o = r.get(QGEMV_OFF, {}).get(op)
+                extra = f" {rate(o)} | {frac(o)} |"
+            lines.append(f"| {name} | {n} | {rate(a)} | {rate(m)} | {ratio} | {frac(a)} | {frac(m)} |" + extra)
     bw = results.get("_run", {}).get("bandwidth")
     if bw:
         lines.append(f"\nCopy bandwidth measured in this run: {bw / 1e9:,.0f} GB/s (bytes read + written per "
@@ -339,7 +351,7 @@ def precompile_kernels(path: Path, budget: Budget) -> float:
     t0 = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-m", "amlx.models.warmup", "bfloat16", str(q["bits"]),
                                str(q["group_size"]), str(rows), str(h), str(h)], stdout=sys.stderr)
-             for rows in (2, 17, 33, 65, 129)]
+             for rows in (5, 17, 33, 65, 129)]  # 2..4 rows: amlx's quantized_gemv
     for p in procs:
         try:
             p.wait(timeout=max(0.1, min(300.0, budget.left() - 60)))
@@ -357,7 +369,7 @@ def run_model(name: str, root: Path, args, budget: Budget, results: dict) -> Non
     if split_variant(name)[1] is not None and "precompile_s" not in results["_run"]:
         results["_run"]["precompile_s"] = precompile_kernels(path, budget)
         print(f"== kernels compiled side by side in {results['_run']['precompile_s']:.0f} s", flush=True)
-    sides = ["amlx"] if args.no_mlx_lm else list(SIDES)
+    sides = (["amlx"] if args.no_mlx_lm else list(SIDES)) + ([QGEMV_OFF] if args.qgemv_off else [])
     results[name] = {"checkpoint_bytes": checkpoint_bytes(name), "weight_bytes_per_step": weight_bytes(path)}
     # Both sides hold their model at once, so runs alternate without reloading; above
     # 40 GB (27B in bf16) two copies would crowd the GPU's 141 GB, so one side after the other.
@@ -395,10 +407,13 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--root", default=None, help="where checkpoints are written (default: a temp dir)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--no-mlx-lm", action="store_true")
+    ap.add_argument("--qgemv-off", action="store_true",
+                    help="also amlx with AMLX_QGEMV=0 (MLX's quantized matmul for few rows), a third side")
+    ap.add_argument("--single-only", action="store_true", help="single-stream decode only (no 64-stream runs)")
     ap.add_argument("--direct-4bit", action="store_true",
                     help="write 4-bit checkpoints directly instead of converting their bf16 twin")
     ap.add_argument("--small", action="store_true", help="tiny shapes and few tokens: the whole script on a CPU")
-    ap.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=[*SIDES, QGEMV_OFF], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--max-batch", type=int, default=64, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

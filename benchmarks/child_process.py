@@ -42,13 +42,14 @@ def serve(start: Callable[[], tuple[dict, Callable[[dict], dict], Callable[[], N
 class Child:
     """A child process running `script --child SIDE *args` (which calls `serve`)."""
 
-    def __init__(self, side: str, script: Path, args: list[str]):
+    def __init__(self, side: str, script: Path, args: list[str], env: dict[str, str] | None = None):
         self.side = side
         self.ready: dict = {}  # what the child reported once its model was loaded (the caller's wait_for)
         # no load-time warm-up of quantized kernels: the benchmarks compile what they measure
         # themselves (an untimed first run, or side by side beforehand), and the warm-up would
         # compile every variant, minutes of a call's budget
-        env = dict(os.environ, AMLX_WARMUP="0")
+        # (`env`: more variables for this child, e.g. a switch of the side being compared)
+        env = dict(os.environ, AMLX_WARMUP="0", **(env or {}))
         self.proc = subprocess.Popen([sys.executable, str(script), "--child", side, *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.lines: queue.Queue = queue.Queue()

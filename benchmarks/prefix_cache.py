@@ -78,9 +78,10 @@ def _timing(model) -> dict | None:
     return model.stats().get("step_timing")
 
 
-def _phases(before: dict, after: dict, per: int) -> dict[str, float]:
-    """ms per `per` (requests or steps) of each phase between two step-timing snapshots."""
-    a, b = after["seconds"], before["seconds"]
+def _phases(before: dict, after: dict, per: int, key: str = "seconds") -> dict[str, float]:
+    """ms per `per` (requests or steps) of each phase between two step-timing snapshots
+    (`key` "cpu": the worker thread's CPU time instead of wall time)."""
+    a, b = after.get(key, {}), before.get(key, {})
     return {k: round((a[k] - b.get(k, 0.0)) * 1e3 / max(per, 1), 3) for k in a if a[k] - b.get(k, 0.0) > 0}
 
 
@@ -92,20 +93,28 @@ async def host_split(model, tok, rng, prefix: int, n: int = 6) -> dict:
     before = _timing(model)
     walls = [(await _ttft(model, head + _tokens(tok, 16, rng)))[0] for _ in range(n)]
     after = _timing(model)
-    cached = _phases(before, after, n)
+    cached, cached_cpu = _phases(before, after, n), _phases(before, after, n, "cpu")
     prompt = _tokens(tok, 64, rng)
     before = _timing(model)
     await _decode_ms(model, prompt, 65)
     after = _timing(model)
     steps = after["decode_steps"] - before["decode_steps"]
-    # (the request's own prefill rounds are left out: admission and prefill phases)
-    decode = {k: v for k, v in _phases(before, after, steps).items() if k != "admit" and not k.startswith("prefill")}
+
+    def decode_only(phases: dict) -> dict:  # (the request's own prefill rounds are left out)
+        return {k: v for k, v in phases.items() if k != "admit" and not k.startswith("prefill")}
+
+    decode, decode_cpu = decode_only(_phases(before, after, steps)), decode_only(_phases(before, after, steps, "cpu"))
     host_cached = sum(v for k, v in cached.items() if k != "prefill_wait")
     host_decode = sum(v for k, v in decode.items() if k != "wait")
-    return {"cached_phases_ms": cached, "decode_phases_ms": decode, "cached_wall_ms": round(np.mean(walls) * 1e3, 2),
-            "cached_rounds_ms": round(sum(cached.values()), 2),
-            "host_cached_ms": round(host_cached, 3), "host_decode_ms": round(host_decode, 3),
-            "host_ratio": round(host_cached / max(host_decode, 1e-9), 2)}
+    out = {"cached_phases_ms": cached, "decode_phases_ms": decode, "cached_wall_ms": round(np.mean(walls) * 1e3, 2),
+           "cached_rounds_ms": round(sum(cached.values()), 2),
+           "host_cached_ms": round(host_cached, 3), "host_decode_ms": round(host_decode, 3),
+           "host_ratio": round(host_cached / max(host_decode, 1e-9), 2)}
+    if cached_cpu and decode_cpu:  # the worker thread's CPU time: the host's own work, without any waits
+        out.update(cpu_cached_ms=round(sum(cached_cpu.values()), 3), cpu_decode_ms=round(sum(decode_cpu.values()), 3),
+                   cpu_ratio=round(sum(cached_cpu.values()) / max(sum(decode_cpu.values()), 1e-9), 2),
+                   cached_cpu_phases_ms=cached_cpu)
+    return out
 
 
 async def ttft(path: Path, prefix: int, repeats: int, cache: bool) -> dict:

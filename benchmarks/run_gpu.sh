@@ -19,6 +19,14 @@
 #   bash benchmarks/run_gpu.sh spec-draft   # end to end: qwen3-8b with its 4-bit copy as draft, amlx vs mlx-lm
 #   bash benchmarks/run_gpu.sh spec-lookup  # end to end: prompt lookup on a model fine-tuned to copy
 #   (each spec-* part is one call of about 4 minutes; the checkpoints stay in /tmp/amlx-spec for the next)
+#   bash benchmarks/run_gpu.sh spec-all     # the three in one call of about 6 minutes (4.5 with the checkpoints
+#                                        # already in /tmp/amlx-spec): draft pairs first (they write and convert
+#                                        # the checkpoints), then the cost table, then prompt lookup; each part
+#                                        # bounded (DRAFT_BUDGET, COST_BUDGET, LOOKUP_BUDGET, ROUND_BUDGET seconds)
+#   bash benchmarks/run_gpu.sh qgemv       # the few-row quantized matmul kernel (issue 20): its GPU tests,
+#                                        # qwen3-8b-4bit single-stream with AMLX_QGEMV on and off beside mlx-lm
+#                                        # (bigspeed.py --qgemv-off), then qgemv.py (kernel vs MLX per shape,
+#                                        # GB/s); 5-7 minutes (TEST_BUDGET, BUDGET, MICRO_BUDGET)
 # bigspeed, first and ttft-mem keep MLX's compiled kernels between calls: a carried .gpu/ptx.tgz is unpacked
 # into MLX_PTX_CACHE_DIR first, and the cache goes back as $OUT/ptx.tgz (copy it to .gpu/ptx.tgz here).
 set -euo pipefail
@@ -88,6 +96,18 @@ case "${1:-speed}" in
     timeout -k 10 ${BUDGET:-540} python3 benchmarks/first_request.py --out "$OUT" --model "${MODEL:-gemma3-4b-4bit}" \
       --timeout $(( ${BUDGET:-540} - 30 )) || echo "first_request.py ended with status $?"
     cat "$OUT/first_request.md" 2>/dev/null || echo "no first_request.md was written" ;;
+  qgemv)
+    restore_ptx
+    timeout -k 10 ${TEST_BUDGET:-120} python3 -m pytest -q -p no:cacheprovider tests/test_quantized_gemv.py 2>&1 \
+      | tee "$OUT/qgemv_tests.txt" | tail -40 || echo "tests ended with status $?"
+    BUDGET=${BUDGET:-160}
+    timeout -k 10 $((BUDGET + 45)) python3 benchmarks/bigspeed.py --budget "$BUDGET" --out "$OUT" --root /tmp \
+      --models qwen3-8b-4bit --qgemv-off --single-only ${BIGSPEED_ARGS:-} || echo "bigspeed.py ended with status $?"
+    timeout -k 10 ${MICRO_BUDGET:-90} python3 benchmarks/qgemv.py --out "$OUT" --cupti ${QGEMV_ARGS:-} 2>&1 \
+      | tee "$OUT/qgemv_log.txt" || echo "qgemv.py ended with status $?"
+    save_ptx
+    cat "$OUT/bigspeed.md" 2>/dev/null || echo "no bigspeed.md was written"
+    cat "$OUT/qgemv.md" 2>/dev/null || echo "no qgemv.md was written" ;;
   spec-cost)
     timeout -k 10 ${BUDGET:-290} python3 benchmarks/speculative_cost.py --root /tmp/amlx-spec \
       --out "$OUT/speculative_cost.json" | tee "$OUT/speculative_cost.txt" || echo "speculative_cost.py ended with status $?" ;;
@@ -96,6 +116,26 @@ case "${1:-speed}" in
     timeout -k 10 $(( ${BUDGET:-240} + 50 )) python3 benchmarks/speculative.py draft --out "$OUT" --root /tmp/amlx-spec \
       --budget ${BUDGET:-240} ${SPEC_ARGS:-} || echo "speculative.py ended with status $?"
     save_ptx ;;
+  spec-all)
+    restore_ptx
+    # 8B target with a 0.6B-shaped random draft (k=4 every round) and with its own 4-bit copy (k=4 every
+    # round as mlx-lm drafts, and the adaptive length), amlx beside mlx-lm, 128 tokens, agreement and
+    # divergence checks; a side's call stopped after 40 s (the other goes on; the quantized draft last,
+    # whose first mlx-lm run may compile kernels past that)
+    timeout -k 10 $(( ${DRAFT_BUDGET:-200} + 40 )) python3 benchmarks/speculative.py draft --out "$OUT" \
+      --root /tmp/amlx-spec --budget ${DRAFT_BUDGET:-200} --modes qwen3-0.6b-k4-every,q4-k4-every,q4-k4 \
+      --tokens 128 --repeats 2 --call-timeout 40 ${SPEC_ARGS:-} 2>&1 | tee "$OUT/speculative_draft_log.txt" \
+      || echo "speculative.py draft ended with status $?"
+    save_ptx
+    timeout -k 10 ${COST_BUDGET:-90} python3 benchmarks/speculative_cost.py --root /tmp/amlx-spec --batch 1,8 \
+      --max-k 4 --steps 8 --out "$OUT/speculative_cost.json" | tee "$OUT/speculative_cost.txt" \
+      || echo "speculative_cost.py ended with status $?"
+    timeout -k 10 $(( ${LOOKUP_BUDGET:-120} + 60 )) python3 benchmarks/speculative.py lookup --out "$OUT" \
+      --root /tmp/amlx-spec --budget ${LOOKUP_BUDGET:-120} --repeats 2 2>&1 | tee "$OUT/speculative_lookup_log.txt" \
+      || echo "speculative.py lookup ended with status $?"
+    # a lookup round's wall and host time against a plain step, on the copy model just trained
+    timeout -k 10 ${ROUND_BUDGET:-45} python3 benchmarks/spec_round.py --model /tmp/amlx-spec/copy-model --device gpu \
+      --repeats 5 --json "$OUT/spec_round.json" || echo "spec_round.py ended with status $?" ;;
   spec-lookup)
     timeout -k 10 ${BUDGET:-290} python3 benchmarks/speculative.py lookup --out "$OUT" --root /tmp/amlx-spec \
       ${SPEC_ARGS:-} || echo "speculative.py ended with status $?" ;;

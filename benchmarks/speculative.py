@@ -2,19 +2,26 @@
 API, `amlx.load(path, draft=..., num_draft_tokens=k)`, against the same model without a draft,
 and against mlx-lm's speculative decoding on the same pair.
 
-Two parts, each one call (about 4 minutes or less on an H200):
+Two parts, each one call (about 4 minutes or less on an H200; run_gpu.sh spec-all bounds them):
 
-  draft   the target's own 4-bit copy as its draft. The target is a random-weight Qwen3-8B
-          (bf16, benchmarks/checkpoints.py); the draft is made from it by `amlx convert -q 4`,
-          so it agrees with the target as far as 4-bit rounding lets it (random weights: the
-          acceptance is whatever it is, and is reported). Four ways to decode the same prompt,
-          runs alternating, best of --repeats each: amlx plain, amlx with the draft, mlx-lm
-          plain (`stream_generate`), mlx-lm with the draft (`stream_generate(draft_model=...,
-          num_draft_tokens=k)`). Each side runs in a process of its own holding its models
-          (amlx: the target alone and the target with the draft, two engines; mlx-lm: target
-          and draft), driven over a pipe. amlx's speculative engines measure the adaptive
-          draft length's cost model (AMLX_MEASURE_DRAFT_COSTS=1); --fixed-costs adds one with
-          the fixed constants.
+  draft   a random-weight Qwen3-8B target (bf16, benchmarks/checkpoints.py) with the drafts
+          --modes names, "<draft>-k<k>[-every|-fixed]": q4 is the target's own 4-bit copy
+          (`amlx convert -q 4`: it agrees with the target as far as 4-bit rounding lets it;
+          random weights: the acceptance is whatever it is, and is reported and checked), a
+          checkpoints.py shape (qwen3-0.6b) a random draft of that shape (acceptance ~0: the
+          cost of the rounds). Length policy: none, the engine's adaptive length with the cost
+          model it measures; -every, k drafts every round (AMLX_ADAPTIVE_DRAFT=0), as mlx-lm
+          drafts, which runs only these modes (`stream_generate(draft_model=...,
+          num_draft_tokens=k)`); -fixed, adaptive with the fixed cost constants. Each side
+          runs in a process of its own holding its models (amlx: one engine per mode, the
+          target in each; mlx-lm: the target and the drafts), driven over a pipe; a short
+          untimed run of each mode first, then runs alternating, best of --repeats. Every call
+          to a side is bounded by --call-timeout: a side that overruns is stopped and left out,
+          the other goes on; each result is printed as it comes. After the first round, for
+          each -every mode (benchmarks/spec_checks.py): the draft's teacher-forced greedy
+          agreement with the target's output, the (drafted, accepted) it predicts beside the
+          engine's counts, and the first greedy divergence from plain with both runs' top-2
+          logprobs against the logprob noise between them (a rounding flip, or a bug).
   lookup  prompt lookup (`draft="prompt_lookup"`) on a task that copies its input: the
           embedded demo model (amlx/embedded, a 0.9M-parameter Qwen3 amlx trained) fine-tuned
           here by amlx (`Model.train`, full fine-tuning) to answer "Repeat this text:\\n<P>"
@@ -31,7 +38,7 @@ a round being a token that did not come from the draft), and whether the greedy 
 the plain run's (it must for amlx). The lookup part also reports how much of the passage the
 model reproduced (its copy fidelity), so acceptance can be read against it.
 
-    python benchmarks/speculative.py draft  --out OUT [--target qwen3-8b] [--k 4] [--tokens 256]
+    python benchmarks/speculative.py draft  --out OUT [--target qwen3-8b] [--modes q4-k4,q4-k4-every] [--tokens 256]
     python benchmarks/speculative.py lookup --out OUT [--train-steps 400]
     python benchmarks/speculative.py draft --small --out /tmp/spec    # tiny shapes, for a CPU
     python benchmarks/speculative.py lookup --small --out /tmp/spec
@@ -102,26 +109,88 @@ def load_costs(measure: bool, load, *args, **kwargs):
             os.environ["AMLX_MEASURE_DRAFT_COSTS"] = old
 
 
-def _amlx_side(target: str, draft: str, ks: list[int], fixed: bool = False):
+MODE = re.compile(r"(?P<label>.+)-k(?P<k>\d+)(?P<length>-every|-fixed)?")
+
+
+def draft_modes(names: list[str]) -> dict[str, tuple[str, int, str]]:
+    """The draft part's speculative modes, "<draft>-k<k>[-every|-fixed]" -> (draft label, k,
+    length policy): "adaptive" (the engine's default: the adaptive length with the cost
+    model it measures), "every" (k drafts every round, AMLX_ADAPTIVE_DRAFT=0: what mlx-lm
+    does, and what the agreement check predicts), "fixed" (adaptive, fixed cost constants)."""
+    modes = {}
+    for name in names:
+        m = MODE.fullmatch(name)
+        if m is None:
+            raise ValueError(f"a mode is <draft>-k<k>[-every|-fixed], e.g. q4-k4-every, not {name!r}")
+        modes[name] = (m["label"], int(m["k"]), (m["length"] or "-adaptive")[1:])
+    return modes
+
+
+def _load_spec(target: str, draft: str, k: int, length: str, **opts):
+    """`amlx.load_sync(target, draft=draft, num_draft_tokens=k)` with a mode's length policy."""
+    import amlx
+
+    env = {"AMLX_MEASURE_DRAFT_COSTS": "1" if length == "adaptive" else "0",
+           "AMLX_ADAPTIVE_DRAFT": "0" if length == "every" else "1"}
+    old = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        return amlx.load_sync(target, draft=draft, num_draft_tokens=k, **opts)
+    finally:
+        for key, value in old.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
+
+
+def _amlx_side(target: str, drafts: dict[str, str], modes: list[str]):
     import amlx
 
     t0 = time.perf_counter()
     opts = {"max_batch_size": 8, "kv_cache_memory": KV_MEMORY}
     models = {"plain": amlx.load_sync(target, **opts)}
-    for k in ks:
-        models[f"spec{k}"] = load_costs(True, amlx.load_sync, target, draft=draft, num_draft_tokens=k, **opts)
-        if fixed:
-            models[f"spec{k}-fixed"] = load_costs(False, amlx.load_sync, target, draft=draft, num_draft_tokens=k,
-                                                  **opts)
+    for mode, (label, k, length) in draft_modes(modes).items():
+        models[mode] = _load_spec(target, drafts[label], k, length, **opts)
     ready = {"load_s": time.perf_counter() - t0}
 
-    def run(mode: str, prompt: list[int], tokens: int) -> dict:
-        return amlx_run(models[mode], prompt, tokens)
+    def handle(cmd: dict) -> dict:
+        if cmd["op"] == "check":
+            return amlx_check(models["plain"], models[cmd["mode"]], drafts[cmd["label"]], cmd["prompt"],
+                              cmd["tokens"], cmd["k"], opts)
+        return amlx_run(models[cmd["mode"]], cmd["prompt"], cmd["tokens"])
 
     def close() -> None:
         for m in models.values():
             m.close()
-    return ready, run, close
+    return ready, handle, close
+
+
+def amlx_check(plain, spec, draft_path: str, prompt: list[int], tokens: int, k: int, opts: dict) -> dict:
+    """Why the acceptance is what it is, and whether greedy output left the plain one by
+    rounding (benchmarks/spec_checks.py): the plain and speculative runs with their top-2
+    logprobs, the first divergence's margins against the measured noise, the draft's
+    teacher-forced agreement with the target's output, and the (drafted, accepted) a run
+    drafting k every round would then see, beside the engine's own counts."""
+    import amlx
+    from spec_checks import agreement, divergence, expected_counts, greedy_with_top2, teacher_forced
+
+    t0 = time.perf_counter()
+    before = spec.stats()["speculative"]
+    p_run, s_run = greedy_with_top2(plain, prompt, tokens), greedy_with_top2(spec, prompt, tokens)
+    after = spec.stats()["speculative"]
+    ids = [t[0] for t in p_run]
+    with amlx.load_sync(draft_path, **opts) as draft:
+        agree = agreement(teacher_forced(draft, prompt, ids), ids)
+    target_agree = agreement(teacher_forced(plain, prompt, ids), ids)  # the target's own prefill vs its decode
+    drafted, accepted = expected_counts(agree, len(ids), k)
+    return {"divergence": divergence(p_run, s_run), "tokens": len(ids),
+            "agreement": round(sum(agree[1:]) / max(1, len(agree) - 1), 4),
+            "target_prefill_agrees_with_decode": round(sum(target_agree) / max(1, len(target_agree)), 4),
+            "every_round_k": {"k": k, "drafted": drafted, "accepted": accepted,
+                              "acceptance": round(accepted / drafted, 4) if drafted else None},
+            "engine": {key: after[key] - before[key] for key in ("drafted_tokens", "accepted_tokens")},
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def amlx_run(model, prompt, tokens: int) -> dict:
@@ -148,16 +217,21 @@ def amlx_run(model, prompt, tokens: int) -> dict:
     return res
 
 
-def _mlx_lm_side(target: str, draft: str, ks: list[int]):
+def _mlx_lm_side(target: str, drafts: dict[str, str], modes: list[str]):
     from mlx_lm import load, stream_generate
 
     t0 = time.perf_counter()
     model, tokenizer = load(target)
-    draft_model, _ = load(draft)
+    draft_models = {label: load(path)[0] for label, path in drafts.items()}
     ready = {"load_s": time.perf_counter() - t0}
+    modes = draft_modes(modes)
 
-    def run(mode: str, prompt: list[int], tokens: int) -> dict:
-        kw = {} if mode == "plain" else {"draft_model": draft_model, "num_draft_tokens": int(mode[4:])}
+    def handle(cmd: dict) -> dict:
+        mode, prompt, tokens = cmd["mode"], cmd["prompt"], cmd["tokens"]
+        kw = {}
+        if mode != "plain":
+            label, k, _ = modes[mode]
+            kw = {"draft_model": draft_models[label], "num_draft_tokens": k}
         times, ids, from_draft = [time.perf_counter()], [], 0
         for r in stream_generate(model, tokenizer, prompt, max_tokens=tokens, **kw):
             times.append(time.perf_counter())
@@ -170,30 +244,40 @@ def _mlx_lm_side(target: str, draft: str, ks: list[int]):
             res["drafted_tokens"] = rounds * kw["num_draft_tokens"]  # an estimate: see the docstring
             res["accepted_tokens"] = from_draft
         return res
-    return ready, run, lambda: None
+    return ready, handle, lambda: None
 
 
-def child(side: str, target: str, draft: str, ks: list[int], fixed: bool) -> int:
-    """Serves one side (child_process.serve): one decode run per command."""
+def child(side: str, target: str, drafts: dict[str, str], modes: list[str]) -> int:
+    """Serves one side (child_process.serve): one decode run (or check) per command."""
 
     def start():
         if side == "amlx":
-            ready, run, close = _amlx_side(target, draft, ks, fixed)
-        else:
-            ready, run, close = _mlx_lm_side(target, draft, ks)
-        return ready, lambda cmd: run(cmd["mode"], cmd["prompt"], cmd["tokens"]), close
+            return _amlx_side(target, drafts, modes)
+        return _mlx_lm_side(target, drafts, [m for m in modes if mlx_lm_runs(m)])
 
     return serve(start)
+
+
+def _pairs(drafts: dict[str, Path]) -> str:
+    return ",".join(f"{label}={path}" for label, path in drafts.items())
+
+
+def _unpairs(text: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in text.split(","))
 
 
 class Child(ChildProcess):
     """A child process serving one side (child_process.Child); precompile() filled the
     quantized kernels' cache beforehand."""
 
-    def __init__(self, side: str, target: Path, draft: Path, ks: list[int], fixed: bool = False):
-        super().__init__(side, Path(__file__).resolve(), ["--target", str(target), "--draft", str(draft),
-                                                          "--k", ",".join(map(str, ks)),
-                                                          *(["--fixed-costs"] if fixed else [])])
+    def __init__(self, side: str, target: Path, drafts: dict[str, Path], modes: list[str]):
+        super().__init__(side, Path(__file__).resolve(), ["--target", str(target), "--draft", _pairs(drafts),
+                                                          "--modes", ",".join(modes)])
+
+
+def mlx_lm_runs(mode: str) -> bool:
+    """mlx-lm drafts k tokens every round: it runs the plain and the "-every" modes."""
+    return mode == "plain" or draft_modes([mode])[mode][2] == "every"
 
 
 # -- shared bookkeeping ---------------------------------------------------------------
@@ -295,26 +379,56 @@ def precompile(bits: int, group: int, hidden: int, timeout: float) -> list[subpr
             for rows in (2, 17, 33, 65, 129)]
 
 
+def _draft_checkpoints(args, target: Path, labels: list[str], deadline: float, notes: list[str]) -> dict[str, Path]:
+    """The drafts the modes name, written where missing: "q4" is the target's 4-bit copy
+    (`amlx convert -q 4`), any other name a random checkpoint of that shape (seed 1, as
+    speculative_cost.py writes it, so the two scripts share it under --root)."""
+    out = {}
+    for label in labels:
+        t0 = time.perf_counter()
+        if label == "q4":
+            path = args.root / f"{args.target}-q4-copy"
+            if not (path / "config.json").exists():
+                subprocess.run([sys.executable, "-m", "amlx", "convert", str(target), str(path), "-q", "4"],
+                               check=True, cwd=ROOT, stdout=sys.stderr,
+                               timeout=max(1.0, deadline - time.monotonic()))
+                notes.append(f"draft q4: `amlx convert {args.target} -q 4` in {time.perf_counter() - t0:.0f} s")
+        else:
+            path = args.root / f"{label}-seed1"
+            if not (path / "config.json").exists():
+                write_benchmark_checkpoint(path, label, seed=1)
+                notes.append(f"draft {label}: random weights (seed 1) written in {time.perf_counter() - t0:.0f} s")
+        out[label] = path
+    return out
+
+
+def _print_result(side: str, mode: str, r: dict) -> None:
+    """One line per run as it comes (the call may end before the tables are written)."""
+    extra = ""
+    if r.get("drafted_tokens"):
+        extra = f", acceptance {r['accepted_tokens'] / r['drafted_tokens']:.3f} ({r['accepted_tokens']}/" \
+                f"{r['drafted_tokens']})"
+    print(f"   {side} {mode}: {r['decode_tps']:.1f} tok/s over {r['tokens']} tokens{extra}", flush=True)
+
+
 def part_draft(args) -> dict:
     began = time.monotonic()
     deadline = began + args.budget
     notes: list[str] = []
     root = args.root
     root.mkdir(parents=True, exist_ok=True)
-    target, draft = root / args.target, root / f"{args.target}-q4-copy"
+    target = root / args.target
     t0 = time.perf_counter()
     if not (target / "config.json").exists():
         write_benchmark_checkpoint(target, args.target)
         notes.append(f"target {args.target} written in {time.perf_counter() - t0:.0f} s")
+    spec_modes = draft_modes(args.modes.split(","))
+    labels = list(dict.fromkeys(label for label, _, _ in spec_modes.values()))
     procs = []
-    if not args.small and _gpu():
+    if not args.small and "q4" in labels and _gpu():
         cfg = json.loads((target / "config.json").read_text())
         procs = precompile(4, 64, cfg["hidden_size"], deadline - time.monotonic())
-    t0 = time.perf_counter()
-    if not (draft / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "amlx", "convert", str(target), str(draft), "-q", "4"], check=True,
-                       cwd=ROOT, stdout=sys.stderr, timeout=max(1.0, deadline - time.monotonic()))
-        notes.append(f"draft: `amlx convert {args.target} -q 4` in {time.perf_counter() - t0:.0f} s")
+    drafts = _draft_checkpoints(args, target, labels, deadline, notes)
     t0 = time.perf_counter()
     for p in procs:
         try:
@@ -324,51 +438,111 @@ def part_draft(args) -> dict:
             p.wait()
     if procs:
         notes.append(f"quantized-matmul kernels compiled side by side, {time.perf_counter() - t0:.0f} s "
-                     f"after the convert")
+                     f"after the drafts were ready")
     print("== checkpoints ready", *notes, sep="\n   ", flush=True)
 
-    ks = [int(k) for k in args.k.split(",")]
     sides = ["amlx"] if args.no_mlx_lm else ["amlx", "mlx_lm"]
-    modes = ["plain"] + [m for k in ks for m in ([f"spec{k}", f"spec{k}-fixed"] if args.fixed_costs
-                                                  else [f"spec{k}"])]
+    modes = ["plain", *spec_modes]
     import numpy as np
 
     prompt = np.random.default_rng(1).integers(1000, 30000, size=args.prompt).tolist()
     results: dict = {}
+    checks: dict = {}
     payload = {"meta": _meta(), "args": {k: str(v) for k, v in vars(args).items()}, "notes": notes,
-               "results": results}
+               "results": results, "checks": checks}
 
     def save() -> str:
         payload["rows"] = _summary(results)
-        md = _markdown(f"Speculative decoding, {args.target} bf16 with its 4-bit copy as draft "
-                       f"(single stream, greedy, {args.prompt}-token prompt, {args.tokens} tokens)",
-                       payload["rows"], notes + _cost_notes(results), COLS)
+        md = _markdown(f"Speculative decoding, {args.target} bf16 with drafts {', '.join(drafts)} (q4: its own "
+                       f"4-bit copy; single stream, greedy, {args.prompt}-token prompt, {args.tokens} tokens)",
+                       payload["rows"], notes + _cost_notes(results) + _check_notes(checks), COLS)
         _save(args.out, "draft", payload, md)
         return md
 
-    children = [Child(side, target, draft, ks, args.fixed_costs) for side in sides]
+    children = {side: Child(side, target, drafts, list(spec_modes)) for side in sides}
+
+    def ask(side: str, **cmd) -> dict | None:
+        """A command to one side within --call-timeout (and the budget); a side that does
+        not answer in time is stopped and left out from then on, the other goes on."""
+        c = children.get(side)
+        if c is None:
+            return None
+        try:
+            return c.ask(min(deadline, time.monotonic() + args.call_timeout), **cmd)
+        except (TimeoutError, RuntimeError) as exc:
+            notes.append(f"{side} stopped at {cmd.get('op')} {cmd.get('mode')} ({cmd.get('tokens')} tokens): {exc}")
+            print(f"== {notes[-1]}", flush=True)
+            children.pop(side).stop(grace=0)
+            return None
+
+    def runs(side: str, mode: str) -> bool:
+        return side == "amlx" or mlx_lm_runs(mode)
+
     try:
-        for c in children:
-            payload.setdefault("load", {})[c.side] = c.wait_for("READY", deadline)
-        for c in children:  # untimed: traces, compiles, fills kernel caches
-            for mode in modes:
-                if c.side == "amlx" or not mode.endswith("-fixed"):
-                    c.ask(deadline, op="run", mode=mode, prompt=prompt, tokens=args.tokens)
+        for side in list(children):
+            try:
+                payload.setdefault("load", {})[side] = children[side].wait_for("READY", deadline)
+                print(f"== {side} loaded: {payload['load'][side]}", flush=True)
+            except (TimeoutError, RuntimeError) as exc:
+                notes.append(f"{side} did not load: {exc}")
+                children.pop(side).stop(grace=0)
+        for mode in modes:  # untimed, short: traces, compiles, fills kernel caches
+            for side in list(children):
+                if runs(side, mode):
+                    t0 = time.monotonic()
+                    if ask(side, op="run", mode=mode, prompt=prompt, tokens=args.warmup_tokens) is not None:
+                        print(f"   warm-up {side} {mode}: {time.monotonic() - t0:.1f} s", flush=True)
         for rep in range(args.repeats):
             for mode in modes:
-                for c in children:  # alternating, run by run
-                    if c.side == "amlx" or not mode.endswith("-fixed"):
-                        _record(results, c.side, mode, c.ask(deadline, op="run", mode=mode, prompt=prompt,
-                                                             tokens=args.tokens))
+                for side in list(children):  # alternating, run by run
+                    if runs(side, mode):
+                        r = ask(side, op="run", mode=mode, prompt=prompt, tokens=args.tokens)
+                        if r is not None:
+                            _print_result(side, mode, r)
+                            _record(results, side, mode, r)
             save()
             print(f"== round {rep + 1} of {args.repeats} done, {time.monotonic() - began:.0f} s", flush=True)
+            if rep == 0 and args.check:
+                # (the "-every" modes: their counts are what the agreement predicts)
+                for mode, (label, k, length) in spec_modes.items():
+                    if length == "every":
+                        checks[mode] = ask("amlx", op="check", mode=mode, label=label, k=k, prompt=prompt,
+                                           tokens=args.check_tokens)
+                        print(f"== check {mode}: {json.dumps(checks[mode])}", flush=True)
+                save()
     except (TimeoutError, RuntimeError) as exc:
         notes.append(f"stopped early: {exc}")
     finally:
-        for c in children:
+        for c in children.values():
             c.stop()
     print(save())
     return payload
+
+
+def _check_notes(checks: dict) -> list[str]:
+    """The draft part's checks (amlx_check) in words."""
+    notes = []
+    for mode, c in checks.items():
+        if not c:
+            continue
+        e, every = c["engine"], c["every_round_k"]
+        notes.append(f"check {mode}: the draft's teacher-forced greedy agreement with the target's output "
+                     f"{c['agreement']:.3f} over {c['tokens']} tokens; drafting k={every['k']} every round that "
+                     f"gives {every['accepted']}/{every['drafted']} accepted; the engine's run: "
+                     f"{e['accepted_tokens']}/{e['drafted_tokens']}; the target's own prefill argmax equals its "
+                     f"decode {c['target_prefill_agrees_with_decode']:.3f} of the time")
+        d = c["divergence"]
+        noise = d["logprob_noise"]
+        if d["first_divergence"] is None:
+            notes.append(f"check {mode}: greedy output equal to plain over {d['compared']} tokens (largest move of "
+                         f"a token's logprob between the plain and speculative runs: {noise['max']})")
+        else:
+            notes.append(f"check {mode}: output left plain at token {d['first_divergence']}: plain top-2 "
+                         f"{d['plain_top2']}, speculative top-2 {d['spec_top2']} (margins {d['plain_margin']:.4f} / "
+                         f"{d['spec_margin']:.4f}); a token's logprob moved by up to {noise['max']:.4f} (median "
+                         f"{noise['median']:.4f}) between the runs over the {noise['positions']} tokens before: "
+                         f"{'a near-tie flipped by rounding' if d['near_tie'] else 'NOT explained by rounding'}")
+    return notes
 
 
 # -- part 2: prompt lookup on a model fine-tuned to copy ------------------------------------
@@ -508,10 +682,16 @@ def part_lookup(args) -> dict:
                 total.pop(key)
         return total
 
+    deadline = began + args.budget
     try:
+        t0 = time.monotonic()
         for mode in modes:  # untimed: traces and compiles
             run(mode)
+        took = time.monotonic() - t0
         for rep in range(args.repeats):
+            if rep and time.monotonic() + took > deadline:  # (a round takes about what the untimed one did)
+                notes.append(f"stopped after {rep} rounds: the budget ({args.budget:.0f} s) ran out")
+                break
             for mode in modes:
                 _record(results, "amlx", mode, run(mode))
             save()
@@ -537,15 +717,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, default=Path("/tmp/amlx-spec"), help="where checkpoints are written")
     ap.add_argument("--target", default="qwen3-8b")
     ap.add_argument("--draft", default=None, help=argparse.SUPPRESS)  # the children's
-    ap.add_argument("--k", default="4", help="num_draft_tokens for the draft part, comma-separated")
+    ap.add_argument("--modes", default="q4-k4,q4-k4-every",
+                    help="draft part: speculative modes <draft>-k<k>[-every|-fixed], comma-separated; <draft> is q4 "
+                    "(the target's 4-bit copy) or a checkpoints.py shape (random weights, e.g. qwen3-0.6b); "
+                    "-every: k drafts every round (as mlx-lm, which runs only these), -fixed: fixed cost constants")
+    ap.add_argument("--warmup-tokens", type=int, default=16, help="draft part: tokens of each untimed first run")
+    ap.add_argument("--call-timeout", type=float, default=120, help="draft part: seconds a side may take for one "
+                    "run before it is stopped (the other side goes on)")
+    ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                    help="draft part: agreement and divergence checks (benchmarks/spec_checks.py)")
+    ap.add_argument("--check-tokens", type=int, default=64, help="draft part: tokens the checks look at")
     ap.add_argument("--lookup-k", default="4,8", help="num_draft_tokens for prompt lookup, comma-separated")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (draft part)")
     ap.add_argument("--tokens", type=int, default=256, help="tokens generated per run")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--budget", type=float, default=230, help="seconds for the draft part in all")
+    ap.add_argument("--budget", type=float, default=230, help="seconds for the part in all (the lookup part: "
+                    "for its timed rounds, which stop early rather than pass it)")
     ap.add_argument("--no-mlx-lm", action="store_true")
-    ap.add_argument("--fixed-costs", action="store_true",
-                    help="draft part: also amlx with the fixed cost constants (a third target in memory)")
     ap.add_argument("--train-steps", type=int, default=400)
     ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--passages", type=int, default=4)
@@ -554,13 +742,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", choices=["amlx", "mlx_lm"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        return child(args.child, args.target, args.draft, [int(k) for k in args.k.split(",")], args.fixed_costs)
+        return child(args.child, args.target, _unpairs(args.draft), args.modes.split(","))
     if args.part is None:
         ap.error("say which part: draft or lookup")
     if args.small:
         args.target, args.tokens, args.repeats, args.prompt = "qwen3-tiny", 32, 2, 16
         args.train_steps, args.train_batch, args.passages, args.budget = 40, 8, 1, 600
         args.root = args.root.with_name(args.root.name + "-small")
+        args.check_tokens = 16
+        args.modes = ",".join(m.replace("qwen3-0.6b", "qwen3-tiny") for m in args.modes.split(","))
     (part_draft if args.part == "draft" else part_lookup)(args)
     return 0
 

@@ -196,15 +196,16 @@ def main(argv: list[str] | None = None) -> int:
             paths.append(where)
         target = load_model(paths[0]).model
         draft = load_model(paths[1]).model
-        results = [measure(target, draft, int(b), args.context, args.max_k, args.steps)
-                   for b in args.batch.split(",")]
+        print(f"target {args.target}, draft {args.draft}, context {args.context}", flush=True)
+        results = []
+        for b in args.batch.split(","):  # (each batch size reported and saved as it is measured)
+            results.append(measure(target, draft, int(b), args.context, args.max_k, args.steps))
+            report(results[-1])
+            sys.stdout.flush()
+            if args.out is not None:
+                args.out.write_text(json.dumps(results, indent=2) + "\n")
         target.close()
         draft.close()
-    print(f"target {args.target}, draft {args.draft}, context {args.context}")
-    for r in results:
-        report(r)
-    if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

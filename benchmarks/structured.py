@@ -14,6 +14,25 @@ third side, "free_matched", runs the free streams again, each stopped at the len
 constrained twin reached (max_tokens per stream), so that both sides decode the same tokens
 per stream and the batch shrinks alike: "ratio_matched" is what the constraints themselves
 cost. Each measurement runs --repeats times; the best is kept.
+
+That batch shrinks as streams end (a JSON may close after 36 of 128 tokens), so it does not
+hold N streams for long. `--steady K` adds a steady-state measurement (the output above is
+kept; the new one goes under "steady"): N closed-loop clients, each submitting a new request
+(a fresh 32-token prompt) as soon as its previous one ends, K requests each, so N requests
+stay in flight until the first client is done. Three sides, as above: "constrained" (every
+request constrained to the schema), "free" (unconstrained, max_tokens each) and
+"free_matched" (unconstrained, request k of client c stopped at the length request k of
+client c reached constrained: the same tokens per slot sequence, hence the same joins and
+leaves). Each side reports aggregate tok/s over the whole run and over its steady window
+(from the first submit until the first client has finished all its requests: N in flight
+throughout, but for the joins), the ratios of both, and with AMLX_STEP_TIMING=1 host ms per
+decode step per phase over the whole run.
+
+    python benchmarks/structured.py --model qwen3-vocab --streams 64 --steady 4 [--orders forward]
+
+`--orders forward,read` then repeats the steady measurement with the constrained shards' order
+pinned (AMLX_MASK_ORDER; by default the engine picks it from what it measures), under
+"steady_pinned".
 """
 
 from __future__ import annotations
@@ -77,11 +96,90 @@ def _phases(before: dict | None, after: dict | None) -> dict | None:
     steps = max(1, after["decode_steps"] - before["decode_steps"])
     ms = {k: round(1000 * (v - before["seconds"].get(k, 0.0)) / steps, 3) for k, v in after["seconds"].items()
           if v > before["seconds"].get(k, 0.0)}
-    return {"steps": steps, "rounds": after["rounds"] - before["rounds"], **ms,
-            "total": round(sum(v for v in ms.values()), 3)}
+    out = {"steps": steps, "rounds": after["rounds"] - before["rounds"], **ms,
+           "total": round(sum(v for v in ms.values()), 3)}
+    # work beside the rounds' phases (llguidance filling the masks, on whichever thread)
+    for k, v in after.get("background", {}).items():
+        out[f"background_{k}"] = round(1000 * (v - before.get("background", {}).get(k, 0.0)) / steps, 3)
+    cpu = {k: v - before.get("cpu", {}).get(k, 0.0) for k, v in after.get("cpu", {}).items()}
+    if cpu:  # the worker's CPU time per step: its own work, not its waits (stable on a loaded machine)
+        out["cpu"] = {k: round(1000 * v / steps, 3) for k, v in cpu.items() if v > 0}
+        out["cpu"]["total"] = round(1000 * sum(cpu.values()) / steps, 3)
+    for k, v in after.get("counts", {}).items():  # events over the run (prefill groups, drained steps)
+        out[f"count_{k}"] = v - before.get("counts", {}).get(k, 0)
+    return out
 
 
-def bench(path: Path, streams: int, max_tokens: int, repeats: int) -> dict:
+async def _closed_loop(model, streams: int, per_client: int, max_tokens: int | list[list[int]],
+                       constrained: bool, seed: int) -> dict:
+    """`streams` clients, each running `per_client` requests one after the other (a new one
+    as soon as the last ended), all at once. `max_tokens`: one for every request, or per
+    client the limit of each of its requests. Returns each client's request lengths, the
+    wall time, and the tokens and seconds of the steady window (until the first client is
+    done)."""
+    options = {"response_format": RESPONSE_FORMAT} if constrained else {}
+    prompts = _prompts(model.tokenizer, streams * per_client, 32, seed=seed)
+    stamps: list[float] = []  # arrival time of every token
+    done: list[float] = []  # when each client finished its last request
+
+    async def client(c: int) -> list[int]:
+        lengths = []
+        for k in range(per_client):
+            limit = max_tokens if isinstance(max_tokens, int) else max_tokens[c][k]
+            n, text, reason = 0, [], None
+            async for tok in model.generate(prompts[c * per_client + k], max_tokens=limit, **options):
+                stamps.append(time.perf_counter())
+                n += 1
+                text.append(tok.text)
+                reason = tok.finish_reason
+            if constrained and reason == "stop":
+                json.loads("".join(text))  # a finished constrained stream is JSON
+            lengths.append(n)
+        done.append(time.perf_counter())
+        return lengths
+
+    t0 = time.perf_counter()
+    lengths = await asyncio.gather(*(client(c) for c in range(streams)))
+    end, window_end = time.perf_counter(), min(done)
+    window_tokens = sum(1 for t in stamps if t <= window_end)
+    return {"lengths": list(lengths), "seconds": end - t0, "tokens": len(stamps),
+            "window_seconds": window_end - t0, "window_tokens": window_tokens}
+
+
+def bench_steady(model, streams: int, per_client: int, max_tokens: int, repeats: int) -> dict:
+    """The steady-state measurement (`--steady`): see the module's docstring."""
+    out: dict = {"streams": streams, "requests_per_client": per_client, "max_tokens": max_tokens}
+    lengths: list[list[int]] = []
+    seed = 100
+    for name in ("free", "constrained", "free_matched"):
+        constrained = name == "constrained"
+        limit = lengths if name == "free_matched" else max_tokens
+        best = None
+        for _ in range(repeats):
+            seed += 1  # fresh prompts every run: each side prefills as much (no prefix cache hits)
+            before = model.stats().get("step_timing")
+            run = asyncio.run(_closed_loop(model, streams, per_client, limit, constrained, seed))
+            run["phases"] = _phases(before, model.stats().get("step_timing"))
+            if best is None or run["window_tokens"] / run["window_seconds"] > best["window_tokens"] / best["window_seconds"]:
+                best = run
+        if constrained:
+            lengths = best["lengths"]
+        flat = [n for client in best["lengths"] for n in client]
+        out[name] = {"requests": len(flat), "tokens": best["tokens"], "seconds": round(best["seconds"], 3),
+                     "tok_s": round(best["tokens"] / best["seconds"], 1),
+                     "window_tokens": best["window_tokens"], "window_seconds": round(best["window_seconds"], 3),
+                     "window_tok_s": round(best["window_tokens"] / best["window_seconds"], 1),
+                     "request_tokens_min_max": [min(flat), max(flat)]}
+        if best["phases"] is not None:
+            out[name]["host_ms_per_step"] = best["phases"]
+        print("steady", name, out[name], flush=True)
+    for key in ("tok_s", "window_tok_s"):
+        out[f"ratio_{key}"] = round(out["constrained"][key] / out["free"][key], 3)
+        out[f"ratio_matched_{key}"] = round(out["constrained"][key] / out["free_matched"][key], 3)
+    return out
+
+
+def bench(path: Path, streams: int, max_tokens: int, repeats: int, steady: int = 0, old: bool = True) -> dict:
     import amlx
 
     model = amlx.load_sync(path, max_batch_size=streams)
@@ -89,11 +187,13 @@ def bench(path: Path, streams: int, max_tokens: int, repeats: int) -> dict:
         prompts = _prompts(model.tokenizer, streams, 32, seed=1)
         out: dict = {"streams": streams, "max_tokens": max_tokens}
         lengths: list[int] = []
-        for name in ("free", "constrained", "free_matched"):
+        for name in ("free", "constrained", "free_matched") if old else ("free", "constrained"):
             constrained = name == "constrained"
             limit = lengths if name == "free_matched" else max_tokens
             # warm-up at the measured batch size: builds the grammar, traces the (masked) steps
             asyncio.run(_run(model, prompts, 4, constrained))
+            if not old:
+                continue
             best = None
             for _ in range(repeats):
                 before = model.stats().get("step_timing")
@@ -109,11 +209,42 @@ def bench(path: Path, streams: int, max_tokens: int, repeats: int) -> dict:
             if phases is not None:
                 out[name]["host_ms_per_step"] = phases
             print(name, out[name], flush=True)
-        out["ratio"] = round(out["constrained"]["tok_s"] / out["free"]["tok_s"], 3)
-        out["ratio_matched"] = round(out["constrained"]["tok_s"] / out["free_matched"]["tok_s"], 3)
+        if old:
+            out["ratio"] = round(out["constrained"]["tok_s"] / out["free"]["tok_s"], 3)
+            out["ratio_matched"] = round(out["constrained"]["tok_s"] / out["free_matched"]["tok_s"], 3)
+        if steady:
+            out["steady"] = bench_steady(model, streams, steady, max_tokens, repeats)
+            print("steady", {k: v for k, v in out["steady"].items() if k.startswith("ratio")}, flush=True)
         return out
     finally:
         model.close()
+
+
+def bench_orders(path: Path, streams: int, max_tokens: int, repeats: int, steady: int, orders: list[str]) -> dict:
+    """The steady-state measurement again for each constrained-step order pinned by
+    AMLX_MASK_ORDER ("forward", "read"; amlx/engine/scheduler.py), a model loaded per order
+    from the same checkpoint, after warm-ups."""
+    import os
+
+    import amlx
+
+    out = {}
+    for order in orders:
+        os.environ["AMLX_MASK_ORDER"] = order  # read when the model's scheduler is built
+        model = amlx.load_sync(path, max_batch_size=streams)
+        try:
+            prompts = _prompts(model.tokenizer, streams, 32, seed=1)
+            for constrained in (False, True):
+                asyncio.run(_run(model, prompts, 4, constrained))
+            # one request per client on every side first: traces the batch and group sizes a
+            # steady run meets (the main run's best of --repeats leaves them out too)
+            bench_steady(model, streams, 1, max_tokens, 1)
+            out[order] = bench_steady(model, streams, steady, max_tokens, repeats)
+            print("steady", order, {k: v for k, v in out[order].items() if k.startswith("ratio")}, flush=True)
+        finally:
+            model.close()
+            del os.environ["AMLX_MASK_ORDER"]
+    return out
 
 
 def main(argv=None) -> int:
@@ -123,6 +254,12 @@ def main(argv=None) -> int:
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steady", type=int, default=0, metavar="K",
+                    help="also the steady-state measurement: closed-loop clients, K requests each")
+    ap.add_argument("--steady-only", action="store_true", help="only the steady-state measurement (warm-ups kept)")
+    ap.add_argument("--orders", default="", metavar="forward,read",
+                    help="then the steady measurement again with the constrained order pinned (AMLX_MASK_ORDER), "
+                         "one repeat each")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,7 +271,13 @@ def main(argv=None) -> int:
             from checkpoints import write_benchmark_checkpoint
 
             name, path = args.model, write_benchmark_checkpoint(Path(tmp) / args.model, args.model)
-        result = {name: bench(path, args.streams, args.max_tokens, args.repeats)}
+        result = {name: bench(path, args.streams, args.max_tokens, args.repeats, args.steady,
+                                old=not args.steady_only)}
+        orders = [o for o in args.orders.split(",") if o]
+        if orders and args.steady:
+            if args.out:  # (written now too: a run cut off by a time limit keeps what it measured)
+                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            result[name]["steady_pinned"] = bench_orders(path, args.streams, args.max_tokens, 1, args.steady, orders)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

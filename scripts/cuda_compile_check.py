@@ -1,4 +1,4 @@
-"""Compiles amlx's CUDA decode-attention kernels with NVRTC, without a GPU, as
+"""Compiles amlx's CUDA kernels (decode attention, the few-row quantized matmul) with NVRTC, without a GPU, as
 MLX's CUDA `custom_kernel` builds them: its default header, the signature it
 writes (`const T* name` per input, `const __grid_constant__ Shape name_shape`
 where the body uses it, outputs, template constants), then our body; NVRTC
@@ -10,9 +10,10 @@ LIBNVRTC: libnvrtc.so of CUDA 13 (the pip package nvidia-cuda-nvrtc, its
 libnvrtc-builtins beside it on LD_LIBRARY_PATH); --mlx-include: a directory
 holding mlx/backend/cuda/device/*.cuh of MLX's source or CUDA wheel; --cuda-include:
 the toolkit's include directory (cuda_bf16.h; cccl/ under it is added too).
-Prints each variant (contiguous, paged, paged quantized; with and without
-head norms; float32/float16/bfloat16; head dims, bits, groups) and exits 1 if
-one fails to compile. Compiling is not running: the GPU tests
+Prints each variant (decode attention: contiguous, paged, paged quantized;
+with and without head norms; float32/float16/bfloat16; head dims, bits, groups;
+quantized_gemv: dtypes, bits, row buckets) and exits 1 if one fails to compile;
+`--only attention|qgemv` compiles one kernel's variants. Compiling is not running: the GPU tests
 (tests/test_decode_kernels.py) check what the kernels compute.
 """
 
@@ -27,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amlx.models import decode_attention as da  # noqa: E402
+from amlx.models import quantized_gemv as qg  # noqa: E402
 
 _DEFAULT_HEADER = '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
 _CUDA_TYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t",
@@ -68,15 +70,35 @@ def compile_text(lib, text: str, name: str, includes: list[str]) -> tuple[int, s
     return status, log.value.decode(errors="replace")
 
 
+def _qgemv(lib, includes: list[str]) -> int:
+    """The few-row quantized matmul's variants (the group size is read from the
+    shapes at run time, so it is no variant); returns how many failed."""
+    failed = 0
+    name, names, body, header = qg.kernel_source()
+    for dtype, bits, rows in itertools.product(["float32", "float16", "bfloat16"], qg.BITS, qg.ROW_BUCKETS):
+        inputs = [(n, "uint32" if n == "w" else dtype) for n in names]
+        text = kernel_text(name, inputs, [("out", dtype)], {"T": dtype, "BITS": bits, "RB": rows}, body, header)
+        status, log = compile_text(lib, text, name, includes)
+        print(f"{name} {dtype} bits={bits} rows={rows}: " + ("ok" if status == 0 else "FAILED\n" + log), flush=True)
+        failed += status != 0
+    return failed
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nvrtc", required=True)
     ap.add_argument("--mlx-include", required=True)
     ap.add_argument("--cuda-include", required=True)
+    ap.add_argument("--only", choices=["attention", "qgemv"], default=None)
     a = ap.parse_args()
     lib = ctypes.CDLL(a.nvrtc)
     includes = [a.mlx_include, a.cuda_include, str(Path(a.cuda_include) / "cccl")]
     failed = 0
+    if a.only != "attention":
+        failed += _qgemv(lib, includes)
+    if a.only == "qgemv":
+        print(f"{failed} failed")
+        return 1 if failed else 0
     shapes = [(64, 8, 64), (128, 4, 64), (128, 8, 64), (256, 8, 32), (96, 4, 32)]
     for qk_norm, (paged, quantized), dtype, (dim, bits, group) in itertools.product(
             [False, True], [(False, False), (True, False), (True, True)], ["float32", "float16", "bfloat16"], shapes):

@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from amlx.constrain import Constraint, GrammarVocab, masked_logits, parse_constraint, step_masks, unpack_mask
+from amlx.constrain import (Constraint, GrammarVocab, MaskJob, MatcherFactory, masked_logits, parse_constraint,
+                            step_masks, unpack_mask)
 from amlx.tokenizer import Tokenizer
 
 try:
@@ -330,6 +331,64 @@ def test_step_masks_one_call_for_every_group(family):
         np.testing.assert_array_equal(got, one[0])
     assert not np.array_equal(last[0], last[2])  # c may end (EOS), b may not
     assert step_masks([[None], []]) == [None, None]
+
+
+def test_mask_job_fills_what_step_masks_fills_on_any_thread(family):
+    """A MaskJob set up on one thread and run on another gives step_masks' masks, and says how
+    long llguidance took; one with no constrained row calls nothing."""
+    import threading
+
+    tok, vocab = family
+    matchers = [vocab.matcher(parse_constraint(regex=r"[0-9]{1,3}")) for _ in range(5)]
+    for i, m in enumerate(matchers[:3]):
+        assert m.consume(tok.encode(str(i + 1), add_special_tokens=False)[0])
+    groups = [[matchers[0], None, matchers[1]], [None], matchers[2:]]
+    expected = step_masks(groups)
+    job = MaskJob(groups)
+    got = []
+    worker = threading.Thread(target=lambda: got.append(job.run()))
+    worker.start()
+    worker.join()
+    assert got[0][1] is None and expected[1] is None
+    for a, b in ((got[0][0], expected[0]), (got[0][2], expected[2])):
+        np.testing.assert_array_equal(a, b)
+    assert job.seconds > 0
+    empty = MaskJob([[None, None]])
+    assert empty.run() == [None] and empty.seconds == 0
+
+
+def test_cached_matcher_only_once_compiled(family):
+    """cached_matcher gives nothing for a grammar not compiled yet (compiling may be slow: it
+    belongs on the factory's thread), then fresh, independent matchers at its start."""
+    tok, vocab = family
+    c = parse_constraint(regex=r"q[0-9]{2}z")
+    assert vocab.cached_matcher(c) is None
+    first = vocab.matcher(c)
+    assert first.consume(tok.encode("q", add_special_tokens=False)[0])
+    a, b = vocab.cached_matcher(c), vocab.cached_matcher(c)
+    assert a is not None and b is not None and a is not b
+    masks, fresh = vocab.new_masks(3), vocab.new_masks(1)
+    vocab.fill_masks([(first, 0), (a, 1), (b, 2)], masks)
+    vocab.matcher(c).fill_mask(fresh)
+    np.testing.assert_array_equal(masks[1], fresh[0])
+    np.testing.assert_array_equal(masks[2], fresh[0])
+    assert not np.array_equal(masks[0], masks[1])
+
+
+def test_factory_ready_matcher_after_the_first(family):
+    """MatcherFactory.ready_matcher: None until the vocabulary is built and the grammar compiled
+    (by submit's thread), then a matcher at once."""
+    tok, _ = family
+    factory = MatcherFactory(tok, tok.vocab_size)
+    try:
+        c = parse_constraint(choice=["left", "right"])
+        assert factory.ready_matcher(c) is None
+        factory.submit(c).result(timeout=60)
+        m = factory.ready_matcher(c)
+        assert m is not None and not m.finished
+        assert factory.ready_matcher(parse_constraint(choice=["up"])) is None
+    finally:
+        factory.close()
 
 
 def test_grammar_that_needs_the_vocabulary_fails_at_matcher(family):

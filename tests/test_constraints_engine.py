@@ -247,6 +247,47 @@ def test_step_timing_is_reported_when_switched_on(monkeypatch):
     assert on["decode_steps"] == stats["decode_steps"] > 0 and on["rounds"] >= on["decode_steps"]
     assert {"wait", "emit", "masks", "build_sample", "launch_sample"} <= set(on["seconds"])
     assert all(v >= 0 for v in on["seconds"].values())
+    assert on["background"]["mask_fill"] > 0  # llguidance's own time, beside the phases
+    assert set(on["cpu"]) == set(on["seconds"]) and all(v >= 0 for v in on["cpu"].values())
+    assert on["counts"]["prefill_groups"] >= 2
+
+
+async def _pinned_body() -> tuple[bool, list[str]]:
+    async with await amlx.load(checkpoint("qwen3")) as model:
+        results = [await model.complete(p, regex="[a-z]{6}[0-9]{2}", max_tokens=16) for p in ("x", "yy")]
+        return model._engine.scheduler.forward_first, [r.text for r in results]
+
+
+def test_mask_order_pinned_by_the_environment(monkeypatch):
+    """AMLX_MASK_ORDER=forward / read (benchmarks) keeps the constrained shards' order whatever
+    the scheduler measures; the tokens are the same either way."""
+    texts = {}
+    for order in ("forward", "read"):
+        monkeypatch.setenv("AMLX_MASK_ORDER", order)
+        first, texts[order] = anyio.run(_pinned_body)
+        assert first is (order == "forward")
+        assert all(re.fullmatch("[a-z]{6}[0-9]{2}", t) for t in texts[order])
+    assert texts["forward"] == texts["read"]
+
+
+async def _queued_body() -> None:
+    async with await amlx.load(checkpoint("qwen3")) as model:
+        pattern = "[a-z]{40}"
+        await model.complete("x", regex=pattern, max_tokens=48)  # the grammar is compiled now
+        held = model._engine.scheduler._held  # every request the scheduler holds, whatever its state
+        while held:  # (the finished one leaves at the worker's next round)
+            await anyio.sleep(0.01)
+        streams = [model.generate(p, regex=pattern, max_tokens=48) for p in ("a", "b", "c", "d")]
+        assert len(held) == 4  # (no await since: none can have ended)
+        for stream in streams:
+            assert re.fullmatch(pattern, "".join([t.text async for t in stream]))
+
+
+def test_constrained_requests_with_a_compiled_grammar_queue_at_once():
+    """A request whose grammar is compiled already gets its matcher in submit and is queued
+    there (as an unconstrained one is), not later from the grammar thread: requests submitted
+    together reach the scheduler together."""
+    anyio.run(_queued_body)
 
 
 # ---------------------------------------------------------------------------------------------

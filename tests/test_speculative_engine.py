@@ -334,6 +334,27 @@ def test_adaptive_draft_length(checkpoints, drafts):
     assert good_c["acceptance_rate"] == 1.0 and good_c["accepted_per_verify"] >= 3.0
 
 
+def test_rows_that_stopped_drafting_take_chained_plain_steps(checkpoints, drafts, monkeypatch):
+    """Once no row drafts (a useless draft: every adaptive length at 0), a speculative
+    model's plain steps are chained as a plain model's are (launched before the step in
+    flight is read), and it still probes now and then; the output is plain greedy's."""
+    from amlx.engine.speculate import Speculator
+
+    chained = []
+    chain_plain = Speculator.chain_plain
+
+    def counting(self, rows):
+        chained.append(chain_plain(self, rows))
+        return chained[-1]
+
+    monkeypatch.setattr(Speculator, "chain_plain", counting)
+    reqs = [(PROMPTS[0], {"max_tokens": 3 * N_NEW})]
+    expected, got, stats = run(_both, checkpoints["qwen3"], reqs, draft=str(drafts["qwen3"]))
+    assert got[0].token_ids == expected[0].token_ids
+    assert sum(chained) > N_NEW  # most of the steps
+    assert stats["speculative"]["drafted_tokens"] > 0  # (it drafted at first, and probed)
+
+
 def test_generate_command_with_draft(checkpoints):
     """`amlx generate --draft prompt_lookup --num-draft-tokens 3` prints the plain greedy text."""
     import os
@@ -424,6 +445,27 @@ def test_verify_forward_is_compiled_and_traced_once_per_shape(checkpoints, monke
     assert {shape[1] for shape, _, _ in traced} <= {2, 3, 5}
     rounds = stats["speculative"]["verified_rows"] // 2  # (both rows take part in every round)
     assert len(traced) < rounds
+
+
+def test_draft_step_is_compiled_and_traced_once_per_shape(checkpoints, drafts, monkeypatch):
+    """A draft model's step runs compiled: traced once per input shape (batch, span, pool
+    size), not once per draft step; greedy output is unchanged."""
+    from amlx.engine.draft_model import DraftModel
+
+    traced = []
+    step = DraftModel._step
+
+    def counting(self, tokens, positions, tabs, arrays):
+        traced.append((tokens.shape, tabs[0].shape, arrays[0].shape))  # runs only while tracing
+        return step(self, tokens, positions, tabs, arrays)
+
+    monkeypatch.setattr(DraftModel, "_step", counting)
+    monkeypatch.setenv("AMLX_SHARDS", "1")  # (a compiled function is traced per stream too)
+    reqs = [(PROMPTS[0], {"max_tokens": 60}), (PROMPTS[2], {"max_tokens": 60})]
+    expected, got, stats = run(_both, checkpoints["qwen3"], reqs, draft=str(checkpoints["qwen3"]))
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    assert traced and len(set(traced)) == len(traced)  # never traced twice for one shape
+    assert len(traced) < stats["speculative"]["drafted_tokens"] // 2  # (k draft steps per round, 2 rows)
 
 
 def test_measured_cost_model(checkpoints, drafts, monkeypatch):

@@ -4,7 +4,10 @@ Building llguidance's view of a vocabulary takes seconds for a 150k-token one, a
 large schema can take a while too: neither may run on the event loop (which submits requests)
 nor on the worker (which decodes everybody else). So a `MatcherFactory` does both on a thread of
 its own, the vocabulary once, on first use; a constrained request joins the scheduler's queue
-when its matcher is ready. Malformed constraints never get here: `GenerationOptions` has
+when its matcher is ready. Once a grammar is compiled, the next requests with the same
+constraint (a server's one schema) get theirs at once (`ready_matcher`, a copy in microseconds)
+and are queued in the same call, as an unconstrained request is: they no longer reach the
+scheduler one by one, each in a round of its own. Malformed constraints never get here: `GenerationOptions` has
 already had llguidance check them (a ValueError before anything is queued).
 """
 
@@ -40,6 +43,12 @@ class MatcherFactory:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amlx-grammar")
             return self._pool.submit(self._make, constraint)
+
+    def ready_matcher(self, constraint: Constraint) -> Matcher | None:
+        """A matcher for `constraint` at once if the vocabulary is built and the grammar
+        compiled already (a copy: microseconds, any thread), else None (use `submit`)."""
+        vocab = self._vocab
+        return vocab.cached_matcher(constraint) if vocab is not None else None
 
     @property
     def vocab(self) -> GrammarVocab | None:

@@ -9,6 +9,7 @@ llguidance's thread pool, without holding the GIL.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ from amlx.constrain.spec import Constraint
 if TYPE_CHECKING:
     from amlx.tokenizer import Tokenizer
 
-__all__ = ["GrammarVocab", "Matcher", "step_masks", "unpack_mask"]
+__all__ = ["GrammarVocab", "Matcher", "MaskJob", "step_masks", "unpack_mask"]
 
 # Compiled grammars kept per vocabulary: requests with the same constraint (a server's one
 # schema) copy a compiled matcher in microseconds instead of compiling it again.
@@ -112,11 +113,9 @@ class GrammarVocab:
         tokenizer (e.g. it names a special token the vocabulary lacks). Compiling can take long
         for big schemas (it releases the GIL); call it off the event loop.
         """
-        with self._lock:
-            template = self._compiled.get(constraint.grammar)
-            if template is not None:
-                self._compiled.move_to_end(constraint.grammar)
-                return Matcher(template.deep_copy(), self.mask_words)
+        matcher = self.cached_matcher(constraint)
+        if matcher is not None:
+            return matcher
         template = llguidance.LLMatcher(self._tokenizer, constraint.grammar, log_level=0)
         if template.is_error():
             raise ValueError(f"invalid {constraint.kind} constraint: {template.get_error().strip()}")
@@ -125,6 +124,16 @@ class GrammarVocab:
             while len(self._compiled) > _CACHED_GRAMMARS:
                 self._compiled.popitem(last=False)
         return Matcher(template.deep_copy(), self.mask_words)
+
+    def cached_matcher(self, constraint: Constraint) -> Matcher | None:
+        """A fresh matcher for `constraint` if its grammar is compiled already (a copy of the
+        compiled one: microseconds, so any thread may ask, the event loop included), else None."""
+        with self._lock:
+            template = self._compiled.get(constraint.grammar)
+            if template is None:
+                return None
+            self._compiled.move_to_end(constraint.grammar)
+            return Matcher(template.deep_copy(), self.mask_words)
 
     def new_masks(self, rows: int) -> np.ndarray:
         """A (rows, mask_words) int32 bitmask array, every token allowed."""
@@ -143,28 +152,52 @@ class GrammarVocab:
         return self._tokenizer.decode_bytes([int(token_id)])
 
 
-def step_masks(groups: Sequence[Sequence[Matcher | None]]) -> list[np.ndarray | None]:
-    """The masks of one step: for each group of rows (a shard's batch), a (rows, words) int32
-    bitmask, or None where no row of the group has a matcher (such a batch applies no mask).
+class MaskJob:
+    """The masks of one step, set up on the calling thread (the arrays, which row of which
+    matcher goes where); `run` fills them with one call into llguidance, which computes the
+    rows in parallel on its thread pool without the GIL.
 
-    Every constrained row of every group is computed in one llguidance call, in parallel on
-    its thread pool; rows without a matcher, or whose matcher failed, allow every token."""
-    words = next((m.mask_words for g in groups for m in g if m is not None), 0)
-    sizes = [len(g) if any(m is not None for m in g) else 0 for g in groups]
-    masks = llnp.allocate_token_bitmask(sum(sizes), words * 32)
-    jobs, start = [], 0
-    for group, size in zip(groups, sizes):
-        if size:
-            jobs += [(m._inner, start + i) for i, m in enumerate(group) if m is not None and not m._inner.is_error()]
-        start += size
-    if jobs:
-        llnp.fill_next_token_bitmask_par(_pool(), jobs, masks)
-    out: list[np.ndarray | None] = []
-    start = 0
-    for size in sizes:
-        out.append(masks[start:start + size] if size else None)
-        start += size
-    return out
+    Split so that a thread running `run` needs the GIL only to enter and leave that call:
+    another thread busy in Python (the worker building a step) then delays it least.
+    For each group of rows (a shard's batch) the result is a (rows, words) int32 bitmask, or
+    None where no row of the group has a matcher (such a batch applies no mask); rows without
+    a matcher, or whose matcher failed, allow every token. The matchers must not move between
+    construction and `run`."""
+
+    __slots__ = ("out", "seconds", "_jobs", "_masks")
+
+    def __init__(self, groups: Sequence[Sequence[Matcher | None]]):
+        words = next((m.mask_words for g in groups for m in g if m is not None), 0)
+        sizes = [len(g) if any(m is not None for m in g) else 0 for g in groups]
+        self._masks = masks = llnp.allocate_token_bitmask(sum(sizes), words * 32)
+        jobs, start = [], 0
+        self.out: list[np.ndarray | None] = []
+        for group, size in zip(groups, sizes):
+            if size:
+                jobs += [(m._inner, start + i) for i, m in enumerate(group)
+                         if m is not None and not m._inner.is_error()]
+            self.out.append(masks[start:start + size] if size else None)
+            start += size
+        self._jobs = jobs
+        self.seconds = 0.0  # how long `run` took (llguidance's share of a step's host time)
+
+    def run(self) -> list[np.ndarray | None]:
+        """Fills the masks (any thread, once) and returns them, one per group."""
+        if self._jobs:
+            start = time.perf_counter()
+            masks = self._masks
+            # what llnp.fill_next_token_bitmask_par does after checking the array made above
+            _pool().unsafe_compute_mask_ptr(self._jobs, masks.ctypes.data, masks.shape[1] * 4, masks.shape[0])
+            self.seconds = time.perf_counter() - start
+        return self.out
+
+
+def step_masks(groups: Sequence[Sequence[Matcher | None]]) -> list[np.ndarray | None]:
+    """The masks of one step, computed on the calling thread (see `MaskJob`): for each group
+    of rows (a shard's batch), a (rows, words) int32 bitmask, or None where no row of the
+    group has a matcher. Every constrained row of every group is computed in one llguidance
+    call, in parallel on its thread pool."""
+    return MaskJob(groups).run()
 
 
 def unpack_mask(masks: np.ndarray, vocab_size: int) -> np.ndarray:

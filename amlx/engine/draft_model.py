@@ -25,10 +25,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from amlx._mlx import Array, array, ops
+from amlx._mlx import Array, array, ops, transforms
+from amlx.engine.pools import extend_arrays
 from amlx.engine.request import Request
 from amlx.errors import MLXError
-from amlx.kv import ShardKV, layer_views, make_pools, written
+from amlx.kv import ShardKV, Tables, layer_views, make_pools, written
 from amlx.speculative.draft_sampling import draft_keys, draft_step, fit_vocab
 
 __all__ = ["DraftModel"]
@@ -48,12 +49,17 @@ class DraftModel:
     """The draft model, its pools and its rows (worker thread). `vocab`: the target's
     vocabulary size (drafts' q is padded or cut to it)."""
 
-    def __init__(self, model, options, shards: int, vocab: int):
+    def __init__(self, model, options, shards: int, vocab: int, compile_step: bool = True):
         self.model = model
         self.vocab = vocab
         self.kv: list[ShardKV] = make_pools(model, replace(options, prefix_cache=False), shards)
         self.windows = model.windows()
         self._rows: dict[Request, _DraftRow] = {}
+        # a draft step is compiled as the target's decode step is: k of them per round, each
+        # otherwise a whole model's graph built op by op in Python (host time that, for a
+        # draft whose step is cheap on the device, costs more than the step itself); traced
+        # per batch size, span (rounded as a decode pass's) and pool size
+        self._step_fn = transforms.compile(self._step) if compile_step else None
 
     def _row(self, req: Request) -> _DraftRow:
         row = self._rows.get(req)
@@ -113,17 +119,38 @@ class DraftModel:
         out.close()  # (the writes stay in the pool's graph)
         row.pos = req.pos
 
-    def propose(self, shard: int, rows: Sequence[Request], lengths: Sequence[int], sampling) -> tuple[Array, Array]:
+    def _catch_up_one(self, shard: int, rows: Sequence[Request], one: Sequence[bool]) -> None:
+        """The catch-up of rows that lack one token (`one`), as one draft step of the
+        shard's rows (the compiled step, the draft steps' shapes: no trace of its own);
+        its logits are not read, the other rows write the null block."""
+        drow = [self._rows[r] if o else _DraftRow(shard, [0]) for r, o in zip(rows, one)]
+        seq = [(r.prompt + r.generated)[self._rows[r].pos] if o else 0 for r, o in zip(rows, one)]
+        tables = self.kv[shard].verify_tables(drow, 1, [0 if o else -1 for o in one])
+        positions = array(np.asarray([row.pos for row in drow], dtype=np.int32))
+        self._forward(shard, array(np.asarray(seq, np.int32).reshape(-1, 1)), positions, tables)
+        for row, o in zip(drow, one):
+            if o:
+                row.pos += 1
+
+    def propose(self, shard: int, rows: Sequence[Request], lengths: Sequence[int],
+                sampling) -> tuple[Array, Array | None]:
         """Drafts (B, K) int32 and their q (B, K, vocab) for a shard's rows, K = max(lengths);
-        row b's entries past lengths[b] are padding. `sampling`: the shard's BatchSampling."""
+        row b's entries past lengths[b] are padding; q is None when every row is greedy.
+        `sampling`: the shard's BatchSampling."""
         kv, k = self.kv[shard], max(lengths)
-        for req, n in zip(rows, lengths):
+        one = [False] * len(rows)  # rows whose draft cache lacks one token: the last draft after a
+        for b, (req, n) in enumerate(zip(rows, lengths)):  # round that accepted all (the common case)
             if n:
-                self._catch_up(shard, req)
+                one[b] = req.pos - self._rows[req].pos == 1
+                if not one[b]:
+                    self._catch_up(shard, req)
+        if any(one):
+            self._catch_up_one(shard, rows, one)
         # rows not drafting write and read only the null block
         drow = [self._rows[r] if n else _DraftRow(shard, [0]) for r, n in zip(rows, lengths)]
         params = sampling.params
-        keys = draft_keys(sampling.keys)
+        # (greedy rows draw no noise: their draft keys are never read)
+        keys = sampling.keys if params.all_greedy else draft_keys(sampling.keys)
         history, counts = sampling.penalty_state(self.vocab)
         token = array(np.asarray([[r.last] for r in rows], dtype=np.int32))
         drafts, probs = [], []
@@ -131,19 +158,43 @@ class DraftModel:
             for req, row in zip(rows, drow):
                 row.pos = req.pos + i
             tables = kv.verify_tables(drow, 1, [0 if i < n else -1 for n in lengths])
-            views = self._views(shard, tables)
             positions = array(np.asarray([row.pos for row in drow], dtype=np.int32))
-            logits = self.model(token, views, positions)
-            kv.pool.arrays = written(views)
+            logits = self._forward(shard, token, positions, tables)
             logits = fit_vocab(ops.reshape(logits, (len(rows), logits.shape[2])), self.vocab)
-            step = draft_step(logits, params, keys, history, counts)
+            step = draft_step(logits, params, keys, history, counts, probs=not params.all_greedy)
             keys, history, counts = step.keys, step.history, step.counts
             drafts.append(step.tokens)
             probs.append(step.probs)
             token = ops.reshape(step.tokens, (len(rows), 1))
         for req, row in zip(rows, drow):
             row.pos = req.pos  # (until `settle`: the steps' writes are only drafts so far)
-        return ops.stack(drafts, axis=1), ops.stack(probs, axis=1)
+        # (greedy rows never read q: an all-greedy batch's drafts go to `verify` without it)
+        return ops.stack(drafts, axis=1), None if params.all_greedy else ops.stack(probs, axis=1)
+
+    def _forward(self, shard: int, tokens: Array, positions: Array, tables: Tables) -> Array:
+        """One draft step through the shard's pool (compiled where it is): logits (B, 1, V)."""
+        pool = self.kv[shard].pool
+        if self._step_fn is None:
+            views = self._views(shard, tables)
+            logits = self.model(tokens, views, positions)
+            pool.arrays = written(views)
+            return logits
+        logits, arrays = self._step_fn(tokens, positions, extend_arrays(tables), pool.arrays)
+        pool.arrays = arrays  # (the old arrays' only holder is now the graph: written in place)
+        return logits
+
+    def _step(self, tokens: Array, positions: Array, tabs: list[Array], arrays: list[Array]) -> tuple[Array, list[Array]]:
+        """A draft step as a pure function of arrays (what gets compiled): tokens (B, 1),
+        positions (B,), the tables' gather pieces and write slots (`extend_arrays` of
+        `ShardKV.verify_tables`), the pool's arrays -> (logits, the pool's arrays written)."""
+        pool, b = self.kv[0].pool, tokens.shape[0]  # (every shard's pool has the same layout)
+        rows, writes, *local = tabs
+        width = rows.shape[0] // (2 * b * pool.kv_heads)
+        tables = Tables(rows, writes, b, width, pool.block_size)
+        if local:
+            tables.local = Tables(local[0], local[1], b, width, pool.block_size)
+        views = layer_views(arrays, tables, self.windows, pool.bits, pool.group)
+        return self.model(tokens, views, positions), written(views)
 
     def has_pool(self, shard: int) -> bool:
         """Whether the shard's draft pool has its arrays (made with its first block)."""
@@ -153,10 +204,9 @@ class DraftModel:
         """A draft step's forward over `rows` that hold only the null block (the
         speculator's cost measurement), built, not evaluated: the arrays to evaluate."""
         kv = self.kv[shard]
-        views = self._views(shard, kv.verify_tables(rows, 1, [0] * len(rows)))
         positions = array(np.asarray([r.pos for r in rows], dtype=np.int32))
-        logits = self.model(array(np.zeros((len(rows), 1), np.int32)), views, positions)
-        kv.pool.arrays = written(views)
+        logits = self._forward(shard, array(np.zeros((len(rows), 1), np.int32)), positions,
+                               kv.verify_tables(rows, 1, [0] * len(rows)))
         return [logits, *kv.pool.arrays]
 
     def settle(self, req: Request, old_pos: int, drafted: int, accepted: int) -> None:
@@ -168,5 +218,8 @@ class DraftModel:
 
     def close(self) -> None:
         self._rows.clear()
+        if self._step_fn is not None:
+            self._step_fn.close()
+            self._step_fn = None
         for kv in self.kv:
             kv.close()

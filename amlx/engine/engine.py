@@ -98,7 +98,13 @@ class Engine:
         req = Request(ids, options, channel, TextAssembler(self.tokenizer, options, self.eos_ids, max_new=room),
                       RowSampling(options, ids))
         if options.constraint is not None:
-            self._queue_when_compiled(req, options.constraint)
+            # a grammar compiled already (the common case: one schema, many requests) gives its
+            # matcher at once, so the request is queued now, with those submitted beside it
+            req.matcher = self._matchers.ready_matcher(options.constraint)
+            if req.matcher is None:
+                self._queue_when_compiled(req, options.constraint)
+            else:
+                self.scheduler.add(req)
         else:
             self.scheduler.add(req)
         return RequestStream(req)
@@ -173,7 +179,7 @@ class Engine:
         if s.speculator is not None:  # a model loaded with `draft`: drafted and accepted tokens
             out["speculative"] = s.speculator.stats.snapshot()
         if s.timing.enabled:  # AMLX_STEP_TIMING=1: host seconds per phase of the rounds (engine/timing.py)
-            out["step_timing"] = {**s.timing.snapshot(), "decode_steps": s.decode_steps, "prefills": s.prefills}
+            out["step_timing"] = {**s.timing.snapshot(), "decode_steps": s.decode_steps}
         return out
 
     # -- jobs on the worker thread ------------------------------------------------

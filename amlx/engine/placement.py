@@ -104,7 +104,12 @@ class EngineOptions:
       verify pass of each width and a draft step over rows that write only the
       null block (amlx/engine/speculate.py); otherwise fixed constants. Default:
       on a GPU; off on the CPU, where tests need lengths that do not depend on
-      a shared machine's timings (AMLX_MEASURE_DRAFT_COSTS=0/1)."""
+      a shared machine's timings (AMLX_MEASURE_DRAFT_COSTS=0/1).
+    - adaptive_draft_length: each row's draft length follows its acceptance and
+      the cost model (`AdaptiveLength`); off: every row drafts num_draft_tokens
+      each round (within its buffer's room and the tokens it may still make), as
+      mlx-lm does, for benchmarks that compare the two or measure a draft's
+      acceptance at a fixed length (AMLX_ADAPTIVE_DRAFT=0/1; default on)."""
 
     device: str = "cpu"
     shards: int | None = None
@@ -120,6 +125,7 @@ class EngineOptions:
     draft: str | None = None
     num_draft_tokens: int = 4
     measure_draft_costs: bool | None = None
+    adaptive_draft_length: bool | None = None
 
     def resolved(self) -> "EngineOptions":
         if self.device not in ("cpu", "gpu"):
@@ -149,7 +155,8 @@ class EngineOptions:
                        kv_block_size=block_size, prefix_cache=bool(self.prefix_cache),
                        pad_batches=_switch(self.pad_batches, "AMLX_PAD_BATCHES", gpu),
                        extend_pass=_switch(self.extend_pass, "AMLX_EXTEND_PASS", gpu),  # see extend_pass above
-                       measure_draft_costs=_switch(self.measure_draft_costs, "AMLX_MEASURE_DRAFT_COSTS", gpu))
+                       measure_draft_costs=_switch(self.measure_draft_costs, "AMLX_MEASURE_DRAFT_COSTS", gpu),
+                       adaptive_draft_length=_switch(self.adaptive_draft_length, "AMLX_ADAPTIVE_DRAFT", True))
 
 
 def _switch(value: bool | None, env: str, default: bool) -> bool:

@@ -38,6 +38,7 @@ GPU there is one shard and one stream (one stream already keeps the GPU busy).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import warnings
@@ -49,7 +50,7 @@ import numpy as np
 
 from amlx._mlx import Array, array, ops, transforms
 from amlx._mlx import int32 as _int32
-from amlx.constrain import step_masks
+from amlx.constrain import MaskJob, step_masks
 from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards, padded_batch
 from amlx.engine.pools import ShardPools, extend_arrays, table_arrays
 from amlx.kv import PADDING_ROW, ShardKV, Tables, preemption_order, written
@@ -70,6 +71,13 @@ EXTEND_MIN = 16  # the smallest padded length of an extend pass (lengths go up i
 # A read of step t that waited longer than this (seconds) for the device finds it the bottleneck:
 # constrained shards then launch their forwards before reading (Scheduler._step_constrained).
 DEVICE_BOUND_WAIT = 0.001
+
+
+def _pinned_mask_order() -> bool | None:
+    """AMLX_MASK_ORDER=forward or =read pins the constrained shards' order (benchmarks compare
+    the two; `_step_constrained`); unset or "auto", the scheduler picks it by what it measures."""
+    order = os.environ.get("AMLX_MASK_ORDER", "auto").strip().lower()
+    return {"forward": True, "read": False}.get(order)
 
 
 @dataclass(eq=False)
@@ -119,7 +127,6 @@ class Scheduler:
         self.closed = False
         self.tokens_generated = 0
         self.decode_steps = 0
-        self.prefills = 0  # prefill passes of prompts taken together (_prefill_group; for step timing)
         self.preemptions = 0  # rows taken out of the batch for want of KV blocks (recomputed later)
         self.rate = RateMeter()  # recent tokens per second of work (stats)
         self.timing = StepTiming(step_timing_enabled())  # host time per phase (AMLX_STEP_TIMING=1)
@@ -135,7 +142,10 @@ class Scheduler:
         self._sample_steps = CompiledSteps()  # traced on this engine's streams; closed with it
         self._inflight: _Step | None = None  # a decode step launched and not yet read
         self._mask_thread: ThreadPoolExecutor | None = None  # computes constrained rows' masks (made on first use)
-        self.forward_first = False  # constrained shards launch their forwards before the read (_step_constrained)
+        # constrained shards launch their forwards before the read (_step_constrained); the order
+        # is measured unless the environment pins it (read once, here)
+        self._pinned_order = _pinned_mask_order()
+        self.forward_first = bool(self._pinned_order)
         self._prepared = False  # the model's derived arrays are evaluated (see Module.prepare)
         model.use_decode_kernel(self.options.decode_kernel)
         # attention span step: small where decode attention reads the whole span (EngineOptions.kv_block)
@@ -258,10 +268,13 @@ class Scheduler:
             self._incoming.clear()
         if self._inflight is not None and self._batch_will_change():
             self.timing.lap("other")
+            self.timing.count("drains")
             self._read(self._drain())
         self._drop_inactive()
         self._unpark()
+        self.timing.lap("leave")  # rows leaving (and parked ones coming back): the batch rebuilt
         self._admit()
+        # new requests taken (their prefill passes and first tokens are the prefill_* phases)
         self.timing.lap("admit")
         if self.prefilling is not None:
             self._prefill_chunk(self.prefilling)
@@ -421,6 +434,7 @@ class Scheduler:
         written to the null block."""
         self.timing.lap("admit")
         start = group[0].prefilled
+        self.timing.count("prefill_groups")
         by_shard: dict[int, list[Request]] = {}
         for r in group:
             by_shard.setdefault(r.shard, []).append(r)
@@ -468,7 +482,6 @@ class Scheduler:
                 self._emit(r, int(ids_out[i]), float(lps[i]), None if tops is None else tops[i])
             self._join(shard, reqs)
         self.timing.lap("prefill_emit")
-        self.prefills += 1
 
     def _prefill_chunk(self, req: Request) -> None:
         """One chunk of a long prompt (or of a preempted request's recompute); on the
@@ -592,8 +605,10 @@ class Scheduler:
         constrained rows step after the read, their masks computed meanwhile:
         see `_step_constrained`."""
         prev = self._inflight
-        # (a speculative model reads every step before the next: drafts follow the tokens)
-        if prev is not None and not (self._can_chain(prev) and self._blocks_fit() and not self.speculating):
+        # (a speculative model reads each step before the next, drafts following the tokens,
+        # unless no row drafts now: every adaptive length at 0, Speculator.chain_plain)
+        if prev is not None and not (self._can_chain(prev) and self._blocks_fit() and (
+                not self.speculating or self.speculator.chain_plain(self.rows))):
             self.timing.lap("other")
             self._read(self._drain())
             self._drop_inactive()
@@ -636,7 +651,7 @@ class Scheduler:
             ok = False
         self.timing.lap("launch")
         waited = self._read(prev) if prev is not None else 0.0
-        if constrained and prev is not None and not first:
+        if constrained and prev is not None and not first and self._pinned_order is None:
             # step t still ran when it was read: the device, not the host, sets the pace
             self.forward_first = waited > DEVICE_BOUND_WAIT
         if ok and constrained:
@@ -763,9 +778,10 @@ class Scheduler:
 
         A constrained row's mask for step t+1 needs step t's token on the host, so such a
         shard cannot sample before step t is read. Once it is, every mask of the step is
-        computed in one parallel llguidance call on the mask thread (the GIL released)
-        while this thread builds and launches the shards' forwards not yet launched (their
-        input tokens are step t's, chained on the device); then each shard's sampling takes
+        set up here (`MaskJob`) and computed in one parallel llguidance call (the GIL
+        released): on the mask thread while this thread builds and launches the shards'
+        forwards not yet launched (their input tokens are step t's, chained on the device),
+        or here where every forward went first; then each shard's sampling takes
         its masks, packed, in one upload, and applies them inside the compiled sampling
         step. So the masks cost the step only the time they take beyond issuing the
         forward (or, where the forward went first, beyond computing it). A shard not yet
@@ -779,16 +795,19 @@ class Scheduler:
         forwards go first (`_decode`), and the masks hide behind computing them instead.
         The scheduler switches to forward-first when a read waited for the device longer
         than DEVICE_BOUND_WAIT, and back when, forward first, the forward was computed
-        before its sampling was launched (the device waited for the masks)."""
+        before its sampling was launched (the device waited for the masks); unless
+        AMLX_MASK_ORDER pins the order (`_pinned_mask_order`)."""
         indices = [i for i in indices if parts[i] is not None or all(r.blocks for r in plan[i][0].rows)]
         if not indices:
             return True
-        groups = [[r.matcher for r in plan[i][0].rows] for i in indices]
-        if self._mask_thread is None:
-            self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amlx-masks")
-        pending = self._mask_thread.submit(step_masks, groups)
+        job = MaskJob([[r.matcher for r in plan[i][0].rows] for i in indices])
+        todo = [i for i in indices if parts[i] is None]
+        pending = None
+        if todo:  # forwards to build meanwhile: the masks go to the mask thread
+            if self._mask_thread is None:
+                self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amlx-masks")
+            pending = self._mask_thread.submit(job.run)
         try:
-            todo = [i for i in indices if parts[i] is None]
             for i in todo:
                 shard, sel = plan[i]
                 parts[i] = self._build(shard, sel, chained.get(shard), split)
@@ -798,11 +817,16 @@ class Scheduler:
             ok = False
         finally:
             self.timing.lap("launch_constrained")
-            masks = pending.result()  # (always waited for: the matchers are this thread's again)
+            # (always waited for: the matchers are this thread's again.) With nothing to build
+            # (the forwards went first), this thread computes them itself: a hand-over to the
+            # mask thread and back would only add the GIL's and the threads' wake-up latencies.
+            masks = pending.result() if pending is not None else job.run()
             self.timing.lap("masks")
+            self.timing.add("mask_fill", job.seconds)
         if not ok:
             return False
-        if len(todo) < len(indices):  # forward first: if it is computed already, the device waits for the masks
+        if len(todo) < len(indices) and self._pinned_order is None:
+            # forward first: if it is computed already, the device waits for the masks
             self.forward_first = not all(parts[i].logits.is_ready() for i in indices if i not in todo)
         try:
             for i, mask in zip(indices, masks):

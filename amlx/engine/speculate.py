@@ -29,9 +29,9 @@ are walked through their matchers for per-position masks and cut at the first
 one the grammar forbids (`speculative.constrained.draft_masks`); with a draft
 model they draft nothing (the drafts stay on the device) but share the pass.
 
-Limits, for now: a speculative model's plain steps are not pipelined (each is
-read before the next round, whose drafts follow its tokens). See
-docs/speculative.md.
+A speculative model's plain steps are pipelined only while no row drafts (every
+adaptive length at 0: `chain_plain`); otherwise each is read before the next
+round, whose drafts follow its tokens. See docs/speculative.md.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class Speculator:
     def __init__(self, spec: DraftSpec, model, views: Callable, on: Callable,
                  emit: Callable[[Request, int, float, list | None], None], draft: DraftModel | None = None,
                  compile_forward: bool = True, pad_batches: bool = False,
-                 plain_pass: Callable[[Any, list], list[Array]] | None = None):
+                 plain_pass: Callable[[Any, list], list[Array]] | None = None, adaptive: bool = True):
         if spec.kind == "model" and draft is None:
             raise ValueError(f"draft={spec.path}: the draft model was not loaded")
         self.spec = spec
@@ -165,6 +165,8 @@ class Speculator:
         self._timing_rows: list[_NullRow] = []
         self._lookups: weakref.WeakKeyDictionary[Request, _Lookup] = weakref.WeakKeyDictionary()
         self._cost = CostModel.linear(spec.num_draft_tokens, VERIFY_SLOPE, 0.0 if draft is None else DRAFT_MODEL_COST)
+        if not adaptive:  # (EngineOptions.adaptive_draft_length off) costs at which every draft pays: the full length
+            self._cost = CostModel.linear(spec.num_draft_tokens, 0.0, 0.0)
         self._adaptive: weakref.WeakKeyDictionary[Request, AdaptiveLength] = weakref.WeakKeyDictionary()
 
     def _length(self, req: Request) -> AdaptiveLength:
@@ -188,6 +190,20 @@ class Speculator:
         if lookup is None:
             lookup = self._lookups[req] = _Lookup(req.prompt)
         return lookup.propose(req, k) if k else []
+
+    def chain_plain(self, rows: Sequence[Request]) -> bool:
+        """Whether this round may be a plain step chained on the one in flight (launched
+        before that one is read, as without speculation): no row drafts now, whatever
+        the tokens in flight (every adaptive length is 0, or a constrained row beside a
+        draft model). Such a round ages the rows' estimates as `plan` does (once per
+        round: only when it returns True), so they still probe again now and then."""
+        if any(self._length(r).length > 0 and not (r.matcher is not None and self.draft is not None) for r in rows):
+            return False
+        for r in rows:
+            adaptive = self._length(r)
+            if adaptive.length == 0:
+                adaptive.observe(0, 0)
+        return True
 
     def plan(self, shards: Sequence) -> list[tuple[list[int], list[list[int]] | None]] | None:
         """Per shard, its rows' draft lengths and (prompt lookup) their drafts; None when
@@ -319,8 +335,9 @@ class Speculator:
                 pad = width - 1 - tokens.shape[1]
                 if pad:  # up to the width bucket: padding drafts, never accepted (lengths)
                     tokens = ops.concatenate([tokens, ops.zeros((len(rows), pad), tokens.dtype)], axis=1)
-                    probs = ops.concatenate([probs, ops.zeros((len(rows), pad, probs.shape[2]), probs.dtype)],
-                                            axis=1)
+                    if probs is not None:  # (None: greedy rows only, judged without q)
+                        probs = ops.concatenate([probs, ops.zeros((len(rows), pad, probs.shape[2]), probs.dtype)],
+                                                axis=1)
                 last = array(np.asarray([[r.last] for r in rows], dtype=np.int32))
                 return (ops.concatenate([last, tokens], axis=1), Drafts(tokens, _int32s(lengths), probs), masks,
                         lengths)
@@ -435,10 +452,11 @@ def make_speculator(options, model, views: Callable, placement, emit: Callable, 
     if draft_model is not None:
         if vocab_size is None:
             raise ValueError("a draft model needs the target's vocab_size")
-        draft = DraftModel(draft_model, options, len(placement.streams), vocab_size)
-    measure = plain_pass if options.measure_draft_costs else None
+        draft = DraftModel(draft_model, options, len(placement.streams), vocab_size, compile_step=compile_forward)
+    adaptive = options.adaptive_draft_length is not False
+    measure = plain_pass if options.measure_draft_costs and adaptive else None
     return Speculator(spec, model, views, placement.on, emit, draft, compile_forward=compile_forward,
-                      pad_batches=bool(options.pad_batches), plain_pass=measure)
+                      pad_batches=bool(options.pad_batches), plain_pass=measure, adaptive=adaptive)
 
 
 def _int32s(values: list[int]) -> Array:

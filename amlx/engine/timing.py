@@ -6,7 +6,12 @@ round began) to `name`, so the phases of a round add up to the round's wall time
 that wait for the device (`wait`: a step's tokens read back) show as host time too: a step
 whose time goes mostly to `wait` is bound by the device, one whose time goes elsewhere is
 bound by the host. `Engine.stats()["step_timing"]` reports the totals (seconds, cumulative:
-subtract two snapshots to time one run).
+subtract two snapshots to time one run). `add` records work done beside the rounds (another
+thread's, or part of a phase): those totals go under "background" and are not part of the
+rounds' sum; `count` counts events (prefill groups, drained steps) under "counts". "cpu"
+holds the same phases' CPU time on the timing thread (time.thread_time): the host's own work,
+without its waits for the device, the GIL or other threads, and, on the CPU backend, without
+the compute that MLX runs on its streams' threads, so it stays comparable on a loaded machine.
 
 It also says which phase set MLX's peak memory: at each lap, if the peak counter rose during
 the phase, the phase is credited with the new peak (`peak_bytes`, the highest per phase), so
@@ -36,8 +41,12 @@ class StepTiming:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.seconds: dict[str, float] = {}
+        self.background: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.cpu: dict[str, float] = {}
         self.rounds = 0
         self._last = 0.0
+        self._last_cpu = 0.0
         self.peak_bytes: dict[str, int] = {}
         self._peak = 0  # MLX's peak counter at the last lap
 
@@ -46,23 +55,39 @@ class StepTiming:
         if self.enabled:
             self.rounds += 1
             self._last = time.perf_counter()
+            self._last_cpu = time.thread_time()
 
     def lap(self, name: str) -> None:
         """Charges the time since the last lap (or `begin`) to `name`."""
         if self.enabled:
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), time.thread_time()
             self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+            self.cpu[name] = self.cpu.get(name, 0.0) + cpu - self._last_cpu
             peak = memory.peak()
             if peak > self._peak:  # (lower: someone reset the counter meanwhile)
                 self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), peak)
             self._peak = peak
-            self._last = time.perf_counter()  # (reading the counter is not the phase's time)
+            # (reading the counter is not the phase's time)
+            self._last, self._last_cpu = time.perf_counter(), time.thread_time()
+
+    def add(self, name: str, seconds: float) -> None:
+        """Charges `seconds` to the background total `name` (no lap: the round's clock runs on)."""
+        if self.enabled:
+            self.background[name] = self.background.get(name, 0.0) + seconds
+
+    def count(self, name: str) -> None:
+        """One more `name` event."""
+        if self.enabled:
+            self.counts[name] = self.counts.get(name, 0) + 1
 
     def forget_peaks(self) -> None:
         """Starts the peaks per phase afresh (a benchmark that resets MLX's peak counter)."""
         self.peak_bytes.clear()
 
     def snapshot(self) -> dict:
-        """{"rounds": n, "seconds": {phase: total seconds}, "peak_bytes": {phase: the highest
-        MLX peak it set}} so far."""
-        return {"rounds": self.rounds, "seconds": dict(self.seconds), "peak_bytes": dict(self.peak_bytes)}
+        """{"rounds": n, "seconds": {phase: total seconds}, "cpu": {phase: CPU seconds},
+        "background": {name: total seconds}, "counts": {event: n}, "peak_bytes": {phase: the
+        highest MLX peak it set}} so far."""
+        return {"rounds": self.rounds, "seconds": dict(self.seconds), "cpu": dict(self.cpu),
+                "background": dict(self.background), "counts": dict(self.counts),
+                "peak_bytes": dict(self.peak_bytes)}

@@ -12,7 +12,7 @@ import copy
 from typing import Iterator
 
 from amlx._mlx import Array, device, fast, float32, ops
-from amlx.models import cpu_matmul
+from amlx.models import cpu_matmul, quantized_gemv
 
 
 class Module:
@@ -267,10 +267,14 @@ def _rows(w: Array, lo: int, hi: int) -> Array:
 def quantized_dense(x: Array, layer: Module) -> Array:
     """x @ W^T for a layer in MLX's packed quantized format (weight, scales and
     biases (out, ...)); with the layer's split, in column blocks: output column j
-    is row j of each packed array, so row blocks are views."""
+    is row j of each packed array, so row blocks are views. A few rows go to
+    amlx's own kernels: on the CPU (cpu_matmul) and on CUDA (quantized_gemv)."""
     y = cpu_matmul.few_rows(x, layer)
     if y is not None:
         return y
+    packed = (layer.weight, layer.scales, layer.biases, layer._group_size, layer._bits)
+    if quantized_gemv.applies(x, *packed):
+        return quantized_gemv.quantized_gemv(x, *packed)
     q = (layer._group_size, layer._bits)
     if cpu_matmul.dequantize_first(x, layer):
         w_t = ops.transpose(cpu_matmul.dequantize(layer))

@@ -36,6 +36,7 @@ from typing import Callable, Iterator
 
 from amlx._mlx import Array, fast, ops
 from amlx._mlx import eval as mx_eval
+from amlx.models import quantized_gemv
 from amlx.models.nn import Module, QuantizedEmbedding, QuantizedLinear
 
 __all__ = ["ROW_TILES", "SlowNotice", "WarmupReport", "stderr_line", "warmup_enabled", "needs_warmup", "precompile", "quantized_shapes", "rows_to_warm",
@@ -77,10 +78,13 @@ def needs_warmup(model: Module, device: str) -> bool:
 
 def rows_to_warm(max_rows: int) -> list[int]:
     """One row count per kernel variant that forward passes of up to `max_rows`
-    rows can reach (a single row needs no compile)."""
+    rows can reach (a single row needs no compile). MLX's first tile (up to 16
+    rows) is warmed with 5 rows where passes can have that many: on CUDA, 2..4
+    rows go to amlx's own kernel (quantized_gemv, compiled in about a second),
+    not to MLX's."""
     if max_rows < 2:
         return []
-    rows = [2]
+    rows = [min(max_rows, quantized_gemv.USE_ROWS + 1)]
     for tile in ROW_TILES:
         if max_rows > tile:
             rows.append(tile + 1)

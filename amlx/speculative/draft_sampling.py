@@ -34,7 +34,7 @@ class DraftStep(NamedTuple):
     """One draft step's results (device arrays)."""
 
     tokens: Array  # (B,) int32: the drafts
-    probs: Array  # (B, V) float32: q, the distribution each sampling row drew from
+    probs: Array | None  # (B, V) float32: q, the distribution each sampling row drew from (None: not asked)
     keys: Array  # (B, 2) uint32: the draft keys for the next draft step
     history: Array | None  # the history with the drafts added (None if none given)
     counts: Array | None  # the counts with the drafts added (None if none given)
@@ -46,19 +46,24 @@ def draft_keys(keys: Array) -> Array:
 
 
 def draft_step(logits: Array, params: BatchParams, keys: Array, history: Array | None = None,
-               counts: Array | None = None) -> DraftStep:
+               counts: Array | None = None, probs: bool = True) -> DraftStep:
     """Draws one draft per row from the draft model's logits (B, V) (padded with -inf to the
-    target's vocabulary when the draft's is smaller), with the rows' params and draft `keys`."""
+    target's vocabulary when the draft's is smaller), with the rows' params and draft `keys`.
+    `probs` False: q is not computed (a batch of greedy rows, which `verify` judges by argmax)."""
     x = sampling_logits(logits, params, history, counts)
     greedy = ops.argmax(x, axis=-1).astype(mx.int32)
-    drawn = ops.argmax(x + gumbel_noise(keys, x.shape[1]), axis=-1).astype(mx.int32)
-    tokens = ops.where(ops.less_equal(params.temperature, 0.0), greedy, drawn)
+    if params.all_greedy:  # no noise to draw, and the keys stay as they are (never read by greedy rows)
+        tokens = greedy
+    else:
+        drawn = ops.argmax(x + gumbel_noise(keys, x.shape[1]), axis=-1).astype(mx.int32)
+        tokens = ops.where(ops.less_equal(params.temperature, 0.0), greedy, drawn)
     col = tokens[:, None]
     if history is not None:
         history = ops.put_along_axis(history, col, mx.array(True), -1)
     if counts is not None:
         counts = ops.put_along_axis(counts, col, ops.take_along_axis(counts, col, -1) + 1, -1)
-    return DraftStep(tokens, ops.softmax(x, axis=-1), advance_keys(keys), history, counts)
+    return DraftStep(tokens, ops.softmax(x, axis=-1) if probs else None,
+                     keys if params.all_greedy else advance_keys(keys), history, counts)
 
 
 def fit_vocab(logits: Array, vocab: int) -> Array:

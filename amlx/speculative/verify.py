@@ -42,7 +42,7 @@ no drafts takes a plain step inside the verify step.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -110,36 +110,51 @@ class Verified(NamedTuple):
         return out
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class VerifyParams:
     """A batch's sampling parameters for verify steps of `width` = K + 1 positions:
     the rows' own (`rows`, owned by the caller) and each row's repeated once per position
-    (`positions`, owned here). Build it when the batch composition or K changes."""
+    (`positions`, owned here, made on first use: a compiled `verify` repeats them inside
+    its graph instead, so an engine's verify round builds no arrays for them on the host).
+    Build it when the batch composition or K changes."""
 
     rows: BatchParams
-    positions: BatchParams
     width: int
+    _positions: BatchParams | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, rows: BatchParams, width: int) -> "VerifyParams":
         if width < 1:
             raise ValueError(f"a verify step has at least one position, got width={width}")
+        return cls(rows, width)
 
-        def rep(a: Array) -> Array:
-            shape = a.shape
-            wide = ops.broadcast_to(ops.reshape(a, (shape[0], 1, *shape[1:])), (shape[0], width, *shape[1:]))
-            return ops.reshape(wide, (shape[0] * width, *shape[1:]))
-
-        positions = dataclasses.replace(
-            rows, temperature=rep(rows.temperature), top_k=rep(rows.top_k), top_p=rep(rows.top_p),
-            min_p=rep(rows.min_p), repetition_penalty=rep(rows.repetition_penalty),
-            presence_penalty=rep(rows.presence_penalty), frequency_penalty=rep(rows.frequency_penalty),
-            bias_ids=rep(rows.bias_ids), bias_values=rep(rows.bias_values), size=rows.size * width,
-            top_k_values=tuple(k for k in rows.top_k_values for _ in range(width)))
-        return cls(rows, positions, width)
+    @property
+    def positions(self) -> BatchParams:
+        """Each row's parameters repeated once per position (B * width rows)."""
+        if self._positions is None:
+            self._positions = _per_position(self.rows, self.width)
+        return self._positions
 
     def close(self) -> None:
-        self.positions.close()
+        if self._positions is not None:
+            self._positions.close()
+            self._positions = None
+
+
+def _per_position(rows: BatchParams, width: int) -> BatchParams:
+    """`rows` with each row repeated `width` times (row-major: row b's positions together)."""
+
+    def rep(a: Array) -> Array:
+        shape = a.shape
+        wide = ops.broadcast_to(ops.reshape(a, (shape[0], 1, *shape[1:])), (shape[0], width, *shape[1:]))
+        return ops.reshape(wide, (shape[0] * width, *shape[1:]))
+
+    return dataclasses.replace(
+        rows, temperature=rep(rows.temperature), top_k=rep(rows.top_k), top_p=rep(rows.top_p),
+        min_p=rep(rows.min_p), repetition_penalty=rep(rows.repetition_penalty),
+        presence_penalty=rep(rows.presence_penalty), frequency_penalty=rep(rows.frequency_penalty),
+        bias_ids=rep(rows.bias_ids), bias_values=rep(rows.bias_values), size=rows.size * width,
+        top_k_values=tuple(k for k in rows.top_k_values for _ in range(width)))
 
 
 def uniforms(keys: Array, k: int) -> Array:
@@ -316,18 +331,17 @@ class CompiledVerify:
         fn = self._fns.get(key)
         if fn is None:
             fn = self._fns[key] = transforms.compile(self._traced(params))
-        out = fn(raw, drafts.tokens, drafts.lengths, drafts.probs, keys, history, counts,
-                 *rows.arrays(), *params.positions.arrays())
+        out = fn(raw, drafts.tokens, drafts.lengths, drafts.probs, keys, history, counts, *rows.arrays())
         return Verified(*out)
 
     @staticmethod
     def _traced(params: VerifyParams) -> Callable[..., tuple[Array | None, ...]]:
-        rows, positions, width, n = _host_part(params.rows), _host_part(params.positions), params.width, len(
-            _PARAM_ARRAYS)
+        rows, width = _host_part(params.rows), params.width
 
         def fn(raw: Array, tokens: Array, lengths: Array, probs: Array | None, keys: Array, history: Array | None,
                counts: Array | None, *arrays: Array) -> tuple[Array | None, ...]:
-            vp = VerifyParams(_with_arrays(rows, arrays[:n]), _with_arrays(positions, arrays[n:]), width)
+            # (the per-position parameters are repeated inside the graph)
+            vp = VerifyParams(_with_arrays(rows, arrays), width)
             return tuple(_verify(raw, Drafts(tokens, lengths, probs), vp, keys, history, counts))
 
         return fn

@@ -1,0 +1,209 @@
+"""amlx's few-row quantized matmul kernel (amlx.models.quantized_gemv) against
+MLX's `quantized_matmul` at Qwen3-8B's projection shapes, in GB/s of weights
+read and as a share of the device's copy bandwidth (benchmarks/bandwidth.py).
+
+    python benchmarks/qgemv.py --out OUT [--rows 1 2 4 8] [--bits 4] [--group 64]
+
+Shapes (in -> out): q/k/v fused 4096 -> 6144, o 4096 -> 4096, gate/up fused
+4096 -> 24576, down 12288 -> 4096, head 4096 -> 151936; activations bf16.
+Each call reads its weight, scales and biases once; the bytes counted are
+those three arrays (x and the output are tiny). A timed trial evaluates
+`--reps` calls at once, cycling through copies of the weight that together
+exceed the GPU's L2 cache (so no call reads its weight from L2), after an
+untimed warm-up that compiles the kernels; best of `--trials`. The figure is
+wall time per call with MLX's graph recording pipelined behind the GPU, so
+for the smallest shapes (a few microseconds of reading) it can be bound by
+MLX's host cost per node (~4 us, benchmarks/README.md) rather than by the kernel.
+With torch on the machine, `--cupti` adds the kernels' device time from
+torch.profiler (CUPTI sees every CUDA kernel of the process, MLX's included).
+
+The last table sums the shapes as one decode step of Qwen3-8B reads them
+(36 layers of q/k/v, o, gate/up and down, plus the head): the step time of
+the quantized matmuls alone and the tokens/s that bounds.
+Writes OUT/qgemv.json and OUT/qgemv.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 24576), ("down", 12288, 4096),
+          ("head", 4096, 151936)]
+PER_STEP = {"qkv": 36, "o": 36, "gate_up": 36, "down": 36, "head": 1}  # Qwen3-8B: 36 layers
+L2_BYTES = 64 << 20  # a little above the H200's 60 MB
+SIDES = ("amlx", "mlx")
+
+
+def _layers(k: int, n: int, bits: int, group: int, copies: int):
+    from amlx._mlx import bfloat16, ops, random
+
+    out = []
+    for i in range(copies):
+        w = random.normal((n, k), key=random.key(i)).astype(bfloat16)
+        packed = ops.quantize(w, group, bits)
+        ops.eval(*packed)
+        w.close()
+        out.append(packed)
+    return out
+
+
+def _call(side: str, x, layer, group: int, bits: int):
+    from amlx._mlx import ops
+    from amlx.models import quantized_gemv as qg
+
+    if side == "amlx":
+        return qg.quantized_gemv(x, *layer, group, bits)
+    return ops.quantized_matmul(x, *layer, True, group, bits)
+
+
+def _timed(side, x, layers, group, bits, reps, trials) -> float:
+    """Best seconds per call."""
+    from amlx._mlx import device, ops
+
+    warm = [_call(side, x, layer, group, bits) for layer in layers]
+    ops.eval(*warm)
+    for y in warm:
+        y.close()
+    best = math.inf
+    for _ in range(trials):
+        ys = [_call(side, x, layers[i % len(layers)], group, bits) for i in range(reps)]
+        device.synchronize()
+        t0 = time.perf_counter()
+        ops.eval(*ys)
+        device.synchronize()
+        best = min(best, (time.perf_counter() - t0) / reps)
+        for y in ys:
+            y.close()
+    return best
+
+
+def _device_times(x, layers, group, bits, reps) -> dict:
+    """Device microseconds per call of each side's kernels, from torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from amlx._mlx import device, ops
+
+    torch.cuda.init()
+    out = {}
+    for side in SIDES:
+        ys = [_call(side, x, layers[i % len(layers)], group, bits) for i in range(reps)]
+        device.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ops.eval(*ys)
+            device.synchronize()
+        for y in ys:
+            y.close()
+        kernels = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                kernels.setdefault(e.name, []).append(e.time_range.elapsed_us())
+        # the side's matmul: the kernel name that ran `reps` times or more and took the most time
+        busy = {n: sum(t) for n, t in kernels.items() if len(t) >= reps}
+        if busy:
+            name = max(busy, key=busy.get)
+            out[side] = {"kernel": name[:120], "device_us": busy[name] / len(kernels[name])}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=64)
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--shapes", nargs="+", default=[s[0] for s in SHAPES])
+    ap.add_argument("--cupti", action="store_true", help="device time per kernel through torch.profiler")
+    ap.add_argument("--copy-bytes", type=int, default=4 << 30)
+    args = ap.parse_args(argv)
+
+    import numpy as np
+
+    from amlx._mlx import bfloat16, fast, float32, ops, random
+    from bandwidth import copy_bandwidth
+
+    if not fast.cuda_available():
+        print("needs MLX's CUDA backend", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    copy_bw = copy_bandwidth(args.copy_bytes)
+    print(f"copy bandwidth {copy_bw / 1e9:,.0f} GB/s", flush=True)
+    results = {"copy_bytes_per_s": copy_bw, "args": vars(args), "shapes": []}
+    for name, k, n in [s for s in SHAPES if s[0] in args.shapes]:
+        one = _layers(k, n, args.bits, args.group, 1)
+        nbytes = sum(a.nbytes for a in one[0])
+        copies = max(1, -(-L2_BYTES * 2 // nbytes))
+        layers = one + (_layers(k, n, args.bits, args.group, copies - 1) if copies > 1 else [])
+        for rows in args.rows:
+            x = random.normal((rows, k), key=random.key(1000 + rows)).astype(bfloat16)
+            ys = [_call(side, x, layers[0], args.group, args.bits) for side in SIDES]
+            got, want = (ops.astype(y, float32).numpy().astype(np.float64) for y in ys)
+            row = {"shape": name, "k": k, "n": n, "rows": rows, "bytes": nbytes,
+                   "max_rel_diff": float(np.max(np.abs(got - want)) / np.max(np.abs(want)))}
+            for side in SIDES:
+                s = _timed(side, x, layers, args.group, args.bits, args.reps, args.trials)
+                row[side] = {"us": s * 1e6, "gb_s": nbytes / s / 1e9, "bw_fraction": nbytes / s / copy_bw}
+            if args.cupti:
+                try:
+                    for side, d in _device_times(x, layers, args.group, args.bits, args.reps).items():
+                        row[side].update(d, device_gb_s=nbytes / d["device_us"] / 1e3,
+                                         device_bw_fraction=nbytes / (d["device_us"] * 1e-6) / copy_bw)
+                except Exception as exc:  # noqa: BLE001 - optional: report and go on
+                    row["cupti_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            results["shapes"].append(row)
+            a, m = row["amlx"], row["mlx"]
+            dev = "".join(f" | {side} device {row[side]['device_us']:.1f} us" for side in SIDES
+                          if "device_us" in row[side])
+            print(f"{name:8s} {k:6d}->{n:6d} rows={rows}: amlx {a['us']:8.1f} us {a['gb_s']:7.0f} GB/s "
+                  f"({100 * a['bw_fraction']:.0f}%) | mlx {m['us']:8.1f} us {m['gb_s']:7.0f} GB/s "
+                  f"({100 * m['bw_fraction']:.0f}%) | {m['us'] / a['us']:.2f}x | rel diff {row['max_rel_diff']:.1e}"
+                  + dev, flush=True)
+            for y in ys:
+                y.close()
+            x.close()
+            (out / "qgemv.json").write_text(json.dumps(results, indent=2))  # as it goes: a crash keeps the rows
+        for layer in layers:
+            for arr in layer:
+                arr.close()
+    (out / "qgemv.json").write_text(json.dumps(results, indent=2))
+    (out / "qgemv.md").write_text(table(results))
+    print(table(results), flush=True)
+    return 0
+
+
+def table(results: dict) -> str:
+    bw = results["copy_bytes_per_s"]
+    lines = [f"Copy bandwidth: {bw / 1e9:,.0f} GB/s. Wall time per call (best of trials); % of the copy bandwidth.",
+             "", "| shape | k -> n | rows | MB | amlx us | amlx GB/s | amlx % | MLX us | MLX GB/s | MLX % | speedup "
+             "| device us amlx / MLX |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results["shapes"]:
+        a, m = r["amlx"], r["mlx"]
+        dev = (f"{a['device_us']:.1f} / {m['device_us']:.1f}" if "device_us" in a and "device_us" in m else "–")
+        lines.append(f"| {r['shape']} | {r['k']} -> {r['n']} | {r['rows']} | {r['bytes'] / 1e6:.1f} | {a['us']:.1f} | "
+                     f"{a['gb_s']:,.0f} | {100 * a['bw_fraction']:.0f}% | {m['us']:.1f} | {m['gb_s']:,.0f} | "
+                     f"{100 * m['bw_fraction']:.0f}% | {m['us'] / a['us']:.2f}x | {dev} |")
+    lines += ["", "One Qwen3-8B decode step's quantized matmuls (36 layers + head), from the rows above:", "",
+              "| rows | amlx ms | MLX ms | amlx tok/s bound | MLX tok/s bound |", "|---:|---:|---:|---:|---:|"]
+    for rows in sorted({r["rows"] for r in results["shapes"]}):
+        got = [r for r in results["shapes"] if r["rows"] == rows]
+        if {r["shape"] for r in got} != set(PER_STEP):
+            continue
+        t = {side: sum(PER_STEP[r["shape"]] * r[side]["us"] for r in got) / 1e3 for side in SIDES}
+        lines.append(f"| {rows} | {t['amlx']:.2f} | {t['mlx']:.2f} | {1e3 / t['amlx']:,.0f} | {1e3 / t['mlx']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
