@@ -424,6 +424,27 @@ def _warm_up(model, device: str, max_rows: int) -> None:
         raise
 
 
+EXTEND_NOTICE = ("amlx: compiling GPU kernels for prompts behind a cached prefix, once (MLX keeps them in "
+                 "MLX_PTX_CACHE_DIR)")
+
+
+def _warm_extend(engine) -> None:
+    """Compiles the kernels of the compiled extend pass (a short prefill behind a cached
+    prefix) at load on a GPU (Scheduler.warm_extend); a notice goes to stderr only if it
+    takes a while (something was compiled). If it fails, the engine keeps the plain pass."""
+    from amlx.models.warmup import NOTICE_AFTER_S, SlowNotice, stderr_line, warmup_enabled
+
+    if engine.placement.device != "gpu" or not warmup_enabled():
+        return
+    try:
+        with SlowNotice(stderr_line, NOTICE_AFTER_S, EXTEND_NOTICE):
+            engine.scheduler.warm_extend()
+    except Exception as exc:  # noqa: BLE001 - the plain prefill pass still serves
+        engine.scheduler.extend_max = 0
+        warnings.warn(f"amlx: the compiled extend pass is off for this model: its warm-up failed ({exc})",
+                      RuntimeWarning, stacklevel=2)
+
+
 def _load_draft(target, draft_spec, dtype):
     """The draft model's CausalLM (load option draft=PATH), on the engine's stream; None without."""
     from amlx.models import build_model
@@ -491,6 +512,7 @@ def _build_on_worker(host, device, dtype, max_batch_size, max_context, worker: W
     engine = _make_engine(loaded, tokenizer, placement, dict(max_batch_size=max_batch_size, max_context=ctx,
                                                              worker=worker, options=options, draft_model=draft,
                                                              mirror=leader))
+    _warm_extend(engine)
     # (the engine's context: also at most what one request can hold in the KV cache pool)
     info = ModelInfo(architecture=cfg["arch"], parameters=params, dtype=loaded.dtype, device=dev,
                      context_length=engine.max_context, quantization=cfg["quantization"], path=str(loaded.path))

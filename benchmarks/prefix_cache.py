@@ -11,8 +11,11 @@
    on also `cached_plain_ms`, the cached request with the compiled extend pass turned off
    (the scheduler's `extend_max` set to 0: the plain prefill pass, as before the extend
    pass, which is on by default on a GPU only: `AMLX_EXTEND_PASS=1` turns it on on the
-   CPU), interleaved with the others in the same run; and `decode_ms`, one decode step
-   (the target: a cached TTFT a small multiple of it).
+   CPU), interleaved with the others in the same run; `cached_streamed_ms`, the first
+   token of a cached request streamed with `generate` (8 tokens: a decode step follows its
+   prefill); and `decode_ms`, one decode step (the target: a cached TTFT a small multiple
+   of it). With AMLX_STEP_TIMING=1 also `host`: host ms per phase of a cached request's
+   rounds and of a decode step, their host times (rounds minus device waits) and ratio.
 2. Multi-turn chat through a server (subprocess, official `openai` client): `--conversations`
    conversations of `--turns` turns each run concurrently; every turn sends the whole history
    plus a new user message and appends the reply (`--max-tokens`, greedy). Reported: wall time,
@@ -61,6 +64,59 @@ async def _decode_ms(model, prompt: list[int], n: int = 33) -> float:
     return (time.perf_counter() - first) / max(count - 1, 1) * 1e3
 
 
+async def _first_token(model, prompt: list[int], n: int = 8) -> float:
+    """Time to the first token of a streamed request of n tokens (the rest is read too)."""
+    start, first = time.perf_counter(), None
+    async for _ in model.generate(prompt, max_tokens=n, temperature=0.0):
+        if first is None:
+            first = time.perf_counter() - start
+    return first
+
+
+def _timing(model) -> dict | None:
+    """The engine's step timing (AMLX_STEP_TIMING=1), or None."""
+    return model.stats().get("step_timing")
+
+
+def _phases(before: dict, after: dict, per: int, key: str = "seconds") -> dict[str, float]:
+    """ms per `per` (requests or steps) of each phase between two step-timing snapshots
+    (`key` "cpu": the worker thread's CPU time instead of wall time)."""
+    a, b = after.get(key, {}), before.get(key, {})
+    return {k: round((a[k] - b.get(k, 0.0)) * 1e3 / max(per, 1), 3) for k in a if a[k] - b.get(k, 0.0) > 0}
+
+
+async def host_split(model, tok, rng, prefix: int, n: int = 6) -> dict:
+    """With AMLX_STEP_TIMING=1: host ms per phase of a cached request's rounds and of a
+    decode step, and the host time of each (rounds minus waiting for the device)."""
+    head = _tokens(tok, prefix, rng)
+    await _ttft(model, head + _tokens(tok, 16, rng))
+    before = _timing(model)
+    walls = [(await _ttft(model, head + _tokens(tok, 16, rng)))[0] for _ in range(n)]
+    after = _timing(model)
+    cached, cached_cpu = _phases(before, after, n), _phases(before, after, n, "cpu")
+    prompt = _tokens(tok, 64, rng)
+    before = _timing(model)
+    await _decode_ms(model, prompt, 65)
+    after = _timing(model)
+    steps = after["decode_steps"] - before["decode_steps"]
+
+    def decode_only(phases: dict) -> dict:  # (the request's own prefill rounds are left out)
+        return {k: v for k, v in phases.items() if k != "admit" and not k.startswith("prefill")}
+
+    decode, decode_cpu = decode_only(_phases(before, after, steps)), decode_only(_phases(before, after, steps, "cpu"))
+    host_cached = sum(v for k, v in cached.items() if k != "prefill_wait")
+    host_decode = sum(v for k, v in decode.items() if k != "wait")
+    out = {"cached_phases_ms": cached, "decode_phases_ms": decode, "cached_wall_ms": round(np.mean(walls) * 1e3, 2),
+           "cached_rounds_ms": round(sum(cached.values()), 2),
+           "host_cached_ms": round(host_cached, 3), "host_decode_ms": round(host_decode, 3),
+           "host_ratio": round(host_cached / max(host_decode, 1e-9), 2)}
+    if cached_cpu and decode_cpu:  # the worker thread's CPU time: the host's own work, without any waits
+        out.update(cpu_cached_ms=round(sum(cached_cpu.values()), 3), cpu_decode_ms=round(sum(decode_cpu.values()), 3),
+                   cpu_ratio=round(sum(cached_cpu.values()) / max(sum(decode_cpu.values()), 1e-9), 2),
+                   cached_cpu_phases_ms=cached_cpu)
+    return out
+
+
 async def ttft(path: Path, prefix: int, repeats: int, cache: bool) -> dict:
     import amlx
 
@@ -77,11 +133,12 @@ async def ttft(path: Path, prefix: int, repeats: int, cache: bool) -> dict:
                 scheduler.extend_max = limit
                 await _ttft(model, head + _tokens(tok, 16, rng))
                 scheduler.extend_max = extend_max
-            cold, warm, plain = [], [], []
+            cold, warm, plain, streamed = [], [], [], []
             for _ in range(repeats):
                 head = _tokens(tok, prefix, rng)
                 cold.append(await _ttft(model, head + _tokens(tok, 16, rng)))
                 warm.append(await _ttft(model, head + _tokens(tok, 16, rng)))
+                streamed.append(await _first_token(model, head + _tokens(tok, 16, rng)))
                 if cache:
                     scheduler.extend_max = 0
                     plain.append(await _ttft(model, head + _tokens(tok, 16, rng)))
@@ -89,10 +146,14 @@ async def ttft(path: Path, prefix: int, repeats: int, cache: bool) -> dict:
         finally:
             scheduler.extend_max = extend_max
         decode = min([await _decode_ms(model, _tokens(tok, 64, rng)) for _ in range(2)])
+        split = await host_split(model, tok, rng, prefix) if cache and _timing(model) is not None else None
     best_cold, best_warm = min(cold), min(warm)
     row = {"prefix_cache": cache, "prefix": prefix, "uncached_ms": round(best_cold[0] * 1e3, 1),
            "cached_ms": round(best_warm[0] * 1e3, 1), "cached_tokens": best_warm[1],
-           "speedup": round(best_cold[0] / best_warm[0], 2), "decode_ms": round(decode, 2)}
+           "speedup": round(best_cold[0] / best_warm[0], 2), "decode_ms": round(decode, 2),
+           "cached_streamed_ms": round(min(streamed) * 1e3, 1), "extend_pass": extend_max > 0}
+    if split is not None:
+        row["host"] = split
     if plain:
         row["cached_plain_ms"] = round(min(plain)[0] * 1e3, 1)
         row["speedup_plain"] = round(best_cold[0] / min(plain)[0], 2)

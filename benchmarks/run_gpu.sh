@@ -11,6 +11,9 @@
 #                                        # kv_bits none/8/4 at 4 streams x 32k tokens (KVBITS_ARGS to change)
 #   bash benchmarks/run_gpu.sh ttft      # TTFT behind a cached 2,000-token prefix (prefix_cache.py --ttft-only),
 #                                        # MODELS="qwen3-0.6b qwen3-8b" by default
+#   bash benchmarks/run_gpu.sh ttft-mem  # issue 15 in one call (~4 min): cached/uncached TTFT of qwen3-0.6b and
+#                                        # qwen3-8b (best of 3, warm, AMLX_STEP_TIMING=1: host split) and
+#                                        # speed.py's peak memory (1 and 64 streams) of qwen3-0.6b, gemma3-1b and mlx-lm
 #   bash benchmarks/run_gpu.sh window    # KV memory of a long Gemma-3-1B row, windowed layers' own pool (window_pool.py)
 #   bash benchmarks/run_gpu.sh spec-cost    # speculative decoding: k draft steps + verify vs k+1 plain steps
 #   bash benchmarks/run_gpu.sh spec-draft   # end to end: qwen3-8b with its 4-bit copy as draft, amlx vs mlx-lm
@@ -24,7 +27,7 @@
 #                                        # qwen3-8b-4bit single-stream with AMLX_QGEMV on and off beside mlx-lm
 #                                        # (bigspeed.py --qgemv-off), then qgemv.py (kernel vs MLX per shape,
 #                                        # GB/s, both kernel versions); 6-9 minutes (TEST_BUDGET, BUDGET, MICRO_BUDGET)
-# bigspeed and first keep MLX's compiled kernels between calls: a carried .gpu/ptx.tgz is unpacked
+# bigspeed, first and ttft-mem keep MLX's compiled kernels between calls: a carried .gpu/ptx.tgz is unpacked
 # into MLX_PTX_CACHE_DIR first, and the cache goes back as $OUT/ptx.tgz (copy it to .gpu/ptx.tgz here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +74,21 @@ case "${1:-speed}" in
       timeout -k 10 ${BUDGET:-270} python3 benchmarks/prefix_cache.py --preset "$m" --prefix 2000 --repeats 3 \
         --ttft-only --out "$OUT/prefix_ttft_$m.json" || echo "prefix_cache.py $m ended with status $?"
     done ;;
+  ttft-mem)
+    restore_ptx
+    for m in ${TTFT_MODELS:-qwen3-0.6b qwen3-8b}; do
+      budget=${TTFT_BUDGET:-$([ "$m" = qwen3-8b ] && echo 130 || echo 80)}
+      AMLX_STEP_TIMING=1 timeout -k 10 "$budget" python3 benchmarks/prefix_cache.py --preset "$m" \
+        --prefix 2000 --repeats 3 --ttft-only --out "$OUT/prefix_ttft_$m.json" 2>&1 | grep -v "it/s" \
+        | tee -a "$OUT/ttft.txt" || echo "prefix_cache.py $m ended with status $?"
+    done
+    for m in ${MEM_MODELS:-qwen3-0.6b gemma3-1b}; do
+      mkdir -p "$OUT/speed_$m"
+      budget=${MEM_BUDGET:-$([ "$m" = gemma3-1b ] && echo 100 || echo 70)}
+      AMLX_STEP_TIMING=1 timeout -k 10 "$budget" python3 benchmarks/speed.py --models "$m" --streams 64 --repeats 1 \
+        --out "$OUT/speed_$m" 2>&1 | grep -v "it/s" | tee -a "$OUT/memory.txt" || echo "speed.py $m ended with status $?"
+    done
+    save_ptx ;;
   window)
     timeout -k 10 ${BUDGET:-270} python3 benchmarks/window_pool.py --preset "${MODEL:-gemma3-1b}" --prompt 8000 \
       --tokens 256 --out "$OUT/window_pool.json" || echo "window_pool.py ended with status $?" ;;

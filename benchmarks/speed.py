@@ -61,7 +61,11 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
 
     out: dict = {}
     model = amlx.load_sync(path, max_batch_size=max(streams + [1]))
+    out["active_after_load"] = amlx.memory()["active"]  # weights (and the KV pool's first blocks)
     vocab = model.tokenizer.vocab_size
+
+    def pool_bytes() -> int:  # the KV block pools' arrays (blocks allocated, every layer)
+        return model.stats()["kv_cache"]["blocks_allocated"] * model.engine.scheduler.block_bytes()
     try:
         # the device's copy bandwidth, for the % of bandwidth rows (on the engine's worker)
         out["copy_bytes_per_s"] = model.engine.run_sync(lambda: copy_bandwidth(COPY_BYTES))
@@ -71,7 +75,16 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
         prompt = _prompts(1, 128, vocab, 1)[0]
         from amlx._mlx import memory as mlx_memory
 
-        mlx_memory.reset_peak()  # the single stream's peak: weights, its cache, one step's temporaries
+        timing = model.engine.scheduler.timing  # (AMLX_STEP_TIMING=1: which phase set the peak)
+
+        def reset_peak() -> None:
+            mlx_memory.reset_peak()
+            timing.forget_peaks()
+
+        def peaks() -> dict:  # MLX's peak (MB) credited to the phase of the engine's rounds that set it
+            return {k: round(v / 1e6, 1) for k, v in timing.peak_bytes.items()}
+
+        reset_peak()  # the single stream's peak: weights, its cache, one step's temporaries
         for _ in range(REPEATS):
             times = []
             t0 = time.perf_counter()
@@ -81,6 +94,9 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
                   single_ttft_s=times[0] - t0)
 
         out["peak_memory_1"] = amlx.memory()["peak"]
+        out["kv_pool_bytes_1"] = pool_bytes()
+        if timing.enabled:
+            out["peak_by_phase_1"] = peaks()
         long_prompt = _prompts(1, 2048, vocab, 2)[0]
         model.complete_sync(long_prompt, max_tokens=1)  # warm-up of the prefill shapes
         for _ in range(REPEATS):
@@ -88,7 +104,7 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
             model.complete_sync(long_prompt, max_tokens=1)
             _best(out, prefill_tps=2048 / (time.perf_counter() - t0))
 
-        mlx_memory.reset_peak()
+        reset_peak()
         out["batch"] = {}
         for n in streams:
             prompts = _prompts(n, 128, vocab, 10 + n)
@@ -116,6 +132,9 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
                 _best(out["batch"][n], tps=total / elapsed, tokens=total, seconds=elapsed,
                       ttft_mean_s=float(np.mean(ttft)), ttft_p50_s=float(np.median(ttft)))
         out["peak_memory"] = amlx.memory()["peak"]
+        out["kv_pool_bytes"] = pool_bytes()
+        if timing.enabled:
+            out["peak_by_phase"] = peaks()
     finally:
         model.close()
     return out

@@ -176,6 +176,45 @@ def test_allocator_counts_references_and_grows_only_for_held_blocks():
     pool.close()
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=30), st.integers(2, 64), st.integers(60, 2000))
+def test_pool_growth_stays_within_a_quarter_of_what_is_held(asks, initial, ceiling):
+    """The arrays grow only when held blocks need room, and then to at most a quarter
+    more than the blocks held after the allocation (or the first size), never past the
+    ceiling; every block handed out lies inside them."""
+    pool = BlockPool([(1, 4)], float32, 2, ceiling, initial_blocks=initial)
+    held = 0
+    for n in asks:
+        if n > pool.available():
+            with pytest.raises(PoolFull):
+                pool.allocate(n)
+            break
+        before = pool.capacity
+        got = pool.allocate(n)
+        held += n
+        assert max(got) < pool.capacity <= ceiling and pool.used() == held
+        if pool.capacity != before:  # grew: (held + the null block) plus at most a quarter
+            assert pool.capacity <= max(pool.initial_blocks, int((held + 1) * 1.25) + 1)
+        assert all(a.shape[1] == pool.capacity for a in pool.arrays)
+    pool.close()
+
+
+def test_a_large_pool_grows_by_an_eighth():
+    """Past LARGE_POOL_BYTES the arrays grow by an eighth (their unused tail is what
+    costs there), below by a quarter; always at least by what is asked for."""
+    from amlx.kv.pool import GROWTH, LARGE_GROWTH, LARGE_POOL_BYTES
+
+    pool = BlockPool([(8, 128)] * 4, float32, 16, 1 << 20)  # 256 KiB a block (host numbers only)
+    large = LARGE_POOL_BYTES // pool.bytes_per_block()
+    for capacity, factor in ((64, GROWTH), (large - 1, GROWTH), (large, LARGE_GROWTH), (4 * large, LARGE_GROWTH)):
+        pool.capacity = capacity
+        assert pool.grown_size(1) == int(capacity * factor) + 1
+        assert pool.grown_size(capacity) == 2 * capacity
+    assert LARGE_GROWTH == 1.125 and GROWTH == 1.25
+    pool.capacity = 0
+    assert pool.grown_size(3) == pool.initial_blocks == 16
+
+
 def test_prefix_index_hits_misses_lru_eviction_and_clear():
     pool = _pool(blocks=6, initial=6)  # at its full size (cached blocks never make it grow)
     row = SimpleNamespace(blocks=[], pos=0)

@@ -118,6 +118,53 @@ def test_the_extend_pass_matches_the_plain_prefill(ckpt, monkeypatch):
         np.testing.assert_allclose([lp for _, lp in e], [lp for _, lp in p], atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_the_extend_pass_warm_up_leaves_the_cache_as_it_was(ckpt, arch, monkeypatch):
+    """`Scheduler.warm_extend` (run at load on a GPU) runs the compiled extend pass once
+    per token width and batch over rows holding only the null block: it takes no block,
+    and greedy outputs after it (cached ones through the extend pass) equal a model's
+    without the cache. Gemma's windowed layers have a pool of their own."""
+    monkeypatch.setenv("AMLX_EXTEND_PASS", "1")
+    base = _ids(1, 40)
+
+    async def body():
+        async with await amlx.load(ckpt(arch), prefix_cache=False) as off, await amlx.load(ckpt(arch)) as on:
+            scheduler = on.engine.scheduler
+            runs = await on.engine.run(scheduler.warm_extend)
+            assert runs == 2 * len(scheduler.extend_widths()) and scheduler.extend_widths()[0] == 16
+            assert on.stats()["kv_cache"]["blocks_used"] == 0
+            for prompt, cached in ((base, 0), (base, 2 * BS), (base[:37] + _ids(2, 9), 2 * BS)):
+                want, _ = await _complete(off, prompt)
+                got, hit = await _complete(on, prompt)
+                assert (got, hit) == (want, cached)
+
+    _run(body)
+
+
+def test_the_extend_pass_is_on_by_default_on_a_gpu_only(monkeypatch):
+    from amlx.engine.placement import EngineOptions
+
+    monkeypatch.delenv("AMLX_EXTEND_PASS", raising=False)
+    assert EngineOptions(device="gpu").resolved().extend_pass
+    assert not EngineOptions(device="cpu").resolved().extend_pass
+    assert EngineOptions(device="cpu", extend_pass=True).resolved().extend_pass
+    monkeypatch.setenv("AMLX_EXTEND_PASS", "0")
+    assert not EngineOptions(device="gpu").resolved().extend_pass
+
+
+def test_extend_spans_come_in_two_sizes_per_octave():
+    """The extend pass's gathered span (ShardKV.extend_width): a power of two or three
+    quarters of one, then a multiple of the decode span step; never short."""
+    from amlx.kv.rows import extend_bucket
+
+    sizes = {extend_bucket(n) for n in range(1, 4097)}
+    assert sizes == {1, 2, 3} | {k << j for j in range(11) for k in (4, 6) if k << j <= 4096}
+    for n in range(1, 700):
+        for step in (1, 4, 16):
+            got = extend_bucket(n, step)
+            assert got >= n and got % step == 0 and got < max(2 * n, 2 * step)
+
+
 def test_concurrent_requests_sharing_a_prefix_match_solo_runs(ckpt):
     """Rows sharing cached blocks (held by reference, several at once) decode as alone."""
     system = _ids(6, 3 * BS)

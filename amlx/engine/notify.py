@@ -51,6 +51,18 @@ def _set_all(events) -> None:
         e.set()
 
 
+def flush_wakeups() -> None:
+    """Delivers the wake-ups gathered so far in the batch in progress, which goes on
+    gathering: a request's first token, sampled from its prefill, then reaches its
+    consumer before the rest of the scheduler's round (building and launching a decode
+    step, reading the one in flight) instead of after it."""
+    pending = getattr(_local, "pending", None)
+    if pending:
+        _local.pending = {}
+        for waker, events in pending.items():
+            call_soon(waker, lambda events=events: _set_all(events))
+
+
 @contextmanager
 def batched_wakeups():
     """Within this block (on one thread), wake-ups are gathered and each loop is woken once at the end."""

@@ -79,13 +79,15 @@ class EngineOptions:
       (AMLX_PAD_BATCHES=0/1).
     - extend_pass: a short prefill behind a cached prefix runs as a compiled pass
       (`Scheduler._extend_pass`) instead of the plain, uncompiled one. Default:
-      off. On the H200 it cut the time to first token behind a cached
-      2,000-token prefix once its shapes were compiled (Qwen3-0.6B shape 22.0 ->
-      13.7 ms, Qwen3-8B 24.4 -> 16.7 ms), but every new shape (tokens, batch and
-      attended span, each bucketed) is traced and its fused kernels compiled on
-      first use: a Gemma-3-1B 2,048-token prompt behind its own cached prefix took
-      20 s the first time, and a server meets new spans for hours. On the CPU
-      the compiled pass measured no faster (AMLX_EXTEND_PASS=0/1).
+      on a GPU, off on the CPU (AMLX_EXTEND_PASS=0/1). On the H200 it cut the
+      time to first token behind a cached 2,000-token prefix (Qwen3-0.6B shape
+      22.0 -> 13.7 ms, Qwen3-8B 24.4 -> 16.7 ms). Its shapes are bucketed (tokens
+      to powers of two, the batch as a decode step's, the attended span to two
+      sizes per octave) and its kernels are compiled while the model loads
+      (`Scheduler.warm_extend`, with a notice when that takes a while), so a new
+      shape costs a trace on the host, not the seconds of NVRTC compiles it cost
+      before (a Gemma-3-1B prompt behind its own cached prefix: 20 s the first
+      time). On the CPU the compiled pass measured no faster.
     - prefill_chunk: prompt tokens per prefill forward (AMLX_PREFILL_CHUNK).
       A round prefills at most one chunk before its decode step, so a long
       prompt holds the running streams up by one chunk's time per step, and
@@ -152,7 +154,7 @@ class EngineOptions:
         return replace(self, shards=shards, decode_kernel=kernel, kv_block=block, prefill_chunk=chunk,
                        kv_block_size=block_size, prefix_cache=bool(self.prefix_cache),
                        pad_batches=_switch(self.pad_batches, "AMLX_PAD_BATCHES", gpu),
-                       extend_pass=_switch(self.extend_pass, "AMLX_EXTEND_PASS", False),  # see extend_pass above
+                       extend_pass=_switch(self.extend_pass, "AMLX_EXTEND_PASS", gpu),  # see extend_pass above
                        measure_draft_costs=_switch(self.measure_draft_costs, "AMLX_MEASURE_DRAFT_COSTS", gpu),
                        adaptive_draft_length=_switch(self.adaptive_draft_length, "AMLX_ADAPTIVE_DRAFT", True))
 

@@ -54,6 +54,7 @@ from amlx.constrain import MaskJob, step_masks
 from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards, padded_batch
 from amlx.engine.pools import ShardPools, extend_arrays, table_arrays
 from amlx.kv import PADDING_ROW, ShardKV, Tables, preemption_order, written
+from amlx.engine.notify import flush_wakeups
 from amlx.engine.rate import RateMeter
 from amlx.engine.timing import StepTiming, step_timing_enabled
 from amlx.engine.speculate import make_speculator
@@ -273,10 +274,12 @@ class Scheduler:
         self._unpark()
         self.timing.lap("leave")  # rows leaving (and parked ones coming back): the batch rebuilt
         self._admit()
-        self.timing.lap("admit")  # new requests' prefill passes and first tokens
+        # new requests taken (their prefill passes and first tokens are the prefill_* phases)
+        self.timing.lap("admit")
         if self.prefilling is not None:
             self._prefill_chunk(self.prefilling)
             self.timing.lap("prefill")
+        flush_wakeups()  # first tokens of this round's prefills go out now, not after its decode step
         self._decode()
         self.timing.lap("other")
 
@@ -379,12 +382,57 @@ class Scheduler:
         """`_extend` by the split twin (work only one shard has)."""
         return self.pools.extend_pass(self._split_model(), tokens, positions, last, tabs, pools)
 
+    def extend_widths(self) -> list[int]:
+        """The token widths an extend pass is padded to (EXTEND_MIN, doubling, up to `extend_max`)."""
+        widths, w = [], EXTEND_MIN
+        while w <= max(self.extend_max, EXTEND_MIN - 1) and self.extend_max:
+            widths.append(w)
+            w *= 2
+        return widths
+
+    def warm_extend(self, batches: tuple[int, ...] = (1, 2)) -> int:
+        """Runs the compiled extend pass once per token width (and padded batch size
+        in `batches`) over rows that hold only the null block, so that the kernels
+        MLX compiles at a shape's first use (on CUDA: NVRTC, seconds per fused kernel;
+        MLX keeps them on disk, MLX_PTX_CACHE_DIR) are compiled while the model loads,
+        not under a user's first prompt behind a cached prefix. Later shapes (other
+        spans, a grown pool) are traced again on the host but reuse those kernels.
+        Returns the passes run (0 where the extend pass is off). Worker thread."""
+        if self._extend_fn is None or not self.extend_max or self.mirror is not None:
+            return 0
+        shard, runs = self.shards[0], 0
+        with self.placement.on():
+            for pool in (shard.kv.pool, shard.kv.local):
+                if pool is not None and pool.capacity == 0:
+                    pool.grow_to(pool.initial_blocks)  # (what the first request takes anyway)
+            self._prepare()
+            model = self._split_model()  # (a lone prompt's pass: the split twin where there is one)
+            fn = self._extend_fn if model is self.model else self._split_extend_fn
+            try:
+                for b in sorted({padded_batch(b) if self.options.pad_batches else b for b in batches}):
+                    rows = [PADDING_ROW] * b
+                    zeros = array(np.zeros(b, dtype=np.int32))
+                    for width in self.extend_widths():
+                        with self._on(shard):
+                            tables = shard.kv.extend_tables(rows, [0] * b, width, [0] * b,
+                                                            shard.kv.extend_width(width))
+                            logits, state = fn(array(np.zeros((b, width), dtype=np.int32)), zeros, zeros,
+                                               extend_arrays(tables), shard.kv.arrays)
+                            shard.kv.arrays = state
+                            ops.eval(logits, *shard.kv.state())
+                        runs += 1
+            except BaseException:
+                shard.kv.reset()  # (its arrays may be a graph that cannot be computed; no row holds blocks)
+                raise
+        return runs
+
     def _prefill_group(self, group: list[Request]) -> None:
         """Prefills several prompts that start at the same position: one batched
         forward per shard they joined, on that shard's stream, so the shards'
         forwards run in parallel. Right padding keeps it exact: causal attention
         never lets a real position see a padded one, and padded positions are
         written to the null block."""
+        self.timing.lap("admit")
         start = group[0].prefilled
         self.timing.count("prefill_groups")
         by_shard: dict[int, list[Request]] = {}
@@ -404,9 +452,11 @@ class Scheduler:
                 # (sampling stays on the worker's stream: see _build)
                 samplers.append(BatchSampling([r.sampling for r in reqs], self._sample_steps))
                 firsts.append(samplers[-1](logits, masks=mask))
+            self.timing.lap("prefill_build")
             # One evaluation for every shard, so their forwards run at the same time.
             ops.eval(*[a for first in firsts for a in first.arrays()], *[a for bs in samplers for a in bs.state()],
                      *[a for shard, _ in parts for a in shard.kv.state()])
+            self.timing.lap("prefill_wait")
             for bs in samplers:
                 bs.sync_back()  # the requests' keys move on
         except MLXError as exc:
@@ -431,6 +481,7 @@ class Scheduler:
                 self.pools.cache_filled(r)
                 self._emit(r, int(ids_out[i]), float(lps[i]), None if tops is None else tops[i])
             self._join(shard, reqs)
+        self.timing.lap("prefill_emit")
 
     def _prefill_chunk(self, req: Request) -> None:
         """One chunk of a long prompt (or of a preempted request's recompute); on the

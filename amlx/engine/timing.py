@@ -12,12 +12,21 @@ rounds' sum; `count` counts events (prefill groups, drained steps) under "counts
 holds the same phases' CPU time on the timing thread (time.thread_time): the host's own work,
 without its waits for the device, the GIL or other threads, and, on the CPU backend, without
 the compute that MLX runs on its streams' threads, so it stays comparable on a loaded machine.
+
+It also says which phase set MLX's peak memory: at each lap, if the peak counter rose during
+the phase, the phase is credited with the new peak (`peak_bytes`, the highest per phase), so
+a benchmark that resets the peak and reads it later can tell a prefill's activations from a
+decode step's temporaries or the KV pool's growth (growth in admission counts to `admit`, in
+a decode step's block extension to `plan`). Work launched in one phase and computed during a
+later one is credited to the phase that allocated its buffers (on a GPU, where it is encoded).
 """
 
 from __future__ import annotations
 
 import os
 import time
+
+from amlx._mlx import memory
 
 __all__ = ["StepTiming", "step_timing_enabled"]
 
@@ -38,6 +47,8 @@ class StepTiming:
         self.rounds = 0
         self._last = 0.0
         self._last_cpu = 0.0
+        self.peak_bytes: dict[str, int] = {}
+        self._peak = 0  # MLX's peak counter at the last lap
 
     def begin(self) -> None:
         """A round starts: the clock of its first phase starts now."""
@@ -52,7 +63,12 @@ class StepTiming:
             now, cpu = time.perf_counter(), time.thread_time()
             self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
             self.cpu[name] = self.cpu.get(name, 0.0) + cpu - self._last_cpu
-            self._last, self._last_cpu = now, cpu
+            peak = memory.peak()
+            if peak > self._peak:  # (lower: someone reset the counter meanwhile)
+                self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), peak)
+            self._peak = peak
+            # (reading the counter is not the phase's time)
+            self._last, self._last_cpu = time.perf_counter(), time.thread_time()
 
     def add(self, name: str, seconds: float) -> None:
         """Charges `seconds` to the background total `name` (no lap: the round's clock runs on)."""
@@ -64,8 +80,14 @@ class StepTiming:
         if self.enabled:
             self.counts[name] = self.counts.get(name, 0) + 1
 
+    def forget_peaks(self) -> None:
+        """Starts the peaks per phase afresh (a benchmark that resets MLX's peak counter)."""
+        self.peak_bytes.clear()
+
     def snapshot(self) -> dict:
         """{"rounds": n, "seconds": {phase: total seconds}, "cpu": {phase: CPU seconds},
-        "background": {name: total seconds}, "counts": {event: n}} so far."""
+        "background": {name: total seconds}, "counts": {event: n}, "peak_bytes": {phase: the
+        highest MLX peak it set}} so far."""
         return {"rounds": self.rounds, "seconds": dict(self.seconds), "cpu": dict(self.cpu),
-                "background": dict(self.background), "counts": dict(self.counts)}
+                "background": dict(self.background), "counts": dict(self.counts),
+                "peak_bytes": dict(self.peak_bytes)}

@@ -5,7 +5,7 @@ Device side, one array per layer of shape (2, blocks, kv_heads, block_size,
 head_dim) (keys at [0], values at [1]); a decode step writes every row's new
 token with one scatter per layer at slot indices computed on the host once
 per step and shared by all layers, and attention gathers through the tables
-(`amlx.kv.paged`). The arrays grow (by GROWTH, layer by layer)
+(`amlx.kv.paged`). The arrays grow (by GROWTH, LARGE_GROWTH past a gigabyte, layer by layer)
 up to `max_blocks` as rows need blocks, and never shrink while the model is
 open: a pool at its high-water mark costs nothing more, and the blocks it
 keeps are the prefix cache.
@@ -32,8 +32,18 @@ from amlx.kv.prefix import PrefixIndex
 __all__ = ["NULL_BLOCK", "BlockPool", "PoolFull", "block_bytes", "copy_blocks"]
 
 NULL_BLOCK = 0
-INITIAL_BLOCKS = 64  # first size of the device arrays, in blocks
-GROWTH = 1.25  # then grown by this factor (at least by what is asked for)
+# First size of the device arrays, in blocks (256 positions at the default block size): a
+# short chat holds no more, and a pool at 64 blocks held 1.1-1.15x mlx-lm's single-stream
+# peak memory on the GPU (benchmarks/README.md) for cache its row never used.
+INITIAL_BLOCKS = 16
+# Then grown by GROWTH (at least by what is asked for), and by LARGE_GROWTH once the arrays
+# hold LARGE_POOL_BYTES: a large pool's unused tail costs the most (64 streams of Qwen3-0.6B
+# held up to a fifth of their 2 GB pool unused at 1.25), while each growth copies the arrays
+# and is a new shape for the compiled passes (a trace on the host), so small pools, where
+# the tail is cheap, grow in fewer, larger steps.
+GROWTH = 1.25
+LARGE_GROWTH = 1.125
+LARGE_POOL_BYTES = 1 << 30
 
 
 class PoolFull(Exception):
@@ -190,8 +200,15 @@ class BlockPool:
         the zero blocks at once (peak memory 1.5-2x the final pool). A modest
         factor keeps the unused tail small, at the cost of a few more growths
         (each one a new shape for the compiled decode step)."""
+        self.grow_to(self.grown_size(short))
+
+    def grown_size(self, short: int) -> int:
+        """The arrays' size (blocks) after growing for `short` more blocks than they
+        have free: by GROWTH (LARGE_GROWTH for a pool of LARGE_POOL_BYTES or more), at
+        least by `short`, at least the first size, at most `max_blocks`."""
         old = self.capacity
-        self.grow_to(min(self.max_blocks, max(int(old * GROWTH) + 1, max(old, 1) + short, self.initial_blocks)))
+        factor = LARGE_GROWTH if old * self.bytes_per_block() >= LARGE_POOL_BYTES else GROWTH
+        return min(self.max_blocks, max(int(old * factor) + 1, max(old, 1) + short, self.initial_blocks))
 
     def grow_to(self, new: int) -> None:
         """Grows the arrays to `new` blocks (nothing if they hold as many): `_grow`'s

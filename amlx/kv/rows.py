@@ -373,12 +373,13 @@ class ShardKV:
                                                                                          self.block_size))
 
     def extend_width(self, end: int) -> int:
-        """Blocks an extend pass gathers per row to cover positions [0, end): rounded
-        up to the decode step's span step and to a quarter of the power of two below
-        (at most about 25% more), so the compiled pass is traced for few widths."""
-        need = blocks_for(end, self.block_size)
-        step = max(self.span_step, 1 << max(0, need.bit_length() - 3))
-        return -(-need // step) * step
+        """Blocks an extend pass gathers per row to cover positions [0, end): a
+        multiple of the decode step's span step, rounded up to a power of two or
+        one and a half times one (two sizes per octave), so the compiled pass is
+        traced for few widths (each new one is a trace on the host, which a server
+        would otherwise meet for hours). The padding costs little: the pass's new
+        tokens are few, and the slots past each row's end are masked."""
+        return extend_bucket(blocks_for(end, self.block_size), self.span_step)
 
     def extend_tables(self, rows: Sequence[KVRow], starts: Sequence[int], width: int,
                       lengths: Sequence[int], blocks_wide: int) -> Tables:
@@ -460,6 +461,15 @@ class ShardKV:
         """Empties the pools (their arrays could not be computed); no row may hold blocks."""
         self.close()
         self._version += 1
+
+
+def extend_bucket(blocks: int, step: int = 1) -> int:
+    """`blocks` rounded up to a power of two or three quarters of one (two sizes per
+    octave), then to a multiple of `step` (ShardKV.extend_width)."""
+    size = 1 << max(0, blocks - 1).bit_length()  # the power of two at or above
+    if size >= 4 and blocks <= size * 3 // 4:
+        size = size * 3 // 4
+    return -(-size // step) * step
 
 
 def _held(table: Sequence[int]) -> int:

@@ -39,7 +39,7 @@ from amlx._mlx import eval as mx_eval
 from amlx.models import quantized_gemv
 from amlx.models.nn import Module, QuantizedEmbedding, QuantizedLinear
 
-__all__ = ["ROW_TILES", "WarmupReport", "needs_warmup", "precompile", "quantized_shapes", "rows_to_warm",
+__all__ = ["ROW_TILES", "SlowNotice", "WarmupReport", "stderr_line", "warmup_enabled", "needs_warmup", "precompile", "quantized_shapes", "rows_to_warm",
            "warm_quantized_matmuls"]
 
 log = logging.getLogger("amlx.warmup")
@@ -61,10 +61,15 @@ class WarmupReport:
     slow: list[tuple[str, float]] = field(default_factory=list)
 
 
+def warmup_enabled() -> bool:
+    """Whether load-time warm-ups run: AMLX_WARMUP not set to 0."""
+    return os.environ.get("AMLX_WARMUP", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def needs_warmup(model: Module, device: str) -> bool:
     """Whether loading `model` on `device` should warm its quantized matmuls: MLX on
     CUDA, a quantized layer in the model, and AMLX_WARMUP not set to 0."""
-    if os.environ.get("AMLX_WARMUP", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not warmup_enabled():
         return False
     if device != "gpu" or not fast.cuda_available():
         return False
@@ -115,22 +120,26 @@ def quantized_shapes(model: Module) -> list[tuple[int, int, Quantized]]:
     return list(seen.values())
 
 
-class _Notice:
-    """Prints the one-time notice to stderr if the warm-up outlives NOTICE_AFTER_S;
-    from then on each slow step is reported as well."""
+QUANTIZED_NOTICE = ("amlx: compiling GPU kernels for the quantized layers, once (MLX keeps them in "
+                    "MLX_PTX_CACHE_DIR); the first load on this machine takes a few minutes")
 
-    def __init__(self, write: Callable[[str], None], after: float):
+
+class SlowNotice:
+    """Prints `message` once (to `write`) if the warm-up outlives `after` seconds;
+    from then on each slow step is reported as well (`shown`)."""
+
+    def __init__(self, write: Callable[[str], None], after: float, message: str = QUANTIZED_NOTICE):
         self.write = write
+        self.message = message
         self.shown = threading.Event()
         self._timer = threading.Timer(after, self._show)
         self._timer.daemon = True
 
     def _show(self) -> None:
         self.shown.set()
-        self.write("amlx: compiling GPU kernels for the quantized layers, once (MLX keeps them in "
-                   "MLX_PTX_CACHE_DIR); the first load on this machine takes a few minutes")
+        self.write(self.message)
 
-    def __enter__(self) -> "_Notice":
+    def __enter__(self) -> "SlowNotice":
         self._timer.start()
         return self
 
@@ -138,11 +147,11 @@ class _Notice:
         self._timer.cancel()
 
 
-def _stderr(line: str) -> None:
+def stderr_line(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def warm_quantized_matmuls(model: Module, max_rows: int, *, write: Callable[[str], None] = _stderr,
+def warm_quantized_matmuls(model: Module, max_rows: int, *, write: Callable[[str], None] = stderr_line,
                            notice_after: float = NOTICE_AFTER_S, parallel: bool = False) -> WarmupReport:
     """Runs each quantized layer shape of `model` for every row count of
     `rows_to_warm(max_rows)`, so the kernels MLX compiles at first use are compiled
@@ -155,7 +164,7 @@ def warm_quantized_matmuls(model: Module, max_rows: int, *, write: Callable[[str
     rows = rows_to_warm(max_rows)
     total = len(shapes) * len(rows)
     start = time.perf_counter()
-    with _Notice(write, notice_after) as notice:
+    with SlowNotice(write, notice_after) as notice:
         if parallel:
             precompile(shapes, rows)
         for r in rows:
