@@ -204,3 +204,17 @@ def test_layers_follow_the_switch(bits, monkeypatch) -> None:
         monkeypatch.setattr(cpu_matmul, "INT8", on)
         want = ck.gemv(x, *q, group_size=64, bits=bits, int8=on)
         assert np.array_equal(np.asarray(layer(x)), np.asarray(O.astype(want, layer(x).dtype)))
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([4, 8]), lo=st.integers(0, 30), threads=st.integers(1, 3))
+def test_an_output_does_not_depend_on_the_other_weight_rows(seed, bits, lo, threads) -> None:
+    # a block of W's rows (MatmulSplit's column blocks, a vocabulary-sharded head) gives
+    # bitwise the outputs of the whole product
+    ck.set_threads(threads)
+    x, wq, scales, biases = _case(3, 9, 61, seed, bits, 32, "bfloat16", 10.0)
+    kw = {"group_size": 32, "bits": bits, "int8": True}
+    full = np.asarray(ck.gemv(x, wq, scales, biases, **kw))
+    rows = lambda a: O.slice(a, (lo, 0), (61, a.shape[1]))  # noqa: E731
+    part = np.asarray(ck.gemv(x, rows(wq), rows(scales), rows(biases), **kw))
+    assert np.array_equal(part, full[:, lo:])
