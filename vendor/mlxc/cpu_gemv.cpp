@@ -138,8 +138,8 @@ gv::RowsFn pick_kernel() {
 std::atomic<gv::RowsFn> kernel{pick_kernel()};
 
 // The int8 kernels (gemv_int8.h) that go with a float kernel: VNNI where the CPU
-// has it, else vpmaddubsw, else scalar. `isa` names a choice in
-// mlxc_cpu_gemv_set_isa ("avxvnni": the AVX2 float kernels with AVX-VNNI).
+// has it, else vpmaddubsw, else scalar (mlxc_cpu_gemv_set_isa's "avx2" keeps
+// AVX-VNNI out, "avxvnni" is the AVX2 float kernels with it).
 struct Int8Kernel {
   gv::RowsFn rows;
   int (*step)(int group);
@@ -199,7 +199,6 @@ const void* packed(const mx::array& a, std::vector<char>& tmp) {
   return tmp.data();
 }
 
-// The rows of one job, split into blocks of output rows over the pool.
 // The output rows of `j`, split into blocks over the pool.
 void run_rows(const gv::Job& j, gv::RowsFn fn) {
   Pool& p = pool();
@@ -258,6 +257,8 @@ void quantize_x(gv::Job& j, int run, std::vector<int8_t>& xq, std::vector<float>
   j.xqsum = xqsum.data();
 }
 
+// One job: x packed (and for quantized weights its group sums, permuted or rounded
+// to int8 as the kernels read it), then its output rows over the pool.
 void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int group, bool int8) {
   const mx::array& x = in[0];
   std::vector<char> tmp[4];
