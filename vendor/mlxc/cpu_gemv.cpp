@@ -461,7 +461,8 @@ mx::array mlxc::cpu_gemv(const mx::array& x, const mx::array& w, const mx::array
     inputs.push_back(scales_biases[0]);
     inputs.push_back(scales_biases[1]);
   }
-  mx::array y(mx::Shape{M, N}, mx::float32, std::make_shared<CpuGemv>(s, bits, group, int8 && bits != 0), std::move(inputs));
+  mx::array y(mx::Shape{M, N}, mx::float32, std::make_shared<CpuGemv>(s, bits, group, int8 && bits != 0),
+              std::move(inputs));
   mx::Shape shape = x.shape();
   shape.back() = N;
   return mx::astype(mx::reshape(y, shape, s), out_type, s);
