@@ -24,6 +24,7 @@ HEADER = ROOT / "vendor" / "mlxc" / "mlxc.h"
 # gemv_<isa>.cpp: one unit per instruction set, each with its own `#pragma GCC target`
 # (the build flags stay portable); cpu_gemv.cpp picks one at run time.
 SOURCES = ("mlxc.cpp", "blas.cpp", "cpu_gemv.cpp", "gemv_generic.cpp", "gemv_avx2.cpp", "gemv_avx512.cpp",
+           "gemv_avxvnni.cpp", "gemv_avx512vnni.cpp",  # the int8 kernels on VNNI (gemv_int8.h)
            "distributed.cpp",  # distributed.cpp: MLX's collectives, for tensor parallelism (amlx.tp)
            "malloc_tuning.cpp")  # glibc thresholds raised at load: large temporaries reuse memory
 

@@ -18,13 +18,20 @@ GROUP_SIZES = (32, 64, 128)
 
 
 def gemv(x: Array, w: Array, scales: Array | None = None, biases: Array | None = None, *,
-         group_size: int = 0, bits: int = 0) -> Array:
-    """x @ W^T on the CPU; quantized when `bits` is 4 or 8 (then scales, biases and group_size are needed)."""
+         group_size: int = 0, bits: int = 0, int8: bool = False) -> Array:
+    """x @ W^T on the CPU; quantized when `bits` is 4 or 8 (then scales, biases and group_size are needed).
+
+    `int8` (quantized weights only): x is first rounded to int8 per group of `group_size`
+    values (scale max|x| / 127, ties to even) and each group's products are summed as
+    integers on bytes (VNNI where the CPU has it), the bias term from x's exact sum:
+    several times faster, with the error of that rounding (at most half a step of x's
+    grid per value)."""
     if bits and (scales is None or biases is None):
         raise ValueError("cpu_kernels.gemv: quantized weights need scales and biases")
     s = scales.handle if bits and scales is not None else ffi.NULL
     b = biases.handle if bits and biases is not None else ffi.NULL
-    return _call(lib.mlxc_cpu_gemv, "cpu_gemv", x.handle, w.handle, s, b, int(group_size), int(bits))
+    return _call(lib.mlxc_cpu_gemv, "cpu_gemv", x.handle, w.handle, s, b, int(group_size), int(bits),
+                 int(bool(int8)))
 
 
 def dequantize(w: Array, scales: Array, biases: Array, *, group_size: int, bits: int) -> Array:
@@ -45,10 +52,16 @@ def set_threads(n: int) -> None:
 
 
 def isa() -> str:
-    """The instruction set in use: "avx512", "avx2" or "generic"."""
+    """The instruction set in use: "avx512", "avxvnni" (AVX2 with AVX-VNNI), "avx2" or "generic"."""
     return ffi.string(lib.mlxc_cpu_gemv_isa()).decode()
 
 
+def int8_isa() -> str:
+    """The int8 kernels' instructions under isa(): "avx512vnni", "avxvnni", "avx2" (vpmaddubsw) or "generic"."""
+    return ffi.string(lib.mlxc_cpu_gemv_int8_isa()).decode()
+
+
 def set_isa(name: str) -> None:
-    """Use "avx512", "avx2", "generic", or "best" (the default); MLXError if the CPU lacks it."""
+    """Use "avx512", "avxvnni", "avx2", "generic", or "best" (the default); MLXError if the CPU
+    lacks it. "avx2" keeps the int8 kernels off VNNI even where the CPU has it."""
     check(lib.mlxc_cpu_gemv_set_isa(name.encode()), "cpu_kernels.set_isa")

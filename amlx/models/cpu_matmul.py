@@ -12,6 +12,13 @@ calling sgemm (measured at 128 x 1024 x 3072), so `widen` and
 `dequantize_first` say when to convert.
 
 AMLX_CPU_KERNELS=0 (read once, at import) turns this off, for comparisons.
+
+Quantized weights (4-/8-bit) multiply x rounded to int8 per group, as llama.cpp's
+q8_0/q4_0 do: each group's products are summed as integers on bytes (VNNI), which
+is faster than converting every weight to a float; the cost is x's rounding, half a
+step of its int8 grid per value (cpu_kernels.gemv's `int8`; benchmarks/README.md
+has the measured speed and logit error). AMLX_CPU_INT8=0 (read once, at import)
+keeps them on the float kernels.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import os
 from amlx._mlx import Array, bfloat16, cpu_kernels, device, float16, float32, ops
 
 ENABLED = os.environ.get("AMLX_CPU_KERNELS", "1") != "0"
+INT8 = os.environ.get("AMLX_CPU_INT8", "1") != "0"
 _DENSE = (float32, float16, bfloat16)
 # a float32 copy of a bigger quantized weight (a vocabulary projection) costs
 # more memory than the time it saves
@@ -95,5 +103,5 @@ def _gemv(x: Array, layer, bits: int, lo: int, hi: int) -> Array:
 
     if bits:
         return cpu_kernels.gemv(x, rows(layer.weight), rows(layer.scales), rows(layer.biases),
-                                group_size=layer._group_size, bits=bits)
+                                group_size=layer._group_size, bits=bits, int8=INT8)
     return cpu_kernels.gemv(x, rows(layer.weight))

@@ -14,6 +14,7 @@
 // never oversubscribed.
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
@@ -136,6 +137,48 @@ gv::RowsFn pick_kernel() {
 
 std::atomic<gv::RowsFn> kernel{pick_kernel()};
 
+// The int8 kernels (gemv_int8.h) that go with a float kernel: VNNI where the CPU
+// has it, else vpmaddubsw, else scalar (mlxc_cpu_gemv_set_isa's "avx2" keeps
+// AVX-VNNI out, "avxvnni" is the AVX2 float kernels with it).
+struct Int8Kernel {
+  gv::RowsFn rows;
+  int (*step)(int group);
+  const char* name;
+};
+
+bool has_avxvnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  // __builtin_cpu_supports knows "avxvnni" only from GCC 13: CPUID leaf 7 sub-leaf 1, EAX bit 4
+  unsigned a = 7, b = 0, c = 1, d = 0;
+  __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+  return __builtin_cpu_supports("avx2") && ((a >> 4) & 1);
+#else
+  return false;
+#endif
+}
+
+bool has_avx512vnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+constexpr Int8Kernel kInt8Generic{&gv::int8_rows_generic, &gv::int8_step_generic, "generic"};
+constexpr Int8Kernel kInt8Avx2{&gv::int8_rows_avx2, &gv::int8_step_avx2, "avx2"};
+constexpr Int8Kernel kInt8AvxVnni{&gv::int8_rows_avxvnni, &gv::int8_step_avxvnni, "avxvnni"};
+constexpr Int8Kernel kInt8Avx512Vnni{&gv::int8_rows_avx512vnni, &gv::int8_step_avx512vnni, "avx512vnni"};
+
+const Int8Kernel* int8_for(gv::RowsFn fn, bool vnni_allowed) {
+  if (fn == &gv::rows_generic) return &kInt8Generic;
+  if (fn == &gv::rows_avx512 && has_avx512vnni()) return &kInt8Avx512Vnni;
+  if (vnni_allowed && has_avxvnni()) return &kInt8AvxVnni;
+  return &kInt8Avx2;
+}
+
+std::atomic<const Int8Kernel*> int8_kernel{int8_for(pick_kernel(), true)};
+
 int kind_of(mx::Dtype d) {
   if (d == mx::float16) return gv::F16;
   if (d == mx::bfloat16) return gv::BF16;
@@ -156,8 +199,67 @@ const void* packed(const mx::array& a, std::vector<char>& tmp) {
   return tmp.data();
 }
 
-// The rows of one job, split into blocks of output rows over the pool.
-void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int group) {
+// The output rows of `j`, split into blocks over the pool.
+void run_rows(const gv::Job& j, gv::RowsFn fn) {
+  Pool& p = pool();
+  // Blocks of at least 16 rows: thinner ones cost more in wake-ups than they gain.
+  const int parts = std::max(1, std::min(p.threads(), j.N / 16));
+  p.run(parts, [&](int part) {
+    fn(j, (int)((long)j.N * part / parts), (int)((long)j.N * (part + 1) / parts));
+  });
+}
+
+// x rounded to int8 for the int8 kernels: per row and per group of `group`
+// values, d = max|x| / 127 and xq = round(x / d) (to nearest, ties to even,
+// as numpy's rint: the tests rebuild it exactly), computed as x * (127 / max|x|).
+// 4-bit jobs store each run of `run` values permuted as the kernels unpack the
+// nibbles: the run's even values first, then its odd ones. The bias term takes
+// the sum of the rounded x (d * sum xq), not of x: then the result is exactly
+// the dot of the dequantized weights with the rounded x, whose error is
+// sum_k w_k e_k; with x's own sum it would be sum_k (w_k - b) e_k, and w - b = s q
+// is all of one sign (measured: 2-3x the error on random weights).
+void quantize_x(gv::Job& j, int run, std::vector<int8_t>& xq, std::vector<float>& xd, std::vector<int32_t>& xqsum,
+                std::vector<float>& xsum) {
+  const int K = j.K, G = K / j.group;
+  xq.resize((size_t)j.M * K);
+  xd.resize((size_t)j.M * G);
+  xsum.resize((size_t)j.M * G);
+  xqsum.resize((size_t)j.M * G);
+  for (int m = 0; m < j.M; ++m) {
+    for (int g = 0; g < G; ++g) {
+      const float* x = j.x + (size_t)m * K + (size_t)g * j.group;
+      int8_t* q = xq.data() + (size_t)m * K + (size_t)g * j.group;
+      float amax = 0.0f;
+      for (int i = 0; i < j.group; ++i) amax = std::max(amax, std::fabs(x[i]));
+      const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int32_t sum = 0;
+      for (int i = 0; i < j.group; ++i) {
+        float v = x[i] * id;
+        // adding and taking away 1.5 * 2^23 rounds to an integer, ties to even (|v| <= 127)
+        v = v == v ? (v + 12582912.0f) - 12582912.0f : 0.0f;  // a NaN or infinite group: 0, its d is not finite
+        const int iv = (int)std::min(127.0f, std::max(-127.0f, v));
+        sum += iv;
+        int p = i;
+        if (run) {
+          const int r = i % run;
+          p = i - r + (r % 2 == 0 ? r / 2 : run / 2 + r / 2);
+        }
+        q[p] = (int8_t)iv;
+      }
+      xd[(size_t)m * G + g] = amax / 127.0f;
+      xqsum[(size_t)m * G + g] = sum;
+      xsum[(size_t)m * G + g] = xd[(size_t)m * G + g] * (float)sum;
+    }
+  }
+  j.xsum = xsum.data();
+  j.xq = xq.data();
+  j.xd = xd.data();
+  j.xqsum = xqsum.data();
+}
+
+// One job: x packed (and for quantized weights its group sums, permuted or rounded
+// to int8 as the kernels read it), then its output rows over the pool.
+void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int group, bool int8) {
   const mx::array& x = in[0];
   std::vector<char> tmp[4];
   gv::Job j{};
@@ -170,11 +272,19 @@ void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int gro
   j.bits = bits;
   j.group = group;
   j.y = out.data<float>();
-  std::vector<float> xsum, xperm;
+  std::vector<float> xsum, xperm, xd;
+  std::vector<int8_t> xq;
+  std::vector<int32_t> xqsum;
   if (bits) {
     j.scales = packed(in[2], tmp[2]);
     j.biases = packed(in[3], tmp[3]);
     j.skind = kind_of(in[2].dtype());
+    if (int8) {
+      const Int8Kernel* k8 = int8_kernel.load();
+      quantize_x(j, bits == 4 ? k8->step(group) : 0, xq, xd, xqsum, xsum);
+      run_rows(j, k8->rows);
+      return;
+    }
     const int G = j.K / group;
     xsum.assign((size_t)j.M * G, 0.0f);
     for (int m = 0; m < j.M; ++m)
@@ -187,27 +297,23 @@ void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int gro
       j.x = xperm.data();
     }
   }
-  gv::RowsFn fn = kernel.load();
-  Pool& p = pool();
-  // Blocks of at least 16 rows: thinner ones cost more in wake-ups than they gain.
-  const int parts = std::max(1, std::min(p.threads(), j.N / 16));
-  p.run(parts, [&](int part) {
-    fn(j, (int)((long)j.N * part / parts), (int)((long)j.N * (part + 1) / parts));
-  });
+  run_rows(j, kernel.load());
 }
 
 class CpuGemv : public mx::UnaryPrimitive {
  public:
-  CpuGemv(mx::Stream s, int bits, int group) : mx::UnaryPrimitive(s), bits_(bits), group_(group) {}
+  CpuGemv(mx::Stream s, int bits, int group, bool int8)
+      : mx::UnaryPrimitive(s), bits_(bits), group_(group), int8_(int8) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (const auto& a : inputs) encoder.set_input_array(a);
     encoder.set_output_array(out);
-    encoder.dispatch([inputs, out = mx::array::unsafe_weak_copy(out), bits = bits_, group = group_]() mutable {
-      compute(inputs, out, bits, group);
-    });
+    encoder.dispatch(
+        [inputs, out = mx::array::unsafe_weak_copy(out), bits = bits_, group = group_, int8 = int8_]() mutable {
+          compute(inputs, out, bits, group, int8);
+        });
   }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
@@ -232,7 +338,7 @@ class CpuGemv : public mx::UnaryPrimitive {
 
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const CpuGemv&>(other);
-    return bits_ == o.bits_ && group_ == o.group_;
+    return bits_ == o.bits_ && group_ == o.group_ && int8_ == o.int8_;
   }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
@@ -241,6 +347,7 @@ class CpuGemv : public mx::UnaryPrimitive {
 
  private:
   int bits_, group_;
+  bool int8_;  // quantized weights against x rounded to int8 (gemv_int8.h)
 };
 
 // Dequantization of MLX's affine packing to float32: w = s * q + b, value i of a
@@ -341,7 +448,7 @@ void check_args(const mx::array& x, const mx::array& w, const mx::array* scales,
 }  // namespace
 
 mx::array mlxc::cpu_gemv(const mx::array& x, const mx::array& w, const mx::array* scales_biases, int bits,
-                         int group) {
+                         int group, bool int8) {
   mx::Stream s = mx::to_stream({});
   if (s.device.type != mx::Device::cpu) throw std::invalid_argument("cpu_gemv runs on the CPU only");
   check_args(x, w, scales_biases, bits, group);
@@ -354,7 +461,8 @@ mx::array mlxc::cpu_gemv(const mx::array& x, const mx::array& w, const mx::array
     inputs.push_back(scales_biases[0]);
     inputs.push_back(scales_biases[1]);
   }
-  mx::array y(mx::Shape{M, N}, mx::float32, std::make_shared<CpuGemv>(s, bits, group), std::move(inputs));
+  mx::array y(mx::Shape{M, N}, mx::float32, std::make_shared<CpuGemv>(s, bits, group, int8 && bits != 0),
+              std::move(inputs));
   mx::Shape shape = x.shape();
   shape.back() = N;
   return mx::astype(mx::reshape(y, shape, s), out_type, s);
@@ -390,20 +498,27 @@ int mlxc_cpu_set_threads(int n) {
 
 const char* mlxc_cpu_gemv_isa(void) {
   gv::RowsFn fn = kernel.load();
+  if (fn == &gv::rows_avx2 && int8_kernel.load() == &kInt8AvxVnni) return "avxvnni";
   return fn == &gv::rows_avx512 ? "avx512" : fn == &gv::rows_avx2 ? "avx2" : "generic";
 }
+
+const char* mlxc_cpu_gemv_int8_isa(void) { return int8_kernel.load()->name; }
 
 int mlxc_cpu_gemv_set_isa(const char* isa) {
   const std::string want = isa;
   gv::RowsFn best = pick_kernel();
-  gv::RowsFn fn = want == "generic" ? &gv::rows_generic
-                  : want == "avx2" && best != &gv::rows_generic ? &gv::rows_avx2
-                  : want == "avx512" && best == &gv::rows_avx512 ? &gv::rows_avx512
-                  : want == "best" ? best : nullptr;
-  if (fn == nullptr) {
+  const bool x86_avx2 = best != &gv::rows_generic;
+  gv::RowsFn fn = want == "generic"                               ? &gv::rows_generic
+                  : (want == "avx2" || want == "avxvnni") && x86_avx2 ? &gv::rows_avx2
+                  : want == "avx512" && best == &gv::rows_avx512  ? &gv::rows_avx512
+                  : want == "best"                                ? best
+                                                                  : nullptr;
+  if (fn == nullptr || (want == "avxvnni" && !has_avxvnni())) {
     mlxc::set_last_error("cpu_gemv: instruction set '" + want + "' is unknown or not supported by this CPU");
     return 1;
   }
+  // "avx2" means AVX2 alone (vpmaddubsw for int8), "avxvnni" AVX2 with AVX-VNNI
+  int8_kernel = int8_for(fn, want != "avx2");
   kernel = fn;
   return 0;
 }

@@ -28,8 +28,14 @@ struct Job {
   const void* scales;  // N x K/group of `skind`
   const void* biases;  // N x K/group of `skind`
   int skind;
-  const float* xsum;   // M x K/group: each group's sum of x (quantized only)
+  const float* xsum;   // M x K/group: each group's sum of x (quantized only; int8: of the rounded x)
   float* y;            // M x N, float32
+  // The int8 kernels (gemv_int8.h) only: x rounded to int8 per group (4-bit:
+  // permuted in runs of int8_step(group), see cpu_gemv.cpp), each group's
+  // scale (x ~= xd * xq) and the integer sum of its xq.
+  const int8_t* xq;
+  const float* xd;     // M x K/group
+  const int32_t* xqsum;  // M x K/group
 };
 
 // Output rows [n0, n1) of `job`.
@@ -38,6 +44,18 @@ using RowsFn = void (*)(const Job& job, int n0, int n1);
 void rows_generic(const Job& job, int n0, int n1);
 void rows_avx2(const Job& job, int n0, int n1);
 void rows_avx512(const Job& job, int n0, int n1);
+
+// Quantized weights against int8 x (gemv_int8.h): the same job with xq, xd
+// and xqsum filled in. int8_step_*(group) is the bytes of x one step of the
+// kernel reads: cpu_gemv.cpp permutes a 4-bit job's x in runs of that length.
+void int8_rows_generic(const Job& job, int n0, int n1);
+void int8_rows_avx2(const Job& job, int n0, int n1);        // vpmaddubsw + vpmaddwd
+void int8_rows_avxvnni(const Job& job, int n0, int n1);     // AVX-VNNI, 256 bits
+void int8_rows_avx512vnni(const Job& job, int n0, int n1);  // AVX512-VNNI, 512 bits
+int int8_step_generic(int group);
+int int8_step_avx2(int group);
+int int8_step_avxvnni(int group);
+int int8_step_avx512vnni(int group);
 
 // Internal linkage: each per-instruction-set unit keeps its own copy (one
 // compiled with AVX-512 must never stand in for the generic unit's).

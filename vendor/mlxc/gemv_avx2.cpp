@@ -1,4 +1,5 @@
-// The few-row matmul kernels for AVX2 + FMA + F16C (8 floats a vector).
+// The few-row matmul kernels for AVX2 + FMA + F16C (8 floats a vector), and
+// the int8 ones on vpmaddubsw (gemv_int8_ymm.h).
 // This unit alone is compiled for those instructions; cpu_gemv.cpp calls it
 // only where the CPU has them.
 #if defined(__x86_64__) || defined(__i386__)
@@ -7,6 +8,7 @@
 #include <immintrin.h>
 
 #include "gemv_impl.h"
+#include "gemv_int8_ymm.h"
 
 namespace mlxc::gemv {
 namespace {
@@ -49,6 +51,8 @@ struct Avx2 {
 }  // namespace
 
 void rows_avx2(const Job& j, int n0, int n1) { rows<Avx2>(j, n0, n1); }
+void int8_rows_avx2(const Job& j, int n0, int n1) { int8_run<Ymm8<kMaddubs>>(j, n0, n1); }
+int int8_step_avx2(int) { return 32; }
 
 }  // namespace mlxc::gemv
 
@@ -57,5 +61,7 @@ void rows_avx2(const Job& j, int n0, int n1) { rows<Avx2>(j, n0, n1); }
 #include "gemv.h"
 
 void mlxc::gemv::rows_avx2(const Job& j, int n0, int n1) { rows_generic(j, n0, n1); }
+void mlxc::gemv::int8_rows_avx2(const Job& j, int n0, int n1) { int8_rows_generic(j, n0, n1); }
+int mlxc::gemv::int8_step_avx2(int group) { return int8_step_generic(group); }
 
 #endif

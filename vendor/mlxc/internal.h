@@ -12,9 +12,10 @@ void set_last_error(const std::string& message);
 
 // x W^T for 1..8 rows of x on the CPU (cpu_gemv.cpp). Dense when bits == 0
 // (w: (out, in) float32/float16/bfloat16); otherwise MLX's affine packing of
-// `bits` bits with scales_biases[0..1] of shape (out, in / group).
+// `bits` bits with scales_biases[0..1] of shape (out, in / group); then
+// `int8` rounds x to int8 per group and multiplies on bytes (gemv_int8.h).
 mlx::core::array cpu_gemv(const mlx::core::array& x, const mlx::core::array& w,
-                          const mlx::core::array* scales_biases, int bits, int group);
+                          const mlx::core::array* scales_biases, int bits, int group, bool int8 = false);
 
 // MLX's affine 4-/8-bit packing of w (out, in * bits / 32) back to float32
 // (out, in) on the CPU, on the kernels' threads (cpu_gemv.cpp).

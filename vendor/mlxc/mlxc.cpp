@@ -800,7 +800,7 @@ int mlxc_cpu_dequantize(mlxc_array w, mlxc_array scales, mlxc_array biases,
 }
 
 int mlxc_cpu_gemv(mlxc_array x, mlxc_array w, mlxc_array scales, mlxc_array biases,
-                  int group_size, int bits, mlxc_array* out) {
+                  int group_size, int bits, int int8_x, mlxc_array* out) {
   GUARD_BEGIN
   if (bits == 0) {
     put(mlxc::cpu_gemv(x->a, w->a, nullptr, 0, 0), out);
@@ -809,7 +809,7 @@ int mlxc_cpu_gemv(mlxc_array x, mlxc_array w, mlxc_array scales, mlxc_array bias
       throw std::invalid_argument("cpu_gemv: quantized weights need scales and biases");
     }
     mx::array sb[2] = {scales->a, biases->a};
-    put(mlxc::cpu_gemv(x->a, w->a, sb, bits, group_size), out);
+    put(mlxc::cpu_gemv(x->a, w->a, sb, bits, group_size, int8_x != 0), out);
   }
   GUARD_END
 }

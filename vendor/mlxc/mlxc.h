@@ -96,9 +96,12 @@ int mlxc_blas_set_threads(int n);
  * bfloat16) or MLX's affine 4-/8-bit packing (group size 32, 64 or 128),
  * read as stored, with AVX-512 / AVX2 chosen at run time and the rows of the
  * output split over a pool of threads. The result has x's leading shape and
- * the promoted type of x and the weights (scales when quantized). */
+ * the promoted type of x and the weights (scales when quantized). With
+ * int8_x != 0, quantized weights are multiplied by x rounded to int8 per group
+ * (a float scale each), the products summed on bytes (AVX512-VNNI / AVX-VNNI /
+ * AVX2): faster, at the cost of x's rounding. */
 int mlxc_cpu_gemv(mlxc_array x, mlxc_array w, mlxc_array scales, mlxc_array biases,
-                  int group_size, int bits, mlxc_array* out);
+                  int group_size, int bits, int int8_x, mlxc_array* out);
 int mlxc_cpu_threads(void);
 int mlxc_cpu_set_threads(int n);
 /* MLX's affine 4-/8-bit packing (group size 32, 64 or 128) back to float32
@@ -110,8 +113,10 @@ int mlxc_cpu_dequantize(mlxc_array w, mlxc_array scales, mlxc_array biases,
 /* 1 when glibc's mmap and trim thresholds were raised as this library loaded
  * (malloc_tuning.cpp; AMLX_MALLOC_TUNING=0 turns it off), else 0. */
 int mlxc_malloc_tuned(void);
-const char* mlxc_cpu_gemv_isa(void);            /* "avx512", "avx2" or "generic" */
-int mlxc_cpu_gemv_set_isa(const char* isa);     /* one of those, or "best" */
+const char* mlxc_cpu_gemv_isa(void);      /* "avx512", "avxvnni", "avx2" or "generic" */
+int mlxc_cpu_gemv_set_isa(const char* isa);  /* one of those, or "best" */
+/* the int8 kernels that go with it: "avx512vnni", "avxvnni", "avx2" or "generic" */
+const char* mlxc_cpu_gemv_int8_isa(void);
 
 /* Construction. `data` is copied; for MLXC_BFLOAT16 it holds the raw 16-bit
  * patterns. */
