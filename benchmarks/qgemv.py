@@ -2,10 +2,10 @@
 MLX's `quantized_matmul` at Qwen3-8B's projection shapes, in GB/s of weights
 read and as a share of the device's copy bandwidth (benchmarks/bandwidth.py).
 
-    python benchmarks/qgemv.py --out OUT [--rows 1 2 4 8] [--bits 4] [--group 64] [--v1]
+    python benchmarks/qgemv.py --out OUT [--rows 1 2 4 8] [--bits 4] [--group 64] [--v2]
 
-`--v1` times the kernel's first version (quantized_gemv.quantized_gemv(..., version=1))
-beside its default one, as a third side (v1 columns).
+`--v2` times the kernel's second version (quantized_gemv.quantized_gemv(..., version=2),
+opt-in: AMLX_QGEMV=2) beside its default one, as a third side (v2 columns).
 
 Shapes (in -> out): q/k/v fused 4096 -> 6144, o 4096 -> 4096, gate/up fused
 4096 -> 24576, down 12288 -> 4096, head 4096 -> 151936; activations bf16.
@@ -44,7 +44,7 @@ SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 24576), ("do
 PER_STEP = {"qkv": 36, "o": 36, "gate_up": 36, "down": 36, "head": 1}  # Qwen3-8B: 36 layers
 L2_BYTES = 64 << 20  # a little above the H200's 60 MB
 SIDES = ("amlx", "mlx")  # amlx: the kernel's default version (quantized_gemv.VERSION)
-V1 = "amlx_v1"  # --v1: its first version too
+V2 = "amlx_v2"  # --v2: its second version too
 
 
 def _layers(k: int, n: int, bits: int, group: int, copies: int):
@@ -66,8 +66,8 @@ def _call(side: str, x, layer, group: int, bits: int):
 
     if side == "amlx":
         return qg.quantized_gemv(x, *layer, group, bits)
-    if side == V1:
-        return qg.quantized_gemv(x, *layer, group, bits, 1)
+    if side == V2:
+        return qg.quantized_gemv(x, *layer, group, bits, 2)
     return ops.quantized_matmul(x, *layer, True, group, bits)
 
 
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", default=[s[0] for s in SHAPES])
     ap.add_argument("--cupti", action="store_true", help="device time per kernel through torch.profiler")
     ap.add_argument("--copy-bytes", type=int, default=4 << 30)
-    ap.add_argument("--v1", action="store_true", help="the kernel's first version as a third side (amlx_v1)")
+    ap.add_argument("--v2", action="store_true", help="the kernel's second version as a third side (amlx_v2)")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
             got, want = (ops.astype(y, float32).numpy().astype(np.float64) for y in ys)
             row = {"shape": name, "k": k, "n": n, "rows": rows, "bytes": nbytes,
                    "max_rel_diff": float(np.max(np.abs(got - want)) / np.max(np.abs(want)))}
-            sides = SIDES + ((V1,) if args.v1 else ())
+            sides = SIDES + ((V2,) if args.v2 else ())
             for side in sides:
                 s = _timed(side, x, layers, args.group, args.bits, args.reps, args.trials)
                 row[side] = {"us": s * 1e6, "gb_s": nbytes / s / 1e9, "bw_fraction": nbytes / s / copy_bw}
@@ -174,8 +174,8 @@ def main(argv=None) -> int:
             a, m = row["amlx"], row["mlx"]
             dev = "".join(f" | {side} device {row[side]['device_us']:.1f} us" for side in sides
                           if "device_us" in row[side])
-            if V1 in row:
-                dev += f" | v1 {row[V1]['us']:.1f} us ({100 * row[V1]['bw_fraction']:.0f}%)"
+            if V2 in row:
+                dev += f" | v2 {row[V2]['us']:.1f} us ({100 * row[V2]['bw_fraction']:.0f}%)"
             print(f"{name:8s} {k:6d}->{n:6d} rows={rows}: amlx {a['us']:8.1f} us {a['gb_s']:7.0f} GB/s "
                   f"({100 * a['bw_fraction']:.0f}%) | mlx {m['us']:8.1f} us {m['gb_s']:7.0f} GB/s "
                   f"({100 * m['bw_fraction']:.0f}%) | {m['us'] / a['us']:.2f}x | rel diff {row['max_rel_diff']:.1e}"
@@ -197,14 +197,14 @@ def table(results: dict) -> str:
     bw = results["copy_bytes_per_s"]
     lines = [f"Copy bandwidth: {bw / 1e9:,.0f} GB/s. Wall time per call (best of trials); % of the copy bandwidth.",
              "", "| shape | k -> n | rows | MB | amlx us | amlx GB/s | amlx % | MLX us | MLX GB/s | MLX % | speedup "
-             "| device us amlx / MLX | v1 us | v1 % |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "| device us amlx / MLX | v2 us | v2 % |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in results["shapes"]:
         a, m = r["amlx"], r["mlx"]
         dev = (f"{a['device_us']:.1f} / {m['device_us']:.1f}" if "device_us" in a and "device_us" in m else "–")
         lines.append(f"| {r['shape']} | {r['k']} -> {r['n']} | {r['rows']} | {r['bytes'] / 1e6:.1f} | {a['us']:.1f} | "
                      f"{a['gb_s']:,.0f} | {100 * a['bw_fraction']:.0f}% | {m['us']:.1f} | {m['gb_s']:,.0f} | "
                      f"{100 * m['bw_fraction']:.0f}% | {m['us'] / a['us']:.2f}x | {dev} | "
-                     + (f"{r[V1]['us']:.1f} | {100 * r[V1]['bw_fraction']:.0f}% |" if V1 in r else "– | – |"))
+                     + (f"{r[V2]['us']:.1f} | {100 * r[V2]['bw_fraction']:.0f}% |" if V2 in r else "– | – |"))
     lines += ["", "One Qwen3-8B decode step's quantized matmuls (36 layers + head), from the rows above:", "",
               "| rows | amlx ms | MLX ms | amlx tok/s bound | MLX tok/s bound |", "|---:|---:|---:|---:|---:|"]
     for rows in sorted({r["rows"] for r in results["shapes"]}):

@@ -103,7 +103,7 @@ case "${1:-speed}" in
     BUDGET=${BUDGET:-160}
     timeout -k 10 $((BUDGET + 45)) python3 benchmarks/bigspeed.py --budget "$BUDGET" --out "$OUT" --root /tmp \
       --models qwen3-8b-4bit --qgemv-off --single-only ${BIGSPEED_ARGS:-} || echo "bigspeed.py ended with status $?"
-    timeout -k 10 ${MICRO_BUDGET:-150} python3 benchmarks/qgemv.py --out "$OUT" --cupti --v1 ${QGEMV_ARGS:-} 2>&1 \
+    timeout -k 10 ${MICRO_BUDGET:-150} python3 benchmarks/qgemv.py --out "$OUT" --cupti --v2 ${QGEMV_ARGS:-} 2>&1 \
       | tee "$OUT/qgemv_log.txt" || echo "qgemv.py ended with status $?"
     save_ptx
     cat "$OUT/bigspeed.md" 2>/dev/null || echo "no bigspeed.md was written"

@@ -33,8 +33,11 @@ everywhere else. AMLX_QGEMV=0 (read once, at import) turns it off, for
 comparisons. As a custom kernel it is one graph node and survives the
 compiled decode step like the other step kernels.
 
-Two versions (`VERSION`; AMLX_QGEMV=1 picks the first). Version 1 is the above
-as first measured (benchmarks/README.md): beyond one row it was bound by
+Two versions (`VERSION`; AMLX_QGEMV=2 picks the second). Version 1, the default,
+is the above, measured on an H200 (benchmarks/README.md). Version 2 was written
+after that run and has not yet run on a GPU (it compiles with NVRTC and its
+indexing is checked by scripts/qgemv_transliteration.py); it stays opt-in until
+its GPU tests and benchmarks/qgemv.py have run. Version 1 as measured: beyond one row it was bound by
 instructions, and its x loads, each waited for before use, put a dozen or more
 serial L1/L2 round trips in every iteration. Version 2 keeps the work split
 and arithmetic and changes how it is issued (ptxas/SASS for sm_90a, bf16, 4
@@ -58,11 +61,12 @@ import os
 
 from amlx._mlx import Array, bfloat16, device, fast, float16, float32, uint32
 
-# AMLX_QGEMV (read once, at import): 0 off (MLX's quantized matmul), 1 the first
-# version of the kernel, 2 (default) the second; any other value: the default.
-_ENV = os.environ.get("AMLX_QGEMV", "2")
+# AMLX_QGEMV (read once, at import): 0 off (MLX's quantized matmul), 1 (default) the
+# first version of the kernel, the one measured on a GPU, 2 the second (not yet run on
+# one); any other value: the default.
+_ENV = os.environ.get("AMLX_QGEMV", "1")
 ENABLED = _ENV != "0"
-VERSION = 1 if _ENV == "1" else 2
+VERSION = 2 if _ENV == "2" else 1
 MAX_ROWS = 8
 # Rows up to which `applies` picks the kernel. Measured on the H200 (benchmarks/qgemv.py,
 # Qwen3-8B shapes, 4-bit): 1.1-2.6x MLX's quantized matmul at 1, 2 and 4 rows, but
@@ -126,6 +130,49 @@ __device__ __forceinline__ uint4 amlx_load_chunk(const uint32_t* p, bool vec) {
 
 __device__ __forceinline__ uint32_t amlx_word(const uint4& c, int j) {
   return j == 0 ? c.x : j == 1 ? c.y : j == 2 ? c.z : c.w;
+}
+
+// The end of both kernels: a warp's partial sums reduced over its lanes, then, where K
+// was split over the block's warps (KS > 1), over those warps in shared memory; lane 0
+// of the first K slice writes the block's outputs, rounded to T.
+template <typename T, int M, int RB>
+__device__ __forceinline__ void amlx_reduce_store(float (&y)[M][RB], float* part, int lane, int wx, int WX,
+                                                  int ks, int KS, int n0, int N, int rows, T* out) {
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < RB; ++r)
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) y[m][r] += __shfl_xor_sync(0xffffffffu, y[m][r], o);
+
+  if (KS > 1) {
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < RB; ++r) part[((ks * WX + wx) * M + m) * RB + r] = y[m][r];
+    }
+    __syncthreads();
+    if (ks != 0 || lane != 0) return;
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int r = 0; r < RB; ++r) {
+        float t = 0.0f;
+        for (int k = 0; k < KS; ++k) t += part[((k * WX + wx) * M + m) * RB + r];
+        y[m][r] = t;
+      }
+  } else if (lane != 0) {
+    return;
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const int n = n0 + m;
+    if (n >= N) break;
+#pragma unroll
+    for (int r = 0; r < RB; ++r)
+      if (r < rows) out[(size_t)r * N + n] = static_cast<T>(y[m][r]);
+  }
 }
 """
 
@@ -225,44 +272,10 @@ _SOURCE = r"""
     }
   }
 
-#pragma unroll
-  for (int m = 0; m < M; ++m)
-#pragma unroll
-    for (int r = 0; r < RB; ++r)
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) y[m][r] += __shfl_xor_sync(0xffffffffu, y[m][r], o);
-
-  if (KS > 1) {
-    if (lane == 0) {
-#pragma unroll
-      for (int m = 0; m < M; ++m)
-#pragma unroll
-        for (int r = 0; r < RB; ++r) part[((ks * WX + wx) * M + m) * RB + r] = y[m][r];
-    }
-    __syncthreads();
-    if (ks != 0 || lane != 0) return;
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int r = 0; r < RB; ++r) {
-        float t = 0.0f;
-        for (int k = 0; k < KS; ++k) t += part[((k * WX + wx) * M + m) * RB + r];
-        y[m][r] = t;
-      }
-  } else if (lane != 0) {
-    return;
-  }
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const int n = n0 + m;
-    if (n >= N) break;
-#pragma unroll
-    for (int r = 0; r < RB; ++r)
-      if (r < rows) out[(size_t)r * N + n] = static_cast<T>(y[m][r]);
-  }
+  amlx_reduce_store<T, M, RB>(y, part, lane, wx, WX, ks, KS, n0, N, rows, out);
 """
 
-# Version 2 (the default, VERSION = 2): the same work split as version 1, built
+# Version 2 (AMLX_QGEMV=2, VERSION = 2): the same work split as version 1, built
 # to keep more bytes in flight and to issue fewer instructions a weight.
 _HEADER_V2 = r"""
 // (a & b) | c in one LOP3 (the compiler emits two for a mask and an OR with two
@@ -498,41 +511,7 @@ _SOURCE_V2 = r"""
                                                       cpg_shift, lane + 32 * ks, 32 * KS, y);
   }
 
-#pragma unroll
-  for (int m = 0; m < M; ++m)
-#pragma unroll
-    for (int r = 0; r < RB; ++r)
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) y[m][r] += __shfl_xor_sync(0xffffffffu, y[m][r], o);
-
-  if (KS > 1) {
-    if (lane == 0) {
-#pragma unroll
-      for (int m = 0; m < M; ++m)
-#pragma unroll
-        for (int r = 0; r < RB; ++r) part[((ks * WX + wx) * M + m) * RB + r] = y[m][r];
-    }
-    __syncthreads();
-    if (ks != 0 || lane != 0) return;
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int r = 0; r < RB; ++r) {
-        float t = 0.0f;
-        for (int k = 0; k < KS; ++k) t += part[((k * WX + wx) * M + m) * RB + r];
-        y[m][r] = t;
-      }
-  } else if (lane != 0) {
-    return;
-  }
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const int n = n0 + m;
-    if (n >= N) break;
-#pragma unroll
-    for (int r = 0; r < RB; ++r)
-      if (r < rows) out[(size_t)r * N + n] = static_cast<T>(y[m][r]);
-  }
+  amlx_reduce_store<T, M, RB>(y, part, lane, wx, WX, ks, KS, n0, N, rows, out);
 """
 
 NAME = "amlx_quantized_gemv"
