@@ -16,6 +16,9 @@
 #include <algorithm>
 #include <cmath>
 #include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
 #include <condition_variable>
 #include <cstring>
 #include <functional>
@@ -25,6 +28,9 @@
 
 #if defined(__linux__)
 #include <sched.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
 #endif
 
 #include "gemv.h"
@@ -47,12 +53,58 @@ int usable_cores() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+// How long a worker waits for the next job, and the caller for the workers to finish, by
+// spinning before sleeping on a condition variable. A decode step hands the pool a few hundred
+// small matmuls with little host work between them; sleeping and waking through the kernel for
+// each cost about a tenth of a 2-core machine's decode time (futex, task switches). The spin is
+// bounded so an idle process sleeps. AMLX_CPU_SPIN=0 turns it off; AMLX_CPU_SPIN=<microseconds>
+// sets the window (default kDefaultSpinUs).
+constexpr int kDefaultSpinUs = 50;
+
+int spin_us_from_env() {
+  const char* v = std::getenv("AMLX_CPU_SPIN");
+  if (v == nullptr || *v == '\0') return kDefaultSpinUs;
+  char* end = nullptr;
+  const long us = std::strtol(v, &end, 10);
+  if (end == v || *end != '\0' || us < 0) return kDefaultSpinUs;
+  return (int)std::min(us, 100000L);  // at most 0.1 s: never a busy-wait that outlives a stall
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Spins until done() or spin_us have passed; true if done() came true.
+template <class Done>
+bool spin_until(int spin_us, Done done) {
+  if (spin_us <= 0) return done();
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
+  for (;;) {
+    for (int i = 0; i < 32; ++i) {  // read the clock (a vDSO call) once per 32 pauses
+      if (done()) return true;
+      cpu_relax();
+    }
+    if (std::chrono::steady_clock::now() >= until) return done();
+  }
+}
+
 // Runs f(0..parts-1) on the caller and the pool's workers.
+//
+// A job is published as one 64-bit ticket: generation (high 32 bits), number of parts (16) and
+// next unclaimed part (16). A thread claims a part by compare-and-swap on the whole ticket, so a
+// worker still looping from the previous job can never claim a part of the next one against the
+// previous one's part count (or run the previous job's function on it).
 class Pool {
  public:
-  explicit Pool(int threads) { resize(threads); }
+  explicit Pool(int threads) : spin_us_(spin_us_from_env()) { resize(threads); }
 
   int threads() const { return threads_.load(); }
+  int spin_us() const { return spin_us_.load(std::memory_order_relaxed); }
+  void set_spin_us(int us) { spin_us_.store(std::max(0, us), std::memory_order_relaxed); }
 
   void resize(int threads) {
     std::lock_guard<std::mutex> busy(busy_);
@@ -65,43 +117,64 @@ class Pool {
 
   void run(int parts, const std::function<void(int)>& f) {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (!busy.owns_lock() || parts == 1) {  // another stream has the pool: stay on this thread
+    if (!busy.owns_lock() || parts == 1 || parts > 0xffff) {  // another stream has the pool: stay on this thread
       for (int p = 0; p < parts; ++p) f(p);
       return;
     }
+    job_.store(&f, std::memory_order_relaxed);
+    pending_.store(parts, std::memory_order_relaxed);
+    const uint64_t gen = (ticket_.load(std::memory_order_relaxed) >> 32) + 1;
+    bool sleepers;
     {
+      // Under m_ so that a worker checking for work before it sleeps sees either the old ticket
+      // (and is then counted in sleepers_ and woken) or the new one.
       std::lock_guard<std::mutex> lock(m_);
-      job_ = &f;
-      parts_ = parts;
-      next_ = 0;
-      pending_ = parts;
-      ++generation_;
+      ticket_.store((gen << 32) | ((uint64_t)parts << 16), std::memory_order_release);
+      sleepers = sleepers_ > 0;
     }
-    wake_.notify_all();
-    drain();
-    std::unique_lock<std::mutex> lock(m_);
-    done_.wait(lock, [this] { return pending_ == 0; });
-    job_ = nullptr;
+    if (sleepers) wake_.notify_all();
+    drain(gen);
+    auto finished = [this] { return pending_.load(std::memory_order_acquire) == 0; };
+    if (!spin_until(spin_us(), finished)) {
+      std::unique_lock<std::mutex> lock(m_);
+      caller_waits_ = true;
+      done_.wait(lock, finished);
+      caller_waits_ = false;
+    }
   }
 
  private:
-  void drain() {
-    for (int p; (p = next_.fetch_add(1)) < parts_;) {
-      (*job_.load())(p);
-      std::lock_guard<std::mutex> lock(m_);
-      if (--pending_ == 0) done_.notify_one();
+  // Claims and runs parts of generation gen until none is left.
+  void drain(uint64_t gen) {
+    uint64_t t = ticket_.load(std::memory_order_acquire);
+    for (;;) {
+      if ((t >> 32) != gen || (t & 0xffff) >= ((t >> 16) & 0xffff)) return;
+      if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      // The claimed part is not done, so the caller is still in run(gen) and job_ is its f.
+      (*job_.load(std::memory_order_relaxed))((int)(t & 0xffff));
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lock(m_);  // the caller checks pending_ under m_ before sleeping
+        if (caller_waits_) done_.notify_one();
+      }
+      t = ticket_.load(std::memory_order_acquire);
     }
   }
 
   void work(int id) {
-    long seen = 0;
+    uint64_t seen = 0;
     for (;;) {
-      std::unique_lock<std::mutex> lock(m_);
       // Workers past the current size sit out; the caller is thread 0.
-      wake_.wait(lock, [&] { return generation_ != seen && id + 1 < threads_.load(); });
-      seen = generation_;
-      lock.unlock();
-      drain();
+      auto ready = [&] {
+        return (ticket_.load(std::memory_order_acquire) >> 32) != seen && id + 1 < threads_.load();
+      };
+      if (!spin_until(spin_us(), ready)) {
+        std::unique_lock<std::mutex> lock(m_);
+        ++sleepers_;
+        wake_.wait(lock, ready);
+        --sleepers_;
+      }
+      seen = ticket_.load(std::memory_order_acquire) >> 32;
+      drain(seen);
     }
   }
 
@@ -109,11 +182,12 @@ class Pool {
   std::condition_variable wake_, done_;
   std::vector<std::thread> workers_;
   std::atomic<int> threads_{1};
+  std::atomic<int> spin_us_;
   std::atomic<const std::function<void(int)>*> job_{nullptr};
-  std::atomic<int> parts_{0};
-  int pending_ = 0;
-  std::atomic<int> next_{0};
-  long generation_ = 0;
+  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> ticket_{0};
+  int sleepers_ = 0;          // guarded by m_
+  bool caller_waits_ = false;  // guarded by m_
 };
 
 Pool& pool() {
