@@ -180,9 +180,10 @@ __device__ __forceinline__ void amlx_reduce_store(float (&y)[M][RB], float* part
 # output out (rows, N) T. Template: T, BITS, RB (rows compiled for, >= rows).
 # Block (32 * WX, KS): warp (wx, ks) computes the M columns n0..n0+M-1 of its
 # block over chunks c = lane + 32 * (ks + KS * i) of the K range.
-_SOURCE = r"""
-  constexpr int M = RB <= 4 ? 4 : 2;      // output columns per warp
-  constexpr int U = 2;                    // chunks per lane in flight
+# Both kernels' shapes and thread coordinates (M and RB are set before it): values per
+# word and chunk, the partial sums' shared memory, x's rows, W's N and K in words,
+# chunks and groups, this lane's warp (wx of WX) and K slice (ks of KS), its first column.
+_DIMS = r"""
   constexpr int VPW = 32 / BITS;          // values per word
   constexpr int VPC = 4 * VPW;            // values per 16-byte chunk
   __shared__ float part[8 * M * RB];
@@ -199,7 +200,15 @@ _SOURCE = r"""
   const int ks = threadIdx.y;
   const int KS = blockDim.y;
   const int n0 = (blockIdx.x * WX + wx) * M;
-  const bool wvec = (reinterpret_cast<uintptr_t>(w) & 15) == 0;
+"""
+
+_SOURCE = (
+    r"""
+  constexpr int M = RB <= 4 ? 4 : 2;      // output columns per warp
+  constexpr int U = 2;                    // chunks per lane in flight
+"""
+    + _DIMS
+    + r"""  const bool wvec = (reinterpret_cast<uintptr_t>(w) & 15) == 0;
   const bool xvec = (reinterpret_cast<uintptr_t>(x) & 15) == 0;
 
   int row[M];  // the weight rows (past the end: the last row, read but not stored)
@@ -274,6 +283,7 @@ _SOURCE = r"""
 
   amlx_reduce_store<T, M, RB>(y, part, lane, wx, WX, ks, KS, n0, N, rows, out);
 """
+)
 
 # Version 2 (AMLX_QGEMV=2, VERSION = 2): the same work split as version 1, built
 # to keep more bytes in flight and to issue fewer instructions a weight.
@@ -467,7 +477,8 @@ __device__ __forceinline__ void amlx_qgemv2_loop(const T* x, const uint32_t* w, 
 # which runs with 16-byte loads when w and x are 16-byte aligned (always, for
 # arrays MLX allocates; row views of a fused weight keep it) and element by
 # element otherwise.
-_SOURCE_V2 = r"""
+_SOURCE_V2 = (
+    r"""
   constexpr int M = RB <= 4 ? 4 : 2;      // output columns per warp
   // Chunks per lane per iteration: two at one row, one beyond (where the
   // registers hold x for 2-8 rows: two 256-thread blocks an SM still fit at 2);
@@ -475,23 +486,9 @@ _SOURCE_V2 = r"""
   // computed (ptxas: 96-190 registers, no spills).
   constexpr int U = RB <= 1 ? 2 : 1;
   constexpr bool PF = true;
-  constexpr int VPW = 32 / BITS;
-  constexpr int VPC = 4 * VPW;
-  __shared__ float part[8 * M * RB];
-  const int rows = x_shape[0];
-  const int N = w_shape[0];
-  const int words = w_shape[1];
-  const int K = words * VPW;
-  const int chunks = words / 4;
-  const int groups = scales_shape[1];
-  const int cpg_shift = __ffs((K / groups) / VPC) - 1;  // log2(chunks per group)
-  const int lane = threadIdx.x & 31;
-  const int wx = threadIdx.x >> 5;
-  const int WX = blockDim.x >> 5;
-  const int ks = threadIdx.y;
-  const int KS = blockDim.y;
-  const int n0 = (blockIdx.x * WX + wx) * M;
-  const bool vec = ((reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(x)) & 15) == 0;
+"""
+    + _DIMS
+    + r"""  const bool vec = ((reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(x)) & 15) == 0;
 
   int row[M];  // the weight rows (past the end: the last row, read but not stored)
 #pragma unroll
@@ -513,6 +510,7 @@ _SOURCE_V2 = r"""
 
   amlx_reduce_store<T, M, RB>(y, part, lane, wx, WX, ks, KS, n0, N, rows, out);
 """
+)
 
 NAME = "amlx_quantized_gemv"
 NAMES = {1: NAME, 2: "amlx_quantized_gemv2"}
