@@ -80,12 +80,21 @@ WARPS = 8  # warps per block: blockDim.x * blockDim.y = 256
 SMS = 132  # the H200's (an H100 SXM's too)
 
 _HEADER = r"""
+// (a & b) | c in one LOP3 (the compiler emits two for a mask and an OR with two
+// immediates).
+__device__ __forceinline__ uint32_t amlx_and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
 // Values [0, P) of one packed word as floats, P = 32 / BITS. A field of bits
 // [s, s + BITS) with s + BITS <= 23 is masked in place and OR-ed into the
 // exponent of 2^23 (0x4B000000): the float 2^23 + q * 2^s, exactly; then
 // f * 2^-s - 2^(23 - s) = q, exact in one FMA (powers of two). Fields above
-// bit 22 are first shifted down by SH. No integer-to-float conversion.
-template <int BITS>
+// bit 22 are first shifted down by SH. No integer-to-float conversion. With LOP3
+// the mask and the OR are issued as one instruction (amlx_and_or; version 2).
+template <int BITS, bool LOP3 = false>
 __device__ __forceinline__ void amlx_unpack(uint32_t w, float* q) {
   constexpr int P = 32 / BITS;
   constexpr uint32_t MASK = (1u << BITS) - 1u;
@@ -96,7 +105,8 @@ __device__ __forceinline__ void amlx_unpack(uint32_t w, float* q) {
     const bool low = e * BITS + BITS <= 23;
     const int s = low ? e * BITS : e * BITS - SH;
     const uint32_t src = low ? w : hi;
-    const float f = __uint_as_float((src & (MASK << s)) | 0x4B000000u);
+    const float f = __uint_as_float(LOP3 ? amlx_and_or(src, MASK << s, 0x4B000000u)
+                                         : (src & (MASK << s)) | 0x4B000000u);
     q[e] = __fmaf_rn(f, __uint_as_float((127u - s) << 23), -__uint_as_float((150u - s) << 23));
   }
 }
@@ -288,30 +298,6 @@ _SOURCE = (
 # Version 2 (AMLX_QGEMV=2, VERSION = 2): the same work split as version 1, built
 # to keep more bytes in flight and to issue fewer instructions a weight.
 _HEADER_V2 = r"""
-// (a & b) | c in one LOP3 (the compiler emits two for a mask and an OR with two
-// immediates).
-__device__ __forceinline__ uint32_t amlx_and_or(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-
-// amlx_unpack with one LOP3 and one FFMA a value (same arithmetic, exact).
-template <int BITS>
-__device__ __forceinline__ void amlx_unpack2(uint32_t w, float* q) {
-  constexpr int P = 32 / BITS;
-  constexpr uint32_t MASK = (1u << BITS) - 1u;
-  constexpr int SH = BITS == 4 ? 12 : 16;
-  const uint32_t hi = w >> SH;
-#pragma unroll
-  for (int e = 0; e < P; ++e) {
-    const bool low = e * BITS + BITS <= 23;
-    const int s = low ? e * BITS : e * BITS - SH;
-    const float f = __uint_as_float(amlx_and_or(low ? w : hi, MASK << s, 0x4B000000u));
-    q[e] = __fmaf_rn(f, __uint_as_float((127u - s) << 23), -__uint_as_float((150u - s) << 23));
-  }
-}
-
 template <int S> struct amlx_elem;
 template <> struct amlx_elem<2> { using type = unsigned short; };
 template <> struct amlx_elem<4> { using type = unsigned int; };
@@ -443,7 +429,7 @@ __device__ __forceinline__ void amlx_qgemv2_loop(const T* x, const uint32_t* w, 
 #pragma unroll
           for (int m = 0; m < M; ++m) {
             float q[VPW];
-            amlx_unpack2<BITS>(amlx_word(wv[u][m], jb + jj), q);
+            amlx_unpack<BITS, true>(amlx_word(wv[u][m], jb + jj), q);
 #pragma unroll
             for (int r = 0; r < RB; ++r)
 #pragma unroll
