@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -46,7 +45,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from bandwidth import kv_bytes, weight_bytes  # noqa: E402
-from child_process import Child as ChildProcess, serve  # noqa: E402
+from child_process import Child as ChildProcess, run_meta, serve  # noqa: E402
 from checkpoints import checkpoint_bytes, split_variant, write_benchmark_checkpoint  # noqa: E402
 
 DEFAULT_MODELS = ["qwen3-8b", "qwen3-8b-4bit", "gemma3-27b-4bit", "gemma3-27b", "gemma3-4b", "gemma3-4b-4bit"]
@@ -318,26 +317,11 @@ def table(results: dict, streams: int) -> str:
     return "\n".join(lines)
 
 
-def _meta() -> dict:
-    """Date, platform and package versions (from their metadata: importing mlx_lm
-    would import transformers, seconds the budget does not have)."""
-    from importlib import metadata
-
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "platform": platform.platform(),
-            "python": sys.version.split()[0]}
-    for dist in ("mlx", "mlx-cuda-13", "mlx-cpu", "mlx-lm"):
-        try:
-            meta[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return meta
-
-
 def _save(out: Path, results: dict, args) -> str:
     text = table(results, args.streams)
-    (out / "bigspeed.json").write_text(json.dumps({"meta": _meta(), "args": vars(args), "results": results},
+    (out / "bigspeed.json").write_text(json.dumps({"meta": run_meta(), "args": vars(args), "results": results},
                                                   indent=2, default=str))
-    (out / "bigspeed.md").write_text(f"{_meta()}\n\n{text}\n")
+    (out / "bigspeed.md").write_text(f"{run_meta()}\n\n{text}\n")
     return text
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import queue
 import subprocess
 import sys
@@ -20,7 +21,23 @@ import time
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["Child", "serve"]
+__all__ = ["Child", "run_meta", "serve"]
+
+
+def run_meta() -> dict:
+    """Date, platform and package versions for a side-by-side run's results (from the
+    packages' metadata: importing mlx_lm would import transformers, seconds a budgeted
+    device call does not have)."""
+    from importlib import metadata
+
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "platform": platform.platform(),
+            "python": sys.version.split()[0]}
+    for dist in ("mlx", "mlx-cuda-13", "mlx-cpu", "mlx-lm"):
+        try:
+            meta[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return meta
 
 
 def serve(start: Callable[[], tuple[dict, Callable[[dict], dict], Callable[[], None]]]) -> int:

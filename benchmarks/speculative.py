@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -67,22 +66,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
 from checkpoints import write_benchmark_checkpoint  # noqa: E402
-from child_process import Child as ChildProcess, serve  # noqa: E402
+from child_process import Child as ChildProcess, run_meta, serve  # noqa: E402
 
 KV_MEMORY = 2 << 30  # bytes per engine: a few hundred positions of one stream need far less
-
-
-def _meta() -> dict:
-    from importlib import metadata
-
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "platform": platform.platform(),
-            "python": sys.version.split()[0]}
-    for dist in ("mlx", "mlx-cuda-13", "mlx-cpu", "mlx-lm"):
-        try:
-            meta[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return meta
 
 
 def _timing(times: list[float], ids: list[int]) -> dict:
@@ -448,7 +434,7 @@ def part_draft(args) -> dict:
     prompt = np.random.default_rng(1).integers(1000, 30000, size=args.prompt).tolist()
     results: dict = {}
     checks: dict = {}
-    payload = {"meta": _meta(), "args": {k: str(v) for k, v in vars(args).items()}, "notes": notes,
+    payload = {"meta": run_meta(), "args": {k: str(v) for k, v in vars(args).items()}, "notes": notes,
                "results": results, "checks": checks}
 
     def save() -> str:
@@ -641,7 +627,7 @@ def part_lookup(args) -> dict:
     passages = [r["messages"][1]["content"] for r in tests]
     results: dict = {}
     texts: dict = {}
-    payload = {"meta": _meta(), "args": {k: str(v) for k, v in vars(args).items()}, "training": training,
+    payload = {"meta": run_meta(), "args": {k: str(v) for k, v in vars(args).items()}, "training": training,
                "notes": notes, "results": results, "passages": passages}
     tok = modes["plain"].tokenizer
 
