@@ -422,6 +422,22 @@ def test_constrained_rows_speculate(checkpoints, kind):
     assert stats["speculative"]["accepted_tokens"] > 0 and stats["kv_cache"]["blocks_used"] == 0
 
 
+def _record_traces(monkeypatch, cls, name: str) -> list:
+    """The (tokens, table, pool array) shapes `cls.name` is called with: it runs only while
+    its compiled function is traced, so one entry per trace. One shard (a compiled function
+    is traced per stream too)."""
+    traced = []
+    compiled_body = getattr(cls, name)
+
+    def counting(self, tokens, positions, tabs, arrays):
+        traced.append((tokens.shape, tabs[0].shape, arrays[0].shape))
+        return compiled_body(self, tokens, positions, tabs, arrays)
+
+    monkeypatch.setattr(cls, name, counting)
+    monkeypatch.setenv("AMLX_SHARDS", "1")
+    return traced
+
+
 def test_verify_forward_is_compiled_and_traced_once_per_shape(checkpoints, monkeypatch):
     """The verify forward runs compiled: it is traced once per input shape (width bucket,
     batch, span, pool size), not every round, though the rows' draft lengths change from
@@ -429,15 +445,7 @@ def test_verify_forward_is_compiled_and_traced_once_per_shape(checkpoints, monke
     output is unchanged."""
     from amlx.engine.speculate import Speculator
 
-    traced = []
-    forward = Speculator._forward
-
-    def counting(self, tokens, positions, tabs, arrays):
-        traced.append((tokens.shape, tabs[0].shape, arrays[0].shape))  # runs only while tracing
-        return forward(self, tokens, positions, tabs, arrays)
-
-    monkeypatch.setattr(Speculator, "_forward", counting)
-    monkeypatch.setenv("AMLX_SHARDS", "1")  # (a compiled function is traced per stream too)
+    traced = _record_traces(monkeypatch, Speculator, "_forward")
     reqs = [(PROMPTS[0], {"max_tokens": 60}), (PROMPTS[2], {"max_tokens": 60})]
     expected, got, stats = run(_both, checkpoints["qwen3"], reqs)
     assert [g.token_ids for g in got] == [e.token_ids for e in expected]
@@ -452,15 +460,7 @@ def test_draft_step_is_compiled_and_traced_once_per_shape(checkpoints, drafts, m
     size), not once per draft step; greedy output is unchanged."""
     from amlx.engine.draft_model import DraftModel
 
-    traced = []
-    step = DraftModel._step
-
-    def counting(self, tokens, positions, tabs, arrays):
-        traced.append((tokens.shape, tabs[0].shape, arrays[0].shape))  # runs only while tracing
-        return step(self, tokens, positions, tabs, arrays)
-
-    monkeypatch.setattr(DraftModel, "_step", counting)
-    monkeypatch.setenv("AMLX_SHARDS", "1")  # (a compiled function is traced per stream too)
+    traced = _record_traces(monkeypatch, DraftModel, "_step")
     reqs = [(PROMPTS[0], {"max_tokens": 60}), (PROMPTS[2], {"max_tokens": 60})]
     expected, got, stats = run(_both, checkpoints["qwen3"], reqs, draft=str(checkpoints["qwen3"]))
     assert [g.token_ids for g in got] == [e.token_ids for e in expected]
