@@ -73,6 +73,15 @@ EXTEND_MIN = 16  # the smallest padded length of an extend pass (lengths go up i
 DEVICE_BOUND_WAIT = 0.001
 
 
+def _extend_tokens(length: int) -> int:
+    """An extend pass's token width for `length` new tokens: a power of two, at least
+    EXTEND_MIN (few widths, so the pass is traced for few shapes)."""
+    width = EXTEND_MIN
+    while width < length:
+        width *= 2
+    return width
+
+
 def _pinned_mask_order() -> bool | None:
     """AMLX_MASK_ORDER=forward or =read pins the constrained shards' order (benchmarks compare
     the two; `_step_constrained`); unset or "auto", the scheduler picks it by what it measures."""
@@ -355,9 +364,7 @@ class Scheduler:
         b = len(reqs)
         pad = padded_batch(b) - b if self.options.pad_batches else 0
         lengths = [e - start for e in ends] + [0] * pad
-        width = EXTEND_MIN
-        while width < max(lengths):
-            width *= 2
+        width = _extend_tokens(max(lengths))
         ids = np.zeros((b + pad, width), dtype=np.int32)
         for i, r in enumerate(reqs):
             ids[i, :lengths[i]] = r.fill[start:ends[i]]
@@ -383,12 +390,8 @@ class Scheduler:
         return self.pools.extend_pass(self._split_model(), tokens, positions, last, tabs, pools)
 
     def extend_widths(self) -> list[int]:
-        """The token widths an extend pass is padded to (EXTEND_MIN, doubling, up to `extend_max`)."""
-        widths, w = [], EXTEND_MIN
-        while w <= max(self.extend_max, EXTEND_MIN - 1) and self.extend_max:
-            widths.append(w)
-            w *= 2
-        return widths
+        """The token widths an extend pass of up to `extend_max` new tokens is padded to."""
+        return sorted({_extend_tokens(n) for n in range(1, self.extend_max + 1)})
 
     def warm_extend(self, batches: tuple[int, ...] = (1, 2)) -> int:
         """Runs the compiled extend pass once per token width (and padded batch size
