@@ -52,6 +52,7 @@ from amlx._mlx import Array, array, ops, transforms
 from amlx._mlx import int32 as _int32
 from amlx.constrain import MaskJob, step_masks
 from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards, padded_batch
+from amlx.engine.prefill_budget import pass_budget
 from amlx.engine.pools import ShardPools, extend_arrays, table_arrays
 from amlx.kv import PADDING_ROW, ShardKV, Tables, preemption_order, written
 from amlx.engine.notify import flush_wakeups
@@ -112,7 +113,10 @@ class Scheduler:
         self.model = model
         self.mirror = mirror
         self.max_batch_size = max_batch_size
-        self.prefill_chunk = self.options.prefill_chunk
+        # a pass's temporaries stay under a bound (amlx.engine.prefill_budget): a long prompt's
+        # chunk is at most what one row may take, and a group of prompts is split into passes
+        self.pass_budget = pass_budget(model, vocab_size=vocab_size)
+        self.prefill_chunk = min(self.options.prefill_chunk, self.pass_budget.max_tokens(1) or self.options.prefill_chunk)
         self._wake = wake
         self._lock = threading.Lock()
         self._incoming: deque[Request] = deque()
@@ -289,7 +293,9 @@ class Scheduler:
         those behind it. Prompts that start at the same position (no cached
         prefix, or one as long) are taken together as one right-padded batch of
         about one chunk of tokens; a longer one, or a preempted request being
-        recomputed, is processed alone, one chunk per round."""
+        recomputed, is processed alone, one chunk per round. A group also stops where
+        its pass's estimated temporaries would pass `pass_budget`'s bound; the rest
+        wait for the next round's pass."""
         if self.prefilling is not None:
             return
         if any(r.channel.has_room() for r in self.parked):
@@ -308,8 +314,9 @@ class Scheduler:
             rest = len(req.fill) - req.prefilled
             alone = req.recompute is not None or rest > self.prefill_chunk
             longest = max([rest] + [len(r.fill) - r.prefilled for r in group])
-            if group and (alone or req.prefilled != group[0].prefilled or longest * (len(group) + 1) >
-                          self.prefill_chunk):
+            tokens = longest * (len(group) + 1)  # (right-padded to the longest)
+            if group and (alone or req.prefilled != group[0].prefilled or tokens > self.prefill_chunk
+                          or not self.pass_budget.fits(tokens, len(group) + 1)):
                 self.pools.release(req, cache=False)  # it goes first next round
                 break
             self.waiting.popleft()
