@@ -29,6 +29,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="gemma3-wide")
     ap.add_argument("--path", help="an existing checkpoint instead of a preset")
+    ap.add_argument("--root", help="keep the preset's checkpoint in ROOT/PRESET (written once) instead of a temp dir")
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=4)
@@ -39,12 +40,20 @@ def main() -> int:
     from amlx._mlx import memory as mlx_memory
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.path) if args.path else write_benchmark_checkpoint(Path(tmp) / args.preset, args.preset)
+        kept = Path(args.root) / args.preset if args.root else None
+        if args.path:
+            path = Path(args.path)
+        elif kept is not None and (kept / "model.safetensors").exists():
+            path = kept
+        else:
+            path = write_benchmark_checkpoint(kept or Path(tmp) / args.preset, args.preset)
         model = amlx.load_sync(path, max_batch_size=args.streams, dtype=args.dtype)
         sched = model.engine.scheduler
         out = {"preset": args.preset, "streams": args.streams, "prompt": args.prompt,
                "active_after_load_mb": amlx.memory()["active"] / 1e6,
-               "prefill_chunk": sched.prefill_chunk}
+               "prefill_chunk": sched.prefill_chunk, "device": str(amlx._mlx.device.default_device()),
+               "pass_budget": {"limit": sched.pass_budget.limit, "token_bytes": sched.pass_budget.token_bytes,
+                               "row_bytes": sched.pass_budget.row_bytes}}
         vocab = model.tokenizer.vocab_size
         rng = np.random.default_rng(7)
         low = min(1000, vocab // 2)

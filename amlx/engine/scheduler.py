@@ -113,10 +113,10 @@ class Scheduler:
         self.model = model
         self.mirror = mirror
         self.max_batch_size = max_batch_size
-        # a pass's temporaries stay under a bound (amlx.engine.prefill_budget): a long prompt's
-        # chunk is at most what one row may take, and a group of prompts is split into passes
+        self.prefill_chunk = self.options.prefill_chunk
+        # a group of prompts admitted together is split into passes whose temporaries stay
+        # under a bound (amlx.engine.prefill_budget; a lone prompt's chunk is not capped)
         self.pass_budget = pass_budget(model, vocab_size=vocab_size)
-        self.prefill_chunk = min(self.options.prefill_chunk, self.pass_budget.max_tokens(1) or self.options.prefill_chunk)
         self._wake = wake
         self._lock = threading.Lock()
         self._incoming: deque[Request] = deque()
