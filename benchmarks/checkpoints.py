@@ -235,6 +235,13 @@ MODELS["gemma3-tiny"] = _gemma3_text(
     "(test shape)", hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
     num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64, sliding_window=16, sliding_window_pattern=3)
 
+# Gemma-3-1B's proportions where they set a prefill pass's memory (the 262,208-token vocabulary,
+# an MLP 6x as wide as the model, one KV head of 256) at a size a CPU prefills 8,192 tokens of:
+# benchmarks/prefill_memory.py
+MODELS["gemma3-wide"] = _gemma3_text(
+    "(test shape)", hidden_size=192, intermediate_size=1152, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6)
+
 SMALL_MODELS = ("qwen3-0.6b", "gemma3-1b", "llama3.2-1b")
 
 

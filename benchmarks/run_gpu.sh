@@ -14,6 +14,11 @@
 #   bash benchmarks/run_gpu.sh ttft-mem  # issue 15 in one call (~4 min): cached/uncached TTFT of qwen3-0.6b and
 #                                        # qwen3-8b (best of 3, warm, AMLX_STEP_TIMING=1: host split) and
 #                                        # speed.py's peak memory (1 and 64 streams) of qwen3-0.6b, gemma3-1b and mlx-lm
+#   bash benchmarks/run_gpu.sh prefill-mem  # issue 15's 64-stream peak against the prefill pass's memory bound
+#                                        # (~6-8 min): prefill_memory.py (64 prompts x 128 tokens at once, then
+#                                        # again behind their cached prefix; peak per phase, passes) per model at
+#                                        # AMLX_PREFILL_MEMORY in CAPS (default 0 256M 64M; 0 = no bound),
+#                                        # then speed.py --streams 64 beside mlx-lm at SPEED_CAP (default 256M)
 #   bash benchmarks/run_gpu.sh window    # KV memory of a long Gemma-3-1B row, windowed layers' own pool (window_pool.py)
 #   bash benchmarks/run_gpu.sh spec-cost    # speculative decoding: k draft steps + verify vs k+1 plain steps
 #   bash benchmarks/run_gpu.sh spec-draft   # end to end: qwen3-8b with its 4-bit copy as draft, amlx vs mlx-lm
@@ -87,6 +92,22 @@ case "${1:-speed}" in
       budget=${MEM_BUDGET:-$([ "$m" = gemma3-1b ] && echo 100 || echo 70)}
       AMLX_STEP_TIMING=1 timeout -k 10 "$budget" python3 benchmarks/speed.py --models "$m" --streams 64 --repeats 1 \
         --out "$OUT/speed_$m" 2>&1 | grep -v "it/s" | tee -a "$OUT/memory.txt" || echo "speed.py $m ended with status $?"
+    done
+    save_ptx ;;
+  prefill-mem)
+    restore_ptx
+    mkdir -p "$OUT/prefill_mem" /tmp/amlx-prefmem
+    for m in ${MEM_MODELS:-qwen3-0.6b gemma3-1b}; do
+      for cap in ${CAPS:-0 256M 64M}; do
+        echo "== $m AMLX_PREFILL_MEMORY=$cap" | tee -a "$OUT/prefill_mem.txt"
+        AMLX_PREFILL_MEMORY=$cap AMLX_STEP_TIMING=1 timeout -k 10 ${CAP_BUDGET:-75} python3 benchmarks/prefill_memory.py \
+          --preset "$m" --root /tmp/amlx-prefmem --tokens 128 --out "$OUT/prefill_mem/${m}_$cap.json" 2>&1 \
+          | grep -v "it/s" | tee -a "$OUT/prefill_mem.txt" || echo "prefill_memory.py $m $cap ended with status $?"
+      done
+      mkdir -p "$OUT/speed_$m"
+      AMLX_PREFILL_MEMORY=${SPEED_CAP:-256M} AMLX_STEP_TIMING=1 timeout -k 10 ${MEM_BUDGET:-100} python3 benchmarks/speed.py \
+        --models "$m" --streams 64 --repeats 1 --checkpoints /tmp/amlx-prefmem --out "$OUT/speed_$m" 2>&1 \
+        | grep -v "it/s" | tee -a "$OUT/memory.txt" || echo "speed.py $m ended with status $?"
     done
     save_ptx ;;
   window)

@@ -52,6 +52,7 @@ from amlx._mlx import Array, array, ops, transforms
 from amlx._mlx import int32 as _int32
 from amlx.constrain import MaskJob, step_masks
 from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards, padded_batch
+from amlx.engine.prefill_budget import pass_budget
 from amlx.engine.pools import ShardPools, extend_arrays, table_arrays
 from amlx.kv import PADDING_ROW, ShardKV, Tables, preemption_order, written
 from amlx.engine.notify import flush_wakeups
@@ -122,6 +123,9 @@ class Scheduler:
         self.mirror = mirror
         self.max_batch_size = max_batch_size
         self.prefill_chunk = self.options.prefill_chunk
+        # a group of prompts admitted together is split into passes whose temporaries stay
+        # under a bound (amlx.engine.prefill_budget; a lone prompt's chunk is not capped)
+        self.pass_budget = pass_budget(model, vocab_size=vocab_size)
         self._wake = wake
         self._lock = threading.Lock()
         self._incoming: deque[Request] = deque()
@@ -298,7 +302,9 @@ class Scheduler:
         those behind it. Prompts that start at the same position (no cached
         prefix, or one as long) are taken together as one right-padded batch of
         about one chunk of tokens; a longer one, or a preempted request being
-        recomputed, is processed alone, one chunk per round."""
+        recomputed, is processed alone, one chunk per round. A group also stops where
+        its pass's estimated temporaries would pass `pass_budget`'s bound; the rest
+        wait for the next round's pass."""
         if self.prefilling is not None:
             return
         if any(r.channel.has_room() for r in self.parked):
@@ -317,8 +323,9 @@ class Scheduler:
             rest = len(req.fill) - req.prefilled
             alone = req.recompute is not None or rest > self.prefill_chunk
             longest = max([rest] + [len(r.fill) - r.prefilled for r in group])
-            if group and (alone or req.prefilled != group[0].prefilled or longest * (len(group) + 1) >
-                          self.prefill_chunk):
+            tokens = longest * (len(group) + 1)  # (right-padded to the longest)
+            if group and (alone or req.prefilled != group[0].prefilled or tokens > self.prefill_chunk
+                          or not self.pass_budget.fits(tokens, len(group) + 1)):
                 self.pools.release(req, cache=False)  # it goes first next round
                 break
             self.waiting.popleft()
