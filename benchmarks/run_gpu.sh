@@ -19,6 +19,8 @@
 #                                        # again behind their cached prefix; peak per phase, passes) per model at
 #                                        # AMLX_PREFILL_MEMORY in CAPS (default 0 256M 64M; 0 = no bound),
 #                                        # then speed.py --streams 64 beside mlx-lm at SPEED_CAP (default 256M)
+#   bash benchmarks/run_gpu.sh structured-ab  # issue 16's steady state under CONFIGS (base si ...), ROUNDS times,
+#                                        # alternating, one process each (~80 s a configuration)
 #   bash benchmarks/run_gpu.sh window    # KV memory of a long Gemma-3-1B row, windowed layers' own pool (window_pool.py)
 #   bash benchmarks/run_gpu.sh spec-cost    # speculative decoding: k draft steps + verify vs k+1 plain steps
 #   bash benchmarks/run_gpu.sh spec-draft   # end to end: qwen3-8b with its 4-bit copy as draft, amlx vs mlx-lm
@@ -87,7 +89,7 @@ case "${1:-speed}" in
         --prefix 2000 --repeats 3 --ttft-only --out "$OUT/prefix_ttft_$m.json" 2>&1 | grep -v "it/s" \
         | tee -a "$OUT/ttft.txt" || echo "prefix_cache.py $m ended with status $?"
     done
-    for m in ${MEM_MODELS:-qwen3-0.6b gemma3-1b}; do
+    for m in ${MEM_MODELS-qwen3-0.6b gemma3-1b}; do  # (MEM_MODELS= for none)
       mkdir -p "$OUT/speed_$m"
       budget=${MEM_BUDGET:-$([ "$m" = gemma3-1b ] && echo 100 || echo 70)}
       AMLX_STEP_TIMING=1 timeout -k 10 "$budget" python3 benchmarks/speed.py --models "$m" --streams 64 --repeats 1 \
@@ -110,6 +112,24 @@ case "${1:-speed}" in
         | grep -v "it/s" | tee -a "$OUT/memory.txt" || echo "speed.py $m ended with status $?"
     done
     save_ptx ;;
+  structured-ab)
+    # issue 16's steady state (64 closed-loop clients, JSON schema vs free, AMLX_STEP_TIMING=1) under several
+    # configurations, one process each, alternating: base; si: sys.setswitchinterval(0.0005) (the mask
+    # thread gets the GIL back sooner after llguidance's fill)
+    for round in $(seq ${ROUNDS:-1}); do
+      for cfg in ${CONFIGS:-base si}; do
+        case "$cfg" in
+          base) envs=(); args=() ;;
+          si) envs=(); args=(--switch-interval 0.0005) ;;
+          *) echo "unknown configuration $cfg"; continue ;;
+        esac
+        echo "== structured.py steady, $cfg (round $round)" | tee -a "$OUT/structured_ab.txt"
+        env "${envs[@]}" AMLX_STEP_TIMING=1 timeout -k 5 ${AB_BUDGET:-110} python3 benchmarks/structured.py \
+          --model "${MODEL:-qwen3-0.6b}" --streams 64 --max-tokens 128 --repeats 1 --steady "${STEADY:-4}" \
+          --steady-only "${args[@]}" --out "$OUT/structured_${cfg}_$round.json" 2>&1 | grep -v "it/s" \
+          | tail -3 | tee -a "$OUT/structured_ab.txt" || echo "structured.py $cfg ended with status $?"
+      done
+    done ;;
   window)
     timeout -k 10 ${BUDGET:-270} python3 benchmarks/window_pool.py --preset "${MODEL:-gemma3-1b}" --prompt 8000 \
       --tokens 256 --out "$OUT/window_pool.json" || echo "window_pool.py ended with status $?" ;;

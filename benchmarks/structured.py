@@ -260,8 +260,13 @@ def main(argv=None) -> int:
     ap.add_argument("--orders", default="", metavar="forward,read",
                     help="then the steady measurement again with the constrained order pinned (AMLX_MASK_ORDER), "
                          "one repeat each")
+    ap.add_argument("--switch-interval", type=float, default=None, metavar="SECONDS",
+                    help="sys.setswitchinterval for the run (CPython's default 0.005): how long a thread that "
+                         "wants the GIL back (the mask thread, after llguidance's fill) may wait for its holder")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     with tempfile.TemporaryDirectory() as tmp:
         if args.small:
             from async_overhead import bench_checkpoint
@@ -273,6 +278,7 @@ def main(argv=None) -> int:
             name, path = args.model, write_benchmark_checkpoint(Path(tmp) / args.model, args.model)
         result = {name: bench(path, args.streams, args.max_tokens, args.repeats, args.steady,
                                 old=not args.steady_only)}
+        result[name]["switch_interval"] = sys.getswitchinterval()
         orders = [o for o in args.orders.split(",") if o]
         if orders and args.steady:
             if args.out:  # (written now too: a run cut off by a time limit keeps what it measured)

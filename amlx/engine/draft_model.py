@@ -106,18 +106,20 @@ class DraftModel:
         pool = self.kv[shard].pool
         return layer_views(pool.arrays, tables, self.windows, pool.bits, pool.group)
 
-    def _catch_up(self, shard: int, req: Request) -> None:
-        """One prefill pass of the request's tokens the draft cache lacks (before `req.last`)."""
+    def _catch_up(self, shard: int, req: Request) -> bool:
+        """One prefill pass of the request's tokens the draft cache lacks (before `req.last`);
+        False where it lacks none."""
         row, kv = self._rows[req], self.kv[shard]
         ids = (req.prompt + req.generated)[row.pos:req.pos]
         if not ids:
-            return
+            return False
         tables = kv.prefill_tables([row], row.pos, len(ids), [req.pos])
         views = self._views(shard, tables)
         out = self.model(array(np.asarray([ids], np.int32)), views, row.pos, last=array(np.zeros(1, np.int32)))
         kv.pool.arrays = written(views)
         out.close()  # (the writes stay in the pool's graph)
         row.pos = req.pos
+        return True
 
     def _catch_up_one(self, shard: int, rows: Sequence[Request], one: Sequence[bool]) -> None:
         """The catch-up of rows that lack one token (`one`), as one draft step of the
@@ -139,13 +141,17 @@ class DraftModel:
         `sampling`: the shard's BatchSampling."""
         kv, k = self.kv[shard], max(lengths)
         one = [False] * len(rows)  # rows whose draft cache lacks one token: the last draft after a
-        for b, (req, n) in enumerate(zip(rows, lengths)):  # round that accepted all (the common case)
+        caught = False  # round that accepted all (the common case)
+        for b, (req, n) in enumerate(zip(rows, lengths)):
             if n:
                 one[b] = req.pos - self._rows[req].pos == 1
                 if not one[b]:
-                    self._catch_up(shard, req)
+                    caught = self._catch_up(shard, req) or caught
         if any(one):
             self._catch_up_one(shard, rows, one)
+            caught = True
+        if caught:
+            ops.async_eval(*kv.pool.arrays)  # (the device starts while the drafts are built)
         # rows not drafting write and read only the null block
         drow = [self._rows[r] if n else _DraftRow(shard, [0]) for r, n in zip(rows, lengths)]
         params = sampling.params
@@ -166,6 +172,10 @@ class DraftModel:
             drafts.append(step.tokens)
             probs.append(step.probs)
             token = ops.reshape(step.tokens, (len(rows), 1))
+            # launched now, so the device runs draft step i while the host builds step i + 1
+            # and the verify pass (built whole and evaluated at the end, the round's device
+            # work only began after all of its host work)
+            ops.async_eval(step.tokens, *([] if step.probs is None else [step.probs]), *kv.pool.arrays)
         for req, row in zip(rows, drow):
             row.pos = req.pos  # (until `settle`: the steps' writes are only drafts so far)
         # (greedy rows never read q: an all-greedy batch's drafts go to `verify` without it)
