@@ -130,26 +130,36 @@ def _device_times(x, layers, group, bits, reps, sides=SIDES) -> dict:
 
 
 def _sweep(x, layers, k: int, n: int, rows: int, args, versions) -> dict:
-    """Per version: microseconds of every block shape, the fastest, and what each launch rule and
-    the cost model picked; printed as it goes."""
+    """Per version: microseconds of every block shape (wall, and with --cupti the kernel's device
+    time, which then ranks them: a few-microsecond kernel's wall time can be MLX's host cost per
+    node), the fastest, and what each launch rule and the cost model picked; printed as it goes."""
     from amlx.models import quantized_gemv as qg
 
     out = {}
     for version in versions:
-        us = {}
-        for shape in BLOCK_SHAPES:
-            us[f"{shape[0]}x{shape[1]}"] = 1e6 * _timed((version, shape), x, layers, args.group, args.bits, args.reps,
-                                                         args.trials)
+        sides = {f"{w}x{s}": (version, (w, s)) for w, s in BLOCK_SHAPES}
+        us = {key: 1e6 * _timed(side, x, layers, args.group, args.bits, args.reps, args.trials)
+              for key, side in sides.items()}
+        device = {}
+        if args.cupti:
+            try:
+                got = _device_times(x, layers, args.group, args.bits, args.reps, list(sides.values()))
+                device = {key: got[side]["device_us"] for key, side in sides.items() if side in got}
+            except Exception as exc:  # noqa: BLE001 - optional: rank by wall time
+                print(f"  sweep: no device times ({type(exc).__name__}: {exc})"[:200], flush=True)
+        rank = device if len(device) == len(us) else us
         picks = {}
         for rule in qg.LAUNCH_RULES:
             group = qg.launch_shape(rows, n, k, args.bits, version, rule)[1]
             picks[rule] = f"{group[0] * group[1] // 32}x{group[1]}"
         model = {f"{w}x{s}": qg.estimate(rows, n, k, args.bits, w, s, 2, version) for w, s in BLOCK_SHAPES}
-        best = min(us, key=us.get)
-        out[f"v{version}"] = {"us": us, "best": best, "picks": picks, "model_us": model}
-        print(f"  sweep {k}->{n} v{version} rows={rows}: best {best} {us[best]:.1f} us; wave {picks['wave']} "
-              f"{us[picks['wave']]:.1f}; balanced {picks['balanced']} {us[picks['balanced']]:.1f}; all "
-              + " ".join(f"{key}:{t:.1f}" for key, t in us.items()), flush=True)
+        best = min(rank, key=rank.get)
+        out[f"v{version}"] = {"us": us, "device_us": device, "ranked_by": "device" if rank is device else "wall",
+                              "best": best, "picks": picks, "model_us": model}
+        print(f"  sweep {k}->{n} v{version} rows={rows} ({out[f'v{version}']['ranked_by']} us): best {best} "
+              f"{rank[best]:.1f}; wave {picks['wave']} {rank[picks['wave']]:.1f}; balanced {picks['balanced']} "
+              f"{rank[picks['balanced']]:.1f}; all " + " ".join(f"{key}:{t:.1f}" for key, t in rank.items()),
+              flush=True)
     return out
 
 
@@ -248,12 +258,12 @@ def table(results: dict) -> str:
                                for side in extra))
     sweeps = [(r, v, sw) for r in results["shapes"] for v, sw in r.get("sweep", {}).items()]
     if sweeps:
-        lines += ["", "Block shapes (warps a block x K split), us per call: the fastest, each rule's pick, and the "
-                  "cost model's fastest (quantized_gemv.estimate):", "",
+        lines += ["", "Block shapes (warps a block x K split), us per call (device time with --cupti, else wall): "
+                  "the fastest, each rule's pick, and the cost model's fastest (quantized_gemv.estimate):", "",
                   "| shape | rows | version | fastest | wave | balanced | model's pick | all |",
                   "|---|---:|---|---|---|---|---|---|"]
         for r, v, sw in sweeps:
-            us = sw["us"]
+            us = sw["device_us"] if sw["ranked_by"] == "device" else sw["us"]
             model = min(sw["model_us"], key=sw["model_us"].get)
             lines.append(f"| {r['shape']} | {r['rows']} | {v} | {sw['best']} {us[sw['best']]:.1f} | "
                          f"{sw['picks']['wave']} {us[sw['picks']['wave']]:.1f} | "
