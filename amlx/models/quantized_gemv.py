@@ -27,6 +27,14 @@ activations' dtype -- and is built for bandwidth:
   shared memory and each output is written once, rounded to the activations'
   dtype.
 
+How a call is launched (`launch_shape`, the same for both versions: blocks of 2, 4 or 8
+warps, K split 1-8 ways over a block's warps) is chosen by a rule (AMLX_QGEMV_LAUNCH, read
+once): "wave" (default, the launch measured on the H200: blocks of 8 warps, split while the
+split warps fit on the GPU at once) or "balanced" (not yet measured: the shape a cost model
+of the busiest SM, `estimate`, finds at least 10% faster, else the wave one; at Qwen3-8B's
+shapes it moves only q/k/v, whose 192 blocks of 8 warps left 60 SMs with twice the work of
+72 others, to 384 blocks of 4).
+
 Used by `nn.quantized_dense` on MLX's CUDA backend for 2-D activations of at
 most `MAX_ROWS` rows (decode steps, short prompts); MLX's quantized matmul
 everywhere else. AMLX_QGEMV=0 (read once, at import) turns it off, for
@@ -609,7 +617,7 @@ def launch_shape(rows: int, n: int, k: int, bits: int, version: int | None = Non
       What it changes at Qwen3-8B's shapes: q/k/v's 192 blocks of 8 warps left 60 of the 132
       SMs with two blocks and 72 with one (the busiest did 1.4x the mean); blocks of 4 give
       384, three on most SMs (1.03x); at 4 rows (148-184 registers) an SM holds 8 warps in
-      blocks of 8 but 10-12 in blocks of 2 or 4."""
+      blocks of 8 but 8-12 in blocks of 4 and 10-12 in blocks of 2."""
     version = version or VERSION
     per_warp = columns_per_warp(rows)
     chunks = k * bits // 128
