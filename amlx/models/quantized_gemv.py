@@ -579,7 +579,9 @@ def estimate(rows: int, n: int, k: int, bits: int, warps: int, split: int, items
     split `split` ways over each block's warps. The busiest SM decides: the blocks it runs
     (ceil(blocks / SMs): equal blocks go round the SMs) issue their instructions at the SM's
     rate, overlapped with the whole matrix streaming at the copy bandwidth (an SM can draw
-    more than its share while others idle), plus a DRAM round trip each time a warp waits on
+    more than its share while others idle; bytes in flight do not bound it: a resident warp has
+    4-8 KB of loads out, an SM 32-128 KB, where keeping 1/132 of 3.3 TB/s busy over a 1 us
+    round trip takes 25 KB), plus a DRAM round trip each time a warp waits on
     its loads: once a round of resident blocks for version 2 (its next loads fly while it
     computes), once an iteration for version 1. Splitting K shortens every warp's loop, so
     fewer iterations wait, but adds rounds where the warps no longer fit at once; smaller
