@@ -3,7 +3,7 @@ MLX's `quantized_matmul` at Qwen3-8B's projection shapes, in GB/s of weights
 read and as a share of the device's copy bandwidth (benchmarks/bandwidth.py).
 
     python benchmarks/qgemv.py --out OUT [--rows 1 2 4 8] [--bits 4] [--group 64] [--v2] [--balanced]
-                               [--sweep qkv o down]
+                               [--sweep qkv o down] [--serial]
 
 `--v2` times the kernel's second version (quantized_gemv.quantized_gemv(..., version=2),
 opt-in: AMLX_QGEMV=2) beside its default one, as a third side (v2 columns). `--balanced`
@@ -12,6 +12,15 @@ AMLX_QGEMV_LAUNCH=balanced) beside the default "wave" one (bal columns). `--swee
 times, at those shapes, every block shape (warps 2/4/8 a block, K split 1-8 over them) of
 each timed version: which is fastest, and what the two rules and the cost model
 (`quantized_gemv.estimate`) picked against it (the sweep table; data for the rule).
+
+The `--reps` calls of a trial are independent (same x, other weights), and MLX's CUDA graphs
+order kernels only by the arrays they share, so by default they run overlapped: a call's wall
+time is then a throughput and its device time is stretched by its neighbours (the measured down
+projection: 30.7 us device, 22.3 us wall a call). A decode step's products depend on each other
+and run one at a time; `--serial` (MLX_USE_CUDA_GRAPHS=0: kernels launched in order on one
+stream) measures that, each kernel's own time being its `--cupti` device time (the wall time may
+then be MLX's host cost a launch). Tail and balance effects (a launch leaving SMs idle) show
+only there: overlapped, the next call's blocks fill the idle SMs.
 
 Shapes (in -> out): q/k/v fused 4096 -> 6144, o 4096 -> 4096, gate/up fused
 4096 -> 24576, down 12288 -> 4096, head 4096 -> 151936; activations bf16.
@@ -37,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -177,7 +187,11 @@ def main(argv=None) -> int:
     ap.add_argument("--v2", action="store_true", help="the kernel's second version as a third side (amlx_v2)")
     ap.add_argument("--balanced", action="store_true", help="each timed version with the balanced launch rule too")
     ap.add_argument("--sweep", nargs="*", default=[], help="shapes at which to time every block shape")
+    ap.add_argument("--serial", action="store_true",
+                    help="calls one after another, not overlapped (MLX_USE_CUDA_GRAPHS=0; rank by --cupti)")
     args = ap.parse_args(argv)
+    if args.serial:  # read by MLX once, at its first CUDA command: before any below
+        os.environ["MLX_USE_CUDA_GRAPHS"] = "0"
 
     import numpy as np
 
@@ -244,7 +258,10 @@ def main(argv=None) -> int:
 def table(results: dict) -> str:
     bw = results["copy_bytes_per_s"]
     extra = [side for side in KERNEL_SIDES if side != "amlx" and any(side in r for r in results["shapes"])]
-    lines = [f"Copy bandwidth: {bw / 1e9:,.0f} GB/s. Wall time per call (best of trials); % of the copy bandwidth.",
+    mode = ("calls one at a time (--serial)" if results["args"].get("serial") else
+            "independent calls overlapped (no --serial)")
+    lines = [f"Copy bandwidth: {bw / 1e9:,.0f} GB/s. Wall time per call (best of trials), {mode}; % of the copy "
+             "bandwidth.",
              "", "| shape | k -> n | rows | MB | amlx us | amlx GB/s | amlx % | MLX us | MLX GB/s | MLX % | speedup "
              "| device us amlx / MLX |" + "".join(f" {side} us | {side} % |" for side in extra),
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|" + "---:|---:|" * len(extra)]
