@@ -263,7 +263,7 @@ def table(results: dict) -> str:
     lines = [f"Copy bandwidth: {bw / 1e9:,.0f} GB/s. Wall time per call (best of trials), {mode}; % of the copy "
              "bandwidth.",
              "", "| shape | k -> n | rows | MB | amlx us | amlx GB/s | amlx % | MLX us | MLX GB/s | MLX % | speedup "
-             "| device us amlx / MLX |" + "".join(f" {side} us | {side} % |" for side in extra),
+             "| device us amlx / MLX |" + "".join(f" {side} us (wall / device) | {side} % |" for side in extra),
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|" + "---:|---:|" * len(extra)]
     for r in results["shapes"]:
         a, m = r["amlx"], r["mlx"]
@@ -271,8 +271,8 @@ def table(results: dict) -> str:
         lines.append(f"| {r['shape']} | {r['k']} -> {r['n']} | {r['rows']} | {r['bytes'] / 1e6:.1f} | {a['us']:.1f} | "
                      f"{a['gb_s']:,.0f} | {100 * a['bw_fraction']:.0f}% | {m['us']:.1f} | {m['gb_s']:,.0f} | "
                      f"{100 * m['bw_fraction']:.0f}% | {m['us'] / a['us']:.2f}x | {dev} |"
-                     + "".join(f" {r[side]['us']:.1f} | {100 * r[side]['bw_fraction']:.0f}% |" if side in r else " – | – |"
-                               for side in extra))
+                     + "".join(f" {r[side]['us']:.1f}" + (f" / {r[side]['device_us']:.1f}" if "device_us" in r[side] else "")
+                               + f" | {100 * r[side]['bw_fraction']:.0f}% |" if side in r else " – | – |" for side in extra))
     sweeps = [(r, v, sw) for r in results["shapes"] for v, sw in r.get("sweep", {}).items()]
     if sweeps:
         lines += ["", "Block shapes (warps a block x K split), us per call (device time with --cupti, else wall): "
@@ -287,7 +287,7 @@ def table(results: dict) -> str:
                          f"{sw['picks']['balanced']} {us[sw['picks']['balanced']]:.1f} | {model} {us[model]:.1f} | "
                          + " ".join(f"{key} {t:.1f}" for key, t in us.items()) + " |")
     lines += ["", "One Qwen3-8B decode step's quantized matmuls (36 layers + head), from the rows above:", "",
-              "| rows | side | ms | tok/s bound |", "|---:|---|---:|---:|"]
+              "| rows | side | ms (wall) | tok/s bound | ms (device) |", "|---:|---|---:|---:|---:|"]
     for rows in sorted({r["rows"] for r in results["shapes"]}):
         got = [r for r in results["shapes"] if r["rows"] == rows]
         if {r["shape"] for r in got} != set(PER_STEP):
@@ -295,7 +295,9 @@ def table(results: dict) -> str:
         for side in ("amlx", "mlx", *extra):
             if all(side in r for r in got):
                 t = sum(PER_STEP[r["shape"]] * r[side]["us"] for r in got) / 1e3
-                lines.append(f"| {rows} | {side} | {t:.2f} | {1e3 / t:,.0f} |")
+                dev = (f"{sum(PER_STEP[r['shape']] * r[side]['device_us'] for r in got) / 1e3:.2f}"
+                       if all("device_us" in r[side] for r in got) else "–")
+                lines.append(f"| {rows} | {side} | {t:.2f} | {1e3 / t:,.0f} | {dev} |")
     return "\n".join(lines) + "\n"
 
 
