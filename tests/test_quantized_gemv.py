@@ -168,9 +168,13 @@ def test_balanced_launch_spreads_qkv_over_the_sms():
 def test_launch_shape_takes_a_given_shape_and_refuses_a_bad_one():
     assert qg.launch_shape(1, 100, 4096, 4, shape=(2, 2)) == ((25 * 32, 2, 1), (32, 2, 1))
     assert qg.launch_shape(3, 100, 4096, 4, shape=(4, 1)) == ((7 * 128, 1, 1), (128, 1, 1))
+    for rule in qg.LAUNCH_RULES:  # a given shape stands whatever the rule
+        assert qg.launch_shape(1, 6144, 4096, 4, rule=rule, shape=(2, 2)) == ((1536 * 32, 2, 1), (32, 2, 1))
     for bad in [(16, 1), (4, 8), (8, 3), (1, 1)]:
         with pytest.raises(ValueError):
             qg.launch_shape(1, 100, 4096, 4, shape=bad)
+    with pytest.raises(ValueError):
+        qg.launch_shape(1, 100, 4096, 4, rule="even")
 
 
 def test_quantized_dense_takes_mlxs_path_on_the_cpu(monkeypatch):

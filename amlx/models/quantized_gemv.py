@@ -621,16 +621,20 @@ def launch_shape(rows: int, n: int, k: int, bits: int, version: int | None = Non
       384, three on most SMs (1.03x); at 4 rows (148-184 registers) an SM holds 8 warps in
       blocks of 8 but 8-12 in blocks of 4 and 10-12 in blocks of 2."""
     version = version or VERSION
+    rule = rule or LAUNCH
+    if rule not in LAUNCH_RULES:
+        raise ValueError(f"quantized_gemv: launch rule {rule!r} is none of {LAUNCH_RULES}")
     per_warp = columns_per_warp(rows)
     chunks = k * bits // 128
-    if shape is None:
+    given = shape is not None
+    if not given:
         warps_n = -(-n // per_warp)
         resident = SMS * warps_per_sm(rows, bits, itemsize, 1, WARPS)  # as measured: version 1's residency
         split = 1
         while split < WARPS and warps_n * split * 2 <= resident and chunks >= 32 * split * 2:
             split *= 2
         shape = (WARPS, split)
-    if (rule or LAUNCH) == "balanced":
+    if rule == "balanced" and not given:
         # departs from the measured launch only for a predicted gain of 10% or more (the model's
         # figures are rough; its ranking is what it is for)
         best = (estimate(rows, n, k, bits, *shape, itemsize, version) * 0.9, shape)
