@@ -84,7 +84,7 @@ ROW_BUCKETS = (1, 2, 4, 8)  # row counts the kernel is compiled for (fewer rows 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 DTYPES = (bfloat16, float16, float32)
-WARPS = 8  # warps per block: blockDim.x * blockDim.y = 256
+WARPS = 8  # warps a block at most (the kernels size their shared partial sums for 8); the wave rule's blocks
 SMS = 132  # the H200's (an H100 SXM's too)
 
 _HEADER = r"""
