@@ -139,6 +139,36 @@ def _device_times(x, layers, group, bits, reps, sides=SIDES) -> dict:
     return out
 
 
+def _device_times_in_order(x, layers, group, bits, reps, sides) -> list[float]:
+    """Device microseconds per call of each of `sides`, all running one kernel (one version, other
+    launch shapes), in one torch.profiler session: each side's calls synchronized before the next
+    side's, so that kernel's events, in order of start, are the sides' in turn."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from amlx._mlx import device, ops
+
+    torch.cuda.init()
+    device.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for side in sides:
+            ys = [_call(side, x, layers[i % len(layers)], group, bits) for i in range(reps)]
+            ops.eval(*ys)
+            device.synchronize()
+            for y in ys:
+                y.close()
+    kernels = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(e.name, []).append((e.time_range.start, e.time_range.elapsed_us()))
+    # the matmul: of the kernels that ran once a call, the one that took the most time
+    runs = [sorted(t) for t in kernels.values() if len(t) == reps * len(sides)]
+    if not runs:
+        raise RuntimeError(f"no kernel ran {reps} x {len(sides)} times: {[len(t) for t in kernels.values()]}")
+    run = max(runs, key=lambda t: sum(d for _, d in t))
+    return [sum(d for _, d in run[i * reps:(i + 1) * reps]) / reps for i in range(len(sides))]
+
+
 def _sweep(x, layers, k: int, n: int, rows: int, args, versions) -> dict:
     """Per version: microseconds of every block shape (wall, and with --cupti the kernel's device
     time, which then ranks them: a few-microsecond kernel's wall time can be MLX's host cost per
@@ -153,8 +183,8 @@ def _sweep(x, layers, k: int, n: int, rows: int, args, versions) -> dict:
         device = {}
         if args.cupti:
             try:
-                got = _device_times(x, layers, args.group, args.bits, args.reps, list(sides.values()))
-                device = {key: got[side]["device_us"] for key, side in sides.items() if side in got}
+                got = _device_times_in_order(x, layers, args.group, args.bits, args.reps, list(sides.values()))
+                device = dict(zip(sides, got))
             except Exception as exc:  # noqa: BLE001 - optional: rank by wall time
                 print(f"  sweep: no device times ({type(exc).__name__}: {exc})"[:200], flush=True)
         rank = device if len(device) == len(us) else us
