@@ -14,8 +14,10 @@ Prints each variant (decode attention: contiguous, paged, paged quantized;
 with and without head norms; float32/float16/bfloat16; head dims, bits, groups;
 quantized_gemv: both versions, dtypes, bits, row buckets) and exits 1 if one fails to compile;
 `--only attention|qgemv` compiles one kernel's variants; `--ptxas` adds ptxas's registers and
-spills to each quantized_gemv line. Compiling is not running: the GPU tests
-(tests/test_decode_kernels.py) check what the kernels compute.
+spills to each quantized_gemv line, and fails a variant that uses more registers than
+`quantized_gemv.REGISTERS` says (the launch rules count warps an SM holds from that table).
+Compiling is not running: the GPU tests (tests/test_decode_kernels.py) check what the kernels
+compute.
 """
 
 from __future__ import annotations
@@ -86,10 +88,22 @@ def _qgemv(lib, includes: list[str]) -> int:
         inputs = [(n, "uint32" if n == "w" else dtype) for n in names]
         text = kernel_text(name, inputs, [("out", dtype)], {"T": dtype, "BITS": bits, "RB": rows}, body, header)
         status, log = compile_text(lib, text, name, includes)
-        print(f"{name} {dtype} bits={bits} rows={rows}: " + ("ok" + _ptxas_summary(log) if status == 0 else
+        # the launch rules' residency reads registers from qg.REGISTERS: a variant using more fails
+        table = qg.REGISTERS[(version, rows, bits, 4 if dtype == "float32" else 2)]
+        regs = _ptxas_registers(log)
+        over = regs is not None and regs > table
+        print(f"{name} {dtype} bits={bits} rows={rows}: " + (("ok" if not over else f"FAILED: over {table}")
+                                                              + _ptxas_summary(log) if status == 0 else
                                                               "FAILED\n" + log), flush=True)
-        failed += status != 0
+        failed += status != 0 or over
     return failed
+
+
+def _ptxas_registers(log: str) -> int | None:
+    import re
+
+    regs = re.search(r"Used (\d+) registers", log)
+    return int(regs.group(1)) if regs else None
 
 
 def _ptxas_summary(log: str) -> str:

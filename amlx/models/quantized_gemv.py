@@ -27,6 +27,14 @@ activations' dtype -- and is built for bandwidth:
   shared memory and each output is written once, rounded to the activations'
   dtype.
 
+How a call is launched (`launch_shape`, the same for both versions: blocks of 2, 4 or 8
+warps, K split 1-8 ways over a block's warps) is chosen by a rule (AMLX_QGEMV_LAUNCH, read
+once): "wave" (default, the launch measured on the H200: blocks of 8 warps, split while the
+split warps fit on the GPU at once) or "balanced" (not yet measured: the shape a cost model
+of the busiest SM, `estimate`, finds at least 10% faster, else the wave one; at Qwen3-8B's
+shapes it moves only q/k/v, whose 192 blocks of 8 warps left 60 SMs with twice the work of
+72 others, to 384 blocks of 4).
+
 Used by `nn.quantized_dense` on MLX's CUDA backend for 2-D activations of at
 most `MAX_ROWS` rows (decode steps, short prompts); MLX's quantized matmul
 everywhere else. AMLX_QGEMV=0 (read once, at import) turns it off, for
@@ -76,7 +84,7 @@ ROW_BUCKETS = (1, 2, 4, 8)  # row counts the kernel is compiled for (fewer rows 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 DTYPES = (bfloat16, float16, float32)
-WARPS = 8  # warps per block: blockDim.x * blockDim.y = 256
+WARPS = 8  # warps a block at most (the kernels size their shared partial sums for 8); the wave rule's blocks
 SMS = 132  # the H200's (an H100 SXM's too)
 
 _HEADER = r"""
@@ -524,30 +532,126 @@ def bucket(rows: int) -> int:
     return next(b for b in ROW_BUCKETS if b >= rows)
 
 
-def launch_shape(rows: int, n: int, k: int, bits: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(grid, threadgroup) in MLX's terms (grid counts threads) for x (rows, k)
-    times an (n, k) weight: blocks of 8 warps, WX along the output columns and
-    KS along k. A narrow matrix (few column groups) is split along k (KS up to
-    8, every lane still with a chunk) as far as the warps still fit on the SMs
-    at once (`resident`): all of its loads are then issued in one round, where
-    unsplit warps would read their rows one after another."""
+# Registers a thread of each variant, (version, rows compiled for, bits, bytes of x's dtype) -> ptxas's
+# count for sm_90a (the larger of float16 and bfloat16 for 2 bytes); scripts/cuda_compile_check.py
+# --ptxas fails where a variant uses more than this table says. They set how many warps an SM holds.
+REGISTERS = {
+    (1, 1, 4, 2): 96, (1, 1, 8, 2): 96, (1, 1, 4, 4): 96, (1, 1, 8, 4): 95,
+    (1, 2, 4, 2): 128, (1, 2, 8, 2): 128, (1, 2, 4, 4): 128, (1, 2, 8, 4): 127,
+    (1, 4, 4, 2): 168, (1, 4, 8, 2): 168, (1, 4, 4, 4): 168, (1, 4, 8, 4): 168,
+    (1, 8, 4, 2): 252, (1, 8, 8, 2): 190, (1, 8, 4, 4): 248, (1, 8, 8, 4): 202,
+    (2, 1, 4, 2): 128, (2, 1, 8, 2): 128, (2, 1, 4, 4): 128, (2, 1, 8, 4): 130,
+    (2, 2, 4, 2): 128, (2, 2, 8, 2): 96, (2, 2, 4, 4): 96, (2, 2, 8, 4): 96,
+    (2, 4, 4, 2): 179, (2, 4, 8, 2): 148, (2, 4, 4, 4): 184, (2, 4, 8, 4): 160,
+    (2, 8, 4, 2): 168, (2, 8, 8, 2): 146, (2, 8, 4, 4): 190, (2, 8, 8, 4): 154,
+}
+LAUNCH_RULES = ("wave", "balanced")
+# AMLX_QGEMV_LAUNCH (read once, at import): how the launch shape is chosen, for both versions.
+# "wave" (default, the one measured): blocks of 8 warps, K split over a block's warps while the
+# split warps still fit on the GPU at once. "balanced" (not yet measured on a GPU): the block size
+# and the split that `estimate` finds fastest.
+LAUNCH = os.environ.get("AMLX_QGEMV_LAUNCH", "wave")
+if LAUNCH not in LAUNCH_RULES:
+    LAUNCH = "wave"
+
+# The cost model's H200 figures (`estimate`): copy bandwidth in bytes a microsecond (3.3-3.5 TB/s
+# measured, benchmarks/README.md), warp instructions an SM issues a microsecond (4 schedulers at
+# 1.98 GHz), one DRAM round trip under load with the block's reduction after it, in microseconds,
+# and thread instructions a weight in the K loop by version and rows compiled for (ptxas/SASS, bf16,
+# 4 bits; 2 rows between the counted 1 and 4).
+_BYTES_US = 3.3e6
+_ISSUE_US = 4 * 1980.0
+_LATENCY_US = 1.0
+_INSTR_PER_WEIGHT = {1: {1: 6.3, 2: 9.0, 4: 14.0, 8: 35.0}, 2: {1: 4.4, 2: 6.0, 4: 9.3, 8: 20.0}}
+
+
+def warps_per_sm(rows: int, bits: int, itemsize: int, version: int, warps: int) -> int:
+    """Warps of the kernel an SM holds at once in blocks of `warps` warps: 64K registers an SM,
+    allocated per warp in 256s (8 a thread), at most 64 warps and 32 blocks."""
+    regs = -(-REGISTERS[(version, bucket(rows), bits, 4 if itemsize == 4 else 2)] // 8) * 8
+    per_sm = min(64, 65536 // (32 * regs))
+    return min(32, per_sm // warps) * warps
+
+
+def estimate(rows: int, n: int, k: int, bits: int, warps: int, split: int, itemsize: int = 2,
+             version: int | None = None) -> float:
+    """Microseconds the cost model gives one call launched in blocks of `warps` warps with K
+    split `split` ways over each block's warps. The busiest SM decides: the blocks it runs
+    (ceil(blocks / SMs): equal blocks go round the SMs) issue their instructions at the SM's
+    rate, overlapped with the whole matrix streaming at the copy bandwidth (an SM can draw
+    more than its share while others idle; bytes in flight do not bound it: a resident warp has
+    4-8 KB of loads out, an SM 32-128 KB, where keeping 1/132 of 3.3 TB/s busy over a 1 us
+    round trip takes 25 KB), plus a DRAM round trip each time a warp waits on
+    its loads: once a round of resident blocks for version 2 (its next loads fly while it
+    computes), once an iteration for version 1. Splitting K shortens every warp's loop, so
+    fewer iterations wait, but adds rounds where the warps no longer fit at once; smaller
+    blocks spread a few hundred blocks evenly over 132 SMs and pack more warps into the
+    registers where a thread needs more than 128."""
+    version = version or VERSION
     per_warp = columns_per_warp(rows)
     chunks = k * bits // 128
-    warps_n = -(-n // per_warp)
-    split = 1
-    while split < WARPS and warps_n * split * 2 <= resident(rows) and chunks >= 32 * split * 2:
-        split *= 2
-    wx = WARPS // split
+    wx = warps // split
+    blocks = -(-n // (wx * per_warp))
+    on_sm = -(-blocks // SMS)
+    rounds = -(-on_sm // (warps_per_sm(rows, bits, itemsize, version, warps) // warps))
+    lane_chunks = -(-chunks // (32 * split))  # chunks of a lane in each of its rows
+    waits = 1 if version == 2 else -(-lane_chunks // 2)  # version 1: two chunks a lane an iteration
+    instr = per_warp * lane_chunks * (128 // bits) * _INSTR_PER_WEIGHT[version][bucket(rows)]
+    read = n * k * bits / 8 / _BYTES_US
+    return max(read, on_sm * warps * instr / _ISSUE_US) + rounds * waits * _LATENCY_US
+
+
+def launch_shape(rows: int, n: int, k: int, bits: int, version: int | None = None, rule: str | None = None,
+                 itemsize: int = 2, shape: tuple[int, int] | None = None
+                 ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(grid, threadgroup) in MLX's terms (grid counts threads) for x (rows, k) times an (n, k)
+    weight: blocks of `warps` warps, WX along the output columns and KS (the split) along k, K
+    split over a block's warps and their sums met in shared memory (deterministic: one order).
+    `shape`: (warps, split) as given (warps 2, 4 or 8, split a power of two <= warps); else by
+    `rule` (default LAUNCH):
+    - "wave": blocks of 8 warps; a narrow matrix (few column groups) is split along k (up to 8,
+      every lane still with a chunk) as far as the warps still fit on the SMs at once (all of
+      its loads then issued in one round, where unsplit warps would read their rows one after
+      another);
+    - "balanced": the (warps, split) of blocks of 2, 4 or 8 warps and splits 1-8 (every lane
+      with a chunk) that `estimate` finds fastest, the fewest splits and largest blocks on ties,
+      where it beats the "wave" launch by 10% or more (else that one).
+      What it changes at Qwen3-8B's shapes: q/k/v's 192 blocks of 8 warps left 60 of the 132
+      SMs with two blocks and 72 with one (the busiest did 1.4x the mean); blocks of 4 give
+      384, three on most SMs (1.03x); at 4 rows (148-184 registers) an SM holds 8 warps in
+      blocks of 8 but 8-12 in blocks of 4 and 10-12 in blocks of 2."""
+    version = version or VERSION
+    rule = rule or LAUNCH
+    if rule not in LAUNCH_RULES:
+        raise ValueError(f"quantized_gemv: launch rule {rule!r} is none of {LAUNCH_RULES}")
+    per_warp = columns_per_warp(rows)
+    chunks = k * bits // 128
+    given = shape is not None
+    if not given:
+        warps_n = -(-n // per_warp)
+        resident = SMS * warps_per_sm(rows, bits, itemsize, 1, WARPS)  # as measured: version 1's residency
+        split = 1
+        while split < WARPS and warps_n * split * 2 <= resident and chunks >= 32 * split * 2:
+            split *= 2
+        shape = (WARPS, split)
+    if rule == "balanced" and not given:
+        # departs from the measured launch only for a predicted gain of 10% or more (the model's
+        # figures are rough; its ranking is what it is for)
+        best = (estimate(rows, n, k, bits, *shape, itemsize, version) * 0.9, shape)
+        for split in (1, 2, 4, 8):
+            for warps in (8, 4, 2):
+                if split > warps or (split > 1 and chunks < 32 * split):
+                    continue
+                t = estimate(rows, n, k, bits, warps, split, itemsize, version)
+                if t < best[0] * 0.99:
+                    best = (t, (warps, split))
+        shape = best[1]
+    warps, split = shape
+    if warps not in (2, 4, 8) or split not in (1, 2, 4, 8) or split > warps:
+        raise ValueError(f"quantized_gemv: no launch in blocks of {warps} warps split {split} ways")
+    wx = warps // split
     blocks = -(-n // (wx * per_warp))
     return (blocks * 32 * wx, split, 1), (32 * wx, split, 1)
-
-
-def resident(rows: int) -> int:
-    """Warps of the kernel that fit on the GPU at once: by its registers (ptxas for
-    sm_90a; two 256-thread blocks an SM at up to 128 registers a thread, one
-    beyond). Version 1: about 96-128 up to 2 rows, up to 252 beyond. Version 2:
-    96-130 up to 2 rows (130: float32 x, 8 bits, 1 row), 146-190 beyond."""
-    return SMS * (2 if bucket(rows) <= 2 else 1) * WARPS
 
 
 def supports(x: Array, weight: Array, scales: Array, biases: Array, group_size: int, bits: int) -> bool:
@@ -574,10 +678,11 @@ def applies(x: Array, weight: Array, scales: Array, biases: Array, group_size: i
 
 
 def quantized_gemv(x: Array, weight: Array, scales: Array, biases: Array, group_size: int, bits: int,
-                   version: int | None = None) -> Array:
+                   version: int | None = None, launch: str | tuple[int, int] | None = None) -> Array:
     """x (rows, K) @ dequantize(weight, scales, biases)^T -> (rows, N) in x's
     dtype (MLX's `quantized_matmul` with transpose=True); see `supports`.
-    `version`: 1 or 2, the kernel's (default VERSION)."""
+    `version`: 1 or 2, the kernel's (default VERSION); `launch`: a `LAUNCH_RULES` name or
+    (warps, split), as `launch_shape` takes them (default LAUNCH)."""
     del group_size  # the kernel reads it from the shapes: K / scales.shape[1]
     version = version or VERSION
     if version not in _KERNEL:
@@ -585,7 +690,9 @@ def quantized_gemv(x: Array, weight: Array, scales: Array, biases: Array, group_
         _KERNEL[version] = fast.CudaKernel(name, inputs, ["out"], source, header=header)
     rows, k = x.shape
     n = weight.shape[0]
-    grid, group = launch_shape(rows, n, k, bits)  # the same for both versions
+    grid, group = launch_shape(rows, n, k, bits, version, itemsize=x.dtype.size,
+                               rule=launch if isinstance(launch, str) else None,
+                               shape=launch if isinstance(launch, tuple) else None)
     (out,) = _KERNEL[version]([x, weight, scales, biases], [(rows, n)], [x.dtype], grid=grid, threadgroup=group,
                               template={"T": x.dtype, "BITS": int(bits), "RB": bucket(rows)})
     return out
