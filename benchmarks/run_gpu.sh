@@ -22,6 +22,7 @@
 #   bash benchmarks/run_gpu.sh structured-ab  # issue 16's steady state under CONFIGS (base si ...), ROUNDS times,
 #                                        # alternating, one process each (~80 s a configuration)
 #   bash benchmarks/run_gpu.sh window    # KV memory of a long Gemma-3-1B row, windowed layers' own pool (window_pool.py)
+#   bash benchmarks/run_gpu.sh qgemv-launch # the kernel's launch shapes: balanced vs measured, serial calls (~4 min)
 #   bash benchmarks/run_gpu.sh spec-cost    # speculative decoding: k draft steps + verify vs k+1 plain steps
 #   bash benchmarks/run_gpu.sh spec-draft   # end to end: qwen3-8b with its 4-bit copy as draft, amlx vs mlx-lm
 #   bash benchmarks/run_gpu.sh spec-lookup  # end to end: prompt lookup on a model fine-tuned to copy
@@ -149,6 +150,17 @@ case "${1:-speed}" in
     save_ptx
     cat "$OUT/bigspeed.md" 2>/dev/null || echo "no bigspeed.md was written"
     cat "$OUT/qgemv.md" 2>/dev/null || echo "no qgemv.md was written" ;;
+  qgemv-launch)
+    # the kernel's block shapes (AMLX_QGEMV_LAUNCH=balanced against the measured launch), its GPU tests for
+    # them, then qgemv.py with each call serial (no CUDA graph overlap), CUPTI device times and a sweep of
+    # every block shape for q/k/v, o and down (~4 min)
+    restore_ptx
+    timeout -k 5 ${TEST_BUDGET:-90} python3 -m pytest -q -p no:cacheprovider tests/test_quantized_gemv.py \
+      -k "block_shape or launch or balanced" 2>&1 | tee "$OUT/qgemv_launch_tests.txt" | tail -15 \
+      || echo "tests ended with status $?"
+    timeout -k 5 ${MICRO_BUDGET:-130} python3 benchmarks/qgemv.py --out "$OUT" --rows 1 2 4 --v2 --balanced --cupti \
+      --serial --sweep qkv o down 2>&1 | tee "$OUT/qgemv_log.txt" | tail -70 || echo "qgemv.py ended with status $?"
+    save_ptx ;;
   spec-cost)
     timeout -k 10 ${BUDGET:-290} python3 benchmarks/speculative_cost.py --root /tmp/amlx-spec \
       --out "$OUT/speculative_cost.json" | tee "$OUT/speculative_cost.txt" || echo "speculative_cost.py ended with status $?" ;;
