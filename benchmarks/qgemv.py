@@ -2,11 +2,11 @@
 MLX's `quantized_matmul` at Qwen3-8B's projection shapes, in GB/s of weights
 read and as a share of the device's copy bandwidth (benchmarks/bandwidth.py).
 
-    python benchmarks/qgemv.py --out OUT [--rows 1 2 4 8] [--bits 4] [--group 64] [--v2] [--balanced]
+    python benchmarks/qgemv.py --out OUT [--rows 1 2 4 8] [--bits 4] [--group 64] [--both] [--balanced]
                                [--sweep qkv o down] [--serial]
 
-`--v2` times the kernel's second version (quantized_gemv.quantized_gemv(..., version=2),
-opt-in: AMLX_QGEMV=2) beside its default one, as a third side (v2 columns). `--balanced`
+`--both` (or `--v2`) times the kernel's other version (quantized_gemv.quantized_gemv(...,
+version=1): AMLX_QGEMV=1; version 2 is the default) beside the default one, as a third side. `--balanced`
 adds each timed version with the "balanced" launch rule (`launch_shape`; opt-in:
 AMLX_QGEMV_LAUNCH=balanced) beside the default "wave" one (bal columns). `--sweep SHAPE...`
 times, at those shapes, every block shape (warps 2/4/8 a block, K split 1-8 over them) of
@@ -60,9 +60,10 @@ SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 24576), ("do
 PER_STEP = {"qkv": 36, "o": 36, "gate_up": 36, "down": 36, "head": 1}  # Qwen3-8B: 36 layers
 L2_BYTES = 64 << 20  # a little above the H200's 60 MB
 SIDES = ("amlx", "mlx")  # amlx: the kernel's default version (quantized_gemv.VERSION) and launch rule
-V2 = "amlx_v2"  # --v2: its second version too
-# the kernel's sides: label -> (version, launch) as quantized_gemv takes them (None: the defaults)
-KERNEL_SIDES = {"amlx": (None, None), V2: (2, None), "amlx_bal": (None, "balanced"), "amlx_v2_bal": (2, "balanced")}
+# the kernel's sides: label -> (version, launch) as quantized_gemv takes them (None: the defaults);
+# --both adds the version that is not the default (amlx_v1 while VERSION is 2)
+KERNEL_SIDES = {"amlx": (None, None), "amlx_v1": (1, None), "amlx_v2": (2, None), "amlx_bal": (None, "balanced"),
+                "amlx_v1_bal": (1, "balanced"), "amlx_v2_bal": (2, "balanced")}
 BLOCK_SHAPES = [(w, s) for s in (1, 2, 4, 8) for w in (8, 4, 2) if s <= w]  # (warps, split) for --sweep
 
 
@@ -214,7 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", default=[s[0] for s in SHAPES])
     ap.add_argument("--cupti", action="store_true", help="device time per kernel through torch.profiler")
     ap.add_argument("--copy-bytes", type=int, default=4 << 30)
-    ap.add_argument("--v2", action="store_true", help="the kernel's second version as a third side (amlx_v2)")
+    ap.add_argument("--both", "--v2", dest="both", action="store_true",
+                    help="the kernel's other version as a third side (amlx_v1 while version 2 is the default)")
     ap.add_argument("--balanced", action="store_true", help="each timed version with the balanced launch rule too")
     ap.add_argument("--sweep", nargs="*", default=[], help="shapes at which to time every block shape")
     ap.add_argument("--serial", action="store_true",
@@ -248,7 +250,7 @@ def main(argv=None) -> int:
             got, want = (ops.astype(y, float32).numpy().astype(np.float64) for y in ys)
             row = {"shape": name, "k": k, "n": n, "rows": rows, "bytes": nbytes,
                    "max_rel_diff": float(np.max(np.abs(got - want)) / np.max(np.abs(want)))}
-            sides = SIDES + ((V2,) if args.v2 else ())
+            sides = SIDES + ((f"amlx_v{3 - qg.VERSION}",) if args.both else ())
             sides += tuple(s + "_bal" for s in sides if s != "mlx") if args.balanced else ()
             for side in sides:
                 s = _timed(side, x, layers, args.group, args.bits, args.reps, args.trials)
@@ -267,7 +269,7 @@ def main(argv=None) -> int:
             for side in sides[2:]:
                 dev += f" | {side} {row[side]['us']:.1f} us ({100 * row[side]['bw_fraction']:.0f}%)"
             if name in args.sweep:
-                row["sweep"] = _sweep(x, layers, k, n, rows, args, [v for v in (1, 2) if v == qg.VERSION or args.v2])
+                row["sweep"] = _sweep(x, layers, k, n, rows, args, [v for v in (1, 2) if v == qg.VERSION or args.both])
             print(f"{name:8s} {k:6d}->{n:6d} rows={rows}: amlx {a['us']:8.1f} us {a['gb_s']:7.0f} GB/s "
                   f"({100 * a['bw_fraction']:.0f}%) | mlx {m['us']:8.1f} us {m['gb_s']:7.0f} GB/s "
                   f"({100 * m['bw_fraction']:.0f}%) | {m['us'] / a['us']:.2f}x | rel diff {row['max_rel_diff']:.1e}"

@@ -41,11 +41,13 @@ everywhere else. AMLX_QGEMV=0 (read once, at import) turns it off, for
 comparisons. As a custom kernel it is one graph node and survives the
 compiled decode step like the other step kernels.
 
-Two versions (`VERSION`; AMLX_QGEMV=2 picks the second). Version 1, the default,
-is the above, measured on an H200 (benchmarks/README.md). Version 2 was written
-after that run and has not yet run on a GPU (it compiles with NVRTC and its
-indexing is checked by scripts/qgemv_transliteration.py); it stays opt-in until
-its GPU tests and benchmarks/qgemv.py have run. Version 1 as measured: beyond one row it was bound by
+Two versions (`VERSION`; AMLX_QGEMV=1 picks the first). Version 1 is the above,
+measured on an H200 first (benchmarks/README.md). Version 2, the default since it
+was measured there (2026-12-02 night, benchmarks/qgemv.py, calls one at a time,
+Qwen3-8B 4-bit shapes): every shape at 1, 2 and 4 rows as fast or faster, a step's
+quantized products 3.48 -> 2.91 ms at one row, 4.75 -> 3.45 at two, 9.65 -> 4.98
+at four (the head at one row 49% -> 69% of the copy bandwidth), its GPU tests
+passing against the float64 reference. Version 1 as measured: beyond one row it was bound by
 instructions, and its x loads, each waited for before use, put a dozen or more
 serial L1/L2 round trips in every iteration. Version 2 keeps the work split
 and arithmetic and changes how it is issued (ptxas/SASS for sm_90a, bf16, 4
@@ -69,12 +71,12 @@ import os
 
 from amlx._mlx import Array, bfloat16, device, fast, float16, float32, uint32
 
-# AMLX_QGEMV (read once, at import): 0 off (MLX's quantized matmul), 1 (default) the
-# first version of the kernel, the one measured on a GPU, 2 the second (not yet run on
-# one); any other value: the default.
-_ENV = os.environ.get("AMLX_QGEMV", "1")
+# AMLX_QGEMV (read once, at import): 0 off (MLX's quantized matmul), 1 the first
+# version of the kernel, 2 (default) the second, faster at every measured shape; any
+# other value: the default.
+_ENV = os.environ.get("AMLX_QGEMV", "2")
 ENABLED = _ENV != "0"
-VERSION = 2 if _ENV == "2" else 1
+VERSION = 1 if _ENV == "1" else 2
 MAX_ROWS = 8
 # Rows up to which `applies` picks the kernel. Measured on the H200 (benchmarks/qgemv.py,
 # Qwen3-8B shapes, 4-bit): 1.1-2.6x MLX's quantized matmul at 1, 2 and 4 rows, but
@@ -303,7 +305,7 @@ _SOURCE = (
 """
 )
 
-# Version 2 (AMLX_QGEMV=2, VERSION = 2): the same work split as version 1, built
+# Version 2 (the default, VERSION = 2): the same work split as version 1, built
 # to keep more bytes in flight and to issue fewer instructions a weight.
 _HEADER_V2 = r"""
 template <int S> struct amlx_elem;
