@@ -882,6 +882,19 @@ class BatchSampling:
         amlx.speculative.verify) as the rows' state, every row having taken part."""
         self.keys, self.history, self.counts = keys, history, counts
 
+    def take(self, keep: list[int]) -> "BatchSampling":
+        """The sampling state of rows `keep` (in that order), taken on the device: no
+        sync, so it may follow a step still in flight (rows left the batch between two
+        chained steps). The parameters are stacked again from the kept rows' own."""
+        taken = object.__new__(BatchSampling)
+        taken.rows = [self.rows[i] for i in keep]
+        taken._steps = self._steps
+        taken.params = BatchParams.build([r.params for r in taken.rows])
+        index = mx.array(np.asarray(keep, dtype=np.int32))
+        taken.keys, taken.history, taken.counts = [
+            None if a is None else _ops.take(a, index, axis=0) for a in (self.keys, self.history, self.counts)]
+        return taken
+
     def state(self) -> list[Array]:
         return [a for a in (self.keys, self.history, self.counts) if a is not None]
 

@@ -51,6 +51,7 @@ import numpy as np
 from amlx._mlx import Array, array, ops, transforms
 from amlx._mlx import int32 as _int32
 from amlx.constrain import MaskJob, step_masks
+from amlx.engine.admission import JoinPolicy
 from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards, padded_batch
 from amlx.engine.pools import ShardPools, extend_arrays, table_arrays
 from amlx.kv import PADDING_ROW, ShardKV, Tables, preemption_order, written
@@ -174,6 +175,11 @@ class Scheduler:
                                           plain_pass=self._timing_pass)
         # verify steps run while this holds (off for good once a verify pass fails alone: _verify_step)
         self.speculating = self.speculator is not None
+        # joins coalesced while the batch is busy (amlx/engine/admission.py)
+        self.joins = JoinPolicy(self.options.join_wait, max_batch_size)
+        # rows leave between chained steps without a drain (`_compact`); a speculative or
+        # tensor-parallel model's steps do not chain on the device that way
+        self.chain_leaves = self.options.chain_leaves and self.speculator is None and mirror is None
 
     @property
     def rows(self) -> list[Request]:
@@ -275,14 +281,17 @@ class Scheduler:
         with self._lock:
             self.waiting.extend(self._incoming)
             self._incoming.clear()
-        if self._inflight is not None and self._batch_will_change():
+        joins = self._joins_due()
+        if self._inflight is not None and self._batch_will_change(joins):
             self.timing.lap("other")
             self.timing.count("drains")
             self._read(self._drain())
+            joins = self._joins_due()  # (rows may have finished in that step)
         self._drop_inactive()
         self._unpark()
         self.timing.lap("leave")  # rows leaving (and parked ones coming back): the batch rebuilt
-        self._admit()
+        if joins:
+            self._admit()
         # new requests taken (their prefill passes and first tokens are the prefill_* phases)
         self.timing.lap("admit")
         if self.prefilling is not None:
@@ -291,6 +300,16 @@ class Scheduler:
         flush_wakeups()  # first tokens of this round's prefills go out now, not after its decode step
         self._decode()
         self.timing.lap("other")
+
+    def _joins_due(self) -> bool:
+        """Whether waiting requests join the batch this round (`JoinPolicy`: while the
+        batch is busy, joins wait a few steps for others, to join together)."""
+        if self.prefilling is not None:
+            return False  # (`_admit` waits for it)
+        running = sum(1 for r in self.rows if r.active)
+        free = self.max_batch_size - running - sum(1 for r in self.parked if self._holds_slot(r))
+        return self.joins.due(waiting=len(self.waiting), free=free, running=running,
+                              chained=self._inflight is not None, step=self.decode_steps)
 
     def _admit(self) -> None:
         """Starts prompt processing in arrival order. The head of the queue takes
@@ -327,6 +346,7 @@ class Scheduler:
                 self.prefilling = req
                 break
             group.append(req)
+        self.joins.joined(len(self.waiting))
         if group:
             self._prefill_group(group)
 
@@ -555,13 +575,34 @@ class Scheduler:
         else:
             shard.kv.forget_table()  # (a device array: nothing is held while the shard is idle)
 
-    def _batch_will_change(self) -> bool:
+    def _batch_will_change(self, joins: bool) -> bool:
+        """Whether this round changes the batch in a way that needs the step in flight
+        drained first: a row pausing (parked), a parked one rejoining, a prompt being
+        prefilled, new requests joining (`joins`), or, unless `chain_leaves`, a row
+        leaving. A row that finished or was cancelled leaves without a drain where
+        `chain_leaves` holds (`_compact`), unless none stays or the shards would be left
+        unbalanced."""
         rows = self.rows
-        if any(not r.active or not r.channel.has_room() for r in rows):
-            return True  # a row leaves (finished, cancelled, or paused: parked)
+        if any(r.active and not r.channel.has_room() for r in rows):
+            return True  # a row pauses: parked
+        if any(not r.active for r in rows) and (not self.chain_leaves or all(not r.active for r in rows)
+                                                or self._unbalanced_after_leaves()):
+            return True  # a row leaves (finished or cancelled); the last ones drain: nothing to overlap
         if any(r.active and r.channel.has_room() for r in self.parked):
             return True  # may rejoin
-        return self._slots_held() < self.max_batch_size and bool(self.waiting or self.prefilling)
+        if self.prefilling is not None and self._slots_held() < self.max_batch_size:
+            return True
+        return joins
+
+    def _unbalanced_after_leaves(self) -> bool:
+        """Whether the rows that stay would leave the shards so unequal that they should
+        be rebalanced (which moves rows, after a drain: `_rebalance`). A round takes as
+        long as its largest shard, but joins go to the emptiest shard and even it out, so
+        a small difference is left to them."""
+        if len(self.shards) < 2:
+            return False
+        sizes = [sum(1 for r in s.rows if r.active) for s in self.shards]
+        return max(sizes) - min(sizes) > max(2, sum(sizes) // 8)
 
     # -- paused requests: parked out of the batch -------------------------------
     def _park_paused(self) -> None:
@@ -694,10 +735,12 @@ class Scheduler:
 
     def _can_chain(self, prev: "_Step") -> bool:
         live = [s for s in self.shards if s.rows]
-        if len(prev.parts) != len(live):
+        parts = {p.shard: p for p in prev.parts}
+        if not live or any(s not in parts for s in live):
             return False
-        for part, shard in zip(prev.parts, live):
-            if part.shard is not shard or len(part.selected) != len(shard.rows) or part.rows != shard.rows:
+        for shard in live:
+            part = parts[shard]
+            if len(part.selected) != len(part.rows) or part.carried() != shard.rows:
                 return False
         # One token of every row is still in flight: room for it, and one more.
         return all(r.active and r.channel.has_room(extra=1) for r in self.rows)
@@ -736,7 +779,10 @@ class Scheduler:
             b = len(shard.rows)
             pad = padded_batch(b) - b if self.options.pad_batches else 0
             if prev is not None:
-                tokens = ops.reshape(prev.sample.tokens, (b, 1))
+                tokens = prev.sample.tokens
+                if prev.carry is not None:  # rows left since: the others' tokens (`_compact`)
+                    tokens = ops.take(tokens, array(np.asarray(prev.carry, dtype=np.int32)), axis=0)
+                tokens = ops.reshape(tokens, (b, 1))
             else:
                 tokens = array(np.asarray([[r.last] for r in shard.rows], dtype=np.int32))
             if pad:
@@ -963,9 +1009,34 @@ class Scheduler:
             for i, r in enumerate(shard.rows):
                 if i not in keep:
                     self._finish(r)
-            self._keep_rows(shard, keep)
-        if changed:
+            if self._inflight is not None:
+                self._compact(shard, keep)
+            else:
+                self._keep_rows(shard, keep)
+        if changed and self._inflight is None:
             self._rebalance()
+
+    def _compact(self, shard: _Shard, keep: list[int]) -> None:
+        """Keeps only the given rows of a shard while a step is in flight (`chain_leaves`),
+        without draining it: the shard's sampling state is taken for them on the device,
+        and the step in flight records which of its rows stay (`_Part.carry`), so the next
+        step takes their tokens from it on the device (`_build`). The rows that left
+        already gave their blocks back: the step in flight still writes them, but every
+        later user of those blocks reads the pool arrays that step returns, so it sees
+        them after that write (MLX orders work by the arrays it reads)."""
+        part = next((p for p in self._inflight.parts if p.shard is shard), None)
+        if part is None:  # (the shard took no part in that step: its state is not in flight)
+            self._keep_rows(shard, keep)
+            return
+        self.timing.count("chained_leaves")
+        part.carry = [part.carry[i] if part.carry is not None else i for i in keep]
+        old, shard.sampling = shard.sampling, None
+        shard.rows = [shard.rows[i] for i in keep]
+        if shard.rows:
+            shard.sampling = old.take(keep)
+        else:
+            shard.kv.forget_table()
+        old.close()
 
     def _keep_rows(self, shard: _Shard, keep: list[int]) -> None:
         """Keeps only the given rows of a shard (in that order). No cache moves:
@@ -1164,6 +1235,13 @@ class _Part:
     outputs: list[Array]  # everything the part computes (what async_eval launches)
     state: list[Array]  # the shard's pool arrays after the step (until it is launched)
     logits: Array | None = None  # until a part with constrained rows is sampled
+    # rows left the batch after this step was launched (`Scheduler._compact`): the indices,
+    # in `rows`, of the shard's rows now; None: all of them
+    carry: list[int] | None = None
+
+    def carried(self) -> list[Request]:
+        """The rows of this step still in the shard's batch, in the order they are now."""
+        return self.rows if self.carry is None else [self.rows[i] for i in self.carry]
 
 
 @dataclass(eq=False)
