@@ -119,7 +119,13 @@ class EngineOptions:
     - chain_leaves: a row that finishes or is cancelled leaves the batch without draining
       the step in flight: the next step takes the rows that stay from it on the device
       (`Scheduler._compact`; AMLX_CHAIN_LEAVES=0/1, default on; off with speculative
-      decoding or tensor parallelism, whose steps do not chain that way)."""
+      decoding or tensor parallelism, whose steps do not chain that way).
+    - extend_fresh: with extend_pass, short prompts with no cached prefix (a new
+      request's whole prompt, at most 256 tokens) run as the compiled extend pass too,
+      so a join's prefill replays a graph instead of building the forward op by op
+      (AMLX_EXTEND_FRESH=0/1; default off until measured on a GPU: a new padded batch
+      size of such groups compiles its kernels at first use, which `warm_extend`
+      covers only for batches of 1 and 2)."""
 
     device: str = "cpu"
     shards: int | None = None
@@ -138,6 +144,7 @@ class EngineOptions:
     adaptive_draft_length: bool | None = None
     join_wait: int | None = None
     chain_leaves: bool | None = None
+    extend_fresh: bool | None = None
 
     def resolved(self) -> "EngineOptions":
         if self.device not in ("cpu", "gpu"):
@@ -174,7 +181,8 @@ class EngineOptions:
                        extend_pass=_switch(self.extend_pass, "AMLX_EXTEND_PASS", gpu),  # see extend_pass above
                        measure_draft_costs=_switch(self.measure_draft_costs, "AMLX_MEASURE_DRAFT_COSTS", gpu),
                        adaptive_draft_length=_switch(self.adaptive_draft_length, "AMLX_ADAPTIVE_DRAFT", True),
-                       join_wait=join_wait, chain_leaves=_switch(self.chain_leaves, "AMLX_CHAIN_LEAVES", True))
+                       join_wait=join_wait, chain_leaves=_switch(self.chain_leaves, "AMLX_CHAIN_LEAVES", True),
+                       extend_fresh=_switch(self.extend_fresh, "AMLX_EXTEND_FRESH", False))
 
 
 def _switch(value: bool | None, env: str, default: bool) -> bool:

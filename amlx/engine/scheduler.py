@@ -4,7 +4,8 @@ Requests arrive in `incoming` (any thread), wait in arrival order, are
 prefilled one chunk per step on a cache of their own, then join the running
 batch: one batched decode step per round for every running request whose
 consumer has room. Finished and cancelled requests leave the batch at once and
-their cache rows are freed.
+their cache rows are freed. While the batch is busy, waiting requests may wait a few
+steps for others, to join together (amlx/engine/admission.py).
 
 Backpressure: a request whose consumer has `max_buffer` unread tokens is paused.
 It leaves the decode batch before the next step (its cache row moves out to a
@@ -357,7 +358,8 @@ class Scheduler:
         each request's last position in it. `logits_read`: whether the caller
         evaluates them (a tensor-parallel model's other ranks evaluate the same)."""
         ends = [min(len(r.fill), start + length) for r in reqs]
-        if start and length <= self.extend_max and self._extend_fn is not None and self.mirror is None:
+        if ((start or self.options.extend_fresh) and length <= self.extend_max and self._extend_fn is not None
+                and self.mirror is None):
             return self._extend_pass(shard, reqs, start, ends, model)
         ids = np.zeros((len(reqs), length), dtype=np.int32)
         for i, r in enumerate(reqs):
@@ -637,9 +639,10 @@ class Scheduler:
 
         While the batch stays the same, step t+1 takes step t's sampled tokens
         straight from the device and is scheduled before step t's tokens are
-        read back, so the host's work overlaps the device's. Any change to the
-        batch (a row finishing, pausing or joining) first drains the step in
-        flight; a row that finished at step t has computed step t+1 in vain.
+        read back, so the host's work overlaps the device's. A row pausing or
+        joining first drains the step in flight; a row finishing or cancelled
+        leaves without a drain where `chain_leaves` holds (`_compact`). Either
+        way a row that finished at step t has computed step t+1 in vain.
 
         The order is: build step t+1's graph (Python), launch it, then hand
         step t's tokens to their consumers. Launching before reading keeps the
