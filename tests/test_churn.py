@@ -1,4 +1,4 @@
-"""Batch changes under churn: rows leaving between chained steps (`chain_leaves`) and joins
+"""Batch changes under churn: rows leaving between chained steps (`chain_changes`) and joins
 coalesced while the batch is busy (`join_wait`, amlx/engine/admission.py).
 
 Many short requests from closed-loop clients make rows leave and join nearly every step.
@@ -42,7 +42,7 @@ def ckpt():
 def _load(ckpt, monkeypatch, join_wait: int, chain: bool = True, batch: int = 8):
     monkeypatch.setenv("AMLX_STEP_TIMING", "1")
     monkeypatch.setenv("AMLX_JOIN_WAIT", str(join_wait))
-    monkeypatch.setenv("AMLX_CHAIN_LEAVES", "1" if chain else "0")
+    monkeypatch.setenv("AMLX_CHAIN_CHANGES", "1" if chain else "0")
     return amlx.load_sync(ckpt, max_batch_size=batch)
 
 
@@ -101,7 +101,7 @@ def _wait_idle(model) -> None:
 
 def test_leaves_do_not_drain(ckpt, cases, monkeypatch):
     """Rows of different lengths finish one by one while the others keep decoding: with
-    `chain_leaves` none of those leaves drains the step in flight (only the last, which
+    `chain_changes` none of those leaves drains the step in flight (only the last, which
     leaves nothing to overlap); without it, each does."""
     lengths = [4, 7, 10, 13, 16, 19]
     drains = {}
@@ -205,19 +205,20 @@ def _watch_joins(sched) -> tuple[dict, list[tuple[int, int]]]:
 
 
 async def _busy(model, cases, seen: dict, late: int, gap_steps: int = 1) -> list:
-    """5 long rows (a batch of 8 more than half full, never paused); once they decode,
+    """5 long rows (a batch of 8 more than half full, never paused; their tokens checked
+    against transformers'); once they decode,
     `late` short requests, each submitted `gap_steps` decode steps after the scheduler took
     the one before (`seen`: from `_watch_joins`). Returns the late requests."""
     sched = model.engine.scheduler
     reqs = []
 
-    async def drain(stream):
-        async for _ in stream:
-            pass
+    async def drain(stream, ref=None):
+        got = [t.id async for t in stream]
+        assert ref is None or got == ref
 
     async with anyio.create_task_group() as tg:
         for i in range(5):
-            tg.start_soon(drain, model.generate(cases[i][0], max_tokens=PATH, max_buffer=65_536))
+            tg.start_soon(drain, model.generate(cases[i][0], max_tokens=PATH, max_buffer=65_536), cases[i][1])
         while sched.decode_steps < 3:
             await anyio.sleep(0.001)
         for _ in range(late):
@@ -261,6 +262,27 @@ def test_join_wait_is_bounded(ckpt, cases, monkeypatch):
         assert model.engine.scheduler.joins.held >= 1
     finally:
         model.close()
+
+
+def test_joins_do_not_drain(ckpt, cases, monkeypatch):
+    """Requests joining a busy batch go in beside the step in flight (chained joins): no
+    drain for them, and their tokens (and the running rows') are transformers'. Without
+    `chain_changes` each join drains."""
+    drains, joins = {}, {}
+    for chain in (True, False):
+        model = _load(ckpt, monkeypatch, join_wait=0, chain=chain)
+        try:
+            seen, _ = _watch_joins(model.engine.scheduler)
+            before = _counts(model)
+            late = anyio.run(_busy, model, cases, seen, 3)
+            assert all(r.generated == cases[5][1][:2] for r in late)
+            after = _counts(model)
+            drains[chain] = after.get("drains", 0) - before.get("drains", 0)
+            joins[chain] = after.get("chained_joins", 0) - before.get("chained_joins", 0)
+        finally:
+            model.close()
+    assert joins[True] >= 3 and joins[False] == 0, joins
+    assert drains[True] + 3 <= drains[False], drains
 
 
 def test_join_policy_bounds():

@@ -116,9 +116,9 @@ class EngineOptions:
       request may wait up to this many decode steps for others to join with it, so that
       one drained step and one prefill pass serve several joins (amlx/engine/admission.py;
       default 4, AMLX_JOIN_WAIT; 0: every request joins as soon as a slot is free).
-    - chain_leaves: a row that finishes or is cancelled leaves the batch without draining
+    - chain_changes: a row that finishes or is cancelled leaves the batch without draining
       the step in flight: the next step takes the rows that stay from it on the device
-      (`Scheduler._compact`; AMLX_CHAIN_LEAVES=0/1, default on; off with speculative
+      (`Scheduler._compact`; AMLX_CHAIN_CHANGES=0/1, default on; off with speculative
       decoding or tensor parallelism, whose steps do not chain that way).
     - extend_fresh: with extend_pass, short prompts with no cached prefix (a new
       request's whole prompt, at most 256 tokens) run as the compiled extend pass too,
@@ -143,7 +143,7 @@ class EngineOptions:
     measure_draft_costs: bool | None = None
     adaptive_draft_length: bool | None = None
     join_wait: int | None = None
-    chain_leaves: bool | None = None
+    chain_changes: bool | None = None
     extend_fresh: bool | None = None
 
     def resolved(self) -> "EngineOptions":
@@ -181,7 +181,7 @@ class EngineOptions:
                        extend_pass=_switch(self.extend_pass, "AMLX_EXTEND_PASS", gpu),  # see extend_pass above
                        measure_draft_costs=_switch(self.measure_draft_costs, "AMLX_MEASURE_DRAFT_COSTS", gpu),
                        adaptive_draft_length=_switch(self.adaptive_draft_length, "AMLX_ADAPTIVE_DRAFT", True),
-                       join_wait=join_wait, chain_leaves=_switch(self.chain_leaves, "AMLX_CHAIN_LEAVES", True),
+                       join_wait=join_wait, chain_changes=_switch(self.chain_changes, "AMLX_CHAIN_CHANGES", True),
                        extend_fresh=_switch(self.extend_fresh, "AMLX_EXTEND_FRESH", False))
 
 

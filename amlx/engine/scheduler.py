@@ -180,7 +180,7 @@ class Scheduler:
         self.joins = JoinPolicy(self.options.join_wait, max_batch_size)
         # rows leave between chained steps without a drain (`_compact`); a speculative or
         # tensor-parallel model's steps do not chain on the device that way
-        self.chain_leaves = self.options.chain_leaves and self.speculator is None and mirror is None
+        self.chain_changes = self.options.chain_changes and self.speculator is None and mirror is None
 
     @property
     def rows(self) -> list[Request]:
@@ -550,8 +550,26 @@ class Scheduler:
         for r in reqs:
             if not r.active:
                 self._finish(r)
-        if keep:
+        if not keep:
+            return
+        part = None if self._inflight is None else next((p for p in self._inflight.parts if p.shard is shard), None)
+        if part is None:  # (no step in flight holds the shard's state)
             self._set_rows(shard, shard.rows + keep)
+            return
+        # A step is in flight (`chain_changes`; `_batch_will_change` let the join through):
+        # the new rows' sampling state joins the shard's on the device, and the next step
+        # takes the old rows' tokens from the step in flight, theirs from the host (`_build`).
+        self.timing.count("chained_joins")
+        if part.carry is None:
+            part.carry = list(range(len(part.rows)))
+        part.carry += [None] * len(keep)
+        old = shard.sampling
+        if old is None:  # (every row of the shard left since that step)
+            shard.sampling = BatchSampling([r.sampling for r in keep], self._sample_steps)
+        else:
+            shard.sampling = old.extend([r.sampling for r in keep])
+            old.close()
+        shard.rows = shard.rows + keep
 
     def _first_tokens(self, logits: Array, reqs: list[Request]) -> StepSample:
         """Samples the first token of freshly prefilled requests; their keys move on."""
@@ -580,21 +598,24 @@ class Scheduler:
     def _batch_will_change(self, joins: bool) -> bool:
         """Whether this round changes the batch in a way that needs the step in flight
         drained first: a row pausing (parked), a parked one rejoining, a prompt being
-        prefilled, new requests joining (`joins`), or, unless `chain_leaves`, a row
+        prefilled, or, unless `chain_changes`, new requests joining (`joins`) or a row
         leaving. A row that finished or was cancelled leaves without a drain where
-        `chain_leaves` holds (`_compact`), unless none stays or the shards would be left
+        `chain_changes` holds (`_compact`), unless none stays or the shards would be left
         unbalanced."""
         rows = self.rows
         if any(r.active and not r.channel.has_room() for r in rows):
             return True  # a row pauses: parked
-        if any(not r.active for r in rows) and (not self.chain_leaves or all(not r.active for r in rows)
+        if any(not r.active for r in rows) and (not self.chain_changes or all(not r.active for r in rows)
                                                 or self._unbalanced_after_leaves()):
             return True  # a row leaves (finished or cancelled); the last ones drain: nothing to overlap
         if any(r.active and r.channel.has_room() for r in self.parked):
             return True  # may rejoin
         if self.prefilling is not None and self._slots_held() < self.max_batch_size:
             return True
-        return joins
+        # joins go in beside the step in flight (`_join`) unless a joining request needs token
+        # histories or counts on the device (penalties): its shard's may not exist yet, and the
+        # other rows' host histories lack the step in flight
+        return joins and (not self.chain_changes or any(r.sampling.params.any_history for r in self.waiting))
 
     def _unbalanced_after_leaves(self) -> bool:
         """Whether the rows that stay would leave the shards so unequal that they should
@@ -641,7 +662,7 @@ class Scheduler:
         straight from the device and is scheduled before step t's tokens are
         read back, so the host's work overlaps the device's. A row pausing or
         joining first drains the step in flight; a row finishing or cancelled
-        leaves without a drain where `chain_leaves` holds (`_compact`). Either
+        leaves without a drain where `chain_changes` holds (`_compact`). Either
         way a row that finished at step t has computed step t+1 in vain.
 
         The order is: build step t+1's graph (Python), launch it, then hand
@@ -739,11 +760,15 @@ class Scheduler:
     def _can_chain(self, prev: "_Step") -> bool:
         live = [s for s in self.shards if s.rows]
         parts = {p.shard: p for p in prev.parts}
-        if not live or any(s not in parts for s in live):
+        if not live or not any(s in parts for s in live):
             return False
         for shard in live:
-            part = parts[shard]
-            if len(part.selected) != len(part.rows) or part.carried() != shard.rows:
+            part = parts.get(shard)
+            if part is None:
+                continue  # (all its rows joined since: their tokens come from the host)
+            carried = part.carried()
+            if len(part.selected) != len(part.rows) or len(carried) != len(shard.rows) or any(
+                    c is not None and c is not r for c, r in zip(carried, shard.rows)):
                 return False
         # One token of every row is still in flight: room for it, and one more.
         return all(r.active and r.channel.has_room(extra=1) for r in self.rows)
@@ -782,10 +807,7 @@ class Scheduler:
             b = len(shard.rows)
             pad = padded_batch(b) - b if self.options.pad_batches else 0
             if prev is not None:
-                tokens = prev.sample.tokens
-                if prev.carry is not None:  # rows left since: the others' tokens (`_compact`)
-                    tokens = ops.take(tokens, array(np.asarray(prev.carry, dtype=np.int32)), axis=0)
-                tokens = ops.reshape(tokens, (b, 1))
+                tokens = self._chained_tokens(shard, prev)
             else:
                 tokens = array(np.asarray([[r.last] for r in shard.rows], dtype=np.int32))
             if pad:
@@ -811,6 +833,22 @@ class Scheduler:
         step = shard.sampling(logits, sel)
         outputs = [*step.arrays(), *shard.sampling.state(), *state]
         return _Part(shard, list(shard.rows), sel, step, outputs, state)
+
+    def _chained_tokens(self, shard: _Shard, prev: "_Part") -> Array:
+        """The input tokens (B, 1) of a shard's step chained on `prev`: its sampled tokens on
+        the device, taken for the rows that stayed, then the tokens of rows that joined
+        since from the host (`_compact`, `_join`; joined rows come last)."""
+        tokens = ops.reshape(prev.sample.tokens, (-1, 1))
+        if prev.carry is None:
+            return tokens
+        old = [c for c in prev.carry if c is not None]
+        new = [[r.last] for r, c in zip(shard.rows, prev.carry) if c is None]
+        if old != list(range(len(prev.rows))):
+            tokens = ops.take(tokens, array(np.asarray(old, dtype=np.int32)), axis=0) if old else None
+        if not new:
+            return tokens
+        new = array(np.asarray(new, dtype=np.int32))
+        return new if tokens is None else ops.concatenate([tokens, new], axis=0)
 
     def _launch(self, parts: list["_Part"]) -> bool:
         """Launches what the parts have built so far (whole steps; the forwards of parts
@@ -1020,7 +1058,7 @@ class Scheduler:
             self._rebalance()
 
     def _compact(self, shard: _Shard, keep: list[int]) -> None:
-        """Keeps only the given rows of a shard while a step is in flight (`chain_leaves`),
+        """Keeps only the given rows of a shard while a step is in flight (`chain_changes`),
         without draining it: the shard's sampling state is taken for them on the device,
         and the step in flight records which of its rows stay (`_Part.carry`), so the next
         step takes their tokens from it on the device (`_build`). The rows that left
@@ -1032,7 +1070,7 @@ class Scheduler:
             self._keep_rows(shard, keep)
             return
         self.timing.count("chained_leaves")
-        part.carry = [part.carry[i] if part.carry is not None else i for i in keep]
+        part.carry = [part.carry[i] if part.carry is not None else i for i in keep]  # (None: a row joined since)
         old, shard.sampling = shard.sampling, None
         shard.rows = [shard.rows[i] for i in keep]
         if shard.rows:
@@ -1238,13 +1276,15 @@ class _Part:
     outputs: list[Array]  # everything the part computes (what async_eval launches)
     state: list[Array]  # the shard's pool arrays after the step (until it is launched)
     logits: Array | None = None  # until a part with constrained rows is sampled
-    # rows left the batch after this step was launched (`Scheduler._compact`): the indices,
-    # in `rows`, of the shard's rows now; None: all of them
-    carry: list[int] | None = None
+    # rows left or joined the batch after this step was launched (`Scheduler._compact`,
+    # `Scheduler._join`): for each of the shard's rows now, its index in `rows`, or None
+    # for a row that joined since (last); None: the rows are `rows`
+    carry: list[int | None] | None = None
 
-    def carried(self) -> list[Request]:
-        """The rows of this step still in the shard's batch, in the order they are now."""
-        return self.rows if self.carry is None else [self.rows[i] for i in self.carry]
+    def carried(self) -> list[Request | None]:
+        """The shard's rows now as this step knows them: its rows that stay, in their
+        order now, and None for each row that joined since."""
+        return self.rows if self.carry is None else [None if i is None else self.rows[i] for i in self.carry]
 
 
 @dataclass(eq=False)
