@@ -1,15 +1,16 @@
 """When waiting requests join a running batch (the scheduler's admission policy).
 
-Every join costs the running batch more than its prompt's compute: the decode step in
-flight is drained (the host stops overlapping the device for a step), the prompts are
-prefilled in a pass of their own that the host waits for (on a GPU its host work, building
-the uncompiled forward op by op, is about the same for 2 prompts as for 16), and the
-shard's sampling state is rebuilt. Under churn (short requests, e.g. JSON answers that close
-after 35-128 tokens, with closed-loop clients) rows leave and new requests arrive nearly
-every step, and joining each as soon as it arrives pays those costs nearly every step.
+Every join costs the running batch more than its prompt's compute: the host waits for the
+prompts' prefill pass (and the decode step in flight) before it launches the next step, so
+the device idles while the host builds that step; on a GPU the pass's own host work
+(building the uncompiled forward op by op) is about the same for 2 prompts as for 16; and
+where joins cannot chain (EngineOptions.chain_changes off, penalised requests) the step in
+flight is drained first. Under churn (short requests, e.g. JSON answers that close after
+35-128 tokens, with closed-loop clients) rows leave and new requests arrive nearly every
+step, and joining each as soon as it arrives pays those costs nearly every step.
 
 So while the batch is busy, joins are coalesced: a waiting request may wait a few decode
-steps for others, and they join together, one drain and one prefill pass for the group.
+steps for others, and they join together, one prefill pass (and at most one drain) for the group.
 Bounds, so that no request is held up for long and a quiet engine never waits:
 - never while the batch is less than half full (or idle, or nothing is in flight);
 - never beyond `wait_steps` decode steps for the oldest waiting request;

@@ -116,10 +116,11 @@ class EngineOptions:
       request may wait up to this many decode steps for others to join with it, so that
       one drained step and one prefill pass serve several joins (amlx/engine/admission.py;
       default 4, AMLX_JOIN_WAIT; 0: every request joins as soon as a slot is free).
-    - chain_changes: a row that finishes or is cancelled leaves the batch without draining
-      the step in flight: the next step takes the rows that stay from it on the device
-      (`Scheduler._compact`; AMLX_CHAIN_CHANGES=0/1, default on; off with speculative
-      decoding or tensor parallelism, whose steps do not chain that way).
+    - chain_changes: rows that finish or are cancelled leave the batch, and requests
+      join it, without draining the step in flight: the next step takes the rows that
+      stay from it on the device (`Scheduler._compact`, `Scheduler._join`;
+      AMLX_CHAIN_CHANGES=0/1, default on; off with speculative decoding or tensor
+      parallelism, whose steps do not chain that way).
     - extend_fresh: with extend_pass, short prompts with no cached prefix (a new
       request's whole prompt, at most 256 tokens) run as the compiled extend pass too,
       so a join's prefill replays a graph instead of building the forward op by op
