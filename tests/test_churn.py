@@ -10,6 +10,7 @@ event counters (`chained_leaves`, `drains`, `prefill_groups`), never from wall t
 
 from __future__ import annotations
 
+import gc
 import time
 
 import anyio
@@ -339,3 +340,43 @@ def test_fresh_prompts_through_the_extend_pass(ckpt, cases, monkeypatch):
         assert 0 in passes  # (prompts repeat: later ones may start behind a cached prefix)
     finally:
         model.close()
+
+
+def _active_bytes() -> int:
+    gc.collect()
+    return amlx.memory()["active"]
+
+
+def test_memory_back_after_churn_and_close(ckpt, cases, monkeypatch):
+    """Rows leaving and joining between chained steps (cancelled ones too) leave nothing
+    behind: a model that ran such a churn gives back every byte when closed. (A first
+    model runs the same churn before the measurement: what MLX keeps per process, e.g.
+    kernels, is then already there.)"""
+    async def churn(model):
+        async def client(c):
+            for k in range(3):
+                i = (c + k) % CASES
+                stream = model.generate(cases[i][0], max_tokens=4 + (3 * c + 5 * k) % 17)
+                got = 0
+                async for _ in stream:
+                    got += 1
+                    if (c + k) % 4 == 3 and got == 2:
+                        break  # cancelled mid-stream
+                await stream.aclose()
+
+        async with anyio.create_task_group() as tg:
+            for c in range(7):
+                tg.start_soon(client, c)
+
+    for measured in (False, True):
+        if measured:
+            before = _active_bytes()
+        model = _load(ckpt, monkeypatch, join_wait=2)
+        try:
+            anyio.run(churn, model)
+            counts = _counts(model)
+            assert counts.get("chained_leaves", 0) > 0 and counts.get("chained_joins", 0) > 0, counts
+            _wait_idle(model)
+        finally:
+            model.close()
+    assert _active_bytes() == before
