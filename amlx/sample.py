@@ -236,6 +236,11 @@ class SamplingParams:
         """True when the row needs the counts of its generated tokens (presence/frequency)."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0
 
+    @property
+    def any_history(self) -> bool:
+        """True when the row's sampling reads its token history or counts (penalties)."""
+        return self.repetition_penalty != 1.0 or self.counts_generated
+
 
 # -- per-batch parameters ------------------------------------------------------
 
@@ -881,6 +886,40 @@ class BatchSampling:
         """Takes the state a step computed elsewhere (a speculative verify step,
         amlx.speculative.verify) as the rows' state, every row having taken part."""
         self.keys, self.history, self.counts = keys, history, counts
+
+    def take(self, keep: list[int]) -> "BatchSampling":
+        """The sampling state of rows `keep` (in that order), taken on the device: no
+        sync, so it may follow a step still in flight (rows left the batch between two
+        chained steps). The parameters are stacked again from the kept rows' own."""
+        taken = object.__new__(BatchSampling)
+        taken.rows = [self.rows[i] for i in keep]
+        taken._steps = self._steps
+        taken.params = BatchParams.build([r.params for r in taken.rows])
+        index = mx.array(np.asarray(keep, dtype=np.int32))
+        taken.keys, taken.history, taken.counts = [
+            None if a is None else _ops.take(a, index, axis=0) for a in (self.keys, self.history, self.counts)]
+        return taken
+
+    def extend(self, rows: list[RowSampling]) -> "BatchSampling":
+        """This state with `rows` appended (their own host state), joined on the device:
+        no sync, so it may follow a step still in flight (rows joined between two chained
+        steps). The appended rows must not need a history or counts this state lacks
+        (`SamplingParams.any_history`): the other rows' host histories may lack the tokens
+        still in flight, so they cannot be rebuilt from the host."""
+        joined = object.__new__(BatchSampling)
+        joined.rows = self.rows + list(rows)
+        joined._steps = self._steps
+        new_params = [r.params for r in rows]
+        if (any(p.repetition_penalty != 1.0 for p in new_params) and self.history is None) or (
+                any(p.counts_generated for p in new_params) and self.counts is None):
+            raise ValueError("rows needing a token history join a batch state that has none")
+        joined.params = BatchParams.build([r.params for r in joined.rows])
+        joined.keys = _ops.concatenate([self.keys, mx.array(np.stack([r.key for r in rows]))], axis=0)
+        joined.history = None if self.history is None else _ops.concatenate(
+            [self.history, make_history([r.history for r in rows], self.history.shape[1])], axis=0)
+        joined.counts = None if self.counts is None else _ops.concatenate(
+            [self.counts, make_counts([r.generated for r in rows], self.counts.shape[1])], axis=0)
+        return joined
 
     def state(self) -> list[Array]:
         return [a for a in (self.keys, self.history, self.counts) if a is not None]

@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 from amlx._mlx import device as mxdevice
+from amlx.engine.admission import DEFAULT_JOIN_WAIT
 from amlx.kv.sizing import DEFAULT_BLOCK_SIZE, check_kv_bits, check_kv_cache_memory
 from amlx.models import decode_attention
 from amlx.models.nn import MatmulSplit
@@ -31,7 +32,8 @@ def default_shards() -> int:
     return max(1, min(mxdevice.cpu_cores(), MAX_SHARDS))
 
 
-def _env_int(name: str) -> int | None:
+def _env_int(name: str, least: int = 1) -> int | None:
+    """An integer >= `least` from the environment, None where unset."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return None
@@ -39,8 +41,8 @@ def _env_int(name: str) -> int | None:
         value = int(raw)
     except ValueError:
         raise ValueError(f"{name} must be an integer, not {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, not {value}")
+    if value < least:
+        raise ValueError(f"{name} must be >= {least}, not {value}")
     return value
 
 
@@ -109,7 +111,22 @@ class EngineOptions:
       the cost model (`AdaptiveLength`); off: every row drafts num_draft_tokens
       each round (within its buffer's room and the tokens it may still make), as
       mlx-lm does, for benchmarks that compare the two or measure a draft's
-      acceptance at a fixed length (AMLX_ADAPTIVE_DRAFT=0/1; default on)."""
+      acceptance at a fixed length (AMLX_ADAPTIVE_DRAFT=0/1; default on).
+    - join_wait: while the batch is at least half full and a step is in flight, a waiting
+      request may wait up to this many decode steps for others to join with it, so that
+      one drained step and one prefill pass serve several joins (amlx/engine/admission.py;
+      default 4, AMLX_JOIN_WAIT; 0: every request joins as soon as a slot is free).
+    - chain_changes: rows that finish or are cancelled leave the batch, and requests
+      join it, without draining the step in flight: the next step takes the rows that
+      stay from it on the device (`Scheduler._compact`, `Scheduler._join`;
+      AMLX_CHAIN_CHANGES=0/1, default on; off with speculative decoding or tensor
+      parallelism, whose steps do not chain that way).
+    - extend_fresh: with extend_pass, short prompts with no cached prefix (a new
+      request's whole prompt, at most 256 tokens) run as the compiled extend pass too,
+      so a join's prefill replays a graph instead of building the forward op by op
+      (AMLX_EXTEND_FRESH=0/1; default off until measured on a GPU: a new padded batch
+      size of such groups compiles its kernels at first use, which `warm_extend`
+      covers only for batches of 1 and 2)."""
 
     device: str = "cpu"
     shards: int | None = None
@@ -126,6 +143,9 @@ class EngineOptions:
     num_draft_tokens: int = 4
     measure_draft_costs: bool | None = None
     adaptive_draft_length: bool | None = None
+    join_wait: int | None = None
+    chain_changes: bool | None = None
+    extend_fresh: bool | None = None
 
     def resolved(self) -> "EngineOptions":
         if self.device not in ("cpu", "gpu"):
@@ -150,13 +170,20 @@ class EngineOptions:
         check_kv_cache_memory(self.kv_cache_memory)
         check_kv_bits(self.kv_bits)
         DraftSpec.from_options(self.draft, self.num_draft_tokens)  # (ValueError on bad values)
+        join_wait = _env_int("AMLX_JOIN_WAIT", least=0)
+        join_wait = join_wait if join_wait is not None else self.join_wait
+        join_wait = DEFAULT_JOIN_WAIT if join_wait is None else join_wait
+        if isinstance(join_wait, bool) or not isinstance(join_wait, int) or join_wait < 0:
+            raise ValueError(f"join_wait must be an integer >= 0, not {join_wait!r}")
         gpu = self.device == "gpu"
         return replace(self, shards=shards, decode_kernel=kernel, kv_block=block, prefill_chunk=chunk,
                        kv_block_size=block_size, prefix_cache=bool(self.prefix_cache),
                        pad_batches=_switch(self.pad_batches, "AMLX_PAD_BATCHES", gpu),
                        extend_pass=_switch(self.extend_pass, "AMLX_EXTEND_PASS", gpu),  # see extend_pass above
                        measure_draft_costs=_switch(self.measure_draft_costs, "AMLX_MEASURE_DRAFT_COSTS", gpu),
-                       adaptive_draft_length=_switch(self.adaptive_draft_length, "AMLX_ADAPTIVE_DRAFT", True))
+                       adaptive_draft_length=_switch(self.adaptive_draft_length, "AMLX_ADAPTIVE_DRAFT", True),
+                       join_wait=join_wait, chain_changes=_switch(self.chain_changes, "AMLX_CHAIN_CHANGES", True),
+                       extend_fresh=_switch(self.extend_fresh, "AMLX_EXTEND_FRESH", False))
 
 
 def _switch(value: bool | None, env: str, default: bool) -> bool:

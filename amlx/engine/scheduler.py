@@ -4,7 +4,8 @@ Requests arrive in `incoming` (any thread), wait in arrival order, are
 prefilled one chunk per step on a cache of their own, then join the running
 batch: one batched decode step per round for every running request whose
 consumer has room. Finished and cancelled requests leave the batch at once and
-their cache rows are freed.
+their cache rows are freed. While the batch is busy, waiting requests may wait a few
+steps for others, to join together (amlx/engine/admission.py).
 
 Backpressure: a request whose consumer has `max_buffer` unread tokens is paused.
 It leaves the decode batch before the next step (its cache row moves out to a
@@ -51,6 +52,7 @@ import numpy as np
 from amlx._mlx import Array, array, ops, transforms
 from amlx._mlx import int32 as _int32
 from amlx.constrain import MaskJob, step_masks
+from amlx.engine.admission import JoinPolicy
 from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards, padded_batch
 from amlx.engine.prefill_budget import pass_budget
 from amlx.engine.pools import ShardPools, extend_arrays, table_arrays
@@ -178,6 +180,11 @@ class Scheduler:
                                           plain_pass=self._timing_pass)
         # verify steps run while this holds (off for good once a verify pass fails alone: _verify_step)
         self.speculating = self.speculator is not None
+        # joins coalesced while the batch is busy (amlx/engine/admission.py)
+        self.joins = JoinPolicy(self.options.join_wait, max_batch_size)
+        # rows leave between chained steps without a drain (`_compact`); a speculative or
+        # tensor-parallel model's steps do not chain on the device that way
+        self.chain_changes = self.options.chain_changes and self.speculator is None and mirror is None
 
     @property
     def rows(self) -> list[Request]:
@@ -279,14 +286,17 @@ class Scheduler:
         with self._lock:
             self.waiting.extend(self._incoming)
             self._incoming.clear()
-        if self._inflight is not None and self._batch_will_change():
+        joins = self._joins_due()
+        if self._inflight is not None and self._batch_will_change(joins):
             self.timing.lap("other")
             self.timing.count("drains")
             self._read(self._drain())
+            joins = self._joins_due()  # (rows may have finished in that step)
         self._drop_inactive()
         self._unpark()
         self.timing.lap("leave")  # rows leaving (and parked ones coming back): the batch rebuilt
-        self._admit()
+        if joins:
+            self._admit()
         # new requests taken (their prefill passes and first tokens are the prefill_* phases)
         self.timing.lap("admit")
         if self.prefilling is not None:
@@ -295,6 +305,16 @@ class Scheduler:
         flush_wakeups()  # first tokens of this round's prefills go out now, not after its decode step
         self._decode()
         self.timing.lap("other")
+
+    def _joins_due(self) -> bool:
+        """Whether waiting requests join the batch this round (`JoinPolicy`: while the
+        batch is busy, joins wait a few steps for others, to join together)."""
+        if self.prefilling is not None:
+            return False  # (`_admit` waits for it)
+        running = sum(1 for r in self.rows if r.active)
+        free = self.max_batch_size - running - sum(1 for r in self.parked if self._holds_slot(r))
+        return self.joins.due(waiting=len(self.waiting), free=free, running=running,
+                              chained=self._inflight is not None, step=self.decode_steps)
 
     def _admit(self) -> None:
         """Starts prompt processing in arrival order. The head of the queue takes
@@ -334,6 +354,7 @@ class Scheduler:
                 self.prefilling = req
                 break
             group.append(req)
+        self.joins.joined(len(self.waiting))
         if group:
             self._prefill_group(group)
 
@@ -344,7 +365,8 @@ class Scheduler:
         each request's last position in it. `logits_read`: whether the caller
         evaluates them (a tensor-parallel model's other ranks evaluate the same)."""
         ends = [min(len(r.fill), start + length) for r in reqs]
-        if start and length <= self.extend_max and self._extend_fn is not None and self.mirror is None:
+        if ((start or self.options.extend_fresh) and length <= self.extend_max and self._extend_fn is not None
+                and self.mirror is None):
             return self._extend_pass(shard, reqs, start, ends, model)
         ids = np.zeros((len(reqs), length), dtype=np.int32)
         for i, r in enumerate(reqs):
@@ -535,8 +557,26 @@ class Scheduler:
         for r in reqs:
             if not r.active:
                 self._finish(r)
-        if keep:
+        if not keep:
+            return
+        part = None if self._inflight is None else next((p for p in self._inflight.parts if p.shard is shard), None)
+        if part is None:  # (no step in flight holds the shard's state)
             self._set_rows(shard, shard.rows + keep)
+            return
+        # A step is in flight (`chain_changes`; `_batch_will_change` let the join through):
+        # the new rows' sampling state joins the shard's on the device, and the next step
+        # takes the old rows' tokens from the step in flight, theirs from the host (`_build`).
+        self.timing.count("chained_joins")
+        if part.carry is None:
+            part.carry = list(range(len(part.rows)))
+        part.carry += [None] * len(keep)
+        old = shard.sampling
+        if old is None:  # (every row of the shard left since that step)
+            shard.sampling = BatchSampling([r.sampling for r in keep], self._sample_steps)
+        else:
+            shard.sampling = old.extend([r.sampling for r in keep])
+            old.close()
+        shard.rows = shard.rows + keep
 
     def _first_tokens(self, logits: Array, reqs: list[Request]) -> StepSample:
         """Samples the first token of freshly prefilled requests; their keys move on."""
@@ -562,13 +602,37 @@ class Scheduler:
         else:
             shard.kv.forget_table()  # (a device array: nothing is held while the shard is idle)
 
-    def _batch_will_change(self) -> bool:
+    def _batch_will_change(self, joins: bool) -> bool:
+        """Whether this round changes the batch in a way that needs the step in flight
+        drained first: a row pausing (parked), a parked one rejoining, a prompt being
+        prefilled, or, unless `chain_changes`, new requests joining (`joins`) or a row
+        leaving. A row that finished or was cancelled leaves without a drain where
+        `chain_changes` holds (`_compact`), unless none stays or the shards would be left
+        unbalanced."""
         rows = self.rows
-        if any(not r.active or not r.channel.has_room() for r in rows):
-            return True  # a row leaves (finished, cancelled, or paused: parked)
+        if any(r.active and not r.channel.has_room() for r in rows):
+            return True  # a row pauses: parked
+        if any(not r.active for r in rows) and (not self.chain_changes or all(not r.active for r in rows)
+                                                or self._unbalanced_after_leaves()):
+            return True  # a row leaves (finished or cancelled); the last ones drain: nothing to overlap
         if any(r.active and r.channel.has_room() for r in self.parked):
             return True  # may rejoin
-        return self._slots_held() < self.max_batch_size and bool(self.waiting or self.prefilling)
+        if self.prefilling is not None and self._slots_held() < self.max_batch_size:
+            return True
+        # joins go in beside the step in flight (`_join`) unless a joining request needs token
+        # histories or counts on the device (penalties): its shard's may not exist yet, and the
+        # other rows' host histories lack the step in flight
+        return joins and (not self.chain_changes or any(r.sampling.params.any_history for r in self.waiting))
+
+    def _unbalanced_after_leaves(self) -> bool:
+        """Whether the rows that stay would leave the shards so unequal that they should
+        be rebalanced (which moves rows, after a drain: `_rebalance`). A round takes as
+        long as its largest shard, but joins go to the emptiest shard and even it out, so
+        a small difference is left to them."""
+        if len(self.shards) < 2:
+            return False
+        sizes = [sum(1 for r in s.rows if r.active) for s in self.shards]
+        return max(sizes) - min(sizes) > max(2, sum(sizes) // 8)
 
     # -- paused requests: parked out of the batch -------------------------------
     def _park_paused(self) -> None:
@@ -603,9 +667,10 @@ class Scheduler:
 
         While the batch stays the same, step t+1 takes step t's sampled tokens
         straight from the device and is scheduled before step t's tokens are
-        read back, so the host's work overlaps the device's. Any change to the
-        batch (a row finishing, pausing or joining) first drains the step in
-        flight; a row that finished at step t has computed step t+1 in vain.
+        read back, so the host's work overlaps the device's. A row pausing or
+        joining first drains the step in flight; a row finishing or cancelled
+        leaves without a drain where `chain_changes` holds (`_compact`). Either
+        way a row that finished at step t has computed step t+1 in vain.
 
         The order is: build step t+1's graph (Python), launch it, then hand
         step t's tokens to their consumers. Launching before reading keeps the
@@ -701,10 +766,16 @@ class Scheduler:
 
     def _can_chain(self, prev: "_Step") -> bool:
         live = [s for s in self.shards if s.rows]
-        if len(prev.parts) != len(live):
+        parts = {p.shard: p for p in prev.parts}
+        if not live or not any(s in parts for s in live):
             return False
-        for part, shard in zip(prev.parts, live):
-            if part.shard is not shard or len(part.selected) != len(shard.rows) or part.rows != shard.rows:
+        for shard in live:
+            part = parts.get(shard)
+            if part is None:
+                continue  # (all its rows joined since: their tokens come from the host)
+            carried = part.carried()
+            if len(part.selected) != len(part.rows) or len(carried) != len(shard.rows) or any(
+                    c is not None and c is not r for c, r in zip(carried, shard.rows)):
                 return False
         # One token of every row is still in flight: room for it, and one more.
         return all(r.active and r.channel.has_room(extra=1) for r in self.rows)
@@ -743,7 +814,7 @@ class Scheduler:
             b = len(shard.rows)
             pad = padded_batch(b) - b if self.options.pad_batches else 0
             if prev is not None:
-                tokens = ops.reshape(prev.sample.tokens, (b, 1))
+                tokens = self._chained_tokens(shard, prev)
             else:
                 tokens = array(np.asarray([[r.last] for r in shard.rows], dtype=np.int32))
             if pad:
@@ -769,6 +840,22 @@ class Scheduler:
         step = shard.sampling(logits, sel)
         outputs = [*step.arrays(), *shard.sampling.state(), *state]
         return _Part(shard, list(shard.rows), sel, step, outputs, state)
+
+    def _chained_tokens(self, shard: _Shard, prev: "_Part") -> Array:
+        """The input tokens (B, 1) of a shard's step chained on `prev`: its sampled tokens on
+        the device, taken for the rows that stayed, then the tokens of rows that joined
+        since from the host (`_compact`, `_join`; joined rows come last)."""
+        tokens = ops.reshape(prev.sample.tokens, (-1, 1))
+        if prev.carry is None:
+            return tokens
+        old = [c for c in prev.carry if c is not None]
+        new = [[r.last] for r, c in zip(shard.rows, prev.carry) if c is None]
+        if old != list(range(len(prev.rows))):
+            tokens = ops.take(tokens, array(np.asarray(old, dtype=np.int32)), axis=0) if old else None
+        if not new:
+            return tokens
+        new = array(np.asarray(new, dtype=np.int32))
+        return new if tokens is None else ops.concatenate([tokens, new], axis=0)
 
     def _launch(self, parts: list["_Part"]) -> bool:
         """Launches what the parts have built so far (whole steps; the forwards of parts
@@ -970,9 +1057,34 @@ class Scheduler:
             for i, r in enumerate(shard.rows):
                 if i not in keep:
                     self._finish(r)
-            self._keep_rows(shard, keep)
-        if changed:
+            if self._inflight is not None:
+                self._compact(shard, keep)
+            else:
+                self._keep_rows(shard, keep)
+        if changed and self._inflight is None:
             self._rebalance()
+
+    def _compact(self, shard: _Shard, keep: list[int]) -> None:
+        """Keeps only the given rows of a shard while a step is in flight (`chain_changes`),
+        without draining it: the shard's sampling state is taken for them on the device,
+        and the step in flight records which of its rows stay (`_Part.carry`), so the next
+        step takes their tokens from it on the device (`_build`). The rows that left
+        already gave their blocks back: the step in flight still writes them, but every
+        later user of those blocks reads the pool arrays that step returns, so it sees
+        them after that write (MLX orders work by the arrays it reads)."""
+        part = next((p for p in self._inflight.parts if p.shard is shard), None)
+        if part is None:  # (the shard took no part in that step: its state is not in flight)
+            self._keep_rows(shard, keep)
+            return
+        self.timing.count("chained_leaves")
+        part.carry = [part.carry[i] if part.carry is not None else i for i in keep]  # (None: a row joined since)
+        old, shard.sampling = shard.sampling, None
+        shard.rows = [shard.rows[i] for i in keep]
+        if shard.rows:
+            shard.sampling = old.take(keep)
+        else:
+            shard.kv.forget_table()
+        old.close()
 
     def _keep_rows(self, shard: _Shard, keep: list[int]) -> None:
         """Keeps only the given rows of a shard (in that order). No cache moves:
@@ -1171,6 +1283,15 @@ class _Part:
     outputs: list[Array]  # everything the part computes (what async_eval launches)
     state: list[Array]  # the shard's pool arrays after the step (until it is launched)
     logits: Array | None = None  # until a part with constrained rows is sampled
+    # rows left or joined the batch after this step was launched (`Scheduler._compact`,
+    # `Scheduler._join`): for each of the shard's rows now, its index in `rows`, or None
+    # for a row that joined since (last); None: the rows are `rows`
+    carry: list[int | None] | None = None
+
+    def carried(self) -> list[Request | None]:
+        """The shard's rows now as this step knows them: its rows that stay, in their
+        order now, and None for each row that joined since."""
+        return self.rows if self.carry is None else [None if i is None else self.rows[i] for i in self.carry]
 
 
 @dataclass(eq=False)
