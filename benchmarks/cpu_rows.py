@@ -4,7 +4,8 @@ matmul on a float32 copy of the weight (the path before, `cpu_matmul.ROWS` at 8)
     python benchmarks/cpu_rows.py [--rows 9 12 16 24 32 64] [--kinds bf16 q8 q4 f32] [--repeats 5] [--threads N]
 
 Qwen3-0.6B's shapes: gate/up (3,072 x 1,024), down (1,024 x 3,072), and the tied output head
-(151,936 x 1,024); quantized ones in MLX's affine format, group 64. Per kind, shape and row
+(151,936 x 1,024); quantized ones in MLX's affine format, group 64 (against x rounded to
+int8, the default; AMLX_CPU_INT8=0: the float kernels). Per kind, shape and row
 count, each path's best time of --repeats calls (evaluated one by one) and its peak memory
 above what was live before the call (MLX's counters). The paths alternate call by call.
 Writes one JSON line per measurement to stdout and a markdown table to stderr at the end.
@@ -25,7 +26,7 @@ from amlx._mlx import ops as O
 from amlx.models import cpu_matmul, nn
 
 SHAPES = {"gate_up": (3072, 1024), "down": (1024, 3072), "head": (151936, 1024)}
-FORMAT = {"bf16": "f16", "f32": "f32", "q8": 8, "q4": 4}
+FORMAT = {"bf16": "f16", "f32": "f32", "q8": "q", "q4": "q"}
 
 
 def _layer(kind: str, out: int, inp: int, rng) -> nn.Module:
@@ -60,16 +61,16 @@ def measure(kind: str, shape: str, rows: int, repeats: int, rng) -> dict:
     x = O.astype(mx.array(rng.standard_normal((rows, inp)).astype(np.float32)), mx.float32 if kind == "f32"
                  else mx.bfloat16)
     mx.eval(x)
-    fmt = FORMAT[kind]
-    saved = cpu_matmul.ROWS[fmt]
+    fmt = ("int8" if cpu_matmul.INT8 else "quantized") if kind[0] == "q" else FORMAT[kind]
+    saved = cpu_matmul.ROWS[fmt], cpu_matmul.BIG_ROWS
     res = {"kernels": [], "mlx": []}
     try:
         for _ in range(repeats):
-            for path, limit in (("kernels", 64), ("mlx", 8)):
-                cpu_matmul.ROWS[fmt] = limit
+            for path, limit in (("kernels", cpu_kernels.MAX_ROWS), ("mlx", cpu_kernels.BLOCK_ROWS)):
+                cpu_matmul.ROWS[fmt] = cpu_matmul.BIG_ROWS = limit
                 res[path].append(_once(layer, x))
     finally:
-        cpu_matmul.ROWS[fmt] = saved
+        cpu_matmul.ROWS[fmt], cpu_matmul.BIG_ROWS = saved
     row = {"kind": kind, "shape": shape, "rows": rows}
     for path, runs in res.items():
         row[f"{path}_ms"] = round(min(t for t, _ in runs) * 1e3, 2)

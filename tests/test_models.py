@@ -346,6 +346,47 @@ def test_batched_decode_rows_match_single_rows(ckpt, loaded, tokens):
     assert got == want
 
 
+def _batched_greedy(model, rows: list[list[int]], steps: int) -> list[list[int]]:
+    """Greedy tokens of equal-length rows prefilled together and decoded together."""
+    n = len(rows[0])
+    cache = model.make_cache()
+    try:
+        with mx.array(np.array(rows, np.int32)) as x, model(x, cache, 0) as out:
+            got = [[int(t)] for t in np.argmax(out.astype(mx.float32).numpy()[:, -1], axis=-1)]
+        for step in range(steps - 1):
+            with mx.array(np.array([[g[-1]] for g in got], np.int32)) as x, \
+                    mx.array(np.full(len(rows), n + step, np.int32)) as p, model(x, cache, p) as out:
+                for g, t in zip(got, np.argmax(out.astype(mx.float32).numpy()[:, -1], axis=-1)):
+                    g.append(int(t))
+        return got
+    finally:
+        for c in cache:
+            c.close()
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_decode_steps_of_more_rows_than_a_block_keep_each_rows_tokens(dtype, ckpt, loaded, tokens, monkeypatch):
+    """12 rows decoded together: the CPU kernels take them in chunks of 8 rows, and each
+    row's tokens are those it gets decoded alone (the kernels sum a row the same way
+    whatever the batch); in float32, also those of the path before (MLX's matmul past 8
+    rows), exactly. Every format's crossover is raised to the kernels' limit, so the
+    float32 model takes the chunked path too."""
+    from amlx._mlx import cpu_kernels
+
+    model = loaded(ckpt("qwen3"), dtype).model
+    base = tokens("qwen3")
+    n = min(len(t) for t in base)
+    rows = [base[i % 3][i // 3:][:n - 3] for i in range(12)]
+    monkeypatch.setattr(cpu_matmul, "INT8", False)
+    monkeypatch.setattr(cpu_matmul, "ROWS", dict.fromkeys(cpu_matmul.ROWS, cpu_kernels.MAX_ROWS))
+    got = _batched_greedy(model, rows, 6)
+    assert got == [greedy(model, r, 6)[0] for r in rows]
+    if dtype is None:
+        monkeypatch.setattr(cpu_matmul, "ROWS", dict.fromkeys(cpu_matmul.ROWS, cpu_kernels.BLOCK_ROWS))
+        monkeypatch.setattr(cpu_matmul, "BIG_ROWS", cpu_kernels.BLOCK_ROWS)
+        assert _batched_greedy(model, rows, 6) == got
+
+
 @pytest.mark.parametrize("name", ["qwen2", "gemma3_text"])
 def test_fused_projections_match_the_separate_layers(name, ckpt, tokens):
     """Loading fuses q/k/v and gate/up into one matmul each; the result equals

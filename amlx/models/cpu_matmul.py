@@ -30,13 +30,17 @@ from amlx._mlx import Array, bfloat16, cpu_kernels, device, float16, float32, op
 ENABLED = os.environ.get("AMLX_CPU_KERNELS", "1") != "0"
 INT8 = os.environ.get("AMLX_CPU_INT8", "1") != "0"
 _DENSE = (float32, float16, bfloat16)
-# Rows up to which a product goes to the kernels, by weight format ("f32", "f16" for
-# both 16-bit dtypes, or the quantized bits). Past cpu_kernels.BLOCK_ROWS the kernels
-# run in chunks of rows, still reading the weight once as stored, where MLX's matmul
-# would multiply a float32 copy of it (16-bit or dequantized: for a 151,936 x 1,024
-# head, 0.6 GB per call); the crossovers are measured (benchmarks/cpu_rows.py,
-# benchmarks/README.md).
-ROWS = {"f32": 8, "f16": 32, 8: 32, 4: 32}
+# Rows up to which a product goes to the kernels, by weight format: "f32", "f16" (both
+# 16-bit dtypes), "int8" (quantized, against x rounded to int8: INT8) or "quantized"
+# (against float x); for a 16-bit or quantized weight of more than _MAX_DEQUANTIZED values
+# (a vocabulary projection), BIG_ROWS. Past cpu_kernels.BLOCK_ROWS the kernels run in
+# chunks of rows, still reading the weight once as stored, where MLX's matmul would
+# multiply a float32 copy of it (16-bit or dequantized: 0.6 GB per call for Qwen3-0.6B's
+# 151,936 x 1,024 head) or use its quantized matmul (seconds per call there). float32
+# weights need no copy, and MLX's sgemm is faster from about 12 rows. The crossovers
+# were measured on a 2-core AVX-512 machine (benchmarks/cpu_rows.py, benchmarks/README.md).
+ROWS = {"f32": 8, "f16": 32, "quantized": 32, "int8": 64}
+BIG_ROWS = cpu_kernels.MAX_ROWS
 # a float32 copy of a bigger quantized weight (a vocabulary projection) costs
 # more memory than the time it saves
 _MAX_DEQUANTIZED = 1 << 26
@@ -80,6 +84,16 @@ def dequantize(layer) -> Array:
     return ops.dequantize(layer.weight, layer.scales, layer.biases, group, bits, dtype=float32)
 
 
+def max_rows(layer) -> int:
+    """Rows of x up to which `layer`'s product goes to the kernels (few_rows)."""
+    weight = layer.weight
+    bits = getattr(layer, "_bits", 0)
+    kind = ("int8" if INT8 else "quantized") if bits else "f32" if weight.dtype == float32 else "f16"
+    if kind != "f32" and weight.shape[0] * weight.shape[-1] * (32 // bits if bits else 1) > _MAX_DEQUANTIZED:
+        return min(BIG_ROWS, cpu_kernels.MAX_ROWS)
+    return min(ROWS[kind], cpu_kernels.MAX_ROWS)
+
+
 def few_rows(x: Array, layer) -> Array | None:
     """x W^T for `layer` (Linear, Embedding as a projection, or their quantized
     kinds; W (out, in)) through the CPU kernels; None where they do not apply
@@ -95,7 +109,7 @@ def few_rows(x: Array, layer) -> Array | None:
             return None
     elif layer.weight.dtype not in _DENSE or layer.weight.ndim != 2:
         return None
-    if rows > min(cpu_kernels.MAX_ROWS, ROWS[bits or ("f32" if layer.weight.dtype == float32 else "f16")]):
+    if rows > max_rows(layer):
         return None
     out = layer.weight.shape[0]
     split = layer.__dict__.get("_split")

@@ -274,22 +274,30 @@ const void* packed(const mx::array& a, std::vector<char>& tmp) {
 }
 
 // Rows of x one call takes. The kernels hold at most gv::kMaxRows rows in registers; a call
-// with more runs them in chunks of that many (chunk_jobs), each chunk over one tile of the
+// with more runs them in chunks of rows (chunk_jobs), each chunk over one tile of the
 // weight's rows after another, so a tile read from memory serves every chunk from cache and
 // the weight is read as stored, with no float32 copy (a decode step of 9+ rows otherwise went
 // to MLX's matmul on a float32 copy of each weight, or on a dequantized one).
 constexpr int kMaxCallRows = 64;
+// Rows of a chunk. The float kernels (dense weights, and quantized ones against float x)
+// load x once per block of weight rows, 4 rows for 1-2 rows of x, 1 row for 5-8
+// (gemv_impl.h): in chunks of 2 they load x a quarter as often, which measured up to 2x
+// faster at 16-64 rows (bf16, Qwen3-0.6B's MLP, benchmarks/README.md) than chunks of 8. The
+// int8 kernels read x as bytes and measured fastest in chunks of 8.
+constexpr int kFloatChunkRows = 2, kInt8ChunkRows = gv::kMaxRows;
 // Bytes of weight rows a tile holds: every chunk of x runs over it while it sits in L2 (L1
 // is too small beside a chunk of x).
 constexpr long kTileBytes = 64 << 10;
 
-// `j` cut into jobs of at most gv::kMaxRows rows of x (and of y and x's group sums).
-std::vector<gv::Job> chunk_jobs(const gv::Job& j) {
+// `j` cut into jobs of at most `rows` rows of x (and of y and x's group sums); one job when
+// it has no more than gv::kMaxRows.
+std::vector<gv::Job> chunk_jobs(const gv::Job& j, int rows) {
+  if (j.M <= gv::kMaxRows) return {j};
   std::vector<gv::Job> out;
   const long G = j.bits ? j.K / j.group : 0;
-  for (int m0 = 0; m0 < j.M; m0 += gv::kMaxRows) {
+  for (int m0 = 0; m0 < j.M; m0 += rows) {
     gv::Job c = j;
-    c.M = std::min(gv::kMaxRows, j.M - m0);
+    c.M = std::min(rows, j.M - m0);
     c.x = j.x + (long)m0 * j.K;
     c.y = j.y + (long)m0 * j.N;
     if (j.xsum) c.xsum = j.xsum + m0 * G;
@@ -303,16 +311,17 @@ std::vector<gv::Job> chunk_jobs(const gv::Job& j) {
 
 // Weight rows a tile holds: kTileBytes of them, in whole blocks of 4 (the kernels' widest).
 int tile_rows(const gv::Job& j) {
-  const long row = j.bits ? (long)j.K * j.bits / 8 + 2L * (j.skind == gv::F32 ? 4 : 2) * (j.K / j.group) : (long)j.K * (j.wkind == gv::F32 ? 4 : 2);
+  const long row = j.bits ? (long)j.K * j.bits / 8 + 2L * (j.skind == gv::F32 ? 4 : 2) * (j.K / j.group)
+                          : (long)j.K * (j.wkind == gv::F32 ? 4 : 2);
   return (int)std::max(16L, kTileBytes / std::max(row, 1L) / 4 * 4);
 }
 
-// The output rows of `j`, split into blocks over the pool.
-void run_rows(const gv::Job& j, gv::RowsFn fn) {
+// The output rows of `j`, split into blocks over the pool; x's rows in chunks of `chunk`.
+void run_rows(const gv::Job& j, gv::RowsFn fn, int chunk) {
   Pool& p = pool();
   // Blocks of at least 16 rows: thinner ones cost more in wake-ups than they gain.
   const int parts = std::max(1, std::min(p.threads(), j.N / 16));
-  const std::vector<gv::Job> chunks = chunk_jobs(j);
+  const std::vector<gv::Job> chunks = chunk_jobs(j, chunk);
   const int tile = chunks.size() == 1 ? j.N : tile_rows(j);
   p.run(parts, [&](int part) {
     const int n0 = (int)((long)j.N * part / parts), n1 = (int)((long)j.N * (part + 1) / parts);
@@ -395,7 +404,7 @@ void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int gro
     if (int8) {
       const Int8Kernel* k8 = int8_kernel.load();
       quantize_x(j, bits == 4 ? k8->step(group) : 0, xq, xd, xqsum, xsum);
-      run_rows(j, k8->rows);
+      run_rows(j, k8->rows, kInt8ChunkRows);
       return;
     }
     const int G = j.K / group;
@@ -410,7 +419,7 @@ void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int gro
       j.x = xperm.data();
     }
   }
-  run_rows(j, kernel.load());
+  run_rows(j, kernel.load(), kFloatChunkRows);
 }
 
 class CpuGemv : public mx::UnaryPrimitive {
