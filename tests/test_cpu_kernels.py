@@ -54,7 +54,7 @@ def _close(got, want: np.ndarray, scale: np.ndarray) -> None:
 
 
 @SETTINGS
-@given(m=st.integers(1, ck.MAX_ROWS), k=st.integers(1, 300), n=st.integers(1, 80), seed=st.integers(0, 2**16),
+@given(m=st.integers(1, ck.BLOCK_ROWS), k=st.integers(1, 300), n=st.integers(1, 80), seed=st.integers(0, 2**16),
        wdtype=st.sampled_from(list(DTYPES)), xdtype=st.sampled_from(list(DTYPES)), isa=st.sampled_from(ISAS),
        threads=st.integers(1, 3))
 def test_dense_gemv_matches_numpy(m, k, n, seed, wdtype, xdtype, isa, threads) -> None:
@@ -75,10 +75,14 @@ def test_dense_gemv_matches_numpy(m, k, n, seed, wdtype, xdtype, isa, threads) -
 
 
 @SETTINGS
-@given(m=st.integers(1, ck.MAX_ROWS), groups=st.integers(1, 6), n=st.integers(1, 80), seed=st.integers(0, 2**16),
+@given(m=st.integers(1, ck.BLOCK_ROWS), groups=st.integers(1, 6), n=st.integers(1, 80), seed=st.integers(0, 2**16),
        bits=st.sampled_from([4, 8]), group=st.sampled_from(ck.GROUP_SIZES), sdtype=st.sampled_from(list(DTYPES)),
        isa=st.sampled_from(ISAS), threads=st.integers(1, 3))
 def test_quantized_gemv_matches_numpy(m, groups, n, seed, bits, group, sdtype, isa, threads) -> None:
+    _check_quantized(m, groups, n, seed, bits, group, sdtype, isa, threads)
+
+
+def _check_quantized(m, groups, n, seed, bits, group, sdtype, isa, threads) -> None:
     ck.set_isa(isa)
     ck.set_threads(threads)
     rng = np.random.default_rng(seed)
@@ -188,7 +192,7 @@ def test_layers_use_the_kernels_for_few_rows(rows, kind, monkeypatch) -> None:
        seed=st.integers(0, 2**16), wdtype=st.sampled_from(list(DTYPES)), isa=st.sampled_from(ISAS),
        threads=st.integers(1, 3))
 def test_dense_gemv_in_chunks_of_rows_matches_numpy(m, k, n, seed, wdtype, isa, threads) -> None:
-    # more rows than the kernels hold: chunks of BLOCK_ROWS over tiles of 16+ weight rows (K
+    # more rows than the kernels hold: chunks of rows over tiles of 16+ weight rows (K
     # this long makes a tile shorter than N), each output summed as with few rows
     ck.set_isa(isa)
     ck.set_threads(threads)
@@ -208,18 +212,8 @@ def test_dense_gemv_in_chunks_of_rows_matches_numpy(m, k, n, seed, wdtype, isa, 
        sdtype=st.sampled_from(list(DTYPES)), isa=st.sampled_from(ISAS), threads=st.integers(1, 3))
 def test_quantized_gemv_in_chunks_of_rows_matches_numpy(m, groups, n, seed, bits, group, sdtype, isa,
                                                         threads) -> None:
-    ck.set_isa(isa)
-    ck.set_threads(threads)
-    rng = np.random.default_rng(seed)
-    k = groups * group
-    x = mx.array(rng.standard_normal((m, k)).astype(np.float32))
-    w = O.astype(mx.array(rng.standard_normal((n, k)).astype(np.float32)), DTYPES[sdtype])
-    wq, scales, biases = O.quantize(w, group, bits)
-    y = ck.gemv(x, wq, scales, biases, group_size=group, bits=bits)
-    mx.eval(y)
-    wf = _unpack(wq, scales, biases, group, bits)
-    xf = _as_f64(x)
-    _close(y, xf @ wf.T, np.abs(xf) @ np.abs(wf).T)
+    # as the dense one: several tiles (N past the tile's rows) and chunks, on the float kernels
+    _check_quantized(m, groups, n, seed, bits, group, sdtype, isa, threads)
 
 
 def _peak_of(layer, x) -> int:
