@@ -633,7 +633,9 @@ class _closing:
 
 
 @pytest.mark.parametrize("name", ["qwen3", "gemma3"])
-def test_per_layer_override_one_layer_8_bit(name, ckpt, converted, tmp_path, tokens):
+def test_per_layer_override_one_layer_8_bit(name, ckpt, converted, tmp_path, tokens, monkeypatch):
+    # an exact check: the prompt's rows (up to cpu_matmul.ROWS["int8"]) would round x to int8
+    monkeypatch.setattr(cpu_matmul, "INT8", False)
     q4 = converted(name, 4)
     dst = tmp_path / "mixed"
     shutil.copytree(q4, dst)
@@ -687,7 +689,10 @@ def _mlx_lm_logits(mlx_lm, path, ids) -> np.ndarray:
 
 @pytest.mark.parametrize("name,bits", [("qwen3", 4), ("gemma3_text", 4), ("gemma3", 8), ("llama", 4),
                                        ("qwen2", 8), ("llama", None), ("gemma3-old", 4)])
-def test_mlx_lm_loads_converted_checkpoints_with_the_same_logits(name, bits, converted, loaded, tokens):
+def test_mlx_lm_loads_converted_checkpoints_with_the_same_logits(name, bits, converted, loaded, tokens,
+                                                                monkeypatch):
+    # exact checks: a prompt's rows (up to cpu_matmul.ROWS["int8"]) would round x to int8
+    monkeypatch.setattr(cpu_matmul, "INT8", False)
     mlx_lm = pytest.importorskip("mlx_lm")
     path = converted(name, bits)
     lm = loaded(path)
@@ -730,7 +735,8 @@ def test_convert_shards_like_mlx_lm(ckpt, converted, loaded, tokens):
     np.testing.assert_array_equal(logits_of(loaded(out).model, ids), logits_of(loaded(ckpt("qwen3")).model, ids))
 
 
-def test_convert_dtype(ckpt, converted, loaded, tokens, tmp_path):
+def test_convert_dtype(ckpt, converted, loaded, tokens, tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "INT8", False)  # the quantized check below is exact
     out = converted("llama", None, dtype="bfloat16")
     header = _header(out / "model.safetensors")
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
