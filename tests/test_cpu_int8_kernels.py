@@ -9,7 +9,7 @@ Two references, both float64 numpy:
 - the float one (the dequantized weights times x): apart from that rounding, the
   difference is sum_k w_k (d xq_k - x_k), at most sum_k |w_k| d / 2.
 Every instruction set this CPU has is checked (VNNI 512/256 bits, AVX-VNNI, AVX2's
-vpmaddubsw, scalar), with 1..8 rows, group sizes 32/64/128 and thread counts.
+vpmaddubsw, scalar), with 1..MAX_ROWS rows (past BLOCK_ROWS in chunks), group sizes 32/64/128 and thread counts.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from amlx import _mlx as mx
 from amlx._mlx import cpu_kernels as ck
+from amlx._mlx import memory
 from amlx._mlx import ops as O
 from amlx._mlx import transforms
 from amlx.errors import MLXError
@@ -53,7 +54,7 @@ def _close(got, want: np.ndarray, scale: np.ndarray) -> None:
 
 
 @SETTINGS
-@given(m=st.integers(1, ck.MAX_ROWS), k=st.integers(1, 300), n=st.integers(1, 80), seed=st.integers(0, 2**16),
+@given(m=st.integers(1, ck.BLOCK_ROWS), k=st.integers(1, 300), n=st.integers(1, 80), seed=st.integers(0, 2**16),
        wdtype=st.sampled_from(list(DTYPES)), xdtype=st.sampled_from(list(DTYPES)), isa=st.sampled_from(ISAS),
        threads=st.integers(1, 3))
 def test_dense_gemv_matches_numpy(m, k, n, seed, wdtype, xdtype, isa, threads) -> None:
@@ -74,10 +75,14 @@ def test_dense_gemv_matches_numpy(m, k, n, seed, wdtype, xdtype, isa, threads) -
 
 
 @SETTINGS
-@given(m=st.integers(1, ck.MAX_ROWS), groups=st.integers(1, 6), n=st.integers(1, 80), seed=st.integers(0, 2**16),
+@given(m=st.integers(1, ck.BLOCK_ROWS), groups=st.integers(1, 6), n=st.integers(1, 80), seed=st.integers(0, 2**16),
        bits=st.sampled_from([4, 8]), group=st.sampled_from(ck.GROUP_SIZES), sdtype=st.sampled_from(list(DTYPES)),
        isa=st.sampled_from(ISAS), threads=st.integers(1, 3))
 def test_quantized_gemv_matches_numpy(m, groups, n, seed, bits, group, sdtype, isa, threads) -> None:
+    _check_quantized(m, groups, n, seed, bits, group, sdtype, isa, threads)
+
+
+def _check_quantized(m, groups, n, seed, bits, group, sdtype, isa, threads) -> None:
     ck.set_isa(isa)
     ck.set_threads(threads)
     rng = np.random.default_rng(seed)
@@ -137,7 +142,8 @@ def test_compiles_and_differentiates_in_x() -> None:
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: ck.gemv(mx.array(np.ones((9, 4), np.float32)), mx.array(np.ones((3, 4), np.float32))), "1 to 8 rows"),
+    (lambda: ck.gemv(mx.array(np.ones((ck.MAX_ROWS + 1, 4), np.float32)), mx.array(np.ones((3, 4), np.float32))),
+     f"1 to {ck.MAX_ROWS} rows"),
     (lambda: ck.gemv(mx.array(np.ones((1, 4), np.float32)), mx.array(np.ones((3, 5), np.float32))), "in = x"),
     (lambda: ck.gemv(mx.array(np.ones((1, 64), np.float32)), *O.quantize(mx.array(np.ones((4, 64), np.float32)),
                                                                            64, 4), group_size=64, bits=3), "4 or 8"),
@@ -152,11 +158,12 @@ def test_unknown_isa_is_refused() -> None:
         ck.set_isa("sse9")
 
 
-@pytest.mark.parametrize("rows", [1, 8, 9, 40])
+@pytest.mark.parametrize("rows", [1, 8, 9, 40, 65, 100])
 @pytest.mark.parametrize("kind", ["bfloat16", "q8", "q4"])
 def test_layers_use_the_kernels_for_few_rows(rows, kind, monkeypatch) -> None:
-    # amlx/models/cpu_matmul: <= 8 rows through CpuGemv, more rows in float32 through MLX's
-    # matmul (BLAS); against float64 numpy, and of the shape and dtype of the plain MLX way
+    # amlx/models/cpu_matmul: up to max_rows(layer) rows through CpuGemv, more rows in float32
+    # through MLX's matmul (BLAS); against float64 numpy, and of the shape and dtype of the
+    # plain MLX way
     from amlx.models import cpu_matmul, nn
 
     rng = np.random.default_rng(rows)
@@ -169,7 +176,8 @@ def test_layers_use_the_kernels_for_few_rows(rows, kind, monkeypatch) -> None:
         layer, wf = nn.QuantizedLinear(*q, 64, bits), _unpack(*q, 64, bits)
     x = O.astype(mx.array(rng.standard_normal((rows, 128)).astype(np.float32)), mx.bfloat16)
     got = layer(x)
-    assert ("CpuGemv" in O.graph_summary(got)[1]) == (rows <= ck.MAX_ROWS)
+    assert 8 <= cpu_matmul.max_rows(layer) <= ck.MAX_ROWS
+    assert ("CpuGemv" in O.graph_summary(got)[1]) == (rows <= cpu_matmul.max_rows(layer))
     xf = _as_f64(x)
     err = np.abs(_as_f64(got) - xf @ wf.T)
     assert np.all(err <= 2.0 ** -7 * (np.abs(xf) @ np.abs(wf).T))  # one bf16 rounding of the result
@@ -177,6 +185,72 @@ def test_layers_use_the_kernels_for_few_rows(rows, kind, monkeypatch) -> None:
     plain = layer(x)
     assert "CpuGemv" not in O.graph_summary(plain)[1]
     assert (got.dtype, got.shape) == (plain.dtype, plain.shape)
+
+
+@SETTINGS
+@given(m=st.integers(ck.BLOCK_ROWS + 1, ck.MAX_ROWS), k=st.integers(500, 2100), n=st.integers(1, 150),
+       seed=st.integers(0, 2**16), wdtype=st.sampled_from(list(DTYPES)), isa=st.sampled_from(ISAS),
+       threads=st.integers(1, 3))
+def test_dense_gemv_in_chunks_of_rows_matches_numpy(m, k, n, seed, wdtype, isa, threads) -> None:
+    # more rows than the kernels hold: chunks of rows over tiles of 16+ weight rows (K
+    # this long makes a tile shorter than N), each output summed as with few rows
+    ck.set_isa(isa)
+    ck.set_threads(threads)
+    rng = np.random.default_rng(seed)
+    x = mx.array(rng.standard_normal((m, k)).astype(np.float32))
+    w = O.astype(mx.array(rng.standard_normal((n, k)).astype(np.float32)), DTYPES[wdtype])
+    y = ck.gemv(x, w)
+    mx.eval(y)
+    assert y.shape == (m, n) and y.dtype == mx.float32
+    xf, wf = _as_f64(x), _as_f64(w)
+    _close(y, xf @ wf.T, np.abs(xf) @ np.abs(wf).T)
+
+
+@SETTINGS
+@given(m=st.integers(ck.BLOCK_ROWS + 1, ck.MAX_ROWS), groups=st.integers(1, 24), n=st.integers(1, 150),
+       seed=st.integers(0, 2**16), bits=st.sampled_from([4, 8]), group=st.sampled_from(ck.GROUP_SIZES),
+       sdtype=st.sampled_from(list(DTYPES)), isa=st.sampled_from(ISAS), threads=st.integers(1, 3))
+def test_quantized_gemv_in_chunks_of_rows_matches_numpy(m, groups, n, seed, bits, group, sdtype, isa,
+                                                        threads) -> None:
+    # as the dense one: several tiles (N past the tile's rows) and chunks, on the float kernels
+    _check_quantized(m, groups, n, seed, bits, group, sdtype, isa, threads)
+
+
+def _peak_of(layer, x) -> int:
+    """Peak bytes above what was live, of one product through `layer`."""
+    mx.eval(x)
+    memory.clear_cache()
+    base = memory.active()
+    memory.reset_peak()
+    y = layer(x)
+    mx.eval(y)
+    return memory.peak() - base
+
+
+@pytest.mark.parametrize("kind", ["float16", "bfloat16", "q8", "q4"])
+@pytest.mark.parametrize("rows", [9, 16, 32])
+def test_more_rows_than_a_block_make_no_float32_copy_of_the_weight(kind, rows, monkeypatch) -> None:
+    # a decode step of 9+ rows used to multiply a float32 copy of each 16-bit weight (MLX's
+    # matmul), or a dequantized one: 1.2 GB written and read per step for Qwen3-0.6B's head
+    from amlx.models import cpu_matmul, nn
+
+    rng = np.random.default_rng(rows)
+    out, inp = 2048, 1024
+    w = O.astype(mx.array(rng.standard_normal((out, inp)).astype(np.float32)), mx.bfloat16)
+    if kind in DTYPES:
+        layer = nn.Linear(O.astype(w, DTYPES[kind]))
+    else:
+        layer = nn.QuantizedLinear(*O.quantize(w, 64, int(kind[1])), 64, int(kind[1]))
+    mx.eval(layer.weight)
+    x = O.astype(mx.array(rng.standard_normal((rows, inp)).astype(np.float32)), mx.bfloat16)
+    if rows > cpu_matmul.max_rows(layer):
+        pytest.skip("past this format's crossover: MLX's matmul, as before")
+    float32_weight = out * inp * 4
+    assert _peak_of(layer, x) < float32_weight / 8  # x, y and their float32 twins: ~0.3 MB
+    # the test can fail: the path before (MLX's matmul past 8 rows) copies the weight
+    monkeypatch.setattr(cpu_matmul, "ROWS", dict.fromkeys(cpu_matmul.ROWS, ck.BLOCK_ROWS))
+    monkeypatch.setattr(cpu_matmul, "BIG_ROWS", ck.BLOCK_ROWS)
+    assert _peak_of(layer, x) >= float32_weight
 
 
 @settings(max_examples=25, deadline=None)
@@ -203,7 +277,7 @@ def test_quantized_layers_dequantize_through_the_kernel_for_many_rows() -> None:
     w = O.astype(mx.array(rng.standard_normal((96, 128)).astype(np.float32)), mx.bfloat16)
     q = O.quantize(w, 64, 8)
     layer = nn.QuantizedLinear(*q, 64, 8)
-    x = mx.array(rng.standard_normal((40, 128)).astype(np.float32))
+    x = mx.array(rng.standard_normal((ck.MAX_ROWS + 36, 128)).astype(np.float32))
     got = layer(x)
     assert "CpuDequantize" in O.graph_summary(got)[1]
     xf, wf = _as_f64(x), _unpack(*q, 64, 8)

@@ -346,6 +346,47 @@ def test_batched_decode_rows_match_single_rows(ckpt, loaded, tokens):
     assert got == want
 
 
+def _batched_greedy(model, rows: list[list[int]], steps: int) -> list[list[int]]:
+    """Greedy tokens of equal-length rows prefilled together and decoded together."""
+    n = len(rows[0])
+    cache = model.make_cache()
+    try:
+        with mx.array(np.array(rows, np.int32)) as x, model(x, cache, 0) as out:
+            got = [[int(t)] for t in np.argmax(out.astype(mx.float32).numpy()[:, -1], axis=-1)]
+        for step in range(steps - 1):
+            with mx.array(np.array([[g[-1]] for g in got], np.int32)) as x, \
+                    mx.array(np.full(len(rows), n + step, np.int32)) as p, model(x, cache, p) as out:
+                for g, t in zip(got, np.argmax(out.astype(mx.float32).numpy()[:, -1], axis=-1)):
+                    g.append(int(t))
+        return got
+    finally:
+        for c in cache:
+            c.close()
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_decode_steps_of_more_rows_than_a_block_keep_each_rows_tokens(dtype, ckpt, loaded, tokens, monkeypatch):
+    """12 rows decoded together: the CPU kernels take them in chunks of 8 rows, and each
+    row's tokens are those it gets decoded alone (the kernels sum a row the same way
+    whatever the batch); in float32, also those of the path before (MLX's matmul past 8
+    rows), exactly. Every format's crossover is raised to the kernels' limit, so the
+    float32 model takes the chunked path too."""
+    from amlx._mlx import cpu_kernels
+
+    model = loaded(ckpt("qwen3"), dtype).model
+    base = tokens("qwen3")
+    n = min(len(t) for t in base)
+    rows = [base[i % 3][i // 3:][:n - 3] for i in range(12)]
+    monkeypatch.setattr(cpu_matmul, "INT8", False)
+    monkeypatch.setattr(cpu_matmul, "ROWS", dict.fromkeys(cpu_matmul.ROWS, cpu_kernels.MAX_ROWS))
+    got = _batched_greedy(model, rows, 6)
+    assert got == [greedy(model, r, 6)[0] for r in rows]
+    if dtype is None:
+        monkeypatch.setattr(cpu_matmul, "ROWS", dict.fromkeys(cpu_matmul.ROWS, cpu_kernels.BLOCK_ROWS))
+        monkeypatch.setattr(cpu_matmul, "BIG_ROWS", cpu_kernels.BLOCK_ROWS)
+        assert _batched_greedy(model, rows, 6) == got
+
+
 @pytest.mark.parametrize("name", ["qwen2", "gemma3_text"])
 def test_fused_projections_match_the_separate_layers(name, ckpt, tokens):
     """Loading fuses q/k/v and gate/up into one matmul each; the result equals
@@ -592,7 +633,9 @@ class _closing:
 
 
 @pytest.mark.parametrize("name", ["qwen3", "gemma3"])
-def test_per_layer_override_one_layer_8_bit(name, ckpt, converted, tmp_path, tokens):
+def test_per_layer_override_one_layer_8_bit(name, ckpt, converted, tmp_path, tokens, monkeypatch):
+    # an exact check: the prompt's rows (up to cpu_matmul.ROWS["int8"]) would round x to int8
+    monkeypatch.setattr(cpu_matmul, "INT8", False)
     q4 = converted(name, 4)
     dst = tmp_path / "mixed"
     shutil.copytree(q4, dst)
@@ -646,7 +689,10 @@ def _mlx_lm_logits(mlx_lm, path, ids) -> np.ndarray:
 
 @pytest.mark.parametrize("name,bits", [("qwen3", 4), ("gemma3_text", 4), ("gemma3", 8), ("llama", 4),
                                        ("qwen2", 8), ("llama", None), ("gemma3-old", 4)])
-def test_mlx_lm_loads_converted_checkpoints_with_the_same_logits(name, bits, converted, loaded, tokens):
+def test_mlx_lm_loads_converted_checkpoints_with_the_same_logits(name, bits, converted, loaded, tokens,
+                                                                monkeypatch):
+    # exact checks: a prompt's rows (up to cpu_matmul.ROWS["int8"]) would round x to int8
+    monkeypatch.setattr(cpu_matmul, "INT8", False)
     mlx_lm = pytest.importorskip("mlx_lm")
     path = converted(name, bits)
     lm = loaded(path)
@@ -689,7 +735,8 @@ def test_convert_shards_like_mlx_lm(ckpt, converted, loaded, tokens):
     np.testing.assert_array_equal(logits_of(loaded(out).model, ids), logits_of(loaded(ckpt("qwen3")).model, ids))
 
 
-def test_convert_dtype(ckpt, converted, loaded, tokens, tmp_path):
+def test_convert_dtype(ckpt, converted, loaded, tokens, tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "INT8", False)  # the quantized check below is exact
     out = converted("llama", None, dtype="bfloat16")
     header = _header(out / "model.safetensors")
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}

@@ -4,7 +4,11 @@ dequantization of MLX's affine packing to float32.
 `gemv(x, w)` computes x W^T for 1..MAX_ROWS rows of x with W (out, in) stored
 as float32, float16 or bfloat16, or in MLX's 4-/8-bit affine packing (with
 scales and biases), reading the weights as stored and converting in registers,
-on a pool of threads (one per usable core). It is an MLX primitive: it takes
+on a pool of threads (one per usable core). The kernels hold up to BLOCK_ROWS
+rows of x in registers; a call with more runs them in chunks of rows (2 for the
+float kernels, 8 for the int8 ones) over each cache-sized tile of the weight in
+turn, so the weight is still read from memory once, and each row's result is
+the same as alone. It is an MLX primitive: it takes
 part in lazy evaluation, compile and (with respect to x) gradients.
 """
 
@@ -13,7 +17,8 @@ from __future__ import annotations
 from amlx._mlx._lib import check, ffi, lib
 from amlx._mlx.array import Array, _call
 
-MAX_ROWS = 8
+MAX_ROWS = int(lib.mlxc_cpu_gemv_max_rows())
+BLOCK_ROWS = 8  # vendor/mlxc/gemv.h kMaxRows
 GROUP_SIZES = (32, 64, 128)
 
 

@@ -1,11 +1,11 @@
 """Linear layers on the CPU through amlx's own few-row kernels.
 
-Two regimes. A decode step multiplies 1..8 rows of activations by every weight matrix:
+Two regimes. A decode step multiplies a few rows of activations by every weight matrix:
 there, MLX's CPU backend is slow (sgemm packs the whole weight per call,
 16-bit weights are converted in memory first, quantized weights are unpacked
-one scalar at a time). `few_rows` sends such products to
-amlx._mlx.cpu_kernels.gemv, which reads the weights as stored, on a pool of
-threads. Longer inputs (prefill) stay with MLX's matmul and its BLAS (OpenBLAS,
+one scalar at a time). `few_rows` sends such products (up to
+ROWS rows, by weight format) to amlx._mlx.cpu_kernels.gemv, which reads the
+weights as stored, on a pool of threads. Longer inputs (prefill) stay with MLX's matmul and its BLAS (OpenBLAS,
 see amlx._mlx.blas), in float32: MLX's CPU gemm for 16-bit inputs and its
 quantized matmul are 15-25x slower than converting to float32 first and
 calling sgemm (measured at 128 x 1024 x 3072), so `widen` and
@@ -30,6 +30,17 @@ from amlx._mlx import Array, bfloat16, cpu_kernels, device, float16, float32, op
 ENABLED = os.environ.get("AMLX_CPU_KERNELS", "1") != "0"
 INT8 = os.environ.get("AMLX_CPU_INT8", "1") != "0"
 _DENSE = (float32, float16, bfloat16)
+# Rows up to which a product goes to the kernels, by weight format: "f32", "f16" (both
+# 16-bit dtypes), "int8" (quantized, against x rounded to int8: INT8) or "quantized"
+# (against float x); for a 16-bit or quantized weight of more than _MAX_DEQUANTIZED values
+# (a vocabulary projection), BIG_ROWS. Past cpu_kernels.BLOCK_ROWS the kernels run in
+# chunks of rows, still reading the weight once as stored, where MLX's matmul would
+# multiply a float32 copy of it (16-bit or dequantized: 0.6 GB per call for Qwen3-0.6B's
+# 151,936 x 1,024 head) or use its quantized matmul (seconds per call there). float32
+# weights need no copy, and MLX's sgemm is faster from about 12 rows. The crossovers
+# were measured on a 2-core AVX-512 machine (benchmarks/cpu_rows.py, benchmarks/README.md).
+ROWS = {"f32": 8, "f16": 32, "quantized": 32, "int8": 64}
+BIG_ROWS = cpu_kernels.MAX_ROWS
 # a float32 copy of a bigger quantized weight (a vocabulary projection) costs
 # more memory than the time it saves
 _MAX_DEQUANTIZED = 1 << 26
@@ -43,9 +54,9 @@ def _cpu_rows(x: Array) -> int:
 
 
 def widen(x: Array) -> bool:
-    """Whether a product of 16-bit `x` (more rows than the kernels take) should be
-    computed in float32 (and the result cast back)."""
-    return x.dtype in (float16, bfloat16) and _cpu_rows(x) > cpu_kernels.MAX_ROWS
+    """Whether a product of 16-bit `x` that the kernels did not take (more rows than
+    they hold at once) should be computed in float32 (and the result cast back)."""
+    return x.dtype in (float16, bfloat16) and _cpu_rows(x) > cpu_kernels.BLOCK_ROWS
 
 
 def widen_attention(q: Array, length: int) -> bool:
@@ -60,7 +71,7 @@ def widen_attention(q: Array, length: int) -> bool:
 def dequantize_first(x: Array, layer) -> bool:
     """Whether x times a quantized layer's weight should dequantize the weight to
     float32 and multiply with sgemm."""
-    return _cpu_rows(x) > cpu_kernels.MAX_ROWS and layer.weight.shape[0] * x.shape[-1] <= _MAX_DEQUANTIZED
+    return _cpu_rows(x) > cpu_kernels.BLOCK_ROWS and layer.weight.shape[0] * x.shape[-1] <= _MAX_DEQUANTIZED
 
 
 def dequantize(layer) -> Array:
@@ -73,19 +84,32 @@ def dequantize(layer) -> Array:
     return ops.dequantize(layer.weight, layer.scales, layer.biases, group, bits, dtype=float32)
 
 
+def max_rows(layer) -> int:
+    """Rows of x up to which `layer`'s product goes to the kernels (few_rows)."""
+    weight = layer.weight
+    bits = getattr(layer, "_bits", 0)
+    kind = ("int8" if INT8 else "quantized") if bits else "f32" if weight.dtype == float32 else "f16"
+    if kind != "f32" and weight.shape[0] * weight.shape[-1] * (32 // bits if bits else 1) > _MAX_DEQUANTIZED:
+        return min(BIG_ROWS, cpu_kernels.MAX_ROWS)
+    return min(ROWS[kind], cpu_kernels.MAX_ROWS)
+
+
 def few_rows(x: Array, layer) -> Array | None:
     """x W^T for `layer` (Linear, Embedding as a projection, or their quantized
     kinds; W (out, in)) through the CPU kernels; None where they do not apply
-    (another device, more rows than they take, an unsupported format). A layer
+    (another device, more rows than ROWS gives the format, an unsupported format). A layer
     with a MatmulSplit keeps it: its column blocks are rows of W, and the kernels
     compute every output the same way in any block, so the split stays exact."""
-    if not 1 <= _cpu_rows(x) <= cpu_kernels.MAX_ROWS:
+    rows = _cpu_rows(x)
+    if rows < 1:
         return None
     bits = getattr(layer, "_bits", 0)
     if bits:
         if bits not in (4, 8) or layer._group_size not in cpu_kernels.GROUP_SIZES:
             return None
     elif layer.weight.dtype not in _DENSE or layer.weight.ndim != 2:
+        return None
+    if rows > max_rows(layer):
         return None
     out = layer.weight.shape[0]
     split = layer.__dict__.get("_split")

@@ -5,7 +5,7 @@
 // for float32 weights, converts 16-bit weights to float32 in memory first,
 // and unpacks quantized weights one scalar at a time. CpuGemv reads the
 // weights as stored (float32, float16, bfloat16, or MLX's 4-/8-bit affine
-// packing) once for up to kMaxRows rows of x, converting in registers with
+// packing) once for up to kMaxCallRows rows of x, converting in registers with
 // the best instruction set the CPU has (gemv.h).
 //
 // Threads: one small pool, sized to the cores the process may use. A second
@@ -273,13 +273,61 @@ const void* packed(const mx::array& a, std::vector<char>& tmp) {
   return tmp.data();
 }
 
-// The output rows of `j`, split into blocks over the pool.
-void run_rows(const gv::Job& j, gv::RowsFn fn) {
+// Rows of x one call takes. The kernels hold at most gv::kMaxRows rows in registers; a call
+// with more runs them in chunks of rows (chunk_jobs), each chunk over one tile of the
+// weight's rows after another, so a tile read from memory serves every chunk from cache and
+// the weight is read as stored, with no float32 copy (a decode step of 9+ rows otherwise went
+// to MLX's matmul on a float32 copy of each weight, or on a dequantized one).
+constexpr int kMaxCallRows = 64;
+// Rows of a chunk. The float kernels (dense weights, and quantized ones against float x)
+// load x once per block of weight rows, 4 rows for 1-2 rows of x, 1 row for 5-8
+// (gemv_impl.h): in chunks of 2 they load x a quarter as often, which measured up to 2x
+// faster at 16-64 rows (bf16, Qwen3-0.6B's MLP, benchmarks/README.md) than chunks of 8. The
+// int8 kernels read x as bytes and measured fastest in chunks of 8.
+constexpr int kFloatChunkRows = 2, kInt8ChunkRows = gv::kMaxRows;
+// Bytes of weight rows a tile holds: every chunk of x runs over it while it sits in L2 (L1
+// is too small beside a chunk of x).
+constexpr long kTileBytes = 64 << 10;
+
+// `j` cut into jobs of at most `rows` rows of x (and of y and x's group sums); one job when
+// it has no more than gv::kMaxRows.
+std::vector<gv::Job> chunk_jobs(const gv::Job& j, int rows) {
+  if (j.M <= gv::kMaxRows) return {j};
+  std::vector<gv::Job> out;
+  const long G = j.bits ? j.K / j.group : 0;
+  for (int m0 = 0; m0 < j.M; m0 += rows) {
+    gv::Job c = j;
+    c.M = std::min(rows, j.M - m0);
+    c.x = j.x + (long)m0 * j.K;
+    c.y = j.y + (long)m0 * j.N;
+    if (j.xsum) c.xsum = j.xsum + m0 * G;
+    if (j.xq) c.xq = j.xq + (long)m0 * j.K;
+    if (j.xd) c.xd = j.xd + m0 * G;
+    if (j.xqsum) c.xqsum = j.xqsum + m0 * G;
+    out.push_back(c);
+  }
+  return out;
+}
+
+// Weight rows a tile holds: kTileBytes of them, in whole blocks of 4 (the kernels' widest).
+int tile_rows(const gv::Job& j) {
+  const long row = j.bits ? (long)j.K * j.bits / 8 + 2L * (j.skind == gv::F32 ? 4 : 2) * (j.K / j.group)
+                          : (long)j.K * (j.wkind == gv::F32 ? 4 : 2);
+  return (int)std::max(16L, kTileBytes / std::max(row, 1L) / 4 * 4);
+}
+
+// The output rows of `j`, split into blocks over the pool; x's rows in chunks of `chunk`.
+void run_rows(const gv::Job& j, gv::RowsFn fn, int chunk) {
   Pool& p = pool();
   // Blocks of at least 16 rows: thinner ones cost more in wake-ups than they gain.
   const int parts = std::max(1, std::min(p.threads(), j.N / 16));
+  const std::vector<gv::Job> chunks = chunk_jobs(j, chunk);
+  const int tile = chunks.size() == 1 ? j.N : tile_rows(j);
   p.run(parts, [&](int part) {
-    fn(j, (int)((long)j.N * part / parts), (int)((long)j.N * (part + 1) / parts));
+    const int n0 = (int)((long)j.N * part / parts), n1 = (int)((long)j.N * (part + 1) / parts);
+    for (int t = n0; t < n1; t += tile) {
+      for (const gv::Job& c : chunks) fn(c, t, std::min(n1, t + tile));
+    }
   });
 }
 
@@ -356,7 +404,7 @@ void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int gro
     if (int8) {
       const Int8Kernel* k8 = int8_kernel.load();
       quantize_x(j, bits == 4 ? k8->step(group) : 0, xq, xd, xqsum, xsum);
-      run_rows(j, k8->rows);
+      run_rows(j, k8->rows, kInt8ChunkRows);
       return;
     }
     const int G = j.K / group;
@@ -371,7 +419,7 @@ void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int gro
       j.x = xperm.data();
     }
   }
-  run_rows(j, kernel.load());
+  run_rows(j, kernel.load(), kFloatChunkRows);
 }
 
 class CpuGemv : public mx::UnaryPrimitive {
@@ -498,8 +546,8 @@ void check_args(const mx::array& x, const mx::array& w, const mx::array* scales,
   if (x.ndim() < 1 || w.ndim() != 2) throw std::invalid_argument("cpu_gemv: x must have a last axis and w be 2-D");
   const int K = x.shape(-1);
   const int rows = K ? (int)(x.size() / K) : 0;
-  if (rows < 1 || rows > gv::kMaxRows) {
-    throw std::invalid_argument("cpu_gemv: x must have 1 to " + std::to_string(gv::kMaxRows) + " rows");
+  if (rows < 1 || rows > kMaxCallRows) {
+    throw std::invalid_argument("cpu_gemv: x must have 1 to " + std::to_string(kMaxCallRows) + " rows");
   }
   if (!mx::issubdtype(x.dtype(), mx::floating)) throw std::invalid_argument("cpu_gemv: x must be floating point");
   if (bits == 0) {
@@ -560,6 +608,8 @@ mx::array mlxc::cpu_dequantize(const mx::array& w, const mx::array& scales, cons
 extern "C" {
 
 int mlxc_cpu_threads(void) { return pool().threads(); }
+
+int mlxc_cpu_gemv_max_rows(void) { return kMaxCallRows; }
 
 int mlxc_cpu_set_threads(int n) {
   if (n < 1 || n > 256) {

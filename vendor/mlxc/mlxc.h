@@ -103,6 +103,7 @@ int mlxc_blas_set_threads(int n);
 int mlxc_cpu_gemv(mlxc_array x, mlxc_array w, mlxc_array scales, mlxc_array biases,
                   int group_size, int bits, int int8_x, mlxc_array* out);
 int mlxc_cpu_threads(void);
+int mlxc_cpu_gemv_max_rows(void);  /* rows of x one mlxc_cpu_gemv call takes */
 int mlxc_cpu_set_threads(int n);
 /* MLX's affine 4-/8-bit packing (group size 32, 64 or 128) back to float32
  * (out, in), on the CPU, rows split over the same threads: the prefill path
