@@ -111,29 +111,44 @@ def _timed(side, x, layers, group, bits, reps, trials) -> float:
     return best
 
 
-def _device_times(x, layers, group, bits, reps, sides=SIDES) -> dict:
-    """Device microseconds per call of each side's kernels, from torch.profiler."""
+def _profiled_kernels(body) -> dict[str, list[tuple[float, float]]]:
+    """Runs `body` under torch.profiler (synchronized before and after): each CUDA kernel's
+    name -> its (start, device microseconds), one a launch."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from amlx._mlx import device, ops
+    from amlx._mlx import device
 
     torch.cuda.init()
+    device.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        body()
+        device.synchronize()
+    kernels: dict[str, list[tuple[float, float]]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(e.name, []).append((e.time_range.start, e.time_range.elapsed_us()))
+    return kernels
+
+
+def _run_calls(side, x, layers, group, bits, reps) -> None:
+    """`reps` calls of one side, evaluated and synchronized, their results freed."""
+    from amlx._mlx import device, ops
+
+    ys = [_call(side, x, layers[i % len(layers)], group, bits) for i in range(reps)]
+    ops.eval(*ys)
+    device.synchronize()
+    for y in ys:
+        y.close()
+
+
+def _device_times(x, layers, group, bits, reps, sides=SIDES) -> dict:
+    """Device microseconds per call of each side's kernels, from torch.profiler."""
     out = {}
     for side in sides:
-        ys = [_call(side, x, layers[i % len(layers)], group, bits) for i in range(reps)]
-        device.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            ops.eval(*ys)
-            device.synchronize()
-        for y in ys:
-            y.close()
-        kernels = {}
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                kernels.setdefault(e.name, []).append(e.time_range.elapsed_us())
+        kernels = _profiled_kernels(lambda: _run_calls(side, x, layers, group, bits, reps))
         # the side's matmul: the kernel name that ran `reps` times or more and took the most time
-        busy = {n: sum(t) for n, t in kernels.items() if len(t) >= reps}
+        busy = {n: sum(d for _, d in t) for n, t in kernels.items() if len(t) >= reps}
         if busy:
             name = max(busy, key=busy.get)
             out[side] = {"kernel": name[:120], "device_us": busy[name] / len(kernels[name])}
@@ -144,24 +159,7 @@ def _device_times_in_order(x, layers, group, bits, reps, sides) -> list[float]:
     """Device microseconds per call of each of `sides`, all running one kernel (one version, other
     launch shapes), in one torch.profiler session: each side's calls synchronized before the next
     side's, so that kernel's events, in order of start, are the sides' in turn."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from amlx._mlx import device, ops
-
-    torch.cuda.init()
-    device.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for side in sides:
-            ys = [_call(side, x, layers[i % len(layers)], group, bits) for i in range(reps)]
-            ops.eval(*ys)
-            device.synchronize()
-            for y in ys:
-                y.close()
-    kernels = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels.setdefault(e.name, []).append((e.time_range.start, e.time_range.elapsed_us()))
+    kernels = _profiled_kernels(lambda: [_run_calls(side, x, layers, group, bits, reps) for side in sides])
     # the matmul: of the kernels that ran once a call, the one that took the most time
     runs = [sorted(t) for t in kernels.values() if len(t) == reps * len(sides)]
     if not runs:
