@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -54,8 +55,11 @@ def setup(tmp_path_factory):
 def _spawn(ckpt: Path, *args: str):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(PYTHONPATH=str(ROOT), PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1", TERM="dumb")
+    # SIGINT back to its default in the child: a runner started in the background by a shell
+    # without job control has it ignored, and the child would inherit that (Ctrl-C lost)
     child = pexpect.spawn(sys.executable, ["-m", "amlx", "chat", str(ckpt), *args], cwd=str(ROOT), env=env,
-                          encoding="utf-8", codec_errors="replace", timeout=180, dimensions=(40, 200))
+                          encoding="utf-8", codec_errors="replace", timeout=180, dimensions=(40, 200),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect_exact("/help lists the commands")
     child.expect_exact("> ")
     return child
