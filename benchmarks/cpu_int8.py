@@ -60,24 +60,11 @@ def kernels(repeats: int) -> None:
                       f"{t[False] / t[True]:.2f}x")
 
 
-def _step_logits(model, ids) -> np.ndarray:
-    from amlx import _mlx as mx
-
-    cache = model.make_cache()
-    try:
-        outs = []
-        for pos, t in enumerate(ids):
-            at = pos if pos == 0 else mx.array(np.array([pos], np.int32))
-            with mx.array(np.array([[t]], np.int32)) as x, model(x, cache, at) as out:
-                outs.append(out.astype(mx.float32).numpy()[0, -1])
-        return np.stack(outs)
-    finally:
-        for c in cache:
-            c.close()
-
-
 def accuracy(paths: list[str]) -> None:
     from amlx.models import cpu_matmul, load_model
+
+    sys.path.insert(0, str(HERE.parent))
+    from tests.helpers.decoding import step_logits
 
     rng = np.random.default_rng(0)
     for path in paths:
@@ -86,9 +73,9 @@ def accuracy(paths: list[str]) -> None:
             vocab = int(lm.config.get("vocab_size") or 1000)
             ids = [int(i) for i in rng.integers(3, min(vocab, 30000), 24)]
             cpu_matmul.INT8 = False
-            want = _step_logits(lm.model, ids)
+            want = step_logits(lm.model, ids)
             cpu_matmul.INT8 = True
-            got = _step_logits(lm.model, ids)
+            got = step_logits(lm.model, ids)
         finally:
             lm.model.close()
         rel = np.abs(got - want).max(-1) / np.abs(want).max(-1)

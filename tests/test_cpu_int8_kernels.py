@@ -24,6 +24,11 @@ from amlx._mlx import cpu_kernels as ck
 from amlx._mlx import ops as O
 from amlx.errors import MLXError
 
+try:
+    from tests.helpers.cpu_kernels import as_f64, restore_kernel_settings  # noqa: F401 (an autouse fixture)
+except ImportError:  # tests/ itself on sys.path (rootdir-less run)
+    from helpers.cpu_kernels import as_f64, restore_kernel_settings  # noqa: F401
+
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -41,18 +46,6 @@ def _supported() -> list[str]:
 
 
 ISAS = _supported()
-
-
-@pytest.fixture(autouse=True)
-def _restore():
-    threads = ck.threads()
-    yield
-    ck.set_isa("best")
-    ck.set_threads(threads)
-
-
-def _f64(a) -> np.ndarray:
-    return np.asarray(O.astype(a, mx.float32)).astype(np.float64)
 
 
 def _codes(wq, bits: int) -> np.ndarray:
@@ -90,7 +83,7 @@ def _check(y, x, wq, scales, biases, group, bits) -> None:
     groups = k // group
     xq, d = _round_x(xf, group)                                  # (m, G, g), (m, G)
     q = _codes(wq, bits).reshape(-1, groups, group)              # (n, G, g)
-    s, b = _f64(scales), _f64(biases)                            # (n, G)
+    s, b = as_f64(scales), as_f64(biases)                            # (n, G)
     isum = np.einsum("ngk,mgk->mng", q, xq)                      # exact integers
     xqsum = xq.sum(-1)                                           # (m, G)
     d64 = d.astype(np.float64)
@@ -98,7 +91,7 @@ def _check(y, x, wq, scales, biases, group, bits) -> None:
     # the size of every term the kernel rounds (with the 128 offset AVX2 uses for 8 bits)
     size = ((np.einsum("ngk,mgk->mng", q + 128, np.abs(xq)) * np.abs(s)[None]
              + (np.abs(b) + 128 * np.abs(s))[None] * np.abs(xq).sum(-1)[:, None]) * np.abs(d64)[:, None]).sum(-1)
-    got = _f64(y)
+    got = as_f64(y)
     assert got.shape == (m, q.shape[0])
     err = np.abs(got - exact)
     # a few dozen float32 roundings per output, of random sign: measured at most 0.15 units

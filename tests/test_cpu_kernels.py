@@ -21,21 +21,14 @@ from amlx._mlx import ops as O
 from amlx._mlx import transforms
 from amlx.errors import MLXError
 
+try:
+    from tests.helpers.cpu_kernels import as_f64, restore_kernel_settings  # noqa: F401 (an autouse fixture)
+except ImportError:  # tests/ itself on sys.path (rootdir-less run)
+    from helpers.cpu_kernels import as_f64, restore_kernel_settings  # noqa: F401
+
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ISAS = [i for i in ("generic", "avx2", "avx512") if i == "generic" or ck.isa() in (i, "avx512")]
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
-@pytest.fixture(autouse=True)
-def _restore():
-    threads = ck.threads()
-    yield
-    ck.set_isa("best")
-    ck.set_threads(threads)
-
-
-def _as_f64(a) -> np.ndarray:
-    return np.asarray(O.astype(a, mx.float32)).astype(np.float64)
 
 
 def _unpack(wq, scales, biases, group: int, bits: int) -> np.ndarray:
@@ -45,11 +38,11 @@ def _unpack(wq, scales, biases, group: int, bits: int) -> np.ndarray:
     per = 32 // bits
     shifts = (np.arange(per, dtype=np.uint64) * bits)
     q = ((words[..., None] >> shifts) & ((1 << bits) - 1)).reshape(words.shape[0], -1).astype(np.float64)
-    return q * np.repeat(_as_f64(scales), group, axis=1) + np.repeat(_as_f64(biases), group, axis=1)
+    return q * np.repeat(as_f64(scales), group, axis=1) + np.repeat(as_f64(biases), group, axis=1)
 
 
 def _close(got, want: np.ndarray, scale: np.ndarray) -> None:
-    err = np.abs(_as_f64(got) - want)
+    err = np.abs(as_f64(got) - want)
     assert np.all(err <= 2e-5 * scale + 1e-6), float((err / (scale + 1e-6)).max())
 
 
@@ -67,10 +60,10 @@ def test_dense_gemv_matches_numpy(m, k, n, seed, wdtype, xdtype, isa, threads) -
     mx.eval(y)
     assert y.shape == (m, n)
     assert y.dtype == O.matmul(x, O.transpose(w)).dtype
-    xf, wf = _as_f64(x), _as_f64(w)
+    xf, wf = as_f64(x), as_f64(w)
     # a 16-bit result is rounded once more, to its own dtype
     rel = 2e-5 if y.dtype == mx.float32 else 2.0 ** -7
-    err = np.abs(_as_f64(y) - xf @ wf.T)
+    err = np.abs(as_f64(y) - xf @ wf.T)
     assert np.all(err <= rel * (np.abs(xf) @ np.abs(wf).T) + 1e-6)
 
 
@@ -93,7 +86,7 @@ def _check_quantized(m, groups, n, seed, bits, group, sdtype, isa, threads) -> N
     y = ck.gemv(x, wq, scales, biases, group_size=group, bits=bits)
     mx.eval(y)
     wf = _unpack(wq, scales, biases, group, bits)
-    xf = _as_f64(x)
+    xf = as_f64(x)
     _close(y, xf @ wf.T, np.abs(xf) @ np.abs(wf).T)
 
 
@@ -169,7 +162,7 @@ def test_layers_use_the_kernels_for_few_rows(rows, kind, monkeypatch) -> None:
     rng = np.random.default_rng(rows)
     w = O.astype(mx.array(rng.standard_normal((96, 128)).astype(np.float32)), mx.bfloat16)
     if kind == "bfloat16":
-        layer, wf = nn.Linear(w), _as_f64(w)
+        layer, wf = nn.Linear(w), as_f64(w)
     else:
         bits = int(kind[1])
         q = O.quantize(w, 64, bits)
@@ -178,8 +171,8 @@ def test_layers_use_the_kernels_for_few_rows(rows, kind, monkeypatch) -> None:
     got = layer(x)
     assert 8 <= cpu_matmul.max_rows(layer) <= ck.MAX_ROWS
     assert ("CpuGemv" in O.graph_summary(got)[1]) == (rows <= cpu_matmul.max_rows(layer))
-    xf = _as_f64(x)
-    err = np.abs(_as_f64(got) - xf @ wf.T)
+    xf = as_f64(x)
+    err = np.abs(as_f64(got) - xf @ wf.T)
     assert np.all(err <= 2.0 ** -7 * (np.abs(xf) @ np.abs(wf).T))  # one bf16 rounding of the result
     monkeypatch.setattr(cpu_matmul, "ENABLED", False)
     plain = layer(x)
@@ -202,7 +195,7 @@ def test_dense_gemv_in_chunks_of_rows_matches_numpy(m, k, n, seed, wdtype, isa, 
     y = ck.gemv(x, w)
     mx.eval(y)
     assert y.shape == (m, n) and y.dtype == mx.float32
-    xf, wf = _as_f64(x), _as_f64(w)
+    xf, wf = as_f64(x), as_f64(w)
     _close(y, xf @ wf.T, np.abs(xf) @ np.abs(wf).T)
 
 
@@ -266,8 +259,8 @@ def test_dequantize_matches_numpy(n, groups, bits, group, sdtype, threads, seed)
     got = ck.dequantize(wq, scales, biases, group_size=group, bits=bits)
     assert got.dtype == mx.float32 and got.shape == (n, groups * group)
     want = _unpack(wq, scales, biases, group, bits)
-    scale = np.abs(np.repeat(_as_f64(scales), group, axis=1)) * (2**bits - 1) + np.abs(want)
-    assert np.all(np.abs(_as_f64(got) - want) <= 2.0 ** -23 * scale)
+    scale = np.abs(np.repeat(as_f64(scales), group, axis=1)) * (2**bits - 1) + np.abs(want)
+    assert np.all(np.abs(as_f64(got) - want) <= 2.0 ** -23 * scale)
 
 
 def test_quantized_layers_dequantize_through_the_kernel_for_many_rows() -> None:
@@ -280,5 +273,5 @@ def test_quantized_layers_dequantize_through_the_kernel_for_many_rows() -> None:
     x = mx.array(rng.standard_normal((ck.MAX_ROWS + 36, 128)).astype(np.float32))
     got = layer(x)
     assert "CpuDequantize" in O.graph_summary(got)[1]
-    xf, wf = _as_f64(x), _unpack(*q, 64, 8)
-    assert np.all(np.abs(_as_f64(got) - xf @ wf.T) <= 2e-5 * (np.abs(xf) @ np.abs(wf).T) + 1e-6)
+    xf, wf = as_f64(x), _unpack(*q, 64, 8)
+    assert np.all(np.abs(as_f64(got) - xf @ wf.T) <= 2e-5 * (np.abs(xf) @ np.abs(wf).T) + 1e-6)

@@ -45,8 +45,10 @@ from amlx.models import cpu_matmul, load_model
 
 try:
     from tests.helpers.checkpoints import load_reference, make_checkpoint, reference_greedy, reference_logits
+    from tests.helpers.decoding import step_logits
 except ImportError:  # tests/ itself on sys.path (rootdir-less run)
     from helpers.checkpoints import load_reference, make_checkpoint, reference_greedy, reference_logits
+    from helpers.decoding import step_logits
 
 PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -557,23 +559,6 @@ def test_quantized_logits_equal_dequantize_then_matmul(name, bits, converted, lo
         lmf.model.close()
 
 
-def _step_logits(model, ids) -> np.ndarray:
-    """Logits (L, V), one cached decode step per token (one row each: the CPU's few-row kernels)."""
-    cache = model.make_cache()
-    try:
-        outs = []
-        for pos, t in enumerate(ids):
-            at = pos if pos == 0 else mx.array(np.array([pos], np.int32))
-            with _ids([t]) as x, model(x, cache, at) as out:
-                outs.append(out.astype(mx.float32).numpy()[0, -1])
-            if pos:
-                at.close()
-        return np.stack(outs)
-    finally:
-        for c in cache:
-            c.close()
-
-
 @pytest.mark.parametrize("name,bits", [(n, b) for n in ("qwen3", "gemma3_text", "llama", "qwen2") for b in (4, 8)])
 def test_int8_decode_steps_stay_close_to_the_float_kernels(name, bits, converted, loaded, tokens, monkeypatch):
     # On the CPU, decode steps multiply quantized weights by x rounded to int8 per group
@@ -583,9 +568,9 @@ def test_int8_decode_steps_stay_close_to_the_float_kernels(name, bits, converted
     model = loaded(converted(name, bits)).model
     ids = [t for p in tokens(name) for t in p][:24]
     monkeypatch.setattr(cpu_matmul, "INT8", False)
-    want = _step_logits(model, ids)
+    want = step_logits(model, ids)
     monkeypatch.setattr(cpu_matmul, "INT8", True)
-    got = _step_logits(model, ids)
+    got = step_logits(model, ids)
     if mx.device.default_device() == "cpu":
         assert not np.array_equal(got, want)  # the switch is in effect
     rel = np.abs(got - want).max(-1) / np.abs(want).max(-1)
