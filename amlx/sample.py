@@ -887,14 +887,20 @@ class BatchSampling:
         amlx.speculative.verify) as the rows' state, every row having taken part."""
         self.keys, self.history, self.counts = keys, history, counts
 
+    def _for_rows(self, rows: list[RowSampling]) -> "BatchSampling":
+        """A state for `rows` with this one's steps and their parameters stacked; its
+        device arrays (keys, history, counts) are the caller's to set."""
+        state = object.__new__(BatchSampling)
+        state.rows = rows
+        state._steps = self._steps
+        state.params = BatchParams.build([r.params for r in rows])
+        return state
+
     def take(self, keep: list[int]) -> "BatchSampling":
         """The sampling state of rows `keep` (in that order), taken on the device: no
         sync, so it may follow a step still in flight (rows left the batch between two
         chained steps). The parameters are stacked again from the kept rows' own."""
-        taken = object.__new__(BatchSampling)
-        taken.rows = [self.rows[i] for i in keep]
-        taken._steps = self._steps
-        taken.params = BatchParams.build([r.params for r in taken.rows])
+        taken = self._for_rows([self.rows[i] for i in keep])
         index = mx.array(np.asarray(keep, dtype=np.int32))
         taken.keys, taken.history, taken.counts = [
             None if a is None else _ops.take(a, index, axis=0) for a in (self.keys, self.history, self.counts)]
@@ -906,14 +912,11 @@ class BatchSampling:
         steps). The appended rows must not need a history or counts this state lacks
         (`SamplingParams.any_history`): the other rows' host histories may lack the tokens
         still in flight, so they cannot be rebuilt from the host."""
-        joined = object.__new__(BatchSampling)
-        joined.rows = self.rows + list(rows)
-        joined._steps = self._steps
         new_params = [r.params for r in rows]
         if (any(p.repetition_penalty != 1.0 for p in new_params) and self.history is None) or (
                 any(p.counts_generated for p in new_params) and self.counts is None):
             raise ValueError("rows needing a token history join a batch state that has none")
-        joined.params = BatchParams.build([r.params for r in joined.rows])
+        joined = self._for_rows(self.rows + list(rows))
         joined.keys = _ops.concatenate([self.keys, mx.array(np.stack([r.key for r in rows]))], axis=0)
         joined.history = None if self.history is None else _ops.concatenate(
             [self.history, make_history([r.history for r in rows], self.history.shape[1])], axis=0)
