@@ -26,7 +26,8 @@ HEADER = ROOT / "vendor" / "mlxc" / "mlxc.h"
 SOURCES = ("mlxc.cpp", "blas.cpp", "cpu_gemv.cpp", "gemv_generic.cpp", "gemv_avx2.cpp", "gemv_avx512.cpp",
            "gemv_avxvnni.cpp", "gemv_avx512vnni.cpp",  # the int8 kernels on VNNI (gemv_int8.h)
            "distributed.cpp",  # distributed.cpp: MLX's collectives, for tensor parallelism (amlx.tp)
-           "malloc_tuning.cpp")  # glibc thresholds raised at load: large temporaries reuse memory
+           "malloc_tuning.cpp",  # glibc thresholds raised at load: large temporaries reuse memory
+           "buffer_view.cpp")  # the decode kernel reads the KV pools without holding them
 
 
 class MLXNotFound(RuntimeError):

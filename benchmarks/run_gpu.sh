@@ -35,6 +35,9 @@
 #                                        # qwen3-8b-4bit single-stream with AMLX_QGEMV on and off beside mlx-lm
 #                                        # (bigspeed.py --qgemv-off), then qgemv.py (kernel vs MLX per shape,
 #                                        # GB/s, both kernel versions); 6-9 minutes (TEST_BUDGET, BUDGET, MICRO_BUDGET)
+#   bash benchmarks/run_gpu.sh pool-views # issue 15: pool_write.py, then speed.py --streams 64 with the decode kernel
+#                                        # reading the KV pool through buffer views (AMLX_POOL_VIEWS=1) and not (0),
+#                                        # alternating ROUNDS times (default 2), mlx-lm beside the first (~6-8 min)
 # bigspeed, first and ttft-mem keep MLX's compiled kernels between calls: a carried .gpu/ptx.tgz is unpacked
 # into MLX_PTX_CACHE_DIR first, and the cache goes back as $OUT/ptx.tgz (copy it to .gpu/ptx.tgz here).
 set -euo pipefail
@@ -66,6 +69,17 @@ case "${1:-speed}" in
       ${MODELS:+--models $MODELS} ${BIGSPEED_ARGS:-} || echo "bigspeed.py ended with status $?"
     save_ptx
     cat "$OUT/bigspeed.md" 2>/dev/null || echo "no bigspeed.md was written" ;;
+  pool-views)
+    timeout -k 10 90 python3 benchmarks/pool_write.py --out "$OUT/pool_write.json" || echo "pool_write.py ended with status $?"
+    mkdir -p /tmp/amlx-ck
+    for r in $(seq "${ROUNDS:-2}"); do
+      for v in 1 0; do
+        peer=$([ "$r$v" = 11 ] && echo "" || echo --no-mlx-lm)
+        AMLX_POOL_VIEWS=$v AMLX_STEP_TIMING=1 timeout -k 10 ${SPEED_BUDGET:-240} python3 benchmarks/speed.py \
+          --models ${MODELS:-qwen3-0.6b gemma3-1b} --streams 64 --repeats 2 --checkpoints /tmp/amlx-ck \
+          --out "$OUT/views$v-$r" $peer | grep -v '^{' || echo "speed.py ended with status $?"
+      done
+    done ;;
   kvbits)
     # the quantized kernel's tests first, then kv_bits.py, then the other decode-kernel tests (regressions)
     timeout -k 10 ${TEST_BUDGET:-90} python3 -m pytest -q -p no:cacheprovider -k "quantized or kv_bits or numpy" \

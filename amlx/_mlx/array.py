@@ -31,6 +31,18 @@ def _call(fn, op: str, *args) -> "Array":
     return a
 
 
+def _call_optional(fn, op: str, *args) -> "Array | None":
+    """`_call` for an mlxc function that may set `*out` to NULL: then None."""
+    out = _new(_ARRAY_OUT)
+    if fn(*args, out):
+        raise error(op)
+    if out[0] == ffi.NULL:
+        return None
+    a = _alloc(Array)
+    a._h = out[0]
+    return a
+
+
 def _closed() -> ValueError:
     return ValueError("array is closed")
 

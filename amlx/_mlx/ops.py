@@ -8,7 +8,7 @@ from typing import Iterable, Sequence
 
 from amlx._mlx import dtypes as _dt
 from amlx._mlx._lib import check, error, ffi, lib
-from amlx._mlx.array import Array, _call, array, binary_op, scalar_like
+from amlx._mlx.array import Array, _call, _call_optional, array, binary_op, scalar_like
 
 def _int_arr(values: Sequence[int]):
     values = [int(v) for v in values]
@@ -382,6 +382,15 @@ def take_along_axis(a: Array, indices: Array, axis: int) -> Array:
 def put_along_axis(a: Array, indices: Array, values, axis: int) -> Array:
     indices, values = _as_array(indices), _as_array(values, a)
     return _call(lib.mlxc_put_along_axis, "put_along_axis", a.handle, indices.handle, values.handle, int(axis))
+
+
+def buffer_view(a: Array) -> Array | None:
+    """A leaf array on `a`'s buffer that does not hold it (vendor/mlxc/buffer_view.cpp),
+    or None unless `a` is a whole, evaluated (or launched), row-contiguous buffer.
+    What is read through it does not keep MLX from writing `a` in place. Only for
+    readers on `a`'s stream launched after `a`, while `a`'s buffer lives: the view
+    carries no dependency on `a`."""
+    return _call_optional(lib.mlxc_buffer_view, "buffer_view", a.handle)
 
 
 # -- creation ------------------------------------------------------------

@@ -94,19 +94,22 @@ class ShardPools:
             if req.epoch == self.epoch and kv.sheds(req):
                 kv.cache_filled(req, req.prompt + req.generated, req.pos, self._chain(req))
 
-    def views(self, shard: int, tables: Tables, arrays: list[Array] | None = None) -> list[PagedLayer]:
+    def views(self, shard: int, tables: Tables, arrays: list[Array] | None = None,
+              reads: list[Array] | None = None) -> list[PagedLayer]:
         """Each layer's view of a shard's pool (or of `arrays` in its layout: a
-        compiled step's inputs) for one forward pass."""
+        compiled step's inputs) for one forward pass; `reads`: `read_views` of them."""
         kv = self.kv[shard]
-        return layer_views(kv.arrays if arrays is None else arrays, tables, self.windows, kv.pool.bits, kv.pool.group)
+        return layer_views(kv.arrays if arrays is None else arrays, tables, self.windows, kv.pool.bits, kv.pool.group,
+                           reads)
 
     def decode_pass(self, model, tokens: Array, positions: Array, tabs: list[Array],
-                    arrays: list[Array]) -> tuple[Array, list[Array]]:
+                    arrays: list[Array], reads: list[Array] | None = None) -> tuple[Array, list[Array]]:
         """One decode forward as a pure function of arrays (what the scheduler
         compiles; a tensor-parallel model's other ranks run the same): tokens
         (B, 1), positions (B,), the pass's `table_arrays`, each layer's pool
-        array -> (logits (B, V), the pool arrays written). Every shard's pool
-        has the same layout, so shard 0's describes them all."""
+        array (and `read_views` of them for the decode kernel, or none) ->
+        (logits (B, V), the pool arrays written). Every shard's pool has the
+        same layout, so shard 0's describes them all."""
         rows, writes, table, window_rows, window_start, *local = tabs
         b, bs = tokens.shape[0], self.block_size
         tables = windowed = Tables(rows, writes, b, table.shape[1], bs, table)
@@ -116,7 +119,7 @@ class ShardPools:
             kv = self.kv[0]
             windowed.window, windowed.window_width = kv.window, kv.window_width
             windowed.window_rows, windowed.window_start = window_rows, window_start
-        views = self.views(0, tables, arrays)
+        views = self.views(0, tables, arrays, reads)
         logits = model(tokens, views, positions)
         logits = ops.reshape(logits, (tokens.shape[0], logits.shape[2]))
         return logits, written(views)

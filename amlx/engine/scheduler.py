@@ -56,7 +56,7 @@ from amlx.engine.admission import JoinPolicy
 from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards, padded_batch
 from amlx.engine.prefill_budget import pass_budget
 from amlx.engine.pools import ShardPools, extend_arrays, table_arrays
-from amlx.kv import PADDING_ROW, ShardKV, Tables, preemption_order, written
+from amlx.kv import PADDING_ROW, ShardKV, Tables, preemption_order, read_views, written
 from amlx.engine.notify import flush_wakeups
 from amlx.engine.rate import RateMeter
 from amlx.engine.timing import StepTiming, step_timing_enabled
@@ -992,19 +992,21 @@ class Scheduler:
         return [logits, *state]
 
     def _forward(self, tokens: Array, positions: Array, tabs: list[Array],
-                 pools: list[Array]) -> tuple[Array, list[Array]]:
+                 pools: list[Array], reads: list[Array]) -> tuple[Array, list[Array]]:
         """One decode step as a pure function of arrays (what gets compiled):
         (tokens (B,1), positions (B,), the tables' arrays (`_table_arrays`), each
-        layer's pool array) -> (logits (B,V), the pool arrays written)."""
-        return self._forward_with(self.model, tokens, positions, tabs, pools)
+        layer's pool array, the decode kernel's `read_views` of them or []) ->
+        (logits (B,V), the pool arrays written)."""
+        return self._forward_with(self.model, tokens, positions, tabs, pools, reads)
 
     def _forward_split(self, tokens: Array, positions: Array, tabs: list[Array],
-                       pools: list[Array]) -> tuple[Array, list[Array]]:
+                       pools: list[Array], reads: list[Array]) -> tuple[Array, list[Array]]:
         """`_forward` by the split twin (a lone row's step)."""
-        return self._forward_with(self._split_model(), tokens, positions, tabs, pools)
+        return self._forward_with(self._split_model(), tokens, positions, tabs, pools, reads)
 
-    def _forward_with(self, model, tokens: Array, positions: Array, tabs: list[Array], pools: list[Array]):
-        return self.pools.decode_pass(model, tokens, positions, tabs, pools)
+    def _forward_with(self, model, tokens: Array, positions: Array, tabs: list[Array], pools: list[Array],
+                      reads: list[Array]):
+        return self.pools.decode_pass(model, tokens, positions, tabs, pools, reads)
 
     def _batched_logits(self, tokens: Array, positions: Array, tables: Tables, pools: list[Array],
                         split: bool = False) -> tuple[Array, list[Array]]:
@@ -1016,7 +1018,11 @@ class Scheduler:
             fn = self._split_step_fn or self._forward_split
         else:
             fn = self._step_fn or self._forward
-        return fn(tokens, positions, table_arrays(tables), pools)
+        # the decode kernel reads the pool through handles that leave it free to be
+        # written in place (amlx.kv.paged.read_views); they order by stream alone,
+        # so only where every step of this pool runs on one stream
+        reads = read_views(pools) if self.options.decode_kernel and len(self.shards) == 1 else []
+        return fn(tokens, positions, table_arrays(tables), pools, reads)
 
     def _emit(self, req: Request, token_id: int, logprob: float, top: list | None = None) -> None:
         if req.first_token_at is None:

@@ -19,6 +19,7 @@ compares this with the other forms measured on the CPU.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,12 +27,32 @@ from amlx._mlx import Array, ops
 from amlx._mlx import int32 as _int32
 from amlx.cache import decode_mask, memoized, window_mask
 
-__all__ = ["PagedLayer", "Tables", "layer_views", "verify_mask", "written"]
+__all__ = ["PagedLayer", "Tables", "layer_views", "read_views", "verify_mask", "written"]
 
 # Whether the CUDA decode kernel reads a quantized pool itself (dequantizing in
 # registers) or gets the gathered, dequantized keys: on by default;
 # benchmarks/kv_bits.py and tests/test_decode_kernels.py turn it off to compare.
 QUANTIZED_KERNEL = True
+
+# Whether the CUDA decode kernel reads the pool through `ops.buffer_view` handles
+# (`read_views`), which leave the pool's data held by the pool alone, so that the
+# step's write into it happens in place. Read as the arrays themselves, the
+# kernel's read (before the write, in the same step) and the previous step's (in
+# flight when the next is launched) made MLX's scatter copy each layer's whole
+# pool every step: the pool twice in memory, and read and written once more per
+# step. On by default; AMLX_POOL_VIEWS=0 is the benchmarks' way back (pool_write.py).
+READ_VIEWS = os.environ.get("AMLX_POOL_VIEWS", "1") != "0"
+
+
+def read_views(arrays: Sequence[Array]) -> list[Array]:
+    """Handles on `arrays`' buffers for the decode kernel to read (`PagedLayer.reads`),
+    or [] (read the arrays) when READ_VIEWS is off or one of them is not a whole
+    launched buffer. Only for a pass on the stream that wrote `arrays`: a handle
+    carries no dependency on its array, so stream order alone orders the reads."""
+    if not READ_VIEWS:
+        return []
+    views = [ops.buffer_view(a) for a in arrays]
+    return [] if any(v is None for v in views) else views
 
 
 @dataclass
@@ -74,11 +95,13 @@ class PagedLayer:
     """One layer's pool arrays seen through the pass's tables: one array (2,
     blocks, kv_heads, block_size, head_dim), or with `bits` three (packed values,
     scales, biases, each (2, blocks, kv_heads, block_size, n); amlx.kv.pool).
-    `parts` are the updated arrays after the pass."""
+    `parts` are the updated arrays after the pass; `reads`, where given, handles
+    on the same buffers (`read_views`) that the decode kernel reads instead."""
 
     def __init__(self, parts: Array | Sequence[Array], tables: Tables, window: int | None = None,
-                 bits: int | None = None, group: int = 0):
+                 bits: int | None = None, group: int = 0, reads: Sequence[Array] | None = None):
         self.parts = [parts] if isinstance(parts, Array) else list(parts)
+        self.reads = list(reads) if reads else None
         self.tables = tables
         self.window = window
         self.bits, self.group = bits, group
@@ -136,9 +159,10 @@ class PagedLayer:
         dequantized gathered keys, as where the pass has no table)."""
         if self.tables.table is None or (self.bits and not QUANTIZED_KERNEL):
             return self.gathered(), None, None
+        pool = self.reads or self.parts  # (read before this pass's write: the views, where given)
         if self.bits:
-            return self.parts[0], self.tables.table, (self.parts[1], self.parts[2], self.bits, self.group)
-        return self.pool, self.tables.table, None
+            return pool[0], self.tables.table, (pool[1], pool[2], self.bits, self.group)
+        return pool[0], self.tables.table, None
 
     @staticmethod
     def _halves(kv: Array, end: int) -> tuple[Array, Array]:
@@ -215,11 +239,13 @@ def verify_mask(span: int, positions: Array, width: int, window: int | None) -> 
 
 
 def layer_views(arrays: Sequence[Array], tables: Tables, windows: Sequence[int | None], bits: int | None = None,
-                group: int = 0) -> list[PagedLayer]:
-    """Each layer's view of a pool's arrays (`BlockPool.arrays`: `parts` arrays per layer)."""
+                group: int = 0, reads: Sequence[Array] | None = None) -> list[PagedLayer]:
+    """Each layer's view of a pool's arrays (`BlockPool.arrays`: `parts` arrays per
+    layer), with `reads` (`read_views` of them, in the same order) where given."""
     parts = 3 if bits else 1
     local = tables.local or tables  # (windowed layers read their own pool's tables, where they have one)
-    return [PagedLayer(arrays[i * parts:(i + 1) * parts], tables if w is None else local, w, bits, group)
+    return [PagedLayer(arrays[i * parts:(i + 1) * parts], tables if w is None else local, w, bits, group,
+                       reads[i * parts:(i + 1) * parts] if reads else None)
             for i, w in enumerate(windows)]
 
 

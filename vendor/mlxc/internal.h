@@ -2,6 +2,7 @@
 #ifndef MLXC_INTERNAL_H
 #define MLXC_INTERNAL_H
 
+#include <optional>
 #include <string>
 
 #include "mlx/array.h"
@@ -21,6 +22,11 @@ mlx::core::array cpu_gemv(const mlx::core::array& x, const mlx::core::array& w,
 // (out, in) on the CPU, on the kernels' threads (cpu_gemv.cpp).
 mlx::core::array cpu_dequantize(const mlx::core::array& w, const mlx::core::array& scales,
                                 const mlx::core::array& biases, int bits, int group);
+
+// A leaf array on `a`'s buffer that does not hold it, for readers that must not
+// keep MLX from writing `a` in place (buffer_view.cpp); nullopt unless `a` is a
+// whole evaluated row-contiguous buffer.
+std::optional<mlx::core::array> buffer_view(const mlx::core::array& a);
 }  // namespace mlxc
 
 #endif

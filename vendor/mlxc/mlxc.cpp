@@ -792,6 +792,17 @@ int mlxc_quantized_matmul(mlxc_array x, mlxc_array w, mlxc_array scales,
   GUARD_END
 }
 
+int mlxc_buffer_view(mlxc_array a, mlxc_array* out) {
+  GUARD_BEGIN
+  std::optional<mx::array> view = mlxc::buffer_view(a->a);
+  if (!view) {
+    *out = nullptr;
+    return 0;
+  }
+  put(std::move(*view), out);
+  GUARD_END
+}
+
 int mlxc_cpu_dequantize(mlxc_array w, mlxc_array scales, mlxc_array biases,
                         int group_size, int bits, mlxc_array* out) {
   GUARD_BEGIN

@@ -111,6 +111,11 @@ int mlxc_cpu_set_threads(int n);
  * times slower). */
 int mlxc_cpu_dequantize(mlxc_array w, mlxc_array scales, mlxc_array biases,
                         int group_size, int bits, mlxc_array* out);
+/* A leaf array on a's buffer that does not hold it (buffer_view.cpp): readers
+ * through it leave MLX free to write a in place. For readers on a's stream
+ * launched after a, while a's buffer lives. *out = NULL when a is not a whole
+ * evaluated row-contiguous buffer. */
+int mlxc_buffer_view(mlxc_array a, mlxc_array* out);
 /* 1 when glibc's mmap and trim thresholds were raised as this library loaded
  * (malloc_tuning.cpp; AMLX_MALLOC_TUNING=0 turns it off), else 0. */
 int mlxc_malloc_tuned(void);

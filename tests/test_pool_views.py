@@ -1,0 +1,111 @@
+"""Reading a KV pool through `ops.buffer_view` handles (amlx.kv.paged.read_views):
+what the CUDA decode kernel reads, so that the step's write into the pool happens
+in place instead of copying the layer's whole pool (benchmarks/pool_write.py).
+
+The kernel itself runs only on CUDA (tests/test_decode_kernels.py); here the
+handles' own contract is checked on the CPU: same contents, no copy, None where
+there is no whole buffer, and a read through one before the write leaves MLX
+free to write the pool in place (which a read of the array itself does not)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from amlx._mlx import array, float32, memory, ops
+from amlx.kv import paged
+from amlx.kv.paged import PagedLayer, Tables, read_views
+
+BLOCKS, HEADS, BS, DIM = 64, 2, 16, 32
+
+
+def _pool(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    pool = array(rng.standard_normal((2, BLOCKS, HEADS, BS, DIM)).astype(np.float32))
+    ops.eval(pool)
+    return pool
+
+
+def _write(pool, slots: np.ndarray, value: float):
+    """One decode step's write: `slots` (flat positions in the pool) of every head."""
+    flat = ops.reshape(pool, (2, BLOCKS * HEADS * BS, DIM))
+    at = ops.broadcast_to(ops.reshape(array(slots.astype(np.int32)), (1, len(slots), 1)), (2, len(slots), DIM))
+    new = ops.full((2, len(slots), DIM), value, float32)
+    return ops.reshape(ops.put_along_axis(flat, at, new, 1), pool.shape)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=st.lists(st.integers(1, 7), min_size=1, max_size=4), seed=st.integers(0, 2**16))
+def test_a_view_reads_the_arrays_contents(shape, seed):
+    x = array(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+    ops.eval(x)
+    view = ops.buffer_view(x)
+    assert view is not None and view.shape == x.shape and view.dtype == x.dtype
+    np.testing.assert_array_equal(view.numpy(), x.numpy())
+
+
+def test_no_view_of_an_array_without_a_whole_buffer():
+    x = ops.arange(24, dtype=float32)
+    assert ops.buffer_view(x) is None  # not yet computed
+    ops.eval(x)
+    assert ops.buffer_view(x) is not None
+    part = ops.slice(ops.reshape(x, (4, 6)), (1, 0), (3, 6))
+    ops.eval(part)
+    assert ops.buffer_view(part) is None  # a slice: its data starts inside another buffer
+    t = ops.transpose(ops.reshape(x, (4, 6)))
+    ops.eval(t)
+    assert ops.buffer_view(t) is None  # strided
+
+
+def test_a_view_allocates_nothing():
+    pool = _pool()
+    before = memory.active()
+    views = [ops.buffer_view(pool) for _ in range(8)]
+    ops.eval(*views)
+    assert memory.active() == before
+
+
+def test_read_views_are_all_or_nothing(monkeypatch):
+    pools = [_pool(i) for i in range(3)]
+    assert len(read_views(pools)) == 3
+    assert read_views(pools + [ops.arange(4, dtype=float32)]) == []  # one not computed: read the arrays
+    monkeypatch.setattr(paged, "READ_VIEWS", False)
+    assert read_views(pools) == []
+
+
+@pytest.mark.parametrize("through_view", [False, True])
+def test_a_read_through_a_view_before_the_write_lets_it_happen_in_place(through_view):
+    """The decode kernel's order: read the pool, then write into it. Read as the
+    array itself, the write copies the pool (twice its bytes in memory at the
+    peak); read through a view, the pool is written where it lies."""
+    pool = _pool()
+    nbytes = pool.nbytes
+    source = ops.buffer_view(pool) if through_view else pool
+    read = ops.sum(ops.take(source, array(np.arange(1, 9, dtype=np.int32)), axis=1))
+    slots = np.array([5, 300, 2047], dtype=np.int64)
+    expected = pool.numpy().reshape(2, -1, DIM).copy()
+    expected[:, slots] = 3.0
+    memory.reset_peak()
+    start = memory.active()
+    new = _write(pool, slots, 3.0)
+    del pool, source
+    ops.eval(read, new)
+    np.testing.assert_array_equal(new.numpy().reshape(2, -1, DIM), expected)
+    grew = memory.peak() - start
+    if through_view:
+        assert grew < nbytes / 4, f"the write copied the pool ({grew} bytes over {nbytes})"
+    else:  # (the behaviour the views are there to avoid: if MLX stops copying here, this test says so)
+        assert grew >= nbytes
+
+
+def test_the_decode_kernel_input_is_the_view_where_given():
+    pool = _pool()
+    view = ops.buffer_view(pool)
+    table = array(np.zeros((1, 2), np.int32))
+    tables = Tables(array(np.zeros(4, np.int32)), array(np.zeros(1, np.int32)), 1, 2, BS, table)
+    kv, got_table, quant = PagedLayer(pool, tables, reads=[view]).kernel_input()
+    assert kv is view and got_table is table and quant is None
+    kv, _, _ = PagedLayer(pool, tables).kernel_input()
+    assert kv is pool
