@@ -1477,6 +1477,30 @@ def test_errors_name_the_op():
         O.exp(a)
 
 
+@covers("buffer_view")
+@settings(max_examples=20, deadline=None)
+@given(shape=st.lists(st.integers(1, 7), min_size=1, max_size=4), seed=st.integers(0, 2**16))
+def test_buffer_view_reads_the_arrays_buffer(shape, seed):
+    x = mx.array(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+    O.eval(x)
+    view = O.buffer_view(x)
+    assert view is not None and view.shape == x.shape and view.dtype == x.dtype
+    np.testing.assert_array_equal(view.numpy(), x.numpy())
+
+
+def test_buffer_view_is_none_without_a_whole_computed_buffer():
+    x = O.arange(24, dtype=mx.float32)
+    assert O.buffer_view(x) is None  # not yet computed
+    O.eval(x)
+    assert O.buffer_view(x) is not None
+    part = O.slice(O.reshape(x, (4, 6)), (1, 0), (3, 6))
+    O.eval(part)
+    assert O.buffer_view(part) is None  # a slice: its data starts inside another buffer
+    t = O.transpose(O.reshape(x, (4, 6)))
+    O.eval(t)
+    assert O.buffer_view(t) is None  # strided
+
+
 def test_every_op_is_covered():
     public = {n for n in O.__all__ if not n.startswith("_")} - NOT_OPS
     missing = public - COVERED

@@ -462,6 +462,22 @@ int mlxc_binary_int(int op, mlxc_array a, int64_t value, int reflected,
   GUARD_END
 }
 
+// (each the int-returning form above, its handle returned instead of written out)
+mlxc_array mlxc_binary_r(int op, mlxc_array a, mlxc_array b) {
+  mlxc_array out = nullptr;
+  return mlxc_binary(op, a, b, &out) ? nullptr : out;
+}
+
+mlxc_array mlxc_binary_float_r(int op, mlxc_array a, double value, int reflected) {
+  mlxc_array out = nullptr;
+  return mlxc_binary_float(op, a, value, reflected, &out) ? nullptr : out;
+}
+
+mlxc_array mlxc_binary_int_r(int op, mlxc_array a, int64_t value, int reflected) {
+  mlxc_array out = nullptr;
+  return mlxc_binary_int(op, a, value, reflected, &out) ? nullptr : out;
+}
+
 int mlxc_reduce(int op, mlxc_array a, const int* axes, int naxes, int keepdims,
                 mlxc_array* out) {
   GUARD_BEGIN
