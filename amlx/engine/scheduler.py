@@ -992,20 +992,21 @@ class Scheduler:
         return [logits, *state]
 
     def _forward(self, tokens: Array, positions: Array, tabs: list[Array],
-                 pools: list[Array], reads: list[Array]) -> tuple[Array, list[Array]]:
+                 pools: list[Array], reads: list[Array] | None = None) -> tuple[Array, list[Array]]:
         """One decode step as a pure function of arrays (what gets compiled):
         (tokens (B,1), positions (B,), the tables' arrays (`_table_arrays`), each
-        layer's pool array, the decode kernel's `read_views` of them or []) ->
+        layer's pool array, and for the decode kernel `read_views` of them (or the
+        arrays again where there are none; no argument without the kernel)) ->
         (logits (B,V), the pool arrays written)."""
         return self._forward_with(self.model, tokens, positions, tabs, pools, reads)
 
     def _forward_split(self, tokens: Array, positions: Array, tabs: list[Array],
-                       pools: list[Array], reads: list[Array]) -> tuple[Array, list[Array]]:
+                       pools: list[Array], reads: list[Array] | None = None) -> tuple[Array, list[Array]]:
         """`_forward` by the split twin (a lone row's step)."""
         return self._forward_with(self._split_model(), tokens, positions, tabs, pools, reads)
 
     def _forward_with(self, model, tokens: Array, positions: Array, tabs: list[Array], pools: list[Array],
-                      reads: list[Array]):
+                      reads: list[Array] | None):
         return self.pools.decode_pass(model, tokens, positions, tabs, pools, reads)
 
     def _batched_logits(self, tokens: Array, positions: Array, tables: Tables, pools: list[Array],
@@ -1020,9 +1021,12 @@ class Scheduler:
             fn = self._step_fn or self._forward
         # the decode kernel reads the pool through handles that leave it free to be
         # written in place (amlx.kv.paged.read_views); they order by stream alone,
-        # so only where every step of this pool runs on one stream
-        reads = read_views(pools) if self.options.decode_kernel and len(self.shards) == 1 else []
-        return fn(tokens, positions, table_arrays(tables), pools, reads)
+        # so only where every step of this pool runs on one stream. Where there are
+        # none (a pool array not launched yet, views off) it reads the arrays
+        # themselves: the compiled step keeps one argument structure either way.
+        if self.options.decode_kernel and len(self.shards) == 1:
+            return fn(tokens, positions, table_arrays(tables), pools, read_views(pools) or list(pools))
+        return fn(tokens, positions, table_arrays(tables), pools)  # (one structure per engine, as compile needs)
 
     def _emit(self, req: Request, token_id: int, logprob: float, top: list | None = None) -> None:
         if req.first_token_at is None:
