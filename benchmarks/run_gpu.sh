@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What the GPU numbers in benchmarks/README.md came from, on the lent machine
-# (see ../shared/gpu/README.md for setting up MLX's CUDA build there):
+# (see ../shared/gpu/README.md for setting up MLX's CUDA build there, and benchmarks/gpu_extras.sh
+# for the packages amlx needs that the image lacks: llguidance, hypothesis, ...):
 #   bash benchmarks/run_gpu.sh profile   # host/device split per step, node counts, prefill
 #   bash benchmarks/run_gpu.sh sweep     # the same under several MLX_MAX_OPS_PER_BUFFER values
 #   bash benchmarks/run_gpu.sh speed     # amlx against mlx-lm, JSON + markdown + PNG into $OUT
