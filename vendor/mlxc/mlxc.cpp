@@ -437,22 +437,20 @@ int mlxc_unary(int op, mlxc_array a, mlxc_array* out) {
   GUARD_END
 }
 
-int mlxc_binary(int op, mlxc_array a, mlxc_array b, mlxc_array* out) {
+static int binary_into(int op, mlxc_array a, mlxc_array b, mlxc_array* out) {
   GUARD_BEGIN
   put(binary_op(op, a->a, b->a), out);
   GUARD_END
 }
 
-int mlxc_binary_float(int op, mlxc_array a, double value, int reflected,
-                      mlxc_array* out) {
+static int binary_float_into(int op, mlxc_array a, double value, int reflected, mlxc_array* out) {
   GUARD_BEGIN
   mx::array s(value, weak_float_dtype(a->a));
   put(reflected ? binary_op(op, s, a->a) : binary_op(op, a->a, s), out);
   GUARD_END
 }
 
-int mlxc_binary_int(int op, mlxc_array a, int64_t value, int reflected,
-                    mlxc_array* out) {
+static int binary_int_into(int op, mlxc_array a, int64_t value, int reflected, mlxc_array* out) {
   GUARD_BEGIN
   mx::Dtype dt = weak_int_dtype(a->a);
   mx::array s = mx::issubdtype(dt, mx::inexact)
@@ -462,20 +460,20 @@ int mlxc_binary_int(int op, mlxc_array a, int64_t value, int reflected,
   GUARD_END
 }
 
-// (each the int-returning form above, its handle returned instead of written out)
+// (the binary ops return their handle, NULL on failure: no out-parameter for cffi to allocate per op)
 mlxc_array mlxc_binary_r(int op, mlxc_array a, mlxc_array b) {
   mlxc_array out = nullptr;
-  return mlxc_binary(op, a, b, &out) ? nullptr : out;
+  return binary_into(op, a, b, &out) ? nullptr : out;
 }
 
 mlxc_array mlxc_binary_float_r(int op, mlxc_array a, double value, int reflected) {
   mlxc_array out = nullptr;
-  return mlxc_binary_float(op, a, value, reflected, &out) ? nullptr : out;
+  return binary_float_into(op, a, value, reflected, &out) ? nullptr : out;
 }
 
 mlxc_array mlxc_binary_int_r(int op, mlxc_array a, int64_t value, int reflected) {
   mlxc_array out = nullptr;
-  return mlxc_binary_int(op, a, value, reflected, &out) ? nullptr : out;
+  return binary_int_into(op, a, value, reflected, &out) ? nullptr : out;
 }
 
 int mlxc_reduce(int op, mlxc_array a, const int* axes, int naxes, int keepdims,

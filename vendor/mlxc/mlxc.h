@@ -162,19 +162,14 @@ int mlxc_vec_push(mlxc_vec v, mlxc_array a);
 
 /* Elementwise and general ops. */
 int mlxc_unary(int op, mlxc_array a, mlxc_array* out);
-int mlxc_binary(int op, mlxc_array a, mlxc_array b, mlxc_array* out);
-/* The three binary forms returning the result, NULL on failure (mlxc_last_error
- * says why): the operators' hot path, without an out-parameter to allocate on
- * the caller's side per op (benchmarks/ffi_overhead.py). */
+/* The binary ops return the result, NULL on failure (mlxc_last_error says
+ * why): the operators' hot path, without an out-parameter for the caller to
+ * allocate per op (benchmarks/ffi_overhead.py). */
 mlxc_array mlxc_binary_r(int op, mlxc_array a, mlxc_array b);
-mlxc_array mlxc_binary_float_r(int op, mlxc_array a, double value, int reflected);
-mlxc_array mlxc_binary_int_r(int op, mlxc_array a, int64_t value, int reflected);
 /* op(a, value) with a Python scalar, weakly typed as in MLX's own bindings
  * (the scalar takes a's dtype where it can hold it); reflected: op(value, a). */
-int mlxc_binary_float(int op, mlxc_array a, double value, int reflected,
-                      mlxc_array* out);
-int mlxc_binary_int(int op, mlxc_array a, int64_t value, int reflected,
-                    mlxc_array* out);
+mlxc_array mlxc_binary_float_r(int op, mlxc_array a, double value, int reflected);
+mlxc_array mlxc_binary_int_r(int op, mlxc_array a, int64_t value, int reflected);
 int mlxc_reduce(int op, mlxc_array a, const int* axes, int naxes, int keepdims,
                 mlxc_array* out);
 int mlxc_axis(int op, mlxc_array a, int axis, int flag_a, int flag_b,
