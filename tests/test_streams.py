@@ -102,3 +102,40 @@ def test_on_stream_nests_and_leaves_the_default_device_alone():
     assert device.current_stream() is None
     assert device.default_device() == before
     np.testing.assert_array_equal(y.numpy(), np.full(3, 2.0, np.float32))
+
+
+def test_a_lone_rows_decode_step_is_split_only_where_the_kernels_run_on_one_thread(tmp_path, monkeypatch):
+    """amlx's CPU kernels take a decode step's products on a pool of threads; splitting a
+    lone row's matmuls over the streams as well only adds cross-stream waits (measured
+    slower, benchmarks/README.md). The split is kept where the kernels run on one
+    thread, and both ways give the same tokens."""
+    import asyncio
+
+    import amlx
+    from amlx._mlx import cpu_kernels
+    from tests.helpers.checkpoints import make_checkpoint
+
+    monkeypatch.setenv("AMLX_SHARDS", "2")
+    model = amlx.load_sync(make_checkpoint(tmp_path / "qwen3", "qwen3", seed=0), device="cpu")
+    sched, before = model.engine.scheduler, cpu_kernels.threads()
+    split_steps = []
+    compiled = sched._split_step_fn
+
+    def counting(*args):
+        split_steps.append(1)
+        return compiled(*args)
+
+    sched._split_step_fn = counting
+    try:
+        runs = {}
+        for threads in (2, 1):
+            cpu_kernels.set_threads(threads)
+            assert model.engine.placement.split_decode() == (threads == 1)
+            del split_steps[:]
+            runs[threads] = asyncio.run(model.complete([5, 17, 300, 42], max_tokens=12)).token_ids
+            assert bool(split_steps) == (threads == 1)
+        assert runs[1] == runs[2]
+    finally:
+        cpu_kernels.set_threads(before)
+        sched._split_step_fn = compiled  # (close releases the compiled function)
+        model.close()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from amlx._mlx import device as mxdevice
 from amlx.engine.admission import DEFAULT_JOIN_WAIT
 from amlx.kv.sizing import DEFAULT_BLOCK_SIZE, check_kv_bits, check_kv_cache_memory
-from amlx.models import decode_attention
+from amlx.models import cpu_matmul, decode_attention
 from amlx.models.nn import MatmulSplit
 from amlx.speculative.draft import DraftSpec
 
@@ -215,8 +215,16 @@ class Placement:
         self.streams = [_take_stream(options.device) for _ in range(options.shards or 1)]
         self._released = False
         self.home = self.streams[0]
-        # A lone row leaves the other cores idle: its matmuls can be split over the streams.
+        # A lone prompt leaves the other cores idle: its matmuls can be split over the streams.
         self.split = MatmulSplit(self.streams) if options.device == "cpu" and len(self.streams) > 1 else None
+
+    def split_decode(self) -> bool:
+        """Whether a lone row's decode step splits its matmuls over the streams: only
+        where the CPU's few-row kernels, which take every decode product, run on one
+        thread (`cpu_matmul.threaded`; read per step, as `cpu_kernels.set_threads` may
+        change it). Prefill passes, whose products go to MLX's single-threaded BLAS, split
+        wherever `split` exists."""
+        return self.split is not None and not cpu_matmul.threaded()
 
     def on(self, index: int = 0) -> AbstractContextManager[None]:
         """A block whose MLX work runs on stream `index` (default: home)."""

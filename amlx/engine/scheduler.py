@@ -32,8 +32,9 @@ its own rows, caches and sampling state, and its prefill and decode steps run on
 an MLX stream of its own, so the shards compute on different cores at once
 (MLX's CPU backend, with the single-threaded BLAS of its Linux wheels, keeps one
 core busy per stream). A round launches every shard's step together. Where one
-shard alone has work (a lone request's decode step; prompts that all go to one
-shard), its matmuls are split over every stream instead (nn.split_layers). On a
+shard alone has work (prompts that all go to one shard; a lone request's decode
+step where amlx's CPU kernels run on one thread, see Placement.split_decode), its
+matmuls are split over every stream instead (nn.split_layers). On a
 GPU there is one shard and one stream (one stream already keeps the GPU busy).
 """
 
@@ -707,8 +708,9 @@ class Scheduler:
         self._inflight = None
         chained = {p.shard: p for p in prev.parts} if prev is not None else {}
         saved = [(shard, shard.sampling.snapshot()) for shard, _ in plan]
-        # A lone row leaves the other cores idle: its matmuls are split over every stream.
-        split = len(plan) == 1 and len(plan[0][0].rows) == 1
+        # A lone row leaves the other cores idle: its matmuls are split over every stream,
+        # unless the CPU kernels already use them (Placement.split_decode).
+        split = len(plan) == 1 and len(plan[0][0].rows) == 1 and self.placement.split_decode()
         self.timing.lap("plan")
         # a part per planned shard, in shard order (None: the shard takes no step this round)
         parts: list[_Part | None] = [None] * len(plan)
@@ -985,7 +987,7 @@ class Scheduler:
             padded = [*rows, *[PADDING_ROW] * pad]
             tokens = ops.zeros((b + pad, 1), _int32)
             positions = array(np.asarray([r.pos for r in padded], dtype=np.int32))
-            split = b == 1 and sum(1 for s in self.shards if s.rows) == 1
+            split = b == 1 and sum(1 for s in self.shards if s.rows) == 1 and self.placement.split_decode()
             logits, state = self._batched_logits(tokens, positions, shard.kv.decode_tables(padded),
                                                  shard.kv.arrays, split)
             shard.kv.arrays = state

@@ -94,6 +94,16 @@ def max_rows(layer) -> int:
     return min(ROWS[kind], cpu_kernels.MAX_ROWS)
 
 
+def threaded() -> bool:
+    """Whether the few-row kernels use more than one core: then a decode step's
+    products already keep every core busy, and splitting a lone row's matmuls over
+    MLX streams as well only adds cross-stream waits (and oversubscribes the cores:
+    each stream's call starts the kernels' threads). Measured on the 2-core machine,
+    Qwen3-0.6B shape: one row's decode 14.5-15.3 -> 17.0-17.3 tok/s (8-bit), 10.0 ->
+    11.1 (bf16) without the split (benchmarks/README.md)."""
+    return ENABLED and cpu_kernels.threads() > 1
+
+
 def few_rows(x: Array, layer) -> Array | None:
     """x W^T for `layer` (Linear, Embedding as a projection, or their quantized
     kinds; W (out, in)) through the CPU kernels; None where they do not apply
