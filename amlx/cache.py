@@ -63,7 +63,7 @@ class KVCache:
         self.window = window
         # Growth step of the buffer. Where attention reads the whole capacity
         # (the masked path), a small block saves attention work; where it reads
-        # only filled slots (the CUDA decode kernel), a large one saves retraces
+        # only filled slots (the decode kernel), a large one saves retraces
         # of the compiled step, one per capacity.
         self.block = block
         self.kv: Array | None = None  # (2, B, kv_heads, capacity, head_dim)
@@ -188,7 +188,7 @@ class KVCache:
         self.kv = ops.concatenate([self.kv, other.kv], axis=1)
 
     def kernel_input(self) -> tuple[Array | None, None, None]:
-        """What the CUDA decode kernel reads: the buffer (2, B, H, capacity, D), no
+        """What the decode kernel reads: the buffer (2, B, H, capacity, D), no
         table, not quantized (see PagedLayer.kernel_input)."""
         return self.kv, None, None
 

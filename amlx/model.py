@@ -6,7 +6,7 @@ import os
 import threading
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Iterator
 
@@ -480,7 +480,7 @@ def _build_on_worker(host, device, dtype, max_batch_size, max_context, worker: W
     # same collectives in the same order (amlx.tp).
     options = EngineOptions(device=_resolve_device(device), **kv).resolved()
     if tensor_parallel > 1:
-        options = replace(options, shards=1)
+        options = options.for_rank()
     placement = Placement(options)
     dev = options.device
     spec, tokenizer, draft_spec = host

@@ -134,6 +134,28 @@ def test_compiles_and_differentiates_in_x() -> None:
     np.testing.assert_allclose(np.asarray(grad), np.asarray(w).sum(0, keepdims=True), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("bits", [0, 8])
+def test_a_16_bit_product_is_one_node_in_its_own_dtype(dtype, bits) -> None:
+    """16-bit x goes into the kernel as it is and the result comes out in its dtype: one
+    graph node (a decode step has one per projection; conversions around it had made
+    three), bit for bit the float32 product rounded once, and its gradient in x's dtype."""
+    rng = np.random.default_rng(3)
+    t = DTYPES[dtype]
+    x = O.astype(mx.array(rng.standard_normal((3, 128)).astype(np.float32)), t)
+    w = O.astype(mx.array(rng.standard_normal((40, 128)).astype(np.float32)), t)
+    q = O.quantize(w, 64, bits) if bits else (w,)
+    args = dict(group_size=64, bits=bits) if bits else {}
+    mx.eval(x, *q)
+    y = ck.gemv(x, *q, **args)
+    nodes, kinds = O.graph_summary(y)
+    assert (nodes, kinds) == (1, {"CpuGemv": 1}) and y.dtype == t
+    want = O.astype(ck.gemv(O.astype(x, mx.float32), *q, **args), t)
+    np.testing.assert_array_equal(as_f64(y), as_f64(want))
+    grad = transforms.grad(lambda a: O.sum(O.astype(ck.gemv(a, *q, **args), mx.float32)))(x)
+    assert grad.dtype == t and grad.shape == x.shape
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda: ck.gemv(mx.array(np.ones((ck.MAX_ROWS + 1, 4), np.float32)), mx.array(np.ones((3, 4), np.float32))),
      f"1 to {ck.MAX_ROWS} rows"),

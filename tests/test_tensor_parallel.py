@@ -588,3 +588,13 @@ def test_vocab_sharded_quantized_head(checkpoints, arch, tmp_path, monkeypatch):
         return await greedy_together(m, prompts, max_tokens)
     got = run(lambda: _load_and(q, 2, sharded))
     assert got == expected
+
+
+def test_ranks_decode_without_the_cpu_kernels():
+    """A tensor-parallel rank on the CPU decodes with the plain ops (EngineOptions.for_rank:
+    a killed rank crashed rank 0 with the CPU attention kernel on); one stream either way."""
+    from amlx.engine.placement import EngineOptions
+
+    cpu = EngineOptions(device="cpu").resolved()
+    assert cpu.decode_kernel and cpu.for_rank().shards == 1
+    assert not cpu.for_rank().decode_kernel

@@ -1,5 +1,8 @@
 """amlx's own CPU kernels (vendor/mlxc/cpu_gemv.cpp): few-row matmuls, and
-dequantization of MLX's affine packing to float32.
+dequantization of MLX's affine packing to float32; and the decode step's fused
+kernels (vendor/mlxc/cpu_step.cpp: `decode_attention`, `residual_norm`,
+`gated_activation`, what amlx.models.decode_attention and step_kernels compute on
+CUDA, reached through those modules).
 
 `gemv(x, w)` computes x W^T for 1..MAX_ROWS rows of x with W (out, in) stored
 as float32, float16 or bfloat16, or in MLX's 4-/8-bit affine packing (with
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 from amlx._mlx._lib import check, ffi, lib
 from amlx._mlx.array import Array, _call
+from amlx._mlx.ops import _Vec
 
 MAX_ROWS = int(lib.mlxc_cpu_gemv_max_rows())
 BLOCK_ROWS = 8  # vendor/mlxc/gemv.h kMaxRows
@@ -45,6 +49,45 @@ def dequantize(w: Array, scales: Array, biases: Array, *, group_size: int, bits:
     dtype=float32) computes, several times faster on this backend."""
     return _call(lib.mlxc_cpu_dequantize, "cpu_dequantize", w.handle, scales.handle, biases.handle,
                  int(group_size), int(bits))
+
+
+def _opt(a: Array | None):
+    return ffi.NULL if a is None else a.handle
+
+
+def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, scale: float, window: int | None,
+                     inv_freq: Array, q_norm: Array | None = None, k_norm: Array | None = None, eps: float = 0.0,
+                     table: Array | None = None,
+                     quant: tuple[Array, Array, int, int] | None = None) -> tuple[Array, Array]:
+    """amlx.models.decode_attention.decode_attention on the CPU (same arguments and
+    results; see there). Attention runs in float32 with an exact softmax (scores,
+    then weights) per row and KV head, the heads sharing that KV head together."""
+    scales, biases, bits, group = quant if quant is not None else (None, None, 0, 0)
+    with _Vec() as v:
+        check(lib.mlxc_cpu_decode_attention(qkv.handle, _opt(q_norm), _opt(k_norm), inv_freq.handle, kv.handle,
+                                            _opt(scales), _opt(biases), positions.handle, _opt(table), int(heads),
+                                            float(scale), int(window or 0), float(eps), int(bits), int(group),
+                                            v.h), "cpu_decode_attention")
+        out, kv_new = v.arrays()
+        return out, kv_new
+
+
+def residual_norm(x: Array, y: Array, w: Array, eps: float, pre_w: Array | None = None,
+                  pre_eps: float = 0.0) -> tuple[Array, Array]:
+    """amlx.models.step_kernels.residual_norm on the CPU."""
+    with _Vec() as v:
+        check(lib.mlxc_cpu_residual_norm(x.handle, y.handle, w.handle, float(eps), _opt(pre_w), float(pre_eps),
+                                         v.h), "cpu_residual_norm")
+        total, normed = v.arrays()
+        return total, normed
+
+
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # the activations' codes (the CUDA kernel's ACT too)
+
+
+def gated_activation(gate_up: Array, act: str) -> Array:
+    """amlx.models.step_kernels.gated_activation on the CPU."""
+    return _call(lib.mlxc_cpu_gated_activation, "cpu_gated_activation", gate_up.handle, ACTIVATIONS[act])
 
 
 def threads() -> int:

@@ -57,8 +57,9 @@ class EngineOptions:
     - shards: the running batch is split into this many shards, each decoding
       on a stream of its own (one per core on the CPU, at most 8; 1 on a GPU,
       where one stream already keeps it busy).
-    - decode_kernel: decode steps use the CUDA decode kernels (default: where
-      MLX runs on CUDA and the device is the GPU).
+    - decode_kernel: decode steps use the fused decode kernels
+      (models/decode_attention.py, step_kernels.py; default: on the CPU, where
+      they are amlx's C++ primitives, and on the GPU where MLX runs on CUDA).
     - kv_block: the step, in positions, of the span a decode step attends over
       (its block tables' width; the step is traced again per width). Default:
       256 with the decode kernel, which reads only filled slots; 64 where
@@ -146,6 +147,15 @@ class EngineOptions:
     join_wait: int | None = None
     chain_changes: bool | None = None
     extend_fresh: bool | None = None
+
+    def for_rank(self) -> "EngineOptions":
+        """These (resolved) options for one rank of a tensor-parallel model: one stream
+        (every rank must evaluate the same collectives in the same order), and on the
+        CPU no fused decode kernels. With the CPU attention kernel on, a rank killed
+        mid-step made rank 0 crash (a segfault in MLX's gather, in 4 of 5 runs of
+        tests/helpers/tp_failure.py) after MLX's ring backend failed the step's
+        collectives; the cause was not found, and the plain ops never crashed there."""
+        return replace(self, shards=1, decode_kernel=self.decode_kernel and self.device != "cpu")
 
     def resolved(self) -> "EngineOptions":
         if self.device not in ("cpu", "gpu"):

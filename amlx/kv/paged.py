@@ -11,7 +11,7 @@ head of one block, (block_size, head_dim), is contiguous. Reading gathers those
 pieces in (keys/values, row, head, block) order with one `take` on the first
 axis of the pool seen as (2 * blocks * kv_heads, block_size * head_dim): the
 result is already (2, B, kv_heads, span, head_dim), contiguous, position p of
-a row at index p, which attention (and the CUDA decode kernel, `kv`) reads as
+a row at index p, which attention (and the decode kernel, `kv`) reads as
 it read the old contiguous cache. Slots a row has not filled are masked
 (decode) or lie past the causal diagonal (prefill). benchmarks/kv_gather.py
 compares this with the other forms measured on the CPU.
@@ -29,12 +29,12 @@ from amlx.cache import decode_mask, memoized, window_mask
 
 __all__ = ["PagedLayer", "Tables", "layer_views", "read_views", "verify_mask", "written"]
 
-# Whether the CUDA decode kernel reads a quantized pool itself (dequantizing in
+# Whether the decode kernel reads a quantized pool itself (dequantizing in
 # registers) or gets the gathered, dequantized keys: on by default;
 # benchmarks/kv_bits.py and tests/test_decode_kernels.py turn it off to compare.
 QUANTIZED_KERNEL = True
 
-# Whether the CUDA decode kernel reads the pool through `ops.buffer_view` handles
+# Whether the decode kernel reads the pool through `ops.buffer_view` handles
 # (`read_views`), which leave the pool's data held by the pool alone, so that the
 # step's write into it happens in place. Read as the arrays themselves, the
 # kernel's read (before the write, in the same step) and the previous step's (in
@@ -76,7 +76,7 @@ class Tables:
     batch: int
     width: int
     block_size: int
-    table: Array | None = None  # (B, width) int32 block ids (what the CUDA decode kernel reads)
+    table: Array | None = None  # (B, width) int32 block ids (what the decode kernel reads)
     # decode passes of models with sliding-window layers: those layers gather only the
     # `window_width` blocks that can hold a row's window, starting at position window_start[b]
     window: int | None = None
@@ -152,7 +152,7 @@ class PagedLayer:
         return self.gathered()
 
     def kernel_input(self) -> tuple[Array, Array | None, tuple[Array, Array, int, int] | None]:
-        """What the CUDA decode kernel reads: (kv, table, quant). The pool itself
+        """What the decode kernel (CUDA or CPU) reads: (kv, table, quant). The pool itself
         and the (B, width) table, which it reads through (nothing gathered); with
         `bits`, the packed pool and quant = (scales, biases, bits, group), which
         it dequantizes as it reads (unless QUANTIZED_KERNEL is off: then the

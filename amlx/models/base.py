@@ -180,7 +180,7 @@ class Step:
     def __init__(self, batch: int, length: int, pos: int | Array, decode_kernel: bool = False):
         self.batch, self.length, self.pos = batch, length, pos
         self.memo: dict = {}
-        # the CUDA decode kernels, where the engine chose them (CausalLM.use_decode_kernel)
+        # the fused decode kernels (CUDA or CPU), where the engine chose them (CausalLM.use_decode_kernel)
         self.decode_kernel = decode_kernel and length == 1 and not isinstance(pos, int)
 
     def causal_mask(self, window: int | None) -> str | Array:
@@ -449,7 +449,7 @@ class CausalLM(Module):
         return self.model.layers
 
     def use_decode_kernel(self, on: bool) -> None:
-        """Whether decode steps use the CUDA decode kernels (decode_attention,
+        """Whether decode steps use the fused decode kernels, CUDA or CPU (decode_attention,
         step_kernels): a choice the engine makes once when it is built."""
         self.model.decode_kernel = bool(on)
 

@@ -15,17 +15,18 @@ max(0, pos[b] - window + 1) .. pos[b] only, with an online softmax in float32
 reads the cache for the earlier slots and its own new key and value for the
 last, and hands those back for the cache write (one scatter). The cache is a
 contiguous buffer or a block pool read through each row's block table, the
-pool possibly quantized (kv_bits: dequantized in registers as it is read). It runs only on
-MLX's CUDA backend, where the engine's option `decode_kernel` turns it on
-(see amlx/engine/placement.py); elsewhere attention keeps the mask path, which
-computes the same thing.
+pool possibly quantized (kv_bits: dequantized in registers as it is read). It runs on
+MLX's CUDA backend, and on the CPU as amlx's own C++ primitive with the same
+inputs, outputs and rounding (`cpu_kernels.decode_attention`, vendor/mlxc/cpu_step.cpp),
+where the engine's option `decode_kernel` turns it on (see amlx/engine/placement.py);
+on Metal attention keeps the mask path, which computes the same thing.
 """
 
 from __future__ import annotations
 
 import struct
 
-from amlx._mlx import Array, bfloat16, fast, float16, float32, uint32
+from amlx._mlx import Array, bfloat16, cpu_kernels, device, fast, float16, float32, uint32
 
 _HEADER = r"""
 __device__ float amlx_warp_sum(float x) {
@@ -216,11 +217,16 @@ _DTYPES = (bfloat16, float16, float32)
 QUANT_BITS = (4, 8)
 
 
-def available(device: str) -> bool:
-    """Whether the kernel can run for a model on `device` ("cpu" | "gpu"): MLX
-    on CUDA and the GPU. Engines choose whether to use it once, when they are
-    built (EngineOptions.decode_kernel; AMLX_DECODE_KERNEL=0/1 overrides)."""
-    return device == "gpu" and fast.cuda_available()
+def available(device_name: str) -> bool:
+    """Whether the kernel can run for a model on `device_name` ("cpu" | "gpu"): the
+    CPU (amlx's C++ kernel), or the GPU where MLX runs on CUDA. Engines choose whether
+    to use it once, when they are built (EngineOptions.decode_kernel;
+    AMLX_DECODE_KERNEL=0/1 overrides)."""
+    return device_name == "cpu" or (device_name == "gpu" and fast.cuda_available())
+
+
+def _on_cpu() -> bool:
+    return device.default_device() == "cpu"
 
 
 def kernel_source(qk_norm: bool, paged: bool = False, quantized: bool = False) -> tuple[str, list[str], str, str]:
@@ -265,8 +271,10 @@ def supports(qkv: Array, kv: Array, heads: int, paged: bool = False,
         if not (group >= 32 and dim % group == 0 and scales.dtype is qkv.dtype and biases.dtype is qkv.dtype
                 and scales.shape == biases.shape == (*kv.shape[:4], dim // group)):
             return False
-    return (qkv.dtype in _DTYPES and dim % 32 == 0 and 32 <= dim <= 512
-            and heads % kv_heads == 0 and qkv.shape[1] == (heads + 2 * kv_heads) * dim)
+    # (CUDA: a warp holds a head, 32 lanes of dim / 32 values; the CPU takes any even dim)
+    dims_ok = dim % 2 == 0 if _on_cpu() else dim % 32 == 0 and 32 <= dim <= 512
+    return (qkv.dtype in _DTYPES and dims_ok and heads % kv_heads == 0
+            and qkv.shape[1] == (heads + 2 * kv_heads) * dim)
 
 
 def _bits(x: float) -> int:
@@ -299,6 +307,10 @@ def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, sca
     side by side as the output projection takes them, and the new key and value
     (2, B, KVH, 1, D), in qkv's dtype, to write into the cache at `positions`
     (quantized there, by the cache's own write, with `quant`)."""
+    if _on_cpu():
+        return cpu_kernels.decode_attention(qkv, kv, positions, heads=heads, scale=scale, window=window,
+                                            inv_freq=inv_freq, q_norm=q_norm, k_norm=k_norm, eps=eps, table=table,
+                                            quant=quant)
     b = qkv.shape[0]
     paged = table is not None
     kv_heads = kv.shape[2]

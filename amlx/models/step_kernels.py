@@ -7,15 +7,17 @@ ops take two or three (an add, then a norm; a split, then the activation and
 the product), in every layer. They compute in float32 and round to the
 activation dtype where the plain ops' results are rounded (the residual sum,
 the normalised value), so they agree with those ops to the last bit or one
-rounding step. Used only on MLX's CUDA backend in decode steps (see
-the engine's `decode_kernel` option); everywhere else the plain ops run.
+rounding step. Used in decode steps on MLX's CUDA backend and on the CPU (amlx's
+C++ primitives with the same rounding, `cpu_kernels.residual_norm` and
+`gated_activation`), where the engine's `decode_kernel` option turns them on;
+on Metal the plain ops run.
 """
 
 from __future__ import annotations
 
 import struct
 
-from amlx._mlx import Array, bfloat16, fast, float16, float32
+from amlx._mlx import Array, bfloat16, cpu_kernels, device, fast, float16, float32
 
 _DTYPES = (bfloat16, float16, float32)
 THREADS = 256
@@ -89,7 +91,7 @@ _GATED = r"""
   out[i] = static_cast<T>(a * u);
 """
 
-ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+ACTIVATIONS = cpu_kernels.ACTIVATIONS  # (name -> the code both kernels take as ACT)
 
 _KERNELS: dict[str, fast.CudaKernel] = {}
 
@@ -122,6 +124,8 @@ def residual_norm(x: Array, y: Array, w: Array, eps: float, pre_w: Array | None 
                   pre_eps: float = 0.0) -> tuple[Array, Array]:
     """(x + y', rms_norm(x + y', w, eps)) for x, y (N, C), where y' is y, or
     rms_norm(y, pre_w, pre_eps) when `pre_w` is given."""
+    if device.default_device() == "cpu":
+        return cpu_kernels.residual_norm(x, y, w, eps, pre_w, pre_eps)
     n = x.shape[0]
     template = {"T": x.dtype, "EPS_BITS": _bits(eps)}
     inputs = [x, y, w]
@@ -136,6 +140,8 @@ def residual_norm(x: Array, y: Array, w: Array, eps: float, pre_w: Array | None 
 
 def gated_activation(gate_up: Array, act: str) -> Array:
     """act(gate) * up for gate_up (N, 2I) = [gate | up] per row; (N, I)."""
+    if device.default_device() == "cpu":
+        return cpu_kernels.gated_activation(gate_up, act)
     n, width = gate_up.shape[0], gate_up.shape[1] // 2
     total = n * width
     blocks = -(-total // THREADS)

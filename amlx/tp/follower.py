@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     if args.lifeline_fd is not None:
         _exit_with_parent(args.lifeline_fd)
-    options = EngineOptions(device=args.device, shards=1, kv_bits=args.kv_bits, prefix_cache=False).resolved()
+    options = EngineOptions(device=args.device, kv_bits=args.kv_bits, prefix_cache=False).resolved().for_rank()
     placement = Placement(options)
     rank, size = int(os.environ["MLX_RANK"]), int(os.environ["MLX_WORLD_SIZE"])
     joined: list[dist.Group] = []

@@ -381,19 +381,55 @@ void quantize_x(gv::Job& j, int run, std::vector<int8_t>& xq, std::vector<float>
 
 // One job: x packed (and for quantized weights its group sums, permuted or rounded
 // to int8 as the kernels read it), then its output rows over the pool.
+// y (M, N) float32 into `out` in its dtype, rounded to nearest even as MLX's astype rounds.
+void store(const std::vector<float>& y, mx::array& out) {
+  if (out.dtype() == mx::float16) {
+    auto* o = out.data<mx::float16_t>();
+    for (size_t i = 0; i < y.size(); ++i) o[i] = static_cast<mx::float16_t>(y[i]);
+  } else {
+    auto* o = out.data<mx::bfloat16_t>();
+    for (size_t i = 0; i < y.size(); ++i) o[i] = static_cast<mx::bfloat16_t>(y[i]);
+  }
+}
+
+void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int group, bool int8);
+
+// x (M, K) and y (M, N) are in the activations' dtype; the kernels take and give float32
+// (converted here, so a 16-bit model's product is one graph node, not three).
 void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int group, bool int8) {
   const mx::array& x = in[0];
-  std::vector<char> tmp[4];
+  std::vector<char> xtmp;
+  std::vector<float> xf, yf;
   gv::Job j{};
-  j.x = static_cast<const float*>(packed(x, tmp[0]));
   j.M = x.shape(0);
   j.K = x.shape(1);
   j.N = out.shape(1);
+  const void* xp = packed(x, xtmp);
+  if (x.dtype() == mx::float32) {
+    j.x = static_cast<const float*>(xp);
+  } else {
+    const int xk = kind_of(x.dtype());
+    xf.resize((size_t)j.M * j.K);
+    for (size_t i = 0; i < xf.size(); ++i) xf[i] = gv::load_scalar(xp, xk, (long)i);
+    j.x = xf.data();
+  }
+  if (out.dtype() == mx::float32) {
+    j.y = out.data<float>();
+  } else {
+    yf.resize((size_t)j.M * j.N);
+    j.y = yf.data();
+  }
+  compute_float(in, j, bits, group, int8);
+  if (out.dtype() != mx::float32) store(yf, out);
+}
+
+// j's x, y and shapes set: the weights and the product, all in float32.
+void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int group, bool int8) {
+  std::vector<char> tmp[4];
   j.w = packed(in[1], tmp[1]);
   j.wkind = bits ? 0 : kind_of(in[1].dtype());
   j.bits = bits;
   j.group = group;
-  j.y = out.data<float>();
   std::vector<float> xsum, xperm, xd;
   std::vector<int8_t> xq;
   std::vector<int32_t> xqsum;
@@ -449,11 +485,14 @@ class CpuGemv : public mx::UnaryPrimitive {
       if (a != 0) throw std::invalid_argument("cpu_gemv: gradients with respect to the weights are not supported");
     }
     const auto& c = cotangents[0];
+    const mx::Dtype x_type = primals[0].dtype();
     if (bits_) {
-      return {mx::quantized_matmul(c, primals[1], primals[2], primals[3], false, group_, bits_, "affine",
-                                   stream())};
+      return {mx::astype(mx::quantized_matmul(c, primals[1], primals[2], primals[3], false, group_, bits_,
+                                              "affine", stream()), x_type, stream())};
     }
-    return {mx::matmul(c, mx::astype(primals[1], mx::float32, stream()), stream())};
+    return {mx::astype(mx::matmul(mx::astype(c, mx::float32, stream()), mx::astype(primals[1], mx::float32,
+                                                                                   stream()), stream()),
+                       x_type, stream())};
   }
 
   const char* name() const override { return "CpuGemv"; }
@@ -569,6 +608,8 @@ void check_args(const mx::array& x, const mx::array& w, const mx::array* scales,
 
 }  // namespace
 
+void mlxc::parallel_for(int parts, const std::function<void(int)>& f) { pool().run(parts, f); }
+
 mx::array mlxc::cpu_gemv(const mx::array& x, const mx::array& w, const mx::array* scales_biases, int bits,
                          int group, bool int8) {
   mx::Stream s = mx::to_stream({});
@@ -578,16 +619,24 @@ mx::array mlxc::cpu_gemv(const mx::array& x, const mx::array& w, const mx::array
   mx::Dtype out_type = mx::promote_types(x.dtype(), bits ? scales_biases[0].dtype() : w.dtype());
   // Inputs are taken as they are (a block of a weight's rows is a view, not a
   // copy); eval packs the rare strided one (packed()).
-  std::vector<mx::array> inputs{mx::astype(mx::reshape(x, {M, K}, s), mx::float32, s), w};
+  // x goes in as it is (float32 or 16-bit: eval converts it) and y comes out in out_type:
+  // one graph node per product, where astype nodes around it had made three.
+  mx::array x2 = mx::reshape(x, {M, K}, s);
+  if (!(x2.dtype() == mx::float32 || x2.dtype() == mx::float16 || x2.dtype() == mx::bfloat16)) {
+    x2 = mx::astype(x2, mx::float32, s);
+  }
+  const bool direct = out_type == mx::float32 || out_type == mx::float16 || out_type == mx::bfloat16;
+  std::vector<mx::array> inputs{x2, w};
   if (bits) {
     inputs.push_back(scales_biases[0]);
     inputs.push_back(scales_biases[1]);
   }
-  mx::array y(mx::Shape{M, N}, mx::float32, std::make_shared<CpuGemv>(s, bits, group, int8 && bits != 0),
-              std::move(inputs));
+  mx::array y(mx::Shape{M, N}, direct ? out_type : mx::float32,
+              std::make_shared<CpuGemv>(s, bits, group, int8 && bits != 0), std::move(inputs));
   mx::Shape shape = x.shape();
   shape.back() = N;
-  return mx::astype(mx::reshape(y, shape, s), out_type, s);
+  y = mx::reshape(y, shape, s);
+  return direct ? y : mx::astype(y, out_type, s);
 }
 
 mx::array mlxc::cpu_dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases, int bits,

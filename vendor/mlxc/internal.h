@@ -2,7 +2,9 @@
 #ifndef MLXC_INTERNAL_H
 #define MLXC_INTERNAL_H
 
+#include <functional>
 #include <optional>
+#include <vector>
 #include <string>
 
 #include "mlx/array.h"
@@ -22,6 +24,26 @@ mlx::core::array cpu_gemv(const mlx::core::array& x, const mlx::core::array& w,
 // (out, in) on the CPU, on the kernels' threads (cpu_gemv.cpp).
 mlx::core::array cpu_dequantize(const mlx::core::array& w, const mlx::core::array& scales,
                                 const mlx::core::array& biases, int bits, int group);
+
+// f(0) .. f(parts - 1) on the CPU kernels' pool of threads (cpu_gemv.cpp); on the
+// calling thread alone where another stream holds the pool.
+void parallel_for(int parts, const std::function<void(int)>& f);
+
+// The decode step's fused CPU kernels (cpu_step.cpp), what amlx/models/decode_attention.py
+// and step_kernels.py compute on CUDA. Attention: (out (B, H*D), kv_new (2, B, KVH, 1, D));
+// kv a contiguous cache (2, B, KVH, capacity, D) or, with `table`, a block pool (2, blocks,
+// KVH, block_size, D), quantized (uint32, with scales and biases) where scales != nullptr.
+std::vector<mlx::core::array> cpu_decode_attention(
+    const mlx::core::array& qkv, const mlx::core::array* q_norm, const mlx::core::array* k_norm,
+    const mlx::core::array& inv_freq, const mlx::core::array& kv, const mlx::core::array* scales,
+    const mlx::core::array* biases, const mlx::core::array& pos, const mlx::core::array* table, int heads,
+    float scale, int window, float eps, int bits, int group);
+// (x + y', rms_norm(x + y') * w), y' = y, or rms_norm(y) * pre_w where pre_w != nullptr.
+std::vector<mlx::core::array> cpu_residual_norm(const mlx::core::array& x, const mlx::core::array& y,
+                                                const mlx::core::array& w, float eps,
+                                                const mlx::core::array* pre_w, float pre_eps);
+// act(gate) * up of gate_up (N, 2I) = [gate | up]; act 0: silu, 1: gelu (tanh).
+mlx::core::array cpu_gated_activation(const mlx::core::array& gate_up, int act);
 
 // A leaf array on `a`'s buffer that does not hold it, for readers that must not
 // keep MLX from writing `a` in place (buffer_view.cpp); nullopt unless `a` is a

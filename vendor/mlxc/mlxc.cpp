@@ -824,6 +824,34 @@ int mlxc_cpu_dequantize(mlxc_array w, mlxc_array scales, mlxc_array biases,
   GUARD_END
 }
 
+namespace {
+const mx::array* ptr_or_null(mlxc_array a) { return a == nullptr ? nullptr : &a->a; }
+}  // namespace
+
+int mlxc_cpu_decode_attention(mlxc_array qkv, mlxc_array q_norm, mlxc_array k_norm, mlxc_array inv_freq,
+                              mlxc_array kv, mlxc_array scales, mlxc_array biases, mlxc_array pos,
+                              mlxc_array table, int heads, float scale, int window, float eps, int bits,
+                              int group, mlxc_vec out) {
+  GUARD_BEGIN
+  out->v = mlxc::cpu_decode_attention(qkv->a, ptr_or_null(q_norm), ptr_or_null(k_norm), inv_freq->a, kv->a,
+                                      ptr_or_null(scales), ptr_or_null(biases), pos->a, ptr_or_null(table),
+                                      heads, scale, window, eps, bits, group);
+  GUARD_END
+}
+
+int mlxc_cpu_residual_norm(mlxc_array x, mlxc_array y, mlxc_array w, float eps, mlxc_array pre_w,
+                           float pre_eps, mlxc_vec out) {
+  GUARD_BEGIN
+  out->v = mlxc::cpu_residual_norm(x->a, y->a, w->a, eps, ptr_or_null(pre_w), pre_eps);
+  GUARD_END
+}
+
+int mlxc_cpu_gated_activation(mlxc_array gate_up, int act, mlxc_array* out) {
+  GUARD_BEGIN
+  put(mlxc::cpu_gated_activation(gate_up->a, act), out);
+  GUARD_END
+}
+
 int mlxc_cpu_gemv(mlxc_array x, mlxc_array w, mlxc_array scales, mlxc_array biases,
                   int group_size, int bits, int int8_x, mlxc_array* out) {
   GUARD_BEGIN

@@ -111,6 +111,23 @@ int mlxc_cpu_set_threads(int n);
  * times slower). */
 int mlxc_cpu_dequantize(mlxc_array w, mlxc_array scales, mlxc_array biases,
                         int group_size, int bits, mlxc_array* out);
+/* The decode step's fused kernels on the CPU (cpu_step.cpp): what
+ * amlx/models/decode_attention.py and step_kernels.py compute on CUDA.
+ * Attention of one new token per row: out = (out (B, H*D), kv_new (2, B, KVH,
+ * 1, D)); q_norm/k_norm both or neither (NULL); kv a contiguous cache (2, B,
+ * KVH, capacity, D) or with `table` (B, width) int32 a block pool (2, blocks,
+ * KVH, block_size, D), quantized (uint32, bits 4/8, group) where scales and
+ * biases are given; window <= 0: none. */
+int mlxc_cpu_decode_attention(mlxc_array qkv, mlxc_array q_norm, mlxc_array k_norm, mlxc_array inv_freq,
+                              mlxc_array kv, mlxc_array scales, mlxc_array biases, mlxc_array pos,
+                              mlxc_array table, int heads, float scale, int window, float eps, int bits,
+                              int group, mlxc_vec out);
+/* out = (x + y', rms_norm(x + y') * w) for x, y (N, C); y' = y, or
+ * rms_norm(y) * pre_w where pre_w is not NULL. */
+int mlxc_cpu_residual_norm(mlxc_array x, mlxc_array y, mlxc_array w, float eps, mlxc_array pre_w,
+                           float pre_eps, mlxc_vec out);
+/* act(gate) * up for gate_up (N, 2I) = [gate | up]; act 0: silu, 1: gelu (tanh). */
+int mlxc_cpu_gated_activation(mlxc_array gate_up, int act, mlxc_array* out);
 /* A leaf array on a's buffer that does not hold it (buffer_view.cpp): readers
  * through it leave MLX free to write a in place. For readers on a's stream
  * launched after a, while a's buffer lives. *out = NULL when a is not a whole
