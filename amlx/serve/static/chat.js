@@ -102,6 +102,15 @@ async function send(text) {
   const body = el.querySelector(".body");
   const s = { start: performance.now(), first: 0, end: 0, tokens: 0, stopped: false };
   let reply = "";
+  // The reply is drawn at most once a frame: drawing it on every token re-rendered the
+  // whole text per token, and a fast stream then kept the page busy for seconds, with
+  // the Stop button's click waiting behind it.
+  let painting = false;
+  const paint = () => {
+    painting = false;
+    render(body, reply);
+    el.scrollIntoView({ block: "end" });
+  };
   state.controller = new AbortController();
   $("send").disabled = true;
   $("stop").disabled = false;
@@ -121,8 +130,10 @@ async function send(text) {
         if (!s.first) s.first = performance.now();
         s.tokens += 1;
         reply += piece;
-        render(body, reply);
-        el.scrollIntoView({ block: "end" });
+        if (!painting) {
+          painting = true;
+          requestAnimationFrame(paint);
+        }
       }
     });
   } catch (e) {
@@ -130,6 +141,7 @@ async function send(text) {
     else bubble("error", e.message);
   } finally {
     s.end = performance.now();
+    paint();
     state.controller = null;
     $("send").disabled = false;
     $("stop").disabled = true;
