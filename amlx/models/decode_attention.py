@@ -64,12 +64,7 @@ __device__ void amlx_dequant(const uint32_t* words, const T* scales, const T* bi
   for (int e = 0; e < E; ++e) {
     const int d = lane * E + e;
     const uint32_t q = (words[d / P] >> ((d % P) * BITS)) & MASK;
-    // each operation rounded to T on its own: written as T arithmetic, NVRTC contracted
-    // q * scale + bias into one fused multiply-add (one rounding), and a float16 pool's
-    // values came out a step of T away from MLX's dequantize (seen on an H200)
-    const float scaled = static_cast<float>(static_cast<T>(__fmul_rn(static_cast<float>(q),
-                                                                     static_cast<float>(scales[d / GROUP]))));
-    x[e] = static_cast<float>(static_cast<T>(__fadd_rn(scaled, static_cast<float>(biases[d / GROUP]))));
+    x[e] = static_cast<float>(static_cast<T>(static_cast<float>(q)) * scales[d / GROUP] + biases[d / GROUP]);
   }
 }
 
