@@ -139,3 +139,27 @@ def test_a_lone_rows_decode_step_is_split_only_where_the_kernels_run_on_one_thre
         cpu_kernels.set_threads(before)
         sched._split_step_fn = compiled  # (close releases the compiled function)
         model.close()
+
+
+def test_cpu_engines_decode_in_one_shard_and_split_prefill_over_the_cores(tmp_path, monkeypatch):
+    """One shard by default (amlx's kernels spread a decode step over the cores and read
+    each weight once for all rows), with a stream per core to split a prompt's matmuls
+    over (MLX's BLAS computes a call on one core); a tensor-parallel rank keeps one."""
+    import amlx
+    from amlx.engine.placement import EngineOptions, cpu_streams
+    from tests.helpers.checkpoints import make_checkpoint
+
+    monkeypatch.delenv("AMLX_SHARDS", raising=False)
+    options = EngineOptions(device="cpu").resolved()
+    assert (options.shards, options.split_streams) == (1, cpu_streams())
+    assert options.for_rank().split_streams == 1
+    assert EngineOptions(device="cpu", shards=3, split_streams=2).resolved().split_streams == 3
+    with pytest.raises(ValueError, match="split_streams"):
+        EngineOptions(device="cpu", split_streams=0).resolved()
+    model = amlx.load_sync(make_checkpoint(tmp_path / "qwen3", "qwen3", seed=0), device="cpu")
+    try:
+        assert len(model.engine.scheduler.shards) == 1
+        assert len(model.engine.placement.streams) == cpu_streams()
+        assert (model.engine.placement.split is not None) == (cpu_streams() > 1)
+    finally:
+        model.close()

@@ -27,8 +27,8 @@ CPU_PREFILL_CHUNK = 256  # prompt tokens per prefill forward (see EngineOptions.
 GPU_PREFILL_CHUNK = 2048
 
 
-def default_shards() -> int:
-    """Shards of a CPU engine's running batch: one per core (at most MAX_SHARDS)."""
+def cpu_streams() -> int:
+    """Streams a CPU engine splits one pass's matmuls over: one per core (at most MAX_SHARDS)."""
     return max(1, min(mxdevice.cpu_cores(), MAX_SHARDS))
 
 
@@ -55,8 +55,13 @@ class EngineOptions:
 
     - device: "cpu" or "gpu".
     - shards: the running batch is split into this many shards, each decoding
-      on a stream of its own (one per core on the CPU, at most 8; 1 on a GPU,
-      where one stream already keeps it busy).
+      on a stream of its own (default 1: on a GPU one stream already keeps it
+      busy; on the CPU amlx's kernels spread a step's products over every core,
+      and one shard reads each weight once a step for all rows: measured faster
+      than a shard per core at 1 to 32 streams, benchmarks/README.md).
+    - split_streams: on the CPU, the streams one shard's prefill matmuls are split
+      over (MLX's BLAS runs one thread a call; default one per core, at most 8;
+      at least `shards`); 1 elsewhere and for a tensor-parallel rank.
     - decode_kernel: decode steps use the fused decode kernels
       (models/decode_attention.py, step_kernels.py; default: on the CPU, where
       they are amlx's C++ primitives, and on the GPU where MLX runs on CUDA).
@@ -131,6 +136,7 @@ class EngineOptions:
 
     device: str = "cpu"
     shards: int | None = None
+    split_streams: int | None = None
     decode_kernel: bool | None = None
     kv_block: int | None = None
     prefill_chunk: int | None = None
@@ -155,7 +161,7 @@ class EngineOptions:
         mid-step made rank 0 crash (a segfault in MLX's gather, in 4 of 5 runs of
         tests/helpers/tp_failure.py) after MLX's ring backend failed the step's
         collectives; the cause was not found, and the plain ops never crashed there."""
-        return replace(self, shards=1, decode_kernel=self.decode_kernel and self.device != "cpu")
+        return replace(self, shards=1, split_streams=1, decode_kernel=self.decode_kernel and self.device != "cpu")
 
     def resolved(self) -> "EngineOptions":
         if self.device not in ("cpu", "gpu"):
@@ -167,16 +173,18 @@ class EngineOptions:
             kernel = env == "1"
         kernel = available if kernel is None else (kernel and available)
         shards = _env_int("AMLX_SHARDS") or self.shards
-        if shards is None:
-            shards = default_shards() if self.device == "cpu" else 1
+        shards = 1 if shards is None else shards
+        split = self.split_streams
+        split = (cpu_streams() if self.device == "cpu" else 1) if split is None else split
         block = _env_int("AMLX_KV_BLOCK") or self.kv_block or (256 if kernel else 64)
         chunk = _env_int("AMLX_PREFILL_CHUNK") or self.prefill_chunk or (
             CPU_PREFILL_CHUNK if self.device == "cpu" else GPU_PREFILL_CHUNK)
         block_size = _env_int("AMLX_KV_BLOCK_SIZE") or self.kv_block_size or DEFAULT_BLOCK_SIZE
-        for name, value in (("shards", shards), ("kv_block", block), ("prefill_chunk", chunk),
-                            ("kv_block_size", block_size)):
+        for name, value in (("shards", shards), ("split_streams", split), ("kv_block", block),
+                            ("prefill_chunk", chunk), ("kv_block_size", block_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
+        split = max(split, shards) if self.device == "cpu" else 1
         check_kv_cache_memory(self.kv_cache_memory)
         check_kv_bits(self.kv_bits)
         DraftSpec.from_options(self.draft, self.num_draft_tokens)  # (ValueError on bad values)
@@ -186,7 +194,7 @@ class EngineOptions:
         if isinstance(join_wait, bool) or not isinstance(join_wait, int) or join_wait < 0:
             raise ValueError(f"join_wait must be an integer >= 0, not {join_wait!r}")
         gpu = self.device == "gpu"
-        return replace(self, shards=shards, decode_kernel=kernel, kv_block=block, prefill_chunk=chunk,
+        return replace(self, shards=shards, split_streams=split, decode_kernel=kernel, kv_block=block, prefill_chunk=chunk,
                        kv_block_size=block_size, prefix_cache=bool(self.prefix_cache),
                        pad_batches=_switch(self.pad_batches, "AMLX_PAD_BATCHES", gpu),
                        extend_pass=_switch(self.extend_pass, "AMLX_EXTEND_PASS", gpu),  # see extend_pass above
@@ -222,7 +230,9 @@ class Placement:
 
     def __init__(self, options: EngineOptions):
         self.device = options.device
-        self.streams = [_take_stream(options.device) for _ in range(options.shards or 1)]
+        # shard i runs on streams[i]; streams past the shards only take split matmuls
+        self.streams = [_take_stream(options.device) for _ in range(max(options.shards or 1,
+                                                                        options.split_streams or 1))]
         self._released = False
         self.home = self.streams[0]
         # A lone prompt leaves the other cores idle: its matmuls can be split over the streams.

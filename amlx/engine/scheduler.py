@@ -27,15 +27,16 @@ blocks go back (its full blocks stay cached) and it is queued again, to be
 recomputed from its prompt and the tokens it has produced; its stream goes on
 without a gap. New requests wait while the pool cannot hold their prompt.
 
-On the CPU the running batch is split into shards, one per core: each shard has
-its own rows, caches and sampling state, and its prefill and decode steps run on
-an MLX stream of its own, so the shards compute on different cores at once
-(MLX's CPU backend, with the single-threaded BLAS of its Linux wheels, keeps one
-core busy per stream). A round launches every shard's step together. Where one
-shard alone has work (prompts that all go to one shard; a lone request's decode
-step where amlx's CPU kernels run on one thread, see Placement.split_decode), its
-matmuls are split over every stream instead (nn.split_layers). On a
-GPU there is one shard and one stream (one stream already keeps the GPU busy).
+The running batch may be split into shards (EngineOptions.shards, default 1):
+each shard has its own rows, caches and sampling state, and its prefill and
+decode steps run on an MLX stream of its own, so on the CPU the shards compute
+on different cores at once. A round launches every shard's step together. One
+shard is the default on the CPU too: amlx's CPU kernels spread a decode step's
+products over every core and read each weight once for all rows. A pass that one
+shard alone runs (prompts that all go to one shard; a lone request's decode step
+where amlx's CPU kernels run on one thread, see Placement.split_decode) has its
+matmuls split over the CPU's streams (nn.split_layers; MLX's BLAS computes a
+call on one core). On a GPU there is one stream.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from amlx._mlx import Array, array, ops, transforms
 from amlx._mlx import int32 as _int32
 from amlx.constrain import MaskJob, step_masks
 from amlx.engine.admission import JoinPolicy
-from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, default_shards, padded_batch
+from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, padded_batch
 from amlx.engine.prefill_budget import pass_budget
 from amlx.engine.pools import ShardPools, extend_arrays, table_arrays
 from amlx.kv import PADDING_ROW, ShardKV, Tables, preemption_order, read_views, written
@@ -116,8 +117,8 @@ class Scheduler:
         `mirror`: rank 0's amlx.tp.leader.Leader of a tensor-parallel model (told of
         each forward pass and each request that ends; never with speculation)."""
         options = options or EngineOptions(shards=shards)
-        if shards is not None or (options.shards is None and options.device == "cpu"):
-            options = replace(options, shards=shards or default_shards())
+        if shards is not None:
+            options = replace(options, shards=shards)
         if prefill_chunk is not None:
             options = replace(options, prefill_chunk=prefill_chunk)
         self.options = options.resolved()
@@ -166,7 +167,7 @@ class Scheduler:
         model.use_decode_kernel(self.options.decode_kernel)
         # attention span step: small where decode attention reads the whole span (EngineOptions.kv_block)
         self.block = self.options.kv_block
-        self.pools = ShardPools(model, self.options, len(self.placement.streams), split_windows=mirror is None)
+        self.pools = ShardPools(model, self.options, self.options.shards, split_windows=mirror is None)
         self.shards = [_Shard(i, kv) for i, kv in enumerate(self.pools.kv)]
         self.block_size = self.pools.block_size
         # Fault injection for tests, None otherwise: called as fault(rows, chained) while a

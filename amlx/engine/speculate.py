@@ -444,7 +444,7 @@ def make_speculator(options, model, views: Callable, placement, emit: Callable, 
                     vocab_size: int | None = None, compile_forward: bool = True,
                     plain_pass: Callable | None = None) -> Speculator | None:
     """The scheduler's speculator for resolved EngineOptions (None without `draft`):
-    with a draft model, its pools (one per stream of `placement`) are made here."""
+    with a draft model, its pools (one per shard) are made here."""
     spec = DraftSpec.from_options(options.draft, options.num_draft_tokens)
     if spec is None:
         return None
@@ -452,7 +452,7 @@ def make_speculator(options, model, views: Callable, placement, emit: Callable, 
     if draft_model is not None:
         if vocab_size is None:
             raise ValueError("a draft model needs the target's vocab_size")
-        draft = DraftModel(draft_model, options, len(placement.streams), vocab_size, compile_step=compile_forward)
+        draft = DraftModel(draft_model, options, options.shards, vocab_size, compile_step=compile_forward)
     adaptive = options.adaptive_draft_length is not False
     measure = plain_pass if options.measure_draft_costs and adaptive else None
     return Speculator(spec, model, views, placement.on, emit, draft, compile_forward=compile_forward,
