@@ -15,6 +15,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "internal.h"
@@ -35,6 +36,54 @@ constexpr long kParallelWork = 1 << 15;
 template <typename T>
 inline float rnd(float x) {
   return static_cast<float>(static_cast<T>(x));
+}
+
+// The attention's inner loops, compiled for AVX2 + FMA as well where the compiler can make
+// clones picked at load (GCC's ifunc on x86-64 Linux); the build's own flags keep SSE2 only.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define MLXC_VEC_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("O3")))
+#else
+#define MLXC_VEC_CLONES
+#endif
+
+MLXC_VEC_CLONES void bf16_to_floats(const uint16_t* bits, float* dst, int n) {
+  for (int i = 0; i < n; ++i) {
+    const uint32_t b = static_cast<uint32_t>(bits[i]) << 16;
+    float f;
+    std::memcpy(&f, &b, sizeof f);
+    dst[i] = f;
+  }
+}
+
+// n values of T as floats; bfloat16 by its bits (MLX's conversion, one value at a
+// time, kept the loop scalar).
+template <typename T>
+inline void to_floats(const T* src, float* dst, int n) {
+  if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
+    bf16_to_floats(reinterpret_cast<const uint16_t*>(src), dst, n);
+  } else {
+    for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+// Blocks of 8 independent lanes, so the compiler keeps them in vectors: a plain
+// reduction loop is one dependent chain of adds (the compiler may not reorder it).
+MLXC_VEC_CLONES float dot(const float* a, const float* b, int n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += a[d + l] * b[d + l];
+  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// y += w * x over n values.
+MLXC_VEC_CLONES void axpy(float w, const float* x, float* y, int n) {
+  int d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int l = 0; l < 8; ++l) y[d + l] += w * x[d + l];
+  for (; d < n; ++d) y[d] += w * x[d];
 }
 
 // Element i of a float32 / float16 / bfloat16 array's data, as float.
@@ -133,8 +182,7 @@ struct Reader {
   void read(size_t s, float* out) const {
     const int D = p.dim;
     if (!p.quantized) {
-      const T* src = dense + s * D;
-      for (int d = 0; d < D; ++d) out[d] = static_cast<float>(src[d]);
+      to_floats(dense + s * D, out, D);
       return;
     }
     const int per = 32 / p.bits, words_per = D / per, groups = D / p.group;
@@ -197,16 +245,14 @@ void attention(const AttnParams& p, const std::vector<mx::array>& in, mx::array&
     float* v = k + D;                 // the new value
     float* tmp = v + D;               // one slot's key or value
     float* s = tmp + D;               // scores (G, n), then weights
-    for (int d = 0; d < D; ++d) {
-      k[d] = static_cast<float>(row[(size_t)(H + kvh) * D + d]);
-      v[d] = static_cast<float>(row[(size_t)(H + KVH + kvh) * D + d]);
-    }
+    to_floats(row + (size_t)(H + kvh) * D, k, D);
+    to_floats(row + (size_t)(H + KVH + kvh) * D, v, D);
     if (kn >= 0) head_norm<T>(k, in[kn], ptr[kn], D, p.eps);
     rope_half<T>(k, inv_freq, D, last);
     for (int g = 0; g < G; ++g) {
       float* qg = q + (size_t)g * D;
       const int h = kvh * G + g;
-      for (int d = 0; d < D; ++d) qg[d] = static_cast<float>(row[(size_t)h * D + d]);
+      to_floats(row + (size_t)h * D, qg, D);
       if (qn >= 0) head_norm<T>(qg, in[qn], ptr[qn], D, p.eps);
       rope_half<T>(qg, inv_freq, D, last);
       for (int d = 0; d < D; ++d) qg[d] *= p.scale;
@@ -222,12 +268,7 @@ void attention(const AttnParams& p, const std::vector<mx::array>& in, mx::array&
         r.read(r.slot(b, kvh, j), tmp);
         key = tmp;
       }
-      for (int g = 0; g < G; ++g) {
-        const float* qg = q + (size_t)g * D;
-        float dot = 0.0f;
-        for (int d = 0; d < D; ++d) dot += qg[d] * key[d];
-        s[(size_t)g * n + (j - first)] = dot;
-      }
+      for (int g = 0; g < G; ++g) s[(size_t)g * n + (j - first)] = dot(q + (size_t)g * D, key, D);
     }
     std::vector<float> acc((size_t)G * D, 0.0f), total(G, 0.0f);
     for (int g = 0; g < G; ++g) {
@@ -245,11 +286,7 @@ void attention(const AttnParams& p, const std::vector<mx::array>& in, mx::array&
         r.read(r.value_offset + r.slot(b, kvh, j), tmp);
         val = tmp;
       }
-      for (int g = 0; g < G; ++g) {
-        const float w = s[(size_t)g * n + (j - first)];
-        float* ag = acc.data() + (size_t)g * D;
-        for (int d = 0; d < D; ++d) ag[d] += w * val[d];
-      }
+      for (int g = 0; g < G; ++g) axpy(s[(size_t)g * n + (j - first)], val, acc.data() + (size_t)g * D, D);
     }
     for (int g = 0; g < G; ++g) {
       T* dst = o + ((size_t)b * H + kvh * G + g) * D;
