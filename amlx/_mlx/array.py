@@ -31,6 +31,11 @@ def _call(fn, op: str, *args) -> "Array":
     return a
 
 
+def _handle_or_null(a: "Array | None"):
+    """An optional array argument of an mlxc function: its handle, or NULL."""
+    return ffi.NULL if a is None else a.handle
+
+
 def _call_optional(fn, op: str, *args) -> "Array | None":
     """`_call` for an mlxc function that may set `*out` to NULL: then None."""
     out = _new(_ARRAY_OUT)

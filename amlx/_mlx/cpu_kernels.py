@@ -18,7 +18,7 @@ part in lazy evaluation, compile and (with respect to x) gradients.
 from __future__ import annotations
 
 from amlx._mlx._lib import check, ffi, lib
-from amlx._mlx.array import Array, _call
+from amlx._mlx.array import Array, _call, _handle_or_null
 from amlx._mlx.ops import _Vec
 
 MAX_ROWS = int(lib.mlxc_cpu_gemv_max_rows())
@@ -51,9 +51,6 @@ def dequantize(w: Array, scales: Array, biases: Array, *, group_size: int, bits:
                  int(group_size), int(bits))
 
 
-def _opt(a: Array | None):
-    return ffi.NULL if a is None else a.handle
-
 
 def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, scale: float, window: int | None,
                      inv_freq: Array, q_norm: Array | None = None, k_norm: Array | None = None, eps: float = 0.0,
@@ -64,8 +61,8 @@ def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, sca
     then weights) per row and KV head, the heads sharing that KV head together."""
     scales, biases, bits, group = quant if quant is not None else (None, None, 0, 0)
     with _Vec() as v:
-        check(lib.mlxc_cpu_decode_attention(qkv.handle, _opt(q_norm), _opt(k_norm), inv_freq.handle, kv.handle,
-                                            _opt(scales), _opt(biases), positions.handle, _opt(table), int(heads),
+        check(lib.mlxc_cpu_decode_attention(qkv.handle, _handle_or_null(q_norm), _handle_or_null(k_norm), inv_freq.handle, kv.handle,
+                                            _handle_or_null(scales), _handle_or_null(biases), positions.handle, _handle_or_null(table), int(heads),
                                             float(scale), int(window or 0), float(eps), int(bits), int(group),
                                             v.h), "cpu_decode_attention")
         out, kv_new = v.arrays()
@@ -76,7 +73,7 @@ def residual_norm(x: Array, y: Array, w: Array, eps: float, pre_w: Array | None 
                   pre_eps: float = 0.0) -> tuple[Array, Array]:
     """amlx.models.step_kernels.residual_norm on the CPU."""
     with _Vec() as v:
-        check(lib.mlxc_cpu_residual_norm(x.handle, y.handle, w.handle, float(eps), _opt(pre_w), float(pre_eps),
+        check(lib.mlxc_cpu_residual_norm(x.handle, y.handle, w.handle, float(eps), _handle_or_null(pre_w), float(pre_eps),
                                          v.h), "cpu_residual_norm")
         total, normed = v.arrays()
         return total, normed

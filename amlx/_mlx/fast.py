@@ -6,21 +6,18 @@ import functools
 import math
 
 from amlx._mlx._lib import check, ffi, lib
-from amlx._mlx.array import Array, _call
+from amlx._mlx.array import Array, _call, _handle_or_null
 from amlx._mlx.dtypes import Dtype
 from amlx._mlx.ops import _Vec
 
 
-def _opt(a: Array | None):
-    return ffi.NULL if a is None else a.handle
-
 
 def rms_norm(x: Array, weight: Array | None, eps: float) -> Array:
-    return _call(lib.mlxc_rms_norm, "rms_norm", x.handle, _opt(weight), float(eps))
+    return _call(lib.mlxc_rms_norm, "rms_norm", x.handle, _handle_or_null(weight), float(eps))
 
 
 def layer_norm(x: Array, weight: Array | None, bias: Array | None, eps: float) -> Array:
-    return _call(lib.mlxc_layer_norm, "layer_norm", x.handle, _opt(weight), _opt(bias), float(eps))
+    return _call(lib.mlxc_layer_norm, "layer_norm", x.handle, _handle_or_null(weight), _handle_or_null(bias), float(eps))
 
 
 def rope(x: Array, dims: int, *, traditional: bool = False, base: float | None = None, scale: float = 1.0,
@@ -36,9 +33,9 @@ def rope(x: Array, dims: int, *, traditional: bool = False, base: float | None =
     b = math.nan if base is None else float(base)
     if isinstance(offset, Array):
         return _call(lib.mlxc_rope_dynamic, "rope", x.handle, int(dims), int(traditional), b, float(scale),
-                     offset.handle, _opt(freqs))
+                     offset.handle, _handle_or_null(freqs))
     return _call(lib.mlxc_rope, "rope", x.handle, int(dims), int(traditional), b, float(scale), int(offset),
-                 _opt(freqs))
+                 _handle_or_null(freqs))
 
 
 def scaled_dot_product_attention(q: Array, k: Array, v: Array, *, scale: float,

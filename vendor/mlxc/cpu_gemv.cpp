@@ -608,6 +608,8 @@ void check_args(const mx::array& x, const mx::array& w, const mx::array* scales,
 
 }  // namespace
 
+int mlxc::float_kind(const mx::Dtype& d) { return kind_of(d); }
+
 void mlxc::parallel_for(int parts, const std::function<void(int)>& f) { pool().run(parts, f); }
 
 mx::array mlxc::cpu_gemv(const mx::array& x, const mx::array& w, const mx::array* scales_biases, int bits,

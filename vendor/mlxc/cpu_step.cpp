@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "gemv.h"
 #include "internal.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -86,18 +87,6 @@ MLXC_VEC_CLONES void axpy(float w, const float* x, float* y, int n) {
   for (; d < n; ++d) y[d] += w * x[d];
 }
 
-// Element i of a float32 / float16 / bfloat16 array's data, as float.
-inline float load(const mx::array& a, const void* p, size_t i) {
-  switch (a.dtype()) {
-    case mx::float32:
-      return static_cast<const float*>(p)[i];
-    case mx::float16:
-      return static_cast<float>(static_cast<const mx::float16_t*>(p)[i]);
-    default:
-      return static_cast<float>(static_cast<const mx::bfloat16_t*>(p)[i]);
-  }
-}
-
 bool is_float(mx::Dtype d) { return d == mx::float32 || d == mx::float16 || d == mx::bfloat16; }
 
 // Each input's data row-major: its own buffer, or a packed copy where it is a
@@ -135,7 +124,8 @@ void head_norm(float* x, const mx::array& w, const void* wp, int n, float eps) {
   float ss = 0.0f;
   for (int e = 0; e < n; ++e) ss += x[e] * x[e];
   const float r = 1.0f / std::sqrt(ss / n + eps);
-  for (int e = 0; e < n; ++e) x[e] = rnd<T>(load(w, wp, e) * rnd<T>(x[e] * r));
+  const int wk = mlxc::float_kind(w.dtype());
+  for (int e = 0; e < n; ++e) x[e] = rnd<T>(mlxc::gemv::load_scalar(wp, wk, e) * rnd<T>(x[e] * r));
 }
 
 // Rotate-half rotary embedding of one head (D values) at position pos, rounded to T.
@@ -363,6 +353,7 @@ void residual_rows(const std::vector<mx::array>& in, bool pre, float eps, float 
   const T* y = static_cast<const T*>(data.ptr[1]);
   const void* w = data.ptr[pre ? 3 : 2];
   const void* pw = pre ? data.ptr[2] : nullptr;
+  const int wk = mlxc::float_kind(wa.dtype()), pk = pre ? mlxc::float_kind(in[2].dtype()) : 0;
   T* t = total.data<T>();
   T* nr = normed.data<T>();
   std::vector<float> tv(C);
@@ -377,7 +368,7 @@ void residual_rows(const std::vector<mx::array>& in, bool pre, float eps, float 
     }
     float ss = 0.0f;
     for (int c = 0; c < C; ++c) {
-      const float yv = pre ? rnd<T>(load(in[2], pw, c) * rnd<T>(static_cast<float>(yr[c]) * ry))
+      const float yv = pre ? rnd<T>(mlxc::gemv::load_scalar(pw, pk, c) * rnd<T>(static_cast<float>(yr[c]) * ry))
                            : static_cast<float>(yr[c]);
       const float tc = rnd<T>(static_cast<float>(xr[c]) + yv);
       tv[c] = tc;
@@ -386,7 +377,7 @@ void residual_rows(const std::vector<mx::array>& in, bool pre, float eps, float 
     const float r = 1.0f / std::sqrt(ss / C + eps);
     for (int c = 0; c < C; ++c) {
       t[(size_t)n * C + c] = static_cast<T>(tv[c]);
-      nr[(size_t)n * C + c] = static_cast<T>(load(wa, w, c) * rnd<T>(tv[c] * r));
+      nr[(size_t)n * C + c] = static_cast<T>(mlxc::gemv::load_scalar(w, wk, c) * rnd<T>(tv[c] * r));
     }
   }
 }

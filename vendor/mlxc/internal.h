@@ -25,6 +25,10 @@ mlx::core::array cpu_gemv(const mlx::core::array& x, const mlx::core::array& w,
 mlx::core::array cpu_dequantize(const mlx::core::array& w, const mlx::core::array& scales,
                                 const mlx::core::array& biases, int bits, int group);
 
+// The few-row kernels' code for a float32 / float16 / bfloat16 dtype (mlxc::gemv::Kind, for
+// gemv.h's load_scalar); std::invalid_argument for any other (cpu_gemv.cpp).
+int float_kind(const mlx::core::Dtype& d);
+
 // f(0) .. f(parts - 1) on the CPU kernels' pool of threads (cpu_gemv.cpp); on the
 // calling thread alone where another stream holds the pool.
 void parallel_for(int parts, const std::function<void(int)>& f);
