@@ -192,7 +192,9 @@ def test_layers_use_the_kernels_for_few_rows(rows, kind, monkeypatch) -> None:
     x = O.astype(mx.array(rng.standard_normal((rows, 128)).astype(np.float32)), mx.bfloat16)
     got = layer(x)
     assert 8 <= cpu_matmul.max_rows(layer) <= ck.MAX_ROWS
-    assert ("CpuGemv" in O.graph_summary(got)[1]) == (rows <= cpu_matmul.max_rows(layer))
+    # bf16 against bf16 x on AMX takes any number of rows (a prompt's products too)
+    takes = rows <= cpu_matmul.max_rows(layer) or (kind == "bfloat16" and ck.amx_takes(x, w))
+    assert ("CpuGemv" in O.graph_summary(got)[1]) == takes
     xf = as_f64(x)
     err = np.abs(as_f64(got) - xf @ wf.T)
     assert np.all(err <= 2.0 ** -7 * (np.abs(xf) @ np.abs(wf).T))  # one bf16 rounding of the result
@@ -263,6 +265,7 @@ def test_more_rows_than_a_block_make_no_float32_copy_of_the_weight(kind, rows, m
     float32_weight = out * inp * 4
     assert _peak_of(layer, x) < float32_weight / 8  # x, y and their float32 twins: ~0.3 MB
     # the test can fail: the path before (MLX's matmul past 8 rows) copies the weight
+    ck.set_amx(False)
     monkeypatch.setattr(cpu_matmul, "ROWS", dict.fromkeys(cpu_matmul.ROWS, ck.BLOCK_ROWS))
     monkeypatch.setattr(cpu_matmul, "BIG_ROWS", ck.BLOCK_ROWS)
     assert _peak_of(layer, x) >= float32_weight
@@ -297,3 +300,65 @@ def test_quantized_layers_dequantize_through_the_kernel_for_many_rows() -> None:
     assert "CpuDequantize" in O.graph_summary(got)[1]
     xf, wf = as_f64(x), _unpack(*q, 64, 8)
     assert np.all(np.abs(as_f64(got) - xf @ wf.T) <= 2e-5 * (np.abs(xf) @ np.abs(wf).T) + 1e-6)
+
+
+# -- the AMX kernel: bfloat16 weights against bfloat16 x, any number of rows -------------
+
+needs_amx = pytest.mark.skipif(not ck.amx(), reason="this CPU (or its OS) has no AMX tiles (AMLX_CPU_AMX=0?)")
+
+
+def _bf16(rng, shape) -> mx.array:
+    return O.astype(mx.array(rng.standard_normal(shape).astype(np.float32)), mx.bfloat16)
+
+
+@needs_amx
+@SETTINGS
+@given(m=st.integers(1, 80), chunks=st.integers(1, 40), n=st.integers(1, 100), seed=st.integers(0, 2**16),
+       threads=st.integers(1, 3))
+def test_amx_gemv_matches_numpy(m, chunks, n, seed, threads) -> None:
+    # any rows (past MAX_ROWS too), N not a multiple of the tiles' 16, K in runs of 32
+    ck.set_threads(threads)
+    rng = np.random.default_rng(seed)
+    k = 32 * chunks
+    x, w = _bf16(rng, (m, k)), _bf16(rng, (n, k))
+    assert ck.amx_takes(x, w)
+    y = ck.gemv(x, w)
+    assert y.shape == (m, n) and y.dtype == mx.bfloat16
+    xf, wf = as_f64(x), as_f64(w)
+    err = np.abs(as_f64(y) - xf @ wf.T)
+    assert np.all(err <= 2.0 ** -8 * np.abs(xf @ wf.T) + 1e-5 * (np.abs(xf) @ np.abs(wf).T))
+
+
+@needs_amx
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 70))
+def test_amx_rows_do_not_depend_on_the_batch_or_the_split(seed, n) -> None:
+    # a request's row is bitwise the same alone, in a batch of any size, on any thread count
+    rng = np.random.default_rng(seed)
+    x, w = _bf16(rng, (40, 256)), _bf16(rng, (n, 256))
+    ck.set_threads(1)
+    full = np.asarray(O.astype(ck.gemv(x, w), mx.float32))
+    for threads in (2, 3):
+        ck.set_threads(threads)
+        assert np.array_equal(np.asarray(O.astype(ck.gemv(x, w), mx.float32)), full)
+    for i in (0, 7, 16, 39):
+        alone = np.asarray(O.astype(ck.gemv(O.slice(x, (i, 0), (i + 1, 256)), w), mx.float32))
+        assert np.array_equal(alone[0], full[i])
+
+
+@needs_amx
+def test_amx_is_the_kernel_in_effect_and_can_be_turned_off() -> None:
+    # With AMX a prompt's 100 rows go through one call; without it the few-row kernels refuse
+    # them (MAX_ROWS), and float x (not bf16) never takes the tiles.
+    rng = np.random.default_rng(0)
+    x, w = _bf16(rng, (100, 512)), _bf16(rng, (64, 512))
+    on = np.asarray(O.astype(ck.gemv(x, w), mx.float32))
+    assert not ck.amx_takes(O.astype(x, mx.float32), w)
+    ck.set_amx(False)
+    assert not ck.amx() and not ck.amx_takes(x, w)
+    with pytest.raises(MLXError, match="rows"):
+        mx.eval(ck.gemv(x, w))
+    off = np.concatenate([np.asarray(O.astype(ck.gemv(O.slice(x, (i, 0), (i + 8, 512)), w), mx.float32))
+                          for i in range(0, 100, 8)])
+    # the same products summed in another order: equal to bf16 rounding, not bit for bit
+    assert np.allclose(on, off, rtol=2.0 ** -7, atol=1e-3) and not np.array_equal(on, off)

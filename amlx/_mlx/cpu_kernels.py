@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from amlx._mlx._lib import check, ffi, lib
 from amlx._mlx.array import Array, _call, _handle_or_null
+from amlx._mlx.dtypes import bfloat16
 from amlx._mlx.ops import _Vec
 
 MAX_ROWS = int(lib.mlxc_cpu_gemv_max_rows())
@@ -104,6 +105,24 @@ def isa() -> str:
 def int8_isa() -> str:
     """The int8 kernels' instructions under isa(): "avx512vnni", "avxvnni", "avx2" (vpmaddubsw) or "generic"."""
     return ffi.string(lib.mlxc_cpu_gemv_int8_isa()).decode()
+
+
+def amx() -> bool:
+    """Whether gemv runs bfloat16 weights against bfloat16 x on Intel AMX tiles (any number
+    of rows; see amx_takes): on by default where the CPU and the OS have them, off with
+    AMLX_CPU_AMX=0 (read at load)."""
+    return bool(lib.mlxc_cpu_gemv_amx())
+
+
+def amx_takes(x: Array, w: Array) -> bool:
+    """Whether gemv(x, w) runs on the AMX bf16 kernel, which takes any number of rows of x
+    (MAX_ROWS does not apply): both bfloat16, x's last axis a multiple of 32, AMX on."""
+    return x.dtype == bfloat16 and w.dtype == bfloat16 and x.shape[-1] % 32 == 0 and amx()
+
+
+def set_amx(on: bool) -> None:
+    """Turns the AMX kernels on or off; MLXError when turning them on on a CPU without them."""
+    check(lib.mlxc_cpu_gemv_set_amx(int(bool(on))), "cpu_kernels.set_amx")
 
 
 def set_isa(name: str) -> None:

@@ -119,7 +119,7 @@ def few_rows(x: Array, layer) -> Array | None:
             return None
     elif layer.weight.dtype not in _DENSE or layer.weight.ndim != 2:
         return None
-    if rows > max_rows(layer):
+    if rows > max_rows(layer) and not (not bits and cpu_kernels.amx_takes(x, layer.weight)):
         return None
     out = layer.weight.shape[0]
     split = layer.__dict__.get("_split")

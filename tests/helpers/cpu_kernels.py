@@ -13,10 +13,12 @@ from amlx._mlx import ops as O
 
 @pytest.fixture(autouse=True)
 def restore_kernel_settings():
-    """A test may pick an instruction set or a thread count; the next one starts from the defaults."""
-    threads = ck.threads()
+    """A test may pick an instruction set, the AMX kernel or a thread count; the next one
+    starts from the defaults."""
+    threads, amx = ck.threads(), ck.amx()
     yield
     ck.set_isa("best")
+    ck.set_amx(amx)
     ck.set_threads(threads)
 
 

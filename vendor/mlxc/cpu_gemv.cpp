@@ -253,6 +253,17 @@ const Int8Kernel* int8_for(gv::RowsFn fn, bool vnni_allowed) {
 
 std::atomic<const Int8Kernel*> int8_kernel{int8_for(pick_kernel(), true)};
 
+// AMX tiles (gemv_amx.cpp) for bf16 weights against bf16 x, where the CPU and the OS have
+// them: several times the AVX-512 kernels' rate at 2+ rows of x (converting each weight and
+// an FMA per row of x bounded those), and any number of rows (a prompt's products).
+// AMLX_CPU_AMX=0 (read at load) or mlxc_cpu_gemv_set_amx(0) keeps them off.
+bool amx_from_env() {
+  const char* v = std::getenv("AMLX_CPU_AMX");
+  return !(v != nullptr && std::string(v) == "0") && gv::amx_available();
+}
+
+std::atomic<bool> amx_on{amx_from_env()};
+
 int kind_of(mx::Dtype d) {
   if (d == mx::float16) return gv::F16;
   if (d == mx::bfloat16) return gv::BF16;
@@ -331,6 +342,18 @@ void run_rows(const gv::Job& j, gv::RowsFn fn, int chunk) {
   });
 }
 
+// The output rows of `j` over the pool for the AMX kernel: in blocks of 16 weight rows
+// aligned to the weight (gv::amx_bf16_rows), all of x's rows in one call per part.
+void run_amx(const gv::Job& j, gv::RowsFn fn) {
+  Pool& p = pool();
+  const int blocks = (j.N + 15) / 16;
+  const int parts = std::max(1, std::min(p.threads(), blocks));
+  p.run(parts, [&](int part) {
+    const int b0 = (int)((long)blocks * part / parts), b1 = (int)((long)blocks * (part + 1) / parts);
+    fn(j, b0 * 16, std::min(j.N, b1 * 16));
+  });
+}
+
 // x rounded to int8 for the int8 kernels: per row and per group of `group`
 // values, d = max|x| / 127 and xq = round(x / d) (to nearest, ties to even,
 // as numpy's rint: the tests rebuild it exactly), computed as x * (127 / max|x|).
@@ -392,7 +415,7 @@ void store(const std::vector<float>& y, mx::array& out) {
   }
 }
 
-void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int group, bool int8);
+void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int group, bool int8, bool x_bf16);
 
 // x (M, K) and y (M, N) are in the activations' dtype; the kernels take and give float32
 // (converted here, so a 16-bit model's product is one graph node, not three).
@@ -419,12 +442,13 @@ void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int gro
     yf.resize((size_t)j.M * j.N);
     j.y = yf.data();
   }
-  compute_float(in, j, bits, group, int8);
+  compute_float(in, j, bits, group, int8, x.dtype() == mx::bfloat16);
   if (out.dtype() != mx::float32) store(yf, out);
 }
 
-// j's x, y and shapes set: the weights and the product, all in float32.
-void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int group, bool int8) {
+// j's x, y and shapes set: the weights and the product, all in float32 (x's values bfloat16
+// ones where x_bf16).
+void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int group, bool int8, bool x_bf16) {
   std::vector<char> tmp[4];
   j.w = packed(in[1], tmp[1]);
   j.wkind = bits ? 0 : kind_of(in[1].dtype());
@@ -454,6 +478,10 @@ void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int g
         for (int p = 0; p < 32; ++p) xperm[i + p] = j.x[i + (p < 16 ? 2 * p : 2 * (p - 16) + 1)];
       j.x = xperm.data();
     }
+  }
+  if (!bits && x_bf16 && j.wkind == gv::BF16 && j.K % 32 == 0 && amx_on.load()) {
+    run_amx(j, &gv::amx_bf16_rows);  // bf16 products are exact in float32: the same sums, in another order
+    return;
   }
   run_rows(j, kernel.load(), kFloatChunkRows);
 }
@@ -581,11 +609,18 @@ class CpuDequantize : public mx::UnaryPrimitive {
   int bits_, group_;
 };
 
+// Whether the product goes to the AMX bf16 kernel (compute_float), which takes any number of
+// rows: a prompt's products too, where MLX would multiply float32 copies of x and the weight.
+bool amx_bf16(const mx::array& x, const mx::array& w, int bits) {
+  return bits == 0 && x.dtype() == mx::bfloat16 && w.dtype() == mx::bfloat16 && x.shape(-1) % 32 == 0 &&
+         amx_on.load();
+}
+
 void check_args(const mx::array& x, const mx::array& w, const mx::array* scales, int bits, int group) {
   if (x.ndim() < 1 || w.ndim() != 2) throw std::invalid_argument("cpu_gemv: x must have a last axis and w be 2-D");
   const int K = x.shape(-1);
   const int rows = K ? (int)(x.size() / K) : 0;
-  if (rows < 1 || rows > kMaxCallRows) {
+  if (rows < 1 || (rows > kMaxCallRows && !amx_bf16(x, w, bits))) {
     throw std::invalid_argument("cpu_gemv: x must have 1 to " + std::to_string(kMaxCallRows) + " rows");
   }
   if (!mx::issubdtype(x.dtype(), mx::floating)) throw std::invalid_argument("cpu_gemv: x must be floating point");
@@ -678,6 +713,17 @@ const char* mlxc_cpu_gemv_isa(void) {
 }
 
 const char* mlxc_cpu_gemv_int8_isa(void) { return int8_kernel.load()->name; }
+
+int mlxc_cpu_gemv_amx(void) { return amx_on.load() ? 1 : 0; }
+
+int mlxc_cpu_gemv_set_amx(int on) {
+  if (on && !gv::amx_available()) {
+    mlxc::set_last_error("cpu_gemv: this CPU (or its OS) has no AMX tiles");
+    return 1;
+  }
+  amx_on = on != 0;
+  return 0;
+}
 
 int mlxc_cpu_gemv_set_isa(const char* isa) {
   const std::string want = isa;

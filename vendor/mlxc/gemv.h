@@ -57,6 +57,13 @@ int int8_step_avx2(int group);
 int int8_step_avxvnni(int group);
 int int8_step_avx512vnni(int group);
 
+// Intel AMX (gemv_amx.cpp), for any M: bfloat16 weights against x whose values are
+// bfloat16 (held as float32 in Job::x). Only where amx_available(), which also asks
+// the OS for the tile state; n0 a multiple of 16 (blocks of 16 weight rows, aligned to
+// the weight, so a row's arithmetic never depends on the split).
+bool amx_available();
+void amx_bf16_rows(const Job& job, int n0, int n1);
+
 // Internal linkage: each per-instruction-set unit keeps its own copy (one
 // compiled with AVX-512 must never stand in for the generic unit's).
 namespace {

@@ -140,6 +140,9 @@ const char* mlxc_cpu_gemv_isa(void);      /* "avx512", "avxvnni", "avx2" or "gen
 int mlxc_cpu_gemv_set_isa(const char* isa);  /* one of those, or "best" */
 /* the int8 kernels that go with it: "avx512vnni", "avxvnni", "avx2" or "generic" */
 const char* mlxc_cpu_gemv_int8_isa(void);
+/* AMX tiles for bf16 weights against bf16 x, any rows (1: in use); set 0/1, error if absent */
+int mlxc_cpu_gemv_amx(void);
+int mlxc_cpu_gemv_set_amx(int on);
 
 /* Construction. `data` is copied; for MLXC_BFLOAT16 it holds the raw 16-bit
  * patterns. */
