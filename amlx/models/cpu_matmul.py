@@ -5,7 +5,8 @@ there, MLX's CPU backend is slow (sgemm packs the whole weight per call,
 16-bit weights are converted in memory first, quantized weights are unpacked
 one scalar at a time). `few_rows` sends such products (up to
 ROWS rows, by weight format) to amlx._mlx.cpu_kernels.gemv, which reads the
-weights as stored, on a pool of threads. Longer inputs (prefill) stay with MLX's matmul and its BLAS (OpenBLAS,
+weights as stored, on a pool of threads. bfloat16 weights against bfloat16 x take any number of rows where the
+CPU has AMX tiles (cpu_kernels.amx_takes). Longer inputs (prefill) otherwise stay with MLX's matmul and its BLAS (OpenBLAS,
 see amlx._mlx.blas), in float32: MLX's CPU gemm for 16-bit inputs and its
 quantized matmul are 15-25x slower than converting to float32 first and
 calling sgemm (measured at 128 x 1024 x 3072), so `widen` and
