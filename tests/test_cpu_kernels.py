@@ -192,12 +192,15 @@ def test_layers_use_the_kernels_for_few_rows(rows, kind, monkeypatch) -> None:
     x = O.astype(mx.array(rng.standard_normal((rows, 128)).astype(np.float32)), mx.bfloat16)
     got = layer(x)
     assert 8 <= cpu_matmul.max_rows(layer) <= ck.MAX_ROWS
-    # bf16 against bf16 x on AMX takes any number of rows (a prompt's products too)
-    takes = rows <= cpu_matmul.max_rows(layer) or (kind == "bfloat16" and ck.amx_takes(x, w))
+    # bf16 x on AMX takes any number of rows (a prompt's products too), quantized weights
+    # dequantized to bf16 there (one more bf16 rounding, of the weights)
+    amx = ck.amx_takes(x, layer.weight, 0 if kind == "bfloat16" else bits)
+    takes = rows <= cpu_matmul.max_rows(layer) or amx
     assert ("CpuGemv" in O.graph_summary(got)[1]) == takes
     xf = as_f64(x)
     err = np.abs(as_f64(got) - xf @ wf.T)
-    assert np.all(err <= 2.0 ** -7 * (np.abs(xf) @ np.abs(wf).T))  # one bf16 rounding of the result
+    roundings = 2 if amx and kind != "bfloat16" and rows > cpu_matmul.max_rows(layer) else 1
+    assert np.all(err <= roundings * 2.0 ** -7 * (np.abs(xf) @ np.abs(wf).T))  # bf16 roundings
     monkeypatch.setattr(cpu_matmul, "ENABLED", False)
     plain = layer(x)
     assert "CpuGemv" not in O.graph_summary(plain)[1]
@@ -362,3 +365,30 @@ def test_amx_is_the_kernel_in_effect_and_can_be_turned_off() -> None:
                           for i in range(0, 100, 8)])
     # the same products summed in another order: equal to bf16 rounding, not bit for bit
     assert np.allclose(on, off, rtol=2.0 ** -7, atol=1e-3) and not np.array_equal(on, off)
+
+
+@needs_amx
+@SETTINGS
+@given(m=st.integers(ck.MAX_ROWS + 1, 150), groups=st.integers(1, 24), n=st.integers(1, 100),
+       seed=st.integers(0, 2**16), bits=st.sampled_from([4, 8]), group=st.sampled_from(ck.GROUP_SIZES),
+       sdtype=st.sampled_from(["bfloat16", "float16", "float32"]), threads=st.integers(1, 3))
+def test_amx_quantized_prompt_products_match_numpy(m, groups, n, seed, bits, group, sdtype, threads) -> None:
+    # past MAX_ROWS, bf16 x against 4-/8-bit weights: each block of 16 weight rows dequantized to
+    # bf16 (s q + b in float32, rounded to nearest even), then the tiles
+    ck.set_threads(threads)
+    rng = np.random.default_rng(seed)
+    k = group * groups
+    w = O.astype(mx.array(rng.standard_normal((n, k)).astype(np.float32)), DTYPES[sdtype])
+    q = O.quantize(w, group, bits)
+    x = _bf16(rng, (m, k))
+    assert ck.amx_takes(x, q[0], bits)
+    y = ck.gemv(x, *q, group_size=group, bits=bits, int8=True)
+    assert y.shape == (m, n) and y.dtype == O.matmul(x, O.transpose(w)).dtype
+    xf, wf = as_f64(x), _unpack(*q, group, bits)
+    # the weights' bf16 rounding (2^-9 each) and the result's (2^-9 for bf16, less otherwise)
+    err = np.abs(as_f64(y) - xf @ wf.T)
+    assert np.all(err <= 2.0 ** -8 * (np.abs(xf) @ np.abs(wf).T) + 2.0 ** -8 * np.abs(xf @ wf.T) + 1e-5)
+    # and the weights were dequantized to bf16: the exact product of bf16(w) agrees to float32 sums
+    wb = np.asarray(O.astype(O.astype(mx.array(wf.astype(np.float32)), mx.bfloat16), mx.float32)).astype(np.float64)
+    if y.dtype == mx.float32:
+        _close(y, xf @ wb.T, np.abs(xf) @ np.abs(wb).T)

@@ -114,10 +114,13 @@ def amx() -> bool:
     return bool(lib.mlxc_cpu_gemv_amx())
 
 
-def amx_takes(x: Array, w: Array) -> bool:
-    """Whether gemv(x, w) runs on the AMX bf16 kernel, which takes any number of rows of x
-    (MAX_ROWS does not apply): both bfloat16, x's last axis a multiple of 32, AMX on."""
-    return x.dtype == bfloat16 and w.dtype == bfloat16 and x.shape[-1] % 32 == 0 and amx()
+def amx_takes(x: Array, w: Array, bits: int = 0) -> bool:
+    """Whether gemv(x, w, ...) may take any number of rows of x (MAX_ROWS does not apply): AMX
+    on, x bfloat16 with its last axis a multiple of 32, and w bfloat16 or quantized (`bits` 4
+    or 8). Past MAX_ROWS a quantized weight is dequantized to bfloat16 a block of 16 rows at a
+    time (w = s q + b rounded to bfloat16), in cache, for all rows of x."""
+    return (x.dtype == bfloat16 and x.shape[-1] % 32 == 0 and amx()
+            and (bits in (4, 8) or (not bits and w.dtype == bfloat16)))
 
 
 def set_amx(on: bool) -> None:

@@ -5,8 +5,9 @@ there, MLX's CPU backend is slow (sgemm packs the whole weight per call,
 16-bit weights are converted in memory first, quantized weights are unpacked
 one scalar at a time). `few_rows` sends such products (up to
 ROWS rows, by weight format) to amlx._mlx.cpu_kernels.gemv, which reads the
-weights as stored, on a pool of threads. bfloat16 weights against bfloat16 x take any number of rows where the
-CPU has AMX tiles (cpu_kernels.amx_takes). Longer inputs (prefill) otherwise stay with MLX's matmul and its BLAS (OpenBLAS,
+weights as stored, on a pool of threads. Where the CPU has AMX tiles, bfloat16 x takes any number of rows against bfloat16
+or quantized weights (cpu_kernels.amx_takes; quantized ones dequantized to bfloat16
+a block of rows at a time, in cache). Longer inputs (prefill) otherwise stay with MLX's matmul and its BLAS (OpenBLAS,
 see amlx._mlx.blas), in float32: MLX's CPU gemm for 16-bit inputs and its
 quantized matmul are 15-25x slower than converting to float32 first and
 calling sgemm (measured at 128 x 1024 x 3072), so `widen` and
@@ -120,7 +121,7 @@ def few_rows(x: Array, layer) -> Array | None:
             return None
     elif layer.weight.dtype not in _DENSE or layer.weight.ndim != 2:
         return None
-    if rows > max_rows(layer) and not (not bits and cpu_kernels.amx_takes(x, layer.weight)):
+    if rows > max_rows(layer) and not cpu_kernels.amx_takes(x, layer.weight, bits):
         return None
     out = layer.weight.shape[0]
     split = layer.__dict__.get("_split")

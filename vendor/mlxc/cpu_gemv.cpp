@@ -404,21 +404,33 @@ void quantize_x(gv::Job& j, int run, std::vector<int8_t>& xq, std::vector<float>
 
 // One job: x packed (and for quantized weights its group sums, permuted or rounded
 // to int8 as the kernels read it), then its output rows over the pool.
-// y (M, N) float32 into `out` in its dtype, rounded to nearest even as MLX's astype rounds.
+// y (M, N) float32 into `out` in its dtype, rounded to nearest even as MLX's astype rounds
+// (bf16: MLX's rule, written out so the loop vectorizes).
 void store(const std::vector<float>& y, mx::array& out) {
   if (out.dtype() == mx::float16) {
     auto* o = out.data<mx::float16_t>();
     for (size_t i = 0; i < y.size(); ++i) o[i] = static_cast<mx::float16_t>(y[i]);
   } else {
-    auto* o = out.data<mx::bfloat16_t>();
-    for (size_t i = 0; i < y.size(); ++i) o[i] = static_cast<mx::bfloat16_t>(y[i]);
+    auto* o = reinterpret_cast<uint16_t*>(out.data<mx::bfloat16_t>());
+    for (size_t i = 0; i < y.size(); ++i) {
+      uint32_t u;
+      std::memcpy(&u, &y[i], 4);
+      const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+      o[i] = nan ? (uint16_t)0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
   }
 }
 
-void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int group, bool int8, bool x_bf16);
+// The AMX kernel that takes the product, if any (amx_bf16 says which may): bf16 weights
+// against bf16 x, any rows; quantized weights against bf16 x past kMaxCallRows (a prompt's;
+// fewer rows keep the int8 or float kernels, which a decode step's rows use).
+gv::RowsFn amx_kernel(const mx::array& x, const mx::array& w, int bits);
+
+void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int group, bool int8, gv::RowsFn amx);
 
 // x (M, K) and y (M, N) are in the activations' dtype; the kernels take and give float32
-// (converted here, so a 16-bit model's product is one graph node, not three).
+// (converted here, so a 16-bit model's product is one graph node, not three). The AMX
+// kernels read bf16 x as it is.
 void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int group, bool int8) {
   const mx::array& x = in[0];
   std::vector<char> xtmp;
@@ -428,12 +440,22 @@ void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int gro
   j.K = x.shape(1);
   j.N = out.shape(1);
   const void* xp = packed(x, xtmp);
-  if (x.dtype() == mx::float32) {
+  const gv::RowsFn amx = amx_kernel(x, in[1], bits);
+  if (amx) {
+    j.xbf = static_cast<const uint16_t*>(xp);
+  } else if (x.dtype() == mx::float32) {
     j.x = static_cast<const float*>(xp);
   } else {
-    const int xk = kind_of(x.dtype());
     xf.resize((size_t)j.M * j.K);
-    for (size_t i = 0; i < xf.size(); ++i) xf[i] = gv::load_scalar(xp, xk, (long)i);
+    if (x.dtype() == mx::bfloat16) {  // a shift: the loop vectorizes, where load_scalar's switch did not
+      const uint16_t* h = static_cast<const uint16_t*>(xp);
+      for (size_t i = 0; i < xf.size(); ++i) {
+        const uint32_t u = (uint32_t)h[i] << 16;
+        std::memcpy(&xf[i], &u, 4);
+      }
+    } else {
+      for (size_t i = 0; i < xf.size(); ++i) xf[i] = gv::load_scalar(xp, gv::F16, (long)i);
+    }
     j.x = xf.data();
   }
   if (out.dtype() == mx::float32) {
@@ -442,13 +464,13 @@ void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int gro
     yf.resize((size_t)j.M * j.N);
     j.y = yf.data();
   }
-  compute_float(in, j, bits, group, int8, x.dtype() == mx::bfloat16);
+  compute_float(in, j, bits, group, int8, amx);
   if (out.dtype() != mx::float32) store(yf, out);
 }
 
-// j's x, y and shapes set: the weights and the product, all in float32 (x's values bfloat16
-// ones where x_bf16).
-void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int group, bool int8, bool x_bf16) {
+// j's x (or xbf), y and shapes set: the weights and the product, y in float32; `amx` the
+// AMX kernel that takes it, if one does (then j.xbf is x).
+void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int group, bool int8, gv::RowsFn amx) {
   std::vector<char> tmp[4];
   j.w = packed(in[1], tmp[1]);
   j.wkind = bits ? 0 : kind_of(in[1].dtype());
@@ -461,6 +483,10 @@ void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int g
     j.scales = packed(in[2], tmp[2]);
     j.biases = packed(in[3], tmp[3]);
     j.skind = kind_of(in[2].dtype());
+    if (amx) {
+      run_amx(j, amx);
+      return;
+    }
     if (int8) {
       const Int8Kernel* k8 = int8_kernel.load();
       quantize_x(j, bits == 4 ? k8->step(group) : 0, xq, xd, xqsum, xsum);
@@ -479,8 +505,8 @@ void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int g
       j.x = xperm.data();
     }
   }
-  if (!bits && x_bf16 && j.wkind == gv::BF16 && j.K % 32 == 0 && amx_on.load()) {
-    run_amx(j, &gv::amx_bf16_rows);  // bf16 products are exact in float32: the same sums, in another order
+  if (amx) {
+    run_amx(j, amx);  // bf16 products are exact in float32: the same sums, in another order
     return;
   }
   run_rows(j, kernel.load(), kFloatChunkRows);
@@ -611,9 +637,17 @@ class CpuDequantize : public mx::UnaryPrimitive {
 
 // Whether the product goes to the AMX bf16 kernel (compute_float), which takes any number of
 // rows: a prompt's products too, where MLX would multiply float32 copies of x and the weight.
+// Quantized weights go to it past kMaxCallRows (dequantized to bf16 a block of rows at a time).
 bool amx_bf16(const mx::array& x, const mx::array& w, int bits) {
-  return bits == 0 && x.dtype() == mx::bfloat16 && w.dtype() == mx::bfloat16 && x.shape(-1) % 32 == 0 &&
+  return x.dtype() == mx::bfloat16 && (bits != 0 || w.dtype() == mx::bfloat16) && x.shape(-1) % 32 == 0 &&
          amx_on.load();
+}
+
+gv::RowsFn amx_kernel(const mx::array& x, const mx::array& w, int bits) {
+  if (!amx_bf16(x, w, bits)) return nullptr;
+  if (bits == 0) return &gv::amx_bf16_rows;
+  const int rows = (int)(x.size() / x.shape(-1));
+  return rows > kMaxCallRows ? &gv::amx_qbf16_rows : nullptr;
 }
 
 void check_args(const mx::array& x, const mx::array& w, const mx::array* scales, int bits, int group) {

@@ -20,6 +20,7 @@ constexpr int kMaxRows = 8;  // rows of x one job handles
 
 struct Job {
   const float* x;      // M x K, float32, row-major (4-bit: permuted, see gemv_impl.h)
+  const uint16_t* xbf;  // the AMX kernels' x instead: M x K bfloat16, row-major
   int M, K, N;
   const void* w;       // dense: N x K of `wkind`; quantized: N x K*bits/32 uint32
   int wkind;           // Kind of a dense weight
@@ -57,12 +58,12 @@ int int8_step_avx2(int group);
 int int8_step_avxvnni(int group);
 int int8_step_avx512vnni(int group);
 
-// Intel AMX (gemv_amx.cpp), for any M: bfloat16 weights against x whose values are
-// bfloat16 (held as float32 in Job::x). Only where amx_available(), which also asks
+// Intel AMX (gemv_amx.cpp), for any M: bfloat16 weights against bfloat16 x (Job::xbf). Only where amx_available(), which also asks
 // the OS for the tile state; n0 a multiple of 16 (blocks of 16 weight rows, aligned to
 // the weight, so a row's arithmetic never depends on the split).
 bool amx_available();
 void amx_bf16_rows(const Job& job, int n0, int n1);
+void amx_qbf16_rows(const Job& job, int n0, int n1);  // 4-/8-bit weights, dequantized to bf16 per block
 
 // Internal linkage: each per-instruction-set unit keeps its own copy (one
 // compiled with AVX-512 must never stand in for the generic unit's).

@@ -37,7 +37,7 @@
 
 #include "gemv.h"
 
-#pragma GCC target("amx-tile,amx-bf16")
+#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")
 #include <immintrin.h>
 
 namespace mlxc::gemv {
@@ -102,40 +102,76 @@ void store_transposed(const float* c, int ld, const Job& j, int m0, int m, int n
 
 // -- bfloat16 ----------------------------------------------------------------------------
 
-// x's rows [m0, m0 + m) as B tiles: for each run of 32 values, 16 rows of m pairs (bf16).
-// j.x holds bfloat16 values as float32 (cpu_gemv.cpp converted them): the top half is exact.
+// x's rows [m0, m0 + m) as B tiles: for each run of 32 values, 16 rows of m pairs of values.
+// A pair of bf16 is 32 bits: the tiles are the transpose of x's rows as 32-bit pairs.
 void pack_bf16(const Job& j, int m0, int m, uint16_t* out) {
-  const int chunks = j.K / 32;
-  for (int c = 0; c < chunks; ++c) {
-    uint16_t* t = out + (long)c * 32 * m;
-    for (int i = 0; i < m; ++i) {
-      const float* x = j.x + (long)(m0 + i) * j.K + c * 32;
-      for (int k = 0; k < 32; ++k) {
-        uint32_t bits;
-        std::memcpy(&bits, &x[k], 4);
-        t[(k / 2) * 2 * m + 2 * i + (k % 2)] = (uint16_t)(bits >> 16);
-      }
-    }
+  const int pairs = j.K / 2;
+  uint32_t* o = reinterpret_cast<uint32_t*>(out);
+  for (int i = 0; i < m; ++i) {
+    const uint16_t* x = j.xbf + (long)(m0 + i) * j.K;
+    for (int p = 0; p < pairs; ++p) std::memcpy(&o[(long)p * m + i], x + 2 * p, 4);
   }
 }
 
+// The weights as stored (bf16): 16 rows in place, or a padded copy of the last short block.
+struct DenseRows {
+  std::vector<char> pad[2];
+  RowBlock block(const Job& j, int n, int which) {
+    return rows_of(static_cast<const char*>(j.w), (long)j.K * 2, n, j.N, pad[which]);
+  }
+};
+
+// MLX's 4-/8-bit affine weights, 16 rows at a time dequantized to bf16 (w = s q + b in float32,
+// rounded to nearest even): done once per block for all rows of x, so a prompt's products cost
+// a copy of the block, in cache, where MLX's path wrote and read a float32 copy of the weight.
+struct QuantizedRows {
+  std::vector<uint16_t> buf[2];
+  RowBlock block(const Job& j, int n, int which) {
+    const int K = j.K, G = K / j.group, rows = std::min(kTileRows, j.N - n);
+    std::vector<uint16_t>& out = buf[which];
+    out.assign((size_t)kTileRows * K, 0);
+    const uint8_t* q = static_cast<const uint8_t*>(j.w);
+    for (int r = 0; r < rows; ++r) {
+      const uint8_t* row = q + (long)(n + r) * K * j.bits / 8;
+      uint16_t* o = out.data() + (long)r * K;
+      for (int g = 0; g < G; ++g) {
+        const __m512 s = _mm512_set1_ps(load_scalar(j.scales, j.skind, (long)(n + r) * G + g));
+        const __m512 b = _mm512_set1_ps(load_scalar(j.biases, j.skind, (long)(n + r) * G + g));
+        for (int i = 0; i < j.group; i += 16) {
+          __m512i v;
+          if (j.bits == 8) {
+            v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * j.group + i)));
+          } else {  // 8 bytes: values 2t (low nibble) and 2t + 1 (high) of byte t
+            const __m128i p = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (g * j.group + i) / 2)));
+            const __m128i lo = _mm_and_si128(p, _mm_set1_epi16(15)), hi = _mm_srli_epi16(p, 4);
+            v = _mm512_cvtepu16_epi32(_mm256_set_m128i(_mm_unpackhi_epi16(lo, hi), _mm_unpacklo_epi16(lo, hi)));
+          }
+          const __m512 w = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(v), b);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + g * j.group + i), (__m256i)_mm512_cvtneps_pbh(w));
+        }
+      }
+    }
+    return {reinterpret_cast<const char*>(out.data()), (long)K * 2};
+  }
+};
+
 // Tiles: 0, 1 accumulators for two blocks of 16 weight rows; 2, 3 and 4, 5 those blocks'
 // weights, and 6 and 7 x, for even and odd runs of 32 values (tiles are not renamed: a load
-// into a tile the previous product still reads waits for it).
+// into a tile the previous product still reads waits for it). `Rows` gives the blocks' bf16
+// rows (DenseRows, QuantizedRows).
+template <class Rows>
 void bf16_rows(const Job& j, int n0, int n1) {
   const int chunks = j.K / 32;
-  const long row_bytes = (long)j.K * 2;
+  thread_local Rows src;  // its buffers, reused from call to call
   thread_local std::vector<uint16_t> xb;
-  thread_local std::vector<char> pad[2];
   xb.resize((size_t)j.M * j.K);
   for (int m0 = 0; m0 < j.M; m0 += kTileRows) pack_bf16(j, m0, std::min(kTileRows, j.M - m0), xb.data() + (long)m0 * j.K);
   alignas(64) float cbuf[2][kTileRows * kTileRows];
-  const char* w = static_cast<const char*>(j.w);
   bool fresh = true;
   for (int n = n0; n < n1; n += 2 * kTileRows) {
     const bool two = n + kTileRows < n1;
-    const RowBlock ra = rows_of(w, row_bytes, n, j.N, pad[0]);
-    const RowBlock rb = two ? rows_of(w, row_bytes, n + kTileRows, j.N, pad[1]) : ra;
+    const RowBlock ra = src.block(j, n, 0);
+    const RowBlock rb = two ? src.block(j, n + kTileRows, 1) : ra;
     const int rows_a = std::min(kTileRows, n1 - n), rows_b = std::min(kTileRows, n1 - n - kTileRows);
     for (int m0 = 0; m0 < j.M; m0 += kTileRows) {
       const int m = std::min(kTileRows, j.M - m0);
@@ -193,7 +229,10 @@ bool amx_available() {
   return ok;
 }
 
-void amx_bf16_rows(const Job& j, int n0, int n1) { bf16_rows(j, n0, n1); }
+void amx_bf16_rows(const Job& j, int n0, int n1) { bf16_rows<DenseRows>(j, n0, n1); }
+
+void amx_qbf16_rows(const Job& j, int n0, int n1) { bf16_rows<QuantizedRows>(j, n0, n1); }
+
 
 }  // namespace mlxc::gemv
 
@@ -203,5 +242,6 @@ void amx_bf16_rows(const Job& j, int n0, int n1) { bf16_rows(j, n0, n1); }
 
 bool mlxc::gemv::amx_available() { return false; }
 void mlxc::gemv::amx_bf16_rows(const Job&, int, int) {}
+void mlxc::gemv::amx_qbf16_rows(const Job&, int, int) {}
 
 #endif
