@@ -72,6 +72,11 @@ float bias_term(const Job& j, long row, int m, int G) {
   return s;
 }
 
+// How far ahead of the group in hand each weight row is prefetched. The hardware's streams
+// alone left the loads waiting (perf: most samples on them): 8 rows of x over a 65536 x 1024
+// weight 4.35 -> 3.8-4.0 ms (8-bit), one row of 4-bit 1.31-1.39 -> 0.93-0.99 ms.
+constexpr int kPrefetchBytes = 1024;
+
 template <class T, int M, int BITS, int GS, int R>
 inline void int8_block(const Job& j, int n) {
   using L = typename T::L8;
@@ -100,6 +105,7 @@ inline void int8_block(const Job& j, int n) {
     }
     for (int t = 0; t < gn; ++t) {
       const long k0 = (long)(g0 + t) * GS;
+      MLXC_UNROLL8 for (int r = 0; r < R; ++r) __builtin_prefetch(row[r] + k0 * BITS / 8 + kPrefetchBytes);
       typename T::A acc[R][M];
       MLXC_UNROLL8 for (int r = 0; r < R; ++r)
         MLXC_UNROLL8 for (int m = 0; m < M; ++m) acc[r][m] = T::azero();
