@@ -108,19 +108,22 @@ def int8_isa() -> str:
 
 
 def amx() -> bool:
-    """Whether gemv runs bfloat16 weights against bfloat16 x on Intel AMX tiles (any number
-    of rows; see amx_takes): on by default where the CPU and the OS have them, off with
-    AMLX_CPU_AMX=0 (read at load)."""
+    """Whether gemv runs bfloat16 x on Intel AMX tiles where it can (see amx_takes): on by
+    default where the CPU and the OS have them, off with AMLX_CPU_AMX=0 (read at load)."""
     return bool(lib.mlxc_cpu_gemv_amx())
 
 
 def amx_takes(x: Array, w: Array, bits: int = 0) -> bool:
-    """Whether gemv(x, w, ...) may take any number of rows of x (MAX_ROWS does not apply): AMX
-    on, x bfloat16 with its last axis a multiple of 32, and w bfloat16 or quantized (`bits` 4
-    or 8). Past MAX_ROWS a quantized weight is dequantized to bfloat16 a block of 16 rows at a
-    time (w = s q + b rounded to bfloat16), in cache, for all rows of x."""
-    return (x.dtype == bfloat16 and x.shape[-1] % 32 == 0 and amx()
-            and (bits in (4, 8) or (not bits and w.dtype == bfloat16)))
+    """Whether gemv(x, w, ...) runs on the AMX tiles, which take any number of rows of x
+    (MAX_ROWS does not apply): AMX on, x bfloat16 with its last axis a multiple of 32, and w
+    bfloat16, or quantized (`bits` 4 or 8) with more than MAX_ROWS rows of x (a prompt's: then
+    the weight is dequantized to bfloat16 a block of 16 rows at a time, w = s q + b rounded to
+    bfloat16, in cache, for all rows of x; fewer rows keep the int8 or float kernels)."""
+    if not (x.dtype == bfloat16 and x.shape[-1] % 32 == 0 and amx()):
+        return False
+    if bits:
+        return bits in (4, 8) and x.size // x.shape[-1] > MAX_ROWS
+    return w.dtype == bfloat16
 
 
 def set_amx(on: bool) -> None:

@@ -255,7 +255,8 @@ std::atomic<const Int8Kernel*> int8_kernel{int8_for(pick_kernel(), true)};
 
 // AMX tiles (gemv_amx.cpp) for bf16 weights against bf16 x, where the CPU and the OS have
 // them: several times the AVX-512 kernels' rate at 2+ rows of x (converting each weight and
-// an FMA per row of x bounded those), and any number of rows (a prompt's products).
+// an FMA per row of x bounded those), and any number of rows (a prompt's products); and for
+// a prompt's products of quantized weights against bf16 x (amx_kernel).
 // AMLX_CPU_AMX=0 (read at load) or mlxc_cpu_gemv_set_amx(0) keeps them off.
 bool amx_from_env() {
   const char* v = std::getenv("AMLX_CPU_AMX");
@@ -402,8 +403,6 @@ void quantize_x(gv::Job& j, int run, std::vector<int8_t>& xq, std::vector<float>
   j.xqsum = xqsum.data();
 }
 
-// One job: x packed (and for quantized weights its group sums, permuted or rounded
-// to int8 as the kernels read it), then its output rows over the pool.
 // y (M, N) float32 into `out` in its dtype, rounded to nearest even as MLX's astype rounds
 // (bf16: MLX's rule, written out so the loop vectorizes).
 void store(const std::vector<float>& y, mx::array& out) {
@@ -421,13 +420,15 @@ void store(const std::vector<float>& y, mx::array& out) {
   }
 }
 
-// The AMX kernel that takes the product, if any (amx_bf16 says which may): bf16 weights
-// against bf16 x, any rows; quantized weights against bf16 x past kMaxCallRows (a prompt's;
-// fewer rows keep the int8 or float kernels, which a decode step's rows use).
+// The AMX kernel that takes the product, if any: bf16 weights against bf16 x, any rows;
+// quantized weights against bf16 x past kMaxCallRows (a prompt's; fewer rows keep the int8
+// or float kernels, which a decode step's rows use).
 gv::RowsFn amx_kernel(const mx::array& x, const mx::array& w, int bits);
 
 void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int group, bool int8, gv::RowsFn amx);
 
+// One job: x packed (and for quantized weights its group sums, permuted or rounded
+// to int8 as the kernels read it), then its output rows over the pool.
 // x (M, K) and y (M, N) are in the activations' dtype; the kernels take and give float32
 // (converted here, so a 16-bit model's product is one graph node, not three). The AMX
 // kernels read bf16 x as it is.
@@ -476,17 +477,19 @@ void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int g
   j.wkind = bits ? 0 : kind_of(in[1].dtype());
   j.bits = bits;
   j.group = group;
-  std::vector<float> xsum, xperm, xd;
-  std::vector<int8_t> xq;
-  std::vector<int32_t> xqsum;
   if (bits) {
     j.scales = packed(in[2], tmp[2]);
     j.biases = packed(in[3], tmp[3]);
     j.skind = kind_of(in[2].dtype());
-    if (amx) {
-      run_amx(j, amx);
-      return;
-    }
+  }
+  if (amx) {
+    run_amx(j, amx);  // bf16 products are exact in float32: the same sums, in another order
+    return;
+  }
+  std::vector<float> xsum, xperm, xd;
+  std::vector<int8_t> xq;
+  std::vector<int32_t> xqsum;
+  if (bits) {
     if (int8) {
       const Int8Kernel* k8 = int8_kernel.load();
       quantize_x(j, bits == 4 ? k8->step(group) : 0, xq, xd, xqsum, xsum);
@@ -504,10 +507,6 @@ void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int g
         for (int p = 0; p < 32; ++p) xperm[i + p] = j.x[i + (p < 16 ? 2 * p : 2 * (p - 16) + 1)];
       j.x = xperm.data();
     }
-  }
-  if (amx) {
-    run_amx(j, amx);  // bf16 products are exact in float32: the same sums, in another order
-    return;
   }
   run_rows(j, kernel.load(), kFloatChunkRows);
 }
@@ -635,17 +634,11 @@ class CpuDequantize : public mx::UnaryPrimitive {
   int bits_, group_;
 };
 
-// Whether the product goes to the AMX bf16 kernel (compute_float), which takes any number of
-// rows: a prompt's products too, where MLX would multiply float32 copies of x and the weight.
-// Quantized weights go to it past kMaxCallRows (dequantized to bf16 a block of rows at a time).
-bool amx_bf16(const mx::array& x, const mx::array& w, int bits) {
-  return x.dtype() == mx::bfloat16 && (bits != 0 || w.dtype() == mx::bfloat16) && x.shape(-1) % 32 == 0 &&
-         amx_on.load();
-}
-
+// The AMX kernels take any number of rows: a prompt's products too, where MLX would multiply
+// float32 copies of x and the weight (or of the dequantized weight).
 gv::RowsFn amx_kernel(const mx::array& x, const mx::array& w, int bits) {
-  if (!amx_bf16(x, w, bits)) return nullptr;
-  if (bits == 0) return &gv::amx_bf16_rows;
+  if (!(x.dtype() == mx::bfloat16 && x.shape(-1) % 32 == 0 && amx_on.load())) return nullptr;
+  if (bits == 0) return w.dtype() == mx::bfloat16 ? &gv::amx_bf16_rows : nullptr;
   const int rows = (int)(x.size() / x.shape(-1));
   return rows > kMaxCallRows ? &gv::amx_qbf16_rows : nullptr;
 }
@@ -654,7 +647,7 @@ void check_args(const mx::array& x, const mx::array& w, const mx::array* scales,
   if (x.ndim() < 1 || w.ndim() != 2) throw std::invalid_argument("cpu_gemv: x must have a last axis and w be 2-D");
   const int K = x.shape(-1);
   const int rows = K ? (int)(x.size() / K) : 0;
-  if (rows < 1 || (rows > kMaxCallRows && !amx_bf16(x, w, bits))) {
+  if (rows < 1 || (rows > kMaxCallRows && amx_kernel(x, w, bits) == nullptr)) {
     throw std::invalid_argument("cpu_gemv: x must have 1 to " + std::to_string(kMaxCallRows) + " rows");
   }
   if (!mx::issubdtype(x.dtype(), mx::floating)) throw std::invalid_argument("cpu_gemv: x must be floating point");

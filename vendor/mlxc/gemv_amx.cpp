@@ -1,5 +1,7 @@
 // y = x W^T on Intel AMX tiles (Sapphire Rapids and later) for bfloat16
-// weights against bfloat16 x, any number of rows of x (tdpbf16ps).
+// weights against bfloat16 x, any number of rows of x (tdpbf16ps); and for
+// MLX's 4-/8-bit weights against bfloat16 x, dequantized to bf16 a block of
+// rows at a time (a prompt's products: QuantizedRows).
 //
 // Why: the AVX-512 kernels (gemv_impl.h) convert every bf16 weight to float32
 // and spend an FMA per row of x on it: 8 rows of x took 3.4x one row's time,
@@ -77,8 +79,7 @@ void configure(const Layout& l, bool fresh) {
   _tile_loadconfig(&c);
 }
 
-// The weight rows [n, n + 16) from element offset `k` on, as an A tile's rows: in place, a
-// row's `stride` bytes apart, where all 16 exist; else from `pad`, a zeroed copy of the rows
+// The weight rows [n, n + 16) as an A tile's rows: in place, a row's `stride` bytes apart, where all 16 exist; else from `pad`, a zeroed copy of the rows
 // that do (the tiles always read 16 rows).
 struct RowBlock {
   const char* base;
@@ -162,9 +163,8 @@ struct QuantizedRows {
 template <class Rows>
 void bf16_rows(const Job& j, int n0, int n1) {
   const int chunks = j.K / 32;
-  thread_local Rows src;  // its buffers, reused from call to call
-  thread_local std::vector<uint16_t> xb;
-  xb.resize((size_t)j.M * j.K);
+  Rows src;  // its buffers live for the call: a pool thread keeps no memory between calls
+  std::vector<uint16_t> xb((size_t)j.M * j.K);
   for (int m0 = 0; m0 < j.M; m0 += kTileRows) pack_bf16(j, m0, std::min(kTileRows, j.M - m0), xb.data() + (long)m0 * j.K);
   alignas(64) float cbuf[2][kTileRows * kTileRows];
   bool fresh = true;
@@ -217,7 +217,11 @@ bool probe() {
   unsigned a = 7, b = 0, c = 0, d = 0;
   __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
   const bool tile = (d >> 24) & 1, bf16 = (d >> 22) & 1;  // CPUID.(7,0):EDX AMX-TILE, AMX-BF16
-  if (!(tile && bf16)) return false;
+  // the unit's other code (QuantizedRows, the packing) is compiled for these too
+  if (!(tile && bf16) || !__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+      !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512bf16")) {
+    return false;
+  }
   // The OS keeps the tile state only for a process that asked (Linux 5.16+).
   return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
@@ -232,7 +236,6 @@ bool amx_available() {
 void amx_bf16_rows(const Job& j, int n0, int n1) { bf16_rows<DenseRows>(j, n0, n1); }
 
 void amx_qbf16_rows(const Job& j, int n0, int n1) { bf16_rows<QuantizedRows>(j, n0, n1); }
-
 
 }  // namespace mlxc::gemv
 
