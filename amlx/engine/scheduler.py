@@ -56,6 +56,7 @@ from amlx._mlx import int32 as _int32
 from amlx.constrain import MaskJob, step_masks
 from amlx.engine.admission import JoinPolicy
 from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, padded_batch
+from amlx.engine.pacing import pacer_for, segments_setting
 from amlx.engine.prefill_budget import pass_budget
 from amlx.engine.pools import ShardPools, extend_arrays, table_arrays
 from amlx.kv import PADDING_ROW, ShardKV, Tables, preemption_order, read_views, written
@@ -130,6 +131,8 @@ class Scheduler:
         # a group of prompts admitted together is split into passes whose temporaries stay
         # under a bound (amlx.engine.prefill_budget; a lone prompt's chunk is not capped)
         self.pass_budget = pass_budget(model, vocab_size=vocab_size)
+        # a GPU keeps a launched pass's activations until it completes (engine/pacing.py); the CPU frees them as it goes
+        self.prefill_segments = segments_setting() if self.options.device == "gpu" else 0
         self._wake = wake
         self._lock = threading.Lock()
         self._incoming: deque[Request] = deque()
@@ -378,7 +381,11 @@ class Scheduler:
             self.mirror.prefill(reqs, start, length, ends, logits_read, shard.kv.pool.capacity)
         views = self.pools.views(shard.index, tables)
         last = array(np.asarray(ends, dtype=np.int32) - start - 1)
-        logits = model(array(ids), views, start, last=last)
+        # (a launched segment's writes must find the old arrays held by the graph alone)
+        pace = (None if self.mirror is not None else
+                pacer_for(len(views), ids.size, self.prefill_segments,
+                          lambda: setattr(shard.kv, "arrays", written(views))))
+        logits = model(array(ids), views, start, last=last, pace=pace)
         # the old arrays' only holder is now the graph, so MLX may write them in place
         shard.kv.arrays = written(views)
         return ops.reshape(logits, (len(reqs), logits.shape[2]))

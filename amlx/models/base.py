@@ -388,9 +388,11 @@ class Decoder(Module):
         self.embed_tokens, self.layers, self.norm = embed_tokens, layers, norm
         self._embed_scale = embed_scale
 
-    def __call__(self, ids: Array, cache: list[KVCache] | None, pos: int | Array) -> Array:
+    def __call__(self, ids: Array, cache: list[KVCache] | None, pos: int | Array,
+                 pace: Callable[..., None] | None = None) -> Array:
         """Final hidden states (B*L, hidden) of token ids (B, L): activations stay
-        two-dimensional between layers, so every projection is one plain matmul."""
+        two-dimensional between layers, so every projection is one plain matmul.
+        `pace(i, h, normed)` is called after layer i (amlx.engine.pacing)."""
         b, length = ids.shape
         step = Step(b, length, pos, self.decode_kernel)
         h = self.embed_tokens(ops.reshape(ids, (b * length,)))
@@ -406,6 +408,8 @@ class Decoder(Module):
         for i, layer in enumerate(self.layers):
             after = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
             h, normed = layer(h, normed, None if cache is None else cache[i], step, after)
+            if pace is not None:
+                pace(i, normed, h)
         return normed
 
 
@@ -423,15 +427,15 @@ class CausalLM(Module):
         self._unused: list[Array] = []
 
     def __call__(self, ids: Array, cache: list[KVCache] | None = None, pos: int | Array = 0,
-                 last: Array | None = None) -> Array:
+                 last: Array | None = None, pace: Callable[..., None] | None = None) -> Array:
         """Logits (B, L, V) for token ids (B, L) written at position `pos`
         (an int for every row, or a (B,) int32 array of per-row positions).
 
         With `last` ((B,) int32 indices into L), only those positions get logits:
         (B, 1, V). Prompt processing needs one position, and skipping the output
-        projection for the rest saves its largest matmul."""
+        projection for the rest saves its largest matmul. `pace`: see Decoder."""
         b, length = ids.shape
-        h = self.model(ids, cache, pos)
+        h = self.model(ids, cache, pos, pace)
         if last is not None:
             if length > 1:
                 d = h.shape[1]

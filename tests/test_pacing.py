@@ -1,0 +1,157 @@
+"""A long prefill pass launched in segments of layers (amlx.engine.pacing).
+
+Pacing is on by default only on a GPU, whose encoders keep a launched pass's
+activations until it completes (what it saves there is measured on the H200,
+benchmarks/README.md). Here it is forced on in the CPU engine to check what must
+hold wherever it runs: the segments are launched and waited for as said, greedy
+outputs are those of the unpaced pass for every architecture, and a launched
+segment's pool writes still happen in place (the pool is not copied)."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import amlx
+from amlx._mlx import array, memory, ops
+from amlx.engine import pacing, scheduler
+from amlx.engine.pacing import PassPacer, pacer_for, segments_setting
+from tests.helpers.checkpoints import make_checkpoint
+
+LAYERS = 6
+PROMPTS = 6
+PROMPT_LEN = 48
+
+
+@pytest.fixture(scope="module")
+def ckpts():
+    root = Path(tempfile.mkdtemp(prefix="amlx-pacing-"))
+    paths = {arch: make_checkpoint(root / arch, arch, seed=4, num_hidden_layers=LAYERS)
+             for arch in ("qwen3", "gemma3", "llama")}
+    # keys and values far wider than the activations, so that a copied pool shows in the peak
+    paths["wide-kv"] = make_checkpoint(root / "wide-kv", "qwen3", seed=4, num_hidden_layers=LAYERS,
+                                       num_attention_heads=8, num_key_value_heads=8, head_dim=128)
+    yield paths
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_segments_setting(monkeypatch):
+    monkeypatch.delenv("AMLX_PREFILL_SEGMENTS", raising=False)
+    assert segments_setting() == pacing.SEGMENTS
+    monkeypatch.setenv("AMLX_PREFILL_SEGMENTS", "0")
+    assert segments_setting() == 0
+    for bad in ("x", "-1", "2.5"):
+        monkeypatch.setenv("AMLX_PREFILL_SEGMENTS", bad)
+        with pytest.raises(ValueError, match="AMLX_PREFILL_SEGMENTS"):
+            segments_setting()
+
+
+def test_no_pacer_for_short_passes_or_with_pacing_off():
+    assert pacer_for(26, pacing.MIN_TOKENS - 1, 8) is None
+    assert pacer_for(26, 4096, 0) is None and pacer_for(26, 4096, 1) is None
+    assert pacer_for(1, 4096, 8) is None
+    p = pacer_for(26, 4096, 8)
+    assert p is not None and p.every == 4  # ceil(26 / 8): 7 launches before the end
+
+
+def test_the_pacer_launches_every_segment_and_waits_for_the_one_before():
+    """Each launch is preceded by `before_launch`; after the launch of segment k,
+    segment k - lag is finished (it was waited for), and the last layer is never
+    launched early (the caller evaluates the pass's end)."""
+    events: list[str] = []
+    pacer = PassPacer(layers=10, segments=5, before_launch=lambda: events.append("before"))
+    assert pacer.every == 2
+    x = array(np.ones((64, 64), dtype=np.float32))
+    outs = []
+    for i in range(10):
+        x = ops.matmul(x, x) * (1 / 64)
+        outs.append(x)
+        pacer(i, x)
+        launched = (i + 1) // 2 if i + 1 < 10 else 4
+        assert pacer.launches == launched
+        if i % 2 == 1 and i + 1 < 10:
+            events.append(f"launch {i}")
+            if launched > pacer.lag:  # the segment `lag` back is done now
+                assert outs[i - 2 * pacer.lag].is_ready()
+    assert events == ["before", "launch 1", "before", "launch 3", "before", "launch 5", "before", "launch 7"]
+    assert not outs[-1].is_ready()  # (not launched by the pacer)
+    ops.eval(outs[-1])
+    np.testing.assert_allclose(outs[-1].numpy(), np.ones((64, 64)), rtol=1e-6)
+
+
+def _serve(path, monkeypatch, segments: int, prompt_len: int = PROMPT_LEN, hook: bool = True,
+           first_len: int | None = None):
+    """Greedy outputs of two rounds of PROMPTS new prompts sent together (one
+    prefill group each), the pacers the scheduler made, the most MLX memory the
+    second round's prefill groups added (the pool has grown by then), and the
+    pool's bytes. `hook=False` drops the scheduler's `before_launch`; `first_len`:
+    the first round's prompt length (the pool grows to hold it)."""
+    monkeypatch.setenv("AMLX_SHARDS", "1")
+    monkeypatch.setenv("AMLX_PREFILL_CHUNK", "4096")  # every prompt fits one group
+    monkeypatch.setattr(pacing, "MIN_TOKENS", 16)
+    made: list[PassPacer] = []
+
+    def recording(*args, **kw):
+        if not hook:
+            args, kw = args[:3], {}
+        p = pacer_for(*args, **kw)
+        if p is not None:
+            made.append(p)
+        return p
+
+    monkeypatch.setattr(scheduler, "pacer_for", recording)
+    model = amlx.load_sync(path, max_batch_size=PROMPTS, prefix_cache=False)  # (round 2 reuses the blocks: no growth)
+    sched = model.engine.scheduler
+    sched.prefill_segments = segments  # (the CPU's default is 0: pacing is for a GPU)
+    grew = []
+    group = sched._prefill_group
+
+    def measured(reqs):
+        start = memory.active()
+        memory.reset_peak()
+        group(reqs)
+        grew.append(memory.peak() - start)
+
+    sched._prefill_group = measured
+    rng = np.random.default_rng(11)
+    try:
+        async def run(n):
+            async def one(p):
+                return [t.id async for t in model.generate(p, max_tokens=5)]
+            prompts = [rng.integers(10, 200, n).tolist() for _ in range(PROMPTS)]
+            return await asyncio.gather(*(one(p) for p in prompts))
+        out = [asyncio.run(run(first_len or prompt_len))]
+        grew.clear()
+        out.append(asyncio.run(run(prompt_len)))
+        pool_bytes = sum(a.nbytes for a in sched.shards[0].kv.state())
+        return out, made, max(grew), pool_bytes
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "llama"])
+def test_paced_passes_give_the_unpaced_tokens(ckpts, monkeypatch, arch):
+    plain, none_made, _, _ = _serve(ckpts[arch], monkeypatch, 0)
+    assert none_made == []
+    paced, made, _, _ = _serve(ckpts[arch], monkeypatch, 3)
+    assert made and all(p.launches == 2 for p in made)  # 6 layers in 3 segments: 2 launched early
+    assert paced == plain
+
+
+def test_a_launched_segment_writes_the_pool_in_place(ckpts, monkeypatch):
+    """Before each launch the scheduler points the pool's holder at the arrays
+    written so far, so that only the graph holds the old ones and MLX writes them
+    in place. Without that hook every written layer's pool would be copied while
+    the holder kept the old one: the peak would grow by about the pool's size."""
+    path = ckpts["wide-kv"]
+    # a first round of long prompts grows the pool to about 3x what the second round's pass writes
+    _, made, grew, pool_bytes = _serve(path, monkeypatch, LAYERS, prompt_len=128, first_len=512)
+    _, _, grew_unhooked, _ = _serve(path, monkeypatch, LAYERS, prompt_len=128, first_len=512, hook=False)
+    assert made and made[-1].launches == LAYERS - 1
+    assert pool_bytes > 100 << 20
+    assert grew < pool_bytes / 2, f"a paced pass added {grew} bytes over a {pool_bytes}-byte pool"
+    assert grew_unhooked > pool_bytes * 3 / 4  # (what the hook is there to avoid: the written layers copied)
