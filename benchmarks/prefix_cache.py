@@ -101,10 +101,10 @@ async def host_split(model, tok, rng, prefix: int, n: int = 6) -> dict:
     steps = after["decode_steps"] - before["decode_steps"]
 
     def decode_only(phases: dict) -> dict:  # (the request's own prefill rounds are left out)
-        return {k: v for k, v in phases.items() if k != "admit" and not k.startswith("prefill")}
+        return {k: v for k, v in phases.items() if k != "admit" and not k.startswith(("prefill", "extend"))}
 
     decode, decode_cpu = decode_only(_phases(before, after, steps)), decode_only(_phases(before, after, steps, "cpu"))
-    host_cached = sum(v for k, v in cached.items() if k != "prefill_wait")
+    host_cached = sum(v for k, v in cached.items() if k not in ("prefill_wait", "extend_wait"))
     host_decode = sum(v for k, v in decode.items() if k != "wait")
     out = {"cached_phases_ms": cached, "decode_phases_ms": decode, "cached_wall_ms": round(np.mean(walls) * 1e3, 2),
            "cached_rounds_ms": round(sum(cached.values()), 2),

@@ -370,8 +370,7 @@ class Scheduler:
         each request's last position in it. `logits_read`: whether the caller
         evaluates them (a tensor-parallel model's other ranks evaluate the same)."""
         ends = [min(len(r.fill), start + length) for r in reqs]
-        if ((start or self.options.extend_fresh) and length <= self.extend_max and self._extend_fn is not None
-                and self.mirror is None):
+        if self._extends(start, length):
             return self._extend_pass(shard, reqs, start, ends, model)
         ids = np.zeros((len(reqs), length), dtype=np.int32)
         for i, r in enumerate(reqs):
@@ -389,6 +388,11 @@ class Scheduler:
         # the old arrays' only holder is now the graph, so MLX may write them in place
         shard.kv.arrays = written(views)
         return ops.reshape(logits, (len(reqs), logits.shape[2]))
+
+    def _extends(self, start: int, length: int) -> bool:
+        """Whether a prefill pass of `length` tokens from `start` is the compiled extend pass."""
+        return bool((start or self.options.extend_fresh) and length <= self.extend_max
+                    and self._extend_fn is not None and self.mirror is None)
 
     def _extend_pass(self, shard: _Shard, reqs: list[Request], start: int, ends: list[int], model) -> Array:
         """`_prefill_pass` for a short prefill behind a cached prefix, compiled as the
@@ -497,7 +501,8 @@ class Scheduler:
             # One evaluation for every shard, so their forwards run at the same time.
             ops.eval(*[a for first in firsts for a in first.arrays()], *[a for bs in samplers for a in bs.state()],
                      *[a for shard, _ in parts for a in shard.kv.state()])
-            self.timing.lap("prefill_wait")
+            # (apart, so that a peak shows which kind of pass set it)
+            self.timing.lap("extend_wait" if self._extends(start, length) else "prefill_wait")
             for bs in samplers:
                 bs.sync_back()  # the requests' keys move on
         except MLXError as exc:
