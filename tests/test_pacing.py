@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import amlx
 from amlx._mlx import array, memory, ops
 from amlx.engine import pacing, scheduler
-from amlx.engine.pacing import PassPacer, pacer_for, segments_setting
+from amlx.engine.pacing import PassPacer, pacer_for, segment_layers, segment_setting
 from tests.helpers.checkpoints import make_checkpoint
 
 LAYERS = 6
@@ -39,23 +41,31 @@ def ckpts():
     shutil.rmtree(root, ignore_errors=True)
 
 
-def test_segments_setting(monkeypatch):
-    monkeypatch.delenv("AMLX_PREFILL_SEGMENTS", raising=False)
-    assert segments_setting() == pacing.SEGMENTS
-    monkeypatch.setenv("AMLX_PREFILL_SEGMENTS", "0")
-    assert segments_setting() == 0
-    for bad in ("x", "-1", "2.5"):
-        monkeypatch.setenv("AMLX_PREFILL_SEGMENTS", bad)
-        with pytest.raises(ValueError, match="AMLX_PREFILL_SEGMENTS"):
-            segments_setting()
+def test_segment_setting(monkeypatch):
+    monkeypatch.delenv("AMLX_PREFILL_SEGMENT", raising=False)
+    assert segment_setting() == pacing.SEGMENT_BYTES
+    for text, value in (("0", 0), ("32M", 32 << 20), ("1000", 1000)):
+        monkeypatch.setenv("AMLX_PREFILL_SEGMENT", text)
+        assert segment_setting() == value
+    for bad in ("x", "-1", "12Q"):
+        monkeypatch.setenv("AMLX_PREFILL_SEGMENT", bad)
+        with pytest.raises(ValueError, match="AMLX_PREFILL_SEGMENT"):
+            segment_setting()
 
 
-def test_no_pacer_for_short_passes_or_with_pacing_off():
-    assert pacer_for(26, pacing.MIN_TOKENS - 1, 8) is None
-    assert pacer_for(26, 4096, 0) is None and pacer_for(26, 4096, 1) is None
-    assert pacer_for(1, 4096, 8) is None
-    p = pacer_for(26, 4096, 8)
-    assert p is not None and p.every == 4  # ceil(26 / 8): 7 launches before the end
+@given(layers=st.integers(1, 80), tokens=st.integers(1, 1 << 16), token_bytes=st.integers(1, 1 << 18),
+       segment_bytes=st.integers(0, 1 << 30))
+@settings(max_examples=300, deadline=None)
+def test_segments_stay_under_the_target_and_short_passes_run_whole(layers, tokens, token_bytes, segment_bytes):
+    every = segment_layers(layers, tokens, token_bytes, segment_bytes)
+    layer_bytes = tokens * token_bytes
+    if segment_bytes == 0 or layers < 2 or layers * layer_bytes <= 2 * segment_bytes:
+        assert every is None and pacer_for(layers, tokens, token_bytes, segment_bytes) is None
+        return
+    assert every is not None and every >= 1
+    assert every == 1 or every * layer_bytes <= segment_bytes  # (a layer over the target is a segment alone)
+    assert (every + 1) * layer_bytes > segment_bytes  # the most layers that fit
+    assert pacer_for(layers, tokens, token_bytes, segment_bytes).every == every
 
 
 def test_the_pacer_launches_every_segment_and_waits_for_the_one_before():
@@ -63,7 +73,7 @@ def test_the_pacer_launches_every_segment_and_waits_for_the_one_before():
     segment k - lag is finished (it was waited for), and the last layer is never
     launched early (the caller evaluates the pass's end)."""
     events: list[str] = []
-    pacer = PassPacer(layers=10, segments=5, before_launch=lambda: events.append("before"))
+    pacer = PassPacer(layers=10, every=2, before_launch=lambda: events.append("before"))
     assert pacer.every == 2
     x = array(np.ones((64, 64), dtype=np.float32))
     outs = []
@@ -83,21 +93,21 @@ def test_the_pacer_launches_every_segment_and_waits_for_the_one_before():
     np.testing.assert_allclose(outs[-1].numpy(), np.ones((64, 64)), rtol=1e-6)
 
 
-def _serve(path, monkeypatch, segments: int, prompt_len: int = PROMPT_LEN, hook: bool = True,
+def _serve(path, monkeypatch, segment_bytes: int | None, prompt_len: int = PROMPT_LEN, hook: bool = True,
            first_len: int | None = None):
     """Greedy outputs of two rounds of PROMPTS new prompts sent together (one
     prefill group each), the pacers the scheduler made, the most MLX memory the
     second round's prefill groups added (the pool has grown by then), and the
-    pool's bytes. `hook=False` drops the scheduler's `before_launch`; `first_len`:
+    pool's bytes. `segment_bytes`: the pacing target (0: off; None: each layer a
+    segment of its own; on a GPU it is AMLX_PREFILL_SEGMENT). `hook=False` drops the scheduler's `before_launch`; `first_len`:
     the first round's prompt length (the pool grows to hold it)."""
     monkeypatch.setenv("AMLX_SHARDS", "1")
     monkeypatch.setenv("AMLX_PREFILL_CHUNK", "4096")  # every prompt fits one group
-    monkeypatch.setattr(pacing, "MIN_TOKENS", 16)
     made: list[PassPacer] = []
 
     def recording(*args, **kw):
         if not hook:
-            args, kw = args[:3], {}
+            args, kw = args[:4], {}
         p = pacer_for(*args, **kw)
         if p is not None:
             made.append(p)
@@ -106,7 +116,7 @@ def _serve(path, monkeypatch, segments: int, prompt_len: int = PROMPT_LEN, hook:
     monkeypatch.setattr(scheduler, "pacer_for", recording)
     model = amlx.load_sync(path, max_batch_size=PROMPTS, prefix_cache=False)  # (round 2 reuses the blocks: no growth)
     sched = model.engine.scheduler
-    sched.prefill_segments = segments  # (the CPU's default is 0: pacing is for a GPU)
+    sched.segment_bytes = 1 if segment_bytes is None else segment_bytes  # (the CPU's default is 0: pacing is for a GPU)
     grew = []
     group = sched._prefill_group
 
@@ -137,9 +147,17 @@ def _serve(path, monkeypatch, segments: int, prompt_len: int = PROMPT_LEN, hook:
 def test_paced_passes_give_the_unpaced_tokens(ckpts, monkeypatch, arch):
     plain, none_made, _, _ = _serve(ckpts[arch], monkeypatch, 0)
     assert none_made == []
-    paced, made, _, _ = _serve(ckpts[arch], monkeypatch, 3)
-    assert made and all(p.launches == 2 for p in made)  # 6 layers in 3 segments: 2 launched early
+    model = amlx.load_sync(ckpts[arch])
+    token_bytes = model.engine.scheduler.pass_budget.token_bytes
+    model.close()
+    # a segment of two layers for a pass of all the prompts (shorter passes: more layers, or none)
+    paced, made, _, _ = _serve(ckpts[arch], monkeypatch, 2 * PROMPTS * PROMPT_LEN * token_bytes)
+    assert any(p.every == 2 and p.launches == 2 for p in made)  # 6 layers in 3 segments: 2 launched early
+    assert all(p.launches == (LAYERS - 1) // p.every for p in made)
     assert paced == plain
+    each, made, _, _ = _serve(ckpts[arch], monkeypatch, None)
+    assert made and all(p.every == 1 and p.launches == LAYERS - 1 for p in made)
+    assert each == plain
 
 
 def test_a_launched_segment_writes_the_pool_in_place(ckpts, monkeypatch):
@@ -149,8 +167,8 @@ def test_a_launched_segment_writes_the_pool_in_place(ckpts, monkeypatch):
     the holder kept the old one: the peak would grow by about the pool's size."""
     path = ckpts["wide-kv"]
     # a first round of long prompts grows the pool to about 3x what the second round's pass writes
-    _, made, grew, pool_bytes = _serve(path, monkeypatch, LAYERS, prompt_len=128, first_len=512)
-    _, _, grew_unhooked, _ = _serve(path, monkeypatch, LAYERS, prompt_len=128, first_len=512, hook=False)
+    _, made, grew, pool_bytes = _serve(path, monkeypatch, None, prompt_len=128, first_len=512)
+    _, _, grew_unhooked, _ = _serve(path, monkeypatch, None, prompt_len=128, first_len=512, hook=False)
     assert made and made[-1].launches == LAYERS - 1
     assert pool_bytes > 100 << 20
     assert grew < pool_bytes / 2, f"a paced pass added {grew} bytes over a {pool_bytes}-byte pool"

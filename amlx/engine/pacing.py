@@ -10,39 +10,28 @@ CPU, which frees each temporary as it goes, the same pass peaks at a tenth of it
 `PassPacer` launches the pass a segment of layers at a time and, before it
 launches a segment, waits for the one `lag` segments back to finish. The device
 always has the next segment queued, so it never waits for the host, and at most
-`lag + 1` segments' activations are alive. Each wait costs the host one wake-up
-per segment; a short pass (under `MIN_TOKENS`) is not paced at all, since its
-activations are small and its pace is set by the host.
-
-AMLX_PREFILL_SEGMENTS sets the number of segments (default `SEGMENTS`; 0 or 1:
-no pacing, the whole pass launched at once as before).
+`lag + 1` segments' activations are alive. A segment takes as many layers as
+stay under AMLX_PREFILL_SEGMENT bytes of activations (default SEGMENT_BYTES; 0:
+no pacing, the whole pass launched at once), estimated per layer and token from
+the model's shapes (`PassBudget.token_bytes`, an upper bound). A pass whose
+estimate is under two segments is not paced at all: its activations are small
+and each wait would cost the host a wake-up.
 """
 from __future__ import annotations
 
-import math
-import os
 from collections import deque
 from typing import Callable
 
 from amlx._mlx import Array, ops
+from amlx.engine.prefill_budget import env_bytes
 
-SEGMENTS = 8  # segments per pass: at most (lag + 1) / SEGMENTS of a pass's activations alive
+SEGMENT_BYTES = 64 << 20  # estimated activations of one segment (lag + 1 segments alive)
 LAG = 1  # segments launched ahead of the one waited for
-MIN_TOKENS = 256  # passes with fewer tokens run unpaced
 
 
-def segments_setting() -> int:
-    """AMLX_PREFILL_SEGMENTS, or SEGMENTS."""
-    text = os.environ.get("AMLX_PREFILL_SEGMENTS", "").strip()
-    if not text:
-        return SEGMENTS
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"AMLX_PREFILL_SEGMENTS must be a whole number of segments (0: off), not {text!r}") from None
-    if value < 0:
-        raise ValueError(f"AMLX_PREFILL_SEGMENTS must be >= 0, not {text!r}")
-    return value
+def segment_setting() -> int:
+    """AMLX_PREFILL_SEGMENT in bytes (K/M/G suffixes; 0: off), or SEGMENT_BYTES."""
+    return env_bytes("AMLX_PREFILL_SEGMENT", SEGMENT_BYTES)
 
 
 class PassPacer:
@@ -52,12 +41,12 @@ class PassPacer:
     pass writes, so that MLX may still write them in place), launches the
     outputs, and waits for the launch `lag` segments back."""
 
-    def __init__(self, layers: int, segments: int, before_launch: Callable[[], None] | None = None, lag: int = LAG):
-        self.every = max(1, math.ceil(layers / max(1, segments)))
+    def __init__(self, layers: int, every: int, before_launch: Callable[[], None] | None = None, lag: int = LAG):
+        self.every = max(1, every)
         self.layers, self.lag = layers, lag
         self._before = before_launch
         self._launched: deque[Array] = deque()
-        self.launches = 0  # (for tests and timing: how many segments were launched early)
+        self.launches = 0  # (for tests: how many segments were launched early)
 
     def __call__(self, layer: int, *outputs: Array) -> None:
         if (layer + 1) % self.every or layer + 1 >= self.layers:
@@ -71,10 +60,18 @@ class PassPacer:
             ops.eval(self._launched.popleft())  # (launched already: this waits for it)
 
 
-def pacer_for(layers: int, tokens: int, segments: int,
-              before_launch: Callable[[], None] | None = None) -> PassPacer | None:
-    """A pacer for a pass of `tokens` tokens through `layers` layers, or None
-    where it runs unpaced (pacing off, a short pass, or too few layers)."""
-    if segments <= 1 or tokens < MIN_TOKENS or layers < 2:
+def segment_layers(layers: int, tokens: int, token_bytes: int, segment_bytes: int) -> int | None:
+    """Layers per segment for a pass of `tokens` tokens through `layers` layers
+    whose activations are about `token_bytes` per token and layer, or None where
+    it runs unpaced (pacing off, or an estimate under two segments)."""
+    layer_bytes = tokens * max(1, token_bytes)
+    if segment_bytes <= 0 or layers < 2 or layers * layer_bytes <= 2 * segment_bytes:
         return None
-    return PassPacer(layers, segments, before_launch)
+    return max(1, segment_bytes // layer_bytes)
+
+
+def pacer_for(layers: int, tokens: int, token_bytes: int, segment_bytes: int,
+              before_launch: Callable[[], None] | None = None) -> PassPacer | None:
+    """A pacer for the pass (`segment_layers`), or None where it runs unpaced."""
+    every = segment_layers(layers, tokens, token_bytes, segment_bytes)
+    return None if every is None else PassPacer(layers, every, before_launch)

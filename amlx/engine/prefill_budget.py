@@ -35,22 +35,28 @@ HIDDEN_VALUES = 8  # hidden-sized values per token
 ROW_LOGIT_COPIES = 2  # float32 (V,) arrays per row: the logits and the sampler's copy
 
 
-def prefill_memory(weight_bytes: int = 0) -> int:
-    """The bound in bytes: AMLX_PREFILL_MEMORY (bytes, or with a K/M/G suffix;
-    0: no bound), else DEFAULT_PREFILL_MEMORY or an eighth of `weight_bytes`,
-    whichever is more."""
-    text = os.environ.get("AMLX_PREFILL_MEMORY", "").strip().upper()
+def env_bytes(name: str, default: int) -> int:
+    """A byte count from the environment variable `name` (bytes, or with a K/M/G
+    suffix; 0 meaning none), or `default` where it is unset or empty."""
+    text = os.environ.get(name, "").strip().upper()
     if not text:
-        return max(DEFAULT_PREFILL_MEMORY, weight_bytes // WEIGHTS_SHARE)
+        return default
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
     number = text[:-1] if scale > 1 else text
     try:
         value = int(float(number) * scale)
     except ValueError:
-        raise ValueError(f"AMLX_PREFILL_MEMORY must be a byte count like 268435456 or 256M, not {text!r}") from None
+        raise ValueError(f"{name} must be a byte count like 268435456 or 256M, not {text!r}") from None
     if value < 0:
-        raise ValueError(f"AMLX_PREFILL_MEMORY must be >= 0, not {text!r}")
+        raise ValueError(f"{name} must be >= 0, not {text!r}")
     return value
+
+
+def prefill_memory(weight_bytes: int = 0) -> int:
+    """The bound in bytes: AMLX_PREFILL_MEMORY (bytes, or with a K/M/G suffix;
+    0: no bound), else DEFAULT_PREFILL_MEMORY or an eighth of `weight_bytes`,
+    whichever is more."""
+    return env_bytes("AMLX_PREFILL_MEMORY", max(DEFAULT_PREFILL_MEMORY, weight_bytes // WEIGHTS_SHARE))
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ from amlx._mlx import int32 as _int32
 from amlx.constrain import MaskJob, step_masks
 from amlx.engine.admission import JoinPolicy
 from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, padded_batch
-from amlx.engine.pacing import pacer_for, segments_setting
+from amlx.engine.pacing import pacer_for, segment_layers, segment_setting
 from amlx.engine.prefill_budget import pass_budget
 from amlx.engine.pools import ShardPools, extend_arrays, table_arrays
 from amlx.kv import PADDING_ROW, ShardKV, Tables, preemption_order, read_views, written
@@ -132,7 +132,7 @@ class Scheduler:
         # under a bound (amlx.engine.prefill_budget; a lone prompt's chunk is not capped)
         self.pass_budget = pass_budget(model, vocab_size=vocab_size)
         # a GPU keeps a launched pass's activations until it completes (engine/pacing.py); the CPU frees them as it goes
-        self.prefill_segments = segments_setting() if self.options.device == "gpu" else 0
+        self.segment_bytes = segment_setting() if self.options.device == "gpu" else 0
         self._wake = wake
         self._lock = threading.Lock()
         self._incoming: deque[Request] = deque()
@@ -370,7 +370,7 @@ class Scheduler:
         each request's last position in it. `logits_read`: whether the caller
         evaluates them (a tensor-parallel model's other ranks evaluate the same)."""
         ends = [min(len(r.fill), start + length) for r in reqs]
-        if self._extends(start, length):
+        if self._extends(start, length, len(reqs)):
             return self._extend_pass(shard, reqs, start, ends, model)
         ids = np.zeros((len(reqs), length), dtype=np.int32)
         for i, r in enumerate(reqs):
@@ -382,17 +382,24 @@ class Scheduler:
         last = array(np.asarray(ends, dtype=np.int32) - start - 1)
         # (a launched segment's writes must find the old arrays held by the graph alone)
         pace = (None if self.mirror is not None else
-                pacer_for(len(views), ids.size, self.prefill_segments,
+                pacer_for(len(views), ids.size, self.pass_budget.token_bytes, self.segment_bytes,
                           lambda: setattr(shard.kv, "arrays", written(views))))
         logits = model(array(ids), views, start, last=last, pace=pace)
         # the old arrays' only holder is now the graph, so MLX may write them in place
         shard.kv.arrays = written(views)
         return ops.reshape(logits, (len(reqs), logits.shape[2]))
 
-    def _extends(self, start: int, length: int) -> bool:
-        """Whether a prefill pass of `length` tokens from `start` is the compiled extend pass."""
-        return bool((start or self.options.extend_fresh) and length <= self.extend_max
-                    and self._extend_fn is not None and self.mirror is None)
+    def _extends(self, start: int, length: int, rows: int) -> bool:
+        """Whether a prefill pass of `length` tokens from `start` over `rows` rows is the
+        compiled extend pass. Not where the plain pass would be paced (many rows behind
+        cached prefixes, as when a batch of chats comes back): one compiled call cannot
+        be launched in segments, and its gathered keys and values of every layer would
+        all be alive at once on a GPU (engine/pacing.py)."""
+        if not ((start or self.options.extend_fresh) and length <= self.extend_max
+                and self._extend_fn is not None and self.mirror is None):
+            return False
+        return segment_layers(len(getattr(self.model, "layers", ())), rows * length, self.pass_budget.token_bytes,
+                              self.segment_bytes) is None
 
     def _extend_pass(self, shard: _Shard, reqs: list[Request], start: int, ends: list[int], model) -> Array:
         """`_prefill_pass` for a short prefill behind a cached prefix, compiled as the
@@ -502,7 +509,7 @@ class Scheduler:
             ops.eval(*[a for first in firsts for a in first.arrays()], *[a for bs in samplers for a in bs.state()],
                      *[a for shard, _ in parts for a in shard.kv.state()])
             # (apart, so that a peak shows which kind of pass set it)
-            self.timing.lap("extend_wait" if self._extends(start, length) else "prefill_wait")
+            self.timing.lap("extend_wait" if self._extends(start, length, len(group)) else "prefill_wait")
             for bs in samplers:
                 bs.sync_back()  # the requests' keys move on
         except MLXError as exc:
