@@ -137,6 +137,7 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
         out["kv_pool_bytes"] = pool_bytes()
         if timing.enabled:
             out["peak_by_phase"] = peaks()
+            out["timing_counts"] = dict(timing.counts)
     finally:
         model.close()
     return out

@@ -171,5 +171,6 @@ def test_a_launched_segment_writes_the_pool_in_place(ckpts, monkeypatch):
     _, _, grew_unhooked, _ = _serve(path, monkeypatch, None, prompt_len=128, first_len=512, hook=False)
     assert made and made[-1].launches == LAYERS - 1
     assert pool_bytes > 100 << 20
-    assert grew < pool_bytes / 2, f"a paced pass added {grew} bytes over a {pool_bytes}-byte pool"
-    assert grew_unhooked > pool_bytes * 3 / 4  # (what the hook is there to avoid: the written layers copied)
+    # (the pass's own activations differ by device: on a GPU more of them are alive at once)
+    assert grew_unhooked - grew > pool_bytes / 2, (
+        f"the hook saved {grew_unhooked - grew} bytes of a {pool_bytes}-byte pool: the written layers were copied")

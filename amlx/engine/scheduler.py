@@ -52,6 +52,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from amlx._mlx import Array, array, ops, transforms
+from amlx._mlx import device as mxdevice
 from amlx._mlx import int32 as _int32
 from amlx.constrain import MaskJob, step_masks
 from amlx.engine.admission import JoinPolicy
@@ -508,6 +509,7 @@ class Scheduler:
             # One evaluation for every shard, so their forwards run at the same time.
             ops.eval(*[a for first in firsts for a in first.arrays()], *[a for bs in samplers for a in bs.state()],
                      *[a for shard, _ in parts for a in shard.kv.state()])
+            self._settle([shard for shard, _ in parts])
             # (apart, so that a peak shows which kind of pass set it)
             self.timing.lap("extend_wait" if self._extends(start, length, len(group)) else "prefill_wait")
             for bs in samplers:
@@ -552,6 +554,7 @@ class Scheduler:
             else:
                 first = self._first_tokens(logits, [req])
                 ops.eval(*first.arrays(), *shard.kv.state())
+            self._settle([shard])
         except MLXError as exc:
             self.prefilling = None
             if self.mirror is not None:
@@ -570,6 +573,20 @@ class Scheduler:
             ids_out, lps, tops = first.read()
             self._emit(req, int(ids_out[0]), float(lps[0]), None if tops is None else tops[0])
         self._join(shard, [req])
+
+    def _settle(self, shards: list[_Shard]) -> None:
+        """After a prefill pass's evaluation, on a GPU: waits until its command buffers
+        have let go of their kernels' inputs. The evaluation returns once the outputs
+        are computed, but the encoder releases the inputs (among them the pool arrays
+        each layer's attention read) in its completion handlers, a moment later; a
+        decode step launched before that finds the pool held, and its write copies
+        the whole pool instead of writing in place. Nothing is left to run here, so
+        this costs a hand-over to the encoder's thread."""
+        if self.options.device != "gpu":
+            return
+        for shard in shards:
+            with self._on(shard):
+                mxdevice.synchronize()
 
     def _join(self, shard: _Shard, reqs: list[Request]) -> None:
         """Adds requests whose blocks are in the shard's pool to its rows; those
@@ -1051,6 +1068,8 @@ class Scheduler:
         # its pools, which a handle (holding nothing) would then read freed.
         if self.options.decode_kernel and len(self.shards) == 1:
             views = read_views(pools) if self.options.device == "gpu" else []
+            if not views and self.options.device == "gpu":
+                self.timing.count("pool_read_whole")  # (the step's write then copies the pool)
             return fn(tokens, positions, table_arrays(tables), pools, views or list(pools))
         return fn(tokens, positions, table_arrays(tables), pools)  # (one structure per engine, as compile needs)
 
