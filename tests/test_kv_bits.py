@@ -171,9 +171,15 @@ def test_quantize_layout_is_the_numpy_reference_bit_for_bit(bits, group, dim, dt
     np.testing.assert_array_equal(got, dequantize(*want, group, bits, dtype))
 
 
-# MLX's attention on the CPU keeps its scores in the 16-bit dtype (a score of ~20
-# carries float16's 1e-2 ulp): the bounds are those roundings, not the cache's
-QTOL = {"float32": 1e-5, "float16": 1.5e-2, "bfloat16": 3e-2}
+# MLX's attention on the CPU rounds the scaled query, the scores, the softmax and the
+# result to the 16-bit dtype; the reference makes the same roundings (bfloat16's alone
+# moved outputs by up to 0.033 in 236 examples), so what is left is the order of the
+# sums: two units in the last place of the dtype (measured: bfloat16 exact, float16
+# one unit, over 600 examples)
+QTOL = {"float32": 1e-5, "float16": 2 * 2.0 ** -10, "bfloat16": 2 * 2.0 ** -7}
+# elsewhere (a GPU's attention kernels round differently) against the unrounded reference,
+# with the bounds this test had before the CPU's roundings were modelled
+DEVICE_QTOL = {"float32": 1e-5, "float16": 1.5e-2, "bfloat16": 3e-2}
 
 
 @settings(max_examples=40, deadline=None)
@@ -217,8 +223,11 @@ def test_quantized_paged_decode_attention_equals_numpy_reference(b, kv_heads, gq
         new = [dequantize(*quantize(x, group, bits, dtype), group, bits, dtype) for x in (k, v)]
         table = np.asarray([r.blocks for r in rows], np.int64)
         pool_kv = dequantize(*stored, group, bits, dtype)
-        want = paged_decode_attention(q, new[0], new[1], pool_kv[0], pool_kv[1], table, pos, scale, window)
-        np.testing.assert_allclose(got, want, rtol=QTOL[dtype], atol=QTOL[dtype])
+        on_cpu = mx.device.default_device() == "cpu"
+        want = paged_decode_attention(q, new[0], new[1], pool_kv[0], pool_kv[1], table, pos, scale, window,
+                                      dtype if on_cpu else None)
+        tol = (QTOL if on_cpu else DEVICE_QTOL)[dtype]
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
         # the write: each row's new key and value quantized into its block at its offset
         after = [a.numpy() if a.dtype is mx.uint32 else a.astype(mx.float32).numpy().astype(np.float64)
                  for a in written([view])]

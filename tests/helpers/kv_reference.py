@@ -74,15 +74,21 @@ def dequantize(packed, scales, biases, group: int, bits: int, dtype: str) -> np.
 
 
 def paged_decode_attention(q, k_new, v_new, pool_keys, pool_values, table, pos, scale: float,
-                           window: int | None) -> np.ndarray:
+                           window: int | None, dtype: str | None = None) -> np.ndarray:
     """(B, H, D) float64: softmax(scale * q k^T) v of each row's new token (q (B, H, D),
     its key and value k_new, v_new (B, KVH, D)) over slots max(0, pos - window + 1)
     .. pos, slot j < pos read from block table[b, j // block_size] at offset
     j % block_size of pool_keys / pool_values (blocks, KVH, block_size, D), slot pos
-    from k_new, v_new. Query head h reads key head h // (H / KVH)."""
+    from k_new, v_new. Query head h reads key head h // (H / KVH).
+
+    With `dtype`, the roundings MLX's attention makes in that dtype where it has no
+    fused kernel (the CPU): the scale and the scaled query, the scores, the
+    softmax's output and the result each rounded to `dtype` (sums in float64)."""
+    rnd = (lambda x: x) if dtype is None else (lambda x: round_to(x, dtype))
     b, heads, dim = q.shape
     kv_heads, block = pool_keys.shape[1], pool_keys.shape[2]
     out = np.zeros((b, heads, dim))
+    qs = rnd(q * rnd(scale))
     for i in range(b):
         p = int(pos[i])
         lo = max(0, p - window + 1) if window else 0
@@ -92,7 +98,7 @@ def paged_decode_attention(q, k_new, v_new, pool_keys, pool_values, table, pos, 
             g = h // (heads // kv_heads)
             ks = np.concatenate([pool_keys[blocks, g, offsets], k_new[i, g][None]])
             vs = np.concatenate([pool_values[blocks, g, offsets], v_new[i, g][None]])
-            s = ks @ q[i, h] * scale
+            s = rnd(ks @ qs[i, h]) if dtype is not None else ks @ q[i, h] * scale
             w = np.exp(s - s.max())
-            out[i, h] = w @ vs / w.sum()
-    return out
+            out[i, h] = rnd(w / w.sum()) @ vs
+    return rnd(out)
