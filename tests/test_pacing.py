@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import amlx
 from amlx._mlx import array, memory, ops
+from amlx.errors import MLXError
 from amlx.engine import pacing, scheduler
 from amlx.engine.pacing import PassPacer, pacer_for, segment_layers, segment_setting
 from tests.helpers.checkpoints import make_checkpoint
@@ -174,3 +175,23 @@ def test_a_launched_segment_writes_the_pool_in_place(ckpts, monkeypatch):
     # (the pass's own activations differ by device: on a GPU more of them are alive at once)
     assert grew_unhooked - grew > pool_bytes / 2, (
         f"the hook saved {grew_unhooked - grew} bytes of a {pool_bytes}-byte pool: the written layers were copied")
+
+
+def test_a_segment_that_fails_to_launch_is_retried_alone_and_the_engine_goes_on(ckpts, monkeypatch):
+    """MLX failing inside a paced pass (here: the first segment's launch) fails that pass
+    as any failed prefill does: the group's prompts are retried one by one, and every
+    request still gets the tokens of an undisturbed run."""
+    plain, _, _, _ = _serve(ckpts["qwen3"], monkeypatch, 0)
+    launch = PassPacer.__call__
+    failed = []
+
+    def failing(self, layer, *outputs):
+        if not failed and (layer + 1) % self.every == 0 and layer + 1 < self.layers:
+            failed.append(layer)
+            raise MLXError("async_eval", "injected failure")
+        return launch(self, layer, *outputs)
+
+    monkeypatch.setattr(PassPacer, "__call__", failing)
+    paced, made, _, _ = _serve(ckpts["qwen3"], monkeypatch, None)
+    assert failed == [0] and len(made) > 2  # (the group's pacer, then one per prompt retried alone)
+    assert paced == plain
