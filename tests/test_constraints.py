@@ -13,6 +13,8 @@ import re
 
 import jsonschema
 import lark
+import llguidance
+import llguidance.numpy as llnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -215,6 +217,40 @@ def test_mask_is_exactly_what_the_matcher_takes(family):
         assert probe.consume(t) == allowed[t], t
         if not allowed[t]:  # a refused token leaves the matcher in its error state
             assert probe.error and probe.finished
+
+
+STRING_SCHEMA = {  # strings of every length bound around the slices' (tests the slices where they apply)
+    "type": "object",
+    "properties": {"a": {"type": "string", "maxLength": 3}, "b": {"type": "string", "maxLength": 9},
+                   "c": {"type": "string", "maxLength": 24}, "d": {"type": "string"},
+                   "e": {"type": "array", "items": {"type": "string", "minLength": 2, "maxLength": 7}}},
+    "required": ["a", "b", "c", "d", "e"], "additionalProperties": False,
+}
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2 ** 16), temperature=st.sampled_from([0.0, 1.0]))
+def test_the_mask_slices_change_no_mask(family, seed, temperature):
+    """GrammarVocab's extra slices (short JSON strings, `mask_slices`) only let llguidance skip
+    walking tokens: along random constrained walks every mask equals the one computed with no
+    slices at all (each token walked), for schema strings with and without length bounds."""
+    tok, vocab = family
+    plain = llguidance.LLTokenizer(tok.backend.to_str(), n_vocab=vocab.vocab_size,
+                                   eos_token=sorted(vocab.eos_ids) or None, slices=[])
+    c = parse_constraint(response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": STRING_SCHEMA}})
+    m, ref = vocab.matcher(c), llguidance.LLMatcher(plain, c.grammar, log_level=0)
+    rng = np.random.default_rng(seed)
+    masks, want = vocab.new_masks(1), vocab.new_masks(1)
+    for _ in range(120):
+        if m.finished:
+            break
+        m.fill_mask(masks)
+        llnp.fill_next_token_bitmask(ref, want, 0)
+        np.testing.assert_array_equal(masks, want)
+        allowed = unpack_mask(masks, vocab.vocab_size)[0]
+        logits = np.where(allowed, 3.0 * rng.standard_normal(vocab.vocab_size), -np.inf)
+        token = _draw(logits, rng, temperature)
+        assert m.consume(token) and ref.consume_token(token)
 
 
 def test_rollback_restores_the_mask(family):
