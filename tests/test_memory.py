@@ -63,6 +63,26 @@ def test_10000_arrays_created_and_closed(start):
     assert active() == start
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.int32, np.uint8, np.float16])
+def test_an_array_from_host_data_is_its_own_copy(start, dtype):
+    """`array(ndarray)` takes the data at once (on the CPU and CUDA MLX copies it into a buffer
+    of its own, and amlx makes no copy before that): changing or dropping the source afterwards
+    changes nothing, and the array's memory is MLX's, counted and given back."""
+    rng = np.random.default_rng(3)
+    src = (rng.standard_normal((64, 300)) * 50).astype(dtype)
+    want = src.copy()
+    a = mx.array(src)
+    assert active() - start >= src.nbytes
+    src[:] = 0
+    del src
+    gc.collect()
+    np.testing.assert_array_equal(a.numpy(), want.astype(a.numpy().dtype))
+    b = mx.array(want[:, ::3])  # (a strided view: made contiguous first)
+    np.testing.assert_array_equal(b.numpy(), want[:, ::3].astype(b.numpy().dtype))
+    a.close()
+    b.close()
+
+
 def test_loop_of_small_graphs_returns_to_start(inputs):
     x, w = inputs
     gc.collect()

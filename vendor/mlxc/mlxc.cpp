@@ -253,7 +253,19 @@ int mlxc_array_from_data(const void* data, const int* shape, int ndim,
     n *= static_cast<size_t>(s);
   }
   size_t nbytes = n * dt.size();
-  // The array owns a private copy: the caller's buffer may go away at once.
+  // Where MLX's allocator cannot wrap a host pointer (the CPU and CUDA builds), the array's
+  // constructor copies the data into a buffer of MLX's own before it returns: the caller's
+  // buffer is then only read here, and a private copy first would be a second copy (a step's
+  // 1.2 MB of token masks: two). Where it can (Metal), the array would keep the pointer, so it
+  // gets a private copy that the caller cannot free.
+  if (nbytes > 0) {
+    auto wrapped = mx::allocator::make_buffer(const_cast<void*>(data), nbytes);
+    if (wrapped.ptr() == nullptr) {
+      put(mx::array(const_cast<void*>(data), std::move(sh), dt, [](void*) {}), out);
+      return 0;
+    }
+    mx::allocator::release(wrapped);
+  }
   void* copy = std::malloc(nbytes > 0 ? nbytes : 1);
   if (copy == nullptr) throw std::bad_alloc();
   if (nbytes > 0) std::memcpy(copy, data, nbytes);
