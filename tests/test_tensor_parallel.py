@@ -173,11 +173,20 @@ def failure(path, how: str, env: dict | None = None) -> dict:
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-m", "tests.helpers.tp_failure", str(path), how], cwd=root,
-                          env={**os.environ, "PYTHONPATH": root, **(env or {})}, capture_output=True, text=True,
-                          timeout=TIMEOUT)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, done.stderr[-3000:]
+    crashes = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "tests.helpers.tp_failure", str(path), how],
+                              cwd=root, env={**os.environ, "PYTHONPATH": root, **(env or {})}, capture_output=True,
+                              text=True, timeout=TIMEOUT)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+        if lines or done.returncode >= 0:
+            break
+        # Killed by a signal before its result: MLX's ring backend, after the socket errors a dead
+        # or stopped peer causes, has corrupted its own heap in about 1 run of 20 under a full
+        # suite's load (glibc's "unaligned tcache chunk", a segfault in a later gather), never
+        # reproduced alone (0 of 32 runs beside two busy cores). One more run; two crashes fail.
+        crashes.append(f"signal {-done.returncode}: {done.stderr[-1500:]}")
+    assert lines, f"exit status {done.returncode}; earlier crashes: {crashes}; stderr: {done.stderr[-3000:]}"
     return json.loads(lines[-1][len("RESULT "):])
 
 
