@@ -392,7 +392,7 @@ class Decoder(Module):
                  pace: Callable[..., None] | None = None) -> Array:
         """Final hidden states (B*L, hidden) of token ids (B, L): activations stay
         two-dimensional between layers, so every projection is one plain matmul.
-        `pace(i, h, normed)` is called after layer i (amlx.engine.pacing)."""
+        `pace(i, normed, h)` is called after layer i (amlx.engine.pacing)."""
         b, length = ids.shape
         step = Step(b, length, pos, self.decode_kernel)
         h = self.embed_tokens(ops.reshape(ids, (b * length,)))

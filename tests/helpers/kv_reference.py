@@ -98,7 +98,7 @@ def paged_decode_attention(q, k_new, v_new, pool_keys, pool_values, table, pos, 
             g = h // (heads // kv_heads)
             ks = np.concatenate([pool_keys[blocks, g, offsets], k_new[i, g][None]])
             vs = np.concatenate([pool_values[blocks, g, offsets], v_new[i, g][None]])
-            s = rnd(ks @ qs[i, h]) if dtype is not None else ks @ q[i, h] * scale
+            s = rnd(ks @ qs[i, h])
             w = np.exp(s - s.max())
             out[i, h] = rnd(w / w.sum()) @ vs
     return rnd(out)

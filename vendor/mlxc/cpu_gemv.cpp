@@ -448,12 +448,9 @@ void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int gro
     j.x = static_cast<const float*>(xp);
   } else {
     xf.resize((size_t)j.M * j.K);
-    if (x.dtype() == mx::bfloat16) {  // a shift: the loop vectorizes, where load_scalar's switch did not
+    if (x.dtype() == mx::bfloat16) {  // (not through load_scalar: its switch kept the loop scalar)
       const uint16_t* h = static_cast<const uint16_t*>(xp);
-      for (size_t i = 0; i < xf.size(); ++i) {
-        const uint32_t u = (uint32_t)h[i] << 16;
-        std::memcpy(&xf[i], &u, 4);
-      }
+      for (size_t i = 0; i < xf.size(); ++i) xf[i] = gv::bf16_to_float(h[i]);
     } else {
       for (size_t i = 0; i < xf.size(); ++i) xf[i] = gv::load_scalar(xp, gv::F16, (long)i);
     }

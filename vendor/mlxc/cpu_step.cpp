@@ -48,12 +48,7 @@ inline float rnd(float x) {
 #endif
 
 MLXC_VEC_CLONES void bf16_to_floats(const uint16_t* bits, float* dst, int n) {
-  for (int i = 0; i < n; ++i) {
-    const uint32_t b = static_cast<uint32_t>(bits[i]) << 16;
-    float f;
-    std::memcpy(&f, &b, sizeof f);
-    dst[i] = f;
-  }
+  for (int i = 0; i < n; ++i) dst[i] = mlxc::gemv::bf16_to_float(bits[i]);
 }
 
 // n values of T as floats; bfloat16 by its bits (MLX's conversion, one value at a
