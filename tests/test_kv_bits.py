@@ -19,7 +19,7 @@ from amlx import _mlx as mx
 from amlx._mlx import array, fast, ops
 from amlx.kv import BlockPool, ShardKV, layer_views, written
 from tests.helpers.checkpoints import make_checkpoint
-from tests.helpers.kv_reference import dequantize, paged_decode_attention, quantize, round_to
+from tests.helpers.kv_reference import dequantize, paged_decode_attention, quantize, round_to, unpack
 
 PROMPT = 80
 STEPS = 24
@@ -148,6 +148,9 @@ def test_kv_bits_refused_where_it_cannot_apply(tmp_path):
 # path; tests/test_decode_kernels.py checks the CUDA kernel against the same)
 
 QDTYPES = ["float32", "float16", "bfloat16"]
+# which of MLX's quantize kernels the default device runs (they differ in ties and in
+# an all-negative group's range: tests/helpers/kv_reference.py); the reference follows it
+QBACKEND = "cuda" if mx.device.default_device() == "gpu" and fast.cuda_available() else "cpu"
 
 
 @settings(max_examples=30, deadline=None)
@@ -162,7 +165,7 @@ def test_quantize_layout_is_the_numpy_reference_bit_for_bit(bits, group, dim, dt
     x[0], x[1], x[2] = 0.0, -spread, -np.abs(x[2])
     x = round_to(x, dtype)
     packed = ops.quantize(array(x.astype(np.float32)).astype(getattr(mx, dtype)), group, bits)
-    want = quantize(x, group, bits, dtype)
+    want = quantize(x, group, bits, dtype, QBACKEND)
     assert packed[0].dtype is mx.uint32 and packed[0].shape == (9, dim * bits // 32)
     np.testing.assert_array_equal(packed[0].numpy(), want[0])
     for got, w in zip(packed[1:], want[1:]):
@@ -220,7 +223,7 @@ def test_quantized_paged_decode_attention_equals_numpy_reference(b, kv_heads, gq
         keys, values, mask = view.update_decode(as_mx[1], as_mx[2], array(pos))
         got = fast.scaled_dot_product_attention(as_mx[0], keys, values, scale=scale, mask=mask)
         got = got.astype(mx.float32).numpy().astype(np.float64)[:, :, 0]
-        new = [dequantize(*quantize(x, group, bits, dtype), group, bits, dtype) for x in (k, v)]
+        new = [dequantize(*quantize(x, group, bits, dtype, QBACKEND), group, bits, dtype) for x in (k, v)]
         table = np.asarray([r.blocks for r in rows], np.int64)
         pool_kv = dequantize(*stored, group, bits, dtype)
         on_cpu = mx.device.default_device() == "cpu"
@@ -235,9 +238,41 @@ def test_quantized_paged_decode_attention_equals_numpy_reference(b, kv_heads, gq
         for i, r in enumerate(rows):
             blk, off = r.blocks[r.pos // block], r.pos % block
             for half, x in enumerate((k, v)):
-                for part, value in zip(expect, quantize(x[i], group, bits, dtype)):
+                for part, value in zip(expect, quantize(x[i], group, bits, dtype, QBACKEND)):
                     part[half, blk, :, off] = value
         for a, e in zip(after, expect):
             np.testing.assert_array_equal(a, e)
     finally:
         shard.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([4, 8]), dtype=st.sampled_from(QDTYPES), offset=st.floats(-4, 4),
+       seed=st.integers(0, 2 ** 16))
+def test_the_cuda_reference_differs_only_in_ties_and_negative_groups(bits, dtype, offset, seed):
+    """The reference of MLX's CUDA quantize (followed on a GPU) is the CPU one except in an
+    all-negative group (its range reaches 0) and where a value falls on a half step."""
+    rng = np.random.default_rng(seed)
+    x = round_to(rng.standard_normal((4, 64)) + offset, dtype)
+    cpu, cuda = quantize(x, 32, bits, dtype, "cpu"), quantize(x, 32, bits, dtype, "cuda")
+    # the CPU's float32 steps (x - bias) / scale, and the edge's, as the reference takes them
+    _, scale, bias = quantize(x, 32, bits, "float32", "cpu")
+    g = x.astype(np.float32).reshape(4, 2, 32)
+    steps = (g - bias.astype(np.float32)[..., None]) / scale.astype(np.float32)[..., None]
+    n_bins = np.float32((1 << bits) - 1)
+    lo, hi = g.min(axis=-1), g.max(axis=-1)
+    first = np.maximum((hi - lo) / n_bins, np.float32(1e-7))
+    edge_steps = np.where(np.abs(lo) > np.abs(hi), lo / first, hi / -first)
+    tie = ((steps - np.floor(steps)) == 0.5).any(axis=-1) | (edge_steps - np.floor(edge_steps) == 0.5)
+    negative = (g < 0).all(axis=-1)
+    same = ~tie & ~negative
+    q_cpu, q_cuda = (unpack(p[0], bits).reshape(4, 2, 32) for p in (cpu, cuda))
+    np.testing.assert_array_equal(q_cpu[same], q_cuda[same])
+    for part in (1, 2):
+        np.testing.assert_array_equal(cpu[part][same], cuda[part][same])
+    assert (cuda[2][negative & ~tie] == round_to(lo[negative & ~tie], dtype)).all()  # the edge kept: the minimum
+    if negative.any():  # its range reaches 0: the top step is 0 itself, not the group's maximum
+        i, j = np.argwhere(negative)[0]
+        assert quantize(x, 32, bits, "float32", "cuda")[1][i, j] > scale[i, j]
+    with pytest.raises(ValueError):
+        quantize(x, 32, bits, dtype, "metal")

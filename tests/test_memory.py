@@ -17,7 +17,14 @@ from amlx import _mlx as mx
 from amlx._mlx import ops as O
 from amlx._mlx import transforms as T
 
-active = mx.memory.active
+
+
+def active() -> int:
+    """Bytes held by live MLX buffers once the device is done. MLX's CUDA backend lets
+    go of a command buffer's temporaries and inputs on its own thread after the work
+    completes, a moment after eval returns; synchronize() waits for that too."""
+    mx.device.synchronize()
+    return mx.memory.active()
 
 
 @pytest.fixture

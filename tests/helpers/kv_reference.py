@@ -4,7 +4,9 @@ the CUDA kernel's (tests/test_decode_kernels.py).
 
 The quantization is MLX's affine one as its CPU `quantize` computes it (float32
 arithmetic, round half to even; the per-group scale and bias rounded to the
-activations' dtype only when stored), and the layout is the one ops.quantize
+activations' dtype only when stored) or, with `backend="cuda"`, as its CUDA kernel
+does (the same float32 arithmetic, but rounding halves away from zero and taking a
+group's maximum from 0 up, so an all-negative group's range reaches 0), and the layout is the one ops.quantize
 writes: value d of a group of `group` values in bits [(d % P) * bits, +bits) of
 uint32 word d // P, P = 32 // bits, lowest bits first. Dequantizing is
 `q * scale + bias` with both operations rounded to the dtype, as MLX's
@@ -32,23 +34,37 @@ def round_to(x, dtype: str) -> np.ndarray:
     return bits.astype(np.uint32).view(np.float32).astype(np.float64)
 
 
-def quantize(x, group: int, bits: int, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    """CUDA's roundf on float32 values: halves away from zero (|x| + 0.5 taken in
+    float64, where it is exact, so 0.49999997 does not round up)."""
+    a = np.abs(np.asarray(x, np.float64))
+    return np.copysign(np.floor(a + 0.5), x).astype(np.float32)
+
+
+def quantize(x, group: int, bits: int, dtype: str,
+             backend: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(packed uint32 (..., D * bits / 32), scales, biases (..., D / group) float64 of
-    `dtype`) of x (..., D): MLX's affine quantization per group of the last axis."""
+    `dtype`) of x (..., D): MLX's affine quantization per group of the last axis, as
+    its `backend` ("cpu" | "cuda") computes it."""
+    if backend not in ("cpu", "cuda"):
+        raise ValueError(backend)
+    rnd = np.rint if backend == "cpu" else _round_half_away
     x = np.asarray(x, np.float64).astype(np.float32)
     shape, dim = x.shape[:-1], x.shape[-1]
     g = x.reshape(-1, dim // group, group)
     n_bins = np.float32((1 << bits) - 1)
     w_max, w_min = g.max(axis=-1), g.min(axis=-1)
+    if backend == "cuda":
+        w_max = np.maximum(w_max, np.float32(0))
     lower = np.abs(w_min) > np.abs(w_max)  # the edge kept exact: the larger magnitude
     scale = np.maximum((w_max - w_min) / n_bins, np.float32(1e-7))
     scale = np.where(lower, scale, -scale)
     edge = np.where(lower, w_min, w_max)
-    q0 = np.rint(edge / scale)
+    q0 = rnd(edge / scale)
     nonzero = q0 != 0
     scale = np.where(nonzero, edge / np.where(nonzero, q0, np.float32(1)), scale).astype(np.float32)
     bias = np.where(nonzero, edge, np.float32(0)).astype(np.float32)
-    q = np.rint((g - bias[..., None]) / scale[..., None])
+    q = rnd((g - bias[..., None]) / scale[..., None])
     q = np.clip(q, 0, n_bins).astype(np.uint32).reshape(-1, dim)
     per = 32 // bits
     words = q.reshape(-1, dim // per, per) << (np.arange(per, dtype=np.uint32) * bits)
