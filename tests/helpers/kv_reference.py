@@ -81,12 +81,14 @@ def unpack(packed, bits: int) -> np.ndarray:
     return q.reshape(*packed.shape[:-1], -1)
 
 
-def dequantize(packed, scales, biases, group: int, bits: int, dtype: str) -> np.ndarray:
-    """(..., D) float64 of `dtype`: q * scale + bias, each operation rounded to `dtype`."""
+def dequantize(packed, scales, biases, group: int, bits: int, dtype: str, fused: bool = False) -> np.ndarray:
+    """(..., D) float64 of `dtype`: q * scale + bias, each operation rounded to `dtype`
+    or, `fused`, rounded once (a fused multiply-add, as a CUDA compiler may contract
+    MLX's dequantize into: exact here, since q * scale is exact in float64)."""
     q = unpack(packed, bits).astype(np.float64)
     s = np.repeat(np.asarray(scales, np.float64), group, axis=-1)
     b = np.repeat(np.asarray(biases, np.float64), group, axis=-1)
-    return round_to(round_to(q * s, dtype) + b, dtype)
+    return round_to(q * s + b, dtype) if fused else round_to(round_to(q * s, dtype) + b, dtype)
 
 
 def paged_decode_attention(q, k_new, v_new, pool_keys, pool_values, table, pos, scale: float,
