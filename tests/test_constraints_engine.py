@@ -246,6 +246,8 @@ def test_step_timing_is_reported_when_switched_on(monkeypatch):
     on, stats = anyio.run(_timing_body)
     assert on["decode_steps"] == stats["decode_steps"] > 0 and on["rounds"] >= on["decode_steps"]
     assert {"wait", "emit", "masks", "build_sample", "launch_sample"} <= set(on["seconds"])
+    # a prefill pass's phases, the first tokens' masks apart (only the constrained request has one)
+    assert {"prefill_masks", "prefill_build", "prefill_sample", "prefill_wait"} <= set(on["seconds"])
     assert all(v >= 0 for v in on["seconds"].values())
     assert on["background"]["mask_fill"] > 0  # llguidance's own time, beside the phases
     assert set(on["cpu"]) == set(on["seconds"]) and all(v >= 0 for v in on["cpu"].values())

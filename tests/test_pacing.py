@@ -90,6 +90,8 @@ def test_the_pacer_launches_every_segment_and_waits_for_the_one_before():
             if launched > pacer.lag:  # the segment `lag` back is done now
                 assert outs[i - 2 * pacer.lag].is_ready()
     assert events == ["before", "launch 1", "before", "launch 3", "before", "launch 5", "before", "launch 7"]
+    assert pacer.waited > 0  # three waits, timed (the engine's step timing reports them)
+    assert PassPacer(layers=10, every=2).waited == 0
     assert not outs[-1].is_ready()  # (not launched by the pacer)
     ops.eval(outs[-1])
     np.testing.assert_allclose(outs[-1].numpy(), np.ones((64, 64)), rtol=1e-6)

@@ -19,6 +19,7 @@ and each wait would cost the host a wake-up.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Callable
 
@@ -47,6 +48,7 @@ class PassPacer:
         self._before = before_launch
         self._launched: deque[Array] = deque()
         self.launches = 0  # (for tests: how many segments were launched early)
+        self.waited = 0.0  # seconds the host spent waiting for earlier segments (step timing)
 
     def __call__(self, layer: int, *outputs: Array) -> None:
         if (layer + 1) % self.every or layer + 1 >= self.layers:
@@ -57,7 +59,9 @@ class PassPacer:
         self.launches += 1
         self._launched.append(outputs[0])
         if len(self._launched) > self.lag:
+            start = time.perf_counter()
             ops.eval(self._launched.popleft())  # (launched already: this waits for it)
+            self.waited += time.perf_counter() - start
 
 
 def segment_layers(layers: int, tokens: int, token_bytes: int, segment_bytes: int) -> int | None:

@@ -386,6 +386,8 @@ class Scheduler:
                 pacer_for(len(views), ids.size, self.pass_budget.token_bytes, self.segment_bytes,
                           lambda: setattr(shard.kv, "arrays", written(views))))
         logits = model(array(ids), views, start, last=last, pace=pace)
+        if pace is not None:  # (the part of the pass's build spent waiting for the device)
+            self.timing.add("segment_wait", pace.waited)
         # the old arrays' only holder is now the graph, so MLX may write them in place
         shard.kv.arrays = written(views)
         return ops.reshape(logits, (len(reqs), logits.shape[2]))
@@ -495,6 +497,8 @@ class Scheduler:
         firsts: list[StepSample] = []
         samplers: list[BatchSampling] = []
         masks = step_masks([[r.matcher for r in reqs] for _, reqs in parts])
+        if any(m is not None for m in masks):  # (the first tokens' masks apart from the pass)
+            self.timing.lap("prefill_masks")
         length = max(len(r.fill) for r in group) - start
         try:
             for (shard, reqs), mask in zip(parts, masks):
@@ -502,10 +506,11 @@ class Scheduler:
                     logits = self._prefill_pass(shard, reqs, start, length, self._split_model(len(parts) == 1))
                     if self.fault is not None:
                         logits = self._inject(logits, reqs, False)
+                self.timing.lap("prefill_build")
                 # (sampling stays on the worker's stream: see _build)
                 samplers.append(BatchSampling([r.sampling for r in reqs], self._sample_steps))
                 firsts.append(samplers[-1](logits, masks=mask))
-            self.timing.lap("prefill_build")
+                self.timing.lap("prefill_sample")
             # One evaluation for every shard, so their forwards run at the same time.
             ops.eval(*[a for first in firsts for a in first.arrays()], *[a for bs in samplers for a in bs.state()],
                      *[a for shard, _ in parts for a in shard.kv.state()])
