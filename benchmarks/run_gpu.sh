@@ -36,6 +36,8 @@
 #                                        # qwen3-8b-4bit single-stream with AMLX_QGEMV on and off beside mlx-lm
 #                                        # (bigspeed.py --qgemv-off), then qgemv.py (kernel vs MLX per shape,
 #                                        # GB/s, both kernel versions); 6-9 minutes (TEST_BUDGET, BUDGET, MICRO_BUDGET)
+#   PART=1/4 bash benchmarks/run_gpu.sh tests  # the test suite on the GPU, a quarter of its files per call
+#                                        # (FILES="tests/x.py ..." to pick; FILE_BUDGET seconds a file, 120)
 #   bash benchmarks/run_gpu.sh pool-views # issue 15: pool_write.py, then speed.py --streams 64 with the decode kernel
 #                                        # reading the KV pool through buffer views (AMLX_POOL_VIEWS=1) and not (0),
 #                                        # alternating ROUNDS times (default 2), mlx-lm beside the first (~6-8 min)
@@ -210,4 +212,16 @@ case "${1:-speed}" in
   spec-lookup)
     timeout -k 10 ${BUDGET:-290} python3 benchmarks/speculative.py lookup --out "$OUT" --root /tmp/amlx-spec \
       ${SPEC_ARGS:-} || echo "speculative.py ended with status $?" ;;
+  tests)
+    # PART=k/N: every N-th test file from the k-th (1-based; by name), so that N calls cover the suite;
+    # FILES="tests/a.py ..." instead names them. Each file gets FILE_BUDGET seconds; its failures' short
+    # tracebacks and the summary go to $OUT/tests.txt, which comes back even when the call is cut short.
+    part=${PART:-1/1}; k=${part%/*}; n=${part#*/}
+    files=${FILES:-$(ls tests/test_*.py | LC_ALL=C sort | awk -v k="$k" -v n="$n" '(NR - k) % n == 0')}
+    for f in $files; do
+      echo "== $f $(date +%T)" | tee -a "$OUT/tests.txt"
+      timeout -k 5 ${FILE_BUDGET:-120} python3 -m pytest -q -p no:cacheprovider --tb=short -rfE "$f" 2>&1 \
+        | grep -v "^\s*$" | tail -${TAIL:-40} >> "$OUT/tests.txt" || true
+      tail -1 "$OUT/tests.txt"
+    done ;;
 esac
