@@ -18,7 +18,6 @@ from amlx._mlx import ops as O
 from amlx._mlx import transforms as T
 
 
-
 def active() -> int:
     """Bytes held by live MLX buffers once the device is done. MLX's CUDA backend lets
     go of a command buffer's temporaries and inputs on its own thread after the work

@@ -515,8 +515,9 @@ class Scheduler:
             ops.eval(*[a for first in firsts for a in first.arrays()], *[a for bs in samplers for a in bs.state()],
                      *[a for shard, _ in parts for a in shard.kv.state()])
             self._settle([shard for shard, _ in parts])
-            # (apart, so that a peak shows which kind of pass set it)
-            self.timing.lap("extend_wait" if self._extends(start, length, len(group)) else "prefill_wait")
+            # (apart, so that a peak shows which kind of pass set it; each shard chose by its own rows)
+            extended = any(self._extends(start, length, len(reqs)) for _, reqs in parts)
+            self.timing.lap("extend_wait" if extended else "prefill_wait")
             for bs in samplers:
                 bs.sync_back()  # the requests' keys move on
         except MLXError as exc:
