@@ -186,8 +186,10 @@ def test_quantize_layout_is_the_numpy_reference_bit_for_bit(bits, group, dim, dt
 # one unit, over 600 examples)
 QTOL = {"float32": 1e-5, "float16": 2 * 2.0 ** -10, "bfloat16": 2 * 2.0 ** -7}
 # elsewhere (a GPU's attention kernels round differently) against the unrounded reference,
-# with the bounds this test had before the CPU's roundings were modelled
-DEVICE_QTOL = {"float32": 1e-5, "float16": 1.5e-2, "bfloat16": 3e-2}
+# with the bounds this test had before the CPU's roundings were modelled; float32 as wide as
+# test_decode_kernels' batched bound: MLX's CUDA matmuls round float32 through TF32 (its
+# MLX_ENABLE_TF32 defaults to on), seen on the H200 as 1e-3 off at dim 32
+DEVICE_QTOL = {"float32": 1e-2, "float16": 1.5e-2, "bfloat16": 3e-2}
 
 
 @settings(max_examples=40, deadline=None)
