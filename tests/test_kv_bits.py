@@ -19,7 +19,8 @@ from amlx import _mlx as mx
 from amlx._mlx import array, fast, ops
 from amlx.kv import BlockPool, ShardKV, layer_views, written
 from tests.helpers.checkpoints import make_checkpoint
-from tests.helpers.kv_reference import dequantize, paged_decode_attention, quantize, round_to, unpack
+from tests.helpers.kv_reference import (dequantize, near_half_step, paged_decode_attention, quantize, round_to,
+                                        unpack)
 
 PROMPT = 80
 STEPS = 24
@@ -203,7 +204,8 @@ def test_quantized_paged_decode_attention_equals_numpy_reference(b, kv_heads, gq
     and gather, then MLX's attention, as Attention calls them) against numpy: the
     pool's blocks scattered over rows in random order, rows at their own positions,
     the new token written quantized and then attended (as the gather path does);
-    the pool afterwards holds exactly numpy's quantization of the new token."""
+    the pool afterwards holds exactly numpy's quantization of the new token (on a
+    GPU, a value on a half step may take the neighbouring level)."""
     assume(dim % group == 0)
     rng = np.random.default_rng(seed)
     heads = kv_heads * gqa
@@ -230,7 +232,12 @@ def test_quantized_paged_decode_attention_equals_numpy_reference(b, kv_heads, gq
         keys, values, mask = view.update_decode(as_mx[1], as_mx[2], array(pos))
         got = fast.scaled_dot_product_attention(as_mx[0], keys, values, scale=scale, mask=mask)
         got = got.astype(mx.float32).numpy().astype(np.float64)[:, :, 0]
-        new = [dequantize(*quantize(x, group, bits, dtype, QBACKEND), group, bits, dtype) for x in (k, v)]
+        after = [a.numpy() if a.dtype is mx.uint32 else a.astype(mx.float32).numpy().astype(np.float64)
+                 for a in written([view])]
+        slots = [(r.blocks[r.pos // block], r.pos % block) for r in rows]
+        # attention over the new key and value as written (the write is checked below)
+        new = [np.stack([dequantize(*(part[half, blk, :, off] for part in after), group, bits, dtype)
+                         for blk, off in slots]) for half in (0, 1)]
         table = np.asarray([r.blocks for r in rows], np.int64)
         pool_kv = dequantize(*stored, group, bits, dtype)
         on_cpu = mx.device.default_device() == "cpu"
@@ -238,17 +245,29 @@ def test_quantized_paged_decode_attention_equals_numpy_reference(b, kv_heads, gq
                                       dtype if on_cpu else None)
         tol = (QTOL if on_cpu else DEVICE_QTOL)[dtype]
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
-        # the write: each row's new key and value quantized into its block at its offset
-        after = [a.numpy() if a.dtype is mx.uint32 else a.astype(mx.float32).numpy().astype(np.float64)
-                 for a in written([view])]
+        # the write: each row's new key and value quantized into its block at its offset, and
+        # nothing else changed
         expect = [s.copy() for s in stored]
-        for i, r in enumerate(rows):
-            blk, off = r.blocks[r.pos // block], r.pos % block
+        for i, (blk, off) in enumerate(slots):
             for half, x in enumerate((k, v)):
                 for part, value in zip(expect, quantize(x[i], group, bits, dtype, QBACKEND)):
                     part[half, blk, :, off] = value
-        for a, e in zip(after, expect):
+        for a, e in zip(after[1:], expect[1:]):
             np.testing.assert_array_equal(a, e)
+        if QBACKEND == "cpu":
+            np.testing.assert_array_equal(after[0], expect[0])
+        else:
+            # MLX's CUDA kernel divides (x - bias) / scale as compiled for the GPU: a value on
+            # a half step, to float32 rounding, may take the other level; none elsewhere, and
+            # never by more. (On the H200 this test once saw one bfloat16 output of 128 off by
+            # 0.06, about one level of a value times its weight; not confirmed as this yet.)
+            got_q, want_q = unpack(after[0], bits).astype(np.int64), unpack(expect[0], bits).astype(np.int64)
+            loose = np.zeros(got_q.shape, bool)
+            for i, (blk, off) in enumerate(slots):
+                for half, x in enumerate((k, v)):
+                    loose[half, blk, :, off] = near_half_step(x[i], group, bits, QBACKEND)
+            off_level = got_q != want_q
+            assert not (off_level & ~loose).any() and (np.abs(got_q - want_q) <= 1).all(), np.argwhere(off_level)
     finally:
         shard.close()
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["round_to", "quantize", "unpack", "dequantize", "paged_decode_attention"]
+__all__ = ["round_to", "quantize", "near_half_step", "unpack", "dequantize", "paged_decode_attention"]
 
 
 def round_to(x, dtype: str) -> np.ndarray:
@@ -41,16 +41,15 @@ def _round_half_away(x: np.ndarray) -> np.ndarray:
     return np.copysign(np.floor(a + 0.5), x).astype(np.float32)
 
 
-def quantize(x, group: int, bits: int, dtype: str,
-             backend: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(packed uint32 (..., D * bits / 32), scales, biases (..., D / group) float64 of
-    `dtype`) of x (..., D): MLX's affine quantization per group of the last axis, as
-    its `backend` ("cpu" | "cuda") computes it."""
+def _affine(x, group: int, bits: int, backend: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps (..., D), scale, bias (..., D / group)) float32 of MLX's affine quantization
+    of x (..., D) as `backend` computes it: steps is (x - bias) / scale, which rounds to
+    the stored level."""
     if backend not in ("cpu", "cuda"):
         raise ValueError(backend)
     rnd = np.rint if backend == "cpu" else _round_half_away
     x = np.asarray(x, np.float64).astype(np.float32)
-    shape, dim = x.shape[:-1], x.shape[-1]
+    dim = x.shape[-1]
     g = x.reshape(-1, dim // group, group)
     n_bins = np.float32((1 << bits) - 1)
     w_max, w_min = g.max(axis=-1), g.min(axis=-1)
@@ -64,13 +63,31 @@ def quantize(x, group: int, bits: int, dtype: str,
     nonzero = q0 != 0
     scale = np.where(nonzero, edge / np.where(nonzero, q0, np.float32(1)), scale).astype(np.float32)
     bias = np.where(nonzero, edge, np.float32(0)).astype(np.float32)
-    q = rnd((g - bias[..., None]) / scale[..., None])
-    q = np.clip(q, 0, n_bins).astype(np.uint32).reshape(-1, dim)
+    steps = ((g - bias[..., None]) / scale[..., None]).reshape(x.shape)
+    return steps, scale.reshape(*x.shape[:-1], -1), bias.reshape(*x.shape[:-1], -1)
+
+
+def near_half_step(x, group: int, bits: int, backend: str = "cpu", within: float = 1e-4) -> np.ndarray:
+    """(..., D) bool: the values of x whose step (x - bias) / scale lies within `within` of a
+    half step, where a division rounded differently (a GPU compiler's faster one) may pick
+    the other level."""
+    steps = _affine(x, group, bits, backend)[0]
+    return np.abs(steps - np.floor(steps) - 0.5) < within
+
+
+def quantize(x, group: int, bits: int, dtype: str,
+             backend: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(packed uint32 (..., D * bits / 32), scales, biases (..., D / group) float64 of
+    `dtype`) of x (..., D): MLX's affine quantization per group of the last axis, as
+    its `backend` ("cpu" | "cuda") computes it."""
+    steps, scale, bias = _affine(x, group, bits, backend)
+    rnd = np.rint if backend == "cpu" else _round_half_away
+    shape, dim = steps.shape[:-1], steps.shape[-1]
+    q = np.clip(rnd(steps), 0, np.float32((1 << bits) - 1)).astype(np.uint32).reshape(-1, dim)
     per = 32 // bits
     words = q.reshape(-1, dim // per, per) << (np.arange(per, dtype=np.uint32) * bits)
     packed = np.bitwise_or.reduce(words, axis=-1).astype(np.uint32)
-    return (packed.reshape(*shape, dim // per), round_to(scale, dtype).reshape(*shape, dim // group),
-            round_to(bias, dtype).reshape(*shape, dim // group))
+    return packed.reshape(*shape, dim // per), round_to(scale, dtype), round_to(bias, dtype)
 
 
 def unpack(packed, bits: int) -> np.ndarray:
