@@ -86,7 +86,7 @@ __all__ = ["SamplingParams", "BatchParams", "SampleOutput", "sample", "make_keys
            "make_history", "make_counts", "apply_repetition_penalty", "keyed_hash", "advance_keys",
            "RowSampling", "BatchSampling", "StepSample", "MAX_TOP_LOGPROBS", "LOGIT_BIAS_LIMIT",
            "PENALTY_LIMIT", "MAX_TEMPERATURE", "sampling_logits", "gumbel_noise",
-           "token_logprobs"]
+           "token_logprobs", "upload_masks"]
 
 # Bounds of the options (OpenAI's where it has one). Every value inside them samples without error.
 MAX_TOP_LOGPROBS = 20
@@ -806,6 +806,12 @@ class RowSampling:
         return self.history[self.prompt_len:]
 
 
+def upload_masks(masks: np.ndarray) -> Array:
+    """A step's packed token bitmasks (rows, words) as the int32 device array `sample` takes
+    (one copy; any thread may make it: an array made from host data needs no stream)."""
+    return mx.array(np.ascontiguousarray(masks, dtype=np.int32))
+
+
 class StepSample(NamedTuple):
     """One step's results for the rows of a `BatchSampling` (device arrays)."""
 
@@ -848,19 +854,20 @@ class BatchSampling:
         self.counts: Array | None = None
 
     def __call__(self, logits: Array, selected: list[int] | None = None,
-                 masks: np.ndarray | None = None) -> StepSample:
+                 masks: np.ndarray | Array | None = None) -> StepSample:
         """Samples one token per row of logits (B, V). Rows not in `selected`
         (paused rows) keep their state; their tokens are to be ignored.
 
         `masks`: the rows' token bitmasks when some row is constrained (amlx.constrain);
         forbidden tokens go to -inf before anything else, so penalties, temperature and
         the filters act on the allowed tokens, and logprobs / top_logprobs are those of
-        the constrained distribution. The masks go to the device packed, in one upload, and
-        are applied inside the compiled step. None (no constrained row) adds no work at all."""
+        the constrained distribution. The masks go to the device packed, in one upload
+        (`upload_masks`; given as an Array, they are there already), and are applied inside
+        the compiled step. None (no constrained row) adds no work at all."""
         device_masks = None
         if masks is not None:
             check_mask_shape(masks.shape, logits.shape)
-            device_masks = mx.array(np.ascontiguousarray(masks, dtype=np.int32))
+            device_masks = upload_masks(masks) if isinstance(masks, np.ndarray) else masks
         self.penalty_state(logits.shape[1])
         out = sample(logits, self.params, self.keys, self.history, self.counts, steps=self._steps,
                      masks=device_masks)

@@ -134,7 +134,8 @@ case "${1:-speed}" in
     # issue 16's steady state (64 closed-loop clients, JSON schema vs free, AMLX_STEP_TIMING=1) under several
     # configurations, one process each, alternating: base; si: sys.setswitchinterval(0.0005) (the mask
     # thread gets the GIL back sooner after llguidance's fill); off: every batch change drains the step in
-    # flight, joins not coalesced (AMLX_CHAIN_CHANGES=0 AMLX_JOIN_WAIT=0); fresh: AMLX_EXTEND_FRESH=1
+    # flight, joins not coalesced (AMLX_CHAIN_CHANGES=0 AMLX_JOIN_WAIT=0); fresh: AMLX_EXTEND_FRESH=1;
+    # upload: AMLX_MASK_UPLOAD=thread (the masks' device arrays made on the mask thread, off the worker's path)
     for round in $(seq ${ROUNDS:-1}); do
       for cfg in ${CONFIGS:-base si}; do
         case "$cfg" in
@@ -142,6 +143,7 @@ case "${1:-speed}" in
           si) envs=(); args=(--switch-interval 0.0005) ;;
           off) envs=(AMLX_CHAIN_CHANGES=0 AMLX_JOIN_WAIT=0); args=() ;;  # batch changes drain (as before)
           fresh) envs=(AMLX_EXTEND_FRESH=1); args=() ;;
+          upload) envs=(AMLX_MASK_UPLOAD=thread); args=() ;;  # the mask thread uploads the masks too
           *) echo "unknown configuration $cfg"; continue ;;
         esac
         echo "== structured.py steady, $cfg (round $round)" | tee -a "$OUT/structured_ab.txt"

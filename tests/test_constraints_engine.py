@@ -14,6 +14,7 @@ and join as rows finish), max_tokens 128; the four runs take about a minute on 2
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import math
@@ -270,6 +271,32 @@ def test_mask_order_pinned_by_the_environment(monkeypatch):
         assert first is (order == "forward")
         assert all(re.fullmatch("[a-z]{6}[0-9]{2}", t) for t in texts[order])
     assert texts["forward"] == texts["read"]
+
+
+async def _upload_body() -> tuple[list[str], dict]:
+    async with await amlx.load(checkpoint("qwen3")) as model:
+        prompts = ("x", "yy", "zzz")
+        results = await asyncio.gather(*(model.complete(p, regex="[a-z]{6}[0-9]{2}", max_tokens=16, temperature=1.0,
+                                                        seed=i) for i, p in enumerate(prompts)))
+        return [r.text for r in results], model.stats()["step_timing"]
+
+
+def test_masks_uploaded_on_the_mask_thread_sample_the_same(monkeypatch):
+    """AMLX_MASK_UPLOAD=thread (benchmarks): the mask thread also makes the masks' device
+    arrays; the tokens are those of the worker's own upload, seeded sampling included."""
+    monkeypatch.setenv("AMLX_MASK_ORDER", "read")  # (the masks are filled on the mask thread)
+    monkeypatch.setenv("AMLX_STEP_TIMING", "1")
+    texts, timing = {}, {}
+    for mode in ("worker", "thread"):
+        monkeypatch.setenv("AMLX_MASK_UPLOAD", mode)
+        texts[mode], timing[mode] = anyio.run(_upload_body)
+        assert all(re.fullmatch("[a-z]{6}[0-9]{2}", t) for t in texts[mode])
+    assert texts["thread"] == texts["worker"]
+    assert timing["thread"]["background"]["mask_upload"] > 0
+    assert "mask_upload" not in timing["worker"]["background"]
+    monkeypatch.setenv("AMLX_MASK_UPLOAD", "gpu")
+    with pytest.raises(ValueError, match="AMLX_MASK_UPLOAD"):
+        anyio.run(_upload_body)
 
 
 async def _queued_body() -> None:

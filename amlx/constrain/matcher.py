@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import llguidance
@@ -184,9 +184,10 @@ class MaskJob:
     a matcher, or whose matcher failed, allow every token. The matchers must not move between
     construction and `run`."""
 
-    __slots__ = ("out", "seconds", "_jobs", "_masks")
+    __slots__ = ("out", "seconds", "upload_seconds", "_jobs", "_masks", "_upload")
 
-    def __init__(self, groups: Sequence[Sequence[Matcher | None]]):
+    def __init__(self, groups: Sequence[Sequence[Matcher | None]],
+                 upload: Callable[[np.ndarray], object] | None = None):
         words = next((m.mask_words for g in groups for m in g if m is not None), 0)
         sizes = [len(g) if any(m is not None for m in g) else 0 for g in groups]
         self._masks = masks = llnp.allocate_token_bitmask(sum(sizes), words * 32)
@@ -199,16 +200,24 @@ class MaskJob:
             self.out.append(masks[start:start + size] if size else None)
             start += size
         self._jobs = jobs
-        self.seconds = 0.0  # how long `run` took (llguidance's share of a step's host time)
+        self._upload = upload
+        self.seconds = 0.0  # how long the fill took (llguidance's share of a step's host time)
+        self.upload_seconds = 0.0  # how long `upload` took
 
-    def run(self) -> list[np.ndarray | None]:
-        """Fills the masks (any thread, once) and returns them, one per group."""
+    def run(self) -> list:
+        """Fills the masks (any thread, once) and returns them, one per group: each passed
+        through `upload` where the job was given one (so that the copy to the device is made
+        on the thread that runs the job), else the host arrays."""
         if self._jobs:
             start = time.perf_counter()
             masks = self._masks
             # what llnp.fill_next_token_bitmask_par does after checking the array made above
             _pool().unsafe_compute_mask_ptr(self._jobs, masks.ctypes.data, masks.shape[1] * 4, masks.shape[0])
             self.seconds = time.perf_counter() - start
+        if self._upload is not None:
+            start = time.perf_counter()
+            self.out = [None if m is None else self._upload(m) for m in self.out]
+            self.upload_seconds = time.perf_counter() - start
         return self.out
 
 

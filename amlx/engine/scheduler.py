@@ -66,7 +66,7 @@ from amlx.engine.rate import RateMeter
 from amlx.engine.timing import StepTiming, step_timing_enabled
 from amlx.engine.speculate import make_speculator
 from amlx.engine.request import Request
-from amlx.sample import BatchSampling, CompiledSteps, StepSample
+from amlx.sample import BatchSampling, CompiledSteps, StepSample, upload_masks
 from amlx.models.nn import split_layers
 from amlx.errors import AmlxError, ClosedError, ContextLengthError, MLXError
 
@@ -87,6 +87,17 @@ def _extend_tokens(length: int) -> int:
     while width < length:
         width *= 2
     return width
+
+
+def _masks_uploaded_on_thread() -> bool:
+    """AMLX_MASK_UPLOAD=thread: where the mask thread fills a step's masks, it also makes their
+    device arrays (`sample.upload_masks`), so the copy is off the worker's path; by default
+    ("worker") the worker uploads them when it builds the sampling step. Read once, for
+    benchmarks to compare (benchmarks/run_gpu.sh structured-ab's `upload`)."""
+    mode = os.environ.get("AMLX_MASK_UPLOAD", "worker").strip().lower()
+    if mode not in ("worker", "thread"):
+        raise ValueError(f"AMLX_MASK_UPLOAD must be 'worker' or 'thread', not {mode!r}")
+    return mode == "thread"
 
 
 def _pinned_mask_order() -> bool | None:
@@ -166,6 +177,7 @@ class Scheduler:
         # constrained shards launch their forwards before the read (_step_constrained); the order
         # is measured unless the environment pins it (read once, here)
         self._pinned_order = _pinned_mask_order()
+        self._upload_on_thread = _masks_uploaded_on_thread()
         self.forward_first = bool(self._pinned_order)
         self._prepared = False  # the model's derived arrays are evaluated (see Module.prepare)
         model.use_decode_kernel(self.options.decode_kernel)
@@ -942,8 +954,9 @@ class Scheduler:
         indices = [i for i in indices if parts[i] is not None or all(r.blocks for r in plan[i][0].rows)]
         if not indices:
             return True
-        job = MaskJob([[r.matcher for r in plan[i][0].rows] for i in indices])
         todo = [i for i in indices if parts[i] is None]
+        job = MaskJob([[r.matcher for r in plan[i][0].rows] for i in indices],
+                      upload_masks if todo and self._upload_on_thread else None)
         pending = None
         if todo:  # forwards to build meanwhile: the masks go to the mask thread
             if self._mask_thread is None:
@@ -965,6 +978,8 @@ class Scheduler:
             masks = pending.result() if pending is not None else job.run()
             self.timing.lap("masks")
             self.timing.add("mask_fill", job.seconds)
+            if job.upload_seconds:
+                self.timing.add("mask_upload", job.upload_seconds)
         if not ok:
             return False
         if len(todo) < len(indices) and self._pinned_order is None:
