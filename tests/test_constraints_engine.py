@@ -299,6 +299,28 @@ def test_masks_uploaded_on_the_mask_thread_sample_the_same(monkeypatch):
         anyio.run(_upload_body)
 
 
+def test_a_failed_mask_upload_on_the_mask_thread_is_a_failed_step(monkeypatch):
+    """An MLX error making the masks' device arrays on the mask thread is handled as a step
+    that failed to build (the rows retried), not an engine failure: the requests complete."""
+    from amlx.engine import scheduler as scheduler_module
+    from amlx.errors import MLXError
+
+    real, calls = scheduler_module.upload_masks, []
+
+    def flaky(masks):
+        calls.append(len(masks))
+        if len(calls) == 3:
+            raise MLXError("array", "out of memory (injected)")
+        return real(masks)
+
+    monkeypatch.setattr(scheduler_module, "upload_masks", flaky)
+    monkeypatch.setenv("AMLX_STEP_TIMING", "1")
+    monkeypatch.setenv("AMLX_MASK_ORDER", "read")
+    monkeypatch.setenv("AMLX_MASK_UPLOAD", "thread")
+    texts, _ = anyio.run(_upload_body)
+    assert len(calls) > 3 and all(re.fullmatch("[a-z]{6}[0-9]{2}", t) for t in texts)
+
+
 async def _queued_body() -> None:
     async with await amlx.load(checkpoint("qwen3")) as model:
         pattern = "[a-z]{40}"

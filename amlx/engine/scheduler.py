@@ -975,7 +975,10 @@ class Scheduler:
             # (always waited for: the matchers are this thread's again.) With nothing to build
             # (the forwards went first), this thread computes them itself: a hand-over to the
             # mask thread and back would only add the GIL's and the threads' wake-up latencies.
-            masks = pending.result() if pending is not None else job.run()
+            try:
+                masks = pending.result() if pending is not None else job.run()
+            except MLXError:  # (the masks' upload on the mask thread: as a failed build)
+                masks, ok = [], False
             self.timing.lap("masks")
             self.timing.add("mask_fill", job.seconds)
             if job.upload_seconds:
