@@ -531,7 +531,7 @@ def checkpoint_bytes(name: str) -> int:
     return layout_bytes(_layout(spec["config"], spec["store_tied_lm_head"], bits, GROUP_SIZE))
 
 
-def write_benchmark_checkpoint(dirpath, name: str, *, seed: int = 0) -> Path:
+def write_benchmark_checkpoint(dirpath, name: str, *, seed: int = 0, layers: int | None = None) -> Path:
     """Write the random-weight checkpoint ``name`` (a key of MODELS, optionally with a
     ``-4bit`` / ``-8bit`` suffix) into ``dirpath``.
 
@@ -543,12 +543,21 @@ def write_benchmark_checkpoint(dirpath, name: str, *, seed: int = 0) -> Path:
     (and mlx-community) uses: random packed codes, bf16 scales and biases per group of
     64, config.json's ``quantization`` / ``quantization_config``, an index file, and
     no stored copy of a tied lm_head. (Decode speed depends on shapes, not values; the
-    direct form needs no bf16 copy on disk: 27B in bf16 is 54 GB.) Returns the directory.
+    direct form needs no bf16 copy on disk: 27B in bf16 is 54 GB.) `layers`: only the
+    first that many decoder layers (every other shape the release's), for checks of a
+    large model's kernels that need its shapes but not its load and compile times.
+    Returns the directory.
     """
     spec, bits = _spec(name)
     path = Path(dirpath)
     path.mkdir(parents=True, exist_ok=True)
     cfg = dict(spec["config"])
+    if layers is not None:
+        if not 1 <= layers <= cfg["num_hidden_layers"]:
+            raise ValueError(f"{name} has {cfg['num_hidden_layers']} layers; cannot keep {layers}")
+        cfg["num_hidden_layers"] = layers
+        if "max_window_layers" in cfg:
+            cfg["max_window_layers"] = min(cfg["max_window_layers"], layers)
     layout = _layout(cfg, spec["store_tied_lm_head"], bits, GROUP_SIZE)
     metadata = {"format": "pt"}
     if bits is not None:
@@ -574,10 +583,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(SMALL_MODELS),
                         help=f"names from {', '.join(MODELS)}, each optionally with -4bit / -8bit")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=None,
+                        help="keep only the first N decoder layers (the release's shapes otherwise)")
     args = parser.parse_args(argv)
     for name in args.models:
         t0 = time.perf_counter()
-        out = write_benchmark_checkpoint(args.outdir / name, name, seed=args.seed)
+        out = write_benchmark_checkpoint(args.outdir / name, name, seed=args.seed, layers=args.layers)
         size = (out / "model.safetensors").stat().st_size
         print(f"{name}: {out} ({size / 2**30:.2f} GiB, {time.perf_counter() - t0:.1f}s)")
     return 0

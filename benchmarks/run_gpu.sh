@@ -22,6 +22,8 @@
 #                                        # then speed.py --streams 64 beside mlx-lm at SPEED_CAP (default 256M)
 #   bash benchmarks/run_gpu.sh structured-ab  # issue 16's steady state under CONFIGS (base si ...), ROUNDS times,
 #                                        # alternating, one process each (~80 s a configuration)
+#   bash benchmarks/run_gpu.sh shape-check # MODEL's shapes with LAYERS layers: single then 64 streams in one process
+#                                        # (benchmarks/batch_check.py), SANITIZE=1 under compute-sanitizer
 #   bash benchmarks/run_gpu.sh window    # KV memory of a long Gemma-3-1B row, windowed layers' own pool (window_pool.py)
 #   bash benchmarks/run_gpu.sh qgemv-launch # the kernel's launch shapes: balanced vs measured, serial calls (~4 min)
 #   bash benchmarks/run_gpu.sh spec-cost    # speculative decoding: k draft steps + verify vs k+1 plain steps
@@ -153,6 +155,22 @@ case "${1:-speed}" in
           | tail -3 | tee -a "$OUT/structured_ab.txt" || echo "structured.py $cfg ended with status $?"
       done
     done ;;
+  shape-check)
+    # a large model's shapes with few layers (MODEL, default gemma3-27b-4bit; LAYERS, default 4): batch_check.py's
+    # single-stream then STREAMS-stream sequence, which bigspeed's 27B 4-bit run failed in (2026-12-03);
+    # SANITIZE=1 runs it under compute-sanitizer (memcheck names the kernel that read out of bounds)
+    m=${MODEL:-gemma3-27b-4bit}; ck=/tmp/amlx-shape
+    restore_ptx
+    [ -f "$ck/$m/config.json" ] || python3 benchmarks/checkpoints.py "$ck" --models "$m" --layers "${LAYERS:-4}"
+    run=(python3 benchmarks/batch_check.py "$ck/$m" --streams "${STREAMS:-64}" --tokens "${TOKENS:-32}")
+    if [ "${SANITIZE:-0}" = 1 ]; then
+      san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+      [ -n "$san" ] || { echo "compute-sanitizer not found"; exit 1; }
+      run=("$san" --tool memcheck --print-limit 10 "${run[@]}")
+    fi
+    timeout -k 10 ${BUDGET:-300} "${run[@]}" 2>&1 | tee "$OUT/shape_check.txt" | tail -40 \
+      || echo "batch_check ended with status $?"
+    save_ptx ;;
   window)
     timeout -k 10 ${BUDGET:-270} python3 benchmarks/window_pool.py --preset "${MODEL:-gemma3-1b}" --prompt 8000 \
       --tokens 256 --out "$OUT/window_pool.json" || echo "window_pool.py ended with status $?" ;;

@@ -501,6 +501,28 @@ def test_benchmark_tokenizer_has_the_release_layout(tmp_path, name, size, specia
     assert "chat_template" in config and tok.token_to_id(config["eos_token"]) in eos
 
 
+def test_benchmark_checkpoint_with_fewer_layers(tmp_path):
+    """write_benchmark_checkpoint(layers=N): the release's shapes with only the first N
+    decoder layers (a large model's kernels checked without its load), and it loads."""
+    import amlx
+    from safetensors import safe_open
+
+    bench = _bench_module()
+    path = bench.write_benchmark_checkpoint(tmp_path / "q", "qwen3-tiny-4bit", layers=1)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 1 == cfg["max_window_layers"]
+    with safe_open(str(path / "model.safetensors"), "np") as f:
+        layers = {k.split(".")[2] for k in f.keys() if k.startswith("model.layers.")}
+    assert layers == {"0"}
+    model = amlx.load_sync(path)
+    try:
+        assert len(model.complete_sync([5, 6, 7], max_tokens=2, temperature=0.0).token_ids) == 2
+    finally:
+        model.close()
+    with pytest.raises(ValueError, match="cannot keep 9"):
+        bench.write_benchmark_checkpoint(tmp_path / "r", "qwen3-tiny", layers=9)
+
+
 def test_benchmark_safetensors_writer(tmp_path):
     from safetensors.torch import load_file
 
