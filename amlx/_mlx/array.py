@@ -31,6 +31,16 @@ def _call(fn, op: str, *args) -> "Array":
     return a
 
 
+def _adopt_all(handles, n: int) -> list["Array"]:
+    """Arrays owning the n new handles of a `mlxc_array[]` an mlxc function filled."""
+    out = []
+    for i in range(n):
+        a = _alloc(Array)
+        a._h = handles[i]
+        out.append(a)
+    return out
+
+
 def _handle_or_null(a: "Array | None"):
     """An optional array argument of an mlxc function: its handle, or NULL."""
     return ffi.NULL if a is None else a.handle

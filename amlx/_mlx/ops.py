@@ -8,7 +8,7 @@ from typing import Iterable, Sequence
 
 from amlx._mlx import dtypes as _dt
 from amlx._mlx._lib import check, error, ffi, lib
-from amlx._mlx.array import Array, _call, _call_optional, array, binary_op, scalar_like
+from amlx._mlx.array import Array, _adopt_all, _call, _call_optional, array, binary_op, scalar_like
 
 def _int_arr(values: Sequence[int]):
     values = [int(v) for v in values]
@@ -289,8 +289,11 @@ class _Vec:
         out = ffi.new("mlxc_vec*")
         check(lib.mlxc_vec_new(out), "vec")
         self.h = out[0]
-        for a in arrays:
-            check(lib.mlxc_vec_push(self.h, a.handle), "vec")
+        held = list(arrays)  # (alive across the call: their handles do not hold them)
+        if held:
+            if lib.mlxc_vec_push_many(self.h, ffi.new("mlxc_array[]", [a.handle for a in held]), len(held)):
+                lib.mlxc_vec_free(self.h)
+                raise error("vec")
 
     def __enter__(self):
         return self
@@ -300,10 +303,10 @@ class _Vec:
         self.h = None
 
     def arrays(self) -> list[Array]:
-        out = []
-        for i in range(lib.mlxc_vec_size(self.h)):
-            out.append(_call(lib.mlxc_vec_get, "vec", self.h, i))
-        return out
+        n = lib.mlxc_vec_size(self.h)
+        handles = ffi.new("mlxc_array[]", n)
+        check(lib.mlxc_vec_take(self.h, handles, n), "vec")
+        return _adopt_all(handles, n)
 
 
 def concatenate(arrays: Sequence[Array], axis: int = 0) -> Array:

@@ -412,6 +412,29 @@ int mlxc_vec_push(mlxc_vec v, mlxc_array a) {
   GUARD_END
 }
 
+// Python's per-array crossings (a cffi call and a status check each) cost more than the
+// C++ work here: a compiled decode step passes 60 arrays in and 30 out.
+int mlxc_vec_push_many(mlxc_vec v, const mlxc_array* arrays, size_t n) {
+  GUARD_BEGIN
+  v->v.reserve(v->v.size() + n);
+  for (size_t i = 0; i < n; ++i) v->v.push_back(arrays[i]->a);
+  GUARD_END
+}
+
+int mlxc_vec_take(mlxc_vec v, mlxc_array* out, size_t n) {
+  GUARD_BEGIN
+  if (n != v->v.size()) throw std::invalid_argument("[vec] take: the count is not the list's size");
+  size_t i = 0;
+  try {  // all handles or none
+    for (; i < n; ++i) out[i] = new mlxc_array_s{v->v[i]};
+  } catch (...) {
+    while (i > 0) delete out[--i];
+    throw;
+  }
+  v->v.clear();  // (the handles own the arrays now: the list holds nothing alive)
+  GUARD_END
+}
+
 int mlxc_unary(int op, mlxc_array a, mlxc_array* out) {
   GUARD_BEGIN
   const mx::array& x = a->a;
@@ -948,6 +971,12 @@ void mlxc_closure_free(mlxc_closure c) {
 int mlxc_closure_apply(mlxc_closure c, mlxc_vec inputs, mlxc_vec outputs) {
   GUARD_BEGIN
   outputs->v = c->fn(inputs->v);
+  GUARD_END
+}
+
+int mlxc_closure_call(mlxc_closure c, const mlxc_array* inputs, size_t n_in, mlxc_vec outputs) {
+  GUARD_BEGIN
+  outputs->v = c->fn(to_vector(inputs, n_in));
   GUARD_END
 }
 

@@ -179,6 +179,10 @@ void mlxc_vec_free(mlxc_vec v);
 size_t mlxc_vec_size(mlxc_vec v);
 int mlxc_vec_get(mlxc_vec v, size_t i, mlxc_array* out);
 int mlxc_vec_push(mlxc_vec v, mlxc_array a);
+/* One call for many: append arrays[0..n) to v; move all of v's n arrays into new
+ * handles in out[0..n) (n must be v's size; v is left empty). */
+int mlxc_vec_push_many(mlxc_vec v, const mlxc_array* arrays, size_t n);
+int mlxc_vec_take(mlxc_vec v, mlxc_array* out, size_t n);
 
 /* Elementwise and general ops. */
 int mlxc_unary(int op, mlxc_array a, mlxc_array* out);
@@ -288,6 +292,8 @@ int mlxc_sdpa(mlxc_array q, mlxc_array k, mlxc_array v, float scale,
 int mlxc_compile(mlxc_fn fn, void* payload, int shapeless, mlxc_closure* out);
 void mlxc_closure_free(mlxc_closure c);
 int mlxc_closure_apply(mlxc_closure c, mlxc_vec inputs, mlxc_vec outputs);
+/* mlxc_closure_apply with the inputs as an array of n_in handles. */
+int mlxc_closure_call(mlxc_closure c, const mlxc_array* inputs, size_t n_in, mlxc_vec outputs);
 int mlxc_vjp(mlxc_fn fn, void* payload, mlxc_vec primals, mlxc_vec cotangents,
              mlxc_vec outputs, mlxc_vec vjps);
 int mlxc_value_and_grad(mlxc_fn fn, void* payload, mlxc_vec inputs,
