@@ -396,6 +396,16 @@ def buffer_view(a: Array) -> Array | None:
     return _call_optional(lib.mlxc_buffer_view, "buffer_view", a.handle)
 
 
+def buffer_views(arrays: Sequence[Array]) -> list[Array] | None:
+    """`buffer_view` of each of `arrays` in one call, or None where one of them has none."""
+    held = list(arrays)
+    if not held:
+        return []
+    out = ffi.new("mlxc_array[]", len(held))
+    check(lib.mlxc_buffer_views(ffi.new("mlxc_array[]", [a.handle for a in held]), len(held), out), "buffer_view")
+    return None if out[0] == ffi.NULL else _adopt_all(out, len(held))
+
+
 # -- creation ------------------------------------------------------------
 
 def full(shape: Sequence[int], value, dtype=None) -> Array:

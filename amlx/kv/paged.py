@@ -51,8 +51,7 @@ def read_views(arrays: Sequence[Array]) -> list[Array]:
     carries no dependency on its array, so stream order alone orders the reads."""
     if not READ_VIEWS:
         return []
-    views = [ops.buffer_view(a) for a in arrays]
-    return [] if any(v is None for v in views) else views
+    return ops.buffer_views(arrays) or []
 
 
 @dataclass

@@ -852,6 +852,29 @@ int mlxc_buffer_view(mlxc_array a, mlxc_array* out) {
   GUARD_END
 }
 
+int mlxc_buffer_views(const mlxc_array* arrays, size_t n, mlxc_array* out) {
+  GUARD_BEGIN
+  // (one call for a step's every layer: the decode kernel's reads of the pool)
+  std::vector<mx::array> views;
+  views.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    std::optional<mx::array> view = mlxc::buffer_view(arrays[i]->a);
+    if (!view) {
+      if (n > 0) out[0] = nullptr;
+      return 0;
+    }
+    views.push_back(std::move(*view));
+  }
+  size_t i = 0;
+  try {  // all handles or none
+    for (; i < n; ++i) out[i] = new mlxc_array_s{views[i]};
+  } catch (...) {
+    while (i > 0) delete out[--i];
+    throw;
+  }
+  GUARD_END
+}
+
 int mlxc_cpu_dequantize(mlxc_array w, mlxc_array scales, mlxc_array biases,
                         int group_size, int bits, mlxc_array* out) {
   GUARD_BEGIN

@@ -133,6 +133,9 @@ int mlxc_cpu_gated_activation(mlxc_array gate_up, int act, mlxc_array* out);
  * launched after a, while a's buffer lives. *out = NULL when a is not a whole
  * evaluated row-contiguous buffer. */
 int mlxc_buffer_view(mlxc_array a, mlxc_array* out);
+/* mlxc_buffer_view of each of arrays[0..n) into out[0..n), all or none: out[0] = NULL
+ * (and no handles) when one of them is not such a buffer. */
+int mlxc_buffer_views(const mlxc_array* arrays, size_t n, mlxc_array* out);
 /* 1 when glibc's mmap and trim thresholds were raised as this library loaded
  * (malloc_tuning.cpp; AMLX_MALLOC_TUNING=0 turns it off), else 0. */
 int mlxc_malloc_tuned(void);
