@@ -1501,6 +1501,19 @@ def test_buffer_view_is_none_without_a_whole_computed_buffer():
     assert O.buffer_view(t) is None  # strided
 
 
+@covers("buffer_views")
+def test_buffer_views_are_all_or_none():
+    xs = [mx.array(np.full((2, 3), i, np.float32)) for i in range(5)]
+    O.eval(*xs)
+    views = O.buffer_views(xs)
+    assert len(views) == 5 and all(np.array_equal(v.numpy(), x.numpy()) for v, x in zip(views, xs))
+    for v in views[:-1]:
+        v.close()
+    np.testing.assert_array_equal(views[-1].numpy(), xs[-1].numpy())
+    assert O.buffer_views(xs[:2] + [O.arange(3, dtype=mx.float32)] + xs[2:]) is None  # one not computed
+    assert O.buffer_views([]) == []
+
+
 def test_every_op_is_covered():
     public = {n for n in O.__all__ if not n.startswith("_")} - NOT_OPS
     missing = public - COVERED
