@@ -421,16 +421,21 @@ int mlxc_vec_push_many(mlxc_vec v, const mlxc_array* arrays, size_t n) {
   GUARD_END
 }
 
-int mlxc_vec_take(mlxc_vec v, mlxc_array* out, size_t n) {
-  GUARD_BEGIN
-  if (n != v->v.size()) throw std::invalid_argument("[vec] take: the count is not the list's size");
+// New handles for every one of `arrays` into out[0..size): all, or none (freed again).
+static void put_all(const std::vector<mx::array>& arrays, mlxc_array* out) {
   size_t i = 0;
-  try {  // all handles or none
-    for (; i < n; ++i) out[i] = new mlxc_array_s{v->v[i]};
+  try {
+    for (; i < arrays.size(); ++i) out[i] = new mlxc_array_s{arrays[i]};
   } catch (...) {
     while (i > 0) delete out[--i];
     throw;
   }
+}
+
+int mlxc_vec_take(mlxc_vec v, mlxc_array* out, size_t n) {
+  GUARD_BEGIN
+  if (n != v->v.size()) throw std::invalid_argument("[vec] take: the count is not the list's size");
+  put_all(v->v, out);
   v->v.clear();  // (the handles own the arrays now: the list holds nothing alive)
   GUARD_END
 }
@@ -865,13 +870,7 @@ int mlxc_buffer_views(const mlxc_array* arrays, size_t n, mlxc_array* out) {
     }
     views.push_back(std::move(*view));
   }
-  size_t i = 0;
-  try {  // all handles or none
-    for (; i < n; ++i) out[i] = new mlxc_array_s{views[i]};
-  } catch (...) {
-    while (i > 0) delete out[--i];
-    throw;
-  }
+  put_all(views, out);
   GUARD_END
 }
 
