@@ -282,6 +282,12 @@ def flatten(a: Array) -> Array:
     return reshape(a, (-1,))
 
 
+def _handle_array(arrays: Sequence[Array]):
+    """An `mlxc_array[]` of the arrays' handles, for one C call over all of them (the
+    arrays must stay alive across the call: a handle does not hold its array)."""
+    return ffi.new("mlxc_array[]", [a.handle for a in arrays])
+
+
 class _Vec:
     """A temporary mlxc_vec, freed on exit."""
 
@@ -291,7 +297,7 @@ class _Vec:
         self.h = out[0]
         held = list(arrays)  # (alive across the call: their handles do not hold them)
         if held:
-            if lib.mlxc_vec_push_many(self.h, ffi.new("mlxc_array[]", [a.handle for a in held]), len(held)):
+            if lib.mlxc_vec_push_many(self.h, _handle_array(held), len(held)):
                 lib.mlxc_vec_free(self.h)
                 raise error("vec")
 
@@ -402,7 +408,7 @@ def buffer_views(arrays: Sequence[Array]) -> list[Array] | None:
     if not held:
         return []
     out = ffi.new("mlxc_array[]", len(held))
-    check(lib.mlxc_buffer_views(ffi.new("mlxc_array[]", [a.handle for a in held]), len(held), out), "buffer_view")
+    check(lib.mlxc_buffer_views(_handle_array(held), len(held), out), "buffer_view")
     return None if out[0] == ffi.NULL else _adopt_all(out, len(held))
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from amlx._mlx._lib import check, error, ffi, lib, set_pending
 from amlx._mlx.array import Array, _call
-from amlx._mlx.ops import _Vec
+from amlx._mlx.ops import _Vec, _handle_array
 
 
 # -- pytrees ---------------------------------------------------------------
@@ -188,8 +188,7 @@ class Compiled:
         # the inputs as one array of handles and the outputs taken in one call: a C call per
         # array each way was most of a call's cost (a decode step: ~60 in, ~30 out)
         with _Vec() as vout:
-            check(lib.mlxc_closure_call(self._closure, ffi.new("mlxc_array[]", [a.handle for a in leaves]),
-                                        len(leaves), vout.h), "compile")
+            check(lib.mlxc_closure_call(self._closure, _handle_array(leaves), len(leaves), vout.h), "compile")
             return tree_unflatten(self._flat.out_structure, vout.arrays())
 
     def close(self) -> None:

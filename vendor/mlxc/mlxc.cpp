@@ -865,7 +865,7 @@ int mlxc_buffer_views(const mlxc_array* arrays, size_t n, mlxc_array* out) {
   for (size_t i = 0; i < n; ++i) {
     std::optional<mx::array> view = mlxc::buffer_view(arrays[i]->a);
     if (!view) {
-      if (n > 0) out[0] = nullptr;
+      out[0] = nullptr;
       return 0;
     }
     views.push_back(std::move(*view));
@@ -988,12 +988,6 @@ void mlxc_closure_free(mlxc_closure c) {
   } catch (...) {
   }
   delete c;
-}
-
-int mlxc_closure_apply(mlxc_closure c, mlxc_vec inputs, mlxc_vec outputs) {
-  GUARD_BEGIN
-  outputs->v = c->fn(inputs->v);
-  GUARD_END
 }
 
 int mlxc_closure_call(mlxc_closure c, const mlxc_array* inputs, size_t n_in, mlxc_vec outputs) {

@@ -294,8 +294,7 @@ int mlxc_sdpa(mlxc_array q, mlxc_array k, mlxc_array v, float scale,
 /* Transformations over caller functions. */
 int mlxc_compile(mlxc_fn fn, void* payload, int shapeless, mlxc_closure* out);
 void mlxc_closure_free(mlxc_closure c);
-int mlxc_closure_apply(mlxc_closure c, mlxc_vec inputs, mlxc_vec outputs);
-/* mlxc_closure_apply with the inputs as an array of n_in handles. */
+/* Runs a compiled function on n_in input handles; its outputs go into `outputs`. */
 int mlxc_closure_call(mlxc_closure c, const mlxc_array* inputs, size_t n_in, mlxc_vec outputs);
 int mlxc_vjp(mlxc_fn fn, void* payload, mlxc_vec primals, mlxc_vec cotangents,
              mlxc_vec outputs, mlxc_vec vjps);
