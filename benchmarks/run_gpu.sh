@@ -24,6 +24,8 @@
 #                                        # alternating, one process each (~80 s a configuration)
 #   bash benchmarks/run_gpu.sh shape-check # MODEL's shapes with LAYERS layers: single then 64 streams in one process
 #                                        # (benchmarks/batch_check.py), SANITIZE=1 under compute-sanitizer
+#   bash benchmarks/run_gpu.sh kernel-profile # MODEL's (default qwen3-8b) single-stream decode, amlx beside mlx-lm:
+#                                        # each CUDA kernel's device time per token, the device's idle time (CUPTI)
 #   bash benchmarks/run_gpu.sh window    # KV memory of a long Gemma-3-1B row, windowed layers' own pool (window_pool.py)
 #   bash benchmarks/run_gpu.sh qgemv-launch # the kernel's launch shapes: balanced vs measured, serial calls (~4 min)
 #   bash benchmarks/run_gpu.sh spec-cost    # speculative decoding: k draft steps + verify vs k+1 plain steps
@@ -170,6 +172,15 @@ case "${1:-speed}" in
     fi
     timeout -k 10 ${BUDGET:-300} "${run[@]}" 2>&1 | tee "$OUT/shape_check.txt" | tail -40 \
       || echo "batch_check ended with status $?"
+    save_ptx ;;
+  kernel-profile)
+    # single-stream decode, amlx beside mlx-lm, every CUDA kernel's device time per token (kernel_profile.py):
+    # MODEL (default qwen3-8b), LAYERS (default: all the release's layers); tells kernels from host time
+    m=${MODEL:-qwen3-8b}; ck=/tmp/amlx-kprof
+    restore_ptx
+    [ -f "$ck/$m/config.json" ] || python3 benchmarks/checkpoints.py "$ck" --models "$m" ${LAYERS:+--layers $LAYERS}
+    timeout -k 10 ${BUDGET:-300} python3 benchmarks/kernel_profile.py "$ck/$m" --tokens "${TOKENS:-72}" \
+      --json "$OUT/kernel_profile_$m.json" 2>&1 | tee "$OUT/kernel_profile_$m.md" || echo "kernel_profile ended with status $?"
     save_ptx ;;
   window)
     timeout -k 10 ${BUDGET:-270} python3 benchmarks/window_pool.py --preset "${MODEL:-gemma3-1b}" --prompt 8000 \

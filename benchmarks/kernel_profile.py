@@ -1,0 +1,143 @@
+"""Where a single-stream decode step's device time goes, amlx beside mlx-lm.
+
+Each side runs in its own process on the same checkpoint: a prompt, then
+`--tokens` decoded tokens with CUPTI (torch.profiler) recording every CUDA kernel
+of the process between the `--skip`-th token and the last. Per side, per decoded
+token:
+  wall     time between tokens
+  busy     the sum of the kernels' device time
+  idle     wall - busy: the device waiting for the host (or for the previous step)
+and each kernel (name shortened to its function) with its launches and device
+microseconds per token. Use it to tell kernel quality from host time when a
+side is behind at one stream (issue 20: Qwen3-8B bf16, 0.84x mlx-lm).
+
+    python benchmarks/kernel_profile.py /tmp/ck/qwen3-8b [--tokens 64] [--sides amlx mlx-lm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _short(name: str) -> str:
+    """A kernel's function name without its template arguments and parameters."""
+    name = re.sub(r"\(.*$", "", name)
+    depth, out = 0, []
+    for ch in name:
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif depth == 0:
+            out.append(ch)
+    short = "".join(out).split("::")[-1].strip()
+    return short or name[:60]
+
+
+def _stream(side: str, path: str):
+    """(generate(prompt, tokens) -> iterator of tokens, close) for one side."""
+    if side == "amlx":
+        import amlx
+
+        model = amlx.load_sync(path, max_batch_size=4)
+        return (lambda p, n: model.generate_sync(p, max_tokens=n)), model.close
+    from mlx_lm import load, stream_generate
+
+    model, tokenizer = load(path)
+    return (lambda p, n: stream_generate(model, tokenizer, p, max_tokens=n)), (lambda: None)
+
+
+def profile_side(side: str, path: str, tokens: int, skip: int) -> dict:
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    generate, close = _stream(side, path)
+    prompt = np.random.default_rng(0).integers(1000, 30000, size=128).tolist()
+    for _ in generate(prompt, 16):  # compiles and warms every kernel of the step
+        pass
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.init()
+    # without CUDA (a smoke test of the script on the CPU) nothing is recorded: busy is 0
+    prof = profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
+    stamps: list[float] = []
+    for i, _ in enumerate(generate(prompt, tokens)):
+        if i == skip:
+            prof.start()
+        if i >= skip:
+            stamps.append(time.perf_counter())
+    prof.stop()
+    close()
+    steps = len(stamps) - 1
+    if steps < 1:
+        raise RuntimeError(f"{side}: only {len(stamps)} tokens after the first {skip}")
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(_short(e.name), []).append(e.time_range.elapsed_us())
+    wall_us = (stamps[-1] - stamps[0]) / steps * 1e6
+    # kernels of the step in flight at either end are counted whole: one step's worth of error over `steps`
+    busy_us = sum(sum(t) for t in kernels.values()) / steps
+    rows = sorted(({"kernel": k, "launches": len(t) / steps, "us": sum(t) / steps} for k, t in kernels.items()),
+                  key=lambda r: -r["us"])
+    return {"side": side, "steps": steps, "wall_us": wall_us, "busy_us": busy_us,
+            "idle_us": wall_us - busy_us, "tok_s": 1e6 / wall_us, "kernels": rows}
+
+
+def table(results: list[dict], top: int) -> str:
+    lines = ["| side | tok/s | wall us/token | kernels' device us | device idle us | launches/token |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        launches = sum(k["launches"] for k in r["kernels"])
+        lines.append(f"| {r['side']} | {r['tok_s']:.1f} | {r['wall_us']:.0f} | {r['busy_us']:.0f} | "
+                     f"{r['idle_us']:.0f} | {launches:.0f} |")
+    for r in results:
+        lines += ["", f"{r['side']}: top kernels, per token", "", "| kernel | launches | device us |",
+                  "|---|---:|---:|"]
+        lines += [f"| `{k['kernel'][:70]}` | {k['launches']:.1f} | {k['us']:.1f} |" for k in r["kernels"][:top]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="a checkpoint directory both sides load (benchmarks/checkpoints.py writes one)")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per side (default 64)")
+    ap.add_argument("--skip", type=int, default=8, help="tokens before recording starts (default 8)")
+    ap.add_argument("--sides", nargs="+", default=["amlx", "mlx-lm"], choices=["amlx", "mlx-lm"])
+    ap.add_argument("--top", type=int, default=12, help="kernels listed per side (default 12)")
+    ap.add_argument("--json", help="write the results here as well")
+    ap.add_argument("--side", help=argparse.SUPPRESS)  # a child: profile this side, print JSON
+    args = ap.parse_args(argv)
+    if args.side:
+        print("RESULT " + json.dumps(profile_side(args.side, args.checkpoint, args.tokens, args.skip)), flush=True)
+        return 0
+    results = []
+    for side in args.sides:
+        env = dict(os.environ, AMLX_WARMUP=os.environ.get("AMLX_WARMUP", "0"))
+        cmd = [sys.executable, __file__, args.checkpoint, "--side", side,
+               "--tokens", str(args.tokens), "--skip", str(args.skip)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not found:
+            print(f"{side} failed (status {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(found[-1][len("RESULT "):]))
+    print(table(results, args.top))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0 if len(results) == len(args.sides) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
