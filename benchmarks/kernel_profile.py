@@ -4,7 +4,7 @@ Each side runs in its own process on the same checkpoint: a prompt, then
 `--tokens` decoded tokens with CUPTI (torch.profiler) recording every CUDA kernel
 of the process between the `--skip`-th token and the last. Per side, per decoded
 token:
-  wall     time between tokens
+  wall     the recording's time over its decode steps (argmax launches)
   busy     the sum of the kernels' device time
   idle     wall - busy: the device waiting for the host (or for the previous step)
 and each kernel (name shortened to its function) with its launches and device
@@ -79,13 +79,16 @@ def profile_side(side: str, path: str, tokens: int, skip: int) -> dict:
             stamps.append(time.perf_counter())
     prof.stop()
     close()
-    steps = len(stamps) - 1
-    if steps < 1:
+    if len(stamps) < 2:
         raise RuntimeError(f"{side}: only {len(stamps)} tokens after the first {skip}")
     kernels: dict[str, list[float]] = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             kernels.setdefault(_short(e.name), []).append(e.time_range.elapsed_us())
+    # steps: launches of greedy sampling's argmax, one a step on both sides. Tokens reach the
+    # consumer a few steps late when the engine runs ahead, so counting them miscounts the
+    # steps whose kernels fell inside the recording
+    steps = len(kernels.get("arg_reduce_general", [])) or len(stamps) - 1
     wall_us = (stamps[-1] - stamps[0]) / steps * 1e6
     # kernels of the step in flight at either end are counted whole: one step's worth of error over `steps`
     busy_us = sum(sum(t) for t in kernels.values()) / steps

@@ -13,8 +13,9 @@ the toolkit's include directory (cuda_bf16.h; cccl/ under it is added too).
 Prints each variant (decode attention: contiguous, paged, paged quantized;
 with and without head norms; float32/float16/bfloat16; head dims, bits, groups;
 quantized_gemv: both versions, dtypes, bits, row buckets) and exits 1 if one fails to compile;
-`--only attention|qgemv` compiles one kernel's variants; `--ptxas` adds ptxas's registers and
-spills to each quantized_gemv line, and fails a variant that uses more registers than
+`--only attention|qgemv|step` compiles one kernel's variants (step: step_kernels'
+residual + RMSNorm and gated activation); `--ptxas` adds ptxas's registers and
+spills to each line, fails a kernel whose block could not launch for its registers, and fails a variant that uses more registers than
 `quantized_gemv.REGISTERS` says (the launch rules count warps an SM holds from that table).
 Compiling is not running: the GPU tests (tests/test_decode_kernels.py) check what the kernels
 compute.
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amlx.models import decode_attention as da  # noqa: E402
 from amlx.models import quantized_gemv as qg  # noqa: E402
+from amlx.models import step_kernels as sk  # noqa: E402
 
 _DEFAULT_HEADER = '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
 _CUDA_TYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t",
@@ -99,6 +101,27 @@ def _qgemv(lib, includes: list[str]) -> int:
     return failed
 
 
+def _step(lib, includes: list[str]) -> int:
+    """The residual + RMSNorm kernels (columns a thread: 1, 4, 8, 11, MAX_PER) and the gated
+    activation, per dtype; returns how many failed (or use more registers than a block of
+    MAX_THREADS threads may: 65,536 / MAX_THREADS a thread)."""
+    failed = 0
+    for dtype, (name, template) in itertools.product(
+            ["float32", "float16", "bfloat16"],
+            [*((k, {"EPS_BITS": 1, "PRE_EPS_BITS": 1, "PER": per}) for k in ("residual", "residual_pre")
+               for per in (1, 4, 8, 11, sk.MAX_PER)), ("gated", {"ACT": 0}), ("gated", {"ACT": 1})]):
+        kernel, names, outputs, body, header = sk.kernel_source(name)
+        text = kernel_text(kernel, [(n, dtype) for n in names], [(n, dtype) for n in outputs],
+                           {"T": dtype, **template}, body, header)
+        status, log = compile_text(lib, text, kernel, includes)
+        regs = _ptxas_registers(log)
+        over = regs is not None and regs > 65536 // sk.MAX_THREADS
+        print(f"{kernel} {dtype} {template}: " + (("FAILED: too many registers" if over else "ok") + _ptxas_summary(log)
+                                                  if status == 0 else "FAILED\n" + log), flush=True)
+        failed += status != 0 or over
+    return failed
+
+
 def _ptxas_registers(log: str) -> int | None:
     import re
 
@@ -120,7 +143,7 @@ def main() -> int:
     ap.add_argument("--nvrtc", required=True)
     ap.add_argument("--mlx-include", required=True)
     ap.add_argument("--cuda-include", required=True)
-    ap.add_argument("--only", choices=["attention", "qgemv"], default=None)
+    ap.add_argument("--only", choices=["attention", "qgemv", "step"], default=None)
     ap.add_argument("--ptxas", action="store_true", help="registers and spills of each qgemv variant (ptxas -v)")
     a = ap.parse_args()
     global PTXAS_VERBOSE
@@ -128,9 +151,11 @@ def main() -> int:
     lib = ctypes.CDLL(a.nvrtc)
     includes = [a.mlx_include, a.cuda_include, str(Path(a.cuda_include) / "cccl")]
     failed = 0
-    if a.only != "attention":
+    if a.only in (None, "step"):
+        failed += _step(lib, includes)
+    if a.only in (None, "qgemv"):
         failed += _qgemv(lib, includes)
-    if a.only == "qgemv":
+    if a.only in ("qgemv", "step"):
         print(f"{failed} failed")
         return 1 if failed else 0
     shapes = [(64, 8, 64), (128, 4, 64), (128, 8, 64), (256, 8, 32), (96, 4, 32)]
@@ -147,9 +172,12 @@ def main() -> int:
             template.update(BITS=bits, GROUP=group)
         text = kernel_text(name, inputs, [("out", dtype), ("kv_new", dtype)], template, body, header)
         status, log = compile_text(lib, text, name, includes)
+        regs = _ptxas_registers(log)
+        over = regs is not None and regs > 65536 // (32 * da.WARPS)  # a block of WARPS warps must launch
         print(f"{name} {dtype} D={dim}" + (f" bits={bits} group={group}" if quantized else "") + ": " +
-              ("ok" if status == 0 else "FAILED\n" + log), flush=True)
-        failed += status != 0
+              (("FAILED: too many registers" if over else "ok") + _ptxas_summary(log) if status == 0
+               else "FAILED\n" + log), flush=True)
+        failed += status != 0 or over
     print(f"{failed} failed")
     return 1 if failed else 0
 

@@ -247,7 +247,8 @@ def test_quantized_kernel_is_refused_where_it_cannot_apply():
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 9), width=st.sampled_from([64, 1000, 1152, 2048]), pre=st.booleans(), dtype=DTYPES,
+@given(n=st.integers(1, 9), width=st.sampled_from([64, 1000, 1152, 2048, 4096, 5376, 8192]), pre=st.booleans(),
+       dtype=DTYPES,
        seed=st.integers(0, 2 ** 16))
 def test_residual_norm_kernel_equals_reference(n, width, pre, dtype, seed):
     rng = np.random.default_rng(seed)
@@ -261,6 +262,17 @@ def test_residual_norm_kernel_equals_reference(n, width, pre, dtype, seed):
     for g, v in zip(got, want):
         assert g.shape == (n, width) and g.dtype is getattr(mx, dtype)
         np.testing.assert_allclose(as_np(g), v, rtol=TOL[dtype], atol=TOL[dtype] * np.abs(v).max())
+
+
+@given(columns=st.integers(1, 3 * step_kernels.MAX_PER * step_kernels.MAX_THREADS))
+def test_residual_launch_covers_the_row_within_a_block(columns):
+    """Every column has a thread (threads x columns a thread >= the row), blocks are whole
+    warps of at most MAX_THREADS, and a row wider than the kernel holds is refused."""
+    threads, per = step_kernels.residual_launch(columns)
+    assert threads % 32 == 0 and 32 <= threads <= step_kernels.MAX_THREADS
+    assert threads * per >= columns and (per - 1) * threads < columns
+    x = ops.zeros((1, columns), mx.float32)
+    assert step_kernels.supports(x) == (per <= step_kernels.MAX_PER)
 
 
 @settings(max_examples=25, deadline=None)
