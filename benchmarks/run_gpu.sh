@@ -139,7 +139,8 @@ case "${1:-speed}" in
     # configurations, one process each, alternating: base; si: sys.setswitchinterval(0.0005) (the mask
     # thread gets the GIL back sooner after llguidance's fill); off: every batch change drains the step in
     # flight, joins not coalesced (AMLX_CHAIN_CHANGES=0 AMLX_JOIN_WAIT=0); fresh: AMLX_EXTEND_FRESH=1;
-    # upload: AMLX_MASK_UPLOAD=thread (the masks' device arrays made on the mask thread, off the worker's path)
+    # upload: AMLX_MASK_UPLOAD=thread (the masks' device arrays made on the mask thread, off the worker's path;
+    # the default since 2026-12-03); worker: AMLX_MASK_UPLOAD=worker (the worker makes them)
     for round in $(seq ${ROUNDS:-1}); do
       for cfg in ${CONFIGS:-base si}; do
         case "$cfg" in
@@ -147,7 +148,8 @@ case "${1:-speed}" in
           si) envs=(); args=(--switch-interval 0.0005) ;;
           off) envs=(AMLX_CHAIN_CHANGES=0 AMLX_JOIN_WAIT=0); args=() ;;  # batch changes drain (as before)
           fresh) envs=(AMLX_EXTEND_FRESH=1); args=() ;;
-          upload) envs=(AMLX_MASK_UPLOAD=thread); args=() ;;  # the mask thread uploads the masks too
+          upload) envs=(AMLX_MASK_UPLOAD=thread); args=() ;;  # the mask thread uploads the masks too (the default)
+          worker) envs=(AMLX_MASK_UPLOAD=worker); args=() ;;  # the worker uploads them as it builds the sampling step
           *) echo "unknown configuration $cfg"; continue ;;
         esac
         echo "== structured.py steady, $cfg (round $round)" | tee -a "$OUT/structured_ab.txt"

@@ -282,8 +282,8 @@ async def _upload_body() -> tuple[list[str], dict]:
 
 
 def test_masks_uploaded_on_the_mask_thread_sample_the_same(monkeypatch):
-    """AMLX_MASK_UPLOAD=thread (benchmarks): the mask thread also makes the masks' device
-    arrays; the tokens are those of the worker's own upload, seeded sampling included."""
+    """The mask thread also makes the masks' device arrays (the default, AMLX_MASK_UPLOAD=thread);
+    the tokens are those of the worker's own upload (=worker), seeded sampling included."""
     monkeypatch.setenv("AMLX_MASK_ORDER", "read")  # (the masks are filled on the mask thread)
     monkeypatch.setenv("AMLX_STEP_TIMING", "1")
     texts, timing = {}, {}
