@@ -428,21 +428,48 @@ EXTEND_NOTICE = ("amlx: compiling GPU kernels for prompts behind a cached prefix
                  "MLX_PTX_CACHE_DIR)")
 
 
+EXTEND_WARMUP_S = 30.0  # the extend pass's load-time warm-up stops after the width that passes this
+
+
+def extend_warmup_budget() -> float:
+    """Seconds the extend pass's load-time warm-up may take before it leaves the larger
+    widths cold (Scheduler.warm_extend's `budget_s`): AMLX_EXTEND_WARMUP_S, default 30."""
+    raw = os.environ.get("AMLX_EXTEND_WARMUP_S", "").strip()
+    if not raw:
+        return EXTEND_WARMUP_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # (NaN too)
+        raise ValueError(f"AMLX_EXTEND_WARMUP_S must be a number of seconds >= 0, not {raw!r}")
+    return value
+
+
 def _warm_extend(engine) -> None:
     """Compiles the kernels of the compiled extend pass (a short prefill behind a cached
     prefix) at load on a GPU (Scheduler.warm_extend); a notice goes to stderr only if it
-    takes a while (something was compiled). If it fails, the engine keeps the plain pass."""
+    takes a while (something was compiled), and another if it ran out of its budget
+    (extend_warmup_budget) and left longer prompts to the plain pass. If it fails, the
+    engine keeps the plain pass."""
     from amlx.models.warmup import NOTICE_AFTER_S, SlowNotice, stderr_line, warmup_enabled
 
     if engine.placement.device != "gpu" or not warmup_enabled():
         return
+    scheduler = engine.scheduler
+    before = scheduler.extend_max
     try:
         with SlowNotice(stderr_line, NOTICE_AFTER_S, EXTEND_NOTICE):
-            engine.scheduler.warm_extend()
+            scheduler.warm_extend(budget_s=extend_warmup_budget())
     except Exception as exc:  # noqa: BLE001 - the plain prefill pass still serves
-        engine.scheduler.extend_max = 0
+        scheduler.extend_max = 0
         warnings.warn(f"amlx: the compiled extend pass is off for this model: its warm-up failed ({exc})",
                       RuntimeWarning, stacklevel=2)
+        return
+    if 0 < scheduler.extend_max < before:
+        stderr_line(f"amlx: kernels compiled for up to {scheduler.extend_max} new tokens behind a cached prefix "
+                    f"(AMLX_EXTEND_WARMUP_S={extend_warmup_budget():g} s); longer ones take the plain pass in "
+                    "this process, and the next load compiles more")
 
 
 def _load_draft(target, draft_spec, dtype):

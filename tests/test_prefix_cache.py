@@ -141,6 +141,83 @@ def test_the_extend_pass_warm_up_leaves_the_cache_as_it_was(ckpt, arch, monkeypa
     _run(body)
 
 
+def test_a_warm_up_out_of_time_leaves_longer_prompts_to_the_plain_pass(ckpt, monkeypatch):
+    """With no time left after its first width, `warm_extend` stops there (smallest widths
+    first): the extend pass then takes only what that width holds, longer prompts behind a
+    cached prefix take the plain pass, and both give a model's tokens without the cache."""
+    from amlx.engine import scheduler as scheduler_module
+
+    monkeypatch.setenv("AMLX_EXTEND_PASS", "1")
+    widths = []
+    real = scheduler_module.Scheduler._extend_pass
+    monkeypatch.setattr(scheduler_module.Scheduler, "_extend_pass",
+                        lambda self, *a: widths.append(max(a[3]) - a[2]) or real(self, *a))
+    base = _ids(1, 40)
+
+    async def body():
+        async with await amlx.load(ckpt("qwen3"), prefix_cache=False) as off, await amlx.load(ckpt("qwen3")) as on:
+            scheduler = on.engine.scheduler
+            first = scheduler.extend_widths()
+            runs = await on.engine.run(lambda: scheduler.warm_extend(budget_s=0.0))
+            assert runs == 2 and scheduler.extend_max == first[0] == 16 and scheduler.extend_widths() == [16]
+            await _complete(on, base)
+            for tail, through_extend in ((_ids(2, 9), True), (_ids(3, 30), False)):
+                widths.clear()
+                prompt = base[:2 * BS] + tail  # two cached blocks, then 9 or 30 new tokens
+                want, _ = await _complete(off, prompt)
+                got, hit = await _complete(on, prompt)
+                assert (got, hit) == (want, 2 * BS)
+                assert bool(widths) == through_extend
+
+    _run(body)
+
+
+def test_the_extend_warm_up_budget_comes_from_the_environment(monkeypatch):
+    from amlx.model import EXTEND_WARMUP_S, extend_warmup_budget
+
+    monkeypatch.delenv("AMLX_EXTEND_WARMUP_S", raising=False)
+    assert extend_warmup_budget() == EXTEND_WARMUP_S == 30.0
+    monkeypatch.setenv("AMLX_EXTEND_WARMUP_S", "2.5")
+    assert extend_warmup_budget() == 2.5
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv("AMLX_EXTEND_WARMUP_S", bad)
+        with pytest.raises(ValueError, match="AMLX_EXTEND_WARMUP_S"):
+            extend_warmup_budget()
+
+
+def test_a_cut_short_extend_warm_up_tells_the_user(monkeypatch, capsys):
+    """On a GPU a warm-up that ran out of its budget says which prompts keep the compiled
+    pass; one that finished, or one that failed (the plain pass for all), says no such thing."""
+    from types import SimpleNamespace
+
+    from amlx import model as model_module
+
+    class Scheduler:
+        extend_max = 256
+
+        def __init__(self, reach):
+            self.reach = reach
+
+        def warm_extend(self, budget_s):
+            assert budget_s == 7.0
+            if self.reach is None:
+                raise RuntimeError("compile failed")
+            self.extend_max = self.reach
+            return 1
+
+    monkeypatch.setenv("AMLX_EXTEND_WARMUP_S", "7")
+    monkeypatch.delenv("AMLX_WARMUP", raising=False)
+    for reach, said in ((32, True), (256, False)):
+        engine = SimpleNamespace(placement=SimpleNamespace(device="gpu"), scheduler=Scheduler(reach))
+        model_module._warm_extend(engine)
+        err = capsys.readouterr().err
+        assert ("up to 32 new tokens" in err) == said and engine.scheduler.extend_max == reach
+    engine = SimpleNamespace(placement=SimpleNamespace(device="gpu"), scheduler=Scheduler(None))
+    with pytest.warns(RuntimeWarning, match="extend pass is off"):
+        model_module._warm_extend(engine)
+    assert engine.scheduler.extend_max == 0 and "new tokens" not in capsys.readouterr().err
+
+
 def test_the_extend_pass_is_on_by_default_on_a_gpu_only(monkeypatch):
     from amlx.engine.placement import EngineOptions
 

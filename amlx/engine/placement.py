@@ -92,7 +92,8 @@ class EngineOptions:
       22.0 -> 13.7 ms, Qwen3-8B 24.4 -> 16.7 ms). Its shapes are bucketed (tokens
       to powers of two, the batch as a decode step's, the attended span to two
       sizes per octave) and its kernels are compiled while the model loads
-      (`Scheduler.warm_extend`, with a notice when that takes a while), so a new
+      (`Scheduler.warm_extend`, with a notice when that takes a while; widths
+      beyond what 30 s compile, AMLX_EXTEND_WARMUP_S, stay on the plain pass), so a new
       shape costs a trace on the host, not the seconds of NVRTC compiles it cost
       before (a Gemma-3-1B prompt behind its own cached prefix: 20 s the first
       time). On the CPU the compiled pass measured no faster.

@@ -458,17 +458,24 @@ class Scheduler:
         """The token widths an extend pass of up to `extend_max` new tokens is padded to."""
         return sorted({_extend_tokens(n) for n in range(1, self.extend_max + 1)})
 
-    def warm_extend(self, batches: tuple[int, ...] = (1, 2)) -> int:
+    def warm_extend(self, batches: tuple[int, ...] = (1, 2), budget_s: float | None = None) -> int:
         """Runs the compiled extend pass once per token width (and padded batch size
         in `batches`) over rows that hold only the null block, so that the kernels
         MLX compiles at a shape's first use (on CUDA: NVRTC, seconds per fused kernel;
         MLX keeps them on disk, MLX_PTX_CACHE_DIR) are compiled while the model loads,
         not under a user's first prompt behind a cached prefix. Later shapes (other
         spans, a grown pool) are traced again on the host but reuse those kernels.
+
+        Widths go smallest first. With `budget_s`, once that many seconds have passed
+        after a width is done, the rest are left cold and `extend_max` drops to the
+        widths done: longer prompts behind a cached prefix take the plain pass, which
+        compiles nothing, in this process (on a fresh machine the whole warm-up of a
+        4-bit Gemma-3-4B ran past 90 s; with the kernels on disk it takes about two).
         Returns the passes run (0 where the extend pass is off). Worker thread."""
         if self._extend_fn is None or not self.extend_max or self.mirror is not None:
             return 0
         shard, runs = self.shards[0], 0
+        deadline = None if budget_s is None else time.monotonic() + budget_s
         with self.placement.on():
             for pool in (shard.kv.pool, shard.kv.local):
                 if pool is not None and pool.capacity == 0:
@@ -476,11 +483,13 @@ class Scheduler:
             self._prepare()
             model = self._split_model()  # (a lone prompt's pass: the split twin where there is one)
             fn = self._extend_fn if model is self.model else self._split_extend_fn
+            sizes = sorted({padded_batch(b) if self.options.pad_batches else b for b in batches})
+            widths = self.extend_widths()
             try:
-                for b in sorted({padded_batch(b) if self.options.pad_batches else b for b in batches}):
-                    rows = [PADDING_ROW] * b
-                    zeros = array(np.zeros(b, dtype=np.int32))
-                    for width in self.extend_widths():
+                for k, width in enumerate(widths):
+                    for b in sizes:
+                        rows = [PADDING_ROW] * b
+                        zeros = array(np.zeros(b, dtype=np.int32))
                         with self._on(shard):
                             tables = shard.kv.extend_tables(rows, [0] * b, width, [0] * b,
                                                             shard.kv.extend_width(width))
@@ -489,6 +498,9 @@ class Scheduler:
                             shard.kv.arrays = state
                             ops.eval(logits, *shard.kv.state())
                         runs += 1
+                    if deadline is not None and k + 1 < len(widths) and time.monotonic() > deadline:
+                        self.extend_max = width
+                        break
             except BaseException:
                 shard.kv.reset()  # (its arrays may be a graph that cannot be computed; no row holds blocks)
                 raise
