@@ -11,7 +11,11 @@ and each kernel (name shortened to its function) with its launches and device
 microseconds per token. Use it to tell kernel quality from host time when a
 side is behind at one stream (issue 20: Qwen3-8B bf16, 0.84x mlx-lm).
 
-    python benchmarks/kernel_profile.py /tmp/ck/qwen3-8b [--tokens 64] [--sides amlx mlx-lm]
+    python benchmarks/kernel_profile.py /tmp/ck/qwen3-8b [--tokens 64] [--sides amlx mlx-lm] [--serial]
+
+In MLX's CUDA graphs, kernels without a dependency between them run side by side (a
+layer's KV write beside the next projections), so a kernel's time is an upper bound of
+its cost and the kernels' sum may exceed the step; `--serial` turns the graphs off.
 """
 
 from __future__ import annotations
@@ -119,6 +123,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", type=int, default=8, help="tokens before recording starts (default 8)")
     ap.add_argument("--sides", nargs="+", default=["amlx", "mlx-lm"], choices=["amlx", "mlx-lm"])
     ap.add_argument("--top", type=int, default=12, help="kernels listed per side (default 12)")
+    ap.add_argument("--serial", action="store_true",
+                    help="MLX_USE_CUDA_GRAPHS=0 on both sides: kernels one after another, so each kernel's time is "
+                         "its own (in CUDA graphs, kernels without a dependency run side by side and stretch)")
     ap.add_argument("--json", help="write the results here as well")
     ap.add_argument("--side", help=argparse.SUPPRESS)  # a child: profile this side, print JSON
     args = ap.parse_args(argv)
@@ -128,6 +135,8 @@ def main(argv=None) -> int:
     results = []
     for side in args.sides:
         env = dict(os.environ, AMLX_WARMUP=os.environ.get("AMLX_WARMUP", "0"))
+        if args.serial:
+            env["MLX_USE_CUDA_GRAPHS"] = "0"
         cmd = [sys.executable, __file__, args.checkpoint, "--side", side,
                "--tokens", str(args.tokens), "--skip", str(args.skip)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -25,7 +25,8 @@
 #   bash benchmarks/run_gpu.sh shape-check # MODEL's shapes with LAYERS layers: single then 64 streams in one process
 #                                        # (benchmarks/batch_check.py), SANITIZE=1 under compute-sanitizer
 #   bash benchmarks/run_gpu.sh kernel-profile # MODEL's (default qwen3-8b) single-stream decode, amlx beside mlx-lm:
-#                                        # each CUDA kernel's device time per token, the device's idle time (CUPTI)
+#                                        # each CUDA kernel's device time per token, the device's idle time (CUPTI);
+#                                        # KPROF_ARGS=--serial: CUDA graphs off, each kernel's own time
 #   bash benchmarks/run_gpu.sh window    # KV memory of a long Gemma-3-1B row, windowed layers' own pool (window_pool.py)
 #   bash benchmarks/run_gpu.sh qgemv-launch # the kernel's launch shapes: balanced vs measured, serial calls (~4 min)
 #   bash benchmarks/run_gpu.sh spec-cost    # speculative decoding: k draft steps + verify vs k+1 plain steps
@@ -181,7 +182,7 @@ case "${1:-speed}" in
     m=${MODEL:-qwen3-8b}; ck=/tmp/amlx-kprof
     restore_ptx
     [ -f "$ck/$m/config.json" ] || python3 benchmarks/checkpoints.py "$ck" --models "$m" ${LAYERS:+--layers $LAYERS}
-    timeout -k 10 ${BUDGET:-300} python3 benchmarks/kernel_profile.py "$ck/$m" --tokens "${TOKENS:-72}" \
+    timeout -k 10 ${BUDGET:-300} python3 benchmarks/kernel_profile.py "$ck/$m" --tokens "${TOKENS:-72}" ${KPROF_ARGS:-} \
       --json "$OUT/kernel_profile_$m.json" 2>&1 | tee "$OUT/kernel_profile_$m.md" || echo "kernel_profile ended with status $?"
     save_ptx ;;
   window)
