@@ -223,6 +223,16 @@ def test_kernel_at_model_shapes(rows, n, k):
 
 
 @cuda
+@pytest.mark.parametrize("rows,n,k", [(2, 5376, 21504), (4, 5376, 21504), (4, 8192, 5376), (2, 5376, 4096),
+                                      (3, 21504, 5376)])
+def test_kernel_at_gemma3_27b_shapes(rows, n, k):
+    """Gemma-3-27B's projections at the few rows a 64-stream batch passes through as its rows
+    end (down, fused q/k/v, o, half of gate/up): K = 5,376 and 21,504, where its 64-stream run
+    once failed with an illegal memory access (benchmarks/README.md, 2026-12-03)."""
+    check(rows, n, k, 64, 4, "bfloat16", seed=n + k + rows)
+
+
+@cuda
 @pytest.mark.parametrize("bits", [4, 8])
 def test_kernel_with_an_odd_number_of_chunks(bits):
     """K = 96 in groups of 32: three (4 bits) or six (8 bits) 16-byte chunks a row
