@@ -158,11 +158,12 @@ def main() -> int:
     if a.only in ("qgemv", "step"):
         print(f"{failed} failed")
         return 1 if failed else 0
-    shapes = [(64, 8, 64), (128, 4, 64), (128, 8, 64), (256, 8, 32), (96, 4, 32)]
+    shapes = [(64, 8, 64), (128, 4, 64), (128, 8, 64), (256, 8, 32), (96, 4, 32), (da.MAX_DIM, 8, 64),
+              (da.MAX_QUANT_DIM, 4, 64)]
     for qk_norm, (paged, quantized), dtype, (dim, bits, group) in itertools.product(
             [False, True], [(False, False), (True, False), (True, True)], ["float32", "float16", "bfloat16"], shapes):
-        if not quantized and (bits, group) != (8, 64):
-            continue
+        if (not quantized and (bits, group) != (8, 64)) or (quantized and dim > da.MAX_QUANT_DIM):
+            continue  # (supports() refuses a quantized pool beyond MAX_QUANT_DIM)
         name, names, body, header = da.kernel_source(qk_norm, paged, quantized)
         fixed = {"inv_freq": "float32", "pos": "int32", "table": "int32"}
         inputs = [(n, fixed.get(n, "uint32" if n == "kv" and quantized else dtype)) for n in names]

@@ -246,6 +246,27 @@ def test_quantized_kernel_is_refused_where_it_cannot_apply():
     assert not da.supports(qkv, packed, 2, paged=True, quant=(sb, sb, 4, 64))  # 128 values: not qkv's heads
 
 
+def test_cuda_kernel_head_dims(monkeypatch):
+    """On CUDA the kernel takes head dims that are multiples of 32 up to MAX_DIM, and a
+    quantized pool up to MAX_QUANT_DIM (beyond, a 16-warp block needs more registers than it
+    may have: cuda_compile_check --ptxas); the CPU's kernel takes any even dim."""
+    monkeypatch.setattr(da, "_on_cpu", lambda: False)
+
+    def plain(dim):
+        return da.supports(ops.zeros((1, 6 * dim), mx.float32), ops.zeros((2, 3, 2, 16, dim), mx.float32), 2,
+                           paged=True)
+
+    def quantized(dim):
+        packed = ops.zeros((2, 3, 2, 16, dim // 4), mx.uint32)  # 8 bits
+        sb = ops.zeros((2, 3, 2, 16, dim // 64), mx.float32)
+        return da.supports(ops.zeros((1, 6 * dim), mx.float32), packed, 2, paged=True, quant=(sb, sb, 8, 64))
+
+    assert [plain(d) for d in (32, 48, 96, 512, 544)] == [True, False, True, da.MAX_DIM >= 512, False]
+    assert quantized(256) and not quantized(512) and da.MAX_QUANT_DIM == 256
+    monkeypatch.setattr(da, "_on_cpu", lambda: True)
+    assert plain(48) and plain(544) and quantized(512)
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 9), width=st.sampled_from([64, 1000, 1152, 2048, 4096, 5376, 8192]), pre=st.booleans(),
        dtype=DTYPES,

@@ -90,8 +90,8 @@ __device__ void amlx_rope_half(float* x, const float* inv_freq, int lane, int po
 # holds dimensions [l*E, l*E + E) of q, of every key and value it reads and of
 # its partial output (E = D / 32, so a warp reads one key row in one coalesced
 # pass); the rotate-half partner of dimension d (d +- D/2) sits in lane l ^ 16.
-# Warp w takes slots first + w, first + w + WARPS, ... (U of them a round)
-# with its own online softmax; the new position's key and value come from registers, not the cache.
+# Warp w takes slots first + w, first + w + WARPS, ... with its own online
+# softmax; the new position's key and value come from registers, not the cache.
 # The partial results of the warps are merged at the end.
 _SOURCE = r"""
   constexpr int E = D / 32;
@@ -126,43 +126,21 @@ $QK_NORM$  amlx_rope_half<T, E, HALF>(qr, inv_freq, lane, last);
   for (int e = 0; e < E; ++e) qr[e] *= scale;
   const int first = WINDOW > 0 ? max(0, last - WINDOW + 1) : 0;
 $KV_SETUP$  float m = neg_inf, l = 0.0f;
-  // U keys a warp at a time: all U keys' loads are issued before the first is
-  // used, so a warp waits on memory once a round, not once a key (at one row
-  // and short histories the kernel is that latency: 17 us a call at Qwen3-8B's
-  // shape with one key a round)
-  constexpr int U = $UNROLL$;
-  for (int j0 = first + warp; j0 <= last; j0 += WARPS * U) {
-    float keys_u[U][E], values_u[U][E], s[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int j = j0 + u * WARPS;
-      float* kr = keys_u[u];
-      float* vr = values_u[u];
-      if (j == last) {
-        for (int e = 0; e < E; ++e) { kr[e] = kn[e]; vr[e] = vn[e]; }
-      } else if (j < last) {
+  for (int j = first + warp; j <= last; j += WARPS) {
+    float kr[E], vr[E];
+    if (j == last) {
+      for (int e = 0; e < E; ++e) { kr[e] = kn[e]; vr[e] = vn[e]; }
+    } else {
 $KV_READ$
-      }
     }
-    float m_new = m;
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      // j is the same in every lane of the warp: all lanes take the same branch
-      float part = 0.0f;
-      for (int e = 0; e < E; ++e) part += qr[e] * keys_u[u][e];
-      s[u] = j0 + u * WARPS <= last ? amlx_warp_sum(part) : neg_inf;
-      m_new = fmaxf(m_new, s[u]);
-    }
-    const float alpha = expf(m - m_new);  // (m_new is finite: key j0 is in range)
-    l *= alpha;
-    for (int e = 0; e < E; ++e) acc[e] *= alpha;
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (j0 + u * WARPS > last) continue;
-      const float p = expf(s[u] - m_new);
-      l += p;
-      for (int e = 0; e < E; ++e) acc[e] += p * values_u[u][e];
-    }
+    float part = 0.0f;
+    for (int e = 0; e < E; ++e) part += qr[e] * kr[e];
+    const float s = amlx_warp_sum(part);
+    const float m_new = fmaxf(m, s);
+    const float alpha = expf(m - m_new);
+    const float p = expf(s - m_new);
+    l = l * alpha + p;
+    for (int e = 0; e < E; ++e) acc[e] = acc[e] * alpha + p * vr[e];
     m = m_new;
   }
   if (lane == 0) {
@@ -198,9 +176,9 @@ _CONTIGUOUS_SETUP = """
   const size_t half = rows * KVH * cap * D;
 """
 _CONTIGUOUS_READ = """
-        const T* keys = row_keys + (size_t)j * D;
-        amlx_load<E>(keys, kr);
-        amlx_load<E>(keys + half, vr);"""
+      const T* keys = row_keys + (size_t)j * D;
+      amlx_load<E>(keys, kr);
+      amlx_load<E>(keys + half, vr);"""
 # Paged (a block pool, amlx.kv): kv (2, blocks, KVH, block_size, D) (one head
 # of one block contiguous), table (B, width) int32 the row's block ids in
 # position order; slot j lies at offset j % block_size of block table[b, j / block_size].
@@ -210,10 +188,10 @@ _PAGED_SETUP = """
   const int* row_table = table + (size_t)b * table_shape[1];
 """
 _PAGED_READ = """
-        const size_t piece = (size_t)row_table[j / block_size] * KVH + kvh;
-        const T* keys = kv + (piece * block_size + j % block_size) * D + lane * E;
-        amlx_load<E>(keys, kr);
-        amlx_load<E>(keys + half, vr);"""
+      const size_t piece = (size_t)row_table[j / block_size] * KVH + kvh;
+      const T* keys = kv + (piece * block_size + j % block_size) * D + lane * E;
+      amlx_load<E>(keys, kr);
+      amlx_load<E>(keys + half, vr);"""
 
 # Paged and quantized (kv_bits, amlx.kv.pool): kv (2, blocks, KVH, block_size,
 # D * BITS / 32) uint32 packed values, scales and biases (2, blocks, KVH,
@@ -227,12 +205,14 @@ _QUANT_SETUP = """
   const int* row_table = table + (size_t)b * table_shape[1];
 """
 _QUANT_READ = """
-        const size_t ks = ((size_t)row_table[j / block_size] * KVH + kvh) * block_size + j % block_size;
-        const size_t vs = value_slots + ks;
-        amlx_dequant<T, E, BITS, GROUP>(kv + ks * WORDS, scales + ks * GROUPS, biases + ks * GROUPS, lane, kr);
-        amlx_dequant<T, E, BITS, GROUP>(kv + vs * WORDS, scales + vs * GROUPS, biases + vs * GROUPS, lane, vr);"""
+      const size_t ks = ((size_t)row_table[j / block_size] * KVH + kvh) * block_size + j % block_size;
+      const size_t vs = value_slots + ks;
+      amlx_dequant<T, E, BITS, GROUP>(kv + ks * WORDS, scales + ks * GROUPS, biases + ks * GROUPS, lane, kr);
+      amlx_dequant<T, E, BITS, GROUP>(kv + vs * WORDS, scales + vs * GROUPS, biases + vs * GROUPS, lane, vr);"""
 
-WARPS = 16  # warps per (head, row), U keys in flight each; a block is WARPS * 32 threads
+WARPS = 16  # keys in flight per (head, row); a block is WARPS * 32 threads
+MAX_DIM = 512  # head dims the CUDA kernel takes (scripts/cuda_compile_check.py --ptxas: registers)
+MAX_QUANT_DIM = 256  # ... reading a quantized pool
 
 _KERNELS: dict[tuple[bool, bool, bool], fast.CudaKernel] = {}
 _DTYPES = (bfloat16, float16, float32)
@@ -259,10 +239,7 @@ def kernel_source(qk_norm: bool, paged: bool = False, quantized: bool = False) -
         setup, read = _QUANT_SETUP, _QUANT_READ
     else:
         setup, read = (_PAGED_SETUP, _PAGED_READ) if paged else (_CONTIGUOUS_SETUP, _CONTIGUOUS_READ)
-    # (a block of 16 warps may use 128 registers a thread: the quantized read's dequantization
-    # leaves room for 2 keys a round only at D <= 128; scripts/cuda_compile_check.py --ptxas checks)
-    unroll = "E <= 4 ? 4 : 1" if quantized else "E <= 4 ? 4 : (E <= 8 ? 2 : 1)"
-    source = _SOURCE.replace("$UNROLL$", unroll).replace("$QK_NORM$", _QK_NORM if qk_norm else "").replace(
+    source = _SOURCE.replace("$QK_NORM$", _QK_NORM if qk_norm else "").replace(
         "$KV_SETUP$", setup).replace("$KV_READ$", read)
     name = "amlx_decode_attention" + ("_qk_norm" if qk_norm else "") + ("_paged" if paged else "") + (
         "_quantized" if quantized else "")
@@ -297,9 +274,10 @@ def supports(qkv: Array, kv: Array, heads: int, paged: bool = False,
                 and scales.shape == biases.shape == (*kv.shape[:4], dim // group)):
             return False
     # (CUDA: a warp holds a head, 32 lanes of dim / 32 values, and a block of 16 warps
-    # launches with up to 128 registers a thread: at dim 512 it takes 140 or more; the CPU
-    # takes any even dim)
-    dims_ok = dim % 2 == 0 if _on_cpu() else dim % 32 == 0 and 32 <= dim <= 256
+    # launches with up to 128 registers a thread: the quantized read at dim 512 takes 168 or
+    # more, so it stops at MAX_QUANT_DIM; the CPU takes any even dim)
+    top = MAX_QUANT_DIM if quant is not None else MAX_DIM
+    dims_ok = dim % 2 == 0 if _on_cpu() else dim % 32 == 0 and 32 <= dim <= top
     return (qkv.dtype in _DTYPES and dims_ok and heads % kv_heads == 0
             and qkv.shape[1] == (heads + 2 * kv_heads) * dim)
 
