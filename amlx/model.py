@@ -459,8 +459,9 @@ def _warm_extend(engine) -> None:
     scheduler = engine.scheduler
     before = scheduler.extend_max
     try:
+        budget = extend_warmup_budget()  # (a bad value fails the warm-up: the plain pass serves)
         with SlowNotice(stderr_line, NOTICE_AFTER_S, EXTEND_NOTICE):
-            scheduler.warm_extend(budget_s=extend_warmup_budget())
+            scheduler.warm_extend(budget_s=budget)
     except Exception as exc:  # noqa: BLE001 - the plain prefill pass still serves
         scheduler.extend_max = 0
         warnings.warn(f"amlx: the compiled extend pass is off for this model: its warm-up failed ({exc})",
@@ -468,7 +469,7 @@ def _warm_extend(engine) -> None:
         return
     if 0 < scheduler.extend_max < before:
         stderr_line(f"amlx: kernels compiled for up to {scheduler.extend_max} new tokens behind a cached prefix "
-                    f"(AMLX_EXTEND_WARMUP_S={extend_warmup_budget():g} s); longer ones take the plain pass in "
+                    f"(AMLX_EXTEND_WARMUP_S={budget:g} s); longer ones take the plain pass in "
                     "this process, and the next load compiles more")
 
 

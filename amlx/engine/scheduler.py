@@ -484,12 +484,13 @@ class Scheduler:
             model = self._split_model()  # (a lone prompt's pass: the split twin where there is one)
             fn = self._extend_fn if model is self.model else self._split_extend_fn
             sizes = sorted({padded_batch(b) if self.options.pad_batches else b for b in batches})
+            # (per batch size, made once: its padding rows and its zero starts and ends)
+            inputs = {b: ([PADDING_ROW] * b, array(np.zeros(b, dtype=np.int32))) for b in sizes}
             widths = self.extend_widths()
             try:
                 for k, width in enumerate(widths):
                     for b in sizes:
-                        rows = [PADDING_ROW] * b
-                        zeros = array(np.zeros(b, dtype=np.int32))
+                        rows, zeros = inputs[b]
                         with self._on(shard):
                             tables = shard.kv.extend_tables(rows, [0] * b, width, [0] * b,
                                                             shard.kv.extend_width(width))
