@@ -76,16 +76,28 @@ def child(path: str) -> int:
                                                                 parallel=parallel))
         out["warmup_s"] = report.seconds
         out["compiled"] = [[label, round(s, 1)] for label, s in report.slow]
-    out["first_request_s"], out["first_batch_s"] = _requests(model, 1)
+    if os.environ.get("AMLX_FIRST_PROFILE") == "1":  # (--profile: where the first requests' time goes)
+        import cProfile
+        import pstats
+
+        # (on the engine's worker, where the MLX work runs; from 3.12 cProfile sees every thread)
+        prof = cProfile.Profile()
+        engine.run_sync(prof.enable)
+        out["first_request_s"], out["first_batch_s"] = _requests(model, 1)
+        engine.run_sync(prof.disable)
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+    else:
+        out["first_request_s"], out["first_batch_s"] = _requests(model, 1)
     out["later_request_s"], out["later_batch_s"] = _requests(model, 11)
     model.close()
     print("RESULT " + json.dumps(out), flush=True)
     return 0
 
 
-def _case(path: Path, cache: Path, warm: bool, timeout: float, parallel: bool = True) -> dict:
+def _case(path: Path, cache: Path, warm: bool, timeout: float, parallel: bool = True,
+          profile: bool = False) -> dict:
     env = dict(os.environ, MLX_PTX_CACHE_DIR=str(cache), AMLX_WARMUP="1" if warm else "0",
-               AMLX_WARMUP_PARALLEL="1" if parallel else "0")
+               AMLX_WARMUP_PARALLEL="1" if parallel else "0", AMLX_FIRST_PROFILE="1" if profile else "0")
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(path)], env=env,
@@ -118,17 +130,26 @@ def main(argv=None) -> int:
                     help="a benchmarks/checkpoints.py name (the compiles do not depend on the size; a small "
                          "model loads fast)")
     ap.add_argument("--timeout", type=float, default=500,
-                    help="seconds for all cases: cold 45%%, warmup 40%%, cached 15%% (a serial case: as cold)")
+                    help="seconds for all cases: cold 45%%, warmup 40%%, cached 15%% (a serial case: as cold), "
+                         "of the cases run")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--small", action="store_true", help="qwen3-tiny-4bit, for a CPU")
     ap.add_argument("--serial", action="store_true",
                     help="a fourth case: the warm-up compiling one variant after another in this process")
+    ap.add_argument("--profile", action="store_true",
+                    help="the cached case's first requests under cProfile: the 25 functions with the most own "
+                         "time, on stderr (what the first request still waits for when no kernel compiles)")
+    ap.add_argument("--cases", nargs="+", choices=["cold", "warmup", "cached"], default=["cold", "warmup", "cached"],
+                    help="the cases to run (default all three; cached needs warmup before it, which fills its "
+                         "kernel cache); --timeout is shared among them in the proportions above")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         return child(args.child)
     from checkpoints import write_benchmark_checkpoint
 
+    if "cached" in args.cases and "warmup" not in args.cases:
+        ap.error("--cases: cached reuses the kernel cache the warmup case fills; run warmup too")
     name = "qwen3-tiny-4bit" if args.small else args.model
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,10 +158,13 @@ def main(argv=None) -> int:
         path = write_benchmark_checkpoint(Path(tmp) / name, name)
         cases = [("cold", "cold", False, True, 0.45), ("warmup", "warm", True, True, 0.40),
                  ("cached", "warm", True, True, 0.15)]
+        cases = [c for c in cases if c[0] in args.cases]
         if args.serial:
             cases.append(("warmup, serial", "serial", True, False, 0.45))
+        shares = sum(c[4] for c in cases)
         for case, cache, warm, parallel, share in cases:
-            results[case] = _case(path, Path(tmp) / f"ptx-{cache}", warm, share * args.timeout, parallel)
+            results[case] = _case(path, Path(tmp) / f"ptx-{cache}", warm, share / shares * args.timeout, parallel,
+                                  args.profile and case == "cached")
             print(case, json.dumps(results[case]), flush=True)
     table = _table(results)
     (out / "first_request.json").write_text(json.dumps({"model": name, "results": results}, indent=2))

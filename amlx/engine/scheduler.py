@@ -275,6 +275,16 @@ class Scheduler:
         times = [r.parked_at + self.slot_idle_limit for r in self.parked if self._holds_slot(r)]
         return min(times, default=None)
 
+    def reset_counters(self) -> None:
+        """Zeroes the counters `Engine.stats` reports (tokens, decode steps, preemptions,
+        the recent rate, step timing): after the load-time warm-up (amlx.engine.warm), so
+        a model's stats count its users' requests only. Worker thread."""
+        self.tokens_generated = 0
+        self.decode_steps = 0
+        self.preemptions = 0
+        self.rate = RateMeter()
+        self.timing = StepTiming(self.timing.enabled)
+
     def counts(self) -> dict:
         return {"active": len(self.rows) + len(self.parked) + (self.prefilling is not None),
                 "waiting": len(self.waiting) + len(self._incoming)}
