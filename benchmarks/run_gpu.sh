@@ -27,6 +27,8 @@
 #   bash benchmarks/run_gpu.sh kernel-profile # MODEL's (default qwen3-8b) single-stream decode, amlx beside mlx-lm:
 #                                        # each CUDA kernel's device time per token, the device's idle time (CUPTI);
 #                                        # KPROF_ARGS=--serial: CUDA graphs off, each kernel's own time
+#   bash benchmarks/run_gpu.sh step-micro # the attention and residual-norm kernels alone (step_kernel_micro.py):
+#                                        # cost per call against history length, warps a block, keys a round
 #   bash benchmarks/run_gpu.sh window    # KV memory of a long Gemma-3-1B row, windowed layers' own pool (window_pool.py)
 #   bash benchmarks/run_gpu.sh qgemv-launch # the kernel's launch shapes: balanced vs measured, serial calls (~4 min)
 #   bash benchmarks/run_gpu.sh spec-cost    # speculative decoding: k draft steps + verify vs k+1 plain steps
@@ -185,6 +187,12 @@ case "${1:-speed}" in
     timeout -k 10 ${BUDGET:-300} python3 benchmarks/kernel_profile.py "$ck/$m" --tokens "${TOKENS:-72}" ${KPROF_ARGS:-} \
       --json "$OUT/kernel_profile_$m.json" 2>&1 | tee "$OUT/kernel_profile_$m.md" || echo "kernel_profile ended with status $?"
     save_ptx ;;
+  step-micro)
+    # the attention and residual-norm kernels alone, calls one after another (no CUDA graphs), CUPTI device
+    # times: history lengths x batch x warps a block x keys a round (step_kernel_micro.py; ~2-3 min)
+    timeout -k 10 ${BUDGET:-240} env MLX_USE_CUDA_GRAPHS=0 python3 benchmarks/step_kernel_micro.py --out "$OUT" \
+      --reps 100 --trials 2 --cupti --warps ${WARPS:-8 16} --keys ${KEYS:-1 2 4} ${MICRO_ARGS:-} 2>&1 \
+      | grep -v '^{' | tail -60 || echo "step_kernel_micro.py ended with status $?" ;;
   window)
     timeout -k 10 ${BUDGET:-270} python3 benchmarks/window_pool.py --preset "${MODEL:-gemma3-1b}" --prompt 8000 \
       --tokens 256 --out "$OUT/window_pool.json" || echo "window_pool.py ended with status $?" ;;

@@ -4,7 +4,7 @@ attention kernel (`amlx.models.decode_attention`) and of the residual-add + RMSN
 part and a part per key read.
 
     MLX_USE_CUDA_GRAPHS=0 python benchmarks/step_kernel_micro.py --out OUT [--lengths 1 64 200 1024 4096]
-        [--batch 1 8] [--warps 4 8 16] [--threads 128 256 512] [--reps 200] [--cupti]
+        [--batch 1 8] [--warps 4 8 16] [--keys 1 2 4] [--threads 128 256 512] [--reps 200] [--cupti]
 
 `kernel_profile.py` measured, on the H200, 16.7 us a call of the attention kernel at one
 stream and about 200 positions (mlx-lm's sdpa kernel: 8.5 us) and 7.2 us of the residual
@@ -12,8 +12,10 @@ norm (MLX's RMSNorm alone: 2.9 us). With the calls run one at a time (MLX_USE_CU
 and every call reading the previous one's output, so none overlaps the next), this times:
 
 - attention at each history length and batch size, for each number of warps a block
-  (`decode_attention.WARPS`, a template constant; the default is 16): a call's cost against
-  the length tells the fixed part (prologue, merge, launch) from the part per key;
+  (`decode_attention.WARPS`, a template constant; the default is 16) and of keys a warp reads
+  a round (`decode_attention.KEYS_PER_ROUND`, capped by `round_keys`; the default is 1): a
+  call's cost against the length tells the fixed part (prologue, merge, launch) from the part
+  per key, which more keys a round should cut;
 - the residual norm at C = 4,096 for each block size (`step_kernels.residual_launch`), beside
   MLX's add + `fast.rms_norm` (two kernels).
 
@@ -123,6 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1, 64, 200, 1024, 4096])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--keys", type=int, nargs="+", default=[1], help="keys a warp reads a round (1, 2, 4)")
     ap.add_argument("--threads", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--trials", type=int, default=3)
@@ -137,23 +140,23 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for warps in args.warps:
-        da.WARPS = warps
+    for warps, keys in ((w, k) for w in args.warps for k in args.keys):
+        da.WARPS, da.KEYS_PER_ROUND = warps, keys
         for batch in args.batch:
             for length in args.lengths:
                 inputs = _attention_inputs(batch, length)
 
                 def make(inputs=inputs):
                     return _attention_chain(inputs, args.reps)
-                row = {"kernel": "attention", "warps": warps, "batch": batch, "length": length,
-                       "wall_us": _timed(make, args.trials, args.reps)}
+                row = {"kernel": "attention", "warps": warps, "keys": da.round_keys(DIM), "batch": batch,
+                       "length": length, "wall_us": _timed(make, args.trials, args.reps)}
                 if args.cupti:
                     row["device_us"] = _device(make, "decode_attention")
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 for a in inputs:
                     a.close()
-    da.WARPS = 16
+    da.WARPS, da.KEYS_PER_ROUND = 16, 1
     rng = np.random.default_rng(1)
     for batch in args.batch:
         x, y = (mx.array(rng.standard_normal((batch, HIDDEN)).astype(np.float32)).astype(mx.bfloat16)
@@ -175,10 +178,11 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             step_kernels.residual_launch = default
     (args.out / "step_kernel_micro.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| kernel | warps / threads | batch | length | wall us a call | device us a call |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| kernel | warps / threads | keys a round | batch | length | wall us a call | device us a call |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         dev = r.get("device_us")
-        lines.append(f"| {r['kernel']} | {r.get('warps', r.get('threads')) or '-'} | {r['batch']} | "
+        lines.append(f"| {r['kernel']} | {r.get('warps', r.get('threads')) or '-'} | {r.get('keys', '-')} | {r['batch']} | "
                      f"{r.get('length', '-')} | {r['wall_us']:.1f} | {'-' if dev is None else f'{dev:.1f}'} |")
     (args.out / "step_kernel_micro.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

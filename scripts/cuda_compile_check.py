@@ -158,27 +158,32 @@ def main() -> int:
     if a.only in ("qgemv", "step"):
         print(f"{failed} failed")
         return 1 if failed else 0
-    shapes = [(64, 8, 64), (128, 4, 64), (128, 8, 64), (256, 8, 32), (96, 4, 32), (da.MAX_DIM, 8, 64),
+    shapes = [(64, 8, 64), (128, 4, 64), (128, 8, 64), (256, 8, 32), (256, 8, 64), (96, 4, 32), (da.MAX_DIM, 8, 64),
               (da.MAX_QUANT_DIM, 4, 64)]
     for qk_norm, (paged, quantized), dtype, (dim, bits, group) in itertools.product(
             [False, True], [(False, False), (True, False), (True, True)], ["float32", "float16", "bfloat16"], shapes):
         if (not quantized and (bits, group) != (8, 64)) or (quantized and dim > da.MAX_QUANT_DIM):
             continue  # (supports() refuses a quantized pool beyond MAX_QUANT_DIM)
-        name, names, body, header = da.kernel_source(qk_norm, paged, quantized)
         fixed = {"inv_freq": "float32", "pos": "int32", "table": "int32"}
-        inputs = [(n, fixed.get(n, "uint32" if n == "kv" and quantized else dtype)) for n in names]
-        template = {"T": dtype, "H": 16, "KVH": 8, "D": dim, "WINDOW": 7, "WARPS": da.WARPS, "SCALE_BITS": 1,
-                    "EPS_BITS": 1}
-        if quantized:
-            template.update(BITS=bits, GROUP=group)
-        text = kernel_text(name, inputs, [("out", dtype), ("kv_new", dtype)], template, body, header)
-        status, log = compile_text(lib, text, name, includes)
-        regs = _ptxas_registers(log)
-        over = regs is not None and regs > 65536 // (32 * da.WARPS)  # a block of WARPS warps must launch
-        print(f"{name} {dtype} D={dim}" + (f" bits={bits} group={group}" if quantized else "") + ": " +
-              (("FAILED: too many registers" if over else "ok") + _ptxas_summary(log) if status == 0
-               else "FAILED\n" + log), flush=True)
-        failed += status != 0 or over
+        # keys a round: every count round_keys allows at this dim (with head norms, float32 and
+        # bfloat16: the variants with the most registers), else the default's
+        keys = ({da.round_keys(dim, quantized, w) for w in (1, 2, 4)} if qk_norm and dtype != "float16"
+                else {da.round_keys(dim, quantized)})
+        for u in sorted(keys):
+            name, names, body, header = da.kernel_source(qk_norm, paged, quantized, u)
+            inputs = [(n, fixed.get(n, "uint32" if n == "kv" and quantized else dtype)) for n in names]
+            template = {"T": dtype, "H": 16, "KVH": 8, "D": dim, "WINDOW": 7, "WARPS": da.WARPS,
+                        "SCALE_BITS": 1, "EPS_BITS": 1}
+            if quantized:
+                template.update(BITS=bits, GROUP=group)
+            text = kernel_text(name, inputs, [("out", dtype), ("kv_new", dtype)], template, body, header)
+            status, log = compile_text(lib, text, name, includes)
+            regs = _ptxas_registers(log)
+            over = regs is not None and regs > 65536 // (32 * da.WARPS)  # a block of WARPS warps must launch
+            print(f"{name} {dtype} D={dim} U={u}" + (f" bits={bits} group={group}" if quantized else "") + ": " +
+                  (("FAILED: too many registers" if over else "ok") + _ptxas_summary(log) if status == 0
+                   else "FAILED\n" + log), flush=True)
+            failed += status != 0 or over
     print(f"{failed} failed")
     return 1 if failed else 0
 

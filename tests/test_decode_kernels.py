@@ -11,6 +11,7 @@ whole models decode with the kernels on and off to the same logits."""
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import numpy as np
@@ -41,6 +42,21 @@ TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 # rope: at positions in the hundreds it is off by ~1e-5 rad from float64.
 ROPE_TOL = {"float32": 2e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
 DTYPES = st.sampled_from(["float32", "float16", "bfloat16"])
+
+
+# keys a warp reads a round in the CUDA attention kernel (da.round_keys caps it by head dim;
+# the CPU's kernel has no such setting and computes the same either way)
+KEYS = st.sampled_from([1, 2, 4])
+
+
+@contextmanager
+def keys_a_round(keys: int):
+    saved = da.KEYS_PER_ROUND
+    da.KEYS_PER_ROUND = keys
+    try:
+        yield
+    finally:
+        da.KEYS_PER_ROUND = saved
 
 
 def rnd(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -97,12 +113,12 @@ def ref_attention(qkv, keys, values, pos, heads, scale, window, inv_freq, norms,
 @given(b=st.integers(1, 5), kv=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2, 4]),
        dim=st.sampled_from([64, 128, 256]), cap=st.sampled_from([256, 512]),
        window=st.sampled_from([None, 1, 7, 100]), qk_norm=st.booleans(), dtype=DTYPES,
-       seed=st.integers(0, 2 ** 16))
-def test_attention_kernel_equals_reference(b, kv, group, dim, cap, window, qk_norm, dtype, seed):
+       seed=st.integers(0, 2 ** 16), keys=KEYS)
+def test_attention_kernel_equals_reference(b, kv, group, dim, cap, window, qk_norm, dtype, seed, keys):
     rng = np.random.default_rng(seed)
     heads = kv * group
     qkv = rnd(rng.standard_normal((b, (heads + 2 * kv) * dim)), dtype)
-    keys = rnd(rng.standard_normal((b, kv, cap, dim)), dtype)
+    cached = rnd(rng.standard_normal((b, kv, cap, dim)), dtype)
     values = rnd(rng.standard_normal((b, kv, cap, dim)), dtype)
     pos = rng.integers(0, cap, size=b).astype(np.int32)
     pos[0] = cap - 1  # the last slot is reachable
@@ -110,10 +126,11 @@ def test_attention_kernel_equals_reference(b, kv, group, dim, cap, window, qk_no
     norms = [rnd(1 + 0.3 * rng.standard_normal(dim), dtype) for _ in range(2)] if qk_norm else None
     scale = dim ** -0.5
     weights = [as_mx(w, dtype) for w in norms] if qk_norm else [None, None]
-    got = da.decode_attention(as_mx(qkv, dtype), as_mx(np.stack([keys, values]), dtype), mx.array(pos),
-                              heads=heads, scale=scale, window=window, inv_freq=mx.array(inv_freq),
-                              q_norm=weights[0], k_norm=weights[1], eps=1e-6)
-    want = ref_attention(qkv, keys, values, pos, heads, scale, window, inv_freq.astype(np.float64), norms, 1e-6,
+    with keys_a_round(keys):
+        got = da.decode_attention(as_mx(qkv, dtype), as_mx(np.stack([cached, values]), dtype), mx.array(pos),
+                                  heads=heads, scale=scale, window=window, inv_freq=mx.array(inv_freq),
+                                  q_norm=weights[0], k_norm=weights[1], eps=1e-6)
+    want = ref_attention(qkv, cached, values, pos, heads, scale, window, inv_freq.astype(np.float64), norms, 1e-6,
                          dtype)
     assert [a.shape for a in got] == [(b, heads * dim), (2, b, kv, 1, dim)]
     for g, w in zip(got, want):
@@ -124,9 +141,10 @@ def test_attention_kernel_equals_reference(b, kv, group, dim, cap, window, qk_no
 @settings(max_examples=30, deadline=None)
 @given(b=st.integers(1, 5), kv=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2]),
        dim=st.sampled_from([64, 128]), block=st.sampled_from([1, 16, 32]), length=st.integers(1, 200),
-       window=st.sampled_from([None, 7, 100]), qk_norm=st.booleans(), dtype=DTYPES, seed=st.integers(0, 2 ** 16))
+       window=st.sampled_from([None, 7, 100]), qk_norm=st.booleans(), dtype=DTYPES, seed=st.integers(0, 2 ** 16),
+       keys_a=KEYS)
 def test_paged_attention_kernel_reads_through_block_tables(b, kv, group, dim, block, length, window, qk_norm, dtype,
-                                                         seed):
+                                                         seed, keys_a):
     """The block-pool variant: each row's positions lie in blocks scattered over a shared
     pool (its table in position order, unused entries the null block 0); the result equals
     the reference over the contiguous keys."""
@@ -144,9 +162,10 @@ def test_paged_attention_kernel_reads_through_block_tables(b, kv, group, dim, bl
             keys[i, :, j * block:(j + 1) * block] = pool[0, table[i, j]]
             values[i, :, j * block:(j + 1) * block] = pool[1, table[i, j]]
     pos, qkv, inv_freq, norms, weights = _paged_step(rng, b, length, heads, kv, dim, qk_norm, dtype)
-    got = da.decode_attention(as_mx(qkv, dtype), as_mx(pool, dtype), mx.array(pos), heads=heads, scale=dim ** -0.5,
-                              window=window, inv_freq=mx.array(inv_freq), q_norm=weights[0], k_norm=weights[1],
-                              eps=1e-6, table=mx.array(table))
+    with keys_a_round(keys_a):
+        got = da.decode_attention(as_mx(qkv, dtype), as_mx(pool, dtype), mx.array(pos), heads=heads,
+                                  scale=dim ** -0.5, window=window, inv_freq=mx.array(inv_freq), q_norm=weights[0],
+                                  k_norm=weights[1], eps=1e-6, table=mx.array(table))
     want = ref_attention(qkv, keys, values, pos, heads, dim ** -0.5, window, inv_freq.astype(np.float64), norms,
                          1e-6, dtype)
     assert [a.shape for a in got] == [(b, heads * dim), (2, b, kv, 1, dim)]
@@ -193,9 +212,9 @@ def _contiguous(pool: np.ndarray, table: np.ndarray, width: int) -> np.ndarray:
 @given(b=st.integers(1, 5), kv=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2, 3]),
        dim=st.sampled_from([64, 128, 256]), qgroup=st.sampled_from([32, 64]), bits=st.sampled_from([4, 8]),
        block=st.sampled_from([1, 16, 32]), length=st.integers(1, 300), window=st.sampled_from([None, 1, 7, 100]),
-       qk_norm=st.booleans(), dtype=DTYPES, seed=st.integers(0, 2 ** 16))
+       qk_norm=st.booleans(), dtype=DTYPES, seed=st.integers(0, 2 ** 16), keys_a=KEYS)
 def test_quantized_paged_kernel_equals_reference_and_gather_path(b, kv, group, dim, qgroup, bits, block, length,
-                                                                 window, qk_norm, dtype, seed):
+                                                                 window, qk_norm, dtype, seed, keys_a):
     """kv_bits: the kernel reads packed keys and values, scales and biases through
     the table and dequantizes them itself. Against (1) the float64 reference over
     the device's own dequantization of the same pool (MLX's dequantize: on the CPU
@@ -218,7 +237,9 @@ def test_quantized_paged_kernel_equals_reference_and_gather_path(b, kv, group, d
                 k_norm=weights[1], eps=1e-6)
     quant = (scales, biases, bits, qgroup)
     assert da.supports(as_mx(qkv, dtype), packed, heads, paged=True, quant=quant)
-    got = da.decode_attention(as_mx(qkv, dtype), packed, mx.array(pos), table=mx.array(table), quant=quant, **args)
+    with keys_a_round(keys_a):
+        got = da.decode_attention(as_mx(qkv, dtype), packed, mx.array(pos), table=mx.array(table), quant=quant,
+                                  **args)
     want = ref_attention(qkv, keys, values, pos, heads, dim ** -0.5, window, inv_freq.astype(np.float64), norms,
                          1e-6, dtype)
     assert [a.shape for a in got] == [(b, heads * dim), (2, b, kv, 1, dim)]
@@ -244,6 +265,22 @@ def test_quantized_kernel_is_refused_where_it_cannot_apply():
     assert not da.supports(qkv, packed, 2, paged=True, quant=(sb, sb, 3, 64))
     assert not da.supports(qkv, packed, 2, paged=True, quant=(sb.astype(mx.float16), sb, 8, 64))
     assert not da.supports(qkv, packed, 2, paged=True, quant=(sb, sb, 4, 64))  # 128 values: not qkv's heads
+
+
+def test_keys_a_round_stay_within_a_blocks_registers(monkeypatch):
+    """`round_keys`: what KEYS_PER_ROUND asks, at most 4 up to head dim 128, 2 at 256 and 1
+    beyond (1 beyond 128 reading a quantized pool): the counts whose variants fit a 16-warp
+    block's 128 registers a thread (scripts/cuda_compile_check.py --ptxas compiles each). One
+    key a round is the one-key loop, named as before; more make variants of their own."""
+    for wanted, dim, quantized, want in ((4, 64, False, 4), (4, 128, False, 4), (4, 256, False, 2),
+                                         (4, 512, False, 1), (4, 128, True, 4), (4, 256, True, 1),
+                                         (2, 128, False, 2), (1, 64, False, 1), (0, 64, False, 1)):
+        assert da.round_keys(dim, quantized, wanted) == want
+    monkeypatch.setattr(da, "KEYS_PER_ROUND", 2)
+    assert da.round_keys(128) == 2 and da.round_keys(512) == 1
+    one, four = da.kernel_source(True, True, False, 1), da.kernel_source(True, True, False, 4)
+    assert one[0] == "amlx_decode_attention_qk_norm_paged" and four[0] == one[0] + "_keys4"
+    assert "constexpr int U = 4;" in four[2] and "constexpr int U" not in one[2]
 
 
 def test_cuda_kernel_head_dims(monkeypatch):

@@ -126,24 +126,7 @@ $QK_NORM$  amlx_rope_half<T, E, HALF>(qr, inv_freq, lane, last);
   for (int e = 0; e < E; ++e) qr[e] *= scale;
   const int first = WINDOW > 0 ? max(0, last - WINDOW + 1) : 0;
 $KV_SETUP$  float m = neg_inf, l = 0.0f;
-  for (int j = first + warp; j <= last; j += WARPS) {
-    float kr[E], vr[E];
-    if (j == last) {
-      for (int e = 0; e < E; ++e) { kr[e] = kn[e]; vr[e] = vn[e]; }
-    } else {
-$KV_READ$
-    }
-    float part = 0.0f;
-    for (int e = 0; e < E; ++e) part += qr[e] * kr[e];
-    const float s = amlx_warp_sum(part);
-    const float m_new = fmaxf(m, s);
-    const float alpha = expf(m - m_new);
-    const float p = expf(s - m_new);
-    l = l * alpha + p;
-    for (int e = 0; e < E; ++e) acc[e] = acc[e] * alpha + p * vr[e];
-    m = m_new;
-  }
-  if (lane == 0) {
+$LOOP$  if (lane == 0) {
     warp_max[warp] = m;
     warp_sum[warp] = l;
   }
@@ -163,6 +146,68 @@ $KV_READ$
   }
 """
 
+# The key loop: one key a warp a round, or U > 1 keys a round (`round_keys`); $KV_READ$
+# loads slot j's key into kr and its value into vr.
+_ONE_KEY_LOOP = r"""
+  for (int j = first + warp; j <= last; j += WARPS) {
+    float kr[E], vr[E];
+    if (j == last) {
+      for (int e = 0; e < E; ++e) { kr[e] = kn[e]; vr[e] = vn[e]; }
+    } else {
+$KV_READ$
+    }
+    float part = 0.0f;
+    for (int e = 0; e < E; ++e) part += qr[e] * kr[e];
+    const float s = amlx_warp_sum(part);
+    const float m_new = fmaxf(m, s);
+    const float alpha = expf(m - m_new);
+    const float p = expf(s - m_new);
+    l = l * alpha + p;
+    for (int e = 0; e < E; ++e) acc[e] = acc[e] * alpha + p * vr[e];
+    m = m_new;
+  }
+"""
+
+_KEYS_LOOP = r"""
+  // U keys a warp a round (round_keys): every key's loads of a
+  // round are issued before the first is used, so a warp waits on memory once a round
+  constexpr int U = $U$;
+  for (int j0 = first + warp; j0 <= last; j0 += WARPS * U) {
+    float keys_u[U][E], values_u[U][E], s[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = j0 + u * WARPS;
+      float* kr = keys_u[u];
+      float* vr = values_u[u];
+      if (j == last) {
+        for (int e = 0; e < E; ++e) { kr[e] = kn[e]; vr[e] = vn[e]; }
+      } else if (j < last) {
+$KV_READ$
+      }
+    }
+    float m_new = m;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      // (j is the same in every lane of the warp: all lanes take the same branch)
+      float part = 0.0f;
+      for (int e = 0; e < E; ++e) part += qr[e] * keys_u[u][e];
+      s[u] = j0 + u * WARPS <= last ? amlx_warp_sum(part) : neg_inf;
+      m_new = fmaxf(m_new, s[u]);
+    }
+    const float alpha = expf(m - m_new);  // (m_new is finite: key j0 is in range)
+    l *= alpha;
+    for (int e = 0; e < E; ++e) acc[e] *= alpha;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (j0 + u * WARPS > last) continue;
+      const float p = expf(s[u] - m_new);
+      l += p;
+      for (int e = 0; e < E; ++e) acc[e] += p * values_u[u][e];
+    }
+    m = m_new;
+  }
+"""
+
 # Qwen 3 and Gemma 3 normalise each q and k head before the rotation.
 _QK_NORM = """
   amlx_head_rms_norm<T, E>(qr, q_norm + lane * E, __int_as_float(EPS_BITS), D);
@@ -176,9 +221,9 @@ _CONTIGUOUS_SETUP = """
   const size_t half = rows * KVH * cap * D;
 """
 _CONTIGUOUS_READ = """
-      const T* keys = row_keys + (size_t)j * D;
-      amlx_load<E>(keys, kr);
-      amlx_load<E>(keys + half, vr);"""
+        const T* keys = row_keys + (size_t)j * D;
+        amlx_load<E>(keys, kr);
+        amlx_load<E>(keys + half, vr);"""
 # Paged (a block pool, amlx.kv): kv (2, blocks, KVH, block_size, D) (one head
 # of one block contiguous), table (B, width) int32 the row's block ids in
 # position order; slot j lies at offset j % block_size of block table[b, j / block_size].
@@ -188,10 +233,10 @@ _PAGED_SETUP = """
   const int* row_table = table + (size_t)b * table_shape[1];
 """
 _PAGED_READ = """
-      const size_t piece = (size_t)row_table[j / block_size] * KVH + kvh;
-      const T* keys = kv + (piece * block_size + j % block_size) * D + lane * E;
-      amlx_load<E>(keys, kr);
-      amlx_load<E>(keys + half, vr);"""
+        const size_t piece = (size_t)row_table[j / block_size] * KVH + kvh;
+        const T* keys = kv + (piece * block_size + j % block_size) * D + lane * E;
+        amlx_load<E>(keys, kr);
+        amlx_load<E>(keys + half, vr);"""
 
 # Paged and quantized (kv_bits, amlx.kv.pool): kv (2, blocks, KVH, block_size,
 # D * BITS / 32) uint32 packed values, scales and biases (2, blocks, KVH,
@@ -205,16 +250,22 @@ _QUANT_SETUP = """
   const int* row_table = table + (size_t)b * table_shape[1];
 """
 _QUANT_READ = """
-      const size_t ks = ((size_t)row_table[j / block_size] * KVH + kvh) * block_size + j % block_size;
-      const size_t vs = value_slots + ks;
-      amlx_dequant<T, E, BITS, GROUP>(kv + ks * WORDS, scales + ks * GROUPS, biases + ks * GROUPS, lane, kr);
-      amlx_dequant<T, E, BITS, GROUP>(kv + vs * WORDS, scales + vs * GROUPS, biases + vs * GROUPS, lane, vr);"""
+        const size_t ks = ((size_t)row_table[j / block_size] * KVH + kvh) * block_size + j % block_size;
+        const size_t vs = value_slots + ks;
+        amlx_dequant<T, E, BITS, GROUP>(kv + ks * WORDS, scales + ks * GROUPS, biases + ks * GROUPS, lane, kr);
+        amlx_dequant<T, E, BITS, GROUP>(kv + vs * WORDS, scales + vs * GROUPS, biases + vs * GROUPS, lane, vr);"""
 
-WARPS = 16  # keys in flight per (head, row); a block is WARPS * 32 threads
+WARPS = 16  # warps per (head, row); a block is WARPS * 32 threads
+# Keys a warp reads a round (`round_keys` caps it by registers). 1 measured no slower than 4
+# inside a Qwen3-8B step at ~200 positions (H200, 2026-12-03), where the kernel's fixed part
+# is half its time; alone, one call costs 8.2 us at 1 position, 16 at 200, 42 at 1,024 and
+# 138 at 4,096 (benchmarks/step_kernel_micro.py): the part per key, a warp's wait on memory
+# once a key, is what more keys a round would cut. Pending that measurement, 1.
+KEYS_PER_ROUND = 1
 MAX_DIM = 512  # head dims the CUDA kernel takes (scripts/cuda_compile_check.py --ptxas: registers)
 MAX_QUANT_DIM = 256  # ... reading a quantized pool
 
-_KERNELS: dict[tuple[bool, bool, bool], fast.CudaKernel] = {}
+_KERNELS: dict[tuple[bool, bool, bool, int], fast.CudaKernel] = {}
 _DTYPES = (bfloat16, float16, float32)
 QUANT_BITS = (4, 8)
 
@@ -231,26 +282,38 @@ def _on_cpu() -> bool:
     return device.default_device() == "cpu"
 
 
-def kernel_source(qk_norm: bool, paged: bool = False, quantized: bool = False) -> tuple[str, list[str], str, str]:
+def kernel_source(qk_norm: bool, paged: bool = False, quantized: bool = False,
+                  keys: int = 1) -> tuple[str, list[str], str, str]:
     """(name, input names, body, header) of one variant, as handed to MLX (which
-    writes the signature and the template constants; scripts/cuda_compile_check.py)."""
+    writes the signature and the template constants; scripts/cuda_compile_check.py);
+    `keys`: keys a warp reads a round (`round_keys`)."""
     norms = ["q_norm", "k_norm"] if qk_norm else []
     if quantized:
         setup, read = _QUANT_SETUP, _QUANT_READ
     else:
         setup, read = (_PAGED_SETUP, _PAGED_READ) if paged else (_CONTIGUOUS_SETUP, _CONTIGUOUS_READ)
-    source = _SOURCE.replace("$QK_NORM$", _QK_NORM if qk_norm else "").replace(
+    loop = _ONE_KEY_LOOP if keys == 1 else _KEYS_LOOP.replace("$U$", str(int(keys)))
+    source = _SOURCE.replace("$QK_NORM$", _QK_NORM if qk_norm else "").replace("$LOOP$", loop).replace(
         "$KV_SETUP$", setup).replace("$KV_READ$", read)
     name = "amlx_decode_attention" + ("_qk_norm" if qk_norm else "") + ("_paged" if paged else "") + (
-        "_quantized" if quantized else "")
+        "_quantized" if quantized else "") + (f"_keys{keys}" if keys != 1 else "")
     pool = ["kv", "scales", "biases"] if quantized else ["kv"]
     return name, ["qkv", *norms, "inv_freq", *pool, "pos", *(["table"] if paged else [])], source, _HEADER
 
 
-def _kernel(qk_norm: bool, paged: bool = False, quantized: bool = False) -> fast.CudaKernel:
-    key = (qk_norm, paged, quantized)
+def round_keys(dim: int, quantized: bool = False, wanted: int | None = None) -> int:
+    """Keys a warp reads a round at head dim `dim`: `wanted` (default KEYS_PER_ROUND), at most
+    what a 16-warp block's 128 registers a thread hold (scripts/cuda_compile_check.py --ptxas:
+    4 up to dim 128, 2 at 256 and 1 beyond; reading a quantized pool, 4 up to 128, else 1)."""
+    e = dim // 32
+    cap = (4 if e <= 4 else 1) if quantized else (4 if e <= 4 else 2 if e <= 8 else 1)
+    return max(1, min(KEYS_PER_ROUND if wanted is None else wanted, cap))
+
+
+def _kernel(qk_norm: bool, paged: bool = False, quantized: bool = False, keys: int = 1) -> fast.CudaKernel:
+    key = (qk_norm, paged, quantized, keys)
     if key not in _KERNELS:
-        name, inputs, source, header = kernel_source(qk_norm, paged, quantized)
+        name, inputs, source, header = kernel_source(qk_norm, paged, quantized, keys)
         _KERNELS[key] = fast.CudaKernel(name, inputs, ["out", "kv_new"], source, header=header)
     return _KERNELS[key]
 
@@ -330,7 +393,7 @@ def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, sca
         scales, biases, bits, group = quant
         pool = [kv, scales, biases]
         template.update(BITS=int(bits), GROUP=int(group))
-    return tuple(_kernel(qk_norm, paged, quant is not None)(
+    return tuple(_kernel(qk_norm, paged, quant is not None, round_keys(dim, quant is not None))(
         [qkv, *norms, inv_freq, *pool, positions, *([table] if paged else [])],
         [(b, heads * dim), (2, b, kv_heads, 1, dim)],
         [qkv.dtype] * 2, grid=(heads * threads, b, 1), threadgroup=(threads, 1, 1), template=template))
