@@ -103,3 +103,35 @@ def test_the_load_runs_the_warm_up_on_a_gpu_only_and_goes_on_if_it_fails(monkeyp
     monkeypatch.setenv("AMLX_WARMUP", "0")
     model_module._warm_first_requests(engine("gpu"))
     assert calls == ["gpu", "gpu", "reset"]
+
+
+def test_a_failing_warm_up_raises_and_leaves_no_request_behind(ckpt):
+    """A step that fails mid-warm-up: warm_requests raises it, its requests are cancelled (none
+    runs on after the load as if a user's), and the model serves as before."""
+    prompt = [int(x) for x in np.random.default_rng(4).integers(10, 200, 20)]
+
+    async def body():
+        async with await amlx.load(ckpt("qwen3")) as cold, await amlx.load(ckpt("qwen3")) as model:
+            scheduler = model.engine.scheduler
+            real, calls = scheduler.step, []
+
+            def failing():
+                calls.append(1)
+                if len(calls) == 2:
+                    raise RuntimeError("device lost")
+                real()
+            scheduler.step = failing
+            try:
+                with pytest.raises(RuntimeError, match="device lost"):
+                    await model.engine.run(lambda: warm_requests(model.engine))
+            finally:
+                del scheduler.step
+            made = model.stats()["tokens_generated"]
+            await model.engine.run(lambda: [scheduler.step() for _ in range(3)])  # the cancelled ones leave
+            stats = model.stats()
+            assert stats["active_requests"] == stats["waiting_requests"] == 0 and stats["tokens_generated"] == made
+            want = await cold.complete(prompt, max_tokens=8)
+            got = await model.complete(prompt, max_tokens=8)
+            assert got.token_ids == want.token_ids
+
+    anyio.run(body)

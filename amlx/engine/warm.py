@@ -49,18 +49,23 @@ def warm_requests(engine: Engine, batches: tuple[int, ...] = WARM_BATCHES) -> in
     options = GenerationOptions(max_tokens=WARM_NEW_TOKENS, temperature=0.0)
     ran = 0
     for size in batches:
-        streams = [engine.submit(warm_prompt(engine, ran + i), options) for i in range(min(size, engine.max_batch_size))]
-        ran += len(streams)
-        for _ in range(_MAX_ROUNDS):
-            if all(s.done for s in streams) and not scheduler.has_work():
-                break
-            scheduler.step()
-        else:
+        streams = []
+        try:
+            for i in range(min(size, engine.max_batch_size)):
+                streams.append(engine.submit(warm_prompt(engine, ran + i), options))
+            ran += len(streams)
+            for _ in range(_MAX_ROUNDS):
+                if all(s.done for s in streams) and not scheduler.has_work():
+                    break
+                scheduler.step()
+            else:
+                raise RuntimeError(f"the load-time warm-up requests did not end within {_MAX_ROUNDS} rounds")
             for s in streams:
+                while s.get_sync() is not None:  # (ended: this returns at once; raises a request's error)
+                    pass
+        except BaseException:
+            for s in streams:  # (none is left to run after the load, counted as a user's)
                 s.cancel()
-            raise RuntimeError(f"the load-time warm-up requests did not end within {_MAX_ROUNDS} rounds")
-        for s in streams:
-            while s.get_sync() is not None:  # (ended: this returns at once; raises a request's error)
-                pass
+            raise
     scheduler.reset_counters()
     return ran
