@@ -17,16 +17,12 @@ from amlx.engine.warm import WARM_BATCHES, WARM_NEW_TOKENS, warm_prompt, warm_re
 from tests.helpers.checkpoints import make_checkpoint
 
 
+ARCHS = ("qwen3", "gemma3_text")  # (Gemma's windowed layers keep a pool of their own)
+
+
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    built: dict = {}
-
-    def get(arch: str):
-        if arch not in built:
-            built[arch] = make_checkpoint(tmp_path_factory.mktemp(arch), arch, seed=3)
-        return built[arch]
-
-    return get
+def ckpts(tmp_path_factory) -> dict:
+    return {arch: make_checkpoint(tmp_path_factory.mktemp(arch), arch, seed=3) for arch in ARCHS}
 
 
 def _counters(stats: dict) -> dict:
@@ -36,12 +32,12 @@ def _counters(stats: dict) -> dict:
             "hits": kv.get("prefix_hits"), "misses": kv.get("prefix_misses"), "preemptions": kv["preemptions"]}
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
-def test_warm_requests_leave_the_engine_as_a_fresh_one(ckpt, arch):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_warm_requests_leave_the_engine_as_a_fresh_one(ckpts, arch):
     prompts = [[int(x) for x in np.random.default_rng(s).integers(10, 200, n)] for s, n in ((1, 40), (2, 7))]
 
     async def body():
-        async with await amlx.load(ckpt(arch)) as cold, await amlx.load(ckpt(arch)) as warm:
+        async with await amlx.load(ckpts[arch]) as cold, await amlx.load(ckpts[arch]) as warm:
             fresh = _counters(cold.stats())
             ran = await warm.engine.run(lambda: warm_requests(warm.engine))
             assert ran == sum(min(b, warm.engine.max_batch_size) for b in WARM_BATCHES) == 5
@@ -105,13 +101,13 @@ def test_the_load_runs_the_warm_up_on_a_gpu_only_and_goes_on_if_it_fails(monkeyp
     assert calls == ["gpu", "gpu", "reset"]
 
 
-def test_a_failing_warm_up_raises_and_leaves_no_request_behind(ckpt):
+def test_a_failing_warm_up_raises_and_leaves_no_request_behind(ckpts):
     """A step that fails mid-warm-up: warm_requests raises it, its requests are cancelled (none
     runs on after the load as if a user's), and the model serves as before."""
     prompt = [int(x) for x in np.random.default_rng(4).integers(10, 200, 20)]
 
     async def body():
-        async with await amlx.load(ckpt("qwen3")) as cold, await amlx.load(ckpt("qwen3")) as model:
+        async with await amlx.load(ckpts["qwen3"]) as cold, await amlx.load(ckpts["qwen3"]) as model:
             scheduler = model.engine.scheduler
             real, calls = scheduler.step, []
 
