@@ -34,16 +34,17 @@ __device__ float amlx_warp_sum(float x) {
   return x;
 }
 
-// RMSNorm over one head held by a warp (E values per lane), rounded as MLX's
-// rms_norm rounds: the normalised value to T, then times the weight in T.
-template <typename T, int E, typename W>
-__device__ void amlx_head_rms_norm(float* x, const W* w, float eps, int dim) {
+// RMSNorm over one head held by a warp (E values per lane; w: the lane's E weights, T
+// values held as floats), rounded as MLX's rms_norm rounds: the normalised value to T,
+// then times the weight in T.
+template <typename T, int E>
+__device__ void amlx_head_rms_norm(float* x, const float* w, float eps, int dim) {
   float ss = 0.0f;
   for (int e = 0; e < E; ++e) ss += x[e] * x[e];
   const float r = rsqrtf(amlx_warp_sum(ss) / dim + eps);
   for (int e = 0; e < E; ++e) {
     const float n = static_cast<float>(static_cast<T>(x[e] * r));
-    x[e] = static_cast<float>(static_cast<T>(static_cast<float>(w[e]) * n));
+    x[e] = static_cast<float>(static_cast<T>(w[e] * n));
   }
 }
 
@@ -68,15 +69,14 @@ __device__ void amlx_dequant(const uint32_t* words, const T* scales, const T* bi
   }
 }
 
-// Rotary embedding, rotate-half convention, of one head held by a warp at
-// position pos; the partner of lane l's values is in lane l ^ 16.
-template <typename T, int E, int HALF>
-__device__ void amlx_rope_half(float* x, const float* inv_freq, int lane, int pos) {
+// Rotary embedding, rotate-half convention, of one head held by a warp, by the
+// lane's angles' sines and cosines (sn, cs: position * frequency of each of its E
+// dimensions); the partner of lane l's values is in lane l ^ 16.
+template <typename T, int E>
+__device__ void amlx_rope_half(float* x, const float* sn, const float* cs, int lane) {
   for (int e = 0; e < E; ++e) {
     const float other = __shfl_xor_sync(0xffffffffu, x[e], 16);
-    float s, c;
-    sincosf(static_cast<float>(pos) * inv_freq[(lane * E + e) % HALF], &s, &c);
-    const float y = lane < 16 ? x[e] * c - other * s : x[e] * c + other * s;
+    const float y = lane < 16 ? x[e] * cs[e] - other * sn[e] : x[e] * cs[e] + other * sn[e];
     x[e] = static_cast<float>(static_cast<T>(y));
   }
 }
@@ -106,15 +106,23 @@ _SOURCE = r"""
   const float neg_inf = __int_as_float(0xff800000);
   const int last = pos[b];
   const T* row = qkv + (size_t)b * (H + 2 * KVH) * D + lane * E;
-  float qr[E], kn[E], vn[E], acc[E];
+  // Every load before the keys' is issued here, before any is used: the norm weights
+  // and rotary frequencies too (read where they were used, each waited on its own, a
+  // chain of trips to memory, most of the 8 us a call took at one position on the H200)
+  float qr[E], kn[E], vn[E], acc[E], sn[E], cs[E];$NORM_DECL$
   for (int e = 0; e < E; ++e) {
     qr[e] = static_cast<float>(row[h * D + e]);
     kn[e] = static_cast<float>(row[(H + kvh) * D + e]);
     vn[e] = static_cast<float>(row[(H + KVH + kvh) * D + e]);
+    sn[e] = inv_freq[(lane * E + e) % HALF];$NORM_LOAD$
     acc[e] = 0.0f;
   }
-$QK_NORM$  amlx_rope_half<T, E, HALF>(qr, inv_freq, lane, last);
-  amlx_rope_half<T, E, HALF>(kn, inv_freq, lane, last);
+  for (int e = 0; e < E; ++e) {  // (one angle per dimension, for q and k alike)
+    const float angle = static_cast<float>(last) * sn[e];
+    sincosf(angle, &sn[e], &cs[e]);
+  }
+$QK_NORM$  amlx_rope_half<T, E>(qr, sn, cs, lane);
+  amlx_rope_half<T, E>(kn, sn, cs, lane);
   const size_t rows = pos_shape[0];
   if (warp == 0 && h % (H / KVH) == 0) {
     const size_t at = ((size_t)b * KVH + kvh) * D + lane * E;
@@ -209,10 +217,25 @@ $KV_READ$
 """
 
 # Qwen 3 and Gemma 3 normalise each q and k head before the rotation.
+# Their weights load with the row where registers allow (E <= 8, head dims up to 256);
+# at 512 each loads just before its norm (with them live from the start, a 16-warp
+# block's 128 registers a thread would not do: cuda_compile_check.py --ptxas).
 _QK_NORM = """
-  amlx_head_rms_norm<T, E>(qr, q_norm + lane * E, __int_as_float(EPS_BITS), D);
-  amlx_head_rms_norm<T, E>(kn, k_norm + lane * E, __int_as_float(EPS_BITS), D);
+  if constexpr (E > 8) {
+    for (int e = 0; e < E; ++e) qw[e] = static_cast<float>(q_norm[lane * E + e]);
+  }
+  amlx_head_rms_norm<T, E>(qr, qw, __int_as_float(EPS_BITS), D);
+  if constexpr (E > 8) {
+    for (int e = 0; e < E; ++e) kw[e] = static_cast<float>(k_norm[lane * E + e]);
+  }
+  amlx_head_rms_norm<T, E>(kn, kw, __int_as_float(EPS_BITS), D);
 """
+_NORM_DECL = " float qw[E], kw[E];"
+_NORM_LOAD = """
+    if constexpr (E <= 8) {
+      qw[e] = static_cast<float>(q_norm[lane * E + e]);
+      kw[e] = static_cast<float>(k_norm[lane * E + e]);
+    }"""
 
 # Where slot j's key and value are. Contiguous: kv (2, B, KVH, capacity, D).
 _CONTIGUOUS_SETUP = """
@@ -293,8 +316,9 @@ def kernel_source(qk_norm: bool, paged: bool = False, quantized: bool = False,
     else:
         setup, read = (_PAGED_SETUP, _PAGED_READ) if paged else (_CONTIGUOUS_SETUP, _CONTIGUOUS_READ)
     loop = _ONE_KEY_LOOP if keys == 1 else _KEYS_LOOP.replace("$U$", str(int(keys)))
-    source = _SOURCE.replace("$QK_NORM$", _QK_NORM if qk_norm else "").replace("$LOOP$", loop).replace(
-        "$KV_SETUP$", setup).replace("$KV_READ$", read)
+    source = _SOURCE.replace("$QK_NORM$", _QK_NORM if qk_norm else "").replace(
+        "$NORM_DECL$", _NORM_DECL if qk_norm else "").replace("$NORM_LOAD$", _NORM_LOAD if qk_norm else "").replace(
+        "$LOOP$", loop).replace("$KV_SETUP$", setup).replace("$KV_READ$", read)
     name = "amlx_decode_attention" + ("_qk_norm" if qk_norm else "") + ("_paged" if paged else "") + (
         "_quantized" if quantized else "") + (f"_keys{keys}" if keys != 1 else "")
     pool = ["kv", "scales", "biases"] if quantized else ["kv"]
