@@ -1,5 +1,6 @@
 """First-request latency of a 4-bit model on MLX's CUDA backend, with and without
-the load-time warm-up of the quantized matmuls (amlx/models/warmup.py).
+the load-time warm-ups: the quantized matmuls' kernels (amlx/models/warmup.py), the
+extend pass's, and the first requests' one-time setup (amlx/engine/warm.py).
 
     python benchmarks/first_request.py --out OUT [--model gemma3-4b-4bit] [--timeout 500]
     python benchmarks/first_request.py --small --out /tmp/fr    # the same steps on a CPU
@@ -7,11 +8,12 @@ the load-time warm-up of the quantized matmuls (amlx/models/warmup.py).
 MLX compiles each multi-row quantized-matmul variant (NVRTC, 20-50 s on an H200)
 the first time it runs and caches it in MLX_PTX_CACHE_DIR. Three processes, in order:
 
-  cold      fresh cache dir, AMLX_WARMUP=0: the compiles land in the requests
+  cold      fresh cache dir, AMLX_WARMUP=0: the compiles and the setup land in the requests
   warmup    fresh cache dir, warm-up at load, its variants compiled side by side in
             child processes (parallel=True): the compiles land in the load
   cached    the warmup case's cache dir again: what every later load costs
   (--serial: a fourth, fresh cache dir, the warm-up compiling one variant at a time)
+  (--cases picks some of them; --profile: the cached case's first requests under cProfile)
 
 Each process loads the model (max_batch_size 8), warms up unless AMLX_WARMUP=0 (an
 explicit call, in case the engine's load does not already: then it finds the kernels
