@@ -52,18 +52,33 @@ def test_warm_requests_leave_the_engine_as_a_fresh_one(ckpts, arch):
     anyio.run(body)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(block=st.integers(1, 64), vocab=st.integers(2, 300), eos=st.sets(st.integers(0, 299), max_size=5),
-       index=st.integers(0, 8))
-def test_a_warm_prompt_fits_in_a_block_and_holds_no_end_of_sequence_id(block, vocab, eos, index):
+       index=st.integers(0, 8), context=st.integers(2, 64))
+def test_a_warm_prompt_fits_in_a_block_and_the_context_and_holds_no_end_of_sequence_id(block, vocab, eos, index,
+                                                                                       context):
     eos = frozenset(e for e in eos if e < vocab)
     if len(eos) == vocab:
         eos = frozenset(list(eos)[1:])
-    engine = SimpleNamespace(scheduler=SimpleNamespace(block_size=block), vocab_size=vocab, eos_ids=eos)
+    engine = SimpleNamespace(scheduler=SimpleNamespace(block_size=block), vocab_size=vocab, eos_ids=eos,
+                             max_context=context)
     ids = warm_prompt(engine, index)
-    assert ids and all(0 <= t < vocab and t not in eos for t in ids)
+    assert all(0 <= t < vocab and t not in eos for t in ids)
+    assert not ids or len(ids) + WARM_NEW_TOKENS < context  # (room for its tokens: check_context)
+    assert bool(ids) == (context > WARM_NEW_TOKENS + 1)
     if block > WARM_NEW_TOKENS + 1:  # (else no prompt fits: one token, and nothing to cache with 1-token blocks
         assert len(ids) + WARM_NEW_TOKENS < block  # is what a block that small caches anyway)
+
+
+def test_a_context_too_short_for_a_warm_prompt_warms_nothing(ckpts):
+    async def body():
+        async with await amlx.load(ckpts["qwen3"], max_context=WARM_NEW_TOKENS + 1) as model:
+            assert await model.engine.run(lambda: warm_requests(model.engine)) == 0
+        async with await amlx.load(ckpts["qwen3"], max_context=WARM_NEW_TOKENS + 3) as model:
+            assert await model.engine.run(lambda: warm_requests(model.engine)) == 5
+            assert model.stats()["tokens_generated"] == 0
+
+    anyio.run(body)
 
 
 def test_the_load_runs_the_warm_up_on_a_gpu_only_and_goes_on_if_it_fails(monkeypatch):

@@ -31,8 +31,10 @@ _MAX_ROUNDS = 1000  # (a backstop: the requests above end in a few rounds)
 
 def warm_prompt(engine: Engine, index: int) -> list[int]:
     """A short prompt of ordinary token ids (no end-of-sequence id), different per `index`,
-    that with its WARM_NEW_TOKENS generated tokens fits inside one KV block."""
+    that with its WARM_NEW_TOKENS generated tokens fits inside one KV block and the
+    engine's context; [] where the context is too short for any."""
     length = max(1, min(engine.scheduler.block_size - WARM_NEW_TOKENS - 1, 12))
+    length = min(length, engine.max_context - WARM_NEW_TOKENS - 1)
     ids, token = [], 1 + 7 * index
     while len(ids) < length:
         token = (token * 31 + 17) % engine.vocab_size
@@ -48,6 +50,8 @@ def warm_requests(engine: Engine, batches: tuple[int, ...] = WARM_BATCHES) -> in
     scheduler = engine.scheduler
     options = GenerationOptions(max_tokens=WARM_NEW_TOKENS, temperature=0.0)
     ran = 0
+    if not warm_prompt(engine, 0):
+        return 0  # (a context too short for a prompt and its tokens: nothing to warm with)
     for size in batches:
         streams = []
         try:
