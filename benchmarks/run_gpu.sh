@@ -29,6 +29,7 @@
 #                                        # KPROF_ARGS=--serial: CUDA graphs off, each kernel's own time
 #   bash benchmarks/run_gpu.sh step-micro # the attention and residual-norm kernels alone (step_kernel_micro.py):
 #                                        # cost per call against history length, warps a block, keys a round
+#   bash benchmarks/run_gpu.sh step-check # the step kernels' GPU tests, then step-micro (~5 min)
 #   bash benchmarks/run_gpu.sh window    # KV memory of a long Gemma-3-1B row, windowed layers' own pool (window_pool.py)
 #   bash benchmarks/run_gpu.sh qgemv-launch # the kernel's launch shapes: balanced vs measured, serial calls (~4 min)
 #   bash benchmarks/run_gpu.sh spec-cost    # speculative decoding: k draft steps + verify vs k+1 plain steps
@@ -187,6 +188,13 @@ case "${1:-speed}" in
     timeout -k 10 ${BUDGET:-300} python3 benchmarks/kernel_profile.py "$ck/$m" --tokens "${TOKENS:-72}" ${KPROF_ARGS:-} \
       --json "$OUT/kernel_profile_$m.json" 2>&1 | tee "$OUT/kernel_profile_$m.md" || echo "kernel_profile ended with status $?"
     save_ptx ;;
+  step-check)
+    # the step kernels' GPU tests (attention with 1/2/4 keys a round, residual norm, whole models with and
+    # without them; TEST_BUDGET seconds, compiles included), then step-micro below in the same call
+    timeout -k 5 ${TEST_BUDGET:-200} python3 -m pytest -q -p no:cacheprovider --tb=short -rfE \
+      tests/test_decode_kernels.py -k "attention or residual or keys or models_decode" 2>&1 \
+      | grep -v "^\s*$" | tail -25 | tee "$OUT/step_check_tests.txt" || echo "tests ended with status $?"
+    bash "$0" step-micro ;;
   step-micro)
     # the attention and residual-norm kernels alone, calls one after another (no CUDA graphs), CUPTI device
     # times: history lengths x batch x warps a block x keys a round (step_kernel_micro.py; ~2-3 min)
