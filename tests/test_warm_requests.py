@@ -17,7 +17,7 @@ from amlx.engine.warm import WARM_BATCHES, WARM_NEW_TOKENS, warm_prompt, warm_re
 from tests.helpers.checkpoints import make_checkpoint
 
 
-ARCHS = ("qwen3", "gemma3_text")  # (Gemma's windowed layers keep a pool of their own)
+ARCHS = ("qwen3", "gemma3_text", "gemma3", "llama", "mistral")  # (Gemma's windowed layers keep a pool of their own)
 
 
 @pytest.fixture(scope="module")
