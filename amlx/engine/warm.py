@@ -3,7 +3,7 @@
 Measured on the lent H200 (2026-12-03, Qwen3-8B 4-bit, every MLX kernel already in
 its on-disk cache): the process's first request took 7.6 s and its first batch of
 four concurrent requests 2.7 s, where every later request took 0.05-0.25 s whatever
-its prompt length (57 to 1,001 tokens). Nearly all of it was spent inside MLX's
+its prompt length (8 to 1,001 tokens). Nearly all of it was spent inside MLX's
 evaluation (cProfile: 6.8 of 7.3 s in `async_eval`): what MLX's CUDA backend sets up
 the first time each kind of pass runs in a process, not a compile per shape. So one
 short request, then a few at once, run at load, take that cost out of the user's

@@ -156,7 +156,9 @@ $LOOP$  if (lane == 0) {
 """
 
 # The key loop: one key a warp a round, or U > 1 keys a round (`round_keys`); $KV_READ$
-# loads slot j's key into kr and its value into vr.
+# loads slot j's key into kr and its value into vr. Two texts, not the second at U = 1:
+# that one holds its keys in arrays across the round and takes 140-147 registers at head
+# dim 512, past a 16-warp block's 128 (cuda_compile_check.py --ptxas), where this takes 110-128.
 _ONE_KEY_LOOP = r"""
   for (int j = first + warp; j <= last; j += WARPS) {
     float kr[E], vr[E];
