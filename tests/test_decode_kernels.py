@@ -283,6 +283,19 @@ def test_keys_a_round_stay_within_a_blocks_registers(monkeypatch):
     assert "constexpr int U = 4;" in four[2] and "constexpr int U" not in one[2]
 
 
+def test_keys_a_round_from_the_environment(monkeypatch):
+    """AMLX_ATTENTION_KEYS sets the count for a process; anything but 1, 2 or 4 is an error
+    that names the variable."""
+    monkeypatch.setenv("AMLX_ATTENTION_KEYS", "4")
+    assert da._keys_from_env() == 4
+    for bad in ("3", "0", "four", ""):
+        monkeypatch.setenv("AMLX_ATTENTION_KEYS", bad)
+        with pytest.raises(ValueError, match="AMLX_ATTENTION_KEYS"):
+            da._keys_from_env()
+    monkeypatch.delenv("AMLX_ATTENTION_KEYS")
+    assert da._keys_from_env() == 1
+
+
 def test_cuda_kernel_head_dims(monkeypatch):
     """On CUDA the kernel takes head dims that are multiples of 32 up to MAX_DIM, and a
     quantized pool up to MAX_QUANT_DIM (beyond, a 16-warp block needs more registers than it

@@ -25,6 +25,7 @@ on Metal attention keeps the mask path, which computes the same thing.
 
 from __future__ import annotations
 
+import os
 import struct
 
 from amlx._mlx import Array, bfloat16, cpu_kernels, device, fast, float16, float32, uint32
@@ -282,12 +283,19 @@ _QUANT_READ = """
         amlx_dequant<T, E, BITS, GROUP>(kv + vs * WORDS, scales + vs * GROUPS, biases + vs * GROUPS, lane, vr);"""
 
 WARPS = 16  # warps per (head, row); a block is WARPS * 32 threads
-# Keys a warp reads a round (`round_keys` caps it by registers). 1 measured no slower than 4
-# inside a Qwen3-8B step at ~200 positions (H200, 2026-12-03), where the kernel's fixed part
-# is half its time; alone, one call costs 8.2 us at 1 position, 16 at 200, 42 at 1,024 and
-# 138 at 4,096 (benchmarks/step_kernel_micro.py): the part per key, a warp's wait on memory
-# once a key, is what more keys a round would cut. Pending that measurement, 1.
-KEYS_PER_ROUND = 1
+# Keys a warp reads a round (`round_keys` caps it by registers). Measured alone on the H200
+# (benchmarks/step_kernel_micro.py, 2026-12-04; one row, 16 warps): 1 key costs 7.5 us a call
+# at 1 position, 14.8 at 200, 40.6 at 1,024 and 136.7 at 4,096; 2 and 4 keys were no faster
+# at any length (15.6-15.7 at 200, 152.8-155.4 at 4,096), so 1. AMLX_ATTENTION_KEYS=2/4
+# picks another count for a whole process (benchmarks compare them).
+def _keys_from_env() -> int:
+    raw = os.environ.get("AMLX_ATTENTION_KEYS", "1")
+    if raw.strip() not in ("1", "2", "4"):
+        raise ValueError(f"AMLX_ATTENTION_KEYS must be 1, 2 or 4, not {raw!r}")
+    return int(raw)
+
+
+KEYS_PER_ROUND = _keys_from_env()
 MAX_DIM = 512  # head dims the CUDA kernel takes (scripts/cuda_compile_check.py --ptxas: registers)
 MAX_QUANT_DIM = 256  # ... reading a quantized pool
 
