@@ -118,3 +118,21 @@ def test_ordinary_errors_have_no_hint():
         O.reshape(mx.array(np.zeros(6, np.float32)), (4,))
     assert info.value.hint is None
     assert _lib.fix_for("[matmul] Last dimension of first input with shape (2,3) must match") is None
+
+
+@pytest.mark.parametrize("message", [
+    "cudaMallocAsync(&data, size, stream) failed: out of memory",  # MLX's CUDA allocator (H200, 2026-12-03)
+    "cudaMalloc(&data, size) failed: out of memory",
+    "[malloc] Unable to allocate 17179869184 bytes.",  # the common allocator
+    "[metal::malloc] Attempting to allocate 90000000000 bytes which is greater than the maximum allowed "
+    "buffer size of 77309411328 bytes.",
+    "[METAL] Command buffer execution failed: Insufficient Memory (00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)",
+])
+def test_out_of_memory_names_what_to_lower(monkeypatch, message):
+    """An allocation failure says what it is and what to change, MLX's own text kept; the
+    server maps it to 503 out_of_memory (tests/test_serve_failures.py)."""
+    monkeypatch.setattr(_lib, "lib", _FakeLib(message))
+    err = _lib.error("eval")
+    assert err.mlx_message == message
+    assert err.hint is not None and "ran out of memory" in err.hint
+    assert "kv_cache_memory" in str(err) and "max_batch_size" in str(err) and "other processes" in str(err).lower()

@@ -65,10 +65,21 @@ def error(op: str, last_error=None) -> MLXError:
 _MISSING_HEADER = re.compile(r'cannot open source file "([^"]+)"')
 
 
+# How MLX's allocators report running out: CUDA's cudaMalloc(Async), the common and CPU
+# allocator's malloc, Metal's buffer limit and its command buffers.
+_OUT_OF_MEMORY = re.compile(r"out of memory|Unable to allocate|greater than the maximum allowed buffer size|"
+                            r"Insufficient Memory", re.IGNORECASE)
+
+
 def fix_for(message: str) -> str | None:
-    """The fix for an MLX failure amlx recognises, else None. MLX's CUDA backend
-    compiles some kernels at first use (NVRTC: the multi-row quantized matmul) and
-    fails with NVRTC's log when a CUDA header is missing."""
+    """The fix for an MLX failure amlx recognises, else None: the device out of memory, or
+    a missing CUDA header (MLX's CUDA backend compiles some kernels at first use, NVRTC:
+    the multi-row quantized matmul, and fails with NVRTC's log when one is missing)."""
+    if _OUT_OF_MEMORY.search(message):
+        return ("The device ran out of memory. Other processes on it count too: MLX keeps freed buffers "
+                "cached in each process (up to 95% of a GPU), so two MLX processes on one device can starve "
+                "each other. Lower the load options kv_cache_memory or max_batch_size, or "
+                "AMLX_PREFILL_MEMORY (bytes a prefill pass may take); the engine and the other requests go on.")
     missing = _MISSING_HEADER.search(message)
     if missing is None:
         return None
