@@ -93,16 +93,10 @@ def _amlx_side(path: str, max_batch: int):
 
         return engine.run_sync(lambda: copy_bandwidth(nbytes))
 
-    def trim():
-        from amlx._mlx import memory
-
-        engine.run_sync(memory.clear_cache)
-
-    return ready, single, batch, bandwidth, model.close, trim
+    return ready, single, batch, bandwidth, model.close
 
 
 def _mlx_lm_side(path: str, max_batch: int):
-    import mlx.core as mx
     from mlx_lm import batch_generate, load, stream_generate
 
     t0 = time.perf_counter()
@@ -119,15 +113,14 @@ def _mlx_lm_side(path: str, max_batch: int):
         resp = batch_generate(model, tokenizer, prompts, max_tokens=tokens, return_token_ids=True)
         return sum(len(ids) for ids in resp.token_ids)
 
-    return ready, single, batch, None, lambda: None, mx.clear_cache
+    return ready, single, batch, None, lambda: None
 
 
 def child(side: str, path: str, max_batch: int) -> int:
     """Serves commands for one side (child_process.serve): single, batch, bandwidth."""
 
     def start():
-        ready, single, batch, bandwidth, close, trim = (_mlx_lm_side if side == "mlx_lm" else _amlx_side)(
-            path, max_batch)
+        ready, single, batch, bandwidth, close = (_mlx_lm_side if side == "mlx_lm" else _amlx_side)(path, max_batch)
 
         def handle(cmd: dict) -> dict:
             t0 = time.perf_counter()
@@ -142,11 +135,7 @@ def child(side: str, path: str, max_batch: int) -> int:
             else:
                 res = {"copy_bytes_per_s": bandwidth(cmd["nbytes"])}
             res["seconds"] = time.perf_counter() - t0
-            # Both sides' processes share the device: MLX keeps freed buffers cached up to its
-            # memory limit, so one side's cache after a 64-stream run left the other side out of
-            # memory (gemma3-27b-4bit, H200, 2026-12-03). Hand them back between commands.
-            trim()
-            return res
+            return res  # (serve hands MLX's cached buffers back before the next command)
 
         return ready, handle, close
 

@@ -40,9 +40,25 @@ def run_meta() -> dict:
     return meta
 
 
+def release_cached_memory() -> None:
+    """Hands MLX's cached buffers back to the device, for whichever bindings this process
+    loaded (amlx's, mlx's). The sides' processes share one GPU, and MLX keeps freed buffers
+    cached up to its memory limit (95% of a CUDA device), so one side's cache after a
+    64-stream run left the other out of memory (bigspeed.py, gemma3-27b-4bit, H200,
+    2026-12-03). Called between commands, outside what they time."""
+    if "amlx._mlx" in sys.modules:
+        from amlx._mlx import memory
+
+        memory.clear_cache()
+    core = sys.modules.get("mlx.core")
+    if core is not None:
+        core.clear_cache()
+
+
 def serve(start: Callable[[], tuple[dict, Callable[[dict], dict], Callable[[], None]]]) -> int:
     """The child's loop: `start()` loads the side and returns (what READY reports, a handler
-    from a command to its result, a closer); then one RESULT line per command."""
+    from a command to its result, a closer); then one RESULT line per command, each
+    followed by `release_cached_memory`."""
     out = sys.stdout
     sys.stdout = sys.stderr  # libraries' prints go to the log, not the pipe
     ready, handle, close = start()
@@ -51,7 +67,9 @@ def serve(start: Callable[[], tuple[dict, Callable[[dict], dict], Callable[[], N
         cmd = json.loads(line)
         if cmd["op"] == "quit":
             break
-        print("RESULT " + json.dumps(handle(cmd)), file=out, flush=True)
+        result = handle(cmd)
+        release_cached_memory()
+        print("RESULT " + json.dumps(result), file=out, flush=True)
     close()
     return 0
 
