@@ -79,7 +79,7 @@ def fix_for(message: str) -> str | None:
         return ("The device ran out of memory. Other processes on it count too: MLX keeps freed buffers "
                 "cached in each process (up to 95% of a GPU), so two MLX processes on one device can starve "
                 "each other. Lower the load options kv_cache_memory or max_batch_size, or "
-                "AMLX_PREFILL_MEMORY (bytes a prefill pass may take); the engine and the other requests go on.")
+                "AMLX_PREFILL_MEMORY (bytes a prefill pass may take).")
     missing = _MISSING_HEADER.search(message)
     if missing is None:
         return None
