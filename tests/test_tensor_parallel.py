@@ -199,6 +199,8 @@ def test_killed_rank_fails_requests_and_closes(checkpoints):
     assert out["followers"] == []
     # the ring's pending collectives ended (amlx.tp.keeper): the close ran, MLX still works
     assert out["closed_fully"] and len(out["after"]) == 3
+    # the failed ring's group stays allocated: freeing it under the ring's threads crashed
+    assert out["group_kept"]
 
 
 def test_close_leaves_no_processes(checkpoints):
@@ -211,6 +213,8 @@ def test_close_leaves_no_processes(checkpoints):
     assert m.complete_sync([1, 2, 3], max_tokens=2).token_ids
     m.close()
     assert followers() == []
+    with pytest.raises(ValueError, match="closed"):  # a clean close frees the group
+        m.engine.mirror.group.handle
     m.close()  # idempotent
 
 
@@ -353,7 +357,7 @@ def test_hung_rank_fails_requests(checkpoints):
     assert "made no progress for 3 s" in out["message"], out
     assert out["seconds"] < 60, out  # (the stall may have begun just before the stop)
     assert out["closed"] and out["followers"] == [], out
-    assert out["closed_fully"] and len(out["after"]) == 3, out
+    assert out["closed_fully"] and len(out["after"]) == 3 and out["group_kept"], out
 
 
 def test_followers_exit_with_rank_zero(checkpoints, tmp_path):

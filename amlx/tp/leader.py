@@ -36,6 +36,7 @@ from amlx.tp.launch import Launch, Rank
 from amlx.tp.rows import encode_rows
 
 STOP_TIMEOUT = 30.0  # seconds a follower gets to exit after STOP
+_FAILED_GROUPS: list[dist.Group] = []  # the groups of failed models, never freed (see Leader.close)
 
 
 class Leader:
@@ -167,7 +168,7 @@ class Leader:
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
         """Stops the followers (STOP, then a kill after STOP_TIMEOUT) and frees
-        the group (worker thread)."""
+        the group, unless a rank failed (worker thread)."""
         self._stopping.set()
         if self._failure is None:
             try:
@@ -190,7 +191,16 @@ class Leader:
         self._watchdog.join(2)
         for r in self.launch.ranks:
             _close_fds(r)
-        self.group.close()
+        if self._failure is None:
+            self.group.close()
+        else:
+            # After a rank failed, the ring backend's own threads may still be inside the
+            # operations the dead peer broke, and this handle is the backend's last owner
+            # (amlx.distributed.init makes MLX forget its cached group): freeing it destroyed
+            # the backend under them, a segfault in about 1 run of 20 under load
+            # (tests/test_tensor_parallel.py's killed rank, inside mlxc_group_free). The
+            # handle and its sockets stay until the process ends.
+            _FAILED_GROUPS.append(self.group)
         shutil.rmtree(self.launch.workdir, ignore_errors=True)
         self.closed = True
 

@@ -61,6 +61,11 @@ async def scenario(path: str, how: str) -> dict:
             break
         await asyncio.sleep(0.05)
     out["closed_fully"] = m.engine.mirror.closed
+    try:  # (a failed model's group is kept, not freed under the ring's threads: amlx.tp.leader)
+        m.engine.mirror.group.handle
+        out["group_kept"] = True
+    except ValueError:
+        out["group_kept"] = False
     try:
         other = await asyncio.wait_for(amlx.load(path, device="cpu"), 30)
         out["after"] = (await asyncio.wait_for(other.complete([1, 2, 3], max_tokens=3), 30)).token_ids
