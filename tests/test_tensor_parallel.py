@@ -181,10 +181,11 @@ def failure(path, how: str, env: dict | None = None) -> dict:
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
         if lines or done.returncode >= 0:
             break
-        # Killed by a signal before its result: MLX's ring backend, after the socket errors a dead
-        # or stopped peer causes, has corrupted its own heap in about 1 run of 20 under a full
-        # suite's load (glibc's "unaligned tcache chunk", a segfault in a later gather), never
-        # reproduced alone (0 of 32 runs beside two busy cores). One more run; two crashes fail.
+        # Killed by a signal before its result. The known cause is gone: freeing a failed ring's
+        # group under the backend's threads (15 crashes in 350 runs beside two busy cores,
+        # segfaults in mlxc_group_free and a corrupted heap at a thread's exit; 0 in 350 since
+        # amlx.tp.leader keeps that group, 2026-12-04). One more run stays, for crashes of
+        # MLX's ring not seen since; two crashes fail.
         crashes.append(f"signal {-done.returncode}: {done.stderr[-1500:]}")
     assert lines, f"exit status {done.returncode}; earlier crashes: {crashes}; stderr: {done.stderr[-3000:]}"
     return json.loads(lines[-1][len("RESULT "):])
