@@ -158,11 +158,8 @@ class Scheduler:
         self.parked: list[Request] = []
         self.slot_idle_limit = 1.0  # seconds a parked request keeps its batch slot
         self.closed = False
-        self.tokens_generated = 0
-        self.decode_steps = 0
-        self.preemptions = 0  # rows taken out of the batch for want of KV blocks (recomputed later)
-        self.rate = RateMeter()  # recent tokens per second of work (stats)
         self.timing = StepTiming(step_timing_enabled())  # host time per phase (AMLX_STEP_TIMING=1)
+        self.reset_counters()
         self._step_fn = transforms.compile(self._forward) if compile_step else None
         # the same step traced with the split twin's layers (a cache of its own)
         self._split_step_fn = transforms.compile(self._forward_split) if compile_step else None
@@ -277,12 +274,12 @@ class Scheduler:
 
     def reset_counters(self) -> None:
         """Zeroes the counters `Engine.stats` reports (tokens, decode steps, preemptions,
-        the recent rate, step timing): after the load-time warm-up (amlx.engine.warm), so
-        a model's stats count its users' requests only. Worker thread."""
+        the recent rate, step timing): at construction, and after the load-time warm-up
+        (amlx.engine.warm), so a model's stats count its users' requests only. Worker thread."""
         self.tokens_generated = 0
         self.decode_steps = 0
-        self.preemptions = 0
-        self.rate = RateMeter()
+        self.preemptions = 0  # rows taken out of the batch for want of KV blocks (recomputed later)
+        self.rate = RateMeter()  # recent tokens per second of work (stats)
         self.timing = StepTiming(self.timing.enabled)
 
     def counts(self) -> dict:

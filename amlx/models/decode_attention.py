@@ -283,18 +283,21 @@ _QUANT_READ = """
         amlx_dequant<T, E, BITS, GROUP>(kv + vs * WORDS, scales + vs * GROUPS, biases + vs * GROUPS, lane, vr);"""
 
 WARPS = 16  # warps per (head, row); a block is WARPS * 32 threads
-# Keys a warp reads a round (`round_keys` caps it by registers). Measured alone on the H200
-# (benchmarks/step_kernel_micro.py, 2026-12-04; one row, 16 warps): 1 key costs 7.5 us a call
-# at 1 position, 14.8 at 200, 40.6 at 1,024 and 136.7 at 4,096; 2 and 4 keys were no faster
-# at any length (15.6-15.7 at 200, 152.8-155.4 at 4,096), so 1. AMLX_ATTENTION_KEYS=2/4
-# picks another count for a whole process (benchmarks compare them).
+
+
 def _keys_from_env() -> int:
+    """AMLX_ATTENTION_KEYS (1, 2 or 4; default 1), else ValueError naming the variable."""
     raw = os.environ.get("AMLX_ATTENTION_KEYS", "1")
     if raw.strip() not in ("1", "2", "4"):
         raise ValueError(f"AMLX_ATTENTION_KEYS must be 1, 2 or 4, not {raw!r}")
     return int(raw)
 
 
+# Keys a warp reads a round (`round_keys` caps it by registers). Measured alone on the H200
+# (benchmarks/step_kernel_micro.py, 2026-12-04; one row, 16 warps): 1 key costs 7.5 us a call
+# at 1 position, 14.8 at 200, 40.6 at 1,024 and 136.7 at 4,096; 2 and 4 keys were no faster
+# at any length (15.6-15.7 at 200, 152.8-155.4 at 4,096), so 1. AMLX_ATTENTION_KEYS=2/4
+# picks another count for a whole process (benchmarks compare them).
 KEYS_PER_ROUND = _keys_from_env()
 MAX_DIM = 512  # head dims the CUDA kernel takes (scripts/cuda_compile_check.py --ptxas: registers)
 MAX_QUANT_DIM = 256  # ... reading a quantized pool

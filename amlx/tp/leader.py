@@ -196,8 +196,8 @@ class Leader:
         else:
             # After a rank failed, the ring backend's own threads may still be inside the
             # operations the dead peer broke, and this handle is the backend's last owner
-            # (amlx.distributed.init makes MLX forget its cached group): freeing it destroyed
-            # the backend under them, a segfault in about 1 run of 20 under load
+            # (amlx._mlx.distributed.init makes MLX forget its cached group): freeing it
+            # destroyed the backend under them, a crash in 15 of 350 runs beside busy cores
             # (tests/test_tensor_parallel.py's killed rank, inside mlxc_group_free). The
             # handle and its sockets stay until the process ends.
             _FAILED_GROUPS.append(self.group)
