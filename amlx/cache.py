@@ -157,8 +157,11 @@ class KVCache:
 
     def write_decode(self, new: Array, positions: Array, memo: dict | None = None) -> Array:
         """Writes one position per row, keys and values in one scatter: `new`
-        (2, B, H, 1, D) at `positions` (B,) int32. Returns the positions as
-        (B, 1, 1, 1)."""
+        (2, B, H, 1, D), or (2, B * H, D) as the decode kernel hands it, at `positions`
+        (B,) int32. Returns the positions as (B, 1, 1, 1)."""
+        if new.ndim == 3:
+            b = positions.shape[0]
+            new = ops.reshape(new, (2, b, new.shape[1] // b, 1, new.shape[2]))
         _, b, h, _, d = new.shape
         pos = memoized(memo, ("rows", b), lambda: ops.reshape(positions, (b, 1, 1, 1)))
         at = memoized(memo, ("at", b, h, d), lambda: ops.broadcast_to(ops.reshape(positions, (1, b, 1, 1, 1)),

@@ -13,8 +13,8 @@ the toolkit's include directory (cuda_bf16.h; cccl/ under it is added too).
 Prints each variant (decode attention: contiguous, paged, paged quantized;
 with and without head norms; float32/float16/bfloat16; head dims, bits, groups;
 quantized_gemv: both versions, dtypes, bits, row buckets) and exits 1 if one fails to compile;
-`--only attention|qgemv|step` compiles one kernel's variants (step: step_kernels'
-residual + RMSNorm and gated activation); `--ptxas` adds ptxas's registers and
+`--only attention|qgemv|step|dense` compiles one kernel's variants (step: step_kernels'
+residual + RMSNorm and gated activation; dense: dense_rows' tensor-core matmul of 2-64 rows); `--ptxas` adds ptxas's registers and
 spills to each line, fails a kernel whose block could not launch for its registers, and fails a variant that uses more registers than
 `quantized_gemv.REGISTERS` says (the launch rules count warps an SM holds from that table).
 Compiling is not running: the GPU tests (tests/test_decode_kernels.py) check what the kernels
@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amlx.models import decode_attention as da  # noqa: E402
+from amlx.models import dense_rows as dr  # noqa: E402
 from amlx.models import quantized_gemv as qg  # noqa: E402
 from amlx.models import step_kernels as sk  # noqa: E402
 
@@ -122,6 +123,25 @@ def _step(lib, includes: list[str]) -> int:
     return failed
 
 
+def _dense_rows(lib, includes: list[str]) -> int:
+    """The tensor-core matmul of 2-64 rows: every (MT, NT, U) `dense_rows.tiles` picks, per
+    16-bit dtype; returns how many failed (or use more registers than a block of its
+    WARPS warps may)."""
+    failed = 0
+    variants = sorted({dr.tiles(rows, n) for rows in range(dr.MIN_ROWS, dr.MAX_ROWS + 1) for n in (8, 16, 2048, 4096)})
+    for dtype, (mt, nt, u) in itertools.product(["float16", "bfloat16"], variants):
+        text = kernel_text(dr.NAME, [(n, dtype) for n in dr.INPUTS], [("out", dtype)],
+                           {"T": dtype, "MT": mt, "NT": nt, "U": u}, dr.SOURCE, dr.HEADER)
+        status, log = compile_text(lib, text, dr.NAME, includes)
+        regs = _ptxas_registers(log)
+        over = regs is not None and regs > 65536 // (32 * dr.WARPS)
+        print(f"{dr.NAME} {dtype} MT={mt} NT={nt} U={u}: " + (("FAILED: too many registers" if over else "ok")
+                                                               + _ptxas_summary(log) if status == 0 else
+                                                               "FAILED\n" + log), flush=True)
+        failed += status != 0 or over
+    return failed
+
+
 def _ptxas_registers(log: str) -> int | None:
     import re
 
@@ -143,7 +163,7 @@ def main() -> int:
     ap.add_argument("--nvrtc", required=True)
     ap.add_argument("--mlx-include", required=True)
     ap.add_argument("--cuda-include", required=True)
-    ap.add_argument("--only", choices=["attention", "qgemv", "step"], default=None)
+    ap.add_argument("--only", choices=["attention", "qgemv", "step", "dense"], default=None)
     ap.add_argument("--ptxas", action="store_true", help="registers and spills of each qgemv variant (ptxas -v)")
     a = ap.parse_args()
     global PTXAS_VERBOSE
@@ -155,7 +175,9 @@ def main() -> int:
         failed += _step(lib, includes)
     if a.only in (None, "qgemv"):
         failed += _qgemv(lib, includes)
-    if a.only in ("qgemv", "step"):
+    if a.only in (None, "dense"):
+        failed += _dense_rows(lib, includes)
+    if a.only in ("qgemv", "step", "dense"):
         print(f"{failed} failed")
         return 1 if failed else 0
     shapes = [(64, 8, 64), (128, 4, 64), (128, 8, 64), (256, 8, 32), (256, 8, 64), (96, 4, 32), (da.MAX_DIM, 8, 64),

@@ -87,7 +87,7 @@ def ref_rope(x, pos, inv_freq, dtype):
 
 
 def ref_attention(qkv, keys, values, pos, heads, scale, window, inv_freq, norms, eps, dtype):
-    """(out (B, H*D), kv_new (2, B, KVH, 1, D)) from the arrays' own values."""
+    """(out (B, H*D), kv_new (2, B*KVH, D)) from the arrays' own values."""
     b = qkv.shape[0]
     kv, dim = keys.shape[1], keys.shape[3]
     x = qkv.reshape(b, heads + 2 * kv, dim)
@@ -106,7 +106,7 @@ def ref_attention(qkv, keys, values, pos, heads, scale, window, inv_freq, norms,
             s = ks @ q[i, h] * scale
             w = np.exp(s - s.max())
             out[i, h] = w @ vs / w.sum()
-    return out.reshape(b, heads * dim), np.stack([k[:, :, None, :], v[:, :, None, :]])
+    return out.reshape(b, heads * dim), np.stack([k, v]).reshape(2, b * kv, dim)
 
 
 @settings(max_examples=30, deadline=None)
@@ -132,7 +132,7 @@ def test_attention_kernel_equals_reference(b, kv, group, dim, cap, window, qk_no
                                   q_norm=weights[0], k_norm=weights[1], eps=1e-6)
     want = ref_attention(qkv, cached, values, pos, heads, scale, window, inv_freq.astype(np.float64), norms, 1e-6,
                          dtype)
-    assert [a.shape for a in got] == [(b, heads * dim), (2, b, kv, 1, dim)]
+    assert [a.shape for a in got] == [(b, heads * dim), (2, b * kv, dim)]
     for g, w in zip(got, want):
         assert g.dtype is getattr(mx, dtype)
         np.testing.assert_allclose(as_np(g), w, rtol=ROPE_TOL[dtype], atol=ROPE_TOL[dtype])
@@ -168,7 +168,7 @@ def test_paged_attention_kernel_reads_through_block_tables(b, kv, group, dim, bl
                                   k_norm=weights[1], eps=1e-6, table=mx.array(table))
     want = ref_attention(qkv, keys, values, pos, heads, dim ** -0.5, window, inv_freq.astype(np.float64), norms,
                          1e-6, dtype)
-    assert [a.shape for a in got] == [(b, heads * dim), (2, b, kv, 1, dim)]
+    assert [a.shape for a in got] == [(b, heads * dim), (2, b * kv, dim)]
     for g, w in zip(got, want):
         np.testing.assert_allclose(as_np(g), w, rtol=ROPE_TOL[dtype], atol=ROPE_TOL[dtype])
 
@@ -242,7 +242,7 @@ def test_quantized_paged_kernel_equals_reference_and_gather_path(b, kv, group, d
                                   **args)
     want = ref_attention(qkv, keys, values, pos, heads, dim ** -0.5, window, inv_freq.astype(np.float64), norms,
                          1e-6, dtype)
-    assert [a.shape for a in got] == [(b, heads * dim), (2, b, kv, 1, dim)]
+    assert [a.shape for a in got] == [(b, heads * dim), (2, b * kv, dim)]
     for g, w in zip(got, want):
         assert g.dtype is getattr(mx, dtype)
         np.testing.assert_allclose(as_np(g), w, rtol=ROPE_TOL[dtype], atol=ROPE_TOL[dtype])
@@ -369,7 +369,10 @@ def test_gated_activation_kernel_equals_reference(n, width, act, dtype, seed):
         a = 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))
     got = step_kernels.gated_activation(as_mx(gu, dtype), act)
     assert got.shape == (n, width) and got.dtype is getattr(mx, dtype)
-    np.testing.assert_allclose(as_np(got), a * u, rtol=TOL[dtype], atol=TOL[dtype] * np.abs(a * u).max())
+    # (where every g is far below zero the activation is ~1e-10 of g: there 1 + tanh cancels,
+    # and the error is relative to g * u, not to the tiny result; hypothesis found n = width = 1)
+    scale = max(np.abs(a * u).max(), 1e-3 * np.abs(g * u).max())
+    np.testing.assert_allclose(as_np(got), a * u, rtol=TOL[dtype], atol=TOL[dtype] * scale)
 
 
 def test_kernel_inside_a_compiled_function():
@@ -470,11 +473,13 @@ def test_kernels_cut_the_nodes_of_a_decode_step(arch, models, monkeypatch):
             counts[flag], kinds = ops.graph_summary(y, *[a for c in cache for a in c.state()])
         for c in cache:
             c.close()
-    # per layer: norm-fused residuals (2), q/k/v, attention, the cache write,
-    # output projection, gate/up, activation, down projection; on the CPU, MLX
-    # computes the first layer's input RMSNorm from plain ops (about 7 nodes)
+    # per layer: norm-fused residuals (2), q/k/v, attention, the cache write and the
+    # reshape of the kernel's new keys and values to this contiguous cache's layout
+    # (the engine's block pool takes them as they are), output projection, gate/up,
+    # activation, down projection; on the CPU, MLX computes the first layer's input
+    # RMSNorm from plain ops (about 7 nodes)
     extra = 8 if mx.device.default_device() == "cpu" else 0
-    assert counts["1"] <= 9 * layers + 12 + extra
+    assert counts["1"] <= 10 * layers + 12 + extra
     assert counts["1"] < counts["0"]
 
 

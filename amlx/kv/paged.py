@@ -111,15 +111,15 @@ class PagedLayer:
         return self.parts[0]
 
     def _write(self, new: Array, memo: dict | None) -> None:
-        """Writes `new` (2, N, kv_heads, head_dim) at the tables' write slots: one
-        scatter per array (quantized first, with `bits`)."""
+        """Writes `new` (2, N * kv_heads, head_dim), N positions' heads in order, at the
+        tables' write slots: one scatter per array (quantized first, with `bits`)."""
         _, nb, h, bs, _ = self.parts[0].shape
-        n, d = new.shape[1] * h, new.shape[-1]
+        n, d = new.shape[1], new.shape[-1]
         if self.bits:
             packed = ops.quantize(ops.reshape(new, (2 * n, d)), self.group, self.bits)
             values = [ops.reshape(x, (2, n, x.shape[-1])) for x in packed]
         else:
-            values = [ops.reshape(new, (2, n, d))]
+            values = [new]
         writes = self.tables.writes
         for i, (part, value) in enumerate(zip(self.parts, values)):
             w = value.shape[-1]
@@ -177,7 +177,7 @@ class PagedLayer:
             raise ValueError(f"PagedLayer: keys {k.shape} and values {v.shape} differ in shape")
         b, h, length, d = k.shape
         end = start + length
-        rows = [ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (1, b * length, h, d)) for x in (k, v)]
+        rows = [ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (1, b * length * h, d)) for x in (k, v)]
         self._write(ops.concatenate(rows, axis=0), memo)
         keys, values = self._halves(self.gathered(), end)
         if self.window is None or end <= self.window:
@@ -190,7 +190,7 @@ class PagedLayer:
         through the tables' writes: a speculative verify pass) and returns (keys,
         values, mask (B, 1, W, span)) over the tables' span."""
         b, h, width, d = k.shape
-        rows = [ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (1, b * width, h, d)) for x in (k, v)]
+        rows = [ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (1, b * width * h, d)) for x in (k, v)]
         self._write(ops.concatenate(rows, axis=0), memo)
         span = self.tables.span
         keys, values = self._halves(self.gathered(), span)
@@ -202,7 +202,7 @@ class PagedLayer:
         """Writes one position per row (k, v (B, H, 1, D) at `positions` (B,) int32) and
         returns (keys, values, mask (B, 1, 1, span)) as KVCache.update_decode."""
         b, h, _, d = k.shape
-        new = ops.concatenate([ops.reshape(k, (1, b, h, d)), ops.reshape(v, (1, b, h, d))], axis=0)
+        new = ops.concatenate([ops.reshape(k, (1, b * h, d)), ops.reshape(v, (1, b * h, d))], axis=0)
         pos = self.write_decode(new, positions, memo)
         t, window = self.tables, self.window
         if window is not None and t.window is not None and window <= t.window and t.window_start is not None:
@@ -218,9 +218,10 @@ class PagedLayer:
 
     def write_decode(self, new: Array, positions: Array, memo: dict | None = None) -> Array:
         """Writes one position per row, keys and values in one scatter: `new`
-        (2, B, H, 1, D) or (2, B, H, D). Returns the positions as (B, 1, 1, 1)."""
-        b, h, d = new.shape[1], new.shape[2], new.shape[-1]
-        self._write(ops.reshape(new, (2, b, h, d)), memo)
+        (2, B * H, D) as the decode kernel hands it (no reshape: a node less a layer).
+        Returns the positions as (B, 1, 1, 1)."""
+        b = positions.shape[0]
+        self._write(new, memo)
         return memoized(memo, ("rows", b), lambda: ops.reshape(positions, (b, 1, 1, 1)))
 
 

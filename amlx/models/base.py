@@ -17,7 +17,7 @@ from amlx._mlx import Array, array, fast, ops
 from amlx._mlx import float32 as _f32
 from amlx._mlx import uint32
 from amlx.cache import BLOCK, KVCache, memoized
-from amlx.models import cpu_matmul, decode_attention, rope, step_kernels
+from amlx.models import cpu_matmul, decode_attention, dense_rows, rope, step_kernels
 from amlx.errors import ModelLoadError
 from amlx.models.nn import (AllSum, Embedding, Linear, Module, QuantizedEmbedding, QuantizedLinear, RMSNorm,
                             input_slice, output_slice, split_outputs)
@@ -435,15 +435,18 @@ class CausalLM(Module):
         (B, 1, V). Prompt processing needs one position, and skipping the output
         projection for the rest saves its largest matmul. `pace`: see Decoder."""
         b, length = ids.shape
-        h = self.model(ids, cache, pos, pace)
-        if last is not None:
-            if length > 1:
-                d = h.shape[1]
-                rows = ops.reshape(last, (b, 1, 1))
-                h = ops.take_along_axis(ops.reshape(h, (b, length, d)), ops.broadcast_to(rows, (b, 1, d)), 1)
-                h = ops.reshape(h, (b, d))
-            length = 1
-        out = self.lm_head(h) if hasattr(self, "lm_head") else self.model.embed_tokens.as_linear(h)
+        # an engine's pass (it has a cache) with the kernels on: its matmuls of 2-64 rows go to
+        # dense_rows on CUDA; a training pass (no cache) needs gradients, which it has none of
+        with dense_rows.within(cache is not None and self.model.decode_kernel):
+            h = self.model(ids, cache, pos, pace)
+            if last is not None:
+                if length > 1:
+                    d = h.shape[1]
+                    rows = ops.reshape(last, (b, 1, 1))
+                    h = ops.take_along_axis(ops.reshape(h, (b, length, d)), ops.broadcast_to(rows, (b, 1, d)), 1)
+                    h = ops.reshape(h, (b, d))
+                length = 1
+            out = self.lm_head(h) if hasattr(self, "lm_head") else self.model.embed_tokens.as_linear(h)
         if self._final_softcap:
             out = ops.tanh(out / self._final_softcap) * self._final_softcap
         return ops.reshape(out, (b, length, out.shape[1]))

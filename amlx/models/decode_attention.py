@@ -411,8 +411,10 @@ def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, sca
     full precision (the cache holds them quantized only after the write).
     Returns (out, kv_new): out (B, H*D), the heads
     side by side as the output projection takes them, and the new key and value
-    (2, B, KVH, 1, D), in qkv's dtype, to write into the cache at `positions`
-    (quantized there, by the cache's own write, with `quant`)."""
+    (2, B * KVH, D), in qkv's dtype, to write into the cache at `positions`
+    (quantized there, by the cache's own write, with `quant`): rows by heads in one
+    axis, the shape the block pool's scatter takes, so a decode step has no reshape
+    between the kernel and the write (a graph node, host time, in every layer)."""
     if _on_cpu():
         return cpu_kernels.decode_attention(qkv, kv, positions, heads=heads, scale=scale, window=window,
                                             inv_freq=inv_freq, q_norm=q_norm, k_norm=k_norm, eps=eps, table=table,
@@ -433,5 +435,5 @@ def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, sca
         template.update(BITS=int(bits), GROUP=int(group))
     return tuple(_kernel(qk_norm, paged, quant is not None, round_keys(dim, quant is not None))(
         [qkv, *norms, inv_freq, *pool, positions, *([table] if paged else [])],
-        [(b, heads * dim), (2, b, kv_heads, 1, dim)],
+        [(b, heads * dim), (2, b * kv_heads, dim)],
         [qkv.dtype] * 2, grid=(heads * threads, b, 1), threadgroup=(threads, 1, 1), template=template))

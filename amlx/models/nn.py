@@ -12,7 +12,7 @@ import copy
 from typing import Iterator
 
 from amlx._mlx import Array, device, fast, float32, ops
-from amlx.models import cpu_matmul, quantized_gemv
+from amlx.models import cpu_matmul, dense_rows, quantized_gemv
 
 
 class Module:
@@ -230,10 +230,20 @@ def linear(x: Array, layer: Module, quantized: bool = False) -> Array:
     if quantized:
         y = quantized_dense(x, layer)
     else:
-        y = cpu_matmul.few_rows(x, layer)
+        y = few_rows(x, layer)
         if y is None:
             return dense(x, weight_t(layer), bias, layer.__dict__.get("_split"))
     return y + bias if bias is not None else y
+
+
+def few_rows(x: Array, layer: Module) -> Array | None:
+    """x W^T for a dense layer through amlx's own kernels for a few rows of x: the CPU's
+    (cpu_matmul) or, in an engine's pass on CUDA, the tensor-core one (dense_rows, which
+    spares each matmul MLX's per-call cuBLAS setup); None where neither applies."""
+    y = cpu_matmul.few_rows(x, layer)
+    if y is None and dense_rows.applies(x, layer.weight):
+        return dense_rows.dense_rows(x, layer.weight)
+    return y
 
 
 def weight_t(module: Module) -> Array:
@@ -468,7 +478,7 @@ class Embedding(Module):
 
     def as_linear(self, x: Array) -> Array:
         """Tied output projection: x @ E^T."""
-        y = cpu_matmul.few_rows(x, self)
+        y = few_rows(x, self)
         if y is not None:
             return y
         return dense(x, weight_t(self), None, self.__dict__.get("_split"))

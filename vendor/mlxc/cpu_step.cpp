@@ -329,7 +329,7 @@ class CpuDecodeAttention : public mx::Primitive {
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     const int B = inputs[0].shape(0);
-    return {{B, p_.heads * p_.dim}, {2, B, p_.kv_heads, 1, p_.dim}};
+    return {{B, p_.heads * p_.dim}, {2, B * p_.kv_heads, p_.dim}};
   }
 
  private:
@@ -567,7 +567,7 @@ std::vector<mx::array> mlxc::cpu_decode_attention(const mx::array& qkv, const mx
   }
   inputs.push_back(pos);
   if (table) inputs.push_back(*table);
-  return mx::array::make_arrays({{B, heads * D}, {2, B, KVH, 1, D}}, {qkv.dtype(), qkv.dtype()},
+  return mx::array::make_arrays({{B, heads * D}, {2, B * KVH, D}}, {qkv.dtype(), qkv.dtype()},
                                 std::make_shared<CpuDecodeAttention>(s, p), std::move(inputs));
 }
 
