@@ -435,8 +435,9 @@ class CausalLM(Module):
         (B, 1, V). Prompt processing needs one position, and skipping the output
         projection for the rest saves its largest matmul. `pace`: see Decoder."""
         b, length = ids.shape
-        # an engine's pass (it has a cache) with the kernels on: its matmuls of 2-64 rows go to
-        # dense_rows on CUDA; a training pass (no cache) needs gradients, which it has none of
+        # an engine's pass (it has a cache) with the kernels on: on CUDA its matmuls of a few
+        # rows by small weights go to dense_rows (`applies`); never a training pass (no cache),
+        # which needs gradients, which a custom kernel has none of
         with dense_rows.within(cache is not None and self.model.decode_kernel):
             h = self.model(ids, cache, pos, pace)
             if last is not None:
