@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu_extras.sh prepare   # here, once: wheels for Python 3.12 into .gpu/c (~14 MB)
 #   bash benchmarks/gpu_extras.sh prebuild  # here, after each change to vendor/mlxc or build_ffi.py:
 #                                           # amlx._mlxc for the device (~2 min, +3 MB in .gpu/c)
+#   bash benchmarks/gpu_extras.sh before REV  # here: commit REV's amlx, benchmarks and extension sources in
+#                                           # .gpu/old with its own amlx._mlxc for the device (~2 min,
+#                                           # ~11 MB): the "before" side of `run_gpu.sh before-after`
 #   then carry ".gpu/c" in the device call after .gpu/b's setup, and in it:
 #   source /tmp/amlx-gpu/env.sh; source .gpu/c/common.sh; ...
 #
@@ -22,7 +25,7 @@ cd "$(dirname "$0")/.."
 sources_hash() { cat build_ffi.py $(find vendor/mlxc -type f | LC_ALL=C sort) | sha256sum | cut -c1-16; }
 case "${1:-}" in
   prepare) ;;
-  prebuild)
+  prebuild|before)
     [ -f .gpu/a/lib.part ] && [ -f .gpu/b/lib.part ] || { echo "run bash ../shared/gpu/prepare.sh first"; exit 1; }
     PY=${PYTHON312:-$(command -v python3.12 || true)}
     [ -n "$PY" ] || { echo "prebuild needs a CPython 3.12 (the device's); set PYTHON312"; exit 1; }
@@ -36,10 +39,24 @@ case "${1:-}" in
     [ -x $VENV/bin/python ] || { "$PY" -m venv $VENV && $VENV/bin/pip install -q "cffi==2.1.1" setuptools; }
     WORK=$(mktemp -d)
     trap 'rm -rf "$WORK"' EXIT
-    cp -r build_ffi.py vendor amlx "$WORK"/
+    if [ "$1" = before ]; then
+      [ -n "${2:-}" ] || { echo "usage: bash benchmarks/gpu_extras.sh before REV"; exit 2; }
+      git archive "$2" amlx benchmarks build_ffi.py vendor | tar x -C "$WORK"
+    else
+      cp -r build_ffi.py vendor amlx "$WORK"/
+    fi
     rm -f "$WORK"/amlx/_mlxc*.so
     (cd "$WORK" && PYTHONPATH=$SITE $VENV/bin/python build_ffi.py > build.log 2>&1) \
       || { tail -30 "$WORK/build.log"; exit 1; }
+    if [ "$1" = before ]; then
+      rm -rf .gpu/old && mkdir -p .gpu/old
+      cp -r "$WORK"/amlx "$WORK"/benchmarks .gpu/old/
+      rm -f .gpu/old/amlx/embedded/model.safetensors  # (the carry limit; speed.py never loads it)
+      strip --strip-unneeded .gpu/old/amlx/_mlxc*.so
+      echo "$2 $(git rev-parse "$2")" > .gpu/old/REV
+      du -sh .gpu/old
+      exit 0
+    fi
     mkdir -p .gpu/c/ext
     rm -f .gpu/c/ext/_mlxc*.so
     cp "$WORK"/amlx/_mlxc.cpython-312-*.so .gpu/c/ext/
@@ -47,7 +64,7 @@ case "${1:-}" in
     sources_hash > .gpu/c/ext/sources
     ls -la .gpu/c/ext
     exit 0 ;;
-  *) echo "usage: bash benchmarks/gpu_extras.sh prepare | prebuild"; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu_extras.sh prepare | prebuild | before REV"; exit 2 ;;
 esac
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 mkdir -p .gpu/c/wheels

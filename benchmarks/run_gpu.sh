@@ -46,6 +46,10 @@
 #                                        # GB/s, both kernel versions); 6-9 minutes (TEST_BUDGET, BUDGET, MICRO_BUDGET)
 #   PART=1/4 bash benchmarks/run_gpu.sh tests  # the test suite on the GPU, a quarter of its files per call
 #                                        # (FILES="tests/x.py ..." to pick; FILE_BUDGET seconds a file, 120)
+#   bash benchmarks/run_gpu.sh before-after # issue 15's "must not drop": speed.py of .gpu/old (an earlier commit:
+#                                        # `gpu_extras.sh before REV` here, carry .gpu/old) and of this checkout,
+#                                        # alternating ROUNDS pairs (3) until STOP seconds (470); AMLX_STEP_TIMING=1
+#                                        # adds this checkout's single-stream ms a step by phase (speed.json's step_ms_1)
 #   bash benchmarks/run_gpu.sh pool-views # issue 15: pool_write.py, then speed.py --streams 64 with the decode kernel
 #                                        # reading the KV pool through buffer views (AMLX_POOL_VIEWS=1) and not (0),
 #                                        # alternating ROUNDS times (default 2), mlx-lm beside the first (~6-8 min)
@@ -72,6 +76,31 @@ case "${1:-speed}" in
     done ;;
   speed)
     python3 benchmarks/speed.py --models ${MODELS:-qwen3-0.6b gemma3-1b} --streams 16 64 128 --out "$OUT" ;;
+  before-after)
+    [ -f .gpu/old/REV ] || { echo "no .gpu/old: bash benchmarks/gpu_extras.sh before REV here, then carry .gpu/old"; exit 1; }
+    echo "before: $(cat .gpu/old/REV); after: this checkout"
+    T0=$(date +%s)
+    for r in $(seq 1 "${ROUNDS:-3}"); do
+      for side in old new; do
+        if [ $(( $(date +%s) - T0 )) -gt "${STOP:-470}" ]; then echo "stopped at ${STOP:-470} s"; break 2; fi
+        dir=$PWD; path=$PYTHONPATH
+        [ $side = old ] && dir=$PWD/.gpu/old && path=$PWD/.gpu/old:$PYTHONPATH
+        (cd "$dir" && PYTHONPATH=$path timeout -k 5 200 python3 benchmarks/speed.py --models ${MODELS:-qwen3-0.6b gemma3-1b} \
+          --streams 64 --repeats 2 --no-mlx-lm --checkpoints /tmp/ck-$side --out "$OUT/$side$r" > "$OUT/$side$r.log" 2>&1) \
+          || echo "$side round $r ended with status $?"
+        python3 - "$OUT/$side$r/speed.json" "$side" "$r" <<'PY'
+import json, sys
+try:
+    results = json.load(open(sys.argv[1]))["results"]
+except (OSError, ValueError, KeyError) as e:
+    sys.exit(f"{sys.argv[2]} round {sys.argv[3]}: no results ({e})")
+for name, r in results.items():
+    a = r["amlx"]
+    print(f"{sys.argv[2]} round {sys.argv[3]} {name}: 1 stream {a['decode_tps']:.0f} tok/s, 64 streams "
+          f"{a['batch']['64']['tps']:.0f}, peak {a['peak_memory'] / 1e6:.0f} MB", a.get("step_ms_1", ""))
+PY
+      done
+    done ;;
   bigspeed)
     BUDGET=${BUDGET:-470}
     restore_ptx

@@ -9,7 +9,8 @@ JSON, a markdown table and a PNG plot of throughput against concurrency.
     python benchmarks/speed.py --out benchmarks/results [--models qwen3-0.6b gemma3-1b] [--streams 16 64 128]
 
 Random weights may emit EOS early; every throughput counts the tokens each side
-actually generated.
+actually generated. With AMLX_STEP_TIMING=1, amlx's JSON adds `step_ms_1`: the single
+stream's milliseconds a decode step in each phase of the engine's rounds (wall and CPU).
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ def _best(into: dict, **run) -> None:
 
 # -- amlx ------------------------------------------------------------------------
 
+def _per_step(before: dict, after: dict, steps: int) -> dict:
+    """{"seconds"|"cpu": {phase: ms a decode step}} between two StepTiming snapshots."""
+    return {kind: {k: round(1e3 * (v - before[kind].get(k, 0.0)) / max(steps, 1), 3)
+                   for k, v in after[kind].items()} for kind in ("seconds", "cpu")}
+
+
 def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens: int) -> dict:
     import amlx
 
@@ -85,6 +92,8 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
             return {k: round(v / 1e6, 1) for k, v in timing.peak_bytes.items()}
 
         reset_peak()  # the single stream's peak: weights, its cache, one step's temporaries
+        before = timing.snapshot()
+        steps_before = model.engine.scheduler.decode_steps
         for _ in range(REPEATS):
             times = []
             t0 = time.perf_counter()
@@ -92,6 +101,8 @@ def bench_amlx(path: Path, streams: list[int], decode_tokens: int, batch_tokens:
                 times.append(time.perf_counter())
             _best(out, decode_tps=(len(times) - 1) / (times[-1] - times[0]), decode_tokens=len(times),
                   single_ttft_s=times[0] - t0)
+        if timing.enabled:  # where a single stream's time per decode step goes (ms, wall and CPU)
+            out["step_ms_1"] = _per_step(before, timing.snapshot(), model.engine.scheduler.decode_steps - steps_before)
 
         out["peak_memory_1"] = amlx.memory()["peak"]
         out["kv_pool_bytes_1"] = pool_bytes()
