@@ -88,7 +88,7 @@ __device__ void amlx_rope_half(float* x, const float* sn, const float* cs, int l
 # heads]; kv (2, B, KVH, capacity, D), the cache (keys, then values), holds
 # positions < pos[b]; pos (B,) int32; inv_freq (D/2,) float32 rotary
 # frequencies (position scale included). Outputs: out (B, H*D), and the new key
-# and value kv_new (2, B, KVH, 1, D) for the cache write that follows. One block of WARPS warps per (head, row). Lane l
+# and value kv_new (2, B*KVH, D) for the cache write that follows. One block of WARPS warps per (head, row). Lane l
 # holds dimensions [l*E, l*E + E) of q, of every key and value it reads and of
 # its partial output (E = D / 32, so a warp reads one key row in one coalesced
 # pass); the rotate-half partner of dimension d (d +- D/2) sits in lane l ^ 16.
