@@ -195,6 +195,11 @@ class KVCache:
         table, not quantized (see PagedLayer.kernel_input)."""
         return self.kv, None, None
 
+    def kernel_may_write(self) -> bool:
+        """False: the contiguous cache takes the kernel's new keys and values through
+        `write_decode` (see PagedLayer.kernel_may_write)."""
+        return False
+
     def state(self) -> list[Array]:
         return [] if self.kv is None else [self.kv]
 

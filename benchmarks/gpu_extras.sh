@@ -5,9 +5,9 @@
 #   bash benchmarks/gpu_extras.sh prepare   # here, once: wheels for Python 3.12 into .gpu/c (~14 MB)
 #   bash benchmarks/gpu_extras.sh prebuild  # here, after each change to vendor/mlxc or build_ffi.py:
 #                                           # amlx._mlxc for the device (~2 min, +3 MB in .gpu/c)
-#   bash benchmarks/gpu_extras.sh before REV  # here: commit REV's amlx, benchmarks and extension sources in
-#                                           # .gpu/old with its own amlx._mlxc for the device (~2 min,
-#                                           # ~11 MB): the "before" side of `run_gpu.sh before-after`
+#   bash benchmarks/gpu_extras.sh before REV [DIR]  # here: commit REV's amlx, benchmarks and extension
+#                                           # sources in DIR (.gpu/old) with its own amlx._mlxc for the device
+#                                           # (~2 min, ~11 MB): the "before" side of `run_gpu.sh before-after`
 #   then carry ".gpu/c" in the device call after .gpu/b's setup, and in it:
 #   source /tmp/amlx-gpu/env.sh; source .gpu/c/common.sh; ...
 #
@@ -49,12 +49,13 @@ case "${1:-}" in
     (cd "$WORK" && PYTHONPATH=$SITE $VENV/bin/python build_ffi.py > build.log 2>&1) \
       || { tail -30 "$WORK/build.log"; exit 1; }
     if [ "$1" = before ]; then
-      rm -rf .gpu/old && mkdir -p .gpu/old
-      cp -r "$WORK"/amlx "$WORK"/benchmarks .gpu/old/
-      rm -f .gpu/old/amlx/embedded/model.safetensors  # (the carry limit; speed.py never loads it)
-      strip --strip-unneeded .gpu/old/amlx/_mlxc*.so
-      echo "$2 $(git rev-parse "$2")" > .gpu/old/REV
-      du -sh .gpu/old
+      DEST=${3:-.gpu/old}
+      rm -rf "$DEST" && mkdir -p "$DEST"
+      cp -r "$WORK"/amlx "$WORK"/benchmarks "$DEST"/
+      rm -f "$DEST"/amlx/embedded/model.safetensors  # (the carry limit; speed.py never loads it)
+      strip --strip-unneeded "$DEST"/amlx/_mlxc*.so
+      echo "$2 $(git rev-parse "$2")" > "$DEST"/REV
+      du -sh "$DEST"
       exit 0
     fi
     mkdir -p .gpu/c/ext

@@ -50,6 +50,10 @@
 #                                        # `gpu_extras.sh before REV` here, carry .gpu/old) and of this checkout,
 #                                        # alternating ROUNDS pairs (3) until STOP seconds (470); AMLX_STEP_TIMING=1
 #                                        # adds this checkout's single-stream ms a step by phase (speed.json's step_ms_1)
+#   TREES=".gpu/t/*" bash benchmarks/run_gpu.sh bisect # single-stream decode of MODEL (qwen3-0.6b) by earlier
+#                                        # commits' trees (`gpu_extras.sh before REV .gpu/t/REV` here, carry .gpu/t) and
+#                                        # this checkout (also with ENVS, e.g. "AMLX_KERNEL_WRITES=0"), one process each
+#                                        # (benchmarks/single_stream.py), alternating ROUNDS (3) until STOP seconds (400)
 #   bash benchmarks/run_gpu.sh pool-views # issue 15: pool_write.py, then speed.py --streams 64 with the decode kernel
 #                                        # reading the KV pool through buffer views (AMLX_POOL_VIEWS=1) and not (0),
 #                                        # alternating ROUNDS times (default 2), mlx-lm beside the first (~6-8 min)
@@ -99,6 +103,26 @@ for name, r in results.items():
     print(f"{sys.argv[2]} round {sys.argv[3]} {name}: 1 stream {a['decode_tps']:.0f} tok/s, 64 streams "
           f"{a['batch']['64']['tps']:.0f}, peak {a['peak_memory'] / 1e6:.0f} MB", a.get("step_ms_1", ""))
 PY
+      done
+    done ;;
+  bisect)
+    MODEL=${MODEL:-qwen3-0.6b}
+    [ -d /tmp/amlx-ck/$MODEL ] || python3 -c "import sys; sys.path.insert(0, 'benchmarks')
+from pathlib import Path; from checkpoints import write_benchmark_checkpoint as w; w(Path('/tmp/amlx-ck/$MODEL'), '$MODEL')"
+    T0=$(date +%s)
+    for r in $(seq 1 "${ROUNDS:-3}"); do
+      # a side: a tree's directory, "new" (this checkout) or "new:VAR=VALUE" (this checkout with that setting)
+      for side in ${TREES:-} new $(for e in ${ENVS:-}; do echo "new:$e"; done); do
+        if [ $(( $(date +%s) - T0 )) -gt "${STOP:-400}" ]; then echo "stopped at ${STOP:-400} s"; break 2; fi
+        path=$PYTHONPATH; setting=AMLX_BISECT=1; label=$side
+        case $side in
+          new) ;;
+          new:*) setting=${side#new:} ;;
+          *) [ -f "$side/REV" ] || continue  # (a tree holds its REV; the glob may match other files)
+             path=$PWD/$side:$PYTHONPATH; label=$(cut -c1-7 "$side/REV") ;;
+        esac
+        (cd /tmp && env PYTHONPATH="$path" "$setting" timeout -k 5 150 python3 "$OLDPWD/benchmarks/single_stream.py" \
+          "/tmp/amlx-ck/$MODEL" --label "$label r$r" 2>&1 | grep -E "^RESULT|Error" | tail -2) || echo "$label round $r: status $?"
       done
     done ;;
   bigspeed)

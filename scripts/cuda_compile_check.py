@@ -10,7 +10,7 @@ LIBNVRTC: libnvrtc.so of CUDA 13 (the pip package nvidia-cuda-nvrtc, its
 libnvrtc-builtins beside it on LD_LIBRARY_PATH); --mlx-include: a directory
 holding mlx/backend/cuda/device/*.cuh of MLX's source or CUDA wheel; --cuda-include:
 the toolkit's include directory (cuda_bf16.h; cccl/ under it is added too).
-Prints each variant (decode attention: contiguous, paged, paged quantized;
+Prints each variant (decode attention: contiguous, paged (also writing the pool), paged quantized;
 with and without head norms; float32/float16/bfloat16; head dims, bits, groups;
 quantized_gemv: both versions, dtypes, bits, row buckets) and exits 1 if one fails to compile;
 `--only attention|qgemv|step|dense` compiles one kernel's variants (step: step_kernels'
@@ -191,14 +191,16 @@ def main() -> int:
         # bfloat16: the variants with the most registers), else the default's
         keys = ({da.round_keys(dim, quantized, w) for w in (1, 2, 4)} if qk_norm and dtype != "float16"
                 else {da.round_keys(dim, quantized)})
-        for u in sorted(keys):
-            name, names, body, header = da.kernel_source(qk_norm, paged, quantized, u)
+        # (the paged, unquantized kernel also in its variant that writes the pool itself)
+        for u, write in [(u, w) for u in sorted(keys) for w in ([False, True] if paged and not quantized else [False])]:
+            name, names, body, header = da.kernel_source(qk_norm, paged, quantized, u, write)
             inputs = [(n, fixed.get(n, "uint32" if n == "kv" and quantized else dtype)) for n in names]
             template = {"T": dtype, "H": 16, "KVH": 8, "D": dim, "WINDOW": 7, "WARPS": da.WARPS,
                         "SCALE_BITS": 1, "EPS_BITS": 1}
             if quantized:
                 template.update(BITS=bits, GROUP=group)
-            text = kernel_text(name, inputs, [("out", dtype), ("kv_new", dtype)], template, body, header)
+            outputs = [("out", dtype)] + ([] if write else [("kv_new", dtype)])
+            text = kernel_text(name, inputs, outputs, template, body, header)
             status, log = compile_text(lib, text, name, includes)
             regs = _ptxas_registers(log)
             over = regs is not None and regs > 65536 // (32 * da.WARPS)  # a block of WARPS warps must launch

@@ -171,6 +171,27 @@ def test_paged_attention_kernel_reads_through_block_tables(b, kv, group, dim, bl
     assert [a.shape for a in got] == [(b, heads * dim), (2, b * kv, dim)]
     for g, w in zip(got, want):
         np.testing.assert_allclose(as_np(g), w, rtol=ROPE_TOL[dtype], atol=ROPE_TOL[dtype])
+    # write_pool: on CUDA the kernel writes the new key and value into the pool itself, at each
+    # row's slot (table[b, pos // block], offset pos % block), the same output, nothing else touched
+    target = as_mx(pool, dtype)
+    ops.eval(target)
+    with keys_a_round(keys_a):
+        out, new = da.decode_attention(as_mx(qkv, dtype), target, mx.array(pos), heads=heads,
+                                       scale=dim ** -0.5, window=window, inv_freq=mx.array(inv_freq),
+                                       q_norm=weights[0], k_norm=weights[1], eps=1e-6, table=mx.array(table),
+                                       write_pool=True)
+        ops.eval(out)
+    np.testing.assert_array_equal(as_np(out), as_np(got[0]))
+    if not da.writes_pool(None, mx.array(table)):  # (the CPU primitive: handed back, as without)
+        np.testing.assert_array_equal(as_np(new), as_np(got[1]))
+        return
+    assert new is None
+    mx.device.synchronize()
+    expect = pool.copy()
+    fresh = as_np(got[1]).reshape(2, b, kv, dim)
+    for i in range(b):
+        expect[:, table[i, pos[i] // block], :, pos[i] % block] = fresh[:, i]
+    np.testing.assert_array_equal(as_np(target), expect)
 
 
 def _paged_step(rng, b, length, heads, kv, dim, qk_norm, dtype):
@@ -488,10 +509,13 @@ def test_kernels_cut_the_nodes_of_a_decode_step(arch, models, monkeypatch):
 # it against the gather path it replaces (gathered, dequantized keys)
 
 
-def paged_decode(model, bits: int, prompts: np.ndarray, lengths: list[int], tokens: np.ndarray):
-    """Prefills rows of `lengths` tokens of `prompts` into a quantized pool, then
-    one decode step per column of `tokens`, each row at its own position. Returns
-    per step the logits (B, V), the pool's arrays (numpy) and the step's graph size."""
+def paged_decode(model, bits: int | None, prompts: np.ndarray, lengths: list[int], tokens: np.ndarray,
+                 views: bool = False):
+    """Prefills rows of `lengths` tokens of `prompts` into a pool (quantized with `bits`),
+    then one decode step per column of `tokens`, each row at its own position (`views`:
+    the decode kernel reading the pool through views of its buffers, as the engine's
+    steps do, paged.read_views). Returns per step the logits (B, V), the pool's arrays
+    (numpy) and the step's graph size."""
     windows = {w for w in model.windows() if w}
     pool = BlockPool(model.kv_layout(), model.activation_dtype(), 16, 64, prefix_cache=False, bits=bits)
     kv = ShardKV(pool, 1, windows.pop() if len(windows) == 1 else None)
@@ -507,11 +531,12 @@ def paged_decode(model, bits: int, prompts: np.ndarray, lengths: list[int], toke
         for i in range(tokens.shape[1]):
             for r, length in zip(rows, lengths):
                 r.pos = length + i
-            views = layer_views(pool.arrays, kv.decode_tables(rows), model.windows(), bits, pool.group)
+            reads = paged.read_views(pool.arrays) if views else None
+            layers = layer_views(pool.arrays, kv.decode_tables(rows), model.windows(), bits, pool.group, reads)
             pos = np.asarray([r.pos for r in rows], np.int32)
             with mx.array(tokens[:, i:i + 1]) as x, mx.array(pos) as p:
-                y = model(x, views, p)
-                pool.arrays = written(views)
+                y = model(x, layers, p)
+                pool.arrays = written(layers)
                 nodes, _ = ops.graph_summary(y, *pool.arrays)
                 ops.eval(y, *pool.arrays)
                 out.append((y.numpy()[:, 0], [a.numpy() if a.dtype is mx.uint32 else as_np(a) for a in pool.arrays],
@@ -551,6 +576,34 @@ def test_models_decode_the_same_with_the_quantized_kernel_and_the_gather_path(ar
             step = np.abs(kv_reference.unpack(a, bits).astype(np.int64) - kv_reference.unpack(b, bits))
             assert step.max() <= 1
         assert nodes < nodes0
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_models_decode_the_same_with_the_kernel_writing_the_pool(arch, models, monkeypatch):
+    """Two rows at their own positions decode 20 steps (through Gemma's window of 8) from
+    a block pool the kernel reads through views of its buffers, as the engine's steps do:
+    the kernel writing each step's new keys and values into the pool itself (on CUDA;
+    decode_attention's write_pool) and the scatter (paged.KERNEL_WRITES off) give the
+    same logits and the same pool, bit for bit; on CUDA with at least three graph nodes
+    fewer a layer (the scatter and the pool's two reshapes), elsewhere the same graph."""
+    model = models[arch]
+    model.use_decode_kernel(True)
+    rng = np.random.default_rng(3)
+    lengths, steps = [12, 7], 20
+    prompts = rng.integers(0, 256, size=(2, 12)).astype(np.int32)
+    tokens = rng.integers(0, 256, size=(2, steps)).astype(np.int32)
+    runs = {}
+    for flag in (True, False):
+        monkeypatch.setattr(paged, "KERNEL_WRITES", flag)
+        runs[flag] = paged_decode(model, None, prompts, lengths, tokens, views=True)
+    with mx.array(np.zeros((1, 1), np.int32)) as table:
+        writes = da.writes_pool(None, table)
+    for (logits, pool, nodes), (logits0, pool0, nodes0) in zip(runs[True], runs[False]):
+        np.testing.assert_array_equal(logits, logits0)
+        for a, b in zip(pool, pool0):
+            np.testing.assert_array_equal(a, b)
+        # (and the write slots' broadcast, once a pass)
+        assert nodes <= nodes0 - 3 * len(model.layers) if writes else nodes == nodes0
 
 
 def test_engines_choose_the_kernels_on_the_cpu(monkeypatch):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from amlx._mlx import array, fast, float32, ops
 from amlx.cache import KVCache
-from amlx.kv import BlockPool, KeyChain, PagedLayer, PoolFull, ShardKV, block_keys, copy_blocks
+from amlx.kv import PADDING_ROW, BlockPool, KeyChain, PagedLayer, PoolFull, ShardKV, block_keys, copy_blocks
 
 SCALE = 0.5
 
@@ -341,3 +341,53 @@ def test_windowed_layers_pool_keeps_only_their_window():
     assert len(spec.blocks) == len(spec.local) == 2
     kv.release(spec)
     assert full.used() == local.used() == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(bs=st.sampled_from([1, 2, 4, 16]), kv_heads=st.sampled_from([1, 2, 8]), window=st.one_of(st.none(),
+       st.integers(1, 12)), pos=st.lists(st.integers(0, 40), min_size=1, max_size=5), pad=st.integers(0, 3),
+       seed=st.integers(0, 2**16))
+def test_decode_kernel_write_slot_is_the_tables_write_slot(bs, kv_heads, window, pos, pad, seed):
+    """The CUDA decode kernel, writing a step's new key and value into the pool itself
+    (decode_attention's write_pool), finds each row's slot from the table and the
+    position: (table[b, pos // bs] * kv_heads + head) * bs + pos % bs. That is the slot
+    the decode tables' `writes` hand the scatter, for every row (padding rows: the null
+    block), head, block size and window, in the full layers' pool and in the windowed
+    layers' own pool (its table holds the null block where the window no longer looks)."""
+    rng = np.random.default_rng(seed)
+    needs = [p // bs + 1 for p in pos]
+    tables, total = _random_tables(rng, needs + needs, spare=2)
+    full, local = tables[:len(pos)], tables[len(pos):]
+    if window is not None:  # the local blocks a row's window no longer sees went back
+        local = [[0 if j < max(0, p - window + 1) // bs else blk for j, blk in enumerate(t)]
+                 for t, p in zip(local, pos)]
+    rows = [SimpleNamespace(blocks=f, local=lo, pos=p) for f, lo, p in zip(full, local, pos)]
+    rows += [PADDING_ROW] * pad
+    pools = [BlockPool([(kv_heads, 4)], float32, bs, total, initial_blocks=total) for _ in range(2)]
+    for p in pools:
+        p.allocate(total - 1)
+    kv = ShardKV(pools[0], 1, window, pools[1] if window is not None else None,
+                 [True] if window is not None else None)
+    tabs = kv.decode_tables(rows)
+    for t in [tabs] + ([tabs.local] if window is not None else []):
+        table = t.table.numpy()
+        at = np.asarray([r.pos for r in rows])
+        kernel = ((table[np.arange(len(rows)), at // bs][:, None] * kv_heads + np.arange(kv_heads)[None, :]) * bs
+                  + (at % bs)[:, None])
+        np.testing.assert_array_equal(kernel.reshape(-1), t.writes.numpy())
+
+
+def test_decode_kernel_writes_the_pool_only_through_its_views(monkeypatch):
+    """PagedLayer.kernel_may_write: a decode pass (a table) of an unquantized pool read
+    through views of its buffers (read_views), and AMLX_KERNEL_WRITES not 0 (paged.KERNEL_WRITES)."""
+    from amlx.kv import paged
+
+    pool = array(np.zeros((2, 3, 1, 2, 4), np.float32))
+    decode = SimpleNamespace(table=array(np.zeros((1, 1), np.int32)))
+    assert PagedLayer(pool, decode, reads=[pool]).kernel_may_write()
+    assert not PagedLayer(pool, decode).kernel_may_write()  # read as the arrays themselves
+    assert not PagedLayer(pool, SimpleNamespace(table=None), reads=[pool]).kernel_may_write()  # no table
+    assert not PagedLayer([pool, pool, pool], decode, bits=8, group=32, reads=[pool] * 3).kernel_may_write()
+    monkeypatch.setattr(paged, "KERNEL_WRITES", False)
+    assert not PagedLayer(pool, decode, reads=[pool]).kernel_may_write()
+    assert not KVCache().kernel_may_write()

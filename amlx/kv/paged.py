@@ -43,6 +43,13 @@ QUANTIZED_KERNEL = True
 # step. On by default; AMLX_POOL_VIEWS=0 is the benchmarks' way back (pool_write.py).
 READ_VIEWS = os.environ.get("AMLX_POOL_VIEWS", "1") != "0"
 
+# Whether the CUDA decode kernel, reading the pool through those views, writes a step's
+# new keys and values into it itself (decode_attention's `write_pool`) instead of handing
+# them to a scatter: a scatter and two reshapes fewer a layer in every decode step, whose
+# host time (graph nodes) bounds small models' single stream. On by default;
+# AMLX_KERNEL_WRITES=0 keeps the scatter (benchmarks compare the two).
+KERNEL_WRITES = os.environ.get("AMLX_KERNEL_WRITES", "1") != "0"
+
 
 def read_views(arrays: Sequence[Array]) -> list[Array]:
     """Handles on `arrays`' buffers for the decode kernel to read (`PagedLayer.reads`),
@@ -162,6 +169,15 @@ class PagedLayer:
         if self.bits:
             return pool[0], self.tables.table, (pool[1], pool[2], self.bits, self.group)
         return pool[0], self.tables.table, None
+
+    def kernel_may_write(self) -> bool:
+        """Whether the decode kernel may write this pass's new keys and values into the
+        pool it reads (`kernel_input`) in place of `write_decode`: a decode pass (a
+        table) of an unquantized pool given its `reads` (the scheduler's step: `read_views`
+        of the pool's buffers, or the pool arrays themselves where a view cannot be made),
+        where KERNEL_WRITES is on. Either way the kernel's input is the pool's own
+        buffer, so the pool's arrays stay as they are (`parts`, `written`)."""
+        return KERNEL_WRITES and self.reads is not None and not self.bits and self.tables.table is not None
 
     @staticmethod
     def _halves(kv: Array, end: int) -> tuple[Array, Array]:

@@ -276,8 +276,9 @@ class Attention(Module):
         o, kv_new = decode_attention.decode_attention(
             qkv, kv, step.pos, heads=self._n_heads, scale=self._scale, window=self.window,
             inv_freq=self._rope.inv_freq(), q_norm=q_w, k_norm=k_w, eps=0.0 if norms[0] is None else norms[0].eps,
-            table=table, quant=quant)
-        cache.write_decode(kv_new, step.pos, step.memo)  # (quantized by the cache, as in the other paths)
+            table=table, quant=quant, write_pool=cache.kernel_may_write())
+        if kv_new is not None:  # (None: the kernel wrote them into the pool itself)
+            cache.write_decode(kv_new, step.pos, step.memo)  # (quantized by the cache, as in the other paths)
         return o
 
     def __call__(self, x: Array, cache: KVCache | None, step: Step) -> Array:

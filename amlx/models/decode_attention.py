@@ -126,16 +126,11 @@ _SOURCE = r"""
 $QK_NORM$  amlx_rope_half<T, E>(qr, sn, cs, lane);
   amlx_rope_half<T, E>(kn, sn, cs, lane);
   const size_t rows = pos_shape[0];
-  if (warp == 0 && h % (H / KVH) == 0) {
-    const size_t at = ((size_t)b * KVH + kvh) * D + lane * E;
-    for (int e = 0; e < E; ++e) {
-      kv_new[at + e] = static_cast<T>(kn[e]);
-      kv_new[rows * KVH * D + at + e] = static_cast<T>(vn[e]);
-    }
-  }
+$KV_SETUP$  if (warp == 0 && h % (H / KVH) == 0) {
+$NEW_WRITE$  }
   for (int e = 0; e < E; ++e) qr[e] *= scale;
   const int first = WINDOW > 0 ? max(0, last - WINDOW + 1) : 0;
-$KV_SETUP$  float m = neg_inf, l = 0.0f;
+  float m = neg_inf, l = 0.0f;
 $LOOP$  if (lane == 0) {
     warp_max[warp] = m;
     warp_sum[warp] = l;
@@ -220,6 +215,29 @@ $KV_READ$
   }
 """
 
+# The new key and value, by the first warp of each key head's first query head: handed back
+# as kv_new (2, B*KVH, D) for the cache's write, or (`write_pool`) written by the kernel
+# itself into its slot of the block pool, table[b, pos / block_size] at offset pos %
+# block_size, the slot the pool's scatter would write (amlx.kv.rows' decode `writes`). No
+# block reads that slot in this step: row b's own blocks read slots < pos only (pos itself
+# comes from registers), and another row's table never holds a row's unfilled last block.
+_NEW_OUT = """
+    const size_t at = ((size_t)b * KVH + kvh) * D + lane * E;
+    for (int e = 0; e < E; ++e) {
+      kv_new[at + e] = static_cast<T>(kn[e]);
+      kv_new[rows * KVH * D + at + e] = static_cast<T>(vn[e]);
+    }
+"""
+_NEW_IN_POOL = """
+    // (MLX declares inputs const; this variant's pool input is a view of the pool's buffer)
+    T* slot = const_cast<T*>(kv) + (((size_t)row_table[last / block_size] * KVH + kvh) * block_size
+                                    + last % block_size) * D + lane * E;
+    for (int e = 0; e < E; ++e) {
+      slot[e] = static_cast<T>(kn[e]);
+      slot[half + e] = static_cast<T>(vn[e]);
+    }
+"""
+
 # Qwen 3 and Gemma 3 normalise each q and k head before the rotation.
 # Their weights load with the row where registers allow (E <= 8, head dims up to 256);
 # at 512 each loads just before its norm (with them live from the start, a 16-warp
@@ -302,7 +320,7 @@ KEYS_PER_ROUND = _keys_from_env()
 MAX_DIM = 512  # head dims the CUDA kernel takes (scripts/cuda_compile_check.py --ptxas: registers)
 MAX_QUANT_DIM = 256  # ... reading a quantized pool
 
-_KERNELS: dict[tuple[bool, bool, bool, int], fast.CudaKernel] = {}
+_KERNELS: dict[tuple[bool, bool, bool, int, bool], fast.CudaKernel] = {}
 _DTYPES = (bfloat16, float16, float32)
 QUANT_BITS = (4, 8)
 
@@ -320,10 +338,13 @@ def _on_cpu() -> bool:
 
 
 def kernel_source(qk_norm: bool, paged: bool = False, quantized: bool = False,
-                  keys: int = 1) -> tuple[str, list[str], str, str]:
+                  keys: int = 1, write_pool: bool = False) -> tuple[str, list[str], str, str]:
     """(name, input names, body, header) of one variant, as handed to MLX (which
     writes the signature and the template constants; scripts/cuda_compile_check.py);
-    `keys`: keys a warp reads a round (`round_keys`)."""
+    `keys`: keys a warp reads a round (`round_keys`); `write_pool`: the new key and
+    value go into the (paged, unquantized) pool, not out as kv_new."""
+    if write_pool and (quantized or not paged):
+        raise ValueError("decode_attention: only an unquantized block pool is written by the kernel")
     norms = ["q_norm", "k_norm"] if qk_norm else []
     if quantized:
         setup, read = _QUANT_SETUP, _QUANT_READ
@@ -332,9 +353,11 @@ def kernel_source(qk_norm: bool, paged: bool = False, quantized: bool = False,
     loop = _ONE_KEY_LOOP if keys == 1 else _KEYS_LOOP.replace("$U$", str(int(keys)))
     source = _SOURCE.replace("$QK_NORM$", _QK_NORM if qk_norm else "").replace(
         "$NORM_DECL$", _NORM_DECL if qk_norm else "").replace("$NORM_LOAD$", _NORM_LOAD if qk_norm else "").replace(
-        "$LOOP$", loop).replace("$KV_SETUP$", setup).replace("$KV_READ$", read)
+        "$LOOP$", loop).replace("$KV_SETUP$", setup).replace("$KV_READ$", read).replace(
+        "$NEW_WRITE$", _NEW_IN_POOL if write_pool else _NEW_OUT)
     name = "amlx_decode_attention" + ("_qk_norm" if qk_norm else "") + ("_paged" if paged else "") + (
-        "_quantized" if quantized else "") + (f"_keys{keys}" if keys != 1 else "")
+        "_quantized" if quantized else "") + (f"_keys{keys}" if keys != 1 else "") + (
+        "_write_pool" if write_pool else "")
     pool = ["kv", "scales", "biases"] if quantized else ["kv"]
     return name, ["qkv", *norms, "inv_freq", *pool, "pos", *(["table"] if paged else [])], source, _HEADER
 
@@ -348,12 +371,21 @@ def round_keys(dim: int, quantized: bool = False, wanted: int | None = None) -> 
     return max(1, min(KEYS_PER_ROUND if wanted is None else wanted, cap))
 
 
-def _kernel(qk_norm: bool, paged: bool = False, quantized: bool = False, keys: int = 1) -> fast.CudaKernel:
-    key = (qk_norm, paged, quantized, keys)
+def _kernel(qk_norm: bool, paged: bool = False, quantized: bool = False, keys: int = 1,
+            write_pool: bool = False) -> fast.CudaKernel:
+    key = (qk_norm, paged, quantized, keys, write_pool)
     if key not in _KERNELS:
-        name, inputs, source, header = kernel_source(qk_norm, paged, quantized, keys)
-        _KERNELS[key] = fast.CudaKernel(name, inputs, ["out", "kv_new"], source, header=header)
+        name, inputs, source, header = kernel_source(qk_norm, paged, quantized, keys, write_pool)
+        outputs = ["out"] if write_pool else ["out", "kv_new"]
+        _KERNELS[key] = fast.CudaKernel(name, inputs, outputs, source, header=header)
     return _KERNELS[key]
+
+
+def writes_pool(quant: tuple | None, table: Array | None) -> bool:
+    """Whether `decode_attention(..., write_pool=True)` writes the new key and value into
+    the pool itself: on CUDA, for an unquantized block pool (the CPU primitive and a
+    quantized pool hand them back for the cache's write)."""
+    return table is not None and quant is None and not _on_cpu()
 
 
 def supports(qkv: Array, kv: Array, heads: int, paged: bool = False,
@@ -391,7 +423,8 @@ def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, sca
                      window: int | None, inv_freq: Array, q_norm: Array | None = None,
                      k_norm: Array | None = None, eps: float = 0.0,
                      table: Array | None = None,
-                     quant: tuple[Array, Array, int, int] | None = None) -> tuple[Array, Array]:
+                     quant: tuple[Array, Array, int, int] | None = None,
+                     write_pool: bool = False) -> tuple[Array, Array | None]:
     """One decode step of attention from the fused q/k/v projection.
 
     qkv (B, (H + 2*KVH) * D) holds each row's new token; kv (2, B, KVH,
@@ -414,7 +447,17 @@ def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, sca
     (2, B * KVH, D), in qkv's dtype, to write into the cache at `positions`
     (quantized there, by the cache's own write, with `quant`): rows by heads in one
     axis, the shape the block pool's scatter takes, so a decode step has no reshape
-    between the kernel and the write (a graph node, host time, in every layer)."""
+    between the kernel and the write (a graph node, host time, in every layer).
+
+    With `write_pool`, where `writes_pool` holds, the kernel writes them into the
+    pool instead, at each row's slot (table[b, pos // block_size], offset pos %
+    block_size), and kv_new is None: the write is no graph node at all (a scatter
+    and its reshapes fewer a layer). `kv` must then be a view of the pool's own
+    buffer (amlx.kv.paged.read_views), launched on this stream: MLX sees no output
+    there, so nothing orders a later reader of the pool within the same launch
+    (the engine evaluates a decode step on its own), and stream order after it."""
+    if write_pool and not writes_pool(quant, table):
+        write_pool = False
     if _on_cpu():
         return cpu_kernels.decode_attention(qkv, kv, positions, heads=heads, scale=scale, window=window,
                                             inv_freq=inv_freq, q_norm=q_norm, k_norm=k_norm, eps=eps, table=table,
@@ -433,7 +476,9 @@ def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, sca
         scales, biases, bits, group = quant
         pool = [kv, scales, biases]
         template.update(BITS=int(bits), GROUP=int(group))
-    return tuple(_kernel(qk_norm, paged, quant is not None, round_keys(dim, quant is not None))(
+    shapes = [(b, heads * dim)] if write_pool else [(b, heads * dim), (2, b * kv_heads, dim)]
+    got = _kernel(qk_norm, paged, quant is not None, round_keys(dim, quant is not None), write_pool)(
         [qkv, *norms, inv_freq, *pool, positions, *([table] if paged else [])],
-        [(b, heads * dim), (2, b * kv_heads, dim)],
-        [qkv.dtype] * 2, grid=(heads * threads, b, 1), threadgroup=(threads, 1, 1), template=template))
+        shapes, [qkv.dtype] * len(shapes), grid=(heads * threads, b, 1), threadgroup=(threads, 1, 1),
+        template=template)
+    return (got[0], None) if write_pool else (got[0], got[1])
