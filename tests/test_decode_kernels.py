@@ -546,6 +546,22 @@ def paged_decode(model, bits: int | None, prompts: np.ndarray, lengths: list[int
     return out
 
 
+def decode_both_ways(model, monkeypatch, setting: str, bits: int | None, seed: int, views: bool = False):
+    """`paged_decode`'s steps (two rows of 12 and 7 prompt tokens, 20 steps) with the
+    decode kernel and `paged.<setting>` on, beside the same with it off: pairs of
+    (logits, pool, nodes)."""
+    model.use_decode_kernel(True)
+    rng = np.random.default_rng(seed)
+    lengths, steps = [12, 7], 20
+    prompts = rng.integers(0, 256, size=(2, 12)).astype(np.int32)
+    tokens = rng.integers(0, 256, size=(2, steps)).astype(np.int32)
+    runs = {}
+    for flag in (True, False):
+        monkeypatch.setattr(paged, setting, flag)
+        runs[flag] = paged_decode(model, bits, prompts, lengths, tokens, views)
+    return zip(runs[True], runs[False])
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
 def test_models_decode_the_same_with_the_quantized_kernel_and_the_gather_path(arch, bits, models, monkeypatch):
@@ -557,18 +573,9 @@ def test_models_decode_the_same_with_the_quantized_kernel_and_the_gather_path(ar
     matmuls); the first layer's pool (its inputs are the embeddings only) the same
     bit for bit, the others at most one quantization step apart; and fewer graph
     nodes per step (no gather, no dequantize)."""
-    model = models[arch]
-    model.use_decode_kernel(True)
-    rng = np.random.default_rng(2)
-    lengths, steps = [12, 7], 20
-    prompts = rng.integers(0, 256, size=(2, 12)).astype(np.int32)
-    tokens = rng.integers(0, 256, size=(2, steps)).astype(np.int32)
-    runs = {}
-    for flag in (True, False):
-        monkeypatch.setattr(paged, "QUANTIZED_KERNEL", flag)
-        runs[flag] = paged_decode(model, bits, prompts, lengths, tokens)
     parts = 3  # packed values, scales, biases per layer
-    for (logits, pool, nodes), (logits0, pool0, nodes0) in zip(runs[True], runs[False]):
+    for (logits, pool, nodes), (logits0, pool0, nodes0) in decode_both_ways(models[arch], monkeypatch,
+                                                                           "QUANTIZED_KERNEL", bits, 2):
         assert _rel(logits, logits0) < 1e-2
         for a, b in zip(pool[:parts], pool0[:parts]):
             np.testing.assert_array_equal(a, b)
@@ -587,18 +594,10 @@ def test_models_decode_the_same_with_the_kernel_writing_the_pool(arch, models, m
     same logits and the same pool, bit for bit; on CUDA with at least three graph nodes
     fewer a layer (the scatter and the pool's two reshapes), elsewhere the same graph."""
     model = models[arch]
-    model.use_decode_kernel(True)
-    rng = np.random.default_rng(3)
-    lengths, steps = [12, 7], 20
-    prompts = rng.integers(0, 256, size=(2, 12)).astype(np.int32)
-    tokens = rng.integers(0, 256, size=(2, steps)).astype(np.int32)
-    runs = {}
-    for flag in (True, False):
-        monkeypatch.setattr(paged, "KERNEL_WRITES", flag)
-        runs[flag] = paged_decode(model, None, prompts, lengths, tokens, views=True)
     with mx.array(np.zeros((1, 1), np.int32)) as table:
         writes = da.writes_pool(None, table)
-    for (logits, pool, nodes), (logits0, pool0, nodes0) in zip(runs[True], runs[False]):
+    for (logits, pool, nodes), (logits0, pool0, nodes0) in decode_both_ways(model, monkeypatch, "KERNEL_WRITES",
+                                                                           None, 3, views=True):
         np.testing.assert_array_equal(logits, logits0)
         for a, b in zip(pool, pool0):
             np.testing.assert_array_equal(a, b)
