@@ -114,12 +114,12 @@ from pathlib import Path; from checkpoints import write_benchmark_checkpoint as 
       # a side: a tree's directory, "new" (this checkout) or "new:VAR=VALUE" (this checkout with that setting)
       for side in ${TREES:-} new $(for e in ${ENVS:-}; do echo "new:$e"; done); do
         if [ $(( $(date +%s) - T0 )) -gt "${STOP:-400}" ]; then echo "stopped at ${STOP:-400} s"; break 2; fi
-        path=$PYTHONPATH; setting=AMLX_BISECT=1; label=$side
+        path=${PYTHONPATH:-}; setting=AMLX_BISECT=1; label=$side
         case $side in
           new) ;;
           new:*) setting=${side#new:} ;;
           *) [ -f "$side/REV" ] || continue  # (a tree holds its REV; the glob may match other files)
-             path=$PWD/$side:$PYTHONPATH; label=$(cut -c1-7 "$side/REV") ;;
+             path=$PWD/$side:${PYTHONPATH:-}; label=$(cut -c1-7 "$side/REV") ;;
         esac
         (cd /tmp && env PYTHONPATH="$path" "$setting" timeout -k 5 150 python3 "$OLDPWD/benchmarks/single_stream.py" \
           "/tmp/amlx-ck/$MODEL" --label "$label r$r" 2>&1 | grep -E "^RESULT|Error" | tail -2) || echo "$label round $r: status $?"
