@@ -48,7 +48,8 @@
 #                                        # (FILES="tests/x.py ..." to pick; FILE_BUDGET seconds a file, 120)
 #   bash benchmarks/run_gpu.sh before-after # issue 15's "must not drop": speed.py of .gpu/old (an earlier commit:
 #                                        # `gpu_extras.sh before REV` here, carry .gpu/old) and of this checkout,
-#                                        # alternating ROUNDS pairs (3) until STOP seconds (470); AMLX_STEP_TIMING=1
+#                                        # alternating ROUNDS pairs (3, the order swapped each round) until STOP
+#                                        # seconds (470); AMLX_STEP_TIMING=1
 #                                        # adds this checkout's single-stream ms a step by phase (speed.json's step_ms_1)
 #   TREES=".gpu/t/*" bash benchmarks/run_gpu.sh bisect # single-stream decode of MODEL (qwen3-0.6b) by earlier
 #                                        # commits' trees (`gpu_extras.sh before REV .gpu/t/REV` here, carry .gpu/t) and
@@ -85,10 +86,12 @@ case "${1:-speed}" in
     echo "before: $(cat .gpu/old/REV); after: this checkout"
     T0=$(date +%s)
     for r in $(seq 1 "${ROUNDS:-3}"); do
-      for side in old new; do
+      # the order swaps each round: in two calls of 2026-12-04 the side that ran first was the faster
+      sides="old new"; [ $((r % 2)) = 0 ] && sides="new old"
+      for side in $sides; do
         if [ $(( $(date +%s) - T0 )) -gt "${STOP:-470}" ]; then echo "stopped at ${STOP:-470} s"; break 2; fi
-        dir=$PWD; path=$PYTHONPATH
-        [ $side = old ] && dir=$PWD/.gpu/old && path=$PWD/.gpu/old:$PYTHONPATH
+        dir=$PWD; path=${PYTHONPATH:-}
+        [ $side = old ] && dir=$PWD/.gpu/old && path=$PWD/.gpu/old:${PYTHONPATH:-}
         (cd "$dir" && PYTHONPATH=$path timeout -k 5 200 python3 benchmarks/speed.py --models ${MODELS:-qwen3-0.6b gemma3-1b} \
           --streams 64 --repeats 2 --no-mlx-lm --checkpoints /tmp/ck-$side --out "$OUT/$side$r" > "$OUT/$side$r.log" 2>&1) \
           || echo "$side round $r ended with status $?"
@@ -109,17 +112,19 @@ PY
     MODEL=${MODEL:-qwen3-0.6b}
     [ -d /tmp/amlx-ck/$MODEL ] || python3 -c "import sys; sys.path.insert(0, 'benchmarks')
 from pathlib import Path; from checkpoints import write_benchmark_checkpoint as w; w(Path('/tmp/amlx-ck/$MODEL'), '$MODEL')"
+    # a side: a tree's directory (it holds its REV; the glob may match other files), "new" (this
+    # checkout) or "new:VAR=VALUE" (this checkout with that setting)
+    sides=($(for t in ${TREES:-}; do [ -f "$t/REV" ] && echo "$t"; done) new $(for e in ${ENVS:-}; do echo "new:$e"; done))
     T0=$(date +%s)
     for r in $(seq 1 "${ROUNDS:-3}"); do
-      # a side: a tree's directory, "new" (this checkout) or "new:VAR=VALUE" (this checkout with that setting)
-      for side in ${TREES:-} new $(for e in ${ENVS:-}; do echo "new:$e"; done); do
+      for i in $(seq 0 $((${#sides[@]} - 1))); do
+        side=${sides[$(( (i + r - 1) % ${#sides[@]} ))]}  # (each round starts one side later: no side always first)
         if [ $(( $(date +%s) - T0 )) -gt "${STOP:-400}" ]; then echo "stopped at ${STOP:-400} s"; break 2; fi
         path=${PYTHONPATH:-}; setting=AMLX_BISECT=1; label=$side
         case $side in
           new) ;;
           new:*) setting=${side#new:} ;;
-          *) [ -f "$side/REV" ] || continue  # (a tree holds its REV; the glob may match other files)
-             path=$PWD/$side:${PYTHONPATH:-}; label=$(cut -c1-7 "$side/REV") ;;
+          *) path=$PWD/$side:${PYTHONPATH:-}; label=$(cut -c1-7 "$side/REV") ;;
         esac
         (cd /tmp && env PYTHONPATH="$path" "$setting" timeout -k 5 150 python3 "$OLDPWD/benchmarks/single_stream.py" \
           "/tmp/amlx-ck/$MODEL" --label "$label r$r" 2>&1 | grep -E "^RESULT|Error" | tail -2) || echo "$label round $r: status $?"
