@@ -229,7 +229,7 @@ _NEW_OUT = """
     }
 """
 _NEW_IN_POOL = """
-    // (MLX declares inputs const; this variant's pool input is a view of the pool's buffer)
+    // (MLX declares inputs const; this variant's pool input is the pool's own buffer)
     T* slot = const_cast<T*>(kv) + (((size_t)row_table[last / block_size] * KVH + kvh) * block_size
                                     + last % block_size) * D + lane * E;
     for (int e = 0; e < E; ++e) {
@@ -452,10 +452,11 @@ def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, sca
     With `write_pool`, where `writes_pool` holds, the kernel writes them into the
     pool instead, at each row's slot (table[b, pos // block_size], offset pos %
     block_size), and kv_new is None: the write is no graph node at all (a scatter
-    and its reshapes fewer a layer). `kv` must then be a view of the pool's own
-    buffer (amlx.kv.paged.read_views), launched on this stream: MLX sees no output
-    there, so nothing orders a later reader of the pool within the same launch
-    (the engine evaluates a decode step on its own), and stream order after it."""
+    and its reshapes fewer a layer). `kv` must then be the pool's own buffer, whole
+    (the pool array, or a view of it: amlx.kv.paged.read_views; MLX would hand the
+    kernel a copy of a strided input), on this stream: MLX sees no output there, so
+    nothing orders a later reader of the pool within the same launch (the engine
+    evaluates a decode step on its own), and stream order after it."""
     if write_pool and not writes_pool(quant, table):
         write_pool = False
     if _on_cpu():
