@@ -54,7 +54,8 @@
 #   TREES=".gpu/t/*" bash benchmarks/run_gpu.sh bisect # single-stream decode of MODEL (qwen3-0.6b) by earlier
 #                                        # commits' trees (`gpu_extras.sh before REV .gpu/t/REV` here, carry .gpu/t) and
 #                                        # this checkout (also with ENVS, e.g. "AMLX_KERNEL_WRITES=0"), one process each
-#                                        # (benchmarks/single_stream.py), alternating ROUNDS (3) until STOP seconds (400)
+#                                        # (benchmarks/single_stream.py, SINGLE_ARGS passed on: --same-prompt is
+#                                        # speed.py's way), alternating ROUNDS (3) until STOP seconds (400)
 #   bash benchmarks/run_gpu.sh pool-views # issue 15: pool_write.py, then speed.py --streams 64 with the decode kernel
 #                                        # reading the KV pool through buffer views (AMLX_POOL_VIEWS=1) and not (0),
 #                                        # alternating ROUNDS times (default 2), mlx-lm beside the first (~6-8 min)
@@ -127,7 +128,8 @@ from pathlib import Path; from checkpoints import write_benchmark_checkpoint as 
           *) path=$PWD/$side:${PYTHONPATH:-}; label=$(cut -c1-7 "$side/REV") ;;
         esac
         (cd /tmp && env PYTHONPATH="$path" "$setting" timeout -k 5 150 python3 "$OLDPWD/benchmarks/single_stream.py" \
-          "/tmp/amlx-ck/$MODEL" --label "$label r$r" 2>&1 | grep -E "^RESULT|Error" | tail -2) || echo "$label round $r: status $?"
+          "/tmp/amlx-ck/$MODEL" --label "$label r$r" ${SINGLE_ARGS:-} 2>&1 | grep -E "^RESULT|Error" | tail -2) \
+          || echo "$label round $r: status $?"
       done
     done ;;
   bigspeed)

@@ -2,7 +2,7 @@
 any commit's amlx can run it (`run_gpu.sh bisect` puts trees of earlier commits first
 on PYTHONPATH, one process each, alternating).
 
-    python benchmarks/single_stream.py CHECKPOINT --label NAME [--runs 4] [--tokens 256]
+    python benchmarks/single_stream.py CHECKPOINT --label NAME [--runs 4] [--tokens 256] [--same-prompt]
 
 Prints one line, `RESULT {json}`: the label, the best and every run's tok/s (a
 128-token random prompt, then `--tokens` tokens; a warm-up request first), the load's
@@ -25,6 +25,9 @@ def main() -> None:
     ap.add_argument("--label", default="")
     ap.add_argument("--runs", type=int, default=4, help="requests timed (default 4); the best is reported")
     ap.add_argument("--tokens", type=int, default=256, help="tokens a request decodes (default 256)")
+    ap.add_argument("--same-prompt", action="store_true",
+                    help="one prompt for every timed request, as speed.py sends it (from the second on, served "
+                         "from the prefix cache where the commit has one); default: a new prompt each time")
     a = ap.parse_args()
     import amlx
 
@@ -40,8 +43,9 @@ def main() -> None:
     before = timing.snapshot() if timing is not None and timing.enabled else None
     steps = getattr(sched, "decode_steps", 0)
     runs = []
+    same = rng.integers(low, high, size=128).tolist()
     for _ in range(a.runs):
-        prompt = rng.integers(low, high, size=128).tolist()
+        prompt = same if a.same_prompt else rng.integers(low, high, size=128).tolist()
         times = [time.perf_counter() for _ in model.generate_sync(prompt, max_tokens=a.tokens)]
         runs.append(round((len(times) - 1) / (times[-1] - times[0]), 1))
     out = {"label": a.label, "best": max(runs), "runs": runs, "load_s": round(load_s, 1)}
