@@ -377,15 +377,16 @@ def test_decode_kernel_write_slot_is_the_tables_write_slot(bs, kv_heads, window,
         np.testing.assert_array_equal(kernel.reshape(-1), t.writes.numpy())
 
 
-def test_decode_kernel_writes_the_pool_only_through_its_views(monkeypatch):
-    """PagedLayer.kernel_may_write: a decode pass (a table) of an unquantized pool read
-    through views of its buffers (read_views), and AMLX_KERNEL_WRITES not 0 (paged.KERNEL_WRITES)."""
+def test_decode_kernel_writes_the_pool_only_given_its_reads(monkeypatch):
+    """PagedLayer.kernel_may_write: a decode pass (a table) of an unquantized pool whose
+    step hands the kernel its `reads` (the scheduler's read_views, or the arrays where a
+    view cannot be made), and AMLX_KERNEL_WRITES not 0 (paged.KERNEL_WRITES)."""
     from amlx.kv import paged
 
     pool = array(np.zeros((2, 3, 1, 2, 4), np.float32))
     decode = SimpleNamespace(table=array(np.zeros((1, 1), np.int32)))
     assert PagedLayer(pool, decode, reads=[pool]).kernel_may_write()
-    assert not PagedLayer(pool, decode).kernel_may_write()  # read as the arrays themselves
+    assert not PagedLayer(pool, decode).kernel_may_write()  # no reads: a pass outside the engine's step
     assert not PagedLayer(pool, SimpleNamespace(table=None), reads=[pool]).kernel_may_write()  # no table
     assert not PagedLayer([pool, pool, pool], decode, bits=8, group=32, reads=[pool] * 3).kernel_may_write()
     monkeypatch.setattr(paged, "KERNEL_WRITES", False)
