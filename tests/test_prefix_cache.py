@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import amlx
-from amlx._mlx import fast
 from amlx.kv import DEFAULT_BLOCK_SIZE
 from tests.helpers.checkpoints import make_checkpoint
 from tests.helpers.faults import failing_array
@@ -397,15 +396,7 @@ def test_preemption_continues_each_stream_exactly(ckpt, monkeypatch, arch):
                 async with anyio.create_task_group() as tg:
                     for k in range(len(prompts)):
                         tg.start_soon(read, k)
-                if fast.cuda_available():
-                    # On CUDA a recomputed row's prefill (matmul kernels for many rows) rounds
-                    # differently from the decode steps it replaces, and random weights' greedy
-                    # tokens part ways at the next near-tie (seen on the H200 at token 25): there,
-                    # every stream is checked whole (no gap, no duplicate: max_tokens tokens) and
-                    # equal up to the first preemption possible (12 tokens in: the third block).
-                    assert all(len(got[k]) == n and got[k][:12] == solo[k][:12] for k in range(len(prompts)))
-                else:
-                    assert [got[k] for k in range(len(prompts))] == solo
+                assert [got[k] for k in range(len(prompts))] == solo
                 assert small.stats()["kv_cache"]["preemptions"] > 0
 
     _run(body)
