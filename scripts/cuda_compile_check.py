@@ -191,15 +191,18 @@ def main() -> int:
         # bfloat16: the variants with the most registers), else the default's
         keys = ({da.round_keys(dim, quantized, w) for w in (1, 2, 4)} if qk_norm and dtype != "float16"
                 else {da.round_keys(dim, quantized)})
-        # (the paged, unquantized kernel also in its variant that writes the pool itself)
-        for u, write in [(u, w) for u in sorted(keys) for w in ([False, True] if paged and not quantized else [False])]:
-            name, names, body, header = da.kernel_source(qk_norm, paged, quantized, u, write)
+        # (the paged, unquantized kernel also in its variant that writes the pool itself; each
+        # variant also split over blocks, handing back partial results)
+        for u, write, split in [(u, w, sp) for u in sorted(keys) for sp in (False, True)
+                                for w in ([False, True] if paged and not quantized else [False])]:
+            name, names, body, header = da.kernel_source(qk_norm, paged, quantized, u, write, split)
             inputs = [(n, fixed.get(n, "uint32" if n == "kv" and quantized else dtype)) for n in names]
             template = {"T": dtype, "H": 16, "KVH": 8, "D": dim, "WINDOW": 7, "WARPS": da.WARPS,
-                        "SCALE_BITS": 1, "EPS_BITS": 1}
+                        "SCALE_BITS": 1, "EPS_BITS": 1, "CHUNK": da.SPLIT_KEYS if split else 0}
             if quantized:
                 template.update(BITS=bits, GROUP=group)
-            outputs = [("out", dtype)] + ([] if write else [("kv_new", dtype)])
+            outputs = ([("part_o", "float32"), ("part_ml", "float32")] if split else [("out", dtype)]) + (
+                [] if write else [("kv_new", dtype)])
             text = kernel_text(name, inputs, outputs, template, body, header)
             status, log = compile_text(lib, text, name, includes)
             regs = _ptxas_registers(log)
@@ -208,6 +211,13 @@ def main() -> int:
                   (("FAILED: too many registers" if over else "ok") + _ptxas_summary(log) if status == 0
                    else "FAILED\n" + log), flush=True)
             failed += status != 0 or over
+    for dtype in ["float32", "float16", "bfloat16"]:  # the split step's merge
+        text = kernel_text("amlx_decode_attention_combine", [("part_o", "float32"), ("part_ml", "float32")],
+                           [("out", dtype)], {"T": dtype, "H": 16, "D": 128}, da._COMBINE, "")
+        status, log = compile_text(lib, text, "amlx_decode_attention_combine", includes)
+        print(f"amlx_decode_attention_combine {dtype}: " + ("ok" + _ptxas_summary(log) if status == 0
+                                                           else "FAILED\n" + log), flush=True)
+        failed += status != 0
     print(f"{failed} failed")
     return 1 if failed else 0
 

@@ -49,14 +49,20 @@ DTYPES = st.sampled_from(["float32", "float16", "bfloat16"])
 KEYS = st.sampled_from([1, 2, 4])
 
 
+# slots a block reads before a row's slots are split over blocks (da.SPLIT_KEYS, 512 by
+# default): small ones here split the tests' rows over many blocks (the CPU ignores it)
+SPLITS = st.sampled_from([da.SPLIT_KEYS, 8, 32])
+
+
 @contextmanager
-def keys_a_round(keys: int):
-    saved = da.KEYS_PER_ROUND
+def keys_a_round(keys: int, split: int | None = None):
+    saved = da.KEYS_PER_ROUND, da.SPLIT_KEYS
     da.KEYS_PER_ROUND = keys
+    da.SPLIT_KEYS = saved[1] if split is None else split
     try:
         yield
     finally:
-        da.KEYS_PER_ROUND = saved
+        da.KEYS_PER_ROUND, da.SPLIT_KEYS = saved
 
 
 def rnd(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -113,8 +119,8 @@ def ref_attention(qkv, keys, values, pos, heads, scale, window, inv_freq, norms,
 @given(b=st.integers(1, 5), kv=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2, 4]),
        dim=st.sampled_from([64, 128, 256]), cap=st.sampled_from([256, 512]),
        window=st.sampled_from([None, 1, 7, 100]), qk_norm=st.booleans(), dtype=DTYPES,
-       seed=st.integers(0, 2 ** 16), keys=KEYS)
-def test_attention_kernel_equals_reference(b, kv, group, dim, cap, window, qk_norm, dtype, seed, keys):
+       seed=st.integers(0, 2 ** 16), keys=KEYS, split=SPLITS)
+def test_attention_kernel_equals_reference(b, kv, group, dim, cap, window, qk_norm, dtype, seed, keys, split):
     rng = np.random.default_rng(seed)
     heads = kv * group
     qkv = rnd(rng.standard_normal((b, (heads + 2 * kv) * dim)), dtype)
@@ -126,7 +132,7 @@ def test_attention_kernel_equals_reference(b, kv, group, dim, cap, window, qk_no
     norms = [rnd(1 + 0.3 * rng.standard_normal(dim), dtype) for _ in range(2)] if qk_norm else None
     scale = dim ** -0.5
     weights = [as_mx(w, dtype) for w in norms] if qk_norm else [None, None]
-    with keys_a_round(keys):
+    with keys_a_round(keys, split):
         got = da.decode_attention(as_mx(qkv, dtype), as_mx(np.stack([cached, values]), dtype), mx.array(pos),
                                   heads=heads, scale=scale, window=window, inv_freq=mx.array(inv_freq),
                                   q_norm=weights[0], k_norm=weights[1], eps=1e-6)
@@ -142,9 +148,9 @@ def test_attention_kernel_equals_reference(b, kv, group, dim, cap, window, qk_no
 @given(b=st.integers(1, 5), kv=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2]),
        dim=st.sampled_from([64, 128]), block=st.sampled_from([1, 16, 32]), length=st.integers(1, 200),
        window=st.sampled_from([None, 7, 100]), qk_norm=st.booleans(), dtype=DTYPES, seed=st.integers(0, 2 ** 16),
-       keys_a=KEYS)
+       keys_a=KEYS, split=SPLITS)
 def test_paged_attention_kernel_reads_through_block_tables(b, kv, group, dim, block, length, window, qk_norm, dtype,
-                                                         seed, keys_a):
+                                                         seed, keys_a, split):
     """The block-pool variant: each row's positions lie in blocks scattered over a shared
     pool (its table in position order, unused entries the null block 0); the result equals
     the reference over the contiguous keys."""
@@ -162,7 +168,7 @@ def test_paged_attention_kernel_reads_through_block_tables(b, kv, group, dim, bl
             keys[i, :, j * block:(j + 1) * block] = pool[0, table[i, j]]
             values[i, :, j * block:(j + 1) * block] = pool[1, table[i, j]]
     pos, qkv, inv_freq, norms, weights = _paged_step(rng, b, length, heads, kv, dim, qk_norm, dtype)
-    with keys_a_round(keys_a):
+    with keys_a_round(keys_a, split):
         got = da.decode_attention(as_mx(qkv, dtype), as_mx(pool, dtype), mx.array(pos), heads=heads,
                                   scale=dim ** -0.5, window=window, inv_freq=mx.array(inv_freq), q_norm=weights[0],
                                   k_norm=weights[1], eps=1e-6, table=mx.array(table))
@@ -175,7 +181,7 @@ def test_paged_attention_kernel_reads_through_block_tables(b, kv, group, dim, bl
     # row's slot (table[b, pos // block], offset pos % block), the same output, nothing else touched
     target = as_mx(pool, dtype)
     ops.eval(target)
-    with keys_a_round(keys_a):
+    with keys_a_round(keys_a, split):
         out, new = da.decode_attention(as_mx(qkv, dtype), target, mx.array(pos), heads=heads,
                                        scale=dim ** -0.5, window=window, inv_freq=mx.array(inv_freq),
                                        q_norm=weights[0], k_norm=weights[1], eps=1e-6, table=mx.array(table),
@@ -207,6 +213,38 @@ def _paged_step(rng, b, length, heads, kv, dim, qk_norm, dtype):
     return pos, qkv, inv_freq, norms, weights
 
 
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(1, 120), min_size=2, max_size=5), block=st.sampled_from([1, 4, 16]),
+       window=st.sampled_from([None, 7, 40]), split=st.sampled_from([8, 16]), dtype=DTYPES,
+       seed=st.integers(0, 2 ** 16), keys_a=KEYS)
+def test_a_rows_attention_is_the_same_alone_and_in_any_batch(lengths, block, window, split, dtype, seed, keys_a):
+    """A row's output does not depend on the rows beside it: in a batch whose longest row
+    splits its slots over blocks (da.SPLIT_KEYS) and alone, with a table as wide as its own
+    blocks (where a short row's step does not split at all), the same bits. A row's blocks
+    cut its own slots, and a row within one block gets the unsplit kernel's result exactly
+    (tests/test_prefix_cache.py compares runs that batch differently, token for token)."""
+    rng = np.random.default_rng(seed)
+    kv, heads, dim = 2, 4, 64
+    b = len(lengths)
+    widths = [-(-n // block) for n in lengths]
+    n_blocks = 1 + sum(widths)
+    pool = as_mx(rnd(rng.standard_normal((2, n_blocks, kv, block, dim)), dtype), dtype)
+    order = rng.permutation(np.arange(1, n_blocks)).astype(np.int32)
+    table = np.zeros((b, max(widths)), np.int32)
+    for i, start in enumerate(np.cumsum([0, *widths[:-1]])):
+        table[i, :widths[i]] = order[start:start + widths[i]]
+    pos = np.asarray(lengths, np.int32) - 1
+    qkv = as_mx(rnd(rng.standard_normal((b, (heads + 2 * kv) * dim)), dtype), dtype)
+    inv_freq = mx.array((1.0 / 10000.0 ** (np.arange(0, dim, 2) / dim)).astype(np.float32))
+    args = dict(heads=heads, scale=dim ** -0.5, window=window, inv_freq=inv_freq)
+    with keys_a_round(keys_a, split):
+        batch = as_np(da.decode_attention(qkv, pool, mx.array(pos), table=mx.array(table), **args)[0])
+        for i in range(b):
+            alone = da.decode_attention(ops.slice(qkv, (i, 0), (i + 1, qkv.shape[1])), pool, mx.array(pos[i:i + 1]),
+                                        table=mx.array(table[i:i + 1, :widths[i]]), **args)[0]
+            np.testing.assert_array_equal(as_np(alone)[0], batch[i])
+
+
 def _quantized_pool(rng, b, kv, dim, block, length, bits, qgroup, dtype):
     """A quantized pool (numpy: packed, scales, biases, each (2, blocks, kv, block,
     n)) of random keys and values, each row's blocks in random order, and the
@@ -233,9 +271,9 @@ def _contiguous(pool: np.ndarray, table: np.ndarray, width: int) -> np.ndarray:
 @given(b=st.integers(1, 5), kv=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2, 3]),
        dim=st.sampled_from([64, 128, 256]), qgroup=st.sampled_from([32, 64]), bits=st.sampled_from([4, 8]),
        block=st.sampled_from([1, 16, 32]), length=st.integers(1, 300), window=st.sampled_from([None, 1, 7, 100]),
-       qk_norm=st.booleans(), dtype=DTYPES, seed=st.integers(0, 2 ** 16), keys_a=KEYS)
+       qk_norm=st.booleans(), dtype=DTYPES, seed=st.integers(0, 2 ** 16), keys_a=KEYS, split=SPLITS)
 def test_quantized_paged_kernel_equals_reference_and_gather_path(b, kv, group, dim, qgroup, bits, block, length,
-                                                                 window, qk_norm, dtype, seed, keys_a):
+                                                                 window, qk_norm, dtype, seed, keys_a, split):
     """kv_bits: the kernel reads packed keys and values, scales and biases through
     the table and dequantizes them itself. Against (1) the float64 reference over
     the device's own dequantization of the same pool (MLX's dequantize: on the CPU
@@ -258,7 +296,7 @@ def test_quantized_paged_kernel_equals_reference_and_gather_path(b, kv, group, d
                 k_norm=weights[1], eps=1e-6)
     quant = (scales, biases, bits, qgroup)
     assert da.supports(as_mx(qkv, dtype), packed, heads, paged=True, quant=quant)
-    with keys_a_round(keys_a):
+    with keys_a_round(keys_a, split):
         got = da.decode_attention(as_mx(qkv, dtype), packed, mx.array(pos), table=mx.array(table), quant=quant,
                                   **args)
     want = ref_attention(qkv, keys, values, pos, heads, dim ** -0.5, window, inv_freq.astype(np.float64), norms,
@@ -452,8 +490,13 @@ def _rel(a, b) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+@pytest.mark.parametrize("split", [None, 8])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_models_decode_the_same_with_and_without_kernels(arch, models, monkeypatch):
+def test_models_decode_the_same_with_and_without_kernels(arch, split, models, monkeypatch):
+    """Whole models' decode steps with the kernels and with the plain ops, each row alone and
+    batched; with `split` (on CUDA), the attention kernel's rows split over blocks of 8 slots."""
+    if split is not None:
+        monkeypatch.setattr(da, "SPLIT_KEYS", split)
     model = models[arch]
     rng = np.random.default_rng(1)
     n, steps = 12, 30

@@ -126,10 +126,14 @@ _SOURCE = r"""
 $QK_NORM$  amlx_rope_half<T, E>(qr, sn, cs, lane);
   amlx_rope_half<T, E>(kn, sn, cs, lane);
   const size_t rows = pos_shape[0];
-$KV_SETUP$  if (warp == 0 && h % (H / KVH) == 0) {
+$KV_SETUP$  if (warp == 0 && h % (H / KVH) == 0 && blockIdx.z == 0) {
 $NEW_WRITE$  }
   for (int e = 0; e < E; ++e) qr[e] *= scale;
   const int first = WINDOW > 0 ? max(0, last - WINDOW + 1) : 0;
+  // this block's slots lo..hi: all of first..last, or (split, CHUNK > 0) the blockIdx.z-th
+  // CHUNK of them, so a row's split count and rounding follow from its own span alone
+  const int lo = first + (int)blockIdx.z * CHUNK;
+  const int hi = CHUNK > 0 ? min(last, lo + CHUNK - 1) : last;
   float m = neg_inf, l = 0.0f;
 $LOOP$  if (lane == 0) {
     warp_max[warp] = m;
@@ -147,8 +151,45 @@ $LOOP$  if (lane == 0) {
       total += c * warp_sum[w];
       o += c * warp_out[w][d];
     }
-    out[((size_t)b * H + h) * D + d] = static_cast<T>(o / total);
+$FINISH$  }
+"""
+
+# The end of a block: the merged warps' result as the row's output, or (split) as the
+# block's partial result for `_COMBINE`: its unnormalised sum o, its max and its total,
+# float32 in part_o (B, H, S, D) and part_ml (B, H, S, 2); a block that saw no slot leaves
+# total 0 (and max -inf), which the merge skips.
+_OUT = """    out[((size_t)b * H + h) * D + d] = static_cast<T>(o / total);
+"""
+_PARTS = """    const size_t at = ((size_t)b * H + h) * gridDim.z + blockIdx.z;
+    part_o[at * D + d] = o;
+    if (d == 0) {
+      part_ml[at * 2] = mx;
+      part_ml[at * 2 + 1] = total;
+    }
+"""
+
+# A split step's second kernel: each (row, head)'s partial results merged, one thread a
+# dimension. A row whose slots all lay in one block gets exactly the unsplit kernel's
+# output: its own max gives the factor expf(0) = 1, so o / total is that block's
+# o / total bit for bit, whatever blocks the other rows needed.
+_COMBINE = r"""
+  const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
+  const int S = part_ml_shape[2];
+  const size_t base = ((size_t)b * H + h) * S;
+  float mx = __int_as_float(0xff800000);
+  for (int s = 0; s < S; ++s) {
+    if (part_ml[(base + s) * 2 + 1] > 0.0f) mx = fmaxf(mx, part_ml[(base + s) * 2]);
   }
+  float total = 0.0f, o = 0.0f;
+  for (int s = 0; s < S; ++s) {
+    const float l = part_ml[(base + s) * 2 + 1];
+    if (l > 0.0f) {
+      const float c = expf(part_ml[(base + s) * 2] - mx);
+      total += c * l;
+      o += c * part_o[(base + s) * D + d];
+    }
+  }
+  out[((size_t)b * H + h) * D + d] = static_cast<T>(o / total);
 """
 
 # The key loop: one key a warp a round, or U > 1 keys a round (`round_keys`); $KV_READ$
@@ -156,7 +197,7 @@ $LOOP$  if (lane == 0) {
 # that one holds its keys in arrays across the round and takes 140-147 registers at head
 # dim 512, past a 16-warp block's 128 (cuda_compile_check.py --ptxas), where this takes 110-128.
 _ONE_KEY_LOOP = r"""
-  for (int j = first + warp; j <= last; j += WARPS) {
+  for (int j = lo + warp; j <= hi; j += WARPS) {
     float kr[E], vr[E];
     if (j == last) {
       for (int e = 0; e < E; ++e) { kr[e] = kn[e]; vr[e] = vn[e]; }
@@ -179,7 +220,7 @@ _KEYS_LOOP = r"""
   // U keys a warp a round (round_keys): every key's loads of a
   // round are issued before the first is used, so a warp waits on memory once a round
   constexpr int U = $U$;
-  for (int j0 = first + warp; j0 <= last; j0 += WARPS * U) {
+  for (int j0 = lo + warp; j0 <= hi; j0 += WARPS * U) {
     float keys_u[U][E], values_u[U][E], s[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -188,7 +229,7 @@ _KEYS_LOOP = r"""
       float* vr = values_u[u];
       if (j == last) {
         for (int e = 0; e < E; ++e) { kr[e] = kn[e]; vr[e] = vn[e]; }
-      } else if (j < last) {
+      } else if (j <= hi) {
 $KV_READ$
       }
     }
@@ -198,7 +239,7 @@ $KV_READ$
       // (j is the same in every lane of the warp: all lanes take the same branch)
       float part = 0.0f;
       for (int e = 0; e < E; ++e) part += qr[e] * keys_u[u][e];
-      s[u] = j0 + u * WARPS <= last ? amlx_warp_sum(part) : neg_inf;
+      s[u] = j0 + u * WARPS <= hi ? amlx_warp_sum(part) : neg_inf;
       m_new = fmaxf(m_new, s[u]);
     }
     const float alpha = expf(m - m_new);  // (m_new is finite: key j0 is in range)
@@ -206,7 +247,7 @@ $KV_READ$
     for (int e = 0; e < E; ++e) acc[e] *= alpha;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      if (j0 + u * WARPS > last) continue;
+      if (j0 + u * WARPS > hi) continue;
       const float p = expf(s[u] - m_new);
       l += p;
       for (int e = 0; e < E; ++e) acc[e] += p * values_u[u][e];
@@ -317,6 +358,22 @@ def _keys_from_env() -> int:
 # at any length (15.6-15.7 at 200, 152.8-155.4 at 4,096), so 1. AMLX_ATTENTION_KEYS=2/4
 # picks another count for a whole process (benchmarks compare them).
 KEYS_PER_ROUND = _keys_from_env()
+# Slots one block of a (head, row) reads. A block's warps read their keys one after another,
+# so one block for a long row leaves most of the device idle (on the H200, 40.6 us a call at
+# 1,024 slots and 136.7 at 4,096, above). Past SPLIT_KEYS slots a row's slots are split
+# over blocks of SPLIT_KEYS each, whose partial results a second kernel merges (`_COMBINE`):
+# a graph node more a layer, so only where a row may see more (short contexts, where a step's
+# host time bounds small models, keep one kernel).
+def _split_from_env() -> int:
+    """AMLX_SPLIT_KEYS (slots a block reads before a row is split; 0: never split; default
+    512), else ValueError naming the variable."""
+    raw = os.environ.get("AMLX_SPLIT_KEYS", "512").strip()
+    if not raw.isdigit():
+        raise ValueError(f"AMLX_SPLIT_KEYS must be a whole number of slots (0: never split), not {raw!r}")
+    return int(raw)
+
+
+SPLIT_KEYS = _split_from_env()
 MAX_DIM = 512  # head dims the CUDA kernel takes (scripts/cuda_compile_check.py --ptxas: registers)
 MAX_QUANT_DIM = 256  # ... reading a quantized pool
 
@@ -338,11 +395,12 @@ def _on_cpu() -> bool:
 
 
 def kernel_source(qk_norm: bool, paged: bool = False, quantized: bool = False,
-                  keys: int = 1, write_pool: bool = False) -> tuple[str, list[str], str, str]:
+                  keys: int = 1, write_pool: bool = False, split: bool = False) -> tuple[str, list[str], str, str]:
     """(name, input names, body, header) of one variant, as handed to MLX (which
     writes the signature and the template constants; scripts/cuda_compile_check.py);
     `keys`: keys a warp reads a round (`round_keys`); `write_pool`: the new key and
-    value go into the (paged, unquantized) pool, not out as kv_new."""
+    value go into the (paged, unquantized) pool, not out as kv_new; `split`: each block
+    takes CHUNK slots and hands back its partial result (`_PARTS`, merged by `_COMBINE`)."""
     if write_pool and (quantized or not paged):
         raise ValueError("decode_attention: only an unquantized block pool is written by the kernel")
     norms = ["q_norm", "k_norm"] if qk_norm else []
@@ -354,10 +412,10 @@ def kernel_source(qk_norm: bool, paged: bool = False, quantized: bool = False,
     source = _SOURCE.replace("$QK_NORM$", _QK_NORM if qk_norm else "").replace(
         "$NORM_DECL$", _NORM_DECL if qk_norm else "").replace("$NORM_LOAD$", _NORM_LOAD if qk_norm else "").replace(
         "$LOOP$", loop).replace("$KV_SETUP$", setup).replace("$KV_READ$", read).replace(
-        "$NEW_WRITE$", _NEW_IN_POOL if write_pool else _NEW_OUT)
+        "$NEW_WRITE$", _NEW_IN_POOL if write_pool else _NEW_OUT).replace("$FINISH$", _PARTS if split else _OUT)
     name = "amlx_decode_attention" + ("_qk_norm" if qk_norm else "") + ("_paged" if paged else "") + (
         "_quantized" if quantized else "") + (f"_keys{keys}" if keys != 1 else "") + (
-        "_write_pool" if write_pool else "")
+        "_write_pool" if write_pool else "") + ("_split" if split else "")
     pool = ["kv", "scales", "biases"] if quantized else ["kv"]
     return name, ["qkv", *norms, "inv_freq", *pool, "pos", *(["table"] if paged else [])], source, _HEADER
 
@@ -372,13 +430,29 @@ def round_keys(dim: int, quantized: bool = False, wanted: int | None = None) -> 
 
 
 def _kernel(qk_norm: bool, paged: bool = False, quantized: bool = False, keys: int = 1,
-            write_pool: bool = False) -> fast.CudaKernel:
-    key = (qk_norm, paged, quantized, keys, write_pool)
+            write_pool: bool = False, split: bool = False) -> fast.CudaKernel:
+    key = (qk_norm, paged, quantized, keys, write_pool, split)
     if key not in _KERNELS:
-        name, inputs, source, header = kernel_source(qk_norm, paged, quantized, keys, write_pool)
-        outputs = ["out"] if write_pool else ["out", "kv_new"]
+        name, inputs, source, header = kernel_source(qk_norm, paged, quantized, keys, write_pool, split)
+        outputs = (["part_o", "part_ml"] if split else ["out"]) + ([] if write_pool else ["kv_new"])
         _KERNELS[key] = fast.CudaKernel(name, inputs, outputs, source, header=header)
     return _KERNELS[key]
+
+
+def _combine_kernel() -> fast.CudaKernel:
+    if "combine" not in _KERNELS:
+        _KERNELS["combine"] = fast.CudaKernel("amlx_decode_attention_combine", ["part_o", "part_ml"], ["out"],
+                                              _COMBINE)
+    return _KERNELS["combine"]
+
+
+def split_count(span: int, window: int | None) -> int:
+    """Blocks a row's slots are split over in a step whose rows reach at most `span` slots:
+    1 (no split) where a row sees at most SPLIT_KEYS slots (its window included), else one
+    block per SPLIT_KEYS slots it may see. A row's own slots decide how its blocks cut them
+    (`lo`, `hi` in the kernel), so its output does not depend on the other rows."""
+    reach = span if window is None else min(span, window)
+    return 1 if SPLIT_KEYS <= 0 or reach <= SPLIT_KEYS else -(-reach // SPLIT_KEYS)
 
 
 def writes_pool(quant: tuple | None, table: Array | None) -> bool:
@@ -477,9 +551,19 @@ def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, sca
         scales, biases, bits, group = quant
         pool = [kv, scales, biases]
         template.update(BITS=int(bits), GROUP=int(group))
-    shapes = [(b, heads * dim)] if write_pool else [(b, heads * dim), (2, b * kv_heads, dim)]
-    got = _kernel(qk_norm, paged, quant is not None, round_keys(dim, quant is not None), write_pool)(
+    splits = split_count(table.shape[1] * kv.shape[3] if paged else kv.shape[3], window)
+    template["CHUNK"] = SPLIT_KEYS if splits > 1 else 0
+    if splits > 1:
+        shapes, dtypes = [(b, heads, splits, dim), (b, heads, splits, 2)], [float32, float32]
+    else:
+        shapes, dtypes = [(b, heads * dim)], [qkv.dtype]
+    if not write_pool:
+        shapes, dtypes = [*shapes, (2, b * kv_heads, dim)], [*dtypes, qkv.dtype]
+    got = _kernel(qk_norm, paged, quant is not None, round_keys(dim, quant is not None), write_pool, splits > 1)(
         [qkv, *norms, inv_freq, *pool, positions, *([table] if paged else [])],
-        shapes, [qkv.dtype] * len(shapes), grid=(heads * threads, b, 1), threadgroup=(threads, 1, 1),
-        template=template)
-    return (got[0], None) if write_pool else (got[0], got[1])
+        shapes, dtypes, grid=(heads * threads, b, splits), threadgroup=(threads, 1, 1), template=template)
+    out = got[0]
+    if splits > 1:
+        out = _combine_kernel()([got[0], got[1]], [(b, heads * dim)], [qkv.dtype], grid=(heads * dim, b, 1),
+                                threadgroup=(dim, 1, 1), template={"T": qkv.dtype, "H": heads, "D": dim})[0]
+    return (out, None) if write_pool else (out, got[-1])
