@@ -355,6 +355,26 @@ def test_keys_a_round_from_the_environment(monkeypatch):
     assert da._keys_from_env() == 1
 
 
+def test_split_counts_follow_the_rows_reach(monkeypatch):
+    """`split_count`: one block while a row may see at most SPLIT_KEYS slots (its window
+    counted), else one per SPLIT_KEYS slots it may see; SPLIT_KEYS 0 never splits.
+    AMLX_SPLIT_KEYS sets it for a process (a whole number, else an error naming it)."""
+    monkeypatch.setattr(da, "SPLIT_KEYS", 512)
+    assert [da.split_count(n, None) for n in (1, 512, 513, 1024, 16384)] == [1, 1, 2, 2, 32]
+    assert [da.split_count(16384, w) for w in (512, 513, 1024, 4096)] == [1, 2, 2, 8]
+    assert da.split_count(300, 4096) == 1
+    monkeypatch.setattr(da, "SPLIT_KEYS", 0)
+    assert da.split_count(1 << 20, None) == 1
+    monkeypatch.setenv("AMLX_SPLIT_KEYS", "256")
+    assert da._split_from_env() == 256
+    for bad in ("-1", "lots", "", "1.5"):
+        monkeypatch.setenv("AMLX_SPLIT_KEYS", bad)
+        with pytest.raises(ValueError, match="AMLX_SPLIT_KEYS"):
+            da._split_from_env()
+    monkeypatch.delenv("AMLX_SPLIT_KEYS")
+    assert da._split_from_env() == 512
+
+
 def test_cuda_kernel_head_dims(monkeypatch):
     """On CUDA the kernel takes head dims that are multiples of 32 up to MAX_DIM, and a
     quantized pool up to MAX_QUANT_DIM (beyond, a 16-warp block needs more registers than it
