@@ -342,37 +342,33 @@ def test_keys_a_round_stay_within_a_blocks_registers(monkeypatch):
     assert "constexpr int U = 4;" in four[2] and "constexpr int U" not in one[2]
 
 
-def test_keys_a_round_from_the_environment(monkeypatch):
-    """AMLX_ATTENTION_KEYS sets the count for a process; anything but 1, 2 or 4 is an error
-    that names the variable."""
-    monkeypatch.setenv("AMLX_ATTENTION_KEYS", "4")
-    assert da._keys_from_env() == 4
-    for bad in ("3", "0", "four", ""):
-        monkeypatch.setenv("AMLX_ATTENTION_KEYS", bad)
-        with pytest.raises(ValueError, match="AMLX_ATTENTION_KEYS"):
-            da._keys_from_env()
-    monkeypatch.delenv("AMLX_ATTENTION_KEYS")
-    assert da._keys_from_env() == 1
+@pytest.mark.parametrize("name, read, good, bad, default", [
+    ("AMLX_ATTENTION_KEYS", da._keys_from_env, ("4", 4), ("3", "0", "four", ""), 1),
+    ("AMLX_SPLIT_KEYS", da._split_from_env, ("256", 256), ("-1", "lots", "", "1.5"), 512),
+])
+def test_attention_settings_from_the_environment(monkeypatch, name, read, good, bad, default):
+    """AMLX_ATTENTION_KEYS (1, 2 or 4) and AMLX_SPLIT_KEYS (a whole number of slots) set the
+    kernel's keys a round and split size for a process; anything else is an error that
+    names the variable; unset, the defaults."""
+    monkeypatch.setenv(name, good[0])
+    assert read() == good[1]
+    for value in bad:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=name):
+            read()
+    monkeypatch.delenv(name)
+    assert read() == default
 
 
 def test_split_counts_follow_the_rows_reach(monkeypatch):
     """`split_count`: one block while a row may see at most SPLIT_KEYS slots (its window
-    counted), else one per SPLIT_KEYS slots it may see; SPLIT_KEYS 0 never splits.
-    AMLX_SPLIT_KEYS sets it for a process (a whole number, else an error naming it)."""
+    counted), else one per SPLIT_KEYS slots it may see; SPLIT_KEYS 0 never splits."""
     monkeypatch.setattr(da, "SPLIT_KEYS", 512)
     assert [da.split_count(n, None) for n in (1, 512, 513, 1024, 16384)] == [1, 1, 2, 2, 32]
     assert [da.split_count(16384, w) for w in (512, 513, 1024, 4096)] == [1, 2, 2, 8]
     assert da.split_count(300, 4096) == 1
     monkeypatch.setattr(da, "SPLIT_KEYS", 0)
     assert da.split_count(1 << 20, None) == 1
-    monkeypatch.setenv("AMLX_SPLIT_KEYS", "256")
-    assert da._split_from_env() == 256
-    for bad in ("-1", "lots", "", "1.5"):
-        monkeypatch.setenv("AMLX_SPLIT_KEYS", bad)
-        with pytest.raises(ValueError, match="AMLX_SPLIT_KEYS"):
-            da._split_from_env()
-    monkeypatch.delenv("AMLX_SPLIT_KEYS")
-    assert da._split_from_env() == 512
 
 
 def test_cuda_kernel_head_dims(monkeypatch):
