@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernel_profile import _short  # noqa: E402
+from kernel_profile import kernel_rows  # noqa: E402
 
 
 def _tokens(rng: np.random.Generator, n: int) -> list[int]:
@@ -63,12 +63,7 @@ def profile(path: str, prefix: int, requests: int, uncached: bool) -> dict:
         prof.stop()
     finally:
         model.close()
-    kernels: dict[str, list[float]] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels.setdefault(_short(e.name), []).append(e.time_range.elapsed_us())
-    rows = sorted(({"kernel": k, "launches": len(t) / requests, "us": sum(t) / requests}
-                   for k, t in kernels.items()), key=lambda r: -r["us"])
+    rows = kernel_rows(prof, requests)
     return {"uncached": uncached, "wall_ms": [round(w * 1e3, 2) for w in walls], "cached_tokens": cached,
             "busy_ms": round(sum(r["us"] for r in rows) / 1e3, 3), "kernels": rows}
 

@@ -48,6 +48,19 @@ def _short(name: str) -> str:
     return short or name[:60]
 
 
+def kernel_rows(prof, per: int) -> list[dict]:
+    """Each CUDA kernel a torch.profiler recording saw, by its short name: launches and device
+    microseconds per `per` (steps, requests), the busiest first."""
+    import torch
+
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(_short(e.name), []).append(e.time_range.elapsed_us())
+    return sorted(({"kernel": k, "launches": len(t) / per, "us": sum(t) / per} for k, t in kernels.items()),
+                  key=lambda r: -r["us"])
+
+
 def _stream(side: str, path: str):
     """(generate(prompt, tokens) -> iterator of tokens, close) for one side."""
     if side == "amlx":
@@ -85,19 +98,15 @@ def profile_side(side: str, path: str, tokens: int, skip: int) -> dict:
     close()
     if len(stamps) < 2:
         raise RuntimeError(f"{side}: only {len(stamps)} tokens after the first {skip}")
-    kernels: dict[str, list[float]] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels.setdefault(_short(e.name), []).append(e.time_range.elapsed_us())
     # steps: launches of greedy sampling's argmax, one a step on both sides. Tokens reach the
     # consumer a few steps late when the engine runs ahead, so counting them miscounts the
     # steps whose kernels fell inside the recording
-    steps = len(kernels.get("arg_reduce_general", [])) or len(stamps) - 1
+    argmax = [r["launches"] for r in kernel_rows(prof, 1) if r["kernel"] == "arg_reduce_general"]
+    steps = int(argmax[0]) if argmax else len(stamps) - 1
     wall_us = (stamps[-1] - stamps[0]) / steps * 1e6
+    rows = kernel_rows(prof, steps)
     # kernels of the step in flight at either end are counted whole: one step's worth of error over `steps`
-    busy_us = sum(sum(t) for t in kernels.values()) / steps
-    rows = sorted(({"kernel": k, "launches": len(t) / steps, "us": sum(t) / steps} for k, t in kernels.items()),
-                  key=lambda r: -r["us"])
+    busy_us = sum(r["us"] for r in rows)
     return {"side": side, "steps": steps, "wall_us": wall_us, "busy_us": busy_us,
             "idle_us": wall_us - busy_us, "tok_s": 1e6 / wall_us, "kernels": rows}
 

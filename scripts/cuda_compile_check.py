@@ -10,7 +10,8 @@ LIBNVRTC: libnvrtc.so of CUDA 13 (the pip package nvidia-cuda-nvrtc, its
 libnvrtc-builtins beside it on LD_LIBRARY_PATH); --mlx-include: a directory
 holding mlx/backend/cuda/device/*.cuh of MLX's source or CUDA wheel; --cuda-include:
 the toolkit's include directory (cuda_bf16.h; cccl/ under it is added too).
-Prints each variant (decode attention: contiguous, paged (also writing the pool), paged quantized;
+Prints each variant (decode attention: contiguous, paged (also writing the pool), paged quantized,
+each also split over blocks, and the split's merge;
 with and without head norms; float32/float16/bfloat16; head dims, bits, groups;
 quantized_gemv: both versions, dtypes, bits, row buckets) and exits 1 if one fails to compile;
 `--only attention|qgemv|step|dense` compiles one kernel's variants (step: step_kernels'

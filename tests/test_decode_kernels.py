@@ -344,7 +344,7 @@ def test_keys_a_round_stay_within_a_blocks_registers(monkeypatch):
 
 @pytest.mark.parametrize("name, read, good, bad, default", [
     ("AMLX_ATTENTION_KEYS", da._keys_from_env, ("4", 4), ("3", "0", "four", ""), 1),
-    ("AMLX_SPLIT_KEYS", da._split_from_env, ("256", 256), ("-1", "lots", "", "1.5"), 512),
+    ("AMLX_SPLIT_KEYS", da._split_from_env, ("256", 256), ("-1", "lots", "", "1.5", "\u00b2"), 512),
 ])
 def test_attention_settings_from_the_environment(monkeypatch, name, read, good, bad, default):
     """AMLX_ATTENTION_KEYS (1, 2 or 4) and AMLX_SPLIT_KEYS (a whole number of slots) set the

@@ -358,26 +358,29 @@ def _keys_from_env() -> int:
 # at any length (15.6-15.7 at 200, 152.8-155.4 at 4,096), so 1. AMLX_ATTENTION_KEYS=2/4
 # picks another count for a whole process (benchmarks compare them).
 KEYS_PER_ROUND = _keys_from_env()
+
+
+def _split_from_env() -> int:
+    """AMLX_SPLIT_KEYS (slots a block reads before a row is split; 0: never split; default
+    512), else ValueError naming the variable."""
+    raw = os.environ.get("AMLX_SPLIT_KEYS", "512").strip()
+    if not (raw.isascii() and raw.isdigit()):  # (str.isdigit alone takes "²", which int() refuses)
+        raise ValueError(f"AMLX_SPLIT_KEYS must be a whole number of slots (0: never split), not {raw!r}")
+    return int(raw)
+
+
 # Slots one block of a (head, row) reads. A block's warps read their keys one after another,
 # so one block for a long row leaves most of the device idle (on the H200, 40.6 us a call at
 # 1,024 slots and 136.7 at 4,096, above). Past SPLIT_KEYS slots a row's slots are split
 # over blocks of SPLIT_KEYS each, whose partial results a second kernel merges (`_COMBINE`):
 # a graph node more a layer, so only where a row may see more (short contexts, where a step's
 # host time bounds small models, keep one kernel).
-def _split_from_env() -> int:
-    """AMLX_SPLIT_KEYS (slots a block reads before a row is split; 0: never split; default
-    512), else ValueError naming the variable."""
-    raw = os.environ.get("AMLX_SPLIT_KEYS", "512").strip()
-    if not raw.isdigit():
-        raise ValueError(f"AMLX_SPLIT_KEYS must be a whole number of slots (0: never split), not {raw!r}")
-    return int(raw)
-
-
 SPLIT_KEYS = _split_from_env()
 MAX_DIM = 512  # head dims the CUDA kernel takes (scripts/cuda_compile_check.py --ptxas: registers)
 MAX_QUANT_DIM = 256  # ... reading a quantized pool
 
-_KERNELS: dict[tuple[bool, bool, bool, int, bool], fast.CudaKernel] = {}
+# compiled variants by kernel_source's arguments, and the split step's merge under ("combine",)
+_KERNELS: dict[tuple, fast.CudaKernel] = {}
 _DTYPES = (bfloat16, float16, float32)
 QUANT_BITS = (4, 8)
 
@@ -440,10 +443,10 @@ def _kernel(qk_norm: bool, paged: bool = False, quantized: bool = False, keys: i
 
 
 def _combine_kernel() -> fast.CudaKernel:
-    if "combine" not in _KERNELS:
-        _KERNELS["combine"] = fast.CudaKernel("amlx_decode_attention_combine", ["part_o", "part_ml"], ["out"],
-                                              _COMBINE)
-    return _KERNELS["combine"]
+    if ("combine",) not in _KERNELS:
+        _KERNELS["combine",] = fast.CudaKernel("amlx_decode_attention_combine", ["part_o", "part_ml"], ["out"],
+                                               _COMBINE)
+    return _KERNELS["combine",]
 
 
 def split_count(span: int, window: int | None) -> int:
