@@ -11,7 +11,7 @@ and each kernel (name shortened to its function) with its launches and device
 microseconds per token. Use it to tell kernel quality from host time when a
 side is behind at one stream (issue 20: Qwen3-8B bf16, 0.84x mlx-lm).
 
-    python benchmarks/kernel_profile.py /tmp/ck/qwen3-8b [--tokens 64] [--sides amlx mlx-lm] [--serial]
+    python benchmarks/kernel_profile.py /tmp/ck/qwen3-8b [--tokens 64] [--prompt 128] [--sides amlx mlx-lm] [--serial]
 
 In MLX's CUDA graphs, kernels without a dependency between them run side by side (a
 layer's KV write beside the next projections), so a kernel's time is an upper bound of
@@ -74,13 +74,13 @@ def _stream(side: str, path: str):
     return (lambda p, n: stream_generate(model, tokenizer, p, max_tokens=n)), (lambda: None)
 
 
-def profile_side(side: str, path: str, tokens: int, skip: int) -> dict:
+def profile_side(side: str, path: str, tokens: int, skip: int, prompt_len: int = 128) -> dict:
     import numpy as np
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     generate, close = _stream(side, path)
-    prompt = np.random.default_rng(0).integers(1000, 30000, size=128).tolist()
+    prompt = np.random.default_rng(0).integers(1000, 30000, size=prompt_len).tolist()
     for _ in generate(prompt, 16):  # compiles and warms every kernel of the step
         pass
     cuda = torch.cuda.is_available()
@@ -131,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per side (default 64)")
     ap.add_argument("--skip", type=int, default=8, help="tokens before recording starts (default 8)")
     ap.add_argument("--sides", nargs="+", default=["amlx", "mlx-lm"], choices=["amlx", "mlx-lm"])
+    ap.add_argument("--prompt", type=int, default=128,
+                    help="prompt tokens before the decode (default 128; e.g. 16384 for a long context's step)")
     ap.add_argument("--top", type=int, default=12, help="kernels listed per side (default 12)")
     ap.add_argument("--serial", action="store_true",
                     help="MLX_USE_CUDA_GRAPHS=0 on both sides: kernels one after another, so each kernel's time is "
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--side", help=argparse.SUPPRESS)  # a child: profile this side, print JSON
     args = ap.parse_args(argv)
     if args.side:
-        print("RESULT " + json.dumps(profile_side(args.side, args.checkpoint, args.tokens, args.skip)), flush=True)
+        print("RESULT " + json.dumps(profile_side(args.side, args.checkpoint, args.tokens, args.skip, args.prompt)), flush=True)
         return 0
     results = []
     for side in args.sides:
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
         if args.serial:
             env["MLX_USE_CUDA_GRAPHS"] = "0"
         cmd = [sys.executable, __file__, args.checkpoint, "--side", side,
-               "--tokens", str(args.tokens), "--skip", str(args.skip)]
+               "--tokens", str(args.tokens), "--skip", str(args.skip), "--prompt", str(args.prompt)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not found:

@@ -3,11 +3,12 @@ first, behind a random prompt of each `--contexts` length, each side in a proces
 sides alternating, best of `--rounds`.
 
     python benchmarks/long_context.py CHECKPOINT [--contexts 1024 4096 16384] [--tokens 64] [--rounds 2]
-        [--sides amlx amlx-unsplit mlx-lm]
+        [--sides amlx amlx-unsplit mlx-lm amlx:VAR=VALUE[,VAR=VALUE...]]
 
 `amlx-unsplit` is amlx with AMLX_SPLIT_KEYS=0: the CUDA decode kernel reads each row's slots in
 one block, as before the split (decode_attention.SPLIT_KEYS), so the two show what the split
-does as the context grows. Prints a table and `RESULT {json}`.
+does as the context grows. `amlx:VAR=VALUE,...` is amlx with those environment variables, e.g.
+`amlx:AMLX_ATTENTION_LANE_DIMS=0` (the attention kernel's one-key loop). Prints a table and `RESULT {json}`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -55,9 +57,12 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="tokens decoded a request (default 64)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds, sides alternating (default 2); best kept")
     ap.add_argument("--sides", nargs="+", default=["amlx", "amlx-unsplit", "mlx-lm"],
-                    choices=["amlx", "amlx-unsplit", "mlx-lm"])
+                    help="amlx, amlx-unsplit, mlx-lm, or amlx:VAR=VALUE[,VAR=VALUE...] (default: %(default)s)")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    for side in a.sides:
+        if side not in ("amlx", "amlx-unsplit", "mlx-lm") and not re.fullmatch(r"amlx:\w+=[^,]*(,\w+=[^,]*)*", side):
+            ap.error(f"--sides: {side!r} is not amlx, amlx-unsplit, mlx-lm or amlx:VAR=VALUE[,VAR=VALUE...]")
     if a.side:
         print("RESULT " + json.dumps(_side(a.side, a.checkpoint, a.contexts, a.tokens)), flush=True)
         return 0
@@ -67,6 +72,8 @@ def main() -> int:
             env = dict(os.environ)
             if side == "amlx-unsplit":
                 env["AMLX_SPLIT_KEYS"] = "0"
+            elif side.startswith("amlx:"):
+                env.update(kv.split("=", 1) for kv in side[len("amlx:"):].split(","))
             proc = subprocess.run([sys.executable, __file__, a.checkpoint, "--side", side, "--tokens", str(a.tokens),
                                    "--contexts", *map(str, a.contexts)], capture_output=True, text=True, env=env)
             found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -4,7 +4,8 @@ attention kernel (`amlx.models.decode_attention`) and of the residual-add + RMSN
 part and a part per key read.
 
     MLX_USE_CUDA_GRAPHS=0 python benchmarks/step_kernel_micro.py --out OUT [--lengths 1 64 200 1024 4096]
-        [--batch 1 8] [--warps 4 8 16] [--keys 1 2 4] [--threads 128 256 512] [--reps 200] [--cupti]
+        [--batch 1 8] [--warps 4 8 16] [--keys 1 2 4] [--splits 512 256] [--lane-dims 0 8 16] [--sdpa]
+        [--threads 128 256 512] [--no-norm] [--floor] [--reps 200] [--cupti]
 
 `kernel_profile.py` measured, on the H200, 16.7 us a call of the attention kernel at one
 stream and about 200 positions (mlx-lm's sdpa kernel: 8.5 us) and 7.2 us of the residual
@@ -16,6 +17,14 @@ and every call reading the previous one's output, so none overlaps the next), th
   a round (`decode_attention.KEYS_PER_ROUND`, capped by `round_keys`; the default is 1): a
   call's cost against the length tells the fixed part (prologue, merge, launch) from the part
   per key, which more keys a round should cut;
+- with `--splits`, each number of slots a block reads before a row is split
+  (`decode_attention.SPLIT_KEYS`; 0: never split); with `--lane-dims 0 8 16` the one-key loop
+  and the lane-group loop (`decode_attention.LANE_DIMS`; the default, 8, where --lane-dims is not given);
+  `--sdpa` adds MLX's `fast.scaled_dot_product_attention` over a contiguous cache of the same
+  length (what mlx-lm decodes with), the peer of the long-context rows;
+- with `--floor`, the launch floor: an MLX custom kernel that copies one value a thread, in
+  as many blocks of 512 threads as the attention kernel launches for one row (32) and one
+  block, and the attention kernel at one position without head norms;
 - the residual norm at C = 4,096 for each block size (`step_kernels.residual_launch`), beside
   MLX's add + `fast.rms_norm` (two kernels).
 
@@ -74,6 +83,42 @@ def _attention_chain(inputs, reps: int):
     return x
 
 
+def _sdpa_inputs(batch: int, length: int):
+    """A contiguous cache (batch, KV_HEADS, length, DIM) of keys and of values, and q."""
+    import numpy as np
+
+    from amlx import _mlx as mx
+
+    rng = np.random.default_rng(0)
+    k, v = (mx.array(rng.standard_normal((batch, KV_HEADS, length, DIM)).astype(np.float32)).astype(mx.bfloat16)
+            for _ in range(2))
+    q = mx.array(rng.standard_normal((batch, HEADS, 1, DIM)).astype(np.float32)).astype(mx.bfloat16)
+    return q, k, v
+
+
+def _sdpa_chain(inputs, reps: int):
+    """`reps` calls of MLX's fused attention, each call's output the next one's q."""
+    from amlx._mlx import fast
+
+    x, k, v = inputs
+    for _ in range(reps):
+        x = fast.scaled_dot_product_attention(x, k, v, scale=DIM ** -0.5)
+    return x
+
+
+_COPY = "out[blockIdx.x * blockDim.x + threadIdx.x] = x[blockIdx.x * blockDim.x + threadIdx.x];"
+
+
+def _copy_chain(x, blocks: int, reps: int):
+    """`reps` launches of a trivial custom kernel (a value a thread), each reading the last's output."""
+    from amlx._mlx import fast
+
+    kernel = fast.CudaKernel("amlx_micro_copy", ["x"], ["out"], _COPY)
+    for _ in range(reps):
+        x = kernel([x], [x.shape], [x.dtype], grid=(blocks * 512, 1, 1), threadgroup=(512, 1, 1))[0]
+    return x
+
+
 def _norm_chain(x, y, w, reps: int, plain: bool):
     from amlx._mlx import fast
     from amlx.models import step_kernels
@@ -102,8 +147,9 @@ def _timed(make, trials: int, reps: int) -> float:
     return best / reps * 1e6
 
 
-def _device(make, match: str) -> float | None:
-    """Mean device microseconds of the kernels whose name contains `match` (CUPTI)."""
+def _device(make, match: str | tuple[str, ...], calls: int) -> float | None:
+    """Device microseconds a call of the kernels whose name contains `match` (CUPTI): their
+    sum over `calls` (a split call is two kernels, the blocks and the merge)."""
     try:
         from qgemv import _profiled_kernels
     except ImportError:
@@ -115,8 +161,9 @@ def _device(make, match: str) -> float | None:
         ops.eval(out)
         out.close()
     kernels = _profiled_kernels(body)
-    times = [d for name, t in kernels.items() if match in name for _, d in t]
-    return sum(times) / len(times) if times else None
+    matches = (match,) if isinstance(match, str) else match
+    times = [d for name, t in kernels.items() if any(m in name for m in matches) for _, d in t]
+    return sum(times) / calls if times else None
 
 
 def main(argv=None) -> int:
@@ -126,6 +173,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--keys", type=int, nargs="+", default=[1], help="keys a warp reads a round (1, 2, 4)")
+    ap.add_argument("--splits", type=int, nargs="+", default=None,
+                    help="slots a block reads before a row is split (default: decode_attention.SPLIT_KEYS)")
+    ap.add_argument("--lane-dims", type=int, nargs="+", default=None, choices=[0, 8, 16],
+                    help="dimensions a lane holds in the lane-group loop (0: the one-key loop)")
+    ap.add_argument("--sdpa", action="store_true", help="also MLX's fused attention over a contiguous cache")
+    ap.add_argument("--no-norm", action="store_true", help="skip the residual norm")
+    ap.add_argument("--floor", action="store_true", help="a trivial custom kernel's launch (the floor)")
     ap.add_argument("--threads", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--trials", type=int, default=3)
@@ -140,25 +194,77 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for warps, keys in ((w, k) for w in args.warps for k in args.keys):
-        da.WARPS, da.KEYS_PER_ROUND = warps, keys
+    saved = da.WARPS, da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS
+    da.BUSY_BLOCKS = 1 << 30  # (each row at the warps it names: the lane-group loop halves none)
+    for warps, keys, split, lanes in ((w, k, sp, ld) for w in args.warps for k in args.keys
+                                      for sp in (args.splits or [da.SPLIT_KEYS])
+                                      for ld in (args.lane_dims or [da.LANE_DIMS])):
+        if lanes and keys != 1:
+            continue  # (the lane-group loop takes no whole keys a round)
+        da.WARPS, da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS = warps, keys, split, lanes
         for batch in args.batch:
             for length in args.lengths:
                 inputs = _attention_inputs(batch, length)
 
                 def make(inputs=inputs):
                     return _attention_chain(inputs, args.reps)
-                row = {"kernel": "attention", "warps": warps, "keys": da.round_keys(DIM), "batch": batch,
-                       "length": length, "wall_us": _timed(make, args.trials, args.reps)}
+                kind = f"attention, {lanes} dims a lane" if lanes else "attention"
+                row = {"kernel": kind, "warps": warps,
+                       "keys": da.lane_groups(DIM) if lanes else da.round_keys(DIM), "split": split,
+                       "batch": batch, "length": length, "wall_us": _timed(make, args.trials, args.reps)}
                 if args.cupti:
-                    row["device_us"] = _device(make, "decode_attention")
+                    row["device_us"] = _device(make, "decode_attention", args.reps)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 for a in inputs:
                     a.close()
-    da.WARPS, da.KEYS_PER_ROUND = 16, 1
+    da.WARPS, da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS = saved
+    if args.floor and not mx.fast.cuda_available():
+        print("--floor: no CUDA, the copy kernel is skipped", file=sys.stderr)
+    if args.floor:
+        for blocks in (32, 1) if mx.fast.cuda_available() else ():
+            x = mx.array(np.zeros(blocks * 512, np.float32))
+
+            def make(x=x, blocks=blocks):
+                return _copy_chain(x, blocks, args.reps)
+            row = {"kernel": f"copy, {blocks} blocks of 512", "batch": 1, "wall_us": _timed(make, args.trials, args.reps)}
+            if args.cupti:
+                row["device_us"] = _device(make, "amlx_micro_copy", args.reps)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        inputs = _attention_inputs(1, 1)
+        pool, table, qkv, pos, inv_freq, _norm = inputs
+
+        def make():
+            x = qkv
+            kv_part = mx.ops.slice(qkv, (0, HEADS * DIM), (1, qkv.shape[1]))
+            for _ in range(args.reps):
+                out, _new = da.decode_attention(x, pool, pos, heads=HEADS, scale=DIM ** -0.5, window=None,
+                                                inv_freq=inv_freq, table=table)
+                x = mx.ops.concatenate([out, kv_part], axis=1)
+            return x
+        row = {"kernel": "attention, no head norms", "warps": da.WARPS, "batch": 1, "length": 1,
+               "wall_us": _timed(make, args.trials, args.reps)}
+        if args.cupti:
+            row["device_us"] = _device(make, "decode_attention", args.reps)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    for batch in args.batch if args.sdpa else []:
+        for length in args.lengths:
+            inputs = _sdpa_inputs(batch, length)
+
+            def make(inputs=inputs):
+                return _sdpa_chain(inputs, args.reps)
+            row = {"kernel": "MLX sdpa (contiguous)", "batch": batch, "length": length,
+                   "wall_us": _timed(make, args.trials, args.reps)}
+            if args.cupti:
+                row["device_us"] = _device(make, ("sdpa", "attention"), args.reps)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            for a in inputs:
+                a.close()
     rng = np.random.default_rng(1)
-    for batch in args.batch:
+    for batch in [] if args.no_norm else args.batch:
         x, y = (mx.array(rng.standard_normal((batch, HIDDEN)).astype(np.float32)).astype(mx.bfloat16)
                 for _ in range(2))
         w = mx.array(np.ones(HIDDEN, np.float32)).astype(mx.bfloat16)
@@ -173,16 +279,16 @@ def main(argv=None) -> int:
             row = {"kernel": "add + fast.rms_norm" if plain else "residual_norm", "threads": threads,
                    "batch": batch, "wall_us": _timed(make, args.trials, args.reps)}
             if args.cupti:
-                row["device_us"] = _device(make, "rms_norm" if plain else "residual_norm")
+                row["device_us"] = _device(make, "rms_norm" if plain else "residual_norm", args.reps)
             rows.append(row)
             print(json.dumps(row), flush=True)
             step_kernels.residual_launch = default
     (args.out / "step_kernel_micro.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| kernel | warps / threads | keys a round | batch | length | wall us a call | device us a call |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| kernel | warps / threads | keys a round | split | batch | length | wall us a call | device us a call |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         dev = r.get("device_us")
-        lines.append(f"| {r['kernel']} | {r.get('warps', r.get('threads')) or '-'} | {r.get('keys', '-')} | {r['batch']} | "
+        lines.append(f"| {r['kernel']} | {r.get('warps', r.get('threads')) or '-'} | {r.get('keys', '-')} | {r.get('split', '-')} | {r['batch']} | "
                      f"{r.get('length', '-')} | {r['wall_us']:.1f} | {'-' if dev is None else f'{dev:.1f}'} |")
     (args.out / "step_kernel_micro.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -14,7 +14,8 @@ Prints each variant (decode attention: contiguous, paged (also writing the pool)
 each also split over blocks, and the split's merge;
 with and without head norms; float32/float16/bfloat16; head dims, bits, groups;
 quantized_gemv: both versions, dtypes, bits, row buckets) and exits 1 if one fails to compile;
-`--only attention|qgemv|step|dense` compiles one kernel's variants (step: step_kernels'
+`--only attention|lanes|qgemv|step|dense` compiles one kernel's variants (lanes: decode attention's
+lane-group loop, `decode_attention.LANE_DIMS`; step: step_kernels'
 residual + RMSNorm and gated activation; dense: dense_rows' tensor-core matmul of 2-64 rows); `--ptxas` adds ptxas's registers and
 spills to each line, fails a kernel whose block could not launch for its registers, and fails a variant that uses more registers than
 `quantized_gemv.REGISTERS` says (the launch rules count warps an SM holds from that table).
@@ -143,6 +144,41 @@ def _dense_rows(lib, includes: list[str]) -> int:
     return failed
 
 
+def _lanes(lib, includes: list[str]) -> int:
+    """Decode attention's lane-group loop (`decode_attention.LANE_DIMS` 8 and 16): every head dim
+    where it applies, contiguous, paged (also writing the pool) and quantized (4 and 8 bits),
+    each also split; --ptxas fails one whose 16-warp block would not launch."""
+    failed = 0
+    fixed = {"inv_freq": "float32", "pos": "int32", "table": "int32"}
+    saved = da.LANE_DIMS
+    for qk_norm, (paged, quantized), dtype, dim, lane_dims, bits in itertools.product(
+            [False, True], [(False, False), (True, False), (True, True)], ["float32", "float16", "bfloat16"],
+            [64, 128, 256], [8, 16], [4, 8]):
+        da.LANE_DIMS = lane_dims
+        groups = da.lane_groups(dim, quantized)
+        if groups == 1 or (bits == 4 and not quantized) or (quantized and lane_dims > 8):
+            continue
+        for write, split in [(w, sp) for sp in (False, True) for w in ([False, True] if paged and not quantized
+                                                                        else [False])]:
+            name, names, body, header = da.kernel_source(qk_norm, paged, quantized, 1, write, split, lanes=True)
+            inputs = [(n, fixed.get(n, "uint32" if n == "kv" and quantized else dtype)) for n in names]
+            template = {"T": dtype, "H": 32, "KVH": 8, "D": dim, "WINDOW": 7, "WARPS": da.WARPS,
+                        "SCALE_BITS": 1, "EPS_BITS": 1, "CHUNK": da.SPLIT_KEYS if split else 0, "LG": groups}
+            if quantized:
+                template.update(BITS=bits, GROUP=64)
+            outputs = ([("part_o", "float32"), ("part_ml", "float32")] if split else [("out", dtype)]) + (
+                [] if write else [("kv_new", dtype)])
+            status, log = compile_text(lib, kernel_text(name, inputs, outputs, template, body, header), name, includes)
+            regs = _ptxas_registers(log)
+            over = regs is not None and regs > 65536 // (32 * da.WARPS)
+            print(f"{name} {dtype} D={dim} LG={groups}" + (f" bits={bits}" if quantized else "") + ": "
+                  + (("FAILED: too many registers" if over else "ok") + _ptxas_summary(log) if status == 0
+                     else "FAILED\n" + log), flush=True)
+            failed += status != 0 or over
+    da.LANE_DIMS = saved
+    return failed
+
+
 def _ptxas_registers(log: str) -> int | None:
     import re
 
@@ -164,7 +200,7 @@ def main() -> int:
     ap.add_argument("--nvrtc", required=True)
     ap.add_argument("--mlx-include", required=True)
     ap.add_argument("--cuda-include", required=True)
-    ap.add_argument("--only", choices=["attention", "qgemv", "step", "dense"], default=None)
+    ap.add_argument("--only", choices=["attention", "lanes", "qgemv", "step", "dense"], default=None)
     ap.add_argument("--ptxas", action="store_true", help="registers and spills of each qgemv variant (ptxas -v)")
     a = ap.parse_args()
     global PTXAS_VERBOSE
@@ -178,7 +214,9 @@ def main() -> int:
         failed += _qgemv(lib, includes)
     if a.only in (None, "dense"):
         failed += _dense_rows(lib, includes)
-    if a.only in ("qgemv", "step", "dense"):
+    if a.only in (None, "lanes"):
+        failed += _lanes(lib, includes)
+    if a.only in ("lanes", "qgemv", "step", "dense"):
         print(f"{failed} failed")
         return 1 if failed else 0
     shapes = [(64, 8, 64), (128, 4, 64), (128, 8, 64), (256, 8, 32), (256, 8, 64), (96, 4, 32), (da.MAX_DIM, 8, 64),

@@ -44,9 +44,11 @@ ROPE_TOL = {"float32": 2e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
 DTYPES = st.sampled_from(["float32", "float16", "bfloat16"])
 
 
-# keys a warp reads a round in the CUDA attention kernel (da.round_keys caps it by head dim;
-# the CPU's kernel has no such setting and computes the same either way)
-KEYS = st.sampled_from([1, 2, 4])
+# keys a warp reads a round in the CUDA attention kernel: 1, 2 or 4 whole keys (da.round_keys
+# caps it by head dim), or "lanesN", the lane-group loop with N dimensions a lane
+# (da.LANE_DIMS: a key a group of lanes, D * N / 32 keys a round); the CPU's kernel has no such
+# setting and computes the same either way
+KEYS = st.sampled_from([1, 2, 4, "lanes8", "lanes16"])
 
 
 # slots a block reads before a row's slots are split over blocks (da.SPLIT_KEYS, 512 by
@@ -55,14 +57,16 @@ SPLITS = st.sampled_from([da.SPLIT_KEYS, 8, 32])
 
 
 @contextmanager
-def keys_a_round(keys: int, split: int | None = None):
-    saved = da.KEYS_PER_ROUND, da.SPLIT_KEYS
-    da.KEYS_PER_ROUND = keys
+def keys_a_round(keys: int | str, split: int | None = None):
+    saved = da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS
+    lanes = isinstance(keys, str)
+    da.KEYS_PER_ROUND = 1 if lanes else keys
+    da.LANE_DIMS = int(keys.removeprefix("lanes")) if lanes else 0
     da.SPLIT_KEYS = saved[1] if split is None else split
     try:
         yield
     finally:
-        da.KEYS_PER_ROUND, da.SPLIT_KEYS = saved
+        da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS = saved
 
 
 def rnd(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -314,6 +318,23 @@ def test_quantized_paged_kernel_equals_reference_and_gather_path(b, kv, group, d
     np.testing.assert_array_equal(as_np(got[1]), as_np(before[1]))
 
 
+def test_lane_groups_follow_the_head_dim(monkeypatch):
+    """`lane_groups`: LANE_DIMS * 32 / dim keys a warp a round where that is 2..32, else 1 (the
+    one-key loop: LANE_DIMS 0, or a head dim the lanes cannot split so); reading a quantized
+    pool, at most 8 dims a lane."""
+    for dims, want in ((0, {64: 1, 128: 1, 256: 1, 512: 1}), (8, {64: 4, 128: 2, 256: 1, 512: 1}),
+                       (16, {64: 8, 128: 4, 256: 2, 512: 1})):
+        monkeypatch.setattr(da, "LANE_DIMS", dims)
+        assert {d: da.lane_groups(d) for d in want} == want
+    assert da.lane_groups(96) == 1  # (16 * 32 / 96 is no whole number)
+    assert da.lane_groups(128, quantized=True) == 2  # (a quantized pool: at most 8 dims a lane, registers)
+    name, _, body, _ = da.kernel_source(True, True, True, 1, False, True, lanes=True)
+    assert name == "amlx_decode_attention_qk_norm_paged_quantized_split_lanes"
+    assert "amlx_dequant<T, EL, BITS, GROUP>" in body and "lane * E, kr" not in body
+    with pytest.raises(ValueError, match="whole keys"):
+        da.kernel_source(True, True, False, 4, lanes=True)
+
+
 def test_quantized_kernel_is_refused_where_it_cannot_apply():
     """Shapes the quantized variant does not take fall back (supports() is False)."""
     qkv = ops.zeros((1, 6 * 64), mx.float32)
@@ -345,10 +366,12 @@ def test_keys_a_round_stay_within_a_blocks_registers(monkeypatch):
 @pytest.mark.parametrize("name, read, good, bad, default", [
     ("AMLX_ATTENTION_KEYS", da._keys_from_env, ("4", 4), ("3", "0", "four", ""), 1),
     ("AMLX_SPLIT_KEYS", da._split_from_env, ("256", 256), ("-1", "lots", "", "1.5", "\u00b2"), 512),
+    ("AMLX_ATTENTION_LANE_DIMS", da._lane_dims_from_env, ("16", 16), ("4", "32", "x", ""), 8),
 ])
 def test_attention_settings_from_the_environment(monkeypatch, name, read, good, bad, default):
-    """AMLX_ATTENTION_KEYS (1, 2 or 4) and AMLX_SPLIT_KEYS (a whole number of slots) set the
-    kernel's keys a round and split size for a process; anything else is an error that
+    """AMLX_ATTENTION_KEYS (1, 2 or 4), AMLX_SPLIT_KEYS (a whole number of slots) and
+    AMLX_ATTENTION_LANE_DIMS (0, 8 or 16) set the kernel's keys a round, split size and loop for a
+    process; anything else is an error that
     names the variable; unset, the defaults."""
     monkeypatch.setenv(name, good[0])
     assert read() == good[1]
@@ -662,6 +685,28 @@ def test_models_decode_the_same_with_the_kernel_writing_the_pool(arch, models, m
             np.testing.assert_array_equal(a, b)
         # (and the write slots' broadcast, once a pass)
         assert nodes <= nodes0 - 3 * len(model.layers) if writes else nodes == nodes0
+
+
+@pytest.mark.skipif(not fast.cuda_available(), reason="the lane-group loop is a CUDA variant")
+@pytest.mark.parametrize("lane_dims", [8, 16])
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_models_decode_alike_with_the_lane_group_loop(arch, lane_dims, models, monkeypatch):
+    """Two rows decode 20 steps (through Gemma's window of 8) from a block pool the kernel
+    writes itself, with the lane-group loop (decode_attention.LANE_DIMS) and the one-key loop:
+    the same logits up to float32 summation order (a key scored against the wrong query or
+    value would be off by far more), in the same graph."""
+    model = models[arch]
+    model.use_decode_kernel(True)
+    rng = np.random.default_rng(5)
+    prompts = rng.integers(0, 256, size=(2, 12)).astype(np.int32)
+    tokens = rng.integers(0, 256, size=(2, 20)).astype(np.int32)
+    runs = {}
+    for dims in (lane_dims, 0):
+        monkeypatch.setattr(da, "LANE_DIMS", dims)
+        runs[dims] = paged_decode(model, None, prompts, [12, 7], tokens, views=True)
+    for (logits, _, nodes), (logits0, _, nodes0) in zip(runs[lane_dims], runs[0]):
+        assert _rel(logits, logits0) < 1e-4
+        assert nodes == nodes0
 
 
 def test_engines_choose_the_kernels_on_the_cpu(monkeypatch):

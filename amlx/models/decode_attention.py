@@ -55,17 +55,36 @@ __device__ void amlx_load(const T* p, float* x) {
   for (int e = 0; e < E; ++e) x[e] = static_cast<float>(p[e]);
 }
 
-// A lane's E values of one slot's head from a quantized pool, in MLX's affine
+// N values from p as float, 16 bytes a load where N values fill whole 16-byte words (p is
+// then 16-byte aligned: a slot's head starts at a multiple of D values and a lane's part
+// at a multiple of N), else one at a time.
+template <int N, typename T>
+__device__ void amlx_load_wide(const T* p, float* x) {
+  constexpr int PER = 16 / sizeof(T);
+  if constexpr (N % PER == 0) {
+#pragma unroll
+    for (int c = 0; c < N / PER; ++c) {
+      const uint4 w = reinterpret_cast<const uint4*>(p)[c];
+      const T* v = reinterpret_cast<const T*>(&w);
+#pragma unroll
+      for (int i = 0; i < PER; ++i) x[c * PER + i] = static_cast<float>(v[i]);
+    }
+  } else {
+    for (int i = 0; i < N; ++i) x[i] = static_cast<float>(p[i]);
+  }
+}
+
+// A lane's E values (dimensions first .. first + E - 1) of one slot's head from a quantized pool, in MLX's affine
 // layout as ops.quantize writes it: value d in bits [(d % P) * BITS, +BITS) of
 // uint32 word d / P (P = 32 / BITS, lowest bits first), group d / GROUP's scale
 // and bias; dequantized as MLX's dequantize computes it, q * scale + bias in T,
 // so the kernel sees the values the gather path's ops.dequantize gives.
 template <typename T, int E, int BITS, int GROUP>
-__device__ void amlx_dequant(const uint32_t* words, const T* scales, const T* biases, int lane, float* x) {
+__device__ void amlx_dequant(const uint32_t* words, const T* scales, const T* biases, int first, float* x) {
   constexpr int P = 32 / BITS;
   constexpr uint32_t MASK = (1u << BITS) - 1u;
   for (int e = 0; e < E; ++e) {
-    const int d = lane * E + e;
+    const int d = first + e;
     const uint32_t q = (words[d / P] >> ((d % P) * BITS)) & MASK;
     x[e] = static_cast<float>(static_cast<T>(static_cast<float>(q)) * scales[d / GROUP] + biases[d / GROUP]);
   }
@@ -128,19 +147,12 @@ $QK_NORM$  amlx_rope_half<T, E>(qr, sn, cs, lane);
   const size_t rows = pos_shape[0];
 $KV_SETUP$  if (warp == 0 && h % (H / KVH) == 0 && blockIdx.z == 0) {
 $NEW_WRITE$  }
-  for (int e = 0; e < E; ++e) qr[e] *= scale;
   const int first = WINDOW > 0 ? max(0, last - WINDOW + 1) : 0;
   // this block's slots lo..hi: all of first..last, or (split, CHUNK > 0) the blockIdx.z-th
   // CHUNK of them, so a row's split count and rounding follow from its own span alone
   const int lo = first + (int)blockIdx.z * CHUNK;
   const int hi = CHUNK > 0 ? min(last, lo + CHUNK - 1) : last;
-  float m = neg_inf, l = 0.0f;
-$LOOP$  if (lane == 0) {
-    warp_max[warp] = m;
-    warp_sum[warp] = l;
-  }
-  for (int e = 0; e < E; ++e) warp_out[warp][lane * E + e] = acc[e];
-  __syncthreads();
+$ATTEND$  __syncthreads();
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float mx = neg_inf;
     for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, warp_max[w]);
@@ -153,6 +165,111 @@ $LOOP$  if (lane == 0) {
     }
 $FINISH$  }
 """
+
+# A warp's keys in the prologue's layout (lane l: dimensions [l*E, l*E + E) of every key, a
+# key a round, or U: $LOOP$), its sums left in warp_max, warp_sum and warp_out.
+_WARP_ATTEND = """  for (int e = 0; e < E; ++e) qr[e] *= scale;
+  float m = neg_inf, l = 0.0f;
+$LOOP$  if (lane == 0) {
+    warp_max[warp] = m;
+    warp_sum[warp] = l;
+  }
+  for (int e = 0; e < E; ++e) warp_out[warp][lane * E + e] = acc[e];
+"""
+
+# Lane groups (`LANE_DIMS`): a warp reads LG keys a round, each by a group of 32 / LG lanes
+# holding EL = D * LG / 32 dimensions of it (16 or 32 contiguous bytes: wide loads), and takes
+# whole runs of slots (a block of the pool, or 16 slots of a contiguous cache), so where a
+# slot lies is worked out once a run, not once a key. A key's dot product takes log2(32 / LG)
+# shuffles, one softmax update serves LG keys, and scores are kept in base 2 (exp2f, the
+# query scaled by log2(e)): on the H200 the one-key loop issued instructions at 57% of the
+# SMs' rate and read DRAM at 9% for 16,384 slots at Qwen3-8B's heads (ncu), instruction-bound.
+# The query and the new key and value move to this layout through shared memory; each group
+# keeps its own running max and sum, merged within the warp at the end (shuffles across the
+# groups' lanes of the same dimensions) and returned to base e for the merge across warps.
+_LANES_ATTEND = """  constexpr int LPK = 32 / LG;  // lanes a key
+  constexpr int EL = D / LPK;    // dimensions a lane
+  constexpr float LOG2E = 1.4426950408889634f;
+  __shared__ float q_s[D], new_s[2][D];
+  if (warp == 0) {
+    for (int e = 0; e < E; ++e) {
+      q_s[lane * E + e] = qr[e] * (scale * LOG2E);
+      new_s[0][lane * E + e] = kn[e];
+      new_s[1][lane * E + e] = vn[e];
+    }
+  }
+  __syncthreads();
+  const int grp = lane / LPK, sub = lane % LPK;
+  float ql[EL], al[EL];
+  for (int i = 0; i < EL; ++i) {
+    ql[i] = q_s[sub * EL + i];
+    al[i] = 0.0f;
+  }
+  float m = neg_inf, l = 0.0f;
+  const int run = $RUN$;
+  // (run bounds are the same in every lane, so the shuffles see the whole warp; a group past
+  // the run's end adds nothing)
+  for (int r0 = lo - lo % run + warp * run; r0 <= hi; r0 += WARPS * run) {
+$RUN_START$
+    const int s1 = min(r0 + run - 1, hi);
+    for (int j0 = max(r0, lo); j0 <= s1; j0 += LG) {
+      const int j = j0 + grp;
+      float kr[EL], vr[EL];
+      if (j == last) {
+        for (int i = 0; i < EL; ++i) {
+          kr[i] = new_s[0][sub * EL + i];
+          vr[i] = new_s[1][sub * EL + i];
+        }
+      } else if (j <= s1) {
+$RUN_READ$
+      } else {
+        for (int i = 0; i < EL; ++i) kr[i] = 0.0f;
+      }
+      float part = 0.0f;
+      for (int i = 0; i < EL; ++i) part += ql[i] * kr[i];
+      for (int o = LPK / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+      if (j <= s1) {
+        const float m_new = fmaxf(m, part);
+        const float alpha = exp2f(m - m_new);
+        const float p = exp2f(part - m_new);
+        l = l * alpha + p;
+        for (int i = 0; i < EL; ++i) al[i] = al[i] * alpha + p * vr[i];
+        m = m_new;
+      }
+    }
+  }
+  for (int o = LPK; o < 32; o <<= 1) {  // the groups' sums merged (a group that saw no key: l = 0)
+    const float m_o = __shfl_xor_sync(0xffffffffu, m, o);
+    const float l_o = __shfl_xor_sync(0xffffffffu, l, o);
+    const float m_new = fmaxf(m, m_o);
+    const float a = l > 0.0f ? exp2f(m - m_new) : 0.0f;
+    const float c = l_o > 0.0f ? exp2f(m_o - m_new) : 0.0f;
+    l = l * a + l_o * c;
+    for (int i = 0; i < EL; ++i) al[i] = al[i] * a + __shfl_xor_sync(0xffffffffu, al[i], o) * c;
+    m = m_new;
+  }
+  if (lane == 0) {
+    warp_max[warp] = m * (1.0f / LOG2E);  // (base e again, as the merge across warps takes it)
+    warp_sum[warp] = l;
+  }
+  if (grp == 0) {
+    for (int i = 0; i < EL; ++i) warp_out[warp][sub * EL + i] = al[i];
+  }
+"""
+
+# Where a run of slots starts (r0: a multiple of `run`), and slot j of it (in the lane-group
+# layout): a contiguous cache's rows in runs of 16, a block pool's blocks through the table,
+# a quantized pool's packed slots.
+_RUN_CONTIGUOUS = ("16", """    const T* run_keys = row_keys + (size_t)r0 * D + sub * EL;""", """
+        const T* key = run_keys + (size_t)(j - r0) * D;
+        amlx_load_wide<EL>(key, kr);
+        amlx_load_wide<EL>(key + half, vr);""")
+_RUN_PAGED = ("block_size", """    const T* run_keys = kv + ((size_t)row_table[r0 / block_size] * KVH + kvh) * block_size * D + sub * EL;""",
+              _RUN_CONTIGUOUS[2])
+_RUN_QUANT = ("block_size", """    const size_t run_slot = ((size_t)row_table[r0 / block_size] * KVH + kvh) * block_size;""", """
+        const size_t ks = run_slot + (j - r0), vs = value_slots + ks;
+        amlx_dequant<T, EL, BITS, GROUP>(kv + ks * WORDS, scales + ks * GROUPS, biases + ks * GROUPS, sub * EL, kr);
+        amlx_dequant<T, EL, BITS, GROUP>(kv + vs * WORDS, scales + vs * GROUPS, biases + vs * GROUPS, sub * EL, vr);""")
 
 # The end of a block: the merged warps' result as the row's output, or (split) as the
 # block's partial result for `_COMBINE`: its unnormalised sum o, its max and its total,
@@ -303,11 +420,11 @@ _NORM_LOAD = """
 # Where slot j's key and value are. Contiguous: kv (2, B, KVH, capacity, D).
 _CONTIGUOUS_SETUP = """
   const size_t cap = kv_shape[3];  // a runtime value: no new kernel per capacity
-  const T* row_keys = kv + ((size_t)b * KVH + kvh) * cap * D + lane * E;
+  const T* row_keys = kv + ((size_t)b * KVH + kvh) * cap * D;
   const size_t half = rows * KVH * cap * D;
 """
 _CONTIGUOUS_READ = """
-        const T* keys = row_keys + (size_t)j * D;
+        const T* keys = row_keys + (size_t)j * D + lane * E;
         amlx_load<E>(keys, kr);
         amlx_load<E>(keys + half, vr);"""
 # Paged (a block pool, amlx.kv): kv (2, blocks, KVH, block_size, D) (one head
@@ -338,8 +455,8 @@ _QUANT_SETUP = """
 _QUANT_READ = """
         const size_t ks = ((size_t)row_table[j / block_size] * KVH + kvh) * block_size + j % block_size;
         const size_t vs = value_slots + ks;
-        amlx_dequant<T, E, BITS, GROUP>(kv + ks * WORDS, scales + ks * GROUPS, biases + ks * GROUPS, lane, kr);
-        amlx_dequant<T, E, BITS, GROUP>(kv + vs * WORDS, scales + vs * GROUPS, biases + vs * GROUPS, lane, vr);"""
+        amlx_dequant<T, E, BITS, GROUP>(kv + ks * WORDS, scales + ks * GROUPS, biases + ks * GROUPS, lane * E, kr);
+        amlx_dequant<T, E, BITS, GROUP>(kv + vs * WORDS, scales + vs * GROUPS, biases + vs * GROUPS, lane * E, vr);"""
 
 WARPS = 16  # warps per (head, row); a block is WARPS * 32 threads
 
@@ -376,6 +493,42 @@ def _split_from_env() -> int:
 # a graph node more a layer, so only where a row may see more (short contexts, where a step's
 # host time bounds small models, keep one kernel).
 SPLIT_KEYS = _split_from_env()
+def _lane_dims_from_env() -> int:
+    """AMLX_ATTENTION_LANE_DIMS (0, 8 or 16; default 8), else ValueError naming the variable."""
+    raw = os.environ.get("AMLX_ATTENTION_LANE_DIMS", "8").strip()
+    if raw not in ("0", "8", "16"):
+        raise ValueError(f"AMLX_ATTENTION_LANE_DIMS must be 0, 8 or 16, not {raw!r}")
+    return int(raw)
+
+
+# Dimensions of a key a lane holds in the lane-group loop (`_LANES_ATTEND`; 0: the one-key loop,
+# a warp a key). 8 or 16: a warp reads D * 8 / 256 or D * 16 / 256 keys a round (`lane_groups`).
+# Measured alone on the H200 (benchmarks/step_kernel_micro.py, 2026-12-04 afternoon; Qwen3-8B's
+# heads, device us a call, one-key loop -> 8 dims a lane): one row at 200 slots 11.7 -> 11.9,
+# 1,024: 29.1 -> 21.3, 4,096: 44.1 -> 34.1, 16,384: 142.6 -> 75.8 (8 warps a block); 64 rows at
+# 256: 132.7 -> 63.1 (8 warps). 16 dims a lane was no better past 1,024 slots.
+LANE_DIMS = _lane_dims_from_env()
+
+# Blocks a step launches from which the lane-group loop runs WARPS / 2 warps a block: more,
+# smaller blocks fit the SMs' registers then (measured as above: 16,384 slots of one row, 1,024
+# blocks, 84.7 us at 16 warps and 75.8 at 8; 64 rows, 2,048 blocks, 80.3 and 63.1; one row at
+# 4,096, 256 blocks, 34.1 and 37.3, so 16 below).
+BUSY_BLOCKS = 512
+
+
+def lane_groups(dim: int, quantized: bool = False) -> int:
+    """Keys a warp reads a round in the lane-group loop at head dim `dim` (LANE_DIMS dimensions a
+    lane, at most 8 reading a quantized pool: 16 took 142-152 registers in float16 and bfloat16,
+    past a 16-warp block's 128, scripts/cuda_compile_check.py --only lanes --ptxas), or 1 where
+    that layout does not apply (LANE_DIMS 0, or the lane's dims * 32 not a multiple of `dim` in
+    2..32 keys: the one-key loop)."""
+    dims = min(LANE_DIMS, 8) if quantized else LANE_DIMS
+    if dims <= 0 or (dims * 32) % dim:
+        return 1
+    groups = dims * 32 // dim
+    return groups if 2 <= groups <= 32 else 1
+
+
 MAX_DIM = 512  # head dims the CUDA kernel takes (scripts/cuda_compile_check.py --ptxas: registers)
 MAX_QUANT_DIM = 256  # ... reading a quantized pool
 
@@ -398,12 +551,16 @@ def _on_cpu() -> bool:
 
 
 def kernel_source(qk_norm: bool, paged: bool = False, quantized: bool = False,
-                  keys: int = 1, write_pool: bool = False, split: bool = False) -> tuple[str, list[str], str, str]:
+                  keys: int = 1, write_pool: bool = False, split: bool = False,
+                  lanes: bool = False) -> tuple[str, list[str], str, str]:
     """(name, input names, body, header) of one variant, as handed to MLX (which
     writes the signature and the template constants; scripts/cuda_compile_check.py);
     `keys`: keys a warp reads a round (`round_keys`); `write_pool`: the new key and
     value go into the (paged, unquantized) pool, not out as kv_new; `split`: each block
-    takes CHUNK slots and hands back its partial result (`_PARTS`, merged by `_COMBINE`)."""
+    takes CHUNK slots and hands back its partial result (`_PARTS`, merged by `_COMBINE`);
+    `lanes`: the lane-group loop (`_LANES_ATTEND`, LG keys a round, a template constant)."""
+    if lanes and keys != 1:
+        raise ValueError("decode_attention: the lane-group loop takes no whole keys a round")
     if write_pool and (quantized or not paged):
         raise ValueError("decode_attention: only an unquantized block pool is written by the kernel")
     norms = ["q_norm", "k_norm"] if qk_norm else []
@@ -412,13 +569,17 @@ def kernel_source(qk_norm: bool, paged: bool = False, quantized: bool = False,
     else:
         setup, read = (_PAGED_SETUP, _PAGED_READ) if paged else (_CONTIGUOUS_SETUP, _CONTIGUOUS_READ)
     loop = _ONE_KEY_LOOP if keys == 1 else _KEYS_LOOP.replace("$U$", str(int(keys)))
-    source = _SOURCE.replace("$QK_NORM$", _QK_NORM if qk_norm else "").replace(
+    attend = _WARP_ATTEND
+    if lanes:
+        run, start, run_read = _RUN_QUANT if quantized else _RUN_PAGED if paged else _RUN_CONTIGUOUS
+        attend = _LANES_ATTEND.replace("$RUN$", run).replace("$RUN_START$", start).replace("$RUN_READ$", run_read)
+    source = _SOURCE.replace("$ATTEND$", attend).replace("$QK_NORM$", _QK_NORM if qk_norm else "").replace(
         "$NORM_DECL$", _NORM_DECL if qk_norm else "").replace("$NORM_LOAD$", _NORM_LOAD if qk_norm else "").replace(
         "$LOOP$", loop).replace("$KV_SETUP$", setup).replace("$KV_READ$", read).replace(
         "$NEW_WRITE$", _NEW_IN_POOL if write_pool else _NEW_OUT).replace("$FINISH$", _PARTS if split else _OUT)
     name = "amlx_decode_attention" + ("_qk_norm" if qk_norm else "") + ("_paged" if paged else "") + (
         "_quantized" if quantized else "") + (f"_keys{keys}" if keys != 1 else "") + (
-        "_write_pool" if write_pool else "") + ("_split" if split else "")
+        "_write_pool" if write_pool else "") + ("_split" if split else "") + ("_lanes" if lanes else "")
     pool = ["kv", "scales", "biases"] if quantized else ["kv"]
     return name, ["qkv", *norms, "inv_freq", *pool, "pos", *(["table"] if paged else [])], source, _HEADER
 
@@ -433,10 +594,10 @@ def round_keys(dim: int, quantized: bool = False, wanted: int | None = None) -> 
 
 
 def _kernel(qk_norm: bool, paged: bool = False, quantized: bool = False, keys: int = 1,
-            write_pool: bool = False, split: bool = False) -> fast.CudaKernel:
-    key = (qk_norm, paged, quantized, keys, write_pool, split)
+            write_pool: bool = False, split: bool = False, lanes: bool = False) -> fast.CudaKernel:
+    key = (qk_norm, paged, quantized, keys, write_pool, split, lanes)
     if key not in _KERNELS:
-        name, inputs, source, header = kernel_source(qk_norm, paged, quantized, keys, write_pool, split)
+        name, inputs, source, header = kernel_source(qk_norm, paged, quantized, keys, write_pool, split, lanes)
         outputs = (["part_o", "part_ml"] if split else ["out"]) + ([] if write_pool else ["kv_new"])
         _KERNELS[key] = fast.CudaKernel(name, inputs, outputs, source, header=header)
     return _KERNELS[key]
@@ -544,10 +705,9 @@ def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, sca
     paged = table is not None
     kv_heads = kv.shape[2]
     dim = kv.shape[4] if quant is None else kv.shape[4] * 32 // quant[2]
-    threads = 32 * WARPS
     qk_norm = q_norm is not None
     norms = [q_norm, k_norm] if qk_norm else []
-    template = {"T": qkv.dtype, "H": heads, "KVH": kv_heads, "D": dim, "WINDOW": window or 0, "WARPS": WARPS,
+    template = {"T": qkv.dtype, "H": heads, "KVH": kv_heads, "D": dim, "WINDOW": window or 0,
                 "SCALE_BITS": _bits(scale), "EPS_BITS": _bits(eps)}
     pool = [kv]
     if quant is not None:
@@ -562,7 +722,16 @@ def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, sca
         shapes, dtypes = [(b, heads * dim)], [qkv.dtype]
     if not write_pool:
         shapes, dtypes = [*shapes, (2, b * kv_heads, dim)], [*dtypes, qkv.dtype]
-    got = _kernel(qk_norm, paged, quant is not None, round_keys(dim, quant is not None), write_pool, splits > 1)(
+    groups = lane_groups(dim, quant is not None)
+    warps = WARPS
+    if groups > 1:
+        template["LG"] = groups
+        if heads * b * splits >= BUSY_BLOCKS and WARPS > 1:
+            warps = WARPS // 2
+    template["WARPS"] = warps
+    threads = 32 * warps
+    keys = 1 if groups > 1 else round_keys(dim, quant is not None)
+    got = _kernel(qk_norm, paged, quant is not None, keys, write_pool, splits > 1, groups > 1)(
         [qkv, *norms, inv_freq, *pool, positions, *([table] if paged else [])],
         shapes, dtypes, grid=(heads * threads, b, splits), threadgroup=(threads, 1, 1), template=template)
     out = got[0]
