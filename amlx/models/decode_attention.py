@@ -90,6 +90,18 @@ __device__ void amlx_dequant(const uint32_t* words, const T* scales, const T* bi
   }
 }
 
+// One key's score s (and its value's N values v) into a warp's running max m, sum l and
+// output acc: the online softmax's step, in base e (expf) or, BASE2, in base 2 (exp2f).
+template <int N, bool BASE2>
+__device__ void amlx_softmax_step(float s, const float* v, float& m, float& l, float* acc) {
+  const float m_new = fmaxf(m, s);
+  const float alpha = BASE2 ? exp2f(m - m_new) : expf(m - m_new);
+  const float p = BASE2 ? exp2f(s - m_new) : expf(s - m_new);
+  l = l * alpha + p;
+  for (int i = 0; i < N; ++i) acc[i] = acc[i] * alpha + p * v[i];
+  m = m_new;
+}
+
 // Rotary embedding, rotate-half convention, of one head held by a warp, by the
 // lane's angles' sines and cosines (sn, cs: position * frequency of each of its E
 // dimensions); the partner of lane l's values is in lane l ^ 16.
@@ -228,14 +240,7 @@ $RUN_READ$
       float part = 0.0f;
       for (int i = 0; i < EL; ++i) part += ql[i] * kr[i];
       for (int o = LPK / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-      if (j <= s1) {
-        const float m_new = fmaxf(m, part);
-        const float alpha = exp2f(m - m_new);
-        const float p = exp2f(part - m_new);
-        l = l * alpha + p;
-        for (int i = 0; i < EL; ++i) al[i] = al[i] * alpha + p * vr[i];
-        m = m_new;
-      }
+      if (j <= s1) amlx_softmax_step<EL, true>(part, vr, m, l, al);
     }
   }
   for (int o = LPK; o < 32; o <<= 1) {  // the groups' sums merged (a group that saw no key: l = 0)
@@ -323,13 +328,7 @@ $KV_READ$
     }
     float part = 0.0f;
     for (int e = 0; e < E; ++e) part += qr[e] * kr[e];
-    const float s = amlx_warp_sum(part);
-    const float m_new = fmaxf(m, s);
-    const float alpha = expf(m - m_new);
-    const float p = expf(s - m_new);
-    l = l * alpha + p;
-    for (int e = 0; e < E; ++e) acc[e] = acc[e] * alpha + p * vr[e];
-    m = m_new;
+    amlx_softmax_step<E, false>(amlx_warp_sum(part), vr, m, l, acc);
   }
 """
 
