@@ -11,8 +11,9 @@ This kernel takes the fused q/k/v projection of the new token and does what
 would otherwise be several nodes: the per-head q/k RMSNorm (Qwen 3, Gemma 3),
 the rotary embedding at each row's position, and attention over slots
 max(0, pos[b] - window + 1) .. pos[b] only, with an online softmax in float32
-(a warp per key at a time, or a few: `KEYS_PER_ROUND`; several warps per head,
-merged at the end). It
+(a few keys a warp at a time, each read by a group of lanes: `LANE_DIMS`; or a warp
+per key, `KEYS_PER_ROUND`; several warps per head, merged at the end; past
+`SPLIT_KEYS` positions a row's keys split over blocks, merged by a second kernel). It
 reads the cache for the earlier slots and its own new key and value for the
 last, and hands those back for the cache write (one scatter). The cache is a
 contiguous buffer or a block pool read through each row's block table, the
