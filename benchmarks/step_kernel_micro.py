@@ -67,13 +67,14 @@ def _attention_inputs(batch: int, length: int):
     return pool, table, qkv, pos, inv_freq, norm
 
 
-def _attention_chain(inputs, reps: int):
+def _attention_chain(inputs, reps: int, norms: bool = True):
     """`reps` attention calls, each taking the previous call's output as its q (so they
-    run one after another); the last output."""
+    run one after another), with head norms or (`norms` False) without; the last output."""
     from amlx._mlx import ops
     from amlx.models import decode_attention as da
 
     pool, table, qkv, pos, inv_freq, norm = inputs
+    norm = norm if norms else None
     kv_part = ops.slice(qkv, (0, HEADS * DIM), (qkv.shape[0], qkv.shape[1]))
     x = qkv
     for _ in range(reps):
@@ -166,6 +167,19 @@ def _device(make, match: str | tuple[str, ...], calls: int) -> float | None:
     return sum(times) / calls if times else None
 
 
+def _measure(rows: list, row: dict, make, match, args, inputs=()) -> None:
+    """`row` with the wall microseconds a call of `make`'s chain and (--cupti) the device
+    microseconds of its kernels matching `match`, appended to `rows` and printed; then
+    `inputs` closed."""
+    row["wall_us"] = _timed(make, args.trials, args.reps)
+    if args.cupti:
+        row["device_us"] = _device(make, match, args.reps)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    for a in inputs:
+        a.close()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -211,13 +225,8 @@ def main(argv=None) -> int:
                 kind = f"attention, {lanes} dims a lane" if lanes else "attention"
                 row = {"kernel": kind, "warps": warps,
                        "keys": da.lane_groups(DIM) if lanes else da.round_keys(DIM), "split": split,
-                       "batch": batch, "length": length, "wall_us": _timed(make, args.trials, args.reps)}
-                if args.cupti:
-                    row["device_us"] = _device(make, "decode_attention", args.reps)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                for a in inputs:
-                    a.close()
+                       "batch": batch, "length": length}
+                _measure(rows, row, make, "decode_attention", args, inputs)
     da.WARPS, da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS = saved
     if args.floor and not mx.fast.cuda_available():
         print("--floor: no CUDA, the copy kernel is skipped", file=sys.stderr)
@@ -227,42 +236,21 @@ def main(argv=None) -> int:
 
             def make(x=x, blocks=blocks):
                 return _copy_chain(x, blocks, args.reps)
-            row = {"kernel": f"copy, {blocks} blocks of 512", "batch": 1, "wall_us": _timed(make, args.trials, args.reps)}
-            if args.cupti:
-                row["device_us"] = _device(make, "amlx_micro_copy", args.reps)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            _measure(rows, {"kernel": f"copy, {blocks} blocks of 512", "batch": 1}, make, "amlx_micro_copy", args)
         inputs = _attention_inputs(1, 1)
-        pool, table, qkv, pos, inv_freq, _norm = inputs
 
-        def make():
-            x = qkv
-            kv_part = mx.ops.slice(qkv, (0, HEADS * DIM), (1, qkv.shape[1]))
-            for _ in range(args.reps):
-                out, _new = da.decode_attention(x, pool, pos, heads=HEADS, scale=DIM ** -0.5, window=None,
-                                                inv_freq=inv_freq, table=table)
-                x = mx.ops.concatenate([out, kv_part], axis=1)
-            return x
-        row = {"kernel": "attention, no head norms", "warps": da.WARPS, "batch": 1, "length": 1,
-               "wall_us": _timed(make, args.trials, args.reps)}
-        if args.cupti:
-            row["device_us"] = _device(make, "decode_attention", args.reps)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        def make(inputs=inputs):
+            return _attention_chain(inputs, args.reps, norms=False)
+        _measure(rows, {"kernel": "attention, no head norms", "warps": da.WARPS, "batch": 1, "length": 1}, make,
+                 "decode_attention", args, inputs)
     for batch in args.batch if args.sdpa else []:
         for length in args.lengths:
             inputs = _sdpa_inputs(batch, length)
 
             def make(inputs=inputs):
                 return _sdpa_chain(inputs, args.reps)
-            row = {"kernel": "MLX sdpa (contiguous)", "batch": batch, "length": length,
-                   "wall_us": _timed(make, args.trials, args.reps)}
-            if args.cupti:
-                row["device_us"] = _device(make, ("sdpa", "attention"), args.reps)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            for a in inputs:
-                a.close()
+            _measure(rows, {"kernel": "MLX sdpa (contiguous)", "batch": batch, "length": length}, make,
+                     ("sdpa", "attention"), args, inputs)
     rng = np.random.default_rng(1)
     for batch in [] if args.no_norm else args.batch:
         x, y = (mx.array(rng.standard_normal((batch, HIDDEN)).astype(np.float32)).astype(mx.bfloat16)
@@ -276,12 +264,8 @@ def main(argv=None) -> int:
 
             def make(plain=plain):
                 return _norm_chain(x, y, w, args.reps, plain)
-            row = {"kernel": "add + fast.rms_norm" if plain else "residual_norm", "threads": threads,
-                   "batch": batch, "wall_us": _timed(make, args.trials, args.reps)}
-            if args.cupti:
-                row["device_us"] = _device(make, "rms_norm" if plain else "residual_norm", args.reps)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            _measure(rows, {"kernel": "add + fast.rms_norm" if plain else "residual_norm", "threads": threads,
+                            "batch": batch}, make, "rms_norm" if plain else "residual_norm", args)
             step_kernels.residual_launch = default
     (args.out / "step_kernel_micro.json").write_text(json.dumps(rows, indent=1))
     lines = ["| kernel | warps / threads | keys a round | split | batch | length | wall us a call | device us a call |",

@@ -144,12 +144,30 @@ def _dense_rows(lib, includes: list[str]) -> int:
     return failed
 
 
+def _attention_variant(lib, includes: list[str], source: tuple, dtype: str, quantized: bool, write: bool,
+                       split: bool, template: dict, label: str) -> int:
+    """Compiles one decode-attention variant (`source`: kernel_source's result) at `template`
+    (its T, CHUNK and WARPS filled in here), prints `label` with the outcome; 1 if it failed
+    to compile or (--ptxas) its block of WARPS warps could not launch for its registers."""
+    name, names, body, header = source
+    fixed = {"inv_freq": "float32", "pos": "int32", "table": "int32"}
+    inputs = [(n, fixed.get(n, "uint32" if n == "kv" and quantized else dtype)) for n in names]
+    template = {"T": dtype, **template, "WARPS": da.WARPS, "CHUNK": da.SPLIT_KEYS if split else 0}
+    outputs = ([("part_o", "float32"), ("part_ml", "float32")] if split else [("out", dtype)]) + (
+        [] if write else [("kv_new", dtype)])
+    status, log = compile_text(lib, kernel_text(name, inputs, outputs, template, body, header), name, includes)
+    regs = _ptxas_registers(log)
+    over = regs is not None and regs > 65536 // (32 * da.WARPS)  # a block of WARPS warps must launch
+    print(f"{name} {dtype} {label}: " + (("FAILED: too many registers" if over else "ok") + _ptxas_summary(log)
+                                         if status == 0 else "FAILED\n" + log), flush=True)
+    return int(status != 0 or over)
+
+
 def _lanes(lib, includes: list[str]) -> int:
     """Decode attention's lane-group loop (`decode_attention.LANE_DIMS` 8 and 16): every head dim
     where it applies, contiguous, paged (also writing the pool) and quantized (4 and 8 bits),
     each also split; --ptxas fails one whose 16-warp block would not launch."""
     failed = 0
-    fixed = {"inv_freq": "float32", "pos": "int32", "table": "int32"}
     saved = da.LANE_DIMS
     for qk_norm, (paged, quantized), dtype, dim, lane_dims, bits in itertools.product(
             [False, True], [(False, False), (True, False), (True, True)], ["float32", "float16", "bfloat16"],
@@ -160,21 +178,12 @@ def _lanes(lib, includes: list[str]) -> int:
             continue
         for write, split in [(w, sp) for sp in (False, True) for w in ([False, True] if paged and not quantized
                                                                         else [False])]:
-            name, names, body, header = da.kernel_source(qk_norm, paged, quantized, 1, write, split, lanes=True)
-            inputs = [(n, fixed.get(n, "uint32" if n == "kv" and quantized else dtype)) for n in names]
-            template = {"T": dtype, "H": 32, "KVH": 8, "D": dim, "WINDOW": 7, "WARPS": da.WARPS,
-                        "SCALE_BITS": 1, "EPS_BITS": 1, "CHUNK": da.SPLIT_KEYS if split else 0, "LG": groups}
+            template = {"H": 32, "KVH": 8, "D": dim, "WINDOW": 7, "SCALE_BITS": 1, "EPS_BITS": 1, "LG": groups}
             if quantized:
                 template.update(BITS=bits, GROUP=64)
-            outputs = ([("part_o", "float32"), ("part_ml", "float32")] if split else [("out", dtype)]) + (
-                [] if write else [("kv_new", dtype)])
-            status, log = compile_text(lib, kernel_text(name, inputs, outputs, template, body, header), name, includes)
-            regs = _ptxas_registers(log)
-            over = regs is not None and regs > 65536 // (32 * da.WARPS)
-            print(f"{name} {dtype} D={dim} LG={groups}" + (f" bits={bits}" if quantized else "") + ": "
-                  + (("FAILED: too many registers" if over else "ok") + _ptxas_summary(log) if status == 0
-                     else "FAILED\n" + log), flush=True)
-            failed += status != 0 or over
+            failed += _attention_variant(
+                lib, includes, da.kernel_source(qk_norm, paged, quantized, 1, write, split, lanes=True), dtype,
+                quantized, write, split, template, f"D={dim} LG={groups}" + (f" bits={bits}" if quantized else ""))
     da.LANE_DIMS = saved
     return failed
 
@@ -225,7 +234,6 @@ def main() -> int:
             [False, True], [(False, False), (True, False), (True, True)], ["float32", "float16", "bfloat16"], shapes):
         if (not quantized and (bits, group) != (8, 64)) or (quantized and dim > da.MAX_QUANT_DIM):
             continue  # (supports() refuses a quantized pool beyond MAX_QUANT_DIM)
-        fixed = {"inv_freq": "float32", "pos": "int32", "table": "int32"}
         # keys a round: every count round_keys allows at this dim (with head norms, float32 and
         # bfloat16: the variants with the most registers), else the default's
         keys = ({da.round_keys(dim, quantized, w) for w in (1, 2, 4)} if qk_norm and dtype != "float16"
@@ -234,22 +242,12 @@ def main() -> int:
         # variant also split over blocks, handing back partial results)
         for u, write, split in [(u, w, sp) for u in sorted(keys) for sp in (False, True)
                                 for w in ([False, True] if paged and not quantized else [False])]:
-            name, names, body, header = da.kernel_source(qk_norm, paged, quantized, u, write, split)
-            inputs = [(n, fixed.get(n, "uint32" if n == "kv" and quantized else dtype)) for n in names]
-            template = {"T": dtype, "H": 16, "KVH": 8, "D": dim, "WINDOW": 7, "WARPS": da.WARPS,
-                        "SCALE_BITS": 1, "EPS_BITS": 1, "CHUNK": da.SPLIT_KEYS if split else 0}
+            template = {"H": 16, "KVH": 8, "D": dim, "WINDOW": 7, "SCALE_BITS": 1, "EPS_BITS": 1}
             if quantized:
                 template.update(BITS=bits, GROUP=group)
-            outputs = ([("part_o", "float32"), ("part_ml", "float32")] if split else [("out", dtype)]) + (
-                [] if write else [("kv_new", dtype)])
-            text = kernel_text(name, inputs, outputs, template, body, header)
-            status, log = compile_text(lib, text, name, includes)
-            regs = _ptxas_registers(log)
-            over = regs is not None and regs > 65536 // (32 * da.WARPS)  # a block of WARPS warps must launch
-            print(f"{name} {dtype} D={dim} U={u}" + (f" bits={bits} group={group}" if quantized else "") + ": " +
-                  (("FAILED: too many registers" if over else "ok") + _ptxas_summary(log) if status == 0
-                   else "FAILED\n" + log), flush=True)
-            failed += status != 0 or over
+            failed += _attention_variant(
+                lib, includes, da.kernel_source(qk_norm, paged, quantized, u, write, split), dtype, quantized, write,
+                split, template, f"D={dim} U={u}" + (f" bits={bits} group={group}" if quantized else ""))
     for dtype in ["float32", "float16", "bfloat16"]:  # the split step's merge
         text = kernel_text("amlx_decode_attention_combine", [("part_o", "float32"), ("part_ml", "float32")],
                            [("out", dtype)], {"T": dtype, "H": 16, "D": 128}, da._COMBINE, "")

@@ -628,20 +628,21 @@ def paged_decode(model, bits: int | None, prompts: np.ndarray, lengths: list[int
     return out
 
 
-def decode_both_ways(model, monkeypatch, setting: str, bits: int | None, seed: int, views: bool = False):
+def decode_both_ways(model, monkeypatch, setting: str, bits: int | None, seed: int, views: bool = False,
+                     where=paged, values=(True, False)):
     """`paged_decode`'s steps (two rows of 12 and 7 prompt tokens, 20 steps) with the
-    decode kernel and `paged.<setting>` on, beside the same with it off: pairs of
-    (logits, pool, nodes)."""
+    decode kernel and `<where>.<setting>` (default amlx.kv.paged's) at values[0], beside the
+    same at values[1] (default on, then off): pairs of (logits, pool, nodes)."""
     model.use_decode_kernel(True)
     rng = np.random.default_rng(seed)
     lengths, steps = [12, 7], 20
     prompts = rng.integers(0, 256, size=(2, 12)).astype(np.int32)
     tokens = rng.integers(0, 256, size=(2, steps)).astype(np.int32)
     runs = {}
-    for flag in (True, False):
-        monkeypatch.setattr(paged, setting, flag)
-        runs[flag] = paged_decode(model, bits, prompts, lengths, tokens, views)
-    return zip(runs[True], runs[False])
+    for value in values:
+        monkeypatch.setattr(where, setting, value)
+        runs[value] = paged_decode(model, bits, prompts, lengths, tokens, views)
+    return zip(runs[values[0]], runs[values[1]])
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -695,16 +696,8 @@ def test_models_decode_alike_with_the_lane_group_loop(arch, lane_dims, models, m
     writes itself, with the lane-group loop (decode_attention.LANE_DIMS) and the one-key loop:
     the same logits up to float32 summation order (a key scored against the wrong query or
     value would be off by far more), in the same graph."""
-    model = models[arch]
-    model.use_decode_kernel(True)
-    rng = np.random.default_rng(5)
-    prompts = rng.integers(0, 256, size=(2, 12)).astype(np.int32)
-    tokens = rng.integers(0, 256, size=(2, 20)).astype(np.int32)
-    runs = {}
-    for dims in (lane_dims, 0):
-        monkeypatch.setattr(da, "LANE_DIMS", dims)
-        runs[dims] = paged_decode(model, None, prompts, [12, 7], tokens, views=True)
-    for (logits, _, nodes), (logits0, _, nodes0) in zip(runs[lane_dims], runs[0]):
+    for (logits, _, nodes), (logits0, _, nodes0) in decode_both_ways(models[arch], monkeypatch, "LANE_DIMS", None,
+                                                                     5, views=True, where=da, values=(lane_dims, 0)):
         assert _rel(logits, logits0) < 1e-4
         assert nodes == nodes0
 

@@ -493,6 +493,8 @@ def _split_from_env() -> int:
 # a graph node more a layer, so only where a row may see more (short contexts, where a step's
 # host time bounds small models, keep one kernel).
 SPLIT_KEYS = _split_from_env()
+
+
 def _lane_dims_from_env() -> int:
     """AMLX_ATTENTION_LANE_DIMS (0, 8 or 16; default 8), else ValueError naming the variable."""
     raw = os.environ.get("AMLX_ATTENTION_LANE_DIMS", "8").strip()
