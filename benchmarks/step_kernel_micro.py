@@ -4,7 +4,8 @@ attention kernel (`amlx.models.decode_attention`) and of the residual-add + RMSN
 part and a part per key read.
 
     MLX_USE_CUDA_GRAPHS=0 python benchmarks/step_kernel_micro.py --out OUT [--lengths 1 64 200 1024 4096]
-        [--batch 1 8] [--warps 4 8 16] [--keys 1 2 4] [--splits 512 256] [--lane-dims 0 8 16] [--sdpa]
+        [--batch 1 8] [--warps 4 8 16] [--keys 1 2 4] [--splits 512 256] [--lane-dims 0 8 16]
+        [--lane-bytes 16 64 128] [--sdpa]
         [--threads 128 256 512] [--no-norm] [--floor] [--reps 200] [--cupti]
 
 `kernel_profile.py` measured, on the H200, 16.7 us a call of the attention kernel at one
@@ -19,7 +20,9 @@ and every call reading the previous one's output, so none overlaps the next), th
   per key, which more keys a round should cut;
 - with `--splits`, each number of slots a block reads before a row is split
   (`decode_attention.SPLIT_KEYS`; 0: never split); with `--lane-dims 0 8 16` the one-key loop
-  and the lane-group loop (`decode_attention.LANE_DIMS`; the default, 8, where --lane-dims is not given);
+  and the lane-group loop (`decode_attention.LANE_DIMS`; the default, 8, where --lane-dims is not given),
+  with `--lane-bytes` each amount of keys a lane loads before using the first
+  (`decode_attention.LANE_BYTES`);
   `--sdpa` adds MLX's `fast.scaled_dot_product_attention` over a contiguous cache of the same
   length (what mlx-lm decodes with), the peer of the long-context rows;
 - with `--floor`, the launch floor: an MLX custom kernel that copies one value a thread, in
@@ -191,6 +194,8 @@ def main(argv=None) -> int:
                     help="slots a block reads before a row is split (default: decode_attention.SPLIT_KEYS)")
     ap.add_argument("--lane-dims", type=int, nargs="+", default=None, choices=[0, 8, 16],
                     help="dimensions a lane holds in the lane-group loop (0: the one-key loop)")
+    ap.add_argument("--lane-bytes", type=int, nargs="+", default=None, choices=[16, 32, 64, 128],
+                    help="bytes of keys a lane loads ahead in the lane-group loop (default: decode_attention.LANE_BYTES)")
     ap.add_argument("--sdpa", action="store_true", help="also MLX's fused attention over a contiguous cache")
     ap.add_argument("--no-norm", action="store_true", help="skip the residual norm")
     ap.add_argument("--floor", action="store_true", help="a trivial custom kernel's launch (the floor)")
@@ -208,26 +213,27 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    saved = da.WARPS, da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS
+    saved = da.WARPS, da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS, da.LANE_BYTES
     da.BUSY_BLOCKS = 1 << 30  # (each row at the warps it names: the lane-group loop halves none)
-    for warps, keys, split, lanes in ((w, k, sp, ld) for w in args.warps for k in args.keys
-                                      for sp in (args.splits or [da.SPLIT_KEYS])
-                                      for ld in (args.lane_dims or [da.LANE_DIMS])):
-        if lanes and keys != 1:
-            continue  # (the lane-group loop takes no whole keys a round)
-        da.WARPS, da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS = warps, keys, split, lanes
+    for warps, keys, split, lanes, ahead in ((w, k, sp, ld, lb) for w in args.warps for k in args.keys
+                                             for sp in (args.splits or [da.SPLIT_KEYS])
+                                             for ld in (args.lane_dims or [da.LANE_DIMS])
+                                             for lb in (args.lane_bytes or [da.LANE_BYTES])):
+        if lanes and keys != 1 or not lanes and ahead != (args.lane_bytes or [da.LANE_BYTES])[0]:
+            continue  # (the lane-group loop takes no whole keys a round; the one-key loop no bytes ahead)
+        da.WARPS, da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS, da.LANE_BYTES = warps, keys, split, lanes, ahead
         for batch in args.batch:
             for length in args.lengths:
                 inputs = _attention_inputs(batch, length)
 
                 def make(inputs=inputs):
                     return _attention_chain(inputs, args.reps)
-                kind = f"attention, {lanes} dims a lane" if lanes else "attention"
+                kind = f"attention, {lanes} dims a lane, {ahead} B ahead" if lanes else "attention"
                 row = {"kernel": kind, "warps": warps,
                        "keys": da.lane_groups(DIM) if lanes else da.round_keys(DIM), "split": split,
                        "batch": batch, "length": length}
                 _measure(rows, row, make, "decode_attention", args, inputs)
-    da.WARPS, da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS = saved
+    da.WARPS, da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS, da.LANE_BYTES = saved
     if args.floor and not mx.fast.cuda_available():
         print("--floor: no CUDA, the copy kernel is skipped", file=sys.stderr)
     if args.floor:

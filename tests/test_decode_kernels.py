@@ -45,10 +45,11 @@ DTYPES = st.sampled_from(["float32", "float16", "bfloat16"])
 
 
 # keys a warp reads a round in the CUDA attention kernel: 1, 2 or 4 whole keys (da.round_keys
-# caps it by head dim), or "lanesN", the lane-group loop with N dimensions a lane
-# (da.LANE_DIMS: a key a group of lanes, D * N / 32 keys a round); the CPU's kernel has no such
-# setting and computes the same either way
-KEYS = st.sampled_from([1, 2, 4, "lanes8", "lanes16"])
+# caps it by head dim), or "lanesN" / "lanesN:B", the lane-group loop with N dimensions a lane
+# (da.LANE_DIMS: a key a group of lanes, D * N / 32 keys a round) and B bytes of keys a lane
+# loaded ahead (da.LANE_BYTES; default 64); the CPU's kernel has no such setting and computes
+# the same either way
+KEYS = st.sampled_from([1, 2, 4, "lanes8", "lanes16", "lanes8:16", "lanes8:128", "lanes16:128"])
 
 
 # slots a block reads before a row's slots are split over blocks (da.SPLIT_KEYS, 512 by
@@ -58,15 +59,16 @@ SPLITS = st.sampled_from([da.SPLIT_KEYS, 8, 32])
 
 @contextmanager
 def keys_a_round(keys: int | str, split: int | None = None):
-    saved = da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS
+    saved = da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS, da.LANE_BYTES
     lanes = isinstance(keys, str)
     da.KEYS_PER_ROUND = 1 if lanes else keys
-    da.LANE_DIMS = int(keys.removeprefix("lanes")) if lanes else 0
+    dims, _, ahead = keys.removeprefix("lanes").partition(":") if lanes else ("0", "", "")
+    da.LANE_DIMS, da.LANE_BYTES = int(dims), int(ahead or saved[3])
     da.SPLIT_KEYS = saved[1] if split is None else split
     try:
         yield
     finally:
-        da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS = saved
+        da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS, da.LANE_BYTES = saved
 
 
 def rnd(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -367,12 +369,13 @@ def test_keys_a_round_stay_within_a_blocks_registers(monkeypatch):
     ("AMLX_ATTENTION_KEYS", da._keys_from_env, ("4", 4), ("3", "0", "four", ""), 1),
     ("AMLX_SPLIT_KEYS", da._split_from_env, ("256", 256), ("-1", "lots", "", "1.5", "\u00b2"), 512),
     ("AMLX_ATTENTION_LANE_DIMS", da._lane_dims_from_env, ("16", 16), ("4", "32", "x", ""), 8),
+    ("AMLX_ATTENTION_LANE_BYTES", da._lane_bytes_from_env, ("128", 128), ("0", "8", "256", "64B", ""), 64),
 ])
 def test_attention_settings_from_the_environment(monkeypatch, name, read, good, bad, default):
-    """AMLX_ATTENTION_KEYS (1, 2 or 4), AMLX_SPLIT_KEYS (a whole number of slots) and
-    AMLX_ATTENTION_LANE_DIMS (0, 8 or 16) set the kernel's keys a round, split size and loop for a
-    process; anything else is an error that
-    names the variable; unset, the defaults."""
+    """AMLX_ATTENTION_KEYS (1, 2 or 4), AMLX_SPLIT_KEYS (a whole number of slots),
+    AMLX_ATTENTION_LANE_DIMS (0, 8 or 16) and AMLX_ATTENTION_LANE_BYTES (16, 32, 64 or 128) set the
+    kernel's keys a round, split size, loop and loads ahead for a process; anything else is an
+    error that names the variable; unset, the defaults."""
     monkeypatch.setenv(name, good[0])
     assert read() == good[1]
     for value in bad:
@@ -689,13 +692,14 @@ def test_models_decode_the_same_with_the_kernel_writing_the_pool(arch, models, m
 
 
 @pytest.mark.skipif(not fast.cuda_available(), reason="the lane-group loop is a CUDA variant")
-@pytest.mark.parametrize("lane_dims", [8, 16])
+@pytest.mark.parametrize("lane_dims, lane_bytes", [(8, 64), (16, 64), (8, 16), (8, 128)])
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
-def test_models_decode_alike_with_the_lane_group_loop(arch, lane_dims, models, monkeypatch):
+def test_models_decode_alike_with_the_lane_group_loop(arch, lane_dims, lane_bytes, models, monkeypatch):
     """Two rows decode 20 steps (through Gemma's window of 8) from a block pool the kernel
-    writes itself, with the lane-group loop (decode_attention.LANE_DIMS) and the one-key loop:
-    the same logits up to float32 summation order (a key scored against the wrong query or
-    value would be off by far more), in the same graph."""
+    writes itself, with the lane-group loop (decode_attention.LANE_DIMS, loading LANE_BYTES of
+    keys a lane ahead) and the one-key loop: the same logits up to float32 summation order (a
+    key scored against the wrong query or value would be off by far more), in the same graph."""
+    monkeypatch.setattr(da, "LANE_BYTES", lane_bytes)
     for (logits, _, nodes), (logits0, _, nodes0) in decode_both_ways(models[arch], monkeypatch, "LANE_DIMS", None,
                                                                      5, views=True, where=da, values=(lane_dims, 0)):
         assert _rel(logits, logits0) < 1e-4

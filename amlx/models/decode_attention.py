@@ -56,22 +56,16 @@ __device__ void amlx_load(const T* p, float* x) {
   for (int e = 0; e < E; ++e) x[e] = static_cast<float>(p[e]);
 }
 
-// N values from p as float, 16 bytes a load where N values fill whole 16-byte words (p is
-// then 16-byte aligned: a slot's head starts at a multiple of D values and a lane's part
-// at a multiple of N), else one at a time.
+// N values of type T packed in 16-byte words w, as floats (N * sizeof(T) a multiple of 16:
+// a lane's part of a slot's head, 16-byte aligned, loaded whole).
 template <int N, typename T>
-__device__ void amlx_load_wide(const T* p, float* x) {
+__device__ void amlx_unpack(const uint4* w, float* x) {
   constexpr int PER = 16 / sizeof(T);
-  if constexpr (N % PER == 0) {
 #pragma unroll
-    for (int c = 0; c < N / PER; ++c) {
-      const uint4 w = reinterpret_cast<const uint4*>(p)[c];
-      const T* v = reinterpret_cast<const T*>(&w);
+  for (int c = 0; c < N / PER; ++c) {
+    const T* v = reinterpret_cast<const T*>(&w[c]);
 #pragma unroll
-      for (int i = 0; i < PER; ++i) x[c * PER + i] = static_cast<float>(v[i]);
-    }
-  } else {
-    for (int i = 0; i < N; ++i) x[i] = static_cast<float>(p[i]);
+    for (int i = 0; i < PER; ++i) x[c * PER + i] = static_cast<float>(v[i]);
   }
 }
 
@@ -202,6 +196,7 @@ $LOOP$  if (lane == 0) {
 # groups' lanes of the same dimensions) and returned to base e for the merge across warps.
 _LANES_ATTEND = """  constexpr int LPK = 32 / LG;  // lanes a key
   constexpr int EL = D / LPK;    // dimensions a lane
+  constexpr int U = $ROUNDS$;     // rounds whose loads a warp issues before using any
   constexpr float LOG2E = 1.4426950408889634f;
   __shared__ float q_s[D], new_s[2][D];
   if (warp == 0) {
@@ -220,29 +215,52 @@ _LANES_ATTEND = """  constexpr int LPK = 32 / LG;  // lanes a key
   }
   float m = neg_inf, l = 0.0f;
   const int run = $RUN$;
+  // Slots lo..top come from the cache; the new one (last) from registers, after the loop.
   // (run bounds are the same in every lane, so the shuffles see the whole warp; a group past
   // the run's end adds nothing)
-  for (int r0 = lo - lo % run + warp * run; r0 <= hi; r0 += WARPS * run) {
+  const int top = min(hi, last - 1);
+  int r0 = lo - lo % run + warp * run;
+$RUN_PREP$
+  for (; r0 <= top; r0 += WARPS * run) {
 $RUN_START$
-    const int s1 = min(r0 + run - 1, hi);
-    for (int j0 = max(r0, lo); j0 <= s1; j0 += LG) {
-      const int j = j0 + grp;
-      float kr[EL], vr[EL];
-      if (j == last) {
-        for (int i = 0; i < EL; ++i) {
-          kr[i] = new_s[0][sub * EL + i];
-          vr[i] = new_s[1][sub * EL + i];
+    const int s1 = min(r0 + run - 1, top);
+    for (int j0 = max(r0, lo); j0 <= s1; j0 += LG * U) {
+      // every load of U rounds is issued before the first is used (the loop's branches kept
+      // the compiler from issuing a round's loads before the last round's sums), so a warp
+      // waits on memory once for U * LG keys
+$RUN_RAW$
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int j = j0 + u * LG + grp;
+        if (j <= s1) {
+$RUN_LOAD$
         }
-      } else if (j <= s1) {
-$RUN_READ$
-      } else {
-        for (int i = 0; i < EL; ++i) kr[i] = 0.0f;
       }
-      float part = 0.0f;
-      for (int i = 0; i < EL; ++i) part += ql[i] * kr[i];
-      for (int o = LPK / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-      if (j <= s1) amlx_softmax_step<EL, true>(part, vr, m, l, al);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int j = j0 + u * LG + grp;
+        float kr[EL], vr[EL], part = 0.0f;
+        if (j <= s1) {
+$RUN_KEY$
+          for (int i = 0; i < EL; ++i) part += ql[i] * kr[i];
+        }
+        for (int o = LPK / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+        if (j <= s1) {
+$RUN_VALUE$
+          amlx_softmax_step<EL, true>(part, vr, m, l, al);
+        }
+      }
     }
+  }
+  if (warp == 0 && lo <= last && hi == last) {  // the new key and value, in the first group
+    float kr[EL], vr[EL], part = 0.0f;
+    for (int i = 0; i < EL; ++i) {
+      kr[i] = new_s[0][sub * EL + i];
+      vr[i] = new_s[1][sub * EL + i];
+      part += ql[i] * kr[i];
+    }
+    for (int o = LPK / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+    if (grp == 0) amlx_softmax_step<EL, true>(part, vr, m, l, al);
   }
   for (int o = LPK; o < 32; o <<= 1) {  // the groups' sums merged (a group that saw no key: l = 0)
     const float m_o = __shfl_xor_sync(0xffffffffu, m, o);
@@ -263,19 +281,60 @@ $RUN_READ$
   }
 """
 
-# Where a run of slots starts (r0: a multiple of `run`), and slot j of it (in the lane-group
-# layout): a contiguous cache's rows in runs of 16, a block pool's blocks through the table,
-# a quantized pool's packed slots.
-_RUN_CONTIGUOUS = ("16", """    const T* run_keys = row_keys + (size_t)r0 * D + sub * EL;""", """
-        const T* key = run_keys + (size_t)(j - r0) * D;
-        amlx_load_wide<EL>(key, kr);
-        amlx_load_wide<EL>(key + half, vr);""")
-_RUN_PAGED = ("block_size", """    const T* run_keys = kv + ((size_t)row_table[r0 / block_size] * KVH + kvh) * block_size * D + sub * EL;""",
-              _RUN_CONTIGUOUS[2])
-_RUN_QUANT = ("block_size", """    const size_t run_slot = ((size_t)row_table[r0 / block_size] * KVH + kvh) * block_size;""", """
-        const size_t ks = run_slot + (j - r0), vs = value_slots + ks;
-        amlx_dequant<T, EL, BITS, GROUP>(kv + ks * WORDS, scales + ks * GROUPS, biases + ks * GROUPS, sub * EL, kr);
-        amlx_dequant<T, EL, BITS, GROUP>(kv + vs * WORDS, scales + vs * GROUPS, biases + vs * GROUPS, sub * EL, vr);""")
+
+class _Run:
+    """How the lane-group loop reads one kind of cache: `run`, the slots of a run (r0, a
+    multiple of it, its first); `prep`, before the first run; `start`, at each run; `raw`,
+    the declaration of U rounds' loads (`u`: the round, slot j); `load`, issuing slot j's
+    loads; `key` and `value`, its key into kr and value into vr as floats; `rounds`, U."""
+
+    def __init__(self, run: str, prep: str, start: str, raw: str, load: str, key: str, value: str,
+                 rounds: str) -> None:
+        self.texts = {"$RUN$": run, "$RUN_PREP$": prep, "$RUN_START$": start, "$RUN_RAW$": raw,
+                      "$RUN_LOAD$": load, "$RUN_KEY$": key, "$RUN_VALUE$": value, "$ROUNDS$": rounds}
+
+    def fill(self, text: str) -> str:
+        for mark, part in self.texts.items():
+            text = text.replace(mark, part)
+        return text
+
+
+# A 16-bit or float32 cache's loads stay packed (16-byte words, W a slot and lane) until used:
+# registers for more keys in flight. U rounds hold LANE_BYTES bytes of keys a lane (and as many
+# of values), at least one round.
+_LANE_ROUNDS = "(B / (EL * (int)sizeof(T)) > 1 ? B / (EL * (int)sizeof(T)) : 1)"
+_PACKED = dict(
+    raw="""      constexpr int W = EL * sizeof(T) / 16;
+      uint4 kw[U][W], vw[U][W];""",
+    load="""          const uint4* key = reinterpret_cast<const uint4*>(run_keys + (size_t)(j - r0) * D);
+          const uint4* value = reinterpret_cast<const uint4*>(run_keys + (size_t)(j - r0) * D + half);
+          for (int c = 0; c < W; ++c) {
+            kw[u][c] = key[c];
+            vw[u][c] = value[c];
+          }""",
+    key="          amlx_unpack<EL, T>(kw[u], kr);",
+    value="          amlx_unpack<EL, T>(vw[u], vr);",
+    rounds="$LANE_ROUNDS$")
+# Where a block pool's runs lie: each run a block, its id read through the table one run
+# ahead (the next run's lookup in flight while this one's keys are read).
+_TABLE_PREP = """  int block_at = r0 / run, next_block = r0 <= top ? row_table[block_at] : 0;"""
+_TABLE_NEXT = """    const size_t run_block = next_block;
+    block_at += WARPS;
+    if (r0 + WARPS * run <= top) next_block = row_table[block_at];"""
+# Slot j of a run: a contiguous cache's rows in runs of 16, a block pool's blocks through the
+# table, a quantized pool's packed slots (dequantized as they are loaded, U = 2 rounds).
+_RUN_CONTIGUOUS = _Run(run="16", prep="", start="""    const T* run_keys = row_keys + (size_t)r0 * D + sub * EL;""",
+                       **_PACKED)
+_RUN_PAGED = _Run(run="block_size", prep=_TABLE_PREP, start=_TABLE_NEXT + """
+    const T* run_keys = kv + (run_block * KVH + kvh) * block_size * D + sub * EL;""", **_PACKED)
+_RUN_QUANT = _Run(run="block_size", prep=_TABLE_PREP, start=_TABLE_NEXT + """
+    const size_t run_slot = (run_block * KVH + kvh) * block_size;""",
+                  raw="""      float kf[U][EL], vf[U][EL];""", load="""
+          const size_t ks = run_slot + (j - r0), vs = value_slots + ks;
+          amlx_dequant<T, EL, BITS, GROUP>(kv + ks * WORDS, scales + ks * GROUPS, biases + ks * GROUPS, sub * EL, kf[u]);
+          amlx_dequant<T, EL, BITS, GROUP>(kv + vs * WORDS, scales + vs * GROUPS, biases + vs * GROUPS, sub * EL, vf[u]);""",
+                  key="          for (int i = 0; i < EL; ++i) kr[i] = kf[u][i];",
+                  value="          for (int i = 0; i < EL; ++i) vr[i] = vf[u][i];", rounds="2")
 
 # The end of a block: the merged warps' result as the row's output, or (split) as the
 # block's partial result for `_COMBINE`: its unnormalised sum o, its max and its total,
@@ -511,6 +570,19 @@ def _lane_dims_from_env() -> int:
 # 256: 132.7 -> 63.1 (8 warps). 16 dims a lane was no better past 1,024 slots.
 LANE_DIMS = _lane_dims_from_env()
 
+def _lane_bytes_from_env() -> int:
+    """AMLX_ATTENTION_LANE_BYTES (16, 32, 64 or 128; default 64), else ValueError naming the variable."""
+    raw = os.environ.get("AMLX_ATTENTION_LANE_BYTES", "64").strip()
+    if raw not in ("16", "32", "64", "128"):
+        raise ValueError(f"AMLX_ATTENTION_LANE_BYTES must be 16, 32, 64 or 128, not {raw!r}")
+    return int(raw)
+
+
+# Bytes of keys (and as many of values) a lane of the lane-group loop loads before it uses the
+# first: at 8 bfloat16 dims a lane, 64 bytes are 4 rounds, 8 keys a warp at head dim 128. Not yet
+# measured on a GPU (the one-round loop it replaces measured as LANE_DIMS says).
+LANE_BYTES = _lane_bytes_from_env()
+
 # Blocks a step launches from which the lane-group loop runs WARPS / 2 warps a block: more,
 # smaller blocks fit the SMs' registers then (measured as above: 16,384 slots of one row, 1,024
 # blocks, 84.7 us at 16 warps and 75.8 at 8; 64 rows, 2,048 blocks, 80.3 and 63.1; one row at
@@ -573,8 +645,8 @@ def kernel_source(qk_norm: bool, paged: bool = False, quantized: bool = False,
     loop = _ONE_KEY_LOOP if keys == 1 else _KEYS_LOOP.replace("$U$", str(int(keys)))
     attend = _WARP_ATTEND
     if lanes:
-        run, start, run_read = _RUN_QUANT if quantized else _RUN_PAGED if paged else _RUN_CONTIGUOUS
-        attend = _LANES_ATTEND.replace("$RUN$", run).replace("$RUN_START$", start).replace("$RUN_READ$", run_read)
+        reader = _RUN_QUANT if quantized else _RUN_PAGED if paged else _RUN_CONTIGUOUS
+        attend = reader.fill(_LANES_ATTEND).replace("$LANE_ROUNDS$", _LANE_ROUNDS.replace("B", str(LANE_BYTES)))
     source = _SOURCE.replace("$ATTEND$", attend).replace("$QK_NORM$", _QK_NORM if qk_norm else "").replace(
         "$NORM_DECL$", _NORM_DECL if qk_norm else "").replace("$NORM_LOAD$", _NORM_LOAD if qk_norm else "").replace(
         "$LOOP$", loop).replace("$KV_SETUP$", setup).replace("$KV_READ$", read).replace(
@@ -597,7 +669,7 @@ def round_keys(dim: int, quantized: bool = False, wanted: int | None = None) -> 
 
 def _kernel(qk_norm: bool, paged: bool = False, quantized: bool = False, keys: int = 1,
             write_pool: bool = False, split: bool = False, lanes: bool = False) -> fast.CudaKernel:
-    key = (qk_norm, paged, quantized, keys, write_pool, split, lanes)
+    key = (qk_norm, paged, quantized, keys, write_pool, split, lanes, LANE_BYTES if lanes else 0)
     if key not in _KERNELS:
         name, inputs, source, header = kernel_source(qk_norm, paged, quantized, keys, write_pool, split, lanes)
         outputs = (["part_o", "part_ml"] if split else ["out"]) + ([] if write_pool else ["kv_new"])
