@@ -188,8 +188,8 @@ $LOOP$  if (lane == 0) {
 # holding EL = D * LG / 32 dimensions of it (16 or 32 contiguous bytes: wide loads), and takes
 # whole runs of slots (a block of the pool, or 16 slots of a contiguous cache), so where a
 # slot lies is worked out once a run, not once a key. A key's dot product takes log2(32 / LG)
-# shuffles, one softmax update serves LG keys, and scores are kept in base 2 (exp2f, the
-# query scaled by log2(e)): on the H200 the one-key loop issued instructions at 57% of the
+# shuffles, a batch of U rounds (LANE_BYTES) is loaded, then scored, then added with one rescale
+# of the running sums, and scores are kept in base 2 (exp2f, the query scaled by log2(e)): on the H200 the one-key loop issued instructions at 57% of the
 # SMs' rate and read DRAM at 9% for 16,384 slots at Qwen3-8B's heads (ncu), instruction-bound.
 # The query and the new key and value move to this layout through shared memory; each group
 # keeps its own running max and sum, merged within the warp at the end (shuffles across the
@@ -227,29 +227,42 @@ $RUN_START$
     for (int j0 = max(r0, lo); j0 <= s1; j0 += LG * U) {
       // every load of U rounds is issued before the first is used (the loop's branches kept
       // the compiler from issuing a round's loads before the last round's sums), so a warp
-      // waits on memory once for U * LG keys
+      // waits on memory once for U * LG keys; a slot past the run's end reads as zeros
 $RUN_RAW$
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int j = j0 + u * LG + grp;
         if (j <= s1) {
 $RUN_LOAD$
+        } else {
+$RUN_ZERO$
         }
       }
+      // then the U rounds' scores, independent dot products and shuffles with no branch between
+      // them, and one rescale of the running sums for all of them (not one a key)
+      float s[U], m_new = m;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int j = j0 + u * LG + grp;
-        float kr[EL], vr[EL], part = 0.0f;
-        if (j <= s1) {
+        float kr[EL], part = 0.0f;
 $RUN_KEY$
-          for (int i = 0; i < EL; ++i) part += ql[i] * kr[i];
-        }
+        for (int i = 0; i < EL; ++i) part += ql[i] * kr[i];
         for (int o = LPK / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-        if (j <= s1) {
-$RUN_VALUE$
-          amlx_softmax_step<EL, true>(part, vr, m, l, al);
-        }
+        s[u] = j0 + u * LG + grp <= s1 ? part : neg_inf;
+        m_new = fmaxf(m_new, s[u]);
       }
+      // (a group with no key yet, all of this batch's past the end, stays at -inf and adds nothing)
+      const float alpha = m_new == neg_inf ? 1.0f : exp2f(m - m_new);
+      l *= alpha;
+      for (int i = 0; i < EL; ++i) al[i] *= alpha;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        float vr[EL];
+$RUN_VALUE$
+        const float p = s[u] == neg_inf ? 0.0f : exp2f(s[u] - m_new);
+        l += p;
+        for (int i = 0; i < EL; ++i) al[i] += p * vr[i];
+      }
+      m = m_new;
     }
   }
   if (warp == 0 && lo <= last && hi == last) {  // the new key and value, in the first group
@@ -286,12 +299,14 @@ class _Run:
     """How the lane-group loop reads one kind of cache: `run`, the slots of a run (r0, a
     multiple of it, its first); `prep`, before the first run; `start`, at each run; `raw`,
     the declaration of U rounds' loads (`u`: the round, slot j); `load`, issuing slot j's
-    loads; `key` and `value`, its key into kr and value into vr as floats; `rounds`, U."""
+    loads; `zero`, round u's in their place past the run's end; `key` and `value`, round u's
+    key into kr and value into vr as floats; `rounds`, U."""
 
-    def __init__(self, run: str, prep: str, start: str, raw: str, load: str, key: str, value: str,
+    def __init__(self, run: str, prep: str, start: str, raw: str, load: str, zero: str, key: str, value: str,
                  rounds: str) -> None:
         self.texts = {"$RUN$": run, "$RUN_PREP$": prep, "$RUN_START$": start, "$RUN_RAW$": raw,
-                      "$RUN_LOAD$": load, "$RUN_KEY$": key, "$RUN_VALUE$": value, "$ROUNDS$": rounds}
+                      "$RUN_LOAD$": load, "$RUN_ZERO$": zero, "$RUN_KEY$": key, "$RUN_VALUE$": value,
+                      "$ROUNDS$": rounds}
 
     def fill(self, text: str) -> str:
         for mark, part in self.texts.items():
@@ -302,7 +317,7 @@ class _Run:
 # A 16-bit or float32 cache's loads stay packed (16-byte words, W a slot and lane) until used:
 # registers for more keys in flight. U rounds hold LANE_BYTES bytes of keys a lane (and as many
 # of values), at least one round.
-_LANE_ROUNDS = "(B / (EL * (int)sizeof(T)) > 1 ? B / (EL * (int)sizeof(T)) : 1)"
+_LANE_ROUNDS = "({ahead} / (EL * (int)sizeof(T)) > 1 ? {ahead} / (EL * (int)sizeof(T)) : 1)"
 _PACKED = dict(
     raw="""      constexpr int W = EL * sizeof(T) / 16;
       uint4 kw[U][W], vw[U][W];""",
@@ -312,8 +327,9 @@ _PACKED = dict(
             kw[u][c] = key[c];
             vw[u][c] = value[c];
           }""",
-    key="          amlx_unpack<EL, T>(kw[u], kr);",
-    value="          amlx_unpack<EL, T>(vw[u], vr);",
+    zero="""          for (int c = 0; c < W; ++c) kw[u][c] = vw[u][c] = make_uint4(0u, 0u, 0u, 0u);""",
+    key="        amlx_unpack<EL, T>(kw[u], kr);",
+    value="        amlx_unpack<EL, T>(vw[u], vr);",
     rounds="$LANE_ROUNDS$")
 # Where a block pool's runs lie: each run a block, its id read through the table one run
 # ahead (the next run's lookup in flight while this one's keys are read).
@@ -333,8 +349,9 @@ _RUN_QUANT = _Run(run="block_size", prep=_TABLE_PREP, start=_TABLE_NEXT + """
           const size_t ks = run_slot + (j - r0), vs = value_slots + ks;
           amlx_dequant<T, EL, BITS, GROUP>(kv + ks * WORDS, scales + ks * GROUPS, biases + ks * GROUPS, sub * EL, kf[u]);
           amlx_dequant<T, EL, BITS, GROUP>(kv + vs * WORDS, scales + vs * GROUPS, biases + vs * GROUPS, sub * EL, vf[u]);""",
-                  key="          for (int i = 0; i < EL; ++i) kr[i] = kf[u][i];",
-                  value="          for (int i = 0; i < EL; ++i) vr[i] = vf[u][i];", rounds="2")
+                  zero="""          for (int i = 0; i < EL; ++i) kf[u][i] = vf[u][i] = 0.0f;""",
+                  key="        for (int i = 0; i < EL; ++i) kr[i] = kf[u][i];",
+                  value="        for (int i = 0; i < EL; ++i) vr[i] = vf[u][i];", rounds="2")
 
 # The end of a block: the merged warps' result as the row's output, or (split) as the
 # block's partial result for `_COMBINE`: its unnormalised sum o, its max and its total,
@@ -579,8 +596,12 @@ def _lane_bytes_from_env() -> int:
 
 
 # Bytes of keys (and as many of values) a lane of the lane-group loop loads before it uses the
-# first: at 8 bfloat16 dims a lane, 64 bytes are 4 rounds, 8 keys a warp at head dim 128. Not yet
-# measured on a GPU (the one-round loop it replaces measured as LANE_DIMS says).
+# first: at 8 bfloat16 dims a lane, 64 bytes are 4 rounds, 8 keys a warp at head dim 128.
+# Measured alone on the H200 (step_kernel_micro.py, 2026-12-04 evening; Qwen3-8B's heads, 8 warps,
+# device us a call, 16 / 64 / 128 bytes): one row at 1,024 slots 27.4 / 22.1 / 21.8, at 16,384
+# 73.7 / 64.7 / 71.9; 64 rows at 256: 61.9 / 52.6 / 62.3 (128 bytes: 116 registers, fewer warps an
+# SM). Then each batch of rounds scored first and the sums rescaled once a batch: 16,384 slots
+# 65.2 / 63.7 -> 62.3 / 63.1, 1,024: 20.9 -> 19.4 / 20.0 (same calls, the two alternating).
 LANE_BYTES = _lane_bytes_from_env()
 
 # Blocks a step launches from which the lane-group loop runs WARPS / 2 warps a block: more,
@@ -646,7 +667,7 @@ def kernel_source(qk_norm: bool, paged: bool = False, quantized: bool = False,
     attend = _WARP_ATTEND
     if lanes:
         reader = _RUN_QUANT if quantized else _RUN_PAGED if paged else _RUN_CONTIGUOUS
-        attend = reader.fill(_LANES_ATTEND).replace("$LANE_ROUNDS$", _LANE_ROUNDS.replace("B", str(LANE_BYTES)))
+        attend = reader.fill(_LANES_ATTEND).replace("$LANE_ROUNDS$", _LANE_ROUNDS.format(ahead=LANE_BYTES))
     source = _SOURCE.replace("$ATTEND$", attend).replace("$QK_NORM$", _QK_NORM if qk_norm else "").replace(
         "$NORM_DECL$", _NORM_DECL if qk_norm else "").replace("$NORM_LOAD$", _NORM_LOAD if qk_norm else "").replace(
         "$LOOP$", loop).replace("$KV_SETUP$", setup).replace("$KV_READ$", read).replace(
