@@ -195,7 +195,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lane-dims", type=int, nargs="+", default=None, choices=[0, 8, 16],
                     help="dimensions a lane holds in the lane-group loop (0: the one-key loop)")
     ap.add_argument("--lane-bytes", type=int, nargs="+", default=None, choices=[16, 32, 64, 128],
-                    help="bytes of keys a lane loads ahead in the lane-group loop (default: decode_attention.LANE_BYTES)")
+                    help="bytes of keys a lane loads ahead in the lane-group loop "
+                         "(default: decode_attention.LANE_BYTES)")
     ap.add_argument("--sdpa", action="store_true", help="also MLX's fused attention over a contiguous cache")
     ap.add_argument("--no-norm", action="store_true", help="skip the residual norm")
     ap.add_argument("--floor", action="store_true", help="a trivial custom kernel's launch (the floor)")

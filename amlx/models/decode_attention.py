@@ -189,8 +189,9 @@ $LOOP$  if (lane == 0) {
 # whole runs of slots (a block of the pool, or 16 slots of a contiguous cache), so where a
 # slot lies is worked out once a run, not once a key. A key's dot product takes log2(32 / LG)
 # shuffles, a batch of U rounds (LANE_BYTES) is loaded, then scored, then added with one rescale
-# of the running sums, and scores are kept in base 2 (exp2f, the query scaled by log2(e)): on the H200 the one-key loop issued instructions at 57% of the
-# SMs' rate and read DRAM at 9% for 16,384 slots at Qwen3-8B's heads (ncu), instruction-bound.
+# of the running sums, and scores are kept in base 2 (exp2f, the query scaled by log2(e)): on
+# the H200 the one-key loop issued instructions at 57% of the SMs' rate and read DRAM at 9% for
+# 16,384 slots at Qwen3-8B's heads (ncu), instruction-bound.
 # The query and the new key and value move to this layout through shared memory; each group
 # keeps its own running max and sum, merged within the warp at the end (shuffles across the
 # groups' lanes of the same dimensions) and returned to base e for the merge across warps.
@@ -587,6 +588,7 @@ def _lane_dims_from_env() -> int:
 # 256: 132.7 -> 63.1 (8 warps). 16 dims a lane was no better past 1,024 slots.
 LANE_DIMS = _lane_dims_from_env()
 
+
 def _lane_bytes_from_env() -> int:
     """AMLX_ATTENTION_LANE_BYTES (16, 32, 64 or 128; default 64), else ValueError naming the variable."""
     raw = os.environ.get("AMLX_ATTENTION_LANE_BYTES", "64").strip()
@@ -596,7 +598,8 @@ def _lane_bytes_from_env() -> int:
 
 
 # Bytes of keys (and as many of values) a lane of the lane-group loop loads before it uses the
-# first: at 8 bfloat16 dims a lane, 64 bytes are 4 rounds, 8 keys a warp at head dim 128.
+# first: at 8 bfloat16 dims a lane, 64 bytes are 4 rounds, 8 keys a warp at head dim 128 (a
+# quantized pool, dequantized as it is loaded, takes 2 rounds whatever this says).
 # Measured alone on the H200 (step_kernel_micro.py, 2026-12-04 evening; Qwen3-8B's heads, 8 warps,
 # device us a call, 16 / 64 / 128 bytes): one row at 1,024 slots 27.4 / 22.1 / 21.8, at 16,384
 # 73.7 / 64.7 / 71.9; 64 rows at 256: 61.9 / 52.6 / 62.3 (128 bytes: 116 registers, fewer warps an
