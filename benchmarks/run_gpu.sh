@@ -30,6 +30,8 @@
 #   bash benchmarks/run_gpu.sh step-micro # the attention and residual-norm kernels alone (step_kernel_micro.py):
 #                                        # cost per call against history length, warps a block, keys a round
 #   bash benchmarks/run_gpu.sh step-check # the step kernels' GPU tests, then step-micro (~5 min)
+#   bash benchmarks/run_gpu.sh long-context # the attention kernel alone at WARPS x LANE_BYTES beside MLX's sdpa,
+#                                        # then Qwen3-8B bf16 at 1,024-16,384 positions beside mlx-lm (~6 min)
 #   bash benchmarks/run_gpu.sh window    # KV memory of a long Gemma-3-1B row, windowed layers' own pool (window_pool.py)
 #   bash benchmarks/run_gpu.sh qgemv-launch # the kernel's launch shapes: balanced vs measured, serial calls (~4 min)
 #   bash benchmarks/run_gpu.sh spec-cost    # speculative decoding: k draft steps + verify vs k+1 plain steps
@@ -261,6 +263,20 @@ from pathlib import Path; from checkpoints import write_benchmark_checkpoint as 
     timeout -k 10 ${BUDGET:-240} env MLX_USE_CUDA_GRAPHS=0 python3 benchmarks/step_kernel_micro.py --out "$OUT" \
       --reps 100 --trials 2 --cupti --warps ${WARPS:-8 16} --keys ${KEYS:-1 2 4} ${MICRO_ARGS:-} 2>&1 \
       | grep -v '^{' | tail -60 || echo "step_kernel_micro.py ended with status $?" ;;
+  long-context)
+    # issue 20 at long contexts (~6 min): the lane-group attention kernel alone at Qwen3-8B's heads, one row
+    # and 64, for warps a block x bytes loaded ahead (WARPS, LANE_BYTES), MLX's sdpa beside it; then Qwen3-8B
+    # bf16 single-stream decode at 1,024-16,384 positions, amlx beside mlx-lm, ROUNDS rounds (long_context.py)
+    timeout -k 10 ${MICRO_BUDGET:-150} env MLX_USE_CUDA_GRAPHS=0 python3 benchmarks/step_kernel_micro.py \
+      --out "$OUT/micro" --reps 100 --trials 2 --cupti --no-norm --sdpa --batch 1 --lengths 1024 4096 16384 \
+      --warps ${WARPS:-4 8} --lane-bytes ${LANE_BYTES:-32 64} 2>&1 | grep '^|' || echo "step_kernel_micro.py ended with status $?"
+    timeout -k 10 60 env MLX_USE_CUDA_GRAPHS=0 python3 benchmarks/step_kernel_micro.py --out "$OUT/micro64" \
+      --reps 50 --trials 2 --cupti --no-norm --batch 64 --lengths 256 --warps ${WARPS:-4 8} \
+      --lane-bytes ${LANE_BYTES:-32 64} 2>&1 | grep '^|' || echo "step_kernel_micro.py ended with status $?"
+    [ -d /tmp/amlx-ck/qwen3-8b ] || python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
+from checkpoints import write_benchmark_checkpoint as w; w(Path('/tmp/amlx-ck/qwen3-8b'), 'qwen3-8b')"
+    timeout -k 10 ${BUDGET:-300} python3 benchmarks/long_context.py /tmp/amlx-ck/qwen3-8b --rounds ${ROUNDS:-2} \
+      --sides amlx mlx-lm ${SIDES:-} 2>&1 | tail -8 || echo "long_context.py ended with status $?" ;;
   window)
     timeout -k 10 ${BUDGET:-270} python3 benchmarks/window_pool.py --preset "${MODEL:-gemma3-1b}" --prompt 8000 \
       --tokens 256 --out "$OUT/window_pool.json" || echo "window_pool.py ended with status $?" ;;
