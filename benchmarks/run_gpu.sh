@@ -264,15 +264,19 @@ from pathlib import Path; from checkpoints import write_benchmark_checkpoint as 
       --reps 100 --trials 2 --cupti --warps ${WARPS:-8 16} --keys ${KEYS:-1 2 4} ${MICRO_ARGS:-} 2>&1 \
       | grep -v '^{' | tail -60 || echo "step_kernel_micro.py ended with status $?" ;;
   long-context)
-    # issue 20 at long contexts (~6 min): the lane-group attention kernel alone at Qwen3-8B's heads, one row
-    # and 64, for warps a block x bytes loaded ahead (WARPS, LANE_BYTES), MLX's sdpa beside it; then Qwen3-8B
-    # bf16 single-stream decode at 1,024-16,384 positions, amlx beside mlx-lm, ROUNDS rounds (long_context.py)
-    timeout -k 10 ${MICRO_BUDGET:-150} env MLX_USE_CUDA_GRAPHS=0 python3 benchmarks/step_kernel_micro.py \
-      --out "$OUT/micro" --reps 100 --trials 2 --cupti --no-norm --sdpa --batch 1 --lengths 1024 4096 16384 \
-      --warps ${WARPS:-4 8} --lane-bytes ${LANE_BYTES:-32 64} 2>&1 | grep '^|' || echo "step_kernel_micro.py ended with status $?"
-    timeout -k 10 60 env MLX_USE_CUDA_GRAPHS=0 python3 benchmarks/step_kernel_micro.py --out "$OUT/micro64" \
-      --reps 50 --trials 2 --cupti --no-norm --batch 64 --lengths 256 --warps ${WARPS:-4 8} \
-      --lane-bytes ${LANE_BYTES:-32 64} 2>&1 | grep '^|' || echo "step_kernel_micro.py ended with status $?"
+    # issue 20 at long contexts (~7 min): the lane-group attention kernel alone at Qwen3-8B's heads, one row
+    # and 64, for warps a block x lane dims x bytes loaded ahead (WARPS, DIMS, LANE_BYTES; one group of 32
+    # lanes where the dims give one key a round), MLX's sdpa beside it; the same at Gemma-3-4B's heads (dim
+    # 256: the one-key loop against one and two groups); then Qwen3-8B bf16 single-stream decode at
+    # 1,024-16,384 positions, amlx beside mlx-lm (and SIDES, e.g. amlx:AMLX_ATTENTION_LANE_BYTES=32), ROUNDS rounds
+    micro() { timeout -k 10 "$1" env MLX_USE_CUDA_GRAPHS=0 python3 benchmarks/step_kernel_micro.py --trials 2 --cupti \
+      --no-norm --lane-one "${@:2}" 2>&1 | grep '^|' || echo "step_kernel_micro.py ended with status $?"; }
+    micro ${MICRO_BUDGET:-150} --out "$OUT/micro" --reps 100 --sdpa --batch 1 --lengths 1024 4096 16384 \
+      --warps ${WARPS:-4 8} --lane-dims ${DIMS:-4 8} --lane-bytes ${LANE_BYTES:-32 48 64}
+    micro 80 --out "$OUT/micro64" --reps 50 --batch 64 --lengths 256 --warps ${WARPS:-4 8} --lane-dims ${DIMS:-4 8} \
+      --lane-bytes ${LANE_BYTES:-32 48 64}
+    micro 80 --out "$OUT/micro-gemma" --reps 100 --sdpa --shape gemma3-4b --batch 1 --lengths 1024 16384 --warps 8 \
+      --lane-dims 0 8 16 --lane-bytes 32 64
     [ -d /tmp/amlx-ck/qwen3-8b ] || python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
 from checkpoints import write_benchmark_checkpoint as w; w(Path('/tmp/amlx-ck/qwen3-8b'), 'qwen3-8b')"
     timeout -k 10 ${BUDGET:-300} python3 benchmarks/long_context.py /tmp/amlx-ck/qwen3-8b --rounds ${ROUNDS:-2} \

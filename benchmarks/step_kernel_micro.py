@@ -4,8 +4,8 @@ attention kernel (`amlx.models.decode_attention`) and of the residual-add + RMSN
 part and a part per key read.
 
     MLX_USE_CUDA_GRAPHS=0 python benchmarks/step_kernel_micro.py --out OUT [--lengths 1 64 200 1024 4096]
-        [--batch 1 8] [--warps 4 8 16] [--keys 1 2 4] [--splits 512 256] [--lane-dims 0 8 16]
-        [--lane-bytes 16 64 128] [--sdpa]
+        [--batch 1 8] [--warps 4 8 16] [--keys 1 2 4] [--splits 512 256] [--lane-dims 0 4 8 16]
+        [--lane-bytes 16 64 128] [--lane-one] [--shape qwen3-8b|gemma3-4b] [--sdpa]
         [--threads 128 256 512] [--no-norm] [--floor] [--reps 200] [--cupti]
 
 `kernel_profile.py` measured, on the H200, 16.7 us a call of the attention kernel at one
@@ -22,7 +22,9 @@ and every call reading the previous one's output, so none overlaps the next), th
   (`decode_attention.SPLIT_KEYS`; 0: never split); with `--lane-dims 0 8 16` the one-key loop
   and the lane-group loop (`decode_attention.LANE_DIMS`; the default, 8, where --lane-dims is not given),
   with `--lane-bytes` each amount of keys a lane loads before using the first
-  (`decode_attention.LANE_BYTES`);
+  (`decode_attention.LANE_BYTES`), with `--lane-one` one group of 32 lanes where the dims give one
+  key a round (`decode_attention.LANE_ONE`; else those rows are the one-key loop's); `--shape
+  gemma3-4b` takes Gemma-3-4B's heads (8 of dim 256, 4 key heads) instead of Qwen3-8B's;
   `--sdpa` adds MLX's `fast.scaled_dot_product_attention` over a contiguous cache of the same
   length (what mlx-lm decodes with), the peer of the long-context rows;
 - with `--floor`, the launch floor: an MLX custom kernel that copies one value a thread, in
@@ -48,7 +50,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-HEADS, KV_HEADS, DIM, HIDDEN, BLOCK = 32, 8, 128, 4096, 16  # Qwen3-8B
+HEADS, KV_HEADS, DIM, HIDDEN, BLOCK = 32, 8, 128, 4096, 16  # Qwen3-8B (--shape gemma3-4b: 8, 4, 256)
+SHAPES = {"qwen3-8b": (32, 8, 128), "gemma3-4b": (8, 4, 256)}  # heads, key heads, head dim
 
 
 def _attention_inputs(batch: int, length: int):
@@ -192,11 +195,14 @@ def main(argv=None) -> int:
     ap.add_argument("--keys", type=int, nargs="+", default=[1], help="keys a warp reads a round (1, 2, 4)")
     ap.add_argument("--splits", type=int, nargs="+", default=None,
                     help="slots a block reads before a row is split (default: decode_attention.SPLIT_KEYS)")
-    ap.add_argument("--lane-dims", type=int, nargs="+", default=None, choices=[0, 8, 16],
+    ap.add_argument("--lane-dims", type=int, nargs="+", default=None, choices=[0, 4, 8, 16],
                     help="dimensions a lane holds in the lane-group loop (0: the one-key loop)")
-    ap.add_argument("--lane-bytes", type=int, nargs="+", default=None, choices=[16, 32, 64, 128],
+    ap.add_argument("--lane-bytes", type=int, nargs="+", default=None,
                     help="bytes of keys a lane loads ahead in the lane-group loop "
                          "(default: decode_attention.LANE_BYTES)")
+    ap.add_argument("--lane-one", action="store_true",
+                    help="one group of 32 lanes where the lane dims give one key a round (decode_attention.LANE_ONE)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b", help="whose attention heads (default: %(default)s)")
     ap.add_argument("--sdpa", action="store_true", help="also MLX's fused attention over a contiguous cache")
     ap.add_argument("--no-norm", action="store_true", help="skip the residual norm")
     ap.add_argument("--floor", action="store_true", help="a trivial custom kernel's launch (the floor)")
@@ -205,6 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--cupti", action="store_true", help="each kernel's device time (torch.profiler)")
     args = ap.parse_args(argv)
+    global HEADS, KV_HEADS, DIM
+    HEADS, KV_HEADS, DIM = SHAPES[args.shape]
 
     import numpy as np
 
@@ -212,10 +220,13 @@ def main(argv=None) -> int:
     from amlx.models import decode_attention as da
     from amlx.models import step_kernels
 
+    if any(n not in da.LANE_BYTES_CHOICES for n in args.lane_bytes or []):
+        ap.error(f"--lane-bytes: each one of {da.LANE_BYTES_CHOICES}")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    saved = da.WARPS, da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS, da.LANE_BYTES
+    saved = da.WARPS, da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS, da.LANE_BYTES, da.LANE_ONE
     da.BUSY_BLOCKS = 1 << 30  # (each row at the warps it names: the lane-group loop halves none)
+    da.LANE_ONE = args.lane_one or da.LANE_ONE
     for warps, keys, split, lanes, ahead in ((w, k, sp, ld, lb) for w in args.warps for k in args.keys
                                              for sp in (args.splits or [da.SPLIT_KEYS])
                                              for ld in (args.lane_dims or [da.LANE_DIMS])
@@ -229,12 +240,13 @@ def main(argv=None) -> int:
 
                 def make(inputs=inputs):
                     return _attention_chain(inputs, args.reps)
-                kind = f"attention, {lanes} dims a lane, {ahead} B ahead" if lanes else "attention"
+                groups = da.lane_groups(DIM)
+                kind = f"attention, {lanes} dims a lane, {ahead} B ahead" if groups else "attention"
                 row = {"kernel": kind, "warps": warps,
-                       "keys": da.lane_groups(DIM) if lanes else da.round_keys(DIM), "split": split,
+                       "keys": groups or da.round_keys(DIM), "split": split,
                        "batch": batch, "length": length}
                 _measure(rows, row, make, "decode_attention", args, inputs)
-    da.WARPS, da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS, da.LANE_BYTES = saved
+    da.WARPS, da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS, da.LANE_BYTES, da.LANE_ONE = saved
     if args.floor and not mx.fast.cuda_available():
         print("--floor: no CUDA, the copy kernel is skipped", file=sys.stderr)
     if args.floor:

@@ -164,18 +164,20 @@ def _attention_variant(lib, includes: list[str], source: tuple, dtype: str, quan
 
 
 def _lanes(lib, includes: list[str]) -> int:
-    """Decode attention's lane-group loop (`decode_attention.LANE_DIMS` 8 and 16): every head dim
+    """Decode attention's lane-group loop (`decode_attention.LANE_DIMS` 4, 8 and 16, one group where
+    that gives one key a round, `LANE_ONE`): every head dim
     where it applies, contiguous, paged (also writing the pool) and quantized (4 and 8 bits),
     each also split, unquantized ones at every `LANE_BYTES`; --ptxas fails one whose 16-warp
     block would not launch."""
     failed = 0
-    saved = da.LANE_DIMS, da.LANE_BYTES
+    saved = da.LANE_DIMS, da.LANE_BYTES, da.LANE_ONE
+    da.LANE_ONE = True  # (one group of 32 lanes too, where the dims give one key a round)
     for qk_norm, (paged, quantized), dtype, dim, lane_dims, bits, lane_bytes in itertools.product(
             [False, True], [(False, False), (True, False), (True, True)], ["float32", "float16", "bfloat16"],
-            [64, 128, 256], [8, 16], [4, 8], [16, 32, 64, 128]):
+            [64, 128, 256, 512], [4, 8, 16], [4, 8], da.LANE_BYTES_CHOICES):
         da.LANE_DIMS, da.LANE_BYTES = lane_dims, lane_bytes
         groups = da.lane_groups(dim, quantized)
-        if (groups == 1 or (bits == 4 and not quantized) or (quantized and lane_dims > 8)
+        if (not groups or (bits == 4 and not quantized) or (quantized and lane_dims > 8)
                 or (quantized and lane_bytes != 64)):  # (a quantized pool's loads take no LANE_BYTES)
             continue
         for write, split in [(w, sp) for sp in (False, True) for w in ([False, True] if paged and not quantized
@@ -187,7 +189,7 @@ def _lanes(lib, includes: list[str]) -> int:
                 lib, includes, da.kernel_source(qk_norm, paged, quantized, 1, write, split, lanes=True), dtype,
                 quantized, write, split, template,
                 f"D={dim} LG={groups}" + (f" bits={bits}" if quantized else f" bytes={lane_bytes}"))
-    da.LANE_DIMS, da.LANE_BYTES = saved
+    da.LANE_DIMS, da.LANE_BYTES, da.LANE_ONE = saved
     return failed
 
 

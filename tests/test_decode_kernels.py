@@ -46,10 +46,11 @@ DTYPES = st.sampled_from(["float32", "float16", "bfloat16"])
 
 # keys a warp reads a round in the CUDA attention kernel: 1, 2 or 4 whole keys (da.round_keys
 # caps it by head dim), or "lanesN" / "lanesN:B", the lane-group loop with N dimensions a lane
-# (da.LANE_DIMS: a key a group of lanes, D * N / 32 keys a round) and B bytes of keys a lane
-# loaded ahead (da.LANE_BYTES; default 64); the CPU's kernel has no such setting and computes
-# the same either way
-KEYS = st.sampled_from([1, 2, 4, "lanes8", "lanes16", "lanes8:16", "lanes8:128", "lanes16:128"])
+# (da.LANE_DIMS: a key a group of lanes, D * N / 32 keys a round, one group of 32 lanes too where
+# that is one key, da.LANE_ONE) and B bytes of keys a lane loaded ahead (da.LANE_BYTES; default
+# 64); the CPU's kernel has no such setting and computes the same either way
+KEYS = st.sampled_from([1, 2, 4, "lanes4", "lanes8", "lanes16", "lanes8:16", "lanes8:48", "lanes8:128",
+                        "lanes16:128"])
 
 
 # slots a block reads before a row's slots are split over blocks (da.SPLIT_KEYS, 512 by
@@ -59,16 +60,16 @@ SPLITS = st.sampled_from([da.SPLIT_KEYS, 8, 32])
 
 @contextmanager
 def keys_a_round(keys: int | str, split: int | None = None):
-    saved = da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS, da.LANE_BYTES
+    saved = da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS, da.LANE_BYTES, da.LANE_ONE
     lanes = isinstance(keys, str)
     da.KEYS_PER_ROUND = 1 if lanes else keys
     dims, _, ahead = keys.removeprefix("lanes").partition(":") if lanes else ("0", "", "")
-    da.LANE_DIMS, da.LANE_BYTES = int(dims), int(ahead or saved[3])
+    da.LANE_DIMS, da.LANE_BYTES, da.LANE_ONE = int(dims), int(ahead or saved[3]), lanes
     da.SPLIT_KEYS = saved[1] if split is None else split
     try:
         yield
     finally:
-        da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS, da.LANE_BYTES = saved
+        da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS, da.LANE_BYTES, da.LANE_ONE = saved
 
 
 def rnd(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -321,14 +322,19 @@ def test_quantized_paged_kernel_equals_reference_and_gather_path(b, kv, group, d
 
 
 def test_lane_groups_follow_the_head_dim(monkeypatch):
-    """`lane_groups`: LANE_DIMS * 32 / dim keys a warp a round where that is 2..32, else 1 (the
-    one-key loop: LANE_DIMS 0, or a head dim the lanes cannot split so); reading a quantized
-    pool, at most 8 dims a lane."""
-    for dims, want in ((0, {64: 1, 128: 1, 256: 1, 512: 1}), (8, {64: 4, 128: 2, 256: 1, 512: 1}),
-                       (16, {64: 8, 128: 4, 256: 2, 512: 1})):
+    """`lane_groups`: LANE_DIMS * 32 / dim keys a warp a round where that is 2..32 (1..32 with
+    LANE_ONE), else 0 (the one-key loop: LANE_DIMS 0, or a head dim the lanes cannot split so);
+    reading a quantized pool, at most 8 dims a lane."""
+    monkeypatch.setattr(da, "LANE_ONE", False)
+    for dims, want in ((0, {64: 0, 128: 0, 256: 0, 512: 0}), (4, {64: 2, 128: 0, 256: 0, 512: 0}),
+                       (8, {64: 4, 128: 2, 256: 0, 512: 0}), (16, {64: 8, 128: 4, 256: 2, 512: 0})):
         monkeypatch.setattr(da, "LANE_DIMS", dims)
         assert {d: da.lane_groups(d) for d in want} == want
-    assert da.lane_groups(96) == 1  # (16 * 32 / 96 is no whole number)
+    assert da.lane_groups(96) == 0  # (16 * 32 / 96 is no whole number)
+    monkeypatch.setattr(da, "LANE_ONE", True)
+    assert da.lane_groups(512) == 1 and da.lane_groups(256) == 2  # (one group of 32 lanes at 512)
+    monkeypatch.setattr(da, "LANE_DIMS", 8)
+    assert da.lane_groups(256) == 1 and da.lane_groups(512) == 0
     assert da.lane_groups(128, quantized=True) == 2  # (a quantized pool: at most 8 dims a lane, registers)
     name, _, body, _ = da.kernel_source(True, True, True, 1, False, True, lanes=True)
     assert name == "amlx_decode_attention_qk_norm_paged_quantized_split_lanes"
@@ -368,14 +374,16 @@ def test_keys_a_round_stay_within_a_blocks_registers(monkeypatch):
 @pytest.mark.parametrize("name, read, good, bad, default", [
     ("AMLX_ATTENTION_KEYS", da._keys_from_env, ("4", 4), ("3", "0", "four", ""), 1),
     ("AMLX_SPLIT_KEYS", da._split_from_env, ("256", 256), ("-1", "lots", "", "1.5", "\u00b2"), 512),
-    ("AMLX_ATTENTION_LANE_DIMS", da._lane_dims_from_env, ("16", 16), ("4", "32", "x", ""), 8),
+    ("AMLX_ATTENTION_LANE_DIMS", da._lane_dims_from_env, ("4", 4), ("2", "32", "x", ""), 8),
+    ("AMLX_ATTENTION_LANE_ONE", da._lane_one_from_env, ("1", True), ("2", "yes", ""), False),
     ("AMLX_ATTENTION_LANE_BYTES", da._lane_bytes_from_env, ("128", 128), ("0", "8", "256", "64B", ""), 64),
 ])
 def test_attention_settings_from_the_environment(monkeypatch, name, read, good, bad, default):
     """AMLX_ATTENTION_KEYS (1, 2 or 4), AMLX_SPLIT_KEYS (a whole number of slots),
-    AMLX_ATTENTION_LANE_DIMS (0, 8 or 16) and AMLX_ATTENTION_LANE_BYTES (16, 32, 64 or 128) set the
-    kernel's keys a round, split size, loop and loads ahead for a process; anything else is an
-    error that names the variable; unset, the defaults."""
+    AMLX_ATTENTION_LANE_DIMS (0, 4, 8 or 16), AMLX_ATTENTION_LANE_ONE (0 or 1) and
+    AMLX_ATTENTION_LANE_BYTES (16, 32, 48, 64 or 128) set the kernel's keys a round, split size,
+    loop and loads ahead for a process; anything else is an error that names the variable; unset,
+    the defaults."""
     monkeypatch.setenv(name, good[0])
     assert read() == good[1]
     for value in bad:

@@ -56,11 +56,15 @@ __device__ void amlx_load(const T* p, float* x) {
   for (int e = 0; e < E; ++e) x[e] = static_cast<float>(p[e]);
 }
 
-// N values of type T packed in 16-byte words w, as floats (N * sizeof(T) a multiple of 16:
-// a lane's part of a slot's head, 16-byte aligned, loaded whole).
-template <int N, typename T>
-__device__ void amlx_unpack(const uint4* w, float* x) {
-  constexpr int PER = 16 / sizeof(T);
+// The word a lane loads its part of a slot's head in: 16 bytes, or 8 where the part is 8 bytes
+// (4 16-bit dims a lane); the part starts at a multiple of its size, so the load is aligned.
+template <int BYTES> struct amlx_word { using type = uint4; };
+template <> struct amlx_word<8> { using type = uint2; };
+
+// N values of type T packed in words w (amlx_word), as floats.
+template <int N, typename T, typename Word>
+__device__ void amlx_unpack(const Word* w, float* x) {
+  constexpr int PER = sizeof(Word) / sizeof(T);
 #pragma unroll
   for (int c = 0; c < N / PER; ++c) {
     const T* v = reinterpret_cast<const T*>(&w[c]);
@@ -185,7 +189,7 @@ $LOOP$  if (lane == 0) {
 """
 
 # Lane groups (`LANE_DIMS`): a warp reads LG keys a round, each by a group of 32 / LG lanes
-# holding EL = D * LG / 32 dimensions of it (16 or 32 contiguous bytes: wide loads), and takes
+# holding EL = D * LG / 32 dimensions of it (8 to 64 contiguous bytes, loaded whole), and takes
 # whole runs of slots (a block of the pool, or 16 slots of a contiguous cache), so where a
 # slot lies is worked out once a run, not once a key. A key's dot product takes log2(32 / LG)
 # shuffles, a batch of U rounds (LANE_BYTES) is loaded, then scored, then added with one rescale
@@ -315,20 +319,21 @@ class _Run:
         return text
 
 
-# A 16-bit or float32 cache's loads stay packed (16-byte words, W a slot and lane) until used:
+# A 16-bit or float32 cache's loads stay packed (W words a slot and lane, amlx_word) until used:
 # registers for more keys in flight. U rounds hold LANE_BYTES bytes of keys a lane (and as many
 # of values), at least one round.
 _LANE_ROUNDS = "({ahead} / (EL * (int)sizeof(T)) > 1 ? {ahead} / (EL * (int)sizeof(T)) : 1)"
 _PACKED = dict(
-    raw="""      constexpr int W = EL * sizeof(T) / 16;
-      uint4 kw[U][W], vw[U][W];""",
-    load="""          const uint4* key = reinterpret_cast<const uint4*>(run_keys + (size_t)(j - r0) * D);
-          const uint4* value = reinterpret_cast<const uint4*>(run_keys + (size_t)(j - r0) * D + half);
+    raw="""      using Word = typename amlx_word<EL * sizeof(T)>::type;
+      constexpr int W = EL * sizeof(T) / sizeof(Word);
+      Word kw[U][W], vw[U][W];""",
+    load="""          const Word* key = reinterpret_cast<const Word*>(run_keys + (size_t)(j - r0) * D);
+          const Word* value = reinterpret_cast<const Word*>(run_keys + (size_t)(j - r0) * D + half);
           for (int c = 0; c < W; ++c) {
             kw[u][c] = key[c];
             vw[u][c] = value[c];
           }""",
-    zero="""          for (int c = 0; c < W; ++c) kw[u][c] = vw[u][c] = make_uint4(0u, 0u, 0u, 0u);""",
+    zero="""          for (int c = 0; c < W; ++c) kw[u][c] = vw[u][c] = Word{};""",
     key="        amlx_unpack<EL, T>(kw[u], kr);",
     value="        amlx_unpack<EL, T>(vw[u], vr);",
     rounds="$LANE_ROUNDS$")
@@ -573,15 +578,16 @@ SPLIT_KEYS = _split_from_env()
 
 
 def _lane_dims_from_env() -> int:
-    """AMLX_ATTENTION_LANE_DIMS (0, 8 or 16; default 8), else ValueError naming the variable."""
+    """AMLX_ATTENTION_LANE_DIMS (0, 4, 8 or 16; default 8), else ValueError naming the variable."""
     raw = os.environ.get("AMLX_ATTENTION_LANE_DIMS", "8").strip()
-    if raw not in ("0", "8", "16"):
-        raise ValueError(f"AMLX_ATTENTION_LANE_DIMS must be 0, 8 or 16, not {raw!r}")
+    if raw not in ("0", "4", "8", "16"):
+        raise ValueError(f"AMLX_ATTENTION_LANE_DIMS must be 0, 4, 8 or 16, not {raw!r}")
     return int(raw)
 
 
 # Dimensions of a key a lane holds in the lane-group loop (`_LANES_ATTEND`; 0: the one-key loop,
-# a warp a key). 8 or 16: a warp reads D * 8 / 256 or D * 16 / 256 keys a round (`lane_groups`).
+# a warp a key). 4, 8 or 16: a warp reads D * 4 / 128, D * 8 / 256 or D * 16 / 256 keys a round
+# (`lane_groups`).
 # Measured alone on the H200 (benchmarks/step_kernel_micro.py, 2026-12-04 afternoon; Qwen3-8B's
 # heads, device us a call, one-key loop -> 8 dims a lane): one row at 200 slots 11.7 -> 11.9,
 # 1,024: 29.1 -> 21.3, 4,096: 44.1 -> 34.1, 16,384: 142.6 -> 75.8 (8 warps a block); 64 rows at
@@ -589,11 +595,32 @@ def _lane_dims_from_env() -> int:
 LANE_DIMS = _lane_dims_from_env()
 
 
+def _lane_one_from_env() -> bool:
+    """AMLX_ATTENTION_LANE_ONE (0 or 1; default 0), else ValueError naming the variable."""
+    raw = os.environ.get("AMLX_ATTENTION_LANE_ONE", "0").strip()
+    if raw not in ("0", "1"):
+        raise ValueError(f"AMLX_ATTENTION_LANE_ONE must be 0 or 1, not {raw!r}")
+    return raw == "1"
+
+
+# Where LANE_DIMS gives one key a round (a lane's dims * 32 = the head dim: 8 at head dim 256, as
+# Gemma-3-1B and 4B have, or 4 at 128), the lane-group loop with one group of 32 lanes (True), or
+# the one-key loop (False, the default). The first reads a key in 16-byte (8-byte) loads, a pool
+# block's slots through one table lookup, several rounds' loads ahead and rescales once a batch,
+# where the one-key loop looks a key's slot up and loads it value by value; not yet measured on a
+# GPU, so not the default.
+LANE_ONE = _lane_one_from_env()
+
+
+LANE_BYTES_CHOICES = (16, 32, 48, 64, 128)  # (48: 3 rounds at 8 16-bit dims a lane, fewer registers than 4)
+
+
 def _lane_bytes_from_env() -> int:
-    """AMLX_ATTENTION_LANE_BYTES (16, 32, 64 or 128; default 64), else ValueError naming the variable."""
+    """AMLX_ATTENTION_LANE_BYTES (one of LANE_BYTES_CHOICES; default 64), else ValueError naming the variable."""
     raw = os.environ.get("AMLX_ATTENTION_LANE_BYTES", "64").strip()
-    if raw not in ("16", "32", "64", "128"):
-        raise ValueError(f"AMLX_ATTENTION_LANE_BYTES must be 16, 32, 64 or 128, not {raw!r}")
+    if raw not in [str(n) for n in LANE_BYTES_CHOICES]:
+        raise ValueError(f"AMLX_ATTENTION_LANE_BYTES must be one of {', '.join(map(str, LANE_BYTES_CHOICES))}, "
+                         f"not {raw!r}")
     return int(raw)
 
 
@@ -617,14 +644,14 @@ BUSY_BLOCKS = 512
 def lane_groups(dim: int, quantized: bool = False) -> int:
     """Keys a warp reads a round in the lane-group loop at head dim `dim` (LANE_DIMS dimensions a
     lane, at most 8 reading a quantized pool: 16 took 142-152 registers in float16 and bfloat16,
-    past a 16-warp block's 128, scripts/cuda_compile_check.py --only lanes --ptxas), or 1 where
-    that layout does not apply (LANE_DIMS 0, or the lane's dims * 32 not a multiple of `dim` in
-    2..32 keys: the one-key loop)."""
+    past a 16-warp block's 128, scripts/cuda_compile_check.py --only lanes --ptxas), or 0 where
+    the loop does not apply (LANE_DIMS 0, the lane's dims * 32 not a multiple of `dim` in 1..32
+    keys, or one key without LANE_ONE: the one-key loop)."""
     dims = min(LANE_DIMS, 8) if quantized else LANE_DIMS
     if dims <= 0 or (dims * 32) % dim:
-        return 1
+        return 0
     groups = dims * 32 // dim
-    return groups if 2 <= groups <= 32 else 1
+    return groups if (2 if not LANE_ONE else 1) <= groups <= 32 else 0
 
 
 MAX_DIM = 512  # head dims the CUDA kernel takes (scripts/cuda_compile_check.py --ptxas: registers)
@@ -822,14 +849,14 @@ def decode_attention(qkv: Array, kv: Array, positions: Array, *, heads: int, sca
         shapes, dtypes = [*shapes, (2, b * kv_heads, dim)], [*dtypes, qkv.dtype]
     groups = lane_groups(dim, quant is not None)
     warps = WARPS
-    if groups > 1:
+    if groups:
         template["LG"] = groups
         if heads * b * splits >= BUSY_BLOCKS and WARPS > 1:
             warps = WARPS // 2
     template["WARPS"] = warps
     threads = 32 * warps
-    keys = 1 if groups > 1 else round_keys(dim, quant is not None)
-    got = _kernel(qk_norm, paged, quant is not None, keys, write_pool, splits > 1, groups > 1)(
+    keys = 1 if groups else round_keys(dim, quant is not None)
+    got = _kernel(qk_norm, paged, quant is not None, keys, write_pool, splits > 1, groups > 0)(
         [qkv, *norms, inv_freq, *pool, positions, *([table] if paged else [])],
         shapes, dtypes, grid=(heads * threads, b, splits), threadgroup=(threads, 1, 1), template=template)
     out = got[0]
