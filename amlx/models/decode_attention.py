@@ -651,7 +651,7 @@ def lane_groups(dim: int, quantized: bool = False) -> int:
     if dims <= 0 or (dims * 32) % dim:
         return 0
     groups = dims * 32 // dim
-    return groups if (2 if not LANE_ONE else 1) <= groups <= 32 else 0
+    return groups if (1 if LANE_ONE else 2) <= groups <= 32 else 0
 
 
 MAX_DIM = 512  # head dims the CUDA kernel takes (scripts/cuda_compile_check.py --ptxas: registers)
