@@ -247,9 +247,9 @@ def main(argv=None) -> int:
                        "batch": batch, "length": length}
                 _measure(rows, row, make, "decode_attention", args, inputs)
     da.WARPS, da.KEYS_PER_ROUND, da.SPLIT_KEYS, da.LANE_DIMS, da.LANE_BYTES, da.LANE_ONE = saved
-    if args.floor and not mx.fast.cuda_available():
-        print("--floor: no CUDA, the copy kernel is skipped", file=sys.stderr)
     if args.floor:
+        if not mx.fast.cuda_available():
+            print("--floor: no CUDA, the copy kernel is skipped", file=sys.stderr)
         for blocks in (32, 1) if mx.fast.cuda_available() else ():
             x = mx.array(np.zeros(blocks * 512, np.float32))
 

@@ -543,12 +543,18 @@ _QUANT_READ = """
 WARPS = 16  # warps per (head, row); a block is WARPS * 32 threads
 
 
-def _keys_from_env() -> int:
-    """AMLX_ATTENTION_KEYS (1, 2 or 4; default 1), else ValueError naming the variable."""
-    raw = os.environ.get("AMLX_ATTENTION_KEYS", "1")
-    if raw.strip() not in ("1", "2", "4"):
-        raise ValueError(f"AMLX_ATTENTION_KEYS must be 1, 2 or 4, not {raw!r}")
+def _choice_from_env(name: str, choices: tuple[int, ...], default: int) -> int:
+    """The environment variable `name` as one of `choices` (unset: `default`), else ValueError
+    naming the variable: the kernel's settings, read once at import."""
+    raw = os.environ.get(name, str(default)).strip()
+    if raw not in [str(n) for n in choices]:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, not {raw!r}")
     return int(raw)
+
+
+def _keys_from_env() -> int:
+    """AMLX_ATTENTION_KEYS (1, 2 or 4; default 1)."""
+    return _choice_from_env("AMLX_ATTENTION_KEYS", (1, 2, 4), 1)
 
 
 # Keys a warp reads a round (`round_keys` caps it by registers). Measured alone on the H200
@@ -578,11 +584,8 @@ SPLIT_KEYS = _split_from_env()
 
 
 def _lane_dims_from_env() -> int:
-    """AMLX_ATTENTION_LANE_DIMS (0, 4, 8 or 16; default 8), else ValueError naming the variable."""
-    raw = os.environ.get("AMLX_ATTENTION_LANE_DIMS", "8").strip()
-    if raw not in ("0", "4", "8", "16"):
-        raise ValueError(f"AMLX_ATTENTION_LANE_DIMS must be 0, 4, 8 or 16, not {raw!r}")
-    return int(raw)
+    """AMLX_ATTENTION_LANE_DIMS (0, 4, 8 or 16; default 8)."""
+    return _choice_from_env("AMLX_ATTENTION_LANE_DIMS", (0, 4, 8, 16), 8)
 
 
 # Dimensions of a key a lane holds in the lane-group loop (`_LANES_ATTEND`; 0: the one-key loop,
@@ -596,11 +599,8 @@ LANE_DIMS = _lane_dims_from_env()
 
 
 def _lane_one_from_env() -> bool:
-    """AMLX_ATTENTION_LANE_ONE (0 or 1; default 0), else ValueError naming the variable."""
-    raw = os.environ.get("AMLX_ATTENTION_LANE_ONE", "0").strip()
-    if raw not in ("0", "1"):
-        raise ValueError(f"AMLX_ATTENTION_LANE_ONE must be 0 or 1, not {raw!r}")
-    return raw == "1"
+    """AMLX_ATTENTION_LANE_ONE (0 or 1; default 0)."""
+    return _choice_from_env("AMLX_ATTENTION_LANE_ONE", (0, 1), 0) == 1
 
 
 # Where LANE_DIMS gives one key a round (a lane's dims * 32 = the head dim: 8 at head dim 256, as
@@ -616,12 +616,8 @@ LANE_BYTES_CHOICES = (16, 32, 48, 64, 128)  # (48: 3 rounds at 8 16-bit dims a l
 
 
 def _lane_bytes_from_env() -> int:
-    """AMLX_ATTENTION_LANE_BYTES (one of LANE_BYTES_CHOICES; default 64), else ValueError naming the variable."""
-    raw = os.environ.get("AMLX_ATTENTION_LANE_BYTES", "64").strip()
-    if raw not in [str(n) for n in LANE_BYTES_CHOICES]:
-        raise ValueError(f"AMLX_ATTENTION_LANE_BYTES must be one of {', '.join(map(str, LANE_BYTES_CHOICES))}, "
-                         f"not {raw!r}")
-    return int(raw)
+    """AMLX_ATTENTION_LANE_BYTES (one of LANE_BYTES_CHOICES; default 64)."""
+    return _choice_from_env("AMLX_ATTENTION_LANE_BYTES", LANE_BYTES_CHOICES, 64)
 
 
 # Bytes of keys (and as many of values) a lane of the lane-group loop loads before it uses the
