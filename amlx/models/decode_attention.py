@@ -321,8 +321,12 @@ class _Run:
 
 # A 16-bit or float32 cache's loads stay packed (W words a slot and lane, amlx_word) until used:
 # registers for more keys in flight. U rounds hold LANE_BYTES bytes of keys a lane (and as many
-# of values), at least one round.
-_LANE_ROUNDS = "({ahead} / (EL * (int)sizeof(T)) > 1 ? {ahead} / (EL * (int)sizeof(T)) : 1)"
+# of values), at least one round, and at least two with one group of 32 lanes (LG 1): on the H200
+# a 16-bit cache read one round at a time by one group gave wrong partial sums in split blocks
+# (2026-12-04 night: head dims 128 and 256, contiguous and paged, any warps, windows or norms;
+# compute-sanitizer's memcheck and racecheck found nothing; float32, two rounds, two or more
+# groups and unsplit blocks were right). The cause is not found; no default setting read so.
+_LANE_ROUNDS = "({ahead} / (EL * (int)sizeof(T)) > 1 ? {ahead} / (EL * (int)sizeof(T)) : (LG == 1 ? 2 : 1))"
 _PACKED = dict(
     raw="""      using Word = typename amlx_word<EL * sizeof(T)>::type;
       constexpr int W = EL * sizeof(T) / sizeof(Word);
@@ -599,16 +603,18 @@ LANE_DIMS = _lane_dims_from_env()
 
 
 def _lane_one_from_env() -> bool:
-    """AMLX_ATTENTION_LANE_ONE (0 or 1; default 0)."""
-    return _choice_from_env("AMLX_ATTENTION_LANE_ONE", (0, 1), 0) == 1
+    """AMLX_ATTENTION_LANE_ONE (0 or 1; default 1)."""
+    return _choice_from_env("AMLX_ATTENTION_LANE_ONE", (0, 1), 1) == 1
 
 
 # Where LANE_DIMS gives one key a round (a lane's dims * 32 = the head dim: 8 at head dim 256, as
-# Gemma-3-1B and 4B have, or 4 at 128), the lane-group loop with one group of 32 lanes (True), or
-# the one-key loop (False, the default). The first reads a key in 16-byte (8-byte) loads, a pool
-# block's slots through one table lookup, several rounds' loads ahead and rescales once a batch,
-# where the one-key loop looks a key's slot up and loads it value by value; not yet measured on a
-# GPU, so not the default.
+# Gemma-3-1B, 4B and 12B have, or 4 at 128), the lane-group loop with one group of 32 lanes (True,
+# the default), or the one-key loop (False). The first reads a key in 16-byte (8-byte) loads, a
+# pool block's slots through one table lookup, several rounds' loads ahead and rescales once a
+# batch, where the one-key loop looks a key's slot up and loads it value by value.
+# Measured alone on the H200 (step_kernel_micro.py --shape gemma3-4b, 2026-12-04 night; one row,
+# 8 warps, device us a call at 1,024 / 16,384 slots): one-key loop 44.5 / 86.2, one group (8 dims
+# a lane, 64 bytes ahead) 20.6 / 53.6, two groups of 16 lanes (16 dims) 19.8 / 50.9.
 LANE_ONE = _lane_one_from_env()
 
 
@@ -633,7 +639,10 @@ LANE_BYTES = _lane_bytes_from_env()
 # Blocks a step launches from which the lane-group loop runs WARPS / 2 warps a block: more,
 # smaller blocks fit the SMs' registers then (measured as above: 16,384 slots of one row, 1,024
 # blocks, 84.7 us at 16 warps and 75.8 at 8; 64 rows, 2,048 blocks, 80.3 and 63.1; one row at
-# 4,096, 256 blocks, 34.1 and 37.3, so 16 below).
+# 4,096, 256 blocks, 34.1 and 37.3, so 16 below). (2026-12-04 night, 64 rows of 256 slots at
+# Qwen3-8B's heads, 2,048 blocks: 4 warps 44.1-48.5 us against 8 warps' 49.1-54.7; one row of
+# 16,384, 1,024 blocks: 65.2-68.0 against 64.0-67.0. A quarter of WARPS past 2,048 blocks may
+# pay; not yet tested on a GPU, so not taken.)
 BUSY_BLOCKS = 512
 
 
