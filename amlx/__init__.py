@@ -1,6 +1,7 @@
 """amlx: asyncio-native LLM inference and LoRA fine-tuning on Apple's MLX (Metal, CUDA, CPU)."""
 
-from amlx.errors import AmlxError, ChatTemplateError, ClosedError, ContextLengthError, MLXError, ModelLoadError
+from amlx.errors import (AmlxError, ChatTemplateError, ClosedError, ConstraintError, ContextLengthError, MLXError,
+                         ModelLoadError)
 from amlx.model import Model, ModelInfo, TokenStream, load, load_sync
 from amlx.types import Completion, EngineStats, GenerateOptions, GenerationOptions, MemoryStats, Token, ToolCall, Usage
 from amlx.convert import convert  # cheap: it imports amlx.models only when called
@@ -18,4 +19,4 @@ def memory() -> MemoryStats:
 
 __all__ = ["load", "load_sync", "Model", "ModelInfo", "TokenStream", "Token", "Completion", "ToolCall", "Usage",
            "GenerationOptions", "AmlxError", "ClosedError", "ContextLengthError", "MLXError", "ModelLoadError", "memory",
-           "convert", "GenerateOptions", "EngineStats", "MemoryStats", "ChatTemplateError"]
+           "convert", "GenerateOptions", "EngineStats", "MemoryStats", "ChatTemplateError", "ConstraintError"]

@@ -34,6 +34,12 @@ class ChatTemplateError(AmlxError, ValueError):
     unsafe, or went over its limits (loop iterations, output size, time)."""
 
 
+class ConstraintError(AmlxError, ValueError):
+    """A request's constraint (`response_format`, `regex`, `choice`, `grammar`) could not be
+    followed: the grammar engine gave up on it part-way (past its lexer's or parser's limits,
+    e.g. a regex with nested counted repetitions). The request fails; the others go on."""
+
+
 class TensorParallelError(AmlxError):
     """A rank of a tensor-parallel model (`tensor_parallel=N`) failed, died, hung
     or could not start; the model is closed and its requests end with this error."""

@@ -174,6 +174,16 @@ def _special_tokens_of(config: Mapping[str, Any]) -> tuple[dict[str, str], Any]:
 _GIL_FREE_ENCODE = 4096  # characters above which encode() releases the GIL (encode_batch)
 
 
+
+def _check_encodable(text: str) -> None:
+    """ValueError naming the first unpaired UTF-16 surrogate in `text` (what JSON's "\\ud800"
+    escapes decode to: a str no UTF-8 can hold, which the tokenizer refuses), if it has one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text holds an unpaired surrogate, U+{ord(text[e.start]):04X}, at character "
+                         f"{e.start}: it is no Unicode character and cannot be encoded as UTF-8") from None
+
 class Tokenizer:
     """Text <-> token ids for one checkpoint, plus its chat template.
 
@@ -340,11 +350,15 @@ class Tokenizer:
         """Token ids of `text`; with `add_special_tokens` the checkpoint's BOS/EOS rules apply."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        if len(text) > _GIL_FREE_ENCODE:
-            # the batch call releases the GIL while it works (the single one holds it), so
-            # other threads -- an event loop waiting for this one -- run meanwhile
-            return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            if len(text) > _GIL_FREE_ENCODE:
+                # the batch call releases the GIL while it works (the single one holds it), so
+                # other threads -- an event loop waiting for this one -- run meanwhile
+                return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            _check_encodable(text)  # (tokenizers' "TextInputSequence must be str" names no cause)
+            raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; `skip_special_tokens` drops tokens marked special (BOS, EOS, ...)."""

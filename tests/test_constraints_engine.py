@@ -420,6 +420,35 @@ def test_bad_constraints_raise_before_queueing():
     anyio.run(_bad_options_body)
 
 
+async def _gave_up_body() -> None:
+    async with await amlx.load(checkpoint("qwen3")) as model:
+        out: dict = {}
+
+        async def one(key, prompt, **options):
+            try:
+                out[key] = await model.complete(prompt, max_tokens=6, **options)
+            except amlx.AmlxError as e:
+                out[key] = e
+
+        async with anyio.create_task_group() as tg:
+            # (compiles, but its lexer's limit is reached at the first token: llguidance gives up)
+            tg.start_soon(functools.partial(one, "bomb", "x", regex="(a{1000}){1000}"))
+            tg.start_soon(functools.partial(one, "regex", "y", regex="[a-z]{4}"))
+            tg.start_soon(functools.partial(one, "free", "z"))
+        bomb = out["bomb"]
+        assert isinstance(bomb, amlx.ConstraintError) and isinstance(bomb, ValueError), bomb
+        assert "regex constraint cannot be followed" in str(bomb) and "too many" in str(bomb)
+        assert re.fullmatch("[a-z]{4}", out["regex"].text) and len(out["free"].token_ids) == 6
+        assert (await model.complete("w", choice=["up", "down"])).text in ("up", "down")
+
+
+def test_a_constraint_the_grammar_engine_gives_up_on_fails_its_request_alone():
+    """A constraint llguidance accepts but gives up on part-way (past its lexer's limits) fails
+    its own request with ConstraintError, a ValueError that says so (the server's 400), not as
+    an engine failure; the requests beside it and the engine go on."""
+    anyio.run(_gave_up_body)
+
+
 async def _cancel_body() -> None:
     async with await amlx.load(checkpoint("qwen3")) as model:
         stream = model.generate("x", regex="[a-z]{40}", max_tokens=40, max_buffer=1)

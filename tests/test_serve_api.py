@@ -204,6 +204,31 @@ async def test_errors_keep_the_server_serving(server, client):
     assert m['amlx_request_errors_total{status="404"}'] >= 2
 
 
+async def test_bad_input_inside_a_route_keeps_the_connection(server):
+    """Input the endpoint itself refuses (after the body's validation) is a 400 naming the cause,
+    answered on a connection that stays open: a lone surrogate (JSON "\\ud800": no tokenizer
+    takes it), a regex llguidance gives up on while decoding. Before, such errors went through
+    Starlette's last-resort handler, which answered 400 but re-raised, so uvicorn logged a
+    traceback and closed the connection under a kept-alive client's next request."""
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    logged = server.log.read_text(errors="replace").count("Exception in ASGI application")
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)  # (one connection for all)
+    async with httpx.AsyncClient(base_url=server.url, headers=headers, limits=limits, timeout=60) as h:
+        for path, body, words in [
+                ("/v1/chat/completions", b'{"model": "tiny", "max_tokens": 2, "messages": '
+                                         b'[{"role": "user", "content": "hi \\ud800"}]}', "unpaired surrogate, U+D800"),
+                ("/v1/completions", b'{"model": "tiny", "max_tokens": 2, "prompt": "\\udc00"}', "U+DC00, at character 0"),
+                ("/v1/completions", b'{"model": "tiny", "max_tokens": 2, "prompt": "x", "regex": "(a{1000}){1000}"}',
+                 "regex constraint cannot be followed")]:
+            r = await h.post(path, content=body)
+            assert r.status_code == 400, r.text
+            assert words in r.json()["error"]["message"] and r.json()["error"]["type"] == "invalid_request_error"
+            r = await h.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    assert server.log.read_text(errors="replace").count("Exception in ASGI application") == logged
+    assert server.alive()
+
+
 async def test_request_log_records_bodies(server, client):
     await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=1, temperature=0, user="log-me")
     records = [json.loads(line) for line in server.request_log.read_text().splitlines()]

@@ -132,6 +132,18 @@ def test_encode_matches_transformers(pair, add_special_tokens):
         ), text
 
 
+@pytest.mark.parametrize("text, at, char", [("a\ud800b", 1, "D800"), ("\udc00", 0, "DC00"),
+                                           ("x" * 70_000 + "\udfff", 70_000, "DFFF")])
+def test_unpaired_surrogates_are_a_value_error_naming_them(pair, text, at, char):
+    """JSON's "\\ud800" decodes to a str no UTF-8 holds; the tokenizer's own TypeError named no
+    cause, so encode raises ValueError with the character and where it is (long texts too,
+    which take the batch call)."""
+    _, ours, _ = pair
+    with pytest.raises(ValueError, match=f"unpaired surrogate, U\\+{char}, at character {at}"):
+        ours.encode(text)
+    assert ours.encode("a\U0001F600b")  # (a surrogate pair in JSON is one character, and encodes)
+
+
 def test_bos_rules(pair):
     kind, ours, _ = pair
     if kind == "spm":

@@ -90,6 +90,16 @@ class Matcher:
         return self._inner.is_stopped()
 
     @property
+    def gave_up(self) -> bool:
+        """llguidance stopped on the grammar itself (past its lexer's or parser's limits), not
+        on a token: the constraint cannot be followed, whatever the model samples."""
+        # (llguidance 1.9 reports such a stop as "InternalError" from stop_reason() once a token
+        # is refused after it, but names it in its error's state dump: "Stop: LexerTooComplex")
+        reasons = ("LexerTooComplex", "ParserTooComplex")
+        error = self._inner.get_error()
+        return self._inner.stop_reason() in reasons or any(f"Stop: {r}" in error for r in reasons)
+
+    @property
     def error(self) -> str:
         """llguidance's message once a token was refused, else ""."""
         return self._inner.get_error()

@@ -68,7 +68,7 @@ from amlx.engine.speculate import make_speculator
 from amlx.engine.request import Request
 from amlx.sample import BatchSampling, CompiledSteps, StepSample, upload_masks
 from amlx.models.nn import split_layers
-from amlx.errors import AmlxError, ClosedError, ContextLengthError, MLXError
+from amlx.errors import AmlxError, ClosedError, ConstraintError, ContextLengthError, MLXError
 
 PREFILL_CHUNK = GPU_PREFILL_CHUNK  # the largest default prefill chunk (EngineOptions.prefill_chunk)
 # Prefill passes of at most this many tokens behind a cached prefix run as a compiled
@@ -1125,7 +1125,12 @@ class Scheduler:
         req.generated.append(token_id)
         req.sampling.observe(token_id)
         if req.matcher is not None and not req.matcher.consume(token_id):
-            self._fail(req, AmlxError(f"constrained decoding: token {token_id} refused: {req.matcher.error}"))
+            if req.matcher.gave_up:  # (the request's grammar, not the engine: a ValueError, a 400 when served)
+                self._fail(req, ConstraintError(f"the {req.options.constraint.kind} constraint cannot be followed: "
+                                                f"the grammar engine gave up after {len(req.generated) - 1} "
+                                                f"tokens ({req.matcher.error.splitlines()[0]})"))
+            else:
+                self._fail(req, AmlxError(f"constrained decoding: token {token_id} refused: {req.matcher.error}"))
             return
         # a constraint that admits nothing more (but EOS) ends the request here
         complete = req.matcher is not None and req.matcher.finished

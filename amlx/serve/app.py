@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 import amlx
 from amlx.serve import prompts
 from amlx.serve.auth import KeyCheck
-from amlx.serve.errors import APIError, install_handlers
+from amlx.serve.errors import APIError, ErrorRoute, install_handlers
 from amlx.serve.generation import Admission, Generation
 from amlx.serve.metrics import CONTENT_TYPE, Metrics
 from amlx.serve.options import check_completion_fields, generation_options
@@ -93,7 +93,7 @@ class Server:
 
 
 def _routes(server: Server) -> APIRouter:
-    api = APIRouter()
+    api = APIRouter(route_class=ErrorRoute)
     metrics = server.metrics
 
     @api.post("/v1/chat/completions")

@@ -4,7 +4,8 @@
 one request (bad options, a prompt over the context, MLX failures) into the error
 that request gets. The handlers installed by `install_handlers` make every other
 failure (validation, unknown routes, bugs) take the same shape, and never end the
-server.
+server. Routes of `ErrorRoute` turn whatever their endpoint raises into an APIError
+before it leaves the route (see there).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import amlx
@@ -69,6 +72,29 @@ def from_engine(exc: BaseException) -> APIError:
         return APIError(503, f"out of memory: {exc}", code="out_of_memory")
     log.error("request failed", exc_info=exc)
     return APIError(500, f"the request failed: {type(exc).__name__}: {exc}", code="internal_error")
+
+
+class ErrorRoute(APIRoute):
+    """A route whose endpoint's exceptions become APIErrors (`from_engine`) inside the route.
+
+    An exception that leaves the route reaches Starlette's outermost handler, the one
+    `install_handlers` registers for Exception: it answers in the same shape, but then
+    re-raises, so that uvicorn logs a traceback and closes the connection, and a client's
+    next request on that kept-alive connection fails. A request's bad input (a ValueError
+    from the tokenizer, say) is no reason to drop the connection."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (APIError, RequestValidationError, StarletteHTTPException):
+                raise  # (each has its own handler, which answers without re-raising)
+            except Exception as exc:  # noqa: BLE001 - answered as the request's error, the connection kept
+                raise from_engine(exc) from exc
+
+        return guarded
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
