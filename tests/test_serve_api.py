@@ -192,6 +192,12 @@ async def test_errors_keep_the_server_serving(server, client):
     async with httpx.AsyncClient(base_url=server.url) as h:
         r = await h.post("/v1/chat/completions", content=b'{"model": "tiny", "messages": [', headers=headers)
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+        for body in (b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                     b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff"}]}',
+                     b'{"model": "tiny", "messages": [], "seed": ' + b"9" * 5000 + b"}"):
+            r = await h.post("/v1/chat/completions", content=body, headers=headers)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+            assert "not JSON that can be read" in r.json()["error"]["message"]
         r = await h.get("/v1/nothing-here", headers=headers)
         assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
         assert (await h.get("/metrics")).status_code == 401

@@ -133,6 +133,10 @@ def install_handlers(app: FastAPI, on_error: Callable[[int], None] = lambda stat
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
         message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
+        if exc.status_code == 400:  # (FastAPI's, for a body its JSON decoder raised on with no JSONDecodeError)
+            code = "invalid_json"
+            message = ("the body is not JSON that can be read: invalid UTF-8, nesting too deep, or a number with "
+                       f"too many digits ({exc.detail})")
         return answer(APIError(exc.status_code, message, code=code, type="invalid_request_error",
                                headers=getattr(exc, "headers", None)))
 
