@@ -725,6 +725,23 @@ def test_models_decode_alike_with_the_lane_group_loop(arch, lane_dims, lane_byte
         assert nodes == nodes0
 
 
+@pytest.mark.skipif(not fast.cuda_available(), reason="the lane-group loop is a CUDA variant")
+def test_gemma_at_head_dim_256_decodes_alike_with_one_group_of_lanes(tmp_path, monkeypatch):
+    """Gemma 3's head dim, 256, at 8 dims a lane is one key a round: one group of 32 lanes
+    (LANE_ONE, the default) against the one-key loop, whole-model decode steps through the
+    window, from a block pool the kernel writes itself: the same logits up to float32 order."""
+    path = make_checkpoint(tmp_path / "gemma256", "gemma3_text", tokenizer=False, head_dim=256)
+    model = load_model(path).model
+    try:
+        monkeypatch.setattr(da, "LANE_DIMS", 8)
+        assert da.lane_groups(256) in (0, 1)  # (1 with LANE_ONE, 0 without: the loops compared)
+        for (logits, _, _), (logits0, _, _) in decode_both_ways(model, monkeypatch, "LANE_ONE", None, 6,
+                                                                 views=True, where=da, values=(True, False)):
+            assert _rel(logits, logits0) < 1e-4
+    finally:
+        model.close()
+
+
 def test_engines_choose_the_kernels_on_the_cpu(monkeypatch):
     """CPU engines decode with the fused kernels unless told not to (AMLX_DECODE_KERNEL=0
     or decode_kernel=False), read when the options are resolved."""
