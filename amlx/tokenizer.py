@@ -174,7 +174,6 @@ def _special_tokens_of(config: Mapping[str, Any]) -> tuple[dict[str, str], Any]:
 _GIL_FREE_ENCODE = 4096  # characters above which encode() releases the GIL (encode_batch)
 
 
-
 def _check_encodable(text: str) -> None:
     """ValueError naming the first unpaired UTF-16 surrogate in `text` (what JSON's "\\ud800"
     escapes decode to: a str no UTF-8 can hold, which the tokenizer refuses), if it has one."""
@@ -183,6 +182,7 @@ def _check_encodable(text: str) -> None:
     except UnicodeEncodeError as e:
         raise ValueError(f"the text holds an unpaired surrogate, U+{ord(text[e.start]):04X}, at character "
                          f"{e.start}: it is no Unicode character and cannot be encoded as UTF-8") from None
+
 
 class Tokenizer:
     """Text <-> token ids for one checkpoint, plus its chat template.
