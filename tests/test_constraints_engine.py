@@ -248,11 +248,14 @@ def test_step_timing_is_reported_when_switched_on(monkeypatch):
     assert on["decode_steps"] == stats["decode_steps"] > 0 and on["rounds"] >= on["decode_steps"]
     assert {"wait", "emit", "masks", "build_sample", "launch_sample"} <= set(on["seconds"])
     # a prefill pass's phases, the first tokens' masks apart (only the constrained request has one)
-    assert {"prefill_masks", "prefill_build", "prefill_sample", "prefill_wait"} <= set(on["seconds"])
+    assert {"prefill_masks", "prefill_tables", "prefill_build", "prefill_sample", "prefill_wait"} <= set(on["seconds"])
     assert all(v >= 0 for v in on["seconds"].values())
     assert on["background"]["mask_fill"] > 0  # llguidance's own time, beside the phases
     assert set(on["cpu"]) == set(on["seconds"]) and all(v >= 0 for v in on["cpu"].values())
     assert on["counts"]["prefill_groups"] >= 2
+    # (the plain passes' rows and padded tokens: two prompts of one and two tokens, each alone)
+    assert on["counts"]["prefill_rows"] == on["counts"]["prefill_groups"] == 2
+    assert on["counts"]["prefill_tokens"] >= 2
 
 
 async def _pinned_body() -> tuple[bool, list[str]]:

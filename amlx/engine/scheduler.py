@@ -400,6 +400,10 @@ class Scheduler:
         if self.mirror is not None:
             self.mirror.prefill(reqs, start, length, ends, logits_read, shard.kv.pool.capacity)
         views = self.pools.views(shard.index, tables)
+        # (apart from the forward's build: the blocks taken, the pool grown, the views made)
+        self.timing.lap("prefill_tables")
+        self.timing.count("prefill_rows", len(reqs))
+        self.timing.count("prefill_tokens", int(ids.size))
         last = array(np.asarray(ends, dtype=np.int32) - start - 1)
         # (a launched segment's writes must find the old arrays held by the graph alone)
         pace = (None if self.mirror is not None else

@@ -75,10 +75,10 @@ class StepTiming:
         if self.enabled:
             self.background[name] = self.background.get(name, 0.0) + seconds
 
-    def count(self, name: str) -> None:
-        """One more `name` event."""
+    def count(self, name: str, n: int = 1) -> None:
+        """`n` more `name` events."""
         if self.enabled:
-            self.counts[name] = self.counts.get(name, 0) + 1
+            self.counts[name] = self.counts.get(name, 0) + n
 
     def forget_peaks(self) -> None:
         """Starts the peaks per phase afresh (a benchmark that resets MLX's peak counter)."""
