@@ -90,6 +90,12 @@ class Matcher:
         return self._inner.is_stopped()
 
     @property
+    def failed(self) -> bool:
+        """The matcher is in its error state: a token was refused, or computing its mask failed
+        (llguidance then allows only EOS, and would take it as the end)."""
+        return self._inner.is_error()
+
+    @property
     def gave_up(self) -> bool:
         """llguidance stopped on the grammar itself (past its lexer's or parser's limits), not
         on a token: the constraint cannot be followed, whatever the model samples."""

@@ -118,6 +118,19 @@ class _Shard:
     sampling: BatchSampling | None = None  # device sampling state of `rows`
 
 
+
+def _constraint_failure(req: Request, token_id: int) -> AmlxError:
+    """The error a constrained request fails with once its matcher failed at `token_id`:
+    ConstraintError (a ValueError: the request's grammar, not the engine; a 400 when served)
+    where llguidance gave up on the grammar itself, else a refused token's AmlxError."""
+    matcher = req.matcher
+    assert matcher is not None
+    if matcher.gave_up:
+        kind = req.options.constraint.kind if req.options.constraint is not None else "request's"
+        return ConstraintError(f"the {kind} constraint cannot be followed: the grammar engine gave up after "
+                               f"{len(req.generated) - 1} tokens ({matcher.error.splitlines()[0]})")
+    return AmlxError(f"constrained decoding: token {token_id} refused: {matcher.error}")
+
 class Scheduler:
     def __init__(self, model, max_batch_size: int, wake: callable, prefill_chunk: int | None = None,
                  compile_step: bool = True, shards: int | None = None, options: EngineOptions | None = None,
@@ -1128,13 +1141,10 @@ class Scheduler:
         req.last = token_id
         req.generated.append(token_id)
         req.sampling.observe(token_id)
-        if req.matcher is not None and not req.matcher.consume(token_id):
-            if req.matcher.gave_up:  # (the request's grammar, not the engine: a ValueError, a 400 when served)
-                self._fail(req, ConstraintError(f"the {req.options.constraint.kind} constraint cannot be followed: "
-                                                f"the grammar engine gave up after {len(req.generated) - 1} "
-                                                f"tokens ({req.matcher.error.splitlines()[0]})"))
-            else:
-                self._fail(req, AmlxError(f"constrained decoding: token {token_id} refused: {req.matcher.error}"))
+        # (a matcher that failed while computing this token's mask allowed EOS alone, and would
+        # take it as a proper end: that is the constraint failing, not the text ending)
+        if req.matcher is not None and (req.matcher.failed or not req.matcher.consume(token_id)):
+            self._fail(req, _constraint_failure(req, token_id))
             return
         # a constraint that admits nothing more (but EOS) ends the request here
         complete = req.matcher is not None and req.matcher.finished
