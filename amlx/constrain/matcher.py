@@ -97,13 +97,15 @@ class Matcher:
 
     @property
     def gave_up(self) -> bool:
-        """llguidance stopped on the grammar itself (past its lexer's or parser's limits), not
-        on a token: the constraint cannot be followed, whatever the model samples."""
-        # (llguidance 1.9 reports such a stop as "InternalError" from stop_reason() once a token
-        # is refused after it, but names it in its error's state dump: "Stop: LexerTooComplex")
-        reasons = ("LexerTooComplex", "ParserTooComplex")
-        error = self._inner.get_error()
-        return self._inner.stop_reason() in reasons or any(f"Stop: {r}" in error for r in reasons)
+        """llguidance failed on the grammar itself (past its lexer's or parser's limits), not on
+        a token: the constraint cannot be followed, whatever the model samples."""
+        # (llguidance 1.9's stop_reason() says "InternalError" then, and its state dump's "Stop:"
+        # line said ParserTooComplex for a plainly refused token too; the error's first line names
+        # a limit, e.g. "lexer error: too many expressions constructed")
+        if self._inner.stop_reason() in ("LexerTooComplex", "ParserTooComplex"):
+            return True
+        first = self._inner.get_error().split("\n", 1)[0].lower()
+        return first.startswith("lexer error") or "too many" in first or "too complex" in first
 
     @property
     def error(self) -> str:

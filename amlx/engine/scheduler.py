@@ -118,18 +118,20 @@ class _Shard:
     sampling: BatchSampling | None = None  # device sampling state of `rows`
 
 
-
-def _constraint_failure(req: Request, token_id: int) -> AmlxError:
-    """The error a constrained request fails with once its matcher failed at `token_id`:
-    ConstraintError (a ValueError: the request's grammar, not the engine; a 400 when served)
-    where llguidance gave up on the grammar itself, else a refused token's AmlxError."""
+def _constraint_failure(req: Request, token_id: int, before: bool) -> AmlxError:
+    """The error a constrained request fails with once its matcher failed at `token_id`
+    (`before`: already while computing that token's mask): ConstraintError (a ValueError: the
+    request's grammar, not the engine; a 400 when served) where llguidance failed on the
+    grammar itself, else a refused token's AmlxError."""
     matcher = req.matcher
     assert matcher is not None
-    if matcher.gave_up:
+    first = matcher.error.split("\n", 1)[0]
+    if before or matcher.gave_up:
         kind = req.options.constraint.kind if req.options.constraint is not None else "request's"
-        return ConstraintError(f"the {kind} constraint cannot be followed: the grammar engine gave up after "
-                               f"{len(req.generated) - 1} tokens ({matcher.error.splitlines()[0]})")
+        return ConstraintError(f"the {kind} constraint cannot be followed: the grammar engine failed on it after "
+                               f"{len(req.generated) - 1} tokens ({first})")
     return AmlxError(f"constrained decoding: token {token_id} refused: {matcher.error}")
+
 
 class Scheduler:
     def __init__(self, model, max_batch_size: int, wake: callable, prefill_chunk: int | None = None,
@@ -1143,9 +1145,11 @@ class Scheduler:
         req.sampling.observe(token_id)
         # (a matcher that failed while computing this token's mask allowed EOS alone, and would
         # take it as a proper end: that is the constraint failing, not the text ending)
-        if req.matcher is not None and (req.matcher.failed or not req.matcher.consume(token_id)):
-            self._fail(req, _constraint_failure(req, token_id))
-            return
+        if req.matcher is not None:
+            before = req.matcher.failed
+            if before or not req.matcher.consume(token_id):
+                self._fail(req, _constraint_failure(req, token_id, before))
+                return
         # a constraint that admits nothing more (but EOS) ends the request here
         complete = req.matcher is not None and req.matcher.finished
         tok = req.assembler.push(token_id, logprob if req.options.logprobs else None, complete=complete)
