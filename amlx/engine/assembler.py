@@ -38,31 +38,35 @@ class TextAssembler:
         """Tokens it may still take before max_tokens (or the context) ends the request."""
         return max(0, self._max - self.count)
 
+    def _first_stop(self, text: str) -> int:
+        """Where the first stop string in `text` starts, or -1."""
+        return min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1) if self._stop else -1
+
+    def _last(self, token_id: int, logprob: float | None, text: str, reason: str) -> Token:
+        """The stream's last Token: `text` (with what the detokenizer still held) cut before a
+        stop string in it, which the held text and an incomplete last character (U+FFFD once
+        final) may complete only now."""
+        self.finished = True
+        rest = text + self._detok.finalize()
+        cut = self._first_stop(rest)
+        return Token(token_id, rest[:cut], logprob, "stop") if cut >= 0 else Token(token_id, rest, logprob, reason)
+
     def push(self, token_id: int, logprob: float | None = None, complete: bool = False) -> Token:
         """The Token for the next sampled id (the last one has finish_reason set).
         `complete`: the request's constraint admits nothing after this token ("stop")."""
         self.count += 1
         if token_id in self._eos:
-            self.finished = True
-            return Token(token_id, self._held + self._detok.finalize(), logprob, "stop")
+            return self._last(token_id, logprob, self._held, "stop")
         text = self._held + self._detok.add(token_id)
-        if self._stop:
-            cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
-            if cut >= 0:
-                self.finished = True
-                return Token(token_id, text[:cut], logprob, "stop")
-        if complete or self.count >= self._max:
+        cut = self._first_stop(text)
+        if cut >= 0:
             self.finished = True
-            rest = text + self._detok.finalize()
-            if self._stop:
-                cut = min((i for i in (rest.find(s) for s in self._stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    return Token(token_id, rest[:cut], logprob, "stop")
-            return Token(token_id, rest, logprob, "stop" if complete else "length")
+            return Token(token_id, text[:cut], logprob, "stop")
+        if complete or self.count >= self._max:
+            return self._last(token_id, logprob, text, "stop" if complete else "length")
         keep = self._holdback(text) if self._stop else 0
         self._held = text[len(text) - keep:] if keep else ""
         return Token(token_id, text[:len(text) - keep], logprob, None)
-
 
 def check_context(prompt_len: int, max_context: int) -> int:
     """Room left for generation; raises ContextLengthError when the prompt does not fit."""
