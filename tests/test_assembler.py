@@ -5,6 +5,8 @@ last character, which decodes to U+FFFD once nothing can complete it."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from amlx.engine.assembler import TextAssembler
 from amlx.tokenizer import Tokenizer
@@ -61,3 +63,46 @@ def test_without_a_matching_stop_the_incomplete_character_ends_the_text(tokenize
         ids = [*ids, sorted(tokenizer.eos_token_ids)[0]]
     text, reason = _run(tokenizer, ids, ["zz"], max_tokens=len(ids))
     assert text == "λ\ufffd" and reason == ("stop" if end == "eos" else "length")
+
+
+def _final_lengths(tok: Tokenizer, ids: list[int]) -> tuple[str, list[int]]:
+    """The whole text of `ids` (an assembler without stop strings, ended at the last id) and
+    how much of it was final after each id."""
+    asm = TextAssembler(tok, GenerationOptions.from_kwargs(max_tokens=len(ids)), frozenset())
+    text, ends = "", []
+    for i in ids:
+        text += asm.push(i).text
+        ends.append(len(text))
+    return text, ends
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_stop_strings_cut_where_the_first_one_completes(tokenizer, data):
+    """Any ids, stop strings taken from their text (or not in it): the joined output is the text
+    up to the start of the stop string whose first occurrence became final first (the earliest
+    start among those completed by the same id), no emitted piece holds a stop string, and the
+    stream ends "stop" exactly when one was found."""
+    special = set(tokenizer.eos_token_ids)
+    ids = data.draw(st.lists(st.integers(0, tokenizer.vocab_size - 1).filter(lambda i: i not in special),
+                             min_size=1, max_size=16))
+    full, ends = _final_lengths(tokenizer, ids)
+    stops = data.draw(st.lists(st.one_of(
+        st.builds(lambda a, n: full[a:a + n], st.integers(0, max(0, len(full) - 1)), st.integers(1, 6)),
+        st.text(min_size=1, max_size=3)).filter(bool), min_size=1, max_size=3))
+    found = [(full.find(s) + len(s), full.find(s)) for s in stops if full.find(s) >= 0]
+    want = full
+    if found:
+        done = next(e for e in ends if e >= min(end for end, _ in found))  # (the first id that completes one)
+        want = full[:min(start for end, start in found if end <= done)]
+    asm = TextAssembler(tokenizer, GenerationOptions.from_kwargs(max_tokens=len(ids), stop=stops), frozenset())
+    pieces, reason = [], None
+    for i in ids:
+        t = asm.push(i)
+        pieces.append(t.text)
+        reason = t.finish_reason
+        if asm.finished:
+            break
+    assert "".join(pieces) == want
+    assert not any(s in p for s in stops for p in pieces)
+    assert reason == ("stop" if found else "length")

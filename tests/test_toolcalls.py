@@ -55,6 +55,31 @@ def test_streamed_in_any_split(case, cuts):
     _check(fmt, content, [e for e in events if not isinstance(e, str)], want_content, want_calls)
 
 
+# markup, JSON fragments and plain text that a model's reply may mix in any order
+_PIECES = ["<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", "{", "}", "[", "]", '"name"',
+           ":", '"f"', '"arguments"', '"parameters"', ",", "null", " ", "\n", "text", "<tool_", "call>", '"', "😀",
+           '{"name": "f", "arguments": {"a": 1}}', '{"name": "g", "parameters": {}}', '[{"name": "h", "arguments": {}}]']
+
+
+@settings(max_examples=300, deadline=None)
+@given(fmt=st.sampled_from(["qwen", "llama3", "mistral"]), pieces=st.lists(st.sampled_from(_PIECES), max_size=12),
+       cuts=st.lists(st.integers(0, 300), max_size=12))
+def test_any_reply_streams_as_it_parses_whole(fmt, pieces, cuts):
+    """Whatever a reply mixes, fed in any split it gives the content and calls its whole-text
+    parse gives, and never raises."""
+    text = "".join(pieces)
+    want_content, want_calls = parse_tool_calls(text, fmt)
+    bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    parser = ToolCallParser(fmt)
+    events = []
+    for a, b in zip(bounds, bounds[1:]):
+        events += parser.feed(text[a:b])
+    events += parser.finish()
+    assert "".join(e for e in events if isinstance(e, str)) == want_content
+    assert [(c.name, c.arguments) for c in events if not isinstance(c, str)] == [
+        (c.name, c.arguments) for c in want_calls]
+
+
 def test_plain_text_passes_at_once():
     parser = ToolCallParser("qwen")
     assert parser.feed("Hello there") == ["Hello there"]
