@@ -31,8 +31,9 @@ def _ids_ending_mid_character(tok: Tokenizer) -> list[int]:
     raise AssertionError("no character the test vocabulary spells in bytes")
 
 
-def _run(tok: Tokenizer, ids: list[int], stop: list[str], max_tokens: int = 16) -> tuple[str, str | None]:
-    eos = frozenset(tok.eos_token_ids)
+def _pieces(tok: Tokenizer, ids: list[int], stop: list[str], max_tokens: int,
+            eos: frozenset[int] = frozenset()) -> tuple[list[str], str | None]:
+    """The texts an assembler emits for `ids` (until it finishes) and its finish reason."""
     asm = TextAssembler(tok, GenerationOptions.from_kwargs(max_tokens=max_tokens, stop=stop), eos)
     out, reason = [], None
     for i in ids:
@@ -41,7 +42,12 @@ def _run(tok: Tokenizer, ids: list[int], stop: list[str], max_tokens: int = 16) 
         reason = t.finish_reason
         if asm.finished:
             break
-    return "".join(out), reason
+    return out, reason
+
+
+def _run(tok: Tokenizer, ids: list[int], stop: list[str], max_tokens: int = 16) -> tuple[str, str | None]:
+    pieces, reason = _pieces(tok, ids, stop, max_tokens, frozenset(tok.eos_token_ids))
+    return "".join(pieces), reason
 
 
 @pytest.mark.parametrize("stop", [["\ufffd"], ["λ\ufffd"], ["zz", "\ufffd"]])
@@ -95,14 +101,7 @@ def test_stop_strings_cut_where_the_first_one_completes(tokenizer, data):
     if found:
         done = next(e for e in ends if e >= min(end for end, _ in found))  # (the first id that completes one)
         want = full[:min(start for end, start in found if end <= done)]
-    asm = TextAssembler(tokenizer, GenerationOptions.from_kwargs(max_tokens=len(ids), stop=stops), frozenset())
-    pieces, reason = [], None
-    for i in ids:
-        t = asm.push(i)
-        pieces.append(t.text)
-        reason = t.finish_reason
-        if asm.finished:
-            break
+    pieces, reason = _pieces(tokenizer, ids, stops, len(ids))
     assert "".join(pieces) == want
     assert not any(s in p for s in stops for p in pieces)
     assert reason == ("stop" if found else "length")

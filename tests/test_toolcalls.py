@@ -45,14 +45,18 @@ def test_whole_texts():
 @given(case=st.sampled_from(CASES), cuts=st.lists(st.integers(0, 200), max_size=12))
 def test_streamed_in_any_split(case, cuts):
     fmt, text, want_content, want_calls = case
+    _check(fmt, *_streamed(fmt, text, cuts), want_content, want_calls)
+
+
+def _streamed(fmt, text, cuts):
+    """(content, calls) of `text` fed to a parser in pieces cut at `cuts`."""
     bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
     parser = ToolCallParser(fmt)
     events = []
     for a, b in zip(bounds, bounds[1:]):
         events += parser.feed(text[a:b])
     events += parser.finish()
-    content = "".join(e for e in events if isinstance(e, str))
-    _check(fmt, content, [e for e in events if not isinstance(e, str)], want_content, want_calls)
+    return "".join(e for e in events if isinstance(e, str)), [e for e in events if not isinstance(e, str)]
 
 
 # markup, JSON fragments and plain text that a model's reply may mix in any order
@@ -69,15 +73,9 @@ def test_any_reply_streams_as_it_parses_whole(fmt, pieces, cuts):
     parse gives, and never raises."""
     text = "".join(pieces)
     want_content, want_calls = parse_tool_calls(text, fmt)
-    bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
-    parser = ToolCallParser(fmt)
-    events = []
-    for a, b in zip(bounds, bounds[1:]):
-        events += parser.feed(text[a:b])
-    events += parser.finish()
-    assert "".join(e for e in events if isinstance(e, str)) == want_content
-    assert [(c.name, c.arguments) for c in events if not isinstance(c, str)] == [
-        (c.name, c.arguments) for c in want_calls]
+    content, calls = _streamed(fmt, text, cuts)
+    assert content == want_content
+    assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in want_calls]
 
 
 def test_plain_text_passes_at_once():
