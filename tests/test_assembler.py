@@ -4,6 +4,8 @@ last character, which decodes to U+FFFD once nothing can complete it."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -74,12 +76,9 @@ def test_without_a_matching_stop_the_incomplete_character_ends_the_text(tokenize
 def _final_lengths(tok: Tokenizer, ids: list[int]) -> tuple[str, list[int]]:
     """The whole text of `ids` (an assembler without stop strings, ended at the last id) and
     how much of it was final after each id."""
-    asm = TextAssembler(tok, GenerationOptions.from_kwargs(max_tokens=len(ids)), frozenset())
-    text, ends = "", []
-    for i in ids:
-        text += asm.push(i).text
-        ends.append(len(text))
-    return text, ends
+    pieces, _ = _pieces(tok, ids, [], len(ids))
+    ends = list(itertools.accumulate(len(p) for p in pieces))
+    return "".join(pieces), ends
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -68,6 +68,7 @@ class TextAssembler:
         self._held = text[len(text) - keep:] if keep else ""
         return Token(token_id, text[:len(text) - keep], logprob, None)
 
+
 def check_context(prompt_len: int, max_context: int) -> int:
     """Room left for generation; raises ContextLengthError when the prompt does not fit."""
     if prompt_len == 0:
