@@ -296,6 +296,48 @@ def test_eos_ids_and_padding(family):
     assert not allowed[sorted(tok.special_token_ids - tok.eos_token_ids)].any()
 
 
+def _added_names(tok: Tokenizer) -> dict[int, str]:
+    """The ids llguidance takes as special (flagged so, or an added `<...>`) and their names."""
+    added = tok.backend.get_added_tokens_decoder()
+    return {i: t.content for i, t in added.items()
+            if t.special or (t.content.startswith("<") and t.content.endswith(">"))}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_text_that_names_a_special_token_is_spelled_in_text(family, temperature):
+    """A constraint whose text is a special token's name ("<|im_end|>", "<start_of_turn>", an added
+    "<think>"): that text, in ordinary tokens. (llguidance tokenized such forced text into the
+    special token, allowed it in the mask and then refused it: the request failed.)"""
+    tok, vocab = family
+    names = _added_names(tok)
+    assert names
+    for i, name in enumerate(names.values()):
+        kinds = {"choice": parse_constraint(choice=[name]), "regex": parse_constraint(regex=re.escape(name)),
+                 "prefixed": parse_constraint(choice=["ok " + name]),
+                 "json": parse_constraint(response_format={"type": "json_schema", "json_schema": {
+                     "name": "n", "schema": {"type": "object", "properties": {"t": {"const": name}},
+                                             "required": ["t"], "additionalProperties": False}}})}
+        outputs = generate_batch(vocab, list(kinds.values()), seed=i, temperature=temperature)
+        for (kind, _), ids in zip(kinds.items(), outputs):
+            assert not set(ids) & set(names), (name, kind, ids)
+            text = tok.decode(ids)
+            if kind == "json":
+                assert json.loads(text) == {"t": name}
+            else:
+                assert text == ("ok " + name if kind == "prefixed" else name), (kind, text)
+
+
+def test_a_lark_grammar_still_names_special_tokens(family):
+    """llguidance's Lark names a special token by its name, outside quotes: that one token."""
+    tok, vocab = family
+    for token_id, name in _added_names(tok).items():
+        if token_id in vocab.eos_ids:
+            continue
+        for grammar in (f'start: "ab" {name}', f'start: "ab" <[{token_id}]>'):
+            (ids,) = generate_batch(vocab, [parse_constraint(grammar=grammar)], seed=0, temperature=1.0)
+            assert ids[-1] == token_id and tok.decode(ids[:-1]) == "ab", (grammar, ids)
+
+
 def _expected_bytes(tok: Tokenizer, token_id: int) -> bytes:
     """A token's bytes from its vocabulary string: the byte-level alphabet, or "▁" = space and
     "<0xNN>" pieces."""

@@ -456,6 +456,20 @@ def test_a_constraint_the_grammar_engine_gives_up_on_fails_its_request_alone():
     anyio.run(_gave_up_body)
 
 
+async def _special_names_body(arch: str, name: str) -> None:
+    async with await amlx.load(checkpoint(arch)) as model:
+        for options in (dict(choice=[name]), dict(regex=re.escape(name))):
+            out = await model.complete("w", max_tokens=32, **options)
+            assert (out.text, out.finish_reason) == (name, "stop"), (options, out)
+
+
+@pytest.mark.parametrize("arch, name", [("qwen3", "<|im_end|>"), ("gemma3_text", "<start_of_turn>")])
+def test_a_special_token_name_as_constrained_text(arch, name):
+    """The text of a special token's name, asked for by a constraint, comes out as that text (it
+    failed the request: llguidance's mask allowed the special token, its parser refused it)."""
+    anyio.run(_special_names_body, arch, name)
+
+
 async def _cancel_body() -> None:
     async with await amlx.load(checkpoint("qwen3")) as model:
         stream = model.generate("x", regex="[a-z]{40}", max_tokens=40, max_buffer=1)

@@ -8,6 +8,7 @@ llguidance's thread pool, without holding the GIL.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import OrderedDict
@@ -47,6 +48,46 @@ def mask_slices() -> list[str]:
     strings = [s for s in general if s.startswith(_STRING_CHARS)]
     others = [s for s in general if not s.startswith(_STRING_CHARS)]
     return [*others, *(f"{_STRING_CHARS}{{1,{k}}}" for k in _SHORT_STRINGS), *strings]
+
+# Marks a special token's name in the tokenizer.json handed to llguidance (after its "<").
+_SPECIAL_MARK = "\ue000"  # a private-use character: in no real prompt or grammar
+
+
+def _mark_special_tokens(tokenizer_json: str) -> tuple[str, dict[int, str]]:
+    """The tokenizer.json with the names of the tokens llguidance takes as special (flagged
+    special, or any added `<...>`) marked, ids unchanged, and those ids' names as they were.
+
+    Why: where a grammar forces text, llguidance tokenizes it with the Hugging Face tokenizer,
+    which matches added tokens' names in any text: forced "<|im_end|>" became the one special
+    token, which llguidance's mask then allowed and its parser refused (a special token is not
+    text to it), failing the request. With the names marked, such text is spelled in ordinary
+    tokens, and the ids stay special. A name the model's vocabulary also holds (SentencePiece's
+    `<start_of_turn>`) is marked there too, as the tokenizer matches an added token to its id
+    by name; one that a BPE merge builds is left alone (no real vocabulary has one)."""
+    data = json.loads(tokenizer_json)
+    model = data.get("model") or {}
+    vocab = model.get("vocab")
+    built = {a + b for a, b in (m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges") or ())
+             } if isinstance(vocab, dict) else set()
+    names: dict[int, str] = {}
+    for added in data.get("added_tokens") or ():
+        name, token_id = added.get("content"), added.get("id")
+        if not isinstance(name, str) or not (added.get("special") or (name.startswith("<") and name.endswith(">"))):
+            continue
+        marked = name[:1] + _SPECIAL_MARK + name[1:]
+        if isinstance(vocab, dict) and name in vocab:  # BPE, WordPiece, WordLevel: name -> id
+            if name in built or vocab[name] != token_id:
+                continue
+            vocab[marked] = vocab.pop(name)
+            if model.get("unk_token") == name:
+                model["unk_token"] = marked
+        elif isinstance(vocab, list) and isinstance(token_id, int) and 0 <= token_id < len(vocab) \
+                and vocab[token_id][0] == name:  # Unigram: [piece, score] by id
+            vocab[token_id] = [marked, *vocab[token_id][1:]]
+        added["content"] = marked
+        names[token_id] = name
+    return json.dumps(data), names
+
 
 _executor: llguidance.LLExecutor | None = None
 _executor_lock = threading.Lock()
@@ -126,17 +167,38 @@ class GrammarVocab:
     """
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids: Iterable[int] = ()):
-        eos = sorted({int(i) for i in eos_ids})
-        try:
-            self._tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos or None,
-                                                     slices=mask_slices())
-        except ValueError as e:
-            raise ValueError(f"llguidance cannot use this tokenizer.json with a vocabulary of {vocab_size}: {e}") from e
         self.vocab_size = vocab_size
-        self.eos_ids = frozenset(eos or self._tokenizer.eos_tokens)
+        self._eos = sorted({int(i) for i in eos_ids})
+        # the tokenizer.json as given: for Lark grammars that name special tokens (made on first use)
+        self._tokenizer_json = tokenizer_json
+        self._named: llguidance.LLTokenizer | None = None
+        if not self._eos:  # llguidance knows EOS by its name ("</s>", "<|endoftext|>"...) there
+            self._named = self._llg_tokenizer(tokenizer_json)
+            self._eos = list(self._named.eos_tokens)
+        marked, self._special_names = _mark_special_tokens(tokenizer_json)
+        self._tokenizer = self._llg_tokenizer(marked)
+        self.eos_ids = frozenset(self._eos)
         self.mask_words = llnp.get_bitmask_shape(1, vocab_size)[1]
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
+
+    def _llg_tokenizer(self, tokenizer_json: str) -> llguidance.LLTokenizer:
+        try:
+            return llguidance.LLTokenizer(tokenizer_json, n_vocab=self.vocab_size, eos_token=self._eos or None,
+                                          slices=mask_slices())
+        except ValueError as e:
+            raise ValueError(f"llguidance cannot use this tokenizer.json with a vocabulary of "
+                             f"{self.vocab_size}: {e}") from e
+
+    def _tokenizer_for(self, constraint: Constraint) -> llguidance.LLTokenizer:
+        """The marked tokenizer, or for a Lark grammar that names a special token (`<|im_end|>`:
+        llguidance's syntax for that one token) the tokenizer as given, where names resolve."""
+        if constraint.kind != "grammar" or not any(n in constraint.grammar for n in self._special_names.values()):
+            return self._tokenizer
+        with self._lock:
+            if self._named is None:
+                self._named = self._llg_tokenizer(self._tokenizer_json)
+            return self._named
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer, vocab_size: int) -> GrammarVocab:
@@ -154,7 +216,7 @@ class GrammarVocab:
         matcher = self.cached_matcher(constraint)
         if matcher is not None:
             return matcher
-        template = llguidance.LLMatcher(self._tokenizer, constraint.grammar, log_level=0)
+        template = llguidance.LLMatcher(self._tokenizer_for(constraint), constraint.grammar, log_level=0)
         if template.is_error():
             raise ValueError(f"invalid {constraint.kind} constraint: {template.get_error().strip()}")
         with self._lock:
@@ -186,8 +248,10 @@ class GrammarVocab:
         llnp.fill_next_token_bitmask_par(_pool(), [(m._inner, row) for m, row in rows], masks)
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes llguidance assigns to a token id (b"" for special and padding ids)."""
-        return self._tokenizer.decode_bytes([int(token_id)])
+        """The bytes llguidance assigns to a token id: a special token's name (as the
+        tokenizer.json has it), b"" for padding ids."""
+        name = self._special_names.get(int(token_id))
+        return name.encode() if name is not None else self._tokenizer.decode_bytes([int(token_id)])
 
 
 class MaskJob:
