@@ -43,8 +43,10 @@ def _wait(predicate, timeout=60.0, what="condition"):
 def server(tmp_path_factory):
     ckpt = serve_checkpoint(tmp_path_factory.mktemp("page-ckpt"), seed=3)
     log = tmp_path_factory.mktemp("page-log") / "requests.jsonl"
-    # a small batch: the long first reply keeps streaming until Stop (no EOS in this checkpoint)
-    with ServerProcess(ckpt, "--model-name", "tiny", "--log-requests", str(log), "--max-context", "8192",
+    # the long first reply keeps streaming until Stop: greedy, this checkpoint never samples EOS
+    # (at the page's default temperature it may, and then the reply ended before Stop), and its
+    # 20,000 tokens take far longer than the test's clicks (6,000 took 3-5 s here)
+    with ServerProcess(ckpt, "--model-name", "tiny", "--log-requests", str(log), "--max-context", "32768",
                        api_key=KEY) as srv:
         srv.request_log = log
         yield srv
@@ -62,7 +64,8 @@ def test_chat_page_streams_stops_and_keeps_history(server):
         _wait(lambda: find("#model").get_attribute("data-state") == "ready", what="the model list")
         assert find("#model").text == "tiny"
         find("#system").send_keys("You are terse.")
-        driver.execute_script("document.getElementById('max-tokens').value = '6000'")
+        driver.execute_script("document.getElementById('max-tokens').value = '20000'")
+        driver.execute_script("document.getElementById('temperature').value = '0'")
         auth = {"Authorization": f"Bearer {KEY}"}
         cancelled = lambda: sum(v for k, v in server.metrics(auth).items()  # noqa: E731
                                 if k.startswith("amlx_requests_cancelled_total"))
@@ -91,7 +94,8 @@ def test_chat_page_streams_stops_and_keeps_history(server):
         _wait(lambda: reply().get_attribute("data-state") == "done", what="the second reply")
         assert "tok/s" in reply().find_element(By.CSS_SELECTOR, ".stats").text
         assert "TTFT" in reply().find_element(By.CSS_SELECTOR, ".stats").text
-        last = [json.loads(line) for line in server.request_log.read_text().splitlines()][-1]["body"]
+        first, last = [json.loads(line)["body"] for line in server.request_log.read_text().splitlines()][-2:]
+        assert (first["temperature"], first["max_tokens"]) == (0, 20000)  # greedy: no early EOS
         roles = [m["role"] for m in last["messages"]]
         assert roles == ["system", "user", "assistant", "user"]
         assert last["messages"][1]["content"] == "Tell me a long story."
