@@ -201,19 +201,25 @@ def _check_config(cfg: LoRAConfig, n_layers: int) -> None:
     cfg.alpha, cfg.dropout = float(cfg.alpha), float(cfg.dropout)
     if isinstance(cfg.targets, str):
         cfg.targets = (cfg.targets,)
-    cfg.targets = tuple(cfg.targets)
-    if not cfg.targets or not all(isinstance(t, str) and t for t in cfg.targets):
+    targets = tuple(cfg.targets) if isinstance(cfg.targets, (list, tuple)) else ()
+    if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"targets must be a non-empty list of module names, not {cfg.targets!r}")
+    cfg.targets = targets
     if cfg.num_layers is not None:
         if isinstance(cfg.num_layers, bool) or not isinstance(cfg.num_layers, int) or cfg.num_layers < 1:
             raise ValueError(f"num_layers must be an integer >= 1 or None (all), not {cfg.num_layers!r}")
         if cfg.num_layers > n_layers:
             raise ValueError(f"num_layers={cfg.num_layers} but the model has only {n_layers} layers")
     if cfg.layers is not None:
-        layers = (cfg.layers,) if isinstance(cfg.layers, int) else tuple(cfg.layers)
+        if isinstance(cfg.layers, (list, tuple)):
+            layers = tuple(cfg.layers)
+        elif isinstance(cfg.layers, int) and not isinstance(cfg.layers, bool):
+            layers = (cfg.layers,)
+        else:
+            raise ValueError(f"layers must be a layer index or a list of them, not {cfg.layers!r}")
         bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers]
         if bad:
-            raise ValueError(f"layer {bad[0]!r} is not a layer index of this model (0..{n_layers - 1})")
+            raise ValueError(f"layers: {bad[0]!r} is not a layer index of this model (0..{n_layers - 1})")
         cfg.layers = layers
 
 
@@ -345,6 +351,61 @@ def _bad(where, why: str) -> ModelLoadError:
     return ModelLoadError(f"{where}: {why}")
 
 
+# The largest |scale| (alpha / rank) an adapter may give a layer: far above any real
+# adapter's (mlx-lm's default is 20), far below where B @ A * scale overflows.
+MAX_SCALE = 1e6
+
+
+def _value(where, key: str, value, default=..., kind: type = float):
+    """A number of an adapter config: `default` when null or absent (required when
+    `default` is ...), else a finite number (an integer for kind int), or
+    ModelLoadError naming the file and the key."""
+    if value is None:
+        if default is ...:
+            raise _bad(where, f"missing {key!r}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (kind is int and int(value) != value):
+        raise _bad(where, f"invalid {key!r} = {value!r}: expected {'an integer' if kind is int else 'a finite number'}")
+    return kind(value)
+
+
+def _flag(where, key: str, value) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _bad(where, f"invalid {key!r} = {value!r}: expected true or false")
+    return value
+
+
+def _patterns(where, key: str, value, kind: type) -> dict:
+    """PEFT's rank_pattern / alpha_pattern: module patterns (regular expressions) to numbers."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(where, f"invalid {key!r} = {value!r}: expected an object of module patterns")
+    for p in value:
+        try:
+            re.compile(rf"(.*\.)?({p})$")
+        except re.error as exc:
+            raise _bad(where, f"invalid {key!r}: pattern {p!r} is not a regular expression ({exc})") from None
+    return {p: _value(where, f"{key}.{p}", v, ..., kind) for p, v in value.items()}
+
+
+def _checked(cfg: LoRAConfig, model, where, keys: dict[str, str] | None = None) -> LoRAConfig:
+    """`cfg` validated as `apply_lora` validates its arguments; ModelLoadError naming the
+    config file and the key (`keys`: the file's names of LoRAConfig's fields, where they differ)."""
+    try:
+        _check_config(cfg, _num_model_layers(model))
+    except ValueError as exc:
+        msg = str(exc)
+        field = msg.split(" ", 1)[0].rstrip(":")
+        if keys and field in keys:
+            msg = keys[field] + msg[len(field):]
+        raise _bad(where, msg) from None
+    return cfg
+
+
 def _read_config(path: Path) -> dict:
     if not path.exists():
         raise _bad(path.parent, f"no {path.name} (an adapter directory holds {ADAPTER_WEIGHTS} or {PEFT_WEIGHTS} "
@@ -365,8 +426,9 @@ def _natural(path: str) -> list:
     return [int(t) if t.isdigit() else t for t in path.split(".")]
 
 
-def _install(model, entries: dict[str, dict], where, cfg: LoRAConfig) -> None:
-    """entries: layer path -> {"a": (r, in), "b": (out, r), "scale": float}."""
+def _install(model, entries: dict[str, dict], where, cfg: LoRAConfig, weights: Path) -> None:
+    """entries: layer path -> {"a": (r, in), "b": (out, r), "scale": float}, read from
+    the file `weights`."""
     modules = dict(model.named_modules())
     absent = sorted((p for p in entries if p not in modules), key=_natural)
     if absent:
@@ -382,6 +444,13 @@ def _install(model, entries: dict[str, dict], where, cfg: LoRAConfig) -> None:
             m = m.base_layer()
         if not isinstance(m, (Linear, QuantizedLinear)):
             raise _bad(where, f"the adapter adapts {path}, a {type(m).__name__}; only linear layers can be adapted")
+        for leaf in ("a", "b"):
+            if not e[leaf].dtype.is_floating:  # a mislabelled tensor: its bytes are not these numbers
+                raise _bad(weights, f"layer {path}: lora_{leaf} has dtype {e[leaf].dtype.name}, expected a "
+                                    f"floating-point type")
+        if not abs(e["scale"]) <= MAX_SCALE:  # (NaN too)
+            raise _bad(where, f"layer {path}: scale {e['scale']!r} (alpha / rank) is not a finite number of at most "
+                              f"{MAX_SCALE:g} in magnitude")
         a, b = e["a"].astype(_f32), e["b"].astype(_f32)
         rank = a.shape[0] if a.ndim == 2 else -1
         try:
@@ -404,17 +473,18 @@ def _load_amlx(model, d: Path, meta: dict) -> LoRAConfig:
         if leaf not in ("lora_a", "lora_b") or path not in modules:
             raise _bad(d / ADAPTER_WEIGHTS, f"unexpected tensor {name!r}")
         entries.setdefault(path, {})["a" if leaf == "lora_a" else "b"] = arr
+    where = d / ADAPTER_CONFIG
     for path, info in modules.items():
         if path not in entries:
             raise _bad(d / ADAPTER_WEIGHTS, f"no weights for layer {path}")
-        try:
-            entries[path]["scale"] = float(info["scale"])
-        except (KeyError, TypeError, ValueError):
-            raise _bad(d / ADAPTER_CONFIG, f"module {path} has no valid 'scale'") from None
-    cfg = LoRAConfig(int(meta.get("rank") or 8), float(meta.get("alpha") or 16.0), float(meta.get("dropout") or 0.0),
-                     tuple(meta.get("targets") or DEFAULT_TARGETS), meta.get("num_layers"),
-                     None if meta.get("layers") is None else tuple(meta["layers"]), bool(meta.get("use_rslora")))
-    _install(model, entries, d, cfg)
+        if not isinstance(info, dict) or info.get("scale") is None:
+            raise _bad(where, f"module {path} has no valid 'scale'")
+        entries[path]["scale"] = _value(where, f"modules.{path}.scale", info["scale"])
+    cfg = LoRAConfig(_value(where, "rank", meta.get("rank"), 8, int), _value(where, "alpha", meta.get("alpha"), 16.0),
+                     _value(where, "dropout", meta.get("dropout"), 0.0),
+                     DEFAULT_TARGETS if meta.get("targets") is None else meta["targets"],
+                     meta.get("num_layers"), meta.get("layers"), _flag(where, "use_rslora", meta.get("use_rslora")))
+    _install(model, entries, d, _checked(cfg, model, where), d / ADAPTER_WEIGHTS)
     return cfg
 
 
@@ -451,14 +521,15 @@ def _load_peft(model, d: Path, meta: dict, config: dict | None) -> LoRAConfig:
             raise _bad(where, f"{what} ({key}=true) is not supported")
     if meta.get("bias", "none") not in ("none", None):
         raise _bad(where, f"bias={meta['bias']!r} is not supported (only 'none': adapters without trained biases)")
-    try:
-        r = int(meta["r"])
-        alpha = float(meta.get("lora_alpha", 8))
-    except (KeyError, TypeError, ValueError):
-        raise _bad(where, "needs an integer 'r' and a numeric 'lora_alpha'") from None
-    rslora = bool(meta.get("use_rslora", False))
-    alpha_pattern = meta.get("alpha_pattern") or {}
-    rank_pattern = meta.get("rank_pattern") or {}
+    r = _value(where, "r", meta.get("r"), ..., int)
+    alpha = _value(where, "lora_alpha", meta.get("lora_alpha"), 8.0)
+    dropout = _value(where, "lora_dropout", meta.get("lora_dropout"), 0.0)
+    rslora = _flag(where, "use_rslora", meta.get("use_rslora"))
+    alpha_pattern = _patterns(where, "alpha_pattern", meta.get("alpha_pattern"), float)
+    rank_pattern = _patterns(where, "rank_pattern", meta.get("rank_pattern"), int)
+    for key, rank in [("r", r), *((f"rank_pattern.{p}", v) for p, v in rank_pattern.items())]:
+        if rank < 1:
+            raise _bad(where, f"invalid {key!r} = {rank}: a LoRA rank must be >= 1")
     # fan_in_fan_out only concerns Conv1D bases (GPT-2 style): PEFT itself turns it off
     # for nn.Linear, the only kind these architectures have; A and B are stored as
     # for any linear layer, so it changes nothing here.
@@ -477,22 +548,22 @@ def _load_peft(model, d: Path, meta: dict, config: dict | None) -> LoRAConfig:
         e["a" if m.group(2) == "A" else "b"] = arr
     for path, e in entries.items():
         key = e.pop("key")
-        rank = e["a"].shape[0] if "a" in e else r
+        rank = e["a"].shape[0] if "a" in e and e["a"].ndim == 2 else r  # (other shapes: _install refuses them)
         pk = _pattern_key(rank_pattern, key)
-        want = int(rank_pattern[pk]) if pk in rank_pattern else r
+        want = rank_pattern[pk] if pk in rank_pattern else r
         if rank != want:
             raise _bad(d / PEFT_WEIGHTS, f"{key}: lora_A has rank {rank} but the config says {want}")
         ak = _pattern_key(alpha_pattern, key)
-        a = float(alpha_pattern[ak]) if ak in alpha_pattern else alpha
+        a = alpha_pattern[ak] if ak in alpha_pattern else alpha
         e["scale"] = a / (math.sqrt(rank) if rslora else rank)
     targets = meta.get("target_modules")
     targets = tuple(targets) if isinstance(targets, list) else (
         tuple(sorted({p.rsplit(".", 1)[-1] for p in entries})))
-    ltt = meta.get("layers_to_transform")
-    cfg = LoRAConfig(r, alpha, float(meta.get("lora_dropout") or 0.0), targets, None,
-                     None if ltt is None else ((ltt,) if isinstance(ltt, int) else tuple(ltt)), rslora,
+    cfg = LoRAConfig(r, alpha, dropout, targets, None, meta.get("layers_to_transform"), rslora,
                      source={"format": "peft", "path": str(d)})
-    _install(model, entries, d, cfg)
+    keys = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
+            "layers": "layers_to_transform"}
+    _install(model, entries, d, _checked(cfg, model, where, keys), d / PEFT_WEIGHTS)
     return cfg
 
 
@@ -509,7 +580,12 @@ def _load_mlx_lm(model, d: Path, meta: dict) -> LoRAConfig:
     if not isinstance(params, dict) or meta.get("fine_tune_type", "lora") != "lora":
         raise _bad(d / ADAPTER_CONFIG, "an mlx-lm adapter config needs 'lora_parameters' and fine_tune_type 'lora' "
                                        "(DoRA and full fine-tunes are not supported)")
-    scale = float(params.get("scale", 20.0))
+    where = d / ADAPTER_CONFIG
+    scale = _value(where, "lora_parameters.scale", params.get("scale"), 20.0)
+    if abs(scale) > MAX_SCALE:
+        raise _bad(where, f"invalid 'lora_parameters.scale' = {scale!r}: more than {MAX_SCALE:g} in magnitude")
+    rank = _value(where, "lora_parameters.rank", params.get("rank"), 8, int)
+    dropout = _value(where, "lora_parameters.dropout", params.get("dropout"), 0.0)
     entries: dict[str, dict] = {}
     for name, arr in _read_weights(d / ADAPTER_WEIGHTS).items():
         path, _, leaf = name.rpartition(".")
@@ -519,11 +595,12 @@ def _load_mlx_lm(model, d: Path, meta: dict) -> LoRAConfig:
             path = path[: -len(".linear")]
         # mlx-lm keeps lora_a (in, r) and lora_b (r, out): the transposes of ours.
         entries.setdefault(path, {"scale": scale})["a" if leaf == "lora_a" else "b"] = ops.transpose(arr)
-    rank = int(params.get("rank", 8))
-    cfg = LoRAConfig(rank, scale * rank, float(params.get("dropout", 0.0)),
-                     tuple(sorted({p.rsplit(".", 1)[-1] for p in entries})), meta.get("num_layers"),
+    # mlx-lm's num_layers: the last N layers, -1 (or more than the model has) for all
+    n = meta.get("num_layers")
+    n = n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n < _num_model_layers(model) else None
+    cfg = LoRAConfig(rank, scale * rank, dropout, tuple(sorted({p.rsplit(".", 1)[-1] for p in entries})), n,
                      source={"format": "mlx-lm", "path": str(d)})
-    _install(model, entries, d, cfg)
+    _install(model, entries, d, _checked(cfg, model, where), d / ADAPTER_WEIGHTS)
     return cfg
 
 
