@@ -56,6 +56,8 @@ NOT_CARRIED = (CONFIG, "hf_quant_config.json", "quantize_config.json")
 _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
              "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "C64": 8}
 
+_FLOATS = {"F16", "BF16", "F32", "F64"}
+
 
 # ---------------------------------------------------------------------------
 # regular files only
@@ -113,7 +115,7 @@ def read_json(path: str | os.PathLike, *, required: bool = True, limit: int = JS
         return None
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, an integer of over 4300 digits
         raise ModelLoadError(f"{path}: invalid JSON: {e}") from None
     except RecursionError:
         raise ModelLoadError(f"{path}: invalid JSON: nested too deeply") from None
@@ -136,8 +138,11 @@ def _inside(directory: Path, name: str, where: Path) -> Path:
             or os.path.isabs(name) or "\0" in name:
         raise ModelLoadError(f"{where}: weight file {name!r} is not a file name inside the checkpoint directory")
     path = directory / name
-    target = path.resolve()
-    home = directory.resolve()
+    try:
+        target = path.resolve()
+        home = directory.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+        raise ModelLoadError(f"{where}: weight file {name!r} cannot be resolved: {e}") from None
     if home in target.parents or target.suffix == ".safetensors":
         return path
     if home.parent.name == "snapshots" and home.parent.parent / "blobs" in target.parents:
@@ -206,7 +211,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise ModelLoadError(f"{path}: cannot read: {e}") from None
     try:
         header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # (ValueError: bad UTF-8 or JSON, an over-long integer)
         raise ModelLoadError(f"{path}: not a safetensors file (invalid header: {e})") from None
     if not isinstance(header, dict):
         raise ModelLoadError(f"{path}: not a safetensors file (the header is not an object)")
@@ -307,6 +312,13 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointSpec:
                 where = "no file holds it" if name not in tensors else f"it is in {tensors[name].file.name}"
                 raise ModelLoadError(f"{path / INDEX}: lists tensor {name!r} in {listed}, but that file does not "
                                      f"hold it ({where})")
+    for name, scales in tensors.items():
+        biases = tensors.get(name[: -len("scales")] + "biases") if name.endswith(".scales") else None
+        # (two float types: MLX's quantized matmul would fail mid-request; a non-float one the builder refuses)
+        if biases is not None and biases.dtype != scales.dtype and {biases.dtype, scales.dtype} <= _FLOATS:
+            raise ModelLoadError(f"{biases.file}: tensor {name[: -len('scales')] + 'biases'!r} is {biases.dtype} but "
+                                 f"its layer's scales are {scales.dtype}: a quantized layer's scales and biases must "
+                                 f"have one dtype")
     return CheckpointSpec(path, raw, args, generation, files, index_map, tensors)
 
 

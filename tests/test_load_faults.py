@@ -219,3 +219,108 @@ def test_peft_lora_a_of_the_wrong_rank_of_dimensions_is_refused(loaded, tmp_path
         d = peft_adapter(tmp_path / "ad", {f"{name}.lora_A.weight": np.asarray(a), f"{name}.lora_B.weight": b})
         refused(loaded, d, str(d), Q_PROJ, "do not fit")
         shutil.rmtree(d)
+
+
+# -- checkpoints ---------------------------------------------------------------------
+
+def _copy(src, dst):
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _load_refused(path, *needles) -> str:
+    with pytest.raises(ModelLoadError) as info:
+        on_worker(lambda: load_model(path, progress=False).model.close())
+    msg = str(info.value)
+    for n in needles:
+        assert n in msg, f"{n!r} not in {msg!r}"
+    return msg
+
+
+@pytest.fixture(scope="module")
+def q4(qwen, tmp_path_factory):
+    return amlx.convert(qwen, tmp_path_factory.mktemp("q") / "q4", quantize=4, group_size=32, progress=False)
+
+
+LAYER = "model.layers.0.mlp.up_proj"
+
+
+@HYPOTHESIS
+@given(key=st.sampled_from(["group_size", "bits"]),
+       value=st.one_of(st.integers(max_value=0), st.text(max_size=3), st.floats().filter(lambda f: not f.is_integer()),
+                       st.just([4]), st.just(True)))
+def test_bad_per_layer_quantization_is_refused_when_the_config_is_read(qwen, key, value):
+    """A layer's own entry {"group_size": 0} was a ZeroDivisionError in the builder,
+    {"bits": "x"} a raw ValueError from int()."""
+    from amlx.models.config import normalize_config
+
+    raw = json.loads((qwen / "config.json").read_text())
+    raw["quantization"] = {"group_size": 32, "bits": 4, LAYER: {key: value}}
+    with pytest.raises(ModelLoadError) as info:
+        normalize_config(raw, qwen / "config.json")
+    assert str(qwen / "config.json") in str(info.value) and f"quantization.{LAYER}.{key}" in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["top", "layer"])
+def test_quantization_modes_other_than_affine_are_refused(q4, tmp_path, where):
+    """mode "nvfp4" / "mxfp4" loaded the weights as affine-quantized ones."""
+    p = _copy(q4, tmp_path / "c")
+    cfg = json.loads((p / "config.json").read_text())
+    for k in ("quantization", "quantization_config"):
+        if where == "top":
+            cfg[k]["mode"] = "nvfp4"
+        else:
+            cfg[k][LAYER] = {"mode": "mxfp4"}
+    (p / "config.json").write_text(json.dumps(cfg))
+    _load_refused(p, str(p / "config.json"), "mode", "fp4")
+
+
+def test_zero_group_size_of_one_layer_through_load(q4, tmp_path):
+    p = _copy(q4, tmp_path / "c")
+    cfg = json.loads((p / "config.json").read_text())
+    cfg["quantization"][LAYER] = {"group_size": 0}
+    (p / "config.json").write_text(json.dumps(cfg))
+    _load_refused(p, str(p / "config.json"), f"quantization.{LAYER}.group_size")
+
+
+def test_scales_and_biases_of_different_dtypes_are_refused_at_load(q4, tmp_path):
+    """The load succeeded and the first request failed inside MLX's quantized matmul
+    ("scales and biases must both be ... of one dtype")."""
+    from safetensors.numpy import load_file
+
+    p = _copy(q4, tmp_path / "c")
+    shard = p / "model.safetensors"
+    tensors = load_file(str(shard))
+    name = "model.layers.1.self_attn.o_proj.biases"
+    tensors[name] = tensors[name].astype(np.float16)
+    save_file(tensors, str(shard), metadata={"format": "mlx"})
+    _load_refused(p, str(shard), repr(name), "F16", "F32", "one dtype")
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_an_integer_too_long_to_parse_in_json_is_a_load_error(qwen, tmp_path, name):
+    """Python's json refuses integers of more than 4300 digits with a plain ValueError,
+    which read_json and read_header let through."""
+    p = _copy(qwen, tmp_path / "c")
+    if name == "config.json":
+        (p / name).write_text('{"model_type": "qwen3", "vocab_size": ' + "9" * 5000 + "}")
+        needle = "invalid JSON"
+    else:
+        big = b'{"x": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}'
+        (p / name).write_bytes(len(big).to_bytes(8, "little") + big + b"\0" * 4)
+        needle = "invalid header"
+    _load_refused(p, str(p / name), needle)
+
+
+def test_a_weight_file_that_links_to_itself_is_a_load_error(qwen, tmp_path):
+    """A symlink loop at model.safetensors was a RuntimeError from Path.resolve()."""
+    p = _copy(qwen, tmp_path / "c")
+    (p / "model.safetensors").unlink()
+    (p / "model.safetensors").symlink_to("model.safetensors")
+    _load_refused(p, "model.safetensors", "resolve")

@@ -417,7 +417,22 @@ def _quantization(top: ConfigReader) -> dict | None:
     out = dict(q)
     out["group_size"] = sub.integer("group_size", 64)
     out["bits"] = sub.integer("bits", 4)
+    _affine(sub, q)
+    for name, layer in q.items():
+        if isinstance(layer, Mapping):  # one layer's own group size and bits (mlx-lm's per-layer entries)
+            lr = sub.nested(name, layer)
+            _affine(lr, layer)
+            out[name] = {**layer, "group_size": lr.integer("group_size", out["group_size"]),
+                         "bits": lr.integer("bits", out["bits"])}
     return out
+
+
+def _affine(r: ConfigReader, q: Mapping) -> None:
+    """MLX's affine quantization is the one amlx reads (scales and biases per group):
+    other modes (mxfp4, nvfp4, mxfp8) store their weights differently."""
+    mode = q.get("mode")
+    if mode is not None and mode != "affine":
+        raise r.invalid("mode", mode, "unsupported quantization mode (MLX's affine quantization only)")
 
 
 # ---------------------------------------------------------------------------
