@@ -324,3 +324,26 @@ def test_a_weight_file_that_links_to_itself_is_a_load_error(qwen, tmp_path):
     (p / "model.safetensors").unlink()
     (p / "model.safetensors").symlink_to("model.safetensors")
     _load_refused(p, "model.safetensors", "resolve")
+
+
+@HYPOTHESIS
+@given(key=st.sampled_from(["rope_theta", "linear_factor", "rms_norm_eps"]),
+       value=st.one_of(st.floats(min_value=3.5e38, allow_infinity=False),
+                       st.floats(min_value=1e-300, max_value=1e-39)))
+def test_config_numbers_outside_float32_are_refused(qwen, key, value):
+    """rope_theta 1e39 or 1e-300, a linear rope factor of 1e-300 (scale 1e300) loaded and gave
+    NaN logits: MLX computes with them in float32, where they are infinite or zero."""
+    from amlx.models.config import normalize_config
+
+    raw = json.loads((qwen / "config.json").read_text())
+    if key == "rope_theta":
+        raw["rope_parameters"] = {"rope_type": "default", "rope_theta": value}
+    elif key == "linear_factor":
+        raw["rope_parameters"] = {"rope_type": "linear", "factor": value, "rope_theta": 1e6}
+    else:
+        raw[key] = value
+    with pytest.raises(ModelLoadError) as info:
+        normalize_config(raw, qwen / "config.json")
+    msg = str(info.value)
+    assert str(qwen / "config.json") in msg and "float32" in msg
+    assert ("factor" if key == "linear_factor" else key) in msg

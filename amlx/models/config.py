@@ -57,6 +57,11 @@ LIMITS = {
     "sliding_window": 1 << 26,
 }
 
+# Config numbers become float32 on the device: beyond these (normal) bounds one is
+# infinite or zero there and the logits NaN.
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_MIN = 1.1754943508222875e-38
+
 _ROPE_REQUIRED = {
     "default": (),
     "linear": ("factor",),
@@ -111,6 +116,8 @@ class ConfigReader:
             raise self.invalid(key, value, "expected a finite number")
         if positive and value <= 0:
             raise self.invalid(key, value, "must be > 0")
+        if value and not FLOAT32_MIN <= abs(value) <= FLOAT32_MAX:  # rope_theta 1e39 or 1e-300: NaN logits
+            raise self.invalid(key, value, "outside the range of float32, in which MLX computes with it")
         return float(value)
 
     def optional_number(self, key: str, default: Any = None) -> float | None:
