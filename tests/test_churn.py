@@ -382,3 +382,62 @@ def test_memory_back_after_churn_and_close(ckpt, cases, monkeypatch):
         finally:
             model.close()
     assert _active_bytes() == before
+
+
+def test_a_parked_row_with_penalties_read_mid_round_rejoins_after_a_drain(ckpt, cases, monkeypatch):
+    """A paused (parked) row whose sampling reads its token history (a penalty), whose consumer
+    reads between the round's drain check and its rejoin (another thread, so it can): it waits
+    for the next round's drain instead of joining beside the step in flight, where the batch's
+    device state has no history for it ("rows needing a token history join a batch state that
+    has none" failed the request). The race is made certain here: the check sees the parked
+    rows' buffers as still full."""
+    from amlx.engine.channel import Channel
+
+    model = _load(ckpt, monkeypatch, join_wait=0)
+    sched = model.engine.scheduler
+    checking = [False]
+    check, has_room = type(sched)._batch_will_change, Channel.has_room
+
+    def stale_check(self, joins):
+        checking[0] = True
+        try:
+            return check(self, joins)
+        finally:
+            checking[0] = False
+
+    def room(self, extra=0):
+        if checking[0] and any(r.channel is self for r in sched.parked):
+            return False
+        return has_room(self, extra)
+
+    monkeypatch.setattr(type(sched), "_batch_will_change", stale_check)
+    monkeypatch.setattr(Channel, "has_room", room)
+    penalised = {"repetition_penalty": 1.3}
+    try:
+        alone = [t.id for t in model.generate_sync(cases[0][0], max_tokens=PATH, **penalised)]
+
+        async def main():
+            out = {}
+
+            async def busy():  # keeps steps in flight, no penalty: the batch state has no history
+                out["busy"] = (await model.complete(cases[1][0], max_tokens=PATH)).token_ids
+
+            async def slow():  # parked again and again: its buffer holds one token
+                got = []
+                async for tok in model.generate(cases[0][0], max_tokens=PATH, max_buffer=1, **penalised):
+                    got.append(tok.id)
+                    await anyio.sleep(0.005)
+                out["slow"] = got
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(busy)
+                tg.start_soon(slow)
+            return out
+
+        before = _counts(model)
+        out = anyio.run(main)
+        assert out["slow"] == alone
+        assert out["busy"] == cases[1][1]
+        assert _counts(model).get("drains", 0) > before.get("drains", 0)
+    finally:
+        model.close()

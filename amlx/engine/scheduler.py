@@ -755,6 +755,11 @@ class Scheduler:
         for req in [r for r in self.parked if r.active and r.channel.has_room()]:
             if not self._holds_slot(req) and self._slots_held() >= self.max_batch_size:
                 continue
+            if self._inflight is not None and req.sampling.params.any_history:
+                # its consumer read since `_batch_will_change` looked (another thread), so the
+                # step in flight was not drained for it; it cannot join beside that step (as
+                # for waiting requests there): the next round drains first, then it rejoins
+                continue
             self.parked.remove(req)
             self._join(self.shards[req.shard], [req])
 
