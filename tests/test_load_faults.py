@@ -347,3 +347,13 @@ def test_config_numbers_outside_float32_are_refused(qwen, key, value):
     msg = str(info.value)
     assert str(qwen / "config.json") in msg and "float32" in msg
     assert ("factor" if key == "linear_factor" else key) in msg
+
+
+@pytest.mark.parametrize("changes, cause", [({"hidden_act": "relu"}, "activation 'relu' is not supported"),
+                                            ({"attention_bias": True}, "biases on o_proj or the MLP")])
+def test_what_an_architecture_refuses_names_the_config_file(qwen, tmp_path, changes, cause):
+    """An architecture's own refusals (an activation, biases it has no weights for) said only
+    "qwen3: ...", naming no file."""
+    bad = _copy(qwen, tmp_path / "bad")
+    _edit_config(bad, **changes)
+    _load_refused(bad, str(bad / "config.json"), cause)

@@ -56,7 +56,13 @@ def build_module_tree(spec: CheckpointSpec, tensors: dict[str, Array], dt=None) 
     w = Weights(own, args.text_quantization(), str(spec.path), dtype=dt,
                 origin={args.weight_name(n): str(t.file) for n, t in spec.tensors.items()
                         if args.weight_name(n) is not None})
-    model = architecture(spec.raw_config["model_type"]).build(args, w)
+    try:
+        model = architecture(spec.raw_config["model_type"]).build(args, w)
+    except ModelLoadError as exc:
+        if str(spec.path) in str(exc):
+            raise
+        # what an architecture refuses comes from config.json (the weights' errors name their files)
+        raise ModelLoadError(f"{Path(spec.path) / 'config.json'}: {exc}") from exc
     extra = w.leftover()
     if extra:
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
