@@ -19,10 +19,10 @@ avoid:
   filters that take a size (`center`, `indent`, `wordwrap`, `batch`, `slice`,
   `format`, `join`, `replace`, `sum`, `tojson`'s indent); every result counts
   towards an allocation budget, so many medium objects cannot add up either;
-- lists, tuples and dicts (literals, and what calls and filters return) are
-  measured written out, a shared part once per reference, so `[x, x]` doubling
-  in a loop cannot build something whose str() or tojson is astronomically
-  large.
+- lists, tuples, dicts, sets, dict views and namespaces (literals, and what
+  calls and filters return) are measured written out, a shared part once per
+  reference, so `[x, x]` or `namespace(a=x, b=x)` doubling in a loop cannot
+  build something whose str() or tojson is astronomically large.
 
 Loops and output are hooked by rewriting the template's syntax tree once, when
 it is compiled (`For.iter`, `Output` and `Concat` nodes get a counting filter
@@ -78,6 +78,11 @@ class TemplateLimits:
     alloc_factor: int = 64
 
 
+# Objects whose str() writes out what they hold: measured like lists (a namespace by its
+# attributes), so that nesting them cannot hide a doubling either.
+_CONTAINERS = (list, tuple, dict, set, frozenset, type({}.keys()), type({}.values()), type({}.items()))
+
+
 class _Budget:
     """The running counts of one render."""
 
@@ -120,7 +125,9 @@ class _Budget:
             return len(value)
         if isinstance(value, int):
             return value.bit_length() // 3 + 1
-        if not isinstance(value, (list, tuple, dict)):
+        if isinstance(value, jinja2.utils.Namespace):  # its repr shows its attributes
+            value = object.__getattribute__(value, "_Namespace__attrs")
+        if not isinstance(value, _CONTAINERS):
             return 8
         hit = self._expanded.get(id(value))
         if hit is not None and hit[0] is value:
@@ -134,7 +141,7 @@ class _Budget:
 
     def made(self, value: Any, what: str) -> None:
         """Checks an object just made (a container by its expanded size)."""
-        if isinstance(value, (str, bytes, list, tuple, dict)):
+        if isinstance(value, (str, bytes, jinja2.utils.Namespace, *_CONTAINERS)):
             self.size(self.expanded(value), what)
 
     def emit(self, n: int) -> None:

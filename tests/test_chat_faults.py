@@ -1,0 +1,69 @@
+"""Hostile chat templates and malformed chat requests: each fails its one render or request
+with a clear error (ChatTemplateError / ValueError in Python, an OpenAI-shaped 400 over HTTP),
+in bounded time and memory, and everything else goes on.
+
+Each test here was written for a fault that fuzzing found (see the commit that added it)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from amlx.chat_template import TemplateLimits
+from amlx.errors import ChatTemplateError
+from amlx.tokenizer import Tokenizer
+
+try:
+    from tests.helpers.tokenizers import write_tokenizer
+except ImportError:  # tests/ itself on sys.path
+    from helpers.tokenizers import write_tokenizer
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    path = tmp_path_factory.mktemp("chat-faults-tok")
+    write_tokenizer(path, "bpe")
+    return Tokenizer.from_dir(path)
+
+
+def small(tok: Tokenizer, **limits) -> Tokenizer:
+    """The tokenizer with smaller template limits (so a test without the fix stays quick)."""
+    tok = copy.copy(tok)
+    tok.template_limits = TemplateLimits(**limits)
+    return tok
+
+
+# -- templates: objects whose str() writes out what they hold ----------------------------------
+
+# Each wraps X twice in an object that none of the size checks measured: a namespace, and the
+# views of a dict. Doubling it 64 times made `{{ x }}` (or `~`, `%`, `|string`) write out 2**64
+# copies: the render hung for good, its one Python operation never reaching the time check.
+DOUBLERS = {
+    "namespace": "namespace(a=X, b=X)",
+    "dict values": "{'a': X, 'b': X}.values()",
+    "dict items": "{'a': X, 'b': X}.items()",
+    "namespace in a list": "[namespace(a=X), namespace(a=X)]",
+    "values of a namespace": "dict(a=namespace(a=X), b=X).values()",
+}
+USES = ["{{ ns.x }}", "{{ '' ~ ns.x }}", "{{ '%s' % ns.x }}", "{{ ns.x | string | length }}",
+        "{{ '{}'.format(ns.x) }}", "{{ ns.x | pprint }}"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(doubler=st.sampled_from(sorted(DOUBLERS)), use=st.sampled_from(USES), rounds=st.integers(14, 18))
+def test_doubling_through_namespaces_and_dict_views_is_refused_when_built(tok, doubler, use, rounds):
+    template = ("{% set ns = namespace(x='ab') %}{% for i in range(" + str(rounds) + ") %}"
+                "{% set ns.x = " + DOUBLERS[doubler].replace("X", "ns.x") + " %}{% endfor %}" + use)
+    with pytest.raises(ChatTemplateError, match="would make"):  # at creation, not once written out
+        small(tok, max_output=1 << 12).apply_chat_template(USER, chat_template=template)
+
+
+def test_namespaces_and_dict_views_of_normal_size_still_render(tok):
+    template = ("{% set ns = namespace(a=1, b='x') %}{{ ns.b }}{{ ns.a }}|{{ {'k': 'v'}.items() | list }}|"
+                "{{ {'k': 'v'}.values() | list }}{% for m in messages %}|{{ m.content }}{% endfor %}")
+    assert tok.apply_chat_template(USER, chat_template=template) == "x1|[('k', 'v')]|['v']|hi"
