@@ -7,7 +7,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Callable, Iterator
 
 import anyio
@@ -229,6 +229,10 @@ class Model:
             ids = await anyio.to_thread.run_sync(self._prompts.ids, prompt)
         else:
             ids = self._prompts.ids(prompt)
+        if isinstance(continuations, (str, bytes, Mapping)) or not isinstance(continuations, Iterable):
+            # (a string would score each of its characters)
+            raise TypeError(f"continuations must be a list of strings or of token-id lists, "
+                            f"not {type(continuations).__name__}")
         conts: list[list[int]] = []
         for c in continuations:
             if isinstance(c, str):

@@ -525,6 +525,10 @@ async def _score_body(arch: str) -> None:
             await model.score([], ["a"])  # no prompt token
         with pytest.raises(TypeError):
             await model.score(prompt, [3.5])
+        # a string, a dict or None is not a list of continuations (a string scored each character)
+        for bad in ("sports", {"sports": 1}, None):
+            with pytest.raises(TypeError, match="continuations must be a list"):
+                await model.score(prompt, bad)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
