@@ -211,6 +211,17 @@ def test_adapter_tensors_that_are_not_floats_are_refused(loaded, tmp_path, fmt, 
             "floating")
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("leaf", ["lora_a", "lora_b"])
+def test_adapter_tensors_holding_nan_or_inf_are_refused(loaded, tmp_path, leaf, value):
+    """An adapter from a diverged training run loaded, and every logit was NaN."""
+    a, b = _ab()
+    (a if leaf == "lora_a" else b)[1, 1] = value
+    d = amlx_adapter(tmp_path / "ad")
+    save_file({f"{Q_PROJ}.lora_a": a, f"{Q_PROJ}.lora_b": b}, str(d / "adapters.safetensors"))
+    refused(loaded, d, str(d / "adapters.safetensors"), Q_PROJ, leaf, "NaN or infinite")
+
+
 def test_peft_lora_a_of_the_wrong_rank_of_dimensions_is_refused(loaded, tmp_path):
     """A 0-d or 1-d lora_A was an IndexError (its shape[0] read as the rank)."""
     name = f"base_model.model.{Q_PROJ}"

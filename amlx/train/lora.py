@@ -426,6 +426,18 @@ def _natural(path: str) -> list:
     return [int(t) if t.isdigit() else t for t in path.split(".")]
 
 
+def _check_finite(entries: dict[str, dict], weights: Path) -> None:
+    """Refuses an adapter holding NaN or infinite values (a training run that diverged): it
+    loaded, and every logit came out NaN. One pass over the adapter's small matrices, before
+    any layer is replaced."""
+    checks = [(path, leaf, ops.all(ops.abs(e[leaf].astype(_f32)) < math.inf))
+              for path, e in entries.items() for leaf in ("a", "b") if leaf in e and e[leaf].dtype.is_floating]
+    mx_eval(*[ok for *_, ok in checks])
+    for path, leaf, ok in sorted(checks, key=lambda c: _natural(c[0])):
+        if not ok.item():
+            raise _bad(weights, f"layer {path}: lora_{leaf} holds NaN or infinite values")
+
+
 def _install(model, entries: dict[str, dict], where, cfg: LoRAConfig, weights: Path) -> None:
     """entries: layer path -> {"a": (r, in), "b": (out, r), "scale": float}, read from
     the file `weights`."""
@@ -435,6 +447,7 @@ def _install(model, entries: dict[str, dict], where, cfg: LoRAConfig, weights: P
         more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
         raise _bad(where, f"the adapter adapts {absent[0]}{more}, which this model does not have (an adapter for "
                           f"another architecture or size?)")
+    _check_finite(entries, weights)
     for path in sorted(entries, key=_natural):
         e = entries[path]
         if "a" not in e or "b" not in e:
