@@ -341,6 +341,14 @@ def _filter_tojson(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
     return args
 
 
+def _filter_round(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
+    # round() of an int, and the ceil / floor methods, compute 10 ** precision exactly.
+    precision = _arg(args, kwargs, 1, "precision", 0)
+    if isinstance(precision, int):
+        _check_bits(abs(precision) * 4, "the round filter's precision (10 ** precision)")
+    return args
+
+
 def _filter_sum(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
     start = _arg(args, kwargs, 2, "start", 0)
     if isinstance(start, (int, float)):
@@ -355,7 +363,7 @@ def _filter_sum(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
 _FILTER_CHECKS: dict[str, Callable[[_Budget, tuple, dict], tuple]] = {
     "center": _filter_center, "indent": _filter_indent, "wordwrap": _filter_wordwrap, "batch": _filter_batch,
     "slice": _filter_slice, "format": _filter_format, "replace": _filter_replace, "join": _filter_join,
-    "tojson": _filter_tojson, "sum": _filter_sum,
+    "tojson": _filter_tojson, "sum": _filter_sum, "round": _filter_round,
 }
 
 
@@ -551,6 +559,8 @@ class ChatEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
         owner = getattr(obj, "__self__", None)
         if isinstance(owner, (str, bytes)):
             args = _check_str_method(budget, owner, getattr(obj, "__name__", ""), args, kwargs)
+        elif isinstance(owner, int) and getattr(obj, "__name__", "") == "to_bytes":
+            budget.size(_int(args[0] if args else kwargs.get("length", 1)), "int.to_bytes")
         elif isinstance(obj, jinja2.runtime.LoopContext) and args:
             args = (_counted(args[0]), *args[1:])  # a recursive loop's next level
         result = super().call(context, obj, *args, **kwargs)

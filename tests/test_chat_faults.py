@@ -67,3 +67,32 @@ def test_namespaces_and_dict_views_of_normal_size_still_render(tok):
     template = ("{% set ns = namespace(a=1, b='x') %}{{ ns.b }}{{ ns.a }}|{{ {'k': 'v'}.items() | list }}|"
                 "{{ {'k': 'v'}.values() | list }}{% for m in messages %}|{{ m.content }}{% endfor %}")
     assert tok.apply_chat_template(USER, chat_template=template) == "x1|[('k', 'v')]|['v']|hi"
+
+
+# -- templates: numbers that cost more than their size ------------------------------------------
+
+@settings(max_examples=25, deadline=None)
+@given(value=st.sampled_from(["7", "7.5", "123456789"]), method=st.sampled_from(["", ", 'floor'", ", 'ceil'"]),
+       precision=st.integers(100_000, 1_000_000).flatmap(lambda n: st.sampled_from([n, -n])))
+def test_round_with_a_huge_precision_is_refused(tok, value, method, precision):
+    """`7|round(-10**9)` and `x|round(10**9, 'floor')` compute 10 ** precision exactly: the
+    render hung (10**7 alone takes 7 s). The precision is refused before. (Smaller precisions
+    here, so that the test fails quickly without the check.)"""
+    template = "{{ " + value + " | round(" + str(precision) + method + ") }}"
+    with pytest.raises(ChatTemplateError, match="round filter's precision"):
+        tok.apply_chat_template(USER, chat_template=template)
+
+
+def test_round_of_ordinary_precisions_still_works(tok):
+    assert tok.apply_chat_template(USER, chat_template="{{ 2.567 | round(2) }} {{ 2.5 | round(0, 'ceil') }} "
+                                   "{{ 1234 | round(-2) }} {{ 1.25 | round(precision=1, method='floor') }}") == \
+        "2.57 3.0 1200 1.2"
+
+
+@pytest.mark.parametrize("call", ["(5).to_bytes(10**8, 'big')", "(5).to_bytes(length=10**8, byteorder='big')"])
+def test_int_to_bytes_of_a_huge_length_is_refused_before_it_allocates(tok, call):
+    """`(5).to_bytes(2 * 10**9, 'big')` allocated 2 GB before its result was measured (and a
+    larger length raised MemoryError, or took the machine's memory)."""
+    with pytest.raises(ChatTemplateError, match="int.to_bytes would make"):
+        small(tok, max_output=1 << 12).apply_chat_template(USER, chat_template="{{ " + call + " | length }}")
+    assert tok.apply_chat_template(USER, chat_template="{{ (258).to_bytes(2, 'big') | list }}") == "[1, 2]"
