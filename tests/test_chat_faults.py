@@ -96,3 +96,16 @@ def test_int_to_bytes_of_a_huge_length_is_refused_before_it_allocates(tok, call)
     with pytest.raises(ChatTemplateError, match="int.to_bytes would make"):
         small(tok, max_output=1 << 12).apply_chat_template(USER, chat_template="{{ " + call + " | length }}")
     assert tok.apply_chat_template(USER, chat_template="{{ (258).to_bytes(2, 'big') | list }}") == "[1, 2]"
+
+
+# -- templates: too large to compile -------------------------------------------------------------
+
+def test_a_template_too_large_to_compile_is_refused_after_counting_its_tokens(tok):
+    """Jinja compiles with no limit: a 700 KB template of `{{ a }}` took 9 s and 1.1 GB to
+    compile, and 7 MB would take 90 s and 11 GB, once for every request (a failed compile is
+    not cached). It is refused after its first 100,000 tokens are counted."""
+    template = "{{ messages[0].content }}" * 40_000  # 240,000 tokens
+    with pytest.raises(ChatTemplateError, match="more than 100000 Jinja tokens"):
+        tok.apply_chat_template(USER, chat_template=template)
+    plain = "x" * 3_000_000 + "{{ messages[0].content }}"  # a long text is one token, cheap to compile
+    assert tok.apply_chat_template(USER, chat_template=plain).endswith("xhi")
