@@ -10,15 +10,60 @@ thread as the stream's first awaited step, so the event loop goes on meanwhile
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping
 from typing import Any
 
-from amlx.errors import ContextLengthError
+from amlx.errors import ChatTemplateError, ContextLengthError
 
 INLINE_CHARS = 16384  # text up to this many characters is tokenized at once, on the caller's thread
 
 # A text has at least len(text) / (SHRINK * longest vocabulary piece) tokens. The factor
 # leaves room for normalizers that shorten text before it is split (NFKC composition).
 SHRINK = 2
+
+
+# Chat messages and tools are copied into plain data (and written out by the template's tojson)
+# by recursion: deeper nesting raised RecursionError, a structure that holds itself recursed
+# without end, and one that holds a part many times over was copied once per reference.
+MAX_DEPTH = 128  # real messages nest a few levels, tool schemas a few dozen
+MAX_ITEMS = 1 << 22  # values written out (a shared part counts once per reference)
+
+
+def check_structure(value: Any, what: str) -> None:
+    """ChatTemplateError (a ValueError) when `value` (a message, a tool, ...) nests more than
+    MAX_DEPTH levels deep, holds itself, or holds more than MAX_ITEMS values written out."""
+    _measure(value, 0, {}, set(), what)
+
+
+def _measure(value: Any, depth: int, memo: dict[int, tuple[int, int]], path: set[int],
+             what: str) -> tuple[int, int]:
+    """(levels below `value`, values in it written out), each container walked once."""
+    if isinstance(value, Mapping):
+        children: Any = itertools.chain(value.keys(), value.values())  # (tuples can be keys)
+    elif isinstance(value, (list, tuple)):
+        children = value
+    else:
+        return 0, 1
+    key = id(value)
+    if key in path:
+        raise ChatTemplateError(f"{what} contains itself, so it cannot be written out")
+    below, items = memo.get(key) or (0, 0)
+    if not items:
+        if depth >= MAX_DEPTH:
+            raise ChatTemplateError(f"{what} nests more than {MAX_DEPTH} levels deep")
+        path.add(key)
+        items = 1
+        for child in children:
+            child_below, child_items = _measure(child, depth + 1, memo, path, what)
+            below, items = max(below, child_below + 1), items + child_items
+            if items > MAX_ITEMS:
+                raise ChatTemplateError(f"{what} holds more than {MAX_ITEMS} values (written out)")
+        path.discard(key)
+        memo[key] = below, items
+    if depth + below > MAX_DEPTH:
+        raise ChatTemplateError(f"{what} nests more than {MAX_DEPTH} levels deep")
+    return below, items
 
 
 def is_messages(prompt: Any) -> bool:
@@ -49,6 +94,7 @@ class PromptEncoder:
             self.check_text(prompt)
             return self._tokenizer.encode(prompt)
         if is_messages(prompt):
+            check_structure(prompt, "the chat messages")
             text = self._tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
             self.check_text(text)
             return self._tokenizer.encode(text, add_special_tokens=False)

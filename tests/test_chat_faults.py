@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from amlx.chat_template import TemplateLimits
 from amlx.errors import ChatTemplateError
+from amlx.prompt import MAX_DEPTH, PromptEncoder
 from amlx.tokenizer import Tokenizer
 
 try:
@@ -109,3 +110,187 @@ def test_a_template_too_large_to_compile_is_refused_after_counting_its_tokens(to
         tok.apply_chat_template(USER, chat_template=template)
     plain = "x" * 3_000_000 + "{{ messages[0].content }}"  # a long text is one token, cheap to compile
     assert tok.apply_chat_template(USER, chat_template=plain).endswith("xhi")
+
+
+# -- chat messages through the Python API ------------------------------------------------------
+
+def nested(depth: int, leaf: object = "x", kind: str = "dict") -> object:
+    value = leaf
+    for _ in range(depth):
+        value = {"a": value} if kind == "dict" else [value]
+    return value
+
+
+@settings(max_examples=20, deadline=None)
+@given(depth=st.integers(MAX_DEPTH + 1, 5000), kind=st.sampled_from(["dict", "list"]),
+       where=st.sampled_from(["content", "tool_calls", "extra"]))
+def test_messages_nested_too_deep_are_a_value_error(tok, depth, kind, where):
+    """Nesting of a few hundred levels (in content parts, tool-call arguments, any key) raised
+    RecursionError from the copy into plain data, which model.generate passed on as is."""
+    value = nested(depth, kind=kind)
+    message = {"role": "assistant", "content": "c"}
+    if where == "content":
+        message["content"] = [{"type": "text", "text": "t", "extra": value}]
+    elif where == "tool_calls":
+        message["tool_calls"] = [{"type": "function", "function": {"name": "f", "arguments": value}}]
+    else:
+        message["metadata"] = value
+    with pytest.raises(ChatTemplateError, match=f"nests more than {MAX_DEPTH} levels deep"):
+        PromptEncoder(tok, 4096).ids([*USER, message])
+
+
+def test_messages_that_contain_themselves_or_repeat_a_part_are_a_value_error(tok):
+    """A message holding itself recursed without end (RecursionError); one holding a part 2**24
+    times over (a list of [x, x] nested 24 deep: 24 objects) was copied out to 16 million."""
+    looped = {"role": "user", "content": "hi"}
+    looped["self"] = [looped]
+    with pytest.raises(ChatTemplateError, match="contains itself"):
+        PromptEncoder(tok, 4096).ids([looped])
+    shared: object = "x"
+    for _ in range(24):
+        shared = [shared, shared]
+    with pytest.raises(ChatTemplateError, match="holds more than"):
+        PromptEncoder(tok, 4096).ids([{"role": "user", "content": "hi", "extra": shared}])
+    fine = nested(MAX_DEPTH - 2)  # (inside the message and the list: MAX_DEPTH levels)
+    assert PromptEncoder(tok, 4096).ids([{"role": "user", "content": "hi", "extra": fine}])
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+# The tool checkpoint's template behind a switch: a last message "T:<name>" picks a hostile branch.
+HOSTILE = {
+    "raise": "{{ raise_exception('the template says no') }}",
+    "loop": "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+    "undefined": "{{ nothing.here }}",
+    "recursion": "{% macro r(n) %}{{ r(n + 1) }}{% endmacro %}{{ r(0) }}",
+    "dunder": "{{ ''.__class__.__mro__ }}",
+    "repetition": "{{ 'a' * 10**9 }}",
+    "doubling": ("{% set ns = namespace(x='ab') %}{% for i in range(64) %}{% set ns.x = namespace(a=ns.x, b=ns.x) %}"
+                 "{% endfor %}{{ ns.x }}"),
+    "round": "{{ 7 | round(-10**9) }}",
+    "division": "{{ 1 / 0 }}",
+}
+EXPECTED = {"raise": "the template says no", "loop": "steps", "undefined": "undefined",
+            "recursion": "RecursionError", "dunder": "unsafe", "repetition": "repetition", "doubling": "would make",
+            "round": "round filter", "division": "ZeroDivisionError"}
+
+
+def _hostile_template(normal: str) -> str:
+    branches = "".join("{%- elif c == 'T:" + name + "' -%}" + (body if isinstance(body, str) else body[0])
+                       for name, body in HOSTILE.items())
+    return ("{%- set c = messages[-1].content if messages[-1].content is string else '' -%}{%- if false -%}"
+            + branches + "{%- else -%}" + normal + "{%- endif -%}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import json
+
+    from tests.helpers.serving import ServerProcess, tool_checkpoint
+
+    path = tool_checkpoint(tmp_path_factory.mktemp("chat-faults-ckpt"))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = _hostile_template(config["chat_template"])
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    with ServerProcess(path, "--model-name", "tiny", "--max-context", "512") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=60) as client:  # one kept-alive connection
+        yield client
+
+
+def chat(http, messages, **body):
+    return http.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 1, **body})
+
+
+def assert_error(response, status: int, *fragments: str, param: str | None = "messages") -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    for fragment in fragments:
+        assert fragment in error["message"], error
+    return error
+
+
+def assert_serving(http) -> None:
+    assert chat(http, USER).status_code == 200
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_a_hostile_template_fails_its_request_with_a_400_and_the_server_goes_on(server, http, name):
+    assert_error(chat(http, [{"role": "user", "content": f"T:{name}"}]), 400, EXPECTED[name])
+    assert_serving(http)
+    assert server.alive()
+
+
+@pytest.mark.parametrize("arguments", ['{"a": ' * 600 + "1" + "}" * 600, "[" * 100_000 + "]" * 100_000])
+def test_tool_call_arguments_nested_too_deep_are_a_400_not_a_500(http, arguments):
+    """Arguments of a few hundred levels made a RecursionError, answered as a 500 internal error;
+    100,000 levels (which json.loads refuses) are passed to the template as the text they are."""
+    messages = [*USER, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}]}]
+    response = chat(http, messages)
+    if arguments.startswith("{"):
+        assert_error(response, 400, f"nests more than {MAX_DEPTH} levels deep")
+    else:
+        assert_error(response, 400, "context holds", param=None)  # rendered: 200,000 characters
+    assert_serving(http)
+
+
+def test_tool_call_arguments_with_a_huge_integer_are_passed_as_text(http):
+    """json.loads refuses integers of over 4300 digits with a ValueError, which was not caught
+    (the request failed with Python's 'Exceeds the limit (4300 digits)')."""
+    messages = [*USER, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"n": ' + "9" * 5000 + "}"}}]}]
+    assert_error(chat(http, messages), 400, "context holds", param=None)  # rendered, only too long
+
+
+def test_tools_nested_too_deep_are_a_400_naming_tools(http):
+    tool = {"type": "function", "function": {"name": "f", "parameters": nested(400)}}
+    assert_error(chat(http, USER, tools=[tool]), 400, f"nests more than {MAX_DEPTH} levels deep", param="tools")
+    assert_serving(http)
+
+
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(10**20), 10**20), st.floats(allow_nan=False),
+                         st.text(max_size=12), st.sampled_from(["T:raise", "T:empty", "T:doubling", "\ud800", "{", "[]"]))
+JSON = st.recursive(JSON_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(["type", "text", "role", "content", "id", "name",
+                                                                  "function", "arguments", "image_url"]),
+                                                 inner, max_size=3)), max_leaves=8)
+PART = st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "input_audio", "refusal", "x"])},
+                                       optional={"text": st.one_of(st.text(max_size=8), JSON)}), JSON)
+CALL = st.one_of(st.fixed_dictionaries({
+    "id": st.one_of(st.text(max_size=6), JSON), "type": st.sampled_from(["function", "other"]),
+    "function": st.fixed_dictionaries({"name": st.one_of(st.text(max_size=6), JSON),
+                                       "arguments": st.one_of(st.sampled_from(['{"a": 1}', "", "no json", "[1]",
+                                                                               "{" * 3000, "null"]), JSON)})}), JSON)
+MESSAGE = st.fixed_dictionaries(
+    {"role": st.one_of(st.sampled_from(["user", "assistant", "system", "developer", "tool", "function"]), JSON)},
+    optional={"content": st.one_of(st.text(max_size=10), st.lists(PART, max_size=3), JSON),
+              "tool_calls": st.one_of(st.lists(CALL, max_size=2), JSON), "tool_call_id": JSON, "name": JSON,
+              "refusal": JSON, "reasoning_content": JSON})
+TOOL = st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["function", "x"]), "function": st.fixed_dictionaries(
+    {"name": st.one_of(st.text(max_size=6), JSON)}, optional={"parameters": JSON, "description": JSON})}), JSON)
+
+
+@settings(max_examples=60, deadline=None)
+@given(messages=st.one_of(st.lists(MESSAGE, min_size=1, max_size=4), JSON),
+       extra=st.fixed_dictionaries({}, optional={"tools": st.one_of(st.lists(TOOL, max_size=2), JSON),
+                                                 "tool_choice": st.one_of(st.sampled_from(["auto", "none", "required"]),
+                                                                          JSON),
+                                                 "stream": st.booleans()}))
+def test_any_malformed_chat_request_is_answered_with_200_or_an_openai_400(server, http, messages, extra):
+    import json
+
+    body = json.dumps({"model": "tiny", "max_tokens": 1, "messages": messages, **extra})  # (\ud800 escaped)
+    response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    if response.status_code != 200:
+        assert_error(response, 400, param=response.json()["error"]["param"])
+        assert response.json()["error"]["message"]
+    assert server.alive()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from amlx.prompt import check_structure
 from amlx.serve.errors import APIError
 from amlx.serve.schemas import ChatRequest, CompletionRequest, Message
 
@@ -29,7 +30,7 @@ def _arguments(text: str) -> Any:
     """Tool-call arguments as the templates expect them: a dict (they apply `tojson`)."""
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, an integer of over 4300 digits, nesting too deep
         return text
     return value if isinstance(value, dict) else text
 
@@ -67,6 +68,11 @@ def chat_tools(req: ChatRequest) -> list[dict] | None:
 
 def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None) -> list[int]:
     """Prompt ids of a conversation (blocking: run it off the event loop)."""
+    for value, param in ((messages, "messages"), (tools, "tools")):
+        try:  # tool-call arguments and tool schemas nested too deep for the template (ValueError)
+            check_structure(value, param)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=param, code="invalid_value") from exc
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
     except ValueError as exc:  # ChatTemplateError: the template refused these messages
