@@ -66,6 +66,12 @@ def _measure(value: Any, depth: int, memo: dict[int, tuple[int, int]], path: set
     return below, items
 
 
+def check_rendered(text: str) -> None:
+    """ChatTemplateError when a chat template rendered nothing at all (no prompt to continue)."""
+    if not text:
+        raise ChatTemplateError("the chat template rendered nothing for these messages (an empty prompt)")
+
+
 def is_messages(prompt: Any) -> bool:
     return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
 
@@ -96,6 +102,7 @@ class PromptEncoder:
         if is_messages(prompt):
             check_structure(prompt, "the chat messages")
             text = self._tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
+            check_rendered(text)
             self.check_text(text)
             return self._tokenizer.encode(text, add_special_tokens=False)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):

@@ -155,10 +155,29 @@ def test_messages_that_contain_themselves_or_repeat_a_part_are_a_value_error(tok
     assert PromptEncoder(tok, 4096).ids([{"role": "user", "content": "hi", "extra": fine}])
 
 
+def with_template(path, template: str) -> Tokenizer:
+    import json
+
+    write_tokenizer(path, "bpe")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return Tokenizer.from_dir(path)
+
+
+def test_a_template_that_renders_nothing_is_a_chat_template_error(tmp_path):
+    """An empty rendering reached the engine as an empty prompt ("the prompt is empty"),
+    which did not say that the chat template made it."""
+    for template in ("{{ '' }}", "{% for m in messages %}{% if false %}{{ m }}{% endif %}{% endfor %}"):
+        with pytest.raises(ChatTemplateError, match="chat template rendered nothing"):
+            PromptEncoder(with_template(tmp_path, template), 4096).ids(USER)
+    assert PromptEncoder(with_template(tmp_path, " "), 4096).ids(USER)  # blank, but a prompt
+
+
 # -- the server ----------------------------------------------------------------------------------
 
 # The tool checkpoint's template behind a switch: a last message "T:<name>" picks a hostile branch.
 HOSTILE = {
+    "empty": "",
     "raise": "{{ raise_exception('the template says no') }}",
     "loop": "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
     "undefined": "{{ nothing.here }}",
@@ -170,13 +189,13 @@ HOSTILE = {
     "round": "{{ 7 | round(-10**9) }}",
     "division": "{{ 1 / 0 }}",
 }
-EXPECTED = {"raise": "the template says no", "loop": "steps", "undefined": "undefined",
+EXPECTED = {"empty": "rendered nothing", "raise": "the template says no", "loop": "steps", "undefined": "undefined",
             "recursion": "RecursionError", "dunder": "unsafe", "repetition": "repetition", "doubling": "would make",
             "round": "round filter", "division": "ZeroDivisionError"}
 
 
 def _hostile_template(normal: str) -> str:
-    branches = "".join("{%- elif c == 'T:" + name + "' -%}" + (body if isinstance(body, str) else body[0])
+    branches = "".join("{%- elif c == 'T:" + name + "' -%}" + body
                        for name, body in HOSTILE.items())
     return ("{%- set c = messages[-1].content if messages[-1].content is string else '' -%}{%- if false -%}"
             + branches + "{%- else -%}" + normal + "{%- endif -%}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from amlx.prompt import check_structure
+from amlx.prompt import check_rendered, check_structure
 from amlx.serve.errors import APIError
 from amlx.serve.schemas import ChatRequest, CompletionRequest, Message
 
@@ -75,6 +75,7 @@ def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None) -> li
             raise APIError(400, str(exc), param=param, code="invalid_value") from exc
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+        check_rendered(text)
     except ValueError as exc:  # ChatTemplateError: the template refused these messages
         raise APIError(400, str(exc), param="messages", code="invalid_messages") from exc
     return tokenizer.encode(text, add_special_tokens=False)
