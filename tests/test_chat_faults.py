@@ -276,6 +276,16 @@ def test_tools_nested_too_deep_are_a_400_naming_tools(http):
     assert_serving(http)
 
 
+def test_a_text_part_without_text_is_named_as_such(http):
+    """{"type": "text"} with no text was refused as "content parts of type 'text' are not
+    supported (text only)"."""
+    for part in ({"type": "text"}, {"type": "text", "text": None}):
+        error = assert_error(chat(http, [{"role": "user", "content": [part]}]), 400, "has no 'text'")
+        assert "not supported" not in error["message"]
+    assert_error(chat(http, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400,
+                 "'image_url' are not supported")
+
+
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(10**20), 10**20), st.floats(allow_nan=False),
                          st.text(max_size=12), st.sampled_from(["T:raise", "T:empty", "T:doubling", "\ud800", "{", "[]"]))
 JSON = st.recursive(JSON_SCALARS, lambda inner: st.one_of(

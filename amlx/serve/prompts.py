@@ -19,9 +19,12 @@ def _text_of(message: Message) -> str | None:
         return content
     parts = []
     for part in content:
-        if part.type != "text" or part.text is None:
+        if part.type != "text":
             raise APIError(400, f"content parts of type {part.type!r} are not supported (text only)",
                            param="messages", code="unsupported_content")
+        if part.text is None:
+            raise APIError(400, "a content part of type 'text' has no 'text'", param="messages",
+                           code="invalid_value")
         parts.append(part.text)
     return "".join(parts)
 
