@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -284,6 +285,24 @@ def test_a_text_part_without_text_is_named_as_such(http):
         assert "not supported" not in error["message"]
     assert_error(chat(http, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400,
                  "'image_url' are not supported")
+
+
+async def test_the_openai_clients_reply_echoed_back_as_a_dict_is_accepted(server):
+    """`messages.append(reply.model_dump())`, the usual way to continue after a tool call, sends
+    OpenAI's reply fields refusal, annotations, audio and function_call (null): each was
+    refused as an unsupported field."""
+    client = server.client()
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    first = await client.chat.completions.create(model="tiny", messages=USER, tools=tools, max_tokens=8)
+    reply = first.choices[0].message
+    assert reply.tool_calls
+    for echoed in (reply.model_dump(), {**reply.model_dump(), "refusal": "no", "annotations": []}):
+        messages = [*USER, echoed, {"role": "tool", "tool_call_id": reply.tool_calls[0].id, "content": "sunny"}]
+        again = await client.chat.completions.create(model="tiny", messages=messages, tools=tools, max_tokens=1)
+        assert again.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    with pytest.raises(openai.BadRequestError, match="audio"):
+        await client.chat.completions.create(model="tiny", max_tokens=1, messages=[
+            *USER, {**reply.model_dump(), "audio": {"id": "a1"}}])
 
 
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(10**20), 10**20), st.floats(allow_nan=False),

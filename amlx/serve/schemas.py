@@ -63,6 +63,12 @@ class Message(_Strict):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: StrictStr | None = None
     reasoning_content: StrictStr | None = None
+    # Fields of the assistant messages that OpenAI's replies carry, which clients echo back as
+    # they came (`reply.model_dump()`): accepted, unused. audio and function_call only as null.
+    refusal: StrictStr | None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: None = None
+    function_call: None = None
 
 
 class ResponseFormat(BaseModel):
