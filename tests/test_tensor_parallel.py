@@ -483,15 +483,18 @@ def test_small_pool_waits_and_preempts(checkpoints, monkeypatch):
     assert followers() == []
 
 
-def test_quantized_kv_cache(tmp_path):
-    """kv_bits=8: every rank stores its heads' blocks quantized (the followers start
-    with rank 0's kv_bits), and the greedy tokens are one process's with kv_bits=8."""
-    path = make_checkpoint(tmp_path / "q", "qwen3", seed=3, head_dim=64)  # (kv_bits quantizes groups of 64)
+@pytest.mark.parametrize("arch, bits", [("qwen3", 8), ("gemma3_text", 4)])
+def test_quantized_kv_cache(tmp_path, arch, bits):
+    """kv_bits: every rank stores its heads' blocks quantized (the followers start with rank
+    0's kv_bits), and the greedy tokens are one process's with the same kv_bits. (The ranks
+    decode with the plain ops, one process with the CPU kernel: the ops attended a token's own
+    key and value quantized, the kernel as computed, and Gemma's tokens parted within 8.)"""
+    path = make_checkpoint(tmp_path / "q", arch, seed=3, head_dim=64)  # (kv_bits quantizes groups of 64)
     prompts, max_tokens = PROMPTS[:3], MAX_TOKENS[:3]
 
     async def go(tp):
-        async with await amlx.load(path, device="cpu", tensor_parallel=tp, kv_bits=8) as m:
-            assert m.engine.scheduler.pools.kv[0].pool.bits == 8
+        async with await amlx.load(path, device="cpu", tensor_parallel=tp, kv_bits=bits) as m:
+            assert m.engine.scheduler.pools.kv[0].pool.bits == bits
             return await greedy_together(m, prompts, max_tokens)
     assert run(go, 2) == run(go, 1)
 

@@ -181,10 +181,7 @@ class Step:
     def __init__(self, batch: int, length: int, pos: int | Array, decode_kernel: bool = False):
         self.batch, self.length, self.pos = batch, length, pos
         self.memo: dict = {}
-        # the fused decode kernels (CUDA or CPU), where the engine chose them (CausalLM.use_decode_kernel):
-        # `kernel_decodes` for any pass of that engine (its decode steps use them), `decode_kernel`
-        # for this pass, a decode step
-        self.kernel_decodes = decode_kernel
+        # the fused decode kernels (CUDA or CPU), where the engine chose them (CausalLM.use_decode_kernel)
         self.decode_kernel = decode_kernel and length == 1 and not isinstance(pos, int)
 
     def causal_mask(self, window: int | None) -> str | Array:
@@ -265,9 +262,9 @@ class Attention(Module):
         q, k, v = ops.split(y, [self._n_heads, self._n_heads + self._n_kv], axis=1)
         return q, k, v
 
-    def _kernel_input(self, qkv: Array, cache: KVCache):
-        """(kv, table, quant) the decode kernel reads for this layer (`cache.kernel_input`),
-        or None where the kernel does not take it."""
+    def _decode_kernel(self, qkv: Array, cache: KVCache, step: Step) -> Array | None:
+        """The decode step as one kernel (norms, rotation, attention; see
+        `decode_attention`) plus the cache write; None where it does not apply."""
         norms = [getattr(self, "q_norm", None), getattr(self, "k_norm", None)]
         if norms[0] is not None and not all(isinstance(n, RMSNorm) and n.eps == norms[0].eps for n in norms):
             return None
@@ -276,16 +273,6 @@ class Attention(Module):
         if kv is None or not decode_attention.supports(qkv, kv, self._n_heads, paged=table is not None,
                                                        quant=quant) or self._rope.dims != self._head_dim:
             return None
-        return kv, table, quant
-
-    def _decode_kernel(self, qkv: Array, cache: KVCache, step: Step) -> Array | None:
-        """The decode step as one kernel (norms, rotation, attention; see
-        `decode_attention`) plus the cache write; None where it does not apply."""
-        taken = self._kernel_input(qkv, cache)
-        if taken is None:
-            return None
-        kv, table, quant = taken
-        norms = [getattr(self, "q_norm", None), getattr(self, "k_norm", None)]
         q_w, k_w = (None, None) if norms[0] is None else (n.norm_weight() for n in norms)
         o, kv_new = decode_attention.decode_attention(
             qkv, kv, step.pos, heads=self._n_heads, scale=self._scale, window=self.window,
@@ -311,15 +298,15 @@ class Attention(Module):
             keys, values, mask = cache.update_prefill(k, v, step.pos, step.memo)
         elif step.length > 1:  # several new tokens per row at per-row positions: a verify pass
             keys, values, mask = cache.update_verify(k, v, step.pos, step.memo)
-            if getattr(cache, "bits", None) and step.kernel_decodes and self._kernel_input(rows, cache) is not None:
-                # decode steps attend through the kernel, which takes a token's own key and value
-                # as computed and the earlier ones as the quantized pool holds them: so must the
-                # check of drafts, or greedy drafting would change the output
-                o = attend_own_unquantized(q, k, v, keys, values, mask, step.pos, self._scale)
-                return self.o_proj(ops.reshape(ops.transpose(o, (0, 2, 1, 3)),
-                                               (step.batch * step.length, self._n_heads * self._head_dim)))
         else:
             keys, values, mask = cache.update_decode(k, v, step.pos, step.memo)
+        if getattr(cache, "bits", None) and not isinstance(step.pos, int):
+            # a decode step or a verify pass over a quantized pool: each new token attends its own key
+            # and value as computed, as the decode kernel does, so that every path decodes alike
+            # (the kernel or these ops, one process or tensor-parallel ranks, drafts checked or not)
+            o = attend_own_unquantized(q, k, v, keys, values, mask, self._scale)
+            return self.o_proj(ops.reshape(ops.transpose(o, (0, 2, 1, 3)),
+                                           (step.batch * step.length, self._n_heads * self._head_dim)))
         if cpu_matmul.widen_attention(q, step.length):
             dtype = q.dtype
             q, keys, values = (ops.astype(a, _f32) for a in (q, keys, values))
@@ -332,20 +319,22 @@ class Attention(Module):
 
 
 def attend_own_unquantized(q: Array, k: Array, v: Array, keys: Array, values: Array, mask: Array,
-                           positions: Array, scale: float) -> Array:
-    """Attention of a verify pass's W new tokens a row (q (B, H, W, D), their keys and values
-    k, v (B, KVH, W, D)) over a quantized pool's `keys`, `values` (B, KVH, span, D, dequantized,
-    the new tokens' included) under `mask` (B, 1, W, span), as decode steps through the kernel
-    compute it: new token j (at positions[b] + j) sees the earlier slots as the pool holds
-    them and its own key and value unquantized. In float32; (B, H, W, D) in q's dtype."""
+                           scale: float) -> Array:
+    """Attention of W new tokens a row (q (B, H, W, D), their keys and values k, v (B, KVH, W, D))
+    over a quantized pool's `keys`, `values` (B, KVH, span, D, dequantized, the new tokens'
+    included) under `mask` (B, 1, W, span), as the decode kernel computes it: new token j sees
+    the earlier slots as the pool holds them and its own key and value unquantized. Its own
+    slot is the last one the mask shows it (causal: nothing after it). In float32; (B, H, W, D)
+    in q's dtype."""
     b, h, w, d = q.shape
     kvh, span = keys.shape[1], keys.shape[2]
+    mask = ops.reshape(mask, (b, 1, 1, w, span))
+    slots = ops.reshape(ops.arange(span, dtype=_i32), (1, 1, 1, 1, span))
+    is_own = slots == ops.max(ops.where(mask, slots, -1), axis=-1, keepdims=True)
     q5 = ops.reshape(ops.astype(q, _f32), (b, kvh, h // kvh, w, d))
     scores = ops.matmul(q5, ops.reshape(ops.swapaxes(ops.astype(keys, _f32), 2, 3), (b, kvh, 1, d, span))) * scale
     own = ops.sum(q5 * ops.reshape(ops.astype(k, _f32), (b, kvh, 1, w, d)), axis=-1, keepdims=True) * scale
-    query = ops.reshape(positions, (b, 1, 1, 1, 1)) + ops.reshape(ops.arange(w, dtype=_i32), (1, 1, 1, w, 1))
-    is_own = ops.reshape(ops.arange(span, dtype=_i32), (1, 1, 1, 1, span)) == query
-    scores = ops.where(ops.reshape(mask, (b, 1, 1, w, span)), ops.where(is_own, own, scores), float("-inf"))
+    scores = ops.where(mask, ops.where(is_own, own, scores), float("-inf"))
     weights = ops.softmax(scores, axis=-1, precise=True)
     o = ops.matmul(ops.where(is_own, 0.0, weights), ops.reshape(ops.astype(values, _f32), (b, kvh, 1, span, d)))
     o = o + ops.sum(ops.where(is_own, weights, 0.0), axis=-1, keepdims=True) * ops.reshape(
