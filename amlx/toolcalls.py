@@ -68,19 +68,33 @@ def _call_from(obj: Any, args_key: str) -> ToolCall | None:
         return None
     args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
     if isinstance(args, str):  # some models write the arguments as a JSON string already
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(args, dict):
+        args = _loads(args)
+    if not isinstance(args, dict) or not _utf8(obj["name"]):
         return None
-    return ToolCall(new_call_id(), obj["name"], json.dumps(args, ensure_ascii=False))
+    try:
+        arguments = json.dumps(args, ensure_ascii=False)
+        if not _utf8(arguments):  # a lone surrogate from a \ud800 escape: keep it escaped
+            arguments = json.dumps(args)
+    except RecursionError:  # read at the edge of the recursion limit, deeper here
+        return None
+    return ToolCall(new_call_id(), obj["name"], arguments)
+
+
+def _utf8(text: str) -> bool:
+    """Whether `text` can be sent as UTF-8 (JSON's \\ud800 escapes decode to lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _loads(text: str) -> Any:
+    """The JSON value of `text`, or None: also for JSON that Python refuses to read (nesting
+    deeper than its recursion limit, integers of over 4300 digits), which a model may write."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # (JSONDecodeError is a ValueError)
         return None
 
 
@@ -94,7 +108,7 @@ def _parse_llama(text: str) -> list[ToolCall] | None:
     while pos < len(body):
         try:
             obj, end = decoder.raw_decode(body, pos)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # as in _loads
             return None
         call = _call_from(obj, "parameters")
         if call is None:

@@ -7,6 +7,7 @@ Each test here was written for a fault that fuzzing found (see the commit that a
 from __future__ import annotations
 
 import copy
+import json
 
 import openai
 import pytest
@@ -17,6 +18,7 @@ from amlx.chat_template import TemplateLimits
 from amlx.errors import ChatTemplateError
 from amlx.prompt import MAX_DEPTH, PromptEncoder
 from amlx.tokenizer import Tokenizer
+from amlx.toolcalls import ToolCallParser, parse_tool_calls
 
 try:
     from tests.helpers.tokenizers import write_tokenizer
@@ -157,8 +159,6 @@ def test_messages_that_contain_themselves_or_repeat_a_part_are_a_value_error(tok
 
 
 def with_template(path, template: str) -> Tokenizer:
-    import json
-
     write_tokenizer(path, "bpe")
     config = json.loads((path / "tokenizer_config.json").read_text())
     (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
@@ -204,8 +204,6 @@ def _hostile_template(normal: str) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import json
-
     from tests.helpers.serving import ServerProcess, tool_checkpoint
 
     path = tool_checkpoint(tmp_path_factory.mktemp("chat-faults-ckpt"))
@@ -334,11 +332,54 @@ TOOL = st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["function", "x"
                                                                           JSON),
                                                  "stream": st.booleans()}))
 def test_any_malformed_chat_request_is_answered_with_200_or_an_openai_400(server, http, messages, extra):
-    import json
-
     body = json.dumps({"model": "tiny", "max_tokens": 1, "messages": messages, **extra})  # (\ud800 escaped)
     response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     if response.status_code != 200:
         assert_error(response, 400, param=response.json()["error"]["param"])
         assert response.json()["error"]["message"]
     assert server.alive()
+
+
+# -- tool calls in what a model writes -------------------------------------------------------------
+
+# JSON that json.loads refuses with something other than JSONDecodeError, or that decodes to
+# text which cannot be sent as UTF-8: a model may write any of it.
+HOSTILE_JSON = {
+    "deep array": "[" * 5000 + "]" * 5000,
+    "deep object": '{"a": ' * 5000 + "1" + "}" * 5000,
+    "huge integer": '{"n": ' + "9" * 5000 + "}",
+    "lone surrogate": '{"city": "\\ud800"}',
+}
+WRAPS = {
+    "qwen": lambda name, args: f'<tool_call>{{"name": "{name}", "arguments": {args}}}</tool_call>',
+    "qwen, arguments as a string": lambda name, args: (
+        '<tool_call>{"name": "' + name + '", "arguments": ' + json.dumps(args) + "}</tool_call>"),
+    "llama3": lambda name, args: f'{{"name": "{name}", "parameters": {args}}}',
+    "mistral": lambda name, args: f'[TOOL_CALLS][{{"name": "{name}", "arguments": {args}}}]',
+    "mistral, [ARGS]": lambda name, args: f"[TOOL_CALLS]{name}[ARGS]{args}",
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(payload=st.sampled_from(sorted(HOSTILE_JSON)), wrap=st.sampled_from(sorted(WRAPS)),
+       name=st.sampled_from(["get_weather", "\\ud800"]), before=st.sampled_from(["", "Sure. "]),
+       cut=st.integers(1, 50))
+def test_tool_calls_with_json_python_cannot_read_are_content_not_an_exception(payload, wrap, name, before, cut):
+    """A reply whose call held JSON nested thousands deep (RecursionError) or an integer of over
+    4300 digits (ValueError) failed its request: model.complete raised, the server answered 500
+    or 400 with Python's message. A \\ud800 escape made arguments with a lone surrogate, which
+    the server could not encode: a 400 'surrogates not allowed', or a dropped stream.
+    Such calls are now plain content, and a surrogate stays escaped in the arguments."""
+    fmt = wrap.split(",")[0]
+    text = before + WRAPS[wrap](name, HOSTILE_JSON[payload])
+    content, calls = parse_tool_calls(text, fmt)
+    parser = ToolCallParser(fmt)
+    events = [e for i in range(0, len(text), cut) for e in parser.feed(text[i:i + cut])] + parser.finish()
+    assert [c.arguments for c in calls] == [e.arguments for e in events if not isinstance(e, str)]
+    for call in calls:  # (the [ARGS] form's name is plain text: there "\\ud800" is six characters)
+        (call.name + call.arguments).encode("utf-8")
+        assert json.loads(call.arguments)
+    if not calls:
+        assert content == text
+    if payload == "lone surrogate" and name == "get_weather" and (fmt != "llama3" or not before):
+        assert [c.arguments for c in calls] == ['{"city": "\\ud800"}']
