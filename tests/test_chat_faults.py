@@ -304,7 +304,8 @@ async def test_the_openai_clients_reply_echoed_back_as_a_dict_is_accepted(server
 
 
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(10**20), 10**20), st.floats(allow_nan=False),
-                         st.text(max_size=12), st.sampled_from(["T:raise", "T:empty", "T:doubling", "\ud800", "{", "[]"]))
+                         st.text(max_size=12),
+                         st.sampled_from(["T:raise", "T:empty", "T:doubling", "\ud800", "{", "[]"]))
 JSON = st.recursive(JSON_SCALARS, lambda inner: st.one_of(
     st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(["type", "text", "role", "content", "id", "name",
                                                                   "function", "arguments", "image_url"]),
