@@ -1,0 +1,69 @@
+"""Robustness of fine-tuning inputs and of the command line.
+
+Bad training data (records that are not Unicode text, JSON lines Python's json
+cannot take, chat records of the wrong types) is a `DataError` naming the file,
+the line and the cause; bad options are a ValueError / TypeError before any
+training step; a loss that turns non-finite stops the run with an error instead
+of training on NaN; the command line answers bad arguments with one error line
+and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import amlx
+from amlx.tokenizer import Tokenizer
+from amlx.train.data import DataError, load_dataset
+
+try:
+    from tests.helpers.checkpoints import make_checkpoint
+except ImportError:  # tests/ itself on sys.path
+    from helpers.checkpoints import make_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = [{"text": "hello world"}, {"text": "bye now"}]
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3")
+
+
+@pytest.fixture(scope="module")
+def tok(ckpt) -> Tokenizer:
+    return Tokenizer.from_dir(ckpt)
+
+
+def _jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+# -- data ---------------------------------------------------------------------------
+
+_SURROGATE = st.integers(0xD800, 0xDFFF).map(chr)
+_TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=8)
+
+
+@FAST
+@given(before=_TEXT, lone=_SURROGATE, after=_TEXT,
+       shape=st.sampled_from(["text", "prompt", "completion", "chat"]))
+def test_a_lone_surrogate_is_a_data_error_naming_the_line(tok, tmp_path, before, lone, after, shape):
+    bad = before + lone + after
+    record = {"text": {"text": bad}, "prompt": {"prompt": bad, "completion": " x"},
+              "completion": {"prompt": "p", "completion": bad},
+              "chat": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": bad}]}}[shape]
+    # json.dumps writes the lone surrogate as its \\udxxx escape, as other JSON writers do
+    path = _jsonl(tmp_path / "sur.jsonl", [{"text": "fine"}, record])
+    with pytest.raises(DataError, match=rf"sur\.jsonl:2: .*unpaired surrogate, U\+{ord(lone):04X}, at character "
+                                        rf"{len(before)}"):
+        load_dataset(path, tok)
