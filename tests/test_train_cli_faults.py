@@ -67,3 +67,16 @@ def test_a_lone_surrogate_is_a_data_error_naming_the_line(tok, tmp_path, before,
     with pytest.raises(DataError, match=rf"sur\.jsonl:2: .*unpaired surrogate, U\+{ord(lone):04X}, at character "
                                         rf"{len(before)}"):
         load_dataset(path, tok)
+
+
+@FAST
+@given(digits=st.integers(4301, 20000), depth=st.integers(50_000, 200_000), which=st.booleans())
+def test_json_that_python_cannot_read_is_a_data_error_naming_the_line(tok, tmp_path, digits, depth, which):
+    # valid JSON that json.loads refuses with a ValueError / RecursionError of its own
+    line = ('{"text": "x", "n": ' + "7" * digits + "}") if which else \
+        ('{"text": "x", "n": ' + "[" * depth + "]" * depth + "}")
+    path = tmp_path / "odd.jsonl"
+    path.write_text('{"text": "fine"}\n\n' + line + "\n", encoding="utf-8")
+    cause = "unreadable JSON .*digits" if which else "JSON nested too deeply"
+    with pytest.raises(DataError, match=rf"odd\.jsonl:3: {cause}"):
+        load_dataset(path, tok)

@@ -257,6 +257,10 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: JSON nested too deeply to read") from None
+            except ValueError as exc:  # e.g. an integer of more digits than Python converts
+                raise DataError(f"{path}:{lineno}: unreadable JSON ({exc})") from None
 
 
 def load_dataset(data, tokenizer, max_seq_len: int | None = 2048, truncate: bool = False) -> Dataset:
