@@ -100,7 +100,6 @@ class PromptEncoder:
             self.check_text(prompt)
             return self._tokenizer.encode(prompt)
         if is_messages(prompt):
-            check_structure(prompt, "the chat messages")
             text = self._tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
             check_rendered(text)
             self.check_text(text)

@@ -27,6 +27,7 @@ from tokenizers import AddedToken
 from amlx.chat_template import ChatEnvironment, TemplateLimits, render
 from amlx.checkpoint import TOKENIZER_JSON_LIMIT, read_bytes, read_json
 from amlx.errors import ChatTemplateError, ModelLoadError
+from amlx.prompt import check_structure
 
 __all__ = ["ChatTemplateError", "StreamingDetokenizer", "Tokenizer"]
 
@@ -227,7 +228,7 @@ class Tokenizer:
         if isinstance(template, (list, tuple)):
             template = {t["name"]: t["template"] for t in template}
         self._chat_template: str | dict[str, str] | None = template
-        self._compiled: dict[str, jinja2.Template] = {}
+        self._compiled: dict[str, jinja2.Template | str] = {}  # source -> template, or why it failed
         self._env = ChatEnvironment()
 
         # transformers only cleans up spaces for non-BPE models (it would corrupt BPE text).
@@ -406,6 +407,9 @@ class Tokenizer:
         source = self._select_template(chat_template, tools)
         if isinstance(messages, (Mapping, str, bytes)):
             raise ChatTemplateError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        # (before anything copies them: too deep, self-holding or blown-up structures fail here)
+        for value, what in ((messages, "the chat messages"), (tools, "the tools"), (kwargs, "the template variables")):
+            check_structure(value, what)
         chat = _normalize_messages(messages)
         if not chat:
             raise ChatTemplateError("cannot apply a chat template to an empty conversation")
@@ -457,8 +461,13 @@ class Tokenizer:
     def _compile(self, source: str) -> jinja2.Template:
         template = self._compiled.get(source)
         if template is None:
-            template = self._env.compile_template(source)
+            try:
+                template = self._env.compile_template(source)
+            except Exception as exc:  # kept, as its message: a broken template is parsed once, not per request
+                template = f"chat template failed: {type(exc).__name__}: {exc}"
             self._compiled[source] = template
+        if isinstance(template, str):
+            raise ChatTemplateError(template)
         return template
 
     # -- special tokens and sizes ----------------------------------------------------------

@@ -158,6 +158,33 @@ def test_messages_that_contain_themselves_or_repeat_a_part_are_a_value_error(tok
     assert PromptEncoder(tok, 4096).ids([{"role": "user", "content": "hi", "extra": fine}])
 
 
+@pytest.mark.parametrize("where", ["messages", "tools", "kwargs"])
+def test_apply_chat_template_itself_refuses_structures_too_deep(tok, where):
+    """Tokenizer.apply_chat_template called directly (public API) raised RecursionError for
+    nesting a few hundred deep: only generate's path checked before it."""
+    deep = nested(MAX_DEPTH + 50)
+    messages, tools, kwargs = [*USER], None, {}
+    if where == "messages":
+        messages = [{"role": "user", "content": "hi", "extra": deep}]
+    elif where == "tools":
+        tools = [{"type": "function", "function": {"name": "f", "parameters": deep}}]
+    else:
+        kwargs = {"extra": deep}
+    with pytest.raises(ChatTemplateError, match=f"nests more than {MAX_DEPTH} levels deep"):
+        tok.apply_chat_template(messages, tools=tools, **kwargs)
+
+
+def test_a_broken_template_is_compiled_once(tok, monkeypatch):
+    """A template that does not compile was parsed again for every request."""
+    calls = []
+    compile_template = tok._env.compile_template
+    monkeypatch.setattr(tok._env, "compile_template", lambda src: calls.append(src) or compile_template(src))
+    for _ in range(3):
+        with pytest.raises(ChatTemplateError, match="TemplateSyntaxError"):
+            tok.apply_chat_template([*USER], chat_template="{% for %}")
+    assert len(calls) == 1
+
+
 def with_template(path, template: str) -> Tokenizer:
     write_tokenizer(path, "bpe")
     config = json.loads((path / "tokenizer_config.json").read_text())
