@@ -80,3 +80,28 @@ def test_json_that_python_cannot_read_is_a_data_error_naming_the_line(tok, tmp_p
     cause = "unreadable JSON .*digits" if which else "JSON nested too deeply"
     with pytest.raises(DataError, match=rf"odd\.jsonl:3: {cause}"):
         load_dataset(path, tok)
+
+
+_NOT_A_LIST = st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.text(min_size=1),
+                        st.dictionaries(st.text(max_size=3), st.integers(), min_size=1))
+
+
+@FAST
+@given(tools=_NOT_A_LIST)
+def test_tools_that_are_not_a_list_are_a_data_error_naming_the_line(tok, tmp_path, tools):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    path = _jsonl(tmp_path / "tools.jsonl", [{"messages": chat}, {"messages": chat, "tools": tools}])
+    with pytest.raises(DataError, match=r"tools\.jsonl:2: 'tools' must be a list of tool \(function\) definitions"):
+        load_dataset(path, tok)
+
+
+@FAST
+@given(role=st.one_of(st.none(), st.integers(), st.booleans(), st.just(""), st.lists(st.text(), max_size=2)),
+       index=st.integers(0, 1))
+def test_a_role_that_is_not_a_string_is_named_with_the_line(tok, tmp_path, role, index):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    chat[index] = {**chat[index], "role": role}
+    path = _jsonl(tmp_path / "roles.jsonl", [{"messages": chat}])
+    with pytest.raises(DataError, match=rf"roles\.jsonl:1: messages\[{index}\] has role .*: a role is a non-empty "
+                                        rf"string"):
+        load_dataset(path, tok)

@@ -131,6 +131,9 @@ def _check_messages(messages, key: str) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m:
             raise ValueError(f"{key}[{i}] is not a message ({{\"role\": ..., \"content\": ...}})")
+        if not isinstance(m["role"], str) or not m["role"]:
+            raise ValueError(f"{key}[{i}] has role {m['role']!r}: a role is a non-empty string "
+                             f"(\"system\", \"user\", \"assistant\", ...)")
         if not isinstance(m.get("content", ""), (str, list, type(None))):
             raise ValueError(f"{key}[{i}] has content of type {type(m['content']).__name__}")
         if isinstance(m.get("content"), str):
@@ -140,6 +143,8 @@ def _check_messages(messages, key: str) -> list[dict]:
 
 def _render_chat(tokenizer, messages: list[dict], learn: Sequence[int], tools=None):
     """Tokens and mask of a conversation whose messages at indices `learn` are learned."""
+    if tools is not None and not isinstance(tools, list):
+        raise ValueError(f"'tools' must be a list of tool (function) definitions, not a JSON {type(tools).__name__}")
     kw = {"tools": tools} if tools else {}
     full = tokenizer.apply_chat_template(messages, add_generation_prompt=False, **kw)
     spans = []
