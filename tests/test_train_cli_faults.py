@@ -105,3 +105,71 @@ def test_a_role_that_is_not_a_string_is_named_with_the_line(tok, tmp_path, role,
     with pytest.raises(DataError, match=rf"roles\.jsonl:1: messages\[{index}\] has role .*: a role is a non-empty "
                                         rf"string"):
         load_dataset(path, tok)
+
+
+# -- options ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    m = amlx.load_sync(ckpt)
+    yield m
+    m.close()
+
+
+@FAST
+@given(name=st.sampled_from(["learning_rate", "min_lr", "weight_decay", "eps", "alpha", "dropout", "grad_clip"]),
+       exponent=st.integers(309, 2000), sign=st.sampled_from([1, -1]))
+def test_an_integer_too_large_for_a_float_is_a_value_error(model, name, exponent, sign):
+    # math.isfinite(10**400) raises OverflowError: it escaped the option check
+    with pytest.raises(ValueError, match=rf"{name} must be a finite number"):
+        model.train_lora(DATA, **{name: sign * 10 ** exponent})
+
+
+@FAST
+@given(seed=st.integers(2**64 - 1, 2**200))
+def test_a_seed_past_64_bits_is_refused_up_front(model, seed):
+    # it went on to read the data and failed in MLX's random.key with a bare OverflowError
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0 and <= 18446744073709551614"):
+        model.train_lora(DATA, seed=seed)
+
+
+@FAST
+@given(name=st.sampled_from(["truncate", "resume", "use_rslora"]),
+       value=st.one_of(st.text(), st.integers(), st.none(), st.lists(st.booleans())))
+def test_boolean_options_take_only_booleans(model, tmp_path, name, value):
+    # truncate="no" truncated; resume="no" resumed
+    with pytest.raises(TypeError, match=rf"{name} must be True or False, not "):
+        model.train_lora(DATA, adapter_path=tmp_path / "ad", **{name: value})
+
+
+async def test_output_paths_that_cannot_be_written_fail_before_any_step(ckpt, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    async with await amlx.load(ckpt) as m:
+        with pytest.raises(TypeError, match="adapter_path must be a directory path"):
+            m.train_lora(DATA, adapter_path=5)
+        with pytest.raises(TypeError, match="adapter_path must be a directory path"):
+            m.train_lora(DATA, adapter_path=bytes(tmp_path / "ad"))
+        # an existing file: refused at the call (it trained every step, then failed to save)
+        with pytest.raises(ValueError, match=rf"adapter_path {afile} exists and is not a directory"):
+            m.train_lora(DATA, adapter_path=afile)
+        # a path that cannot be created: refused when the run starts, before its first step
+        for run, option in ((lambda p: m.train_lora(DATA, iters=2, batch_size=1, adapter_path=p), "adapter_path"),
+                            (lambda p: m.train(DATA, iters=2, batch_size=1, save_path=p), "save_path")):
+            bad = afile / "sub"
+            r = run(bad)
+            with pytest.raises(ValueError, match=rf"{option} {bad} cannot be written: {afile} exists and is not a directory"):
+                await r.__anext__()
+            assert r.step == 0
+        # the model is still free to train and serve
+        assert [ev.kind async for ev in m.train_lora(DATA, iters=1, batch_size=1)][-1] == "done"
+        assert (await m.complete("hi", max_tokens=2)).usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("layers, num_layers", [([], None), ((0,), 1)])
+async def test_layers_that_select_nothing_are_a_value_error(ckpt, layers, num_layers):
+    # it failed in MLX: "value_and_grad: [grad] Must specify at least one argument"
+    async with await amlx.load(ckpt) as m:
+        with pytest.raises(ValueError, match=r"nothing to train: layers=.* selects no layer"):
+            [ev async for ev in m.train_lora(DATA, iters=1, batch_size=1, layers=layers, num_layers=num_layers)]
+        assert [ev.kind async for ev in m.train_lora(DATA, iters=1, batch_size=1)][-1] == "done"

@@ -64,6 +64,11 @@ class FullTrainingRun(TrainingRun):
     def _trainable(self) -> dict[str, Array]:
         return float_parameters(self._lm)
 
+    _output_option = "save_path"
+
+    def _output_dir(self) -> Path | None:
+        return None if self.adapter_path is None else self.adapter_path.parent
+
     def _save(self, checkpoint: bool) -> TrainingEvent:
         dst = self.adapter_path
         assert dst is not None  # the loop saves only when there is a save_path

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import threading
 import time
 import weakref
@@ -89,23 +90,32 @@ class TrainOptions:
         return opts
 
     def validate(self) -> None:
-        def integer(name, minimum, allow_none=False):
+        def integer(name, minimum, allow_none=False, maximum=None):
             v = getattr(self, name)
             if v is None and allow_none:
                 return
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if allow_none else ''}, "
-                                 f"not {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum or (maximum is not None and v > maximum):
+                raise ValueError(f"{name} must be an integer >= {minimum}"
+                                 f"{'' if maximum is None else f' and <= {maximum}'}"
+                                 f"{' or None' if allow_none else ''}, not {v!r}")
 
         def number(name, minimum=0.0, allow_none=False, strict=False):
             v = getattr(self, name)
             if v is None and allow_none:
                 return
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < minimum \
-                    or (strict and v == minimum):
-                raise ValueError(f"{name} must be a number {'>' if strict else '>='} {minimum}"
+            try:
+                ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+            except OverflowError:  # an int too large for a float
+                ok = False
+            if not ok or v < minimum or (strict and v == minimum):
+                bound = "" if minimum == -math.inf else f" {'>' if strict else '>='} {minimum}"
+                raise ValueError(f"{name} must be a finite number{bound}"
                                  f"{' or None' if allow_none else ''}, not {v!r}")
             setattr(self, name, float(v))
+
+        def flag(name):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, not {getattr(self, name)!r}")
 
         integer("iters", 1)
         integer("batch_size", 1)
@@ -135,7 +145,17 @@ class TrainOptions:
         integer("val_batches", 1, allow_none=True)
         integer("save_every", 1)
         integer("max_seq_len", 2)
-        integer("seed", 0)
+        integer("seed", 0, maximum=2**64 - 2)  # MLX's random key is a uint64 (the dropout key is seed + 1)
+        for name in ("truncate", "resume", "use_rslora"):
+            flag(name)
+        if self.adapter_path is not None:
+            if not isinstance(self.adapter_path, (str, os.PathLike)) or isinstance(os.fspath(self.adapter_path),
+                                                                                  bytes):
+                raise TypeError(f"adapter_path must be a directory path (str or os.PathLike), "
+                                f"not {type(self.adapter_path).__name__}")
+            d = Path(self.adapter_path)
+            if d.exists() and not d.is_dir():
+                raise ValueError(f"adapter_path {d} exists and is not a directory")
         if self.resume and self.adapter_path is None:
             raise ValueError("resume=True needs adapter_path (the directory to resume from)")
 
@@ -288,6 +308,7 @@ class TrainingRun:
         tok = self._model.tokenizer
         max_len = min(opts.max_seq_len, self._engine.max_context)
         train_src, val_src = _resolve_data(self._data, opts.val_data)
+        self._check_output()
         self.train_set = _data.load_dataset(train_src, tok, max_len, opts.truncate)
         self.val_set = None if val_src is None else _data.load_dataset(val_src, tok, max_len, opts.truncate)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -296,6 +317,9 @@ class TrainingRun:
         lm = self._lm
         resume_dir = self.adapter_path if opts.resume else None
         self._install_parameters(opts, resume_dir)
+        if not self._trainable():
+            raise ValueError(f"nothing to train: layers={opts.layers!r} (with num_layers={opts.num_layers!r}) "
+                             f"selects no layer of this model")
         schedule = make_schedule(opts.lr_schedule, opts.learning_rate, opts.iters, opts.warmup, opts.min_lr)
         self._opt = AdamW(schedule, tuple(opts.betas), opts.eps, opts.weight_decay, opts.grad_clip)
         if resume_dir is not None and (resume_dir / "optimizer.json").is_file():
@@ -317,6 +341,34 @@ class TrainingRun:
         if self.step >= opts.iters:
             events.extend(self._finish())
         return events
+
+    _output_option = "adapter_path"  # the option naming the output directory, for errors
+
+    def _output_dir(self) -> Path | None:
+        """The directory that must be writable before training starts: the adapter's
+        (`amlx.train.full` overrides it: the directory its checkpoint is written into)."""
+        return self.adapter_path
+
+    def _check_output(self) -> None:
+        """Worker: creates the output directory and writes a probe file in it, so that an
+        unwritable `adapter_path` / `save_path` fails before training, not at the first save."""
+        d = self._output_dir()
+        if d is None:
+            return
+        where = f"{self._output_option} {self.adapter_path} cannot be written"
+        for a in (d, *d.parents):  # the first that exists must be a directory
+            if a.exists():
+                if not a.is_dir():
+                    raise ValueError(f"{where}: {a} exists and is not a directory")
+                break
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=d):
+                pass
+        except OSError as exc:
+            raise ValueError(f"{where}: {exc.strerror or exc}"
+                             f"{'' if exc.filename in (None, str(self.adapter_path)) else f' ({exc.filename})'}"
+                             ) from None
 
     def _install_parameters(self, opts: TrainOptions, resume_dir: Path | None) -> None:
         """Worker: makes the model ready to train (here: adds or resumes the LoRA layers).
