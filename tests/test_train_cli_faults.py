@@ -173,3 +173,51 @@ async def test_layers_that_select_nothing_are_a_value_error(ckpt, layers, num_la
         with pytest.raises(ValueError, match=r"nothing to train: layers=.* selects no layer"):
             [ev async for ev in m.train_lora(DATA, iters=1, batch_size=1, layers=layers, num_layers=num_layers)]
         assert [ev.kind async for ev in m.train_lora(DATA, iters=1, batch_size=1)][-1] == "done"
+
+
+# -- non-finite loss ----------------------------------------------------------------
+
+def _lora_b(m) -> list:
+    from amlx.engine.worker import Worker
+    from amlx.train.lora import lora_modules
+
+    return Worker.get().run_sync(lambda: [mod.lora_b.numpy().copy() for mod in lora_modules(m.engine.model).values()])
+
+
+async def test_a_non_finite_loss_stops_the_run_without_taking_the_update(ckpt):
+    import numpy as np
+
+    async with await amlx.load(ckpt) as m:
+        before = (await m.complete("hi", max_tokens=4)).token_ids
+        # 1e308 as a float32 step is infinite: the first update would make the adapter infinite
+        run = m.train_lora(DATA, iters=5, batch_size=1, learning_rate=1e308)
+        with pytest.raises(amlx.AmlxError, match=r"step 1: the update made weights non-finite .*training "
+                                                     r"stopped without this update.*Lower the learning rate"):
+            [ev async for ev in run]
+        assert run.step == 0 and all(np.all(b == 0) for b in _lora_b(m))  # the adapter is still its zero init
+        assert (await m.complete("hi", max_tokens=4)).token_ids == before
+        # 1e30 keeps the first update finite, but the next loss is NaN: reported, not trained on
+        losses = []
+        run = m.train_lora(DATA, iters=5, batch_size=1, learning_rate=1e30)
+        with pytest.raises(amlx.AmlxError, match=r"step 2: the training loss is nan; .* the weights are those "
+                                                     r"after step 1"):
+            async for ev in run:
+                losses.append(ev.loss)
+        assert run.step == 1 and all(np.isfinite(losses))
+        assert all(np.all(np.isfinite(b)) for b in _lora_b(m))
+        # a later run on those weights says where the NaN comes from
+        with pytest.raises(amlx.AmlxError, match=r"step 1: the training loss is nan before this run changed any "
+                                                     r"weight: the model and its adapter"):
+            [ev async for ev in m.train_lora(DATA, iters=2, batch_size=1)]
+        assert (await m.complete("hi", max_tokens=2)).usage.completion_tokens == 2
+
+
+async def test_full_fine_tuning_that_diverges_keeps_the_weights(ckpt, tmp_path):
+    async with await amlx.load(ckpt) as m:
+        before = (await m.complete("hello", max_tokens=6)).token_ids
+        with pytest.raises(amlx.AmlxError, match=r"step 1: the update made weights non-finite"):
+            [ev async for ev in m.train(DATA, iters=3, batch_size=2, learning_rate=1e308,
+                                        save_path=tmp_path / "out")]
+        assert (await m.complete("hello", max_tokens=6)).token_ids == before
+        assert not (tmp_path / "out").exists()
+        assert [ev.kind async for ev in m.train(DATA, iters=1, batch_size=2, learning_rate=1e-4)][-1] == "done"

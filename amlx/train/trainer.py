@@ -22,6 +22,11 @@ Events (`TrainingEvent.kind`):
   "save"  an adapter checkpoint written to `path` (every `save_every` steps
           and at the end, when `adapter_path` is set);
   "done"  the run finished (`loss`: the last step's).
+
+A step whose loss, or whose update of the weights, is NaN or infinite (a
+learning rate far too high, a 16-bit overflow) is not taken: the run stops with
+`NonFiniteLossError` (an `amlx.AmlxError` and a FloatingPointError) saying at
+which step, and the weights stay as the step before left them.
 """
 
 from __future__ import annotations
@@ -37,15 +42,20 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from amlx._mlx import array, memory, random
+from amlx._mlx import array, memory, ops, random
 from amlx._mlx import eval as mx_eval
-from amlx.errors import ClosedError
+from amlx.errors import AmlxError, ClosedError
 from amlx.train import data as _data
 from amlx.train import lora as _lora
 from amlx.train.grad import causal_lm_loss, cross_entropy, trainable_parameters, value_and_grad
 from amlx.train.optim import SCHEDULES, AdamW, make_schedule
 
-__all__ = ["TrainOptions", "TrainingEvent", "TrainingRun", "train_lora"]
+__all__ = ["NonFiniteLossError", "TrainOptions", "TrainingEvent", "TrainingRun", "train_lora"]
+
+
+class NonFiniteLossError(AmlxError, FloatingPointError):
+    """A training step's loss, or the weights its update would give, is NaN or infinite
+    (a learning rate too high, fp16 overflow): the run stops before taking that update."""
 
 
 @dataclass
@@ -328,7 +338,7 @@ class TrainingRun:
             names = set(self._trainable())
             if set(self._opt.m) - names:
                 raise ValueError(f"{resume_dir}: the optimizer state does not match the adapter")
-        self.step = self._opt.step
+        self.step = self._first_step = self._opt.step
         for _ in range(self.step):
             next(self._batches)  # a resumed run goes on with the batches it had not seen
         self._key = random.key(opts.seed + 1)
@@ -413,11 +423,29 @@ class TrainingRun:
             args.append(keys[1])
         lr = opt.learning_rate
         (loss, _), grads = self._vg(*args)
+        before = dict(opt.m), dict(opt.v), opt.step
         new = opt.update(params, grads)
-        lm.update(new)
-        mx_eval(loss, *new.values(), *opt.state())
+        finite = loss * 0.0  # NaN when the loss or any updated weight is NaN or infinite
+        for a in new.values():
+            finite = finite + ops.sum(a * 0.0)
+        mx_eval(loss, finite, *new.values(), *opt.state())
         loss_value = float(loss.item())
-        del params, grads, args
+        if not math.isfinite(float(finite.item())):
+            opt.m, opt.v, opt.step = before  # the update is dropped: the weights stay those of the last step
+            if not math.isfinite(loss_value) and opt.step == self._first_step:
+                raise NonFiniteLossError(
+                    f"step {opt.step + 1}: the training loss is {loss_value} before this run changed any weight: the "
+                    f"model{' and its adapter' if _lora.lora_modules(lm) else ''} give non-finite values on this "
+                    f"batch; training stopped")
+            raise NonFiniteLossError(
+                f"step {opt.step + 1}: "
+                + (f"the training loss is {loss_value}" if not math.isfinite(loss_value) else
+                   f"the update made weights non-finite (the loss was {loss_value:.4g})")
+                + "; training stopped without this update, the weights are "
+                + (f"those after step {opt.step}" if opt.step else "as they were before training")
+                + f". Lower the learning rate (it was {lr:.3g}) or set grad_clip")
+        lm.update(new)
+        del params, grads, args, before
         took = time.perf_counter() - start
         self.step = opt.step
         self.trained_tokens += batch.trained
