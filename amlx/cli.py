@@ -238,9 +238,19 @@ def main(argv: list[str] | None = None) -> int:
     except (amlx.AmlxError, ValueError) as exc:
         print(f"amlx: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a file or directory that cannot be read or written
+        print(f"amlx: error: {os_error(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+def os_error(exc: OSError) -> str:
+    """An OSError in one line: its cause and the path(s) it names."""
+    paths = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    return f"{paths}: {cause}" if paths else cause
 
 
 if __name__ == "__main__":

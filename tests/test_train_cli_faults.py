@@ -221,3 +221,32 @@ async def test_full_fine_tuning_that_diverges_keeps_the_weights(ckpt, tmp_path):
         assert (await m.complete("hello", max_tokens=6)).token_ids == before
         assert not (tmp_path / "out").exists()
         assert [ev.kind async for ev in m.train(DATA, iters=1, batch_size=2, learning_rate=1e-4)][-1] == "done"
+
+
+# -- the command line ---------------------------------------------------------------
+
+def amlx_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "amlx", *args], capture_output=True, text=True, encoding="utf-8",
+                          cwd=ROOT, timeout=timeout, stdin=subprocess.DEVNULL,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+
+
+def _one_line_error(r: subprocess.CompletedProcess, pattern: str, status: int = 1) -> None:
+    assert r.returncode == status, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, r.stderr
+    assert __import__("re").search(pattern, lines[0]), lines[0]
+
+
+def test_files_that_cannot_be_written_are_one_line_errors(ckpt, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    # convert into a directory under a file: a FileExistsError traceback
+    _one_line_error(amlx_cli("convert", str(ckpt), str(afile / "out")), rf"^amlx: error: {afile}: File exists$")
+    # a save that fails during the run (the optimizer state's name taken by a directory)
+    data = _jsonl(tmp_path / "d.jsonl", DATA)
+    (tmp_path / "ad" / "optimizer.json").mkdir(parents=True)
+    r = amlx_cli("lora", str(ckpt), "--data", str(data), "--iters", "1", "--batch-size", "1", "--no-progress",
+                 "--adapter-path", str(tmp_path / "ad"))
+    _one_line_error(r, rf"^amlx lora: error: {tmp_path / 'ad' / 'optimizer.json'}: Is a directory$")

@@ -226,6 +226,11 @@ def run(args: argparse.Namespace) -> int:
     except (amlx.AmlxError, ValueError, TypeError, RuntimeError) as exc:
         print(f"amlx lora: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # e.g. a save that the disk refused mid-run
+        from amlx.cli import os_error
+
+        print(f"amlx lora: error: {os_error(exc)}", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C outside training, or a second one
         print(file=sys.stderr)
         return 130
