@@ -23,7 +23,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     descriptions and examples keep their line breaks."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False or action.default == []:
+        if action.default is None or action.default is False or action.default == [] or \
+                (action.nargs == 0 and isinstance(action.default, bool)):  # a --no-... flag: its default is True
             return action.help
         return super()._get_help_string(action)
 

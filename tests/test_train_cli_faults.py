@@ -250,3 +250,61 @@ def test_files_that_cannot_be_written_are_one_line_errors(ckpt, tmp_path):
     r = amlx_cli("lora", str(ckpt), "--data", str(data), "--iters", "1", "--batch-size", "1", "--no-progress",
                  "--adapter-path", str(tmp_path / "ad"))
     _one_line_error(r, rf"^amlx lora: error: {tmp_path / 'ad' / 'optimizer.json'}: Is a directory$")
+
+
+def _main(capsys, *argv: str) -> tuple[int, str]:
+    """`amlx ARGV` in this process: (exit status, stderr); argparse's exits count as statuses."""
+    from amlx.cli import main
+
+    try:
+        rc = main(list(argv))
+    except SystemExit as exc:
+        rc = exc.code
+    return rc, capsys.readouterr().err
+
+
+def test_serve_help_shows_its_defaults_and_an_example(capsys):
+    from amlx.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "where to run (default: auto)" in out and "(default: 1)" in out and "Example:\n  amlx serve" in out
+    assert "(default: True)" not in out.replace("\n", " ").replace("  ", "")  # --no-prefix-cache
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.one_of(
+    st.tuples(st.just("--port"), st.integers(65536, 10**6).map(str), st.just(r"--port must lie in 1\.\.65535")),
+    st.tuples(st.just("--keepalive"), st.sampled_from(["nan", "-1", "0", "inf", "-inf", "-0.5"]),
+              st.just(r"--keepalive must be a number of seconds > 0")),
+    st.tuples(st.just("--api-key"), st.sampled_from(["", " ", "\t"]), st.just(r"--api-key is empty")),
+    st.tuples(st.just("--kv-cache-memory"), st.sampled_from(["infGB", "-infMB", "infkib", "inf"]),
+              st.just(r"argument --kv-cache-memory: not a memory size")),
+))
+def test_serve_refuses_bad_numbers_and_keys_before_loading(capsys, tmp_path, case):
+    # --port 70000 loaded the model, then died in bind() with a traceback; --keepalive nan / -1
+    # were taken (a busy loop of keep-alive comments); --api-key "" served without a key;
+    # --kv-cache-memory infGB was an OverflowError traceback
+    flag, value, pattern = case
+    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"), f"{flag}={value}")
+    assert rc == 2, err
+    assert __import__("re").search(rf"^amlx serve: error: {pattern}", err.splitlines()[-1]), err
+
+
+def test_serve_refuses_a_request_log_it_cannot_write_and_an_empty_key_file(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"), "--log-requests", str(afile / "log.jsonl"))
+    assert rc == 2 and err.startswith(f"amlx serve: error: --log-requests: {afile / 'log.jsonl'}: Not a directory")
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# no keys yet\n\n")
+    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"), "--api-key-file", str(keys))
+    assert rc == 1 and f"--api-key-file {keys} holds no key" in err
+
+
+def test_serve_argument_errors_as_a_subprocess(ckpt):
+    for args, pattern in ((["--port", "70000"], r"--port must lie in 1\.\.65535, not 70000"),
+                          (["--kv-cache-memory", "infGB"], r"not a memory size: 'infGB'")):
+        _one_line_error(amlx_cli("serve", str(ckpt), *args, timeout=60), pattern, status=2)

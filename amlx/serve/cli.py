@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import signal
 import sys
 from pathlib import Path
 
-from amlx.cli import add_engine_options
+from amlx.cli import HelpFormatter, add_engine_options, os_error
 
 _EXAMPLE = """\
-examples:
+Example:
   amlx serve                                   # the embedded demo model on http://127.0.0.1:8000
   amlx serve ~/models/Qwen3-0.6B --port 8080 --api-key secret
   curl http://127.0.0.1:8080/v1/chat/completions -H 'Authorization: Bearer secret' \\
@@ -25,7 +26,7 @@ def add_serve_command(sub: "argparse._SubParsersAction") -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a chat page",
                        description="Serve one model over HTTP, OpenAI-compatible (/v1/chat/completions, "
                        "/v1/completions, /v1/models), with /health, /metrics and a chat page at /.",
-                       epilog=_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=_EXAMPLE, formatter_class=HelpFormatter)
     p.add_argument("model", nargs="?", default=None,
                    help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--host", default="127.0.0.1",
@@ -75,7 +76,7 @@ def _memory(text: str) -> int | float:
             if raw.endswith(unit):
                 return int(float(raw[:-len(unit)]) * _UNITS[unit])
         return int(raw)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "infGB"
         raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (bytes, e.g. 4GB, or a fraction "
                                          f"such as 0.5)") from None
 
@@ -117,19 +118,42 @@ def main(args: argparse.Namespace) -> int:
     import amlx
     from amlx.serve.auth import collect_keys
 
-    for flag, value in (("--max-batch-size", args.max_batch_size), ("--port", args.port)):
-        if value < 1:
-            print(f"amlx serve: error: {flag} must be >= 1", file=sys.stderr)
-            return 2
-    if args.max_queue < 0:
-        print("amlx serve: error: --max-queue must be >= 0", file=sys.stderr)
+    problem = _check_arguments(args)
+    if problem:
+        print(f"amlx serve: error: {problem}", file=sys.stderr)
         return 2
     try:
         keys = collect_keys(args.api_key, args.api_key_file)
+        if args.api_key_file is not None and not keys:
+            raise ValueError(f"--api-key-file {args.api_key_file} holds no key (the server would run without one)")
         asyncio.run(_serve(args, keys))
     except (amlx.AmlxError, ValueError) as exc:
         print(f"amlx serve: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"amlx serve: error: {os_error(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _check_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, before the model loads (None: nothing)."""
+    if args.max_batch_size < 1:
+        return "--max-batch-size must be >= 1"
+    if not 1 <= args.port <= 65535:
+        return f"--port must lie in 1..65535, not {args.port}"
+    if args.max_queue < 0:
+        return "--max-queue must be >= 0"
+    if not math.isfinite(args.keepalive) or args.keepalive <= 0:
+        return f"--keepalive must be a number of seconds > 0, not {args.keepalive}"
+    if any(not k.strip() for k in args.api_key):
+        return "--api-key is empty (the server would run without a key)"
+    if args.log_requests is not None:
+        try:
+            with open(args.log_requests, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            return f"--log-requests: {os_error(exc)}"
+    return None
