@@ -411,3 +411,19 @@ def test_tool_calls_with_json_python_cannot_read_are_content_not_an_exception(pa
         assert content == text
     if payload == "lone surrogate" and name == "get_weather" and (fmt != "llama3" or not before):
         assert [c.arguments for c in calls] == ['{"city": "\\ud800"}']
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_a_prompt_text_too_long_for_any_tokenization_is_refused_before_it_is_tokenized(http, route):
+    """Megabytes of prompt text were tokenized (about 9 s for 10 MB) before the 400 said they
+    do not fit; the early bound (no token is longer than the vocabulary's longest piece) says so
+    at once, as model.generate does."""
+    text = "hello world " * 200_000  # 2.4 MB; the context holds 512 tokens
+    if route == "chat":
+        response = chat(http, [{"role": "user", "content": text}])
+    else:
+        response = http.post("/v1/completions", json={"model": "tiny", "prompt": text, "max_tokens": 1})
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert "at least" in message and "characters" in message and "512" in message, message
+    assert chat(http, USER).status_code == 200  # the server goes on, on the same connection

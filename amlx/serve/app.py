@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 import amlx
+from amlx.prompt import PromptEncoder
 from amlx.serve import prompts
 from amlx.serve.auth import KeyCheck
 from amlx.serve.errors import APIError, ErrorRoute, install_handlers
@@ -54,6 +55,7 @@ class Server:
         self.metrics = Metrics(model)
         self.admission = Admission(settings.max_batch_size, settings.max_queue, self.metrics)
         self.tool_format = detect_format(model.tokenizer.chat_template)
+        self.prompts = PromptEncoder(model.tokenizer, model.info.context_length)  # (its early length check)
         self.created = int(time.time())
 
     def received(self, endpoint: str, req: ChatRequest | CompletionRequest) -> float:
@@ -103,7 +105,8 @@ def _routes(server: Server) -> APIRouter:
         if tools and server.tool_format is None:
             raise APIError(400, "tools are not supported: this model's chat template has no tool-call format amlx "
                            "knows (Qwen/Hermes, Llama 3.1, Mistral)", param="tools", code="unsupported_parameter")
-        ids = await anyio.to_thread.run_sync(prompts.render_chat, server.model.tokenizer, messages, tools)
+        ids = await anyio.to_thread.run_sync(prompts.render_chat, server.model.tokenizer, messages, tools,
+                                             server.prompts.check_text)
         tool_format = server.tool_format if tools else None
         return await server.answer(request, req, ChatShape(server.settings.model_name), [ids], tool_format, arrived)
 
@@ -111,7 +114,8 @@ def _routes(server: Server) -> APIRouter:
     async def completions(request: Request, req: CompletionRequest) -> Response:
         arrived = server.received("completions", req)
         check_completion_fields(req)
-        ids = await anyio.to_thread.run_sync(prompts.completion_prompts, server.model.tokenizer, req)
+        ids = await anyio.to_thread.run_sync(prompts.completion_prompts, server.model.tokenizer, req,
+                                             server.prompts.check_text)
         return await server.answer(request, req, CompletionShape(server.settings.model_name), ids, None, arrived)
 
     def model_card() -> dict[str, Any]:

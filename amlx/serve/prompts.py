@@ -6,6 +6,7 @@ prompt's length for the default `max_tokens`."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from amlx.prompt import check_rendered, check_structure
@@ -69,8 +70,11 @@ def chat_tools(req: ChatRequest) -> list[dict] | None:
     return [t.model_dump(exclude_none=True) for t in req.tools]
 
 
-def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None) -> list[int]:
-    """Prompt ids of a conversation (blocking: run it off the event loop)."""
+def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None,
+                check_text: Callable[[str], None]) -> list[int]:
+    """Prompt ids of a conversation (blocking: run it off the event loop). `check_text`
+    (`PromptEncoder.check_text`) raises ContextLengthError for a text too long to fit
+    whatever its tokens, before tokenizing it (megabytes take seconds)."""
     for value, param in ((messages, "messages"), (tools, "tools")):
         try:  # tool-call arguments and tool schemas nested too deep for the template (ValueError)
             check_structure(value, param)
@@ -81,11 +85,13 @@ def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None) -> li
         check_rendered(text)
     except ValueError as exc:  # ChatTemplateError: the template refused these messages
         raise APIError(400, str(exc), param="messages", code="invalid_messages") from exc
+    check_text(text)
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def completion_prompts(tokenizer, req: CompletionRequest) -> list[list[int]]:
-    """Prompt ids of each prompt of a completions request (blocking)."""
+def completion_prompts(tokenizer, req: CompletionRequest, check_text: Callable[[str], None]) -> list[list[int]]:
+    """Prompt ids of each prompt of a completions request (blocking; `check_text`: see
+    `render_chat`)."""
     prompt = req.prompt
     many: list[str | list[int]]
     if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
@@ -94,6 +100,8 @@ def completion_prompts(tokenizer, req: CompletionRequest) -> list[list[int]]:
         many = prompt  # type: ignore[assignment]
     out = []
     for p in many:
+        if isinstance(p, str):
+            check_text(p)
         ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
