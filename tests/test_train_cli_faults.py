@@ -308,3 +308,20 @@ def test_serve_argument_errors_as_a_subprocess(ckpt):
     for args, pattern in ((["--port", "70000"], r"--port must lie in 1\.\.65535, not 70000"),
                           (["--kv-cache-memory", "infGB"], r"not a memory size: 'infGB'")):
         _one_line_error(amlx_cli("serve", str(ckpt), *args, timeout=60), pattern, status=2)
+
+
+@pytest.mark.parametrize("where", ["non-empty", "under-a-file", "inside-the-model"])
+def test_lora_checks_the_fuse_destination_before_training(ckpt, tmp_path, where):
+    # it trained every step, saved the adapter, and only then refused DST
+    data = _jsonl(tmp_path / "d.jsonl", DATA)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    dst = {"non-empty": full, "under-a-file": full / "x" / "fused", "inside-the-model": ckpt / "fused"}[where]
+    cause = {"non-empty": "already exists and is not an empty directory",
+             "under-a-file": f"{full / 'x'} exists and is not a directory",
+             "inside-the-model": "must lie outside the source checkpoint"}[where]
+    r = amlx_cli("lora", str(ckpt), "--data", str(data), "--iters", "2", "--batch-size", "1", "--no-progress",
+                 "--adapter-path", str(tmp_path / "ad"), "--fuse", str(dst))
+    _one_line_error(r, rf"^amlx lora: error: --fuse {dst}: .*{cause}")
+    assert "step" not in r.stdout and not (tmp_path / "ad").exists()

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from amlx.train.lora import DEFAULT_TARGETS
@@ -197,11 +198,28 @@ async def _train(model: amlx.Model, args: argparse.Namespace, full: dict | None)
             asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
 
 
+def _check_fuse_destination(source: Path, dst: Path) -> None:
+    """--fuse DST must be writable as a new checkpoint: checked before training, not after it."""
+    from amlx.checkpoint import check_destination
+
+    try:
+        check_destination(source, dst)
+        for a in dst.parents:  # the first that exists must be a directory
+            if a.exists():
+                if not a.is_dir():
+                    raise ValueError(f"{a} exists and is not a directory")
+                break
+    except ValueError as exc:
+        raise ValueError(f"--fuse {dst}: {exc}") from None
+
+
 async def _run(args: argparse.Namespace, full: dict | None) -> int:
     import amlx
     from amlx.hub import resolve_model
 
     source = resolve_model(args.model)
+    if args.fuse:
+        _check_fuse_destination(Path(source), Path(args.fuse))
     async with await amlx.load(source, device=args.device, dtype=args.dtype) as model:
         finished = await _train(model, args, full)
     if not finished:
