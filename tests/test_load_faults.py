@@ -15,28 +15,18 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.numpy import save_file
 
 import amlx
-from amlx.engine.worker import Worker
 from amlx.errors import ModelLoadError
 from amlx.models import load_model
 from amlx.train import lora
 
-try:
-    from tests.helpers.checkpoints import make_checkpoint
+try:  # the worker helper and the small qwen3 checkpoint (a module fixture) of the LoRA tests
+    from tests.test_train_lora import on_worker, qwen  # noqa: F401
 except ImportError:  # tests/ itself on sys.path
-    from helpers.checkpoints import make_checkpoint
+    from test_train_lora import on_worker, qwen  # noqa: F401
 
 HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 Q_PROJ = "model.layers.0.self_attn.q_proj"  # (64, 64) in the small qwen3
 V_PROJ = "model.layers.1.self_attn.v_proj"  # (32, 64)
-
-
-def on_worker(fn):
-    return Worker.get().run_sync(fn)
-
-
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3")
 
 
 @pytest.fixture(scope="module")
