@@ -134,6 +134,14 @@ def test_a_seed_past_64_bits_is_refused_up_front(model, seed):
 
 
 @FAST
+@given(rank=st.integers(2**31, 2**100))
+def test_a_rank_past_a_c_int_is_refused_up_front(model, rank):
+    # amlx lora --rank 1000000000000 read the data, then died in cffi with an OverflowError traceback
+    with pytest.raises(ValueError, match=r"rank must be an integer >= 1 and <= 2147483647"):
+        model.train_lora(DATA, rank=rank)
+
+
+@FAST
 @given(name=st.sampled_from(["truncate", "resume", "use_rslora"]),
        value=st.one_of(st.text(), st.integers(), st.none(), st.lists(st.booleans())))
 def test_boolean_options_take_only_booleans(model, tmp_path, name, value):

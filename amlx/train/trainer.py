@@ -140,7 +140,7 @@ class TrainOptions:
         if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
                 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), not {self.betas!r}")
-        integer("rank", 1)
+        integer("rank", 1, maximum=2**31 - 1)  # a C int in MLX's calls (past it: OverflowError)
         number("alpha", minimum=-math.inf)
         number("dropout")
         if self.dropout >= 1:
