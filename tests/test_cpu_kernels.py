@@ -134,6 +134,26 @@ def test_compiles_and_differentiates_in_x() -> None:
     np.testing.assert_allclose(np.asarray(grad), np.asarray(w).sum(0, keepdims=True), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_differentiates_in_the_weights(dtype) -> None:
+    """Full fine-tuning differentiates the weights too: d/dW sum(R * x W^T) = R^T x. (It raised
+    "gradients with respect to the weights are not supported", so model.train failed on
+    batches of a few rows, which go to this kernel.)"""
+    rng = np.random.default_rng(4)
+    t = DTYPES[dtype] if dtype != "float32" else mx.float32
+    x = O.astype(mx.array(rng.standard_normal((3, 32)).astype(np.float32)), t)
+    w = O.astype(mx.array(rng.standard_normal((16, 32)).astype(np.float32)), t)
+    r = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
+    gx, gw = transforms.grad(lambda a, b: O.sum(O.astype(ck.gemv(a, b), mx.float32) * r), argnums=(0, 1))(x, w)
+    assert gw.dtype == t and gw.shape == w.shape and gx.dtype == t
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(as_f64(gw), np.asarray(r).T @ as_f64(x), rtol=tol, atol=tol)
+    np.testing.assert_allclose(as_f64(gx), np.asarray(r) @ as_f64(w), rtol=tol, atol=tol)
+    q = O.quantize(O.astype(w, mx.float32), 32, 8)
+    with pytest.raises(MLXError, match="quantized weights"):
+        transforms.grad(lambda b: O.sum(ck.gemv(O.astype(x, mx.float32), b, q[1], q[2], group_size=32, bits=8)))(q[0])
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("bits", [0, 8])
 def test_a_16_bit_product_is_one_node_in_its_own_dtype(dtype, bits) -> None:

@@ -528,21 +528,32 @@ class CpuGemv : public mx::UnaryPrimitive {
     throw std::runtime_error("cpu_gemv runs on the CPU only");
   }
 
-  // d/dx of x W^T is cotangent @ W; the weights are not differentiated.
+  // d/dx of x W^T is cotangent @ W; d/dW (full fine-tuning of a dense weight) is cotangent^T @ x.
+  // Quantized weights are not differentiated (they are never trained).
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums, const std::vector<mx::array>&) override {
-    for (int a : argnums) {
-      if (a != 0) throw std::invalid_argument("cpu_gemv: gradients with respect to the weights are not supported");
-    }
     const auto& c = cotangents[0];
-    const mx::Dtype x_type = primals[0].dtype();
-    if (bits_) {
-      return {mx::astype(mx::quantized_matmul(c, primals[1], primals[2], primals[3], false, group_, bits_,
-                                              "affine", stream()), x_type, stream())};
+    std::vector<mx::array> out;
+    for (int a : argnums) {
+      if (a == 0) {
+        const mx::Dtype x_type = primals[0].dtype();
+        if (bits_) {
+          out.push_back(mx::astype(mx::quantized_matmul(c, primals[1], primals[2], primals[3], false, group_, bits_,
+                                                        "affine", stream()), x_type, stream()));
+        } else {
+          out.push_back(mx::astype(mx::matmul(mx::astype(c, mx::float32, stream()),
+                                              mx::astype(primals[1], mx::float32, stream()), stream()),
+                                   x_type, stream()));
+        }
+      } else if (a == 1 && !bits_) {
+        out.push_back(mx::astype(mx::matmul(mx::transpose(mx::astype(c, mx::float32, stream()), stream()),
+                                            mx::astype(primals[0], mx::float32, stream()), stream()),
+                                 primals[1].dtype(), stream()));
+      } else {
+        throw std::invalid_argument("cpu_gemv: gradients with respect to quantized weights are not supported");
+      }
     }
-    return {mx::astype(mx::matmul(mx::astype(c, mx::float32, stream()), mx::astype(primals[1], mx::float32,
-                                                                                   stream()), stream()),
-                       x_type, stream())};
+    return out;
   }
 
   const char* name() const override { return "CpuGemv"; }
