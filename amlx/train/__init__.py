@@ -16,11 +16,11 @@ Submodules import MLX lazily through amlx._mlx; importing this package is cheap.
 
 from __future__ import annotations
 
-__all__ = ["TrainingEvent", "TrainOptions", "DataError", "fuse"]
+__all__ = ["TrainingEvent", "TrainOptions", "DataError", "NonFiniteLossError", "fuse"]
 
 
 def __getattr__(name: str):
-    if name in ("TrainingEvent", "TrainOptions", "TrainingRun"):
+    if name in ("TrainingEvent", "TrainOptions", "TrainingRun", "NonFiniteLossError"):
         from amlx.train import trainer
 
         return getattr(trainer, name)
