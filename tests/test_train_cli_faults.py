@@ -183,6 +183,15 @@ async def test_layers_that_select_nothing_are_a_value_error(ckpt, layers, num_la
         assert [ev.kind async for ev in m.train_lora(DATA, iters=1, batch_size=1)][-1] == "done"
 
 
+async def test_a_rank_above_a_layer_dimension_is_refused_before_any_layer_changes(ckpt):
+    """rank=100000 made LoRA matrices of 100000 x in and out x 100000 per layer (gigabytes for
+    a real model) for a rank that cannot exceed the layer's smaller dimension."""
+    async with await amlx.load(ckpt) as m:
+        with pytest.raises(ValueError, match=r"rank 100000 is more than .*smaller dimension"):
+            [ev async for ev in m.train_lora(DATA, iters=1, batch_size=1, rank=100000)]
+        assert [ev.kind async for ev in m.train_lora(DATA, iters=1, batch_size=1, rank=4)][-1] == "done"
+
+
 # -- non-finite loss ----------------------------------------------------------------
 
 def _lora_b(m) -> list:

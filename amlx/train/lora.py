@@ -268,6 +268,12 @@ def apply_lora(model, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                                                                                                 QuantizedLinear))})
         raise ValueError(f"target {missing[0]!r} matches no linear layer of this model (its linear layers: "
                          f"{', '.join(names)})")
+    for path, m in todo:  # (before any layer is replaced)
+        w = m.weight.shape
+        out_f, in_f = w[0], w[1] * 32 // m._bits if isinstance(m, QuantizedLinear) else w[1]
+        if cfg.rank > min(out_f, in_f):
+            raise ValueError(f"rank {cfg.rank} is more than {path}'s smaller dimension ({out_f} x {in_f}): a "
+                             f"rank above {min(out_f, in_f)} adds nothing but memory")
     keys = random.split(random.key(seed), max(len(todo), 2))
     for i, (path, m) in enumerate(todo):
         model.set_module(path, LoRALinear(m, cfg.rank, cfg.scale, cfg.dropout, key=keys[i]))
