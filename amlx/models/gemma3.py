@@ -204,7 +204,10 @@ def build(args: Gemma3Args, w: Weights) -> CausalLM:
     decoder = Decoder(w.embedding("model.embed_tokens", vocab, h), layers,
                       w.norm("model.norm", h, args.rms_norm_eps, cls=GemmaRMSNorm), embed_scale=h ** 0.5)
     lm_head = None if args.tie_word_embeddings else w.linear("lm_head", vocab, h)
-    model = CausalLM(decoder, lm_head, final_softcap=args.final_logit_softcapping)
+    # transformers' Gemma3ForConditionalGeneration (the multimodal model) never applies
+    # text_config.final_logit_softcapping, only Gemma3ForCausalLM does: do as the reference
+    softcap = None if args.multimodal else args.final_logit_softcapping
+    model = CausalLM(decoder, lm_head, final_softcap=softcap)
     model.model_type = "gemma3"
     return model
 
