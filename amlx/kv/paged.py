@@ -216,21 +216,33 @@ class PagedLayer:
 
     def update_decode(self, k: Array, v: Array, positions: Array, memo: dict | None = None):
         """Writes one position per row (k, v (B, H, 1, D) at `positions` (B,) int32) and
-        returns (keys, values, mask (B, 1, 1, span)) as KVCache.update_decode."""
+        returns (keys, values, mask (B, 1, 1, span)) as KVCache.update_decode. With `bits`,
+        each row's own slot holds its k, v as given, the earlier ones as the pool holds them:
+        as the decode kernel attends (it quantizes the new token only in the cache)."""
         b, h, _, d = k.shape
         new = ops.concatenate([ops.reshape(k, (1, b * h, d)), ops.reshape(v, (1, b * h, d))], axis=0)
         pos = self.write_decode(new, positions, memo)
         t, window = self.tables, self.window
         if window is not None and t.window is not None and window <= t.window and t.window_start is not None:
             span = t.window_width * t.block_size  # only the blocks that can hold the window
-            keys, values = self._halves(self.gathered(t.window_rows, t.window_width), span)
             first = t.window_start
             start = memoized(memo, ("wstart", t.batch), lambda: ops.reshape(first, (t.batch, 1, 1, 1)))
-            return keys, values, memoized(memo, ("wmask", span, window),
-                                          lambda: decode_mask(span, pos - start, window))
+            kv = self._own(self.gathered(t.window_rows, t.window_width), new, pos - start, ("wown", span), memo)
+            return (*self._halves(kv, span), memoized(memo, ("wmask", span, window),
+                                                      lambda: decode_mask(span, pos - start, window)))
         span = t.span
-        keys, values = self._halves(self.gathered(), span)
-        return keys, values, memoized(memo, ("mask", span, window), lambda: decode_mask(span, pos, window))
+        kv = self._own(self.gathered(), new, pos, ("own", span), memo)
+        return (*self._halves(kv, span), memoized(memo, ("mask", span, window), lambda: decode_mask(span, pos, window)))
+
+    def _own(self, kv: Array, new: Array, slot: Array, key: tuple, memo: dict | None) -> Array:
+        """The gathered kv (2, B, H, span, D) with, for a quantized pool, each row's slot `slot`
+        (B, 1, 1, 1) holding `new` (2, B * H, D) as given, not as quantized and read back."""
+        if not self.bits:
+            return kv
+        _, b, h, span, d = kv.shape
+        own = memoized(memo, key, lambda: ops.reshape(ops.arange(span, dtype=_int32), (1, 1, 1, span, 1))
+                       == ops.reshape(slot, (1, b, 1, 1, 1)))
+        return ops.where(own, ops.reshape(new, (2, b, h, 1, d)).astype(kv.dtype), kv)
 
     def write_decode(self, new: Array, positions: Array, memo: dict | None = None) -> Array:
         """Writes one position per row, keys and values in one scatter: `new`

@@ -300,10 +300,11 @@ class Attention(Module):
             keys, values, mask = cache.update_verify(k, v, step.pos, step.memo)
         else:
             keys, values, mask = cache.update_decode(k, v, step.pos, step.memo)
-        if getattr(cache, "bits", None) and not isinstance(step.pos, int):
-            # a decode step or a verify pass over a quantized pool: each new token attends its own key
-            # and value as computed, as the decode kernel does, so that every path decodes alike
-            # (the kernel or these ops, one process or tensor-parallel ranks, drafts checked or not)
+        if getattr(cache, "bits", None) and step.length > 1 and not isinstance(step.pos, int):
+            # a verify pass over a quantized pool: each new token attends its own key and value as
+            # computed, as the decode kernel does (a decode step's pool hands them back so itself:
+            # `PagedLayer.update_decode`), so that every path decodes alike: the kernel or the ops,
+            # one process or tensor-parallel ranks, drafts checked or not
             o = attend_own_unquantized(q, k, v, keys, values, mask, self._scale)
             return self.o_proj(ops.reshape(ops.transpose(o, (0, 2, 1, 3)),
                                            (step.batch * step.length, self._n_heads * self._head_dim)))
@@ -318,6 +319,14 @@ class Attention(Module):
         return self.o_proj(ops.reshape(o, (step.batch * step.length, self._n_heads * self._head_dim)))
 
 
+def own_slots(mask: Array) -> Array:
+    """Where each new token's own slot is, as a boolean array of `mask`'s shape (..., span):
+    the last slot the causal mask shows it."""
+    span = mask.shape[-1]
+    slots = ops.reshape(ops.arange(span, dtype=_i32), (1,) * (mask.ndim - 1) + (span,))
+    return slots == ops.max(ops.where(mask, slots, -1), axis=-1, keepdims=True)
+
+
 def attend_own_unquantized(q: Array, k: Array, v: Array, keys: Array, values: Array, mask: Array,
                            scale: float) -> Array:
     """Attention of W new tokens a row (q (B, H, W, D), their keys and values k, v (B, KVH, W, D))
@@ -329,8 +338,7 @@ def attend_own_unquantized(q: Array, k: Array, v: Array, keys: Array, values: Ar
     b, h, w, d = q.shape
     kvh, span = keys.shape[1], keys.shape[2]
     mask = ops.reshape(mask, (b, 1, 1, w, span))
-    slots = ops.reshape(ops.arange(span, dtype=_i32), (1, 1, 1, 1, span))
-    is_own = slots == ops.max(ops.where(mask, slots, -1), axis=-1, keepdims=True)
+    is_own = ops.reshape(own_slots(mask), (b, 1, 1, w, span))
     q5 = ops.reshape(ops.astype(q, _f32), (b, kvh, h // kvh, w, d))
     scores = ops.matmul(q5, ops.reshape(ops.swapaxes(ops.astype(keys, _f32), 2, 3), (b, kvh, 1, d, span))) * scale
     own = ops.sum(q5 * ops.reshape(ops.astype(k, _f32), (b, kvh, 1, w, d)), axis=-1, keepdims=True) * scale
