@@ -9,8 +9,13 @@ max|amlx - transformers| / max|transformers| < 1e-4 over every position.
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from amlx import _mlx as mx
 from amlx.models import load_model
@@ -22,6 +27,20 @@ except ImportError:  # tests/ itself on sys.path (rootdir-less run)
 
 RTOL_F32 = 1e-4
 PROMPT = [5, 17, 42, 99, 3, 64, 120, 7, 250, 31, 8, 77, 150, 12, 90, 45, 33, 201, 66, 10]
+# few examples: each builds a checkpoint and runs both models
+HYPOTHESIS = settings(max_examples=6, deadline=None, derandomize=True,
+                      suppress_health_check=[HealthCheck.function_scoped_fixture])
+_BUILT: dict = {}
+
+
+def _checkpoint(tmp_path_factory, arch: str, **kw):
+    """A fresh copy of one checkpoint per (arch, kw), built once per module, to edit."""
+    key = (arch, json.dumps(kw, sort_keys=True))
+    if key not in _BUILT:
+        _BUILT[key] = make_checkpoint(tmp_path_factory.mktemp(arch), arch, **kw)
+    dst = tmp_path_factory.mktemp(arch + "-edit")
+    shutil.copytree(_BUILT[key], dst, dirs_exist_ok=True)
+    return dst
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,4 +85,37 @@ def test_final_logit_softcapping_is_applied_where_transformers_applies_it(arch, 
     both, so a multimodal checkpoint's logits were 0.6 off relative (argmax unchanged,
     log-probabilities and sampling not)."""
     path = make_checkpoint(tmp_path / arch, arch, final_logit_softcapping=5.0)
+    assert_parity(path)
+
+
+# ---------------------------------------------------------------------------
+# rope_scaling next to rope_parameters
+
+
+def _edit_config(path, section=None, **changes) -> None:
+    cfg_path = path / "config.json"
+    raw = json.loads(cfg_path.read_text())
+    target = raw[section] if section else raw
+    target.update(changes)
+    cfg_path.write_text(json.dumps(raw, indent=2))
+
+
+@HYPOTHESIS
+@given(arch=st.sampled_from(["qwen3", "llama", "qwen2", "mistral"]),
+       scaling=st.sampled_from([
+           {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+           {"rope_type": "linear", "factor": 4.0},
+           {"rope_type": "linear", "factor": 2.0, "rope_theta": 100.0},
+           {"rope_type": "default"}]),
+       top_theta=st.sampled_from([None, 1e6]))
+def test_rope_scaling_added_to_a_new_style_config_replaces_rope_parameters(arch, scaling, top_theta, tmp_path_factory):
+    """A transformers-5 config (rope_parameters) with a rope_scaling added by hand, as
+    Qwen3's model card says to do for YaRN: transformers runs rope_scaling (and its
+    rope_theta, else the top-level one, else 10000), amlx ran rope_parameters and
+    ignored the scaling (logits 0.7-1.2 off relative)."""
+    path = _checkpoint(tmp_path_factory, arch)
+    changes = {"rope_scaling": scaling}
+    if top_theta is not None:
+        changes["rope_theta"] = top_theta
+    _edit_config(path, **changes)
     assert_parity(path)

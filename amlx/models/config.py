@@ -274,12 +274,14 @@ class ModelArgs:
     @classmethod
     def rope(cls, r: ConfigReader, max_pos: int) -> dict[str, Any]:
         theta_default = r.number("rope_theta", cls.DEFAULTS.get("rope_theta", 10_000.0))
-        params = r.get("rope_parameters")
-        if params is not None:
-            theta, scaling = read_rope(r, params, "rope_parameters", theta_default, max_pos)
-        else:
-            theta, scaling = theta_default, normalize_rope_scaling(
-                r.get("rope_scaling"), max_position_embeddings=max_pos, path=r.path, key=r.key("rope_scaling"))
+        # transformers (convert_rope_params_to_dict): a non-empty rope_scaling replaces
+        # rope_parameters whole (a transformers-5 config with rope_scaling added by hand, as
+        # model cards say for YaRN, runs the added scaling), its own rope_theta first, then
+        # the top-level one, then the class default -- never rope_parameters' theta
+        # (rope_parameters is still checked: one that is invalid is refused all the same)
+        theta, scaling = read_rope(r, r.get("rope_parameters"), "rope_parameters", theta_default, max_pos)
+        if r.get("rope_scaling"):
+            theta, scaling = read_rope(r, r.get("rope_scaling"), "rope_scaling", theta_default, max_pos)
         return {"rope_theta": theta, "rope_scaling": scaling}
 
     @classmethod
