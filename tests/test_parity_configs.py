@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from amlx import _mlx as mx
+from amlx.errors import ModelLoadError
 from amlx.models import load_model
 
 try:
@@ -119,3 +120,26 @@ def test_rope_scaling_added_to_a_new_style_config_replaces_rope_parameters(arch,
         changes["rope_theta"] = top_theta
     _edit_config(path, **changes)
     assert_parity(path)
+
+
+@pytest.mark.parametrize("arch,scaling", [
+    ("gemma3_text", {"rope_type": "linear", "factor": 8.0}),
+    ("gemma3", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "rope_theta": 100.0}),
+])
+def test_gemma_rope_scaling_next_to_nested_rope_parameters_applies_to_global_layers(arch, scaling, tmp_path_factory):
+    """transformers' Gemma3TextConfig merges a rope_scaling over rope_parameters.full_attention;
+    amlx ignored it once rope_parameters was nested (logits 0.9 off relative)."""
+    path = _checkpoint(tmp_path_factory, arch)
+    _edit_config(path, "text_config" if arch == "gemma3" else None, rope_scaling=scaling)
+    assert_parity(path)
+
+
+def test_gemma_flat_rope_parameters_are_refused(tmp_path_factory):
+    """Gemma 3 nests rope_parameters per layer type; transformers ignores flat keys there (both
+    layer types then run plain rope) where amlx applied them to the global layers. Refused,
+    naming the file and the key."""
+    path = _checkpoint(tmp_path_factory, "gemma3_text")
+    _edit_config(path, rope_parameters={"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6})
+    with pytest.raises(ModelLoadError) as info:
+        load_model(path)
+    assert str(path / "config.json") in str(info.value) and "'rope_parameters'" in str(info.value)

@@ -88,23 +88,36 @@ class Gemma3Args(ModelArgs):
 
     @classmethod
     def rope(cls, r: ConfigReader, max_pos: int) -> dict[str, Any]:
+        """As transformers' Gemma3TextConfig reads it: ``rope_parameters`` nested per layer
+        type (absent entries default, at ``rope_theta`` / ``rope_local_base_freq``), and an
+        older-style ``rope_scaling`` merged over the full-attention entry (it never applies
+        to the sliding layers)."""
         theta = r.number("rope_theta", TEXT_DEFAULTS["rope_theta"])
         local = r.number("rope_local_base_freq", TEXT_DEFAULTS["rope_local_base_freq"])
         params = r.get("rope_parameters")
-        if params is not None and not isinstance(params, Mapping):
+        if params is None:
+            params = {}
+        if not isinstance(params, Mapping):
             raise r.invalid("rope_parameters", params, "expected an object")
+        flat = sorted(str(k) for k in params if k not in (FULL_ATTENTION, SLIDING_ATTENTION))
+        if flat:
+            # transformers ignores them (both layer types then run plain rope): refused
+            # rather than guessed at
+            raise r.invalid("rope_parameters", dict(params), f"Gemma 3 nests rope parameters per layer type "
+                                                             f"({FULL_ATTENTION}, {SLIDING_ATTENTION}); "
+                                                             f"transformers ignores {', '.join(flat)} here")
         out: dict[str, Any] = {}
-        if params is not None and (FULL_ATTENTION in params or SLIDING_ATTENTION in params):
-            out["rope_theta"], out["rope_scaling"] = read_rope(
-                r, params.get(FULL_ATTENTION), "rope_parameters." + FULL_ATTENTION, theta, max_pos)
-            out["rope_local_base_freq"], out["rope_local_scaling"] = read_rope(
-                r, params.get(SLIDING_ATTENTION), "rope_parameters." + SLIDING_ATTENTION, local, max_pos)
-            return out
-        # older style: rope_scaling applies to the global (full attention) layers only
-        flat = params if params is not None else r.get("rope_scaling")
-        key = "rope_parameters" if params is not None else "rope_scaling"
-        out["rope_theta"], out["rope_scaling"] = read_rope(r, flat, key, theta, max_pos)
-        out["rope_local_base_freq"], out["rope_local_scaling"] = local, None
+        full, full_key = params.get(FULL_ATTENTION), "rope_parameters." + FULL_ATTENTION
+        scaling = r.get("rope_scaling")
+        if scaling is not None:
+            if not isinstance(scaling, Mapping):
+                raise r.invalid("rope_scaling", scaling, "expected an object or null")
+            if full is not None and not isinstance(full, Mapping):
+                raise r.invalid(full_key, full, "expected an object")
+            full, full_key = {**(full or {}), **scaling}, "rope_scaling"
+        out["rope_theta"], out["rope_scaling"] = read_rope(r, full, full_key, theta, max_pos)
+        out["rope_local_base_freq"], out["rope_local_scaling"] = read_rope(
+            r, params.get(SLIDING_ATTENTION), "rope_parameters." + SLIDING_ATTENTION, local, max_pos)
         return out
 
     @classmethod
