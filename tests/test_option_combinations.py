@@ -7,8 +7,9 @@ ranks changed greedy output), and a paused request with a penalty rejoining besi
 flight. Here hypothesis draws the combinations (derandomized: the same examples every run).
 Drawn: the architecture (Gemma 3 with a window shorter than most prompts), `kv_bits`,
 `prefix_cache`, prompt-lookup drafting and its length, a batch of 2 or 8, a pool small enough
-to preempt; per request the length, a stop string, penalties, `logit_bias`, a one-token buffer
-and a cancellation after a few tokens."""
+to preempt (drafting and the small pool only without `kv_bits`: see the test); per request the
+length, a stop string, penalties, `logit_bias`, a one-token buffer and a cancellation after a few
+tokens."""
 
 from __future__ import annotations
 
@@ -106,14 +107,18 @@ def test_any_combination_decodes_as_the_plain_engine(checkpoints, load, requests
     plain = {"kv_bits": load["kv_bits"], "prefix_cache": False}
     variant = {"kv_bits": load["kv_bits"], "prefix_cache": load["prefix_cache"],
                "max_batch_size": load["max_batch_size"]}
-    if load["draft"]:
+    # (with kv_bits, drafting and preemption stay out: a float32 last-bit difference, or a span
+    # written by decode steps and recomputed by a prefill, can move a cached value to another
+    # quantization level and break a near-tie: README's kv_bits and speculative paragraphs.
+    # test_speculative_engine checks drafting with kv_bits on chosen prompts.)
+    if load["draft"] and not load["kv_bits"]:
         variant.update(draft=load["draft"], num_draft_tokens=load["num_draft_tokens"])
-    if load["small_pool"]:
+    if load["small_pool"] and not load["kv_bits"]:
         variant["kv_cache_memory"] = 256 << 10
     want = anyio.run(functools.partial(_run, path, plain, requests, False))
     got = anyio.run(functools.partial(_run, path, variant, requests, True))
     for r, (w, _), (g, finish) in zip(requests, want, got):
-        if finish == "context" or (load["small_pool"] and finish == "length" and len(g) < len(w)):
+        if finish == "context" or ("kv_cache_memory" in variant and finish == "length" and len(g) < len(w)):
             assert g == w[:len(g)]  # (the small pool caps the context: a request ends there)
         elif r["cancel_after"] is not None:
             assert g == w[:len(g)]
