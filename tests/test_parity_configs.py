@@ -143,3 +143,18 @@ def test_gemma_flat_rope_parameters_are_refused(tmp_path_factory):
     with pytest.raises(ModelLoadError) as info:
         load_model(path)
     assert str(path / "config.json") in str(info.value) and "'rope_parameters'" in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# layer_types where the architecture has none
+
+
+def test_llama_ignores_layer_types_and_sliding_window_like_transformers(tmp_path_factory):
+    """transformers' LlamaForCausalLM has no sliding-window layers: a llama config.json naming
+    layer_types (sliding) and a sliding_window runs full attention there. amlx windowed those
+    layers (logits 1.1 off relative on a prompt longer than the window). Mistral, which
+    transformers then runs as Ministral, follows its layer_types (checked alongside)."""
+    for arch in ("llama", "mistral"):
+        path = _checkpoint(tmp_path_factory, arch)
+        _edit_config(path, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+        assert_parity(path)

@@ -248,6 +248,9 @@ class ModelArgs:
     DEFAULTS: ClassVar[dict[str, Any]] = {}
     QK_NORM: ClassVar[bool] = False
     ACT_KEY: ClassVar[str] = "hidden_act"
+    # whether the architecture's transformers model reads config.json's layer_types (Llama's
+    # does not: its layers never attend within a window, whatever layer_types says)
+    READS_LAYER_TYPES: ClassVar[bool] = True
     REQUIRED: ClassVar[tuple[str, ...]] = (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
@@ -374,7 +377,7 @@ def _sizes(cls: type[ModelArgs], r: ConfigReader) -> dict[str, int]:
 
 def _layer_types(cls: type[ModelArgs], r: ConfigReader, n_layers: int) -> list[str]:
     raw = r.get("layer_types")
-    if raw is None:
+    if raw is None or not cls.READS_LAYER_TYPES:
         return cls.default_layer_types(r, n_layers)
     if not isinstance(raw, list) or len(raw) != n_layers:
         raise r.invalid("layer_types", raw, f"expected a list of {n_layers} layer types")

@@ -26,6 +26,7 @@ class LlamaArgs(ModelArgs):
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "rope_theta": 10_000.0, "hidden_act": "silu",
         "head_dim": None, "tie_word_embeddings": False}
+    READS_LAYER_TYPES: ClassVar[bool] = False
 
     @classmethod
     def biases(cls, r: ConfigReader) -> dict[str, bool]:

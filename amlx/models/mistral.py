@@ -14,6 +14,8 @@ from amlx.models.registry import Architecture
 @dataclasses.dataclass
 class MistralArgs(LlamaArgs):
     ARCH: ClassVar[str] = "mistral"
+    # with layer_types, transformers runs a mistral config as Ministral, which follows them
+    READS_LAYER_TYPES: ClassVar[bool] = True
 
     @classmethod
     def default_layer_types(cls, r: ConfigReader, n_layers: int) -> list[str]:
