@@ -158,3 +158,29 @@ def test_llama_ignores_layer_types_and_sliding_window_like_transformers(tmp_path
         path = _checkpoint(tmp_path_factory, arch)
         _edit_config(path, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
         assert_parity(path)
+
+
+# ---------------------------------------------------------------------------
+# what amlx cannot run is refused at load, naming config.json and the field
+
+
+@pytest.mark.parametrize("arch,section,changes,field", [
+    ("qwen3", None, {"attention_bias": True}, "'attention_bias'"),
+    ("llama", None, {"mlp_bias": True}, "'mlp_bias'"),
+    ("llama", None, {"hidden_act": "gelu"}, "'hidden_act'"),
+    ("gemma3_text", None, {"attn_logit_softcapping": 50.0}, "'attn_logit_softcapping'"),
+    ("gemma3", "text_config", {"hidden_activation": "gelu"}, "'text_config.hidden_activation'"),
+    ("qwen2", None, {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}},
+     "'rope_parameters.rope_type'"),
+    ("mistral", None, {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8,
+                                        "long_factor": [2.0] * 8, "original_max_position_embeddings": 16}},
+     "'rope_scaling.rope_type'"),
+])
+def test_unsupported_configs_are_refused_naming_the_field(arch, section, changes, field, tmp_path_factory):
+    """Refusals from an architecture's builder named the file but not the field
+    ("qwen3: biases on o_proj or the MLP are not supported" for attention_bias)."""
+    path = _checkpoint(tmp_path_factory, arch)
+    _edit_config(path, section, **changes)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(path)
+    assert str(path / "config.json") in str(info.value) and field in str(info.value)

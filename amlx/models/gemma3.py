@@ -202,10 +202,13 @@ class GemmaBlock(Module):
 
 
 def build(args: Gemma3Args, w: Weights) -> CausalLM:
+    prefix = "text_config." if args.multimodal else ""
     if args.hidden_act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise ModelLoadError(f"gemma3: activation {args.hidden_act!r} is not supported")
+        raise ModelLoadError(f"gemma3: invalid '{prefix}hidden_activation' = {args.hidden_act!r}: activation "
+                             f"{args.hidden_act!r} is not supported (gelu_pytorch_tanh only, or gelu_tanh)")
     if args.attn_logit_softcapping:
-        raise ModelLoadError("gemma3: attn_logit_softcapping is not supported")
+        raise ModelLoadError(f"gemma3: invalid '{prefix}attn_logit_softcapping' = {args.attn_logit_softcapping!r}: "
+                             f"attn_logit_softcapping is not supported")
     h, vocab, hd = args.hidden_size, args.vocab_size, args.head_dim
     global_rope = RoPE(hd, args.rope_theta, args.rope_scaling)
     local_rope = RoPE(hd, args.rope_local_base_freq, args.rope_local_scaling)

@@ -55,9 +55,12 @@ class PreNormBlock(Module):
 def build_prenorm(args: ModelArgs, w: Weights) -> CausalLM:
     """The Llama-family decoder described by `args`."""
     if args.hidden_act != "silu":
-        raise ModelLoadError(f"{args.arch}: activation {args.hidden_act!r} is not supported (silu only)")
+        raise ModelLoadError(f"{args.arch}: invalid 'hidden_act' = {args.hidden_act!r}: activation "
+                             f"{args.hidden_act!r} is not supported (silu only)")
     if args.o_bias or args.mlp_bias:
-        raise ModelLoadError(f"{args.arch}: biases on o_proj or the MLP are not supported")
+        key = "attention_bias" if args.o_bias else "mlp_bias"
+        raise ModelLoadError(f"{args.arch}: invalid '{key}' = true: biases on o_proj or the MLP are not supported "
+                             f"(q/k/v biases only)")
     rope = RoPE(args.head_dim, args.rope_theta, args.rope_scaling)
     h, vocab = args.hidden_size, args.vocab_size
     layers = []
