@@ -89,11 +89,17 @@ def _utf8(text: str) -> bool:
     return True
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _loads(text: str) -> Any:
     """The JSON value of `text`, or None: also for JSON that Python refuses to read (nesting
-    deeper than its recursion limit, integers of over 4300 digits), which a model may write."""
+    deeper than its recursion limit, integers of over 4300 digits), which a model may write,
+    and for Python's extensions NaN and Infinity, which JSON has not (a client's JSON.parse
+    would refuse the arguments)."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_not_json)
     except (ValueError, RecursionError):  # (JSONDecodeError is a ValueError)
         return None
 
@@ -103,7 +109,7 @@ def _parse_llama(text: str) -> list[ToolCall] | None:
     body = text.strip()
     body = body[len(_LLAMA_TAG):].strip() if body.startswith(_LLAMA_TAG) else body
     calls = []
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(parse_constant=_not_json)
     pos = 0
     while pos < len(body):
         try:

@@ -377,6 +377,8 @@ HOSTILE_JSON = {
     "deep object": '{"a": ' * 5000 + "1" + "}" * 5000,
     "huge integer": '{"n": ' + "9" * 5000 + "}",
     "lone surrogate": '{"city": "\\ud800"}',
+    "NaN": '{"n": NaN}',
+    "Infinity": '{"n": [1, -Infinity]}',
 }
 WRAPS = {
     "qwen": lambda name, args: f'<tool_call>{{"name": "{name}", "arguments": {args}}}</tool_call>',
@@ -396,7 +398,8 @@ def test_tool_calls_with_json_python_cannot_read_are_content_not_an_exception(pa
     """A reply whose call held JSON nested thousands deep (RecursionError) or an integer of over
     4300 digits (ValueError) failed its request: model.complete raised, the server answered 500
     or 400 with Python's message. A \\ud800 escape made arguments with a lone surrogate, which
-    the server could not encode: a 400 'surrogates not allowed', or a dropped stream.
+    the server could not encode: a 400 'surrogates not allowed', or a dropped stream. NaN and
+    Infinity (Python's extensions, not JSON) went out in the arguments.
     Such calls are now plain content, and a surrogate stays escaped in the arguments."""
     fmt = wrap.split(",")[0]
     text = before + WRAPS[wrap](name, HOSTILE_JSON[payload])
@@ -406,7 +409,7 @@ def test_tool_calls_with_json_python_cannot_read_are_content_not_an_exception(pa
     assert [c.arguments for c in calls] == [e.arguments for e in events if not isinstance(e, str)]
     for call in calls:  # (the [ARGS] form's name is plain text: there "\\ud800" is six characters)
         (call.name + call.arguments).encode("utf-8")
-        assert json.loads(call.arguments)
+        assert json.loads(call.arguments, parse_constant=lambda c: pytest.fail(f"{c} in {call.arguments}"))
     if not calls:
         assert content == text
     if payload == "lone surrogate" and name == "get_weather" and (fmt != "llama3" or not before):
