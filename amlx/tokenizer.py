@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ from amlx.chat_template import ChatEnvironment, TemplateLimits, render
 from amlx.checkpoint import TOKENIZER_JSON_LIMIT, read_bytes, read_json
 from amlx.errors import ChatTemplateError, ModelLoadError
 from amlx.prompt import check_structure
+
+_COMPILED_KEPT = 32  # compiled chat templates kept per tokenizer (its own, and any a caller passes)
 
 __all__ = ["ChatTemplateError", "StreamingDetokenizer", "Tokenizer"]
 
@@ -228,7 +232,10 @@ class Tokenizer:
         if isinstance(template, (list, tuple)):
             template = {t["name"]: t["template"] for t in template}
         self._chat_template: str | dict[str, str] | None = template
-        self._compiled: dict[str, jinja2.Template | str] = {}  # source -> template, or why it failed
+        # source -> template, or why it failed; the most recent _COMPILED_KEPT (a caller may pass
+        # any template source per call: `chat_template=`)
+        self._compiled: OrderedDict[str, jinja2.Template | str] = OrderedDict()
+        self._compile_lock = threading.Lock()
         self._env = ChatEnvironment()
 
         # transformers only cleans up spaces for non-BPE models (it would corrupt BPE text).
@@ -459,13 +466,19 @@ class Tokenizer:
         return template
 
     def _compile(self, source: str) -> jinja2.Template:
-        template = self._compiled.get(source)
+        with self._compile_lock:  # (prompts are rendered on several threads)
+            template = self._compiled.get(source)
+            if template is not None:
+                self._compiled.move_to_end(source)
         if template is None:
             try:
                 template = self._env.compile_template(source)
             except Exception as exc:  # kept, as its message: a broken template is parsed once, not per request
                 template = f"chat template failed: {type(exc).__name__}: {exc}"
-            self._compiled[source] = template
+            with self._compile_lock:
+                self._compiled[source] = template
+                while len(self._compiled) > _COMPILED_KEPT:
+                    self._compiled.popitem(last=False)
         if isinstance(template, str):
             raise ChatTemplateError(template)
         return template

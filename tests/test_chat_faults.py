@@ -185,6 +185,15 @@ def test_a_broken_template_is_compiled_once(tok, monkeypatch):
     assert len(calls) == 1
 
 
+def test_templates_passed_per_call_are_kept_only_up_to_a_bound(tok):
+    """Every template source a caller passed (`chat_template=`) stayed compiled for good."""
+    from amlx.tokenizer import _COMPILED_KEPT
+
+    for i in range(_COMPILED_KEPT + 20):
+        assert tok.apply_chat_template([*USER], chat_template=f"{{{{ messages[0].content }}}} {i}") == f"hi {i}"
+    assert len(tok._compiled) == _COMPILED_KEPT
+
+
 def with_template(path, template: str) -> Tokenizer:
     write_tokenizer(path, "bpe")
     config = json.loads((path / "tokenizer_config.json").read_text())
