@@ -185,7 +185,8 @@ def test_dense_weights_ignore_int8() -> None:
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_layers_follow_the_switch(bits, monkeypatch) -> None:
-    # amlx/models/cpu_matmul.INT8 (AMLX_CPU_INT8) picks the int8 or the float kernel
+    # amlx/models/cpu_matmul.INT8 (AMLX_CPU_INT8) picks the int8 or the float kernel, in a decode
+    # pass only (cpu_matmul.decode_pass): a prefill's rows always take the float kernel
     from amlx.models import cpu_matmul, nn
 
     rng = np.random.default_rng(bits)
@@ -195,8 +196,30 @@ def test_layers_follow_the_switch(bits, monkeypatch) -> None:
     x = mx.array(rng.standard_normal((2, 128)).astype(np.float32))
     for on in (True, False):
         monkeypatch.setattr(cpu_matmul, "INT8", on)
-        want = ck.gemv(x, *q, group_size=64, bits=bits, int8=on)
-        assert np.array_equal(np.asarray(layer(x)), np.asarray(O.astype(want, layer(x).dtype)))
+        for decoding in (True, False):
+            with cpu_matmul.decode_pass(decoding):
+                got = layer(x)
+            want = ck.gemv(x, *q, group_size=64, bits=bits, int8=on and decoding)
+            assert np.array_equal(np.asarray(got), np.asarray(O.astype(want, got.dtype)))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_decode_pass_of_many_rows_rounds_every_row_alike(bits) -> None:
+    """A decode pass of more rows than the kernels take at once (a batch past 64) goes through
+    them in pieces: each row's result is the one it gets alone. (Past 64 rows the pass took the
+    float path, and a row's tokens depended on the batch size.)"""
+    from amlx.models import cpu_matmul, nn
+
+    rng = np.random.default_rng(bits)
+    q = O.quantize(mx.array(rng.standard_normal((24, 128)).astype(np.float32)), 64, bits)
+    layer = nn.QuantizedLinear(*q, 64, bits)
+    rows = ck.MAX_ROWS + 9
+    x = mx.array(rng.standard_normal((rows, 128)).astype(np.float32))
+    with cpu_matmul.decode_pass(True):
+        together = np.asarray(layer(x))
+        alone = [np.asarray(layer(O.slice(x, (i, 0), (i + 1, 128)))) for i in (0, 63, 64, rows - 1)]
+    for i, row in zip((0, 63, 64, rows - 1), alone):
+        np.testing.assert_array_equal(together[i:i + 1], row)
 
 
 @settings(max_examples=15, deadline=None)

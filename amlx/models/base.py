@@ -479,7 +479,8 @@ class CausalLM(Module):
         # an engine's pass (it has a cache) with the kernels on: on CUDA its matmuls of a few
         # rows by small weights go to dense_rows (`applies`); never a training pass (no cache),
         # which needs gradients, which a custom kernel has none of
-        with dense_rows.within(cache is not None and self.model.decode_kernel):
+        with dense_rows.within(cache is not None and self.model.decode_kernel), \
+                cpu_matmul.decode_pass(cache is not None and not isinstance(pos, int)):
             h = self.model(ids, cache, pos, pace)
             if last is not None:
                 if length > 1:

@@ -19,19 +19,27 @@ Quantized weights (4-/8-bit) multiply x rounded to int8 per group, as llama.cpp'
 q8_0/q4_0 do: each group's products are summed as integers on bytes (VNNI), which
 is faster than converting every weight to a float; the cost is x's rounding, half a
 step of its int8 grid per value (cpu_kernels.gemv's `int8`; benchmarks/README.md
-has the measured speed and logit error). AMLX_CPU_INT8=0 (read once, at import)
-keeps them on the float kernels.
+has the measured speed and logit error). Only decode steps and speculative verify passes
+do (`decode_pass`, set by CausalLM for passes at per-row positions), at any number of rows:
+a token's result then never depends on the batch around it or on the pass that computes
+its prompt (a prefill, whole or behind the prefix cache, keeps the float kernels).
+AMLX_CPU_INT8=0 (read once, at import) keeps them on the float kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from typing import Iterator
 
 from amlx._mlx import Array, bfloat16, cpu_kernels, device, float16, float32, ops
 
 ENABLED = os.environ.get("AMLX_CPU_KERNELS", "1") != "0"
 INT8 = os.environ.get("AMLX_CPU_INT8", "1") != "0"
 _DENSE = (float32, float16, bfloat16)
+# set while a model builds a decode step or a verify pass (CausalLM.__call__): int8 applies there
+_DECODE_PASS = contextvars.ContextVar("amlx_cpu_decode_pass", default=False)
 # Rows up to which a product goes to the kernels, by weight format: "f32", "f16" (both
 # 16-bit dtypes), "int8" (quantized, against x rounded to int8: INT8) or "quantized"
 # (against float x); for a 16-bit or quantized weight of more than _MAX_DEQUANTIZED values
@@ -86,11 +94,26 @@ def dequantize(layer) -> Array:
     return ops.dequantize(layer.weight, layer.scales, layer.biases, group, bits, dtype=float32)
 
 
+@contextlib.contextmanager
+def decode_pass(on: bool) -> Iterator[None]:
+    """Lets the products built inside round x to int8 against quantized weights (INT8): a
+    decode step's or a verify pass's, never a prefill's (see the module's docstring)."""
+    token = _DECODE_PASS.set(on)
+    try:
+        yield
+    finally:
+        _DECODE_PASS.reset(token)
+
+
+def _int8() -> bool:
+    return INT8 and _DECODE_PASS.get()
+
+
 def max_rows(layer) -> int:
     """Rows of x up to which `layer`'s product goes to the kernels (few_rows)."""
     weight = layer.weight
     bits = getattr(layer, "_bits", 0)
-    kind = ("int8" if INT8 else "quantized") if bits else "f32" if weight.dtype == float32 else "f16"
+    kind = ("int8" if _int8() else "quantized") if bits else "f32" if weight.dtype == float32 else "f16"
     if kind != "f32" and weight.shape[0] * weight.shape[-1] * (32 // bits if bits else 1) > _MAX_DEQUANTIZED:
         return min(BIG_ROWS, cpu_kernels.MAX_ROWS)
     return min(ROWS[kind], cpu_kernels.MAX_ROWS)
@@ -122,7 +145,13 @@ def few_rows(x: Array, layer) -> Array | None:
     elif layer.weight.dtype not in _DENSE or layer.weight.ndim != 2:
         return None
     if rows > max_rows(layer) and not cpu_kernels.amx_takes(x, layer.weight, bits):
-        return None
+        if not (bits and _int8() and x.ndim == 2):
+            return None
+        # a decode pass of more rows than the kernels take at once: in pieces, so that every
+        # decoded row is rounded to int8 alike, whatever the batch
+        step = max_rows(layer)
+        return ops.concatenate([few_rows(ops.slice(x, (i, 0), (min(i + step, rows), x.shape[1])), layer)
+                                for i in range(0, rows, step)], axis=0)
     out = layer.weight.shape[0]
     split = layer.__dict__.get("_split")
     if split is not None and split.parts(out):
@@ -139,5 +168,5 @@ def _gemv(x: Array, layer, bits: int, lo: int, hi: int) -> Array:
 
     if bits:
         return cpu_kernels.gemv(x, rows(layer.weight), rows(layer.scales), rows(layer.biases),
-                                group_size=layer._group_size, bits=bits, int8=INT8)
+                                group_size=layer._group_size, bits=bits, int8=_int8())
     return cpu_kernels.gemv(x, rows(layer.weight))
