@@ -49,7 +49,11 @@ _DECODE_PASS = contextvars.ContextVar("amlx_cpu_decode_pass", default=False)
 # 151,936 x 1,024 head) or use its quantized matmul (seconds per call there). float32
 # weights need no copy, and MLX's sgemm is faster from about 12 rows. The crossovers
 # were measured on a 2-core AVX-512 machine (benchmarks/cpu_rows.py, benchmarks/README.md).
-ROWS = {"f32": 8, "f16": 32, "quantized": 32, "int8": 64}
+# "quantized" was 32 there, against MLX's quantized matmul; a prompt's rows now take it (int8
+# is for decode passes), where past 32 the path is a dequantized copy and sgemm per call: a
+# 48-token prompt of a Qwen3-0.6B-shaped 4-bit model took 697 ms to its first token that way
+# against 313-318 through the kernels (benchmarks/README.md, 2026-12-05).
+ROWS = {"f32": 8, "f16": 32, "quantized": 64, "int8": 64}
 BIG_ROWS = cpu_kernels.MAX_ROWS
 # a float32 copy of a bigger quantized weight (a vocabulary projection) costs
 # more memory than the time it saves
