@@ -179,14 +179,16 @@ def _special_tokens_of(config: Mapping[str, Any]) -> tuple[dict[str, str], Any]:
 _GIL_FREE_ENCODE = 4096  # characters above which encode() releases the GIL (encode_batch)
 
 
-def _check_encodable(text: str) -> None:
+def check_encodable(text: str, what: str = "the text") -> None:
     """ValueError naming the first unpaired UTF-16 surrogate in `text` (what JSON's "\\ud800"
-    escapes decode to: a str no UTF-8 can hold, which the tokenizer refuses), if it has one."""
+    escapes decode to: a str no UTF-8 can hold, which the tokenizer refuses with a bare
+    TypeError), if it has one; `what` names the text in the message."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"the text holds an unpaired surrogate, U+{ord(text[e.start]):04X}, at character "
-                         f"{e.start}: it is no Unicode character and cannot be encoded as UTF-8") from None
+        code = ord(text[e.start])
+        raise ValueError(f"{what} holds an unpaired surrogate, U+{code:04X}, at character {e.start} (a lone "
+                         f"\\u{code:04x} escape): it is no Unicode character and cannot be encoded as UTF-8") from None
 
 
 class Tokenizer:
@@ -365,7 +367,7 @@ class Tokenizer:
                 return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
             return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
         except TypeError:
-            _check_encodable(text)  # (tokenizers' "TextInputSequence must be str" names no cause)
+            check_encodable(text)  # (tokenizers' "TextInputSequence must be str" names no cause)
             raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:

@@ -28,6 +28,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from amlx.errors import AmlxError
+from amlx.tokenizer import check_encodable
 
 __all__ = ["DataError", "Example", "Dataset", "Batch", "load_dataset", "encode_record", "iterate_batches",
            "make_batch"]
@@ -102,19 +103,9 @@ def _with_eos(tokens: list[int], mask: list[bool], tokenizer) -> None:
         mask.append(True)
 
 
-def _check_utf8(text: str, what: str = "the text") -> None:
-    """ValueError naming an unpaired UTF-16 surrogate (JSON's "\\ud800" alone), which
-    no UTF-8 can hold and the tokenizer refuses with a bare TypeError."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{what} holds an unpaired surrogate, U+{ord(text[e.start]):04X}, at character {e.start} "
-                         f"(a lone \\u{ord(text[e.start]):04x} escape): it is not Unicode text") from None
-
-
 def _encode_spans(tokenizer, text: str, spans: list[tuple[int, int]], add_special_tokens: bool):
     """Tokens of `text` and a mask: True for tokens overlapping a learned character span."""
-    _check_utf8(text)
+    check_encodable(text)
     enc = tokenizer.backend.encode(text, add_special_tokens=add_special_tokens)
     mask = []
     for (s, e), special in zip(enc.offsets, enc.special_tokens_mask):
@@ -137,7 +128,7 @@ def _check_messages(messages, key: str) -> list[dict]:
         if not isinstance(m.get("content", ""), (str, list, type(None))):
             raise ValueError(f"{key}[{i}] has content of type {type(m['content']).__name__}")
         if isinstance(m.get("content"), str):
-            _check_utf8(m["content"], f"{key}[{i}]'s content")
+            check_encodable(m["content"], f"{key}[{i}]'s content")
     return messages
 
 
@@ -196,7 +187,7 @@ def encode_record(record, tokenizer) -> Example:
         text = record["text"]
         if not isinstance(text, str) or not text:
             raise ValueError("'text' must be a non-empty string")
-        _check_utf8(text, "'text'")
+        check_encodable(text, "'text'")
         tokens, mask = _encode_spans(tokenizer, text, [(0, len(text))], add_special_tokens=True)
         _with_eos(tokens, mask, tokenizer)
         return Example(tokens, mask)
@@ -221,8 +212,8 @@ def encode_record(record, tokenizer) -> Example:
         raise ValueError("'prompt' and 'completion' must both be strings (or both lists of chat messages)")
     if not completion:
         raise ValueError("'completion' is empty: nothing to learn")
-    _check_utf8(prompt, "'prompt'")
-    _check_utf8(completion, "'completion'")
+    check_encodable(prompt, "'prompt'")
+    check_encodable(completion, "'completion'")
     text = prompt + completion
     tokens, mask = _encode_spans(tokenizer, text, [(len(prompt), len(text))], add_special_tokens=True)
     _with_eos(tokens, mask, tokenizer)
