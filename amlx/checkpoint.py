@@ -364,6 +364,16 @@ def check_destination(src: Path, dst: Path) -> None:
         raise ValueError(f"dst {dst} already exists and is not an empty directory")
 
 
+def check_creatable(directory: Path) -> None:
+    """ValueError when `directory` cannot be made because something in its way is a file:
+    the nearest of it and its parents that exists must be a directory."""
+    for a in (directory, *directory.parents):
+        if a.exists():
+            if not a.is_dir():
+                raise ValueError(f"{a} exists and is not a directory")
+            return
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

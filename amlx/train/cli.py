@@ -200,15 +200,11 @@ async def _train(model: amlx.Model, args: argparse.Namespace, full: dict | None)
 
 def _check_fuse_destination(source: Path, dst: Path) -> None:
     """--fuse DST must be writable as a new checkpoint: checked before training, not after it."""
-    from amlx.checkpoint import check_destination
+    from amlx.checkpoint import check_creatable, check_destination
 
     try:
         check_destination(source, dst)
-        for a in dst.parents:  # the first that exists must be a directory
-            if a.exists():
-                if not a.is_dir():
-                    raise ValueError(f"{a} exists and is not a directory")
-                break
+        check_creatable(dst)
     except ValueError as exc:
         raise ValueError(f"--fuse {dst}: {exc}") from None
 

@@ -44,6 +44,7 @@ from typing import Any
 
 from amlx._mlx import array, memory, ops, random
 from amlx._mlx import eval as mx_eval
+from amlx.checkpoint import check_creatable
 from amlx.errors import AmlxError, ClosedError
 from amlx.train import data as _data
 from amlx.train import lora as _lora
@@ -366,11 +367,10 @@ class TrainingRun:
         if d is None:
             return
         where = f"{self._output_option} {self.adapter_path} cannot be written"
-        for a in (d, *d.parents):  # the first that exists must be a directory
-            if a.exists():
-                if not a.is_dir():
-                    raise ValueError(f"{where}: {a} exists and is not a directory")
-                break
+        try:
+            check_creatable(d)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
         try:
             d.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=d):
