@@ -26,6 +26,7 @@ HEADER = ROOT / "vendor" / "mlxc" / "mlxc.h"
 SOURCES = ("mlxc.cpp", "blas.cpp", "cpu_gemv.cpp", "gemv_generic.cpp", "gemv_avx2.cpp", "gemv_avx512.cpp",
            "gemv_avxvnni.cpp", "gemv_avx512vnni.cpp",  # the int8 kernels on VNNI (gemv_int8.h)
            "gemv_amx.cpp",  # bf16 matmuls on AMX tiles (quantized prompts dequantized to bf16), where the CPU has them
+           "gemv_avx512bf16.cpp",  # the same with AVX512-BF16, where the CPU has that but no tiles (AMD Zen 4/5)
            "distributed.cpp",  # distributed.cpp: MLX's collectives, for tensor parallelism (amlx.tp)
            "malloc_tuning.cpp",  # glibc thresholds raised at load: large temporaries reuse memory
            "buffer_view.cpp",  # the decode kernel reads the KV pools without holding them

@@ -212,14 +212,14 @@ def test_layers_use_the_kernels_for_few_rows(rows, kind, monkeypatch) -> None:
     x = O.astype(mx.array(rng.standard_normal((rows, 128)).astype(np.float32)), mx.bfloat16)
     got = layer(x)
     assert 8 <= cpu_matmul.max_rows(layer) <= ck.MAX_ROWS
-    # bf16 x on AMX takes any number of rows (a prompt's products too), quantized weights
-    # dequantized to bf16 there (one more bf16 rounding, of the weights)
-    amx = ck.amx_takes(x, layer.weight, 0 if kind == "bfloat16" else bits)
-    takes = rows <= cpu_matmul.max_rows(layer) or amx
+    # bf16 x on a bf16 kernel (AMX, AVX512-BF16) takes any number of rows (a prompt's products
+    # too), quantized weights dequantized to bf16 there (one more bf16 rounding, of the weights)
+    bf16 = ck.bf16_takes(x, layer.weight, 0 if kind == "bfloat16" else bits)
+    takes = rows <= cpu_matmul.max_rows(layer) or bf16
     assert ("CpuGemv" in O.graph_summary(got)[1]) == takes
     xf = as_f64(x)
     err = np.abs(as_f64(got) - xf @ wf.T)
-    roundings = 2 if amx and kind != "bfloat16" and rows > cpu_matmul.max_rows(layer) else 1
+    roundings = 2 if bf16 and kind != "bfloat16" and rows > cpu_matmul.max_rows(layer) else 1
     assert np.all(err <= roundings * 2.0 ** -7 * (np.abs(xf) @ np.abs(wf).T))  # bf16 roundings
     monkeypatch.setattr(cpu_matmul, "ENABLED", False)
     plain = layer(x)
@@ -288,7 +288,7 @@ def test_more_rows_than_a_block_make_no_float32_copy_of_the_weight(kind, rows, m
     float32_weight = out * inp * 4
     assert _peak_of(layer, x) < float32_weight / 8  # x, y and their float32 twins: ~0.3 MB
     # the test can fail: the path before (MLX's matmul past 8 rows) copies the weight
-    ck.set_amx(False)
+    ck.set_bf16_kernel("off")
     monkeypatch.setattr(cpu_matmul, "ROWS", dict.fromkeys(cpu_matmul.ROWS, ck.BLOCK_ROWS))
     monkeypatch.setattr(cpu_matmul, "BIG_ROWS", ck.BLOCK_ROWS)
     assert _peak_of(layer, x) >= float32_weight
@@ -325,26 +325,29 @@ def test_quantized_layers_dequantize_through_the_kernel_for_many_rows() -> None:
     assert np.all(np.abs(as_f64(got) - xf @ wf.T) <= 2e-5 * (np.abs(xf) @ np.abs(wf).T) + 1e-6)
 
 
-# -- the AMX kernel: bfloat16 weights against bfloat16 x, any number of rows -------------
+# -- the bf16 kernels (AMX tiles, AVX512-BF16): bfloat16 weights against bfloat16 x, any rows ----
 
-needs_amx = pytest.mark.skipif(not ck.amx(), reason="this CPU (or its OS) has no AMX tiles (AMLX_CPU_AMX=0?)")
+# each bf16 kernel this CPU has (none here: the tests below are skipped)
+bf16_kernels = pytest.mark.parametrize("kernel", [pytest.param(k, marks=pytest.mark.skipif(
+    k not in ck.bf16_kernels(), reason=f"this CPU (or its OS) lacks the {k} kernel")) for k in ck.BF16_KERNELS])
 
 
 def _bf16(rng, shape) -> mx.array:
     return O.astype(mx.array(rng.standard_normal(shape).astype(np.float32)), mx.bfloat16)
 
 
-@needs_amx
+@bf16_kernels
 @SETTINGS
 @given(m=st.integers(1, 80), chunks=st.integers(1, 40), n=st.integers(1, 100), seed=st.integers(0, 2**16),
        threads=st.integers(1, 3))
-def test_amx_gemv_matches_numpy(m, chunks, n, seed, threads) -> None:
-    # any rows (past MAX_ROWS too), N not a multiple of the tiles' 16, K in runs of 32
+def test_bf16_gemv_matches_numpy(kernel, m, chunks, n, seed, threads) -> None:
+    # any rows (past MAX_ROWS too), N not a multiple of the blocks' 16, K in runs of 32
+    ck.set_bf16_kernel(kernel)
     ck.set_threads(threads)
     rng = np.random.default_rng(seed)
     k = 32 * chunks
     x, w = _bf16(rng, (m, k)), _bf16(rng, (n, k))
-    assert ck.amx_takes(x, w)
+    assert ck.bf16_takes(x, w)
     y = ck.gemv(x, w)
     assert y.shape == (m, n) and y.dtype == mx.bfloat16
     xf, wf = as_f64(x), as_f64(w)
@@ -352,11 +355,12 @@ def test_amx_gemv_matches_numpy(m, chunks, n, seed, threads) -> None:
     assert np.all(err <= 2.0 ** -8 * np.abs(xf @ wf.T) + 1e-5 * (np.abs(xf) @ np.abs(wf).T))
 
 
-@needs_amx
+@bf16_kernels
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**16), n=st.integers(1, 70))
-def test_amx_rows_do_not_depend_on_the_batch_or_the_split(seed, n) -> None:
+def test_bf16_rows_do_not_depend_on_the_batch_or_the_split(kernel, seed, n) -> None:
     # a request's row is bitwise the same alone, in a batch of any size, on any thread count
+    ck.set_bf16_kernel(kernel)
     rng = np.random.default_rng(seed)
     x, w = _bf16(rng, (40, 256)), _bf16(rng, (n, 256))
     ck.set_threads(1)
@@ -367,41 +371,85 @@ def test_amx_rows_do_not_depend_on_the_batch_or_the_split(seed, n) -> None:
     for i in (0, 7, 16, 39):
         alone = np.asarray(O.astype(ck.gemv(O.slice(x, (i, 0), (i + 1, 256)), w), mx.float32))
         assert np.array_equal(alone[0], full[i])
+    for lo, hi in ((1, 3), (5, 12), (20, 39)):  # every size of register block, at every offset in it
+        part = np.asarray(O.astype(ck.gemv(O.slice(x, (lo, 0), (hi, 256)), w), mx.float32))
+        assert np.array_equal(part, full[lo:hi])
 
 
-@needs_amx
-def test_amx_is_the_kernel_in_effect_and_can_be_turned_off() -> None:
-    # With AMX a prompt's 100 rows go through one call; without it the few-row kernels refuse
-    # them (MAX_ROWS), and float x (not bf16) never takes the tiles.
+@bf16_kernels
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 40), bits=st.sampled_from([4, 8]))
+def test_bf16_rows_do_not_depend_on_the_batch_in_float32(kernel, seed, n, bits) -> None:
+    # the same in float32 (quantized weights with float32 scales give a float32 result, where a
+    # bf16 one rounds most differences of order away): a prompt's rows alone, among others at
+    # every offset of the register blocks, and on any thread count
+    ck.set_bf16_kernel(kernel)
+    rng = np.random.default_rng(seed)
+    w = mx.array(rng.standard_normal((n, 256)).astype(np.float32))
+    q = O.quantize(w, 64, bits)
+    x = _bf16(rng, (150, 256))
+
+    def rows(lo: int, hi: int) -> np.ndarray:
+        y = ck.gemv(O.slice(x, (lo, 0), (hi, 256)), *q, group_size=64, bits=bits)
+        assert y.dtype == mx.float32
+        return np.asarray(y)
+
+    ck.set_threads(1)
+    full = rows(0, 150)
+    ck.set_threads(2)
+    assert np.array_equal(rows(0, 150), full)
+    for lo, hi in ((1, 66), (5, 80), (80, 150), (3, 70)):
+        assert np.array_equal(rows(lo, hi), full[lo:hi])
+
+
+@bf16_kernels
+def test_bf16_kernel_is_in_effect_and_can_be_turned_off(kernel) -> None:
+    # With a bf16 kernel a prompt's 100 rows go through one call; without it the few-row kernels
+    # refuse them (MAX_ROWS), and float x (not bf16) never takes the bf16 kernel.
+    ck.set_bf16_kernel(kernel)
+    assert ck.bf16_kernel() == kernel
     rng = np.random.default_rng(0)
     x, w = _bf16(rng, (100, 512)), _bf16(rng, (64, 512))
     on = np.asarray(O.astype(ck.gemv(x, w), mx.float32))
-    assert not ck.amx_takes(O.astype(x, mx.float32), w)
-    ck.set_amx(False)
-    assert not ck.amx() and not ck.amx_takes(x, w)
+    assert not ck.bf16_takes(O.astype(x, mx.float32), w)
+    ck.set_bf16_kernel("off")
+    assert ck.bf16_kernel() == "off" and not ck.bf16_takes(x, w)
     with pytest.raises(MLXError, match="rows"):
         mx.eval(ck.gemv(x, w))
     off = np.concatenate([np.asarray(O.astype(ck.gemv(O.slice(x, (i, 0), (i + 8, 512)), w), mx.float32))
                           for i in range(0, 100, 8)])
-    # the same products summed in another order: equal to bf16 rounding, not bit for bit
-    assert np.allclose(on, off, rtol=2.0 ** -7, atol=1e-3) and not np.array_equal(on, off)
+    # the same products summed in another order: equal to bf16 rounding
+    assert np.allclose(on, off, rtol=2.0 ** -7, atol=1e-3)
 
 
-@needs_amx
+def test_bf16_kernel_names_are_checked() -> None:
+    with pytest.raises(MLXError, match="unknown bf16 kernel 'tiles'"):
+        ck.set_bf16_kernel("tiles")
+    for k in ck.BF16_KERNELS:
+        if k not in ck.bf16_kernels():
+            with pytest.raises(MLXError, match=f"no .* for the '{k}' kernel"):
+                ck.set_bf16_kernel(k)
+    ck.set_bf16_kernel("best")
+    assert ck.bf16_kernel() == (ck.bf16_kernels() or ("off",))[0]
+
+
+@bf16_kernels
 @SETTINGS
 @given(m=st.integers(ck.MAX_ROWS + 1, 150), groups=st.integers(1, 24), n=st.integers(1, 100),
        seed=st.integers(0, 2**16), bits=st.sampled_from([4, 8]), group=st.sampled_from(ck.GROUP_SIZES),
        sdtype=st.sampled_from(["bfloat16", "float16", "float32"]), threads=st.integers(1, 3))
-def test_amx_quantized_prompt_products_match_numpy(m, groups, n, seed, bits, group, sdtype, threads) -> None:
+def test_bf16_quantized_prompt_products_match_numpy(kernel, m, groups, n, seed, bits, group, sdtype,
+                                                    threads) -> None:
     # past MAX_ROWS, bf16 x against 4-/8-bit weights: each block of 16 weight rows dequantized to
-    # bf16 (s q + b in float32, rounded to nearest even), then the tiles
+    # bf16 (s q + b in float32, rounded to nearest even), then the bf16 kernel
+    ck.set_bf16_kernel(kernel)
     ck.set_threads(threads)
     rng = np.random.default_rng(seed)
     k = group * groups
     w = O.astype(mx.array(rng.standard_normal((n, k)).astype(np.float32)), DTYPES[sdtype])
     q = O.quantize(w, group, bits)
     x = _bf16(rng, (m, k))
-    assert ck.amx_takes(x, q[0], bits)
+    assert ck.bf16_takes(x, q[0], bits)
     y = ck.gemv(x, *q, group_size=group, bits=bits, int8=True)
     assert y.shape == (m, n) and y.dtype == O.matmul(x, O.transpose(w)).dtype
     xf, wf = as_f64(x), _unpack(*q, group, bits)

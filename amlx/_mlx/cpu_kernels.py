@@ -107,28 +107,38 @@ def int8_isa() -> str:
     return ffi.string(lib.mlxc_cpu_gemv_int8_isa()).decode()
 
 
-def amx() -> bool:
-    """Whether gemv runs bfloat16 x on Intel AMX tiles where it can (see amx_takes): on by
-    default where the CPU and the OS have them, off with AMLX_CPU_AMX=0 (read at load)."""
-    return bool(lib.mlxc_cpu_gemv_amx())
+BF16_KERNELS = ("amx", "avx512bf16")  # the bf16 kernels, best first
 
 
-def amx_takes(x: Array, w: Array, bits: int = 0) -> bool:
-    """Whether gemv(x, w, ...) runs on the AMX tiles, which take any number of rows of x
-    (MAX_ROWS does not apply): AMX on, x bfloat16 with its last axis a multiple of 32, and w
+def bf16_kernel() -> str:
+    """The kernel gemv runs bfloat16 x on where it can (see bf16_takes): "amx" (Intel AMX
+    tiles), "avx512bf16" (AVX512-BF16's vdpbf16ps: AMD Zen 4/5, Intel Cooper Lake) or "off".
+    By default the best this CPU has; AMLX_CPU_BF16 (read at load) picks another."""
+    return ffi.string(lib.mlxc_cpu_gemv_bf16()).decode()
+
+
+def bf16_kernels() -> tuple[str, ...]:
+    """The bf16 kernels this CPU (and its OS) can run, best first."""
+    return tuple(k for k in BF16_KERNELS if lib.mlxc_cpu_gemv_bf16_available(k.encode()))
+
+
+def bf16_takes(x: Array, w: Array, bits: int = 0) -> bool:
+    """Whether gemv(x, w, ...) runs on a bf16 kernel, which takes any number of rows of x
+    (MAX_ROWS does not apply): one in use, x bfloat16 with its last axis a multiple of 32, and w
     bfloat16, or quantized (`bits` 4 or 8) with more than MAX_ROWS rows of x (a prompt's: then
     the weight is dequantized to bfloat16 a block of 16 rows at a time, w = s q + b rounded to
     bfloat16, in cache, for all rows of x; fewer rows keep the int8 or float kernels)."""
-    if not (x.dtype == bfloat16 and x.shape[-1] % 32 == 0 and amx()):
+    if not (x.dtype == bfloat16 and x.shape[-1] % 32 == 0 and bf16_kernel() != "off"):
         return False
     if bits:
         return bits in (4, 8) and x.size // x.shape[-1] > MAX_ROWS
     return w.dtype == bfloat16
 
 
-def set_amx(on: bool) -> None:
-    """Turns the AMX kernels on or off; MLXError when turning them on on a CPU without them."""
-    check(lib.mlxc_cpu_gemv_set_amx(int(bool(on))), "cpu_kernels.set_amx")
+def set_bf16_kernel(name: str) -> None:
+    """Use the bf16 kernel `name`: "amx", "avx512bf16", "off", or "best" (the default); MLXError
+    if the name is unknown or this CPU lacks it."""
+    check(lib.mlxc_cpu_gemv_set_bf16(name.encode()), "cpu_kernels.set_bf16_kernel")
 
 
 def set_isa(name: str) -> None:

@@ -5,8 +5,9 @@ there, MLX's CPU backend is slow (sgemm packs the whole weight per call,
 16-bit weights are converted in memory first, quantized weights are unpacked
 one scalar at a time). `few_rows` sends such products (up to
 ROWS rows, by weight format) to amlx._mlx.cpu_kernels.gemv, which reads the
-weights as stored, on a pool of threads. Where the CPU has AMX tiles, bfloat16 x takes any number of rows against bfloat16
-or quantized weights (cpu_kernels.amx_takes; quantized ones dequantized to bfloat16
+weights as stored, on a pool of threads. Where the CPU has a bf16 kernel (AMX tiles, or
+AVX512-BF16 on AMD Zen 4/5), bfloat16 x takes any number of rows against bfloat16
+or quantized weights (cpu_kernels.bf16_takes; quantized ones dequantized to bfloat16
 a block of rows at a time, in cache). Longer inputs (prefill) otherwise stay with MLX's matmul and its BLAS (OpenBLAS,
 see amlx._mlx.blas), in float32: MLX's CPU gemm for 16-bit inputs and its
 quantized matmul are 15-25x slower than converting to float32 first and
@@ -148,7 +149,7 @@ def few_rows(x: Array, layer) -> Array | None:
             return None
     elif layer.weight.dtype not in _DENSE or layer.weight.ndim != 2:
         return None
-    if rows > max_rows(layer) and not cpu_kernels.amx_takes(x, layer.weight, bits):
+    if rows > max_rows(layer) and not cpu_kernels.bf16_takes(x, layer.weight, bits):
         if not (bits and _int8() and x.ndim == 2):
             return None
         # a decode pass of more rows than the kernels take at once: in pieces, so that every

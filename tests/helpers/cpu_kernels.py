@@ -13,12 +13,12 @@ from amlx._mlx import ops as O
 
 @pytest.fixture(autouse=True)
 def restore_kernel_settings():
-    """A test may pick an instruction set, the AMX kernel or a thread count; the next one
+    """A test may pick an instruction set, the bf16 kernel or a thread count; the next one
     starts from the defaults."""
-    threads, amx = ck.threads(), ck.amx()
+    threads, bf16 = ck.threads(), ck.bf16_kernel()
     yield
     ck.set_isa("best")
-    ck.set_amx(amx)
+    ck.set_bf16_kernel(bf16)
     ck.set_threads(threads)
 
 

@@ -253,17 +253,37 @@ const Int8Kernel* int8_for(gv::RowsFn fn, bool vnni_allowed) {
 
 std::atomic<const Int8Kernel*> int8_kernel{int8_for(pick_kernel(), true)};
 
-// AMX tiles (gemv_amx.cpp) for bf16 weights against bf16 x, where the CPU and the OS have
-// them: several times the AVX-512 kernels' rate at 2+ rows of x (converting each weight and
-// an FMA per row of x bounded those), and any number of rows (a prompt's products); and for
-// a prompt's products of quantized weights against bf16 x (amx_kernel).
-// AMLX_CPU_AMX=0 (read at load) or mlxc_cpu_gemv_set_amx(0) keeps them off.
-bool amx_from_env() {
-  const char* v = std::getenv("AMLX_CPU_AMX");
-  return !(v != nullptr && std::string(v) == "0") && gv::amx_available();
+// The bf16 kernels, for bf16 weights against bf16 x, any number of rows (a prompt's products
+// too), and for a prompt's products of quantized weights against bf16 x (bf16_kernel): AMX
+// tiles where the CPU and the OS have them (gemv_amx.cpp), else AVX512-BF16's vdpbf16ps
+// (gemv_avx512bf16.cpp). Several times the AVX-512 kernels' rate at 2+ rows of x (converting
+// each weight and an FMA per row of x bounded those), and no float32 copies of x and the
+// weight for MLX's sgemm. AMLX_CPU_BF16 (read at load: "off", "amx", "avx512bf16"; anything
+// else, or a kernel this CPU lacks, is the best it has) or mlxc_cpu_gemv_set_bf16 picks one.
+enum Bf16Kernel { kBf16Off = 0, kBf16Amx = 1, kBf16Avx512 = 2 };
+constexpr const char* kBf16Names[] = {"off", "amx", "avx512bf16"};
+
+bool bf16_available(int k) {
+  return k == kBf16Off || (k == kBf16Amx && gv::amx_available()) || (k == kBf16Avx512 && gv::avx512bf16_available());
 }
 
-std::atomic<bool> amx_on{amx_from_env()};
+int bf16_best() { return bf16_available(kBf16Amx) ? kBf16Amx : bf16_available(kBf16Avx512) ? kBf16Avx512 : kBf16Off; }
+
+// The kernel a name means ("best": bf16_best()), or -1 for an unknown name.
+int bf16_named(const std::string& name) {
+  if (name == "best") return bf16_best();
+  for (int k = 0; k < 3; ++k)
+    if (name == kBf16Names[k]) return k;
+  return -1;
+}
+
+int bf16_from_env() {
+  const char* v = std::getenv("AMLX_CPU_BF16");
+  const int k = v == nullptr ? -1 : bf16_named(v);
+  return k >= 0 && bf16_available(k) ? k : bf16_best();
+}
+
+std::atomic<int> bf16_on{bf16_from_env()};
 
 int kind_of(mx::Dtype d) {
   if (d == mx::float16) return gv::F16;
@@ -343,9 +363,9 @@ void run_rows(const gv::Job& j, gv::RowsFn fn, int chunk) {
   });
 }
 
-// The output rows of `j` over the pool for the AMX kernel: in blocks of 16 weight rows
-// aligned to the weight (gv::amx_bf16_rows), all of x's rows in one call per part.
-void run_amx(const gv::Job& j, gv::RowsFn fn) {
+// The output rows of `j` over the pool for a bf16 kernel: in blocks of 16 weight rows
+// aligned to the weight (gemv_bf16_blocks.h), all of x's rows in one call per part.
+void run_blocks(const gv::Job& j, gv::RowsFn fn) {
   Pool& p = pool();
   const int blocks = (j.N + 15) / 16;
   const int parts = std::max(1, std::min(p.threads(), blocks));
@@ -420,17 +440,17 @@ void store(const std::vector<float>& y, mx::array& out) {
   }
 }
 
-// The AMX kernel that takes the product, if any: bf16 weights against bf16 x, any rows;
+// The bf16 kernel that takes the product, if any: bf16 weights against bf16 x, any rows;
 // quantized weights against bf16 x past kMaxCallRows (a prompt's; fewer rows keep the int8
 // or float kernels, which a decode step's rows use).
-gv::RowsFn amx_kernel(const mx::array& x, const mx::array& w, int bits);
+gv::RowsFn bf16_kernel(const mx::array& x, const mx::array& w, int bits);
 
-void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int group, bool int8, gv::RowsFn amx);
+void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int group, bool int8, gv::RowsFn bf16);
 
 // One job: x packed (and for quantized weights its group sums, permuted or rounded
 // to int8 as the kernels read it), then its output rows over the pool.
 // x (M, K) and y (M, N) are in the activations' dtype; the kernels take and give float32
-// (converted here, so a 16-bit model's product is one graph node, not three). The AMX
+// (converted here, so a 16-bit model's product is one graph node, not three). The bf16
 // kernels read bf16 x as it is.
 void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int group, bool int8) {
   const mx::array& x = in[0];
@@ -441,8 +461,8 @@ void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int gro
   j.K = x.shape(1);
   j.N = out.shape(1);
   const void* xp = packed(x, xtmp);
-  const gv::RowsFn amx = amx_kernel(x, in[1], bits);
-  if (amx) {
+  const gv::RowsFn bf16 = bf16_kernel(x, in[1], bits);
+  if (bf16) {
     j.xbf = static_cast<const uint16_t*>(xp);
   } else if (x.dtype() == mx::float32) {
     j.x = static_cast<const float*>(xp);
@@ -462,13 +482,13 @@ void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int gro
     yf.resize((size_t)j.M * j.N);
     j.y = yf.data();
   }
-  compute_float(in, j, bits, group, int8, amx);
+  compute_float(in, j, bits, group, int8, bf16);
   if (out.dtype() != mx::float32) store(yf, out);
 }
 
-// j's x (or xbf), y and shapes set: the weights and the product, y in float32; `amx` the
-// AMX kernel that takes it, if one does (then j.xbf is x).
-void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int group, bool int8, gv::RowsFn amx) {
+// j's x (or xbf), y and shapes set: the weights and the product, y in float32; `bf16` the
+// bf16 kernel that takes it, if one does (then j.xbf is x).
+void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int group, bool int8, gv::RowsFn bf16) {
   std::vector<char> tmp[4];
   j.w = packed(in[1], tmp[1]);
   j.wkind = bits ? 0 : kind_of(in[1].dtype());
@@ -479,8 +499,8 @@ void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int g
     j.biases = packed(in[3], tmp[3]);
     j.skind = kind_of(in[2].dtype());
   }
-  if (amx) {
-    run_amx(j, amx);  // bf16 products are exact in float32: the same sums, in another order
+  if (bf16) {
+    run_blocks(j, bf16);  // bf16 products are exact in float32: the same sums, in another order
     return;
   }
   std::vector<float> xsum, xperm, xd;
@@ -642,20 +662,26 @@ class CpuDequantize : public mx::UnaryPrimitive {
   int bits_, group_;
 };
 
-// The AMX kernels take any number of rows: a prompt's products too, where MLX would multiply
+// The bf16 kernels take any number of rows: a prompt's products too, where MLX would multiply
 // float32 copies of x and the weight (or of the dequantized weight).
-gv::RowsFn amx_kernel(const mx::array& x, const mx::array& w, int bits) {
-  if (!(x.dtype() == mx::bfloat16 && x.shape(-1) % 32 == 0 && amx_on.load())) return nullptr;
-  if (bits == 0) return w.dtype() == mx::bfloat16 ? &gv::amx_bf16_rows : nullptr;
+gv::RowsFn bf16_kernel(const mx::array& x, const mx::array& w, int bits) {
+  const int k = bf16_on.load();
+  if (!(k != kBf16Off && x.dtype() == mx::bfloat16 && x.shape(-1) % 32 == 0)) return nullptr;
+  const bool amx = k == kBf16Amx;
+  if (bits == 0) {
+    if (w.dtype() != mx::bfloat16) return nullptr;
+    return amx ? &gv::amx_bf16_rows : &gv::avx512bf16_rows;
+  }
   const int rows = (int)(x.size() / x.shape(-1));
-  return rows > kMaxCallRows ? &gv::amx_qbf16_rows : nullptr;
+  if (rows <= kMaxCallRows) return nullptr;
+  return amx ? &gv::amx_qbf16_rows : &gv::avx512bf16_qrows;
 }
 
 void check_args(const mx::array& x, const mx::array& w, const mx::array* scales, int bits, int group) {
   if (x.ndim() < 1 || w.ndim() != 2) throw std::invalid_argument("cpu_gemv: x must have a last axis and w be 2-D");
   const int K = x.shape(-1);
   const int rows = K ? (int)(x.size() / K) : 0;
-  if (rows < 1 || (rows > kMaxCallRows && amx_kernel(x, w, bits) == nullptr)) {
+  if (rows < 1 || (rows > kMaxCallRows && bf16_kernel(x, w, bits) == nullptr)) {
     throw std::invalid_argument("cpu_gemv: x must have 1 to " + std::to_string(kMaxCallRows) + " rows");
   }
   if (!mx::issubdtype(x.dtype(), mx::floating)) throw std::invalid_argument("cpu_gemv: x must be floating point");
@@ -749,14 +775,26 @@ const char* mlxc_cpu_gemv_isa(void) {
 
 const char* mlxc_cpu_gemv_int8_isa(void) { return int8_kernel.load()->name; }
 
-int mlxc_cpu_gemv_amx(void) { return amx_on.load() ? 1 : 0; }
+const char* mlxc_cpu_gemv_bf16(void) { return kBf16Names[bf16_on.load()]; }
 
-int mlxc_cpu_gemv_set_amx(int on) {
-  if (on && !gv::amx_available()) {
-    mlxc::set_last_error("cpu_gemv: this CPU (or its OS) has no AMX tiles");
+int mlxc_cpu_gemv_bf16_available(const char* name) {
+  const int k = bf16_named(name);
+  return k >= 0 && bf16_available(k) ? 1 : 0;
+}
+
+int mlxc_cpu_gemv_set_bf16(const char* name) {
+  const int k = bf16_named(name);
+  if (k < 0) {
+    mlxc::set_last_error(std::string("cpu_gemv: unknown bf16 kernel '") + name +
+                         "' (one of: off, amx, avx512bf16, best)");
     return 1;
   }
-  amx_on = on != 0;
+  if (!bf16_available(k)) {
+    mlxc::set_last_error(std::string("cpu_gemv: this CPU (or its OS) has no ") +
+                         (k == kBf16Amx ? "AMX tiles" : "AVX512-BF16") + " for the '" + name + "' kernel");
+    return 1;
+  }
+  bf16_on = k;
   return 0;
 }
 

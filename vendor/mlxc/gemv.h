@@ -65,6 +65,12 @@ bool amx_available();
 void amx_bf16_rows(const Job& job, int n0, int n1);
 void amx_qbf16_rows(const Job& job, int n0, int n1);  // 4-/8-bit weights, dequantized to bf16 per block
 
+// AVX512-BF16 (gemv_avx512bf16.cpp), for any M, the same jobs as the AMX kernels take, where
+// the CPU has vdpbf16ps but no tiles (AMD Zen 4/5); n0 a multiple of 16 likewise.
+bool avx512bf16_available();
+void avx512bf16_rows(const Job& job, int n0, int n1);
+void avx512bf16_qrows(const Job& job, int n0, int n1);  // 4-/8-bit weights, dequantized to bf16 per block
+
 // Internal linkage: each per-instruction-set unit keeps its own copy (one
 // compiled with AVX-512 must never stand in for the generic unit's).
 namespace {

@@ -42,10 +42,12 @@
 #pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")
 #include <immintrin.h>
 
+#include "gemv_bf16_blocks.h"
+
 namespace mlxc::gemv {
 namespace {
 
-constexpr int kTileRows = 16;  // weight rows of an A tile, and rows of x of a B tile at most
+constexpr int kTileRows = kBlockRows;  // weight rows of an A tile, and rows of x of a B tile at most
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;
@@ -79,20 +81,6 @@ void configure(const Layout& l, bool fresh) {
   _tile_loadconfig(&c);
 }
 
-// The weight rows [n, n + 16) as an A tile's rows: in place, a row's `stride` bytes apart, where all 16 exist; else from `pad`, a zeroed copy of the rows
-// that do (the tiles always read 16 rows).
-struct RowBlock {
-  const char* base;
-  long stride;
-};
-
-RowBlock rows_of(const char* w, long row_bytes, int n, int N, std::vector<char>& pad) {
-  if (n + kTileRows <= N) return {w + (long)n * row_bytes, row_bytes};
-  pad.assign((size_t)kTileRows * row_bytes, 0);
-  std::memcpy(pad.data(), w + (long)n * row_bytes, (size_t)(N - n) * row_bytes);
-  return {pad.data(), row_bytes};
-}
-
 // C (16 rows x `m` columns of float32, `ld` floats apart) into y's columns [n, n + rows).
 void store_transposed(const float* c, int ld, const Job& j, int m0, int m, int n, int rows) {
   for (int i = 0; i < m; ++i) {
@@ -113,48 +101,6 @@ void pack_bf16(const Job& j, int m0, int m, uint16_t* out) {
     for (int p = 0; p < pairs; ++p) std::memcpy(&o[(long)p * m + i], x + 2 * p, 4);
   }
 }
-
-// The weights as stored (bf16): 16 rows in place, or a padded copy of the last short block.
-struct DenseRows {
-  std::vector<char> pad[2];
-  RowBlock block(const Job& j, int n, int which) {
-    return rows_of(static_cast<const char*>(j.w), (long)j.K * 2, n, j.N, pad[which]);
-  }
-};
-
-// MLX's 4-/8-bit affine weights, 16 rows at a time dequantized to bf16 (w = s q + b in float32,
-// rounded to nearest even): done once per block for all rows of x, so a prompt's products cost
-// a copy of the block, in cache, where MLX's path wrote and read a float32 copy of the weight.
-struct QuantizedRows {
-  std::vector<uint16_t> buf[2];
-  RowBlock block(const Job& j, int n, int which) {
-    const int K = j.K, G = K / j.group, rows = std::min(kTileRows, j.N - n);
-    std::vector<uint16_t>& out = buf[which];
-    out.assign((size_t)kTileRows * K, 0);
-    const uint8_t* q = static_cast<const uint8_t*>(j.w);
-    for (int r = 0; r < rows; ++r) {
-      const uint8_t* row = q + (long)(n + r) * K * j.bits / 8;
-      uint16_t* o = out.data() + (long)r * K;
-      for (int g = 0; g < G; ++g) {
-        const __m512 s = _mm512_set1_ps(load_scalar(j.scales, j.skind, (long)(n + r) * G + g));
-        const __m512 b = _mm512_set1_ps(load_scalar(j.biases, j.skind, (long)(n + r) * G + g));
-        for (int i = 0; i < j.group; i += 16) {
-          __m512i v;
-          if (j.bits == 8) {
-            v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * j.group + i)));
-          } else {  // 8 bytes: values 2t (low nibble) and 2t + 1 (high) of byte t
-            const __m128i p = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (g * j.group + i) / 2)));
-            const __m128i lo = _mm_and_si128(p, _mm_set1_epi16(15)), hi = _mm_srli_epi16(p, 4);
-            v = _mm512_cvtepu16_epi32(_mm256_set_m128i(_mm_unpackhi_epi16(lo, hi), _mm_unpacklo_epi16(lo, hi)));
-          }
-          const __m512 w = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(v), b);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + g * j.group + i), (__m256i)_mm512_cvtneps_pbh(w));
-        }
-      }
-    }
-    return {reinterpret_cast<const char*>(out.data()), (long)K * 2};
-  }
-};
 
 // Tiles: 0, 1 accumulators for two blocks of 16 weight rows; 2, 3 and 4, 5 those blocks'
 // weights, and 6 and 7 x, for even and odd runs of 32 values (tiles are not renamed: a load

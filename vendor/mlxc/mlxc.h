@@ -143,9 +143,11 @@ const char* mlxc_cpu_gemv_isa(void);      /* "avx512", "avxvnni", "avx2" or "gen
 int mlxc_cpu_gemv_set_isa(const char* isa);  /* one of those, or "best" */
 /* the int8 kernels that go with it: "avx512vnni", "avxvnni", "avx2" or "generic" */
 const char* mlxc_cpu_gemv_int8_isa(void);
-/* AMX tiles for bf16 weights against bf16 x, any rows (1: in use); set 0/1, error if absent */
-int mlxc_cpu_gemv_amx(void);
-int mlxc_cpu_gemv_set_amx(int on);
+/* the bf16 kernel for bf16 weights against bf16 x, any rows: "amx" (tiles), "avx512bf16"
+ * (vdpbf16ps) or "off"; set one of those or "best" (error if unknown or this CPU lacks it) */
+const char* mlxc_cpu_gemv_bf16(void);
+int mlxc_cpu_gemv_bf16_available(const char* name);
+int mlxc_cpu_gemv_set_bf16(const char* name);
 
 /* Construction. `data` is copied; for MLXC_BFLOAT16 it holds the raw 16-bit
  * patterns. */
