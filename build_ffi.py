@@ -30,7 +30,8 @@ SOURCES = ("mlxc.cpp", "blas.cpp", "cpu_gemv.cpp", "gemv_generic.cpp", "gemv_avx
            "distributed.cpp",  # distributed.cpp: MLX's collectives, for tensor parallelism (amlx.tp)
            "malloc_tuning.cpp",  # glibc thresholds raised at load: large temporaries reuse memory
            "buffer_view.cpp",  # the decode kernel reads the KV pools without holding them
-           "cpu_step.cpp")  # the decode step's fused kernels on the CPU (attention, residual norm, activation)
+           "cpu_step.cpp",  # the decode step's fused kernels on the CPU (attention, residual norm, activation)
+           "cpu_attention.cpp")  # a prompt's attention on the CPU
 
 
 class MLXNotFound(RuntimeError):

@@ -14,7 +14,7 @@ import pytest
 import amlx
 from tests.helpers.serving import ServerProcess, serve_checkpoint
 
-LONG_PROMPT = "hello world " * 700  # ~3,500 tokens: prefilled alone, in two chunks, over seconds on a CPU
+LONG_PROMPT = "hello world " * 700  # ~3,500 tokens
 
 
 @pytest.fixture(scope="module")
@@ -73,27 +73,13 @@ async def test_disconnects_cancel_and_others_get_full_outputs(server, ckpt):
         await stream.close()  # the connection goes away mid-stream
         return seen
 
-    async def drop_in_prefill(i: int) -> list[str]:
-        async with client.chat.completions.with_streaming_response.create(
-                model="tiny", messages=[{"role": "user", "content": LONG_PROMPT + str(i)}], max_tokens=8,
-                temperature=0, stream=True) as response:
-            lines = []
-            async for line in response.iter_lines():
-                lines.append(line)
-                if line.startswith(":"):  # a keep-alive: the prompt is still being processed
-                    break
-        return lines  # leaving the block closes the connection
-
-    tasks = [drop_in_prefill(i) for i in range(2)] + [drop_mid_stream(i) for i in range(20, 30)] + \
-        [full(i) for i in range(20)]
+    tasks = [drop_mid_stream(i) for i in range(20, 30)] + [full(i) for i in range(20)]
     results = await asyncio.gather(*tasks)
-    for lines in results[:2]:
-        assert lines[-1].startswith(":") and not any('"content":"' in ln and '"content":""' not in ln for ln in lines)
-    assert results[2:12] == [3] * 10
-    assert results[12:] == solo
+    assert results[:10] == [3] * 10
+    assert results[10:] == solo
     await _idle(server)
     after = _cancelled(server)
-    assert after["prefill"] - before["prefill"] == 2
+    assert after["prefill"] - before["prefill"] == 0
     assert after["decode"] - before["decode"] == 10
     h = await _idle(server)
     # No request holds a KV block any more: cancelled ones gave theirs back. What stays is the
@@ -107,6 +93,48 @@ async def test_disconnects_cancel_and_others_get_full_outputs(server, ckpt):
     assert 0 <= h["memory"]["active"] - idle <= (kv["blocks_allocated"] + 1) * per_block + 4096, (
         h["memory"]["active"], idle, kv)
     await client.chat.completions.create(model="tiny", messages=prompts[0], max_tokens=2, temperature=0)
+
+
+async def _drop_before_the_first_token(client, content: str) -> list[str]:
+    """Streams a request and goes away at its first keep-alive: before any token came."""
+    async with client.chat.completions.with_streaming_response.create(
+            model="tiny", messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0,
+            stream=True) as response:
+        lines = []
+        async for line in response.iter_lines():
+            lines.append(line)
+            if line.startswith(":"):  # a keep-alive: the prompt is still waiting or being processed
+                break
+    return lines  # leaving the block closes the connection
+
+
+async def test_clients_gone_before_their_first_token_cancel_their_requests(ckpt):
+    # One slot, held by a long stream: the two long prompts wait behind it, so no token can reach
+    # them before their first keep-alive (a prompt's prefill alone is now too fast to wait for).
+    with ServerProcess(ckpt, "--model-name", "tiny", "--max-batch-size", "1", "--keepalive", "0.2",
+                       "--max-context", "4096") as srv:
+        client = srv.client()
+        await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                             max_tokens=2, temperature=0)  # warm up
+        before = _cancelled(srv)
+        busy = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Go on."}], max_tokens=4000, temperature=0,
+            stream=True)
+        async for chunk in busy:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break  # it runs, holding the slot
+        dropped = await asyncio.gather(*(_drop_before_the_first_token(client, LONG_PROMPT + str(i)) for i in range(2)))
+        for lines in dropped:
+            assert lines[-1].startswith(":") and not any('"content":"' in ln and '"content":""' not in ln
+                                                         for ln in lines)
+        await busy.close()
+        await _idle(srv)
+        after = _cancelled(srv)
+        assert after["prefill"] - before["prefill"] == 2 and after["decode"] - before["decode"] == 1
+        # the slot is free again and the server answers
+        r = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=2, temperature=0)
+        assert r.choices[0].finish_reason == "length"
 
 
 async def test_non_streaming_disconnect_cancels(server):

@@ -83,6 +83,18 @@ def residual_norm(x: Array, y: Array, w: Array, eps: float, pre_w: Array | None 
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # the activations' codes (the CUDA kernel's ACT too)
 
 
+PREFILL_HEAD_DIM = 256  # the largest head dim prefill_attention takes
+
+
+def prefill_attention(q: Array, keys: Array, values: Array, scale: float, window: int | None = None) -> Array:
+    """A prompt's attention: q (B, H, L, D) at positions [end - L, end) against keys and values
+    (B, KVH, end, D) (KVH dividing H), causal, at most `window` back; (B, L, H, D) in q's dtype.
+    In float32 with a blockwise softmax (vendor/mlxc/cpu_attention.cpp); each query's result
+    depends on its position alone, not on the other queries of the pass."""
+    return _call(lib.mlxc_cpu_prefill_attention, "cpu_prefill_attention", q.handle, keys.handle, values.handle,
+                 float(scale), int(window or 0))
+
+
 def gated_activation(gate_up: Array, act: str) -> Array:
     """amlx.models.step_kernels.gated_activation on the CPU."""
     return _call(lib.mlxc_cpu_gated_activation, "cpu_gated_activation", gate_up.handle, ACTIVATIONS[act])

@@ -166,19 +166,24 @@ def _bits(x: float) -> int:
     return struct.unpack("<i", struct.pack("<f", float(x)))[0]
 
 
+def on_cpu() -> bool:
+    """Whether the kernels run on the CPU (cpu_step.cpp) here, not CUDA."""
+    return device.default_device() == "cpu"
+
+
 def supports(x: Array, *weights: Array) -> bool:
     """Whether the kernels take activations x (N, C) with these norm weights."""
     if not (x.ndim == 2 and x.dtype in _DTYPES and all(w.ndim == 1 and w.dtype in _DTYPES for w in weights)):
         return False
     # (the CPU's kernels take any width; a CUDA block holds MAX_PER columns a thread)
-    return device.default_device() == "cpu" or residual_launch(x.shape[1])[1] <= MAX_PER
+    return on_cpu() or residual_launch(x.shape[1])[1] <= MAX_PER
 
 
 def residual_norm(x: Array, y: Array, w: Array, eps: float, pre_w: Array | None = None,
                   pre_eps: float = 0.0) -> tuple[Array, Array]:
     """(x + y', rms_norm(x + y', w, eps)) for x, y (N, C), where y' is y, or
     rms_norm(y, pre_w, pre_eps) when `pre_w` is given."""
-    if device.default_device() == "cpu":
+    if on_cpu():
         return cpu_kernels.residual_norm(x, y, w, eps, pre_w, pre_eps)
     n = x.shape[0]
     threads, per = residual_launch(x.shape[1])
@@ -195,7 +200,7 @@ def residual_norm(x: Array, y: Array, w: Array, eps: float, pre_w: Array | None 
 
 def gated_activation(gate_up: Array, act: str) -> Array:
     """act(gate) * up for gate_up (N, 2I) = [gate | up] per row; (N, I)."""
-    if device.default_device() == "cpu":
+    if on_cpu():
         return cpu_kernels.gated_activation(gate_up, act)
     n, width = gate_up.shape[0], gate_up.shape[1] // 2
     total = n * width

@@ -95,21 +95,7 @@ struct Data {
     for (size_t i = 0; i < in.size(); ++i) ptr[i] = pack(in[i], copies[i]);
   }
 
-  static const void* pack(const mx::array& a, std::vector<char>& tmp) {
-    if (a.flags().row_contiguous) return a.data<void>();
-    const size_t n = a.size(), item = a.itemsize();
-    const int nd = a.ndim();
-    tmp.resize(n * item);
-    const char* src = a.data<char>();
-    std::vector<int> idx(nd, 0);
-    for (size_t i = 0; i < n; ++i) {
-      int64_t off = 0;
-      for (int d = 0; d < nd; ++d) off += (int64_t)idx[d] * a.strides(d);
-      std::memcpy(&tmp[i * item], src + off * (int64_t)item, item);
-      for (int d = nd - 1; d >= 0 && ++idx[d] == a.shape(d); --d) idx[d] = 0;
-    }
-    return tmp.data();
-  }
+  static const void* pack(const mx::array& a, std::vector<char>& tmp) { return mlxc::row_major(a, tmp); }
 };
 
 // RMSNorm over n values in place, rounded as MLX's rms_norm rounds: the normalised
@@ -499,6 +485,26 @@ class CpuGatedActivation : public mx::UnaryPrimitive {
  private:
   int act_;
 };
+
+}  // namespace
+
+const void* mlxc::row_major(const mx::array& a, std::vector<char>& tmp) {
+  if (a.flags().row_contiguous) return a.data<void>();
+  const size_t n = a.size(), item = a.itemsize();
+  const int nd = a.ndim();
+  tmp.resize(n * item);
+  const char* src = a.data<char>();
+  std::vector<int> idx(nd, 0);
+  for (size_t i = 0; i < n; ++i) {
+    int64_t off = 0;
+    for (int d = 0; d < nd; ++d) off += (int64_t)idx[d] * a.strides(d);
+    std::memcpy(&tmp[i * item], src + off * (int64_t)item, item);
+    for (int d = nd - 1; d >= 0 && ++idx[d] == a.shape(d); --d) idx[d] = 0;
+  }
+  return tmp.data();
+}
+
+namespace {
 
 mx::Stream cpu_stream(const char* what) {
   mx::Stream s = mx::to_stream({});

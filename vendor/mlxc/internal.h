@@ -48,6 +48,15 @@ std::vector<mlx::core::array> cpu_residual_norm(const mlx::core::array& x, const
                                                 const mlx::core::array* pre_w, float pre_eps);
 // act(gate) * up of gate_up (N, 2I) = [gate | up]; act 0: silu, 1: gelu (tanh).
 mlx::core::array cpu_gated_activation(const mlx::core::array& gate_up, int act);
+// An evaluated array's data row-major: its own buffer, or a packed copy in `tmp` where it is
+// a strided view (cpu_step.cpp).
+const void* row_major(const mlx::core::array& a, std::vector<char>& tmp);
+
+// A prompt's attention (cpu_attention.cpp): q (B, H, L, D) at positions [end - L, end) against
+// keys and values (B, KVH, end, D), causal, at most `window` back where window > 0, in float32;
+// (B, L, H, D) in q's dtype.
+mlx::core::array cpu_prefill_attention(const mlx::core::array& q, const mlx::core::array& keys,
+                                       const mlx::core::array& values, float scale, int window);
 
 // A leaf array on `a`'s buffer that does not hold it, for readers that must not
 // keep MLX from writing `a` in place (buffer_view.cpp); nullopt unless `a` is a

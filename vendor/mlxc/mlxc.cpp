@@ -909,6 +909,13 @@ int mlxc_cpu_gated_activation(mlxc_array gate_up, int act, mlxc_array* out) {
   GUARD_END
 }
 
+int mlxc_cpu_prefill_attention(mlxc_array q, mlxc_array keys, mlxc_array values, float scale, int window,
+                               mlxc_array* out) {
+  GUARD_BEGIN
+  put(mlxc::cpu_prefill_attention(q->a, keys->a, values->a, scale, window), out);
+  GUARD_END
+}
+
 int mlxc_cpu_gemv(mlxc_array x, mlxc_array w, mlxc_array scales, mlxc_array biases,
                   int group_size, int bits, int int8_x, mlxc_array* out) {
   GUARD_BEGIN

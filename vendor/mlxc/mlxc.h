@@ -128,6 +128,10 @@ int mlxc_cpu_residual_norm(mlxc_array x, mlxc_array y, mlxc_array w, float eps, 
                            float pre_eps, mlxc_vec out);
 /* act(gate) * up for gate_up (N, 2I) = [gate | up]; act 0: silu, 1: gelu (tanh). */
 int mlxc_cpu_gated_activation(mlxc_array gate_up, int act, mlxc_array* out);
+/* a prompt's attention: q (B, H, L, D) at positions [end - L, end) against keys, values
+ * (B, KVH, end, D), causal, at most `window` back (0: no window); out (B, L, H, D) */
+int mlxc_cpu_prefill_attention(mlxc_array q, mlxc_array keys, mlxc_array values, float scale, int window,
+                               mlxc_array* out);
 /* A leaf array on a's buffer that does not hold it (buffer_view.cpp): readers
  * through it leave MLX free to write a in place. For readers on a's stream
  * launched after a, while a's buffer lives. *out = NULL when a is not a whole
