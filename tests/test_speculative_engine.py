@@ -122,7 +122,13 @@ def test_greedy_prompt_lookup_equals_plain_decoding_with_kv_bits(kv_checkpoints,
     and value as computed, the earlier ones quantized; the check of drafts did all of them
     quantized, so greedy output changed where drafts were accepted (random models, whose
     logits react strongly, showed it within 40 tokens)."""
-    expected, got, stats = run(_both, kv_checkpoints[arch], _requests(), common={"kv_bits": bits})
+    # (without the prefix cache: whether a repeated prompt's blocks come from the cache depends on
+    # when the requests arrive, and a block computed in another pass may differ in a last bit,
+    # which quantizing can move a whole level: a near-tie of a random model then breaks the other
+    # way, in about a third of runs here once prompts' attention became a kernel. README's
+    # kv_bits paragraph says so; this test is about drafts' checks against decode steps.)
+    expected, got, stats = run(_both, kv_checkpoints[arch], _requests(),
+                               common={"kv_bits": bits, "prefix_cache": False})
     assert [g.token_ids for g in got] == [e.token_ids for e in expected]
     counters = stats["speculative"]
     assert counters["drafted_tokens"] > 0 and 0 < counters["accepted_tokens"] <= counters["drafted_tokens"]
