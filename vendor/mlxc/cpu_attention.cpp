@@ -86,8 +86,27 @@ MLXC_ATTN_CLONES void scores(const float* q, int rows, const float* kt, int dim,
   }
 }
 
-// o[r] = o[r] * f[r] + sum_j p[r][j] v[j] for rows r < rows (v's rows `dim` apart).
-MLXC_ATTN_CLONES void weigh(float* o, const float* f, const float* p, int rows, const float* v, int dim) {
+// o[r] = o[r] * f[r] + sum_j p[r][j] v[j] for rows r < rows (v's rows DIM apart): each row's
+// sums held in registers over the block's keys (DIM a compile-time constant, so the compiler
+// keeps them there; through memory every key reloaded and stored them).
+template <int DIM>
+MLXC_ATTN_CLONES void weigh_dim(float* o, const float* f, const float* p, int rows, const float* __restrict v) {
+  for (int r = 0; r < rows; ++r) {
+    float acc[DIM];
+    float* __restrict orow = o + r * kMaxDim;
+    const float fr = f[r];
+    for (int d = 0; d < DIM; ++d) acc[d] = orow[d] * fr;
+    const float* pr = p + r * kKeys;
+    for (int j = 0; j < kKeys; ++j) {
+      const float w = pr[j];
+      const float* __restrict vj = v + j * DIM;
+      for (int d = 0; d < DIM; ++d) acc[d] += w * vj[d];
+    }
+    for (int d = 0; d < DIM; ++d) orow[d] = acc[d];
+  }
+}
+
+MLXC_ATTN_CLONES void weigh_any(float* o, const float* f, const float* p, int rows, const float* v, int dim) {
   for (int r = 0; r < rows; ++r) {
     float* orow = o + r * kMaxDim;
     const float fr = f[r];
@@ -98,6 +117,15 @@ MLXC_ATTN_CLONES void weigh(float* o, const float* f, const float* p, int rows, 
       const float* vj = v + j * dim;
       for (int d = 0; d < dim; ++d) orow[d] += w * vj[d];
     }
+  }
+}
+
+void weigh(float* o, const float* f, const float* p, int rows, const float* v, int dim) {
+  switch (dim) {
+    case 64: return weigh_dim<64>(o, f, p, rows, v);
+    case 128: return weigh_dim<128>(o, f, p, rows, v);
+    case 256: return weigh_dim<256>(o, f, p, rows, v);
+    default: return weigh_any(o, f, p, rows, v, dim);
   }
 }
 
