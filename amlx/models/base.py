@@ -315,9 +315,12 @@ class Attention(Module):
             o = attend_own_unquantized(q, k, v, keys, values, mask, self._scale)
             return self.o_proj(ops.reshape(ops.transpose(o, (0, 2, 1, 3)),
                                            (step.batch * step.length, self._n_heads * self._head_dim)))
-        if step.row_kernels and isinstance(step.pos, int) and self._head_dim <= cpu_kernels.PREFILL_HEAD_DIM:
+        if step.row_kernels and isinstance(step.pos, int) and self._head_dim <= cpu_kernels.PREFILL_HEAD_DIM and (
+                isinstance(mask, str) or self.window is not None):
             # a prompt's pass on the CPU: attention as one kernel (cpu_attention.cpp), its
-            # output already in the layout o_proj takes
+            # output already in the layout o_proj takes; the kernel makes the mask itself, causal
+            # and at most a window back, which is all a prompt's cache hands back ("causal" or
+            # `window_mask`)
             o = cpu_kernels.prefill_attention(q, keys, values, self._scale, self.window)
             return self.o_proj(ops.reshape(o, (step.batch * step.length, self._n_heads * self._head_dim)))
         if cpu_matmul.widen_attention(q, step.length):
