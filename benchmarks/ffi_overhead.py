@@ -8,6 +8,10 @@ graph-node creation and wrapping the result. Two numbers per library:
 - build: constructing the lazy graph only (the host overhead per op);
 - build+eval: the same, then evaluating the result.
 
+Most of that chain's op is MLX making the Python float's scalar array (about 430 of
+the op's 718 ns in C++ alone, on a Zen 5), the same work on both sides, so two more
+chains show the bindings' own share: `x = x * y + y` (arrays only) and `x = -x`.
+
 Run: python benchmarks/ffi_overhead.py [--ops 1000] [--repeats 20]
 """
 
@@ -36,6 +40,18 @@ def chain_amlx(x, steps: int):
 def chain_mlx(x, steps: int):
     for _ in range(steps):
         x = x * 1.0001 + 0.5
+    return x
+
+
+def chain_arrays(x, y, steps: int):
+    for _ in range(steps):
+        x = x * y + y
+    return x
+
+
+def chain_negate(x, steps: int):
+    for _ in range(2 * steps):
+        x = -x
     return x
 
 
@@ -80,13 +96,19 @@ def main() -> None:
     def mlx_full():
         mc.eval(chain_mlx(xm, steps))
 
+    ya, ym = mx.array(np.full(4, 1.0001, np.float32)), mc.array(np.full(4, 1.0001, np.float32))
+    mx.eval(ya)
+    mc.eval(ym)
+
     # Same answer from both (and a warm-up of every path).
     got = chain_amlx(xa, steps).numpy()
     want = np.array(chain_mlx(xm, steps))
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
     rows = []
-    for label, fa, fm in [("build (host overhead)", amlx_build, mlx_build), ("build + eval", amlx_full, mlx_full)]:
+    for label, fa, fm in [("build (host overhead)", amlx_build, mlx_build), ("build + eval", amlx_full, mlx_full),
+                          ("build, x * y + y", lambda: chain_arrays(xa, ya, steps), lambda: chain_arrays(xm, ym, steps)),
+                          ("build, -x", lambda: chain_negate(xa, steps), lambda: chain_negate(xm, steps))]:
         # Interleave the two libraries so drift in machine load hits both.
         ta = tm = float("inf")
         for _ in range(3):
