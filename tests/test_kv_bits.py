@@ -208,7 +208,10 @@ QTOL = {"float32": 1e-5, "float16": 2 * 2.0 ** -10, "bfloat16": 2 * 2.0 ** -7}
 # with the bounds this test had before the CPU's roundings were modelled; float32 as wide as
 # test_decode_kernels' batched bound: MLX's CUDA matmuls round float32 through TF32 (its
 # MLX_ENABLE_TF32 defaults to on), seen on the H200 as 1e-3 off at dim 32
-DEVICE_QTOL = {"float32": 1e-2, "float16": 1.5e-2, "bfloat16": 3e-2}
+# bfloat16 6e-2: on the H200 (2026-12-05) one output of 96 was 0.034 off at 0.07 (b=3, dim 32, 4 bits):
+# MLX's CUDA attention rounds scores and weights to bf16 (a score near 5 by 2^-8 moves its weight
+# about 2%, against values up to ~8); a wrong slot or position is off by far more
+DEVICE_QTOL = {"float32": 1e-2, "float16": 1.5e-2, "bfloat16": 6e-2}
 
 
 @settings(max_examples=40, deadline=None)
