@@ -15,7 +15,13 @@ from amlx._mlx import cpu_kernels as ck
 from amlx._mlx import ops
 from amlx.errors import MLXError
 from amlx.models import load_model
-from tests.helpers.checkpoints import make_checkpoint
+
+try:
+    from tests.helpers.checkpoints import make_checkpoint
+    from tests.helpers.cpu_kernels import as_f64, restore_kernel_settings  # noqa: F401 (an autouse fixture)
+except ImportError:  # run from inside tests/
+    from helpers.checkpoints import make_checkpoint
+    from helpers.cpu_kernels import as_f64, restore_kernel_settings  # noqa: F401
 
 pytestmark = pytest.mark.skipif(mx.device.default_device() != "cpu", reason="the CPU's kernels")
 
@@ -38,10 +44,6 @@ def reference(q, k, v, scale, start, window):
     return np.einsum("bhlk,bhkd->blhd", w, v)
 
 
-def as64(a) -> np.ndarray:
-    return np.asarray(ops.astype(a, mx.float32)).astype(np.float64)
-
-
 @settings(max_examples=40, deadline=None)
 @given(b=st.integers(1, 2), kvh=st.sampled_from([1, 2]), rep=st.sampled_from([1, 2, 4]),
        length=st.integers(1, 80), start=st.integers(0, 90), d=st.sampled_from([32, 64, 128, 256]),
@@ -57,10 +59,10 @@ def test_prefill_attention_matches_numpy(b, kvh, rep, length, start, d, window, 
     scale = d ** -0.5
     got = ck.prefill_attention(q, k, v, scale, window)
     assert got.shape == (b, length, kvh * rep, d) and got.dtype == dt
-    want = reference(as64(q), as64(k), as64(v), scale, start, window)
+    want = reference(as_f64(q), as_f64(k), as_f64(v), scale, start, window)
     # float32 sums (and, for bf16, the output's rounding: 2^-9 of a value)
     tol = 2e-5 if dtype == "float32" else 2.0 ** -8
-    assert np.all(np.abs(as64(got) - want) <= tol * (np.abs(want) + np.abs(as64(v)).max()))
+    assert np.all(np.abs(as_f64(got) - want) <= tol * (np.abs(want) + np.abs(as_f64(v)).max()))
 
 
 @settings(max_examples=15, deadline=None)

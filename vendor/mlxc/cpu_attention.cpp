@@ -86,59 +86,39 @@ MLXC_ATTN_CLONES void scores(const float* q, int rows, const float* kt, int dim,
   }
 }
 
-// o[r] = o[r] * f[r] + sum_j p[r][j] v[j] for rows r < rows (v's rows DIM apart): each row's
-// sums held in registers over the block's keys (DIM a compile-time constant, so the compiler
-// keeps them there; through memory every key reloaded and stored them).
+// o[r] = o[r] * f[r] + sum_j p[r][j] v[j] for rows r < rows (v's rows `dim` apart): each row's
+// sums held in registers over the block's keys where DIM, the head dim, is a compile-time
+// constant (through memory every key reloaded and stored them); DIM 0 takes `dim` at run time.
 template <int DIM>
-MLXC_ATTN_CLONES void weigh_dim(float* o, const float* f, const float* p, int rows, const float* __restrict v) {
+MLXC_ATTN_CLONES void weigh(float* o, const float* f, const float* p, int rows, const float* __restrict v, int dim) {
+  if constexpr (DIM != 0) dim = DIM;
   for (int r = 0; r < rows; ++r) {
-    float acc[DIM];
+    float acc[DIM != 0 ? DIM : kMaxDim];
     float* __restrict orow = o + r * kMaxDim;
     const float fr = f[r];
-    for (int d = 0; d < DIM; ++d) acc[d] = orow[d] * fr;
+    for (int d = 0; d < dim; ++d) acc[d] = orow[d] * fr;
     const float* pr = p + r * kKeys;
     for (int j = 0; j < kKeys; ++j) {
       const float w = pr[j];
-      const float* __restrict vj = v + j * DIM;
-      for (int d = 0; d < DIM; ++d) acc[d] += w * vj[d];
+      const float* __restrict vj = v + j * dim;
+      for (int d = 0; d < dim; ++d) acc[d] += w * vj[d];
     }
-    for (int d = 0; d < DIM; ++d) orow[d] = acc[d];
+    for (int d = 0; d < dim; ++d) orow[d] = acc[d];
   }
 }
 
-MLXC_ATTN_CLONES void weigh_any(float* o, const float* f, const float* p, int rows, const float* v, int dim) {
-  for (int r = 0; r < rows; ++r) {
-    float* orow = o + r * kMaxDim;
-    const float fr = f[r];
-    for (int d = 0; d < dim; ++d) orow[d] *= fr;
-    const float* pr = p + r * kKeys;
-    for (int j = 0; j < kKeys; ++j) {
-      const float w = pr[j];
-      const float* vj = v + j * dim;
-      for (int d = 0; d < dim; ++d) orow[d] += w * vj[d];
-    }
-  }
-}
-
-void weigh(float* o, const float* f, const float* p, int rows, const float* v, int dim) {
+void weigh_dims(float* o, const float* f, const float* p, int rows, const float* v, int dim) {
   switch (dim) {
-    case 64: return weigh_dim<64>(o, f, p, rows, v);
-    case 128: return weigh_dim<128>(o, f, p, rows, v);
-    case 256: return weigh_dim<256>(o, f, p, rows, v);
-    default: return weigh_any(o, f, p, rows, v, dim);
-  }
-}
-
-MLXC_ATTN_CLONES void bf16_floats(const uint16_t* src, float* dst, long n) {
-  for (long i = 0; i < n; ++i) {
-    const uint32_t bits = (uint32_t)src[i] << 16;
-    __builtin_memcpy(&dst[i], &bits, 4);
+    case 64: return weigh<64>(o, f, p, rows, v, dim);
+    case 128: return weigh<128>(o, f, p, rows, v, dim);
+    case 256: return weigh<256>(o, f, p, rows, v, dim);
+    default: return weigh<0>(o, f, p, rows, v, dim);
   }
 }
 
 // n values of `kind` (mlxc::gemv::Kind) from element i0 of p, as float32.
 void to_floats(const void* p, int kind, long i0, long n, float* dst) {
-  if (kind == mlxc::gemv::BF16) return bf16_floats(static_cast<const uint16_t*>(p) + i0, dst, n);
+  if (kind == mlxc::gemv::BF16) return mlxc::bf16_to_floats(static_cast<const uint16_t*>(p) + i0, dst, n);
   if (kind == mlxc::gemv::F32) return (void)std::memcpy(dst, static_cast<const float*>(p) + i0, n * sizeof(float));
   for (long i = 0; i < n; ++i) dst[i] = mlxc::gemv::load_scalar(p, kind, i0 + i);
 }
@@ -253,7 +233,7 @@ void task(const Shape& s, const Floats& in, T* out, int b, int h, int q0, std::v
       l[r] = l[r] * f[r] + sum;
       m[r] = mnew;
     }
-    weigh(acc, f, sc, rows, in.v.data() + (bg * nb * kKeys + k0) * D, D);
+    weigh_dims(acc, f, sc, rows, in.v.data() + (bg * nb * kKeys + k0) * D, D);
   }
   for (int r = 0; r < rows; ++r) {
     const float inv = 1.0f / l[r];
@@ -326,16 +306,13 @@ class CpuPrefillAttention : public mx::UnaryPrimitive {
   int window_;
 };
 
-bool is_float(mx::Dtype d) { return d == mx::float32 || d == mx::float16 || d == mx::bfloat16; }
-
 }  // namespace
 
 mx::array mlxc::cpu_prefill_attention(const mx::array& q, const mx::array& keys, const mx::array& values, float scale,
                                       int window) {
-  mx::Stream s = mx::to_stream({});
-  if (s.device.type != mx::Device::cpu) throw std::invalid_argument("cpu_prefill_attention runs on the CPU only");
+  mx::Stream s = mlxc::cpu_stream("cpu_prefill_attention");
   if (q.ndim() != 4 || keys.ndim() != 4 || keys.shape() != values.shape() || keys.dtype() != values.dtype() ||
-      !is_float(q.dtype()) || !is_float(keys.dtype())) {
+      !mlxc::is_float(q.dtype()) || !mlxc::is_float(keys.dtype())) {
     throw std::invalid_argument("cpu_prefill_attention: q (B, H, L, D) and keys, values (B, KVH, end, D) of floats");
   }
   const int B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3), KVH = keys.shape(1);

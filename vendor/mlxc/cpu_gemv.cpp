@@ -22,6 +22,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <functional>
+#include <iterator>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -272,7 +273,7 @@ int bf16_best() { return bf16_available(kBf16Amx) ? kBf16Amx : bf16_available(kB
 // The kernel a name means ("best": bf16_best()), or -1 for an unknown name.
 int bf16_named(const std::string& name) {
   if (name == "best") return bf16_best();
-  for (int k = 0; k < 3; ++k)
+  for (int k = 0; k < (int)std::size(kBf16Names); ++k)
     if (name == kBf16Names[k]) return k;
   return -1;
 }
@@ -290,19 +291,6 @@ int kind_of(mx::Dtype d) {
   if (d == mx::bfloat16) return gv::BF16;
   if (d == mx::float32) return gv::F32;
   throw std::invalid_argument("cpu_gemv: weights, scales and biases must be float32, float16 or bfloat16");
-}
-
-// `a` (2-D) as row-major data: its own buffer when it is row-contiguous (a
-// block of rows of a weight is), else a packed copy in `tmp`.
-const void* packed(const mx::array& a, std::vector<char>& tmp) {
-  if (a.flags().row_contiguous) return a.data<void>();
-  const size_t item = a.itemsize(), rows = a.shape(0), cols = a.shape(1);
-  tmp.resize(rows * cols * item);
-  const char* src = a.data<char>();
-  for (size_t r = 0; r < rows; ++r)
-    for (size_t c = 0; c < cols; ++c)
-      std::memcpy(&tmp[(r * cols + c) * item], src + (r * a.strides(0) + c * a.strides(1)) * item, item);
-  return tmp.data();
 }
 
 // Rows of x one call takes. The kernels hold at most gv::kMaxRows rows in registers; a call
@@ -460,7 +448,7 @@ void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int gro
   j.M = x.shape(0);
   j.K = x.shape(1);
   j.N = out.shape(1);
-  const void* xp = packed(x, xtmp);
+  const void* xp = mlxc::row_major(x, xtmp);
   const gv::RowsFn bf16 = bf16_kernel(x, in[1], bits);
   if (bf16) {
     j.xbf = static_cast<const uint16_t*>(xp);
@@ -469,8 +457,7 @@ void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int gro
   } else {
     xf.resize((size_t)j.M * j.K);
     if (x.dtype() == mx::bfloat16) {  // (not through load_scalar: its switch kept the loop scalar)
-      const uint16_t* h = static_cast<const uint16_t*>(xp);
-      for (size_t i = 0; i < xf.size(); ++i) xf[i] = gv::bf16_to_float(h[i]);
+      mlxc::bf16_to_floats(static_cast<const uint16_t*>(xp), xf.data(), (long)xf.size());
     } else {
       for (size_t i = 0; i < xf.size(); ++i) xf[i] = gv::load_scalar(xp, gv::F16, (long)i);
     }
@@ -490,13 +477,13 @@ void compute(const std::vector<mx::array>& in, mx::array& out, int bits, int gro
 // bf16 kernel that takes it, if one does (then j.xbf is x).
 void compute_float(const std::vector<mx::array>& in, gv::Job& j, int bits, int group, bool int8, gv::RowsFn bf16) {
   std::vector<char> tmp[4];
-  j.w = packed(in[1], tmp[1]);
+  j.w = mlxc::row_major(in[1], tmp[1]);
   j.wkind = bits ? 0 : kind_of(in[1].dtype());
   j.bits = bits;
   j.group = group;
   if (bits) {
-    j.scales = packed(in[2], tmp[2]);
-    j.biases = packed(in[3], tmp[3]);
+    j.scales = mlxc::row_major(in[2], tmp[2]);
+    j.biases = mlxc::row_major(in[3], tmp[3]);
     j.skind = kind_of(in[2].dtype());
   }
   if (bf16) {
@@ -598,9 +585,9 @@ class CpuGemv : public mx::UnaryPrimitive {
 void dequantize_rows(const mx::array& w, const mx::array& scales, const mx::array& biases, float* out, int bits,
                      int group, int n0, int n1, std::vector<char>* tmp) {
   const long K = (long)w.shape(1) * 32 / bits, G = K / group;
-  const uint8_t* q = static_cast<const uint8_t*>(packed(w, tmp[0]));
-  const void* sp = packed(scales, tmp[1]);
-  const void* bp = packed(biases, tmp[2]);
+  const uint8_t* q = static_cast<const uint8_t*>(mlxc::row_major(w, tmp[0]));
+  const void* sp = mlxc::row_major(scales, tmp[1]);
+  const void* bp = mlxc::row_major(biases, tmp[2]);
   const int sk = kind_of(scales.dtype());
   for (long n = n0; n < n1; ++n) {
     const uint8_t* row = q + n * K * bits / 8;
@@ -716,7 +703,7 @@ mx::array mlxc::cpu_gemv(const mx::array& x, const mx::array& w, const mx::array
   const int K = x.shape(-1), N = w.shape(0), M = (int)(x.size() / K);
   mx::Dtype out_type = mx::promote_types(x.dtype(), bits ? scales_biases[0].dtype() : w.dtype());
   // Inputs are taken as they are (a block of a weight's rows is a view, not a
-  // copy); eval packs the rare strided one (packed()).
+  // copy); eval packs the rare strided one (mlxc::row_major).
   // x goes in as it is (float32 or 16-bit: eval converts it) and y comes out in out_type:
   // one graph node per product, where astype nodes around it had made three.
   mx::array x2 = mx::reshape(x, {M, K}, s);

@@ -47,9 +47,25 @@ inline float rnd(float x) {
 #define MLXC_VEC_CLONES
 #endif
 
-MLXC_VEC_CLONES void bf16_to_floats(const uint16_t* bits, float* dst, int n) {
-  for (int i = 0; i < n; ++i) dst[i] = mlxc::gemv::bf16_to_float(bits[i]);
+}  // namespace
+
+MLXC_VEC_CLONES void mlxc::bf16_to_floats(const uint16_t* bits, float* dst, long n) {
+  for (long i = 0; i < n; ++i) dst[i] = mlxc::gemv::bf16_to_float(bits[i]);
 }
+
+bool mlxc::is_float(const mx::Dtype& d) { return d == mx::float32 || d == mx::float16 || d == mx::bfloat16; }
+
+mx::Stream mlxc::cpu_stream(const char* what) {
+  mx::Stream s = mx::to_stream({});
+  if (s.device.type != mx::Device::cpu) throw std::invalid_argument(std::string(what) + " runs on the CPU only");
+  return s;
+}
+
+namespace {
+
+using mlxc::bf16_to_floats;
+using mlxc::cpu_stream;
+using mlxc::is_float;
 
 // n values of T as floats; bfloat16 by its bits (MLX's conversion, one value at a
 // time, kept the loop scalar).
@@ -82,8 +98,6 @@ MLXC_VEC_CLONES void axpy(float w, const float* x, float* y, int n) {
   for (; d < n; ++d) y[d] += w * x[d];
 }
 
-bool is_float(mx::Dtype d) { return d == mx::float32 || d == mx::float16 || d == mx::bfloat16; }
-
 // Each input's data row-major: its own buffer, or a packed copy where it is a
 // strided view (rare: the model hands these kernels contiguous arrays). Making
 // inputs contiguous in the graph instead would add a node per input.
@@ -92,10 +106,8 @@ struct Data {
   std::vector<std::vector<char>> copies;
 
   explicit Data(const std::vector<mx::array>& in) : ptr(in.size()), copies(in.size()) {
-    for (size_t i = 0; i < in.size(); ++i) ptr[i] = pack(in[i], copies[i]);
+    for (size_t i = 0; i < in.size(); ++i) ptr[i] = mlxc::row_major(in[i], copies[i]);
   }
-
-  static const void* pack(const mx::array& a, std::vector<char>& tmp) { return mlxc::row_major(a, tmp); }
 };
 
 // RMSNorm over n values in place, rounded as MLX's rms_norm rounds: the normalised
@@ -428,7 +440,7 @@ template <typename T>
 void gated_rows(const mx::array& gu, mx::array& out, int act, int n0, int n1) {
   const size_t I = out.shape(1);
   std::vector<char> tmp;
-  const T* src = static_cast<const T*>(Data::pack(gu, tmp));
+  const T* src = static_cast<const T*>(mlxc::row_major(gu, tmp));
   T* dst = out.data<T>();
   for (int n = n0; n < n1; ++n) {
     const T* g = src + (size_t)n * 2 * I;
@@ -504,15 +516,6 @@ const void* mlxc::row_major(const mx::array& a, std::vector<char>& tmp) {
   return tmp.data();
 }
 
-namespace {
-
-mx::Stream cpu_stream(const char* what) {
-  mx::Stream s = mx::to_stream({});
-  if (s.device.type != mx::Device::cpu) throw std::invalid_argument(std::string(what) + " runs on the CPU only");
-  return s;
-}
-
-}  // namespace
 
 std::vector<mx::array> mlxc::cpu_decode_attention(const mx::array& qkv, const mx::array* q_norm,
                                                   const mx::array* k_norm, const mx::array& inv_freq,

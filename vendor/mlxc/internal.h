@@ -2,12 +2,14 @@
 #ifndef MLXC_INTERNAL_H
 #define MLXC_INTERNAL_H
 
+#include <cstdint>
 #include <functional>
 #include <optional>
 #include <vector>
 #include <string>
 
 #include "mlx/array.h"
+#include "mlx/stream.h"
 
 namespace mlxc {
 // Sets the thread-local text that mlxc_last_error() returns.
@@ -51,6 +53,13 @@ mlx::core::array cpu_gated_activation(const mlx::core::array& gate_up, int act);
 // An evaluated array's data row-major: its own buffer, or a packed copy in `tmp` where it is
 // a strided view (cpu_step.cpp).
 const void* row_major(const mlx::core::array& a, std::vector<char>& tmp);
+// n bfloat16 values (their bits) as float32, vectorized where the CPU allows (cpu_step.cpp).
+void bf16_to_floats(const uint16_t* bits, float* dst, long n);
+// Whether d is float32, float16 or bfloat16 (cpu_step.cpp).
+bool is_float(const mlx::core::Dtype& d);
+// The default stream, checked to be the CPU's: std::invalid_argument "<what> runs on the CPU
+// only" otherwise (cpu_step.cpp).
+mlx::core::Stream cpu_stream(const char* what);
 
 // A prompt's attention (cpu_attention.cpp): q (B, H, L, D) at positions [end - L, end) against
 // keys and values (B, KVH, end, D), causal, at most `window` back where window > 0, in float32;
