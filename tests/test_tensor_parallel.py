@@ -362,7 +362,8 @@ def test_hung_rank_fails_requests(checkpoints):
 
 
 def test_followers_exit_with_rank_zero(checkpoints, tmp_path):
-    """Rank 0's process killed outright: its followers see their lifeline close and exit."""
+    """Rank 0's process killed outright: its followers see their lifeline close and exit,
+    and remove the launch's work folder, which rank 0 could not."""
     import subprocess
     import sys
 
@@ -370,12 +371,15 @@ def test_followers_exit_with_rank_zero(checkpoints, tmp_path):
     script.write_text("import sys, time, amlx\n"
                       f"m = amlx.load_sync({str(checkpoints['qwen3'])!r}, device='cpu', tensor_parallel=2)\n"
                       "print(m.engine.mirror.alive[0], flush=True)\n"
+                      "print(m.engine.mirror.launch.workdir, flush=True)\n"
                       "time.sleep(600)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": root})
     try:
         follower = int(proc.stdout.readline())
+        workdir = proc.stdout.readline().strip()
+        assert os.path.isdir(workdir)
         proc.kill()
         proc.wait(30)
         for _ in range(200):
@@ -383,6 +387,11 @@ def test_followers_exit_with_rank_zero(checkpoints, tmp_path):
                 break
             time.sleep(0.05)
         assert not os.path.exists(f"/proc/{follower}") or _zombie(follower)
+        for _ in range(100):  # (removed just before the follower's exit; the check above may come first)
+            if not os.path.exists(workdir):
+                break
+            time.sleep(0.05)
+        assert not os.path.exists(workdir)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import threading
 
@@ -96,11 +97,15 @@ class Follower:
         self.group.close()
 
 
-def _exit_with_parent(lifeline: int) -> None:
-    """Rank 0's process holds the other end: EOF means it is gone."""
+def _exit_with_parent(lifeline: int, workdir: str | None) -> None:
+    """Rank 0's process holds the other end: EOF means it is gone. A rank 0 that
+    was killed outright could not remove the launch's work folder (its hostfile and
+    the ranks' logs): the follower does, on its way out."""
     def watch() -> None:
         while os.read(lifeline, 1):
             pass
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
         os._exit(3)
     threading.Thread(target=watch, name="amlx-tp-lifeline", daemon=True).start()
 
@@ -116,13 +121,15 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--head", default=None, choices=HEADS)
     p.add_argument("--heartbeat-fd", type=int, default=None)
     p.add_argument("--lifeline-fd", type=int, default=None)
+    # the launch's work folder (amlx.tp.launch), removed here if rank 0 dies without closing
+    p.add_argument("--workdir", default=None)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     if args.lifeline_fd is not None:
-        _exit_with_parent(args.lifeline_fd)
+        _exit_with_parent(args.lifeline_fd, args.workdir)
     options = EngineOptions(device=args.device, kv_bits=args.kv_bits, prefix_cache=False).resolved().for_rank()
     placement = Placement(options)
     rank, size = int(os.environ["MLX_RANK"]), int(os.environ["MLX_WORLD_SIZE"])

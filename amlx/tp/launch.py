@@ -121,7 +121,8 @@ def _spawn(rank: int, model: str, backend: str, device: str, dtype: str | None, 
     life_r, life_w = os.pipe()
     log = workdir / f"rank{rank}.log"
     cmd = [sys.executable, "-m", "amlx.tp.follower", str(model), "--backend", backend, "--device", device,
-           "--heartbeat-fd", str(beat_w), "--lifeline-fd", str(life_r), "--head", head]
+           "--heartbeat-fd", str(beat_w), "--lifeline-fd", str(life_r), "--head", head,
+           "--workdir", str(workdir)]
     if dtype is not None:
         cmd += ["--dtype", str(dtype)]
     if kv_bits is not None:
