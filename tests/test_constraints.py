@@ -520,8 +520,29 @@ def test_kinds():
     ],
 )
 def test_bad_options_raise_value_error(options, message):
-    with pytest.raises(ValueError, match=message):
-        parse_constraint(**options)
+    for _ in range(2):  # (the second time from the remembered check: the same error)
+        with pytest.raises(ValueError, match=message):
+            parse_constraint(**options)
+
+
+def test_a_grammar_is_checked_once(monkeypatch):
+    """Requests with one schema (a server's usual load) have llguidance check it once: the
+    check compiles the grammar on the event loop's thread, and 64 such requests submitted
+    together were slow enough to reach the worker in two groups."""
+    import llguidance
+
+    from amlx.constrain import spec
+
+    calls = []
+    real = llguidance.LLMatcher.validate_grammar_with_warnings
+    monkeypatch.setattr(spec.llguidance.LLMatcher, "validate_grammar_with_warnings",
+                        lambda g: calls.append(g) or real(g))
+    spec._grammar_problem.cache_clear()
+    fmt = {"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {"n": {"type": "integer"}}}}}
+    first = [parse_constraint(response_format=fmt) for _ in range(5)]
+    assert len(calls) == 1 and len({c.grammar for c in first}) == 1
+    parse_constraint(regex="[a-z]+")
+    assert len(calls) == 2  # another grammar is checked
 
 
 # ---------------------------------------------------------------------------------------------
