@@ -638,3 +638,16 @@ def test_sampling_with_masks_is_sampling_masked_logits(options, compile, vocab):
             np.testing.assert_array_equal(got.logprobs.numpy()[row], free.logprobs.numpy()[row])
         keys, history, counts = got.keys, got.history, got.counts
         masks = _random_masks(rng, rows, vocab, free_rows=(0, 4))
+
+
+def test_mask_threads_option(monkeypatch):
+    from amlx.constrain.matcher import mask_threads
+
+    monkeypatch.delenv("AMLX_MASK_THREADS", raising=False)
+    assert mask_threads() is None  # llguidance's default
+    monkeypatch.setenv("AMLX_MASK_THREADS", "3")
+    assert mask_threads() == 3
+    for bad in ("0", "-1", "two"):
+        monkeypatch.setenv("AMLX_MASK_THREADS", bad)
+        with pytest.raises(ValueError, match="AMLX_MASK_THREADS"):
+            mask_threads()

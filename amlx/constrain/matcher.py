@@ -9,6 +9,7 @@ llguidance's thread pool, without holding the GIL.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -93,12 +94,24 @@ _executor: llguidance.LLExecutor | None = None
 _executor_lock = threading.Lock()
 
 
+def mask_threads() -> int | None:
+    """The threads of llguidance's pool: AMLX_MASK_THREADS (read once, at the pool's making),
+    else None, llguidance's default (80% of the cores, at most 32). One step's masks are a few
+    dozen rows of 10-100 us each: more threads than rows' worth of work cost wake-ups."""
+    value = os.environ.get("AMLX_MASK_THREADS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"AMLX_MASK_THREADS must be a whole number >= 1, not {value!r}")
+    return int(value)
+
+
 def _pool() -> llguidance.LLExecutor:
-    """llguidance's thread pool, one per process (80% of the cores, at most 32: its default)."""
+    """llguidance's thread pool, one per process (`mask_threads`)."""
     global _executor
     with _executor_lock:
         if _executor is None:
-            _executor = llguidance.LLExecutor()
+            _executor = llguidance.LLExecutor(mask_threads())
         return _executor
 
 
