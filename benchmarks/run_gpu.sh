@@ -33,6 +33,7 @@
 #   bash benchmarks/run_gpu.sh long-context # the attention kernel alone at WARPS x LANE_BYTES beside MLX's sdpa,
 #                                        # then Qwen3-8B bf16 at 1,024-16,384 positions beside mlx-lm (~6 min)
 #   bash benchmarks/run_gpu.sh window    # KV memory of a long Gemma-3-1B row, windowed layers' own pool (window_pool.py)
+#   bash benchmarks/run_gpu.sh qmm-rows    # MLX's quantized matmul at 8-128 rows vs dequantize + cuBLAS (qmm_rows.py)
 #   bash benchmarks/run_gpu.sh qgemv-launch # the kernel's launch shapes: balanced vs measured, serial calls (~4 min)
 #   bash benchmarks/run_gpu.sh spec-cost    # speculative decoding: k draft steps + verify vs k+1 plain steps
 #   bash benchmarks/run_gpu.sh spec-draft   # end to end: qwen3-8b with its 4-bit copy as draft, amlx vs mlx-lm
@@ -300,6 +301,14 @@ from checkpoints import write_benchmark_checkpoint as w; w(Path('/tmp/amlx-ck/qw
     save_ptx
     cat "$OUT/bigspeed.md" 2>/dev/null || echo "no bigspeed.md was written"
     cat "$OUT/qgemv.md" 2>/dev/null || echo "no qgemv.md was written" ;;
+  qmm-rows)
+    # why Qwen3-8B 4-bit decodes 64 streams at a third of bf16's tok/s: MLX's quantized matmul at
+    # 8-128 rows against dequantize + cuBLAS and the dense bf16 matmul (benchmarks/qmm_rows.py; its
+    # first use of each tile size compiles for 20-50 s: carry .gpu/ptx.tgz from an earlier call)
+    restore_ptx
+    timeout -k 10 ${BUDGET:-300} python3 benchmarks/qmm_rows.py --out "$OUT" ${QMM_ARGS:-} 2>&1 \
+      | tee "$OUT/qmm_rows.txt" || echo "qmm_rows.py ended with status $?"
+    save_ptx ;;
   qgemv-launch)
     # the kernel's block shapes (AMLX_QGEMV_LAUNCH=balanced against the measured launch), its GPU tests for
     # them, then qgemv.py with each call serial (no CUDA graph overlap), CUPTI device times and a sweep of
