@@ -679,6 +679,26 @@ def applies(x: Array, weight: Array, scales: Array, biases: Array, group_size: i
             and fast.cuda_available() and supports(x, weight, scales, biases, group_size, bits))
 
 
+def _dequantize_rows() -> int:
+    value = os.environ.get("AMLX_QMM_DEQUANT", "0").strip() or "0"
+    if not value.isdigit():
+        raise ValueError(f"AMLX_QMM_DEQUANT must be a row count (0: off), not {value!r}")
+    return int(value)
+
+
+# Opt-in, being measured (benchmarks/qmm_rows.py): from this many rows of x on CUDA, a quantized
+# product dequantizes its weight to x's dtype and multiplies densely (cuBLAS) instead of MLX's
+# quantized matmul. 0 (the default): never.
+DEQUANTIZE_ROWS = _dequantize_rows()
+
+
+def dequantize_first(x: Array) -> bool:
+    """Whether `nn.quantized_dense` should dequantize the weight and multiply densely
+    (DEQUANTIZE_ROWS, on CUDA)."""
+    return (DEQUANTIZE_ROWS > 0 and x.ndim == 2 and x.shape[0] >= DEQUANTIZE_ROWS
+            and device.default_device() == "gpu" and fast.cuda_available())
+
+
 def quantized_gemv(x: Array, weight: Array, scales: Array, biases: Array, group_size: int, bits: int,
                    version: int | None = None, launch: str | tuple[int, int] | None = None) -> Array:
     """x (rows, K) @ dequantize(weight, scales, biases)^T -> (rows, N) in x's
