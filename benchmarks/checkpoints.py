@@ -231,6 +231,11 @@ MODELS["qwen3-tiny"] = _qwen3_large(
 MODELS["qwen3-vocab"] = _qwen3_large(
     "(test shape)", hidden_size=64, intermediate_size=128, num_hidden_layers=1, max_window_layers=1,
     num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)
+# Qwen3-8B's depth (36 layers) and vocabulary at a tiny width: a step's host work (per-layer graph
+# building, an uncompiled prefill pass) as deep as 8B's, on a CPU (issue 16's steady state)
+MODELS["qwen3-vocab-deep"] = _qwen3_large(
+    "(test shape)", hidden_size=64, intermediate_size=128, num_hidden_layers=36, max_window_layers=36,
+    num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)
 MODELS["gemma3-tiny"] = _gemma3_text(
     "(test shape)", hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
     num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64, sliding_window=16, sliding_window_pattern=3)
