@@ -90,17 +90,18 @@ def _call(side: str, x, layer, group: int, bits: int):
     return qg.quantized_gemv(x, *layer, group, bits, version, launch)
 
 
-def _timed(side, x, layers, group, bits, reps, trials) -> float:
-    """Best seconds per call."""
+def _timed(side, x, layers, group, bits, reps, trials, call=None) -> float:
+    """Best seconds per call (`call(side, x, layer, group, bits)`, default this module's `_call`)."""
     from amlx._mlx import device, ops
 
-    warm = [_call(side, x, layer, group, bits) for layer in layers]
+    call = call or _call
+    warm = [call(side, x, layer, group, bits) for layer in layers]
     ops.eval(*warm)
     for y in warm:
         y.close()
     best = math.inf
     for _ in range(trials):
-        ys = [_call(side, x, layers[i % len(layers)], group, bits) for i in range(reps)]
+        ys = [call(side, x, layers[i % len(layers)], group, bits) for i in range(reps)]
         device.synchronize()
         t0 = time.perf_counter()
         ops.eval(*ys)

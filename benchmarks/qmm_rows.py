@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from qgemv import L2_BYTES, PER_STEP, SHAPES  # noqa: E402
+from qgemv import L2_BYTES, PER_STEP, SHAPES, _timed  # noqa: E402
 
 SIDES = ("mlx", "dequant", "bf16")
 
@@ -59,24 +59,6 @@ def _call(side: str, x, layer, group: int, bits: int):
     return ops.matmul(x, ops.transpose(dense))
 
 
-def _timed(side: str, x, layers, group: int, bits: int, reps: int, trials: int) -> float:
-    """Best microseconds a call."""
-    from amlx._mlx import device, ops
-
-    ops.eval(*[_call(side, x, layer, group, bits) for layer in layers])  # compiles the kernels
-    best = math.inf
-    for _ in range(trials):
-        ys = [_call(side, x, layers[i % len(layers)], group, bits) for i in range(reps)]
-        device.synchronize()
-        t0 = time.perf_counter()
-        ops.eval(*ys)
-        device.synchronize()
-        best = min(best, (time.perf_counter() - t0) / reps)
-        for y in ys:
-            y.close()
-    return best * 1e6
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -98,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         layers = _weights(k, n, args.bits, args.group)
         for rows in args.rows:
             x = random.normal((rows, k), key=random.key(99)).astype(bfloat16)
-            row = {side: round(_timed(side, x, layers, args.group, args.bits, args.reps, args.trials), 1)
+            row = {side: round(_timed(side, x, layers, args.group, args.bits, args.reps, args.trials, _call) * 1e6, 1)
                    for side in SIDES}
             results["us"].setdefault(name, {})[str(rows)] = row
             print(f"{name:8} {rows:4} rows  " + "  ".join(f"{s} {v:9.1f} us" for s, v in row.items()), flush=True)
