@@ -207,7 +207,8 @@ from pathlib import Path; from checkpoints import write_benchmark_checkpoint as 
     # thread gets the GIL back sooner after llguidance's fill); off: every batch change drains the step in
     # flight, joins not coalesced (AMLX_CHAIN_CHANGES=0 AMLX_JOIN_WAIT=0); fresh: AMLX_EXTEND_FRESH=1;
     # upload: AMLX_MASK_UPLOAD=thread (the masks' device arrays made on the mask thread, off the worker's path;
-    # the default since 2026-12-03); worker: AMLX_MASK_UPLOAD=worker (the worker makes them)
+    # the default since 2026-12-03); worker: AMLX_MASK_UPLOAD=worker (the worker makes them); tN: llguidance's
+    # mask pool at N threads (AMLX_MASK_THREADS=N); BATCH=1 adds the batch-of-64 measurement before the steady one
     for round in $(seq ${ROUNDS:-1}); do
       for cfg in ${CONFIGS:-base si}; do
         case "$cfg" in
@@ -217,12 +218,13 @@ from pathlib import Path; from checkpoints import write_benchmark_checkpoint as 
           fresh) envs=(AMLX_EXTEND_FRESH=1); args=() ;;
           upload) envs=(AMLX_MASK_UPLOAD=thread); args=() ;;  # the mask thread uploads the masks too (the default)
           worker) envs=(AMLX_MASK_UPLOAD=worker); args=() ;;  # the worker uploads them as it builds the sampling step
+          t[0-9]*) envs=(AMLX_MASK_THREADS=${cfg#t}); args=() ;;  # llguidance's pool at that many threads
           *) echo "unknown configuration $cfg"; continue ;;
         esac
         echo "== structured.py steady, $cfg (round $round)" | tee -a "$OUT/structured_ab.txt"
         env "${envs[@]}" AMLX_STEP_TIMING=1 timeout -k 5 ${AB_BUDGET:-110} python3 benchmarks/structured.py \
           --model "${MODEL:-qwen3-0.6b}" --streams 64 --max-tokens 128 --repeats 1 --steady "${STEADY:-4}" \
-          --steady-only "${args[@]}" --out "$OUT/structured_${cfg}_$round.json" 2>&1 | grep -v "it/s" \
+          $([ "${BATCH:-0}" = 1 ] || echo --steady-only) "${args[@]}" --out "$OUT/structured_${cfg}_$round.json" 2>&1 | grep -v "it/s" \
           | tail -3 | tee -a "$OUT/structured_ab.txt" || echo "structured.py $cfg ended with status $?"
       done
     done ;;
