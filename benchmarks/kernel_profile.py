@@ -12,6 +12,12 @@ microseconds per token. Use it to tell kernel quality from host time when a
 side is behind at one stream (issue 20: Qwen3-8B bf16, 0.84x mlx-lm).
 
     python benchmarks/kernel_profile.py /tmp/ck/qwen3-8b [--tokens 64] [--prompt 128] [--sides amlx mlx-lm] [--serial]
+    python benchmarks/kernel_profile.py /tmp/ck/qwen3-8b-4bit --sides amlx --streams 64 --prompt 16
+
+`--streams N` (amlx only) profiles a batched step instead: N greedy streams decoding together,
+recorded whole (their one prefill pass included: keep the prompt short); per decode step,
+counted by the sampler's argmax launches, one a step whatever the batch (issue 20: Qwen3-8B
+4-bit decodes 64 streams at a third of bf16's tok/s on the H200).
 
 In MLX's CUDA graphs, kernels without a dependency between them run side by side (a
 layer's KV write beside the next projections), so a kernel's time is an upper bound of
@@ -111,6 +117,48 @@ def profile_side(side: str, path: str, tokens: int, skip: int, prompt_len: int =
             "idle_us": wall_us - busy_us, "tok_s": 1e6 / wall_us, "kernels": rows}
 
 
+def profile_batch(path: str, streams: int, tokens: int, prompt_len: int) -> dict:
+    """`profile_side` for amlx's batched step: `streams` greedy requests decoding together."""
+    import asyncio
+
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import amlx
+
+    model = amlx.load_sync(path, max_batch_size=streams)
+    rng = np.random.default_rng(0)
+
+    def run(n: int, seed: int) -> None:
+        prompts = [rng.integers(1000, 30000, size=prompt_len).tolist() for _ in range(streams)]
+
+        async def all_of() -> None:
+            await asyncio.gather(*(model.complete(p, max_tokens=n, temperature=0.0) for p in prompts))
+        asyncio.run(all_of())
+
+    try:
+        run(16, 0)  # compiles and warms every kernel of the batched step
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.init()
+        prof = profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
+        prof.start()
+        t0 = time.perf_counter()
+        run(tokens, 1)
+        seconds = time.perf_counter() - t0
+        prof.stop()
+    finally:
+        model.close()
+    argmax = [r["launches"] for r in kernel_rows(prof, 1) if r["kernel"] == "arg_reduce_general"]
+    steps = int(argmax[0]) if argmax else tokens
+    wall_us = seconds / steps * 1e6
+    rows = kernel_rows(prof, steps)
+    busy_us = sum(r["us"] for r in rows)
+    return {"side": f"amlx x{streams}", "steps": steps, "wall_us": wall_us, "busy_us": busy_us,
+            "idle_us": wall_us - busy_us, "tok_s": streams * tokens / seconds, "kernels": rows}
+
+
 def table(results: list[dict], top: int) -> str:
     lines = ["| side | tok/s | wall us/token | kernels' device us | device idle us | launches/token |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -137,11 +185,17 @@ def main(argv=None) -> int:
     ap.add_argument("--serial", action="store_true",
                     help="MLX_USE_CUDA_GRAPHS=0 on both sides: kernels one after another, so each kernel's time is "
                          "its own (in CUDA graphs, kernels without a dependency run side by side and stretch)")
+    ap.add_argument("--streams", type=int, default=1,
+                    help="amlx only: profile a batched step of this many greedy streams (default 1)")
     ap.add_argument("--json", help="write the results here as well")
     ap.add_argument("--side", help=argparse.SUPPRESS)  # a child: profile this side, print JSON
     args = ap.parse_args(argv)
+    if args.streams > 1 and not args.side and args.sides != ["amlx"]:
+        ap.error("--streams needs --sides amlx")
     if args.side:
-        print("RESULT " + json.dumps(profile_side(args.side, args.checkpoint, args.tokens, args.skip, args.prompt)), flush=True)
+        result = (profile_batch(args.checkpoint, args.streams, args.tokens, args.prompt) if args.streams > 1
+                  else profile_side(args.side, args.checkpoint, args.tokens, args.skip, args.prompt))
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
     results = []
     for side in args.sides:
@@ -149,7 +203,8 @@ def main(argv=None) -> int:
         if args.serial:
             env["MLX_USE_CUDA_GRAPHS"] = "0"
         cmd = [sys.executable, __file__, args.checkpoint, "--side", side,
-               "--tokens", str(args.tokens), "--skip", str(args.skip), "--prompt", str(args.prompt)]
+               "--tokens", str(args.tokens), "--skip", str(args.skip), "--prompt", str(args.prompt),
+               "--streams", str(args.streams)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not found:

@@ -246,7 +246,8 @@ from pathlib import Path; from checkpoints import write_benchmark_checkpoint as 
     save_ptx ;;
   kernel-profile)
     # single-stream decode, amlx beside mlx-lm, every CUDA kernel's device time per token (kernel_profile.py):
-    # MODEL (default qwen3-8b), LAYERS (default: all the release's layers); tells kernels from host time
+    # MODEL (default qwen3-8b), LAYERS (default: all the release's layers); tells kernels from host time;
+    # KPROF_ARGS="--sides amlx --streams 64 --prompt 16": amlx's batched step instead
     m=${MODEL:-qwen3-8b}; ck=/tmp/amlx-kprof
     restore_ptx
     [ -f "$ck/$m/config.json" ] || python3 benchmarks/checkpoints.py "$ck" --models "$m" ${LAYERS:+--layers $LAYERS}
