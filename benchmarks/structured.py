@@ -190,8 +190,12 @@ def bench(path: Path, streams: int, max_tokens: int, repeats: int, steady: int =
         for name in ("free", "constrained", "free_matched") if old else ("free", "constrained"):
             constrained = name == "constrained"
             limit = lengths if name == "free_matched" else max_tokens
-            # warm-up at the measured batch size: builds the grammar, traces the (masked) steps
-            asyncio.run(_run(model, prompts, 4, constrained))
+            # warm-up: builds the grammar and traces the (masked) steps. At the measured lengths
+            # where timed runs follow: the compiled step is traced once per batch size, and a
+            # batch whose rows leave one by one meets a new size at nearly every leave (the
+            # constrained side first, which left its timed run paying every trace that
+            # free_matched then reused: 2x its forward's build on the CPU)
+            asyncio.run(_run(model, prompts, limit if old else 4, constrained))
             if not old:
                 continue
             best = None
