@@ -9,7 +9,6 @@ llguidance's thread pool, without holding the GIL.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -21,6 +20,7 @@ import llguidance.numpy as llnp
 import numpy as np
 
 from amlx.constrain.spec import Constraint
+from amlx.env import env_int
 
 if TYPE_CHECKING:
     from amlx.tokenizer import Tokenizer
@@ -98,12 +98,7 @@ def mask_threads() -> int | None:
     """The threads of llguidance's pool: AMLX_MASK_THREADS (read once, at the pool's making),
     else None, llguidance's default (80% of the cores, at most 32). One step's masks are a few
     dozen rows of 10-100 us each: more threads than rows' worth of work cost wake-ups."""
-    value = os.environ.get("AMLX_MASK_THREADS", "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"AMLX_MASK_THREADS must be a whole number >= 1, not {value!r}")
-    return int(value)
+    return env_int("AMLX_MASK_THREADS")
 
 
 def _pool() -> llguidance.LLExecutor:

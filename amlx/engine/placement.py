@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from amlx._mlx import device as mxdevice
 from amlx.engine.admission import DEFAULT_JOIN_WAIT
+from amlx.env import env_int
 from amlx.kv.sizing import DEFAULT_BLOCK_SIZE, check_kv_bits, check_kv_cache_memory
 from amlx.models import cpu_matmul, decode_attention
 from amlx.models.nn import MatmulSplit
@@ -30,20 +31,6 @@ GPU_PREFILL_CHUNK = 2048
 def cpu_streams() -> int:
     """Streams a CPU engine splits one pass's matmuls over: one per core (at most MAX_SHARDS)."""
     return max(1, min(mxdevice.cpu_cores(), MAX_SHARDS))
-
-
-def _env_int(name: str, least: int = 1) -> int | None:
-    """An integer >= `least` from the environment, None where unset."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, not {raw!r}") from None
-    if value < least:
-        raise ValueError(f"{name} must be >= {least}, not {value}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -173,14 +160,14 @@ class EngineOptions:
         if env in ("0", "1"):
             kernel = env == "1"
         kernel = available if kernel is None else (kernel and available)
-        shards = _env_int("AMLX_SHARDS") or self.shards
+        shards = env_int("AMLX_SHARDS") or self.shards
         shards = 1 if shards is None else shards
         split = self.split_streams
         split = (cpu_streams() if self.device == "cpu" else 1) if split is None else split
-        block = _env_int("AMLX_KV_BLOCK") or self.kv_block or (256 if kernel else 64)
-        chunk = _env_int("AMLX_PREFILL_CHUNK") or self.prefill_chunk or (
+        block = env_int("AMLX_KV_BLOCK") or self.kv_block or (256 if kernel else 64)
+        chunk = env_int("AMLX_PREFILL_CHUNK") or self.prefill_chunk or (
             CPU_PREFILL_CHUNK if self.device == "cpu" else GPU_PREFILL_CHUNK)
-        block_size = _env_int("AMLX_KV_BLOCK_SIZE") or self.kv_block_size or DEFAULT_BLOCK_SIZE
+        block_size = env_int("AMLX_KV_BLOCK_SIZE") or self.kv_block_size or DEFAULT_BLOCK_SIZE
         for name, value in (("shards", shards), ("split_streams", split), ("kv_block", block),
                             ("prefill_chunk", chunk), ("kv_block_size", block_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -189,7 +176,7 @@ class EngineOptions:
         check_kv_cache_memory(self.kv_cache_memory)
         check_kv_bits(self.kv_bits)
         DraftSpec.from_options(self.draft, self.num_draft_tokens)  # (ValueError on bad values)
-        join_wait = _env_int("AMLX_JOIN_WAIT", least=0)
+        join_wait = env_int("AMLX_JOIN_WAIT", least=0)
         join_wait = join_wait if join_wait is not None else self.join_wait
         join_wait = DEFAULT_JOIN_WAIT if join_wait is None else join_wait
         if isinstance(join_wait, bool) or not isinstance(join_wait, int) or join_wait < 0:

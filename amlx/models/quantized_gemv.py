@@ -70,6 +70,7 @@ from __future__ import annotations
 import os
 
 from amlx._mlx import Array, bfloat16, device, fast, float16, float32, uint32
+from amlx.env import env_int
 
 # AMLX_QGEMV (read once, at import): 0 off (MLX's quantized matmul), 1 the first
 # version of the kernel, 2 (default) the second, faster at every measured shape; any
@@ -679,17 +680,10 @@ def applies(x: Array, weight: Array, scales: Array, biases: Array, group_size: i
             and fast.cuda_available() and supports(x, weight, scales, biases, group_size, bits))
 
 
-def _dequantize_rows() -> int:
-    value = os.environ.get("AMLX_QMM_DEQUANT", "0").strip() or "0"
-    if not value.isdigit():
-        raise ValueError(f"AMLX_QMM_DEQUANT must be a row count (0: off), not {value!r}")
-    return int(value)
-
-
 # Opt-in, being measured (benchmarks/qmm_rows.py): from this many rows of x on CUDA, a quantized
 # product dequantizes its weight to x's dtype and multiplies densely (cuBLAS) instead of MLX's
 # quantized matmul. 0 (the default): never.
-DEQUANTIZE_ROWS = _dequantize_rows()
+DEQUANTIZE_ROWS = env_int("AMLX_QMM_DEQUANT", least=0) or 0
 
 
 def dequantize_first(x: Array) -> bool:
