@@ -82,18 +82,12 @@ def _stream(side: str, path: str):
 
 def profile_side(side: str, path: str, tokens: int, skip: int, prompt_len: int = 128) -> dict:
     import numpy as np
-    import torch
-    from torch.profiler import ProfilerActivity, profile
 
     generate, close = _stream(side, path)
     prompt = np.random.default_rng(0).integers(1000, 30000, size=prompt_len).tolist()
     for _ in generate(prompt, 16):  # compiles and warms every kernel of the step
         pass
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.init()
-    # without CUDA (a smoke test of the script on the CPU) nothing is recorded: busy is 0
-    prof = profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
+    prof = _recorder()
     stamps: list[float] = []
     for i, _ in enumerate(generate(prompt, tokens)):
         if i == skip:
@@ -104,17 +98,36 @@ def profile_side(side: str, path: str, tokens: int, skip: int, prompt_len: int =
     close()
     if len(stamps) < 2:
         raise RuntimeError(f"{side}: only {len(stamps)} tokens after the first {skip}")
-    # steps: launches of greedy sampling's argmax, one a step on both sides. Tokens reach the
-    # consumer a few steps late when the engine runs ahead, so counting them miscounts the
-    # steps whose kernels fell inside the recording
+    return _summary(side, prof, len(stamps) - 1, stamps[-1] - stamps[0])
+
+
+def _recorder():
+    """A torch.profiler recording of the process's CUDA kernels (not started). Without CUDA
+    (a smoke test of the script on the CPU) it records nothing: busy is then 0."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.init()
+    return profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
+
+
+def _summary(side: str, prof, counted_steps: int, seconds: float, tokens: int | None = None) -> dict:
+    """A side's result from its recording: `seconds` of wall time in which `tokens` were
+    decoded (None: one a step, a single stream). Steps are the launches of greedy sampling's argmax, one a step on both sides
+    whatever the batch (`counted_steps` where none was recorded): tokens reach the consumer a
+    few steps late when the engine runs ahead, so counting them miscounts the steps whose
+    kernels fell inside the recording."""
     argmax = [r["launches"] for r in kernel_rows(prof, 1) if r["kernel"] == "arg_reduce_general"]
-    steps = int(argmax[0]) if argmax else len(stamps) - 1
-    wall_us = (stamps[-1] - stamps[0]) / steps * 1e6
+    steps = int(argmax[0]) if argmax else counted_steps
+    wall_us = seconds / steps * 1e6
     rows = kernel_rows(prof, steps)
     # kernels of the step in flight at either end are counted whole: one step's worth of error over `steps`
     busy_us = sum(r["us"] for r in rows)
     return {"side": side, "steps": steps, "wall_us": wall_us, "busy_us": busy_us,
-            "idle_us": wall_us - busy_us, "tok_s": 1e6 / wall_us, "kernels": rows}
+            "idle_us": wall_us - busy_us, "tok_s": 1e6 / wall_us if tokens is None else tokens / seconds,
+            "kernels": rows}
 
 
 def profile_batch(path: str, streams: int, tokens: int, prompt_len: int) -> dict:
@@ -122,15 +135,13 @@ def profile_batch(path: str, streams: int, tokens: int, prompt_len: int) -> dict
     import asyncio
 
     import numpy as np
-    import torch
-    from torch.profiler import ProfilerActivity, profile
 
     import amlx
 
     model = amlx.load_sync(path, max_batch_size=streams)
     rng = np.random.default_rng(0)
 
-    def run(n: int, seed: int) -> None:
+    def run(n: int) -> None:  # (fresh prompts each time: no prefix cache hits)
         prompts = [rng.integers(1000, 30000, size=prompt_len).tolist() for _ in range(streams)]
 
         async def all_of() -> None:
@@ -138,25 +149,16 @@ def profile_batch(path: str, streams: int, tokens: int, prompt_len: int) -> dict
         asyncio.run(all_of())
 
     try:
-        run(16, 0)  # compiles and warms every kernel of the batched step
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.init()
-        prof = profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
+        run(16)  # compiles and warms every kernel of the batched step
+        prof = _recorder()
         prof.start()
         t0 = time.perf_counter()
-        run(tokens, 1)
+        run(tokens)
         seconds = time.perf_counter() - t0
         prof.stop()
     finally:
         model.close()
-    argmax = [r["launches"] for r in kernel_rows(prof, 1) if r["kernel"] == "arg_reduce_general"]
-    steps = int(argmax[0]) if argmax else tokens
-    wall_us = seconds / steps * 1e6
-    rows = kernel_rows(prof, steps)
-    busy_us = sum(r["us"] for r in rows)
-    return {"side": f"amlx x{streams}", "steps": steps, "wall_us": wall_us, "busy_us": busy_us,
-            "idle_us": wall_us - busy_us, "tok_s": streams * tokens / seconds, "kernels": rows}
+    return _summary(f"amlx x{streams}", prof, tokens, seconds, streams * tokens)
 
 
 def table(results: list[dict], top: int) -> str:
