@@ -95,18 +95,23 @@ _executor_lock = threading.Lock()
 
 
 def mask_threads() -> int | None:
-    """The threads of llguidance's pool: AMLX_MASK_THREADS (read once, at the pool's making),
-    else None, llguidance's default (80% of the cores, at most 32). One step's masks are a few
-    dozen rows of 10-100 us each: more threads than rows' worth of work cost wake-ups."""
+    """The threads of llguidance's pool: AMLX_MASK_THREADS, else None, llguidance's default
+    (80% of the cores, at most 32). One step's masks are a few dozen rows of 10-100 us each:
+    more threads than rows' worth of work cost wake-ups."""
     return env_int("AMLX_MASK_THREADS")
 
 
+# read at import, so that a bad value fails there (naming the variable) and not inside a
+# decode step, where the pool is made
+MASK_THREADS = mask_threads()
+
+
 def _pool() -> llguidance.LLExecutor:
-    """llguidance's thread pool, one per process (`mask_threads`)."""
+    """llguidance's thread pool, one per process (MASK_THREADS threads)."""
     global _executor
     with _executor_lock:
         if _executor is None:
-            _executor = llguidance.LLExecutor(mask_threads())
+            _executor = llguidance.LLExecutor(MASK_THREADS)
         return _executor
 
 
