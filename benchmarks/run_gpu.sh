@@ -34,6 +34,8 @@
 #                                        # then Qwen3-8B bf16 at 1,024-16,384 positions beside mlx-lm (~6 min)
 #   bash benchmarks/run_gpu.sh window    # KV memory of a long Gemma-3-1B row, windowed layers' own pool (window_pool.py)
 #   bash benchmarks/run_gpu.sh qmm-rows    # MLX's quantized matmul at 8-128 rows vs dequantize + cuBLAS (qmm_rows.py)
+#   bash benchmarks/run_gpu.sh qmm-chain   # a batched step's quantized products one after another (qmm_chain.py):
+#                                        # MLX's as called, rows in groups, K split (batched layout, interleaved), bf16
 #   bash benchmarks/run_gpu.sh qgemv-launch # the kernel's launch shapes: balanced vs measured, serial calls (~4 min)
 #   bash benchmarks/run_gpu.sh spec-cost    # speculative decoding: k draft steps + verify vs k+1 plain steps
 #   bash benchmarks/run_gpu.sh spec-draft   # end to end: qwen3-8b with its 4-bit copy as draft, amlx vs mlx-lm
@@ -311,6 +313,13 @@ from checkpoints import write_benchmark_checkpoint as w; w(Path('/tmp/amlx-ck/qw
     restore_ptx
     timeout -k 10 ${BUDGET:-300} python3 benchmarks/qmm_rows.py --out "$OUT" ${QMM_ARGS:-} 2>&1 \
       | tee "$OUT/qmm_rows.txt" || echo "qmm_rows.py ended with status $?"
+    save_ptx ;;
+  qmm-chain)
+    # a 4-bit batched step's products as the step runs them (each fed by the one before), MLX's sm80 kernel
+    # against K split ways that give it more blocks (benchmarks/qmm_chain.py; carry .gpu/ptx.tgz)
+    restore_ptx
+    timeout -k 10 ${BUDGET:-300} python3 benchmarks/qmm_chain.py --out "$OUT" --check ${CHAIN_ARGS:-} 2>&1 \
+      | tee "$OUT/qmm_chain.txt" || echo "qmm_chain.py ended with status $?"
     save_ptx ;;
   qgemv-launch)
     # the kernel's block shapes (AMLX_QGEMV_LAUNCH=balanced against the measured launch), its GPU tests for
