@@ -195,16 +195,6 @@ def test_quantized_dense_takes_mlxs_path_on_the_cpu(monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_dequantize_first_is_opt_in_and_cuda_only(monkeypatch):
-    """AMLX_QMM_DEQUANT (DEQUANTIZE_ROWS) is off by default; on the CPU it never applies."""
-    x = as_mx(np.zeros((64, 128)), "float32")
-    monkeypatch.setattr(qg, "DEQUANTIZE_ROWS", 0)
-    assert not qg.dequantize_first(x)
-    monkeypatch.setattr(qg, "DEQUANTIZE_ROWS", 8)
-    with on("cpu"):
-        assert not qg.dequantize_first(x)
-
-
 # -- on the GPU --------------------------------------------------------------------
 
 @cuda
@@ -406,28 +396,4 @@ def test_engine_decodes_greedily_through_the_kernel(quantized_qwen3, monkeypatch
     finally:
         engine_model.close()
     assert got and got == want[:len(got)]  # (shorter only where the model drew its end-of-sequence token)
-
-
-@cuda
-@pytest.mark.parametrize("rows", [8, 64])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_dequantized_product_equals_float64_reference(rows, dtype, monkeypatch):
-    """AMLX_QMM_DEQUANT's path (the weight dequantized to x's dtype, then cuBLAS) against
-    float64: each weight is rounded once to the dtype, so the bound adds that rounding."""
-    monkeypatch.setattr(qg, "DEQUANTIZE_ROWS", 8)
-    rng = np.random.default_rng(rows)
-    n, k, group = 384, 512, 64
-    packed, scales, biases, q = packed_layer(rng, n, k, group, 4, dtype)
-    layer = nn.QuantizedLinear(mx.array(packed), as_mx(scales, dtype), as_mx(biases, dtype), group, 4)
-    x = round_to(rng.normal(0.0, 1.0, size=(rows, k)), dtype)
-    calls = []
-    monkeypatch.setattr(ops, "quantized_matmul", lambda *a, **kw: calls.append(a))
-    with on("gpu"):
-        xa = as_mx(x, dtype)
-        assert qg.dequantize_first(xa)
-        got = layer(xa).astype(mx.float32).numpy().astype(np.float64)
-    assert not calls  # (MLX's quantized matmul was not used)
-    want, mag = reference(x, scales, biases, q, group)
-    bound = ROUND[dtype] * np.abs(want) + 2 * ROUND[dtype] * mag
-    assert np.all(np.abs(got - want) <= bound)
 

@@ -291,9 +291,6 @@ def quantized_dense(x: Array, layer: Module) -> Array:
         y = dense(ops.astype(x, float32), w_t, None, layer.__dict__.get("_split"))
         return ops.astype(y, x.dtype if x.dtype == layer.scales.dtype else float32)
     split = layer.__dict__.get("_split")
-    if quantized_gemv.dequantize_first(x):
-        w = layer.dequantized_weight()
-        return dense(x, ops.transpose(w if w.dtype == x.dtype else ops.astype(w, x.dtype)), None, split)
     out = layer.weight.shape[0]
     if split is not None and split.parts(out):
         return split.columns(out, lambda lo, hi: ops.quantized_matmul(

@@ -70,7 +70,6 @@ from __future__ import annotations
 import os
 
 from amlx._mlx import Array, bfloat16, device, fast, float16, float32, uint32
-from amlx.env import env_int
 
 # AMLX_QGEMV (read once, at import): 0 off (MLX's quantized matmul), 1 the first
 # version of the kernel, 2 (default) the second, faster at every measured shape; any
@@ -678,19 +677,6 @@ def applies(x: Array, weight: Array, scales: Array, biases: Array, group_size: i
     `supports` the shapes."""
     return (ENABLED and x.ndim == 2 and x.shape[0] <= USE_ROWS and device.default_device() == "gpu"
             and fast.cuda_available() and supports(x, weight, scales, biases, group_size, bits))
-
-
-# Opt-in, being measured (benchmarks/qmm_rows.py): from this many rows of x on CUDA, a quantized
-# product dequantizes its weight to x's dtype and multiplies densely (cuBLAS) instead of MLX's
-# quantized matmul. 0 (the default): never.
-DEQUANTIZE_ROWS = env_int("AMLX_QMM_DEQUANT", least=0) or 0
-
-
-def dequantize_first(x: Array) -> bool:
-    """Whether `nn.quantized_dense` should dequantize the weight and multiply densely
-    (DEQUANTIZE_ROWS, on CUDA)."""
-    return (DEQUANTIZE_ROWS > 0 and x.ndim == 2 and x.shape[0] >= DEQUANTIZE_ROWS
-            and device.default_device() == "gpu" and fast.cuda_available())
 
 
 def quantized_gemv(x: Array, weight: Array, scales: Array, biases: Array, group_size: int, bits: int,
