@@ -12,7 +12,8 @@ splits K, so a 64-row product has only n / 128 blocks: 48 for q/k/v, 32 for o an
 (down with K = 12,288), on 132 SMs. Run one at a time, most of the GPU idles. Variants:
   - mlx: `quantized_matmul` as the model calls it;
   - rowsR: the rows in groups of R, one call a group (independent calls: the graph may
-    run them side by side; each reads the whole weight, mostly from L2);
+    run them side by side; each reads the whole weight, mostly from L2); nrowsR: only where
+    the product has fewer than 66 blocks (q/k/v, o, down);
   - splitk / splitkS: K split S ways through MLX's batched quantized matmul, the weight
     laid out as (S, n, k / S) (what a load would store), partial sums added in float32;
     `splitk` picks S per shape: the fewest (1, 2, 4, 8) giving 132 blocks or more;
@@ -69,8 +70,10 @@ def product(variant: str, x, layer: dict, n: int, k: int, group: int, bits: int)
     rows = x.shape[0]
     if variant == "bf16":
         return ops.matmul(x, ops.transpose(layer["dense"]))
-    if variant.startswith("rows") and rows > int(variant[4:]):
-        r = int(variant[4:])
+    narrow = n // 128 < SMS // 2  # (MLX's kernel gives such a product fewer blocks than half the SMs)
+    grouped = variant.startswith("rows") or (variant.startswith("nrows") and narrow)
+    if grouped and rows > int(variant.lstrip("nrows")):
+        r = int(variant.lstrip("nrows"))
         parts = [ops.quantized_matmul(ops.slice(x, (i, 0), (min(i + r, rows), k)), *layer["q"], True, group, bits)
                  for i in range(0, rows, r)]
         return ops.concatenate(parts, axis=0)
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--rows", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--variants", nargs="+", default=["mlx", "rows16", "splitk", "splitk2", "ilv2", "ilv4", "bf16"])
+    ap.add_argument("--variants", nargs="+", default=["mlx", "rows16", "nrows16", "splitk", "splitk2", "ilv2", "bf16"])
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--depth", type=int, default=36, help="layers a step (Qwen3-8B: 36)")

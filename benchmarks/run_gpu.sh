@@ -210,7 +210,9 @@ from pathlib import Path; from checkpoints import write_benchmark_checkpoint as 
     # flight, joins not coalesced (AMLX_CHAIN_CHANGES=0 AMLX_JOIN_WAIT=0); fresh: AMLX_EXTEND_FRESH=1;
     # upload: AMLX_MASK_UPLOAD=thread (the masks' device arrays made on the mask thread, off the worker's path;
     # the default since 2026-12-03); worker: AMLX_MASK_UPLOAD=worker (the worker makes them); tN: llguidance's
-    # mask pool at N threads (AMLX_MASK_THREADS=N); BATCH=1 adds the batch-of-64 measurement before the steady one
+    # mask pool at N threads (AMLX_MASK_THREADS=N); after: AMLX_MASK_BUILD=after (constrained forwards stepping
+    # after step t's read are built after it too, as before 2026-12-05; the default builds them before it);
+    # BATCH=1 adds the batch-of-64 measurement before the steady one
     for round in $(seq ${ROUNDS:-1}); do
       for cfg in ${CONFIGS:-base si}; do
         case "$cfg" in
@@ -221,6 +223,7 @@ from pathlib import Path; from checkpoints import write_benchmark_checkpoint as 
           upload) envs=(AMLX_MASK_UPLOAD=thread); args=() ;;  # the mask thread uploads the masks too (the default)
           worker) envs=(AMLX_MASK_UPLOAD=worker); args=() ;;  # the worker uploads them as it builds the sampling step
           t[0-9]*) envs=(AMLX_MASK_THREADS=${cfg#t}); args=() ;;  # llguidance's pool at that many threads
+          after) envs=(AMLX_MASK_BUILD=after); args=() ;;  # read-first forwards built after the read (before 12-05)
           *) echo "unknown configuration $cfg"; continue ;;
         esac
         echo "== structured.py steady, $cfg (round $round)" | tee -a "$OUT/structured_ab.txt"

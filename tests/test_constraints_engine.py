@@ -302,6 +302,36 @@ def test_masks_uploaded_on_the_mask_thread_sample_the_same(monkeypatch):
         anyio.run(_upload_body)
 
 
+def test_forwards_built_before_or_after_the_read_sample_the_same(monkeypatch):
+    """Stepping after step t's read (AMLX_MASK_ORDER=read), constrained shards build their
+    forwards before that read by default and launch them after it; AMLX_MASK_BUILD=after
+    builds them after it. The tokens are the same, seeded sampling included."""
+    from amlx.engine.scheduler import Scheduler
+
+    prebuilt = []  # per constrained step: whether its forwards were built before the read (not launched)
+    real = Scheduler._step_constrained
+
+    def logged(self, plan, indices, parts, *args, launched=False, **kwargs):
+        prebuilt.append(not launched and any(parts[i] is not None for i in indices))
+        return real(self, plan, indices, parts, *args, launched=launched, **kwargs)
+
+    monkeypatch.setattr(Scheduler, "_step_constrained", logged)
+    monkeypatch.setenv("AMLX_MASK_ORDER", "read")
+    monkeypatch.setenv("AMLX_STEP_TIMING", "1")  # (_upload_body reads the step timing)
+    texts, orders = {}, {}
+    for mode in ("after", "before"):
+        monkeypatch.setenv("AMLX_MASK_BUILD", mode)
+        prebuilt.clear()
+        texts[mode], _ = anyio.run(_upload_body)
+        assert all(re.fullmatch("[a-z]{6}[0-9]{2}", t) for t in texts[mode])
+        orders[mode] = sum(prebuilt)
+    assert texts["before"] == texts["after"]
+    assert orders["before"] > 0 and orders["after"] == 0
+    monkeypatch.setenv("AMLX_MASK_BUILD", "sometimes")
+    with pytest.raises(ValueError, match="AMLX_MASK_BUILD"):
+        anyio.run(_upload_body)
+
+
 def test_a_failed_mask_upload_on_the_mask_thread_is_a_failed_step(monkeypatch):
     """An MLX error making the masks' device arrays on the mask thread is handled as a step
     that failed to build (the rows retried), not an engine failure: the requests complete."""

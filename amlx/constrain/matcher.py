@@ -279,7 +279,7 @@ class MaskJob:
     a matcher, or whose matcher failed, allow every token. The matchers must not move between
     construction and `run`."""
 
-    __slots__ = ("out", "seconds", "upload_seconds", "_jobs", "_masks", "_upload")
+    __slots__ = ("out", "seconds", "upload_seconds", "start_delay", "_jobs", "_masks", "_upload", "_made")
 
     def __init__(self, groups: Sequence[Sequence[Matcher | None]],
                  upload: Callable[[np.ndarray], object] | None = None):
@@ -298,11 +298,14 @@ class MaskJob:
         self._upload = upload
         self.seconds = 0.0  # how long the fill took (llguidance's share of a step's host time)
         self.upload_seconds = 0.0  # how long `upload` took
+        self.start_delay = 0.0  # from construction until `run` began (a hand-over to another thread)
+        self._made = time.perf_counter()
 
     def run(self) -> list:
         """Fills the masks (any thread, once) and returns them, one per group: each passed
         through `upload` where the job was given one (so that the copy to the device is made
         on the thread that runs the job), else the host arrays."""
+        self.start_delay = time.perf_counter() - self._made
         if self._jobs:
             start = time.perf_counter()
             masks = self._masks

@@ -101,6 +101,16 @@ def _masks_uploaded_on_thread() -> bool:
     return mode == "thread"
 
 
+def _build_before_read() -> bool:
+    """Whether constrained shards stepping after step t's read build their forwards before
+    it (the default) or after it, as before 2026-12-05 (AMLX_MASK_BUILD=after, for
+    benchmarks/run_gpu.sh structured-ab to compare). Read once."""
+    mode = os.environ.get("AMLX_MASK_BUILD", "before").strip().lower()
+    if mode not in ("before", "after"):
+        raise ValueError(f"AMLX_MASK_BUILD must be 'before' or 'after', not {mode!r}")
+    return mode == "before"
+
+
 def _pinned_mask_order() -> bool | None:
     """AMLX_MASK_ORDER=forward or =read pins the constrained shards' order (benchmarks compare
     the two; `_step_constrained`); unset or "auto", the scheduler picks it by what it measures."""
@@ -191,6 +201,7 @@ class Scheduler:
         # is measured unless the environment pins it (read once, here)
         self._pinned_order = _pinned_mask_order()
         self._upload_on_thread = _masks_uploaded_on_thread()
+        self._build_early = _build_before_read()
         self.forward_first = bool(self._pinned_order)
         self._prepared = False  # the model's derived arrays are evaluated (see Module.prepare)
         model.use_decode_kernel(self.options.decode_kernel)
@@ -817,13 +828,17 @@ class Scheduler:
         constrained = [i for i, (shard, _) in enumerate(plan) if any(r.matcher is not None for r in shard.rows)]
         # Constrained shards step after step t's read, or, where the device is the bottleneck
         # (see `_step_constrained`), launch their forwards first, as the other shards do.
+        # Stepping after the read, their forwards are still built before it (chained on step t's
+        # tokens on the device) and launched after it: the build fills the host's wait for
+        # step t's end, and the masks overlap the launch (`_step_constrained`).
         first = self.forward_first and prev is not None
+        early = prev is not None and not first and self._build_early
         try:
             for i, (shard, sel) in enumerate(plan):
-                if i not in constrained or first:
+                if i not in constrained or first or early:
                     parts[i] = self._build(shard, sel, chained.get(shard), split)
             self.timing.lap("build")
-            ok = self._launch([p for p in parts if p is not None])
+            ok = self._launch([p for i, p in enumerate(parts) if p is not None and (i not in constrained or first)])
         except MLXError:
             ok = False
         self.timing.lap("launch")
@@ -832,7 +847,7 @@ class Scheduler:
             # step t still ran when it was read: the device, not the host, sets the pace
             self.forward_first = waited > DEVICE_BOUND_WAIT
         if ok and constrained:
-            ok = self._step_constrained(plan, constrained, parts, chained, split)
+            ok = self._step_constrained(plan, constrained, parts, chained, split, launched=first)
         if not ok:
             for shard, snapshot in saved:
                 shard.sampling.rewind(snapshot)
@@ -970,17 +985,19 @@ class Scheduler:
         return True
 
     def _step_constrained(self, plan: list, indices: list[int], parts: list["_Part | None"],
-                          chained: dict, split: bool) -> bool:
+                          chained: dict, split: bool, launched: bool = False) -> bool:
         """Steps the shards holding constrained rows (`plan[i]` for i in `indices`; their
-        parts go into `parts[i]`, where their forwards may already be), now that step t's
-        tokens have advanced the matchers. False if building or launching fails.
+        parts go into `parts[i]`, where their forwards may already be: built, and with
+        `launched` launched too), now that step t's tokens have advanced the matchers.
+        False if building or launching fails.
 
         A constrained row's mask for step t+1 needs step t's token on the host, so such a
         shard cannot sample before step t is read. Once it is, every mask of the step is
         set up here (`MaskJob`) and computed in one parallel llguidance call (the GIL
-        released): on the mask thread while this thread builds and launches the shards'
-        forwards not yet launched (their input tokens are step t's, chained on the device),
-        or here where every forward went first; then each shard's sampling takes
+        released): on the mask thread while this thread builds (where `_decode` did not
+        before the read) and launches the shards' forwards not yet launched (their input
+        tokens are step t's, chained on the device), or here where every forward went
+        first; then each shard's sampling takes
         its masks, packed, in one upload, and applies them inside the compiled sampling
         step. So the masks cost the step only the time they take beyond issuing the
         forward (or, where the forward went first, beyond computing it). A shard not yet
@@ -999,11 +1016,12 @@ class Scheduler:
         indices = [i for i in indices if parts[i] is not None or all(r.blocks for r in plan[i][0].rows)]
         if not indices:
             return True
-        todo = [i for i in indices if parts[i] is None]
+        todo = [i for i in indices if parts[i] is None]  # to build, then launch
+        unlaunched = [] if launched else [i for i in indices if parts[i] is not None]
         job = MaskJob([[r.matcher for r in plan[i][0].rows] for i in indices],
-                      upload_masks if todo and self._upload_on_thread else None)
+                      upload_masks if (todo or unlaunched) and self._upload_on_thread else None)
         pending = None
-        if todo:  # forwards to build meanwhile: the masks go to the mask thread
+        if todo or unlaunched:  # forwards to build or launch meanwhile: the masks go to the mask thread
             if self._mask_thread is None:
                 self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amlx-masks")
             pending = self._mask_thread.submit(job.run)
@@ -1012,7 +1030,7 @@ class Scheduler:
                 shard, sel = plan[i]
                 parts[i] = self._build(shard, sel, chained.get(shard), split)
             self.timing.lap("build_constrained")
-            ok = self._launch([parts[i] for i in todo])
+            ok = self._launch([parts[i] for i in unlaunched + todo])
         except MLXError:
             ok = False
         finally:
@@ -1028,11 +1046,13 @@ class Scheduler:
             self.timing.add("mask_fill", job.seconds)
             if job.upload_seconds:
                 self.timing.add("mask_upload", job.upload_seconds)
+            if pending is not None:  # from the hand-over to the mask thread until it began
+                self.timing.add("mask_start", job.start_delay)
         if not ok:
             return False
-        if len(todo) < len(indices) and self._pinned_order is None:
+        if launched and self._pinned_order is None:
             # forward first: if it is computed already, the device waits for the masks
-            self.forward_first = not all(parts[i].logits.is_ready() for i in indices if i not in todo)
+            self.forward_first = not all(parts[i].logits.is_ready() for i in indices)
         try:
             for i, mask in zip(indices, masks):
                 part = parts[i]
