@@ -4,6 +4,7 @@ a reply streams in, Stop cancels it on the server, and the next turn carries the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 
@@ -14,7 +15,7 @@ from tests.helpers.serving import ServerProcess, serve_checkpoint
 KEY = "page-key"
 
 
-def _driver():
+def _driver(tmp):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -26,7 +27,11 @@ def _driver():
     opts.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         opts.add_argument(arg)
-    return webdriver.Chrome(service=Service(chromedriver), options=opts)
+    # (Chromium's profile and singleton folders go under the test's tmp folder, not /tmp, where
+    # they stayed behind after every run)
+    opts.add_argument(f"--user-data-dir={tmp / 'profile'}")
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    return webdriver.Chrome(service=Service(chromedriver, env=env), options=opts)
 
 
 def _wait(predicate, timeout=60.0, what="condition"):
@@ -52,10 +57,10 @@ def server(tmp_path_factory):
         yield srv
 
 
-def test_chat_page_streams_stops_and_keeps_history(server):
+def test_chat_page_streams_stops_and_keeps_history(server, tmp_path):
     from selenium.webdriver.common.by import By
 
-    driver = _driver()
+    driver = _driver(tmp_path)
     try:
         driver.get(server.url + "/")
         find = lambda css: driver.find_element(By.CSS_SELECTOR, css)  # noqa: E731
@@ -105,10 +110,10 @@ def test_chat_page_streams_stops_and_keeps_history(server):
         driver.quit()
 
 
-def test_code_fences_render_as_code_and_html_stays_text(server):
+def test_code_fences_render_as_code_and_html_stays_text(server, tmp_path):
     from selenium.webdriver.common.by import By
 
-    driver = _driver()
+    driver = _driver(tmp_path)
     try:
         driver.get(server.url + "/")
         driver.execute_script("""

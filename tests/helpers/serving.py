@@ -128,13 +128,16 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"amlx serve exited with {self.proc.returncode}:\n{self.output()}")
+                out = self.output()
+                self.stop()
+                raise RuntimeError(f"amlx serve exited with {self.proc.returncode}:\n{out}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
             time.sleep(0.2)
+        out = self.output()
         self.stop()
-        raise RuntimeError(f"amlx serve did not become healthy in {timeout} s:\n{self.output()}")
+        raise RuntimeError(f"amlx serve did not become healthy in {timeout} s:\n{out}")
 
     def __enter__(self) -> "ServerProcess":
         return self
@@ -168,6 +171,7 @@ class ServerProcess:
         return self.proc.poll() is None
 
     def stop(self) -> None:
+        """Stops the server and removes its log (a failed start's error carries the log's tail)."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -176,3 +180,4 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         self._log_file.close()
+        self.log.unlink(missing_ok=True)
