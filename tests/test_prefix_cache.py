@@ -533,6 +533,13 @@ def test_a_busy_small_pool_keeps_its_books(ckpt, monkeypatch, chunk):
         async with await amlx.load(ckpt("qwen3"), prefix_cache=False) as off:
             solo = [(await _complete(off, p, n))[0] for p, n, _, _ in specs]
             per_block = _block_bytes(off)
+        for _ in range(3):  # (whether rows outgrow the pool depends on timing: again until one did)
+            if await busy(per_block, solo):
+                return
+        raise AssertionError("no preemption in three runs of the busy pool")
+
+    async def busy(per_block, solo) -> bool:
+        """One run: every stream and the pool's books checked; whether a row was preempted."""
         async with await amlx.load(ckpt("qwen3"), kv_cache_memory=10 * per_block) as m:
             got: dict = {}
 
@@ -561,7 +568,7 @@ def test_a_busy_small_pool_keeps_its_books(ckpt, monkeypatch, chunk):
             assert pool.used() == 0 and counts["blocks_used"] == 0
             assert counts["blocks_free"] + counts["blocks_cached"] == counts["blocks_allocated"]
             assert pool.free + pool.prefix.idle == pool.capacity - 1
-            assert counts["preemptions"] > 0
+            return counts["preemptions"] > 0
 
     _run(body)
 
