@@ -36,6 +36,9 @@
 #   bash benchmarks/run_gpu.sh qmm-rows    # MLX's quantized matmul at 8-128 rows vs dequantize + cuBLAS (qmm_rows.py)
 #   bash benchmarks/run_gpu.sh qmm-chain   # a batched step's quantized products one after another (qmm_chain.py):
 #                                        # MLX's as called, rows in groups, K split (batched layout, interleaved), bf16
+#   bash benchmarks/run_gpu.sh qmm-split   # AMLX_QMM_SPLIT end to end (~6 min): tests/test_qmm_split.py, then
+#                                        # MODEL's (qwen3-8b-4bit) 64-stream step profiled with SPLITS (off copy
+#                                        # interleave), one process each, then qmm_chain.py
 #   bash benchmarks/run_gpu.sh qgemv-launch # the kernel's launch shapes: balanced vs measured, serial calls (~4 min)
 #   bash benchmarks/run_gpu.sh spec-cost    # speculative decoding: k draft steps + verify vs k+1 plain steps
 #   bash benchmarks/run_gpu.sh spec-draft   # end to end: qwen3-8b with its 4-bit copy as draft, amlx vs mlx-lm
@@ -322,6 +325,24 @@ from checkpoints import write_benchmark_checkpoint as w; w(Path('/tmp/amlx-ck/qw
     # against K split ways that give it more blocks (benchmarks/qmm_chain.py; carry .gpu/ptx.tgz)
     restore_ptx
     timeout -k 10 ${BUDGET:-300} python3 benchmarks/qmm_chain.py --out "$OUT" --check ${CHAIN_ARGS:-} 2>&1 \
+      | tee "$OUT/qmm_chain.txt" || echo "qmm_chain.py ended with status $?"
+    save_ptx ;;
+  qmm-split)
+    # issue 20's 4-bit batched step with K split over more blocks (amlx/models/qmm_split.py): its GPU tests,
+    # then the 64-stream step of MODEL under each AMLX_QMM_SPLIT mode (kernel_profile.py: tok/s, device time,
+    # the quantized matmul's share), then the products alone (qmm_chain.py)
+    m=${MODEL:-qwen3-8b-4bit}; ck=/tmp/amlx-kprof
+    restore_ptx
+    timeout -k 5 ${TEST_BUDGET:-120} python3 -m pytest -q -p no:cacheprovider tests/test_qmm_split.py 2>&1 \
+      | tee "$OUT/qmm_split_tests.txt" | tail -15 || echo "tests ended with status $?"
+    [ -f "$ck/$m/config.json" ] || python3 benchmarks/checkpoints.py "$ck" --models "$m"
+    for mode in ${SPLITS:-off copy interleave}; do
+      echo "== AMLX_QMM_SPLIT=$mode" | tee -a "$OUT/qmm_split.md"
+      AMLX_QMM_SPLIT=$mode timeout -k 10 ${KPROF_BUDGET:-100} python3 benchmarks/kernel_profile.py "$ck/$m" \
+        --tokens "${TOKENS:-72}" --sides amlx --streams 64 --prompt 16 --json "$OUT/kernel_profile_${m}_$mode.json" \
+        2>&1 | head -12 | tee -a "$OUT/qmm_split.md" || echo "kernel_profile ($mode) ended with status $?"
+    done
+    timeout -k 10 ${CHAIN_BUDGET:-150} python3 benchmarks/qmm_chain.py --out "$OUT" --check ${CHAIN_ARGS:-} 2>&1 \
       | tee "$OUT/qmm_chain.txt" || echo "qmm_chain.py ended with status $?"
     save_ptx ;;
   qgemv-launch)

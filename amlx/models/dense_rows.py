@@ -212,6 +212,11 @@ def within(on: bool) -> Iterator[None]:
         _INFERENCE.reset(token)
 
 
+def in_inference() -> bool:
+    """Whether the ops built now belong to an engine's pass with its kernels on (`within`)."""
+    return _INFERENCE.get()
+
+
 def supports(x: Array, weight: Array) -> bool:
     """Whether the kernel computes x @ weight^T: 2-D x of MIN_ROWS..MAX_ROWS rows, 16-bit
     x and weight of one dtype, weight (N, K) with K % 32 == 0 and N % 8 == 0."""
@@ -225,7 +230,7 @@ def applies(x: Array, weight: Array) -> bool:
     """Whether `nn.linear` should use the kernel here: on (ENABLED), inside `within(True)`,
     MLX computing on its CUDA backend, at most USE_ROWS rows of x and USE_ELEMENTS
     weights, and `supports`."""
-    return (ENABLED and _INFERENCE.get() and x.ndim == 2 and x.shape[0] <= USE_ROWS
+    return (ENABLED and in_inference() and x.ndim == 2 and x.shape[0] <= USE_ROWS
             and weight.size <= USE_ELEMENTS and device.default_device() == "gpu" and fast.cuda_available()
             and supports(x, weight))
 

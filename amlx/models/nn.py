@@ -12,7 +12,7 @@ import copy
 from typing import Iterator
 
 from amlx._mlx import Array, device, fast, float32, ops
-from amlx.models import cpu_matmul, dense_rows, quantized_gemv
+from amlx.models import cpu_matmul, dense_rows, qmm_split, quantized_gemv
 
 
 class Module:
@@ -96,6 +96,11 @@ class Module:
         value = build(source)
         memo[name] = (source, value)
         return value
+
+    def has_derived(self, name: str, source: Array) -> bool:
+        """Whether derived array `name` was built from `source` (and is still held)."""
+        hit = self.__dict__.get("_memo", {}).get(name)
+        return hit is not None and hit[0] is source
 
     def _fused(self, name: str, layers: list["Module"]) -> "Module | None":
         """The layer `prepare` fused from `layers`, if they are unchanged since
@@ -185,6 +190,8 @@ def fuse_outputs(layers: list[Module]) -> Module:
             views.append(view)
             start = stop
     ops.eval(*views)
+    for m in layers:  # (their own derived arrays would go unused: the fused layer computes them)
+        m._fused_member = True
     bias = joined.get("bias")
     if isinstance(layers[0], QuantizedLinear):
         q = layers[0]
@@ -285,6 +292,8 @@ def quantized_dense(x: Array, layer: Module) -> Array:
     packed = (layer.weight, layer.scales, layer.biases, layer._group_size, layer._bits)
     if quantized_gemv.applies(x, *packed):
         return quantized_gemv.quantized_gemv(x, *packed)
+    if qmm_split.applies(x, layer):
+        return qmm_split.product(x, layer)
     q = (layer._group_size, layer._bits)
     if cpu_matmul.dequantize_first(x, layer):
         w_t = ops.transpose(cpu_matmul.dequantize(layer))
@@ -464,6 +473,9 @@ class QuantizedLinear(Module):
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
+
+    def derived_arrays(self) -> list[Array]:
+        return qmm_split.derived(self)  # (none unless AMLX_QMM_SPLIT=copy on CUDA)
 
     def dequantized_weight(self) -> Array:
         return ops.dequantize(self.weight, self.scales, self.biases, self._group_size, self._bits)
