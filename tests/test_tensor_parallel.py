@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import time
 
 import pytest
@@ -395,6 +394,36 @@ def test_followers_exit_with_rank_zero(checkpoints, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_follower_failing_after_rank_zero_died_removes_the_work_folder(tmp_path, monkeypatch):
+    """Rank 0's death also fails the follower's collectives: that exception may end the
+    process before the lifeline's watch thread has removed the work folder (CI once found
+    the folder left, emptied: the thread was cut off mid-removal). The follower's own exit
+    removes it too, where rank 0 is gone, and only there (a live rank 0 reads the logs)."""
+    from amlx.tp import follower
+
+    monkeypatch.setattr(follower, "_exit_with_parent", lambda lifeline, workdir: None)  # (the thread too late)
+
+    def failed(args):
+        raise RuntimeError("the ring's connection closed")
+
+    monkeypatch.setattr(follower, "_serve", failed)
+    for rank_zero_alive in (True, False):
+        workdir = tmp_path / f"work-{rank_zero_alive}"
+        workdir.mkdir()
+        (workdir / "rank1.log").write_text("log")
+        r, w = os.pipe()
+        try:
+            if not rank_zero_alive:
+                os.close(w)
+            with pytest.raises(RuntimeError, match="connection closed"):
+                follower.main(["model", "--lifeline-fd", str(r), "--workdir", str(workdir)])
+        finally:
+            os.close(r)
+            if rank_zero_alive:
+                os.close(w)
+        assert workdir.exists() is rank_zero_alive
 
 
 def _zombie(pid: int) -> bool:

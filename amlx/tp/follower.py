@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import shutil
 import sys
 import threading
@@ -126,10 +127,26 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _rank_zero_gone(lifeline: int | None) -> bool:
+    """Whether rank 0 has gone: its end of the lifeline closed (it never writes to it, so
+    the pipe is readable only at EOF). Does not read: the watch thread may be reading."""
+    return lifeline is not None and bool(select.select([lifeline], [], [], 0)[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     if args.lifeline_fd is not None:
         _exit_with_parent(args.lifeline_fd, args.workdir)
+    try:
+        return _serve(args)
+    finally:
+        # rank 0's death also fails this rank's collectives, and that exception may end the
+        # process before the lifeline's watch thread removes the work folder
+        if args.workdir is not None and _rank_zero_gone(args.lifeline_fd):
+            shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+def _serve(args: argparse.Namespace) -> int:
     options = EngineOptions(device=args.device, kv_bits=args.kv_bits, prefix_cache=False).resolved().for_rank()
     placement = Placement(options)
     rank, size = int(os.environ["MLX_RANK"]), int(os.environ["MLX_WORLD_SIZE"])
