@@ -68,6 +68,7 @@ from amlx.engine.speculate import make_speculator
 from amlx.engine.request import Request
 from amlx.sample import BatchSampling, CompiledSteps, StepSample, upload_masks
 from amlx.models.nn import split_layers
+from amlx.env import env_choice
 from amlx.errors import AmlxError, ClosedError, ConstraintError, ContextLengthError, MLXError
 
 PREFILL_CHUNK = GPU_PREFILL_CHUNK  # the largest default prefill chunk (EngineOptions.prefill_chunk)
@@ -95,20 +96,14 @@ def _masks_uploaded_on_thread() -> bool:
     build of the masked sampling step went from 0.83 to 0.22 ms a step with 64 constrained
     rows; benchmarks/README.md). AMLX_MASK_UPLOAD=worker has the worker upload them as it
     builds the sampling step instead (benchmarks/run_gpu.sh structured-ab compares). Read once."""
-    mode = os.environ.get("AMLX_MASK_UPLOAD", "thread").strip().lower()
-    if mode not in ("worker", "thread"):
-        raise ValueError(f"AMLX_MASK_UPLOAD must be 'worker' or 'thread', not {mode!r}")
-    return mode == "thread"
+    return env_choice("AMLX_MASK_UPLOAD", ("thread", "worker"), "thread") == "thread"
 
 
 def _build_before_read() -> bool:
     """Whether constrained shards stepping after step t's read build their forwards before
     it (the default) or after it, as before 2026-12-05 (AMLX_MASK_BUILD=after, for
     benchmarks/run_gpu.sh structured-ab to compare). Read once."""
-    mode = os.environ.get("AMLX_MASK_BUILD", "before").strip().lower()
-    if mode not in ("before", "after"):
-        raise ValueError(f"AMLX_MASK_BUILD must be 'before' or 'after', not {mode!r}")
-    return mode == "before"
+    return env_choice("AMLX_MASK_BUILD", ("before", "after"), "before") == "before"
 
 
 def _pinned_mask_order() -> bool | None:

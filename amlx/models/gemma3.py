@@ -170,7 +170,7 @@ class GemmaRMSNorm(RMSNorm):
     """RMSNorm scaling by (1 + weight); the checkpoint's weight is kept as is."""
 
     def norm_weight(self) -> Array:
-        return self._derived("scale", self.weight, lambda w: 1.0 + w)
+        return self.derive("scale", self.weight, lambda w: 1.0 + w)
 
     def derived_arrays(self) -> list[Array]:
         return [self.norm_weight()]

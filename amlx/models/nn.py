@@ -86,7 +86,9 @@ class Module:
         """This module's derived arrays, built if needed (see `prepare`)."""
         return []
 
-    def _derived(self, name: str, source: Array, build) -> Array:
+    def derive(self, name: str, source: Array, build) -> Array:
+        """Derived array `name`: `build(source)`, made once while `source` is the same array
+        (a new source releases the old value); `prepare` evaluates the tree's, outside any trace."""
         memo = self.__dict__.setdefault("_memo", {})
         hit = memo.get(name)
         if hit is not None and hit[0] is source:
@@ -255,7 +257,7 @@ def few_rows(x: Array, layer: Module) -> Array | None:
 
 def weight_t(module: Module) -> Array:
     """`module.weight` (out, in) as an (in, out) view, made once per weight array."""
-    return module._derived("weight_t", module.weight, ops.transpose)
+    return module.derive("weight_t", module.weight, ops.transpose)
 
 
 def dense(x: Array, w_t: Array, bias: Array | None, split: "MatmulSplit | None" = None) -> Array:
@@ -475,7 +477,8 @@ class QuantizedLinear(Module):
         return self.weight.shape[0]
 
     def derived_arrays(self) -> list[Array]:
-        return qmm_split.derived(self)  # (none unless AMLX_QMM_SPLIT=copy on CUDA)
+        # (none unless AMLX_QMM_SPLIT=copy on CUDA; nor for a layer that a fused one computes)
+        return [] if self.__dict__.get("_fused_member") else qmm_split.derived(self)
 
     def dequantized_weight(self) -> Array:
         return ops.dequantize(self.weight, self.scales, self.biases, self._group_size, self._bits)

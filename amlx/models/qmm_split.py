@@ -27,9 +27,8 @@ MLX's product (and its gradient)."""
 
 from __future__ import annotations
 
-import os
-
 from amlx._mlx import Array, bfloat16, device, fast, float16, float32, ops
+from amlx.env import env_choice
 from amlx.models import dense_rows
 from amlx.models.quantized_gemv import SMS
 
@@ -39,10 +38,7 @@ TILE_N = 128  # MLX's sm80 kernel's block width: a product has n / TILE_N blocks
 
 
 def _mode() -> str:
-    mode = os.environ.get("AMLX_QMM_SPLIT", "off").strip().lower()
-    if mode not in MODES:
-        raise ValueError(f"AMLX_QMM_SPLIT must be one of {', '.join(MODES)}, not {mode!r}")
-    return mode
+    return env_choice("AMLX_QMM_SPLIT", MODES, "off")
 
 
 MODE = _mode()
@@ -108,17 +104,19 @@ def _sliced(a: Array, s: int) -> Array:
 _NAMES = ("weight", "scales", "biases")
 
 
+def _split_copy(layer, s: int) -> list[Array]:
+    """The layer's weight, scales and biases sliced s ways (`_sliced`), made once per array."""
+    return [layer.derive(f"ksplit_{name}", getattr(layer, name), lambda a: _sliced(a, s)) for name in _NAMES]
+
+
 def derived(layer) -> list[Array]:
-    """The layer's K-split copy (`copy` mode, on CUDA, where it splits, unless the layer is
-    computed as part of a fused one, which has its own), built once per weight array
-    (QuantizedLinear.derived_arrays: `prepare` evaluates them outside any compiled trace);
-    [] otherwise."""
-    if MODE != "copy" or not _on_cuda() or getattr(layer, "_fused_member", False):
+    """The layer's K-split copy (`copy` mode, on CUDA, where it splits), built once per weight
+    array (QuantizedLinear.derived_arrays: `prepare` evaluates them outside any compiled
+    trace); [] otherwise."""
+    if MODE != "copy" or not _on_cuda():
         return []
     s = _layer_splits(layer)
-    if s == 1:
-        return []
-    return [layer._derived(f"ksplit_{name}", getattr(layer, name), lambda a: _sliced(a, s)) for name in _NAMES]
+    return _split_copy(layer, s) if s > 1 else []
 
 
 def _copied(layer) -> bool:
@@ -137,8 +135,7 @@ def product(x: Array, layer, mode: str | None = None) -> Array:
     rows, k = x.shape
     q = (True, layer._group_size, layer._bits)
     if mode == "copy":
-        w, scales, biases = (layer._derived(f"ksplit_{name}", getattr(layer, name), lambda a: _sliced(a, s))
-                             for name in _NAMES)
+        w, scales, biases = _split_copy(layer, s)
         xs = ops.transpose(ops.reshape(x, (rows, s, k // s)), (1, 0, 2))  # (s, rows, k / s)
         parts = ops.quantized_matmul(xs, w, scales, biases, *q)         # (s, rows, n)
         return ops.astype(ops.sum(ops.astype(parts, float32), axis=0), x.dtype)
