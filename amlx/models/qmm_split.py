@@ -134,14 +134,13 @@ def product(x: Array, layer, mode: str | None = None) -> Array:
     s = _layer_splits(layer, mode)
     rows, k = x.shape
     q = (True, layer._group_size, layer._bits)
+    xs = ops.transpose(ops.reshape(x, (rows, s, k // s)), (1, 0, 2))  # (s, rows, k / s): x's K slices
     if mode == "copy":
-        w, scales, biases = _split_copy(layer, s)
-        xs = ops.transpose(ops.reshape(x, (rows, s, k // s)), (1, 0, 2))  # (s, rows, k / s)
-        parts = ops.quantized_matmul(xs, w, scales, biases, *q)         # (s, rows, n)
+        parts = ops.quantized_matmul(xs, *_split_copy(layer, s), *q)  # (s, rows, n)
         return ops.astype(ops.sum(ops.astype(parts, float32), axis=0), x.dtype)
     n = layer.weight.shape[0]
     w, scales, biases = (ops.reshape(a, (s * n, a.shape[1] // s)) for a in (layer.weight, layer.scales, layer.biases))
-    xs = ops.reshape(ops.transpose(ops.reshape(x, (rows, s, k // s)), (1, 0, 2)), (s * rows, k // s))
+    xs = ops.reshape(xs, (s * rows, k // s))
     y = ops.quantized_matmul(xs, w, scales, biases, *q)  # (s rows, s n): block j's rows against every slice
     total = None
     for j in range(s):  # rows of x's slice j against column s i + j: output i's slice j
