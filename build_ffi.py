@@ -1,4 +1,5 @@
-"""Builds `amlx._mlxc`, the cffi out-of-line (API mode) extension over vendor/mlxc.
+"""Builds `amlx._mlxc`, the cffi out-of-line (API mode) extension over vendor/mlxc, and
+`amlx._arraytype`, Array's C core (vendor/mlxc/arraytype.c).
 
 The cdef is read from vendor/mlxc/mlxc.h (the single source of truth). MLX's
 headers and libmlx come from the installed MLX wheel (mlx-cpu, mlx-cuda-13,
@@ -32,6 +33,31 @@ SOURCES = ("mlxc.cpp", "blas.cpp", "cpu_gemv.cpp", "gemv_generic.cpp", "gemv_avx
            "buffer_view.cpp",  # the decode kernel reads the KV pools without holding them
            "cpu_step.cpp",  # the decode step's fused kernels on the CPU (attention, residual norm, activation)
            "cpu_attention.cpp")  # a prompt's attention on the CPU
+
+
+# Array's C core (amlx._arraytype): plain C over Python's API, no MLX (it calls mlxc
+# through addresses the cffi module hands it at import: amlx/_mlx/array.py).
+ARRAYTYPE_SOURCE = "vendor/mlxc/arraytype.c"
+
+
+def arraytype_extension():
+    """The setuptools Extension of amlx._arraytype (setup.py builds it beside amlx._mlxc)."""
+    from setuptools import Extension
+
+    return Extension("amlx._arraytype", sources=[ARRAYTYPE_SOURCE], include_dirs=["vendor/mlxc"],
+                     extra_compile_args=["-O2"] if sys.platform != "win32" else [])
+
+
+def build_arraytype_in_place() -> None:
+    """Builds amlx._arraytype beside the package, as `python build_ffi.py` does the cffi module."""
+    from setuptools import Distribution
+
+    dist = Distribution({"name": "amlx", "ext_modules": [arraytype_extension()]})
+    cmd = dist.get_command_obj("build_ext")
+    cmd.inplace = True
+    cmd.build_temp = str(pathlib.Path("build", "arraytype"))
+    cmd.ensure_finalized()
+    cmd.run()
 
 
 class MLXNotFound(RuntimeError):
@@ -136,3 +162,7 @@ if __name__ == "__main__":
         dest = ROOT / "amlx" / f.name
         dest.write_bytes(f.read_bytes())
         print(f"built {dest}")
+    os.chdir(ROOT)
+    for old in (ROOT / "amlx").glob("_arraytype*.so"):
+        old.unlink()
+    build_arraytype_in_place()

@@ -59,9 +59,9 @@ case "${1:-}" in
       exit 0
     fi
     mkdir -p .gpu/c/ext
-    rm -f .gpu/c/ext/_mlxc*.so
-    cp "$WORK"/amlx/_mlxc.cpython-312-*.so .gpu/c/ext/
-    strip --strip-unneeded .gpu/c/ext/_mlxc*.so
+    rm -f .gpu/c/ext/_mlxc*.so .gpu/c/ext/_arraytype*.so
+    cp "$WORK"/amlx/_mlxc.cpython-312-*.so "$WORK"/amlx/_arraytype.cpython-312-*.so .gpu/c/ext/
+    strip --strip-unneeded .gpu/c/ext/_mlxc*.so .gpu/c/ext/_arraytype*.so
     sources_hash > .gpu/c/ext/sources
     ls -la .gpu/c/ext
     exit 0 ;;
@@ -82,14 +82,14 @@ if [ ! -d /tmp/amlx-extra ]; then
   python3 -m pip install -q --no-deps --no-index --target /tmp/amlx-extra "$C_DIR"/wheels/*.whl >/dev/null 2>&1
 fi
 export PYTHONPATH="$PWD:/tmp/amlx-extra:$PYTHONPATH"
-# amlx._mlxc for this checkout's sources: kept if built from them on this machine already, else the
-# one built here (gpu_extras.sh prebuild) if it was built from them, else built now
+# amlx._mlxc and amlx._arraytype for this checkout's sources: kept if built from them on this machine
+# already, else the ones built here (gpu_extras.sh prebuild) if built from them, else built now
 SOURCES_HASH=$(cat build_ffi.py $(find vendor/mlxc -type f | LC_ALL=C sort) | sha256sum | cut -c1-16)
-if ls amlx/_mlxc.cpython-312-*.so >/dev/null 2>&1 && [ "$(cat /tmp/amlx-mlxc.sources 2>/dev/null)" = "$SOURCES_HASH" ]; then
+if ls amlx/_mlxc.cpython-312-*.so amlx/_arraytype.cpython-312-*.so >/dev/null 2>&1 && [ "$(cat /tmp/amlx-mlxc.sources 2>/dev/null)" = "$SOURCES_HASH" ]; then
   :
 elif [ "$(cat "$C_DIR/ext/sources" 2>/dev/null)" = "$SOURCES_HASH" ]; then
-  cp "$C_DIR"/ext/_mlxc*.so amlx/ && echo "$SOURCES_HASH" > /tmp/amlx-mlxc.sources \
-    && echo "amlx._mlxc: the prebuilt extension"
+  cp "$C_DIR"/ext/_mlxc*.so "$C_DIR"/ext/_arraytype*.so amlx/ && echo "$SOURCES_HASH" > /tmp/amlx-mlxc.sources \
+    && echo "amlx._mlxc, amlx._arraytype: the prebuilt extensions"
 else
   echo "amlx._mlxc: no prebuilt extension for these sources; building (2.5-3 min)"
   if python3 build_ffi.py > /tmp/amlx-build.log 2>&1; then echo "$SOURCES_HASH" > /tmp/amlx-mlxc.sources

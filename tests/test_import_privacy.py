@@ -14,8 +14,8 @@ The rule, checked on the source of every module under amlx/ with `ast`:
 * Modules and packages whose own names start with an underscore are the array
   layer's: ``amlx._mlx`` (the package and the modules inside it, e.g.
   ``amlx._mlx.ops``) may be imported from anywhere, like any public module.
-  The cffi extension ``amlx._mlxc`` and the binding module ``amlx._mlx._lib``
-  belong to the array layer alone: only modules inside ``amlx/_mlx/`` may
+  The native extensions ``amlx._mlxc`` (cffi) and ``amlx._arraytype`` (Array's
+  C core) and the binding module ``amlx._mlx._lib`` belong to the array layer alone: only modules inside ``amlx/_mlx/`` may
   import them (DESIGN.md: only amlx/_mlx talks to amlx._mlxc).
 * The array layer ``amlx/_mlx/`` is one unit behind its package name: its
   modules share helpers among themselves (``_call`` of ``array``, ``_Vec`` of
@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "amlx"
-ARRAY_LAYER_ONLY = {"amlx._mlxc", "amlx._mlx._lib"}
+ARRAY_LAYER_ONLY = {"amlx._mlxc", "amlx._arraytype", "amlx._mlx._lib"}
 
 
 def _module_name(path: Path) -> str:
@@ -56,7 +56,7 @@ def _is_private(name: str) -> bool:
 
 def _is_module(name: str) -> bool:
     """Whether `name` is a module or package of amlx (a file or folder under amlx/, or the extension)."""
-    if name == "amlx._mlxc":
+    if name in ("amlx._mlxc", "amlx._arraytype"):  # (the native extensions)
         return True
     rel = Path(*name.split("."))
     return (ROOT.parent / rel).with_suffix(".py").is_file() or (ROOT.parent / rel / "__init__.py").is_file()
@@ -140,6 +140,7 @@ def test_no_module_uses_another_modules_private_names():
     ("import amlx.convert\namlx.convert._plan\n", "uses private amlx.convert._plan"),
     ("import amlx.convert as c\nc._plan\n", "uses private amlx.convert._plan"),
     ("from amlx import _mlxc\n", "only amlx/_mlx/ may use"),
+    ("from amlx import _arraytype\n", "only amlx/_mlx/ may use"),
     ("from amlx._mlx._lib import ffi\n", "only amlx/_mlx/ may use"),
     ("from . import _helper\n", "imports private _helper from amlx.models"),
     ("from amlx._mlx.array import _call\n", "imports private _call from amlx._mlx.array"),

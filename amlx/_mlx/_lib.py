@@ -1,4 +1,5 @@
-"""The one place that loads the cffi binding and turns C statuses into exceptions."""
+"""The one place that loads the native extensions (the cffi binding and Array's C core) and
+turns C statuses into exceptions."""
 
 from __future__ import annotations
 
@@ -36,12 +37,16 @@ _preload_libmlx()
 
 try:
     from amlx._mlxc import ffi, lib  # noqa: E402
+    from amlx import _arraytype as arraytype  # noqa: E402  (Array's C core: vendor/mlxc/arraytype.c)
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(
-        f"amlx's native extension could not be loaded ({exc}). Build it with "
+        f"amlx's native extensions could not be loaded ({exc}). Build it with "
         "`pip install -e .` or `python build_ffi.py` in an environment with mlx-cpu==0.32.4 "
         "(mlx-cuda-13 / mlx-metal on GPUs)."
     ) from exc
+
+# What the other modules of amlx/_mlx take from here.
+__all__ = ["arraytype", "check", "error", "ffi", "fix_for", "lib", "set_pending"]
 
 # Exceptions raised by Python functions that MLX called back (compile, grads),
 # kept per thread so the failing C call can re-raise the original.

@@ -8,17 +8,17 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 
 from amlx._mlx import dtypes as _dt
-from amlx._mlx._lib import check, error, ffi, lib
+from amlx._mlx._lib import arraytype, check, error, ffi, lib
 
 # The hot path (every op) uses these module-level bindings: a name lookup in
 # a module is cheaper than an attribute lookup on cffi's `lib`/`ffi`.
-_free = lib.mlxc_array_free
 _new = ffi.new
-_alloc = object.__new__
 _ARRAY_OUT = ffi.typeof("mlxc_array*")
 _binary = lib.mlxc_binary_r
 _binary_float = lib.mlxc_binary_float_r
 _binary_int = lib.mlxc_binary_int_r
+# A new Array owning a handle (an int, not 0): the C core makes it (vendor/mlxc/arraytype.c).
+_adopt = arraytype.adopt
 
 
 def _call(fn, op: str, *args) -> "Array":
@@ -26,52 +26,50 @@ def _call(fn, op: str, *args) -> "Array":
     out = _new(_ARRAY_OUT)
     if fn(*args, out):
         raise error(op)
-    a = _alloc(Array)
-    a._h = out[0]
-    return a
+    return _adopt(out[0])
 
 
 def _adopt_all(handles, n: int) -> list["Array"]:
     """Arrays owning the n new handles of a `mlxc_array[]` an mlxc function filled."""
-    out = []
-    for i in range(n):
-        a = _alloc(Array)
-        a._h = handles[i]
-        out.append(a)
-    return out
+    return [_adopt(handles[i]) for i in range(n)]
 
 
-def _handle_or_null(a: "Array | None"):
-    """An optional array argument of an mlxc function: its handle, or NULL."""
-    return ffi.NULL if a is None else a.handle
+def _handle_or_null(a: "Array | None") -> int:
+    """An optional array argument of an mlxc function: its handle, or 0 (none)."""
+    return 0 if a is None else a.handle
 
 
 def _call_optional(fn, op: str, *args) -> "Array | None":
-    """`_call` for an mlxc function that may set `*out` to NULL: then None."""
+    """`_call` for an mlxc function that may set `*out` to 0: then None."""
     out = _new(_ARRAY_OUT)
     if fn(*args, out):
         raise error(op)
-    if out[0] == ffi.NULL:
-        return None
-    a = _alloc(Array)
-    a._h = out[0]
-    return a
-
-
-def _closed() -> ValueError:
-    return ValueError("array is closed")
+    return _adopt(out[0]) if out[0] else None
 
 
 _Operand = Union["Array", float, int, bool]  # what the operators take
 
 
-class Array:
+class Array(arraytype.ArrayCore):
     """An MLX array. Owns one native handle: `close()` releases it now, the
-    garbage collector releases it otherwise (a safety net, not the plan)."""
+    garbage collector releases it otherwise (a safety net, not the plan).
 
-    __slots__ = ("_h", "__weakref__")
+    The handle, its release and the operators of the common cases (arrays with
+    arrays, Python floats and ints; negation, abs, invert) live in the C core,
+    `ArrayCore` (vendor/mlxc/arraytype.c); everything else is here.
 
-    if TYPE_CHECKING:  # the operators are attached after the class, from one table; their types:
+    Inherited from the core:
+
+    - `close()`: releases the native handle; the array is unusable afterwards.
+    - `handle`: the raw mlxc_array (an int), valid only while this Array is
+      alive and open. It does not keep the Array alive: `f(make_array().handle)`
+      frees the temporary before `f` runs (a use-after-free). Hold the Array in
+      a variable across the C call.
+    - `_h`: the same, 0 once closed, writable (amlx._mlx moves handles with it)."""
+
+    __slots__ = ("__weakref__",)
+
+    if TYPE_CHECKING:  # the operators live in the C core; their types:
         def __add__(self, other: _Operand) -> Array: ...
         def __radd__(self, other: _Operand) -> Array: ...
         def __sub__(self, other: _Operand) -> Array: ...
@@ -113,25 +111,7 @@ class Array:
         if src is value:  # an Array already: share the MLX array, not the caller's handle
             src = _call(lib.mlxc_array_clone, "array", value.handle)
         self._h = src._h
-        src._h = None
-
-    # -- lifetime -------------------------------------------------------
-    # `_h` is the raw mlxc_array (a cffi pointer) or None once closed. Freeing
-    # in __del__ is cheaper per array than a cffi ffi.gc wrapper.
-    def close(self) -> None:
-        """Releases the native handle; the array is unusable afterwards."""
-        h = self._h
-        if h is not None:
-            self._h = None
-            _free(h)
-
-    def __del__(self, _free=_free):
-        try:
-            h = self._h
-        except AttributeError:  # construction failed before a handle was taken
-            return
-        if h is not None:
-            _free(h)
+        src._h = 0
 
     def __enter__(self) -> "Array":
         return self
@@ -149,18 +129,6 @@ class Array:
 
     def __reduce__(self):
         raise TypeError("amlx arrays cannot be pickled: save them with io.save_safetensors or .numpy()")
-
-    @property
-    def handle(self):
-        """The raw mlxc_array, valid only while this Array is alive and open.
-
-        It does not keep the Array alive: `f(make_array().handle)` frees the
-        temporary before `f` runs (a use-after-free). Hold the Array in a
-        variable across the C call."""
-        h = self._h
-        if h is None:
-            raise _closed()
-        return h
 
     # -- metadata -------------------------------------------------------
     @property
@@ -236,7 +204,7 @@ class Array:
         return a if dtype is None else a.astype(dtype)
 
     def __repr__(self) -> str:
-        if self._h is None:
+        if not self._h:
             return "Array(<closed>)"
         return f"Array({self.numpy()!r}, dtype={self.dtype.name})"
 
@@ -286,24 +254,25 @@ class Array:
     __hash__ = object.__hash__
 
 
-_OPERANDS = (numbers.Number, np.ndarray, np.generic, list, tuple)
+def _binary_arrays(code: int, name: str, a: Array, b: Array, reflected: bool) -> Array:
+    """op(a, b) of two Arrays (op(b, a) when `reflected`)."""
+    h = a.handle
+    o = b.handle
+    out = _binary(code, o, h) if reflected else _binary(code, h, o)
+    if not out:  # (0: the op failed)
+        raise error(name)
+    return _adopt(out)
 
 
-def binary_op(code: int, name: str, reflected: bool = False, method: bool = False):
+def binary_op(code: int, name: str, reflected: bool = False):
     """The function f(a, other) = op(a, other) (op(other, a) when `reflected`)
-    for an Array `a`. `other` is an Array, a Python scalar (weakly typed: it
-    takes a's dtype where it can) or numpy data / nested lists (strongly
-    typed). As a `method`, other operand types give NotImplemented.
-
-    This is the hottest path of the library, written for speed: Python floats
-    and ints go to C as they are (no scalar array on this side), one C call
-    per op, which returns the new handle (no out-parameter allocated per op:
-    about 110 ns of the 1.5 us an op cost, benchmarks/ffi_overhead.py)."""
+    for an Array `a`, as the ops module's functions call it. `other` is an
+    Array, a Python scalar (weakly typed: it takes a's dtype where it can) or
+    numpy data / nested lists (strongly typed). Python floats and ints go to C
+    as they are (no scalar array on this side), one C call per op."""
 
     def op(a, other):
-        h = a._h
-        if h is None:
-            raise _closed()
+        h = a.handle
         kind = type(other)
         if kind is float:
             out = _binary_float(code, h, other, reflected)
@@ -311,54 +280,27 @@ def binary_op(code: int, name: str, reflected: bool = False, method: bool = Fals
             out = _binary_int(code, h, other, reflected)
         else:
             if not isinstance(other, Array):
-                if method and not isinstance(other, _OPERANDS):
-                    return NotImplemented
                 other = scalar_like(other, a)
-            o = other._h
-            if o is None:
-                raise _closed()
-            out = _binary(code, o, h) if reflected else _binary(code, h, o)
-        if not out:  # (NULL: the op failed)
+            return _binary_arrays(code, name, a, other, reflected)
+        if not out:
             raise error(name)
-        r = _alloc(Array)
-        r._h = out
-        return r
+        return _adopt(out)
 
     op.__name__ = name
     return op
 
 
-def _unary_method(op_code: int, name: str):
-    unary = lib.mlxc_unary
-
-    def method(self):
-        return _call(unary, name, op_code, self.handle)
-
-    method.__name__ = name
-    return method
+_OPERANDS = (numbers.Number, np.ndarray, np.generic, list, tuple)
 
 
-for _name, _code, _refl in [
-    ("__add__", lib.MLXC_ADD, "__radd__"), ("__sub__", lib.MLXC_SUBTRACT, "__rsub__"),
-    ("__mul__", lib.MLXC_MULTIPLY, "__rmul__"), ("__truediv__", lib.MLXC_DIVIDE, "__rtruediv__"),
-    ("__floordiv__", lib.MLXC_FLOOR_DIVIDE, "__rfloordiv__"), ("__mod__", lib.MLXC_REMAINDER, "__rmod__"),
-    ("__pow__", lib.MLXC_POWER, "__rpow__"), ("__matmul__", lib.MLXC_MATMUL, "__rmatmul__"),
-    ("__and__", lib.MLXC_BITWISE_AND, "__rand__"), ("__or__", lib.MLXC_BITWISE_OR, "__ror__"),
-    ("__xor__", lib.MLXC_BITWISE_XOR, "__rxor__"), ("__lshift__", lib.MLXC_LEFT_SHIFT, "__rlshift__"),
-    ("__rshift__", lib.MLXC_RIGHT_SHIFT, "__rrshift__"),
-]:
-    setattr(Array, _name, binary_op(_code, _name.strip("_"), method=True))
-    setattr(Array, _refl, binary_op(_code, _name.strip("_"), reflected=True, method=True))
-
-for _name, _code in [
-    ("__eq__", lib.MLXC_EQUAL), ("__ne__", lib.MLXC_NOT_EQUAL), ("__lt__", lib.MLXC_LESS),
-    ("__le__", lib.MLXC_LESS_EQUAL), ("__gt__", lib.MLXC_GREATER), ("__ge__", lib.MLXC_GREATER_EQUAL),
-]:
-    setattr(Array, _name, binary_op(_code, _name.strip("_"), method=True))
-
-Array.__neg__ = _unary_method(lib.MLXC_NEGATIVE, "negative")
-Array.__abs__ = _unary_method(lib.MLXC_ABS, "abs")
-Array.__invert__ = _unary_method(lib.MLXC_BITWISE_INVERT, "bitwise_invert")
+def _operator_other(code: int, name: str, a: Array, other, reflected: bool):
+    """An operator of Array `a` whose other operand is neither an Array nor exactly a
+    Python float or int (those the C core handles): numpy data, nested lists, bool,
+    numpy scalars, other numbers. Anything else is NotImplemented, so Python tries the
+    other operand (and `==` falls back to identity)."""
+    if not isinstance(other, _OPERANDS):
+        return NotImplemented
+    return _binary_arrays(code, name, a, scalar_like(other, a), reflected)
 
 
 def _scalar(value, dtype: _dt.Dtype) -> Array:
@@ -416,3 +358,9 @@ def from_bits(raw: np.ndarray, dtype) -> Array:
         raise TypeError(f"{raw.dtype} bits do not fit {dt.name}")
     shape = ffi.new("int[]", list(raw.shape) or [0])
     return _call(lib.mlxc_array_from_data, "array", ffi.from_buffer(raw), shape, raw.ndim, dt.code)
+
+
+arraytype.install(*(int(ffi.cast("uintptr_t", ffi.addressof(lib, f)))
+                    for f in ("mlxc_binary_r", "mlxc_binary_float_r", "mlxc_binary_int_r", "mlxc_unary",
+                              "mlxc_array_free")),
+                  Array, _operator_other, error)

@@ -38,8 +38,8 @@ def gemv(x: Array, w: Array, scales: Array | None = None, biases: Array | None =
     grid per value)."""
     if bits and (scales is None or biases is None):
         raise ValueError("cpu_kernels.gemv: quantized weights need scales and biases")
-    s = scales.handle if bits and scales is not None else ffi.NULL
-    b = biases.handle if bits and biases is not None else ffi.NULL
+    s = scales.handle if bits and scales is not None else 0
+    b = biases.handle if bits and biases is not None else 0
     return _call(lib.mlxc_cpu_gemv, "cpu_gemv", x.handle, w.handle, s, b, int(group_size), int(bits),
                  int(bool(int8)))
 

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from amlx._mlx import dtypes as _dt
 from amlx._mlx._lib import error, ffi, lib
-from amlx._mlx.array import Array
+from amlx._mlx.array import Array, _adopt
 from amlx._mlx.ops import zeros
 
 BACKENDS = ("any", "ring", "nccl", "mpi", "jaccl")
@@ -32,9 +32,7 @@ def _call(fn, op: str, *args) -> Array:
     out = ffi.new(_ARRAY_OUT)
     if fn(*args, out):
         raise _raise(op)
-    a = object.__new__(Array)
-    a._h = out[0]
-    return a
+    return _adopt(out[0])
 
 
 def _backend(name: str) -> bytes:

@@ -45,12 +45,12 @@ def scaled_dot_product_attention(q: Array, k: Array, v: Array, *, scale: float,
     `mask` is None, "causal", or an array (boolean: keep where true; float: added)."""
     if mask is None:
         return _call(lib.mlxc_sdpa, "scaled_dot_product_attention", q.handle, k.handle, v.handle, float(scale),
-                     b"", ffi.NULL)
+                     b"", 0)
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"unknown attention mask mode {mask!r}")
         return _call(lib.mlxc_sdpa, "scaled_dot_product_attention", q.handle, k.handle, v.handle, float(scale),
-                     b"causal", ffi.NULL)
+                     b"causal", 0)
     return _call(lib.mlxc_sdpa, "scaled_dot_product_attention", q.handle, k.handle, v.handle, float(scale),
                  b"array", mask.handle)
 

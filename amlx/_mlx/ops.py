@@ -133,8 +133,8 @@ def where(cond, x, y) -> Array:
 def clip(a: Array, a_min=None, a_max=None) -> Array:
     lo = None if a_min is None else _as_array(a_min, a)  # kept alive across the call
     hi = None if a_max is None else _as_array(a_max, a)
-    return _call(lib.mlxc_clip, "clip", a.handle, ffi.NULL if lo is None else lo.handle,
-                 ffi.NULL if hi is None else hi.handle)
+    return _call(lib.mlxc_clip, "clip", a.handle, 0 if lo is None else lo.handle,
+                 0 if hi is None else hi.handle)
 
 
 def astype(a: Array, dtype) -> Array:
@@ -409,7 +409,7 @@ def buffer_views(arrays: Sequence[Array]) -> list[Array] | None:
         return []
     out = ffi.new("mlxc_array[]", len(held))
     check(lib.mlxc_buffer_views(_handle_array(held), len(held), out), "buffer_view")
-    return None if out[0] == ffi.NULL else _adopt_all(out, len(held))
+    return None if not out[0] else _adopt_all(out, len(held))
 
 
 # -- creation ------------------------------------------------------------

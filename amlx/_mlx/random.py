@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from amlx._mlx import dtypes as _dt
-from amlx._mlx._lib import check, ffi, lib
+from amlx._mlx._lib import check, lib
 from amlx._mlx.array import Array, _call, array
 from amlx._mlx.ops import _int_arr
 
 
 def _key(key: Array | None):
-    return ffi.NULL if key is None else key.handle
+    return 0 if key is None else key.handle
 
 
 def seed(s: int) -> None:

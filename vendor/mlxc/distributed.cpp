@@ -7,6 +7,7 @@
 // mlxc_distributed_last_error(): mlxc.cpp's is private to that file.
 
 #include "mlxc.h"
+#include "internal.h"
 
 #include <string>
 
@@ -17,10 +18,6 @@
 namespace mx = mlx::core;
 namespace dist = mlx::core::distributed;
 
-// The same layout as in mlxc.cpp: one owned mlx::core::array.
-struct mlxc_array_s {
-  mx::array a;
-};
 struct mlxc_group_s {
   dist::Group g;
 };
@@ -44,7 +41,7 @@ int guarded(F&& f) {
 }
 
 int put(mx::array a, mlxc_array* out) {
-  *out = new mlxc_array_s{std::move(a)};
+  *out = mlxc::new_handle(std::move(a));
   return 0;
 }
 
@@ -77,19 +74,19 @@ int mlxc_group_rank(mlxc_group g) { return g->g.rank(); }
 int mlxc_group_size(mlxc_group g) { return g->g.size(); }
 
 int mlxc_all_sum(mlxc_array x, mlxc_group g, mlxc_array* out) {
-  return guarded([&] { put(dist::all_sum(x->a, g->g), out); });
+  return guarded([&] { put(dist::all_sum(mlxc::arr(x), g->g), out); });
 }
 
 int mlxc_all_gather(mlxc_array x, mlxc_group g, mlxc_array* out) {
-  return guarded([&] { put(dist::all_gather(x->a, g->g), out); });
+  return guarded([&] { put(dist::all_gather(mlxc::arr(x), g->g), out); });
 }
 
 int mlxc_send(mlxc_array x, int dst, mlxc_group g, mlxc_array* out) {
-  return guarded([&] { put(dist::send(x->a, dst, g->g), out); });
+  return guarded([&] { put(dist::send(mlxc::arr(x), dst, g->g), out); });
 }
 
 int mlxc_recv_like(mlxc_array like, int src, mlxc_group g, mlxc_array* out) {
-  return guarded([&] { put(dist::recv_like(like->a, src, g->g), out); });
+  return guarded([&] { put(dist::recv_like(mlxc::arr(like), src, g->g), out); });
 }
 
 }  // extern "C"

@@ -11,7 +11,21 @@
 #include "mlx/array.h"
 #include "mlx/stream.h"
 
+// What an mlxc_array handle addresses (mlxc.h: handles are integers on the C ABI).
+struct mlxc_array_s {
+  mlx::core::array a;
+};
+
 namespace mlxc {
+// The array a handle holds (never 0 here: callers check optional handles first).
+inline mlx::core::array& arr(uintptr_t h) { return reinterpret_cast<mlxc_array_s*>(h)->a; }
+// A new handle owning `a`.
+inline uintptr_t new_handle(mlx::core::array a) {
+  return reinterpret_cast<uintptr_t>(new mlxc_array_s{std::move(a)});
+}
+// Frees a handle made by new_handle.
+inline void free_handle(uintptr_t h) { delete reinterpret_cast<mlxc_array_s*>(h); }
+
 // Sets the thread-local text that mlxc_last_error() returns.
 void set_last_error(const std::string& message);
 

@@ -28,9 +28,6 @@
 
 namespace mx = mlx::core;
 
-struct mlxc_array_s {
-  mx::array a;
-};
 struct mlxc_vec_s {
   std::vector<mx::array> v;
 };
@@ -111,19 +108,19 @@ std::vector<int> to_ints(const int* xs, int n) {
 }
 
 int put(mx::array a, mlxc_array* out) {
-  *out = new mlxc_array_s{std::move(a)};
+  *out = mlxc::new_handle(std::move(a));
   return 0;
 }
 
 std::optional<mx::array> opt(mlxc_array a) {
-  if (a == nullptr) return std::nullopt;
-  return a->a;
+  if (a == 0) return std::nullopt;
+  return mlxc::arr(a);
 }
 
 std::vector<mx::array> to_vector(const mlxc_array* arrays, size_t n) {
   std::vector<mx::array> v;
   v.reserve(n);
-  for (size_t i = 0; i < n; ++i) v.push_back(arrays[i]->a);
+  for (size_t i = 0; i < n; ++i) v.push_back(mlxc::arr(arrays[i]));
   return v;
 }
 
@@ -240,7 +237,7 @@ extern "C" {
 
 const char* mlxc_last_error(void) { return last_error.c_str(); }
 const char* mlxc_version(void) { return mx::version(); }
-void mlxc_array_free(mlxc_array a) { delete a; }
+void mlxc_array_free(mlxc_array a) { mlxc::free_handle(a); }
 
 int mlxc_array_from_data(const void* data, const int* shape, int ndim,
                          int dtype, mlxc_array* out) {
@@ -293,21 +290,21 @@ int mlxc_array_from_bool(int value, mlxc_array* out) {
 
 int mlxc_array_clone(mlxc_array a, mlxc_array* out) {
   GUARD_BEGIN
-  put(a->a, out);
+  put(mlxc::arr(a), out);
   GUARD_END
 }
 
-int mlxc_array_ndim(mlxc_array a) { return static_cast<int>(a->a.ndim()); }
+int mlxc_array_ndim(mlxc_array a) { return static_cast<int>(mlxc::arr(a).ndim()); }
 
 int mlxc_array_shape(mlxc_array a, int* shape) {
-  const auto& s = a->a.shape();
+  const auto& s = mlxc::arr(a).shape();
   for (size_t i = 0; i < s.size(); ++i) shape[i] = s[i];
   return 0;
 }
 
-int mlxc_array_dtype(mlxc_array a) { return from_dtype(a->a.dtype()); }
-size_t mlxc_array_size(mlxc_array a) { return a->a.size(); }
-size_t mlxc_array_nbytes(mlxc_array a) { return a->a.nbytes(); }
+int mlxc_array_dtype(mlxc_array a) { return from_dtype(mlxc::arr(a).dtype()); }
+size_t mlxc_array_size(mlxc_array a) { return mlxc::arr(a).size(); }
+size_t mlxc_array_nbytes(mlxc_array a) { return mlxc::arr(a).nbytes(); }
 
 size_t mlxc_dtype_size(int dtype) {
   try {
@@ -365,19 +362,19 @@ int mlxc_async_eval(const mlxc_array* arrays, size_t n) {
 
 int mlxc_array_is_ready(mlxc_array a) {
   // An unscheduled array is not ready; a launched one is once its event has fired.
-  return a->a.status() != mx::array::Status::unscheduled && a->a.is_available() ? 1 : 0;
+  return mlxc::arr(a).status() != mx::array::Status::unscheduled && mlxc::arr(a).is_available() ? 1 : 0;
 }
 
 int mlxc_array_copy_out(mlxc_array a, void* dst, size_t nbytes) {
   GUARD_BEGIN
-  if (nbytes != a->a.nbytes()) {
+  if (nbytes != mlxc::arr(a).nbytes()) {
     throw std::invalid_argument(
         "[copy_out] destination has " + std::to_string(nbytes) +
-        " bytes, the array " + std::to_string(a->a.nbytes()));
+        " bytes, the array " + std::to_string(mlxc::arr(a).nbytes()));
   }
   // A fresh row-contiguous copy whatever the source layout: views share
   // their parent's buffer with arbitrary strides and offsets.
-  mx::array c = a->a;
+  mx::array c = mlxc::arr(a);
   if (!c.flags().row_contiguous) {
     c = mx::contiguous(c);
   }
@@ -408,7 +405,7 @@ int mlxc_vec_get(mlxc_vec v, size_t i, mlxc_array* out) {
 
 int mlxc_vec_push(mlxc_vec v, mlxc_array a) {
   GUARD_BEGIN
-  v->v.push_back(a->a);
+  v->v.push_back(mlxc::arr(a));
   GUARD_END
 }
 
@@ -417,7 +414,7 @@ int mlxc_vec_push(mlxc_vec v, mlxc_array a) {
 int mlxc_vec_push_many(mlxc_vec v, const mlxc_array* arrays, size_t n) {
   GUARD_BEGIN
   v->v.reserve(v->v.size() + n);
-  for (size_t i = 0; i < n; ++i) v->v.push_back(arrays[i]->a);
+  for (size_t i = 0; i < n; ++i) v->v.push_back(mlxc::arr(arrays[i]));
   GUARD_END
 }
 
@@ -425,9 +422,9 @@ int mlxc_vec_push_many(mlxc_vec v, const mlxc_array* arrays, size_t n) {
 static void put_all(const std::vector<mx::array>& arrays, mlxc_array* out) {
   size_t i = 0;
   try {
-    for (; i < arrays.size(); ++i) out[i] = new mlxc_array_s{arrays[i]};
+    for (; i < arrays.size(); ++i) out[i] = mlxc::new_handle(arrays[i]);
   } catch (...) {
-    while (i > 0) delete out[--i];
+    while (i > 0) mlxc::free_handle(out[--i]);
     throw;
   }
 }
@@ -442,7 +439,7 @@ int mlxc_vec_take(mlxc_vec v, mlxc_array* out, size_t n) {
 
 int mlxc_unary(int op, mlxc_array a, mlxc_array* out) {
   GUARD_BEGIN
-  const mx::array& x = a->a;
+  const mx::array& x = mlxc::arr(a);
   switch (op) {
     case MLXC_ABS: return put(mx::abs(x), out);
     case MLXC_NEGATIVE: return put(mx::negative(x), out);
@@ -479,47 +476,47 @@ int mlxc_unary(int op, mlxc_array a, mlxc_array* out) {
 
 static int binary_into(int op, mlxc_array a, mlxc_array b, mlxc_array* out) {
   GUARD_BEGIN
-  put(binary_op(op, a->a, b->a), out);
+  put(binary_op(op, mlxc::arr(a), mlxc::arr(b)), out);
   GUARD_END
 }
 
 static int binary_float_into(int op, mlxc_array a, double value, int reflected, mlxc_array* out) {
   GUARD_BEGIN
-  mx::array s(value, weak_float_dtype(a->a));
-  put(reflected ? binary_op(op, s, a->a) : binary_op(op, a->a, s), out);
+  mx::array s(value, weak_float_dtype(mlxc::arr(a)));
+  put(reflected ? binary_op(op, s, mlxc::arr(a)) : binary_op(op, mlxc::arr(a), s), out);
   GUARD_END
 }
 
 static int binary_int_into(int op, mlxc_array a, int64_t value, int reflected, mlxc_array* out) {
   GUARD_BEGIN
-  mx::Dtype dt = weak_int_dtype(a->a);
+  mx::Dtype dt = weak_int_dtype(mlxc::arr(a));
   mx::array s = mx::issubdtype(dt, mx::inexact)
                     ? mx::array(static_cast<double>(value), dt)
                     : mx::array(value, dt);
-  put(reflected ? binary_op(op, s, a->a) : binary_op(op, a->a, s), out);
+  put(reflected ? binary_op(op, s, mlxc::arr(a)) : binary_op(op, mlxc::arr(a), s), out);
   GUARD_END
 }
 
 // (the binary ops return their handle, NULL on failure: no out-parameter for cffi to allocate per op)
 mlxc_array mlxc_binary_r(int op, mlxc_array a, mlxc_array b) {
-  mlxc_array out = nullptr;
-  return binary_into(op, a, b, &out) ? nullptr : out;
+  mlxc_array out = 0;
+  return binary_into(op, a, b, &out) ? 0 : out;
 }
 
 mlxc_array mlxc_binary_float_r(int op, mlxc_array a, double value, int reflected) {
-  mlxc_array out = nullptr;
-  return binary_float_into(op, a, value, reflected, &out) ? nullptr : out;
+  mlxc_array out = 0;
+  return binary_float_into(op, a, value, reflected, &out) ? 0 : out;
 }
 
 mlxc_array mlxc_binary_int_r(int op, mlxc_array a, int64_t value, int reflected) {
-  mlxc_array out = nullptr;
-  return binary_int_into(op, a, value, reflected, &out) ? nullptr : out;
+  mlxc_array out = 0;
+  return binary_int_into(op, a, value, reflected, &out) ? 0 : out;
 }
 
 int mlxc_reduce(int op, mlxc_array a, const int* axes, int naxes, int keepdims,
                 mlxc_array* out) {
   GUARD_BEGIN
-  const mx::array& x = a->a;
+  const mx::array& x = mlxc::arr(a);
   std::vector<int> ax;
   if (naxes < 0) {
     for (int i = 0; i < static_cast<int>(x.ndim()); ++i) ax.push_back(i);
@@ -547,7 +544,7 @@ int mlxc_reduce(int op, mlxc_array a, const int* axes, int naxes, int keepdims,
 int mlxc_axis(int op, mlxc_array a, int axis, int flag_a, int flag_b,
               mlxc_array* out) {
   GUARD_BEGIN
-  const mx::array& x = a->a;
+  const mx::array& x = mlxc::arr(a);
   bool fa = flag_a != 0, fb = flag_b != 0;
   switch (op) {
     case MLXC_ARGMAX: return put(mx::argmax(x, axis, fa), out);
@@ -567,89 +564,89 @@ int mlxc_axis(int op, mlxc_array a, int axis, int flag_a, int flag_b,
 int mlxc_addmm(mlxc_array c, mlxc_array a, mlxc_array b, float alpha,
                float beta, mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::addmm(c->a, a->a, b->a, alpha, beta), out);
+  put(mx::addmm(mlxc::arr(c), mlxc::arr(a), mlxc::arr(b), alpha, beta), out);
   GUARD_END
 }
 
 int mlxc_where(mlxc_array cond, mlxc_array x, mlxc_array y, mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::where(cond->a, x->a, y->a), out);
+  put(mx::where(mlxc::arr(cond), mlxc::arr(x), mlxc::arr(y)), out);
   GUARD_END
 }
 
 int mlxc_clip(mlxc_array a, mlxc_array lo, mlxc_array hi, mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::clip(a->a, opt(lo), opt(hi)), out);
+  put(mx::clip(mlxc::arr(a), opt(lo), opt(hi)), out);
   GUARD_END
 }
 
 int mlxc_astype(mlxc_array a, int dtype, mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::astype(a->a, to_dtype(dtype)), out);
+  put(mx::astype(mlxc::arr(a), to_dtype(dtype)), out);
   GUARD_END
 }
 
 int mlxc_view(mlxc_array a, int dtype, mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::view(a->a, to_dtype(dtype)), out);
+  put(mx::view(mlxc::arr(a), to_dtype(dtype)), out);
   GUARD_END
 }
 
 int mlxc_topk(mlxc_array a, int k, int axis, mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::topk(a->a, k, axis), out);
+  put(mx::topk(mlxc::arr(a), k, axis), out);
   GUARD_END
 }
 
 int mlxc_argpartition(mlxc_array a, int kth, int axis, mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::argpartition(a->a, kth, axis), out);
+  put(mx::argpartition(mlxc::arr(a), kth, axis), out);
   GUARD_END
 }
 
 int mlxc_tri(mlxc_array a, int k, int upper, mlxc_array* out) {
   GUARD_BEGIN
-  put(upper ? mx::triu(a->a, k) : mx::tril(a->a, k), out);
+  put(upper ? mx::triu(mlxc::arr(a), k) : mx::tril(mlxc::arr(a), k), out);
   GUARD_END
 }
 
 int mlxc_reshape(mlxc_array a, const int* shape, int ndim, mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::reshape(a->a, to_shape(shape, ndim)), out);
+  put(mx::reshape(mlxc::arr(a), to_shape(shape, ndim)), out);
   GUARD_END
 }
 
 int mlxc_transpose(mlxc_array a, const int* axes, int naxes, mlxc_array* out) {
   GUARD_BEGIN
-  if (naxes < 0) return put(mx::transpose(a->a), out);
-  put(mx::transpose(a->a, to_ints(axes, naxes)), out);
+  if (naxes < 0) return put(mx::transpose(mlxc::arr(a)), out);
+  put(mx::transpose(mlxc::arr(a), to_ints(axes, naxes)), out);
   GUARD_END
 }
 
 int mlxc_swapaxes(mlxc_array a, int axis1, int axis2, mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::swapaxes(a->a, axis1, axis2), out);
+  put(mx::swapaxes(mlxc::arr(a), axis1, axis2), out);
   GUARD_END
 }
 
 int mlxc_expand_dims(mlxc_array a, const int* axes, int naxes,
                      mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::expand_dims(a->a, to_ints(axes, naxes)), out);
+  put(mx::expand_dims(mlxc::arr(a), to_ints(axes, naxes)), out);
   GUARD_END
 }
 
 int mlxc_squeeze(mlxc_array a, const int* axes, int naxes, mlxc_array* out) {
   GUARD_BEGIN
-  if (naxes < 0) return put(mx::squeeze(a->a), out);
-  put(mx::squeeze(a->a, to_ints(axes, naxes)), out);
+  if (naxes < 0) return put(mx::squeeze(mlxc::arr(a)), out);
+  put(mx::squeeze(mlxc::arr(a), to_ints(axes, naxes)), out);
   GUARD_END
 }
 
 int mlxc_broadcast_to(mlxc_array a, const int* shape, int ndim,
                       mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::broadcast_to(a->a, to_shape(shape, ndim)), out);
+  put(mx::broadcast_to(mlxc::arr(a), to_shape(shape, ndim)), out);
   GUARD_END
 }
 
@@ -668,15 +665,15 @@ int mlxc_stack(mlxc_vec arrays, int axis, mlxc_array* out) {
 int mlxc_split(mlxc_array a, const int* indices, int nindices, int sections,
                int axis, mlxc_vec out) {
   GUARD_BEGIN
-  out->v = sections > 0 ? mx::split(a->a, sections, axis)
-                        : mx::split(a->a, to_shape(indices, nindices), axis);
+  out->v = sections > 0 ? mx::split(mlxc::arr(a), sections, axis)
+                        : mx::split(mlxc::arr(a), to_shape(indices, nindices), axis);
   GUARD_END
 }
 
 int mlxc_slice(mlxc_array a, const int* start, const int* stop,
                const int* strides, int ndim, mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::slice(a->a, to_shape(start, ndim), to_shape(stop, ndim),
+  put(mx::slice(mlxc::arr(a), to_shape(start, ndim), to_shape(stop, ndim),
                 to_shape(strides, ndim)),
       out);
   GUARD_END
@@ -687,7 +684,7 @@ int mlxc_slice_dynamic(mlxc_array a, mlxc_array start, const int* axes,
   GUARD_BEGIN
   auto ax = to_ints(axes, naxes);
   auto size = to_shape(sizes, ndim);
-  put(mx::slice(a->a, clamp_starts(start->a, a->a, ax, size), ax, size), out);
+  put(mx::slice(mlxc::arr(a), clamp_starts(mlxc::arr(start), mlxc::arr(a), ax, size), ax, size), out);
   GUARD_END
 }
 
@@ -695,7 +692,7 @@ int mlxc_slice_update(mlxc_array src, mlxc_array update, const int* start,
                       const int* stop, const int* strides, int ndim,
                       mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::slice_update(src->a, update->a, to_shape(start, ndim),
+  put(mx::slice_update(mlxc::arr(src), mlxc::arr(update), to_shape(start, ndim),
                        to_shape(stop, ndim), to_shape(strides, ndim)),
       out);
   GUARD_END
@@ -705,8 +702,8 @@ int mlxc_slice_update_dynamic(mlxc_array src, mlxc_array update,
                               mlxc_array start, const int* axes, int naxes,
                               mlxc_array* out) {
   GUARD_BEGIN
-  const mx::array& x = src->a;
-  const mx::array& u = update->a;
+  const mx::array& x = mlxc::arr(src);
+  const mx::array& u = mlxc::arr(update);
   auto ax = to_ints(axes, naxes);
   // The window MLX writes: update's shape aligned to x's trailing axes, 1 on
   // the leading axes update lacks.
@@ -715,36 +712,36 @@ int mlxc_slice_update_dynamic(mlxc_array src, mlxc_array update,
   for (size_t d = lead; d < x.ndim(); ++d) {
     size[d] = std::min(u.shape(d - lead), x.shape(d));
   }
-  put(mx::slice_update(x, u, clamp_starts(start->a, x, ax, size), ax), out);
+  put(mx::slice_update(x, u, clamp_starts(mlxc::arr(start), x, ax, size), ax), out);
   GUARD_END
 }
 
 int mlxc_take(mlxc_array a, mlxc_array indices, int axis, int axis_is_none,
               mlxc_array* out) {
   GUARD_BEGIN
-  if (axis_is_none) return put(mx::take(a->a, indices->a), out);
-  put(mx::take(a->a, indices->a, axis), out);
+  if (axis_is_none) return put(mx::take(mlxc::arr(a), mlxc::arr(indices)), out);
+  put(mx::take(mlxc::arr(a), mlxc::arr(indices), axis), out);
   GUARD_END
 }
 
 int mlxc_take_along_axis(mlxc_array a, mlxc_array indices, int axis,
                          mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::take_along_axis(a->a, indices->a, axis), out);
+  put(mx::take_along_axis(mlxc::arr(a), mlxc::arr(indices), axis), out);
   GUARD_END
 }
 
 int mlxc_put_along_axis(mlxc_array a, mlxc_array indices, mlxc_array values,
                         int axis, mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::put_along_axis(a->a, indices->a, values->a, axis), out);
+  put(mx::put_along_axis(mlxc::arr(a), mlxc::arr(indices), mlxc::arr(values), axis), out);
   GUARD_END
 }
 
 int mlxc_full(const int* shape, int ndim, mlxc_array value, int dtype,
               mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::full(to_shape(shape, ndim), value->a, to_dtype(dtype)), out);
+  put(mx::full(to_shape(shape, ndim), mlxc::arr(value), to_dtype(dtype)), out);
   GUARD_END
 }
 
@@ -769,14 +766,14 @@ int mlxc_random_key(uint64_t seed, mlxc_array* out) {
 
 int mlxc_random_split(mlxc_array key, int num, mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::random::split(key->a, num), out);
+  put(mx::random::split(mlxc::arr(key), num), out);
   GUARD_END
 }
 
 int mlxc_random_uniform(mlxc_array low, mlxc_array high, const int* shape,
                         int ndim, int dtype, mlxc_array key, mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::random::uniform(low->a, high->a, to_shape(shape, ndim),
+  put(mx::random::uniform(mlxc::arr(low), mlxc::arr(high), to_shape(shape, ndim),
                           to_dtype(dtype), opt(key)),
       out);
   GUARD_END
@@ -795,7 +792,7 @@ int mlxc_random_normal(const int* shape, int ndim, int dtype, float loc,
 int mlxc_random_randint(mlxc_array low, mlxc_array high, const int* shape,
                         int ndim, int dtype, mlxc_array key, mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::random::randint(low->a, high->a, to_shape(shape, ndim),
+  put(mx::random::randint(mlxc::arr(low), mlxc::arr(high), to_shape(shape, ndim),
                           to_dtype(dtype), opt(key)),
       out);
   GUARD_END
@@ -805,9 +802,9 @@ int mlxc_random_categorical(mlxc_array logits, int axis, int num_samples,
                             mlxc_array key, mlxc_array* out) {
   GUARD_BEGIN
   if (num_samples <= 0) {
-    return put(mx::random::categorical(logits->a, axis, opt(key)), out);
+    return put(mx::random::categorical(mlxc::arr(logits), axis, opt(key)), out);
   }
-  put(mx::random::categorical(logits->a, axis, num_samples, opt(key)), out);
+  put(mx::random::categorical(mlxc::arr(logits), axis, num_samples, opt(key)), out);
   GUARD_END
 }
 
@@ -821,7 +818,7 @@ int mlxc_random_gumbel(const int* shape, int ndim, int dtype, mlxc_array key,
 
 int mlxc_quantize(mlxc_array w, int group_size, int bits, mlxc_vec out) {
   GUARD_BEGIN
-  out->v = mx::quantize(w->a, group_size, bits, "affine");
+  out->v = mx::quantize(mlxc::arr(w), group_size, bits, "affine");
   GUARD_END
 }
 
@@ -830,7 +827,7 @@ int mlxc_dequantize(mlxc_array w, mlxc_array scales, mlxc_array biases,
   GUARD_BEGIN
   std::optional<mx::Dtype> dt;
   if (dtype >= 0) dt = to_dtype(dtype);
-  put(mx::dequantize(w->a, scales->a, opt(biases), group_size, bits, "affine",
+  put(mx::dequantize(mlxc::arr(w), mlxc::arr(scales), opt(biases), group_size, bits, "affine",
                      std::nullopt, dt),
       out);
   GUARD_END
@@ -840,7 +837,7 @@ int mlxc_quantized_matmul(mlxc_array x, mlxc_array w, mlxc_array scales,
                           mlxc_array biases, int transpose, int group_size,
                           int bits, mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::quantized_matmul(x->a, w->a, scales->a, opt(biases), transpose != 0,
+  put(mx::quantized_matmul(mlxc::arr(x), mlxc::arr(w), mlxc::arr(scales), opt(biases), transpose != 0,
                            group_size, bits, "affine"),
       out);
   GUARD_END
@@ -848,9 +845,9 @@ int mlxc_quantized_matmul(mlxc_array x, mlxc_array w, mlxc_array scales,
 
 int mlxc_buffer_view(mlxc_array a, mlxc_array* out) {
   GUARD_BEGIN
-  std::optional<mx::array> view = mlxc::buffer_view(a->a);
+  std::optional<mx::array> view = mlxc::buffer_view(mlxc::arr(a));
   if (!view) {
-    *out = nullptr;
+    *out = 0;
     return 0;
   }
   put(std::move(*view), out);
@@ -863,9 +860,9 @@ int mlxc_buffer_views(const mlxc_array* arrays, size_t n, mlxc_array* out) {
   std::vector<mx::array> views;
   views.reserve(n);
   for (size_t i = 0; i < n; ++i) {
-    std::optional<mx::array> view = mlxc::buffer_view(arrays[i]->a);
+    std::optional<mx::array> view = mlxc::buffer_view(mlxc::arr(arrays[i]));
     if (!view) {
-      out[0] = nullptr;
+      out[0] = 0;
       return 0;
     }
     views.push_back(std::move(*view));
@@ -877,12 +874,12 @@ int mlxc_buffer_views(const mlxc_array* arrays, size_t n, mlxc_array* out) {
 int mlxc_cpu_dequantize(mlxc_array w, mlxc_array scales, mlxc_array biases,
                         int group_size, int bits, mlxc_array* out) {
   GUARD_BEGIN
-  put(mlxc::cpu_dequantize(w->a, scales->a, biases->a, bits, group_size), out);
+  put(mlxc::cpu_dequantize(mlxc::arr(w), mlxc::arr(scales), mlxc::arr(biases), bits, group_size), out);
   GUARD_END
 }
 
 namespace {
-const mx::array* ptr_or_null(mlxc_array a) { return a == nullptr ? nullptr : &a->a; }
+const mx::array* ptr_or_null(mlxc_array a) { return a == 0 ? nullptr : &mlxc::arr(a); }
 }  // namespace
 
 int mlxc_cpu_decode_attention(mlxc_array qkv, mlxc_array q_norm, mlxc_array k_norm, mlxc_array inv_freq,
@@ -890,8 +887,8 @@ int mlxc_cpu_decode_attention(mlxc_array qkv, mlxc_array q_norm, mlxc_array k_no
                               mlxc_array table, int heads, float scale, int window, float eps, int bits,
                               int group, mlxc_vec out) {
   GUARD_BEGIN
-  out->v = mlxc::cpu_decode_attention(qkv->a, ptr_or_null(q_norm), ptr_or_null(k_norm), inv_freq->a, kv->a,
-                                      ptr_or_null(scales), ptr_or_null(biases), pos->a, ptr_or_null(table),
+  out->v = mlxc::cpu_decode_attention(mlxc::arr(qkv), ptr_or_null(q_norm), ptr_or_null(k_norm), mlxc::arr(inv_freq), mlxc::arr(kv),
+                                      ptr_or_null(scales), ptr_or_null(biases), mlxc::arr(pos), ptr_or_null(table),
                                       heads, scale, window, eps, bits, group);
   GUARD_END
 }
@@ -899,20 +896,20 @@ int mlxc_cpu_decode_attention(mlxc_array qkv, mlxc_array q_norm, mlxc_array k_no
 int mlxc_cpu_residual_norm(mlxc_array x, mlxc_array y, mlxc_array w, float eps, mlxc_array pre_w,
                            float pre_eps, mlxc_vec out) {
   GUARD_BEGIN
-  out->v = mlxc::cpu_residual_norm(x->a, y->a, w->a, eps, ptr_or_null(pre_w), pre_eps);
+  out->v = mlxc::cpu_residual_norm(mlxc::arr(x), mlxc::arr(y), mlxc::arr(w), eps, ptr_or_null(pre_w), pre_eps);
   GUARD_END
 }
 
 int mlxc_cpu_gated_activation(mlxc_array gate_up, int act, mlxc_array* out) {
   GUARD_BEGIN
-  put(mlxc::cpu_gated_activation(gate_up->a, act), out);
+  put(mlxc::cpu_gated_activation(mlxc::arr(gate_up), act), out);
   GUARD_END
 }
 
 int mlxc_cpu_prefill_attention(mlxc_array q, mlxc_array keys, mlxc_array values, float scale, int window,
                                mlxc_array* out) {
   GUARD_BEGIN
-  put(mlxc::cpu_prefill_attention(q->a, keys->a, values->a, scale, window), out);
+  put(mlxc::cpu_prefill_attention(mlxc::arr(q), mlxc::arr(keys), mlxc::arr(values), scale, window), out);
   GUARD_END
 }
 
@@ -920,27 +917,27 @@ int mlxc_cpu_gemv(mlxc_array x, mlxc_array w, mlxc_array scales, mlxc_array bias
                   int group_size, int bits, int int8_x, mlxc_array* out) {
   GUARD_BEGIN
   if (bits == 0) {
-    put(mlxc::cpu_gemv(x->a, w->a, nullptr, 0, 0), out);
+    put(mlxc::cpu_gemv(mlxc::arr(x), mlxc::arr(w), nullptr, 0, 0), out);
   } else {
-    if (scales == nullptr || biases == nullptr) {
+    if (scales == 0 || biases == 0) {
       throw std::invalid_argument("cpu_gemv: quantized weights need scales and biases");
     }
-    mx::array sb[2] = {scales->a, biases->a};
-    put(mlxc::cpu_gemv(x->a, w->a, sb, bits, group_size, int8_x != 0), out);
+    mx::array sb[2] = {mlxc::arr(scales), mlxc::arr(biases)};
+    put(mlxc::cpu_gemv(mlxc::arr(x), mlxc::arr(w), sb, bits, group_size, int8_x != 0), out);
   }
   GUARD_END
 }
 
 int mlxc_rms_norm(mlxc_array x, mlxc_array weight, float eps, mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::fast::rms_norm(x->a, opt(weight), eps), out);
+  put(mx::fast::rms_norm(mlxc::arr(x), opt(weight), eps), out);
   GUARD_END
 }
 
 int mlxc_layer_norm(mlxc_array x, mlxc_array weight, mlxc_array bias, float eps,
                     mlxc_array* out) {
   GUARD_BEGIN
-  put(mx::fast::layer_norm(x->a, opt(weight), opt(bias), eps), out);
+  put(mx::fast::layer_norm(mlxc::arr(x), opt(weight), opt(bias), eps), out);
   GUARD_END
 }
 
@@ -949,7 +946,7 @@ int mlxc_rope(mlxc_array x, int dims, int traditional, float base, float scale,
   GUARD_BEGIN
   std::optional<float> b;
   if (!std::isnan(base)) b = base;
-  put(mx::fast::rope(x->a, dims, traditional != 0, b, scale, offset,
+  put(mx::fast::rope(mlxc::arr(x), dims, traditional != 0, b, scale, offset,
                      opt(freqs)),
       out);
   GUARD_END
@@ -961,7 +958,7 @@ int mlxc_rope_dynamic(mlxc_array x, int dims, int traditional, float base,
   GUARD_BEGIN
   std::optional<float> b;
   if (!std::isnan(base)) b = base;
-  put(mx::fast::rope(x->a, dims, traditional != 0, b, scale, offset->a,
+  put(mx::fast::rope(mlxc::arr(x), dims, traditional != 0, b, scale, mlxc::arr(offset),
                      opt(freqs)),
       out);
   GUARD_END
@@ -971,7 +968,7 @@ int mlxc_sdpa(mlxc_array q, mlxc_array k, mlxc_array v, float scale,
               const char* mask_mode, mlxc_array mask, mlxc_array* out) {
   GUARD_BEGIN
   std::string mode = mask_mode ? mask_mode : "";
-  put(mx::fast::scaled_dot_product_attention(q->a, k->a, v->a, scale, mode,
+  put(mx::fast::scaled_dot_product_attention(mlxc::arr(q), mlxc::arr(k), mlxc::arr(v), scale, mode,
                                              opt(mask)),
       out);
   GUARD_END
@@ -1062,7 +1059,7 @@ int mlxc_st_save(const char* path, const char** names, const mlxc_array* arrays,
                  size_t nmeta) {
   GUARD_BEGIN
   std::unordered_map<std::string, mx::array> m;
-  for (size_t i = 0; i < n; ++i) m.insert({names[i], arrays[i]->a});
+  for (size_t i = 0; i < n; ++i) m.insert({names[i], mlxc::arr(arrays[i])});
   std::unordered_map<std::string, std::string> meta;
   for (size_t i = 0; i < nmeta; ++i) meta[meta_keys[i]] = meta_values[i];
   mx::save_safetensors(std::string(path), std::move(m), std::move(meta));

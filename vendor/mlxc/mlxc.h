@@ -26,7 +26,11 @@ extern "C" {
 
 /* cdef-begin */
 
-typedef struct mlxc_array_s* mlxc_array;     /* one mlx::core::array */
+/* One mlx::core::array, owned: the address of mlxc's object holding it, as an
+ * integer. An integer, not a struct pointer, so that Python holds it as a plain
+ * int: amlx's Array keeps it in a C field (vendor/mlxc/arraytype.c) and cffi
+ * passes an int through with no pointer object made per call. 0 is "none". */
+typedef uintptr_t mlxc_array;
 typedef struct mlxc_vec_s* mlxc_vec;         /* a list of arrays */
 typedef struct mlxc_closure_s* mlxc_closure; /* a compiled function */
 typedef struct mlxc_st_s* mlxc_st;           /* a loaded safetensors file */

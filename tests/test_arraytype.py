@@ -1,0 +1,207 @@
+"""Array's C core (vendor/mlxc/arraytype.c, amlx._arraytype).
+
+The core owns the handle, frees it when the object dies, and runs the operators of
+the common operand types (Array, exactly float, exactly int) in C; every other
+operand type goes back to Python (`array._operator_other`). These tests pin what
+the move to C must not change: every operator against numpy for every operand
+kind, Python's fallbacks (NotImplemented, identity `==`), the errors, and that a
+dropped array gives its memory back with no `close()`.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import importlib
+import operator
+import threading
+import weakref
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import amlx
+from amlx import _mlx as mx
+from amlx._mlx import memory
+
+array_module = importlib.import_module("amlx._mlx.array")  # (amlx._mlx.array is also a function)
+
+FLOAT_OPS = {
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "truediv": operator.truediv,
+    "floordiv": operator.floordiv, "mod": operator.mod, "pow": operator.pow,
+    "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le, "gt": operator.gt,
+    "ge": operator.ge,
+}
+INT_OPS = {"and": operator.and_, "or": operator.or_, "xor": operator.xor, "lshift": operator.lshift,
+           "rshift": operator.rshift}
+
+# Operand kinds: how each is made from a numpy value, and whether it is weakly typed
+# (takes the array's dtype, as MLX's own bindings do) or strongly typed.
+OPERANDS = {
+    "array": lambda v: mx.array(v),
+    "float": lambda v: float(v.flat[0]),
+    "int": lambda v: int(v.flat[0]),
+    "numpy": lambda v: v,
+    "np_scalar": lambda v: v.dtype.type(v.flat[0]),
+    "list": lambda v: v.tolist(),
+}
+
+
+def _reference(op, x: np.ndarray, other, kind: str, reflected: bool) -> np.ndarray:
+    if kind in ("float", "int"):  # weak: the scalar takes x's dtype
+        other = np.asarray(other, dtype=x.dtype)
+    else:
+        other = np.asarray(other)
+    return op(other, x) if reflected else op(x, other)
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(sorted(FLOAT_OPS)), kind=st.sampled_from(sorted(OPERANDS)),
+       reflected=st.booleans(), seed=st.integers(0, 2**16), shape=st.sampled_from([(), (3,), (2, 3)]))
+def test_float_operators_match_numpy_for_every_operand_kind(name, kind, reflected, seed, shape):
+    # (numpy data on the left runs numpy's operator, which reads the Array through __array__)
+    assume(not (reflected and kind in ("numpy", "np_scalar")))
+    r = np.random.default_rng(seed)
+    x_np = r.uniform(0.5, 3.0, (2, 3)).astype(np.float32)
+    v = r.uniform(0.5, 3.0, shape).astype(np.float32)
+    if kind == "int":
+        v = np.asarray(r.integers(1, 4, shape), np.int64)
+    if kind in ("float", "int", "np_scalar"):
+        v = v.reshape(-1)[:1].reshape(())
+    other = OPERANDS[kind](v)
+    op = FLOAT_OPS[name]
+    x = mx.array(x_np)
+    got = op(other, x) if reflected else op(x, other)
+    assert type(got) is mx.Array
+    want = _reference(op, x_np, other, kind, reflected)
+    np.testing.assert_allclose(got.numpy(), want, rtol=2e-6, atol=1e-6)
+    assert got.dtype.np == want.dtype or want.dtype == np.float64  # (numpy float64 data stays float32 in MLX)
+
+
+@pytest.mark.parametrize("name", sorted(INT_OPS))
+@pytest.mark.parametrize("kind,reflected", [("array", False), ("array", True), ("int", False), ("int", True),
+                                            ("numpy", False), ("list", False), ("list", True)])
+def test_integer_operators(name, kind, reflected):  # (numpy on the left runs numpy's own operator)
+    x_np = np.array([[1, 2, 7], [12, 5, 3]], np.int32)
+    v = np.array([1, 2, 3], np.int32) if kind != "int" else np.array(2, np.int32)
+    other = OPERANDS[kind](v) if kind != "int" else 2
+    op = INT_OPS[name]
+    x = mx.array(x_np)
+    got = op(other, x) if reflected else op(x, other)
+    ref = np.asarray(other, np.int32) if kind == "int" else np.asarray(other)  # (a list of ints: int64)
+    want = op(ref, x_np) if reflected else op(x_np, ref)
+    assert got.tolist() == want.tolist()
+    assert got.dtype.np == want.dtype
+
+
+def test_unary_operators_and_matmul():
+    x_np = np.array([[1.5, -2.0], [0.25, -4.0]], np.float32)
+    x = mx.array(x_np)
+    assert (-x).tolist() == (-x_np).tolist()
+    assert abs(x).tolist() == np.abs(x_np).tolist()
+    assert (~mx.array(np.array([0, 5], np.int32))).tolist() == [-1, -6]
+    np.testing.assert_allclose((x @ x).numpy(), x_np @ x_np, rtol=1e-6)
+    np.testing.assert_allclose((x_np.tolist() @ x).numpy(), x_np @ x_np, rtol=1e-6)  # reflected, a list
+
+
+def test_bool_and_float_subclasses_are_not_the_weak_scalars():
+    # bool goes the Python way (a bool array), as do numpy scalars (strongly typed)
+    b = mx.array(np.array([True, False]))
+    assert (b & True).dtype is mx.bool_
+    bf = mx.array(np.ones(2, np.float32), mx.bfloat16)
+    assert (bf * 0.5).dtype is mx.bfloat16  # a Python float is weak
+    assert (bf * np.float64(0.5)).dtype is mx.float32  # numpy's float64 (a float subclass) is not
+
+
+def test_other_operand_types_fall_back_to_python():
+    x = mx.array(np.arange(3, dtype=np.float32))
+    assert (x == None) is False  # noqa: E711  (NotImplemented both ways: identity)
+    assert (x != "abc") is True
+    assert x.__add__("abc") is NotImplemented
+    with pytest.raises(TypeError):
+        x + "abc"
+    with pytest.raises(TypeError):
+        object() * x
+    with pytest.raises(TypeError):
+        pow(x, 2, 3)
+    with pytest.raises(OverflowError):
+        x + 2**70
+
+
+def test_failed_operators_raise_mlx_errors_naming_the_op():
+    a = mx.array(np.ones((2, 3), np.float32))
+    b = mx.array(np.ones((4,), np.float32))
+    for op, name in [(operator.add, "add"), (operator.mul, "mul"), (operator.matmul, "matmul"),
+                     (operator.lt, "lt")]:
+        with pytest.raises(amlx.MLXError, match=name):
+            op(a, b)
+    with pytest.raises(amlx.MLXError, match="add"):
+        a + np.ones(4, np.float32)  # through the Python fallback
+    with pytest.raises(amlx.MLXError, match="bitwise_invert"):
+        ~a  # (not defined for floats)
+    assert (a + 1.0).tolist() == [[2.0] * 3] * 2  # and everything still works
+
+
+def test_identity_hash_weakref_copy():
+    x = mx.array(np.arange(4, dtype=np.float32))
+    assert hash(x) == object.__hash__(x)
+    assert {x: 1}[x] == 1
+    ref = weakref.ref(x)
+    assert ref() is x
+    y = copy.copy(x)
+    assert y.handle != x.handle and y.tolist() == x.tolist()
+    z = mx.Array(x)  # shares the MLX array, owns its own handle
+    x.close()
+    assert z.tolist() == [0.0, 1.0, 2.0, 3.0] and y.tolist() == z.tolist()
+    del x
+    gc.collect()
+    assert ref() is None
+
+
+def test_handles_are_ints_owned_once():
+    x = mx.array(np.ones(2, np.float32))
+    h = x.handle
+    assert isinstance(h, int) and h == x._h and h != 0
+    x.close()
+    assert x._h == 0
+    with pytest.raises(ValueError, match="closed"):
+        x.handle
+    with pytest.raises(ValueError, match="null handle"):
+        array_module._adopt(0)
+    with pytest.raises(RuntimeError, match="installed already"):
+        array_module.arraytype.install(1, 1, 1, 1, 1, mx.Array, None, None)
+
+
+def _active() -> int:
+    mx.eval([])
+    return memory.active()
+
+
+def test_dropped_arrays_give_their_memory_back():
+    start = _active()
+    x = mx.array(np.ones((256, 256), np.float32))
+    for _ in range(20):  # evaluated operator results, never closed: freed when dropped
+        y = x * 2.0 + x
+        mx.eval(y)
+        z = -y
+        mx.eval(z)
+    assert _active() > start
+    del x, y, z
+    assert _active() == start
+
+
+def test_arrays_dropped_on_another_thread_are_freed():
+    start = _active()
+    arrays = [mx.array(np.ones((64, 64), np.float32)) + 1.0 for _ in range(8)]
+    mx.eval(arrays)
+    assert _active() > start
+
+    def drop():
+        arrays.clear()
+
+    t = threading.Thread(target=drop)
+    t.start()
+    t.join()
+    assert _active() == start

@@ -1,0 +1,329 @@
+/*
+ * amlx._arraytype: the C core of amlx's Array (amlx/_mlx/array.py subclasses it).
+ *
+ * Why it exists: an array op made through cffi cost 2-4x what MLX's own
+ * bindings cost (benchmarks/ffi_overhead.py). The time went to Python, not to
+ * MLX: a Python frame for the operator, cffi's call (a pointer object for the
+ * handle, the GIL released and taken again), a Python __del__ frame and a
+ * second cffi call to free each array. Here the handle lives in a C field, the
+ * operators of the common cases (array with array, Python float or int, and the
+ * unary ones) call mlxc directly, and deallocation frees the handle in C.
+ *
+ * This module does not link against mlxc: amlx/_mlx/array.py hands it the
+ * addresses of the few mlxc functions it calls (install), taken from the cffi
+ * module, so there is one copy of mlxc (and of its thread-local error text) in
+ * the process. Everything else (other operand types, errors' text, the rest of
+ * the Array API) stays in Python, through the callables given to install.
+ *
+ * Calls into mlxc from here keep the GIL: building one graph node takes well
+ * under a microsecond, less than releasing and retaking the GIL would.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+
+#include "mlxc.h"
+
+typedef mlxc_array (*binary_fn)(int, mlxc_array, mlxc_array);
+typedef mlxc_array (*binary_float_fn)(int, mlxc_array, double, int);
+typedef mlxc_array (*binary_int_fn)(int, mlxc_array, int64_t, int);
+typedef int (*unary_fn)(int, mlxc_array, mlxc_array*);
+typedef void (*free_fn)(mlxc_array);
+
+/* Set once by install(); every entry point below checks `installed`. */
+static int installed = 0;
+static binary_fn c_binary;
+static binary_float_fn c_binary_float;
+static binary_int_fn c_binary_int;
+static unary_fn c_unary;
+static free_fn c_free;
+static PyTypeObject* result_type;  /* the Python Array class: what new arrays are */
+static PyObject* py_other;         /* other(code, name, array, operand, reflected) */
+static PyObject* py_error;         /* error(name) -> the exception to raise */
+
+typedef struct {
+  PyObject_HEAD
+  mlxc_array h; /* 0 once closed (or never set) */
+} ArrayCore;
+
+static PyTypeObject ArrayCore_Type;
+
+static PyObject* closed_error(void) {
+  PyErr_SetString(PyExc_ValueError, "array is closed");
+  return NULL;
+}
+
+static PyObject* not_installed(void) {
+  PyErr_SetString(PyExc_RuntimeError, "amlx._arraytype is not installed (import amlx._mlx first)");
+  return NULL;
+}
+
+/* Raises the exception py_error builds for a failed op (MLX's text, the op's name). */
+static PyObject* op_failed(const char* name) {
+  PyObject* exc = PyObject_CallFunction(py_error, "s", name);
+  if (exc != NULL) {
+    PyErr_SetObject((PyObject*)Py_TYPE(exc), exc);
+    Py_DECREF(exc);
+  }
+  return NULL;
+}
+
+/* A new Array owning h; h is freed if the object cannot be made. */
+static PyObject* adopt(mlxc_array h) {
+  ArrayCore* r = (ArrayCore*)result_type->tp_alloc(result_type, 0);
+  if (r == NULL) {
+    c_free(h);
+    return NULL;
+  }
+  r->h = h;
+  return (PyObject*)r;
+}
+
+static PyObject* binary(PyObject* a, PyObject* b, int code, const char* name) {
+  if (!installed) return not_installed();
+  /* One of a, b is an Array (the number protocol called us). */
+  int reflected = !PyObject_TypeCheck(a, &ArrayCore_Type);
+  PyObject* self = reflected ? b : a;
+  PyObject* other = reflected ? a : b;
+  mlxc_array h = ((ArrayCore*)self)->h;
+  if (h == 0) return closed_error();
+  mlxc_array out;
+  /* Exactly float and int, as in MLX's bindings: weakly typed scalars that take the
+     array's dtype. bool, numpy scalars and subclasses take the Python path. */
+  if (PyFloat_CheckExact(other)) {
+    out = c_binary_float(code, h, PyFloat_AS_DOUBLE(other), reflected);
+  } else if (PyLong_CheckExact(other)) {
+    long long v = PyLong_AsLongLong(other);
+    if (v == -1 && PyErr_Occurred()) return NULL;
+    out = c_binary_int(code, h, (int64_t)v, reflected);
+  } else if (PyObject_TypeCheck(other, &ArrayCore_Type)) {
+    mlxc_array o = ((ArrayCore*)other)->h;
+    if (o == 0) return closed_error();
+    out = reflected ? c_binary(code, o, h) : c_binary(code, h, o);
+  } else {
+    return PyObject_CallFunction(py_other, "isOOi", code, name, self, other, reflected);
+  }
+  if (out == 0) return op_failed(name);
+  return adopt(out);
+}
+
+static PyObject* unary(PyObject* self, int code, const char* name) {
+  if (!installed) return not_installed();
+  mlxc_array h = ((ArrayCore*)self)->h;
+  if (h == 0) return closed_error();
+  mlxc_array out = 0;
+  if (c_unary(code, h, &out)) return op_failed(name);
+  return adopt(out);
+}
+
+#define BINARY(slot, code, name) \
+  static PyObject* slot(PyObject* a, PyObject* b) { return binary(a, b, code, name); }
+BINARY(nb_add, MLXC_ADD, "add")
+BINARY(nb_subtract, MLXC_SUBTRACT, "sub")
+BINARY(nb_multiply, MLXC_MULTIPLY, "mul")
+BINARY(nb_true_divide, MLXC_DIVIDE, "truediv")
+BINARY(nb_floor_divide, MLXC_FLOOR_DIVIDE, "floordiv")
+BINARY(nb_remainder, MLXC_REMAINDER, "mod")
+BINARY(nb_matrix_multiply, MLXC_MATMUL, "matmul")
+BINARY(nb_and, MLXC_BITWISE_AND, "and")
+BINARY(nb_or, MLXC_BITWISE_OR, "or")
+BINARY(nb_xor, MLXC_BITWISE_XOR, "xor")
+BINARY(nb_lshift, MLXC_LEFT_SHIFT, "lshift")
+BINARY(nb_rshift, MLXC_RIGHT_SHIFT, "rshift")
+#undef BINARY
+
+static PyObject* nb_power(PyObject* a, PyObject* b, PyObject* mod) {
+  if (mod != Py_None) Py_RETURN_NOTIMPLEMENTED; /* pow(x, y, m): a TypeError, as before */
+  return binary(a, b, MLXC_POWER, "pow");
+}
+
+static PyObject* nb_negative(PyObject* self) { return unary(self, MLXC_NEGATIVE, "negative"); }
+static PyObject* nb_absolute(PyObject* self) { return unary(self, MLXC_ABS, "abs"); }
+static PyObject* nb_invert(PyObject* self) { return unary(self, MLXC_BITWISE_INVERT, "bitwise_invert"); }
+
+/* self is always the Array here: for `1.0 < x` Python asks x with the swapped op. */
+static PyObject* richcompare(PyObject* self, PyObject* other, int op) {
+  switch (op) {
+    case Py_EQ: return binary(self, other, MLXC_EQUAL, "eq");
+    case Py_NE: return binary(self, other, MLXC_NOT_EQUAL, "ne");
+    case Py_LT: return binary(self, other, MLXC_LESS, "lt");
+    case Py_LE: return binary(self, other, MLXC_LESS_EQUAL, "le");
+    case Py_GT: return binary(self, other, MLXC_GREATER, "gt");
+    case Py_GE: return binary(self, other, MLXC_GREATER_EQUAL, "ge");
+  }
+  Py_RETURN_NOTIMPLEMENTED;
+}
+
+static void dealloc(PyObject* self) {
+  mlxc_array h = ((ArrayCore*)self)->h;
+  if (h != 0) {
+    ((ArrayCore*)self)->h = 0;
+    c_free(h);
+  }
+  Py_TYPE(self)->tp_free(self);
+}
+
+static PyObject* close_method(PyObject* self, PyObject* unused) {
+  mlxc_array h = ((ArrayCore*)self)->h;
+  if (h != 0) {
+    ((ArrayCore*)self)->h = 0;
+    c_free(h);
+  }
+  Py_RETURN_NONE;
+}
+
+static PyObject* get_handle(PyObject* self, void* unused) {
+  mlxc_array h = ((ArrayCore*)self)->h;
+  if (h == 0) return closed_error();
+  return PyLong_FromUnsignedLongLong((unsigned long long)h);
+}
+
+static PyObject* get_raw(PyObject* self, void* unused) {
+  return PyLong_FromUnsignedLongLong((unsigned long long)((ArrayCore*)self)->h);
+}
+
+/* Sets the handle this object owns (0: none). The old one, if any, is the caller's
+   to have moved elsewhere: nothing is freed here. */
+static int set_raw(PyObject* self, PyObject* value, void* unused) {
+  if (value == NULL) {
+    PyErr_SetString(PyExc_AttributeError, "an array's handle cannot be deleted");
+    return -1;
+  }
+  unsigned long long v = PyLong_AsUnsignedLongLong(value);
+  if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+  ((ArrayCore*)self)->h = (mlxc_array)v;
+  return 0;
+}
+
+static PyNumberMethods number_methods = {
+    .nb_add = nb_add,
+    .nb_subtract = nb_subtract,
+    .nb_multiply = nb_multiply,
+    .nb_remainder = nb_remainder,
+    .nb_power = nb_power,
+    .nb_negative = nb_negative,
+    .nb_absolute = nb_absolute,
+    .nb_invert = nb_invert,
+    .nb_lshift = nb_lshift,
+    .nb_rshift = nb_rshift,
+    .nb_and = nb_and,
+    .nb_xor = nb_xor,
+    .nb_or = nb_or,
+    .nb_floor_divide = nb_floor_divide,
+    .nb_true_divide = nb_true_divide,
+    .nb_matrix_multiply = nb_matrix_multiply,
+};
+
+static PyMethodDef methods[] = {
+    {"close", close_method, METH_NOARGS, "Releases the native handle; the array is unusable afterwards."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef getset[] = {
+    {"handle", get_handle, NULL,
+     "The raw mlxc_array (an int), valid only while this Array is alive and open.\n\n"
+     "It does not keep the Array alive: `f(make_array().handle)` frees the temporary\n"
+     "before `f` runs (a use-after-free). Hold the Array in a variable across the C call.",
+     NULL},
+    {"_h", get_raw, set_raw, "The owned mlxc_array as an int, 0 once closed (for amlx._mlx only).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ArrayCore_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "amlx._arraytype.ArrayCore",
+    .tp_basicsize = sizeof(ArrayCore),
+    .tp_dealloc = dealloc,
+    .tp_as_number = &number_methods,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "An MLX array handle owned in C (the base of amlx._mlx.Array).",
+    .tp_richcompare = richcompare,
+    .tp_methods = methods,
+    .tp_getset = getset,
+    .tp_new = PyType_GenericNew,
+};
+
+static PyObject* adopt_function(PyObject* module, PyObject* arg) {
+  if (!installed) return not_installed();
+  unsigned long long v = PyLong_AsUnsignedLongLong(arg);
+  if (v == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+  if (v == 0) {
+    PyErr_SetString(PyExc_ValueError, "adopt: a null handle");
+    return NULL;
+  }
+  return adopt((mlxc_array)v);
+}
+
+static void* address(PyObject* value) {
+  unsigned long long v = PyLong_AsUnsignedLongLong(value);
+  if (v == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+  if (v == 0) PyErr_SetString(PyExc_ValueError, "install: a null function address");
+  return (void*)(uintptr_t)v;
+}
+
+static PyObject* install(PyObject* module, PyObject* args) {
+  PyObject *binary_addr, *binary_float_addr, *binary_int_addr, *unary_addr, *free_addr;
+  PyObject *type, *other, *error;
+  if (!PyArg_ParseTuple(args, "OOOOOOOO:install", &binary_addr, &binary_float_addr, &binary_int_addr,
+                        &unary_addr, &free_addr, &type, &other, &error))
+    return NULL;
+  if (installed) {
+    PyErr_SetString(PyExc_RuntimeError, "amlx._arraytype is installed already");
+    return NULL;
+  }
+  if (!PyType_Check(type) || !PyType_IsSubtype((PyTypeObject*)type, &ArrayCore_Type)) {
+    PyErr_SetString(PyExc_TypeError, "install: the array type must subclass ArrayCore");
+    return NULL;
+  }
+  void* fns[5];
+  PyObject* addrs[5] = {binary_addr, binary_float_addr, binary_int_addr, unary_addr, free_addr};
+  for (int i = 0; i < 5; ++i) {
+    fns[i] = address(addrs[i]);
+    if (fns[i] == NULL) return NULL;
+  }
+  c_binary = (binary_fn)fns[0];
+  c_binary_float = (binary_float_fn)fns[1];
+  c_binary_int = (binary_int_fn)fns[2];
+  c_unary = (unary_fn)fns[3];
+  c_free = (free_fn)fns[4];
+  Py_INCREF(type);
+  Py_INCREF(other);
+  Py_INCREF(error);
+  result_type = (PyTypeObject*)type;
+  py_other = other;
+  py_error = error;
+  installed = 1;
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"install", install, METH_VARARGS,
+     "install(binary, binary_float, binary_int, unary, free, array_type, other, error): the\n"
+     "addresses of mlxc_binary_r, mlxc_binary_float_r, mlxc_binary_int_r, mlxc_unary and\n"
+     "mlxc_array_free; the ArrayCore subclass new arrays are made of; other(code, name, array,\n"
+     "operand, reflected) for operands that are not an Array, float or int; error(name) -> the\n"
+     "exception for a failed op. Once per process."},
+    {"adopt", adopt_function, METH_O, "adopt(handle) -> a new array owning the handle (an int, not 0)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "amlx._arraytype", "The C core of amlx's Array.", -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__arraytype(void) {
+  /* Arrays compare elementwise, so they hash by identity, as objects do (set here: a type
+     that defines richcompare alone would be unhashable). */
+  ArrayCore_Type.tp_hash = PyBaseObject_Type.tp_hash;
+  if (PyType_Ready(&ArrayCore_Type) < 0) return NULL;
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == NULL) return NULL;
+  Py_INCREF(&ArrayCore_Type);
+  if (PyModule_AddObject(m, "ArrayCore", (PyObject*)&ArrayCore_Type) < 0) {
+    Py_DECREF(&ArrayCore_Type);
+    Py_DECREF(m);
+    return NULL;
+  }
+  return m;
+}
