@@ -9,8 +9,10 @@ graph-node creation and wrapping the result. Two numbers per library:
 - build+eval: the same, then evaluating the result.
 
 Most of that chain's op is MLX making the Python float's scalar array (about 430 of
-the op's 718 ns in C++ alone, on a Zen 5), the same work on both sides, so two more
-chains show the bindings' own share: `x = x * y + y` (arrays only) and `x = -x`.
+the op's 718 ns in C++ alone, on a Zen 5), the same work on both sides, so more chains
+show the bindings' own share: `x = x * y + y` (arrays only) and `x = -x` (the operators,
+which amlx runs in C: vendor/mlxc/arraytype.c), and `x.reshape(...)` and `exp(x)` (ops
+that go through cffi from Python).
 
 Run: python benchmarks/ffi_overhead.py [--ops 1000] [--repeats 20]
 """
@@ -52,6 +54,18 @@ def chain_arrays(x, y, steps: int):
 def chain_negate(x, steps: int):
     for _ in range(2 * steps):
         x = -x
+    return x
+
+
+def chain_reshape(x, steps: int):
+    for _ in range(steps):
+        x = x.reshape(2, 2).reshape(4)
+    return x
+
+
+def chain_exp(exp, x, steps: int):  # a function op (exp, then its inverse's cost-alike: exp again)
+    for _ in range(2 * steps):
+        x = exp(x)
     return x
 
 
@@ -108,7 +122,10 @@ def main() -> None:
     rows = []
     for label, fa, fm in [("build (host overhead)", amlx_build, mlx_build), ("build + eval", amlx_full, mlx_full),
                           ("build, x * y + y", lambda: chain_arrays(xa, ya, steps), lambda: chain_arrays(xm, ym, steps)),
-                          ("build, -x", lambda: chain_negate(xa, steps), lambda: chain_negate(xm, steps))]:
+                          ("build, -x", lambda: chain_negate(xa, steps), lambda: chain_negate(xm, steps)),
+                          ("build, x.reshape", lambda: chain_reshape(xa, steps), lambda: chain_reshape(xm, steps)),
+                          ("build, exp(x)", lambda: chain_exp(mx.ops.exp, xa, steps),
+                           lambda: chain_exp(mc.exp, xm, steps))]:
         # Interleave the two libraries so drift in machine load hits both.
         ta = tm = float("inf")
         for _ in range(3):

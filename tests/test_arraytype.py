@@ -205,3 +205,83 @@ def test_arrays_dropped_on_another_thread_are_freed():
     t.start()
     t.join()
     assert _active() == start
+
+
+# -- ops as functions: NativeOps run the common case in C, anything else in their Python function
+
+from amlx._mlx import ops as O  # noqa: E402
+
+ARG_KINDS = {
+    "array": lambda v: mx.array(v),
+    "float": lambda v: float(v.flat[0]),
+    "int": lambda v: int(round(float(v.flat[0]))),
+    "numpy": lambda v: v,
+    "list": lambda v: v.tolist(),
+    "bool": lambda v: bool(v.flat[0] > 1),
+}
+
+
+def _same(got, want):
+    assert type(got) is mx.Array and type(want) is mx.Array
+    assert got.dtype is want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+@settings(max_examples=80, deadline=None)
+@given(name=st.sampled_from(["add", "subtract", "multiply", "divide", "maximum", "minimum", "power", "arctan2",
+                             "logaddexp", "equal", "less"]),
+       ka=st.sampled_from(sorted(ARG_KINDS)), kb=st.sampled_from(sorted(ARG_KINDS)), seed=st.integers(0, 2**16))
+def test_binary_functions_equal_their_python_function(name, ka, kb, seed):
+    r = np.random.default_rng(seed)
+    va, vb = (r.uniform(0.5, 2.0, (2, 3)).astype(np.float32) for _ in range(2))
+    a, b = ARG_KINDS[ka](va), ARG_KINDS[kb](vb)
+    op = getattr(O, name)
+    _same(op(a, b), op.__wrapped__(a, b))
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(["exp", "log", "sqrt", "negative", "abs", "tanh", "sigmoid", "floor", "square"]),
+       kind=st.sampled_from(["array", "numpy", "list", "float"]), seed=st.integers(0, 2**16))
+def test_unary_functions_equal_their_python_function(name, kind, seed):
+    v = np.random.default_rng(seed).uniform(0.5, 2.0, (3, 2)).astype(np.float32)
+    a = ARG_KINDS[kind](v)
+    op = getattr(O, name)
+    _same(op(a), op.__wrapped__(a))
+
+
+@pytest.mark.parametrize("shape", [(6,), [3, 2], (1, 6, 1), (-1,), (2, -1), (np.int64(3), 2), np.array([2, 3]),
+                                   (2.0, 3), (7,), (2**40,), (1,) * 33, ()])
+def test_shape_functions_equal_their_python_function(shape):
+    x = mx.array(np.arange(6, dtype=np.float32))
+
+    def outcome(fn):
+        try:
+            return fn(x, shape)
+        except Exception as exc:  # the same exception type and text from both
+            return exc
+
+    got, want = outcome(O.reshape), outcome(O.reshape.__wrapped__)
+    if isinstance(want, Exception):
+        assert type(got) is type(want) and str(got) == str(want)
+    else:
+        _same(got, want)
+    b = mx.array(np.arange(3, dtype=np.float32))
+    _same(O.broadcast_to(b, (2, 3)), O.broadcast_to.__wrapped__(b, (2, 3)))
+    _same(O.broadcast_to(1.5, [2, 2]), O.broadcast_to.__wrapped__(1.5, [2, 2]))
+
+
+def test_native_ops_look_like_their_functions_and_fail_alike():
+    assert O.exp.__name__ == "exp" and O.exp.__doc__ == O.exp.__wrapped__.__doc__
+    assert repr(O.reshape) == "<amlx op reshape>"
+    x = mx.array(np.ones((2, 3), np.float32))
+    _same(O.reshape(x, shape=(3, 2)), O.reshape.__wrapped__(x, (3, 2)))  # keywords go the Python way
+    with pytest.raises(amlx.MLXError, match="reshape"):
+        O.reshape(x, (4,))
+    with pytest.raises(amlx.MLXError, match="add"):
+        O.add(x, mx.array(np.ones(4, np.float32)))
+    with pytest.raises(TypeError):
+        O.exp()
+    x.close()
+    for use in (lambda: O.exp(x), lambda: O.add(x, 1.0), lambda: O.add(2, x), lambda: O.reshape(x, (6,))):
+        with pytest.raises(ValueError, match="closed"):
+            use()

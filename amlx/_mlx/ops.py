@@ -7,7 +7,7 @@ import numbers
 from typing import Iterable, Sequence
 
 from amlx._mlx import dtypes as _dt
-from amlx._mlx._lib import check, error, ffi, lib
+from amlx._mlx._lib import arraytype, check, error, ffi, lib
 from amlx._mlx.array import Array, _adopt_all, _call, _call_optional, array, binary_op, scalar_like
 
 def _int_arr(values: Sequence[int]):
@@ -40,6 +40,11 @@ def _named(op, name: str, doc: str):
     return op
 
 
+# The elementwise ops and the most used shape ops are NativeOps of Array's C core
+# (vendor/mlxc/arraytype.c): the common arguments (Arrays; Python floats and ints beside an
+# Array; shapes as tuples or lists of ints) run in C, as the operators do, and anything else
+# goes to the Python function each wraps (its `__wrapped__`), which converts it.
+
 def _unary(code: int, name: str):
     unary = lib.mlxc_unary
 
@@ -47,7 +52,7 @@ def _unary(code: int, name: str):
         a = _as_array(a)  # kept alive across the call: a temporary's handle is freed with it
         return _call(unary, name, code, a.handle)
 
-    return _named(op, name, f"Elementwise {name}.")
+    return arraytype.unary_function(code, name, _named(op, name, f"Elementwise {name}."))
 
 
 def _binary(code: int, name: str):
@@ -61,7 +66,12 @@ def _binary(code: int, name: str):
             return reflected(b, a)
         return forward(array(a), array(b))
 
-    return _named(op, name, f"Elementwise {name} with broadcasting.")
+    return arraytype.binary_function(code, name, _named(op, name, f"Elementwise {name} with broadcasting."))
+
+
+def _shape_op(name: str, op):
+    """op(a, ints) as a NativeOp over the mlxc function of the same name."""
+    return arraytype.shape_function(int(ffi.cast("uintptr_t", ffi.addressof(lib, f"mlxc_{name}"))), name, op)
 
 
 abs = _unary(lib.MLXC_ABS, "abs")
@@ -244,9 +254,13 @@ def triu(a: Array, k: int = 0) -> Array:
 
 # -- shapes --------------------------------------------------------------
 
-def reshape(a: Array, shape: Sequence[int]) -> Array:
+def _reshape(a: Array, shape: Sequence[int]) -> Array:
+    """`a` with a new shape (one dimension may be -1)."""
     s, n = _int_arr(shape)
     return _call(lib.mlxc_reshape, "reshape", a.handle, s, n)
+
+
+reshape = _shape_op("reshape", _reshape)
 
 
 def transpose(a: Array, axes: Sequence[int] | None = None) -> Array:
@@ -272,10 +286,14 @@ def squeeze(a: Array, axis=None) -> Array:
     return _call(lib.mlxc_squeeze, "squeeze", a.handle, s, n)
 
 
-def broadcast_to(a, shape: Sequence[int]) -> Array:
+def _broadcast_to(a, shape: Sequence[int]) -> Array:
+    """`a` broadcast to `shape`."""
     s, n = _int_arr(shape)
     a = _as_array(a)
     return _call(lib.mlxc_broadcast_to, "broadcast_to", a.handle, s, n)
+
+
+broadcast_to = _shape_op("broadcast_to", _broadcast_to)
 
 
 def flatten(a: Array) -> Array:
@@ -519,4 +537,4 @@ def graph_summary(*arrays) -> tuple[int, dict[str, int]]:
 
 
 __all__ = [n for n in dir() if not n.startswith("_") and n not in ("annotations", "builtins", "numbers",
-                                                                      "Iterable", "Sequence")]
+                                                                      "Iterable", "Sequence", "arraytype")]

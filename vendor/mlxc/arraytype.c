@@ -21,6 +21,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <limits.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "mlxc.h"
@@ -80,9 +82,11 @@ static PyObject* adopt(mlxc_array h) {
   return (PyObject*)r;
 }
 
-static PyObject* binary(PyObject* a, PyObject* b, int code, const char* name) {
+/* op(a, b) where one of a, b is an Array. Operands that are neither an Array nor exactly a
+   Python float or int go to `function_fallback(a, b)` when it is given (the ops module's
+   functions), else to py_other (the operators: it may answer NotImplemented). */
+static PyObject* binary_with(PyObject* a, PyObject* b, int code, const char* name, PyObject* function_fallback) {
   if (!installed) return not_installed();
-  /* One of a, b is an Array (the number protocol called us). */
   int reflected = !PyObject_TypeCheck(a, &ArrayCore_Type);
   PyObject* self = reflected ? b : a;
   PyObject* other = reflected ? a : b;
@@ -101,11 +105,17 @@ static PyObject* binary(PyObject* a, PyObject* b, int code, const char* name) {
     mlxc_array o = ((ArrayCore*)other)->h;
     if (o == 0) return closed_error();
     out = reflected ? c_binary(code, o, h) : c_binary(code, h, o);
+  } else if (function_fallback != NULL) {
+    return PyObject_CallFunctionObjArgs(function_fallback, a, b, NULL);
   } else {
     return PyObject_CallFunction(py_other, "isOOi", code, name, self, other, reflected);
   }
   if (out == 0) return op_failed(name);
   return adopt(out);
+}
+
+static PyObject* binary(PyObject* a, PyObject* b, int code, const char* name) {
+  return binary_with(a, b, code, name, NULL);
 }
 
 static PyObject* unary(PyObject* self, int code, const char* name) {
@@ -244,6 +254,187 @@ static PyTypeObject ArrayCore_Type = {
     .tp_new = PyType_GenericNew,
 };
 
+static void* address(PyObject* value) {
+  unsigned long long v = PyLong_AsUnsignedLongLong(value);
+  if (v == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+  if (v == 0) PyErr_SetString(PyExc_ValueError, "a null function address");
+  return (void*)(uintptr_t)v;
+}
+
+/* ---- ops as functions (amlx/_mlx/ops.py): exp(a), add(a, b), reshape(a, shape) ----------
+   A NativeOp runs the common case in C, as the operators do, and hands any other arguments to
+   the Python function it stands in for (`fallback`), which converts them (numpy data, scalars,
+   numpy integers in shapes, None axes) and gives the same result and errors as before. */
+
+enum { OP_UNARY = 0, OP_BINARY = 1, OP_SHAPE = 2 };
+#define MAX_DIMS 32 /* (longer shapes or axes go the Python way) */
+
+typedef int (*shape_fn)(mlxc_array, const int*, int, mlxc_array*);
+
+typedef struct {
+  PyObject_HEAD
+  vectorcallfunc vectorcall;
+  int kind;
+  int code;          /* OP_UNARY, OP_BINARY: the mlxc op code */
+  shape_fn shape;    /* OP_SHAPE: the mlxc function */
+  PyObject* name;    /* str */
+  const char* cname; /* its UTF-8, alive with `name` */
+  PyObject* fallback;
+} NativeOp;
+
+static PyObject* fallback_call(NativeOp* op, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
+  return PyObject_Vectorcall(op->fallback, args, nargsf, kwnames);
+}
+
+/* A shape or axes: a tuple or list of exact Python ints within C's int, else 0 (take the
+   Python way; nothing raised). */
+static int read_ints(PyObject* seq, int* out, int* n) {
+  if (!PyTuple_CheckExact(seq) && !PyList_CheckExact(seq)) return 0;
+  Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+  if (len > MAX_DIMS) return 0;
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  for (Py_ssize_t i = 0; i < len; ++i) {
+    if (!PyLong_CheckExact(items[i])) return 0;
+    int overflow = 0;
+    long v = PyLong_AsLongAndOverflow(items[i], &overflow);
+    if (overflow || v < INT_MIN || v > INT_MAX) return 0;
+    if (v == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return 0;
+    }
+    out[i] = (int)v;
+  }
+  *n = (int)len;
+  return 1;
+}
+
+static PyObject* native_op_call(PyObject* self, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
+  NativeOp* op = (NativeOp*)self;
+  Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  if (!installed) return not_installed();
+  if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) return fallback_call(op, args, nargsf, kwnames);
+  switch (op->kind) {
+    case OP_UNARY:
+      if (nargs == 1 && PyObject_TypeCheck(args[0], &ArrayCore_Type)) return unary(args[0], op->code, op->cname);
+      break;
+    case OP_BINARY:
+      if (nargs == 2 && (PyObject_TypeCheck(args[0], &ArrayCore_Type) || PyObject_TypeCheck(args[1], &ArrayCore_Type)))
+        return binary_with(args[0], args[1], op->code, op->cname, op->fallback);
+      break;
+    case OP_SHAPE: {
+      int dims[MAX_DIMS];
+      int n = 0;
+      if (nargs == 2 && PyObject_TypeCheck(args[0], &ArrayCore_Type) && read_ints(args[1], dims, &n)) {
+        mlxc_array h = ((ArrayCore*)args[0])->h;
+        if (h == 0) return closed_error();
+        mlxc_array out = 0;
+        if (op->shape(h, dims, n, &out)) return op_failed(op->cname);
+        return adopt(out);
+      }
+      break;
+    }
+  }
+  return fallback_call(op, args, nargsf, kwnames);
+}
+
+static void native_op_dealloc(PyObject* self) {
+  NativeOp* op = (NativeOp*)self;
+  Py_XDECREF(op->name);
+  Py_XDECREF(op->fallback);
+  Py_TYPE(self)->tp_free(self);
+}
+
+static PyObject* native_op_repr(PyObject* self) {
+  return PyUnicode_FromFormat("<amlx op %U>", ((NativeOp*)self)->name);
+}
+
+static PyObject* native_op_get_name(PyObject* self, void* unused) {
+  PyObject* name = ((NativeOp*)self)->name;
+  Py_INCREF(name);
+  return name;
+}
+
+static PyObject* native_op_get_doc(PyObject* self, void* unused) {
+  return PyObject_GetAttrString(((NativeOp*)self)->fallback, "__doc__");
+}
+
+static PyObject* native_op_get_wrapped(PyObject* self, void* unused) {
+  PyObject* fallback = ((NativeOp*)self)->fallback;
+  Py_INCREF(fallback);
+  return fallback;
+}
+
+static PyGetSetDef native_op_getset[] = {
+    {"__name__", native_op_get_name, NULL, "the op's name", NULL},
+    {"__doc__", native_op_get_doc, NULL, "the Python function's docstring", NULL},
+    {"__wrapped__", native_op_get_wrapped, NULL, "the Python function it stands in for", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+#ifndef Py_TPFLAGS_HAVE_VECTORCALL /* (public from Python 3.12) */
+#define Py_TPFLAGS_HAVE_VECTORCALL _Py_TPFLAGS_HAVE_VECTORCALL
+#endif
+
+static PyTypeObject NativeOp_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "amlx._arraytype.NativeOp",
+    .tp_basicsize = sizeof(NativeOp),
+    .tp_dealloc = native_op_dealloc,
+    .tp_vectorcall_offset = offsetof(NativeOp, vectorcall),
+    .tp_repr = native_op_repr,
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "An array op run in C for Array arguments, by its Python function otherwise.",
+    .tp_getset = native_op_getset,
+};
+
+static PyObject* make_op(int kind, int code, shape_fn shape, PyObject* name, PyObject* fallback) {
+  if (!PyUnicode_Check(name)) {
+    PyErr_SetString(PyExc_TypeError, "an op's name is a str");
+    return NULL;
+  }
+  if (!PyCallable_Check(fallback)) {
+    PyErr_SetString(PyExc_TypeError, "an op's fallback must be callable");
+    return NULL;
+  }
+  const char* cname = PyUnicode_AsUTF8(name);
+  if (cname == NULL) return NULL;
+  NativeOp* op = PyObject_New(NativeOp, &NativeOp_Type);
+  if (op == NULL) return NULL;
+  op->vectorcall = native_op_call;
+  op->kind = kind;
+  op->code = code;
+  op->shape = shape;
+  Py_INCREF(name);
+  op->name = name;
+  op->cname = cname;
+  Py_INCREF(fallback);
+  op->fallback = fallback;
+  return (PyObject*)op;
+}
+
+static PyObject* unary_function(PyObject* module, PyObject* args) {
+  int code;
+  PyObject *name, *fallback;
+  if (!PyArg_ParseTuple(args, "iUO:unary_function", &code, &name, &fallback)) return NULL;
+  return make_op(OP_UNARY, code, NULL, name, fallback);
+}
+
+static PyObject* binary_function(PyObject* module, PyObject* args) {
+  int code;
+  PyObject *name, *fallback;
+  if (!PyArg_ParseTuple(args, "iUO:binary_function", &code, &name, &fallback)) return NULL;
+  return make_op(OP_BINARY, code, NULL, name, fallback);
+}
+
+static PyObject* shape_function(PyObject* module, PyObject* args) {
+  PyObject *addr, *name, *fallback;
+  if (!PyArg_ParseTuple(args, "OUO:shape_function", &addr, &name, &fallback)) return NULL;
+  void* fn = address(addr);
+  if (fn == NULL) return NULL;
+  return make_op(OP_SHAPE, 0, (shape_fn)fn, name, fallback);
+}
+
 static PyObject* adopt_function(PyObject* module, PyObject* arg) {
   if (!installed) return not_installed();
   unsigned long long v = PyLong_AsUnsignedLongLong(arg);
@@ -253,13 +444,6 @@ static PyObject* adopt_function(PyObject* module, PyObject* arg) {
     return NULL;
   }
   return adopt((mlxc_array)v);
-}
-
-static void* address(PyObject* value) {
-  unsigned long long v = PyLong_AsUnsignedLongLong(value);
-  if (v == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
-  if (v == 0) PyErr_SetString(PyExc_ValueError, "install: a null function address");
-  return (void*)(uintptr_t)v;
 }
 
 static PyObject* install(PyObject* module, PyObject* args) {
@@ -305,18 +489,32 @@ static PyMethodDef module_methods[] = {
      "operand, reflected) for operands that are not an Array, float or int; error(name) -> the\n"
      "exception for a failed op. Once per process."},
     {"adopt", adopt_function, METH_O, "adopt(handle) -> a new array owning the handle (an int, not 0)."},
+    {"unary_function", unary_function, METH_VARARGS,
+     "unary_function(code, name, fallback) -> op(a): mlxc_unary's op `code` in C where `a` is an\n"
+     "Array, fallback(a) otherwise."},
+    {"binary_function", binary_function, METH_VARARGS,
+     "binary_function(code, name, fallback) -> op(a, b): the binary op `code` in C where one of a, b\n"
+     "is an Array and the other an Array or exactly a float or int, fallback(a, b) otherwise."},
+    {"shape_function", shape_function, METH_VARARGS,
+     "shape_function(address, name, fallback) -> op(a, ints): the mlxc function at `address`\n"
+     "(int f(mlxc_array, const int*, int, mlxc_array*)) in C where `a` is an Array and `ints` a\n"
+     "tuple or list of at most 32 Python ints, fallback(a, ints) otherwise."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "amlx._arraytype", "The C core of amlx's Array.", -1, module_methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "amlx._arraytype",
+    .m_doc = "The C core of amlx's Array and of its most used ops.",
+    .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC PyInit__arraytype(void) {
   /* Arrays compare elementwise, so they hash by identity, as objects do (set here: a type
      that defines richcompare alone would be unhashable). */
   ArrayCore_Type.tp_hash = PyBaseObject_Type.tp_hash;
-  if (PyType_Ready(&ArrayCore_Type) < 0) return NULL;
+  if (PyType_Ready(&ArrayCore_Type) < 0 || PyType_Ready(&NativeOp_Type) < 0) return NULL;
   PyObject* m = PyModule_Create(&module_def);
   if (m == NULL) return NULL;
   Py_INCREF(&ArrayCore_Type);
