@@ -195,6 +195,22 @@ def test_any_choice_list_is_escaped_exactly(family, choices, seed):
         assert m.accepting
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_choices_that_unicode_normalization_changes_come_out_exactly(family, temperature):
+    """Qwen's tokenizer normalizes to NFC; a choice is exact text all the same. Found by the test
+    above: U+2F800 (NFC: U+4E3D) failed the request inside llguidance ("forced bytes: got 'ð';
+    applying 'ä'"), as llguidance tokenized the forced text through the normalizer."""
+    tok, vocab = family
+    choices = ["\U0002F800", "e\u0301", "A\u030a!", "\ufb01x", "\U0001F600 \\u1234"]
+    constraint = parse_constraint(choice=choices)
+    for seed in range(6):
+        for ids in generate_batch(vocab, [constraint] * 4, seed=seed, temperature=temperature):
+            assert tok.decode(ids) in choices
+    for c in choices:  # each one alone, forced from its first byte
+        ids = generate_batch(vocab, [parse_constraint(choice=[c])], seed=0, temperature=temperature)[0]
+        assert tok.decode(ids) == c
+
+
 # ---------------------------------------------------------------------------------------------
 # the matcher and the masks
 

@@ -54,6 +54,35 @@ def mask_slices() -> list[str]:
 _SPECIAL_MARK = "\ue000"  # a private-use character: in no real prompt or grammar
 
 
+_UNICODE_FORMS = {"NFC", "NFD", "NFKC", "NFKD"}
+
+
+def _without_unicode_normalization(tokenizer_json: str) -> str:
+    """The tokenizer.json without its Unicode normalization (NFC, NFKC...; other normalizers,
+    such as SentencePiece's space to "▁", stay).
+
+    Why: where a grammar forces text, llguidance tokenizes the forced bytes with the Hugging
+    Face tokenizer, normalizer included, and then checks the tokens against those bytes. Qwen's
+    tokenizer normalizes to NFC, so forced text that NFC changes (U+2F800, a CJK compatibility
+    ideograph, becomes U+4E3D; "e" + a combining accent becomes one character) came back as
+    other bytes and the request failed ("forced bytes: got ...; applying ..."). A grammar's
+    text is exact bytes: it is tokenized as it is."""
+    data = json.loads(tokenizer_json)
+    norm = data.get("normalizer")
+    if not isinstance(norm, dict):
+        return tokenizer_json
+    if norm.get("type") in _UNICODE_FORMS:
+        data["normalizer"] = None
+    elif norm.get("type") == "Sequence" and isinstance(norm.get("normalizers"), list):
+        kept = [n for n in norm["normalizers"] if not (isinstance(n, dict) and n.get("type") in _UNICODE_FORMS)]
+        if len(kept) == len(norm["normalizers"]):
+            return tokenizer_json
+        data["normalizer"] = {**norm, "normalizers": kept} if kept else None
+    else:
+        return tokenizer_json
+    return json.dumps(data)
+
+
 def _mark_special_tokens(tokenizer_json: str) -> tuple[str, dict[int, str]]:
     """The tokenizer.json with the names of the tokens llguidance takes as special (flagged
     special, or any added `<...>`) marked, ids unchanged, and those ids' names as they were.
@@ -196,6 +225,7 @@ class GrammarVocab:
         self._lock = threading.Lock()
 
     def _llg_tokenizer(self, tokenizer_json: str) -> llguidance.LLTokenizer:
+        tokenizer_json = _without_unicode_normalization(tokenizer_json)
         try:
             return llguidance.LLTokenizer(tokenizer_json, n_vocab=self.vocab_size, eos_token=self._eos or None,
                                           slices=mask_slices())
