@@ -285,3 +285,33 @@ def test_native_ops_look_like_their_functions_and_fail_alike():
     for use in (lambda: O.exp(x), lambda: O.add(x, 1.0), lambda: O.add(2, x), lambda: O.reshape(x, (6,))):
         with pytest.raises(ValueError, match="closed"):
             use()
+
+
+@pytest.mark.parametrize("args", [(2, 3), ((2, 3),), ([3, 2],), (-1,), (6,), (np.int64(2), 3), ((np.int32(3), 2),),
+                                  (2, 4), (), (2**40,), (2.0, 3), tuple([1] * 33)])
+def test_the_reshape_method_equals_its_python_way(args):
+    x = mx.array(np.arange(6, dtype=np.float32))
+
+    def outcome(fn):
+        try:
+            return fn(x, *args)
+        except Exception as exc:
+            return exc
+
+    got = outcome(lambda a, *s: a.reshape(*s))
+    want = outcome(array_module._reshape_method)
+    if isinstance(want, Exception):
+        assert type(got) is type(want) and str(got) == str(want)
+    else:
+        _same(got, want)
+
+
+def test_initialising_an_array_again_releases_its_handle():
+    start = _active()
+    x = mx.array(np.ones((128, 128), np.float32))
+    y = x + 1.0
+    mx.eval(y)
+    y.__init__(np.zeros(3, np.float32))  # (y's old value had only this handle)
+    assert y.tolist() == [0.0, 0.0, 0.0]
+    del x
+    assert _active() < start + 128 * 128 * 4  # both 64 KiB buffers gone: y's old one too

@@ -275,7 +275,7 @@ def test_loaded_checkpoint_frees_on_close(tmp_path, start):
 
 
 # -- raw handles and temporaries --------------------------------------------------------
-# An Array owns a raw mlxc_array freed in __del__: `f(make_array().handle)` would
+# An Array owns a raw mlxc_array freed when it dies: `f(make_array().handle)` would
 # free the temporary before f runs. These guard against that use-after-free.
 
 def test_no_handle_of_a_temporary_in_the_array_layer():

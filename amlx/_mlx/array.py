@@ -107,6 +107,8 @@ class Array(arraytype.ArrayCore):
         def __invert__(self) -> Array: ...
 
     def __init__(self, value, dtype=None):
+        if self._h:  # (initialised again: the handle it held is released, not leaked)
+            self.close()
         src = array(value, dtype)
         if src is value:  # an Array already: share the MLX array, not the caller's handle
             src = _call(lib.mlxc_array_clone, "array", value.handle)
@@ -212,10 +214,8 @@ class Array(arraytype.ArrayCore):
     def astype(self, dtype) -> "Array":
         return _ops.astype(self, dtype)
 
-    def reshape(self, *shape) -> "Array":
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = shape[0]
-        return _ops.reshape(self, shape)
+    if TYPE_CHECKING:  # in the C core (ints in C, anything else through _reshape_method below)
+        def reshape(self, *shape) -> Array: ...
 
     def transpose(self, *axes) -> "Array":
         if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
@@ -360,3 +360,13 @@ arraytype.install(*(int(ffi.cast("uintptr_t", ffi.addressof(lib, f)))
 # once this module's names exist, rather than imported inside every call (190 ns each).
 from amlx._mlx import indexing as _indexing  # noqa: E402
 from amlx._mlx import ops as _ops  # noqa: E402
+
+
+def _reshape_method(a: Array, *shape) -> Array:
+    """Array.reshape for what the C core leaves to Python (numpy integers, other sequences)."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = shape[0]
+    return _ops.reshape(a, shape)
+
+
+arraytype.install_reshape(int(ffi.cast("uintptr_t", ffi.addressof(lib, "mlxc_reshape"))), _reshape_method)

@@ -32,6 +32,22 @@ typedef mlxc_array (*binary_float_fn)(int, mlxc_array, double, int);
 typedef mlxc_array (*binary_int_fn)(int, mlxc_array, int64_t, int);
 typedef int (*unary_fn)(int, mlxc_array, mlxc_array*);
 typedef void (*free_fn)(mlxc_array);
+typedef int (*shape_fn)(mlxc_array, const int*, int, mlxc_array*);
+
+/* These types are the prototypes in mlxc.h written again (this module takes the functions'
+   addresses at run time, not at link time): a change there must fail here, not at run time. */
+#if defined(__GNUC__)
+#define SAME_TYPE(fn_type, fn) \
+  _Static_assert(__builtin_types_compatible_p(fn_type, __typeof__(&fn)), #fn " changed in mlxc.h")
+SAME_TYPE(binary_fn, mlxc_binary_r);
+SAME_TYPE(binary_float_fn, mlxc_binary_float_r);
+SAME_TYPE(binary_int_fn, mlxc_binary_int_r);
+SAME_TYPE(unary_fn, mlxc_unary);
+SAME_TYPE(free_fn, mlxc_array_free);
+SAME_TYPE(shape_fn, mlxc_reshape);
+SAME_TYPE(shape_fn, mlxc_broadcast_to);
+#undef SAME_TYPE
+#endif
 
 /* Set once by install(); every entry point below checks `installed`. */
 static int installed = 0;
@@ -43,6 +59,8 @@ static free_fn c_free;
 static PyTypeObject* result_type;  /* the Python Array class: what new arrays are */
 static PyObject* py_other;         /* other(code, name, array, operand, reflected) */
 static PyObject* py_error;         /* error(name) -> the exception to raise */
+
+#define MAX_DIMS 32 /* (longer shapes or axes go the Python way) */
 
 typedef struct {
   PyObject_HEAD
@@ -167,7 +185,7 @@ static PyObject* richcompare(PyObject* self, PyObject* other, int op) {
 
 static void dealloc(PyObject* self) {
   mlxc_array h = ((ArrayCore*)self)->h;
-  if (h != 0) {
+  if (h != 0 && c_free != NULL) {
     ((ArrayCore*)self)->h = 0;
     c_free(h);
   }
@@ -176,7 +194,7 @@ static void dealloc(PyObject* self) {
 
 static PyObject* close_method(PyObject* self, PyObject* unused) {
   mlxc_array h = ((ArrayCore*)self)->h;
-  if (h != 0) {
+  if (h != 0 && c_free != NULL) {
     ((ArrayCore*)self)->h = 0;
     c_free(h);
   }
@@ -206,6 +224,40 @@ static int set_raw(PyObject* self, PyObject* value, void* unused) {
   return 0;
 }
 
+/* x.reshape(2, 3) / x.reshape((2, 3)): mlxc_reshape in C for Python ints; anything else (and
+   before install_reshape) goes to reshape_fallback(self, *args), the Python method. */
+static shape_fn c_reshape;
+static PyObject* reshape_fallback;
+static int read_ints(PyObject* seq, int* out, int* n);
+static int read_int_args(PyObject* const* args, Py_ssize_t nargs, int* out, int* n);
+
+static PyObject* reshape_method(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  int dims[MAX_DIMS];
+  int n = 0;
+  int ok = c_reshape != NULL &&
+           (nargs == 1 && (PyTuple_CheckExact(args[0]) || PyList_CheckExact(args[0])) ? read_ints(args[0], dims, &n)
+                                                                                      : read_int_args(args, nargs, dims, &n));
+  if (!ok) {
+    if (reshape_fallback == NULL) return not_installed();
+    PyObject* call_args = PyTuple_New(nargs + 1);
+    if (call_args == NULL) return NULL;
+    Py_INCREF(self);
+    PyTuple_SET_ITEM(call_args, 0, self);
+    for (Py_ssize_t i = 0; i < nargs; ++i) {
+      Py_INCREF(args[i]);
+      PyTuple_SET_ITEM(call_args, i + 1, args[i]);
+    }
+    PyObject* r = PyObject_Call(reshape_fallback, call_args, NULL);
+    Py_DECREF(call_args);
+    return r;
+  }
+  mlxc_array h = ((ArrayCore*)self)->h;
+  if (h == 0) return closed_error();
+  mlxc_array out = 0;
+  if (c_reshape(h, dims, n, &out)) return op_failed("reshape");
+  return adopt(out);
+}
+
 static PyNumberMethods number_methods = {
     .nb_add = nb_add,
     .nb_subtract = nb_subtract,
@@ -227,6 +279,8 @@ static PyNumberMethods number_methods = {
 
 static PyMethodDef methods[] = {
     {"close", close_method, METH_NOARGS, "Releases the native handle; the array is unusable afterwards."},
+    {"reshape", (PyCFunction)(void (*)(void))reshape_method, METH_FASTCALL,
+     "reshape(*shape) or reshape(shape): the array with a new shape (one dimension may be -1)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -267,9 +321,6 @@ static void* address(PyObject* value) {
    numpy integers in shapes, None axes) and gives the same result and errors as before. */
 
 enum { OP_UNARY = 0, OP_BINARY = 1, OP_SHAPE = 2 };
-#define MAX_DIMS 32 /* (longer shapes or axes go the Python way) */
-
-typedef int (*shape_fn)(mlxc_array, const int*, int, mlxc_array*);
 
 typedef struct {
   PyObject_HEAD
@@ -305,6 +356,24 @@ static int read_ints(PyObject* seq, int* out, int* n) {
     out[i] = (int)v;
   }
   *n = (int)len;
+  return 1;
+}
+
+/* The same for ints given as separate arguments (x.reshape(2, 3)). */
+static int read_int_args(PyObject* const* args, Py_ssize_t nargs, int* out, int* n) {
+  if (nargs > MAX_DIMS) return 0;
+  for (Py_ssize_t i = 0; i < nargs; ++i) {
+    if (!PyLong_CheckExact(args[i])) return 0;
+    int overflow = 0;
+    long v = PyLong_AsLongAndOverflow(args[i], &overflow);
+    if (overflow || v < INT_MIN || v > INT_MAX) return 0;
+    if (v == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return 0;
+    }
+    out[i] = (int)v;
+  }
+  *n = (int)nargs;
   return 1;
 }
 
@@ -432,7 +501,22 @@ static PyObject* shape_function(PyObject* module, PyObject* args) {
   if (!PyArg_ParseTuple(args, "OUO:shape_function", &addr, &name, &fallback)) return NULL;
   void* fn = address(addr);
   if (fn == NULL) return NULL;
-  return make_op(OP_SHAPE, 0, (shape_fn)fn, name, fallback);
+  return make_op(OP_SHAPE, 0, (shape_fn)(uintptr_t)fn, name, fallback);
+}
+
+static PyObject* install_reshape(PyObject* module, PyObject* args) {
+  PyObject *addr, *fallback;
+  if (!PyArg_ParseTuple(args, "OO:install_reshape", &addr, &fallback)) return NULL;
+  if (!PyCallable_Check(fallback)) {
+    PyErr_SetString(PyExc_TypeError, "install_reshape: the fallback must be callable");
+    return NULL;
+  }
+  void* fn = address(addr);
+  if (fn == NULL) return NULL;
+  Py_INCREF(fallback);
+  Py_XSETREF(reshape_fallback, fallback);
+  c_reshape = (shape_fn)(uintptr_t)fn;
+  Py_RETURN_NONE;
 }
 
 static PyObject* adopt_function(PyObject* module, PyObject* arg) {
@@ -466,11 +550,11 @@ static PyObject* install(PyObject* module, PyObject* args) {
     fns[i] = address(addrs[i]);
     if (fns[i] == NULL) return NULL;
   }
-  c_binary = (binary_fn)fns[0];
-  c_binary_float = (binary_float_fn)fns[1];
-  c_binary_int = (binary_int_fn)fns[2];
-  c_unary = (unary_fn)fns[3];
-  c_free = (free_fn)fns[4];
+  c_binary = (binary_fn)(uintptr_t)fns[0];
+  c_binary_float = (binary_float_fn)(uintptr_t)fns[1];
+  c_binary_int = (binary_int_fn)(uintptr_t)fns[2];
+  c_unary = (unary_fn)(uintptr_t)fns[3];
+  c_free = (free_fn)(uintptr_t)fns[4];
   Py_INCREF(type);
   Py_INCREF(other);
   Py_INCREF(error);
@@ -489,6 +573,9 @@ static PyMethodDef module_methods[] = {
      "operand, reflected) for operands that are not an Array, float or int; error(name) -> the\n"
      "exception for a failed op. Once per process."},
     {"adopt", adopt_function, METH_O, "adopt(handle) -> a new array owning the handle (an int, not 0)."},
+    {"install_reshape", install_reshape, METH_VARARGS,
+     "install_reshape(address, fallback): ArrayCore.reshape calls mlxc_reshape (at `address`) for\n"
+     "Python ints, fallback(array, *args) otherwise."},
     {"unary_function", unary_function, METH_VARARGS,
      "unary_function(code, name, fallback) -> op(a): mlxc_unary's op `code` in C where `a` is an\n"
      "Array, fallback(a) otherwise."},

@@ -497,7 +497,7 @@ static int binary_int_into(int op, mlxc_array a, int64_t value, int reflected, m
   GUARD_END
 }
 
-// (the binary ops return their handle, NULL on failure: no out-parameter for cffi to allocate per op)
+// (the binary ops return their handle, 0 on failure: no out-parameter for cffi to allocate per op)
 mlxc_array mlxc_binary_r(int op, mlxc_array a, mlxc_array b) {
   mlxc_array out = 0;
   return binary_into(op, a, b, &out) ? 0 : out;

@@ -96,7 +96,7 @@ int mlxc_blas_threads(void);
 int mlxc_blas_set_threads(int n);
 
 /* Few-row matmuls on the CPU (y = x W^T, x with 1..8 rows; W (out, in)):
- * dense weights (scales = biases = NULL, bits = 0: float32, float16,
+ * dense weights (scales = biases = 0, bits = 0: float32, float16,
  * bfloat16) or MLX's affine 4-/8-bit packing (group size 32, 64 or 128),
  * read as stored, with AVX-512 / AVX2 chosen at run time and the rows of the
  * output split over a pool of threads. The result has x's leading shape and
@@ -118,7 +118,7 @@ int mlxc_cpu_dequantize(mlxc_array w, mlxc_array scales, mlxc_array biases,
 /* The decode step's fused kernels on the CPU (cpu_step.cpp): what
  * amlx/models/decode_attention.py and step_kernels.py compute on CUDA.
  * Attention of one new token per row: out = (out (B, H*D), kv_new (2, B, KVH,
- * 1, D)); q_norm/k_norm both or neither (NULL); kv a contiguous cache (2, B,
+ * 1, D)); q_norm/k_norm both or neither (0); kv a contiguous cache (2, B,
  * KVH, capacity, D) or with `table` (B, width) int32 a block pool (2, blocks,
  * KVH, block_size, D), quantized (uint32, bits 4/8, group) where scales and
  * biases are given; window <= 0: none. */
@@ -127,7 +127,7 @@ int mlxc_cpu_decode_attention(mlxc_array qkv, mlxc_array q_norm, mlxc_array k_no
                               mlxc_array table, int heads, float scale, int window, float eps, int bits,
                               int group, mlxc_vec out);
 /* out = (x + y', rms_norm(x + y') * w) for x, y (N, C); y' = y, or
- * rms_norm(y) * pre_w where pre_w is not NULL. */
+ * rms_norm(y) * pre_w where pre_w is not 0. */
 int mlxc_cpu_residual_norm(mlxc_array x, mlxc_array y, mlxc_array w, float eps, mlxc_array pre_w,
                            float pre_eps, mlxc_vec out);
 /* act(gate) * up for gate_up (N, 2I) = [gate | up]; act 0: silu, 1: gelu (tanh). */
@@ -138,10 +138,10 @@ int mlxc_cpu_prefill_attention(mlxc_array q, mlxc_array keys, mlxc_array values,
                                mlxc_array* out);
 /* A leaf array on a's buffer that does not hold it (buffer_view.cpp): readers
  * through it leave MLX free to write a in place. For readers on a's stream
- * launched after a, while a's buffer lives. *out = NULL when a is not a whole
+ * launched after a, while a's buffer lives. *out = 0 when a is not a whole
  * evaluated row-contiguous buffer. */
 int mlxc_buffer_view(mlxc_array a, mlxc_array* out);
-/* mlxc_buffer_view of each of arrays[0..n) into out[0..n), all or none: out[0] = NULL
+/* mlxc_buffer_view of each of arrays[0..n) into out[0..n), all or none: out[0] = 0
  * (and no handles) when one of them is not such a buffer. */
 int mlxc_buffer_views(const mlxc_array* arrays, size_t n, mlxc_array* out);
 /* 1 when glibc's mmap and trim thresholds were raised as this library loaded
@@ -199,7 +199,7 @@ int mlxc_vec_take(mlxc_vec v, mlxc_array* out, size_t n);
 
 /* Elementwise and general ops. */
 int mlxc_unary(int op, mlxc_array a, mlxc_array* out);
-/* The binary ops return the result, NULL on failure (mlxc_last_error says
+/* The binary ops return the result, 0 on failure (mlxc_last_error says
  * why): the operators' hot path, without an out-parameter for the caller to
  * allocate per op (benchmarks/ffi_overhead.py). */
 mlxc_array mlxc_binary_r(int op, mlxc_array a, mlxc_array b);
@@ -216,7 +216,7 @@ int mlxc_addmm(mlxc_array c, mlxc_array a, mlxc_array b, float alpha,
                float beta, mlxc_array* out);
 int mlxc_where(mlxc_array cond, mlxc_array x, mlxc_array y, mlxc_array* out);
 int mlxc_clip(mlxc_array a, mlxc_array lo, mlxc_array hi,
-              mlxc_array* out); /* lo or hi may be NULL */
+              mlxc_array* out); /* lo or hi may be 0 (none) */
 int mlxc_astype(mlxc_array a, int dtype, mlxc_array* out);
 int mlxc_view(mlxc_array a, int dtype, mlxc_array* out);
 int mlxc_topk(mlxc_array a, int k, int axis, mlxc_array* out);
@@ -264,7 +264,7 @@ int mlxc_full(const int* shape, int ndim, mlxc_array value, int dtype,
 int mlxc_arange(double start, double stop, double step, int dtype,
                 mlxc_array* out);
 
-/* Random. `key` may be NULL (MLX's global key). */
+/* Random. `key` may be 0 (MLX's global key). */
 int mlxc_random_seed(uint64_t seed);
 int mlxc_random_key(uint64_t seed, mlxc_array* out);
 int mlxc_random_split(mlxc_array key, int num, mlxc_array* out);
@@ -288,7 +288,7 @@ int mlxc_quantized_matmul(mlxc_array x, mlxc_array w, mlxc_array scales,
                           mlxc_array biases, int transpose, int group_size,
                           int bits, mlxc_array* out);
 
-/* Fused kernels (mlx::core::fast). Optional arrays may be NULL; base is NaN when
+/* Fused kernels (mlx::core::fast). Optional arrays may be 0 (none); base is NaN when
  * `freqs` is given. */
 int mlxc_rms_norm(mlxc_array x, mlxc_array weight, float eps, mlxc_array* out);
 int mlxc_layer_norm(mlxc_array x, mlxc_array weight, mlxc_array bias, float eps,
