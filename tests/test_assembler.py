@@ -14,6 +14,7 @@ from amlx.engine.assembler import TextAssembler
 from amlx.tokenizer import Tokenizer
 from amlx.types import GenerationOptions
 from tests.helpers.checkpoints import make_checkpoint
+from tests.helpers.tokenizers import write_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +105,74 @@ def test_stop_strings_cut_where_the_first_one_completes(tokenizer, data):
     assert "".join(pieces) == want
     assert not any(s in p for s in stops for p in pieces)
     assert reason == ("stop" if found else "length")
+
+
+@pytest.mark.parametrize("end", ["max_tokens", "complete"])
+def test_the_last_id_cuts_at_the_earliest_stop_it_completes(tokenizer, end):
+    """The last id (max_tokens, or a constraint that is complete) makes final both the text it
+    decodes to and what the detokenizer held (an incomplete character, U+FFFD now): a stop
+    string completed by the held part that starts earlier than one in the id's own text wins.
+    The check used to run on the id's text alone and cut after "λ" for "\\ufffd"."""
+    head = _ids_ending_mid_character(tokenizer)
+    ids = [*head, head[-1]]  # "λ", a lone first byte (final as U+FFFD once the next one comes), another
+    assert tokenizer.decode(ids) == "λ\ufffd\ufffd"
+    stop = ["\ufffd", "λ\ufffd\ufffd"]
+    asm = TextAssembler(tokenizer, GenerationOptions.from_kwargs(max_tokens=len(ids) + (end == "complete"),
+                                                                 stop=stop), frozenset())
+    tokens = [asm.push(i, complete=(end == "complete" and n == len(ids) - 1)) for n, i in enumerate(ids)]
+    assert asm.finished and tokens[-1].finish_reason == "stop"
+    assert "".join(t.text for t in tokens) == ""
+
+
+@pytest.fixture(scope="module", params=["bpe", "spm"])
+def any_tokenizer(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"asm_{request.param}")
+    write_tokenizer(path, request.param)
+    return Tokenizer.from_dir(path)
+
+
+def _reference(tok: Tokenizer, ids: list[int], stop: list[str], max_tokens: int) -> tuple[str, str]:
+    """What the stream must come to, by plain string search: after each id, the text that is
+    final (all of it once the id ends the stream: EOS, whose own text is none, or max_tokens);
+    the first time it holds a stop string, it ends before the earliest one in it."""
+    detok, final = tok.detokenizer(), ""
+    for n, i in enumerate(ids, 1):
+        last = i in tok.eos_token_ids or n >= max_tokens
+        if i not in tok.eos_token_ids:
+            final += detok.add(i)
+        if last:
+            final += detok.finalize()
+        starts = [final.find(s) for s in stop if s in final]
+        if starts:
+            return final[:min(starts)], "stop"
+        if last:
+            return final, "stop" if i in tok.eos_token_ids else "length"
+    raise AssertionError("the ids must end the stream")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_streams_match_a_plain_reference(any_tokenizer, data):
+    """Random ids (lone bytes that split characters, byte-fallback pieces, special tokens),
+    ended by EOS or max_tokens; stop strings cut from the text (across token and character
+    boundaries), special tokens' texts, U+FFFD, and prefixes of one another."""
+    tok = any_tokenizer
+    byte_ids = [i for i in (tok.token_to_id(f"<0x{b:02X}>") for b in range(256)) if i is not None]
+    byte_ids += [i for i in (tok.token_to_id(chr(c)) for c in range(0x100, 0x144)) if i is not None]  # (ByteLevel)
+    specials = sorted(tok.special_token_ids)
+    pool = st.one_of(st.integers(0, tok.vocab_size - 1), st.sampled_from(byte_ids), st.sampled_from(specials))
+    ids = data.draw(st.lists(pool, min_size=1, max_size=20))
+    if data.draw(st.booleans()):
+        ids.append(sorted(tok.eos_token_ids)[0])
+        max_tokens = data.draw(st.integers(len(ids), len(ids) + 4))
+    else:
+        max_tokens = data.draw(st.integers(1, len(ids)))
+    full = tok.decode(ids)
+    stop = data.draw(st.lists(st.one_of(
+        st.builds(lambda a, n: full[a:a + n], st.integers(0, max(0, len(full) - 1)), st.integers(1, 8)),
+        st.sampled_from([tok.decode([i]) for i in specials] + ["\ufffd"]),
+        st.text(min_size=1, max_size=3)).filter(bool), min_size=1, max_size=3))
+    stop += [s[:len(s) // 2] for s in stop if len(s) > 1][:1]
+    pieces, reason = _pieces(tok, ids, stop, max_tokens, frozenset(tok.eos_token_ids))
+    assert ("".join(pieces), reason) == _reference(tok, ids, stop, max_tokens)
+    assert not any(s in p for s in stop for p in pieces)

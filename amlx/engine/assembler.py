@@ -58,12 +58,14 @@ class TextAssembler:
         if token_id in self._eos:
             return self._last(token_id, logprob, self._held, "stop")
         text = self._held + self._detok.add(token_id)
+        if complete or self.count >= self._max:
+            # (before the stop check: what the detokenizer held becomes final with this id too,
+            # and may complete a stop string that starts earlier than one in `text`)
+            return self._last(token_id, logprob, text, "stop" if complete else "length")
         cut = self._first_stop(text)
         if cut >= 0:
             self.finished = True
             return Token(token_id, text[:cut], logprob, "stop")
-        if complete or self.count >= self._max:
-            return self._last(token_id, logprob, text, "stop" if complete else "length")
         keep = self._holdback(text) if self._stop else 0
         self._held = text[len(text) - keep:] if keep else ""
         return Token(token_id, text[:len(text) - keep], logprob, None)
