@@ -211,6 +211,40 @@ def test_choices_that_unicode_normalization_changes_come_out_exactly(family, tem
         assert tok.decode(ids) == c
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_long_choice_list(family, temperature):
+    """2,500 choices, some prefixes of others. Each choice was an alternative of the Lark start
+    rule, so llguidance's Earley parser held one item per choice in a row: from 2,000 choices on,
+    the request failed at its second token ("Current row has 2001 items; max is 2000")."""
+    choices = [f"item {i}" for i in range(2500)]
+    constraint = parse_constraint(choice=choices)
+    for seed in range(3):
+        assert set(_texts(family, constraint, 8, temperature, seed=seed)) <= set(choices)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_sentencepiece_space_symbol_as_text(family, temperature):
+    """U+2581 ("▁"), SentencePiece's symbol for a space, as constrained text. Gemma's tokenizer
+    maps " " to "▁", so llguidance tokenized forced "▁" as the token "▁", whose bytes are " ",
+    and the request failed ("forced bytes: got 'â'; applying ' '"): a choice, a regex, a JSON
+    key or const with "▁" in it."""
+    tok, vocab = family
+    schema = {"type": "object", "properties": {"▁k": {"const": "x▁y"}}, "required": ["▁k"], "additionalProperties": False}
+    kinds = {"choice": parse_constraint(choice=["a▁b", "a▁c"]), "alone": parse_constraint(choice=["▁"]),
+             "regex": parse_constraint(regex="▁{1,3}x"),
+             "json": parse_constraint(response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})}
+    for seed in range(3):
+        for (kind, _), ids in zip(kinds.items(), generate_batch(vocab, list(kinds.values()), seed=seed,
+                                                                temperature=temperature)):
+            text = tok.decode(ids)
+            if kind == "json":
+                assert json.loads(text) == {"▁k": "x▁y"}
+            elif kind == "regex":
+                assert re.fullmatch("▁{1,3}x", text), text
+            else:
+                assert text in ("a▁b", "a▁c", "▁"), (kind, text)
+
+
 # ---------------------------------------------------------------------------------------------
 # the matcher and the masks
 
@@ -533,12 +567,39 @@ def test_kinds():
         (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"$ref": "#/$defs/nope"}}}), "invalid response_format: .*nope"),
         (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "(("}}}), "(?s)invalid response_format: .*unclosed group"),
         (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"enum": [object()]}}}), "not JSON-serializable"),
+        # llguidance reads JSON numbers as 64-bit floats (and integer bounds as 64-bit integers):
+        # such schemas compiled, and their outputs broke them (2**53 + 1 came out 2**53; with
+        # minimum 2**70, 9223372036854775807)
+        (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"const": 2**53 + 1}}}), "cannot follow"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"enum": ["a", 2**70]}}}), "cannot follow"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "array", "items": {
+            "enum": [1, [2, -2**60 - 1]]}}}}), r"items\.enum\[1\]\[1\] is .*cannot follow"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"schema": {
+            "type": "integer", "minimum": 2**70, "maximum": 2**70 + 3}}}), "minimum is .*cannot follow"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {
+            "n": {"type": ["integer", "null"], "exclusiveMaximum": -1e19}}}}}), "exclusiveMaximum is .*cannot follow"),
     ],
 )
 def test_bad_options_raise_value_error(options, message):
     for _ in range(2):  # (the second time from the remembered check: the same error)
         with pytest.raises(ValueError, match=message):
             parse_constraint(**options)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_numbers_within_the_exact_range_come_out_exactly(family, temperature):
+    """Integers exact as 64-bit floats and float bounds of number schemas are followed exactly
+    (the check above refuses only what llguidance would change)."""
+    schema = {"type": "object", "properties": {
+        "c": {"const": 2**53}, "e": {"enum": [-2**60, 7]}, "i": {"type": "integer", "minimum": 2**53 - 3, "maximum": 2**53},
+        "j": {"type": "integer", "minimum": 2**62, "maximum": 2**62 + 1024},
+        "f": {"type": "number", "minimum": 1e20, "maximum": 1e20}},
+        "required": ["c", "e", "i", "j", "f"], "additionalProperties": False}
+    c = parse_constraint(response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+    for text in _texts(family, c, 8, temperature):
+        value = json.loads(text)
+        jsonschema.validate(value, schema)
+        assert value["f"] == 10**20
 
 
 def test_a_grammar_is_checked_once(monkeypatch):

@@ -83,6 +83,64 @@ def _without_unicode_normalization(tokenizer_json: str) -> str:
     return json.dumps(data)
 
 
+# Stands in for SentencePiece's space symbol "▁" in the tokenizer.json handed to llguidance: a
+# noncharacter (reserved for internal use, in no real text).
+_SPACE_STAND_IN = "\ufdd0"
+
+
+def _space_symbol(decoder: object) -> str | None:
+    """The character a SentencePiece-style decoder turns into " " (a Replace of one character
+    by " ", as llguidance finds it), else None."""
+    if not isinstance(decoder, dict):
+        return None
+    if decoder.get("type") == "Sequence":
+        found = [_space_symbol(d) for d in decoder.get("decoders") or ()]
+        return next((c for c in reversed(found) if c is not None), None)
+    pattern = decoder.get("pattern")
+    if decoder.get("type") == "Replace" and decoder.get("content") == " " and isinstance(pattern, dict):
+        symbol = pattern.get("String")
+        return symbol if isinstance(symbol, str) and len(symbol) == 1 and symbol != " " else None
+    return None
+
+
+def _with_space_stand_in(tokenizer_json: str) -> str:
+    """The tokenizer.json with SentencePiece's space symbol ("▁") renamed `_SPACE_STAND_IN` in
+    the vocabulary, the merges, the normalizer, the pre-tokenizer and the decoder (the same
+    tokens for any text but one with "▁" in it, and the same bytes per token).
+
+    Why: llguidance takes a token's "▁" for a space, and where a grammar forces text it
+    tokenizes the text with the Hugging Face tokenizer and checks the tokens against its bytes.
+    Text with a "▁" of its own (a choice, a JSON key or const, a regex literal) came out as the
+    token "▁" or "▁b", a space to llguidance, and the request failed ("forced bytes: got 'â';
+    applying ' '"). Renamed, that "▁" is in no token: it is spelled in byte-fallback tokens,
+    its own bytes (as it is by the model when it samples those)."""
+    data = json.loads(tokenizer_json)
+    symbol = _space_symbol(data.get("decoder"))
+    model = data.get("model")
+    if symbol is None or not isinstance(model, dict) or _SPACE_STAND_IN in tokenizer_json:
+        return tokenizer_json
+
+    def renamed(value):
+        if isinstance(value, str):
+            return value.replace(symbol, _SPACE_STAND_IN)
+        if isinstance(value, list):
+            return [renamed(v) for v in value]
+        if isinstance(value, dict):
+            return {k: renamed(v) for k, v in value.items()}
+        return value
+
+    for key in ("normalizer", "pre_tokenizer", "decoder"):
+        data[key] = renamed(data.get(key))
+    vocab = model.get("vocab")
+    if isinstance(vocab, dict):  # BPE, WordPiece, WordLevel: name -> id
+        model["vocab"] = {renamed(k): v for k, v in vocab.items()}
+    elif isinstance(vocab, list):  # Unigram: [piece, score] by id
+        model["vocab"] = [[renamed(p[0]), *p[1:]] if isinstance(p, list) and p else p for p in vocab]
+    if "merges" in model:
+        model["merges"] = renamed(model["merges"])
+    return json.dumps(data)
+
+
 def _mark_special_tokens(tokenizer_json: str) -> tuple[str, dict[int, str]]:
     """The tokenizer.json with the names of the tokens llguidance takes as special (flagged
     special, or any added `<...>`) marked, ids unchanged, and those ids' names as they were.
@@ -225,7 +283,7 @@ class GrammarVocab:
         self._lock = threading.Lock()
 
     def _llg_tokenizer(self, tokenizer_json: str) -> llguidance.LLTokenizer:
-        tokenizer_json = _without_unicode_normalization(tokenizer_json)
+        tokenizer_json = _with_space_stand_in(_without_unicode_normalization(tokenizer_json))
         try:
             return llguidance.LLTokenizer(tokenizer_json, n_vocab=self.vocab_size, eos_token=self._eos or None,
                                           slices=mask_slices())

@@ -100,7 +100,68 @@ def _from_schema(schema: Mapping[str, Any] | bool) -> Constraint:
         text = json.dumps(schema, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"response_format: the JSON schema is not JSON-serializable: {e}") from e
+    inexact = _inexact_number(schema, "schema")
+    if inexact is not None:
+        raise ValueError(f"invalid response_format: {inexact[0]} is {inexact[1]}, which the grammar engine cannot "
+                         f"follow exactly (llguidance reads JSON numbers as 64-bit floats and integer bounds as "
+                         f"64-bit integers: integers must be exact as floats and below 2**63 in magnitude)")
     return Constraint("json", llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_STYLE))
+
+
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+
+
+def _inexact(value: Any, integer_bound: bool) -> bool:
+    """An integer that llguidance would change (a float is its own value), or a bound of an
+    integer schema beyond 64-bit integers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, int) and float(value) != value:
+        return True
+    return (isinstance(value, int) or integer_bound) and abs(value) >= 2**63
+
+
+def _inexact_number(node: Any, path: str, integer_bound: bool = False) -> tuple[str, Any] | None:
+    """(where, value) of the first number in a schema that llguidance would change, else None.
+
+    Why: llguidance reads a schema's numbers as 64-bit floats and an integer schema's bounds
+    then as 64-bit integers, so the constraint it compiled was another one, and its outputs
+    broke the schema: {"const": 2**53 + 1} came out 9007199254740992, {"const": 2**70} as
+    1180591620717411200000, {"type": "integer", "minimum": 2**70} as 9223372036854775807."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            found = _inexact_number(item, f"{path}[{i}]", integer_bound)
+            if found is not None:
+                return found
+        return None
+    if not isinstance(node, Mapping):
+        return (path, node) if _inexact(node, integer_bound) else None
+    kinds = node.get("type")
+    integer = kinds == "integer" or (isinstance(kinds, list) and "integer" in kinds)
+    for key, value in node.items():
+        where = f"{path}.{key}"
+        if key in _BOUNDS and not isinstance(value, (Mapping, list)):
+            if _inexact(value, integer):
+                return where, value
+        elif key in ("const", "enum"):
+            found = _inexact_number(_values_only(value), where)
+            if found is not None:
+                return found
+        elif isinstance(value, (Mapping, list)):
+            found = _inexact_number(value, where)
+            if found is not None:
+                return found
+    return None
+
+
+def _values_only(value: Any) -> Any:
+    """A const or enum value with its objects as lists of their values (their keys are data, not
+    schema keywords: `_inexact_number` looks only at the numbers in them)."""
+    if isinstance(value, Mapping):
+        return [_values_only(v) for v in value.values()]
+    if isinstance(value, list):
+        return [_values_only(v) for v in value]
+    return value
 
 
 def _from_regex(regex: Any) -> Constraint:
@@ -116,8 +177,12 @@ def _from_choice(choice: Any) -> Constraint:
         raise ValueError("choice must be a non-empty list of non-empty strings")
     # Each choice is one Lark string literal. JSON string syntax is Lark's (quotes, backslashes,
     # control characters and non-ASCII as \u escapes, astral characters as surrogate pairs).
+    # The alternation is one terminal (one lexeme, matched by llguidance's lexer), not a rule's
+    # alternatives: as rule alternatives, the Earley parser held an item per choice in one row,
+    # and from 2,000 choices on the request failed at its second token ("Current row has 2001
+    # items; max is 2000").
     alternatives = " | ".join(json.dumps(c) for c in dict.fromkeys(choice))
-    return Constraint("choice", llguidance.LLMatcher.grammar_from_lark(f"start: {alternatives}\n"))
+    return Constraint("choice", llguidance.LLMatcher.grammar_from_lark(f"start: CHOICE\nCHOICE: {alternatives}\n"))
 
 
 def _from_lark(grammar: Any) -> Constraint:
