@@ -315,3 +315,40 @@ def test_initialising_an_array_again_releases_its_handle():
     assert y.tolist() == [0.0, 0.0, 0.0]
     del x
     assert _active() < start + 128 * 128 * 4  # both 64 KiB buffers gone: y's old one too
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(["sum", "mean", "max", "min", "prod", "all", "any", "logsumexp", "var"]),
+       axis=st.sampled_from([None, 0, 1, -1, (0,), (0, 1), [1], (), np.int64(1), 5, "x"]),
+       keepdims=st.sampled_from([None, False, True, 1]), seed=st.integers(0, 2**16))
+def test_reductions_equal_their_python_function(name, axis, keepdims, seed):
+    x = mx.array(np.random.default_rng(seed).uniform(0.5, 2.0, (3, 4)).astype(np.float32))
+    op = getattr(O, name)
+    args = (x, axis) if keepdims is None else (x, axis, keepdims)
+
+    def outcome(fn):
+        try:
+            return fn(*args)
+        except Exception as exc:
+            return exc
+
+    got, want = outcome(op), outcome(op.__wrapped__)
+    if isinstance(want, Exception):
+        assert type(got) is type(want) and str(got) == str(want)
+    else:
+        _same(got, want)
+    _same(op(x, axis=1, keepdims=True), op.__wrapped__(x, 1, True))  # (keywords: the Python way)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.int32, "float16", np.float16, np.dtype("int32")])
+def test_dtype_functions_equal_their_python_function(dtype):
+    x = mx.array(np.array([[1.5, -2.25], [3.0, 4.75]], np.float32))
+    _same(O.astype(x, dtype), O.astype.__wrapped__(x, dtype))
+    _same(x.astype(dtype), O.astype.__wrapped__(x, dtype))
+    y = mx.array(np.array([1.0, 2.0], np.float32))
+    _same(O.view(y, mx.int32), O.view.__wrapped__(y, mx.int32))
+    with pytest.raises(TypeError, match="unknown dtype"):
+        O.astype(x, "float128")
+    x.close()
+    with pytest.raises(ValueError, match="closed"):
+        O.astype(x, mx.float16)

@@ -69,9 +69,14 @@ def _binary(code: int, name: str):
     return arraytype.binary_function(code, name, _named(op, name, f"Elementwise {name} with broadcasting."))
 
 
+def _address(function: str) -> int:
+    """An mlxc function's address, for the C core to call."""
+    return int(ffi.cast("uintptr_t", ffi.addressof(lib, function)))
+
+
 def _shape_op(name: str, op):
     """op(a, ints) as a NativeOp over the mlxc function of the same name."""
-    return arraytype.shape_function(int(ffi.cast("uintptr_t", ffi.addressof(lib, f"mlxc_{name}"))), name, op)
+    return arraytype.shape_function(_address(f"mlxc_{name}"), name, op)
 
 
 abs = _unary(lib.MLXC_ABS, "abs")
@@ -147,13 +152,18 @@ def clip(a: Array, a_min=None, a_max=None) -> Array:
                  0 if hi is None else hi.handle)
 
 
-def astype(a: Array, dtype) -> Array:
+def _astype(a: Array, dtype) -> Array:
+    """`a` converted to `dtype` (a Dtype, its name or a numpy dtype)."""
     return _call(lib.mlxc_astype, "astype", a.handle, _dt.as_dtype(dtype).code)
 
 
-def view(a: Array, dtype) -> Array:
+def _view(a: Array, dtype) -> Array:
     """Reinterprets the bits of `a` as `dtype`."""
     return _call(lib.mlxc_view, "view", a.handle, _dt.as_dtype(dtype).code)
+
+
+astype = arraytype.dtype_function(_address("mlxc_astype"), "astype", _astype, _dt.Dtype)
+view = arraytype.dtype_function(_address("mlxc_view"), "view", _view, _dt.Dtype)
 
 
 # -- reductions ----------------------------------------------------------
@@ -171,7 +181,8 @@ def _reduce(code: int, name: str):
         axes, n = _axes(axis)
         return _call(lib.mlxc_reduce, name, code, a.handle, axes, n, int(keepdims))
 
-    return _named(op, name, f"{name} over `axis` (an int, a sequence, or None for all).")
+    return arraytype.reduce_function(_address("mlxc_reduce"), code, name,
+                                     _named(op, name, f"{name} over `axis` (an int, a sequence, or None for all)."))
 
 
 sum = _reduce(lib.MLXC_SUM, "sum")

@@ -33,6 +33,8 @@ typedef mlxc_array (*binary_int_fn)(int, mlxc_array, int64_t, int);
 typedef int (*unary_fn)(int, mlxc_array, mlxc_array*);
 typedef void (*free_fn)(mlxc_array);
 typedef int (*shape_fn)(mlxc_array, const int*, int, mlxc_array*);
+typedef int (*reduce_fn)(int, mlxc_array, const int*, int, int, mlxc_array*);
+typedef int (*dtype_fn)(mlxc_array, int, mlxc_array*);
 
 /* These types are the prototypes in mlxc.h written again (this module takes the functions'
    addresses at run time, not at link time): a change there must fail here, not at run time. */
@@ -46,6 +48,9 @@ SAME_TYPE(unary_fn, mlxc_unary);
 SAME_TYPE(free_fn, mlxc_array_free);
 SAME_TYPE(shape_fn, mlxc_reshape);
 SAME_TYPE(shape_fn, mlxc_broadcast_to);
+SAME_TYPE(reduce_fn, mlxc_reduce);
+SAME_TYPE(dtype_fn, mlxc_astype);
+SAME_TYPE(dtype_fn, mlxc_view);
 #undef SAME_TYPE
 #endif
 
@@ -59,6 +64,8 @@ static free_fn c_free;
 static PyTypeObject* result_type;  /* the Python Array class: what new arrays are */
 static PyObject* py_other;         /* other(code, name, array, operand, reflected) */
 static PyObject* py_error;         /* error(name) -> the exception to raise */
+static PyTypeObject* dtype_type;   /* amlx._mlx.dtypes.Dtype, for the dtype ops (dtype_function) */
+static PyObject* code_name;        /* "code", interned: a Dtype's mlxc code */
 
 #define MAX_DIMS 32 /* (longer shapes or axes go the Python way) */
 
@@ -320,14 +327,14 @@ static void* address(PyObject* value) {
    the Python function it stands in for (`fallback`), which converts them (numpy data, scalars,
    numpy integers in shapes, None axes) and gives the same result and errors as before. */
 
-enum { OP_UNARY = 0, OP_BINARY = 1, OP_SHAPE = 2 };
+enum { OP_UNARY = 0, OP_BINARY = 1, OP_SHAPE = 2, OP_REDUCE = 3, OP_DTYPE = 4 };
 
 typedef struct {
   PyObject_HEAD
   vectorcallfunc vectorcall;
   int kind;
-  int code;          /* OP_UNARY, OP_BINARY: the mlxc op code */
-  shape_fn shape;    /* OP_SHAPE: the mlxc function */
+  int code;          /* OP_UNARY, OP_BINARY, OP_REDUCE: the mlxc op code */
+  void* fn;          /* OP_SHAPE (shape_fn), OP_REDUCE (reduce_fn), OP_DTYPE (dtype_fn) */
   PyObject* name;    /* str */
   const char* cname; /* its UTF-8, alive with `name` */
   PyObject* fallback;
@@ -397,10 +404,48 @@ static PyObject* native_op_call(PyObject* self, PyObject* const* args, size_t na
         mlxc_array h = ((ArrayCore*)args[0])->h;
         if (h == 0) return closed_error();
         mlxc_array out = 0;
-        if (op->shape(h, dims, n, &out)) return op_failed(op->cname);
+        if (((shape_fn)op->fn)(h, dims, n, &out)) return op_failed(op->cname);
         return adopt(out);
       }
       break;
+    }
+    case OP_REDUCE: { /* op(a, axis=None, keepdims=False), positional */
+      int axes[MAX_DIMS];
+      int n = -1; /* (all axes) */
+      if (nargs < 1 || nargs > 3 || !PyObject_TypeCheck(args[0], &ArrayCore_Type)) break;
+      if (nargs >= 2 && args[1] != Py_None) {
+        if (PyLong_CheckExact(args[1])) {
+          if (!read_int_args(args + 1, 1, axes, &n)) break;
+        } else if (!read_ints(args[1], axes, &n)) {
+          break;
+        }
+      }
+      int keepdims = 0;
+      if (nargs == 3) {
+        if (!PyBool_Check(args[2])) break;
+        keepdims = args[2] == Py_True;
+      }
+      mlxc_array h = ((ArrayCore*)args[0])->h;
+      if (h == 0) return closed_error();
+      mlxc_array out = 0;
+      if (((reduce_fn)op->fn)(op->code, h, axes, n, keepdims, &out)) return op_failed(op->cname);
+      return adopt(out);
+    }
+    case OP_DTYPE: { /* op(a, dtype) for one of amlx's Dtype objects */
+      if (nargs != 2 || !PyObject_TypeCheck(args[0], &ArrayCore_Type) || dtype_type == NULL ||
+          Py_TYPE(args[1]) != dtype_type)
+        break;
+      if (code_name == NULL && (code_name = PyUnicode_InternFromString("code")) == NULL) return NULL;
+      PyObject* code = PyObject_GetAttr(args[1], code_name);
+      if (code == NULL) return NULL;
+      long c = PyLong_AsLong(code);
+      Py_DECREF(code);
+      if (c == -1 && PyErr_Occurred()) return NULL;
+      mlxc_array h = ((ArrayCore*)args[0])->h;
+      if (h == 0) return closed_error();
+      mlxc_array out = 0;
+      if (((dtype_fn)op->fn)(h, (int)c, &out)) return op_failed(op->cname);
+      return adopt(out);
     }
   }
   return fallback_call(op, args, nargsf, kwnames);
@@ -457,7 +502,7 @@ static PyTypeObject NativeOp_Type = {
     .tp_getset = native_op_getset,
 };
 
-static PyObject* make_op(int kind, int code, shape_fn shape, PyObject* name, PyObject* fallback) {
+static PyObject* make_op(int kind, int code, void* fn, PyObject* name, PyObject* fallback) {
   if (!PyUnicode_Check(name)) {
     PyErr_SetString(PyExc_TypeError, "an op's name is a str");
     return NULL;
@@ -473,7 +518,7 @@ static PyObject* make_op(int kind, int code, shape_fn shape, PyObject* name, PyO
   op->vectorcall = native_op_call;
   op->kind = kind;
   op->code = code;
-  op->shape = shape;
+  op->fn = fn;
   Py_INCREF(name);
   op->name = name;
   op->cname = cname;
@@ -501,7 +546,35 @@ static PyObject* shape_function(PyObject* module, PyObject* args) {
   if (!PyArg_ParseTuple(args, "OUO:shape_function", &addr, &name, &fallback)) return NULL;
   void* fn = address(addr);
   if (fn == NULL) return NULL;
-  return make_op(OP_SHAPE, 0, (shape_fn)(uintptr_t)fn, name, fallback);
+  return make_op(OP_SHAPE, 0, fn, name, fallback);
+}
+
+static PyObject* reduce_function(PyObject* module, PyObject* args) {
+  int code;
+  PyObject *addr, *name, *fallback;
+  if (!PyArg_ParseTuple(args, "OiUO:reduce_function", &addr, &code, &name, &fallback)) return NULL;
+  void* fn = address(addr);
+  if (fn == NULL) return NULL;
+  return make_op(OP_REDUCE, code, fn, name, fallback);
+}
+
+static PyObject* dtype_function(PyObject* module, PyObject* args) {
+  PyObject *addr, *name, *fallback, *type;
+  if (!PyArg_ParseTuple(args, "OUOO:dtype_function", &addr, &name, &fallback, &type)) return NULL;
+  if (!PyType_Check(type)) {
+    PyErr_SetString(PyExc_TypeError, "dtype_function: the dtype class must be a type");
+    return NULL;
+  }
+  void* fn = address(addr);
+  if (fn == NULL) return NULL;
+  if (dtype_type == NULL) {
+    Py_INCREF(type);
+    dtype_type = (PyTypeObject*)type;
+  } else if ((PyObject*)dtype_type != type) {
+    PyErr_SetString(PyExc_RuntimeError, "dtype_function: another dtype class was given before");
+    return NULL;
+  }
+  return make_op(OP_DTYPE, 0, fn, name, fallback);
 }
 
 static PyObject* install_reshape(PyObject* module, PyObject* args) {
@@ -573,6 +646,14 @@ static PyMethodDef module_methods[] = {
      "operand, reflected) for operands that are not an Array, float or int; error(name) -> the\n"
      "exception for a failed op. Once per process."},
     {"adopt", adopt_function, METH_O, "adopt(handle) -> a new array owning the handle (an int, not 0)."},
+    {"reduce_function", reduce_function, METH_VARARGS,
+     "reduce_function(address, code, name, fallback) -> op(a, axis=None, keepdims=False): mlxc_reduce\n"
+     "(at `address`) with op `code` in C for an Array, an axis that is None, an int or a tuple or\n"
+     "list of ints, and a bool keepdims, given positionally; fallback(...) otherwise."},
+    {"dtype_function", dtype_function, METH_VARARGS,
+     "dtype_function(address, name, fallback, dtype_class) -> op(a, dtype): the mlxc function at\n"
+     "`address` (int f(mlxc_array, int dtype, mlxc_array*)) in C for an Array and an instance of\n"
+     "dtype_class (its `code`), fallback(a, dtype) otherwise."},
     {"install_reshape", install_reshape, METH_VARARGS,
      "install_reshape(address, fallback): ArrayCore.reshape calls mlxc_reshape (at `address`) for\n"
      "Python ints, fallback(array, *args) otherwise."},
