@@ -10,9 +10,9 @@ graph-node creation and wrapping the result. Two numbers per library:
 
 Most of that chain's op is MLX making the Python float's scalar array (about 430 of
 the op's 718 ns in C++ alone, on a Zen 5), the same work on both sides, so more chains
-show the bindings' own share: `x = x * y + y` (arrays only) and `x = -x` (the operators,
-which amlx runs in C: vendor/mlxc/arraytype.c), and `x.reshape(...)` and `exp(x)` (ops
-that go through cffi from Python).
+show the bindings' own share: `x = x * y + y` (arrays only) and `x = -x` (the operators),
+`x.reshape(...)`, `exp(x)`, `x.astype(...)`, `sum(x, -1, True)` and `x[None][0]` (which amlx
+runs in its C core too: vendor/mlxc/arraytype.c).
 
 Run: python benchmarks/ffi_overhead.py [--ops 1000] [--repeats 20]
 """
@@ -66,6 +66,24 @@ def chain_reshape(x, steps: int):
 def chain_exp(exp, x, steps: int):  # a function op (exp, then its inverse's cost-alike: exp again)
     for _ in range(2 * steps):
         x = exp(x)
+    return x
+
+
+def chain_astype(x, f16, f32, steps: int):
+    for _ in range(steps):
+        x = x.astype(f16).astype(f32)
+    return x
+
+
+def chain_sum(total, x, steps: int):  # a reduction that keeps the shape: sum over a kept axis
+    for _ in range(2 * steps):
+        x = total(x, -1, True)
+    return x
+
+
+def chain_index(x, steps: int):  # basic indexing: a new axis, then an int index
+    for _ in range(steps):
+        x = x[None][0]
     return x
 
 
@@ -125,7 +143,12 @@ def main() -> None:
                           ("build, -x", lambda: chain_negate(xa, steps), lambda: chain_negate(xm, steps)),
                           ("build, x.reshape", lambda: chain_reshape(xa, steps), lambda: chain_reshape(xm, steps)),
                           ("build, exp(x)", lambda: chain_exp(mx.ops.exp, xa, steps),
-                           lambda: chain_exp(mc.exp, xm, steps))]:
+                           lambda: chain_exp(mc.exp, xm, steps)),
+                          ("build, x.astype", lambda: chain_astype(xa, mx.float16, mx.float32, steps),
+                           lambda: chain_astype(xm, mc.float16, mc.float32, steps)),
+                          ("build, sum(x, -1, True)", lambda: chain_sum(mx.ops.sum, xa, steps),
+                           lambda: chain_sum(mc.sum, xm, steps)),
+                          ("build, x[None][0]", lambda: chain_index(xa, steps), lambda: chain_index(xm, steps))]:
         # Interleave the two libraries so drift in machine load hits both.
         ta = tm = float("inf")
         for _ in range(3):

@@ -352,3 +352,46 @@ def test_dtype_functions_equal_their_python_function(dtype):
     x.close()
     with pytest.raises(ValueError, match="closed"):
         O.astype(x, mx.float16)
+
+
+indexing = importlib.import_module("amlx._mlx.indexing")
+
+
+@st.composite
+def basic_index(draw, ndim: int):
+    def item():
+        return draw(st.one_of(
+            st.integers(-6, 6),
+            st.builds(slice, st.none() | st.integers(-6, 6), st.none() | st.integers(-6, 6),
+                      st.none() | st.sampled_from([1, 2, 3, -1, -2])),
+            st.just(None), st.just(Ellipsis), st.just(True), st.just(np.int64(1))))
+    items = [item() for _ in range(draw(st.integers(0, ndim + 2)))]
+    return items[0] if len(items) == 1 and draw(st.booleans()) else tuple(items)
+
+
+@settings(max_examples=300, deadline=None)
+@given(shape=st.lists(st.integers(0, 4), min_size=0, max_size=4).map(tuple), data=st.data())
+def test_indexing_equals_the_python_way(shape, data):
+    x = mx.array(np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape))
+    index = data.draw(basic_index(len(shape)))
+
+    def outcome(fn):
+        try:
+            return fn(x, index)
+        except Exception as exc:
+            return exc
+
+    got, want = outcome(lambda a, i: a[i]), outcome(indexing.getitem)
+    if isinstance(want, Exception):
+        assert type(got) is type(want) and str(got) == str(want)
+    else:
+        _same(got, want)
+        assert (got is x) == (want is x)  # a[:] and a[...] are the array itself, either way
+
+
+def test_indexing_a_closed_array_fails_clearly():
+    x = mx.array(np.ones((2, 3), np.float32))
+    assert x[...] is x and x[:] is x
+    x.close()
+    with pytest.raises(ValueError, match="closed"):
+        x[0]

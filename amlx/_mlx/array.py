@@ -21,6 +21,11 @@ _binary_int = lib.mlxc_binary_int_r
 _adopt = arraytype.adopt
 
 
+def _address(function: str) -> int:
+    """An mlxc function's address, for the C core to call (it does not link against mlxc)."""
+    return int(ffi.cast("uintptr_t", ffi.addressof(lib, function)))
+
+
 def _call(fn, op: str, *args) -> "Array":
     """Calls an mlxc function whose last parameter is `mlxc_array* out`."""
     out = _new(_ARRAY_OUT)
@@ -238,8 +243,8 @@ class Array(arraytype.ArrayCore):
     def min(self, axis=None, keepdims=False) -> "Array":
         return _ops.min(self, axis, keepdims)
 
-    def __getitem__(self, index) -> "Array":
-        return _indexing.getitem(self, index)
+    if TYPE_CHECKING:  # in the C core (basic indices in C, anything else through indexing.getitem)
+        def __getitem__(self, index) -> Array: ...
 
     # Arrays compare elementwise, so they hash by identity.
     __hash__ = object.__hash__
@@ -351,9 +356,8 @@ def from_bits(raw: np.ndarray, dtype) -> Array:
     return _call(lib.mlxc_array_from_data, "array", ffi.from_buffer(raw), shape, raw.ndim, dt.code)
 
 
-arraytype.install(*(int(ffi.cast("uintptr_t", ffi.addressof(lib, f)))
-                    for f in ("mlxc_binary_r", "mlxc_binary_float_r", "mlxc_binary_int_r", "mlxc_unary",
-                              "mlxc_array_free")),
+arraytype.install(*(_address(f) for f in ("mlxc_binary_r", "mlxc_binary_float_r", "mlxc_binary_int_r", "mlxc_unary",
+                                           "mlxc_array_free")),
                   Array, _operator_other, error)
 
 # The methods above delegate to the ops and indexing modules, which import this one: bound here,
@@ -369,4 +373,6 @@ def _reshape_method(a: Array, *shape) -> Array:
     return _ops.reshape(a, shape)
 
 
-arraytype.install_reshape(int(ffi.cast("uintptr_t", ffi.addressof(lib, "mlxc_reshape"))), _reshape_method)
+arraytype.install_reshape(_address("mlxc_reshape"), _reshape_method)
+arraytype.install_getitem(*(_address(f) for f in ("mlxc_array_ndim", "mlxc_array_shape", "mlxc_slice", "mlxc_squeeze",
+                                                 "mlxc_expand_dims")), _indexing.getitem)

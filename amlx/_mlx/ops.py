@@ -8,7 +8,7 @@ from typing import Iterable, Sequence
 
 from amlx._mlx import dtypes as _dt
 from amlx._mlx._lib import arraytype, check, error, ffi, lib
-from amlx._mlx.array import Array, _adopt_all, _call, _call_optional, array, binary_op, scalar_like
+from amlx._mlx.array import Array, _address, _adopt_all, _call, _call_optional, array, binary_op, scalar_like
 
 def _int_arr(values: Sequence[int]):
     values = [int(v) for v in values]
@@ -67,11 +67,6 @@ def _binary(code: int, name: str):
         return forward(array(a), array(b))
 
     return arraytype.binary_function(code, name, _named(op, name, f"Elementwise {name} with broadcasting."))
-
-
-def _address(function: str) -> int:
-    """An mlxc function's address, for the C core to call."""
-    return int(ffi.cast("uintptr_t", ffi.addressof(lib, function)))
 
 
 def _shape_op(name: str, op):

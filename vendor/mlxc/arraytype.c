@@ -34,6 +34,9 @@ typedef int (*unary_fn)(int, mlxc_array, mlxc_array*);
 typedef void (*free_fn)(mlxc_array);
 typedef int (*shape_fn)(mlxc_array, const int*, int, mlxc_array*);
 typedef int (*reduce_fn)(int, mlxc_array, const int*, int, int, mlxc_array*);
+typedef int (*ndim_fn)(mlxc_array);
+typedef int (*dims_fn)(mlxc_array, int*);
+typedef int (*slice_fn)(mlxc_array, const int*, const int*, const int*, int, mlxc_array*);
 typedef int (*dtype_fn)(mlxc_array, int, mlxc_array*);
 
 /* These types are the prototypes in mlxc.h written again (this module takes the functions'
@@ -49,6 +52,11 @@ SAME_TYPE(free_fn, mlxc_array_free);
 SAME_TYPE(shape_fn, mlxc_reshape);
 SAME_TYPE(shape_fn, mlxc_broadcast_to);
 SAME_TYPE(reduce_fn, mlxc_reduce);
+SAME_TYPE(ndim_fn, mlxc_array_ndim);
+SAME_TYPE(dims_fn, mlxc_array_shape);
+SAME_TYPE(slice_fn, mlxc_slice);
+SAME_TYPE(shape_fn, mlxc_squeeze);
+SAME_TYPE(shape_fn, mlxc_expand_dims);
 SAME_TYPE(dtype_fn, mlxc_astype);
 SAME_TYPE(dtype_fn, mlxc_view);
 #undef SAME_TYPE
@@ -265,6 +273,114 @@ static PyObject* reshape_method(PyObject* self, PyObject* const* args, Py_ssize_
   return adopt(out);
 }
 
+/* a[index] for basic indices: Python ints, slices with a positive step, None and one Ellipsis,
+   on at most MAX_DIMS dimensions; the same steps as amlx/_mlx/indexing.py takes for them (one
+   slice where the bounds are not the whole array, the int-indexed axes squeezed, then the new
+   axes). Anything else (index arrays, negative steps, numpy integers, and every index that is
+   an error, so that its message is the Python one) goes to getitem_fallback(a, index). */
+static struct {
+  ndim_fn ndim;
+  dims_fn dims;
+  slice_fn slice;
+  shape_fn squeeze;
+  shape_fn expand_dims;
+} gi;
+static PyObject* getitem_fallback;
+
+static PyObject* subscript(PyObject* self, PyObject* index) {
+  mlxc_array h = ((ArrayCore*)self)->h;
+  if (h == 0) return closed_error();
+  if (gi.slice == NULL) goto fallback;
+  {
+    PyObject* single[1] = {index};
+    PyObject* const* items = single;
+    Py_ssize_t count = 1;
+    if (PyTuple_CheckExact(index)) {
+      items = &PyTuple_GET_ITEM(index, 0);
+      count = PyTuple_GET_SIZE(index);
+    }
+    int ndim = gi.ndim(h);
+    if (ndim > MAX_DIMS || count > MAX_DIMS) goto fallback;
+    int shape[MAX_DIMS];
+    if (ndim > 0) gi.dims(h, shape);
+    int consumed = 0, ellipses = 0;
+    for (Py_ssize_t k = 0; k < count; ++k) {
+      PyObject* it = items[k];
+      if (it == Py_Ellipsis) {
+        ++ellipses;
+      } else if (it != Py_None) {
+        if (!PyLong_CheckExact(it) && !PySlice_Check(it)) goto fallback;
+        ++consumed;
+      }
+    }
+    if (ellipses > 1 || consumed > ndim) goto fallback;
+    int start[MAX_DIMS], stop[MAX_DIMS], step[MAX_DIMS], squeeze[MAX_DIMS], added[2 * MAX_DIMS];
+    int nsqueeze = 0, nadded = 0, axis = 0, dim = 0;
+    for (Py_ssize_t k = 0; k <= count; ++k) {
+      /* (k == count: the axes no index named, as slice(None), where there was no Ellipsis) */
+      PyObject* it = k < count ? items[k] : NULL;
+      int fill = it == Py_Ellipsis ? ndim - consumed : (it == NULL && !ellipses ? ndim - axis : 0);
+      for (int f = 0; f < fill; ++f, ++axis, ++dim) {
+        start[axis] = 0, stop[axis] = shape[axis], step[axis] = 1;
+      }
+      if (it == NULL || it == Py_Ellipsis) continue;
+      if (it == Py_None) {
+        added[nadded++] = dim++;
+        continue;
+      }
+      int n = shape[axis];
+      if (PyLong_CheckExact(it)) {
+        int overflow = 0;
+        long i = PyLong_AsLongAndOverflow(it, &overflow);
+        if (overflow || i < -(long)n || i >= (long)n) goto fallback; /* (the Python error) */
+        if (i < 0) i += n;
+        start[axis] = (int)i, stop[axis] = (int)i + 1, step[axis] = 1;
+        squeeze[nsqueeze++] = axis;
+      } else {
+        Py_ssize_t s0, s1, st;
+        if (PySlice_Unpack(it, &s0, &s1, &st) < 0) {
+          PyErr_Clear();
+          goto fallback;
+        }
+        PySlice_AdjustIndices(n, &s0, &s1, st);
+        if (st <= 0) goto fallback; /* (negative steps gather, in Python) */
+        if (s1 < s0) s1 = s0;
+        start[axis] = (int)s0, stop[axis] = (int)s1, step[axis] = (int)st;
+        ++dim;
+      }
+      ++axis;
+    }
+    /* what indexing.py computes: the slice only where it is not the whole array */
+    int sliced = 0;
+    for (int a = 0; a < ndim; ++a)
+      if (start[a] != 0 || stop[a] != shape[a] || step[a] != 1) sliced = 1;
+    if (!sliced && nsqueeze == 0 && nadded == 0) {
+      Py_INCREF(self); /* (a[:], a[...]: the array itself, as indexing.py returns it) */
+      return self;
+    }
+    /* up to three ops, each on the last one's result (freed once used: the graph holds it) */
+    mlxc_array cur = h, out = 0;
+    for (int op = 0; op < 3; ++op) {
+      int status;
+      if (op == 0 && sliced) status = gi.slice(cur, start, stop, step, ndim, &out);
+      else if (op == 1 && nsqueeze) status = gi.squeeze(cur, squeeze, nsqueeze, &out);
+      else if (op == 2 && nadded) status = gi.expand_dims(cur, added, nadded, &out);
+      else continue;
+      if (cur != h) c_free(cur);
+      if (status) return op_failed("getitem");
+      cur = out;
+    }
+    return adopt(cur);
+  }
+fallback:
+  if (getitem_fallback == NULL) return not_installed();
+  return PyObject_CallFunctionObjArgs(getitem_fallback, self, index, NULL);
+}
+
+static PyMappingMethods mapping_methods = {
+    .mp_subscript = subscript,
+};
+
 static PyNumberMethods number_methods = {
     .nb_add = nb_add,
     .nb_subtract = nb_subtract,
@@ -307,6 +423,7 @@ static PyTypeObject ArrayCore_Type = {
     .tp_basicsize = sizeof(ArrayCore),
     .tp_dealloc = dealloc,
     .tp_as_number = &number_methods,
+    .tp_as_mapping = &mapping_methods,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_doc = "An MLX array handle owned in C (the base of amlx._mlx.Array).",
     .tp_richcompare = richcompare,
@@ -577,6 +694,31 @@ static PyObject* dtype_function(PyObject* module, PyObject* args) {
   return make_op(OP_DTYPE, 0, fn, name, fallback);
 }
 
+static PyObject* install_getitem(PyObject* module, PyObject* args) {
+  PyObject *a_ndim, *a_dims, *a_slice, *a_squeeze, *a_expand, *fallback;
+  if (!PyArg_ParseTuple(args, "OOOOOO:install_getitem", &a_ndim, &a_dims, &a_slice, &a_squeeze, &a_expand,
+                        &fallback))
+    return NULL;
+  if (!PyCallable_Check(fallback)) {
+    PyErr_SetString(PyExc_TypeError, "install_getitem: the fallback must be callable");
+    return NULL;
+  }
+  void* fns[5];
+  PyObject* addrs[5] = {a_ndim, a_dims, a_slice, a_squeeze, a_expand};
+  for (int i = 0; i < 5; ++i) {
+    fns[i] = address(addrs[i]);
+    if (fns[i] == NULL) return NULL;
+  }
+  Py_INCREF(fallback);
+  Py_XSETREF(getitem_fallback, fallback);
+  gi.ndim = (ndim_fn)(uintptr_t)fns[0];
+  gi.dims = (dims_fn)(uintptr_t)fns[1];
+  gi.squeeze = (shape_fn)(uintptr_t)fns[3];
+  gi.expand_dims = (shape_fn)(uintptr_t)fns[4];
+  gi.slice = (slice_fn)(uintptr_t)fns[2]; /* (last: set means installed) */
+  Py_RETURN_NONE;
+}
+
 static PyObject* install_reshape(PyObject* module, PyObject* args) {
   PyObject *addr, *fallback;
   if (!PyArg_ParseTuple(args, "OO:install_reshape", &addr, &fallback)) return NULL;
@@ -654,6 +796,9 @@ static PyMethodDef module_methods[] = {
      "dtype_function(address, name, fallback, dtype_class) -> op(a, dtype): the mlxc function at\n"
      "`address` (int f(mlxc_array, int dtype, mlxc_array*)) in C for an Array and an instance of\n"
      "dtype_class (its `code`), fallback(a, dtype) otherwise."},
+    {"install_getitem", install_getitem, METH_VARARGS,
+     "install_getitem(ndim, shape, slice, squeeze, expand_dims, fallback): a[index] for basic indices\n"
+     "in C through those mlxc functions (their addresses); fallback(a, index) for any other index."},
     {"install_reshape", install_reshape, METH_VARARGS,
      "install_reshape(address, fallback): ArrayCore.reshape calls mlxc_reshape (at `address`) for\n"
      "Python ints, fallback(array, *args) otherwise."},
