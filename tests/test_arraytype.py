@@ -395,3 +395,44 @@ def test_indexing_a_closed_array_fails_clearly():
     x.close()
     with pytest.raises(ValueError, match="closed"):
         x[0]
+
+
+@pytest.mark.parametrize("args", [(), (None,), ((1, 0, 2),), ([2, 0, 1],), ((0, 1),), ((0, 0, 1),), ((np.int64(2), 1, 0),),
+                                  ((5, 0, 1),), ("ab",)])
+def test_transpose_equals_its_python_function(args):
+    x = mx.array(np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+
+    def outcome(fn):
+        try:
+            return fn(x, *args)
+        except Exception as exc:
+            return exc
+
+    got, want = outcome(O.transpose), outcome(O.transpose.__wrapped__)
+    if isinstance(want, Exception):
+        assert type(got) is type(want) and str(got) == str(want)
+    else:
+        _same(got, want)
+    _same(x.T, O.transpose.__wrapped__(x))
+
+
+@settings(max_examples=60, deadline=None)
+@given(axis=st.sampled_from([-1, 0, 1, None, (0, 1), [1], (), 3, np.int64(0), "x"]),
+       precise=st.sampled_from([None, False, True, 1]), dtype=st.sampled_from([mx.float32, mx.bfloat16]),
+       seed=st.integers(0, 2**16))
+def test_softmax_equals_its_python_function(axis, precise, dtype, seed):
+    x = mx.array(np.random.default_rng(seed).normal(0, 2, (3, 5)).astype(np.float32), dtype)
+    args = (x, axis) if precise is None else (x, axis, precise)
+
+    def outcome(fn):
+        try:
+            return fn(*args)
+        except Exception as exc:
+            return exc
+
+    got, want = outcome(O.softmax), outcome(O.softmax.__wrapped__)
+    if isinstance(want, Exception):
+        assert type(got) is type(want) and str(got) == str(want)
+    else:
+        _same(got, want)
+    _same(O.softmax(x), O.softmax.__wrapped__(x))

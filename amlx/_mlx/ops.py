@@ -191,11 +191,15 @@ logsumexp = _reduce(lib.MLXC_LOGSUMEXP, "logsumexp")
 var = _reduce(lib.MLXC_VAR, "var")
 
 
-def softmax(a: Array, axis=-1, precise: bool = False) -> Array:
+def _softmax(a: Array, axis=-1, precise: bool = False) -> Array:
     """Softmax over `axis`; `precise` computes in float32 for half inputs."""
     axes, n = _axes(axis)
     code = lib.MLXC_SOFTMAX_PRECISE if precise else lib.MLXC_SOFTMAX
     return _call(lib.mlxc_reduce, "softmax", code, a.handle, axes, n, 0)
+
+
+softmax = arraytype.softmax_function(_address("mlxc_reduce"), lib.MLXC_SOFTMAX, lib.MLXC_SOFTMAX_PRECISE, "softmax",
+                                     _softmax)
 
 
 def _flat_axis(a: Array, axis):
@@ -269,11 +273,15 @@ def _reshape(a: Array, shape: Sequence[int]) -> Array:
 reshape = _shape_op("reshape", _reshape)
 
 
-def transpose(a: Array, axes: Sequence[int] | None = None) -> Array:
+def _transpose(a: Array, axes: Sequence[int] | None = None) -> Array:
+    """`a` with its axes permuted (reversed where `axes` is None)."""
     if axes is None:
         return _call(lib.mlxc_transpose, "transpose", a.handle, ffi.NULL, -1)
     s, n = _int_arr(axes)
     return _call(lib.mlxc_transpose, "transpose", a.handle, s, n)
+
+
+transpose = arraytype.axes_function(_address("mlxc_transpose"), "transpose", _transpose)
 
 
 def swapaxes(a: Array, axis1: int, axis2: int) -> Array:

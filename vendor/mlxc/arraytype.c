@@ -57,6 +57,7 @@ SAME_TYPE(dims_fn, mlxc_array_shape);
 SAME_TYPE(slice_fn, mlxc_slice);
 SAME_TYPE(shape_fn, mlxc_squeeze);
 SAME_TYPE(shape_fn, mlxc_expand_dims);
+SAME_TYPE(shape_fn, mlxc_transpose);
 SAME_TYPE(dtype_fn, mlxc_astype);
 SAME_TYPE(dtype_fn, mlxc_view);
 #undef SAME_TYPE
@@ -444,13 +445,14 @@ static void* address(PyObject* value) {
    the Python function it stands in for (`fallback`), which converts them (numpy data, scalars,
    numpy integers in shapes, None axes) and gives the same result and errors as before. */
 
-enum { OP_UNARY = 0, OP_BINARY = 1, OP_SHAPE = 2, OP_REDUCE = 3, OP_DTYPE = 4 };
+enum { OP_UNARY = 0, OP_BINARY = 1, OP_SHAPE = 2, OP_REDUCE = 3, OP_DTYPE = 4, OP_AXES = 5, OP_SOFTMAX = 6 };
 
 typedef struct {
   PyObject_HEAD
   vectorcallfunc vectorcall;
   int kind;
-  int code;          /* OP_UNARY, OP_BINARY, OP_REDUCE: the mlxc op code */
+  int code;          /* OP_UNARY, OP_BINARY, OP_REDUCE, OP_SOFTMAX: the mlxc op code */
+  int code2;         /* OP_SOFTMAX: the op code with precise=True */
   void* fn;          /* OP_SHAPE (shape_fn), OP_REDUCE (reduce_fn), OP_DTYPE (dtype_fn) */
   PyObject* name;    /* str */
   const char* cname; /* its UTF-8, alive with `name` */
@@ -548,6 +550,38 @@ static PyObject* native_op_call(PyObject* self, PyObject* const* args, size_t na
       if (((reduce_fn)op->fn)(op->code, h, axes, n, keepdims, &out)) return op_failed(op->cname);
       return adopt(out);
     }
+    case OP_AXES: { /* op(a, axes=None): None (or no argument) for all axes, as mlxc takes -1 */
+      int axes[MAX_DIMS];
+      int n = -1;
+      if (nargs < 1 || nargs > 2 || !PyObject_TypeCheck(args[0], &ArrayCore_Type)) break;
+      if (nargs == 2 && args[1] != Py_None && !read_ints(args[1], axes, &n)) break;
+      mlxc_array h = ((ArrayCore*)args[0])->h;
+      if (h == 0) return closed_error();
+      mlxc_array out = 0;
+      if (((shape_fn)op->fn)(h, n < 0 ? NULL : axes, n, &out)) return op_failed(op->cname);
+      return adopt(out);
+    }
+    case OP_SOFTMAX: { /* op(a, axis=-1, precise=False), positional */
+      int axes[MAX_DIMS];
+      int n = 1;
+      axes[0] = -1;
+      if (nargs < 1 || nargs > 3 || !PyObject_TypeCheck(args[0], &ArrayCore_Type)) break;
+      if (nargs >= 2) {
+        if (args[1] == Py_None) n = -1;
+        else if (PyLong_CheckExact(args[1])) {
+          if (!read_int_args(args + 1, 1, axes, &n)) break;
+        } else if (!read_ints(args[1], axes, &n)) {
+          break;
+        }
+      }
+      if (nargs == 3 && !PyBool_Check(args[2])) break;
+      int code = nargs == 3 && args[2] == Py_True ? op->code2 : op->code;
+      mlxc_array h = ((ArrayCore*)args[0])->h;
+      if (h == 0) return closed_error();
+      mlxc_array out = 0;
+      if (((reduce_fn)op->fn)(code, h, axes, n, 0, &out)) return op_failed(op->cname);
+      return adopt(out);
+    }
     case OP_DTYPE: { /* op(a, dtype) for one of amlx's Dtype objects */
       if (nargs != 2 || !PyObject_TypeCheck(args[0], &ArrayCore_Type) || dtype_type == NULL ||
           Py_TYPE(args[1]) != dtype_type)
@@ -636,6 +670,7 @@ static PyObject* make_op(int kind, int code, void* fn, PyObject* name, PyObject*
   op->kind = kind;
   op->code = code;
   op->fn = fn;
+  op->code2 = 0;
   Py_INCREF(name);
   op->name = name;
   op->cname = cname;
@@ -673,6 +708,25 @@ static PyObject* reduce_function(PyObject* module, PyObject* args) {
   void* fn = address(addr);
   if (fn == NULL) return NULL;
   return make_op(OP_REDUCE, code, fn, name, fallback);
+}
+
+static PyObject* axes_function(PyObject* module, PyObject* args) {
+  PyObject *addr, *name, *fallback;
+  if (!PyArg_ParseTuple(args, "OUO:axes_function", &addr, &name, &fallback)) return NULL;
+  void* fn = address(addr);
+  if (fn == NULL) return NULL;
+  return make_op(OP_AXES, 0, fn, name, fallback);
+}
+
+static PyObject* softmax_function(PyObject* module, PyObject* args) {
+  int code, precise_code;
+  PyObject *addr, *name, *fallback;
+  if (!PyArg_ParseTuple(args, "OiiUO:softmax_function", &addr, &code, &precise_code, &name, &fallback)) return NULL;
+  void* fn = address(addr);
+  if (fn == NULL) return NULL;
+  PyObject* op = make_op(OP_SOFTMAX, code, fn, name, fallback);
+  if (op != NULL) ((NativeOp*)op)->code2 = precise_code;
+  return op;
 }
 
 static PyObject* dtype_function(PyObject* module, PyObject* args) {
@@ -792,6 +846,14 @@ static PyMethodDef module_methods[] = {
      "reduce_function(address, code, name, fallback) -> op(a, axis=None, keepdims=False): mlxc_reduce\n"
      "(at `address`) with op `code` in C for an Array, an axis that is None, an int or a tuple or\n"
      "list of ints, and a bool keepdims, given positionally; fallback(...) otherwise."},
+    {"axes_function", axes_function, METH_VARARGS,
+     "axes_function(address, name, fallback) -> op(a, axes=None): the mlxc function at `address`\n"
+     "(int f(mlxc_array, const int*, int, mlxc_array*), -1 axes for all) in C for an Array and None\n"
+     "or a tuple or list of ints, fallback(...) otherwise."},
+    {"softmax_function", softmax_function, METH_VARARGS,
+     "softmax_function(address, code, precise_code, name, fallback) -> op(a, axis=-1, precise=False):\n"
+     "mlxc_reduce (at `address`) in C for an Array, an axis None, int or ints, a bool precise, given\n"
+     "positionally; fallback(...) otherwise."},
     {"dtype_function", dtype_function, METH_VARARGS,
      "dtype_function(address, name, fallback, dtype_class) -> op(a, dtype): the mlxc function at\n"
      "`address` (int f(mlxc_array, int dtype, mlxc_array*)) in C for an Array and an instance of\n"
