@@ -436,3 +436,42 @@ def test_softmax_equals_its_python_function(axis, precise, dtype, seed):
     else:
         _same(got, want)
     _same(O.softmax(x), O.softmax.__wrapped__(x))
+
+
+@settings(max_examples=60, deadline=None)
+@given(kc=st.sampled_from(["array", "numpy", "bool"]), kx=st.sampled_from(sorted(ARG_KINDS)),
+       ky=st.sampled_from(sorted(ARG_KINDS)), seed=st.integers(0, 2**16))
+def test_where_equals_its_python_function(kc, kx, ky, seed):
+    r = np.random.default_rng(seed)
+    c = r.random((2, 3)) < 0.5
+    cond = mx.array(c) if kc == "array" else (c if kc == "numpy" else bool(c[0, 0]))
+    x, y = (ARG_KINDS[k](r.uniform(0.5, 2.0, (2, 3)).astype(np.float32)) for k in (kx, ky))
+    _same(O.where(cond, x, y), O.where.__wrapped__(cond, x, y))
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1, -1, 2, np.int64(1), "x"])
+@pytest.mark.parametrize("kind", ["array", "list", "numpy"])
+def test_take_equals_its_python_function(axis, kind):
+    x = mx.array(np.arange(12, dtype=np.float32).reshape(3, 4))
+    idx = {"array": mx.array(np.array([2, 0, 1], np.int32)), "list": [2, 0, 1], "numpy": np.array([2, 0])}[kind]
+
+    def outcome(fn):
+        try:
+            return fn(x, idx, axis)
+        except Exception as exc:
+            return exc
+
+    got, want = outcome(O.take), outcome(O.take.__wrapped__)
+    if isinstance(want, Exception):
+        assert type(got) is type(want) and str(got) == str(want)
+    else:
+        _same(got, want)
+    _same(O.take(x, mx.array(np.array([3, 1], np.int32))), O.take.__wrapped__(x, [3, 1]))
+
+
+def test_the_transpose_property():
+    x = mx.array(np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert x.T.tolist() == np.arange(6).reshape(2, 3).T.tolist()
+    x.close()
+    with pytest.raises(ValueError, match="closed"):
+        x.T

@@ -227,9 +227,9 @@ class Array(arraytype.ArrayCore):
             axes = axes[0]
         return _ops.transpose(self, axes or None)
 
-    @property
-    def T(self) -> "Array":
-        return _ops.transpose(self)
+    if TYPE_CHECKING:  # in the C core
+        @property
+        def T(self) -> Array: ...
 
     def sum(self, axis=None, keepdims=False) -> "Array":
         return _ops.sum(self, axis, keepdims)
@@ -375,4 +375,4 @@ def _reshape_method(a: Array, *shape) -> Array:
 
 arraytype.install_reshape(_address("mlxc_reshape"), _reshape_method)
 arraytype.install_getitem(*(_address(f) for f in ("mlxc_array_ndim", "mlxc_array_shape", "mlxc_slice", "mlxc_squeeze",
-                                                 "mlxc_expand_dims")), _indexing.getitem)
+                                                 "mlxc_expand_dims", "mlxc_transpose")), _indexing.getitem)

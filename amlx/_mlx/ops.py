@@ -134,10 +134,14 @@ def addmm(c: Array, a: Array, b: Array, alpha: float = 1.0, beta: float = 1.0) -
     return _call(lib.mlxc_addmm, "addmm", c.handle, a.handle, b.handle, float(alpha), float(beta))
 
 
-def where(cond, x, y) -> Array:
+def _where(cond, x, y) -> Array:
+    """x where cond, else y (broadcast together; Python scalars take the other's dtype)."""
     cond = _as_array(cond)
     x, y = _pair(x, y)
     return _call(lib.mlxc_where, "where", cond.handle, x.handle, y.handle)
+
+
+where = arraytype.arrays_function(_address("mlxc_where"), "where", "where", _where)
 
 
 def clip(a: Array, a_min=None, a_max=None) -> Array:
@@ -408,11 +412,15 @@ def slice_update_dynamic(a: Array, update: Array, start: Array, axes: Sequence[i
                  ax, na)
 
 
-def take(a: Array, indices, axis: int | None = None) -> Array:
+def _take(a: Array, indices, axis: int | None = None) -> Array:
+    """a's entries at `indices` along `axis` (of the flattened array where None)."""
     idx = _as_array(indices)
     if axis is None:
         return _call(lib.mlxc_take, "take", a.handle, idx.handle, 0, 1)
     return _call(lib.mlxc_take, "take", a.handle, idx.handle, int(axis), 0)
+
+
+take = arraytype.arrays_function(_address("mlxc_take"), "take", "take", _take)
 
 
 def take_along_axis(a: Array, indices: Array, axis: int) -> Array:

@@ -38,6 +38,8 @@ typedef int (*ndim_fn)(mlxc_array);
 typedef int (*dims_fn)(mlxc_array, int*);
 typedef int (*slice_fn)(mlxc_array, const int*, const int*, const int*, int, mlxc_array*);
 typedef int (*dtype_fn)(mlxc_array, int, mlxc_array*);
+typedef int (*where_fn)(mlxc_array, mlxc_array, mlxc_array, mlxc_array*);
+typedef int (*take_fn)(mlxc_array, mlxc_array, int, int, mlxc_array*);
 
 /* These types are the prototypes in mlxc.h written again (this module takes the functions'
    addresses at run time, not at link time): a change there must fail here, not at run time. */
@@ -58,6 +60,8 @@ SAME_TYPE(slice_fn, mlxc_slice);
 SAME_TYPE(shape_fn, mlxc_squeeze);
 SAME_TYPE(shape_fn, mlxc_expand_dims);
 SAME_TYPE(shape_fn, mlxc_transpose);
+SAME_TYPE(where_fn, mlxc_where);
+SAME_TYPE(take_fn, mlxc_take);
 SAME_TYPE(dtype_fn, mlxc_astype);
 SAME_TYPE(dtype_fn, mlxc_view);
 #undef SAME_TYPE
@@ -221,6 +225,17 @@ static PyObject* get_handle(PyObject* self, void* unused) {
   mlxc_array h = ((ArrayCore*)self)->h;
   if (h == 0) return closed_error();
   return PyLong_FromUnsignedLongLong((unsigned long long)h);
+}
+
+static shape_fn c_transpose; /* (install_getitem sets it: ArrayCore.T) */
+
+static PyObject* get_transposed(PyObject* self, void* unused) {
+  mlxc_array h = ((ArrayCore*)self)->h;
+  if (h == 0) return closed_error();
+  if (c_transpose == NULL) return not_installed();
+  mlxc_array out = 0;
+  if (c_transpose(h, NULL, -1, &out)) return op_failed("transpose");
+  return adopt(out);
 }
 
 static PyObject* get_raw(PyObject* self, void* unused) {
@@ -414,6 +429,7 @@ static PyGetSetDef getset[] = {
      "It does not keep the Array alive: `f(make_array().handle)` frees the temporary\n"
      "before `f` runs (a use-after-free). Hold the Array in a variable across the C call.",
      NULL},
+    {"T", get_transposed, NULL, "The array with its axes reversed.", NULL},
     {"_h", get_raw, set_raw, "The owned mlxc_array as an int, 0 once closed (for amlx._mlx only).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -445,7 +461,8 @@ static void* address(PyObject* value) {
    the Python function it stands in for (`fallback`), which converts them (numpy data, scalars,
    numpy integers in shapes, None axes) and gives the same result and errors as before. */
 
-enum { OP_UNARY = 0, OP_BINARY = 1, OP_SHAPE = 2, OP_REDUCE = 3, OP_DTYPE = 4, OP_AXES = 5, OP_SOFTMAX = 6 };
+enum { OP_UNARY = 0, OP_BINARY = 1, OP_SHAPE = 2, OP_REDUCE = 3, OP_DTYPE = 4, OP_AXES = 5, OP_SOFTMAX = 6,
+       OP_WHERE = 7, OP_TAKE = 8 };
 
 typedef struct {
   PyObject_HEAD
@@ -580,6 +597,36 @@ static PyObject* native_op_call(PyObject* self, PyObject* const* args, size_t na
       if (h == 0) return closed_error();
       mlxc_array out = 0;
       if (((reduce_fn)op->fn)(code, h, axes, n, 0, &out)) return op_failed(op->cname);
+      return adopt(out);
+    }
+    case OP_WHERE: { /* op(cond, x, y) of three Arrays */
+      if (nargs != 3) break;
+      mlxc_array h[3];
+      int all_arrays = 1;
+      for (int k = 0; k < 3; ++k) {
+        if (!PyObject_TypeCheck(args[k], &ArrayCore_Type)) all_arrays = 0;
+        else h[k] = ((ArrayCore*)args[k])->h;
+      }
+      if (!all_arrays) break;
+      if (h[0] == 0 || h[1] == 0 || h[2] == 0) return closed_error();
+      mlxc_array out = 0;
+      if (((where_fn)op->fn)(h[0], h[1], h[2], &out)) return op_failed(op->cname);
+      return adopt(out);
+    }
+    case OP_TAKE: { /* op(a, indices, axis=None) of two Arrays and None or an int */
+      if (nargs < 2 || nargs > 3 || !PyObject_TypeCheck(args[0], &ArrayCore_Type) ||
+          !PyObject_TypeCheck(args[1], &ArrayCore_Type))
+        break;
+      int axis = 0, none = 1;
+      if (nargs == 3 && args[2] != Py_None) {
+        int n = 0;
+        if (!PyLong_CheckExact(args[2]) || !read_int_args(args + 2, 1, &axis, &n)) break;
+        none = 0;
+      }
+      mlxc_array a = ((ArrayCore*)args[0])->h, idx = ((ArrayCore*)args[1])->h;
+      if (a == 0 || idx == 0) return closed_error();
+      mlxc_array out = 0;
+      if (((take_fn)op->fn)(a, idx, axis, none, &out)) return op_failed(op->cname);
       return adopt(out);
     }
     case OP_DTYPE: { /* op(a, dtype) for one of amlx's Dtype objects */
@@ -718,6 +765,20 @@ static PyObject* axes_function(PyObject* module, PyObject* args) {
   return make_op(OP_AXES, 0, fn, name, fallback);
 }
 
+static PyObject* arrays_function(PyObject* module, PyObject* args) {
+  PyObject *addr, *kind, *name, *fallback;
+  if (!PyArg_ParseTuple(args, "OUUO:arrays_function", &addr, &kind, &name, &fallback)) return NULL;
+  int k = PyUnicode_CompareWithASCIIString(kind, "where") == 0 ? OP_WHERE
+          : PyUnicode_CompareWithASCIIString(kind, "take") == 0 ? OP_TAKE : -1;
+  if (k < 0) {
+    PyErr_SetString(PyExc_ValueError, "arrays_function: the kind is 'where' or 'take'");
+    return NULL;
+  }
+  void* fn = address(addr);
+  if (fn == NULL) return NULL;
+  return make_op(k, 0, fn, name, fallback);
+}
+
 static PyObject* softmax_function(PyObject* module, PyObject* args) {
   int code, precise_code;
   PyObject *addr, *name, *fallback;
@@ -749,22 +810,23 @@ static PyObject* dtype_function(PyObject* module, PyObject* args) {
 }
 
 static PyObject* install_getitem(PyObject* module, PyObject* args) {
-  PyObject *a_ndim, *a_dims, *a_slice, *a_squeeze, *a_expand, *fallback;
-  if (!PyArg_ParseTuple(args, "OOOOOO:install_getitem", &a_ndim, &a_dims, &a_slice, &a_squeeze, &a_expand,
-                        &fallback))
+  PyObject *a_ndim, *a_dims, *a_slice, *a_squeeze, *a_expand, *a_transpose, *fallback;
+  if (!PyArg_ParseTuple(args, "OOOOOOO:install_getitem", &a_ndim, &a_dims, &a_slice, &a_squeeze, &a_expand,
+                        &a_transpose, &fallback))
     return NULL;
   if (!PyCallable_Check(fallback)) {
     PyErr_SetString(PyExc_TypeError, "install_getitem: the fallback must be callable");
     return NULL;
   }
-  void* fns[5];
-  PyObject* addrs[5] = {a_ndim, a_dims, a_slice, a_squeeze, a_expand};
-  for (int i = 0; i < 5; ++i) {
+  void* fns[6];
+  PyObject* addrs[6] = {a_ndim, a_dims, a_slice, a_squeeze, a_expand, a_transpose};
+  for (int i = 0; i < 6; ++i) {
     fns[i] = address(addrs[i]);
     if (fns[i] == NULL) return NULL;
   }
   Py_INCREF(fallback);
   Py_XSETREF(getitem_fallback, fallback);
+  c_transpose = (shape_fn)(uintptr_t)fns[5];
   gi.ndim = (ndim_fn)(uintptr_t)fns[0];
   gi.dims = (dims_fn)(uintptr_t)fns[1];
   gi.squeeze = (shape_fn)(uintptr_t)fns[3];
@@ -850,6 +912,10 @@ static PyMethodDef module_methods[] = {
      "axes_function(address, name, fallback) -> op(a, axes=None): the mlxc function at `address`\n"
      "(int f(mlxc_array, const int*, int, mlxc_array*), -1 axes for all) in C for an Array and None\n"
      "or a tuple or list of ints, fallback(...) otherwise."},
+    {"arrays_function", arrays_function, METH_VARARGS,
+     "arrays_function(address, kind, name, fallback): kind 'where' -> op(cond, x, y) in C for three\n"
+     "Arrays (mlxc_where); 'take' -> op(a, indices, axis=None) in C for two Arrays and None or an int\n"
+     "(mlxc_take); fallback(...) otherwise."},
     {"softmax_function", softmax_function, METH_VARARGS,
      "softmax_function(address, code, precise_code, name, fallback) -> op(a, axis=-1, precise=False):\n"
      "mlxc_reduce (at `address`) in C for an Array, an axis None, int or ints, a bool precise, given\n"
@@ -859,8 +925,9 @@ static PyMethodDef module_methods[] = {
      "`address` (int f(mlxc_array, int dtype, mlxc_array*)) in C for an Array and an instance of\n"
      "dtype_class (its `code`), fallback(a, dtype) otherwise."},
     {"install_getitem", install_getitem, METH_VARARGS,
-     "install_getitem(ndim, shape, slice, squeeze, expand_dims, fallback): a[index] for basic indices\n"
-     "in C through those mlxc functions (their addresses); fallback(a, index) for any other index."},
+     "install_getitem(ndim, shape, slice, squeeze, expand_dims, transpose, fallback): a[index] for\n"
+     "basic indices and a.T in C through those mlxc functions (their addresses); fallback(a, index)\n"
+     "for any other index."},
     {"install_reshape", install_reshape, METH_VARARGS,
      "install_reshape(address, fallback): ArrayCore.reshape calls mlxc_reshape (at `address`) for\n"
      "Python ints, fallback(array, *args) otherwise."},
