@@ -433,3 +433,22 @@ def test_the_transpose_property():
     x.close()
     with pytest.raises(ValueError, match="closed"):
         x.T
+
+
+@pytest.mark.parametrize("name", ["concatenate", "stack"])
+@pytest.mark.parametrize("arrays,axis", [
+    ("aa", 0), ("aa", 1), ("aaa", -1), ("a", 0), ("ab", 0), ("an", 0), ("al", 1), ("", 0), ("aa", 5),
+    ("aa", np.int64(1)), ("aa", "x"), ("a" * 70, 0)])
+def test_list_ops_equal_their_python_function(name, arrays, axis):
+    r = np.random.default_rng(0)
+    make = {"a": lambda: mx.array(r.uniform(size=(2, 3)).astype(np.float32)),
+            "b": lambda: mx.array(r.uniform(size=(3, 3)).astype(np.float32)),
+            "n": lambda: r.uniform(size=(2, 3)).astype(np.float32), "l": lambda: [[1.0, 2.0, 3.0]] * 2}
+    items = [make[k]() for k in arrays]
+    op = getattr(O, name)
+    for seq in (items, tuple(items)):
+        _same_outcome(op, op.__wrapped__, seq, axis)
+    if items and all(isinstance(a, mx.Array) for a in items):
+        items[-1].close()
+        with pytest.raises(ValueError, match="closed"):
+            op(items, 0)

@@ -351,14 +351,26 @@ class _Vec:
         return _adopt_all(handles, n)
 
 
-def concatenate(arrays: Sequence[Array], axis: int = 0) -> Array:
+def _concatenate(arrays: Sequence[Array], axis: int = 0) -> Array:
+    """The arrays joined along an existing axis."""
     with _Vec(_as_array(a) for a in arrays) as v:
         return _call(lib.mlxc_concatenate, "concatenate", v.h, int(axis))
 
 
-def stack(arrays: Sequence[Array], axis: int = 0) -> Array:
+def _stack(arrays: Sequence[Array], axis: int = 0) -> Array:
+    """The arrays joined along a new axis."""
     with _Vec(_as_array(a) for a in arrays) as v:
         return _call(lib.mlxc_stack, "stack", v.h, int(axis))
+
+
+def _list_op(name: str, op):
+    """op(arrays, axis) as a NativeOp over the mlxc function of the same name."""
+    return arraytype.list_function(*(_address(f) for f in (f"mlxc_{name}", "mlxc_vec_new", "mlxc_vec_push_many",
+                                                           "mlxc_vec_free")), name, op)
+
+
+concatenate = _list_op("concatenate", _concatenate)
+stack = _list_op("stack", _stack)
 
 
 def split(a: Array, indices_or_sections, axis: int = 0) -> list[Array]:

@@ -40,6 +40,10 @@ typedef int (*slice_fn)(mlxc_array, const int*, const int*, const int*, int, mlx
 typedef int (*dtype_fn)(mlxc_array, int, mlxc_array*);
 typedef int (*where_fn)(mlxc_array, mlxc_array, mlxc_array, mlxc_array*);
 typedef int (*take_fn)(mlxc_array, mlxc_array, int, int, mlxc_array*);
+typedef int (*vec_new_fn)(mlxc_vec*);
+typedef int (*vec_push_fn)(mlxc_vec, const mlxc_array*, size_t);
+typedef void (*vec_free_fn)(mlxc_vec);
+typedef int (*list_fn)(mlxc_vec, int, mlxc_array*);
 
 /* These types are the prototypes in mlxc.h written again (this module takes the functions'
    addresses at run time, not at link time): a change there must fail here, not at run time. */
@@ -62,6 +66,11 @@ SAME_TYPE(shape_fn, mlxc_expand_dims);
 SAME_TYPE(shape_fn, mlxc_transpose);
 SAME_TYPE(where_fn, mlxc_where);
 SAME_TYPE(take_fn, mlxc_take);
+SAME_TYPE(vec_new_fn, mlxc_vec_new);
+SAME_TYPE(vec_push_fn, mlxc_vec_push_many);
+SAME_TYPE(vec_free_fn, mlxc_vec_free);
+SAME_TYPE(list_fn, mlxc_concatenate);
+SAME_TYPE(list_fn, mlxc_stack);
 SAME_TYPE(dtype_fn, mlxc_astype);
 SAME_TYPE(dtype_fn, mlxc_view);
 #undef SAME_TYPE
@@ -462,7 +471,13 @@ static void* address(PyObject* value) {
    numpy integers in shapes, None axes) and gives the same result and errors as before. */
 
 enum { OP_UNARY = 0, OP_BINARY = 1, OP_SHAPE = 2, OP_REDUCE = 3, OP_DTYPE = 4, OP_AXES = 5, OP_SOFTMAX = 6,
-       OP_WHERE = 7, OP_TAKE = 8 };
+       OP_WHERE = 7, OP_TAKE = 8, OP_LIST = 9 };
+#define MAX_LIST 64 /* (longer lists of arrays go the Python way) */
+
+/* OP_LIST's mlxc_vec functions (list_function sets them) */
+static vec_new_fn c_vec_new;
+static vec_push_fn c_vec_push;
+static vec_free_fn c_vec_free;
 
 typedef struct {
   PyObject_HEAD
@@ -629,6 +644,30 @@ static PyObject* native_op_call(PyObject* self, PyObject* const* args, size_t na
       if (((take_fn)op->fn)(a, idx, axis, none, &out)) return op_failed(op->cname);
       return adopt(out);
     }
+    case OP_LIST: { /* op(arrays, axis=0): a list or tuple of Arrays and an int */
+      if (nargs < 1 || nargs > 2 || (!PyList_CheckExact(args[0]) && !PyTuple_CheckExact(args[0]))) break;
+      Py_ssize_t len = PySequence_Fast_GET_SIZE(args[0]);
+      if (len < 1 || len > MAX_LIST) break;
+      int axis = 0, n = 0;
+      if (nargs == 2 && !(PyLong_CheckExact(args[1]) && read_int_args(args + 1, 1, &axis, &n))) break;
+      PyObject** items = PySequence_Fast_ITEMS(args[0]);
+      mlxc_array hs[MAX_LIST];
+      int all_arrays = 1;
+      for (Py_ssize_t i = 0; i < len && all_arrays; ++i) {
+        if (!PyObject_TypeCheck(items[i], &ArrayCore_Type)) all_arrays = 0;
+        else hs[i] = ((ArrayCore*)items[i])->h;
+      }
+      if (!all_arrays) break;
+      for (Py_ssize_t i = 0; i < len; ++i)
+        if (hs[i] == 0) return closed_error();
+      mlxc_vec v = NULL;
+      if (c_vec_new(&v)) return op_failed(op->cname);
+      mlxc_array out = 0;
+      int failed = c_vec_push(v, hs, (size_t)len) || ((list_fn)op->fn)(v, axis, &out);
+      c_vec_free(v);
+      if (failed) return op_failed(op->cname);
+      return adopt(out);
+    }
     case OP_DTYPE: { /* op(a, dtype) for one of amlx's Dtype objects */
       if (nargs != 2 || !PyObject_TypeCheck(args[0], &ArrayCore_Type) || dtype_type == NULL ||
           Py_TYPE(args[1]) != dtype_type)
@@ -779,6 +818,22 @@ static PyObject* arrays_function(PyObject* module, PyObject* args) {
   return make_op(k, 0, fn, name, fallback);
 }
 
+static PyObject* list_function(PyObject* module, PyObject* args) {
+  PyObject *addr, *a_new, *a_push, *a_free, *name, *fallback;
+  if (!PyArg_ParseTuple(args, "OOOOUO:list_function", &addr, &a_new, &a_push, &a_free, &name, &fallback))
+    return NULL;
+  void* fns[4];
+  PyObject* addrs[4] = {addr, a_new, a_push, a_free};
+  for (int i = 0; i < 4; ++i) {
+    fns[i] = address(addrs[i]);
+    if (fns[i] == NULL) return NULL;
+  }
+  c_vec_new = (vec_new_fn)(uintptr_t)fns[1];
+  c_vec_push = (vec_push_fn)(uintptr_t)fns[2];
+  c_vec_free = (vec_free_fn)(uintptr_t)fns[3];
+  return make_op(OP_LIST, 0, fns[0], name, fallback);
+}
+
 static PyObject* softmax_function(PyObject* module, PyObject* args) {
   int code, precise_code;
   PyObject *addr, *name, *fallback;
@@ -916,6 +971,10 @@ static PyMethodDef module_methods[] = {
      "arrays_function(address, kind, name, fallback): kind 'where' -> op(cond, x, y) in C for three\n"
      "Arrays (mlxc_where); 'take' -> op(a, indices, axis=None) in C for two Arrays and None or an int\n"
      "(mlxc_take); fallback(...) otherwise."},
+    {"list_function", list_function, METH_VARARGS,
+     "list_function(address, vec_new, vec_push_many, vec_free, name, fallback) -> op(arrays, axis=0):\n"
+     "the mlxc function at `address` (int f(mlxc_vec, int, mlxc_array*)) in C for a list or tuple of\n"
+     "1-64 Arrays and an int axis, through an mlxc_vec; fallback(...) otherwise."},
     {"softmax_function", softmax_function, METH_VARARGS,
      "softmax_function(address, code, precise_code, name, fallback) -> op(a, axis=-1, precise=False):\n"
      "mlxc_reduce (at `address`) in C for an Array, an axis None, int or ints, a bool precise, given\n"
