@@ -72,10 +72,12 @@ def _call_from(obj: Any, args_key: str) -> ToolCall | None:
     if not isinstance(args, dict) or not _utf8(obj["name"]):
         return None
     try:
-        arguments = json.dumps(args, ensure_ascii=False)
+        # allow_nan=False: a number too large for a float (1e400) reads as inf, which json.dumps
+        # would write as `Infinity`, arguments a client's JSON.parse refuses (as NaN in _loads)
+        arguments = json.dumps(args, ensure_ascii=False, allow_nan=False)
         if not _utf8(arguments):  # a lone surrogate from a \ud800 escape: keep it escaped
-            arguments = json.dumps(args)
-    except RecursionError:  # read at the edge of the recursion limit, deeper here
+            arguments = json.dumps(args, allow_nan=False)
+    except (RecursionError, ValueError):  # read at the edge of the recursion limit, deeper here; inf
         return None
     return ToolCall(new_call_id(), obj["name"], arguments)
 
@@ -129,23 +131,47 @@ def _parse_llama(text: str) -> list[ToolCall] | None:
 def _parse_mistral(body: str) -> list[ToolCall] | None:
     """What follows [TOOL_CALLS]: a JSON list (or object) of calls, or `name[ARGS]{json}` parts."""
     body = body.strip()
-    if _MISTRAL_ARGS in body:
-        calls = []
-        for part in body.split(_MISTRAL_OPEN):
-            name, sep, args = part.partition(_MISTRAL_ARGS)
-            call = _call_from({"name": name.strip(), "arguments": _loads(args.strip())}, "arguments") if sep else None
-            if call is None:
-                return None
-            calls.append(call)
-        return calls
+    # The JSON form first: an argument string may hold "[ARGS]" (which used to send the text
+    # down the other path and so back as content).
     data = _loads(body)
     calls = []
     for item in data if isinstance(data, list) else [data]:
         call = _call_from(item, "arguments")
         if call is None:
+            break
+        calls.append(call)
+    else:
+        if calls:
+            return calls
+    return _parse_mistral_args(body) if _MISTRAL_ARGS in body else None
+
+
+def _parse_mistral_args(body: str) -> list[ToolCall] | None:
+    """`name[ARGS]{json}` parts separated by [TOOL_CALLS] (the whole text), or None. Each JSON
+    value is read to its end rather than cut at the next marker: its strings may hold markers."""
+    decoder = json.JSONDecoder(parse_constant=_not_json)
+    calls, pos = [], 0
+    while True:
+        sep = body.find(_MISTRAL_ARGS, pos)
+        if sep < 0:
+            return None
+        start = sep + len(_MISTRAL_ARGS)
+        while start < len(body) and body[start] in " \t\r\n":
+            start += 1
+        try:
+            args, end = decoder.raw_decode(body, start)
+        except (ValueError, RecursionError):  # as in _loads
+            return None
+        call = _call_from({"name": body[pos:sep].strip(), "arguments": args}, "arguments")
+        if call is None:
             return None
         calls.append(call)
-    return calls or None
+        rest = body[end:].lstrip()
+        if not rest:
+            return calls
+        if not rest.startswith(_MISTRAL_OPEN):
+            return None
+        pos = len(body) - len(rest) + len(_MISTRAL_OPEN)
 
 
 def _partial_suffix(text: str, marker: str) -> int:

@@ -109,3 +109,31 @@ async def test_completion_tool_calls(tmp_path):
         assert (call.name, json.loads(call.arguments)) == ("get_weather", json.loads(TOOL_CALL_JSON)["arguments"])
     async with await amlx.load(serve_checkpoint(tmp_path / "plain")) as model:
         assert (await model.complete(messages, max_tokens=8)).tool_calls is None
+
+
+def test_overflowing_numbers_never_give_invalid_json_arguments():
+    """1e400 reads as float('inf'), which json.dumps wrote as `Infinity`: arguments that a
+    client's JSON.parse refuses. Such a call is given back as text, as one with NaN is."""
+    for fmt, text in [("qwen", '<tool_call>{"name": "f", "arguments": {"a": 1e400}}</tool_call>'),
+                      ("qwen", '<tool_call>{"name": "f", "arguments": "{\\"a\\": -1e400}"}</tool_call>'),
+                      ("llama3", '{"name": "f", "parameters": {"a": [1e999]}}'),
+                      ("mistral", '[TOOL_CALLS]f[ARGS]{"a": 1e400}')]:
+        for content, calls in (parse_tool_calls(text, fmt), _streamed(fmt, text, [5, 17])):
+            assert (content, calls) == (text, []), fmt
+    content, [call] = parse_tool_calls('<tool_call>{"name": "f", "arguments": {"a": 1e300}}</tool_call>', "qwen")
+    assert json.loads(call.arguments, parse_constant=lambda c: 1 / 0) == {"a": 1e300}
+
+
+def test_mistral_markers_inside_argument_strings():
+    """An argument string may hold "[ARGS]" or "[TOOL_CALLS]" (a model explaining Mistral's
+    format, say). Any "[ARGS]" in the text sent the JSON-list form down the `name[ARGS]{...}`
+    path, and a "[TOOL_CALLS]" in the arguments split that form's call in two: either way the
+    calls came back as text."""
+    for text, want in [
+            ('[TOOL_CALLS][{"name": "f", "arguments": {"q": "see [ARGS] here"}}]', [("f", {"q": "see [ARGS] here"})]),
+            ('[TOOL_CALLS]f[ARGS]{"q": "a [TOOL_CALLS] b"}', [("f", {"q": "a [TOOL_CALLS] b"})]),
+            ('[TOOL_CALLS]f[ARGS]{"q": "x [ARGS] y"} [TOOL_CALLS] g[ARGS] {}', [("f", {"q": "x [ARGS] y"}), ("g", {})])]:
+        _check("mistral", *parse_tool_calls(text, "mistral"), "", want)
+        _check("mistral", *_streamed("mistral", text, [3, 20, 31]), "", want)
+    for text in ('[TOOL_CALLS]f[ARGS]{"q": 1} trailing', '[TOOL_CALLS]f[ARGS]{"q": 1}[TOOL_CALLS]', "[TOOL_CALLS]f[ARGS]"):
+        _check("mistral", *parse_tool_calls(text, "mistral"), text, [])
