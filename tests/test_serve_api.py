@@ -313,3 +313,24 @@ async def test_default_model_and_keys_from_file_and_env(tmp_path, monkeypatch):
             await _expect_error(with_tools, 400, "unsupported_parameter")
         else:
             assert (await with_tools).usage.prompt_tokens > r.usage.prompt_tokens
+
+
+async def test_logprob_bytes_rebuild_the_content(client):
+    """OpenAI's logprobs `bytes` are each token's own UTF-8 bytes, so that tokens holding parts of
+    one character join into it. A token holding part of a character decodes alone to U+FFFD, and
+    its `bytes` used to be that character's UTF-8 (ef bf bd): joined, they did not give the text.
+    (The greedy replies of the tiny checkpoint to these prompts have such tokens.)"""
+    partial = 0
+    for prompt in ("x" * 30, "Name a colour.", "日本語 😀"):
+        messages = [{"role": "user", "content": prompt}]
+        r = await client.chat.completions.create(model="tiny", messages=messages, max_tokens=27, temperature=0,
+                                                 logprobs=True, top_logprobs=3)
+        entries = r.choices[0].logprobs.content
+        assert bytes(b for e in entries for b in e.bytes).decode("utf-8", "replace") == r.choices[0].message.content
+        partial += sum(e.token == "\ufffd" and e.bytes != [0xEF, 0xBF, 0xBD] for e in entries)
+        for e in entries:
+            for top in e.top_logprobs:
+                assert top.token == bytes(top.bytes).decode("utf-8", "replace")
+        texts, _ = await _stream_chat(client, messages=messages, max_tokens=27, temperature=0)
+        assert texts == {0: r.choices[0].message.content}
+    assert partial > 0

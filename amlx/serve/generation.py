@@ -11,6 +11,8 @@ cancels whatever is still running and records it: the request's owner calls it i
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,6 +39,52 @@ class LogprobEntry:
     text: str
     logprob: float
     top: list[tuple[int, str, float]]  # (id, text, logprob), best first
+    bytes: list[int] = field(default_factory=list)  # the token's own UTF-8 bytes (see TokenBytes)
+    top_bytes: list[list[int]] = field(default_factory=list)  # those of each of `top`
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (tokenizers' ByteLevel): each byte's stand-in character -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    extra = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(extra)}}
+
+
+class TokenBytes:
+    """The bytes of one token, as OpenAI's logprobs `bytes` give them: a token that holds part of
+    a character (one byte of an emoji's four) decodes alone to U+FFFD, whose UTF-8 (ef bf bd) is
+    not its bytes, so a client joining the tokens' `bytes` could not rebuild the text. Such a
+    token's bytes come from its vocabulary piece: byte-level BPE (Qwen, Llama 3) or a <0xNN>
+    byte-fallback piece (SentencePiece)."""
+
+    _BYTE_LEVEL = _byte_level_chars()
+    _FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        kinds: set[str] = set()
+        try:
+            decoder = tokenizer.backend.decoder
+            stack = [json.loads(decoder.__getstate__())] if decoder is not None else []
+        except Exception:  # noqa: BLE001 - a tokenizer without a readable decoder: text's own bytes
+            stack = []
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                kinds.add(str(node.get("type")))
+                stack.extend(node.get("decoders") or [])
+        self._byte_level = "ByteLevel" in kinds
+        self._fallback = "ByteFallback" in kinds
+
+    def __call__(self, token_id: int, text: str) -> list[int]:
+        if "\ufffd" in text:
+            piece = self._tokenizer.id_to_token(token_id)
+            if piece and self._byte_level and all(ch in self._BYTE_LEVEL for ch in piece):
+                return [self._BYTE_LEVEL[ch] for ch in piece]
+            match = self._FALLBACK.fullmatch(piece or "") if self._fallback else None
+            if match:
+                return [int(match.group(1), 16)]
+        return list(text.encode("utf-8"))
 
 
 @dataclass
@@ -91,6 +139,7 @@ class Generation:
         self._admission = admission
         self._tool_format = tool_format
         self._want_logprobs = want_logprobs
+        self._token_bytes = TokenBytes(model.tokenizer)
         self._keepalive = keepalive
         self.choices: list[Choice] = []
         self._admitted = 0
@@ -147,7 +196,9 @@ class Generation:
     def _entry(self, tok: Token, logprob: float) -> LogprobEntry:
         decode = self._model.tokenizer.decode
         top = [(int(i), decode([int(i)]), float(lp)) for i, lp in (getattr(tok, "top_logprobs", None) or [])]
-        return LogprobEntry(tok.id, decode([tok.id]), float(logprob), top)
+        text = decode([tok.id])
+        return LogprobEntry(tok.id, text, float(logprob), top, self._token_bytes(tok.id, text),
+                            [self._token_bytes(i, t) for i, t, _ in top])
 
     async def events(self) -> AsyncIterator[Piece | KeepAlive]:
         """Every choice's pieces in arrival order, with KEEPALIVE after `keepalive` quiet seconds

@@ -62,9 +62,10 @@ class ChatShape(_Shape):
 
     @staticmethod
     def _logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
-        return {"content": [{"token": e.text, "logprob": e.logprob, "bytes": _token_bytes(e.text),
-                             "top_logprobs": [{"token": t, "logprob": lp, "bytes": _token_bytes(t)}
-                                              for _, t, lp in e.top]} for e in entries]}
+        return {"content": [{"token": e.text, "logprob": e.logprob, "bytes": e.bytes or _token_bytes(e.text),
+                             "top_logprobs": [{"token": t, "logprob": lp,
+                                               "bytes": e.top_bytes[k] if k < len(e.top_bytes) else _token_bytes(t)}
+                                              for k, (_, t, lp) in enumerate(e.top)]} for e in entries]}
 
     @staticmethod
     def _calls(calls, start: int | None = None) -> list[dict[str, Any]]:
