@@ -34,11 +34,6 @@ class Channel:
         """Whether the consumer can take another token (beyond `extra` still in flight)."""
         return len(self._items) + extra < self._max
 
-    def room(self) -> int:
-        """Tokens the consumer can take before its buffer is full (a verify step emits
-        at most this many, so speculation never overfills it)."""
-        return max(0, self._max - len(self._items))
-
     def put(self, item) -> None:
         with self._lock:
             self._items.append(item)

@@ -103,7 +103,7 @@ class EngineOptions:
       a shared machine's timings (AMLX_MEASURE_DRAFT_COSTS=0/1).
     - adaptive_draft_length: each row's draft length follows its acceptance and
       the cost model (`AdaptiveLength`); off: every row drafts num_draft_tokens
-      each round (within its buffer's room and the tokens it may still make), as
+      each round (within its buffer's size and the tokens it may still make), as
       mlx-lm does, for benchmarks that compare the two or measure a draft's
       acceptance at a fixed length (AMLX_ADAPTIVE_DRAFT=0/1; default on).
     - join_wait: while the batch is at least half full and a step is in flight, a waiting

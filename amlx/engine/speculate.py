@@ -178,11 +178,16 @@ class Speculator:
 
     def draft_length(self, req: Request) -> int:
         """How many tokens a row may draft now: its adaptive length (at most the option's),
-        less than the tokens its consumer can take (a step emits up to k + 1) and than
-        the tokens it may still make."""
+        less than its consumer's buffer holds (a step emits up to k + 1) and than the
+        tokens it may still make."""
         if req.matcher is not None and self.draft is not None:
             return 0  # (a draft model's drafts stay on the device: no masks for them)
-        return max(0, min(self._length(req).length, req.channel.room() - 1, req.assembler.remaining - 1))
+        # The buffer's size, not its free room now: the room follows how fast the consumer
+        # reads, and the draft lengths decide which verify steps a seeded sampling row draws
+        # in, so a slow reader got other tokens than a fast one (README: a paused request
+        # continues as an unpaused run, seeded sampling included). A step may then put up
+        # to k tokens past max_buffer; the row pauses after it as any full row does.
+        return max(0, min(self._length(req).length, req.options.max_buffer - 1, req.assembler.remaining - 1))
 
     def _lookup(self, req: Request, k: int) -> list[int]:
         """A row's drafts by prompt lookup (host work)."""
