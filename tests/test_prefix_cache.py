@@ -681,3 +681,32 @@ def test_windowed_layers_keep_only_the_blocks_inside_their_window(tmp_path, arch
     assert got == want[:len(got)] and len(got) == n
     assert again.token_ids == plain.token_ids
     assert again.usage.cached_tokens == (100 + n - 1) // BS * BS  # every full block of the first turn
+
+
+def test_prefix_hits_count_once_for_a_request_that_waits_a_round(ckpt, monkeypatch):
+    """Four prompts arrive in one round: two fresh ones are prefilled together, the two
+    behind a cached prefix (another start position) wait for the next round's pass. Their
+    lookup is counted once, when they start: hits are the blocks reused (2 + 2), misses
+    the fresh prompts' full blocks (1 + 1). (Each waiting request's lookup was counted
+    again every round it was placed and put back: 8 hits, 3 misses.)"""
+    import threading
+
+    monkeypatch.setenv("AMLX_SHARDS", "1")
+    base = _ids(150, 40)
+    prompts = [_ids(151, 20), base[:32] + _ids(152, 5), _ids(153, 21), base[:33] + _ids(154, 4)]
+
+    async def body():
+        async with await amlx.load(ckpt("qwen3")) as m:
+            await _complete(m, base, 2)
+            before = dict(m.stats()["kv_cache"])
+            gate = threading.Event()
+            m.engine.submit_job(gate.wait)  # (the worker waits: all four arrive before its next round)
+            streams = [m.generate(p, max_tokens=3) for p in prompts]
+            gate.set()
+            for st in streams:
+                assert len([t async for t in st]) == 3
+            after = m.stats()["kv_cache"]
+            assert after["prefix_hits"] - before["prefix_hits"] == 4
+            assert after["prefix_misses"] - before["prefix_misses"] == 2
+
+    _run(body)

@@ -74,6 +74,12 @@ class ShardPools:
                 return i
         return None
 
+    def unplace(self, req: Request) -> None:
+        """Undoes `place` for a request that waits for a later round after all: its blocks
+        go back uncached and its prefix lookup is not counted (it counts when placed again)."""
+        if req.blocks:
+            self.kv[req.shard].unreserve(req, req.fill, req.prefilled, self._chain(req))
+
     def release(self, req: Request, cache: bool = True) -> None:
         """A request lets go of its blocks; with `cache`, its full blocks stay in the
         prefix cache (unless the weights changed since they were computed)."""

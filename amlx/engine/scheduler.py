@@ -393,7 +393,7 @@ class Scheduler:
             tokens = longest * (len(group) + 1)  # (right-padded to the longest)
             if group and (alone or req.prefilled != group[0].prefilled or tokens > self.prefill_chunk
                           or not self.pass_budget.fits(tokens, len(group) + 1)):
-                self.pools.release(req, cache=False)  # it goes first next round
+                self.pools.unplace(req)  # it goes first next round (and counts its prefix hits then)
                 break
             self.waiting.popleft()
             load[index] += 1

@@ -190,6 +190,16 @@ class ShardKV:
         self._version += 1
         return len(found) * bs
 
+    def unreserve(self, row: KVRow, ids: Sequence[int], cached: int, chain: KeyChain | None = None) -> None:
+        """Undoes `reserve(row, ids)`, which returned `cached`, for a row that does not start
+        after all (it reserves again in a later round): its blocks go back uncached, and the
+        prefix hits and misses that reserve counted are taken back. (Without this a request
+        that waited a round for its pass counted its lookup twice or more in the stats'
+        prefix_hits and prefix_misses.)"""
+        if self.pool.prefix is not None:
+            self.pool.prefix.count(-(cached // self.block_size), -len(self._reusable(ids, chain)))
+        self.release(row)
+
     def _cover(self, row: KVRow, start: int, end: int) -> None:
         """With a local pool: the row's local blocks for a pass writing [start, end):
         those wholly before the window of `start` go back (cached, if registered),
