@@ -281,6 +281,8 @@ class Scheduler:
         if self._inflight is not None or self._incoming or self.prefilling is not None or self.rows:
             return True
         free = self._slots_held() < self.max_batch_size
+        # `fits` must be `_admit`'s own test (`ShardPools.place`; no row runs here, so it asks
+        # no headroom): a looser one has the worker spin on a request that cannot start
         if any(not r.active for r in self.waiting) or (self.waiting and free and self.pools.fits(self.waiting[0])):
             return True
         return any(not r.active or (r.channel.has_room() and (free or self._holds_slot(r))) for r in self.parked)

@@ -160,9 +160,14 @@ class ShardKV:
         return len(self._hit(ids, chain)[1]) * self.block_size
 
     def fits(self, ids: Sequence[int], chain: KeyChain | None = None) -> bool:
-        """Whether `reserve` would find room for `ids` now (with no headroom)."""
-        need = blocks_for(len(ids), self.block_size) - self.peek(ids, chain) // self.block_size
-        return need <= self.pool.available()
+        """Whether `reserve` would find room for `ids` now (with no headroom): its
+        very test. The cached blocks it would take count in `available()` while no
+        one holds them, but holding them takes them out of it; counting them as
+        room too made `Scheduler.has_work` see a request `_admit` cannot place, and
+        the worker ran rounds without sleeping while parked requests held the rest."""
+        _, found, _ = self._hit(ids, chain)
+        need = blocks_for(len(ids), self.block_size) - len(found)
+        return need <= self.pool.available() - self.pool.unheld(found)
 
     def reserve(self, row: KVRow, ids: Sequence[int], headroom: int = 1,
                 chain: KeyChain | None = None) -> int | None:
