@@ -196,6 +196,8 @@ class ToolCallParser:
         self._buf = ""  # held-back text: a possible marker start, or an open call
         self._inside = False  # an opening marker was seen and its call is not complete yet
         self._started = False  # any non-blank text seen (Llama calls must start the reply)
+        # Qwen: how far the open call's text has been scanned for its `</tool_call>` (see _qwen_close)
+        self._scan, self._in_string, self._escaped = len(_QWEN_OPEN), False, False
         self.calls: list[ToolCall] = []
 
     def feed(self, piece: str) -> list[Event]:
@@ -211,6 +213,7 @@ class ToolCallParser:
     def finish(self) -> list[Event]:
         """Everything still held back: calls that complete at the end, else plain text."""
         text, self._buf = self._buf, ""
+        self._scan, self._in_string, self._escaped = len(_QWEN_OPEN), False, False
         if not text:
             return []
         calls = None
@@ -239,18 +242,48 @@ class ToolCallParser:
                     out.append(self._buf[:start])
                 self._buf = self._buf[start:]
                 self._inside = True
-            end = self._buf.find(_QWEN_CLOSE)
+            end = self._qwen_close()
             if end < 0:
                 return out
             raw = self._buf[:end + len(_QWEN_CLOSE)]
             self._buf = self._buf[len(raw):]
             self._inside = False
+            self._scan, self._in_string, self._escaped = len(_QWEN_OPEN), False, False
             call = _call_from(_loads(raw[len(_QWEN_OPEN):-len(_QWEN_CLOSE)].strip()), "arguments")
             if call is None:
                 out.append(raw)
             else:
                 self.calls.append(call)
                 out.append(call)
+
+    def _qwen_close(self) -> int:
+        """Where the open call's `</tool_call>` starts in the buffer, or -1 while it has none.
+
+        Only a `</tool_call>` outside a JSON string counts: an argument string may hold one, and
+        cutting there made the call's JSON unreadable, so the call came back as text. (For a
+        call whose JSON is valid this is where the value ends, what raw_decode would find; text
+        with an unclosed quote holds the rest of the reply, to come back as text at finish().)
+        The scan goes on from where the last feed left it, so each piece is read once."""
+        buf, i = self._buf, self._scan
+        while i < len(buf):
+            ch = buf[i]
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif ch == "\\":
+                    self._escaped = True
+                elif ch == '"':
+                    self._in_string = False
+            elif ch == '"':
+                self._in_string = True
+            elif ch == "<":
+                if buf.startswith(_QWEN_CLOSE, i):
+                    return i
+                if _QWEN_CLOSE.startswith(buf[i:]):
+                    break  # the marker may be split across pieces: read it again with the next one
+            i += 1
+        self._scan = i
+        return -1
 
     def _feed_until_end(self, marker: str) -> list[Event]:
         """Text before `marker` passes; from the marker on, everything waits for finish()."""

@@ -289,6 +289,40 @@ async def test_tool_call_round_trip(tool_server):
     assert r3.choices[0].message.tool_calls is None and "<tool_call>" in r3.choices[0].message.content
 
 
+async def test_tool_call_cut_by_max_tokens_finishes_with_length(tool_server):
+    """A reply cut by max_tokens finishes with "length" (OpenAI's reason for a cut reply) even
+    when a whole call was parsed before the cut: "tool_calls" only when the model ended it.
+    The reply is `<tool_call>`, the call's JSON, `</tool_call>`, then EOS (4 tokens)."""
+    client = tool_server.client()
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    for max_tokens, n_calls in ((3, 1), (2, 0)):  # cut after the whole call / inside it
+        r = await client.chat.completions.create(model="tools", messages=messages, tools=[WEATHER_TOOL],
+                                                 temperature=0, max_tokens=max_tokens)
+        assert r.choices[0].finish_reason == "length"
+        assert len(r.choices[0].message.tool_calls or []) == n_calls
+        stream = await client.chat.completions.create(model="tools", messages=messages, tools=[WEATHER_TOOL],
+                                                      temperature=0, max_tokens=max_tokens, stream=True)
+        calls, finishes = [], []
+        async for chunk in stream:
+            for ch in chunk.choices:
+                calls += ch.delta.tool_calls or []
+                finishes += [ch.finish_reason] if ch.finish_reason else []
+        assert finishes == ["length"] and len(calls) == n_calls
+
+
+async def test_tool_choice_without_tools_is_a_400(client):
+    """OpenAI refuses tool_choice when no tools are given (missing or []); it was accepted."""
+    for choice in ("auto", "required", {"type": "function", "function": {"name": "get_weather"}}):
+        for tools in ({}, {"tools": []}):
+            err = await _expect_error(client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2,
+                                                                     tool_choice=choice, **tools), 400)
+            assert err["param"] == "tool_choice" and "tools" in err["message"], err
+    # "none" asks for no calls, which no tools already means: accepted
+    r = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2, tool_choice="none")
+    assert r.choices[0].finish_reason == "length"
+    await _still_serving(client)
+
+
 async def test_default_model_and_keys_from_file_and_env(tmp_path, monkeypatch):
     from amlx.demo import default_model_dir
     from amlx.tokenizer import Tokenizer

@@ -137,3 +137,23 @@ def test_mistral_markers_inside_argument_strings():
         _check("mistral", *_streamed("mistral", text, [3, 20, 31]), "", want)
     for text in ('[TOOL_CALLS]f[ARGS]{"q": 1} trailing', '[TOOL_CALLS]f[ARGS]{"q": 1}[TOOL_CALLS]', "[TOOL_CALLS]f[ARGS]"):
         _check("mistral", *parse_tool_calls(text, "mistral"), text, [])
+
+
+def test_qwen_close_tag_inside_argument_strings():
+    """An argument string may hold "</tool_call>" (a model explaining Qwen's format, say). The
+    call was cut at the first "</tool_call>", inside the string, so its JSON did not parse and
+    the whole call came back as text; streamed, the splitter cut there as well."""
+    for text, want_content, want in [
+            ('<tool_call>{"name": "f", "arguments": {"q": "a </tool_call> b"}}</tool_call>', "",
+             [("f", {"q": "a </tool_call> b"})]),
+            ('Hi <tool_call>\n{"name": "f", "arguments": {"q": "x\\" </tool_call>"}}\n</tool_call> and'
+             '<tool_call>{"name": "g", "arguments": "{\\"s\\": \\"</tool_call>\\"}"}</tool_call>', "Hi  and",
+             [("f", {"q": 'x" </tool_call>'}), ("g", {"s": "</tool_call>"})])]:
+        _check("qwen", *parse_tool_calls(text, "qwen"), want_content, want)
+        for cuts in ([], [3, 20, 31, 40], list(range(len(text)))):
+            _check("qwen", *_streamed("qwen", text, cuts), want_content, want)
+    # what is not a call stays text, whole and streamed alike
+    for text in ('<tool_call>{"name": "f", "arguments": {}} junk</tool_call>',
+                 '<tool_call>{"name": "f", "arguments": {"q": "open </tool_call> tail'):
+        _check("qwen", *parse_tool_calls(text, "qwen"), text, [])
+        _check("qwen", *_streamed("qwen", text, [4, 15, 33]), text, [])

@@ -188,7 +188,10 @@ class Generation:
             piece.logprobs.append(self._entry(tok, tok.logprob))
             choice.logprobs.extend(piece.logprobs)
         if tok.finish_reason is not None:
-            choice.finish_reason = "tool_calls" if choice.calls else tok.finish_reason
+            # OpenAI: "length" whenever max_tokens (or the context) cut the reply, even after a
+            # whole call was parsed; "tool_calls" only when the model itself ended a reply with calls.
+            ended = tok.finish_reason == "stop"
+            choice.finish_reason = "tool_calls" if choice.calls and ended else tok.finish_reason
             piece.finish_reason = choice.finish_reason
             self._metrics.finished.labels(choice.finish_reason).inc()
         return piece

@@ -62,6 +62,12 @@ def chat_tools(req: ChatRequest) -> list[dict] | None:
     """The tools to render, or None. tool_choice "none" renders none; forcing a call is refused
     (it needs constrained decoding of the call, which this server does not do)."""
     choice = req.tool_choice
+    # OpenAI answers 400 for tool_choice without tools (missing or []); checked first so that
+    # 'required' without tools is told what is wrong, not that 'required' is unsupported.
+    # "none" is let through: it asks for no calls, which no tools means anyway.
+    if choice is not None and choice != "none" and not req.tools:
+        raise APIError(400, "tool_choice is only allowed when tools are specified (tools is missing or empty)",
+                       param="tool_choice", code="invalid_value")
     if choice is not None and choice not in ("none", "auto"):
         raise APIError(400, "tool_choice 'required' or a named function is not supported; use 'auto' or 'none'",
                        param="tool_choice", code="unsupported_parameter")
