@@ -16,9 +16,9 @@ from typing_extensions import Unpack
 from amlx.engine.engine import Engine
 from amlx.engine.request import RequestStream
 from amlx.engine.worker import Worker
-from amlx.errors import ClosedError
+from amlx.errors import ClosedError, ContextLengthError
 from amlx.hub import resolve_model
-from amlx.prompt import PromptEncoder, is_heavy
+from amlx.prompt import INLINE_CHARS, SHRINK, PromptEncoder, is_heavy
 from amlx.toolcalls import detect_format, parse_tool_calls
 from amlx.types import Completion, EngineStats, GenerateOptions, GenerationOptions, Prompt, Token, Usage
 
@@ -233,15 +233,34 @@ class Model:
             # (a string would score each of its characters)
             raise TypeError(f"continuations must be a list of strings or of token-id lists, "
                             f"not {type(continuations).__name__}")
-        conts: list[list[int]] = []
+        items: list[str | list[int]] = []
         for c in continuations:
             if isinstance(c, str):
-                conts.append(self.tokenizer.encode(c, add_special_tokens=False))
+                items.append(c)
             elif isinstance(c, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in c):
-                conts.append(list(c))
+                items.append(list(c))
             else:
                 raise TypeError("each continuation must be a string or a list of token ids")
+        # Long string continuations are treated as long prompts are: one that cannot fit the
+        # context whatever its tokens is refused before it is tokenized, and the tokenizing
+        # runs on a thread (a 10 MB continuation held the event loop for 10 s, then failed).
+        if sum(len(c) for c in items if isinstance(c, str)) > INLINE_CHARS:
+            conts = await anyio.to_thread.run_sync(self._continuation_ids, len(ids), items)
+        else:
+            conts = self._continuation_ids(len(ids), items)
         return await self._engine.score(ids, conts)
+
+    def _continuation_ids(self, prompt_len: int, items: list) -> list[list[int]]:
+        """Token ids of `score`'s continuations (strings tokenized on their own, no special
+        tokens); ContextLengthError before tokenizing a text too long to fit after the prompt."""
+        max_context = self._engine.max_context
+        for c in items:
+            if isinstance(c, str) and len(c) > INLINE_CHARS:
+                least = len(c) // (SHRINK * self._prompts.longest_piece())
+                if prompt_len + least > max_context:
+                    raise ContextLengthError(f"the prompt and a continuation have at least {prompt_len + least} "
+                                             f"tokens but the context holds {max_context}")
+        return [self.tokenizer.encode(c, add_special_tokens=False) if isinstance(c, str) else c for c in items]
 
     def stats(self) -> EngineStats:
         """Active and waiting requests, tokens generated, decode steps, the recent
