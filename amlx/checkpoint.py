@@ -412,6 +412,15 @@ def copy_carried(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
         if f.is_file() and f.name.endswith(CARRIED_SUFFIXES) and f.name not in NOT_CARRIED + skip \
                 and not f.name.endswith(".index.json"):
             (dst / f.name).write_bytes(read_bytes(f, TOKENIZER_JSON_LIMIT))
+    # The named chat templates live in a subdirectory (the tokenizer reads
+    # additional_chat_templates/*.jinja, check_side_files checks them): without
+    # this, a written checkpoint kept only the default template.
+    extra = src / "additional_chat_templates"
+    templates = sorted(t for t in extra.glob("*.jinja") if t.is_file()) if extra.is_dir() else []
+    if templates:
+        (dst / extra.name).mkdir()
+        for t in templates:
+            (dst / extra.name / t.name).write_bytes(read_bytes(t, JSON_LIMIT))
 
 
 def write_config(directory: Path, config: dict, name: str = CONFIG) -> None:
