@@ -212,21 +212,22 @@ static PyObject* richcompare(PyObject* self, PyObject* other, int op) {
   Py_RETURN_NOTIMPLEMENTED;
 }
 
-static void dealloc(PyObject* self) {
+/* Frees the handle self owns, if any (none before install: nothing could have made one). */
+static void release(PyObject* self) {
   mlxc_array h = ((ArrayCore*)self)->h;
   if (h != 0 && c_free != NULL) {
     ((ArrayCore*)self)->h = 0;
     c_free(h);
   }
+}
+
+static void dealloc(PyObject* self) {
+  release(self);
   Py_TYPE(self)->tp_free(self);
 }
 
 static PyObject* close_method(PyObject* self, PyObject* unused) {
-  mlxc_array h = ((ArrayCore*)self)->h;
-  if (h != 0 && c_free != NULL) {
-    ((ArrayCore*)self)->h = 0;
-    c_free(h);
-  }
+  release(self);
   Py_RETURN_NONE;
 }
 
@@ -465,6 +466,13 @@ static void* address(PyObject* value) {
   return (void*)(uintptr_t)v;
 }
 
+/* address() of each of count objects into fns; 0 (an exception set) at the first that fails. */
+static int addresses(PyObject* const* objs, int count, void** fns) {
+  for (int i = 0; i < count; ++i)
+    if ((fns[i] = address(objs[i])) == NULL) return 0;
+  return 1;
+}
+
 /* ---- ops as functions (amlx/_mlx/ops.py): exp(a), add(a, b), reshape(a, shape) ----------
    A NativeOp runs the common case in C, as the operators do, and hands any other arguments to
    the Python function it stands in for (`fallback`), which converts them (numpy data, scalars,
@@ -495,29 +503,8 @@ static PyObject* fallback_call(NativeOp* op, PyObject* const* args, size_t nargs
   return PyObject_Vectorcall(op->fallback, args, nargsf, kwnames);
 }
 
-/* A shape or axes: a tuple or list of exact Python ints within C's int, else 0 (take the
-   Python way; nothing raised). */
-static int read_ints(PyObject* seq, int* out, int* n) {
-  if (!PyTuple_CheckExact(seq) && !PyList_CheckExact(seq)) return 0;
-  Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
-  if (len > MAX_DIMS) return 0;
-  PyObject** items = PySequence_Fast_ITEMS(seq);
-  for (Py_ssize_t i = 0; i < len; ++i) {
-    if (!PyLong_CheckExact(items[i])) return 0;
-    int overflow = 0;
-    long v = PyLong_AsLongAndOverflow(items[i], &overflow);
-    if (overflow || v < INT_MIN || v > INT_MAX) return 0;
-    if (v == -1 && PyErr_Occurred()) {
-      PyErr_Clear();
-      return 0;
-    }
-    out[i] = (int)v;
-  }
-  *n = (int)len;
-  return 1;
-}
-
-/* The same for ints given as separate arguments (x.reshape(2, 3)). */
+/* Ints given as separate arguments (x.reshape(2, 3)): each an exact Python int within C's int,
+   at most MAX_DIMS of them, else 0 (take the Python way; nothing raised). */
 static int read_int_args(PyObject* const* args, Py_ssize_t nargs, int* out, int* n) {
   if (nargs > MAX_DIMS) return 0;
   for (Py_ssize_t i = 0; i < nargs; ++i) {
@@ -533,6 +520,21 @@ static int read_int_args(PyObject* const* args, Py_ssize_t nargs, int* out, int*
   }
   *n = (int)nargs;
   return 1;
+}
+
+/* The same for a shape or axes given as one tuple or list. */
+static int read_ints(PyObject* seq, int* out, int* n) {
+  if (!PyTuple_CheckExact(seq) && !PyList_CheckExact(seq)) return 0;
+  return read_int_args(PySequence_Fast_ITEMS(seq), PySequence_Fast_GET_SIZE(seq), out, n);
+}
+
+/* A reduction's axis: None (n = -1: every axis), one int, or ints; else 0. */
+static int read_axis(PyObject* arg, int* axes, int* n) {
+  if (arg == Py_None) {
+    *n = -1;
+    return 1;
+  }
+  return PyLong_CheckExact(arg) ? read_int_args(&arg, 1, axes, n) : read_ints(arg, axes, n);
 }
 
 static PyObject* native_op_call(PyObject* self, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
@@ -560,28 +562,6 @@ static PyObject* native_op_call(PyObject* self, PyObject* const* args, size_t na
       }
       break;
     }
-    case OP_REDUCE: { /* op(a, axis=None, keepdims=False), positional */
-      int axes[MAX_DIMS];
-      int n = -1; /* (all axes) */
-      if (nargs < 1 || nargs > 3 || !PyObject_TypeCheck(args[0], &ArrayCore_Type)) break;
-      if (nargs >= 2 && args[1] != Py_None) {
-        if (PyLong_CheckExact(args[1])) {
-          if (!read_int_args(args + 1, 1, axes, &n)) break;
-        } else if (!read_ints(args[1], axes, &n)) {
-          break;
-        }
-      }
-      int keepdims = 0;
-      if (nargs == 3) {
-        if (!PyBool_Check(args[2])) break;
-        keepdims = args[2] == Py_True;
-      }
-      mlxc_array h = ((ArrayCore*)args[0])->h;
-      if (h == 0) return closed_error();
-      mlxc_array out = 0;
-      if (((reduce_fn)op->fn)(op->code, h, axes, n, keepdims, &out)) return op_failed(op->cname);
-      return adopt(out);
-    }
     case OP_AXES: { /* op(a, axes=None): None (or no argument) for all axes, as mlxc takes -1 */
       int axes[MAX_DIMS];
       int n = -1;
@@ -593,25 +573,20 @@ static PyObject* native_op_call(PyObject* self, PyObject* const* args, size_t na
       if (((shape_fn)op->fn)(h, n < 0 ? NULL : axes, n, &out)) return op_failed(op->cname);
       return adopt(out);
     }
+    case OP_REDUCE:   /* op(a, axis=None, keepdims=False), positional */
     case OP_SOFTMAX: { /* op(a, axis=-1, precise=False), positional */
       int axes[MAX_DIMS];
-      int n = 1;
+      int n = op->kind == OP_SOFTMAX ? 1 : -1; /* (the default axis: the last, or all) */
       axes[0] = -1;
       if (nargs < 1 || nargs > 3 || !PyObject_TypeCheck(args[0], &ArrayCore_Type)) break;
-      if (nargs >= 2) {
-        if (args[1] == Py_None) n = -1;
-        else if (PyLong_CheckExact(args[1])) {
-          if (!read_int_args(args + 1, 1, axes, &n)) break;
-        } else if (!read_ints(args[1], axes, &n)) {
-          break;
-        }
-      }
+      if (nargs >= 2 && !read_axis(args[1], axes, &n)) break;
       if (nargs == 3 && !PyBool_Check(args[2])) break;
-      int code = nargs == 3 && args[2] == Py_True ? op->code2 : op->code;
+      int flag = nargs == 3 && args[2] == Py_True; /* keepdims, or softmax's precise */
+      int code = op->kind == OP_SOFTMAX && flag ? op->code2 : op->code;
       mlxc_array h = ((ArrayCore*)args[0])->h;
       if (h == 0) return closed_error();
       mlxc_array out = 0;
-      if (((reduce_fn)op->fn)(code, h, axes, n, 0, &out)) return op_failed(op->cname);
+      if (((reduce_fn)op->fn)(code, h, axes, n, op->kind == OP_REDUCE && flag, &out)) return op_failed(op->cname);
       return adopt(out);
     }
     case OP_WHERE: { /* op(cond, x, y) of three Arrays */
@@ -824,10 +799,7 @@ static PyObject* list_function(PyObject* module, PyObject* args) {
     return NULL;
   void* fns[4];
   PyObject* addrs[4] = {addr, a_new, a_push, a_free};
-  for (int i = 0; i < 4; ++i) {
-    fns[i] = address(addrs[i]);
-    if (fns[i] == NULL) return NULL;
-  }
+  if (!addresses(addrs, 4, fns)) return NULL;
   c_vec_new = (vec_new_fn)(uintptr_t)fns[1];
   c_vec_push = (vec_push_fn)(uintptr_t)fns[2];
   c_vec_free = (vec_free_fn)(uintptr_t)fns[3];
@@ -875,10 +847,7 @@ static PyObject* install_getitem(PyObject* module, PyObject* args) {
   }
   void* fns[6];
   PyObject* addrs[6] = {a_ndim, a_dims, a_slice, a_squeeze, a_expand, a_transpose};
-  for (int i = 0; i < 6; ++i) {
-    fns[i] = address(addrs[i]);
-    if (fns[i] == NULL) return NULL;
-  }
+  if (!addresses(addrs, 6, fns)) return NULL;
   Py_INCREF(fallback);
   Py_XSETREF(getitem_fallback, fallback);
   c_transpose = (shape_fn)(uintptr_t)fns[5];
@@ -932,10 +901,7 @@ static PyObject* install(PyObject* module, PyObject* args) {
   }
   void* fns[5];
   PyObject* addrs[5] = {binary_addr, binary_float_addr, binary_int_addr, unary_addr, free_addr};
-  for (int i = 0; i < 5; ++i) {
-    fns[i] = address(addrs[i]);
-    if (fns[i] == NULL) return NULL;
-  }
+  if (!addresses(addrs, 5, fns)) return NULL;
   c_binary = (binary_fn)(uintptr_t)fns[0];
   c_binary_float = (binary_float_fn)(uintptr_t)fns[1];
   c_binary_int = (binary_int_fn)(uintptr_t)fns[2];
