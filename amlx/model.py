@@ -18,7 +18,7 @@ from amlx.engine.request import RequestStream
 from amlx.engine.worker import Worker
 from amlx.errors import ClosedError, ContextLengthError
 from amlx.hub import resolve_model
-from amlx.prompt import INLINE_CHARS, SHRINK, PromptEncoder, is_heavy
+from amlx.prompt import INLINE_CHARS, PromptEncoder, is_heavy
 from amlx.toolcalls import detect_format, parse_tool_calls
 from amlx.types import Completion, EngineStats, GenerateOptions, GenerationOptions, Prompt, Token, Usage
 
@@ -256,7 +256,7 @@ class Model:
         max_context = self._engine.max_context
         for c in items:
             if isinstance(c, str) and len(c) > INLINE_CHARS:
-                least = len(c) // (SHRINK * self._prompts.longest_piece())
+                least = self._prompts.least_tokens(c)
                 if prompt_len + least > max_context:
                     raise ContextLengthError(f"the prompt and a continuation have at least {prompt_len + least} "
                                              f"tokens but the context holds {max_context}")

@@ -108,13 +108,17 @@ class PromptEncoder:
             return list(prompt)
         raise TypeError("prompt must be a string, a list of token ids, or a list of chat messages (dicts)")
 
+    def least_tokens(self, text: str) -> int:
+        """Tokens `text` has at least (no token covers more characters than the longest
+        vocabulary piece); 0 for a text up to INLINE_CHARS, where tokenizing it is as cheap
+        as the bound."""
+        return 0 if len(text) <= INLINE_CHARS else len(text) // (SHRINK * self.longest_piece())
+
     def check_text(self, text: str) -> None:
         """ContextLengthError if `text` has more tokens than the context holds for
-        sure: no token covers more characters than the longest vocabulary piece."""
-        if len(text) <= INLINE_CHARS:
-            return  # tokenizing it is as cheap as the bound
-        least = len(text) // (SHRINK * self.longest_piece())
-        if least >= self._max_context:
+        sure (`least_tokens`)."""
+        least = self.least_tokens(text)
+        if len(text) > INLINE_CHARS and least >= self._max_context:
             raise ContextLengthError(f"the prompt has at least {least} tokens ({len(text)} characters) but the "
                                      f"context holds {self._max_context} (including at least one generated token)")
 

@@ -57,9 +57,9 @@ _SPECIAL_MARK = "\ue000"  # a private-use character: in no real prompt or gramma
 _UNICODE_FORMS = {"NFC", "NFD", "NFKC", "NFKD"}
 
 
-def _without_unicode_normalization(tokenizer_json: str) -> str:
-    """The tokenizer.json without its Unicode normalization (NFC, NFKC...; other normalizers,
-    such as SentencePiece's space to "▁", stay).
+def _drop_unicode_normalization(data: dict) -> bool:
+    """Removes the tokenizer.json's Unicode normalization (NFC, NFKC...; other normalizers,
+    such as SentencePiece's space to "▁", stay); whether it had one.
 
     Why: where a grammar forces text, llguidance tokenizes the forced bytes with the Hugging
     Face tokenizer, normalizer included, and then checks the tokens against those bytes. Qwen's
@@ -67,20 +67,19 @@ def _without_unicode_normalization(tokenizer_json: str) -> str:
     ideograph, becomes U+4E3D; "e" + a combining accent becomes one character) came back as
     other bytes and the request failed ("forced bytes: got ...; applying ..."). A grammar's
     text is exact bytes: it is tokenized as it is."""
-    data = json.loads(tokenizer_json)
     norm = data.get("normalizer")
     if not isinstance(norm, dict):
-        return tokenizer_json
+        return False
     if norm.get("type") in _UNICODE_FORMS:
         data["normalizer"] = None
-    elif norm.get("type") == "Sequence" and isinstance(norm.get("normalizers"), list):
+        return True
+    if norm.get("type") == "Sequence" and isinstance(norm.get("normalizers"), list):
         kept = [n for n in norm["normalizers"] if not (isinstance(n, dict) and n.get("type") in _UNICODE_FORMS)]
         if len(kept) == len(norm["normalizers"]):
-            return tokenizer_json
+            return False
         data["normalizer"] = {**norm, "normalizers": kept} if kept else None
-    else:
-        return tokenizer_json
-    return json.dumps(data)
+        return True
+    return False
 
 
 # Stands in for SentencePiece's space symbol "▁" in the tokenizer.json handed to llguidance: a
@@ -103,10 +102,10 @@ def _space_symbol(decoder: object) -> str | None:
     return None
 
 
-def _with_space_stand_in(tokenizer_json: str) -> str:
-    """The tokenizer.json with SentencePiece's space symbol ("▁") renamed `_SPACE_STAND_IN` in
-    the vocabulary, the merges, the normalizer, the pre-tokenizer and the decoder (the same
-    tokens for any text but one with "▁" in it, and the same bytes per token).
+def _rename_space_symbol(data: dict) -> bool:
+    """Renames SentencePiece's space symbol ("▁") `_SPACE_STAND_IN` in the tokenizer.json's
+    vocabulary, merges, normalizer, pre-tokenizer and decoder (the same tokens for any text but
+    one with "▁" in it, and the same bytes per token); whether it did.
 
     Why: llguidance takes a token's "▁" for a space, and where a grammar forces text it
     tokenizes the text with the Hugging Face tokenizer and checks the tokens against its bytes.
@@ -114,11 +113,10 @@ def _with_space_stand_in(tokenizer_json: str) -> str:
     token "▁" or "▁b", a space to llguidance, and the request failed ("forced bytes: got 'â';
     applying ' '"). Renamed, that "▁" is in no token: it is spelled in byte-fallback tokens,
     its own bytes (as it is by the model when it samples those)."""
-    data = json.loads(tokenizer_json)
     symbol = _space_symbol(data.get("decoder"))
     model = data.get("model")
-    if symbol is None or not isinstance(model, dict) or _SPACE_STAND_IN in tokenizer_json:
-        return tokenizer_json
+    if symbol is None or not isinstance(model, dict):
+        return False
 
     def renamed(value):
         if isinstance(value, str):
@@ -138,7 +136,17 @@ def _with_space_stand_in(tokenizer_json: str) -> str:
         model["vocab"] = [[renamed(p[0]), *p[1:]] if isinstance(p, list) and p else p for p in vocab]
     if "merges" in model:
         model["merges"] = renamed(model["merges"])
-    return json.dumps(data)
+    return True
+
+
+def _for_llguidance(tokenizer_json: str) -> str:
+    """The tokenizer.json as llguidance gets it: without Unicode normalization, and with the
+    space symbol renamed (unless the stand-in is in it already), parsed and written once."""
+    data = json.loads(tokenizer_json)
+    changed = _drop_unicode_normalization(data)
+    if _SPACE_STAND_IN not in tokenizer_json:
+        changed = _rename_space_symbol(data) or changed
+    return json.dumps(data) if changed else tokenizer_json
 
 
 def _mark_special_tokens(tokenizer_json: str) -> tuple[str, dict[int, str]]:
@@ -283,7 +291,7 @@ class GrammarVocab:
         self._lock = threading.Lock()
 
     def _llg_tokenizer(self, tokenizer_json: str) -> llguidance.LLTokenizer:
-        tokenizer_json = _with_space_stand_in(_without_unicode_normalization(tokenizer_json))
+        tokenizer_json = _for_llguidance(tokenizer_json)
         try:
             return llguidance.LLTokenizer(tokenizer_json, n_vocab=self.vocab_size, eos_token=self._eos or None,
                                           slices=mask_slices())
