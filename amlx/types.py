@@ -18,8 +18,6 @@ from typing_extensions import NotRequired, TypedDict
 
 from amlx.constrain.spec import Constraint, parse_constraint
 
-from amlx.constrain.spec import Constraint, parse_constraint
-
 # Bounds of the options that are not sampling parameters (those live in amlx.sample).
 MAX_TOKENS_LIMIT = 2**31 - 1  # token counts are int32 on the device
 MAX_BUFFER_LIMIT = 1 << 16  # tokens a request may hold unread before it is paused

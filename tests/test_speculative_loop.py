@@ -10,7 +10,6 @@ speculative decoding gives the tokens of plain greedy decoding.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pytest

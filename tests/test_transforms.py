@@ -12,7 +12,6 @@ from amlx import _mlx as mx
 from amlx._mlx import fast
 from amlx._mlx import ops as O
 from amlx._mlx import transforms as T
-from amlx.errors import MLXError
 
 torch.set_grad_enabled(True)
 

@@ -20,8 +20,6 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass, field
 
 from amlx._mlx import distributed as dist
