@@ -87,11 +87,10 @@ def _token_content(value: Any) -> str | None:
     return None
 
 
-def _as_added_token(value: Any, *, special: bool) -> AddedToken:
-    if isinstance(value, Mapping):
-        flags = {k: bool(value[k]) for k in ("single_word", "lstrip", "rstrip", "normalized") if k in value}
-        return AddedToken(value["content"], special=bool(value.get("special", special)), **flags)
-    return AddedToken(value, special=special)
+def _as_added_token(value: Mapping[str, Any], *, special: bool) -> AddedToken:
+    """An added_tokens_decoder entry as an AddedToken; `special` forces it special (named tokens)."""
+    flags = {k: bool(value[k]) for k in ("single_word", "lstrip", "rstrip", "normalized") if k in value}
+    return AddedToken(value["content"], special=special or bool(value.get("special", False)), **flags)
 
 
 def _ids_from(value: Any) -> list[int]:
@@ -218,7 +217,8 @@ class Tokenizer:
         self._backend = backend
 
         self._special_tokens, extra = _special_tokens_of(config)
-        self._register_added_tokens(config, extra)
+        self._special_ids = self._register_added_tokens(config, extra)
+        backend = self._backend  # (_register_added_tokens may have rebuilt it)
 
         # encode() never truncates or pads, whatever tokenizer.json says (transformers too).
         backend.no_truncation()
@@ -245,8 +245,6 @@ class Tokenizer:
             type(backend.model).__name__ != "BPE"
         )
 
-        added = backend.get_added_tokens_decoder()
-        self._special_ids = frozenset(i for i, tok in added.items() if tok.special)
         self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
         eos = set(eos_token_ids)
         if self.eos_token_id is not None:
@@ -317,26 +315,59 @@ class Tokenizer:
         except Exception as e:
             raise ModelLoadError(f"{root / 'tokenizer_config.json'}: unusable tokenizer settings: {e}") from e
 
-    def _register_added_tokens(self, config: Mapping[str, Any], extra: Any) -> None:
-        """Make the backend know every added/special token the config declares, as
-        transformers does (it adds those missing from tokenizer.json)."""
+    def _register_added_tokens(self, config: Mapping[str, Any], extra: Any) -> frozenset[int]:
+        """Settle the added tokens and their flags (special, normalized, lstrip, rstrip,
+        single_word) as transformers' fast tokenizer does when the two files disagree.
+
+        transformers 5 passes every entry of tokenizer_config.json's added_tokens_decoder (in id
+        order) to the backend's add_tokens, which replaces the flags of a token tokenizer.json
+        already has: the config wins. A named special token (bos/eos/unk/sep/pad/cls/mask and
+        any other "*_token") is always special, whatever its entry says. Named and extra
+        (additional_special_tokens) tokens that neither file lists are added as special. A
+        config without added_tokens_decoder (the older format) has tokenizer.json's own list
+        read in its place. Qwen2Tokenizer then re-adds all its special tokens, named and
+        extra, as plain special tokens (default flags).
+
+        Not followed: a token that only tokenizer.json lists stays, with its flags and trained
+        id (transformers 5 classes that rebuild the backend, like Qwen2Tokenizer and
+        GemmaTokenizer, lose it; PreTrainedTokenizerFast keeps it).
+        Returns the ids decode(..., skip_special_tokens=True) drops.
+        """
         backend = self._backend
-        known = {tok.content for tok in backend.get_added_tokens_decoder().values()}
-        declared = config.get("added_tokens_decoder") or {}
+        present = backend.get_added_tokens_decoder()
+        named = [c for c in self._special_tokens.values() if c]
+        extras = [c for c in map(_token_content, extra if isinstance(extra, (list, tuple)) else []) if c]
+        if "added_tokens_decoder" in config:
+            declared = config.get("added_tokens_decoder") or {}
+            entries = [v for _, v in sorted(declared.items(), key=lambda kv: int(kv[0])) if isinstance(v, Mapping)]
+        else:
+            entries = [tok.__getstate__() for _, tok in sorted(present.items())]
         to_add: list[AddedToken] = []
-        for _, value in sorted(declared.items(), key=lambda kv: int(kv[0])):
-            if isinstance(value, Mapping) and value.get("content") not in known:
-                to_add.append(_as_added_token(value, special=bool(value.get("special", False))))
-                known.add(value["content"])
-        wanted = list(self._special_tokens.values()) + [
-            _token_content(v) for v in (extra if isinstance(extra, (list, tuple)) else [])
-        ]
-        for content in wanted:
-            if content is not None and content not in known:
+        for value in entries:
+            if isinstance(value.get("content"), str):
+                to_add.append(_as_added_token(value, special=value["content"] in named))
+        listed = {tok.content for tok in to_add} | {tok.content for tok in present.values()}
+        for content in [*named, *extras]:
+            if content not in listed:
                 to_add.append(AddedToken(content, special=True))
-                known.add(content)
+                listed.add(content)
+        tokenizer_class = str(config.get("tokenizer_class") or "").removesuffix("Fast")
+        if tokenizer_class == "Qwen2Tokenizer":
+            to_add += [AddedToken(content, special=True) for content in dict.fromkeys([*named, *extras])]
         if to_add:
             backend.add_tokens(to_add)
+        special = {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
+        # The tokenizers library keeps skipping (decode with skip_special_tokens) a token it loaded
+        # as special after add_tokens re-marks it not special. transformers' Qwen2Tokenizer and
+        # GemmaTokenizer never load tokenizer.json's added tokens (they rebuild the backend from
+        # the vocabulary and merges, then add the config's), so for them the final flag alone
+        # counts: rebuilt from its own serialization, the backend forgets the stale mark. Other
+        # classes load tokenizer.json as it is and keep skipping such a token; so does amlx then.
+        stale = {i for i, tok in present.items() if tok.special and i not in special}
+        if stale and tokenizer_class in ("Qwen2Tokenizer", "GemmaTokenizer"):
+            self._backend = tokenizers.Tokenizer.from_str(backend.to_str())
+            stale = set()
+        return frozenset(special | stale)
 
     def _find_byte_fallback_ids(self) -> frozenset[int]:
         """Ids of "<0xNN>" pieces when the decoder fuses them with ByteFallback (SentencePiece
