@@ -3,8 +3,9 @@
 A request names at most one of
 - `response_format`: OpenAI's shapes, `{"type": "text"}` (no constraint), `{"type": "json_object"}`
   (any JSON object) or `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}`;
-- `regex`: a regular expression the whole output matches (Rust `regex` syntax, which for the
-  usual constructs is Python's);
+- `regex`: a regular expression the whole output matches, as Python's `re` reads it
+  (`re.fullmatch`); a schema's `pattern` (and `patternProperties`) is Python's too, `re.search`,
+  with class escapes and `.` narrowed to what ECMA-262 also means (pyregex.py says how and why);
 - `choice`: a list of strings, the output being exactly one of them;
 - `grammar`: a Lark grammar (llguidance's dialect: https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md).
 """
@@ -13,11 +14,14 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import llguidance
+
+from amlx.constrain.pyregex import Refused, to_llguidance
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
@@ -105,7 +109,90 @@ def _from_schema(schema: Mapping[str, Any] | bool) -> Constraint:
         raise ValueError(f"invalid response_format: {inexact[0]} is {inexact[1]}, which the grammar engine cannot "
                          f"follow exactly (llguidance reads JSON numbers as 64-bit floats and integer bounds as "
                          f"64-bit integers: integers must be exact as floats and below 2**63 in magnitude)")
+    try:
+        text = _with_python_patterns(text)
+    except _NotPython as e:
+        raise ValueError(f"invalid response_format: {e}{_llguidance_too(text, schema=True)}") from None
+    except ValueError as e:
+        raise ValueError(f"invalid response_format: {e}") from None
     return Constraint("json", llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_STYLE))
+
+
+@functools.lru_cache(maxsize=256)
+def _with_python_patterns(text: str) -> str:
+    """The schema (a JSON text) with its patterns rewritten for llguidance (`_schema_patterns`).
+    Remembered per text, as `_grammar_problem` is: the walk cost a server's requests with one
+    schema 24 us each (the test suite's SCHEMA)."""
+    schema = json.loads(text)
+    rewritten = _schema_patterns(schema, "schema")
+    return text if rewritten is schema else json.dumps(rewritten)
+
+
+# Schema keywords whose value is a schema, a list of schemas, or a map of names to schemas: the
+# walk for patterns goes only there (a "pattern" elsewhere, in a const or as a property's name,
+# is data).
+_SUBSCHEMA = frozenset(("items", "additionalItems", "additionalProperties", "unevaluatedItems", "unevaluatedProperties",
+                        "contains", "propertyNames", "not", "if", "then", "else", "contentSchema", "prefixItems",
+                        "anyOf", "allOf", "oneOf"))
+_SUBSCHEMA_MAPS = frozenset(("properties", "$defs", "definitions", "dependentSchemas", "dependencies"))
+
+
+def _schema_patterns(node: Any, path: str) -> Any:
+    """The schema with each `pattern` and `patternProperties` name rewritten for llguidance
+    (`to_llguidance`, ECMA-narrowed); the same object where it has none. ValueError naming the
+    pattern and where it is, if one cannot be followed."""
+    if isinstance(node, list):
+        items = [_schema_patterns(v, f"{path}[{i}]") for i, v in enumerate(node)]
+        return node if all(a is b for a, b in zip(items, node)) else items
+    if not isinstance(node, Mapping):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        where = f"{path}.{key}"
+        if key == "pattern" and isinstance(value, str):
+            out[key] = _schema_pattern(value, where)
+        elif key == "patternProperties" and isinstance(value, Mapping):
+            out[key] = {}
+            for name, sub in value.items():
+                rewritten = _schema_pattern(name, f"{where}[{json.dumps(name)}]")
+                if rewritten in out[key]:
+                    raise ValueError(f"two names in {where} are the same pattern ({json.dumps(name)})")
+                out[key][rewritten] = _schema_patterns(sub, f"{where}[{json.dumps(name)}]")
+        elif key in _SUBSCHEMA_MAPS and isinstance(value, Mapping):
+            out[key] = {name: _schema_patterns(sub, f"{where}.{name}") for name, sub in value.items()}
+        elif key in _SUBSCHEMA:
+            out[key] = _schema_patterns(value, where)
+        else:
+            out[key] = value
+    return node if all(out[k] is node[k] for k in node) else out
+
+
+def _schema_pattern(pattern: str, where: str) -> str:
+    try:
+        return to_llguidance(pattern, ecma=True)
+    except Refused as e:
+        raise ValueError(f"the pattern {pattern!r} at {where}: {e}") from None
+    except (re.error, RecursionError) as e:
+        raise _NotPython(f"the pattern {pattern!r} at {where} {_not_python(e)}") from None
+
+
+class _NotPython(ValueError):
+    """A schema's pattern that Python's re cannot parse."""
+
+
+def _not_python(e: Exception) -> str:
+    why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+    return (f"is not a regular expression Python's re can read ({why}); amlx reads patterns as "
+            f"Python does (Rust's \\p{{..}}, \\x{{..}}, \\z, (?<name>...) are not Python's)")
+
+
+def _llguidance_too(text: str, schema: bool) -> str:
+    """llguidance's own complaint about the pattern (or schema) as given, if it has one: said
+    with Python's, as the one error message used to be llguidance's alone."""
+    grammar = (llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_STYLE) if schema
+               else llguidance.LLMatcher.grammar_from_regex(text))
+    problem = _grammar_problem(grammar)
+    return f"; llguidance: {problem}" if problem else ""
 
 
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
@@ -167,7 +254,13 @@ def _values_only(value: Any) -> Any:
 def _from_regex(regex: Any) -> Constraint:
     if not isinstance(regex, str) or not regex:
         raise ValueError("regex must be a non-empty string")
-    return Constraint("regex", llguidance.LLMatcher.grammar_from_regex(regex))
+    try:
+        rewritten = to_llguidance(regex)
+    except Refused as e:
+        raise ValueError(f"invalid regex {regex!r}: {e}") from None
+    except (re.error, RecursionError) as e:
+        raise ValueError(f"invalid regex: {regex!r} {_not_python(e)}{_llguidance_too(regex, schema=False)}") from None
+    return Constraint("regex", llguidance.LLMatcher.grammar_from_regex(rewritten))
 
 
 def _from_choice(choice: Any) -> Constraint:
