@@ -355,3 +355,34 @@ def _checkpoint() -> Path:
 
     atexit.register(shutil.rmtree, root, True)
     return make_checkpoint(root / "qwen3", "qwen3", seed=3)
+
+
+# -- case-insensitive classes: computed over the cased characters only -------------------------
+
+_CODE_POINTS = st.one_of(st.integers(0, 0x24F), st.integers(0x250, 0x2FFF), st.integers(0xE000, 0x10FFFF))
+
+
+@settings(max_examples=40, deadline=None)
+@given(lo=_CODE_POINTS, width=st.sampled_from([0, 0, 1, 5, 40, 400]), ascii_only=st.booleans())
+def test_case_insensitive_range_equals_python_over_every_character(lo, width, ascii_only):
+    """`_folded` tries only the cased characters; the full scan tries all 1.1 million. They must
+    agree: a character outside the cased set that (?i) paired with a range would be lost."""
+    from amlx.constrain import pyregex
+
+    hi = min(lo + width, 0x10FFFF)
+    assume(hi < 0xD800 or lo > 0xDFFF)
+    flags = re.IGNORECASE | (re.ASCII if ascii_only else 0)
+    full = pyregex._python_set(f"[{pyregex._py_char(lo)}-{pyregex._py_char(hi)}]", flags)
+    assert pyregex._folded(lo, hi, flags) == full
+
+
+def test_case_insensitive_classes_try_the_cased_characters_only():
+    """A pattern of hundreds of distinct case-insensitive classes (a hostile client's) is converted
+    on the event loop: each class tries the cased characters (a few thousand), not all 1.1
+    million, and still finds pairs outside ASCII (the Kelvin sign for k)."""
+    from amlx.constrain import pyregex
+
+    assert 1000 < len(pyregex._cased()) < 20_000
+    pattern = "(?i)" + "".join(f"[{chr(a)}-{chr(b)}]" for a in range(0x41, 0x5A) for b in range(a, 0x5B, 3))
+    rewritten = pyregex.to_llguidance(pattern)
+    assert "\\x{212a}" in rewritten  # [J-K] and the like take U+212A KELVIN SIGN under (?i)
