@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI-compatible endpoints, as pydantic models.
 
 Validation is strict (a string is not a number, unknown fields are refused), so a
-request that amlx would misread gets a 400 naming the field instead. Fields that
-are accepted but change nothing are listed as such (`user`, `parallel_tool_calls`).
+request that amlx would misread gets a 400 naming the field instead; null in an optional
+field means its default, as in OpenAI's API. Fields that are accepted but change nothing
+are listed as such (`user`, `parallel_tool_calls`).
 Responses are built as plain dicts in OpenAI's shapes (responses.py): a streamed
 reply sends one chunk per token, which should not pay for validation.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 MAX_N = 16  # choices per request: each is a concurrent generation
 
@@ -20,6 +21,17 @@ Float = Annotated[float, Field(strict=True)]  # accepts JSON numbers (ints too),
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """OpenAI documents its optional fields as nullable ("number or null"), null meaning the
+        default, and the openai client sends null for an argument given as None: a null optional
+        field is read as absent (a null unknown field is still refused, a required one still missing)."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+        return data
 
 
 class StreamOptions(_Strict):
