@@ -94,3 +94,17 @@ async def test_null_fields_mean_their_defaults(server, http):
     r = _chat(http, stream=True, stream_options={"include_usage": None})
     events = _events(r.text)
     assert "usage" not in events[-2] or events[-2]["choices"]  # include_usage null: no usage chunk
+
+
+# -- top_p = 0 ---------------------------------------------------------------------------------
+
+def test_top_p_0_is_accepted_and_keeps_the_top_token(http):
+    """OpenAI's top_p lies in [0, 1]; 0 was a 400 ("greater than 0"). Nucleus sampling with
+    top_p 0 keeps the smallest set of tokens reaching it, the top token alone: greedy."""
+    greedy = _chat(http, max_tokens=12, temperature=0).json()["choices"][0]["message"]["content"]
+    r = _chat(http, max_tokens=12, temperature=1.5, top_p=0, seed=9, n=2)
+    assert r.status_code == 200, r.text
+    assert [c["message"]["content"] for c in r.json()["choices"]] == [greedy, greedy]
+    greedy = _completion(http, max_tokens=12, temperature=0).json()["choices"][0]["text"]
+    r = _completion(http, max_tokens=12, temperature=1.0, top_p=0)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy, r.text

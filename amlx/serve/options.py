@@ -2,6 +2,7 @@
 
     max_completion_tokens / max_tokens -> max_tokens   (default: the rest of the context)
     temperature, top_p, seed, top_k, min_p, repetition_penalty -> the same names
+                                       (top_p 0, in OpenAI's range, as the least top_p: the top token)
     stop (str or list)                 -> stop
     presence_penalty, frequency_penalty -> the same names (passed only when not 0)
     logit_bias {"id": bias}            -> logit_bias {id: bias} (passed only when not empty)
@@ -21,6 +22,12 @@ from typing import Any
 
 from amlx.serve.errors import APIError
 from amlx.serve.schemas import ChatRequest, CompletionRequest
+
+
+# top_p 0 is in OpenAI's range [0, 1], the engine's is (0, 1]: nucleus sampling keeps the
+# smallest set of tokens whose probability reaches top_p, at least one, so any top_p below
+# 1 / vocabulary size keeps the top token alone, as 0 means.
+_LEAST_TOP_P = 1e-30
 
 
 def _logit_bias(raw: dict[str, float] | None, vocab: int) -> dict[int, float] | None:
@@ -54,7 +61,7 @@ def generation_options(req: ChatRequest | CompletionRequest, *, prompt_len: int,
     limit = getattr(req, "max_completion_tokens", None) or req.max_tokens
     opts: dict[str, Any] = {
         "max_tokens": limit if limit is not None else max(1, context - prompt_len),
-        "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
+        "temperature": req.temperature, "top_p": req.top_p or _LEAST_TOP_P, "top_k": req.top_k, "min_p": req.min_p,
         "repetition_penalty": req.repetition_penalty, "seed": req.seed,
     }
     if req.stop:

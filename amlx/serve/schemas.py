@@ -100,7 +100,7 @@ class _Sampling(_Strict):
     model: StrictStr
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     temperature: Annotated[Float, Field(ge=0, le=2)] = 1.0  # OpenAI's default
-    top_p: Annotated[Float, Field(gt=0, le=1)] = 1.0
+    top_p: Annotated[Float, Field(ge=0, le=1)] = 1.0  # OpenAI's range; 0 keeps the top token (options.py)
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
     seed: StrictInt | None = None
