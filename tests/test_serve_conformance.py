@@ -108,3 +108,19 @@ def test_top_p_0_is_accepted_and_keeps_the_top_token(http):
     greedy = _completion(http, max_tokens=12, temperature=0).json()["choices"][0]["text"]
     r = _completion(http, max_tokens=12, temperature=1.0, top_p=0)
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy, r.text
+
+
+# -- a request bigger than the server ------------------------------------------------------------
+
+def test_a_request_larger_than_the_server_is_a_400_not_a_retryable_429(http):
+    """n (times the prompts of a completions request) above what the server runs at once
+    (--max-batch-size + --max-queue) was answered 429 with Retry-After: 1, "retry shortly", with
+    nothing running: a client that retries as told loops forever. It is a 400 naming the field."""
+    r = _chat(http, n=CAPACITY + 1)
+    error = _error(r, 400, "n")
+    assert str(CAPACITY) in error["message"] and "retry-after" not in r.headers
+    r = _completion(http, prompt=["a", "b", "c"], n=3)
+    error = _error(r, 400, "prompt")
+    assert "9" in error["message"] and "retry-after" not in r.headers
+    r = _chat(http, n=CAPACITY)  # as many as fit: answered
+    assert r.status_code == 200 and [c["index"] for c in r.json()["choices"]] == list(range(CAPACITY))

@@ -80,6 +80,14 @@ class Server:
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options",
                            code="invalid_value")
+        # More generations than the server ever runs at once can never be admitted: a 400, not
+        # the 429 of a full queue, whose Retry-After would have a client retry forever.
+        count = len(prompt_ids) * req.n
+        if count > self.admission.capacity:
+            asked = f"n={req.n}" if len(prompt_ids) == 1 else f"{len(prompt_ids)} prompts × n={req.n} = {count}"
+            raise APIError(400, f"this request asks for {asked} generations; this server runs at most "
+                           f"{self.admission.capacity} at once (--max-batch-size + --max-queue)",
+                           param="n" if len(prompt_ids) == 1 else "prompt", code="invalid_value")
         info = self.model.info
         opts = generation_options(req, prompt_len=max(len(p) for p in prompt_ids), context=info.context_length,
                                   vocab=self.model.tokenizer.vocab_size)
