@@ -124,3 +124,30 @@ def test_a_request_larger_than_the_server_is_a_400_not_a_retryable_429(http):
     assert "9" in error["message"] and "retry-after" not in r.headers
     r = _chat(http, n=CAPACITY)  # as many as fit: answered
     assert r.status_code == 200 and [c["index"] for c in r.json()["choices"]] == list(range(CAPACITY))
+
+
+# -- validation errors name the request's field --------------------------------------------------
+
+def test_validation_errors_name_the_field_not_pydantics_union_member(http):
+    """A field whose type is a union (stop, prompt, tool_choice, content) reported the error of
+    its first member, with pydantic's label for that member in `param` ("stop.str",
+    "tool_choice.literal['none','auto','required']"), often the wrong error: five stop strings
+    were "stop.str: Input should be a valid string"."""
+    error = _error(_chat(http, stop=["a", "b", "c", "d", "e"]), 400, "stop")
+    assert "at most 4" in error["message"]
+    error = _error(_chat(http, tool_choice="bogus", tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+                   "tool_choice")
+    assert "'none', 'auto' or 'required'" in error["message"]
+    error = _error(_chat(http, tools=[{"type": "function", "function": {"name": "f"}}],
+                         tool_choice={"type": "function"}), 400, "tool_choice.function")
+    assert "required" in error["message"]
+    r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": [
+        {"role": "user", "content": [{"text": "no type"}]}]})
+    assert "required" in _error(r, 400, "messages.0.content.0.type")["message"]
+    assert "at least 1 item" in _error(_completion(http, prompt=[]), 400, "prompt")["message"]
+    assert _error(_completion(http, prompt=[[1, 2], 3.5]), 400)["param"].startswith("prompt.1")
+    # a JSON body sent as another content type (curl -d sends a form's): told what to send
+    body = json.dumps({"model": "tiny", "messages": CHAT, "max_tokens": 2})
+    for headers in ({"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}):
+        error = _error(http.post("/v1/chat/completions", content=body, headers=headers), 400, None)
+        assert "Content-Type: application/json" in error["message"], error

@@ -97,9 +97,32 @@ class ErrorRoute(APIRoute):
         return guarded
 
 
+def _is_union_label(part: object) -> bool:
+    """Whether a part of a pydantic error's loc is the label of a union's member ("str",
+    "list[int]", "literal['none','auto']", "NamedToolChoice"), not a field name, index or key:
+    field names here are lower-case words, and no dict key of a request is validated per key
+    but logit_bias's, whose keys are digits."""
+    if not isinstance(part, str):
+        return False
+    return part in ("str", "int", "float", "bool", "none") or "[" in part or part[:1].isupper()
+
+
+def _worst(errors: list[dict]) -> dict:
+    """The error to report. A union field (stop, prompt, tool_choice, content) fails once per
+    member, and the first is often the wrong one (five stop strings: "Input should be a valid
+    string"): of the errors of the first error's value (its loc up to a union label), prefer
+    one other than a type mismatch, then the one deepest in the body, i.e. of the member the
+    value got furthest into."""
+    loc = tuple(errors[0].get("loc", ()))
+    value = next((loc[:k] for k, part in enumerate(loc) if _is_union_label(part)), loc)
+    same = [e for e in errors if tuple(e.get("loc", ()))[:len(value)] == value]
+    return min(same, key=lambda e: (str(e.get("type", "")).endswith("_type"), -len(e.get("loc", ()))))
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    first = _worst(exc.errors()) if exc.errors() else {}
+    # The param names the request's field: pydantic's union-member labels are left out of it.
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _is_union_label(part)]
     param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "json_invalid":
@@ -110,6 +133,11 @@ def _validation_error(exc: RequestValidationError) -> APIError:
                         code="unsupported_parameter")
     if kind == "missing" and not loc:
         return APIError(400, "the body must be a JSON object", code="invalid_json")
+    if not loc and isinstance(first.get("input"), (bytes, bytearray)):
+        # FastAPI reads a body as JSON only under a JSON content type (as OpenAI does); curl -d
+        # without -H sends application/x-www-form-urlencoded.
+        return APIError(400, "the body must be a JSON object sent with Content-Type: application/json",
+                        code="invalid_json")
     return APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param,
                     code="invalid_value")
 
