@@ -151,3 +151,16 @@ def test_validation_errors_name_the_field_not_pydantics_union_member(http):
     for headers in ({"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}):
         error = _error(http.post("/v1/chat/completions", content=body, headers=headers), 400, None)
         assert "Content-Type: application/json" in error["message"], error
+
+
+# -- engine errors name the field ----------------------------------------------------------------
+
+def test_errors_from_the_engine_name_the_field(http):
+    """Values the engine refuses (its ValueError) came back with `param: null`; OpenAI names the
+    field that was wrong."""
+    for body, param in [({"stop": [""]}, "stop"), ({"stop": "x" * 300}, "stop"), ({"top_k": 100_000}, "top_k"),
+                        ({"regex": "(("}, "regex"), ({"choice": [""]}, "choice"),
+                        ({"response_format": {"type": "json_schema"}}, "response_format"),
+                        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}},
+                         "response_format")]:
+        _error(_chat(http, **body), 400, param)

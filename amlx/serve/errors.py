@@ -28,10 +28,24 @@ log = logging.getLogger("amlx.serve")
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
+# Generation options that are request fields of the same name (options.py), for the param of
+# the engine's errors about them.
+_OPTION_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
+                  "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+                  "response_format", "regex", "choice", "grammar"}
+
 # Engine option names -> the request field that set them, for "not available" messages.
 _FIELD_OF_OPTION = {"presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
                     "logit_bias": "logit_bias", "top_logprobs": "top_logprobs", "response_format": "response_format",
                     "regex": "regex", "choice": "choice", "grammar": "grammar"}
+
+
+def _option_named(message: str) -> str | None:
+    """The request field an engine's ValueError is about: its messages begin with the option's
+    name ("stop must be ...", "top_k must be ...", "invalid regex: ...", "response_format of
+    type ...")."""
+    match = re.match(r"(?:invalid )?([a-z_]+)\b", message)
+    return match.group(1) if match and match.group(1) in _OPTION_FIELDS else None
 
 
 class APIError(Exception):
@@ -67,7 +81,7 @@ def from_engine(exc: BaseException) -> APIError:
     if isinstance(exc, amlx.ClosedError):
         return APIError(503, "the model is shutting down", code="model_closed")
     if isinstance(exc, (ValueError, TypeError)):
-        return APIError(400, str(exc), code="invalid_value")
+        return APIError(400, str(exc), param=_option_named(str(exc)), code="invalid_value")
     if isinstance(exc, MemoryError) or (isinstance(exc, amlx.MLXError) and "memory" in str(exc).lower()):
         return APIError(503, f"out of memory: {exc}", code="out_of_memory")
     log.error("request failed", exc_info=exc)
