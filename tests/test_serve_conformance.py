@@ -164,3 +164,16 @@ def test_errors_from_the_engine_name_the_field(http):
                         ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}},
                          "response_format")]:
         _error(_chat(http, **body), 400, param)
+
+
+# -- logit_bias keys -----------------------------------------------------------------------------
+
+def test_logit_bias_keys_are_decimal_token_ids(http):
+    """Keys went through int(), which reads "5_0" as 50, "٣" (an Arabic-Indic three) as 3, and
+    " 5" or "+5" as 5; and "05" and "5" named one token twice, the second bias silently
+    replacing the first."""
+    for key in ("5_0", "\u0663", " 5", "+5", "5.0", "0x5"):
+        _error(_chat(http, logit_bias={key: 1}), 400, "logit_bias")
+    error = _error(_chat(http, logit_bias={"05": 1, "5": -1}), 400, "logit_bias")
+    assert "twice" in error["message"]
+    assert _chat(http, logit_bias={"5": 1, "7": -100}).status_code == 200

@@ -18,6 +18,7 @@ Options whose value is the neutral one are not passed, so a client that always s
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from amlx.serve.errors import APIError
@@ -35,14 +36,18 @@ def _logit_bias(raw: dict[str, float] | None, vocab: int) -> dict[int, float] | 
         return None
     out = {}
     for key, bias in raw.items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias",
-                           code="invalid_value") from None
-        if not 0 <= token < vocab:
-            raise APIError(400, f"logit_bias token id {token} is outside the vocabulary (0..{vocab - 1})",
+        # Decimal digits only: int() also reads "5_0" (50), " 5", "+5" and other scripts' digits.
+        if not re.fullmatch(r"-?[0-9]+", key):
+            raise APIError(400, f"logit_bias keys must be token ids (decimal integers), got {key[:100]!r}",
                            param="logit_bias", code="invalid_value")
+        token = int(key) if len(key) <= 20 else -1  # (longer: outside any vocabulary; int() refuses 4300+ digits)
+        if not 0 <= token < vocab:
+            shown = key if len(key) <= 30 else key[:30] + "..."
+            raise APIError(400, f"logit_bias token id {shown} is outside the vocabulary (0..{vocab - 1})",
+                           param="logit_bias", code="invalid_value")
+        if token in out:  # "05" and "5": one token twice, one bias would silently replace the other
+            raise APIError(400, f"logit_bias names token id {token} twice", param="logit_bias",
+                           code="invalid_value")
         out[token] = float(bias)
     return out
 
