@@ -177,3 +177,17 @@ def test_logit_bias_keys_are_decimal_token_ids(http):
     error = _error(_chat(http, logit_bias={"05": 1, "5": -1}), 400, "logit_bias")
     assert "twice" in error["message"]
     assert _chat(http, logit_bias={"5": 1, "7": -100}).status_code == 200
+
+
+# -- streaming: usage null with include_usage ---------------------------------------------------
+
+def test_include_usage_gives_every_other_chunk_usage_null(http):
+    """OpenAI: with stream_options.include_usage "all other chunks will also include a usage
+    field, but with a null value"; they had no usage field."""
+    for path, body in (("/v1/chat/completions", {"messages": CHAT}), ("/v1/completions", {"prompt": "Hello"})):
+        r = http.post(path, json={"model": "tiny", "max_tokens": 3, "n": 2, "stream": True,
+                                  "stream_options": {"include_usage": True}, **body})
+        events = _events(r.text)
+        assert events[-1] == "[DONE]" and events[-2]["choices"] == []
+        assert events[-2]["usage"]["completion_tokens"] == 6
+        assert all("usage" in e and e["usage"] is None for e in events[:-2]), events

@@ -61,15 +61,20 @@ class EventStreamResponse(StreamingResponse):
 async def sse_body(gen: Generation, shape: Any, include_usage: bool) -> AsyncIterator[bytes]:
     """The SSE stream of one request: chunks, the usage chunk if asked, `[DONE]`.
     A failure mid-stream becomes an `error` event (the status line is long gone)."""
+    def framed(chunk: dict[str, Any]) -> bytes:
+        if include_usage:  # OpenAI: "All other chunks will also include a usage field, but with a null value"
+            chunk["usage"] = None
+        return _event(chunk)
+
     try:
         for chunk in shape.first_chunks(gen):
-            yield _event(chunk)
+            yield framed(chunk)
         async for piece in gen.events():
             if not isinstance(piece, Piece):  # KEEPALIVE
                 yield _KEEPALIVE_EVENT
                 continue
             if piece.content or piece.calls or piece.logprobs or piece.finish_reason:  # a held-back token adds nothing
-                yield _event(shape.chunk(piece, gen.choices[piece.index]))
+                yield framed(shape.chunk(piece, gen.choices[piece.index]))
         if include_usage:
             yield _event(shape.usage_chunk(gen))
     except APIError as exc:
