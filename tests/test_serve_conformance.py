@@ -191,3 +191,22 @@ def test_include_usage_gives_every_other_chunk_usage_null(http):
         assert events[-1] == "[DONE]" and events[-2]["choices"] == []
         assert events[-2]["usage"]["completion_tokens"] == 6
         assert all("usage" in e and e["usage"] is None for e in events[:-2]), events
+
+
+# -- streaming: line breaks inside events ----------------------------------------------------------
+
+def test_sse_lines_survive_clients_that_split_like_splitlines(server):
+    """SSE ends lines at CR and LF only; httpx's iter_lines (how many clients read SSE by hand)
+    also ends them at U+0085, U+2028 and U+2029, as str.splitlines does, so a token holding one
+    cut its event in two, and the second half was no event at all. They are escaped in the JSON."""
+    text = "a\u2028b\x85c\u2029d"
+    for path, body, key in (("/v1/completions", {"prompt": "Hi"}, "text"),
+                            ("/v1/chat/completions", {"messages": CHAT}, "delta")):
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            with http.stream("POST", path, json={"model": "tiny", "max_tokens": 12, "stream": True, "regex": text,
+                                                 **body}) as r:
+                lines = [line for line in r.iter_lines() if line]
+        assert all(line.startswith("data: ") for line in lines), lines
+        chunks = [_strict_json(line[6:])["choices"][0] for line in lines[:-1]]
+        got = "".join(c["text"] if key == "text" else c["delta"].get("content") or "" for c in chunks)
+        assert got == text

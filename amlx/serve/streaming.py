@@ -26,8 +26,18 @@ _KEEPALIVE_EVENT = b": keep-alive\n\n"  # an SSE comment: clients ignore it, pro
 _DONE_EVENT = b"data: [DONE]\n\n"
 
 
+# SSE ends lines only at CR and LF, but clients that read it by lines with Python's splitlines
+# rules (httpx's iter_lines / aiter_lines among them) also end them at U+0085, U+2028 and
+# U+2029, and a token holding one cut its event in two. JSON may escape them (it escapes the
+# other characters splitlines breaks at, the controls below U+0020, anyway).
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _event(body: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    if not text.isascii():
+        text = text.translate(_LINE_BREAKS)
+    return b"data: " + text.encode("utf-8") + b"\n\n"
 
 
 class EventStreamResponse(StreamingResponse):
