@@ -210,3 +210,29 @@ def test_sse_lines_survive_clients_that_split_like_splitlines(server):
         chunks = [_strict_json(line[6:])["choices"][0] for line in lines[:-1]]
         got = "".join(c["text"] if key == "text" else c["delta"].get("content") or "" for c in chunks)
         assert got == text
+
+
+# -- completions logprobs: the sampled token is in top_logprobs ---------------------------------
+
+def test_completion_top_logprobs_hold_the_sampled_token(http):
+    """The legacy completions API "will always return the logprob of the sampled token, so there
+    may be up to logprobs+1 elements" in each top_logprobs entry; a sampled token outside the
+    top k was missing (with logprobs 0 every entry was {})."""
+    for stream in (False, True):
+        for k in (0, 1):
+            r = _completion(http, max_tokens=10, temperature=2.0, seed=4, logprobs=k, stream=stream)
+            if stream:
+                entries = [e["choices"][0]["logprobs"] for e in _events(r.text)[:-1]]
+                tokens = [t for e in entries for t in e["tokens"]]
+                lps = [lp for e in entries for lp in e["token_logprobs"]]
+                tops = [d for e in entries for d in e["top_logprobs"]]
+            else:
+                lp = r.json()["choices"][0]["logprobs"]
+                tokens, lps, tops = lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]
+            assert len(tokens) == len(tops) == 10
+            for token, logprob, top in zip(tokens, lps, tops):
+                assert token in top and len(top) <= k + 1, (token, top)
+                if k == 0:
+                    assert top == {token: logprob}
+            if k == 1:
+                assert any(len(top) == 2 for top in tops)  # at temperature 2 some token is not the top one

@@ -119,7 +119,15 @@ class CompletionShape(_Shape):
             offsets.append(self._offsets.get(index, 0))
             self._offsets[index] = offsets[-1] + len(e.text)
         return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{t: lp for _, t, lp in e.top} for e in entries], "text_offset": offsets}
+                "top_logprobs": [self._top(e) for e in entries], "text_offset": offsets}
+
+    @staticmethod
+    def _top(e: LogprobEntry) -> dict[str, float]:
+        """OpenAI's legacy API "will always return the logprob of the sampled token, so there may
+        be up to logprobs+1 elements" in each top_logprobs entry (logprobs 0 gives just it)."""
+        top = {t: lp for _, t, lp in e.top}
+        top.setdefault(e.text, e.logprob)
+        return top
 
     def first_chunks(self, gen: Generation) -> list[dict[str, Any]]:
         return []
