@@ -236,3 +236,23 @@ def test_completion_top_logprobs_hold_the_sampled_token(http):
                     assert top == {token: logprob}
             if k == 1:
                 assert any(len(top) == 2 for top in tops)  # at temperature 2 some token is not the top one
+
+
+# -- logprobs of a constrained request ------------------------------------------------------------
+
+def test_logprobs_of_a_constrained_request_are_json(http):
+    """A constraint masks the tokens it forbids, whose logprob is then -inf: a whole reply with
+    logprobs failed to serialize and came back as a 400 "Out of range float values are not JSON
+    compliant", a streamed one sent `-Infinity`, which is no JSON. OpenAI reports -9999.0."""
+    for body in ({"regex": "ab"}, {"choice": ["red", "blue"]}, {"response_format": {"type": "json_object"}}):
+        r = _chat(http, logprobs=True, top_logprobs=5, **body)
+        assert r.status_code == 200, r.text
+        entries = _strict_json(r.text)["choices"][0]["logprobs"]["content"]
+        assert entries and all(t["logprob"] >= -9999.0 for e in entries for t in e["top_logprobs"])
+        assert any(t["logprob"] == -9999.0 for e in entries for t in e["top_logprobs"])
+        events = _events(_chat(http, logprobs=True, top_logprobs=5, stream=True, **body).text)
+        assert any(c.get("logprobs") for e in events[:-1] for c in e["choices"])
+        if "response_format" not in body:  # (a chat field only, as in OpenAI's API)
+            r = _completion(http, logprobs=5, **body)
+            assert r.status_code == 200 and _strict_json(r.text)["choices"][0]["logprobs"]["token_logprobs"], r.text
+            _events(_completion(http, logprobs=5, stream=True, **body).text)

@@ -33,6 +33,17 @@ class KeepAlive:
 KEEPALIVE = KeepAlive()
 
 
+# A constraint (response_format, regex, choice, grammar) masks the tokens it forbids: their
+# logprob is -inf, which JSON cannot hold (a whole reply failed to serialize, a stream sent
+# `-Infinity`). OpenAI reports such a token's logprob as -9999.0.
+_LEAST_LOGPROB = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    value = float(logprob)
+    return value if value >= _LEAST_LOGPROB else _LEAST_LOGPROB  # (NaN too, though none is expected)
+
+
 @dataclass
 class LogprobEntry:
     token_id: int
@@ -198,9 +209,9 @@ class Generation:
 
     def _entry(self, tok: Token, logprob: float) -> LogprobEntry:
         decode = self._model.tokenizer.decode
-        top = [(int(i), decode([int(i)]), float(lp)) for i, lp in (getattr(tok, "top_logprobs", None) or [])]
+        top = [(int(i), decode([int(i)]), _finite(lp)) for i, lp in (getattr(tok, "top_logprobs", None) or [])]
         text = decode([tok.id])
-        return LogprobEntry(tok.id, text, float(logprob), top, self._token_bytes(tok.id, text),
+        return LogprobEntry(tok.id, text, _finite(logprob), top, self._token_bytes(tok.id, text),
                             [self._token_bytes(i, t) for i, t, _ in top])
 
     async def events(self) -> AsyncIterator[Piece | KeepAlive]:
