@@ -10,10 +10,16 @@ checks every answer's shape: a 200 in OpenAI's form, or an OpenAI-shaped 400 nam
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import time
 
 import httpx
+import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.helpers.serving import ServerProcess, serve_checkpoint
 
@@ -256,3 +262,149 @@ def test_logprobs_of_a_constrained_request_are_json(http):
             r = _completion(http, logprobs=5, **body)
             assert r.status_code == 200 and _strict_json(r.text)["choices"][0]["logprobs"]["token_logprobs"], r.text
             _events(_completion(http, logprobs=5, stream=True, **body).text)
+
+
+# -- disconnects with n > 1 -----------------------------------------------------------------------
+
+def _cancelled(server) -> float:
+    return sum(v for k, v in server.metrics().items() if k.startswith("amlx_requests_cancelled_total"))
+
+
+async def _idle(server) -> None:
+    for _ in range(600):  # (a bound on the wait, not a timing assertion)
+        h = server.health()
+        if h["running"] == 0 and h["waiting"] == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the server did not go idle: {server.health()}")
+
+
+async def test_a_client_gone_cancels_every_choice(server):
+    """A client that goes away (streaming or not) cancels each of its n choices in the engine;
+    the admission slots come back (a request for all of them is answered after)."""
+    client = server.client()
+    before = _cancelled(server)
+    # (greedy: this checkpoint never picks EOS then, so every choice runs until it is cancelled)
+    stream = await client.chat.completions.create(model="tiny", messages=CHAT, n=3, stream=True, max_tokens=4000,
+                                                  temperature=0)
+    seen = 0
+    async for chunk in stream:
+        seen += 1
+        if seen == 8:
+            break
+    await stream.close()
+    with pytest.raises(openai.APITimeoutError):  # the client gives up and closes the connection
+        await server.client(timeout=0.5).completions.create(model="tiny", prompt=["a", "b"], n=2, max_tokens=4000,
+                                                          temperature=0)
+    await _idle(server)
+    assert _cancelled(server) - before == 3 + 4
+    r = await client.chat.completions.create(model="tiny", messages=CHAT, n=CAPACITY, max_tokens=2)
+    assert len(r.choices) == CAPACITY
+
+
+# -- generated bodies ---------------------------------------------------------------------------
+
+JUNK = st.recursive(st.none() | st.booleans() | st.integers(-(2**70), 2**70) |
+                    st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=2),
+                    max_leaves=5)
+
+
+def _maybe(valid):
+    """Mostly a valid value, sometimes null (the default) or junk."""
+    return st.one_of(valid, valid, valid, st.none(), JUNK)
+
+
+def _number(lo: float, hi: float):
+    return st.one_of(st.floats(lo, hi), st.integers(int(lo), int(hi)), st.sampled_from([lo, hi, 1e-300, 5e-324]))
+
+
+COMMON = {
+    "max_tokens": _maybe(st.integers(1, 5)), "temperature": _maybe(_number(0, 2)), "top_p": _maybe(_number(0, 1)),
+    "n": _maybe(st.integers(1, 3)), "seed": _maybe(st.integers(-(2**70), 2**70)),
+    "stop": _maybe(st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=5))),
+    "presence_penalty": _maybe(_number(-2, 2)), "frequency_penalty": _maybe(_number(-2, 2)),
+    "logit_bias": _maybe(st.dictionaries(st.one_of(st.integers(-2, 800).map(str), st.text(max_size=3)),
+                                         _number(-100, 100), max_size=2)),
+    "stream": _maybe(st.booleans()), "stream_options": _maybe(st.fixed_dictionaries({}, optional={
+        "include_usage": st.one_of(st.booleans(), st.none())})),
+    "user": _maybe(st.text(max_size=4)), "top_k": _maybe(st.integers(0, 800)),
+    "regex": st.sampled_from(["[a-z]+", "x|yz", "(("]), "choice": _maybe(st.lists(st.text(max_size=3), max_size=2)),
+}
+CONTENT = st.one_of(st.text(max_size=12), st.lists(st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "image_url"])}, optional={"text": st.one_of(st.text(max_size=5), JUNK)}),
+    max_size=2), JUNK)
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "developer", "assistant", "system", "bogus"])},
+                                optional={"content": CONTENT})
+CHAT_FIELDS = {**COMMON, "messages": _maybe(st.lists(MESSAGE, min_size=1, max_size=3)),
+               "max_completion_tokens": _maybe(st.integers(1, 5)), "logprobs": _maybe(st.booleans()),
+               "top_logprobs": _maybe(st.integers(0, 21)),
+               "response_format": _maybe(st.sampled_from([{"type": "json_object"}, {"type": "text"}])),
+               "tool_choice": _maybe(st.sampled_from(["none", "auto", "required", {"type": "function"}]))}
+PROMPT = st.one_of(st.text(max_size=8), st.lists(st.integers(-1, 800), max_size=3),
+                   st.lists(st.one_of(st.text(max_size=5), st.lists(st.integers(0, 800), max_size=3)), max_size=3))
+COMPLETION_FIELDS = {**COMMON, "prompt": _maybe(PROMPT), "logprobs": _maybe(st.integers(0, 21)),
+                     "echo": _maybe(st.just(False)), "best_of": _maybe(st.just(1))}
+
+
+def _bodies(fields: dict, required: str):
+    return st.fixed_dictionaries({"model": st.just("tiny"), required: fields[required]},
+                                 optional={k: v for k, v in fields.items() if k != required})
+
+
+FIELD_NAMES = set(CHAT_FIELDS) | set(COMPLETION_FIELDS) | {"model", "body", "role", "content", "type", "text",
+                                                          "function", "include_usage", "tools"}
+
+
+def _check_reply(body: dict, r: httpx.Response) -> None:
+    """An answer to a generated body: 200 in OpenAI's shape, or an OpenAI-shaped 400 whose param
+    is a path through the request's own fields (never a pydantic type label)."""
+    if r.status_code != 200:
+        error = _error(r, 400)
+        param = error["param"]
+        assert param is None or all(part.isdigit() or part in FIELD_NAMES for part in param.split(".")[:1]), error
+        if param is not None and not param.startswith("logit_bias."):  # (its keys are the client's text)
+            assert not re.search(r"[\[\]']|\b(str|int|list)\b", param), error
+        return
+    n = body.get("n") or 1
+    prompts = body["prompt"] if isinstance(body.get("prompt"), list) and body["prompt"] and \
+        not isinstance(body["prompt"][0], int) else [None]
+    count = n * len(prompts)
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or 5
+    if body.get("stream"):
+        events = _events(r.text)
+        assert not any("error" in e for e in events[:-1]), events
+        finishes = [c["index"] for e in events[:-1] for c in e["choices"] if c.get("finish_reason")]
+        assert sorted(finishes) == list(range(count)), events  # one finish_reason per choice
+        ids = {e["id"] for e in events[:-1]}
+        assert len(ids) == 1
+        return
+    reply = _strict_json(r.text)
+    assert [c["index"] for c in reply["choices"]] == list(range(count))
+    assert all(c["finish_reason"] in ("stop", "length") for c in reply["choices"])
+    usage = reply["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert 0 < usage["completion_tokens"] <= count * limit
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(pb=st.one_of(_bodies(CHAT_FIELDS, "messages").map(lambda b: ("/v1/chat/completions", b)),
+                    _bodies(COMPLETION_FIELDS, "prompt").map(lambda b: ("/v1/completions", b))))
+def test_generated_bodies_get_200_or_an_openai_400(server, pb):
+    path, body = pb
+    if not isinstance(body.get("max_tokens"), int) or isinstance(body.get("max_tokens"), bool):
+        body["max_tokens"] = 5  # (the default, the rest of the context, is slow to generate)
+    body["max_tokens"] = min(body["max_tokens"], 5)
+    if isinstance(body.get("max_completion_tokens"), int) and body["max_completion_tokens"] > 5:
+        body["max_completion_tokens"] = 5
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        _check_reply(body, http.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"}))
+
+
+def test_the_server_is_idle_and_clean_after_all_of_it(server):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and server.health()["running"]:
+        time.sleep(0.05)
+    h = server.health()
+    assert h["running"] == 0 and h["waiting"] == 0
+    assert "Traceback" not in server.output()
