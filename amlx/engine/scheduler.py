@@ -289,8 +289,12 @@ class Scheduler:
 
     def wake_at(self) -> float | None:
         """When (time.monotonic) a parked request's slot frees up for a waiting
-        request; None if no one waits for it. The worker wakes up then."""
-        if not self.waiting:
+        request, or for a parked one read again whose own slot lapsed; None if no
+        one waits for it. The worker wakes up then."""
+        # (a parked request read again waits for a slot as a waiting one does: without it here
+        # the worker slept with no time to wake up, and that stream waited for good)
+        if not self.waiting and not any(r.active and r.channel.has_room() and not self._holds_slot(r)
+                                         for r in self.parked):
             return None
         times = [r.parked_at + self.slot_idle_limit for r in self.parked if self._holds_slot(r)]
         return min(times, default=None)

@@ -1,0 +1,752 @@
+"""One engine driven by a hypothesis state machine: a random interleaving of submitting
+requests, reading some tokens of some streams, leaving others unread (paused by
+`max_buffer`), cancelling streams mid-generation in every way a consumer can (task
+cancellation, `aclose()`, leaving the `async for` and dropping the stream, a timeout),
+draining everything, and emptying the prefix cache.
+
+The engine is small on purpose: a KV pool of a few blocks (so rows are preempted and cached
+prefixes evicted all the time), prefix caching on, prompts drawn from three shared prefixes
+(so requests hit the cache, a prefix ending on a block boundary, mid-block and past two
+blocks), greedy, seeded-sampling and penalised requests, stop strings, JSON-schema and
+choice constraints, and a second machine with speculative decoding (prompt lookup). Each
+example also draws the scheduler's switches read at load (prefill chunk, join wait, chained
+changes, the compiled extend pass, shards).
+
+Checked:
+- on every token: nothing after a stream's last token (the one with finish_reason), at
+  most max_tokens;
+- every request ends exactly once: finished (its last token carries finish_reason and the
+  stream then stops), or cancelled by its consumer (the engine's stream is then done); no
+  request fails (nothing here should make one); draining every stream with every consumer
+  reading never hangs (anyio.fail_after is only a guard against a hang, never a timing);
+- each finished greedy, penalised or seeded request equals the same prompt run alone on a
+  fresh engine (ids, text, finish_reason), and a cancelled one is a prefix of it (with
+  speculation: greedy and penalised ones, whose text speculation never changes; a seeded
+  row's draws there depend on the room the pool leaves for its drafts, docs/speculative.md);
+- constrained outputs match their schema or choice (a prefix of one when cut by max_tokens);
+- afterwards: no request held, every block of the pools free or in the prefix cache, and
+  all free once the cache is emptied; MLX active memory back to the warmed engine's plus
+  what the pool's arrays grew by; no asyncio task left; after close, MLX active memory back
+  to where it was before the load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import jsonschema
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, \
+    run_state_machine_as_test
+
+import amlx
+from amlx.kv import DEFAULT_BLOCK_SIZE
+from tests.helpers.checkpoints import make_checkpoint
+
+BS = DEFAULT_BLOCK_SIZE
+POOL_BLOCKS = 7  # the pool under test (blocks, per shard); a request needs at most 6
+MAX_OPEN = 6  # streams open at once
+SLACK = 16 * 1024  # bytes of MLX memory an idle engine may hold beyond its pools (compiled steps' constants)
+GUARD = 60.0  # seconds: only a guard against a hang (never a timing assertion)
+PATIENCE = 0.05  # seconds a `read` waits for a token before leaving the stream for later
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+          "required": ["ok", "n"], "additionalProperties": False}
+JSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+CHOICES = ["alpha", "beta", "gamma delta"]
+STOPS = ["e", "r", "o ", "\n", "Hel", "日"]
+SAMPLING = {"greedy": {}, "seeded": {"temperature": 0.9}, "seeded_top": {"temperature": 0.7, "top_k": 20, "top_p": 0.9},
+            "penalty": {"repetition_penalty": 1.3},
+            "counts": {"presence_penalty": 0.5, "frequency_penalty": 0.4, "logit_bias": {700: -3.0, 427: 2.0}}}
+
+
+def _ids(seed: int, n: int) -> list[int]:
+    return [int(x) for x in np.random.default_rng(seed).integers(10, 600, n)]
+
+
+# one block exactly, mid-block, past two blocks; suffixes of 0, 3, 9 and 17 tokens
+PREFIXES = [_ids(1, BS), _ids(2, BS + 8), _ids(3, 2 * BS + 3)]
+SUFFIXES = [[], _ids(11, 3), _ids(12, 9), _ids(13, BS + 1)]
+# chat prompts (rendered and tokenized on a thread as the stream's first read): one system prompt
+SYSTEM = {"role": "system", "content": "You answer in one short line."}
+USERS = ["hi there", "what is the river called?", "count the owls"]
+
+
+def _prompt(prefix: int, suffix: int) -> list:
+    """Token ids (prefix < 3), or chat messages (prefix 3: `suffix` picks the user's turn)."""
+    if prefix < len(PREFIXES):
+        return PREFIXES[prefix] + SUFFIXES[suffix]
+    return [SYSTEM, {"role": "user", "content": USERS[suffix % len(USERS)]}]
+
+
+ARCHS = ("qwen3", "gemma3_text")  # Gemma 3: windowed layers (a window of 8) with a KV pool of their own
+
+
+class _Arch:
+    """One checkpoint, its block size in bytes, and the solo runs (a reference engine without
+    the prefix cache, one request at a time: what a fresh engine gives) cached by request."""
+
+    def __init__(self, root: Path, arch: str) -> None:
+        self.path = make_checkpoint(root / arch, arch, seed=0)
+        self.ref = amlx.load_sync(self.path, prefix_cache=False, max_batch_size=1)
+        self.block_bytes = self.ref.engine.scheduler.block_bytes()
+        self.solos: dict[str, amlx.Completion] = {}
+
+    def solo(self, prompt: list, options: dict) -> amlx.Completion:
+        opts = {k: v for k, v in options.items() if k != "max_buffer"}
+        key = json.dumps([prompt, opts], sort_keys=True)
+        if key not in self.solos:
+            self.solos[key] = self.ref.complete_sync(prompt, **opts)
+        return self.solos[key]
+
+    def ref_score(self, prompt: list[int], continuations: list[list[int]]) -> list[float]:
+        async def score():
+            return await self.ref.score(prompt, continuations)
+
+        return anyio.run(score)
+
+    def wait_idle(self) -> None:
+        deadline = time.monotonic() + GUARD
+        while self.ref.stats()["active_requests"] and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+
+class _World:
+    """The checkpoints, made once per module as the machines ask for them."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="amlx-stateful-"))
+        self.arches: dict[str, _Arch] = {}
+
+    def arch(self, name: str) -> _Arch:
+        if name not in self.arches:
+            self.arches[name] = _Arch(self.root, name)
+        return self.arches[name]
+
+    def wait_idle(self) -> None:
+        for a in self.arches.values():
+            a.wait_idle()
+
+    def close(self) -> None:
+        for a in self.arches.values():
+            a.ref.close()
+        shutil.rmtree(self.root, True)
+
+
+_WORLD: _World | None = None
+
+
+@pytest.fixture(scope="module")
+def world():
+    global _WORLD
+    _WORLD = _World()
+    yield _WORLD
+    _WORLD.close()
+    _WORLD = None
+
+
+# ----------------------------------------------------------------------------- the machine
+
+# one request: prefix, suffix, max_tokens (prompt and tokens always fit the pool: its context
+# would cut them otherwise, and the solo run's would not), sampling, seed, constraint, stop
+# string, max_buffer
+_REQUEST = st.tuples(st.integers(0, len(PREFIXES)), st.integers(0, len(SUFFIXES) - 1),
+                     st.sampled_from([1, 2, 5, 12, 24, 40, 40]), st.sampled_from(list(SAMPLING)), st.integers(0, 2),
+                     st.sampled_from([None, None, None, "json", "choice"]), st.one_of(st.none(), st.sampled_from(STOPS)),
+                     st.sampled_from([1, 2, 3, 64, 64]), st.booleans())
+
+
+@dataclass(eq=False, repr=False)
+class Rec:
+    """One submitted request as its consumer sees it."""
+
+    n: int
+    prompt: list[int]
+    options: dict
+    sampling: str  # a key of SAMPLING
+    constraint: str | None  # None, "json" or "choice"
+    stream: amlx.TokenStream | None  # None once dropped (left the async for and let go)
+    dropped: object = None  # the engine's RequestStream under a dropped stream (None if never made)
+    tokens: list = field(default_factory=list)
+    state: str = "open"  # open, finished, cancelled, error
+    how: str = ""  # how it ended
+    error: BaseException | None = None
+    pending: asyncio.Task | None = None  # a __anext__ left waiting by `read`
+    reader: asyncio.Task | None = None  # a task reading it to the end
+    # rules may still act on it: not yet closed, cancelled, dropped or drained by one (whether it
+    # finished meanwhile depends on timing, and which rules can run must not: hypothesis replays
+    # the same draws, and its rules find a stream that finished already a no-op)
+    live: bool = True
+
+    @property
+    def engine_stream(self):
+        """The engine's RequestStream under the stream (test-visible: done once the request
+        ended); None for a chat prompt not yet tokenized."""
+        return self.stream._stream if self.stream is not None else self.dropped
+
+    def __repr__(self) -> str:
+        return f"<request #{self.n}: {len(self.tokens)} tokens, {self.state}>"
+
+
+async def _anext(stream: amlx.TokenStream):
+    """The next token, or None at the end."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+class EngineMachine(RuleBasedStateMachine):
+    SPECULATIVE = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        assert _WORLD is not None, "run through the test functions (the `world` fixture)"
+        self.world = _WORLD
+        self.loop = asyncio.new_event_loop()
+        self.model: amlx.Model | None = None
+        self.recs: list[Rec] = []
+        self.scores: list[tuple] = []  # (prompt, continuations, scores) of `score`
+        self.log: list[str] = []  # what happened, for a failure's message
+
+    # -- set-up -------------------------------------------------------------------
+    @initialize(chunk=st.sampled_from([None, "8"]), join_wait=st.sampled_from(["0", "4"]),
+                chain=st.sampled_from(["0", "1"]), extend=st.sampled_from(["0", "1"]),
+                shards=st.sampled_from(["1", "1", "2"]), drafts=st.integers(1, 4),
+                draft_model=st.booleans(), slot_limit=st.sampled_from([1.0, 0.2, 0.02]), arch=st.sampled_from(ARCHS),
+                batch=st.sampled_from([2, 4]))
+    def load(self, chunk, join_wait, chain, extend, shards, drafts, draft_model, slot_limit, arch, batch):
+        """The engine, with the scheduler's switches read at load drawn; speculative: prompt
+        lookup, or the checkpoint as its own draft model (pools of its own). `slot_limit`:
+        how long a parked request keeps its batch slot (test-visible; 1 s by default)."""
+        env = {"AMLX_PREFILL_CHUNK": chunk, "AMLX_JOIN_WAIT": join_wait, "AMLX_CHAIN_CHANGES": chain,
+               "AMLX_EXTEND_PASS": extend, "AMLX_SHARDS": shards}
+        self.arch = self.world.arch(arch)
+        spec = {}
+        if self.SPECULATIVE:
+            spec = {"draft": str(self.arch.path) if draft_model else "prompt_lookup", "num_draft_tokens": drafts}
+        self.log.append(f"load {arch} {env} {spec} slot_limit={slot_limit} max_batch_size={batch}")
+        saved = {k: os.environ.get(k) for k in env}
+        self.world.wait_idle()  # (a finished row leaves on the worker's next round)
+        gc.collect()
+        self.mem_before_load = amlx.memory()["active"]
+        try:
+            for k, v in env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            # (a shard's share of the pool: each shard must hold the largest request)
+            blocks = POOL_BLOCKS * int(shards)
+            self.model = amlx.load_sync(self.arch.path, kv_cache_memory=blocks * self.arch.block_bytes,
+                                        max_batch_size=batch, **spec)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        self.model.engine.scheduler.slot_idle_limit = slot_limit
+        # warm: the model's derived arrays and the pools' first arrays (a prompt shorter than a
+        # block, so nothing is cached), then the memory the idle engine holds
+        self.model.complete_sync(PREFIXES[0][:5], max_tokens=2)
+        self._wait_idle_sync()
+        gc.collect()
+        self.mem_warm = amlx.memory()["active"] - self._pool_bytes()
+
+    def _grown(self) -> int:
+        """MLX active memory beyond the warmed engine's and its pools' arrays."""
+        gc.collect()
+        return amlx.memory()["active"] - self._pool_bytes() - self.mem_warm
+
+    def _pool_bytes(self) -> int:
+        """Bytes of the KV block pools' arrays (a draft model's too)."""
+        sched = self.model.engine.scheduler
+        kvs = [s.kv for s in sched.shards]
+        if sched.speculator is not None and sched.speculator.draft is not None:
+            kvs += sched.speculator.draft.kv
+        pools = [p for kv in kvs for p in (kv.pool, kv.local) if p is not None]
+        return sum(p.capacity * p.bytes_per_block() for p in pools)
+
+    def _run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def _open(self) -> list[Rec]:
+        """Streams that have not ended."""
+        return [r for r in self.recs if r.state == "open"]
+
+    def _live(self, reader: bool | None = None) -> list[Rec]:
+        """Streams the rules may act on (with or without a reader task)."""
+        out = [r for r in self.recs if r.live]
+        return out if reader is None else [r for r in out if (r.reader is not None) == reader]
+
+    # -- what the consumer sees ---------------------------------------------------
+    def _took(self, rec: Rec, tok) -> None:
+        """A token read from `rec` (None: its stream ended)."""
+        if tok is None:
+            if rec.state == "open":
+                assert rec.tokens and rec.tokens[-1].finish_reason is not None, \
+                    f"request {rec.n} ended without a last token: {len(rec.tokens)} tokens\n" + "\n".join(self.log)
+                rec.state, rec.how = "finished", rec.how or "read to its end"
+            return
+        assert rec.state == "open", f"request {rec.n} gave a token after it ended ({rec.how})"
+        assert not rec.tokens or rec.tokens[-1].finish_reason is None, \
+            f"request {rec.n} gave a token after its last one"
+        rec.tokens.append(tok)
+        assert len(rec.tokens) <= rec.options["max_tokens"], f"request {rec.n} passed max_tokens"
+        assert 0 <= tok.id < self.model.engine.vocab_size
+
+    def _failed(self, rec: Rec, exc: BaseException) -> None:
+        rec.state, rec.how, rec.error = "error", f"{type(exc).__name__}: {exc}", exc
+        raise AssertionError(f"request {rec.n} failed: {rec.how}\n" + "\n".join(self.log)) from exc
+
+    def _cancelled(self, rec: Rec, how: str) -> None:
+        if rec.state == "open":
+            rec.state, rec.how = "cancelled", how
+
+    async def _next(self, rec: Rec, patience: float | None):
+        """Reads one token (this task waits for it, so cancelling this task cancels the read);
+        a read left waiting by an earlier `read` is awaited first. `...`: none came within
+        `patience` (the read stays waiting, in a task of its own)."""
+        if rec.pending is None and patience is None:
+            try:
+                tok = await _anext(rec.stream)
+            except Exception as exc:  # noqa: BLE001
+                self._failed(rec, exc)
+            self._took(rec, tok)
+            return tok
+        if rec.pending is None:
+            rec.pending = asyncio.ensure_future(_anext(rec.stream))
+        if patience is not None:
+            done, _ = await asyncio.wait({rec.pending}, timeout=patience)
+            if not done:
+                return ...
+        task = rec.pending
+        try:
+            tok = await task  # (a cancelled caller cancels it too, and so the stream)
+        except Exception as exc:  # noqa: BLE001
+            rec.pending = None
+            self._failed(rec, exc)
+        rec.pending = None
+        self._took(rec, tok)
+        return tok
+
+    async def _read(self, rec: Rec, n: int | None, patience: float | None) -> None:
+        k = 0
+        while rec.state == "open" and (n is None or k < n):
+            tok = await self._next(rec, patience)
+            if tok is ...:
+                return
+            k += 1
+
+    async def _reader(self, rec: Rec) -> None:
+        await self._read(rec, None, None)
+
+    # -- rules ----------------------------------------------------------------------
+    @precondition(lambda self: self.model is not None and len(self._live()) < MAX_OPEN and len(self.recs) < 16)
+    @rule(burst=st.lists(_REQUEST, min_size=1, max_size=4))
+    def submit(self, burst):
+        """Up to four requests at once (as from concurrent clients: they start together)."""
+        for prefix, suffix, max_tokens, sampling, seed, constraint, stop, max_buffer, logprobs in burst:
+            prompt = _prompt(prefix, suffix)
+            options = {"max_tokens": max_tokens, "max_buffer": max_buffer, **SAMPLING[sampling]}
+            if logprobs:
+                options.update(logprobs=True, top_logprobs=2)
+            if sampling.startswith("seeded"):
+                options["seed"] = seed
+            if constraint == "json":
+                options["response_format"] = JSON_FORMAT
+                options["max_tokens"] = max(max_tokens, 12)
+            elif constraint == "choice":
+                options["choice"] = CHOICES
+            elif stop is not None:
+                options["stop"] = [stop]
+            stream = self.model.generate(prompt, **options)
+            rec = Rec(len(self.recs), prompt, options, sampling, constraint, stream)
+            self.recs.append(rec)
+            self.log.append(f"submit #{rec.n} prompt=({prefix},{suffix}) {options}")
+
+    @precondition(lambda self: self._live(reader=False))
+    @rule(data=st.data(), n=st.integers(1, 8))
+    def read(self, data, n):
+        """Reads up to n tokens, leaving the stream for later where none comes for a while
+        (it may wait for blocks or a batch slot that unread streams hold)."""
+        rec = data.draw(st.sampled_from(self._live(reader=False)))
+        self._run(self._read(rec, n, PATIENCE))
+        self.log.append(f"read #{rec.n} up to {n}: has {len(rec.tokens)} ({rec.state})")
+
+    @precondition(lambda self: self._live(reader=False))
+    @rule(data=st.data())
+    def start_reader(self, data):
+        """A task that reads the stream to its end, as other rules run the loop."""
+        rec = data.draw(st.sampled_from(self._live(reader=False)))
+        rec.reader = self.loop.create_task(self._reader(rec))
+        self.log.append(f"reader for #{rec.n}")
+
+    @precondition(lambda self: self._live(reader=True))
+    @rule(data=st.data(), first=st.booleans())
+    def cancel_reader(self, data, first):
+        """Cancels a reader task (`first`: once the loop ran it a little)."""
+        rec = data.draw(st.sampled_from(self._live(reader=True)))
+
+        async def cancel():
+            if first:
+                await asyncio.sleep(0.005)
+            rec.reader.cancel()
+            with anyio.fail_after(GUARD):
+                await asyncio.wait({rec.reader})
+
+        self._run(cancel())
+        if rec.reader.cancelled():
+            self._cancelled(rec, "task cancelled")
+        elif rec.reader.exception() is not None:
+            raise rec.reader.exception()
+        rec.reader, rec.live = None, False
+        self.log.append(f"cancelled the reader of #{rec.n}: {len(rec.tokens)} tokens ({rec.state})")
+
+    async def _settle(self, rec: Rec) -> None:
+        """A read left waiting by `read`: taken if it completes within PATIENCE, else
+        cancelled with its task (which cancels the request)."""
+        if rec.pending is None:
+            return
+        await asyncio.wait({rec.pending}, timeout=PATIENCE)
+        if not rec.pending.done():
+            rec.pending.cancel()
+            with anyio.fail_after(GUARD):
+                await asyncio.wait({rec.pending})
+        task, rec.pending = rec.pending, None
+        if task.cancelled():
+            self._cancelled(rec, "task cancelled")
+        elif task.exception() is not None:
+            self._failed(rec, task.exception())
+        else:
+            self._took(rec, task.result())
+
+    @precondition(lambda self: self._live(reader=False))
+    @rule(data=st.data())
+    def aclose(self, data):
+        rec = data.draw(st.sampled_from(self._live(reader=False)))
+        self._run(self._settle(rec))
+        self._run(rec.stream.aclose())
+        self._cancelled(rec, "aclose")
+        assert self._run(_anext(rec.stream)) is None  # nothing more comes on a closed stream
+        rec.live = False
+        self.log.append(f"aclose #{rec.n} after {len(rec.tokens)} tokens ({rec.state})")
+
+    @precondition(lambda self: self._live(reader=False))
+    @rule(data=st.data(), k=st.integers(0, 3))
+    def leave_loop(self, data, k):
+        """The consumer leaves its `async for` after up to k more tokens and lets the stream go
+        (not closed: dropping it cancels the request). The tokens are read as `read` reads them,
+        so a stream that waits (for blocks or a slot unread streams hold) is left waiting;
+        a read still waiting then is cancelled with its task."""
+        rec = data.draw(st.sampled_from(self._live(reader=False)))
+
+        async def body():
+            await self._read(rec, k, PATIENCE)
+            await self._settle(rec)
+
+        self._run(body())
+        if rec.state == "open":
+            rec.stream, rec.dropped = None, rec.stream._stream  # dropped: that cancels it
+            self._cancelled(rec, "left the async for")
+        rec.live = False
+        self.log.append(f"left the loop of #{rec.n} after {len(rec.tokens)} tokens ({rec.state})")
+
+    @precondition(lambda self: self._live(reader=False))
+    @rule(data=st.data(), ms=st.sampled_from([0, 2, 10, 50]))
+    def read_with_timeout(self, data, ms):
+        """Reads to the end within a timeout; a timeout that strikes cancels the request."""
+        rec = data.draw(st.sampled_from(self._live(reader=False)))
+
+        async def body():
+            with anyio.move_on_after(ms / 1000) as scope:
+                await self._read(rec, None, None)
+            return scope.cancelled_caught
+
+        if self._run(body()):
+            self._cancelled(rec, "timeout")
+        if rec.pending is not None and rec.pending.done():  # (cancelled with the read)
+            rec.pending = None
+        rec.live = False
+        self.log.append(f"read #{rec.n} within {ms} ms: {len(rec.tokens)} tokens ({rec.state})")
+
+    @precondition(lambda self: self._live(reader=False))
+    @rule(data=st.data())
+    def read_alone(self, data):
+        """Reads a stream to its end while no other consumer reads, where it is admitted
+        (running, prefilling or parked) and every other request is paused (or done): nothing
+        else can run, so it must run to its end (parked, it rejoins the batch once a slot is
+        free, and parked requests' slots lapse after slot_idle_limit; as the lone running row
+        it is never preempted: parked requests give their blocks instead). Where others run
+        or wait (timing decides), this reads nothing."""
+        rec = data.draw(st.sampled_from(self._live(reader=False)))
+        sched = self.model.engine.scheduler
+        # (a chat prompt's request is made on its first read: one never read is not there yet)
+        unmade = [r for r in self.recs if r.engine_stream is None and r.state == "open"]
+        others = [r.engine_stream for r in self.recs if r.engine_stream is not None and r is not rec]
+        req = rec.engine_stream.request if rec.engine_stream is not None else None
+
+        def alone() -> bool:
+            """(On the worker, between rounds: a consistent view.) `rec` is admitted and every
+            other request not done is parked (none waits, nor compiles its grammar)."""
+            return ((req in sched.parked or sched.rows == [req] or (sched.prefilling is req and not sched.rows))
+                    and not sched.counts()["waiting"] and all(s.done or s.request in sched.parked for s in others))
+
+        async def body():
+            if rec.state != "open" or req is None or any(r.pending or r.reader for r in unmade):
+                return False
+            for _ in range(10):  # (running rows may finish or pause meanwhile)
+                if await self.model.engine.run(alone):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                return False
+            try:
+                with anyio.fail_after(GUARD / 4):  # (a guard: at most a slot to lapse, then its tokens)
+                    await self._read(rec, None, None)
+            except TimeoutError:
+                raise AssertionError(f"request {rec.n}, read alone, hangs with {len(rec.tokens)} tokens\n"
+                                     + "\n".join(self.log)) from None
+            return True
+
+        if self._run(body()):  # (`live` stays as it is: whether it read depends on timing)
+            self.log.append(f"read #{rec.n} alone: {len(rec.tokens)} tokens ({rec.state})")
+
+    @precondition(lambda self: self._live())
+    @rule()
+    def drain(self):
+        self._run(self._drain())
+        self.log.append("drained")
+
+    @precondition(lambda self: self.recs)
+    @rule(prefix=st.integers(0, len(PREFIXES) - 1), suffix=st.integers(0, len(SUFFIXES) - 1))
+    def score(self, prefix, suffix):
+        """`score` (a job on the worker between rounds) while the streams go on."""
+        prompt, conts = PREFIXES[prefix], [SUFFIXES[suffix] or [5], [7, 8]]
+
+        async def body():
+            with anyio.fail_after(GUARD):
+                return await self.model.score(prompt, conts)
+
+        self.scores.append((prompt, conts, self._run(body())))
+        self.log.append(f"score ({prefix},{suffix})")
+
+    @precondition(lambda self: self.recs)
+    @rule()
+    def empty_prefix_cache(self):
+        """What adapters and training do: the cache goes, running requests go on."""
+        self.model.engine.weights_changed()
+        self.log.append("emptied the prefix cache")
+
+    @precondition(lambda self: self.recs)
+    @rule(ms=st.sampled_from([1, 20]))
+    def let_time_pass(self, ms):
+        self._run(asyncio.sleep(ms / 1000))
+
+    async def _drain(self) -> None:
+        """Every open stream read to its end by its own task, at once."""
+        try:
+            with anyio.fail_after(GUARD):
+                async with anyio.create_task_group() as tg:
+                    for rec in self._open():
+                        if rec.reader is None:
+                            tg.start_soon(self._read, rec, None, None)
+                readers = [r.reader for r in self.recs if r.reader is not None and not r.reader.done()]
+                if readers:
+                    await asyncio.wait(readers)
+        except TimeoutError:
+            stats = self.model.stats()
+            for r in self.recs:
+                if r.reader is not None:
+                    r.reader.cancel()
+            raise AssertionError(f"streams still open after {GUARD} s with every consumer reading: "
+                                 f"{[(r.n, len(r.tokens)) for r in self._open()]}; stats {stats}\n"
+                                 + "\n".join(self.log)) from None
+        for rec in self.recs:
+            if rec.reader is not None:
+                assert rec.reader.done()
+                if not rec.reader.cancelled() and rec.reader.exception() is not None:
+                    raise rec.reader.exception()
+                rec.reader = None
+        for rec in self.recs:
+            rec.live = False
+
+    # -- checks -----------------------------------------------------------------------
+    @invariant()
+    def streams_consistent(self):
+        for rec in self.recs:
+            last = [i for i, t in enumerate(rec.tokens) if t.finish_reason is not None]
+            assert last in ([], [len(rec.tokens) - 1]), f"request {rec.n}: finish_reason not only on the last token"
+            if rec.state == "finished":
+                assert last, f"request {rec.n} finished without a last token"
+
+    def _wait_idle_sync(self) -> None:
+        """Until the scheduler holds no request (asked on the worker between rounds: `stats()`
+        read from another thread may catch a round with a request between its queue and the
+        batch; a finished or cancelled row leaves on the round after)."""
+        sched = self.model.engine.scheduler
+
+        async def wait():
+            with anyio.fail_after(GUARD):
+                while await self.model.engine.run(lambda: any(sched.counts().values())):
+                    await asyncio.sleep(0.002)
+
+        self._run(wait())
+
+    def teardown(self):
+        try:
+            if self.model is not None:
+                self._check_at_end()
+        finally:
+            if self.model is not None:
+                self.model.close()
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+            self.loop.close()
+
+    def _check_at_end(self) -> None:
+        log = "\n".join(self.log)
+        self._run(self._drain())
+        assert not self._open(), log
+        self._wait_idle_sync()
+        for rec in self.recs:
+            if rec.engine_stream is not None:
+                assert rec.engine_stream.done, f"request {rec.n} ({rec.how}) never ended in the engine\n{log}"
+            if rec.stream is not None:  # an ended stream gives nothing more, and no error
+                assert self._run(_anext(rec.stream)) is None
+        assert not asyncio.all_tasks(self.loop), asyncio.all_tasks(self.loop)
+
+        # the pools' books: nothing held; every block free or cached, then all free
+        sched = self.model.engine.scheduler
+        kv = self.model.stats()["kv_cache"]
+        assert kv["blocks_used"] == 0 and kv["blocks_free"] + kv["blocks_cached"] == kv["blocks_allocated"], (kv, log)
+        for shard in sched.shards:
+            for pool in (shard.kv.pool, shard.kv.local):
+                if pool is not None and pool.capacity:
+                    assert pool.used() == 0 and pool.free + pool.prefix.idle == pool.capacity - 1, (kv, log)
+        # memory: the warmed engine's, plus what the pools' arrays grew by (compiled steps of
+        # new shapes keep a few bytes of constants each)
+        grown, waited = self._grown(), 0
+        while grown > SLACK and waited < 500:  # (a step's temporaries may go a moment after it ends)
+            time.sleep(0.01)
+            grown, waited = self._grown(), waited + 1
+        assert grown <= SLACK, (grown, log)
+        if os.environ.get("AMLX_STATEFUL_REPORT"):
+            from collections import Counter
+            print("REPORT", grown, waited, dict(Counter(r.how for r in self.recs)), kv,
+                  sum("alone" in line for line in self.log))
+        self.model.engine.weights_changed()
+        kv = self.model.stats()["kv_cache"]
+        assert kv["blocks_cached"] == 0 and kv["blocks_free"] == kv["blocks_allocated"], (kv, log)
+        for shard in sched.shards:
+            if shard.kv.local is not None and shard.kv.local.capacity:
+                assert shard.kv.local.free == shard.kv.local.capacity - 1, log
+        self.model.close()
+        gc.collect()
+        assert amlx.memory()["active"] == self.mem_before_load, log
+
+        # results: solo runs, constraints
+        for rec in self.recs:
+            ids = [t.id for t in rec.tokens]
+            text = "".join(t.text for t in rec.tokens)
+            if rec.state == "finished":
+                self._check_constraint(rec, text)
+            if self.SPECULATIVE and rec.sampling.startswith("seeded"):
+                continue
+            solo = self.arch.solo(rec.prompt, rec.options)
+            where = f"request {rec.n} ({rec.how}, {rec.options}, prompt {rec.prompt})\n{log}"
+            if rec.state == "finished":
+                assert ids == solo.token_ids, f"{ids} != solo {solo.token_ids}: {where}"
+                assert text == solo.text and rec.tokens[-1].finish_reason == solo.finish_reason, where
+            else:
+                assert ids == solo.token_ids[:len(ids)], f"{ids} not a prefix of solo {solo.token_ids}: {where}"
+            if rec.options.get("logprobs"):
+                got = [t.logprob for t in rec.tokens]
+                assert np.allclose(got, solo.logprobs[:len(got)], rtol=1e-5, atol=1e-5), (got, solo.logprobs, where)
+                for tok, top in zip(rec.tokens, solo.top_logprobs):
+                    assert [i for i, _ in tok.top_logprobs] == [i for i, _ in top], where
+                    assert np.allclose([v for _, v in tok.top_logprobs], [v for _, v in top], rtol=1e-5, atol=1e-5)
+        for prompt, conts, got in self.scores:
+            want = self.arch.ref_score(prompt, conts)
+            assert np.allclose(got, want, rtol=1e-5, atol=1e-5), (prompt, conts, got, want)
+
+    def _check_constraint(self, rec: Rec, text: str) -> None:
+        done = rec.tokens[-1].finish_reason == "stop"
+        if rec.constraint == "choice":
+            assert (text in CHOICES) if done else any(c.startswith(text) for c in CHOICES), (rec.n, text)
+        elif rec.constraint == "json" and done:
+            jsonschema.validate(json.loads(text), SCHEMA)
+
+
+class SpeculativeMachine(EngineMachine):
+    SPECULATIVE = True
+
+
+EXAMPLES = int(os.environ.get("AMLX_STATEFUL_EXAMPLES", "10"))  # (more for a longer hunt)
+_SETTINGS = settings(max_examples=EXAMPLES, stateful_step_count=25, deadline=None,
+                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def test_engine_state_machine(world):
+    run_state_machine_as_test(EngineMachine, settings=_SETTINGS)
+
+
+def test_speculative_engine_state_machine(world):
+    run_state_machine_as_test(SpeculativeMachine, settings=settings(_SETTINGS, max_examples=max(1, EXAMPLES * 3 // 5)))
+
+
+# ----------------------------------------------------------------------------- regressions
+
+
+def test_a_paused_stream_read_again_rejoins_once_a_parked_slot_lapses(world):
+    """A parked request whose batch slot had lapsed, read again while every slot was held by
+    requests parked more recently (within slot_idle_limit), and nothing else to do: the
+    worker went to sleep with no time to wake up (`Scheduler.wake_at` counted only waiting
+    requests as wanting a lapsing slot), so the stream waited for good instead of rejoining
+    once those slots lapsed. The slots' ages are set on the worker (`parked_at`), so the
+    scene does not depend on the machine's speed."""
+    arch = world.arch("qwen3")
+    prompts = [PREFIXES[0], PREFIXES[1], PREFIXES[2]]
+
+    async def body():
+        async with await amlx.load(arch.path, max_batch_size=2) as m:
+            sched = m.engine.scheduler
+            sched.slot_idle_limit = 0.2
+            streams = [m.generate(p, max_tokens=12, max_buffer=1) for p in prompts]
+            reqs = [s._stream.request for s in streams]
+            with anyio.fail_after(GUARD):  # (a guard) each gives a token and parks with one unread
+                got = [[await s.__anext__()] for s in streams]
+                while not await m.engine.run(lambda: all(r in sched.parked for r in reqs)):
+                    await anyio.sleep(0.005)
+
+            def age():  # the first one parked long ago, the others now: they hold both slots
+                now = time.monotonic()
+                reqs[0].parked_at = now - 10
+                reqs[1].parked_at = reqs[2].parked_at = now
+                return sched._slots_held()
+
+            assert await m.engine.run(age) == 2
+            try:
+                with anyio.fail_after(GUARD / 4):  # (a guard: the slots lapse after 0.2 s)
+                    got[0] += [t async for t in streams[0]]
+            except TimeoutError:
+                raise AssertionError("the stream read again never rejoined the batch") from None
+            for s, g in zip(streams[1:], got[1:]):
+                g += [t async for t in s]
+            for p, g in zip(prompts, got):
+                assert [t.id for t in g] == arch.solo(p, {"max_tokens": 12}).token_ids
+
+    anyio.run(body)
