@@ -180,7 +180,7 @@ class Rec:
     stream: amlx.TokenStream | None  # None once dropped (left the async for and let go)
     dropped: object = None  # the engine's RequestStream under a dropped stream (None if never made)
     tokens: list = field(default_factory=list)
-    state: str = "open"  # open, finished, cancelled, error
+    state: str = "open"  # open, finished, cancelled, error, hung
     how: str = ""  # how it ended
     error: BaseException | None = None
     pending: asyncio.Task | None = None  # a __anext__ left waiting by `read`
@@ -518,6 +518,7 @@ class EngineMachine(RuleBasedStateMachine):
                 with anyio.fail_after(GUARD / 4):  # (a guard: at most a slot to lapse, then its tokens)
                     await self._read(rec, None, None)
             except TimeoutError:
+                rec.state = "hung"  # (so that teardown, which runs next, does not report this instead)
                 raise AssertionError(f"request {rec.n}, read alone, hangs with {len(rec.tokens)} tokens\n"
                                      + "\n".join(self.log)) from None
             return True
