@@ -393,6 +393,7 @@ from checkpoints import write_benchmark_checkpoint as w; w(Path('/tmp/amlx-ck/qw
     # tracebacks and the summary go to $OUT/tests.txt, which comes back even when the call is cut short.
     part=${PART:-1/1}; k=${part%/*}; n=${part#*/}
     files=${FILES:-$(ls tests/test_*.py | LC_ALL=C sort | awk -v k="$k" -v n="$n" '(NR - k) % n == 0')}
+    restore_ptx  # (the kernel tests compile for minutes without the cache)
     for f in $files; do
       echo "== $f $(date +%T)" | tee -a "$OUT/tests.txt"
       timeout -k 5 ${FILE_BUDGET:-120} python3 -m pytest -q -p no:cacheprovider --tb=short -rfE "$f" 2>&1 \
