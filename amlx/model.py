@@ -193,7 +193,7 @@ class Model:
         checkpoint's chat template). Options: max_tokens=256, temperature=0.0,
         top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, stop=(),
         seed=None, logprobs=False, max_buffer=16, presence_penalty=0.0,
-        frequency_penalty=0.0, logit_bias=None, top_logprobs=0 (typed by
+        frequency_penalty=0.0, logit_bias=None, top_logprobs=0 (0..20; turns logprobs on) (typed by
         `amlx.GenerateOptions`; bounds in `amlx.sample`; ValueError on bad values),
         and at most one constraint, response_format / regex / choice / grammar (the
         text then matches it; see amlx.constrain).

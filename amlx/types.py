@@ -195,6 +195,12 @@ class GenerationOptions:
         if not isinstance(stop, (list, tuple)):
             raise ValueError("stop must be a string or a sequence of non-empty strings")
         kwargs["stop"] = tuple(stop)
+        # DESIGN.md's contract: `top_logprobs` takes 0..20 and `tok.top_logprobs` is then the
+        # list of pairs; it does not ask for `logprobs=True` as well (that is OpenAI's HTTP rule,
+        # which amlx.serve applies itself). Asking for top_logprobs turns logprobs on.
+        top = kwargs.get("top_logprobs")
+        if _is_int(top) and top > 0 and isinstance(kwargs.get("logprobs", False), bool):
+            kwargs["logprobs"] = True
         bias = kwargs.get("logit_bias")
         if isinstance(bias, Mapping):
             kwargs["logit_bias"] = dict(bias)  # the caller's dict may change later
