@@ -21,7 +21,7 @@ from amlx.engine.request import Request, RequestStream
 from amlx.sample import RowSampling
 from amlx.engine.scheduler import Scheduler
 from amlx.engine.worker import Worker
-from amlx.engine.score import score_continuations
+from amlx.engine.score import Scorer
 from amlx.errors import ClosedError, ContextLengthError
 from amlx.types import GenerationOptions
 
@@ -72,6 +72,7 @@ class Engine:
         if self.scheduler.speculator is not None:  # constrained rows' verify masks need the vocabulary
             self.scheduler.speculator.grammar = self._matchers
         self._closed = False
+        self._weights_version = 0  # bumped by weights_changed (a score call under way starts again)
         self._close_lock = threading.Lock()
         self._worker.add_scheduler(self.scheduler)
 
@@ -151,8 +152,24 @@ class Engine:
             if len(prompt_ids) + len(cont) > self.max_context:
                 raise ContextLengthError(f"the prompt and a continuation have {len(prompt_ids) + len(cont)} "
                                          f"tokens but the context holds {self.max_context}")
-        chunk = self.scheduler.prefill_chunk
-        return await self.run(lambda: score_continuations(self.model, prompt_ids, continuations, chunk=chunk))
+        scorer = Scorer(self.model, prompt_ids, continuations, chunk=self.scheduler.prefill_chunk,
+                        version=lambda: self._weights_version)
+        try:
+            # a job a step, so that decode rounds run between them and a cancelled caller's
+            # work stops at the next one (amlx/engine/score.py)
+            while not await self.run(lambda: self._score_step(scorer)):
+                pass
+            return scorer.scores
+        finally:
+            if not scorer.done:  # cancelled or failed: the worker frees the prompt's cache (after a
+                self.submit_job(scorer.close)  # step still running: jobs run in order)
+
+    def _score_step(self, scorer: Scorer) -> bool:
+        """One step of a score call, on the worker: never after the model began closing
+        (its shutdown, queued before this job, has freed the weights)."""
+        if self._closed:
+            raise ClosedError("the model was closed")
+        return scorer.step()
 
     def abort(self, stream: RequestStream) -> None:
         """Cancels a request: it leaves before the next decode step and its memory is freed."""
@@ -205,7 +222,9 @@ class Engine:
 
     def weights_changed(self) -> None:
         """The model's parameters or modules were replaced (e.g. an adapter trained a
-        step): the compiled decode step is traced again. Any thread."""
+        step): the compiled decode step is traced again, and a score call under way
+        starts again on the new weights (`Scorer`). Any thread."""
+        self._weights_version += 1
         self._worker.run_sync(self.scheduler.weights_changed)
 
     @property

@@ -5,12 +5,17 @@ the distribution of every continuation's first token. For the rest, the prompt's
 are copied once per continuation and the continuations run as one right-padded batch at the
 prompt's offset (exact: causal attention never lets a real position see a padded one). Log-
 probabilities are computed in float32 on the device; only one float per continuation comes back.
+
+The work is cut into steps (`Scorer.step`: one prefill chunk, or one batch of continuations),
+each a job of its own on the worker, so that the engine's decode rounds run between them: a
+long prompt scored never holds up the streams decoding beside it for more than a chunk, and a
+caller that is cancelled stops the work at the next step instead of at its end.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -19,11 +24,97 @@ from amlx._mlx import float32 as _float32
 from amlx.cache import KVCache
 from amlx.models.base import CausalLM
 
-__all__ = ["score_continuations"]
+__all__ = ["Scorer", "score_continuations"]
 
 # The logits of one scoring batch, rows * length * vocabulary float32 values, stay under this
 # (256 MB); more continuations are scored in several batches that share the prompt's cache.
 LOGITS_BUDGET = 64 * 1024 * 1024
+# Times a score call starts again because the weights changed under it (an adapter trained a
+# step between two of its steps) before it runs its remaining steps as one job, where they
+# cannot change: the scores are then all of one set of weights, and the call ends.
+RESTARTS = 2
+
+
+class Scorer:
+    """One score call as steps run on the worker: `step()` until it returns True, then
+    `scores`; `close()` frees the prompt's cache (any thread's job, at any point).
+
+    `version` (optional) says which weights the model has: a step that finds them changed
+    since the call began starts the call again, so that no score mixes two sets of weights."""
+
+    def __init__(self, model: CausalLM, prompt: Sequence[int], continuations: Sequence[Sequence[int]], *,
+                 chunk: int = 512, budget: int = LOGITS_BUDGET, version: Callable[[], int] | None = None):
+        if not prompt:
+            raise ValueError("score needs a prompt of at least one token")
+        self.model, self.prompt, self.continuations = model, list(prompt), continuations
+        self.chunk, self.budget, self._version = chunk, budget, version
+        self.scores = [0.0] * len(continuations)
+        self.steps = 0  # steps run (restarts included)
+        self.restarts = 0
+        self._todo = [i for i, c in enumerate(continuations) if len(c)]
+        self.done = not self._todo  # every score known
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cache: list[KVCache] | None = None
+        self._filled = 0  # prompt tokens in the cache
+        self._first: Array | None = None  # log-probabilities of the token after the prompt
+        self._groups: list[list[int]] | None = None
+        self._weights = self._version() if self._version is not None else None
+
+    def step(self) -> bool:
+        """Runs one step (MLX: on the worker thread); True once every score is known."""
+        if self.done:
+            return True
+        if self._version is not None and self._version() != self._weights:
+            self.close()
+            self.restarts += 1
+            if self.restarts > RESTARTS:
+                while not self._one_step():
+                    pass
+                return True
+        return self._one_step()
+
+    def _one_step(self) -> bool:
+        self.steps += 1
+        if self._cache is None:
+            self._cache = self.model.make_cache()
+        if self._first is None:
+            self._prefill_chunk()
+            return False
+        if self._groups is None:
+            self._groups = _groups(self._todo, self.continuations, self._first.shape[-1], self.budget)
+        group = self._groups.pop(0)
+        values = _score_group(self.model, self._cache, len(self.prompt), self._first,
+                              [list(self.continuations[i]) for i in group])
+        for i, v in zip(group, values):
+            self.scores[i] = float(v)
+        if not self._groups:
+            self.done = True
+            self.close()
+        return self.done
+
+    def _prefill_chunk(self) -> None:
+        """Writes the prompt's next chunk into the cache; after its last, `_first`."""
+        start = self._filled
+        part = self.prompt[start:start + self.chunk]
+        ids = array(np.asarray([part], dtype=np.int32))
+        self._filled += len(part)
+        if self._filled < len(self.prompt):
+            self.model(ids, self._cache, start)
+            ops.eval(*[a for c in self._cache for a in c.state()])
+            return
+        logits = self.model(ids, self._cache, start, last=array(np.asarray([len(part) - 1], dtype=np.int32)))
+        logits = ops.astype(ops.reshape(logits, (-1,)), _float32)
+        self._first = ops.subtract(logits, ops.logsumexp(logits, axis=-1, keepdims=True))
+        ops.eval(self._first, *[a for c in self._cache for a in c.state()])
+
+    def close(self) -> None:
+        """Frees the prompt's cache (idempotent); a step after it starts the prompt again."""
+        cache = self._cache
+        self._reset()
+        for c in cache or ():
+            c.close()
 
 
 def score_continuations(model: CausalLM, prompt: Sequence[int], continuations: Sequence[Sequence[int]], *,
@@ -31,40 +122,14 @@ def score_continuations(model: CausalLM, prompt: Sequence[int], continuations: S
     """Sum over each continuation's tokens of log p(token | prompt, earlier tokens), float32.
 
     `model` is a CausalLM; `prompt` holds at least one id; an empty continuation scores 0.0.
-    Runs MLX: call it on the engine's worker thread."""
-    if not prompt:
-        raise ValueError("score needs a prompt of at least one token")
-    scores = [0.0] * len(continuations)
-    todo = [i for i, c in enumerate(continuations) if len(c)]
-    if not todo:
-        return scores
-    cache = model.make_cache()
+    Runs MLX: call it on the engine's worker thread (all steps at once)."""
+    scorer = Scorer(model, prompt, continuations, chunk=chunk, budget=budget)
     try:
-        first = _prefill(model, list(prompt), cache, chunk)
-        for group in _groups(todo, continuations, first.shape[-1], budget):
-            values = _score_group(model, cache, len(prompt), first, [list(continuations[i]) for i in group])
-            for i, v in zip(group, values):
-                scores[i] = float(v)
+        while not scorer.step():
+            pass
+        return scorer.scores
     finally:
-        for c in cache:
-            c.close()
-    return scores
-
-
-def _prefill(model: CausalLM, prompt: list[int], cache: list[KVCache], chunk: int) -> Array:
-    """Writes the prompt into `cache`; returns the log-probabilities (V,) of the next token."""
-    for start in range(0, len(prompt), chunk):
-        part = prompt[start:start + chunk]
-        ids = array(np.asarray([part], dtype=np.int32))
-        if start + chunk < len(prompt):
-            model(ids, cache, start)
-            ops.eval(*[a for c in cache for a in c.state()])
-            continue
-        logits = model(ids, cache, start, last=array(np.asarray([len(part) - 1], dtype=np.int32)))
-    logits = ops.astype(ops.reshape(logits, (-1,)), _float32)
-    logprobs: Array = ops.subtract(logits, ops.logsumexp(logits, axis=-1, keepdims=True))
-    ops.eval(logprobs, *[a for c in cache for a in c.state()])
-    return logprobs
+        scorer.close()
 
 
 def _groups(todo: list[int], continuations: Sequence[Sequence[int]], vocab: int, budget: int) -> list[list[int]]:
