@@ -26,6 +26,7 @@ import gc
 import math
 import random
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -850,17 +851,35 @@ def test_a_failure_outside_isolation_ends_every_request(backend, ckpt, idle):
 # ============================================================================= 5. event-loop responsiveness
 
 
-async def _responsiveness_body(model) -> tuple[float, int]:
+def _blocking_calls_on_this_thread():
+    """A profiler for the calling thread (sys.setprofile is per thread) that records each call
+    which would make the event loop wait on MLX or on the worker: any call into MLX (the cffi
+    module amlx._mlxc, Array's C core amlx._arraytype, a C method of an Array) and any wait
+    for a worker job (Worker.run_sync, a concurrent future's result()). Returns the list it
+    fills and the profile function."""
+    import concurrent.futures
+
+    from amlx._mlx.array import Array
+    from amlx.engine.worker import Worker
+
+    waits = {Worker.run_sync.__code__, concurrent.futures.Future.result.__code__}
+    seen: list[str] = []
+
+    def profile(frame, event, arg):
+        if event == "c_call":
+            owner = getattr(arg, "__self__", None)
+            if getattr(arg, "__module__", None) in ("amlx._mlxc", "amlx._arraytype") or isinstance(owner, Array):
+                seen.append(f"MLX: {getattr(arg, '__qualname__', arg)!s} from {frame.f_code.co_name}")
+        elif event == "call" and frame.f_code in waits:
+            seen.append(f"wait: {frame.f_code.co_name} from {frame.f_back.f_code.co_name}")
+
+    return seen, profile
+
+
+async def _loop_thread_body(model) -> list[str]:
+    """16 streams decoding while the event loop's thread records every call that would make
+    it wait on MLX or on the worker thread."""
     spec = greedy_cases(16, 4, seed=21)
-    lags: list[float] = []
-    done = anyio.Event()
-
-    async def ticker():
-        while not done.is_set():
-            t0 = anyio.current_time()
-            await anyio.sleep(0.001)
-            lags.append(anyio.current_time() - t0 - 0.001)
-
     counts = [0] * len(spec)
     ends = [None] * len(spec)
 
@@ -869,28 +888,46 @@ async def _responsiveness_body(model) -> tuple[float, int]:
             counts[k] += 1
             ends[k] = t.finish_reason
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
+    seen, profile = _blocking_calls_on_this_thread()
+    sys.setprofile(profile)
+    try:
         async with anyio.create_task_group() as clients:
             for k in range(len(spec)):
                 clients.start_soon(client, k)
-        done.set()
+    finally:
+        sys.setprofile(None)
     assert all(e is not None for e in ends) and sum(counts) >= 16 * 50  # (random weights may hit EOS)
-    assert len(lags) >= 20
-    return float(np.percentile(lags, 99)), len(lags)
+    return seen
 
 
-def test_event_loop_stays_responsive(backend, idle):
-    # A loop that waited on MLX would lag by a decode step at every step, in every run; other
-    # processes on a shared machine can starve it in one run. So up to three runs, and one with
-    # a p99 lag under 5 ms passes (a blocked loop fails all three).
-    seen = []
-    for _ in range(3):
-        p99, ticks = run(backend, _responsiveness_body, idle)
-        seen.append(f"{p99 * 1e3:.2f} ms over {ticks} ticks")
-        if p99 < 0.005:
-            return
-    pytest.fail(f"event-loop lag p99 over 5 ms in every run while 16 streams decoded: {'; '.join(seen)}")
+def test_the_event_loop_never_waits_on_mlx(backend, idle):
+    """The event loop's thread makes no MLX call and waits for no worker job while 16 streams
+    decode (submitting, streaming and finishing them): it never stalls for a decode step, on
+    any machine. (Checked call by call, not by timing the loop's lag, which other processes
+    on a shared machine can raise too.)"""
+    seen = run(backend, _loop_thread_body, idle)
+    assert not seen, "\n".join(sorted(set(seen))[:20])
+
+
+def test_the_loop_thread_probe_sees_mlx_calls_and_waits(idle):
+    """The probe above can fail: an MLX call and a wait for the worker made on the loop's
+    thread are both recorded."""
+    import numpy as np_
+
+    from amlx._mlx import array, ops
+
+    async def body():
+        seen, profile = _blocking_calls_on_this_thread()
+        sys.setprofile(profile)
+        try:
+            ops.eval(ops.add(array(np_.ones(3, dtype=np_.float32)), 1.0))
+            idle.engine.run_sync(lambda: None)
+        finally:
+            sys.setprofile(None)
+        return seen
+
+    seen = anyio.run(body)
+    assert any(s.startswith("MLX: ") for s in seen) and any(s.startswith("wait: ") for s in seen), seen
 
 
 # ============================================================================= 6. closing
