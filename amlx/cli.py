@@ -13,6 +13,8 @@ to stderr, so `amlx generate ... > out.txt` captures only the model's words.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -40,10 +42,12 @@ def add_command(sub: Any, name: str, *, help: str, example: str, description: st
 
 
 def add_model_options(p: argparse.ArgumentParser, *, adapter: bool = True) -> None:
-    """MODEL and the options of loading it."""
-    p.add_argument("model", metavar="MODEL",
+    """MODEL (optional: the embedded demo model, `with_model` fills it in) and the
+    options of loading it."""
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
                    help="checkpoint directory (Hugging Face or MLX format) or a Hugging Face model id (org/name), "
-                        "looked up in the local Hugging Face cache and downloaded when missing")
+                        "looked up in the local Hugging Face cache and downloaded when missing (default: the "
+                        "embedded demo model, a 0.9M-parameter toy for trying the command out)")
     if adapter:
         p.add_argument("--adapter", default=None, metavar="DIR",
                        help="a LoRA adapter directory (from `amlx lora`, or PEFT) to apply")
@@ -92,10 +96,30 @@ def _read_prompt(arg: str) -> str:
     return text[:-1] if text.endswith("\n") else text  # the newline `echo` and editors add
 
 
+# a Hugging Face model id: org/name, no spaces
+_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def with_model(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with MODEL left out replaced by the embedded demo model's directory. A lone
+    argument that names a directory or looks like a model id was meant as MODEL with the
+    prompt forgotten: that is an error saying so, not a prompt for the toy model."""
+    if args.model is None:
+        from amlx.demo import default_model_dir
+
+        prompt = getattr(args, "prompt", None)
+        if prompt is not None and (_MODEL_ID.fullmatch(prompt) or os.path.isdir(prompt)):
+            raise SystemExit(f"amlx: error: the prompt is missing: '{prompt}' names a model; use "
+                             f"amlx generate MODEL PROMPT (or one prompt alone for the embedded demo model)")
+        args.model = str(default_model_dir())
+    return args
+
+
 def _generate(args: argparse.Namespace) -> int:
     from amlx.reply import load_model, report, stream_reply
 
     text = _read_prompt(args.prompt)
+    with_model(args)
     with load_model(args) as model:
         templated = args.chat or (not args.raw and model.tokenizer.chat_template is not None)
         prompt: Any = [{"role": "user", "content": text}] if templated else text
@@ -108,7 +132,8 @@ def _generate(args: argparse.Namespace) -> int:
 def add_generate(sub: Any) -> None:
     p = add_command(sub, "generate", help="stream a completion of one prompt to stdout",
                     example='amlx generate Qwen/Qwen3-0.6B "Why is the sky blue?" --max-tokens 128 -v\n'
-                            'echo "Write a haiku about tea" | amlx generate path/to/model -')
+                            'echo "Write a haiku about tea" | amlx generate path/to/model -\n'
+                            'amlx generate "Hello!"        (the embedded demo model)')
     add_model_options(p)
     p.add_argument("prompt", metavar="PROMPT", help='the prompt; "-" reads it from stdin')
     how = p.add_mutually_exclusive_group()
@@ -126,13 +151,14 @@ def _chat(args: argparse.Namespace) -> int:
     from amlx.chat import run_chat
     from amlx.reply import load_model
 
-    with load_model(args) as model:
+    with load_model(with_model(args)) as model:
         return run_chat(model, _reply_options(args), system=args.system, verbose=args.verbose)
 
 
 def add_chat(sub: Any) -> None:
     p = add_command(sub, "chat", help="interactive chat with history (/help lists the commands)",
-                    example="amlx chat Qwen/Qwen3-0.6B --system 'Answer briefly.' --max-tokens 512")
+                    example="amlx chat Qwen/Qwen3-0.6B --system 'Answer briefly.' --max-tokens 512\n"
+                            "amlx chat        (the embedded demo model)")
     add_model_options(p)
     p.add_argument("--system", default=None, help="a system prompt")
     _add_sampling(p)

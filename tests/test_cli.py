@@ -339,3 +339,22 @@ def test_an_interrupted_reply_cancels_its_request(model):
             break
         time.sleep(0.02)
     assert s["active_requests"] == s["waiting_requests"] == 0
+
+
+def test_generate_and_chat_without_a_model_use_the_embedded_demo_model():
+    """`amlx generate PROMPT` and `amlx chat` with no MODEL run the embedded demo model, as
+    `amlx serve` does; a lone argument that names a model is the prompt forgotten, said so."""
+    from amlx.demo import default_model_dir
+
+    with amlx.load_sync(default_model_dir()) as demo:
+        want = demo.complete_sync([{"role": "user", "content": "Hello!"}], max_tokens=8).text
+    r = amlx_cli("generate", "Hello!", "--max-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
+    r = amlx_cli("chat", "--max-tokens", "8", input="Hello!\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
+    for lone in ("Qwen/Qwen3-0.6B", str(ROOT)):
+        r = amlx_cli("generate", lone)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and r.stdout == ""
+        assert "the prompt is missing" in r.stderr and lone in r.stderr
