@@ -250,7 +250,7 @@ class Tokenizer:
         if self.eos_token_id is not None:
             eos.add(self.eos_token_id)
         self._eos_ids = frozenset(eos)
-        self._byte_ids = self._find_byte_fallback_ids()
+        self._byte_ids = self._find_byte_fallback_ids()  # id -> the byte it stands for
 
     # -- construction ----------------------------------------------------------------------
 
@@ -369,9 +369,10 @@ class Tokenizer:
             stale = set()
         return frozenset(special | stale)
 
-    def _find_byte_fallback_ids(self) -> frozenset[int]:
-        """Ids of "<0xNN>" pieces when the decoder fuses them with ByteFallback (SentencePiece
-        style). Such a run only decodes to text once it is complete, see StreamingDetokenizer."""
+    def _find_byte_fallback_ids(self) -> dict[int, int]:
+        """Ids of "<0xNN>" pieces, with their bytes, when the decoder fuses them with ByteFallback
+        (SentencePiece style). Such a run only decodes to text once it is complete, see
+        StreamingDetokenizer."""
         decoder = self._backend.decoder
         decoder = json.loads(decoder.__getstate__()) if decoder is not None else {}
         stack, found = [decoder], False
@@ -381,9 +382,9 @@ class Tokenizer:
                 found = found or node.get("type") == "ByteFallback"
                 stack.extend(node.get("decoders") or [])
         if not found:
-            return frozenset()
-        ids = (self._backend.token_to_id(f"<0x{b:02X}>") for b in range(256))
-        return frozenset(i for i in ids if i is not None)
+            return {}
+        ids = ((self._backend.token_to_id(f"<0x{b:02X}>"), b) for b in range(256))
+        return {i: b for i, b in ids if i is not None}
 
     # -- encode / decode -------------------------------------------------------------------
 
@@ -634,6 +635,8 @@ class StreamingDetokenizer:
     _REBASE_AT = 8
     # ...keeping the shortest suffix of at most this many ids as context.
     _MAX_CONTEXT = 4
+    # Ids kept besides the context while the text ends in a held U+FFFD (see _rebase).
+    _HELD_IDS = 3
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
         self._backend = tokenizer.backend
@@ -641,49 +644,94 @@ class StreamingDetokenizer:
         self._skipped_ids = tokenizer.special_token_ids if skip_special_tokens else frozenset()
         self._byte_ids = tokenizer._byte_ids
         self._ids: list[int] = []  # the decode window
+        self._run = bytearray()  # bytes of the byte-fallback run the ids end in (if the decoder has one)
         self._emitted = 0  # characters of decode(self._ids) already returned
 
     def _decode(self, ids: list[int]) -> str:
         return self._backend.decode(ids, skip_special_tokens=self._skip)
 
-    def _final_length(self, ids: list[int], text: str) -> int:
-        """How many leading characters of `text` (= decode(ids)) can no longer change."""
-        if self._byte_ids:
-            # ByteFallback turns a whole run of byte pieces into text only if all of it is valid
-            # UTF-8 (else every byte becomes U+FFFD), so a trailing run is not final yet.
-            start = len(ids)
-            for i in range(len(ids) - 1, -1, -1):
-                if ids[i] in self._byte_ids:
-                    start = i
-                elif ids[i] not in self._skipped_ids:
-                    break
-            if start < len(ids):
-                text = self._decode(ids[:start])
+    def _final_length(self, text: str) -> tuple[int, bool]:
+        """How many leading characters of `text` (= decode(window)) can no longer change, and
+        whether what can is only a trailing U+FFFD. (add() settled open byte-fallback runs.)"""
+        if self._run:
+            # A run of byte pieces that no later byte can make valid UTF-8: ByteFallback turns
+            # each of its bytes into U+FFFD, now and whatever follows, so its text is final.
+            # (Holding it kept a model's stray bytes in the window for good: quadratic work.)
+            return len(text), False
         # A trailing U+FFFD may be an incomplete character that the next bytes complete.
         if text.endswith(_REPLACEMENT_CHAR):
-            return len(text) - 1
-        return len(text)
+            return len(text) - 1, True
+        return len(text), False
+
+    @staticmethod
+    def _spoiled(data: bytes | bytearray) -> bool:
+        """Whether `data` is no prefix of any valid UTF-8 (ByteFallback then decodes every byte
+        of such a run to U+FFFD, whatever bytes follow)."""
+        try:
+            bytes(data).decode("utf-8")
+        except UnicodeDecodeError as e:
+            return e.reason != "unexpected end of data"  # (else: a character cut short)
+        return False
+
+    def _trailing_run(self, ids: list[int]) -> bytes:
+        """The bytes of the byte pieces that end `ids` (skipped special tokens among them aside)."""
+        start = len(ids)
+        while start and (ids[start - 1] in self._byte_ids or ids[start - 1] in self._skipped_ids):
+            start -= 1
+        return bytes(self._byte_ids[i] for i in ids[start:] if i in self._byte_ids)
 
     def add(self, token_id: int) -> str:
         """Feed one generated id; returns the newly final text (possibly "")."""
-        self._ids.append(int(token_id))
+        token_id = int(token_id)
+        self._ids.append(token_id)
+        if self._byte_ids:
+            if token_id in self._byte_ids:
+                self._run.append(self._byte_ids[token_id])
+            elif token_id not in self._skipped_ids:
+                self._run.clear()
+            if self._run and not self._spoiled(self._run):
+                # ByteFallback turns a whole run of byte pieces into text only if all of it is
+                # valid UTF-8 (else every byte becomes U+FFFD): while the run is open and may
+                # still be valid, nothing after the text before it is final, and that text
+                # was settled when the run began (so no decode here, however long the run).
+                return ""
         text = self._decode(self._ids)
-        final = self._final_length(self._ids, text)
+        final, only_fffd = self._final_length(text)
         piece = text[self._emitted : final] if final > self._emitted else ""
         self._emitted = max(self._emitted, final)
-        if final == len(text) and len(self._ids) >= self._REBASE_AT:
-            self._rebase(text)
+        if len(self._ids) >= self._REBASE_AT:
+            if final == len(text):
+                self._rebase(text, held=0)
+            elif only_fffd and self._emitted == final:
+                # The text ends in a U+FFFD held back (an incomplete character, or one that
+                # merely looks so: invalid bytes, a literal "\ufffd" token). Re-anchor anyway,
+                # keeping the ids that may hold the incomplete character's bytes: without this
+                # a run of such tokens (mojibake like "����", a model stuck on stray bytes) never
+                # let the window shrink, so every token decoded all the ids since the run began
+                # -- quadratic host work on the engine's worker thread.
+                self._rebase(text, held=len(text) - final)
         return piece
 
-    def _rebase(self, text: str) -> None:
+    def _rebase(self, text: str, held: int) -> None:
         # Keep the shortest suffix of ids that decodes, on its own, to non-empty text ending
         # the current text; later tokens then decode after it as they would in the full sequence.
-        for k in range(1, min(self._MAX_CONTEXT, len(self._ids) - 1) + 1):
+        # With `held` characters not final (a trailing U+FFFD), the suffix also keeps the last
+        # _HELD_IDS ids that show text, and one more before them: an incomplete UTF-8 character
+        # has at most 3 bytes and each such id at least one, so the window still holds all of
+        # that character's bytes, starting in step (its lead byte starts a new character).
+        need = self._HELD_IDS + 1 if held else 0
+        for k in range(1, min(self._MAX_CONTEXT + need, len(self._ids) - 1) + 1):
             context = self._ids[-k:]
+            if held and sum(i not in self._skipped_ids for i in context) < need:
+                continue
+            if self._byte_ids and self._run and not self._spoiled(self._trailing_run(context)):
+                # (a run still open -- final only as spoiled -- must be spoiled in the window too,
+                # else the next bytes could make the window's part of it valid text)
+                continue
             context_text = self._decode(context)
-            if context_text and text.endswith(context_text):
+            if context_text and len(context_text) > held and text.endswith(context_text):
                 self._ids = context
-                self._emitted = len(context_text)
+                self._emitted = len(context_text) - held
                 return
 
     def finalize(self) -> str:
