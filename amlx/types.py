@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
+import numpy as np
 from typing_extensions import NotRequired, TypedDict
 
 from amlx.constrain.spec import Constraint, parse_constraint
@@ -170,6 +171,7 @@ class GenerationOptions:
     grammar: str | None = None
 
     def __post_init__(self) -> None:
+        self._plain_numbers()
         self._validate()
         # derived, not an option: kept beside the fields (a frozen dataclass's __dict__)
         self.__dict__["_constraint"] = parse_constraint(
@@ -209,6 +211,25 @@ class GenerationOptions:
             opts.check_vocab(vocab_size)
         return opts
 
+    def _plain_numbers(self) -> None:
+        """Valid numbers of other types (numpy scalars: any numbers.Integral / numbers.Real the
+        checks accept) become Python ints and floats, the types the engine is written for.
+        A numpy integer top_k passed validation, then failed its request inside the worker
+        (the sampler's compiled step met it), and every later request sampled alike with it."""
+        for name in _INT_OPTIONS:
+            value = getattr(self, name)
+            if _is_int(value) and type(value) is not int:
+                object.__setattr__(self, name, int(value))
+        for name in _REAL_OPTIONS:
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value) is not float:
+                try:
+                    object.__setattr__(self, name, float(value))
+                except OverflowError:  # an int past float's range: the bounds refuse it as it is
+                    pass
+        if isinstance(self.logprobs, np.bool_):
+            object.__setattr__(self, "logprobs", bool(self.logprobs))
+
     def _validate(self) -> None:
         from amlx.sample import SamplingParams  # the sampler owns the sampling bounds
 
@@ -236,6 +257,10 @@ class GenerationOptions:
 
         SamplingParams.from_options(self).check_vocab(vocab_size)
         return self
+
+
+_INT_OPTIONS = ("max_tokens", "top_k", "seed", "max_buffer", "top_logprobs")
+_REAL_OPTIONS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 def _short(value: Any) -> str:

@@ -235,6 +235,43 @@ def test_valid_generation_options_are_accepted(model, kwargs, constraint):
             assert any(c.startswith(text) for c in CONSTRAINTS["choice"])
 
 
+NUMPY_TYPES = {int: (np.int32, np.int64, np.uint16), float: (np.float32, np.float64)}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kwargs=st.fixed_dictionaries({}, optional={k: v for k, v in VALID_OPTIONS.items()
+                                                  if k not in ("stop", "logprobs", "logit_bias")}),
+       data=st.data())
+def test_numpy_scalar_option_values_act_as_the_python_numbers(model, kwargs, data):
+    """Validation takes any integer or real number (numbers.Integral / numbers.Real), so a
+    numpy scalar is a valid value and must act as the same Python number. `top_k=np.int64(5)`
+    used to pass validation and then fail the request inside the worker (MLXError: the
+    sampler's compiled step met a numpy integer)."""
+    kwargs.setdefault("max_tokens", 4)
+    if kwargs.get("seed") is None:
+        kwargs["seed"] = 11  # (None draws a fresh seed each time)
+    kwargs.setdefault("temperature", 0.9)
+    as_numpy = {}
+    for name, value in kwargs.items():
+        if value is None:
+            as_numpy[name] = value
+            continue
+        kind = int if isinstance(value, int) else float
+        np_type = data.draw(st.sampled_from(NUMPY_TYPES[kind]), label=name)
+        if kind is int and not np.iinfo(np_type).min <= value <= np.iinfo(np_type).max:
+            np_type = np.int64
+        if np_type is np.float32 and kind is float:
+            value = float(np.float32(value))  # the same number in both runs
+            kwargs[name] = value
+        as_numpy[name] = np_type(value)
+    # (numpy first: a compiled sampling step is traced by the first request of its kind, and
+    # one traced with numpy values failed that request and every later one of its kind)
+    got = model.complete_sync("Hello there", **as_numpy)
+    expected = model.complete_sync("Hello there", **kwargs)
+    assert got.token_ids == expected.token_ids
+    assert got.top_logprobs == expected.top_logprobs
+
+
 def test_top_logprobs_alone_gives_top_logprobs(model):
     """DESIGN: `top_logprobs=0` (0..20; `tok.top_logprobs` is then a list of (id, logprob) pairs,
     best first). It used to raise ValueError unless logprobs=True was passed too (OpenAI's
