@@ -445,6 +445,10 @@ async def test_stats_and_memory(model):
 # -- lifetime: close, ClosedError, async with ---------------------------------------------
 
 async def test_close_is_idempotent_and_use_after_close_raises_closed_error(ckpt):
+    import gc
+
+    gc.collect()
+    memory_before = amlx.memory()["active"]
     model = await amlx.load(ckpt, max_context=64)
     reading = model.generate("Hello", max_tokens=50, max_buffer=1)  # partly read
     first = await reading.__anext__()
@@ -469,6 +473,9 @@ async def test_close_is_idempotent_and_use_after_close_raises_closed_error(ckpt)
         await model.score("Hello", [" there"])
     assert issubclass(amlx.ClosedError, amlx.AmlxError)
     model.close()
+    del reading, unread, chat, stream
+    gc.collect()
+    assert amlx.memory()["active"] == memory_before  # "closing a model returns MLX active memory"
 
 
 async def test_async_with_closes_on_exit_also_on_error(ckpt):
@@ -591,20 +598,57 @@ async def test_concurrent_requests_and_cancellation(model):
     assert s["kv_cache"]["blocks_used"] == 0, s
 
 
-def test_runs_under_trio(ckpt):
+async def test_backpressure_pauses_an_unread_stream_without_holding_up_others(model):
+    solo = (await model.complete([11, 12, 13], max_tokens=40)).token_ids
+    before = _wait_idle(model)["tokens_generated"]
+    paused = model.generate([11, 12, 13], max_tokens=40, max_buffer=2)
+    first = await paused.__anext__()  # started; now left unread
+    other = await model.complete([21, 22], max_tokens=30)
+    assert other.usage.completion_tokens == 30
+    await asyncio.sleep(0.1)
+    produced = model.stats()["tokens_generated"] - before - 30
+    assert produced <= 1 + 2 + 1, produced  # the token read, max_buffer unread (+1 in flight)
+    rest = [t.id async for t in paused]
+    assert [first.id] + rest == solo  # a pause does not change the result
+
+
+def test_generate_sync_from_several_threads_at_once(model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [[5, 6, 7], "Hello there", CHAT, [9, 10]]
+    solo = [model.complete_sync(p, max_tokens=12).token_ids for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: [t.id for t in model.generate_sync(p, max_tokens=12)], prompts * 2))
+    assert together == solo * 2
+    for tok in model.generate_sync([1, 2, 3], max_tokens=300):  # leaving a blocking loop early
+        break
+    assert _wait_idle(model)["kv_cache"]["blocks_used"] == 0
+
+
+def test_runs_under_trio_and_uvloop(ckpt):
     import trio
+
+    def trio_running() -> bool:
+        try:
+            trio.lowlevel.current_trio_token()
+            return True
+        except RuntimeError:
+            return False
 
     async def main():
         async with await amlx.load(ckpt, max_context=64) as model:
             result = await model.complete([5, 6, 7], max_tokens=4)
             streamed = [t.id async for t in model.generate([5, 6, 7], max_tokens=4)]
-            with trio.move_on_after(0.01):
-                async for _ in model.generate([5, 6, 7], max_tokens=10**6):
-                    pass
+            if trio_running():
+                with trio.move_on_after(0.01):
+                    async for _ in model.generate([5, 6, 7], max_tokens=10**6):
+                        pass
             return result.token_ids, streamed
 
     ids, streamed = trio.run(main)
     assert ids == streamed and len(ids) == 4
+    uvloop = pytest.importorskip("uvloop")
+    assert uvloop.run(main()) == (ids, streamed)
 
 
 # -- checkpoints: both config styles, MLX-quantized --------------------------------------
