@@ -14,6 +14,7 @@ Nothing here touches MLX.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import threading
@@ -409,9 +410,25 @@ class Tokenizer:
             text = _clean_up_tokenization(text)
         return text
 
-    def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
-        """A fresh incremental decoder for one generated sequence."""
-        return StreamingDetokenizer(self, skip_special_tokens=skip_special_tokens)
+    def detokenizer(self, skip_special_tokens: bool = False, *, continuing: bool = False) -> StreamingDetokenizer:
+        """A fresh incremental decoder for one generated sequence.
+
+        `continuing`: decode the ids as text that goes on from earlier text, so a first piece
+        keeps the leading space that SentencePiece decoders with a dummy prefix (Llama 2,
+        Mistral: a `Strip` or `Metaspace` decoder) drop at the start of a text. Each token then
+        reads as the constraint engine reads it (see TextAssembler)."""
+        return StreamingDetokenizer(self, skip_special_tokens=skip_special_tokens, continuing=continuing)
+
+    @functools.cached_property
+    def _plain_context_id(self) -> int | None:
+        """An id that decodes, alone, to one plain ASCII letter or digit (none of the special,
+        added or byte pieces): text for a detokenizer to continue from. None if there is none."""
+        skip = self._special_ids | set(self._byte_ids) | set(self._backend.get_added_tokens_decoder())
+        for char in "aexo0":
+            for token_id in (self._backend.token_to_id(char), *self.encode(char, add_special_tokens=False)[-1:]):
+                if token_id is not None and token_id not in skip and self.decode([token_id]) == char:
+                    return token_id
+        return None
 
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary string of `token_id` (None if out of range)."""
@@ -638,7 +655,7 @@ class StreamingDetokenizer:
     # Ids kept besides the context while the text ends in a held U+FFFD (see _rebase).
     _HELD_IDS = 3
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False, continuing: bool = False) -> None:
         self._backend = tokenizer.backend
         self._skip = skip_special_tokens
         self._skipped_ids = tokenizer.special_token_ids if skip_special_tokens else frozenset()
@@ -646,6 +663,13 @@ class StreamingDetokenizer:
         self._ids: list[int] = []  # the decode window
         self._run = bytearray()  # bytes of the byte-fallback run the ids end in (if the decoder has one)
         self._emitted = 0  # characters of decode(self._ids) already returned
+        context = tokenizer._plain_context_id if continuing else None
+        if context is not None:
+            # Continuing text: the window starts with a plain character, taken as emitted, so
+            # that no generated id is the text's first (whose leading space a Strip or
+            # Metaspace decoder drops); later windows keep generated ids as context anyway.
+            self._ids = [context]
+            self._emitted = len(self._decode(self._ids))
 
     def _decode(self, ids: list[int]) -> str:
         return self._backend.decode(ids, skip_special_tokens=self._skip)

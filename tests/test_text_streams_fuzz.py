@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -188,23 +189,55 @@ def test_an_open_byte_run_is_not_decoded_per_token(pairs):
     assert decoded <= 3 * len(ids)  # (was about len(ids)**2 / 2)
 
 
+# ------------------------------------------------------------------------------ continuing text
+
+
+def _reading(hf, ids: list[int]) -> str:
+    """transformers' text of `ids` as a continuation of other text: decoded after a plain "a",
+    which is then cut off (a Strip or Metaspace decoder drops no leading space of theirs)."""
+    a = hf.convert_tokens_to_ids("a")
+    assert hf.decode([a]) == "a"
+    return hf.decode([a, *ids])[1:]
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(kind=st.sampled_from(KINDS), data=st.data())
+def test_a_continuing_stream_keeps_the_first_space(pairs, kind, data):
+    """`detokenizer(continuing=True)` (what a constrained reply uses) reads the ids as text that
+    goes on from earlier text: a first "▁" piece keeps its space where a Llama-2-style decoder
+    drops it at a text's start; elsewhere it is plain decode."""
+    ours, hf, hard = pairs[kind]
+    ids = data.draw(st.lists(st.one_of(st.integers(0, ours.vocab_size - 1), st.sampled_from(hard)), max_size=24))
+    detok = ours.detokenizer(continuing=True)
+    text = "".join([detok.add(i) for i in ids] + [detok.finalize()])
+    assert text == _reading(hf, ids)
+    if kind in ("bpe", "spm"):
+        assert text == hf.decode(ids)
+    first = ours.token_to_id("▁the")
+    if kind in ("llama2", "metaspace") and first is not None:
+        assert ours.decode([first]) == "the" and _reading(hf, [first]) == " the"
+
+
 # ------------------------------------------------------------------------------ end to end
 
-ARCHS = {"qwen3": "bpe", "gemma3_text": "spm"}
 ALPHABET = ["a", "b", " ", "é", "☕", "😀", "日", FFFD, "λ", "\n", "ab", "\U0001d518", "🇫🇷", "€"]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    """Greedy random models: Qwen 3 (byte-level BPE), Gemma 3 (byte fallback), Llama with the
+    Llama-2-style tokenizer (Strip decoder), and Qwen 3 drafting by prompt lookup."""
     root = tmp_path_factory.mktemp("streams_e2e")
     out = {}
     try:
-        for arch in ARCHS:
-            path = make_checkpoint(root / arch, arch, seed=3)
+        for name, arch in (("qwen3", "qwen3"), ("gemma3_text", "gemma3_text"), ("llama2", "llama")):
+            path = make_checkpoint(root / name, arch, seed=3, tokenizer="spm" if arch != "qwen3" else "bpe")
+            if name == "llama2":
+                _write_llama_style(path, "llama2")  # (the same vocabulary as the "spm" one)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 hf = AutoTokenizer.from_pretrained(path)
-            out[arch] = (amlx.load_sync(path, max_batch_size=4), hf)
+            out[name] = (amlx.load_sync(path, max_batch_size=4), hf)
         out["qwen3+lookup"] = (amlx.load_sync(root / "qwen3", max_batch_size=4, draft="prompt_lookup"),
                                out["qwen3"][1])
         yield out
@@ -214,28 +247,32 @@ def models(tmp_path_factory):
 
 
 def _offline(tok: Tokenizer, ids: list[int], forced: str, stop: list[str], max_tokens: int):
-    """What the stream of `ids` must be: an assembler fed them off the engine, the last one
-    marked complete when it completes the forced text (the constraint then ends the reply)."""
-    asm = TextAssembler(tok, GenerationOptions.from_kwargs(max_tokens=max_tokens, stop=stop),
-                        frozenset(tok.eos_token_ids))
+    """What the stream of `ids` must be: an assembler (of a request with the same constraint)
+    fed them off the engine, the last one marked complete when it completes the forced text
+    (the constraint then ends the reply)."""
+    options = GenerationOptions.from_kwargs(choice=[forced], max_tokens=max_tokens, stop=stop)
+    asm = TextAssembler(tok, options, frozenset(tok.eos_token_ids))
+    detok = tok.detokenizer(continuing=True)
+    whole = "".join([detok.add(j) for j in ids] + [detok.finalize()])
     out = []
     for n, i in enumerate(ids):
-        t = asm.push(i, complete=n == len(ids) - 1 and tok.decode(ids) == forced)
+        t = asm.push(i, complete=n == len(ids) - 1 and whole == forced)
         out.append((t.id, t.text, t.finish_reason))
         if asm.finished:
             break
     return out
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(which=st.sampled_from(["qwen3", "gemma3_text", "qwen3+lookup"]),
+@settings(max_examples=48, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(which=st.sampled_from(["qwen3", "gemma3_text", "llama2", "qwen3+lookup"]),
        forced=st.lists(st.sampled_from(ALPHABET), min_size=1, max_size=10).map("".join),
        data=st.data(), max_tokens=st.integers(1, 40), logprobs=st.booleans())
 def test_forced_text_streams_stops_and_completes(models, which, forced, data, max_tokens, logprobs):
     """A reply forced to `forced` (spelled as the model likes): streamed pieces, stop strings cut
     from it (overlapping, sharing prefixes, one that diverges) and max_tokens give what an
     assembler gives for the same ids; without a stop the text is transformers' decode of the
-    ids; `Completion` is the stream joined; logprobs are there exactly when asked for."""
+    ids (read as continuing text), and `forced` itself unless max_tokens cut it; `Completion`
+    is the stream joined; logprobs are there exactly when asked for."""
     model, hf = models[which]
     tok = model.tokenizer
     cut = st.builds(lambda a, n: forced[a:a + n], st.integers(0, len(forced) - 1), st.integers(1, 5))
@@ -248,13 +285,13 @@ def test_forced_text_streams_stops_and_completes(models, which, forced, data, ma
     assert [(t.id, t.text, t.finish_reason) for t in tokens] == _offline(tok, ids, forced, stop, max_tokens)
     assert all((t.logprob is not None) == logprobs for t in tokens)
     text = "".join(t.text for t in tokens)
-    if not any(s in hf.decode(ids) for s in stop):
-        body = ids[:-1] if ids[-1] in tok.eos_token_ids else ids
-        assert text == hf.decode(body)
+    body = ids[:-1] if ids[-1] in tok.eos_token_ids else ids
+    if not any(s in _reading(hf, body) for s in stop):
+        assert text == _reading(hf, body)
         assert text == forced or (len(ids) == max_tokens and tokens[-1].finish_reason == "length")
     else:
         assert tokens[-1].finish_reason == "stop" and not any(s in text for s in stop)
-        assert any(hf.decode(ids).startswith(text + s) for s in stop)
+        assert any(_reading(hf, body).startswith(text + s) for s in stop)
     done = model.complete_sync(prompt, **options)
     assert (done.text, done.token_ids, done.finish_reason) == (text, ids, tokens[-1].finish_reason)
 
@@ -262,13 +299,26 @@ def test_forced_text_streams_stops_and_completes(models, which, forced, data, ma
 def test_hard_replies_stream_whole(models):
     """Fixed replies: mojibake, a character split over many pieces, a stop inside it."""
     rng = random.Random(0)
-    for which in ("qwen3", "gemma3_text"):
+    for which in ("qwen3", "gemma3_text", "llama2"):
         model, hf = models[which]
         for forced, stop, want in [(FFFD * 12 + "ok", [], FFFD * 12 + "ok"), ("a😀b", ["😀"], "a"),
                                    ("日本😀😀x", ["😀x", "本😀"], "日"), ("ab" * 5, ["bab", "ababx"], "a"),
-                                   ("é" * 9, ["éé€"], "é" * 9)]:
+                                   ("é" * 9, ["éé€"], "é" * 9), (" yes", [], " yes"), ("  x y", ["x y"], "  ")]:
             tokens = list(model.generate_sync(f"{rng.random()}", choice=[forced], stop=stop, max_tokens=64))
             assert "".join(t.text for t in tokens) == want, (which, forced, stop)
             assert tokens[-1].finish_reason == "stop"
             if not stop or want == forced:
-                assert want == hf.decode([t.id for t in tokens])
+                assert want == _reading(hf, [t.id for t in tokens])
+
+
+@pytest.mark.parametrize("options", [dict(choice=[" yes", " no"]), dict(choice=["  x"]), dict(regex=" [0-9]{3}"),
+                                     dict(choice=["yes", "no"])])
+def test_constrained_text_matches_with_a_strip_decoder(models, options):
+    """Llama 2 / Mistral tokenizers drop the leading space of a text's first piece when they
+    decode it. A constraint reads "▁yes" as " yes", so choice=[" yes", " no"] let the model
+    start with "▁y", and the reply was decoded to "yes": text its constraint does not match.
+    A constrained reply is now read as the constraint reads it."""
+    model, _ = models["llama2"]
+    for prompt in ("hi", "a question?", "Q: 1+1="):
+        text = model.complete_sync(prompt, **options).text
+        assert text in options["choice"] if "choice" in options else re.fullmatch(options["regex"], text), text

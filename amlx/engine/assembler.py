@@ -15,7 +15,11 @@ class TextAssembler:
 
     def __init__(self, tokenizer: Tokenizer, options: GenerationOptions, eos_ids: frozenset[int],
                  max_new: int | None = None):
-        self._detok = tokenizer.detokenizer()
+        # A constrained reply reads each token as the constraint engine does: as text that goes
+        # on from the prompt. Decoded as a text of its own, a first token "▁yes" of a Strip or
+        # Metaspace decoder (Llama 2, Mistral) lost its space, so choice=[" yes"] gave "yes",
+        # text that does not match the constraint.
+        self._detok = tokenizer.detokenizer(continuing=options.constraint is not None)
         self._stop = options.stop
         self._eos = eos_ids
         self._max = options.max_tokens if max_new is None else min(options.max_tokens, max_new)
