@@ -11,8 +11,11 @@ thread as the stream's first awaited step, so the event loop goes on meanwhile
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from amlx.errors import ChatTemplateError, ContextLengthError
 
@@ -72,6 +75,12 @@ def check_rendered(text: str) -> None:
         raise ChatTemplateError("the chat template rendered nothing for these messages (an empty prompt)")
 
 
+def is_token_id(value: Any) -> bool:
+    """Whether `value` is a token id by type: any integer (numpy's too, as the options take
+    them; they raised TypeError), not a bool. (The engine checks the range.)"""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def is_messages(prompt: Any) -> bool:
     return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
 
@@ -104,8 +113,8 @@ class PromptEncoder:
             check_rendered(text)
             self.check_text(text)
             return self._tokenizer.encode(text, add_special_tokens=False)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return list(prompt)
+        if isinstance(prompt, (list, tuple)) and all(is_token_id(t) for t in prompt):
+            return [int(t) for t in prompt]
         raise TypeError("prompt must be a string, a list of token ids, or a list of chat messages (dicts)")
 
     def least_tokens(self, text: str) -> int:

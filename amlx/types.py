@@ -104,11 +104,6 @@ class GenerateOptions(TypedDict, total=False):
     regex: Optional[str]
     choice: Optional[Sequence[str]]
     grammar: Optional[str]
-    # structured outputs (at most one; see amlx.constrain)
-    response_format: Optional[Mapping[str, Any]]
-    regex: Optional[str]
-    choice: Optional[Sequence[str]]
-    grammar: Optional[str]
 
 
 class MemoryStats(TypedDict):

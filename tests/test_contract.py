@@ -325,6 +325,23 @@ async def test_token_and_completion_shapes(model):
     assert (await model.complete("The quick brown fox", max_tokens=12)).token_ids == result.token_ids
 
 
+async def test_token_ids_of_numpy_integer_types_are_token_ids(model):
+    """Options take numpy integers (numbers.Integral); prompts and score continuations of
+    token ids take them too, as the same ids (they raised TypeError)."""
+    ids = [5, 6, 7, 8]
+    ref = await model.complete(ids, max_tokens=5)
+    for prompt in ([np.int64(i) for i in ids], tuple(np.int32(i) for i in ids), list(np.array(ids))):
+        assert (await model.complete(prompt, max_tokens=5)).token_ids == ref.token_ids
+        assert [t.id for t in model.generate_sync(prompt, max_tokens=5)] == ref.token_ids
+    assert await model.score([np.int64(i) for i in ids], [[np.int64(9), np.int32(10)]]) == \
+        await model.score(ids, [[9, 10]])
+    with pytest.raises(ValueError):
+        model.generate([np.int64(model.config["vocab_size"])])
+    for bad in ([np.float32(5.0)], [True, 5], [np.bool_(True)]):
+        with pytest.raises(TypeError):
+            model.generate(bad)
+
+
 async def test_eos_ends_the_stream_with_stop(model):
     eos = sorted(model.tokenizer.eos_token_ids)[0]
     toks = [t async for t in model.generate("Hi", max_tokens=5, logit_bias={eos: 100.0})]
