@@ -322,3 +322,56 @@ def test_constrained_text_matches_with_a_strip_decoder(models, options):
     for prompt in ("hi", "a question?", "Q: 1+1="):
         text = model.complete_sync(prompt, **options).text
         assert text in options["choice"] if "choice" in options else re.fullmatch(options["regex"], text), text
+
+
+# ------------------------------------------------------------------------------ chat templates
+
+_CONTENT = st.lists(st.sampled_from(["", " ", "\n", "  x  ", "{{ 1 }}", "{% raw %}", "</think>", "<think>\nr\n</think>\n\nc",
+                                     "é😀", "\\n", "'\"", "<|im_end|>", "<end_of_turn>", "None", "\t", "\u2028", FFFD]),
+                    max_size=4).map("".join)
+_MESSAGE_EXTRAS = st.fixed_dictionaries({}, optional={
+    "reasoning_content": _CONTENT,
+    "tool_calls": st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries({
+        "name": st.sampled_from(["f", "get_weather"]),
+        "arguments": st.one_of(st.dictionaries(st.sampled_from(["a", "b"]), st.one_of(_CONTENT, st.integers(), st.none())),
+                               st.just('{"x": 1}'))})}), max_size=2),
+})
+
+
+@st.composite
+def _conversations(draw):
+    messages = [{"role": "system", "content": draw(_CONTENT)}] if draw(st.booleans()) else []
+    for n in range(draw(st.integers(1, 5))):
+        role = "user" if n % 2 == 0 else "assistant"
+        content = draw(st.one_of(_CONTENT, _CONTENT, st.none(), st.builds(lambda t: [{"type": "text", "text": t}], _CONTENT)))
+        message = {"role": role, "content": content}
+        if role == "assistant":
+            message.update(draw(_MESSAGE_EXTRAS))
+        messages.append(message)
+    if draw(st.booleans()):
+        messages.append({"role": "tool", "content": draw(_CONTENT)})
+    return messages
+
+
+def _rendered(render):
+    try:
+        return render()
+    except Exception:  # (the two raise different types; that both refuse is what counts)
+        return "refused"
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(kind=st.sampled_from(["bpe", "spm"]), messages=_conversations(), tools=st.booleans(),
+       add_generation_prompt=st.booleans(), thinking=st.sampled_from([None, True, False]))
+def test_chat_templates_render_as_transformers(pairs, kind, messages, tools, add_generation_prompt, thinking):
+    """Drawn conversations (template syntax, markup and U+FFFD in contents, None and list
+    contents, tool calls, reasoning, a tool turn) render as transformers renders them, or
+    both refuse."""
+    ours, hf, _ = pairs[kind]
+    schema = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    kwargs = dict(tools=schema if tools else None, add_generation_prompt=add_generation_prompt)
+    if thinking is not None:
+        kwargs["enable_thinking"] = thinking
+    want = _rendered(lambda: hf.apply_chat_template(messages, tokenize=False, **kwargs))
+    got = _rendered(lambda: ours.apply_chat_template(messages, **kwargs))
+    assert got == want
