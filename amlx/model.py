@@ -19,6 +19,7 @@ from amlx.engine.worker import Worker
 from amlx.errors import ClosedError, ContextLengthError
 from amlx.hub import resolve_model
 from amlx.prompt import INLINE_CHARS, PromptEncoder, is_heavy, is_token_id
+from amlx.sample import MAX_TOP_LOGPROBS
 from amlx.toolcalls import detect_format, parse_tool_calls
 from amlx.types import Completion, EngineStats, GenerateOptions, GenerationOptions, Prompt, Token, Usage
 
@@ -249,6 +250,36 @@ class Model:
         else:
             conts = self._continuation_ids(len(ids), items)
         return await self._engine.score(ids, conts)
+
+    async def prompt_logprobs(self, prompt: Prompt, top_logprobs: int = 0) -> list[Token]:
+        """Each token of `prompt` as a `Token`: its id, its text (the pieces join into the
+        prompt's decoded text), and for every token after the first its `logprob` given the
+        tokens before it and, with `top_logprobs=n` (0..20), the n likeliest tokens at that
+        position, best first. The first token has no logprob (nothing comes before it) and
+        every `finish_reason` is None. Log-probabilities are the model's own (log_softmax of
+        the raw logits, float32), as a generated token's are. The prompt is prefilled once,
+        in chunks, on the engine's worker like generation (the server's `echo` uses this)."""
+        if self._engine.closed:
+            raise ClosedError("the model is closed")
+        if not (isinstance(top_logprobs, int) and not isinstance(top_logprobs, bool)
+                and 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
+        if is_heavy(prompt):  # chat messages, long texts: tokenized off the event loop
+            ids = await anyio.to_thread.run_sync(self._prompts.ids, prompt)
+        else:
+            ids = self._prompts.ids(prompt)
+        if not ids:
+            raise ValueError("prompt_logprobs needs a prompt of at least one token")
+        result = await self._engine.prompt_logprobs(ids, top_logprobs)
+        detok = self.tokenizer.detokenizer()
+        pieces = [detok.add(t) for t in ids]
+        pieces[-1] += detok.finalize()
+        tokens = [Token(ids[0], pieces[0])]
+        for k, (t, text) in enumerate(zip(ids[1:], pieces[1:])):
+            top = [(int(i), float(lp)) for i, lp in zip(result.top_ids[k], result.top_logprobs[k])] \
+                if top_logprobs else None
+            tokens.append(Token(t, text, result.logprobs[k], None, top))
+        return tokens
 
     def _continuation_ids(self, prompt_len: int, items: list) -> list[list[int]]:
         """Token ids of `score`'s continuations (strings tokenized on their own, no special

@@ -21,7 +21,7 @@ from amlx.engine.request import Request, RequestStream
 from amlx.sample import RowSampling
 from amlx.engine.scheduler import Scheduler
 from amlx.engine.worker import Worker
-from amlx.engine.score import Scorer
+from amlx.engine.score import PromptLogprobs, Scorer
 from amlx.errors import ClosedError, ContextLengthError
 from amlx.types import GenerationOptions
 
@@ -154,22 +154,39 @@ class Engine:
                                          f"tokens but the context holds {self.max_context}")
         scorer = Scorer(self.model, prompt_ids, continuations, chunk=self.scheduler.prefill_chunk,
                         version=lambda: self._weights_version)
-        try:
-            # a job a step, so that decode rounds run between them and a cancelled caller's
-            # work stops at the next one (amlx/engine/score.py)
-            while not await self.run(lambda: self._score_step(scorer)):
-                pass
-            return scorer.scores
-        finally:
-            if not scorer.done:  # cancelled or failed: the worker frees the prompt's cache (after a
-                self.submit_job(scorer.close)  # step still running: jobs run in order)
+        await self._run_steps(scorer)
+        return scorer.scores
 
-    def _score_step(self, scorer: Scorer) -> bool:
-        """One step of a score call, on the worker: never after the model began closing
+    async def prompt_logprobs(self, prompt_ids: list[int], top_n: int = 0) -> PromptLogprobs:
+        """Each prompt token's log-probability after the tokens before it, and the top_n
+        likeliest tokens at each position (see amlx.engine.score.PromptLogprobs); on the
+        worker, between decode rounds."""
+        if self._closed:
+            raise ClosedError("the model is closed")
+        if self.mirror is not None:
+            raise ValueError("prompt_logprobs does not support tensor_parallel > 1 yet")
+        self.check_prompt(prompt_ids)
+        steps = PromptLogprobs(self.model, prompt_ids, top_n, chunk=self.scheduler.prefill_chunk,
+                               vocab=self.vocab_size, version=lambda: self._weights_version)
+        await self._run_steps(steps)
+        return steps
+
+    async def _run_steps(self, steps: Scorer | PromptLogprobs) -> None:
+        """Runs a stepped call (amlx/engine/score.py) a worker job a step, so that decode rounds
+        run between them and a cancelled caller's work stops at the next one."""
+        try:
+            while not await self.run(lambda: self._one_step(steps)):
+                pass
+        finally:
+            if not steps.done:  # cancelled or failed: the worker frees its cache (after a
+                self.submit_job(steps.close)  # step still running: jobs run in order)
+
+    def _one_step(self, steps: Scorer | PromptLogprobs) -> bool:
+        """One step of a stepped call, on the worker: never after the model began closing
         (its shutdown, queued before this job, has freed the weights)."""
         if self._closed:
             raise ClosedError("the model was closed")
-        return scorer.step()
+        return steps.step()
 
     def abort(self, stream: RequestStream) -> None:
         """Cancels a request: it leaves before the next decode step and its memory is freed."""

@@ -10,6 +10,10 @@ The work is cut into steps (`Scorer.step`: one prefill chunk, or one batch of co
 each a job of its own on the worker, so that the engine's decode rounds run between them: a
 long prompt scored never holds up the streams decoding beside it for more than a chunk, and a
 caller that is cancelled stops the work at the next step instead of at its end.
+
+`PromptLogprobs` (`Model.prompt_logprobs`, the server's `echo`) runs the same way: each prompt
+token's log-probability after the tokens before it, and the most likely alternatives, from
+logits computed at every position of each chunk.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from amlx._mlx import Array, array, ops
 from amlx._mlx import float32 as _float32
 from amlx.cache import KVCache
 from amlx.models.base import CausalLM
+from amlx.sample import token_logprobs
 
-__all__ = ["Scorer", "score_continuations"]
+__all__ = ["PromptLogprobs", "Scorer", "score_continuations"]
 
 # The logits of one scoring batch, rows * length * vocabulary float32 values, stay under this
 # (256 MB); more continuations are scored in several batches that share the prompt's cache.
@@ -35,50 +40,88 @@ LOGITS_BUDGET = 64 * 1024 * 1024
 RESTARTS = 2
 
 
-class Scorer:
-    """One score call as steps run on the worker: `step()` until it returns True, then
-    `scores`; `close()` frees the prompt's cache (any thread's job, at any point).
+class _Steps:
+    """A call run as steps on the worker (`step()` until it returns True), over a cache of its
+    own that `close()` frees (a job queued behind the last step, at any point).
 
     `version` (optional) says which weights the model has: a step that finds them changed
-    since the call began starts the call again, so that no score mixes two sets of weights."""
+    since the call began starts the call again, so that no result mixes two sets of weights;
+    after RESTARTS of those it runs its remaining steps as one job."""
 
-    def __init__(self, model: CausalLM, prompt: Sequence[int], continuations: Sequence[Sequence[int]], *,
-                 chunk: int = 512, budget: int = LOGITS_BUDGET, version: Callable[[], int] | None = None):
-        if not prompt:
-            raise ValueError("score needs a prompt of at least one token")
-        self.model, self.prompt, self.continuations = model, list(prompt), continuations
-        self.chunk, self.budget, self._version = chunk, budget, version
-        self.scores = [0.0] * len(continuations)
+    def __init__(self, model: CausalLM, version: Callable[[], int] | None):
+        self.model, self._version = model, version
         self.steps = 0  # steps run (restarts included)
         self.restarts = 0
-        self._todo = [i for i, c in enumerate(continuations) if len(c)]
-        self.done = not self._todo  # every score known
-        self._reset()
+        self.done = False
+        self._cache: list[KVCache] | None = None
+        self._weights = None
 
     def _reset(self) -> None:
-        self._cache: list[KVCache] | None = None
-        self._filled = 0  # prompt tokens in the cache
-        self._first: Array | None = None  # log-probabilities of the token after the prompt
-        self._groups: list[list[int]] | None = None
+        """Forgets the work so far (the cache is freed by `close`)."""
         self._weights = self._version() if self._version is not None else None
 
     def step(self) -> bool:
-        """Runs one step (MLX: on the worker thread); True once every score is known."""
+        """Runs one step (MLX: on the worker thread); True once the call's result is known."""
         if self.done:
             return True
         if self._version is not None and self._version() != self._weights:
             self.close()
             self.restarts += 1
             if self.restarts > RESTARTS:
-                while not self._one_step():
+                while not self._counted_step():
                     pass
                 return True
-        return self._one_step()
+        return self._counted_step()
 
-    def _one_step(self) -> bool:
+    def _counted_step(self) -> bool:
         self.steps += 1
         if self._cache is None:
             self._cache = self.model.make_cache()
+        return self._step()
+
+    def _step(self) -> bool:
+        raise NotImplementedError
+
+    def _finish(self) -> bool:
+        self.done = True
+        self._free()
+        return True
+
+    def _free(self) -> None:
+        cache, self._cache = self._cache, None
+        for c in cache or ():
+            c.close()
+
+    def close(self) -> None:
+        """Frees the cache (idempotent); unless the call is done, its work so far is
+        forgotten, and a step after this starts it again."""
+        self._free()
+        if not self.done:
+            self._reset()
+
+
+class Scorer(_Steps):
+    """One score call: `step()` until it returns True, then `scores`."""
+
+    def __init__(self, model: CausalLM, prompt: Sequence[int], continuations: Sequence[Sequence[int]], *,
+                 chunk: int = 512, budget: int = LOGITS_BUDGET, version: Callable[[], int] | None = None):
+        if not prompt:
+            raise ValueError("score needs a prompt of at least one token")
+        super().__init__(model, version)
+        self.prompt, self.continuations = list(prompt), continuations
+        self.chunk, self.budget = chunk, budget
+        self.scores = [0.0] * len(continuations)
+        self._todo = [i for i, c in enumerate(continuations) if len(c)]
+        self.done = not self._todo  # every score known
+        self._reset()
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._filled = 0  # prompt tokens in the cache
+        self._first: Array | None = None  # log-probabilities of the token after the prompt
+        self._groups: list[list[int]] | None = None
+
+    def _step(self) -> bool:
         if self._first is None:
             self._prefill_chunk()
             return False
@@ -89,10 +132,7 @@ class Scorer:
                               [list(self.continuations[i]) for i in group])
         for i, v in zip(group, values):
             self.scores[i] = float(v)
-        if not self._groups:
-            self.done = True
-            self.close()
-        return self.done
+        return self._finish() if not self._groups else False
 
     def _prefill_chunk(self) -> None:
         """Writes the prompt's next chunk into the cache; after its last, `_first`."""
@@ -109,12 +149,49 @@ class Scorer:
         self._first = ops.subtract(logits, ops.logsumexp(logits, axis=-1, keepdims=True))
         ops.eval(self._first, *[a for c in self._cache for a in c.state()])
 
-    def close(self) -> None:
-        """Frees the prompt's cache (idempotent); a step after it starts the prompt again."""
-        cache = self._cache
+
+class PromptLogprobs(_Steps):
+    """Each token of a prompt after the first: its log-probability given the tokens before it
+    and the `top_n` likeliest tokens there (ids, log-probabilities, best first), under the
+    model's distribution (log_softmax of the raw logits, float32, as a generated token's
+    `logprob`). A step prefills one chunk, with logits at each of its positions (at most
+    `budget` logits a step). `step()` until it returns True, then `logprobs`, `top_ids`,
+    `top_logprobs` (one entry per prompt token after the first)."""
+
+    def __init__(self, model: CausalLM, prompt: Sequence[int], top_n: int = 0, *, chunk: int = 512,
+                 budget: int = LOGITS_BUDGET, vocab: int, version: Callable[[], int] | None = None):
+        if not prompt:
+            raise ValueError("prompt_logprobs needs a prompt of at least one token")
+        super().__init__(model, version)
+        self.prompt, self.top_n = list(prompt), top_n
+        self.chunk = max(1, min(chunk, budget // max(vocab, 1)))
+        self.done = len(self.prompt) == 1  # (nothing before the only token)
         self._reset()
-        for c in cache or ():
-            c.close()
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._filled = 0
+        self.logprobs: list[float] = []
+        self.top_ids: list[list[int]] = []
+        self.top_logprobs: list[list[float]] = []
+
+    def _step(self) -> bool:
+        start, n = self._filled, len(self.prompt)
+        part = self.prompt[start:start + self.chunk]
+        self._filled += len(part)
+        logits = self.model(array(np.asarray([part], dtype=np.int32)), self._cache, start)
+        # position i's logits are the distribution of token i + 1; the prompt's last position
+        # predicts what follows it, no prompt token
+        scored = min(len(part), n - 1 - start)
+        raw = ops.astype(ops.reshape(logits, (len(part), -1))[:scored], _float32)
+        targets = array(np.asarray(self.prompt[start + 1:start + 1 + scored], dtype=np.int32))
+        lp, ids, tops = token_logprobs(raw, targets, self.top_n)
+        ops.eval(lp, *([] if ids is None else [ids, tops]), *[a for c in self._cache for a in c.state()])
+        self.logprobs += [float(v) for v in lp.numpy()]
+        if ids is not None:
+            self.top_ids += ids.numpy().tolist()
+            self.top_logprobs += tops.numpy().tolist()
+        return self._finish() if self._filled >= n - 1 else False
 
 
 def score_continuations(model: CausalLM, prompt: Sequence[int], continuations: Sequence[Sequence[int]], *,

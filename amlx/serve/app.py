@@ -75,8 +75,10 @@ class Server:
                            param="model", code="model_not_found")
 
     async def answer(self, request: Request, req: ChatRequest | CompletionRequest, shape: Any,
-                     prompt_ids: list[list[int]], tool_format: str | None, arrived: float) -> Response:
-        """Starts the generations and answers: SSE, or one JSON body once all are done."""
+                     prompt_ids: list[list[int]], tool_format: str | None, arrived: float,
+                     echo_texts: list[str] | None = None) -> Response:
+        """Starts the generations and answers: SSE, or one JSON body once all are done.
+        `echo_texts`: the prompts' texts, shown before their choices (/v1/completions `echo`)."""
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options",
                            code="invalid_value")
@@ -93,7 +95,10 @@ class Server:
                                   vocab=self.model.tokenizer.vocab_size)
         gen = Generation(self.model, self.metrics, self.admission, tool_format=tool_format,
                          want_logprobs=bool(opts.get("logprobs")), keepalive=self.settings.keepalive, arrived=arrived)
-        gen.start(prompt_ids, opts, req.n)
+        echo = None
+        if echo_texts is not None:  # (with logprobs, the prompts' own logprobs first: a prefill each)
+            echo = await gen.echo(prompt_ids, echo_texts, opts.get("top_logprobs", 0) if opts.get("logprobs") else None)
+        gen.start(prompt_ids, opts, req.n, echo)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStreamResponse(sse_body(gen, shape, include_usage), on_close=gen.close)
@@ -124,7 +129,9 @@ def _routes(server: Server) -> APIRouter:
         check_completion_fields(req)
         ids = await anyio.to_thread.run_sync(prompts.completion_prompts, server.model.tokenizer, req,
                                              server.prompts.check_text)
-        return await server.answer(request, req, CompletionShape(server.settings.model_name), ids, None, arrived)
+        texts = prompts.completion_texts(server.model.tokenizer, req, ids) if req.echo else None
+        return await server.answer(request, req, CompletionShape(server.settings.model_name), ids, None, arrived,
+                                   texts)
 
     def model_card() -> dict[str, Any]:
         info = server.model.info

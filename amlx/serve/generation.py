@@ -48,7 +48,7 @@ def _finite(logprob: float) -> float:
 class LogprobEntry:
     token_id: int
     text: str
-    logprob: float
+    logprob: float | None  # None: an echoed prompt's first token (nothing before it)
     top: list[tuple[int, str, float]]  # (id, text, logprob), best first
     bytes: list[int] = field(default_factory=list)  # the token's own UTF-8 bytes (see TokenBytes)
     top_bytes: list[list[int]] = field(default_factory=list)  # those of each of `top`
@@ -110,11 +110,20 @@ class Piece:
 
 
 @dataclass
+class Echo:
+    """An echoed prompt (/v1/completions `echo`): its text, and with logprobs an entry per token."""
+
+    text: str
+    logprobs: list[LogprobEntry] = field(default_factory=list)
+
+
+@dataclass
 class Choice:
     index: int
     stream: Any  # amlx.TokenStream
     prompt_tokens: int
     parser: ToolCallParser
+    echo: Echo | None = None
     content: list[str] = field(default_factory=list)
     calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[LogprobEntry] = field(default_factory=list)
@@ -161,17 +170,37 @@ class Generation:
         self.n = 1  # choices per prompt
         self._pending: dict[asyncio.Future, Choice] = {}  # a read in flight per waiting choice
 
-    def start(self, prompts: list[list[int]], options: dict[str, Any], n: int) -> None:
+    async def echo(self, prompts: list[list[int]], texts: list[str], top_n: int | None) -> list[Echo]:
+        """Each prompt echoed: its text, and where `top_n` is not None (logprobs asked) an entry
+        per token, its log-probability after the tokens before it and the top_n likeliest there
+        (`Model.prompt_logprobs`; the first token's logprob is None, as OpenAI's)."""
+        out = []
+        for ids, text in zip(prompts, texts):
+            echo = Echo(text)
+            if top_n is not None:
+                try:
+                    toks = await self._model.prompt_logprobs(ids, top_logprobs=top_n)
+                except Exception as exc:
+                    raise from_engine(exc) from exc
+                decode = self._model.tokenizer.decode
+                first = decode([toks[0].id])
+                echo.logprobs.append(LogprobEntry(toks[0].id, first, None, [], self._token_bytes(toks[0].id, first)))
+                echo.logprobs += [self._entry(tok, tok.logprob) for tok in toks[1:]]
+            out.append(echo)
+        return out
+
+    def start(self, prompts: list[list[int]], options: dict[str, Any], n: int, echo: list[Echo] | None = None) -> None:
         """Submits n generations per prompt (choice p*n + j: prompt p, seed + j); raises APIError
-        with nothing left running."""
+        with nothing left running. `echo`: each prompt's (see `echo`), shown before its choices."""
         self.n = n
         self._admission.acquire(len(prompts) * n)
         self._admitted = len(prompts) * n
         try:
-            for ids in prompts:
+            for p, ids in enumerate(prompts):
                 for opts in choice_options(options, n):
                     stream = self._model.generate(ids, **opts)
-                    self.choices.append(Choice(len(self.choices), stream, len(ids), ToolCallParser(self._tool_format)))
+                    self.choices.append(Choice(len(self.choices), stream, len(ids), ToolCallParser(self._tool_format),
+                                               None if echo is None else echo[p]))
         except Exception as exc:
             self.close()
             raise from_engine(exc) from exc

@@ -10,6 +10,8 @@
     response_format json_object / json_schema -> response_format (type "text" is the default)
     regex, choice, grammar (amlx extensions) -> the same names
     n                                  -> n concurrent generations, seeds seed, seed+1, ...
+    echo (completions)                 -> the prompt before each choice's text, and with logprobs
+                                          its tokens' log-probabilities first (Model.prompt_logprobs)
 
 Options whose value is the neutral one are not passed, so a client that always sends
 `presence_penalty: 0` works on any engine; a non-neutral value the engine lacks gets a
@@ -100,8 +102,6 @@ def choice_options(opts: dict[str, Any], n: int) -> list[dict[str, Any]]:
 
 
 def check_completion_fields(req: CompletionRequest) -> None:
-    if req.echo:
-        raise APIError(400, "echo is not supported", param="echo", code="unsupported_parameter")
     if req.suffix:
         raise APIError(400, "suffix (insertion) is not supported", param="suffix", code="unsupported_parameter")
     if req.best_of is not None and req.best_of != req.n:

@@ -113,3 +113,11 @@ def completion_prompts(tokenizer, req: CompletionRequest, check_text: Callable[[
             raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
         out.append(ids)
     return out
+
+
+def completion_texts(tokenizer, req: CompletionRequest, ids: list[list[int]]) -> list[str]:
+    """The text of each prompt of a completions request, for `echo`: a text prompt as sent,
+    a token-id prompt decoded."""
+    prompt = req.prompt
+    many = [prompt] if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt) else prompt
+    return [p if isinstance(p, str) else tokenizer.decode(list(p)) for p, _ in zip(many, ids)]

@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any
 
-from amlx.serve.generation import Choice, Generation, LogprobEntry, Piece
+from amlx.serve.generation import Choice, Echo, Generation, LogprobEntry, Piece
 
 
 # Response ids: a random per-process prefix and a counter (os.urandom per request is slow on some hosts).
@@ -122,15 +122,22 @@ class CompletionShape(_Shape):
                 "top_logprobs": [self._top(e) for e in entries], "text_offset": offsets}
 
     @staticmethod
-    def _top(e: LogprobEntry) -> dict[str, float]:
+    def _top(e: LogprobEntry) -> dict[str, float] | None:
         """OpenAI's legacy API "will always return the logprob of the sampled token, so there may
-        be up to logprobs+1 elements" in each top_logprobs entry (logprobs 0 gives just it)."""
+        be up to logprobs+1 elements" in each top_logprobs entry (logprobs 0 gives just it). An
+        echoed prompt's first token has none (null), as its logprob is null."""
+        if e.logprob is None:
+            return None
         top = {t: lp for _, t, lp in e.top}
         top.setdefault(e.text, e.logprob)
         return top
 
     def first_chunks(self, gen: Generation) -> list[dict[str, Any]]:
-        return []
+        """With `echo`, each choice opens with its prompt (and the prompt's logprobs)."""
+        return [self._envelope(self.chunk_object, [{
+            "index": c.index, "text": c.echo.text,
+            "logprobs": self._logprobs(c.index, c.echo.logprobs) if c.echo.logprobs else None,
+            "finish_reason": None}]) for c in gen.choices if c.echo is not None]
 
     def chunk(self, piece: Piece, choice: Choice) -> dict[str, Any]:
         logprobs = self._logprobs(piece.index, piece.logprobs) if piece.logprobs else None
@@ -138,7 +145,9 @@ class CompletionShape(_Shape):
                                                    "finish_reason": piece.finish_reason}])
 
     def whole(self, gen: Generation, want_logprobs: bool) -> dict[str, Any]:
-        choices = [{"index": c.index, "text": "".join(c.content), "finish_reason": c.finish_reason,
-                    "logprobs": self._logprobs(c.index, c.logprobs) if want_logprobs else None}
-                   for c in gen.choices]
+        choices = []
+        for c in gen.choices:
+            echo = c.echo or Echo("")
+            choices.append({"index": c.index, "text": echo.text + "".join(c.content), "finish_reason": c.finish_reason,
+                            "logprobs": self._logprobs(c.index, echo.logprobs + c.logprobs) if want_logprobs else None})
         return self._envelope(self.object_name, choices, usage=usage(gen))
