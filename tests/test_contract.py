@@ -937,3 +937,30 @@ async def test_serve_full_queue_is_429_and_a_gone_client_frees_its_slot(server):
     assert cancelled() - before == 2
     r = await client.chat.completions.create(model="demo", messages=CHAT, max_tokens=2)
     assert r.usage.completion_tokens <= 2
+
+
+def test_no_code_from_a_checkpoint_runs(ckpt, tmp_path):
+    """"Never execute code from a checkpoint; render chat templates in a sandboxed Jinja
+    environment": auto_map modules are never imported, and a template that reaches for
+    Python internals fails with ChatTemplateError (a ValueError) instead of running."""
+    path = tmp_path / "evil"
+    shutil.copytree(ckpt, path)
+    marker = tmp_path / "ran"
+    for module in ("modeling_evil.py", "tokenization_evil.py", "configuration_evil.py"):
+        (path / module).write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_evil.C", "AutoModelForCausalLM": "modeling_evil.M"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
+    tok_cfg["auto_map"] = {"AutoTokenizer": ["tokenization_evil.T", None]}
+    for template in ("{{ ''.__class__.__mro__[1].__subclasses__() }}",
+                     "{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}",
+                     "{% for x in range(10**9) %}{{ x }}{% endfor %}"):
+        tok_cfg["chat_template"] = template
+        (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+        with amlx.load_sync(path) as m:
+            with pytest.raises(amlx.ChatTemplateError):
+                m.complete_sync(CHAT, max_tokens=2)
+            assert issubclass(amlx.ChatTemplateError, ValueError)
+            assert len(m.complete_sync("plain text still works", max_tokens=2).token_ids) == 2
+    assert not marker.exists()
