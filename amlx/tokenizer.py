@@ -642,6 +642,9 @@ class StreamingDetokenizer:
     Only a short window of recent ids is decoded per token: a few ids of already emitted
     context (so that decoders which treat the first token specially, like SentencePiece's
     leading-space rules, behave as inside the full sequence) plus the ids not yet emitted.
+    A held trailing U+FFFD keeps only the ids that may hold an incomplete character's bytes,
+    and an open byte-fallback run is decoded once it ends (or can no longer be valid UTF-8),
+    so no reply, mojibake included, costs more than a few short decodes per token.
 
     `finalize()` flushes; further `add()` calls continue the same sequence. The
     transformers-style `clean_up_tokenization_spaces` (honoured by `decode` only for non-BPE
