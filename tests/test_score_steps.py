@@ -56,6 +56,13 @@ def recorded(monkeypatch):
     Recorded.engine = Recorded.hook = None
 
 
+def _watch(model, recorded, chunk: int):
+    """The model's engine, its score calls recorded, its prompts prefilled `chunk` tokens a step."""
+    recorded.engine = model.engine
+    model.engine.scheduler.prefill_chunk = chunk
+    return model.engine
+
+
 def _prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(3, vocab, size=n).tolist()
 
@@ -63,9 +70,7 @@ def _prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
 def test_streams_decode_between_a_score_calls_steps(ckpt, recorded):
     async def body():
         async with await amlx.load(ckpt) as model:
-            engine = model.engine
-            recorded.engine = engine
-            engine.scheduler.prefill_chunk = 8  # a 96-token prompt: 12 prefill steps
+            engine = _watch(model, recorded, 8)  # a 96-token prompt: 12 prefill steps
             vocab = engine.vocab_size
             expected = await model.score(_prompt(96, vocab), [[5, 6, 7], [9]])
             first = recorded.made.pop()
@@ -95,9 +100,7 @@ def test_streams_decode_between_a_score_calls_steps(ckpt, recorded):
 def test_a_cancelled_score_call_stops_at_its_next_step_and_frees_its_cache(ckpt, recorded):
     async def body():
         async with await amlx.load(ckpt) as model:
-            engine = model.engine
-            recorded.engine = engine
-            engine.scheduler.prefill_chunk = 4  # 50 prefill steps
+            engine = _watch(model, recorded, 4)  # 50 prefill steps
             vocab = engine.vocab_size
             await model.score(_prompt(20, vocab), [[1, 2]])  # warm: MLX's first-use memory
             await engine.run(gc.collect)
@@ -125,9 +128,7 @@ def test_a_cancelled_score_call_stops_at_its_next_step_and_frees_its_cache(ckpt,
 def test_closing_the_model_stops_a_score_call_with_closed_error(ckpt, recorded):
     async def body():
         model = await amlx.load(ckpt)
-        engine = model.engine
-        recorded.engine = engine
-        engine.scheduler.prefill_chunk = 4
+        engine = _watch(model, recorded, 4)
         vocab = engine.vocab_size
         outcome: list[BaseException] = []
 
@@ -151,9 +152,7 @@ def test_closing_the_model_stops_a_score_call_with_closed_error(ckpt, recorded):
 def test_weights_changed_under_a_score_call_start_it_again(ckpt, recorded):
     async def body():
         async with await amlx.load(ckpt) as model:
-            engine = model.engine
-            recorded.engine = engine
-            engine.scheduler.prefill_chunk = 8
+            engine = _watch(model, recorded, 8)
             vocab = engine.vocab_size
             prompt, conts = _prompt(64, vocab), [[5, 6, 7], [9], [11, 12]]
             before = await model.score(prompt, conts)
