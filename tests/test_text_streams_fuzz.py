@@ -135,7 +135,7 @@ def _assert_streams_as_transformers(kind, ours, hf, ids, skip) -> None:
         assert all(FFFD not in p for p in pieces)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(kind=st.sampled_from(KINDS), skip=st.booleans(), data=st.data())
 def test_stream_joins_to_transformers_decode(pairs, kind, skip, data):
     ours, hf, hard = pairs[kind]
@@ -144,7 +144,7 @@ def test_stream_joins_to_transformers_decode(pairs, kind, skip, data):
     _assert_streams_as_transformers(kind, ours, hf, ids, skip)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(kind=st.sampled_from(KINDS), skip=st.booleans(),
        text=st.lists(st.sampled_from([*"ab ▁\n\té€😀日", FFFD, "\u0301", "\U0001d518", "<bos>", "<eos>",
                                       "<|im_end|>", "<think>", "  "]), max_size=30).map("".join))
@@ -200,7 +200,7 @@ def _reading(hf, ids: list[int]) -> str:
     return hf.decode([a, *ids])[1:]
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(kind=st.sampled_from(KINDS), data=st.data())
 def test_a_continuing_stream_keeps_the_first_space(pairs, kind, data):
     """`detokenizer(continuing=True)` (what a constrained reply uses) reads the ids as text that
@@ -263,7 +263,7 @@ def _offline(tok: Tokenizer, ids: list[int], forced: str, stop: list[str], max_t
     return out
 
 
-@settings(max_examples=48, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(which=st.sampled_from(["qwen3", "gemma3_text", "llama2", "qwen3+lookup"]),
        forced=st.lists(st.sampled_from(ALPHABET), min_size=1, max_size=10).map("".join),
        data=st.data(), max_tokens=st.integers(1, 40), logprobs=st.booleans())
@@ -360,7 +360,7 @@ def _rendered(render):
         return "refused"
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(kind=st.sampled_from(["bpe", "spm"]), messages=_conversations(), tools=st.booleans(),
        add_generation_prompt=st.booleans(), thinking=st.sampled_from([None, True, False]))
 def test_chat_templates_render_as_transformers(pairs, kind, messages, tools, add_generation_prompt, thinking):
