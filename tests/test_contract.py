@@ -211,10 +211,19 @@ def test_valid_generation_options_are_accepted(model, kwargs, constraint):
     if constraint is not None:
         kwargs[constraint] = CONSTRAINTS[constraint]
     kwargs.setdefault("max_tokens", 6)
+    if kwargs.get("seed") is None:
+        kwargs["seed"] = 5  # (so that the stream and the Completion below are the same request)
     toks = list(model.generate_sync("Hello there", **kwargs))
-    assert 1 <= len(toks) <= kwargs.get("max_tokens", 256)
+    assert 1 <= len(toks) <= kwargs["max_tokens"]
     assert toks[-1].finish_reason in ("stop", "length")
     assert all(t.finish_reason is None for t in toks[:-1])
+    if toks[-1].finish_reason == "length":
+        assert len(toks) == kwargs["max_tokens"]
+    text = "".join(t.text for t in toks)
+    assert not any(s in text for s in kwargs.get("stop", ()))
+    result = model.complete_sync("Hello there", **kwargs)
+    assert result.token_ids == [t.id for t in toks] and result.text == text
+    assert result.finish_reason == toks[-1].finish_reason and result.usage.completion_tokens == len(toks)
     n = kwargs.get("top_logprobs", 0)
     for t in toks:
         if n:
@@ -227,7 +236,6 @@ def test_valid_generation_options_are_accepted(model, kwargs, constraint):
         if kwargs.get("logprobs") or n:
             assert isinstance(t.logprob, float) and t.logprob <= 0.0
     if constraint == "choice":
-        text = "".join(t.text for t in toks)
         # the whole choice, unless max_tokens or one of the request's stop strings cut it short
         if toks[-1].finish_reason == "stop" and not kwargs.get("stop"):
             assert text in CONSTRAINTS["choice"]
