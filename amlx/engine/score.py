@@ -34,6 +34,10 @@ __all__ = ["PromptLogprobs", "Scorer", "score_continuations"]
 # The logits of one scoring batch, rows * length * vocabulary float32 values, stay under this
 # (256 MB); more continuations are scored in several batches that share the prompt's cache.
 LOGITS_BUDGET = 64 * 1024 * 1024
+# Each row of a scoring batch holds a copy of the prompt's cache: a batch's copies stay under this
+# (bytes; at least one row). Without it 400 two-token continuations after a 2,000-token prompt took
+# 400 copies at once: 90 GB at Qwen3-0.6B's 229 MB a copy.
+COPIES_BUDGET = 1 << 30
 # Times a score call starts again because the weights changed under it (an adapter trained a
 # step between two of its steps) before it runs its remaining steps as one job, where they
 # cannot change: the scores are then all of one set of weights, and the call ends.
@@ -104,12 +108,13 @@ class Scorer(_Steps):
     """One score call: `step()` until it returns True, then `scores`."""
 
     def __init__(self, model: CausalLM, prompt: Sequence[int], continuations: Sequence[Sequence[int]], *,
-                 chunk: int = 512, budget: int = LOGITS_BUDGET, version: Callable[[], int] | None = None):
+                 chunk: int = 512, budget: int = LOGITS_BUDGET, copies_budget: int = COPIES_BUDGET,
+                 version: Callable[[], int] | None = None):
         if not prompt:
             raise ValueError("score needs a prompt of at least one token")
         super().__init__(model, version)
         self.prompt, self.continuations = list(prompt), continuations
-        self.chunk, self.budget = chunk, budget
+        self.chunk, self.budget, self.copies_budget = chunk, budget, copies_budget
         self.scores = [0.0] * len(continuations)
         self._todo = [i for i, c in enumerate(continuations) if len(c)]
         self.done = not self._todo  # every score known
@@ -126,7 +131,9 @@ class Scorer(_Steps):
             self._prefill_chunk()
             return False
         if self._groups is None:
-            self._groups = _groups(self._todo, self.continuations, self._first.shape[-1], self.budget)
+            row_bytes = sum(a.nbytes for c in self._cache for a in c.state())
+            self._groups = _groups(self._todo, self.continuations, self._first.shape[-1], self.budget, row_bytes,
+                                   self.copies_budget)
         group = self._groups.pop(0)
         values = _score_group(self.model, self._cache, len(self.prompt), self._first,
                               [list(self.continuations[i]) for i in group])
@@ -195,12 +202,13 @@ class PromptLogprobs(_Steps):
 
 
 def score_continuations(model: CausalLM, prompt: Sequence[int], continuations: Sequence[Sequence[int]], *,
-                        chunk: int = 512, budget: int = LOGITS_BUDGET) -> list[float]:
+                        chunk: int = 512, budget: int = LOGITS_BUDGET, copies_budget: int = COPIES_BUDGET
+                        ) -> list[float]:
     """Sum over each continuation's tokens of log p(token | prompt, earlier tokens), float32.
 
     `model` is a CausalLM; `prompt` holds at least one id; an empty continuation scores 0.0.
     Runs MLX: call it on the engine's worker thread (all steps at once)."""
-    scorer = Scorer(model, prompt, continuations, chunk=chunk, budget=budget)
+    scorer = Scorer(model, prompt, continuations, chunk=chunk, budget=budget, copies_budget=copies_budget)
     try:
         while not scorer.step():
             pass
@@ -209,13 +217,21 @@ def score_continuations(model: CausalLM, prompt: Sequence[int], continuations: S
         scorer.close()
 
 
-def _groups(todo: list[int], continuations: Sequence[Sequence[int]], vocab: int, budget: int) -> list[list[int]]:
-    """Batches of continuation indices whose padded logits fit `budget` values (at least one each).
-    Shortest first, so each batch pads to its last (longest) member."""
+def _groups(todo: list[int], continuations: Sequence[Sequence[int]], vocab: int, budget: int,
+            row_bytes: int = 0, copies_budget: int = COPIES_BUDGET) -> list[list[int]]:
+    """Batches of continuation indices, shortest first (so each batch pads to its last, longest
+    member). Continuations of one token need only the prompt's last logits: they form batches of
+    their own, which run no forward. In the others, each row is a copy of the prompt's cache
+    (`row_bytes`) and its padded logits: at most `copies_budget` bytes of copies and `budget`
+    logits a batch (at least one row)."""
+    rows_cap = max(1, copies_budget // row_bytes) if row_bytes else len(todo) + 1
     groups: list[list[int]] = [[]]
     for i in sorted(todo, key=lambda i: len(continuations[i])):
         width = max(len(continuations[i]) - 1, 1)
-        if groups[-1] and (len(groups[-1]) + 1) * width * vocab > budget:
+        group = groups[-1]
+        single = len(continuations[i]) == 1
+        if group and not single and (len(continuations[group[-1]]) == 1 or len(group) + 1 > rows_cap
+                                     or (len(group) + 1) * width * vocab > budget):
             groups.append([])
         groups[-1].append(i)
     return groups
