@@ -398,6 +398,11 @@ async def test_chat_messages_are_rendered_with_the_chat_template(model):
     text = model.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tools=None)
     assert isinstance(text, str) and text.endswith("<|im_start|>assistant\n")
     assert model.tokenizer.apply_chat_template(CHAT) == text  # add_generation_prompt=True by default
+    plain = model.tokenizer.apply_chat_template(CHAT, add_generation_prompt=False)
+    assert text.startswith(plain) and len(plain) < len(text)
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "The weather",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    assert "get_weather" in model.tokenizer.apply_chat_template(CHAT, tools=[tool]) and "get_weather" not in text
     ids = model.tokenizer.encode(text)
     assert model.tokenizer.decode(ids) == text
     chat = await model.complete(CHAT, max_tokens=10)
@@ -435,6 +440,18 @@ async def test_score_is_the_log_probability_of_each_continuation(model, ckpt):
         assert got == pytest.approx(sum(logp[k, t] for k, t in enumerate(ids)), abs=2e-3)
     with pytest.raises(ValueError):
         await model.score(prompt, [[model.config["vocab_size"]]])  # token ids inside the vocabulary
+
+
+async def test_usage_cached_tokens_counts_the_prefix_cache(model):
+    """`result.usage.cached_tokens`: prompt tokens served from the prefix cache (on by
+    default); the result is the same as without it."""
+    prompt = [(13 * i) % 300 + 1 for i in range(70)]
+    first = await model.complete(prompt, max_tokens=8)
+    again = await model.complete(prompt, max_tokens=8)
+    longer = await model.complete(prompt + first.token_ids + [5, 6, 7], max_tokens=8)
+    assert 0 < again.usage.cached_tokens < len(prompt) and again.token_ids == first.token_ids
+    assert again.usage.prompt_tokens == len(prompt)
+    assert longer.usage.cached_tokens >= again.usage.cached_tokens
 
 
 # -- info, stats, memory ------------------------------------------------------------------
