@@ -202,6 +202,12 @@ class Generation:
                     self.choices.append(Choice(len(self.choices), stream, len(ids), ToolCallParser(self._tool_format),
                                                None if echo is None else echo[p]))
         except Exception as exc:
+            # The choices already submitted end with the request's error: close them, but not
+            # through close(), which counts an unfinished choice as cancelled by a client that
+            # went away (a completions request whose later prompt is over the context did).
+            for choice in self.choices:
+                choice.stream.close()
+                choice.finish_reason = "error"
             self.close()
             raise from_engine(exc) from exc
         self.prompt_tokens = sum(len(ids) for ids in prompts)  # n choices of one prompt count it once (OpenAI)
