@@ -74,7 +74,7 @@ def test_streams_decode_between_a_score_calls_steps(ckpt, recorded):
             vocab = engine.vocab_size
             expected = await model.score(_prompt(96, vocab), [[5, 6, 7], [9]])
             first = recorded.made.pop()
-            assert first.steps == 13  # 12 chunks, then one batch of continuations
+            assert first.steps == 14  # 12 chunks, then a batch of one-token continuations and one of longer ones
             stream = model.generate(_prompt(8, vocab, 1), max_tokens=400, max_buffer=1000)
             got: list[int] = []
             with anyio.fail_after(GUARD):
