@@ -61,11 +61,11 @@ def _write_llama_style(path: Path, kind: str) -> None:
         backend.pre_tokenizer = None
         backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                              decoders.Strip(" ", 1, 0)])
-    else:  # a Metaspace decoder: the first piece's leading "▁" is dropped, per piece
+    else:  # a Metaspace decoder: "▁" to " " per piece, the first piece's leading one dropped
         backend.normalizer = None
         backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-        backend.decoder = decoders.Sequence([decoders.ByteFallback(),
-                                             decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)])
+        backend.decoder = decoders.Sequence([decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False),
+                                             decoders.ByteFallback(), decoders.Fuse()])
     path.mkdir(parents=True, exist_ok=True)
     (path / "tokenizer.json").write_text(backend.to_str(), encoding="utf-8")
     config = {k: v for k, v in config.items() if k != "chat_template"}
@@ -226,14 +226,16 @@ ALPHABET = ["a", "b", " ", "é", "☕", "😀", "日", FFFD, "λ", "\n", "ab", "
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Greedy random models: Qwen 3 (byte-level BPE), Gemma 3 (byte fallback), Llama with the
-    Llama-2-style tokenizer (Strip decoder), and Qwen 3 drafting by prompt lookup."""
+    Llama-2-style tokenizer (Strip decoder) and with a Metaspace decoder, and Qwen 3 drafting
+    by prompt lookup."""
     root = tmp_path_factory.mktemp("streams_e2e")
     out = {}
     try:
-        for name, arch in (("qwen3", "qwen3"), ("gemma3_text", "gemma3_text"), ("llama2", "llama")):
+        for name, arch in (("qwen3", "qwen3"), ("gemma3_text", "gemma3_text"), ("llama2", "llama"),
+                           ("metaspace", "llama")):
             path = make_checkpoint(root / name, arch, seed=3, tokenizer="spm" if arch != "qwen3" else "bpe")
-            if name == "llama2":
-                _write_llama_style(path, "llama2")  # (the same vocabulary as the "spm" one)
+            if arch == "llama":
+                _write_llama_style(path, name)  # (the same vocabulary as the "spm" one)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 hf = AutoTokenizer.from_pretrained(path)
@@ -264,7 +266,7 @@ def _offline(tok: Tokenizer, ids: list[int], forced: str, stop: list[str], max_t
 
 
 @settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(which=st.sampled_from(["qwen3", "gemma3_text", "llama2", "qwen3+lookup"]),
+@given(which=st.sampled_from(["qwen3", "gemma3_text", "llama2", "metaspace", "qwen3+lookup"]),
        forced=st.lists(st.sampled_from(ALPHABET), min_size=1, max_size=10).map("".join),
        data=st.data(), max_tokens=st.integers(1, 40), logprobs=st.booleans())
 def test_forced_text_streams_stops_and_completes(models, which, forced, data, max_tokens, logprobs):
@@ -299,7 +301,7 @@ def test_forced_text_streams_stops_and_completes(models, which, forced, data, ma
 def test_hard_replies_stream_whole(models):
     """Fixed replies: mojibake, a character split over many pieces, a stop inside it."""
     rng = random.Random(0)
-    for which in ("qwen3", "gemma3_text", "llama2"):
+    for which in ("qwen3", "gemma3_text", "llama2", "metaspace"):
         model, hf = models[which]
         for forced, stop, want in [(FFFD * 12 + "ok", [], FFFD * 12 + "ok"), ("a😀b", ["😀"], "a"),
                                    ("日本😀😀x", ["😀x", "本😀"], "日"), ("ab" * 5, ["bab", "ababx"], "a"),
@@ -311,14 +313,17 @@ def test_hard_replies_stream_whole(models):
                 assert want == _reading(hf, [t.id for t in tokens])
 
 
+@pytest.mark.parametrize("which", ["llama2", "metaspace"])
 @pytest.mark.parametrize("options", [dict(choice=[" yes", " no"]), dict(choice=["  x"]), dict(regex=" [0-9]{3}"),
-                                     dict(choice=["yes", "no"])])
-def test_constrained_text_matches_with_a_strip_decoder(models, options):
+                                     dict(choice=["yes", "no"]), dict(choice=["a b c"]), dict(regex="[a-z]+( [a-z]+)+")])
+def test_constrained_text_matches_with_a_strip_or_metaspace_decoder(models, which, options):
     """Llama 2 / Mistral tokenizers drop the leading space of a text's first piece when they
     decode it. A constraint reads "▁yes" as " yes", so choice=[" yes", " no"] let the model
     start with "▁y", and the reply was decoded to "yes": text its constraint does not match.
-    A constrained reply is now read as the constraint reads it."""
-    model, _ = models["llama2"]
+    A constrained reply is now read as the constraint reads it. Under a Metaspace decoder
+    llguidance read "▁y" as the bytes of "▁y", so any constraint with a space failed the
+    request (or panicked in llguidance); it now gets the decoder as a Replace of "▁"."""
+    model, _ = models[which]
     for prompt in ("hi", "a question?", "Q: 1+1="):
         text = model.complete_sync(prompt, **options).text
         assert text in options["choice"] if "choice" in options else re.fullmatch(options["regex"], text), text

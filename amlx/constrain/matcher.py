@@ -139,11 +139,42 @@ def _rename_space_symbol(data: dict) -> bool:
     return True
 
 
+def _metaspace_as_replace(data: dict) -> bool:
+    """Rewrites the tokenizer.json's Metaspace decoders as the Replace of their space symbol by
+    " " (what they do to every token; the first one's leading space they also drop); whether
+    it had one.
+
+    Why: llguidance reads a token's bytes through the decoder and knows SentencePiece's space
+    symbol only from such a Replace. Under a Metaspace decoder it took "▁y" for the bytes of
+    "▁y", yet tokenized forced text " y" to that token: any constraint with a space in it
+    failed the request ("forced bytes: got ' '; applying 'â'") or panicked inside llguidance.
+    The first token's dropped space is no matter to it: llguidance reads every token as
+    continuing text (and amlx decodes a constrained reply so, see TextAssembler)."""
+
+    def rewritten(node):
+        if not isinstance(node, dict):
+            return node
+        if node.get("type") == "Metaspace":
+            symbol = node.get("replacement", "\u2581")
+            return {"type": "Replace", "pattern": {"String": symbol}, "content": " "}
+        if node.get("type") == "Sequence" and isinstance(node.get("decoders"), list):
+            return {**node, "decoders": [rewritten(d) for d in node["decoders"]]}
+        return node
+
+    decoder = rewritten(data.get("decoder"))
+    if decoder == data.get("decoder"):
+        return False
+    data["decoder"] = decoder
+    return True
+
+
 def _for_llguidance(tokenizer_json: str) -> str:
-    """The tokenizer.json as llguidance gets it: without Unicode normalization, and with the
-    space symbol renamed (unless the stand-in is in it already), parsed and written once."""
+    """The tokenizer.json as llguidance gets it: without Unicode normalization, Metaspace
+    decoders as Replace ones, and with the space symbol renamed (unless the stand-in is in it
+    already), parsed and written once."""
     data = json.loads(tokenizer_json)
     changed = _drop_unicode_normalization(data)
+    changed = _metaspace_as_replace(data) or changed
     if _SPACE_STAND_IN not in tokenizer_json:
         changed = _rename_space_symbol(data) or changed
     return json.dumps(data) if changed else tokenizer_json
