@@ -872,6 +872,9 @@ def test_serve_routes_auth_and_error_shapes(server):
     metrics = httpx.get(url + "/metrics", headers=_auth())
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     assert "# TYPE" in metrics.text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert len(list(text_string_to_metric_families(metrics.text))) > 3  # valid Prometheus text
     assert _openai_error(httpx.get(url + "/v1/no-such-route", headers=_auth()), 404)
     err = _openai_error(httpx.post(url + "/v1/chat/completions", headers=_auth(),
                                    json={"model": "other", "messages": CHAT}), 404)
