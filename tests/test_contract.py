@@ -113,6 +113,55 @@ async def test_load_options_that_change_the_model(ckpt):
         assert m.info.context_length == 32
 
 
+PROMPT40 = [(7 * i) % 300 + 1 for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def ckpt32(tmp_path_factory):
+    """head_dim 32 (kv_bits groups a head's values by 32 at least, MLX's smallest group), and
+    its greedy tokens after PROMPT40 with the default options."""
+    path = make_checkpoint(tmp_path_factory.mktemp("contract32") / "qwen3", "qwen3", seed=1, head_dim=32)
+    with amlx.load_sync(path) as plain:
+        return path, plain.complete_sync(PROMPT40, max_tokens=10).token_ids
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kw=st.fixed_dictionaries({}, optional=dict(
+    dtype=st.sampled_from([None, "float32", "bfloat16"]), max_batch_size=st.integers(1, 4),
+    max_context=st.one_of(st.none(), st.integers(2, 200)),
+    kv_cache_memory=st.one_of(st.none(), st.integers(1, 10**6), st.floats(1e-9, 1.0)),
+    prefix_cache=st.booleans(), kv_bits=st.sampled_from([None, 8, 4]),
+    draft=st.sampled_from([None, "prompt_lookup"]), num_draft_tokens=st.integers(1, 16))))
+def test_any_combination_of_load_options_serves(ckpt32, kw):
+    """Every combination of valid load options loads and serves concurrent requests, the
+    same tokens for the same request, the checkpoint's greedy tokens where the numbers are
+    unchanged (float32, no kv_bits), and closing gives MLX's active memory back."""
+    import gc
+
+    path, greedy = ckpt32
+    prompt = PROMPT40
+    gc.collect()
+    before = amlx.memory()["active"]
+    with amlx.load_sync(path, **kw) as m:
+        ctx = m.info.context_length
+        assert 1 <= ctx <= (kw.get("max_context") or ctx)
+
+        async def requests():
+            return await asyncio.gather(*(m.complete(prompt, max_tokens=10) for _ in range(3)),
+                                        m.complete(CHAT, max_tokens=4), return_exceptions=True)
+
+        results = asyncio.run(requests())
+        if ctx >= len(prompt) + 10:
+            assert not any(isinstance(r, BaseException) for r in results), results
+            assert len({tuple(r.token_ids) for r in results[:3]}) == 1
+            if kw.get("dtype") in (None, "float32") and kw.get("kv_bits") is None:
+                assert results[0].token_ids == greedy
+        else:  # a prompt longer than the context
+            assert all(isinstance(r, (amlx.ContextLengthError, amlx.Completion)) for r in results), results
+    gc.collect()
+    assert amlx.memory()["active"] == before
+
+
 # -- generation options: defaults and validation ------------------------------------------
 
 GENERATE_DEFAULTS = dict(max_tokens=256, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
@@ -894,7 +943,7 @@ BAD_BODIES = [
 BAD_COMPLETIONS = [dict(prompt=[10**9]), dict(prompt=[-1]), dict(prompt=[]), dict(prompt=3.5), dict(echo="x")]
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(chat=st.integers(0, len(BAD_BODIES) - 1), completion=st.integers(0, len(BAD_COMPLETIONS) - 1))
 def test_serve_bad_requests_get_an_openai_400_and_the_server_goes_on(server, chat, completion):
     body = dict(model="demo", messages=CHAT, max_tokens=2) | BAD_BODIES[chat]
