@@ -220,9 +220,9 @@ class Model:
     async def score(self, prompt: Prompt, continuations: Sequence[str | Sequence[int]]) -> list[float]:
         """The total log-probability of each continuation right after `prompt` (float32).
 
-        `prompt` is what `generate` takes; a string continuation is tokenized on its own
-        (no special tokens) and appended to the prompt's tokens, so spell the space a word
-        starts with (" sports"). The prompt is prefilled once and shared; the work runs on
+        `prompt` is what `generate` takes; a string continuation is tokenized as text that
+        goes on after the prompt (no special tokens; `Tokenizer.continuation_ids`) and
+        appended to the prompt's tokens, so spell the space a word starts with (" sports"). The prompt is prefilled once and shared; the work runs on
         the engine's worker like generation. An empty continuation scores 0.0."""
         if self._engine.closed:
             raise ClosedError("the model is closed")
@@ -282,8 +282,9 @@ class Model:
         return tokens
 
     def _continuation_ids(self, prompt_len: int, items: list) -> list[list[int]]:
-        """Token ids of `score`'s continuations (strings tokenized on their own, no special
-        tokens); ContextLengthError before tokenizing a text too long to fit after the prompt."""
+        """Token ids of `score`'s continuations (strings as text that goes on after the prompt,
+        `Tokenizer.continuation_ids`, no special tokens); ContextLengthError before tokenizing
+        a text too long to fit after the prompt."""
         max_context = self._engine.max_context
         for c in items:
             if isinstance(c, str) and len(c) > INLINE_CHARS:
@@ -291,7 +292,7 @@ class Model:
                 if prompt_len + least > max_context:
                     raise ContextLengthError(f"the prompt and a continuation have at least {prompt_len + least} "
                                              f"tokens but the context holds {max_context}")
-        return [self.tokenizer.encode(c, add_special_tokens=False) if isinstance(c, str) else c for c in items]
+        return [self.tokenizer.continuation_ids(c) if isinstance(c, str) else c for c in items]
 
     def stats(self) -> EngineStats:
         """Active and waiting requests, tokens generated, decode steps, the recent

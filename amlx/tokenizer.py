@@ -430,6 +430,29 @@ class Tokenizer:
                     return token_id
         return None
 
+    def token_text(self, token_id: int) -> str:
+        """The text one token adds inside a text: `decode([token_id])`, except that a
+        SentencePiece piece with a leading "▁" keeps its space where the decoder drops it at
+        the start of a text (Llama 2, Mistral: a `Strip` or `Metaspace` decoder); what the
+        server's logprobs show for each token."""
+        context = self._plain_context_id
+        if context is None or token_id == context:
+            return self.decode([token_id])
+        lead = self.decode([context])
+        text = self.decode([context, token_id])
+        return text[len(lead):] if text.startswith(lead) else self.decode([token_id])
+
+    def continuation_ids(self, text: str) -> list[int]:
+        """Ids of `text` as it reads after earlier text (no special tokens): for a tokenizer
+        that puts a "▁" before every text (Llama 2, Mistral), " sports" is "▁sports", where
+        `encode` of it alone gives "▁", "▁sports". Found as the ids of a newline plus the text
+        minus those of the newline, where they begin with those; else `encode(text)`."""
+        lead = self.encode(_CONTINUATION_LEAD, add_special_tokens=False)
+        ids = self.encode(_CONTINUATION_LEAD + text, add_special_tokens=False)
+        if lead and ids[:len(lead)] == lead and self.decode(lead + ids[len(lead):]) == self.decode(lead) + text:
+            return ids[len(lead):]
+        return self.encode(text, add_special_tokens=False)
+
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary string of `token_id` (None if out of range)."""
         return self._backend.id_to_token(token_id)
@@ -628,6 +651,11 @@ def _clean_up_tokenization(text: str) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Streaming detokenization
+
+
+# What `continuation_ids` puts before a text: a newline, which tokenizers keep apart from
+# the letters and spaces after it (its own token or byte piece), so the split is clean.
+_CONTINUATION_LEAD = "\n"
 
 
 class StreamingDetokenizer:
