@@ -222,8 +222,9 @@ class Model:
 
         `prompt` is what `generate` takes; a string continuation is tokenized as text that
         goes on after the prompt (no special tokens; `Tokenizer.continuation_ids`) and
-        appended to the prompt's tokens, so spell the space a word starts with (" sports"). The prompt is prefilled once and shared; the work runs on
-        the engine's worker like generation. An empty continuation scores 0.0."""
+        appended to the prompt's tokens, so spell the space a word starts with (" sports").
+        The prompt is prefilled once and shared; the work runs on the engine's worker like
+        generation. An empty continuation scores 0.0."""
         if self._engine.closed:
             raise ClosedError("the model is closed")
         if is_heavy(prompt):  # chat messages, long texts: tokenized off the event loop
