@@ -329,6 +329,41 @@ def test_numpy_scalar_option_values_act_as_the_python_numbers(model, kwargs, dat
     assert got.top_logprobs == expected.top_logprobs
 
 
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                          "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+GRAMMAR = 'start: "say " WORD ("," WORD)?\nWORD: /[a-z]{1,5}/'
+
+
+@pytest.mark.parametrize("constraint", [
+    dict(response_format={"type": "json_object"}),
+    dict(response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}),
+    dict(regex=r"[0-9]{2,4}-[a-c]{1,6}"), dict(choice=["alpha", "beta", "gamma delta"]), dict(grammar=GRAMMAR)])
+def test_a_constrained_requests_text_matches_its_constraint(model, constraint):
+    import re
+
+    import jsonschema
+    import lark
+
+    for sampling in (dict(), dict(temperature=1.0, seed=3), dict(temperature=1.5, top_p=0.9, seed=4)):
+        result = model.complete_sync("Answer:", max_tokens=120, **constraint, **sampling)
+        if result.finish_reason == "length":  # cut short: a prefix of a match (only a JSON object may run long)
+            assert "response_format" in constraint, result
+            continue
+        text = result.text
+        if "regex" in constraint:
+            assert re.fullmatch(constraint["regex"], text), text
+        elif "choice" in constraint:
+            assert text in constraint["choice"]
+        elif "grammar" in constraint:
+            lark.Lark(GRAMMAR, parser="lalr").parse(text)
+        else:
+            value = json.loads(text)
+            assert isinstance(value, dict)
+            if constraint["response_format"]["type"] == "json_schema":
+                jsonschema.validate(value, SCHEMA)
+
+
 def test_top_logprobs_alone_gives_top_logprobs(model):
     """DESIGN: `top_logprobs=0` (0..20; `tok.top_logprobs` is then a list of (id, logprob) pairs,
     best first). It used to raise ValueError unless logprobs=True was passed too (OpenAI's
