@@ -192,12 +192,6 @@ class GenerationOptions:
         if not isinstance(stop, (list, tuple)):
             raise ValueError("stop must be a string or a sequence of non-empty strings")
         kwargs["stop"] = tuple(stop)
-        # DESIGN.md's contract: `top_logprobs` takes 0..20 and `tok.top_logprobs` is then the
-        # list of pairs; it does not ask for `logprobs=True` as well (that is OpenAI's HTTP rule,
-        # which amlx.serve applies itself). Asking for top_logprobs turns logprobs on.
-        top = kwargs.get("top_logprobs")
-        if _is_int(top) and top > 0 and isinstance(kwargs.get("logprobs", False), bool):
-            kwargs["logprobs"] = True
         bias = kwargs.get("logit_bias")
         if isinstance(bias, Mapping):
             kwargs["logit_bias"] = dict(bias)  # the caller's dict may change later
@@ -208,7 +202,8 @@ class GenerationOptions:
 
     def _plain_numbers(self) -> None:
         """Valid numbers of other types (numpy scalars: any numbers.Integral / numbers.Real the
-        checks accept) become Python ints and floats, the types the engine is written for.
+        checks accept) become Python ints and floats, the types the engine is written for
+        (and top_logprobs > 0 turns logprobs on).
         A numpy integer top_k passed validation, then failed its request inside the worker
         (the sampler's compiled step met it), and every later request sampled alike with it."""
         for name in _INT_OPTIONS:
@@ -224,6 +219,11 @@ class GenerationOptions:
                     pass
         if isinstance(self.logprobs, np.bool_):
             object.__setattr__(self, "logprobs", bool(self.logprobs))
+        # DESIGN.md's contract: `top_logprobs` takes 0..20 and `tok.top_logprobs` is then the
+        # list of pairs; it does not ask for `logprobs=True` as well (that is OpenAI's HTTP rule,
+        # which amlx.serve applies itself). Asking for top_logprobs turns logprobs on.
+        if _is_int(self.top_logprobs) and self.top_logprobs > 0 and self.logprobs is False:
+            object.__setattr__(self, "logprobs", True)
 
     def _validate(self) -> None:
         from amlx.sample import SamplingParams  # the sampler owns the sampling bounds
