@@ -475,15 +475,20 @@ class Tokenizer:
         tools: Sequence[Mapping[str, Any]] | None = None,
         *,
         chat_template: str | None = None,
+        continue_final_message: bool | str = False,
         **kwargs: Any,
     ) -> str:
         """Render `messages` ([{"role": ..., "content": ...}, ...]) with the chat template.
 
         `tools` are JSON-schema dicts; extra keyword arguments (e.g. `enable_thinking=False`,
         `documents=[...]`) are passed to the template. `chat_template` picks a named template
-        or supplies template source. Raises `ChatTemplateError` (a ValueError) when there is
-        no template, the template raises, it attempts something the sandbox forbids, or it goes
-        over `template_limits` (loop steps, output size, object sizes, time).
+        or supplies template source. `continue_final_message`: the text ends with the last
+        message's content (or the field it names, e.g. "reasoning_content"), left open for the
+        model to go on (an assistant reply begun for it), as transformers' option of that name
+        does; no generation prompt is added then. Raises
+        `ChatTemplateError` (a ValueError) when there is no template, the template raises, it
+        attempts something the sandbox forbids, or it goes over `template_limits` (loop steps,
+        output size, object sizes, time).
         """
         source = self._select_template(chat_template, tools)
         if isinstance(messages, (Mapping, str, bytes)):
@@ -494,6 +499,11 @@ class Tokenizer:
         chat = _normalize_messages(messages)
         if not chat:
             raise ChatTemplateError("cannot apply a chat template to an empty conversation")
+        final = None
+        if continue_final_message:
+            add_generation_prompt = False  # (the reply under way is the last message)
+            field = continue_final_message if isinstance(continue_final_message, str) else "content"
+            final = _tag_final_message(chat, field, source)
         if tools is not None:
             tools = list(tools)
             for tool in tools:
@@ -504,7 +514,7 @@ class Tokenizer:
         variables = {k: _plain(v) for k, v in variables.items()}
         try:
             template = self._compile(source)
-            return render(
+            text = render(
                 template,
                 self.template_limits,
                 messages=chat,
@@ -517,6 +527,7 @@ class Tokenizer:
             raise
         except Exception as e:  # syntax errors, sandbox refusals, and e.g. TypeError inside the template
             raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+        return text if final is None else _cut_at_tag(text, final)
 
     def _select_template(self, name_or_source: str | None, tools: Any) -> str:
         template = self._chat_template
@@ -651,6 +662,53 @@ def _clean_up_tokenization(text: str) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Streaming detokenization
+
+
+# Appended to the text of a message to continue (`continue_final_message`), found again in the
+# rendered chat to cut there. ASCII, so that filters such as tojson leave it as it is; its
+# trailing space shows whether the template kept the text's trailing spaces or trimmed them.
+_CONTINUE_TAG = "AMLX_CONTINUE_FINAL_MESSAGE_HERE "
+
+
+def _tag_final_message(chat: list[dict], field: str, source: str) -> str:
+    """Appends `_CONTINUE_TAG` to the last message's `field` (a text, or the last text block of
+    a list; a reasoning field's every alias holding the same text) in place; returns the text."""
+    if not chat:
+        raise ChatTemplateError("continue_final_message needs a conversation")
+    last = chat[-1]
+    value = last.get(field)
+    if value is None:
+        raise ChatTemplateError(f"continue_final_message: the last message has no {field!r} to continue")
+    fields = [f for f in _REASONING_FIELDS if last.get(f) == value] if field in _REASONING_FIELDS else [field]
+    if not any(f in source for f in fields):
+        raise ChatTemplateError(f"continue_final_message: the chat template never reads {field!r}")
+    if isinstance(value, (list, tuple)):
+        blocks = [dict(b) if isinstance(b, Mapping) else b for b in value]
+        for block in reversed(blocks):
+            if isinstance(block, dict) and isinstance(block.get("text"), str):
+                text = block["text"]
+                block["text"] = text + _CONTINUE_TAG
+                break
+        else:
+            raise ChatTemplateError("continue_final_message needs a last message with text content")
+        last[field] = blocks
+        return text
+    if not isinstance(value, str):
+        raise ChatTemplateError(f"continue_final_message: the last message's {field!r} is not text")
+    for f in fields:
+        last[f] = value + _CONTINUE_TAG
+    return value
+
+
+def _cut_at_tag(text: str, final: str) -> str:
+    """The rendered chat up to where `_CONTINUE_TAG` stands, its trailing spaces kept where the
+    template kept the tag's own, trimmed where it trimmed them."""
+    tag = _CONTINUE_TAG.strip()
+    if tag not in text or final.strip() not in text:
+        raise ChatTemplateError("continue_final_message: the chat template does not show the last message's "
+                                "text as it is, so it cannot be continued")
+    at = text.rindex(tag)
+    return text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
 
 
 # What `continuation_ids` puts before a text: a newline, which tokenizers keep apart from

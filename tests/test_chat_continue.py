@@ -1,0 +1,85 @@
+"""`apply_chat_template(..., continue_final_message=True)`: the rendered chat ends with the last
+message's content, left open for the model to go on, exactly as transformers renders it
+(Qwen-style and Gemma-style templates; hypothesis over the reply begun, spaces included)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from amlx.tokenizer import ChatTemplateError, Tokenizer
+from tests.helpers.tokenizers import write_tokenizer
+
+KINDS = ("bpe", "spm")  # the Qwen 3 and Gemma 3 templates of the test tokenizers
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    out = {}
+    for kind in KINDS:
+        path = tmp_path_factory.mktemp(f"continue_{kind}")
+        write_tokenizer(path, kind)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out[kind] = (Tokenizer.from_dir(path), AutoTokenizer.from_pretrained(path))
+    return out
+
+
+_TEXT = st.text(st.sampled_from(list("ab \n{}é:")), min_size=1, max_size=12).filter(lambda t: t.strip())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(begun=_TEXT, lead=st.sampled_from(["", " ", "\n"]), trail=st.sampled_from(["", " ", "  ", "\n"]),
+       system=st.booleans(), blocks=st.booleans())
+def test_continue_final_message_renders_as_transformers(pairs, kind, begun, lead, trail, system, blocks):
+    ours, hf = pairs[kind]
+    content = lead + begun + trail
+    final = {"role": "assistant", "content": [{"type": "text", "text": content}] if blocks else content}
+    messages = ([{"role": "system", "content": "Be brief."}] if system else []) + [
+        {"role": "user", "content": "Say something."}, final]
+    try:
+        want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                      continue_final_message=True)
+    except Exception:  # noqa: BLE001 - transformers refuses: so must amlx
+        with pytest.raises(ChatTemplateError):
+            ours.apply_chat_template(messages, continue_final_message=True)
+        return
+    assert ours.apply_chat_template(messages, continue_final_message=True) == want
+    assert want.rstrip().endswith(begun.strip())  # (the oracle's point: the reply is left open)
+
+
+def test_continue_final_message_needs_text_the_template_shows(pairs):
+    ours, _ = pairs["bpe"]
+    with pytest.raises(ChatTemplateError, match="text content"):
+        ours.apply_chat_template([{"role": "user", "content": "Hi"},
+                                  {"role": "assistant", "content": [{"type": "image"}]}], continue_final_message=True)
+    ignores = "{% for m in messages %}<{{ m.role }}>{% endfor %}"  # never reads the content
+    with pytest.raises(ChatTemplateError, match="never reads 'content'"):
+        ours.apply_chat_template([{"role": "assistant", "content": "Sure"}], continue_final_message=True,
+                                 chat_template=ignores)
+    hides = "{% for m in messages %}<{{ m.role }}>{% if false %}{{ m.content }}{% endif %}{% endfor %}"
+    with pytest.raises(ChatTemplateError, match="cannot be continued"):
+        ours.apply_chat_template([{"role": "assistant", "content": "Sure"}], continue_final_message=True,
+                                 chat_template=hides)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(begun=_TEXT, trail=st.sampled_from(["", " ", "\n"]))
+def test_continuing_the_reasoning_renders_as_transformers(pairs, begun, trail):
+    """continue_final_message naming a field: the Qwen 3 template's reasoning, left open."""
+    ours, hf = pairs["bpe"]
+    messages = [{"role": "user", "content": "Think."},
+                {"role": "assistant", "content": "", "reasoning_content": begun + trail}]
+    try:
+        want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                      continue_final_message="reasoning_content")
+    except Exception:  # noqa: BLE001 - transformers refuses: so must amlx
+        with pytest.raises(ChatTemplateError):
+            ours.apply_chat_template(messages, continue_final_message="reasoning_content")
+        return
+    assert ours.apply_chat_template(messages, continue_final_message="reasoning_content") == want
