@@ -63,6 +63,10 @@ BATCH = 4
 CONTEXT = 4096
 LONG = 1500  # max_tokens of a client that leaves: far more than it can see before it goes
 GUARD = 60.0  # seconds: a guard against a hang only
+# A request whose seed is 100 k + FAIL_SEED fails in its first choice after two tokens, as an
+# engine failure (MLX out of memory), injected around `model.generate`: its other choices are
+# closed, the client gets a 503 or an error event.
+FAIL_SEED = 50
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
           "required": ["ok", "n"], "additionalProperties": False}
@@ -123,6 +127,7 @@ class Client:
     after: int = 0
     sampling: str = "greedy"
     constraint: str | None = None
+    fail: bool = False  # its first choice fails (FAIL_SEED)
     # results
     status: int | None = None
     text: str = ""
@@ -192,13 +197,22 @@ def generation(draw, number: int) -> Client:
                 body["top_logprobs"] = top
         else:
             body["logprobs"] = top
+    if not chat and draw(st.booleans()):
+        body["echo"] = True
     if stream:
         body["stream"] = True
         if draw(st.booleans()):
             body["stream_options"] = {"include_usage": True}
     path = "/v1/chat/completions" if chat else "/v1/completions"
+    fail = behaviour == "read" and draw(st.integers(0, 9)) == 0
+    if fail:  # (nothing that could end the first choice before its third token)
+        for key in ("stop", "regex", "choice", "response_format", "tools", "tool_choice", "echo"):
+            body.pop(key, None)
+        constraint = None
+        body["max_tokens"] = max(body["max_tokens"], 3)
+        body["seed"] += FAIL_SEED
     return Client("gen", draw(st.integers(0, 30)), path, body, behaviour=behaviour, after=draw(st.integers(0, 6)),
-                  sampling=sampling, constraint=constraint)
+                  sampling=sampling, constraint=constraint, fail=fail)
 
 
 def malformed(number: int):
@@ -234,11 +248,16 @@ class Recorded:
         self.finished = False  # the server read its last token
         self.ended = False  # the stream ended (StopAsyncIteration)
         self.closed_early = False  # closed before its last token
+        self.failed = False  # failed on purpose (see FAIL_SEED)
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
+        if self.options.get("seed") is not None and self.options["seed"] % 100 == FAIL_SEED and len(self.tokens) == 2:
+            self.failed = True
+            self.stream.close()
+            raise amlx.MLXError("malloc", "[malloc] out of memory allocating 4096 bytes")
         try:
             tok = await self.stream.__anext__()
         except StopAsyncIteration:
@@ -348,17 +367,22 @@ def _check_stream(c: Client) -> tuple[list[dict], dict | None]:
         if ch["finish_reason"] is not None:
             o["finish_reason"] = ch["finish_reason"]
     assert all(o["finish_reason"] for o in out), out
-    if not chat:
-        for o in out:
-            _check_offsets(o["logprobs"], o["offsets"])
     return out, usage
 
 
-def _check_offsets(entries: list[dict], offsets: list[int]) -> None:
-    at = 0
-    for e, off in zip(entries, offsets):
-        assert off == at, (entries, offsets)
-        at += len(e["token"])
+def _check_offsets(o: dict, stops: bool) -> None:
+    """Completions' text_offset: each token's offset in the choice's text (echo included), the
+    tokens end to end; where the tokens spell the text (up to a token that is part of a
+    character or a special token, and without stop strings, which cut it) it is found there."""
+    at, spelled = 0, not stops
+    assert len(o["offsets"]) == len(o["logprobs"])
+    for e, off in zip(o["logprobs"], o["offsets"]):
+        assert off == at, o
+        token = e["token"]
+        spelled = spelled and "\ufffd" not in token and not re.fullmatch(r"<\|[a-z_]+\|>", token)
+        if spelled:
+            assert o["text"][off:off + len(token)] == token, (off, token, o["text"])
+        at += len(token)
 
 
 def _check_whole(c: Client) -> tuple[list[dict], dict]:
@@ -385,8 +409,7 @@ def _check_whole(c: Client) -> tuple[list[dict], dict]:
                 lp = ch["logprobs"]
                 o["logprobs"] = [{"token": t, "logprob": v, "top": top} for t, v, top in
                                  zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"])]
-                assert len(lp["tokens"]) == len(lp["text_offset"])
-                _check_offsets(o["logprobs"], lp["text_offset"])
+                o["offsets"] = lp["text_offset"]
             else:
                 assert ch["logprobs"] is None
         out.append(o)
@@ -414,6 +437,16 @@ def _check_generation(c: Client) -> list[dict] | None:
     k = body.get("top_logprobs", 0) if chat else body.get("logprobs")
     for i, o in enumerate(out):
         rec = _rec_of_choice(c, i)
+        if not chat and want_logprobs:
+            _check_offsets(o, "stop" in body)
+        if body.get("echo"):  # each choice opens with its prompt, and with logprobs its prompt's tokens
+            prompt = body["prompt"] if isinstance(body["prompt"], str) else body["prompt"][i // body["n"]]
+            assert o["text"].startswith(prompt), (prompt, o["text"])
+            o["text"] = o["text"][len(prompt):]
+            if want_logprobs:
+                echoed, o["logprobs"] = o["logprobs"][:len(rec.ids)], o["logprobs"][len(rec.ids):]
+                assert len(echoed) == len(rec.ids) and echoed[0]["logprob"] is None and echoed[0]["top"] is None
+                assert all(e["logprob"] <= 0 and e["token"] in e["top"] for e in echoed[1:]), echoed
         limit = rec.options["max_tokens"]
         assert rec.finished and not rec.closed_early, (i, c.body)
         tokens = len(rec.tokens)
@@ -453,6 +486,24 @@ def _check_generation(c: Client) -> list[dict] | None:
         prompt_tokens = sum(len(_rec_of_choice(c, i).ids) for i in range(0, c.count, body["n"]))
         assert usage["prompt_tokens"] == prompt_tokens, (usage, prompt_tokens)
     return out
+
+
+def _check_failed(c: Client) -> None:
+    """A request whose first choice failed: a 503, or in a stream an error event last; every other
+    choice finished or closed."""
+    if c.status != 200 or not c.body.get("stream"):
+        error = _error_shape(c)
+        if c.status == 429:
+            return
+        assert c.status == 503 and error["code"] == "out_of_memory", (c.status, error)
+    elif c.done_reading:
+        events = _sse(c)
+        assert events and set(events[-1]) == {"error"}, events[-2:]
+        assert not any("error" in e for e in events[:-1])
+        assert all(len(e["choices"]) == 1 and e["choices"][0]["finish_reason"] != "error" for e in events[:-1])
+        error = events[-1]["error"]
+        assert error["code"] == "out_of_memory" and set(error) == {"message", "type", "param", "code"}, error
+    assert all(r.finished or r.closed_early or r.failed for r in c.recs)
 
 
 def _rec_of_choice(c: Client, i: int) -> Recorded:
@@ -662,10 +713,10 @@ async def _run_clients(served: Served, queue: int, clients: list[Client]) -> Non
                       r.options["seed"] // 100 == c.body["seed"] // 100]
 
     # every generation ends: read to its last token, or closed by the server
-    await _until(lambda: all(r.finished or r.closed_early for r in recs),
+    await _until(lambda: all(r.finished or r.closed_early or r.failed for r in recs),
                  "every generation finished or closed: "
                  + str([(len(r.tokens), r.options.get("max_tokens")) for r in recs
-                        if not (r.finished or r.closed_early)]))
+                        if not (r.finished or r.closed_early or r.failed)]))
     # (stats() read off the worker may catch a round in between: a row that ended leaves, and
     # gives its blocks back, on the round after)
     await _until(lambda: _idle(model.stats()), f"the engine idle with no KV block held: {model.stats()}")
@@ -696,6 +747,8 @@ async def _run_clients(served: Served, queue: int, clients: list[Client]) -> Non
             for r in c.recs:
                 assert not r.finished or len(r.tokens) < r.options["max_tokens"], \
                     f"a client left, its generation ran on: {c.body}"
+        elif c.fail and any(r.failed for r in c.recs):
+            _check_failed(c)
         else:
             out = _check_generation(c)
             if out is not None and c.sampling != "free":
@@ -708,15 +761,18 @@ async def _run_clients(served: Served, queue: int, clients: list[Client]) -> Non
                         assert math.isclose(a["logprob"], b["logprob"], rel_tol=1e-4, abs_tol=1e-4), (a, b)
 
     # the server's books
-    await _until(lambda: all(r.finished or r.closed_early for r in recs), "reference generations ended")
+    await _until(lambda: all(r.finished or r.closed_early or r.failed for r in recs), "reference generations ended")
     async with httpx.AsyncClient(base_url=url, timeout=GUARD) as http:
         m = _metrics((await http.get("/metrics")).text)
-    started = sum(r.options.get("seed") is not None for r in recs)  # (malformed bodies have none)
-    ended = _sum(m, "amlx_generations_finished_total") + _sum(m, "amlx_requests_cancelled_total")
-    assert ended == started, (ended, started, m)
-    # cancelled: "because the client went away"; only the choices of clients that left
+    # finished: each generation whose last token the server read; cancelled ("because the client
+    # went away"): each other one, but those of a request refused or failed (no client left)
+    failed = {id(r) for c in clients if c.kind == "gen" and any(x.failed for x in c.recs) for r in c.recs}
+    finished = sum(r.finished for r in recs)
+    cancelled = sum(not r.finished and r.options.get("seed") is not None and id(r) not in failed for r in recs)
+    assert _sum(m, "amlx_generations_finished_total") == finished, (finished, m)
+    assert _sum(m, "amlx_requests_cancelled_total") == cancelled, (cancelled, m)
     left = sum(c.count for c in clients if c.kind == "gen" and c.behaviour in ("drop", "stall", "leave"))
-    assert _sum(m, "amlx_requests_cancelled_total") <= left, m
+    assert cancelled <= left
     # tokens: those read from the engine (less, for a generation closed early, any read but
     # not yet handled when its client left)
     counted, read = _sum(m, "amlx_generation_tokens_total"), sum(len(r.tokens) for r in recs)
@@ -763,5 +819,30 @@ def test_a_request_refused_midway_cancels_nothing_a_client_left(ckpt):
                 assert served.app.state.server.admission.inflight == 0
                 r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
                 assert r.status_code == 200
+
+    asyncio.run(body())
+
+
+def test_a_failed_choice_cancels_nothing_a_client_left(ckpt):
+    """Of n = 3 choices the first fails after two tokens (MLX out of memory, injected): the
+    request is a 503, or in a stream an error event. The other two were closed and counted in
+    amlx_requests_cancelled_total as if their client had gone away; they are closed, not counted."""
+    async def body():
+        async with _serving(ckpt, 4) as served:
+            async with httpx.AsyncClient(base_url=served.url, timeout=GUARD) as http:
+                for stream in (False, True):
+                    r = await http.post("/v1/chat/completions", json={
+                        "model": MODEL, "messages": CHATS[0], "n": 3, "max_tokens": 40, "temperature": 0,
+                        "seed": 100 + FAIL_SEED, "stream": stream})
+                    if stream:
+                        assert r.status_code == 200 and '"code":"out_of_memory"' in r.text.split("\n\n")[-3], r.text
+                    else:
+                        assert r.status_code == 503 and r.json()["error"]["code"] == "out_of_memory", r.text
+                await _until(lambda: _idle(served.model.stats()), "the engine idle")
+                assert len(served.recs) == 6 and sum(rec.failed for rec in served.recs) == 2
+                assert all(rec.failed or rec.closed_early for rec in served.recs)
+                m = _metrics((await http.get("/metrics")).text)
+                assert _sum(m, "amlx_requests_cancelled_total") == 0, m
+                assert served.app.state.server.admission.inflight == 0
 
     asyncio.run(body())

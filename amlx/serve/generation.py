@@ -166,6 +166,10 @@ class Generation:
         self._started = time.perf_counter() if arrived is None else arrived
         self._first_token_seen = False
         self._closed = False
+        # The request ended with an error (refused once some choices were submitted, or a
+        # choice failed): its other unfinished choices are closed, but were not cancelled by a
+        # client that went away, which amlx_requests_cancelled_total counts.
+        self._failed = False
         self.prompt_tokens = 0
         self.n = 1  # choices per prompt
         self._pending: dict[asyncio.Future, Choice] = {}  # a read in flight per waiting choice
@@ -202,12 +206,7 @@ class Generation:
                     self.choices.append(Choice(len(self.choices), stream, len(ids), ToolCallParser(self._tool_format),
                                                None if echo is None else echo[p]))
         except Exception as exc:
-            # The choices already submitted end with the request's error: close them, but not
-            # through close(), which counts an unfinished choice as cancelled by a client that
-            # went away (a completions request whose later prompt is over the context did).
-            for choice in self.choices:
-                choice.stream.close()
-                choice.finish_reason = "error"
+            self._failed = True  # (a completions request whose later prompt is over the context)
             self.close()
             raise from_engine(exc) from exc
         self.prompt_tokens = sum(len(ids) for ids in prompts)  # n choices of one prompt count it once (OpenAI)
@@ -294,6 +293,7 @@ class Generation:
             return None
         except Exception as exc:
             choice.finish_reason = "error"  # failed, not cancelled
+            self._failed = True
             raise from_engine(exc) from exc
 
     async def _rest(self, choice: Choice) -> AsyncIterator[Piece]:
@@ -302,10 +302,12 @@ class Generation:
                 yield self._piece(choice, tok)
         except Exception as exc:
             choice.finish_reason = "error"
+            self._failed = True
             raise from_engine(exc) from exc
 
     def close(self) -> None:
-        """Cancels unfinished choices (counting them as cancelled) and frees the admission slots."""
+        """Cancels unfinished choices (counting them as cancelled unless the request failed) and
+        frees the admission slots."""
         if self._closed:
             return
         self._closed = True
@@ -313,5 +315,6 @@ class Generation:
         for choice in self.choices:
             if choice.finish_reason is None:
                 choice.stream.close()
-                self._metrics.cancelled.labels("decode" if choice.tokens else "prefill").inc()
+                if not self._failed:
+                    self._metrics.cancelled.labels("decode" if choice.tokens else "prefill").inc()
         self._admission.release(self._admitted)
