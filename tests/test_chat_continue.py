@@ -83,3 +83,31 @@ def test_continuing_the_reasoning_renders_as_transformers(pairs, begun, trail):
             ours.apply_chat_template(messages, continue_final_message="reasoning_content")
         return
     assert ours.apply_chat_template(messages, continue_final_message="reasoning_content") == want
+
+
+async def test_the_server_continues_a_begun_reply(tmp_path):
+    """/v1/chat/completions with vLLM's `continue_final_message` (and `add_generation_prompt:
+    false`) goes on with the last assistant message: the same tokens as the library given the
+    rendered conversation; with the generation prompt still on it is a 400 naming the field."""
+    import openai
+
+    import amlx
+    from tests.helpers.serving import ServerProcess, serve_checkpoint
+
+    ckpt = serve_checkpoint(tmp_path / "ckpt")
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    with amlx.load_sync(ckpt, max_context=512) as model:
+        text = model.tokenizer.apply_chat_template(messages, continue_final_message=True)
+        assert text.endswith("The colour is")
+        want = model.complete_sync(model.tokenizer.encode(text, add_special_tokens=False), max_tokens=8)
+    with ServerProcess(ckpt, "--model-name", "tiny", "--max-context", "512") as srv:
+        client = srv.client()
+        r = await client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=8, temperature=0,
+            extra_body={"continue_final_message": True, "add_generation_prompt": False})
+        assert r.choices[0].message.content == want.text
+        assert r.usage.prompt_tokens == want.usage.prompt_tokens
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.chat.completions.create(model="tiny", messages=messages, max_tokens=2,
+                                                 extra_body={"continue_final_message": True})
+        assert err.value.body["param"] == "continue_final_message"

@@ -8,6 +8,7 @@ sends it with its API calls).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -118,8 +119,9 @@ def _routes(server: Server) -> APIRouter:
         if tools and server.tool_format is None:
             raise APIError(400, "tools are not supported: this model's chat template has no tool-call format amlx "
                            "knows (Qwen/Hermes, Llama 3.1, Mistral)", param="tools", code="unsupported_parameter")
-        ids = await anyio.to_thread.run_sync(prompts.render_chat, server.model.tokenizer, messages, tools,
-                                             server.prompts.check_text)
+        ids = await anyio.to_thread.run_sync(functools.partial(
+            prompts.render_chat, server.model.tokenizer, messages, tools, server.prompts.check_text,
+            add_generation_prompt=req.add_generation_prompt, continue_final_message=req.continue_final_message))
         tool_format = server.tool_format if tools else None
         return await server.answer(request, req, ChatShape(server.settings.model_name), [ids], tool_format, arrived)
 

@@ -77,17 +77,23 @@ def chat_tools(req: ChatRequest) -> list[dict] | None:
 
 
 def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None,
-                check_text: Callable[[str], None]) -> list[int]:
+                check_text: Callable[[str], None], *, add_generation_prompt: bool = True,
+                continue_final_message: bool = False) -> list[int]:
     """Prompt ids of a conversation (blocking: run it off the event loop). `check_text`
     (`PromptEncoder.check_text`) raises ContextLengthError for a text too long to fit
-    whatever its tokens, before tokenizing it (megabytes take seconds)."""
+    whatever its tokens, before tokenizing it (megabytes take seconds). With
+    `continue_final_message` the last message is left open for the model to go on."""
+    if continue_final_message and add_generation_prompt:
+        raise APIError(400, "continue_final_message continues the last message: set add_generation_prompt "
+                       "to false with it", param="continue_final_message", code="invalid_value")
     for value, param in ((messages, "messages"), (tools, "tools")):
         try:  # tool-call arguments and tool schemas nested too deep for the template (ValueError)
             check_structure(value, param)
         except ValueError as exc:
             raise APIError(400, str(exc), param=param, code="invalid_value") from exc
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                             continue_final_message=continue_final_message)
         check_rendered(text)
     except ValueError as exc:  # ChatTemplateError: the template refused these messages
         raise APIError(400, str(exc), param="messages", code="invalid_messages") from exc

@@ -129,6 +129,10 @@ class ChatRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None  # accepted: every call the model writes is returned
     response_format: ResponseFormat | None = None
+    # How the conversation is rendered, as vLLM accepts them: a last assistant message continued
+    # (a reply begun for the model) instead of a new reply after it
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
 
 
 PromptIds = Annotated[list[StrictInt], Field(min_length=1)]
