@@ -152,6 +152,11 @@ class ShardPools:
         arrays written)."""
         b = tokens.shape[0]
         views = self.pass_views(b, tabs, arrays)
+        for view in views:
+            # a prefill: over a quantized pool its tokens attend every position as the pool
+            # holds it, their own included, as the plain prefill it stands in for does (not
+            # as a verify pass does: then the prefix cache changed outputs with kv_bits)
+            view.as_stored = True
         logits = model(tokens, views, positions, last=last)
         return ops.reshape(logits, (b, logits.shape[2])), written(views)
 

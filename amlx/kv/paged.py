@@ -111,6 +111,11 @@ class PagedLayer:
         self.tables = tables
         self.window = window
         self.bits, self.group = bits, group
+        # with `bits`, how a pass of several new tokens per row at per-row positions
+        # (`update_verify`) attends them: False, each its own key and value as computed (a
+        # verify pass, as decode steps do); True, as the pool holds them (a prompt's extend
+        # pass, as a plain prefill does: `ShardPools.extend_pass` sets it)
+        self.as_stored = False
 
     @property
     def pool(self) -> Array:

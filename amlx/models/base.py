@@ -307,11 +307,13 @@ class Attention(Module):
             keys, values, mask = cache.update_verify(k, v, step.pos, step.memo)
         else:
             keys, values, mask = cache.update_decode(k, v, step.pos, step.memo)
-        if getattr(cache, "bits", None) and step.length > 1 and not isinstance(step.pos, int):
+        if getattr(cache, "bits", None) and step.length > 1 and not isinstance(step.pos, int) and not getattr(
+                cache, "as_stored", False):
             # a verify pass over a quantized pool: each new token attends its own key and value as
             # computed, as the decode kernel does (a decode step's pool hands them back so itself:
             # `PagedLayer.update_decode`), so that every path decodes alike: the kernel or the ops,
-            # one process or tensor-parallel ranks, drafts checked or not
+            # one process or tensor-parallel ranks, drafts checked or not. (Not a prompt's extend
+            # pass, `PagedLayer.as_stored`: a prefill attends every position as the pool holds it.)
             o = attend_own_unquantized(q, k, v, keys, values, mask, self._scale)
             return self.o_proj(ops.reshape(ops.transpose(o, (0, 2, 1, 3)),
                                            (step.batch * step.length, self._n_heads * self._head_dim)))
