@@ -220,7 +220,9 @@ async def _busy(model, cases, seen: dict, late: int, gap_steps: int = 1) -> list
     async with anyio.create_task_group() as tg:
         for i in range(5):
             tg.start_soon(drain, model.generate(cases[i][0], max_tokens=PATH, max_buffer=65_536), cases[i][1])
-        while sched.decode_steps < 3:
+        # all five decoding, not only some: on a loaded machine the event loop may hand them
+        # over in two rounds, and a late request would then join the fifth's held group
+        while sched.decode_steps < 3 or len(sched.rows) < 5:
             await anyio.sleep(0.001)
         for _ in range(late):
             stream = model.generate(cases[5][0], max_tokens=2, max_buffer=65_536)
