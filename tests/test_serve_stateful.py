@@ -225,12 +225,31 @@ def probe(number: int):
         ["/health", "/v1/models", "/v1/models/" + MODEL, "/metrics", "/v1/nothing"]), st.integers(0, 30))
 
 
+# (seed 99: no client's; its generation, when it gets one, counts as cancelled if unfinished)
+_TRUNCATED = json.dumps({"model": MODEL, "messages": CHATS[0], "max_tokens": 5, "seed": 99}).encode()
+RAW = {  # raw connections: what is sent, and whether the client then waits for the others
+    "truncated body": (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(_TRUNCATED) + _TRUNCATED[:20], False),
+    "truncated body, held": (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 500\r\n\r\n{\"model\": ", True),
+    "headers only, held": (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n", True),
+    "nothing, held": (b"", True),
+    "request, gone": (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(_TRUNCATED) + _TRUNCATED, False),
+}
+
+
+def raw(number: int):
+    """A connection that sends part of a request (or a whole one) and goes away unanswered."""
+    return st.builds(lambda name, delay: Client("raw", delay, name), st.sampled_from(sorted(RAW)), st.integers(0, 30))
+
+
 @st.composite
 def scripts(draw) -> tuple[int, list[Client]]:
     queue = draw(st.sampled_from([0, 3, 32]))  # --max-queue: capacity BATCH + queue generations
     clients = []
     for number in range(1, draw(st.integers(2, 9)) + 1):
-        make = draw(st.sampled_from([generation] * 6 + [malformed, probe]))
+        make = draw(st.sampled_from([generation] * 6 + [malformed, probe, raw]))
         clients.append(draw(make(number)))
     return queue, clients
 
@@ -554,6 +573,16 @@ class _Errors(logging.Handler):
 
 async def _send(http: httpx.AsyncClient, c: Client, release: asyncio.Event) -> None:
     await asyncio.sleep(c.delay / 1000)
+    if c.kind == "raw":
+        data, held = RAW[c.path]
+        reader, writer = await asyncio.open_connection(http.base_url.host, http.base_url.port)
+        writer.write(data)
+        await writer.drain()
+        if held:
+            await release.wait()
+        writer.close()
+        await writer.wait_closed()
+        return
     if c.kind == "probe":
         r = await http.get(c.path)
         c.status, c.text, c.headers, c.done_reading = r.status_code, r.text, dict(r.headers), True
@@ -643,6 +672,7 @@ class Served:
     app: Any
     url: str
     recs: list  # every generation the server started (Recorded)
+    server: Any  # the uvicorn.Server
 
 
 @contextlib.asynccontextmanager
@@ -665,7 +695,7 @@ async def _serving(ckpt, queue: int):
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))
     try:
         await _until(lambda: server.started or serving.done(), "the server started")
-        yield Served(model, app, url, recs)
+        yield Served(model, app, url, recs, server)
     finally:
         server.should_exit = True
         with anyio.fail_after(GUARD):
@@ -701,7 +731,8 @@ async def _run_clients(served: Served, queue: int, clients: list[Client]) -> Non
 
     with anyio.fail_after(GUARD):
         tasks = [asyncio.ensure_future(run(h, c)) for h, c in zip(https, clients)]
-        others = [t for t, c in zip(tasks, clients) if not c.behaviour.startswith("stall")]
+        others = [t for t, c in zip(tasks, clients)
+                  if not c.behaviour.startswith("stall") and not (c.kind == "raw" and RAW[c.path][1])]
         if others:
             await asyncio.wait(others)
         release.set()
@@ -737,6 +768,8 @@ async def _run_clients(served: Served, queue: int, clients: list[Client]) -> Non
                     assert "amlx_requests_running" in c.text
                 else:
                     assert MODEL in c.text
+        elif c.kind == "raw":
+            pass  # (only that nothing broke: no error logged, the engine idle, no task left)
         elif c.kind == "malformed":
             # (429: a body whose options only the engine refuses, sent with the queue full)
             assert c.status in (400, 404, 429), (c.status, c.body, c.text)
@@ -771,7 +804,8 @@ async def _run_clients(served: Served, queue: int, clients: list[Client]) -> Non
     cancelled = sum(not r.finished and r.options.get("seed") is not None and id(r) not in failed for r in recs)
     assert _sum(m, "amlx_generations_finished_total") == finished, (finished, m)
     assert _sum(m, "amlx_requests_cancelled_total") == cancelled, (cancelled, m)
-    left = sum(c.count for c in clients if c.kind == "gen" and c.behaviour in ("drop", "stall", "leave"))
+    left = sum(c.count for c in clients if c.kind == "gen" and c.behaviour in ("drop", "stall", "leave")) + \
+        sum(c.kind == "raw" and c.path == "request, gone" for c in clients)
     assert cancelled <= left
     # tokens: those read from the engine (less, for a generation closed early, any read but
     # not yet handled when its client left)
@@ -844,5 +878,29 @@ def test_a_failed_choice_cancels_nothing_a_client_left(ckpt):
                 m = _metrics((await http.get("/metrics")).text)
                 assert _sum(m, "amlx_requests_cancelled_total") == 0, m
                 assert served.app.state.server.admission.inflight == 0
+
+    asyncio.run(body())
+
+
+def test_a_client_gone_while_sending_its_body_is_no_error(ckpt):
+    """A client that goes away while sending its body: FastAPI reports that as a 400 "There was
+    an error parsing the body", which was answered (to nobody) as "the body is not JSON that can
+    be read" and counted in amlx_request_errors_total{status="400"}, an error of a request that
+    never came whole. It is answered as a request whose client left (499), not counted."""
+    async def body():
+        async with _serving(ckpt, 4) as served:
+            host, port = served.url.rsplit(":", 1)
+            for _ in range(2):
+                reader, writer = await asyncio.open_connection(host[len("http://"):], int(port))
+                writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 500\r\n\r\n{\"model\": ")
+                await writer.drain()
+                await _until(lambda: served.server.server_state.tasks, "the request read")
+                writer.close()
+                await writer.wait_closed()
+                await _until(lambda: not served.server.server_state.tasks, "the request handled")
+            async with httpx.AsyncClient(base_url=served.url, timeout=GUARD) as http:
+                m = _metrics((await http.get("/metrics")).text)
+            assert not [k for k in m if k.startswith("amlx_request_errors_total")], m
 
     asyncio.run(body())

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 import amlx
@@ -172,7 +173,12 @@ def install_handlers(app: FastAPI, on_error: Callable[[int], None] = lambda stat
         return answer(_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if isinstance(exc.__cause__, ClientDisconnect):
+            # The client went away while sending its body, which FastAPI reports as a 400 "error
+            # parsing the body": nobody listens, and no error of a request to count (it was
+            # answered "the body is not JSON that can be read" and counted as a 400).
+            return Response(status_code=499)
         code = "not_found" if exc.status_code == 404 else None
         message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
         if exc.status_code == 400:  # (FastAPI's, for a body its JSON decoder raised on with no JSONDecodeError)
