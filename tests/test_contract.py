@@ -522,6 +522,10 @@ async def test_score_is_the_log_probability_of_each_continuation(model, ckpt):
         assert got == pytest.approx(sum(logp[k, t] for k, t in enumerate(ids)), abs=2e-3)
     with pytest.raises(ValueError):
         await model.score(prompt, [[model.config["vocab_size"]]])  # token ids inside the vocabulary
+    for p in (prompt, CHAT):  # the same numbers as a generated token's logprob
+        result = await model.complete(p, max_tokens=8, logprobs=True)
+        scored = await model.score(p, [result.token_ids, result.token_ids[:3]])
+        assert scored == pytest.approx([sum(result.logprobs), sum(result.logprobs[:3])], abs=1e-3)
 
 
 async def test_usage_cached_tokens_counts_the_prefix_cache(model):
