@@ -85,8 +85,10 @@ def test_a_quantized_model_decodes_alike_with_and_without_the_prefix_cache(ckpt,
     """A 4- or 8-bit model on the CPU: a prompt's rows behind a cached prefix are computed as in
     a whole prefill. (The CPU's int8 products took any product of at most 64 rows, so a short
     remainder behind the cache was rounded to int8 and a whole prompt was not: greedy tokens
-    parted. They now take decode steps and verify passes only: cpu_matmul.decode_pass.) A reply
-    the cache holds from decode steps is left out: there the int8 rounding stays."""
+    parted. They now take decode steps and verify passes only: cpu_matmul.decode_pass.) A chat's
+    next turn holds the last reply, whose keys and values decode steps wrote, int8-rounded: those
+    blocks are not cached (ShardPools.decoded_reusable), so the turn is computed as without the
+    cache too."""
     path = amlx.convert(ckpt("qwen2"), tmp_path / f"q{bits}", quantize=bits, group_size=32, progress=False)
     base = _ids(1, 40)
 
@@ -96,6 +98,14 @@ def test_a_quantized_model_decodes_alike_with_and_without_the_prefix_cache(ckpt,
                 want, _ = await _complete(off, prompt)
                 got, _ = await _complete(on, prompt)
                 assert got == want
+            # turns of a chat: each prompt is the last one, its reply and a new message
+            prompt = base[:24]
+            for turn in range(3):
+                want, _ = await _complete(off, prompt, n=40)
+                got, cached = await _complete(on, prompt, n=40)
+                assert got == want, turn
+                assert turn == 0 or cached >= 16  # (the earlier prompts' blocks still serve)
+                prompt = prompt + got + _ids(20 + turn, 7)
             # prompts prefilled together, each as alone
             together = await _complete_all(off, [base[:30], base[:12] + _ids(7, 5), _ids(8, 20)])
             alone = [(await _complete(off, p))[0] for p in (base[:30], base[:12] + _ids(7, 5), _ids(8, 20))]

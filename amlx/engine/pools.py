@@ -12,6 +12,7 @@ import numpy as np
 from amlx._mlx import Array, array, ops
 from amlx.engine.request import Request
 from amlx.kv import KeyChain, PagedLayer, ShardKV, Tables, layer_views, make_pools, written
+from amlx.models.cpu_matmul import rounds_decode
 
 __all__ = ["ShardPools", "extend_arrays", "table_arrays"]
 
@@ -27,6 +28,12 @@ class ShardPools:
         self.windows = model.windows()  # per layer
         self.block_size = self.kv[0].block_size
         self.epoch = 0
+        # Where decode steps round activations to int8 (a quantized model on the CPU's kernels,
+        # amlx/models/cpu_matmul.py), the keys and values they write are not those a prefill of
+        # the same tokens writes: only prompt blocks (prefilled) are cached then, so that a
+        # prompt behind the cache (a chat's next turn, holding the last reply) is computed as
+        # without it. A reply's blocks are prefilled, and cached, with the turn that holds it.
+        self.decoded_reusable = not (options.device == "cpu" and rounds_decode(model))
 
     def counters(self) -> dict[str, int]:
         """The pools' counters, summed (stats; any thread)."""
@@ -84,8 +91,12 @@ class ShardPools:
         """A request lets go of its blocks; with `cache`, its full blocks stay in the
         prefix cache (unless the weights changed since they were computed)."""
         if req.blocks:
-            ids = req.prompt + req.generated if cache and req.epoch == self.epoch else None
+            ids = self._cacheable(req) if cache and req.epoch == self.epoch else None
             self.kv[req.shard].release(req, ids, self._chain(req))
+
+    def _cacheable(self, req: Request) -> list[int]:
+        """The tokens whose blocks the request may leave in the prefix cache."""
+        return req.prompt + req.generated if self.decoded_reusable else req.prompt
 
     def cache_filled(self, req: Request) -> None:
         """Caches the request's full blocks prefilled so far."""
@@ -98,7 +109,8 @@ class ShardPools:
         for req in rows:
             kv = self.kv[req.shard]
             if req.epoch == self.epoch and kv.sheds(req):
-                kv.cache_filled(req, req.prompt + req.generated, req.pos, self._chain(req))
+                ids = self._cacheable(req)
+                kv.cache_filled(req, ids, min(req.pos, len(ids)), self._chain(req))
 
     def views(self, shard: int, tables: Tables, arrays: list[Array] | None = None,
               reads: list[Array] | None = None) -> list[PagedLayer]:

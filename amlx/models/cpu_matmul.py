@@ -23,7 +23,8 @@ step of its int8 grid per value (cpu_kernels.gemv's `int8`; benchmarks/README.md
 has the measured speed and logit error). Only decode steps and speculative verify passes
 do (`decode_pass`, set by CausalLM for passes at per-row positions), at any number of rows:
 a token's result then never depends on the batch around it or on the pass that computes
-its prompt (a prefill, whole or behind the prefix cache, keeps the float kernels).
+its prompt (a prefill, whole or behind the prefix cache, keeps the float kernels, and the
+prefix cache keeps no block a decode step wrote: `rounds_decode`, engine/pools.py).
 AMLX_CPU_INT8=0 (read once, at import) keeps them on the float kernels.
 """
 
@@ -112,6 +113,12 @@ def decode_pass(on: bool) -> Iterator[None]:
 
 def _int8() -> bool:
     return INT8 and _DECODE_PASS.get()
+
+
+def rounds_decode(model) -> bool:
+    """Whether `model`'s decode steps on the CPU round activations to int8 (it has quantized
+    layers and INT8 is on): the keys and values they write then differ from a prefill's."""
+    return ENABLED and INT8 and any(getattr(m, "_bits", 0) in (4, 8) for _, m in model.named_modules())
 
 
 def max_rows(layer) -> int:
