@@ -1427,7 +1427,7 @@ def test_rate_meter_counts_busy_time_over_a_window():
 
 def test_stats_tokens_per_second_is_recent_and_ignores_idle(ckpt):
     """An engine that idled before and after a request reports the rate it decoded
-    at (at least the request's wall-clock rate), and the same rate after idling."""
+    at (above what counting the idle time before it would give), and the same rate after idling."""
     model = amlx.load_sync(ckpt)
     try:
         time.sleep(0.5)  # idle since load: must not count
@@ -1444,7 +1444,10 @@ def test_stats_tokens_per_second_is_recent_and_ignores_idle(ckpt):
             time.sleep(0.01)
         time.sleep(0.05)  # the worker's last round (dropping the finished row) is over
         rate = model.stats()["tokens_per_second"]
-        assert rate >= made / wall
+        # Idle time would have counted: at most made / (wall + 0.5) then. The rounds' own busy
+        # time may run a little past `wall` (the round that drops the finished row), so the
+        # request's wall-clock rate itself is no bound on a loaded machine.
+        assert rate > made / (wall + 0.5)
         time.sleep(0.5)
         assert model.stats()["tokens_per_second"] == rate
     finally:
