@@ -210,16 +210,21 @@ async def _anext(stream: amlx.TokenStream):
 
 class EngineMachine(RuleBasedStateMachine):
     SPECULATIVE = False
+    LOAD_OPTIONS: dict = {}  # more load options (variants: tests/test_engine_stateful_variants.py)
 
     def __init__(self) -> None:
         super().__init__()
-        assert _WORLD is not None, "run through the test functions (the `world` fixture)"
-        self.world = _WORLD
+        self.world = self._world()
         self.loop = asyncio.new_event_loop()
         self.model: amlx.Model | None = None
         self.recs: list[Rec] = []
         self.scores: list[tuple] = []  # (prompt, continuations, scores) of `score`
         self.log: list[str] = []  # what happened, for a failure's message
+
+    @staticmethod
+    def _world() -> "_World":
+        assert _WORLD is not None, "run through the test functions (the `world` fixture)"
+        return _WORLD
 
     # -- set-up -------------------------------------------------------------------
     @initialize(chunk=st.sampled_from([None, "8"]), join_wait=st.sampled_from(["0", "4"]),
@@ -251,7 +256,7 @@ class EngineMachine(RuleBasedStateMachine):
             # (a shard's share of the pool: each shard must hold the largest request)
             blocks = POOL_BLOCKS * int(shards)
             self.model = amlx.load_sync(self.arch.path, kv_cache_memory=blocks * self.arch.block_bytes,
-                                        max_batch_size=batch, **spec)
+                                        max_batch_size=batch, **spec, **self.LOAD_OPTIONS)
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -259,12 +264,16 @@ class EngineMachine(RuleBasedStateMachine):
                 else:
                     os.environ[k] = v
         self.model.engine.scheduler.slot_idle_limit = slot_limit
+        self._loaded()
         # warm: the model's derived arrays and the pools' first arrays (a prompt shorter than a
         # block, so nothing is cached), then the memory the idle engine holds
         self.model.complete_sync(PREFIXES[0][:5], max_tokens=2)
         self._wait_idle_sync()
         gc.collect()
         self.mem_warm = amlx.memory()["active"] - self._pool_bytes()
+
+    def _loaded(self) -> None:
+        """After the load, before the warm-up (variants add to it)."""
 
     def _grown(self) -> int:
         """MLX active memory beyond the warmed engine's and its pools' arrays."""
@@ -291,6 +300,14 @@ class EngineMachine(RuleBasedStateMachine):
         """Streams the rules may act on (with or without a reader task)."""
         out = [r for r in self.recs if r.live]
         return out if reader is None else [r for r in out if (r.reader is not None) == reader]
+
+    def _draw(self, data, reader: bool) -> Rec:
+        """One of the streams the rules may act on, drawn by number: a drawn Rec would stay
+        referenced by Hypothesis's printer when it reports a failing example (it prints each
+        draw, and keeps what it printed), and with it the stream a rule drops, whose request
+        then never ends (dropping it is what cancels it): the report would show that hang,
+        not the failure."""
+        return self.recs[data.draw(st.sampled_from([r.n for r in self._live(reader=reader)]), label="request")]
 
     # -- what the consumer sees ---------------------------------------------------
     def _took(self, rec: Rec, tok) -> None:
@@ -383,7 +400,7 @@ class EngineMachine(RuleBasedStateMachine):
     def read(self, data, n):
         """Reads up to n tokens, leaving the stream for later where none comes for a while
         (it may wait for blocks or a batch slot that unread streams hold)."""
-        rec = data.draw(st.sampled_from(self._live(reader=False)))
+        rec = self._draw(data, reader=False)
         self._run(self._read(rec, n, PATIENCE))
         self.log.append(f"read #{rec.n} up to {n}: has {len(rec.tokens)} ({rec.state})")
 
@@ -391,7 +408,7 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def start_reader(self, data):
         """A task that reads the stream to its end, as other rules run the loop."""
-        rec = data.draw(st.sampled_from(self._live(reader=False)))
+        rec = self._draw(data, reader=False)
         rec.reader = self.loop.create_task(self._reader(rec))
         self.log.append(f"reader for #{rec.n}")
 
@@ -399,7 +416,7 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(data=st.data(), first=st.booleans())
     def cancel_reader(self, data, first):
         """Cancels a reader task (`first`: once the loop ran it a little)."""
-        rec = data.draw(st.sampled_from(self._live(reader=True)))
+        rec = self._draw(data, reader=True)
 
         async def cancel():
             if first:
@@ -437,7 +454,7 @@ class EngineMachine(RuleBasedStateMachine):
     @precondition(lambda self: self._live(reader=False))
     @rule(data=st.data())
     def aclose(self, data):
-        rec = data.draw(st.sampled_from(self._live(reader=False)))
+        rec = self._draw(data, reader=False)
         self._run(self._settle(rec))
         self._run(rec.stream.aclose())
         self._cancelled(rec, "aclose")
@@ -452,7 +469,7 @@ class EngineMachine(RuleBasedStateMachine):
         (not closed: dropping it cancels the request). The tokens are read as `read` reads them,
         so a stream that waits (for blocks or a slot unread streams hold) is left waiting;
         a read still waiting then is cancelled with its task."""
-        rec = data.draw(st.sampled_from(self._live(reader=False)))
+        rec = self._draw(data, reader=False)
 
         async def body():
             await self._read(rec, k, PATIENCE)
@@ -469,7 +486,7 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(data=st.data(), ms=st.sampled_from([0, 2, 10, 50]))
     def read_with_timeout(self, data, ms):
         """Reads to the end within a timeout; a timeout that strikes cancels the request."""
-        rec = data.draw(st.sampled_from(self._live(reader=False)))
+        rec = self._draw(data, reader=False)
 
         async def body():
             with anyio.move_on_after(ms / 1000) as scope:
@@ -492,7 +509,7 @@ class EngineMachine(RuleBasedStateMachine):
         free, and parked requests' slots lapse after slot_idle_limit; as the lone running row
         it is never preempted: parked requests give their blocks instead). Where others run
         or wait (timing decides), this reads nothing."""
-        rec = data.draw(st.sampled_from(self._live(reader=False)))
+        rec = self._draw(data, reader=False)
         sched = self.model.engine.scheduler
         # (a chat prompt's request is made on its first read: one never read is not there yet)
         unmade = [r for r in self.recs if r.engine_stream is None and r.state == "open"]
@@ -605,7 +622,20 @@ class EngineMachine(RuleBasedStateMachine):
                 while await self.model.engine.run(lambda: any(sched.counts().values())):
                     await asyncio.sleep(0.002)
 
-        self._run(wait())
+        def held() -> list:
+            """(On the worker) each request the scheduler holds: where, and its state."""
+            where = [("row", r) for r in sched.rows] + [("parked", r) for r in sched.parked] + [
+                ("waiting", r) for r in sched.waiting] + ([("prefilling", sched.prefilling)] if sched.prefilling else [])
+            recs = {id(rec.engine_stream.request): rec for rec in self.recs if rec.engine_stream is not None}
+            return [(w, recs.get(id(r)), r.active, len(r.prompt), len(r.generated), r.pos, r.prefilled, len(r.blocks),
+                     r.recompute is not None) for w, r in where]
+
+        try:
+            self._run(wait())
+        except TimeoutError:
+            raise AssertionError(f"the scheduler still holds requests after {GUARD} s: "
+                                 f"{self.model.engine.run_sync(held)}; {self.model.stats()}\n"
+                                 + "\n".join(self.log)) from None
 
     def teardown(self):
         try:
@@ -659,7 +689,10 @@ class EngineMachine(RuleBasedStateMachine):
         gc.collect()
         assert amlx.memory()["active"] == self.mem_before_load, log
 
-        # results: solo runs, constraints
+        self._check_results(log)
+
+    def _check_results(self, log: str) -> None:
+        """Each request against its solo run, constraints, scores (after the engine closed)."""
         for rec in self.recs:
             ids = [t.id for t in rec.tokens]
             text = "".join(t.text for t in rec.tokens)
