@@ -1,9 +1,13 @@
 """Many HTTP clients against one in-process `amlx serve` app at once, in a random interleaving
 drawn by hypothesis: streamed and whole /v1/chat/completions and /v1/completions with n > 1,
-several prompts, stop strings, max_tokens, logprobs / top_logprobs, constraints
-(response_format json_schema and json_object, regex, choice), greedy and seeded sampling;
+several prompts, echo, stop strings, max_tokens (or none: the rest of the context),
+logprobs / top_logprobs, constraints (response_format json_schema and json_object, regex,
+choice, a regex that writes a tool call with tools given), greedy and seeded sampling;
 clients that leave mid-stream or before a whole reply comes, clients that never read their
-stream; malformed bodies; /health, /v1/models and /metrics calls in between.
+stream (and leave, or read it all at the end); requests whose first choice fails in the
+engine (an MLX out-of-memory injected around `model.generate`, FAIL_SEED); malformed bodies
+and /health, /v1/models, /metrics calls taking turns on one kept-alive connection; raw
+connections that send part of a request and go away.
 
 The app runs under a real uvicorn on a socket of its own in the test's event loop (one per
 example), over a freshly loaded model, so that disconnects are real connection closes and the
@@ -16,20 +20,24 @@ Checked (behaviour, never timing; anyio.fail_after only guards against a hang):
   range; chat opens each choice with the role; one finish_reason per choice, on its last chunk;
   usage (with include_usage) only on the last chunk, null on the others;
 - usage equals the tokens the server read from the engine for that request, and the logprob
-  entries delivered (one per token); "length" means max_tokens tokens; top_logprobs have the
-  size asked; completions' text_offset runs along its tokens;
+  entries delivered (one per token; chat's `bytes` make up the text); "length" means
+  max_tokens tokens; top_logprobs have the size asked; completions' text_offset locates each
+  token in the text; echo puts the prompt (and its tokens' logprobs, the first null) first;
 - a greedy or seeded request's choices (text, finish_reason, token count) equal the same request
   sent alone afterwards, and its logprobs agree;
-- a finished constrained choice matches its constraint (jsonschema, regex, choice);
+- a finished constrained choice matches its constraint (jsonschema, regex, choice, the call);
+  finish_reason is "tool_calls" exactly when a reply that stopped holds calls;
 - malformed bodies get a 4xx OpenAI-shaped error, a request beyond the queue a 429 with
-  Retry-After; nothing else breaks (no error logged, no traceback);
+  Retry-After, a failed one a 503 or a last error event; nothing else breaks (no error logged);
 - a client that left mid-stream or before its whole reply had its generations closed before
-  they ran to their (large) max_tokens; every generation ends, finished or closed;
+  they ran to their (large) max_tokens; every generation ends: finished, closed or failed;
 - afterwards: the engine holds no request, every KV block is free or cached, the admission
-  slots are all back, the metrics' finished + cancelled generations equal those started and
-  their token count the tokens read; after shutdown no asyncio task is left.
+  slots are all back; the metrics count as finished each generation whose last token the
+  server read and as cancelled each other one (but those of failed or refused requests), the
+  errors answered, and the tokens read; after shutdown no asyncio task is left.
 
-AMLX_SERVE_STATEFUL_EXAMPLES raises the number of examples for a longer hunt.
+AMLX_SERVE_STATEFUL_EXAMPLES raises the number of examples for a longer hunt;
+AMLX_SERVE_STATEFUL_SHRINK=0 skips shrinking a failure (each step replays whole examples).
 """
 
 from __future__ import annotations
@@ -84,7 +92,7 @@ CHATS = [[{"role": "user", "content": "Name a colour."}],
          [{"role": "user", "content": "Count the owls in the barn, please."}]]
 PROMPTS = ["Once upon a time", "Once upon a time there was", "The river is called", "日本語のテキスト"]
 
-EXAMPLES = int(os.environ.get("AMLX_SERVE_STATEFUL_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("AMLX_SERVE_STATEFUL_EXAMPLES", "20"))
 
 MALFORMED = [  # (path, raw body or JSON, content type) -> a 4xx
     ("/v1/chat/completions", b"{not json", "application/json"),
@@ -267,6 +275,7 @@ class Recorded:
         self.finished = False  # the server read its last token
         self.ended = False  # the stream ended (StopAsyncIteration)
         self.closed_early = False  # closed before its last token
+        self.closed = False  # closed by the server (which closes only a choice it has not seen end)
         self.failed = False  # failed on purpose (see FAIL_SEED)
 
     def __aiter__(self):
@@ -288,6 +297,7 @@ class Recorded:
         return tok
 
     def close(self) -> None:
+        self.closed = True
         if not self.finished:
             self.closed_early = True
         self.stream.close()
@@ -797,20 +807,23 @@ async def _run_clients(served: Served, queue: int, clients: list[Client]) -> Non
     await _until(lambda: all(r.finished or r.closed_early or r.failed for r in recs), "reference generations ended")
     async with httpx.AsyncClient(base_url=url, timeout=GUARD) as http:
         m = _metrics((await http.get("/metrics")).text)
-    # finished: each generation whose last token the server read; cancelled ("because the client
-    # went away"): each other one, but those of a request refused or failed (no client left)
+    # finished: each generation whose last token the server handled (it then never closes it; a
+    # last token read but not yet handled when the request ended counts as closed); cancelled
+    # ("because the client went away"): each one it closed, but those of a request refused or
+    # failed (no client left)
     failed = {id(r) for c in clients if c.kind == "gen" and any(x.failed for x in c.recs) for r in c.recs}
-    finished = sum(r.finished for r in recs)
-    cancelled = sum(not r.finished and r.options.get("seed") is not None and id(r) not in failed for r in recs)
+    finished = sum(r.finished and not r.closed for r in recs)
+    cancelled = sum(r.closed and r.options.get("seed") is not None and id(r) not in failed for r in recs)
     assert _sum(m, "amlx_generations_finished_total") == finished, (finished, m)
     assert _sum(m, "amlx_requests_cancelled_total") == cancelled, (cancelled, m)
     left = sum(c.count for c in clients if c.kind == "gen" and c.behaviour in ("drop", "stall", "leave")) + \
         sum(c.kind == "raw" and c.path == "request, gone" for c in clients)
     assert cancelled <= left
-    # tokens: those read from the engine (less, for a generation closed early, any read but
-    # not yet handled when its client left)
+    # tokens: those read from the engine (less, for a generation closed or of a failed request,
+    # any read but not yet handled when the request ended)
     counted, read = _sum(m, "amlx_generation_tokens_total"), sum(len(r.tokens) for r in recs)
-    assert read - sum(len(r.tokens) for r in recs if r.closed_early) <= counted <= read, (counted, read)
+    unsure = sum(len(r.tokens) for r in recs if r.closed or id(r) in failed)
+    assert read - unsure <= counted <= read, (counted, read)
     statuses = [c.status for c in clients if c.status is not None and c.status >= 400]
     unseen = sum(c.status is None for c in clients)  # (left before the status line: a 429 maybe)
     for status in set(statuses) | {429}:
