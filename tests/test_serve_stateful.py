@@ -917,3 +917,38 @@ def test_a_client_gone_while_sending_its_body_is_no_error(ckpt):
             assert not [k for k in m if k.startswith("amlx_request_errors_total")], m
 
     asyncio.run(body())
+
+
+def test_echo_logprobs_of_a_request_past_the_queue_are_not_computed(ckpt):
+    """With every admission slot taken, a /v1/completions request with echo and logprobs is a
+    429, as any request past the queue is; it first computed its prompt's logprobs (a prefill
+    on the engine per prompt, outside admission control), then was refused."""
+    async def body():
+        async with _serving(ckpt, 0) as served:  # BATCH generations at once, no queue
+            calls = []
+            prompt_logprobs = served.model.prompt_logprobs
+
+            async def recording(*args, **kwargs):
+                calls.append(args)
+                return await prompt_logprobs(*args, **kwargs)
+
+            served.model.prompt_logprobs = recording
+            async with httpx.AsyncClient(base_url=served.url, timeout=GUARD) as http:
+                busy = {"model": MODEL, "prompt": "Once upon a time", "n": BATCH, "max_tokens": LONG, "stream": True,
+                        "temperature": 0}
+                async with http.stream("POST", "/v1/completions", json=busy) as held:
+                    assert held.status_code == 200
+                    await _until(lambda: len(served.recs) == BATCH, "the slots taken")
+                    async with httpx.AsyncClient(base_url=served.url, timeout=GUARD) as other:
+                        r = await other.post("/v1/completions", json={
+                            "model": MODEL, "prompt": ["The river is called", "Once upon a time"], "echo": True,
+                            "logprobs": 2, "max_tokens": 3})
+                    assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
+                    assert calls == []
+                await _until(lambda: _idle(served.model.stats()), "the engine idle")
+                r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "The river is called",
+                                                             "echo": True, "logprobs": 2, "max_tokens": 3})
+                assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("The river is called")
+                assert len(calls) == 1 and served.app.state.server.admission.inflight == 0
+
+    asyncio.run(body())

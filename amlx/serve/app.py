@@ -98,7 +98,15 @@ class Server:
                          want_logprobs=bool(opts.get("logprobs")), keepalive=self.settings.keepalive, arrived=arrived)
         echo = None
         if echo_texts is not None:  # (with logprobs, the prompts' own logprobs first: a prefill each)
-            echo = await gen.echo(prompt_ids, echo_texts, opts.get("top_logprobs", 0) if opts.get("logprobs") else None)
+            # Admitted first: a request past the queue is a 429 before its prompts' logprobs are
+            # computed on the engine (they were, outside admission control, and then refused).
+            gen.admit(count)
+            try:
+                echo = await gen.echo(prompt_ids, echo_texts,
+                                      opts.get("top_logprobs", 0) if opts.get("logprobs") else None)
+            except BaseException:
+                gen.close()  # (gives the slots back)
+                raise
         gen.start(prompt_ids, opts, req.n, echo)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -193,12 +193,19 @@ class Generation:
             out.append(echo)
         return out
 
+    def admit(self, count: int) -> None:
+        """Takes `count` admission slots (APIError 429 past the queue); close() gives them back.
+        Called before any engine work for the request (echo's prompt logprobs too)."""
+        if not self._admitted:
+            self._admission.acquire(count)
+            self._admitted = count
+
     def start(self, prompts: list[list[int]], options: dict[str, Any], n: int, echo: list[Echo] | None = None) -> None:
-        """Submits n generations per prompt (choice p*n + j: prompt p, seed + j); raises APIError
-        with nothing left running. `echo`: each prompt's (see `echo`), shown before its choices."""
+        """Submits n generations per prompt (choice p*n + j: prompt p, seed + j), admitted first
+        unless `admit` was called; raises APIError with nothing left running. `echo`: each
+        prompt's (see `echo`), shown before its choices."""
         self.n = n
-        self._admission.acquire(len(prompts) * n)
-        self._admitted = len(prompts) * n
+        self.admit(len(prompts) * n)
         try:
             for p, ids in enumerate(prompts):
                 for opts in choice_options(options, n):
