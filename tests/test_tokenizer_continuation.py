@@ -10,43 +10,25 @@ wherever the prompt ends in a character that does not join the next (here ":").
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer
 
 import amlx
-from amlx.tokenizer import Tokenizer
 from tests.helpers.checkpoints import make_checkpoint
-from tests.helpers.tokenizers import write_tokenizer
-from tests.test_text_streams_fuzz import _write_llama_style
+from tests import test_text_streams_fuzz as streams
 
-KINDS = ("bpe", "spm", "llama2", "metaspace")
+# the four tokenizer pipelines, and their fixture (kind -> amlx's, transformers', hard ids)
+KINDS, pairs, _write_llama_style = streams.KINDS, streams.pairs, streams._write_llama_style
+
 WORDS = ["sports", "the", "cat", "é", "日本", "😀", "a", "x1", "Politics", "ok!"]
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    out = {}
-    for kind in KINDS:
-        path = tmp_path_factory.mktemp(f"cont_{kind}")
-        if kind in ("bpe", "spm"):
-            write_tokenizer(path, kind)
-        else:
-            _write_llama_style(path, kind)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out[kind] = (Tokenizer.from_dir(path), AutoTokenizer.from_pretrained(path))
-    return out
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(words=st.lists(st.sampled_from(WORDS), min_size=1, max_size=4), prompt=st.sampled_from(["Answer:", "Q: a?\nA:"]))
 def test_a_continuation_tokenizes_as_it_does_after_its_prompt(pairs, kind, words, prompt):
-    ours, hf = pairs[kind]
+    ours, hf, _ = pairs[kind]
     text = "".join(" " + w for w in words)
     together = hf.encode(prompt + text, add_special_tokens=False)
     alone = hf.encode(prompt, add_special_tokens=False)
@@ -57,7 +39,7 @@ def test_a_continuation_tokenizes_as_it_does_after_its_prompt(pairs, kind, words
 def test_the_old_reading_differed_on_llama2(pairs):
     """What continuation_ids fixes: a Llama-2-style tokenizer puts "▁" before a text of its
     own, so " sports" alone is "▁", "▁sp"... (two spaces), not what follows a prompt."""
-    ours, _ = pairs["llama2"]
+    ours, _, _ = pairs["llama2"]
     assert ours.encode(" sports", add_special_tokens=False) != ours.continuation_ids(" sports")
     assert ours.decode(ours.continuation_ids(" sports")) == "sports"  # (a text's first "▁" dropped)
 
@@ -68,7 +50,7 @@ def test_the_old_reading_differed_on_llama2(pairs):
 def test_token_texts_join_to_the_text_they_continue(pairs, kind, words):
     """Each token's text as it reads after earlier text: joined, the tokens of an ASCII
     continuation give it back, space included (decoded alone, "▁the" is "the" on Llama 2)."""
-    ours, hf = pairs[kind]
+    ours, hf, _ = pairs[kind]
     text = "".join(" " + w for w in words)
     ids = ours.continuation_ids(text)
     assert "".join(ours.token_text(i) for i in ids) == text
