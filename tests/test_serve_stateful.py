@@ -952,3 +952,45 @@ def test_echo_logprobs_of_a_request_past_the_queue_are_not_computed(ckpt):
                 assert len(calls) == 1 and served.app.state.server.admission.inflight == 0
 
     asyncio.run(body())
+
+
+def test_a_client_gone_during_echo_logprobs_stops_them(ckpt):
+    """The prompt logprobs of an echo request (a prefill on the engine) ran on after its client
+    had gone, holding its admission slots; nothing listened for the disconnect until the
+    generations started. Here they never end by themselves (the wrapper waits for good): the
+    client leaves, and they must be cancelled, the slots given back, nothing counted."""
+    async def body():
+        async with _serving(ckpt, 4) as served:
+            state = {"called": 0, "cancelled": 0}
+
+            async def stuck(*args, **kwargs):
+                state["called"] += 1
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    state["cancelled"] += 1
+                    raise
+
+            served.model.prompt_logprobs = stuck
+            for stream in (False, True):
+                http = httpx.AsyncClient(base_url=served.url, timeout=GUARD)
+                task = asyncio.ensure_future(http.post("/v1/completions", json={
+                    "model": MODEL, "prompt": "Once upon a time", "echo": True, "logprobs": 1, "max_tokens": 3,
+                    "stream": stream}))
+                await _until(lambda: state["called"] == 1 + stream, "the prompt logprobs asked")
+                task.cancel()  # the client gives up: its connection closes
+                await asyncio.gather(task, return_exceptions=True)
+                await http.aclose()
+                try:
+                    with anyio.fail_after(10):  # (a guard: without a watch they never end)
+                        while state["cancelled"] < 1 + stream:
+                            await asyncio.sleep(0.01)
+                except TimeoutError:
+                    raise AssertionError("the prompt logprobs of a request whose client left ran on") from None
+            await _until(lambda: not served.server.server_state.tasks, "the requests handled")
+            assert served.app.state.server.admission.inflight == 0 and not served.recs
+            async with httpx.AsyncClient(base_url=served.url, timeout=GUARD) as http:
+                m = _metrics((await http.get("/metrics")).text)
+            assert not [k for k in m if k.startswith("amlx_request_errors_total")], m
+
+    asyncio.run(body())

@@ -31,7 +31,7 @@ from amlx.serve.metrics import CONTENT_TYPE, Metrics
 from amlx.serve.options import check_completion_fields, generation_options
 from amlx.serve.responses import ChatShape, CompletionShape
 from amlx.serve.schemas import ChatRequest, CompletionRequest
-from amlx.serve.streaming import EventStreamResponse, collect, sse_body
+from amlx.serve.streaming import EventStreamResponse, collect, sse_body, unless_gone
 from amlx.toolcalls import detect_format
 
 _STATIC = resources.files("amlx.serve") / "static"
@@ -101,12 +101,15 @@ class Server:
             # Admitted first: a request past the queue is a 429 before its prompts' logprobs are
             # computed on the engine (they were, outside admission control, and then refused).
             gen.admit(count)
+            top_n = opts.get("top_logprobs", 0) if opts.get("logprobs") else None
             try:
-                echo = await gen.echo(prompt_ids, echo_texts,
-                                      opts.get("top_logprobs", 0) if opts.get("logprobs") else None)
-            except BaseException:
-                gen.close()  # (gives the slots back)
-                raise
+                # (a client gone meanwhile stops it, as one gone during a prefill stops that)
+                here, echo = await unless_gone(request, lambda: gen.echo(prompt_ids, echo_texts, top_n))
+            finally:
+                if echo is None:
+                    gen.close()  # (gives the slots back)
+            if not here:
+                return Response(status_code=499)  # nobody is listening
         gen.start(prompt_ids, opts, req.n, echo)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import anyio
 from fastapi import Request
@@ -97,6 +97,29 @@ async def sse_body(gen: Generation, shape: Any, include_usage: bool) -> AsyncIte
 async def _wait_disconnect(receive: Callable[[], Any]) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def unless_gone(request: Request, work: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
+    """Runs `work()` while listening for the client's disconnect: (True, its result), or
+    (False, None) when the client went away first (the work is then cancelled). For engine
+    work before any generation starts (echo's prompt logprobs), which nothing else watches."""
+    result: list[Any] = []
+    error: Exception | None = None  # raised after the task group, which would wrap it in an ExceptionGroup
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            await _wait_disconnect(request.receive)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            result.append(await work())
+        except Exception as exc:  # noqa: BLE001 - re-raised below
+            error = exc
+        tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return (True, result[0]) if result else (False, None)
 
 
 async def collect(gen: Generation, request: Request) -> bool:
