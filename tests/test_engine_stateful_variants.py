@@ -237,6 +237,10 @@ class KvBitsMachine(_Variant):
     BITS = 8
     CONFIG = "kv8"
     LOAD_OPTIONS = {"kv_bits": 8}
+    # compiled steps over a quantized pool keep more constants per traced shape: a speculative
+    # Gemma 3 example (a draft model, 2 shards) held 21 KB; 60 rounds of mixed batches in that
+    # setup held about 5 KB more than with a float32 pool, flat from the 10th (no leak)
+    SLACK = 32 * 1024
 
     def _loaded(self) -> None:
         """Records each request's tokens when it is first preempted while decoding: its
@@ -259,6 +263,8 @@ class KvBitsMachine(_Variant):
             text = "".join(t.text for t in rec.tokens)
             if rec.state == "finished":
                 self._check_constraint(rec, text)
+            if self.SPECULATIVE and rec.sampling.startswith("seeded"):
+                continue  # (as in the original: its draws depend on the room left for its drafts)
             solo = self.arch.solo(rec.prompt, rec.options)
             stream = rec.engine_stream
             exact = self.preempted_at.get(stream.request, len(ids)) if stream is not None else len(ids)
@@ -320,6 +326,14 @@ class KvBits4Machine(KvBitsMachine):
     LOAD_OPTIONS = {"kv_bits": 4}
 
 
+class SpeculativeKvBitsMachine(KvBitsMachine):
+    """Drafting over a quantized pool: greedy output is plain decoding's but where a last-bit
+    difference moves a stored value to the next level (README's speculative paragraph): the
+    same near-tie rule."""
+
+    SPECULATIVE = True
+
+
 EXAMPLES = int(os.environ.get("AMLX_STATEFUL_EXAMPLES", "5"))  # (more for a longer hunt)
 _SETTINGS = settings(max_examples=EXAMPLES, stateful_step_count=25, deadline=None,
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
@@ -337,6 +351,10 @@ def test_speculative_weights_changed_mid_run_state_machine(worlds):
 
 def test_kv_bits_8_state_machine(worlds):
     run_state_machine_as_test(KvBitsMachine, settings=_SETTINGS)
+
+
+def test_speculative_kv_bits_8_state_machine(worlds):
+    run_state_machine_as_test(SpeculativeKvBitsMachine, settings=settings(_SETTINGS, max_examples=max(1, EXAMPLES // 2)))
 
 
 def test_kv_bits_4_state_machine(worlds):
