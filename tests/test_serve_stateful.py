@@ -91,6 +91,7 @@ CHATS = [[{"role": "user", "content": "Name a colour."}],
          [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
          [{"role": "user", "content": "Count the owls in the barn, please."}]]
 PROMPTS = ["Once upon a time", "Once upon a time there was", "The river is called", "日本語のテキスト"]
+PROMPT_IDS = [[17, 250, 301, 44], [17, 250, 301, 44, 590, 12], [333, 48]]  # token-id prompts (no echo drawn)
 
 EXAMPLES = int(os.environ.get("AMLX_SERVE_STATEFUL_EXAMPLES", "20"))
 
@@ -147,7 +148,7 @@ class Client:
     @property
     def count(self) -> int:
         prompt = self.body.get("prompt") if isinstance(self.body, dict) else None
-        prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else 1
+        prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
         return self.body.get("n", 1) * prompts
 
 
@@ -159,7 +160,9 @@ def generation(draw, number: int) -> Client:
         body["messages"] = draw(st.sampled_from(CHATS))
     else:
         body["prompt"] = draw(st.one_of(st.sampled_from(PROMPTS), st.lists(st.sampled_from(PROMPTS), min_size=2,
-                                                                             max_size=2)))
+                                                                             max_size=2),
+                                        st.sampled_from(PROMPT_IDS), st.lists(st.sampled_from(PROMPT_IDS), min_size=2,
+                                                                              max_size=2)))
     stream = draw(st.booleans())
     behaviour = draw(st.sampled_from(["read"] * 6 + (["drop", "drop", "stall", "stall_read"] if stream else
                                                      ["leave", "leave"])))
@@ -205,8 +208,9 @@ def generation(draw, number: int) -> Client:
                 body["top_logprobs"] = top
         else:
             body["logprobs"] = top
-    if not chat and draw(st.booleans()):
-        body["echo"] = True
+    texts = not chat and (isinstance(body["prompt"], str) or all(isinstance(x, str) for x in body["prompt"]))
+    if texts and draw(st.booleans()):
+        body["echo"] = True  # (text prompts: the echo is checked against them)
     if stream:
         body["stream"] = True
         if draw(st.booleans()):
