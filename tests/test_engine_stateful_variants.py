@@ -73,7 +73,11 @@ class _VArch(_Arch):
 
     def __init__(self, root: Path, arch: str, ckpt: dict, load: dict) -> None:
         self.name = arch
+        ckpt = dict(ckpt)
+        bits = ckpt.pop("quantize", None)
         self.path = make_checkpoint(root / arch, arch, seed=0, **ckpt)
+        if bits is not None:  # (MLX's quantized format, made by amlx.convert)
+            self.path = amlx.convert(self.path, root / f"{arch}-q{bits}", quantize=bits, group_size=32, progress=False)
         self.ref = amlx.load_sync(self.path, prefix_cache=False, max_batch_size=1, **load)
         self.block_bytes = self.ref.engine.scheduler.block_bytes()
         self.solos = {}
@@ -108,7 +112,8 @@ class _VWorld(_World):
 _WORLDS: dict[str, _VWorld] | None = None
 # per variant: the checkpoints' options and the reference engine's (kv_bits needs a head
 # dimension divisible by 32)
-CONFIGS = {"weights": ({}, {}), "kv8": ({"head_dim": 64}, {"kv_bits": 8}), "kv4": ({"head_dim": 64}, {"kv_bits": 4})}
+CONFIGS = {"weights": ({}, {}), "kv8": ({"head_dim": 64}, {"kv_bits": 8}), "kv4": ({"head_dim": 64}, {"kv_bits": 4}),
+           "q4": ({"quantize": 4}, {})}
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +262,14 @@ class KvBitsMachine(_Variant):
 
         pools.release = recording
 
+    def _noise(self) -> float:
+        """How far log-probabilities may move before the request's first preemption."""
+        return LOGPROB_TOL[self.arch.name, self.BITS]
+
+    def _tie(self) -> float:
+        """How far they may move after it (a near-tie's width there)."""
+        return TIE[self.BITS]
+
     def _check_results(self, log: str) -> None:
         for rec in self.recs:
             ids = [t.id for t in rec.tokens]
@@ -280,7 +293,7 @@ class KvBitsMachine(_Variant):
                 continue
             self._check_logprobs(rec, solo, first, exact, where)
             assert first < min(len(ids), len(want)), f"{ids} != solo {want}: it ended elsewhere: {where}"
-            tie = TIE[self.BITS] if first >= exact else 2 * LOGPROB_TOL[self.arch.name, self.BITS]
+            tie = self._tie() if first >= exact else 2 * self._noise()
             tied = self._near_tie(rec, stream.request.prompt, ids, first, tie)
             assert tied or tied is None and first >= exact, \
                 f"{ids} != solo {want} at {first}, not a near-tie (within {tie}: {tied}): {where}"
@@ -304,7 +317,7 @@ class KvBitsMachine(_Variant):
             return ids[first] in top and top[ranked.token_ids[first]] - top[ids[first]] <= tie
         bias = {**(rec.options.get("logit_bias") or {})}
         if rec.constraint is None and rec.sampling == "penalty":
-            bias[ids[first]] = bias.get(ids[first], 0.0) + TIE[self.BITS]
+            bias[ids[first]] = bias.get(ids[first], 0.0) + self._tie()
             opts = {**SAMPLING[rec.sampling], "max_tokens": 1, "logit_bias": bias}
             return self.arch.solo(prompt_ids + ids[:first], opts).token_ids == [ids[first]]
         bias[ids[first]] = bias.get(ids[first], 0.0) + tie
@@ -316,7 +329,7 @@ class KvBitsMachine(_Variant):
         before the request's first preemption (`exact` tokens), within TIE after it."""
         if rec.options.get("logprobs"):
             off = np.abs(np.asarray([t.logprob for t in rec.tokens[:n]]) - solo.logprobs[:n])
-            bound = np.where(np.arange(n) < exact, LOGPROB_TOL[self.arch.name, self.BITS], TIE[self.BITS])
+            bound = np.where(np.arange(n) < exact, self._noise(), self._tie())
             assert (off <= bound).all(), f"log-probabilities off by {off.round(4).tolist()} at n={n}: {where}"
 
 
@@ -324,6 +337,27 @@ class KvBits4Machine(KvBitsMachine):
     BITS = 4
     CONFIG = "kv4"
     LOAD_OPTIONS = {"kv_bits": 4}
+
+
+class QuantizedModelMachine(KvBitsMachine):
+    """A 4-bit model (MLX's format, amlx.convert) with a float pool. On the CPU its decode
+    steps round activations to int8 (README: "a prompt's rows always take the float kernels,
+    so the prefix cache and batching leave a quantized model's greedy output as it is, except
+    where a later prompt reuses a reply that decode steps wrote into the cache"): a request
+    equals its solo run up to floating-point noise until it is first preempted; its recompute
+    prefills its reply with the float kernels, so from there a near-tie may break (about
+    0.014 in log-probability, fae2372)."""
+
+    BITS = 4
+    CONFIG = "q4"
+    LOAD_OPTIONS = {}
+    SLACK = EngineMachine.SLACK
+
+    def _noise(self) -> float:
+        return 1e-4
+
+    def _tie(self) -> float:
+        return 0.5
 
 
 class SpeculativeKvBitsMachine(KvBitsMachine):
@@ -355,6 +389,17 @@ def test_kv_bits_8_state_machine(worlds):
 
 def test_speculative_kv_bits_8_state_machine(worlds):
     run_state_machine_as_test(SpeculativeKvBitsMachine, settings=settings(_SETTINGS, max_examples=max(1, EXAMPLES // 2)))
+
+
+QUANTIZED_BATCHES = ("a 4-bit model's decode steps on the CPU (activations rounded to int8) give other "
+                     "log-probabilities batched than alone: up to 0.036 for Qwen3 (tokens equal there), while "
+                     "the int8 kernel itself is batch-invariant and AMLX_CPU_INT8=0 is exact: open, see "
+                     "test_a_quantized_model_decodes_alike_batched_and_alone")
+
+
+@pytest.mark.xfail(strict=False, reason=QUANTIZED_BATCHES)
+def test_quantized_model_state_machine(worlds):
+    run_state_machine_as_test(QuantizedModelMachine, settings=settings(_SETTINGS, max_examples=max(1, EXAMPLES // 2)))
 
 
 def test_kv_bits_4_state_machine(worlds):
@@ -391,3 +436,31 @@ def test_a_request_running_across_a_weights_change_caches_nothing(worlds):
     finally:
         arch.set_version(0)
     assert got.usage.cached_tokens == 0 and got.token_ids == want.token_ids
+
+
+@pytest.mark.xfail(strict=False, reason=QUANTIZED_BATCHES)
+def test_a_quantized_model_decodes_alike_batched_and_alone(worlds):
+    """What the quantized-model machine found first (a Gemma 3 request never preempted, its
+    tokens equal, its log-probabilities up to 0.03 off): four prompts submitted together to a
+    4-bit Qwen3 on the CPU against each alone (README: batching leaves a quantized model's
+    greedy output as it is; DESIGN.md: never beyond floating-point noise). The shortest prompt's
+    log-probabilities part from its 10th token by up to 0.036, every run; with AMLX_CPU_INT8=0
+    they agree to 1e-5, and cpu_kernels.gemv's int8 product gives each row the same bits in a
+    batch of 1 to 4. With AMLX_DECODE_KERNEL=0 the shortest prompt agrees too, and only the
+    first one is 0.001 off at one token (AMLX_CHAIN_CHANGES=0 and AMLX_JOIN_WAIT=0 change
+    nothing): so the CPU decode kernel's path and the int8 rounding together, and a second
+    smaller source. Not found yet."""
+    arch = QuantizedModelMachine._world().arch("qwen3")
+    rng = np.random.default_rng(0)
+    prompts = [[int(x) for x in rng.integers(10, 600, n)] for n in (33, 20, 41, 12)]
+    want = [arch.solo(p, {"max_tokens": 20, "logprobs": True}) for p in prompts]
+
+    async def body():
+        async with await amlx.load(arch.path, prefix_cache=False, max_batch_size=4) as m:
+            with anyio.fail_after(GUARD):  # (a guard)
+                streams = [m.generate(p, max_tokens=20, logprobs=True) for p in prompts]
+                return [[t async for t in s] for s in streams]
+
+    for got, w in zip(anyio.run(body), want):
+        assert [t.id for t in got] == w.token_ids
+        np.testing.assert_allclose([t.logprob for t in got], w.logprobs, atol=1e-4)
