@@ -124,25 +124,12 @@ async def unless_gone(request: Request, work: Callable[[], Awaitable[Any]]) -> t
 
 async def collect(gen: Generation, request: Request) -> bool:
     """Runs every choice to its end; False if the client went away first (all cancelled)."""
-    finished = False
-    error: APIError | None = None  # raised after the task group, which would wrap it in an ExceptionGroup
+    async def drain() -> None:
+        async for _ in gen.events():
+            pass
+
     try:
-        async with anyio.create_task_group() as tg:
-
-            async def watch() -> None:
-                await _wait_disconnect(request.receive)
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(watch)
-            try:
-                async for _ in gen.events():
-                    pass
-                finished = True
-            except APIError as exc:
-                error = exc
-            tg.cancel_scope.cancel()
+        finished, _ = await unless_gone(request, drain)
     finally:
         gen.close()
-    if error is not None:
-        raise error
     return finished
