@@ -720,3 +720,34 @@ def test_prefix_hits_count_once_for_a_request_that_waits_a_round(ckpt, monkeypat
             assert after["prefix_misses"] - before["prefix_misses"] == 2
 
     _run(body)
+
+
+def test_a_quantized_model_s_extend_pass_takes_the_prefill_s_products(ckpt, tmp_path, monkeypatch):
+    """A 4-bit model on the CPU with the extend pass on (AMLX_EXTEND_PASS=1; the CPU's default
+    is off): a prompt behind a cached prefix is prefilled as without the cache. The extend
+    pass has per-row positions, so CausalLM counted it as a decode pass, whose products round
+    activations to int8 (cpu_matmul.decode_pass): the prompt's rows were int8-rounded and the
+    first token's log-probability came 0.05 off. Found by tests/test_engine_stateful_variants.py
+    (its quantized-model machine)."""
+    from amlx.engine import scheduler
+
+    used = []
+    real = scheduler.Scheduler._extend_pass
+    monkeypatch.setattr(scheduler.Scheduler, "_extend_pass", lambda self, *a: used.append(1) or real(self, *a))
+    monkeypatch.setenv("AMLX_EXTEND_PASS", "1")
+    path = amlx.convert(ckpt("qwen3"), tmp_path / "q4", quantize=4, group_size=32, progress=False)
+    base = _ids(1, 40)
+    prompts = [base + _ids(2, 9), base + _ids(3, 3), base[:33] + _ids(4, 12)]
+
+    async def body():
+        async with await amlx.load(path, prefix_cache=False) as off, await amlx.load(path) as on:
+            await on.complete(base, max_tokens=1)
+            for p in prompts:
+                want = await off.complete(p, max_tokens=6, logprobs=True)
+                got = await on.complete(p, max_tokens=6, logprobs=True)
+                assert got.usage.cached_tokens == 2 * BS
+                assert got.token_ids == want.token_ids
+                np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-4)
+
+    _run(body)
+    assert used  # (the extend pass ran)

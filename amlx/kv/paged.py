@@ -111,10 +111,11 @@ class PagedLayer:
         self.tables = tables
         self.window = window
         self.bits, self.group = bits, group
-        # with `bits`, how a pass of several new tokens per row at per-row positions
-        # (`update_verify`) attends them: False, each its own key and value as computed (a
-        # verify pass, as decode steps do); True, as the pool holds them (a prompt's extend
-        # pass, as a plain prefill does: `ShardPools.extend_pass` sets it)
+        # a pass of several new tokens per row at per-row positions (`update_verify`): False,
+        # a verify pass, whose tokens (with `bits`) attend their own keys and values as computed,
+        # as decode steps do; True, a prompt's extend pass (`ShardPools.extend_pass` sets it),
+        # a prefill: its tokens attend as the pool holds them, and its products are a prefill's
+        # (CausalLM: not the CPU's int8 ones of decode steps)
         self.as_stored = False
 
     @property

@@ -496,8 +496,11 @@ class CausalLM(Module):
         # an engine's pass (it has a cache) with the kernels on: on CUDA its matmuls of a few
         # rows by small weights go to dense_rows (`applies`); never a training pass (no cache),
         # which needs gradients, which a custom kernel has none of
+        # (a prompt's extend pass has per-row positions too, but it is a prefill: its rows take
+        # the prefill's products, not the int8 ones; its views say so, `PagedLayer.as_stored`)
+        prompt = bool(cache) and getattr(cache[0], "as_stored", False)
         with dense_rows.within(cache is not None and self.model.decode_kernel), \
-                cpu_matmul.decode_pass(cache is not None and not isinstance(pos, int)):
+                cpu_matmul.decode_pass(cache is not None and not isinstance(pos, int) and not prompt):
             h = self.model(ids, cache, pos, pace)
             if last is not None:
                 if length > 1:
