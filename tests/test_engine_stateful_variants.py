@@ -25,10 +25,16 @@ rounds and `weights_changed`):
   large: LOGPROB_TOL says how large.)
   Scores are computed in a cache of their own and equal the solo engine's.
 
+- a 4-bit model (amlx.convert; on the CPU its decode steps round activations to int8): the
+  kv_bits checks, with the int8 rounding's noise (QuantizedModelMachine);
+- speculative decoding with changed weights and with kv_bits.
+
 Each machine draws the same scheduler switches as the original. AMLX_STATEFUL_EXAMPLES
 raises the number of examples for a longer hunt (AMLX_STATEFUL_NOSHRINK=1: its first failure
 unshrunk). Found so far: the extend pass over a quantized pool attended as a verify pass does
-(tests/test_kv_bits.py::test_the_extend_pass_over_a_quantized_pool_matches_the_plain_prefill).
+(tests/test_kv_bits.py::test_the_extend_pass_over_a_quantized_pool_matches_the_plain_prefill),
+and on the CPU it rounded a quantized model's prompt rows to int8 as decode steps do
+(tests/test_prefix_cache.py::test_a_quantized_model_s_extend_pass_takes_the_prefill_s_products).
 """
 
 from __future__ import annotations
