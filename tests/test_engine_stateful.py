@@ -730,11 +730,18 @@ class SpeculativeMachine(EngineMachine):
     SPECULATIVE = True
 
 
-EXAMPLES = int(os.environ.get("AMLX_STATEFUL_EXAMPLES", "10"))  # (more for a longer hunt)
-_SETTINGS = settings(max_examples=EXAMPLES, stateful_step_count=25, deadline=None,
-                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-                     # (AMLX_STATEFUL_NOSHRINK=1: a long hunt reports its first failure unshrunk)
-                     phases=[p for p in Phase if p is not Phase.shrink or not os.environ.get("AMLX_STATEFUL_NOSHRINK")])
+def stateful_settings(default_examples: int) -> tuple[int, settings]:
+    """(examples, settings) of a state machine test: AMLX_STATEFUL_EXAMPLES (else
+    `default_examples`) examples of 25 steps; AMLX_STATEFUL_NOSHRINK=1: a long hunt reports its
+    first failure unshrunk."""
+    examples = int(os.environ.get("AMLX_STATEFUL_EXAMPLES", str(default_examples)))
+    return examples, settings(
+        max_examples=examples, stateful_step_count=25, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+        phases=[p for p in Phase if p is not Phase.shrink or not os.environ.get("AMLX_STATEFUL_NOSHRINK")])
+
+
+EXAMPLES, _SETTINGS = stateful_settings(10)  # (more for a longer hunt: AMLX_STATEFUL_EXAMPLES)
 
 
 def test_engine_state_machine(world):

@@ -47,7 +47,7 @@ from pathlib import Path
 import anyio
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule, run_state_machine_as_test
 
@@ -55,7 +55,8 @@ import amlx
 from amlx.train.lora import apply_lora, lora_modules, remove_lora
 from amlx._mlx import array
 from tests.helpers.checkpoints import make_checkpoint
-from tests.test_engine_stateful import GUARD, PREFIXES, SAMPLING, SUFFIXES, EngineMachine, _Arch, _World
+from tests.test_engine_stateful import GUARD, PREFIXES, SAMPLING, SUFFIXES, EngineMachine, _Arch, _World, \
+    stateful_settings
 
 # Passes that sum in other orders than the solo run's (a prompt prefilled in chunks, or
 # batched, or behind a cached prefix by the extend pass) differ in the last bits, and over a
@@ -377,11 +378,7 @@ class SpeculativeKvBitsMachine(KvBitsMachine):
     SPECULATIVE = True
 
 
-EXAMPLES = int(os.environ.get("AMLX_STATEFUL_EXAMPLES", "5"))  # (more for a longer hunt)
-_SETTINGS = settings(max_examples=EXAMPLES, stateful_step_count=25, deadline=None,
-                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-                     # (AMLX_STATEFUL_NOSHRINK=1: a long hunt reports its first failure unshrunk)
-                     phases=[p for p in Phase if p is not Phase.shrink or not os.environ.get("AMLX_STATEFUL_NOSHRINK")])
+EXAMPLES, _SETTINGS = stateful_settings(5)  # (more for a longer hunt: AMLX_STATEFUL_EXAMPLES)
 
 
 def test_weights_changed_mid_run_state_machine(worlds):

@@ -64,7 +64,7 @@ from hypothesis import strategies as st
 
 import amlx
 from amlx.serve.app import Settings, create_app
-from tests.helpers.serving import serve_checkpoint
+from tests.helpers.serving import parse_metrics, serve_checkpoint
 
 MODEL = "tiny"
 BATCH = 4
@@ -651,13 +651,6 @@ def _idle(stats: dict) -> bool:
     return stats["active_requests"] == 0 and stats["waiting_requests"] == 0 and stats["kv_cache"]["blocks_used"] == 0
 
 
-def _metrics(text: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 def _sum(metrics: dict[str, float], prefix: str) -> float:
@@ -810,7 +803,7 @@ async def _run_clients(served: Served, queue: int, clients: list[Client]) -> Non
     # the server's books
     await _until(lambda: all(r.finished or r.closed_early or r.failed for r in recs), "reference generations ended")
     async with httpx.AsyncClient(base_url=url, timeout=GUARD) as http:
-        m = _metrics((await http.get("/metrics")).text)
+        m = parse_metrics((await http.get("/metrics")).text)
     # finished: each generation whose last token the server handled (it then never closes it; a
     # last token read but not yet handled when the request ended counts as closed); cancelled
     # ("because the client went away"): each one it closed, but those of a request refused or
@@ -864,7 +857,7 @@ def test_a_request_refused_midway_cancels_nothing_a_client_left(ckpt):
                 assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
                 assert len(served.recs) == 2 and all(rec.closed_early for rec in served.recs)
                 await _until(lambda: _idle(served.model.stats()), "the engine idle")
-                m = _metrics((await http.get("/metrics")).text)
+                m = parse_metrics((await http.get("/metrics")).text)
                 assert _sum(m, "amlx_requests_cancelled_total") == 0, m
                 assert m['amlx_request_errors_total{status="400"}'] == 1
                 assert served.app.state.server.admission.inflight == 0
@@ -892,7 +885,7 @@ def test_a_failed_choice_cancels_nothing_a_client_left(ckpt):
                 await _until(lambda: _idle(served.model.stats()), "the engine idle")
                 assert len(served.recs) == 6 and sum(rec.failed for rec in served.recs) == 2
                 assert all(rec.failed or rec.closed_early for rec in served.recs)
-                m = _metrics((await http.get("/metrics")).text)
+                m = parse_metrics((await http.get("/metrics")).text)
                 assert _sum(m, "amlx_requests_cancelled_total") == 0, m
                 assert served.app.state.server.admission.inflight == 0
 
@@ -917,7 +910,7 @@ def test_a_client_gone_while_sending_its_body_is_no_error(ckpt):
                 await writer.wait_closed()
                 await _until(lambda: not served.server.server_state.tasks, "the request handled")
             async with httpx.AsyncClient(base_url=served.url, timeout=GUARD) as http:
-                m = _metrics((await http.get("/metrics")).text)
+                m = parse_metrics((await http.get("/metrics")).text)
             assert not [k for k in m if k.startswith("amlx_request_errors_total")], m
 
     asyncio.run(body())
@@ -994,7 +987,7 @@ def test_a_client_gone_during_echo_logprobs_stops_them(ckpt):
             await _until(lambda: not served.server.server_state.tasks, "the requests handled")
             assert served.app.state.server.admission.inflight == 0 and not served.recs
             async with httpx.AsyncClient(base_url=served.url, timeout=GUARD) as http:
-                m = _metrics((await http.get("/metrics")).text)
+                m = parse_metrics((await http.get("/metrics")).text)
             assert not [k for k in m if k.startswith("amlx_request_errors_total")], m
 
     asyncio.run(body())

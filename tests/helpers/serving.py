@@ -159,13 +159,7 @@ class ServerProcess:
 
     def metrics(self, headers: dict | None = None) -> dict[str, float]:
         """The /metrics samples as {"name{labels}": value}."""
-        text = httpx.get(self.url + "/metrics", headers=headers, timeout=10).text
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                out[key] = float(value)
-        return out
+        return parse_metrics(httpx.get(self.url + "/metrics", headers=headers, timeout=10).text)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -181,3 +175,13 @@ class ServerProcess:
                 self.proc.wait(5)
         self._log_file.close()
         self.log.unlink(missing_ok=True)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as {"name{labels}": value}."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
