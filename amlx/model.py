@@ -217,6 +217,12 @@ class Model:
         stream = self._open(prompt, options, inline=True)
         return _completion(stream._stream, list(stream), self.tokenizer.chat_template)
 
+    async def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        """A prompt's ids; chat messages and long texts are tokenized off the event loop."""
+        if is_heavy(prompt):
+            return await anyio.to_thread.run_sync(self._prompts.ids, prompt)
+        return self._prompts.ids(prompt)
+
     async def score(self, prompt: Prompt, continuations: Sequence[str | Sequence[int]]) -> list[float]:
         """The total log-probability of each continuation right after `prompt` (float32).
 
@@ -227,10 +233,7 @@ class Model:
         generation. An empty continuation scores 0.0."""
         if self._engine.closed:
             raise ClosedError("the model is closed")
-        if is_heavy(prompt):  # chat messages, long texts: tokenized off the event loop
-            ids = await anyio.to_thread.run_sync(self._prompts.ids, prompt)
-        else:
-            ids = self._prompts.ids(prompt)
+        ids = await self._prompt_ids(prompt)
         if isinstance(continuations, (str, bytes, Mapping)) or not isinstance(continuations, Iterable):
             # (a string would score each of its characters)
             raise TypeError(f"continuations must be a list of strings or of token-id lists, "
@@ -265,10 +268,7 @@ class Model:
         if not (isinstance(top_logprobs, int) and not isinstance(top_logprobs, bool)
                 and 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
             raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
-        if is_heavy(prompt):  # chat messages, long texts: tokenized off the event loop
-            ids = await anyio.to_thread.run_sync(self._prompts.ids, prompt)
-        else:
-            ids = self._prompts.ids(prompt)
+        ids = await self._prompt_ids(prompt)
         if not ids:
             raise ValueError("prompt_logprobs needs a prompt of at least one token")
         result = await self._engine.prompt_logprobs(ids, top_logprobs)

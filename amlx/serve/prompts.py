@@ -104,14 +104,8 @@ def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None,
 def completion_prompts(tokenizer, req: CompletionRequest, check_text: Callable[[str], None]) -> list[list[int]]:
     """Prompt ids of each prompt of a completions request (blocking; `check_text`: see
     `render_chat`)."""
-    prompt = req.prompt
-    many: list[str | list[int]]
-    if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
-        many = [prompt]  # type: ignore[list-item]  # one prompt: text, or token ids
-    else:
-        many = prompt  # type: ignore[assignment]
     out = []
-    for p in many:
+    for p in _each_prompt(req):
         if isinstance(p, str):
             check_text(p)
         ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
@@ -124,6 +118,12 @@ def completion_prompts(tokenizer, req: CompletionRequest, check_text: Callable[[
 def completion_texts(tokenizer, req: CompletionRequest, ids: list[list[int]]) -> list[str]:
     """The text of each prompt of a completions request, for `echo`: a text prompt as sent,
     a token-id prompt decoded."""
+    return [p if isinstance(p, str) else tokenizer.decode(list(p)) for p, _ in zip(_each_prompt(req), ids)]
+
+
+def _each_prompt(req: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a completions request: one text or one list of ids, or a list of them."""
     prompt = req.prompt
-    many = [prompt] if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt) else prompt
-    return [p if isinstance(p, str) else tokenizer.decode(list(p)) for p, _ in zip(many, ids)]
+    if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
+        return [prompt]  # type: ignore[list-item]  # one prompt: text, or token ids
+    return prompt  # type: ignore[return-value]
