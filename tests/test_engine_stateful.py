@@ -692,8 +692,10 @@ class EngineMachine(RuleBasedStateMachine):
 
         self._check_results(log)
 
-    def _check_results(self, log: str) -> None:
-        """Each request against its solo run, constraints, scores (after the engine closed)."""
+    def _results(self):
+        """(record, its ids, its text, its solo run) of each request to hold against a solo run,
+        its constraint checked on the way (a speculative seeded row's draws depend on the room
+        left for its drafts: its constraint only)."""
         for rec in self.recs:
             ids = [t.id for t in rec.tokens]
             text = "".join(t.text for t in rec.tokens)
@@ -701,7 +703,16 @@ class EngineMachine(RuleBasedStateMachine):
                 self._check_constraint(rec, text)
             if self.SPECULATIVE and rec.sampling.startswith("seeded"):
                 continue
-            solo = self.arch.solo(rec.prompt, rec.options)
+            yield rec, ids, text, self.arch.solo(rec.prompt, rec.options)
+
+    def _check_scores(self) -> None:
+        for prompt, conts, got in self.scores:
+            want = self.arch.ref_score(prompt, conts)
+            assert np.allclose(got, want, rtol=1e-5, atol=1e-5), (prompt, conts, got, want)
+
+    def _check_results(self, log: str) -> None:
+        """Each request against its solo run, constraints, scores (after the engine closed)."""
+        for rec, ids, text, solo in self._results():
             where = f"request {rec.n} ({rec.how}, {rec.options}, prompt {rec.prompt})\n{log}"
             if rec.state == "finished":
                 assert ids == solo.token_ids, f"{ids} != solo {solo.token_ids}: {where}"
@@ -714,9 +725,7 @@ class EngineMachine(RuleBasedStateMachine):
                 for tok, top in zip(rec.tokens, solo.top_logprobs):
                     assert [i for i, _ in tok.top_logprobs] == [i for i, _ in top], where
                     assert np.allclose([v for _, v in tok.top_logprobs], [v for _, v in top], rtol=1e-5, atol=1e-5)
-        for prompt, conts, got in self.scores:
-            want = self.arch.ref_score(prompt, conts)
-            assert np.allclose(got, want, rtol=1e-5, atol=1e-5), (prompt, conts, got, want)
+        self._check_scores()
 
     def _check_constraint(self, rec: Rec, text: str) -> None:
         done = rec.tokens[-1].finish_reason == "stop"

@@ -278,14 +278,7 @@ class KvBitsMachine(_Variant):
         return TIE[self.BITS]
 
     def _check_results(self, log: str) -> None:
-        for rec in self.recs:
-            ids = [t.id for t in rec.tokens]
-            text = "".join(t.text for t in rec.tokens)
-            if rec.state == "finished":
-                self._check_constraint(rec, text)
-            if self.SPECULATIVE and rec.sampling.startswith("seeded"):
-                continue  # (as in the original: its draws depend on the room left for its drafts)
-            solo = self.arch.solo(rec.prompt, rec.options)
+        for rec, ids, text, solo in self._results():
             stream = rec.engine_stream
             exact = self.preempted_at.get(stream.request, len(ids)) if stream is not None else len(ids)
             where = f"request {rec.n} ({rec.how}, {rec.options}, prompt {rec.prompt}, exact {exact})\n{log}"
@@ -304,9 +297,7 @@ class KvBitsMachine(_Variant):
             tied = self._near_tie(rec, stream.request.prompt, ids, first, tie)
             assert tied or tied is None and first >= exact, \
                 f"{ids} != solo {want} at {first}, not a near-tie (within {tie}: {tied}): {where}"
-        for prompt, conts, got in self.scores:
-            want = self.arch.ref_score(prompt, conts)
-            assert np.allclose(got, want, rtol=1e-5, atol=1e-5), (prompt, conts, got, want)
+        self._check_scores()
 
     def _near_tie(self, rec, prompt_ids: list[int], ids: list[int], first: int, tie: float) -> bool | None:
         """Whether this run's token `ids[first]` is within `tie` of the solo run's choice
