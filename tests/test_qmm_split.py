@@ -62,6 +62,10 @@ def test_splits_at_qwen3_8b_shapes():
     assert qs.splits(4096, 192, 64, "copy") == 1  # (halves of 96 values: not a multiple of 64)
     assert qs.splits(4096, 768, 128, "copy") == 2  # (quarters of 192 values: not whole groups of 128)
     assert qs.splits(128, 1 << 14, 64, "copy") == 8  # (at most eight)
+    # slices of two K tiles / groups at least: a one-group slice goes to MLX's sm90 kernel on
+    # an H100/H200 (K <= group size there), a one-tile slice prefetches past K in sm80's
+    assert qs.splits(512, 256, 64, "copy") == 2 and qs.splits(256, 512, 64, "copy") == 4
+    assert qs.splits(256, 256, 128, "copy") == 1 and qs.splits(256, 128, 64, "interleave") == 1
 
 
 @given(mode=st.sampled_from(["copy", "interleave"]), rows=st.integers(8, 40), n=st.sampled_from([128, 256, 384]),

@@ -55,7 +55,10 @@ def splits(n: int, k: int, group: int, mode: str | None = None) -> int:
     """How many ways to split K for an (n, k) weight, for products of up to 64 rows (one
     tile of rows): the fewest (a power of two) that
     give MLX's kernel 90% of the SMs' worth of blocks or more, each slice whole groups and
-    a multiple of MLX's K tile (64 values); at most 8 for `copy` and 2 for `interleave`
+    a multiple of MLX's K tile (64 values), and at least two of either. (A slice of one
+    group goes to MLX's sm90 kernel on an H100/H200, which takes K <= group size; a
+    4-way copy split of a 256-wide K gave NaN scores there. One K tile also leaves the
+    sm80 kernel's pipeline prefetching past K.) At most 8 for `copy` and 2 for `interleave`
     (whose products grow with the split). 1: no split (the product already has the blocks,
     or its K does not divide, or MLX's kernel does not take its n)."""
     mode = mode or MODE
@@ -64,7 +67,8 @@ def splits(n: int, k: int, group: int, mode: str | None = None) -> int:
     most = 2 if mode == "interleave" else 8
     step = max(64, group)
     s = 1
-    while s < most and (n // TILE_N) * s < 0.9 * SMS and k % (2 * s * step) == 0:
+    while (s < most and (n // TILE_N) * s < 0.9 * SMS and k % (2 * s * step) == 0
+           and k // (2 * s) >= 2 * step):
         s *= 2
     return s
 
