@@ -162,7 +162,13 @@ def _parse_mistral_args(body: str) -> list[ToolCall] | None:
             args, end = decoder.raw_decode(body, start)
         except (ValueError, RecursionError):  # as in _loads
             return None
-        call = _call_from({"name": body[pos:sep].strip(), "arguments": args}, "arguments")
+        name = body[pos:sep].strip()
+        # The name is raw text, not a JSON string: text holding blanks or JSON punctuation is
+        # not one (no function name has them). A JSON-list reply cut short inside an argument
+        # string that holds "[ARGS]" came back as a call named '[{"name": "f", "arguments": ...'.
+        if any(ch.isspace() or ch in '[]{}"' for ch in name):
+            return None
+        call = _call_from({"name": name, "arguments": args}, "arguments")
         if call is None:
             return None
         calls.append(call)

@@ -1,0 +1,491 @@
+"""Tool calls end to end, fuzzed: model replies in each family's markup, cut at any token
+boundary, through `amlx.toolcalls` alone and through the server to the official `openai` client.
+
+Replies are built from segments: prose (markup-like text, unicode), `<think>` sections
+(plain content to amlx: it has no reasoning parser), well-formed calls (argument strings
+holding markup, quotes, backslashes, U+2028), malformed calls (cut JSON, no close tag,
+not-a-call objects) and text after calls. Checked:
+
+* streamed in any split, the parser gives what the whole-text parse gives, never raises;
+* nothing is lost or duplicated: the events replay the text, each call standing for exactly
+  one `<tool_call>...</tool_call>` block whose JSON it is; for replies with only well-formed
+  calls, the calls and the content are exactly the ones the reply was built from;
+* through the server (a scripted model: the public `generate` of a real loaded model is
+  replaced by one that yields the reply's tokens, the seam tests/helpers/failing_server.py
+  uses), the openai client sees, streamed and not, the same content and valid tool_calls
+  (ids, index, type, name, JSON-object arguments), finish_reason "tool_calls" only for a
+  reply the model ended (not one cut by max_tokens) that holds calls, and never an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+from openai.lib.streaming.chat import ChatCompletionStreamState
+
+import amlx
+from amlx.serve.app import Settings, create_app
+from amlx.toolcalls import ToolCallParser, parse_tool_calls
+from amlx.types import Token
+from tests.helpers.serving import serve_checkpoint
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+# ---------------------------------------------------------------------------------------------
+# replies
+
+# text a model may write that looks like markup, or is hard to carry (quotes, escapes, line
+# separators that SSE readers split at, astral characters)
+_TRICKY = [OPEN, CLOSE, "<tool_", "call>", "</tool", "<think>", "</think>", '"', "\\", '\\"', "{", "}", "[", "]",
+           "\n", " ", "😀", "\u2028", "\x85", "é", "<", ">", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", ";",
+           '"name"', '"arguments"', ":"]
+_tricky_text = st.lists(st.one_of(st.sampled_from(_TRICKY), st.text(max_size=5)), max_size=6).map("".join)
+_names = st.one_of(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,12}", fullmatch=True),
+                   st.sampled_from(["météo", "get weather", "f</tool_call>", "名前", "a\"b"]))
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
+                     st.floats(allow_nan=False, allow_infinity=False), _tricky_text)
+_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                         st.dictionaries(_tricky_text, inner, max_size=3)),
+                       max_leaves=8)
+_arguments = st.dictionaries(_tricky_text, _values, max_size=4)
+
+
+@dataclass
+class Reply:
+    text: str
+    content: str | None  # what the reply's content is, None where the builder cannot tell
+    calls: list[tuple[str, dict]] | None  # the calls (name, arguments) likewise
+
+
+@st.composite
+def _qwen_call(draw) -> tuple[str, tuple[str, dict]]:
+    name, args = draw(_names), draw(_arguments)
+    as_string = draw(st.booleans())  # some models write the arguments as a JSON string
+    obj = {"name": name, "arguments": json.dumps(args) if as_string else args}
+    body = json.dumps(obj, ensure_ascii=draw(st.booleans()), indent=draw(st.sampled_from([None, 1])))
+    pad = draw(st.sampled_from(["", "\n", " ", "\n\n"]))
+    return OPEN + pad + body + draw(st.sampled_from(["", "\n", " "])) + CLOSE, (name, args)
+
+
+@st.composite
+def _malformed_qwen_call(draw) -> str:
+    call, _ = draw(_qwen_call())
+    body = call[len(OPEN):-len(CLOSE)]
+    kind = draw(st.sampled_from(["cut", "unclosed", "not_a_call", "junk_after", "bad_args", "nan"]))
+    if kind == "cut":  # the JSON cut short (max_tokens, or a model that lost its way), closed anyway
+        return OPEN + body[:draw(st.integers(0, max(0, len(body) - 2)))] + CLOSE
+    if kind == "unclosed":  # no </tool_call>: the reply ends inside the call
+        return OPEN + body[:draw(st.integers(0, len(body)))]
+    if kind == "not_a_call":
+        return OPEN + draw(st.sampled_from(['{"key": "value"}', '{"name": ""}', '{"name": 3, "arguments": {}}',
+                                            '[]', 'null', '{"name": "f", "arguments": [1]}',
+                                            '{"name": "f", "arguments": "not json"}'])) + CLOSE
+    if kind == "junk_after":
+        return OPEN + body + " junk" + CLOSE
+    if kind == "bad_args":
+        return OPEN + '{"name": "f", "arguments": {"a": 1e400}}' + CLOSE
+    return OPEN + '{"name": "f", "arguments": {"a": NaN}}' + CLOSE
+
+
+_prose = _tricky_text.filter(lambda t: OPEN not in t)
+
+
+@st.composite
+def _think(draw) -> str:
+    return "<think>" + draw(_prose) + ("</think>" if draw(st.booleans()) else "") + draw(st.sampled_from(["", "\n\n"]))
+
+
+@st.composite
+def well_formed_qwen(draw) -> Reply:
+    """Prose, think sections and well-formed calls, in any order: the calls and content are known."""
+    parts = draw(st.lists(st.one_of(st.tuples(st.just("text"), _prose), st.tuples(st.just("think"), _think()),
+                                    st.tuples(st.just("call"), _qwen_call())), max_size=6))
+    text, content, calls, run = "", "", [], ""
+    for kind, value in parts:
+        if kind == "call":
+            if OPEN in run:  # adjacent prose pieces that together write an opening tag
+                return draw(st.nothing())
+            run = ""
+            text += value[0]
+            calls.append(value[1])
+        else:
+            run += value
+            text += value
+            content += value
+    if OPEN in run:
+        return draw(st.nothing())
+    return Reply(text, content, calls)
+
+
+@st.composite
+def any_qwen(draw) -> Reply:
+    """Anything: malformed calls, tricky text and well-formed calls mixed; only the text is known."""
+    parts = draw(st.lists(st.one_of(_tricky_text, _qwen_call().map(lambda c: c[0]), _malformed_qwen_call(), _think()),
+                          max_size=6))
+    return Reply("".join(parts), None, None)
+
+
+@st.composite
+def llama_reply(draw) -> Reply:
+    calls = draw(st.lists(st.tuples(_names, _arguments), min_size=1, max_size=3))
+    sep = draw(st.sampled_from(["; ", ";", "\n", ";\n"]))
+    body = sep.join(json.dumps({"name": n, "parameters": a}, ensure_ascii=draw(st.booleans())) for n, a in calls)
+    text = draw(st.sampled_from(["", "<|python_tag|>", " ", "\n"])) + body
+    if draw(st.booleans()):  # malformed: cut, or prose first (a Llama call must start the reply)
+        last = json.dumps({"name": calls[-1][0], "parameters": calls[-1][1]})
+        cut = text[:len(text) - len(last) // 2 - 1]  # inside the last call's JSON
+        text = draw(st.sampled_from([cut, "Sure: " + text, text + " and some text"]))
+        return Reply(text, text, [])
+    return Reply(text, "", calls)
+
+
+@st.composite
+def mistral_reply(draw) -> Reply:
+    calls = draw(st.lists(st.tuples(_names, _arguments), min_size=1, max_size=3))
+    before = draw(_prose.filter(lambda t: "[TOOL_CALLS]" not in t))
+    # (the `name[ARGS]{...}` form writes the name as raw text: a blank or JSON punctuation there
+    # makes it no name, see test_mistral_args_form_name_is_a_name)
+    raw_names = all(not any(ch.isspace() or ch in '[]{}"' for ch in n) for n, _ in calls)
+    if draw(st.booleans()) or not raw_names:
+        body = json.dumps([{"name": n, "arguments": a} for n, a in calls], ensure_ascii=draw(st.booleans()))
+    else:
+        body = "[TOOL_CALLS]".join(f"{n}[ARGS]{json.dumps(a)}" for n, a in calls)
+    text = before + "[TOOL_CALLS]" + body
+    if draw(st.booleans()):  # malformed: the JSON cut short
+        text = text[:len(before) + 12 + draw(st.integers(0, max(0, len(body) - 1)))]
+        return Reply(text, text, [])
+    return Reply(text, before, calls)
+
+
+def _chunks(text: str, cuts: list[int]) -> list[str]:
+    """`text` in pieces cut at `cuts` (fractions of its length, so cuts land anywhere), with the
+    empty pieces an engine sends for a token that holds only part of a character."""
+    bounds = sorted({round(c * len(text)) for c in cuts} | {0, len(text)})
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])] or [""]
+    return pieces + [""] if len(cuts) % 3 == 1 else pieces
+
+
+_cuts = st.lists(st.floats(0, 1), max_size=24)
+
+
+# ---------------------------------------------------------------------------------------------
+# the parser alone
+
+def _feed(fmt: str | None, pieces: list[str]) -> tuple[list, ToolCallParser]:
+    parser = ToolCallParser(fmt)
+    events = []
+    for piece in pieces:
+        events += parser.feed(piece)
+    return events + parser.finish(), parser
+
+
+def _replays(text: str, events: list) -> None:
+    """The events account for all of `text` in order: strings as they are, each call as one
+    `<tool_call>...</tool_call>` block whose JSON is that call."""
+    pos = 0
+    for e in events:
+        if isinstance(e, str):
+            assert text.startswith(e, pos), (text, events, pos)
+            pos += len(e)
+            continue
+        assert text.startswith(OPEN, pos), (text, events, pos)
+        end = text.find(CLOSE, pos)
+        while end >= 0:  # (a close tag inside an argument string is not the call's end)
+            try:
+                obj = json.loads(text[pos + len(OPEN):end])
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict) and obj.get("name") == e.name:
+                break
+            end = text.find(CLOSE, end + 1)
+        assert end >= 0, (text, events, pos)
+        args = obj.get("arguments", {})
+        assert json.loads(e.arguments) == (json.loads(args) if isinstance(args, str) else args)
+        pos = end + len(CLOSE)
+    assert pos == len(text), (text, events, pos)
+
+
+def _valid_calls(calls) -> None:
+    ids = [c.id for c in calls]
+    assert len(set(ids)) == len(ids) and all(i.startswith("call_") for i in ids)
+    for c in calls:
+        assert isinstance(c.name, str) and c.name
+        c.arguments.encode("utf-8")  # sendable
+        assert isinstance(json.loads(c.arguments, parse_constant=lambda k: 1 / 0), dict)
+
+
+@seed(20261206)
+@FUZZ
+@given(reply=st.one_of(well_formed_qwen(), any_qwen()), cuts=_cuts)
+def test_qwen_streams_as_it_parses_and_loses_nothing(reply, cuts):
+    events, parser = _feed("qwen", _chunks(reply.text, cuts))
+    content = "".join(e for e in events if isinstance(e, str))
+    whole_content, whole_calls = parse_tool_calls(reply.text, "qwen")
+    assert content == whole_content
+    assert [(c.name, c.arguments) for c in parser.calls] == [(c.name, c.arguments) for c in whole_calls]
+    assert [e for e in events if not isinstance(e, str)] == parser.calls
+    _valid_calls(parser.calls)
+    _replays(reply.text, events)
+    if reply.calls is not None:
+        assert content == reply.content
+        assert [(c.name, json.loads(c.arguments)) for c in parser.calls] == reply.calls
+
+
+@seed(20261206)
+@FUZZ
+@given(data=st.one_of(st.tuples(st.just("llama3"), llama_reply()), st.tuples(st.just("mistral"), mistral_reply())),
+       cuts=_cuts)
+def test_llama_and_mistral_stream_as_they_parse(data, cuts):
+    fmt, reply = data
+    events, parser = _feed(fmt, _chunks(reply.text, cuts))
+    content = "".join(e for e in events if isinstance(e, str))
+    assert (content, [(c.name, c.arguments) for c in parser.calls]) == \
+        (lambda c, k: (c, [(x.name, x.arguments) for x in k]))(*parse_tool_calls(reply.text, fmt))
+    _valid_calls(parser.calls)
+    assert content == reply.content
+    assert [(c.name, json.loads(c.arguments)) for c in parser.calls] == reply.calls
+
+
+# ---------------------------------------------------------------------------------------------
+# through the server
+
+SCRIPTS: dict[int, tuple[list[str], str]] = {}  # seed -> (the reply's token texts, finish reason)
+_NEXT_SEED = iter(range(1000, 10**9, 10))
+
+_TEMPLATES = {"qwen": None, "llama3": "<|start_header_id|>{{ '<|python_tag|>' }}", "mistral": "{{ '[TOOL_CALLS]' }}"}
+
+
+class _Tokenizer:
+    """The real tokenizer, whose chat_template (read by the server to choose the tool-call
+    format) may name another family's markup; prompts still render with the real template."""
+
+    def __init__(self, tokenizer, template: str | None):
+        self._tokenizer, self.chat_template = tokenizer, template or tokenizer.chat_template
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+class _ScriptedStream:
+    def __init__(self, pieces: list[str], finish: str):
+        self._tokens = [Token(id=0, text=p, finish_reason=finish if k == len(pieces) - 1 else None)
+                        for k, p in enumerate(pieces)]
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Token:
+        if not self._tokens:
+            raise StopAsyncIteration
+        await asyncio.sleep(0)
+        return self._tokens.pop(0)
+
+    def close(self) -> None:
+        self._tokens = []
+
+
+class ScriptedModel:
+    """A loaded model whose `generate` writes the reply scripted for the request's seed."""
+
+    def __init__(self, model, template: str | None):
+        self._model = model
+        self.tokenizer = _Tokenizer(model.tokenizer, template)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def generate(self, prompt, **options):
+        return _ScriptedStream(*SCRIPTS[options["seed"]])
+
+
+class _Servers:
+    def __init__(self, model):
+        from starlette.applications import Starlette
+        from starlette.routing import Mount
+
+        routes = [Mount(f"/{fmt}", app=create_app(ScriptedModel(model, tpl), Settings(model_name="m")))
+                  for fmt, tpl in _TEMPLATES.items()]
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(Starlette(routes=routes), log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def client(self, fmt: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/{fmt}/v1", api_key="none", max_retries=0, timeout=60)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    with amlx.load_sync(serve_checkpoint(tmp_path_factory.mktemp("hunt-ckpt")), max_context=512) as model:
+        srv = _Servers(model)
+        try:
+            yield srv
+        finally:
+            srv.stop()
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+MESSAGES = [{"role": "user", "content": "Weather?"}]
+
+
+def _script(replies: list[tuple[list[str], str]]) -> int:
+    first = next(_NEXT_SEED)
+    for k, reply in enumerate(replies):
+        SCRIPTS[first + k] = reply
+    return first
+
+
+def _expected(fmt: str, text: str, finish: str) -> tuple[str, list[tuple[str, str]], str]:
+    content, calls = parse_tool_calls(text, fmt)
+    return content, [(c.name, c.arguments) for c in calls], "tool_calls" if calls and finish == "stop" else finish
+
+
+def _check_served(client: openai.OpenAI, fmt: str, replies: list[tuple[list[str], str]]) -> None:
+    """The replies (one per choice) asked for whole and streamed; both as their parse gives them."""
+    want = [_expected(fmt, "".join(pieces), finish) for pieces, finish in replies]
+    kw = dict(model="m", messages=MESSAGES, tools=TOOLS, n=len(replies), max_tokens=64)
+
+    r = client.chat.completions.create(seed=_script(replies), **kw)
+    assert sorted(c.index for c in r.choices) == list(range(len(replies)))
+    ids = []
+    for choice in sorted(r.choices, key=lambda c: c.index):
+        content, calls, finish = want[choice.index]
+        msg = choice.message
+        assert choice.finish_reason == finish
+        assert msg.role == "assistant"
+        assert (msg.content or "") == content and (msg.content is not None or calls)
+        got = msg.tool_calls or []
+        assert [(c.function.name, c.function.arguments) for c in got] == calls
+        for c in got:
+            assert c.type == "function" and c.id.startswith("call_")
+            assert isinstance(json.loads(c.function.arguments), dict)
+        ids += [c.id for c in got]
+
+    stream = client.chat.completions.create(seed=_script(replies), stream=True, **kw)
+    state = ChatCompletionStreamState()
+    texts: dict[int, str] = {}
+    deltas: dict[int, list] = {}
+    finishes: dict[int, list] = {}
+    for chunk in stream:
+        state.handle_chunk(chunk)
+        for ch in chunk.choices:
+            assert not finishes.get(ch.index), "a chunk after the choice's finish_reason"
+            texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+            deltas.setdefault(ch.index, []).extend(ch.delta.tool_calls or [])
+            if ch.finish_reason is not None:
+                finishes.setdefault(ch.index, []).append(ch.finish_reason)
+    for i, (content, calls, finish) in enumerate(want):
+        assert texts.get(i, "") == content
+        assert finishes.get(i) == [finish]
+        got = deltas.get(i, [])
+        assert [d.index for d in got] == list(range(len(calls)))  # each call once, in order
+        assert [(d.function.name, d.function.arguments) for d in got] == calls
+        assert all(d.type == "function" and d.id.startswith("call_") for d in got)
+        ids += [d.id for d in got]
+    assert len(set(ids)) == len(ids)  # every call of both responses has an id of its own
+    # the openai library's own accumulation of the stream gives the non-streamed message
+    # (its snapshot: get_final_completion refuses a reply cut by max_tokens)
+    final = state.current_completion_snapshot
+    for choice in final.choices:
+        content, calls, finish = want[choice.index]
+        assert (choice.message.content or "") == content and choice.finish_reason == finish
+        assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []] == calls
+
+
+_finish = st.sampled_from(["stop", "stop", "length"])
+
+
+@seed(20261206)
+@settings(FUZZ, max_examples=40)
+@given(replies=st.lists(st.tuples(st.one_of(well_formed_qwen(), any_qwen()), _cuts, _finish), min_size=1,
+                        max_size=2))
+def test_served_qwen_replies(servers, replies):
+    _check_served(servers.client("qwen"), "qwen", [(_chunks(r.text, cuts), f) for r, cuts, f in replies])
+
+
+@seed(20261206)
+@settings(FUZZ, max_examples=20)
+@given(data=st.one_of(st.tuples(st.just("llama3"), llama_reply()), st.tuples(st.just("mistral"), mistral_reply())),
+       cuts=_cuts, finish=_finish)
+def test_served_llama_and_mistral_replies(servers, data, cuts, finish):
+    fmt, reply = data
+    _check_served(servers.client(fmt), fmt, [(_chunks(reply.text, cuts), finish)])
+
+
+def test_served_examples(servers):
+    """Hand-picked replies: several calls with text between and after, a close tag split over
+    tokens, a malformed call then a good one, unicode and line separators in arguments."""
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich\\u2028😀", "q": "</tool_call>"}}\n</tool_call>'
+    for pieces in (
+            ["Let me check.", call[:5], call[5:40], call[40:-3], call[-3:], " and ", call, " Done."],
+            ["<think>", "I should call <tool_call> later", "</think>", "\n\n", call],
+            ["<tool_call>{\"name\": \"f\", \"arguments\": {", "}</tool_call>", call, "after"],
+            ["<tool_call>{oops}</tool_call> then ", call],
+            ["<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Pa"]):  # cut by the end
+        for finish in ("stop", "length"):
+            _check_served(servers.client("qwen"), "qwen", [(pieces, finish)])
+    # without tools nothing is parsed: the markup is content
+    text = "".join(["x ", call])
+    seed_ = _script([([text], "stop")])
+    r = servers.client("qwen").chat.completions.create(model="m", messages=MESSAGES, seed=seed_, max_tokens=8)
+    assert r.choices[0].message.content == text and r.choices[0].message.tool_calls is None
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_served_raw_sse_events_are_one_line_each(servers):
+    """Each SSE event is one `data:` line of JSON even when an argument holds U+2028 / U+0085
+    (line breaks to splitlines-based readers), and the call's arguments arrive intact."""
+    args = {"s": "a\u2028b\x85c\u2029d\r\ne"}
+    text = OPEN + json.dumps({"name": "f", "arguments": args}, ensure_ascii=False) + CLOSE
+    seed_ = _script([([text[:7], text[7:]], "stop")])
+    body = {"model": "m", "messages": MESSAGES, "tools": TOOLS, "seed": seed_, "stream": True, "max_tokens": 8}
+    with httpx.Client(timeout=60) as http:
+        r = http.post(f"{servers.url}/qwen/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    events = [line for line in r.text.splitlines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    calls = [tc for e in events[:-1] for ch in json.loads(e[6:])["choices"] for tc in ch["delta"].get("tool_calls", [])]
+    assert [(c["index"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [(0, "f", args)]
+
+
+def test_mistral_args_form_name_is_a_name():
+    """Regression: a JSON-list reply cut short (max_tokens) inside an argument string holding
+    "[ARGS]" fell back to the `name[ARGS]{...}` form, which took all the text before "[ARGS]" as
+    the function's name: a call named '[{"name": "f", "arguments": {"k": "', arguments {}, sent
+    to the client as a tool call. Text with blanks or JSON punctuation before [ARGS] is no name:
+    such a reply is content, as any malformed call is."""
+    for text in ('[TOOL_CALLS][{"name": "f", "arguments": {"k": "[ARGS]{}',
+                 '[TOOL_CALLS][{"name": "f", "arguments": {}}, {"name": "g", "arguments": {"q": "[ARGS]{"a": 1}',
+                 '[TOOL_CALLS] I think [ARGS]{"a": 1}'):
+        for pieces in ([text], _chunks(text, [0.1, 0.4, 0.7])):
+            events, parser = _feed("mistral", pieces)
+            assert (events, parser.calls) == ([text], []), text
+            assert parse_tool_calls(text, "mistral") == (text, [])
+    # the form itself still reads, names stripped of the blanks around them
+    [call] = parse_tool_calls('[TOOL_CALLS] get_weather [ARGS]{"city": "Zürich"}', "mistral")[1]
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Zürich"})
