@@ -390,14 +390,18 @@ from checkpoints import write_benchmark_checkpoint as w; w(Path('/tmp/amlx-ck/qw
   tests)
     # PART=k/N: every N-th test file from the k-th (1-based; by name), so that N calls cover the suite;
     # FILES="tests/a.py ..." instead names them. Each file gets FILE_BUDGET seconds; its failures' short
-    # tracebacks and the summary go to $OUT/tests.txt, which comes back even when the call is cut short.
+    # tracebacks and the summary go to $OUT/tests.txt, which comes back even when the call is cut short;
+    # each failure's traceback also goes to $OUT/failures.txt as it happens (benchmarks/live_failures.py),
+    # so that a file cut at its budget still says why its tests failed.
     part=${PART:-1/1}; k=${part%/*}; n=${part#*/}
     files=${FILES:-$(ls tests/test_*.py | LC_ALL=C sort | awk -v k="$k" -v n="$n" '(NR - k) % n == 0')}
     restore_ptx  # (the kernel tests compile for minutes without the cache)
     for f in $files; do
       echo "== $f $(date +%T)" | tee -a "$OUT/tests.txt"
-      timeout -k 5 ${FILE_BUDGET:-120} python3 -m pytest -q -p no:cacheprovider --tb=short -rfE "$f" 2>&1 \
+      LIVE_FAILURES="$OUT/failures.txt" PYTHONPATH="$PWD/benchmarks:${PYTHONPATH:-}" timeout -k 5 ${FILE_BUDGET:-120} \
+        python3 -m pytest -q -p no:cacheprovider -p live_failures --tb=short -rfE "$f" 2>&1 \
         | grep -v "^\s*$" | tail -${TAIL:-40} >> "$OUT/tests.txt" || true
       tail -1 "$OUT/tests.txt"
-    done ;;
+    done
+    save_ptx ;;  # (the kernels compiled here, for the next call's restore_ptx)
 esac
