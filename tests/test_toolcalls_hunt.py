@@ -39,7 +39,7 @@ import amlx
 from amlx.serve.app import Settings, create_app
 from amlx.toolcalls import ToolCallParser, parse_tool_calls
 from amlx.types import Token
-from tests.helpers.serving import serve_checkpoint
+from tests.helpers.serving import serve_checkpoint, tool_checkpoint
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
@@ -161,12 +161,13 @@ def mistral_reply(draw) -> Reply:
     # makes it no name, see test_mistral_args_form_name_is_a_name)
     raw_names = all(not any(ch.isspace() or ch in '[]{}"' for ch in n) for n, _ in calls)
     if draw(st.booleans()) or not raw_names:
-        body = json.dumps([{"name": n, "arguments": a} for n, a in calls], ensure_ascii=draw(st.booleans()))
+        body = last = json.dumps([{"name": n, "arguments": a} for n, a in calls], ensure_ascii=draw(st.booleans()))
     else:
         body = "[TOOL_CALLS]".join(f"{n}[ARGS]{json.dumps(a)}" for n, a in calls)
+        last = json.dumps(calls[-1][1])
     text = before + "[TOOL_CALLS]" + body
-    if draw(st.booleans()):  # malformed: the JSON cut short
-        text = text[:len(before) + 12 + draw(st.integers(0, max(0, len(body) - 1)))]
+    if draw(st.booleans()):  # malformed: the JSON (the last call's, in the [ARGS] form) cut short
+        text = text[:len(text) - draw(st.integers(1, len(last)))]
         return Reply(text, text, [])
     return Reply(text, before, calls)
 
@@ -260,6 +261,34 @@ def test_llama_and_mistral_stream_as_they_parse(data, cuts):
     assert [(c.name, json.loads(c.arguments)) for c in parser.calls] == reply.calls
 
 
+@pytest.fixture(scope="module")
+def qwen_tokenizer(tmp_path_factory):
+    """A Qwen tokenizer with <tool_call>, </tool_call>, <think> and </think> as tokens of their own."""
+    from amlx.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(tool_checkpoint(tmp_path_factory.mktemp("hunt-tok")))
+
+
+@seed(20261206)
+@settings(FUZZ, max_examples=40)
+@given(reply=st.one_of(well_formed_qwen(), any_qwen()))
+def test_qwen_through_the_streaming_detokenizer(qwen_tokenizer, reply):
+    """The reply's tokens, detokenized one at a time as the engine does (pieces end only where a
+    character does; held-back bytes of an emoji give empty pieces), parse as the whole text."""
+    ids = qwen_tokenizer.encode(reply.text, add_special_tokens=False)
+    text = qwen_tokenizer.decode(ids)
+    detok = qwen_tokenizer.detokenizer()
+    pieces = [detok.add(i) for i in ids] + [detok.finalize()]
+    assert "".join(pieces) == text
+    events, parser = _feed("qwen", pieces)
+    whole_content, whole_calls = parse_tool_calls(text, "qwen")
+    assert "".join(e for e in events if isinstance(e, str)) == whole_content
+    assert [(c.name, c.arguments) for c in parser.calls] == [(c.name, c.arguments) for c in whole_calls]
+    _replays(text, events)
+    if reply.calls is not None and text == reply.text:
+        assert [(c.name, json.loads(c.arguments)) for c in parser.calls] == reply.calls
+
+
 # ---------------------------------------------------------------------------------------------
 # through the server
 
@@ -313,12 +342,16 @@ class ScriptedModel:
 
 
 class _Servers:
-    def __init__(self, model):
+    """uvicorn on a thread of its own, serving an app per tool-call format at /FORMAT/v1 (the
+    model scripted), or the model as it is."""
+
+    def __init__(self, model, templates: dict[str, str | None] = _TEMPLATES, scripted: bool = True):
         from starlette.applications import Starlette
         from starlette.routing import Mount
 
-        routes = [Mount(f"/{fmt}", app=create_app(ScriptedModel(model, tpl), Settings(model_name="m")))
-                  for fmt, tpl in _TEMPLATES.items()]
+        routes = [Mount(f"/{fmt}", app=create_app(ScriptedModel(model, tpl) if scripted else model,
+                                                   Settings(model_name="m")))
+                  for fmt, tpl in templates.items()]
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
@@ -371,6 +404,7 @@ def _check_served(client: openai.OpenAI, fmt: str, replies: list[tuple[list[str]
 
     r = client.chat.completions.create(seed=_script(replies), **kw)
     assert sorted(c.index for c in r.choices) == list(range(len(replies)))
+    assert r.usage.completion_tokens == sum(len(pieces) for pieces, _ in replies)  # (a token a piece)
     ids = []
     for choice in sorted(r.choices, key=lambda c: c.index):
         content, calls, finish = want[choice.index]
@@ -489,3 +523,76 @@ def test_mistral_args_form_name_is_a_name():
     # the form itself still reads, names stripped of the blanks around them
     [call] = parse_tool_calls('[TOOL_CALLS] get_weather [ARGS]{"city": "Zürich"}', "mistral")[1]
     assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Zürich"})
+
+
+# ---------------------------------------------------------------------------------------------
+# a real model's tool call, with the request options around it
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    """The tool checkpoint (greedy: `<tool_call>`, the call's JSON, `</tool_call>`, EOS), served
+    as it is, in this process."""
+    with amlx.load_sync(tool_checkpoint(tmp_path_factory.mktemp("hunt-tools")), max_context=512) as model:
+        srv = _Servers(model, {"real": None}, scripted=False)
+        try:
+            yield srv
+        finally:
+            srv.stop()
+
+
+@seed(20261206)
+@settings(FUZZ, max_examples=25)
+@given(stream=st.booleans(), n=st.integers(1, 2), max_tokens=st.integers(1, 6),
+       logprobs=st.sampled_from([None, 0, 2]), stop=st.sampled_from([None, ["</tool_call>"], ["Paris"], ["\n"]]),
+       temperature=st.sampled_from([0.0, 1.0]), include_usage=st.booleans(),
+       tool_choice=st.sampled_from([None, "auto", "none"]))
+def test_real_tool_call_with_any_options(tool_server, stream, n, max_tokens, logprobs, stop, temperature,
+                                         include_usage, tool_choice):
+    """Whatever the options, the reply is what its text parses to, streamed or not: content and
+    calls as parse_tool_calls gives them for the text the model wrote."""
+    kw: dict[str, Any] = dict(model="m", messages=MESSAGES, tools=TOOLS, n=n, max_tokens=max_tokens, stop=stop,
+                              temperature=temperature, seed=5)
+    if logprobs is not None:
+        kw.update(logprobs=True, top_logprobs=logprobs)
+    if tool_choice is not None:
+        kw["tool_choice"] = tool_choice
+    fmt = None if tool_choice == "none" else "qwen"
+    client = tool_server.client("real")
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        for choice in r.choices:
+            got_calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+            text = choice.message.content or ""
+            assert all(json.loads(a) == {"city": "Paris", "unit": "celsius"} for _, a in got_calls)
+            if got_calls:
+                assert choice.finish_reason in ("tool_calls", "length")
+            assert choice.finish_reason != "tool_calls" or got_calls
+            assert fmt is not None or not got_calls
+            if logprobs is not None:
+                assert len(choice.logprobs.content) <= max_tokens
+        return
+    out = client.chat.completions.create(stream=True, stream_options={"include_usage": True} if include_usage else None,
+                                         **kw)
+    texts: dict[int, str] = {}
+    calls: dict[int, list] = {}
+    finishes: dict[int, list] = {}
+    usage = None
+    for chunk in out:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+            calls.setdefault(ch.index, []).extend(ch.delta.tool_calls or [])
+            if ch.finish_reason:
+                finishes.setdefault(ch.index, []).append(ch.finish_reason)
+    assert sorted(finishes) == list(range(n)) and all(len(f) == 1 for f in finishes.values())
+    for i in range(n):
+        assert [d.index for d in calls.get(i, [])] == list(range(len(calls.get(i, []))))
+        for d in calls.get(i, []):
+            assert d.id.startswith("call_") and d.function.name == "get_weather"
+            assert json.loads(d.function.arguments) == {"city": "Paris", "unit": "celsius"}
+        assert finishes[i][0] != "tool_calls" or calls.get(i)
+        assert fmt is not None or not calls.get(i)
+    assert (usage is not None) == include_usage
+    if usage is not None:
+        assert usage.completion_tokens <= n * max_tokens
