@@ -251,6 +251,15 @@ class ToolCallParser:
             end = self._qwen_close()
             if end < 0:
                 return out
+            if self._buf.startswith(_QWEN_OPEN, end):
+                # Another opening tag outside any JSON string: what this one opened is no call
+                # (JSON has no `<` outside strings), so it is text, and a call may start here.
+                # A reasoning section that names the tag ("<think>... I'll write <tool_call>
+                # ...</think>") held the reply's real call after it and gave it back as text.
+                out.append(self._buf[:end])
+                self._buf = self._buf[end:]
+                self._scan, self._in_string, self._escaped = len(_QWEN_OPEN), False, False
+                continue
             raw = self._buf[:end + len(_QWEN_CLOSE)]
             self._buf = self._buf[len(raw):]
             self._inside = False
@@ -263,7 +272,8 @@ class ToolCallParser:
                 out.append(call)
 
     def _qwen_close(self) -> int:
-        """Where the open call's `</tool_call>` starts in the buffer, or -1 while it has none.
+        """Where the open call's `</tool_call>` (or a new `<tool_call>`) starts in the buffer, or
+        -1 while it has none.
 
         Only a `</tool_call>` outside a JSON string counts: an argument string may hold one, and
         cutting there made the call's JSON unreadable, so the call came back as text. (For a
@@ -283,9 +293,9 @@ class ToolCallParser:
             elif ch == '"':
                 self._in_string = True
             elif ch == "<":
-                if buf.startswith(_QWEN_CLOSE, i):
+                if buf.startswith(_QWEN_CLOSE, i) or buf.startswith(_QWEN_OPEN, i):
                     return i
-                if _QWEN_CLOSE.startswith(buf[i:]):
+                if _QWEN_CLOSE.startswith(buf[i:]) or _QWEN_OPEN.startswith(buf[i:]):
                     break  # the marker may be split across pieces: read it again with the next one
             i += 1
         self._scan = i

@@ -172,7 +172,7 @@ def mistral_reply(draw) -> Reply:
     return Reply(text, before, calls)
 
 
-def _chunks(text: str, cuts: list[int]) -> list[str]:
+def _chunks(text: str, cuts: list[float]) -> list[str]:
     """`text` in pieces cut at `cuts` (fractions of its length, so cuts land anywhere), with the
     empty pieces an engine sends for a token that holds only part of a character."""
     bounds = sorted({round(c * len(text)) for c in cuts} | {0, len(text)})
@@ -254,8 +254,9 @@ def test_llama_and_mistral_stream_as_they_parse(data, cuts):
     fmt, reply = data
     events, parser = _feed(fmt, _chunks(reply.text, cuts))
     content = "".join(e for e in events if isinstance(e, str))
-    assert (content, [(c.name, c.arguments) for c in parser.calls]) == \
-        (lambda c, k: (c, [(x.name, x.arguments) for x in k]))(*parse_tool_calls(reply.text, fmt))
+    whole_content, whole_calls = parse_tool_calls(reply.text, fmt)
+    assert content == whole_content
+    assert [(c.name, c.arguments) for c in parser.calls] == [(c.name, c.arguments) for c in whole_calls]
     _valid_calls(parser.calls)
     assert content == reply.content
     assert [(c.name, json.loads(c.arguments)) for c in parser.calls] == reply.calls
@@ -473,7 +474,8 @@ def test_served_llama_and_mistral_replies(servers, data, cuts, finish):
 def test_served_examples(servers):
     """Hand-picked replies: several calls with text between and after, a close tag split over
     tokens, a malformed call then a good one, unicode and line separators in arguments."""
-    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich\\u2028😀", "q": "</tool_call>"}}\n</tool_call>'
+    call = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich\\u2028😀", "q": "</tool_call>"}}'
+            '\n</tool_call>')
     for pieces in (
             ["Let me check.", call[:5], call[5:40], call[40:-3], call[-3:], " and ", call, " Done."],
             ["<think>", "I should call <tool_call> later", "</think>", "\n\n", call],
@@ -596,3 +598,26 @@ def test_real_tool_call_with_any_options(tool_server, stream, n, max_tokens, log
     assert (usage is not None) == include_usage
     if usage is not None:
         assert usage.completion_tokens <= n * max_tokens
+
+
+def test_qwen_opening_tag_inside_an_open_call_starts_a_new_one():
+    """Regression: a `<tool_call>` that opened no call (a thinking model naming the tag in its
+    reasoning, or a call whose `</tool_call>` the model forgot) swallowed the reply's real call
+    after it: the scan for the close tag ran on through the next `<tool_call>`, and the whole
+    stretch, the real call within, came back as text. A `<tool_call>` outside any JSON string
+    of an open call means what was opened is no JSON: it is text, and a call may start there."""
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "q": "<tool_call>"}}\n</tool_call>'
+    for text, content in [
+            ("<think>\nI should write <tool_call> with the city.\n</think>\n\n" + call,
+             "<think>\nI should write <tool_call> with the city.\n</think>\n\n"),
+            ('<tool_call>{"name": "now", "arguments": {}}\n' + call, '<tool_call>{"name": "now", "arguments": {}}\n'),
+            ("<tool_call><tool_call>" + call + " ok", "<tool_call><tool_call> ok")]:
+        for pieces in ([text], _chunks(text, [0.05, 0.3, 0.52, 0.9]), list(text)):
+            events, parser = _feed("qwen", pieces)
+            assert "".join(e for e in events if isinstance(e, str)) == content
+            assert [(c.name, json.loads(c.arguments)) for c in parser.calls] == \
+                [("get_weather", {"city": "Paris", "q": "<tool_call>"})]
+            _replays(text, events)
+    # an opening tag inside an argument string is the string's: the call is whole
+    [one] = parse_tool_calls(call, "qwen")[1]
+    assert json.loads(one.arguments)["q"] == "<tool_call>"
