@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Union
 
 from amlx.types import ToolCall
@@ -62,7 +62,17 @@ def new_call_id() -> str:
     return f"call_{_CALL_PREFIX}{next(_CALL_COUNTER):012x}"
 
 
-def _call_from(obj: Any, args_key: str) -> ToolCall | None:
+_MISTRAL_ID_BASE = int(_CALL_PREFIX[:9], 16)
+
+
+def _mistral_call_id() -> str:
+    """9 alphanumeric characters (hex), unique in this process: Mistral's chat templates raise
+    "Tool call IDs should be alphanumeric strings with length 9!" for any other id, so the
+    `call_...` ids made every next turn of a Mistral tool conversation fail to render (a 400)."""
+    return f"{(_MISTRAL_ID_BASE + next(_CALL_COUNTER)) % 16 ** 9:09x}"
+
+
+def _call_from(obj: Any, args_key: str, new_id: Callable[[], str] = new_call_id) -> ToolCall | None:
     """A ToolCall from a decoded JSON object, or None when it is not shaped like one."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
@@ -79,7 +89,7 @@ def _call_from(obj: Any, args_key: str) -> ToolCall | None:
             arguments = json.dumps(args, allow_nan=False)
     except (RecursionError, ValueError):  # read at the edge of the recursion limit, deeper here; inf
         return None
-    return ToolCall(new_call_id(), obj["name"], arguments)
+    return ToolCall(new_id(), obj["name"], arguments)
 
 
 def _utf8(text: str) -> bool:
@@ -136,7 +146,7 @@ def _parse_mistral(body: str) -> list[ToolCall] | None:
     data = _loads(body)
     calls = []
     for item in data if isinstance(data, list) else [data]:
-        call = _call_from(item, "arguments")
+        call = _call_from(item, "arguments", _mistral_call_id)
         if call is None:
             break
         calls.append(call)
@@ -168,7 +178,7 @@ def _parse_mistral_args(body: str) -> list[ToolCall] | None:
         # string that holds "[ARGS]" came back as a call named '[{"name": "f", "arguments": ...'.
         if any(ch.isspace() or ch in '[]{}"' for ch in name):
             return None
-        call = _call_from({"name": name, "arguments": args}, "arguments")
+        call = _call_from({"name": name, "arguments": args}, "arguments", _mistral_call_id)
         if call is None:
             return None
         calls.append(call)

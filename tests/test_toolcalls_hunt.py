@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -220,9 +221,14 @@ def _replays(text: str, events: list) -> None:
     assert pos == len(text), (text, events, pos)
 
 
-def _valid_calls(calls) -> None:
+def _id_ok(fmt: str, call_id: str) -> bool:
+    """OpenAI's style of id, or for Mistral the 9 alphanumeric characters its templates take."""
+    return bool(re.fullmatch("[0-9A-Za-z]{9}", call_id)) if fmt == "mistral" else call_id.startswith("call_")
+
+
+def _valid_calls(calls, fmt: str) -> None:
     ids = [c.id for c in calls]
-    assert len(set(ids)) == len(ids) and all(i.startswith("call_") for i in ids)
+    assert len(set(ids)) == len(ids) and all(_id_ok(fmt, i) for i in ids)
     for c in calls:
         assert isinstance(c.name, str) and c.name
         c.arguments.encode("utf-8")  # sendable
@@ -239,7 +245,7 @@ def test_qwen_streams_as_it_parses_and_loses_nothing(reply, cuts):
     assert content == whole_content
     assert [(c.name, c.arguments) for c in parser.calls] == [(c.name, c.arguments) for c in whole_calls]
     assert [e for e in events if not isinstance(e, str)] == parser.calls
-    _valid_calls(parser.calls)
+    _valid_calls(parser.calls, "qwen")
     _replays(reply.text, events)
     if reply.calls is not None:
         assert content == reply.content
@@ -257,7 +263,7 @@ def test_llama_and_mistral_stream_as_they_parse(data, cuts):
     whole_content, whole_calls = parse_tool_calls(reply.text, fmt)
     assert content == whole_content
     assert [(c.name, c.arguments) for c in parser.calls] == [(c.name, c.arguments) for c in whole_calls]
-    _valid_calls(parser.calls)
+    _valid_calls(parser.calls, fmt)
     assert content == reply.content
     assert [(c.name, json.loads(c.arguments)) for c in parser.calls] == reply.calls
 
@@ -416,7 +422,7 @@ def _check_served(client: openai.OpenAI, fmt: str, replies: list[tuple[list[str]
         got = msg.tool_calls or []
         assert [(c.function.name, c.function.arguments) for c in got] == calls
         for c in got:
-            assert c.type == "function" and c.id.startswith("call_")
+            assert c.type == "function" and _id_ok(fmt, c.id)
             assert isinstance(json.loads(c.function.arguments), dict)
         ids += [c.id for c in got]
 
@@ -439,7 +445,7 @@ def _check_served(client: openai.OpenAI, fmt: str, replies: list[tuple[list[str]
         got = deltas.get(i, [])
         assert [d.index for d in got] == list(range(len(calls)))  # each call once, in order
         assert [(d.function.name, d.function.arguments) for d in got] == calls
-        assert all(d.type == "function" and d.id.startswith("call_") for d in got)
+        assert all(d.type == "function" and _id_ok(fmt, d.id) for d in got)
         ids += [d.id for d in got]
     assert len(set(ids)) == len(ids)  # every call of both responses has an id of its own
     # the openai library's own accumulation of the stream gives the non-streamed message
@@ -621,3 +627,68 @@ def test_qwen_opening_tag_inside_an_open_call_starts_a_new_one():
     # an opening tag inside an argument string is the string's: the call is whole
     [one] = parse_tool_calls(call, "qwen")[1]
     assert json.loads(one.arguments)["q"] == "<tool_call>"
+
+
+# A chat template with the id rule of Mistral's (Mistral-7B-Instruct-v0.3, Mixtral, Nemo,
+# Small 3.x): a call's id, and a tool message's tool_call_id, must be 9 characters long.
+_MISTRAL_LIKE_TEMPLATE = """\
+{%- for message in messages %}
+{%- if message.role == 'user' %}{{ '[INST]' + message.content + '[/INST]' }}
+{%- elif message.tool_calls %}{{ '[TOOL_CALLS][' }}
+{%- for call in message.tool_calls %}
+{%- if call.id is not defined or call.id | length != 9 %}
+{{- raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}
+{%- endif %}
+{{- call.function | tojson }}{{ ', ' if not loop.last else ']</s>' }}
+{%- endfor %}
+{%- elif message.role == 'tool' %}
+{%- if message.tool_call_id is not defined or message.tool_call_id | length != 9 %}
+{{- raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}
+{%- endif %}
+{{- '[TOOL_RESULTS]' + message.content + '[/TOOL_RESULTS]' }}
+{%- else %}{{ message.content + '</s>' }}
+{%- endif %}
+{%- endfor %}"""
+
+
+def test_mistral_tool_call_ids_survive_the_next_turn(tmp_path):
+    """Regression: Mistral's chat templates raise for a tool call id that is not 9 alphanumeric
+    characters, and amlx gave Mistral calls `call_` + 24 hex digits: the reply's calls went
+    back in the next request (as every client sends them) and that request failed with a 400
+    invalid_messages. Mistral calls now have 9-character ids; the conversation goes on."""
+    ckpt = serve_checkpoint(tmp_path / "mistral-like")
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    config["chat_template"] = _MISTRAL_LIKE_TEMPLATE
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    with amlx.load_sync(ckpt, max_context=512) as model:
+        srv = _Servers(model, {"mistral": None})  # the model's own template: the "mistral" format
+        try:
+            client = srv.client("mistral")
+            reply = ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+                     '{"name": "now", "arguments": {}}]')
+            for stream in (False, True):
+                seed_ = _script([([reply[:20], reply[20:]], "stop")])
+                kw = dict(model="m", messages=MESSAGES, tools=TOOLS, seed=seed_, max_tokens=8)
+                if stream:
+                    calls = [d for chunk in client.chat.completions.create(stream=True, **kw)
+                             for ch in chunk.choices for d in ch.delta.tool_calls or []]
+                else:
+                    r = client.chat.completions.create(**kw)
+                    assert r.choices[0].finish_reason == "tool_calls"
+                    calls = r.choices[0].message.tool_calls
+                assert [c.function.name for c in calls] == ["get_weather", "now"]
+                assert all(re.fullmatch("[0-9A-Za-z]{9}", c.id) for c in calls) and len({c.id for c in calls}) == 2
+                history = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": c.id, "type": "function", "function": {"name": c.function.name,
+                                                                  "arguments": c.function.arguments}}
+                    for c in calls]}]
+                history += [{"role": "tool", "tool_call_id": c.id, "content": "21"} for c in calls]
+                seed_ = _script([(["It is 21."], "stop")])
+                r = client.chat.completions.create(model="m", messages=history, tools=TOOLS, seed=seed_,
+                                                   max_tokens=8)
+                assert r.choices[0].message.content == "It is 21."
+        finally:
+            srv.stop()
+    # the library's own parse gives such ids too (Completion.tool_calls goes back the same way)
+    _, calls = parse_tool_calls('[TOOL_CALLS]f[ARGS]{"a": 1}[TOOL_CALLS]g[ARGS]{}', "mistral")
+    assert [len(c.id) for c in calls] == [9, 9] and calls[0].id != calls[1].id
