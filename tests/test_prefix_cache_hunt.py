@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import random
 import shutil
 import tempfile
 from collections import Counter
@@ -57,7 +58,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import amlx
-from amlx.kv import DEFAULT_BLOCK_SIZE, BlockPool, ShardKV
+from amlx._mlx import float32
+from amlx.kv import DEFAULT_BLOCK_SIZE, BlockPool, PoolFull, ShardKV, preemption_order
 from tests.helpers.checkpoints import make_checkpoint
 
 BS = int(os.environ.get("AMLX_KV_BLOCK_SIZE") or DEFAULT_BLOCK_SIZE)  # (a hunt may run with other sizes)
@@ -115,7 +117,7 @@ def books():
     """Every BlockPool call that changes the books is followed by `_check_books`; rows copied
     between shards and placements undone are counted (AMLX_HUNT_REPORT)."""
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("allocate", "hold", "release", "clear_prefix", "grow_to"):
+        for name in ("allocate", "hold", "release", "claim", "clear_prefix", "grow_to"):
             real = getattr(BlockPool, name)
 
             def checked(self, *args, _real=real, _name=name, **kwargs):
@@ -481,3 +483,93 @@ def test_prefix_cache_hunt(world, books, arch, bits):
     if os.environ.get("AMLX_HUNT_REPORT"):
         print("REPORT", arch, bits, dict(_TALLY))
     _TALLY.clear()
+
+
+# ----------------------------------------------------------------------------- regressions
+
+
+class _Row:
+    """A row of the host-side walk: what the scheduler's Request carries for the pools."""
+
+    def __init__(self, ids: list[int], created: int):
+        self.ids, self.created = list(ids), created
+        self.blocks: list[int] = []
+        self.local: list[int] = []
+        self.pos = 0
+
+
+def _walk(seed: int, ceiling: int, steps: int = 300) -> None:
+    """The scheduler's calls into one shard's pools, host side, for a model with windowed
+    layers in a pool of their own (a window of 8, as the tests' Gemma 3): prompts from three
+    shared prefixes admitted (`reserve` with a block of headroom while rows run) and
+    prefilled in one pass (`prefill_tables`, `cache_filled`), some parked, rows ended
+    (`release` with their tokens), and decode rounds: the youngest row holding blocks
+    preempted while the full pool is short (`_preempt_for_blocks`), rows about to give a
+    local block back cached first (`cache_decoded`), then `extend`."""
+    rnd = random.Random(seed)
+    pool = BlockPool([(1, 32)], float32, 16, ceiling)
+    local = BlockPool([(1, 32)], float32, 16, ceiling)
+    kv = ShardKV(pool, 1, window=8, local=local, layer_local=[False, True])
+    prefixes = [[rnd.randrange(10, 200) for _ in range(48)] for _ in range(3)]
+    rows: list[_Row] = []
+    parked: list[_Row] = []
+    for step in range(steps):
+        act = rnd.random()
+        where = f"seed {seed}, ceiling {ceiling}, step {step}"
+        try:
+            if act < 0.3 and len(rows) < 6:
+                ids = rnd.choice(prefixes)[:rnd.choice([1, 8, 16, 17, 20, 33, 40])]
+                ids += [rnd.randrange(10, 200) for _ in range(rnd.choice([0, 1, 3]))]
+                row = _Row(ids, step)
+                cached = kv.reserve(row, ids, 1 if rows else 0)
+                if cached is None:
+                    continue
+                kv.prefill_tables([row], cached, len(ids) - cached, [len(ids)])
+                row.pos = len(ids)
+                kv.cache_filled(row, ids, row.pos)
+                rows.append(row)
+                if rnd.random() < 0.4:
+                    parked.append(row)
+            elif act < 0.45 and rows:
+                row = rnd.choice(rows)
+                rows.remove(row)
+                if row in parked:
+                    parked.remove(row)
+                kv.release(row, row.ids)
+            else:
+                running = [r for r in rows if r not in parked]
+                while kv.short_of_blocks(running) > pool.available():
+                    held = preemption_order(running)[:-1] + parked
+                    if not held:
+                        break
+                    victim = preemption_order(held)[0]
+                    for group in (rows, parked, running):
+                        if victim in group:
+                            group.remove(victim)
+                    kv.release(victim, victim.ids)
+                if kv.short_of_blocks(running) > pool.available():
+                    continue
+                for r in running:
+                    if kv.sheds(r):
+                        kv.cache_filled(r, r.ids, min(r.pos, len(r.ids)))
+                kv.extend(running)
+                for r in running:
+                    r.ids.append(rnd.randrange(10, 200))
+                    r.pos += 1
+        except PoolFull as exc:
+            raise AssertionError(f"{where}: {exc} (full pool {pool.used()} held, windowed pool "
+                                 f"{local.used()}; rows {[(len(r.blocks), r.local, r.pos) for r in rows]})") from None
+        assert not _VIOLATIONS, (where, _VIOLATIONS[:3])
+    kv.close()
+
+
+def test_the_windowed_layers_pool_never_needs_more_blocks_than_the_full_one(books):
+    """A prompt whose full block was cached while another local block was cached under its
+    key (its full block evicted first, the local one not) left the two pools' caches out of
+    pairs: a later prompt took this prompt's full block and that other local block, so the
+    local pool held more blocks than the full pool, whose room alone admission and
+    preemption count, and a decode round's `extend` raised PoolFull (which would have ended
+    every request of the engine). Seeds 276 (a pool of 8 blocks) and 57 (7) reached it;
+    `ShardKV.cache_filled` now caches a row's local block with its full block."""
+    for seed, ceiling in [(276, 8), (57, 7)] + [(s, c) for s in range(12) for c in (6, 8)]:
+        _walk(seed, ceiling)

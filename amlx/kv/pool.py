@@ -168,6 +168,18 @@ class BlockPool:
             for key, block in zip(keys, blocks):
                 self.prefix.add(key, block)
 
+    def claim(self, key: bytes, block: int) -> None:
+        """Caches `block` under `key` in place of the block cached there now, if another
+        (that one is forgotten: free if no request holds it, else uncached)."""
+        if self.prefix is None:
+            return
+        old = self.prefix.block(key)
+        if old == block or self.prefix.cached(block):
+            return
+        if old is not None and self.prefix.drop(old):
+            self._free.append(old)
+        self.prefix.add(key, block)
+
     def clear_prefix(self) -> None:
         """Forgets every cached prefix (the weights changed): idle blocks are free again."""
         if self.prefix is not None:

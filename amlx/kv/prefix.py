@@ -100,6 +100,12 @@ class PrefixIndex:
         self._key_of[block] = key
         return True
 
+    def drop(self, block: int) -> bool:
+        """Forgets one cached block (idle or held); returns whether it was idle."""
+        idle = self._idle.pop(block, 0) is None
+        self._forget(block)
+        return idle
+
     def referenced(self, block: int) -> None:
         """A request holds the cached block again: it may not be evicted."""
         self._idle.pop(block, None)

@@ -240,8 +240,20 @@ class ShardKV:
         keys = self._keys(ids, n, chain)
         self.pool.register(keys, row.blocks[:n])
         if self.local is not None:
-            held = [(k, b) for k, b in zip(keys, row.local[:n]) if b != NULL_BLOCK]
-            self.local.register([k for k, _ in held], [b for _, b in held])
+            # Where this row's full block is the one cached under a key, its local block is
+            # cached with it, in place of another local block cached there (one whose full
+            # block was evicted first). Kept as it was, a later prompt took this row's full
+            # block and that other local block: the pools' blocks were then shared unevenly,
+            # the local pool could need more blocks than the full one (whose room alone
+            # admission and preemption count), and `extend` raised PoolFull in `_cover`
+            # (found by tests/test_prefix_cache_hunt.py's host-side walk of the pools).
+            for key, full, local in zip(keys, row.blocks[:n], row.local[:n]):
+                if local == NULL_BLOCK:
+                    continue
+                if self.pool.prefix.block(key) == full:
+                    self.local.claim(key, local)
+                else:
+                    self.local.register([key], [local])
 
     def release(self, row: KVRow, ids: Sequence[int] | None = None, chain: KeyChain | None = None) -> None:
         """The row lets go of its blocks; with `ids` (the tokens at its positions
