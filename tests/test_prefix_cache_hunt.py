@@ -37,6 +37,17 @@ Checked:
   was cancelled or preempted;
 - after close: the pools hold no arrays and MLX active memory is back to where it was
   before the load.
+
+A host-side walk of the scheduler's calls into one shard's pools (no engine: thousands of
+rounds a second) goes where the engine rarely gets: the windowed layers' pool must never
+need more blocks than the full one, whose room alone admission and preemption count
+(`test_the_windowed_layers_pool_never_needs_more_blocks_than_the_full_one`, a bug it found).
+
+The pools' private books (`_refs`, `_free`, the prefix index's maps) are read here: this
+test belongs with amlx/kv/. AMLX_HUNT_EXAMPLES sets the examples per configuration (a
+longer hunt), AMLX_HUNT_REPORT=1 prints what they reached (preemptions, cache hits,
+evictions, cancellations in prefill, rows moved between shards), AMLX_KV_BLOCK_SIZE runs
+the hunt with another block size.
 """
 
 from __future__ import annotations
