@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 import sys
 import tempfile
 from pathlib import Path
 
+import anyio
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -28,6 +30,7 @@ from tests.helpers.checkpoints import make_checkpoint
 
 LAYERS = 6
 PROMPTS = 6
+GUARD = 60  # seconds the worker waits for the prompts at most (a guard, never reached)
 PROMPT_LEN = 48
 
 
@@ -137,7 +140,21 @@ def _serve(path, monkeypatch, segment_bytes: int | None, prompt_len: int = PROMP
             async def one(p):
                 return [t.id async for t in model.generate(p, max_tokens=5)]
             prompts = [rng.integers(10, 200, n).tolist() for _ in range(PROMPTS)]
-            return await asyncio.gather(*(one(p) for p in prompts))
+            # The worker waits in a job until all the prompts are queued, so they make one prefill
+            # group: sent "together" they could still come apart on a busy machine (a CI run
+            # prefilled them in groups of four or fewer, which no segment target paces).
+            started, gate = threading.Event(), threading.Event()
+            model.engine.submit_job(lambda: started.set() or gate.wait(GUARD))
+            try:
+                with anyio.fail_after(GUARD):  # (a guard)
+                    while not started.is_set():
+                        await asyncio.sleep(0.001)
+                    tasks = [asyncio.create_task(one(p)) for p in prompts]
+                    while sched.counts()["waiting"] < PROMPTS:
+                        await asyncio.sleep(0.001)
+            finally:
+                gate.set()
+            return await asyncio.gather(*tasks)
         out = [asyncio.run(run(first_len or prompt_len))]
         grew.clear()
         out.append(asyncio.run(run(prompt_len)))
