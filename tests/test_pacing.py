@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import threading
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import anyio
