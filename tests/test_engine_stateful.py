@@ -54,6 +54,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 import amlx
 from amlx.kv import DEFAULT_BLOCK_SIZE
 from tests.helpers.checkpoints import make_checkpoint
+from tests.helpers.environment import environ
 
 BS = DEFAULT_BLOCK_SIZE
 POOL_BLOCKS = 7  # the pool under test (blocks, per shard); a request needs at most 6
@@ -244,26 +245,14 @@ class EngineMachine(RuleBasedStateMachine):
         if self.SPECULATIVE:
             spec = {"draft": str(self.arch.path) if draft_model else "prompt_lookup", "num_draft_tokens": drafts}
         self.log.append(f"load {arch} {env} {spec} slot_limit={slot_limit} max_batch_size={batch}")
-        saved = {k: os.environ.get(k) for k in env}
         self.world.wait_idle()  # (a finished row leaves on the worker's next round)
         gc.collect()
         self.mem_before_load = amlx.memory()["active"]
-        try:
-            for k, v in env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        with environ(env):
             # (a shard's share of the pool: each shard must hold the largest request)
             blocks = POOL_BLOCKS * int(shards)
             self.model = amlx.load_sync(self.arch.path, kv_cache_memory=blocks * self.arch.block_bytes,
                                         max_batch_size=batch, **spec, **self.LOAD_OPTIONS)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         self.model.engine.scheduler.slot_idle_limit = slot_limit
         self._loaded()
         # warm: the model's derived arrays and the pools' first arrays (a prompt shorter than a

@@ -72,6 +72,7 @@ import amlx
 from amlx._mlx import float32
 from amlx.kv import DEFAULT_BLOCK_SIZE, BlockPool, PoolFull, ShardKV, preemption_order
 from tests.helpers.checkpoints import make_checkpoint
+from tests.helpers.environment import environ
 
 BS = int(os.environ.get("AMLX_KV_BLOCK_SIZE") or DEFAULT_BLOCK_SIZE)  # (a hunt may run with other sizes)
 SMALL_POOL = 8  # blocks per shard: rows are preempted and prefixes evicted
@@ -349,21 +350,9 @@ def _run_example(world: _World, data, arch: str, bits: int | None) -> None:
     world.wait_idle()
     gc.collect()
     before = amlx.memory()["active"]
-    saved = {k: os.environ.get(k) for k in env}
-    try:
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environ(env):
         m = amlx.load_sync(world.path(arch, bits), kv_cache_memory=blocks * shards * per_block, kv_bits=bits,
                            max_batch_size=4)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     try:
         room = m.engine.scheduler.pool_tokens()  # what one request can hold (its shard's whole pool)
         assert room // BS >= blocks
