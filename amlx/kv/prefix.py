@@ -102,7 +102,8 @@ class PrefixIndex:
 
     def drop(self, block: int) -> bool:
         """Forgets one cached block (idle or held); returns whether it was idle."""
-        idle = self._idle.pop(block, 0) is None
+        idle = block in self._idle
+        self._idle.pop(block, None)
         self._forget(block)
         return idle
 
