@@ -61,9 +61,10 @@ def splits(n: int, k: int, group: int, mode: str | None = None) -> int:
     tile of rows): the fewest (a power of two) that
     give MLX's kernel 90% of the SMs' worth of blocks or more, each slice whole groups and
     a multiple of MLX's K tile (64 values), and at least two of either. (A slice of one
-    group goes to MLX's sm90 kernel on an H100/H200, which takes K <= group size; a
-    4-way copy split of a 256-wide K gave NaN scores there. One K tile also leaves the
-    sm80 kernel's pipeline prefetching past K.) At most 8 for `copy` and 2 for `interleave`
+    group goes to MLX's sm90 kernel on an H100/H200, which takes K <= group size, and one
+    K tile leaves the sm80 kernel's pipeline prefetching past K: the engine test's NaN
+    scores on an H100 came with a 4-way split of a 256-wide K into such slices, the
+    cause read from MLX's dispatch, not yet confirmed.) At most 8 for `copy` and 2 for `interleave`
     (whose products grow with the split). 1: no split (the product already has the blocks,
     or its K does not divide, or MLX's kernel does not take its n)."""
     mode = mode or MODE
