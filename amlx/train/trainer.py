@@ -343,6 +343,12 @@ class TrainingRun:
         for _ in range(self.step):
             next(self._batches)  # a resumed run goes on with the batches it had not seen
         self._key = random.key(opts.seed + 1)
+        if opts.dropout:
+            # a resumed run draws the dropout masks the uninterrupted run drew at its steps:
+            # the key is split once a step, as in _train_step
+            for _ in range(self.step):
+                self._key = random.split(self._key, 2)[0]
+            mx_eval(self._key)
         self._vg = value_and_grad(lm, _loss_with_dropout if opts.dropout else causal_lm_loss)
         self._engine.weights_changed()  # the compiled decode step traced the weights without the adapter
         self._t0 = time.perf_counter()

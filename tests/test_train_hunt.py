@@ -1,0 +1,73 @@
+"""Bug hunt in fine-tuning and its round trips with loading and serving.
+
+Resume equals an uninterrupted run (dropout included); a failed adapter load
+leaves the model's adapter as it was; hostile adapter files are refused with the
+file and the cause; adapters written in mlx-lm's and PEFT's on-disk layouts give
+the in-memory trained model's logits; a padded batch's loss and gradients equal
+the token-weighted mean of its examples'; prompt tokens are not learned; fusing
+equals the unfused forward (and transformers on the fused checkpoint); training
+between requests empties the prefix cache; memory comes back after close.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import amlx
+from amlx._mlx import array
+from amlx.engine.worker import Worker
+from amlx.errors import ModelLoadError
+from amlx.models import load_model
+from amlx.train import lora
+
+try:
+    from tests.helpers.checkpoints import load_reference, make_checkpoint, reference_logits
+except ImportError:  # tests/ itself on sys.path
+    from helpers.checkpoints import load_reference, make_checkpoint, reference_logits
+
+DATA = [{"prompt": "The secret word is", "completion": " banana split"},
+        {"prompt": "Say hi:", "completion": " hi there"},
+        {"text": "one two three four"}]
+IDS = [5, 17, 42, 99, 3, 250, 7, 64, 128, 11]
+
+
+def on_worker(fn):
+    return Worker.get().run_sync(fn)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3")
+
+
+def _adapter(lm) -> dict[str, np.ndarray]:
+    return on_worker(lambda: {f"{p}.{k}": getattr(m, k).numpy() for p, m in lora.lora_modules(lm).items()
+                              for k in ("lora_a", "lora_b")})
+
+
+def _logits(lm, ids=IDS) -> np.ndarray:
+    return on_worker(lambda: lm(array(np.asarray([ids], np.int32))).numpy()[0])
+
+
+# -- resume -------------------------------------------------------------------------
+
+async def _train(path, adapter_path, iters, **opts):
+    async with await amlx.load(path) as model:
+        [ev async for ev in model.train_lora(DATA, iters=iters, adapter_path=adapter_path, **opts)]
+        return _adapter(model.engine.model)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+async def test_resume_with_dropout_matches_an_uninterrupted_run(qwen, tmp_path, dropout):
+    """The dropout masks of a resumed run's steps are those the uninterrupted run drew
+    at those steps (the key follows the step, as the batches do)."""
+    opts = dict(batch_size=2, learning_rate=1e-2, seed=4, dropout=dropout, rank=4, save_every=2)
+    full = await _train(qwen, tmp_path / "a", 5, **opts)
+    await _train(qwen, tmp_path / "b", 2, **opts)
+    resumed = await _train(qwen, tmp_path / "b", 5, resume=True, **opts)
+    assert set(resumed) == set(full)
+    for k in full:
+        np.testing.assert_allclose(resumed[k], full[k], rtol=1e-5, atol=1e-7, err_msg=k)
