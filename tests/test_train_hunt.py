@@ -71,3 +71,56 @@ async def test_resume_with_dropout_matches_an_uninterrupted_run(qwen, tmp_path, 
     assert set(resumed) == set(full)
     for k in full:
         np.testing.assert_allclose(resumed[k], full[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+# -- hostile adapters -----------------------------------------------------------------
+
+def _write_amlx_adapter(qwen, d, targets=("q_proj", "v_proj"), rank=4, seed=0):
+    """A random amlx-format adapter for the qwen checkpoint; returns the model's logits with it."""
+    loaded = on_worker(lambda: load_model(qwen, progress=False))
+    rng = np.random.default_rng(seed)
+
+    def go():
+        lora.apply_lora(loaded.model, rank=rank, targets=list(targets), seed=seed)
+        for m in lora.lora_modules(loaded.model).values():
+            m.lora_b = array((rng.standard_normal(m.lora_b.shape) * 0.3).astype(np.float32))
+        lora.save_adapter(loaded.model, d)
+
+    on_worker(go)
+    want = _logits(loaded.model)
+    on_worker(loaded.model.close)
+    return want
+
+
+def _edit_tensors(src, dst, edit):
+    """Copies the adapter directory src to dst with its tensors passed through edit(dict) -> dict."""
+    from safetensors.numpy import load_file, save_file
+
+    dst.mkdir()
+    (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    save_file(edit(load_file(str(src / "adapters.safetensors"))), str(dst / "adapters.safetensors"),
+              metadata={"format": "mlx"})
+
+
+async def test_a_failed_resume_leaves_the_models_adapter_as_it_was(qwen, tmp_path):
+    """load_adapter replaced layers one by one after dropping the old adapter: an adapter
+    whose later layer was malformed left the model with the earlier layers of the bad
+    file and none of its own adapter."""
+    want = _write_amlx_adapter(qwen, tmp_path / "good", seed=1)
+    _write_amlx_adapter(qwen, tmp_path / "other", seed=2)
+    last = "model.layers.1.self_attn.v_proj.lora_b"
+    _edit_tensors(tmp_path / "other", tmp_path / "bad", lambda t: {**t, last: t[last][:, :3].copy()})
+    async with await amlx.load(qwen, adapter=tmp_path / "good") as model:
+        lm = model.engine.model
+        before = _adapter(lm)
+        np.testing.assert_array_equal(_logits(lm), want)
+        with pytest.raises(ModelLoadError, match=r"bad.*model\.layers\.1\.self_attn\.v_proj"):
+            [ev async for ev in model.train_lora(DATA, iters=2, batch_size=1, adapter_path=tmp_path / "bad",
+                                                 resume=True)]
+        after = _adapter(lm)
+        assert set(after) == set(before)
+        for k in before:
+            np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+        np.testing.assert_array_equal(_logits(lm), want)
+        out = await model.complete(IDS, max_tokens=2)
+        assert out.token_ids[0] == int(np.argmax(want[-1]))

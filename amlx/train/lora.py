@@ -454,6 +454,7 @@ def _install(model, entries: dict[str, dict], where, cfg: LoRAConfig, weights: P
         raise _bad(where, f"the adapter adapts {absent[0]}{more}, which this model does not have (an adapter for "
                           f"another architecture or size?)")
     _check_finite(entries, weights)
+    built: dict[str, LoRALinear] = {}
     for path in sorted(entries, key=_natural):
         e = entries[path]
         if "a" not in e or "b" not in e:
@@ -473,10 +474,15 @@ def _install(model, entries: dict[str, dict], where, cfg: LoRAConfig, weights: P
         a, b = e["a"].astype(_f32), e["b"].astype(_f32)
         rank = a.shape[0] if a.ndim == 2 else -1
         try:
-            lora = LoRALinear(m, max(rank, 1), e["scale"], cfg.dropout, lora_a=a, lora_b=b)
+            built[path] = LoRALinear(m, max(rank, 1), e["scale"], cfg.dropout, lora_a=a, lora_b=b)
         except ValueError as exc:
             raise _bad(where, f"layer {path}: {exc}") from None
-        model.set_module(path, lora)
+    # every layer checked: only now is the model's adapter (if any) replaced, so a bad file
+    # leaves it as it was rather than half replaced
+    if lora_modules(model):
+        remove_lora(model)
+    for path, layer in built.items():
+        model.set_module(path, layer)
     mx_eval(*[a for e in entries.values() for a in (e["a"], e["b"])])
     model._lora_config = cfg
 
@@ -627,13 +633,11 @@ def load_adapter(model, adapter: str | os.PathLike, config: dict | None = None) 
     """Applies the adapter saved in directory `adapter` (amlx, PEFT or mlx-lm format)
     to `model`, replacing any adapter it had. `config` is the model's normalised
     config (for the names of multimodal checkpoints). Raises ModelLoadError for a
-    missing, corrupt or mismatched adapter."""
+    missing, corrupt or mismatched adapter, and then leaves the model's adapter as it was."""
     d = Path(adapter)
     if not d.is_dir():
         raise _bad(d, "not a directory (expected an adapter directory)")
     meta = _read_config(d / ADAPTER_CONFIG)
-    if lora_modules(model):
-        remove_lora(model)
     if (d / PEFT_WEIGHTS).is_file() and ("peft_type" in meta or "r" in meta):
         return _load_peft(model, d, meta, config)
     if not (d / ADAPTER_WEIGHTS).is_file():
