@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import pytest
 
 import amlx
@@ -124,3 +126,116 @@ async def test_a_failed_resume_leaves_the_models_adapter_as_it_was(qwen, tmp_pat
         np.testing.assert_array_equal(_logits(lm), want)
         out = await model.complete(IDS, max_tokens=2)
         assert out.token_ids[0] == int(np.argmax(want[-1]))
+
+
+_LAYERS = [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in ("q", "v")]
+_NAMES = [f"{p}.lora_{x}" for p in _LAYERS for x in "ab"]
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                  st.text(max_size=5), st.lists(st.integers(-3, 3), max_size=3), st.just({"x": 1}))
+
+
+@st.composite
+def _mutations(draw):
+    """(what, how): one hostile change to a good amlx adapter directory."""
+    kind = draw(st.sampled_from(["drop", "shape", "dtype", "extra", "nonfinite", "rename", "scale", "unlist",
+                                 "config_key", "config_text", "truncate", "flip"]))
+    if kind in ("drop", "shape", "dtype", "nonfinite", "rename"):
+        arg = (draw(st.sampled_from(_NAMES)),)
+        if kind == "shape":
+            arg += (tuple(draw(st.lists(st.integers(0, 70), max_size=3))),)
+        elif kind == "dtype":
+            arg += (draw(st.sampled_from(["int32", "int8", "bool", "float16", "float64", "uint8"])),)
+        elif kind == "nonfinite":
+            arg += (draw(st.sampled_from([np.nan, np.inf, -np.inf])),)
+        elif kind == "rename":
+            arg += (draw(st.sampled_from(["model.layers.7.self_attn.q_proj", "model.layers.0.mlp.gate_proj",
+                                          "model.embed_tokens", "model.layers.0.input_layernorm", "lm_head", ""])),)
+    elif kind == "extra":
+        arg = (draw(st.text("abc.lora_", min_size=1, max_size=12)),)
+    elif kind in ("scale", "unlist"):
+        arg = (draw(st.sampled_from(_LAYERS)), draw(_JUNK))
+    elif kind == "config_key":
+        arg = (draw(st.sampled_from(["rank", "alpha", "dropout", "targets", "layers", "num_layers", "use_rslora",
+                                     "modules", "version", "format"])), draw(_JUNK))
+    elif kind == "config_text":
+        arg = (draw(st.sampled_from(["", "[]", "null", "{", "\xff", '{"format": "amlx-lora"}', "1e999"])),)
+    else:
+        arg = (draw(st.integers(0, 10_000)), draw(st.integers(1, 255)))
+    return kind, arg
+
+
+def _mutate(src, dst, kind, arg):
+    from safetensors.numpy import load_file, save_file
+
+    dst.mkdir()
+    meta = json.loads((src / "adapter_config.json").read_text())
+    tensors = load_file(str(src / "adapters.safetensors"))
+    raw_config = None
+    if kind == "drop":
+        del tensors[arg[0]]
+    elif kind == "shape":
+        tensors[arg[0]] = np.ones(arg[1], np.float32)
+    elif kind == "dtype":
+        tensors[arg[0]] = tensors[arg[0]].astype(arg[1])
+    elif kind == "nonfinite":
+        tensors[arg[0]].flat[3] = arg[1]
+    elif kind == "rename":
+        layer, leaf = arg[0].rsplit(".", 1)
+        tensors[f"{arg[1]}.{leaf}" if arg[1] else leaf] = tensors.pop(arg[0])
+    elif kind == "extra":
+        tensors[arg[0]] = np.zeros((2, 2), np.float32)
+    elif kind == "scale":
+        meta["modules"][arg[0]]["scale"] = arg[1]
+    elif kind == "unlist":
+        meta["modules"][arg[0]] = arg[1]
+    elif kind == "config_key":
+        meta[arg[0]] = arg[1]
+    elif kind == "config_text":
+        raw_config = arg[0]
+    save_file(tensors, str(dst / "adapters.safetensors"), metadata={"format": "mlx"})
+    text = json.dumps(meta) if raw_config is None else raw_config
+    (dst / "adapter_config.json").write_text(text, encoding="utf-8", errors="surrogateescape")
+    if kind in ("truncate", "flip"):
+        f = dst / "adapters.safetensors"
+        data = bytearray(f.read_bytes())
+        pos = arg[0] % len(data)
+        if kind == "truncate":
+            data = data[:pos]
+        else:
+            data[pos] ^= arg[1]
+        f.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def adapted(qwen, tmp_path_factory):
+    """A loaded qwen model carrying a good adapter, and that adapter's directory."""
+    good = tmp_path_factory.mktemp("good")
+    _write_amlx_adapter(qwen, good, seed=3)
+    loaded = on_worker(lambda: load_model(qwen, progress=False))
+    on_worker(lambda: lora.load_adapter(loaded.model, good, loaded.config))
+    yield loaded, good
+    on_worker(loaded.model.close)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutation=_mutations())
+def test_hostile_adapter_files_are_refused_naming_the_file_and_keep_the_adapter(adapted, tmp_path_factory,
+                                                                                mutation):
+    loaded, good = adapted
+    kind, arg = mutation
+    before = _adapter(loaded.model)
+    d = tmp_path_factory.mktemp("hostile")
+    _mutate(good, d / "ad", kind, arg)
+    try:
+        on_worker(lambda: lora.load_adapter(loaded.model, d / "ad", loaded.config))
+    except ModelLoadError as exc:
+        assert str(d / "ad") in str(exc), str(exc)
+        after = _adapter(loaded.model)
+        assert set(after) == set(before)
+        for k in before:
+            np.testing.assert_array_equal(after[k], before[k])
+    else:
+        # a change that leaves a usable adapter (e.g. float16 matrices, a finite scale): it
+        # loaded whole and gives finite logits; then the good adapter goes back on
+        assert np.isfinite(_logits(loaded.model)).all()
+        on_worker(lambda: lora.load_adapter(loaded.model, good, loaded.config))
