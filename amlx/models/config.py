@@ -427,16 +427,31 @@ def _quantization(top: ConfigReader) -> dict | None:
         raise top.invalid(key, q, f"unsupported quantization method {q['quant_method']!r} (MLX quantization only)")
     sub = top.nested(key, q)
     out = dict(q)
-    out["group_size"] = sub.integer("group_size", 64)
-    out["bits"] = sub.integer("bits", 4)
+    out["group_size"], out["bits"] = _group_and_bits(sub, 64, 4)
     _affine(sub, q)
     for name, layer in q.items():
         if isinstance(layer, Mapping):  # one layer's own group size and bits (mlx-lm's per-layer entries)
             lr = sub.nested(name, layer)
             _affine(lr, layer)
-            out[name] = {**layer, "group_size": lr.integer("group_size", out["group_size"]),
-                         "bits": lr.integer("bits", out["bits"])}
+            group, bits = _group_and_bits(lr, out["group_size"], out["bits"])
+            out[name] = {**layer, "group_size": group, "bits": bits}
     return out
+
+
+# What the quantized matmuls amlx runs accept: any other value loaded, and the first request
+# failed inside MLX ("Quantization bits must be ...", "group size must be 32, 64 or 128").
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+QUANT_GROUP_SIZES = (32, 64, 128)
+
+
+def _group_and_bits(r: ConfigReader, group_default: int, bits_default: int) -> tuple[int, int]:
+    group, bits = r.integer("group_size", group_default), r.integer("bits", bits_default)
+    if group not in QUANT_GROUP_SIZES:
+        raise r.invalid("group_size", group, f"quantized layers need groups of "
+                                             f"{', '.join(map(str, QUANT_GROUP_SIZES))}")
+    if bits not in QUANT_BITS:
+        raise r.invalid("bits", bits, f"quantized layers need {', '.join(map(str, QUANT_BITS))} bits")
+    return group, bits
 
 
 def _affine(r: ConfigReader, q: Mapping) -> None:
