@@ -57,6 +57,7 @@ _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, 
              "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "C64": 8}
 
 _FLOATS = {"F16", "BF16", "F32", "F64"}
+_MAX_DIM = (1 << 31) - 1
 
 
 # ---------------------------------------------------------------------------
@@ -227,11 +228,13 @@ def _tensor_info(path: Path, name: str, entry: Any, data_size: int) -> TensorInf
     if not isinstance(entry, dict):
         raise bad("invalid header entry")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in _ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in _ITEMSIZE:  # (a list or object: unhashable, a raw TypeError)
         raise bad(f"unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+    # (MLX's dimensions are int32: a larger one, in a tensor of no elements, was wrapped round
+    # to another size, negative ones included, and `convert` wrote that out)
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM
                                               for d in shape):
-        raise bad(f"invalid shape {shape!r}")
+        raise bad(f"invalid shape {shape!r} (dimensions are integers from 0 to {_MAX_DIM})")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
             and 0 <= offsets[0] <= offsets[1] <= data_size):
         raise bad(f"data offsets {offsets!r} lie outside the file's {data_size} data bytes")
