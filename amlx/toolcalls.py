@@ -8,13 +8,22 @@ format their chat template describes. Three families are understood:
 * ``"llama3"`` (Llama 3.1/3.2/3.3): the whole reply is a JSON object
   ``{"name": ..., "parameters": {...}}`` (optionally after ``<|python_tag|>``), several
   separated by ``;``.
-* ``"mistral"``: ``[TOOL_CALLS]`` followed by a JSON list ``[{"name": ..., "arguments": {...}}]``,
-  or the newer ``[TOOL_CALLS]name[ARGS]{...}`` form.
+* ``"mistral"``: ``[TOOL_CALLS]`` followed by a JSON list ``[{"name": ..., "arguments": {...}}]``
+  (tokenizers v3/v7), or per call ``[TOOL_CALLS]name[ARGS]{...}`` (v11+, v13),
+  ``[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}`` (v11 templates that carry ids) or
+  ``[TOOL_CALLS]name{...}`` (the same with the control tokens dropped). One chat template
+  writes one of these, but a reply is read in any of them: they cannot be mistaken for
+  one another, and a model may drift from its template.
 
 `ToolCallParser` works on a stream of text pieces: it passes ordinary text through at
 once, holds back only what may be the start of a call, and hands out each call as soon
 as it is complete. `parse_tool_calls` does the same for a whole text. Text that looks
 like a call but does not parse as one is given back unchanged as content.
+
+Reasoning: amlx has no reasoning parser, so a thinking model's ``<think>...</think>``
+(Mistral's ``[THINK]...[/THINK]``) stays in the content. What it holds is the model thinking
+aloud, not a call: a call written inside it, or after a ``<think>`` the reply never closes,
+is content too.
 """
 
 from __future__ import annotations
@@ -27,16 +36,19 @@ from typing import Any, Union
 
 from amlx.types import ToolCall
 
-__all__ = ["FORMATS", "ToolCallParser", "detect_format", "parse_tool_calls"]
+__all__ = ["FORMATS", "ToolCallParser", "detect_format", "opens_reasoning", "parse_tool_calls"]
 
 FORMATS = ("qwen", "llama3", "mistral")
 
 _QWEN_OPEN, _QWEN_CLOSE = "<tool_call>", "</tool_call>"
 _MISTRAL_OPEN = "[TOOL_CALLS]"
-_MISTRAL_ARGS = "[ARGS]"
+_MISTRAL_ARGS, _MISTRAL_CALL_ID = "[ARGS]", "[CALL_ID]"
 _LLAMA_TAG = "<|python_tag|>"
 
 Event = Union[str, ToolCall]  # a piece of content text, or one complete call
+
+# A reasoning section's opening and closing markers, per format (Llama 3 has none)
+_THINK = {"qwen": ("<think>", "</think>"), "mistral": ("[THINK]", "[/THINK]")}
 
 
 def detect_format(chat_template: str | Mapping[str, str] | None) -> str | None:
@@ -52,6 +64,15 @@ def detect_format(chat_template: str | Mapping[str, str] | None) -> str | None:
     if _LLAMA_TAG in chat_template or ('"parameters"' in chat_template and "<|start_header_id|>" in chat_template):
         return "llama3"
     return None
+
+
+def opens_reasoning(prompt: str, fmt: str | None) -> bool:
+    """Whether a rendered chat prompt leaves a reasoning section open for the reply: its
+    generation prompt ends in the format's opening marker (Qwen3 "Thinking" templates end in
+    `<think>\n`; the model writes only the `</think>`). Only the prompt's end counts: a
+    `<think>` in a system prompt or tool description opens nothing."""
+    markers = _THINK.get(fmt or "")
+    return bool(markers) and prompt.rstrip().endswith(markers[0])
 
 
 _CALL_PREFIX = uuid.uuid4().hex[:12]  # per process; a counter makes each id unique
@@ -78,7 +99,9 @@ def _call_from(obj: Any, args_key: str, new_id: Callable[[], str] = new_call_id)
         return None
     args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
     if isinstance(args, str):  # some models write the arguments as a JSON string already
-        args = _loads(args)
+        # "" is how some models (and clients, which templates then render back) write "no
+        # arguments"; OpenAI clients JSON.parse the arguments, so it goes out as {}
+        args = _loads(args) if args.strip() else {}
     if not isinstance(args, dict) or not _utf8(obj["name"]):
         return None
     try:
@@ -153,30 +176,44 @@ def _parse_mistral(body: str) -> list[ToolCall] | None:
     else:
         if calls:
             return calls
-    return _parse_mistral_args(body) if _MISTRAL_ARGS in body else None
+    return _parse_mistral_named(body)
 
 
-def _parse_mistral_args(body: str) -> list[ToolCall] | None:
-    """`name[ARGS]{json}` parts separated by [TOOL_CALLS] (the whole text), or None. Each JSON
-    value is read to its end rather than cut at the next marker: its strings may hold markers."""
+def _raw_word(text: str) -> bool:
+    """Whether `text` can be a name or id written as raw text (not a JSON string): no blanks or
+    JSON punctuation, which no function name has. A JSON-list reply cut short inside an argument
+    string holding "[ARGS]" came back as a call named '[{"name": "f", "arguments": ...'."""
+    return bool(text) and not any(ch.isspace() or ch in '[]{}"' for ch in text)
+
+
+def _parse_mistral_named(body: str) -> list[ToolCall] | None:
+    """`name[ARGS]{json}`, `name[CALL_ID]id[ARGS]{json}` or `name{json}` parts separated by
+    [TOOL_CALLS] (the whole text), or None. Each JSON value is read to its end rather than cut
+    at the next marker: its strings may hold markers."""
     decoder = json.JSONDecoder(parse_constant=_not_json)
     calls, pos = [], 0
     while True:
-        sep = body.find(_MISTRAL_ARGS, pos)
-        if sep < 0:
+        head = min((i for i in (body.find("[", pos), body.find("{", pos)) if i >= 0), default=-1)
+        if head < 0 or not _raw_word(body[pos:head].strip()):
             return None
-        start = sep + len(_MISTRAL_ARGS)
-        while start < len(body) and body[start] in " \t\r\n":
-            start += 1
+        name = body[pos:head].strip()
+        if body.startswith(_MISTRAL_CALL_ID, head):
+            # The model's own id is read and dropped: ids must be unique among all the calls a
+            # client sees, which a model copying an earlier turn's id would break (see
+            # _mistral_call_id for the form given instead).
+            sep = body.find(_MISTRAL_ARGS, head)
+            if sep < 0 or not _raw_word(body[head + len(_MISTRAL_CALL_ID):sep].strip()):
+                return None
+            head = sep
+        if body.startswith(_MISTRAL_ARGS, head):
+            head += len(_MISTRAL_ARGS)
+        elif body[head] != "{":
+            return None
+        while head < len(body) and body[head] in " \t\r\n":
+            head += 1
         try:
-            args, end = decoder.raw_decode(body, start)
+            args, end = decoder.raw_decode(body, head)
         except (ValueError, RecursionError):  # as in _loads
-            return None
-        name = body[pos:sep].strip()
-        # The name is raw text, not a JSON string: text holding blanks or JSON punctuation is
-        # not one (no function name has them). A JSON-list reply cut short inside an argument
-        # string that holds "[ARGS]" came back as a call named '[{"name": "f", "arguments": ...'.
-        if any(ch.isspace() or ch in '[]{}"' for ch in name):
             return None
         call = _call_from({"name": name, "arguments": args}, "arguments", _mistral_call_id)
         if call is None:
@@ -203,15 +240,20 @@ class ToolCallParser:
 
     Both return a list of events: strings (content to show) and `ToolCall`s. Joined,
     the strings and the calls account for all of the text: nothing is dropped except
-    the markup of calls that parsed."""
+    the markup of calls that parsed.
 
-    def __init__(self, fmt: str | None):
+    `thinking`: the reply starts inside a reasoning section, as when the chat template's
+    generation prompt ends in an open ``<think>`` (see `opens_reasoning`)."""
+
+    def __init__(self, fmt: str | None, *, thinking: bool = False):
         if fmt is not None and fmt not in FORMATS:
             raise ValueError(f"unknown tool-call format {fmt!r}; expected one of {FORMATS} or None")
         self.format = fmt
         self._buf = ""  # held-back text: a possible marker start, or an open call
         self._inside = False  # an opening marker was seen and its call is not complete yet
         self._started = False  # any non-blank text seen (Llama calls must start the reply)
+        self._think = _THINK.get(fmt or "")
+        self._thinking = bool(thinking and self._think)  # inside a reasoning section
         # Qwen: how far the open call's text has been scanned for its `</tool_call>` (see _qwen_close)
         self._scan, self._in_string, self._escaped = len(_QWEN_OPEN), False, False
         self.calls: list[ToolCall] = []
@@ -223,17 +265,24 @@ class ToolCallParser:
         if self.format == "qwen":
             return self._feed_qwen()
         if self.format == "mistral":
-            return self._feed_until_end(_MISTRAL_OPEN)
+            return self._feed_mistral()
         return self._feed_llama()
 
     def finish(self) -> list[Event]:
-        """Everything still held back: calls that complete at the end, else plain text."""
+        """Everything still held back: calls that complete at the end, else plain text.
+
+        A Qwen call left open at the end (no `</tool_call>`: the model stopped, or a stop
+        string or max_tokens cut it, right after the JSON) is a call when its JSON is a whole
+        call, as vLLM's Hermes parser takes it; the finish reason stays what it was."""
         text, self._buf = self._buf, ""
         self._scan, self._in_string, self._escaped = len(_QWEN_OPEN), False, False
         if not text:
             return []
         calls = None
-        if self.format == "mistral" and self._inside:
+        if self.format == "qwen" and self._inside:
+            call = _call_from(_loads(text[len(_QWEN_OPEN):].strip()), "arguments")
+            calls = [call] if call else None
+        elif self.format == "mistral" and self._inside:
             calls = _parse_mistral(text[len(_MISTRAL_OPEN):])
         elif self.format == "llama3" and self._inside:
             calls = _parse_llama(text)
@@ -243,31 +292,57 @@ class ToolCallParser:
             return list(calls)
         return [text]
 
+    def _pass_text(self, marker: str) -> tuple[str, bool]:
+        """(the buffer's leading text that is content, whether the buffer now starts with
+        `marker` opening a call). Text of a reasoning section is content, the marker in it too;
+        what may be the start of a marker waits for the next piece."""
+        text = ""
+        while True:
+            buf = self._buf
+            if self._thinking:
+                end = buf.find(self._think[1])
+                if end < 0:
+                    keep = len(buf) - _partial_suffix(buf, self._think[1])
+                    self._buf = buf[keep:]
+                    return text + buf[:keep], False
+                end += len(self._think[1])
+                text, self._buf, self._thinking = text + buf[:end], buf[end:], False
+                continue
+            start = buf.find(marker)
+            think = buf.find(self._think[0]) if self._think else -1
+            if think >= 0 and (start < 0 or think < start):
+                end = think + len(self._think[0])
+                text, self._buf, self._thinking = text + buf[:end], buf[end:], True
+                continue
+            if start >= 0:
+                self._buf = buf[start:]
+                return text + buf[:start], True
+            keep = max(_partial_suffix(buf, marker), _partial_suffix(buf, self._think[0]) if self._think else 0)
+            self._buf = buf[len(buf) - keep:]
+            return text + buf[:len(buf) - keep], False
+
     def _feed_qwen(self) -> list[Event]:
         out: list[Event] = []
         while True:
             if not self._inside:
-                start = self._buf.find(_QWEN_OPEN)
-                if start < 0:
-                    keep = _partial_suffix(self._buf, _QWEN_OPEN)
-                    text, self._buf = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]
-                    if text:
-                        out.append(text)
+                text, opened = self._pass_text(_QWEN_OPEN)
+                if text:
+                    out.append(text)
+                if not opened:
                     return out
-                if start:
-                    out.append(self._buf[:start])
-                self._buf = self._buf[start:]
                 self._inside = True
             end = self._qwen_close()
             if end < 0:
                 return out
-            if self._buf.startswith(_QWEN_OPEN, end):
-                # Another opening tag outside any JSON string: what this one opened is no call
-                # (JSON has no `<` outside strings), so it is text, and a call may start here.
-                # A reasoning section that names the tag ("<think>... I'll write <tool_call>
-                # ...</think>") held the reply's real call after it and gave it back as text.
+            if not self._buf.startswith(_QWEN_CLOSE, end):
+                # Another opening tag, or a reasoning section's, outside any JSON string: what
+                # this one opened is no call (JSON has no `<` outside strings), so it is text,
+                # and a call or a reasoning section may start here. A reasoning section that
+                # names the tag ("<think>... I'll write <tool_call> ...</think>") held the
+                # reply's real call after it and gave it back as text.
                 out.append(self._buf[:end])
                 self._buf = self._buf[end:]
+                self._inside = False
                 self._scan, self._in_string, self._escaped = len(_QWEN_OPEN), False, False
                 continue
             raw = self._buf[:end + len(_QWEN_CLOSE)]
@@ -282,8 +357,8 @@ class ToolCallParser:
                 out.append(call)
 
     def _qwen_close(self) -> int:
-        """Where the open call's `</tool_call>` (or a new `<tool_call>`) starts in the buffer, or
-        -1 while it has none.
+        """Where the open call's `</tool_call>` (or a new `<tool_call>` or `<think>`) starts in
+        the buffer, or -1 while it has none.
 
         Only a `</tool_call>` outside a JSON string counts: an argument string may hold one, and
         cutting there made the call's JSON unreadable, so the call came back as text. (For a
@@ -291,6 +366,7 @@ class ToolCallParser:
         with an unclosed quote holds the rest of the reply, to come back as text at finish().)
         The scan goes on from where the last feed left it, so each piece is read once."""
         buf, i = self._buf, self._scan
+        markers = (_QWEN_CLOSE, _QWEN_OPEN, self._think[0])
         while i < len(buf):
             ch = buf[i]
             if self._in_string:
@@ -303,25 +379,19 @@ class ToolCallParser:
             elif ch == '"':
                 self._in_string = True
             elif ch == "<":
-                if buf.startswith(_QWEN_CLOSE, i) or buf.startswith(_QWEN_OPEN, i):
+                if any(buf.startswith(m, i) for m in markers):
                     return i
-                if _QWEN_CLOSE.startswith(buf[i:]) or _QWEN_OPEN.startswith(buf[i:]):
+                if any(m.startswith(buf[i:]) for m in markers):
                     break  # the marker may be split across pieces: read it again with the next one
             i += 1
         self._scan = i
         return -1
 
-    def _feed_until_end(self, marker: str) -> list[Event]:
-        """Text before `marker` passes; from the marker on, everything waits for finish()."""
+    def _feed_mistral(self) -> list[Event]:
+        """Text before [TOOL_CALLS] passes; from the marker on, everything waits for finish()."""
         if self._inside:
             return []
-        start = self._buf.find(marker)
-        if start >= 0:
-            text, self._buf = self._buf[:start], self._buf[start:]
-            self._inside = True
-        else:
-            keep = _partial_suffix(self._buf, marker)
-            text, self._buf = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]
+        text, self._inside = self._pass_text(_MISTRAL_OPEN)
         return [text] if text else []
 
     def _feed_llama(self) -> list[Event]:
@@ -344,8 +414,9 @@ class ToolCallParser:
         return [text]
 
 
-def parse_tool_calls(text: str, fmt: str | None) -> tuple[str, list[ToolCall]]:
-    """(content without the calls' markup, the calls) of a whole reply in format `fmt`."""
-    parser = ToolCallParser(fmt)
+def parse_tool_calls(text: str, fmt: str | None, *, thinking: bool = False) -> tuple[str, list[ToolCall]]:
+    """(content without the calls' markup, the calls) of a whole reply in format `fmt`
+    (`thinking`: see ToolCallParser)."""
+    parser = ToolCallParser(fmt, thinking=thinking)
     events = parser.feed(text) + parser.finish()
     return "".join(e for e in events if isinstance(e, str)), list(parser.calls)

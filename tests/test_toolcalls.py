@@ -159,3 +159,140 @@ def test_qwen_close_tag_inside_argument_strings():
                  '<tool_call>{"name": "f", "arguments": {"q": "open </tool_call> tail'):
         _check("qwen", *parse_tool_calls(text, "qwen"), text, [])
         _check("qwen", *_streamed("qwen", text, [4, 15, 33]), text, [])
+
+
+# ---------------------------------------------------------------------------------------------
+# gaps closed: unclosed Qwen calls at the end, Mistral v11+ forms, "" arguments, reasoning
+
+def _both(fmt, text, **kw):
+    """(content, calls) of `text` whole, and fed in pieces of one character, of three, and at
+    a few cuts: all four must agree, so each is returned for the caller to check once."""
+    whole = parse_tool_calls(text, fmt, **kw)
+    out = [whole]
+    for cuts in (list(range(len(text))), list(range(0, len(text), 3)), [5, 17, 40]):
+        bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+        parser = ToolCallParser(fmt, **kw)
+        events = []
+        for a, b in zip(bounds, bounds[1:]):
+            events += parser.feed(text[a:b])
+        events += parser.finish()
+        out.append(("".join(e for e in events if isinstance(e, str)), [e for e in events if not isinstance(e, str)]))
+    for content, calls in out[1:]:
+        assert content == whole[0]
+        assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in whole[1]]
+    return whole
+
+
+def test_qwen_unclosed_call_at_the_end_is_a_call():
+    """A reply that ends (EOS, a stop string such as "</tool_call>", or max_tokens) right after
+    a whole call's JSON, without `</tool_call>`, has that call: the JSON is complete, only the
+    close tag is missing (vLLM's Hermes parser reads it so too). It was content."""
+    for text, want_content, want in [
+            ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}', "",
+             [("get_weather", {"city": "Paris"})]),
+            ('Sure. <tool_call>{"name": "a", "arguments": {}}</tool_call> <tool_call>\n{"name": "b", '
+             '"arguments": {"x": [1, "}"]}}\n\n', "Sure.  ", [("a", {}), ("b", {"x": [1, "}"]})]),
+            ('<tool_call>{"name": "f", "arguments": "{\\"q\\": 2}"} ', "", [("f", {"q": 2})])]:
+        _check("qwen", *_both("qwen", text), want_content, want)
+    # but only a whole call, and only at the very end: anything else stays text, as before
+    for text in ('<tool_call>{"name": "f", "arguments": {"q": 1}', '<tool_call>{"name": "f", "arguments": {}} and',
+                 '<tool_call>{"name": "f", "arguments": {}}</tool_ca', '<tool_call>{"key": "value"}',
+                 '<tool_call>', '<tool_call>{"name": "f", "arguments": {}}{"name": "g", "arguments": {}}'):
+        _check("qwen", *_both("qwen", text), text, [])
+
+
+def test_mistral_v11_and_later_forms():
+    """Mistral's tokenizers v11+ write each call as `[TOOL_CALLS]name[ARGS]{...}`, with
+    `[CALL_ID]id` before `[ARGS]` in templates that carry ids (v11), and without the control
+    tokens when they are dropped: `[TOOL_CALLS]name{...}`. The [CALL_ID] and bare forms stayed
+    content. The model's own id is not kept: ids are amlx's 9-character ones, unique."""
+    for text, want_content, want in [
+            ('[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Paris"}', "",
+             [("get_weather", {"city": "Paris"})]),
+            ('Checking.[TOOL_CALLS]f[CALL_ID]123456789[ARGS]{"q": "[CALL_ID]x[ARGS]{}"}[TOOL_CALLS]g[CALL_ID]'
+             'abcdefghi[ARGS]{}', "Checking.", [("f", {"q": "[CALL_ID]x[ARGS]{}"}), ("g", {})]),
+            ('[TOOL_CALLS]get_weather{"city": "Paris"}[TOOL_CALLS]now{}', "",
+             [("get_weather", {"city": "Paris"}), ("now", {})]),
+            ('[TOOL_CALLS] f {"a": 1} [TOOL_CALLS]g[ARGS]{"b": 2}', "", [("f", {"a": 1}), ("g", {"b": 2})])]:
+        content, calls = _both("mistral", text)
+        _check("mistral", content, calls, want_content, want)
+        assert "a1B2c3D4e" not in [c.id for c in calls] and len({c.id for c in calls}) == len(calls)
+    for text in ('[TOOL_CALLS]f[CALL_ID][ARGS]{}', '[TOOL_CALLS]f[CALL_ID]my id[ARGS]{}',
+                 '[TOOL_CALLS]f[CALL_ID]abc{}', '[TOOL_CALLS]f[OTHER]{}', '[TOOL_CALLS]two words{"a": 1}',
+                 '[TOOL_CALLS]f{"a": 1', '[TOOL_CALLS]f{"a": 1} more'):
+        _check("mistral", *_both("mistral", text), text, [])
+
+
+def test_empty_string_arguments_are_no_arguments():
+    """`"arguments": ""` (some models' and clients' way to write none) made the call text: ""
+    is no JSON. OpenAI clients JSON.parse the arguments, so it goes out as {}."""
+    for fmt, text in [("qwen", '<tool_call>{"name": "now", "arguments": ""}</tool_call>'),
+                      ("qwen", '<tool_call>{"name": "now", "arguments": " "}'),
+                      ("llama3", '{"name": "now", "parameters": ""}'),
+                      ("mistral", '[TOOL_CALLS][{"name": "now", "arguments": ""}]'),
+                      ("mistral", '[TOOL_CALLS]now[ARGS]""')]:
+        content, [call] = _both(fmt, text)
+        assert (content, call.name, call.arguments) == ("", "now", "{}"), fmt
+
+
+_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def test_calls_inside_reasoning_are_content():
+    """A thinking model (Qwen3's `<think>`, Magistral's `[THINK]`) may write a call while it
+    reasons; amlx has no reasoning parser, so the section is content, and a call inside it is
+    the model thinking aloud, not a call: it stays content, closed section or not. Calls after
+    the section are calls. The reasoning's call was sent to the client as a real one."""
+    for fmt, text, want_content, want in [
+            ("qwen", "<think>\nMaybe " + _CALL + " then.\n</think>\n\n" + _CALL,
+             "<think>\nMaybe " + _CALL + " then.\n</think>\n\n", [("get_weather", {"city": "Paris"})]),
+            ("qwen", "<think>\nI will write " + _CALL, "<think>\nI will write " + _CALL, []),  # never closed
+            ("qwen", "<think>a</think>" + _CALL + "<think>b " + _CALL[:-12], "<think>a</think><think>b " + _CALL[:-12],
+             [("get_weather", {"city": "Paris"})]),
+            ("qwen", '<tool_call>{"name": <think>' + _CALL + "</think>",  # a broken call, then a section
+             '<tool_call>{"name": <think>' + _CALL + "</think>", []),
+            ("mistral", '[THINK]use [TOOL_CALLS]f[ARGS]{}?[/THINK][TOOL_CALLS]g[ARGS]{"a": 1}',
+             "[THINK]use [TOOL_CALLS]f[ARGS]{}?[/THINK]", [("g", {"a": 1})]),
+            ("mistral", '[THINK]use [TOOL_CALLS]f[ARGS]{}', '[THINK]use [TOOL_CALLS]f[ARGS]{}', [])]:
+        _check(fmt, *_both(fmt, text), want_content, want)
+
+
+def test_reply_that_starts_inside_reasoning():
+    """A generation prompt that opens the section (Qwen3 "Thinking" templates end in
+    `<think>\\n`): the reply has only the `</think>`, and its calls before that are reasoning."""
+    from amlx.toolcalls import opens_reasoning
+
+    text = "Let me call " + _CALL + "\n</think>\n\n" + _CALL
+    _check("qwen", *_both("qwen", text, thinking=True), text[:-len(_CALL)], [("get_weather", {"city": "Paris"})])
+    _check("qwen", *_both("qwen", text), "Let me call \n</think>\n\n",
+           [("get_weather", {"city": "Paris"})] * 2)
+    assert opens_reasoning("<|im_start|>assistant\n<think>\n", "qwen")
+    assert not opens_reasoning("<|im_start|>assistant\n<think>\n\n</think>\n\n", "qwen")
+    assert not opens_reasoning("<|im_start|>system\nUse <think>.<|im_end|>\n<|im_start|>assistant\n", "qwen")
+    assert opens_reasoning("[INST]hi[/INST][THINK]", "mistral") and not opens_reasoning("x<think>", "llama3")
+
+
+_MARKUP = ["<tool_call>", "</tool_call>", "<think>", "</think>", "[THINK]", "[/THINK]", "[TOOL_CALLS]", "[ARGS]",
+           "[CALL_ID]", "<|python_tag|>", "<", "[", '{"name": "f", "arguments": {"a": 1}}', '{"a": 1}', "f", "id1",
+           '{"name": "g", "arguments": ""}', "x", " ", "\n", '"', "</", "}"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(fmt=st.sampled_from(["qwen", "llama3", "mistral"]), pieces=st.lists(st.sampled_from(_MARKUP), max_size=14),
+       cuts=st.lists(st.integers(0, 300), max_size=12), thinking=st.booleans())
+def test_streamed_deltas_are_the_whole_parse(fmt, pieces, cuts, thinking):
+    """Reasoning markers, Mistral's forms and unclosed calls mixed in any order and split
+    anywhere: the content deltas join to the whole-text content (so no partial markup of a
+    call that parsed went out as content), and the calls are the whole-text calls."""
+    text = "".join(pieces)
+    want_content, want_calls = parse_tool_calls(text, fmt, thinking=thinking)
+    bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    parser = ToolCallParser(fmt, thinking=thinking)
+    deltas, calls = [], []
+    for a, b in zip(bounds, bounds[1:]):
+        for e in parser.feed(text[a:b]) + (parser.finish() if b == len(text) else []):
+            (deltas if isinstance(e, str) else calls).append(e)
+    if not text:
+        parser.finish()
+    assert "".join(deltas) == want_content
+    assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in want_calls]

@@ -110,24 +110,55 @@ def _think(draw) -> str:
     return "<think>" + draw(_prose) + ("</think>" if draw(st.booleans()) else "") + draw(st.sampled_from(["", "\n\n"]))
 
 
+def _scan_run(run: str, thinking: bool) -> tuple[bool, bool]:
+    """(whether a reasoning section is open after `run`, whether `run` writes a `<tool_call>`
+    outside one) for plain text that starts inside a section or not: outside one a `<think>`
+    opens one, inside one the next `</think>` closes it, as the parser reads them."""
+    pos = 0
+    while True:
+        if thinking:
+            found = run.find("</think>", pos)
+            if found < 0:
+                return True, False
+            pos, thinking = found + len("</think>"), False
+            continue
+        think, call = run.find("<think>", pos), run.find(OPEN, pos)
+        if call >= 0 and (think < 0 or call < think):
+            return False, True
+        if think < 0:
+            return False, False
+        pos, thinking = think + len("<think>"), True
+
+
 @st.composite
 def well_formed_qwen(draw) -> Reply:
-    """Prose, think sections and well-formed calls, in any order: the calls and content are known."""
+    """Prose, think sections and well-formed calls, in any order: the calls and content are
+    known. A call drawn inside a reasoning section (one opened and not yet closed) is content;
+    the last call may lack its `</tool_call>` (the reply ended right after its JSON)."""
     parts = draw(st.lists(st.one_of(st.tuples(st.just("text"), _prose), st.tuples(st.just("think"), _think()),
                                     st.tuples(st.just("call"), _qwen_call())), max_size=6))
-    text, content, calls, run = "", "", [], ""
+    if parts and parts[-1][0] == "call" and draw(st.booleans()):
+        call_text, call = parts[-1][1]
+        parts[-1] = ("call", (call_text[:-len(CLOSE)], call))
+    text, content, calls = "", "", []
+    run, thinking = "", False  # the text since the last call, and whether it started in a section
     for kind, value in parts:
         if kind == "call":
-            if OPEN in run:  # adjacent prose pieces that together write an opening tag
+            now, opens = _scan_run(run, thinking)
+            if opens:  # adjacent prose pieces that together write an opening tag
                 return draw(st.nothing())
-            run = ""
             text += value[0]
-            calls.append(value[1])
+            if now:  # inside a reasoning section the call is text (which may close the section)
+                content += value[0]
+                run += value[0]
+            else:
+                calls.append(value[1])
+                run, thinking = "", False
         else:
             run += value
             text += value
             content += value
-    if OPEN in run:
+    if _scan_run(run, thinking)[1]:
         return draw(st.nothing())
     return Reply(text, content, calls)
 
@@ -214,9 +245,11 @@ def _replays(text: str, events: list) -> None:
             if isinstance(obj, dict) and obj.get("name") == e.name:
                 break
             end = text.find(CLOSE, end + 1)
-        assert end >= 0, (text, events, pos)
+        if end < 0:  # an unclosed call ends the reply
+            obj, end = json.loads(text[pos + len(OPEN):]), len(text) - len(CLOSE)
+            assert obj.get("name") == e.name
         args = obj.get("arguments", {})
-        assert json.loads(e.arguments) == (json.loads(args) if isinstance(args, str) else args)
+        assert json.loads(e.arguments) == (json.loads(args) if isinstance(args, str) and args.strip() else args or {})
         pos = end + len(CLOSE)
     assert pos == len(text), (text, events, pos)
 
