@@ -239,3 +239,26 @@ def test_hostile_adapter_files_are_refused_naming_the_file_and_keep_the_adapter(
         # loaded whole and gives finite logits; then the good adapter goes back on
         assert np.isfinite(_logits(loaded.model)).all()
         on_worker(lambda: lora.load_adapter(loaded.model, good, loaded.config))
+
+
+# -- memory ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["finished", "stopped"])
+async def test_a_full_run_kept_after_close_holds_no_memory(qwen, how):
+    """A finished or stopped full run kept its AdamW moments (two float32 copies of every
+    weight) for as long as the caller held the run, also after the model was closed."""
+    import gc
+
+    gc.collect()
+    base = amlx.memory()["active"]
+    model = await amlx.load(qwen)
+    run = model.train(DATA, iters=3 if how == "finished" else 50, batch_size=2, learning_rate=1e-3)
+    async for ev in run:
+        if how == "stopped" and ev.step == 2:
+            await run.aclose()
+    await model.engine.run(lambda: None)  # the stop's teardown, queued behind the step in flight
+    await model.aclose()
+    del model
+    gc.collect()
+    assert amlx.memory()["active"] <= base + 64  # (the run's 8-byte random key may stay)
+    assert run.step >= 2
