@@ -188,15 +188,23 @@ def llama_reply(draw) -> Reply:
 @st.composite
 def mistral_reply(draw) -> Reply:
     calls = draw(st.lists(st.tuples(_names, _arguments), min_size=1, max_size=3))
-    before = draw(_prose.filter(lambda t: "[TOOL_CALLS]" not in t))
+    before = draw(_prose.filter(lambda t: not any(m in t for m in ("[TOOL_CALLS]", "[THINK]", "[/THINK]"))))
     # (the `name[ARGS]{...}` form writes the name as raw text: a blank or JSON punctuation there
     # makes it no name, see test_mistral_args_form_name_is_a_name)
     raw_names = all(not any(ch.isspace() or ch in '[]{}"' for ch in n) for n, _ in calls)
-    if draw(st.booleans()) or not raw_names:
+    # the forms of tokenizers v3/v7 (a JSON list), v11+ ([ARGS]), v11 with ids ([CALL_ID]), and
+    # the last with its control tokens dropped (name{...})
+    form = draw(st.sampled_from(["list", "args", "call_id", "bare"])) if raw_names else "list"
+    if form == "list":
         body = last = json.dumps([{"name": n, "arguments": a} for n, a in calls], ensure_ascii=draw(st.booleans()))
     else:
-        body = "[TOOL_CALLS]".join(f"{n}[ARGS]{json.dumps(a)}" for n, a in calls)
+        ids = draw(st.lists(st.from_regex(r"[A-Za-z0-9]{9}", fullmatch=True), min_size=len(calls),
+                            max_size=len(calls)))
+        head = {"args": "{}[ARGS]", "call_id": "{}[CALL_ID]{}[ARGS]", "bare": "{}"}[form]
+        body = "[TOOL_CALLS]".join(head.format(n, i) + json.dumps(a) for (n, a), i in zip(calls, ids))
         last = json.dumps(calls[-1][1])
+    if draw(st.booleans()):  # Magistral reasons first; a call written there is part of the reasoning
+        before = "[THINK]" + before + draw(st.sampled_from(["", "[TOOL_CALLS]f[ARGS]{}"])) + "[/THINK]"
     text = before + "[TOOL_CALLS]" + body
     if draw(st.booleans()):  # malformed: the JSON (the last call's, in the [ARGS] form) cut short
         text = text[:len(text) - draw(st.integers(1, len(last)))]
@@ -529,6 +537,74 @@ def test_served_examples(servers):
     r = servers.client("qwen").chat.completions.create(model="m", messages=MESSAGES, seed=seed_, max_tokens=8)
     assert r.choices[0].message.content == text and r.choices[0].message.tool_calls is None
     assert r.choices[0].finish_reason == "stop"
+
+
+def _served(client: openai.OpenAI, pieces: list[str], finish: str, **kw) -> list[tuple]:
+    """(content, [(name, arguments)], finish_reason) of a scripted reply, whole and streamed."""
+    out = []
+    for stream in (False, True):
+        args = dict(model="m", messages=MESSAGES, tools=TOOLS, seed=_script([(pieces, finish)]), max_tokens=64, **kw)
+        if not stream:
+            choice = client.chat.completions.create(**args).choices[0]
+            out.append((choice.message.content or "",
+                        [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []],
+                        choice.finish_reason))
+            continue
+        content, calls, reason = "", [], None
+        for chunk in client.chat.completions.create(stream=True, **args):
+            for ch in chunk.choices:
+                content += ch.delta.content or ""
+                calls += [(d.function.name, d.function.arguments) for d in ch.delta.tool_calls or []]
+                reason = ch.finish_reason or reason
+        out.append((content, calls, reason))
+    return out
+
+
+def test_served_unclosed_call_at_the_end(servers):
+    """A reply that ends right after a whole call's JSON without `</tool_call>` has that call,
+    streamed and not. Ended by the model (EOS, or a stop string such as "</tool_call>"), the
+    finish reason is "tool_calls"; cut by max_tokens, it stays "length", the call included.
+    The reply was content: the client saw markup and no call."""
+    call = '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+    pieces = ["Let me look.", "<tool_call>", call[:9], call[9:]]
+    for finish, reason in (("stop", "tool_calls"), ("length", "length")):
+        for got in _served(servers.client("qwen"), pieces, finish):
+            assert got == ("Let me look.", [("get_weather", '{"city": "Paris"}')], reason)
+    # a cut JSON is no call, whatever ended the reply
+    for finish in ("stop", "length"):
+        for got in _served(servers.client("qwen"), ["<tool_call>", call[:20]], finish):
+            assert got == ("<tool_call>" + call[:20], [], finish)
+
+
+def test_served_calls_inside_reasoning_are_content(servers, tmp_path):
+    """A reply's calls inside its `<think>` section are content, also where the chat template's
+    generation prompt opened the section (Qwen3 "Thinking" templates end it in `<think>\n`, so
+    the reply has only the `</think>`): the server reads the prompt's end to know. The
+    reasoning's calls were sent as real calls."""
+    from tests.helpers.tokenizers import _QWEN_TEMPLATE
+
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    want = ("get_weather", '{"city": "Paris"}')
+    reply = ["I could ", call[:15], call[15:], " now.\n", "</think>", "\n\n", call]
+    ckpt = serve_checkpoint(tmp_path / "thinking")
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    opened = _QWEN_TEMPLATE.replace("{{- '<|im_start|>assistant\\n' }}", "{{- '<|im_start|>assistant\\n<think>\\n' }}")
+    assert opened != _QWEN_TEMPLATE
+    config["chat_template"] = opened
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    with amlx.load_sync(ckpt, max_context=512) as model:
+        srv = _Servers(model, {"qwen": None})
+        try:
+            for got in _served(srv.client("qwen"), reply, "stop"):
+                assert got == ("".join(reply[:-1]), [want], "tool_calls")
+        finally:
+            srv.stop()
+    # the same reply after a prompt that opens nothing: the section never opened, both are calls
+    for got in _served(servers.client("qwen"), reply, "stop"):
+        assert got == ("I could  now.\n</think>\n\n", [want, want], "tool_calls")
+    # and a section the reply opens itself holds its calls, streamed and not
+    for got in _served(servers.client("qwen"), ["<think>", *reply], "stop"):
+        assert got == ("<think>" + "".join(reply[:-1]), [want], "tool_calls")
 
 
 def test_served_raw_sse_events_are_one_line_each(servers):

@@ -22,7 +22,7 @@ import amlx
 from amlx.serve.errors import APIError, from_engine
 from amlx.serve.metrics import Metrics
 from amlx.serve.options import choice_options
-from amlx.toolcalls import ToolCallParser
+from amlx.toolcalls import ToolCallParser, opens_reasoning
 from amlx.types import Token, ToolCall
 
 
@@ -208,9 +208,14 @@ class Generation:
         self.admit(len(prompts) * n)
         try:
             for p, ids in enumerate(prompts):
+                # a prompt that leaves a reasoning section open (Qwen3 "Thinking" templates):
+                # calls before the reply's `</think>` are reasoning, not calls
+                thinking = bool(self._tool_format) and opens_reasoning(self._model.tokenizer.decode(ids[-8:]),
+                                                                       self._tool_format)
                 for opts in choice_options(options, n):
                     stream = self._model.generate(ids, **opts)
-                    self.choices.append(Choice(len(self.choices), stream, len(ids), ToolCallParser(self._tool_format),
+                    parser = ToolCallParser(self._tool_format, thinking=thinking)
+                    self.choices.append(Choice(len(self.choices), stream, len(ids), parser,
                                                None if echo is None else echo[p]))
         except Exception as exc:
             self._failed = True  # (a completions request whose later prompt is over the context)
