@@ -296,3 +296,54 @@ def test_streamed_deltas_are_the_whole_parse(fmt, pieces, cuts, thinking):
         parser.finish()
     assert "".join(deltas) == want_content
     assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in want_calls]
+
+
+# Chat templates of Mistral's three tool-call generations, cut to what renders an assistant's
+# calls: v7 (Mistral Small 3 2501: a JSON list), v11 with ids (Mistral Small 3.1 2503:
+# [CALL_ID]) and v13 (Magistral / Ministral 3: [ARGS] only, the reasoning in [THINK]).
+_MISTRAL_TEMPLATE = """\
+{%- for message in messages %}
+{%- if message.role == 'user' %}{{ '[INST]' + message.content + '[/INST]' }}
+{%- elif message.role == 'assistant' %}
+{%- if message.reasoning_content is defined and FORM == 'v13' %}{{ '[THINK]' + message.reasoning_content + '[/THINK]' }}{% endif %}
+{%- if message.content is defined and message.content %}{{ message.content }}{% endif %}
+{%- if FORM == 'v7' %}{{ '[TOOL_CALLS][' }}{% endif %}
+{%- for call in message.tool_calls %}
+{%- set arguments = call.function.arguments %}
+{%- if arguments is not string %}{% set arguments = arguments | tojson %}{% endif %}
+{%- if call.id | length != 9 %}{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{% endif %}
+{%- if FORM == 'v7' %}{{ '{"name": ' + call.function.name | tojson + ', "arguments": ' + arguments + ', "id": ' + call.id | tojson + '}' + (', ' if not loop.last else ']') }}
+{%- elif FORM == 'v11' %}{{ '[TOOL_CALLS]' + call.function.name + '[CALL_ID]' + call.id + '[ARGS]' + arguments }}
+{%- else %}{{ '[TOOL_CALLS]' + call.function.name + '[ARGS]' + arguments }}
+{%- endif %}
+{%- endfor %}{{ '</s>' }}
+{%- endif %}
+{%- endfor %}"""
+
+
+def test_mistral_templates_forms_parse_back(tmp_path):
+    """What each generation of Mistral's chat templates writes for an assistant's calls is the
+    format detected for it, and parses back to the same calls (names, arguments), text before
+    them and reasoning staying content: the text a model trained on that template writes."""
+    from amlx.tokenizer import Tokenizer
+    from tests.helpers.tokenizers import write_tokenizer
+
+    calls = [{"id": "a1B2c3D4e", "type": "function", "function": {"name": "get_weather",
+                                                                 "arguments": '{"city": "Paris", "q": "[ARGS]"}'}},
+             {"id": "123456789", "type": "function", "function": {"name": "now", "arguments": {}}}]
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "Checking.", "reasoning_content": "Use [TOOL_CALLS]f[ARGS]{}?",
+                 "tool_calls": calls}]
+    for form in ("v7", "v11", "v13"):
+        write_tokenizer(tmp_path / form, "bpe")
+        config = json.loads((tmp_path / form / "tokenizer_config.json").read_text())
+        config["chat_template"] = _MISTRAL_TEMPLATE.replace("FORM", repr(form))
+        (tmp_path / form / "tokenizer_config.json").write_text(json.dumps(config))
+        tokenizer = Tokenizer.from_dir(tmp_path / form)
+        assert detect_format(tokenizer.chat_template) == "mistral"
+        reply = tokenizer.apply_chat_template(messages, add_generation_prompt=False).split("[/INST]")[-1]
+        reply = reply.removesuffix("</s>")
+        assert {"v7": "[TOOL_CALLS][{", "v11": "[CALL_ID]", "v13": "now[ARGS]{}"}[form] in reply, reply
+        content = ("[THINK]Use [TOOL_CALLS]f[ARGS]{}?[/THINK]" if form == "v13" else "") + "Checking."
+        _check("mistral", *_both("mistral", reply), content,
+               [("get_weather", {"city": "Paris", "q": "[ARGS]"}), ("now", {})])
