@@ -262,3 +262,95 @@ async def test_a_full_run_kept_after_close_holds_no_memory(qwen, how):
     gc.collect()
     assert amlx.memory()["active"] <= base + 64  # (the run's 8-byte random key may stay)
     assert run.step >= 2
+
+
+# -- batches and masks ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_qwen(qwen):
+    """A loaded qwen with a LoRA adapter of nonzero B on attention and MLP layers."""
+    loaded = on_worker(lambda: load_model(qwen, progress=False))
+    rng = np.random.default_rng(5)
+
+    def go():
+        lora.apply_lora(loaded.model, rank=4, targets=["q_proj", "v_proj", "down_proj"])
+        for m in lora.lora_modules(loaded.model).values():
+            m.lora_b = array((rng.standard_normal(m.lora_b.shape) * 0.2).astype(np.float32))
+
+    on_worker(go)
+    yield loaded
+    on_worker(loaded.model.close)
+
+
+_EXAMPLE = st.integers(2, 21).flatmap(lambda n: st.tuples(
+    st.lists(st.integers(0, 255), min_size=n, max_size=n),
+    st.lists(st.booleans(), min_size=n, max_size=n).filter(lambda m: any(m[1:]))))
+
+
+@settings(max_examples=25, deadline=None)
+@given(examples=st.lists(_EXAMPLE, min_size=1, max_size=4), pad=st.sampled_from([0, 1, 255]),
+       multiple=st.sampled_from([1, 8]))
+def test_a_padded_batch_is_the_token_weighted_mean_of_its_examples(lora_qwen, examples, pad, multiple):
+    """Loss and LoRA gradients of one padded batch equal those of its examples run alone,
+    weighted by their learned tokens: padding and unlearned (prompt) tokens add nothing."""
+    from amlx.train.data import Example, make_batch
+    from amlx.train.grad import trainable_parameters, value_and_grad
+
+    model = lora_qwen.model
+    exs = [Example(list(t), list(m)) for t, m in examples]
+
+    def run(batch):
+        params = trainable_parameters(model)
+        (loss, count), grads = value_and_grad(model)(params, array(batch.inputs), array(batch.targets),
+                                                    array(batch.mask))
+        return float(loss.item()), float(count.item()), {k: g.numpy() for k, g in grads.items()}
+
+    loss, count, grads = on_worker(lambda: run(make_batch(exs, pad_id=pad, pad_multiple=multiple)))
+    alone = [on_worker(lambda e=e: run(make_batch([e], pad_multiple=1))) for e in exs]
+    counts = [c for _, c, _ in alone]
+    assert count == sum(counts) == sum(e.trained for e in exs)
+    assert loss == pytest.approx(sum(l * c for l, c, _ in alone) / count, rel=1e-5)
+    for k, g in grads.items():
+        want = sum(gi[k] * c for _, c, gi in alone) / count
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6 * np.abs(want).max(), err_msg=k)
+
+
+# -- training while serving -----------------------------------------------------------
+
+LONG = list(range(3, 3 + 70))  # several KV blocks
+
+
+async def test_training_between_requests_drops_the_prefix_cache(qwen, tmp_path):
+    """A prompt cached under the weights before a training step (also one whose stream
+    was still decoding while the steps ran) is not reused after them: its reply equals
+    an uncached run of the trained adapter."""
+    import asyncio
+
+    async with await amlx.load(qwen) as model:
+        first = await model.complete(LONG, max_tokens=2)
+        again = await model.complete(LONG, max_tokens=2)
+        assert again.usage.cached_tokens > 0 and again.token_ids == first.token_ids
+
+        steps = 0
+        no_eos = {t: -100.0 for t in model.tokenizer.eos_token_ids}
+
+        async def slow_reader():
+            seen = []  # the training steps done when each token came
+            async for tok in model.generate(LONG + [9], max_tokens=40, logit_bias=no_eos):
+                seen.append(steps)
+                await asyncio.sleep(0.01)
+            return seen
+
+        reader = asyncio.create_task(slow_reader())
+        async for ev in model.train_lora(DATA, iters=4, batch_size=2, learning_rate=3e-2,
+                                         adapter_path=tmp_path / "ad"):
+            steps += ev.kind == "step"
+        seen = await reader
+        assert len(seen) == 40
+        after = [await model.complete(p, max_tokens=6, logprobs=True) for p in (LONG, LONG + [9])]
+    async with await amlx.load(qwen, adapter=tmp_path / "ad", prefix_cache=False) as fresh:
+        for p, got in zip((LONG, LONG + [9]), after):
+            want = await fresh.complete(p, max_tokens=6, logprobs=True)
+            assert got.usage.cached_tokens == 0 or got.token_ids == want.token_ids
+            assert got.token_ids == want.token_ids
+            np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-4, atol=1e-4)
