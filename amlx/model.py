@@ -8,7 +8,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import anyio
 from typing_extensions import Unpack
@@ -20,8 +20,11 @@ from amlx.errors import ClosedError, ContextLengthError
 from amlx.hub import resolve_model
 from amlx.prompt import INLINE_CHARS, PromptEncoder, is_heavy, is_token_id
 from amlx.sample import MAX_TOP_LOGPROBS
-from amlx.toolcalls import detect_format, parse_tool_calls
+from amlx.toolcalls import detect_format, opens_reasoning, parse_tool_calls
 from amlx.types import Completion, EngineStats, GenerateOptions, GenerationOptions, Prompt, Token, Usage
+
+if TYPE_CHECKING:
+    from amlx.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -211,11 +214,11 @@ class Model:
         """Runs a request to its end and returns the whole `Completion`."""
         stream = self._open(prompt, options)
         tokens = [tok async for tok in stream]
-        return _completion(stream._stream, tokens, self.tokenizer.chat_template)
+        return _completion(stream._stream, tokens, self.tokenizer)
 
     def complete_sync(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Completion:
         stream = self._open(prompt, options, inline=True)
-        return _completion(stream._stream, list(stream), self.tokenizer.chat_template)
+        return _completion(stream._stream, list(stream), self.tokenizer)
 
     async def _prompt_ids(self, prompt: Prompt) -> list[int]:
         """A prompt's ids; chat messages and long texts are tokenized off the event loop."""
@@ -367,7 +370,7 @@ class Model:
         state = "closed" if self.closed else self.info.device
         return f"<amlx.Model {self.info.architecture} {self.info.dtype} {state} {self.info.path}>"
 
-def _completion(stream: RequestStream, tokens: list[Token], chat_template: str | None) -> Completion:
+def _completion(stream: RequestStream, tokens: list[Token], tokenizer: Tokenizer) -> Completion:
     first_at = stream.first_token_at
     first = (first_at or time.perf_counter()) - stream.created
     end = stream.done_at or time.perf_counter()
@@ -375,7 +378,10 @@ def _completion(stream: RequestStream, tokens: list[Token], chat_template: str |
     logprobs = [t.logprob for t in tokens] if stream.options.logprobs else None
     top = [t.top_logprobs for t in tokens] if stream.options.top_logprobs else None
     text = "".join(t.text for t in tokens)
-    calls = parse_tool_calls(text, detect_format(chat_template))[1]
+    fmt = detect_format(tokenizer.chat_template)
+    # a prompt that leaves a reasoning section open: the reply's calls before its `</think>` are reasoning
+    thinking = fmt is not None and opens_reasoning(tokenizer.decode(stream.request.prompt[-8:]), fmt)
+    calls = parse_tool_calls(text, fmt, thinking=thinking)[1]
     return Completion(text, [t.id for t in tokens], tokens[-1].finish_reason if tokens else "stop",
                       Usage(stream.prompt_tokens, len(tokens), first, rate, stream.cached_tokens), logprobs, top,
                       calls or None)

@@ -347,3 +347,22 @@ def test_mistral_templates_forms_parse_back(tmp_path):
         content = ("[THINK]Use [TOOL_CALLS]f[ARGS]{}?[/THINK]" if form == "v13" else "") + "Checking."
         _check("mistral", *_both("mistral", reply), content,
                [("get_weather", {"city": "Paris", "q": "[ARGS]"}), ("now", {})])
+
+
+async def test_completion_tool_calls_after_a_prompt_that_opens_reasoning(tmp_path):
+    """Model.complete reads its prompt's end as the server does: after a generation prompt
+    that opens `<think>` (Qwen3 "Thinking" templates), the reply is reasoning until its
+    `</think>`, so a call the model writes before that is not in Completion.tool_calls."""
+    import amlx
+    from tests.helpers.serving import tool_checkpoint
+
+    ckpt = tool_checkpoint(tmp_path / "tools")
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    async with await amlx.load(ckpt) as model:
+        prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+        plain = await model.complete(model.tokenizer.encode(prompt, add_special_tokens=False), max_tokens=8)
+        opened = await model.complete(model.tokenizer.encode(prompt + "<think>\n", add_special_tokens=False),
+                                      max_tokens=8)
+    assert plain.text.startswith("<tool_call>") and len(plain.tool_calls) == 1
+    assert opened.text == plain.text and opened.tool_calls is None
