@@ -354,3 +354,63 @@ async def test_training_between_requests_drops_the_prefix_cache(qwen, tmp_path):
             assert got.usage.cached_tokens == 0 or got.token_ids == want.token_ids
             assert got.token_ids == want.token_ids
             np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-4, atol=1e-4)
+
+
+# -- adapters in mlx-lm's and PEFT's on-disk layouts ------------------------------------
+
+def _as_mlx_lm(src, dst, prefix=""):
+    """The amlx adapter at src rewritten as mlx-lm writes adapters: lora_a (in, r), lora_b
+    (r, out) under the model's own parameter names (`prefix` + ...), one `scale`."""
+    from safetensors.numpy import load_file, save_file
+
+    meta = json.loads((src / "adapter_config.json").read_text())
+    scales = {m["scale"] for m in meta["modules"].values()}
+    assert len(scales) == 1
+    dst.mkdir()
+    tensors = {prefix + k: np.ascontiguousarray(v.T) for k, v in load_file(str(src / "adapters.safetensors")).items()}
+    save_file(tensors, str(dst / "adapters.safetensors"), metadata={"format": "mlx"})
+    (dst / "adapter_config.json").write_text(json.dumps({
+        "fine_tune_type": "lora", "num_layers": -1, "model": "m",
+        "lora_parameters": {"rank": meta["rank"], "scale": scales.pop(), "dropout": 0.0}}))
+
+
+def _as_peft(src, dst):
+    """The amlx adapter at src rewritten as PEFT's save_pretrained writes it."""
+    from safetensors.numpy import load_file, save_file
+
+    meta = json.loads((src / "adapter_config.json").read_text())
+    dst.mkdir()
+    tensors = {}
+    for k, v in load_file(str(src / "adapters.safetensors")).items():
+        path, leaf = k.rsplit(".", 1)
+        tensors[f"base_model.model.{path}.lora_{leaf[-1].upper()}.weight"] = v
+    save_file(tensors, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (dst / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": meta["rank"], "lora_alpha": meta["alpha"], "lora_dropout": 0.0,
+        "target_modules": sorted({p.rsplit(".", 1)[-1] for p in meta["modules"]}), "bias": "none",
+        "task_type": "CAUSAL_LM", "use_rslora": False, "fan_in_fan_out": False}))
+
+
+async def test_a_trained_adapter_in_mlx_lm_and_peft_layouts_gives_the_trained_logits(qwen, tmp_path):
+    async with await amlx.load(qwen) as model:
+        [ev async for ev in model.train_lora(DATA, iters=5, batch_size=2, learning_rate=2e-2, rank=4, alpha=12,
+                                             targets=["q_proj", "o_proj", "up_proj"], adapter_path=tmp_path / "ad")]
+        want = _logits(model.engine.model)
+        want_ids = (await model.complete(IDS, max_tokens=5)).token_ids
+    _as_mlx_lm(tmp_path / "ad", tmp_path / "mlxlm")
+    _as_peft(tmp_path / "ad", tmp_path / "peft")
+    for d in ("ad", "mlxlm", "peft"):
+        async with await amlx.load(qwen, adapter=tmp_path / d) as again:
+            np.testing.assert_allclose(_logits(again.engine.model), want, rtol=1e-5, atol=1e-5, err_msg=d)
+            assert (await again.complete(IDS, max_tokens=5)).token_ids == want_ids
+
+
+async def test_an_mlx_lm_adapter_of_a_multimodal_gemma3_loads(tmp_path):
+    """mlx-lm's gemma3 model holds the text model as `language_model`, so its adapters
+    name layers language_model.model.layers.N...: the loader refused them as layers
+    this model does not have."""
+    path = make_checkpoint(tmp_path / "g3", "gemma3")
+    want = _write_amlx_adapter(path, tmp_path / "ad", targets=("q_proj", "down_proj"), seed=6)
+    _as_mlx_lm(tmp_path / "ad", tmp_path / "mlxlm", prefix="language_model.")
+    async with await amlx.load(path, adapter=tmp_path / "mlxlm") as model:
+        np.testing.assert_allclose(_logits(model.engine.model), want, rtol=1e-5, atol=1e-5)

@@ -600,7 +600,7 @@ def _pattern_key(patterns: dict, key: str) -> str:
     return key
 
 
-def _load_mlx_lm(model, d: Path, meta: dict) -> LoRAConfig:
+def _load_mlx_lm(model, d: Path, meta: dict, config: dict | None) -> LoRAConfig:
     params = meta.get("lora_parameters")
     if not isinstance(params, dict) or meta.get("fine_tune_type", "lora") != "lora":
         raise _bad(d / ADAPTER_CONFIG, "an mlx-lm adapter config needs 'lora_parameters' and fine_tune_type 'lora' "
@@ -618,6 +618,9 @@ def _load_mlx_lm(model, d: Path, meta: dict) -> LoRAConfig:
             raise _bad(d / ADAPTER_WEIGHTS, f"unexpected tensor {name!r}")
         if path.endswith(".linear"):
             path = path[: -len(".linear")]
+        if config and config.get("multimodal") and path.startswith("language_model."):
+            # mlx-lm's multimodal Gemma 3 holds the text model as `language_model`
+            path = path[len("language_model."):]
         # mlx-lm keeps lora_a (in, r) and lora_b (r, out): the transposes of ours.
         entries.setdefault(path, {"scale": scale})["a" if leaf == "lora_a" else "b"] = ops.transpose(arr)
     # mlx-lm's num_layers: the last N layers, -1 (or more than the model has) for all
@@ -647,7 +650,7 @@ def load_adapter(model, adapter: str | os.PathLike, config: dict | None = None) 
             raise _bad(d / ADAPTER_CONFIG, f"adapter format version {meta.get('version')!r} is not supported")
         return _load_amlx(model, d, meta)
     if "lora_parameters" in meta:
-        return _load_mlx_lm(model, d, meta)
+        return _load_mlx_lm(model, d, meta, config)
     raise _bad(d / ADAPTER_CONFIG, "not an amlx, PEFT or mlx-lm LoRA adapter config")
 
 
