@@ -149,6 +149,21 @@ def _normalize_messages(messages: Iterable[Any]) -> list[dict]:
     return out
 
 
+def _template_sources(template: Any) -> str | dict[str, str] | None:
+    """A chat_template setting as one source or sources by name; ValueError unless it is
+    text, or a list of {"name", "template"} entries (tokenizer_config.json) or a mapping of
+    names to text. (A number or true loaded, and every chat reply then failed with a raw
+    TypeError where the tool-call format is looked for in the template's text.)"""
+    if isinstance(template, (list, tuple)) and all(isinstance(t, Mapping) and isinstance(t.get("name"), str)
+                                                   for t in template):
+        template = {t.get("name"): t.get("template") for t in template}
+    if template is None or isinstance(template, str) or (isinstance(template, Mapping) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in template.items())):
+        return template
+    raise ValueError("chat_template must be text or a list of {'name': ..., 'template': ...} entries of text, "
+                     f"not {template!r:.100}")
+
+
 def _special_tokens_of(config: Mapping[str, Any]) -> tuple[dict[str, str], Any]:
     """The named special tokens of tokenizer_config.json (every "*_token" entry, offered to the
     chat template), and its extra special tokens still to register (a list; [] when they were
@@ -231,9 +246,7 @@ class Tokenizer:
         bare = backend.encode("", add_special_tokens=True).ids
         self._add_bos = self.bos_token_id is not None and bare[:1] == [self.bos_token_id]
 
-        template = chat_template if chat_template is not None else config.get("chat_template")
-        if isinstance(template, (list, tuple)):
-            template = {t["name"]: t["template"] for t in template}
+        template = _template_sources(chat_template if chat_template is not None else config.get("chat_template"))
         self._chat_template: str | dict[str, str] | None = template
         # source -> template, or why it failed; the most recent _COMPILED_KEPT (a caller may pass
         # any template source per call: `chat_template=`)
