@@ -150,3 +150,22 @@ def test_every_bit_width_mlx_runs_loads_and_generates(q4, tmp_path, bits):
     d = _requantized(q4, tmp_path / "c", bits, 64)
     with amlx.load_sync(d, max_batch_size=2) as model:
         assert len(model.complete_sync([1, 2, 3], max_tokens=3).token_ids) == 3
+
+
+# -- tokenizer_config.json ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("template", [5, True, 1.5, {"default": 5}, [{"name": "default", "template": 5}],
+                                      [{"name": "default"}], ["a"], [{"name": ["a"], "template": "x"}],
+                                      [{"name": 5, "template": "x"}]])
+def test_a_chat_template_that_is_not_text_is_a_load_error(qwen, tmp_path, template):
+    """chat_template 5 (or true, 1.5, {"default": 5}) loaded, and every chat request
+    then generated its tokens and failed at the end with a raw TypeError ("argument of
+    type 'int' is not iterable", looking for the tool-call format in the template)."""
+    d = _copy(qwen, tmp_path / "c")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = template
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="chat_template must be text") as info:
+        amlx.load_sync(d).close()
+    assert str(d / "tokenizer_config.json") in str(info.value)
