@@ -414,3 +414,14 @@ async def test_an_mlx_lm_adapter_of_a_multimodal_gemma3_loads(tmp_path):
     _as_mlx_lm(tmp_path / "ad", tmp_path / "mlxlm", prefix="language_model.")
     async with await amlx.load(path, adapter=tmp_path / "mlxlm") as model:
         np.testing.assert_allclose(_logits(model.engine.model), want, rtol=1e-5, atol=1e-5)
+
+
+async def test_resume_from_a_directory_without_an_adapter_is_an_error(qwen, tmp_path):
+    """resume=True pointed at a directory holding no adapter (a mistyped path) trained a new
+    adapter from scratch, silently, and wrote it there."""
+    async with await amlx.load(qwen) as model:
+        for d in (tmp_path / "missing", tmp_path):
+            with pytest.raises(ValueError, match=r"resume=True: .* holds no adapters\.safetensors"):
+                [ev async for ev in model.train_lora(DATA, iters=2, batch_size=1, adapter_path=d, resume=True)]
+        assert not lora.lora_modules(model.engine.model)
+        assert not (tmp_path / "adapters.safetensors").exists()

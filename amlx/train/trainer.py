@@ -390,7 +390,11 @@ class TrainingRun:
         """Worker: makes the model ready to train (here: adds or resumes the LoRA layers).
         `amlx.train.full` overrides this, `_trainable` and `_save`."""
         lm = self._lm
-        if resume_dir is not None and (resume_dir / _lora.ADAPTER_WEIGHTS).is_file():
+        if resume_dir is not None and not (resume_dir / _lora.ADAPTER_WEIGHTS).is_file():
+            # (not a fresh start: a mistyped path would throw away the run it meant to continue)
+            raise ValueError(f"resume=True: {resume_dir} holds no {_lora.ADAPTER_WEIGHTS} to resume from (an "
+                             f"adapter saved by a training run)")
+        if resume_dir is not None:
             _lora.load_adapter(lm, resume_dir, self._model.config)
         elif not _lora.lora_modules(lm):
             _lora.apply_lora(lm, opts.rank, opts.alpha, opts.dropout, opts.targets, opts.num_layers, opts.layers,
