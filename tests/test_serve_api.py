@@ -292,10 +292,12 @@ async def test_tool_call_round_trip(tool_server):
 async def test_tool_call_cut_by_max_tokens_finishes_with_length(tool_server):
     """A reply cut by max_tokens finishes with "length" (OpenAI's reason for a cut reply) even
     when a whole call was parsed before the cut: "tool_calls" only when the model ended it.
-    The reply is `<tool_call>`, the call's JSON, `</tool_call>`, then EOS (4 tokens)."""
+    The reply is `<tool_call>`, the call's JSON, `</tool_call>`, then EOS (4 tokens). Cut
+    before its `</tool_call>`, a call whose JSON is whole is a call too (README, Tool calls)."""
     client = tool_server.client()
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    for max_tokens, n_calls in ((3, 1), (2, 0)):  # cut after the whole call / inside it
+    # cut after the whole call / before its close tag / inside it
+    for max_tokens, n_calls in ((3, 1), (2, 1), (1, 0)):
         r = await client.chat.completions.create(model="tools", messages=messages, tools=[WEATHER_TOOL],
                                                  temperature=0, max_tokens=max_tokens)
         assert r.choices[0].finish_reason == "length"

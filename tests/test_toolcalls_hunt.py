@@ -2,9 +2,10 @@
 boundary, through `amlx.toolcalls` alone and through the server to the official `openai` client.
 
 Replies are built from segments: prose (markup-like text, unicode), `<think>` sections
-(plain content to amlx: it has no reasoning parser), well-formed calls (argument strings
-holding markup, quotes, backslashes, U+2028), malformed calls (cut JSON, no close tag,
-not-a-call objects) and text after calls. Checked:
+(plain content to amlx: it has no reasoning parser; a call inside one is content too),
+well-formed calls (argument strings holding markup, quotes, backslashes, U+2028; the last
+one maybe without its close tag), malformed calls (cut JSON, no close tag, not-a-call
+objects) and text after calls; Mistral replies in each of its forms. Checked:
 
 * streamed in any split, the parser gives what the whole-text parse gives, never raises;
 * nothing is lost or duplicated: the events replay the text, each call standing for exactly
