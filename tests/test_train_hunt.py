@@ -425,3 +425,49 @@ async def test_resume_from_a_directory_without_an_adapter_is_an_error(qwen, tmp_
                 [ev async for ev in model.train_lora(DATA, iters=2, batch_size=1, adapter_path=d, resume=True)]
         assert not lora.lora_modules(model.engine.model)
         assert not (tmp_path / "adapters.safetensors").exists()
+
+
+async def test_a_stopped_run_saved_and_resumed_matches_an_uninterrupted_run(qwen, tmp_path):
+    opts = dict(batch_size=2, learning_rate=1e-2, seed=7, dropout=0.2, grad_clip=0.5, weight_decay=0.1,
+                lr_schedule="cosine", warmup=2, min_lr=1e-3, save_every=100)
+    full = await _train(qwen, tmp_path / "a", 6, **opts)
+    async with await amlx.load(qwen) as model:
+        run = model.train_lora(DATA, iters=6, adapter_path=tmp_path / "b", **opts)
+        async for ev in run:
+            if ev.kind == "step" and ev.step == 2:
+                await run.aclose()
+        assert run.step == 2
+        assert await run.save() == tmp_path / "b" / "adapters.safetensors"
+    resumed = await _train(qwen, tmp_path / "b", 6, resume=True, **opts)
+    for k in full:
+        np.testing.assert_allclose(resumed[k], full[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+async def test_full_training_under_requests_saves_the_weights_it_serves(tmp_path, arch):
+    """Full fine-tuning with requests decoding between the steps (the decode step fuses
+    q/k/v and gate/up into views of one array, which the steps then replace): the model
+    serves what it trained, and the saved checkpoint holds it (amlx and transformers)."""
+    import asyncio
+
+    path = make_checkpoint(tmp_path / arch, arch)
+    async with await amlx.load(path) as model:
+        async def requests():
+            for _ in range(6):
+                await model.complete(IDS, max_tokens=3)
+                await asyncio.sleep(0)
+
+        async def train():
+            return [ev async for ev in model.train(DATA, iters=5, batch_size=2, learning_rate=3e-3, save_every=2,
+                                                   save_path=tmp_path / "out")]
+
+        await asyncio.gather(requests(), train())
+        want = _logits(model.engine.model)
+        served = await model.complete(IDS, max_tokens=4, logprobs=True)
+    async with await amlx.load(tmp_path / "out") as saved:
+        np.testing.assert_array_equal(_logits(saved.engine.model), want)
+        again = await saved.complete(IDS, max_tokens=4, logprobs=True)
+    assert again.token_ids == served.token_ids
+    np.testing.assert_allclose(again.logprobs, served.logprobs, rtol=1e-5, atol=1e-5)
+    assert served.token_ids[0] == int(np.argmax(want[-1]))
+    np.testing.assert_allclose(reference_logits(load_reference(tmp_path / "out"), IDS), want, rtol=1e-4, atol=1e-4)
