@@ -169,3 +169,117 @@ def test_a_chat_template_that_is_not_text_is_a_load_error(qwen, tmp_path, templa
     with pytest.raises(ModelLoadError, match="chat_template must be text") as info:
         amlx.load_sync(d).close()
     assert str(d / "tokenizer_config.json") in str(info.value)
+
+
+# -- convert round trips -----------------------------------------------------------------------
+# The source: a Qwen 3 with tied embeddings, in five shards (model-0000N-of-00005.safetensors and
+# the index), against transformers on PyTorch CPU.
+
+IDS = [5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 300, 600]
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("sharded"), "qwen3", max_shard_size="100KB")
+    assert len(list(path.glob("model-*-of-*.safetensors"))) > 1 and (path / "model.safetensors.index.json").exists()
+    return path
+
+
+def _logits(path: Path) -> np.ndarray:
+    from amlx._mlx import array, float32
+
+    def run():
+        lm = load_model(path, progress=False)
+        try:
+            with array(np.asarray([IDS], np.int32)) as x, lm.model(x) as out:
+                return out.astype(float32).numpy()[0]
+        finally:
+            lm.model.close()
+    return on_worker(run)
+
+
+def _reference(path: Path) -> np.ndarray:
+    from tests.helpers.checkpoints import load_reference, reference_logits
+
+    return reference_logits(load_reference(path), IDS)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
+
+
+# (dtype, bits): the largest error against transformers' float32 logits, relative to the largest
+# logit (measured 0, 0.014, 0.002, 0.021, 0.036 on this model)
+FLOAT_AND_8_BIT = [(None, None, 1e-4), ("bfloat16", None, 0.05), ("float16", None, 0.01), (None, 8, 0.06),
+                   ("bfloat16", 8, 0.08)]
+
+
+@pytest.mark.parametrize("dtype, bits, bound", FLOAT_AND_8_BIT)
+def test_converting_a_sharded_tied_checkpoint_keeps_its_logits(sharded, tmp_path, monkeypatch, dtype, bits, bound):
+    from amlx.models import cpu_matmul
+
+    monkeypatch.setattr(cpu_matmul, "INT8", False)  # the float kernels: the bound is the format's alone
+    out = amlx.convert(sharded, tmp_path / "out", quantize=bits, dtype=dtype, progress=False)
+    header, _ = _header(out / "model.safetensors")
+    assert "lm_head.weight" not in header  # tied: the embedding serves as the output layer
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    want = _reference(sharded)
+    got = _logits(out)
+    assert _rel(got, want) < bound
+    if bits is None and dtype is None:
+        np.testing.assert_array_equal(got, _logits(sharded))
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_a_4_bit_conversion_computes_its_dequantized_weights(sharded, tmp_path, monkeypatch, group):
+    """4 bits move this random model's logits too far for a bound to mean much; exact
+    instead: transformers on the numpy-dequantized weights of the converted files."""
+    from amlx.models import cpu_matmul
+    from tests.test_models import write_dequantized
+
+    monkeypatch.setattr(cpu_matmul, "INT8", False)
+    out = amlx.convert(sharded, tmp_path / "out", quantize=4, group_size=group, progress=False)
+    assert _rel(_logits(out), _reference(write_dequantized(out, tmp_path / "dq"))) < 1e-4
+
+
+def test_convert_is_the_files_mlx_lm_writes(qwen, tmp_path):
+    """Byte for byte the tensors mlx_lm.convert writes from the same source (names, dtypes,
+    shapes, packed values), the same index and quantization entry."""
+    mlx_lm = pytest.importorskip("mlx_lm")
+    ours = amlx.convert(qwen, tmp_path / "amlx", quantize=4, group_size=64, dtype="bfloat16", progress=False)
+    theirs = tmp_path / "mlx_lm"
+    mlx_lm.convert(str(qwen), str(theirs), quantize=True, q_group_size=64, q_bits=4, dtype="bfloat16")
+    (h1, b1), (h2, b2) = _header(ours / "model.safetensors"), _header(theirs / "model.safetensors")
+    assert list(h1) == list(h2) and h1["__metadata__"] == h2["__metadata__"] == {"format": "mlx"}
+
+    def tensor(header, body, name):  # (the data's order in the file is free: the offsets differ)
+        start, end = header[name]["data_offsets"]
+        return header[name]["dtype"], header[name]["shape"], body[start:end]
+    for name in (n for n in h1 if n != "__metadata__"):
+        assert tensor(h1, b1, name) == tensor(h2, b2, name), name
+    i1, i2 = (json.loads((p / "model.safetensors.index.json").read_text()) for p in (ours, theirs))
+    assert i1 == i2
+    c1, c2 = (json.loads((p / "config.json").read_text()) for p in (ours, theirs))
+    for key in ("quantization", "quantization_config"):  # (mlx-lm of this version adds "mode": "affine")
+        assert c1[key] == {k: v for k, v in c2[key].items() if k != "mode"} == {"group_size": 64, "bits": 4}
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_convert_into_its_source_or_a_full_directory_changes_nothing(qwen, tmp_path):
+    src = _copy(qwen, tmp_path / "src")
+    before = _snapshot(src)
+    for dst in (src, src / ".", tmp_path / "link"):
+        if dst.name == "link":
+            dst.symlink_to(src)
+        with pytest.raises(ValueError, match="outside the source"):
+            amlx.convert(src, dst, quantize=4, progress=False)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not an empty directory"):
+        amlx.convert(src, full, quantize=8, progress=False)
+    assert _snapshot(src) == before and _snapshot(full) == {"keep.txt": b"mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "link", "src"]  # no staging directory left
