@@ -471,3 +471,15 @@ async def test_full_training_under_requests_saves_the_weights_it_serves(tmp_path
     np.testing.assert_allclose(again.logprobs, served.logprobs, rtol=1e-5, atol=1e-5)
     assert served.token_ids[0] == int(np.argmax(want[-1]))
     np.testing.assert_allclose(reference_logits(load_reference(tmp_path / "out"), IDS), want, rtol=1e-4, atol=1e-4)
+
+
+async def test_a_start_that_selected_no_layer_leaves_no_config_behind(qwen, tmp_path):
+    """A run whose layers selected nothing (refused) left its LoRA settings on the model,
+    and the next run's adapter_config.json carried them (alpha, layers) instead of its own."""
+    async with await amlx.load(qwen) as model:
+        with pytest.raises(ValueError, match="nothing to train"):
+            [ev async for ev in model.train_lora(DATA, iters=1, batch_size=1, num_layers=1, layers=[0], alpha=32)]
+        [ev async for ev in model.train_lora(DATA, iters=1, batch_size=1, rank=4, alpha=8, adapter_path=tmp_path)]
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (meta["rank"], meta["alpha"], meta["num_layers"], meta["layers"]) == (4, 8, None, None)
+    assert {m["scale"] for m in meta["modules"].values()} == {2.0}

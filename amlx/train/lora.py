@@ -278,7 +278,7 @@ def apply_lora(model, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
     for i, (path, m) in enumerate(todo):
         model.set_module(path, LoRALinear(m, cfg.rank, cfg.scale, cfg.dropout, key=keys[i]))
     mx_eval(*[a for p, _ in todo for a in (model.get_module(p).lora_a, model.get_module(p).lora_b)])
-    if getattr(model, "_lora_config", None) is None:
+    if todo and getattr(model, "_lora_config", None) is None:  # (a call that adapted nothing leaves none)
         model._lora_config = cfg
     return [p for p, _ in todo]
 
