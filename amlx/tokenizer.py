@@ -280,14 +280,18 @@ class Tokenizer:
         if not root.is_dir():
             raise ModelLoadError(f"{root}: not a directory")
         tokenizer_file = root / "tokenizer.json"
-        if not tokenizer_file.is_file():
+        try:
+            # read as every checkpoint file is (regular files only, bounded): the tokenizers
+            # library's from_file read whatever size it was given, in full, into memory
+            raw = read_bytes(tokenizer_file, TOKENIZER_JSON_LIMIT)
+        except FileNotFoundError:
             raise ModelLoadError(
                 f"{tokenizer_file}: file not found (amlx reads the tokenizers-library tokenizer.json; "
                 "tokenizer.model / vocab.json-only checkpoints are not supported)"
-            )
+            ) from None
         try:
-            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
-        except Exception as e:  # the Rust side raises plain Exception
+            backend = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as e:  # the Rust side raises plain Exception; bad UTF-8 a UnicodeDecodeError
             _read_json_object(tokenizer_file, required=True)  # a clearer message if the JSON is broken
             raise ModelLoadError(f"{tokenizer_file}: not a valid tokenizer: {e}") from e
 
