@@ -283,3 +283,36 @@ def test_convert_into_its_source_or_a_full_directory_changes_nothing(qwen, tmp_p
         amlx.convert(src, full, quantize=8, progress=False)
     assert _snapshot(src) == before and _snapshot(full) == {"keep.txt": b"mine"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "link", "src"]  # no staging directory left
+
+
+# -- tokenizer.json ------------------------------------------------------------------------------
+
+
+def test_tokenizer_json_over_its_size_limit_is_refused_before_it_is_read(qwen, tmp_path, monkeypatch):
+    """Tokenizer.from_dir handed tokenizer.json to the tokenizers library's from_file, which
+    read any size in full (a sparse file of 100 GB: 100 GB of memory). amlx.load checks the
+    side files first, but a draft model's tokenizer (load(..., draft=)) and the speculative
+    helpers read it with from_dir alone. The limit is lowered here so a valid file is over it."""
+    import amlx.tokenizer as tok
+
+    d = _copy(qwen, tmp_path / "c")
+    size = (d / "tokenizer.json").stat().st_size
+    monkeypatch.setattr(tok, "TOKENIZER_JSON_LIMIT", size - 1)
+    with pytest.raises(ModelLoadError, match=f"{size} bytes, more than the {size - 1}") as info:
+        tok.Tokenizer.from_dir(d)
+    assert str(d / "tokenizer.json") in str(info.value)
+
+
+def test_a_tokenizer_json_that_is_a_fifo_is_refused_as_one(qwen, tmp_path):
+    """It was reported as "file not found"; a FIFO is refused as not a regular file (no open
+    of it ever waits for a writer)."""
+    import os
+
+    d = _copy(qwen, tmp_path / "c")
+    (d / "tokenizer.json").unlink()
+    os.mkfifo(d / "tokenizer.json")
+    from amlx.tokenizer import Tokenizer
+
+    with pytest.raises(ModelLoadError, match="not a regular file") as info:
+        Tokenizer.from_dir(d)
+    assert str(d / "tokenizer.json") in str(info.value)
