@@ -483,3 +483,33 @@ async def test_a_start_that_selected_no_layer_leaves_no_config_behind(qwen, tmp_
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (meta["rank"], meta["alpha"], meta["num_layers"], meta["layers"]) == (4, 8, None, None)
     assert {m["scale"] for m in meta["modules"].values()} == {2.0}
+
+
+@pytest.mark.parametrize("case", ["other_rank", "fewer_layers", "bad_step", "no_second_moments"])
+async def test_a_resume_with_a_mismatched_optimizer_state_is_refused_naming_it(qwen, tmp_path, case):
+    """Moments of another rank failed inside the first step with MLX's broadcast error;
+    moments of only some layers resumed silently (the others restarted under a late step's
+    bias correction); a bad step or missing moments gave errors naming no file."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    await _train(qwen, tmp_path / "r4", 2, batch_size=1, rank=4)
+    await _train(qwen, tmp_path / "r2", 2, batch_size=1, rank=2)
+    d = tmp_path / "resume"
+    shutil.copytree(tmp_path / "r4", d)
+    moments = load_file(str(d / "optimizer.safetensors"))
+    if case == "other_rank":
+        moments = load_file(str(tmp_path / "r2" / "optimizer.safetensors"))
+    elif case == "fewer_layers":
+        moments = {k: v for k, v in moments.items() if "layers.0." not in k}
+    elif case == "no_second_moments":
+        moments = {k: v for k, v in moments.items() if k.startswith("m.")}
+    else:
+        (d / "optimizer.json").write_text(json.dumps({"format": "amlx-adamw", "version": 1, "step": -3}))
+    save_file(moments, str(d / "optimizer.safetensors"))
+    async with await amlx.load(qwen) as model:
+        with pytest.raises(ValueError, match=rf"{d}: .*optimizer state") as info:
+            [ev async for ev in model.train_lora(DATA, iters=4, batch_size=1, rank=4, adapter_path=d, resume=True)]
+        assert "broadcast" not in str(info.value)
+        assert (await model.complete(IDS, max_tokens=2)).usage.completion_tokens == 2

@@ -334,11 +334,19 @@ class TrainingRun:
         schedule = make_schedule(opts.lr_schedule, opts.learning_rate, opts.iters, opts.warmup, opts.min_lr)
         self._opt = AdamW(schedule, tuple(opts.betas), opts.eps, opts.weight_decay, opts.grad_clip)
         if resume_dir is not None and (resume_dir / "optimizer.json").is_file():
-            self._opt.load(resume_dir)
-            # the optimizer state of a resumed run names the layers of this adapter
-            names = set(self._trainable())
-            if set(self._opt.m) - names:
-                raise ValueError(f"{resume_dir}: the optimizer state does not match the adapter")
+            try:
+                self._opt.load(resume_dir)
+            except ValueError as exc:
+                raise ValueError(f"{resume_dir}: cannot resume the optimizer state: {exc}") from None
+            # the optimizer state of a resumed run holds moments of exactly this adapter's
+            # matrices: a layer without them would restart its moments under the bias
+            # correction of a late step, a mis-shaped one fail inside the first step
+            params = self._trainable()
+            shapes = {k: tuple(p.shape) for k, p in params.items()}
+            moments = [(k, tuple(a.shape)) for state in (self._opt.m, self._opt.v) for k, a in state.items()]
+            if set(self._opt.m) != set(params) or any(shapes.get(k) != shape for k, shape in moments):
+                raise ValueError(f"{resume_dir}: the optimizer state (optimizer.safetensors) does not match the "
+                                 f"adapter: its moments are not those of the adapter's matrices")
         self.step = self._first_step = self._opt.step
         for _ in range(self.step):
             next(self._batches)  # a resumed run goes on with the batches it had not seen
