@@ -513,3 +513,48 @@ async def test_a_resume_with_a_mismatched_optimizer_state_is_refused_naming_it(q
             [ev async for ev in model.train_lora(DATA, iters=4, batch_size=1, rank=4, adapter_path=d, resume=True)]
         assert "broadcast" not in str(info.value)
         assert (await model.complete(IDS, max_tokens=2)).usage.completion_tokens == 2
+
+
+# -- data files -----------------------------------------------------------------------
+
+_GOOD = [json.dumps({"text": "one two"}), json.dumps({"prompt": "Q: x", "completion": " y"}),
+         json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})]
+_BLANK = ["", "   ", "\t", "\r"]
+_BAD = {json.dumps({"text": "word " * 80}): "more than max_seq_len", '{"text": "open': "malformed JSON",
+        json.dumps({"prompt": "only"}): "needs both keys", json.dumps([1, 2]): "unknown record shape",
+        json.dumps({"text": ""}): "non-empty string", "\ufeff" + json.dumps({"text": "bom"}): ""}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.one_of(st.sampled_from(_GOOD), st.sampled_from(_BLANK), st.sampled_from(sorted(_BAD))),
+                      max_size=8), crlf=st.booleans())
+def test_data_files_name_the_first_bad_line(tmp_path_factory, lines, crlf):
+    from amlx.tokenizer import Tokenizer
+    from amlx.train.data import DataError, load_dataset
+
+    try:
+        from tests.helpers.tokenizers import write_tokenizer
+    except ImportError:
+        from helpers.tokenizers import write_tokenizer
+    d = tmp_path_factory.mktemp("data")
+    write_tokenizer(d, "bpe")
+    tok = Tokenizer.from_dir(d)
+    f = d / "train.jsonl"
+    f.write_bytes(("\r\n" if crlf else "\n").join(lines).encode("utf-8"))
+
+    def bad(i, line):  # a BOM is allowed on the first line only
+        return _BAD.get(line) if not line.startswith("\ufeff") else (None if i == 0 else "malformed JSON")
+
+    first_bad = next(((i, bad(i, line)) for i, line in enumerate(lines) if bad(i, line) is not None), None)
+    if first_bad is None:
+        if not any(line.strip() for line in lines):
+            with pytest.raises(DataError, match=rf"{f}: no records"):
+                load_dataset(f, tok, max_seq_len=64)
+            return
+        ds = load_dataset(f, tok, max_seq_len=64)
+        assert [e.line for e in ds.examples] == [i + 1 for i, line in enumerate(lines) if line.strip()]
+        return
+    with pytest.raises(DataError) as info:
+        load_dataset(f, tok, max_seq_len=64)
+    assert str(info.value).startswith(f"{f}:{first_bad[0] + 1}: "), str(info.value)
+    assert first_bad[1] in str(info.value)
