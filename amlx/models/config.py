@@ -199,7 +199,11 @@ def read_rope(r: ConfigReader, rope: Any, key: str, theta_default: float, max_po
     if not isinstance(rope, Mapping):
         raise r.invalid(key, rope, "expected an object")
     theta = r.nested(key, rope).number("rope_theta", theta_default)
-    return theta, normalize_rope_scaling(rope, max_position_embeddings=max_pos, path=r.path, key=r.key(key))
+    scaling = normalize_rope_scaling(rope, max_position_embeddings=max_pos, path=r.path, key=r.key(key))
+    if scaling is not None and scaling["rope_type"] == "yarn" and theta == 1:
+        # (YaRN's correction dimensions divide by log(rope_theta): a raw ZeroDivisionError at load)
+        raise r.invalid(key, dict(rope), "YaRN scaling needs a rope_theta other than 1")
+    return theta, scaling
 
 
 # ---------------------------------------------------------------------------
