@@ -316,3 +316,19 @@ def test_a_tokenizer_json_that_is_a_fifo_is_refused_as_one(qwen, tmp_path):
     with pytest.raises(ModelLoadError, match="not a regular file") as info:
         Tokenizer.from_dir(d)
     assert str(d / "tokenizer.json") in str(info.value)
+
+
+# -- config.json -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rope", [{"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1}},
+                                  {"rope_parameters": None, "rope_theta": 1,
+                                   "rope_scaling": {"type": "yarn", "factor": 4.0}}])
+def test_yarn_with_a_rope_theta_of_1_is_a_config_error(qwen, tmp_path, rope):
+    """YaRN's correction dimensions divide by log(rope_theta): rope_theta 1 was a raw
+    ZeroDivisionError from amlx.models.rope while the model was being built."""
+    d = _copy(qwen, tmp_path / "c")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(rope)
+    (d / "config.json").write_text(json.dumps(cfg))
+    _refused(d, str(d / "config.json"), "YaRN scaling needs a rope_theta other than 1")
