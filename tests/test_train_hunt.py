@@ -424,7 +424,7 @@ async def test_resume_from_a_directory_without_an_adapter_is_an_error(qwen, tmp_
             with pytest.raises(ValueError, match=r"resume=True: .* holds no adapters\.safetensors"):
                 [ev async for ev in model.train_lora(DATA, iters=2, batch_size=1, adapter_path=d, resume=True)]
         assert not lora.lora_modules(model.engine.model)
-        assert not (tmp_path / "adapters.safetensors").exists()
+        assert not (tmp_path / "adapters.safetensors").exists() and not (tmp_path / "missing").exists()
 
 
 async def test_a_stopped_run_saved_and_resumed_matches_an_uninterrupted_run(qwen, tmp_path):

@@ -319,6 +319,10 @@ class TrainingRun:
         tok = self._model.tokenizer
         max_len = min(opts.max_seq_len, self._engine.max_context)
         train_src, val_src = _resolve_data(self._data, opts.val_data)
+        if opts.resume and not (self.adapter_path / _lora.ADAPTER_WEIGHTS).is_file():
+            # (not a fresh start: a mistyped path would throw away the run it meant to continue)
+            raise ValueError(f"resume=True: {self.adapter_path} holds no {_lora.ADAPTER_WEIGHTS} to resume from (an "
+                             f"adapter saved by a training run)")
         self._check_output()
         self.train_set = _data.load_dataset(train_src, tok, max_len, opts.truncate)
         self.val_set = None if val_src is None else _data.load_dataset(val_src, tok, max_len, opts.truncate)
@@ -398,10 +402,6 @@ class TrainingRun:
         """Worker: makes the model ready to train (here: adds or resumes the LoRA layers).
         `amlx.train.full` overrides this, `_trainable` and `_save`."""
         lm = self._lm
-        if resume_dir is not None and not (resume_dir / _lora.ADAPTER_WEIGHTS).is_file():
-            # (not a fresh start: a mistyped path would throw away the run it meant to continue)
-            raise ValueError(f"resume=True: {resume_dir} holds no {_lora.ADAPTER_WEIGHTS} to resume from (an "
-                             f"adapter saved by a training run)")
         if resume_dir is not None:
             _lora.load_adapter(lm, resume_dir, self._model.config)
         elif not _lora.lora_modules(lm):
