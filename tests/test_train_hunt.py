@@ -558,3 +558,18 @@ def test_data_files_name_the_first_bad_line(tmp_path_factory, lines, crlf):
         load_dataset(f, tok, max_seq_len=64)
     assert str(info.value).startswith(f"{f}:{first_bad[0] + 1}: "), str(info.value)
     assert first_bad[1] in str(info.value)
+
+
+async def test_a_full_checkpoint_trained_in_another_dtype_says_so_in_its_config(qwen, tmp_path):
+    """Trained in bfloat16 from a float32 checkpoint, the saved config.json said
+    "dtype": "float32" beside "torch_dtype": "bfloat16"; transformers 5 reads "dtype" and
+    loaded the bfloat16 weights as float32."""
+    from transformers import AutoConfig
+
+    async with await amlx.load(qwen, dtype="bfloat16") as model:
+        [ev async for ev in model.train(DATA, iters=1, batch_size=1, save_path=tmp_path / "out")]
+    raw = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {raw.get(k) for k in ("dtype", "torch_dtype")} - {None} == {"bfloat16"}
+    assert str(AutoConfig.from_pretrained(tmp_path / "out").dtype) == "torch.bfloat16"
+    async with await amlx.load(tmp_path / "out") as again:
+        assert again.info.dtype == "bfloat16"

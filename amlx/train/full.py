@@ -119,6 +119,13 @@ def save_checkpoint(lm, config: dict, src: str | os.PathLike, dst: str | os.Path
     raw = json.loads((src / "config.json").read_text(encoding="utf-8"))
     first = next(iter(float_parameters(lm).values()))
     raw["torch_dtype"] = first.dtype.name
+    # transformers 5 writes (and reads first) "dtype", also in a multimodal text_config: each
+    # must name the weights' type too, or the config contradicts the weights
+    for section in (raw, raw.get("text_config")):
+        if isinstance(section, dict):
+            for key in ("torch_dtype", "dtype"):
+                if isinstance(section.get(key), str):
+                    section[key] = first.dtype.name
     tmp = staging_directory(dst)
     try:
         io.save_safetensors(tmp / "model.safetensors", {**tensors, **extra}, {"format": "pt"})
