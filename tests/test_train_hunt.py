@@ -573,3 +573,20 @@ async def test_a_full_checkpoint_trained_in_another_dtype_says_so_in_its_config(
     assert str(AutoConfig.from_pretrained(tmp_path / "out").dtype) == "torch.bfloat16"
     async with await amlx.load(tmp_path / "out") as again:
         assert again.info.dtype == "bfloat16"
+
+
+async def test_resuming_another_adapter_on_a_serving_model_serves_exactly_that_adapter(qwen, tmp_path):
+    """The served model's adapter (all attention projections, fused q/k/v gone) replaced by
+    a resumed one on q_proj alone: the projections it does not adapt go back to plain layers
+    (fused again by the decode step) and requests see exactly the resumed adapter."""
+    await _train(qwen, tmp_path / "b", 2, batch_size=1, rank=2, targets=["q_proj"], learning_rate=5e-2)
+    async with await amlx.load(qwen, adapter=tmp_path / "b") as ref:
+        want = _logits(ref.engine.model)
+        want_ids = (await ref.complete(IDS, max_tokens=6)).token_ids
+    _write_amlx_adapter(qwen, tmp_path / "a", targets=("q_proj", "k_proj", "v_proj", "o_proj"), seed=8)
+    async with await amlx.load(qwen, adapter=tmp_path / "a") as model:
+        await model.complete(IDS, max_tokens=2)
+        [ev async for ev in model.train_lora(DATA, iters=2, batch_size=1, adapter_path=tmp_path / "b", resume=True)]
+        assert sorted(lora.lora_modules(model.engine.model)) == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+        np.testing.assert_array_equal(_logits(model.engine.model), want)
+        assert (await model.complete(IDS, max_tokens=6)).token_ids == want_ids
