@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+from amlx.checkpoint import read_bytes
 from amlx.errors import ModelLoadError
 
 __all__ = ["resolve_model", "is_model_id", "CHECKPOINT_FILES"]
@@ -42,6 +43,22 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def _check_ref(cache: Path, model_id: str) -> None:
+    """Refuses a cached ``refs/main`` that is not a short UTF-8 file: huggingface_hub reads it
+    whole with a plain open(), so a FIFO there blocked the load forever, a link to /dev/zero
+    never ended, and a directory or binary bytes were a raw IsADirectoryError or
+    UnicodeDecodeError."""
+    ref = cache / f"models--{model_id.replace('/', '--')}" / "refs" / "main"
+    if not os.path.exists(ref):
+        return  # (huggingface_hub skips it then)
+    try:
+        read_bytes(ref, 1024).decode("utf-8")
+    except FileNotFoundError:
+        return  # (gone since)
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{ref}: not a revision of the Hugging Face cache (not UTF-8 text)") from None
+
+
 def resolve_model(name_or_path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None,
                   download: bool = True) -> Path:
     """The checkpoint directory for a path or a Hugging Face model id.
@@ -59,6 +76,7 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, cache_dir: str | os.P
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     cache = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    _check_ref(cache, name_or_path)
     try:
         return Path(snapshot_download(name_or_path, cache_dir=cache, local_files_only=True,
                                       allow_patterns=list(CHECKPOINT_FILES)))
