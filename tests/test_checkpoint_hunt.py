@@ -332,3 +332,58 @@ def test_yarn_with_a_rope_theta_of_1_is_a_config_error(qwen, tmp_path, rope):
     cfg.update(rope)
     (d / "config.json").write_text(json.dumps(cfg))
     _refused(d, str(d / "config.json"), "YaRN scaling needs a rope_theta other than 1")
+
+
+# -- the Hugging Face cache ------------------------------------------------------------------------
+
+
+def _resolve_refused(cache: Path) -> str:
+    from amlx.hub import resolve_model
+
+    with pytest.raises(ModelLoadError) as info:
+        resolve_model("acme/tiny", cache_dir=cache, download=False)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["directory", "binary"])
+def test_a_corrupt_cached_ref_is_a_load_error(tmp_path, kind):
+    """refs/main as a directory, or bytes that are not UTF-8: a raw IsADirectoryError or
+    UnicodeDecodeError from huggingface_hub's lookup."""
+    ref = tmp_path / "hub" / "models--acme--tiny" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    if kind == "directory":
+        ref.mkdir()
+    else:
+        ref.write_bytes(b"\xff\xfe\x00")
+    msg = _resolve_refused(tmp_path / "hub")
+    assert str(ref) in msg and ("not a regular file" if kind == "directory" else "not UTF-8") in msg
+
+
+def test_a_fifo_as_the_cached_ref_does_not_block(tmp_path):
+    """huggingface_hub reads refs/main with a plain open(): a FIFO there blocked amlx.load
+    ("org/name") forever. (A watchdog writes to the FIFO should the lookup block, so a
+    regression fails instead of hanging the suite.)"""
+    import os
+    import threading
+
+    ref = tmp_path / "hub" / "models--acme--tiny" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    os.mkfifo(ref)
+    result: dict = {}
+
+    def lookup():
+        try:
+            result["msg"] = _resolve_refused(tmp_path / "hub")
+        except BaseException as e:  # noqa: BLE001 - reported below
+            result["error"] = e
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(60)
+    if thread.is_alive():
+        with open(ref, "w") as f:  # the blocked reader takes this and goes on
+            f.write("0" * 40)
+        thread.join()
+        pytest.fail("the lookup blocked reading a FIFO at refs/main")
+    assert "error" not in result, result.get("error")
+    assert str(ref) in result["msg"] and "not a regular file" in result["msg"]
