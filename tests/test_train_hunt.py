@@ -590,3 +590,16 @@ async def test_resuming_another_adapter_on_a_serving_model_serves_exactly_that_a
         assert sorted(lora.lora_modules(model.engine.model)) == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
         np.testing.assert_array_equal(_logits(model.engine.model), want)
         assert (await model.complete(IDS, max_tokens=6)).token_ids == want_ids
+
+
+async def test_a_record_longer_than_the_models_context_names_the_context(qwen):
+    """With the model loaded with a small max_context, a long record's error said "more than
+    max_seq_len=16 (raise max_seq_len ...)" although max_seq_len was 2048."""
+    from amlx.train.data import DataError
+
+    async with await amlx.load(qwen, max_context=16) as model:
+        with pytest.raises(DataError, match=r"record 1: .* more than the model's context of 16 tokens") as info:
+            [ev async for ev in model.train_lora([{"text": "word " * 30}], iters=1, batch_size=1)]
+        assert "raise max_seq_len" not in str(info.value)
+        with pytest.raises(DataError, match=r"more than max_seq_len=8 \(raise max_seq_len"):
+            [ev async for ev in model.train_lora([{"text": "word " * 30}], iters=1, batch_size=1, max_seq_len=8)]

@@ -220,11 +220,12 @@ def encode_record(record, tokenizer) -> Example:
     return Example(tokens, mask)
 
 
-def _finish(ex: Example, where: str, max_seq_len: int | None, truncate: bool) -> Example:
+def _finish(ex: Example, where: str, max_seq_len: int | None, truncate: bool, limit: str | None = None) -> Example:
     if max_seq_len is not None and len(ex.tokens) > max_seq_len:
         if not truncate:
-            raise DataError(f"{where}: the record has {len(ex.tokens)} tokens, more than max_seq_len={max_seq_len} "
-                            f"(raise max_seq_len, shorten the record, or pass truncate=True)")
+            limit = limit or (f"max_seq_len={max_seq_len} (raise max_seq_len, shorten the record, or pass "
+                              f"truncate=True)")
+            raise DataError(f"{where}: the record has {len(ex.tokens)} tokens, more than {limit}")
         ex = Example(ex.tokens[:max_seq_len], ex.mask[:max_seq_len], ex.line)
     if len(ex.tokens) < 2 or ex.trained == 0:
         extra = " after truncation to max_seq_len" if truncate and max_seq_len is not None else ""
@@ -259,11 +260,13 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
                 raise DataError(f"{path}:{lineno}: unreadable JSON ({exc})") from None
 
 
-def load_dataset(data, tokenizer, max_seq_len: int | None = 2048, truncate: bool = False) -> Dataset:
+def load_dataset(data, tokenizer, max_seq_len: int | None = 2048, truncate: bool = False,
+                 limit: str | None = None) -> Dataset:
     """Reads and tokenises a JSONL file (or a list of record dicts).
 
     max_seq_len: the most tokens a record may have (None: no limit); longer
-    records are an error, or cut to it with `truncate=True`. Raises DataError
+    records are an error, or cut to it with `truncate=True`; `limit` describes where
+    max_seq_len came from in that error (None: the max_seq_len option). Raises DataError
     naming the file and line for malformed JSON, unknown record shapes, records
     that are too long or have nothing to learn, and files without records."""
     if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
@@ -291,7 +294,7 @@ def load_dataset(data, tokenizer, max_seq_len: int | None = 2048, truncate: bool
         except ValueError as exc:
             raise DataError(f"{where(lineno)}: {exc}") from None
         ex.line = lineno
-        examples.append(_finish(ex, where(lineno), max_seq_len, truncate))
+        examples.append(_finish(ex, where(lineno), max_seq_len, truncate, limit))
     if not examples:
         raise DataError(f"{source}: no records (the file is empty)" if source != "<records>" else
                         "no records: the dataset is empty")

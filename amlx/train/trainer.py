@@ -324,8 +324,12 @@ class TrainingRun:
             raise ValueError(f"resume=True: {self.adapter_path} holds no {_lora.ADAPTER_WEIGHTS} to resume from (an "
                              f"adapter saved by a training run)")
         self._check_output()
-        self.train_set = _data.load_dataset(train_src, tok, max_len, opts.truncate)
-        self.val_set = None if val_src is None else _data.load_dataset(val_src, tok, max_len, opts.truncate)
+        # (where the model's context is the tighter limit, raising max_seq_len would not help)
+        limit = None if max_len == opts.max_seq_len else (
+            f"the model's context of {max_len} tokens (load the model with a larger max_context, shorten the "
+            f"record, or pass truncate=True)")
+        self.train_set = _data.load_dataset(train_src, tok, max_len, opts.truncate, limit)
+        self.val_set = None if val_src is None else _data.load_dataset(val_src, tok, max_len, opts.truncate, limit)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self._batches = _data.iterate_batches(self.train_set, opts.batch_size, seed=opts.seed, pad_id=pad)
         self._pad = pad
