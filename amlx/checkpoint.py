@@ -227,6 +227,8 @@ def _tensor_info(path: Path, name: str, entry: Any, data_size: int) -> TensorInf
 
     if not isinstance(entry, dict):
         raise bad("invalid header entry")
+    if "\0" in name:  # (MLX reads names as C strings: cut short, the load failed as "the file changed")
+        raise bad("its name holds a NUL character")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in _ITEMSIZE:  # (a list or object: unhashable, a raw TypeError)
         raise bad(f"unknown dtype {dtype!r}")
