@@ -111,6 +111,17 @@ def test_a_dimension_beyond_int32_is_refused(qwen, tmp_path, dims):
     assert str(d / "model.safetensors") in str(info.value) and repr(name) in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["model.norm.weight\0x", "\0"])
+def test_a_tensor_name_with_a_nul_character_is_refused_as_such(qwen, tmp_path, name):
+    """MLX reads tensor names as C strings: a name with a NUL came back cut short, and the
+    load failed with a wrong cause, "the file changed while it was being loaded"."""
+    d = _copy(qwen, tmp_path / "c")
+    header, body = _header(d / "model.safetensors")
+    header[name] = {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+    _write_raw(d / "model.safetensors", header, body)
+    _refused(d, str(d / "model.safetensors"), repr(name), "NUL character")
+
+
 # -- quantization configs that the tensors fit but MLX cannot run ---------------------------------
 
 
