@@ -603,3 +603,44 @@ async def test_a_record_longer_than_the_models_context_names_the_context(qwen):
         assert "raise max_seq_len" not in str(info.value)
         with pytest.raises(DataError, match=r"more than max_seq_len=8 \(raise max_seq_len"):
             [ev async for ev in model.train_lora([{"text": "word " * 30}], iters=1, batch_size=1, max_seq_len=8)]
+
+
+@pytest.fixture(scope="module", params=["bpe", "spm"])
+def chat_tok(request, tmp_path_factory):
+    """The test tokenizers: "bpe" with a Qwen 3 chat template, "spm" with Gemma 3's."""
+    from amlx.tokenizer import Tokenizer
+
+    try:
+        from tests.helpers.tokenizers import write_tokenizer
+    except ImportError:
+        from helpers.tokenizers import write_tokenizer
+    d = tmp_path_factory.mktemp(request.param)
+    write_tokenizer(d, request.param)
+    return Tokenizer.from_dir(d)
+
+
+def _learned_runs(tok, ex) -> list[str]:
+    runs, cur = [], []
+    for t, m in zip(ex.tokens, ex.mask):
+        if m:
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return [tok.decode(r) for r in runs + ([cur] if cur else [])]
+
+
+def test_a_turn_learns_its_end_marker_not_the_next_turns_start(chat_tok):
+    """An assistant turn whose span already held its end-of-turn marker (and the newline
+    after it) extended to the next special token too: the next turn's start marker
+    (<|im_start|>) was learned after every assistant turn but the last."""
+    from amlx.train.data import encode_record
+
+    msgs = [{"role": "user", "content": "q one"}, {"role": "assistant", "content": "a one"},
+            {"role": "user", "content": "q two"}, {"role": "assistant", "content": "a two"}]
+    runs = _learned_runs(chat_tok, encode_record({"messages": msgs}, chat_tok))
+    assert len(runs) == 2, runs
+    for run, answer in zip(runs, ("a one", "a two")):
+        assert run.lstrip().startswith(answer), runs
+        assert "<|im_end|>" in run or "<end_of_turn>" in run, runs  # the turn's end is learned
+        assert "<|im_start|>" not in run and "<start_of_turn>" not in run, runs
