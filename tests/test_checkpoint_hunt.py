@@ -398,3 +398,68 @@ def test_a_fifo_as_the_cached_ref_does_not_block(tmp_path):
         pytest.fail("the lookup blocked reading a FIFO at refs/main")
     assert "error" not in result, result.get("error")
     assert str(ref) in result["msg"] and "not a regular file" in result["msg"]
+
+
+# -- broad fuzz, and the process afterwards ------------------------------------------------------------
+
+CONFIG_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "hidden_act",
+               "rope_theta", "rope_scaling", "rope_parameters", "layer_types", "sliding_window", "use_sliding_window",
+               "max_window_layers", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+               "quantization", "quantization_config", "attention_bias", "model_type", "text_config",
+               "query_pre_attn_scalar", "final_logit_softcapping", "sliding_window_pattern", "rope_local_base_freq"]
+
+
+@HYPOTHESIS
+@given(model_type=st.sampled_from(["qwen3", "qwen2", "llama", "mistral", "gemma3_text"]),
+       edits=st.dictionaries(st.sampled_from(CONFIG_KEYS), JSON_VALUES, min_size=1, max_size=3))
+def test_any_json_values_in_config_json_are_a_config_error_or_a_config(qwen, model_type, edits):
+    from amlx.models.config import parse_config
+
+    raw = {**json.loads((qwen / "config.json").read_text()), "model_type": model_type, **edits}
+    try:
+        parse_config(raw, qwen / "config.json")
+    except ModelLoadError as e:
+        assert str(qwen / "config.json") in str(e)
+
+
+def _hostile(qwen: Path, q4: Path, root: Path) -> list[Path]:
+    """Checkpoints each broken in one way this file covers."""
+    out = []
+
+    def broken(name: str, src: Path = qwen) -> Path:
+        out.append(_copy(src, root / name))
+        return out[-1]
+
+    d = broken("truncated")
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    d = broken("dtype-list")
+    header, body = _header(d / "model.safetensors")
+    header["model.norm.weight"]["dtype"] = ["F32"]
+    _write_raw(d / "model.safetensors", header, body)
+    _requantized(q4, root / "bits7", 7, 32)
+    out.append(root / "bits7")
+    for name, file, text in [("config", "config.json", '{"model_type": "qwen3", "vocab_size": -1}'),
+                             ("tokenizer", "tokenizer.json", '{"model": 5}'),
+                             ("template", "tokenizer_config.json", '{"chat_template": 5}')]:
+        (broken(name) / file).write_text(text)
+    d = broken("index")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": "gone.safetensors"}}))
+    return out
+
+
+def test_hostile_loads_leave_the_process_usable(qwen, q4, tmp_path):
+    """After every refused load, MLX active memory is back where it was, and a good
+    checkpoint loads and answers exactly as before."""
+    with amlx.load_sync(qwen, max_batch_size=2) as model:
+        want = model.complete_sync([1, 2, 3, 4], max_tokens=6).token_ids
+    base = amlx.memory()["active"]
+    for d in _hostile(qwen, q4, tmp_path):
+        with pytest.raises(ModelLoadError) as info:
+            amlx.load_sync(d, max_batch_size=2).close()
+        assert str(d) in str(info.value)
+        assert amlx.memory()["active"] == base, d.name
+    with amlx.load_sync(qwen, max_batch_size=2) as model:
+        assert model.complete_sync([1, 2, 3, 4], max_tokens=6).token_ids == want
+    assert amlx.memory()["active"] == base
