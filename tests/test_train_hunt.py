@@ -644,3 +644,18 @@ def test_a_turn_learns_its_end_marker_not_the_next_turns_start(chat_tok):
         assert run.lstrip().startswith(answer), runs
         assert "<|im_end|>" in run or "<end_of_turn>" in run, runs  # the turn's end is learned
         assert "<|im_start|>" not in run and "<start_of_turn>" not in run, runs
+
+
+def test_an_earlier_turn_whose_reasoning_the_template_drops_is_learned_as_rendered(chat_tok):
+    """Qwen 3's template drops the <think> block of assistant turns before the last user
+    message; such a turn could not be located and the whole conversation was refused."""
+    from amlx.train.data import encode_record
+
+    msgs = [{"role": "user", "content": "q one"}, {"role": "assistant", "content": "<think>r one</think>a one"},
+            {"role": "user", "content": "q two"}, {"role": "assistant", "content": "<think>r two</think>a two"}]
+    ex = encode_record({"messages": msgs}, chat_tok)
+    full = chat_tok.apply_chat_template(msgs, add_generation_prompt=False)
+    assert chat_tok.encode(full, add_special_tokens=False) == ex.tokens
+    runs = _learned_runs(chat_tok, ex)
+    assert len(runs) == 2 and "a one" in runs[0] and "a two" in runs[1], runs
+    assert not any(q in run for run in runs for q in ("q one", "q two", "<|im_start|>", "<start_of_turn>")), runs

@@ -132,6 +132,18 @@ def _check_messages(messages, key: str) -> list[dict]:
     return messages
 
 
+def _next_marker(tokenizer, text: str, start: int) -> int:
+    """Where the first special token's text (an end-of-turn marker) occurs in `text` from
+    `start`; -1 if none does."""
+    hits = []
+    for token_id in tokenizer.special_token_ids:
+        marker = tokenizer.id_to_token(token_id)
+        k = text.find(marker, start) if marker else -1
+        if k >= 0:
+            hits.append(k)
+    return min(hits, default=-1)
+
+
 def _render_chat(tokenizer, messages: list[dict], learn: Sequence[int], tools=None):
     """Tokens and mask of a conversation whose messages at indices `learn` are learned."""
     if tools is not None and not isinstance(tools, list):
@@ -159,9 +171,14 @@ def _render_chat(tokenizer, messages: list[dict], learn: Sequence[int], tools=No
             content = messages[i].get("content")
             content = content if isinstance(content, str) else ""
             k = full.find(content, start) if content else -1
-            if k < 0:
-                raise ValueError(f"message {i} cannot be located in the rendered conversation")
-            end = k + len(content)
+            if k >= 0:
+                end = k + len(content)
+            else:
+                # The template rewrote the message where it is not the last one (Qwen 3 drops the
+                # reasoning of earlier turns): it runs to its end-of-turn marker.
+                end = _next_marker(tokenizer, full, start)
+                if end <= start:
+                    raise ValueError(f"message {i} cannot be located in the rendered conversation")
         spans.append((start, end))
     tokens, mask = _encode_spans(tokenizer, full, spans, add_special_tokens=False)
     stops = set(tokenizer.eos_token_ids) | set(tokenizer.special_token_ids)
