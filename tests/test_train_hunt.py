@@ -659,3 +659,33 @@ def test_an_earlier_turn_whose_reasoning_the_template_drops_is_learned_as_render
     runs = _learned_runs(chat_tok, ex)
     assert len(runs) == 2 and "a one" in runs[0] and "a two" in runs[1], runs
     assert not any(q in run for run in runs for q in ("q one", "q two", "<|im_start|>", "<start_of_turn>")), runs
+
+
+_WORDS = st.text("abxyz \n.", max_size=8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(system=st.one_of(st.none(), _WORDS),
+       turns=st.lists(st.tuples(_WORDS, _WORDS, st.sampled_from(["", "think", "reasoning_content"])),
+                      min_size=1, max_size=3))
+def test_each_assistant_turn_is_one_learned_run_ending_at_its_marker(chat_tok, system, turns):
+    from amlx.train.data import encode_record
+
+    msgs = [] if system is None else [{"role": "system", "content": "S" + system}]
+    for user, answer, reasoning in turns:
+        msgs.append({"role": "user", "content": "U" + user})
+        reply = {"role": "assistant", "content": answer}
+        if reasoning == "think":
+            reply["content"] = f"<think>r{answer}</think>{answer}"
+        elif reasoning:
+            reply["reasoning_content"] = "r" + answer
+        msgs.append(reply)
+    ex = encode_record({"messages": msgs}, chat_tok)
+    assert chat_tok.encode(chat_tok.apply_chat_template(msgs, add_generation_prompt=False),
+                           add_special_tokens=False) == ex.tokens
+    runs = _learned_runs(chat_tok, ex)
+    assert len(runs) == len(turns), runs
+    for run, (_, answer, _) in zip(runs, turns):
+        assert sum(run.count(m) for m in ("<|im_end|>", "<end_of_turn>")) == 1, runs
+        assert answer.strip() in run and "U" not in run and "S" not in run, runs
+        assert "<|im_start|>" not in run and "<start_of_turn>" not in run, runs

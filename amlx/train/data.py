@@ -132,16 +132,16 @@ def _check_messages(messages, key: str) -> list[dict]:
     return messages
 
 
-def _next_marker(tokenizer, text: str, start: int) -> int:
-    """Where the first special token's text (an end-of-turn marker) occurs in `text` from
-    `start`; -1 if none does."""
+def _marker_end(tokenizer, text: str, start: int) -> int:
+    """Where the first special token's text (an end-of-turn marker) in `text` from `start`
+    ends; -1 if there is none."""
     hits = []
     for token_id in tokenizer.special_token_ids:
         marker = tokenizer.id_to_token(token_id)
         k = text.find(marker, start) if marker else -1
         if k >= 0:
-            hits.append(k)
-    return min(hits, default=-1)
+            hits.append((k, k + len(marker)))
+    return min(hits, default=(-1, -1))[1]
 
 
 def _render_chat(tokenizer, messages: list[dict], learn: Sequence[int], tools=None):
@@ -175,9 +175,9 @@ def _render_chat(tokenizer, messages: list[dict], learn: Sequence[int], tools=No
                 end = k + len(content)
             else:
                 # The template rewrote the message where it is not the last one (Qwen 3 drops the
-                # reasoning of earlier turns): it runs to its end-of-turn marker.
-                end = _next_marker(tokenizer, full, start)
-                if end <= start:
+                # reasoning of earlier turns): it runs through its end-of-turn marker.
+                end = _marker_end(tokenizer, full, start)
+                if end < 0:
                     raise ValueError(f"message {i} cannot be located in the rendered conversation")
         spans.append((start, end))
     tokens, mask = _encode_spans(tokenizer, full, spans, add_special_tokens=False)
