@@ -144,11 +144,16 @@ def _inside(directory: Path, name: str, where: Path) -> Path:
         home = directory.resolve()
     except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
         raise ModelLoadError(f"{where}: weight file {name!r} cannot be resolved: {e}") from None
-    if home in target.parents or target.suffix == ".safetensors":
-        return path
-    if home.parent.name == "snapshots" and home.parent.parent / "blobs" in target.parents:
+    if _stays_home(home, target) or target.suffix == ".safetensors":
         return path
     raise ModelLoadError(f"{where}: weight file {name!r} links outside the checkpoint directory to {target}")
+
+
+def _stays_home(home: Path, target: Path) -> bool:
+    """Whether the resolved `target` lies in the resolved checkpoint directory `home`, or in
+    the blob store of the Hugging Face cache it is a snapshot of."""
+    return home in target.parents or (home.parent.name == "snapshots" and home.parent.parent / "blobs" in
+                                      target.parents)
 
 
 def read_index(directory: Path) -> dict[str, str] | None:
@@ -416,6 +421,7 @@ def copy_carried(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
     for f in sorted(src.iterdir()):
         if f.is_file() and f.name.endswith(CARRIED_SUFFIXES) and f.name not in NOT_CARRIED + skip \
                 and not f.name.endswith(".index.json"):
+            _carried_inside(src, f)
             (dst / f.name).write_bytes(read_bytes(f, TOKENIZER_JSON_LIMIT))
     # The named chat templates live in a subdirectory (the tokenizer reads
     # additional_chat_templates/*.jinja, check_side_files checks them): without
@@ -425,7 +431,21 @@ def copy_carried(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
     if templates:
         (dst / extra.name).mkdir()
         for t in templates:
+            _carried_inside(src, t)
             (dst / extra.name / t.name).write_bytes(read_bytes(t, JSON_LIMIT))
+
+
+def _carried_inside(src: Path, f: Path) -> None:
+    """Refuses a carried file that is a link leading out of the checkpoint directory (other than
+    into the Hugging Face cache's blob store): "notes.txt" -> ~/.ssh/id_rsa in a downloaded
+    checkpoint was copied into the written one, ready to be uploaded with it."""
+    try:
+        target, home = f.resolve(), src.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+        raise ModelLoadError(f"{f}: cannot be resolved: {e}") from None
+    if not _stays_home(home, target):
+        raise ModelLoadError(f"{f}: links outside the checkpoint directory to {target}; not copied into a "
+                             f"written checkpoint (copy the file in, if it belongs there)")
 
 
 def write_config(directory: Path, config: dict, name: str = CONFIG) -> None:
