@@ -463,3 +463,38 @@ def test_hostile_loads_leave_the_process_usable(qwen, q4, tmp_path):
     with amlx.load_sync(qwen, max_batch_size=2) as model:
         assert model.complete_sync([1, 2, 3, 4], max_tokens=6).token_ids == want
     assert amlx.memory()["active"] == base
+
+
+# -- files a written checkpoint carries ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["notes.txt", "additional_chat_templates/tool_use.jinja"])
+def test_convert_does_not_carry_a_link_out_of_the_checkpoint(qwen, tmp_path, where):
+    """A downloaded checkpoint's "notes.txt" -> ~/.ssh/id_rsa was copied, content and all,
+    into the converted checkpoint (ready to be uploaded with it)."""
+    secret = tmp_path / "home" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("PRIVATE KEY")
+    src = _copy(qwen, tmp_path / "src")
+    (src / where).parent.mkdir(exist_ok=True)
+    (src / where).symlink_to(secret)
+    with pytest.raises(ModelLoadError, match="links outside the checkpoint directory") as info:
+        amlx.convert(src, tmp_path / "out", quantize=8, progress=False)
+    assert str(src / where) in str(info.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_convert_carries_links_inside_the_checkpoint_and_into_the_hub_blob_store(qwen, tmp_path):
+    """What stays allowed: the Hugging Face cache's snapshots/<rev>/f -> ../../blobs/<hash>,
+    and links between files of the checkpoint itself."""
+    repo = tmp_path / "models--acme--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted(qwen.iterdir())):
+        shutil.copyfile(f, repo / "blobs" / f"blob{i}")
+        (snapshot / f.name).symlink_to(Path("..", "..", "blobs", f"blob{i}"))
+    (snapshot / "chat_template.jinja").symlink_to("tokenizer_config.json")  # (inside: any file will do)
+    out = amlx.convert(snapshot, tmp_path / "out", quantize=8, progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (snapshot / name).read_bytes() and not (out / name).is_symlink()
