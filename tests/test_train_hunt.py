@@ -689,3 +689,33 @@ def test_each_assistant_turn_is_one_learned_run_ending_at_its_marker(chat_tok, s
         assert sum(run.count(m) for m in ("<|im_end|>", "<end_of_turn>")) == 1, runs
         assert answer.strip() in run and "U" not in run and "S" not in run, runs
         assert "<|im_start|>" not in run and "<start_of_turn>" not in run, runs
+
+
+@pytest.mark.parametrize("record", [{"text": "hello world"}, {"prompt": "Q:", "completion": " yes"}])
+def test_an_eos_the_tokenizer_appends_is_learned(tmp_path, record):
+    """A tokenizer.json whose post-processor appends the EOS (as transformers 4 writes it for
+    Llama tokenizers with add_eos_token) gave that EOS the mask of a BOS: never learned, and
+    no other was added, so the model never learned to stop."""
+    from amlx.tokenizer import Tokenizer
+    from amlx.train.data import encode_record
+
+    try:
+        from tests.helpers.tokenizers import write_tokenizer
+    except ImportError:
+        from helpers.tokenizers import write_tokenizer
+    write_tokenizer(tmp_path, "spm")
+    plain = Tokenizer.from_dir(tmp_path)
+    bos, eos = (plain.id_to_token(i) for i in (plain.bos_token_id, plain.eos_token_id))
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                   {"SpecialToken": {"id": eos, "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {t: {"id": t, "ids": [plain.token_to_id(t)], "tokens": [t]} for t in (bos, eos)}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    tok = Tokenizer.from_dir(tmp_path)
+    ex = encode_record(record, tok)
+    assert ex.tokens[0] == tok.bos_token_id and not ex.mask[0]
+    assert ex.tokens[-1] == tok.eos_token_id and ex.tokens.count(tok.eos_token_id) == 1
+    assert ex.mask[-1] and ex.mask[-2]

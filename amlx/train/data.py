@@ -107,11 +107,16 @@ def _encode_spans(tokenizer, text: str, spans: list[tuple[int, int]], add_specia
     """Tokens of `text` and a mask: True for tokens overlapping a learned character span."""
     check_encodable(text)
     enc = tokenizer.backend.encode(text, add_special_tokens=add_special_tokens)
-    mask = []
+    mask: list[bool] = []
+    text_seen = False
     for (s, e), special in zip(enc.offsets, enc.special_tokens_mask):
         if special and s == e == 0 and add_special_tokens:
-            mask.append(False)  # a BOS added by the tokenizer (no characters of its own)
+            # a token the tokenizer adds (no characters of its own): a BOS before the text is
+            # context; an EOS after it (a post-processor with "$A </s>") ends the text and is
+            # learned with the text's last token, or the model never learns to stop
+            mask.append(text_seen and mask[-1])
             continue
+        text_seen = True
         mask.append(any(s < b and e > a for a, b in spans))
     return list(enc.ids), mask
 
