@@ -43,8 +43,8 @@ import os
 from pathlib import Path
 
 from amlx._mlx import Array, ops
-from amlx.checkpoint import (CheckpointSpec, check_destination, copy_carried, read_checkpoint, read_tensors,
-                             staged_directory, write_config, write_weights)
+from amlx.checkpoint import (CheckpointSpec, check_creatable, check_destination, copy_carried, read_checkpoint,
+                             read_tensors, staged_directory, write_config, write_weights)
 
 __all__ = ["convert", "DEFAULT_MAX_SHARD_SIZE", "QUANTIZE_BITS", "GROUP_SIZES", "mlx_config"]
 
@@ -200,6 +200,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quantize: int | None
     dt = _check_options(quantize, group_size, dtype, max_shard_size)
     src, dst = Path(src), Path(dst)
     check_destination(src, dst)
+    check_creatable(dst)  # (a file in its way was a raw FileExistsError, once the source was read)
     source = _Source(src)
     units: list = []
     try:
