@@ -498,3 +498,11 @@ def test_convert_carries_links_inside_the_checkpoint_and_into_the_hub_blob_store
     out = amlx.convert(snapshot, tmp_path / "out", quantize=8, progress=False)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
         assert (out / name).read_bytes() == (snapshot / name).read_bytes() and not (out / name).is_symlink()
+
+
+def test_convert_below_a_file_is_a_value_error(qwen, tmp_path):
+    """A destination below a file was a raw FileExistsError, after the source had been read."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        amlx.convert(qwen, tmp_path / "file" / "out", quantize=4, progress=False)
+    assert (tmp_path / "file").read_text() == "x"
