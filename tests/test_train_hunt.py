@@ -719,3 +719,23 @@ def test_an_eos_the_tokenizer_appends_is_learned(tmp_path, record):
     assert ex.tokens[0] == tok.bos_token_id and not ex.mask[0]
     assert ex.tokens[-1] == tok.eos_token_id and ex.tokens.count(tok.eos_token_id) == 1
     assert ex.mask[-1] and ex.mask[-2]
+
+
+# -- fusing -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,style,targets", [("gemma3", "old", ("q_proj", "down_proj")),
+                                                ("qwen2", "new", ("q_proj", "v_proj", "lm_head"))])
+def test_a_fused_checkpoint_equals_the_unfused_forward(tmp_path, arch, style, targets):
+    """Multimodal Gemma 3 (text weights under language_model., vision tower carried) and
+    Qwen 2 (biased q/v, an untied lm_head adapted): the fused checkpoint's logits, in amlx
+    and in transformers, equal base + adapter."""
+    path = make_checkpoint(tmp_path / arch, arch, config_style=style)
+    want = _write_amlx_adapter(path, tmp_path / "ad", targets=targets, seed=9)
+    fused = lora.fuse(path, tmp_path / "ad", tmp_path / "fused")
+    loaded = on_worker(lambda: load_model(fused, progress=False))
+    try:
+        assert not on_worker(lambda: lora.lora_modules(loaded.model))
+        np.testing.assert_allclose(_logits(loaded.model), want, rtol=1e-4, atol=1e-4)
+    finally:
+        on_worker(loaded.model.close)
+    np.testing.assert_allclose(reference_logits(load_reference(fused), IDS), want, rtol=1e-4, atol=1e-4)
