@@ -739,3 +739,16 @@ def test_a_fused_checkpoint_equals_the_unfused_forward(tmp_path, arch, style, ta
     finally:
         on_worker(loaded.model.close)
     np.testing.assert_allclose(reference_logits(load_reference(fused), IDS), want, rtol=1e-4, atol=1e-4)
+
+
+async def test_the_checkpoint_directory_itself_is_refused_as_adapter_path(tmp_path):
+    """An adapter saved into the checkpoint directory put adapter_config.json beside
+    config.json, and transformers then took the checkpoint for a PEFT adapter and refused to
+    load it. A subdirectory is fine."""
+    path = make_checkpoint(tmp_path / "ck", "qwen3")
+    async with await amlx.load(path) as model:
+        with pytest.raises(ValueError, match="is the checkpoint directory being trained"):
+            model.train_lora(DATA, iters=1, batch_size=1, adapter_path=tmp_path / "ck" / ".." / "ck")
+        [ev async for ev in model.train_lora(DATA, iters=1, batch_size=1, adapter_path=path / "adapters")]
+    assert not (path / "adapter_config.json").exists()
+    load_reference(path)

@@ -554,4 +554,9 @@ def train_lora(model, data, **options) -> TrainingRun:
     if model.closed:
         raise ClosedError("the model is closed")
     opts = TrainOptions.from_kwargs(**options)
+    if opts.adapter_path is not None and Path(opts.adapter_path).resolve() == Path(model.info.path).resolve():
+        # its adapter_config.json would make the checkpoint read as a PEFT adapter (transformers
+        # then refuses to load it as a model)
+        raise ValueError(f"adapter_path {opts.adapter_path} is the checkpoint directory being trained; give the "
+                         f"adapter a directory of its own (a subdirectory will do)")
     return TrainingRun(model, data, opts)
