@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 import pytest
 
@@ -752,3 +752,49 @@ async def test_the_checkpoint_directory_itself_is_refused_as_adapter_path(tmp_pa
         [ev async for ev in model.train_lora(DATA, iters=1, batch_size=1, adapter_path=path / "adapters")]
     assert not (path / "adapter_config.json").exists()
     load_reference(path)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(targets=st.lists(st.sampled_from(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                         "down_proj", "mlp.down_proj", "self_attn.q_proj"]),
+                        min_size=1, max_size=4, unique=True),
+       rank=st.integers(1, 8), alpha=st.floats(-64, 64, allow_nan=False).filter(lambda a: a != 0),
+       rslora=st.booleans(), layers=st.one_of(st.none(), st.lists(st.integers(0, 1), min_size=1, unique=True)),
+       num_layers=st.one_of(st.none(), st.integers(1, 2)))
+def test_any_adapter_saved_and_loaded_gives_its_logits(qwen, tmp_path_factory, targets, rank, alpha, rslora, layers,
+                                                        num_layers):
+    from amlx.train.grad import trainable_parameters
+
+    chosen = set(range(2)) if layers is None else set(layers)
+    if num_layers is not None:
+        chosen &= set(range(2 - num_layers, 2))
+    assume(chosen)  # (selecting no layer is refused: test_a_start_that_selected_no_layer_...)
+    d = tmp_path_factory.mktemp("any")
+    loaded = on_worker(lambda: load_model(qwen, progress=False))
+    rng = np.random.default_rng(rank)
+
+    def make():
+        lora.apply_lora(loaded.model, rank=rank, alpha=alpha, targets=targets, layers=layers, num_layers=num_layers,
+                        use_rslora=rslora)
+        for m in lora.lora_modules(loaded.model).values():
+            m.lora_b = array((rng.standard_normal(m.lora_b.shape) * 0.05).astype(np.float32))
+        lora.save_adapter(loaded.model, d)
+        return sorted(lora.lora_modules(loaded.model)), len(trainable_parameters(loaded.model))
+
+    try:
+        paths, n = on_worker(make)
+        want = _logits(loaded.model)
+    finally:
+        on_worker(loaded.model.close)
+    assert {int(p.split(".")[2]) for p in paths} == chosen and n == 2 * len(paths)
+    again = on_worker(lambda: load_model(qwen, progress=False))
+    try:
+        on_worker(lambda: lora.load_adapter(again.model, d, again.config))
+        assert sorted(on_worker(lambda: lora.lora_modules(again.model))) == paths
+        np.testing.assert_array_equal(_logits(again.model), want)
+    finally:
+        on_worker(again.model.close)
+    meta = json.loads((d / "adapter_config.json").read_text())
+    scale = alpha / (rank ** 0.5 if rslora else rank)
+    assert meta["rank"] == rank and meta["alpha"] == alpha and meta["use_rslora"] == rslora
+    assert all(m["scale"] == pytest.approx(scale) for m in meta["modules"].values())
