@@ -353,7 +353,7 @@ class ModelArgs:
         out["sliding_window"] = r.integer("sliding_window") if SLIDING_ATTENTION in out["layer_types"] else None
         out["tie_word_embeddings"] = cls.tie_embeddings(top, r)
         out.update(cls.extra(r))
-        out.update(_token_ids(top, r, multimodal, generation_config))
+        out.update(_token_ids(top, r, multimodal, generation_config, out["vocab_size"]))
         dtype = top.get("torch_dtype", top.get("dtype", r.get("torch_dtype", r.get("dtype"))))
         out["torch_dtype"] = dtype if isinstance(dtype, str) else None
         out["quantization"] = _quantization(top)
@@ -391,10 +391,12 @@ def _layer_types(cls: type[ModelArgs], r: ConfigReader, n_layers: int) -> list[s
     return list(raw)
 
 
-def _token_ids(top: ConfigReader, r: ConfigReader, multimodal: bool, generation: Mapping | None) -> dict[str, Any]:
+def _token_ids(top: ConfigReader, r: ConfigReader, multimodal: bool, generation: Mapping | None,
+               vocab_size: int) -> dict[str, Any]:
     """bos, pad and eos ids; the top level wins for multimodal configs (gemma-3-4b-it
     puts eos there), generation_config.json adds its eos ids (transformers' generate
-    uses them)."""
+    uses them). An eos id must lie inside the vocabulary: one beyond it loaded, and every
+    constrained request failed (llguidance: "EOS token ID ... is out of range")."""
     def source(key: str) -> tuple[ConfigReader, Any]:
         if multimodal and top.get(key) is not None:
             return top, top.get(key)
@@ -408,11 +410,16 @@ def _token_ids(top: ConfigReader, r: ConfigReader, multimodal: bool, generation:
         return ids[0] if ids else None
 
     out: dict[str, Any] = {"bos_token_id": first("bos_token_id"), "pad_token_id": first("pad_token_id")}
-    c, v = source("eos_token_id")
-    eos = c.token_ids("eos_token_id", v)
+    def eos_of(c: ConfigReader, value: Any) -> list[int]:
+        ids = c.token_ids("eos_token_id", value)
+        if any(i >= vocab_size for i in ids):
+            raise c.invalid("eos_token_id", value, f"beyond the vocabulary of {vocab_size} tokens")
+        return ids
+
+    eos = eos_of(*source("eos_token_id"))
     if generation is not None:
         gen = ConfigReader(generation, Path(top.path).with_name("generation_config.json"))
-        for t in gen.token_ids("eos_token_id", generation.get("eos_token_id")):
+        for t in eos_of(gen, generation.get("eos_token_id")):
             if t not in eos:
                 eos.append(t)
     out["eos_token_ids"] = eos
