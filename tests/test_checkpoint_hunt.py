@@ -345,6 +345,19 @@ def test_yarn_with_a_rope_theta_of_1_is_a_config_error(qwen, tmp_path, rope):
     _refused(d, str(d / "config.json"), "YaRN scaling needs a rope_theta other than 1")
 
 
+@pytest.mark.parametrize("file, ids", [("config.json", 709), ("config.json", [702, 10 ** 9]),
+                                       ("generation_config.json", [702, 5000])])
+def test_an_eos_id_beyond_the_vocabulary_is_a_config_error(qwen, tmp_path, file, ids):
+    """An eos_token_id the model can never produce (the vocabulary has 709 tokens) loaded,
+    and every constrained request then failed ("llguidance cannot use this tokenizer.json
+    ...: EOS token ID 5000 is out of range")."""
+    d = _copy(qwen, tmp_path / "c")
+    cfg = json.loads((d / file).read_text())
+    cfg["eos_token_id"] = ids
+    (d / file).write_text(json.dumps(cfg))
+    _refused(d, str(d / file), "eos_token_id", "beyond the vocabulary of 709 tokens")
+
+
 # -- the Hugging Face cache ------------------------------------------------------------------------
 
 
