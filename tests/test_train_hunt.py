@@ -798,3 +798,15 @@ def test_any_adapter_saved_and_loaded_gives_its_logits(qwen, tmp_path_factory, t
     scale = alpha / (rank ** 0.5 if rslora else rank)
     assert meta["rank"] == rank and meta["alpha"] == alpha and meta["use_rslora"] == rslora
     assert all(m["scale"] == pytest.approx(scale) for m in meta["modules"].values())
+
+
+def test_an_answer_holding_a_special_token_still_learns_its_end_marker(chat_tok):
+    """(the rule above must look at how the learned span ends, not at any special token in it)"""
+    from amlx.train.data import encode_record
+
+    special = "<|endoftext|>" if "<|im_end|>" in chat_tok.apply_chat_template(
+        [{"role": "user", "content": "x"}], add_generation_prompt=False) else "<mask>"
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"a {special} b"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "c"}]
+    runs = _learned_runs(chat_tok, encode_record({"messages": msgs}, chat_tok))
+    assert len(runs) == 2 and all(("<|im_end|>" in r) != ("<end_of_turn>" in r) for r in runs), runs

@@ -187,12 +187,17 @@ def _render_chat(tokenizer, messages: list[dict], learn: Sequence[int], tools=No
         spans.append((start, end))
     tokens, mask = _encode_spans(tokenizer, full, spans, add_special_tokens=False)
     stops = set(tokenizer.eos_token_ids) | set(tokenizer.special_token_ids)
-    ended = False  # the learned run so far holds its end-of-turn marker
+    ended = False  # the learned run ends with a special token (and at most whitespace after it)
     for i in range(len(tokens) - 1):
         # the end-of-turn marker (a special token) right after a learned span is learned
-        # too: the model must learn to stop. A span that holds its marker already (and the
+        # too: the model must learn to stop. A span that ends with its marker already (and the
         # newline after it) is not extended to the next turn's start marker.
-        ended = mask[i] and (ended or tokens[i] in stops)
+        if not mask[i]:
+            ended = False
+        elif tokens[i] in stops:
+            ended = True
+        elif ended and tokenizer.decode([tokens[i]]).strip():
+            ended = False
         if mask[i] and not ended and not mask[i + 1] and tokens[i + 1] in stops:
             mask[i + 1] = True
     return tokens, mask
