@@ -810,3 +810,54 @@ def test_an_answer_holding_a_special_token_still_learns_its_end_marker(chat_tok)
             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "c"}]
     runs = _learned_runs(chat_tok, encode_record({"messages": msgs}, chat_tok))
     assert len(runs) == 2 and all(("<|im_end|>" in r) != ("<end_of_turn>" in r) for r in runs), runs
+
+
+# -- the whole LoRA loop against PEFT + torch -------------------------------------------
+
+async def test_three_lora_steps_match_peft_and_torch_adamw(qwen, tmp_path):
+    """Three steps of train_lora (every record in each batch, so the order within it does not
+    matter; cosine schedule with warm-up, clipping, weight decay) equal PEFT's LoRA under
+    torch autograd, clip_grad_norm_ and AdamW started from the same A (B zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from amlx.train.data import load_dataset, make_batch
+    from amlx.train.optim import warmup_cosine
+
+    hp = dict(learning_rate=2e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05, grad_clip=0.5)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    async with await amlx.load(qwen) as model:
+        batch = make_batch(load_dataset(DATA, model.tokenizer).examples)
+        [ev async for ev in model.train_lora(DATA, iters=3, batch_size=3, rank=4, alpha=8, targets=targets, seed=5,
+                                             lr_schedule="cosine", warmup=1, min_lr=1e-3, **hp)]
+        got = _adapter(model.engine.model)
+    # the adapter's start: apply_lora's A for this seed, B zero
+    start = on_worker(lambda: load_model(qwen, progress=False))
+    on_worker(lambda: lora.apply_lora(start.model, rank=4, alpha=8, targets=targets, seed=5))
+    init = _adapter(start.model)
+    on_worker(start.model.close)
+
+    ref = get_peft_model(load_reference(qwen), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for name, value in init.items():
+            path, leaf = name.rsplit(".", 1)
+            params[f"base_model.model.{path}.lora_{leaf[-1].upper()}.default.weight"].copy_(torch.tensor(value))
+    trained = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1.0, betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(hp["learning_rate"], 3, 1, 1e-3))
+    inputs, targets_, mask = (torch.tensor(a) for a in (batch.inputs, batch.targets, batch.mask))
+    for _ in range(3):
+        logp = torch.log_softmax(ref(input_ids=inputs.long()).logits.float(), -1)
+        tok = -logp.gather(-1, targets_.long()[..., None])[..., 0]
+        loss = (tok * mask).sum() / mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, hp["grad_clip"])
+        opt.step()
+        sched.step()
+    for name, value in got.items():
+        path, leaf = name.rsplit(".", 1)
+        want = params[f"base_model.model.{path}.lora_{leaf[-1].upper()}.default.weight"].detach().numpy()
+        np.testing.assert_allclose(value, want, rtol=1e-3, atol=1e-5, err_msg=name)
+        assert np.abs(value - init[name]).max() > 1e-4, name
