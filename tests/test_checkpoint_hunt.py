@@ -314,6 +314,49 @@ def test_tokenizer_json_over_its_size_limit_is_refused_before_it_is_read(qwen, t
     assert str(d / "tokenizer.json") in str(info.value)
 
 
+def _json_paths(obj, prefix=()):
+    """Paths into a JSON document: its keys (the first 20 of each object) and list items (the first 3)."""
+    yield prefix
+    items = list(obj.items())[:20] if isinstance(obj, dict) else list(enumerate(obj[:3])) if isinstance(obj, list) \
+        else []
+    for key, value in items:
+        yield from _json_paths(value, (*prefix, key))
+
+
+@HYPOTHESIS
+@given(data=st.data(), file=st.sampled_from(["tokenizer.json", "tokenizer_config.json"]))
+def test_mutated_tokenizer_files_load_or_are_refused(qwen, tmp_path_factory, data, file):
+    """Any value at any place of tokenizer.json or tokenizer_config.json: a tokenizer that
+    encodes, decodes and renders (or raises ChatTemplateError), or a ModelLoadError."""
+    from amlx.errors import ChatTemplateError
+    from amlx.tokenizer import Tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    shutil.copytree(qwen, d, dirs_exist_ok=True)
+    doc = json.loads((d / file).read_text())
+    paths = [p for p in _json_paths(doc) if p]
+    for _ in range(data.draw(st.integers(1, 3), label="edits")):
+        path = data.draw(st.sampled_from(paths), label="path")
+        node = doc
+        try:
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = data.draw(JSON_VALUES, label=str(path))
+        except (KeyError, IndexError, TypeError):  # an earlier edit replaced a parent
+            pass
+    (d / file).write_text(json.dumps(doc))
+    try:
+        tok = Tokenizer.from_dir(d)
+    except ModelLoadError as e:
+        assert str(d) in str(e)
+        return
+    tok.decode(tok.encode("hello <|im_start|> world"))
+    try:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    except ChatTemplateError:
+        pass
+
+
 def test_a_tokenizer_json_that_is_a_fifo_is_refused_as_one(qwen, tmp_path):
     """It was reported as "file not found"; a FIFO is refused as not a regular file (no open
     of it ever waits for a writer)."""
@@ -434,6 +477,38 @@ def test_any_json_values_in_config_json_are_a_config_error_or_a_config(qwen, mod
         parse_config(raw, qwen / "config.json")
     except ModelLoadError as e:
         assert str(qwen / "config.json") in str(e)
+
+
+DTYPES = ["F32", "F16", "BF16", "I32", "U32", "U8", "BOOL", "F8_E4M3", "I64", "C64", "F64", "X"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), cut=st.one_of(st.none(), st.integers(0, 1000)))
+def test_mutated_headers_load_or_are_refused_and_leave_no_memory(qwen, tmp_path_factory, data, cut):
+    """Up to three header entries rewritten (dtype, shape, offsets, also to values that fit
+    their bytes) and the data maybe truncated, through the whole load (host checks, MLX's
+    reader, the builder, every weight read): a model or a ModelLoadError naming the
+    checkpoint, and MLX memory where it was."""
+    d = tmp_path_factory.mktemp("mut")
+    shutil.copytree(qwen, d, dirs_exist_ok=True)
+    header, body = _header(d / "model.safetensors")
+    names = sorted(k for k in header if k != "__metadata__")
+    for _ in range(data.draw(st.integers(1, 3), label="edits")):
+        name = data.draw(st.sampled_from(names), label="tensor")
+        field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets"]), label="field")
+        start, end = header[name]["data_offsets"]
+        header[name][field] = data.draw({
+            "dtype": st.sampled_from(DTYPES),
+            "shape": st.one_of(st.lists(st.integers(0, 1 << 33), max_size=3), st.just([(end - start) // 4])),
+            "data_offsets": st.lists(st.integers(0, len(body) + 8), min_size=2, max_size=2).map(sorted),
+        }[field], label=f"{name}.{field}")
+    _write_raw(d / "model.safetensors", header, body if cut is None else body[:-cut])
+    base = amlx.memory()["active"]
+    try:
+        _load(d).model.close()
+    except ModelLoadError as e:
+        assert str(d) in str(e)
+    assert amlx.memory()["active"] == base
 
 
 def _hostile(qwen: Path, q4: Path, root: Path) -> list[Path]:
