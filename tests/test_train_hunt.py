@@ -861,3 +861,13 @@ async def test_three_lora_steps_match_peft_and_torch_adamw(qwen, tmp_path):
         want = params[f"base_model.model.{path}.lora_{leaf[-1].upper()}.default.weight"].detach().numpy()
         np.testing.assert_allclose(value, want, rtol=1e-3, atol=1e-5, err_msg=name)
         assert np.abs(value - init[name]).max() > 1e-4, name
+
+
+async def test_a_qlora_run_resumed_matches_an_uninterrupted_one(qwen, tmp_path):
+    q4 = amlx.convert(qwen, tmp_path / "q4", quantize=4, group_size=32, progress=False)
+    opts = dict(batch_size=2, learning_rate=1e-2, seed=1, dropout=0.1, rank=4, targets=["q_proj", "down_proj"])
+    full = await _train(q4, tmp_path / "a", 4, **opts)
+    await _train(q4, tmp_path / "b", 2, **opts)
+    resumed = await _train(q4, tmp_path / "b", 4, resume=True, **opts)
+    for k in full:
+        np.testing.assert_allclose(resumed[k], full[k], rtol=1e-5, atol=1e-7, err_msg=k)
