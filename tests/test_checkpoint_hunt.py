@@ -594,3 +594,16 @@ def test_convert_below_a_file_is_a_value_error(qwen, tmp_path):
     with pytest.raises(ValueError, match="exists and is not a directory"):
         amlx.convert(qwen, tmp_path / "file" / "out", quantize=4, progress=False)
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_convert_into_a_link_to_an_empty_directory_writes_where_it_leads(qwen, tmp_path):
+    """check_destination follows the link and finds an empty directory; staged_directory
+    then called rmdir on the link itself: a raw NotADirectoryError once everything was written."""
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    out = amlx.convert(qwen, tmp_path / "link", quantize=8, progress=False)
+    assert (tmp_path / "link").is_symlink() and out == tmp_path / "link"
+    assert {p.name for p in (tmp_path / "target").iterdir()} == {
+        "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+        "tokenizer.json", "tokenizer_config.json"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
