@@ -122,6 +122,29 @@ def test_a_tensor_name_with_a_nul_character_is_refused_as_such(qwen, tmp_path, n
     _refused(d, str(d / "model.safetensors"), repr(name), "NUL character")
 
 
+@pytest.mark.parametrize("case", ["listed twice, the last wrong", "shard missing", "a tensor in two shards"])
+def test_a_lying_shard_index_is_refused(sharded, tmp_path, case):
+    """(No bug: the index's own checks, pinned.) JSON keeps the last of a key listed twice."""
+    d = _copy(sharded, tmp_path / "c")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    home = index["weight_map"]["model.norm.weight"]
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != home)
+    if case == "listed twice, the last wrong":
+        text = json.dumps(index)[:-2] + f', "model.norm.weight": "{other}"}}}}'
+        (d / "model.safetensors.index.json").write_text(text)
+        needles = ["model.safetensors.index.json", "'model.norm.weight'", "does not hold it"]
+    elif case == "shard missing":
+        (d / other).unlink()
+        needles = ["model.safetensors.index.json", "missing", other]
+    else:
+        shutil.copyfile(d / home, d / other)
+        needles = ["appears in more than one shard"]
+    with pytest.raises(ModelLoadError) as info:
+        read_checkpoint(d)
+    for n in needles:
+        assert n in str(info.value)
+
+
 # -- quantization configs that the tensors fit but MLX cannot run ---------------------------------
 
 
