@@ -312,6 +312,26 @@ def test_kernel_inside_a_compiled_function():
     np.testing.assert_array_equal(first, again)
 
 
+@cuda
+@pytest.mark.parametrize("rows", [2, 5, 16])
+@pytest.mark.parametrize("k,group,bits,dtype", [(64, 64, 4, "float32"), (128, 128, 8, "bfloat16")])
+def test_layers_whose_k_is_one_group_multiply_right(rows, k, group, bits, dtype):
+    """A quantized layer whose K is at most its group size, past the kernel's rows: MLX
+    0.32.4's product for it is wrong on an H100/H200 (its sm90 kernel), so
+    `nn.quantized_dense` dequantizes and multiplies instead (`mlx_product_is_wrong`)."""
+    rng = np.random.default_rng(rows)
+    packed, scales, biases, q = packed_layer(rng, 128, k, group, bits, dtype)
+    layer = nn.QuantizedLinear(mx.array(packed), as_mx(scales, dtype), as_mx(biases, dtype), group, bits)
+    x = round_to(rng.normal(size=(rows, k)), dtype)
+    with on("gpu"):
+        assert qg.mlx_product_is_wrong(as_mx(x, dtype), k, group)
+        got = layer(as_mx(x, dtype)).astype(mx.float32).numpy()
+    want, mag = reference(x, scales, biases, q, group)
+    # (weights dequantized to the dtype, float32 possibly through TF32: 2^-9 of the magnitude;
+    # MLX's own product was off by 10-25% of it)
+    assert np.all(np.abs(got - want) <= 2 * ROUND[dtype] * np.abs(want) + 2.0 ** -9 * mag)
+
+
 @pytest.fixture(scope="module")
 def quantized_qwen3(tmp_path_factory):
     """bits -> a Qwen3 checkpoint converted to `bits` (float32 activations)."""

@@ -297,6 +297,9 @@ def quantized_dense(x: Array, layer: Module) -> Array:
     if qmm_split.applies(x, layer):
         return qmm_split.product(x, layer)
     q = (layer._group_size, layer._bits)
+    if quantized_gemv.mlx_product_is_wrong(x, x.shape[-1], layer._group_size):
+        w = ops.dequantize(layer.weight, layer.scales, layer.biases, *q, dtype=x.dtype)
+        return dense(x, ops.transpose(w), None, layer.__dict__.get("_split"))
     if cpu_matmul.dequantize_first(x, layer):
         w_t = ops.transpose(cpu_matmul.dequantize(layer))
         y = dense(ops.astype(x, float32), w_t, None, layer.__dict__.get("_split"))

@@ -679,6 +679,17 @@ def applies(x: Array, weight: Array, scales: Array, biases: Array, group_size: i
             and fast.cuda_available() and supports(x, weight, scales, biases, group_size, bits))
 
 
+def mlx_product_is_wrong(x: Array, k: int, group_size: int) -> bool:
+    """Whether MLX's quantized matmul would give wrong values for x (rows, k) on this
+    device: on CUDA, MLX 0.32.4 sends products of 2 or more rows whose K is at most the
+    group size to its sm90 kernel (H100/H200), which returned 10-25% relative errors and
+    sometimes NaN for every dtype and bit width probed on an H200 (2026-12-06, K 64 and
+    128, 2-16 rows; K of two groups or more was exact). Real checkpoints' K is 1,024 or
+    more; small ones (and the tests' models) meet it. `nn.quantized_dense` then
+    dequantizes and multiplies instead."""
+    return k <= group_size and device.default_device() == "gpu" and fast.cuda_available()
+
+
 def quantized_gemv(x: Array, weight: Array, scales: Array, biases: Array, group_size: int, bits: int,
                    version: int | None = None, launch: str | tuple[int, int] | None = None) -> Array:
     """x (rows, K) @ dequantize(weight, scales, biases)^T -> (rows, N) in x's
