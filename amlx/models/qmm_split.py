@@ -63,8 +63,10 @@ def splits(n: int, k: int, group: int, mode: str | None = None) -> int:
     a multiple of MLX's K tile (64 values), and at least two of either. (A slice of one
     group goes to MLX's sm90 kernel on an H100/H200, which takes K <= group size, and one
     K tile leaves the sm80 kernel's pipeline prefetching past K: the engine test's NaN
-    scores on an H100 came with a 4-way split of a 256-wide K into such slices, the
-    cause read from MLX's dispatch, not yet confirmed.) At most 8 for `copy` and 2 for `interleave`
+    scores on an H100 came with a 4-way split of a 256-wide K into such slices. MLX's
+    product for K <= group size was then probed wrong on an H200, and the engine test
+    passed on an H100 with this rule, both 2026-12-06; see
+    `quantized_gemv.mlx_product_is_wrong`.) At most 8 for `copy` and 2 for `interleave`
     (whose products grow with the split). 1: no split (the product already has the blocks,
     or its K does not divide, or MLX's kernel does not take its n)."""
     mode = mode or MODE
