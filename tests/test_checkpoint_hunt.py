@@ -630,3 +630,32 @@ def test_convert_into_a_link_to_an_empty_directory_writes_where_it_leads(qwen, t
         "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
         "tokenizer.json", "tokenizer_config.json"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
+
+
+# -- chat templates a checkpoint brings ----------------------------------------------------------------
+
+LEAKY = ["{{ '{0.__class__.__init__.__globals__}'.format(messages) }}", "{{ '{a.__class__}'.format_map({'a': 1}) }}",
+         "{{ messages|attr('__class__') }}", "{{ messages|map(attribute='__class__')|list }}",
+         "{{ messages|groupby('__class__')|list }}", "{{ messages|sort(attribute='__class__.__name__')|list }}",
+         "{{ messages|join(attribute='__class__') }}", "{{ self._TemplateReference__context }}",
+         "{{ lipsum.__globals__ }}", "{{ range.__self__ }}", "{% include '/etc/passwd' %}",
+         "{% import 'os' as os %}{{ os }}", "{{ strftime_now.__globals__ }}"]
+
+
+@pytest.mark.parametrize("template", LEAKY)
+def test_a_checkpoints_template_reaches_no_python_internals(qwen, tmp_path, template):
+    """(No bug.) chat_template.jinja reaching for Python objects through format fields,
+    filters' attribute arguments, template internals or loaders: the reply is refused as
+    a ChatTemplateError, or the name renders as nothing; the model keeps serving."""
+    from amlx.errors import ChatTemplateError
+
+    d = _copy(qwen, tmp_path / "c")
+    (d / "chat_template.jinja").write_text(template + "{{ messages[0]['content'] }}")
+    with amlx.load_sync(d, max_batch_size=2) as model:
+        try:
+            text = model.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+        except ChatTemplateError:
+            pass
+        else:
+            assert not any(s in text for s in ("class", "function", "module", "root:", "Context", "range"))
+        assert model.complete_sync([1, 2, 3], max_tokens=2).usage.completion_tokens == 2
