@@ -419,6 +419,13 @@ class Tokenizer:
         except TypeError:
             check_encodable(text)  # (tokenizers' "TextInputSequence must be str" names no cause)
             raise
+        except BaseException as e:
+            # A panic inside the Rust library (e.g. Onig's "retry-limit-in-match over" from a
+            # checkpoint's pre-tokenizer regex on some text) is a pyo3 PanicException, a
+            # BaseException: no handler caught it, and the server answered a bare 500.
+            if type(e).__name__ != "PanicException":
+                raise
+            raise ValueError(f"the checkpoint's tokenizer failed on this text: {e}") from None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; `skip_special_tokens` drops tokens marked special (BOS, EOS, ...)."""
