@@ -380,6 +380,22 @@ def test_mutated_tokenizer_files_load_or_are_refused(qwen, tmp_path_factory, dat
         pass
 
 
+def test_a_panic_inside_the_tokenizer_is_a_value_error(qwen, tmp_path):
+    """A pre-tokenizer regex that backtracks ("(a+)+$") on some text made the Rust library
+    panic (Onig's retry limit): a pyo3 PanicException, a BaseException that no handler
+    caught; the server answered a bare 500 with a traceback in its log."""
+    from amlx.tokenizer import Tokenizer
+
+    d = _copy(qwen, tmp_path / "c")
+    doc = json.loads((d / "tokenizer.json").read_text())
+    doc["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}
+    (d / "tokenizer.json").write_text(json.dumps(doc))
+    tok = Tokenizer.from_dir(d)
+    with pytest.raises(ValueError, match="the checkpoint's tokenizer failed on this text: .*retry-limit"):
+        tok.encode("a" * 3000 + "b")
+    assert tok.encode("hello")  # other texts still encode
+
+
 def test_a_tokenizer_json_that_is_a_fifo_is_refused_as_one(qwen, tmp_path):
     """It was reported as "file not found"; a FIFO is refused as not a regular file (no open
     of it ever waits for a writer)."""
