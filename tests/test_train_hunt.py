@@ -494,7 +494,8 @@ async def test_a_start_that_selected_no_layer_leaves_no_config_behind(qwen, tmp_
 async def test_a_resume_with_a_mismatched_optimizer_state_is_refused_naming_it(qwen, tmp_path, case):
     """Moments of another rank failed inside the first step with MLX's broadcast error;
     moments of only some layers resumed silently (the others restarted under a late step's
-    bias correction); a bad step or missing moments gave errors naming no file."""
+    bias correction); a bad step or missing moments gave errors naming no file. The state is
+    checked before the model's adapter is replaced."""
     import shutil
 
     from safetensors.numpy import load_file, save_file
@@ -513,10 +514,13 @@ async def test_a_resume_with_a_mismatched_optimizer_state_is_refused_naming_it(q
     else:
         (d / "optimizer.json").write_text(json.dumps({"format": "amlx-adamw", "version": 1, "step": -3}))
     save_file(moments, str(d / "optimizer.safetensors"))
-    async with await amlx.load(qwen) as model:
+    async with await amlx.load(qwen, adapter=tmp_path / "r2") as model:
+        before = _adapter(model.engine.model)
         with pytest.raises(ValueError, match=rf"{d}: .*optimizer state") as info:
             [ev async for ev in model.train_lora(DATA, iters=4, batch_size=1, rank=4, adapter_path=d, resume=True)]
         assert "broadcast" not in str(info.value)
+        after = _adapter(model.engine.model)  # the refused resume left the model's adapter alone
+        assert set(after) == set(before) and all(np.array_equal(after[k], before[k]) for k in before)
         assert (await model.complete(IDS, max_tokens=2)).usage.completion_tokens == 2
 
 

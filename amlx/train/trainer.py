@@ -44,7 +44,7 @@ from typing import Any
 
 from amlx._mlx import array, memory, ops, random
 from amlx._mlx import eval as mx_eval
-from amlx.checkpoint import check_creatable
+from amlx.checkpoint import check_creatable, read_header
 from amlx.errors import AmlxError, ClosedError
 from amlx.train import data as _data
 from amlx.train import lora as _lora
@@ -335,26 +335,14 @@ class TrainingRun:
         self._pad = pad
         lm = self._lm
         resume_dir = self.adapter_path if opts.resume else None
+        schedule = make_schedule(opts.lr_schedule, opts.learning_rate, opts.iters, opts.warmup, opts.min_lr)
+        self._opt = AdamW(schedule, tuple(opts.betas), opts.eps, opts.weight_decay, opts.grad_clip)
+        if resume_dir is not None and (resume_dir / "optimizer.json").is_file():
+            self._resume_optimizer(resume_dir)  # (checked before the model's adapter is replaced)
         self._install_parameters(opts, resume_dir)
         if not self._trainable():
             raise ValueError(f"nothing to train: layers={opts.layers!r} (with num_layers={opts.num_layers!r}) "
                              f"selects no layer of this model")
-        schedule = make_schedule(opts.lr_schedule, opts.learning_rate, opts.iters, opts.warmup, opts.min_lr)
-        self._opt = AdamW(schedule, tuple(opts.betas), opts.eps, opts.weight_decay, opts.grad_clip)
-        if resume_dir is not None and (resume_dir / "optimizer.json").is_file():
-            try:
-                self._opt.load(resume_dir)
-            except ValueError as exc:
-                raise ValueError(f"{resume_dir}: cannot resume the optimizer state: {exc}") from None
-            # the optimizer state of a resumed run holds moments of exactly this adapter's
-            # matrices: a layer without them would restart its moments under the bias
-            # correction of a late step, a mis-shaped one fail inside the first step
-            params = self._trainable()
-            shapes = {k: tuple(p.shape) for k, p in params.items()}
-            moments = [(k, tuple(a.shape)) for state in (self._opt.m, self._opt.v) for k, a in state.items()]
-            if set(self._opt.m) != set(params) or any(shapes.get(k) != shape for k, shape in moments):
-                raise ValueError(f"{resume_dir}: the optimizer state (optimizer.safetensors) does not match the "
-                                 f"adapter: its moments are not those of the adapter's matrices")
         self.step = self._first_step = self._opt.step
         for _ in range(self.step):
             next(self._batches)  # a resumed run goes on with the batches it had not seen
@@ -401,6 +389,21 @@ class TrainingRun:
             raise ValueError(f"{where}: {exc.strerror or exc}"
                              f"{'' if exc.filename in (None, str(self.adapter_path)) else f' ({exc.filename})'}"
                              ) from None
+
+    def _resume_optimizer(self, d: Path) -> None:
+        """Worker: loads the optimizer state saved in `d` beside its adapter. It must hold moments
+        of exactly the adapter's matrices: a layer without them would restart its moments under
+        the bias correction of a late step, a mis-shaped one fail inside the first step."""
+        try:
+            self._opt.load(d)
+        except ValueError as exc:
+            raise ValueError(f"{d}: cannot resume the optimizer state: {exc}") from None
+        tensors, _ = read_header(d / _lora.ADAPTER_WEIGHTS)  # (the adapter's names and shapes)
+        moments = [(k, tuple(a.shape)) for state in (self._opt.m, self._opt.v) for k, a in state.items()]
+        if set(self._opt.m) != set(tensors) or any(k not in tensors or tensors[k].shape != shape
+                                                   for k, shape in moments):
+            raise ValueError(f"{d}: the optimizer state (optimizer.safetensors) does not match the adapter: its "
+                             f"moments are not those of the adapter's matrices")
 
     def _install_parameters(self, opts: TrainOptions, resume_dir: Path | None) -> None:
         """Worker: makes the model ready to train (here: adds or resumes the LoRA layers).
