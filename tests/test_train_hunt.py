@@ -1,12 +1,19 @@
 """Bug hunt in fine-tuning and its round trips with loading and serving.
 
-Resume equals an uninterrupted run (dropout included); a failed adapter load
-leaves the model's adapter as it was; hostile adapter files are refused with the
-file and the cause; adapters written in mlx-lm's and PEFT's on-disk layouts give
-the in-memory trained model's logits; a padded batch's loss and gradients equal
-the token-weighted mean of its examples'; prompt tokens are not learned; fusing
-equals the unfused forward (and transformers on the fused checkpoint); training
-between requests empties the prefix cache; memory comes back after close.
+Resume (dropout, QLoRA, a stopped run saved with run.save()) equals an
+uninterrupted run, and a resume from no adapter or a mismatched optimizer state
+is refused naming the directory, before the model's adapter changes; a failed
+adapter load leaves the model's adapter as it was; hostile adapter files are
+refused with the file and the cause (hypothesis); adapters in mlx-lm's and
+PEFT's on-disk layouts (mlx-lm's multimodal Gemma 3 names too) give the trained
+model's logits; any adapter's settings round-trip; a padded batch's loss and
+gradients equal the token-weighted mean of its examples'; three LoRA steps equal
+PEFT + torch AdamW; chat records learn each assistant turn through its end
+marker and nothing of the next turn (hypothesis), an EOS the tokenizer appends
+is learned, data errors name the first bad line; fused checkpoints equal the
+unfused forward (amlx and transformers); training between requests leaves no
+stale prefix cache, full fine-tuning under requests saves what it serves, in the
+dtype its config names; memory comes back after close.
 """
 
 from __future__ import annotations
@@ -14,9 +21,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-import pytest
 
 import amlx
 from amlx._mlx import array

@@ -319,7 +319,8 @@ class TrainingRun:
         tok = self._model.tokenizer
         max_len = min(opts.max_seq_len, self._engine.max_context)
         train_src, val_src = _resolve_data(self._data, opts.val_data)
-        if opts.resume and not (self.adapter_path / _lora.ADAPTER_WEIGHTS).is_file():
+        resume_dir = self.adapter_path if opts.resume else None  # (validate(): resume has an adapter_path)
+        if resume_dir is not None and not (resume_dir / _lora.ADAPTER_WEIGHTS).is_file():
             # (not a fresh start: a mistyped path would throw away the run it meant to continue)
             raise ValueError(f"resume=True: {self.adapter_path} holds no {_lora.ADAPTER_WEIGHTS} to resume from (an "
                              f"adapter saved by a training run)")
@@ -334,7 +335,6 @@ class TrainingRun:
         self._batches = _data.iterate_batches(self.train_set, opts.batch_size, seed=opts.seed, pad_id=pad)
         self._pad = pad
         lm = self._lm
-        resume_dir = self.adapter_path if opts.resume else None
         schedule = make_schedule(opts.lr_schedule, opts.learning_rate, opts.iters, opts.warmup, opts.min_lr)
         self._opt = AdamW(schedule, tuple(opts.betas), opts.eps, opts.weight_decay, opts.grad_clip)
         if resume_dir is not None and (resume_dir / "optimizer.json").is_file():
