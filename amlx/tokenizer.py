@@ -420,16 +420,18 @@ class Tokenizer:
             check_encodable(text)  # (tokenizers' "TextInputSequence must be str" names no cause)
             raise
         except BaseException as e:
-            # A panic inside the Rust library (e.g. Onig's "retry-limit-in-match over" from a
-            # checkpoint's pre-tokenizer regex on some text) is a pyo3 PanicException, a
-            # BaseException: no handler caught it, and the server answered a bare 500.
-            if type(e).__name__ != "PanicException":
-                raise
-            raise ValueError(f"the checkpoint's tokenizer failed on this text: {e}") from None
+            if _is_panic(e):
+                raise ValueError(f"the checkpoint's tokenizer failed on this text: {e}") from None
+            raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; `skip_special_tokens` drops tokens marked special (BOS, EOS, ...)."""
-        text = self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        try:
+            text = self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        except BaseException as e:
+            if _is_panic(e):
+                raise ValueError(f"the checkpoint's tokenizer failed on these ids: {e}") from None
+            raise
         if self._clean_up_spaces:
             text = _clean_up_tokenization(text)
         return text
@@ -664,6 +666,14 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self._vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
+
+
+def _is_panic(exc: BaseException) -> bool:
+    """Whether `exc` is a panic inside the tokenizers library (e.g. Onig's "retry-limit-in-match
+    over" from a checkpoint's backtracking regex, on some text): a pyo3 PanicException, a
+    BaseException that no handler caught (the server answered a bare 500). Raised as a
+    ValueError instead."""
+    return type(exc).__name__ == "PanicException"
 
 
 def _clean_up_tokenization(text: str) -> str:
