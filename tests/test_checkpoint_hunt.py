@@ -675,3 +675,19 @@ def test_a_checkpoints_template_reaches_no_python_internals(qwen, tmp_path, temp
         else:
             assert not any(s in text for s in ("class", "function", "module", "root:", "Context", "range"))
         assert model.complete_sync([1, 2, 3], max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_panic_inside_the_tokenizers_decoder_is_a_value_error(qwen, tmp_path):
+    """The same panic from a decoder's regex (a Replace decoder) on decoded text."""
+    from amlx.tokenizer import Tokenizer
+
+    d = _copy(qwen, tmp_path / "c")
+    doc = json.loads((d / "tokenizer.json").read_text())
+    doc["decoder"] = {"type": "Sequence", "decoders": [
+        doc["decoder"], {"type": "Replace", "pattern": {"Regex": "(a+)+$"}, "content": ""}]}
+    (d / "tokenizer.json").write_text(json.dumps(doc))
+    tok = Tokenizer.from_dir(d)
+    ids = tok.encode("a" * 3000 + "b", add_special_tokens=False)
+    with pytest.raises(ValueError, match="the checkpoint's tokenizer failed on these ids: .*retry-limit"):
+        tok.decode(ids)
+    assert tok.decode(tok.encode("hello", add_special_tokens=False)) == "hello"
