@@ -887,3 +887,27 @@ async def test_a_qlora_run_resumed_matches_an_uninterrupted_one(qwen, tmp_path):
     resumed = await _train(q4, tmp_path / "b", 4, resume=True, **opts)
     for k in full:
         np.testing.assert_allclose(resumed[k], full[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+async def test_a_saved_adapter_is_in_the_documented_amlx_format(qwen, tmp_path):
+    """amlx/train/lora.py's docstring: float32 <path>.lora_a (rank, in) and <path>.lora_b
+    (out, rank) under the text model's layer names, and adapter_config.json's keys."""
+    from safetensors import safe_open
+
+    async with await amlx.load(qwen) as model:
+        [ev async for ev in model.train_lora(DATA, iters=1, batch_size=1, rank=3, alpha=6, use_rslora=True,
+                                             targets=["k_proj", "mlp.up_proj"], num_layers=1,
+                                             adapter_path=tmp_path)]
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    layers = ["model.layers.1.self_attn.k_proj", "model.layers.1.mlp.up_proj"]
+    assert {k: meta[k] for k in ("format", "version", "rank", "alpha", "dropout", "use_rslora", "targets",
+                                 "num_layers", "layers")} == {
+        "format": "amlx-lora", "version": 1, "rank": 3, "alpha": 6.0, "dropout": 0.0, "use_rslora": True,
+        "targets": ["k_proj", "mlp.up_proj"], "num_layers": 1, "layers": None}
+    assert meta["modules"] == {p: {"rank": 3, "scale": pytest.approx(6 / 3 ** 0.5)} for p in layers}
+    assert meta["base_model"]["architecture"] == "qwen3"
+    with safe_open(str(tmp_path / "adapters.safetensors"), "np") as f:
+        shapes = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    out = {"k_proj": 32, "up_proj": 128}
+    assert shapes == {**{f"{p}.lora_a": ("F32", (3, 64)) for p in layers},
+                      **{f"{p}.lora_b": ("F32", (out[p.rsplit('.', 1)[1]], 3)) for p in layers}}
