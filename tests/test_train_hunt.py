@@ -682,28 +682,42 @@ _WORDS = st.text("abxyz \n.", max_size=8)
 
 @settings(max_examples=60, deadline=None)
 @given(system=st.one_of(st.none(), _WORDS),
-       turns=st.lists(st.tuples(_WORDS, _WORDS, st.sampled_from(["", "think", "reasoning_content"])),
+       turns=st.lists(st.tuples(_WORDS, _WORDS, st.sampled_from(["", "think", "reasoning_content", "tool"])),
                       min_size=1, max_size=3))
 def test_each_assistant_turn_is_one_learned_run_ending_at_its_marker(chat_tok, system, turns):
+    """"tool": the answer follows a tool call (an assistant turn of its own) and the tool's reply
+    (Qwen's template only: Gemma 3's has no tool role)."""
     from amlx.train.data import encode_record
 
+    tools = any(kind == "tool" for *_, kind in turns)
+    assume(not tools or "<|im_end|>" in chat_tok.apply_chat_template([{"role": "user", "content": "x"}]))
     msgs = [] if system is None else [{"role": "system", "content": "S" + system}]
-    for user, answer, reasoning in turns:
+    expected = []  # what each learned run holds
+    for user, answer, kind in turns:
         msgs.append({"role": "user", "content": "U" + user})
         reply = {"role": "assistant", "content": answer}
-        if reasoning == "think":
+        if kind == "think":
             reply["content"] = f"<think>r{answer}</think>{answer}"
-        elif reasoning:
+        elif kind == "reasoning_content":
             reply["reasoning_content"] = "r" + answer
+        elif kind == "tool":
+            msgs.append({"role": "assistant", "content": "",
+                         "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]})
+            msgs.append({"role": "tool", "content": "T"})
+            expected.append("<tool_call>")
         msgs.append(reply)
-    ex = encode_record({"messages": msgs}, chat_tok)
-    assert chat_tok.encode(chat_tok.apply_chat_template(msgs, add_generation_prompt=False),
+        expected.append(answer.strip())
+    record = {"messages": msgs}
+    if tools:
+        record["tools"] = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    ex = encode_record(record, chat_tok)
+    assert chat_tok.encode(chat_tok.apply_chat_template(msgs, add_generation_prompt=False, tools=record.get("tools")),
                            add_special_tokens=False) == ex.tokens
     runs = _learned_runs(chat_tok, ex)
-    assert len(runs) == len(turns), runs
-    for run, (_, answer, _) in zip(runs, turns):
+    assert len(runs) == len(expected), runs
+    for run, want in zip(runs, expected):
         assert sum(run.count(m) for m in ("<|im_end|>", "<end_of_turn>")) == 1, runs
-        assert answer.strip() in run and "U" not in run and "S" not in run, runs
+        assert want in run and not any(c in run for c in "UST"), runs
         assert "<|im_start|>" not in run and "<start_of_turn>" not in run, runs
 
 
