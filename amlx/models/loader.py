@@ -4,6 +4,7 @@ lazy arrays, the architecture's module tree, every weight read)."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,8 @@ def build_model(spec: CheckpointSpec, dtype=None, progress: bool | None = None,
     cuts the model down to one rank's part before the weights are read, so a
     rank never holds the whole model."""
     dt = check_dtype(dtype)
+    if dt is None:
+        dt = _one_float_dtype(spec)
     tensors = read_tensors(spec)
     try:
         model, unused = build_module_tree(spec, tensors, dt)
@@ -97,6 +100,26 @@ def build_model(spec: CheckpointSpec, dtype=None, progress: bool | None = None,
     _materialise(model, spec.path, progress)
     first = next(p for _, p in model.named_parameters() if p.dtype.is_floating)
     return LoadedModel(model, spec.config, spec.path, (dt or first.dtype).name, spec.args)
+
+
+_SAFETENSORS_FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _one_float_dtype(spec: CheckpointSpec):
+    """The dtype every floating-point weight of the model is cast to when the checkpoint
+    mixes several (a bfloat16 model with float32 norms): the config's dtype when it names
+    one of them, else the one most elements have (transformers loads one dtype too). None
+    when they agree. Mixed, the CPU kernels (e.g. the residual norm) refused every request
+    ("x and y must be (N, C) floats of one dtype")."""
+    sizes: dict[str, int] = {}
+    for name, info in spec.tensors.items():
+        if info.dtype in _SAFETENSORS_FLOATS and spec.args.weight_name(name) is not None:
+            n = _SAFETENSORS_FLOATS[info.dtype]
+            sizes[n] = sizes.get(n, 0) + math.prod(info.shape)
+    if len(sizes) < 2:
+        return None
+    named = spec.args.torch_dtype
+    return as_dtype(named if named in sizes else max(sizes, key=sizes.__getitem__))
 
 
 def prepare(path: str | os.PathLike, dtype=None) -> CheckpointSpec:
