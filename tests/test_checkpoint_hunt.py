@@ -691,3 +691,53 @@ def test_a_panic_inside_the_tokenizers_decoder_is_a_value_error(qwen, tmp_path):
     with pytest.raises(ValueError, match="the checkpoint's tokenizer failed on these ids: .*retry-limit"):
         tok.decode(ids)
     assert tok.decode(tok.encode("hello", add_special_tokens=False)) == "hello"
+
+
+# -- weights of several floating-point types -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen_bf16(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("qwen3-bf16"), "qwen3", dtype="bfloat16")
+
+
+def _retyped(src: Path, dst: Path, pick, dtype: str) -> Path:
+    from amlx import _mlx as mx
+    from amlx._mlx import io
+
+    d = _copy(src, dst)
+
+    def run():
+        arrays, _ = io.load_safetensors(d / "model.safetensors")
+        out = {k: (a.astype(getattr(mx, dtype)) if pick(k) else a) for k, a in arrays.items()}
+        io.save_safetensors(d / "model.safetensors", out, {"format": "pt"})
+        for a in {*arrays.values(), *out.values()}:
+            a.close()
+    on_worker(run)
+    return d
+
+
+@pytest.mark.parametrize("what, pick", [("norms", lambda k: "norm" in k), ("one projection",
+                                                                          lambda k: k.endswith("0.mlp.up_proj.weight"))])
+def test_a_bfloat16_model_with_some_float32_weights_serves_as_bfloat16(qwen_bf16, tmp_path, what, pick):
+    """Mixed float types (a bfloat16 checkpoint keeping its norms in float32) loaded as
+    they were, and every request failed in the CPU residual-norm kernel ("x and y must be
+    (N, C) floats of one dtype"). They are cast to the config's dtype, as transformers
+    loads them: the same logits as the checkpoint stored in bfloat16 alone."""
+    d = _retyped(qwen_bf16, tmp_path / "mixed", pick, "float32")
+    with amlx.load_sync(qwen_bf16, max_batch_size=2) as model:
+        want = model.complete_sync([1, 2, 3, 4], max_tokens=5).token_ids
+    with amlx.load_sync(d, max_batch_size=2) as model:
+        assert model.info.dtype == "bfloat16"
+        assert model.complete_sync([1, 2, 3, 4], max_tokens=5).token_ids == want
+    np.testing.assert_array_equal(_logits(d), _logits(qwen_bf16))
+
+
+def test_scales_of_another_float_type_than_the_model_serve(q4, tmp_path):
+    """A float32 quantized model whose embedding's scales and biases are float16: every
+    request failed the same way."""
+    d = _retyped(q4, tmp_path / "mixed", lambda k: k.startswith("model.embed_tokens.") and not k.endswith("weight"),
+                 "float16")
+    with amlx.load_sync(d, max_batch_size=2) as model:
+        assert len(model.complete_sync([1, 2, 3, 4], max_tokens=5).token_ids) == 5
+        assert model.info.dtype == "float32"
