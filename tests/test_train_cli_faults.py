@@ -260,7 +260,7 @@ def test_files_that_cannot_be_written_are_one_line_errors(ckpt, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     # convert into a directory under a file: a FileExistsError traceback
-    _one_line_error(amlx_cli("convert", str(ckpt), str(afile / "out")), rf"^amlx: error: {afile}: File exists$")
+    _one_line_error(amlx_cli("convert", str(ckpt), str(afile / "out")), rf"^amlx: error: {afile} exists and is not a directory$")
     # a save that fails during the run (the optimizer state's name taken by a directory)
     data = _jsonl(tmp_path / "d.jsonl", DATA)
     (tmp_path / "ad" / "optimizer.json").mkdir(parents=True)
