@@ -1,8 +1,12 @@
 """Checkpoint loading and conversion against hostile and unusual inputs, found by a
 bug hunt: each broken input below is refused with a ModelLoadError naming the file
 and the cause (not a raw TypeError, not a model that loads and then fails its first
-request inside MLX, not a shape MLX silently wraps round), and the process goes on
-loading good checkpoints with MLX memory back where it was."""
+request inside MLX, not a shape MLX silently wraps round, not a read that blocks), and
+the process goes on loading good checkpoints with MLX memory back where it was.
+
+Tests whose docstring says what used to happen fail without their fix; "(No bug)" ones
+pin behaviour the hunt probed and found right. Convert round trips are compared with
+transformers on PyTorch CPU and with mlx_lm.convert's files."""
 
 from __future__ import annotations
 
@@ -39,6 +43,13 @@ def qwen(tmp_path_factory):
 @pytest.fixture(scope="module")
 def q4(qwen, tmp_path_factory):
     return amlx.convert(qwen, tmp_path_factory.mktemp("q") / "q4", quantize=4, group_size=32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("sharded"), "qwen3", max_shard_size="100KB")
+    assert len(list(path.glob("model-*-of-*.safetensors"))) > 1 and (path / "model.safetensors.index.json").exists()
+    return path
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -206,17 +217,10 @@ def test_a_chat_template_that_is_not_text_is_a_load_error(qwen, tmp_path, templa
 
 
 # -- convert round trips -----------------------------------------------------------------------
-# The source: a Qwen 3 with tied embeddings, in five shards (model-0000N-of-00005.safetensors and
-# the index), against transformers on PyTorch CPU.
+# The source (`sharded`): a Qwen 3 with tied embeddings, in shards (model-0000N-of-0000M.safetensors
+# and the index), against transformers on PyTorch CPU.
 
 IDS = [5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 300, 600]
-
-
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-    path = make_checkpoint(tmp_path_factory.mktemp("sharded"), "qwen3", max_shard_size="100KB")
-    assert len(list(path.glob("model-*-of-*.safetensors"))) > 1 and (path / "model.safetensors.index.json").exists()
-    return path
 
 
 def _logits(path: Path) -> np.ndarray:
@@ -394,6 +398,22 @@ def test_a_panic_inside_the_tokenizer_is_a_value_error(qwen, tmp_path):
     with pytest.raises(ValueError, match="the checkpoint's tokenizer failed on this text: .*retry-limit"):
         tok.encode("a" * 3000 + "b")
     assert tok.encode("hello")  # other texts still encode
+
+
+def test_a_panic_inside_the_tokenizers_decoder_is_a_value_error(qwen, tmp_path):
+    """The same panic from a decoder's regex (a Replace decoder) on decoded text."""
+    from amlx.tokenizer import Tokenizer
+
+    d = _copy(qwen, tmp_path / "c")
+    doc = json.loads((d / "tokenizer.json").read_text())
+    doc["decoder"] = {"type": "Sequence", "decoders": [
+        doc["decoder"], {"type": "Replace", "pattern": {"Regex": "(a+)+$"}, "content": ""}]}
+    (d / "tokenizer.json").write_text(json.dumps(doc))
+    tok = Tokenizer.from_dir(d)
+    ids = tok.encode("a" * 3000 + "b", add_special_tokens=False)
+    with pytest.raises(ValueError, match="the checkpoint's tokenizer failed on these ids: .*retry-limit"):
+        tok.decode(ids)
+    assert tok.decode(tok.encode("hello", add_special_tokens=False)) == "hello"
 
 
 def test_a_tokenizer_json_that_is_a_fifo_is_refused_as_one(qwen, tmp_path):
@@ -676,21 +696,6 @@ def test_a_checkpoints_template_reaches_no_python_internals(qwen, tmp_path, temp
             assert not any(s in text for s in ("class", "function", "module", "root:", "Context", "range"))
         assert model.complete_sync([1, 2, 3], max_tokens=2).usage.completion_tokens == 2
 
-
-def test_a_panic_inside_the_tokenizers_decoder_is_a_value_error(qwen, tmp_path):
-    """The same panic from a decoder's regex (a Replace decoder) on decoded text."""
-    from amlx.tokenizer import Tokenizer
-
-    d = _copy(qwen, tmp_path / "c")
-    doc = json.loads((d / "tokenizer.json").read_text())
-    doc["decoder"] = {"type": "Sequence", "decoders": [
-        doc["decoder"], {"type": "Replace", "pattern": {"Regex": "(a+)+$"}, "content": ""}]}
-    (d / "tokenizer.json").write_text(json.dumps(doc))
-    tok = Tokenizer.from_dir(d)
-    ids = tok.encode("a" * 3000 + "b", add_special_tokens=False)
-    with pytest.raises(ValueError, match="the checkpoint's tokenizer failed on these ids: .*retry-limit"):
-        tok.decode(ids)
-    assert tok.decode(tok.encode("hello", add_special_tokens=False)) == "hello"
 
 
 # -- weights of several floating-point types -----------------------------------------------------------
