@@ -564,3 +564,30 @@ async def _score_body(arch: str) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_score_matches_transformers(arch):
     anyio.run(_score_body, arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_tokenizer_larger_than_the_models_vocabulary(arch, tmp_path):
+    """A fine-tune's tokenizer with a token past the model's embeddings (a pad token added
+    without resizing them): constrained requests of every kind still match (llguidance sees
+    every token; the mask past the logits is cut), and the extra id is never produced."""
+    path = shutil.copytree(checkpoint(arch), tmp_path / arch)
+    vocab = json.loads((path / "config.json").read_text()).get("vocab_size") \
+        or json.loads((path / "config.json").read_text())["text_config"]["vocab_size"]
+    data = json.loads((path / "tokenizer.json").read_text())
+    data["added_tokens"].append({"id": vocab, "content": "<|extra_pad|>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    (path / "tokenizer.json").write_text(json.dumps(data))
+
+    async def body():
+        async with await amlx.load(path) as model:
+            assert model.tokenizer.vocab_size == vocab + 1
+            for i, (kind, options) in enumerate(KINDS.items()):
+                for temperature in (0.0, 1.0):
+                    out = await model.complete(prompts(1, seed=i)[0], max_tokens=MAX_TOKENS, temperature=temperature,
+                                               seed=i, **options)
+                    assert out.finish_reason == "stop", (kind, out.text)
+                    assert max(out.token_ids) < vocab
+                    check(kind, out.text)
+
+    anyio.run(body)

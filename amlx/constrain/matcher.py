@@ -300,13 +300,17 @@ class Matcher:
 class GrammarVocab:
     """llguidance's tokenizer for one checkpoint: makes matchers and fills their masks.
 
-    `vocab_size` is the width of the model's logits (it may exceed the tokenizer's own count:
-    padded embeddings; ids without text are never allowed). `eos_ids` are the ids that end
-    generation; a grammar allows them exactly where the text may end. Thread-safe.
+    `vocab_size` is the width of the model's logits. It may exceed the tokenizer's own count
+    (padded embeddings; ids without text are never allowed) or fall short of it (a pad token
+    added to the tokenizer of a fine-tune, with no row of the embeddings): llguidance then
+    sees every token and the masks' bits past the logits are never read, so the model cannot
+    produce those ids, constrained or not. `eos_ids` are the ids that end generation; a
+    grammar allows them exactly where the text may end. Thread-safe.
     """
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids: Iterable[int] = ()):
         self.vocab_size = vocab_size
+        self._tokens = max(vocab_size, _token_count(tokenizer_json))  # what llguidance is told
         self._eos = sorted({int(i) for i in eos_ids})
         # the tokenizer.json as given: for Lark grammars that name special tokens (made on first use)
         self._tokenizer_json = tokenizer_json
@@ -317,18 +321,18 @@ class GrammarVocab:
         marked, self._special_names = _mark_special_tokens(tokenizer_json)
         self._tokenizer = self._llg_tokenizer(marked)
         self.eos_ids = frozenset(self._eos)
-        self.mask_words = llnp.get_bitmask_shape(1, vocab_size)[1]
+        self.mask_words = llnp.get_bitmask_shape(1, self._tokens)[1]
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
 
     def _llg_tokenizer(self, tokenizer_json: str) -> llguidance.LLTokenizer:
         tokenizer_json = _for_llguidance(tokenizer_json)
         try:
-            return llguidance.LLTokenizer(tokenizer_json, n_vocab=self.vocab_size, eos_token=self._eos or None,
+            return llguidance.LLTokenizer(tokenizer_json, n_vocab=self._tokens, eos_token=self._eos or None,
                                           slices=mask_slices())
         except ValueError as e:
             raise ValueError(f"llguidance cannot use this tokenizer.json with a vocabulary of "
-                             f"{self.vocab_size}: {e}") from e
+                             f"{self._tokens}: {e}") from e
 
     def _tokenizer_for(self, constraint: Constraint) -> llguidance.LLTokenizer:
         """The marked tokenizer, or for a Lark grammar that names a special token (`<|im_end|>`:
@@ -377,7 +381,7 @@ class GrammarVocab:
 
     def new_masks(self, rows: int) -> np.ndarray:
         """A (rows, mask_words) int32 bitmask array, every token allowed."""
-        return llnp.allocate_token_bitmask(rows, self.vocab_size)
+        return llnp.allocate_token_bitmask(rows, self._tokens)
 
     def fill_masks(self, rows: Sequence[tuple[Matcher, int]], masks: np.ndarray) -> None:
         """For each (matcher, row): the tokens the matcher allows next, into `masks[row]`.
@@ -452,6 +456,19 @@ def step_masks(groups: Sequence[Sequence[Matcher | None]]) -> list[np.ndarray | 
     group has a matcher. Every constrained row of every group is computed in one llguidance
     call, in parallel on its thread pool."""
     return MaskJob(groups).run()
+
+
+def _token_count(tokenizer_json: str) -> int:
+    """1 + the largest token id a tokenizer.json defines (its model's vocabulary and its added
+    tokens); 0 where it cannot tell (llguidance then reports what it lacks)."""
+    try:
+        data = json.loads(tokenizer_json)
+        vocab = data.get("model", {}).get("vocab")
+        ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1] if isinstance(vocab, list) else []
+        ids += [t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)]
+        return 1 + max((i for i in ids if isinstance(i, int)), default=-1)
+    except (ValueError, AttributeError, TypeError):
+        return 0
 
 
 def unpack_mask(masks: np.ndarray, vocab_size: int) -> np.ndarray:
