@@ -521,6 +521,10 @@ async def test_a_resume_with_a_mismatched_optimizer_state_is_refused_naming_it(q
     else:
         (d / "optimizer.json").write_text(json.dumps({"format": "amlx-adamw", "version": 1, "step": -3}))
     save_file(moments, str(d / "optimizer.safetensors"))
+    # (as a state written before optimizer.json held digests, which would refuse these files first)
+    meta = json.loads((d / "optimizer.json").read_text())
+    (d / "optimizer.json").write_text(json.dumps({k: v for k, v in meta.items()
+                                                  if k not in ("weights_sha256", "paired_with")}))
     async with await amlx.load(qwen, adapter=tmp_path / "r2") as model:
         before = _adapter(model.engine.model)
         with pytest.raises(ValueError, match=rf"{d}: .*optimizer state") as info:
@@ -529,6 +533,31 @@ async def test_a_resume_with_a_mismatched_optimizer_state_is_refused_naming_it(q
         after = _adapter(model.engine.model)  # the refused resume left the model's adapter alone
         assert set(after) == set(before) and all(np.array_equal(after[k], before[k]) for k in before)
         assert (await model.complete(IDS, max_tokens=2)).usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("case", ["adapter_newer", "moments_newer"])
+async def test_a_save_cut_short_is_not_resumed(qwen, tmp_path, case):
+    """The adapter, optimizer.safetensors and optimizer.json are written one after another: a
+    save cut short between them left a set that resumed silently (a later adapter with an
+    earlier step and moments, or moments of another step under the JSON's). optimizer.json
+    now records the digests of both files, and a resume refuses a set that does not match."""
+    import shutil
+
+    await _train(qwen, tmp_path / "early", 2, batch_size=1, rank=4)
+    await _train(qwen, tmp_path / "late", 3, batch_size=1, rank=4)
+    d = tmp_path / "resume"
+    shutil.copytree(tmp_path / "early", d)
+    name = "adapters.safetensors" if case == "adapter_newer" else "optimizer.safetensors"
+    shutil.copy(tmp_path / "late" / name, d / name)
+    want = "another adapters.safetensors" if case == "adapter_newer" else "not the moments optimizer.json"
+    async with await amlx.load(qwen) as model:
+        with pytest.raises(ValueError, match=rf"{d}.*{want}"):
+            [ev async for ev in model.train_lora(DATA, iters=4, batch_size=1, rank=4, adapter_path=d, resume=True)]
+        # the whole set of one save resumes
+        shutil.copytree(tmp_path / "late", d, dirs_exist_ok=True)
+        events = [ev async for ev in model.train_lora(DATA, iters=4, batch_size=1, rank=4, adapter_path=d,
+                                                      resume=True)]
+    assert events[-1].step == 4
 
 
 # -- data files -----------------------------------------------------------------------

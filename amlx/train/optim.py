@@ -8,7 +8,12 @@ square root), optionally with global-norm gradient clipping done the way
 
 State on disk: `optimizer.safetensors` (tensors `m.<name>` and `v.<name>`)
 next to `optimizer.json` (`{"format": "amlx-adamw", "version": 1, "step": int,
-"hyperparameters": {...}}`).
+"hyperparameters": {...}, "weights_sha256": ..., "paired_with": {"file": ...,
+"sha256": ...}}`). The two digests tie the JSON to the tensors written with it and
+to the adapter file saved beside them: the files are written one after another,
+so a save cut short (a crash, a full disk) can leave a mismatched set, which a
+resume would otherwise take for a consistent one (older moments and step with
+newer adapter weights). States written before the digests load as before.
 
 Schedules map the number of updates already made (0 for the first update) to
 a learning rate: `constant`, or a linear warm-up followed by `cosine` or
@@ -17,6 +22,7 @@ a learning rate: `constant`, or a linear warm-up followed by `cosine` or
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,7 +32,7 @@ from typing import Callable
 from amlx._mlx import Array, io, ops
 from amlx._mlx import float32 as _f32
 
-__all__ = ["AdamW", "clip_grad_norm", "global_norm", "make_schedule", "constant", "warmup_cosine", "warmup_linear",
+__all__ = ["AdamW", "clip_grad_norm", "file_sha256", "global_norm", "make_schedule", "constant", "warmup_cosine", "warmup_linear",
            "Schedule"]
 
 Schedule = Callable[[int], float]
@@ -217,8 +223,9 @@ class AdamW:
             raise ValueError("optimizer state: the first and second moments name different parameters")
         self.step, self.m, self.v = step, m, v
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Writes optimizer.safetensors and optimizer.json into `directory`."""
+    def save(self, directory: str | os.PathLike, paired_with: str | os.PathLike | None = None) -> None:
+        """Writes optimizer.safetensors and optimizer.json into `directory`; `paired_with`: the
+        file (an adapter) this state goes with, whose digest `paired_with` reads back."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {f"m.{k}": a for k, a in self.m.items()}
@@ -226,8 +233,22 @@ class AdamW:
         tmp = d / (".tmp-" + OPTIMIZER_WEIGHTS)  # MLX appends .safetensors to other names
         io.save_safetensors(tmp, tensors, {"format": "mlx"})
         os.replace(tmp, d / OPTIMIZER_WEIGHTS)
-        meta = {"format": "amlx-adamw", "version": 1, "step": self.step, "hyperparameters": self.hyperparameters()}
-        (d / OPTIMIZER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        meta = {"format": "amlx-adamw", "version": 1, "step": self.step, "hyperparameters": self.hyperparameters(),
+                "weights_sha256": file_sha256(d / OPTIMIZER_WEIGHTS)}
+        if paired_with is not None:
+            meta["paired_with"] = {"file": Path(paired_with).name, "sha256": file_sha256(paired_with)}
+        tmp = d / (".tmp-" + OPTIMIZER_CONFIG)
+        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, d / OPTIMIZER_CONFIG)
+
+    @staticmethod
+    def paired_with(directory: str | os.PathLike) -> str | None:
+        """The digest of the file the state in `directory` was saved with (None: not recorded)."""
+        try:
+            pair = json.loads((Path(directory) / OPTIMIZER_CONFIG).read_text(encoding="utf-8")).get("paired_with")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return pair.get("sha256") if isinstance(pair, dict) else None
 
     def load(self, directory: str | os.PathLike) -> None:
         """Reads the state written by `save` (the hyperparameters stay those of this object)."""
@@ -238,7 +259,20 @@ class AdamW:
             raise ValueError(f"{d / OPTIMIZER_CONFIG}: cannot read optimizer state ({exc})") from None
         if not isinstance(meta, dict) or meta.get("format") != "amlx-adamw":
             raise ValueError(f"{d / OPTIMIZER_CONFIG}: not an amlx optimizer state")
+        digest = meta.get("weights_sha256")
+        if digest is not None and digest != file_sha256(d / OPTIMIZER_WEIGHTS):
+            raise ValueError(f"{d / OPTIMIZER_WEIGHTS}: not the moments {OPTIMIZER_CONFIG} was saved with "
+                             "(a save cut short?)")
         arrays, _ = io.load_safetensors(d / OPTIMIZER_WEIGHTS)
         m = {k[2:]: a for k, a in arrays.items() if k.startswith("m.")}
         v = {k[2:]: a for k, a in arrays.items() if k.startswith("v.")}
         self.load_state_dict({"step": meta.get("step"), "m": m, "v": v})
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, hex (read in 1 MiB pieces)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()

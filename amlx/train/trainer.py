@@ -49,7 +49,7 @@ from amlx.errors import AmlxError, ClosedError
 from amlx.train import data as _data
 from amlx.train import lora as _lora
 from amlx.train.grad import causal_lm_loss, cross_entropy, trainable_parameters, value_and_grad
-from amlx.train.optim import SCHEDULES, AdamW, make_schedule
+from amlx.train.optim import SCHEDULES, AdamW, file_sha256, make_schedule
 
 __all__ = ["NonFiniteLossError", "TrainOptions", "TrainingEvent", "TrainingRun", "train_lora"]
 
@@ -398,6 +398,11 @@ class TrainingRun:
             self._opt.load(d)
         except ValueError as exc:
             raise ValueError(f"{d}: cannot resume the optimizer state: {exc}") from None
+        paired = AdamW.paired_with(d)
+        if paired is not None and paired != file_sha256(d / _lora.ADAPTER_WEIGHTS):
+            raise ValueError(f"{d}: the optimizer state was saved with another {_lora.ADAPTER_WEIGHTS} than the one "
+                             "there now (a save cut short between the two, or the adapter replaced?); delete "
+                             "optimizer.json there to go on from this adapter with fresh optimizer moments")
         tensors, _ = read_header(d / _lora.ADAPTER_WEIGHTS)  # (the adapter's names and shapes)
         moments = [(k, tuple(a.shape)) for state in (self._opt.m, self._opt.v) for k, a in state.items()]
         if set(self._opt.m) != set(tensors) or any(k not in tensors or tensors[k].shape != shape
@@ -513,7 +518,7 @@ class TrainingRun:
             name = f"{self.step:07d}_{_lora.ADAPTER_WEIGHTS}"
             _lora.save_adapter(self._lm, d, weights_name=name, base_model=base)
             path = d / name
-        self._opt.save(d)
+        self._opt.save(d, paired_with=d / _lora.ADAPTER_WEIGHTS)
         return TrainingEvent("save", self.step, self.options.iters, loss=self.losses[-1] if self.losses else None,
                              trained_tokens=self.trained_tokens, elapsed=time.perf_counter() - self._t0,
                              memory=memory.counters(), path=str(path))
