@@ -792,3 +792,58 @@ def test_a_paused_stream_read_again_rejoins_once_a_parked_slot_lapses(world):
                 assert [t.id for t in g] == arch.solo(p, {"max_tokens": 12}).token_ids
 
     anyio.run(body)
+
+
+def test_a_slot_lapsing_between_the_worker_s_idle_check_and_its_timeout_does_not_hang(world):
+    """The worker asked `has_work()` (nothing to do: a stream read again waits for a slot
+    that parked requests hold) and only then `wake_at()`; a slot that lapsed in between (the
+    worker thread descheduled there, as under CPU load) took its time out of `wake_at`,
+    which then had none to give, and the worker slept for good: the stream read again never
+    rejoined. The gap is widened here on purpose: `wake_at` is made to sleep past every
+    parked slot's limit before it looks (a stand-in for the thread losing the CPU there)."""
+    arch = world.arch("qwen3")
+    prompts = [PREFIXES[0], PREFIXES[1], PREFIXES[2]]
+
+    async def body():
+        async with await amlx.load(arch.path, max_batch_size=2) as m:
+            sched = m.engine.scheduler
+            sched.slot_idle_limit = 0.2
+            streams = [m.generate(p, max_tokens=12, max_buffer=1) for p in prompts]
+            reqs = [s._stream.request for s in streams]
+            with anyio.fail_after(GUARD):  # (a guard) each gives a token and parks with one unread
+                got = [[await s.__anext__()] for s in streams]
+                while not await m.engine.run(lambda: all(r in sched.parked for r in reqs)):
+                    await anyio.sleep(0.005)
+            wake_at = sched.wake_at
+
+            slept = []
+
+            def late_wake_at():
+                # once the first stream is read again (and waits for a slot): the worker
+                # descheduled between its two questions, past the other slots' limit
+                if not slept and reqs[0] in sched.parked and reqs[0].channel.has_room():
+                    slept.append(True)
+                    time.sleep(sched.slot_idle_limit + 0.05)
+                return wake_at()
+
+            def age():  # the first one parked long ago, the others now: they hold both slots
+                now = time.monotonic()
+                reqs[0].parked_at = now - 10
+                reqs[1].parked_at = reqs[2].parked_at = now
+                sched.wake_at = late_wake_at
+                return sched._slots_held()
+
+            assert await m.engine.run(age) == 2
+            try:
+                with anyio.fail_after(GUARD / 4):  # (a guard: the slots lapse after 0.2 s)
+                    got[0] += [t async for t in streams[0]]
+            except TimeoutError:
+                raise AssertionError("the worker slept for good: the stream read again never rejoined") from None
+            finally:
+                sched.wake_at = wake_at
+            for s, g in zip(streams[1:], got[1:]):
+                g += [t async for t in s]
+            for p, g in zip(prompts, got):
+                assert [t.id for t in g] == arch.solo(p, {"max_tokens": 12}).token_ids
+
+    anyio.run(body)

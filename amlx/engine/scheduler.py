@@ -293,8 +293,9 @@ class Scheduler:
         one waits for it. The worker wakes up then."""
         # (a parked request read again waits for a slot as a waiting one does: without it here
         # the worker slept with no time to wake up, and that stream waited for good)
-        if not self.waiting and not any(r.active and r.channel.has_room() and not self._holds_slot(r)
-                                         for r in self.parked):
+        # (any one read again, holding its slot or not: the worker asks this before `has_work`,
+        # and a slot held now may lapse before that, leaving its request waiting for another)
+        if not self.waiting and not any(r.active and r.channel.has_room() for r in self.parked):
             return None
         times = [r.parked_at + self.slot_idle_limit for r in self.parked if self._holds_slot(r)]
         return min(times, default=None)

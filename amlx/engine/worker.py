@@ -106,10 +106,17 @@ class Worker:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while self._idle():
+                while True:
+                    # the time to wake up is asked before whether there is work, not after: a
+                    # parked request's slot lapsing between the two (the thread descheduled
+                    # there) took its time out of `wake_at`, which had none left to give, and
+                    # the thread slept for good although that lapse was what it waited for
+                    timeout = self._timeout()
+                    if not self._idle():
+                        break
                     if self._stopping:
                         return
-                    self._cond.wait(self._timeout())
+                    self._cond.wait(timeout)
                 jobs = list(self._jobs)
                 self._jobs.clear()
                 schedulers = [s for s in self._schedulers if s.has_work()]
