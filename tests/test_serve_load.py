@@ -186,6 +186,12 @@ async def test_queue_full_gives_429_with_retry_after(ckpt):
             await client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2)
         assert info.value.status_code == 429 and info.value.response.headers["retry-after"] == "1"
         assert info.value.body["code"] == "queue_full"
+        # a request the engine refuses is a 400 with the queue full too (it was a 429 first,
+        # whose Retry-After had the client send it again, only to get its 400 later)
+        with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+            await client.completions.create(model="tiny", prompt=[1, 10 ** 6], max_tokens=2)
+        with pytest.raises(openai.BadRequestError, match="regex"):
+            await client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, extra_body={"regex": "(a"})
         for s in streams:
             await s.close()
         await _idle(srv)

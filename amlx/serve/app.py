@@ -96,6 +96,7 @@ class Server:
                                   vocab=self.model.tokenizer.vocab_size)
         gen = Generation(self.model, self.metrics, self.admission, tool_format=tool_format,
                          want_logprobs=bool(opts.get("logprobs")), keepalive=self.settings.keepalive, arrived=arrived)
+        gen.check(prompt_ids, opts, req.n)
         echo = None
         if echo_texts is not None:  # (with logprobs, the prompts' own logprobs first: a prefill each)
             # Admitted first: a request past the queue is a 429 before its prompts' logprobs are

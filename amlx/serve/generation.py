@@ -23,7 +23,7 @@ from amlx.serve.errors import APIError, from_engine
 from amlx.serve.metrics import Metrics
 from amlx.serve.options import choice_options
 from amlx.toolcalls import ToolCallParser, opens_reasoning
-from amlx.types import Token, ToolCall
+from amlx.types import GenerationOptions, Token, ToolCall
 
 
 class KeepAlive:
@@ -192,6 +192,21 @@ class Generation:
                 echo.logprobs += [self._entry(tok, tok.logprob) for tok in toks[1:]]
             out.append(echo)
         return out
+
+    def check(self, prompts: list[list[int]], options: dict[str, Any], n: int) -> None:
+        """Raises the APIError (a 400) the engine's own checks would give these generations at
+        their start (prompt ids, option values, a constraint that does not parse), before
+        admission: with the queue full such a request was a 429 first, whose Retry-After had
+        the client send it again only to get its 400 later."""
+        engine = self._model.engine
+        try:
+            for ids in prompts:
+                engine.check_prompt(ids)
+            # (the n choices' options differ only in their seeds, seed + j: the last, the largest,
+            # stands for all)
+            GenerationOptions.from_kwargs(engine.vocab_size, **choice_options(options, n)[-1])
+        except Exception as exc:
+            raise from_engine(exc) from exc
 
     def admit(self, count: int) -> None:
         """Takes `count` admission slots (APIError 429 past the queue); close() gives them back.
