@@ -85,8 +85,13 @@ async def test_disconnects_cancel_and_others_get_full_outputs(server, ckpt):
     # No request holds a KV block any more: cancelled ones gave theirs back. What stays is the
     # block pool's arrays (kept at their high-water mark while the model is open, freed at close;
     # finished requests' blocks stay in them for the prefix cache) and memoized index arrays.
-    kv = {k.split('"')[1]: v for k, v in server.metrics().items() if k.startswith("amlx_kv_cache{")}
+    metrics = server.metrics()
+    kv = {k.split('"')[1]: v for k, v in metrics.items() if k.startswith("amlx_kv_cache{")}
     assert kv["blocks_used"] == 0, kv
+    # the tokens handed to clients, and (at least those, with the dropped streams' unread ones)
+    # every token the engine generated
+    assert 0 < metrics["amlx_generation_tokens_total"] <= metrics["amlx_engine_generated_tokens_total"], metrics
+    assert metrics["amlx_engine_decode_steps_total"] > 0
     cfg = json.loads((ckpt / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     per_block = cfg["num_hidden_layers"] * 2 * kv["block_size"] * cfg["num_key_value_heads"] * head_dim * 4

@@ -1,10 +1,10 @@
 """Prometheus metrics of one server (a CollectorRegistry per app, so apps never share counters).
 
 Counters and the time-to-first-token histogram are updated by the request code;
-running/waiting requests and memory are read from `model.stats()` when /metrics is
-scraped. KV cache use: amlx's KV cache is not yet a block pool with a fill level, so
-MLX's active memory (weights + KV caches + temporaries) stands in for it, and any
-`kv_cache` counters that `model.stats()` gains are exported as they appear.
+running/waiting requests, the engine's own token and step counters, MLX memory and
+the KV block pool's counters (`amlx_kv_cache{field=...}`: blocks used, cached, free,
+allocated, prefix-cache hits and misses, preemptions) are read from `model.stats()`
+when /metrics is scraped.
 """
 
 from __future__ import annotations
@@ -34,9 +34,15 @@ class _EngineCollector(Collector):
                                 value=stats["active_requests"])
         yield GaugeMetricFamily("amlx_requests_waiting", "Requests waiting for a batch slot",
                                 value=stats["waiting_requests"])
-        memory = GaugeMetricFamily("amlx_mlx_memory_bytes",
-                                   "MLX memory; 'active' stands in for KV cache use until the paged KV cache",
-                                   labels=["kind"])
+        # (the engine's count: every token generated, those no client read included; the
+        # request code's amlx_generation_tokens counts the tokens handed to clients)
+        yield CounterMetricFamily("amlx_engine_generated_tokens", "Tokens the engine generated for any request "
+                                  "(those of generations whose client left or that failed, and the warm-up requests "
+                                  "at load, included)", value=stats["tokens_generated"])
+        yield CounterMetricFamily("amlx_engine_decode_steps", "Batched decode steps the engine ran",
+                                  value=stats["decode_steps"])
+        memory = GaugeMetricFamily("amlx_mlx_memory_bytes", "MLX memory (active: weights, the KV block pool and "
+                                   "temporaries)", labels=["kind"])
         for kind, value in stats["memory"].items():
             memory.add_metric([kind], value)
         yield memory
@@ -70,7 +76,9 @@ class Metrics:
                                 ["finish_reason"], registry=r)
         self.rejected = Counter("amlx_requests_rejected", "Requests refused with 429 (queue full)", registry=r)
         self.prompt_tokens = Counter("amlx_prompt_tokens", "Prompt tokens submitted", registry=r)
-        self.generation_tokens = Counter("amlx_generation_tokens", "Tokens generated", registry=r)
+        self.generation_tokens = Counter("amlx_generation_tokens", "Tokens handed to clients (a generation that "
+                                         "fails or whose client leaves counts those handed before; "
+                                         "amlx_engine_generated_tokens counts every token)", registry=r)
         self.ttft = Histogram("amlx_time_to_first_token_seconds", "Time from a request's arrival to its first token",
                               buckets=_TTFT_BUCKETS, registry=r)
         r.register(_EngineCollector(model))
