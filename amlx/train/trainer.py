@@ -401,8 +401,9 @@ class TrainingRun:
         paired = AdamW.paired_with(d)
         if paired is not None and paired != file_sha256(d / _lora.ADAPTER_WEIGHTS):
             raise ValueError(f"{d}: the optimizer state was saved with another {_lora.ADAPTER_WEIGHTS} than the one "
-                             "there now (a save cut short between the two, or the adapter replaced?); delete "
-                             "optimizer.json there to go on from this adapter with fresh optimizer moments")
+                             "there now (a save cut short between the two, or the adapter replaced?); with "
+                             "optimizer.json deleted, resume trains on from this adapter as a new run (step 0, "
+                             "fresh moments)")
         tensors, _ = read_header(d / _lora.ADAPTER_WEIGHTS)  # (the adapter's names and shapes)
         moments = [(k, tuple(a.shape)) for state in (self._opt.m, self._opt.v) for k, a in state.items()]
         if set(self._opt.m) != set(tensors) or any(k not in tensors or tensors[k].shape != shape
