@@ -50,6 +50,15 @@ def _read_line(prompt: str, err: TextIO) -> str | None:
             print("\n(the line was discarded; /exit or Ctrl-D leaves)", file=err, flush=True)
 
 
+def _is_text(line: str) -> bool:
+    """False for a line holding undecodable bytes (input() hands them over as lone surrogates)."""
+    try:
+        line.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _command(text: str, conversation: Conversation, err: TextIO) -> bool:
     """Carries out a /command; False when the chat should end."""
     if text == "/exit":
@@ -111,6 +120,9 @@ def run_chat(model: amlx.Model, options: dict[str, Any], *, system: str | None =
         if text.startswith("/") and " " not in text:
             if not _command(text, conversation, err):
                 break
+            continue
+        if not _is_text(line):  # bytes the locale could not decode: the tokenizer would end the chat over them
+            print("(the line is not UTF-8 text and was not sent)", file=err, flush=True)
             continue
         _turn(model, conversation, line, options, verbose, err)
     return 0

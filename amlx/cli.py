@@ -92,8 +92,20 @@ def _reply_options(args: argparse.Namespace) -> dict[str, Any]:
 def _read_prompt(arg: str) -> str:
     if arg != "-":
         return arg
-    text = sys.stdin.read()
-    return text[:-1] if text.endswith("\n") else text  # the newline `echo` and editors add
+    stdin = sys.stdin
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:  # a text-only stdin (an embedding application's)
+        text = stdin.read()
+    else:
+        data = raw.read()
+        encoding = stdin.encoding or "utf-8"
+        try:
+            text = data.decode(encoding)  # strictly: Python's own stdin may let bad bytes through as surrogates
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"the prompt on stdin is not {encoding} text ({exc.reason}: byte "
+                             f"{data[exc.start]:#04x} at offset {exc.start})") from None
+    # the line end `echo` and editors add (a Windows editor's too: it left a "\r" at the prompt's end)
+    return text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
 
 
 # a Hugging Face model id: org/name, no spaces
@@ -174,10 +186,21 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (so that the error names the option, before anything loads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def add_demo(sub: Any) -> None:
     p = add_command(sub, "demo", help="concurrent streams and a live cancellation on the embedded demo model",
                     example="amlx demo --tokens 64")
-    p.add_argument("--tokens", type=int, default=96, help="max tokens per stream")
+    p.add_argument("--tokens", type=_positive_int, default=96, help="max tokens per stream")
     p.set_defaults(run=_demo)
 
 
@@ -252,11 +275,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `amlx`; returns the exit status."""
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    run: Callable[[argparse.Namespace], int] = args.run
     import amlx
 
+    _reopen_closed_standard_files()
     try:
+        # inside the try: building the parser imports the serve and train modules, a Ctrl-C then included
+        args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+        run: Callable[[argparse.Namespace], int] = args.run
+        if args.command in ("generate", "chat"):
+            _check_text_arguments(args)
         if args.command in ("generate", "chat", "demo"):
             from amlx.kernel_cache import first_run_notice
 
@@ -265,12 +292,64 @@ def main(argv: list[str] | None = None) -> int:
     except (amlx.AmlxError, ValueError) as exc:
         print(f"amlx: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # stdout's reader left (`amlx generate ... | head`): not an error to report
+        _discard_stdout()
+        return 128 + 13  # as a process that SIGPIPE ended (what `yes | head` reports)
     except OSError as exc:  # a file or directory that cannot be read or written
         print(f"amlx: error: {os_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+def _reopen_closed_standard_files() -> None:
+    """A closed stdin/stdout/stderr (`amlx ... <&-`) puts /dev/null in its place: otherwise the next
+    file opened takes its descriptor, and the model's weights became 'stdin' (MLX then refused to
+    read them) or 'stderr' (`amlx generate Hi 2>&-` then hung: cause not pinned down))."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        if getattr(sys, name) is None:  # Python sets a closed one to None at startup
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8", closefd=False))
+
+
+def _discard_stdout() -> None:
+    """Points stdout at /dev/null, so that flushing what is left in its buffer at exit raises no
+    second BrokenPipeError ("Exception ignored ...") on stderr."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):  # no real stdout (an embedding or a test's capture)
+        pass
+
+
+def _check_text_arguments(args: argparse.Namespace) -> None:
+    """PROMPT, --system and --stop must be text: bytes the locale could not decode reach Python as
+    lone surrogates, which the tokenizer reported at a position in the rendered chat template."""
+    given = [("PROMPT", getattr(args, "prompt", None)), ("--system", getattr(args, "system", None)),
+             *(("--stop", stop) for stop in args.stop)]
+    for name, value in given:
+        if value is None:
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"{name} is not UTF-8 text ({_undecodable(value[exc.start])} at character "
+                             f"{exc.start})") from None
+
+
+def _undecodable(char: str) -> str:
+    """The byte that a surrogate-escaped character stands for, or the character itself."""
+    return f"byte {ord(char) - 0xDC00:#04x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"character U+{ord(char):04X}"
 
 
 def os_error(exc: OSError) -> str:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import math
+import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -116,16 +119,17 @@ async def _serve(args: argparse.Namespace, keys: list[str]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     import amlx
-    from amlx.serve.auth import collect_keys
 
     problem = _check_arguments(args)
     if problem:
         print(f"amlx serve: error: {problem}", file=sys.stderr)
         return 2
     try:
-        keys = collect_keys(args.api_key, args.api_key_file)
-        if args.api_key_file is not None and not keys:
-            raise ValueError(f"--api-key-file {args.api_key_file} holds no key (the server would run without one)")
+        keys = _keys(args)
+        problem = _check_bind(args.host, args.port)
+        if problem:
+            print(f"amlx serve: error: {problem}", file=sys.stderr)
+            return 1
         asyncio.run(_serve(args, keys))
     except (amlx.AmlxError, ValueError) as exc:
         print(f"amlx serve: error: {exc}", file=sys.stderr)
@@ -136,6 +140,48 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _keys(args: argparse.Namespace) -> list[str]:
+    """The API keys of --api-key, --api-key-file and $AMLX_API_KEY (ValueError naming the bad one)."""
+    from amlx.serve.auth import ENV_VAR, collect_keys
+
+    try:
+        keys = collect_keys(args.api_key, args.api_key_file)
+    except UnicodeDecodeError as exc:  # a binary file: say which option's file, not only the codec's words
+        raise ValueError(f"--api-key-file {args.api_key_file}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+                         ) from None
+    if args.api_key_file is not None and not keys:
+        raise ValueError(f"--api-key-file {args.api_key_file} holds no key (the server would run without one)")
+    env = os.environ.get(ENV_VAR, "").strip()
+    for key in keys:
+        # a client sends the key in an HTTP header, which carries only printable ASCII: any other key
+        # (or a non-UTF-8 byte from the command line) would lock every client out
+        if not (key.isascii() and key.isprintable()):
+            where = "--api-key" if key in (k.strip() for k in args.api_key) else \
+                f"${ENV_VAR}" if key == env else f"--api-key-file {args.api_key_file}"
+            raise ValueError(f"{where}: a key holds a character other than printable ASCII (keys travel in the "
+                             f"Authorization header, which carries only ASCII)")
+    return keys
+
+
+def _check_bind(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (None: it can), found before the model loads:
+    uvicorn would find out only after a load that may take minutes, and then log a bare errno."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"--host {host}: not a host name or address ({getattr(exc, 'strerror', None) or exc})"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no clash
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                hint = {errno.EADDRINUSE: " (another program holds it; pick another --port)",
+                        errno.EADDRNOTAVAIL: " (no network interface of this machine has that --host address)"}
+                return f"cannot listen on {host} port {port}: {exc.strerror or exc}{hint.get(exc.errno or 0, '')}"
+    return None
 
 
 def _check_arguments(args: argparse.Namespace) -> str | None:

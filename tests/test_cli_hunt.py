@@ -1,0 +1,285 @@
+"""The `amlx` command line as a first-hour user meets it: pipes, stdin, bytes that are not
+UTF-8, closed standard files, Ctrl-C, and `amlx serve` on a port or host it cannot have.
+
+Each end-to-end check runs `python -m amlx` in a subprocess with a timeout, so a hang fails
+the test instead of blocking the run; the embedded demo model (no MODEL) keeps them fast.
+Checks that never reach a model load run `main()` in this process. Found by this hunt:
+
+- `amlx generate ... | head -c 10`: "amlx: error: Broken pipe" on stderr and status 1; now
+  silent, status 141 (as a process that SIGPIPE ended).
+- a prompt on stdin, PROMPT, --system or --stop holding bytes that are not UTF-8: the error
+  spoke of "an unpaired surrogate at character 20" of the rendered chat template (and a bad
+  --stop was taken silently); now one line naming stdin or the option and the byte.
+- `amlx chat`: one such line ended the whole conversation with status 1; now it is skipped
+  with a notice.
+- a closed stdin/stderr (`<&-`, `2>&-`): the model's weights took descriptor 0 (MLX then
+  refused to read them) or 2 (the process hung); a closed stdin with `-` was an
+  AttributeError traceback. They now point at /dev/null.
+- Ctrl-C while the parser was built (it imports the serve and train modules): a traceback.
+- `amlx serve` on a port in use or a host it cannot bind: the model loaded, the banner said
+  "on http://...", then uvicorn logged a bare errno and exited 3; now one line before the
+  load. A binary --api-key-file was a bare codec error; a key that is not printable ASCII
+  (which no HTTP client can send) locked every client out; both are now refused by name.
+- `amlx demo --tokens 0` printed its banner, then an error about `max_tokens`; now argparse
+  refuses --tokens by name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from amlx.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 120  # seconds: a hung command fails its test
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHONIOENCODING", "LC_"))}
+    # MLX's CPU kernel compile is not what these tests are about (it can take a minute on a cold cache)
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", MLX_DISABLE_COMPILE="1", LC_ALL="C.UTF-8", **extra)
+    return env
+
+
+def amlx_cli(*args: str, input: bytes | None = None, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    kwargs.setdefault("stderr", subprocess.PIPE)
+    if input is None and "stdin" not in kwargs:
+        kwargs["stdin"] = subprocess.DEVNULL
+    return subprocess.run([sys.executable, "-m", "amlx", *args], input=input, env=env or _env(), cwd=ROOT,
+                          timeout=TIMEOUT, **kwargs)
+
+
+def _main(capsys, *argv: str) -> tuple[int, str]:
+    """`amlx ARGV` in this process: (exit status, stderr); argparse's exits count as statuses."""
+    try:
+        rc = main(list(argv))
+    except SystemExit as exc:
+        rc = exc.code
+    return rc, capsys.readouterr().err
+
+
+def _one_error_line(stderr: str | bytes, pattern: str) -> None:
+    text = stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else stderr
+    assert "Traceback" not in text, text
+    lines = [line for line in text.splitlines() if "error:" in line]
+    assert len(lines) == 1, text
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+# -- stdout to a pipe whose reader is gone ---------------------------------------------------
+
+@pytest.mark.parametrize("command", [["generate", "Tell me a story", "--max-tokens", "20"],
+                                     ["chat", "--max-tokens", "20"], ["demo", "--tokens", "8"]])
+def test_a_closed_pipe_on_stdout_ends_quietly_with_sigpipes_status(command):
+    # `amlx generate ... | head -c 10`: the reader is gone before the first token (its end closed
+    # before the process starts, so there is no race with how much the model says)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = amlx_cli(*command, input=b"hello\n" if command[0] == "chat" else None, stdout=write)
+    finally:
+        os.close(write)
+    err = r.stderr.decode()
+    assert r.returncode == 141, err
+    assert "error" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+# -- text that is not UTF-8 ------------------------------------------------------------------
+
+@pytest.mark.parametrize("env", [{}, {"PYTHONIOENCODING": "utf-8"}], ids=["surrogateescape", "strict"])
+def test_a_prompt_on_stdin_that_is_not_utf8_is_one_line_naming_stdin(env):
+    r = amlx_cli("generate", "-", "--max-tokens", "4", input=b"Hel\xff\xfelo\n", env=_env(**env))
+    assert r.returncode == 1
+    _one_error_line(r.stderr, r"^amlx: error: the prompt on stdin is not utf-8 text \(.*byte 0xff at offset 3\)$")
+    assert r.stdout == b""
+
+
+def test_a_non_ascii_prompt_on_stdin_is_the_same_prompt_as_in_argv():
+    # stdin is now read as bytes and decoded: a CRLF line end is still translated and dropped
+    via_argv = amlx_cli("generate", "Héllo ✓ wörld", "--max-tokens", "8", "-v")
+    via_stdin = amlx_cli("generate", "-", "--max-tokens", "8", "-v", input="Héllo ✓ wörld\r\n".encode())
+    assert via_argv.returncode == via_stdin.returncode == 0, via_stdin.stderr
+    assert via_argv.stdout == via_stdin.stdout and via_argv.stdout.strip()
+    prompt_tokens = [re.search(rb"prompt: (\d+) tokens", r.stderr).group(1) for r in (via_argv, via_stdin)]
+    assert prompt_tokens[0] == prompt_tokens[1]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.sampled_from(["PROMPT", "--system", "--stop"]),
+       before=st.text(st.characters(min_codepoint=32, max_codepoint=0x2FFF, blacklist_categories=["Cs"]),
+                      max_size=12).filter(lambda t: not t.startswith("-")),  # not an option
+       byte=st.integers(0x80, 0xFF), after=st.text(max_size=4))
+def test_arguments_holding_bytes_that_are_not_utf8_are_refused_by_name(capsys, where, before, byte, after):
+    # what Python makes of `amlx generate $'Hel\xfflo'` in a UTF-8 locale: the byte as a lone surrogate
+    bad = before + chr(0xDC00 + byte) + after
+    argv = {"PROMPT": ["generate", bad], "--system": ["chat", "--system", bad],
+            "--stop": ["generate", "Hi", "--stop", bad]}[where]
+    rc, err = _main(capsys, *argv, "--max-tokens", "2")
+    assert rc == 1
+    _one_error_line(err, rf"^amlx: error: {re.escape(where)} is not UTF-8 text \(byte {byte:#04x} at character "
+                         rf"{len(before)}\)$")
+
+
+def test_chat_skips_a_line_that_is_not_utf8_and_goes_on():
+    r = amlx_cli("chat", "--max-tokens", "4", input=b"hi\nab\xffcd\nhello\n")
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "(the line is not UTF-8 text and was not sent)" in err and "error" not in err
+    assert len(r.stdout.decode().strip().splitlines()) == 2  # the replies to "hi" and to "hello"
+
+
+# -- closed standard files -------------------------------------------------------------------
+
+@pytest.mark.parametrize("fd", [0, 2])
+def test_a_closed_stdin_or_stderr_is_no_home_for_the_weights(fd):
+    # `amlx generate Hi <&-` failed to read the weights, which had taken descriptor 0;
+    # `amlx generate Hi 2>&-` hung, the weights' file standing in for stderr
+    r = amlx_cli("generate", "Hi", "--max-tokens", "4", preexec_fn=lambda: os.close(fd),
+                 **({"stdin": None} if fd == 0 else {"stderr": None}))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_a_prompt_from_a_closed_stdin_is_empty_not_a_traceback():
+    r = amlx_cli("generate", "-", "--max-tokens", "4", stdin=None, preexec_fn=lambda: os.close(0))
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+
+
+# -- Ctrl-C ----------------------------------------------------------------------------------
+
+def test_ctrl_c_while_the_parser_is_built_exits_130(capsys, monkeypatch):
+    # building the parser imports the serve and train modules: a Ctrl-C there was a traceback
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("amlx.cli.parser", interrupted)
+    try:
+        rc = main(["generate", "Hi"])
+    except KeyboardInterrupt:  # uncaught, pytest would take it as the user's and stop the session
+        pytest.fail("the KeyboardInterrupt escaped main()")
+    assert rc == 130 and capsys.readouterr().err == "\n"
+
+
+def test_ctrl_c_while_a_reply_streams_exits_130_without_a_traceback():
+    proc = subprocess.Popen([sys.executable, "-m", "amlx", "generate", "Tell me a long story", "--max-tokens",
+                             "100000", "--temperature", "1", "--seed", "3", "--raw", "-v"], env=_env(), cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = proc.stdout.read(1)  # the reply has started
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert first, err
+    if proc.returncode == 0:  # the reply ended (eos) before the signal came: nothing to check
+        pytest.skip("the reply ended before Ctrl-C")
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err and b"[interrupted]" in err
+
+
+# -- amlx demo -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, cause", [("0", "must be at least 1, not 0"), ("-3", "must be at least 1, not -3"),
+                                          ("x", "not an integer: 'x'")])
+def test_demo_refuses_a_token_count_by_name_before_loading(capsys, value, cause):
+    rc, err = _main(capsys, "demo", "--tokens", value)
+    assert rc == 2
+    assert err.splitlines()[-1] == f"amlx demo: error: argument --tokens: {cause}"
+
+
+# -- amlx serve: where it listens and its keys ---------------------------------------------
+
+@pytest.fixture
+def busy_port():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        yield held.getsockname()[1]
+
+
+def test_serve_on_a_port_in_use_says_so_before_loading(capsys, tmp_path, busy_port):
+    # the model is a missing directory: an error about it would mean the load came first
+    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"), "--port", str(busy_port))
+    assert rc == 1
+    _one_error_line(err, rf"^amlx serve: error: cannot listen on 127\.0\.0\.1 port {busy_port}: Address already "
+                         r"in use \(another program holds it; pick another --port\)$")
+
+
+@pytest.mark.parametrize("host, cause", [
+    ("no-such-host.invalid", r"--host no-such-host\.invalid: not a host name or address"),
+    ("192.0.2.1", r"cannot listen on 192\.0\.2\.1 port \d+: Cannot assign requested address \(no network interface"),
+    ("::zz", r"--host ::zz: not a host name or address"),
+])
+def test_serve_on_a_host_it_cannot_bind_says_so_before_loading(capsys, tmp_path, host, cause):
+    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"), "--host", host, "--port", "18765")
+    assert rc == 1
+    _one_error_line(err, rf"^amlx serve: error: {cause}")
+
+
+def test_serve_on_a_port_in_use_as_a_subprocess(busy_port):
+    r = amlx_cli("serve", "--port", str(busy_port))
+    assert r.returncode == 1
+    _one_error_line(r.stderr, rf"^amlx serve: error: cannot listen on 127\.0\.0\.1 port {busy_port}: ")
+    assert b"amlx serve: embedded" not in r.stderr  # no banner of a server that never ran
+
+
+def test_serve_refuses_a_binary_key_file_by_name(capsys, tmp_path):
+    keys = tmp_path / "keys.bin"
+    keys.write_bytes(b"\xff\xfe\x00k\n")
+    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"), "--api-key-file", str(keys))
+    assert rc == 1
+    _one_error_line(err, rf"^amlx serve: error: --api-key-file {re.escape(str(keys))}: not UTF-8 text \(invalid "
+                         r"start byte at byte 0\)$")
+
+
+@pytest.mark.parametrize("source", ["--api-key", "--api-key-file", "$AMLX_API_KEY"])
+@pytest.mark.parametrize("key", ["kéy", "k\udcffey", "a\x07b", "k\u2009ey"])
+def test_serve_refuses_a_key_no_http_client_can_send(capsys, tmp_path, monkeypatch, source, key):
+    # a key goes in the Authorization header, printable ASCII only: any other locked every client out
+    monkeypatch.delenv("AMLX_API_KEY", raising=False)
+    args = ["serve", str(tmp_path / "no-model")]
+    if source == "--api-key":
+        args += ["--api-key", key]
+    elif source == "--api-key-file":
+        (tmp_path / "keys").write_text(key + "\n", encoding="utf-8", errors="surrogateescape")
+        args += ["--api-key-file", str(tmp_path / "keys")]
+    else:
+        monkeypatch.setenv("AMLX_API_KEY", key.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+    rc, err = _main(capsys, *args)
+    assert rc == 1
+    where = re.escape(source if source != "--api-key-file" else f"--api-key-file {tmp_path / 'keys'}")
+    cause = "not UTF-8 text" if source == "--api-key-file" and "\udcff" in key else \
+        "a key holds a character other than printable ASCII"
+    _one_error_line(err, rf"^amlx serve: error: {where}: {cause}")
+    assert key not in err  # the key itself is not written to the terminal
+
+
+def test_ctrl_c_on_a_running_server_ends_it_cleanly():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "amlx", "serve", "--port", str(port)], env=_env(), cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen = b""
+        while b"Uvicorn running" not in seen:
+            line = proc.stderr.readline()
+            assert line, seen
+            seen += line
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err and b"Finished server process" in err
