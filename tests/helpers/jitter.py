@@ -5,7 +5,9 @@ close, take and cancel; the worker's wake, job queue and idle questions; the sch
 round phases, parking, joins, leaves, preemption; the wake-ups of event loops; a stream's
 start and finish) so that each call, drawn from a seeded generator, may first yield the GIL
 (`time.sleep(0)`) or sleep up to `max_sleep` seconds, and sets a very short GIL switch
-interval, so that interleavings a loaded machine makes now and then are made all the time.
+interval, so that interleavings a loaded machine makes now and then are made all the time; and the decisions
+the engine takes on measured times (the speculator's cost model, a constrained shard's order)
+are drawn at random from the same generator.
 A draw depends on the seed and on the order in which the threads reach the seams, so a seed
 does not replay one interleaving exactly, but it makes a failing one likely again.
 
@@ -98,6 +100,31 @@ def jitter(seed: int, rate: float = 0.3, max_sleep: float = 0.002, switch_interv
             fn = getattr(mod, name)
             setattr(mod, name, _wrap(fn, j, False))
             undo.append((mod, name, fn))
+    # the engine's decisions taken on measured times, drawn instead as a loaded machine may
+    # make them: the speculator's cost measurements (they set the draft lengths, and so the
+    # verify widths) scaled by 1/4..4, and whether a constrained shard's forward goes first
+    # (`waited > DEVICE_BOUND_WAIT`) a coin toss
+    import amlx.engine.speculate as speculate
+
+    best = speculate._best_seconds
+
+    def noisy_best_seconds(run):
+        seconds = best(run)
+        with j._lock:
+            return seconds * 4 ** (2 * j._rng.random() - 1)
+
+    speculate._best_seconds = noisy_best_seconds
+    undo.append((speculate, "_best_seconds", best))
+
+    class _CoinToss:
+        def __lt__(self, other):  # (`waited > it` asks it `it < waited`)
+            with j._lock:
+                return j._rng.random() < 0.5
+
+        __gt__ = __lt__
+
+    undo.append((scheduler, "DEVICE_BOUND_WAIT", scheduler.DEVICE_BOUND_WAIT))
+    scheduler.DEVICE_BOUND_WAIT = _CoinToss()
     old_interval = sys.getswitchinterval()
     sys.setswitchinterval(switch_interval)
     try:
