@@ -38,6 +38,7 @@ import gc
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -928,5 +929,56 @@ def test_a_slot_lapsing_between_the_worker_s_timeout_and_its_idle_check_does_not
                 g += [t async for t in s]
             for p, g in zip(prompts, got):
                 assert [t.id for t in g] == arch.solo(p, {"max_tokens": 12}).token_ids
+
+    anyio.run(body)
+
+
+def test_a_request_cancelled_while_it_joins_the_batch_leaves_no_row_behind(world, monkeypatch):
+    """`Scheduler._join` asked each freshly prefilled request whether it was still active
+    twice: once for the rows to keep, once for those to finish. A consumer cancelling in
+    between (another thread) had its request both finished (blocks given back, full ones
+    cached) and added to the batch: the next decode step gave that dead row fresh blocks for
+    its positions (evicting cached ones in a small pool), and when it left, those unwritten
+    blocks were cached under its prompt's keys, so a later request with that prompt read
+    garbage from the prefix cache. The cancel is made to land exactly there: `active` cancels
+    the request right after `_join` first reads it."""
+    from amlx.engine.request import Request
+    from amlx.engine.scheduler import Scheduler
+
+    arch = world.arch("qwen3")
+    prompt = _ids(5, 4 * BS + 3)  # four full blocks (cached) and one more: 5 of the pool's 6
+    solo = arch.solo(prompt, {"max_tokens": 8})
+    active = Request.active
+    fired = []
+
+    def cancelled_on_join(self):
+        value = active.fget(self)
+        if value and not fired and len(self.prompt) == len(prompt):
+            frame, joining = sys._getframe(1), False
+            for _ in range(3):  # (a comprehension is a frame of its own before Python 3.12)
+                joining = joining or (frame is not None and frame.f_code is Scheduler._join.__code__)
+                frame = frame.f_back if frame is not None else None
+            if joining:
+                fired.append(True)
+                self.channel.cancel()  # the consumer's cancel, landing right after this read
+        return value
+
+    async def body():
+        async with await amlx.load(arch.path, kv_cache_memory=POOL_BLOCKS * arch.block_bytes) as m:
+            sched = m.engine.scheduler
+            monkeypatch.setattr(Request, "active", property(cancelled_on_join))
+            first = m.generate(prompt, max_tokens=12)
+            with anyio.fail_after(GUARD):  # (a guard)
+                got = [t async for t in first]  # (its first token, if it reaches it, and its end)
+                while await m.engine.run(lambda: any(sched.counts().values())):
+                    await anyio.sleep(0.002)
+            monkeypatch.setattr(Request, "active", active)
+            assert fired and len(got) <= 1
+            assert await m.engine.run(lambda: all(not s.rows for s in sched.shards))
+            kv = m.stats()["kv_cache"]
+            assert kv["blocks_used"] == 0, kv
+            with anyio.fail_after(GUARD):
+                again = await m.complete(prompt, max_tokens=8)
+            assert again.token_ids == solo.token_ids, (again.token_ids, solo.token_ids, again.usage)
 
     anyio.run(body)

@@ -662,9 +662,14 @@ class Scheduler:
     def _join(self, shard: _Shard, reqs: list[Request]) -> None:
         """Adds requests whose blocks are in the shard's pool to its rows; those
         that already finished (EOS or max_tokens at their first token) don't join."""
-        keep = [r for r in reqs if r.active]
+        # `active` asked once per request: a consumer may cancel at any moment (another
+        # thread), and one asked twice could be kept and finished both, a dead row in the
+        # batch whose fresh blocks were later cached under its prompt's keys, unwritten
+        keep = []
         for r in reqs:
-            if not r.active:
+            if r.active:
+                keep.append(r)
+            else:
                 self._finish(r)
         if not keep:
             return
