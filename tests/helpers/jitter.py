@@ -3,7 +3,7 @@
 `jitter(seed)` wraps the methods at the seams between the two threads (a channel's put,
 close, take and cancel; the worker's wake, job queue and idle questions; the scheduler's
 round phases, parking, joins, leaves, preemption; the wake-ups of event loops; a stream's
-start and finish) so that each call, drawn from a seeded generator, may first yield the GIL
+start and finish; a request's `active`) so that each call, drawn from a seeded generator, may first yield the GIL
 (`time.sleep(0)`) or sleep up to `max_sleep` seconds, and sets a very short GIL switch
 interval, so that interleavings a loaded machine makes now and then are made all the time; and the decisions
 the engine takes on measured times (the speculator's cost model, a constrained shard's order)
@@ -91,6 +91,21 @@ def jitter(seed: int, rate: float = 0.3, max_sleep: float = 0.002, switch_interv
             fn = getattr(mod, name)
             setattr(mod, name, _wrap(fn, j, False))
             undo.append((mod, name, fn))
+    # a request's `active` (the consumer's cancel read by the worker, often several times a
+    # round): a GIL yield only, at the same rate, so that a cancel lands between two reads
+    from amlx.engine.request import Request
+
+    active = Request.__dict__["active"]
+
+    def yielding_active(self):
+        with j._lock:
+            u = j._rng.random()
+        if u < j.rate:
+            time.sleep(0)
+        return active.fget(self)
+
+    Request.active = property(yielding_active)
+    undo.append((Request, "active", active))
     # modules that imported those functions by name
     import amlx.engine.scheduler as scheduler
     import amlx.engine.worker as worker
