@@ -28,6 +28,13 @@ Checked:
   all free once the cache is emptied; MLX active memory back to the warmed engine's plus
   what the pool's arrays grew by; no asyncio task left; after close, MLX active memory back
   to where it was before the load.
+
+Hunting races: AMLX_TEST_JITTER=<seed> runs the machines (and the variants') with the seams
+between the event loop and the worker thread pausing at random, seeded (tests/helpers/jitter.py),
+with AMLX_STATEFUL_EXAMPLES and AMLX_STATEFUL_NOSHRINK=1 for a long hunt. Found that way or by
+reading for it, and pinned by the regression tests at the end: a cancel between two reads of
+`active` in `Scheduler._join` (a dead row in the batch, garbage in the prefix cache), and a slot
+lapsing between the worker's idle check and its timeout (the worker slept for good).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ from amlx.train.lora import apply_lora, lora_modules, remove_lora
 from amlx._mlx import array
 from tests.helpers.checkpoints import make_checkpoint
 from tests.test_engine_stateful import GUARD, PREFIXES, SAMPLING, SUFFIXES, EngineMachine, _Arch, _World, \
-    stateful_settings
+    hunt_jitter, stateful_settings
 
 # Passes that sum in other orders than the solo run's (a prompt prefilled in chunks, or
 # batched, or behind a cached prefix by the extend pass) differ in the last bits, and over a
@@ -373,27 +373,36 @@ EXAMPLES, _SETTINGS = stateful_settings(5)  # (more for a longer hunt: AMLX_STAT
 
 
 def test_weights_changed_mid_run_state_machine(worlds):
-    run_state_machine_as_test(WeightsMachine, settings=_SETTINGS)
+    with hunt_jitter():  # (AMLX_TEST_JITTER=<seed>: a hunt for races; unset, nothing changes)
+        run_state_machine_as_test(WeightsMachine, settings=_SETTINGS)
 
 
 def test_speculative_weights_changed_mid_run_state_machine(worlds):
-    run_state_machine_as_test(SpeculativeWeightsMachine, settings=settings(_SETTINGS, max_examples=max(1, EXAMPLES // 2)))
+    with hunt_jitter():
+        run_state_machine_as_test(SpeculativeWeightsMachine,
+                                  settings=settings(_SETTINGS, max_examples=max(1, EXAMPLES // 2)))
 
 
 def test_kv_bits_8_state_machine(worlds):
-    run_state_machine_as_test(KvBitsMachine, settings=_SETTINGS)
+    with hunt_jitter():
+        run_state_machine_as_test(KvBitsMachine, settings=_SETTINGS)
 
 
 def test_speculative_kv_bits_8_state_machine(worlds):
-    run_state_machine_as_test(SpeculativeKvBitsMachine, settings=settings(_SETTINGS, max_examples=max(1, EXAMPLES // 2)))
+    with hunt_jitter():
+        run_state_machine_as_test(SpeculativeKvBitsMachine,
+                                  settings=settings(_SETTINGS, max_examples=max(1, EXAMPLES // 2)))
 
 
 def test_quantized_model_state_machine(worlds):
-    run_state_machine_as_test(QuantizedModelMachine, settings=settings(_SETTINGS, max_examples=max(1, EXAMPLES // 2)))
+    with hunt_jitter():
+        run_state_machine_as_test(QuantizedModelMachine,
+                                  settings=settings(_SETTINGS, max_examples=max(1, EXAMPLES // 2)))
 
 
 def test_kv_bits_4_state_machine(worlds):
-    run_state_machine_as_test(KvBits4Machine, settings=settings(_SETTINGS, max_examples=max(1, EXAMPLES // 2)))
+    with hunt_jitter():
+        run_state_machine_as_test(KvBits4Machine, settings=settings(_SETTINGS, max_examples=max(1, EXAMPLES // 2)))
 
 
 # ----------------------------------------------------------------------------- scenes
