@@ -59,7 +59,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"], help="where to run")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="float type of the weights (default: the checkpoint's)")
-    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+    p.add_argument("--tensor-parallel", type=_tensor_parallel, default=1, metavar="N",
                    help="split the model over N processes (tensor parallelism: one per GPU over NCCL, or CPU "
                         "processes over MLX's ring backend; see docs/scaling.md)")
     p.add_argument("--draft", default=None, metavar="PATH|prompt_lookup",
@@ -67,6 +67,18 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                         "'prompt_lookup' to draft from earlier text of each request (default: off)")
     p.add_argument("--num-draft-tokens", type=int, default=4, metavar="N",
                    help="most tokens drafted per step with --draft (default: %(default)s)")
+
+
+def _tensor_parallel(text: str) -> int:
+    """--tensor-parallel N: an argparse type. Without AMLX_TP_HOSTFILE every rank is a process of this
+    machine, so N is at most its CPU cores: a typo such as 1000 started 999 processes each loading
+    the model (and 10**20 was an OverflowError traceback)."""
+    size = _positive_int(text)
+    cores = os.cpu_count() or 1
+    if not os.environ.get("AMLX_TP_HOSTFILE") and size > max(cores, 2):
+        raise argparse.ArgumentTypeError(f"{size} ranks would be {size} processes on this machine's {cores} CPU "
+                                         f"cores (AMLX_TP_HOSTFILE spreads ranks over hosts; docs/scaling.md)")
+    return size
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -284,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         run: Callable[[argparse.Namespace], int] = args.run
         if args.command in ("generate", "chat"):
             _check_text_arguments(args)
+            # the sampling options' values, before a load that may take minutes (chat found a bad
+            # one only when the first message was sent, and ended there)
+            amlx.GenerationOptions.from_kwargs(**_reply_options(args))
         if args.command in ("generate", "chat", "demo"):
             from amlx.kernel_cache import first_run_notice
 

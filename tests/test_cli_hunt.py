@@ -22,6 +22,10 @@ Checks that never reach a model load run `main()` in this process. Found by this
   (which no HTTP client can send) locked every client out; both are now refused by name.
 - `amlx demo --tokens 0` printed its banner, then an error about `max_tokens`; now argparse
   refuses --tokens by name.
+- a bad sampling value (`--temperature nan`, `--max-tokens 0`) was found only after the model
+  loaded (minutes for a large one), and by `amlx chat` only at the first message; now before.
+- `--tensor-parallel 1000` started 999 local processes each loading the model, 10**20 was an
+  OverflowError traceback; without AMLX_TP_HOSTFILE N is now at most the CPU cores.
 """
 
 from __future__ import annotations
@@ -283,3 +287,48 @@ def test_ctrl_c_on_a_running_server_ends_it_cleanly():
         proc.kill()
     assert proc.returncode == 0, err
     assert b"Traceback" not in err and b"Finished server process" in err
+
+
+# -- option values, refused before anything loads -------------------------------------------
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(["generate", "chat"]), case=st.one_of(
+    st.tuples(st.just("--max-tokens"), st.integers(max_value=0) | st.integers(min_value=2**31), st.just("max_tokens")),
+    st.tuples(st.just("--temperature"), st.sampled_from(["nan", "-1", "inf", "1e9"]), st.just("temperature")),
+    st.tuples(st.just("--top-p"), st.sampled_from(["nan", "0", "-0.5", "1.5"]), st.just("top_p")),
+    st.tuples(st.just("--min-p"), st.sampled_from(["nan", "-1", "2"]), st.just("min_p")),
+    st.tuples(st.just("--top-k"), st.integers(max_value=-1), st.just("top_k")),
+    st.tuples(st.just("--repetition-penalty"), st.sampled_from(["nan", "0", "-1", "inf"]),
+              st.just("repetition_penalty")),
+))
+def test_bad_sampling_values_are_refused_before_the_model_loads(capsys, tmp_path, command, case):
+    # the model is a missing directory: an error about it would mean the load came first (a load of
+    # minutes for a large model; `amlx chat` found the value only at the first message)
+    flag, value, name = case
+    args = [command, str(tmp_path / "no-model"), *(["Hi"] if command == "generate" else []), f"{flag}={value}"]
+    rc, err = _main(capsys, *args)
+    assert rc == 1
+    _one_error_line(err, rf"^amlx: error: {name} must be ")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(["generate", "chat", "serve"]),
+       size=st.integers(min_value=(os.cpu_count() or 1) + 3, max_value=10**30))
+def test_a_tensor_parallel_size_past_this_machines_cores_is_refused(capsys, monkeypatch, tmp_path, command, size):
+    # every rank is a local process without a hostfile: 1000 started 999 processes each loading
+    # the model, and 10**20 was an OverflowError traceback. (MODEL is a missing directory, so that
+    # should the check go, the load fails before any rank is started.)
+    monkeypatch.delenv("AMLX_TP_HOSTFILE", raising=False)
+    rc, err = _main(capsys, command, str(tmp_path / "no-model"), *(["Hi"] if command == "generate" else []),
+                    "--tensor-parallel", str(size))
+    assert rc == 2
+    assert re.fullmatch(rf"amlx {command}: error: argument --tensor-parallel: {size} ranks would be {size} "
+                        r"processes on this machine's \d+ CPU cores \(AMLX_TP_HOSTFILE spreads ranks over hosts; "
+                        r"docs/scaling\.md\)", err.splitlines()[-1]), err
+
+
+@pytest.mark.parametrize("value, cause", [("0", "must be at least 1, not 0"), ("-2", "must be at least 1, not -2"),
+                                          ("two", "not an integer: 'two'")])
+def test_a_tensor_parallel_size_below_one_is_refused_by_argparse(capsys, tmp_path, value, cause):
+    rc, err = _main(capsys, "generate", str(tmp_path / "no-model"), "Hi", "--tensor-parallel", value)
+    assert rc == 2 and err.splitlines()[-1] == f"amlx generate: error: argument --tensor-parallel: {cause}"
