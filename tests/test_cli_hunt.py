@@ -332,3 +332,20 @@ def test_a_tensor_parallel_size_past_this_machines_cores_is_refused(capsys, monk
 def test_a_tensor_parallel_size_below_one_is_refused_by_argparse(capsys, tmp_path, value, cause):
     rc, err = _main(capsys, "generate", str(tmp_path / "no-model"), "Hi", "--tensor-parallel", value)
     assert rc == 2 and err.splitlines()[-1] == f"amlx generate: error: argument --tensor-parallel: {cause}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-context", "0"], "--max-context must be at least 2 tokens, not 0"),
+    (["--max-context", "-5"], "--max-context must be at least 2 tokens, not -5"),
+    (["--kv-cache-memory", "0"], "--kv-cache-memory must be more than 0, not 0"),
+    (["--kv-cache-memory=-1GB"], "--kv-cache-memory must be more than 0, not -1000000000"),
+    (["--kv-cache-memory", "0.0"], "--kv-cache-memory must be more than 0, not 0.0"),
+    (["--model-name", ""], "--model-name is empty (clients name the model they ask for with it)"),
+    (["--model-name", "  "], "--model-name is empty (clients name the model they ask for with it)"),
+])
+def test_serve_refuses_sizes_and_names_the_load_would_refuse_before_loading(capsys, tmp_path, args, message):
+    # --max-context 0 and --kv-cache-memory 0 were refused by the load, after it had read the weights;
+    # an empty --model-name served a model whose id was ""
+    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"), *args)
+    assert rc == 2
+    assert err.splitlines()[-1] == f"amlx serve: error: {message}"

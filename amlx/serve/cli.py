@@ -196,6 +196,13 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
         return f"--keepalive must be a number of seconds > 0, not {args.keepalive}"
     if any(not k.strip() for k in args.api_key):
         return "--api-key is empty (the server would run without a key)"
+    # these the load would refuse too, but only after a load that may take minutes
+    if args.max_context is not None and args.max_context < 2:
+        return f"--max-context must be at least 2 tokens, not {args.max_context}"
+    if args.kv_cache_memory is not None and not args.kv_cache_memory > 0:
+        return f"--kv-cache-memory must be more than 0, not {args.kv_cache_memory}"
+    if args.model_name is not None and not args.model_name.strip():
+        return "--model-name is empty (clients name the model they ask for with it)"
     if args.log_requests is not None:
         try:
             with open(args.log_requests, "a", encoding="utf-8"):
