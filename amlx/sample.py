@@ -60,7 +60,8 @@ logits (before bias, penalties, temperature and filters): the model's own
 view of the token, comparable across sampling settings and defined for greedy
 rows too. OpenAI reports the model's distribution the same way, and so does
 vLLM by default (its "raw_logprobs" mode). `top_logprobs` are the n most
-likely tokens under that distribution, best first.
+likely tokens under that distribution, best first, tied values by the lower id
+(as the greedy argmax takes them), so a row's list does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -609,10 +610,24 @@ def token_logprobs(raw: Array, tok: Array, top_n: int = 0) -> tuple[Array, Array
     if not top_n:
         return lp, None, None
     n = min(top_n, vocab)
-    # argpartition finds the n largest in O(V); only those n are sorted.
-    ids = _ops.argpartition(raw, vocab - n, axis=-1)[:, vocab - n:]
+    # The n best in the order (value descending, id ascending): tied values go to the lower id,
+    # as the argmax does. argpartition alone picks among tied values arbitrarily, differently
+    # for each n, so with ties (common in bf16 logits) a row's list changed with the widest
+    # top_logprobs of its batch, and a greedy token could be missing from its list's head.
+    # All O(V): argpartition for the n-th value, a cumsum to rank the ties at it by id, then
+    # argpartition again on a key that is positive (and larger for lower ids) on the n chosen.
+    part = _ops.take_along_axis(raw, _ops.argpartition(raw, vocab - n, axis=-1)[:, vocab - n:], -1)
+    cut = _ops.min(part, axis=-1, keepdims=True)  # the n-th largest value
+    tied = (raw == cut).astype(mx.int32)
+    need = n - _ops.sum((raw > cut).astype(mx.int32), axis=-1, keepdims=True)
+    chosen = _ops.logical_or(raw > cut, _ops.logical_and(tied > 0, _ops.cumsum(tied, axis=-1) <= need))
+    key = _ops.where(chosen, vocab - _ops.arange(0, vocab, dtype=mx.int32)[None, :], mx.array(0, mx.int32))
+    ids = _ops.argpartition(key, vocab - n, axis=-1)[:, vocab - n:]
     vals = _ops.take_along_axis(raw, ids, -1)
-    order = _ops.argsort(-vals, axis=-1)
+    # rank within the n (at most 20): how many of the others come first; a permutation of 0..n-1
+    v_i, v_j = vals[:, :, None], vals[:, None, :]
+    first = _ops.logical_or(v_j > v_i, _ops.logical_and(v_j == v_i, ids[:, None, :] < ids[:, :, None]))
+    order = _ops.argsort(_ops.sum(first.astype(mx.int32), axis=-1), axis=-1)
     ids = _ops.take_along_axis(ids, order, -1).astype(mx.int32)
     return lp, ids, _ops.take_along_axis(vals, order, -1) - lse[:, None]
 
