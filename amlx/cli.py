@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"amlx: error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # stdout's reader left (`amlx generate ... | head`): not an error to report
-        _discard_stdout()
+        discard_stdout()
         return 128 + 13  # as a process that SIGPIPE ended (what `yes | head` reports)
     except OSError as exc:  # a file or directory that cannot be read or written
         print(f"amlx: error: {os_error(exc)}", file=sys.stderr)
@@ -336,7 +336,7 @@ def _reopen_closed_standard_files() -> None:
             setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8", closefd=False))
 
 
-def _discard_stdout() -> None:
+def discard_stdout() -> None:
     """Points stdout at /dev/null, so that flushing what is left in its buffer at exit raises no
     second BrokenPipeError ("Exception ignored ...") on stderr."""
     try:

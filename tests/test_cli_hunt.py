@@ -349,3 +349,19 @@ def test_serve_refuses_sizes_and_names_the_load_would_refuse_before_loading(caps
     rc, err = _main(capsys, "serve", str(tmp_path / "no-model"), *args)
     assert rc == 2
     assert err.splitlines()[-1] == f"amlx serve: error: {message}"
+
+
+def test_lora_with_no_progress_into_a_closed_pipe_ends_quietly(tmp_path):
+    # `amlx lora ... --no-progress | head -1` said "amlx lora: error: Broken pipe" and exited 1
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello world"}\n{"text": "foo bar"}\n')
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = amlx_cli("lora", str(ROOT / "amlx" / "embedded"), "--data", str(data), "--iters", "3", "--batch-size", "1",
+                     "--no-progress", "--adapter-path", str(tmp_path / "ad"), stdout=write)
+    finally:
+        os.close(write)
+    err = r.stderr.decode()
+    assert r.returncode == 141, err
+    assert "error" not in err and "Traceback" not in err and "Exception ignored" not in err, err

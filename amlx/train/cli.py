@@ -240,6 +240,11 @@ def run(args: argparse.Namespace) -> int:
     except (amlx.AmlxError, ValueError, TypeError, RuntimeError) as exc:
         print(f"amlx lora: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # --no-progress's reader left (`amlx lora ... | head`): end as SIGPIPE would, quietly
+        from amlx.cli import discard_stdout
+
+        discard_stdout()
+        return 128 + 13
     except OSError as exc:  # e.g. a save that the disk refused mid-run
         from amlx.cli import os_error
 
