@@ -302,6 +302,35 @@ def draws(x: np.ndarray, params: list[SamplingParams], seeds: list[int], steps: 
     return np.stack(out)
 
 
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=batches())
+def test_sample_draws_the_argmax_of_the_processed_logits_plus_the_rows_noise(case):
+    """What `sample` draws is what the processed logits (checked against transformers
+    above) and the row's own Gumbel noise give: argmax(sampling_logits + gumbel_noise(key))
+    on a sampling row, argmax(sampling_logits) (first index on ties) on a greedy one. Ties
+    the bias or the penalties make in a greedy row are broken like transformers' argmax."""
+    from amlx.sample import gumbel_noise
+
+    vocab, rows, histories, data_seed = case
+    rng = np.random.default_rng(data_seed)
+    x = draw_logits(rng, len(rows), vocab)
+    if vocab > 4:
+        x[:, 1] = x[:, 3]  # exact ties, which bias / penalties may bring to the top
+    history, counts = device_state(rows, histories, vocab)
+    bp = BatchParams.build(rows)
+    keys = make_keys([p.seed for p in rows])
+    out = sample(arr(x), bp, keys, history, counts, compile=False)
+    z = sampling_logits(arr(x), bp, history, counts).numpy()
+    g = gumbel_noise(keys, vocab).numpy()
+    for b, p in enumerate(rows):
+        want = np.argmax(z[b]) if p.is_greedy else np.argmax(z[b] + g[b])
+        assert out.tokens.tolist()[b] == int(want), (b, p)
+        if p.is_greedy:
+            prompt, generated = histories[b]
+            assert want == int(torch.argmax(torch.tensor(hf_adjust(x[b], p, prompt, generated))))
+
+
 def test_draws_follow_the_processed_distribution_row_by_row():
     """Four kinds of rows interleaved in one batch (every processor on in the step), V=37
     (not a multiple of 32): each kind's 12000 draws follow softmax of transformers' processed
@@ -408,6 +437,84 @@ def test_compiled_mixed_batch_matches_each_row_alone():
     np.testing.assert_array_equal(compiled[0], alone[0])
 
 
+def row_logits(row: int, step: int, vocab: int) -> np.ndarray:
+    """The logits row `row` sees at its own step `step`, whatever batch it is in."""
+    return (np.random.default_rng([row, step]).normal(size=vocab) * 2.5).astype(np.float32)
+
+
+def options_of(p: SamplingParams) -> GenerationOptions:
+    return GenerationOptions(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+                             repetition_penalty=p.repetition_penalty, seed=p.seed, logprobs=p.logprobs,
+                             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                             logit_bias=dict(p.logit_bias), top_logprobs=p.top_logprobs)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(params=st.lists(row_params(40), min_size=2, max_size=6),
+       plan=st.lists(st.tuples(st.sampled_from(["step", "step", "leave", "join", "rebuild", "pause"]),
+                               st.integers(0, 10)), min_size=3, max_size=14))
+def test_rows_leaving_joining_and_pausing_draw_what_they_draw_alone(params, plan):
+    """The engine's batch changes at the sampler's level: rows leave (`take`, on the device),
+    join (`extend`, or a rebuild from the rows' host state after `sync_back`) and pause
+    (`selected`) between steps. Each row's tokens are those it draws alone, step for step,
+    from the same logits (a row's logits depend on the row and its own step count only)."""
+    V = 40
+    prompts = [[r % V, (3 * r) % V] for r in range(len(params))]
+    rows = {r: RowSampling(options_of(p), prompts[r]) for r, p in enumerate(params)}
+    waiting = list(range(len(params)))
+    got: dict[int, list[int]] = {r: [] for r in rows}
+    batch: list[int] = [waiting.pop(0)]
+    state = BatchSampling([rows[r] for r in batch])
+    try:
+        for op, arg in plan:
+            if op == "leave" and len(batch) > 1:
+                keep = [i for i in range(len(batch)) if i != arg % len(batch)]
+                new = state.take(keep)
+                state.close()
+                state, batch = new, [batch[i] for i in keep]
+            elif op == "join" and waiting:
+                r = waiting.pop(0)
+                needs = rows[r].params
+                if (needs.repetition_penalty != 1.0 and state.history is None) or (
+                        needs.counts_generated and state.counts is None):
+                    op = "rebuild"  # (as the engine does: such a row waits for a drained batch)
+                    batch.append(r)
+                else:
+                    new = state.extend([rows[r]])
+                    state.close()
+                    state, batch = new, batch + [r]
+            if op == "rebuild":
+                state.sync_back()
+                state.close()
+                state = BatchSampling([rows[r] for r in batch])
+            if op in ("step", "pause"):
+                selected = list(range(len(batch)))
+                if op == "pause" and len(batch) > 1:
+                    selected.remove(arg % len(batch))
+                x = np.stack([row_logits(r, len(got[r]), V) for r in batch])
+                ids, _, _ = state(arr(x), selected=selected if op == "pause" else None).read()
+                for i in selected:
+                    r = batch[i]
+                    got[r].append(ids[i])
+                    rows[r].observe(ids[i])
+    finally:
+        state.close()
+    for r, toks in got.items():
+        if not toks:
+            continue
+        alone = BatchSampling([RowSampling(options_of(params[r]), prompts[r])])
+        try:
+            mine = []
+            for s in range(len(toks)):
+                t = alone(arr(row_logits(r, s, V)[None])).read()[0][0]
+                alone.rows[0].observe(t)
+                mine.append(t)
+        finally:
+            alone.close()
+        assert toks == mine, (r, params[r])
+
+
 # -- log-probabilities ----------------------------------------------------------------------------
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -476,3 +583,75 @@ def test_top_logprobs_compiled_match_eager_with_ties():
     b = sample(arr(x), bp, make_keys([0, 1, 2, 3]), compile=True)
     assert a.top_ids.tolist() == b.top_ids.tolist() == np.argsort(-x, axis=1, kind="stable")[:, :20].tolist()
     np.testing.assert_allclose(a.top_logprobs.numpy(), b.top_logprobs.numpy(), atol=1e-6)
+
+
+# -- end to end: greedy decoding against transformers' generate ----------------------------------
+
+try:
+    from tests.helpers.checkpoints import load_reference, make_checkpoint
+except ImportError:  # tests/ itself on sys.path
+    from helpers.checkpoints import load_reference, make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    import amlx
+
+    path = make_checkpoint(tmp_path_factory.mktemp("sample-hunt") / "qwen3", "qwen3", seed=3)
+    model = amlx.load_sync(path, device="cpu")
+    ref = load_reference(path)
+    yield model, ref
+    model.close()
+
+
+def hf_generate(ref, prompt: list[int], n: int, **kwargs):
+    """transformers' greedy `generate` with its own processors: the new ids and each step's
+    raw logits (before any processor)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=0,
+                               output_logits=True, output_scores=True, return_dict_in_generate=True,
+                               temperature=None, top_p=None, top_k=None, pad_token_id=0, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    new = out.sequences[0, len(prompt):].tolist()
+    raw = np.stack([lg[0].float().numpy() for lg in out.logits])
+    processed = np.stack([sc[0].float().numpy() for sc in out.scores])
+    return new, raw, processed
+
+
+@pytest.mark.parametrize("options, hf_kwargs", [
+    (dict(), dict()),
+    (dict(repetition_penalty=1.8), dict(repetition_penalty=1.8)),
+    (dict(repetition_penalty=0.7, logit_bias={17: 3.0, 40: -100.0}),
+     dict(repetition_penalty=0.7, sequence_bias={(17,): 3.0, (40,): -100.0})),
+])
+def test_greedy_with_processors_and_logprobs_match_transformers_generate(e2e, options, hf_kwargs):
+    """`complete(..., logprobs=True, top_logprobs=5)` greedy with logit_bias / repetition
+    penalty against transformers' `generate` with SequenceBias / RepetitionPenalty: the same
+    tokens (up to a step whose processed top two are within float noise), and logprobs and
+    top_logprobs those of the raw logits (README: before penalties and bias), the top list
+    best first."""
+    model, ref = e2e
+    prompt = [5, 99, 23, 61, 23, 8, 140]
+    n = 12
+    comp = model.complete_sync(prompt, max_tokens=n, logprobs=True, top_logprobs=5, **options)
+    new, raw, processed = hf_generate(ref, prompt, len(comp.token_ids), **hf_kwargs)
+    assert len(comp.logprobs) == len(comp.top_logprobs) == len(comp.token_ids)
+    compared = 0
+    for s, tok in enumerate(comp.token_ids):
+        top2 = np.sort(processed[s])[-2:]
+        if s >= len(new) or top2[1] - top2[0] < 1e-3:
+            break  # a near-tie: float noise may pick either, and the runs part
+        assert tok == new[s], (s, comp.token_ids, new)
+        lsm = log_softmax(raw[s])
+        np.testing.assert_allclose(comp.logprobs[s], lsm[tok], atol=2e-4)
+        order = np.argsort(-raw[s], kind="stable")[:5]
+        assert [i for i, _ in comp.top_logprobs[s]] == order.tolist()
+        np.testing.assert_allclose([v for _, v in comp.top_logprobs[s]], lsm[order], atol=2e-4)
+        compared += 1
+    assert compared >= 6
+    if "logit_bias" in options:
+        assert 40 not in comp.token_ids
