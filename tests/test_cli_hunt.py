@@ -110,7 +110,7 @@ def test_a_prompt_on_stdin_that_is_not_utf8_is_one_line_naming_stdin(env):
 
 
 def test_a_non_ascii_prompt_on_stdin_is_the_same_prompt_as_in_argv():
-    # stdin is now read as bytes and decoded: a CRLF line end is still translated and dropped
+    # stdin is read as bytes and decoded; its CRLF line end is dropped whole (the text read left the \r)
     via_argv = amlx_cli("generate", "Héllo ✓ wörld", "--max-tokens", "8", "-v")
     via_stdin = amlx_cli("generate", "-", "--max-tokens", "8", "-v", input="Héllo ✓ wörld\r\n".encode())
     assert via_argv.returncode == via_stdin.returncode == 0, via_stdin.stderr
