@@ -655,3 +655,32 @@ def test_greedy_with_processors_and_logprobs_match_transformers_generate(e2e, op
     assert compared >= 6
     if "logit_bias" in options:
         assert 40 not in comp.token_ids
+
+
+def test_seeded_requests_with_filters_draw_the_same_alone_and_together(e2e):
+    """Seeded sampling requests with different filters and penalties (and lengths, so rows
+    leave the batch while others go on) give the same tokens and logprobs alone as run
+    together through the engine."""
+    import asyncio
+
+    model, _ = e2e
+    reqs = [
+        ([5, 6, 7], dict(temperature=1.2, top_p=0.7, seed=11, max_tokens=9, logprobs=True)),
+        ([8, 9], dict(temperature=0.9, top_k=5, min_p=0.05, seed=12, max_tokens=14, top_logprobs=3)),
+        ([5, 6, 7], dict(temperature=1.0, repetition_penalty=1.5, frequency_penalty=0.8, seed=13, max_tokens=5,
+                         logprobs=True)),
+        ([1, 2, 3, 4], dict(max_tokens=11, presence_penalty=-1.0, logit_bias={3: 2.0})),
+        ([9], dict(temperature=1.6, min_p=0.3, presence_penalty=1.0, seed=2**70 + 5, max_tokens=12, logprobs=True)),
+    ]
+    solo = [model.complete_sync(p, **o) for p, o in reqs]
+
+    async def together():
+        return await asyncio.gather(*[model.complete(p, **o) for p, o in reqs])
+
+    for a, b in zip(solo, asyncio.run(together())):
+        assert a.token_ids == b.token_ids
+        if a.logprobs is not None:
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+        if a.top_logprobs is not None:
+            assert [[i for i, _ in t] for t in a.top_logprobs] == [[i for i, _ in t] for t in b.top_logprobs]
+    assert len({tuple(c.token_ids) for c in solo}) == len(solo)
