@@ -105,6 +105,8 @@ def _read_prompt(arg: str) -> str:
     if arg != "-":
         return arg
     stdin = sys.stdin
+    if stdin.isatty():  # `amlx generate -` typed at a terminal: without a word it looked like a hang
+        print("amlx: reading the prompt from the terminal; end it with Ctrl-D", file=sys.stderr, flush=True)
     raw = getattr(stdin, "buffer", None)
     if raw is None:  # a text-only stdin (an embedding application's)
         text = stdin.read()

@@ -365,3 +365,20 @@ def test_lora_with_no_progress_into_a_closed_pipe_ends_quietly(tmp_path):
     err = r.stderr.decode()
     assert r.returncode == 141, err
     assert "error" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_a_prompt_read_from_a_terminal_says_how_to_end_it():
+    # `amlx generate -` at a terminal waited for stdin without a word, which looked like a hang
+    pexpect = pytest.importorskip("pexpect")
+    env = _env(TERM="dumb")
+    child = pexpect.spawn(sys.executable, ["-m", "amlx", "generate", "-", "--max-tokens", "4"], cwd=str(ROOT),
+                          env=env, encoding="utf-8", codec_errors="replace", timeout=TIMEOUT)
+    try:
+        child.expect_exact("amlx: reading the prompt from the terminal; end it with Ctrl-D", timeout=60)
+        child.sendline("Hi")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, child.before
+    assert "Hello!" in child.before
