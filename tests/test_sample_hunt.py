@@ -684,3 +684,46 @@ def test_seeded_requests_with_filters_draw_the_same_alone_and_together(e2e):
         if a.top_logprobs is not None:
             assert [[i for i, _ in t] for t in a.top_logprobs] == [[i for i, _ in t] for t in b.top_logprobs]
     assert len({tuple(c.token_ids) for c in solo}) == len(solo)
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory):
+    """A checkpoint whose tokens come in pairs with the same (tied) embedding row, so every
+    logit has an exact twin: 2k and 2k + 1 always tie (V = 709, the last one alone)."""
+    import amlx
+    from safetensors.numpy import load_file, save_file
+
+    path = make_checkpoint(tmp_path_factory.mktemp("sample-hunt-twins") / "qwen3", "qwen3", seed=5)
+    weights = load_file(str(path / "model.safetensors"))
+    w = weights["model.embed_tokens.weight"]
+    w[1::2] = w[0:w.shape[0] - 1:2]
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    model = amlx.load_sync(path, device="cpu")
+    yield model
+    model.close()
+
+
+def test_engine_top_logprobs_with_tied_logits_are_batch_independent_and_lead_with_the_greedy_token(twins):
+    """Regression (engine): with exact ties a request's top_logprobs ids depended on the widest
+    top_logprobs of the requests batched with it, and its greedy token was often not first.
+    Now: ties by the lower id, the same alone and together, the greedy token first."""
+    import asyncio
+
+    model = twins
+    prompt = [12, 400, 33, 7]
+    solo = model.complete_sync(prompt, max_tokens=8, top_logprobs=1)
+
+    async def together():
+        return await asyncio.gather(model.complete(prompt, max_tokens=8, top_logprobs=1),
+                                    model.complete([3, 4, 5], max_tokens=8, top_logprobs=20))
+
+    mine, wide = asyncio.run(together())
+    assert mine.token_ids == solo.token_ids
+    assert mine.top_logprobs == solo.top_logprobs
+    for c in (solo, wide):
+        for tok, top in zip(c.token_ids, c.top_logprobs):
+            assert tok % 2 == 0 and top[0][0] == tok  # the lower twin, as the argmax takes it
+    for top in wide.top_logprobs:
+        ids = [i for i, _ in top]
+        assert ids[0::2] == [i - 1 for i in ids[1::2]]  # each twin pair in id order
+        assert [v for _, v in top][0::2] == [v for _, v in top][1::2]
