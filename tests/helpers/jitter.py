@@ -92,7 +92,7 @@ def jitter(seed: int, rate: float = 0.3, max_sleep: float = 0.002, switch_interv
             setattr(mod, name, _wrap(fn, j, False))
             undo.append((mod, name, fn))
     # a request's `active` (the consumer's cancel read by the worker, often several times a
-    # round): a GIL yield only, at the same rate, so that a cancel lands between two reads
+    # round): mostly a GIL yield, now and then a short sleep, so that a cancel lands between two reads
     from amlx.engine.request import Request
 
     active = Request.__dict__["active"]
@@ -100,7 +100,10 @@ def jitter(seed: int, rate: float = 0.3, max_sleep: float = 0.002, switch_interv
     def yielding_active(self):
         with j._lock:
             u = j._rng.random()
-        if u < j.rate:
+            d = j._rng.random() * j.max_sleep / 2
+        if u < j.rate / 8:  # (read often: a sleep now and then is enough)
+            time.sleep(d)
+        elif u < j.rate:
             time.sleep(0)
         return active.fget(self)
 
