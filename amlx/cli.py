@@ -81,6 +81,15 @@ def _tensor_parallel(text: str) -> int:
     return size
 
 
+def draft_problem(draft: str | None) -> str | None:
+    """What is wrong with --draft (None: nothing). A draft model is a local checkpoint directory; the
+    load's own error named only the path, which read as if MODEL were missing."""
+    if draft is None or draft == "prompt_lookup" or os.path.isdir(draft):
+        return None
+    what = "is not a directory" if os.path.exists(draft) else "does not exist"
+    return f"--draft {draft}: {what} (a draft model's checkpoint directory, or 'prompt_lookup')"
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per reply")
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
@@ -301,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             # the sampling options' values, before a load that may take minutes (chat found a bad
             # one only when the first message was sent, and ended there)
             amlx.GenerationOptions.from_kwargs(**_reply_options(args))
+            problem = draft_problem(args.draft)
+            if problem:
+                raise ValueError(problem)
         if args.command in ("generate", "chat", "demo"):
             from amlx.kernel_cache import first_run_notice
 

@@ -26,6 +26,12 @@ Checks that never reach a model load run `main()` in this process. Found by this
   loaded (minutes for a large one), and by `amlx chat` only at the first message; now before.
 - `--tensor-parallel 1000` started 999 local processes each loading the model, 10**20 was an
   OverflowError traceback; without AMLX_TP_HOSTFILE N is now at most the CPU cores.
+- `amlx serve`: --max-context 0 and --kv-cache-memory 0 were refused only after the load; an empty
+  --model-name was served as the model id "".
+- `amlx lora --no-progress | head -1`: "amlx lora: error: Broken pipe"; now quiet, status 141.
+- `amlx generate -` at a terminal waited without a word; it now says Ctrl-D ends the prompt.
+- `--draft prompt-lookup` (a typo) said "prompt-lookup: not a directory", as if MODEL were
+  missing; now the error names --draft, before the load.
 """
 
 from __future__ import annotations
@@ -382,3 +388,15 @@ def test_a_prompt_read_from_a_terminal_says_how_to_end_it():
         child.close(force=True)
     assert child.exitstatus == 0, child.before
     assert "Hello!" in child.before
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+@pytest.mark.parametrize("draft, what", [("prompt-lookup", "does not exist"), ("no/such/dir", "does not exist"),
+                                         ("README.md", "is not a directory")])
+def test_a_draft_that_is_no_directory_is_named_as_the_draft(capsys, command, draft, what):
+    # "amlx: error: prompt-lookup: not a directory" read as if MODEL were missing
+    rc, err = _main(capsys, command, *(["Hi"] if command == "generate" else []), "--draft", draft)
+    assert rc == (2 if command == "serve" else 1)
+    prefix = "amlx serve" if command == "serve" else "amlx"
+    assert err.splitlines()[-1] == (f"{prefix}: error: --draft {draft}: {what} (a draft model's checkpoint "
+                                    f"directory, or 'prompt_lookup')")

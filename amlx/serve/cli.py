@@ -12,7 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
-from amlx.cli import HelpFormatter, add_engine_options, os_error
+from amlx.cli import HelpFormatter, add_engine_options, draft_problem, os_error
 
 _EXAMPLE = """\
 Example:
@@ -203,6 +203,8 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
         return f"--kv-cache-memory must be more than 0, not {args.kv_cache_memory}"
     if args.model_name is not None and not args.model_name.strip():
         return "--model-name is empty (clients name the model they ask for with it)"
+    if draft_problem(args.draft):
+        return draft_problem(args.draft)
     if args.log_requests is not None:
         try:
             with open(args.log_requests, "a", encoding="utf-8"):
