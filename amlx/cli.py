@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         # inside the try: building the parser imports the serve and train modules, a Ctrl-C then included
         args = parser().parse_args(sys.argv[1:] if argv is None else argv)
         run: Callable[[argparse.Namespace], int] = args.run
+        _check_no_empty_paths(args)
         if args.command in ("generate", "chat"):
             _check_text_arguments(args)
             # the sampling options' values, before a load that may take minutes (chat found a bad
@@ -359,6 +360,21 @@ def discard_stdout() -> None:
         os.close(null)
     except (OSError, ValueError, AttributeError):  # no real stdout (an embedding or a test's capture)
         pass
+
+
+# the path arguments of every command, by dest: (how the user wrote it, dest)
+_PATHS = (("MODEL", "model"), ("SRC", "src"), ("DST", "dst"), ("--adapter", "adapter"), ("--draft", "draft"),
+          ("--data", "data"), ("--val-data", "val_data"), ("--adapter-path", "adapter_path"),
+          ("--save-path", "save_path"), ("--fuse", "fuse"), ("--api-key-file", "api_key_file"),
+          ("--log-requests", "log_requests"))
+
+
+def _check_no_empty_paths(args: argparse.Namespace) -> None:
+    """An empty path (`amlx generate "$MODEL" ...` with MODEL unset) meant the current directory, and
+    the error spoke of a missing config.json there (convert: "dst . must lie outside ...")."""
+    for name, dest in _PATHS:
+        if getattr(args, dest, None) == "":
+            raise ValueError(f"{name} is empty (an unset shell variable?)")
 
 
 def _check_text_arguments(args: argparse.Namespace) -> None:

@@ -32,6 +32,8 @@ Checks that never reach a model load run `main()` in this process. Found by this
 - `amlx generate -` at a terminal waited without a word; it now says Ctrl-D ends the prompt.
 - `--draft prompt-lookup` (a typo) said "prompt-lookup: not a directory", as if MODEL were
   missing; now the error names --draft, before the load.
+- an empty path (`amlx generate "$MODEL" Hi`, MODEL unset) was taken for the current directory:
+  "config.json: file not found"; now "MODEL is empty".
 """
 
 from __future__ import annotations
@@ -400,3 +402,17 @@ def test_a_draft_that_is_no_directory_is_named_as_the_draft(capsys, command, dra
     prefix = "amlx serve" if command == "serve" else "amlx"
     assert err.splitlines()[-1] == (f"{prefix}: error: --draft {draft}: {what} (a draft model's checkpoint "
                                     f"directory, or 'prompt_lookup')")
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["generate", "", "Hi"], "MODEL"), (["chat", ""], "MODEL"), (["serve", ""], "MODEL"),
+    (["convert", "", "out"], "SRC"), (["convert", "amlx/embedded", ""], "DST"),
+    (["lora", "amlx/embedded", "--data", ""], "--data"), (["generate", "Hi", "--adapter", ""], "--adapter"),
+    (["serve", "--log-requests", ""], "--log-requests"), (["serve", "--api-key-file", ""], "--api-key-file"),
+])
+def test_an_empty_path_is_named_not_taken_for_the_current_directory(capsys, argv, name):
+    # `amlx generate "$MODEL" Hi` with MODEL unset: "config.json: file not found" (of the current
+    # directory); `amlx convert SRC ""`: "dst . must lie outside the source checkpoint ."
+    rc, err = _main(capsys, *argv)
+    assert rc == 1
+    assert err.splitlines()[-1] == f"amlx: error: {name} is empty (an unset shell variable?)"
