@@ -34,6 +34,8 @@ Checks that never reach a model load run `main()` in this process. Found by this
   missing; now the error names --draft, before the load.
 - an empty path (`amlx generate "$MODEL" Hi`, MODEL unset) was taken for the current directory:
   "config.json: file not found"; now "MODEL is empty".
+- `amlx serve --host ""` (an unset variable) listened on every interface (asyncio's rule for an
+  empty host) while the banner said http://:8000; now refused.
 """
 
 from __future__ import annotations
@@ -416,3 +418,12 @@ def test_an_empty_path_is_named_not_taken_for_the_current_directory(capsys, argv
     rc, err = _main(capsys, *argv)
     assert rc == 1
     assert err.splitlines()[-1] == f"amlx: error: {name} is empty (an unset shell variable?)"
+
+
+@pytest.mark.parametrize("host", ["", " "])
+def test_serve_refuses_an_empty_host_which_would_listen_everywhere(capsys, tmp_path, host):
+    # asyncio's create_server binds every interface for host "": an unset variable exposed the server
+    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"), "--host", host)
+    assert rc == 2
+    assert err.splitlines()[-1] == ("amlx serve: error: --host is empty (--host 0.0.0.0 listens on every interface, "
+                                    "if that is what you want)")

@@ -203,6 +203,10 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
         return f"--kv-cache-memory must be more than 0, not {args.kv_cache_memory}"
     if args.model_name is not None and not args.model_name.strip():
         return "--model-name is empty (clients name the model they ask for with it)"
+    if not args.host.strip():
+        # asyncio binds every interface for an empty host: `--host "$HOST"` with HOST unset would
+        # have exposed the server to the network while the banner showed http://:8000
+        return "--host is empty (--host 0.0.0.0 listens on every interface, if that is what you want)"
     if draft_problem(args.draft):
         return draft_problem(args.draft)
     if args.log_requests is not None:
