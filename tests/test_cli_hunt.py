@@ -36,6 +36,7 @@ Checks that never reach a model load run `main()` in this process. Found by this
   "config.json: file not found"; now "MODEL is empty".
 - `amlx serve --host ""` (an unset variable) listened on every interface (asyncio's rule for an
   empty host) while the banner said http://:8000; now refused.
+- `AMLX_API_KEY=""` (set to nothing) served without a key, where `--api-key ""` is refused.
 """
 
 from __future__ import annotations
@@ -427,3 +428,13 @@ def test_serve_refuses_an_empty_host_which_would_listen_everywhere(capsys, tmp_p
     assert rc == 2
     assert err.splitlines()[-1] == ("amlx serve: error: --host is empty (--host 0.0.0.0 listens on every interface, "
                                     "if that is what you want)")
+
+
+@pytest.mark.parametrize("value", ["", "  ", "\t\n"])
+def test_serve_refuses_an_api_key_variable_set_to_nothing(capsys, tmp_path, monkeypatch, value):
+    # AMLX_API_KEY="$(cat missing-file)" served without a key, where --api-key "" is refused
+    monkeypatch.setenv("AMLX_API_KEY", value)
+    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"))
+    assert rc == 1
+    assert err.splitlines()[-1] == ("amlx serve: error: $AMLX_API_KEY is set but empty (the server would run "
+                                    "without a key; unset it for that)")

@@ -153,6 +153,9 @@ def _keys(args: argparse.Namespace) -> list[str]:
                          ) from None
     if args.api_key_file is not None and not keys:
         raise ValueError(f"--api-key-file {args.api_key_file} holds no key (the server would run without one)")
+    if ENV_VAR in os.environ and not os.environ[ENV_VAR].strip():
+        # as --api-key "": set, but to nothing (a failed `$(cat keyfile)`), it served without a key
+        raise ValueError(f"${ENV_VAR} is set but empty (the server would run without a key; unset it for that)")
     env = os.environ.get(ENV_VAR, "").strip()
     for key in keys:
         # a client sends the key in an HTTP header, which carries only printable ASCII: any other key
