@@ -739,3 +739,26 @@ def test_engine_top_logprobs_with_tied_logits_are_batch_independent_and_lead_wit
     for c in (solo, wide):
         for tok, top in zip(c.token_ids, c.top_logprobs):
             assert top[0][0] == tok  # the greedy token heads its list, as the argmax takes the lower twin
+
+
+@pytest.mark.parametrize("options", [dict(), dict(temperature=1.0, seed=4, top_p=0.9)])
+def test_stop_strings_cut_the_text_where_the_first_one_completes(e2e, options):
+    """A stop string (ASCII, taken from the unstopped reply, often across a token boundary)
+    ends the reply at the token that completes it: the text stops before it, the ids,
+    logprobs and top_logprobs are the unstopped reply's up to that token (seeded sampling
+    included: a stop changes nothing before it)."""
+    model, _ = e2e
+    prompt = [5, 99, 23, 61, 23, 8, 140]
+    full = model.complete_sync(prompt, max_tokens=16, logprobs=True, top_logprobs=2, **options)
+    text = full.text
+    stops = {text[a:a + n] for a in range(len(text)) for n in (1, 2, 4) if a + n <= len(text)}
+    stops = sorted(s for s in stops if s.isascii() and s.strip())
+    assert len(stops) >= 5
+    for stop in stops[:: max(1, len(stops) // 12)]:
+        c = model.complete_sync(prompt, max_tokens=16, logprobs=True, top_logprobs=2, stop=stop, **options)
+        k = len(c.token_ids)
+        assert c.finish_reason == "stop" and c.text == text[:text.find(stop)], stop
+        assert c.token_ids == full.token_ids[:k] and c.logprobs == full.logprobs[:k]
+        assert c.top_logprobs == full.top_logprobs[:k]
+        assert stop in model.tokenizer.decode(full.token_ids[:k])
+        assert stop not in model.tokenizer.decode(full.token_ids[:k - 1])
