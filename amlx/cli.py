@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             if problem:
                 raise ValueError(problem)
         if args.command in ("generate", "chat", "demo"):
+            _replace_unencodable_output()
             from amlx.kernel_cache import first_run_notice
 
             first_run_notice(getattr(args, "device", "auto"))  # the cold-cache compile would look like a hang
@@ -349,6 +350,15 @@ def _reopen_closed_standard_files() -> None:
             os.close(null)
         if getattr(sys, name) is None:  # Python sets a closed one to None at startup
             setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8", closefd=False))
+
+
+def _replace_unencodable_output() -> None:
+    """The model's text on a stdout whose encoding cannot hold it (PYTHONIOENCODING=ascii, a
+    Windows code page for `> out.txt`) gets '?' for such characters: strict encoding ended the
+    reply at the first one, with "amlx: error: 'ascii' codec can't encode character"."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and getattr(sys.stdout, "errors", None) == "strict":
+        reconfigure(errors="replace")
 
 
 def discard_stdout() -> None:

@@ -37,6 +37,8 @@ Checks that never reach a model load run `main()` in this process. Found by this
 - `amlx serve --host ""` (an unset variable) listened on every interface (asyncio's rule for an
   empty host) while the banner said http://:8000; now refused.
 - `AMLX_API_KEY=""` (set to nothing) served without a key, where `--api-key ""` is refused.
+- a stdout whose encoding cannot hold the model's text (PYTHONIOENCODING=ascii, a Windows code
+  page) ended the reply with "'ascii' codec can't encode character"; such characters are now '?'.
 """
 
 from __future__ import annotations
@@ -152,6 +154,30 @@ def test_chat_skips_a_line_that_is_not_utf8_and_goes_on():
     assert r.returncode == 0, err
     assert "(the line is not UTF-8 text and was not sent)" in err and "error" not in err
     assert len(r.stdout.decode().strip().splitlines()) == 2  # the replies to "hi" and to "hello"
+
+
+@pytest.fixture(scope="module")
+def random_ckpt(tmp_path_factory) -> Path:
+    """A tiny random checkpoint: its greedy text is full of characters outside ASCII."""
+    try:
+        from tests.helpers.checkpoints import make_checkpoint
+    except ImportError:  # tests/ itself on sys.path
+        from helpers.checkpoints import make_checkpoint
+    return make_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3")
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_text_a_stdout_encoding_cannot_hold_is_replaced_not_an_error(random_ckpt, encoding):
+    # PYTHONIOENCODING=ascii (or a Windows code page for `> out.txt`): the reply ended at its first
+    # such character with "amlx: error: 'ascii' codec can't encode character"
+    args = ("generate", str(random_ckpt), "Héllo", "--raw", "--max-tokens", "30")
+    utf8 = amlx_cli(*args)
+    narrow = amlx_cli(*args, env=_env(PYTHONIOENCODING=encoding))
+    assert utf8.returncode == 0 and narrow.returncode == 0, narrow.stderr
+    text = utf8.stdout.decode("utf-8")
+    assert any(ord(c) > 255 for c in text), text  # else the check below proves nothing
+    assert narrow.stdout == text.encode(encoding, "replace")
+    assert b"error" not in narrow.stderr
 
 
 # -- closed standard files -------------------------------------------------------------------
