@@ -39,6 +39,7 @@ Checks that never reach a model load run `main()` in this process. Found by this
 - `AMLX_API_KEY=""` (set to nothing) served without a key, where `--api-key ""` is refused.
 - a stdout whose encoding cannot hold the model's text (PYTHONIOENCODING=ascii, a Windows code
   page) ended the reply with "'ascii' codec can't encode character"; such characters are now '?'.
+- `amlx serve --host ::1` announced http://::1:8000 (no URL); now http://[::1]:8000.
 """
 
 from __future__ import annotations
@@ -464,3 +465,31 @@ def test_serve_refuses_an_api_key_variable_set_to_nothing(capsys, tmp_path, monk
     assert rc == 1
     assert err.splitlines()[-1] == ("amlx serve: error: $AMLX_API_KEY is set but empty (the server would run "
                                     "without a key; unset it for that)")
+
+
+def test_the_banner_of_a_server_on_an_ipv6_address_is_a_url_that_answers():
+    # it said http://::1:PORT, which no browser or client takes
+    import httpx
+
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "amlx", "serve", "--host", "::1", "--port", str(port)], env=_env(),
+                            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        banner = ""
+        while "amlx serve: " not in banner:  # notices (a first-run compile) may come first
+            banner = proc.stderr.readline().decode()
+            assert banner, "the server ended before its banner"
+        assert f" on http://[::1]:{port}  (chat page at /" in banner, banner
+        url = banner.split(" on ", 1)[1].split()[0]
+        seen = b""
+        while b"Uvicorn running" not in seen:
+            line = proc.stderr.readline()
+            assert line, seen
+            seen += line
+        assert httpx.get(url + "/health", timeout=TIMEOUT).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()

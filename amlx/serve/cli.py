@@ -108,13 +108,18 @@ async def _serve(args: argparse.Namespace, keys: list[str]) -> None:
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
         print(f"amlx serve: {name} ({model.info.architecture}, {model.info.device}) on "
-              f"http://{args.host}:{args.port}  (chat page at /, API keys: {'on' if keys else 'off'})",
+              f"{_url(args.host, args.port)}  (chat page at /, API keys: {'on' if keys else 'off'})",
               file=sys.stderr, flush=True)
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the
         # previous handler; these take it, so the model is closed and the exit is clean.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: None)
         await uvicorn.Server(config).serve()
+
+
+def _url(host: str, port: int) -> str:
+    """The server's address as a URL: an IPv6 host in brackets (http://::1:8000 is no URL)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def main(args: argparse.Namespace) -> int:
