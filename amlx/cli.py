@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             _check_text_arguments(args)
             # the sampling options' values, before a load that may take minutes (chat found a bad
             # one only when the first message was sent, and ended there)
-            amlx.GenerationOptions.from_kwargs(**_reply_options(args))
+            _check_sampling(args)
             problem = draft_problem(args.draft)
             if problem:
                 raise ValueError(problem)
@@ -377,6 +377,20 @@ _PATHS = (("MODEL", "model"), ("SRC", "src"), ("DST", "dst"), ("--adapter", "ada
           ("--data", "data"), ("--val-data", "val_data"), ("--adapter-path", "adapter_path"),
           ("--save-path", "save_path"), ("--fuse", "fuse"), ("--api-key-file", "api_key_file"),
           ("--log-requests", "log_requests"))
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    """The sampling options' values, by the library's rules; the error names the option as typed
+    (--max-tokens, not the library's max_tokens)."""
+    import amlx
+
+    try:
+        amlx.GenerationOptions.from_kwargs(**_reply_options(args))
+    except ValueError as exc:
+        name, _, rest = str(exc).partition(" ")
+        if name in _reply_options(args) and rest:
+            raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
+        raise
 
 
 def _check_no_empty_paths(args: argparse.Namespace) -> None:
