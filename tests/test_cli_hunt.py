@@ -40,6 +40,8 @@ Checks that never reach a model load run `main()` in this process. Found by this
 - a stdout whose encoding cannot hold the model's text (PYTHONIOENCODING=ascii, a Windows code
   page) ended the reply with "'ascii' codec can't encode character"; such characters are now '?'.
 - `amlx serve --host ::1` announced http://::1:8000 (no URL); now http://[::1]:8000.
+- errors named options in the library's spelling (`max_tokens must be ...`, `resume=True: ...`,
+  `adapter_path ...`); generate/chat/lora now name them as typed (--max-tokens, --resume, ...).
 """
 
 from __future__ import annotations
@@ -492,3 +494,28 @@ def test_the_banner_of_a_server_on_an_ipv6_address_is_a_url_that_answers():
         proc.communicate(timeout=TIMEOUT)
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--iters", "0"], "--iters must be an integer >= 1, not 0"),
+    (["--dropout", "1.5"], "--dropout must lie in [0, 1), not 1.5"),
+    (["--learning-rate", "nan"], "--learning-rate must be a finite number >= 0.0, not nan"),
+    (["--resume"], "--resume: {ad} holds no adapters.safetensors to resume from (an adapter saved by a training run)"),
+    (["--adapter-path", "amlx/embedded"], "--adapter-path amlx/embedded is the checkpoint directory being trained; "
+                                          "give the adapter a directory of its own (a subdirectory will do)"),
+])
+def test_lora_errors_name_the_option_as_typed(capsys, tmp_path, args, message):
+    # "iters must be ...", "resume=True: ...", "adapter_path ...": the library's names, not the flags
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello world"}\n')
+    rc, err = _main(capsys, "lora", str(ROOT / "amlx" / "embedded"), "--data", str(data), "--no-progress",
+                    "--adapter-path", str(tmp_path / "ad"), *args)
+    assert rc == 1
+    assert err.splitlines()[-1] == "amlx lora: error: " + message.format(ad=tmp_path / "ad")
+
+
+def test_lora_leaves_a_message_about_a_data_file_named_like_an_option_alone(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("iters").write_text('{"text": "hello"}\n{"nope": 1}\n')
+    rc, err = _main(capsys, "lora", str(ROOT / "amlx" / "embedded"), "--data", "iters", "--no-progress")
+    assert rc == 1 and err.splitlines()[-1].startswith("amlx lora: error: iters:2: "), err
