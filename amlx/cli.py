@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     import amlx
 
     _reopen_closed_standard_files()
+    args = None
     try:
         # inside the try: building the parser imports the serve and train modules, a Ctrl-C then included
         args = parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             first_run_notice(getattr(args, "device", "auto"))  # the cold-cache compile would look like a hang
         return run(args)
     except (amlx.AmlxError, ValueError) as exc:
-        print(f"amlx: error: {exc}", file=sys.stderr)
+        print(f"amlx: error: {as_typed(str(exc), args)}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # stdout's reader left (`amlx generate ... | head`): not an error to report
         discard_stdout()
@@ -332,6 +333,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+def as_typed(message: str, args: argparse.Namespace | None) -> str:
+    """`message` with a leading option name in the library's spelling as the user typed it:
+    "max_tokens must be ..." -> "--max-tokens must be ...", "resume=True: ..." -> "--resume: ...".
+    Only names of this command's --options; "dst . must ..." (a positional) and "iters:3: ..." (a
+    file named like an option) stay as they are."""
+    match = re.match(r"(\w+)(=\S+?)?(?= |: )", message)
+    if args is None or match is None or match.group(1) in _POSITIONALS or not hasattr(args, match.group(1)):
+        return message
+    return "--" + match.group(1).replace("_", "-") + message[match.end():]
+
+
+_POSITIONALS = ("model", "prompt", "src", "dst", "command", "run")
 
 
 def _reopen_closed_standard_files() -> None:
@@ -380,17 +395,10 @@ _PATHS = (("MODEL", "model"), ("SRC", "src"), ("DST", "dst"), ("--adapter", "ada
 
 
 def _check_sampling(args: argparse.Namespace) -> None:
-    """The sampling options' values, by the library's rules; the error names the option as typed
-    (--max-tokens, not the library's max_tokens)."""
+    """The sampling options' values, by the library's rules (ValueError)."""
     import amlx
 
-    try:
-        amlx.GenerationOptions.from_kwargs(**_reply_options(args))
-    except ValueError as exc:
-        name, _, rest = str(exc).partition(" ")
-        if name in _reply_options(args) and rest:
-            raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
-        raise
+    amlx.GenerationOptions.from_kwargs(**_reply_options(args))
 
 
 def _check_no_empty_paths(args: argparse.Namespace) -> None:

@@ -519,3 +519,15 @@ def test_lora_leaves_a_message_about_a_data_file_named_like_an_option_alone(caps
     Path("iters").write_text('{"text": "hello"}\n{"nope": 1}\n')
     rc, err = _main(capsys, "lora", str(ROOT / "amlx" / "embedded"), "--data", "iters", "--no-progress")
     assert rc == 1 and err.splitlines()[-1].startswith("amlx lora: error: iters:2: "), err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "Hi", "--num-draft-tokens", "0"], "amlx: error: --num-draft-tokens must be an integer in [1, 16]"),
+    (["convert", "amlx/embedded", "{tmp}/out", "-q", "4", "--group-size", "7"],
+     "amlx: error: --group-size must be one of 32, 64, 128, not 7"),
+    (["convert", "amlx/embedded", "amlx/embedded/out"], "amlx: error: dst amlx/embedded/out must lie outside"),
+])
+def test_errors_of_generate_and_convert_name_the_option_as_typed(capsys, tmp_path, argv, message):
+    rc, err = _main(capsys, *(a.format(tmp=tmp_path) for a in argv))
+    assert rc == 1
+    assert err.splitlines()[-1].startswith(message), err

@@ -12,7 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
-from amlx.cli import HelpFormatter, add_engine_options, draft_problem, os_error
+from amlx.cli import HelpFormatter, add_engine_options, as_typed, draft_problem, os_error
 
 _EXAMPLE = """\
 Example:
@@ -137,7 +137,7 @@ def main(args: argparse.Namespace) -> int:
             return 1
         asyncio.run(_serve(args, keys))
     except (amlx.AmlxError, ValueError) as exc:
-        print(f"amlx serve: error: {exc}", file=sys.stderr)
+        print(f"amlx serve: error: {as_typed(str(exc), args)}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"amlx serve: error: {os_error(exc)}", file=sys.stderr)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import signal
 import sys
 from pathlib import Path
@@ -239,7 +238,9 @@ def run(args: argparse.Namespace) -> int:
         full = _full_options(_parser(), args) if args.full else None
         return asyncio.run(_run(args, full))
     except (amlx.AmlxError, ValueError, TypeError, RuntimeError) as exc:
-        print(f"amlx lora: error: {_as_typed(str(exc))}", file=sys.stderr)
+        from amlx.cli import as_typed
+
+        print(f"amlx lora: error: {as_typed(str(exc), args)}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # --no-progress's reader left (`amlx lora ... | head`): end as SIGPIPE would, quietly
         from amlx.cli import discard_stdout
@@ -254,19 +255,6 @@ def run(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C outside training, or a second one
         print(file=sys.stderr)
         return 130
-
-
-def _as_typed(message: str) -> str:
-    """The library's message with its leading option name as the user typed it: "iters must be
-    ..." -> "--iters must be ...", "resume=True: ..." -> "--resume: ..." (other text unchanged)."""
-    match = re.match(r"(\w+)(=\S+?)?(?= |: )", message)  # not "iters:3: ..." (a data file named iters)
-    if match is None or match.group(1) not in _options_by_dest():
-        return message
-    return _options_by_dest()[match.group(1)] + message[match.end():]
-
-
-def _options_by_dest() -> dict[str, str]:
-    return {a.dest: a.option_strings[0] for a in _parser()._actions if a.option_strings and a.dest != "help"}
 
 
 def main(argv: list[str] | None = None) -> int:
