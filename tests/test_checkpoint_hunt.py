@@ -27,9 +27,11 @@ from amlx.models import load_model
 
 try:
     from tests.helpers.checkpoints import make_checkpoint
+    from tests.helpers.decoding import prefill_logits
     from tests.test_train_lora import on_worker
 except ImportError:  # tests/ itself on sys.path
     from helpers.checkpoints import make_checkpoint
+    from helpers.decoding import prefill_logits
     from test_train_lora import on_worker
 
 HYPOTHESIS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -224,16 +226,7 @@ IDS = [5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 300, 600]
 
 
 def _logits(path: Path) -> np.ndarray:
-    from amlx._mlx import array, float32
-
-    def run():
-        lm = load_model(path, progress=False)
-        try:
-            with array(np.asarray([IDS], np.int32)) as x, lm.model(x) as out:
-                return out.astype(float32).numpy()[0]
-        finally:
-            lm.model.close()
-    return on_worker(run)
+    return prefill_logits(path, IDS)
 
 
 def _reference(path: Path) -> np.ndarray:

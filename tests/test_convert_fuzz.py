@@ -13,9 +13,11 @@ import amlx
 
 try:
     from tests.helpers.checkpoints import make_checkpoint
+    from tests.helpers.decoding import prefill_logits
     from tests.test_train_lora import on_worker
 except ImportError:  # tests/ itself on sys.path
     from helpers.checkpoints import make_checkpoint
+    from helpers.decoding import prefill_logits
     from test_train_lora import on_worker
 
 IDS = [5, 17, 42, 99, 3, 250, 7, 64, 128, 11]
@@ -27,17 +29,7 @@ def qwen(tmp_path_factory):
 
 
 def _logits(path, dtype=None) -> np.ndarray:
-    from amlx._mlx import array, float32
-    from amlx.models import load_model
-
-    def run():
-        lm = load_model(path, dtype=dtype, progress=False)
-        try:
-            with array(np.asarray([IDS], np.int32)) as x, lm.model(x) as out:
-                return out.astype(float32).numpy()[0]
-        finally:
-            lm.model.close()
-    return on_worker(run)
+    return prefill_logits(path, IDS, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

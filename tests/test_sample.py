@@ -20,6 +20,11 @@ from amlx import _mlx as mx
 from amlx.sample import (BatchParams, SamplingParams, advance_keys, apply_repetition_penalty, keyed_hash, make_history,
                          make_keys, sample)
 
+try:
+    from tests.helpers.stats import chi2_sf
+except ImportError:  # tests/ itself on sys.path
+    from helpers.stats import chi2_sf
+
 SP = SamplingParams
 
 
@@ -296,18 +301,6 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
 
 # -- distribution ---------------------------------------------------------------------
 
-def chi2_sf(stat: float, df: int) -> float:
-    """P(chi2_df >= stat): the regularized upper incomplete gamma Q(df/2, stat/2) by its series."""
-    s, z = df / 2.0, stat / 2.0
-    if z <= 0:
-        return 1.0
-    term = total = 1.0 / s
-    n = 1
-    while term > total * 1e-17:
-        term *= z / (s + n)
-        total += term
-        n += 1
-    return max(0.0, 1.0 - total * math.exp(-z + s * math.log(z) - math.lgamma(s)))
 
 
 def test_chi2_sf_reference_values():

@@ -32,6 +32,11 @@ from amlx.sample import (BatchParams, BatchSampling, RowSampling, SamplingParams
                          make_keys, sample, sampling_logits)
 from amlx.types import GenerationOptions
 
+try:
+    from tests.helpers.stats import chi2_sf
+except ImportError:  # tests/ itself on sys.path
+    from helpers.stats import chi2_sf
+
 torch = pytest.importorskip("torch")
 from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,  # noqa: E402
                                                     SequenceBiasLogitsProcessor, TemperatureLogitsWarper,
@@ -246,18 +251,6 @@ def test_ties_at_a_boundary_are_kept_whole(vocab, grid, params, data_seed):
 
 # -- the draws ---------------------------------------------------------------------------------
 
-def chi2_sf(stat: float, df: int) -> float:
-    """P(chi2_df >= stat) by the series of the regularized lower incomplete gamma."""
-    s, z = df / 2.0, stat / 2.0
-    if z <= 0:
-        return 1.0
-    term = total = 1.0 / s
-    n = 1
-    while term > total * 1e-17:
-        term *= z / (s + n)
-        total += term
-        n += 1
-    return max(0.0, 1.0 - total * math.exp(-z + s * math.log(z) - math.lgamma(s)))
 
 
 def chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:

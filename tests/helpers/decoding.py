@@ -23,3 +23,19 @@ def step_logits(model, ids) -> np.ndarray:
     finally:
         for c in cache:
             c.close()
+
+
+def prefill_logits(path, ids, dtype=None) -> np.ndarray:
+    """Logits (L, V) float32 of one prefill pass over `ids` through the checkpoint at `path`
+    (loaded with `dtype`, on the shared worker as the engine would, then closed)."""
+    from amlx.engine.worker import Worker
+    from amlx.models import load_model
+
+    def run():
+        lm = load_model(path, dtype=dtype, progress=False)
+        try:
+            with mx.array(np.asarray([ids], np.int32)) as x, lm.model(x) as out:
+                return out.astype(mx.float32).numpy()[0]
+        finally:
+            lm.model.close()
+    return Worker.get().run_sync(run)
