@@ -18,6 +18,9 @@ import re
 import sys
 from typing import Any, Callable
 
+from amlx.cli_streams import (check_text_arguments, discard_stdout, read_prompt, reopen_closed_standard_files,
+                              replace_unencodable_output)
+
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -110,27 +113,6 @@ def _reply_options(args: argparse.Namespace) -> dict[str, Any]:
 
 # -- generate -------------------------------------------------------------------
 
-def _read_prompt(arg: str) -> str:
-    if arg != "-":
-        return arg
-    stdin = sys.stdin
-    if stdin.isatty():  # `amlx generate -` typed at a terminal: without a word it looked like a hang
-        print("amlx: reading the prompt from the terminal; end it with Ctrl-D", file=sys.stderr, flush=True)
-    raw = getattr(stdin, "buffer", None)
-    if raw is None:  # a text-only stdin (an embedding application's)
-        text = stdin.read()
-    else:
-        data = raw.read()
-        encoding = stdin.encoding or "utf-8"
-        try:
-            text = data.decode(encoding)  # strictly: Python's own stdin may let bad bytes through as surrogates
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"the prompt on stdin is not {encoding} text ({exc.reason}: byte "
-                             f"{data[exc.start]:#04x} at offset {exc.start})") from None
-    # the line end `echo` and editors add (a Windows editor's too: it left a "\r" at the prompt's end)
-    return text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
-
-
 # a Hugging Face model id: org/name, no spaces
 _MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -153,7 +135,7 @@ def with_model(args: argparse.Namespace) -> argparse.Namespace:
 def _generate(args: argparse.Namespace) -> int:
     from amlx.reply import load_model, report, stream_reply
 
-    text = _read_prompt(args.prompt)
+    text = read_prompt(args.prompt)
     with_model(args)
     with load_model(args) as model:
         templated = args.chat or (not args.raw and model.tokenizer.chat_template is not None)
@@ -300,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `amlx`; returns the exit status."""
     import amlx
 
-    _reopen_closed_standard_files()
+    reopen_closed_standard_files()
     args = None
     try:
         # inside the try: building the parser imports the serve and train modules, a Ctrl-C then included
@@ -308,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         run: Callable[[argparse.Namespace], int] = args.run
         _check_no_empty_paths(args)
         if args.command in ("generate", "chat"):
-            _check_text_arguments(args)
+            check_text_arguments(args)
             # the sampling options' values, before a load that may take minutes (chat found a bad
             # one only when the first message was sent, and ended there)
             _check_sampling(args)
@@ -316,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             if problem:
                 raise ValueError(problem)
         if args.command in ("generate", "chat", "demo"):
-            _replace_unencodable_output()
+            replace_unencodable_output()
             from amlx.kernel_cache import first_run_notice
 
             first_run_notice(getattr(args, "device", "auto"))  # the cold-cache compile would look like a hang
@@ -349,44 +331,6 @@ def as_typed(message: str, args: argparse.Namespace | None) -> str:
 _POSITIONALS = ("model", "prompt", "src", "dst", "command", "run")
 
 
-def _reopen_closed_standard_files() -> None:
-    """A closed stdin/stdout/stderr (`amlx ... <&-`) puts /dev/null in its place: otherwise the next
-    file opened takes its descriptor, and the model's weights became 'stdin' (MLX then refused to
-    read them) or 'stderr' (`amlx generate Hi 2>&-` then hung: cause not pinned down))."""
-    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
-        try:
-            os.fstat(fd)
-            continue
-        except OSError:
-            pass
-        null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
-        if null != fd:
-            os.dup2(null, fd)
-            os.close(null)
-        if getattr(sys, name) is None:  # Python sets a closed one to None at startup
-            setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8", closefd=False))
-
-
-def _replace_unencodable_output() -> None:
-    """The model's text on a stdout whose encoding cannot hold it (PYTHONIOENCODING=ascii, a
-    Windows code page for `> out.txt`) gets '?' for such characters: strict encoding ended the
-    reply at the first one, with "amlx: error: 'ascii' codec can't encode character"."""
-    reconfigure = getattr(sys.stdout, "reconfigure", None)
-    if reconfigure is not None and getattr(sys.stdout, "errors", None) == "strict":
-        reconfigure(errors="replace")
-
-
-def discard_stdout() -> None:
-    """Points stdout at /dev/null, so that flushing what is left in its buffer at exit raises no
-    second BrokenPipeError ("Exception ignored ...") on stderr."""
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, sys.stdout.fileno())
-        os.close(null)
-    except (OSError, ValueError, AttributeError):  # no real stdout (an embedding or a test's capture)
-        pass
-
-
 # the path arguments of every command, by dest: (how the user wrote it, dest)
 _PATHS = (("MODEL", "model"), ("SRC", "src"), ("DST", "dst"), ("--adapter", "adapter"), ("--draft", "draft"),
           ("--data", "data"), ("--val-data", "val_data"), ("--adapter-path", "adapter_path"),
@@ -407,26 +351,6 @@ def _check_no_empty_paths(args: argparse.Namespace) -> None:
     for name, dest in _PATHS:
         if getattr(args, dest, None) == "":
             raise ValueError(f"{name} is empty (an unset shell variable?)")
-
-
-def _check_text_arguments(args: argparse.Namespace) -> None:
-    """PROMPT, --system and --stop must be text: bytes the locale could not decode reach Python as
-    lone surrogates, which the tokenizer reported at a position in the rendered chat template."""
-    given = [("PROMPT", getattr(args, "prompt", None)), ("--system", getattr(args, "system", None)),
-             *(("--stop", stop) for stop in args.stop)]
-    for name, value in given:
-        if value is None:
-            continue
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"{name} is not UTF-8 text ({_undecodable(value[exc.start])} at character "
-                             f"{exc.start})") from None
-
-
-def _undecodable(char: str) -> str:
-    """The byte that a surrogate-escaped character stands for, or the character itself."""
-    return f"byte {ord(char) - 0xDC00:#04x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"character U+{ord(char):04X}"
 
 
 def os_error(exc: OSError) -> str:

@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"amlx lora: error: {as_typed(str(exc), args)}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # --no-progress's reader left (`amlx lora ... | head`): end as SIGPIPE would, quietly
-        from amlx.cli import discard_stdout
+        from amlx.cli_streams import discard_stdout
 
         discard_stdout()
         return 128 + 13
