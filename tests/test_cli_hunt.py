@@ -531,3 +531,31 @@ def test_errors_of_generate_and_convert_name_the_option_as_typed(capsys, tmp_pat
     rc, err = _main(capsys, *(a.format(tmp=tmp_path) for a in argv))
     assert rc == 1
     assert err.splitlines()[-1].startswith(message), err
+
+
+# -- any value for any option ----------------------------------------------------------------
+
+_OPTIONS = {
+    "generate": ["--max-tokens", "--temperature", "--top-p", "--top-k", "--min-p", "--repetition-penalty", "--seed",
+                 "--stop", "--num-draft-tokens", "--tensor-parallel", "--device", "--dtype", "--adapter", "--draft"],
+    "serve": ["--port", "--host", "--max-batch-size", "--max-queue", "--max-context", "--kv-cache-memory", "--kv-bits",
+              "--keepalive", "--model-name", "--api-key", "--num-draft-tokens", "--tensor-parallel", "--draft"],
+    "convert": ["-q", "--group-size", "--dtype"],
+}
+_ODD = ["nan", "inf", "-inf", "1e400", "-0", "0x10", "1_000", "١٢", "²", " 5 ", "5GB", "1e5GB", ".5", "5.", "-1e-9",
+        "99999999999999999999999", "\x85", ""]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(sorted(_OPTIONS)), data=st.data())
+def test_any_value_of_any_option_is_an_exit_status_and_one_error_line(capsys, tmp_path, command, data):
+    # MODEL/SRC is a missing directory, so nothing loads: every run ends in an error, which must be
+    # a status and a line of text, never an exception out of main()
+    option = data.draw(st.sampled_from(_OPTIONS[command]))
+    value = data.draw(st.sampled_from(_ODD) | st.text(max_size=10))
+    missing = str(tmp_path / "no-model")
+    before = {"generate": [missing, "Hi"], "serve": [missing, "--port", "1"], "convert": [missing, str(tmp_path / "o")]}
+    rc, err = _main(capsys, command, *before[command], f"{option}={value}")
+    assert rc in (1, 2), err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert "error:" in last and "Traceback" not in err, err
