@@ -31,10 +31,12 @@ Checked:
 
 Hunting races: AMLX_TEST_JITTER=<seed> runs the machines (and the variants') with the seams
 between the event loop and the worker thread pausing at random, seeded (tests/helpers/jitter.py),
-with AMLX_STATEFUL_EXAMPLES and AMLX_STATEFUL_NOSHRINK=1 for a long hunt. Found that way or by
-reading for it, and pinned by the regression tests at the end: a cancel between two reads of
-`active` in `Scheduler._join` (a dead row in the batch, garbage in the prefix cache), and a slot
-lapsing between the worker's idle check and its timeout (the worker slept for good).
+with AMLX_STATEFUL_EXAMPLES and AMLX_STATEFUL_NOSHRINK=1 for a long hunt. Two races were found by
+reading the code for them, not by the machine (its hunts, jittered or not, never hit their
+microsecond windows), and are pinned by the regression tests at the end, which open the windows
+on purpose: a cancel between two reads of `active` in `Scheduler._join` (a dead row in the batch,
+garbage in the prefix cache), and a slot lapsing between the worker's two idle questions (the
+worker slept for good).
 """
 
 from __future__ import annotations
