@@ -60,6 +60,11 @@ from hypothesis import strategies as st
 
 from amlx.cli import main
 
+try:
+    from tests.helpers.cli import main_in_process
+except ImportError:  # tests/ itself on sys.path
+    from helpers.cli import main_in_process
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120  # seconds: a hung command fails its test
 
@@ -80,13 +85,6 @@ def amlx_cli(*args: str, input: bytes | None = None, env: dict | None = None, **
                           timeout=TIMEOUT, **kwargs)
 
 
-def _main(capsys, *argv: str) -> tuple[int, str]:
-    """`amlx ARGV` in this process: (exit status, stderr); argparse's exits count as statuses."""
-    try:
-        rc = main(list(argv))
-    except SystemExit as exc:
-        rc = exc.code
-    return rc, capsys.readouterr().err
 
 
 def _one_error_line(stderr: str | bytes, pattern: str) -> None:
@@ -145,7 +143,7 @@ def test_arguments_holding_bytes_that_are_not_utf8_are_refused_by_name(capsys, w
     bad = before + chr(0xDC00 + byte) + after
     argv = {"PROMPT": ["generate", bad], "--system": ["chat", "--system", bad],
             "--stop": ["generate", "Hi", "--stop", bad]}[where]
-    rc, err = _main(capsys, *argv, "--max-tokens", "2")
+    rc, err = main_in_process(capsys, *argv, "--max-tokens", "2")
     assert rc == 1
     _one_error_line(err, rf"^amlx: error: {re.escape(where)} is not UTF-8 text \(byte {byte:#04x} at character "
                          rf"{len(before)}\)$")
@@ -237,7 +235,7 @@ def test_ctrl_c_while_a_reply_streams_exits_130_without_a_traceback():
 @pytest.mark.parametrize("value, cause", [("0", "must be at least 1, not 0"), ("-3", "must be at least 1, not -3"),
                                           ("x", "not an integer: 'x'")])
 def test_demo_refuses_a_token_count_by_name_before_loading(capsys, value, cause):
-    rc, err = _main(capsys, "demo", "--tokens", value)
+    rc, err = main_in_process(capsys, "demo", "--tokens", value)
     assert rc == 2
     assert err.splitlines()[-1] == f"amlx demo: error: argument --tokens: {cause}"
 
@@ -254,7 +252,7 @@ def busy_port():
 
 def test_serve_on_a_port_in_use_says_so_before_loading(capsys, tmp_path, busy_port):
     # the model is a missing directory: an error about it would mean the load came first
-    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"), "--port", str(busy_port))
+    rc, err = main_in_process(capsys, "serve", str(tmp_path / "no-model"), "--port", str(busy_port))
     assert rc == 1
     _one_error_line(err, rf"^amlx serve: error: cannot listen on 127\.0\.0\.1 port {busy_port}: Address already "
                          r"in use \(another program holds it; pick another --port\)$")
@@ -266,7 +264,7 @@ def test_serve_on_a_port_in_use_says_so_before_loading(capsys, tmp_path, busy_po
     ("::zz", r"--host ::zz: not a host name or address"),
 ])
 def test_serve_on_a_host_it_cannot_bind_says_so_before_loading(capsys, tmp_path, host, cause):
-    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"), "--host", host, "--port", "18765")
+    rc, err = main_in_process(capsys, "serve", str(tmp_path / "no-model"), "--host", host, "--port", "18765")
     assert rc == 1
     _one_error_line(err, rf"^amlx serve: error: {cause}")
 
@@ -281,7 +279,7 @@ def test_serve_on_a_port_in_use_as_a_subprocess(busy_port):
 def test_serve_refuses_a_binary_key_file_by_name(capsys, tmp_path):
     keys = tmp_path / "keys.bin"
     keys.write_bytes(b"\xff\xfe\x00k\n")
-    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"), "--api-key-file", str(keys))
+    rc, err = main_in_process(capsys, "serve", str(tmp_path / "no-model"), "--api-key-file", str(keys))
     assert rc == 1
     _one_error_line(err, rf"^amlx serve: error: --api-key-file {re.escape(str(keys))}: not UTF-8 text \(invalid "
                          r"start byte at byte 0\)$")
@@ -300,7 +298,7 @@ def test_serve_refuses_a_key_no_http_client_can_send(capsys, tmp_path, monkeypat
         args += ["--api-key-file", str(tmp_path / "keys")]
     else:
         monkeypatch.setenv("AMLX_API_KEY", key.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
-    rc, err = _main(capsys, *args)
+    rc, err = main_in_process(capsys, *args)
     assert rc == 1
     where = re.escape(source if source != "--api-key-file" else f"--api-key-file {tmp_path / 'keys'}")
     cause = "not UTF-8 text" if source == "--api-key-file" and "\udcff" in key else \
@@ -345,7 +343,7 @@ def test_bad_sampling_values_are_refused_before_the_model_loads(capsys, tmp_path
     # minutes for a large model; `amlx chat` found the value only at the first message)
     flag, value = case
     args = [command, str(tmp_path / "no-model"), *(["Hi"] if command == "generate" else []), f"{flag}={value}"]
-    rc, err = _main(capsys, *args)
+    rc, err = main_in_process(capsys, *args)
     assert rc == 1
     _one_error_line(err, rf"^amlx: error: {flag} must be ")
 
@@ -358,7 +356,7 @@ def test_a_tensor_parallel_size_past_this_machines_cores_is_refused(capsys, monk
     # the model, and 10**20 was an OverflowError traceback. (MODEL is a missing directory, so that
     # should the check go, the load fails before any rank is started.)
     monkeypatch.delenv("AMLX_TP_HOSTFILE", raising=False)
-    rc, err = _main(capsys, command, str(tmp_path / "no-model"), *(["Hi"] if command == "generate" else []),
+    rc, err = main_in_process(capsys, command, str(tmp_path / "no-model"), *(["Hi"] if command == "generate" else []),
                     "--tensor-parallel", str(size))
     assert rc == 2
     assert re.fullmatch(rf"amlx {command}: error: argument --tensor-parallel: {size} ranks would be {size} "
@@ -369,7 +367,7 @@ def test_a_tensor_parallel_size_past_this_machines_cores_is_refused(capsys, monk
 @pytest.mark.parametrize("value, cause", [("0", "must be at least 1, not 0"), ("-2", "must be at least 1, not -2"),
                                           ("two", "not an integer: 'two'")])
 def test_a_tensor_parallel_size_below_one_is_refused_by_argparse(capsys, tmp_path, value, cause):
-    rc, err = _main(capsys, "generate", str(tmp_path / "no-model"), "Hi", "--tensor-parallel", value)
+    rc, err = main_in_process(capsys, "generate", str(tmp_path / "no-model"), "Hi", "--tensor-parallel", value)
     assert rc == 2 and err.splitlines()[-1] == f"amlx generate: error: argument --tensor-parallel: {cause}"
 
 
@@ -385,7 +383,7 @@ def test_a_tensor_parallel_size_below_one_is_refused_by_argparse(capsys, tmp_pat
 def test_serve_refuses_sizes_and_names_the_load_would_refuse_before_loading(capsys, tmp_path, args, message):
     # --max-context 0 and --kv-cache-memory 0 were refused by the load, after it had read the weights;
     # an empty --model-name served a model whose id was ""
-    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"), *args)
+    rc, err = main_in_process(capsys, "serve", str(tmp_path / "no-model"), *args)
     assert rc == 2
     assert err.splitlines()[-1] == f"amlx serve: error: {message}"
 
@@ -428,7 +426,7 @@ def test_a_prompt_read_from_a_terminal_says_how_to_end_it():
                                          ("README.md", "is not a directory")])
 def test_a_draft_that_is_no_directory_is_named_as_the_draft(capsys, command, draft, what):
     # "amlx: error: prompt-lookup: not a directory" read as if MODEL were missing
-    rc, err = _main(capsys, command, *(["Hi"] if command == "generate" else []), "--draft", draft)
+    rc, err = main_in_process(capsys, command, *(["Hi"] if command == "generate" else []), "--draft", draft)
     assert rc == (2 if command == "serve" else 1)
     prefix = "amlx serve" if command == "serve" else "amlx"
     assert err.splitlines()[-1] == (f"{prefix}: error: --draft {draft}: {what} (a draft model's checkpoint "
@@ -444,7 +442,7 @@ def test_a_draft_that_is_no_directory_is_named_as_the_draft(capsys, command, dra
 def test_an_empty_path_is_named_not_taken_for_the_current_directory(capsys, argv, name):
     # `amlx generate "$MODEL" Hi` with MODEL unset: "config.json: file not found" (of the current
     # directory); `amlx convert SRC ""`: "dst . must lie outside the source checkpoint ."
-    rc, err = _main(capsys, *argv)
+    rc, err = main_in_process(capsys, *argv)
     assert rc == 1
     assert err.splitlines()[-1] == f"amlx: error: {name} is empty (an unset shell variable?)"
 
@@ -452,7 +450,7 @@ def test_an_empty_path_is_named_not_taken_for_the_current_directory(capsys, argv
 @pytest.mark.parametrize("host", ["", " "])
 def test_serve_refuses_an_empty_host_which_would_listen_everywhere(capsys, tmp_path, host):
     # asyncio's create_server binds every interface for host "": an unset variable exposed the server
-    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"), "--host", host)
+    rc, err = main_in_process(capsys, "serve", str(tmp_path / "no-model"), "--host", host)
     assert rc == 2
     assert err.splitlines()[-1] == ("amlx serve: error: --host is empty (--host 0.0.0.0 listens on every interface, "
                                     "if that is what you want)")
@@ -462,7 +460,7 @@ def test_serve_refuses_an_empty_host_which_would_listen_everywhere(capsys, tmp_p
 def test_serve_refuses_an_api_key_variable_set_to_nothing(capsys, tmp_path, monkeypatch, value):
     # AMLX_API_KEY="$(cat missing-file)" served without a key, where --api-key "" is refused
     monkeypatch.setenv("AMLX_API_KEY", value)
-    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"))
+    rc, err = main_in_process(capsys, "serve", str(tmp_path / "no-model"))
     assert rc == 1
     assert err.splitlines()[-1] == ("amlx serve: error: $AMLX_API_KEY is set but empty (the server would run "
                                     "without a key; unset it for that)")
@@ -508,7 +506,7 @@ def test_lora_errors_name_the_option_as_typed(capsys, tmp_path, args, message):
     # "iters must be ...", "resume=True: ...", "adapter_path ...": the library's names, not the flags
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "hello world"}\n')
-    rc, err = _main(capsys, "lora", str(ROOT / "amlx" / "embedded"), "--data", str(data), "--no-progress",
+    rc, err = main_in_process(capsys, "lora", str(ROOT / "amlx" / "embedded"), "--data", str(data), "--no-progress",
                     "--adapter-path", str(tmp_path / "ad"), *args)
     assert rc == 1
     assert err.splitlines()[-1] == "amlx lora: error: " + message.format(ad=tmp_path / "ad")
@@ -517,7 +515,7 @@ def test_lora_errors_name_the_option_as_typed(capsys, tmp_path, args, message):
 def test_lora_leaves_a_message_about_a_data_file_named_like_an_option_alone(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("iters").write_text('{"text": "hello"}\n{"nope": 1}\n')
-    rc, err = _main(capsys, "lora", str(ROOT / "amlx" / "embedded"), "--data", "iters", "--no-progress")
+    rc, err = main_in_process(capsys, "lora", str(ROOT / "amlx" / "embedded"), "--data", "iters", "--no-progress")
     assert rc == 1 and err.splitlines()[-1].startswith("amlx lora: error: iters:2: "), err
 
 
@@ -528,7 +526,7 @@ def test_lora_leaves_a_message_about_a_data_file_named_like_an_option_alone(caps
     (["convert", "amlx/embedded", "amlx/embedded/out"], "amlx: error: dst amlx/embedded/out must lie outside"),
 ])
 def test_errors_of_generate_and_convert_name_the_option_as_typed(capsys, tmp_path, argv, message):
-    rc, err = _main(capsys, *(a.format(tmp=tmp_path) for a in argv))
+    rc, err = main_in_process(capsys, *(a.format(tmp=tmp_path) for a in argv))
     assert rc == 1
     assert err.splitlines()[-1].startswith(message), err
 
@@ -555,7 +553,7 @@ def test_any_value_of_any_option_is_an_exit_status_and_one_error_line(capsys, tm
     value = data.draw(st.sampled_from(_ODD) | st.text(max_size=10))
     missing = str(tmp_path / "no-model")
     before = {"generate": [missing, "Hi"], "serve": [missing, "--port", "1"], "convert": [missing, str(tmp_path / "o")]}
-    rc, err = _main(capsys, command, *before[command], f"{option}={value}")
+    rc, err = main_in_process(capsys, command, *before[command], f"{option}={value}")
     assert rc in (1, 2), err
     last = err.rstrip("\n").split("\n")[-1]
     assert "error:" in last and "Traceback" not in err, err

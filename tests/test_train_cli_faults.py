@@ -25,8 +25,10 @@ from amlx.train.data import DataError, load_dataset
 
 try:
     from tests.helpers.checkpoints import make_checkpoint
+    from tests.helpers.cli import main_in_process
 except ImportError:  # tests/ itself on sys.path
     from helpers.checkpoints import make_checkpoint
+    from helpers.cli import main_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = [{"text": "hello world"}, {"text": "bye now"}]
@@ -270,15 +272,6 @@ def test_files_that_cannot_be_written_are_one_line_errors(ckpt, tmp_path):
     _one_line_error(r, rf"^amlx lora: error: (.* -> )?{tmp_path / 'ad' / 'optimizer.json'}: Is a directory$")
 
 
-def _main(capsys, *argv: str) -> tuple[int, str]:
-    """`amlx ARGV` in this process: (exit status, stderr); argparse's exits count as statuses."""
-    from amlx.cli import main
-
-    try:
-        rc = main(list(argv))
-    except SystemExit as exc:
-        rc = exc.code
-    return rc, capsys.readouterr().err
 
 
 def test_serve_help_shows_its_defaults_and_an_example(capsys):
@@ -306,7 +299,7 @@ def test_serve_refuses_bad_numbers_and_keys_before_loading(capsys, tmp_path, cas
     # were taken (a busy loop of keep-alive comments); --api-key "" served without a key;
     # --kv-cache-memory infGB was an OverflowError traceback
     flag, value, pattern = case
-    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"), f"{flag}={value}")
+    rc, err = main_in_process(capsys, "serve", str(tmp_path / "no-model"), f"{flag}={value}")
     assert rc == 2, err
     assert __import__("re").search(rf"^amlx serve: error: {pattern}", err.splitlines()[-1]), err
 
@@ -314,11 +307,11 @@ def test_serve_refuses_bad_numbers_and_keys_before_loading(capsys, tmp_path, cas
 def test_serve_refuses_a_request_log_it_cannot_write_and_an_empty_key_file(capsys, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"), "--log-requests", str(afile / "log.jsonl"))
+    rc, err = main_in_process(capsys, "serve", str(tmp_path / "no-model"), "--log-requests", str(afile / "log.jsonl"))
     assert rc == 2 and err.startswith(f"amlx serve: error: --log-requests: {afile / 'log.jsonl'}: Not a directory")
     keys = tmp_path / "keys.txt"
     keys.write_text("# no keys yet\n\n")
-    rc, err = _main(capsys, "serve", str(tmp_path / "no-model"), "--api-key-file", str(keys))
+    rc, err = main_in_process(capsys, "serve", str(tmp_path / "no-model"), "--api-key-file", str(keys))
     assert rc == 1 and f"--api-key-file {keys} holds no key" in err
 
 
