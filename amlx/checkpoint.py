@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 from amlx.errors import ModelLoadError
+from amlx.notices import stderr_stream
 
 __all__ = [
     "CONFIG", "GENERATION_CONFIG", "INDEX", "JSON_LIMIT", "TOKENIZER_JSON_LIMIT", "CheckpointSpec", "TensorInfo",
@@ -462,8 +463,11 @@ def progress_bar(total: int, desc: str, progress: bool | None):
         from tqdm import tqdm  # type: ignore[import-untyped]
     except ImportError:  # pragma: no cover
         return None
+    stream = stderr_stream()
+    if stream is None:  # (no stderr: tqdm fails on it, then deadlocks in its finalizer)
+        return None
     disable = None if progress is None else not progress
-    return tqdm(total=total, desc=desc, unit="tensor", disable=disable, leave=False)
+    return tqdm(total=total, desc=desc, unit="tensor", disable=disable, leave=False, file=stream)
 
 
 def _shards(units: list, max_bytes: int) -> list[list]:

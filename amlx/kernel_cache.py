@@ -12,9 +12,10 @@ prebuilt; CUDA's are compiled in memory in well under a second each).
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import TextIO
+
+from amlx.notices import stderr_stream
 
 __all__ = ["kernel_cache_dir", "kernel_cache_is_cold", "first_run_notice"]
 
@@ -55,7 +56,9 @@ def first_run_notice(device: str = "auto", out: TextIO | None = None) -> bool:
     on_cpu = device == "cpu" or (device == "auto" and not mxdevice.gpu_available())
     if not on_cpu or not kernel_cache_is_cold():
         return False
-    stream = sys.stderr if out is None else out
+    stream = stderr_stream() if out is None else out
+    if stream is None:
+        return False
     stream.write(NOTICE + "\n")
     stream.flush()
     return True

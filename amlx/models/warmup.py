@@ -38,6 +38,7 @@ from amlx._mlx import Array, fast, ops
 from amlx._mlx import eval as mx_eval
 from amlx.models import quantized_gemv
 from amlx.models.nn import Module, QuantizedEmbedding, QuantizedLinear
+from amlx.notices import notice
 
 __all__ = ["ROW_TILES", "SlowNotice", "WarmupReport", "stderr_line", "warmup_enabled", "needs_warmup", "precompile", "quantized_shapes", "rows_to_warm",
            "warm_quantized_matmuls"]
@@ -148,7 +149,7 @@ class SlowNotice:
 
 
 def stderr_line(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    notice(line)
 
 
 def warm_quantized_matmuls(model: Module, max_rows: int, *, write: Callable[[str], None] = stderr_line,
