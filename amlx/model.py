@@ -20,7 +20,7 @@ from amlx.errors import ClosedError, ContextLengthError
 from amlx.hub import resolve_model
 from amlx.prompt import INLINE_CHARS, PromptEncoder, is_heavy, is_token_id
 from amlx.sample import MAX_TOP_LOGPROBS
-from amlx.toolcalls import detect_format, opens_reasoning, parse_tool_calls
+from amlx.toolcalls import detect_format, parse_tool_calls, prompt_opens_reasoning
 from amlx.types import Completion, EngineStats, GenerateOptions, GenerationOptions, Prompt, Token, Usage
 
 if TYPE_CHECKING:
@@ -380,7 +380,7 @@ def _completion(stream: RequestStream, tokens: list[Token], tokenizer: Tokenizer
     text = "".join(t.text for t in tokens)
     fmt = detect_format(tokenizer.chat_template)
     # a prompt that leaves a reasoning section open: the reply's calls before its `</think>` are reasoning
-    thinking = fmt is not None and opens_reasoning(tokenizer.decode(stream.request.prompt[-8:]), fmt)
+    thinking = prompt_opens_reasoning(tokenizer, stream.request.prompt, fmt)
     calls = parse_tool_calls(text, fmt, thinking=thinking)[1]
     return Completion(text, [t.id for t in tokens], tokens[-1].finish_reason if tokens else "stop",
                       Usage(stream.prompt_tokens, len(tokens), first, rate, stream.cached_tokens), logprobs, top,

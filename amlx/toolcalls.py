@@ -31,12 +31,13 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 from amlx.types import ToolCall
 
-__all__ = ["FORMATS", "ToolCallParser", "detect_format", "opens_reasoning", "parse_tool_calls"]
+__all__ = ["FORMATS", "ToolCallParser", "detect_format", "opens_reasoning", "parse_tool_calls",
+           "prompt_opens_reasoning"]
 
 FORMATS = ("qwen", "llama3", "mistral")
 
@@ -73,6 +74,15 @@ def opens_reasoning(prompt: str, fmt: str | None) -> bool:
     `<think>` in a system prompt or tool description opens nothing."""
     markers = _THINK.get(fmt or "")
     return bool(markers) and prompt.rstrip().endswith(markers[0])
+
+
+_REASONING_TAIL = 8  # prompt tokens whose text decides `prompt_opens_reasoning`
+
+
+def prompt_opens_reasoning(tokenizer: Any, ids: Sequence[int], fmt: str | None) -> bool:
+    """`opens_reasoning` for a prompt given as token ids: its last few tokens decoded with
+    `tokenizer` (the server's choices and `Completion.tool_calls` alike)."""
+    return bool(fmt) and opens_reasoning(tokenizer.decode(list(ids)[-_REASONING_TAIL:]), fmt)
 
 
 _CALL_PREFIX = uuid.uuid4().hex[:12]  # per process; a counter makes each id unique

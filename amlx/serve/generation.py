@@ -22,7 +22,7 @@ import amlx
 from amlx.serve.errors import APIError, from_engine
 from amlx.serve.metrics import Metrics
 from amlx.serve.options import choice_options
-from amlx.toolcalls import ToolCallParser, opens_reasoning
+from amlx.toolcalls import ToolCallParser, prompt_opens_reasoning
 from amlx.types import GenerationOptions, Token, ToolCall
 
 
@@ -225,8 +225,7 @@ class Generation:
             for p, ids in enumerate(prompts):
                 # a prompt that leaves a reasoning section open (Qwen3 "Thinking" templates):
                 # calls before the reply's `</think>` are reasoning, not calls
-                thinking = bool(self._tool_format) and opens_reasoning(self._model.tokenizer.decode(ids[-8:]),
-                                                                       self._tool_format)
+                thinking = prompt_opens_reasoning(self._model.tokenizer, ids, self._tool_format)
                 for opts in choice_options(options, n):
                     stream = self._model.generate(ids, **opts)
                     parser = ToolCallParser(self._tool_format, thinking=thinking)
