@@ -163,6 +163,7 @@ class AdamW:
         self.step = 0  # updates made so far
         self.m: dict[str, Array] = {}
         self.v: dict[str, Array] = {}
+        self.paired_sha256: str | None = None  # set by `load`: the digest of the file saved with the state
         self.last_grad_norm: Array | None = None
 
     @property
@@ -225,7 +226,7 @@ class AdamW:
 
     def save(self, directory: str | os.PathLike, paired_with: str | os.PathLike | None = None) -> None:
         """Writes optimizer.safetensors and optimizer.json into `directory`; `paired_with`: the
-        file (an adapter) this state goes with, whose digest `paired_with` reads back."""
+        file (an adapter) this state goes with, whose digest `load` reads back (`paired_sha256`)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {f"m.{k}": a for k, a in self.m.items()}
@@ -240,15 +241,6 @@ class AdamW:
         tmp = d / (".tmp-" + OPTIMIZER_CONFIG)
         tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, d / OPTIMIZER_CONFIG)
-
-    @staticmethod
-    def paired_with(directory: str | os.PathLike) -> str | None:
-        """The digest of the file the state in `directory` was saved with (None: not recorded)."""
-        try:
-            pair = json.loads((Path(directory) / OPTIMIZER_CONFIG).read_text(encoding="utf-8")).get("paired_with")
-        except (OSError, ValueError, AttributeError):
-            return None
-        return pair.get("sha256") if isinstance(pair, dict) else None
 
     def load(self, directory: str | os.PathLike) -> None:
         """Reads the state written by `save` (the hyperparameters stay those of this object)."""
@@ -267,6 +259,8 @@ class AdamW:
         m = {k[2:]: a for k, a in arrays.items() if k.startswith("m.")}
         v = {k[2:]: a for k, a in arrays.items() if k.startswith("v.")}
         self.load_state_dict({"step": meta.get("step"), "m": m, "v": v})
+        pair = meta.get("paired_with")
+        self.paired_sha256 = pair.get("sha256") if isinstance(pair, dict) else None
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -398,7 +398,7 @@ class TrainingRun:
             self._opt.load(d)
         except ValueError as exc:
             raise ValueError(f"{d}: cannot resume the optimizer state: {exc}") from None
-        paired = AdamW.paired_with(d)
+        paired = self._opt.paired_sha256
         if paired is not None and paired != file_sha256(d / _lora.ADAPTER_WEIGHTS):
             raise ValueError(f"{d}: the optimizer state was saved with another {_lora.ADAPTER_WEIGHTS} than the one "
                              "there now (a save cut short between the two, or the adapter replaced?); with "
