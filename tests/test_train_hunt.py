@@ -250,16 +250,19 @@ def test_hostile_adapter_files_are_refused_naming_the_file_and_keep_the_adapter(
 
 # -- memory ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("kind", ["full", "lora"])
 @pytest.mark.parametrize("how", ["finished", "stopped"])
-async def test_a_full_run_kept_after_close_holds_no_memory(qwen, how):
-    """A finished or stopped full run kept its AdamW moments (two float32 copies of every
-    weight) for as long as the caller held the run, also after the model was closed."""
+async def test_a_run_kept_after_close_holds_no_memory(qwen, how, kind):
+    """A finished or stopped run kept its AdamW moments for as long as the caller held the
+    run, also after the model was closed: a full run two float32 copies of every weight, a
+    LoRA run (whose moments serve a save after a stop, until the close) those of its adapter."""
     import gc
 
     gc.collect()
     base = amlx.memory()["active"]
     model = await amlx.load(qwen)
-    run = model.train(DATA, iters=3 if how == "finished" else 50, batch_size=2, learning_rate=1e-3)
+    train = model.train if kind == "full" else model.train_lora
+    run = train(DATA, iters=3 if how == "finished" else 50, batch_size=2, learning_rate=1e-3)
     async for ev in run:
         if how == "stopped" and ev.step == 2:
             await run.aclose()
@@ -269,6 +272,22 @@ async def test_a_full_run_kept_after_close_holds_no_memory(qwen, how):
     gc.collect()
     assert amlx.memory()["active"] <= base + 64  # (the run's 8-byte random key may stay)
     assert run.step >= 2
+
+
+async def test_a_dropped_run_is_not_kept_alive_by_its_model(qwen):
+    """The model calls back into a run at its close; the registration must not keep a run
+    the caller dropped (and its moments) alive for the model's lifetime."""
+    import gc
+    import weakref
+
+    async with await amlx.load(qwen) as model:
+        run = model.train_lora(DATA, iters=2, batch_size=2, learning_rate=1e-3)
+        async for _ in run:
+            pass
+        ref = weakref.ref(run)
+        del run
+        gc.collect()
+        assert ref() is None
 
 
 # -- batches and masks ----------------------------------------------------------------

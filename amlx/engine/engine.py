@@ -11,6 +11,7 @@ into ids and wraps the streams; training runs its jobs through `run`.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any, Callable
 
 from amlx.constrain import Constraint, MatcherFactory
@@ -74,6 +75,7 @@ class Engine:
         self._closed = False
         self._weights_version = 0  # bumped by weights_changed (a score call under way starts again)
         self._close_lock = threading.Lock()
+        self._at_close: list[weakref.WeakMethod] = []
         self._worker.add_scheduler(self.scheduler)
 
     # -- requests ---------------------------------------------------------------
@@ -244,6 +246,13 @@ class Engine:
         self._weights_version += 1
         self._worker.run_sync(self.scheduler.weights_changed)
 
+    def at_close(self, method: Callable[[], None]) -> None:
+        """Calls the bound `method` on the worker when the engine closes, after the weights
+        are freed, for state kept beside the model that no longer has a use (a training run's
+        optimizer moments). Held weakly: registering keeps no object alive."""
+        with self._close_lock:
+            self._at_close.append(weakref.WeakMethod(method))
+
     @property
     def tensor_parallel(self) -> int:
         """How many ranks (processes) run the model: 1 unless loaded with tensor_parallel=N."""
@@ -263,6 +272,12 @@ class Engine:
                     self.draft_model.close()
                 if self.mirror is not None:
                     self.mirror.close()
+                with self._close_lock:
+                    closers, self._at_close = self._at_close, []
+                for ref in closers:
+                    method = ref()
+                    if method is not None:
+                        method()
         finally:
             self.placement.release()
             if self.mirror is not None:

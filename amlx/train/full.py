@@ -68,10 +68,7 @@ class FullTrainingRun(TrainingRun):
         # The moments (two float32 copies of every weight) are of no use once the run is over:
         # a full run cannot be resumed and its saves write weights only. Dropped here, they do
         # not outlive the run's end (or the model's close) for as long as the caller keeps the run.
-        opt = getattr(self, "_opt", None)
-        if opt is not None:
-            opt.m.clear()
-            opt.v.clear()
+        self._drop_moments()
         super()._teardown()
 
     _output_option = "save_path"

@@ -295,6 +295,15 @@ class TrainingRun:
             _TRAINING.discard(self._lm)
         self._owns_guard = False
 
+    def _drop_moments(self) -> None:
+        """Worker, at the model's close (and a full run's end): the optimizer's moments can serve
+        no later save or step (both need the model), so they go with it, also while the caller
+        keeps the run."""
+        opt = getattr(self, "_opt", None)
+        if opt is not None:
+            opt.m.clear()
+            opt.v.clear()
+
     # -- worker jobs ------------------------------------------------------------
     def _check_open(self) -> None:
         if self._model.closed:
@@ -309,6 +318,7 @@ class TrainingRun:
                 raise RuntimeError("this model is already being trained by another train_lora run")
             _TRAINING.add(self._lm)
         self._owns_guard = True
+        self._engine.at_close(self._drop_moments)
         try:
             return self._prepare(opts)
         except BaseException:
