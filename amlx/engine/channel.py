@@ -9,6 +9,7 @@ the worker so the request resumes.
 from __future__ import annotations
 
 import threading
+import traceback
 from collections import deque
 from typing import Callable
 
@@ -40,6 +41,8 @@ class Channel:
             self._notify()
 
     def close(self, error: BaseException | None = None) -> None:
+        if error is not None:
+            detach_frames(error)
         with self._lock:
             if self._done:
                 return
@@ -95,3 +98,23 @@ class Channel:
     @property
     def done(self) -> bool:
         return self._done
+
+
+def detach_frames(exc: BaseException) -> None:
+    """Replaces the tracebacks of `exc` and the exceptions chained to it by their text (a
+    note). A failure handed to a consumer is raised again on its side, and the consumer's
+    frames join the traceback; one of them holds the channel, which holds the error: a cycle
+    that kept the failed step's frames, with their MLX arrays, alive until the next garbage
+    collection. Without frames the error is freed with its last reference, and the text
+    still shows where the worker failed."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        if tb is not None:
+            exc.__traceback__ = None
+            exc.add_note("worker traceback (most recent call last):\n" + "".join(traceback.format_tb(tb)).rstrip())
+        chained = [e for e in (exc.__cause__, exc.__context__) if e is not None and id(e) not in seen]
+        for other in chained[1:]:
+            detach_frames(other)
+        exc = chained[0] if chained else None
