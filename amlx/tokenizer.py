@@ -79,6 +79,115 @@ def _read_text(path: Path) -> str | None:
         raise ModelLoadError(f"{path}: cannot read file: {e}") from None
 
 
+# How much a tokenizer.json's normalizer may make of a text before its model splits it (characters
+# per character); its post-processor may write the text's tokens once. Encoding work and the ids
+# it makes grow with these times the text's length, all of it spent before a caller can compare
+# the count with a context length: a post-processor writing `$A` a thousand
+# times made a 10 KB prompt 600,000 ids. Real tokenizers stay far below: one copy; normalizers
+# NFC 3, NFKC 18, NFKC then Lowercase 54, BertNormalizer 36, Prepend "▁" with Replace 2.
+_MAX_EXPANSION = 128
+_MAX_ADDED_SPECIAL_IDS = 1024  # ids a post-processor adds to every text (real ones: 0 to 3)
+_COPIES_SHOWN = 10 ** 6  # a refusal's count of copies, "more than" beyond
+
+# Most characters one character can become under each normalizer that has no settings to read
+# (Unicode's largest decompositions: NFKC/NFKD 18, NFD 4, NFC 3; a lowercase mapping at most 3
+# chars; ByteLevel one char per UTF-8 byte).
+_NORMALIZER_GROWTH = {"NFC": 3, "NFD": 4, "NFKC": 18, "NFKD": 18, "Lowercase": 3, "ByteLevel": 4, "Strip": 1,
+                      "StripAccents": 1, "Nmt": 1}
+
+
+def _normalizer_growth(node: Any) -> int:
+    """An upper bound on the characters one input character becomes under a normalizer (its
+    tokenizer.json entry), capped just above _MAX_EXPANSION; the cap for a shape not known."""
+    cap = _MAX_EXPANSION + 1
+    if node is None:
+        return 1
+    if not isinstance(node, Mapping):
+        return cap
+    kind = node.get("type")
+    if kind in _NORMALIZER_GROWTH:
+        return _NORMALIZER_GROWTH[kind]
+    if kind == "Sequence":
+        growth = 1
+        for child in node.get("normalizers") or []:
+            growth = min(cap, growth * _normalizer_growth(child))
+        return growth
+    if kind == "Prepend":  # once per piece between added tokens: at most one per character
+        return min(cap, 1 + len(str(node.get("prepend", ""))))
+    if kind == "Replace":
+        content = len(str(node.get("content", "")))
+        pattern = node.get("pattern") or {}
+        literal = pattern.get("String") if isinstance(pattern, Mapping) else None
+        if isinstance(literal, str) and literal:
+            return min(cap, max(1, -(-content // len(literal))))
+        # a regex (or an empty string) may match nothing, between every two characters
+        return min(cap, 1 + content)
+    if kind == "BertNormalizer":
+        lowercase = bool(node.get("lowercase", True))
+        strip = node.get("strip_accents")
+        strip = lowercase if strip is None else bool(strip)  # (None follows lowercase, as in transformers)
+        return (3 if node.get("handle_chinese_chars", True) else 1) * (4 if strip else 1) * (3 if lowercase else 1)
+    if kind == "Precompiled":
+        return min(cap, _precompiled_growth(node.get("precompiled_charsmap")))
+    return cap
+
+
+def _precompiled_growth(charsmap: Any) -> int:
+    """The longest replacement in a SentencePiece precompiled charsmap (base64: a 4-byte
+    little-endian trie size, the trie, then the replacements, each ended by a NUL); a match
+    takes at least one character."""
+    import base64
+    import binascii
+
+    try:
+        blob = base64.b64decode(str(charsmap or ""))
+    except (binascii.Error, ValueError):
+        return _MAX_EXPANSION + 1
+    if len(blob) < 4:
+        return 1
+    start = 4 + int.from_bytes(blob[:4], "little")
+    return max([1, *(len(piece.decode("utf-8", "replace")) for piece in blob[start:].split(b"\0"))])
+
+
+def _text_copies(node: Any) -> tuple[int, str]:
+    """(How many times a post-processor writes a text's tokens, the processor that writes it
+    most): a TemplateProcessing once per `$A`/`$B` in its single template; a Sequence the
+    product of its processors'; the others once."""
+    if not isinstance(node, Mapping):
+        return 1, ""
+    kind = node.get("type")
+    if kind == "TemplateProcessing":
+        single = node.get("single") or []
+        return sum(1 for piece in single if isinstance(piece, Mapping) and "Sequence" in piece), str(kind)
+    if kind == "Sequence":
+        copies, worst = 1, (1, "")
+        for child in node.get("processors") or []:
+            child_copies = _text_copies(child)
+            copies = min(_COPIES_SHOWN + 1, copies * max(1, child_copies[0]))  # (nested: a power tower)
+            worst = max(worst, child_copies)
+        return copies, worst[1]
+    return 1, str(kind)
+
+
+def _expansion_problem(backend: tokenizers.Tokenizer) -> str | None:
+    """Why encoding with `backend` may make far more than its text's worth of ids (None when it
+    cannot): checked at load, so that a hostile tokenizer.json is refused by name and the work of
+    every encode stays bounded in the length of its text."""
+    normalizer = json.loads(backend.normalizer.__getstate__()) if backend.normalizer is not None else None
+    processor = json.loads(backend.post_processor.__getstate__()) if backend.post_processor is not None else None
+    copies, which = _text_copies(processor)
+    if copies > 1:  # (real post-processors write a text once, between their special tokens)
+        times = f"{copies}" if copies <= _COPIES_SHOWN else f"more than {_COPIES_SHOWN}"
+        return f"its post-processor ({which}) writes the tokens of every text {times} times"
+    if _normalizer_growth(normalizer) > _MAX_EXPANSION:
+        kind = normalizer.get("type") if isinstance(normalizer, Mapping) else "?"
+        return f"its normalizer ({kind}) can make one character into more than {_MAX_EXPANSION} characters"
+    added = backend.post_processor.num_special_tokens_to_add(False) if backend.post_processor is not None else 0
+    if added > _MAX_ADDED_SPECIAL_IDS:
+        return f"its post-processor adds {added} special-token ids to every text (at most {_MAX_ADDED_SPECIAL_IDS})"
+    return None
+
+
 def _token_content(value: Any) -> str | None:
     """A special token from a config: a string, or a dict with "content" (serialized AddedToken)."""
     if isinstance(value, str):
@@ -294,6 +403,10 @@ class Tokenizer:
         except Exception as e:  # the Rust side raises plain Exception; bad UTF-8 a UnicodeDecodeError
             _read_json_object(tokenizer_file, required=True)  # a clearer message if the JSON is broken
             raise ModelLoadError(f"{tokenizer_file}: not a valid tokenizer: {e}") from e
+        problem = _expansion_problem(backend)
+        if problem:
+            raise ModelLoadError(f"{tokenizer_file}: refused: {problem}, so that encoding a text could take "
+                                 "time and memory out of all proportion to its length")
 
         config = _read_json_object(root / "tokenizer_config.json", required=False)
         special_map = _read_json_object(root / "special_tokens_map.json", required=False)

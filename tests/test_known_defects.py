@@ -1,0 +1,89 @@
+"""Regressions for defects that were known and left open: a tokenizer.json whose post-processor
+or normalizer multiplies every text, huggingface_hub's cached file listings read with a plain
+open(), Ctrl-C while `amlx` starts, tool calls with `"arguments": null`, and a reasoning section
+opened further back than the prompt's last few tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from amlx.errors import ModelLoadError
+from amlx.tokenizer import Tokenizer
+from helpers.tokenizers import write_tokenizer
+
+
+# -- 1. a tokenizer.json that multiplies every text ------------------------------------------------
+
+def _tokenizer_dir(tmp_path: Path, kind: str, **replace) -> Path:
+    """A test tokenizer of `kind` with tokenizer.json's top-level entries `replace`d."""
+    d = tmp_path / f"tok-{kind}"
+    write_tokenizer(d, kind)
+    data = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+    data.update(replace)
+    (d / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    return d
+
+
+def _template(single: list) -> dict:
+    return {"type": "TemplateProcessing", "single": single, "pair": single, "special_tokens": {}}
+
+
+_A = {"Sequence": {"id": "A", "type_id": 0}}
+
+
+@pytest.mark.parametrize("kind", ["bpe", "spm"])
+@pytest.mark.parametrize("entries, cause", [
+    # the text's tokens written 1000 times: a 10 KB prompt was 600,000 ids before any length check
+    ({"post_processor": _template([_A] * 1000)}, "writes the tokens of every text 1000 times"),
+    ({"post_processor": _template([_A, {"Sequence": {"id": "B", "type_id": 1}}])}, "2 times"),
+    # ten doublings, one after another
+    ({"post_processor": {"type": "Sequence", "processors": [_template([_A, _A])] * 10}}, "1024 times"),
+    # a "special token" of 5000 ids before every text
+    ({"post_processor": {**_template([{"SpecialToken": {"id": "<x>", "type_id": 0}}, _A]), "special_tokens": {
+        "<x>": {"id": "<x>", "ids": [1] * 5000, "tokens": ["x"] * 5000}}}}, "adds 5000 special-token ids"),
+    # every space a thousand characters; every gap between characters (a regex matching nothing)
+    ({"normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "x" * 1000}},
+     "normalizer (Replace) can make one character into more than 128"),
+    ({"normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "NFC"}, {"type": "Replace", "pattern": {"Regex": "a*"}, "content": "y" * 200}]}},
+     "normalizer (Sequence)"),
+    ({"normalizer": {"type": "Prepend", "prepend": "z" * 500}}, "normalizer (Prepend)"),
+])
+def test_a_tokenizer_that_multiplies_every_text_is_refused_at_load(tmp_path, kind, entries, cause):
+    """A hostile tokenizer.json could make any prompt millions of ids (and as much time and
+    memory) before the context-length check refused it: refused at load instead, naming the
+    file and the cause, so that encoding stays bounded in the text's length."""
+    d = _tokenizer_dir(tmp_path, kind, **entries)
+    with pytest.raises(ModelLoadError) as info:
+        Tokenizer.from_dir(d)
+    msg = str(info.value)
+    assert msg.startswith(f"{d / 'tokenizer.json'}: refused: ") and cause in msg, msg
+
+
+_LLAMA3_POST = {"type": "Sequence", "processors": [
+    {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+    {"type": "TemplateProcessing",
+     "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, _A],
+     "pair": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, _A,
+              {"SpecialToken": {"id": "<|im_start|>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+     "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [0], "tokens": ["<|im_start|>"]}}}]}
+
+
+@pytest.mark.parametrize("kind, entries", [
+    ("bpe", {}),  # Qwen: NFC, ByteLevel post-processor
+    ("spm", {}),  # Gemma: Replace " " -> "▁", "<bos> $A"
+    ("bpe", {"post_processor": _LLAMA3_POST, "normalizer": None}),  # Llama 3
+    ("spm", {"normalizer": {"type": "Sequence", "normalizers": [  # Mistral / Llama 2
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}}),
+    ("bpe", {"normalizer": {"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]}}),
+    ("bpe", {"normalizer": {"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": True,
+                            "strip_accents": None, "lowercase": True}}),
+])
+def test_real_tokenizer_shapes_still_load(tmp_path, kind, entries):
+    d = _tokenizer_dir(tmp_path, kind, **entries)
+    tok = Tokenizer.from_dir(d)
+    assert tok.decode(tok.encode("hello world", add_special_tokens=False)).lower().strip() in (
+        "hello world", "▁hello world", "hello▁world")
