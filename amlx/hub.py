@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 from amlx.checkpoint import read_bytes
@@ -59,6 +60,39 @@ def _check_ref(cache: Path, model_id: str) -> None:
         raise ModelLoadError(f"{ref}: not a revision of the Hugging Face cache (not UTF-8 text)") from None
 
 
+# huggingface_hub 2.x's cached file listing of one revision (trees/<commit>.json): a few
+# hundred bytes per file of the repository, so megabytes for the largest
+_TREE_LIMIT = 64 << 20
+
+
+def _check_trees(cache: Path, model_id: str) -> None:
+    """Refuses a cached file listing (``trees/<commit>.json``) that is not a regular file of at
+    most _TREE_LIMIT bytes: huggingface_hub reads the one of the revision it resolves (from
+    refs/main offline, from the Hub online) whole with a plain open() and json.load, so a FIFO
+    there blocked the load forever and a link to /dev/zero never ended. Each listing is checked,
+    since which revision the Hub names is not known before the download asks."""
+    trees = cache / f"models--{model_id.replace('/', '--')}" / "trees"
+    try:
+        names = sorted(os.listdir(trees))
+    except OSError:  # none (never downloaded, an older huggingface_hub), or no directory: nothing is read
+        return
+    for name in names:
+        if not name.endswith(".json"):  # (the hub's own temporary files, never read)
+            continue
+        path = trees / name
+        try:
+            st = os.stat(path)  # (after links: where the hub's open() would read)
+        except FileNotFoundError:
+            continue  # a dangling link, or gone since: the hub finds no listing either
+        except OSError as e:
+            raise ModelLoadError(f"{path}: cannot read: {e}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelLoadError(f"{path}: not a regular file (a cached file listing of the Hugging Face cache)")
+        if st.st_size > _TREE_LIMIT:
+            raise ModelLoadError(f"{path}: {st.st_size} bytes, more than the {_TREE_LIMIT} bytes a cached file "
+                                 "listing of the Hugging Face cache may have")
+
+
 def resolve_model(name_or_path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None,
                   download: bool = True) -> Path:
     """The checkpoint directory for a path or a Hugging Face model id.
@@ -77,6 +111,7 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, cache_dir: str | os.P
 
     cache = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
     _check_ref(cache, name_or_path)
+    _check_trees(cache, name_or_path)
     try:
         return Path(snapshot_download(name_or_path, cache_dir=cache, local_files_only=True,
                                       allow_patterns=list(CHECKPOINT_FILES)))

@@ -6,6 +6,8 @@ opened further back than the prompt's last few tokens."""
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,71 @@ def test_real_tokenizer_shapes_still_load(tmp_path, kind, entries):
     tok = Tokenizer.from_dir(d)
     assert tok.decode(tok.encode("hello world", add_special_tokens=False)).lower().strip() in (
         "hello world", "▁hello world", "hello▁world")
+
+
+# -- 2. huggingface_hub's cached file listings -------------------------------------------------------
+
+_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _cache(tmp_path: Path) -> tuple[Path, Path]:
+    """A Hugging Face cache holding acme/tiny at _COMMIT; (the cache, its trees/<commit>.json path)."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(_COMMIT)
+    (repo / "snapshots" / _COMMIT).mkdir(parents=True)
+    (repo / "snapshots" / _COMMIT / "config.json").write_text("{}")
+    (repo / "trees").mkdir()
+    return cache, repo / "trees" / f"{_COMMIT}.json"
+
+
+def _resolve(cache: Path) -> Path:
+    from amlx.hub import resolve_model
+
+    return resolve_model("acme/tiny", cache_dir=cache, download=False)
+
+
+def test_a_fifo_as_the_cached_file_listing_does_not_block(tmp_path):
+    """huggingface_hub 2.x reads trees/<commit>.json (the revision's file listing, to tell a
+    complete snapshot) whole with a plain open(): a FIFO there blocked amlx.load("org/name")
+    forever, as refs/main did. (A watchdog writes to the FIFO should the lookup block, so a
+    regression fails instead of hanging the suite.)"""
+    cache, tree = _cache(tmp_path)
+    os.mkfifo(tree)
+    result: dict = {}
+
+    def lookup():
+        try:
+            result["path"] = _resolve(cache)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            result["error"] = e
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(60)
+    if thread.is_alive():
+        with open(tree, "w") as f:  # the blocked reader takes this and goes on
+            f.write("{}")
+        thread.join()
+        pytest.fail("the lookup blocked reading a FIFO at trees/<commit>.json")
+    assert isinstance(result.get("error"), ModelLoadError), result
+    msg = str(result["error"])
+    assert str(tree) in msg and "not a regular file" in msg
+
+
+def test_a_huge_cached_file_listing_is_refused_unread(tmp_path):
+    """A listing of gigabytes was read whole into memory (and parsed) by huggingface_hub."""
+    cache, tree = _cache(tmp_path)
+    with open(tree, "wb") as f:
+        f.truncate((64 << 20) + 1)  # (sparse: no disk space)
+    with pytest.raises(ModelLoadError) as info:
+        _resolve(cache)
+    assert str(tree) in str(info.value) and "more than the 67108864 bytes" in str(info.value)
+
+
+def test_a_plain_cached_file_listing_still_resolves(tmp_path):
+    cache, tree = _cache(tmp_path)
+    tree.write_text(json.dumps({"format_version": 1, "files": {"config.json": {"size": 2, "blob_id": "x"}}}))
+    (tree.parent / "tmpab12.tmp").mkdir()  # (not a listing: never read)
+    assert _resolve(cache) == cache / "models--acme--tiny" / "snapshots" / _COMMIT
