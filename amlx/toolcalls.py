@@ -108,6 +108,11 @@ def _call_from(obj: Any, args_key: str, new_id: Callable[[], str] = new_call_id)
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
     args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
+    if args is None:
+        # JSON null: no arguments, as "" below and as a missing key (a function without
+        # parameters); OpenAI clients JSON.parse the arguments and expect an object, so {}
+        # rather than vLLM's "null" (it json.dumps whatever the model wrote)
+        args = {}
     if isinstance(args, str):  # some models write the arguments as a JSON string already
         # "" is how some models (and clients, which templates then render back) write "no
         # arguments"; OpenAI clients JSON.parse the arguments, so it goes out as {}

@@ -157,3 +157,33 @@ def test_a_plain_cached_file_listing_still_resolves(tmp_path):
     tree.write_text(json.dumps({"format_version": 1, "files": {"config.json": {"size": 2, "blob_id": "x"}}}))
     (tree.parent / "tmpab12.tmp").mkdir()  # (not a listing: never read)
     assert _resolve(cache) == cache / "models--acme--tiny" / "snapshots" / _COMMIT
+
+
+# -- 4. tool calls with "arguments": null ------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt, text", [
+    ("qwen", '<tool_call>{"name": "now", "arguments": null}</tool_call>'),
+    ("qwen", '<tool_call>\n{"name": "now", "arguments": null}\n'),  # unclosed at the end
+    ("llama3", '{"name": "now", "parameters": null}'),
+    ("llama3", '<|python_tag|>{"name": "now", "arguments": null}'),
+    ("mistral", '[TOOL_CALLS][{"name": "now", "arguments": null}]'),
+    ("mistral", '[TOOL_CALLS]now[ARGS]null'),
+])
+def test_null_arguments_are_no_arguments(fmt, text):
+    """`"arguments": null` (a model's way to call a function that takes none) made the whole
+    call plain text. It is a call with {} arguments, as `""` and a missing key already were.
+    What others do: OpenAI's API always sends `arguments` as a string holding a JSON object
+    ("{}" for a function without parameters; the SDKs JSON.parse it), and vLLM's parsers
+    json.dumps what the model wrote, so a client receives "null" and must cope with it; amlx
+    sends "{}", which every client that expects an object reads."""
+    from amlx.toolcalls import ToolCallParser, parse_tool_calls
+
+    content, [call] = parse_tool_calls(text, fmt)
+    assert (content, call.name, call.arguments) == ("", "now", "{}")
+    parser = ToolCallParser(fmt)  # one character at a time, as a stream
+    events = [e for ch in text for e in parser.feed(ch)] + parser.finish()
+    assert [(e.name, e.arguments) for e in events if not isinstance(e, str)] == [("now", "{}")]
+    assert "".join(e for e in events if isinstance(e, str)) == ""
+    # other non-objects are still no call
+    for other in ("[]", "3", "true"):
+        assert parse_tool_calls(text.replace("null", other), fmt)[1] == []
