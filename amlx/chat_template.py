@@ -169,8 +169,9 @@ def _input_size(value: Any) -> int:
     return 8
 
 
-def render(template: jinja2.Template, limits: TemplateLimits, **variables: Any) -> str:
-    """Renders `template` (compiled by a `ChatEnvironment`) within `limits`."""
+def render(template: jinja2.Template, limits: TemplateLimits, /, **variables: Any) -> str:
+    """Renders `template` (compiled by a `ChatEnvironment`) within `limits`. (Positional-only, so
+    that template variables named `template` or `limits` reach the template: they raised TypeError.)"""
     token = _BUDGET.set(_Budget(limits, _input_size(variables)))
     try:
         return template.render(**variables)
