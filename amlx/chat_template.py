@@ -488,6 +488,22 @@ class _SafeNamespace(jinja2.utils.Namespace):
             raise jinja2.sandbox.SecurityError(f"namespace attribute {name!r} is not allowed")
 
 
+class _TemplateDict:
+    """`dict` for templates: `dict(...)` and `dict.fromkeys(...)`, as transformers offers it.
+
+    Jinja's default global is the dict type itself, and the immutable sandbox refuses mutating
+    methods only on instances: `dict.update(d, a=x, b=x)`, `dict.setdefault`, `dict.clear` and
+    `dict.pop` called through the type changed dicts in place (the messages included), and as
+    they return None, the size checks never saw what `update` put into a dict (doubling a
+    structure 64 times that way, then writing it out, froze the render)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
 def _raise_exception(message: str) -> None:
     raise ChatTemplateError(message)
 
@@ -526,6 +542,7 @@ class ChatEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
         self.globals["strftime_now"] = _strftime_now
         self.globals["namespace"] = _SafeNamespace
         self.globals["lipsum"] = _lipsum
+        self.globals["dict"] = _TemplateDict()
 
     def compile_template(self, source: str) -> jinja2.Template:
         """Parses `source`, adds the counting hooks and compiles it (TemplateSyntaxError if bad).

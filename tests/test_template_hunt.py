@@ -772,3 +772,29 @@ def test_template_variables_named_template_or_limits_reach_the_template(families
     source = "{{ template }}|{{ limits }}|{{ messages[0].content }}"
     expected = hf.apply_chat_template(messages, chat_template=source, tokenize=False, template="T", limits="L")
     assert ours.apply_chat_template(messages, chat_template=source, template="T", limits="L") == expected == "T|L|hi"
+
+
+@pytest.mark.parametrize("source", [
+    "{{ dict.update(messages[0], content='changed') }}{{ messages[0].content }}",
+    "{{ dict.setdefault(messages[0], 'extra', 'x') }}",
+    "{{ dict.clear(messages[0]) }}{{ messages[0].role }}",
+    # doubled through update (which returns None, so no size check saw the dict it filled)
+    "{% set ns = namespace(x='ab') %}{% for i in range(64) %}{% set d = dict() %}"
+    "{{- dict.update(d, a=ns.x, b=ns.x) }}{% set ns.x = d %}{% endfor %}{{ ns.x | length }}",
+])
+def test_dict_global_cannot_mutate(families, source):
+    """`dict` is transformers' limited one (a call and fromkeys): Jinja's default, the dict type,
+    let templates mutate dicts through its unbound methods, past the immutable sandbox."""
+    ours, hf = families["qwen3"]
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(Exception):
+        hf.apply_chat_template(messages, chat_template=source, tokenize=False)
+    with pytest.raises(ChatTemplateError, match="update|setdefault|clear"):
+        ours.apply_chat_template(messages, chat_template=source)
+    # what templates do with dict still works, and stays measured
+    source = "{{ dict(a=1, b=[2]) | tojson }}|{{ dict.fromkeys(['x', 'y'], 0) | tojson }}|{{ dict([('k', 'v')]).k }}"
+    expected = hf.apply_chat_template(messages, chat_template=source, tokenize=False)
+    assert ours.apply_chat_template(messages, chat_template=source) == expected
+    with pytest.raises(ChatTemplateError, match="call"):
+        _small_limits(ours).apply_chat_template(
+            messages, chat_template="{{ dict.fromkeys(range(100000), 'x' * 100) | length }}")
