@@ -67,22 +67,55 @@ def detect_format(chat_template: str | Mapping[str, str] | None) -> str | None:
     return None
 
 
+# Where a chat turn starts or ends, in the templates of the formats above (ChatML, Llama 3,
+# Gemma, Mistral): reasoning opened before the last of these belongs to an earlier turn.
+_TURN_DELIMITERS = ("<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|eot_id|>", "<start_of_turn>",
+                    "<end_of_turn>", "[INST]", "[/INST]", "[/SYSTEM_PROMPT]", "[/TOOL_RESULTS]", "</s>")
+
+# Markup that may stand inside a reply's turn, each a special token in some tokenizers (Mistral's
+# control tokens): not where the turn starts
+_REPLY_MARKUP = ("<tool_call>", "</tool_call>", _MISTRAL_OPEN, _MISTRAL_ARGS, _MISTRAL_CALL_ID, _LLAMA_TAG)
+
+
 def opens_reasoning(prompt: str, fmt: str | None) -> bool:
-    """Whether a rendered chat prompt leaves a reasoning section open for the reply: its
-    generation prompt ends in the format's opening marker (Qwen3 "Thinking" templates end in
-    `<think>\n`; the model writes only the `</think>`). Only the prompt's end counts: a
-    `<think>` in a system prompt or tool description opens nothing."""
+    """Whether a rendered chat prompt leaves a reasoning section open for the reply: its last
+    turn (the reply's, after the last turn delimiter such as `<|im_start|>` or `[/INST]`) holds
+    the format's opening marker with no closing one after it. Qwen3 "Thinking" templates end the
+    generation prompt in `<think>\n`; others go on after it with fixed text, and a continued
+    assistant message (continue_final_message) may stop inside its reasoning, any length after
+    the `<think>`. A `<think>` in a system prompt or tool description opens nothing."""
     markers = _THINK.get(fmt or "")
-    return bool(markers) and prompt.rstrip().endswith(markers[0])
+    if not markers:
+        return False
+    turn = max((at + len(d) for d in _TURN_DELIMITERS if (at := prompt.rfind(d)) >= 0), default=0)
+    opened = prompt.rfind(markers[0], turn)
+    return opened >= 0 and prompt.find(markers[1], opened) < 0
 
 
-_REASONING_TAIL = 8  # prompt tokens whose text decides `prompt_opens_reasoning`
+# Prompt tokens read back at most for `prompt_opens_reasoning`: decoding them costs about a
+# microsecond each (4096 took 4-6 ms), paid per request only where the reply's turn is that long
+# (a continued message, a prompt without turns); a section opened further back is taken as none.
+_REASONING_LOOKBACK = 4096
 
 
 def prompt_opens_reasoning(tokenizer: Any, ids: Sequence[int], fmt: str | None) -> bool:
-    """`opens_reasoning` for a prompt given as token ids: its last few tokens decoded with
-    `tokenizer` (the server's choices and `Completion.tool_calls` alike)."""
-    return bool(fmt) and opens_reasoning(tokenizer.decode(list(ids)[-_REASONING_TAIL:]), fmt)
+    """`opens_reasoning` for a prompt given as token ids (the server's choices and
+    `Completion.tool_calls` alike): the text of its last turn, the ids after its last special
+    token (a turn delimiter: `<|im_start|>`, `[/INST]`, ...; the format's markers aside), at
+    most the last _REASONING_LOOKBACK. (The last 8 ids alone missed a `<think>` with more text
+    after it.)"""
+    markers = _THINK.get(fmt or "")
+    if not markers:
+        return False
+    specials = getattr(tokenizer, "special_token_ids", frozenset())
+    own = {tokenizer.token_to_id(m) for m in (*markers, *_REPLY_MARKUP)}
+    end = len(ids)
+    start = max(0, end - _REASONING_LOOKBACK)
+    for i in range(end - 1, start - 1, -1):
+        if ids[i] in specials and ids[i] not in own:
+            start = i + 1
+            break
+    return opens_reasoning(tokenizer.decode(list(ids[start:end])), fmt)
 
 
 _CALL_PREFIX = uuid.uuid4().hex[:12]  # per process; a counter makes each id unique

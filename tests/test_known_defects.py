@@ -187,3 +187,91 @@ def test_null_arguments_are_no_arguments(fmt, text):
     # other non-objects are still no call
     for other in ("[]", "3", "true"):
         assert parse_tool_calls(text.replace("null", other), fmt)[1] == []
+
+
+# -- 5. a reasoning section opened further back than the prompt's last few tokens ---------------------
+
+_PREAMBLE = "The user can see none of this. Think step by step, and check each step twice before answering."
+
+
+def test_a_reasoning_section_opened_before_fixed_text_is_open():
+    """Only the prompt's end counted (text ending in `<think>`; from token ids, its last 8
+    decoded): a template whose generation prompt writes `<think>\\n` and then fixed text, or a
+    continued assistant message stopped inside its reasoning, left the reply taken as outside
+    the section, so a call the model wrote while reasoning went out as a real one."""
+    from amlx.toolcalls import opens_reasoning
+
+    assert opens_reasoning("<|im_start|>assistant\n<think>\n" + _PREAMBLE, "qwen")
+    assert opens_reasoning("[INST]hi[/INST][THINK]" + _PREAMBLE, "mistral")
+    # as before: a closed section, a marker in an earlier turn, a format without reasoning
+    assert not opens_reasoning("<|im_start|>assistant\n<think>\n" + _PREAMBLE + "</think>\n\nSo", "qwen")
+    assert not opens_reasoning("<|im_start|>system\nUse <think>. " + _PREAMBLE + "<|im_end|>\n"
+                               "<|im_start|>assistant\n", "qwen")
+    assert not opens_reasoning("[SYSTEM_PROMPT]Write [THINK] first[/SYSTEM_PROMPT][INST]hi[/INST]", "mistral")
+    assert not opens_reasoning("<think>\n" + _PREAMBLE, "llama3")
+
+
+class _Counting:
+    """A tokenizer that records how many ids each decode was given."""
+
+    def __init__(self, tok):
+        self._tok = tok
+        self.decoded: list[int] = []
+        self.special_token_ids = tok.special_token_ids
+
+    def token_to_id(self, token):
+        return self._tok.token_to_id(token)
+
+    def decode(self, ids):
+        self.decoded.append(len(ids))
+        return self._tok.decode(ids)
+
+
+@pytest.mark.parametrize("kind, head", [
+    ("bpe", "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"),  # `<think>` one added token, not special
+    ("spm", "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"),  # `<think>` several pieces
+])
+def test_prompt_ids_that_open_reasoning_further_back(tmp_path, kind, head):
+    from amlx.toolcalls import prompt_opens_reasoning
+
+    write_tokenizer(tmp_path / kind, kind)
+    tok = _Counting(Tokenizer.from_dir(tmp_path / kind))
+
+    def opens(text):
+        ids = tok._tok.encode(text, add_special_tokens=False)
+        return prompt_opens_reasoning(tok, ids, "qwen")
+
+    assert len(tok._tok.encode(_PREAMBLE, add_special_tokens=False)) > 8
+    assert opens(head + "<think>\n" + _PREAMBLE)
+    assert opens(head + "<think>\n")
+    assert not opens(head + "<think>\n" + _PREAMBLE + "\n</think>\n\n")
+    assert not opens(head + "<think>\n\n</think>\n\n" + _PREAMBLE)
+    assert not opens(head.replace("hi", "Use <think>. " + _PREAMBLE) + "Sure")
+    assert not opens(head)
+    # a prompt without turns: all of it is the reply's, read back a bounded number of ids
+    long = (_PREAMBLE + " ") * 400
+    tok.decoded.clear()
+    assert opens("<think>\n" + _PREAMBLE) and not opens(long)
+    assert max(tok.decoded) <= 4096 < len(tok._tok.encode(long, add_special_tokens=False))
+
+
+def test_prompt_ids_of_mistral_control_tokens(tmp_path):
+    """Magistral's [THINK] and [TOOL_CALLS] are special (control) tokens: they are no turn's
+    start, as [/INST] is."""
+    import tokenizers
+
+    from amlx.toolcalls import prompt_opens_reasoning
+
+    write_tokenizer(tmp_path, "bpe")
+    backend = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    backend.add_special_tokens(["[INST]", "[/INST]", "[THINK]", "[/THINK]", "[TOOL_CALLS]"])
+    tok = Tokenizer(backend)
+
+    def opens(text):
+        return prompt_opens_reasoning(tok, tok.encode(text, add_special_tokens=False), "mistral")
+
+    assert opens("[INST]hi[/INST][THINK]" + _PREAMBLE)
+    assert opens("[INST]hi[/INST][THINK]" + _PREAMBLE + " maybe [TOOL_CALLS]f")
+    assert not opens("[INST]hi[/INST][THINK]" + _PREAMBLE + "[/THINK]Answer")
+    assert not opens("[INST]Write [THINK] first. " + _PREAMBLE + "[/INST]")
+
