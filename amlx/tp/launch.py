@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -85,24 +87,51 @@ def start(model: str, size: int, device: str, dtype: str | None, hostfile: str |
     `kv_bits`: the KV cache's storage (the followers' pools match rank 0's).
     `head`: how the output head is split (amlx.tp.shard.head_mode)."""
     backend = backend_for(device)
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="amlx-tp-"))
-    path, local = None, list(range(1, size))
+    # Everything that can refuse the options runs before the work folder and the
+    # processes exist: a refused hostfile left an empty amlx-tp-* folder per try.
+    entries, local = None, list(range(1, size))
     if backend == "ring":
         entries = hosts.read_hostfile(hostfile) if hostfile else hosts.local_hosts(size)
         if len(entries) != size:
             raise ValueError(f"{hostfile}: names {len(entries)} ranks, tensor_parallel is {size}")
         if not hosts.is_local(entries[0][0]):
             raise ValueError(f"{hostfile}: rank 0 (this process) must be on this host, not {entries[0][0]}")
-        path = hosts.write_hostfile(workdir / "hosts.json", entries)
         local = [r for r in local if hosts.is_local(entries[r][0])]  # the others are started on their hosts
-    launch = Launch(size, backend, workdir, hosts.rank_env(0, size, backend, path))
     gpus = _visible_gpus(size) if backend == "nccl" else None
-    for rank in local:
-        env = {**launch.env, "MLX_RANK": str(rank)}
-        if gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[rank]
-        launch.ranks.append(_spawn(rank, model, backend, device, dtype, env, workdir, kv_bits, head))
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="amlx-tp-"))
+    launch = None
+    try:
+        path = hosts.write_hostfile(workdir / "hosts.json", entries) if entries is not None else None
+        launch = Launch(size, backend, workdir, hosts.rank_env(0, size, backend, path))
+        for rank in local:
+            env = {**launch.env, "MLX_RANK": str(rank)}
+            if gpus is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpus[rank]
+            launch.ranks.append(_spawn(rank, model, backend, device, dtype, env, workdir, kv_bits, head))
+    except BaseException:
+        # (e.g. the OS refused a process or a pipe): nobody else knows of these
+        # ranks yet, so they go now rather than run on without a rank 0
+        for r in launch.ranks if launch is not None else []:
+            stop_rank(r)
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     return launch
+
+
+def stop_rank(r: Rank) -> None:
+    """Kills a follower (its process group: it started a session of its own),
+    reaps it and closes rank 0's ends of its pipes."""
+    if r.process.poll() is None:
+        try:
+            os.killpg(r.process.pid, signal.SIGKILL)
+        except OSError:
+            r.process.kill()
+    r.process.wait()
+    for fd in (r.heartbeat, r.lifeline):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _visible_gpus(size: int) -> list[str]:
@@ -125,9 +154,15 @@ def _spawn(rank: int, model: str, backend: str, device: str, dtype: str | None, 
         cmd += ["--dtype", str(dtype)]
     if kv_bits is not None:
         cmd += ["--kv-bits", str(kv_bits)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, pass_fds=(beat_w, life_r), start_new_session=True)
-    os.close(beat_w)
-    os.close(life_r)
+    try:
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, pass_fds=(beat_w, life_r), start_new_session=True)
+    except BaseException:
+        for fd in (beat_r, life_w):  # (the other two ends are closed below either way)
+            os.close(fd)
+        raise
+    finally:
+        os.close(beat_w)
+        os.close(life_r)
     return Rank(rank, proc, beat_r, life_w, log)
