@@ -119,6 +119,25 @@ def test_hostfile_addresses_are_checked():
         assert not _is_address(bad), bad
 
 
+@pytest.mark.parametrize("var", ["AMLX_TP_STEP_TIMEOUT", "AMLX_TP_JOIN_TIMEOUT"])
+def test_bad_timeouts_are_refused_before_any_rank_starts(ckpts, var, monkeypatch):
+    """A timeout that is no positive number: a ValueError naming the variable, and
+    no rank started (float()'s "could not convert string to float: 'abc'" came once
+    the followers had loaded, or, for the step timeout, once they had joined)."""
+    from amlx.tp import launch
+
+    started = []
+    spawn = launch._spawn
+    monkeypatch.setattr(launch, "_spawn", lambda *a, **k: started.append(spawn(*a, **k)) or started[-1])
+    for value in ("abc", "0", "-5", "nan", "inf"):
+        monkeypatch.setenv(var, value)
+        with pytest.raises(ValueError, match=f"{var} must be a positive number of seconds"):
+            amlx.load_sync(ckpts["qwen3"], device="cpu", tensor_parallel=2)
+    assert started == []
+    monkeypatch.setenv(var, " ")  # blank: the default
+    assert launch.join_timeout() == 600.0 and launch.step_timeout() == 300.0
+
+
 def test_a_failed_spawn_stops_the_ranks_already_started(ckpts, monkeypatch):
     """The OS refusing rank 2's process (here: a fault injected in its spawn) ends
     rank 1, already started, and removes the work folder: before, rank 1 ran on

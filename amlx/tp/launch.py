@@ -15,6 +15,7 @@ follower's own error output.
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import shutil
@@ -30,9 +31,30 @@ from amlx.tp import hosts
 
 
 
+def env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable `name`; a
+    ValueError naming the variable otherwise (float()'s own message named
+    neither it nor what it is for)."""
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, not {text!r}")
+    return value
+
+
 def join_timeout() -> float:
     """Seconds rank 0 waits for the other ranks to load and connect (AMLX_TP_JOIN_TIMEOUT)."""
-    return float(os.environ.get("AMLX_TP_JOIN_TIMEOUT", "600"))
+    return env_seconds("AMLX_TP_JOIN_TIMEOUT", 600.0)
+
+
+def step_timeout() -> float:
+    """Seconds a rank may lag behind a step before the model fails (AMLX_TP_STEP_TIMEOUT)."""
+    return env_seconds("AMLX_TP_STEP_TIMEOUT", 300.0)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from amlx._mlx import ops
 from amlx.errors import TensorParallelError
 from amlx.kv import PADDING_ROW
 from amlx.tp import protocol
+from amlx.tp import launch as _launch
 from amlx.tp.launch import Launch, Rank
 from amlx.tp.rows import encode_rows
 
@@ -53,8 +54,7 @@ class Leader:
         self._on_failure: list[Callable[[TensorParallelError], None]] = []
         self._stopping = threading.Event()
         # seconds a rank may lag behind a step before the model fails (AMLX_TP_STEP_TIMEOUT)
-        self._step_timeout = float(os.environ.get("AMLX_TP_STEP_TIMEOUT", "300")) if step_timeout is None \
-            else step_timeout
+        self._step_timeout = _launch.step_timeout() if step_timeout is None else step_timeout
         self.closed = False  # close() ran to its end: followers gone, group freed
         self._watchdog = threading.Thread(target=self._watch, name="amlx-tp-watchdog", daemon=True)
         self._watchdog.start()

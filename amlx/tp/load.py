@@ -28,6 +28,9 @@ class TensorParallelLoad:
         self.size = size
         hostfile = os.environ.get("AMLX_TP_HOSTFILE") or None
         self.head = head_mode()  # read once: the followers are told the same
+        # (refused before any rank starts, not once they have loaded)
+        _launch.join_timeout()
+        _launch.step_timeout()
         self.launch = _launch.start(str(path), size, device, dtype, hostfile, kv_bits, self.head)
         self._group: dist.Group | None = None
 
