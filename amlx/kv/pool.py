@@ -75,7 +75,7 @@ class BlockPool:
             raise ValueError(f"a KV block pool needs every layer's keys alike (kv heads, head dim), not {layout}")
         self.layout = list(layout)
         self.kv_heads = layout[0][0]
-        self.bits = bits
+        self.bits = int(bits) if bits else None  # (a numpy integer from the options: plain int shapes)
         self.group = quant_group(layout[0][1]) if bits else 0
         self.parts = 3 if bits else 1
         self.dtype = dtype

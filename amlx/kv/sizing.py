@@ -12,7 +12,7 @@ engine's shards each get an equal part (a request lives in one shard's pool).
 from __future__ import annotations
 
 import os
-from numbers import Real
+from numbers import Integral, Real
 
 from amlx._mlx import memory
 from amlx.kv.pool import BlockPool, block_bytes
@@ -32,7 +32,8 @@ def check_kv_cache_memory(value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise ValueError(f"kv_cache_memory must be a number of bytes or a fraction of the device's memory, "
                          f"not {value!r}")
-    if isinstance(value, int):
+    # (Integral, not int: a numpy integer is a byte count too, not a fraction to refuse as over 1)
+    if isinstance(value, Integral):
         if value < 1:
             raise ValueError(f"kv_cache_memory must be at least 1 byte, not {value}")
     elif not 0.0 < float(value) <= 1.0:
@@ -40,8 +41,9 @@ def check_kv_cache_memory(value: object) -> None:
 
 
 def check_kv_bits(value: object) -> None:
-    """ValueError unless `value` is None (full precision), 8 or 4."""
-    if value is not None and (isinstance(value, bool) or value not in (4, 8)):
+    """ValueError unless `value` is None (full precision), or the integer 8 or 4."""
+    # (8.0 compared equal to 8 and loaded: the pool's shapes and block bytes became floats)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value not in (4, 8)):
         raise ValueError(f"kv_bits must be None, 8 or 4, not {value!r}")
 
 
@@ -58,8 +60,8 @@ def device_memory(device: str) -> int:
 def kv_cache_bytes(value: int | float | None, device: str) -> int:
     """The pool ceiling in bytes for a `kv_cache_memory` value (checked) on `device`."""
     check_kv_cache_memory(value)
-    if isinstance(value, int):
-        return value
+    if isinstance(value, Integral):
+        return int(value)
     fraction = value if value is not None else (DEFAULT_GPU_FRACTION if device == "gpu" else DEFAULT_CPU_FRACTION)
     return int(device_memory(device) * float(fraction))
 
