@@ -42,7 +42,7 @@ def env_seconds(name: str, default: float) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value <= 0:
+    if not value > 0:  # (nan too; inf stays: no limit)
         raise ValueError(f"{name} must be a positive number of seconds, not {text!r}")
     return value
 
