@@ -14,8 +14,9 @@ avoid:
 - every piece of text a template emits (also inside macros and `{% set %}`
   blocks) counts towards the output limit;
 - operations that can make large objects from small ones are checked before
-  they run: `*` on strings and lists, `+`, `~`, `**`, `%` formatting widths,
-  `str.format` widths, string padding and `replace` / `join`, and the
+  they run: `*` on strings and lists, `+`, `~` (its operands as they are
+  written out), `**`, `%` formatting and `str.format` (widths, and each argument
+  once per conversion that names it), string padding and `replace` / `join`, and the
   filters that take a size (`center`, `indent`, `wordwrap`, `batch`, `slice`,
   `format`, `join`, `replace`, `sum`, `tojson`'s indent); every result counts
   towards an allocation budget, so many medium objects cannot add up either;
@@ -105,10 +106,15 @@ class _Budget:
 
     def size(self, n: int, what: str) -> None:
         """Refuses to make an object of n characters or items; charges it to the allocation budget."""
+        self.fits(n, what)
+        self.charge(n)
+
+    def fits(self, n: int, what: str) -> None:
+        """Refuses to make an object of n characters or items (charging nothing: for results that
+        are measured again once made)."""
         if n > self.size_cap:
             raise ChatTemplateError(f"{what} would make {n} characters or items, over the chat template limit "
                                     f"of {self.size_cap}")
-        self.charge(n)
 
     def charge(self, n: int) -> None:
         self.alloc_left -= n
@@ -189,7 +195,7 @@ def _sized(value: Any) -> bool:
     return isinstance(value, (str, bytes, list, tuple))
 
 
-_PRINTF = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_PRINTF = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?(.?)", re.DOTALL)
 _DIGITS = re.compile(r"\d+")
 _MAX_INT_BITS = 1 << 16
 
@@ -198,25 +204,59 @@ def _check_width(budget: _Budget, digits: str, what: str) -> None:
     budget.size(int(digits) if len(digits) <= 12 else budget.size_cap + 1, what)
 
 
-def _check_printf(budget: _Budget, fmt: str) -> None:
+# Formatting writes each argument once per conversion that names it: `'%(a)s%(a)s' % {'a': x}`
+# or `'{0}{0}'.format(x)` with the field repeated a thousand times made a thousand copies of x
+# (up to the size limit each) before anything could measure the result. Each conversion is
+# bounded by the largest argument, times _ESCAPING for repr() / ascii() ("\U0001f600" is ten
+# characters for one), plus _FORMATTED (quotes, signs); a float counts as _FLOAT characters
+# (`'%f' % 1e308` writes 316).
+_FORMATTED = 4
+_ESCAPING = 10
+_FLOAT = 330
+
+
+def _written(budget: _Budget, value: Any) -> int:
+    return _FLOAT if isinstance(value, float) else budget.expanded(value)
+
+
+def _largest(budget: _Budget, values: Iterable[Any]) -> int:
+    return max((_written(budget, v) for v in values), default=0)
+
+
+def _printf_size(budget: _Budget, fmt: str, args: Any) -> int:
+    """A bound on the length of `fmt % args`; ChatTemplateError for '*' widths or widths over the limit."""
+    arg = _largest(budget, args) if isinstance(args, tuple) else _written(budget, args)  # (a mapping: whole)
+    total = len(fmt)
     for match in _PRINTF.finditer(fmt):
-        for group in match.groups():
+        width, precision, conversion = match.groups()
+        for group in (width, precision):
             if group == "*":
                 raise ChatTemplateError("'*' widths in % formatting are not allowed in chat templates")
             if group:
                 _check_width(budget, group, "a % format width")
+                total += int(group)
+        total += _FORMATTED + arg * (_ESCAPING if conversion in ("r", "a") else 1)
+    return total
 
 
-def _check_format(budget: _Budget, fmt: str) -> None:
+def _format_size(budget: _Budget, fmt: str, args: tuple, kwargs: dict) -> int:
+    """A bound on the length of `fmt.format(*args, **kwargs)` (or `format_map`, whose mapping is
+    an argument); ChatTemplateError for nested fields in specs or widths over the limit."""
     try:
         fields = list(string.Formatter().parse(fmt))
     except ValueError:
-        return  # str.format itself will refuse it
-    for _, _, spec, _ in fields:
+        return len(fmt)  # str.format itself will refuse it
+    arg = _largest(budget, [*args, *kwargs.values()])
+    total = len(fmt)
+    for _, name, spec, conversion in fields:
         if spec and "{" in spec:
             raise ChatTemplateError("nested fields in format specs are not allowed in chat templates")
         for digits in _DIGITS.findall(spec or ""):
             _check_width(budget, digits, "a format width")
+            total += int(digits)
+        if name is not None:
+            total += _FORMATTED + arg * (_ESCAPING if conversion in ("r", "a") else 1)
+    return total
 
 
 def _joined_size(sep: str, items: list) -> int:
@@ -251,7 +291,7 @@ def _check_binop(budget: _Budget, operator: str, left: Any, right: Any) -> None:
     elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
         _check_bits(right * left.bit_length(), "a power (**)")
     elif operator == "%" and isinstance(left, str):
-        _check_printf(budget, left)
+        budget.size(_printf_size(budget, left, right), "% formatting")
 
 
 def _check_str_method(budget: _Budget, owner: str | bytes, name: str, args: tuple, kwargs: dict) -> tuple:
@@ -314,8 +354,8 @@ def _filter_slice(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
 
 
 def _filter_format(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
-    if isinstance(args[0], str):
-        _check_printf(budget, args[0])
+    if isinstance(args[0], str):  # (the filter formats `value % (kwargs or args)`)
+        budget.fits(_printf_size(budget, args[0], kwargs or tuple(args[1:])), "the format filter")
     return args
 
 
@@ -414,9 +454,23 @@ def _emit_hook(context: Any, value: Any) -> str:
 
 
 @jinja2.pass_context
-def _concat_hook(context: Any, value: str) -> str:
-    _budget().size(len(value), "concatenation (~)")
-    return value
+def _concat_hook(context: Any, values: list) -> str:
+    """`a ~ b ~ ...`, as Jinja joins it, with the total measured while the operands are written
+    out: Jinja joins them all at once, so an operand written a thousand times made a thousand
+    copies before the result could be measured."""
+    budget = _budget()
+    pieces, total = [], 0
+    for value in values:
+        piece = value if isinstance(value, str) else str(value)
+        total += len(piece)
+        budget.fits(total, "concatenation (~)")
+        pieces.append(piece)
+    budget.charge(total)
+    if context.eval_ctx.autoescape:  # ({% autoescape %}: Jinja's markup_join escapes what is not Markup)
+        result = jinja2.runtime.markup_join(values)
+        budget.size(len(result), "concatenation (~)")
+        return result
+    return "".join(pieces)
 
 
 @jinja2.pass_context
@@ -443,7 +497,8 @@ class _Hooks(jinja2.visitor.NodeTransformer):
         return node
 
     def visit_Concat(self, node: jinja2.nodes.Concat) -> jinja2.nodes.Node:
-        return _hook("amlx_concat", self.generic_visit(node))
+        node = self.generic_visit(node)  # the operands, as a list, to the hook that joins them
+        return _hook("amlx_concat", jinja2.nodes.List(node.nodes, lineno=node.lineno))
 
     def visit_List(self, node: jinja2.nodes.List) -> jinja2.nodes.Node:
         return _hook("amlx_literal", self.generic_visit(node))
@@ -571,7 +626,7 @@ class ChatEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
         def checked(*args: Any, **kwargs: Any) -> str:
             budget = _budget()
             budget.step()
-            _check_format(budget, fmt)
+            budget.fits(_format_size(budget, fmt, args, kwargs), f"str.{value.__name__}")
             return wrapped(*args, **kwargs)
 
         return functools.update_wrapper(checked, value)

@@ -798,3 +798,57 @@ def test_dict_global_cannot_mutate(families, source):
     with pytest.raises(ChatTemplateError, match="call"):
         _small_limits(ours).apply_chat_template(
             messages, chat_template="{{ dict.fromkeys(range(100000), 'x' * 100) | length }}")
+
+
+_X = "messages[0].content"
+# Each writes the message (4,000 characters) some thousands of times in one operation.
+ONE_OPERATION_BLOWUPS = {
+    "% with a mapping": ("{{ ('" + "%(a)s" * 3000 + "' % {'a': " + _X + "}) | length }}", "% formatting"),
+    "% with a tuple": ("{{ ('" + "%s" * 3000 + "' % ((" + _X + ",) * 3000)) | length }}", "% formatting|repetition"),
+    "%r": ("{{ ('" + "%(a)r" * 300 + "' % {'a': " + _X + "}) | length }}", "% formatting"),
+    "str.format": ("{{ ('" + "{0}" * 3000 + "'.format(" + _X + ")) | length }}", "str.format"),
+    "str.format_map": ("{{ ('" + "{a!r}" * 3000 + "'.format_map({'a': " + _X + "})) | length }}", "str.format_map"),
+    "format filter": ("{{ ('" + "%(a)s" * 3000 + "' | format(a=" + _X + ")) | length }}", "format filter"),
+    "~": ("{{ (" + " ~ ".join([_X] * 2000) + ") | length }}", "concatenation"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_OPERATION_BLOWUPS))
+def test_one_operation_blowups_are_refused_before_they_run(families, name):
+    """Formatting and `~` wrote an argument once per conversion (operand) naming it, up to
+    the size limit each, before the result was measured (if it was: `%` never was, so a
+    thousand-fold copy rendered): they are bounded before they run, so the render that is
+    refused never holds more than about the limit (tracemalloc's peak)."""
+    import tracemalloc
+
+    ours, hf = families["qwen3"]
+    source, reason = ONE_OPERATION_BLOWUPS[name]
+    # transformers renders them (it has no limits); with a short message, so does amlx, alike
+    small = [{"role": "user", "content": "ab"}]
+    assert ours.apply_chat_template(small, chat_template=source) == hf.apply_chat_template(
+        small, chat_template=source, tokenize=False)
+    ours = _small_limits(ours)  # (compiled already, by the render above: the same template cache)
+    messages = [{"role": "user", "content": "0123456789" * 400}]
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChatTemplateError, match=reason):
+            ours.apply_chat_template(messages, chat_template=source)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20, peak  # unchecked, the operation makes 1.2 to 12 MB
+
+
+def test_formatting_and_concatenation_render_as_before(families):
+    """The bounds change no result: printf conversions of every kind, str.format with specs,
+    format_map, the format filter, `~` of mixed values (and inside {% autoescape %})."""
+    ours, hf = families["qwen3"]
+    messages = [{"role": "user", "content": "Café <b>&</b> 😀 %s {0}"}]
+    source = ("{{ '%s|%r|%a|%5d|%-6.2f|%x|%c|%%|%(k)s' | replace('%(k)s', '') % (messages[0].content, 'é', '😀', 42,"
+              " 3.14159, 255, 65) }}|{{ '%(a)s-%(b)05.1f' % {'a': messages[0].role, 'b': 2.5} }}|"
+              "{{ '{0}|{0!r}|{1:>6}|{n:_^9}|{2[0]}'.format(messages[0].content, 7, [1, 2], n='x') }}|"
+              "{{ '{role}:{content}'.format_map(messages[0]) }}|{{ '%s and %s' | format('a', 1) }}|"
+              "{{ '%(x)s' | format(x=none) }}|{{ 1 ~ none ~ [1, 'a'] ~ messages[0].content ~ {'k': 2} }}|"
+              "{% autoescape true %}{{ messages[0].content ~ '<i>' }}{% endautoescape %}")
+    expected = hf.apply_chat_template(messages, chat_template=source, tokenize=False)
+    assert ours.apply_chat_template(messages, chat_template=source) == expected

@@ -162,3 +162,141 @@ def test_a_failed_spawn_stops_the_ranks_already_started(ckpts, monkeypatch):
     assert rank.process.returncode is not None  # killed and reaped
     assert not rank.log.parent.exists()
     assert len(os.listdir("/proc/self/fd")) == fds  # rank 0's ends of its pipes closed
+
+
+# -- scenarios in a process of their own -------------------------------------------------------
+
+def scenario(name: str, path, env: dict | None = None) -> dict:
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "tests.test_tp_hunt", name, str(path)],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, f"exit status {done.returncode}; stderr: {done.stderr[-3000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+async def _hung_close(path: str) -> dict:
+    """A follower stopped (SIGSTOP) while the model is idle, then close(): STOP's
+    collective never completed and the close waited for good (the watchdog stops
+    watching when a close begins)."""
+    from amlx.tp import leader
+
+    leader.STOP_TIMEOUT = 2.0  # (30 s by default)
+    m = await amlx.load(path, device="cpu", tensor_parallel=2)
+    mirror = m.engine.mirror
+    out = {"first": (await m.complete([1, 2, 3], max_tokens=3)).token_ids}
+    pid = mirror.alive[0]
+    os.kill(pid, signal.SIGSTOP)
+    # (if the close still waits after 40 s, the stopped follower is killed so that it
+    # cannot stay behind; the test then fails on the time taken)
+    rescue = threading.Timer(40, lambda: os.kill(pid, signal.SIGKILL))
+    rescue.daemon = True
+    rescue.start()
+    start = time.monotonic()
+    await m.aclose()
+    out["seconds"] = time.monotonic() - start
+    rescue.cancel()
+    out["closed_fully"] = mirror.closed
+    out["gone"] = gone(mirror.launch.workdir)
+    try:
+        mirror.group.handle
+        out["group_kept"] = True
+    except ValueError:
+        out["group_kept"] = False
+    other = await asyncio.wait_for(amlx.load(path, device="cpu"), 30)  # MLX still works here
+    out["after"] = (await asyncio.wait_for(other.complete([1, 2, 3], max_tokens=3), 30)).token_ids
+    await other.aclose()
+    return out
+
+
+async def _kill_many(path: str) -> dict:
+    """Three requests, two in the batch and one waiting for a row; rank 1 killed
+    mid-stream: every request ends with a TensorParallelError (none hangs), the
+    model closes, close() returns, and no process of the launch is left."""
+    m = await amlx.load(path, device="cpu", tensor_parallel=2, max_batch_size=2)
+    mirror = m.engine.mirror
+    workdir = mirror.launch.workdir
+    killed = asyncio.Event()
+
+    async def one(i: int):
+        n = 0
+        try:
+            async for _ in m.generate([1 + i, 5, 9, 33], max_tokens=5000, max_buffer=65536):
+                n += 1
+                if i == 0 and n == 2:
+                    os.kill(mirror.alive[0], signal.SIGKILL)
+                    killed.set()
+            return ["finished", n]
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            return [type(exc).__name__, str(exc)[:300]]
+    out = {"streams": await asyncio.gather(*[one(i) for i in range(3)])}
+    await m.aclose()
+    await m.aclose()  # twice: a no-op
+    for _ in range(400):
+        if mirror.closed:
+            break
+        await asyncio.sleep(0.05)
+    out["closed_fully"] = mirror.closed
+    out["gone"] = gone(workdir)
+    out["workdir_removed"] = not os.path.exists(workdir)
+    return out
+
+
+async def _garbage(path: str) -> dict:
+    """Rank 0 sends a message of an unknown kind: the follower refuses it and exits,
+    and the next request fails with a TensorParallelError that quotes the
+    follower's reason, instead of the ranks running different forwards."""
+    m = await amlx.load(path, device="cpu", tensor_parallel=2)
+    mirror = m.engine.mirror
+    out = {"first": (await m.complete([1, 2, 3], max_tokens=2)).token_ids}
+    await m.engine._worker.run(m.engine._at_home(lambda: mirror._send(99, [])))
+    for _ in range(400):  # the watchdog sees the follower exit
+        if m.closed:
+            break
+        await asyncio.sleep(0.05)
+    try:
+        await m.complete([1, 2, 3], max_tokens=2)
+        out["error"] = None
+    except amlx.AmlxError as exc:
+        out["error"] = type(exc).__name__
+    out["message"] = str(mirror._failure)
+    await m.aclose()
+    for _ in range(400):
+        if mirror.closed:
+            break
+        await asyncio.sleep(0.05)
+    out["closed_fully"] = mirror.closed
+    out["gone"] = gone(mirror.launch.workdir)
+    return out
+
+
+SCENARIOS = {"hung_close": _hung_close, "kill_many": _kill_many, "garbage": _garbage}
+
+
+def test_close_with_a_hung_follower_is_bounded(ckpts):
+    out = scenario("hung_close", ckpts["qwen3"])
+    assert out["seconds"] < 30, out  # STOP_TIMEOUT (2 s here), then the kill
+    assert out["closed_fully"] and out["gone"], out
+    assert out["group_kept"], out  # killed at close: kept, as after a failure (amlx.tp.leader)
+    assert out["after"] == out["first"], out
+
+
+def test_a_killed_follower_fails_every_request(ckpts):
+    out = scenario("kill_many", ckpts["qwen3"])
+    for kind, message in out["streams"]:
+        assert kind == "TensorParallelError", out
+        assert "rank 1" in message and "killed by signal 9" in message, out
+    assert out["closed_fully"] and out["gone"] and out["workdir_removed"], out
+
+
+def test_a_malformed_message_fails_the_model_clearly(ckpts):
+    out = scenario("garbage", ckpts["qwen3"])
+    assert out["first"] and out["error"] in ("TensorParallelError", "ClosedError"), out
+    assert "rank 1" in out["message"] and "lost step" in out["message"], out
+    assert out["closed_fully"] and out["gone"], out
+
+
+if __name__ == "__main__":
+    result = asyncio.run(SCENARIOS[sys.argv[1]](sys.argv[2]))
+    print("RESULT " + json.dumps(result), flush=True)
+    os._exit(0)  # (a failed ring's threads may still wait in MLX: see tests/helpers/tp_failure.py)

@@ -56,6 +56,7 @@ class Leader:
         # seconds a rank may lag behind a step before the model fails (AMLX_TP_STEP_TIMEOUT)
         self._step_timeout = _launch.step_timeout() if step_timeout is None else step_timeout
         self.closed = False  # close() ran to its end: followers gone, group freed
+        self._stop_killed = False  # close() killed followers that did not join STOP in time
         self._watchdog = threading.Thread(target=self._watch, name="amlx-tp-watchdog", daemon=True)
         self._watchdog.start()
 
@@ -171,11 +172,20 @@ class Leader:
         the group, unless a rank failed (worker thread)."""
         self._stopping.set()
         if self._failure is None:
+            # A follower that hangs (stopped, stuck) never joins STOP's collective, and the
+            # watchdog has stopped watching: without a bound this close waited for good. After
+            # STOP_TIMEOUT the followers are killed, which ends the collective (amlx.tp.keeper
+            # answers for a dead rank of a two-rank ring).
+            timer = threading.Timer(STOP_TIMEOUT, self._stop_timed_out)
+            timer.daemon = True
+            timer.start()
             try:
                 self._inflight += protocol.send(self.group, protocol.STOP, self._frees, [])
                 ops.eval(*self._inflight)
             except Exception:  # noqa: BLE001 - a follower gone already: killed below
                 pass
+            finally:
+                timer.cancel()
         for a in self._inflight:
             a.close()
         self._inflight = []
@@ -191,11 +201,11 @@ class Leader:
         self._watchdog.join(2)
         for r in self.launch.ranks:
             _close_fds(r)
-        if self._failure is None:
+        if self._failure is None and not self._stop_killed:
             self.group.close()
         else:
-            # After a rank failed, the ring backend's own threads may still be inside the
-            # operations the dead peer broke, and this handle is the backend's last owner
+            # After a rank failed (or was killed at close), the ring backend's own threads may
+            # still be inside the operations the dead peer broke, and this handle is the backend's last owner
             # (amlx._mlx.distributed.init makes MLX forget its cached group): freeing it
             # destroyed the backend under them, a crash in 15 of 350 runs beside busy cores
             # (tests/test_tensor_parallel.py's killed rank, inside mlxc_group_free). The
@@ -203,6 +213,11 @@ class Leader:
             _FAILED_GROUPS.append(self.group)
         shutil.rmtree(self.launch.workdir, ignore_errors=True)
         self.closed = True
+
+    def _stop_timed_out(self) -> None:
+        """(Timer thread) STOP's collective waited STOP_TIMEOUT: a follower hangs."""
+        self._stop_killed = True  # the ring then ended like a failed one: its group is kept
+        self._kill()
 
     @property
     def alive(self) -> list[int]:
