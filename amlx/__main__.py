@@ -2,6 +2,10 @@
 
 import sys
 
-from amlx.cli import main
+try:
+    from amlx.cli import main  # (imported with the package, under its Ctrl-C guard: see amlx/__init__.py)
+except KeyboardInterrupt:  # a Ctrl-C here exits as the command's own does: quietly, status 130
+    print(file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

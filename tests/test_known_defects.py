@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -157,6 +159,64 @@ def test_a_plain_cached_file_listing_still_resolves(tmp_path):
     tree.write_text(json.dumps({"format_version": 1, "files": {"config.json": {"size": 2, "blob_id": "x"}}}))
     (tree.parent / "tmpab12.tmp").mkdir()  # (not a listing: never read)
     assert _resolve(cache) == cache / "models--acme--tiny" / "snapshots" / _COMMIT
+
+
+
+# -- 3. Ctrl-C while `amlx` starts --------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Put on PYTHONPATH as sitecustomize: at the first lookup of module $SIGINT_AT, this process
+# sends itself SIGINT (and writes the module's name to $SIGINT_MARK, to show it came): a Ctrl-C
+# at that moment of start-up, every run alike.
+_HOOK = """
+import os, signal, sys
+
+class _Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ["SIGINT_AT"]:
+            sys.meta_path.remove(self)
+            with open(os.environ["SIGINT_MARK"], "w") as f:
+                f.write(name)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, _Interrupt())
+"""
+
+
+def _amlx_script() -> str | None:
+    """The installed `amlx` console script of this Python, if there is one."""
+    script = Path(sys.executable).parent / "amlx"
+    return str(script) if script.is_file() else None
+
+
+@pytest.mark.parametrize("entry", ["python -m amlx", "amlx"])
+@pytest.mark.parametrize("module", [
+    "amlx.errors",  # the package's first import
+    "amlx.model", "amlx._mlx", "amlx.engine",  # the heavy part: MLX, the engine
+    "amlx.convert",  # the package's last import
+    "amlx.cli", "argparse", "amlx.cli_streams",  # the command line's module, and what it imports
+])
+def test_ctrl_c_while_amlx_starts_exits_130_without_a_traceback(tmp_path, entry, module):
+    """A Ctrl-C in the second or so that `amlx` spends importing (before its main() runs, which
+    exits 130 quietly on one) printed a KeyboardInterrupt traceback and the process died of the
+    signal."""
+    if entry == "amlx" and _amlx_script() is None:
+        pytest.skip("no amlx console script installed beside this Python")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOOK)
+    mark = tmp_path / "mark"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHONIOENCODING"))}
+    env.update(PYTHONPATH=os.pathsep.join([str(hook), str(ROOT)]), HF_HUB_OFFLINE="1", MLX_DISABLE_COMPILE="1",
+               SIGINT_AT=module, SIGINT_MARK=str(mark))
+    command = [sys.executable, "-m", "amlx"] if entry == "python -m amlx" else [_amlx_script()]
+    r = subprocess.run([*command, "generate", "--help"], env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
+                       capture_output=True, timeout=300)
+    assert mark.read_text() == module  # (the Ctrl-C came where meant)
+    assert (r.returncode, r.stderr) == (130, b"\n"), r.stderr.decode(errors="replace")
+    assert r.stdout == b""
 
 
 # -- 4. tool calls with "arguments": null ------------------------------------------------------------
