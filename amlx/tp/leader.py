@@ -205,8 +205,9 @@ class Leader:
             self.group.close()
         else:
             # After a rank failed (or was killed at close), the ring backend's own threads may
-            # still be inside the operations the dead peer broke, and this handle is the backend's last owner
-            # (amlx._mlx.distributed.init makes MLX forget its cached group): freeing it
+            # still be inside the operations the dead peer broke, and this handle is the
+            # backend's last owner (amlx._mlx.distributed.init makes MLX forget its cached
+            # group): freeing it
             # destroyed the backend under them, a crash in 15 of 350 runs beside busy cores
             # (tests/test_tensor_parallel.py's killed rank, inside mlxc_group_free). The
             # handle and its sockets stay until the process ends.
