@@ -204,6 +204,14 @@ def test_ctrl_c_while_amlx_starts_exits_130_without_a_traceback(tmp_path, entry,
     signal."""
     if entry == "amlx" and _amlx_script() is None:
         pytest.skip("no amlx console script installed beside this Python")
+    command = [sys.executable, "-m", "amlx"] if entry == "python -m amlx" else [_amlx_script()]
+    r = _interrupted([*command, "generate", "--help"], tmp_path, module)
+    assert (r.returncode, r.stderr) == (130, b"\n"), r.stderr.decode(errors="replace")
+    assert r.stdout == b""
+
+
+def _interrupted(command: list[str], tmp_path: Path, module: str) -> subprocess.CompletedProcess:
+    """`command` run with a Ctrl-C at the first lookup of `module` (checked to have come)."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_HOOK)
@@ -211,12 +219,16 @@ def test_ctrl_c_while_amlx_starts_exits_130_without_a_traceback(tmp_path, entry,
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHONIOENCODING"))}
     env.update(PYTHONPATH=os.pathsep.join([str(hook), str(ROOT)]), HF_HUB_OFFLINE="1", MLX_DISABLE_COMPILE="1",
                SIGINT_AT=module, SIGINT_MARK=str(mark))
-    command = [sys.executable, "-m", "amlx"] if entry == "python -m amlx" else [_amlx_script()]
-    r = subprocess.run([*command, "generate", "--help"], env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
-                       capture_output=True, timeout=300)
+    r = subprocess.run(command, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
     assert mark.read_text() == module  # (the Ctrl-C came where meant)
-    assert (r.returncode, r.stderr) == (130, b"\n"), r.stderr.decode(errors="replace")
-    assert r.stdout == b""
+    return r
+
+
+def test_ctrl_c_while_a_program_imports_amlx_stays_its_own(tmp_path):
+    """Only the command turns a Ctrl-C during the import into its quiet exit: a program that
+    imports the library gets the KeyboardInterrupt, to handle or die of as it will."""
+    r = _interrupted([sys.executable, "-c", "import amlx"], tmp_path, "amlx.model")
+    assert r.returncode != 130 and b"KeyboardInterrupt" in r.stderr
 
 
 # -- 4. tool calls with "arguments": null ------------------------------------------------------------
