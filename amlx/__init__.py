@@ -33,7 +33,11 @@ except KeyboardInterrupt:
         raise
     import sys
 
-    print(file=sys.stderr)  # (as main() does on Ctrl-C: the terminal's ^C stands on a line of its own)
+    try:  # (as main() does on Ctrl-C: the terminal's ^C stands on a line of its own)
+        if sys.stderr is not None:  # (None when started with fd 2 closed: print would write to stdout)
+            print(file=sys.stderr)
+    except (OSError, ValueError):
+        pass
     raise SystemExit(130) from None
 
 __version__ = "0.1.0"
