@@ -82,9 +82,9 @@ def _read_text(path: Path) -> str | None:
 # How much a tokenizer.json's normalizer may make of a text before its model splits it (characters
 # per character); its post-processor may write the text's tokens once. Encoding work and the ids
 # it makes grow with these times the text's length, all of it spent before a caller can compare
-# the count with a context length: a post-processor writing `$A` a thousand
-# times made a 10 KB prompt 600,000 ids. Real tokenizers stay far below: one copy; normalizers
-# NFC 3, NFKC 18, NFKC then Lowercase 54, BertNormalizer 36, Prepend "▁" with Replace 2.
+# the count with a context length: a post-processor writing `$A` a thousand times made a 10 KB
+# prompt 600,000 ids. Real tokenizers stay far below: one copy; normalizers NFC 3, NFKC 18, NFKC
+# then Lowercase 54, BertNormalizer 36, Prepend "▁" with Replace 2 (bounds, see _normalizer_growth).
 _MAX_EXPANSION = 128
 _MAX_ADDED_SPECIAL_IDS = 1024  # ids a post-processor adds to every text (real ones: 0 to 3)
 _COPIES_SHOWN = 10 ** 6  # a refusal's count of copies, "more than" beyond
