@@ -548,7 +548,7 @@ def make_family(path: Path, name: str) -> Path:
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config.pop("additional_special_tokens", None)
     if spec["base"] == "spm" and name != "gemma3":
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"  # (LlamaTokenizer: see the xfail at the end)
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"  # (LlamaTokenizer: README's kept difference)
         (path / "special_tokens_map.json").unlink(missing_ok=True)
     if spec["file"] == "jinja":
         config.pop("chat_template", None)
@@ -882,39 +882,3 @@ def test_formatting_and_concatenation_render_as_before(families):
               "{% autoescape true %}{{ messages[0].content ~ '<i>' }}{% endautoescape %}")
     expected = hf.apply_chat_template(messages, chat_template=source, tokenize=False)
     assert ours.apply_chat_template(messages, chat_template=source) == expected
-
-
-# ------------------------------------------------------------------------------------------ open findings
-
-@pytest.mark.xfail(strict=True, reason=(
-    "amlx/tokenizer.py (not this hunt's file): for tokenizer_class LlamaTokenizer, transformers 5 replaces "
-    "tokenizer.json's normalizer (Llama 2 / Mistral v0.1's Prepend('▁') + Replace) by a Metaspace pre-tokenizer "
-    "with prepend_scheme='first'; amlx encodes with tokenizer.json as written, so every text after a special "
-    "token gets one more '▁' than transformers gives: a Mistral-style chat prompt differs at each [INST]"))
-def test_llama_class_checkpoint_encodes_chat_like_transformers(tmp_path):
-    from tokenizers import decoders, normalizers
-
-    write_tokenizer(tmp_path, "spm")
-    backend = HFBackend.from_file(str(tmp_path / "tokenizer.json"))
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    backend.pre_tokenizer = None
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<s>", "</s>", "[INST]",
-                                                                                         "[/INST]")])
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))])
-    backend.save(str(tmp_path / "tokenizer.json"))
-    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
-    config["added_tokens_decoder"] = {
-        str(i): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                 "special": True} for i, t in backend.get_added_tokens_decoder().items()}
-    config.update(bos_token="<s>", eos_token="</s>", tokenizer_class="LlamaTokenizer", legacy=False,
-                  chat_template=MISTRAL_V3)
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    (tmp_path / "special_tokens_map.json").unlink()
-    ours, hf = Tokenizer.from_dir(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
-    messages = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "ok"},
-                {"role": "user", "content": "bye"}]
-    expected = hf.apply_chat_template(messages, tokenize=True, return_dict=False, add_generation_prompt=True)
-    assert PromptEncoder(ours, 1 << 20).ids(messages) == expected
