@@ -840,6 +840,13 @@ ONE_OPERATION_BLOWUPS = {
     "str.format_map": ("{{ ('" + "{a!r}" * 3000 + "'.format_map({'a': " + _X + "})) | length }}", "str.format_map"),
     "format filter": ("{{ ('" + "%(a)s" * 3000 + "' | format(a=" + _X + ")) | length }}", "format filter"),
     "~": ("{{ (" + " ~ ".join([_X] * 2000) + ") | length }}", "concatenation"),
+    # a thousand numbers fifty lists deep: each on a line of 3,200 spaces
+    "tojson indent": ("{% set ns = namespace(x=range(1000) | list) %}{% for i in range(50) %}"
+                      "{% set ns.x = [ns.x] %}{% endfor %}{{ (ns.x | tojson(indent=64)) | length }}", "tojson"),
+    "tojson separators": ("{{ (range(1000) | list | tojson(separators=(" + _X + ", ':'))) | length }}", "tojson"),
+    # ... or under 30 dict keys of 100 characters
+    "pprint": ("{% set ns = namespace(x=range(1000) | list) %}{% for i in range(30) %}"
+               "{% set ns.x = {" + _X + "[:100]: ns.x} %}{% endfor %}{{ (ns.x | pprint) | length }}", "pprint"),
 }
 
 
@@ -879,6 +886,8 @@ def test_formatting_and_concatenation_render_as_before(families):
               "{{ '{0}|{0!r}|{1:>6}|{n:_^9}|{2[0]}'.format(messages[0].content, 7, [1, 2], n='x') }}|"
               "{{ '{role}:{content}'.format_map(messages[0]) }}|{{ '%s and %s' | format('a', 1) }}|"
               "{{ '%(x)s' | format(x=none) }}|{{ 1 ~ none ~ [1, 'a'] ~ messages[0].content ~ {'k': 2} }}|"
-              "{% autoescape true %}{{ messages[0].content ~ '<i>' }}{% endautoescape %}")
+              "{% autoescape true %}{{ messages[0].content ~ '<i>' }}{% endautoescape %}|"
+              "{{ messages | tojson(indent=2) }}{{ messages | tojson(indent='\t', separators=(';', '=')) }}|"
+              "{{ messages | pprint }}{{ {'k' * 30: [messages, range(30) | list]} | pprint }}")
     expected = hf.apply_chat_template(messages, chat_template=source, tokenize=False)
     assert ours.apply_chat_template(messages, chat_template=source) == expected
