@@ -164,6 +164,50 @@ def test_a_failed_spawn_stops_the_ranks_already_started(ckpts, monkeypatch):
     assert len(os.listdir("/proc/self/fd")) == fds  # rank 0's ends of its pipes closed
 
 
+# -- shapes that do not divide -------------------------------------------------------------
+
+@pytest.mark.parametrize("group_size, what", [(32, "MLP down projection's 96 input features make parts of 48"),
+                                              (64, "attention output projection's 64 input features make "
+                                                   "parts of 32")])
+def test_quantized_parts_off_the_groups_are_refused_clearly(tmp_path, group_size, what):
+    """A 4-bit model whose per-rank parts of a row-parallel layer (o_proj: 2 heads of
+    16 per rank; down_proj: 48 features per rank) are not whole quantization groups:
+    refused like any shape that does not divide, naming tensor parallelism and the
+    layer, before any layer changed. It was "inputs [0, 48) do not start and end on
+    quantization groups of 32" from the middle of the sharding."""
+    from tests.helpers.checkpoints import make_checkpoint
+    from tests.test_tensor_parallel import followers
+
+    path = make_checkpoint(tmp_path / "m", "qwen3", seed=1, intermediate_size=96)
+    q = amlx.convert(path, tmp_path / "q", quantize=4, group_size=group_size, progress=False)
+    with pytest.raises(ValueError, match=f"cannot be split over tensor_parallel=2 ranks: layer 0: the {what}"):
+        amlx.load_sync(q, device="cpu", tensor_parallel=2)
+    assert followers() == []
+
+
+def test_shard_problems_leave_the_model_whole(tmp_path):
+    """shard_model refuses before any change (its docstring's promise): after the
+    refusal every layer still holds its full quantized arrays."""
+    from amlx.models import build_model, prepare
+    from amlx.tp.shard import shard_model
+    from tests.helpers.checkpoints import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "m", "qwen3", seed=1, intermediate_size=96)
+    q = amlx.convert(path, tmp_path / "q", quantize=4, group_size=32, progress=False)
+    loaded = build_model(prepare(q, None), None, progress=False)
+    try:
+        def parts():  # (a sharded layer is an AllSum over its cut, with no weight of its own)
+            return [(type(m).__name__, getattr(m, "weight", None) is not None and m.weight.shape)
+                    for layer in loaded.model.layers
+                    for m in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj)]
+        before = parts()
+        with pytest.raises(ValueError, match="quantization groups of 32"):
+            shard_model(loaded.model, 0, 2, lambda x: x)
+        assert parts() == before
+    finally:
+        loaded.model.close()
+
+
 # -- scenarios in a process of their own -------------------------------------------------------
 
 def scenario(name: str, path, env: dict | None = None) -> dict:
@@ -185,6 +229,14 @@ async def _hung_close(path: str) -> dict:
     m = await amlx.load(path, device="cpu", tensor_parallel=2)
     mirror = m.engine.mirror
     out = {"first": (await m.complete([1, 2, 3], max_tokens=3)).token_ids}
+    # Idle first: the engine may still run a step after the last token (a row leaves in the
+    # round after it), and a rank stopped under that step holds the close before the STOP
+    # (until AMLX_TP_STEP_TIMEOUT, the watchdog's case).
+    for _ in range(400):
+        if m.stats()["active_requests"] == 0 and all(r.steps >= mirror._sent for r in mirror.launch.ranks):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # (the follower's last step, launched before its heartbeat, ends)
     pid = mirror.alive[0]
     os.kill(pid, signal.SIGSTOP)
     # (if the close still waits after 40 s, the stopped follower is killed so that it

@@ -28,7 +28,7 @@ import os
 
 from amlx._mlx import Array, ops
 from amlx.models.base import Attention, CausalLM, GatedMLP
-from amlx.models.nn import Module, vocab_rows
+from amlx.models.nn import Module, QuantizedLinear, vocab_rows
 
 HEADS = ("replicated", "vocab")
 
@@ -106,8 +106,28 @@ def shard_problems(model: CausalLM, size: int) -> list[str]:
         if not isinstance(attn, Attention) or not isinstance(mlp, GatedMLP):
             problems.append(f"layer {i} is not an attention block with a gated MLP")
             continue
-        problems += [f"layer {i}: {p}" for p in (attn.shard_problem(size), mlp.shard_problem(size)) if p]
+        found = [p for p in (attn.shard_problem(size), mlp.shard_problem(size)) if p]
+        if not found:  # (the widths divide: does each rank's part start on a quantization group?)
+            found = [p for p in (_group_problem(attn.o_proj, size, "attention output"),
+                                 _group_problem(mlp.down_proj, size, "MLP down")) if p]
+        problems += [f"layer {i}: {p}" for p in found]
     return problems
+
+
+def _group_problem(layer: Module, size: int, what: str) -> str | None:
+    """Why a row-parallel (input-split) quantized layer cannot be cut into `size`
+    parts on its quantization groups, or None. Found here, before any layer
+    changes: amlx.models.nn.input_slice refused it only mid-way through the model,
+    with an error that named neither the layer nor tensor parallelism."""
+    if not isinstance(layer, QuantizedLinear):
+        return None
+    group = layer._group_size
+    width = layer.scales.shape[-1] * group  # the layer's input features
+    part = width // size
+    if width % size == 0 and part % group == 0:
+        return None
+    return (f"the {what} projection's {width} input features make parts of {width / size:g} per rank, "
+            f"not whole quantization groups of {group}")
 
 
 def shard_model(model: CausalLM, rank: int, size: int, reduce: Callable[[Array], Array],
