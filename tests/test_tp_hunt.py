@@ -208,6 +208,30 @@ def test_shard_problems_leave_the_model_whole(tmp_path):
         loaded.model.close()
 
 
+# -- the protocol ----------------------------------------------------------------------------
+
+def test_malformed_messages_are_refused(monkeypatch):
+    """What a follower reads: a message in several buffers decodes whole; a buffer
+    that is not a message, or whose counts are impossible, is a ValueError (the
+    follower exits with it and rank 0's watchdog fails the model)."""
+    from amlx.tp import protocol
+
+    def feed(words: np.ndarray):
+        blocks = iter(words.reshape(-1, protocol.WORDS))
+        monkeypatch.setattr(protocol, "_block", lambda group: next(blocks).copy())
+
+    body = list(range(1, 3 * protocol.WORDS))  # three buffers and some
+    feed(protocol.encode(protocol.PREFILL, [7, 8], body))
+    assert protocol.receive(None) == protocol.Message(protocol.PREFILL, [7, 8], body)
+    good = protocol.encode(protocol.DECODE, [], [1, 2, 3])
+    for where, value in ((0, 0), (0, 12345), (1, 3), (1, 0), (2, -1), (3, -2)):
+        bad = good.copy()
+        bad[where] = value
+        feed(bad)
+        with pytest.raises(ValueError, match="lost step"):
+            protocol.receive(None)
+
+
 # -- scenarios in a process of their own -------------------------------------------------------
 
 def scenario(name: str, path, env: dict | None = None) -> dict:
@@ -346,6 +370,43 @@ def test_a_malformed_message_fails_the_model_clearly(ckpts):
     assert out["first"] and out["error"] in ("TensorParallelError", "ClosedError"), out
     assert "rank 1" in out["message"] and "lost step" in out["message"], out
     assert out["closed_fully"] and out["gone"], out
+
+
+# -- outputs against one process ---------------------------------------------------------------
+
+def _prompts() -> list[list[int]]:
+    """Three long prompts and 80 short ones: the decode steps of 83 rows (four words
+    each) take more than one protocol buffer."""
+    rng = np.random.default_rng(0)
+    return [[int(x) for x in rng.integers(10, 200, n)] for n in (700, 650, 900, *rng.integers(2, 9, 80))]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_logprobs_equal_one_process(ckpts, arch, monkeypatch):
+    """Greedy tokens exact and logprobs (top 3 too) within LOGPROB_BOUND of one
+    process's, for long and short prompts run together: the steps of 83 rows make
+    messages longer than one protocol buffer (checked), which the followers read
+    in pieces."""
+    from amlx.tp import protocol
+
+    path = ckpts[arch]
+    prompts = _prompts()
+    longest = []
+    encode = protocol.encode
+    monkeypatch.setattr(protocol, "encode", lambda *a: longest.append(len(encode(*a))) or encode(*a))
+
+    async def go(tp):
+        async with await amlx.load(path, device="cpu", tensor_parallel=tp, max_batch_size=96) as m:
+            cs = await asyncio.gather(*[m.complete(p, max_tokens=6, top_logprobs=3) for p in prompts])
+            return [(c.token_ids, c.logprobs, c.top_logprobs) for c in cs]
+    one, two = run(go, 1), run(go, 2)
+    assert max(longest) > protocol.WORDS
+    for (ids1, lp1, top1), (ids2, lp2, top2) in zip(one, two):
+        assert ids2 == ids1
+        assert np.allclose(lp2, lp1, rtol=0, atol=LOGPROB_BOUND)
+        assert [[i for i, _ in s] for s in top2] == [[i for i, _ in s] for s in top1]
+        assert np.allclose([[v for _, v in s] for s in top2], [[v for _, v in s] for s in top1], rtol=0,
+                           atol=LOGPROB_BOUND)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ def receive(group: dist.Group) -> Message:
     if first[0] != MAGIC or first[1] not in KINDS:
         raise ValueError("tensor parallelism: the ranks lost step (a message was not one)")
     nfree, nbody = int(first[2]), int(first[3])
+    if nfree < 0 or nbody < 0:  # (a negative count read the wrong words as the body)
+        raise ValueError("tensor parallelism: the ranks lost step (a message's counts were negative)")
     words = list(first)
     while len(words) < 4 + nfree + nbody:
         words += list(_block(group))
