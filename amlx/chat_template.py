@@ -284,14 +284,16 @@ def _format_size(budget: _Budget, fmt: str, args: tuple, kwargs: dict) -> int:
     return total
 
 
-def _joined_size(sep: str, items: list) -> int:
-    return sum(len(x) if isinstance(x, str) else 8 for x in items) + len(sep) * max(len(items) - 1, 0)
+def _joined_size(sep: str | bytes, items: list) -> int:
+    return sum(len(x) if isinstance(x, (str, bytes)) else 8 for x in items) + len(sep) * max(len(items) - 1, 0)
 
 
-def _replaced_size(s: str, old: Any, new: Any, count: Any = -1) -> int:
-    if not (isinstance(old, str) and isinstance(new, str)):
+def _replaced_size(s: str | bytes, old: Any, new: Any, count: Any = -1) -> int:
+    # (bytes too: b.replace(b'', x) was taken for no growth, and made len(b) + 1 copies of x)
+    text = type(s)
+    if not (isinstance(old, text) and isinstance(new, text)):
         return len(s)
-    hits = len(s) + 1 if old == "" else s.count(old)
+    hits = len(s) + 1 if not old else s.count(old)
     if isinstance(count, int) and count >= 0:
         hits = min(hits, count)
     return len(s) + hits * max(len(new) - len(old), 0)
@@ -325,7 +327,8 @@ def _check_str_method(budget: _Budget, owner: str | bytes, name: str, args: tupl
         budget.size(_int(args[0]), f"str.{name}")
     elif name == "expandtabs":
         tab = args[0] if args else kwargs.get("tabsize", 8)
-        budget.size(len(owner) + owner.count("\t") * _int(tab), "str.expandtabs")
+        tabs = owner.count(b"\t" if isinstance(owner, bytes) else "\t")  # (a str "\t" broke bytes.expandtabs)
+        budget.size(len(owner) + tabs * _int(tab), "str.expandtabs")
     elif name == "replace" and len(args) >= 2:
         budget.size(_replaced_size(owner, *args[:3]), "str.replace")
     elif name == "join" and args:
@@ -394,10 +397,22 @@ def _filter_replace(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
 
 def _filter_join(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
     items = list(args[0])  # a generator would be consumed twice otherwise
+    sep = str(_arg(args, kwargs, 1, "d", ""))
     if _arg(args, kwargs, 2, "attribute", None) is None:
-        sep = str(_arg(args, kwargs, 1, "d", ""))
         budget.size(_joined_size(sep, [x if isinstance(x, str) else str(x) for x in items]), "the join filter")
+    else:  # each item's attribute is written out no larger than the item; the separator once per item
+        budget.size(sum(budget.expanded(x) for x in items) + len(sep) * max(len(items) - 1, 0), "the join filter")
     return (items, *args[1:])
+
+
+def _filter_urlize(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
+    # Every link gets the target and rel attributes written into it: a link is some 6 characters
+    # of text ("www.ab"), written twice and escaped (up to 6 characters each), plus its markup.
+    text = len(str(args[0]))
+    extra = sum(len(v) for v in (_arg(args, kwargs, 3, "target", None), _arg(args, kwargs, 4, "rel", None))
+                if isinstance(v, str))
+    budget.fits(text * 12 + (text // 4 + 1) * (extra + 64), "the urlize filter")
+    return args
 
 
 def _filter_tojson(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
@@ -450,7 +465,7 @@ def _filter_sum(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
 _FILTER_CHECKS: dict[str, Callable[[_Budget, tuple, dict], tuple]] = {
     "center": _filter_center, "indent": _filter_indent, "wordwrap": _filter_wordwrap, "batch": _filter_batch,
     "slice": _filter_slice, "format": _filter_format, "replace": _filter_replace, "join": _filter_join,
-    "tojson": _filter_tojson, "pprint": _filter_pprint, "sum": _filter_sum, "round": _filter_round,
+    "tojson": _filter_tojson, "pprint": _filter_pprint, "urlize": _filter_urlize, "sum": _filter_sum, "round": _filter_round,
 }
 
 

@@ -844,6 +844,10 @@ ONE_OPERATION_BLOWUPS = {
     "tojson indent": ("{% set ns = namespace(x=range(1000) | list) %}{% for i in range(50) %}"
                       "{% set ns.x = [ns.x] %}{% endfor %}{{ (ns.x | tojson(indent=64)) | length }}", "tojson"),
     "tojson separators": ("{{ (range(1000) | list | tojson(separators=(" + _X + ", ':'))) | length }}", "tojson"),
+    "bytes.replace": ("{{ (" + _X + ".encode().replace(''.encode(), " + _X + ".encode())) | length }}", "replace"),
+    "join by attribute": ("{{ ([{'a': 'x'}] * 1000) | join(" + _X + ", attribute='a') | length }}", "join"),
+    "urlize target": ("{{ (('www.a.co ' * 2000) | urlize(target=" + _X + ")) | length }}", "urlize"),
+    "urlize rel": ("{{ (('www.a.co ' * 2000) | urlize(rel=" + _X + ")) | length }}", "urlize"),
     # ... or under 30 dict keys of 100 characters
     "pprint": ("{% set ns = namespace(x=range(1000) | list) %}{% for i in range(30) %}"
                "{% set ns.x = {" + _X + "[:100]: ns.x} %}{% endfor %}{{ (ns.x | pprint) | length }}", "pprint"),
@@ -888,6 +892,9 @@ def test_formatting_and_concatenation_render_as_before(families):
               "{{ '%(x)s' | format(x=none) }}|{{ 1 ~ none ~ [1, 'a'] ~ messages[0].content ~ {'k': 2} }}|"
               "{% autoescape true %}{{ messages[0].content ~ '<i>' }}{% endautoescape %}|"
               "{{ messages | tojson(indent=2) }}{{ messages | tojson(indent='\t', separators=(';', '=')) }}|"
-              "{{ messages | pprint }}{{ {'k' * 30: [messages, range(30) | list]} | pprint }}")
+              "{{ messages | pprint }}{{ {'k' * 30: [messages, range(30) | list]} | pprint }}|"
+              "{{ 'a\tb'.encode().expandtabs(4) }}{{ 'ab'.encode().replace(''.encode(), '-'.encode()) }}|"
+              "{{ messages | join(', ', attribute='role') }}|{{ 'see www.example.com, mail a@b.co' | urlize(40, true,"
+              " '_blank', 'x') }}")
     expected = hf.apply_chat_template(messages, chat_template=source, tokenize=False)
     assert ours.apply_chat_template(messages, chat_template=source) == expected
