@@ -333,14 +333,18 @@ def test_block_bytes_follow_the_bit_width(layers, kv_heads, dim, bits, block, si
         assert want < full * (bits / (8 * size) + 2 / 32 * (4 / size) + 1e-9)
 
 
-@pytest.mark.parametrize("ceiling", [40_000, 327_680, 1_000_003, "fraction"])
-def test_the_longest_context_follows_the_smaller_blocks(models, ceiling):
+@pytest.mark.parametrize("ceiling", [40_000, 327_680, 1_000_003, "fraction", "2 shards"])
+def test_the_longest_context_follows_the_smaller_blocks(models, monkeypatch, ceiling):
     """The same kv_cache_memory (bytes, or a fraction of the machine's memory: here the one
     worth about 400 KB) holds about 3.6x (8 bits) or 6.4x (4 bits) the positions of a float32
     pool here: context_length is the usable blocks (the ceiling over a block's bytes, the null
     block besides) times the block size; a prompt one short of it runs, one of it is refused
     up front saying how much it needs."""
     path, _, _ = models[("qwen3", 64)]
+    shards = 1
+    if ceiling == "2 shards":  # (a CPU engine's shards each get an equal part; a request lives in one)
+        monkeypatch.setenv("AMLX_SHARDS", "2")
+        shards, ceiling = 2, 327_680
     option = 400_000 / device_memory("cpu") if ceiling == "fraction" else ceiling
     ceiling = kv_cache_bytes(option, "cpu")
     contexts = {}
@@ -349,7 +353,8 @@ def test_the_longest_context_follows_the_smaller_blocks(models, ceiling):
             per_block = _block_bytes_by_hand(2, 2, 64, bits, 16)
             assert m.engine.scheduler.block_bytes() == per_block
             ctx = m.info.context_length
-            assert ctx == max(1, ceiling // per_block) * 16
+            assert m.engine.scheduler.options.shards == shards
+            assert ctx == max(1, ceiling // shards // per_block) * 16
             contexts[bits] = ctx
             tokens = m.complete_sync([7] * (ctx - 1), max_tokens=4).token_ids
             assert len(tokens) == 1  # (the context's last position)
@@ -416,16 +421,6 @@ def test_kv_bits_needs_head_dims_divisible_by_32_refused_at_load(tmp_path):
             assert m.complete_sync([5, 6], max_tokens=1).token_ids
 
 
-@pytest.mark.xfail(strict=True, reason="amlx/engine/draft_model.py sizes the draft model's pool with the main "
-                   "model's kv_bits (make_pools(model, options)); the refusal names a head dimension the "
-                   "main model does not have and not the draft model")
-def test_a_draft_model_whose_head_dim_kv_bits_cannot_take_is_named(models, tmp_path):
-    path, _, _ = models[("qwen3", 64)]
-    draft = make_checkpoint(tmp_path / "draft", "qwen3", seed=4, head_dim=16)
-    with pytest.raises(ValueError, match="draft"):
-        amlx.load_sync(path, kv_bits=8, draft=str(draft)).close()
-
-
 def test_rows_moved_between_shards_keep_their_quantized_cache(models, monkeypatch):
     """Two shards: when the rows of one finish, rows of the other move over, their blocks (the
     windowed layers' own pool's too) copied between quantized pools (`copy_blocks`: packed
@@ -453,3 +448,19 @@ def test_rows_moved_between_shards_keep_their_quantized_cache(models, monkeypatc
     for p, n, toks in zip(prompts, lengths, results):
         assert len(toks) == n
         _check_against_reference(ref, p, toks, 4)
+
+
+@pytest.mark.parametrize("arch,dim,bits", [("qwen3", 64, 8), ("gemma3_text", 64, 4)])
+def test_drafted_tokens_verified_over_a_quantized_pool_follow_the_reference(models, arch, dim, bits):
+    """Speculative decoding (prompt lookup) with kv_bits: a verify pass attends each new token's
+    own key and value as computed and the earlier ones, its drafts' included, as stored, as
+    decode steps do; the tokens accepted follow the same reference as plain decode steps."""
+    path, ref, _ = models[(arch, dim)]
+    rng = np.random.default_rng(2)
+    with amlx.load_sync(path, kv_bits=bits, prefix_cache=False, draft="prompt_lookup") as m:
+        for n in (20, 41):
+            base = [int(x) for x in rng.integers(10, 200, n)]
+            prompt = base + base[:15]  # (repeats: drafts to check)
+            toks = list(m.generate_sync(prompt, max_tokens=30, logprobs=True))
+            _check_against_reference(ref, prompt, toks, bits)
+        assert m.stats()["speculative"]["accepted_tokens"] > 0
