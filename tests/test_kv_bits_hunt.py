@@ -274,10 +274,10 @@ def test_a_cached_prefix_gives_what_recomputing_it_gives(models, arch, dim, bits
 @pytest.mark.parametrize("arch,dim,bits", [("qwen3", 64, 8), ("qwen3", 64, 4), ("gemma3_text", 64, 4)])
 def test_a_pool_too_small_for_every_row_makes_them_wait_not_fail(models, arch, dim, bits):
     """A quantized pool of 9 usable blocks and 5 requests of 4-5 blocks each: they wait (and
-    the running ones outgrowing the pool are preempted and recomputed: once here), none fails, each gets all its tokens, following the
-    reference up to a near-tie (a recomputed row's stored values are a prefill's, not its
-    decode steps': README's kv_bits paragraph). Gemma 3's windowed layers have a pool of
-    their own, with as many blocks."""
+    the running ones outgrowing the pool are preempted and recomputed: once here), none
+    fails, each gets all its tokens, following the reference up to a near-tie (a recomputed
+    row's stored values are a prefill's, not its decode steps': README's kv_bits paragraph).
+    Gemma 3's windowed layers have a pool of their own, with as many blocks."""
     path, ref, model = models[(arch, dim)]
     per_block = model.engine.scheduler.block_bytes()  # full precision
     with amlx.load_sync(path, kv_bits=bits) as m:
@@ -425,17 +425,15 @@ def test_rows_moved_between_shards_keep_their_quantized_cache(models, monkeypatc
     """Two shards: when the rows of one finish, rows of the other move over, their blocks (the
     windowed layers' own pool's too) copied between quantized pools (`copy_blocks`: packed
     values, scales and biases); every request still follows the reference. (Which rows move
-    depends on the rounds the requests joined in: in runs here one row, each time.)"""
-    import amlx.kv.rows as rows
-
-    copied = []
-    real = rows.copy_blocks
-    monkeypatch.setattr(rows, "copy_blocks", lambda src, dst, blocks: copied.append(len(blocks)) or real(src, dst, blocks))
+    depends on the rounds the requests joined in: in runs here one row each time, with
+    copy_blocks spied on: a block of each pool.)"""
     monkeypatch.setenv("AMLX_SHARDS", "2")
     path, ref, _ = models[("gemma3_text", 64)]
     rng = np.random.default_rng(11)
     prompts = [[int(x) for x in rng.integers(10, 200, n)] for n in (150, 5, 40, 90, 3, 70)]
     lengths = [40, 2, 40, 2, 40, 2]
+    gc.collect()
+    before = amlx.memory()["active"]
     with amlx.load_sync(path, kv_bits=4, prefix_cache=False) as m:
         assert m.engine.scheduler.options.shards == 2
 
@@ -445,6 +443,8 @@ def test_rows_moved_between_shards_keep_their_quantized_cache(models, monkeypatc
             return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, lengths)))
 
         results = asyncio.run(all_at_once())
+    gc.collect()
+    assert amlx.memory()["active"] == before  # (pools grown by copies in, given back)
     for p, n, toks in zip(prompts, lengths, results):
         assert len(toks) == n
         _check_against_reference(ref, p, toks, 4)
