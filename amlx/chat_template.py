@@ -7,7 +7,7 @@ end: `{% for a in range(100000) %}{% for b in range(100000) %}` or
 budget per render (`TemplateLimits`), counted from hooks the template cannot
 avoid:
 
-- every loop iteration, call, filter and intercepted operator is a *step*;
+- every loop iteration, call, filter, test and intercepted operator is a *step*;
   steps are bounded, and each step checks the render's deadline (the time
   budget is cooperative: one Python operation may overshoot it, but none can
   run unbounded since every size is checked first);
@@ -486,6 +486,19 @@ def _bounded_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return bounded
 
 
+def _counted_test(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A test (`is in`, `is equalto`, ...) that counts as a step. select / reject and their
+    attribute forms call one per item and yield only those kept: `range(100000) | select('in',
+    big)` ran every test (each scanning a list of 800,000) with no step to check the deadline."""
+
+    @functools.wraps(fn)  # keeps jinja_pass_arg
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        _budget().step()
+        return fn(*args, **kwargs)
+
+    return counted
+
+
 # -- the environment -----------------------------------------------------------------------
 
 def _hook(name: str, node: jinja2.nodes.Expr) -> jinja2.nodes.Expr:
@@ -654,6 +667,7 @@ class ChatEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
         self.filters["tojson"] = _tojson
         self.filters = {name: _bounded_filter(name, fn) for name, fn in self.filters.items()}
         self.filters.update(_HOOKS)
+        self.tests = {name: _counted_test(fn) for name, fn in self.tests.items()}
         self.globals["raise_exception"] = _raise_exception
         self.globals["strftime_now"] = _strftime_now
         self.globals["namespace"] = _SafeNamespace

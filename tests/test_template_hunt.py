@@ -898,3 +898,22 @@ def test_formatting_and_concatenation_render_as_before(families):
               " '_blank', 'x') }}")
     expected = hf.apply_chat_template(messages, chat_template=source, tokenize=False)
     assert ours.apply_chat_template(messages, chat_template=source) == expected
+
+
+@pytest.mark.parametrize("source", [
+    "{{ range(100000) | select('in', [1, 2]) | list | length }}",
+    "{% for x in range(100000) | reject('ge', 0) %}{% endfor %}",
+    "{{ ([messages[0]] * 100000) | selectattr('role', 'equalto', 'x') | list | length }}",
+    "{{ range(100000) | select('gt', 10 ** 6) | first is undefined }}",
+])
+def test_tests_are_steps(families, source):
+    """select / reject (and their attribute forms) run a test per item but yield only the items
+    kept, so the loop that reads them saw no step for the others: with each test scanning a long
+    list, a render ran minutes past its deadline. Tests count as steps (a small step budget
+    here, so that nothing is timed)."""
+    ours, hf = families["qwen3"]
+    messages = [{"role": "user", "content": "hi"}]
+    expected = hf.apply_chat_template(messages, chat_template=source, tokenize=False)
+    assert ours.apply_chat_template(messages, chat_template=source) == expected
+    with pytest.raises(ChatTemplateError, match="steps"):
+        _small_limits(ours, max_steps=50_000, max_output=4 << 20).apply_chat_template(messages, chat_template=source)
