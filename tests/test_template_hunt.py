@@ -19,6 +19,7 @@ Hostile templates at the end: each gives a ChatTemplateError and the process goe
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -917,3 +918,36 @@ def test_tests_are_steps(families, source):
     assert ours.apply_chat_template(messages, chat_template=source) == expected
     with pytest.raises(ChatTemplateError, match="steps"):
         _small_limits(ours, max_steps=50_000, max_output=4 << 20).apply_chat_template(messages, chat_template=source)
+
+
+@pytest.mark.parametrize("source, says", [
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
+    ("{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}", "RecursionError"),
+    ("{{ raise_exception('Conversation roles must alternate: ' ~ messages[0].role) }}",
+     "^Conversation roles must alternate: user$"),
+    ("{{ cycler.__init__.__globals__ }}", "SecurityError"),
+    ("{% include 'other.jinja' %}", "TemplateNotFound|no loader"),
+    ("{% if %}", "TemplateSyntaxError"),
+])
+def test_failing_templates_name_the_failure_and_the_next_render_works(families, source, says):
+    """On the thread a prompt is rendered on (as generate does), the failure is a
+    ChatTemplateError saying what went wrong, and the tokenizer renders the next chat."""
+    import threading
+
+    ours, hf = families["qwen3"]
+    messages = [{"role": "user", "content": "hi"}]
+    caught: list[BaseException] = []
+
+    def render():
+        try:
+            ours.apply_chat_template(messages, chat_template=source)
+        except BaseException as exc:  # noqa: BLE001 - whatever it is, the test reports it
+            caught.append(exc)
+
+    thread = threading.Thread(target=render)
+    thread.start()
+    thread.join()
+    assert len(caught) == 1 and isinstance(caught[0], ChatTemplateError), caught
+    assert re.search(says, str(caught[0])), str(caught[0])
+    assert ours.apply_chat_template(messages) == hf.apply_chat_template(messages, tokenize=False,
+                                                                        add_generation_prompt=True)
