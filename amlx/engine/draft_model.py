@@ -52,7 +52,10 @@ class DraftModel:
     def __init__(self, model, options, shards: int, vocab: int, compile_step: bool = True):
         self.model = model
         self.vocab = vocab
-        self.kv: list[ShardKV] = make_pools(model, replace(options, prefix_cache=False), shards)
+        try:
+            self.kv: list[ShardKV] = make_pools(model, replace(options, prefix_cache=False), shards)
+        except ValueError as exc:  # e.g. kv_bits with the draft's head dimension: say whose it is
+            raise ValueError(f"the draft model (draft={options.draft}): {exc}") from None
         self.windows = model.windows()
         self._rows: dict[Request, _DraftRow] = {}
         # a draft step is compiled as the target's decode step is: k of them per round, each

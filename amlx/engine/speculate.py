@@ -216,10 +216,20 @@ class Speculator:
         grammar vocabulary is not there to mask its drafts)."""
         if self.draft is not None:
             self.draft.sweep()
-        for req in (r for s in shards for r in s.rows):
-            adaptive = self._length(req)
-            if adaptive.length == 0:  # it takes a plain step: its estimate drifts back to the prior
-                adaptive.observe(0, 0)
+        try:
+            return self._plan(shards)
+        finally:
+            # A row at length 0 takes a plain step this round: its estimate drifts back to the
+            # prior, and a length it reaches now is the next round's, as in `chain_plain`. Aged
+            # before the lengths were read, a probe came a round earlier here than in a chained
+            # round, and which rounds are chained follows the consumer's pace and the batch: a
+            # seeded sampling row's draws (the verify steps they fall in) followed them too.
+            for req in (r for s in shards for r in s.rows):
+                adaptive = self._length(req)
+                if adaptive.length == 0:
+                    adaptive.observe(0, 0)
+
+    def _plan(self, shards: Sequence) -> list[tuple[list[int], list[list[int]] | None]] | None:
         if self._vocab() is None and any(r.matcher is not None for s in shards for r in s.rows):
             return None
         if self._measured is not None:
