@@ -65,7 +65,14 @@ def hf_adjust(x: np.ndarray, p: SamplingParams, prompt: list[int], generated: li
     scores = torch.tensor(np.asarray(x, np.float32)[None].copy())
     ids = torch.tensor([list(prompt) + list(generated)], dtype=torch.long)
     if p.logit_bias:
-        scores = SequenceBiasLogitsProcessor(sequence_bias=[[[k], v] for k, v in p.logit_bias])(ids, scores)
+        # (newer transformers refuse token id 0 in a sequence bias; a one-token bias adds to
+        # its column, which is done here for id 0)
+        rest = [[[k], v] for k, v in p.logit_bias if k != 0]
+        if rest:
+            scores = SequenceBiasLogitsProcessor(sequence_bias=rest)(ids, scores)
+        zero = [v for k, v in p.logit_bias if k == 0]
+        if zero:
+            scores[0, 0] += zero[0]
     if p.repetition_penalty != 1.0 and ids.shape[1]:
         scores = RepetitionPenaltyLogitsProcessor(penalty=p.repetition_penalty)(ids, scores)
     out = scores[0].numpy().astype(np.float32)
