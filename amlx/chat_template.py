@@ -35,6 +35,7 @@ render exactly as before (and as transformers renders them).
 
 from __future__ import annotations
 
+import codecs
 import contextvars
 import functools
 import json
@@ -321,10 +322,27 @@ def _check_binop(budget: _Budget, operator: str, left: Any, right: Any) -> None:
         budget.size(_printf_size(budget, left, right), "% formatting")
 
 
+# Codecs whose time grows with the square of a text: encoding 8,000 distinct characters with
+# punycode takes 20 s (one call, so no step could stop it), idna's labels go through punycode.
+_SLOW_CODECS = frozenset({"punycode", "idna"})
+
+
+def _check_codec(encoding: Any) -> None:
+    try:
+        name = codecs.lookup(encoding).name if isinstance(encoding, str) else None
+    except LookupError:
+        return  # the method itself will refuse it
+    if name in _SLOW_CODECS:
+        raise ChatTemplateError(f"the {name} codec is not allowed in chat templates (its time grows with the "
+                                "square of the text)")
+
+
 def _check_str_method(budget: _Budget, owner: str | bytes, name: str, args: tuple, kwargs: dict) -> tuple:
     """Checks a call of a str (or bytes) method; returns its (possibly materialised) arguments."""
     if name in ("ljust", "rjust", "center", "zfill") and args:
         budget.size(_int(args[0]), f"str.{name}")
+    elif name in ("encode", "decode"):
+        _check_codec(args[0] if args else kwargs.get("encoding", "utf-8"))
     elif name == "expandtabs":
         tab = args[0] if args else kwargs.get("tabsize", 8)
         tabs = owner.count(b"\t" if isinstance(owner, bytes) else "\t")  # (a str "\t" broke bytes.expandtabs)

@@ -951,3 +951,18 @@ def test_failing_templates_name_the_failure_and_the_next_render_works(families, 
     assert re.search(says, str(caught[0])), str(caught[0])
     assert ours.apply_chat_template(messages) == hf.apply_chat_template(messages, tokenize=False,
                                                                         add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("codec", ["punycode", "PUNYCODE", "idna", "IDNA"])
+def test_quadratic_codecs_are_refused(families, codec):
+    """str.encode('punycode') takes 20 s for 8,000 distinct characters (a template writes them
+    with '%c'), in one call that no step can interrupt; idna runs punycode on its labels."""
+    ours, _ = families["qwen3"]
+    messages = [{"role": "user", "content": "hi"}]
+    for source in ("{{ ('%c%c%c' % (19968, 19969, 19970)).encode('" + codec + "') }}",
+                   "{{ 'xn--bcher-kva'.encode().decode('" + codec + "') }}"):
+        with pytest.raises(ChatTemplateError, match=codec.lower()):
+            ours.apply_chat_template(messages, chat_template=source)
+    # other codecs still work as before
+    ok = "{{ 'bücher €'.encode('utf-8') | length }}|{{ 'abc'.encode('utf-16') | length }}|{{ 'x'.encode('ascii').decode() }}"
+    assert ours.apply_chat_template(messages, chat_template=ok) == "11|8|x"
