@@ -48,8 +48,10 @@ from tests.helpers.kv_reference import dequantize, quantize
 # the reference: transformers' eager attention reading quantized keys and values
 
 # (arch, head_dim, kv heads): 4 query heads each, so GQA 2 and MQA (one kv head);
-# head dims 32 and 96 take groups of 32 (64 does not divide them), 64 and 128 groups of 64
-CONFIGS = [("qwen3", 64, 2), ("qwen3", 32, 1), ("qwen3", 96, 2), ("gemma3_text", 64, 2), ("gemma3_text", 128, 1)]
+# head dims 32 and 96 take groups of 32 (64 does not divide them), 64 and 128 groups of 64;
+# Mistral: every layer within a sliding window of 8 (one pool, not split); Qwen2: biased keys
+CONFIGS = [("qwen3", 64, 2), ("qwen3", 32, 1), ("qwen3", 96, 2), ("gemma3_text", 64, 2), ("gemma3_text", 128, 1),
+           ("mistral", 64, 1), ("qwen2", 128, 2)]
 
 
 def _qdq(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -92,16 +94,20 @@ def _attention(bits: int | None, prompt: int):
 def reference_logits(model, ids: list[int], bits: int | None, prompt: int) -> np.ndarray:
     """(len(ids), V) float64 logits of transformers' model over ids, positions before
     `prompt` prefilled and the rest decoded, through a KV cache quantized with `bits`."""
-    import transformers.models.gemma3.modeling_gemma3 as gemma3
-    import transformers.models.qwen3.modeling_qwen3 as qwen3
+    import importlib
 
-    saved = qwen3.eager_attention_forward, gemma3.eager_attention_forward
-    qwen3.eager_attention_forward = gemma3.eager_attention_forward = _attention(bits, prompt)
+    # (each architecture's modeling module looks its eager attention up when it runs)
+    modules = [importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+               for name in ("qwen3", "gemma3", "llama", "qwen2", "mistral")]
+    saved = [m.eager_attention_forward for m in modules]
+    for m in modules:
+        m.eager_attention_forward = _attention(bits, prompt)
     try:
         with torch.no_grad():
             return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].double().numpy()
     finally:
-        qwen3.eager_attention_forward, gemma3.eager_attention_forward = saved
+        for m, f in zip(modules, saved):
+            m.eager_attention_forward = f
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -224,7 +230,8 @@ def _check_against_reference(ref, prompt: list[int], tokens, bits: int) -> None:
         assert tok == int(row.argmax()), i
 
 
-@pytest.mark.parametrize("arch,dim,bits", [("qwen3", 96, 8), ("gemma3_text", 64, 8), ("gemma3_text", 128, 4)])
+@pytest.mark.parametrize("arch,dim,bits", [("qwen3", 96, 8), ("gemma3_text", 64, 8), ("gemma3_text", 128, 4),
+                                           ("mistral", 64, 4)])
 def test_engine_batched_and_solo_follow_the_reference(models, monkeypatch, arch, dim, bits):
     """Requests of several lengths (inside a block, on its end, past it, past Gemma's window
     of 8) decoded together and alone, prompts prefilled in chunks of 8 (a chunk ending inside
