@@ -164,6 +164,47 @@ def test_seeded_sampling_with_a_rejected_draft_does_not_depend_on_pace_or_batch(
     assert stats["drafted_tokens"] > 0 and stats["acceptance_rate"] < 0.3  # (rows stopped drafting)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_seeded_sampling_with_measured_draft_costs_is_reproducible(ckpts, arch, monkeypatch):
+    """With the cost model measured (AMLX_MEASURE_DRAFT_COSTS=1, the GPU's default) a row's
+    draft lengths followed timings: the first rounds ran on the constants before a
+    measurement existed, later ones on the measurement of their batch's size. The verify
+    steps a seeded sampling row draws in, and so its tokens, then changed from one run of
+    the same request to the next. Seeded sampling rows keep the constants. The measurement
+    is replaced by a fixed one here (far from the constants: long drafts cost much), so the
+    test does not follow this machine's timings; greedy rows still take it."""
+    from amlx.engine.speculate import Speculator
+    from amlx.speculative.adaptive import CostModel
+
+    monkeypatch.setenv("AMLX_MEASURE_DRAFT_COSTS", "1")
+    measured = []
+
+    def fixed(self, shard):
+        measured.append(len(shard.rows))
+        return CostModel.measured(self.spec.num_draft_tokens, 1.0, lambda k: 1.0 + 0.8 * k, 0.5)
+
+    monkeypatch.setattr(Speculator, "_measure", fixed)
+    paths = ckpts[arch]
+
+    async def body():
+        async with await amlx.load(paths["target"], device="cpu", draft=str(paths["near"])) as m:
+            out = []
+            for seed in range(3):
+                options = dict(max_tokens=40, temperature=0.9, seed=seed)
+                first = (await m.complete(LOOP, **options)).token_ids
+                again = (await m.complete(LOOP, **options)).token_ids
+                both = await _complete_all(m, [(LOOP, options), ([20, 21, 22, 23] * 3, dict(max_tokens=30))])
+                out.append((first, again, both[0].token_ids))
+            return out, (await _settled(m))["speculative"]
+
+    runs, stats = run(body)
+    assert measured, "the cost model was never measured"
+    for seed, (first, again, batched) in enumerate(runs):
+        assert again == first, f"seed {seed}: a second run of the request differs"
+        assert batched == first, f"seed {seed}: the request beside another differs"
+    assert stats["drafted_tokens"] > 0
+
+
 def _churn_requests(seed: int) -> list[tuple[list[int], dict, bool, float]]:
     """(prompt, options, cancel after 5 tokens, start delay): greedy and seeded sampled
     requests (top-p, top-k, penalties, tiny buffers), a third of them cancelled."""

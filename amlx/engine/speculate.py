@@ -77,6 +77,15 @@ TIMING_REPEATS = 3  # timed runs of each pass (best kept), after one untimed (tr
 VERIFY_WIDTHS = (2, 3, 5, 9, 17)
 
 
+def _reproducible_draws(req: Request) -> bool:
+    """A seeded sampling row keeps the fixed cost model (the constants above). Its draft
+    lengths decide which verify steps its draws fall in, and a measured cost model follows
+    timings and the batch's size: the same seed gave other tokens from one run to the next.
+    (Greedy rows emit the same tokens whatever their lengths; unseeded ones promise nothing.)"""
+    options = req.options
+    return options.seed is not None and options.temperature > 0
+
+
 def verify_width(drafted: int, num_draft_tokens: int) -> int:
     """The width of a verify pass whose widest row drafts `drafted` tokens (1 when none
     does: a shard whose rows' drafts were all cut takes a plain step inside the pass)."""
@@ -261,6 +270,8 @@ class Speculator:
                 return  # (its first round makes the draft's pool: measured the round after)
             cost = self._measured[size] = self._measure(shard)
         for req in (r for s in shards for r in s.rows):
+            if _reproducible_draws(req):
+                continue
             adaptive = self._length(req)
             if adaptive.cost is not cost:
                 adaptive.use(cost)
