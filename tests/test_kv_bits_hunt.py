@@ -344,6 +344,29 @@ def test_block_bytes_follow_the_bit_width(layers, kv_heads, dim, bits, block, si
         assert want < full * (bits / (8 * size) + 2 / 32 * (4 / size) + 1e-9)
 
 
+@pytest.mark.parametrize("bits", [None, 8, 4])
+@pytest.mark.parametrize("dim", [32, 96, 128])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_pools_arrays_take_what_block_bytes_says(bits, dim, dtype):
+    """What the sizing counts per block is what the arrays hold: their bytes (packed values,
+    scales and biases with kv_bits) are the blocks they hold times block_bytes, and MLX's
+    active memory grows by that (its buffer cache emptied first: a cached buffer somewhat
+    larger than asked for is handed out whole) and is back after close."""
+    from amlx import _mlx as mx
+
+    gc.collect()
+    mx.memory.clear_cache()
+    before = amlx.memory()["active"]
+    pool = BlockPool([(2, dim)] * 3, getattr(mx, dtype), 16, 40, prefix_cache=False, bits=bits)
+    pool.allocate(20)
+    held = sum(int(np.prod(a.shape)) * a.dtype.size for a in pool.arrays)
+    assert len(pool.arrays) == 3 * pool.parts and held == pool.capacity * pool.bytes_per_block()
+    assert amlx.memory()["active"] - before == held
+    pool.close()
+    gc.collect()
+    assert amlx.memory()["active"] == before
+
+
 @pytest.mark.parametrize("ceiling", [40_000, 327_680, 1_000_003, "fraction", "2 shards"])
 def test_the_longest_context_follows_the_smaller_blocks(models, monkeypatch, ceiling):
     """The same kv_cache_memory (bytes, or a fraction of the machine's memory: here the one
