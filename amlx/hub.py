@@ -53,11 +53,16 @@ def _check_ref(cache: Path, model_id: str) -> None:
     if not os.path.exists(ref):
         return  # (huggingface_hub skips it then)
     try:
-        read_bytes(ref, 1024).decode("utf-8")
+        text = read_bytes(ref, 1024).decode("utf-8")
     except FileNotFoundError:
         return  # (gone since)
     except UnicodeDecodeError:
         raise ModelLoadError(f"{ref}: not a revision of the Hugging Face cache (not UTF-8 text)") from None
+    # huggingface_hub joins the text onto snapshots/ as it is: "../.." there pointed the load at
+    # a folder outside the cache. The Hub writes a commit's 40 hex digits.
+    if not re.fullmatch(r"[0-9a-f]{40}", text.strip()):
+        raise ModelLoadError(f"{ref}: not a revision of the Hugging Face cache (a commit's 40 hex digits), "
+                             f"but {text.strip()[:60]!r}")
 
 
 # huggingface_hub 2.x's cached file listing of one revision (trees/<commit>.json): a few

@@ -161,6 +161,20 @@ def test_a_plain_cached_file_listing_still_resolves(tmp_path):
     assert _resolve(cache) == cache / "models--acme--tiny" / "snapshots" / _COMMIT
 
 
+@pytest.mark.parametrize("text", ["../../outside", "main", _COMMIT[:39], _COMMIT + "/.."])
+def test_a_cached_ref_that_is_not_a_commit_is_refused(tmp_path, text):
+    """huggingface_hub joins refs/main's text onto snapshots/ as it is: "../../outside" there
+    had the load read a checkpoint from a folder outside the cache."""
+    cache, _ = _cache(tmp_path)
+    outside = cache / "models--acme--tiny" / "snapshots" / text
+    outside.mkdir(parents=True, exist_ok=True)
+    (outside / "config.json").write_text("{}")
+    (cache / "models--acme--tiny" / "refs" / "main").write_text(text)
+    with pytest.raises(ModelLoadError) as info:
+        _resolve(cache)
+    assert "refs/main" in str(info.value) and "40 hex digits" in str(info.value)
+
+
 
 # -- 3. Ctrl-C while `amlx` starts --------------------------------------------------------------------
 
