@@ -316,6 +316,34 @@ def test_a_pool_too_small_for_every_row_makes_them_wait_not_fail(models, arch, d
             _check_against_reference(ref, p, toks, bits)
 
 
+def test_a_small_quantized_pool_with_the_prefix_cache_keeps_serving(models):
+    """Gemma 3 at 4 bits (its windowed layers' pool too), a pool of 10 blocks with the prefix
+    cache: three waves of 12 requests sharing prefixes of every length: cached prefixes
+    reused and evicted, rows preempted (14 times in runs here), none fails, each gets its
+    tokens, and closing gives every byte back."""
+    path, _, _ = models[("gemma3_text", 64)]
+    rng = np.random.default_rng(5)
+    base = [int(x) for x in rng.integers(10, 200, 40)]
+    gc.collect()
+    before = amlx.memory()["active"]
+    with amlx.load_sync(path, kv_bits=4) as m:
+        block = m.engine.scheduler.block_bytes()
+    with amlx.load_sync(path, kv_bits=4, kv_cache_memory=10 * block) as m:
+        for _ in range(3):
+            tails = [[int(x) for x in rng.integers(10, 200, int(rng.integers(1, 30)))] for _ in range(12)]
+            prompts = [base[:int(rng.integers(1, 41))] + tail for tail in tails]
+            lengths = [int(x) for x in rng.integers(5, 60, 12)]
+
+            async def wave():
+                return await asyncio.gather(*(m.complete(p, max_tokens=n) for p, n in zip(prompts, lengths)))
+
+            for n, r in zip(lengths, asyncio.run(wave())):
+                assert len(r.token_ids) == n or r.finish_reason == "stop"
+        stats = m.stats()["kv_cache"]
+        assert stats["prefix_hits"] > 0 and stats["blocks_allocated"] <= 10
+    gc.collect()
+    assert amlx.memory()["active"] == before
+
 # ---------------------------------------------------------------------------
 # options and sizing
 
