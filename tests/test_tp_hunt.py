@@ -346,7 +346,41 @@ async def _garbage(path: str) -> dict:
     return out
 
 
-SCENARIOS = {"hung_close": _hung_close, "kill_many": _kill_many, "garbage": _garbage}
+async def _stopped_after_beat(path: str) -> dict:
+    """Rank 1 stops itself right after its 7th heartbeat (the sitecustomize hook of
+    test_a_rank_stuck_after_its_heartbeat_is_caught): the 7th message is the step
+    that the first request's last round runs after its last token, which rank 0 reads
+    before the second request's prefill. The heartbeat was written once the step was
+    launched, not done: the stuck step looked finished, no rank was behind, and rank
+    0 waited on it for good instead of failing after AMLX_TP_STEP_TIMEOUT."""
+    m = await amlx.load(path, device="cpu", tensor_parallel=2)
+    mirror = m.engine.mirror
+    pid = mirror.alive[0]
+    rescue = threading.Timer(40, lambda: os.kill(pid, signal.SIGKILL))  # (see _hung_close)
+    rescue.daemon = True
+    rescue.start()
+    start = time.monotonic()
+    out = {"requests": []}
+    for _ in range(2):
+        try:
+            out["requests"].append(["ok", (await m.complete([1, 5, 9, 33], max_tokens=6)).token_ids])
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            out["requests"].append([type(exc).__name__, str(exc)[:200]])
+    out["seconds"] = time.monotonic() - start
+    out["sent"] = mirror._sent
+    rescue.cancel()
+    await m.aclose()
+    for _ in range(400):
+        if mirror.closed:
+            break
+        await asyncio.sleep(0.05)
+    out["closed_fully"] = mirror.closed
+    out["gone"] = gone(mirror.launch.workdir)
+    return out
+
+
+SCENARIOS = {"hung_close": _hung_close, "kill_many": _kill_many, "garbage": _garbage,
+             "stopped_after_beat": _stopped_after_beat}
 
 
 def test_close_with_a_hung_follower_is_bounded(ckpts):
@@ -363,6 +397,52 @@ def test_a_killed_follower_fails_every_request(ckpts):
         assert kind == "TensorParallelError", out
         assert "rank 1" in message and "killed by signal 9" in message, out
     assert out["closed_fully"] and out["gone"] and out["workdir_removed"], out
+
+
+STOP_AFTER_BEAT = """\
+import os, sys
+if "amlx.tp.follower" in " ".join(sys.orig_argv):  # (rank 0 reads this file too)
+    from amlx._mlx import ops as _ops
+
+    _write, _launch, _beats = os.write, _ops.async_eval, [0]
+
+    def _write_and_stop(fd, data):
+        done = _write(fd, data)
+        if data == b".":
+            _beats[0] += 1
+            if _beats[0] == int(os.environ["AMLX_TP_HUNT_STOP_AT"]):
+                os.kill(os.getpid(), 19)  # SIGSTOP
+        return done
+
+    def _slow_launch(*arrays):
+        # a decode step waits on the stream behind a few matmuls: the stop lands
+        # inside the step whether the heartbeat comes before its end or after
+        if sys._getframe(1).f_code.co_name == "_decode":
+            w = _ops.ones((384, 384)) * 0.001
+            s = w
+            for _ in range(6):
+                s = _ops.matmul(s, w)
+            _launch(s)
+        return _launch(*arrays)
+    os.write, _ops.async_eval = _write_and_stop, _slow_launch
+"""
+
+
+def test_a_rank_stuck_after_its_heartbeat_is_caught(ckpts, tmp_path):
+    """A follower stuck inside a step after its heartbeat (here: stopped right after
+    it): the watchdog fails the model within AMLX_TP_STEP_TIMEOUT (3 s) instead of
+    rank 0 waiting on the step for good (it waited until the test's rescue, 40 s)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STOP_AFTER_BEAT)
+    out = scenario("stopped_after_beat", ckpts["qwen3"],
+                   {"PYTHONPATH": f"{hook}{os.pathsep}{ROOT}", "AMLX_TP_HUNT_STOP_AT": "7",
+                    "AMLX_TP_STEP_TIMEOUT": "3"})
+    failed = [r for r in out["requests"] if r[0] != "ok"]
+    assert failed and failed[0] == ["TensorParallelError",
+                                    "a tensor-parallel rank made no progress for 3 s; the model is closed"], out
+    assert out["seconds"] < 30, out
+    assert out["closed_fully"] and out["gone"], out
 
 
 def test_a_malformed_message_fails_the_model_clearly(ckpts):

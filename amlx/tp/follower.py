@@ -45,17 +45,27 @@ class Follower:
         self._step = transforms.compile(self._forward)
 
     def serve(self, heartbeat: int | None = None) -> None:
-        """Handles messages until STOP; after each, one byte on `heartbeat` (rank
-        0's watchdog counts them)."""
+        """Handles messages until STOP; once each one's step is done, one byte on
+        `heartbeat` (rank 0's watchdog counts them)."""
+        posted = protocol.post(self.group)
         while True:
-            msg = protocol.receive(self.group)
+            msg = protocol.receive(self.group, posted)
             self.rows.free(msg.frees)
             if msg.kind == protocol.STOP:
                 return
+            launched = []
             if msg.kind == protocol.PREFILL:
-                self._prefill(msg.body)
+                self._prefill(msg.body)  # (evaluated before it returns)
             else:
-                self._decode(msg.body)
+                launched = self._decode(msg.body)
+            # The next message's collective is queued behind this step on the stream (as
+            # before: no gap between them), but the heartbeat waits for the step itself. Sent
+            # once the step was launched, it let a rank stuck inside the step look up to date:
+            # rank 0, waiting on that step before sending more, then waited for good, the
+            # watchdog seeing no rank behind.
+            posted = protocol.post(self.group)
+            if launched:
+                ops.eval(*launched)
             if heartbeat is not None:
                 os.write(heartbeat, b".")
 
@@ -72,7 +82,7 @@ class Follower:
         # head's input is the last all_sum: evaluating it alone would join one more)
         ops.eval(*([logits] if logits_read else []), *self.kv.pool.state())
 
-    def _decode(self, body: list[int]) -> None:
+    def _decode(self, body: list[int]) -> list:
         capacity, b = body[0], body[1]
         positions = body[2:2 + b]
         rows, _ = self.rows.read(body[2 + b:], b)
@@ -84,9 +94,10 @@ class Follower:
         logits, state = self._step(ops.zeros((b, 1), int32), array(np.asarray(positions, np.int32)),
                                    table_arrays(tables), self.kv.pool.arrays)
         self.kv.pool.arrays = state
-        # launched, not awaited: the next message's collective waits for it on the stream,
-        # and meanwhile this thread is back in `receive`
+        # launched, not awaited here: `serve` queues the next message's collective behind
+        # it, then waits for it before the heartbeat
         ops.async_eval(logits, *state)
+        return [logits, *state]
 
     def _forward(self, tokens, positions, tabs, arrays):
         return self.pools.decode_pass(self.model, tokens, positions, tabs, arrays)

@@ -52,10 +52,20 @@ def send(group: dist.Group, kind: int, frees: list[int], body: list[int]) -> lis
     return outs
 
 
-def receive(group: dist.Group) -> Message:
-    """The other ranks: waits for rank 0's next message (MLXError if a peer is
-    gone; ValueError if the ranks lost step)."""
-    first = _block(group)
+def post(group: dist.Group) -> tuple[Array, Array]:
+    """The other ranks: launches the collective that reads the first buffer of
+    rank 0's next message (not waiting for it); `receive` reads it."""
+    zeros = ops.zeros((WORDS,), int32)
+    out = dist.all_sum(zeros, group)
+    ops.async_eval(out)
+    return zeros, out
+
+
+def receive(group: dist.Group, posted: tuple[Array, Array] | None = None) -> Message:
+    """The other ranks: waits for rank 0's next message, whose first buffer's
+    collective `posted` launched if given (MLXError if a peer is gone;
+    ValueError if the ranks lost step)."""
+    first = _block(group) if posted is None else _read(posted)
     if first[0] != MAGIC or first[1] not in KINDS:
         raise ValueError("tensor parallelism: the ranks lost step (a message was not one)")
     nfree, nbody = int(first[2]), int(first[3])
@@ -69,8 +79,11 @@ def receive(group: dist.Group) -> Message:
 
 
 def _block(group: dist.Group) -> np.ndarray:
-    zeros = ops.zeros((WORDS,), int32)
-    out = dist.all_sum(zeros, group)
+    return _read(post(group))
+
+
+def _read(posted: tuple[Array, Array]) -> np.ndarray:
+    zeros, out = posted
     try:
         return out.numpy()
     finally:
