@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
@@ -121,7 +121,9 @@ class Server:
 
 
 def _routes(server: Server) -> APIRouter:
-    api = APIRouter(route_class=ErrorRoute)
+    # Every route here needs the API key (when keys are set), checked before the body is read.
+    keyed = type("KeyedRoute", (ErrorRoute,), {"before": staticmethod(KeyCheck(server.settings.api_keys))})
+    api = APIRouter(route_class=keyed)
     metrics = server.metrics
 
     @api.post("/v1/chat/completions")
@@ -174,7 +176,7 @@ def create_app(model: "amlx.Model", settings: Settings) -> FastAPI:
     app = FastAPI(title="amlx", version=amlx.__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     install_handlers(app, on_error=lambda status: server.metrics.errors.labels(str(status)).inc())
-    app.include_router(_routes(server), dependencies=[Depends(KeyCheck(settings.api_keys))])
+    app.include_router(_routes(server))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -96,13 +96,23 @@ class ErrorRoute(APIRoute):
     `install_handlers` registers for Exception: it answers in the same shape, but then
     re-raises, so that uvicorn logs a traceback and closes the connection, and a client's
     next request on that kept-alive connection fails. A request's bad input (a ValueError
-    from the tokenizer, say) is no reason to drop the connection."""
+    from the tokenizer, say) is no reason to drop the connection.
+
+    `before(request)`, where a subclass sets it, runs ahead of FastAPI's handler, i.e. before
+    the body is read and parsed: the API key check (app.py). As a FastAPI dependency it ran
+    after the body was read, so a client without a key had its whole body (of any size) read
+    and got a 400 for a body that was not JSON, not the 401 every other request gets."""
+
+    before: Callable[[Request], None] | None = None
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
+        before = type(self).before
 
         async def guarded(request: Request) -> Response:
             try:
+                if before is not None:
+                    before(request)
                 return await handler(request)
             except (APIError, RequestValidationError, StarletteHTTPException):
                 raise  # (each has its own handler, which answers without re-raising)

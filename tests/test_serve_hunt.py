@@ -1,0 +1,87 @@
+"""A bug hunt of `amlx serve` through the official openai client and raw HTTP: what the other
+server tests leave out. Each test that guards a fix says what was wrong before it.
+
+One server (a subprocess, with an API key) over a tiny random Qwen3 whose greedy replies never
+end early (tests.helpers.serving.serve_checkpoint): streamed and whole replies of one greedy
+request must agree token for token, and replies are compared with each other, not with text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.helpers.serving import ServerProcess, serve_checkpoint
+
+KEY = "hunt-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CHAT = [{"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    ckpt = serve_checkpoint(tmp_path_factory.mktemp("hunt-ckpt"), seed=3)
+    with ServerProcess(ckpt, "--model-name", "tiny", "--max-context", "512", "--keepalive", "0.2",
+                       api_key=KEY) as srv:
+        yield srv
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120, headers=AUTH) as client:
+        yield client
+
+
+def _error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+    return error
+
+
+# -- auth comes before the body ---------------------------------------------------------------
+
+def _raw_request(server, head: bytes, body: bytes = b"") -> bytes:
+    """Sends a request's head (and part of a body) on a raw socket; the reply's head and body as
+    they come (the socket is read until the server ends the reply or 30 s pass: a hang guard)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(head + body)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+                dict(line.split(b": ", 1) for line in data.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]).get(
+                    b"content-length", b"0")):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def test_a_request_without_the_key_is_a_401_before_its_body_is_read(server):
+    """The key was checked as a FastAPI dependency, which runs after the body is read and parsed:
+    a body that was not JSON got a 400 without a key (the key mattered for every other body), and
+    a client without a key had its whole body read, of any size, before it was refused."""
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        with httpx.Client(base_url=server.url, timeout=60) as anon:
+            r = anon.post(path, content=b'{"model": "tiny", "messages": [', headers={"Content-Type": "application/json"})
+            assert _error(r, 401)["code"] == "invalid_api_key"
+            r = anon.post(path, content=b'{bad', headers={"Content-Type": "application/json",
+                                                           "Authorization": "Bearer wrong"})
+            assert _error(r, 401)["code"] == "invalid_api_key"
+        with httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as keyed:  # with the key: the body's 400
+            r = keyed.post(path, content=b'{bad', headers={"Content-Type": "application/json"})
+            assert _error(r, 400)["code"] == "invalid_json"
+        # a body announced as a gigabyte, of which nothing is sent: refused at once, unread
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: 1000000000\r\n\r\n").encode()
+        reply = _raw_request(server, head, b'{"model": "tiny", ')
+        assert reply.startswith(b"HTTP/1.1 401 "), reply[:200]
+        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "invalid_api_key"
+    assert server.alive()
