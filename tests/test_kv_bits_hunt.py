@@ -528,10 +528,6 @@ def test_drafted_tokens_verified_over_a_quantized_pool_follow_the_reference(mode
         assert m.stats()["speculative"]["accepted_tokens"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason="amlx/engine/pools.py (ShardPools.__init__, decoded_reusable): with kv_bits "
-                   "the blocks decode steps wrote (a reply) are cached, and they hold other keys and values than a "
-                   "prefill of the same tokens stores (decode steps attend their own key and value unquantized); "
-                   "fix: decoded_reusable = False when options.kv_bits, as for the CPU's int8 decode")
 def test_a_reply_reused_through_the_prefix_cache_gives_what_recomputing_it_gives(models):
     """A chat's next turn (its prompt: the last prompt, the reply, new tokens) through the prefix
     cache must follow the reference of the prompt computed whole (what an engine without the

@@ -28,12 +28,15 @@ class ShardPools:
         self.windows = model.windows()  # per layer
         self.block_size = self.kv[0].block_size
         self.epoch = 0
-        # Where decode steps round activations to int8 (a quantized model on the CPU's kernels,
-        # amlx/models/cpu_matmul.py), the keys and values they write are not those a prefill of
-        # the same tokens writes: only prompt blocks (prefilled) are cached then, so that a
-        # prompt behind the cache (a chat's next turn, holding the last reply) is computed as
-        # without it. A reply's blocks are prefilled, and cached, with the turn that holds it.
-        self.decoded_reusable = not (options.device == "cpu" and rounds_decode(model))
+        # Where decode steps write other keys and values than a prefill of the same tokens, only
+        # prompt blocks (prefilled) are cached, so that a prompt behind the cache (a chat's next
+        # turn, holding the last reply) is computed as without it; a reply's blocks are
+        # prefilled, and cached, with the turn that holds it. So it is where decode steps round
+        # activations to int8 (a quantized model on the CPU's kernels, amlx/models/cpu_matmul.py)
+        # and with kv_bits: a decode step attends its own key and value as computed, a prefill
+        # every position as stored, so from the second layer on they differ (Gemma 3 at 4 bits:
+        # a next turn's log-probabilities 0.1-1.5 off, greedy tokens parting).
+        self.decoded_reusable = not ((options.device == "cpu" and rounds_decode(model)) or options.kv_bits)
 
     def counters(self) -> dict[str, int]:
         """The pools' counters, summed (stats; any thread)."""
