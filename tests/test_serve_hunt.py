@@ -85,3 +85,33 @@ def test_a_request_without_the_key_is_a_401_before_its_body_is_read(server):
         assert reply.startswith(b"HTTP/1.1 401 "), reply[:200]
         assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "invalid_api_key"
     assert server.alive()
+
+
+# -- completions top_logprobs: texts that several tokens share -------------------------------------
+
+def test_completion_top_logprobs_keep_the_sampled_tokens_own_logprob(http):
+    """top_logprobs of /v1/completions is a dict keyed by text, and tokens can share a text:
+    every token holding part of a character reads U+FFFD. Built as {text: logprob}, the last
+    (least likely) such token won, so a greedy token's own text showed a lower logprob than
+    its token_logprobs entry, and the best alternative looked worse than it was."""
+    collided = 0
+    for prompt in ("Hello", "日本語", "😀 x"):
+        for stream in (False, True):
+            r = http.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 30,
+                                                   "temperature": 0, "logprobs": 5, "stream": stream})
+            assert r.status_code == 200, r.text
+            if stream:
+                events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+                parts = [c["logprobs"] for e in events for c in e["choices"] if c["logprobs"]]
+            else:
+                parts = [r.json()["choices"][0]["logprobs"]]
+            tokens = [t for p in parts for t in p["tokens"]]
+            logprobs = [lp for p in parts for lp in p["token_logprobs"]]
+            tops = [d for p in parts for d in p["top_logprobs"]]
+            assert len(tokens) == len(logprobs) == len(tops) == 30
+            for token, logprob, top in zip(tokens, logprobs, tops):
+                assert top[token] == logprob, (token, logprob, top)
+                # greedy: the chosen token is the likeliest, its text first
+                assert max(top.values()) == logprob and next(iter(top)) == token, (token, logprob, top)
+                collided += len(top) < 5
+    assert collided  # (the tiny model's replies hold byte tokens that share the text U+FFFD)

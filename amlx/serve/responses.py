@@ -128,9 +128,16 @@ class CompletionShape(_Shape):
         echoed prompt's first token has none (null), as its logprob is null."""
         if e.logprob is None:
             return None
-        top = {t: lp for _, t, lp in e.top}
-        top.setdefault(e.text, e.logprob)
-        return top
+        # The dict is keyed by text, and tokens can share one: every token that holds part of a
+        # character reads "\ufffd". Built as {t: lp for ...}, the last (least likely) of them
+        # won, so a greedy token's own text showed another token's, lower, logprob. The sampled
+        # token's text shows its own logprob (what the API promises), any other text the best
+        # of its tokens'; best first.
+        top: dict[str, float] = {}
+        for _, t, lp in e.top:  # (best first)
+            top.setdefault(t, lp)
+        top[e.text] = e.logprob
+        return dict(sorted(top.items(), key=lambda item: -item[1]))
 
     def first_chunks(self, gen: Generation) -> list[dict[str, Any]]:
         """With `echo`, each choice opens with its prompt (and the prompt's logprobs)."""
