@@ -100,10 +100,30 @@ def _from_response_format(value: Any) -> Constraint | None:
 
 
 def _from_schema(schema: Mapping[str, Any] | bool) -> Constraint:
+    # A schema nested deeper than Python's recursion limit raised RecursionError (no ValueError:
+    # a server's 500) from json.dumps or the walks below; llguidance's own JSON parser stops
+    # far sooner (128 levels) with a ValueError that named no option ("recursion limit
+    # exceeded at line 1 column 3430").
+    try:
+        return _schema_constraint(schema)
+    except RecursionError:
+        raise ValueError("invalid response_format: the JSON schema is nested too deeply") from None
+
+
+def _schema_constraint(schema: Mapping[str, Any] | bool) -> Constraint:
+    # A boolean schema (JSON Schema's `true`: any value, `false`: none) is taken as its object
+    # form: llguidance puts the JSON style into the schema object, and on a boolean it failed
+    # with "Expecting object schema to apply options", an error that named no option, for
+    # `true`, which any JSON value satisfies.
+    if schema is True:
+        schema = {}
+    elif schema is False:
+        raise ValueError("invalid response_format: the JSON schema false allows no value")
     try:
         text = json.dumps(schema, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"response_format: the JSON schema is not JSON-serializable: {e}") from e
+    _check_text(json.dumps(schema, ensure_ascii=False), "response_format: the JSON schema (as JSON text)")
     inexact = _inexact_number(schema, "schema")
     if inexact is not None:
         raise ValueError(f"invalid response_format: {inexact[0]} is {inexact[1]}, which the grammar engine cannot "
@@ -115,7 +135,11 @@ def _from_schema(schema: Mapping[str, Any] | bool) -> Constraint:
         raise ValueError(f"invalid response_format: {e}{_llguidance_too(text, schema=True)}") from None
     except ValueError as e:
         raise ValueError(f"invalid response_format: {e}") from None
-    return Constraint("json", llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_STYLE))
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_STYLE)
+    except ValueError as e:
+        raise ValueError(f"invalid response_format: {e}") from None
+    return Constraint("json", grammar)
 
 
 @functools.lru_cache(maxsize=256)
@@ -254,6 +278,7 @@ def _values_only(value: Any) -> Any:
 def _from_regex(regex: Any) -> Constraint:
     if not isinstance(regex, str) or not regex:
         raise ValueError("regex must be a non-empty string")
+    _check_text(regex, "regex")
     try:
         rewritten = to_llguidance(regex)
     except Refused as e:
@@ -268,6 +293,8 @@ def _from_choice(choice: Any) -> Constraint:
         raise ValueError(f"choice must be a list of strings, got {type(choice).__name__}")
     if not choice or not all(isinstance(c, str) and c for c in choice):
         raise ValueError("choice must be a non-empty list of non-empty strings")
+    for i, c in enumerate(choice):
+        _check_text(c, f"choice[{i}]")
     # Each choice is one Lark string literal. JSON string syntax is Lark's (quotes, backslashes,
     # control characters and non-ASCII as \u escapes, astral characters as surrogate pairs).
     # The alternation is one terminal (one lexeme, matched by llguidance's lexer), not a rule's
@@ -281,7 +308,25 @@ def _from_choice(choice: Any) -> Constraint:
 def _from_lark(grammar: Any) -> Constraint:
     if not isinstance(grammar, str) or not grammar.strip():
         raise ValueError("grammar must be a non-empty Lark grammar (a string)")
+    _check_text(grammar, "grammar")
     return Constraint("grammar", llguidance.LLMatcher.grammar_from_lark(grammar))
+
+
+def _check_text(text: str, what: str) -> None:
+    """ValueError naming the first unpaired UTF-16 surrogate in `text` (JSON's "\\ud800"
+    escape decodes to one), if it has one.
+
+    Why: no output can hold one (the reply is UTF-8), and llguidance took each differently: a
+    regex compiled to one that matches nothing, which failed the request once queued (a
+    ConstraintError saying "NoExtensionBias"); a grammar raised UnicodeEncodeError; a choice or
+    a schema's string failed in llguidance's JSON parser ("unexpected end of hex escape"),
+    naming no option."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        raise ValueError(f"{what} holds an unpaired surrogate, U+{code:04X}, at character {e.start}: it is no "
+                         f"Unicode character, and no output (UTF-8 text) can hold it") from None
 
 
 def _check(grammar: str, option: str) -> None:

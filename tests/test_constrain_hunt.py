@@ -1,0 +1,111 @@
+"""Structured outputs, hunted for bugs through the public API and `parse_constraint`: option
+edge cases (boolean schemas, unpaired surrogates, pathological nesting), and what the tiny
+random Qwen3 and Gemma 3 checkpoints produce under each constraint (their free text is
+gibberish: only the constraint can make it valid). tests/test_constraints.py and
+tests/test_constraints_engine.py hold the main cases; these are the ones found since.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import anyio
+import jsonschema
+import pytest
+
+import amlx
+from amlx.constrain import parse_constraint
+
+try:
+    from tests.helpers.checkpoints import make_checkpoint
+except ImportError:  # tests/ itself on sys.path
+    from helpers.checkpoints import make_checkpoint
+
+ARCHS = ("qwen3", "gemma3_text")
+
+
+@functools.lru_cache(maxsize=None)
+def checkpoint(arch: str) -> Path:
+    root = Path(tempfile.mkdtemp(prefix="amlx-constrain-hunt-"))
+    import atexit
+
+    atexit.register(shutil.rmtree, root, True)
+    return make_checkpoint(root / arch, arch, seed=3)
+
+
+def schema_format(schema) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+
+
+# ---------------------------------------------------------------------------------------------
+# options refused (or not) before anything is queued
+
+
+def test_boolean_schemas():
+    """JSON Schema's `true` (any value) is a schema like `{}`; `false` allows nothing. Both
+    failed with llguidance's "Expecting object schema to apply options", which named no option,
+    though spec.py let booleans through as schemas."""
+    assert parse_constraint(response_format=schema_format(True)) == parse_constraint(response_format=schema_format({}))
+    with pytest.raises(ValueError, match="response_format.*false allows no value"):
+        parse_constraint(response_format=schema_format(False))
+
+
+@pytest.mark.parametrize("options, where", [
+    (dict(regex="a\ud800"), r"regex .*U\+D800, at character 1"),
+    (dict(choice=["ok", "x\udfff"]), r"choice\[1\] .*U\+DFFF"),
+    (dict(grammar='start: "\ud800"'), r"grammar .*U\+D800, at character 8"),
+    (dict(response_format=schema_format({"const": "\ud800"})), r"response_format.*U\+D800"),
+    (dict(response_format=schema_format({"properties": {"\udc00": {}}})), r"response_format.*U\+DC00"),
+])
+def test_unpaired_surrogates_are_refused_naming_the_option(options, where):
+    """No output (UTF-8) can hold an unpaired surrogate (what JSON's "\\ud800" decodes to). A
+    regex with one compiled to a regex that matches nothing and failed its request once queued
+    (ConstraintError "NoExtensionBias"); a grammar raised UnicodeEncodeError; a schema's const
+    failed in llguidance's JSON parser with a message that named no option."""
+    with pytest.raises(ValueError, match=where):
+        parse_constraint(**options)
+
+
+def _nested(depth: int, wrap) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(depth):
+        schema = wrap(schema)
+    return schema
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda s: {"type": "array", "items": s},
+    lambda s: {"type": "object", "properties": {"a": s}, "required": ["a"]},
+    lambda s: {"anyOf": [s, {"type": "string"}]},
+], ids=["array", "object", "anyOf"])
+@pytest.mark.parametrize("depth", [200, 5000])
+def test_deeply_nested_schemas_are_a_value_error_naming_the_option(wrap, depth):
+    """Nested past Python's recursion limit, a schema raised RecursionError (json.dumps; no
+    ValueError, a server's 500); past llguidance's JSON parser's (128 levels), a ValueError
+    that named no option ("recursion limit exceeded at line 1 column 3430")."""
+    with pytest.raises(ValueError, match="^invalid response_format: .*(nested too deeply|recursion limit)"):
+        parse_constraint(response_format=schema_format(_nested(depth, wrap)))
+
+
+# ---------------------------------------------------------------------------------------------
+# through the engine
+
+
+async def _boolean_schema_body(arch: str) -> None:
+    async with await amlx.load(checkpoint(arch)) as model:
+        for temperature in (0.0, 1.0):
+            for seed in range(3):
+                out = await model.complete("value:", response_format=schema_format(True), max_tokens=48,
+                                           temperature=temperature, seed=seed)
+                if out.finish_reason == "stop":
+                    json.loads(out.text)  # any JSON value at all
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_boolean_true_schema_generates_json(arch):
+    anyio.run(_boolean_schema_body, arch)
