@@ -14,6 +14,9 @@ from amlx.tp import hosts
 from amlx.tp.launch import Launch, Rank, join_timeout
 
 
+_JOIN_LOCK = threading.Lock()
+
+
 def join(launch: Launch, timeout: float | None = None) -> dist.Group:
     """Rank 0's group with the followers, once every follower has loaded its
     part and said so. TensorParallelError when a follower exits first or the
@@ -26,21 +29,31 @@ def join(launch: Launch, timeout: float | None = None) -> dist.Group:
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             result["error"] = exc
 
-    saved = {k: os.environ.get(k) for k in launch.env}
-    os.environ.update(launch.env)  # MLX's backends read the rank's environment
+    deadline = time.monotonic() + (join_timeout() if timeout is None else timeout)
+    # One join at a time in this process: MLX's backends read the rank's environment
+    # (MLX_RANK, MLX_HOSTFILE), which is the process's, and amlx's distributed.init
+    # clears MLX's cached backends around each init. Two models loading at once (each on
+    # a worker of its own) swapped hostfiles or cleared each other's backend mid-join:
+    # their ranks failed to connect ("Couldn't connect") or waited out the timeout.
+    while not _JOIN_LOCK.acquire(timeout=0.1):
+        _check_alive(launch.ranks, deadline, lambda: None)
     try:
-        helper = threading.Thread(target=connect, name="amlx-tp-join", daemon=True)
-        helper.start()
-        deadline = time.monotonic() + (join_timeout() if timeout is None else timeout)
-        while helper.is_alive():
-            helper.join(0.1)
-            _check_alive(launch.ranks, deadline, lambda: _unblock(launch))
+        saved = {k: os.environ.get(k) for k in launch.env}
+        os.environ.update(launch.env)
+        try:
+            helper = threading.Thread(target=connect, name="amlx-tp-join", daemon=True)
+            helper.start()
+            while helper.is_alive():
+                helper.join(0.1)
+                _check_alive(launch.ranks, deadline, lambda: _unblock(launch))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _JOIN_LOCK.release()
     if "error" in result:
         raise TensorParallelError(f"rank 0 could not join the tensor-parallel group: {result['error']}"
                                   + _tails(launch.ranks))
