@@ -11,6 +11,8 @@ import functools
 import json
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -90,6 +92,54 @@ def test_deeply_nested_schemas_are_a_value_error_naming_the_option(wrap, depth):
     that named no option ("recursion limit exceeded at line 1 column 3430")."""
     with pytest.raises(ValueError, match="^invalid response_format: .*(nested too deeply|recursion limit)"):
         parse_constraint(response_format=schema_format(_nested(depth, wrap)))
+
+
+# Builds the grammars of `_DEEP` in a child process (a crash there is a failed test, not a dead
+# pytest): parse_constraint, then a matcher against a small BPE vocabulary, as the engine does.
+_DEEP_CHILD = r"""
+import json, sys
+from amlx.constrain import GrammarVocab, parse_constraint
+from amlx.tokenizer import Tokenizer
+from tests.helpers.tokenizers import write_tokenizer
+write_tokenizer(sys.argv[1], "bpe")
+tok = Tokenizer.from_dir(sys.argv[1])
+vocab = GrammarVocab.from_tokenizer(tok, len(tok))
+for options in json.loads(sys.stdin.read()):
+    try:
+        constraint = parse_constraint(**options)
+        matcher = vocab.matcher(constraint)
+        masks = vocab.new_masks(1)
+        matcher.fill_mask(masks)
+        print("ok", flush=True)
+    except ValueError as e:
+        print("ValueError", str(e)[:200].replace("\n", " "), flush=True)
+"""
+
+
+def _ref_chain(levels: int) -> dict:
+    defs = {f"d{i}": {"prefixItems": [{"$ref": f"#/$defs/d{i + 1}"}]} for i in range(levels)}
+    defs[f"d{levels}"] = {"type": "integer"}
+    return {"$defs": defs, "$ref": "#/$defs/d0"}
+
+
+def _rule_chain(rules: int) -> str:
+    return "start: r0\n" + "".join(f'r{i}: "a" r{i + 1}\n' for i in range(rules)) + f'r{rules}: "b"\n'
+
+
+def test_long_chains_of_definitions_neither_crash_nor_pass_unbounded(tmp_path):
+    """A chain of 3,000 `$ref`s or of 8,000 Lark rules overflowed the 8 MB stack of the thread
+    that checked it (parse_constraint, on the event loop) or compiled it (the grammar thread):
+    a segmentation fault, the process gone. They compile now (on a thread with a deep stack),
+    and a grammar with more definitions than that stack surely holds is a ValueError."""
+    cases = [dict(response_format=schema_format(_ref_chain(3000))), dict(grammar=_rule_chain(8000)),
+             dict(grammar=_rule_chain(40_000))]
+    root = Path(__file__).resolve().parent.parent
+    child = subprocess.run([sys.executable, "-c", _DEEP_CHILD, str(tmp_path)], input=json.dumps(cases), cwd=root,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
+    lines = child.stdout.splitlines()
+    assert lines[:2] == ["ok", "ok"], lines
+    assert re.match(r"ValueError invalid grammar: too large for the grammar engine \(40002 ':'", lines[2]), lines
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ llguidance's thread pool, without holding the GIL.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -19,6 +20,7 @@ import llguidance
 import llguidance.numpy as llnp
 import numpy as np
 
+from amlx.constrain.limits import check_definitions, on_deep_stack
 from amlx.constrain.spec import Constraint
 from amlx.env import env_int
 
@@ -360,7 +362,11 @@ class GrammarVocab:
         matcher = self.cached_matcher(constraint)
         if matcher is not None:
             return matcher
-        template = llguidance.LLMatcher(self._tokenizer_for(constraint), constraint.grammar, log_level=0)
+        if constraint.kind in ("json", "grammar"):  # (as parse_constraint does: a Constraint may be made by hand)
+            check_definitions(constraint.grammar, f"{constraint.kind} constraint")
+        # on a deep stack: llguidance compiles recursively, a frame per definition (limits.py)
+        template = on_deep_stack(functools.partial(llguidance.LLMatcher, log_level=0), self._tokenizer_for(constraint),
+                                 constraint.grammar)
         if template.is_error():
             raise ValueError(f"invalid {constraint.kind} constraint: {template.get_error().strip()}")
         with self._lock:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import llguidance
 
+from amlx.constrain.limits import check_definitions, on_deep_stack
 from amlx.constrain.pyregex import Refused, to_llguidance
 
 if TYPE_CHECKING:
@@ -213,8 +214,13 @@ def _not_python(e: Exception) -> str:
 def _llguidance_too(text: str, schema: bool) -> str:
     """llguidance's own complaint about the pattern (or schema) as given, if it has one: said
     with Python's, as the one error message used to be llguidance's alone."""
-    grammar = (llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_STYLE) if schema
-               else llguidance.LLMatcher.grammar_from_regex(text))
+    try:
+        grammar = (llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_STYLE) if schema
+                   else llguidance.LLMatcher.grammar_from_regex(text))
+        if schema:
+            check_definitions(grammar, "response_format")
+    except ValueError:
+        return ""
     problem = _grammar_problem(grammar)
     return f"; llguidance: {problem}" if problem else ""
 
@@ -330,7 +336,12 @@ def _check_text(text: str, what: str) -> None:
 
 
 def _check(grammar: str, option: str) -> None:
-    """llguidance compiles the grammar (no tokenizer needed); its error names the problem."""
+    """llguidance compiles the grammar (no tokenizer needed); its error names the problem.
+    A schema's or a Lark grammar's definitions are counted first (`limits`): too many could
+    overflow the compiler's stack. (A choice's or a regex's grammar is one terminal: the ":"
+    in its text are characters of its strings.)"""
+    if option in ("response_format", "grammar"):
+        check_definitions(grammar, option)
     problem = _grammar_problem(grammar)
     if problem is not None:
         raise ValueError(f"invalid {option}: {problem}")
@@ -343,5 +354,6 @@ def _grammar_problem(grammar: str) -> str | None:
     check compiles the grammar (0.1-0.2 ms for a small schema), on the event loop's thread:
     64 such requests submitted together took 20 ms against 4 unconstrained, so the worker
     started the first of them alone and the batch's prefill took two passes (the H200, 8B)."""
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    # (on a deep stack: llguidance recurses once per definition it follows, see limits.py)
+    is_error, messages = on_deep_stack(llguidance.LLMatcher.validate_grammar_with_warnings, grammar)
     return messages[0].strip() if is_error else None
