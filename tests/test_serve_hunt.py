@@ -199,3 +199,28 @@ def test_streamed_and_whole_replies_agree(server, chat, n, seed, temperature, st
             assert _same(entries[i], expected), (entries[i], expected)
     if top is not None:  # a logprob entry per token
         assert whole["usage"]["completion_tokens"] == sum(len(entries[i]) for i in range(n))
+
+
+# -- a streamed request that fails is counted ----------------------------------------------------
+
+async def test_a_streamed_request_that_fails_midway_is_counted(tmp_path):
+    """A streamed request that fails after its 200 gets its error as an SSE event, and no status
+    is answered: amlx_request_errors_total (by status) never counted it, and its generation is
+    neither finished nor cancelled, so a failing streamed request showed in no metric at all.
+    tests.helpers.failing_server fails a request of seed 666 (MLX out of memory: 503) or 667
+    (a bug: 500) after two tokens."""
+    ckpt = serve_checkpoint(tmp_path / "ckpt", seed=4)
+    with ServerProcess(ckpt, module="tests.helpers.failing_server") as srv:
+        client = srv.client()
+        for seed in (666, 667, 666):
+            stream = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=20, seed=seed,
+                                                          stream=True)
+            with pytest.raises(openai.APIError):
+                async for _ in stream:
+                    pass
+        with pytest.raises(openai.APIStatusError) as info:  # whole: answered with its status, counted as such
+            await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=20, seed=666)
+        assert info.value.status_code == 503
+        m = srv.metrics()
+        assert m['amlx_stream_errors_total{status="503"}'] == 2 and m['amlx_stream_errors_total{status="500"}'] == 1
+        assert m['amlx_request_errors_total{status="503"}'] == 1 and 'amlx_request_errors_total{status="500"}' not in m

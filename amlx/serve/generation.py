@@ -331,6 +331,10 @@ class Generation:
             self._failed = True
             raise from_engine(exc) from exc
 
+    def stream_failed(self, status: int) -> None:
+        """Counts a streamed request answered with an error event (its status long sent)."""
+        self._metrics.stream_errors.labels(str(status)).inc()
+
     def close(self) -> None:
         """Cancels unfinished choices (counting them as cancelled unless the request failed) and
         frees the admission slots."""

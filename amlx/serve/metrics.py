@@ -69,6 +69,12 @@ class Metrics:
                                 registry=r)
         self.errors = Counter("amlx_request_errors", "Requests answered with an error, by HTTP status", ["status"],
                               registry=r)
+        # A streamed request that fails after its 200 gets its error as an SSE event: no status
+        # is answered, so amlx_request_errors_total never saw it, and a failing streamed
+        # generation showed in no metric at all (nor finished, nor cancelled).
+        self.stream_errors = Counter("amlx_stream_errors", "Streamed requests that failed after their 200 was sent "
+                                     "(answered with an SSE error event), by the HTTP status the error has",
+                                     ["status"], registry=r)
         self.cancelled = Counter("amlx_requests_cancelled", "Generations cancelled because the client went away; "
                                  "phase 'prefill' = before the first token (queued or prefilling)", ["phase"],
                                  registry=r)

@@ -88,6 +88,7 @@ async def sse_body(gen: Generation, shape: Any, include_usage: bool) -> AsyncIte
         if include_usage:
             yield _event(shape.usage_chunk(gen))
     except APIError as exc:
+        gen.stream_failed(exc.status)
         yield _event(exc.body())
     finally:
         gen.close()
