@@ -159,3 +159,33 @@ async def _boolean_schema_body(arch: str) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_boolean_true_schema_generates_json(arch):
     anyio.run(_boolean_schema_body, arch)
+
+
+async def _parser_limit_body() -> None:
+    # right-recursive, 1,500 alternatives deep: the Earley row past "a" holds 3,000 items
+    grammar = "start: r0\n" + "".join(f'r{i}: r{i + 1} | "a"\n' for i in range(1500)) + 'r1500: "b"\n'
+    async with await amlx.load(checkpoint("qwen3")) as model:
+        out: dict = {}
+
+        async def one(key, **options):
+            try:
+                out[key] = await model.complete("x", max_tokens=6, logit_bias=options.pop("bias", None), **options)
+            except amlx.AmlxError as e:
+                out[key] = e
+
+        a = model.tokenizer.encode("a", add_special_tokens=False)[0]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(one, "deep", grammar=grammar, bias={a: 100.0}))  # "a" first
+            tg.start_soon(functools.partial(one, "free"))
+        assert isinstance(out["deep"], amlx.ConstraintError) and isinstance(out["deep"], ValueError), out["deep"]
+        assert "grammar constraint cannot be followed" in str(out["deep"]) and "max is 2000" in str(out["deep"])
+        assert len(out["free"].token_ids) == 6
+        assert (await model.complete("w", choice=["up", "down"])).text in ("up", "down")
+
+
+def test_a_grammar_past_the_parsers_row_limit_is_a_constraint_error():
+    """llguidance's Earley parser gives up past 2,000 items in a row ("Current row has 3000
+    items; max is 2000"), after taking a token its mask allowed. That is the grammar past the
+    engine's limits (ConstraintError, a ValueError: a 400 when served), but the request failed
+    as a refused token, a plain AmlxError (a 500)."""
+    anyio.run(_parser_limit_body)

@@ -286,8 +286,12 @@ class Matcher:
         # a limit, e.g. "lexer error: too many expressions constructed")
         if self._inner.stop_reason() in ("LexerTooComplex", "ParserTooComplex"):
             return True
+        # (its Earley parser's row limit reads "Parser Error: Current row has 2001 items; max is
+        # 2000": a right-recursive grammar of 2,000 alternatives failed its request as a refused
+        # token, an AmlxError, rather than the ConstraintError of a grammar past the limits)
         first = self._inner.get_error().split("\n", 1)[0].lower()
-        return first.startswith("lexer error") or "too many" in first or "too complex" in first
+        return (first.startswith("lexer error") or "too many" in first or "too complex" in first
+                or "too big" in first or ("items; max is" in first))
 
     @property
     def error(self) -> str:
