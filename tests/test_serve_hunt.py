@@ -224,3 +224,24 @@ async def test_a_streamed_request_that_fails_midway_is_counted(tmp_path):
         m = srv.metrics()
         assert m['amlx_stream_errors_total{status="503"}'] == 2 and m['amlx_stream_errors_total{status="500"}'] == 1
         assert m['amlx_request_errors_total{status="503"}'] == 1 and 'amlx_request_errors_total{status="500"}' not in m
+
+
+# -- errors name the field ---------------------------------------------------------------------
+
+def test_errors_about_the_prompt_or_a_constraint_name_the_field(http):
+    """A token id outside the vocabulary, a prompt over the context (OpenAI's
+    context_length_exceeded names "messages") and a constraint llguidance gives up on ("the
+    regex constraint cannot be followed: ...") came back with param null."""
+    long_chat = [{"role": "user", "content": "hello world " * 400}]
+    for path, body, param in [
+            ("/v1/completions", {"prompt": [-1]}, "prompt"),
+            ("/v1/completions", {"prompt": ["hi", [3, 10**6]]}, "prompt"),
+            ("/v1/completions", {"prompt": "hello world " * 400}, "prompt"),
+            ("/v1/completions", {"prompt": [5] * 600}, "prompt"),
+            ("/v1/chat/completions", {"messages": long_chat}, "messages"),
+            ("/v1/completions", {"prompt": "x", "regex": "(a{1000}){1000}"}, "regex"),
+            ("/v1/chat/completions", {"messages": CHAT, "grammar": "start: start"}, "grammar")]:
+        r = http.post(path, json={"model": "tiny", "max_tokens": 2, **body})
+        assert _error(r, 400)["param"] == param, (body, r.text)
+    r = http.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2, "messages": long_chat})
+    assert r.json()["error"]["code"] == "context_length_exceeded"

@@ -25,7 +25,7 @@ import amlx
 from amlx.prompt import PromptEncoder
 from amlx.serve import prompts
 from amlx.serve.auth import KeyCheck
-from amlx.serve.errors import APIError, ErrorRoute, install_handlers
+from amlx.serve.errors import APIError, ErrorRoute, about_field, install_handlers
 from amlx.serve.generation import Admission, Generation
 from amlx.serve.metrics import CONTENT_TYPE, Metrics
 from amlx.serve.options import check_completion_fields, generation_options
@@ -96,7 +96,7 @@ class Server:
                                   vocab=self.model.tokenizer.vocab_size)
         gen = Generation(self.model, self.metrics, self.admission, tool_format=tool_format,
                          want_logprobs=bool(opts.get("logprobs")), keepalive=self.settings.keepalive, arrived=arrived)
-        gen.check(prompt_ids, opts, req.n)
+        gen.check(prompt_ids, opts, req.n, "messages" if isinstance(req, ChatRequest) else "prompt")
         echo = None
         if echo_texts is not None:  # (with logprobs, the prompts' own logprobs first: a prefill each)
             # Admitted first: a request past the queue is a 429 before its prompts' logprobs are
@@ -133,9 +133,12 @@ def _routes(server: Server) -> APIRouter:
         if tools and server.tool_format is None:
             raise APIError(400, "tools are not supported: this model's chat template has no tool-call format amlx "
                            "knows (Qwen/Hermes, Llama 3.1, Mistral)", param="tools", code="unsupported_parameter")
-        ids = await anyio.to_thread.run_sync(functools.partial(
-            prompts.render_chat, server.model.tokenizer, messages, tools, server.prompts.check_text,
-            add_generation_prompt=req.add_generation_prompt, continue_final_message=req.continue_final_message))
+        try:
+            ids = await anyio.to_thread.run_sync(functools.partial(
+                prompts.render_chat, server.model.tokenizer, messages, tools, server.prompts.check_text,
+                add_generation_prompt=req.add_generation_prompt, continue_final_message=req.continue_final_message))
+        except amlx.ContextLengthError as exc:
+            raise about_field(exc, "messages") from exc
         tool_format = server.tool_format if tools else None
         return await server.answer(request, req, ChatShape(server.settings.model_name), [ids], tool_format, arrived)
 
@@ -143,8 +146,11 @@ def _routes(server: Server) -> APIRouter:
     async def completions(request: Request, req: CompletionRequest) -> Response:
         arrived = server.received("completions", req)
         check_completion_fields(req)
-        ids = await anyio.to_thread.run_sync(prompts.completion_prompts, server.model.tokenizer, req,
-                                             server.prompts.check_text)
+        try:
+            ids = await anyio.to_thread.run_sync(prompts.completion_prompts, server.model.tokenizer, req,
+                                                 server.prompts.check_text)
+        except amlx.ContextLengthError as exc:
+            raise about_field(exc, "prompt") from exc
         texts = prompts.completion_texts(server.model.tokenizer, req, ids) if req.echo else None
         return await server.answer(request, req, CompletionShape(server.settings.model_name), ids, None, arrived,
                                    texts)

@@ -41,12 +41,18 @@ _FIELD_OF_OPTION = {"presence_penalty": "presence_penalty", "frequency_penalty":
                     "regex": "regex", "choice": "choice", "grammar": "grammar"}
 
 
+# Constraint kinds (ConstraintError: "the json_schema constraint cannot be followed ...") whose
+# request field has another name.
+_FIELD_OF_CONSTRAINT = {"json_schema": "response_format", "json_object": "response_format"}
+
+
 def _option_named(message: str) -> str | None:
     """The request field an engine's ValueError is about: its messages begin with the option's
     name ("stop must be ...", "top_k must be ...", "invalid regex: ...", "response_format of
-    type ...")."""
-    match = re.match(r"(?:invalid )?([a-z_]+)\b", message)
-    return match.group(1) if match and match.group(1) in _OPTION_FIELDS else None
+    type ...", "the regex constraint cannot be followed: ...")."""
+    match = re.match(r"(?:invalid |the )?([a-z_]+)\b", message)
+    name = _FIELD_OF_CONSTRAINT.get(match.group(1), match.group(1)) if match else None
+    return name if name in _OPTION_FIELDS else None
 
 
 class APIError(Exception):
@@ -87,6 +93,16 @@ def from_engine(exc: BaseException) -> APIError:
         return APIError(503, f"out of memory: {exc}", code="out_of_memory")
     log.error("request failed", exc_info=exc)
     return APIError(500, f"the request failed: {type(exc).__name__}: {exc}", code="internal_error")
+
+
+def about_field(exc: BaseException, param: str) -> APIError:
+    """`from_engine(exc)`, naming `param` where it is a 400 that names no field: errors about a
+    request's prompt (a token id outside the vocabulary, a prompt over the context) name the
+    field that holds it, "messages" or "prompt", as OpenAI's context_length_exceeded does."""
+    error = from_engine(exc)
+    if error.status == 400 and error.param is None:
+        error.param = param
+    return error
 
 
 class ErrorRoute(APIRoute):

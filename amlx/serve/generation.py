@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import amlx
-from amlx.serve.errors import APIError, from_engine
+from amlx.serve.errors import APIError, about_field, from_engine
 from amlx.serve.metrics import Metrics
 from amlx.serve.options import choice_options
 from amlx.toolcalls import ToolCallParser, prompt_opens_reasoning
@@ -193,15 +193,19 @@ class Generation:
             out.append(echo)
         return out
 
-    def check(self, prompts: list[list[int]], options: dict[str, Any], n: int) -> None:
+    def check(self, prompts: list[list[int]], options: dict[str, Any], n: int, prompt_param: str = "prompt") -> None:
         """Raises the APIError (a 400) the engine's own checks would give these generations at
         their start (prompt ids, option values, a constraint that does not parse), before
         admission: with the queue full such a request was a 429 first, whose Retry-After had
-        the client send it again only to get its 400 later."""
+        the client send it again only to get its 400 later. `prompt_param`: the request field
+        of the prompts ("messages" or "prompt"), which an error about them names."""
         engine = self._model.engine
-        try:
-            for ids in prompts:
+        for ids in prompts:
+            try:
                 engine.check_prompt(ids)
+            except Exception as exc:
+                raise about_field(exc, prompt_param) from exc
+        try:
             # (the n choices' options differ only in their seeds, seed + j: the last, the largest,
             # stands for all)
             GenerationOptions.from_kwargs(engine.vocab_size, **choice_options(options, n)[-1])
