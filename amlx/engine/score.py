@@ -6,10 +6,11 @@ are copied once per continuation and the continuations run as one right-padded b
 prompt's offset (exact: causal attention never lets a real position see a padded one). Log-
 probabilities are computed in float32 on the device; only one float per continuation comes back.
 
-The work is cut into steps (`Scorer.step`: one prefill chunk, or one batch of continuations),
-each a job of its own on the worker, so that the engine's decode rounds run between them: a
-long prompt scored never holds up the streams decoding beside it for more than a chunk, and a
-caller that is cancelled stops the work at the next step instead of at its end.
+The work is cut into steps (`Scorer.step`: one prefill chunk, or one batch of continuations
+over at most a chunk of their positions), each a job of its own on the worker, so that the
+engine's decode rounds run between them: a long prompt or a long continuation scored never
+holds up the streams decoding beside it for more than a chunk, and a caller that is cancelled
+stops the work at the next step instead of at its end.
 
 `PromptLogprobs` (`Model.prompt_logprobs`, the server's `echo`) runs the same way: each prompt
 token's log-probability after the tokens before it, and the most likely alternatives, from
@@ -31,8 +32,10 @@ from amlx.sample import token_logprobs
 
 __all__ = ["PromptLogprobs", "Scorer", "score_continuations"]
 
-# The logits of one scoring batch, rows * length * vocabulary float32 values, stay under this
-# (256 MB); more continuations are scored in several batches that share the prompt's cache.
+# The logits of one scoring step, rows * positions * vocabulary float32 values, stay under this
+# (256 MB); more continuations are scored in several batches that share the prompt's cache, and
+# a batch's positions run in several steps (a single 8,000-token continuation took all its logits
+# at once: 4.8 GB of float32 at Qwen3's 152k vocabulary, whatever the budget said).
 LOGITS_BUDGET = 64 * 1024 * 1024
 # Each row of a scoring batch holds a copy of the prompt's cache: a batch's copies stay under this
 # (bytes; at least one row). Without it 400 two-token continuations after a 2,000-token prompt took
@@ -125,21 +128,38 @@ class Scorer(_Steps):
         self._filled = 0  # prompt tokens in the cache
         self._first: Array | None = None  # log-probabilities of the token after the prompt
         self._groups: list[list[int]] | None = None
+        self._batch: _Batch | None = None  # the batch under way (its rows' caches held between steps)
+        self._group: list[int] = []  # its continuations' indices
 
     def _step(self) -> bool:
         if self._first is None:
             self._prefill_chunk()
             return False
+        vocab = self._first.shape[-1]
         if self._groups is None:
             row_bytes = sum(a.nbytes for c in self._cache for a in c.state())
-            self._groups = _groups(self._todo, self.continuations, self._first.shape[-1], self.budget, row_bytes,
-                                   self.copies_budget)
-        group = self._groups.pop(0)
-        values = _score_group(self.model, self._cache, len(self.prompt), self._first,
-                              [list(self.continuations[i]) for i in group])
-        for i, v in zip(group, values):
+            self._groups = _groups(self._todo, self.continuations, vocab, self.budget, row_bytes,
+                                   self.copies_budget, self.chunk)
+        if self._batch is None:
+            self._group = self._groups.pop(0)
+            # positions a step: at most a chunk, and at most `budget` logits over the batch's rows
+            cols = max(1, min(self.chunk, self.budget // (len(self._group) * vocab)))
+            self._batch = _Batch(self._cache, len(self.prompt), self._first,
+                                 [list(self.continuations[i]) for i in self._group], cols)
+        values = self._batch.step(self.model)
+        if values is None:
+            return False
+        self._batch.close()
+        self._batch = None
+        for i, v in zip(self._group, values):
             self.scores[i] = float(v)
         return self._finish() if not self._groups else False
+
+    def _free(self) -> None:
+        batch, self._batch = getattr(self, "_batch", None), None
+        if batch is not None:
+            batch.close()
+        super()._free()
 
     def _prefill_chunk(self) -> None:
         """Writes the prompt's next chunk into the cache; after its last, `_first`."""
@@ -218,16 +238,18 @@ def score_continuations(model: CausalLM, prompt: Sequence[int], continuations: S
 
 
 def _groups(todo: list[int], continuations: Sequence[Sequence[int]], vocab: int, budget: int,
-            row_bytes: int = 0, copies_budget: int = COPIES_BUDGET) -> list[list[int]]:
+            row_bytes: int = 0, copies_budget: int = COPIES_BUDGET, chunk: int | None = None) -> list[list[int]]:
     """Batches of continuation indices, shortest first (so each batch pads to its last, longest
     member). Continuations of one token need only the prompt's last logits: they form batches of
     their own, which run no forward. In the others, each row is a copy of the prompt's cache
     (`row_bytes`) and its padded logits: at most `copies_budget` bytes of copies and `budget`
-    logits a batch (at least one row)."""
+    logits a step (at least one row), a step running at most `chunk` positions of the batch."""
     rows_cap = max(1, copies_budget // row_bytes) if row_bytes else len(todo) + 1
     groups: list[list[int]] = [[]]
     for i in sorted(todo, key=lambda i: len(continuations[i])):
         width = max(len(continuations[i]) - 1, 1)
+        if chunk is not None:
+            width = min(width, max(chunk, 1))
         group = groups[-1]
         single = len(continuations[i]) == 1
         if group and not single and (len(continuations[group[-1]]) == 1 or len(group) + 1 > rows_cap
@@ -237,32 +259,53 @@ def _groups(todo: list[int], continuations: Sequence[Sequence[int]], vocab: int,
     return groups
 
 
-def _score_group(model: CausalLM, cache: list[KVCache], offset: int, first: Array, conts: list[list[int]]) -> list[float]:
-    """Scores of continuations (each at least one token) after the prompt in `cache`."""
-    n = len(conts)
-    total = ops.take(first, array(np.asarray([c[0] for c in conts], dtype=np.int32)))
-    longest = max(len(c) for c in conts) - 1
-    if longest == 0:
-        ops.eval(total)
-        return [float(v) for v in total.numpy()]
-    inputs = np.zeros((n, longest), dtype=np.int32)
-    targets = np.zeros((n, longest), dtype=np.int32)
-    valid = np.zeros((n, longest), dtype=np.bool_)
-    for i, ids in enumerate(conts):
-        inputs[i, :len(ids) - 1] = ids[:-1]
-        targets[i, :len(ids) - 1] = ids[1:]
-        valid[i, :len(ids) - 1] = True
-    rows = [copy.copy(layer) for layer in cache]  # the prompt's buffers until take_rows copies them out
-    try:
-        for layer in rows:
-            layer.take_rows([0] * n)
-        logits = ops.astype(model(array(inputs), rows, offset), _float32)
-        picked = ops.reshape(ops.take_along_axis(logits, array(targets.reshape(n, longest, 1)), -1), (n, longest))
-        logprobs = ops.subtract(picked, ops.logsumexp(logits, axis=-1))
-        rest = ops.sum(ops.where(array(valid), logprobs, array(0.0, _float32)), axis=-1)
-        total = ops.add(total, rest)
-        ops.eval(total)
-        return [float(v) for v in total.numpy()]
-    finally:
+class _Batch:
+    """Continuations (each at least one token) after the prompt in `cache`, as one right-padded
+    batch (exact: causal attention never lets a real position see a padded one, which all come
+    after a row's real ones). The prompt's cache is copied once per row; `step` runs the next
+    `cols` positions of every row, and gives the scores after the last (None before)."""
+
+    def __init__(self, cache: list[KVCache], offset: int, first: Array, conts: list[list[int]], cols: int):
+        n = len(conts)
+        self.offset, self.cols, self.at = offset, cols, 0
+        self.total = ops.take(first, array(np.asarray([c[0] for c in conts], dtype=np.int32)))
+        self.longest = max(len(c) for c in conts) - 1
+        self.inputs = np.zeros((n, self.longest), dtype=np.int32)
+        self.targets = np.zeros((n, self.longest), dtype=np.int32)
+        self.valid = np.zeros((n, self.longest), dtype=np.bool_)
+        for i, ids in enumerate(conts):
+            self.inputs[i, :len(ids) - 1] = ids[:-1]
+            self.targets[i, :len(ids) - 1] = ids[1:]
+            self.valid[i, :len(ids) - 1] = True
+        self.rows: list[KVCache] = []
+        try:
+            for layer in cache if self.longest else ():
+                row = copy.copy(layer)  # the prompt's buffers until take_rows copies them out,
+                row.take_rows([0] * n)  # so only a row that took its copy may be closed
+                self.rows.append(row)
+        except BaseException:
+            self.close()
+            raise
+
+    def step(self, model: CausalLM) -> list[float] | None:
+        if self.at < self.longest:
+            start, end = self.at, min(self.at + self.cols, self.longest)
+            n = self.inputs.shape[0]
+            logits = ops.astype(model(array(self.inputs[:, start:end]), self.rows, self.offset + start), _float32)
+            width = end - start
+            targets = array(self.targets[:, start:end].reshape(n, width, 1))
+            picked = ops.reshape(ops.take_along_axis(logits, targets, -1), (n, width))
+            logprobs = ops.subtract(picked, ops.logsumexp(logits, axis=-1))
+            rest = ops.sum(ops.where(array(self.valid[:, start:end]), logprobs, array(0.0, _float32)), axis=-1)
+            self.total = ops.add(self.total, rest)
+            self.at = end
+            ops.eval(self.total, *[a for c in self.rows for a in c.state()])
+            if self.at < self.longest:
+                return None
+        ops.eval(self.total)
+        return [float(v) for v in self.total.numpy()]
+
+    def close(self) -> None:
+        rows, self.rows = self.rows, []
         for layer in rows:
             layer.close()
