@@ -245,3 +245,32 @@ def test_errors_about_the_prompt_or_a_constraint_name_the_field(http):
         assert _error(r, 400)["param"] == param, (body, r.text)
     r = http.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2, "messages": long_chat})
     assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+# -- structured outputs through the client's helpers -----------------------------------------------
+
+async def test_structured_output_through_the_clients_parse_helpers(server):
+    """`client.beta.chat.completions.parse` and `.stream` with a pydantic model: the client sends
+    response_format json_schema (strict) and parses the reply into the model; whole and streamed
+    give the same object, and n > 1 choices each parse."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        ok: bool
+        colour: Literal["red", "green", "blue"]
+        count: Literal[1, 2, 3]
+
+    client = server.client()
+    kw = dict(model="tiny", messages=CHAT, max_tokens=60, temperature=0)
+    whole = await client.beta.chat.completions.parse(response_format=Answer, **kw)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Answer)
+    async with client.beta.chat.completions.stream(response_format=Answer, **kw) as stream:
+        streamed = await stream.get_final_completion()
+    assert streamed.choices[0].message.parsed == choice.message.parsed
+    assert streamed.choices[0].message.content == choice.message.content
+    several = await client.beta.chat.completions.parse(response_format=Answer, **{**kw, "temperature": 1.0},
+                                                       n=3, seed=11)
+    assert [isinstance(c.message.parsed, Answer) and c.finish_reason == "stop" for c in several.choices] == [True] * 3
