@@ -189,3 +189,165 @@ def test_a_grammar_past_the_parsers_row_limit_is_a_constraint_error():
     engine's limits (ConstraintError, a ValueError: a 400 when served), but the request failed
     as a refused token, a plain AmlxError (a 500)."""
     anyio.run(_parser_limit_body)
+
+
+# ---------------------------------------------------------------------------------------------
+# what comes out, by each kind's own oracle: a finished text matches, a cut one is a prefix the
+# grammar still takes (hypothesis draws the options; one model per checkpoint, blocking calls)
+
+TRICKY_CHOICES = ["cat", "category", "cat ", " cat", "a", "ab", "abc", "日本語", "😀!", "é", "e\u0301", "\t", "  ",
+                  "x\ny", "<|im_end|>", "<end_of_turn>", "<bos>x", "</s>", "{\"k\": 1}", "a\\b", "\u2581b"]
+
+REGEXES = [r"^[a-z]{2,5}$", r"\Acat(?:egory)?\Z", r"(?:cat|category|ca)[0-9]?", r"\w{1,4} \d", r"[^\W\d_]{2}",
+           r"(?i)ab[c-e]", r"[α-ω]{1,3}|[а-я]{2}", r".{1,3}x", r"\s?[A-F0-9]{4}", r"(?:ab|cd){1,3}(?:ef)?", r"a*"]
+
+SCHEMAS = [
+    {"oneOf": [{"type": "integer", "minimum": 5, "maximum": 9}, {"type": "string", "maxLength": 3}]},
+    {"anyOf": [{"type": "object", "properties": {"a": {"const": 1}}, "required": ["a"], "additionalProperties": False},
+               {"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 2}]},
+    {"enum": ["x", 1, None, True, 2.5, {"k": [1]}, [1, "a"]]},
+    {"const": {"a": [1, 2, {"b": "c"}], "d": None}},
+    {"type": "array", "minItems": 1, "maxItems": 2,
+     "items": {"type": "array", "minItems": 2, "maxItems": 3, "items": {"type": "integer", "minimum": -3, "maximum": 3}}},
+    {"type": "object", "properties": {"a": {"type": "string", "minLength": 2, "maxLength": 4},
+                                      "b": {"type": "string", "pattern": "^x+y?$"}},
+     "required": ["a", "b"], "additionalProperties": False},
+    {"type": "object", "properties": {"i": {"type": "integer", "exclusiveMinimum": -2, "exclusiveMaximum": 2},
+                                      "n": {"type": "number", "minimum": 0.5, "maximum": 1.5}},
+     "required": ["i", "n"], "additionalProperties": False},
+    {"$defs": {"node": {"type": "object", "properties": {
+        "v": {"type": "integer", "minimum": 0, "maximum": 9},
+        "kids": {"type": "array", "maxItems": 2, "items": {"$ref": "#/$defs/node"}}},
+        "required": ["v"], "additionalProperties": False}}, "$ref": "#/$defs/node"},
+    {"definitions": {"p": {"type": "integer", "minimum": 3, "maximum": 4}}, "type": "array",
+     "items": {"$ref": "#/definitions/p"}, "minItems": 1, "maxItems": 2},
+    {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"}, "c": {"type": "null"}},
+     "additionalProperties": False},
+    {"type": "integer", "multipleOf": 7, "minimum": 0, "maximum": 100},
+    {"type": "object", "properties": {"q\"k\\ey\n": {"const": "v\"\u0001\\"}}, "required": ["q\"k\\ey\n"],
+     "additionalProperties": False},
+    True,
+]
+
+LARKS = [
+    'start: item ("," item)~0..2\nitem: WORD | NUM\nWORD: /[a-z]{1,3}/\nNUM: /[0-9]{1,2}/\n',
+    'start: "(" start ")" | "x"\n',
+    'start: greeting name\ngreeting: "hi " | "hello "\nname: /[A-Z][a-z]{0,3}/\n',
+]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def loaded(request):
+    """(model, GrammarVocab of its tokenizer) for one checkpoint, kept open for the module."""
+    from amlx.constrain import GrammarVocab
+
+    model = amlx.load_sync(checkpoint(request.param), max_batch_size=8)
+    try:
+        yield model, GrammarVocab.from_tokenizer(model.tokenizer, model._engine.vocab_size)
+    finally:
+        model.close()
+
+
+def _check_output(loaded, options: dict, out: amlx.Completion) -> None:
+    """A finished text by the kind's oracle; every output's tokens taken by a fresh matcher."""
+    model, vocab = loaded
+    constraint = parse_constraint(**{k: v for k, v in options.items()
+                                     if k in ("response_format", "regex", "choice", "grammar")})
+    matcher = vocab.matcher(constraint)
+    for t in out.token_ids:
+        assert matcher.consume(t), (options, out.text, matcher.error[:300])
+    if out.finish_reason == "length":
+        assert len(out.token_ids) == options["max_tokens"]
+        return
+    assert out.finish_reason == "stop" and matcher.finished, (options, out)
+    if "choice" in options:
+        assert out.text in options["choice"], (options, out.text)
+    elif "regex" in options:
+        assert re.fullmatch(options["regex"], out.text), (options, out.text)
+    elif "grammar" in options:
+        import lark
+
+        lark.Lark(options["grammar"], parser="earley").parse(out.text)
+    else:
+        schema = options["response_format"]["json_schema"]["schema"]
+        jsonschema.validate(json.loads(out.text), schema)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SAMPLING = dict(temperature=st.sampled_from([0.0, 1.0]), seed=st.integers(0, 2**16), max_tokens=st.integers(1, 40))
+_HYPOTHESIS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_HYPOTHESIS
+@given(choices=st.lists(st.sampled_from(TRICKY_CHOICES) | st.text(min_size=1, max_size=5), min_size=1, max_size=5),
+       **_SAMPLING)
+def test_choice_outputs(loaded, choices, temperature, seed, max_tokens):
+    """One choice, prefixes of others, duplicates, blanks, unicode (composed or not), special
+    tokens' names, SentencePiece's space symbol: a finished text is one of them."""
+    choices = [c for c in choices if c.encode("utf-8", "surrogatepass") == c.encode("utf-8", "ignore")]
+    if not choices:
+        return
+    options = dict(choice=choices, temperature=temperature, seed=seed, max_tokens=max_tokens)
+    _check_output(loaded, options, loaded[0].complete_sync("pick one:", **options))
+
+
+@_HYPOTHESIS
+@given(kind=st.sampled_from(["regex", "json", "grammar"]), index=st.integers(0, 100), **_SAMPLING)
+def test_regex_schema_and_grammar_outputs(loaded, kind, index, temperature, seed, max_tokens):
+    if kind == "regex":
+        options: dict = dict(regex=REGEXES[index % len(REGEXES)])
+    elif kind == "json":
+        options = dict(response_format=schema_format(SCHEMAS[index % len(SCHEMAS)]))
+    else:
+        options = dict(grammar=LARKS[index % len(LARKS)])
+    options.update(temperature=temperature, seed=seed, max_tokens=max_tokens)
+    _check_output(loaded, options, loaded[0].complete_sync("answer:", **options))
+
+
+@pytest.mark.parametrize("options", [
+    dict(choice=["alpha beta", "alphabet", "gamma"], presence_penalty=1.5, frequency_penalty=1.0,
+         repetition_penalty=1.3),
+    dict(regex="(?:ab|cd){4}", repetition_penalty=2.0, temperature=0.7, seed=4, top_p=0.5),
+    dict(response_format=schema_format({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0,
+                                                                               "maximum": 50}},
+                                        "required": ["a"], "additionalProperties": False}),
+         temperature=1.0, seed=3, min_p=0.2, top_k=3),
+], ids=["choice-penalties", "regex-repetition", "json-filters"])
+def test_logprobs_under_penalties_are_the_masked_models(loaded, options):
+    """Each token's logprob and top_logprobs are those of the model's own distribution masked
+    to what the constraint allows and renormalized (README), whatever penalties and filters
+    chose the token: the reference is the checkpoint's raw logits (one prefill pass per step)
+    with a fresh matcher's mask."""
+    import math
+
+    import numpy as np
+
+    from amlx.constrain import unpack_mask
+
+    try:
+        from tests.helpers.decoding import prefill_logits
+    except ImportError:
+        from helpers.decoding import prefill_logits
+    model, vocab = loaded
+    prompt = model.tokenizer.encode("the answer is")
+    tokens = list(model.generate_sync(prompt, max_tokens=16, top_logprobs=4, logit_bias={prompt[0]: 30.0}, **options))
+    ids = [t.id for t in tokens]
+    matcher = vocab.matcher(parse_constraint(**{k: v for k, v in options.items()
+                                                 if k in ("response_format", "regex", "choice")}))
+    masks = vocab.new_masks(1)
+    path = model.info.path
+    for j, tok in enumerate(tokens):
+        logits = prefill_logits(path, prompt + ids[:j])[-1].astype(np.float64)
+        matcher.fill_mask(masks)
+        x = np.where(unpack_mask(masks, logits.shape[0])[0], logits, -np.inf)
+        lp = x - (x.max() + math.log(np.exp(x - x.max()).sum()))
+        assert abs(tok.logprob - lp[tok.id]) <= 1e-4, (j, tok)
+        best = np.argsort(-lp, kind="stable")[:4]
+        for (tid, got), want in zip(tok.top_logprobs, best):
+            assert np.isneginf(got) and np.isneginf(lp[tid]) or abs(got - lp[tid]) <= 1e-4, (j, tok.top_logprobs)
+            if np.isfinite(lp[want]):
+                assert abs(got - lp[want]) <= 1e-4, (j, tok.top_logprobs, want)
+        assert matcher.consume(tok.id)
+    assert tokens[-1].finish_reason == "stop"
