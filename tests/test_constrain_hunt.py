@@ -351,3 +351,29 @@ def test_logprobs_under_penalties_are_the_masked_models(loaded, options):
                 assert abs(got - lp[want]) <= 1e-4, (j, tok.top_logprobs, want)
         assert matcher.consume(tok.id)
     assert tokens[-1].finish_reason == "stop"
+
+
+async def _no_text_body() -> None:
+    async with await amlx.load(checkpoint("qwen3")) as model:
+        for options in (dict(regex="[^\x00-\U0010ffff]"), dict(grammar="start: A\nA: /[^\\x00-\\U0010ffff]/")):
+            out: dict = {}
+
+            async def one(key, **o):
+                try:
+                    out[key] = await model.complete("x", max_tokens=4, **o)
+                except ValueError as e:
+                    out[key] = e
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(functools.partial(one, "empty", **options))
+                tg.start_soon(functools.partial(one, "free"))
+            assert isinstance(out["empty"], ValueError) and "no text matches it" in str(out["empty"]), out["empty"]
+            assert len(out["free"].token_ids) == 4
+        assert (await model.complete("w", regex="a{0}")).text == ""  # (the empty text is a text)
+
+
+def test_a_constraint_no_text_matches_fails_saying_so():
+    """A regex or grammar that no text matches (an empty class) compiles; its request failed
+    once queued, with llguidance's "NoExtensionBias" as the reason. It is a ValueError saying
+    so, the request beside it unharmed."""
+    anyio.run(_no_text_body)

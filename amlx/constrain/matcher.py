@@ -373,6 +373,14 @@ class GrammarVocab:
                                  constraint.grammar)
         if template.is_error():
             raise ValueError(f"invalid {constraint.kind} constraint: {template.get_error().strip()}")
+        # A grammar that no text can start (a regex of an empty class such as [^\x00-\U0010ffff],
+        # a Lark terminal of one) compiles, and its first mask failed the request once queued,
+        # with llguidance's "NoExtensionBias" as the reason. One mask, once per compiled grammar,
+        # tells it here, before the request is queued.
+        probe = template.deep_copy()
+        llnp.fill_next_token_bitmask(probe, self.new_masks(1), 0)
+        if probe.is_error() and probe.get_error().startswith("NoExtensionBias"):
+            raise ValueError(f"invalid {constraint.kind} constraint: no text matches it (nothing may come first)")
         with self._lock:
             self._compiled[constraint.grammar] = template
             while len(self._compiled) > _CACHED_GRAMMARS:
