@@ -162,7 +162,21 @@ def test_streamed_and_whole_replies_agree(server, chat, n, seed, temperature, st
     with httpx.Client(base_url=server.url, timeout=120, headers=AUTH) as http:
         whole = http.post(path, json=body)
         streamed = http.post(path, json={**body, "stream": True, "stream_options": {"include_usage": True}})
+        # the same without stop strings (and so long that it passes the first stop string): each
+        # choice's text must be this one's up to the first stop string, which nothing shows
+        raw = http.post(path, json={**{k: v for k, v in body.items() if k != "stop"}, "max_tokens": 24}) \
+            if stop else None
     assert whole.status_code == 200 and streamed.status_code == 200, (whole.text, streamed.text)
+    if raw is not None:
+        assert raw.status_code == 200, raw.text
+        for c, r in zip(whole.json()["choices"], raw.json()["choices"]):
+            text, full = (c["message"]["content"], r["message"]["content"]) if chat else (c["text"], r["text"])
+            cut = min((k for k in (full.find(s) for s in stop) if k >= 0), default=-1)
+            if c["finish_reason"] == "stop":
+                assert cut >= 0 and text == full[:cut], (text, full, stop)
+            else:  # max_tokens came first (maybe inside a character: its bytes so far read U+FFFD)
+                text = text.rstrip("\ufffd")
+                assert full.startswith(text) and (cut < 0 or cut >= len(text)), (text, full, stop)
     whole, events = whole.json(), _stream_events(streamed.text)
     # (the second of the two requests finds the prompt in the prefix cache)
     counts = ("prompt_tokens", "completion_tokens", "total_tokens")
