@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 
 import amlx
+from amlx.errors import TensorParallelError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 120  # seconds: a hang fails the test instead of hanging the suite
@@ -117,6 +118,32 @@ def test_hostfile_addresses_are_checked():
     for bad in ("127.0.0.1", "127.0.0.1:", ":5000", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:-1",
                 "127.0.0.1:5e3", "127.0.0.1: 80"):
         assert not _is_address(bad), bad
+
+
+def test_loopback_addresses_are_this_host():
+    """Every loopback address is this host (amlx starts its ranks): 127.0.0.2 was taken
+    for another host's, and the load waited out the join timeout for a rank that
+    nobody would start."""
+    from amlx.tp.hosts import is_local
+
+    for here in ("127.0.0.1:5000", "127.0.0.2:5000", "127.1.2.3:80", "[::1]:5000", "localhost:5000",
+                 "0.0.0.0:5000"):
+        assert is_local(here), here
+    for there in ("192.0.2.1:4000", "[2001:db8::1]:4000", "10.255.255.1:5000"):
+        assert not is_local(there), there
+
+
+def test_a_remote_rank_that_never_joins_is_named(ckpts, tmp_path, monkeypatch):
+    """The join timeout names the ranks amlx did not start because the hostfile places
+    them on other hosts (it said only that the ranks "did not start in time")."""
+    from amlx.tp import hosts
+
+    hostfile = hosts.write_hostfile(tmp_path / "hosts.json", [hosts.local_hosts(1)[0], ["192.0.2.1:4000"]])
+    monkeypatch.setenv("AMLX_TP_HOSTFILE", str(hostfile))
+    monkeypatch.setenv("AMLX_TP_JOIN_TIMEOUT", "2")
+    with pytest.raises(TensorParallelError, match="did not start in time .the hostfile places rank 1 on other "
+                                                   "hosts: start them there"):
+        amlx.load_sync(ckpts["qwen3"], device="cpu", tensor_parallel=2)
 
 
 @pytest.mark.parametrize("var", ["AMLX_TP_STEP_TIMEOUT", "AMLX_TP_JOIN_TIMEOUT"])

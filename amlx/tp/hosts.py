@@ -5,6 +5,7 @@ NCCL_PORT for the NCCL backend)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import pathlib
@@ -54,8 +55,13 @@ def _is_address(a: str) -> bool:
 def is_local(address: str) -> bool:
     """Whether a hostfile's "host:port" names this machine."""
     host = address.rpartition(":")[0].strip("[]")
-    if host in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
+    if host in ("localhost", "0.0.0.0", "::"):
         return True
+    try:  # the whole loopback range (127.0.0.2 named a remote rank that nobody started)
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        pass  # a host name
     try:
         mine = {socket.gethostname(), socket.getfqdn(), *socket.gethostbyname_ex(socket.gethostname())[2]}
     except OSError:

@@ -45,7 +45,7 @@ def join(launch: Launch, timeout: float | None = None) -> dist.Group:
             helper.start()
             while helper.is_alive():
                 helper.join(0.1)
-                _check_alive(launch.ranks, deadline, lambda: _unblock(launch))
+                _check_alive(launch.ranks, deadline, lambda: _unblock(launch), _remote(launch))
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -66,13 +66,21 @@ def join(launch: Launch, timeout: float | None = None) -> dist.Group:
     return group
 
 
-def _check_alive(ranks: list[Rank], deadline: float, unblock) -> None:
+def _check_alive(ranks: list[Rank], deadline: float, unblock, remote: list[int] | None = None) -> None:
     dead = [r for r in ranks if r.process.poll() is not None]
     late = time.monotonic() > deadline
     if dead or late:
         unblock()
         why = dead[0].describe_exit() if dead else "the tensor-parallel ranks did not start in time"
+        if not dead and remote:  # (amlx starts only this host's ranks: say which ones it waited for)
+            why += (f" (the hostfile places rank{'s' if len(remote) > 1 else ''} "
+                    f"{', '.join(map(str, remote))} on other hosts: start them there with the same model)")
         raise TensorParallelError(f"{why} while loading" + _tails(dead or ranks))
+
+
+def _remote(launch: Launch) -> list[int]:
+    """The ranks that amlx did not start (the hostfile places them on other hosts)."""
+    return sorted(set(range(1, launch.size)) - {r.rank for r in launch.ranks})
 
 
 def _wait_ready(ranks: list[Rank], deadline: float) -> None:
