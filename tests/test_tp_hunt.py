@@ -5,9 +5,11 @@ not repeat).
 
 Here: logprobs against one process (bound below), messages longer than one
 protocol buffer, quantized checkpoints whose parts do not fall on quantization
-groups, refused options that must leave no folder or process behind, a close
-while requests run or while a follower hangs, a follower dying under several
-requests, and a malformed message.
+groups, refused options (hostfiles, timeouts, adapters) that must leave no folder
+or process behind, loopback and remote ranks, a close while requests run or while
+a follower hangs, a follower stuck right after its heartbeat, a follower dying
+under several requests, a malformed message, cancellations in a full batch, and
+two models joining at once.
 
 Logprob bound: the ranks add two partial sums per layer where one process adds
 one, so logits differ by float32 rounding; over these tiny models the largest
