@@ -84,6 +84,14 @@ def test_a_request_without_the_key_is_a_401_before_its_body_is_read(server):
         reply = _raw_request(server, head, b'{"model": "tiny", ')
         assert reply.startswith(b"HTTP/1.1 401 "), reply[:200]
         assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "invalid_api_key"
+    # refused unread, a whole body does not spoil a kept-alive connection's next request
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    with httpx.Client(base_url=server.url, timeout=60, limits=limits) as one:
+        big = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "x" * 200_000}]}
+        for _ in range(2):
+            assert one.post("/v1/chat/completions", json=big, headers={"Authorization": "Bearer no"}).status_code == 401
+            r = one.post("/v1/chat/completions", json={**big, "messages": CHAT}, headers=AUTH)
+            assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text
     assert server.alive()
 
 
