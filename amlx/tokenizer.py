@@ -584,12 +584,16 @@ class Tokenizer:
     def continuation_ids(self, text: str) -> list[int]:
         """Ids of `text` as it reads after earlier text (no special tokens): for a tokenizer
         that puts a "▁" before every text (Llama 2, Mistral), " sports" is "▁sports", where
-        `encode` of it alone gives "▁", "▁sports". Found as the ids of a newline plus the text
-        minus those of the newline, where they begin with those; else `encode(text)`."""
-        lead = self.encode(_CONTINUATION_LEAD, add_special_tokens=False)
-        ids = self.encode(_CONTINUATION_LEAD + text, add_special_tokens=False)
-        if lead and ids[:len(lead)] == lead and self.decode(lead + ids[len(lead):]) == self.decode(lead) + text:
-            return ids[len(lead):]
+        `encode` of it alone gives "▁", "▁sports". Found as the ids of a lead (a newline, else
+        a full stop, a digit or a letter) plus the text minus those of the lead, for the first
+        lead whose ids begin them unchanged; else `encode(text)`. (One lead is not enough: a
+        vocabulary may merge it with the text's first characters, "\nw" or "\n\n", and the
+        fallback then put that "▁" before "world".)"""
+        for lead_text in _CONTINUATION_LEADS:
+            lead = self.encode(lead_text, add_special_tokens=False)
+            ids = self.encode(lead_text + text, add_special_tokens=False)
+            if lead and ids[:len(lead)] == lead and self.decode(lead + ids[len(lead):]) == self.decode(lead) + text:
+                return ids[len(lead):]
         return self.encode(text, add_special_tokens=False)
 
     def id_to_token(self, token_id: int) -> str | None:
@@ -858,9 +862,10 @@ def _cut_at_tag(text: str, final: str) -> str:
     return text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
 
 
-# What `continuation_ids` puts before a text: a newline, which tokenizers keep apart from
-# the letters and spaces after it (its own token or byte piece), so the split is clean.
-_CONTINUATION_LEAD = "\n"
+# What `continuation_ids` puts before a text, tried in turn: a newline, which most tokenizers
+# keep apart from the letters and spaces after it (its own token or byte piece), so the split is
+# clean; where a vocabulary merges it with what follows, other one-character leads.
+_CONTINUATION_LEADS = ("\n", ".", "0", "a")
 
 
 class StreamingDetokenizer:
