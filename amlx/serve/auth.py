@@ -38,7 +38,7 @@ def collect_keys(keys: Iterable[str] = (), key_file: str | os.PathLike | None = 
 
 
 class KeyCheck:
-    """A FastAPI dependency: 401 unless the request carries one of the keys."""
+    """A check run before a route reads its body (app.py): 401 unless the request carries one of the keys."""
 
     def __init__(self, keys: Iterable[str]):
         self._keys = [k.encode("utf-8") for k in keys]
