@@ -311,3 +311,35 @@ def test_a_grammar_quoting_an_added_tokens_text_is_followed(http):
         r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT, "max_tokens": 20, **constraint})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == "<tool_call>x"
+
+
+# -- tool calls through the client's helpers ---------------------------------------------------------
+
+async def test_tool_calls_through_the_clients_stream_and_parse_helpers(tmp_path):
+    """The client's own accumulator (`client.beta.chat.completions.stream`) assembles the streamed
+    delta.tool_calls into the message the whole reply has, and `parse` reads the arguments into
+    the tool's pydantic model (openai.pydantic_function_tool: a strict tool), n > 1 included.
+    tests.helpers.serving.tool_checkpoint writes one get_weather call when tools are given."""
+    from pydantic import BaseModel
+
+    from tests.helpers.serving import tool_checkpoint
+
+    class get_weather(BaseModel):  # noqa: N801 - the tool's name is the model's
+        city: str
+        unit: str
+
+    tool = openai.pydantic_function_tool(get_weather)
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    with ServerProcess(tool_checkpoint(tmp_path / "tools"), "--model-name", "tools") as srv:
+        client = srv.client()
+        kw = dict(model="tools", messages=messages, tools=[tool], temperature=0, max_tokens=10, n=2)
+        whole = await client.beta.chat.completions.parse(**kw)
+        async with client.beta.chat.completions.stream(**kw) as stream:
+            streamed = await stream.get_final_completion()
+        for a, b in zip(whole.choices, streamed.choices, strict=True):
+            assert a.finish_reason == b.finish_reason == "tool_calls"
+            [ca], [cb] = a.message.tool_calls, b.message.tool_calls
+            assert (ca.function.name, ca.function.arguments) == (cb.function.name, cb.function.arguments)
+            assert ca.function.parsed_arguments == cb.function.parsed_arguments == get_weather(city="Paris",
+                                                                                                unit="celsius")
+            assert not a.message.content and not b.message.content
