@@ -142,6 +142,25 @@ def test_long_chains_of_definitions_neither_crash_nor_pass_unbounded(tmp_path):
     assert re.match(r"ValueError invalid grammar: too large for the grammar engine \(40002 ':'", lines[2]), lines
 
 
+@pytest.mark.parametrize("option, text", [
+    ("regex", "|".join(f"w{i}" for i in range(12_000))),
+    ("grammar", "start: " + " | ".join(f'"t{i}"' for i in range(12_000))),
+])
+def test_a_regex_or_grammar_past_the_length_limit_is_refused_at_once(option, text):
+    """Reading a regex and checking a Lark grammar run on the caller's thread (the event
+    loop's), at a cost growing faster than the text: 200,000 alternatives took 20 s (regex)
+    and 67 s, then 5 minutes on the grammar thread and a panic (Lark). Past 64 KiB they are
+    refused before any of that; at the limit they are taken."""
+    from amlx.constrain.spec import MAX_PATTERN_CHARS
+
+    assert len(text) > MAX_PATTERN_CHARS
+    with pytest.raises(ValueError, match=f"^{option} is too long: {len(text)} characters.*use choice"):
+        parse_constraint(**{option: text})
+    cut = text[:MAX_PATTERN_CHARS]
+    cut = cut[:cut.rindex("|")].rstrip()
+    assert parse_constraint(**{option: cut}).kind == option
+
+
 # ---------------------------------------------------------------------------------------------
 # through the engine
 

@@ -38,6 +38,15 @@ _JSON_STYLE: JsonCompileOptions = {"whitespace_flexible": False, "item_separator
 
 _OPTION_NAMES = ("response_format", "regex", "choice", "grammar")
 
+# The longest `regex` and `grammar` taken, in characters. Both are checked on the caller's thread
+# (the event loop's), and their cost grows faster than their length: a regex of 200,000
+# alternatives ("w0|w1|...", 1.4 MB) took 20 s to read (Python's parser, then the rewrite) before
+# llguidance refused it as too big; a Lark rule of 200,000 string alternatives 67 s to check and
+# 5 minutes to compile (the grammar thread, every other new constraint waiting) before llguidance
+# panicked. At this length the slowest shapes found take well under a second. (A long list of
+# alternatives is what `choice` is for: one terminal, its cost linear.)
+MAX_PATTERN_CHARS = 64 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class Constraint:
@@ -285,6 +294,7 @@ def _from_regex(regex: Any) -> Constraint:
     if not isinstance(regex, str) or not regex:
         raise ValueError("regex must be a non-empty string")
     _check_text(regex, "regex")
+    _check_length(regex, "regex")
     try:
         rewritten = to_llguidance(regex)
     except Refused as e:
@@ -315,7 +325,14 @@ def _from_lark(grammar: Any) -> Constraint:
     if not isinstance(grammar, str) or not grammar.strip():
         raise ValueError("grammar must be a non-empty Lark grammar (a string)")
     _check_text(grammar, "grammar")
+    _check_length(grammar, "grammar")
     return Constraint("grammar", llguidance.LLMatcher.grammar_from_lark(grammar))
+
+
+def _check_length(text: str, what: str) -> None:
+    if len(text) > MAX_PATTERN_CHARS:
+        raise ValueError(f"{what} is too long: {len(text)} characters, at most {MAX_PATTERN_CHARS} are taken "
+                         f"(for a long list of alternatives, use choice)")
 
 
 def _check_text(text: str, what: str) -> None:
