@@ -95,6 +95,27 @@ def test_a_request_without_the_key_is_a_401_before_its_body_is_read(server):
     assert server.alive()
 
 
+def test_every_route_but_health_and_the_page_needs_the_key(server):
+    """The key guards every API route (a wrong or missing key, or another scheme: 401 in
+    OpenAI's shape with WWW-Authenticate); /health and the chat page's files are open."""
+    chat = {"model": "tiny", "messages": CHAT, "max_tokens": 1}
+    calls = [("GET", "/v1/models", None), ("GET", "/v1/models/tiny", None), ("GET", "/v1/models/nope", None),
+             ("GET", "/metrics", None), ("POST", "/v1/chat/completions", chat),
+             ("POST", "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 1})]
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
+                        {"Authorization": KEY}, {"Authorization": f"Bearer {KEY}x"}):
+            for method, path, body in calls:
+                r = h.request(method, path, json=body, headers=headers)
+                assert _error(r, 401)["code"] == "invalid_api_key", (method, path, headers)
+                assert r.headers["www-authenticate"] == "Bearer"
+        for method, path, body in calls:
+            r = h.request(method, path, json=body, headers=AUTH)
+            assert r.status_code == (404 if path.endswith("nope") else 200), (path, r.text)
+        for path in ("/health", "/", "/static/chat.js"):
+            assert h.get(path).status_code == 200, path
+
+
 # -- completions top_logprobs: texts that several tokens share -------------------------------------
 
 def test_completion_top_logprobs_keep_the_sampled_tokens_own_logprob(http):
