@@ -396,3 +396,44 @@ def test_a_constraint_no_text_matches_fails_saying_so():
     once queued, with llguidance's "NoExtensionBias" as the reason. It is a ValueError saying
     so, the request beside it unharmed."""
     anyio.run(_no_text_body)
+
+
+@pytest.mark.parametrize("options", [
+    dict(regex="(?:ab|cd|a|c){6}", repetition_penalty=1.8),
+    dict(choice=["aaaa", "abab", "abcd", "aab", "cccc"], presence_penalty=2.0, frequency_penalty=-1.5),
+    dict(regex="[a-e]{8}", repetition_penalty=0.6, frequency_penalty=1.0, logit_bias={64: 3.0, 66: -2.0}),
+], ids=["repetition", "presence-frequency", "all-with-bias"])
+def test_greedy_penalties_act_on_the_allowed_tokens(loaded, options):
+    """At temperature 0 each token is the argmax, over what the constraint allows, of the raw
+    logits with logit_bias, the repetition penalty (prompt and output tokens) and presence and
+    frequency penalties (output tokens only) applied: the reference is the checkpoint's logits,
+    penalized in numpy as amlx.sample documents, and a fresh matcher's mask."""
+    import numpy as np
+
+    from amlx.constrain import unpack_mask
+
+    try:
+        from tests.helpers.decoding import prefill_logits
+    except ImportError:
+        from helpers.decoding import prefill_logits
+    model, vocab = loaded
+    prompt = model.tokenizer.encode("ab cd abcd")
+    out = model.complete_sync(prompt, max_tokens=12, **options)
+    matcher = vocab.matcher(parse_constraint(**{k: v for k, v in options.items() if k in ("regex", "choice")}))
+    masks = vocab.new_masks(1)
+    for j, tok in enumerate(out.token_ids):
+        x = prefill_logits(model.info.path, prompt + out.token_ids[:j])[-1].astype(np.float64)
+        for t, b in (options.get("logit_bias") or {}).items():
+            x[t] += b
+        rep = options.get("repetition_penalty", 1.0)
+        seen = sorted(set(prompt + out.token_ids[:j]))
+        x[seen] = np.where(x[seen] > 0, x[seen] / rep, x[seen] * rep)
+        counts = np.bincount(out.token_ids[:j], minlength=x.shape[0])[:x.shape[0]]
+        x -= options.get("presence_penalty", 0.0) * (counts > 0) + options.get("frequency_penalty", 0.0) * counts
+        matcher.fill_mask(masks)
+        x = np.where(unpack_mask(masks, x.shape[0])[0], x, -np.inf)
+        top2 = np.sort(x)[-2:]
+        if top2[1] - top2[0] > 1e-3:  # (a near tie may go either way in float32)
+            assert tok == int(np.argmax(x)), (j, out.token_ids, int(np.argmax(x)))
+        assert matcher.consume(tok)
+    assert out.finish_reason == "stop"
