@@ -440,3 +440,29 @@ def test_greedy_penalties_act_on_the_allowed_tokens(loaded, options):
             assert tok == int(np.argmax(x)), (j, out.token_ids, int(np.argmax(x)))
         assert matcher.consume(tok)
     assert out.finish_reason == "stop"
+
+
+async def _cancel_while_compiling_body() -> None:
+    async with await amlx.load(checkpoint("qwen3")) as model:
+        held = model._engine.scheduler._held  # every request the scheduler holds
+        # closed while their grammars compile (each new), mid-generation, or by a
+        # timeout: none may stay behind, matcher and all
+        for i in range(3):
+            await model.generate("x", choice=[f"opt{i} {j}" for j in range(300)], max_tokens=8).aclose()
+        for i in range(3):
+            stream = model.generate("x", regex=f"[a-z]{{30}}{i}", max_tokens=40, max_buffer=1)
+            async for _ in stream:
+                break
+            await stream.aclose()
+        for _ in range(3):
+            with anyio.move_on_after(0.01):
+                await model.complete("x", response_format={"type": "json_object"}, max_tokens=200)
+        with anyio.fail_after(60):
+            while held or model.stats()["active_requests"] or model.stats()["waiting_requests"]:
+                await anyio.sleep(0.02)
+        assert model.stats()["kv_cache"]["blocks_used"] == 0
+        assert (await model.complete("y", choice=["left", "right"])).text in ("left", "right")
+
+
+def test_cancelled_constrained_requests_leave_nothing_behind():
+    anyio.run(_cancel_while_compiling_body)
