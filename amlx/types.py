@@ -243,6 +243,10 @@ class GenerationOptions:
         for ok, message, value in checks:
             if not ok:
                 raise ValueError(f"{message}, got {_short(value)}")
+        from amlx.tokenizer import check_encodable  # (the generated text is UTF-8: a lone surrogate never matches)
+
+        for s in self.stop:
+            check_encodable(s, "a stop string")
         SamplingParams.from_options(self)
 
     def check_vocab(self, vocab_size: int) -> "GenerationOptions":

@@ -184,7 +184,7 @@ BAD_OPTIONS = {
     "top_k": [-1, 1.5, True, 10**9],
     "min_p": [-0.1, 1.1, NAN],
     "repetition_penalty": [0.0, -1.0, NAN, INF],
-    "stop": [[""], 5, ["ok", 3], [None]],
+    "stop": [[""], 5, ["ok", 3], [None], "\ud800", ["ok", "a\udfffb"]],  # (lone surrogates: never matched)
     "seed": [1.5, "7", True],
     "logprobs": ["yes", 1, None],
     "max_buffer": [0, -1, 2.0, None],
@@ -1078,3 +1078,11 @@ def test_no_code_from_a_checkpoint_runs(ckpt, tmp_path):
             assert issubclass(amlx.ChatTemplateError, ValueError)
             assert len(m.complete_sync("plain text still works", max_tokens=2).token_ids) == 2
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("stop", ["\ud800", ["ok", "a\udfffb"]])
+def test_a_stop_string_with_a_lone_surrogate_is_refused_by_name(stop):
+    """A lone surrogate (a JSON "\\ud800" escape) can never occur in generated text, which is
+    UTF-8: such a stop string was accepted and silently never matched."""
+    with pytest.raises(ValueError, match="a stop string holds an unpaired surrogate"):
+        amlx.GenerationOptions.from_kwargs(stop=stop)
