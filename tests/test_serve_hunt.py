@@ -319,15 +319,12 @@ async def test_structured_output_through_the_clients_parse_helpers(server):
     assert [isinstance(c.message.parsed, Answer) and c.finish_reason == "stop" for c in several.choices] == [True] * 3
 
 
-# -- found here, to be fixed elsewhere -------------------------------------------------------------
+# -- a Lark grammar quoting a special token's text ----------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="amlx/constrain/matcher.py GrammarVocab._tokenizer_for: a Lark grammar whose "
-                   "text holds an added token's name, even as a quoted string, gets the unmarked tokenizer; the "
-                   "quoted text's forced bytes are then tokenized into that one special token, which llguidance's "
-                   "parser refuses: 'constrained decoding: token 703 refused', a 500")
 def test_a_grammar_quoting_an_added_tokens_text_is_followed(http):
     """`"<tool_call>"` quoted in a Lark grammar is text (unquoted, `<tool_call>` names the token):
-    the same text through a regex is followed."""
+    the same text through a regex is followed. It took the tokenizer under which names resolve, the
+    quoted text's forced bytes became that one token, and the parser refused it (a 500)."""
     for constraint in ({"regex": "<tool_call>x"}, {"grammar": 'start: "<tool_call>" "x"'}):
         r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT, "max_tokens": 20, **constraint})
         assert r.status_code == 200, r.text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -32,6 +33,8 @@ __all__ = ["GrammarVocab", "Matcher", "MaskJob", "step_masks", "unpack_mask"]
 # Compiled grammars kept per vocabulary: requests with the same constraint (a server's one
 # schema) copy a compiled matcher in microseconds instead of compiling it again.
 _CACHED_GRAMMARS = 64
+# Lark's string literals ("...", with escapes) and regular expressions (/.../flags), and its comments
+_LARK_LITERALS = re.compile(r'"(?:[^"\\\n]|\\.)*"i?|/(?![/*])(?:[^/\\\n]|\\.)+/[imslux]*|//[^\n]*')
 
 # llguidance's "slices": token subsets (by the regex each token matches first) that a mask takes
 # whole, without walking their tokens, wherever the grammar's lexer allows all of a slice there.
@@ -343,7 +346,12 @@ class GrammarVocab:
     def _tokenizer_for(self, constraint: Constraint) -> llguidance.LLTokenizer:
         """The marked tokenizer, or for a Lark grammar that names a special token (`<|im_end|>`:
         llguidance's syntax for that one token) the tokenizer as given, where names resolve."""
-        if constraint.kind != "grammar" or not any(n in constraint.grammar for n in self._special_names.values()):
+        if constraint.kind != "grammar":
+            return self._tokenizer
+        # (only outside Lark's strings and regexes: quoted, `"<tool_call>"` is text, and under the
+        # tokenizer as given its forced bytes became that one token, which the parser refused)
+        bare = _LARK_LITERALS.sub(" ", constraint.grammar)
+        if not any(n in bare for n in self._special_names.values()):
             return self._tokenizer
         with self._lock:
             if self._named is None:
