@@ -9,6 +9,7 @@ file, its name here, and its parity test (docs/architecture.md).
 from __future__ import annotations
 
 import importlib
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -35,17 +36,27 @@ class Architecture:
 
 
 _by_model_type: dict[str, Architecture] = {}
+_filling = threading.Lock()
 
 
 def architectures() -> dict[str, Architecture]:
-    """model_type -> Architecture, for every registered architecture."""
-    if not _by_model_type:
-        for name in ARCHITECTURE_MODULES:
-            arch: Architecture = importlib.import_module(f"amlx.models.{name}").ARCHITECTURE
-            for model_type in arch.model_types:
-                if model_type in _by_model_type:
-                    raise RuntimeError(f"model_type {model_type!r} is registered twice")
-                _by_model_type[model_type] = arch
+    """model_type -> Architecture, for every registered architecture (any thread)."""
+    global _by_model_type
+    if _by_model_type:
+        return _by_model_type
+    # Filled once, under a lock, and published whole: two loads on workers of their own (two
+    # tensor-parallel models at once) filled it together, and the second found every type
+    # "registered twice", or a reader saw it half filled ("unsupported architecture").
+    with _filling:
+        if not _by_model_type:
+            found: dict[str, Architecture] = {}
+            for name in ARCHITECTURE_MODULES:
+                arch: Architecture = importlib.import_module(f"amlx.models.{name}").ARCHITECTURE
+                for model_type in arch.model_types:
+                    if model_type in found:
+                        raise RuntimeError(f"model_type {model_type!r} is registered twice")
+                    found[model_type] = arch
+            _by_model_type = found
     return _by_model_type
 
 
