@@ -16,7 +16,7 @@ from typing_extensions import Unpack
 from amlx.engine.engine import Engine
 from amlx.engine.request import RequestStream
 from amlx.engine.worker import Worker
-from amlx.errors import ClosedError, ContextLengthError
+from amlx.errors import ContextLengthError
 from amlx.hub import resolve_model
 from amlx.prompt import INLINE_CHARS, PromptEncoder, is_heavy, is_token_id
 from amlx.sample import MAX_TOP_LOGPROBS
@@ -184,7 +184,7 @@ class Model:
         """A request's stream; a heavy prompt (see amlx.prompt) is tokenized by the
         stream's first async read, on a thread, unless `inline` (blocking callers)."""
         if self._engine.closed:
-            raise ClosedError("the model is closed")
+            raise self._engine.closed_error()
         opts = GenerationOptions.from_kwargs(self._engine.vocab_size, **options)
         if not inline and is_heavy(prompt):
             return TokenStream(start=lambda: self._engine.submit(self._prompts.ids(prompt), opts))
@@ -235,7 +235,7 @@ class Model:
         The prompt is prefilled once and shared; the work runs on the engine's worker like
         generation. An empty continuation scores 0.0."""
         if self._engine.closed:
-            raise ClosedError("the model is closed")
+            raise self._engine.closed_error()
         ids = await self._prompt_ids(prompt)
         if isinstance(continuations, (str, bytes, Mapping)) or not isinstance(continuations, Iterable):
             # (a string would score each of its characters)
@@ -267,7 +267,7 @@ class Model:
         the raw logits, float32), as a generated token's are. The prompt is prefilled once,
         in chunks, on the engine's worker like generation (the server's `echo` uses this)."""
         if self._engine.closed:
-            raise ClosedError("the model is closed")
+            raise self._engine.closed_error()
         if not (isinstance(top_logprobs, int) and not isinstance(top_logprobs, bool)
                 and 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
             raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")

@@ -364,6 +364,7 @@ async def _garbage(path: str) -> dict:
         out["error"] = None
     except amlx.AmlxError as exc:
         out["error"] = type(exc).__name__
+        out["error_message"] = str(exc)
     out["message"] = str(mirror._failure)
     await m.aclose()
     for _ in range(400):
@@ -478,6 +479,8 @@ def test_a_malformed_message_fails_the_model_clearly(ckpts):
     out = scenario("garbage", ckpts["qwen3"])
     assert out["first"] and out["error"] in ("TensorParallelError", "ClosedError"), out
     assert "rank 1" in out["message"] and "lost step" in out["message"], out
+    # a request after the failure is told why the model closed, not only that it is closed
+    assert "rank 1" in out["error_message"] and "lost step" in out["error_message"], out
     assert out["closed_fully"] and out["gone"], out
 
 

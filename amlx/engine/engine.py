@@ -76,6 +76,7 @@ class Engine:
         self._weights_version = 0  # bumped by weights_changed (a score call under way starts again)
         self._close_lock = threading.Lock()
         self._at_close: list[weakref.WeakMethod] = []
+        self._close_reason: BaseException | None = None  # what closed it, where not a caller (a rank's failure)
         self._worker.add_scheduler(self.scheduler)
 
     # -- requests ---------------------------------------------------------------
@@ -93,7 +94,7 @@ class Engine:
     def submit(self, prompt_ids: list[int], options: GenerationOptions) -> RequestStream:
         """Queues a request and returns its stream (ClosedError once closed). Any thread."""
         if self._closed:
-            raise ClosedError("the model is closed")
+            raise self.closed_error()
         ids = list(prompt_ids)
         room = self.check_prompt(ids)
         options.check_vocab(self.vocab_size)
@@ -143,7 +144,7 @@ class Engine:
         """Each continuation's total log-probability after the prompt (see
         amlx.engine.score); on the worker, between decode rounds."""
         if self._closed:
-            raise ClosedError("the model is closed")
+            raise self.closed_error()
         if self.mirror is not None:
             raise ValueError("score() does not support tensor_parallel > 1 yet")
         self.check_prompt(prompt_ids)
@@ -164,7 +165,7 @@ class Engine:
         likeliest tokens at each position (see amlx.engine.score.PromptLogprobs); on the
         worker, between decode rounds."""
         if self._closed:
-            raise ClosedError("the model is closed")
+            raise self.closed_error()
         if self.mirror is not None:
             raise ValueError("prompt_logprobs does not support tensor_parallel > 1 yet")
         self.check_prompt(prompt_ids)
@@ -289,6 +290,7 @@ class Engine:
         left that worker waiting in a collective for good, the close never runs and
         the model's memory stays until the process exits: docs/scaling.md.)"""
         self.scheduler.abandon(error)
+        self._close_reason = error
         if self._begin_close():
             self._worker.submit(self._at_home(self._shutdown))
 
@@ -311,3 +313,11 @@ class Engine:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def closed_error(self) -> ClosedError:
+        """The error a call on the closed engine raises: it names what closed it where that
+        was not a caller (a tensor-parallel rank's failure), not only that it is closed."""
+        reason = self._close_reason
+        if reason is None:
+            return ClosedError("the model is closed")
+        return ClosedError(f"the model is closed: {type(reason).__name__}: {reason}")
