@@ -23,6 +23,10 @@ import llguidance
 
 from amlx.constrain.limits import check_definitions, on_deep_stack
 from amlx.constrain.pyregex import Refused, to_llguidance
+# (check_encodable refuses an unpaired surrogate, what JSON's "\ud800" decodes to: no output,
+# UTF-8, can hold one, and llguidance took each differently: a regex that matched nothing failed
+# its request once queued, a grammar raised UnicodeEncodeError, a schema's string named no option)
+from amlx.tokenizer import check_encodable
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
@@ -133,7 +137,7 @@ def _schema_constraint(schema: Mapping[str, Any] | bool) -> Constraint:
         text = json.dumps(schema, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"response_format: the JSON schema is not JSON-serializable: {e}") from e
-    _check_text(json.dumps(schema, ensure_ascii=False), "response_format: the JSON schema (as JSON text)")
+    check_encodable(json.dumps(schema, ensure_ascii=False), "response_format: the JSON schema (as JSON text)")
     inexact = _inexact_number(schema, "schema")
     if inexact is not None:
         raise ValueError(f"invalid response_format: {inexact[0]} is {inexact[1]}, which the grammar engine cannot "
@@ -293,7 +297,7 @@ def _values_only(value: Any) -> Any:
 def _from_regex(regex: Any) -> Constraint:
     if not isinstance(regex, str) or not regex:
         raise ValueError("regex must be a non-empty string")
-    _check_text(regex, "regex")
+    check_encodable(regex, "regex")
     _check_length(regex, "regex")
     try:
         rewritten = to_llguidance(regex)
@@ -310,7 +314,7 @@ def _from_choice(choice: Any) -> Constraint:
     if not choice or not all(isinstance(c, str) and c for c in choice):
         raise ValueError("choice must be a non-empty list of non-empty strings")
     for i, c in enumerate(choice):
-        _check_text(c, f"choice[{i}]")
+        check_encodable(c, f"choice[{i}]")
     # Each choice is one Lark string literal. JSON string syntax is Lark's (quotes, backslashes,
     # control characters and non-ASCII as \u escapes, astral characters as surrogate pairs).
     # The alternation is one terminal (one lexeme, matched by llguidance's lexer), not a rule's
@@ -324,7 +328,7 @@ def _from_choice(choice: Any) -> Constraint:
 def _from_lark(grammar: Any) -> Constraint:
     if not isinstance(grammar, str) or not grammar.strip():
         raise ValueError("grammar must be a non-empty Lark grammar (a string)")
-    _check_text(grammar, "grammar")
+    check_encodable(grammar, "grammar")
     _check_length(grammar, "grammar")
     return Constraint("grammar", llguidance.LLMatcher.grammar_from_lark(grammar))
 
@@ -333,23 +337,6 @@ def _check_length(text: str, what: str) -> None:
     if len(text) > MAX_PATTERN_CHARS:
         raise ValueError(f"{what} is too long: {len(text)} characters, at most {MAX_PATTERN_CHARS} are taken "
                          f"(for a long list of alternatives, use choice)")
-
-
-def _check_text(text: str, what: str) -> None:
-    """ValueError naming the first unpaired UTF-16 surrogate in `text` (JSON's "\\ud800"
-    escape decodes to one), if it has one.
-
-    Why: no output can hold one (the reply is UTF-8), and llguidance took each differently: a
-    regex compiled to one that matches nothing, which failed the request once queued (a
-    ConstraintError saying "NoExtensionBias"); a grammar raised UnicodeEncodeError; a choice or
-    a schema's string failed in llguidance's JSON parser ("unexpected end of hex escape"),
-    naming no option."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        code = ord(text[e.start])
-        raise ValueError(f"{what} holds an unpaired surrogate, U+{code:04X}, at character {e.start}: it is no "
-                         f"Unicode character, and no output (UTF-8 text) can hold it") from None
 
 
 def _check(grammar: str, option: str) -> None:

@@ -50,14 +50,7 @@ class TensorParallelLoad:
 
     def abort(self) -> None:
         for r in self.launch.ranks:
-            if r.process.poll() is None:
-                r.process.kill()
-            r.process.wait()
-            for fd in (r.heartbeat, r.lifeline):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            _launch.stop_rank(r)
         if self._group is not None:
             self._group.close()
         shutil.rmtree(self.launch.workdir, ignore_errors=True)
