@@ -272,6 +272,19 @@ def scenario(name: str, path, env: dict | None = None) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+async def _closed_fully(m, out: dict) -> None:
+    """Closes `m` and records whether its ranks' group closed (within 20 s) and no process of
+    the launch is left."""
+    mirror = m.engine.mirror
+    await m.aclose()
+    for _ in range(400):
+        if mirror.closed:
+            break
+        await asyncio.sleep(0.05)
+    out["closed_fully"] = mirror.closed
+    out["gone"] = gone(mirror.launch.workdir)
+
+
 async def _hung_close(path: str) -> dict:
     """A follower stopped (SIGSTOP) while the model is idle, then close(): STOP's
     collective never completed and the close waited for good (the watchdog stops
@@ -336,13 +349,7 @@ async def _kill_many(path: str) -> dict:
             return [type(exc).__name__, str(exc)[:300]]
     out = {"streams": await asyncio.gather(*[one(i) for i in range(3)])}
     await m.aclose()
-    await m.aclose()  # twice: a no-op
-    for _ in range(400):
-        if mirror.closed:
-            break
-        await asyncio.sleep(0.05)
-    out["closed_fully"] = mirror.closed
-    out["gone"] = gone(workdir)
+    await _closed_fully(m, out)  # (a second aclose: a no-op)
     out["workdir_removed"] = not os.path.exists(workdir)
     return out
 
@@ -366,13 +373,7 @@ async def _garbage(path: str) -> dict:
         out["error"] = type(exc).__name__
         out["error_message"] = str(exc)
     out["message"] = str(mirror._failure)
-    await m.aclose()
-    for _ in range(400):
-        if mirror.closed:
-            break
-        await asyncio.sleep(0.05)
-    out["closed_fully"] = mirror.closed
-    out["gone"] = gone(mirror.launch.workdir)
+    await _closed_fully(m, out)
     return out
 
 
@@ -399,13 +400,7 @@ async def _stopped_after_beat(path: str) -> dict:
     out["seconds"] = time.monotonic() - start
     out["sent"] = mirror._sent
     rescue.cancel()
-    await m.aclose()
-    for _ in range(400):
-        if mirror.closed:
-            break
-        await asyncio.sleep(0.05)
-    out["closed_fully"] = mirror.closed
-    out["gone"] = gone(mirror.launch.workdir)
+    await _closed_fully(m, out)
     return out
 
 
