@@ -23,8 +23,10 @@ from amlx.errors import ModelLoadError
 
 try:
     from tests.helpers.checkpoints import make_checkpoint
+    from tests.helpers.requests import complete_all as _complete_all, settled as _settled
 except ImportError:  # run from inside tests/
     from helpers.checkpoints import make_checkpoint
+    from helpers.requests import complete_all as _complete_all, settled as _settled
 
 # the architectures of tests/helpers (gemma3_text, gemma3 (the multimodal layout) and
 # mistral have a sliding window of 8 tokens, shorter than every prompt here)
@@ -50,30 +52,6 @@ def checkpoints(tmp_path_factory):
 
 def run(fn, *args, **kwargs):
     return anyio.run(functools.partial(fn, *args, **kwargs), backend="asyncio")
-
-
-async def _complete_all(model, requests: list[tuple[str, dict]]) -> list:
-    """The requests' completions, all submitted at once."""
-    out: list = [None] * len(requests)
-
-    async def one(i: int, prompt: str, options: dict) -> None:
-        out[i] = await model.complete(prompt, **options)
-
-    async with anyio.create_task_group() as tg:
-        for i, (prompt, options) in enumerate(requests):
-            tg.start_soon(one, i, prompt, options)
-    return out
-
-
-async def _settled(model) -> dict:
-    """The model's stats once the worker has dropped the finished requests (a request's
-    stream ends at its last token; its row leaves at the worker's next round)."""
-    for _ in range(500):
-        stats = model.stats()
-        if stats["active_requests"] == 0 and stats["kv_cache"]["blocks_used"] == 0:
-            break
-        await anyio.sleep(0.01)
-    return stats
 
 
 def _requests() -> list[tuple[str, dict]]:

@@ -15,8 +15,10 @@ import amlx
 
 try:
     from tests.helpers.checkpoints import make_checkpoint
+    from tests.helpers.requests import complete_all as _complete_all, with_stops_from_plain
 except ImportError:  # run from inside tests/
     from helpers.checkpoints import make_checkpoint
+    from helpers.requests import complete_all as _complete_all, with_stops_from_plain
 
 
 @pytest.fixture(scope="module")
@@ -73,18 +75,6 @@ def models(gemma):
         m.close()
 
 
-async def _complete_all(model, requests):
-    out: list = [None] * len(requests)
-
-    async def one(i, prompt, options):
-        out[i] = await model.complete(prompt, **options)
-
-    async with anyio.create_task_group() as tg:
-        for i, (prompt, options) in enumerate(requests):
-            tg.start_soon(one, i, prompt, options)
-    return out
-
-
 _PROMPTS = st.one_of(
     st.lists(st.integers(3, 40), min_size=1, max_size=24),  # (random: drafts mostly rejected)
     st.lists(st.integers(3, 8), min_size=1, max_size=5).flatmap(lambda u: st.integers(1, 6).map(lambda r: u * r)),
@@ -101,21 +91,7 @@ _OPTIONS = st.fixed_dictionaries({"max_tokens": st.integers(1, 30)}, optional={
 def test_greedy_speculation_equals_plain_decoding_fuzzed(models, requests):
     """Random concurrent greedy requests: both drafts give plain decoding's tokens, text,
     finish reason, logprobs and top logprobs (stop strings cut from plain output)."""
-    reqs = []
-    for prompt, options in requests:
-        options = dict(options)
-        stop_at = options.pop("stop_at", None)
-        if options.get("top_logprobs"):
-            options["logprobs"] = True
-        reqs.append((prompt, options, stop_at))
-    first = run(_complete_all, models["plain"], [(p, o) for p, o, _ in reqs])
-    final = []
-    for (prompt, options, stop_at), c in zip(reqs, first):
-        if stop_at is not None and c.text:
-            i = int(stop_at[0] * (len(c.text) - 1))
-            options = {**options, "stop": [c.text[i:i + stop_at[1]]]}
-        final.append((prompt, options))
-    want = run(_complete_all, models["plain"], final)
+    final, want = with_stops_from_plain(run, models["plain"], requests)
     for name in ("lookup", "model"):
         got = run(_complete_all, models[name], final)
         for w, g in zip(want, got):

@@ -30,9 +30,11 @@ import amlx
 
 try:
     from tests.helpers.checkpoints import make_checkpoint
+    from tests.helpers.requests import complete_all as _complete_all, settled as _settled, with_stops_from_plain
     from tests.helpers.stats import chi2_sf
 except ImportError:  # run from inside tests/
     from helpers.checkpoints import make_checkpoint
+    from helpers.requests import complete_all as _complete_all, settled as _settled, with_stops_from_plain
     from helpers.stats import chi2_sf
 
 ARCHS = ("qwen3", "gemma3_text")
@@ -71,27 +73,6 @@ def ckpts(tmp_path_factory):
                                             intermediate_size=32),
                      "near": _noisy_copy(target, root / f"{arch}_near", 0.3)}
     return out
-
-
-async def _complete_all(model, requests):
-    out: list = [None] * len(requests)
-
-    async def one(i, prompt, options):
-        out[i] = await model.complete(prompt, **options)
-
-    async with anyio.create_task_group() as tg:
-        for i, (prompt, options) in enumerate(requests):
-            tg.start_soon(one, i, prompt, options)
-    return out
-
-
-async def _settled(model) -> dict:
-    for _ in range(500):
-        stats = model.stats()
-        if stats["active_requests"] == 0 and stats["kv_cache"]["blocks_used"] == 0:
-            break
-        await anyio.sleep(0.01)
-    return stats
 
 
 def _same(want, got, where="") -> None:
@@ -443,21 +424,7 @@ def test_greedy_output_with_a_near_draft_equals_plain_decoding(loaded, arch, req
     length adapts) and prompt lookup give plain decoding's tokens, text, finish reason,
     usage, logprobs and top logprobs."""
     models = loaded[arch]
-    reqs = []
-    for prompt, options in requests:
-        options = dict(options)
-        stop_at = options.pop("stop_at", None)
-        if options.get("top_logprobs"):
-            options["logprobs"] = True
-        reqs.append((prompt, options, stop_at))
-    first = run(_complete_all, models["plain"], [(p, o) for p, o, _ in reqs])
-    final = []
-    for (prompt, options, stop_at), c in zip(reqs, first):
-        if stop_at is not None and c.text:
-            i = int(stop_at[0] * (len(c.text) - 1))
-            options = {**options, "stop": [c.text[i:i + stop_at[1]]]}
-        final.append((prompt, options))
-    want = run(_complete_all, models["plain"], final)
+    final, want = with_stops_from_plain(run, models["plain"], requests)
     for name in ("near", "lookup"):
         _same(want, run(_complete_all, models[name], final), f"{arch} {name}")
 
