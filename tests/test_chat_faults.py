@@ -293,7 +293,7 @@ def test_tool_call_arguments_nested_too_deep_are_a_400_not_a_500(http, arguments
     if arguments.startswith("{"):
         assert_error(response, 400, f"nests more than {MAX_DEPTH} levels deep")
     else:
-        assert_error(response, 400, "context holds", param=None)  # rendered: 200,000 characters
+        assert_error(response, 400, "context holds", param="messages")  # rendered: 200,000 characters
     assert_serving(http)
 
 
@@ -302,7 +302,7 @@ def test_tool_call_arguments_with_a_huge_integer_are_passed_as_text(http):
     (the request failed with Python's 'Exceeds the limit (4300 digits)')."""
     messages = [*USER, {"role": "assistant", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"n": ' + "9" * 5000 + "}"}}]}]
-    assert_error(chat(http, messages), 400, "context holds", param=None)  # rendered, only too long
+    assert_error(chat(http, messages), 400, "context holds", param="messages")  # rendered, only too long
 
 
 def test_tools_nested_too_deep_are_a_400_naming_tools(http):
