@@ -361,3 +361,51 @@ async def test_tool_calls_through_the_clients_stream_and_parse_helpers(tmp_path)
             assert ca.function.parsed_arguments == cb.function.parsed_arguments == get_weather(city="Paris",
                                                                                                 unit="celsius")
             assert not a.message.content and not b.message.content
+
+
+# -- a request's checks leave the event loop free -------------------------------------------------
+
+async def test_a_requests_checks_run_off_the_event_loop(tmp_path, monkeypatch):
+    """The first check of a constraint runs llguidance's check of its grammar: about a second
+    for a JSON schema of thousands of optional properties (3 s for 8,000), which every other
+    client's request waited out on the event loop. Here the check of one request waits until
+    another request has been answered: the second is served while the first is being checked."""
+    import threading
+
+    import anyio
+
+    import amlx
+    from amlx.serve.app import Settings, create_app
+    from amlx.serve.generation import Generation
+
+    checking, other_answered = threading.Event(), threading.Event()
+    seen: dict = {}
+    check = Generation.check
+
+    def slow_check(self, *args, **kwargs):
+        checking.set()
+        seen["waited"] = other_answered.wait(20)  # (a bound: on the event loop it is never set)
+        return check(self, *args, **kwargs)
+
+    monkeypatch.setattr(Generation, "check", slow_check)
+    model = await amlx.load(serve_checkpoint(tmp_path / "ckpt"))
+    try:
+        app = create_app(model, Settings(model_name="tiny"))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://amlx") as client:
+            async def first():
+                return await client.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT,
+                                                                        "max_tokens": 3})
+
+            async def second():
+                r = await client.get("/v1/models")
+                other_answered.set()
+                return r
+
+            slow = asyncio.ensure_future(first())
+            await anyio.to_thread.run_sync(checking.wait, 20)  # (the first request is in its check)
+            models = await second()
+            reply = await slow
+    finally:
+        await model.aclose()
+    assert models.status_code == 200 and reply.status_code == 200, reply.text
+    assert seen["waited"]

@@ -96,7 +96,11 @@ class Server:
                                   vocab=self.model.tokenizer.vocab_size)
         gen = Generation(self.model, self.metrics, self.admission, tool_format=tool_format,
                          want_logprobs=bool(opts.get("logprobs")), keepalive=self.settings.keepalive, arrived=arrived)
-        gen.check(prompt_ids, opts, req.n, "messages" if isinstance(req, ChatRequest) else "prompt")
+        # on a thread: checking a constraint the first time runs llguidance's check of its grammar,
+        # about a second for a schema of thousands of optional properties, which the event loop
+        # (every other client's stream) would wait out
+        await anyio.to_thread.run_sync(functools.partial(
+            gen.check, prompt_ids, opts, req.n, "messages" if isinstance(req, ChatRequest) else "prompt"))
         echo = None
         if echo_texts is not None:  # (with logprobs, the prompts' own logprobs first: a prefill each)
             # Admitted first: a request past the queue is a 429 before its prompts' logprobs are
