@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,11 +213,16 @@ class Speculator:
         round: only when it returns True), so they still probe again now and then."""
         if any(self._length(r).length > 0 and not (r.matcher is not None and self.draft is not None) for r in rows):
             return False
+        self._age_idle(rows)
+        return True
+
+    def _age_idle(self, rows: Iterable[Request]) -> None:
+        """A row at length 0 takes a plain step this round: its estimate drifts back to the
+        prior (so it probes again now and then); a length it reaches is the next round's."""
         for r in rows:
             adaptive = self._length(r)
             if adaptive.length == 0:
                 adaptive.observe(0, 0)
-        return True
 
     def plan(self, shards: Sequence) -> list[tuple[list[int], list[list[int]] | None]] | None:
         """Per shard, its rows' draft lengths and (prompt lookup) their drafts; None when
@@ -228,15 +233,11 @@ class Speculator:
         try:
             return self._plan(shards)
         finally:
-            # A row at length 0 takes a plain step this round: its estimate drifts back to the
-            # prior, and a length it reaches now is the next round's, as in `chain_plain`. Aged
-            # before the lengths were read, a probe came a round earlier here than in a chained
-            # round, and which rounds are chained follows the consumer's pace and the batch: a
-            # seeded sampling row's draws (the verify steps they fall in) followed them too.
-            for req in (r for s in shards for r in s.rows):
-                adaptive = self._length(req)
-                if adaptive.length == 0:
-                    adaptive.observe(0, 0)
+            # After the lengths are read, as in `chain_plain`. Aged before, a probe came a round
+            # earlier here than in a chained round, and which rounds are chained follows the
+            # consumer's pace and the batch: a seeded sampling row's draws (the verify steps
+            # they fall in) followed them too.
+            self._age_idle(r for s in shards for r in s.rows)
 
     def _plan(self, shards: Sequence) -> list[tuple[list[int], list[list[int]] | None]] | None:
         if self._vocab() is None and any(r.matcher is not None for s in shards for r in s.rows):
