@@ -18,6 +18,7 @@ from amlx.engine.request import RequestStream
 from amlx.engine.worker import Worker
 from amlx.errors import ContextLengthError
 from amlx.hub import resolve_model
+from amlx.notices import notice
 from amlx.prompt import INLINE_CHARS, PromptEncoder, is_heavy, is_token_id
 from amlx.sample import MAX_TOP_LOGPROBS
 from amlx.toolcalls import detect_format, parse_tool_calls, prompt_opens_reasoning
@@ -514,7 +515,7 @@ def _warm_extend(engine) -> None:
     takes a while (something was compiled), and another if it ran out of its budget
     (extend_warmup_budget) and left longer prompts to the plain pass. If it fails, the
     engine keeps the plain pass."""
-    from amlx.models.warmup import NOTICE_AFTER_S, SlowNotice, stderr_line, warmup_enabled
+    from amlx.models.warmup import NOTICE_AFTER_S, SlowNotice, warmup_enabled
 
     if engine.placement.device != "gpu" or not warmup_enabled():
         return
@@ -522,7 +523,7 @@ def _warm_extend(engine) -> None:
     before = scheduler.extend_max
     try:
         budget = extend_warmup_budget()  # (a bad value fails the warm-up: the plain pass serves)
-        with SlowNotice(stderr_line, NOTICE_AFTER_S, EXTEND_NOTICE):
+        with SlowNotice(notice, NOTICE_AFTER_S, EXTEND_NOTICE):
             scheduler.warm_extend(budget_s=budget)
     except Exception as exc:  # noqa: BLE001 - the plain prefill pass still serves
         scheduler.extend_max = 0
@@ -530,9 +531,9 @@ def _warm_extend(engine) -> None:
                       RuntimeWarning, stacklevel=2)
         return
     if 0 < scheduler.extend_max < before:
-        stderr_line(f"amlx: kernels compiled for up to {scheduler.extend_max} new tokens behind a cached prefix "
-                    f"(AMLX_EXTEND_WARMUP_S={budget:g} s); longer ones take the plain pass in "
-                    "this process, and the next load compiles more")
+        notice(f"amlx: kernels compiled for up to {scheduler.extend_max} new tokens behind a cached prefix "
+               f"(AMLX_EXTEND_WARMUP_S={budget:g} s); longer ones take the plain pass in "
+               "this process, and the next load compiles more")
 
 
 FIRST_REQUESTS_NOTICE = "amlx: running the first requests' one-time GPU setup while the model loads"
@@ -544,12 +545,12 @@ def _warm_first_requests(engine) -> None:
     H200, every kernel cached) is not the user's. Not with tensor parallelism (every rank
     would have to take part) nor AMLX_WARMUP=0. If it fails, the load goes on, with a warning."""
     from amlx.engine.warm import warm_requests
-    from amlx.models.warmup import NOTICE_AFTER_S, SlowNotice, stderr_line, warmup_enabled
+    from amlx.models.warmup import NOTICE_AFTER_S, SlowNotice, warmup_enabled
 
     if engine.placement.device != "gpu" or engine.mirror is not None or not warmup_enabled():
         return
     try:
-        with SlowNotice(stderr_line, NOTICE_AFTER_S, FIRST_REQUESTS_NOTICE):
+        with SlowNotice(notice, NOTICE_AFTER_S, FIRST_REQUESTS_NOTICE):
             warm_requests(engine)
     except Exception as exc:  # noqa: BLE001 - the user's requests will meet the same error, if any
         engine.scheduler.reset_counters()

@@ -40,7 +40,7 @@ from amlx.models import quantized_gemv
 from amlx.models.nn import Module, QuantizedEmbedding, QuantizedLinear
 from amlx.notices import notice
 
-__all__ = ["ROW_TILES", "SlowNotice", "WarmupReport", "stderr_line", "warmup_enabled", "needs_warmup", "precompile", "quantized_shapes", "rows_to_warm",
+__all__ = ["ROW_TILES", "SlowNotice", "WarmupReport", "warmup_enabled", "needs_warmup", "precompile", "quantized_shapes", "rows_to_warm",
            "warm_quantized_matmuls"]
 
 log = logging.getLogger("amlx.warmup")
@@ -148,11 +148,7 @@ class SlowNotice:
         self._timer.cancel()
 
 
-def stderr_line(line: str) -> None:
-    notice(line)
-
-
-def warm_quantized_matmuls(model: Module, max_rows: int, *, write: Callable[[str], None] = stderr_line,
+def warm_quantized_matmuls(model: Module, max_rows: int, *, write: Callable[[str], None] = notice,
                            notice_after: float = NOTICE_AFTER_S, parallel: bool = False) -> WarmupReport:
     """Runs each quantized layer shape of `model` for every row count of
     `rows_to_warm(max_rows)`, so the kernels MLX compiles at first use are compiled
