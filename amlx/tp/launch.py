@@ -141,14 +141,23 @@ def start(model: str, size: int, device: str, dtype: str | None, hostfile: str |
 
 
 def stop_rank(r: Rank) -> None:
-    """Kills a follower (its process group: it started a session of its own),
-    reaps it and closes rank 0's ends of its pipes."""
+    """Kills a follower, reaps it and closes rank 0's ends of its pipes."""
+    kill_rank(r)
+    r.process.wait()
+    close_pipes(r)
+
+
+def kill_rank(r: Rank) -> None:
+    """Kills a follower that still runs: its process group (it started a session of its own)."""
     if r.process.poll() is None:
         try:
             os.killpg(r.process.pid, signal.SIGKILL)
         except OSError:
             r.process.kill()
-    r.process.wait()
+
+
+def close_pipes(r: Rank) -> None:
+    """Closes rank 0's ends of a follower's pipes (heartbeat, lifeline); closed ones are skipped."""
     for fd in (r.heartbeat, r.lifeline):
         try:
             os.close(fd)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import select
 import shutil
-import signal
 import threading
 import time
 from typing import Callable
@@ -135,11 +134,7 @@ class Leader:
 
     def _kill(self) -> None:
         for r in self.launch.ranks:
-            if r.process.poll() is None:
-                try:
-                    os.killpg(r.process.pid, signal.SIGKILL)
-                except OSError:
-                    r.process.kill()
+            _launch.kill_rank(r)
 
     # -- the watchdog thread ---------------------------------------------------------
     def _watch(self) -> None:
@@ -200,7 +195,7 @@ class Leader:
             r.process.wait()
         self._watchdog.join(2)
         for r in self.launch.ranks:
-            _close_fds(r)
+            _launch.close_pipes(r)
         if self._failure is None and not self._stop_killed:
             self.group.close()
         else:
@@ -229,11 +224,3 @@ class Leader:
 def _tail(rank: Rank) -> str:
     tail = rank.error_tail()
     return f"\n--- rank {rank.rank} output ---\n{tail}" if tail else ""
-
-
-def _close_fds(rank: Rank) -> None:
-    for fd in (rank.heartbeat, rank.lifeline):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
