@@ -384,6 +384,18 @@ def output_slice(layer: Module, lo: int, hi: int) -> Module:
     return _resliced(layer, lambda name, a: (lo, hi, 0), keep_bias=True)
 
 
+def input_split_problem(layer: Module, size: int) -> str | None:
+    """Why `input_slice` cannot cut `layer`'s inputs into `size` equal parts (a quantized
+    layer's parts must be whole quantization groups), or None."""
+    if not isinstance(layer, QuantizedLinear):
+        return None
+    g = layer._group_size
+    width = layer.scales.shape[-1] * g  # the layer's input features
+    if width % size == 0 and (width // size) % g == 0:
+        return None
+    return f"{width} input features make parts of {width / size:g} per rank, not whole quantization groups of {g}"
+
+
 def input_slice(layer: Module, lo: int, hi: int, keep_bias: bool) -> Module:
     """A row-parallel shard: the layer reading only inputs [lo, hi), whose
     outputs the ranks sum; the bias stays on one rank (`keep_bias`). A

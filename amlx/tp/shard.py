@@ -28,7 +28,7 @@ import os
 
 from amlx._mlx import Array, ops
 from amlx.models.base import Attention, CausalLM, GatedMLP
-from amlx.models.nn import Module, QuantizedLinear, vocab_rows
+from amlx.models.nn import Module, input_split_problem, vocab_rows
 
 HEADS = ("replicated", "vocab")
 
@@ -115,19 +115,11 @@ def shard_problems(model: CausalLM, size: int) -> list[str]:
 
 
 def _group_problem(layer: Module, size: int, what: str) -> str | None:
-    """Why a row-parallel (input-split) quantized layer cannot be cut into `size`
-    parts on its quantization groups, or None. Found here, before any layer
-    changes: amlx.models.nn.input_slice refused it only mid-way through the model,
-    with an error that named neither the layer nor tensor parallelism."""
-    if not isinstance(layer, QuantizedLinear):
-        return None
-    group = layer._group_size
-    width = layer.scales.shape[-1] * group  # the layer's input features
-    part = width // size
-    if width % size == 0 and part % group == 0:
-        return None
-    return (f"the {what} projection's {width} input features make parts of {width / size:g} per rank, "
-            f"not whole quantization groups of {group}")
+    """Why a row-parallel (input-split) layer cannot be cut into `size` parts, or None. Found
+    here, before any layer changes: amlx.models.nn.input_slice refused it only mid-way through
+    the model, with an error that named neither the layer nor tensor parallelism."""
+    problem = input_split_problem(layer, size)
+    return None if problem is None else f"the {what} projection's {problem}"
 
 
 def shard_model(model: CausalLM, rank: int, size: int, reduce: Callable[[Array], Array],
