@@ -15,10 +15,12 @@ import amlx
 
 try:
     from tests.helpers.checkpoints import make_checkpoint
-    from tests.helpers.requests import complete_all as _complete_all, with_stops_from_plain
+    from tests.helpers.requests import (read_slowly as _slowly, complete_all as _complete_all,
+                                        with_stops_from_plain)
 except ImportError:  # run from inside tests/
     from helpers.checkpoints import make_checkpoint
-    from helpers.requests import complete_all as _complete_all, with_stops_from_plain
+    from helpers.requests import (read_slowly as _slowly, complete_all as _complete_all,
+                                  with_stops_from_plain)
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +30,6 @@ def gemma(tmp_path_factory):
 
 def run(fn, *args, **kwargs):
     return anyio.run(functools.partial(fn, *args, **kwargs), backend="asyncio")
-
-
-async def _slowly(model, prompt, options: dict, delay: float) -> list[int]:
-    """The request's token ids, read with a pause after each (its buffer fills up)."""
-    ids = []
-    async with model.generate(prompt, **options) as stream:
-        async for tok in stream:
-            ids.append(tok.id)
-            await anyio.sleep(delay)
-    return ids
 
 
 @pytest.mark.parametrize("draft", ["prompt_lookup", "model"])

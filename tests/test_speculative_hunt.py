@@ -30,11 +30,13 @@ import amlx
 
 try:
     from tests.helpers.checkpoints import make_checkpoint
-    from tests.helpers.requests import complete_all as _complete_all, settled as _settled, with_stops_from_plain
+    from tests.helpers.requests import (read_slowly as _slowly, complete_all as _complete_all,
+                                        settled as _settled, with_stops_from_plain)
     from tests.helpers.stats import chi2_sf
 except ImportError:  # run from inside tests/
     from helpers.checkpoints import make_checkpoint
-    from helpers.requests import complete_all as _complete_all, settled as _settled, with_stops_from_plain
+    from helpers.requests import (read_slowly as _slowly, complete_all as _complete_all,
+                                  settled as _settled, with_stops_from_plain)
     from helpers.stats import chi2_sf
 
 ARCHS = ("qwen3", "gemma3_text")
@@ -92,15 +94,6 @@ def _same(want, got, where="") -> None:
 
 
 # -- seeded sampling with a draft whose rows stop drafting ---------------------------------
-
-async def _slowly(model, prompt, options: dict, delay: float) -> list[int]:
-    ids = []
-    async with model.generate(prompt, **options) as stream:
-        async for tok in stream:
-            ids.append(tok.id)
-            await anyio.sleep(delay)
-    return ids
-
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_seeded_sampling_with_a_rejected_draft_does_not_depend_on_pace_or_batch(ckpts, arch):

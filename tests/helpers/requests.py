@@ -1,5 +1,5 @@
 """Many requests at once through a model's public API, and the settled state after them
-(the speculative decoding tests)."""
+(the speculative decoding tests), and one read slowly."""
 
 from __future__ import annotations
 
@@ -51,3 +51,13 @@ def with_stops_from_plain(run: Callable, plain, requests: list[tuple[Any, dict]]
             options = {**options, "stop": [c.text[i:i + stop_at[1]]]}
         final.append((prompt, options))
     return final, run(complete_all, plain, final)
+
+
+async def read_slowly(model, prompt, options: dict, delay: float) -> list[int]:
+    """The request's token ids, read with a pause after each (its buffer fills up)."""
+    ids = []
+    async with model.generate(prompt, **options) as stream:
+        async for tok in stream:
+            ids.append(tok.id)
+            await anyio.sleep(delay)
+    return ids
