@@ -128,15 +128,18 @@ class Engine:
         thread: never the event loop nor the worker). A grammar this vocabulary rejects
         ends the stream with its ValueError (malformed ones were refused by the options)."""
         def ready(future) -> None:
+            # (a future cancelled by close() raises concurrent.futures.CancelledError, an
+            # Exception: asked first, else the stream ended with that bare error, not ClosedError)
+            if future.cancelled():
+                req.assembler.finished = True
+                req.channel.close(ClosedError("the model was closed"))
+                return
             try:
                 req.matcher = future.result()
                 self.scheduler.add(req)
             except Exception as exc:  # ValueError, or ClosedError once the engine is closed
                 req.assembler.finished = True
                 req.channel.close(exc)
-            except BaseException:  # cancelled by close()
-                req.assembler.finished = True
-                req.channel.close(ClosedError("the model was closed"))
 
         self._matchers.submit(constraint).add_done_callback(ready)
 
