@@ -379,6 +379,8 @@ def check_creatable(directory: Path) -> None:
     """ValueError when `directory` cannot be made because something in its way is a file:
     the nearest of it and its parents that exists must be a directory."""
     for a in (directory, *directory.parents):
+        if a.is_symlink() and not a.exists():  # (a dangling link: a raw OSError once all was written)
+            raise ValueError(f"{a} is a link to {os.readlink(a)}, which does not exist")
         if a.exists():
             if not a.is_dir():
                 raise ValueError(f"{a} exists and is not a directory")

@@ -41,7 +41,7 @@ from typing import Sequence
 from amlx._mlx import Array, io, ops, random
 from amlx._mlx import eval as mx_eval
 from amlx._mlx import float32 as _f32
-from amlx.checkpoint import (check_destination, copy_carried, read_checkpoint, read_header, read_json,
+from amlx.checkpoint import (check_creatable, check_destination, copy_carried, read_checkpoint, read_header, read_json,
                              read_tensors, staged_directory, write_config, write_weights)
 from amlx.errors import MLXError, ModelLoadError
 from amlx.models.nn import Linear, Module, QuantizedLinear, linear, weight_t
@@ -731,5 +731,6 @@ def fuse(model: str | os.PathLike, adapter: str | os.PathLike, dst: str | os.Pat
 
     src, dst = Path(model), Path(dst)
     check_destination(src, dst)
+    check_creatable(dst)  # (a file or a dangling link in its way was a raw OSError once the model was fused)
     return Worker.get().run_sync(lambda: _fuse_on_worker(src, adapter, dst, bool(dequantize), progress))
 

@@ -1,0 +1,64 @@
+"""`amlx.convert` and `amlx.train.fuse` probed with hostile destinations: what cannot be
+written is refused up front with a ValueError naming the cause, and nothing is left behind."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import amlx
+from amlx.models import load_model
+from amlx.train import lora
+
+try:
+    from tests.helpers.checkpoints import make_checkpoint
+    from tests.test_train_lora import on_worker
+except ImportError:  # tests/ itself on sys.path
+    from helpers.checkpoints import make_checkpoint
+    from test_train_lora import on_worker
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3")
+
+
+@pytest.fixture(scope="module")
+def adapter(qwen, tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapter")
+    loaded = on_worker(lambda: load_model(qwen, progress=False))
+    on_worker(lambda: lora.apply_lora(loaded.model, rank=2, targets=["q_proj"]))
+    on_worker(lambda: lora.save_adapter(loaded.model, d))
+    on_worker(loaded.model.close)
+    return d
+
+
+def _convert(qwen, adapter, dst):
+    return amlx.convert(qwen, dst, progress=False)
+
+
+def _fuse(qwen, adapter, dst):
+    return lora.fuse(qwen, adapter, dst, progress=False)
+
+
+@pytest.mark.parametrize("write", [_convert, _fuse], ids=["convert", "fuse"])
+@pytest.mark.parametrize("below", [False, True], ids=["the-link", "below-the-link"])
+def test_a_dangling_link_in_the_destination_is_refused_up_front(qwen, adapter, tmp_path, write, below):
+    """A destination that is (or lies below) a link to a missing directory passed the checks:
+    convert and fuse read and wrote the whole checkpoint, then the rename onto the link was a raw
+    NotADirectoryError (a FileExistsError from mkdir, below it), the work lost."""
+    link = tmp_path / "out"
+    os.symlink(tmp_path / "missing", link)
+    dst = link / "sub" if below else link
+    with pytest.raises(ValueError, match=f"{link} is a link to {tmp_path / 'missing'}, which does not exist"):
+        write(qwen, adapter, dst)
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging directory left behind
+
+
+def test_fuse_below_a_file_is_refused_up_front(qwen, adapter, tmp_path):
+    """fuse lacked convert's check: a destination below a file was a raw FileExistsError, raised
+    only after the model was loaded and the adapter fused."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'file'} exists and is not a directory"):
+        lora.fuse(qwen, adapter, tmp_path / "file" / "out", progress=False)
