@@ -884,7 +884,9 @@ class StreamingDetokenizer:
     and an open byte-fallback run is decoded once it ends (or can no longer be valid UTF-8),
     so no reply, mojibake included, costs more than a few short decodes per token.
 
-    `finalize()` flushes; further `add()` calls continue the same sequence. The
+    `finalize()` flushes; further `add()` calls continue the text after what it returned,
+    which stays final: bytes it flushed as U+FFFD (an incomplete character, an open
+    byte-fallback run) are not joined with later ones. The
     transformers-style `clean_up_tokenization_spaces` (honoured by `decode` only for non-BPE
     models, none of which amlx runs) is not applied to streamed text.
     """
@@ -897,6 +899,7 @@ class StreamingDetokenizer:
     _HELD_IDS = 3
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False, continuing: bool = False) -> None:
+        self._tokenizer = tokenizer
         self._backend = tokenizer.backend
         self._skip = skip_special_tokens
         self._skipped_ids = tokenizer.special_token_ids if skip_special_tokens else frozenset()
@@ -904,13 +907,17 @@ class StreamingDetokenizer:
         self._ids: list[int] = []  # the decode window
         self._run = bytearray()  # bytes of the byte-fallback run the ids end in (if the decoder has one)
         self._emitted = 0  # characters of decode(self._ids) already returned
-        context = tokenizer._plain_context_id if continuing else None
-        if context is not None:
-            # Continuing text: the window starts with a plain character, taken as emitted, so
-            # that no generated id is the text's first (whose leading space a Strip or
-            # Metaspace decoder drops); later windows keep generated ids as context anyway.
-            self._ids = [context]
-            self._emitted = len(self._decode(self._ids))
+        if continuing:
+            self._continue_text()
+
+    def _continue_text(self) -> None:
+        """Starts the window afresh, as text that goes on from earlier text: with a plain
+        character, taken as emitted, so that no later id is the text's first (whose leading
+        space a Strip or Metaspace decoder drops); later windows keep generated ids as context."""
+        context = self._tokenizer._plain_context_id
+        self._ids = [] if context is None else [context]
+        self._run.clear()
+        self._emitted = len(self._decode(self._ids)) if self._ids else 0
 
     def _decode(self, ids: list[int]) -> str:
         return self._backend.decode(ids, skip_special_tokens=self._skip)
@@ -1004,4 +1011,10 @@ class StreamingDetokenizer:
         text = self._decode(self._ids)
         piece = text[self._emitted :]
         self._emitted = len(text)
+        if piece or self._run:
+            # What was held is given out now, as it decodes today; the ids that held it (the
+            # start of a character, an open byte run) must not take later bytes: a completed
+            # character changed text already returned, and the next piece was cut by as many
+            # characters (`add` after `finalize` lost "b" of "a😀b", the bytes split).
+            self._continue_text()
         return piece
