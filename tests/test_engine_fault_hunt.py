@@ -11,6 +11,7 @@ import pytest
 
 import amlx
 from amlx.constrain import matcher as matcher_module
+from amlx.engine.channel import Channel
 from amlx.demo import default_model_dir
 
 
@@ -63,3 +64,59 @@ def test_a_close_ends_a_request_whose_grammar_waits_to_compile_with_closed_error
 
     anyio.run(body)
     assert ends[0][0] == "ClosedError" and ends[1][0] == "ClosedError", ends
+
+
+def test_two_tasks_reading_one_stream_both_end_and_share_its_tokens_once():
+    """Two tasks iterate one stream at once: each token goes to exactly one of them, in order,
+    and both loops end with the stream. The channel kept one waiting task: the second to wait
+    replaced the first, which was never woken again, not even by the stream's end (a hang);
+    waiters that time out unwoken leave no trace behind."""
+    taken: list[int] = []
+    done: list[int] = []
+
+    async def body():
+        async with await amlx.load(default_model_dir()) as model:
+            prompt = [5, 6, 7, 8]
+            want = (await model.complete(prompt, max_tokens=40)).token_ids
+            stream = model.generate(prompt, max_tokens=40, max_buffer=2)
+
+            async def read(k: int) -> None:
+                async for tok in stream:
+                    taken.append(tok.id)
+                    await anyio.sleep(0)
+                done.append(k)
+
+            with anyio.fail_after(60):  # (a guard against the hang, not a timing)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(read, 0)
+                    tg.start_soon(read, 1)
+            assert taken == want and sorted(done) == [0, 1]
+
+    anyio.run(body)
+
+
+def test_reads_that_time_out_leave_no_waiters_behind():
+    """A consumer polling with timeouts that expire before any token (the wake-ups of reads
+    cancelled unwoken are dropped, not kept until the next token), then the next token and
+    the end still reach it."""
+    channel = Channel(4, lambda: None)
+
+    async def body():
+        for _ in range(50):
+            with anyio.move_on_after(0.001):
+                await channel.get()
+        assert channel._async_waiters == []
+        async with anyio.create_task_group() as tg:
+            got = []
+
+            async def read() -> None:
+                got.append(await channel.get())
+                got.append(await channel.get())
+
+            tg.start_soon(read)
+            await anyio.sleep(0.01)
+            channel.put("token")
+            channel.close()
+        assert got == ["token", None]
+
+    anyio.run(body)

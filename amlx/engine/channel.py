@@ -27,7 +27,9 @@ class Channel:
         self._items: deque = deque()
         self._done = False
         self._error: BaseException | None = None
-        self._async_waiter: tuple | None = None
+        # every task waiting in `get` (the loop's waker, its event): one stream read from two
+        # tasks at once must wake both, or the one not woken waits for good, even past the end
+        self._async_waiters: list[tuple] = []
         self.cancelled = False
 
     # -- worker side -------------------------------------------------------
@@ -52,9 +54,8 @@ class Channel:
 
     def _notify(self) -> None:
         self._ready.notify_all()
-        if self._async_waiter is not None:
-            waker, event = self._async_waiter
-            self._async_waiter = None
+        waiters, self._async_waiters = self._async_waiters, []
+        for waker, event in waiters:
             wake(waker, event)
 
     # -- consumer side -----------------------------------------------------
@@ -83,9 +84,19 @@ class Channel:
                 item = self._take()
                 if item is not ...:
                     return item
-                event = anyio.Event()
-                self._async_waiter = (loop_waker(), event)
-            await event.wait()
+                waiter = (loop_waker(), anyio.Event())
+                self._async_waiters.append(waiter)
+            try:
+                await waiter[1].wait()
+            finally:
+                if not waiter[1].is_set():  # (a woken one is off the list already)
+                    self._forget(waiter)
+
+    def _forget(self, waiter: tuple) -> None:
+        """Drops a waiter that stopped waiting unwoken (its read cancelled, a timeout): a
+        consumer polling with short timeouts would otherwise pile them up until the next token."""
+        with self._lock:
+            self._async_waiters = [w for w in self._async_waiters if w is not waiter]
 
     def get_sync(self):
         with self._lock:
