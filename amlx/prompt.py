@@ -82,7 +82,10 @@ def is_token_id(value: Any) -> bool:
 
 
 def is_messages(prompt: Any) -> bool:
-    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+    """Chat messages: a non-empty list of mappings (`Prompt`'s `Sequence[Mapping]`: a
+    MappingProxyType or another Mapping than a dict was refused as no prompt at all, where
+    the tokenizer's template takes any Mapping)."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, Mapping) for m in prompt)
 
 
 def is_heavy(prompt: Any) -> bool:

@@ -1,0 +1,41 @@
+"""Defects found hunting the public Model API and its options (amlx/model.py, types.py,
+prompt.py): each test fails without its fix. The embedded demo model serves them (it loads
+in a fraction of a second)."""
+
+from __future__ import annotations
+
+import collections
+import types
+
+import pytest
+
+import amlx
+from amlx.demo import default_model_dir
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = amlx.load_sync(default_model_dir())
+    yield m
+    m.close()
+
+
+def _messages(mapping) -> list:
+    return [mapping(role="user", content="Hello!")]
+
+
+@pytest.mark.parametrize("mapping", [lambda **kw: types.MappingProxyType(kw),
+                                     lambda **kw: collections.UserDict(kw)], ids=["proxy", "userdict"])
+async def test_chat_messages_of_any_mapping_are_a_prompt(model, mapping):
+    # Prompt is Sequence[Mapping]: messages that were Mappings but not dicts were refused with
+    # "prompt must be a string, a list of token ids, or a list of chat messages"
+    want = await model.complete(_messages(dict), max_tokens=6)
+    got = await model.complete(_messages(mapping), max_tokens=6)
+    assert got.token_ids == want.token_ids and got.usage.prompt_tokens == want.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("prompt", [b"Hello", bytearray(b"Hello"), {"role": "user", "content": "x"}, [1.0, 2.0],
+                                    [{"role": "user"}, 3], None])
+def test_other_prompts_are_still_refused_by_type(model, prompt):
+    with pytest.raises(TypeError, match="prompt must be a string, a list of token ids, or a list of chat"):
+        model.generate(prompt)
