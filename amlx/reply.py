@@ -17,6 +17,22 @@ from typing import Any, TextIO, cast
 import amlx
 
 
+# Control characters a terminal acts on: ESC and C1's CSI/OSC begin sequences that clear or
+# redraw the screen, set its title, write the clipboard (OSC 52) or hide text, BEL rings, BS
+# erases. A reply shown on a terminal (whose text may repeat a hostile document's) gets them as
+# visible symbols; newlines, tabs and carriage returns stay as they are, and so does the text
+# kept in the Reply or written to a file or pipe.
+_TERMINAL_SAFE = {**{c: 0x2400 + c for c in range(0x20) if chr(c) not in "\n\t\r"}, 0x7F: 0x2421,
+                  **{c: 0xFFFD for c in range(0x80, 0xA0)}}
+
+
+def _is_terminal(out: TextIO) -> bool:
+    try:
+        return out.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed file
+        return False
+
+
 @dataclass
 class Reply:
     """What one reply was: its text so far and how it went."""
@@ -44,10 +60,11 @@ def load_model(args: argparse.Namespace) -> amlx.Model:
 
 def stream_reply(model: amlx.Model, prompt: Any, options: dict[str, Any], out: TextIO | None = None) -> Reply:
     """Writes the reply to `prompt` (generation `options`) to `out` (stdout) as it
-    streams, then a newline.
+    streams, then a newline; on a terminal, control characters show as symbols (␛ for ESC).
     A Ctrl-C stops it: the request is cancelled and the reply so far returned,
     marked `interrupted`."""
     out = sys.stdout if out is None else out
+    terminal = _is_terminal(out)
     reply = Reply()
     pieces: list[str] = []
     stream = None
@@ -60,7 +77,7 @@ def stream_reply(model: amlx.Model, prompt: Any, options: dict[str, Any], out: T
             reply.tokens += 1
             pieces.append(tok.text)
             reply.finish_reason = tok.finish_reason
-            out.write(tok.text)
+            out.write(tok.text.translate(_TERMINAL_SAFE) if terminal else tok.text)
             out.flush()
     except KeyboardInterrupt:
         reply.interrupted = True

@@ -4,6 +4,7 @@ same tokenizer folders as the oracle."""
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import pytest
@@ -11,11 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+import amlx
+from amlx.reply import stream_reply
 from amlx.tokenizer import Tokenizer
 
 try:
+    from tests.helpers.checkpoints import make_checkpoint
     from tests.helpers.tokenizers import write_tokenizer
 except ImportError:  # tests/ itself on sys.path
+    from helpers.checkpoints import make_checkpoint
     from helpers.tokenizers import write_tokenizer
 
 KINDS = ("bpe", "spm")
@@ -64,3 +69,25 @@ def test_add_after_finalize_loses_no_text(pairs, kind, text, data):
     first = "".join(before)
     assert first == hf.decode(ids[:cut])
     assert "".join(after) == (_reading(hf, ids[cut:]) if first else hf.decode(ids[cut:]))
+
+
+# ------------------------------------------------------------------------------ the terminal
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_reply_on_a_terminal_shows_control_characters_instead_of_sending_them(tmp_path):
+    """`amlx generate` / `amlx chat` wrote the model's text to the terminal as it was: a reply
+    repeating a hostile document's escape sequences cleared the screen, set the clipboard (OSC
+    52) or hid text. On a terminal they now show as symbols; the Reply's text, and what goes to
+    a file or pipe, stay as the model wrote them."""
+    forced = "ok\x1b]52;c;aGk=\x07\x1b[2J\x08\x00\x7f\x9b31m\ta\r\nb"
+    with amlx.load_sync(make_checkpoint(tmp_path / "qwen3", "qwen3")) as model:
+        shown, piped = _Terminal(), io.StringIO()
+        replies = [stream_reply(model, "hi", dict(choice=[forced], max_tokens=64), out) for out in (shown, piped)]
+    assert [r.text for r in replies] == [forced, forced]
+    assert piped.getvalue() == forced + "\n"
+    assert shown.getvalue() == "ok\u241b]52;c;aGk=\u2407\u241b[2J\u2408\u2400\u2421\ufffd31m\ta\r\nb\n"
