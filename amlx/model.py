@@ -419,9 +419,11 @@ def _resolve_device(device: str) -> str:
 
 
 def _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory=None, prefix_cache=True,
-                     kv_bits=None, tensor_parallel: int = 1, draft=None) -> None:
+                     kv_bits=None, tensor_parallel: int = 1, draft=None, dtype=None) -> None:
+    from amlx.models.loader import check_dtype
     from amlx.tp.load import check_tensor_parallel
 
+    check_dtype(dtype)  # (here too: before a Hugging Face id is downloaded)
     check_tensor_parallel(tensor_parallel)
     if tensor_parallel > 1 and adapter is not None:
         raise ValueError("an adapter cannot be applied to a tensor_parallel model yet")
@@ -704,7 +706,7 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     closes the model. score(), training and speculative decoding (draft) are not
     supported with N > 1."""
     _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits,
-                     tensor_parallel, draft)
+                     tensor_parallel, draft, dtype)
     kv = _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens)
     # Files are read on a thread of their own, not on the worker that every model
     # shares; a cancelled load stops waiting for it at once.
@@ -721,7 +723,7 @@ def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_
               num_draft_tokens: int = 4, tensor_parallel: int = 1) -> Model:
     """`load` for scripts and blocking code."""
     _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits,
-                     tensor_parallel, draft)
+                     tensor_parallel, draft, dtype)
     kv = _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens)
     host = _read_on_host(path, dtype, kv["draft"])
     worker = _worker_for(tensor_parallel)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import types
 
+import numpy as np
 import pytest
 
 import amlx
@@ -39,3 +40,11 @@ async def test_chat_messages_of_any_mapping_are_a_prompt(model, mapping):
 def test_other_prompts_are_still_refused_by_type(model, prompt):
     with pytest.raises(TypeError, match="prompt must be a string, a list of token ids, or a list of chat"):
         model.generate(prompt)
+
+
+@pytest.mark.parametrize("dtype", ["float64", np.float64])
+def test_a_float64_dtype_is_refused_at_load(dtype):
+    # float64 passed as "a floating-point type": the model loaded, then every request failed
+    # with an MLXError from a CPU kernel (and a GPU has no float64 at all)
+    with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16, not float64"):
+        amlx.load_sync(default_model_dir(), dtype=dtype)
