@@ -44,6 +44,20 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def _incomplete(exc: BaseException) -> str | None:
+    """What a cached snapshot lacks when huggingface_hub (2.x, from its cached file listing) found
+    it incomplete, e.g. "1 file(s) are missing (model.safetensors)"; None when nothing is cached.
+    (The error said "not found in the local Hugging Face cache" of a model that is there.)"""
+    from huggingface_hub import errors
+
+    incomplete = getattr(errors, "IncompleteSnapshotError", None)
+    if incomplete is None or not isinstance(exc, incomplete):
+        return None
+    text = str(exc)
+    found = re.search(r"is incomplete: (.*?\))\.", text)
+    return found.group(1) if found else text.strip().splitlines()[0]
+
+
 def _check_ref(cache: Path, model_id: str) -> None:
     """Refuses a cached ``refs/main`` that is not a short UTF-8 file: huggingface_hub reads it
     whole with a plain open(), so a FIFO there blocked the load forever, a link to /dev/zero
@@ -120,9 +134,11 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, cache_dir: str | os.P
     try:
         return Path(snapshot_download(name_or_path, cache_dir=cache, local_files_only=True,
                                       allow_patterns=list(CHECKPOINT_FILES)))
-    except LocalEntryNotFoundError:
-        pass
-    where = f"{name_or_path!r} is not a local directory, and not found in the local Hugging Face cache at {cache}"
+    except LocalEntryNotFoundError as exc:
+        lacking = _incomplete(exc)
+    where = f"{name_or_path!r} is not a local directory, and " + (
+        f"not found in the local Hugging Face cache at {cache}" if lacking is None else
+        f"its snapshot in the local Hugging Face cache at {cache} is incomplete ({lacking}: an interrupted download?)")
     if not download:
         raise ModelLoadError(f"{where} (downloading is off)")
     if constants.HF_HUB_OFFLINE:

@@ -62,3 +62,43 @@ def test_fuse_below_a_file_is_refused_up_front(qwen, adapter, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=f"{tmp_path / 'file'} exists and is not a directory"):
         lora.fuse(qwen, adapter, tmp_path / "file" / "out", progress=False)
+
+
+# -- the Hugging Face cache ------------------------------------------------------------------------
+
+_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _incomplete_cache(tmp_path):
+    """A Hugging Face cache holding acme/tiny as an interrupted download leaves it: the revision's
+    file listing (huggingface_hub 2.x's trees/<commit>.json) names config.json and the weights,
+    and only config.json reached the snapshot."""
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(_COMMIT)
+    (repo / "snapshots" / _COMMIT).mkdir(parents=True)
+    (repo / "snapshots" / _COMMIT / "config.json").write_text("{}")
+    write_tree_cache(str(repo), _COMMIT, {"config.json": TreeCacheEntry(2, "a" * 40),
+                                          "model.safetensors": TreeCacheEntry(8, "b" * 40, "c" * 64, 8)})
+    return cache
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["download-off", "HF_HUB_OFFLINE"])
+def test_an_incomplete_cached_snapshot_is_named_as_such(tmp_path, monkeypatch, offline):
+    """The error said the model was "not found in the local Hugging Face cache" when it is there
+    but incomplete, sending the user to look for a model that is in the cache."""
+    from huggingface_hub import constants
+
+    from amlx.hub import resolve_model
+
+    cache = _incomplete_cache(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    with pytest.raises(amlx.ModelLoadError) as info:
+        resolve_model("acme/tiny", cache_dir=cache, download=offline)
+    assert str(info.value) == (
+        f"'acme/tiny' is not a local directory, and its snapshot in the local Hugging Face cache at {cache} is "
+        f"incomplete (1 file(s) are missing (model.safetensors): an interrupted download?)"
+        + (", and downloading failed: HF_HUB_OFFLINE is set" if offline else " (downloading is off)"))
