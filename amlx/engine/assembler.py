@@ -24,18 +24,21 @@ class TextAssembler:
         self._eos = eos_ids
         self._max = options.max_tokens if max_new is None else min(options.max_tokens, max_new)
         self._held = ""  # text that may be the start of a stop string
+        self._matched = [0] * len(self._stop)  # per stop string: how much of its start the text ends in
         self.count = 0
         self.finished = False
 
-    def _holdback(self, text: str) -> int:
-        """Length of the longest suffix of `text` that starts some stop string."""
-        best = 0
-        for s in self._stop:
-            for n in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
+    def _holdback(self, text: str, added: int) -> int:
+        """Length of the longest suffix of `text` (`added` characters after the held text) that
+        starts some stop string. A stop's match grows by at most the added characters, so its
+        lengths are tried from there down: work linear in the reply's length (trying each from
+        the stop's own length, every token, was 1.4 ms a token for 16 stops of 256 characters)."""
+        for k, s in enumerate(self._stop):
+            n = min(len(s) - 1, len(text), self._matched[k] + added)
+            while n and not text.endswith(s[:n]):
+                n -= 1
+            self._matched[k] = n
+        return max(self._matched)
 
     @property
     def remaining(self) -> int:
@@ -61,7 +64,8 @@ class TextAssembler:
         self.count += 1
         if token_id in self._eos:
             return self._last(token_id, logprob, self._held, "stop")
-        text = self._held + self._detok.add(token_id)
+        piece = self._detok.add(token_id)
+        text = self._held + piece
         if complete or self.count >= self._max:
             # (before the stop check: what the detokenizer held becomes final with this id too,
             # and may complete a stop string that starts earlier than one in `text`)
@@ -70,7 +74,7 @@ class TextAssembler:
         if cut >= 0:
             self.finished = True
             return Token(token_id, text[:cut], logprob, "stop")
-        keep = self._holdback(text) if self._stop else 0
+        keep = self._holdback(text, len(piece)) if self._stop else 0
         self._held = text[len(text) - keep:] if keep else ""
         return Token(token_id, text[:len(text) - keep], logprob, None)
 
