@@ -4,7 +4,9 @@ written is refused up front with a ValueError naming the cause, and nothing is l
 from __future__ import annotations
 
 import os
+import shutil
 
+import numpy as np
 import pytest
 
 import amlx
@@ -13,9 +15,11 @@ from amlx.train import lora
 
 try:
     from tests.helpers.checkpoints import make_checkpoint
+    from tests.helpers.decoding import prefill_logits
     from tests.test_train_lora import on_worker
 except ImportError:  # tests/ itself on sys.path
     from helpers.checkpoints import make_checkpoint
+    from helpers.decoding import prefill_logits
     from test_train_lora import on_worker
 
 
@@ -62,6 +66,19 @@ def test_fuse_below_a_file_is_refused_up_front(qwen, adapter, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=f"{tmp_path / 'file'} exists and is not a directory"):
         lora.fuse(qwen, adapter, tmp_path / "file" / "out", progress=False)
+
+
+def test_paths_whose_bytes_are_not_utf8_convert_load_and_fuse(qwen, adapter, tmp_path):
+    """A directory name that is not UTF-8 (Latin-1 "café", legal on Linux) was a raw
+    UnicodeEncodeError from every safetensors read and write: amlx.load, convert, adapters, fuse."""
+    odd = tmp_path / os.fsdecode(b"caf\xe9")
+    shutil.copytree(qwen, odd / "src")
+    shutil.copytree(adapter, odd / "adapter")
+    out = amlx.convert(odd / "src", odd / "out", progress=False)
+    fused = lora.fuse(out, odd / "adapter", odd / "fused", progress=False)
+    plain = lora.fuse(qwen, adapter, tmp_path / "plain", progress=False)
+    ids = [5, 17, 42, 99, 3]
+    np.testing.assert_array_equal(prefill_logits(fused, ids), prefill_logits(plain, ids))
 
 
 # -- the Hugging Face cache ------------------------------------------------------------------------

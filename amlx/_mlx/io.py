@@ -75,7 +75,7 @@ def load_safetensors(path) -> tuple[dict[str, Array], dict[str, str]]:
     path = os.fspath(path)
     read_header(path)
     out = ffi.new("mlxc_st*")
-    if lib.mlxc_st_load(path.encode(), out):
+    if lib.mlxc_st_load(os.fsencode(path), out):  # (the path's own bytes: .encode() refused non-UTF-8 ones)
         raise _bad(path, error("load_safetensors").mlx_message)
     st = out[0]
     try:
@@ -98,7 +98,7 @@ def save_safetensors(path, arrays: dict[str, Array], metadata: dict[str, str] | 
     metadata = metadata or {}
     keys = [ffi.new("char[]", str(k).encode()) for k in metadata]
     values = [ffi.new("char[]", str(v).encode()) for v in metadata.values()]
-    status = lib.mlxc_st_save(path.encode(), ffi.new("const char*[]", names), ffi.new("mlxc_array[]", handles),
+    status = lib.mlxc_st_save(os.fsencode(path), ffi.new("const char*[]", names), ffi.new("mlxc_array[]", handles),
                               len(handles), ffi.new("const char*[]", keys), ffi.new("const char*[]", values),
                               len(keys))
     if status:
