@@ -15,15 +15,15 @@ from amlx.engine.channel import Channel
 from amlx.demo import default_model_dir
 
 
-async def _outcome(stream) -> tuple[str, object]:
-    """How a stream ended: ("ok", token ids) or (the error's type name, its text)."""
-    ids = []
+async def _outcome(stream) -> tuple[str, str, list[int]]:
+    """How a stream ended: ("ok" or the error's type name, the error's text, the token ids it gave)."""
+    ids: list[int] = []
     try:
         async for tok in stream:
             ids.append(tok.id)
     except Exception as exc:  # noqa: BLE001 - the outcome under test
-        return type(exc).__name__, str(exc)
-    return "ok", ids
+        return type(exc).__name__, str(exc), ids
+    return "ok", "", ids
 
 
 def test_a_close_ends_a_request_whose_grammar_waits_to_compile_with_closed_error(monkeypatch):
@@ -41,7 +41,7 @@ def test_a_close_ends_a_request_whose_grammar_waits_to_compile_with_closed_error
         return build(cls, *args, **kwargs)
 
     monkeypatch.setattr(matcher_module.GrammarVocab, "from_tokenizer", classmethod(held_build))
-    ends: dict[int, tuple[str, object]] = {}
+    ends: dict[int, tuple[str, str, list[int]]] = {}
 
     async def body():
         model = await amlx.load(default_model_dir())
@@ -120,3 +120,51 @@ def test_reads_that_time_out_leave_no_waiters_behind():
         assert got == ["token", None]
 
     anyio.run(body)
+
+
+def test_a_batched_step_that_fails_while_each_row_alone_runs_sheds_the_youngest_rows():
+    """Every decode step of two or more rows fails (as one out of memory for the batch would)
+    while each row alone runs: retried as it was, the step failed every round for good, the
+    worker spinning and no stream moving. Now the youngest rows end with the step's error,
+    one at a time, until the batch runs: the oldest gives its solo tokens, the others a prefix
+    of theirs; every block comes back and the engine serves the next request."""
+    prompts = ["The sky is", "Once upon a time", "Hello there"]
+    errors: list[str] = []
+
+    async def body():
+        async with await amlx.load(default_model_dir()) as model:
+            # (EOS barred: every stream runs to max_tokens, so every row meets the fault)
+            options = dict(max_tokens=24, logit_bias={i: -100.0 for i in model.engine.eos_ids})
+            solo = [(await model.complete(p, **options)).token_ids for p in prompts]
+            sched = model.engine.scheduler
+
+            def fault(rows, chained):
+                if len(rows) > 1 and all(r.steps >= 2 for r in rows):
+                    raise amlx.MLXError("injected", "the batch ran out of memory")
+
+            sched.fault = fault
+            streams = [model.generate(p, max_buffer=64, **options) for p in prompts]
+            ends: dict[int, tuple[str, str, list[int]]] = {}
+
+            async def read(k: int) -> None:
+                ends[k] = await _outcome(streams[k])
+
+            with anyio.fail_after(60):  # (a guard against the spin, not a timing)
+                async with anyio.create_task_group() as tg:
+                    for k in range(3):
+                        tg.start_soon(read, k)
+            assert ends[0] == ("ok", "", solo[0]), ends
+            for k in (1, 2):
+                kind, text, ids = ends[k]
+                assert kind == "MLXError" and "the batch ran out of memory" in text
+                assert "each row alone ran" in text and "youngest request ends" in text
+                assert len(ids) >= 3 and ids == solo[k][:len(ids)]  # (no token lost or repeated)
+                errors.append(text)
+            sched.fault = None
+            while sched.has_work():  # (the last rows leave on the worker's next round)
+                await anyio.sleep(0.01)
+            assert model.stats()["kv_cache"]["blocks_used"] == 0
+            assert (await model.complete(prompts[1], **options)).token_ids == solo[1]
+
+    anyio.run(body)
+    assert len(errors) == 2

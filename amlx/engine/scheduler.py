@@ -123,6 +123,13 @@ class _Shard:
     sampling: BatchSampling | None = None  # device sampling state of `rows`
 
 
+def _unwound(exc: MLXError) -> MLXError:
+    """A step's failure kept to report it later (`Scheduler._batch_failed`), without its
+    traceback: held in a local of a frame that traceback holds, it made a cycle that kept
+    the failed step's frames and MLX arrays alive until the next garbage collection."""
+    return exc.with_traceback(None)
+
+
 def _constraint_failure(req: Request, token_id: int, before: bool) -> AmlxError:
     """The error a constrained request fails with once its matcher failed at `token_id`
     (`before`: already while computing that token's mask): ConstraintError (a ValueError: the
@@ -191,6 +198,7 @@ class Scheduler:
         self.extend_max = EXTEND_MAX if self.options.extend_pass else 0
         self._sample_steps = CompiledSteps()  # traced on this engine's streams; closed with it
         self._inflight: _Step | None = None  # a decode step launched and not yet read
+        self._batch_failures = 0  # decode steps in a row that failed with no row failing alone
         self._mask_thread: ThreadPoolExecutor | None = None  # computes constrained rows' masks (made on first use)
         # constrained shards launch their forwards before the read (_step_constrained); the order
         # is measured unless the environment pins it (read once, here)
@@ -845,21 +853,22 @@ class Scheduler:
                 if i not in constrained or first or early:
                     parts[i] = self._build(shard, sel, chained.get(shard), split)
             self.timing.lap("build")
-            ok = self._launch([p for i, p in enumerate(parts) if p is not None and (i not in constrained or first)])
-        except MLXError:
-            ok = False
+            failure = self._launch([p for i, p in enumerate(parts) if p is not None and (i not in constrained or first)])
+        except MLXError as exc:
+            failure = _unwound(exc)
         self.timing.lap("launch")
         waited = self._read(prev) if prev is not None else 0.0
         if constrained and prev is not None and not first and self._pinned_order is None:
             # step t still ran when it was read: the device, not the host, sets the pace
             self.forward_first = waited > DEVICE_BOUND_WAIT
-        if ok and constrained:
-            ok = self._step_constrained(plan, constrained, parts, chained, split, launched=first)
-        if not ok:
+        if failure is None and constrained:
+            failure = self._step_constrained(plan, constrained, parts, chained, split, launched=first)
+        if failure is not None:
             for shard, snapshot in saved:
                 shard.sampling.rewind(snapshot)
             self._check_pools()
-            self._isolate_failure()
+            if not self._isolate_failure():
+                self._batch_failed(failure)
             return
         self._commit(_Step([p for p in parts if p is not None]))
 
@@ -886,6 +895,7 @@ class Scheduler:
                               "while every row decodes alone", RuntimeWarning, stacklevel=1)
             return True
         self.decode_steps += 1
+        self._batch_failures = 0
         return True
 
     def _can_chain(self, prev: "_Step") -> bool:
@@ -981,22 +991,22 @@ class Scheduler:
         new = array(np.asarray(new, dtype=np.int32))
         return new if tokens is None else ops.concatenate([tokens, new], axis=0)
 
-    def _launch(self, parts: list["_Part"]) -> bool:
+    def _launch(self, parts: list["_Part"]) -> MLXError | None:
         """Launches what the parts have built so far (whole steps; the forwards of parts
         whose sampling waits for masks), so the device runs them while the host goes
-        on; False if that fails. Arrays launched before are not computed again."""
+        on; the error if that fails. Arrays launched before are not computed again."""
         try:
             ops.async_eval(*[a for p in parts for a in p.outputs])
-        except MLXError:
-            return False
-        return True
+        except MLXError as exc:
+            return _unwound(exc)
+        return None
 
     def _step_constrained(self, plan: list, indices: list[int], parts: list["_Part | None"],
-                          chained: dict, split: bool, launched: bool = False) -> bool:
+                          chained: dict, split: bool, launched: bool = False) -> MLXError | None:
         """Steps the shards holding constrained rows (`plan[i]` for i in `indices`; their
         parts go into `parts[i]`, where their forwards may already be: built, and with
         `launched` launched too), now that step t's tokens have advanced the matchers.
-        False if building or launching fails.
+        The error if building or launching fails, else None.
 
         A constrained row's mask for step t+1 needs step t's token on the host, so such a
         shard cannot sample before step t is read. Once it is, every mask of the step is
@@ -1022,7 +1032,7 @@ class Scheduler:
         AMLX_MASK_ORDER pins the order (`_pinned_mask_order`)."""
         indices = [i for i in indices if parts[i] is not None or all(r.blocks for r in plan[i][0].rows)]
         if not indices:
-            return True
+            return None
         todo = [i for i in indices if parts[i] is None]  # to build, then launch
         unlaunched = [] if launched else [i for i in indices if parts[i] is not None]
         job = MaskJob([[r.matcher for r in plan[i][0].rows] for i in indices],
@@ -1037,9 +1047,9 @@ class Scheduler:
                 shard, sel = plan[i]
                 parts[i] = self._build(shard, sel, chained.get(shard), split)
             self.timing.lap("build_constrained")
-            ok = self._launch([parts[i] for i in unlaunched + todo])
-        except MLXError:
-            ok = False
+            failure = self._launch([parts[i] for i in unlaunched + todo])
+        except MLXError as exc:
+            failure = _unwound(exc)
         finally:
             self.timing.lap("launch_constrained")
             # (always waited for: the matchers are this thread's again.) With nothing to build
@@ -1047,16 +1057,16 @@ class Scheduler:
             # mask thread and back would only add the GIL's and the threads' wake-up latencies.
             try:
                 masks = pending.result() if pending is not None else job.run()
-            except MLXError:  # (the masks' upload on the mask thread: as a failed build)
-                masks, ok = [], False
+            except MLXError as exc:  # (the masks' upload on the mask thread: as a failed build)
+                masks, failure = [], _unwound(exc)
             self.timing.lap("masks")
             self.timing.add("mask_fill", job.seconds)
             if job.upload_seconds:
                 self.timing.add("mask_upload", job.upload_seconds)
             if pending is not None:  # from the hand-over to the mask thread until it began
                 self.timing.add("mask_start", job.start_delay)
-        if not ok:
-            return False
+        if failure is not None:
+            return failure
         if launched and self._pinned_order is None:
             # forward first: if it is computed already, the device waits for the masks
             self.forward_first = not all(parts[i].logits.is_ready() for i in indices)
@@ -1066,12 +1076,12 @@ class Scheduler:
                 part.sample = part.shard.sampling(part.logits, part.selected, masks=mask)
                 part.outputs += [*part.sample.arrays(), *part.shard.sampling.state()]
                 part.logits = None
-        except MLXError:
-            return False
+        except MLXError as exc:
+            return _unwound(exc)
         self.timing.lap("build_sample")
-        ok = self._launch([parts[i] for i in indices])
+        failure = self._launch([parts[i] for i in indices])
         self.timing.lap("launch_sample")
-        return ok
+        return failure
 
     def _commit(self, step: "_Step") -> None:
         """A launched step becomes the batch's state: the rows' positions (the
@@ -1080,6 +1090,7 @@ class Scheduler:
         does not advance: the next step rewrites the same slot with the same
         token, so their state is as if they had been left out."""
         self._inflight = step
+        self._batch_failures = 0
         for part in step.parts:
             # launched: the pools alone hold the written arrays now, so the next
             # step's scatter may write them in place instead of copying them
@@ -1348,6 +1359,22 @@ class Scheduler:
         # Rows that failed are inactive now; the next round continues with the rest.
         self._drop_inactive()
         return failed
+
+    def _batch_failed(self, failure: MLXError) -> None:
+        """A batched decode step failed although each of its rows ran alone (`_isolate_failure`
+        found no culprit). Once, it is retried (a passing failure, as a mask upload that ran
+        out of memory). Failing again, the batch as a whole fails (its memory, say): retried
+        as it is, it failed every round for good, the worker spinning and no stream moving.
+        So the youngest row ends with the step's error and the batch shrinks (to one row at
+        worst, which ran); the others go on."""
+        self._batch_failures += 1
+        rows = [r for r in self.rows if r.active]
+        if self._batch_failures < 2 or not rows:
+            return
+        why = (f"a batched decode step of {len(rows)} rows failed although each row alone ran; "
+               f"the youngest request ends so that the batch shrinks")
+        self._fail(preemption_order(rows)[0], MLXError(failure.op, f"{failure.mlx_message} ({why})", failure.hint))
+        self._drop_inactive()
 
     def _check_pools(self) -> None:
         """After a failed evaluation: a shard whose pool arrays cannot be evaluated
