@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import amlx
+from helpers.environment import python_path
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -54,7 +55,7 @@ def setup(tmp_path_factory):
 
 def _spawn(ckpt: Path, *args: str):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(PYTHONPATH=str(ROOT), PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1", TERM="dumb")
+    env.update(PYTHONPATH=python_path(ROOT), PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1", TERM="dumb")
     # SIGINT back to its default in the child: a runner started in the background by a shell
     # without job control has it ignored, and the child would inherit that (Ctrl-C lost)
     child = pexpect.spawn(sys.executable, ["-m", "amlx", "chat", str(ckpt), *args], cwd=str(ROOT), env=env,

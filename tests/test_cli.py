@@ -30,6 +30,7 @@ import pytest
 import amlx
 from amlx.cli import main
 from amlx.hub import resolve_model
+from helpers.environment import python_path
 
 try:
     from tests.helpers.checkpoints import make_checkpoint
@@ -45,7 +46,7 @@ COMMANDS = ["generate", "chat", "demo", "convert", "lora"]
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(PYTHONPATH=str(ROOT), PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1", **extra)
+    env.update(PYTHONPATH=python_path(ROOT), PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1", **extra)
     return env
 
 

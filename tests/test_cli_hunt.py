@@ -59,6 +59,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from amlx.cli import main
+from helpers.environment import python_path
 
 try:
     from tests.helpers.cli import main_in_process
@@ -72,7 +73,7 @@ TIMEOUT = 120  # seconds: a hung command fails its test
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHONIOENCODING", "LC_"))}
     # MLX's CPU kernel compile is not what these tests are about (it can take a minute on a cold cache)
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", MLX_DISABLE_COMPILE="1", LC_ALL="C.UTF-8", **extra)
+    env.update(PYTHONPATH=python_path(ROOT), HF_HUB_OFFLINE="1", MLX_DISABLE_COMPILE="1", LC_ALL="C.UTF-8", **extra)
     return env
 
 

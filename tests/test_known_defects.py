@@ -17,6 +17,7 @@ import pytest
 from amlx.errors import ModelLoadError
 from amlx.tokenizer import Tokenizer
 from helpers.tokenizers import write_tokenizer
+from helpers.environment import python_path
 
 
 # -- 1. a tokenizer.json that multiplies every text ------------------------------------------------
@@ -231,7 +232,7 @@ def _interrupted(command: list[str], tmp_path: Path, module: str) -> subprocess.
     (hook / "sitecustomize.py").write_text(_HOOK)
     mark = tmp_path / "mark"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHONIOENCODING"))}
-    env.update(PYTHONPATH=os.pathsep.join([str(hook), str(ROOT)]), HF_HUB_OFFLINE="1", MLX_DISABLE_COMPILE="1",
+    env.update(PYTHONPATH=python_path(hook, ROOT), HF_HUB_OFFLINE="1", MLX_DISABLE_COMPILE="1",
                SIGINT_AT=module, SIGINT_MARK=str(mark))
     r = subprocess.run(command, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
     assert mark.read_text() == module  # (the Ctrl-C came where meant)

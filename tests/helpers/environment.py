@@ -25,3 +25,10 @@ def _apply(values: Mapping[str, str | None]) -> None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def python_path(*first: object) -> str:
+    """A PYTHONPATH for a child process: `first` ahead of this process's own PYTHONPATH,
+    which is kept (on the GPU machines MLX's CUDA build is found only through it)."""
+    inherited = os.environ.get("PYTHONPATH")
+    return os.pathsep.join([str(p) for p in first] + ([inherited] if inherited else []))
