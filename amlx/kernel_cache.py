@@ -15,21 +15,27 @@ import os
 from pathlib import Path
 from typing import TextIO
 
+from amlx.errors import ModelLoadError
 from amlx.notices import stderr_stream
 
-__all__ = ["kernel_cache_dir", "kernel_cache_is_cold", "first_run_notice"]
+__all__ = ["kernel_cache_dir", "kernel_cache_is_cold", "first_run_notice", "check_kernel_cache"]
 
 NOTICE = ("amlx: compiling MLX's CPU kernels for this machine (once per machine and MLX version; "
           "about a minute)…")
 
 
+_TEMP_VARS = ("TMPDIR", "TMP", "TEMP", "TEMPDIR")
+
+
+def _temp_var() -> str | None:
+    """The variable std::filesystem::temp_directory_path() reads on POSIX: the first of these that
+    is set (None: it uses /tmp)."""
+    return next((var for var in _TEMP_VARS if os.environ.get(var)), None)
+
+
 def _temp_dir() -> Path:
-    # std::filesystem::temp_directory_path() on POSIX: the first of these that is set, else /tmp
-    for var in ("TMPDIR", "TMP", "TEMP", "TEMPDIR"):
-        value = os.environ.get(var)
-        if value:
-            return Path(value)
-    return Path("/tmp")
+    var = _temp_var()
+    return Path("/tmp") if var is None else Path(os.environ[var])
 
 
 def kernel_cache_dir() -> Path:
@@ -48,13 +54,27 @@ def kernel_cache_is_cold() -> bool:
         return True
 
 
+def check_kernel_cache(device: str) -> None:
+    """ModelLoadError when a model about to run on `device` ("cpu" or "gpu", resolved) could not
+    compile: on the CPU, MLX asks std::filesystem::temp_directory_path() for the kernel cache at
+    every compile, and it throws when its directory is missing or not a directory. The model
+    loaded, and then every request failed in MLX ("filesystem error: temp_directory_path: No such
+    file or directory"). (Metal ships its kernels prebuilt.)"""
+    if device != "cpu" or _temp_dir().is_dir():
+        return
+    var = _temp_var()
+    where = "/tmp" if var is None else f"{var}={os.environ[var]}"
+    raise ModelLoadError(f"{where} is not a directory: MLX compiles its CPU kernels under it, so no request "
+                         f"could run; point {var or 'TMPDIR'} at an existing directory")
+
+
 def first_run_notice(device: str = "auto", out: TextIO | None = None) -> bool:
     """Writes the one-line notice to `out` (stderr) when a model about to run on the
     CPU will find the kernel cache cold; returns whether it did."""
     from amlx._mlx import device as mxdevice
 
     on_cpu = device == "cpu" or (device == "auto" and not mxdevice.gpu_available())
-    if not on_cpu or not kernel_cache_is_cold():
+    if not on_cpu or not kernel_cache_is_cold() or not _temp_dir().is_dir():  # (then the load refuses)
         return False
     stream = stderr_stream() if out is None else out
     if stream is None:

@@ -587,6 +587,7 @@ def _load_on_worker(host, device, dtype, max_batch_size, max_context, worker: Wo
 def _build_on_worker(host, device, dtype, max_batch_size, max_context, worker: Worker, adapter, kv: dict,
                      tensor_parallel: int) -> Model:
     from amlx.engine.placement import EngineOptions, Placement
+    from amlx.kernel_cache import check_kernel_cache
     from amlx.models import build_model
 
     # The engine's own device and streams: the weights load on them (nothing
@@ -594,6 +595,7 @@ def _build_on_worker(host, device, dtype, max_batch_size, max_context, worker: W
     # A tensor-parallel rank runs on one stream: every rank must evaluate the
     # same collectives in the same order (amlx.tp).
     options = EngineOptions(device=_resolve_device(device), **kv).resolved()
+    check_kernel_cache(options.device)  # (else the load succeeded and every request failed in MLX)
     if tensor_parallel > 1:
         options = options.for_rank()
     placement = Placement(options)
