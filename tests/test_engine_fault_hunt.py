@@ -168,3 +168,38 @@ def test_a_batched_step_that_fails_while_each_row_alone_runs_sheds_the_youngest_
 
     anyio.run(body)
     assert len(errors) == 2
+
+
+def test_an_exception_in_one_requests_detokenizer_fails_that_request_alone():
+    """A request whose detokenizer (its TextAssembler) raises at its fourth token: that request
+    ends with an AmlxError naming the exception, after exactly its first three tokens; the
+    others give their solo tokens and every block comes back. Raised out of the scheduler's
+    round, it ended every request of the engine, each with an MLXError ('engine: ...')
+    although MLX had not failed."""
+    prompts = ["The sky is", "Once upon a time", "Hello there"]
+
+    async def body():
+        async with await amlx.load(default_model_dir()) as model:
+            options = dict(max_tokens=24, logit_bias={i: -100.0 for i in model.engine.eos_ids})
+            solo = [(await model.complete(p, **options)).token_ids for p in prompts]
+            streams = [model.generate(p, **options) for p in prompts]
+            victim = streams[1]._stream.request
+            push = victim.assembler.push
+
+            def failing_push(token_id, *args, **kwargs):
+                if victim.assembler.count == 3:
+                    raise RuntimeError("injected: a detokenizer bug")
+                return push(token_id, *args, **kwargs)
+
+            victim.assembler.push = failing_push
+            ends = [await _outcome(s) for s in streams]
+            assert ends[0] == ("ok", "", solo[0]) and ends[2] == ("ok", "", solo[2]), ends
+            kind, text, ids = ends[1]
+            assert kind == "AmlxError" and "RuntimeError: injected: a detokenizer bug" in text, ends[1]
+            assert ids == solo[1][:3]
+            sched = model.engine.scheduler
+            while sched.has_work():  # (the last rows leave on the worker's next round)
+                await anyio.sleep(0.01)
+            assert model.stats()["kv_cache"]["blocks_used"] == 0
+
+    anyio.run(body)

@@ -70,6 +70,7 @@ from amlx.sample import BatchSampling, CompiledSteps, StepSample, upload_masks
 from amlx.models.nn import split_layers
 from amlx.env import env_choice
 from amlx.errors import AmlxError, ClosedError, ConstraintError, ContextLengthError, MLXError
+from amlx.types import Token
 
 PREFILL_CHUNK = GPU_PREFILL_CHUNK  # the largest default prefill chunk (EngineOptions.prefill_chunk)
 # Prefill passes of at most this many tokens behind a cached prefix run as a compiled
@@ -1185,6 +1186,26 @@ class Scheduler:
             req.first_token_at = time.perf_counter()
         req.last = token_id
         req.generated.append(token_id)
+        try:
+            tok = self._token(req, token_id, logprob, top)
+        except Exception as exc:  # noqa: BLE001 - this request's own failure
+            # (its sampling history, matcher or detokenizer failed: raised out of the round, it
+            # ended every request of the engine, each with an MLXError that was no MLX failure)
+            error = AmlxError(f"the request failed at its token {token_id}: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc  # (its traceback stays, as text: Channel.close)
+            self._fail(req, error)
+            return
+        if tok is None:
+            return  # (its constraint failed it)
+        self.tokens_generated += 1
+        req.channel.put(tok)
+        if req.assembler.finished:
+            req.done_at = time.perf_counter()
+            req.channel.close()
+
+    def _token(self, req: Request, token_id: int, logprob: float, top: list | None) -> Token | None:
+        """The Token of a request's next sampled id, its sampling and constraint state moved
+        on; None where its constraint failed (the request is failed then)."""
         req.sampling.observe(token_id)
         # (a matcher that failed while computing this token's mask allowed EOS alone, and would
         # take it as a proper end: that is the constraint failing, not the text ending)
@@ -1192,17 +1213,13 @@ class Scheduler:
             before = req.matcher.failed
             if before or not req.matcher.consume(token_id):
                 self._fail(req, _constraint_failure(req, token_id, before))
-                return
+                return None
         # a constraint that admits nothing more (but EOS) ends the request here
         complete = req.matcher is not None and req.matcher.finished
         tok = req.assembler.push(token_id, logprob if req.options.logprobs else None, complete=complete)
         if top is not None and req.options.top_logprobs:  # (id, logprob) pairs, best first
             tok = replace(tok, top_logprobs=top[:req.options.top_logprobs])
-        self.tokens_generated += 1
-        req.channel.put(tok)
-        if req.assembler.finished:
-            req.done_at = time.perf_counter()
-            req.channel.close()
+        return tok
 
     def _drop_inactive(self) -> None:
         for req in [r for r in self.waiting if not r.active]:
