@@ -641,9 +641,13 @@ def load_adapter(model, adapter: str | os.PathLike, config: dict | None = None) 
     if not d.is_dir():
         raise _bad(d, "not a directory (expected an adapter directory)")
     meta = _read_config(d / ADAPTER_CONFIG)
-    if (d / PEFT_WEIGHTS).is_file() and ("peft_type" in meta or "r" in meta):
+    peft = (d / PEFT_WEIGHTS).is_file()
+    if peft and ("peft_type" in meta or "r" in meta):
         return _load_peft(model, d, meta, config)
     if not (d / ADAPTER_WEIGHTS).is_file():
+        if peft:  # (the error said the directory had no adapter_model.safetensors)
+            raise _bad(d / ADAPTER_CONFIG, f"not a PEFT adapter config (it has neither 'peft_type' nor 'r'), "
+                                           f"though the directory holds {PEFT_WEIGHTS}")
         raise _bad(d, f"no {ADAPTER_WEIGHTS} or {PEFT_WEIGHTS}")
     if meta.get("format") == FORMAT:
         if meta.get("version", 1) != 1:
