@@ -12,6 +12,8 @@ import pytest
 import amlx
 from amlx.constrain import matcher as matcher_module
 from amlx.engine.channel import Channel
+from amlx.engine.pacing import segment_setting
+from amlx.engine.prefill_budget import prefill_memory
 from amlx.demo import default_model_dir
 
 
@@ -203,3 +205,16 @@ def test_an_exception_in_one_requests_detokenizer_fails_that_request_alone():
             assert model.stats()["kv_cache"]["blocks_used"] == 0
 
     anyio.run(body)
+
+
+@pytest.mark.parametrize("text", ["inf", "1e999", "-inf", "infM", "nan"])
+def test_an_infinite_prefill_byte_count_is_a_value_error_naming_the_variable(monkeypatch, text):
+    """AMLX_PREFILL_MEMORY=inf (or a number past a float's range) raised int()'s bare
+    OverflowError ('cannot convert float infinity to integer') out of the load; it is the
+    ValueError naming the variable that other nonsense gets (AMLX_PREFILL_SEGMENT reads alike)."""
+    monkeypatch.setenv("AMLX_PREFILL_MEMORY", text)
+    with pytest.raises(ValueError, match="AMLX_PREFILL_MEMORY must be a byte count"):
+        prefill_memory()
+    monkeypatch.setenv("AMLX_PREFILL_SEGMENT", text)
+    with pytest.raises(ValueError, match="AMLX_PREFILL_SEGMENT must be a byte count"):
+        segment_setting()

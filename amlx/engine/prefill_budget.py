@@ -45,7 +45,7 @@ def env_bytes(name: str, default: int) -> int:
     number = text[:-1] if scale > 1 else text
     try:
         value = int(float(number) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):  # (OverflowError: "inf", "1e999": int() of an infinity)
         raise ValueError(f"{name} must be a byte count like 268435456 or 256M, not {text!r}") from None
     if value < 0:
         raise ValueError(f"{name} must be >= 0, not {text!r}")
