@@ -48,3 +48,39 @@ def test_peft_weights_with_a_config_that_is_not_peft_are_named(loaded, tmp_path,
     assert str(info.value) == (f"{d / 'adapter_config.json'}: not a PEFT adapter config (it has neither "
                                f"'peft_type' nor 'r'), though the directory holds adapter_model.safetensors")
     assert on_worker(lambda: lora.lora_modules(loaded.model)) == {}  # the model is left as it was
+
+
+_EMPTY_CONFIGS = {
+    "amlx": (lora.ADAPTER_WEIGHTS, {"format": "amlx-lora", "version": 1, "modules": {}}),
+    "peft": (lora.PEFT_WEIGHTS, {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}),
+    "mlx-lm": (lora.ADAPTER_WEIGHTS, {"fine_tune_type": "lora", "lora_parameters": {"rank": 4, "scale": 2.0}}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_EMPTY_CONFIGS))
+def test_an_adapter_without_matrices_is_refused(loaded, tmp_path, kind):
+    """An adapter file holding no LoRA matrix loaded as if applied (amlx, PEFT) and the model ran
+    without it; mlx-lm's was refused as "targets must be a non-empty list of module names"."""
+    from safetensors.numpy import save_file
+
+    name, meta = _EMPTY_CONFIGS[kind]
+    save_file({}, str(tmp_path / name))
+    (tmp_path / lora.ADAPTER_CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError) as info:
+        on_worker(lambda: lora.load_adapter(loaded.model, tmp_path))
+    assert str(info.value) == (f"{tmp_path / name}: no LoRA matrices for a layer of the language model: the "
+                               f"adapter would change nothing")
+
+
+def test_a_peft_adapter_of_the_vision_tower_alone_is_refused(loaded, tmp_path):
+    """A PEFT adapter of a multimodal checkpoint that adapts only the vision tower (which amlx
+    does not run) loaded silently and changed nothing."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    name = "base_model.model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj"
+    save_file({f"{name}.lora_A.weight": np.zeros((4, 8), np.float32),
+               f"{name}.lora_B.weight": np.zeros((8, 4), np.float32)}, str(tmp_path / lora.PEFT_WEIGHTS))
+    (tmp_path / lora.ADAPTER_CONFIG).write_text(json.dumps(_EMPTY_CONFIGS["peft"][1]))
+    with pytest.raises(ModelLoadError, match="no LoRA matrices for a layer of the language model"):
+        on_worker(lambda: lora.load_adapter(loaded.model, tmp_path, {"multimodal": True}))

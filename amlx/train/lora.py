@@ -432,6 +432,13 @@ def _natural(path: str) -> list:
     return [int(t) if t.isdigit() else t for t in path.split(".")]
 
 
+def _check_some(entries: dict[str, dict], weights: Path) -> None:
+    """Refuses an adapter without a LoRA matrix for the language model (an empty file, or a PEFT
+    adapter of a multimodal model's vision tower alone): it loaded as if applied and changed nothing."""
+    if not entries:
+        raise _bad(weights, "no LoRA matrices for a layer of the language model: the adapter would change nothing")
+
+
 def _check_finite(entries: dict[str, dict], weights: Path) -> None:
     """Refuses an adapter holding NaN or infinite values (a training run that diverged): it
     loaded, and every logit came out NaN. One pass over the adapter's small matrices, before
@@ -498,6 +505,7 @@ def _load_amlx(model, d: Path, meta: dict) -> LoRAConfig:
         if leaf not in ("lora_a", "lora_b") or path not in modules:
             raise _bad(d / ADAPTER_WEIGHTS, f"unexpected tensor {name!r}")
         entries.setdefault(path, {})["a" if leaf == "lora_a" else "b"] = arr
+    _check_some(entries, d / ADAPTER_WEIGHTS)
     where = d / ADAPTER_CONFIG
     for path, info in modules.items():
         if path not in entries:
@@ -571,6 +579,7 @@ def _load_peft(model, d: Path, meta: dict, config: dict | None) -> LoRAConfig:
             continue
         e = entries.setdefault(path, {"key": key})
         e["a" if m.group(2) == "A" else "b"] = arr
+    _check_some(entries, d / PEFT_WEIGHTS)
     for path, e in entries.items():
         key = e.pop("key")
         rank = e["a"].shape[0] if "a" in e and e["a"].ndim == 2 else r  # (other shapes: _install refuses them)
@@ -623,6 +632,7 @@ def _load_mlx_lm(model, d: Path, meta: dict, config: dict | None) -> LoRAConfig:
             path = path[len("language_model."):]
         # mlx-lm keeps lora_a (in, r) and lora_b (r, out): the transposes of ours.
         entries.setdefault(path, {"scale": scale})["a" if leaf == "lora_a" else "b"] = ops.transpose(arr)
+    _check_some(entries, d / ADAPTER_WEIGHTS)
     # mlx-lm's num_layers: the last N layers, -1 (or more than the model has) for all
     n = meta.get("num_layers")
     n = n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n < _num_model_layers(model) else None
