@@ -971,20 +971,26 @@ class StreamingDetokenizer:
         return True
 
     def _trailing_run(self, ids: list[int]) -> bytes:
-        """The bytes of the byte pieces that end `ids` (skipped special tokens among them aside)."""
+        """The bytes of the byte pieces that end `ids`."""
         start = len(ids)
-        while start and (ids[start - 1] in self._byte_ids or ids[start - 1] in self._skipped_ids):
+        while start and ids[start - 1] in self._byte_ids:
             start -= 1
-        return bytes(self._byte_ids[i] for i in ids[start:] if i in self._byte_ids)
+        return bytes(self._byte_ids[i] for i in ids[start:])
 
     def add(self, token_id: int) -> str:
         """Feed one generated id; returns the newly final text (possibly "")."""
         token_id = int(token_id)
+        if token_id in self._skipped_ids or self._backend.id_to_token(token_id) is None:
+            # decode drops it (a skipped special token, an id past the vocabulary: a model's
+            # padding rows) before its decoder runs, so it changes no text and stays out of the
+            # window. There, a long run of them left no text to re-anchor the window on, and
+            # each one decoded all the ids since: 20,000 took 7 s of the worker's time.
+            return ""
         self._ids.append(token_id)
         if self._byte_ids:
             if token_id in self._byte_ids:
                 self._run.append(self._byte_ids[token_id])
-            elif token_id not in self._skipped_ids:
+            else:
                 self._clear_run()
             if self._run_open():
                 # ByteFallback turns a whole run of byte pieces into text only if all of it is
@@ -1013,14 +1019,13 @@ class StreamingDetokenizer:
         # Keep the shortest suffix of ids that decodes, on its own, to non-empty text ending
         # the current text; later tokens then decode after it as they would in the full sequence.
         # With `held` characters not final (a trailing U+FFFD), the suffix also keeps the last
-        # _HELD_IDS ids that show text, and one more before them: an incomplete UTF-8 character
-        # has at most 3 bytes and each such id at least one, so the window still holds all of
-        # that character's bytes, starting in step (its lead byte starts a new character).
+        # _HELD_IDS ids (add() keeps ids that decode drops out of the window), and one more
+        # before them: an incomplete UTF-8 character has at most 3 bytes and each such id at
+        # least one, so the window still holds all of that character's bytes, starting in step
+        # (its lead byte starts a new character).
         need = self._HELD_IDS + 1 if held else 0
-        for k in range(1, min(self._MAX_CONTEXT + need, len(self._ids) - 1) + 1):
+        for k in range(max(1, need), min(self._MAX_CONTEXT + need, len(self._ids) - 1) + 1):
             context = self._ids[-k:]
-            if held and sum(i not in self._skipped_ids for i in context) < need:
-                continue
             if self._byte_ids and self._run and not self._spoiled(self._trailing_run(context)):
                 # (a run still open -- final only as spoiled -- must be spoiled in the window too,
                 # else the next bytes could make the window's part of it valid text)

@@ -106,6 +106,35 @@ def test_a_long_open_byte_run_costs_linear_work(pairs):
     assert _CountedRun.read <= 8 * len(ids)  # (was about len(ids) ** 2 / 2)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dropped", ["skipped special", "past the vocabulary"])
+def test_ids_that_decode_drops_cost_linear_work(pairs, kind, dropped):
+    """Ids that decode drops before its decoder runs -- special tokens under
+    skip_special_tokens, ids past the tokenizer's vocabulary (the padding rows of a model's
+    embedding: a broken model may emit nothing else) -- stayed in the decode window. A long run
+    of them left no text to re-anchor the window on, so each token decoded all of them: 20,000
+    took 7 s of the worker's time. And under byte fallback, such an id between the byte pieces
+    of a character was taken to end their run: "x€x€" streamed as "x€x\ufffd"."""
+    ours, hf = pairs[kind]
+    skip = dropped == "skipped special"
+    gone = min(ours.special_token_ids) if skip else ours.vocab_size + 5
+    euro = ours.encode("x€", add_special_tokens=False)
+    ids = [*euro, *[gone] * 1000, *euro[:-1], *[gone] * 1000, euro[-1], gone]
+    detok = ours.detokenizer(skip_special_tokens=skip)
+    decoded = 0
+    inner = detok._decode
+
+    def counting(window: list[int]) -> str:
+        nonlocal decoded
+        decoded += len(window)
+        return inner(window)
+
+    detok._decode = counting
+    pieces = [detok.add(i) for i in ids] + [detok.finalize()]
+    assert "".join(pieces) == hf.decode(ids, skip_special_tokens=skip) == "x€x€"
+    assert decoded <= 20 * len(ids)  # (was about len(ids) ** 2 / 2)
+
+
 # ------------------------------------------------------------------------------ stop strings
 
 
