@@ -84,3 +84,22 @@ def test_a_peft_adapter_of_the_vision_tower_alone_is_refused(loaded, tmp_path):
     (tmp_path / lora.ADAPTER_CONFIG).write_text(json.dumps(_EMPTY_CONFIGS["peft"][1]))
     with pytest.raises(ModelLoadError, match="no LoRA matrices for a layer of the language model"):
         on_worker(lambda: lora.load_adapter(loaded.model, tmp_path, {"multimodal": True}))
+
+
+@pytest.mark.parametrize("adapter", [None, "missing"])
+def test_fuse_checks_its_adapter_before_loading_the_model(tmp_path, monkeypatch, adapter):
+    """fuse loaded the whole model before it looked at the adapter: a mistyped adapter directory
+    was reported only after that, and None was a raw TypeError from pathlib."""
+    src = make_checkpoint(tmp_path / "src", "qwen3", tokenizer=False, num_hidden_layers=1)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(lora, "read_checkpoint", no_load)
+    if adapter is None:
+        with pytest.raises(ValueError, match="^adapter must be the path of an adapter directory, not NoneType$"):
+            lora.fuse(src, adapter, tmp_path / "out", progress=False)
+    else:
+        with pytest.raises(ModelLoadError, match=f"^{tmp_path / adapter}: not a directory"):
+            lora.fuse(src, tmp_path / adapter, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

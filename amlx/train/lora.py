@@ -642,14 +642,23 @@ def _load_mlx_lm(model, d: Path, meta: dict, config: dict | None) -> LoRAConfig:
     return cfg
 
 
+def _adapter_dir(adapter) -> Path:
+    """`adapter` as the adapter directory it must be: ValueError for what is no path (None was a raw
+    TypeError), ModelLoadError for a path that is no directory."""
+    if not isinstance(adapter, (str, os.PathLike)):
+        raise ValueError(f"adapter must be the path of an adapter directory, not {type(adapter).__name__}")
+    d = Path(adapter)
+    if not d.is_dir():
+        raise _bad(d, "not a directory (expected an adapter directory)")
+    return d
+
+
 def load_adapter(model, adapter: str | os.PathLike, config: dict | None = None) -> LoRAConfig:
     """Applies the adapter saved in directory `adapter` (amlx, PEFT or mlx-lm format)
     to `model`, replacing any adapter it had. `config` is the model's normalised
     config (for the names of multimodal checkpoints). Raises ModelLoadError for a
     missing, corrupt or mismatched adapter, and then leaves the model's adapter as it was."""
-    d = Path(adapter)
-    if not d.is_dir():
-        raise _bad(d, "not a directory (expected an adapter directory)")
+    d = _adapter_dir(adapter)
     meta = _read_config(d / ADAPTER_CONFIG)
     peft = (d / PEFT_WEIGHTS).is_file()
     if peft and ("peft_type" in meta or "r" in meta):
@@ -746,5 +755,6 @@ def fuse(model: str | os.PathLike, adapter: str | os.PathLike, dst: str | os.Pat
     src, dst = Path(model), Path(dst)
     check_destination(src, dst)
     check_creatable(dst)  # (a file or a dangling link in its way was a raw OSError once the model was fused)
+    _adapter_dir(adapter)  # (before the model loads)
     return Worker.get().run_sync(lambda: _fuse_on_worker(src, adapter, dst, bool(dequantize), progress))
 
