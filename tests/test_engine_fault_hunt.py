@@ -218,3 +218,43 @@ def test_an_infinite_prefill_byte_count_is_a_value_error_naming_the_variable(mon
     monkeypatch.setenv("AMLX_PREFILL_SEGMENT", text)
     with pytest.raises(ValueError, match="AMLX_PREFILL_SEGMENT must be a byte count"):
         segment_setting()
+
+
+@pytest.mark.parametrize("path", ["group", "chunk"])
+def test_a_request_cancelled_while_its_failing_prefill_runs_gives_its_blocks_back(monkeypatch, path):
+    """A request's consumer leaves while its prefill pass runs, and the pass fails (MLXError):
+    prompts prefilled together ("group", then retried one by one) or a long prompt alone, a
+    chunk at a time ("chunk"). The failure path ended only requests still active, so the
+    cancelled one kept its KV blocks and its place in the scheduler for good. Now it gives
+    them back; the requests beside it give their tokens."""
+    if path == "chunk":
+        monkeypatch.setenv("AMLX_PREFILL_CHUNK", "8")  # (read at load: the long prompt goes in chunks)
+    prompts = ["a prompt that is long enough to take several chunks of eight tokens each", "one", "two"]
+
+    async def body():
+        async with await amlx.load(default_model_dir()) as model:
+            sched = model.engine.scheduler
+            want = [(await model.complete(p, max_tokens=5)).token_ids for p in prompts[1:]]
+            streams = [model.generate(p, max_tokens=5) for p in prompts]
+            victim = streams[0]._stream.request
+            fired = []
+
+            def leave_and_fail(reqs) -> None:
+                if victim in reqs and not fired:
+                    fired.append(len(reqs))
+                    streams[0]._stream.cancel()  # (its consumer leaves while the pass runs)
+                    raise amlx.MLXError("injected", "the prefill pass failed")
+
+            if path == "group":
+                sched.fault = lambda rows, chained: leave_and_fail(rows) if victim.pos == 0 else None
+            else:
+                prefill_pass = sched._prefill_pass
+                monkeypatch.setattr(sched, "_prefill_pass", lambda shard, reqs, *args: (
+                    leave_and_fail(reqs), prefill_pass(shard, reqs, *args))[1])
+            ends = [await _outcome(s) for s in streams[1:]]
+            assert fired and [ids for _, _, ids in ends] == want, ends
+            while sched.has_work():
+                await anyio.sleep(0.01)
+            assert not sched._held and model.stats()["kv_cache"]["blocks_used"] == 0
+
+    anyio.run(body)

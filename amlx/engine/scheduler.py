@@ -598,13 +598,16 @@ class Scheduler:
             if self.mirror is not None:
                 raise  # the ranks ran this pass: step() fails the model
             self._check_pools()
+            # (a request its consumer left during the pass fails too: it holds blocks, and
+            # skipped it kept them, and its place in the scheduler, for good)
             if len(group) == 1:
-                if group[0].active:
-                    self._fail(group[0], exc)
+                self._fail(group[0], exc)
                 return
             for r in group:  # find the culprit: each prompt on its own (blocks kept)
                 if r.active:
                     self._prefill_group([r])
+                else:
+                    self._fail(r, exc)
             return
         finally:
             for bs in samplers:
@@ -640,8 +643,7 @@ class Scheduler:
             if self.mirror is not None:
                 raise
             self._check_pools()
-            if req.active:
-                self._fail(req, exc)
+            self._fail(req, exc)  # (also one its consumer left meanwhile: it gives its blocks back)
             return
         self.pools.cache_filled(req)
         if req.prefilled < len(req.fill):
