@@ -4,7 +4,9 @@ in a fraction of a second)."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import threading
 import types
 
 import numpy as np
@@ -48,3 +50,25 @@ def test_a_float64_dtype_is_refused_at_load(dtype):
     # with an MLXError from a CPU kernel (and a GPU has no float64 at all)
     with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16, not float64"):
         amlx.load_sync(default_model_dir(), dtype=dtype)
+
+
+async def test_a_second_close_waits_until_the_model_is_freed():
+    # a close that found another under way returned at once, the model's memory still held
+    before = amlx.memory()["active"]
+    model = await amlx.load(default_model_dir())
+    assert (await model.complete("Hello!", max_tokens=2)).usage.completion_tokens == 2
+    gate = threading.Event()
+    model.engine.submit_job(gate.wait)  # the first close's shutdown queues behind this job
+    try:
+        first = asyncio.create_task(model.aclose())
+        await asyncio.sleep(0)
+        second = asyncio.create_task(model.aclose())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert model.closed and not second.done()
+    finally:
+        gate.set()  # (the worker serves every model: never leave it waiting)
+    await second
+    assert amlx.memory()["active"] == before
+    await first
+    model.close()  # (a later close still returns at once)

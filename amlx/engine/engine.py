@@ -14,6 +14,8 @@ import threading
 import weakref
 from typing import Any, Callable
 
+import anyio
+
 from amlx.constrain import Constraint, MatcherFactory
 from amlx.engine.assembler import TextAssembler, check_context
 from amlx.engine.channel import Channel
@@ -75,6 +77,7 @@ class Engine:
         self._closed = False
         self._weights_version = 0  # bumped by weights_changed (a score call under way starts again)
         self._close_lock = threading.Lock()
+        self._shut = threading.Event()  # set when _shutdown has run: a second close waits for it
         self._at_close: list[weakref.WeakMethod] = []
         self._close_reason: BaseException | None = None  # what closed it, where not a caller (a rank's failure)
         self._worker.add_scheduler(self.scheduler)
@@ -286,6 +289,7 @@ class Engine:
             self.placement.release()
             if self.mirror is not None:
                 self._worker.stop()
+            self._shut.set()
 
     def _rank_failed(self, error: BaseException) -> None:
         """A rank of a tensor-parallel model failed (any thread): its requests end
@@ -308,10 +312,20 @@ class Engine:
         """Ends pending streams with ClosedError and frees the model (idempotent)."""
         if self._begin_close():
             await self._worker.run(self._shutdown)
+        elif self._waits_for_close():
+            await anyio.to_thread.run_sync(self._shut.wait, abandon_on_cancel=True)
 
     def close(self) -> None:
         if self._begin_close():
             self._worker.run_sync(self._shutdown)
+        elif self._waits_for_close():
+            self._shut.wait()
+
+    def _waits_for_close(self) -> bool:
+        """Whether a close that finds another under way waits for its end (a second close
+        returned at once, the model's memory still held): not on the worker, which runs it,
+        nor after a rank's failure closed it (its worker may never get to it)."""
+        return self._close_reason is None and threading.current_thread() is not self._worker.thread
 
     @property
     def closed(self) -> bool:
