@@ -15,6 +15,7 @@ import pytest
 from amlx._mlx import distributed as dist
 from amlx.errors import MLXError
 from amlx.tp import hosts
+from helpers.environment import python_path
 from tests.helpers.dist_ops import rank_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +25,7 @@ TIMEOUT = 120  # seconds: a hung collective fails the test instead of hanging it
 def run_ranks(hostfile, size: int = 2) -> list[tuple[int, dict]]:
     procs = []
     for rank in range(size):
-        env = {**os.environ, **hosts.rank_env(rank, size, "ring", hostfile), "PYTHONPATH": ROOT}
+        env = {**os.environ, **hosts.rank_env(rank, size, "ring", hostfile), "PYTHONPATH": python_path(ROOT)}
         procs.append(subprocess.Popen([sys.executable, "-m", "tests.helpers.dist_ops"], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []

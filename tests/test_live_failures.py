@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers.environment import python_path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 BODY = '''
@@ -36,7 +38,7 @@ def test_after():
 
 def _run(tmp_path: Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
     (tmp_path / "test_sample.py").write_text(BODY)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks"), **env_extra}
+    env = {**os.environ, "PYTHONPATH": python_path(ROOT / "benchmarks"), **env_extra}
     if "LIVE_FAILURES" not in env_extra:
         env.pop("LIVE_FAILURES", None)
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "live_failures",

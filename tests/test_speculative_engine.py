@@ -20,6 +20,7 @@ import pytest
 
 import amlx
 from amlx.errors import ModelLoadError
+from helpers.environment import python_path
 
 try:
     from tests.helpers.checkpoints import make_checkpoint
@@ -383,7 +384,7 @@ def test_generate_command_with_draft(checkpoints):
     with amlx.load_sync(path, device="cpu") as model:
         want = model.complete_sync(PROMPTS[0], max_tokens=20).text
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": python_path(root)}
     r = subprocess.run([sys.executable, "-m", "amlx", "generate", str(path), PROMPTS[0], "--raw", "--max-tokens",
                         "20", "--device", "cpu", "--draft", "prompt_lookup", "--num-draft-tokens", "3"],
                        capture_output=True, text=True, env=env, cwd=root, timeout=300)

@@ -19,6 +19,7 @@ import pytest
 
 import amlx
 from amlx.errors import TensorParallelError
+from helpers.environment import python_path
 from tests.helpers.checkpoints import make_checkpoint
 
 PROMPTS = [[1, 5, 9, 33, 7, 2, 8], [3, 4], list(range(20, 60)), [11, 12, 13, 14, 15, 16, 17, 18, 19]]
@@ -175,7 +176,7 @@ def failure(path, how: str, env: dict | None = None) -> dict:
     crashes = []
     for _ in range(2):
         done = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "tests.helpers.tp_failure", str(path), how],
-                              cwd=root, env={**os.environ, "PYTHONPATH": root, **(env or {})}, capture_output=True,
+                              cwd=root, env={**os.environ, "PYTHONPATH": python_path(root), **(env or {})}, capture_output=True,
                               text=True, timeout=TIMEOUT)
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
         if lines or done.returncode >= 0:
@@ -374,7 +375,7 @@ def test_followers_exit_with_rank_zero(checkpoints, tmp_path):
                       "time.sleep(600)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": root})
+                            env={**os.environ, "PYTHONPATH": python_path(root)})
     try:
         follower = int(proc.stdout.readline())
         workdir = proc.stdout.readline().strip()

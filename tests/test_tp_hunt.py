@@ -37,6 +37,7 @@ import pytest
 
 import amlx
 from amlx.errors import TensorParallelError
+from helpers.environment import python_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 120  # seconds: a hang fails the test instead of hanging the suite
@@ -265,7 +266,7 @@ def test_malformed_messages_are_refused(monkeypatch):
 
 def scenario(name: str, path, env: dict | None = None) -> dict:
     done = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "tests.test_tp_hunt", name, str(path)],
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}, capture_output=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": python_path(ROOT, os.path.join(ROOT, "tests")), **(env or {})}, capture_output=True,
                           text=True, timeout=TIMEOUT)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, f"exit status {done.returncode}; stderr: {done.stderr[-3000:]}"
@@ -461,7 +462,7 @@ def test_a_rank_stuck_after_its_heartbeat_is_caught(ckpts, tmp_path):
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(STOP_AFTER_BEAT)
     out = scenario("stopped_after_beat", ckpts["qwen3"],
-                   {"PYTHONPATH": f"{hook}{os.pathsep}{ROOT}", "AMLX_TP_HUNT_STOP_AT": "7",
+                   {"PYTHONPATH": python_path(hook, ROOT, os.path.join(ROOT, "tests")), "AMLX_TP_HUNT_STOP_AT": "7",
                     "AMLX_TP_STEP_TIMEOUT": "3"})
     failed = [r for r in out["requests"] if r[0] != "ok"]
     assert failed and failed[0] == ["TensorParallelError",

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import amlx
 from amlx.tokenizer import Tokenizer
 from amlx.train.data import DataError, load_dataset
+from helpers.environment import python_path
 
 try:
     from tests.helpers.checkpoints import make_checkpoint
@@ -247,7 +248,7 @@ async def test_full_fine_tuning_that_diverges_keeps_the_weights(ckpt, tmp_path):
 def amlx_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "amlx", *args], capture_output=True, text=True, encoding="utf-8",
                           cwd=ROOT, timeout=timeout, stdin=subprocess.DEVNULL,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+                          env={**__import__("os").environ, "PYTHONPATH": python_path(ROOT), "HF_HUB_OFFLINE": "1"})
 
 
 def _one_line_error(r: subprocess.CompletedProcess, pattern: str, status: int = 1) -> None:
