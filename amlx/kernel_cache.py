@@ -27,15 +27,25 @@ NOTICE = ("amlx: compiling MLX's CPU kernels for this machine (once per machine 
 _TEMP_VARS = ("TMPDIR", "TMP", "TEMP", "TEMPDIR")
 
 
-def _temp_var() -> str | None:
-    """The variable std::filesystem::temp_directory_path() reads on POSIX: the first of these that
-    is set (None: it uses /tmp)."""
-    return next((var for var in _TEMP_VARS if os.environ.get(var)), None)
+def _temp_setting() -> tuple[str | None, str]:
+    """(variable, value) that std::filesystem::temp_directory_path() reads on POSIX (libstdc++ and
+    libc++ alike): the first of these that is set, even to an empty string, which it then refuses
+    as no directory; (None, "/tmp") when none is."""
+    return next(((var, os.environ[var]) for var in _TEMP_VARS if var in os.environ), (None, "/tmp"))
 
 
 def _temp_dir() -> Path:
-    var = _temp_var()
-    return Path("/tmp") if var is None else Path(os.environ[var])
+    return Path(_temp_setting()[1])
+
+
+def _temp_problem() -> str | None:
+    """Why MLX's temp_directory_path() throws (no CPU kernel can compile), or None."""
+    var, value = _temp_setting()
+    if not value:
+        return f"{var} is set but empty"
+    if not Path(value).is_dir():
+        return f"{value if var is None else f'{var}={value}'} is not a directory"
+    return None
 
 
 def kernel_cache_dir() -> Path:
@@ -60,12 +70,11 @@ def check_kernel_cache(device: str) -> None:
     every compile, and it throws when its directory is missing or not a directory. The model
     loaded, and then every request failed in MLX ("filesystem error: temp_directory_path: No such
     file or directory"). (Metal ships its kernels prebuilt.)"""
-    if device != "cpu" or _temp_dir().is_dir():
-        return
-    var = _temp_var()
-    where = "/tmp" if var is None else f"{var}={os.environ[var]}"
-    raise ModelLoadError(f"{where} is not a directory: MLX compiles its CPU kernels under it, so no request "
-                         f"could run; point {var or 'TMPDIR'} at an existing directory")
+    problem = _temp_problem() if device == "cpu" else None
+    if problem is not None:
+        var = _temp_setting()[0] or "TMPDIR"
+        raise ModelLoadError(f"{problem}: MLX compiles its CPU kernels under it, so no request could run; point "
+                             f"{var} at an existing directory")
 
 
 def first_run_notice(device: str = "auto", out: TextIO | None = None) -> bool:
@@ -74,7 +83,7 @@ def first_run_notice(device: str = "auto", out: TextIO | None = None) -> bool:
     from amlx._mlx import device as mxdevice
 
     on_cpu = device == "cpu" or (device == "auto" and not mxdevice.gpu_available())
-    if not on_cpu or not kernel_cache_is_cold() or not _temp_dir().is_dir():  # (then the load refuses)
+    if not on_cpu or not kernel_cache_is_cold() or _temp_problem() is not None:  # (then the load refuses)
         return False
     stream = stderr_stream() if out is None else out
     if stream is None:
