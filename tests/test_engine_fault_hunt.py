@@ -10,11 +10,13 @@ import anyio
 import pytest
 
 import amlx
+from amlx._mlx import ops
 from amlx.constrain import matcher as matcher_module
 from amlx.engine.channel import Channel
 from amlx.engine.pacing import segment_setting
 from amlx.engine.prefill_budget import prefill_memory
 from amlx.demo import default_model_dir
+from tests.helpers.faults import failing_array
 
 
 async def _outcome(stream) -> tuple[str, str, list[int]]:
@@ -172,28 +174,39 @@ def test_a_batched_step_that_fails_while_each_row_alone_runs_sheds_the_youngest_
     assert len(errors) == 2
 
 
-def test_an_exception_in_one_requests_detokenizer_fails_that_request_alone():
-    """A request whose detokenizer (its TextAssembler) raises at its fourth token: that request
-    ends with an AmlxError naming the exception, after exactly its first three tokens; the
-    others give their solo tokens and every block comes back. Raised out of the scheduler's
-    round, it ended every request of the engine, each with an MLXError ('engine: ...')
-    although MLX had not failed."""
+def test_an_exception_in_one_requests_detokenizer_fails_that_request_alone(monkeypatch):
+    """A request whose detokenizer raises at its fourth token: that request ends with an
+    AmlxError naming the exception, after exactly its first three tokens; the others give
+    their solo tokens and every block comes back. Raised out of the scheduler's round, it
+    ended every request of the engine, each with an MLXError ('engine: ...') although MLX
+    had not failed."""
     prompts = ["The sky is", "Once upon a time", "Hello there"]
 
     async def body():
         async with await amlx.load(default_model_dir()) as model:
             options = dict(max_tokens=24, logit_bias={i: -100.0 for i in model.engine.eos_ids})
             solo = [(await model.complete(p, **options)).token_ids for p in prompts]
+            made = model.engine.tokenizer.detokenizer
+            detokenizers = []
+
+            def detokenizer(*args, **kwargs):
+                # (the second request's fails at its fourth id: set up before it is submitted)
+                detok = made(*args, **kwargs)
+                detokenizers.append(detok)
+                if len(detokenizers) == 2:
+                    add, ids = detok.add, []
+
+                    def failing_add(token_id):
+                        ids.append(token_id)
+                        if len(ids) == 4:
+                            raise RuntimeError("injected: a detokenizer bug")
+                        return add(token_id)
+
+                    detok.add = failing_add
+                return detok
+
+            monkeypatch.setattr(model.engine.tokenizer, "detokenizer", detokenizer)
             streams = [model.generate(p, **options) for p in prompts]
-            victim = streams[1]._stream.request
-            push = victim.assembler.push
-
-            def failing_push(token_id, *args, **kwargs):
-                if victim.assembler.count == 3:
-                    raise RuntimeError("injected: a detokenizer bug")
-                return push(token_id, *args, **kwargs)
-
-            victim.assembler.push = failing_push
             ends = [await _outcome(s) for s in streams]
             assert ends[0] == ("ok", "", solo[0]) and ends[2] == ("ok", "", solo[2]), ends
             kind, text, ids = ends[1]
@@ -229,30 +242,75 @@ def test_a_request_cancelled_while_its_failing_prefill_runs_gives_its_blocks_bac
     them back; the requests beside it give their tokens."""
     if path == "chunk":
         monkeypatch.setenv("AMLX_PREFILL_CHUNK", "8")  # (read at load: the long prompt goes in chunks)
-    prompts = ["a prompt that is long enough to take several chunks of eight tokens each", "one", "two"]
+    victim_ids = list(range(5, 45))  # (40 tokens: five chunks of eight)
+    prompts = [victim_ids, [50, 51], [60, 61, 62]]
 
     async def body():
         async with await amlx.load(default_model_dir()) as model:
             sched = model.engine.scheduler
             want = [(await model.complete(p, max_tokens=5)).token_ids for p in prompts[1:]]
-            streams = [model.generate(p, max_tokens=5) for p in prompts]
-            victim = streams[0]._stream.request
             fired = []
 
             def leave_and_fail(reqs) -> None:
-                if victim in reqs and not fired:
+                # (set up before the victim is submitted: known by its prompt)
+                victim = next((r for r in reqs if r.prompt == victim_ids and r.pos == 0), None)
+                if victim is not None and not fired:
                     fired.append(len(reqs))
-                    streams[0]._stream.cancel()  # (its consumer leaves while the pass runs)
+                    victim.channel.cancel()  # (its consumer leaves while the pass runs)
                     raise amlx.MLXError("injected", "the prefill pass failed")
 
             if path == "group":
-                sched.fault = lambda rows, chained: leave_and_fail(rows) if victim.pos == 0 else None
+                sched.fault = lambda rows, chained: leave_and_fail(rows)
             else:
                 prefill_pass = sched._prefill_pass
                 monkeypatch.setattr(sched, "_prefill_pass", lambda shard, reqs, *args: (
                     leave_and_fail(reqs), prefill_pass(shard, reqs, *args))[1])
+            streams = [model.generate(p, max_tokens=5) for p in prompts]
             ends = [await _outcome(s) for s in streams[1:]]
             assert fired and [ids for _, _, ids in ends] == want, ends
+            while sched.has_work():
+                await anyio.sleep(0.01)
+            assert not sched._held and model.stats()["kv_cache"]["blocks_used"] == 0
+
+    anyio.run(body)
+
+
+def test_a_parked_request_left_while_another_shards_pool_fails_gives_its_blocks_back(monkeypatch):
+    """Two shards: a running request in one, a parked one (its consumer stopped reading) in the
+    other. In one round the parked one's consumer leaves and the running one's pool cannot be
+    computed (what running out of memory there looks like). The failure path failed the
+    requests holding blocks in the broken pool and dropped every inactive parked request
+    without ending it: the one just left kept its blocks in the sound pool and its place in
+    the scheduler for good. Now it leaves the next round, as any cancelled one does."""
+    monkeypatch.setenv("AMLX_SHARDS", "2")
+
+    async def body():
+        async with await amlx.load(default_model_dir()) as model:
+            sched = model.engine.scheduler
+            options = dict(max_tokens=200, logit_bias={i: -100.0 for i in model.engine.eos_ids})
+            running = model.generate("a stream read to its end", max_buffer=400, **options)
+            await running.__anext__()
+            parked = model.generate("a stream nobody reads", max_buffer=1, **options)
+            await parked.__anext__()
+            while not await model.engine.run(lambda: bool(sched.parked)):
+                await anyio.sleep(0.005)
+            run_req, parked_req = running._stream.request, parked._stream.request
+            assert run_req.shard != parked_req.shard  # (each shard takes one: the least loaded)
+            fired = []
+
+            def fault(rows, chained):
+                if run_req in rows and not fired:
+                    fired.append(True)
+                    parked._stream.cancel()  # (its consumer leaves during the round)
+                    pool = sched.shards[run_req.shard].kv.pool
+                    pool.arrays[0] = ops.add(pool.arrays[0], ops.astype(failing_array(), pool.arrays[0].dtype))
+                    return failing_array()
+                return None
+
+            sched.fault = fault
+            kind, text, _ = await _outcome(running)
+            assert fired and kind == "MLXError" and "without a primitive" in text
+            sched.fault = None
             while sched.has_work():
                 await anyio.sleep(0.01)
             assert not sched._held and model.stats()["kv_cache"]["blocks_used"] == 0

@@ -1408,13 +1408,15 @@ class Scheduler:
                 ops.eval(*shard.kv.state())
             except MLXError as exc:
                 with self._lock:
-                    held = [r for r in self._held if r.shard == shard.index and r.blocks]
+                    held = {r: None for r in self._held if r.shard == shard.index and r.blocks}
                 for req in held:
                     self._fail(req, exc)
-                if self.prefilling is not None and not self.prefilling.active:
+                # (those failed here leave: asked `active`, a request of another shard that its
+                # consumer had just left left too, unfinished, keeping its blocks for good)
+                if self.prefilling in held:
                     self.prefilling = None
-                self.parked = [r for r in self.parked if r.active]
-                self._set_rows(shard, [r for r in shard.rows if r.active])
+                self.parked = [r for r in self.parked if r not in held]
+                self._set_rows(shard, [r for r in shard.rows if r not in held])
                 shard.kv.reset()
 
     def _inject(self, logits: Array, rows: list[Request], chained: bool) -> Array:
