@@ -65,11 +65,22 @@ class _Board:
         self.out.flush()
 
 
+def _check_tokens(tokens: int) -> None:
+    """ValueError naming `tokens` for a bad budget, before the model loads (it failed as
+    max_tokens, an option the caller never named, once the model had loaded)."""
+    from amlx.types import MAX_TOKENS_LIMIT
+
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= MAX_TOKENS_LIMIT:
+        raise ValueError(f"tokens must be an integer in [1, {MAX_TOKENS_LIMIT}], got {tokens!r}")
+
+
 async def run_demo(out: TextIO = sys.stdout, tokens: int = 96, model_dir: str | Path | None = None) -> dict:
     """Loads the embedded model (or `model_dir`) and streams several chats
-    concurrently; the last one is cancelled halfway. Returns per-stream token counts."""
+    concurrently; the last one is cancelled after a quarter of `tokens` (at least one),
+    unless it ends first. Returns per-stream token counts."""
     import amlx
 
+    _check_tokens(tokens)
     path = default_model_dir() if model_dir is None else Path(model_dir)
     board = _Board(out)
     async with await amlx.load(path) as model:
@@ -77,13 +88,15 @@ async def run_demo(out: TextIO = sys.stdout, tokens: int = 96, model_dir: str | 
                   f"{model.info.dtype} on {model.info.device} ({path})\n\n")
 
         async def consume(name: str, prompt: str, opts: dict) -> None:
-            limit = tokens // 4 if name == "cancel" else tokens
+            limit = max(1, tokens // 4) if name == "cancel" else tokens
             async for tok in model.generate([{"role": "user", "content": prompt}], max_tokens=tokens, **opts):
                 board.texts[name] += tok.text
                 board.counts[name] += 1
                 if tok.finish_reason:
                     board.status[name] = tok.finish_reason
-                if name == "cancel" and board.counts[name] >= limit:
+                # (a stream that ended by itself is not cancelled: with a budget of 1 the
+                # "cancel" stream's one token finished it, and it was reported "cancelled")
+                if name == "cancel" and tok.finish_reason is None and board.counts[name] >= limit:
                     board.status[name] = "cancelled"
                     break  # leaving the loop cancels the request
                 board.render()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import io
 import threading
 import types
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 import amlx
-from amlx.demo import default_model_dir
+from amlx.demo import default_model_dir, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +73,19 @@ async def test_a_second_close_waits_until_the_model_is_freed():
     assert amlx.memory()["active"] == before
     await first
     model.close()  # (a later close still returns at once)
+
+
+async def test_the_demo_reports_a_stream_that_ended_by_itself_as_ended():
+    # with a budget under 4 the "cancel" stream left after its first token whatever that token
+    # was, and was reported "cancelled" although its one token (finish_reason "length") ended it
+    out = io.StringIO()
+    counts = await run_demo(out=out, tokens=1)
+    assert counts == {name: 1 for name in counts}
+    assert "cancel (length, 1 tokens)" in out.getvalue()
+
+
+@pytest.mark.parametrize("tokens", [0, -1, True, 2**31, 1.5])
+async def test_a_bad_demo_budget_is_refused_before_the_model_loads(tokens):
+    # it failed as "max_tokens must be ...", an option the caller never named, after loading
+    with pytest.raises(ValueError, match=r"tokens must be an integer in \[1, 2147483647\], got "):
+        await run_demo(out=io.StringIO(), tokens=tokens, model_dir="/nonexistent/amlx-demo")
