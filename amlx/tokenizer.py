@@ -1031,10 +1031,21 @@ class StreamingDetokenizer:
                 # else the next bytes could make the window's part of it valid text)
                 continue
             context_text = self._decode(context)
-            if context_text and len(context_text) > held and text.endswith(context_text):
+            if self._ends(text, context_text, held):
                 self._ids = context
                 self._emitted = len(context_text) - held
                 return
+
+    def _ends(self, text: str, context_text: str, held: int) -> bool:
+        """Whether `text` ends in a context's text, more of it than the `held` characters. A
+        byte-level context that starts inside a character decodes its first bytes each to U+FFFD
+        (where the text has the character), and the rest as the text has it (a decoder resyncs
+        at the next lead byte): those U+FFFD may differ, and stay the window's own, taken as
+        emitted. (Else a reply of tokens that each begin inside a character, "学习" as
+        "\\xa6\\xe4"-like pieces, never re-anchored: each token decoded all the ids since.) A
+        ByteFallback run's bytes are all U+FFFD once one is bad: there all of it must match."""
+        shown = [context_text] if self._byte_ids else [context_text, context_text.lstrip(_REPLACEMENT_CHAR)]
+        return any(len(part) > held and text.endswith(part) for part in shown)
 
     def finalize(self) -> str:
         """Return the text still held back (e.g. an incomplete character, as U+FFFD)."""

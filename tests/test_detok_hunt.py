@@ -135,6 +135,60 @@ def test_ids_that_decode_drops_cost_linear_work(pairs, kind, dropped):
     assert decoded <= 20 * len(ids)  # (was about len(ids) ** 2 / 2)
 
 
+def _byte_level_bytes(tok: Tokenizer) -> dict[int, bytes]:
+    """The bytes of each byte-level BPE piece (GPT-2's map of bytes to printable characters)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    char_of = {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+    byte_of = {c: b for b, c in char_of.items()}
+    pieces = {i: tok.id_to_token(i) for i in range(tok.vocab_size)}
+    return {i: bytes(byte_of[c] for c in p) for i, p in pieces.items() if p and all(c in byte_of for c in p)}
+
+
+def _utf8_after(open_bytes: int, data: bytes) -> int | None:
+    """Continuation bytes still owed after `data`, when `open_bytes` were owed before it (None
+    if it breaks UTF-8)."""
+    for b in data:
+        if open_bytes:
+            if not 0x80 <= b < 0xC0:
+                return None
+            open_bytes -= 1
+        else:
+            open_bytes = 0 if b < 0x80 else 1 if 0xC2 <= b < 0xE0 else 2 if 0xE0 <= b < 0xF0 else 3 if 0xF0 <= b < 0xF5 else -1
+            if open_bytes < 0:
+                return None
+    return open_bytes
+
+
+def test_a_reply_of_tokens_that_begin_inside_characters_costs_linear_work(pairs):
+    """Byte-level pieces may hold the end of one character and the start of the next. A reply
+    whose every token began inside a character (valid UTF-8 all the same) gave no id suffix
+    whose own text the text ended in -- its first bytes decode to U+FFFD on their own -- so the
+    window was never re-anchored and each token decoded all the ids since: quadratic work."""
+    ours, hf = pairs["bpe"]
+    pieces = _byte_level_bytes(ours)
+    inside = {owed: sorted(i for i, b in pieces.items() if _utf8_after(owed, b) not in (None, 0)) for owed in (1, 2, 3)}
+    first = next(i for i, b in sorted(pieces.items()) if _utf8_after(0, b) not in (None, 0))
+    ids, owed = [first], _utf8_after(0, pieces[first])
+    while len(ids) < 1500:  # (each piece begins inside a character and ends inside the next)
+        choices = inside[owed]
+        ids.append(choices[len(ids) * 7 % len(choices)])
+        owed = _utf8_after(owed, pieces[ids[-1]])
+    detok = ours.detokenizer()
+    decoded = 0
+    inner = detok._decode
+
+    def counting(window: list[int]) -> str:
+        nonlocal decoded
+        decoded += len(window)
+        return inner(window)
+
+    detok._decode = counting
+    text = "".join([detok.add(i) for i in ids] + [detok.finalize()])
+    assert text == hf.decode(ids) and "\ufffd" not in text[:-1]
+    assert decoded <= 20 * len(ids)  # (was about len(ids) ** 2 / 2)
+
+
 # ------------------------------------------------------------------------------ stop strings
 
 
