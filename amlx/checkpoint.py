@@ -407,10 +407,10 @@ def staged_directory(dst: Path) -> Iterator[Path]:
     """A temporary directory beside `dst` to write into; it becomes `dst` (which
     must be absent or empty) when the block ends without error, else it is removed.
     So a checkpoint appears only once complete."""
-    if dst.is_symlink() and dst.is_dir():
-        # a link to an empty directory: written where it leads (rmdir and replace act on the
-        # link itself: a raw NotADirectoryError once everything had been written)
-        dst = dst.resolve()
+    # the real path: a link to an empty directory is written where it leads (rmdir and replace act
+    # on the link itself: a raw NotADirectoryError once everything had been written), and "." (an
+    # empty working directory) was staged inside itself, then rmdir(".") a raw OSError
+    dst = dst.resolve()
     tmp = staging_directory(dst)
     try:
         yield tmp

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,6 +67,19 @@ def test_fuse_below_a_file_is_refused_up_front(qwen, adapter, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=f"{tmp_path / 'file'} exists and is not a directory"):
         lora.fuse(qwen, adapter, tmp_path / "file" / "out", progress=False)
+
+
+@pytest.mark.parametrize("write", [_convert, _fuse], ids=["convert", "fuse"])
+def test_the_working_directory_as_the_destination(qwen, adapter, tmp_path, monkeypatch, write):
+    """dst "." (an empty working directory) was staged inside itself, and once everything was
+    written rmdir(".") failed: a raw "OSError: [Errno 22] Invalid argument: '.'"."""
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    assert write(qwen, adapter, ".") == Path(".")
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging directory left behind
+    np.testing.assert_array_equal(prefill_logits(out, [5, 17, 42]),
+                                  prefill_logits(write(qwen, adapter, tmp_path / "plain"), [5, 17, 42]))
 
 
 def test_paths_whose_bytes_are_not_utf8_convert_load_and_fuse(qwen, adapter, tmp_path):
