@@ -714,9 +714,14 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     # shares; a cancelled load stops waiting for it at once.
     host = await anyio.to_thread.run_sync(_read_on_host, path, dtype, kv["draft"], abandon_on_cancel=True)
     worker = _worker_for(tensor_parallel)
-    return await worker.run(
-        lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, kv,
-                                tensor_parallel))
+    handover = _Handover()
+    try:
+        return await worker.run(handover.job(
+            lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, kv,
+                                    tensor_parallel)))
+    except BaseException:
+        handover.abandon()
+        raise
 
 
 def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_batch_size: int = 32,
@@ -729,9 +734,46 @@ def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_
     kv = _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens)
     host = _read_on_host(path, dtype, kv["draft"])
     worker = _worker_for(tensor_parallel)
-    return worker.run_sync(
-        lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, kv,
-                                tensor_parallel))
+    handover = _Handover()
+    try:
+        return worker.run_sync(handover.job(
+            lambda: _load_on_worker(host, device, dtype, max_batch_size, max_context, worker, adapter, kv,
+                                    tensor_parallel)))
+    except BaseException:
+        handover.abandon()
+        raise
+
+
+class _Handover:
+    """The model a load's worker job makes, for a caller that may be gone by then (cancelled,
+    timed out, Ctrl-C): such a model is closed on the worker. (It was dropped open: its
+    finalizer freed it, warning of an "unclosed" model that nobody had been given.)"""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._gone = False
+        self._model: Model | None = None
+
+    def job(self, load: Callable[[], Model]) -> Callable[[], Model | None]:
+        """`load` as the worker job: its model, kept for `abandon`, or closed at once if the
+        caller has gone already."""
+        def run() -> Model | None:
+            model = load()
+            with self._lock:
+                if not self._gone:
+                    self._model = model
+                    return model
+            model.close()  # (on the worker: at once)
+            return None
+        return run
+
+    def abandon(self) -> None:
+        """The caller is gone: a model made already is closed on the worker, without waiting."""
+        with self._lock:
+            self._gone = True
+            model, self._model = self._model, None
+        if model is not None:
+            model.engine.submit_job(model.close)
 
 
 def _worker_for(tensor_parallel: int) -> Worker:

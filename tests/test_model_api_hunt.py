@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import io
 import threading
 import types
+import warnings
 
 import numpy as np
 import pytest
 
 import amlx
 from amlx.demo import default_model_dir, run_demo
+from amlx.engine.worker import Worker
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +92,30 @@ async def test_a_bad_demo_budget_is_refused_before_the_model_loads(tokens):
     # it failed as "max_tokens must be ...", an option the caller never named, after loading
     with pytest.raises(ValueError, match=r"tokens must be an integer in \[1, 2147483647\], got "):
         await run_demo(out=io.StringIO(), tokens=tokens, model_dir="/nonexistent/amlx-demo")
+
+
+async def test_a_load_cancelled_on_the_worker_closes_the_model_it_made(monkeypatch):
+    # the worker finished the load after its caller had gone and the model was dropped open:
+    # its finalizer warned of an "unclosed" model that nobody had been given
+    before = amlx.memory()["active"]
+    worker = Worker.get()
+    submitted = []
+    submit = worker.submit
+    monkeypatch.setattr(worker, "submit", lambda fn: submitted.append(fn) or submit(fn))
+    gate = threading.Event()
+    submit(gate.wait)  # the load's worker job queues behind this one
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            task = asyncio.create_task(amlx.load(default_model_dir()))
+            while not submitted:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            gate.set()
+        await asyncio.wrap_future(submit(lambda: None))  # (after the load's job and the close it queued)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert amlx.memory()["active"] == before
