@@ -48,7 +48,10 @@ class MatcherFactory:
         """A matcher for `constraint` at once if the vocabulary is built and the grammar
         compiled already (a copy: microseconds, any thread), else None (use `submit`)."""
         vocab = self._vocab
-        return vocab.cached_matcher(constraint) if vocab is not None else None
+        matcher = vocab.cached_matcher(constraint) if vocab is not None else None
+        if matcher is not None:
+            self._more_copies(vocab, constraint)
+        return matcher
 
     @property
     def vocab(self) -> GrammarVocab | None:
@@ -58,7 +61,25 @@ class MatcherFactory:
     def _make(self, constraint: Constraint) -> Matcher:
         if self._vocab is None:  # only this thread sets it
             self._vocab = GrammarVocab.from_tokenizer(self._tokenizer, self._vocab_size)
-        return self._vocab.matcher(constraint)
+        matcher = self._vocab.matcher(constraint)
+        self._more_copies(self._vocab, constraint)
+        return matcher
+
+    def _more_copies(self, vocab: GrammarVocab, constraint: Constraint) -> None:
+        """A grammar whose requests keep coming gets another compiled copy on this factory's
+        thread, up to `MASK_LEXERS` (its rows' masks then fill in parallel: matcher.mask_lexers),
+        one at a time, so that a new grammar's first compile waits for one copy at most."""
+        if not vocab.claim_copy(constraint):
+            return
+        with self._lock:
+            pool = self._pool
+            if pool is not None:
+                try:
+                    pool.submit(vocab.add_copy, constraint)
+                    return
+                except RuntimeError:  # (shut down meanwhile)
+                    pass
+        vocab.release_copy(constraint)
 
     def close(self) -> None:
         """Stops the thread once queued work is done (idempotent)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import threading
 import time
@@ -33,6 +34,9 @@ __all__ = ["GrammarVocab", "Matcher", "MaskJob", "step_masks", "unpack_mask"]
 # Compiled grammars kept per vocabulary: requests with the same constraint (a server's one
 # schema) copy a compiled matcher in microseconds instead of compiling it again.
 _CACHED_GRAMMARS = 64
+# Compiled matchers kept per vocabulary, the copies of a grammar's lexer (`mask_lexers`) included:
+# the extra copies of the least recently used grammars go first.
+_CACHED_TEMPLATES = 96
 # Lark's string literals ("...", with escapes) and regular expressions (/.../flags), and its comments
 _LARK_LITERALS = re.compile(r'"(?:[^"\\\n]|\\.)*"i?|/(?![/*])(?:[^/\\\n]|\\.)+/[imslux]*|//[^\n]*')
 
@@ -237,6 +241,41 @@ def mask_threads() -> int | None:
 MASK_THREADS = mask_threads()
 
 
+def mask_lexers() -> int:
+    """How many separately compiled copies of a grammar its requests' matchers are spread over:
+    AMLX_MASK_LEXERS (at most 32), else one per thread of llguidance's pool, at most 16.
+
+    A matcher copied from a compiled one shares that one's lexer, and the lexer is behind a
+    lock that every mask of every copy takes: a step's rows of one schema filled one after
+    another whatever the pool's size. Separately compiled copies have lexers of their own, so
+    their rows fill in parallel (benchmarks/README.md: 64 rows on a 16-core host, 2.5 ms a step
+    from one compiled grammar, 0.9 ms from 16)."""
+    configured = env_int("AMLX_MASK_LEXERS")
+    if configured is not None:
+        return min(configured, 32)  # (the cache holds _CACHED_TEMPLATES in all)
+    threads = MASK_THREADS or max(1, int(0.8 * len(os.sched_getaffinity(0))))  # (llguidance's default)
+    return min(16, threads)
+
+
+MASK_LEXERS = mask_lexers()
+
+
+class _Compiled:
+    """The compiled copies of one grammar, handed out in turn."""
+
+    __slots__ = ("templates", "turn", "compiling")
+
+    def __init__(self, template: llguidance.LLMatcher):
+        self.templates = [template]
+        self.turn = 0
+        self.compiling = False  # a further copy is being compiled (`GrammarVocab.claim_copy`)
+
+    def next(self) -> llguidance.LLMatcher:
+        template = self.templates[self.turn % len(self.templates)]
+        self.turn += 1
+        return template
+
+
 def _pool() -> llguidance.LLExecutor:
     """llguidance's thread pool, one per process (MASK_THREADS threads)."""
     global _executor
@@ -331,7 +370,7 @@ class GrammarVocab:
         self._tokenizer = self._llg_tokenizer(marked)
         self.eos_ids = frozenset(self._eos)
         self.mask_words = llnp.get_bitmask_shape(1, self._tokens)[1]
-        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._compiled: OrderedDict[str, _Compiled] = OrderedDict()
         self._lock = threading.Lock()
 
     def _llg_tokenizer(self, tokenizer_json: str) -> llguidance.LLTokenizer:
@@ -390,20 +429,70 @@ class GrammarVocab:
         if probe.is_error() and probe.get_error().startswith("NoExtensionBias"):
             raise ValueError(f"invalid {constraint.kind} constraint: no text matches it (nothing may come first)")
         with self._lock:
-            self._compiled[constraint.grammar] = template
-            while len(self._compiled) > _CACHED_GRAMMARS:
-                self._compiled.popitem(last=False)
+            self._compiled[constraint.grammar] = _Compiled(template)
+            self._evict()
         return Matcher(template.deep_copy(), self.mask_words)
 
     def cached_matcher(self, constraint: Constraint) -> Matcher | None:
-        """A fresh matcher for `constraint` if its grammar is compiled already (a copy of the
-        compiled one: microseconds, so any thread may ask, the event loop included), else None."""
+        """A fresh matcher for `constraint` if its grammar is compiled already (a copy of one
+        of its compiled copies, in turn: microseconds, so any thread may ask, the event loop
+        included), else None."""
         with self._lock:
-            template = self._compiled.get(constraint.grammar)
-            if template is None:
+            compiled = self._compiled.get(constraint.grammar)
+            if compiled is None:
                 return None
             self._compiled.move_to_end(constraint.grammar)
-            return Matcher(template.deep_copy(), self.mask_words)
+            return Matcher(compiled.next().deep_copy(), self.mask_words)
+
+    def claim_copy(self, constraint: Constraint) -> bool:
+        """True if `constraint`'s grammar is compiled, has fewer than `MASK_LEXERS` copies and
+        none being compiled: the caller then calls `add_copy` (off the event loop), once."""
+        with self._lock:
+            compiled = self._compiled.get(constraint.grammar)
+            if compiled is None or compiled.compiling or len(compiled.templates) >= MASK_LEXERS:
+                return False
+            compiled.compiling = True
+            return True
+
+    def release_copy(self, constraint: Constraint) -> None:
+        """Gives back a `claim_copy` that will not be followed by `add_copy`."""
+        with self._lock:
+            compiled = self._compiled.get(constraint.grammar)
+            if compiled is not None:
+                compiled.compiling = False
+
+    def add_copy(self, constraint: Constraint) -> None:
+        """Compiles one more copy of a grammar `claim_copy` gave (as slow as its first compile;
+        the grammar is known to compile)."""
+        template = None
+        try:
+            template = on_deep_stack(functools.partial(llguidance.LLMatcher, log_level=0),
+                                     self._tokenizer_for(constraint), constraint.grammar)
+        finally:
+            with self._lock:
+                compiled = self._compiled.get(constraint.grammar)
+                if compiled is not None:
+                    compiled.compiling = False
+                    if template is not None and not template.is_error():
+                        compiled.templates.append(template)
+                        self._evict()
+
+    def _evict(self) -> None:
+        """Keeps the cache within its bounds (under the lock): at most _CACHED_GRAMMARS
+        grammars, the least recently used going first; then at most _CACHED_TEMPLATES compiled
+        matchers, the extra copies of the least recently used grammars going first, then whole
+        grammars (never the most recent one)."""
+        while len(self._compiled) > _CACHED_GRAMMARS:
+            self._compiled.popitem(last=False)
+        total = sum(len(c.templates) for c in self._compiled.values())
+        for compiled in list(self._compiled.values())[:-1]:
+            if total <= _CACHED_TEMPLATES:
+                break
+            total -= len(compiled.templates) - 1
+            del compiled.templates[1:]
+        while total > _CACHED_TEMPLATES and len(self._compiled) > 1:
+            _, compiled = self._compiled.popitem(last=False)
+            total -= len(compiled.templates)
 
     def new_masks(self, rows: int) -> np.ndarray:
         """A (rows, mask_words) int32 bitmask array, every token allowed."""
