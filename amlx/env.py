@@ -8,25 +8,40 @@ import os
 __all__ = ["env_choice", "env_int"]
 
 
+# The most any integer setting takes: each is a count or size that reaches MLX as an int32 (a
+# block or chunk of tokens, a number of streams); past it, AMLX_KV_BLOCK failed the load with
+# numpy's "array is too big" and AMLX_SHARDS made streams until the load was killed.
+MOST = 2**31 - 1
+
+
 def env_int(name: str, least: int = 1) -> int | None:
-    """An integer >= `least` from the environment, None where unset or empty; ValueError
-    naming the variable for anything else."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
+    """An integer in [`least`, MOST] from the environment, None where unset or empty (blank);
+    ValueError naming the variable for anything else."""
+    raw = _raw(name)
+    if raw is None:
         return None
     try:
         value = int(raw)
     except ValueError:
         raise ValueError(f"{name} must be an integer, not {raw!r}") from None
-    if value < least:
-        raise ValueError(f"{name} must be >= {least}, not {value}")
+    if not least <= value <= MOST:
+        raise ValueError(f"{name} must be an integer in [{least}, {MOST}], not {value}")
     return value
 
 
 def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
     """One of `choices` from the environment (case and surrounding space ignored), `default`
-    where unset; ValueError naming the variable for anything else."""
-    value = os.environ.get(name, default).strip().lower()
+    where unset or empty (blank); ValueError naming the variable for anything else."""
+    raw = _raw(name)
+    value = default if raw is None else raw.lower()
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
     return value
+
+
+def _raw(name: str) -> str | None:
+    """The variable's value without surrounding space; None where unset or blank. (`NAME=` is
+    how a shell or a compose file unsets a setting: env_choice refused it, and for
+    AMLX_QMM_SPLIT, read at import, `import amlx` failed.)"""
+    raw = os.environ.get(name, "").strip()
+    return raw or None

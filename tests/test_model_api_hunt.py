@@ -18,6 +18,7 @@ import pytest
 import amlx
 from amlx.demo import default_model_dir, run_demo
 from amlx.engine.worker import Worker
+from amlx.env import env_choice, env_int
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +120,26 @@ async def test_a_load_cancelled_on_the_worker_closes_the_model_it_made(monkeypat
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
     assert amlx.memory()["active"] == before
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_setting_is_unset(monkeypatch, blank):
+    # `NAME=` unsets a setting in a shell or a compose file: the word settings refused it
+    # (AMLX_QMM_SPLIT, read at import, made `import amlx` fail) and the integer ones refused spaces
+    monkeypatch.setenv("AMLX_HUNT_SETTING", blank)
+    assert env_choice("AMLX_HUNT_SETTING", ("on", "off"), "off") == "off"
+    assert env_int("AMLX_HUNT_SETTING") is None
+    monkeypatch.setenv("AMLX_MASK_BUILD", blank)
+    with amlx.load_sync(default_model_dir()) as m:
+        assert m.complete_sync("Hello!", max_tokens=2, regex="[a-z]+").usage.completion_tokens == 2
+
+
+def test_an_integer_setting_past_int32_names_its_variable(monkeypatch):
+    # the load failed with an MLXError holding numpy's "array is too big" (AMLX_KV_BLOCK), or
+    # never ended (AMLX_SHARDS made a stream per shard)
+    monkeypatch.setenv("AMLX_KV_BLOCK", str(2**64))
+    with pytest.raises(ValueError, match=r"AMLX_KV_BLOCK must be an integer in \[1, 2147483647\], not 1844"):
+        amlx.load_sync(default_model_dir())
+    monkeypatch.setenv("AMLX_HUNT_SETTING", "-1")
+    with pytest.raises(ValueError, match=r"AMLX_HUNT_SETTING must be an integer in \[0, 2147483647\], not -1"):
+        env_int("AMLX_HUNT_SETTING", least=0)
