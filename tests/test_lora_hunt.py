@@ -14,10 +14,12 @@ from amlx.train import lora
 
 try:
     from tests.helpers.checkpoints import make_checkpoint
-    from tests.test_train_lora import on_worker
+    from tests.test_models import _mlx_lm_logits
+    from tests.test_train_lora import IDS, _logits, _randomize_b, on_worker
 except ImportError:  # tests/ itself on sys.path
     from helpers.checkpoints import make_checkpoint
-    from test_train_lora import on_worker
+    from test_models import _mlx_lm_logits
+    from test_train_lora import IDS, _logits, _randomize_b, on_worker
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +105,29 @@ def test_fuse_checks_its_adapter_before_loading_the_model(tmp_path, monkeypatch,
         with pytest.raises(ModelLoadError, match=f"^{tmp_path / adapter}: not a directory"):
             lora.fuse(src, tmp_path / adapter, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_fusing_into_floats_drops_the_layers_quantization_entries(tmp_path):
+    """fuse(dequantize=True) of a mixed-precision checkpoint (mlx-lm's per-layer quantization
+    entries) kept the entries of the layers it wrote as floats: amlx read them as plain layers,
+    mlx-lm quantized them and refused the checkpoint ("Missing 2 parameters: ...scales")."""
+    import mlx_lm
+
+    mixed = tmp_path / "mixed"
+    mlx_lm.convert(str(make_checkpoint(tmp_path / "src", "qwen3")), str(mixed), quantize=True, q_group_size=32,
+                   quant_predicate="mixed_4_6")
+    lm = on_worker(lambda: load_model(mixed, progress=False))
+    on_worker(lambda: lora.apply_lora(lm.model, rank=2, targets=["v_proj", "down_proj"]))
+    _randomize_b(lm.model)
+    want = _logits(lm.model)
+    on_worker(lambda: lora.save_adapter(lm.model, tmp_path / "adapter"))
+    on_worker(lm.model.close)
+    fused = lora.fuse(mixed, tmp_path / "adapter", tmp_path / "fused", dequantize=True, progress=False)
+    config = json.loads((fused / "config.json").read_text())
+    before = json.loads((mixed / "config.json").read_text())["quantization"]
+    adapted = {k for k in before if k.endswith(("v_proj", "down_proj"))}
+    assert len(adapted) == 4 and config["quantization"] == {k: v for k, v in before.items() if k not in adapted}
+    assert config["quantization_config"] == config["quantization"]
+    import numpy as np
+
+    np.testing.assert_allclose(_mlx_lm_logits(mlx_lm, fused, IDS), want, rtol=1e-4, atol=1e-4)

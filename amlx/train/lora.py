@@ -716,6 +716,21 @@ def _fused_tensors(loaded, adapter, dequantize: bool, source: dict[str, Array]) 
     return out, _n_params(out, bits_of)
 
 
+def _fused_config(config: dict, out: dict[str, Array]) -> dict:
+    """`config` with quantization entries only for what `out` stores quantized: none when no layer
+    is, and no per-layer entry of a layer written as floats (dequantize=True). mlx-lm quantizes
+    every layer its config names, so the float layer of a mixed-precision checkpoint was
+    "Missing 2 parameters: ...scales, ...biases" there."""
+    if not any(n.endswith(".scales") for n in out):
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    for key in ("quantization", "quantization_config"):
+        q = config.get(key)
+        if isinstance(q, dict):
+            config[key] = {k: v for k, v in q.items() if not isinstance(v, dict) or f"{k}.scales" in out}
+    return config
+
+
 def _fuse_on_worker(src: Path, adapter, dst: Path, dequantize: bool, progress) -> Path:
     from amlx.convert import mlx_config
     from amlx.models import build_model
@@ -726,10 +741,7 @@ def _fuse_on_worker(src: Path, adapter, dst: Path, dequantize: bool, progress) -
     try:
         source = read_tensors(spec)
         out, n_params = _fused_tensors(loaded, adapter, dequantize, source)
-        config = mlx_config(spec.raw_config, spec.args, None, None, 64)
-        if not any(n.endswith(".scales") for n in out):
-            config.pop("quantization", None)
-            config.pop("quantization_config", None)
+        config = _fused_config(mlx_config(spec.raw_config, spec.args, None, None, 64), out)
         units = [([(name, out[name])], Array(out[name])) for name in sorted(out)]
         with staged_directory(dst) as tmp:
             write_weights(tmp, units, n_params, 5 << 30, f"converting {src.name}", progress)
