@@ -20,7 +20,6 @@ from amlx.errors import ContextLengthError
 from amlx.hub import resolve_model
 from amlx.notices import notice
 from amlx.prompt import INLINE_CHARS, PromptEncoder, is_heavy, is_token_id
-from amlx.sample import MAX_TOP_LOGPROBS
 from amlx.toolcalls import detect_format, parse_tool_calls, prompt_opens_reasoning
 from amlx.types import Completion, EngineStats, GenerateOptions, GenerationOptions, Prompt, Token, Usage
 
@@ -269,9 +268,9 @@ class Model:
         in chunks, on the engine's worker like generation (the server's `echo` uses this)."""
         if self._engine.closed:
             raise self._engine.closed_error()
-        if not (isinstance(top_logprobs, int) and not isinstance(top_logprobs, bool)
-                and 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
-            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
+        # checked and made a plain int as generate's option is (a numpy integer was refused as
+        # "must be an integer")
+        top_logprobs = GenerationOptions(top_logprobs=top_logprobs).top_logprobs
         ids = await self._prompt_ids(prompt)
         if not ids:
             raise ValueError("prompt_logprobs needs a prompt of at least one token")

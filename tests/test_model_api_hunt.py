@@ -143,3 +143,12 @@ def test_an_integer_setting_past_int32_names_its_variable(monkeypatch):
     monkeypatch.setenv("AMLX_HUNT_SETTING", "-1")
     with pytest.raises(ValueError, match=r"AMLX_HUNT_SETTING must be an integer in \[0, 2147483647\], not -1"):
         env_int("AMLX_HUNT_SETTING", least=0)
+
+
+async def test_prompt_logprobs_takes_a_numpy_top_logprobs_as_generate_does(model):
+    # generate takes top_logprobs=np.int64(2); prompt_logprobs refused it as "must be an integer"
+    want = await model.prompt_logprobs("Hello there", top_logprobs=2)
+    got = await model.prompt_logprobs("Hello there", top_logprobs=np.int64(2))
+    assert got == want and all(type(i) is int for t in got[1:] for i, _ in t.top_logprobs)
+    with pytest.raises(ValueError, match=r"top_logprobs must be an integer in \[0, 20\], got 21"):
+        await model.prompt_logprobs("Hello there", top_logprobs=np.int64(21))
