@@ -55,6 +55,7 @@ class TokenStream:
         self._start = start  # makes the request (tokenizes and submits) when `stream` is None
         self._finished = False
         self._lock = threading.Lock()
+        self._start_lock = threading.Lock()  # held while `start` runs: it makes one request
 
     @property
     def prompt_tokens(self) -> int | None:
@@ -74,11 +75,17 @@ class TokenStream:
         return self._stream
 
     def _begin(self) -> None:
-        """Makes the request (any thread); cancels it if the stream was closed meanwhile."""
-        stream = self._start()
-        with self._lock:
-            self._stream = stream
-            gone = self._finished
+        """Makes the request (any thread), once however many reads start it at the same time
+        (two made two requests: both read the same first token, and the one the stream then
+        dropped held its place and KV blocks for good); cancels it if the stream was closed
+        meanwhile."""
+        with self._start_lock:
+            if self._stream is not None:
+                return
+            stream = self._start()
+            with self._lock:
+                self._stream = stream
+                gone = self._finished
         if gone:
             stream.cancel()
 

@@ -152,3 +152,21 @@ async def test_prompt_logprobs_takes_a_numpy_top_logprobs_as_generate_does(model
     assert got == want and all(type(i) is int for t in got[1:] for i, _ in t.top_logprobs)
     with pytest.raises(ValueError, match=r"top_logprobs must be an integer in \[0, 20\], got 21"):
         await model.prompt_logprobs("Hello there", top_logprobs=np.int64(21))
+
+
+async def test_reads_that_start_a_chat_stream_together_make_one_request(model):
+    # a chat prompt is tokenized and submitted by the stream's first read: two reads at once
+    # made two requests, both read the same first token, and the one the stream dropped held
+    # its place and KV blocks for good
+    chat = [{"role": "user", "content": "Tell me a story about a dragon."}]
+    want = (await model.complete(chat, max_tokens=2)).token_ids
+    stream = model.generate(chat, max_tokens=50, max_buffer=2)
+    first, second = await asyncio.gather(stream.__anext__(), stream.__anext__())
+    assert [first.id, second.id] == want
+    await stream.aclose()
+    for _ in range(100):  # (worker rounds: a cancelled request leaves at the next one)
+        stats = model.stats()
+        if stats["active_requests"] == stats["waiting_requests"] == stats["kv_cache"]["blocks_used"] == 0:
+            break
+        await model.engine.run(lambda: None)
+    assert (stats["active_requests"], stats["waiting_requests"], stats["kv_cache"]["blocks_used"]) == (0, 0, 0)
