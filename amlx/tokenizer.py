@@ -938,14 +938,20 @@ class StreamingDetokenizer:
         return len(text), False
 
     @staticmethod
-    def _spoiled(data: bytes | bytearray) -> bool:
-        """Whether `data` is no prefix of any valid UTF-8 (ByteFallback then decodes every byte
+    def _whole(data: bytes | bytearray) -> int | None:
+        """How many leading bytes of `data` are whole characters, the rest the start of one;
+        None when `data` is no prefix of any valid UTF-8 (ByteFallback then decodes every byte
         of such a run to U+FFFD, whatever bytes follow)."""
         try:
-            bytes(data).decode("utf-8")
+            data.decode("utf-8")
         except UnicodeDecodeError as e:
-            return e.reason != "unexpected end of data"  # (else: a character cut short)
-        return False
+            return e.start if e.reason == "unexpected end of data" else None  # (a character cut short)
+        return len(data)
+
+    @classmethod
+    def _spoiled(cls, data: bytes | bytearray) -> bool:
+        """Whether `data` is no prefix of any valid UTF-8 (see _whole)."""
+        return cls._whole(data) is None
 
     def _clear_run(self) -> None:
         self._run.clear()
@@ -959,15 +965,11 @@ class StreamingDetokenizer:
         spelled in byte pieces, 40,000 of them, took 0.9 s of the worker's time)."""
         if not self._run or self._run_bad:
             return False
-        try:
-            self._run[self._run_whole:].decode("utf-8")
-        except UnicodeDecodeError as e:
-            if e.reason != "unexpected end of data":  # (else: a character cut short)
-                self._run_bad = True
-                return False
-            self._run_whole += e.start
-            return True
-        self._run_whole = len(self._run)
+        whole = self._whole(self._run[self._run_whole:])
+        if whole is None:
+            self._run_bad = True
+            return False
+        self._run_whole += whole
         return True
 
     def _trailing_run(self, ids: list[int]) -> bytes:
