@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 
 import amlx
 from amlx.prompt import PromptEncoder
-from amlx.serve import prompts
+from amlx.serve import prompts, tool_choice
 from amlx.serve.auth import KeyCheck
 from amlx.serve.errors import APIError, ErrorRoute, about_field, install_handlers
 from amlx.serve.generation import Admission, Generation
@@ -133,7 +133,7 @@ def _routes(server: Server) -> APIRouter:
     @api.post("/v1/chat/completions")
     async def chat(request: Request, req: ChatRequest) -> Response:
         arrived = server.received("chat", req)
-        messages, tools = prompts.chat_messages(req), prompts.chat_tools(req)
+        messages, tools = prompts.chat_messages(req), prompts.chat_tools(req, server.tool_format)
         if tools and server.tool_format is None:
             raise APIError(400, "tools are not supported: this model's chat template has no tool-call format amlx "
                            "knows (Qwen/Hermes, Llama 3.1, Mistral)", param="tools", code="unsupported_parameter")
@@ -143,6 +143,9 @@ def _routes(server: Server) -> APIRouter:
                 add_generation_prompt=req.add_generation_prompt, continue_final_message=req.continue_final_message))
         except amlx.ContextLengthError as exc:
             raise about_field(exc, "messages") from exc
+        # tool_choice "required" or a named function: the calls become the request's grammar
+        req = await anyio.to_thread.run_sync(tool_choice.with_forced_calls, req, server.tool_format,
+                                             server.model.tokenizer, ids)
         tool_format = server.tool_format if tools else None
         return await server.answer(request, req, ChatShape(server.settings.model_name), [ids], tool_format, arrived)
 

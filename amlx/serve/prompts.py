@@ -12,6 +12,7 @@ from typing import Any
 from amlx.prompt import check_rendered, check_structure
 from amlx.serve.errors import APIError
 from amlx.serve.schemas import ChatRequest, CompletionRequest, Message
+from amlx.serve.tool_choice import check_tool_choice
 
 
 def _text_of(message: Message) -> str | None:
@@ -58,19 +59,18 @@ def chat_messages(req: ChatRequest) -> list[dict]:
     return out
 
 
-def chat_tools(req: ChatRequest) -> list[dict] | None:
-    """The tools to render, or None. tool_choice "none" renders none; forcing a call is refused
-    (it needs constrained decoding of the call, which this server does not do)."""
+def chat_tools(req: ChatRequest, fmt: str | None = None) -> list[dict] | None:
+    """The tools to render, or None. tool_choice "none" renders none; "required" or a named
+    function (forcing a call, see tool_choice.py) is checked against `fmt`, the checkpoint's
+    tool-call format: a 400 where no call can be forced."""
     choice = req.tool_choice
     # OpenAI answers 400 for tool_choice without tools (missing or []); checked first so that
-    # 'required' without tools is told what is wrong, not that 'required' is unsupported.
+    # 'required' without tools is told what is wrong, not that the call cannot be forced.
     # "none" is let through: it asks for no calls, which no tools means anyway.
     if choice is not None and choice != "none" and not req.tools:
         raise APIError(400, "tool_choice is only allowed when tools are specified (tools is missing or empty)",
                        param="tool_choice", code="invalid_value")
-    if choice is not None and choice not in ("none", "auto"):
-        raise APIError(400, "tool_choice 'required' or a named function is not supported; use 'auto' or 'none'",
-                       param="tool_choice", code="unsupported_parameter")
+    check_tool_choice(req, fmt)
     if not req.tools or choice == "none":
         return None
     return [t.model_dump(exclude_none=True) for t in req.tools]
