@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from amlx.errors import ModelLoadError
 from amlx.models import load_model
@@ -63,8 +65,6 @@ _EMPTY_CONFIGS = {
 def test_an_adapter_without_matrices_is_refused(loaded, tmp_path, kind):
     """An adapter file holding no LoRA matrix loaded as if applied (amlx, PEFT) and the model ran
     without it; mlx-lm's was refused as "targets must be a non-empty list of module names"."""
-    from safetensors.numpy import save_file
-
     name, meta = _EMPTY_CONFIGS[kind]
     save_file({}, str(tmp_path / name))
     (tmp_path / lora.ADAPTER_CONFIG).write_text(json.dumps(meta))
@@ -77,9 +77,6 @@ def test_an_adapter_without_matrices_is_refused(loaded, tmp_path, kind):
 def test_a_peft_adapter_of_the_vision_tower_alone_is_refused(loaded, tmp_path):
     """A PEFT adapter of a multimodal checkpoint that adapts only the vision tower (which amlx
     does not run) loaded silently and changed nothing."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
     name = "base_model.model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj"
     save_file({f"{name}.lora_A.weight": np.zeros((4, 8), np.float32),
                f"{name}.lora_B.weight": np.zeros((8, 4), np.float32)}, str(tmp_path / lora.PEFT_WEIGHTS))
@@ -128,6 +125,4 @@ def test_fusing_into_floats_drops_the_layers_quantization_entries(tmp_path):
     adapted = {k for k in before if k.endswith(("v_proj", "down_proj"))}
     assert len(adapted) == 4 and config["quantization"] == {k: v for k, v in before.items() if k not in adapted}
     assert config["quantization_config"] == config["quantization"]
-    import numpy as np
-
     np.testing.assert_allclose(_mlx_lm_logits(mlx_lm, fused, IDS), want, rtol=1e-4, atol=1e-4)
