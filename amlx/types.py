@@ -166,6 +166,7 @@ class GenerationOptions:
     grammar: str | None = None
 
     def __post_init__(self) -> None:
+        self._plain_containers()
         self._plain_numbers()
         self._validate()
         # derived, not an option: kept beside the fields (a frozen dataclass's __dict__)
@@ -186,19 +187,21 @@ class GenerationOptions:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"unknown generation option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        stop = kwargs.get("stop", ())
-        if isinstance(stop, str):
-            stop = (stop,)
-        if not isinstance(stop, (list, tuple)):
-            raise ValueError("stop must be a string or a sequence of non-empty strings")
-        kwargs["stop"] = tuple(stop)
-        bias = kwargs.get("logit_bias")
-        if isinstance(bias, Mapping):
-            kwargs["logit_bias"] = dict(bias)  # the caller's dict may change later
         opts = cls(**kwargs)
         if vocab_size is not None:
             opts.check_vocab(vocab_size)
         return opts
+
+    def _plain_containers(self) -> None:
+        """`stop` as a tuple (one string, or a list of them) and `logit_bias` as a dict of its
+        own (the caller's may change later), made here, not only by `from_kwargs`: the public
+        class built directly refused stop="abc" as "stop must be a string ..., got 'abc'"."""
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.logit_bias, Mapping):
+            object.__setattr__(self, "logit_bias", dict(self.logit_bias))
 
     def _plain_numbers(self) -> None:
         """Valid numbers of other types (numpy scalars: any numbers.Integral / numbers.Real the

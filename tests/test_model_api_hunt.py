@@ -170,3 +170,15 @@ async def test_reads_that_start_a_chat_stream_together_make_one_request(model):
             break
         await model.engine.run(lambda: None)
     assert (stats["active_requests"], stats["waiting_requests"], stats["kv_cache"]["blocks_used"]) == (0, 0, 0)
+
+
+def test_generation_options_built_directly_take_what_generate_takes():
+    # the public class refused stop="abc" as "stop must be a string ..., got 'abc'" (and a list),
+    # and kept the caller's logit_bias dict, which could change the frozen options later
+    bias = {5: 1.0}
+    opts = amlx.GenerationOptions(stop="abc", logit_bias=bias)
+    bias[6] = 2.0
+    assert opts.stop == ("abc",) and opts.logit_bias == {5: 1.0}
+    assert amlx.GenerationOptions(stop=["a", "b"]).stop == ("a", "b")
+    with pytest.raises(ValueError, match="stop must be a string or a sequence of non-empty strings"):
+        amlx.GenerationOptions(stop={"a"})
