@@ -316,3 +316,38 @@ def test_a_parked_request_left_while_another_shards_pool_fails_gives_its_blocks_
             assert not sched._held and model.stats()["kv_cache"]["blocks_used"] == 0
 
     anyio.run(body)
+
+
+def test_a_stream_nobody_reads_gives_its_blocks_to_a_waiting_request_once_its_slot_lapses():
+    """A pool of 4 blocks: a stream whose consumer stopped reading holds 3 of them, parked.
+    A new request needs 2 and waited for good (only the unread stream's batch slot was given
+    up, never its blocks: README's "streams nobody reads never starve new ones" did not hold
+    for memory). Once the parked stream's slot lapses, it gives its blocks back and stays
+    parked; the new request runs; read again, the parked stream is recomputed and goes on
+    without a gap: its tokens are those of a run alone, and every block comes back."""
+    unread_prompt, waiting_prompt = list(range(5, 45)), list(range(100, 130))
+
+    async def body():
+        async with await amlx.load(default_model_dir()) as probe:
+            block = probe.engine.scheduler.block_bytes()
+            options = dict(logit_bias={i: -100.0 for i in probe.engine.eos_ids})
+            want_unread = (await probe.complete(unread_prompt, max_tokens=20, **options)).token_ids
+            want_waiting = (await probe.complete(waiting_prompt, max_tokens=5, **options)).token_ids
+        async with await amlx.load(default_model_dir(), kv_cache_memory=4 * block) as model:
+            sched = model.engine.scheduler
+            sched.slot_idle_limit = 0.05
+            unread = model.generate(unread_prompt, max_tokens=20, max_buffer=1, **options)
+            got = [(await unread.__anext__()).id]
+            while not await model.engine.run(lambda: bool(sched.parked) and not sched.rows):
+                await anyio.sleep(0.005)
+            assert model.stats()["kv_cache"]["blocks_used"] == 3
+            with anyio.fail_after(60):  # (a guard against waiting for good, not a timing)
+                done = await model.complete(waiting_prompt, max_tokens=5, **options)
+            assert done.token_ids == want_waiting
+            got += [t.id async for t in unread]
+            assert got == want_unread
+            while sched.has_work():
+                await anyio.sleep(0.01)
+            assert not sched._held and model.stats()["kv_cache"]["blocks_used"] == 0
+
+    anyio.run(body)

@@ -20,8 +20,10 @@ one array of fixed-size blocks; each request holds a block table, and a step
 stacks the tables of its rows. Per-row positions go in as an int32 array each
 step, so rows of any length decode together. A row joining or leaving copies
 no other row's cache: only the tables stacked change. A parked request keeps
-its blocks. Full prompt blocks are cached by their tokens' chained hash, and a
-new request reuses the longest cached prefix (prefix caching). When a shard's
+its blocks, until its slot has lapsed and a waiting request needs them: it then
+gives them back and is recomputed once read again. Full prompt blocks are
+cached by their tokens' chained hash, and a new request reuses the longest
+cached prefix (prefix caching). When a shard's
 pool has no room for its rows' next blocks, the youngest row is preempted: its
 blocks go back (its full blocks stay cached) and it is queued again, to be
 recomputed from its prompt and the tokens it has produced; its stream goes on
@@ -294,6 +296,8 @@ class Scheduler:
         # no headroom): a looser one has the worker spin on a request that cannot start
         if any(not r.active for r in self.waiting) or (self.waiting and free and self.pools.fits(self.waiting[0])):
             return True
+        if self.waiting and free and self._unread_holding():
+            return True  # (`_admit` takes their blocks for the waiting request: `_set_aside_unread`)
         return any(not r.active or (r.channel.has_room() and (free or self._holds_slot(r))) for r in self.parked)
 
     def wake_at(self) -> float | None:
@@ -401,6 +405,8 @@ class Scheduler:
                 self._finish(self.waiting.popleft())
                 continue
             index = self.pools.place(req, load, [bool(s.rows) for s in self.shards])
+            if index is None and not group and self._set_aside_unread():
+                continue  # (blocks came back: it tries again)
             if index is None:
                 break  # no room in the pools yet: it waits for blocks to come back
             rest = len(req.fill) - req.prefilled
@@ -790,7 +796,27 @@ class Scheduler:
                 # for waiting requests there): the next round drains first, then it rejoins
                 continue
             self.parked.remove(req)
+            if not req.blocks:  # set aside while unread (`_set_aside_unread`): recomputed first
+                self.waiting.appendleft(req)
+                continue
             self._join(self.shards[req.shard], [req])
+
+    def _unread_holding(self) -> list[Request]:
+        """Parked requests whose batch slot lapsed (nobody read them for `slot_idle_limit`)
+        that still hold KV blocks, youngest first."""
+        return preemption_order([r for r in self.parked if r.blocks and not self._holds_slot(r)])
+
+    def _set_aside_unread(self) -> bool:
+        """The head of the queue needs KV blocks that parked requests nobody reads hold:
+        the youngest of those whose slot lapsed gives its blocks back (its full ones stay
+        cached) and stays parked without them, to be recomputed once it is read again
+        (`_unpark`), as a preempted row is. Kept, they starved every new request for as long
+        as their consumers held the streams unread. False if there is none."""
+        unread = self._unread_holding()
+        if not unread:
+            return False
+        self._set_aside(unread[0])
+        return True
 
     def _decode(self) -> None:
         """Launches one decode step for the batch (every shard) and reads the previous one.
@@ -1326,12 +1352,17 @@ class Scheduler:
             self.parked.remove(req)
         else:
             self._set_rows(shard, [r for r in shard.rows if r is not req])
+        self._set_aside(req)
+        self.waiting.appendleft(req)
+
+    def _set_aside(self, req: Request) -> None:
+        """Frees a preempted request's blocks (its full ones stay cached); it will be
+        recomputed from its prompt and the tokens it produced, but the last."""
         self.pools.release(req)
         if req.pos:  # it was decoding: what it recomputes is its prompt and its tokens but the last
             req.recompute = (req.prompt + req.generated)[:req.pos]
         req.prefilled = req.pos = 0
         self.preemptions += 1
-        self.waiting.appendleft(req)
 
     def _release(self, req: Request) -> None:
         """The request leaves the scheduler: its own cache is freed (and the other
