@@ -424,6 +424,14 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+def _check_path(path) -> None:
+    """TypeError naming `path` for what is no path (None, bytes, a number): the error came
+    from pathlib ("expected str, bytes or os.PathLike object, not NoneType")."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a checkpoint directory or a Hugging Face model id (a str or an "
+                        f"os.PathLike), not {type(path).__name__}")
+
+
 def _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory=None, prefix_cache=True,
                      kv_bits=None, tensor_parallel: int = 1, draft=None, dtype=None) -> None:
     from amlx.models.loader import check_dtype
@@ -713,6 +721,7 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     rank fails to start; a rank that dies later fails every request with it and
     closes the model. score(), training and speculative decoding (draft) are not
     supported with N > 1."""
+    _check_path(path)
     _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits,
                      tensor_parallel, draft, dtype)
     kv = _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens)
@@ -735,6 +744,7 @@ def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_
               prefix_cache: bool = True, kv_bits: int | None = None, draft: str | os.PathLike | None = None,
               num_draft_tokens: int = 4, tensor_parallel: int = 1) -> Model:
     """`load` for scripts and blocking code."""
+    _check_path(path)
     _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits,
                      tensor_parallel, draft, dtype)
     kv = _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens)

@@ -182,3 +182,12 @@ def test_generation_options_built_directly_take_what_generate_takes():
     assert amlx.GenerationOptions(stop=["a", "b"]).stop == ("a", "b")
     with pytest.raises(ValueError, match="stop must be a string or a sequence of non-empty strings"):
         amlx.GenerationOptions(stop={"a"})
+
+
+@pytest.mark.parametrize("path", [None, b"/tmp", 5])
+async def test_a_path_of_another_type_is_refused_naming_path(path):
+    # pathlib's "expected str, bytes or os.PathLike object, not NoneType" named no option
+    with pytest.raises(TypeError, match=r"path must be a checkpoint directory or a Hugging Face model id"):
+        await amlx.load(path)
+    with pytest.raises(TypeError, match=r"path must be a checkpoint directory or a Hugging Face model id"):
+        amlx.load_sync(path)
