@@ -191,3 +191,12 @@ async def test_a_path_of_another_type_is_refused_naming_path(path):
         await amlx.load(path)
     with pytest.raises(TypeError, match=r"path must be a checkpoint directory or a Hugging Face model id"):
         amlx.load_sync(path)
+
+
+def test_a_kv_block_too_large_for_the_device_is_refused_at_load(monkeypatch):
+    # a pool holds 2 blocks whatever its ceiling: 2 blocks of 2**30 tokens (2 TiB each here)
+    # crashed MLX (a segfault), smaller huge ones got the process killed for memory
+    monkeypatch.setenv("AMLX_KV_BLOCK_SIZE", str(2**30))
+    with pytest.raises(ValueError, match=r"a KV block of 1073741824 tokens \(kv_block_size, AMLX_KV_BLOCK_SIZE\) "
+                                         r"takes \d+ bytes: the 2 a pool holds at least do not fit"):
+        amlx.load_sync(default_model_dir())

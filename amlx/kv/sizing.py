@@ -76,6 +76,10 @@ def make_pools(model, options, shards: int, split_windows: bool = False) -> list
     bs = options.kv_block_size or DEFAULT_BLOCK_SIZE
     bits = options.kv_bits
     per_block = block_bytes(layout, dtype, bs, bits)
+    if 2 * per_block > device_memory(options.device):  # (a pool holds 2 blocks at least, whatever its ceiling:
+        # such blocks got the process killed for memory, or crashed MLX past int32 sizes)
+        raise ValueError(f"a KV block of {bs} tokens (kv_block_size, AMLX_KV_BLOCK_SIZE) takes {per_block} bytes: "
+                         f"the 2 a pool holds at least do not fit in the device's memory")
     total = kv_cache_bytes(options.kv_cache_memory, options.device)
     blocks = max(2, total // shards // max(per_block, 1) + 1)  # (+1: the null block)
     span_step = max(1, options.kv_block // bs)
