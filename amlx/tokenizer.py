@@ -1037,6 +1037,20 @@ class StreamingDetokenizer:
                 self._ids = context
                 self._emitted = len(context_text) - held
                 return
+        if self._byte_ids and self._run:
+            self._anchor_in_spoiled_run()
+
+    def _anchor_in_spoiled_run(self) -> None:
+        """Re-anchors a window that ends in a spoiled run no short suffix of which is spoiled
+        ("\\x80" then "AAAA..." byte pieces, or a cut character then newlines as "<0x0A>"):
+        every byte of the run is U+FFFD, now and as it goes on, so the window becomes one byte
+        piece that no UTF-8 holds, its U+FFFD taken as emitted, and the run's next bytes are
+        U+FFFD after it as in the text. (It kept all the ids since the run began, each token
+        decoding them: 8,000 took 18 s of the worker's time.)"""
+        spoiler = next((i for i, b in self._byte_ids.items() if 0x80 <= b < 0xC0), None)
+        if spoiler is not None:
+            self._ids = [spoiler]
+            self._emitted = len(self._decode(self._ids))
 
     def _ends(self, text: str, context_text: str, held: int) -> bool:
         """Whether `text` ends in a context's text, more of it than the `held` characters. A

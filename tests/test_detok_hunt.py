@@ -135,6 +135,31 @@ def test_ids_that_decode_drops_cost_linear_work(pairs, kind, dropped):
     assert decoded <= 20 * len(ids)  # (was about len(ids) ** 2 / 2)
 
 
+@pytest.mark.parametrize("after", ["A", "\n"])
+def test_a_spoiled_byte_run_whose_last_bytes_read_as_text_costs_linear_work(pairs, after):
+    """A run of byte pieces that one bad byte spoiled decodes to U+FFFD for every byte, also
+    those after it. The window was re-anchored only on a suffix of ids spoiled on its own;
+    when the run went on in bytes that read as text alone (a cut character, then newlines as
+    "<0x0A>", as Llama 2 spells them), there was none, and each token decoded all the ids
+    since: 8,000 took 18 s of the worker's time."""
+    ours, hf = pairs["spm"]
+    run = b"\xf0\x9f" + after.encode() * 1000
+    ids = [ours.token_to_id(f"<0x{b:02X}>") for b in run] + ours.encode("a", add_special_tokens=False)
+    detok = ours.detokenizer()
+    decoded = 0
+    inner = detok._decode
+
+    def counting(window: list[int]) -> str:
+        nonlocal decoded
+        decoded += len(window)
+        return inner(window)
+
+    detok._decode = counting
+    pieces = [detok.add(i) for i in ids] + [detok.finalize()]
+    assert "".join(pieces) == hf.decode(ids) == "\ufffd" * len(run) + "a"
+    assert decoded <= 20 * len(ids)  # (was about len(ids) ** 2 / 2)
+
+
 def _byte_level_bytes(tok: Tokenizer) -> dict[int, bytes]:
     """The bytes of each byte-level BPE piece (GPT-2's map of bytes to printable characters)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
