@@ -193,12 +193,14 @@ class GenerationOptions:
         return opts
 
     def _plain_containers(self) -> None:
-        """`stop` as a tuple (one string, or a list of them) and `logit_bias` as a dict of its
+        """`stop` as a tuple (one string, or a sequence of them) and `logit_bias` as a dict of its
         own (the caller's may change later), made here, not only by `from_kwargs`: the public
         class built directly refused stop="abc" as "stop must be a string ..., got 'abc'"."""
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        elif isinstance(self.stop, list):
+        elif isinstance(self.stop, Sequence) and not isinstance(self.stop, (tuple, bytes, bytearray)):
+            # (any sequence of strings, as the option is typed: a deque was refused as "stop must be
+            # a string or a sequence of non-empty strings")
             object.__setattr__(self, "stop", tuple(self.stop))
         if isinstance(self.logit_bias, Mapping):
             object.__setattr__(self, "logit_bias", dict(self.logit_bias))

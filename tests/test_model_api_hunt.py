@@ -200,3 +200,13 @@ def test_a_kv_block_too_large_for_the_device_is_refused_at_load(monkeypatch):
     with pytest.raises(ValueError, match=r"a KV block of 1073741824 tokens \(kv_block_size, AMLX_KV_BLOCK_SIZE\) "
                                          r"takes \d+ bytes: the 2 a pool holds at least do not fit"):
         amlx.load_sync(default_model_dir())
+
+
+async def test_stop_takes_any_sequence_of_strings(model):
+    # stop is typed Sequence[str]: a deque was refused as "stop must be a string or a sequence
+    # of non-empty strings"
+    free = (await model.complete("Hello!", max_tokens=8)).text
+    cut = free[len(free) // 2:][:2]
+    want = await model.complete("Hello!", max_tokens=8, stop=[cut])
+    got = await model.complete("Hello!", max_tokens=8, stop=collections.deque([cut]))
+    assert got.text == want.text and got.finish_reason == want.finish_reason == "stop"
