@@ -20,6 +20,12 @@ class MLXError(AmlxError):
         self.hint = hint  # what to do about it, when amlx knows (a missing CUDA header, say)
         super().__init__(f"{op}: {message}" + (f"\n{hint}" if hint else ""))
 
+    def __reduce__(self):
+        # made again from its own arguments: pickle and copy call the class with `args` (the one
+        # formatted message), which raised TypeError, so the error could not leave a process
+        # (a ProcessPoolExecutor's worker, say) nor be copied
+        return type(self), (self.op, self.mlx_message, self.hint), self.__dict__
+
 
 class ClosedError(AmlxError):
     """The model (or engine) was closed; also ends streams still pending at close."""

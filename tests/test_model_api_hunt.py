@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import gc
 import io
+import pickle
 import threading
 import types
 import warnings
@@ -210,3 +212,12 @@ async def test_stop_takes_any_sequence_of_strings(model):
     want = await model.complete("Hello!", max_tokens=8, stop=[cut])
     got = await model.complete("Hello!", max_tokens=8, stop=collections.deque([cut]))
     assert got.text == want.text and got.finish_reason == want.finish_reason == "stop"
+
+
+def test_an_mlx_error_survives_pickle_and_copy():
+    # MLXError(op, message, hint) was made again from its one formatted message: TypeError, so
+    # it could not leave a process (a ProcessPoolExecutor's worker) nor be copied
+    err = amlx.MLXError("matmul", "shapes (2, 3) and (4, 5) differ", "a hint")
+    for again in (pickle.loads(pickle.dumps(err)), copy.copy(err)):
+        assert type(again) is amlx.MLXError and str(again) == str(err)
+        assert (again.op, again.mlx_message, again.hint) == ("matmul", "shapes (2, 3) and (4, 5) differ", "a hint")
