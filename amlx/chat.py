@@ -40,10 +40,11 @@ class Conversation:
 
 
 def _read_line(prompt: str, err: TextIO) -> str | None:
-    """The next line typed, None at the end of input."""
+    """The next line typed, None at the end of input. A Windows line end's "\\r" (input() keeps
+    it, from a file or pipe of CRLF lines) is no part of the line: it was sent to the model."""
     while True:
         try:
-            return input(prompt)
+            return input(prompt).removesuffix("\r")
         except EOFError:
             return None
         except KeyboardInterrupt:

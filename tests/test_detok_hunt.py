@@ -4,6 +4,7 @@ same tokenizer folders as the oracle."""
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 import amlx
+import amlx.chat
 from amlx.engine.assembler import TextAssembler
 from amlx.reply import stream_reply
 from amlx.tokenizer import Tokenizer
@@ -248,20 +250,40 @@ def test_held_text_costs_linear_work_in_the_reply(pairs):
 # ------------------------------------------------------------------------------ the terminal
 
 
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    with amlx.load_sync(make_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3")) as model:
+        yield model
+
+
+def test_chat_sends_lines_of_a_crlf_file_without_their_carriage_return(qwen3, monkeypatch, capsys):
+    """`amlx chat MODEL < questions.txt` with Windows line ends: input() keeps each line's "\\r",
+    and every user message reached the model ending in it (`amlx generate -` drops it)."""
+    sent = []
+
+    def recording(model, messages, options, out=None):
+        sent.append(copy.deepcopy(messages))
+        return stream_reply(model, messages, options, out)
+
+    monkeypatch.setattr(amlx.chat, "stream_reply", recording)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\r\n  indented \r\n"))
+    assert amlx.chat.run_chat(qwen3, dict(max_tokens=2)) == 0
+    assert [messages[-1]["content"] for messages in sent] == ["Hello", "  indented "]
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
 
 
-def test_a_reply_on_a_terminal_shows_control_characters_instead_of_sending_them(tmp_path):
+def test_a_reply_on_a_terminal_shows_control_characters_instead_of_sending_them(qwen3):
     """`amlx generate` / `amlx chat` wrote the model's text to the terminal as it was: a reply
     repeating a hostile document's escape sequences cleared the screen, set the clipboard (OSC
     52) or hid text. On a terminal they now show as symbols; the Reply's text, and what goes to
     a file or pipe, stay as the model wrote them."""
     forced = "ok\x1b]52;c;aGk=\x07\x1b[2J\x08\x00\x7f\x9b31m\ta\r\nb"
-    with amlx.load_sync(make_checkpoint(tmp_path / "qwen3", "qwen3")) as model:
-        shown, piped = _Terminal(), io.StringIO()
-        replies = [stream_reply(model, "hi", dict(choice=[forced], max_tokens=64), out) for out in (shown, piped)]
+    shown, piped = _Terminal(), io.StringIO()
+    replies = [stream_reply(qwen3, "hi", dict(choice=[forced], max_tokens=64), out) for out in (shown, piped)]
     assert [r.text for r in replies] == [forced, forced]
     assert piped.getvalue() == forced + "\n"
     assert shown.getvalue() == "ok\u241b]52;c;aGk=\u2407\u241b[2J\u2408\u2400\u2421\ufffd31m\ta\r\nb\n"
