@@ -61,6 +61,13 @@ SCHEMA = {
     "additionalProperties": False,
 }
 RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "bench", "schema": SCHEMA}}
+# `--schema long`: the same object, its array at least 64 strings long, so that no stream can close
+# its JSON within 128 tokens: both sides decode every stream to max_tokens, and "ratio" compares
+# the same work without free_matched
+LONG_SCHEMA = {**SCHEMA, "properties": {**SCHEMA["properties"], "tags": {**SCHEMA["properties"]["tags"], "minItems": 64}}}
+SCHEMAS = {"default": RESPONSE_FORMAT,
+           "long": {"type": "json_schema", "json_schema": {"name": "bench", "schema": LONG_SCHEMA}}}
+_response_format = RESPONSE_FORMAT  # (main sets it from --schema)
 
 
 def _prompts(tokenizer, n: int, length: int, seed: int) -> list[list[int]]:
@@ -74,7 +81,7 @@ async def _run(model, prompts: list[list[int]], max_tokens: int | list[int],
                constrained: bool) -> tuple[list[int], float]:
     """(tokens each stream produced, seconds) for all prompts decoded concurrently;
     `max_tokens` one for all or one per prompt."""
-    options = {"response_format": RESPONSE_FORMAT} if constrained else {}
+    options = {"response_format": _response_format} if constrained else {}
     limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
 
     async def one(prompt: list[int], limit: int) -> int:
@@ -117,7 +124,7 @@ async def _closed_loop(model, streams: int, per_client: int, max_tokens: int | l
     client the limit of each of its requests. Returns each client's request lengths, the
     wall time, and the tokens and seconds of the steady window (until the first client is
     done)."""
-    options = {"response_format": RESPONSE_FORMAT} if constrained else {}
+    options = {"response_format": _response_format} if constrained else {}
     prompts = _prompts(model.tokenizer, streams * per_client, 32, seed=seed)
     stamps: list[float] = []  # arrival time of every token
     done: list[float] = []  # when each client finished its last request
@@ -271,8 +278,13 @@ def main(argv=None) -> int:
     ap.add_argument("--switch-interval", type=float, default=None, metavar="SECONDS",
                     help="sys.setswitchinterval for the run (CPython's default 0.005): how long a thread that "
                          "wants the GIL back (the mask thread, after llguidance's fill) may wait for its holder")
+    ap.add_argument("--schema", choices=sorted(SCHEMAS), default="default",
+                    help="default: streams may close their JSON early (then see ratio_matched); long: its array "
+                         "needs 64 strings, so every stream runs to --max-tokens (up to 128) on both sides")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
+    global _response_format
+    _response_format = SCHEMAS[args.schema]
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     with tempfile.TemporaryDirectory() as tmp:
