@@ -41,10 +41,11 @@ class Conversation:
 
 def _read_line(prompt: str, err: TextIO) -> str | None:
     """The next line typed, None at the end of input. A Windows line end's "\\r" (input() keeps
-    it, from a file or pipe of CRLF lines) is no part of the line: it was sent to the model."""
+    it, from a file or pipe of CRLF lines) and a byte order mark (U+FEFF, which some Windows
+    tools write first) are no part of the line: they were sent to the model."""
     while True:
         try:
-            return input(prompt).removesuffix("\r")
+            return input(prompt).removesuffix("\r").removeprefix("\ufeff")
         except EOFError:
             return None
         except KeyboardInterrupt:

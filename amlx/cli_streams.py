@@ -27,7 +27,9 @@ def read_prompt(arg: str) -> str:
         except UnicodeDecodeError as exc:
             raise ValueError(f"the prompt on stdin is not {encoding} text ({exc.reason}: byte "
                              f"{data[exc.start]:#04x} at offset {exc.start})") from None
-    # the line end `echo` and editors add (a Windows editor's too: it left a "\r" at the prompt's end)
+    # the line end `echo` and editors add (a Windows editor's too: it left a "\r" at the prompt's end),
+    # and the byte order mark some Windows tools write first (it reached the model as U+FEFF)
+    text = text.removeprefix("\ufeff")
     return text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
 
 

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 import amlx
 import amlx.chat
+from amlx.cli_streams import read_prompt
 from amlx.engine.assembler import TextAssembler
 from amlx.reply import stream_reply
 from amlx.tokenizer import Tokenizer
@@ -258,7 +259,8 @@ def qwen3(tmp_path_factory):
 
 def test_chat_sends_lines_of_a_crlf_file_without_their_carriage_return(qwen3, monkeypatch, capsys):
     """`amlx chat MODEL < questions.txt` with Windows line ends: input() keeps each line's "\\r",
-    and every user message reached the model ending in it (`amlx generate -` drops it)."""
+    and every user message reached the model ending in it (`amlx generate -` drops it); the
+    first began with the file's byte order mark, U+FEFF, where a Windows tool wrote one."""
     sent = []
 
     def recording(model, messages, options, out=None):
@@ -266,9 +268,16 @@ def test_chat_sends_lines_of_a_crlf_file_without_their_carriage_return(qwen3, mo
         return stream_reply(model, messages, options, out)
 
     monkeypatch.setattr(amlx.chat, "stream_reply", recording)
-    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\r\n  indented \r\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("\ufeffHello\r\n  indented \r\n"))
     assert amlx.chat.run_chat(qwen3, dict(max_tokens=2)) == 0
     assert [messages[-1]["content"] for messages in sent] == ["Hello", "  indented "]
+
+
+def test_a_prompt_on_stdin_loses_a_byte_order_mark(monkeypatch):
+    """`amlx generate MODEL - < prompt.txt` from a Windows tool that writes a byte order mark:
+    the prompt reached the model beginning with U+FEFF."""
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\ufeffHello\r\n".encode()), encoding="utf-8"))
+    assert read_prompt("-") == "Hello"
 
 
 class _Terminal(io.StringIO):
