@@ -36,20 +36,20 @@ from typing import Any, Union
 
 from amlx.types import ToolCall
 
-__all__ = ["FORMATS", "ToolCallParser", "detect_format", "opens_reasoning", "parse_tool_calls",
-           "prompt_opens_reasoning"]
+__all__ = ["FORMATS", "MISTRAL_ARGS", "MISTRAL_OPEN", "QWEN_CLOSE", "QWEN_OPEN", "THINK", "ToolCallParser",
+           "detect_format", "is_raw_word", "opens_reasoning", "parse_tool_calls", "prompt_opens_reasoning"]
 
 FORMATS = ("qwen", "llama3", "mistral")
 
-_QWEN_OPEN, _QWEN_CLOSE = "<tool_call>", "</tool_call>"
-_MISTRAL_OPEN = "[TOOL_CALLS]"
-_MISTRAL_ARGS, _MISTRAL_CALL_ID = "[ARGS]", "[CALL_ID]"
+QWEN_OPEN, QWEN_CLOSE = "<tool_call>", "</tool_call>"
+MISTRAL_OPEN = "[TOOL_CALLS]"
+MISTRAL_ARGS, _MISTRAL_CALL_ID = "[ARGS]", "[CALL_ID]"
 _LLAMA_TAG = "<|python_tag|>"
 
 Event = Union[str, ToolCall]  # a piece of content text, or one complete call
 
 # A reasoning section's opening and closing markers, per format (Llama 3 has none)
-_THINK = {"qwen": ("<think>", "</think>"), "mistral": ("[THINK]", "[/THINK]")}
+THINK = {"qwen": ("<think>", "</think>"), "mistral": ("[THINK]", "[/THINK]")}
 
 
 def detect_format(chat_template: str | Mapping[str, str] | None) -> str | None:
@@ -58,9 +58,9 @@ def detect_format(chat_template: str | Mapping[str, str] | None) -> str | None:
         chat_template = "\n".join(str(v) for v in chat_template.values())
     if not chat_template:
         return None
-    if _QWEN_OPEN in chat_template:
+    if QWEN_OPEN in chat_template:
         return "qwen"
-    if _MISTRAL_OPEN in chat_template:
+    if MISTRAL_OPEN in chat_template:
         return "mistral"
     if _LLAMA_TAG in chat_template or ('"parameters"' in chat_template and "<|start_header_id|>" in chat_template):
         return "llama3"
@@ -74,7 +74,7 @@ _TURN_DELIMITERS = ("<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|eot_
 
 # Markup that may stand inside a reply's turn, each a special token in some tokenizers (Mistral's
 # control tokens): not where the turn starts
-_REPLY_MARKUP = ("<tool_call>", "</tool_call>", _MISTRAL_OPEN, _MISTRAL_ARGS, _MISTRAL_CALL_ID, _LLAMA_TAG)
+_REPLY_MARKUP = ("<tool_call>", "</tool_call>", MISTRAL_OPEN, MISTRAL_ARGS, _MISTRAL_CALL_ID, _LLAMA_TAG)
 
 
 def opens_reasoning(prompt: str, fmt: str | None) -> bool:
@@ -84,7 +84,7 @@ def opens_reasoning(prompt: str, fmt: str | None) -> bool:
     generation prompt in `<think>\n`; others go on after it with fixed text, and a continued
     assistant message (continue_final_message) may stop inside its reasoning, any length after
     the `<think>`. A `<think>` in a system prompt or tool description opens nothing."""
-    markers = _THINK.get(fmt or "")
+    markers = THINK.get(fmt or "")
     if not markers:
         return False
     turn = max((at + len(d) for d in _TURN_DELIMITERS if (at := prompt.rfind(d)) >= 0), default=0)
@@ -104,7 +104,7 @@ def prompt_opens_reasoning(tokenizer: Any, ids: Sequence[int], fmt: str | None) 
     token (a turn delimiter: `<|im_start|>`, `[/INST]`, ...; the format's markers aside), at
     most the last _REASONING_LOOKBACK. (The last 8 ids alone missed a `<think>` with more text
     after it.)"""
-    markers = _THINK.get(fmt or "")
+    markers = THINK.get(fmt or "")
     if not markers:
         return False
     specials = getattr(tokenizer, "special_token_ids", frozenset())
@@ -227,7 +227,7 @@ def _parse_mistral(body: str) -> list[ToolCall] | None:
     return _parse_mistral_named(body)
 
 
-def _raw_word(text: str) -> bool:
+def is_raw_word(text: str) -> bool:
     """Whether `text` can be a name or id written as raw text (not a JSON string): no blanks or
     JSON punctuation, which no function name has. A JSON-list reply cut short inside an argument
     string holding "[ARGS]" came back as a call named '[{"name": "f", "arguments": ...'."""
@@ -242,19 +242,19 @@ def _parse_mistral_named(body: str) -> list[ToolCall] | None:
     calls, pos = [], 0
     while True:
         head = min((i for i in (body.find("[", pos), body.find("{", pos)) if i >= 0), default=-1)
-        if head < 0 or not _raw_word(body[pos:head].strip()):
+        if head < 0 or not is_raw_word(body[pos:head].strip()):
             return None
         name = body[pos:head].strip()
         if body.startswith(_MISTRAL_CALL_ID, head):
             # The model's own id is read and dropped: ids must be unique among all the calls a
             # client sees, which a model copying an earlier turn's id would break (see
             # _mistral_call_id for the form given instead).
-            sep = body.find(_MISTRAL_ARGS, head)
-            if sep < 0 or not _raw_word(body[head + len(_MISTRAL_CALL_ID):sep].strip()):
+            sep = body.find(MISTRAL_ARGS, head)
+            if sep < 0 or not is_raw_word(body[head + len(_MISTRAL_CALL_ID):sep].strip()):
                 return None
             head = sep
-        if body.startswith(_MISTRAL_ARGS, head):
-            head += len(_MISTRAL_ARGS)
+        if body.startswith(MISTRAL_ARGS, head):
+            head += len(MISTRAL_ARGS)
         elif body[head] != "{":
             return None
         while head < len(body) and body[head] in " \t\r\n":
@@ -270,9 +270,9 @@ def _parse_mistral_named(body: str) -> list[ToolCall] | None:
         rest = body[end:].lstrip()
         if not rest:
             return calls
-        if not rest.startswith(_MISTRAL_OPEN):
+        if not rest.startswith(MISTRAL_OPEN):
             return None
-        pos = len(body) - len(rest) + len(_MISTRAL_OPEN)
+        pos = len(body) - len(rest) + len(MISTRAL_OPEN)
 
 
 def _partial_suffix(text: str, marker: str) -> int:
@@ -300,10 +300,10 @@ class ToolCallParser:
         self._buf = ""  # held-back text: a possible marker start, or an open call
         self._inside = False  # an opening marker was seen and its call is not complete yet
         self._started = False  # any non-blank text seen (Llama calls must start the reply)
-        self._think = _THINK.get(fmt or "")
+        self._think = THINK.get(fmt or "")
         self._thinking = bool(thinking and self._think)  # inside a reasoning section
         # Qwen: how far the open call's text has been scanned for its `</tool_call>` (see _qwen_close)
-        self._scan, self._in_string, self._escaped = len(_QWEN_OPEN), False, False
+        self._scan, self._in_string, self._escaped = len(QWEN_OPEN), False, False
         self.calls: list[ToolCall] = []
 
     def feed(self, piece: str) -> list[Event]:
@@ -323,15 +323,15 @@ class ToolCallParser:
         string or max_tokens cut it, right after the JSON) is a call when its JSON is a whole
         call, as vLLM's Hermes parser takes it; the finish reason stays what it was."""
         text, self._buf = self._buf, ""
-        self._scan, self._in_string, self._escaped = len(_QWEN_OPEN), False, False
+        self._scan, self._in_string, self._escaped = len(QWEN_OPEN), False, False
         if not text:
             return []
         calls = None
         if self.format == "qwen" and self._inside:
-            call = _call_from(_loads(text[len(_QWEN_OPEN):].strip()), "arguments")
+            call = _call_from(_loads(text[len(QWEN_OPEN):].strip()), "arguments")
             calls = [call] if call else None
         elif self.format == "mistral" and self._inside:
-            calls = _parse_mistral(text[len(_MISTRAL_OPEN):])
+            calls = _parse_mistral(text[len(MISTRAL_OPEN):])
         elif self.format == "llama3" and self._inside:
             calls = _parse_llama(text)
         self._inside = False
@@ -373,7 +373,7 @@ class ToolCallParser:
         out: list[Event] = []
         while True:
             if not self._inside:
-                text, opened = self._pass_text(_QWEN_OPEN)
+                text, opened = self._pass_text(QWEN_OPEN)
                 if text:
                     out.append(text)
                 if not opened:
@@ -382,7 +382,7 @@ class ToolCallParser:
             end = self._qwen_close()
             if end < 0:
                 return out
-            if not self._buf.startswith(_QWEN_CLOSE, end):
+            if not self._buf.startswith(QWEN_CLOSE, end):
                 # Another opening tag, or a reasoning section's, outside any JSON string: what
                 # this one opened is no call (JSON has no `<` outside strings), so it is text,
                 # and a call or a reasoning section may start here. A reasoning section that
@@ -391,13 +391,13 @@ class ToolCallParser:
                 out.append(self._buf[:end])
                 self._buf = self._buf[end:]
                 self._inside = False
-                self._scan, self._in_string, self._escaped = len(_QWEN_OPEN), False, False
+                self._scan, self._in_string, self._escaped = len(QWEN_OPEN), False, False
                 continue
-            raw = self._buf[:end + len(_QWEN_CLOSE)]
+            raw = self._buf[:end + len(QWEN_CLOSE)]
             self._buf = self._buf[len(raw):]
             self._inside = False
-            self._scan, self._in_string, self._escaped = len(_QWEN_OPEN), False, False
-            call = _call_from(_loads(raw[len(_QWEN_OPEN):-len(_QWEN_CLOSE)].strip()), "arguments")
+            self._scan, self._in_string, self._escaped = len(QWEN_OPEN), False, False
+            call = _call_from(_loads(raw[len(QWEN_OPEN):-len(QWEN_CLOSE)].strip()), "arguments")
             if call is None:
                 out.append(raw)
             else:
@@ -414,7 +414,7 @@ class ToolCallParser:
         with an unclosed quote holds the rest of the reply, to come back as text at finish().)
         The scan goes on from where the last feed left it, so each piece is read once."""
         buf, i = self._buf, self._scan
-        markers = (_QWEN_CLOSE, _QWEN_OPEN, self._think[0])
+        markers = (QWEN_CLOSE, QWEN_OPEN, self._think[0])
         while i < len(buf):
             ch = buf[i]
             if self._in_string:
@@ -439,7 +439,7 @@ class ToolCallParser:
         """Text before [TOOL_CALLS] passes; from the marker on, everything waits for finish()."""
         if self._inside:
             return []
-        text, self._inside = self._pass_text(_MISTRAL_OPEN)
+        text, self._inside = self._pass_text(MISTRAL_OPEN)
         return [text] if text else []
 
     def _feed_llama(self) -> list[Event]:

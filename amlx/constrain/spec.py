@@ -31,7 +31,7 @@ from amlx.tokenizer import check_encodable
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
-__all__ = ["Constraint", "ConstraintKind", "parse_constraint"]
+__all__ = ["Constraint", "ConstraintKind", "lark_json_schema", "parse_constraint"]
 
 ConstraintKind = Literal["json", "regex", "choice", "grammar"]
 
@@ -154,6 +154,14 @@ def _schema_constraint(schema: Mapping[str, Any] | bool) -> Constraint:
     except ValueError as e:
         raise ValueError(f"invalid response_format: {e}") from None
     return Constraint("json", grammar)
+
+
+def lark_json_schema(schema: Mapping[str, Any]) -> str:
+    """The text of `schema` for a Lark grammar's `%json` (llguidance's dialect), spelled as a
+    `response_format` schema is: the JSON written with json.dumps's separators and no other
+    blanks (unless the schema's own "x-guidance" says otherwise), its patterns read as Python's."""
+    style = {**_JSON_STYLE, **(schema.get("x-guidance") or {})}
+    return _with_python_patterns(json.dumps({**schema, "x-guidance": style}, allow_nan=False))
 
 
 @functools.lru_cache(maxsize=256)

@@ -34,10 +34,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from amlx.constrain import parse_constraint
-from amlx.constrain.spec import _JSON_STYLE, _with_python_patterns
+from amlx.constrain.spec import lark_json_schema
 from amlx.serve.errors import APIError
 from amlx.serve.schemas import ChatRequest, Tool
-from amlx.toolcalls import (_MISTRAL_ARGS, _MISTRAL_OPEN, _QWEN_CLOSE, _QWEN_OPEN, _THINK, _raw_word,
+from amlx.toolcalls import (MISTRAL_ARGS, MISTRAL_OPEN, QWEN_CLOSE, QWEN_OPEN, THINK, is_raw_word,
                             prompt_opens_reasoning)
 
 __all__ = ["check_tool_choice", "forcing", "with_forced_calls"]
@@ -149,13 +149,13 @@ def call_grammar(fmt: str, tools: Sequence[Tool], markers: _Markers, *, several:
     if thinking:
         rules += _reasoning_rules(fmt, markers)
     args_key = "parameters" if fmt == "llama3" else "arguments"
-    named_form = fmt == "mistral" and _MISTRAL_ARGS in _template_text(template)
+    named_form = fmt == "mistral" and MISTRAL_ARGS in _template_text(template)
     alternatives = []
     for i, tool in enumerate(tools):
         name = tool.function.name
         _check_name(name, named_form)
         if named_form:
-            head = f"{_lark_string(name)} {markers(_MISTRAL_ARGS)}"
+            head = f"{_lark_string(name)} {markers(MISTRAL_ARGS)}"
             rules.append(f"call_{i}: {head} args_{i}")
         else:
             head = _lark_string(f'{{"name": {json.dumps(name, ensure_ascii=False)}, "{args_key}": ')
@@ -170,7 +170,7 @@ def call_grammar(fmt: str, tools: Sequence[Tool], markers: _Markers, *, several:
 def _check_name(name: str, named_form: bool) -> None:
     """A name the parser reads back: not empty, and in Mistral's `name[ARGS]` form a raw word
     (no blanks, brackets or quotes; OpenAI's names are letters, digits, '_' and '-' anyway)."""
-    if not name or (named_form and not _raw_word(name)):
+    if not name or (named_form and not is_raw_word(name)):
         raise APIError(400, f"tool_choice cannot force a call of the function {name!r}: this model's tool-call "
                        f"format cannot write that name", param="tools", code="invalid_value")
 
@@ -181,20 +181,20 @@ def _calls_rule(fmt: str, markers: _Markers, several: bool, named_form: bool) ->
         return f"{item} ({_lark_string(separator)} {item})*" if several else item
 
     if fmt == "qwen":
-        one = f"{markers(_QWEN_OPEN)} {_lark_string(chr(10))} call {_lark_string(chr(10))} {markers(_QWEN_CLOSE)}"
+        one = f"{markers(QWEN_OPEN)} {_lark_string(chr(10))} call {_lark_string(chr(10))} {markers(QWEN_CLOSE)}"
         return f"calls: {repeated('one_call', chr(10))}\none_call: {one}"
     if fmt == "llama3":
         return f"calls: {repeated('call', '; ')}"
     if named_form:  # each call after its own [TOOL_CALLS]
-        return f"calls: ({markers(_MISTRAL_OPEN)} call){'+' if several else ''}"
-    return f'calls: {markers(_MISTRAL_OPEN)} "[" {repeated("call", ", ")} "]"'
+        return f"calls: ({markers(MISTRAL_OPEN)} call){'+' if several else ''}"
+    return f'calls: {markers(MISTRAL_OPEN)} "[" {repeated("call", ", ")} "]"'
 
 
 def _reasoning_rules(fmt: str, markers: _Markers) -> list[str]:
     """The rest of an open reasoning section: any text, its closing marker, then what the
     format writes before the reply. A marker that is a token is no text, so the text before it
     is any; a marker in text ends the first place it occurs (the text holds no other)."""
-    close = _THINK[fmt][1]
+    close = THINK[fmt][1]
     after = _AFTER_REASONING.get(fmt, "")
     tail = f" {_lark_string(after)}" if after else ""
     if markers.is_token(close):
@@ -222,8 +222,7 @@ def _arguments_schema(tool: Tool, index: int) -> str:
         message = str(exc).replace("invalid response_format: ", "").replace("response_format", where)
         raise APIError(400, f"{where} ({tool.function.name!r}): {message}", param="tools",
                        code="invalid_value") from exc
-    style = {**_JSON_STYLE, **(schema.get("x-guidance") or {})}
-    return _with_python_patterns(json.dumps({**schema, "x-guidance": style}, allow_nan=False))
+    return lark_json_schema(schema)
 
 
 def _object_schema(params: dict[str, Any] | None, where: str) -> dict[str, Any]:
