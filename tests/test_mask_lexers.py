@@ -106,3 +106,16 @@ def test_extra_copies_of_the_least_recent_grammars_go_first(tokenizer, lexers, m
     assert vocab.cached_matcher(a) is None and vocab.cached_matcher(b) is not None
     vocab.matcher(a)  # (b was just used) a comes back: the least recent, c, goes; b keeps its copies
     assert (copies(a), copies(b), copies(c), copies(d)) == (1, 4, 0, 1)
+
+
+def test_a_grammar_submitted_after_close_starts_no_thread(tokenizer):
+    """A constrained request submitted as the model closes: its future is cancelled (the engine
+    ends it with ClosedError) and no grammar thread is started that nobody would stop."""
+    import threading
+
+    factory = MatcherFactory(tokenizer, tokenizer.vocab_size)
+    factory.close()
+    before = set(threading.enumerate())
+    future = factory.submit(parse_constraint(choice=["yes", "no"]))
+    assert future.cancelled()
+    assert set(threading.enumerate()) <= before

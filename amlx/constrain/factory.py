@@ -34,12 +34,18 @@ class MatcherFactory:
         self._vocab_size = vocab_size
         self._vocab: GrammarVocab | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
         self._lock = threading.Lock()
 
     def submit(self, constraint: Constraint) -> Future[Matcher]:
         """A future matcher for `constraint` (its exception: ValueError if llguidance rejects
-        the grammar for this vocabulary). Any thread."""
+        the grammar for this vocabulary). Any thread. Once closed, the future is cancelled (a
+        request submitted as the model closes starts no thread that nobody would stop)."""
         with self._lock:
+            if self._closed:
+                future: Future[Matcher] = Future()
+                future.cancel()
+                return future
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amlx-grammar")
             return self._pool.submit(self._make, constraint)
@@ -84,6 +90,7 @@ class MatcherFactory:
     def close(self) -> None:
         """Stops the thread once queued work is done (idempotent)."""
         with self._lock:
+            self._closed = True
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
