@@ -44,6 +44,9 @@ def test_worker_sleeps_while_a_waiting_request_needs_blocks_parked_ones_hold(ckp
             want = (await off.complete(waiting, max_tokens=4)).token_ids
         async with await amlx.load(ckpt, kv_cache_memory=8 * per_block) as m:
             sched = m.engine.scheduler
+            # (the parked request holds its blocks throughout: once its slot lapsed, a waiting
+            # request that needs them would take them, on a slow machine before the checks below)
+            sched.slot_idle_limit = 3600.0
             pool = sched.shards[0].kv.pool
             await m.complete(shared, max_tokens=4)
             parked = m.generate(_ids(3, 4 * BS - 4), max_tokens=6, max_buffer=1)
