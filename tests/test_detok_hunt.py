@@ -50,6 +50,22 @@ def _reading(hf, ids: list[int]) -> str:
     return hf.decode([a, *ids])[1:]
 
 
+def _streamed(tok: Tokenizer, ids: list[int], skip: bool = False) -> tuple[str, int]:
+    """The text a fresh detokenizer streams for `ids`, and how many ids its decodes took in all
+    (the work it did)."""
+    detok = tok.detokenizer(skip_special_tokens=skip)
+    decoded = 0
+    inner = detok._decode
+
+    def counting(window: list[int]) -> str:
+        nonlocal decoded
+        decoded += len(window)
+        return inner(window)
+
+    detok._decode = counting
+    return "".join([detok.add(i) for i in ids] + [detok.finalize()]), decoded
+
+
 # ------------------------------------------------------------------------------ finalize, then add
 
 
@@ -123,18 +139,8 @@ def test_ids_that_decode_drops_cost_linear_work(pairs, kind, dropped):
     gone = min(ours.special_token_ids) if skip else ours.vocab_size + 5
     euro = ours.encode("x€", add_special_tokens=False)
     ids = [*euro, *[gone] * 1000, *euro[:-1], *[gone] * 1000, euro[-1], gone]
-    detok = ours.detokenizer(skip_special_tokens=skip)
-    decoded = 0
-    inner = detok._decode
-
-    def counting(window: list[int]) -> str:
-        nonlocal decoded
-        decoded += len(window)
-        return inner(window)
-
-    detok._decode = counting
-    pieces = [detok.add(i) for i in ids] + [detok.finalize()]
-    assert "".join(pieces) == hf.decode(ids, skip_special_tokens=skip) == "x€x€"
+    text, decoded = _streamed(ours, ids, skip)
+    assert text == hf.decode(ids, skip_special_tokens=skip) == "x€x€"
     assert decoded <= 20 * len(ids)  # (was about len(ids) ** 2 / 2)
 
 
@@ -148,18 +154,8 @@ def test_a_spoiled_byte_run_whose_last_bytes_read_as_text_costs_linear_work(pair
     ours, hf = pairs["spm"]
     run = b"\xf0\x9f" + after.encode() * 1000
     ids = [ours.token_to_id(f"<0x{b:02X}>") for b in run] + ours.encode("a", add_special_tokens=False)
-    detok = ours.detokenizer()
-    decoded = 0
-    inner = detok._decode
-
-    def counting(window: list[int]) -> str:
-        nonlocal decoded
-        decoded += len(window)
-        return inner(window)
-
-    detok._decode = counting
-    pieces = [detok.add(i) for i in ids] + [detok.finalize()]
-    assert "".join(pieces) == hf.decode(ids) == "\ufffd" * len(run) + "a"
+    text, decoded = _streamed(ours, ids)
+    assert text == hf.decode(ids) == "\ufffd" * len(run) + "a"
     assert decoded <= 20 * len(ids)  # (was about len(ids) ** 2 / 2)
 
 
@@ -202,17 +198,7 @@ def test_a_reply_of_tokens_that_begin_inside_characters_costs_linear_work(pairs)
         choices = inside[owed]
         ids.append(choices[len(ids) * 7 % len(choices)])
         owed = _utf8_after(owed, pieces[ids[-1]])
-    detok = ours.detokenizer()
-    decoded = 0
-    inner = detok._decode
-
-    def counting(window: list[int]) -> str:
-        nonlocal decoded
-        decoded += len(window)
-        return inner(window)
-
-    detok._decode = counting
-    text = "".join([detok.add(i) for i in ids] + [detok.finalize()])
+    text, decoded = _streamed(ours, ids)
     assert text == hf.decode(ids) and "\ufffd" not in text[:-1]
     assert decoded <= 20 * len(ids)  # (was about len(ids) ** 2 / 2)
 
