@@ -24,6 +24,7 @@ from amlx.models.nn import MatmulSplit
 from amlx.speculative.draft import DraftSpec
 
 MAX_SHARDS = 8  # more would leave each shard too few rows to use its core well
+SHARDS_LIMIT = 256  # the most shards taken at all (a stream and KV pools each)
 CPU_PREFILL_CHUNK = 256  # prompt tokens per prefill forward (see EngineOptions.prefill_chunk)
 GPU_PREFILL_CHUNK = 2048
 
@@ -172,6 +173,9 @@ class EngineOptions:
                             ("prefill_chunk", chunk), ("kv_block_size", block_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
+        if shards > SHARDS_LIMIT:  # (each a stream and pools of its own: a million hung the load)
+            source = "AMLX_SHARDS" if env_int("AMLX_SHARDS") else "shards"
+            raise ValueError(f"{source} must be at most {SHARDS_LIMIT}, not {shards}")
         split = max(split, shards) if self.device == "cpu" else 1
         check_kv_cache_memory(self.kv_cache_memory)
         check_kv_bits(self.kv_bits)
