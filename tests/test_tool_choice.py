@@ -10,22 +10,18 @@ called with the official openai client.
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 
 import amlx
 import jsonschema
 import openai
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from amlx.serve.app import Settings, create_app
 from tests.helpers.checkpoints import make_checkpoint
-from tests.helpers.serving import serve_checkpoint
+from tests.helpers.serving import MountedApps, serve_checkpoint
 from tests.helpers.tokenizers import _QWEN_TEMPLATE
 
 SCHEMAS = {
@@ -108,31 +104,9 @@ def _mistral_checkpoint(path: Path) -> Path:
     return _with_template(path, _MISTRAL_ARGS_TEMPLATE)
 
 
-class _Server:
+def _server(models: dict[str, amlx.Model]) -> MountedApps:
     """uvicorn on a thread, an app per checkpoint at /NAME/v1."""
-
-    def __init__(self, models: dict[str, amlx.Model]):
-        from starlette.applications import Starlette
-        from starlette.routing import Mount
-
-        routes = [Mount(f"/{name}", app=create_app(model, Settings(model_name="m"))) for name, model in models.items()]
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(Starlette(routes=routes), log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-
-    def client(self, name: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/{name}/v1", api_key="none", max_retries=0, timeout=60)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+    return MountedApps({name: create_app(model, Settings(model_name="m")) for name, model in models.items()})
 
 
 # name -> (checkpoint maker, the format its template teaches)
@@ -151,7 +125,7 @@ FORMATS = ["qwen", "llama3", "mistral", "mistral-list"]
 def server(tmp_path_factory):
     models = {name: amlx.load_sync(make(tmp_path_factory.mktemp(name)), max_context=2048)
               for name, make in CHECKPOINTS.items()}
-    srv = _Server(models)
+    srv = _server(models)
     try:
         yield srv
     finally:

@@ -23,16 +23,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
-import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from openai.lib.streaming.chat import ChatCompletionStreamState
@@ -41,7 +37,7 @@ import amlx
 from amlx.serve.app import Settings, create_app
 from amlx.toolcalls import ToolCallParser, parse_tool_calls
 from amlx.types import Token
-from tests.helpers.serving import serve_checkpoint, tool_checkpoint
+from tests.helpers.serving import MountedApps, serve_checkpoint, tool_checkpoint
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
@@ -390,40 +386,17 @@ class ScriptedModel:
         return _ScriptedStream(*SCRIPTS[options["seed"]])
 
 
-class _Servers:
+def _servers(model, templates: dict[str, str | None] = _TEMPLATES, scripted: bool = True) -> MountedApps:
     """uvicorn on a thread of its own, serving an app per tool-call format at /FORMAT/v1 (the
     model scripted), or the model as it is."""
-
-    def __init__(self, model, templates: dict[str, str | None] = _TEMPLATES, scripted: bool = True):
-        from starlette.applications import Starlette
-        from starlette.routing import Mount
-
-        routes = [Mount(f"/{fmt}", app=create_app(ScriptedModel(model, tpl) if scripted else model,
-                                                   Settings(model_name="m")))
-                  for fmt, tpl in templates.items()]
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(Starlette(routes=routes), log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-
-    def client(self, fmt: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/{fmt}/v1", api_key="none", max_retries=0, timeout=60)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+    return MountedApps({fmt: create_app(ScriptedModel(model, tpl) if scripted else model, Settings(model_name="m"))
+                        for fmt, tpl in templates.items()})
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     with amlx.load_sync(serve_checkpoint(tmp_path_factory.mktemp("hunt-ckpt")), max_context=512) as model:
-        srv = _Servers(model)
+        srv = _servers(model)
         try:
             yield srv
         finally:
@@ -594,7 +567,7 @@ def test_served_calls_inside_reasoning_are_content(servers, tmp_path):
     config["chat_template"] = opened
     (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
     with amlx.load_sync(ckpt, max_context=512) as model:
-        srv = _Servers(model, {"qwen": None})
+        srv = _servers(model, {"qwen": None})
         try:
             for got in _served(srv.client("qwen"), reply, "stop"):
                 assert got == ("".join(reply[:-1]), [want], "tool_calls")
@@ -651,7 +624,7 @@ def tool_server(tmp_path_factory):
     """The tool checkpoint (greedy: `<tool_call>`, the call's JSON, `</tool_call>`, EOS), served
     as it is, in this process."""
     with amlx.load_sync(tool_checkpoint(tmp_path_factory.mktemp("hunt-tools")), max_context=512) as model:
-        srv = _Servers(model, {"real": None}, scripted=False)
+        srv = _servers(model, {"real": None}, scripted=False)
         try:
             yield srv
         finally:
@@ -771,7 +744,7 @@ def test_mistral_tool_call_ids_survive_the_next_turn(tmp_path):
     config["chat_template"] = _MISTRAL_LIKE_TEMPLATE
     (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
     with amlx.load_sync(ckpt, max_context=512) as model:
-        srv = _Servers(model, {"mistral": None})  # the model's own template: the "mistral" format
+        srv = _servers(model, {"mistral": None})  # the model's own template: the "mistral" format
         try:
             client = srv.client("mistral")
             reply = ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '

@@ -185,3 +185,36 @@ def parse_metrics(text: str) -> dict[str, float]:
             key, _, value = line.rpartition(" ")
             out[key] = float(value)
     return out
+
+
+class MountedApps:
+    """uvicorn on a thread of its own, in this process, serving `apps` (name -> ASGI app, e.g.
+    `amlx.serve.create_app(model, settings)`) at /NAME: several models or settings behind one
+    port, without a subprocess per server."""
+
+    def __init__(self, apps: dict):
+        import threading
+
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.routing import Mount
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+        routes = [Mount(f"/{name}", app=app) for name, app in apps.items()]
+        self.server = uvicorn.Server(uvicorn.Config(Starlette(routes=routes), log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def client(self, name: str) -> openai.OpenAI:
+        """The official client of the app at /NAME."""
+        return openai.OpenAI(base_url=f"{self.url}/{name}/v1", api_key="none", max_retries=0, timeout=60)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
