@@ -39,6 +39,7 @@ output appears at `dst` only once complete.
 from __future__ import annotations
 
 import json
+import operator
 import os
 from pathlib import Path
 
@@ -53,19 +54,32 @@ QUANTIZE_BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 
 
+def _integer(value) -> int | None:
+    """`value` as a Python int when it is an integer (int or a numpy integer, not a bool), else
+    None. A float, even 4.0, is not one: `4.0 in (4, 8)` held, and config.json then said
+    ``"bits": 4.0``, which loaders that want an int refuse."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        return None
+    return operator.index(value)
+
+
 def _check_options(quantize, group_size, dtype, max_shard_size):
+    """(dtype, bits, group size), the latter two as Python ints (json writes a numpy integer not at all)."""
     from amlx.models.loader import check_dtype
 
-    if quantize is not None and (isinstance(quantize, bool) or quantize not in QUANTIZE_BITS):
-        raise ValueError(f"quantize must be None, 4 or 8 (bits), not {quantize!r}")
-    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size!r}")
+    bits = None if quantize is None else _integer(quantize)
+    if quantize is not None and bits not in QUANTIZE_BITS:
+        raise ValueError(f"quantize must be None, 4 or 8 (integer bits), not {quantize!r}")
+    group = _integer(group_size)
+    if group not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of the integers {', '.join(map(str, GROUP_SIZES))}, "
+                         f"not {group_size!r}")
     dt = check_dtype(dtype)
     if dt is not None and dt.name not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dt.name}")
     if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be a positive number of bytes, not {max_shard_size!r}")
-    return dt
+    return dt, bits, group
 
 
 class _Source:
@@ -188,6 +202,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quantize: int | None
 
     quantize: None (keep the weights as floats), 4 or 8 (bits of MLX affine quantization).
     group_size: inputs per quantization group: 32, 64 or 128.
+    Both are integers (int or a numpy integer); a float, even 4.0, or a bool is refused
+    (ValueError naming the option), so config.json always records integers.
     dtype: "float32", "bfloat16" or "float16": cast every floating-point tensor (and
     the quantization scales and biases) to it; None keeps the source dtypes.
     progress: a tqdm progress bar; None shows it on a terminal only.
@@ -197,7 +213,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quantize: int | None
     checkpoint, ValueError for bad options (also when `dst` exists and is not empty,
     or when asked to quantize an already quantized checkpoint).
     """
-    dt = _check_options(quantize, group_size, dtype, max_shard_size)
+    dt, quantize, group_size = _check_options(quantize, group_size, dtype, max_shard_size)
     src, dst = Path(src), Path(dst)
     check_destination(src, dst)
     check_creatable(dst)  # (a file in its way was a raw FileExistsError, once the source was read)
