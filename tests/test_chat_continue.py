@@ -4,29 +4,20 @@ message's content, left open for the model to go on, exactly as transformers ren
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer
 
-from amlx.tokenizer import ChatTemplateError, Tokenizer
-from tests.helpers.tokenizers import write_tokenizer
+from amlx.tokenizer import ChatTemplateError
+from tests.helpers.tokenizers import tokenizer_pairs
 
 KINDS = ("bpe", "spm")  # the Qwen 3 and Gemma 3 templates of the test tokenizers
 
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    out = {}
-    for kind in KINDS:
-        path = tmp_path_factory.mktemp(f"continue_{kind}")
-        write_tokenizer(path, kind)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out[kind] = (Tokenizer.from_dir(path), AutoTokenizer.from_pretrained(path))
-    return out
+    return tokenizer_pairs(tmp_path_factory, "continue", KINDS)
 
 
 _TEXT = st.text(st.sampled_from(list("ab \n{}é:")), min_size=1, max_size=12).filter(lambda t: t.strip())

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import copy
 import io
-import warnings
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer
 
 import amlx
 import amlx.chat
@@ -23,10 +21,10 @@ from amlx.types import GenerationOptions
 
 try:
     from tests.helpers.checkpoints import make_checkpoint
-    from tests.helpers.tokenizers import write_tokenizer
+    from tests.helpers.tokenizers import streamed_pieces, tokenizer_pairs
 except ImportError:  # tests/ itself on sys.path
     from helpers.checkpoints import make_checkpoint
-    from helpers.tokenizers import write_tokenizer
+    from helpers.tokenizers import streamed_pieces, tokenizer_pairs
 
 KINDS = ("bpe", "spm")
 
@@ -34,14 +32,7 @@ KINDS = ("bpe", "spm")
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     """kind -> (amlx Tokenizer, transformers tokenizer) of one folder."""
-    out = {}
-    for kind in KINDS:
-        path = tmp_path_factory.mktemp(f"detok_{kind}")
-        write_tokenizer(path, kind)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out[kind] = (Tokenizer.from_dir(path), AutoTokenizer.from_pretrained(path))
-    return out
+    return tokenizer_pairs(tmp_path_factory, "detok", KINDS)
 
 
 def _reading(hf, ids: list[int]) -> str:
@@ -53,17 +44,8 @@ def _reading(hf, ids: list[int]) -> str:
 def _streamed(tok: Tokenizer, ids: list[int], skip: bool = False) -> tuple[str, int]:
     """The text a fresh detokenizer streams for `ids`, and how many ids its decodes took in all
     (the work it did)."""
-    detok = tok.detokenizer(skip_special_tokens=skip)
-    decoded = 0
-    inner = detok._decode
-
-    def counting(window: list[int]) -> str:
-        nonlocal decoded
-        decoded += len(window)
-        return inner(window)
-
-    detok._decode = counting
-    return "".join([detok.add(i) for i in ids] + [detok.finalize()]), decoded
+    pieces, decoded = streamed_pieces(tok, ids, skip)
+    return "".join(pieces), decoded
 
 
 # ------------------------------------------------------------------------------ finalize, then add

@@ -42,10 +42,10 @@ from amlx.types import GenerationOptions
 
 try:
     from tests.helpers.checkpoints import make_checkpoint
-    from tests.helpers.tokenizers import _build, write_tokenizer
+    from tests.helpers.tokenizers import _build, streamed_pieces, write_tokenizer
 except ImportError:  # tests/ itself on sys.path
     from helpers.checkpoints import make_checkpoint
-    from helpers.tokenizers import _build, write_tokenizer
+    from helpers.tokenizers import _build, streamed_pieces, write_tokenizer
 
 KINDS = ("bpe", "spm", "llama2", "metaspace")
 FFFD = "\ufffd"
@@ -107,26 +107,8 @@ def _hard_ids(tok: Tokenizer) -> list[int]:
     return ids
 
 
-def _stream(tok: Tokenizer, ids: list[int], skip: bool) -> tuple[list[str], int]:
-    """The pieces of a fresh detokenizer fed `ids` (finalize last), and how many ids it
-    decoded in all (the work it did: its decode windows, summed)."""
-    detok = tok.detokenizer(skip_special_tokens=skip)
-    decoded = 0
-    inner = detok._decode
-
-    def counting(window: list[int]) -> str:
-        nonlocal decoded
-        decoded += len(window)
-        return inner(window)
-
-    detok._decode = counting
-    pieces = [detok.add(i) for i in ids]
-    pieces.append(detok.finalize())
-    return pieces, decoded
-
-
 def _assert_streams_as_transformers(kind, ours, hf, ids, skip) -> None:
-    pieces, _ = _stream(ours, ids, skip)
+    pieces, _ = streamed_pieces(ours, ids, skip)
     want = hf.decode(ids, skip_special_tokens=skip)
     assert "".join(pieces) == want, (kind, [ours.id_to_token(i) for i in ids], pieces)
     for n in range(1, len(pieces)):  # each piece is final: a prefix of the text, whatever follows
@@ -172,7 +154,7 @@ def test_text_ending_in_fffd_is_decoded_in_linear_work(pairs, kind):
     ours, hf, _ = pairs[kind]
     for name, ids in _window_cases(ours).items():
         for skip in (False, True):
-            pieces, decoded = _stream(ours, ids, skip)
+            pieces, decoded = streamed_pieces(ours, ids, skip)
             assert "".join(pieces) == hf.decode(ids, skip_special_tokens=skip), name
             assert decoded <= 20 * len(ids), (name, decoded)  # (was about len(ids)**2 / 2)
 
@@ -183,7 +165,7 @@ def test_an_open_byte_run_is_not_decoded_per_token(pairs):
     ours, hf, _ = pairs["spm"]
     text = "😀日€" * 60
     ids = [ours.token_to_id(f"<0x{b:02X}>") for b in text.encode()] + ours.encode("a", add_special_tokens=False)
-    pieces, decoded = _stream(ours, ids, False)
+    pieces, decoded = streamed_pieces(ours, ids, False)
     assert "".join(pieces) == hf.decode(ids) == text + "a"
     assert pieces[:-2] == [""] * (len(ids) - 1)
     assert decoded <= 3 * len(ids)  # (was about len(ids)**2 / 2)

@@ -320,3 +320,39 @@ def write_tokenizer(dirpath: str | os.PathLike, kind: str) -> int:
     if special_map is not None:
         (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2), encoding="utf-8")
     return Tokenizer.from_str(tokenizer_json).get_vocab_size(with_added_tokens=True)
+
+
+def tokenizer_pairs(tmp_path_factory, prefix: str, kinds=("bpe", "spm")) -> dict:
+    """kind -> (amlx Tokenizer, transformers tokenizer) of one folder written per kind."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    from amlx.tokenizer import Tokenizer as AmlxTokenizer
+
+    out = {}
+    for kind in kinds:
+        path = tmp_path_factory.mktemp(f"{prefix}_{kind}")
+        write_tokenizer(path, kind)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out[kind] = (AmlxTokenizer.from_dir(path), AutoTokenizer.from_pretrained(path))
+    return out
+
+
+def streamed_pieces(tok, ids: list[int], skip: bool = False) -> tuple[list[str], int]:
+    """The pieces a fresh detokenizer of amlx tokenizer `tok` streams for `ids` (finalize's
+    last), and how many ids its decodes took in all (the work it did: its windows, summed)."""
+    detok = tok.detokenizer(skip_special_tokens=skip)
+    decoded = 0
+    inner = detok._decode
+
+    def counting(window: list[int]) -> str:
+        nonlocal decoded
+        decoded += len(window)
+        return inner(window)
+
+    detok._decode = counting
+    pieces = [detok.add(i) for i in ids]
+    pieces.append(detok.finalize())
+    return pieces, decoded
