@@ -192,14 +192,17 @@ def _calls_rule(fmt: str, markers: _Markers, several: bool, named_form: bool) ->
 
 def _reasoning_rules(fmt: str, markers: _Markers) -> list[str]:
     """The rest of an open reasoning section: any text, its closing marker, then what the
-    format writes before the reply. A marker that is a token is no text, so the text before it
-    is any; a marker in text ends the first place it occurs (the text holds no other)."""
+    format writes before the reply. The parser reads text: the section ends where the marker's
+    text first occurs, so the text before the marker never holds it. (Where the marker is a
+    token, its text spelled in ordinary tokens ended the section to the parser, not to the
+    grammar, and a call written after it, of any name, was read as one.) A marker in text ends
+    the section the first place it occurs."""
     close = THINK[fmt][1]
     after = _AFTER_REASONING.get(fmt, "")
     tail = f" {_lark_string(after)}" if after else ""
-    if markers.is_token(close):
-        return [f"reasoning: THOUGHT {markers(close)}{tail}", "THOUGHT: /(?s:.*)/"]
     marker = re.escape(close).replace("/", "\\/")
+    if markers.is_token(close):
+        return [f"reasoning: THOUGHT {markers(close)}{tail}", f"THOUGHT: /(?s:.*)/ & ~/(?s:.*{marker}.*)/"]
     return [f"reasoning: THOUGHT{tail}", f"THOUGHT: /(?s:.*{marker})/ & ~/(?s:.*{marker}.+)/"]
 
 

@@ -1,0 +1,54 @@
+"""Forced tool calls (tool_choice "required" or a named function), probed as a careless or
+hostile client would: what the grammar of amlx/serve/tool_choice.py admits must come back as
+calls of the tools, and a request it cannot serve must be a 400 naming the field at fault.
+
+The checkpoints are tests/test_tool_choice.py's (random weights, one per tool-call format).
+"""
+
+from __future__ import annotations
+
+import amlx
+import pytest
+
+from amlx.constrain import GrammarVocab, parse_constraint
+from amlx.serve.schemas import Tool
+from amlx.serve.tool_choice import _Markers, call_grammar
+from amlx.toolcalls import parse_tool_calls
+from tests.test_tool_choice import CHECKPOINTS, TOOLS
+
+
+@pytest.fixture(scope="module")
+def thinking(tmp_path_factory):
+    model = amlx.load_sync(CHECKPOINTS["thinking"](tmp_path_factory.mktemp("thinking")), max_context=2048)
+    try:
+        yield model
+    finally:
+        model.close()
+
+
+def _spelled(tok, *pieces: str) -> list[int]:
+    """Token ids of the pieces, each encoded alone (so a marker's text is spelled in ordinary
+    tokens: "</", "think", ">")."""
+    return [i for piece in pieces for i in tok.encode(piece, add_special_tokens=False)]
+
+
+def test_reasoning_text_cannot_close_the_section_in_ordinary_tokens(thinking):
+    """Qwen's </think> is a token; its text spelled in ordinary tokens ends the reasoning section
+    to the parser (which reads text) but ended nothing to the grammar, so a reply could go on
+    with a call of any name inside what the grammar took as reasoning, and it came back as a
+    tool call ("rm_rf", among no tools). The grammar now refuses that text before the token."""
+    tok = thinking.tokenizer
+    tools = [Tool.model_validate(t) for t in TOOLS]
+    grammar = call_grammar("qwen", tools, _Markers(tok), several=False, thinking=True, template=tok.chat_template)
+    vocab = GrammarVocab.from_tokenizer(tok, tok.vocab_size)
+    real = '<tool_call>\n{"name": "count", "arguments": {"n": 4}}\n</tool_call>'
+    fake = _spelled(tok, "hm ", "</", "think", ">", "<", "tool", "_call", ">",
+                    '\n{"name": "rm_rf", "arguments": {}}\n', "</", "tool", "_call", ">")
+    reply = fake + tok.encode("</think>\n\n" + real, add_special_tokens=False)
+    assert parse_tool_calls(tok.decode(reply), "qwen", thinking=True)[1][0].name == "rm_rf"  # what it would read
+    matcher = vocab.matcher(parse_constraint(grammar=grammar))
+    assert not all(matcher.consume(i) for i in reply)
+    # reasoning that only mentions the markup, and closes with the token, is still allowed
+    ok = _spelled(tok, "hm ", "<", "think", ">", " and </thin") + tok.encode("</think>\n\n" + real, add_special_tokens=False)
+    matcher = vocab.matcher(parse_constraint(grammar=grammar))
+    assert all(matcher.consume(i) for i in ok) and matcher.accepting
