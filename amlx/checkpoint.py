@@ -13,7 +13,8 @@ Every file is opened only once it is known to be a regular file (a FIFO or a
 link to /dev/zero would block or never end), json files have size limits,
 and weight-map entries must name files inside the checkpoint directory.
 `convert` and `train.lora.fuse` write checkpoints with `write_weights`,
-`staged_directory`, `check_destination` and `copy_carried`.
+`staged_directory`, `check_destination` and `copy_carried`; a full fine-tune
+replaces its checkpoint with `staging_directory` and `replace_directory`.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ from amlx.notices import stderr_stream
 
 __all__ = [
     "CONFIG", "GENERATION_CONFIG", "INDEX", "JSON_LIMIT", "TOKENIZER_JSON_LIMIT", "CheckpointSpec", "TensorInfo",
-    "check_destination", "check_side_files", "copy_carried", "progress_bar", "read_bytes", "read_checkpoint", "read_header",
-    "read_index", "read_json", "read_tensors", "staged_directory", "weight_files", "write_weights",
+    "check_destination", "check_side_files", "copy_carried", "holds_working_directory", "is_working_directory",
+    "progress_bar", "read_bytes", "read_checkpoint", "read_header", "read_index", "read_json", "read_tensors",
+    "replace_directory", "staged_directory", "staging_directory", "staging_home", "weight_files", "working_directory",
+    "write_weights",
 ]
 
 CONFIG = "config.json"
@@ -393,30 +396,97 @@ def _umask() -> int:
     return mask
 
 
+def working_directory() -> Path | None:
+    """The process's working directory; None when it has been deleted."""
+    try:
+        return Path.cwd()
+    except OSError:
+        return None
+
+
+def is_working_directory(path: Path) -> bool:
+    """Whether `path` names the working directory (through links, or as ".")."""
+    try:
+        return os.path.samefile(path, ".")
+    except OSError:  # (either one absent)
+        return False
+
+
+def holds_working_directory(path: Path) -> bool:
+    """Whether the working directory lies inside `path` (replacing `path` would delete it)."""
+    cwd = working_directory()
+    return cwd is not None and path.resolve() in cwd.parents
+
+
+def staging_home(dst: Path) -> Path:
+    """Where a checkpoint for `dst` is written before it is put in place: beside `dst`, or
+    inside it when `dst` is the working directory (`replace_directory` then moves its entries)."""
+    dst = dst.resolve()
+    return dst if is_working_directory(dst) else dst.parent
+
+
 def staging_directory(dst: Path) -> Path:
-    """A new empty directory beside `dst`, with the mode a plain mkdir would give,
-    to write a checkpoint into before it is renamed to `dst`."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    """A new empty directory (in `staging_home`), with the mode a plain mkdir would give,
+    to write a checkpoint into before `replace_directory` puts it at `dst`."""
+    home = staging_home(dst)
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.resolve().name}.", suffix=".partial", dir=home))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
 
 
+def replace_directory(new: Path, dst: Path) -> None:
+    """Puts the complete directory `new` (from `staging_directory`) at `dst`: an older `dst`
+    is moved aside first and deleted only after the rename.
+
+    The working directory is not renamed but has its entries moved (config.json out first
+    and in last, so a reader finds a whole checkpoint or no config): renaming it away left
+    this process, and the shell that started it, in a deleted directory that listed empty
+    (and saving into "." was a raw EBUSY). A directory holding the working directory is refused."""
+    dst = dst.resolve()
+    if holds_working_directory(dst):
+        raise ValueError(f"{dst} holds the working directory ({working_directory()}); replacing it would delete "
+                         f"the working directory")
+    if is_working_directory(dst):
+        _replace_entries(new, dst)
+        return
+    old = None
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+        os.replace(dst, old / dst.name)
+    os.replace(new, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _config_last(entries: Iterator[Path]) -> list[Path]:
+    return sorted(entries, key=lambda e: (e.name == CONFIG, e.name))
+
+
+def _replace_entries(new: Path, dst: Path) -> None:
+    """`replace_directory` for the working directory `dst`, `new` being inside it."""
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst))
+    for entry in reversed(_config_last(e for e in dst.iterdir() if e not in (new, old))):
+        os.replace(entry, old / entry.name)
+    for entry in _config_last(new.iterdir()):
+        os.replace(entry, dst / entry.name)
+    new.rmdir()
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_directory(dst: Path) -> Iterator[Path]:
-    """A temporary directory beside `dst` to write into; it becomes `dst` (which
+    """A temporary directory to write into (`staging_directory`); it becomes `dst` (which
     must be absent or empty) when the block ends without error, else it is removed.
     So a checkpoint appears only once complete."""
-    # the real path: a link to an empty directory is written where it leads (rmdir and replace act
-    # on the link itself: a raw NotADirectoryError once everything had been written), and "." (an
-    # empty working directory) was staged inside itself, then rmdir(".") a raw OSError
+    # the real path: a link to an empty directory is written where it leads (a rename acts
+    # on the link itself: a raw NotADirectoryError once everything had been written), and "."
+    # (an empty working directory) was staged inside itself, then rmdir(".") a raw OSError
     dst = dst.resolve()
     tmp = staging_directory(dst)
     try:
         yield tmp
-        if dst.exists():
-            dst.rmdir()  # empty (check_destination)
-        os.replace(tmp, dst)
+        replace_directory(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

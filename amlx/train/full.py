@@ -14,7 +14,9 @@ adapter_path and resume do not apply) and what is saved: `save_path` receives a
 complete checkpoint directory (config.json, model.safetensors, the tokenizer
 and generation files of the source checkpoint) that `amlx.load` and
 transformers read. It is written every `save_every` steps and at the end, each
-time replacing the previous one whole (written aside, then renamed in place).
+time replacing the previous one whole (written aside, then renamed in place; the
+working directory, save_path=".", keeps its place and has its files swapped). A
+save_path holding the working directory is refused before training.
 
 Quantized models cannot be fully fine-tuned (their packed integer weights have
 no gradient): train a LoRA adapter on them (QLoRA) or fine-tune a float
@@ -28,11 +30,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from amlx._mlx import Array, io, memory
-from amlx.checkpoint import copy_carried, read_index, staging_directory, weight_files
+from amlx.checkpoint import (copy_carried, holds_working_directory, read_index, replace_directory, staging_directory,
+                             staging_home, weight_files)
 from amlx.errors import ClosedError
 from amlx.train import lora as _lora
 from amlx.train.trainer import TrainingEvent, TrainingRun, TrainOptions
@@ -74,7 +76,7 @@ class FullTrainingRun(TrainingRun):
     _output_option = "save_path"
 
     def _output_dir(self) -> Path | None:
-        return None if self.adapter_path is None else self.adapter_path.parent
+        return None if self.adapter_path is None else staging_home(self.adapter_path)
 
     def _save(self, checkpoint: bool) -> TrainingEvent:
         dst = self.adapter_path
@@ -128,7 +130,7 @@ def save_checkpoint(lm, config: dict, src: str | os.PathLike, dst: str | os.Path
         io.save_safetensors(tmp / "model.safetensors", {**tensors, **extra}, {"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
         copy_carried(src, tmp, skip=(_lora.ADAPTER_CONFIG, "optimizer.json"))
-        _replace_dir(tmp, dst)
+        replace_directory(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -136,18 +138,6 @@ def save_checkpoint(lm, config: dict, src: str | os.PathLike, dst: str | os.Path
         for a in extra.values():
             a.close()
     return dst
-
-
-def _replace_dir(new: Path, dst: Path) -> None:
-    """Puts the directory `new` at `dst`, moving an older `dst` aside first and
-    deleting it only after the rename."""
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-    os.replace(new, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -- the entry point ------------------------------------------------------------------
@@ -161,6 +151,9 @@ def _check_save_path(save_path, source: Path) -> Path | None:
     s, d = source.resolve(), dst.resolve()
     if d == s or s in d.parents:
         raise ValueError(f"save_path {dst} must lie outside the checkpoint being trained ({source})")
+    if holds_working_directory(dst):  # (each save replaces save_path whole: the working directory went with it)
+        raise ValueError(f"save_path {dst} holds the working directory ({Path.cwd()}); each save replaces save_path "
+                         f"whole, which would delete the working directory: name a directory of its own")
     if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not (dst / "config.json").is_file())):
         raise ValueError(f"save_path {dst} exists and is neither empty nor a checkpoint directory "
                          f"(it would be replaced)")
