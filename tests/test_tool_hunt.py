@@ -7,14 +7,17 @@ The checkpoints are tests/test_tool_choice.py's (random weights, one per tool-ca
 
 from __future__ import annotations
 
+import json
+
 import amlx
+import jsonschema
 import pytest
 
 from amlx.constrain import GrammarVocab, parse_constraint
 from amlx.serve.schemas import Tool
 from amlx.serve.tool_choice import _Markers, call_grammar
 from amlx.toolcalls import parse_tool_calls
-from tests.test_tool_choice import CHECKPOINTS, TOOLS
+from tests.test_tool_choice import CHECKPOINTS, MESSAGES, TOOLS, _server
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +26,18 @@ def thinking(tmp_path_factory):
     try:
         yield model
     finally:
+        model.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The qwen checkpoint served at /qwen/v1."""
+    model = amlx.load_sync(CHECKPOINTS["qwen"](tmp_path_factory.mktemp("qwen")), max_context=2048)
+    srv = _server({"qwen": model})
+    try:
+        yield srv
+    finally:
+        srv.stop()
         model.close()
 
 
@@ -52,3 +67,19 @@ def test_reasoning_text_cannot_close_the_section_in_ordinary_tokens(thinking):
     ok = _spelled(tok, "hm ", "<", "think", ">", " and </thin") + tok.encode("</think>\n\n" + real, add_special_tokens=False)
     matcher = vocab.matcher(parse_constraint(grammar=grammar))
     assert all(matcher.consume(i) for i in ok) and matcher.accepting
+
+
+def test_a_schema_whose_x_guidance_is_no_object_is_taken_as_response_format_takes_it(server):
+    """llguidance ignores an "x-guidance" that is no object (response_format takes such a schema);
+    the forced call's grammar merged it into its JSON style with ** and the request failed with
+    a 400 naming no field: "'str' object is not a mapping"."""
+    client = server.client("qwen")
+    for own in ("s", 1, ["a"]):
+        schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+                  "required": ["n"], "additionalProperties": False, "x-guidance": own}
+        tools = [{"type": "function", "function": {"name": "count", "parameters": schema}}]
+        reply = client.chat.completions.create(model="m", messages=MESSAGES, tools=tools, tool_choice="required",
+                                               max_tokens=40, temperature=1.0, seed=1, parallel_tool_calls=False)
+        [call] = reply.choices[0].message.tool_calls
+        assert call.function.name == "count" and reply.choices[0].finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(call.function.arguments), {k: v for k, v in schema.items() if k != "x-guidance"})

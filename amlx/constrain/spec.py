@@ -160,7 +160,8 @@ def lark_json_schema(schema: Mapping[str, Any]) -> str:
     """The text of `schema` for a Lark grammar's `%json` (llguidance's dialect), spelled as a
     `response_format` schema is: the JSON written with json.dumps's separators and no other
     blanks (unless the schema's own "x-guidance" says otherwise), its patterns read as Python's."""
-    style = {**_JSON_STYLE, **(schema.get("x-guidance") or {})}
+    own = schema.get("x-guidance")  # (one that is no object is ignored, as response_format's llguidance does)
+    style = {**_JSON_STYLE, **(own if isinstance(own, Mapping) else {})}
     return _with_python_patterns(json.dumps({**schema, "x-guidance": style}, allow_nan=False))
 
 
