@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 import time
@@ -433,7 +434,9 @@ def _check_path(path) -> None:
 
 
 def _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory=None, prefix_cache=True,
-                     kv_bits=None, tensor_parallel: int = 1, draft=None, dtype=None) -> None:
+                     kv_bits=None, tensor_parallel: int = 1, draft=None, dtype=None) -> tuple[int, int | None]:
+    """ValueError (TypeError, ModelLoadError) for a bad load option, before anything is read;
+    returns max_batch_size and max_context as plain ints."""
     from amlx.models.loader import check_dtype
     from amlx.tp.load import check_tensor_parallel
 
@@ -444,11 +447,9 @@ def _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory=None,
     if tensor_parallel > 1 and draft is not None:
         # (its verify and draft passes would need describing to the other ranks too)
         raise ValueError("speculative decoding (draft) is not supported with tensor_parallel > 1 yet")
-    if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
-        raise ValueError("max_batch_size must be an integer >= 1")
-    if max_context is not None and (not isinstance(max_context, int) or isinstance(max_context, bool)
-                                    or max_context < 2):
-        raise ValueError("max_context must be an integer >= 2 or None")
+    max_batch_size = _plain_int(max_batch_size, 1, "max_batch_size must be an integer >= 1")
+    if max_context is not None:
+        max_context = _plain_int(max_context, 2, "max_context must be an integer >= 2 or None")
     if adapter is not None and not isinstance(adapter, (str, os.PathLike)):
         raise ValueError(f"adapter must be the path of an adapter directory, not {type(adapter).__name__}")
     from amlx.kv.sizing import check_kv_bits, check_kv_cache_memory
@@ -457,6 +458,17 @@ def _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory=None,
     check_kv_bits(kv_bits)
     if not isinstance(prefix_cache, bool):
         raise ValueError(f"prefix_cache must be True or False, not {prefix_cache!r}")
+    return max_batch_size, max_context
+
+
+def _plain_int(value: Any, least: int, message: str) -> int:
+    """`value` as a plain int: any integer (numbers.Integral, not a bool) >= `least`, as
+    kv_cache_memory and the generate options take numpy's; ValueError(`message`) otherwise.
+    (A numpy integer was refused as "must be an integer"; plain, it sizes the engine's
+    arrays and compiled passes as an int does.)"""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+        raise ValueError(message)
+    return int(value)
 
 
 def _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens) -> dict:
@@ -722,8 +734,8 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     closes the model. score(), training and speculative decoding (draft) are not
     supported with N > 1."""
     _check_path(path)
-    _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits,
-                     tensor_parallel, draft, dtype)
+    max_batch_size, max_context = _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory,
+                                                   prefix_cache, kv_bits, tensor_parallel, draft, dtype)
     kv = _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens)
     # Files are read on a thread of their own, not on the worker that every model
     # shares; a cancelled load stops waiting for it at once.
@@ -745,8 +757,8 @@ def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_
               num_draft_tokens: int = 4, tensor_parallel: int = 1) -> Model:
     """`load` for scripts and blocking code."""
     _check_path(path)
-    _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory, prefix_cache, kv_bits,
-                     tensor_parallel, draft, dtype)
+    max_batch_size, max_context = _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory,
+                                                   prefix_cache, kv_bits, tensor_parallel, draft, dtype)
     kv = _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens)
     host = _read_on_host(path, dtype, kv["draft"])
     worker = _worker_for(tensor_parallel)
