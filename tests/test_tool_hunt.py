@@ -11,6 +11,7 @@ import json
 
 import amlx
 import jsonschema
+import openai
 import pytest
 
 from amlx.constrain import GrammarVocab, parse_constraint
@@ -83,3 +84,21 @@ def test_a_schema_whose_x_guidance_is_no_object_is_taken_as_response_format_take
         [call] = reply.choices[0].message.tool_calls
         assert call.function.name == "count" and reply.choices[0].finish_reason == "tool_calls"
         jsonschema.validate(json.loads(call.function.arguments), {k: v for k, v in schema.items() if k != "x-guidance"})
+
+
+def _error(call) -> dict:
+    with pytest.raises(openai.BadRequestError) as info:
+        call()
+    return info.value.body if "param" in info.value.body else info.value.body["error"]
+
+
+def test_a_named_function_whose_schema_is_refused_is_named_by_its_own_index(server):
+    """A named tool_choice built its grammar from that tool alone, so the 400 for its schema
+    named it tools[0] wherever it stood in the request's tools."""
+    bad = {"type": "function", "function": {"name": "bad", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "("}}}}}
+    client = server.client("qwen")
+    for choice in ("required", {"type": "function", "function": {"name": "bad"}}):
+        err = _error(lambda: client.chat.completions.create(model="m", messages=MESSAGES, tools=[*TOOLS, bad],
+                                                            tool_choice=choice, max_tokens=5))
+        assert err["param"] == "tools" and err["message"].startswith("tools[3].function.parameters ('bad'): "), err

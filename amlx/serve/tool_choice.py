@@ -106,11 +106,10 @@ def with_forced_calls(req: ChatRequest, fmt: str | None, tokenizer: Any, prompt:
     if not forcing(req) or not req.tools or fmt is None:
         return req
     named = _named(req)
-    tools = [t for t in req.tools if named is None or t.function.name == named]
     thinking = prompt_opens_reasoning(tokenizer, prompt, fmt)
     several = named is None and req.parallel_tool_calls is not False
-    grammar = call_grammar(fmt, tools, _Markers(tokenizer), several=several, thinking=thinking,
-                           template=tokenizer.chat_template)
+    grammar = call_grammar(fmt, req.tools, _Markers(tokenizer), several=several, thinking=thinking,
+                           template=tokenizer.chat_template, named=named)
     try:
         parse_constraint(grammar=grammar)  # (its result is remembered: the engine's own check costs nothing)
     except ValueError as exc:
@@ -142,9 +141,10 @@ def _lark_string(text: str) -> str:
 
 
 def call_grammar(fmt: str, tools: Sequence[Tool], markers: _Markers, *, several: bool, thinking: bool,
-                 template: str | Mapping[str, str] | None) -> str:
-    """The Lark grammar of one (or with `several`, one or more) calls of `tools` in format `fmt`,
-    after the rest of an open reasoning section where `thinking`."""
+                 template: str | Mapping[str, str] | None, named: str | None = None) -> str:
+    """The Lark grammar of one (or with `several`, one or more) calls of `tools` in format `fmt`
+    (where `named`, of the tools of that name only), after the rest of an open reasoning section
+    where `thinking`. An error about a tool names it by its index among all the `tools`."""
     rules = ["%llguidance {}", f"start: {'reasoning ' if thinking else ''}calls"]
     if thinking:
         rules += _reasoning_rules(fmt, markers)
@@ -153,6 +153,8 @@ def call_grammar(fmt: str, tools: Sequence[Tool], markers: _Markers, *, several:
     alternatives = []
     for i, tool in enumerate(tools):
         name = tool.function.name
+        if named is not None and name != named:
+            continue
         _check_name(name, named_form)
         if named_form:
             head = f"{_lark_string(name)} {markers(MISTRAL_ARGS)}"
