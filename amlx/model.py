@@ -481,23 +481,31 @@ def _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tok
             "num_draft_tokens": num_draft_tokens}
 
 
-def _read_on_host(path, dtype, draft: str | None = None) -> tuple[Any, Any, Any]:
+def _read_on_host(path, dtype, draft: str | None = None, kv_bits: int | None = None) -> tuple[Any, Any, Any]:
     """The host phase of loading (pure Python, no MLX; any thread but the worker):
     the checkpoint's files checked and read (`amlx.models.prepare`), then the
     tokenizer, and a draft model's tokenizer checked against it before its files
     are read (the third item: its prepared checkpoint, or None). Nothing in a
-    checkpoint can make it block (docs/architecture.md)."""
+    checkpoint can make it block (docs/architecture.md). A head dimension that
+    `kv_bits` cannot group is refused from the config here, before any weight is
+    read (the engine's pool refused it only once the whole model had loaded)."""
+    from amlx.kv.sizing import check_kv_head_dim
     from amlx.models import prepare
     from amlx.speculative.draft import PROMPT_LOOKUP, check_draft_tokenizer
     from amlx.tokenizer import Tokenizer
 
     path = resolve_model(path)  # a Hugging Face id: from the local cache, or downloaded
     spec = prepare(path, dtype)
+    check_kv_head_dim(kv_bits, spec.args.head_dim)
     tokenizer = Tokenizer.from_dir(path)
     draft_spec = None
     if draft is not None and draft != PROMPT_LOOKUP:
         check_draft_tokenizer(tokenizer, Tokenizer.from_dir(draft), path, draft)  # DraftTokenizerError
         draft_spec = prepare(draft, dtype)
+        try:
+            check_kv_head_dim(kv_bits, draft_spec.args.head_dim)
+        except ValueError as exc:  # (worded as the draft's pool words it: amlx.engine.draft_model)
+            raise ValueError(f"the draft model (draft={draft}): {exc}") from None
     return spec, tokenizer, draft_spec
 
 
@@ -671,7 +679,7 @@ def _make_engine(loaded, tokenizer, placement, args: dict) -> Engine:
     try:
         return Engine(loaded.model, tokenizer, eos_ids=eos, vocab_size=cfg["vocab_size"], placement=placement,
                       **args)
-    except BaseException:  # e.g. kv_bits with a head dimension it cannot group
+    except BaseException:  # e.g. a KV block that cannot fit the device's memory
         with placement.on():
             loaded.model.close()
             if args["draft_model"] is not None:
@@ -739,7 +747,7 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     kv = _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens)
     # Files are read on a thread of their own, not on the worker that every model
     # shares; a cancelled load stops waiting for it at once.
-    host = await anyio.to_thread.run_sync(_read_on_host, path, dtype, kv["draft"], abandon_on_cancel=True)
+    host = await anyio.to_thread.run_sync(_read_on_host, path, dtype, kv["draft"], kv_bits, abandon_on_cancel=True)
     worker = _worker_for(tensor_parallel)
     handover = _Handover()
     try:
@@ -760,7 +768,7 @@ def load_sync(path: str | os.PathLike, *, device: str = "auto", dtype=None, max_
     max_batch_size, max_context = _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory,
                                                    prefix_cache, kv_bits, tensor_parallel, draft, dtype)
     kv = _engine_options(kv_cache_memory, prefix_cache, kv_bits, draft, num_draft_tokens)
-    host = _read_on_host(path, dtype, kv["draft"])
+    host = _read_on_host(path, dtype, kv["draft"], kv_bits)
     worker = _worker_for(tensor_parallel)
     handover = _Handover()
     try:

@@ -15,10 +15,11 @@ import os
 from numbers import Integral, Real
 
 from amlx._mlx import memory
-from amlx.kv.pool import BlockPool, block_bytes
+from amlx.kv.pool import BlockPool, block_bytes, quant_group
 from amlx.kv.rows import ShardKV
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "check_kv_bits", "check_kv_cache_memory", "kv_cache_bytes", "make_pools"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "check_kv_bits", "check_kv_cache_memory", "check_kv_head_dim", "kv_cache_bytes",
+           "make_pools"]
 
 DEFAULT_BLOCK_SIZE = 16  # positions per block
 DEFAULT_CPU_FRACTION = 0.25
@@ -45,6 +46,13 @@ def check_kv_bits(value: object) -> None:
     # (8.0 compared equal to 8 and loaded: the pool's shapes and block bytes became floats)
     if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value not in (4, 8)):
         raise ValueError(f"kv_bits must be None, 8 or 4, not {value!r}")
+
+
+def check_kv_head_dim(kv_bits: int | None, head_dim: int) -> None:
+    """ValueError when a `kv_bits` cache cannot group a head dimension of `head_dim` (the pool's
+    own error, `quant_group`): for a load to check from the config, before any weight is read."""
+    if kv_bits:
+        quant_group(head_dim)
 
 
 def device_memory(device: str) -> int:
