@@ -15,8 +15,9 @@ import openai
 import pytest
 
 from amlx.constrain import GrammarVocab, parse_constraint
-from amlx.serve.schemas import Tool
-from amlx.serve.tool_choice import _Markers, call_grammar
+from amlx.serve.errors import APIError
+from amlx.serve.schemas import ChatRequest, Tool
+from amlx.serve.tool_choice import _Markers, call_grammar, with_forced_calls
 from amlx.toolcalls import parse_tool_calls
 from tests.test_tool_choice import CHECKPOINTS, MESSAGES, TOOLS, _server
 
@@ -102,3 +103,45 @@ def test_a_named_function_whose_schema_is_refused_is_named_by_its_own_index(serv
         err = _error(lambda: client.chat.completions.create(model="m", messages=MESSAGES, tools=[*TOOLS, bad],
                                                             tool_choice=choice, max_tokens=5))
         assert err["param"] == "tools" and err["message"].startswith("tools[3].function.parameters ('bad'): "), err
+
+
+def _forced(tok, tools: list[dict], tool_choice="required") -> str:
+    """The grammar `with_forced_calls` gives a qwen request for these tools (a prompt that opens
+    no reasoning)."""
+    req = ChatRequest.model_validate({"model": "m", "messages": MESSAGES, "tools": tools, "tool_choice": tool_choice})
+    return with_forced_calls(req, "qwen", tok, []).grammar
+
+
+def _takes(tok, grammar: str, reply: str) -> bool:
+    matcher = GrammarVocab.from_tokenizer(tok, tok.vocab_size).matcher(parse_constraint(grammar=grammar))
+    return all(matcher.consume(i) for i in tok.encode(reply, add_special_tokens=False)) and matcher.accepting
+
+
+def test_an_agents_tools_fit_the_grammar(thinking):
+    """The grammar's length is bounded (64 KiB): 60 tools whose parameters are described as an
+    agent's are (a sentence each), or 400 tools without parameters, went over it, and the 400
+    told the client to "use choice". Descriptions constrain nothing and are left out; tools of
+    one schema share its rule. A property named "description" is still its schema's."""
+    tok = thinking.tokenizer
+    about = "The value to use for this parameter; see the tool's documentation for the accepted forms. " * 2
+    props = {f"p{k}": {"type": "string", "description": about, "title": f"P{k}"} for k in range(6)}
+    props["description"] = {"type": "integer", "description": about}
+    schema = {"type": "object", "properties": props, "required": ["description"], "additionalProperties": False,
+              "description": about}
+    tools = [{"type": "function", "function": {"name": f"tool_{i}", "description": about,
+                                               "parameters": {**schema, "$comment": f"v{i}"}}} for i in range(60)]
+    grammar = _forced(tok, tools)
+    call = '<tool_call>\n{"name": "tool_59", "arguments": {"p0": "x", "description": %s}}\n</tool_call>'
+    assert _takes(tok, grammar, call % "3") and not _takes(tok, grammar, call % '"x"')
+    assert _forced(tok, [{"type": "function", "function": {"name": f"t{i}"}} for i in range(400)])
+
+
+def test_tools_too_large_for_the_grammar_are_told_so(thinking):
+    """Where the calls cannot fit, the 400 names the tools and what to do, not `choice` (which
+    a forced call cannot use)."""
+    big = {"type": "object", "properties": {"a": {"enum": [f"value number {i}" for i in range(6000)]}}}
+    with pytest.raises(APIError) as info:
+        _forced(thinking.tokenizer, [{"type": "function", "function": {"name": "f", "parameters": big}}])
+    err = info.value
+    assert err.status == 400 and err.param == "tools" and "use choice" not in err.message, err.message
+    assert err.message.startswith("tool_choice: the calls of these tools make a grammar of "), err.message

@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from amlx.constrain import parse_constraint
-from amlx.constrain.spec import lark_json_schema
+from amlx.constrain.spec import MAX_PATTERN_CHARS, lark_json_schema
 from amlx.serve.errors import APIError
 from amlx.serve.schemas import ChatRequest, Tool
 from amlx.toolcalls import (MISTRAL_ARGS, MISTRAL_OPEN, QWEN_CLOSE, QWEN_OPEN, THINK, is_raw_word,
@@ -47,6 +47,14 @@ _CONSTRAINT_FIELDS = ("response_format", "regex", "choice", "grammar")
 
 # What a reasoning section is followed by before the reply proper, per format
 _AFTER_REASONING = {"qwen": "\n\n"}
+
+# Schema keywords that annotate and constrain nothing, left out of the grammar: its length is
+# bounded (MAX_PATTERN_CHARS), and the descriptions of a tool's parameters are most of the text
+# of its schema (a few dozen tools of an agent went over it). Dropped only with a string value:
+# a property of that name has a schema.
+_ANNOTATIONS = frozenset(("title", "description", "$comment"))
+# Keywords whose value is data, not a schema: kept whole (a const object may hold "description")
+_DATA = frozenset(("const", "enum", "default", "examples", "x-guidance"))
 
 
 def forcing(req: ChatRequest) -> bool:
@@ -110,6 +118,10 @@ def with_forced_calls(req: ChatRequest, fmt: str | None, tokenizer: Any, prompt:
     several = named is None and req.parallel_tool_calls is not False
     grammar = call_grammar(fmt, req.tools, _Markers(tokenizer), several=several, thinking=thinking,
                            template=tokenizer.chat_template, named=named)
+    if len(grammar) > MAX_PATTERN_CHARS:  # (the grammar's own 400 told the client to use `choice`)
+        raise APIError(400, f"tool_choice: the calls of these tools make a grammar of {len(grammar)} characters, "
+                       f"at most {MAX_PATTERN_CHARS} are taken: name one function in tool_choice, or send fewer "
+                       f"tools or smaller parameters schemas", param="tools", code="invalid_value")
     try:
         parse_constraint(grammar=grammar)  # (its result is remembered: the engine's own check costs nothing)
     except ValueError as exc:
@@ -151,18 +163,23 @@ def call_grammar(fmt: str, tools: Sequence[Tool], markers: _Markers, *, several:
     args_key = "parameters" if fmt == "llama3" else "arguments"
     named_form = fmt == "mistral" and MISTRAL_ARGS in _template_text(template)
     alternatives = []
+    args_rules: dict[str, str] = {}  # a schema's text -> its rule: tools with one schema share it
     for i, tool in enumerate(tools):
         name = tool.function.name
         if named is not None and name != named:
             continue
         _check_name(name, named_form)
+        schema = _arguments_schema(tool, i)
+        args = args_rules.get(schema)
+        if args is None:
+            args = args_rules[schema] = f"args_{i}"
+            rules.append(f"{args}: %json {schema}")
         if named_form:
             head = f"{_lark_string(name)} {markers(MISTRAL_ARGS)}"
-            rules.append(f"call_{i}: {head} args_{i}")
+            rules.append(f"call_{i}: {head} {args}")
         else:
             head = _lark_string(f'{{"name": {json.dumps(name, ensure_ascii=False)}, "{args_key}": ')
-            rules.append(f'call_{i}: {head} args_{i} "}}"')
-        rules.append(f"args_{i}: %json {_arguments_schema(tool, i)}")
+            rules.append(f'call_{i}: {head} {args} "}}"')
         alternatives.append(f"call_{i}")
     rules.append(f"call: {' | '.join(alternatives)}")
     rules.append(_calls_rule(fmt, markers, several, named_form))
@@ -217,8 +234,8 @@ def _template_text(template: str | Mapping[str, str] | None) -> str:
 def _arguments_schema(tool: Tool, index: int) -> str:
     """The function's `parameters` as the text of a `%json` schema: any object where it has
     none (OpenAI's "no parameters"), patterns read as Python's (as response_format's), the JSON
-    written as response_format's is. A schema the server would refuse as a response_format is
-    refused here too, naming the tool."""
+    written as response_format's is, without its annotations (`_ANNOTATIONS`). A schema the
+    server would refuse as a response_format is refused here too, naming the tool."""
     where = f"tools[{index}].function.parameters"
     schema = _object_schema(tool.function.parameters, where)
     try:
@@ -227,7 +244,17 @@ def _arguments_schema(tool: Tool, index: int) -> str:
         message = str(exc).replace("invalid response_format: ", "").replace("response_format", where)
         raise APIError(400, f"{where} ({tool.function.name!r}): {message}", param="tools",
                        code="invalid_value") from exc
-    return lark_json_schema(schema)
+    return lark_json_schema(_without_annotations(schema))
+
+
+def _without_annotations(node: Any) -> Any:
+    """A schema without its annotations (`_ANNOTATIONS`), its data (`_DATA`) as it was."""
+    if isinstance(node, list):
+        return [_without_annotations(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    return {key: value if key in _DATA else _without_annotations(value) for key, value in node.items()
+            if not (key in _ANNOTATIONS and isinstance(value, str))}
 
 
 def _object_schema(params: dict[str, Any] | None, where: str) -> dict[str, Any]:
