@@ -17,11 +17,14 @@ Adapter directory, amlx's format (written by `save_adapter`):
 
 * ``adapters.safetensors``: for every adapted layer ``<path>.lora_a`` (rank, in)
   and ``<path>.lora_b`` (out, rank), float32, ``<path>`` the layer's dotted name
-  in the text model (``model.layers.3.self_attn.q_proj``).
+  in the text model (``model.layers.3.self_attn.q_proj``). Its metadata holds a
+  copy of the config it was saved with (``adapter_config``) and its ``pair_id``.
 * ``adapter_config.json``: ``{"format": "amlx-lora", "version": 1, "rank",
   "alpha", "dropout", "use_rslora", "targets", "num_layers", "layers",
-  "modules": {path: {"rank": r, "scale": s}}, "base_model": {...}}``; the
-  per-module ``scale`` is what the layer multiplies by.
+  "modules": {path: {"rank": r, "scale": s}}, "base_model": {...}, "pair_id"}``;
+  the per-module ``scale`` is what the layer multiplies by. When its ``pair_id``
+  is not the weights' (a save cut short between the two files), the copy in the
+  weights is read instead.
 
 `load_adapter` also reads Hugging Face PEFT adapters (``adapter_model.safetensors``
 plus a PEFT ``adapter_config.json``) and mlx-lm adapters (``adapters.safetensors``
@@ -30,6 +33,7 @@ whose config has ``lora_parameters``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -55,6 +59,9 @@ ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 FORMAT = "amlx-lora"
+# In an amlx adapter's weights metadata: the config saved with them (json) and its pair_id.
+PAIR_ID = "pair_id"
+EMBEDDED_CONFIG = "adapter_config"
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -322,7 +329,13 @@ def save_adapter(model, directory: str | os.PathLike, *, weights_name: str = ADA
                  base_model: dict | None = None) -> Path:
     """Writes the model's adapter (amlx format, see the module docstring) into `directory`.
     `weights_name` names the weights file (e.g. a per-step checkpoint); the config
-    is always adapter_config.json."""
+    is always adapter_config.json.
+
+    The weights file carries a copy of its config and the config's ``pair_id``: both
+    files are written aside, then the weights renamed into place, then the config. A
+    save that fails before the first rename leaves the previous adapter as it was; one
+    that fails between them leaves a config with another ``pair_id``, and `load_adapter`
+    then reads the copy saved with the weights: the new adapter whole, never a mix."""
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA layers to save")
@@ -332,9 +345,25 @@ def save_adapter(model, directory: str | os.PathLike, *, weights_name: str = ADA
     for path, m in mods.items():
         tensors[f"{path}.lora_a"] = m.lora_a
         tensors[f"{path}.lora_b"] = m.lora_b
+    meta = _adapter_meta(model, mods, base_model)
+    text = json.dumps(meta, indent=2) + "\n"
     tmp = d / (".tmp-" + weights_name)  # MLX appends .safetensors to other names
-    io.save_safetensors(tmp, tensors, {"format": "mlx", "adapter": FORMAT})
-    os.replace(tmp, d / weights_name)
+    tmpc = d / (ADAPTER_CONFIG + ".tmp")
+    try:
+        tmpc.write_text(text, encoding="utf-8")
+        io.save_safetensors(tmp, tensors, {"format": "mlx", "adapter": FORMAT, PAIR_ID: meta[PAIR_ID],
+                                           EMBEDDED_CONFIG: text})
+        os.replace(tmp, d / weights_name)  # the commit point: from here the weights hold their config
+        os.replace(tmpc, d / ADAPTER_CONFIG)
+    finally:
+        for t in (tmp, tmpc):
+            t.unlink(missing_ok=True)
+    return d
+
+
+def _adapter_meta(model, mods: dict[str, LoRALinear], base_model: dict | None) -> dict:
+    """adapter_config.json's content, with its ``pair_id`` (a digest of the rest: two saves of
+    one config share it, so a per-step weights file pairs with the config saved beside it)."""
     cfg = getattr(model, "_lora_config", None) or LoRAConfig()
     ranks = {m.rank for m in mods.values()}
     meta = {"format": FORMAT, "version": 1, **cfg.to_json()}
@@ -345,10 +374,38 @@ def save_adapter(model, directory: str | os.PathLike, *, weights_name: str = ADA
         meta["base_model"] = base_model
     if cfg.source:
         meta["converted_from"] = cfg.source
-    tmpc = d / (ADAPTER_CONFIG + ".tmp")
-    tmpc.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmpc, d / ADAPTER_CONFIG)
-    return d
+    meta[PAIR_ID] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    return meta
+
+
+def _paired_config(d: Path) -> dict:
+    """The config that goes with the adapter's weights: adapter_config.json (also when edited
+    by hand since), unless the weights were saved with a config of another ``pair_id`` or none
+    is there (a save that failed between its two renames); then the copy saved in the weights."""
+    config = d / ADAPTER_CONFIG
+    saved = _saved_config(d / ADAPTER_WEIGHTS)
+    if saved is None or os.path.lexists(config):
+        meta = _read_config(config)
+        if saved is None or meta.get(PAIR_ID) == saved.get(PAIR_ID):
+            return meta
+    return saved
+
+
+def _saved_config(weights: Path) -> dict | None:
+    """The config an amlx adapter's weights were saved with; None for weights of another
+    tool (or of amlx before it kept the pair)."""
+    if not weights.is_file():
+        return None
+    embedded = read_header(weights)[1].get(EMBEDDED_CONFIG)
+    if embedded is None:
+        return None
+    try:
+        saved = json.loads(embedded)
+    except ValueError as e:
+        raise _bad(weights, f"the adapter config saved in its metadata is invalid JSON: {e}") from None
+    if not isinstance(saved, dict):
+        raise _bad(weights, "the adapter config saved in its metadata is not a JSON object")
+    return saved
 
 
 # -- loading ----------------------------------------------------------------------
@@ -659,7 +716,7 @@ def load_adapter(model, adapter: str | os.PathLike, config: dict | None = None) 
     config (for the names of multimodal checkpoints). Raises ModelLoadError for a
     missing, corrupt or mismatched adapter, and then leaves the model's adapter as it was."""
     d = _adapter_dir(adapter)
-    meta = _read_config(d / ADAPTER_CONFIG)
+    meta = _paired_config(d)
     peft = (d / PEFT_WEIGHTS).is_file()
     if peft and ("peft_type" in meta or "r" in meta):
         return _load_peft(model, d, meta, config)
