@@ -57,6 +57,20 @@ async def test_a_save_path_holding_the_working_directory_is_refused_up_front(qwe
     assert sorted(os.listdir(previous)) == ["config.json", "notes"]
 
 
+async def test_a_working_directory_that_is_no_checkpoint_is_refused_up_front(qwen, tmp_path, monkeypatch):
+    """A project directory with a config.json passed for a checkpoint: save_path="." would have
+    replaced everything in it."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text("{}")
+    (project / "train.py").write_text("# mine")
+    monkeypatch.chdir(project)
+    async with await amlx.load(qwen) as model:
+        with pytest.raises(ValueError, match=r"^save_path \. exists and is neither empty nor a checkpoint directory"):
+            model.train(DATA, iters=1, batch_size=1, save_path=".")
+    assert sorted(os.listdir(project)) == ["config.json", "train.py"]
+
+
 def test_convert_into_the_working_directory_keeps_it(qwen, tmp_path, monkeypatch):
     """convert(src, ".") wrote the checkpoint in place of the working directory: this process (and
     the shell of `amlx convert src .`) was left in a deleted directory that listed empty."""

@@ -33,8 +33,8 @@ import shutil
 from pathlib import Path
 
 from amlx._mlx import Array, io, memory
-from amlx.checkpoint import (copy_carried, holds_working_directory, read_index, replace_directory, staging_directory,
-                             staging_home, weight_files)
+from amlx.checkpoint import (CONFIG, INDEX, copy_carried, holds_working_directory, read_index, replace_directory,
+                             staging_directory, staging_home, weight_files)
 from amlx.errors import ClosedError
 from amlx.train import lora as _lora
 from amlx.train.trainer import TrainingEvent, TrainingRun, TrainOptions
@@ -154,10 +154,16 @@ def _check_save_path(save_path, source: Path) -> Path | None:
     if holds_working_directory(dst):  # (each save replaces save_path whole: the working directory went with it)
         raise ValueError(f"save_path {dst} holds the working directory ({Path.cwd()}); each save replaces save_path "
                          f"whole, which would delete the working directory: name a directory of its own")
-    if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not (dst / "config.json").is_file())):
+    if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not _is_checkpoint(dst))):
         raise ValueError(f"save_path {dst} exists and is neither empty nor a checkpoint directory "
                          f"(it would be replaced)")
     return dst
+
+
+def _is_checkpoint(d: Path) -> bool:
+    """Whether `d` holds a checkpoint's config and weights, as a save writes them: a config.json
+    alone is no sign (a project directory often has one, and save_path="." replaced all of it)."""
+    return (d / CONFIG).is_file() and ((d / "model.safetensors").is_file() or (d / INDEX).is_file())
 
 
 def train_full(model, data, *, save_path: str | os.PathLike | None = None, **options) -> FullTrainingRun:
