@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import amlx
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -145,3 +146,17 @@ def test_tools_too_large_for_the_grammar_are_told_so(thinking):
     err = info.value
     assert err.status == 400 and err.param == "tools" and "use choice" not in err.message, err.message
     assert err.message.startswith("tool_choice: the calls of these tools make a grammar of "), err.message
+
+
+def test_an_unpaired_surrogate_is_named_by_its_field(server):
+    """JSON's lone "\\ud800" escape decodes to a str no UTF-8 holds: the tokenizer refused the
+    rendered prompt, and the 400 named no field, only a character of the template's text."""
+    body = ('{"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": CONTENT}], '
+            '"tools": [{"type": "function", "function": {"name": NAME}}], "tool_choice": "required"}')
+    cases = [('"hi"', '"f\\ud800"', "tools", "tools[0].function.name holds an unpaired surrogate, U+D800, at character 1"),
+             ('"a\\udfffb"', '"f"', "messages", "messages[0].content holds an unpaired surrogate, U+DFFF, at character 1")]
+    for content, name, param, message in cases:
+        reply = httpx.post(f"{server.url}/qwen/v1/chat/completions", headers={"content-type": "application/json"},
+                           content=body.replace("CONTENT", content).replace("NAME", name).encode(), timeout=60)
+        err = reply.json()["error"]
+        assert reply.status_code == 400 and err["param"] == param and err["message"].startswith(message), err

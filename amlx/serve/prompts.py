@@ -13,6 +13,7 @@ from amlx.prompt import check_rendered, check_structure
 from amlx.serve.errors import APIError
 from amlx.serve.schemas import ChatRequest, CompletionRequest, Message
 from amlx.serve.tool_choice import check_tool_choice
+from amlx.tokenizer import check_encodable
 
 
 def _text_of(message: Message) -> str | None:
@@ -98,7 +99,41 @@ def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None,
     except ValueError as exc:  # ChatTemplateError: the template refused these messages
         raise APIError(400, str(exc), param="messages", code="invalid_messages") from exc
     check_text(text)
-    return tokenizer.encode(text, add_special_tokens=False)
+    try:
+        return tokenizer.encode(text, add_special_tokens=False)
+    except ValueError:
+        # An unpaired surrogate (JSON's lone "\ud800" escape), which the tokenizer placed at a
+        # character of the rendered prompt, text the client never sent: the field is named
+        for value, param in ((messages, "messages"), (tools, "tools")):
+            problem = _unencodable(value, param)
+            if problem is not None:
+                raise APIError(400, problem, param=param, code="invalid_value") from None
+        raise
+
+
+def _unencodable(value: Any, where: str) -> str | None:
+    """What `check_encodable` says of the first text in `value` (plain dicts and lists; keys too)
+    that holds an unpaired surrogate, `where` it is spelled as a path (messages[0].content), or
+    None."""
+    if isinstance(value, str):
+        try:
+            check_encodable(value, where)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            # (a key that holds the surrogate is written escaped: the message must be UTF-8)
+            path = f"{where}.{key}" if key.isascii() else f"{where}[{json.dumps(key)}]"
+            problem = _unencodable(key, f"{where} (a key)") or _unencodable(item, path)
+            if problem is not None:
+                return problem
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            problem = _unencodable(item, f"{where}[{i}]")
+            if problem is not None:
+                return problem
+    return None
 
 
 def completion_prompts(tokenizer, req: CompletionRequest, check_text: Callable[[str], None]) -> list[list[int]]:
