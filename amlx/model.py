@@ -22,7 +22,8 @@ from amlx.hub import resolve_model
 from amlx.notices import notice
 from amlx.prompt import INLINE_CHARS, PromptEncoder, is_heavy, is_token_id
 from amlx.toolcalls import detect_format, parse_tool_calls, prompt_opens_reasoning
-from amlx.types import Completion, EngineStats, GenerateOptions, GenerationOptions, Prompt, Token, Usage
+from amlx.types import (CONSTRAINT_OPTIONS, Completion, EngineStats, GenerateOptions, GenerationOptions, Prompt, Token,
+                        Usage, is_heavy_constraint)
 
 if TYPE_CHECKING:
     from amlx.tokenizer import Tokenizer
@@ -46,10 +47,11 @@ class TokenStream:
     blocking code). Leaving early, `aclose()`, cancelling the consuming task or a
     timeout cancels the request; dropping an unfinished stream cancels it too.
 
-    A prompt that takes long to tokenize (chat messages, long text) is tokenized
-    and submitted on a thread as the first step of the first `async for` read,
-    so the event loop goes on meanwhile; cancelling that read stops waiting at
-    once (the request, once made, is cancelled)."""
+    A prompt that takes long to tokenize (chat messages, long text) is tokenized,
+    and a large constraint checked, on a thread as the first step of the first
+    `async for` read (which submits the request there), so the event loop goes on
+    meanwhile; cancelling that read stops waiting at once (the request, once made,
+    is cancelled)."""
 
     def __init__(self, stream: RequestStream | None = None, start: Callable[[], RequestStream] | None = None):
         self._stream = stream
@@ -189,11 +191,19 @@ class Model:
 
     # -- requests ---------------------------------------------------------------
     def _open(self, prompt: Prompt, options: Mapping[str, Any], inline: bool = False) -> TokenStream:
-        """A request's stream; a heavy prompt (see amlx.prompt) is tokenized by the
-        stream's first async read, on a thread, unless `inline` (blocking callers)."""
+        """A request's stream; a heavy prompt (see amlx.prompt) is tokenized, and a heavy
+        constraint (`is_heavy_constraint`) checked, by the stream's first async read, on a
+        thread, unless `inline` (blocking callers)."""
         if self._engine.closed:
             raise self._engine.closed_error()
-        opts = GenerationOptions.from_kwargs(self._engine.vocab_size, **options)
+        vocab = self._engine.vocab_size
+        if not inline and is_heavy_constraint(options):
+            # llguidance's first check of a large grammar held the event loop for up to a second;
+            # the other options are still checked here, at the call
+            GenerationOptions.from_kwargs(vocab, **{k: v for k, v in options.items() if k not in CONSTRAINT_OPTIONS})
+            return TokenStream(start=lambda: self._engine.submit(
+                self._prompts.ids(prompt), GenerationOptions.from_kwargs(vocab, **options)))
+        opts = GenerationOptions.from_kwargs(vocab, **options)
         if not inline and is_heavy(prompt):
             return TokenStream(start=lambda: self._engine.submit(self._prompts.ids(prompt), opts))
         return TokenStream(self._engine.submit(self._prompts.ids(prompt), opts))
@@ -211,7 +221,9 @@ class Model:
         text then matches it; see amlx.constrain).
         Chat messages and long texts are tokenized off the event loop when the
         stream is first read: their errors (ChatTemplateError, ContextLengthError)
-        are raised there."""
+        are raised there; so is a large constraint's ValueError (one of more than
+        `amlx.types.INLINE_CONSTRAINT_CHARS` characters is checked there, on a thread:
+        llguidance's first check of it may take a second)."""
         return self._open(prompt, options)
 
     def generate_sync(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Iterator[Token]:

@@ -132,6 +132,33 @@ class EngineStats(TypedDict):
     step_timing: NotRequired[dict[str, Any]]
 
 
+# The options of one constraint (GenerateOptions: at most one per request).
+CONSTRAINT_OPTIONS = ("response_format", "regex", "choice", "grammar")
+
+# A constraint option bigger than this (characters of its strings, plus one per other value) is
+# checked off the event loop by Model.generate / complete (at the stream's first read, on a thread):
+# llguidance's first check of a grammar grows faster than its size (a schema of 400 optional
+# properties, 11 KB, took 13 ms on one core; one of 3,000, 89 KB, 0.3 s, and about a second on
+# slower ones), while a smaller one's costs a few milliseconds at most.
+INLINE_CONSTRAINT_CHARS = 4096
+
+
+def is_heavy_constraint(options: Mapping[str, Any]) -> bool:
+    """Whether the constraint that generate's keyword `options` name is bigger than
+    INLINE_CONSTRAINT_CHARS: counted until it is passed, so a huge one costs no more to measure
+    (and one that holds itself ends the count)."""
+    budget = INLINE_CONSTRAINT_CHARS
+    stack = [options[name] for name in CONSTRAINT_OPTIONS if options.get(name) is not None]
+    while stack and budget >= 0:
+        value = stack.pop()
+        text = isinstance(value, (str, bytes))
+        container = not text and isinstance(value, (Mapping, Sequence))
+        budget -= len(value) + container if text or container else 1
+        if container and budget >= 0:  # (its items are walked only while within the budget)
+            stack.extend([*value.keys(), *value.values()] if isinstance(value, Mapping) else value)
+    return budget < 0
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
