@@ -160,3 +160,12 @@ def test_an_unpaired_surrogate_is_named_by_its_field(server):
                            content=body.replace("CONTENT", content).replace("NAME", name).encode(), timeout=60)
         err = reply.json()["error"]
         assert reply.status_code == 400 and err["param"] == param and err["message"].startswith(message), err
+
+
+def test_a_schema_that_is_no_json_is_named_once(thinking):
+    """A schema number too large for a float (1e400 reads as inf) is no JSON: the 400 said
+    "tools[0].function.parameters ('f'): tools[0].function.parameters: the JSON schema ..."."""
+    schema = {"type": "object", "properties": {"a": {"type": "number", "maximum": float("inf")}}}
+    with pytest.raises(APIError) as info:
+        _forced(thinking.tokenizer, [{"type": "function", "function": {"name": "f", "parameters": schema}}])
+    assert info.value.message.startswith("tools[0].function.parameters ('f'): the JSON schema is not JSON"), info.value

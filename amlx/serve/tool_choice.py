@@ -241,7 +241,9 @@ def _arguments_schema(tool: Tool, index: int) -> str:
     try:
         parse_constraint(response_format={"type": "json_schema", "json_schema": {"schema": schema}})
     except ValueError as exc:
+        # ("invalid response_format: ..." or "response_format: ...": the prefix says `where` already)
         message = str(exc).replace("invalid response_format: ", "").replace("response_format", where)
+        message = message.removeprefix(f"{where}: ")
         raise APIError(400, f"{where} ({tool.function.name!r}): {message}", param="tools",
                        code="invalid_value") from exc
     return lark_json_schema(_without_annotations(schema))
