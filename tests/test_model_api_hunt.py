@@ -164,7 +164,9 @@ async def test_reads_that_start_a_chat_stream_together_make_one_request(model):
     want = (await model.complete(chat, max_tokens=2)).token_ids
     stream = model.generate(chat, max_tokens=50, max_buffer=2)
     first, second = await asyncio.gather(stream.__anext__(), stream.__anext__())
-    assert [first.id, second.id] == want
+    # (which of the two reads gets which token is the event loop's order: one request's two
+    # tokens, in either order; two requests gave its first token twice)
+    assert sorted([first.id, second.id]) == sorted(want)
     await stream.aclose()
     for _ in range(100):  # (worker rounds: a cancelled request leaves at the next one)
         stats = model.stats()
