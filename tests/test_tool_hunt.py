@@ -169,3 +169,18 @@ def test_a_schema_that_is_no_json_is_named_once(thinking):
     with pytest.raises(APIError) as info:
         _forced(thinking.tokenizer, [{"type": "function", "function": {"name": "f", "parameters": schema}}])
     assert info.value.message.startswith("tools[0].function.parameters ('f'): the JSON schema is not JSON"), info.value
+
+
+def test_a_malformed_named_tool_choice_is_named_by_its_field(server):
+    """An object for tool_choice is a named function: its fault is reported, not that it is no
+    "none", "auto" or "required" (which a function of null, or a name of null, was told)."""
+    cases = [({"type": "function", "function": None}, "tool_choice.function"),
+             ({"type": "function", "function": []}, "tool_choice.function"),
+             ({"type": "function", "function": {"name": None}}, "tool_choice.function.name"),
+             ("REQUIRED", "tool_choice"), (1, "tool_choice")]
+    for choice, param in cases:
+        reply = httpx.post(f"{server.url}/qwen/v1/chat/completions", timeout=60, json={
+            "model": "m", "messages": MESSAGES, "tools": TOOLS, "tool_choice": choice, "max_tokens": 4})
+        err = reply.json()["error"]
+        assert reply.status_code == 400 and err["param"] == param, (choice, err)
+        assert ("'none', 'auto' or 'required'" in err["message"]) == (param == "tool_choice"), (choice, err)

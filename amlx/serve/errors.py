@@ -157,7 +157,14 @@ def _worst(errors: list[dict]) -> dict:
     loc = tuple(errors[0].get("loc", ()))
     value = next((loc[:k] for k, part in enumerate(loc) if _is_union_label(part)), loc)
     same = [e for e in errors if tuple(e.get("loc", ()))[:len(value)] == value]
-    return min(same, key=lambda e: (str(e.get("type", "")).endswith("_type"), -len(e.get("loc", ()))))
+    return min(same, key=lambda e: (_type_mismatch(e), -len(e.get("loc", ()))))
+
+
+def _type_mismatch(error: dict) -> bool:
+    """A value of the wrong type: also a literal's mismatch for a value that is no string (an
+    object for tool_choice is a named function's, not a misspelled "required")."""
+    kind = str(error.get("type", ""))
+    return kind.endswith("_type") or (kind == "literal_error" and not isinstance(error.get("input"), str))
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
