@@ -24,8 +24,9 @@ from tests.test_tool_choice import CHECKPOINTS, MESSAGES, TOOLS, _server
 
 
 @pytest.fixture(scope="module")
-def thinking(tmp_path_factory):
-    model = amlx.load_sync(CHECKPOINTS["thinking"](tmp_path_factory.mktemp("thinking")), max_context=2048)
+def model(tmp_path_factory):
+    """The qwen checkpoint (its tokenizer has Qwen's <tool_call> and <think> tokens)."""
+    model = amlx.load_sync(CHECKPOINTS["qwen"](tmp_path_factory.mktemp("qwen")), max_context=2048)
     try:
         yield model
     finally:
@@ -33,15 +34,13 @@ def thinking(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The qwen checkpoint served at /qwen/v1."""
-    model = amlx.load_sync(CHECKPOINTS["qwen"](tmp_path_factory.mktemp("qwen")), max_context=2048)
+def server(model):
+    """The model served at /qwen/v1."""
     srv = _server({"qwen": model})
     try:
         yield srv
     finally:
         srv.stop()
-        model.close()
 
 
 def _spelled(tok, *pieces: str) -> list[int]:
@@ -50,12 +49,12 @@ def _spelled(tok, *pieces: str) -> list[int]:
     return [i for piece in pieces for i in tok.encode(piece, add_special_tokens=False)]
 
 
-def test_reasoning_text_cannot_close_the_section_in_ordinary_tokens(thinking):
+def test_reasoning_text_cannot_close_the_section_in_ordinary_tokens(model):
     """Qwen's </think> is a token; its text spelled in ordinary tokens ends the reasoning section
     to the parser (which reads text) but ended nothing to the grammar, so a reply could go on
     with a call of any name inside what the grammar took as reasoning, and it came back as a
     tool call ("rm_rf", among no tools). The grammar now refuses that text before the token."""
-    tok = thinking.tokenizer
+    tok = model.tokenizer
     tools = [Tool.model_validate(t) for t in TOOLS]
     grammar = call_grammar("qwen", tools, _Markers(tok), several=False, thinking=True, template=tok.chat_template)
     vocab = GrammarVocab.from_tokenizer(tok, tok.vocab_size)
@@ -118,12 +117,12 @@ def _takes(tok, grammar: str, reply: str) -> bool:
     return all(matcher.consume(i) for i in tok.encode(reply, add_special_tokens=False)) and matcher.accepting
 
 
-def test_an_agents_tools_fit_the_grammar(thinking):
+def test_an_agents_tools_fit_the_grammar(model):
     """The grammar's length is bounded (64 KiB): 60 tools whose parameters are described as an
     agent's are (a sentence each), or 400 tools without parameters, went over it, and the 400
     told the client to "use choice". Descriptions constrain nothing and are left out; tools of
     one schema share its rule. A property named "description" is still its schema's."""
-    tok = thinking.tokenizer
+    tok = model.tokenizer
     about = "The value to use for this parameter; see the tool's documentation for the accepted forms. " * 2
     props = {f"p{k}": {"type": "string", "description": about, "title": f"P{k}"} for k in range(6)}
     props["description"] = {"type": "integer", "description": about}
@@ -137,12 +136,12 @@ def test_an_agents_tools_fit_the_grammar(thinking):
     assert _forced(tok, [{"type": "function", "function": {"name": f"t{i}"}} for i in range(400)])
 
 
-def test_tools_too_large_for_the_grammar_are_told_so(thinking):
+def test_tools_too_large_for_the_grammar_are_told_so(model):
     """Where the calls cannot fit, the 400 names the tools and what to do, not `choice` (which
     a forced call cannot use)."""
     big = {"type": "object", "properties": {"a": {"enum": [f"value number {i}" for i in range(6000)]}}}
     with pytest.raises(APIError) as info:
-        _forced(thinking.tokenizer, [{"type": "function", "function": {"name": "f", "parameters": big}}])
+        _forced(model.tokenizer, [{"type": "function", "function": {"name": "f", "parameters": big}}])
     err = info.value
     assert err.status == 400 and err.param == "tools" and "use choice" not in err.message, err.message
     assert err.message.startswith("tool_choice: the calls of these tools make a grammar of "), err.message
@@ -162,12 +161,12 @@ def test_an_unpaired_surrogate_is_named_by_its_field(server):
         assert reply.status_code == 400 and err["param"] == param and err["message"].startswith(message), err
 
 
-def test_a_schema_that_is_no_json_is_named_once(thinking):
+def test_a_schema_that_is_no_json_is_named_once(model):
     """A schema number too large for a float (1e400 reads as inf) is no JSON: the 400 said
     "tools[0].function.parameters ('f'): tools[0].function.parameters: the JSON schema ..."."""
     schema = {"type": "object", "properties": {"a": {"type": "number", "maximum": float("inf")}}}
     with pytest.raises(APIError) as info:
-        _forced(thinking.tokenizer, [{"type": "function", "function": {"name": "f", "parameters": schema}}])
+        _forced(model.tokenizer, [{"type": "function", "function": {"name": "f", "parameters": schema}}])
     assert info.value.message.startswith("tools[0].function.parameters ('f'): the JSON schema is not JSON"), info.value
 
 
