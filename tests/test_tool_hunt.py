@@ -183,3 +183,13 @@ def test_a_malformed_named_tool_choice_is_named_by_its_field(server):
         err = reply.json()["error"]
         assert reply.status_code == 400 and err["param"] == param, (choice, err)
         assert ("'none', 'auto' or 'required'" in err["message"]) == (param == "tool_choice"), (choice, err)
+
+
+def test_an_unpaired_surrogate_in_a_completions_prompt_is_named(server):
+    """The same for /v1/completions: the 400 named no field ("the text holds ...")."""
+    for prompt, where in (('"a\\ud800"', "prompt holds"), ('["ok", "a\\ud800"]', "prompt[1] holds")):
+        reply = httpx.post(f"{server.url}/qwen/v1/completions", headers={"content-type": "application/json"},
+                           content=f'{{"model": "m", "max_tokens": 2, "prompt": {prompt}}}'.encode(), timeout=60)
+        err = reply.json()["error"]
+        assert reply.status_code == 400 and err["param"] == "prompt" and err["message"].startswith(
+            f"{where} an unpaired surrogate, U+D800, at character 1"), err

@@ -99,15 +99,21 @@ def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None,
     except ValueError as exc:  # ChatTemplateError: the template refused these messages
         raise APIError(400, str(exc), param="messages", code="invalid_messages") from exc
     check_text(text)
+    return _encoded(tokenizer, text, ((messages, "messages"), (tools, "tools")), add_special_tokens=False)
+
+
+def _encoded(tokenizer, text: str, sources: tuple[tuple[Any, str], ...], **options: Any) -> list[int]:
+    """`tokenizer.encode(text, **options)`; for a text the tokenizer refuses as holding an
+    unpaired surrogate (JSON's lone "\ud800" escape), at a character of a text the client may
+    never have sent (the rendered prompt), the 400 names the field of `sources` ((value, its
+    name)) that holds it, and where in it."""
     try:
-        return tokenizer.encode(text, add_special_tokens=False)
+        return tokenizer.encode(text, **options)
     except ValueError:
-        # An unpaired surrogate (JSON's lone "\ud800" escape), which the tokenizer placed at a
-        # character of the rendered prompt, text the client never sent: the field is named
-        for value, param in ((messages, "messages"), (tools, "tools")):
-            problem = _unencodable(value, param)
+        for value, where in sources:
+            problem = _unencodable(value, where)
             if problem is not None:
-                raise APIError(400, problem, param=param, code="invalid_value") from None
+                raise APIError(400, problem, param=where.split("[")[0], code="invalid_value") from None
         raise
 
 
@@ -140,10 +146,13 @@ def completion_prompts(tokenizer, req: CompletionRequest, check_text: Callable[[
     """Prompt ids of each prompt of a completions request (blocking; `check_text`: see
     `render_chat`)."""
     out = []
-    for p in _each_prompt(req):
+    prompts = _each_prompt(req)
+    several = prompts is req.prompt  # (a list of prompts, not one made a list)
+    for i, p in enumerate(prompts):
         if isinstance(p, str):
             check_text(p)
-        ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
+        where = f"prompt[{i}]" if several else "prompt"
+        ids = _encoded(tokenizer, p, ((p, where),)) if isinstance(p, str) else list(p)
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
         out.append(ids)
