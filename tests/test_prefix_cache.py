@@ -602,10 +602,16 @@ def test_a_prompt_being_prefilled_is_preempted_for_a_running_row(ckpt, monkeypat
 
             async def run_a():
                 out = []
-                async for t in m.generate(a, max_tokens=100):
+                # (two tokens unread pause it: it holds its first block alone until the prompt
+                # has been taken in, however late the other task submits it; taken in only once
+                # the running row held two blocks, the prompt waited instead of being preempted)
+                async for t in m.generate(a, max_tokens=100, max_buffer=2):
                     out.append(t.id)
                     if len(out) == 2:
                         started.set()
+                        with anyio.fail_after(30):
+                            while m.stats()["kv_cache"]["blocks_used"] < 2:  # the prompt holds blocks
+                                await anyio.sleep(0.001)
                 got["a"] = out
 
             async def run_b():
