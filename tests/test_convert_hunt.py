@@ -17,10 +17,12 @@ from amlx.train import lora
 try:
     from tests.helpers.checkpoints import make_checkpoint
     from tests.helpers.decoding import prefill_logits
+    from tests.helpers.hub import COMMIT, hub_cache
     from tests.test_train_lora import on_worker
 except ImportError:  # tests/ itself on sys.path
     from helpers.checkpoints import make_checkpoint
     from helpers.decoding import prefill_logits
+    from helpers.hub import COMMIT, hub_cache
     from test_train_lora import on_worker
 
 
@@ -97,8 +99,6 @@ def test_paths_whose_bytes_are_not_utf8_convert_load_and_fuse(qwen, adapter, tmp
 
 # -- the Hugging Face cache ------------------------------------------------------------------------
 
-_COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
 
 def _incomplete_cache(tmp_path):
     """A Hugging Face cache holding acme/tiny as an interrupted download leaves it: the revision's
@@ -106,13 +106,8 @@ def _incomplete_cache(tmp_path):
     and only config.json reached the snapshot."""
     from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
 
-    cache = tmp_path / "hub"
-    repo = cache / "models--acme--tiny"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(_COMMIT)
-    (repo / "snapshots" / _COMMIT).mkdir(parents=True)
-    (repo / "snapshots" / _COMMIT / "config.json").write_text("{}")
-    write_tree_cache(str(repo), _COMMIT, {"config.json": TreeCacheEntry(2, "a" * 40),
+    cache, repo = hub_cache(tmp_path)
+    write_tree_cache(str(repo), COMMIT, {"config.json": TreeCacheEntry(2, "a" * 40),
                                           "model.safetensors": TreeCacheEntry(8, "b" * 40, "c" * 64, 8)})
     return cache
 

@@ -18,6 +18,7 @@ from amlx.errors import ModelLoadError
 from amlx.tokenizer import Tokenizer
 from helpers.tokenizers import write_tokenizer
 from helpers.environment import python_path
+from helpers.hub import COMMIT, hub_cache
 
 
 # -- 1. a tokenizer.json that multiplies every text ------------------------------------------------
@@ -96,19 +97,12 @@ def test_real_tokenizer_shapes_still_load(tmp_path, kind, entries):
 
 # -- 2. huggingface_hub's cached file listings -------------------------------------------------------
 
-_COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
 
 def _cache(tmp_path: Path) -> tuple[Path, Path]:
-    """A Hugging Face cache holding acme/tiny at _COMMIT; (the cache, its trees/<commit>.json path)."""
-    cache = tmp_path / "hub"
-    repo = cache / "models--acme--tiny"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(_COMMIT)
-    (repo / "snapshots" / _COMMIT).mkdir(parents=True)
-    (repo / "snapshots" / _COMMIT / "config.json").write_text("{}")
+    """A Hugging Face cache holding acme/tiny at COMMIT; (the cache, its trees/<commit>.json path)."""
+    cache, repo = hub_cache(tmp_path)
     (repo / "trees").mkdir()
-    return cache, repo / "trees" / f"{_COMMIT}.json"
+    return cache, repo / "trees" / f"{COMMIT}.json"
 
 
 def _resolve(cache: Path) -> Path:
@@ -159,10 +153,10 @@ def test_a_plain_cached_file_listing_still_resolves(tmp_path):
     cache, tree = _cache(tmp_path)
     tree.write_text(json.dumps({"format_version": 1, "files": {"config.json": {"size": 2, "blob_id": "x"}}}))
     (tree.parent / "tmpab12.tmp").mkdir()  # (not a listing: never read)
-    assert _resolve(cache) == cache / "models--acme--tiny" / "snapshots" / _COMMIT
+    assert _resolve(cache) == cache / "models--acme--tiny" / "snapshots" / COMMIT
 
 
-@pytest.mark.parametrize("text", ["../../outside", "main", _COMMIT[:39], _COMMIT + "/.."])
+@pytest.mark.parametrize("text", ["../../outside", "main", COMMIT[:39], COMMIT + "/.."])
 def test_a_cached_ref_that_is_not_a_commit_is_refused(tmp_path, text):
     """huggingface_hub joins refs/main's text onto snapshots/ as it is: "../../outside" there
     had the load read a checkpoint from a folder outside the cache."""
