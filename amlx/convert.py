@@ -72,8 +72,7 @@ def _check_options(quantize, group_size, dtype, max_shard_size):
         raise ValueError(f"quantize must be None, 4 or 8 (integer bits), not {quantize!r}")
     group = _integer(group_size)
     if group not in GROUP_SIZES:
-        raise ValueError(f"group_size must be one of the integers {', '.join(map(str, GROUP_SIZES))}, "
-                         f"not {group_size!r}")
+        raise ValueError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size!r}")
     dt = check_dtype(dtype)
     if dt is not None and dt.name not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dt.name}")
