@@ -6,13 +6,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.helpers.serving import ServerProcess, serve_checkpoint
 
 KEY = "page-key"
+
+
+@pytest.fixture
+def chromium_tmp():
+    """A short folder of Chromium's own, removed afterwards. Its singleton socket goes in TMPDIR,
+    and a UNIX socket's path holds at most 107 bytes: under pytest's folders
+    (/tmp/pytest-of-root/pytest-986/test_code_fences_render_as_cod0/...) it did not fit once the
+    run counter grew, and Chromium exited at start ("session not created")."""
+    tmp = Path(tempfile.mkdtemp(prefix="amlx-cr-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _driver(tmp):
@@ -27,7 +40,7 @@ def _driver(tmp):
     opts.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         opts.add_argument(arg)
-    # (Chromium's profile and singleton folders go under the test's tmp folder, not /tmp, where
+    # (Chromium's profile and singleton folders go under `tmp`, not straight into /tmp, where
     # they stayed behind after every run)
     opts.add_argument(f"--user-data-dir={tmp / 'profile'}")
     env = {**os.environ, "TMPDIR": str(tmp)}
@@ -57,10 +70,10 @@ def server(tmp_path_factory):
         yield srv
 
 
-def test_chat_page_streams_stops_and_keeps_history(server, tmp_path):
+def test_chat_page_streams_stops_and_keeps_history(server, chromium_tmp):
     from selenium.webdriver.common.by import By
 
-    driver = _driver(tmp_path)
+    driver = _driver(chromium_tmp)
     try:
         driver.get(server.url + "/")
         find = lambda css: driver.find_element(By.CSS_SELECTOR, css)  # noqa: E731
@@ -110,10 +123,10 @@ def test_chat_page_streams_stops_and_keeps_history(server, tmp_path):
         driver.quit()
 
 
-def test_code_fences_render_as_code_and_html_stays_text(server, tmp_path):
+def test_code_fences_render_as_code_and_html_stays_text(server, chromium_tmp):
     from selenium.webdriver.common.by import By
 
-    driver = _driver(tmp_path)
+    driver = _driver(chromium_tmp)
     try:
         driver.get(server.url + "/")
         driver.execute_script("""
