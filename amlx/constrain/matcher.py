@@ -415,9 +415,7 @@ class GrammarVocab:
             return matcher
         if constraint.kind in ("json", "grammar"):  # (as parse_constraint does: a Constraint may be made by hand)
             check_definitions(constraint.grammar, f"{constraint.kind} constraint")
-        # on a deep stack: llguidance compiles recursively, a frame per definition (limits.py)
-        template = on_deep_stack(functools.partial(llguidance.LLMatcher, log_level=0), self._tokenizer_for(constraint),
-                                 constraint.grammar)
+        template = self._compile(constraint)
         if template.is_error():
             raise ValueError(f"invalid {constraint.kind} constraint: {template.get_error().strip()}")
         # A grammar that no text can start (a regex of an empty class such as [^\x00-\U0010ffff],
@@ -444,6 +442,12 @@ class GrammarVocab:
             self._compiled.move_to_end(constraint.grammar)
             return Matcher(compiled.next().deep_copy(), self.mask_words)
 
+    def _compile(self, constraint: Constraint) -> llguidance.LLMatcher:
+        """llguidance's compiled matcher of `constraint` (slow for big grammars), on a deep stack:
+        llguidance compiles recursively, a frame per definition (limits.py)."""
+        return on_deep_stack(functools.partial(llguidance.LLMatcher, log_level=0), self._tokenizer_for(constraint),
+                             constraint.grammar)
+
     def claim_copy(self, constraint: Constraint) -> bool:
         """True if `constraint`'s grammar is compiled, has fewer than `MASK_LEXERS` copies and
         none being compiled: the caller then calls `add_copy` (off the event loop), once."""
@@ -466,8 +470,7 @@ class GrammarVocab:
         the grammar is known to compile)."""
         template = None
         try:
-            template = on_deep_stack(functools.partial(llguidance.LLMatcher, log_level=0),
-                                     self._tokenizer_for(constraint), constraint.grammar)
+            template = self._compile(constraint)
         finally:
             with self._lock:
                 compiled = self._compiled.get(constraint.grammar)
