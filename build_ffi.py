@@ -32,7 +32,8 @@ SOURCES = ("mlxc.cpp", "blas.cpp", "cpu_gemv.cpp", "gemv_generic.cpp", "gemv_avx
            "malloc_tuning.cpp",  # glibc thresholds raised at load: large temporaries reuse memory
            "buffer_view.cpp",  # the decode kernel reads the KV pools without holding them
            "cpu_step.cpp",  # the decode step's fused kernels on the CPU (attention, residual norm, activation)
-           "cpu_attention.cpp")  # a prompt's attention on the CPU
+           "cpu_attention.cpp",  # a prompt's attention on the CPU
+           "device_copy.cpp")  # host data copied to the GPU by the CUDA driver (a step's token masks)
 
 
 # Array's C core (amlx._arraytype): plain C over Python's API, no MLX (it calls mlxc

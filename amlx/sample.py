@@ -77,6 +77,7 @@ import numpy as np
 
 from amlx import _mlx as mx
 from amlx._mlx import Array
+from amlx._mlx.array import upload
 from amlx.constrain.apply import apply_token_mask, check_mask_shape
 from amlx._mlx import ops as _ops
 
@@ -823,8 +824,9 @@ class RowSampling:
 
 def upload_masks(masks: np.ndarray) -> Array:
     """A step's packed token bitmasks (rows, words) as the int32 device array `sample` takes
-    (one copy; any thread may make it: an array made from host data needs no stream)."""
-    return mx.array(np.ascontiguousarray(masks, dtype=np.int32))
+    (one copy, by the GPU's copy engine on CUDA: `_mlx.array.upload`; any thread may make
+    it: an array made from host data needs no stream)."""
+    return upload(np.ascontiguousarray(masks, dtype=np.int32))
 
 
 class StepSample(NamedTuple):

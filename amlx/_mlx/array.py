@@ -346,6 +346,26 @@ def array(value, dtype=None) -> Array:
     return _call(lib.mlxc_array_from_data, "array", ffi.from_buffer(raw), shape, raw.ndim, dt.code)
 
 
+def upload(value: np.ndarray) -> Array:
+    """An array holding a copy of a numpy array, for data on its way to the GPU.
+
+    On CUDA the driver's copy engine writes it where MLX's own copy would write managed
+    memory the GPU last held, a page fault at a time (`mlxc_array_upload`; a step's 2 MB
+    of token masks: 0.62 ms). Elsewhere, the same as `array(value)`. One C call: the GIL
+    is released for the copy."""
+    raw = np.ascontiguousarray(value)
+    dt = _dt.from_numpy(raw.dtype)
+    if raw.ndim == 0 or dt is _dt.bfloat16:
+        return array(raw)
+    shape = ffi.new("int[]", list(raw.shape))
+    return _call(lib.mlxc_array_upload, "upload", ffi.from_buffer(raw), shape, raw.ndim, dt.code)
+
+
+def upload_by_driver() -> bool:
+    """Whether `upload` copies with the CUDA driver here (MLX on CUDA, the GPU the default device)."""
+    return bool(lib.mlxc_upload_by_driver())
+
+
 def from_bits(raw: np.ndarray, dtype) -> Array:
     """An array from raw element bits (e.g. uint16 patterns for bfloat16)."""
     dt = _dt.as_dtype(dtype)

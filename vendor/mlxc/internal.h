@@ -26,6 +26,12 @@ inline uintptr_t new_handle(mlx::core::array a) {
 // Frees a handle made by new_handle.
 inline void free_handle(uintptr_t h) { delete reinterpret_cast<mlxc_array_s*>(h); }
 
+// A new array holding a copy of `nbytes` of host data, copied by the GPU's copy engine
+// where MLX runs on CUDA, else by the CPU (device_copy.cpp).
+mlx::core::array upload(const void* data, mlx::core::Shape shape, mlx::core::Dtype dtype, size_t nbytes);
+// Whether `upload` copies with the CUDA driver here.
+bool upload_by_driver();
+
 // Sets the thread-local text that mlxc_last_error() returns.
 void set_last_error(const std::string& message);
 

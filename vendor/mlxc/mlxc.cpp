@@ -270,6 +270,24 @@ int mlxc_array_from_data(const void* data, const int* shape, int ndim,
   GUARD_END
 }
 
+int mlxc_array_upload(const void* data, const int* shape, int ndim, int dtype, mlxc_array* out) {
+  GUARD_BEGIN
+  mx::Dtype dt = to_dtype(dtype);
+  mx::Shape sh = to_shape(shape, ndim);
+  size_t n = 1;
+  for (auto s : sh) {
+    if (s < 0) throw std::invalid_argument("[array] negative dimension");
+    n *= static_cast<size_t>(s);
+  }
+  if (n == 0) return mlxc_array_from_data(data, shape, ndim, dtype, out);
+  put(mlxc::upload(data, std::move(sh), dt, n * dt.size()), out);
+  GUARD_END
+}
+
+int mlxc_upload_by_driver(void) {
+  return mlxc::upload_by_driver() ? 1 : 0;
+}
+
 int mlxc_array_from_double(double value, int dtype, mlxc_array* out) {
   GUARD_BEGIN
   put(mx::array(value, to_dtype(dtype)), out);

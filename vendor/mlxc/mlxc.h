@@ -161,6 +161,13 @@ int mlxc_cpu_gemv_set_bf16(const char* name);
  * patterns. */
 int mlxc_array_from_data(const void* data, const int* shape, int ndim,
                          int dtype, mlxc_array* out);
+/* The same, for data on its way to the GPU (a step's token masks): on CUDA the
+ * driver copies it into the new array's memory, where MLX's copy would write
+ * managed memory the GPU last held, page by page (device_copy.cpp). Elsewhere,
+ * or if the driver cannot, as mlxc_array_from_data. */
+int mlxc_array_upload(const void* data, const int* shape, int ndim, int dtype, mlxc_array* out);
+/* 1 where mlxc_array_upload copies with the CUDA driver, else 0. */
+int mlxc_upload_by_driver(void);
 int mlxc_array_from_double(double value, int dtype, mlxc_array* out);
 int mlxc_array_from_int(int64_t value, int dtype, mlxc_array* out);
 int mlxc_array_from_bool(int value, mlxc_array* out);
