@@ -77,14 +77,22 @@ def check_kernel_cache(device: str) -> None:
                              f"{var} at an existing directory")
 
 
+def compile_disabled() -> bool:
+    """Whether MLX_DISABLE_COMPILE is set: MLX then compiles nothing (it checks only that the
+    variable exists, whatever its value), so a cold kernel cache costs no g++ run."""
+    return "MLX_DISABLE_COMPILE" in os.environ
+
+
 def first_run_notice(device: str = "auto", out: TextIO | None = None) -> bool:
     """Writes the one-line notice to `out` (stderr) when a model about to run on the
-    CPU will find the kernel cache cold; returns whether it did."""
+    CPU will find the kernel cache cold and compile into it; returns whether it did.
+    (With MLX_DISABLE_COMPILE set nothing compiles: the notice said "compiling ... about
+    a minute" before a first token that came at once.)"""
     from amlx._mlx import device as mxdevice
 
     on_cpu = device == "cpu" or (device == "auto" and not mxdevice.gpu_available())
-    if not on_cpu or not kernel_cache_is_cold() or _temp_problem() is not None:  # (then the load refuses)
-        return False
+    if not on_cpu or compile_disabled() or not kernel_cache_is_cold() or _temp_problem() is not None:
+        return False  # (_temp_problem: then the load refuses)
     stream = stderr_stream() if out is None else out
     if stream is None:
         return False
