@@ -36,6 +36,7 @@ render exactly as before (and as transformers renders them).
 from __future__ import annotations
 
 import codecs
+import collections
 import contextvars
 import functools
 import json
@@ -353,10 +354,24 @@ def _check_str_method(budget: _Budget, owner: str | bytes, name: str, args: tupl
         items = list(args[0])
         budget.size(_joined_size(owner, items), "str.join")
         args = (items, *args[1:])
-    elif name == "translate" and args and isinstance(args[0], Mapping):
-        longest = max((len(v) for v in args[0].values() if isinstance(v, (str, bytes))), default=1)
-        budget.size(len(owner) * longest, "str.translate")
+    elif name == "translate" and args and isinstance(owner, str):
+        budget.size(_translated_size(owner, args[0]), "str.translate")
     return args
+
+
+def _translated_size(text: str, table: Any) -> int:
+    """The length of `text.translate(table)`: each distinct character's count times the length of
+    what the table maps its code point to. A table is anything indexed by code points, a list as
+    well as a dict: `s.translate([''] * 97 + [big])` wrote `big` once per "a" of `s` (only dicts
+    were measured) before the result could be. (bytes.translate takes a 256-byte table: no growth.)"""
+    total = 0
+    for char, count in collections.Counter(text).items():
+        try:
+            value = table[ord(char)]
+        except Exception:  # (unmapped: the character stays; a table translate refuses, refused there)
+            value = char
+        total += count * (len(value) if isinstance(value, str) else 0 if value is None else 1)
+    return total
 
 
 # -- filters -------------------------------------------------------------------------------
