@@ -822,11 +822,17 @@ class RowSampling:
         return self.history[self.prompt_len:]
 
 
-def upload_masks(masks: np.ndarray) -> Array:
+def upload_masks(masks: np.ndarray, by_driver: bool = False) -> Array:
     """A step's packed token bitmasks (rows, words) as the int32 device array `sample` takes
-    (one copy, by the GPU's copy engine on CUDA: `_mlx.array.upload`; any thread may make
-    it: an array made from host data needs no stream)."""
-    return upload(np.ascontiguousarray(masks, dtype=np.int32))
+    (one copy; any thread may make it: an array made from host data needs no stream).
+
+    `by_driver`: the CUDA driver copies them (`_mlx.array.upload`) rather than MLX, which
+    writes managed memory the GPU last held a page fault at a time. Alone it is 4x faster
+    (2 MB: 0.22 against 0.89 ms on an H100), but in the engine the worker's launch of the
+    forward, which runs meanwhile, slowed by as much (the driver's copy from pageable memory
+    holds it up), so the engine does it only with AMLX_MASK_COPY=driver (benchmarks/README.md)."""
+    masks = np.ascontiguousarray(masks, dtype=np.int32)
+    return upload(masks) if by_driver else mx.array(masks)
 
 
 class StepSample(NamedTuple):

@@ -591,3 +591,21 @@ def test_a_tokenizer_larger_than_the_models_vocabulary(arch, tmp_path):
                     check(kind, out.text)
 
     anyio.run(body)
+
+
+def test_masks_copied_by_the_driver_sample_the_same(monkeypatch):
+    """AMLX_MASK_COPY=driver (the CUDA driver's copy; MLX's elsewhere) samples what the
+    default copy samples, seeded sampling included; anything else is refused by name."""
+    monkeypatch.setenv("AMLX_MASK_ORDER", "read")
+    monkeypatch.setenv("AMLX_MASK_UPLOAD", "thread")
+    monkeypatch.setenv("AMLX_STEP_TIMING", "1")
+    texts = {}
+    for mode in ("mlx", "driver"):
+        monkeypatch.setenv("AMLX_MASK_COPY", mode)
+        texts[mode], timing = anyio.run(_upload_body)
+        assert all(re.fullmatch("[a-z]{6}[0-9]{2}", t) for t in texts[mode])
+        assert timing["background"]["mask_upload"] > 0
+    assert texts["driver"] == texts["mlx"]
+    monkeypatch.setenv("AMLX_MASK_COPY", "cuda")
+    with pytest.raises(ValueError, match="AMLX_MASK_COPY"):
+        anyio.run(_upload_body)

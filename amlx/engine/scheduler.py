@@ -43,6 +43,8 @@ call on one core). On a GPU there is one stream.
 
 from __future__ import annotations
 
+import functools
+
 import os
 import threading
 import time
@@ -100,6 +102,14 @@ def _masks_uploaded_on_thread() -> bool:
     rows; benchmarks/README.md). AMLX_MASK_UPLOAD=worker has the worker upload them as it
     builds the sampling step instead (benchmarks/run_gpu.sh structured-ab compares). Read once."""
     return env_choice("AMLX_MASK_UPLOAD", ("thread", "worker"), "thread") == "thread"
+
+
+def _masks_copied_by_driver() -> bool:
+    """AMLX_MASK_COPY=driver: the mask thread's upload is the CUDA driver's copy
+    (`sample.upload_masks(by_driver=True)`); `mlx` (the default) is MLX's. The driver's
+    copy alone is 4x faster, yet slowed the worker's launch meanwhile by as much (an H100,
+    2026-12-06, benchmarks/README.md): kept to compare. Read once."""
+    return env_choice("AMLX_MASK_COPY", ("mlx", "driver"), "mlx") == "driver"
 
 
 def _build_before_read() -> bool:
@@ -207,6 +217,7 @@ class Scheduler:
         # is measured unless the environment pins it (read once, here)
         self._pinned_order = _pinned_mask_order()
         self._upload_on_thread = _masks_uploaded_on_thread()
+        self._upload = functools.partial(upload_masks, by_driver=True) if _masks_copied_by_driver() else upload_masks
         self._build_early = _build_before_read()
         self.forward_first = bool(self._pinned_order)
         self._prepared = False  # the model's derived arrays are evaluated (see Module.prepare)
@@ -1065,7 +1076,7 @@ class Scheduler:
         todo = [i for i in indices if parts[i] is None]  # to build, then launch
         unlaunched = [] if launched else [i for i in indices if parts[i] is not None]
         job = MaskJob([[r.matcher for r in plan[i][0].rows] for i in indices],
-                      upload_masks if (todo or unlaunched) and self._upload_on_thread else None)
+                      self._upload if (todo or unlaunched) and self._upload_on_thread else None)
         pending = None
         if todo or unlaunched:  # forwards to build or launch meanwhile: the masks go to the mask thread
             if self._mask_thread is None:
