@@ -125,6 +125,14 @@ class _Budget:
             raise ChatTemplateError("the chat template built more data than its limit "
                                     f"({self.limits.alloc_factor} x {self.size_cap} characters or items)")
 
+    def work(self, n: int, what: str) -> None:
+        """Charges the work of one operation that no step can interrupt (characters it will scan
+        or copy) to the allocation budget; refuses it, before it runs, where that is spent."""
+        if n > self.alloc_left:
+            raise ChatTemplateError(f"{what} would take some {n} character operations in one call, over the chat "
+                                    f"template limit ({self.limits.alloc_factor} x {self.size_cap})")
+        self.alloc_left -= n
+
     def expanded(self, value: Any) -> int:
         """The size of `value` written out (what str() or tojson would make of it): the
         characters of its strings and numbers, a container counted once per reference to it
@@ -354,9 +362,24 @@ def _check_str_method(budget: _Budget, owner: str | bytes, name: str, args: tupl
         items = list(args[0])
         budget.size(_joined_size(owner, items), "str.join")
         args = (items, *args[1:])
+    elif name in ("strip", "lstrip", "rstrip") and args and isinstance(args[0], (str, bytes)):
+        args = (_strip_chars(budget, owner, args[0], f"str.{name}"), *args[1:])
     elif name == "translate" and args and isinstance(owner, str):
         budget.size(_translated_size(owner, args[0]), "str.translate")
     return args
+
+
+def _strip_chars(budget: _Budget, text: Any, chars: Any, what: str) -> Any:
+    """The `chars` of a strip with each character once (the same set, so the same result), its
+    work charged: each character stripped is looked for among them, the text's length times theirs
+    in one call at worst (a 400,000-character text stripped of 40,000 distinct characters took a
+    second, a longer text or set minutes, past the render's deadline)."""
+    if isinstance(chars, str) and isinstance(text, str):
+        chars = "".join(dict.fromkeys(chars))
+        budget.work(len(text) * len(chars), what)
+    elif isinstance(chars, bytes) and isinstance(text, bytes):
+        chars = bytes(dict.fromkeys(chars))  # (at most 256)
+    return chars
 
 
 def _translated_size(text: str, table: Any) -> int:
@@ -401,6 +424,13 @@ def _filter_wordwrap(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
     wrap = _arg(args, kwargs, 3, "wrapstring", None)
     lines = len(text) // width + text.count("\n") + 1
     budget.size(len(text) + lines * (len(wrap) if isinstance(wrap, str) else 1), "the wordwrap filter")
+    if _arg(args, kwargs, 2, "break_long_words", True):
+        # textwrap breaks a word longer than the width by slicing off a line at a time and keeping
+        # the rest, a copy of it: the square of the word's length over the width, in one call (two
+        # million characters at width 1 took minutes, far past the render's deadline)
+        long_word = re.compile(r"\S{%d,}" % (width + 1)) if width < len(text) else None
+        copied = sum(len(m.group()) ** 2 // (2 * width) for m in long_word.finditer(text)) if long_word else 0
+        budget.work(copied, "the wordwrap filter")
     return args
 
 
@@ -417,6 +447,17 @@ def _filter_slice(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
 def _filter_format(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
     if isinstance(args[0], str):  # (the filter formats `value % (kwargs or args)`)
         budget.fits(_printf_size(budget, args[0], kwargs or tuple(args[1:])), "the format filter")
+    return args
+
+
+def _filter_trim(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
+    chars = _arg(args, kwargs, 1, "chars", None)
+    if isinstance(chars, str):
+        chars = _strip_chars(budget, str(args[0]), chars, "the trim filter")
+        if len(args) > 1:
+            args = (args[0], chars, *args[2:])
+        else:
+            kwargs["chars"] = chars
     return args
 
 
@@ -498,7 +539,7 @@ def _filter_sum(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
 _FILTER_CHECKS: dict[str, Callable[[_Budget, tuple, dict], tuple]] = {
     "center": _filter_center, "indent": _filter_indent, "wordwrap": _filter_wordwrap, "batch": _filter_batch,
     "slice": _filter_slice, "format": _filter_format, "replace": _filter_replace, "join": _filter_join,
-    "tojson": _filter_tojson, "pprint": _filter_pprint, "urlize": _filter_urlize, "sum": _filter_sum, "round": _filter_round,
+    "tojson": _filter_tojson, "pprint": _filter_pprint, "trim": _filter_trim, "urlize": _filter_urlize, "sum": _filter_sum, "round": _filter_round,
 }
 
 

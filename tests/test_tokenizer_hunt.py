@@ -175,3 +175,38 @@ def test_str_translate_renders_as_before(pairs):
               "{{ messages[0].content.translate(''.maketrans('abc', 'xyz')) }}")
     assert ours.apply_chat_template(messages, chat_template=source) == hf.apply_chat_template(
         messages, chat_template=source, tokenize=False)
+
+
+# One call that no step can interrupt, its work quadratic in what it is given (the size of its
+# result is not): at the default limits, each ran minutes past the render's deadline.
+QUADRATIC_CALLS = {
+    # textwrap breaks a long word by slicing a line off it at a time, copying the rest each time
+    "wordwrap": ("{{ (messages[0].content * 10) | wordwrap(2) | length }}", "wordwrap"),
+    # each character stripped is looked for among the characters given
+    "str.strip": ("{{ ('\u9c3f' * 50000).strip(('{:c}' * 2000).format(*range(38000, 40000))) | length }}", "strip"),
+    "str.lstrip": ("{{ ('\u9c3f' * 50000).lstrip(('{:c}' * 2000).format(*range(38000, 40000))) | length }}", "lstrip"),
+    "trim": ("{{ ('\u9c3f' * 50000) | trim(('{:c}' * 2000).format(*range(38000, 40000))) | length }}", "trim"),
+    "trim by name": ("{{ ('\u9c3f' * 50000) | trim(chars=('{:c}' * 2000).format(*range(38000, 40000))) | length }}",
+                     "trim"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(QUADRATIC_CALLS))
+def test_quadratic_calls_are_refused_before_they_run(pairs, name):
+    ours, _ = pairs("bpe")
+    source, says = QUADRATIC_CALLS[name]
+    with pytest.raises(ChatTemplateError, match=f"{says}.*character operations"):
+        _small(ours).apply_chat_template([{"role": "user", "content": "a" * 5000}], chat_template=source)
+
+
+def test_wordwrap_and_strip_render_as_before(pairs):
+    ours, hf = pairs("bpe")
+    messages = [{"role": "user", "content": "Supercalifragilistic words-with-hyphens and  spaces\nnew paragraph "
+                                            "x" * 3 + " \u9c3f\u9c3f ab"}]
+    source = ("{{ messages[0].content | wordwrap(5) }}|{{ messages[0].content | wordwrap(7, false) }}|"
+              "{{ messages[0].content | wordwrap(4, true, '<br>', false) }}|{{ messages[0].content | wordwrap }}|"
+              "{{ '  ab  ' | trim }}|{{ 'xyabyx' | trim('xy') }}|{{ 'xxabyy' | trim(chars='xyx') }}|"
+              "{{ 'zzaz'.strip('zz') }}|{{ 'zzaz'.lstrip('z') }}|{{ 'azz'.rstrip('zzz') }}|{{ '\u9c3fa\u9c3f'.strip('\u9c3f') }}|"
+              "{{ 'zzaz'.encode().strip('zz'.encode()) }}|{{ ' x '.strip() }}|{{ ' x '.strip(none) }}")
+    assert ours.apply_chat_template(messages, chat_template=source) == hf.apply_chat_template(
+        messages, chat_template=source, tokenize=False)
