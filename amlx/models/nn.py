@@ -65,11 +65,27 @@ class Module:
         return owner[int(leaf)] if isinstance(owner, list) else getattr(owner, leaf)
 
     def set_module(self, path: str, module: "Module") -> None:
+        """Puts `module` at `path`; the module it replaces gives back its derived arrays.
+        (A replaced layer may live on where a fused layer's key names it, as a LoRA-wrapped
+        q_proj does in its attention's stale "qkv" entry: its transposed weight, a view that
+        holds the whole fused weight, then outlived the model's close, which frees only the
+        derived arrays of the modules in the tree.)"""
         owner, leaf = self._resolve(path)
+        old = owner[int(leaf)] if isinstance(owner, list) else getattr(owner, leaf, None)
         if isinstance(owner, list):
             owner[int(leaf)] = module
         else:
             setattr(owner, leaf, module)
+        if isinstance(old, Module) and old is not module:
+            # (not what the new module still holds: a module of both trees, or a shallow copy's memo)
+            kept = {id(m) for _, m in module.named_modules()}
+            kept |= {id(m.__dict__["_memo"]) for _, m in module.named_modules() if "_memo" in m.__dict__}
+            for _, m in old.named_modules():
+                memo = m.__dict__.get("_memo")
+                if id(m) not in kept and memo is not None and id(memo) not in kept:
+                    del m.__dict__["_memo"]
+                    for _, value in memo.values():
+                        _release(value)
 
     def update(self, params: dict[str, Array]) -> None:
         """Replaces parameters by dotted name (e.g. with trained values)."""
