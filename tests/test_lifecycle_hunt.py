@@ -9,7 +9,9 @@ first load, which leaves a few bytes in MLX's process-wide caches (tests/test_un
 from __future__ import annotations
 
 import gc
+import weakref
 
+import anyio
 import pytest
 
 import amlx
@@ -69,4 +71,22 @@ async def test_a_lora_adapter_on_a_fused_layer_gives_its_memory_back_at_close(qw
     async with await amlx.load(qwen3, adapter=adapter) as model:
         assert (await model.complete("Hello", max_tokens=3)).usage.completion_tokens >= 1
     assert settled_active() == before
+
+
+async def test_a_closed_models_scheduler_is_not_kept_by_the_idle_worker(warm_demo):
+    """The worker's round kept its list of the schedulers it stepped in a local variable while it
+    slept: the scheduler of a model closed in that round (its close one of the round's jobs), and
+    with it the model's modules, stayed referenced until some later round, which an idle process
+    may never run. (amlx/engine/worker.py: the list is emptied after the round.)"""
+    model = await amlx.load(warm_demo)
+    await model.complete("Hello", max_tokens=4)
+    scheduler = weakref.ref(model.engine.scheduler)
+    lm = weakref.ref(model.engine.model)
+    await model.aclose()
+    del model
+    # (no worker job from here: one would start a round, which frees it anyway)
+    with anyio.fail_after(30):  # (a guard: the worker finishes the round of the close, then sleeps)
+        while scheduler() is not None or lm() is not None:
+            gc.collect()
+            await anyio.sleep(0.01)
 

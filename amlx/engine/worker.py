@@ -124,13 +124,20 @@ class Worker:
             # a finished future keeps its result alive (a Model its caller dropped, say):
             # the thread holds none while it waits
             jobs.clear()
-            for s in schedulers:
-                try:
-                    with batched_wakeups():
-                        s.step()
-                except BaseException as exc:  # noqa: BLE001 - the worker must survive
-                    log.exception("scheduler step failed")
-                    s.fail_all(exc)
+            _step_all(schedulers)
+            # nor a scheduler: one whose model closed in this round (its close a job above)
+            # stayed referenced here, with its model's objects, until the next round came
+            schedulers.clear()
+
+
+def _step_all(schedulers: list) -> None:
+    for s in schedulers:
+        try:
+            with batched_wakeups():
+                s.step()
+        except BaseException as exc:  # noqa: BLE001 - the worker must survive
+            log.exception("scheduler step failed")
+            s.fail_all(exc)
 
 
 def _run_jobs(jobs: list[tuple[Callable[[], Any], concurrent.futures.Future]]) -> None:
