@@ -298,11 +298,16 @@ class TrainingRun:
     def _drop_moments(self) -> None:
         """Worker, at the model's close (and a full run's end): the optimizer's moments can serve
         no later save or step (both need the model), so they go with it, also while the caller
-        keeps the run."""
+        keeps the run. So does the run's random key (a run closed with its model held it, and
+        MLX's active memory stayed above where it was before the load for as long as the caller
+        kept the run)."""
         opt = getattr(self, "_opt", None)
         if opt is not None:
             opt.m.clear()
             opt.v.clear()
+        key, self._key = getattr(self, "_key", None), None
+        if key is not None:
+            key.close()
 
     # -- worker jobs ------------------------------------------------------------
     def _check_open(self) -> None:
