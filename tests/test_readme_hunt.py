@@ -136,3 +136,701 @@ def test_no_compile_notice_when_mlx_disable_compile_is_set(tmp_path, monkeypatch
         monkeypatch.setenv("MLX_DISABLE_COMPILE", value)
         out = io.StringIO()
         assert not first_run_notice("cpu", out=out) and out.getvalue() == "", value
+
+
+# -- options -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model():
+    """The embedded demo model, shared by the synchronous tests of this module."""
+    m = amlx.load_sync(EMBEDDED)
+    yield m
+    m.close()
+
+
+def _tokens(model, prompt="Hi", **options) -> list:
+    return list(model.generate_sync(prompt, **options))
+
+
+@pytest.mark.parametrize("option, bad, edge", [
+    ("max_tokens", 0, 1), ("temperature", -0.5, 0.0), ("top_p", 1.5, 1.0), ("top_k", -1, 0), ("min_p", 1.5, 1.0),
+    ("presence_penalty", 2.01, 2.0), ("presence_penalty", -2.01, -2.0), ("frequency_penalty", 2.01, 2.0),
+    ("frequency_penalty", -2.01, -2.0), ("logit_bias", {5: 100.5}, {5: 100}), ("logit_bias", {5: -100.5}, {5: -100}),
+    ("logit_bias", {10**6: 1.0}, {1023: 1.0}), ("top_logprobs", 21, 20), ("top_logprobs", -1, 0), ("max_buffer", 0, 1),
+])
+def test_options_are_validated_up_front_with_the_documented_bounds(model, option, bad, edge):
+    with pytest.raises(ValueError):
+        model.generate("Hi", **{option: bad})  # at the call, before anything runs
+    assert _tokens(model, **{"max_tokens": 2, option: edge})
+
+
+def test_top_logprobs_turns_logprobs_on_and_lists_the_best_first(model):
+    tokens = _tokens(model, max_tokens=4, top_logprobs=3)
+    for tok in tokens:
+        assert tok.logprob is not None and len(tok.top_logprobs) == 3
+        values = [lp for _, lp in tok.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert tok.top_logprobs[0] == (tok.id, tok.logprob)  # greedy: the best is the token taken
+
+
+def test_logprobs_are_the_models_own_before_penalties_bias_temperature_and_filters(model):
+    chat = [{"role": "user", "content": "Tell me a story about a fox."}]
+    plain = _tokens(model, chat, max_tokens=16, logprobs=True)
+    # top_k=1 keeps the greedy token whatever the temperature: the same tokens, sampled through every knob
+    other = _tokens(model, chat, max_tokens=16, logprobs=True, temperature=0.5, top_k=1, min_p=0.05,
+                    presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.3, logit_bias={7: -5.0})
+    assert [t.id for t in other] == [t.id for t in plain]
+    assert [t.logprob for t in other] == pytest.approx([t.logprob for t in plain], abs=1e-5)
+
+
+def test_stop_strings_end_the_stream_and_are_not_emitted(model):
+    chat = [{"role": "user", "content": "Tell me a story about a fox."}]
+    full = "".join(t.text for t in _tokens(model, chat, max_tokens=40))
+    stop = full[12:17]
+    assert stop.strip() and len(full) > 20
+    tokens = _tokens(model, chat, max_tokens=40, stop=[stop])
+    text = "".join(t.text for t in tokens)
+    assert stop not in text and full.startswith(text) and tokens[-1].finish_reason == "stop"
+
+
+def test_an_unpaired_surrogate_is_a_value_error_naming_its_position(model):
+    with pytest.raises(ValueError, match="character 4"):
+        _tokens(model, "bad \ud800 text", max_tokens=1)
+
+
+def test_the_error_classes_are_as_documented():
+    for cls in (amlx.ModelLoadError, amlx.MLXError, amlx.ClosedError, amlx.ContextLengthError,
+                amlx.ChatTemplateError, amlx.ConstraintError):
+        assert issubclass(cls, amlx.AmlxError), cls
+    for cls in (amlx.ContextLengthError, amlx.ChatTemplateError, amlx.ConstraintError):
+        assert issubclass(cls, ValueError), cls
+    from amlx import train
+
+    assert issubclass(train.NonFiniteLossError, amlx.AmlxError)
+    assert issubclass(train.DataError, amlx.AmlxError)
+
+
+def _copy_embedded(tmp_path, name="ckpt") -> Path:
+    import shutil
+
+    return Path(shutil.copytree(EMBEDDED, tmp_path / name))
+
+
+@pytest.mark.parametrize("template", ["{% for i in range(10**9) %}x{% endfor %}", "{{ 'x' * 10**9 }}",
+                                      "{{ cycler.__init__.__globals__ }}"])
+def test_chat_templates_past_the_sandboxs_limits_raise_chat_template_error(tmp_path, template):
+    path = _copy_embedded(tmp_path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    m = amlx.load_sync(path)
+    try:
+        with pytest.raises(amlx.ChatTemplateError):
+            m.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+        with pytest.raises(amlx.ChatTemplateError):
+            _tokens(m, [{"role": "user", "content": "hi"}], max_tokens=1)
+    finally:
+        m.close()
+
+
+# -- KV cache and prefix caching ------------------------------------------------------------------------------
+
+def test_context_length_is_what_the_kv_cache_memory_holds_and_a_prompt_past_it_says_what_it_needs():
+    m = amlx.load_sync(EMBEDDED, kv_cache_memory=20_000)
+    try:
+        assert m.stats()["kv_cache"]["block_size"] == 16
+        assert m.info.context_length == 16  # one block: what one request can hold
+        with pytest.raises(amlx.ContextLengthError, match="MiB"):
+            _tokens(m, "x " * 100, max_tokens=1)
+        tokens = _tokens(m, "Hi", max_tokens=256)  # a reply stops at the context's end
+        assert len(tokens) == 15 and tokens[-1].finish_reason == "length"
+    finally:
+        m.close()
+
+
+async def test_leaving_the_async_for_gives_the_kv_blocks_back():
+    async with await amlx.load(EMBEDDED) as m:
+        async for _ in m.generate("x " * 100, max_tokens=50):
+            assert m.stats()["kv_cache"]["blocks_used"] > 0
+            break
+        for _ in range(200):  # (the worker frees them before its next step)
+            if m.stats()["kv_cache"]["blocks_used"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert m.stats()["kv_cache"]["blocks_used"] == 0
+        async with m.generate("Hi", max_tokens=30) as stream:  # the explicit form
+            async for _ in stream:
+                break
+
+
+@pytest.mark.parametrize("options, reuses_reply", [({}, True), ({"kv_bits": 8}, False), ({"prefix_cache": False}, None)])
+async def test_a_chats_next_turn_reuses_the_cached_blocks(options, reuses_reply):
+    """Full blocks of earlier prompts and replies are reused (cached_tokens); with kv_bits only
+    the prompt's; with prefix_cache=False none."""
+    async with await amlx.load(EMBEDDED, **options) as m:
+        chat = [{"role": "system", "content": "You are a helpful assistant who answers every question about "
+                                              "animals and colours briefly and kindly."},
+                {"role": "user", "content": "Tell me a story about a fox."}]
+        first = await m.complete(chat, max_tokens=60)
+        chat += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And a horse?"}]
+        second = await m.complete(chat, max_tokens=5)
+        cached = second.usage.cached_tokens
+        assert cached % 16 == 0
+        if reuses_reply is None:
+            assert cached == 0
+        elif reuses_reply:
+            assert cached > first.usage.prompt_tokens
+        else:
+            assert 0 < cached <= first.usage.prompt_tokens
+
+
+def test_kv_bits_refuses_a_head_dimension_not_a_multiple_of_32_before_the_weights_are_read(tmp_path):
+    path = _copy_embedded(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(head_dim=16, num_attention_heads=8, num_key_value_heads=4)  # (weights of head_dim 32 stay)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="divisible by 32") as caught:
+        amlx.load_sync(path, kv_bits=8)
+    assert not isinstance(caught.value, amlx.ModelLoadError)
+    with pytest.raises(amlx.ModelLoadError):  # without kv_bits the weights are read, and do not fit
+        amlx.load_sync(path)
+
+
+# -- speculative decoding ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("draft", ["prompt_lookup", EMBEDDED])
+async def test_greedy_output_with_a_draft_is_what_it_is_without(draft):
+    prompts = [[{"role": "user", "content": p}] for p in ("Tell me a story about a fox.", "Hello!")]
+    async with await amlx.load(EMBEDDED) as m:
+        plain = [(await m.complete(p, max_tokens=40)).token_ids for p in prompts]
+    async with await amlx.load(EMBEDDED, draft=draft, num_draft_tokens=3) as m:
+        drafted = await asyncio.gather(*(m.complete(p, max_tokens=40) for p in prompts))
+        counters = m.stats()["speculative"]
+    assert [r.token_ids for r in drafted] == plain
+    assert counters["drafted_tokens"] > 0 and "accepted_tokens" in counters
+
+
+def test_a_draft_model_of_another_tokenizer_is_refused_at_load(tmp_path):
+    draft = _copy_embedded(tmp_path, "draft")
+    config = json.loads((draft / "tokenizer_config.json").read_text())
+    config["eos_token"] = config["pad_token"]  # the same vocabulary, another EOS
+    (draft / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(amlx.ModelLoadError) as caught:
+        amlx.load_sync(EMBEDDED, draft=str(draft))
+    assert isinstance(caught.value, ValueError)
+
+
+# -- structured outputs and scoring ----------------------------------------------------------------------------
+
+async def test_the_structured_output_examples_run_and_match_their_constraints():
+    import re
+
+    schema = {"type": "object", "properties": {"mood": {"enum": ["good", "bad"]}, "score": {"type": "boolean"}},
+              "required": ["mood", "score"], "additionalProperties": False}
+    lark_text = 'start: "yes" | "no"'
+    prompt = "Hi"
+    async with await amlx.load(EMBEDDED) as model:
+        anything = await model.complete(prompt, response_format={"type": "json_object"})          # any JSON object
+        person = await model.complete(prompt, response_format={"type": "json_schema",
+                                      "json_schema": {"name": "person", "schema": schema}})
+        phone = await model.complete(prompt, regex=r"\d{3}-\d{4}")                              # the whole text matches
+        label = await model.complete(prompt, choice=["positive", "negative", "neutral"])       # exactly one of them
+        answer = await model.complete(prompt, grammar=lark_text)                                # a Lark grammar
+    assert anything.text.startswith("{")
+    assert anything.finish_reason == "length" or isinstance(json.loads(anything.text), dict)
+    assert person.finish_reason == "stop"
+    value = json.loads(person.text)
+    assert value["mood"] in ("good", "bad") and isinstance(value["score"], bool)
+    assert person.text == json.dumps(value)  # as json.dumps writes it
+    assert phone.finish_reason == "stop" and re.fullmatch(r"\d{3}-\d{4}", phone.text)
+    assert label.text in ("positive", "negative", "neutral")
+    assert answer.text in ("yes", "no")
+
+
+def test_constraints_refused_up_front_and_their_documented_bounds(model):
+    from amlx.types import INLINE_CONSTRAINT_CHARS
+
+    assert INLINE_CONSTRAINT_CHARS == 4096
+    with pytest.raises(ValueError, match="at most one constraint"):
+        model.generate("Hi", regex="a", choice=["a"])
+    for bad in ({"regex": "(?=a)b"}, {"regex": r"\bfoo"}, {"regex": "("}, {"grammar": "start: ("}):
+        with pytest.raises(ValueError):
+            model.generate("Hi", **bad)
+    # longer than 64 KiB: refused (at the stream's first read, as any constraint past 4,096 characters)
+    with pytest.raises(ValueError, match="at most 65536"):
+        _tokens(model, regex="a" * (64 * 1024 + 1), max_tokens=1)
+    assert _tokens(model, regex="a" * 5000, max_tokens=2)  # past 4,096, under 64 KiB: taken
+
+
+def test_a_constraint_the_engine_gives_up_on_fails_with_constraint_error(model):
+    with pytest.raises(amlx.ConstraintError):
+        _tokens(model, regex="(a{1000}){1000}", max_tokens=4)
+
+
+async def test_the_domain_classification_example_runs_both_ways():
+    DOMAINS = ["sports", "politics", "science", "finance", "health"]
+
+    def question(sentence: str) -> list[dict]:
+        return [{"role": "user", "content": f"Which domain is this sentence about ({', '.join(DOMAINS)})?\n"
+                                            f"{sentence}\nAnswer with the domain only."}]
+
+    async def classify(model: amlx.Model, sentence: str) -> str:
+        result = await model.complete(question(sentence), choice=DOMAINS, max_tokens=8)
+        return result.text
+
+    async def classify_by_score(model: amlx.Model, sentence: str) -> dict[str, float]:
+        scores = await model.score(question(sentence), DOMAINS)
+        return dict(zip(DOMAINS, scores))
+
+    async with await amlx.load(EMBEDDED) as model:
+        sentences = ["The striker scored twice in the derby.", "The central bank raised rates again."]
+        labels = await asyncio.gather(*(classify(model, s) for s in sentences))   # batched together
+        ranked = await classify_by_score(model, sentences[0])
+        # score: each continuation's total log-probability right after the prompt
+        prompt_ids = model.tokenizer.encode(model.tokenizer.apply_chat_template(question(sentences[0])))
+        by_hand = []
+        for label in DOMAINS:
+            ids = prompt_ids + model.tokenizer.encode(label)
+            steps = await model.prompt_logprobs(ids)
+            by_hand.append(sum(t.logprob for t in steps[len(prompt_ids):]))
+    assert all(label in DOMAINS for label in labels)
+    assert set(ranked) == set(DOMAINS) and all(isinstance(v, float) and v < 0 for v in ranked.values())
+    assert [ranked[d] for d in DOMAINS] == pytest.approx(by_hand, abs=1e-3)
+
+
+async def test_prompt_logprobs_gives_each_prompt_tokens_logprob_the_first_none():
+    async with await amlx.load(EMBEDDED) as model:
+        steps = await model.prompt_logprobs("Hello there, friend", top_logprobs=2)
+    assert steps[0].logprob is None
+    assert all(t.logprob is not None and len(t.top_logprobs) == 2 for t in steps[1:])
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("edit, cause", [
+    ({"post_processor": {"type": "TemplateProcessing", "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+                         "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                         "special_tokens": {}}}, "post-processor"),
+    ({"normalizer": {"type": "Replace", "pattern": {"String": "a"}, "content": "b" * 200}}, "normalizer"),
+])
+def test_a_tokenizer_that_multiplies_text_is_refused_at_load_naming_the_cause(tmp_path, edit, cause):
+    path = _copy_embedded(tmp_path)
+    data = json.loads((path / "tokenizer.json").read_text())
+    data.update(edit)
+    (path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(amlx.ModelLoadError, match=cause):
+        amlx.load_sync(path)
+
+
+def test_an_unsupported_architecture_names_the_file(tmp_path):
+    path = _copy_embedded(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(amlx.ModelLoadError, match="config.json.*gpt2"):
+        amlx.load_sync(path)
+
+
+def test_an_id_neither_cached_nor_downloadable_says_exactly_that(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(amlx.ModelLoadError,
+                       match=f"not found in the local Hugging Face cache at {tmp_path / 'hub'}, and downloading failed: "):
+        amlx.load_sync("nobody/nothing-here")
+    # a directory that exists wins over an id of the same spelling
+    _copy_embedded(tmp_path, "nobody")
+    (tmp_path / "nobody").rename(tmp_path / "nothing-here")
+    (tmp_path / "nobody").mkdir()
+    (tmp_path / "nothing-here").rename(tmp_path / "nobody" / "nothing-here")
+    m = amlx.load_sync("nobody/nothing-here")
+    m.close()
+
+
+def test_trio_runs_the_api():
+    trio = pytest.importorskip("trio")
+
+    async def main():
+        async with await amlx.load(EMBEDDED) as model:
+            text = [t.text async for t in model.generate("Hi", max_tokens=3)]
+            result = await model.complete("Hi", max_tokens=3)
+        return text, result
+
+    text, result = trio.run(main)
+    assert "".join(text) == result.text
+
+
+# -- the command line ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def help_of(capsys):
+    def run(*command: str) -> str:
+        from amlx.cli import main
+
+        with pytest.raises(SystemExit) as caught:
+            main([*command, "--help"])
+        assert caught.value.code == 0
+        return " ".join(capsys.readouterr().out.split())  # (argparse wraps lines)
+    return run
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("generate", {"--max-tokens": "256", "--temperature": "0.0", "--top-p": "1.0", "--top-k": "0", "--min-p": "0.0",
+                  "--repetition-penalty": "1.0", "--raw": None, "-v": None, "--adapter": None, "--stop": None,
+                  "--tensor-parallel": "1", "--draft": "off", "--num-draft-tokens": "4", "--device": "auto"}),
+    ("chat", {"--system": None, "--max-tokens": "256", "--adapter": None, "--tensor-parallel": "1",
+              "--draft": "off", "--num-draft-tokens": "4"}),
+    ("demo", {"--tokens": "96"}),
+    ("convert", {"-q": None, "--group-size": "64"}),
+    ("lora", {"--data": None, "--iters": "1000", "--learning-rate": "1e-05", "--adapter-path": "adapters",
+              "--save-every": "100", "--resume": None, "--fuse": None, "--full": None, "--save-path": None,
+              "--max-seq-len": "2048", "--no-progress": None, "--rank": "8", "--alpha": "16.0", "--dropout": "0.0",
+              "--lr-schedule": "constant", "--warmup": "0", "--weight-decay": "0.0", "--grad-clip": "no clipping",
+              "--seed": "0", "--batch-size": "4"}),
+    ("serve", {"--host": "127.0.0.1", "--port": "8000", "--api-key": "no key", "--api-key-file": None,
+               "--max-batch-size": "32", "--max-queue": "256", "--model-name": None, "--kv-cache-memory": None,
+               "--kv-bits": "full precision", "--no-prefix-cache": None, "--keepalive": "1.0", "--log-requests": None,
+               "--draft": "off", "--num-draft-tokens": "4", "--tensor-parallel": "1"}),
+])
+def test_every_command_help_lists_the_readmes_flags_with_defaults_and_an_example(help_of, command, flags):
+    import re
+
+    text = help_of(command)
+    assert "Example:" in text
+    for flag, default in flags.items():
+        assert re.search(rf"(^|[\s\[,]){re.escape(flag)}[\s\]=,]", text), (command, flag)
+        if default is not None:
+            # the option's own help (up to the next option) names its default
+            part = text[text.index(f" {flag} "):][:400]
+            assert f"default: {default}" in part, (command, flag, part)
+
+
+def test_amlx_version_names_amlx_and_mlx(capsys):
+    from amlx._mlx import version
+    from amlx.cli import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert caught.value.code == 0 and amlx.__version__ in out and f"MLX {version()}" in out, out
+
+
+def test_generate_streams_with_v_statistics_and_reads_a_dash_from_stdin(capsys, monkeypatch):
+    rc, err = main_in_process(capsys, "generate", EMBEDDED, "Why is the sky blue?", "--max-tokens", "8", "-v")
+    assert rc in (0, None), err
+    for word in ("prompt:", "time to first token", "tokens/s", "peak memory"):
+        assert word in err, err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\ufeffSummarise this: ...\r\n".encode()),
+                                                      encoding="utf-8"))
+    rc, err = main_in_process(capsys, "generate", EMBEDDED, "-", "--max-tokens", "4")
+    assert rc in (0, None), err
+
+
+def test_sampling_values_are_checked_before_the_model_loads(capsys, tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    for flag, value, name in (("--temperature", "-1", "--temperature"), ("--top-p", "0", "--top-p")):
+        rc, err = main_in_process(capsys, "generate", missing, "hi", flag, value)
+        assert rc != 0 and name in err and "no-such-model" not in err, err
+
+
+def test_lora_full_refuses_lora_only_flags_and_needs_a_save_path(capsys, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "The whole text is learned."}\n')
+    rc, err = main_in_process(capsys, "lora", EMBEDDED, "--data", str(data), "--full", "--save-path",
+                              str(tmp_path / "out"), "--rank", "4")
+    assert rc != 0 and "--rank" in err
+    rc, err = main_in_process(capsys, "lora", EMBEDDED, "--data", str(data), "--full")
+    assert rc != 0 and "--save-path" in err
+
+
+# -- settings ----------------------------------------------------------------------------------------------------
+
+def test_every_amlx_variable_the_docs_name_is_read_by_the_code():
+    import re
+
+    docs = README + "".join(p.read_text(encoding="utf-8") for p in (ROOT / "docs").glob("*.md"))
+    names = set(re.findall(r"\bAMLX_[A-Z0-9_]*[A-Z0-9]\b", docs))
+    assert {"AMLX_PREFILL_MEMORY", "AMLX_CPU_SPIN", "AMLX_API_KEY", "AMLX_TP_HOSTFILE"} <= names
+    sources = [ROOT / "build_ffi.py", *(ROOT / "amlx").rglob("*.py"),
+               *(p for p in (ROOT / "vendor" / "mlxc").rglob("*") if p.suffix in (".cpp", ".c", ".h"))]
+    code = "".join(p.read_text(encoding="utf-8", errors="replace") for p in sources)
+    unread = sorted(n for n in names if f'"{n}"' not in code and f"'{n}'" not in code)
+    assert not unread, unread
+
+
+def test_the_documented_defaults_of_the_prefill_and_mask_settings(monkeypatch):
+    from amlx.constrain.matcher import mask_lexers
+    from amlx.engine.pacing import segment_setting
+    from amlx.engine.prefill_budget import prefill_memory
+    from amlx.model import extend_warmup_budget
+
+    for name in ("AMLX_PREFILL_MEMORY", "AMLX_PREFILL_SEGMENT", "AMLX_EXTEND_WARMUP_S", "AMLX_MASK_LEXERS",
+                 "AMLX_MASK_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    assert prefill_memory(0) == 256 << 20 and prefill_memory(8 << 30) == 1 << 30  # 256 MiB, or an eighth
+    monkeypatch.setenv("AMLX_PREFILL_MEMORY", "64M")
+    assert prefill_memory(8 << 30) == 64 << 20
+    assert segment_setting() == 64 << 20
+    monkeypatch.setenv("AMLX_PREFILL_SEGMENT", "0")
+    assert segment_setting() == 0
+    assert extend_warmup_budget() == 30
+    assert 1 <= mask_lexers() <= 16
+
+
+def test_step_timing_adds_its_phases_to_the_stats(monkeypatch):
+    monkeypatch.setenv("AMLX_STEP_TIMING", "1")
+    m = amlx.load_sync(EMBEDDED)
+    try:
+        _tokens(m, max_tokens=4)
+        assert "step_timing" in m.stats()
+    finally:
+        m.close()
+    monkeypatch.delenv("AMLX_STEP_TIMING")
+    m = amlx.load_sync(EMBEDDED)
+    try:
+        assert "step_timing" not in m.stats()
+    finally:
+        m.close()
+
+
+# -- serving -------------------------------------------------------------------------------------------------------
+
+KEY = "sk-local"
+CHAT = [{"role": "user", "content": "Hi!"}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The app `amlx serve` runs, in this process: /readme as the README's example configures it
+    (--api-key sk-local, the model named Qwen3-0.6B), /short with a 24-token context and room for
+    at most 3 generations at once (--max-batch-size 1 --max-queue 2)."""
+    from amlx.serve.app import Settings, create_app
+    from tests.helpers.serving import MountedApps
+
+    models = {"readme": amlx.load_sync(EMBEDDED), "short": amlx.load_sync(EMBEDDED, max_context=24)}
+    srv = MountedApps({
+        "readme": create_app(models["readme"], Settings(model_name="Qwen3-0.6B", api_keys=(KEY,))),
+        "short": create_app(models["short"], Settings(model_name="m", max_batch_size=1, max_queue=2)),
+    })
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        for m in models.values():
+            m.close()
+
+
+def _post(server, app: str, path: str, body: dict, key: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{server.url}/{app}/v1/{path}", json=body, headers=headers, timeout=60)
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+async def test_the_readmes_openai_client_example_streams_a_reply(server, capsys):
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{server.url}/readme/v1", api_key="sk-local")
+    stream = await client.chat.completions.create(model="Qwen3-0.6B", stream=True,
+                                                  messages=[{"role": "user", "content": "Hi!"}])
+    async for chunk in stream:
+        print(chunk.choices[0].delta.content or "", end="")
+    await client.close()
+    assert capsys.readouterr().out.strip()
+
+
+def test_the_readmes_curl_example_streams_sse_ending_in_done(server):
+    body = {"model": "Qwen3-0.6B", "messages": [{"role": "user", "content": "Hi!"}], "stream": True}
+    r = _post(server, "readme", "chat/completions", body, KEY)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == ["stop"]
+    assert _error(_post(server, "readme", "chat/completions", body), 401)["code"] == "invalid_api_key"
+
+
+def test_the_servers_temperature_defaults_to_1_and_choice_i_samples_with_seed_plus_i(server):
+    client = server.client("short")
+    both = client.chat.completions.create(model="m", messages=CHAT, n=2, seed=5, max_tokens=6)
+    one = client.chat.completions.create(model="m", messages=CHAT, seed=6, max_tokens=6, temperature=1.0)
+    default = client.chat.completions.create(model="m", messages=CHAT, seed=5, max_tokens=6, temperature=None)
+    hot = client.chat.completions.create(model="m", messages=CHAT, seed=5, max_tokens=6, temperature=1.0)
+    assert both.choices[1].message.content == one.choices[0].message.content
+    assert both.choices[0].message.content == default.choices[0].message.content == hot.choices[0].message.content
+
+
+def test_max_tokens_defaults_to_and_is_capped_at_the_rest_of_the_context(server):
+    client = server.client("short")
+    for extra in ({}, {"max_tokens": 100_000}, {"max_completion_tokens": 100_000}):
+        reply = client.chat.completions.create(model="m", messages=CHAT, temperature=0, **extra)
+        assert reply.choices[0].finish_reason == "length"
+        assert reply.usage.prompt_tokens + reply.usage.completion_tokens == 24, extra
+
+
+def test_the_documented_400s(server):
+    e = _error(_post(server, "short", "chat/completions", {"model": "m", "messages": CHAT, "n": 4}), 400)
+    assert e["param"] == "n"  # more than --max-batch-size + --max-queue on its own
+    e = _error(_post(server, "short", "chat/completions", {"model": "m", "messages": CHAT, "tool_choice": "auto"}), 400)
+    assert e["param"] == "tool_choice"
+    e = _error(_post(server, "short", "chat/completions",
+                     {"model": "m", "messages": [{"role": "user", "content": "x " * 50}]}), 400)
+    assert e["code"] == "context_length_exceeded"
+    e = _error(_post(server, "short", "chat/completions", {"model": "m", "messages": CHAT, "bogus": 1}), 400)
+    assert e["param"] == "bogus"
+    assert _error(_post(server, "short", "chat/completions", {"model": "nope", "messages": CHAT}), 404)
+
+
+def test_a_known_field_sent_as_null_means_its_default(server):
+    body = {"model": "m", "messages": CHAT, "temperature": None, "top_p": None, "n": None, "stop": None,
+            "max_tokens": None, "seed": None, "logprobs": None, "presence_penalty": None}
+    r = _post(server, "short", "chat/completions", body)
+    assert r.status_code == 200, r.text
+
+
+def test_top_p_0_keeps_the_most_likely_token_alone(server):
+    client = server.client("short")
+    greedy = client.chat.completions.create(model="m", messages=CHAT, temperature=0, max_tokens=6)
+    for seed in (1, 2):
+        r = client.chat.completions.create(model="m", messages=CHAT, top_p=0, seed=seed, max_tokens=6)
+        assert r.choices[0].message.content == greedy.choices[0].message.content
+
+
+def test_include_usage_adds_a_last_chunk_and_every_other_has_usage_null(server):
+    client = server.client("short")
+    chunks = list(client.chat.completions.create(model="m", messages=CHAT, max_tokens=4, stream=True, n=2,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert all(c.usage is None for c in chunks[:-1])
+    finished = sorted(c.choices[0].index for c in chunks[:-1] if c.choices[0].finish_reason)
+    assert finished == [0, 1]  # finish_reason once per choice
+
+
+def test_echo_with_logprobs_puts_the_prompt_first_with_a_null_logprob(server):
+    client = server.client("short")
+    r = client.completions.create(model="m", prompt="Hello there", max_tokens=1, echo=True, logprobs=1)
+    choice = r.choices[0]
+    assert choice.text.startswith("Hello there")
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None and all(v is not None for v in lp.token_logprobs[1:])
+    assert len(lp.tokens) == 3  # 'Hello', ' there' and the generated token
+    assert lp.tokens[-1] in lp.top_logprobs[-1]  # top_logprobs always hold the sampled token
+
+
+def test_a_token_a_constraint_rules_out_has_logprob_minus_9999(server):
+    client = server.client("short")
+    r = client.chat.completions.create(model="m", messages=CHAT, max_tokens=4, logprobs=True, top_logprobs=5,
+                                       extra_body={"choice": ["ab", "cd"]})
+    assert r.choices[0].message.content in ("ab", "cd")
+    values = [t.logprob for step in r.choices[0].logprobs.content for t in step.top_logprobs]
+    assert -9999.0 in values and all(v == -9999.0 or v > -1000 for v in values)
+
+
+def test_health_is_open_and_metrics_carry_the_documented_series(server):
+    health = httpx.get(f"{server.url}/readme/health", timeout=30)
+    assert health.status_code == 200 and {"running", "waiting", "memory"} <= set(health.json())
+    assert httpx.get(f"{server.url}/readme/metrics", timeout=30).status_code == 401
+    text = httpx.get(f"{server.url}/readme/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).text
+    for series in ("amlx_generation_tokens_total", "amlx_engine_generated_tokens_total",
+                   'amlx_kv_cache{field="blocks_used"}', 'amlx_kv_cache{field="blocks_cached"}',
+                   'amlx_kv_cache{field="blocks_free"}', 'amlx_kv_cache{field="blocks_allocated"}',
+                   'amlx_kv_cache{field="prefix_hits"}', 'amlx_kv_cache{field="prefix_misses"}',
+                   'amlx_kv_cache{field="preemptions"}'):
+        assert series in text, series
+    models = httpx.get(f"{server.url}/readme/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert [m["id"] for m in models.json()["data"]] == ["Qwen3-0.6B"]
+
+
+# -- fine-tuning and conversion ------------------------------------------------------------------------------------
+
+RECORDS = [{"text": "The whole text is learned."},
+           {"prompt": "Q: What is MLX?\nA:", "completion": " Apple's array framework."},
+           {"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello!"}]}]
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    """A --data directory of the README's three record shapes: train.jsonl and valid.jsonl."""
+    d = tmp_path / "data"
+    d.mkdir()
+    lines = "".join(json.dumps(r) + "\n" for r in RECORDS * 4)
+    (d / "train.jsonl").write_text(lines)
+    (d / "valid.jsonl").write_text(lines)
+    return d
+
+
+def test_amlx_lora_writes_the_documented_files_and_chat_applies_the_adapter(capsys, tmp_path, data_dir):
+    adapters = tmp_path / "adapters"
+    rc, err = main_in_process(capsys, "lora", EMBEDDED, "--data", str(data_dir), "--iters", "2", "--learning-rate",
+                              "1e-4", "--adapter-path", str(adapters), "--save-every", "1", "--batch-size", "2",
+                              "--no-progress")
+    assert rc in (0, None), err
+    names = {p.name for p in adapters.iterdir()}
+    assert {"0000001_adapters.safetensors", "adapters.safetensors", "adapter_config.json", "optimizer.safetensors",
+            "optimizer.json"} <= names, names
+    rc, err = main_in_process(capsys, "generate", EMBEDDED, "Hi!", "--adapter", str(adapters), "--max-tokens", "4")
+    assert rc in (0, None), err
+    fused = tmp_path / "fused"
+    rc, err = main_in_process(capsys, "lora", EMBEDDED, "--data", str(data_dir), "--iters", "1", "--batch-size", "2",
+                              "--adapter-path", str(tmp_path / "a2"), "--fuse", str(fused), "--no-progress")
+    assert rc in (0, None), err
+    amlx.load_sync(fused).close()
+
+
+async def test_the_train_lora_example_yields_the_documented_events(tmp_path, data_dir, capsys):
+    adapters = tmp_path / "adapters"
+    kinds = []
+    async with await amlx.load(EMBEDDED) as model:
+        async for ev in model.train_lora(str(data_dir), iters=2, learning_rate=1e-4, adapter_path=str(adapters),
+                                         batch_size=2, steps_per_eval=1):
+            kinds.append(ev.kind)
+            if ev.kind == "step":
+                print(ev.step, ev.loss, ev.tokens_per_second)
+            elif ev.kind == "eval":
+                assert ev.val_loss > 0
+            elif ev.kind == "save":
+                assert Path(ev.path).exists()
+        print((await model.complete("Hi!")).text)   # generation uses the adapter as trained so far
+    assert kinds.count("step") == 2 and "eval" in kinds and "save" in kinds and kinds[-1] == "done"
+    model = await amlx.load(EMBEDDED, adapter=str(adapters))
+    await model.aclose()
+
+
+async def test_the_full_fine_tuning_example_writes_a_checkpoint_amlx_loads(tmp_path, data_dir):
+    save = tmp_path / "qwen3-tuned"
+    async with await amlx.load(EMBEDDED) as model:
+        async for ev in model.train(str(data_dir / "train.jsonl"), iters=2, batch_size=4, learning_rate=1e-5,
+                                    lr_schedule="cosine", save_path=str(save)):
+            if ev.kind == "step":
+                assert ev.loss > 0
+    model = await amlx.load(str(save))
+    assert model.info.architecture == "qwen3"
+    await model.aclose()
+
+
+async def test_bad_records_raise_data_error_naming_the_file_and_line_before_training(tmp_path):
+    from amlx.train import DataError
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"prompt": "x", "completion": 3}) + "\n")
+    async with await amlx.load(EMBEDDED) as model:
+        with pytest.raises(DataError, match=r"train\.jsonl.*2") as caught:
+            async for _ in model.train_lora(str(data), iters=1, batch_size=1, adapter_path=str(tmp_path / "a")):
+                pass
+        assert "completion" in str(caught.value)
+
+
+def test_amlx_convert_writes_a_quantized_checkpoint(capsys, tmp_path):
+    rc, err = main_in_process(capsys, "convert", EMBEDDED, str(tmp_path / "q4"), "-q", "4")
+    assert rc in (0, None), err
+    m = amlx.load_sync(tmp_path / "q4")
+    try:
+        assert m.info.quantization is not None and m.info.quantization.get("bits", 4) == 4
+        assert _tokens(m, max_tokens=3)
+    finally:
+        m.close()
