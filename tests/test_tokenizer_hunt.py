@@ -210,3 +210,16 @@ def test_wordwrap_and_strip_render_as_before(pairs):
               "{{ 'zzaz'.encode().strip('zz'.encode()) }}|{{ ' x '.strip() }}|{{ ' x '.strip(none) }}")
     assert ours.apply_chat_template(messages, chat_template=source) == hf.apply_chat_template(
         messages, chat_template=source, tokenize=False)
+
+
+def test_urlize_trailing_punctuation_is_charged_before_it_runs(pairs):
+    """urlize's search for a word's trailing punctuation reads from each character of a run of
+    it to the run's end: a 40,000-character run took 38 s in one call."""
+    ours, hf = pairs("bpe")
+    messages = [{"role": "user", "content": "see www.example.com), mail a@b.co. (www.x.org)... <a>&gt; ok"}]
+    source = "{{ messages[0].content | urlize }}|{{ messages[0].content | urlize(20, true, '_blank') }}"
+    assert ours.apply_chat_template(messages, chat_template=source) == hf.apply_chat_template(
+        messages, chat_template=source, tokenize=False)
+    for run in ("')' * 3000 + 'a)'", "'.' * 3000 + 'a.'", "'>' * 1000 + 'a>'", "'a' + '(' * 1500 + ')' * 1500"):
+        with pytest.raises(ChatTemplateError, match="urlize.*character operations"):
+            _small(ours).apply_chat_template(messages, chat_template="{{ (" + run + ") | urlize | length }}")
