@@ -16,6 +16,7 @@ import anyio
 import pytest
 
 import amlx
+from amlx._mlx import memory
 from amlx.demo import default_model_dir
 from amlx.engine.worker import Worker
 
@@ -110,3 +111,22 @@ async def test_a_training_run_kept_after_its_model_closed_holds_no_mlx_memory(wa
     await model.aclose()
     assert steps >= 2 and settled_active() == before
     del run
+
+
+def _mlx_cache() -> int:
+    gc.collect()
+    return amlx.memory()["cache"]
+
+
+async def test_a_close_gives_the_models_buffers_back_not_to_mlxs_cache(qwen3):
+    """A closed model's buffers (its weights, its KV pool) went to MLX's buffer cache, which kept
+    them from the device (or the host) for good: active memory came back to where it was before
+    the load, and the cache grew by about the model's size, held by a process with no model open.
+    (amlx/engine/engine.py: the close clears MLX's cache once the model is freed.)"""
+    Worker.get().run_sync(memory.clear_cache)
+    before = _mlx_cache()
+    async with await amlx.load(qwen3) as model:
+        await model.complete("Hello there", max_tokens=8)
+        await model.score("Hello", [" there", " world"])
+        assert amlx.memory()["active"] > 0
+    assert _mlx_cache() <= before

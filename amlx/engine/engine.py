@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import anyio
 
+from amlx._mlx import memory
 from amlx.constrain import Constraint, MatcherFactory
 from amlx.engine.assembler import TextAssembler, check_context
 from amlx.engine.channel import Channel
@@ -211,8 +212,6 @@ class Engine:
 
         tokens_per_second: tokens over the time the engine spent working in the
         last 10 seconds (idle time does not count; 0 after 10 idle seconds)."""
-        from amlx._mlx import memory
-
         s = self.scheduler
         counts = s.counts()
         kv = {**s.kv_counters(), "preemptions": s.preemptions}
@@ -285,6 +284,10 @@ class Engine:
                     method = ref()
                     if method is not None:
                         method()
+                # the model's freed buffers (weights, KV pools) went to MLX's buffer cache, which
+                # kept them from the device (or the host) after the close: about the model's size
+                # stayed held by the process, though no model used it
+                memory.clear_cache()
         finally:
             self.placement.release()
             if self.mirror is not None:
