@@ -432,8 +432,10 @@ def test_an_unsupported_architecture_names_the_file(tmp_path):
 
 
 def test_an_id_neither_cached_nor_downloadable_says_exactly_that(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants  # (which reads HF_HUB_CACHE and HF_HUB_OFFLINE at its import)
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(amlx.ModelLoadError,
                        match=f"not found in the local Hugging Face cache at {tmp_path / 'hub'}, and downloading failed: "):
@@ -834,3 +836,36 @@ def test_amlx_convert_writes_a_quantized_checkpoint(capsys, tmp_path):
         assert _tokens(m, max_tokens=3)
     finally:
         m.close()
+
+
+def test_log_requests_appends_each_body_as_the_client_sent_it(tmp_path):
+    """README: `--log-requests FILE` appends every generation request's body to FILE (JSON lines)
+    for debugging clients. It logged the request as the server parsed it: the defaults of the
+    fields the client left out filled in ("temperature": 1.0 that nobody sent), the fields sent
+    as null dropped, and a request that validation refused (an unknown field, a bad value: what
+    one debugs a client for) not at all. (A body that is no JSON object is not logged.)"""
+    from amlx.serve.app import Settings, create_app
+    from tests.helpers.serving import MountedApps
+
+    log = tmp_path / "requests.jsonl"
+    m = amlx.load_sync(EMBEDDED)
+    srv = MountedApps({"a": create_app(m, Settings(model_name="m", api_keys=(KEY,), request_log=log))})
+    try:
+        sent = [
+            ("chat/completions", {"model": "m", "messages": CHAT, "max_tokens": 2}),
+            ("chat/completions", {"model": "m", "messages": CHAT, "max_tokens": 2, "temperature": None}),
+            ("chat/completions", {"model": "m", "messages": CHAT, "bogus": 1}),
+            ("completions", {"model": "m", "prompt": "Hi", "max_tokens": 0}),
+        ]
+        statuses = [_post(srv, "a", path, body, KEY).status_code for path, body in sent]
+        assert statuses == [200, 200, 400, 400]
+        r = httpx.post(f"{srv.url}/a/v1/completions", content=b'{"model": "m", "prompt": ', timeout=30,
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        assert r.status_code == 400
+        assert _post(srv, "a", "completions", {"model": "m", "prompt": "unkeyed"}).status_code == 401
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+    finally:
+        srv.stop()
+        m.close()
+    assert records == [{"endpoint": "chat" if path.startswith("chat") else "completions", "body": body}
+                       for path, body in sent]

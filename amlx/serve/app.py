@@ -20,6 +20,7 @@ import anyio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import amlx
 from amlx.prompt import PromptEncoder
@@ -60,15 +61,33 @@ class Server:
         self.created = int(time.time())
 
     def received(self, endpoint: str, req: ChatRequest | CompletionRequest) -> float:
-        """Counts and (with --log-requests) logs a generation request, checks its model; returns
-        the arrival time."""
+        """Counts a generation request, checks its model; returns the arrival time."""
         arrived = time.perf_counter()
         self.metrics.requests.labels(endpoint).inc()
-        if self.settings.request_log is not None:
-            with self.settings.request_log.open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"endpoint": endpoint, "body": req.model_dump(exclude_none=True)}) + "\n")
         self.check_model(req.model)
         return arrived
+
+    async def log_body(self, request: Request) -> None:
+        """With --log-requests: appends a generation request's body, the JSON object as the client
+        sent it, to the log, before it is validated, so that a request refused with a 400 is there
+        too (a body that is no JSON object is not: the client gets a 400 saying so). The log held
+        the request as parsed, the defaults of fields the client left out filled in (a
+        "temperature": 1.0 nobody sent) and its nulls dropped, and nothing of a refused one."""
+        if self.settings.request_log is None or request.method != "POST":
+            return
+        try:
+            raw = await request.body()
+        except Exception as exc:  # noqa: BLE001 - as FastAPI's own read of it answers (a client gone: 499)
+            raise StarletteHTTPException(400, "There was an error parsing the body") from exc
+        try:
+            body: Any = json.loads(raw)
+        except (ValueError, RecursionError):  # (not JSON, or nested past Python's parser)
+            return
+        if not isinstance(body, dict):
+            return
+        endpoint = "chat" if request.url.path.endswith("/chat/completions") else "completions"
+        with self.settings.request_log.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"endpoint": endpoint, "body": body}) + "\n")
 
     def check_model(self, name: str) -> None:
         if name != self.settings.model_name:
@@ -126,7 +145,8 @@ class Server:
 
 def _routes(server: Server) -> APIRouter:
     # Every route here needs the API key (when keys are set), checked before the body is read.
-    keyed = type("KeyedRoute", (ErrorRoute,), {"before": staticmethod(KeyCheck(server.settings.api_keys))})
+    keyed = type("KeyedRoute", (ErrorRoute,), {"before": staticmethod(KeyCheck(server.settings.api_keys)),
+                                               "received": staticmethod(server.log_body)})
     api = APIRouter(route_class=keyed)
     metrics = server.metrics
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Callable
+from typing import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -117,18 +117,25 @@ class ErrorRoute(APIRoute):
     `before(request)`, where a subclass sets it, runs ahead of FastAPI's handler, i.e. before
     the body is read and parsed: the API key check (app.py). As a FastAPI dependency it ran
     after the body was read, so a client without a key had its whole body (of any size) read
-    and got a 400 for a body that was not JSON, not the 401 every other request gets."""
+    and got a 400 for a body that was not JSON, not the 401 every other request gets.
+
+    `received(request)`, where a subclass sets it, is awaited after `before` and ahead of
+    FastAPI's handler: it may read the body (which the handler then finds read), as the
+    --log-requests log does, so that a request its validation refuses is logged too."""
 
     before: Callable[[Request], None] | None = None
+    received: Callable[[Request], Awaitable[None]] | None = None
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
-        before = type(self).before
+        before, received = type(self).before, type(self).received
 
         async def guarded(request: Request) -> Response:
             try:
                 if before is not None:
                     before(request)
+                if received is not None:
+                    await received(request)
                 return await handler(request)
             except (APIError, RequestValidationError, StarletteHTTPException):
                 raise  # (each has its own handler, which answers without re-raising)
