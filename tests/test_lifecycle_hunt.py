@@ -130,3 +130,46 @@ async def test_a_close_gives_the_models_buffers_back_not_to_mlxs_cache(qwen3):
         await model.score("Hello", [" there", " world"])
         assert amlx.memory()["active"] > 0
     assert _mlx_cache() <= before
+
+
+@pytest.fixture(scope="module")
+def mismatched_adapter(tmp_path_factory, qwen3):
+    """An adapter trained on a smaller Qwen3: loading it onto `qwen3` fails (ModelLoadError)
+    after its weights were read into MLX arrays."""
+    small = make_checkpoint(tmp_path_factory.mktemp("small"), "qwen3", hidden_size=32, head_dim=8,
+                            intermediate_size=64)
+    adapter = tmp_path_factory.mktemp("adapter") / "a"
+    with amlx.load_sync(small) as model:
+        async def train():
+            async for _ in model.train_lora([{"text": "hello world"}] * 4, iters=1, batch_size=2,
+                                            adapter_path=adapter, save_every=1):
+                pass
+        anyio.run(train)
+    return adapter
+
+
+@pytest.mark.parametrize("api", ["load", "load_sync"])
+async def test_a_failed_load_frees_what_it_read_with_its_error_not_at_a_garbage_collection(
+        qwen3, mismatched_adapter, api):
+    """A load whose adapter does not fit the model fails with ModelLoadError; the error's frames
+    hold the adapter's weights, read into MLX arrays. The worker kept each failed job's error in
+    a reference cycle (the error's traceback -> the worker's frame -> the job's future -> the
+    error), so those arrays stayed active after the caller dropped the error, until Python's
+    garbage collector happened to run. Now they go with the error, by reference counting alone.
+    (amlx/engine/worker.py)"""
+    before = settled_active()
+    gc.disable()
+    try:
+        failed = ""
+        try:  # (not pytest.raises: its ExceptionInfo may outlive the block)
+            if api == "load":
+                await amlx.load(qwen3, adapter=mismatched_adapter)
+            else:
+                amlx.load_sync(qwen3, adapter=mismatched_adapter)
+        except amlx.ModelLoadError as exc:
+            failed = str(exc)
+        assert "do not fit" in failed
+        Worker.get().run_sync(lambda: None)
+        assert amlx.memory()["active"] == before
+    finally:
+        gc.enable()

@@ -74,7 +74,10 @@ class Worker:
         waker = loop_waker()
         fut.add_done_callback(lambda _: call_soon(waker, event.set))
         await event.wait()
-        return fut.result()
+        try:
+            return fut.result()
+        finally:
+            fut = None  # (a reference cycle otherwise: see _run_jobs)
 
     def add_scheduler(self, scheduler) -> None:
         with self._cond:
@@ -147,3 +150,9 @@ def _run_jobs(jobs: list[tuple[Callable[[], Any], concurrent.futures.Future]]) -
                 fut.set_result(fn())
             except BaseException as exc:  # noqa: BLE001 - handed to the submitter
                 fut.set_exception(exc)
+        # A failed job's error holds its traceback, which holds this frame (and the awaiting
+        # caller's, in `run`), which held the future, which holds the error: a reference cycle
+        # that kept the failed job's frames, and the MLX arrays in them (a failed load's adapter
+        # weights), alive after the caller dropped the error, until a garbage collection. As
+        # concurrent.futures' own workers do, the frame lets go of the job and its future.
+        fn = fut = None
