@@ -13,6 +13,7 @@ to stderr, so `amlx generate ... > out.txt` captures only the model's words.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import re
 import sys
@@ -325,7 +326,15 @@ def as_typed(message: str, args: argparse.Namespace | None) -> str:
     match = re.match(r"(\w+)(=\S+?)?(?= |: )", message)
     if args is None or match is None or match.group(1) in _POSITIONALS or not hasattr(args, match.group(1)):
         return message
-    return "--" + match.group(1).replace("_", "-") + message[match.end():]
+    flag = "--" + match.group(1).replace("_", "-")
+    if match.group(2):  # "device='gpu' was asked for" -> "--device gpu was asked for" (the value was dropped)
+        try:
+            value = ast.literal_eval(match.group(2)[1:])
+        except (ValueError, SyntaxError):
+            value = match.group(2)[1:]
+        if not isinstance(value, bool):  # (a flag's True: "--resume: ...")
+            flag += f" {value}"
+    return flag + message[match.end():]
 
 
 _POSITIONALS = ("model", "prompt", "src", "dst", "command", "run")

@@ -869,3 +869,39 @@ def test_log_requests_appends_each_body_as_the_client_sent_it(tmp_path):
         m.close()
     assert records == [{"endpoint": "chat" if path.startswith("chat") else "completions", "body": body}
                        for path, body in sent]
+
+
+@pytest.mark.parametrize("draft", [None, "prompt_lookup"])
+def test_equal_top_logprobs_are_listed_by_the_lower_id_as_greedy_picks(tmp_path, draft):
+    """README: top_logprobs best first, equal ones by the lower id, as greedy picks. The embedded
+    model with tied embeddings, rows copied so that tokens 3, 700 and 1000 (the greedy first
+    token after "Hi") and 200, 319 and 900 (the second: 319 before) have equal logits."""
+    from safetensors.numpy import load_file, save_file
+
+    path = _copy_embedded(tmp_path)
+    tensors = load_file(str(path / "model.safetensors"))
+    embed = tensors["model.embed_tokens.weight"]
+    embed[700] = embed[1000] = embed[3]
+    embed[200] = embed[900] = embed[319]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    m = amlx.load_sync(path, draft=draft)
+    try:
+        first, second = _tokens(m, max_tokens=2, top_logprobs=4)
+    finally:
+        m.close()
+    assert first.id == 3 and [i for i, _ in first.top_logprobs[:3]] == [3, 700, 1000]
+    assert second.id == 200 and [i for i, _ in second.top_logprobs[:3]] == [200, 319, 900]
+    assert len({lp for _, lp in second.top_logprobs[:3]}) == 1
+
+
+def test_a_device_the_machine_lacks_is_named_with_its_value(capsys):
+    """`amlx generate --device gpu` on a machine without a GPU said "--device was asked for but MLX
+    sees no GPU": the library's "device='gpu' was asked for" lost its value when the option's
+    name was put as typed."""
+    from amlx._mlx import device
+
+    if device.gpu_available():
+        pytest.skip("this machine has a GPU")
+    rc, err = main_in_process(capsys, "generate", EMBEDDED, "hi", "--device", "gpu")
+    assert rc == 1 and err.splitlines()[-1] == "amlx: error: --device gpu was asked for but MLX sees no GPU on " \
+                                               "this machine", err
