@@ -498,7 +498,13 @@ class Tokenizer:
         if stale and tokenizer_class in ("Qwen2Tokenizer", "GemmaTokenizer"):
             self._backend = tokenizers.Tokenizer.from_str(backend.to_str())
             stale = set()
-        return frozenset(special | stale)
+        # decode skips an id whose vocabulary string is a special token's content: a normalized
+        # special token whose content the normalizer changes (" sp " under Gemma's "▁" for " ")
+        # stands in the vocabulary as its normalized form ("▁sp▁"), so decode keeps it, and so
+        # must the streaming detokenizer (which dropped it: the stream lost text decode showed)
+        tokens = self._backend.get_added_tokens_decoder()
+        contents = {tokens[i].content for i in special | stale if i in tokens}
+        return frozenset(i for i in tokens if self._backend.id_to_token(i) in contents)
 
     def _find_byte_fallback_ids(self) -> dict[int, int]:
         """Ids of "<0xNN>" pieces, with their bytes, when the decoder fuses them with ByteFallback

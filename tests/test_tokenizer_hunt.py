@@ -223,3 +223,170 @@ def test_urlize_trailing_punctuation_is_charged_before_it_runs(pairs):
     for run in ("')' * 3000 + 'a)'", "'.' * 3000 + 'a.'", "'>' * 1000 + 'a>'", "'a' + '(' * 1500 + ')' * 1500"):
         with pytest.raises(ChatTemplateError, match="urlize.*character operations"):
             _small(ours).apply_chat_template(messages, chat_template="{{ (" + run + ") | urlize | length }}")
+
+
+# ------------------------------------------------------------------------------------ encode / decode
+
+_PIECES = ["a", "Z", "0", "12", "123456", " ", "  ", "\t", "\n", "\n\n", "\r\n", "'s", "'LL", "’", "don't", "é",
+           "e\u0301", "\u0301", "日本", "東京", "😀", "👍🏽", "👩\u200d💻", "\u3000", "\xa0", "▁", "▁▁x", "<", "|>", "ﬁ",
+           "Ⅻ", "ǅ", "\ufeff", "\x00", "\u200b", "<|im_end|>", "<|im_start|>", "<eos>", "<bos>", "<|eot_id|>",
+           "<think>", "</think>", "<tool_call>", "<start_of_turn>", "<|begin_of_text|>", "<0x41>", "<unk>", "\ufffd"]
+TEXTS = st.one_of(
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=30),
+    st.lists(st.sampled_from(_PIECES), max_size=16).map("".join),
+)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(text=TEXTS, add=st.booleans())
+def test_encode_and_decode_match_transformers(pairs, kind, text, add):
+    """Drawn text (digits, contractions, whitespace runs, newlines, CJK, emoji, combining marks,
+    special tokens written literally) encodes to transformers' ids; the ids decode to its text."""
+    ours, hf = pairs(kind)
+    ids = ours.encode(text, add_special_tokens=add)
+    assert ids == hf.encode(text, add_special_tokens=add)
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "spm", "llama3"])
+def test_long_texts_encode_as_transformers_does(pairs, kind):
+    """Above 4,096 characters encode goes through the batch call (which releases the GIL):
+    the same ids."""
+    ours, hf = pairs(kind)
+    text = "\n".join(CORPUS) * 3 + " 1234567 " + "x" * 5000
+    assert len(text) > 4096
+    for add in (True, False):
+        assert ours.encode(text, add_special_tokens=add) == hf.encode(text, add_special_tokens=add)
+
+
+def test_llama3_numbers_split_in_threes_and_bos_comes_from_the_template(pairs):
+    ours, hf = pairs("llama3")
+    bos = ours.token_to_id("<|begin_of_text|>")
+    assert ours.add_bos_token and ours.bos_token_id == bos
+    ids = ours.encode("1234567", add_special_tokens=False)
+    ends = {len(ours.decode(ids[:k])) for k in range(len(ids) + 1)}
+    assert {3, 6, 7} <= ends  # no token spans two runs of digits
+    assert ours.encode("1234567") == [bos, *ids] == hf.encode("1234567")
+    assert ours.decode(ours.encode("hi there"), skip_special_tokens=True) == "hi there"
+
+
+@pytest.mark.parametrize("kind", ["bpe", "spm"])
+@pytest.mark.parametrize("text, at", [("ok\ud83dx", 2), ("\udfff", 0)])
+def test_lone_surrogates_are_refused_by_name(pairs, kind, text, at):
+    ours, _ = pairs(kind)
+    with pytest.raises(ValueError, match=f"unpaired surrogate.*character {at}"):
+        ours.encode(text)
+
+
+# ------------------------------------------------------------------------------------ added tokens
+
+FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")
+NEW_TOKENS = ["<x>", "ab", " sp ", "▁q", "日本", "[T]", "é", "<|im_end|>", "<eos>", "the", "x y", "12"]
+
+
+@st.composite
+def added_tokens(draw):
+    chosen = draw(st.lists(st.sampled_from(NEW_TOKENS), min_size=1, max_size=3, unique=True))
+    return [(c, {f: draw(st.booleans()) for f in FLAGS}) for c in chosen]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "spm", "llama3", "metaspace"])
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(tokens=added_tokens(), data=st.data())
+def test_added_tokens_with_drawn_flags_match_transformers(tmp_path_factory, kind, tokens, data):
+    """Added tokens (new, or ones the vocabulary or the added list already has) with drawn flags,
+    both files agreeing, amid drawn text: encode, decode and the stream as transformers."""
+    path = write_kind(tmp_path_factory.mktemp(kind), kind)
+    config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tok = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = tok["model"]["vocab"]
+    for content, flags in tokens:
+        known = [t for t in tok["added_tokens"] if t["content"] == content]
+        if known:
+            known[0].update(flags)
+            token_id = known[0]["id"]
+        else:
+            token_id = vocab.get(content, max(max(vocab.values()), *(t["id"] for t in tok["added_tokens"])) + 1)
+            tok["added_tokens"].append({"id": token_id, "content": content, **flags})
+        config["added_tokens_decoder"][str(token_id)] = {"content": content, **flags}
+    (path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    (path / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+    ours, hf = load_pair(path)
+    pieces = [c for c, _ in tokens] + [c[:1] for c, _ in tokens] + [" ", "  ", "\n", "a", "é", "日", "▁", "x", "<"]
+    for text in data.draw(st.lists(st.lists(st.sampled_from(pieces), max_size=8).map("".join), min_size=3,
+                                   max_size=6)):
+        for add in (False, True):
+            try:
+                expected = hf.encode(text, add_special_tokens=add)
+            except BaseException as exc:  # noqa: BLE001 - tokenizers' own panics ("AddedVocabulary bad split")
+                if type(exc).__name__ != "PanicException":
+                    raise
+                with pytest.raises(ValueError, match="tokenizer failed"):
+                    ours.encode(text, add_special_tokens=add)
+                continue
+            ids = ours.encode(text, add_special_tokens=add)
+            assert ids == expected, text
+            for skip in (False, True):
+                want = hf.decode(ids, skip_special_tokens=skip)
+                assert ours.decode(ids, skip_special_tokens=skip) == want, (text, add, skip, ids)
+                detok = ours.detokenizer(skip_special_tokens=skip)
+                assert "".join(detok.add(i) for i in ids) + detok.finalize() == want
+
+
+# ------------------------------------------------------------------------------------ streaming
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data(), skip=st.booleans())
+def test_stream_finalized_at_every_prefix_is_that_prefix_decoded(pairs, kind, data, skip):
+    """One detokenizer per prefix of drawn ids (byte pieces, special and added ids, ids that
+    split characters): what it streams and flushes is transformers' decode of that prefix, and
+    each piece it streams stays a prefix of every longer decode."""
+    ours, hf = pairs(kind)
+    added = sorted(ours.backend.get_added_tokens_decoder())
+    byte_ids = [i for i in (ours.token_to_id(f"<0x{b:02X}>") for b in (0x41, 0x0A, 0xE6, 0x97, 0xA5, 0xF0, 0x9F, 0x98,
+                                                                      0x80, 0xC3, 0xA9, 0xFF)) if i is not None]
+    some = st.one_of(st.integers(0, len(ours) - 1), st.sampled_from(added), st.sampled_from(byte_ids or added))
+    ids = data.draw(st.lists(some, max_size=14))
+    full = hf.decode(ids, skip_special_tokens=skip)
+    detok = ours.detokenizer(skip_special_tokens=skip)
+    streamed = ""
+    for k, token_id in enumerate(ids, 1):
+        streamed += detok.add(token_id)
+        prefix = hf.decode(ids[:k], skip_special_tokens=skip)
+        assert prefix.startswith(streamed), (k, streamed, prefix)
+        assert full.startswith(streamed)
+        alone = ours.detokenizer(skip_special_tokens=skip)
+        assert "".join(alone.add(i) for i in ids[:k]) + alone.finalize() == prefix
+    assert streamed + detok.finalize() == full
+
+
+@pytest.mark.parametrize("tokenizer_class", [None, "PreTrainedTokenizerFast"])
+def test_a_special_token_its_normalizer_changes_streams_as_decode_shows_it(tmp_path, tokenizer_class):
+    """A special token with normalized=True whose content the normalizer rewrites (" sp " under
+    Gemma's " " -> "▁") is in the vocabulary as "▁sp▁", which is no special token's content, so
+    decode(skip_special_tokens=True) keeps it. special_token_ids listed it, and the streaming
+    detokenizer dropped it: the stream lost text that decode showed."""
+    path = write_kind(tmp_path, "spm")
+    config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tok = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    token_id = max(max(tok["model"]["vocab"].values()), *(t["id"] for t in tok["added_tokens"])) + 1
+    entry = _entry(" sp ", normalized=True)
+    tok["added_tokens"].append({"id": token_id, **entry})
+    config["added_tokens_decoder"][str(token_id)] = entry
+    if tokenizer_class:
+        config["tokenizer_class"] = tokenizer_class
+    (path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    (path / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+    ours, hf = load_pair(path)
+    ids = ours.encode("a sp b")
+    assert ids == hf.encode("a sp b") and token_id in ids
+    want = hf.decode(ids, skip_special_tokens=True)
+    assert " sp " in want and ours.decode(ids, skip_special_tokens=True) == want
+    assert token_id not in ours.special_token_ids
+    assert ours.special_token_ids == {i for i in hf.added_tokens_decoder if hf.decode([i], skip_special_tokens=True) == ""}
+    detok = ours.detokenizer(skip_special_tokens=True)
+    assert "".join(detok.add(i) for i in ids) + detok.finalize() == want
