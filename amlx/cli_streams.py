@@ -28,9 +28,11 @@ def read_prompt(arg: str) -> str:
             raise ValueError(f"the prompt on stdin is not {encoding} text ({exc.reason}: byte "
                              f"{data[exc.start]:#04x} at offset {exc.start})") from None
     # the line end `echo` and editors add (a Windows editor's too: it left a "\r" at the prompt's end),
-    # and the byte order mark some Windows tools write first (it reached the model as U+FEFF)
-    text = text.removeprefix("\ufeff")
-    return text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
+    # and the byte order mark some Windows tools write first (it reached the model as U+FEFF); the
+    # lines of a Windows file end in "\n" as Python's text stdin reads them (its inner lines reached
+    # the model ending in "\r", as `amlx chat`'s did before it dropped them)
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
+    return text.removesuffix("\n") if text.endswith("\n") else text
 
 
 def reopen_closed_standard_files() -> None:

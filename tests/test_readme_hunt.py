@@ -905,3 +905,23 @@ def test_a_device_the_machine_lacks_is_named_with_its_value(capsys):
     rc, err = main_in_process(capsys, "generate", EMBEDDED, "hi", "--device", "gpu")
     assert rc == 1 and err.splitlines()[-1] == "amlx: error: --device gpu was asked for but MLX sees no GPU on " \
                                                "this machine", err
+
+
+def test_a_prompt_on_stdin_loses_its_byte_order_mark_and_every_lines_carriage_return(capsys, monkeypatch):
+    """README: a prompt on stdin or in a file loses a leading byte order mark and its lines' \\r
+    (Windows files). Only the last line's was dropped: a Windows file of several lines reached
+    the model with "\\r\\n" inside (more prompt tokens than the same text with "\\n")."""
+    from amlx.cli_streams import read_prompt
+
+    def stdin(data: bytes):
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+    stdin(b"\xef\xbb\xbfline one\r\nline two\r\n")
+    assert read_prompt("-") == "line one\nline two"
+    counts = []
+    for data in (b"first line\nsecond line\nthird\n", b"\xef\xbb\xbffirst line\r\nsecond line\r\nthird\r\n"):
+        stdin(data)
+        rc, err = main_in_process(capsys, "generate", EMBEDDED, "-", "--raw", "--max-tokens", "1", "-v")
+        assert rc in (0, None), err
+        counts.append(next(line for line in err.splitlines() if "prompt:" in line).split(",")[0])
+    assert counts[0] == counts[1] and counts[0].endswith("prompt: 15 tokens"), counts
