@@ -390,3 +390,33 @@ def test_a_special_token_its_normalizer_changes_streams_as_decode_shows_it(tmp_p
     assert ours.special_token_ids == {i for i in hf.added_tokens_decoder if hf.decode([i], skip_special_tokens=True) == ""}
     detok = ours.detokenizer(skip_special_tokens=True)
     assert "".join(detok.add(i) for i in ids) + detok.finalize() == want
+
+
+@pytest.mark.parametrize("source", [
+    # Python reads a key with nested parentheses whole; the check took "(a(b)" for the key and
+    # "c" for the conversion, and never saw the width
+    "{{ ('%(a(b)c)200000s' % {'a(b)c': 'x'}) | length }}",
+    # bytes format as str does, and went unmeasured
+    "{{ ('%200000s'.encode() % ('x'.encode(),)) | length }}",
+    "{{ ('%(k)200000s'.encode() % {'k'.encode(): 'x'.encode()}) | length }}",
+])
+def test_percent_formats_are_read_as_python_reads_them(pairs, source):
+    ours, hf = pairs("bpe")
+    messages = [{"role": "user", "content": "hi"}]
+    assert ours.apply_chat_template(messages, chat_template=source) == hf.apply_chat_template(
+        messages, chat_template=source, tokenize=False) == "200000"
+    with pytest.raises(ChatTemplateError, match="% format width"):
+        _small(ours).apply_chat_template(messages, chat_template=source)
+
+
+def test_percent_formats_render_as_before(pairs):
+    ours, hf = pairs("bpe")
+    messages = [{"role": "user", "content": "Café"}]
+    source = ("{{ '%(a(b)c)5s|%%|%(x)-4d' % {'a(b)c': messages[0].content, 'x': 7} }}|"
+              "{{ '%s %r %5.2f %%' % (messages[0].content, 'é', 3.14159) }}|{{ '%c%c' % (65, 'z') }}|"
+              "{{ '%5s|%-3d'.encode() % ('é'.encode(), 4) }}")
+    assert ours.apply_chat_template(messages, chat_template=source) == hf.apply_chat_template(
+        messages, chat_template=source, tokenize=False)
+    for broken in ("{{ '%(a' % {} }}", "{{ '%(' * 1000 % {} }}"):  # Python refuses an incomplete key
+        with pytest.raises(ChatTemplateError, match="incomplete format key"):
+            ours.apply_chat_template(messages, chat_template=broken)
