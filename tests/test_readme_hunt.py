@@ -925,3 +925,19 @@ def test_a_prompt_on_stdin_loses_its_byte_order_mark_and_every_lines_carriage_re
         assert rc in (0, None), err
         counts.append(next(line for line in err.splitlines() if "prompt:" in line).split(",")[0])
     assert counts[0] == counts[1] and counts[0].endswith("prompt: 15 tokens"), counts
+
+
+def test_a_record_past_max_seq_len_is_an_error_naming_the_file_line_and_the_flags(capsys, tmp_path):
+    """README: a record longer than --max-seq-len is an error naming the file and line. The
+    command's advice named the library's options: "more than max_seq_len=4 (raise max_seq_len,
+    shorten the record, or pass truncate=True)"."""
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"text": "a much longer record " * 4}) + "\n")
+    rc, err = main_in_process(capsys, "lora", EMBEDDED, "--data", str(data), "--max-seq-len", "16", "--iters", "1",
+                              "--adapter-path", str(tmp_path / "a"), "--no-progress")
+    last = err.splitlines()[-1]
+    assert rc == 1 and f"{data}:2: the record has" in last, err
+    assert "more than --max-seq-len 16 (raise --max-seq-len, shorten the record, or pass --truncate)" in last, last
+    rc, err = main_in_process(capsys, "lora", EMBEDDED, "--data", str(data), "--max-seq-len", "16", "--iters", "1",
+                              "--batch-size", "1", "--adapter-path", str(tmp_path / "a"), "--no-progress", "--truncate")
+    assert rc in (0, None), err

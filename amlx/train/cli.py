@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import signal
 import sys
 from pathlib import Path
@@ -228,6 +229,16 @@ async def _run(args: argparse.Namespace, full: dict | None) -> int:
     return 0
 
 
+def _flags_named(message: str) -> str:
+    """A data error's advice in the flags' words: "more than max_seq_len=8 (raise max_seq_len, ...,
+    or pass truncate=True)" named the library's options, which `amlx lora` takes as --max-seq-len
+    and --truncate."""
+    message = re.sub(r"\bmax_seq_len=(\d+)", r"--max-seq-len \1", message)
+    message = re.sub(r"\braise max_seq_len\b", "raise --max-seq-len", message)
+    message = re.sub(r"\bafter truncation to max_seq_len\b", "after truncation to --max-seq-len", message)
+    return re.sub(r"\bpass truncate=True\b", "pass --truncate", message)
+
+
 def run(args: argparse.Namespace) -> int:
     """Carries out parsed `amlx lora` arguments; returns the exit status."""
     import amlx
@@ -240,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     except (amlx.AmlxError, ValueError, TypeError, RuntimeError) as exc:
         from amlx.cli import as_typed
 
-        print(f"amlx lora: error: {as_typed(str(exc), args)}", file=sys.stderr)
+        print(f"amlx lora: error: {_flags_named(as_typed(str(exc), args))}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # --no-progress's reader left (`amlx lora ... | head`): end as SIGPIPE would, quietly
         from amlx.cli_streams import discard_stdout
