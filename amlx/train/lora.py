@@ -22,7 +22,9 @@ Adapter directory, amlx's format (written by `save_adapter`):
 * ``adapter_config.json``: ``{"format": "amlx-lora", "version": 1, "rank",
   "alpha", "dropout", "use_rslora", "targets", "num_layers", "layers",
   "modules": {path: {"rank": r, "scale": s}}, "base_model": {...}, "pair_id"}``;
-  the per-module ``scale`` is what the layer multiplies by. When its ``pair_id``
+  the per-module ``scale`` is what the layer multiplies by. ``base_model.architecture`` names
+  the architecture of the model it was saved from (``qwen3``); `load_adapter` refuses the
+  adapter on a model of another one. When its ``pair_id``
   is not the weights' (a save cut short between the two files), the copy in the
   weights is read instead.
 
@@ -40,7 +42,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from amlx._mlx import Array, io, ops, random
 from amlx._mlx import eval as mx_eval
@@ -49,6 +51,7 @@ from amlx.checkpoint import (check_creatable, check_destination, copy_carried, r
                              read_tensors, staged_directory, write_config, write_weights)
 from amlx.errors import MLXError, ModelLoadError
 from amlx.models.nn import Linear, Module, QuantizedLinear, linear, weight_t
+from amlx.models.registry import architectures
 
 __all__ = ["DEFAULT_TARGETS", "LoRALinear", "LoRAConfig", "apply_lora", "remove_lora", "lora_modules",
            "save_adapter", "load_adapter", "apply_adapter", "fuse_lora", "fuse", "set_dropout_keys",
@@ -370,6 +373,11 @@ def _adapter_meta(model, mods: dict[str, LoRALinear], base_model: dict | None) -
     if len(ranks) == 1:
         meta["rank"] = ranks.pop()
     meta["modules"] = {p: {"rank": m.rank, "scale": m.scale} for p, m in mods.items()}
+    base_model = dict(base_model or {})
+    own = _architecture_of(model)
+    if own is not None:
+        # (load_adapter refuses the adapter on a model of another architecture by this name)
+        base_model.setdefault("architecture", own)
     if base_model:
         meta["base_model"] = base_model
     if cfg.source:
@@ -508,15 +516,19 @@ def _check_finite(entries: dict[str, dict], weights: Path) -> None:
             raise _bad(weights, f"layer {path}: lora_{leaf} holds NaN or infinite values")
 
 
-def _install(model, entries: dict[str, dict], where, cfg: LoRAConfig, weights: Path) -> None:
+def _install(model, entries: dict[str, dict], where, cfg: LoRAConfig, weights: Path,
+             check: Callable[[], None] | None = None) -> None:
     """entries: layer path -> {"a": (r, in), "b": (out, r), "scale": float}, read from
-    the file `weights`."""
+    the file `weights`. `check`: called once every layer is known to be the model's (an
+    adapter of layers the model lacks is named by them first)."""
     modules = dict(model.named_modules())
     absent = sorted((p for p in entries if p not in modules), key=_natural)
     if absent:
         more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
         raise _bad(where, f"the adapter adapts {absent[0]}{more}, which this model does not have (an adapter for "
                           f"another architecture or size?)")
+    if check is not None:
+        check()
     _check_finite(entries, weights)
     built: dict[str, LoRALinear] = {}
     for path in sorted(entries, key=_natural):
@@ -551,6 +563,37 @@ def _install(model, entries: dict[str, dict], where, cfg: LoRAConfig, weights: P
     model._lora_config = cfg
 
 
+def _architecture_of(model) -> str | None:
+    """The architecture amlx built `model` as (``qwen3``, ``llama``...); None when unknown."""
+    arch = getattr(model, "model_type", None)
+    return arch if isinstance(arch, str) and arch else None
+
+
+def _known_architecture(name) -> str | None:
+    """The architecture an adapter config's ``base_model.architecture`` names (an architecture or
+    a config model_type amlx reads: "gemma3_text" is gemma3); None for anything else."""
+    if not isinstance(name, str):
+        return None
+    found = architectures().get(name)
+    if found is not None:
+        return found.name
+    return name if name in {a.name for a in architectures().values()} else None
+
+
+def _check_architecture(model, meta: dict, where: Path) -> None:
+    """Refuses an amlx adapter saved from a model of another architecture. Layers of the same
+    names and shapes (a Qwen3 and a Llama of one size) took it silently, and it changed the
+    model's output as noise would. Adapters that do not say (saved by an older amlx, or by
+    another tool) load as before."""
+    base = meta.get("base_model")
+    saved = _known_architecture(base.get("architecture")) if isinstance(base, dict) else None
+    own = _architecture_of(model)
+    if saved is not None and own is not None and saved != own:
+        raise _bad(where, f"the adapter was saved from a {saved} model (base_model.architecture), and this model "
+                          f"is a {own} model: an adapter does not apply to another architecture, even where its "
+                          f"layers' shapes match")
+
+
 def _load_amlx(model, d: Path, meta: dict) -> LoRAConfig:
     weights = _read_weights(d / ADAPTER_WEIGHTS)
     modules = meta.get("modules")
@@ -574,7 +617,8 @@ def _load_amlx(model, d: Path, meta: dict) -> LoRAConfig:
                      _value(where, "dropout", meta.get("dropout"), 0.0),
                      DEFAULT_TARGETS if meta.get("targets") is None else meta["targets"],
                      meta.get("num_layers"), meta.get("layers"), _flag(where, "use_rslora", meta.get("use_rslora")))
-    _install(model, entries, d, _checked(cfg, model, where), d / ADAPTER_WEIGHTS)
+    _install(model, entries, d, _checked(cfg, model, where), d / ADAPTER_WEIGHTS,
+             lambda: _check_architecture(model, meta, where))
     return cfg
 
 

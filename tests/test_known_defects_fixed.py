@@ -1,0 +1,107 @@
+"""Regressions for defects once listed as known and left open: an adapter of another architecture
+with layers of the same shapes loaded; the newline between Qwen tool calls came back as content; a
+stop string with a lone surrogate was refused with ``param: null``; Llama 3 and Mistral tool calls
+before one that max_tokens cut came back as content."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from amlx.errors import ModelLoadError
+from amlx.models import load_model
+from amlx.train import lora
+
+try:
+    from tests.helpers.checkpoints import make_checkpoint
+    from tests.test_train_lora import on_worker
+except ImportError:  # tests/ itself on sys.path
+    from helpers.checkpoints import make_checkpoint
+    from test_train_lora import on_worker
+
+
+# -- 1. an adapter of another architecture with identical shapes -------------------------------------
+
+@pytest.fixture(scope="module")
+def qwen_and_llama(tmp_path_factory):
+    """A Qwen3 and a Llama checkpoint whose attention layers have the same names and shapes."""
+    qwen = on_worker(lambda: load_model(make_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3"), progress=False))
+    llama = on_worker(lambda: load_model(make_checkpoint(tmp_path_factory.mktemp("llama"), "llama"), progress=False))
+    yield qwen, llama
+    on_worker(qwen.model.close)
+    on_worker(llama.model.close)
+
+
+def _save(loaded, d, **kw):
+    on_worker(lambda: lora.apply_lora(loaded.model, rank=2, targets=["q_proj", "v_proj"]))
+    try:
+        on_worker(lambda: lora.save_adapter(loaded.model, d, **kw))
+    finally:
+        on_worker(lambda: lora.remove_lora(loaded.model))
+    return d
+
+
+def test_an_adapter_of_another_architecture_is_refused_naming_both(qwen_and_llama, tmp_path):
+    """A Qwen3 adapter loaded silently onto a Llama model whose layers had its shapes (and changed
+    its output as noise would): refused, naming the adapter's file, its architecture and the model's."""
+    qwen, llama = qwen_and_llama
+    d = _save(qwen, tmp_path / "qwen-adapter")  # saved without base_model: the architecture is recorded anyway
+    assert json.loads((d / lora.ADAPTER_CONFIG).read_text())["base_model"]["architecture"] == "qwen3"
+    with pytest.raises(ModelLoadError) as info:
+        on_worker(lambda: lora.load_adapter(llama.model, d, llama.config))
+    msg = str(info.value)
+    assert msg.startswith(f"{d / lora.ADAPTER_CONFIG}: ") and "qwen3" in msg and "llama" in msg, msg
+    assert on_worker(lambda: lora.lora_modules(llama.model)) == {}  # the model is left as it was
+    # the other way round too; and each adapter still loads onto its own architecture
+    back = _save(llama, tmp_path / "llama-adapter", base_model={"path": "somewhere"})
+    with pytest.raises(ModelLoadError, match="saved from a llama model"):
+        on_worker(lambda: lora.load_adapter(qwen.model, back, qwen.config))
+    on_worker(lambda: lora.load_adapter(qwen.model, d, qwen.config))
+    on_worker(lambda: lora.remove_lora(qwen.model))
+    on_worker(lambda: lora.load_adapter(llama.model, back, llama.config))
+    on_worker(lambda: lora.remove_lora(llama.model))
+
+
+@pytest.mark.parametrize("base_model", [None, {"path": "/somewhere"}, {"architecture": "Qwen3ForCausalLM"}])
+def test_an_adapter_that_does_not_name_a_known_architecture_still_loads(qwen_and_llama, tmp_path, base_model):
+    """Adapters of an older amlx (no base_model, or one without an architecture) and names amlx
+    cannot judge load as before: only a known architecture that differs is refused."""
+    qwen, llama = qwen_and_llama
+    d = _save(qwen, tmp_path / "old")
+    meta = json.loads((d / lora.ADAPTER_CONFIG).read_text())
+    meta.pop("base_model", None)
+    if base_model is not None:
+        meta["base_model"] = base_model
+    # as an older amlx wrote it: no copy of the config in the weights' metadata to pair it with
+    from safetensors.numpy import load_file, save_file
+    save_file(load_file(d / lora.ADAPTER_WEIGHTS), d / lora.ADAPTER_WEIGHTS, {"format": "mlx"})
+    (d / lora.ADAPTER_CONFIG).write_text(json.dumps(meta))
+    on_worker(lambda: lora.load_adapter(llama.model, d, llama.config))
+    assert on_worker(lambda: sorted(lora.lora_modules(llama.model)))[0] == "model.layers.0.self_attn.q_proj"
+    on_worker(lambda: lora.remove_lora(llama.model))
+
+
+def test_mlx_lm_and_peft_adapters_load_as_before(qwen_and_llama, tmp_path):
+    """mlx-lm's and PEFT's adapter configs name no amlx architecture: they load onto any model
+    their layers fit."""
+    qwen, llama = qwen_and_llama
+    from safetensors.numpy import load_file, save_file
+    d = _save(qwen, tmp_path / "src")
+    tensors = load_file(d / lora.ADAPTER_WEIGHTS)
+    mlx_lm = tmp_path / "mlx-lm"
+    mlx_lm.mkdir()
+    save_file({k: v.T.copy() for k, v in tensors.items()}, mlx_lm / lora.ADAPTER_WEIGHTS, {"format": "mlx"})
+    (mlx_lm / lora.ADAPTER_CONFIG).write_text(json.dumps(
+        {"model": "Qwen/Qwen3-0.6B", "fine_tune_type": "lora", "lora_parameters": {"rank": 2, "scale": 2.0}}))
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    save_file({f"base_model.model.{k[:-len('.lora_a')]}.lora_{'A' if k.endswith('_a') else 'B'}.weight": v
+               for k, v in tensors.items()}, peft / lora.PEFT_WEIGHTS)
+    (peft / lora.ADAPTER_CONFIG).write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"],
+         "base_model_name_or_path": "Qwen/Qwen3-0.6B"}))
+    for ad in (mlx_lm, peft):
+        on_worker(lambda: lora.load_adapter(llama.model, ad, llama.config))
+        assert len(on_worker(lambda: lora.lora_modules(llama.model))) == 2 * 2  # (2 layers x q, v)
+        on_worker(lambda: lora.remove_lora(llama.model))
