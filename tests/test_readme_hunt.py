@@ -941,3 +941,50 @@ def test_a_record_past_max_seq_len_is_an_error_naming_the_file_line_and_the_flag
     rc, err = main_in_process(capsys, "lora", EMBEDDED, "--data", str(data), "--max-seq-len", "16", "--iters", "1",
                               "--batch-size", "1", "--adapter-path", str(tmp_path / "a"), "--no-progress", "--truncate")
     assert rc in (0, None), err
+
+
+def test_a_constrained_requests_logprobs_are_its_renormalized_distribution(model):
+    """README: logprobs and top_logprobs of a constrained request are those of the constrained
+    distribution (the model's, renormalized over the allowed tokens)."""
+    import math
+
+    for options in ({"choice": ["yes", "no"]}, {"regex": "[ab]{3}"}, {"choice": ["yes", "no"], "temperature": 0.7,
+                                                                      "seed": 3}):
+        tokens = _tokens(model, top_logprobs=20, **options)
+        assert tokens[-1].finish_reason == "stop"
+        for tok in tokens:
+            allowed = [lp for _, lp in tok.top_logprobs if lp > -1000]
+            assert 0 < len(allowed) < 20, options  # (all of them listed: the mass is whole)
+            assert sum(math.exp(lp) for lp in allowed) == pytest.approx(1.0, abs=1e-4), options
+            assert tok.logprob in allowed
+
+
+def test_a_stop_string_cuts_a_constrained_reply_which_then_need_not_match(model):
+    full = "".join(t.text for t in _tokens(model, regex="[ab]{12}"))
+    assert len(full) == 12
+    stop = full[4:6]
+    tokens = _tokens(model, regex="[ab]{12}", stop=[stop])
+    text = "".join(t.text for t in tokens)
+    assert tokens[-1].finish_reason == "stop" and full.startswith(text) and stop not in text and len(text) < 12
+
+
+def test_amlx_serve_with_the_readmes_flags_keys_from_a_file_and_the_environment(tmp_path):
+    """`amlx serve MODEL --api-key sk-local --max-batch-size 64 --max-queue 128 --model-name qwen3`,
+    with --api-key-file (one key per line) and $AMLX_API_KEY beside it, --no-prefix-cache,
+    --kv-cache-memory 8GB and --kv-bits 8: every key opens the API, the model has the name given,
+    and a repeated prompt reuses nothing."""
+    from tests.helpers.serving import ServerProcess
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("file-key-1\nfile-key-2\n")
+    with ServerProcess(EMBEDDED, "--api-key", "sk-local", "--max-batch-size", "64", "--max-queue", "128",
+                       "--model-name", "qwen3", "--api-key-file", str(keys), "--no-prefix-cache",
+                       "--kv-cache-memory", "8GB", "--kv-bits", "8", env={"AMLX_API_KEY": "env-key"}) as srv:
+        long = [{"role": "user", "content": "Tell me a story about a fox and a horse and a bird and a tree."}]
+        for key in ("sk-local", "file-key-1", "file-key-2", "env-key"):
+            r = httpx.post(srv.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                           json={"model": "qwen3", "messages": long, "max_tokens": 2})
+            assert r.status_code == 200, (key, r.text)
+            assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert httpx.get(srv.url + "/v1/models", timeout=30).status_code == 401
+        assert httpx.get(srv.url + "/", timeout=30).status_code == 200  # the chat page: open
