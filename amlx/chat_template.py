@@ -144,7 +144,9 @@ class _Budget:
         if isinstance(value, int):
             return value.bit_length() // 3 + 1
         if isinstance(value, jinja2.utils.Namespace):  # its repr shows its attributes
-            value = object.__getattribute__(value, "_Namespace__attrs")
+            # (not memoised: `{% set ns.a = x %}` changes them; only a namespace's can change)
+            attrs = object.__getattribute__(value, "_Namespace__attrs")
+            return 2 + sum(self.expanded(k) + self.expanded(v) + 4 for k, v in list(attrs.items()))
         if not isinstance(value, _CONTAINERS):
             return 8
         hit = self._expanded.get(id(value))
@@ -460,7 +462,14 @@ def _filter_wordwrap(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
 
 
 def _filter_batch(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
-    budget.size(_int(_arg(args, kwargs, 1, "linecount", 1)), "the batch filter")
+    linecount = _int(_arg(args, kwargs, 1, "linecount", 1))
+    budget.size(linecount, "the batch filter")
+    # its last row is filled up with fill_with: one row holds it up to linecount - 1 times (its rows
+    # are yielded, never measured as a call's result: [1] | batch(1000, x) then written out made
+    # a thousand copies of x)
+    fill = _arg(args, kwargs, 2, "fill_with", None)
+    if fill is not None:
+        budget.size(budget.expanded(fill) * max(linecount - 1, 0), "the batch filter's fill_with")
     return args
 
 
@@ -497,10 +506,9 @@ def _filter_replace(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
 def _filter_join(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
     items = list(args[0])  # a generator would be consumed twice otherwise
     sep = str(_arg(args, kwargs, 1, "d", ""))
-    if _arg(args, kwargs, 2, "attribute", None) is None:
-        budget.size(_joined_size(sep, [x if isinstance(x, str) else str(x) for x in items]), "the join filter")
-    else:  # each item's attribute is written out no larger than the item; the separator once per item
-        budget.size(sum(budget.expanded(x) for x in items) + len(sep) * max(len(items) - 1, 0), "the join filter")
+    # each item (or its attribute, no larger) written out, measured before any is written (str() of
+    # each item made them all first); the separator once per item
+    budget.size(sum(budget.expanded(x) for x in items) + len(sep) * max(len(items) - 1, 0), "the join filter")
     return (items, *args[1:])
 
 
@@ -578,6 +586,14 @@ _FILTER_CHECKS: dict[str, Callable[[_Budget, tuple, dict], tuple]] = {
 }
 
 
+# Filters that take their value apart rather than write it out (or that measure it themselves).
+_STRUCTURAL_FILTERS = frozenset({
+    "attr", "batch", "count", "d", "default", "dictsort", "first", "groupby", "items", "join", "last", "length",
+    "list", "map", "max", "min", "pprint", "random", "reject", "rejectattr", "reverse", "select", "selectattr",
+    "slice", "sort", "sum", "unique", "amlx_loop", "amlx_emit", "amlx_concat", "amlx_literal",
+})
+
+
 def _bounded_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     check = _FILTER_CHECKS.get(name)
     skip = 1 if hasattr(fn, "jinja_pass_arg") else 0  # context / eval context / environment first
@@ -586,6 +602,10 @@ def _bounded_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     def bounded(*args: Any, **kwargs: Any) -> Any:
         budget = _budget()
         budget.step()
+        if name not in _STRUCTURAL_FILTERS and len(args) > skip:
+            # most filters write their value out first (str() of it), before their result could
+            # be measured: a value that no call made (a loop's item, a namespace) is measured here
+            budget.fits(budget.expanded(args[skip]), f"the {name} filter's value")
         if check is not None and len(args) > skip:
             args = (*args[:skip], *check(budget, args[skip:], kwargs))
         result = fn(*args, **kwargs)
@@ -631,6 +651,10 @@ def _loop_hook(context: Any, iterable: Iterable[Any]) -> Iterator[Any]:
 
 @jinja2.pass_context
 def _emit_hook(context: Any, value: Any) -> str:
+    if not isinstance(value, str):
+        # measured before it is written out: a loop's item, or a namespace's attributes, were
+        # never a call's result, so nothing measured them (a row of [1] | batch(1000, x))
+        _budget().fits(_budget().expanded(value), "a value written out")
     text = value if isinstance(value, str) else str(value)
     _budget().emit(len(text))
     return text
@@ -644,6 +668,8 @@ def _concat_hook(context: Any, values: list) -> str:
     budget = _budget()
     pieces, total = [], 0
     for value in values:
+        if not isinstance(value, str):
+            budget.fits(total + budget.expanded(value), "concatenation (~)")
         piece = value if isinstance(value, str) else str(value)
         total += len(piece)
         budget.fits(total, "concatenation (~)")

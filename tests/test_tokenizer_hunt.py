@@ -420,3 +420,46 @@ def test_percent_formats_render_as_before(pairs):
     for broken in ("{{ '%(a' % {} }}", "{{ '%(' * 1000 % {} }}"):  # Python refuses an incomplete key
         with pytest.raises(ChatTemplateError, match="incomplete format key"):
             ours.apply_chat_template(messages, chat_template=broken)
+
+
+_BIG = "{% set big = messages[0].content * 10 %}"
+_NS = "{% set ns = namespace() %}" + _BIG + "".join("{%% set ns.a%d = big %%}" % i for i in range(200))
+# A value that holds one large text many times over, that no call made (so none was measured):
+# writing it out made all the copies before anything could refuse it.
+UNMEASURED_VALUES = {
+    "batch's fill_with, written out": "{% for row in [1] | batch(1000, " + "messages[0].content * 10) %}{{ row }}{% endfor %}",
+    "batch's fill_with, joined": "{{ [1] | batch(1000, messages[0].content * 10) | join }}",
+    "batch's fill_with, tojson": "{% for row in [1] | batch(1000, messages[0].content * 10) %}{{ row | tojson }}{% endfor %}",
+    "namespace attributes, written out": _NS + "{{ ns }}",
+    "namespace attributes, ~": _NS + "{{ ns ~ '' }}",
+    "namespace attributes, string filter": _NS + "{{ ns | string | length }}",
+    "namespace attributes, upper filter": _NS + "{{ ns | upper | length }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNMEASURED_VALUES))
+def test_values_no_call_made_are_measured_before_they_are_written_out(pairs, name):
+    """With a 50,000-character text held 200 or 1,000 times, the render that was refused had
+    made 20 to 100 MB first (at the default limits, a 4 MB text a thousand times: 4 GB)."""
+    ours, _ = pairs("bpe")
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChatTemplateError, match="would make"):
+            _small(ours).apply_chat_template([{"role": "user", "content": "x" * 5000}],
+                                             chat_template=UNMEASURED_VALUES[name])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+
+
+def test_rows_namespaces_and_joins_render_as_before(pairs):
+    ours, hf = pairs("bpe")
+    messages = [{"role": "user", "content": "Café 😀"}, {"role": "assistant", "content": "ok"}]
+    source = ("{% for row in messages | batch(3, 'pad') %}{{ row }}|{{ row | tojson }}|{{ row | join(',') }}{% endfor %}"
+              "{% set ns = namespace(a=messages[0], b=[1, 2]) %}{% set ns.c = 'x' %}{{ ns.b ~ ns.c }}|"
+              "{{ messages | join('; ') }}|{{ [1, none, 2.5, [3]] | join('-') }}|{{ messages | map(attribute='role') "
+              "| join(' ') }}|{{ messages[0] | string }}|{{ messages | upper }}|{{ (messages | first).content | "
+              "center(12) }}")
+    assert ours.apply_chat_template(messages, chat_template=source) == hf.apply_chat_template(
+        messages, chat_template=source, tokenize=False)
