@@ -988,3 +988,40 @@ def test_amlx_serve_with_the_readmes_flags_keys_from_a_file_and_the_environment(
             assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         assert httpx.get(srv.url + "/v1/models", timeout=30).status_code == 401
         assert httpx.get(srv.url + "/", timeout=30).status_code == 200  # the chat page: open
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only(model):
+    """README: they follow OpenAI, counting generated tokens only (repetition_penalty, as in
+    transformers and mlx-lm, counts the prompt's too). After "is !" the greedy token is one of
+    the prompt's, ahead by less than the penalty."""
+    ids = model.tokenizer.encode("is !")
+    first = _tokens(model, ids, max_tokens=1, top_logprobs=2)[0]
+    assert first.id in ids and first.top_logprobs[0][1] - first.top_logprobs[1][1] < 2.0
+    assert _tokens(model, ids, max_tokens=1, presence_penalty=2.0, frequency_penalty=2.0)[0].id == first.id
+    assert _tokens(model, ids, max_tokens=1, repetition_penalty=2.0)[0].id != first.id
+
+
+def test_a_failed_requests_error_keeps_its_worker_traceback_on_python_3_10():
+    """README: Python >= 3.10. The worker's traceback of a failed request went on the error with
+    `add_note`, which Python 3.10's exceptions lack (PEP 678, 3.11): there every failed request's
+    error (a ConstraintError, an MLXError) became an AttributeError inside the worker's close of
+    the request's channel, which then never ended. Here an error without add_note stands in for
+    3.10's."""
+    from amlx.engine.channel import detach_frames
+
+    class Py310Error(ValueError):
+        def __getattribute__(self, name):
+            if name == "add_note":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    def fail():
+        raise Py310Error("the request failed")
+
+    try:
+        fail()
+    except Py310Error as exc:
+        error = exc
+    detach_frames(error)
+    assert error.__traceback__ is None
+    assert any("worker traceback" in note and "fail" in note for note in error.__notes__)

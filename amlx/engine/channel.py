@@ -111,6 +111,17 @@ class Channel:
         return self._done
 
 
+def _add_note(exc: BaseException, note: str) -> None:
+    """`exc.add_note(note)`, also on Python 3.10 (amlx's least), where BaseException has no
+    add_note (PEP 678 came in 3.11): there the note goes into `__notes__` as 3.11 keeps it. (Each
+    failed request's error became an AttributeError about add_note on 3.10.)"""
+    add = getattr(exc, "add_note", None)
+    if add is not None:
+        add(note)
+    else:
+        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]
+
+
 def detach_frames(exc: BaseException) -> None:
     """Replaces the tracebacks of `exc` and the exceptions chained to it by their text (a
     note). A failure handed to a consumer is raised again on its side, and the consumer's
@@ -124,7 +135,7 @@ def detach_frames(exc: BaseException) -> None:
         tb = exc.__traceback__
         if tb is not None:
             exc.__traceback__ = None
-            exc.add_note("worker traceback (most recent call last):\n" + "".join(traceback.format_tb(tb)).rstrip())
+            _add_note(exc, "worker traceback (most recent call last):\n" + "".join(traceback.format_tb(tb)).rstrip())
         chained = [e for e in (exc.__cause__, exc.__context__) if e is not None and id(e) not in seen]
         for other in chained[1:]:
             detach_frames(other)
