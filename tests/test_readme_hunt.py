@@ -1025,3 +1025,31 @@ def test_a_failed_requests_error_keeps_its_worker_traceback_on_python_3_10():
     detach_frames(error)
     assert error.__traceback__ is None
     assert any("worker traceback" in note and "fail" in note for note in error.__notes__)
+
+
+def test_chat_keeps_the_history_and_reset_keeps_the_system_prompt(capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hi\nhi\n/reset\nhi\n/exit\n"), encoding="utf-8"))
+    rc, err = main_in_process(capsys, "chat", EMBEDDED, "--system", "Answer briefly.", "-v", "--max-tokens", "3")
+    assert rc in (0, None), err
+    prompts = [int(line.split("prompt: ")[1].split()[0]) for line in err.splitlines() if "prompt: " in line]
+    assert len(prompts) == 3
+    assert prompts[1] > prompts[0]  # the second turn carries the first
+    assert prompts[2] == prompts[0]  # afresh, with the system prompt
+
+
+@pytest.mark.parametrize("damage, names", [
+    ("truncate", ["model.safetensors", "tensor '"]), ("tokenizer.json", ["tokenizer.json"]),
+    ("config.json", ["config.json"]),
+])
+def test_missing_or_corrupt_files_are_model_load_errors_naming_the_file_and_tensor(tmp_path, damage, names):
+    path = _copy_embedded(tmp_path)
+    if damage == "truncate":
+        weights = path / "model.safetensors"
+        with weights.open("r+b") as f:
+            f.truncate(weights.stat().st_size - 1000)
+    else:
+        (path / damage).unlink()
+    with pytest.raises(amlx.ModelLoadError) as caught:
+        amlx.load_sync(path)
+    for name in names:
+        assert name in str(caught.value), caught.value
