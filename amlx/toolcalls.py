@@ -36,8 +36,8 @@ from typing import Any, Union
 
 from amlx.types import ToolCall
 
-__all__ = ["FORMATS", "MISTRAL_ARGS", "MISTRAL_OPEN", "QWEN_CLOSE", "QWEN_OPEN", "THINK", "ToolCallParser",
-           "detect_format", "is_raw_word", "opens_reasoning", "parse_tool_calls", "prompt_opens_reasoning"]
+__all__ = ["FORMATS", "MISTRAL_ARGS", "MISTRAL_OPEN", "QWEN_CLOSE", "QWEN_OPEN", "THINK", "BlankAroundCalls",
+           "ToolCallParser", "detect_format", "is_raw_word", "opens_reasoning", "parse_tool_calls", "prompt_opens_reasoning"]
 
 FORMATS = ("qwen", "llama3", "mistral")
 
@@ -460,6 +460,39 @@ class ToolCallParser:
         self._started = True
         text, self._buf = self._buf, ""
         return [text]
+
+
+class BlankAroundCalls:
+    """Drops the content of a reply that is only whitespace and lies between two tool calls, or
+    between one and the reply's start or end: the "\n" a model writes between its calls (and
+    around them) is markup, not a message, and vLLM sends none of it. The server passes each
+    token's `ToolCallParser` events through it (`end=True` with the last token's).
+
+    Blank text is held until what follows shows what it is: text the model wrote takes it along
+    as it is (blanks before or after text are never dropped), a call drops it. A reply without
+    calls keeps all of its text, blanks included."""
+
+    def __init__(self) -> None:
+        self._held = ""  # blank content since the reply's start or the last call
+        self._blank = True  # the content since the reply's start or the last call is blank so far
+        self._calls = False  # a call was seen
+
+    def __call__(self, events: list[Event], end: bool = False) -> list[Event]:
+        out: list[Event] = []
+        for event in events:
+            if not isinstance(event, str):
+                self._held, self._blank, self._calls = "", True, True
+                out.append(event)
+            elif self._blank and not event.strip():
+                self._held += event
+            elif event:
+                out.append(self._held + event if self._blank else event)
+                self._held, self._blank = "", False
+        if end:
+            if self._held and not self._calls:
+                out.append(self._held)
+            self._held = ""
+        return out
 
 
 def parse_tool_calls(text: str, fmt: str | None, *, thinking: bool = False) -> tuple[str, list[ToolCall]]:

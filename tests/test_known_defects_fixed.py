@@ -105,3 +105,137 @@ def test_mlx_lm_and_peft_adapters_load_as_before(qwen_and_llama, tmp_path):
         on_worker(lambda: lora.load_adapter(llama.model, ad, llama.config))
         assert len(on_worker(lambda: lora.lora_modules(llama.model))) == 2 * 2  # (2 layers x q, v)
         on_worker(lambda: lora.remove_lora(llama.model))
+
+
+# -- a scripted model behind the OpenAI server -------------------------------------------------------
+# The public `generate` of a real loaded model is replaced by one that yields the token texts
+# scripted for the request's seed (the seam tests/test_toolcalls_hunt.py uses).
+
+SCRIPTS: dict[int, tuple[list[str], str]] = {}  # seed -> (the reply's token texts, its finish reason)
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+MESSAGES = [{"role": "user", "content": "Weather?"}]
+TEMPLATES = {"qwen": None, "llama3": "<|start_header_id|>{{ '<|python_tag|>' }}", "mistral": "{{ '[TOOL_CALLS]' }}"}
+
+
+class TemplateTokenizer:
+    """The real tokenizer with a chat_template naming another family's markup (the server picks
+    the tool-call format by it); prompts render with the real one."""
+
+    def __init__(self, tokenizer, template):
+        self.tokenizer, self.chat_template = tokenizer, template or tokenizer.chat_template
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+class ScriptedStream:
+    def __init__(self, pieces: list[str], finish: str):
+        from amlx.types import Token
+        self.tokens = [Token(id=0, text=p, finish_reason=finish if k == len(pieces) - 1 else None)
+                       for k, p in enumerate(pieces)]
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        import asyncio
+        if not self.tokens:
+            raise StopAsyncIteration
+        await asyncio.sleep(0)
+        return self.tokens.pop(0)
+
+    def close(self) -> None:
+        self.tokens = []
+
+
+class ScriptedModel:
+    def __init__(self, model, template):
+        self.model, self.tokenizer = model, TemplateTokenizer(model.tokenizer, template)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def generate(self, prompt, **options):
+        return ScriptedStream(*SCRIPTS[options["seed"]])
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    import amlx
+    from amlx.serve.app import Settings, create_app
+    try:
+        from tests.helpers.serving import MountedApps, serve_checkpoint
+    except ImportError:
+        from helpers.serving import MountedApps, serve_checkpoint
+    with amlx.load_sync(serve_checkpoint(tmp_path_factory.mktemp("ckpt")), max_context=512) as model:
+        srv = MountedApps({fmt: create_app(ScriptedModel(model, tpl), Settings(model_name="m"))
+                           for fmt, tpl in TEMPLATES.items()})
+        try:
+            yield srv
+        finally:
+            srv.stop()
+
+
+def served(servers, fmt: str, pieces: list[str], finish: str) -> list[tuple]:
+    """(content or None, [(name, arguments)], finish_reason) of a scripted reply, asked for whole and
+    streamed (streamed: None when the chunks carried none but the role chunk's "")."""
+    out = []
+    client = servers.client(fmt)
+    for stream in (False, True):
+        seed = max(SCRIPTS, default=0) + 1
+        SCRIPTS[seed] = (pieces, finish)
+        args = dict(model="m", messages=MESSAGES, tools=TOOLS, seed=seed, max_tokens=64)
+        if not stream:
+            choice = client.chat.completions.create(**args).choices[0]
+            out.append((choice.message.content,
+                        [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []],
+                        choice.finish_reason))
+            continue
+        content, calls, reason = "", [], None
+        for chunk in client.chat.completions.create(stream=True, **args):
+            for ch in chunk.choices:
+                content += ch.delta.content or ""
+                calls += [(d.function.name, d.function.arguments) for d in ch.delta.tool_calls or []]
+                reason = ch.finish_reason or reason
+        out.append((content or None, calls, reason))
+    return out
+
+
+# -- 2. the "\n" between Qwen tool calls -------------------------------------------------------------
+
+def _qwen_call(city: str) -> str:
+    return '<tool_call>\n{"name": "get_weather", "arguments": {"city": "%s"}}\n</tool_call>' % city
+
+
+PARIS, ROME = ("get_weather", '{"city": "Paris"}'), ("get_weather", '{"city": "Rome"}')
+
+
+@pytest.mark.parametrize("pieces", [
+    [_qwen_call("Paris"), "\n", _qwen_call("Rome")],
+    [_qwen_call("Paris"), "\n", "\n", " ", _qwen_call("Rome"), "\n"],
+    ["\n", _qwen_call("Paris") + "\n" + _qwen_call("Rome") + "\n\n"],
+    [_qwen_call("Paris")[:7], _qwen_call("Paris")[7:] + "\n" + _qwen_call("Rome")[:3], _qwen_call("Rome")[3:]],
+])
+def test_the_blanks_between_qwen_tool_calls_are_no_content(servers, pieces):
+    """Several Qwen calls come separated by "\\n": the server sent it as `content: "\\n"`
+    (vLLM sends none), streamed and not. Blank text between and around calls is dropped."""
+    for got in served(servers, "qwen", pieces, "stop"):
+        assert got == (None, [PARIS, ROME], "tool_calls")
+
+
+@pytest.mark.parametrize("pieces, content", [
+    (["Let me check.\n", _qwen_call("Paris"), "\n", _qwen_call("Rome")], "Let me check.\n"),
+    (["\n", "Let me", " check. ", _qwen_call("Paris"), "\n", _qwen_call("Rome"), "\n Done."], "\nLet me check. \n Done."),
+    (["<think>", "\n", "Two cities.", "</think>", "\n\n", _qwen_call("Paris"), "\n", _qwen_call("Rome")],
+     "<think>\nTwo cities.</think>\n\n"),
+])
+def test_text_the_model_wrote_around_qwen_calls_stays(servers, pieces, content):
+    """Only the blanks are dropped: text before, between or after the calls comes as written,
+    with the blanks that stand next to it."""
+    for got in served(servers, "qwen", pieces, "stop"):
+        assert got == (content, [PARIS, ROME], "tool_calls")
+
+
+def test_a_blank_reply_without_calls_keeps_its_content(servers):
+    for got in served(servers, "qwen", ["\n", " ", "\n"], "stop"):
+        assert got == ("\n \n", [], "stop")

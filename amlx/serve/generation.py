@@ -22,7 +22,7 @@ import amlx
 from amlx.serve.errors import APIError, about_field, from_engine
 from amlx.serve.metrics import Metrics
 from amlx.serve.options import choice_options
-from amlx.toolcalls import ToolCallParser, prompt_opens_reasoning
+from amlx.toolcalls import BlankAroundCalls, ToolCallParser, prompt_opens_reasoning
 from amlx.types import GenerationOptions, Token, ToolCall
 
 
@@ -124,6 +124,7 @@ class Choice:
     prompt_tokens: int
     parser: ToolCallParser
     echo: Echo | None = None
+    blanks: BlankAroundCalls = field(default_factory=BlankAroundCalls)  # (used with a tool-call format)
     content: list[str] = field(default_factory=list)
     calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[LogprobEntry] = field(default_factory=list)
@@ -252,6 +253,9 @@ class Generation:
         events = choice.parser.feed(tok.text)
         if tok.finish_reason is not None:
             events += choice.parser.finish()
+        if choice.parser.format is not None:
+            # the blanks between and around calls (Qwen's "\n" between two) are no content
+            events = choice.blanks(events, end=tok.finish_reason is not None)
         for event in events:
             if isinstance(event, str):
                 piece.content += event
