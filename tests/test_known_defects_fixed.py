@@ -239,3 +239,20 @@ def test_text_the_model_wrote_around_qwen_calls_stays(servers, pieces, content):
 def test_a_blank_reply_without_calls_keeps_its_content(servers):
     for got in served(servers, "qwen", ["\n", " ", "\n"], "stop"):
         assert got == ("\n \n", [], "stop")
+
+
+# -- 3. a stop string holding a lone surrogate -------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["chat/completions", "completions"])
+@pytest.mark.parametrize("stop", ['"\\ud800"', '["ok", "a\\udfffb"]'])
+def test_a_stop_string_with_a_lone_surrogate_names_the_stop_field(servers, path, stop):
+    """JSON's lone "\\ud800" escape in a stop string: the 400 said so with `param: null`; it names
+    "stop", as the server's other validation errors name their field."""
+    import httpx
+    prompt = '"messages": [{"role": "user", "content": "hi"}]' if path == "chat/completions" else '"prompt": "hi"'
+    body = '{"model": "m", "max_tokens": 4, %s, "stop": %s}' % (prompt, stop)
+    reply = httpx.post(f"{servers.url}/qwen/v1/{path}", headers={"content-type": "application/json"},
+                       content=body.encode(), timeout=60)
+    err = reply.json()["error"]
+    assert reply.status_code == 400 and err["param"] == "stop", err
+    assert "a stop string holds an unpaired surrogate" in err["message"] and err["code"] == "invalid_value", err

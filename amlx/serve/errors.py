@@ -49,8 +49,9 @@ _FIELD_OF_CONSTRAINT = {"json_schema": "response_format", "json_object": "respon
 def _option_named(message: str) -> str | None:
     """The request field an engine's ValueError is about: its messages begin with the option's
     name ("stop must be ...", "top_k must be ...", "invalid regex: ...", "response_format of
-    type ...", "the regex constraint cannot be followed: ...")."""
-    match = re.match(r"(?:invalid |the )?([a-z_]+)\b", message)
+    type ...", "the regex constraint cannot be followed: ...", "a stop string holds an unpaired
+    surrogate ...": that one was a 400 with param null)."""
+    match = re.match(r"(?:invalid |the |an? )?([a-z_]+)\b", message)
     name = _FIELD_OF_CONSTRAINT.get(match.group(1), match.group(1)) if match else None
     return name if name in _OPTION_FIELDS else None
 
