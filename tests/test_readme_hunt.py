@@ -1053,3 +1053,14 @@ def test_missing_or_corrupt_files_are_model_load_errors_naming_the_file_and_tens
         amlx.load_sync(path)
     for name in names:
         assert name in str(caught.value), caught.value
+
+
+def test_an_api_key_file_written_by_a_windows_editor_gives_its_keys(tmp_path):
+    """--api-key-file FILE (one key per line): a file with a byte order mark and CRLF line ends
+    (Notepad's) gives the keys as typed. The mark stayed on the first key, which `amlx serve`
+    then refused at start as not printable ASCII."""
+    from amlx.serve.auth import collect_keys
+
+    keys = tmp_path / "keys.txt"
+    keys.write_bytes(b"\xef\xbb\xbfsk-first\r\nsk-second\r\n")
+    assert collect_keys((), keys, environ={}) == ["sk-first", "sk-second"]

@@ -27,7 +27,10 @@ def collect_keys(keys: Iterable[str] = (), key_file: str | os.PathLike | None = 
     if key_file is not None:
         path = Path(key_file)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            # (utf-8-sig: a byte order mark that a Windows editor wrote first is not part of the first
+            # key; it was, and the server refused to start over a key "holding a character other
+            # than printable ASCII" that nobody could see)
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
         except OSError as exc:
             raise ValueError(f"{path}: cannot read the API key file: {exc.strerror or exc}") from exc
         found += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
