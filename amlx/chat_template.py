@@ -745,6 +745,9 @@ class _SafeNamespace(jinja2.utils.Namespace):
     def __setitem__(self, name: str, value: Any) -> None:
         _SafeNamespace._check(name)
         jinja2.utils.Namespace.__setitem__(self, name, value)
+        # `{% set ns.a = x %}` is no call, so no result check sees what a namespace comes to hold
+        budget = _budget()
+        budget.fits(budget.expanded(self), "a namespace")
 
     @staticmethod
     def _check(name: Any) -> None:
@@ -850,6 +853,11 @@ class ChatEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
     def call(self, context: jinja2.runtime.Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         budget = _budget()
         budget.step()
+        for arg in (*args, *kwargs.values()):
+            if not isinstance(arg, (str, bytes, int, float)):
+                # a container no call made (a macro's varargs, a loop's item) may be written out
+                # by the call, or by its error: [1].index(x) says "<x written out> is not in list"
+                budget.fits(budget.expanded(arg), "an argument of a call")
         owner = getattr(obj, "__self__", None)
         if isinstance(owner, (str, bytes)):
             args = _check_str_method(budget, owner, getattr(obj, "__name__", ""), args, kwargs)

@@ -463,3 +463,34 @@ def test_rows_namespaces_and_joins_render_as_before(pairs):
               "center(12) }}")
     assert ours.apply_chat_template(messages, chat_template=source) == hf.apply_chat_template(
         messages, chat_template=source, tokenize=False)
+
+
+_VARARGS = ("{% set big = messages[0].content * 10 %}{% macro f() %}{{ CALL }}{% endmacro %}"
+            "{{ f(*(([none] * 60) | map('default', big, true))) }}")
+
+
+@pytest.mark.parametrize("call", ["[1].index(varargs)", "raise_exception(varargs)",
+                                  "'%s' | format(varargs)"])
+def test_containers_no_call_made_are_measured_as_call_arguments(pairs, call):
+    """A macro's varargs (here 60 references to one 50,000-character text, from a generator)
+    went into calls unmeasured: list.index writes its argument into its error, raise_exception
+    made it the error's message."""
+    ours, _ = pairs("bpe")
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChatTemplateError) as caught:
+            _small(ours).apply_chat_template([{"role": "user", "content": "x" * 5000}],
+                                             chat_template=_VARARGS.replace("CALL", call))
+        assert len(str(caught.value)) < 1000
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+
+
+def test_a_namespace_is_measured_as_it_fills(pairs):
+    ours, _ = pairs("bpe")
+    source = ("{% set big = messages[0].content * 10 %}{% set ns = namespace() %}"
+              + "".join("{%% set ns.a%d = big %%}" % i for i in range(200)) + "{{ [1].index(ns) }}")
+    with pytest.raises(ChatTemplateError, match="namespace"):
+        _small(ours).apply_chat_template([{"role": "user", "content": "x" * 5000}], chat_template=source)
