@@ -1064,3 +1064,22 @@ def test_an_api_key_file_written_by_a_windows_editor_gives_its_keys(tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_bytes(b"\xef\xbb\xbfsk-first\r\nsk-second\r\n")
     assert collect_keys((), keys, environ={}) == ["sk-first", "sk-second"]
+
+
+async def test_a_full_pool_sets_the_youngest_aside_and_its_stream_goes_on_without_a_gap():
+    """README: when the running requests outgrow the pool, the youngest is set aside and
+    recomputed later; nothing fails for want of memory. Three requests of 50 positions each in a
+    pool of 4 blocks (64 positions): the same tokens as alone, with preemptions counted."""
+    prompts = ["Tell me a story about a fox and a bird.", "What color is the sky at night and day?",
+               "Hello there my friend"]
+    options = dict(max_tokens=40, logit_bias={2: -100}, logprobs=True)  # (no EOS: every reply is 40 tokens)
+    async with await amlx.load(EMBEDDED) as m:
+        alone = [await m.complete(p, **options) for p in prompts]
+    block_bytes = 16 * 4 * 2 * 32 * 2 * 4  # positions x layers x kv heads x head dim x (k, v) x float32
+    async with await amlx.load(EMBEDDED, kv_cache_memory=4 * block_bytes) as m:
+        assert m.info.context_length == 64
+        together = await asyncio.gather(*(m.complete(p, **options) for p in prompts))
+        assert m.stats()["kv_cache"]["preemptions"] > 0
+    for a, t in zip(alone, together):
+        assert len(a.token_ids) == 40 and t.token_ids == a.token_ids
+        assert t.logprobs == pytest.approx(a.logprobs, abs=1e-4)
