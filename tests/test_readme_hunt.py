@@ -1083,3 +1083,59 @@ async def test_a_full_pool_sets_the_youngest_aside_and_its_stream_goes_on_withou
     for a, t in zip(alone, together):
         assert len(a.token_ids) == 40 and t.token_ids == a.token_ids
         assert t.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+
+
+def test_uvloop_runs_the_api():
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main():
+        async with await amlx.load(EMBEDDED) as model:
+            return [t.text async for t in model.generate("Hi", max_tokens=3)], await model.complete("Hi", max_tokens=3)
+
+    text, result = uvloop.run(main())
+    assert "".join(text) == result.text
+
+
+async def _idle(m) -> bool:
+    """Whether `m` comes to hold no request and no KV block (polled; the worker retires them)."""
+    for _ in range(500):
+        stats = m.stats()
+        if stats["active_requests"] == 0 and stats["kv_cache"]["blocks_used"] == 0:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("how", ["drop", "aclose", "cancel", "timeout"])
+async def test_every_documented_way_of_leaving_a_stream_removes_its_request(how):
+    """README, Cancellation: leaving the async for, aclose(), cancelling the task or a timeout
+    removes the request and gives its KV blocks back; a stream you keep is cancelled when you
+    aclose() it or drop it."""
+    async with await amlx.load(EMBEDDED) as m:
+        def stream():  # (a constraint that keeps it going for 900 tokens)
+            return m.generate("x " * 100, max_tokens=900, regex="a{900}")
+
+        async def consume():
+            async for _ in stream():
+                await asyncio.sleep(0)
+
+        if how in ("drop", "aclose"):
+            s = stream()
+            await s.__anext__()
+            if how == "drop":
+                del s
+                gc.collect()
+            else:
+                await s.aclose()
+        elif how == "cancel":
+            task = asyncio.ensure_future(consume())
+            while m.stats()["tokens_generated"] < 2:
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(consume(), 0.05)
+        assert await _idle(m)
+        assert m.stats()["tokens_generated"] < 900
