@@ -1139,3 +1139,22 @@ async def test_every_documented_way_of_leaving_a_stream_removes_its_request(how)
                 await asyncio.wait_for(consume(), 0.05)
         assert await _idle(m)
         assert m.stats()["tokens_generated"] < 900
+
+
+def test_the_readmes_test_instructions_name_what_the_suite_needs_beyond_pip():
+    """The test command alone failed the chat page's tests on a fresh machine: they need headless
+    Chromium and its driver (Debian packages, installed by .ci/run), which the README did not say."""
+    page_tests = (ROOT / "tests" / "test_serve_page.py").read_text()
+    if "chromedriver" in page_tests and "pytest.fail" in page_tests:
+        section = README[README.index("Run the tests"):README.index("`pip install -e .` compiles")]
+        assert "chromium chromium-driver" in section
+
+
+def test_the_files_the_readme_names_exist():
+    import re
+
+    layout = README[README.index("## Layout"):README.index("## Development")]
+    named = re.findall(r"^(\S+?)/?\s", layout.split("```")[1], flags=re.M)
+    named += re.findall(r"`((?:amlx|benchmarks|tests|scripts|vendor|docs)/[\w./-]+?)`", README)
+    missing = [p for p in named if not (ROOT / p.rstrip("/")).exists()]
+    assert named and not missing, missing
