@@ -751,8 +751,8 @@ async def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, max
     a ring hostfile whose ranks may live on other hosts). Heads, key-value heads
     and the MLP width must divide by N (ValueError). TensorParallelError when a
     rank fails to start; a rank that dies later fails every request with it and
-    closes the model. score(), training and speculative decoding (draft) are not
-    supported with N > 1."""
+    closes the model. score(), prompt_logprobs(), training, adapters and speculative
+    decoding (draft) are not supported with N > 1 (ValueError)."""
     _check_path(path)
     max_batch_size, max_context = _check_load_args(max_batch_size, max_context, adapter, kv_cache_memory,
                                                    prefix_cache, kv_bits, tensor_parallel, draft, dtype)

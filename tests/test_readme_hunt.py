@@ -1158,3 +1158,26 @@ def test_the_files_the_readme_names_exist():
     named += re.findall(r"`((?:amlx|benchmarks|tests|scripts|vendor|docs)/[\w./-]+?)`", README)
     missing = [p for p in named if not (ROOT / p.rstrip("/")).exists()]
     assert named and not missing, missing
+
+
+async def test_what_tensor_parallelism_does_not_support_yet_is_a_value_error(tmp_path, data_dir):
+    """docs/scaling.md: with tensor_parallel > 1, score(), prompt_logprobs() (which the docs left
+    out: the server's echo with logprobs uses it), training, LoRA adapters and speculative decoding
+    are refused with a ValueError; generation runs and matches one process's."""
+    chat = [{"role": "user", "content": "Tell me a story about a fox."}]
+    async with await amlx.load(EMBEDDED) as m:
+        alone = (await m.complete(chat, max_tokens=12)).token_ids
+    async with await amlx.load(EMBEDDED, tensor_parallel=2) as m:
+        assert (await m.complete(chat, max_tokens=12)).token_ids == alone
+        with pytest.raises(ValueError):
+            await m.score("x", [" a"])
+        with pytest.raises(ValueError):
+            await m.prompt_logprobs("hello there")
+        with pytest.raises(ValueError):
+            async for _ in m.train_lora(str(data_dir), iters=1, adapter_path=str(tmp_path / "a")):
+                pass
+        with pytest.raises(ValueError):
+            async for _ in m.train(str(data_dir), iters=1, save_path=str(tmp_path / "f")):
+                pass
+    with pytest.raises(ValueError):
+        await amlx.load(EMBEDDED, tensor_parallel=2, draft="prompt_lookup")
