@@ -1181,3 +1181,24 @@ async def test_what_tensor_parallelism_does_not_support_yet_is_a_value_error(tmp
                 pass
     with pytest.raises(ValueError):
         await amlx.load(EMBEDDED, tensor_parallel=2, draft="prompt_lookup")
+
+
+def test_amlx_cpu_bf16_is_read_at_import():
+    """README said AMLX_CPU_BF16 was read at load; the C layer reads it once, when amlx's library
+    loads (at import): a value set after `import amlx`, before amlx.load, changed nothing."""
+    import subprocess
+    import sys
+
+    from amlx._mlx import cpu_kernels
+
+    if not cpu_kernels.bf16_kernels():
+        pytest.skip("this CPU has no bf16 kernel: AMLX_CPU_BF16 changes nothing here")
+    script = ("import os, amlx\nfrom amlx._mlx import cpu_kernels as c\nbefore = c.bf16_kernel()\n"
+              "os.environ['AMLX_CPU_BF16'] = 'off'\namlx.load_sync(amlx.demo.default_model_dir()).close()\n"
+              "print(before, c.bf16_kernel())\n")
+    env = {k: v for k, v in os.environ.items() if k != "AMLX_CPU_BF16"}
+    out = subprocess.run([sys.executable, "-c", "import amlx.demo\n" + script], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    before, after = out.stdout.split()
+    assert before == after != "off"
+    assert "(read at import; or `amx`, `avx512bf16`)" in README
