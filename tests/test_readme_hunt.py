@@ -1202,3 +1202,10 @@ def test_amlx_cpu_bf16_is_read_at_import():
     before, after = out.stdout.split()
     assert before == after != "off"
     assert "(read at import; or `amx`, `avx512bf16`)" in README
+
+
+def test_serve_help_names_model_as_the_readme_does(help_of):
+    """README: MODEL (`amlx serve MODEL`) is a checkpoint directory or a Hugging Face model id, for
+    serve as for generate and chat. serve's help said `model`: "checkpoint directory" only."""
+    text = help_of("serve")
+    assert "[MODEL]" in text and "Hugging Face model id" in text and "default: the embedded demo model" in text

@@ -30,8 +30,10 @@ def add_serve_command(sub: "argparse._SubParsersAction") -> None:
                        description="Serve one model over HTTP, OpenAI-compatible (/v1/chat/completions, "
                        "/v1/completions, /v1/models), with /health, /metrics and a chat page at /.",
                        epilog=_EXAMPLE, formatter_class=HelpFormatter)
-    p.add_argument("model", nargs="?", default=None,
-                   help="checkpoint directory (default: the embedded demo model)")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help="checkpoint directory (Hugging Face or MLX format) or a Hugging Face model id (org/name), "
+                        "looked up in the local Hugging Face cache and downloaded when missing (default: the "
+                        "embedded demo model)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: %(default)s; 0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
