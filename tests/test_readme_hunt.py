@@ -1209,3 +1209,30 @@ def test_serve_help_names_model_as_the_readme_does(help_of):
     serve as for generate and chat. serve's help said `model`: "checkpoint directory" only."""
     text = help_of("serve")
     assert "[MODEL]" in text and "Hugging Face model id" in text and "default: the embedded demo model" in text
+
+
+def test_adaptive_draft_length_stops_a_useless_draft_and_amlx_adaptive_draft_0_keeps_it(tmp_path, monkeypatch):
+    """README: each request's draft length adapts to how often its drafts are accepted;
+    AMLX_ADAPTIVE_DRAFT=0 drafts num_draft_tokens every round. A draft of the same tokenizer with
+    its embeddings shuffled: none of its drafts is accepted."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    draft = _copy_embedded(tmp_path, "draft")
+    tensors = load_file(str(draft / "model.safetensors"))
+    embed = tensors["model.embed_tokens.weight"]
+    tensors["model.embed_tokens.weight"] = embed[np.random.default_rng(0).permutation(len(embed))].copy()
+    save_file(tensors, str(draft / "model.safetensors"), metadata={"format": "pt"})
+    chat = [{"role": "user", "content": "Tell me a story about a fox."}]
+    counters = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("AMLX_ADAPTIVE_DRAFT", setting)
+        m = amlx.load_sync(EMBEDDED, draft=str(draft), num_draft_tokens=3)
+        try:
+            assert len(_tokens(m, chat, max_tokens=60, logit_bias={2: -100})) == 60
+            counters[setting] = m.stats()["speculative"]
+        finally:
+            m.close()
+    assert counters["1"]["accepted_tokens"] == counters["0"]["accepted_tokens"] == 0
+    assert counters["1"]["drafted_tokens"] < 20  # it stopped drafting
+    assert counters["0"]["drafted_tokens"] >= 3 * (counters["0"]["verified_rows"] - 1)  # 3 a round (the last: fewer)
