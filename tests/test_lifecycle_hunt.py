@@ -277,6 +277,35 @@ async def test_ten_load_close_cycles_grow_nothing(warm_demo):
     assert [e for e in engines if e() is not None] == []  # (no closed engine is kept anywhere)
 
 
+
+async def test_failed_and_preempted_requests_leave_nothing_after_close(warm_demo):
+    """Requests that fail at run time (a grammar the engine gives up on after its first token,
+    a prompt that cannot fit) and requests preempted for KV room, half of them cancelled once the
+    preemptions began: every block comes back while the model is open, and its close gives back
+    every byte it held."""
+    async with await amlx.load(warm_demo) as probe:
+        block = probe.engine.scheduler.block_bytes()
+    before = settled_active()
+    async with await amlx.load(warm_demo, kv_cache_memory=5 * block) as model:
+        no_eos = {i: -100.0 for i in model.engine.eos_ids}
+        with pytest.raises(amlx.ConstraintError, match="cannot be followed"):
+            await model.complete("Hello", max_tokens=20, grammar='start: "a" start')
+        with pytest.raises(amlx.ContextLengthError):
+            await model.complete(list(range(5, 5 + 16 * 6)), max_tokens=4)
+        preempted = model.stats()["kv_cache"]["preemptions"]
+        tasks = [asyncio.ensure_future(model.complete(list(range(10 + 7 * k, 30 + 7 * k)), max_tokens=40,
+                                                      logit_bias=no_eos)) for k in range(4)]
+        while model.stats()["kv_cache"]["preemptions"] == preempted and not all(t.done() for t in tasks):
+            await asyncio.sleep(0)
+        for task in tasks[1::2]:
+            task.cancel()
+        ends = await asyncio.gather(*tasks, return_exceptions=True)
+        assert model.stats()["kv_cache"]["preemptions"] > preempted
+        assert [type(e).__name__ for e in ends] == ["Completion", "CancelledError"] * 2
+        assert all(e.usage.completion_tokens == 40 for e in ends[::2])
+        assert _running(await _idle(model)) == (0, 0, 0)
+    assert settled_active() == before and amlx.memory()["cache"] == 0
+
 _CANCELLED_WORK = {
     "generate": lambda m, k: _read_all(m.generate("Hello there", max_tokens=300, max_buffer=2,
                                                   logit_bias={i: -100.0 for i in m.engine.eos_ids})),
