@@ -18,7 +18,9 @@ format their chat template describes. Three families are understood:
 `ToolCallParser` works on a stream of text pieces: it passes ordinary text through at
 once, holds back only what may be the start of a call, and hands out each call as soon
 as it is complete. `parse_tool_calls` does the same for a whole text. Text that looks
-like a call but does not parse as one is given back unchanged as content.
+like a call but does not parse as one is given back unchanged as content. A reply that ends
+inside a call (max_tokens cut it) keeps the calls it completed before it, in every format: the
+cut call's text is content.
 
 Reasoning: amlx has no reasoning parser, so a thinking model's ``<think>...</think>``
 (Mistral's ``[THINK]...[/THINK]``) stays in the content. What it holds is the model thinking
@@ -187,18 +189,56 @@ def _loads(text: str) -> Any:
         return None
 
 
-def _parse_llama(text: str) -> list[ToolCall] | None:
+# What the parse of a reply's calls gives: (the calls, the text of a call the reply ended inside,
+# which is content; "" when it ended with a whole call)
+Parsed = tuple[list[ToolCall], str]
+
+
+def _unclosed(text: str) -> bool:
+    """Whether `text` is the start of a JSON object that the text ends inside: it opens with `{`
+    (after blanks) and its brackets, outside strings, never all close."""
+    text = text.lstrip()
+    if not text.startswith("{"):
+        return False
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth <= 0:
+                return False
+    return True
+
+
+def _cut(calls: list[ToolCall], rest: str) -> Parsed | None:
+    """Where a reply's calls stop parsing at `rest`: the complete calls before it, and `rest` as
+    content, when `rest` is a call the reply ended inside (max_tokens cut it), as a cut Qwen call
+    leaves the calls before it; None (no calls: all of the text is content) otherwise."""
+    return (calls, rest) if calls and _unclosed(rest) else None
+
+
+def _parse_llama(text: str) -> Parsed | None:
     """`{"name": ..., "parameters": ...}` objects separated by ';' (the whole text), or None."""
     body = text.strip()
     body = body[len(_LLAMA_TAG):].strip() if body.startswith(_LLAMA_TAG) else body
-    calls = []
+    calls: list[ToolCall] = []
     decoder = json.JSONDecoder(parse_constant=_not_json)
     pos = 0
     while pos < len(body):
         try:
             obj, end = decoder.raw_decode(body, pos)
         except (ValueError, RecursionError):  # as in _loads
-            return None
+            return _cut(calls, body[pos:])
         call = _call_from(obj, "parameters")
         if call is None:
             return None
@@ -206,10 +246,10 @@ def _parse_llama(text: str) -> list[ToolCall] | None:
         pos = end
         while pos < len(body) and body[pos] in " \t\r\n;":
             pos += 1
-    return calls or None
+    return (calls, "") if calls else None
 
 
-def _parse_mistral(body: str) -> list[ToolCall] | None:
+def _parse_mistral(body: str) -> Parsed | None:
     """What follows [TOOL_CALLS]: a JSON list (or object) of calls, or `name[ARGS]{json}` parts."""
     body = body.strip()
     # The JSON form first: an argument string may hold "[ARGS]" (which used to send the text
@@ -223,8 +263,38 @@ def _parse_mistral(body: str) -> list[ToolCall] | None:
         calls.append(call)
     else:
         if calls:
-            return calls
+            return calls, ""
+    if data is None and body.startswith("["):
+        return _parse_mistral_list_cut(body)  # (no name starts with "[": not the named form)
     return _parse_mistral_named(body)
+
+
+def _parse_mistral_list_cut(body: str) -> Parsed | None:
+    """A JSON list of calls that the reply ended inside (it is no JSON): the calls it completed,
+    and the one it ended inside as content; None when it holds something else."""
+    decoder = json.JSONDecoder(parse_constant=_not_json)
+    calls: list[ToolCall] = []
+    pos = 1
+    while True:
+        while pos < len(body) and body[pos] in " \t\r\n":
+            pos += 1
+        if pos == len(body):  # ended after a call, or after its comma
+            return (calls, "") if calls else None
+        try:
+            item, end = decoder.raw_decode(body, pos)
+        except (ValueError, RecursionError):  # as in _loads
+            return _cut(calls, body[pos:])
+        call = _call_from(item, "arguments", _mistral_call_id)
+        if call is None:
+            return None
+        calls.append(call)
+        pos = end
+        while pos < len(body) and body[pos] in " \t\r\n":
+            pos += 1
+        if pos < len(body) and body[pos] == ",":
+            pos += 1
+        elif pos < len(body):  # the list's end with more after it, or no list
+            return None
 
 
 def is_raw_word(text: str) -> bool:
@@ -234,16 +304,22 @@ def is_raw_word(text: str) -> bool:
     return bool(text) and not any(ch.isspace() or ch in '[]{}"' for ch in text)
 
 
-def _parse_mistral_named(body: str) -> list[ToolCall] | None:
+def _parse_mistral_named(body: str) -> Parsed | None:
     """`name[ARGS]{json}`, `name[CALL_ID]id[ARGS]{json}` or `name{json}` parts separated by
     [TOOL_CALLS] (the whole text), or None. Each JSON value is read to its end rather than cut
-    at the next marker: its strings may hold markers."""
+    at the next marker: its strings may hold markers. A last part the reply ended inside
+    (`_named_cut`) leaves the calls before it, with its own text (from its [TOOL_CALLS]) as content."""
     decoder = json.JSONDecoder(parse_constant=_not_json)
-    calls, pos = [], 0
+    calls: list[ToolCall] = []
+    pos = 0
+
+    def failed() -> Parsed | None:
+        return (calls, MISTRAL_OPEN + body[pos:]) if calls and _named_cut(body[pos:]) else None
+
     while True:
         head = min((i for i in (body.find("[", pos), body.find("{", pos)) if i >= 0), default=-1)
         if head < 0 or not is_raw_word(body[pos:head].strip()):
-            return None
+            return failed()
         name = body[pos:head].strip()
         if body.startswith(_MISTRAL_CALL_ID, head):
             # The model's own id is read and dropped: ids must be unique among all the calls a
@@ -251,28 +327,54 @@ def _parse_mistral_named(body: str) -> list[ToolCall] | None:
             # _mistral_call_id for the form given instead).
             sep = body.find(MISTRAL_ARGS, head)
             if sep < 0 or not is_raw_word(body[head + len(_MISTRAL_CALL_ID):sep].strip()):
-                return None
+                return failed()
             head = sep
         if body.startswith(MISTRAL_ARGS, head):
             head += len(MISTRAL_ARGS)
         elif body[head] != "{":
-            return None
+            return failed()
         while head < len(body) and body[head] in " \t\r\n":
             head += 1
         try:
             args, end = decoder.raw_decode(body, head)
         except (ValueError, RecursionError):  # as in _loads
-            return None
+            return failed()
         call = _call_from({"name": name, "arguments": args}, "arguments", _mistral_call_id)
         if call is None:
             return None
         calls.append(call)
         rest = body[end:].lstrip()
         if not rest:
-            return calls
+            return calls, ""
         if not rest.startswith(MISTRAL_OPEN):
-            return None
+            # (the reply ended inside the next [TOOL_CALLS], written as text: its start is content)
+            return (calls, rest) if MISTRAL_OPEN.startswith(rest) else None
         pos = len(body) - len(rest) + len(MISTRAL_OPEN)
+
+
+def _named_cut(part: str) -> bool:
+    """Whether `part`, what follows a [TOOL_CALLS] in the named form, is a call the reply ended
+    inside: its name (or the start of it), maybe its [CALL_ID] id and [ARGS] (or the start of
+    either), and the start of its JSON arguments without their end."""
+    part = part.lstrip()
+    head = min((i for i in (part.find("["), part.find("{")) if i >= 0), default=len(part))
+    name, rest = part[:head].strip(), part[head:]
+    if name and not is_raw_word(name):
+        return False
+    if rest.startswith(_MISTRAL_CALL_ID):
+        rest = rest[len(_MISTRAL_CALL_ID):]
+        sep = rest.find(MISTRAL_ARGS)
+        given = rest[:len(rest) - _partial_suffix(rest, MISTRAL_ARGS)] if sep < 0 else rest[:sep]
+        if given.strip() and not is_raw_word(given.strip()):
+            return False
+        if sep < 0:
+            return True
+        rest = rest[sep:]
+    if rest.startswith(MISTRAL_ARGS):
+        rest = rest[len(MISTRAL_ARGS):]
+    elif rest and (MISTRAL_ARGS.startswith(rest) or _MISTRAL_CALL_ID.startswith(rest)):
+        return True  # inside the marker
+    return not rest.strip() or _unclosed(rest)
 
 
 def _partial_suffix(text: str, marker: str) -> int:
@@ -317,7 +419,9 @@ class ToolCallParser:
         return self._feed_llama()
 
     def finish(self) -> list[Event]:
-        """Everything still held back: calls that complete at the end, else plain text.
+        """Everything still held back: calls that complete at the end, else plain text (a
+        Llama 3 or Mistral reply that ends inside a call after others: those calls, and the
+        cut one's text).
 
         A Qwen call left open at the end (no `</tool_call>`: the model stopped, or a stop
         string or max_tokens cut it, right after the JSON) is a call when its JSON is a whole
@@ -326,18 +430,20 @@ class ToolCallParser:
         self._scan, self._in_string, self._escaped = len(QWEN_OPEN), False, False
         if not text:
             return []
-        calls = None
+        parsed: Parsed | None = None
         if self.format == "qwen" and self._inside:
             call = _call_from(_loads(text[len(QWEN_OPEN):].strip()), "arguments")
-            calls = [call] if call else None
+            parsed = ([call], "") if call else None
         elif self.format == "mistral" and self._inside:
-            calls = _parse_mistral(text[len(MISTRAL_OPEN):])
+            parsed = _parse_mistral(text[len(MISTRAL_OPEN):])
         elif self.format == "llama3" and self._inside:
-            calls = _parse_llama(text)
+            parsed = _parse_llama(text)
         self._inside = False
-        if calls:
+        if parsed:
+            calls, rest = parsed
             self.calls.extend(calls)
-            return list(calls)
+            # (a cut call's text ends the reply: with the blanks after it, which the parse stripped)
+            return [*calls, rest + text[len(text.rstrip()):]] if rest else list(calls)
         return [text]
 
     def _pass_text(self, marker: str) -> tuple[str, bool]:

@@ -256,3 +256,62 @@ def test_a_stop_string_with_a_lone_surrogate_names_the_stop_field(servers, path,
     err = reply.json()["error"]
     assert reply.status_code == 400 and err["param"] == "stop", err
     assert "a stop string holds an unpaired surrogate" in err["message"] and err["code"] == "invalid_value", err
+
+
+# -- 4. max_tokens cuts a later Llama 3 or Mistral call -------------------------------------------
+
+_A = ("get_weather", '{"city": "Paris"}')
+_CUT_REPLIES = [
+    # (format, the reply's token texts, the content left: the cut call's text)
+    ("llama3", ['{"name": "get_weather", "parameters": {"city": "Paris"}}', "; ",
+                '{"name": "get_weather", "parameters": {"ci'], '{"name": "get_weather", "parameters": {"ci'),
+    ("llama3", ["<|python_tag|>", '{"name": "get_weather", "parameters": {"city": "Paris"}};\n{"name": "get_w'],
+     '{"name": "get_w'),
+    ("mistral", ["[TOOL_CALLS]", '[{"name": "get_weather", "arguments": {"city": "Paris"}}, ',
+                 '{"name": "get_weather", "arguments": {"city": "Ro'], '{"name": "get_weather", "arguments": {"city": "Ro'),
+    ("mistral", ["[TOOL_CALLS]", 'get_weather[ARGS]{"city": "Paris"}', "[TOOL_CALLS]", 'get_weather[ARGS]{"city": '],
+     '[TOOL_CALLS]get_weather[ARGS]{"city": '),
+    ("mistral", ["[TOOL_CALLS]", 'get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "Paris"}', "[TOOL_CALLS]", "get_wea"],
+     "[TOOL_CALLS]get_wea"),
+    ("qwen", ['<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>', "\n",
+              '<tool_call>{"name": "get_weather", "arguments": {"ci'],
+     '\n<tool_call>{"name": "get_weather", "arguments": {"ci'),  # (the blank before text stays: BlankAroundCalls)
+]
+
+
+@pytest.mark.parametrize("fmt, pieces, content", _CUT_REPLIES, ids=[f"{r[0]}-{i}" for i, r in enumerate(_CUT_REPLIES)])
+def test_calls_before_one_max_tokens_cut_stay_calls_in_every_format(servers, fmt, pieces, content):
+    """max_tokens cut the second of two calls: Qwen's parser kept the first as a call, Llama 3's
+    and Mistral's gave both back as content. Now every format keeps the complete calls, and the
+    cut one is no call (its text is content); finish_reason says "length", streamed and not."""
+    for got in served(servers, fmt, pieces, "length"):
+        assert got == (content, [_A], "length")
+
+
+@pytest.mark.parametrize("fmt, pieces, content", _CUT_REPLIES, ids=[f"{r[0]}-{i}" for i, r in enumerate(_CUT_REPLIES)])
+def test_the_library_parse_keeps_the_calls_before_a_cut_one(fmt, pieces, content):
+    """The same through amlx.toolcalls (what Completion.tool_calls reads), whole and a character
+    at a time."""
+    from amlx.toolcalls import ToolCallParser, parse_tool_calls
+    text = "".join(pieces)
+    whole, calls = parse_tool_calls(text, fmt)
+    assert [(c.name, c.arguments) for c in calls] == [_A]
+    assert whole.strip() == content.strip()
+    parser = ToolCallParser(fmt)
+    events = [e for ch in text for e in parser.feed(ch)] + parser.finish()
+    assert "".join(e for e in events if isinstance(e, str)) == whole
+    assert [(c.name, c.arguments) for c in parser.calls] == [_A]
+
+
+@pytest.mark.parametrize("fmt, text", [
+    ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris"}} and then I would call it again'),
+    ("llama3", '{"name": "get_weather", "parameters": {"ci'),
+    ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}] and more'),
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"} and more'),
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Pa'),
+])
+def test_a_reply_that_is_no_calls_stays_content(fmt, text):
+    """Only a cut call after complete ones leaves calls: text after a call that is no call, or a
+    lone cut call, makes the whole reply content as before."""
+    from amlx.toolcalls import parse_tool_calls
+    assert parse_tool_calls(text, fmt) == (text, [])

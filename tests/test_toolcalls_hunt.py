@@ -178,6 +178,8 @@ def llama_reply(draw) -> Reply:
         last = json.dumps({"name": calls[-1][0], "parameters": calls[-1][1]})
         cut = text[:len(text) - len(last) // 2 - 1]  # inside the last call's JSON
         text = draw(st.sampled_from([cut, "Sure: " + text, text + " and some text"]))
+        if text == cut and len(calls) > 1:  # the calls before the cut one stay calls: see test_known_defects_fixed
+            return Reply(text, None, None)
         return Reply(text, text, [])
     return Reply(text, "", calls)
 
@@ -205,6 +207,8 @@ def mistral_reply(draw) -> Reply:
     text = before + "[TOOL_CALLS]" + body
     if draw(st.booleans()):  # malformed: the JSON (the last call's, in the [ARGS] form) cut short
         text = text[:len(text) - draw(st.integers(1, len(last)))]
+        if len(calls) > 1 or form == "list":  # complete calls before the cut stay calls (test_known_defects_fixed)
+            return Reply(text, None, None)
         return Reply(text, text, [])
     return Reply(text, before, calls)
 
@@ -302,8 +306,9 @@ def test_llama_and_mistral_stream_as_they_parse(data, cuts):
     assert content == whole_content
     assert [(c.name, c.arguments) for c in parser.calls] == [(c.name, c.arguments) for c in whole_calls]
     _valid_calls(parser.calls, fmt)
-    assert content == reply.content
-    assert [(c.name, json.loads(c.arguments)) for c in parser.calls] == reply.calls
+    if reply.calls is not None:
+        assert content == reply.content
+        assert [(c.name, json.loads(c.arguments)) for c in parser.calls] == reply.calls
 
 
 @pytest.fixture(scope="module")
@@ -609,12 +614,19 @@ def test_mistral_args_form_name_is_a_name():
     to the client as a tool call. Text with blanks or JSON punctuation before [ARGS] is no name:
     such a reply is content, as any malformed call is."""
     for text in ('[TOOL_CALLS][{"name": "f", "arguments": {"k": "[ARGS]{}',
-                 '[TOOL_CALLS][{"name": "f", "arguments": {}}, {"name": "g", "arguments": {"q": "[ARGS]{"a": 1}',
                  '[TOOL_CALLS] I think [ARGS]{"a": 1}'):
         for pieces in ([text], _chunks(text, [0.1, 0.4, 0.7])):
             events, parser = _feed("mistral", pieces)
             assert (events, parser.calls) == ([text], []), text
             assert parse_tool_calls(text, "mistral") == (text, [])
+    # cut inside a later call: the complete one before it stays a call (as Qwen's do), the cut one
+    # is content, and no call is named after the text before its "[ARGS]"
+    cut = '{"name": "g", "arguments": {"q": "[ARGS]{"a": 1}'
+    text = '[TOOL_CALLS][{"name": "f", "arguments": {}}, ' + cut
+    for pieces in ([text], _chunks(text, [0.1, 0.4, 0.7])):
+        events, parser = _feed("mistral", pieces)
+        assert [(c.name, c.arguments) for c in parser.calls] == [("f", "{}")] and events == [*parser.calls, cut]
+        assert parse_tool_calls(text, "mistral")[0] == cut
     # the form itself still reads, names stripped of the blanks around them
     [call] = parse_tool_calls('[TOOL_CALLS] get_weather [ARGS]{"city": "Zürich"}', "mistral")[1]
     assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Zürich"})
