@@ -494,3 +494,13 @@ def test_a_namespace_is_measured_as_it_fills(pairs):
               + "".join("{%% set ns.a%d = big %%}" % i for i in range(200)) + "{{ [1].index(ns) }}")
     with pytest.raises(ChatTemplateError, match="namespace"):
         _small(ours).apply_chat_template([{"role": "user", "content": "x" * 5000}], chat_template=source)
+
+
+def test_wordwrap_of_words_just_under_the_width_renders_as_transformers(pairs):
+    """The wordwrap check reads the words' lengths from one split (a regex for the words longer
+    than the width read each shorter word once per character: 18 s for this text)."""
+    ours, hf = pairs("bpe")
+    messages = [{"role": "user", "content": ("a" * 15999 + " ") * 62}]
+    source = "{{ (messages[0].content | wordwrap(16000)) | length }}|{{ (messages[0].content | wordwrap(15998)) | length }}"
+    assert ours.apply_chat_template(messages, chat_template=source) == hf.apply_chat_template(
+        messages, chat_template=source, tokenize=False)
