@@ -1236,3 +1236,27 @@ def test_adaptive_draft_length_stops_a_useless_draft_and_amlx_adaptive_draft_0_k
     assert counters["1"]["accepted_tokens"] == counters["0"]["accepted_tokens"] == 0
     assert counters["1"]["drafted_tokens"] < 20  # it stopped drafting
     assert counters["0"]["drafted_tokens"] >= 3 * (counters["0"]["verified_rows"] - 1)  # 3 a round (the last: fewer)
+
+
+def test_generations_past_batch_plus_queue_get_429_with_retry_after():
+    """README: more than --max-batch-size + --max-queue generations at once get 429 with
+    Retry-After. One slot and no queue: a second request while a long one streams."""
+    from amlx.serve.app import Settings, create_app
+    from tests.helpers.serving import MountedApps
+
+    m = amlx.load_sync(EMBEDDED)
+    srv = MountedApps({"one": create_app(m, Settings(model_name="m", max_batch_size=1, max_queue=0))})
+    try:
+        long = {"model": "m", "prompt": "Hi", "max_tokens": 900, "regex": "a{900}", "stream": True}
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", f"{srv.url}/one/v1/completions", json=long) as first:
+                assert first.status_code == 200
+                lines = first.iter_lines()  # (kept: a dropped iterator closes the response)
+                assert next(lines).startswith("data: ")  # (it runs)
+                r = client.post(f"{srv.url}/one/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 2})
+                assert _error(r, 429) and int(r.headers["retry-after"]) >= 1
+            r = client.post(f"{srv.url}/one/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 2})
+            assert r.status_code == 200  # the slot is free again (the first stream was left: cancelled)
+    finally:
+        srv.stop()
+        m.close()
