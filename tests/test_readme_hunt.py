@@ -1260,3 +1260,33 @@ def test_generations_past_batch_plus_queue_get_429_with_retry_after():
     finally:
         srv.stop()
         m.close()
+
+
+def test_a_queued_stream_gets_keep_alive_comments_before_its_first_token():
+    """README: while a prompt is still being prefilled (or queued) the server sends a
+    `: keep-alive` comment every --keepalive seconds. One batch slot (--max-batch-size 1 loads the
+    engine with one too), taken by a long stream; a second stream waits in the queue."""
+    from amlx.serve.app import Settings, create_app
+    from tests.helpers.serving import MountedApps
+
+    m = amlx.load_sync(EMBEDDED, max_batch_size=1)
+    srv = MountedApps({"one": create_app(m, Settings(model_name="m", max_batch_size=1, max_queue=1, keepalive=0.05))})
+    try:
+        long = {"model": "m", "prompt": "Hi", "max_tokens": 900, "regex": "a{900}", "stream": True}
+        waiting = {"model": "m", "messages": CHAT, "max_tokens": 2, "stream": True}
+        with httpx.Client(timeout=60) as a, httpx.Client(timeout=60) as b:
+            with a.stream("POST", f"{srv.url}/one/v1/completions", json=long) as first:
+                first_lines = first.iter_lines()
+                assert next(first_lines).startswith("data: ")
+                with b.stream("POST", f"{srv.url}/one/v1/chat/completions", json=waiting) as second:
+                    seen = []
+                    for line in second.iter_lines():
+                        seen.append(line)
+                        if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                            break
+                        if len(seen) > 10_000:
+                            break
+        assert ": keep-alive" in seen, seen[:5]
+    finally:
+        srv.stop()
+        m.close()
