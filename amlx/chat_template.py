@@ -143,21 +143,27 @@ class _Budget:
             return len(value)
         if isinstance(value, int):
             return value.bit_length() // 3 + 1
-        if isinstance(value, jinja2.utils.Namespace):  # its repr shows its attributes
-            # (not memoised: `{% set ns.a = x %}` changes them; only a namespace's can change)
-            attrs = object.__getattribute__(value, "_Namespace__attrs")
-            return 2 + sum(self.expanded(k) + self.expanded(v) + 4 for k, v in list(attrs.items()))
-        if not isinstance(value, _CONTAINERS):
+        if not isinstance(value, (jinja2.utils.Namespace, *_CONTAINERS)):
             return 8
         hit = self._expanded.get(id(value))
         if hit is not None and hit[0] is value:
             return hit[1]
-        if isinstance(value, dict):
+        if isinstance(value, jinja2.utils.Namespace):  # its repr shows its attributes
+            attrs = object.__getattribute__(value, "_Namespace__attrs")
+            n = 2 + sum(self.expanded(k) + self.expanded(v) + 4 for k, v in list(attrs.items()))
+        elif isinstance(value, dict):
             n = 2 + sum(self.expanded(k) + self.expanded(v) + 4 for k, v in value.items())
         else:
             n = 2 + sum(self.expanded(v) + 2 for v in value)
         self._expanded[id(value)] = (value, n)  # holding it keeps its id from being reused
         return n
+
+    def forget(self) -> None:
+        """Drops the measured sizes: a namespace's attributes changed (`{% set ns.a = x %}`), and with
+        them the size of everything that holds it. (Namespaces are the only values a template can
+        change; the walks stay linear in the distinct objects between two changes.)"""
+        self._expanded.clear()
+        self._shapes.clear()
 
     def shape(self, value: Any) -> tuple[int, int, int]:
         """(values in `value` written out, a container counted once per reference as in
@@ -747,8 +753,11 @@ class _SafeNamespace(jinja2.utils.Namespace):
     def __setitem__(self, name: str, value: Any) -> None:
         _SafeNamespace._check(name)
         jinja2.utils.Namespace.__setitem__(self, name, value)
-        # `{% set ns.a = x %}` is no call, so no result check sees what a namespace comes to hold
+        # `{% set ns.a = x %}` is no call, so no result check sees what a namespace comes to hold;
+        # what holds the namespace has grown with it (a step: each set walks what the namespace holds)
         budget = _budget()
+        budget.step()
+        budget.forget()
         budget.fits(budget.expanded(self), "a namespace")
 
     @staticmethod

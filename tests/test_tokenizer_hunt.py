@@ -504,3 +504,30 @@ def test_wordwrap_of_words_just_under_the_width_renders_as_transformers(pairs):
     source = "{{ (messages[0].content | wordwrap(16000)) | length }}|{{ (messages[0].content | wordwrap(15998)) | length }}"
     assert ours.apply_chat_template(messages, chat_template=source) == hf.apply_chat_template(
         messages, chat_template=source, tokenize=False)
+
+
+def test_nested_namespaces_are_measured_once_each(pairs):
+    """Namespaces sharing one another, doubling 60 times: measured by walking each once (a walk
+    that did not remember a namespace's size took 2 ** 60 steps), and the structure refused."""
+    ours, _ = pairs("bpe")
+    source = ("{% set h = namespace(n=namespace(x='ab')) %}{% for i in range(60) %}"
+              "{% set h.n = namespace(a=h.n, b=h.n) %}{% endfor %}{{ h.n }}")
+    with pytest.raises(ChatTemplateError, match="would make"):
+        ours.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=source)
+
+
+def test_what_holds_a_namespace_grows_with_it(pairs):
+    """A list measured while its namespace was small is measured again once the namespace grew:
+    [ns] * 100, measured (written out) small, then written out after ns came to hold 30,000
+    characters (its remembered size stood: 3 MB written before the output limit refused it)."""
+    ours, _ = pairs("bpe")
+    source = ("{% set ns = namespace(a='') %}{% set many = [ns] * 100 %}{{ many | string | length }}"
+              "{% set ns.a = messages[0].content * 6 %}{{ many }}")
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChatTemplateError, match="would make"):
+            _small(ours).apply_chat_template([{"role": "user", "content": "x" * 5000}], chat_template=source)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20, peak
