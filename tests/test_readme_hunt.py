@@ -1290,3 +1290,14 @@ def test_a_queued_stream_gets_keep_alive_comments_before_its_first_token():
     finally:
         srv.stop()
         m.close()
+
+
+async def test_closing_is_idempotent_and_use_after_close_is_closed_error():
+    m = await amlx.load(EMBEDDED)
+    await m.aclose()
+    await m.aclose()
+    m.close()
+    with pytest.raises(amlx.ClosedError):
+        await m.complete("x")
+    with pytest.raises(amlx.ClosedError):
+        await m.score("x", [" a"])
