@@ -1301,3 +1301,35 @@ async def test_closing_is_idempotent_and_use_after_close_is_closed_error():
         await m.complete("x")
     with pytest.raises(amlx.ClosedError):
         await m.score("x", [" a"])
+
+
+def _python_blocks() -> list[str]:
+    import re
+
+    return re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def test_the_readmes_complete_programs_compile_as_scripts():
+    """A README block that starts with its imports is a program a user saves and runs. The
+    classification example and the openai client's used `async with` / `await` at the top level
+    (valid only in an async REPL): as a script, a SyntaxError."""
+    programs = [b for b in _python_blocks() if b.startswith(("import ", "from "))]
+    assert len(programs) >= 3
+    for block in programs:
+        compile(block, "README.md", "exec")  # SyntaxError: 'async with' outside async function
+
+
+def test_the_readmes_programs_run_as_written_with_the_model_path_changed(server, capsys, monkeypatch):
+    """The intro, the classification example and the openai client's, run as the README writes
+    them: only the model path (the embedded model) and the server's address change."""
+    import re
+
+    programs = [b for b in _python_blocks() if b.startswith(("import ", "from "))]
+    ran = 0
+    for block in programs:
+        code = re.sub(r'amlx\.load\("[^"]+"', f"amlx.load({EMBEDDED!r}", block)
+        code = code.replace("http://127.0.0.1:8000/v1", f"{server.url}/readme/v1")
+        exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
+        ran += 1
+        assert capsys.readouterr().out.strip(), block[:80]
+    assert ran >= 3
