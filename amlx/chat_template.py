@@ -461,12 +461,16 @@ def _filter_wordwrap(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
         # textwrap breaks a word longer than the width by slicing off a line at a time and keeping
         # the rest, a copy of it: the square of the word's length over the width, in one call (two
         # million characters at width 1 took minutes, far past the render's deadline)
-        # (the words' lengths from one split: a regex for words longer than the width read each
+        # (the words as textwrap splits them, at ASCII whitespace only, "\u3000" inside a word;
+        # their lengths from one pass: a regex for the words longer than the width read each
         # shorter word once per character of it, quadratic itself)
         if width < len(text):
-            copied = sum(n * n for n in map(len, text.split()) if n > width) // (2 * width)
+            copied = sum(n * n for n in map(len, _TEXTWRAP_WORD.findall(text)) if n > width) // (2 * width)
             budget.work(copied, "the wordwrap filter")
     return args
+
+
+_TEXTWRAP_WORD = re.compile(r"[^\t\n\x0b\x0c\r ]+")  # (textwrap's whitespace is ASCII's)
 
 
 def _filter_batch(budget: _Budget, args: tuple, kwargs: dict) -> tuple:

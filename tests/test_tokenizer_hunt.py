@@ -182,6 +182,8 @@ def test_str_translate_renders_as_before(pairs):
 QUADRATIC_CALLS = {
     # textwrap breaks a long word by slicing a line off it at a time, copying the rest each time
     "wordwrap": ("{{ (messages[0].content * 10) | wordwrap(2) | length }}", "wordwrap"),
+    # textwrap splits words at ASCII whitespace only: an ideographic space is inside a word
+    "wordwrap, ideographic spaces": ("{{ ('a\u3000' * 25000) | wordwrap(2) | length }}", "wordwrap"),
     # each character stripped is looked for among the characters given
     "str.strip": ("{{ ('\u9c3f' * 50000).strip(('{:c}' * 2000).format(*range(38000, 40000))) | length }}", "strip"),
     "str.lstrip": ("{{ ('\u9c3f' * 50000).lstrip(('{:c}' * 2000).format(*range(38000, 40000))) | length }}", "lstrip"),
