@@ -1333,3 +1333,28 @@ def test_the_readmes_programs_run_as_written_with_the_model_path_changed(server,
         ran += 1
         assert capsys.readouterr().out.strip(), block[:80]
     assert ran >= 3
+
+
+@pytest.mark.parametrize("heading", ["## Fine-tuning with LoRA", "## Full fine-tuning"])
+async def test_the_fine_tuning_snippets_run_as_written(tmp_path, monkeypatch, capsys, heading):
+    """The README's fine-tuning snippets (top-level await, as in an async REPL), run in an async
+    function: only the model id changes (the embedded model), train.jsonl is the README's three
+    record shapes, and the working directory is a fresh one."""
+    import re
+    import textwrap
+
+    section = README[README.index(heading):]
+    block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    code = re.sub(r'amlx\.load\("(?:Qwen/)?Qwen3-0\.6B"', f"amlx.load({EMBEDDED!r}", block)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS * 4))
+    namespace: dict = {"amlx": amlx}
+    exec(compile("async def snippet():\n" + textwrap.indent(code, "    ") + "\n    return model\n", "README.md",
+                 "exec"), namespace)
+    model = await namespace["snippet"]()
+    try:
+        assert isinstance(model, amlx.Model)
+        steps = [line for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
+        assert len(steps) == 200  # a line per step
+    finally:
+        await model.aclose()
