@@ -22,6 +22,9 @@ __all__ = ["kernel_cache_dir", "kernel_cache_is_cold", "first_run_notice", "chec
 
 NOTICE = ("amlx: compiling MLX's CPU kernels for this machine (once per machine and MLX version; "
           "about a minute)…")
+# `amlx serve`'s: the compile happens when the first requests arrive, not at startup
+SERVE_NOTICE = ("amlx serve: MLX's CPU kernels are not compiled yet for this machine: the first requests will "
+                "wait (about a minute) while they compile, once per machine and MLX version")
 
 
 _TEMP_VARS = ("TMPDIR", "TMP", "TEMP", "TEMPDIR")
@@ -83,9 +86,10 @@ def compile_disabled() -> bool:
     return "MLX_DISABLE_COMPILE" in os.environ
 
 
-def first_run_notice(device: str = "auto", out: TextIO | None = None) -> bool:
-    """Writes the one-line notice to `out` (stderr) when a model about to run on the
-    CPU will find the kernel cache cold and compile into it; returns whether it did.
+def first_run_notice(device: str = "auto", out: TextIO | None = None, text: str = NOTICE) -> bool:
+    """Writes the one-line notice `text` (NOTICE; SERVE_NOTICE for a server) to `out` (stderr)
+    when a model about to run on the CPU will find the kernel cache cold and compile into it;
+    returns whether it did.
     (With MLX_DISABLE_COMPILE set nothing compiles: the notice said "compiling ... about
     a minute" before a first token that came at once.)"""
     from amlx._mlx import device as mxdevice
@@ -96,6 +100,6 @@ def first_run_notice(device: str = "auto", out: TextIO | None = None) -> bool:
     stream = stderr_stream() if out is None else out
     if stream is None:
         return False
-    stream.write(NOTICE + "\n")
+    stream.write(text + "\n")
     stream.flush()
     return True

@@ -137,6 +137,10 @@ def main(args: argparse.Namespace) -> int:
         if problem:
             print(f"amlx serve: error: {problem}", file=sys.stderr)
             return 1
+        from amlx.kernel_cache import SERVE_NOTICE, first_run_notice
+
+        # a cold CPU kernel cache: the first requests would wait a minute in silence
+        first_run_notice(args.device, text=SERVE_NOTICE)
         asyncio.run(_serve(args, keys))
     except (amlx.AmlxError, ValueError) as exc:
         print(f"amlx serve: error: {as_typed(str(exc), args)}", file=sys.stderr)
