@@ -16,6 +16,7 @@ import argparse
 import ast
 import os
 import re
+import shlex
 import sys
 from typing import Any, Callable
 
@@ -127,8 +128,11 @@ def with_model(args: argparse.Namespace) -> argparse.Namespace:
 
         prompt = getattr(args, "prompt", None)
         if prompt is not None and (_MODEL_ID.fullmatch(prompt) or os.path.isdir(prompt)):
+            # (a prompt such as "TCP/IP" looks like a model id too: stdin is its way in)
             raise SystemExit(f"amlx: error: the prompt is missing: '{prompt}' names a model; use "
-                             f"amlx generate MODEL PROMPT (or one prompt alone for the embedded demo model)")
+                             f"amlx generate MODEL PROMPT (or one prompt alone for the embedded demo model; a "
+                             f"prompt that looks like a model goes on stdin: echo {shlex.quote(prompt)} | "
+                             f"amlx generate -)")
         args.model = str(default_model_dir())
     return args
 
@@ -153,7 +157,9 @@ def add_generate(sub: Any) -> None:
                             'echo "Write a haiku about tea" | amlx generate path/to/model -\n'
                             'amlx generate "Hello!"        (the embedded demo model)')
     add_model_options(p)
-    p.add_argument("prompt", metavar="PROMPT", help='the prompt; "-" reads it from stdin')
+    p.add_argument("prompt", metavar="PROMPT",
+                   help='the prompt; "-" reads it from stdin (the way in for a prompt alone that looks like a model '
+                        'id or names a directory, such as "TCP/IP", which is otherwise taken for MODEL)')
     how = p.add_mutually_exclusive_group()
     how.add_argument("--raw", action="store_true",
                      help="send the prompt as it is (the default for a chat model wraps it in the chat template "

@@ -2,6 +2,9 @@
 
 - `amlx serve` on a cold CPU kernel cache said nothing, and its first requests waited up to a
   minute in silence while MLX compiled its kernels (generate, chat and demo said so).
+- `amlx generate "TCP/IP"`: a lone prompt that looks like a model id is refused as naming a model
+  (rightly: `amlx generate org/name` is a forgotten prompt more often), but the error showed no way
+  to send it; it now says: on stdin, `echo TCP/IP | amlx generate -`, and --help says so too.
 """
 
 from __future__ import annotations
@@ -46,3 +49,35 @@ def test_serve_says_its_first_requests_wait_on_a_cold_kernel_cache(capsys, tmp_p
     else:
         assert lines[:-1] == [SERVE_NOTICE], err
         assert "first requests will wait" in SERVE_NOTICE and "once per machine" in SERVE_NOTICE
+
+
+# -- 2. a prompt alone that looks like a model id -------------------------------------------------------
+
+def test_a_lone_prompt_that_looks_like_a_model_is_told_how_to_pass_it(capsys, monkeypatch):
+    import io
+    import re
+    import shlex
+
+    import amlx
+    from amlx.cli import main
+    from amlx.demo import default_model_dir
+
+    with pytest.raises(SystemExit) as refused:
+        main(["generate", "TCP/IP"])
+    message = str(refused.value.code)
+    assert "the prompt is missing" in message
+    # the error shows a way to send this very prompt to the embedded demo model
+    way = re.search(r"echo (.+?) \| amlx generate -\)", message)
+    assert way, message
+    prompt = " ".join(shlex.split(way.group(1)))
+    assert prompt == "TCP/IP"
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "TCP/IP" in " ".join(capsys.readouterr().out.split())  # --help says so too
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(f"{prompt}\n".encode()), encoding="utf-8"))
+    rc = main(["generate", "-", "--raw", "--max-tokens", "2", "-v"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    with amlx.load_sync(default_model_dir()) as demo:
+        ids = demo.tokenizer.encode("TCP/IP")
+    assert f"prompt: {len(ids)} tokens" in err or f"prompt: {len(ids)} token," in err, err
