@@ -84,3 +84,47 @@ def test_worker_sleeps_while_a_waiting_request_needs_blocks_parked_ones_hold(ckp
             assert result["c"].usage.cached_tokens == 3 * BS
 
     anyio.run(body)
+
+
+class _Faulty:
+    """A scheduler stand-in whose has_work / wake_at raise until its fail_all is called."""
+
+    def __init__(self, question: str):
+        self.question, self.failed, self.steps = question, [], 0
+
+    def has_work(self) -> bool:
+        if self.question == "has_work" and not self.failed:
+            raise RuntimeError("has_work broke (injected)")
+        return False
+
+    def wake_at(self):
+        if self.question == "wake_at" and not self.failed:
+            raise RuntimeError("wake_at broke (injected)")
+        return None
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def fail_all(self, exc: BaseException) -> None:
+        self.failed.append(exc)
+
+
+@pytest.mark.parametrize("question", ["has_work", "wake_at"])
+def test_a_scheduler_whose_question_raises_fails_its_requests_and_the_worker_goes_on(question):
+    """The worker asks each scheduler has_work() and wake_at() outside any step. One that
+    raises there fails its own requests (fail_all gets the error); the worker thread lives on
+    and runs the next jobs (it died before, and every model's requests waited for good)."""
+    from amlx.engine.worker import Worker
+
+    worker = Worker()
+    try:
+        faulty = _Faulty(question)
+        worker.add_scheduler(faulty)
+        assert worker.submit(lambda: 41 + 1).result(timeout=30) == 42
+        assert worker.thread.is_alive()
+        assert len(faulty.failed) == 1 and "injected" in str(faulty.failed[0])
+        assert worker.submit(lambda: "still here").result(timeout=30) == "still here"
+    finally:
+        worker.remove_scheduler(faulty)
+        worker.stop()
+        worker.thread.join(timeout=30)

@@ -98,12 +98,12 @@ class Worker:
 
     # -- the thread ------------------------------------------------------------
     def _idle(self) -> bool:
-        return not self._jobs and not any(s.has_work() for s in self._schedulers)
+        return not self._jobs and not any(_asked(s, "has_work", False) for s in self._schedulers)
 
     def _timeout(self) -> float | None:
         """Seconds until a scheduler wants a round although nothing woke it (a
         parked request's batch slot frees up for a waiting one); None: no such time."""
-        times = [t for t in (s.wake_at() for s in self._schedulers) if t is not None]
+        times = [t for t in (_asked(s, "wake_at", None) for s in self._schedulers) if t is not None]
         return max(0.0, min(times) - time.monotonic()) if times else None
 
     def _run(self) -> None:
@@ -122,7 +122,7 @@ class Worker:
                     self._cond.wait(timeout)
                 jobs = list(self._jobs)
                 self._jobs.clear()
-                schedulers = [s for s in self._schedulers if s.has_work()]
+                schedulers = [s for s in self._schedulers if _asked(s, "has_work", False)]
             _run_jobs(jobs)
             # a finished future keeps its result alive (a Model its caller dropped, say):
             # the thread holds none while it waits
@@ -140,7 +140,29 @@ def _step_all(schedulers: list) -> None:
                 s.step()
         except BaseException as exc:  # noqa: BLE001 - the worker must survive
             log.exception("scheduler step failed")
-            s.fail_all(exc)
+            _fail_all(s, exc)
+
+
+def _asked(scheduler, question: str, otherwise):
+    """scheduler.has_work() or .wake_at(), asked between rounds, outside any step. Where
+    one raises, that scheduler's requests fail with the error and the answer is `otherwise`:
+    raised here it would end the worker thread, and with it every model's requests (each
+    would wait for good) and every close."""
+    try:
+        return getattr(scheduler, question)()
+    except BaseException as exc:  # noqa: BLE001 - the worker must survive
+        log.exception("scheduler.%s failed", question)
+        _fail_all(scheduler, exc)
+        return otherwise
+
+
+def _fail_all(scheduler, exc: BaseException) -> None:
+    """Fails every request of a scheduler that raised; a failure of that too is logged (the
+    worker goes on with the other models)."""
+    try:
+        scheduler.fail_all(exc)
+    except BaseException:  # noqa: BLE001 - the worker must survive
+        log.exception("scheduler.fail_all failed")
 
 
 def _run_jobs(jobs: list[tuple[Callable[[], Any], concurrent.futures.Future]]) -> None:
