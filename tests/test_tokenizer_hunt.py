@@ -533,3 +533,21 @@ def test_what_holds_a_namespace_grows_with_it(pairs):
     finally:
         tracemalloc.stop()
     assert peak < 2 << 20, peak
+
+
+@pytest.mark.parametrize("source, says", [
+    ("{{ ('{0}' | slice(200000)) | reverse | length }}", "slice"),
+    ("{{ ('x' | center(300000)) | length }}", "center"),
+    ("{{ (range(100000) | batch(1) | list) | length }}", "list|batch|would make"),
+])
+def test_constant_expressions_are_evaluated_in_the_render(pairs, source, says):
+    """Jinja's optimizer folded constant expressions while compiling, outside the render's
+    budget (under the default limits, whatever the tokenizer's), and wrote what they made into
+    the compiled module: a list of 200,000 rows took 5 s and 43 MB to compile, 4 million some
+    100 s. Evaluated in the render, the tokenizer's limits apply to them."""
+    ours, hf = pairs("bpe")
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ChatTemplateError, match=says):
+        _small(ours).apply_chat_template(messages, chat_template=source)
+    assert ours.apply_chat_template(messages, chat_template=source) == hf.apply_chat_template(
+        messages, chat_template=source, tokenize=False)
