@@ -5,6 +5,8 @@
 - `amlx generate "TCP/IP"`: a lone prompt that looks like a model id is refused as naming a model
   (rightly: `amlx generate org/name` is a forgotten prompt more often), but the error showed no way
   to send it; it now says: on stdin, `echo TCP/IP | amlx generate -`, and --help says so too.
+- `--api-key-file`: a line starting with `#` is a comment, which neither `amlx serve --help` nor the
+  README said (a key starting with `#` was silently not a key).
 """
 
 from __future__ import annotations
@@ -81,3 +83,28 @@ def test_a_lone_prompt_that_looks_like_a_model_is_told_how_to_pass_it(capsys, mo
     with amlx.load_sync(default_model_dir()) as demo:
         ids = demo.tokenizer.encode("TCP/IP")
     assert f"prompt: {len(ids)} tokens" in err or f"prompt: {len(ids)} token," in err, err
+
+
+# -- 3. comments in --api-key-file ----------------------------------------------------------------------
+
+def _readme_bullet(title: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"- **{title}**")
+    end = text.find("\n- ", start + 1)
+    return " ".join(text[start:end].split())
+
+
+def test_api_key_file_comments_are_documented_where_the_file_is(capsys, tmp_path):
+    from amlx.cli import main
+    from amlx.serve.auth import collect_keys
+
+    keys = tmp_path / "keys"
+    keys.write_text("# the team's key\nsecret-1\n\n  #old-key\n#second\nsecret-2\n", encoding="utf-8")
+    assert collect_keys((), keys, environ={}) == ["secret-1", "secret-2"]  # what happens
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    option = help_text[help_text.rindex("--api-key-file FILE"):][:300]  # (not the usage line)
+    assert "'#'" in option and "comment" in option, option
+    auth = _readme_bullet("Auth")
+    assert "--api-key-file FILE" in auth and "`#`" in auth and "comment" in auth, auth

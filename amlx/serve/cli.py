@@ -40,7 +40,9 @@ def add_serve_command(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every route but /health and the page's files "
                         "(repeatable; also $AMLX_API_KEY; default: no key)")
-    p.add_argument("--api-key-file", default=None, metavar="FILE", help="a file of API keys, one per line")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="a file of API keys, one per line; blank lines and lines starting with '#' (comments) are "
+                        "skipped, so a key that starts with '#' goes in --api-key or $AMLX_API_KEY")
     p.add_argument("--max-batch-size", type=int, default=32, metavar="N",
                    help="requests decoded together (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
