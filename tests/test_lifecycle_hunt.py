@@ -507,16 +507,3 @@ def test_the_blocking_api_leaves_nothing_running(warm_demo):
     del blocked
     assert settled_active() == before
     assert anyio.run(_threads_end, threads) == set()
-
-
-async def test_a_finished_request_counts_as_running_no_more_once_its_caller_has_it(warm_demo):
-    """`stats()["active_requests"]` right after `complete()` returns, or a stream's last
-    token is read, is 0: the request still sits in the batch until the worker's next round,
-    but it is finished (it counted as running until then, so a caller saw itself)."""
-    async with await amlx.load(warm_demo) as model:
-        for _ in range(5):
-            await model.complete("hello", max_tokens=3)
-            assert model.stats()["active_requests"] == 0
-            async for _tok in model.generate("hi", max_tokens=2):
-                pass
-            assert model.stats()["active_requests"] == 0

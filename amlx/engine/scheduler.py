@@ -335,12 +335,7 @@ class Scheduler:
         self.timing = StepTiming(self.timing.enabled)
 
     def counts(self) -> dict:
-        """Requests running (in the batch, parked, prefilling) and waiting. A request that
-        finished or was cancelled counts no more, though it leaves the batch only in the next
-        round: its caller, which has its last token, would otherwise see itself running."""
-        prefilling = self.prefilling
-        running = [*self.rows, *self.parked, *([prefilling] if prefilling is not None else [])]
-        return {"active": sum(1 for r in running if r.active),
+        return {"active": len(self.rows) + len(self.parked) + (self.prefilling is not None),
                 "waiting": len(self.waiting) + len(self._incoming)}
 
     def _holds_slot(self, req: Request) -> bool:
