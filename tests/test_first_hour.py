@@ -7,6 +7,9 @@
   to send it; it now says: on stdin, `echo TCP/IP | amlx generate -`, and --help says so too.
 - `--api-key-file`: a line starting with `#` is a comment, which neither `amlx serve --help` nor the
   README said (a key starting with `#` was silently not a key).
+- `train_lora` / `amlx lora` made the adapter's output directory (and missing parents) before reading
+  the data, and left it behind, empty, when the data was then refused; a directory that existed
+  before the run is kept as it was.
 """
 
 from __future__ import annotations
@@ -108,3 +111,44 @@ def test_api_key_file_comments_are_documented_where_the_file_is(capsys, tmp_path
     assert "'#'" in option and "comment" in option, option
     auth = _readme_bullet("Auth")
     assert "--api-key-file FILE" in auth and "`#`" in auth and "comment" in auth, auth
+
+
+# -- 4. no empty output directory left by a run refused at its start ---------------------------------
+
+def _bad_data(tmp_path: Path) -> Path:
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "hello world"}\n{"prompt": "x"}\n', encoding="utf-8")  # line 2: no completion
+    return data
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_refused_training_data_leaves_no_output_directory_behind(capsys, tmp_path, full):
+    from amlx.demo import default_model_dir
+
+    data = _bad_data(tmp_path)
+    out = tmp_path / "new" / "deeper" / "out"
+    where = ["--full", "--save-path", str(out)] if full else ["--adapter-path", str(out)]
+    rc, err = main_in_process(capsys, "lora", str(default_model_dir()), "--data", str(data), "--iters", "2",
+                              "--batch-size", "1", "--no-progress", *where)
+    assert rc == 1 and "a prompt/completion record needs both keys" in err, err
+    assert not (tmp_path / "new").exists(), list((tmp_path / "new").rglob("*"))
+
+
+def test_a_refused_run_keeps_the_directories_the_user_had(tmp_path):
+    import amlx
+    from amlx.demo import default_model_dir
+
+    data = _bad_data(tmp_path)
+    mine = tmp_path / "mine"  # an (empty) directory of the user's, and one inside it the run would make
+    mine.mkdir()
+    with amlx.load_sync(default_model_dir()) as model:
+        for out in (mine, mine / "adapters"):
+            async def train() -> None:
+                async for _ in model.train_lora(str(data), adapter_path=str(out), iters=2, batch_size=1):
+                    pass
+
+            import asyncio
+
+            with pytest.raises(ValueError, match="needs both keys"):
+                asyncio.run(train())
+            assert mine.is_dir() and not (mine / "adapters").exists()

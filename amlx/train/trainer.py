@@ -221,6 +221,7 @@ class TrainingRun:
         self._t0 = 0.0
         self._owns_guard = False
         self._setup_sent = False
+        self._made_dirs: list[Path] = []  # by _check_output, deepest first
 
     # -- async iteration -----------------------------------------------------
     def __aiter__(self) -> "TrainingRun":
@@ -327,6 +328,7 @@ class TrainingRun:
         try:
             return self._prepare(opts)
         except BaseException:
+            self._remove_made_dirs()
             self._teardown()
             raise
 
@@ -385,6 +387,18 @@ class TrainingRun:
         (`amlx.train.full` overrides it: the directory its checkpoint is written into)."""
         return self.adapter_path
 
+    def _remove_made_dirs(self) -> None:
+        """Worker, when the setup failed: removes the directories `_check_output` made, while they are
+        still empty (rmdir refuses any other); never one that existed before the run."""
+        made, self._made_dirs = self._made_dirs, []
+        for a in made:
+            try:
+                a.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:  # not empty (something was written there after all): kept, and its parents
+                break
+
     def _check_output(self) -> None:
         """Worker: creates the output directory and writes a probe file in it, so that an
         unwritable `adapter_path` / `save_path` fails before training, not at the first save."""
@@ -396,6 +410,13 @@ class TrainingRun:
             check_creatable(d)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
+        # the directories this run makes (the output's and missing parents), deepest first: a run
+        # that fails before it writes anything (bad data, nothing to train) takes them away again
+        self._made_dirs = []
+        for a in (d, *d.parents):
+            if a.exists() or a.is_symlink():
+                break
+            self._made_dirs.append(a)
         try:
             d.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=d):
