@@ -320,7 +320,12 @@ class Model:
 
     def stats(self) -> EngineStats:
         """Active and waiting requests, tokens generated, decode steps, the recent
-        tokens per second (busy time of the last 10 s) and MLX memory (bytes)."""
+        tokens per second (busy time of the last 10 s) and MLX memory (bytes).
+
+        A request counts as active until the engine has given its KV blocks back, which
+        happens in the worker's round after its last token (or its cancellation): for
+        about a step after `complete()` returns it may still count. `active_requests`
+        and `waiting_requests` both 0 means every request's blocks are back."""
         return self._engine.stats()
 
     def train_lora(self, data, **options):
