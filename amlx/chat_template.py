@@ -509,8 +509,12 @@ def _filter_trim(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
 
 def _filter_replace(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
     count = _arg(args, kwargs, 3, "count", None)
-    size = _replaced_size(str(args[0]), _arg(args, kwargs, 1, "old", ""), _arg(args, kwargs, 2, "new", ""),
-                          -1 if count is None else count)
+    # the filter writes old and new out (str()), whatever they are: a list for new was taken for
+    # no growth, and s | replace('', [x] * 30) wrote 30 copies of x between every two characters
+    old, new = (_arg(args, kwargs, 1, "old", ""), _arg(args, kwargs, 2, "new", ""))
+    for value in (old, new):
+        budget.fits(budget.expanded(value), "the replace filter")
+    size = _replaced_size(str(args[0]), str(old), str(new), -1 if count is None else count)
     budget.size(size, "the replace filter")
     return args
 

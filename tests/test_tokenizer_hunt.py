@@ -551,3 +551,22 @@ def test_constant_expressions_are_evaluated_in_the_render(pairs, source, says):
         _small(ours).apply_chat_template(messages, chat_template=source)
     assert ours.apply_chat_template(messages, chat_template=source) == hf.apply_chat_template(
         messages, chat_template=source, tokenize=False)
+
+
+@pytest.mark.parametrize("new", ["[messages[0].content] * 10", "messages", "10 ** 40"])
+def test_replace_filter_measures_what_it_writes_for_new(pairs, new):
+    """The replace filter writes old and new out with str(): a list for new was taken for no
+    growth, so its copies between every two characters went unmeasured (546 MB in one call)."""
+    ours, hf = pairs("bpe")
+    source = "{{ (messages[0].content | replace('', " + new + ")) | length }}"
+    small = [{"role": "user", "content": "ab"}]
+    assert ours.apply_chat_template(small, chat_template=source) == hf.apply_chat_template(
+        small, chat_template=source, tokenize=False)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChatTemplateError, match="replace"):
+            _small(ours).apply_chat_template([{"role": "user", "content": "x" * 3000}], chat_template=source)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20, peak
