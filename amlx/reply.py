@@ -98,11 +98,18 @@ def report(reply: Reply, err: TextIO | None = None) -> None:
     end = reply.ended or time.perf_counter()
     first = reply.first_token_at
     ttft = f"{first - reply.started:.3f} s" if first is not None else "-"
-    # the decode rate: tokens after the first over the time after the first
-    rate = (reply.tokens - 1) / (end - first) if first is not None and reply.tokens > 1 and end > first else 0.0
+    # the decode rate: tokens after the first over the time after the first; with one token (or
+    # none) there is no such interval, and "-" says so ("0.0 tokens/s" read as a stalled decode)
+    rate = f"{(reply.tokens - 1) / (end - first):.1f}" if first is not None and reply.tokens > 1 and end > first \
+        else "-"
     how = "interrupted" if reply.interrupted else (reply.finish_reason or "stop")
     peak = amlx.memory()["peak"]
     size = f"{peak / 1e9:.2f} GB" if peak >= 1e9 else f"{peak / 1e6:.1f} MB"
-    print(f"[{how}] prompt: {reply.prompt_tokens} tokens, time to first token: {ttft}; "
-          f"generation: {reply.tokens} tokens, {rate:.1f} tokens/s; peak memory: {size}",
+    print(f"[{how}] prompt: {_count(reply.prompt_tokens)}, time to first token: {ttft}; "
+          f"generation: {_count(reply.tokens)}, {rate} tokens/s; peak memory: {size}",
           file=err, flush=True)
+
+
+def _count(n: int) -> str:
+    """"1 token", "2 tokens"."""
+    return f"{n} token" if n == 1 else f"{n} tokens"

@@ -10,6 +10,8 @@
 - `train_lora` / `amlx lora` made the adapter's output directory (and missing parents) before reading
   the data, and left it behind, empty, when the data was then refused; a directory that existed
   before the run is kept as it was.
+- `-v` after a one-token reply: "generation: 1 tokens, 0.0 tokens/s" (a decode rate needs two tokens);
+  now "1 token, - tokens/s".
 """
 
 from __future__ import annotations
@@ -152,3 +154,30 @@ def test_a_refused_run_keeps_the_directories_the_user_had(tmp_path):
             with pytest.raises(ValueError, match="needs both keys"):
                 asyncio.run(train())
             assert mine.is_dir() and not (mine / "adapters").exists()
+
+
+# -- 5. -v after a one-token reply -------------------------------------------------------------------
+
+def test_v_after_a_one_token_reply_counts_one_token_and_claims_no_rate(capsys):
+    from amlx.cli import main
+
+    rc = main(["generate", "Hello!", "--max-tokens", "1", "-v"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "generation: 1 token, - tokens/s;" in err, err
+    assert "1 tokens" not in err and "0.0 tokens/s" not in err, err
+
+
+def test_v_counts_and_rates_of_longer_replies_are_unchanged():
+    import io
+    import re
+
+    from amlx.reply import Reply, report
+
+    for tokens, prompt, want in ((3, 1, "prompt: 1 token, .*generation: 3 tokens, 4\\.0 tokens/s;"),
+                                 (0, 5, "prompt: 5 tokens, time to first token: -; generation: 0 tokens, - tokens/s;")):
+        reply = Reply(prompt_tokens=prompt, tokens=tokens, started=10.0, first_token_at=None if tokens == 0 else 10.5,
+                      ended=11.0, finish_reason="length")
+        out = io.StringIO()
+        report(reply, out)
+        assert re.search(want, out.getvalue()), out.getvalue()
