@@ -241,9 +241,10 @@ def add_convert(sub: Any) -> None:
 def add_lora(sub: Any) -> None:
     from amlx.train.cli import add_arguments, run
 
-    p = add_command(sub, "lora", help="fine-tune a LoRA adapter on a JSONL dataset",
+    p = add_command(sub, "lora", help="fine-tune on a JSONL dataset: a LoRA adapter, or every weight with --full",
                     example="amlx lora Qwen/Qwen3-0.6B --data train.jsonl --iters 200 --learning-rate 1e-4\n"
-                            "amlx generate Qwen/Qwen3-0.6B 'Hello' --adapter adapters")
+                            "amlx generate Qwen/Qwen3-0.6B 'Hello' --adapter adapters\n"
+                            "amlx lora Qwen/Qwen3-0.6B --data train.jsonl --full --save-path qwen3-tuned")
     add_arguments(p)
     p.set_defaults(run=run)
 

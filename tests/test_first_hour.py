@@ -12,6 +12,8 @@
   before the run is kept as it was.
 - `-v` after a one-token reply: "generation: 1 tokens, 0.0 tokens/s" (a decode rate needs two tokens);
   now "1 token, - tokens/s".
+- `amlx --help` described `lora` as "fine-tune a LoRA adapter", though it also fine-tunes every
+  weight with --full.
 """
 
 from __future__ import annotations
@@ -181,3 +183,20 @@ def test_v_counts_and_rates_of_longer_replies_are_unchanged():
         out = io.StringIO()
         report(reply, out)
         assert re.search(want, out.getvalue()), out.getvalue()
+
+
+# -- 6. amlx --help on lora ----------------------------------------------------------------------------
+
+def test_top_level_help_says_lora_also_fine_tunes_every_weight(capsys):
+    from amlx.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.split()[:1] == ["lora"])
+    entry = " ".join(" ".join(lines[at:at + 3]).split())
+    assert "LoRA" in entry and "--full" in entry, entry
+    with pytest.raises(SystemExit):
+        main(["lora", "--help"])
+    out = capsys.readouterr().out
+    assert "--full" in out.split("Example:")[-1], out  # an example of it too
