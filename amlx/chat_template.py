@@ -532,8 +532,11 @@ def _filter_urlize(budget: _Budget, args: tuple, kwargs: dict) -> tuple:
     # Every link gets the target and rel attributes written into it: a link is some 6 characters
     # of text ("www.ab"), written twice and escaped (up to 6 characters each), plus its markup.
     text = len(str(args[0]))
-    extra = sum(len(v) for v in (_arg(args, kwargs, 3, "target", None), _arg(args, kwargs, 4, "rel", None))
-                if isinstance(v, str))
+    # (target and rel are written out with str(), whatever they are: measured, then their text's)
+    attributes = [v for v in (_arg(args, kwargs, 3, "target", None), _arg(args, kwargs, 4, "rel", None)) if v]
+    for value in attributes:
+        budget.fits(budget.expanded(value), "the urlize filter")
+    extra = sum(len(str(v)) for v in attributes)
     budget.fits(text * 12 + (text // 4 + 1) * (extra + 64), "the urlize filter")
     # Jinja finds a word's trailing punctuation with a search that, from each character of a run
     # of it, reads to the run's end (and balances parentheses by copying the rest of that run per
