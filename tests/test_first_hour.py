@@ -14,6 +14,8 @@
   now "1 token, - tokens/s".
 - `amlx --help` described `lora` as "fine-tune a LoRA adapter", though it also fine-tunes every
   weight with --full.
+- the README said constrained JSON "comes out as `json.dumps` writes it"; only the separators are
+  json.dumps's: a `{"type": "number"}` schema's reply may be `0.0000`, which json.dumps writes `0.0`.
 """
 
 from __future__ import annotations
@@ -200,3 +202,27 @@ def test_top_level_help_says_lora_also_fine_tunes_every_weight(capsys):
         main(["lora", "--help"])
     out = capsys.readouterr().out
     assert "--full" in out.split("Example:")[-1], out  # an example of it too
+
+
+# -- 7. what the README says of constrained JSON's form --------------------------------------------------
+
+def test_the_readme_claims_json_dumps_separators_not_json_dumps_values():
+    import json
+
+    import amlx
+    from amlx.demo import default_model_dir
+
+    with amlx.load_sync(default_model_dir()) as model:
+        tok = model.tokenizer
+        zero, point = tok.encode("0"), tok.encode(".")
+        assert len(zero) == len(point) == 1
+        # biased towards "0" then ".": a number that is valid JSON but not json.dumps's spelling
+        number = model.complete_sync("x", max_tokens=6, logit_bias={zero[0]: 100.0, point[0]: 50.0},
+                                     response_format={"type": "json_schema", "json_schema": {
+                                         "name": "n", "schema": {"type": "number"}}}).text
+    assert number.startswith("0.0"), number
+    assert json.dumps(json.loads(number)) != number  # e.g. "0.0000": json.dumps writes 0.0
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert "as `json.dumps` writes it" not in readme
+    claim = readme[readme.index("JSON comes out"):][:300]
+    assert "separators" in claim and "`1.000`" in claim and "json.loads" in claim, claim
