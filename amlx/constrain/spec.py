@@ -35,7 +35,8 @@ __all__ = ["Constraint", "ConstraintKind", "lark_json_schema", "parse_constraint
 
 ConstraintKind = Literal["json", "regex", "choice", "grammar"]
 
-# JSON comes out the way json.dumps writes it ('", "' and '": "', no other blanks). Flexible
+# JSON comes out with json.dumps's separators (', ' and ': ', no other blanks; values are spelled
+# as the model writes them, 1.000 as well as 1.0). Flexible
 # whitespace would let a model spend its whole token budget on blanks between two keys. A schema
 # may still choose otherwise through llguidance's "x-guidance" key, which overrides these.
 _JSON_STYLE: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
