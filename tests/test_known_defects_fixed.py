@@ -117,58 +117,18 @@ MESSAGES = [{"role": "user", "content": "Weather?"}]
 TEMPLATES = {"qwen": None, "llama3": "<|start_header_id|>{{ '<|python_tag|>' }}", "mistral": "{{ '[TOOL_CALLS]' }}"}
 
 
-class TemplateTokenizer:
-    """The real tokenizer with a chat_template naming another family's markup (the server picks
-    the tool-call format by it); prompts render with the real one."""
-
-    def __init__(self, tokenizer, template):
-        self.tokenizer, self.chat_template = tokenizer, template or tokenizer.chat_template
-
-    def __getattr__(self, name):
-        return getattr(self.tokenizer, name)
-
-
-class ScriptedStream:
-    def __init__(self, pieces: list[str], finish: str):
-        from amlx.types import Token
-        self.tokens = [Token(id=0, text=p, finish_reason=finish if k == len(pieces) - 1 else None)
-                       for k, p in enumerate(pieces)]
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        import asyncio
-        if not self.tokens:
-            raise StopAsyncIteration
-        await asyncio.sleep(0)
-        return self.tokens.pop(0)
-
-    def close(self) -> None:
-        self.tokens = []
-
-
-class ScriptedModel:
-    def __init__(self, model, template):
-        self.model, self.tokenizer = model, TemplateTokenizer(model.tokenizer, template)
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def generate(self, prompt, **options):
-        return ScriptedStream(*SCRIPTS[options["seed"]])
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     import amlx
     from amlx.serve.app import Settings, create_app
     try:
+        from tests.helpers.scripted import ScriptedModel
         from tests.helpers.serving import MountedApps, serve_checkpoint
     except ImportError:
+        from helpers.scripted import ScriptedModel
         from helpers.serving import MountedApps, serve_checkpoint
     with amlx.load_sync(serve_checkpoint(tmp_path_factory.mktemp("ckpt")), max_context=512) as model:
-        srv = MountedApps({fmt: create_app(ScriptedModel(model, tpl), Settings(model_name="m"))
+        srv = MountedApps({fmt: create_app(ScriptedModel(model, tpl, SCRIPTS), Settings(model_name="m"))
                            for fmt, tpl in TEMPLATES.items()})
         try:
             yield srv

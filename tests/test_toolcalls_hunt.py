@@ -20,7 +20,6 @@ objects) and text after calls; Mistral replies in each of its forms. Checked:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 import amlx
 from amlx.serve.app import Settings, create_app
 from amlx.toolcalls import BlankAroundCalls, ToolCallParser, parse_tool_calls
-from amlx.types import Token
+from tests.helpers.scripted import ScriptedModel
 from tests.helpers.serving import MountedApps, serve_checkpoint, tool_checkpoint
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -348,53 +347,10 @@ _NEXT_SEED = iter(range(1000, 10**9, 10))
 _TEMPLATES = {"qwen": None, "llama3": "<|start_header_id|>{{ '<|python_tag|>' }}", "mistral": "{{ '[TOOL_CALLS]' }}"}
 
 
-class _Tokenizer:
-    """The real tokenizer, whose chat_template (read by the server to choose the tool-call
-    format) may name another family's markup; prompts still render with the real template."""
-
-    def __init__(self, tokenizer, template: str | None):
-        self._tokenizer, self.chat_template = tokenizer, template or tokenizer.chat_template
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
-
-
-class _ScriptedStream:
-    def __init__(self, pieces: list[str], finish: str):
-        self._tokens = [Token(id=0, text=p, finish_reason=finish if k == len(pieces) - 1 else None)
-                        for k, p in enumerate(pieces)]
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> Token:
-        if not self._tokens:
-            raise StopAsyncIteration
-        await asyncio.sleep(0)
-        return self._tokens.pop(0)
-
-    def close(self) -> None:
-        self._tokens = []
-
-
-class ScriptedModel:
-    """A loaded model whose `generate` writes the reply scripted for the request's seed."""
-
-    def __init__(self, model, template: str | None):
-        self._model = model
-        self.tokenizer = _Tokenizer(model.tokenizer, template)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def generate(self, prompt, **options):
-        return _ScriptedStream(*SCRIPTS[options["seed"]])
-
-
 def _servers(model, templates: dict[str, str | None] = _TEMPLATES, scripted: bool = True) -> MountedApps:
     """uvicorn on a thread of its own, serving an app per tool-call format at /FORMAT/v1 (the
     model scripted), or the model as it is."""
-    return MountedApps({fmt: create_app(ScriptedModel(model, tpl) if scripted else model, Settings(model_name="m"))
+    return MountedApps({fmt: create_app(ScriptedModel(model, tpl, SCRIPTS) if scripted else model, Settings(model_name="m"))
                         for fmt, tpl in templates.items()})
 
 
