@@ -139,26 +139,15 @@ def servers(tmp_path_factory):
 def served(servers, fmt: str, pieces: list[str], finish: str) -> list[tuple]:
     """(content or None, [(name, arguments)], finish_reason) of a scripted reply, asked for whole and
     streamed (streamed: None when the chunks carried none but the role chunk's "")."""
-    out = []
-    client = servers.client(fmt)
-    for stream in (False, True):
-        seed = max(SCRIPTS, default=0) + 1
-        SCRIPTS[seed] = (pieces, finish)
-        args = dict(model="m", messages=MESSAGES, tools=TOOLS, seed=seed, max_tokens=64)
-        if not stream:
-            choice = client.chat.completions.create(**args).choices[0]
-            out.append((choice.message.content,
-                        [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []],
-                        choice.finish_reason))
-            continue
-        content, calls, reason = "", [], None
-        for chunk in client.chat.completions.create(stream=True, **args):
-            for ch in chunk.choices:
-                content += ch.delta.content or ""
-                calls += [(d.function.name, d.function.arguments) for d in ch.delta.tool_calls or []]
-                reason = ch.finish_reason or reason
-        out.append((content or None, calls, reason))
-    return out
+    try:
+        from tests.helpers.scripted import chat_replies
+    except ImportError:
+        from helpers.scripted import chat_replies
+    seed = max(SCRIPTS, default=0) + 1
+    SCRIPTS[seed] = (pieces, finish)
+    whole, streamed = chat_replies(servers.client(fmt), model="m", messages=MESSAGES, tools=TOOLS, seed=seed,
+                                   max_tokens=64)
+    return [whole, (streamed[0] or None, *streamed[1:])]
 
 
 # -- 2. the "\n" between Qwen tool calls -------------------------------------------------------------

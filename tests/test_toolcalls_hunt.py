@@ -35,7 +35,7 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 import amlx
 from amlx.serve.app import Settings, create_app
 from amlx.toolcalls import BlankAroundCalls, ToolCallParser, parse_tool_calls
-from tests.helpers.scripted import ScriptedModel
+from tests.helpers.scripted import ScriptedModel, chat_replies
 from tests.helpers.serving import MountedApps, serve_checkpoint, tool_checkpoint
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -480,23 +480,9 @@ def test_served_examples(servers):
 
 def _served(client: openai.OpenAI, pieces: list[str], finish: str, **kw) -> list[tuple]:
     """(content, [(name, arguments)], finish_reason) of a scripted reply, whole and streamed."""
-    out = []
-    for stream in (False, True):
-        args = dict(model="m", messages=MESSAGES, tools=TOOLS, seed=_script([(pieces, finish)]), max_tokens=64, **kw)
-        if not stream:
-            choice = client.chat.completions.create(**args).choices[0]
-            out.append((choice.message.content or "",
-                        [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []],
-                        choice.finish_reason))
-            continue
-        content, calls, reason = "", [], None
-        for chunk in client.chat.completions.create(stream=True, **args):
-            for ch in chunk.choices:
-                content += ch.delta.content or ""
-                calls += [(d.function.name, d.function.arguments) for d in ch.delta.tool_calls or []]
-                reason = ch.finish_reason or reason
-        out.append((content, calls, reason))
-    return out
+    replies = chat_replies(client, model="m", messages=MESSAGES, tools=TOOLS, seed=_script([(pieces, finish)]),
+                           max_tokens=64, **kw)
+    return [(content or "", calls, reason) for content, calls, reason in replies]
 
 
 def test_served_unclosed_call_at_the_end(servers):

@@ -53,3 +53,22 @@ class ScriptedModel:
 
     def generate(self, prompt, **options):
         return ScriptedStream(*self.scripts[options["seed"]])
+
+
+def chat_replies(client, **args) -> list[tuple]:
+    """(content, [(name, arguments)], finish_reason) of one chat completion through the openai
+    client, asked whole and then streamed. The whole reply's content is as the server gave it
+    (None possibly); the streamed one is its deltas joined ("" where there were none)."""
+    out = []
+    choice = client.chat.completions.create(**args).choices[0]
+    out.append((choice.message.content,
+                [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []],
+                choice.finish_reason))
+    content, calls, reason = "", [], None
+    for chunk in client.chat.completions.create(stream=True, **args):
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            calls += [(d.function.name, d.function.arguments) for d in ch.delta.tool_calls or []]
+            reason = ch.finish_reason or reason
+    out.append((content, calls, reason))
+    return out
