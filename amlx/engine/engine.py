@@ -175,7 +175,15 @@ class Engine:
             raise self.closed_error()
         if self.mirror is not None:
             raise ValueError("prompt_logprobs does not support tensor_parallel > 1 yet")
-        self.check_prompt(prompt_ids)
+        # nothing is generated: a prompt that fills the context exactly fits (check_prompt keeps
+        # room for a generated token, and refused it "including at least one generated token")
+        if len(prompt_ids) > self.max_context:
+            raise ContextLengthError(f"the prompt has {len(prompt_ids)} tokens but the context holds "
+                                     f"{self.max_context}")
+        self.check_prompt(prompt_ids[:self.max_context - 1])
+        bad = [t for t in prompt_ids[self.max_context - 1:] if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         steps = PromptLogprobs(self.model, prompt_ids, top_n, chunk=self.scheduler.prefill_chunk,
                                vocab=self.vocab_size, version=lambda: self._weights_version)
         await self._run_steps(steps)
