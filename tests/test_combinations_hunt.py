@@ -194,6 +194,11 @@ def test_greedy_requests_of_every_kind_decode_as_on_the_plain_model(ckpts, load,
         assert g[:3] == w[:3], o
         for a, b in zip(g[3], w[3]):
             assert (a is None) == (b is None) and (a is None or abs(a - b) < 1e-3)
+        for a, b in zip(g[4], w[4]):  # top_logprobs: the same ids (up to near-ties), values
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert [v for _, v in a] == pytest.approx([v for _, v in b], abs=1e-3)
+                assert {i for i, v in a if v > a[-1][1] + 1e-3} <= {i for i, _ in b}
 
 
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
