@@ -507,3 +507,21 @@ def test_the_blocking_api_leaves_nothing_running(warm_demo):
     del blocked
     assert settled_active() == before
     assert anyio.run(_threads_end, threads) == set()
+
+
+async def test_a_close_survives_mlx_refusing_to_clear_its_cache(warm_demo, monkeypatch):
+    """The close clears MLX's buffer cache at its end, best effort: MLX waits for the process's
+    streams first, and a tensor-parallel model's broken ring raised its failure there, which
+    failed the close of another, healthy model (test_tensor_parallel's hung-rank run)."""
+    from amlx._mlx import memory
+    from amlx.errors import MLXError
+
+    def broken():
+        raise MLXError("memory.clear_cache", "[ring] connection to a peer was lost (injected)")
+
+    model = await amlx.load(warm_demo)
+    await model.complete("hello", max_tokens=2)
+    monkeypatch.setattr(memory, "clear_cache", broken)
+    await model.aclose()  # (raised the MLXError before)
+    with pytest.raises(amlx.ClosedError):
+        await model.complete("hello", max_tokens=2)
