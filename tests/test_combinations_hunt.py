@@ -335,3 +335,29 @@ def test_preempted_drafting_rows_with_constraints_and_seeds_continue_exactly(ckp
         assert a[:3] == b[:3], o
         if "regex" in o and b[1] == "stop":
             assert re.fullmatch("[a-z ]{5,60}", b[2])
+
+
+@pytest.mark.parametrize("load", [{"kv_bits": 8, "draft": "prompt_lookup"}, {"draft": "model"}])
+def test_full_training_on_a_drafting_model_decodes_as_a_load_of_its_checkpoint(ckpts, tmp_path, load):
+    """`train` changes every weight under a prefix cache filled before it, a draft and kv_bits:
+    the model then decodes and scores as a fresh load of the checkpoint it saved."""
+    path = str(ckpts["qwen3"])
+    if load.get("draft") == "model":
+        load["draft"] = str(ckpts["draft"])
+    prompt = "the cat sat on a mat and the cat sat on a mat then the cat sat on a mat then"
+
+    async def main():
+        async with await amlx.load(path, **load) as m:
+            await m.complete(prompt, max_tokens=8)
+            async for _ in m.train(RECORDS, iters=2, batch_size=2, learning_rate=0.01,
+                                   save_path=str(tmp_path / "full"), save_every=2):
+                pass
+            after = [(await m.complete(prompt, max_tokens=8)).token_ids for _ in range(2)]
+            s = await m.score(prompt, [" on a mat"])
+        async with await amlx.load(tmp_path / "full", **load) as m:
+            fresh = (await m.complete(prompt, max_tokens=8)).token_ids
+            s2 = await m.score(prompt, [" on a mat"])
+        assert after == [fresh, fresh]
+        assert s == pytest.approx(s2, abs=1e-4)
+
+    anyio.run(main)
