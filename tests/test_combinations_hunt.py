@@ -62,7 +62,9 @@ def _load_options(ckpts, load: dict) -> tuple[str, dict, dict]:
         plain["adapter"] = str(ckpts["adapter"])
     variant = dict(plain, prefix_cache=load["prefix_cache"], max_batch_size=load["max_batch_size"])
     if load["draft"]:
-        variant["draft"] = str(ckpts["draft"]) if load["draft"] == "model" else "prompt_lookup"
+        # ("self": the target drafts for itself, every draft accepted: the longest verify
+        # windows, longer than Gemma's sliding window)
+        variant["draft"] = {"model": str(ckpts["draft"]), "self": str(ckpts[arch])}.get(load["draft"], "prompt_lookup")
         variant["num_draft_tokens"] = load["num_draft_tokens"]
     return str(ckpts[arch]), plain, variant
 
@@ -72,8 +74,8 @@ _LOAD = st.fixed_dictionaries({
     "kv_bits": st.sampled_from([None, 8, 4]),
     "adapter": st.booleans(),
     "prefix_cache": st.booleans(),
-    "draft": st.sampled_from([None, "prompt_lookup", "model"]),
-    "num_draft_tokens": st.sampled_from([1, 4, 7]),
+    "draft": st.sampled_from([None, "prompt_lookup", "model", "self"]),
+    "num_draft_tokens": st.sampled_from([1, 4, 7, 16]),
     "max_batch_size": st.sampled_from([1, 3, 8]),
 })
 
