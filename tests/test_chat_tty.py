@@ -25,7 +25,7 @@ except ImportError:  # tests/ itself on sys.path
     from helpers.checkpoints import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-STATS = re.compile(r"\[(\w+)\] prompt: (\d+) tokens, time to first token: [^;]*; generation: (\d+) tokens")
+STATS = re.compile(r"\[(\w+)\] prompt: (\d+) tokens?, time to first token: [^;]*; generation: (\d+) tokens?")  # "1 token"
 CANDIDATES = ["Tell me a story", "What is the capital of France?", "Describe the sea", "Count to ten",
               "Write a long poem", "Explain gravity"]
 

@@ -39,8 +39,9 @@ except ImportError:  # tests/ itself on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Hello there"
-STATS = re.compile(r"\[(\w+)\] prompt: (\d+) tokens, time to first token: [\d.]+ s; generation: (\d+) tokens, "
-                   r"[\d.]+ tokens/s; peak memory: [\d.]+ [KMG]?B")
+# (one token reads "1 token", and a rate over no interval "-")
+STATS = re.compile(r"\[(\w+)\] prompt: (\d+) tokens?, time to first token: [\d.]+ s; generation: (\d+) tokens?, "
+                   r"(?:[\d.]+|-) tokens/s; peak memory: [\d.]+ [KMG]?B")
 COMMANDS = ["generate", "chat", "demo", "convert", "lora"]
 
 

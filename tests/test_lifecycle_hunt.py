@@ -22,7 +22,6 @@ import anyio
 import pytest
 
 import amlx
-from amlx._mlx import memory
 from amlx.demo import default_model_dir
 from amlx.engine.worker import Worker
 
@@ -117,25 +116,6 @@ async def test_a_training_run_kept_after_its_model_closed_holds_no_mlx_memory(wa
     await model.aclose()
     assert steps >= 2 and settled_active() == before
     del run
-
-
-def _mlx_cache() -> int:
-    gc.collect()
-    return amlx.memory()["cache"]
-
-
-async def test_a_close_gives_the_models_buffers_back_not_to_mlxs_cache(qwen3):
-    """A closed model's buffers (its weights, its KV pool) went to MLX's buffer cache, which kept
-    them from the device (or the host) for good: active memory came back to where it was before
-    the load, and the cache grew by about the model's size, held by a process with no model open.
-    (amlx/engine/engine.py: the close clears MLX's cache once the model is freed.)"""
-    Worker.get().run_sync(memory.clear_cache)
-    before = _mlx_cache()
-    async with await amlx.load(qwen3) as model:
-        await model.complete("Hello there", max_tokens=8)
-        await model.score("Hello", [" there", " world"])
-        assert amlx.memory()["active"] > 0
-    assert _mlx_cache() <= before
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +251,7 @@ async def test_ten_load_close_cycles_grow_nothing(warm_demo):
         engines.append(weakref.ref(model.engine))
         await model.aclose()
     del model
-    assert settled_active() == before and amlx.memory()["cache"] == 0
+    assert settled_active() == before  # (MLX's buffer cache keeps freed buffers for reuse: not counted)
     assert await _threads_end(threads) == set() and _fds() == fds
     gc.collect()
     assert [e for e in engines if e() is not None] == []  # (no closed engine is kept anywhere)
@@ -304,7 +284,7 @@ async def test_failed_and_preempted_requests_leave_nothing_after_close(warm_demo
         assert [type(e).__name__ for e in ends] == ["Completion", "CancelledError"] * 2
         assert all(e.usage.completion_tokens == 40 for e in ends[::2])
         assert _running(await _idle(model)) == (0, 0, 0)
-    assert settled_active() == before and amlx.memory()["cache"] == 0
+    assert settled_active() == before  # (MLX's buffer cache keeps freed buffers for reuse: not counted)
 
 _CANCELLED_WORK = {
     "generate": lambda m, k: _read_all(m.generate("Hello there", max_tokens=300, max_buffer=2,
@@ -507,21 +487,3 @@ def test_the_blocking_api_leaves_nothing_running(warm_demo):
     del blocked
     assert settled_active() == before
     assert anyio.run(_threads_end, threads) == set()
-
-
-async def test_a_close_survives_mlx_refusing_to_clear_its_cache(warm_demo, monkeypatch):
-    """The close clears MLX's buffer cache at its end, best effort: MLX waits for the process's
-    streams first, and a tensor-parallel model's broken ring raised its failure there, which
-    failed the close of another, healthy model (test_tensor_parallel's hung-rank run)."""
-    from amlx._mlx import memory
-    from amlx.errors import MLXError
-
-    def broken():
-        raise MLXError("memory.clear_cache", "[ring] connection to a peer was lost (injected)")
-
-    model = await amlx.load(warm_demo)
-    await model.complete("hello", max_tokens=2)
-    monkeypatch.setattr(memory, "clear_cache", broken)
-    await model.aclose()  # (raised the MLXError before)
-    with pytest.raises(amlx.ClosedError):
-        await model.complete("hello", max_tokens=2)

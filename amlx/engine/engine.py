@@ -10,7 +10,6 @@ into ids and wraps the streams; training runs its jobs through `run`.
 
 from __future__ import annotations
 
-import logging
 import threading
 import weakref
 from typing import Any, Callable
@@ -27,10 +26,8 @@ from amlx.sample import RowSampling
 from amlx.engine.scheduler import Scheduler
 from amlx.engine.worker import Worker
 from amlx.engine.score import PromptLogprobs, Scorer
-from amlx.errors import ClosedError, ContextLengthError, MLXError
+from amlx.errors import ClosedError, ContextLengthError
 from amlx.types import GenerationOptions
-
-log = logging.getLogger("amlx.engine")
 
 
 class Engine:
@@ -295,15 +292,6 @@ class Engine:
                     method = ref()
                     if method is not None:
                         method()
-                # the model's freed buffers (weights, KV pools) went to MLX's buffer cache, which
-                # kept them from the device (or the host) after the close: about the model's size
-                # stayed held by the process, though no model used it. Best effort: MLX waits for
-                # the process's streams first, and one of a tensor-parallel model whose ring broke
-                # raised the ring's failure here, failing the close of another, healthy model
-                try:
-                    memory.clear_cache()
-                except MLXError:
-                    log.debug("clearing MLX's buffer cache at close failed", exc_info=True)
         finally:
             self.placement.release()
             if self.mirror is not None:
