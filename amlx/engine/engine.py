@@ -90,10 +90,13 @@ class Engine:
         if len(prompt_ids) >= self.max_context == self.pool_tokens:
             self._pool_too_small(len(prompt_ids))
         room = check_context(len(prompt_ids), self.max_context)  # first: it costs nothing
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        self._check_vocab(prompt_ids)
+        return room
+
+    def _check_vocab(self, ids: list[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        return room
 
     def submit(self, prompt_ids: list[int], options: GenerationOptions) -> RequestStream:
         """Queues a request and returns its stream (ClosedError once closed). Any thread."""
@@ -177,13 +180,12 @@ class Engine:
             raise ValueError("prompt_logprobs does not support tensor_parallel > 1 yet")
         # nothing is generated: a prompt that fills the context exactly fits (check_prompt keeps
         # room for a generated token, and refused it "including at least one generated token")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
         if len(prompt_ids) > self.max_context:
             raise ContextLengthError(f"the prompt has {len(prompt_ids)} tokens but the context holds "
                                      f"{self.max_context}")
-        self.check_prompt(prompt_ids[:self.max_context - 1])
-        bad = [t for t in prompt_ids[self.max_context - 1:] if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        self._check_vocab(prompt_ids)
         steps = PromptLogprobs(self.model, prompt_ids, top_n, chunk=self.scheduler.prefill_chunk,
                                vocab=self.vocab_size, version=lambda: self._weights_version)
         await self._run_steps(steps)

@@ -44,7 +44,6 @@ call on one core). On a GPU there is one stream.
 from __future__ import annotations
 
 import functools
-
 import os
 import threading
 import time
