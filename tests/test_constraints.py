@@ -485,6 +485,55 @@ def test_mask_job_fills_what_step_masks_fills_on_any_thread(family):
     assert empty.run() == [None] and empty.seconds == 0
 
 
+def test_mask_job_in_reused_host_buffers_fills_what_step_masks_fills(family):
+    """Filled in an array taken from HostBuffers (page-locked on CUDA) and uploaded, a step's
+    masks are step_masks' masks, rows without a matcher allowing every token although the
+    reused buffer held something else; the buffer is given back once uploaded and taken again."""
+    from amlx._mlx.pinned import HostBuffers
+
+    tok, vocab = family
+    matchers = [vocab.matcher(parse_constraint(regex=r"[0-9]{1,3}")) for _ in range(3)]
+    assert matchers[0].consume(tok.encode("7", add_special_tokens=False)[0])
+    groups = [[matchers[0], None], [None], [None, matchers[1], matchers[2]]]
+    expected = step_masks(groups)
+    buffers = HostBuffers()
+    for _ in range(3):
+        dirty = buffers.take((5, vocab.mask_words))
+        dirty[...] = 0  # (forbids every token: what a reused buffer must not leak)
+        buffers.give(dirty)
+        job = MaskJob(groups, upload=np.array, buffers=buffers)
+        got = job.run()
+        assert got[1] is None
+        for a, b in ((got[0], expected[0]), (got[2], expected[2])):
+            np.testing.assert_array_equal(a, b)
+        assert (got[0][1] == -1).all() and (got[2][0] == -1).all()
+    again = buffers.take((5, vocab.mask_words))
+    assert again.ctypes.data == dirty.ctypes.data  # one buffer, reused every time
+
+
+def test_host_buffers_lend_each_buffer_once():
+    """HostBuffers: arrays taken and not given back never share memory; a given-back buffer
+    serves any later take it can hold; arrays not from it are ignored when given."""
+    from amlx._mlx.pinned import HostBuffers
+
+    buffers = HostBuffers()
+    a, b = buffers.take((4, 8)), buffers.take((2, 3), np.float32)
+    assert a.shape == (4, 8) and a.dtype == np.int32 and a.flags.c_contiguous and a.flags.writeable
+    assert b.shape == (2, 3) and b.dtype == np.float32
+    a[...], b[...] = 1, 2.0
+    assert (a == 1).all() and (b == 2.0).all()  # disjoint
+    buffers.give(a)
+    c = buffers.take((2, 8))  # fits a's buffer
+    assert c.ctypes.data == a.ctypes.data
+    d = buffers.take((16, 8))  # fits none kept: a new one
+    assert d.ctypes.data not in (a.ctypes.data, b.ctypes.data)
+    buffers.give(np.zeros(3))  # not lent: ignored
+    for x in (b, c, d):
+        buffers.give(x)
+    e = buffers.take((8, 8))  # the smallest kept buffer that holds it: d's
+    assert e.ctypes.data == d.ctypes.data
+
+
 def test_cached_matcher_only_once_compiled(family):
     """cached_matcher gives nothing for a grammar not compiled yet (compiling may be slow: it
     belongs on the factory's thread), then fresh, independent matchers at its start."""

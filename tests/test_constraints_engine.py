@@ -594,18 +594,19 @@ def test_a_tokenizer_larger_than_the_models_vocabulary(arch, tmp_path):
 
 
 def test_masks_copied_by_the_driver_sample_the_same(monkeypatch):
-    """AMLX_MASK_COPY=driver (the CUDA driver's copy; MLX's elsewhere) samples what the
-    default copy samples, seeded sampling included; anything else is refused by name."""
+    """AMLX_MASK_COPY=driver (the CUDA driver's copy; MLX's elsewhere) and =pinned (the
+    driver's, from page-locked buffers reused step after step) sample what the default copy
+    samples, seeded sampling included; anything else is refused by name."""
     monkeypatch.setenv("AMLX_MASK_ORDER", "read")
     monkeypatch.setenv("AMLX_MASK_UPLOAD", "thread")
     monkeypatch.setenv("AMLX_STEP_TIMING", "1")
     texts = {}
-    for mode in ("mlx", "driver"):
+    for mode in ("mlx", "driver", "pinned"):
         monkeypatch.setenv("AMLX_MASK_COPY", mode)
         texts[mode], timing = anyio.run(_upload_body)
         assert all(re.fullmatch("[a-z]{6}[0-9]{2}", t) for t in texts[mode])
         assert timing["background"]["mask_upload"] > 0
-    assert texts["driver"] == texts["mlx"]
+    assert texts["driver"] == texts["mlx"] == texts["pinned"]
     monkeypatch.setenv("AMLX_MASK_COPY", "cuda")
     with pytest.raises(ValueError, match="AMLX_MASK_COPY"):
         anyio.run(_upload_body)

@@ -55,3 +55,27 @@ def test_upload_by_driver_only_where_the_gpu_is_the_default_device():
         assert not upload_by_driver()
     elif mx.fast.cuda_available():
         assert upload_by_driver()
+
+
+def test_pinned_buffers_upload_exact_and_are_page_locked_where_the_driver_copies():
+    """`pinned_empty` is page-locked memory where `upload` copies with the driver (a DMA
+    with no staging), ordinary memory elsewhere; uploads from it, the buffer refilled and
+    reused between them as the mask thread does, hold what was in it at each upload."""
+    import gc
+
+    from amlx._mlx.pinned import HostBuffers, is_pinned, pinned_empty
+
+    assert is_pinned(pinned_empty(4096)) == upload_by_driver()
+    buffers = HostBuffers()
+    rng = np.random.default_rng(1)
+    for rows in (64, 16, 64, 1):
+        host = buffers.take((rows, 8192))
+        assert is_pinned(host) == upload_by_driver()
+        want = rng.integers(-(2**31), 2**31, size=(rows, 8192), dtype=np.int64).astype(np.int32)
+        host[...] = want
+        got = upload_masks(host, by_driver=True)
+        host[...] = 0  # refilled at once, as the next step does
+        buffers.give(host)
+        np.testing.assert_array_equal(got.numpy(), want)
+    del host, buffers
+    gc.collect()  # (the page-locked buffers are freed with their last view: nothing to assert but no crash)

@@ -27,6 +27,7 @@ from amlx.constrain.spec import Constraint
 from amlx.env import env_int
 
 if TYPE_CHECKING:
+    from amlx._mlx.pinned import HostBuffers
     from amlx.tokenizer import Tokenizer
 
 __all__ = ["GrammarVocab", "Matcher", "MaskJob", "step_masks", "unpack_mask"]
@@ -528,13 +529,21 @@ class MaskJob:
     a matcher, or whose matcher failed, allow every token. The matchers must not move between
     construction and `run`."""
 
-    __slots__ = ("out", "seconds", "upload_seconds", "start_delay", "_jobs", "_masks", "_upload", "_made")
+    __slots__ = ("out", "seconds", "upload_seconds", "start_delay", "_jobs", "_masks", "_upload", "_made",
+                 "_buffers", "_blank")
 
     def __init__(self, groups: Sequence[Sequence[Matcher | None]],
-                 upload: Callable[[np.ndarray], object] | None = None):
+                 upload: Callable[[np.ndarray], object] | None = None,
+                 buffers: HostBuffers | None = None):
+        """`buffers`: with `upload`, the masks are filled in an array taken from them (page-
+        locked on CUDA, so the driver's upload is a DMA) and given back once uploaded."""
         words = next((m.mask_words for g in groups for m in g if m is not None), 0)
         sizes = [len(g) if any(m is not None for m in g) else 0 for g in groups]
-        self._masks = masks = llnp.allocate_token_bitmask(sum(sizes), words * 32)
+        self._buffers = buffers if upload is not None else None
+        if self._buffers is not None:
+            self._masks = masks = self._buffers.take((sum(sizes), words))
+        else:
+            self._masks = masks = llnp.allocate_token_bitmask(sum(sizes), words * 32)
         jobs, start = [], 0
         self.out: list[np.ndarray | None] = []
         for group, size in zip(groups, sizes):
@@ -544,6 +553,8 @@ class MaskJob:
             self.out.append(masks[start:start + size] if size else None)
             start += size
         self._jobs = jobs
+        # rows llguidance does not fill, to allow every token in a reused buffer
+        self._blank = sorted(set(range(start)) - {row for _, row in jobs}) if self._buffers is not None else []
         self._upload = upload
         self.seconds = 0.0  # how long the fill took (llguidance's share of a step's host time)
         self.upload_seconds = 0.0  # how long `upload` took
@@ -555,15 +566,21 @@ class MaskJob:
         through `upload` where the job was given one (so that the copy to the device is made
         on the thread that runs the job), else the host arrays."""
         self.start_delay = time.perf_counter() - self._made
+        masks = self._masks
+        if self._blank:
+            masks[self._blank] = -1
         if self._jobs:
             start = time.perf_counter()
-            masks = self._masks
             # what llnp.fill_next_token_bitmask_par does after checking the array made above
             _pool().unsafe_compute_mask_ptr(self._jobs, masks.ctypes.data, masks.shape[1] * 4, masks.shape[0])
             self.seconds = time.perf_counter() - start
         if self._upload is not None:
             start = time.perf_counter()
-            self.out = [None if m is None else self._upload(m) for m in self.out]
+            try:
+                self.out = [None if m is None else self._upload(m) for m in self.out]
+            finally:
+                if self._buffers is not None:  # (the upload copied them: the buffer is free again)
+                    self._buffers.give(masks)
             self.upload_seconds = time.perf_counter() - start
         return self.out
 

@@ -57,6 +57,7 @@ import numpy as np
 from amlx._mlx import Array, array, ops, transforms
 from amlx._mlx import device as mxdevice
 from amlx._mlx import int32 as _int32
+from amlx._mlx.pinned import HostBuffers
 from amlx.constrain import MaskJob, step_masks
 from amlx.engine.admission import JoinPolicy
 from amlx.engine.placement import GPU_PREFILL_CHUNK, EngineOptions, Placement, padded_batch
@@ -83,6 +84,9 @@ EXTEND_MIN = 16  # the smallest padded length of an extend pass (lengths go up i
 # A read of step t that waited longer than this (seconds) for the device finds it the bottleneck:
 # constrained shards then launch their forwards before reading (Scheduler._step_constrained).
 DEVICE_BOUND_WAIT = 0.001
+# With AMLX_STEP_TIMING, a step that waited longer than this (seconds) for its masks is counted
+# apart ("slow_masks"), to tell a few long waits (a cold grammar state) from a short one every step.
+SLOW_MASKS = 0.002
 
 
 def _extend_tokens(length: int) -> int:
@@ -103,12 +107,14 @@ def _masks_uploaded_on_thread() -> bool:
     return env_choice("AMLX_MASK_UPLOAD", ("thread", "worker"), "thread") == "thread"
 
 
-def _masks_copied_by_driver() -> bool:
-    """AMLX_MASK_COPY=driver: the mask thread's upload is the CUDA driver's copy
-    (`sample.upload_masks(by_driver=True)`); `mlx` (the default) is MLX's. The driver's
-    copy alone is 4x faster, yet slowed the worker's launch meanwhile by as much (an H100,
-    2026-12-06, benchmarks/README.md): kept to compare. Read once."""
-    return env_choice("AMLX_MASK_COPY", ("mlx", "driver"), "mlx") == "driver"
+def _mask_copy() -> str:
+    """How the mask thread uploads a step's masks (AMLX_MASK_COPY): `mlx` (the default),
+    MLX's copy; `driver`, the CUDA driver's (`sample.upload_masks(by_driver=True)`) from the
+    array llguidance filled; `pinned`, the driver's from a page-locked array llguidance filled
+    (`_mlx.pinned.HostBuffers`). The driver's copy alone is 4x faster, yet from pageable memory
+    slowed the worker's launch meanwhile by as much (an H100, 2026-12-06, benchmarks/README.md).
+    Read once."""
+    return env_choice("AMLX_MASK_COPY", ("mlx", "driver", "pinned"), "mlx")
 
 
 def _build_before_read() -> bool:
@@ -216,7 +222,10 @@ class Scheduler:
         # is measured unless the environment pins it (read once, here)
         self._pinned_order = _pinned_mask_order()
         self._upload_on_thread = _masks_uploaded_on_thread()
-        self._upload = functools.partial(upload_masks, by_driver=True) if _masks_copied_by_driver() else upload_masks
+        copy = _mask_copy()
+        self._upload = upload_masks if copy == "mlx" else functools.partial(upload_masks, by_driver=True)
+        # page-locked arrays the masks are filled in, for the driver's copy (None: fresh arrays)
+        self._mask_buffers = HostBuffers() if copy == "pinned" else None
         self._build_early = _build_before_read()
         self.forward_first = bool(self._pinned_order)
         self._prepared = False  # the model's derived arrays are evaluated (see Module.prepare)
@@ -1075,7 +1084,8 @@ class Scheduler:
         todo = [i for i in indices if parts[i] is None]  # to build, then launch
         unlaunched = [] if launched else [i for i in indices if parts[i] is not None]
         job = MaskJob([[r.matcher for r in plan[i][0].rows] for i in indices],
-                      self._upload if (todo or unlaunched) and self._upload_on_thread else None)
+                      self._upload if (todo or unlaunched) and self._upload_on_thread else None,
+                      self._mask_buffers)
         pending = None
         if todo or unlaunched:  # forwards to build or launch meanwhile: the masks go to the mask thread
             if self._mask_thread is None:
@@ -1098,8 +1108,14 @@ class Scheduler:
                 masks = pending.result() if pending is not None else job.run()
             except MLXError as exc:  # (the masks' upload on the mask thread: as a failed build)
                 masks, failure = [], _unwound(exc)
-            self.timing.lap("masks")
+            waited = self.timing.lap("masks")
+            if waited > SLOW_MASKS:  # (whether a mean wait comes from every step or from a few)
+                self.timing.count("slow_masks")
+                self.timing.add("slow_masks", waited)
             self.timing.add("mask_fill", job.seconds)
+            if job.seconds > SLOW_MASKS:
+                self.timing.count("slow_fills")
+                self.timing.add("slow_fills", job.seconds)
             if job.upload_seconds:
                 self.timing.add("mask_upload", job.upload_seconds)
             if pending is not None:  # from the hand-over to the mask thread until it began
@@ -1511,6 +1527,8 @@ class Scheduler:
         if self._mask_thread is not None:
             self._mask_thread.shutdown(wait=False)
             self._mask_thread = None
+        if self._mask_buffers is not None:
+            self._mask_buffers.clear()
         if self.speculator is not None:
             self.speculator.close()
 

@@ -57,11 +57,13 @@ class StepTiming:
             self._last = time.perf_counter()
             self._last_cpu = time.thread_time()
 
-    def lap(self, name: str) -> None:
-        """Charges the time since the last lap (or `begin`) to `name`."""
+    def lap(self, name: str) -> float:
+        """Charges the time since the last lap (or `begin`) to `name`; returns it (0.0 when off)."""
+        spent = 0.0
         if self.enabled:
             now, cpu = time.perf_counter(), time.thread_time()
-            self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+            spent = now - self._last
+            self.seconds[name] = self.seconds.get(name, 0.0) + spent
             self.cpu[name] = self.cpu.get(name, 0.0) + cpu - self._last_cpu
             peak = memory.peak()
             if peak > self._peak:  # (lower: someone reset the counter meanwhile)
@@ -69,6 +71,7 @@ class StepTiming:
             self._peak = peak
             # (reading the counter is not the phase's time)
             self._last, self._last_cpu = time.perf_counter(), time.thread_time()
+        return spent
 
     def add(self, name: str, seconds: float) -> None:
         """Charges `seconds` to the background total `name` (no lap: the round's clock runs on)."""

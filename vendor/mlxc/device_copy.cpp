@@ -41,7 +41,10 @@ struct Driver {
   CUresult (*stream_create)(CUstream*, unsigned) = nullptr;
   CUresult (*stream_synchronize)(CUstream) = nullptr;
   CUresult (*copy_htod_async)(CUdeviceptr, const void*, size_t, CUstream) = nullptr;
+  CUresult (*host_alloc)(void**, size_t, unsigned) = nullptr;
+  CUresult (*free_host)(void*) = nullptr;
 };
+constexpr unsigned kHostAllocPortable = 1;  // CU_MEMHOSTALLOC_PORTABLE: pinned for every context
 
 // The driver's entry points, or nullptr where MLX runs without CUDA (looked up once).
 const Driver* driver() {
@@ -59,24 +62,30 @@ const Driver* driver() {
         reinterpret_cast<decltype(found.stream_synchronize)>(dlsym(lib, "cuStreamSynchronize"));
     found.copy_htod_async =
         reinterpret_cast<decltype(found.copy_htod_async)>(dlsym(lib, "cuMemcpyHtoDAsync_v2"));
-    bool complete = found.ctx_get_current && found.ctx_set_current && found.primary_ctx_retain &&
+    found.host_alloc = reinterpret_cast<decltype(found.host_alloc)>(dlsym(lib, "cuMemHostAlloc"));
+    found.free_host = reinterpret_cast<decltype(found.free_host)>(dlsym(lib, "cuMemFreeHost"));
+    bool complete = found.host_alloc && found.free_host && found.ctx_get_current && found.ctx_set_current && found.primary_ctx_retain &&
                     found.stream_create && found.stream_synchronize && found.copy_htod_async;
     return complete ? &found : nullptr;
   }();
   return d;
 }
 
+// Makes the primary context of device 0 (MLX's) current where this thread has none.
+bool with_context(const Driver& d) {
+  CUcontext ctx = nullptr;
+  if (d.ctx_get_current(&ctx) != 0) return false;
+  return ctx != nullptr || (d.primary_ctx_retain(&ctx, 0) == 0 && d.ctx_set_current(ctx) == 0);
+}
+
 // This thread's copy stream: non-blocking, so a copy does not wait for the kernels
-// MLX has queued (the step running meanwhile). Made once a thread, in the primary
-// context of device 0 (MLX's), made current where the thread has none.
+// MLX has queued (the step running meanwhile). Made once a thread.
 CUstream thread_stream(const Driver& d) {
   thread_local CUstream stream = nullptr;
   thread_local bool failed = false;
   if (stream != nullptr || failed) return stream;
   failed = true;
-  CUcontext ctx = nullptr;
-  if (d.ctx_get_current(&ctx) != 0) return nullptr;
-  if (ctx == nullptr && (d.primary_ctx_retain(&ctx, 0) != 0 || d.ctx_set_current(ctx) != 0)) return nullptr;
+  if (!with_context(d)) return nullptr;
   if (d.stream_create(&stream, kStreamNonBlocking) != 0) {
     stream = nullptr;
     return nullptr;
@@ -108,4 +117,20 @@ mx::array mlxc::upload(const void* data, mx::Shape shape, mx::Dtype dtype, size_
 
 bool mlxc::upload_by_driver() {
   return driver() != nullptr;
+}
+
+// From pageable memory the driver stages the copy through its own pinned buffer with
+// the CPU, and on an H100 the worker's kernel launches meanwhile slowed by as much as
+// the copy saved. From page-locked memory it is the copy engine's DMA alone.
+void* mlxc::pinned_alloc(size_t nbytes) {
+  const Driver* d = driver();
+  void* p = nullptr;
+  if (d == nullptr || nbytes == 0 || !with_context(*d) || d->host_alloc(&p, nbytes, kHostAllocPortable) != 0)
+    return nullptr;
+  return p;
+}
+
+void mlxc::pinned_free(void* p) {
+  const Driver* d = driver();
+  if (d != nullptr && p != nullptr && with_context(*d)) d->free_host(p);
 }

@@ -31,6 +31,10 @@ inline void free_handle(uintptr_t h) { delete reinterpret_cast<mlxc_array_s*>(h)
 mlx::core::array upload(const void* data, mlx::core::Shape shape, mlx::core::Dtype dtype, size_t nbytes);
 // Whether `upload` copies with the CUDA driver here.
 bool upload_by_driver();
+// Page-locked host memory from the CUDA driver (device_copy.cpp): nullptr where
+// upload_by_driver() is false or the driver refused.
+void* pinned_alloc(size_t nbytes);
+void pinned_free(void* p);
 
 // Sets the thread-local text that mlxc_last_error() returns.
 void set_last_error(const std::string& message);

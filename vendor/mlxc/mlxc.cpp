@@ -288,6 +288,14 @@ int mlxc_upload_by_driver(void) {
   return mlxc::upload_by_driver() ? 1 : 0;
 }
 
+void* mlxc_pinned_alloc(size_t nbytes) {
+  return mlxc::pinned_alloc(nbytes);
+}
+
+void mlxc_pinned_free(void* p) {
+  mlxc::pinned_free(p);
+}
+
 int mlxc_array_from_double(double value, int dtype, mlxc_array* out) {
   GUARD_BEGIN
   put(mx::array(value, to_dtype(dtype)), out);

@@ -168,6 +168,11 @@ int mlxc_array_from_data(const void* data, const int* shape, int ndim,
 int mlxc_array_upload(const void* data, const int* shape, int ndim, int dtype, mlxc_array* out);
 /* 1 where mlxc_array_upload copies with the CUDA driver, else 0. */
 int mlxc_upload_by_driver(void);
+/* nbytes of page-locked host memory, from which mlxc_array_upload is a DMA with no
+ * staging copy; NULL where mlxc_upload_by_driver() is 0 or the driver refused.
+ * Freed with mlxc_pinned_free (NULL is ignored). */
+void* mlxc_pinned_alloc(size_t nbytes);
+void mlxc_pinned_free(void* p);
 int mlxc_array_from_double(double value, int dtype, mlxc_array* out);
 int mlxc_array_from_int(int64_t value, int dtype, mlxc_array* out);
 int mlxc_array_from_bool(int value, mlxc_array* out);
