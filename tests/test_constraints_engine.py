@@ -332,6 +332,78 @@ def test_forwards_built_before_or_after_the_read_sample_the_same(monkeypatch):
         anyio.run(_upload_body)
 
 
+async def _mixed_body() -> list[tuple[str, str]]:
+    """Constrained requests of different lengths beside free ones, seeded sampling."""
+    async with await amlx.load(checkpoint("qwen3")) as model:
+        constrained = [model.complete(p, regex=rx, max_tokens=24, temperature=1.0, seed=i)
+                       for i, (p, rx) in enumerate((("x", "[a-z]{3}"), ("yy", "[0-9]{2}q{0,9}z"),
+                                                    ("zzz", "[a-z]{6}[0-9]{2}")))]
+        free = [model.complete(p, max_tokens=12, temperature=1.0, seed=10 + i) for i, p in enumerate(("a", "bb"))]
+        results = await asyncio.gather(*constrained, *free)
+        return [(r.text, r.finish_reason) for r in results]
+
+
+def test_masks_started_once_the_matchers_advanced_sample_the_same(monkeypatch):
+    """By default (AMLX_MASK_START=advance) a step's masks start on the mask thread once the
+    matchers took step t's tokens, while the tokens still go out to their requests; =emit
+    starts them after. Constrained and free requests get the same tokens and ends either way,
+    and no request sees its matcher used by both threads at once."""
+    from amlx.engine.scheduler import Scheduler
+
+    early = []  # per constrained step: whether its masks were started during the read
+    real = Scheduler._step_constrained
+
+    def logged(self, *args, started=None, **kwargs):
+        early.append(started is not None)
+        return real(self, *args, started=started, **kwargs)
+
+    monkeypatch.setattr(Scheduler, "_step_constrained", logged)
+    monkeypatch.setenv("AMLX_MASK_ORDER", "read")
+    outs, starts = {}, {}
+    for mode in ("emit", "advance"):
+        monkeypatch.setenv("AMLX_MASK_START", mode)
+        early.clear()
+        outs[mode] = anyio.run(_mixed_body)
+        starts[mode] = sum(early)
+    assert outs["advance"] == outs["emit"]
+    texts = [t for t, _ in outs["advance"]]
+    assert re.fullmatch("[a-z]{3}", texts[0]) and re.fullmatch("[0-9]{2}q{0,9}z", texts[1])
+    assert re.fullmatch("[a-z]{6}[0-9]{2}", texts[2])
+    assert [r for _, r in outs["advance"][:3]] == ["stop"] * 3
+    assert starts["advance"] > 0 and starts["emit"] == 0
+    monkeypatch.setenv("AMLX_MASK_START", "never")
+    with pytest.raises(ValueError, match="AMLX_MASK_START"):
+        anyio.run(_mixed_body)
+
+
+def test_a_request_failing_while_its_token_goes_out_leaves_the_masks_and_others_alone(monkeypatch):
+    """With the masks started before the tokens go out, a request whose detokenizer raises
+    then fails alone (its error names the cause); the constrained requests beside it complete
+    their patterns, their matchers untouched by the failing hand-out."""
+    from amlx.engine import assembler as assembler_module
+
+    real_push = assembler_module.TextAssembler.push
+
+    def push(self, token_id, *args, **kwargs):
+        if self._max == 15 and self.count >= 3:  # (the victim: the one request of max_tokens=15)
+            raise RuntimeError("detokenizer broke")
+        return real_push(self, token_id, *args, **kwargs)
+
+    monkeypatch.setattr(assembler_module.TextAssembler, "push", push)
+    monkeypatch.setenv("AMLX_MASK_ORDER", "read")
+
+    async def body():
+        async with await amlx.load(checkpoint("qwen3")) as model:
+            good = [model.complete(p, regex="[a-z]{6}[0-9]{2}", max_tokens=16, temperature=1.0, seed=i)
+                    for i, p in enumerate(("x", "yy"))]
+            victim = model.complete("zzz", regex="[0-9]{12}", max_tokens=15)
+            return await asyncio.gather(*good, victim, return_exceptions=True)
+
+    *good, victim = anyio.run(body)
+    assert isinstance(victim, amlx.AmlxError) and "detokenizer broke" in str(victim)
+    assert all(re.fullmatch("[a-z]{6}[0-9]{2}", g.text) for g in good)
+
+
 def test_a_failed_mask_upload_on_the_mask_thread_is_a_failed_step(monkeypatch):
     """An MLX error making the masks' device arrays on the mask thread is handled as a step
     that failed to build (the rows retried), not an engine failure: the requests complete."""

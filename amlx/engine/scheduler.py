@@ -49,8 +49,11 @@ import threading
 import time
 import warnings
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -124,6 +127,13 @@ def _build_before_read() -> bool:
     return env_choice("AMLX_MASK_BUILD", ("before", "after"), "before") == "before"
 
 
+def _masks_start_at_advance() -> bool:
+    """Whether a step's masks start as soon as the matchers took step t's tokens, before the
+    tokens go to their requests (the default, AMLX_MASK_START=advance), or once they went
+    (=emit, as before 2026-12-06, for benchmarks to compare). Read once."""
+    return env_choice("AMLX_MASK_START", ("advance", "emit"), "advance") == "advance"
+
+
 def _pinned_mask_order() -> bool | None:
     """AMLX_MASK_ORDER=forward or =read pins the constrained shards' order (benchmarks compare
     the two; `_step_constrained`); unset or "auto", the scheduler picks it by what it measures."""
@@ -146,6 +156,14 @@ def _unwound(exc: MLXError) -> MLXError:
     traceback: held in a local of a frame that traceback holds, it made a cycle that kept
     the failed step's frames and MLX arrays alive until the next garbage collection."""
     return exc.with_traceback(None)
+
+
+def _token_failure(token_id: int, exc: Exception) -> AmlxError:
+    """A request's own failure while taking its token `token_id` (its sampling history,
+    matcher or detokenizer raised `exc`)."""
+    error = AmlxError(f"the request failed at its token {token_id}: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc  # (its traceback stays, as text: Channel.close)
+    return error
 
 
 def _constraint_failure(req: Request, token_id: int, before: bool) -> AmlxError:
@@ -227,6 +245,7 @@ class Scheduler:
         # page-locked arrays the masks are filled in, for the driver's copy (None: fresh arrays)
         self._mask_buffers = HostBuffers() if copy == "pinned" else None
         self._build_early = _build_before_read()
+        self._masks_early = _masks_start_at_advance()
         self.forward_first = bool(self._pinned_order)
         self._prepared = False  # the model's derived arrays are evaluated (see Module.prepare)
         model.use_decode_kernel(self.options.decode_kernel)
@@ -905,12 +924,27 @@ class Scheduler:
         except MLXError as exc:
             failure = _unwound(exc)
         self.timing.lap("launch")
-        waited = self._read(prev) if prev is not None else 0.0
+        # With the forwards built, the masks start as soon as the matchers took step t's tokens,
+        # so that handing the tokens out overlaps computing them too, not only the launch.
+        started: list[_Masks] = []
+
+        def start_masks() -> None:
+            started.append(self._start_masks(plan, constrained, parts, False))
+
+        advanced = start_masks if failure is None and constrained and early and self._masks_early else None
+        try:
+            waited = self._read(prev, advanced) if prev is not None else 0.0
+        except BaseException:
+            for masks in started:  # (the matchers must be this thread's again)
+                if masks.pending is not None:
+                    wait_for([masks.pending])
+            raise
         if constrained and prev is not None and not first and self._pinned_order is None:
             # step t still ran when it was read: the device, not the host, sets the pace
             self.forward_first = waited > DEVICE_BOUND_WAIT
         if failure is None and constrained:
-            failure = self._step_constrained(plan, constrained, parts, chained, split, launched=first)
+            failure = self._step_constrained(plan, constrained, parts, chained, split, launched=first,
+                                             started=started[0] if started else None)
         if failure is not None:
             for shard, snapshot in saved:
                 shard.sampling.rewind(snapshot)
@@ -1049,8 +1083,27 @@ class Scheduler:
             return _unwound(exc)
         return None
 
+    def _start_masks(self, plan: list, indices: list[int], parts: list["_Part | None"],
+                     launched: bool) -> "_Masks":
+        """Sets up the masks of the constrained shards' next step (their matchers have taken
+        step t's tokens) and, where forwards are still to build or launch, hands them to the
+        mask thread (see `_step_constrained`)."""
+        indices = [i for i in indices if parts[i] is not None or all(r.blocks for r in plan[i][0].rows)]
+        todo = [i for i in indices if parts[i] is None]  # to build, then launch
+        unlaunched = [] if launched else [i for i in indices if parts[i] is not None]
+        job = MaskJob([[r.matcher for r in plan[i][0].rows] for i in indices],
+                      self._upload if (todo or unlaunched) and self._upload_on_thread else None,
+                      self._mask_buffers) if indices else None
+        pending = None
+        if indices and (todo or unlaunched):  # forwards to build or launch meanwhile: the masks go to the mask thread
+            if self._mask_thread is None:
+                self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amlx-masks")
+            pending = self._mask_thread.submit(job.run)
+        return _Masks(indices, todo, unlaunched, job, pending)
+
     def _step_constrained(self, plan: list, indices: list[int], parts: list["_Part | None"],
-                          chained: dict, split: bool, launched: bool = False) -> MLXError | None:
+                          chained: dict, split: bool, launched: bool = False,
+                          started: "_Masks | None" = None) -> MLXError | None:
         """Steps the shards holding constrained rows (`plan[i]` for i in `indices`; their
         parts go into `parts[i]`, where their forwards may already be: built, and with
         `launched` launched too), now that step t's tokens have advanced the matchers.
@@ -1077,20 +1130,14 @@ class Scheduler:
         The scheduler switches to forward-first when a read waited for the device longer
         than DEVICE_BOUND_WAIT, and back when, forward first, the forward was computed
         before its sampling was launched (the device waited for the masks); unless
-        AMLX_MASK_ORDER pins the order (`_pinned_mask_order`)."""
-        indices = [i for i in indices if parts[i] is not None or all(r.blocks for r in plan[i][0].rows)]
+        AMLX_MASK_ORDER pins the order (`_pinned_mask_order`).
+
+        `started`: the masks set up and handed to the mask thread already (`_start_masks`, by
+        `_read` once the matchers took their tokens, before they went to their requests)."""
+        masks_of = started if started is not None else self._start_masks(plan, indices, parts, launched)
+        indices, todo, unlaunched, job, pending = masks_of
         if not indices:
             return None
-        todo = [i for i in indices if parts[i] is None]  # to build, then launch
-        unlaunched = [] if launched else [i for i in indices if parts[i] is not None]
-        job = MaskJob([[r.matcher for r in plan[i][0].rows] for i in indices],
-                      self._upload if (todo or unlaunched) and self._upload_on_thread else None,
-                      self._mask_buffers)
-        pending = None
-        if todo or unlaunched:  # forwards to build or launch meanwhile: the masks go to the mask thread
-            if self._mask_thread is None:
-                self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amlx-masks")
-            pending = self._mask_thread.submit(job.run)
         try:
             for i in todo:
                 shard, sel = plan[i]
@@ -1159,21 +1206,46 @@ class Scheduler:
         step, self._inflight = self._inflight, None
         return step
 
-    def _read(self, step: "_Step") -> float:
+    def _read(self, step: "_Step", advanced: Callable[[], None] | None = None) -> float:
         """Hands a launched step's tokens to their requests (waits for the device);
-        returns the seconds it waited."""
+        returns the seconds it waited.
+
+        `advanced`: called once every part is read and every constrained row's matcher has
+        taken its token, before the tokens go to their requests: the next step's masks can
+        be computed (on the mask thread) while this thread hands the tokens out."""
         waited = 0.0
+        reads = []
         for part in step.parts:
             start = time.perf_counter()
             ids, lps, tops = part.sample.read()
             waited += time.perf_counter() - start
             self.timing.lap("wait")
-            for i in part.selected:
-                req = part.rows[i]
-                if req.active:  # a row that finished or was cancelled meanwhile: its token is dropped
-                    self._emit(req, int(ids[i]), float(lps[i]), None if tops is None else tops[i])
-            self.timing.lap("emit")
+            if advanced is not None:
+                reads.append((part, ids, lps, tops))
+                continue
+            self._emit_part(part, ids, lps, tops)
+        if advanced is not None:
+            # (the matchers are the mask thread's from `advanced` on: what handing the tokens out
+            # needs of them, whether each request is complete, is read here)
+            complete = [[self._advance(r, int(ids[i])) if r.active and r.matcher is not None else None
+                         for i, r in ((i, part.rows[i]) for i in part.selected)] for part, ids, _, _ in reads]
+            self.timing.lap("advance")
+            advanced()
+            self.timing.lap("masks_start")
+            for (part, ids, lps, tops), done in zip(reads, complete):
+                self._emit_part(part, ids, lps, tops, done)
         return waited
+
+    def _emit_part(self, part: "_Part", ids: list[int], lps: list[float], tops: list | None,
+                   complete: list[bool | None] | None = None) -> None:
+        """Hands a part's read tokens to its rows (`complete`: for each selected row whose
+        matcher took its token already, whether it is complete; see `_emit`)."""
+        for k, i in enumerate(part.selected):
+            req = part.rows[i]
+            if req.active:  # a row that finished or was cancelled meanwhile: its token is dropped
+                self._emit(req, int(ids[i]), float(lps[i]), None if tops is None else tops[i],
+                           None if complete is None else complete[k])
+        self.timing.lap("emit")
 
     def _timing_pass(self, shard: _Shard, rows: list) -> list[Array]:
         """A decode step's forward over `rows` that hold only the null block (the
@@ -1235,19 +1307,21 @@ class Scheduler:
             return fn(tokens, positions, table_arrays(tables), pools, views or list(pools))
         return fn(tokens, positions, table_arrays(tables), pools)  # (one structure per engine, as compile needs)
 
-    def _emit(self, req: Request, token_id: int, logprob: float, top: list | None = None) -> None:
+    def _emit(self, req: Request, token_id: int, logprob: float, top: list | None = None,
+              complete: bool | None = None) -> None:
+        """Hands a request its next sampled token. `complete`: its matcher took the token
+        already (`_advance`), and this is whether the constraint is complete; None: the
+        matcher (if any) takes it here."""
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
         req.last = token_id
         req.generated.append(token_id)
         try:
-            tok = self._token(req, token_id, logprob, top)
+            tok = self._token(req, token_id, logprob, top, complete)
         except Exception as exc:  # noqa: BLE001 - this request's own failure
             # (its sampling history, matcher or detokenizer failed: raised out of the round, it
             # ended every request of the engine, each with an MLXError that was no MLX failure)
-            error = AmlxError(f"the request failed at its token {token_id}: {type(exc).__name__}: {exc}")
-            error.__cause__ = exc  # (its traceback stays, as text: Channel.close)
-            self._fail(req, error)
+            self._fail(req, _token_failure(token_id, exc))
             return
         if tok is None:
             return  # (its constraint failed it)
@@ -1257,23 +1331,37 @@ class Scheduler:
             req.done_at = time.perf_counter()
             req.channel.close()
 
-    def _token(self, req: Request, token_id: int, logprob: float, top: list | None) -> Token | None:
+    def _token(self, req: Request, token_id: int, logprob: float, top: list | None,
+               complete: bool | None = None) -> Token | None:
         """The Token of a request's next sampled id, its sampling and constraint state moved
-        on; None where its constraint failed (the request is failed then)."""
+        on (`complete`: see `_emit`); None where its constraint failed (the request is failed then)."""
         req.sampling.observe(token_id)
-        # (a matcher that failed while computing this token's mask allowed EOS alone, and would
-        # take it as a proper end: that is the constraint failing, not the text ending)
-        if req.matcher is not None:
-            before = req.matcher.failed
-            if before or not req.matcher.consume(token_id):
-                self._fail(req, _constraint_failure(req, token_id, before))
+        if req.matcher is not None and complete is None:
+            complete = self._advance(req, token_id)
+            if complete is None:
                 return None
         # a constraint that admits nothing more (but EOS) ends the request here
-        complete = req.matcher is not None and req.matcher.finished
+        complete = bool(complete)
         tok = req.assembler.push(token_id, logprob if req.options.logprobs else None, complete=complete)
         if top is not None and req.options.top_logprobs:  # (id, logprob) pairs, best first
             tok = replace(tok, top_logprobs=top[:req.options.top_logprobs])
         return tok
+
+    def _advance(self, req: Request, token_id: int) -> bool | None:
+        """A constrained request's matcher takes its next token: whether the constraint is
+        then complete (nothing but EOS may follow), or None, the request failed, where the
+        constraint refused the token or the matcher raised (the request's own failure)."""
+        try:
+            # (a matcher that failed while computing this token's mask allowed EOS alone, and would
+            # take it as a proper end: that is the constraint failing, not the text ending)
+            before = req.matcher.failed
+            if before or not req.matcher.consume(token_id):
+                self._fail(req, _constraint_failure(req, token_id, before))
+                return None
+            return req.matcher.finished
+        except Exception as exc:  # noqa: BLE001 - this request's own failure (as in `_emit`)
+            self._fail(req, _token_failure(token_id, exc))
+            return None
 
     def _drop_inactive(self) -> None:
         for req in [r for r in self.waiting if not r.active]:
@@ -1554,6 +1642,16 @@ class _Part:
         """The shard's rows now as this step knows them: its rows that stay, in their
         order now, and None for each row that joined since."""
         return self.rows if self.carry is None else [None if i is None else self.rows[i] for i in self.carry]
+
+
+class _Masks(NamedTuple):
+    """A step's masks set up for the constrained shards (`Scheduler._start_masks`)."""
+
+    indices: list[int]  # the shards (into the plan) that sample with masks this step
+    todo: list[int]  # of those, the ones whose forwards are still to build
+    unlaunched: list[int]  # the ones whose forwards are built, not launched
+    job: MaskJob | None
+    pending: Future | None  # the job on the mask thread
 
 
 @dataclass(eq=False)
