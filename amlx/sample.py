@@ -827,10 +827,10 @@ def upload_masks(masks: np.ndarray, by_driver: bool = False) -> Array:
     (one copy; any thread may make it: an array made from host data needs no stream).
 
     `by_driver`: the CUDA driver copies them (`_mlx.array.upload`) rather than MLX, which
-    writes managed memory the GPU last held a page fault at a time. Alone it is 4x faster
-    (2 MB: 0.22 against 0.89 ms on an H100), but in the engine the worker's launch of the
-    forward, which runs meanwhile, slowed by as much (the driver's copy from pageable memory
-    holds it up), so the engine does it only with AMLX_MASK_COPY=driver (benchmarks/README.md)."""
+    writes managed memory the GPU last held a page fault at a time (2 MB: 0.22 against 0.89 ms
+    on an H100). From pageable memory the driver's copy held up the worker's launches running
+    meanwhile, so the engine fills the masks in page-locked memory for it (`_mlx.pinned`,
+    AMLX_MASK_COPY; benchmarks/README.md)."""
     masks = np.ascontiguousarray(masks, dtype=np.int32)
     return upload(masks) if by_driver else mx.array(masks)
 

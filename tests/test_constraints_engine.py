@@ -404,21 +404,24 @@ def test_a_request_failing_while_its_token_goes_out_leaves_the_masks_and_others_
     assert all(re.fullmatch("[a-z]{6}[0-9]{2}", g.text) for g in good)
 
 
-def test_a_failed_mask_upload_on_the_mask_thread_is_a_failed_step(monkeypatch):
+@pytest.mark.parametrize("copy", ["pinned", "mlx"])
+def test_a_failed_mask_upload_on_the_mask_thread_is_a_failed_step(monkeypatch, copy):
     """An MLX error making the masks' device arrays on the mask thread is handled as a step
-    that failed to build (the rows retried), not an engine failure: the requests complete."""
+    that failed to build (the rows retried), not an engine failure: the requests complete
+    (with the masks filled in reused buffers too: the failed step's buffer is reused after)."""
     from amlx.engine import scheduler as scheduler_module
     from amlx.errors import MLXError
 
     real, calls = scheduler_module.upload_masks, []
 
-    def flaky(masks):
+    def flaky(masks, **kwargs):
         calls.append(len(masks))
         if len(calls) == 3:
             raise MLXError("array", "out of memory (injected)")
-        return real(masks)
+        return real(masks, **kwargs)
 
     monkeypatch.setattr(scheduler_module, "upload_masks", flaky)
+    monkeypatch.setenv("AMLX_MASK_COPY", copy)
     monkeypatch.setenv("AMLX_STEP_TIMING", "1")
     monkeypatch.setenv("AMLX_MASK_ORDER", "read")
     monkeypatch.setenv("AMLX_MASK_UPLOAD", "thread")
