@@ -303,6 +303,23 @@ def test_the_mask_slices_change_no_mask(family, seed, temperature):
         assert m.consume(token) and ref.consume_token(token)
 
 
+def test_mask_slices_never_repeat_one_of_llguidances(family, monkeypatch):
+    """A short-string slice llguidance already has (its 10 characters) is not given twice: a
+    repeated slice failed every grammar's compile ("panic: repeating slices?")."""
+    from amlx.constrain import matcher as matcher_module
+
+    monkeypatch.setattr(matcher_module, "_SHORT_STRINGS", (2, 10))
+    slices = matcher_module.mask_slices()
+    assert len(slices) == len(set(slices)) and f"{matcher_module._STRING_CHARS}{{1,2}}" in slices
+    tok, _ = family
+    vocab = GrammarVocab.from_tokenizer(tok, tok.vocab_size + PADDING)
+    m = vocab.matcher(parse_constraint(response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "s", "schema": STRING_SCHEMA}}))
+    masks = vocab.new_masks(1)
+    m.fill_mask(masks)
+    assert not m.failed and unpack_mask(masks, vocab.vocab_size)[0].any()
+
+
 def test_rollback_restores_the_mask(family):
     tok, vocab = family
     m = vocab.matcher(parse_constraint(regex=r"[a-c]{2}(?:x|yz)?"))

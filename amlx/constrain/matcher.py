@@ -58,7 +58,10 @@ def mask_slices() -> list[str]:
     general = llguidance.LLTokenizer.general_slices()
     strings = [s for s in general if s.startswith(_STRING_CHARS)]
     others = [s for s in general if not s.startswith(_STRING_CHARS)]
-    return [*others, *(f"{_STRING_CHARS}{{1,{k}}}" for k in _SHORT_STRINGS), *strings]
+    # (a slice given twice failed every grammar's compile, llguidance's "panic: repeating
+    # slices?": one llguidance already has is not added again)
+    short = [f"{_STRING_CHARS}{{1,{k}}}" for k in _SHORT_STRINGS]
+    return [*others, *(s for s in short if s not in general), *strings]
 
 # Marks a special token's name in the tokenizer.json handed to llguidance (after its "<").
 _SPECIAL_MARK = "\ue000"  # a private-use character: in no real prompt or grammar
