@@ -14,6 +14,7 @@ import threading
 import types
 import warnings
 
+import anyio
 import numpy as np
 import pytest
 
@@ -79,6 +80,22 @@ async def test_a_second_close_waits_until_the_model_is_freed():
     assert amlx.memory()["active"] == before
     await first
     model.close()  # (a later close still returns at once)
+
+
+async def test_aclose_in_a_cancelled_scope_returns_once_the_model_is_freed():
+    # inside a cancelled scope aclose returned at once, before the worker's shutdown job had
+    # run: the model's memory was still held when `async with` had been left
+    before = amlx.memory()["active"]
+    model = await amlx.load(default_model_dir())
+    assert (await model.complete("Hello!", max_tokens=2)).usage.completion_tokens == 2
+    gate = threading.Event()
+    model.engine.submit_job(gate.wait)  # the close's shutdown queues behind this job
+    threading.Timer(0.2, gate.set).start()  # (released from another thread: this task is blocked in aclose)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await model.aclose()
+    assert scope.cancelled_caught  # the cancellation still reached the caller
+    assert model.closed and amlx.memory()["active"] == before
 
 
 async def test_the_demo_reports_a_stream_that_ended_by_itself_as_ended():

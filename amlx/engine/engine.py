@@ -15,6 +15,7 @@ import weakref
 from typing import Any, Callable
 
 import anyio
+import anyio.lowlevel
 
 from amlx._mlx import memory
 from amlx.constrain import Constraint, MatcherFactory
@@ -318,11 +319,17 @@ class Engine:
             return True
 
     async def aclose(self) -> None:
-        """Ends pending streams with ClosedError and frees the model (idempotent)."""
-        if self._begin_close():
-            await self._worker.run(self._shutdown)
-        elif self._waits_for_close():
-            await anyio.to_thread.run_sync(self._shut.wait, abandon_on_cancel=True)
+        """Ends pending streams with ClosedError and frees the model (idempotent).
+
+        Shielded from cancellation, as resource cleanup is: a caller cancelled meanwhile (an
+        `async with` left by a cancelled scope) still returns only once the model is freed,
+        and then its cancellation is raised here."""
+        with anyio.CancelScope(shield=True):
+            if self._begin_close():
+                await self._worker.run(self._shutdown)
+            elif self._waits_for_close():
+                await anyio.to_thread.run_sync(self._shut.wait)
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
     def close(self) -> None:
         if self._begin_close():
