@@ -399,6 +399,28 @@ CANCEL_MEANS = ["break", "aclose", "cancel_scope", "cancel_in_body", "fail_after
                 "asyncio_wait_for"]
 
 
+async def _buffered_cancel_body(model) -> None:
+    want = await model.complete([11, 12, 13], max_tokens=6)
+    stream = model.generate([11, 12, 13], max_tokens=6)
+    first = await stream.__anext__()
+    assert first.id == want.token_ids[0]
+    await _wait_until(lambda: model.stats()["active_requests"] == 0)  # every token produced, the rest buffered
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await stream.__anext__()  # a cancelled reader: no token, however ready
+        raise AssertionError("a cancelled reader was handed a buffered token")
+    assert scope.cancelled_caught
+    assert [t async for t in stream] == []  # the reader went away: its stream ended
+
+
+def test_a_cancelled_reader_takes_no_buffered_token(backend, idle):
+    """Reading a stream whose tokens are all buffered inside a cancelled scope raises the
+    cancellation and hands out no token (under trio one more token went out: a read that
+    found a token ready was no checkpoint); the stream then ends, as for any reader that
+    went away."""
+    run(backend, _buffered_cancel_body, idle)
+
+
 async def _cancel_body(ckpt: Path, means: str, shared) -> None:
     others_spec = greedy_cases(3, 50, seed=7)
     victim_prompt = greedy_cases(1, 4, seed=8)[0][0]

@@ -14,6 +14,7 @@ from collections import deque
 from typing import Callable
 
 import anyio
+import anyio.lowlevel
 
 from amlx.engine.notify import loop_waker, wake
 
@@ -79,6 +80,11 @@ class Channel:
         return ...
 
     async def get(self):
+        # A cancelled reader gets nothing, even where an item is ready: under trio (or an anyio
+        # cancel scope) a read that never waits was no checkpoint, and one more token went out
+        # after the scope was cancelled. Checked before an item is taken, so a reader that
+        # catches its cancellation and reads on loses none.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         while True:
             with self._lock:
                 item = self._take()
