@@ -98,6 +98,35 @@ async def test_aclose_in_a_cancelled_scope_returns_once_the_model_is_freed():
     assert model.closed and amlx.memory()["active"] == before
 
 
+async def test_aclose_in_a_task_cancelled_by_asyncio_returns_once_the_model_is_freed():
+    # asyncio's own task.cancel() (a timeout, Ctrl-C in asyncio.run) is not held by an anyio
+    # shield: aclose ended at once, the model's memory still held
+    before = amlx.memory()["active"]
+    model = await amlx.load(default_model_dir())
+    assert (await model.complete("Hello!", max_tokens=2)).usage.completion_tokens == 2
+    gate = threading.Event()
+    model.engine.submit_job(gate.wait)  # the close's shutdown queues behind this job
+    freed = []
+
+    async def closer():
+        try:
+            await model.aclose()
+        finally:
+            freed.append(amlx.memory()["active"] == before)
+
+    task = asyncio.create_task(closer())
+    try:
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done()  # still waiting for the shutdown
+    finally:
+        gate.set()  # (the worker serves every model: never leave it waiting)
+    with pytest.raises(asyncio.CancelledError):
+        await task  # the cancellation is raised once the close is done
+    assert freed == [True] and model.closed
+
+
 async def test_the_demo_reports_a_stream_that_ended_by_itself_as_ended():
     # with a budget under 4 the "cancel" stream left after its first token whatever that token
     # was, and was reported "cancelled" although its one token (finish_reason "length") ended it

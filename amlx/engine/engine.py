@@ -322,11 +322,11 @@ class Engine:
         """Ends pending streams with ClosedError and frees the model (idempotent).
 
         Shielded from cancellation, as resource cleanup is: a caller cancelled meanwhile (an
-        `async with` left by a cancelled scope) still returns only once the model is freed,
-        and then its cancellation is raised here."""
+        `async with` left by a cancelled scope or task) still returns only once the model is
+        freed, and then its cancellation is raised here."""
         with anyio.CancelScope(shield=True):
             if self._begin_close():
-                await self._worker.run(self._shutdown)
+                await self._worker.run(self._shutdown, to_the_end=True)
             elif self._waits_for_close():
                 await anyio.to_thread.run_sync(self._shut.wait)
         await anyio.lowlevel.checkpoint_if_cancelled()

@@ -64,20 +64,32 @@ class Worker:
             return fn()
         return self.submit(fn).result()
 
-    async def run(self, fn: Callable[[], Any]) -> Any:
+    async def run(self, fn: Callable[[], Any], to_the_end: bool = False) -> Any:
         """Runs fn on the worker and awaits its result without blocking the event loop.
 
         If the awaiting task is cancelled the job still runs to its end (MLX work
-        cannot be interrupted halfway); its result is dropped."""
+        cannot be interrupted halfway); its result is dropped. With `to_the_end` the
+        task waits for that end before its cancellation is raised (a close: the caller
+        returns once the model is freed), asyncio's own cancellation included, which
+        an anyio shield does not hold."""
         fut = self.submit(fn)
         event = anyio.Event()
         waker = loop_waker()
         fut.add_done_callback(lambda _: call_soon(waker, event.set))
-        await event.wait()
+        cancelled: BaseException | None = None
+        while not event.is_set():
+            try:
+                await event.wait()
+            except anyio.get_cancelled_exc_class() as exc:
+                if not to_the_end:
+                    raise
+                cancelled = exc
         try:
+            if cancelled is not None:
+                raise cancelled
             return fut.result()
         finally:
-            fut = None  # (a reference cycle otherwise: see _run_jobs)
+            fut = cancelled = None  # (a reference cycle otherwise: see _run_jobs)
 
     def add_scheduler(self, scheduler) -> None:
         with self._cond:
