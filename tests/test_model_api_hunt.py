@@ -60,13 +60,20 @@ def test_a_float64_dtype_is_refused_at_load(dtype):
         amlx.load_sync(default_model_dir(), dtype=dtype)
 
 
-async def test_a_second_close_waits_until_the_model_is_freed():
-    # a close that found another under way returned at once, the model's memory still held
+async def _loaded_with_close_held() -> tuple[int, amlx.Model, threading.Event]:
+    """(MLX's active memory before the load, a loaded model that has decoded, an Event): the
+    model's close queues its shutdown behind a worker job that waits for the Event."""
     before = amlx.memory()["active"]
     model = await amlx.load(default_model_dir())
     assert (await model.complete("Hello!", max_tokens=2)).usage.completion_tokens == 2
     gate = threading.Event()
-    model.engine.submit_job(gate.wait)  # the first close's shutdown queues behind this job
+    model.engine.submit_job(gate.wait)
+    return before, model, gate
+
+
+async def test_a_second_close_waits_until_the_model_is_freed():
+    # a close that found another under way returned at once, the model's memory still held
+    before, model, gate = await _loaded_with_close_held()
     try:
         first = asyncio.create_task(model.aclose())
         await asyncio.sleep(0)
@@ -85,11 +92,7 @@ async def test_a_second_close_waits_until_the_model_is_freed():
 async def test_aclose_in_a_cancelled_scope_returns_once_the_model_is_freed():
     # inside a cancelled scope aclose returned at once, before the worker's shutdown job had
     # run: the model's memory was still held when `async with` had been left
-    before = amlx.memory()["active"]
-    model = await amlx.load(default_model_dir())
-    assert (await model.complete("Hello!", max_tokens=2)).usage.completion_tokens == 2
-    gate = threading.Event()
-    model.engine.submit_job(gate.wait)  # the close's shutdown queues behind this job
+    before, model, gate = await _loaded_with_close_held()
     threading.Timer(0.2, gate.set).start()  # (released from another thread: this task is blocked in aclose)
     with anyio.CancelScope() as scope:
         scope.cancel()
@@ -101,11 +104,7 @@ async def test_aclose_in_a_cancelled_scope_returns_once_the_model_is_freed():
 async def test_aclose_in_a_task_cancelled_by_asyncio_returns_once_the_model_is_freed():
     # asyncio's own task.cancel() (a timeout, Ctrl-C in asyncio.run) is not held by an anyio
     # shield: aclose ended at once, the model's memory still held
-    before = amlx.memory()["active"]
-    model = await amlx.load(default_model_dir())
-    assert (await model.complete("Hello!", max_tokens=2)).usage.completion_tokens == 2
-    gate = threading.Event()
-    model.engine.submit_job(gate.wait)  # the close's shutdown queues behind this job
+    before, model, gate = await _loaded_with_close_held()
     freed = []
 
     async def closer():
