@@ -69,6 +69,12 @@ def _load_options(ckpts, load: dict) -> tuple[str, dict, dict]:
     return str(ckpts[arch]), plain, variant
 
 
+def _with_draft(ckpts, load: dict) -> dict:
+    """A parametrized load's options, its draft "model" named by the draft checkpoint's path
+    (a new dict: pytest's parameters are shared between runs)."""
+    return {**load, "draft": str(ckpts["draft"])} if load.get("draft") == "model" else dict(load)
+
+
 _LOAD = st.fixed_dictionaries({
     "arch": st.sampled_from(["qwen3", "gemma3_text"]),
     "kv_bits": st.sampled_from([None, 8, 4]),
@@ -240,8 +246,7 @@ def test_score_and_prompt_logprobs_ignore_drafting_and_the_kv_cache(ckpts, load)
     kv_bits change nothing there; the adapter applies as it does to generation."""
     path = str(ckpts["qwen3"])
     adapter = {"adapter": str(ckpts["adapter"])} if load.pop("adapter", False) else {}
-    if load.get("draft") == "model":
-        load["draft"] = str(ckpts["draft"])
+    load = _with_draft(ckpts, load)
     prompt = "the cat sat on a mat and the cat sat on a mat then"
     conts = [" on a mat", [5, 6, 7], ""]
 
@@ -266,8 +271,7 @@ def test_train_lora_on_a_drafting_quantized_kv_model_decodes_as_a_load_of_its_ad
     it decodes next (twice: the second from the prefix cache) is what a fresh load of the saved
     adapter decodes, and its scores are that model's."""
     path = str(ckpts["qwen3"])
-    if load.get("draft") == "model":
-        load["draft"] = str(ckpts["draft"])
+    load = _with_draft(ckpts, load)
     prompt = "the cat sat on a mat and the cat sat on a mat then the cat"
 
     async def main():
@@ -292,8 +296,7 @@ def test_prompt_logprobs_of_a_prompt_that_fills_the_context(ckpts, load):
     """prompt_logprobs generates nothing, so a prompt of exactly max_context tokens fits, as
     score of a prompt and continuation of max_context tokens does; it was refused "including at
     least one generated token". One token more is refused, naming both counts."""
-    if load.get("draft") == "model":
-        load["draft"] = str(ckpts["draft"])
+    load = _with_draft(ckpts, load)
     ids = list(range(5, 45))
 
     async def main():
@@ -327,8 +330,7 @@ def test_preempted_drafting_rows_with_constraints_and_seeds_continue_exactly(ckp
     load = dict(load)
     if load.pop("adapter", False):
         load["adapter"] = str(ckpts["adapter"])
-    if load.get("draft") == "model":
-        load["draft"] = str(ckpts["draft"])
+    load = _with_draft(ckpts, load)
     rng = __import__("random").Random(7)
     reqs = []
     for i in range(8):
@@ -354,8 +356,7 @@ def test_full_training_on_a_drafting_model_decodes_as_a_load_of_its_checkpoint(c
     """`train` changes every weight under a prefix cache filled before it, a draft and kv_bits:
     the model then decodes and scores as a fresh load of the checkpoint it saved."""
     path = str(ckpts["qwen3"])
-    if load.get("draft") == "model":
-        load["draft"] = str(ckpts["draft"])
+    load = _with_draft(ckpts, load)
     prompt = "the cat sat on a mat and the cat sat on a mat then the cat sat on a mat then"
 
     async def main():

@@ -79,11 +79,12 @@ class TextAssembler:
         return Token(token_id, text[:len(text) - keep], logprob, None)
 
 
-def check_context(prompt_len: int, max_context: int) -> int:
-    """Room left for generation; raises ContextLengthError when the prompt does not fit."""
+def check_context(prompt_len: int, max_context: int, generated: int = 1) -> int:
+    """Room left for generation; raises ContextLengthError when the prompt and `generated`
+    tokens after it (1: a request generates at least one; 0: prompt_logprobs) do not fit."""
     if prompt_len == 0:
         raise ValueError("the prompt is empty")
-    if prompt_len >= max_context:
-        raise ContextLengthError(f"the prompt has {prompt_len} tokens but the context holds {max_context} "
-                                 f"(including at least one generated token)")
+    if prompt_len + generated > max_context:
+        including = " (including at least one generated token)" if generated else ""
+        raise ContextLengthError(f"the prompt has {prompt_len} tokens but the context holds {max_context}{including}")
     return max_context - prompt_len

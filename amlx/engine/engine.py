@@ -181,11 +181,7 @@ class Engine:
             raise ValueError("prompt_logprobs does not support tensor_parallel > 1 yet")
         # nothing is generated: a prompt that fills the context exactly fits (check_prompt keeps
         # room for a generated token, and refused it "including at least one generated token")
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) > self.max_context:
-            raise ContextLengthError(f"the prompt has {len(prompt_ids)} tokens but the context holds "
-                                     f"{self.max_context}")
+        check_context(len(prompt_ids), self.max_context, generated=0)
         self._check_vocab(prompt_ids)
         steps = PromptLogprobs(self.model, prompt_ids, top_n, chunk=self.scheduler.prefill_chunk,
                                vocab=self.vocab_size, version=lambda: self._weights_version)

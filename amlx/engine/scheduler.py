@@ -1156,14 +1156,9 @@ class Scheduler:
                 masks = pending.result() if pending is not None else job.run()
             except MLXError as exc:  # (the masks' upload on the mask thread: as a failed build)
                 masks, failure = [], _unwound(exc)
-            waited = self.timing.lap("masks")
-            if waited > SLOW_MASKS:  # (whether a mean wait comes from every step or from a few)
-                self.timing.count("slow_masks")
-                self.timing.add("slow_masks", waited)
+            self.timing.add_over("slow_masks", self.timing.lap("masks"), SLOW_MASKS)
             self.timing.add("mask_fill", job.seconds)
-            if job.seconds > SLOW_MASKS:
-                self.timing.count("slow_fills")
-                self.timing.add("slow_fills", job.seconds)
+            self.timing.add_over("slow_fills", job.seconds, SLOW_MASKS)
             if job.upload_seconds:
                 self.timing.add("mask_upload", job.upload_seconds)
             if pending is not None:  # from the hand-over to the mask thread until it began
@@ -1228,14 +1223,23 @@ class Scheduler:
         if advanced is not None:
             # (the matchers are the mask thread's from `advanced` on: what handing the tokens out
             # needs of them, whether each request is complete, is read here)
-            complete = [[self._advance(r, int(ids[i])) if r.active and r.matcher is not None else None
-                         for i, r in ((i, part.rows[i]) for i in part.selected)] for part, ids, _, _ in reads]
+            complete = [self._advance_part(part, ids) for part, ids, _, _ in reads]
             self.timing.lap("advance")
             advanced()
             self.timing.lap("masks_start")
             for (part, ids, lps, tops), done in zip(reads, complete):
                 self._emit_part(part, ids, lps, tops, done)
         return waited
+
+    def _advance_part(self, part: "_Part", ids: list[int]) -> list[bool | None]:
+        """The matchers of a part's selected rows take their read tokens (`_advance`): for each
+        selected row, whether its constraint is complete; None for a row without a matcher,
+        inactive, or failed now."""
+        out = []
+        for i in part.selected:
+            req = part.rows[i]
+            out.append(self._advance(req, int(ids[i])) if req.active and req.matcher is not None else None)
+        return out
 
     def _emit_part(self, part: "_Part", ids: list[int], lps: list[float], tops: list | None,
                    complete: list[bool | None] | None = None) -> None:

@@ -78,6 +78,13 @@ class StepTiming:
         if self.enabled:
             self.background[name] = self.background.get(name, 0.0) + seconds
 
+    def add_over(self, name: str, seconds: float, limit: float) -> None:
+        """Where `seconds` exceeds `limit`: one more `name` event, and `seconds` charged to the
+        background total `name` (whether a mean comes from every round or from a few)."""
+        if self.enabled and seconds > limit:
+            self.count(name)
+            self.add(name, seconds)
+
     def count(self, name: str, n: int = 1) -> None:
         """`n` more `name` events."""
         if self.enabled:
