@@ -4,7 +4,6 @@ last character, which decodes to U+FFFD once nothing can complete it."""
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -74,33 +73,27 @@ def test_without_a_matching_stop_the_incomplete_character_ends_the_text(tokenize
     assert text == "λ\ufffd" and reason == ("stop" if end == "eos" else "length")
 
 
-def _final_lengths(tok: Tokenizer, ids: list[int]) -> tuple[str, list[int]]:
-    """The whole text of `ids` (an assembler without stop strings, ended at the last id) and
-    how much of it was final after each id."""
-    pieces, _ = _pieces(tok, ids, [], len(ids))
-    ends = list(itertools.accumulate(len(p) for p in pieces))
-    return "".join(pieces), ends
+def _full_text(tok: Tokenizer, ids: list[int]) -> str:
+    """The whole text of `ids`: an assembler without stop strings, ended at the last id."""
+    return "".join(_pieces(tok, ids, [], len(ids))[0])
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_stop_strings_cut_where_the_first_one_completes(tokenizer, data):
     """Any ids, stop strings taken from their text (or not in it): the joined output is the text
-    up to the start of the stop string whose first occurrence became final first (the earliest
-    start among those completed by the same id), no emitted piece holds a stop string, and the
-    stream ends "stop" exactly when one was found."""
+    up to the start of the stop string whose first occurrence ends first (the longer one at equal
+    ends), whichever id completed it, no emitted piece holds a stop string, and the stream ends
+    "stop" exactly when one was found."""
     special = set(tokenizer.eos_token_ids)
     ids = data.draw(st.lists(st.integers(0, tokenizer.vocab_size - 1).filter(lambda i: i not in special),
                              min_size=1, max_size=16))
-    full, ends = _final_lengths(tokenizer, ids)
+    full = _full_text(tokenizer, ids)
     stops = data.draw(st.lists(st.one_of(
         st.builds(lambda a, n: full[a:a + n], st.integers(0, max(0, len(full) - 1)), st.integers(1, 6)),
         st.text(min_size=1, max_size=3)).filter(bool), min_size=1, max_size=3))
     found = [(full.find(s) + len(s), full.find(s)) for s in stops if full.find(s) >= 0]
-    want = full
-    if found:
-        done = next(e for e in ends if e >= min(end for end, _ in found))  # (the first id that completes one)
-        want = full[:min(start for end, start in found if end <= done)]
+    want = full[:min(found)[1]] if found else full
     pieces, reason = _pieces(tokenizer, ids, stops, len(ids))
     assert "".join(pieces) == want
     assert not any(s in p for s in stops for p in pieces)
@@ -110,13 +103,13 @@ def test_stop_strings_cut_where_the_first_one_completes(tokenizer, data):
 @pytest.mark.parametrize("end", ["max_tokens", "complete"])
 def test_the_last_id_cuts_at_the_earliest_stop_it_completes(tokenizer, end):
     """The last id (max_tokens, or a constraint that is complete) makes final both the text it
-    decodes to and what the detokenizer held (an incomplete character, U+FFFD now): a stop
-    string completed by the held part that starts earlier than one in the id's own text wins.
-    The check used to run on the id's text alone and cut after "λ" for "\\ufffd"."""
+    decodes to and what the detokenizer held (an incomplete character, U+FFFD now): stop strings
+    completed only by the held part count. The check used to run on the id's text alone, which
+    holds neither stop here; of two stops ending together, the cut is before the longer."""
     head = _ids_ending_mid_character(tokenizer)
     ids = [*head, head[-1]]  # "λ", a lone first byte (final as U+FFFD once the next one comes), another
     assert tokenizer.decode(ids) == "λ\ufffd\ufffd"
-    stop = ["\ufffd", "λ\ufffd\ufffd"]
+    stop = ["\ufffd\ufffd", "λ\ufffd\ufffd"]
     asm = TextAssembler(tokenizer, GenerationOptions.from_kwargs(max_tokens=len(ids) + (end == "complete"),
                                                                  stop=stop), frozenset())
     tokens = [asm.push(i, complete=(end == "complete" and n == len(ids) - 1)) for n, i in enumerate(ids)]
@@ -134,7 +127,8 @@ def any_tokenizer(request, tmp_path_factory):
 def _reference(tok: Tokenizer, ids: list[int], stop: list[str], max_tokens: int) -> tuple[str, str]:
     """What the stream must come to, by plain string search: after each id, the text that is
     final (all of it once the id ends the stream: EOS, whose own text is none, or max_tokens);
-    the first time it holds a stop string, it ends before the earliest one in it."""
+    the first time it holds a stop string, it ends before the one that ends first in it (the
+    longer one at equal ends)."""
     detok, final = tok.detokenizer(), ""
     for n, i in enumerate(ids, 1):
         last = i in tok.eos_token_ids or n >= max_tokens
@@ -142,9 +136,9 @@ def _reference(tok: Tokenizer, ids: list[int], stop: list[str], max_tokens: int)
             final += detok.add(i)
         if last:
             final += detok.finalize()
-        starts = [final.find(s) for s in stop if s in final]
-        if starts:
-            return final[:min(starts)], "stop"
+        found = [(final.find(s) + len(s), final.find(s)) for s in stop if s in final]
+        if found:
+            return final[:min(found)[1]], "stop"
         if last:
             return final, "stop" if i in tok.eos_token_ids else "length"
     raise AssertionError("the ids must end the stream")
@@ -176,3 +170,18 @@ def test_streams_match_a_plain_reference(any_tokenizer, data):
     pieces, reason = _pieces(tok, ids, stop, max_tokens, frozenset(tok.eos_token_ids))
     assert ("".join(pieces), reason) == _reference(tok, ids, stop, max_tokens)
     assert not any(s in p for s in stop for p in pieces)
+
+
+@pytest.mark.parametrize("stop", [["all", "l"], ["l", "all"], ["ll", "all"]])
+def test_the_cut_does_not_depend_on_how_the_text_is_split_into_tokens(tokenizer, stop):
+    """Overlapping stop strings completed by one token cut where a character-by-character
+    reading cuts: before the one that ends first ("l" inside "all"), the longer at equal ends.
+    The stop that started first ("all") used to win when one id completed both."""
+    text = "a ball rolls"
+    spelled = [i for c in text for i in tokenizer.encode(c, add_special_tokens=False)]
+    whole = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(spelled) == tokenizer.decode(whole) == text
+    assert any(len(tokenizer.decode([i])) > 1 for i in whole)  # (some token holds several characters)
+    want = "a ba" if "l" in stop else "a b"
+    assert _run(tokenizer, spelled, stop) == (want, "stop")
+    assert _run(tokenizer, whole, stop) == (want, "stop")

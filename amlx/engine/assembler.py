@@ -46,8 +46,12 @@ class TextAssembler:
         return max(0, self._max - self.count)
 
     def _first_stop(self, text: str) -> int:
-        """Where the first stop string in `text` starts, or -1."""
-        return min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1) if self._stop else -1
+        """Where the stop string that `text` completes first starts, or -1. First means the least
+        end, as a reader going character by character meets it (at equal ends, the longer one):
+        the cut then does not depend on how the text was split into tokens. "all" and the "l" in
+        it, arriving as one token, cut before the "l", as they do arriving a character at a time."""
+        found = [(i + len(s), i) for s in self._stop if (i := text.find(s)) >= 0]
+        return min(found)[1] if found else -1
 
     def _last(self, token_id: int, logprob: float | None, text: str, reason: str) -> Token:
         """The stream's last Token: `text` (with what the detokenizer still held) cut before a
