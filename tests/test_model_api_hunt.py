@@ -126,6 +126,34 @@ async def test_aclose_in_a_task_cancelled_by_asyncio_returns_once_the_model_is_f
     assert freed == [True] and model.closed
 
 
+async def test_a_second_aclose_cancelled_by_asyncio_returns_once_the_model_is_freed():
+    # a close that found another under way waited in a thread: asyncio's own task.cancel() ended
+    # that wait at once, the model's memory still held
+    before, model, gate = await _loaded_with_close_held()
+    freed = []
+
+    async def second_closer():
+        try:
+            await model.aclose()
+        finally:
+            freed.append(amlx.memory()["active"] == before)
+
+    first = asyncio.create_task(model.aclose())
+    try:
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(second_closer())
+        await asyncio.sleep(0.05)
+        second.cancel()
+        await asyncio.sleep(0.05)
+        assert not second.done()  # still waiting for the first close's shutdown
+    finally:
+        gate.set()  # (the worker serves every model: never leave it waiting)
+    with pytest.raises(asyncio.CancelledError):
+        await second  # the cancellation is raised once the close is done
+    await first
+    assert freed == [True] and model.closed
+
+
 async def test_the_demo_reports_a_stream_that_ended_by_itself_as_ended():
     # with a budget under 4 the "cancel" stream left after its first token whatever that token
     # was, and was reported "cancelled" although its one token (finish_reason "length") ended it

@@ -10,6 +10,7 @@ into ids and wraps the streams; training runs its jobs through `run`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import weakref
 from typing import Any, Callable
@@ -25,7 +26,7 @@ from amlx.engine.placement import EngineOptions, Placement
 from amlx.engine.request import Request, RequestStream
 from amlx.sample import RowSampling
 from amlx.engine.scheduler import Scheduler
-from amlx.engine.worker import Worker
+from amlx.engine.worker import Worker, wait_for
 from amlx.engine.score import PromptLogprobs, Scorer
 from amlx.errors import ClosedError, ContextLengthError
 from amlx.types import GenerationOptions
@@ -79,7 +80,9 @@ class Engine:
         self._closed = False
         self._weights_version = 0  # bumped by weights_changed (a score call under way starts again)
         self._close_lock = threading.Lock()
-        self._shut = threading.Event()  # set when _shutdown has run: a second close waits for it
+        # done when _shutdown has run: a second close waits for it (a future, so that an async
+        # close waits as the first one does, through cancellation)
+        self._shut: concurrent.futures.Future = concurrent.futures.Future()
         self._at_close: list[weakref.WeakMethod] = []
         self._close_reason: BaseException | None = None  # what closed it, where not a caller (a rank's failure)
         self._worker.add_scheduler(self.scheduler)
@@ -295,7 +298,7 @@ class Engine:
             self.placement.release()
             if self.mirror is not None:
                 self._worker.stop()
-            self._shut.set()
+            self._shut.set_result(None)
 
     def _rank_failed(self, error: BaseException) -> None:
         """A rank of a tensor-parallel model failed (any thread): its requests end
@@ -324,14 +327,14 @@ class Engine:
             if self._begin_close():
                 await self._worker.run(self._shutdown, to_the_end=True)
             elif self._waits_for_close():
-                await anyio.to_thread.run_sync(self._shut.wait)
+                await wait_for(self._shut, to_the_end=True)
         await anyio.lowlevel.checkpoint_if_cancelled()
 
     def close(self) -> None:
         if self._begin_close():
             self._worker.run_sync(self._shutdown)
         elif self._waits_for_close():
-            self._shut.wait()
+            self._shut.result()
 
     def _waits_for_close(self) -> bool:
         """Whether a close that finds another under way waits for its end (a second close

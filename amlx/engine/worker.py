@@ -72,24 +72,7 @@ class Worker:
         task waits for that end before its cancellation is raised (a close: the caller
         returns once the model is freed), asyncio's own cancellation included, which
         an anyio shield does not hold."""
-        fut = self.submit(fn)
-        event = anyio.Event()
-        waker = loop_waker()
-        fut.add_done_callback(lambda _: call_soon(waker, event.set))
-        cancelled: BaseException | None = None
-        while not event.is_set():
-            try:
-                await event.wait()
-            except anyio.get_cancelled_exc_class() as exc:
-                if not to_the_end:
-                    raise
-                cancelled = exc
-        try:
-            if cancelled is not None:
-                raise cancelled
-            return fut.result()
-        finally:
-            fut = cancelled = None  # (a reference cycle otherwise: see _run_jobs)
+        return await wait_for(self.submit(fn), to_the_end)
 
     def add_scheduler(self, scheduler) -> None:
         with self._cond:
@@ -190,3 +173,26 @@ def _run_jobs(jobs: list[tuple[Callable[[], Any], concurrent.futures.Future]]) -
         # weights), alive after the caller dropped the error, until a garbage collection. As
         # concurrent.futures' own workers do, the frame lets go of the job and its future.
         fn = fut = None
+
+
+async def wait_for(fut: concurrent.futures.Future, to_the_end: bool = False) -> Any:
+    """Awaits a future that another thread completes, without blocking the event loop. With
+    `to_the_end`, a cancelled task waits for the future still and raises its cancellation
+    afterwards, asyncio's own cancellation included (an anyio shield does not hold that)."""
+    event = anyio.Event()
+    waker = loop_waker()
+    fut.add_done_callback(lambda _: call_soon(waker, event.set))
+    cancelled: BaseException | None = None
+    while not event.is_set():
+        try:
+            await event.wait()
+        except anyio.get_cancelled_exc_class() as exc:
+            if not to_the_end:
+                raise
+            cancelled = exc
+    try:
+        if cancelled is not None:
+            raise cancelled
+        return fut.result()
+    finally:
+        fut = cancelled = None  # (a reference cycle otherwise: see _run_jobs)
