@@ -13,7 +13,7 @@ wall time from the first submit to the last token: "ratio" is constrained / free
 third side, "free_matched", runs the free streams again, each stopped at the length its
 constrained twin reached (max_tokens per stream), so that both sides decode the same tokens
 per stream and the batch shrinks alike: "ratio_matched" is what the constraints themselves
-cost. Each measurement runs --repeats times; the best is kept.
+cost. Each measurement runs --repeats times, the sides alternating run by run; the best is kept.
 
 That batch shrinks as streams end (a JSON may close after 36 of 128 tokens), so it does not
 hold N streams for long. `--steady K` adds a steady-state measurement (the output above is
@@ -197,28 +197,32 @@ def bench(path: Path, streams: int, max_tokens: int, repeats: int, steady: int =
     try:
         prompts = _prompts(model.tokenizer, streams, 32, seed=1)
         out: dict = {"streams": streams, "max_tokens": max_tokens}
-        lengths: list[int] = []
-        for name in ("free", "constrained", "free_matched") if old else ("free", "constrained"):
-            constrained = name == "constrained"
-            limit = lengths if name == "free_matched" else max_tokens
+        names = ("free", "constrained", "free_matched") if old else ("free", "constrained")
+        limits: dict[str, int | list[int]] = {"free": max_tokens, "constrained": max_tokens}
+        for name in names:
             # warm-up: builds the grammar and traces the (masked) steps. At the measured lengths
             # where timed runs follow: the compiled step is traced once per batch size, and a
             # batch whose rows leave one by one meets a new size at nearly every leave (the
             # constrained side first, which left its timed run paying every trace that
-            # free_matched then reused: 2x its forward's build on the CPU)
-            asyncio.run(_run(model, prompts, limit if old else 4, constrained))
-            if not old:
-                continue
-            best = None
-            for _ in range(repeats):
+            # free_matched then reused: 2x its forward's build on the CPU). Greedy decoding
+            # makes the constrained streams' lengths the same in every run: free_matched's.
+            counts, _ = asyncio.run(_run(model, prompts, limits[name] if old else 4, name == "constrained"))
+            if name == "constrained":
+                limits["free_matched"] = counts
+        if not old:
+            names = ()
+        # the sides alternate run by run, and each keeps its best: a shared host's slow spells
+        # (seconds long) then fall on every side alike instead of on one side's runs
+        best: dict[str, tuple] = {}
+        for _ in range(repeats):
+            for name in names:
                 before = model.stats().get("step_timing")
-                counts, seconds = asyncio.run(_run(model, prompts, limit, constrained))
+                counts, seconds = asyncio.run(_run(model, prompts, limits[name], name == "constrained"))
                 phases = _phases(before, model.stats().get("step_timing"))
-                if best is None or sum(counts) / seconds > sum(best[0]) / best[1]:
-                    best = (counts, seconds, phases)
-            counts, seconds, phases = best
-            if constrained:
-                lengths = counts
+                if name not in best or sum(counts) / seconds > sum(best[name][0]) / best[name][1]:
+                    best[name] = (counts, seconds, phases)
+        for name in names:
+            counts, seconds, phases = best[name]
             out[name] = {"tokens": sum(counts), "seconds": round(seconds, 3), "tok_s": round(sum(counts) / seconds, 1),
                          "stream_tokens_min_max": [min(counts), max(counts)]}
             if phases is not None:
