@@ -209,13 +209,17 @@ async def _order_body(fail_at: int | None = None) -> dict:
     return {k: (v.token_ids if not isinstance(v, Exception) else "failed") for k, v in out.items()}
 
 
+@pytest.mark.parametrize("mask_start", ["advance", "thread"])
 @pytest.mark.parametrize("fail_at", [None, 40])
-def test_constrained_steps_in_either_order(fail_at, monkeypatch):
+def test_constrained_steps_in_either_order(fail_at, mask_start, monkeypatch):
     """Constrained shards launch their forwards after reading step t (a device that waits for
     the host) or before it (a device that makes the host wait): the same tokens either way,
     free rows as alone, and a request whose token is refused in the middle of a step's read
-    fails alone (in the read-first order its shard skips that step)."""
+    fails alone (in the read-first order its shard skips that step); also where the mask
+    thread's matchers take the read tokens (AMLX_MASK_START=thread: refused there, failed here)."""
     from amlx.engine.scheduler import Scheduler
+
+    monkeypatch.setenv("AMLX_MASK_START", mask_start)
 
     order = {"first": False}
     monkeypatch.setattr(Scheduler, "forward_first", property(lambda self: order["first"], lambda self, v: None),
@@ -346,9 +350,23 @@ async def _mixed_body() -> list[tuple[str, str]]:
 def test_masks_started_once_the_matchers_advanced_sample_the_same(monkeypatch):
     """By default (AMLX_MASK_START=advance) a step's masks start on the mask thread once the
     matchers took step t's tokens, while the tokens still go out to their requests; =emit
-    starts them after. Constrained and free requests get the same tokens and ends either way,
-    and no request sees its matcher used by both threads at once."""
+    starts them after; =thread right after the read, the mask thread's matchers taking the
+    tokens, which go out once the sampling is launched. Constrained and free requests get the
+    same tokens and ends every way, and no request sees its matcher used by both threads at
+    once."""
+    import threading
+
+    from amlx.constrain.matcher import Matcher
     from amlx.engine.scheduler import Scheduler
+
+    takers = []  # the threads whose matchers took tokens
+    consume = Matcher.consume
+
+    def logged_consume(self, token_id):
+        takers.append(threading.current_thread().name)
+        return consume(self, token_id)
+
+    monkeypatch.setattr(Matcher, "consume", logged_consume)
 
     early = []  # per constrained step: whether its masks were started during the read
     real = Scheduler._step_constrained
@@ -359,27 +377,32 @@ def test_masks_started_once_the_matchers_advanced_sample_the_same(monkeypatch):
 
     monkeypatch.setattr(Scheduler, "_step_constrained", logged)
     monkeypatch.setenv("AMLX_MASK_ORDER", "read")
-    outs, starts = {}, {}
-    for mode in ("emit", "advance"):
+    outs, starts, on_thread = {}, {}, {}
+    for mode in ("emit", "advance", "thread"):
         monkeypatch.setenv("AMLX_MASK_START", mode)
         early.clear()
+        takers.clear()
         outs[mode] = anyio.run(_mixed_body)
         starts[mode] = sum(early)
-    assert outs["advance"] == outs["emit"]
+        on_thread[mode] = sum(name.startswith("amlx-masks") for name in takers)
+    assert outs["advance"] == outs["emit"] == outs["thread"]
+    assert on_thread["thread"] > 0 and on_thread["advance"] == on_thread["emit"] == 0
     texts = [t for t, _ in outs["advance"]]
     assert re.fullmatch("[a-z]{3}", texts[0]) and re.fullmatch("[0-9]{2}q{0,9}z", texts[1])
     assert re.fullmatch("[a-z]{6}[0-9]{2}", texts[2])
     assert [r for _, r in outs["advance"][:3]] == ["stop"] * 3
-    assert starts["advance"] > 0 and starts["emit"] == 0
+    assert starts["advance"] > 0 and starts["thread"] > 0 and starts["emit"] == 0
     monkeypatch.setenv("AMLX_MASK_START", "never")
     with pytest.raises(ValueError, match="AMLX_MASK_START"):
         anyio.run(_mixed_body)
 
 
-def test_a_request_failing_while_its_token_goes_out_leaves_the_masks_and_others_alone(monkeypatch):
+@pytest.mark.parametrize("mask_start", ["advance", "thread"])
+def test_a_request_failing_while_its_token_goes_out_leaves_the_masks_and_others_alone(monkeypatch, mask_start):
     """With the masks started before the tokens go out, a request whose detokenizer raises
     then fails alone (its error names the cause); the constrained requests beside it complete
     their patterns, their matchers untouched by the failing hand-out."""
+    monkeypatch.setenv("AMLX_MASK_START", mask_start)
     from amlx.engine import assembler as assembler_module
 
     real_push = assembler_module.TextAssembler.push
@@ -554,10 +577,12 @@ async def _gave_up_body() -> None:
         assert (await model.complete("w", choice=["up", "down"])).text in ("up", "down")
 
 
-def test_a_constraint_the_grammar_engine_gives_up_on_fails_its_request_alone():
+@pytest.mark.parametrize("mask_start", ["advance", "thread"])
+def test_a_constraint_the_grammar_engine_gives_up_on_fails_its_request_alone(monkeypatch, mask_start):
     """A constraint llguidance accepts but gives up on part-way (past its lexer's limits) fails
     its own request with ConstraintError, a ValueError that says so (the server's 400), not as
     an engine failure; the requests beside it and the engine go on."""
+    monkeypatch.setenv("AMLX_MASK_START", mask_start)
     anyio.run(_gave_up_body)
 
 

@@ -522,7 +522,7 @@ class GrammarVocab:
 
 class MaskJob:
     """The masks of one step, set up on the calling thread (the arrays, which row of which
-    matcher goes where); `run` fills them with one call into llguidance, which computes the
+    matcher goes where; with `advance`, by `run`); `run` fills them with one call into llguidance, which computes the
     rows in parallel on its thread pool without the GIL.
 
     Split so that a thread running `run` needs the GIL only to enter and leave that call:
@@ -530,25 +530,40 @@ class MaskJob:
     For each group of rows (a shard's batch) the result is a (rows, words) int32 bitmask, or
     None where no row of the group has a matcher (such a batch applies no mask); rows without
     a matcher, or whose matcher failed, allow every token. The matchers must not move between
-    construction and `run`."""
+    construction and `run`, unless the job moves them itself (`advance`)."""
 
-    __slots__ = ("out", "seconds", "upload_seconds", "start_delay", "_jobs", "_masks", "_upload", "_made",
-                 "_buffers", "_blank")
+    __slots__ = ("out", "seconds", "upload_seconds", "start_delay", "advanced", "_jobs", "_masks", "_upload",
+                 "_made", "_buffers", "_blank", "_groups", "_advance")
 
     def __init__(self, groups: Sequence[Sequence[Matcher | None]],
                  upload: Callable[[np.ndarray], object] | None = None,
-                 buffers: HostBuffers | None = None):
+                 buffers: HostBuffers | None = None, advance: Callable[[], object] | None = None):
         """`buffers`: with `upload`, the masks are filled in an array taken from them (page-
-        locked on CUDA, so the driver's upload is a DMA) and given back once uploaded."""
+        locked on CUDA, so the driver's upload is a DMA) and given back once uploaded.
+        `advance`: called first by `run` (its result in `advanced`), to move the matchers on
+        the thread that runs the job; the masks are then set up there, after it."""
+        self._buffers = buffers if upload is not None else None
+        self._upload = upload
+        self._groups, self._advance = groups, advance
+        self.advanced: object = None
+        self.out: list[np.ndarray | None] = []
+        self.seconds = 0.0  # how long the fill took (llguidance's share of a step's host time)
+        self.upload_seconds = 0.0  # how long `upload` took
+        self.start_delay = 0.0  # from construction until `run` began (a hand-over to another thread)
+        if advance is None:
+            self._setup()
+        self._made = time.perf_counter()
+
+    def _setup(self) -> None:
+        """The arrays, and which row of which matcher goes where (as the matchers are now)."""
+        groups = self._groups
         words = next((m.mask_words for g in groups for m in g if m is not None), 0)
         sizes = [len(g) if any(m is not None for m in g) else 0 for g in groups]
-        self._buffers = buffers if upload is not None else None
         if self._buffers is not None:
             self._masks = masks = self._buffers.take((sum(sizes), words))
         else:
             self._masks = masks = llnp.allocate_token_bitmask(sum(sizes), words * 32)
         jobs, start = [], 0
-        self.out: list[np.ndarray | None] = []
         for group, size in zip(groups, sizes):
             if size:
                 jobs += [(m._inner, start + i) for i, m in enumerate(group)
@@ -558,17 +573,15 @@ class MaskJob:
         self._jobs = jobs
         # rows llguidance does not fill, to allow every token in a reused buffer
         self._blank = sorted(set(range(start)) - {row for _, row in jobs}) if self._buffers is not None else []
-        self._upload = upload
-        self.seconds = 0.0  # how long the fill took (llguidance's share of a step's host time)
-        self.upload_seconds = 0.0  # how long `upload` took
-        self.start_delay = 0.0  # from construction until `run` began (a hand-over to another thread)
-        self._made = time.perf_counter()
 
     def run(self) -> list:
         """Fills the masks (any thread, once) and returns them, one per group: each passed
         through `upload` where the job was given one (so that the copy to the device is made
         on the thread that runs the job), else the host arrays."""
         self.start_delay = time.perf_counter() - self._made
+        if self._advance is not None:
+            self.advanced = self._advance()
+            self._setup()
         masks = self._masks
         if self._blank:
             masks[self._blank] = -1

@@ -128,11 +128,15 @@ def _build_before_read() -> bool:
     return env_choice("AMLX_MASK_BUILD", ("before", "after"), "before") == "before"
 
 
-def _masks_start_at_advance() -> bool:
-    """Whether a step's masks start as soon as the matchers took step t's tokens, before the
-    tokens go to their requests (the default, AMLX_MASK_START=advance), or once they went
-    (=emit, as before 2026-12-06, for benchmarks to compare). Read once."""
-    return env_choice("AMLX_MASK_START", ("advance", "emit"), "advance") == "advance"
+def _masks_start() -> str:
+    """When a step's masks start (AMLX_MASK_START; read once):
+    - `advance` (the default): as soon as this thread's matchers took step t's tokens, before
+      the tokens go to their requests;
+    - `thread`: at once after the read, the mask thread's matchers taking the tokens first,
+      and the tokens go to their requests once the masked sampling is launched (this thread
+      then goes straight from the read to launching the forward, where it lets the GIL go);
+    - `emit`: once the tokens went to their requests (as before 2026-12-06)."""
+    return env_choice("AMLX_MASK_START", ("advance", "thread", "emit"), "advance")
 
 
 def _pinned_mask_order() -> bool | None:
@@ -167,19 +171,52 @@ def _token_failure(token_id: int, exc: Exception) -> AmlxError:
     return error
 
 
-def _constraint_failure(req: Request, token_id: int, before: bool) -> AmlxError:
+def _constraint_failure(req: Request, token_id: int, before: bool, taken: int) -> AmlxError:
     """The error a constrained request fails with once its matcher failed at `token_id`
-    (`before`: already while computing that token's mask): ConstraintError (a ValueError: the
-    request's grammar, not the engine; a 400 when served) where llguidance failed on the
-    grammar itself, else a refused token's AmlxError."""
+    (`before`: already while computing that token's mask; `taken`: the tokens it generated
+    before that one): ConstraintError (a ValueError: the request's grammar, not the engine; a
+    400 when served) where llguidance failed on the grammar itself, else a refused token's
+    AmlxError."""
     matcher = req.matcher
     assert matcher is not None
     first = matcher.error.split("\n", 1)[0]
     if before or matcher.gave_up:
         kind = req.options.constraint.kind if req.options.constraint is not None else "request's"
         return ConstraintError(f"the {kind} constraint cannot be followed: the grammar engine failed on it after "
-                               f"{len(req.generated) - 1} tokens ({first})")
+                               f"{taken} tokens ({first})")
     return AmlxError(f"constrained decoding: token {token_id} refused: {matcher.error}")
+
+
+def _consume(req: Request, token_id: int, taken: int) -> bool | AmlxError:
+    """A constrained request's matcher takes its next token (any thread: it touches the
+    matcher alone): whether the constraint is then complete (nothing but EOS may follow), or
+    the error to fail the request with, where the constraint refused the token or the
+    matcher raised (the request's own failure). `taken`: see `_constraint_failure`."""
+    assert req.matcher is not None
+    try:
+        # (a matcher that failed while computing this token's mask allowed EOS alone, and would
+        # take it as a proper end: that is the constraint failing, not the text ending)
+        before = req.matcher.failed
+        if before or not req.matcher.consume(token_id):
+            return _constraint_failure(req, token_id, before, taken)
+        return req.matcher.finished
+    except Exception as exc:  # noqa: BLE001 - this request's own failure (as in `_emit`)
+        return _token_failure(token_id, exc)
+
+
+def _consume_reads(reads: list) -> list[list[bool | AmlxError | None]]:
+    """On the mask thread (AMLX_MASK_START=thread): the matchers of parts read (`_read_parts`)
+    take their tokens; per part, per selected row, what `_consume` gave, None for a row
+    without a matcher or no longer active."""
+    out = []
+    for part, ids, _, _ in reads:
+        row = []
+        for i in part.selected:
+            req = part.rows[i]
+            row.append(_consume(req, int(ids[i]), len(req.generated))
+                       if req.active and req.matcher is not None else None)
+        out.append(row)
+    return out
 
 
 class Scheduler:
@@ -246,7 +283,7 @@ class Scheduler:
         # page-locked arrays the masks are filled in, for the driver's copy (None: fresh arrays)
         self._mask_buffers = HostBuffers() if copy == "pinned" else None
         self._build_early = _build_before_read()
-        self._masks_early = _masks_start_at_advance()
+        self._masks_start = _masks_start()
         self.forward_first = bool(self._pinned_order)
         self._prepared = False  # the model's derived arrays are evaluated (see Module.prepare)
         model.use_decode_kernel(self.options.decode_kernel)
@@ -932,20 +969,35 @@ class Scheduler:
         def start_masks() -> None:
             started.append(self._start_masks(plan, constrained, parts, False))
 
-        advanced = start_masks if failure is None and constrained and early and self._masks_early else None
-        try:
-            waited = self._read(prev, advanced) if prev is not None else 0.0
-        except BaseException:
-            for masks in started:  # (the matchers must be this thread's again)
-                if masks.pending is not None:
-                    wait_for([masks.pending])
-            raise
+        masks_at = self._masks_start if failure is None and constrained and early and prev is not None else "emit"
+        if masks_at == "thread":
+            # (the read's tokens go out at the end of `_step_constrained`: `_emit_reads`)
+            reads, waited = self._read_parts(prev)
+            started.append(self._start_masks(plan, constrained, parts, False, reads))
+            self.timing.lap("masks_start")
+        else:
+            reads = None
+            advanced = start_masks if masks_at == "advance" else None
+            try:
+                waited = self._read(prev, advanced) if prev is not None else 0.0
+            except BaseException:
+                for masks in started:  # (the matchers must be this thread's again)
+                    if masks.pending is not None:
+                        wait_for([masks.pending])
+                raise
         if constrained and prev is not None and not first and self._pinned_order is None:
             # step t still ran when it was read: the device, not the host, sets the pace
             self.forward_first = waited > DEVICE_BOUND_WAIT
         if failure is None and constrained:
-            failure = self._step_constrained(plan, constrained, parts, chained, split, launched=first,
-                                             started=started[0] if started else None)
+            try:
+                failure = self._step_constrained(plan, constrained, parts, chained, split, launched=first,
+                                                 started=started[0] if started else None)
+            finally:
+                if reads is not None:
+                    job, pending = started[0].job, started[0].pending
+                    if pending is not None:  # (waited for already, but where the step raised first)
+                        wait_for([pending])
+                    self._emit_reads(reads, None if job is None else job.advanced)
         if failure is not None:
             for shard, snapshot in saved:
                 shard.sampling.rewind(snapshot)
@@ -1085,16 +1137,17 @@ class Scheduler:
         return None
 
     def _start_masks(self, plan: list, indices: list[int], parts: list["_Part | None"],
-                     launched: bool) -> "_Masks":
+                     launched: bool, reads: list | None = None) -> "_Masks":
         """Sets up the masks of the constrained shards' next step (their matchers have taken
-        step t's tokens) and, where forwards are still to build or launch, hands them to the
-        mask thread (see `_step_constrained`)."""
+        step t's tokens, or with `reads`, step t's parts as read, take them first on the
+        thread that computes the masks: `_consume_reads`) and, where forwards are still to
+        build or launch, hands them to the mask thread (see `_step_constrained`)."""
         indices = [i for i in indices if parts[i] is not None or all(r.blocks for r in plan[i][0].rows)]
         todo = [i for i in indices if parts[i] is None]  # to build, then launch
         unlaunched = [] if launched else [i for i in indices if parts[i] is not None]
         job = MaskJob([[r.matcher for r in plan[i][0].rows] for i in indices],
                       self._upload if (todo or unlaunched) and self._upload_on_thread else None,
-                      self._mask_buffers) if indices else None
+                      self._mask_buffers, None if reads is None else functools.partial(_consume_reads, reads)) if indices else None
         pending = None
         if indices and (todo or unlaunched):  # forwards to build or launch meanwhile: the masks go to the mask thread
             if self._mask_thread is None:
@@ -1209,27 +1262,47 @@ class Scheduler:
         `advanced`: called once every part is read and every constrained row's matcher has
         taken its token, before the tokens go to their requests: the next step's masks can
         be computed (on the mask thread) while this thread hands the tokens out."""
-        waited = 0.0
-        reads = []
+        if advanced is None:
+            waited = 0.0
+            for part in step.parts:
+                start = time.perf_counter()
+                ids, lps, tops = part.sample.read()
+                waited += time.perf_counter() - start
+                self.timing.lap("wait")
+                self._emit_part(part, ids, lps, tops)
+            return waited
+        reads, waited = self._read_parts(step)
+        # (the matchers are the mask thread's from `advanced` on: what handing the tokens out
+        # needs of them, whether each request is complete, is read here)
+        complete = [self._advance_part(part, ids) for part, ids, _, _ in reads]
+        self.timing.lap("advance")
+        advanced()
+        self.timing.lap("masks_start")
+        for (part, ids, lps, tops), done in zip(reads, complete):
+            self._emit_part(part, ids, lps, tops, done)
+        return waited
+
+    def _read_parts(self, step: "_Step") -> tuple[list, float]:
+        """A launched step's parts read (waits for the device), their tokens not handed out:
+        ([(part, ids, logprobs, top logprobs)], the seconds it waited)."""
+        waited, reads = 0.0, []
         for part in step.parts:
             start = time.perf_counter()
             ids, lps, tops = part.sample.read()
             waited += time.perf_counter() - start
             self.timing.lap("wait")
-            if advanced is not None:
-                reads.append((part, ids, lps, tops))
-                continue
-            self._emit_part(part, ids, lps, tops)
-        if advanced is not None:
-            # (the matchers are the mask thread's from `advanced` on: what handing the tokens out
-            # needs of them, whether each request is complete, is read here)
-            complete = [self._advance_part(part, ids) for part, ids, _, _ in reads]
-            self.timing.lap("advance")
-            advanced()
-            self.timing.lap("masks_start")
-            for (part, ids, lps, tops), done in zip(reads, complete):
-                self._emit_part(part, ids, lps, tops, done)
-        return waited
+            reads.append((part, ids, lps, tops))
+        return reads, waited
+
+    def _emit_reads(self, reads: list, consumed: list | None) -> None:
+        """Hands out the tokens of parts read (`_read_parts`) whose matchers took them on the
+        mask thread (`_consume_reads`: per part, per selected row, what `_consume` gave; None
+        where the job never ran, and nothing was taken)."""
+        for k, (part, ids, lps, tops) in enumerate(reads):
+            done = None
+            if consumed is not None:
+                done = [self._took(part.rows[i], c) for i, c in zip(part.selected, consumed[k])]
+            self._emit_part(part, ids, lps, tops, done)
 
     def _advance_part(self, part: "_Part", ids: list[int]) -> list[bool | None]:
         """The matchers of a part's selected rows take their read tokens (`_advance`): for each
@@ -1238,7 +1311,8 @@ class Scheduler:
         out = []
         for i in part.selected:
             req = part.rows[i]
-            out.append(self._advance(req, int(ids[i])) if req.active and req.matcher is not None else None)
+            out.append(self._advance(req, int(ids[i]), len(req.generated)) if req.active and req.matcher is not None
+                       else None)
         return out
 
     def _emit_part(self, part: "_Part", ids: list[int], lps: list[float], tops: list | None,
@@ -1342,7 +1416,7 @@ class Scheduler:
         on (`complete`: see `_emit`); None where its constraint failed (the request is failed then)."""
         req.sampling.observe(token_id)
         if req.matcher is not None and complete is None:
-            complete = self._advance(req, token_id)
+            complete = self._advance(req, token_id, len(req.generated) - 1)
             if complete is None:
                 return None
         # a constraint that admits nothing more (but EOS) ends the request here
@@ -1352,21 +1426,18 @@ class Scheduler:
             tok = replace(tok, top_logprobs=top[:req.options.top_logprobs])
         return tok
 
-    def _advance(self, req: Request, token_id: int) -> bool | None:
-        """A constrained request's matcher takes its next token: whether the constraint is
-        then complete (nothing but EOS may follow), or None, the request failed, where the
-        constraint refused the token or the matcher raised (the request's own failure)."""
-        try:
-            # (a matcher that failed while computing this token's mask allowed EOS alone, and would
-            # take it as a proper end: that is the constraint failing, not the text ending)
-            before = req.matcher.failed
-            if before or not req.matcher.consume(token_id):
-                self._fail(req, _constraint_failure(req, token_id, before))
-                return None
-            return req.matcher.finished
-        except Exception as exc:  # noqa: BLE001 - this request's own failure (as in `_emit`)
-            self._fail(req, _token_failure(token_id, exc))
+    def _advance(self, req: Request, token_id: int, taken: int) -> bool | None:
+        """A constrained request's matcher takes its next token (`_consume`): whether the
+        constraint is then complete, or None, the request failed (and is failed now)."""
+        return self._took(req, _consume(req, token_id, taken))
+
+    def _took(self, req: Request, consumed: bool | AmlxError | None) -> bool | None:
+        """What `_consume` gave for a request, on this thread: a failure fails the request
+        (None then); else whether its constraint is complete (None: no matcher took a token)."""
+        if isinstance(consumed, AmlxError):
+            self._fail(req, consumed)
             return None
+        return consumed
 
     def _drop_inactive(self) -> None:
         for req in [r for r in self.waiting if not r.active]:
