@@ -62,16 +62,15 @@ def _qdq(x: torch.Tensor, bits: int) -> torch.Tensor:
                             .astype(np.float32))
 
 
-def _attention(bits: int | None, prompt: int, nudge: float = 0.0):
+def _attention(bits: int | None, prompt: int):
     """An eager attention function (transformers' signature, Qwen3's and Gemma 3's) whose
     queries before `prompt` (prefill) read every key and value quantized and whose later
-    queries (decode steps) read their own key and value unquantized. `nudge`: the keys and
-    values are scaled by 1 + nudge before they are quantized (see _check_against_reference)."""
+    queries (decode steps) read their own key and value unquantized."""
     from transformers.models.qwen3.modeling_qwen3 import repeat_kv
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **_):
         scaling = module.head_dim ** -0.5 if scaling is None else scaling
-        kq, vq = (key, value) if bits is None else (_qdq(key * (1 + nudge), bits), _qdq(value * (1 + nudge), bits))
+        kq, vq = (key, value) if bits is None else (_qdq(key, bits), _qdq(value, bits))
         k, v, kq, vq = (repeat_kv(t, module.num_key_value_groups) for t in (key, value, kq, vq))
         length = query.shape[2]
         idx = torch.arange(length)
@@ -92,10 +91,9 @@ def _attention(bits: int | None, prompt: int, nudge: float = 0.0):
     return attention
 
 
-def reference_logits(model, ids: list[int], bits: int | None, prompt: int, nudge: float = 0.0) -> np.ndarray:
+def reference_logits(model, ids: list[int], bits: int | None, prompt: int) -> np.ndarray:
     """(len(ids), V) float64 logits of transformers' model over ids, positions before
-    `prompt` prefilled and the rest decoded, through a KV cache quantized with `bits` (from
-    keys and values scaled by 1 + `nudge`)."""
+    `prompt` prefilled and the rest decoded, through a KV cache quantized with `bits`."""
     import importlib
 
     # (each architecture's modeling module looks its eager attention up when it runs)
@@ -103,7 +101,7 @@ def reference_logits(model, ids: list[int], bits: int | None, prompt: int, nudge
                for name in ("qwen3", "gemma3", "llama", "qwen2", "mistral")]
     saved = [m.eager_attention_forward for m in modules]
     for m in modules:
-        m.eager_attention_forward = _attention(bits, prompt, nudge)
+        m.eager_attention_forward = _attention(bits, prompt)
     try:
         with torch.no_grad():
             return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].double().numpy()
@@ -217,34 +215,12 @@ LOGPROB_TOL = 0.06
 NEAR_TIE = 0.1
 
 
-# A key or value element that lies on a rounding boundary of its quantization group is
-# quantized up or down by float rounding alone (MLX's and torch's float32 differ in the last
-# bit), and at 4 bits one step moves a logprob by up to 0.15: a 150-token Gemma 3 prompt's
-# reference moved from -2.1085 to -1.9636 with its keys scaled by 1 - 1e-7, amlx's value.
-# The reference is then also taken with its keys and values nudged by that much; a real
-# fault in amlx misses every one of them.
-NUDGES = (0.0, -1e-7, 1e-7, -1e-6, 1e-6)
-
-
 def _check_against_reference(ref, prompt: list[int], tokens, bits: int) -> None:
     """A greedy request's tokens (amlx.Token, or (id, logprob) pairs) are the reference's
     argmax (but at a near-tie, after which nothing more is compared) and their
-    log-probabilities the reference's: the reference's with its keys and values nudged by
-    float rounding (NUDGES), where quantized, for one of the nudges."""
+    log-probabilities the reference's."""
     pairs = [(t.id, t.logprob) if hasattr(t, "id") else t for t in tokens]
-    nudges = NUDGES if bits else NUDGES[:1]
-    for k, nudge in enumerate(nudges):
-        try:
-            _follows_reference(ref, prompt, pairs, bits, nudge)
-            return
-        except AssertionError:
-            if k == len(nudges) - 1:
-                raise
-
-
-def _follows_reference(ref, prompt: list[int], pairs: list[tuple[int, float]], bits: int | None,
-                       nudge: float) -> None:
-    lp = _log_softmax(reference_logits(ref, prompt + [i for i, _ in pairs], bits, len(prompt), nudge))
+    lp = _log_softmax(reference_logits(ref, prompt + [i for i, _ in pairs], bits, len(prompt)))
     for i, (tok, logprob) in enumerate(pairs):
         row = lp[len(prompt) - 1 + i]
         assert abs(logprob - row[tok]) < LOGPROB_TOL, (i, logprob, row[tok])
@@ -512,7 +488,13 @@ def test_rows_moved_between_shards_keep_their_quantized_cache(models, monkeypatc
     windowed layers' own pool's too) copied between quantized pools (`copy_blocks`: packed
     values, scales and biases); every request still follows the reference. (Which rows move
     depends on the rounds the requests joined in: in runs here one row each time, with
-    copy_blocks spied on: a block of each pool.)"""
+    copy_blocks spied on: a block of each pool.)
+
+    At 8 bits: the copy does not depend on the width, and at 4 bits a key on a rounding
+    boundary of its group goes up or down a level by float rounding alone (MLX's and torch's
+    float32 differ in the last bit, and torch's by its thread count), which moved this test's
+    150-token prompt's first logprob by 0.145 against the reference on one machine and not on
+    another: more than the tolerance, so the reference could not tell a fault from that."""
     monkeypatch.setenv("AMLX_SHARDS", "2")
     path, ref, _ = models[("gemma3_text", 64)]
     rng = np.random.default_rng(11)
@@ -520,7 +502,7 @@ def test_rows_moved_between_shards_keep_their_quantized_cache(models, monkeypatc
     lengths = [40, 2, 40, 2, 40, 2]
     gc.collect()
     before = amlx.memory()["active"]
-    with amlx.load_sync(path, kv_bits=4, prefix_cache=False) as m:
+    with amlx.load_sync(path, kv_bits=8, prefix_cache=False) as m:
         assert m.engine.scheduler.options.shards == 2
 
         async def all_at_once():
@@ -533,7 +515,7 @@ def test_rows_moved_between_shards_keep_their_quantized_cache(models, monkeypatc
     assert amlx.memory()["active"] == before  # (pools grown by copies in, given back)
     for p, n, toks in zip(prompts, lengths, results):
         assert len(toks) == n
-        _check_against_reference(ref, p, toks, 4)
+        _check_against_reference(ref, p, toks, 8)
 
 
 @pytest.mark.parametrize("arch,dim,bits", [("qwen3", 64, 8), ("gemma3_text", 64, 4)])
