@@ -522,8 +522,8 @@ class GrammarVocab:
 
 class MaskJob:
     """The masks of one step, set up on the calling thread (the arrays, which row of which
-    matcher goes where; with `advance`, by `run`); `run` fills them with one call into llguidance, which computes the
-    rows in parallel on its thread pool without the GIL.
+    matcher goes where; with `advance`, by `run`); `run` fills them with one call into
+    llguidance, which computes the rows in parallel on its thread pool without the GIL.
 
     Split so that a thread running `run` needs the GIL only to enter and leave that call:
     another thread busy in Python (the worker building a step) then delays it least.

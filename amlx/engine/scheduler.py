@@ -204,19 +204,19 @@ def _consume(req: Request, token_id: int, taken: int) -> bool | AmlxError:
         return _token_failure(token_id, exc)
 
 
-def _consume_reads(reads: list) -> list[list[bool | AmlxError | None]]:
-    """On the mask thread (AMLX_MASK_START=thread): the matchers of parts read (`_read_parts`)
-    take their tokens; per part, per selected row, what `_consume` gave, None for a row
-    without a matcher or no longer active."""
+def _consume_part(part: "_Part", ids: list[int]) -> list[bool | AmlxError | None]:
+    """The matchers of a part's selected rows take their read tokens (`_consume`, any thread):
+    per selected row, what `_consume` gave, None for a row without a matcher or no longer active."""
     out = []
-    for part, ids, _, _ in reads:
-        row = []
-        for i in part.selected:
-            req = part.rows[i]
-            row.append(_consume(req, int(ids[i]), len(req.generated))
-                       if req.active and req.matcher is not None else None)
-        out.append(row)
+    for i in part.selected:
+        req = part.rows[i]
+        out.append(_consume(req, int(ids[i]), len(req.generated)) if req.active and req.matcher is not None else None)
     return out
+
+
+def _consume_reads(reads: list) -> list[list[bool | AmlxError | None]]:
+    """On the mask thread (AMLX_MASK_START=thread): `_consume_part` for each part read (`_read_parts`)."""
+    return [_consume_part(part, ids) for part, ids, _, _ in reads]
 
 
 class Scheduler:
@@ -1145,9 +1145,10 @@ class Scheduler:
         indices = [i for i in indices if parts[i] is not None or all(r.blocks for r in plan[i][0].rows)]
         todo = [i for i in indices if parts[i] is None]  # to build, then launch
         unlaunched = [] if launched else [i for i in indices if parts[i] is not None]
+        advance = None if reads is None else functools.partial(_consume_reads, reads)
         job = MaskJob([[r.matcher for r in plan[i][0].rows] for i in indices],
                       self._upload if (todo or unlaunched) and self._upload_on_thread else None,
-                      self._mask_buffers, None if reads is None else functools.partial(_consume_reads, reads)) if indices else None
+                      self._mask_buffers, advance) if indices else None
         pending = None
         if indices and (todo or unlaunched):  # forwards to build or launch meanwhile: the masks go to the mask thread
             if self._mask_thread is None:
@@ -1263,14 +1264,7 @@ class Scheduler:
         taken its token, before the tokens go to their requests: the next step's masks can
         be computed (on the mask thread) while this thread hands the tokens out."""
         if advanced is None:
-            waited = 0.0
-            for part in step.parts:
-                start = time.perf_counter()
-                ids, lps, tops = part.sample.read()
-                waited += time.perf_counter() - start
-                self.timing.lap("wait")
-                self._emit_part(part, ids, lps, tops)
-            return waited
+            return self._read_parts(step, emit=True)[1]
         reads, waited = self._read_parts(step)
         # (the matchers are the mask thread's from `advanced` on: what handing the tokens out
         # needs of them, whether each request is complete, is read here)
@@ -1282,16 +1276,20 @@ class Scheduler:
             self._emit_part(part, ids, lps, tops, done)
         return waited
 
-    def _read_parts(self, step: "_Step") -> tuple[list, float]:
-        """A launched step's parts read (waits for the device), their tokens not handed out:
-        ([(part, ids, logprobs, top logprobs)], the seconds it waited)."""
+    def _read_parts(self, step: "_Step", emit: bool = False) -> tuple[list, float]:
+        """A launched step's parts read (waits for the device): ([(part, ids, logprobs, top
+        logprobs)], the seconds it waited). With `emit`, each part's tokens go to their
+        requests as soon as it is read instead (none are returned)."""
         waited, reads = 0.0, []
         for part in step.parts:
             start = time.perf_counter()
             ids, lps, tops = part.sample.read()
             waited += time.perf_counter() - start
             self.timing.lap("wait")
-            reads.append((part, ids, lps, tops))
+            if emit:
+                self._emit_part(part, ids, lps, tops)
+            else:
+                reads.append((part, ids, lps, tops))
         return reads, waited
 
     def _emit_reads(self, reads: list, consumed: list | None) -> None:
@@ -1299,21 +1297,18 @@ class Scheduler:
         mask thread (`_consume_reads`: per part, per selected row, what `_consume` gave; None
         where the job never ran, and nothing was taken)."""
         for k, (part, ids, lps, tops) in enumerate(reads):
-            done = None
-            if consumed is not None:
-                done = [self._took(part.rows[i], c) for i, c in zip(part.selected, consumed[k])]
+            done = None if consumed is None else self._took_part(part, consumed[k])
             self._emit_part(part, ids, lps, tops, done)
 
     def _advance_part(self, part: "_Part", ids: list[int]) -> list[bool | None]:
-        """The matchers of a part's selected rows take their read tokens (`_advance`): for each
-        selected row, whether its constraint is complete; None for a row without a matcher,
-        inactive, or failed now."""
-        out = []
-        for i in part.selected:
-            req = part.rows[i]
-            out.append(self._advance(req, int(ids[i]), len(req.generated)) if req.active and req.matcher is not None
-                       else None)
-        return out
+        """The matchers of a part's selected rows take their read tokens, on this thread: for
+        each selected row, whether its constraint is complete; None for a row without a
+        matcher, inactive, or failed now."""
+        return self._took_part(part, _consume_part(part, ids))
+
+    def _took_part(self, part: "_Part", consumed: list[bool | AmlxError | None]) -> list[bool | None]:
+        """`_took` for each selected row of a part (`consumed`: what `_consume_part` gave)."""
+        return [self._took(part.rows[i], c) for i, c in zip(part.selected, consumed)]
 
     def _emit_part(self, part: "_Part", ids: list[int], lps: list[float], tops: list | None,
                    complete: list[bool | None] | None = None) -> None:
